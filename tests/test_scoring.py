@@ -1,0 +1,152 @@
+import math
+
+import pytest
+import torch
+
+import prune
+from prune import PruneError, metrics as M
+from prune.capture import BlockStates
+from prune.models import decoder_layers
+
+from conftest import build_model
+
+
+def reference_states(model, windows):
+    """h_0..h_L from output_hidden_states (inputs of blocks 0..L-1) plus the final norm's input."""
+    seen = {}
+    norm = model.base_model.norm if hasattr(model.base_model, "norm") else model.base_model.ln_f
+    handle = norm.register_forward_pre_hook(lambda m, args: seen.__setitem__("pre_norm", args[0].detach()))
+    with torch.no_grad():
+        out = model(windows, output_hidden_states=True)
+    handle.remove()
+    hs = list(out.hidden_states)
+    return torch.stack(hs[:-1] + [seen["pre_norm"]]).float(), hs[-1]
+
+
+def test_hooks_capture_pre_norm_output_not_output_hidden_states(llama, calib_text):
+    model, tok = llama
+    w = prune.calibration_windows(tok, calib_text, 3, 24)
+    ref, last_hidden = reference_states(model, w)
+    with torch.no_grad(), BlockStates(decoder_layers(model), "cpu") as cap:
+        model.base_model(input_ids=w)
+        states, inputs = cap.pop()
+    assert len(states) == model.config.num_hidden_layers + 1
+    assert all(x is None for x in inputs)  # the stream is passed on unchanged: stored once
+    for i, s in enumerate(states):
+        assert torch.allclose(s, ref[i], atol=1e-6)
+    # pitfall: output_hidden_states' last entry is after the final norm, not the block output
+    assert not torch.allclose(states[-1], last_hidden.float(), atol=1e-3)
+
+
+@pytest.mark.parametrize("positions", ["all", "skip_first"])
+def test_streamed_scores_equal_direct_computation(positions, tokenizers_by_bos, calib_text):
+    model = build_model("qwen3")
+    w = prune.calibration_windows(tokenizers_by_bos[False], calib_text, 5, 20, seed=1)
+    result = prune.score(model, w, batch_size=2, positions=positions, progress=False)
+    states, _ = reference_states(model, w)
+    first = 1 if positions == "skip_first" else 0
+    states = states[:, :, first:].double()  # [L+1, n, S, d]
+    L = model.config.num_hidden_layers
+    flat = states.flatten(1, 2)
+    for l in range(L):
+        assert result.block_influence[l] == pytest.approx(M.block_influence(flat[l], flat[l + 1]).item(), abs=1e-6)
+    for l in range(L):
+        for n in range(1, L - l + 1):
+            assert result.angular_distance(n)[l] == pytest.approx(M.angular_distance(flat[l], flat[l + n]).item(), abs=1e-6)
+    for i in range(L + 1):
+        for j in range(L + 1):
+            per_window = [M.linear_cka(states[i, b], states[j, b]).item() for b in range(w.shape[0])]
+            assert result.cka[i][j] == pytest.approx(sum(per_window) / len(per_window), abs=1e-6)
+    expected = M.msrs(torch.tensor(result.cka, dtype=torch.float64)[1:, 1:])
+    assert result.msrs["total"] == pytest.approx(expected.total)
+    assert result.positions == positions
+    assert result.n_tokens == w.shape[0] * (w.shape[1] - first)
+
+
+def test_scores_do_not_depend_on_batch_size(tokenizers_by_bos, calib_text):
+    model = build_model("gemma3_text")
+    w = prune.calibration_windows(tokenizers_by_bos[True], calib_text, 6, 24, seed=0)
+    a = prune.score(model, w, batch_size=1, progress=False)
+    b = prune.score(model, w, batch_size=4, progress=False)
+    assert a.block_influence == pytest.approx(b.block_influence, abs=1e-6)
+    for ra, rb in zip(a.cka, b.cka):
+        assert ra == pytest.approx(rb, abs=1e-6)
+    for ra, rb in zip(a.angular, b.angular):
+        assert ra == pytest.approx(rb, abs=1e-6)
+
+
+def test_pooled_cka_batches_are_fixed_groups_of_windows(tokenizers_by_bos, calib_text):
+    model = build_model("phi3")
+    w = prune.calibration_windows(tokenizers_by_bos[False], calib_text, 6, 16, seed=2)
+    a = prune.score(model, w, batch_size=1, cka_windows=2, progress=False)
+    b = prune.score(model, w, batch_size=5, cka_windows=2, progress=False)  # rounded up to 6
+    states, _ = reference_states(model, w)
+    L1 = model.config.num_hidden_layers + 1
+    for i in range(L1):
+        for j in range(L1):
+            per_group = [M.linear_cka(states[i, g:g + 2].flatten(0, 1), states[j, g:g + 2].flatten(0, 1)).item()
+                         for g in (0, 2, 4)]
+            assert a.cka[i][j] == pytest.approx(sum(per_group) / 3, abs=1e-6)
+            assert b.cka[i][j] == pytest.approx(a.cka[i][j], abs=1e-6)
+    assert a.cka_windows == 2
+
+
+def test_planted_redundancy_is_found_by_every_metric(tokenizers_by_bos, calib_text):
+    model = build_model("mistral", redundant=(3, 4))
+    w = prune.calibration_windows(tokenizers_by_bos[False], calib_text, 4, 32)
+    r = prune.score(model, w, progress=False)
+    for metric in ("bi", "angular", "cka", "msrs"):
+        assert prune.select(r, 2, metric=metric).removed == [3, 4], metric
+    assert prune.select(r, 2, strategy="contiguous").removed == [3, 4]
+
+
+def test_non_finite_windows_are_excluded_and_counted(tokenizers_by_bos, calib_text):
+    model = build_model("llama")
+    w = prune.calibration_windows(tokenizers_by_bos[True], calib_text, 5, 16)
+    clean = prune.score(model, w[[0, 1, 3, 4]], batch_size=2, progress=False)
+    calls = {"n": 0}
+
+    def poison(module, args, output):  # overflow in window 2 (second batch, first row)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            output[0, 3, 0] = float("inf")
+        return output
+
+    handle = decoder_layers(model)[2].register_forward_hook(poison)
+    dirty = prune.score(model, w, batch_size=2, progress=False)
+    handle.remove()
+    assert dirty.excluded_windows == [2]
+    assert dirty.block_influence == pytest.approx(clean.block_influence, abs=1e-9)
+    assert all(math.isfinite(v) for row in dirty.cka for v in row)
+
+
+def test_half_precision_model_scores_in_float32(tokenizers_by_bos, calib_text):
+    model = build_model("qwen2")
+    w = prune.calibration_windows(tokenizers_by_bos[False], calib_text, 4, 24)
+    full = prune.score(model, w, progress=False)
+    half = prune.score(model.to(torch.bfloat16), w, progress=False)
+    assert half.block_influence == pytest.approx(full.block_influence, abs=0.02)
+    assert half.msrs["total"] == pytest.approx(full.msrs["total"], abs=1.0)
+
+
+def test_metric_subset_and_bad_arguments(llama, calib_text):
+    model, tok = llama
+    w = prune.calibration_windows(tok, calib_text, 2, 16)
+    r = prune.score(model, w, metrics=("bi", "angular"), progress=False)
+    assert r.cka is None and r.msrs is None
+    with pytest.raises(PruneError, match="no CKA matrix"):
+        prune.select(r, 2, metric="msrs")
+    with pytest.raises(PruneError, match="unknown metric 'bogus'"):
+        prune.score(model, w, metrics=("bogus",), progress=False)
+    with pytest.raises(PruneError, match="positions="):
+        prune.score(model, w, positions="middle", progress=False)
+
+
+def test_result_round_trips_through_json(llama, calib_text, tmp_path):
+    model, tok = llama
+    w = prune.calibration_windows(tok, calib_text, 2, 16)
+    r = prune.score(model, w, progress=False, metadata={"seed": 0})
+    r.save_json(tmp_path / "s.json")
+    back = prune.ScoreResult.load_json(tmp_path / "s.json")
+    assert back == r
+    assert "MSRS =" in back.table()

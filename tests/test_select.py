@@ -1,0 +1,84 @@
+import pytest
+
+import prune
+from prune import PruneError
+from prune.scoring import ScoreResult
+
+
+def fake_scores(bi, angular=None, cka=None, msrs=None) -> ScoreResult:
+    """A ScoreResult from given numbers (selection is a pure function of the scores)."""
+    L = len(bi)
+    return ScoreResult(n_layers=L, positions="all", cka_windows=1, n_windows=1, seq_len=8, n_tokens=8, block_influence=bi,
+                       angular=angular, cka=cka, msrs=msrs)
+
+
+def angular_from_steps(steps):
+    """angular[i][j] = sum of per-block steps between states i and j (a metric on a line)."""
+    m = len(steps) + 1
+    return [[abs(sum(steps[min(i, j):max(i, j)])) for j in range(m)] for i in range(m)]
+
+
+def test_one_shot_bi_takes_lowest_and_protects_first_and_last():
+    s = fake_scores([0.01, 0.5, 0.2, 0.1, 0.3, 0.05])
+    assert prune.select(s, 2, metric="bi").removed == [2, 3]  # 0 and 5 protected
+    assert prune.select(s, 2, metric="bi", protect=[]).removed == [0, 5]
+    assert prune.select(s, 3, metric="bi", protect=[3]).removed == [0, 2, 5]
+
+
+def test_contiguous_picks_smallest_angular_run():
+    steps = [0.3, 0.2, 0.05, 0.04, 0.06, 0.2, 0.3]
+    s = fake_scores([0.1] * 7, angular=angular_from_steps(steps))
+    sel = prune.select(s, 3, strategy="contiguous")
+    assert sel.removed == [2, 3, 4]
+    assert sel.details["distance"] == pytest.approx(0.15)
+    assert sel.kept == [0, 1, 5, 6]
+
+
+def test_fraction_and_counts():
+    s = fake_scores([0.1 * i for i in range(1, 9)])
+    assert len(prune.select(s, fraction=0.25, metric="bi").removed) == 2
+    with pytest.raises(PruneError, match="strictly between 0 and 1"):
+        prune.select(s, fraction=1.0, metric="bi")
+    with pytest.raises(PruneError, match="at least one must stay"):
+        prune.select(s, 8, metric="bi")
+    with pytest.raises(PruneError, match="only 6 of 8 are not protected"):
+        prune.select(s, 7, metric="bi")
+    with pytest.raises(PruneError, match="at least 1"):
+        prune.select(s, 0, metric="bi")
+    with pytest.raises(PruneError, match="out of range"):
+        prune.select(s, 2, metric="bi", protect=[9])
+    with pytest.raises(PruneError, match="unknown metric"):
+        prune.select(s, 2, metric="loss")
+    with pytest.raises(PruneError, match="unknown strategy"):
+        prune.select(s, 2, strategy="magic")
+
+
+def test_msrs_ranks_by_contribution_with_cka_tie_break():
+    L = 5
+    cka = [[1.0] * (L + 1) for _ in range(L + 1)]
+    # block outputs 1..3 all saturate the soft count; block 2 is the most similar on average
+    S = [[1.0, 0.1, 0.1, 0.1, 0.1],
+         [0.1, 1.0, 0.95, 0.9, 0.1],
+         [0.1, 0.95, 1.0, 0.97, 0.1],
+         [0.1, 0.9, 0.97, 1.0, 0.1],
+         [0.1, 0.1, 0.1, 0.1, 1.0]]
+    for i in range(L):
+        for j in range(L):
+            cka[i + 1][j + 1] = S[i][j]
+    import torch
+
+    from prune.metrics import msrs
+
+    m = msrs(torch.tensor(S)).to_dict()
+    s = fake_scores([0.1] * L, cka=cka, msrs=m)
+    assert prune.select(s, 1, metric="msrs").removed == [2]
+    assert prune.select(s, 3, metric="msrs", protect=[]).removed == [1, 2, 3]
+
+
+def test_tail_and_random_baselines():
+    s = fake_scores([0.1] * 10)
+    assert prune.select(s, 3, strategy="tail").removed == [6, 7, 8]
+    a = prune.select(s, 3, strategy="random", seed=1)
+    assert a.removed == prune.select(s, 3, strategy="random", seed=1).removed
+    assert 0 not in a.removed and 9 not in a.removed
+    assert any(prune.select(s, 3, strategy="random", seed=k).removed != a.removed for k in range(2, 6))

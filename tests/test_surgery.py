@@ -1,0 +1,125 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import prune
+from prune import PruneError
+from prune.models import decoder_layers
+
+from conftest import N_LAYERS, build_model
+
+
+def greedy(model, prompt, use_cache=True):
+    return model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=use_cache, pad_token_id=0)
+
+
+def test_score_select_remove_save_reload_generate(tiny, calib_text, tmp_path):
+    """The whole core path on every architecture: reload gives identical logits, and
+    generation with the KV cache equals generation without it (layer_idx renumbered)."""
+    model, tok = tiny
+    w = prune.calibration_windows(tok, calib_text, 4, 32, seed=0)
+    scores = prune.score(model, w, batch_size=2, progress=False)
+    choice = prune.select(scores, 3, metric="bi")
+    assert len(choice.removed) == 3 and 0 not in choice.removed and N_LAYERS - 1 not in choice.removed
+    layer_types = getattr(model.config, "layer_types", None)
+    kept = prune.remove_layers(model, choice.removed)
+    assert kept == choice.kept
+    assert model.config.num_hidden_layers == N_LAYERS - 3 == len(decoder_layers(model))
+    if layer_types is not None:
+        assert model.config.layer_types == [layer_types[i] for i in kept]
+    for new, block in enumerate(decoder_layers(model)):
+        idx = [m.layer_idx for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+        assert idx and set(idx) == {new}
+
+    out = prune.save(model, tok, tmp_path / "pruned", pruning={"removed": choice.removed, "kept": kept})
+    assert (out / "model.safetensors").is_file() and (out / "pruning.json").is_file()
+    assert json.loads((out / "pruning.json").read_text())["removed"] == choice.removed
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert reloaded.config.num_hidden_layers == N_LAYERS - 3
+    x = w[:2, :20]
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, reloaded(x).logits)
+    prompt = w[:1, :8]
+    g = greedy(model, prompt)
+    assert torch.equal(g, greedy(model, prompt, use_cache=False))
+    assert torch.equal(g, greedy(reloaded, prompt))
+
+
+def test_tied_embeddings_stay_tied(tmp_path, tokenizers_by_bos):
+    model = build_model("gemma2")
+    assert model.config.tie_word_embeddings
+    prune.remove_layers(model, [2, 3])
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    prune.save(model, tokenizers_by_bos[True], tmp_path / "o")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+
+
+def test_qwen3_moe_keeps_each_blocks_dense_or_sparse_mlp(tmp_path, tokenizers_by_bos):
+    model = build_model("qwen3_moe")  # step 2: blocks 1,3,5,7 sparse; 0 dense by mlp_only_layers
+    before = [type(b.mlp).__name__ for b in decoder_layers(model)]
+    kept = prune.remove_layers(model, [1, 2, 6])
+    assert [type(b.mlp).__name__ for b in decoder_layers(model)] == [before[i] for i in kept]
+    prune.save(model, tokenizers_by_bos[False], tmp_path / "o")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert [type(b.mlp).__name__ for b in decoder_layers(again)] == [before[i] for i in kept]
+
+
+def test_qwen2_sliding_window_threshold_is_remapped():
+    model = build_model("qwen2")  # max_window_layers=4: blocks 4.. slide
+    types = list(model.config.layer_types)
+    kept = prune.remove_layers(model, [1, 5])
+    assert model.config.layer_types == [types[i] for i in kept]
+    assert model.config.max_window_layers == 3
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([], "no blocks to remove"),
+    (list(range(N_LAYERS)), "cannot remove all"),
+    ([8], "out of range"),
+    ([-1], "out of range"),
+    ([2, 2], "repeated"),
+])
+def test_bad_indices_are_refused_and_model_untouched(bad, message):
+    model = build_model("llama")
+    with pytest.raises(PruneError, match=message):
+        prune.remove_layers(model, bad)
+    assert len(decoder_layers(model)) == N_LAYERS and model.config.num_hidden_layers == N_LAYERS
+
+
+def test_stale_device_map_entries_are_renamed():
+    model = build_model("llama")
+    model.hf_device_map = {"model.embed_tokens": "cpu", **{f"model.layers.{i}": "cpu" for i in range(N_LAYERS)},
+                           "model.layers.7.mlp": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    prune.remove_layers(model, [1, 2])
+    layer_keys = sorted(k for k in model.hf_device_map if k.startswith("model.layers."))
+    assert layer_keys == sorted([f"model.layers.{i}" for i in range(6)] + ["model.layers.5.mlp"])
+
+
+def test_save_is_atomic_and_refuses_existing_folder(tmp_path, tokenizers_by_bos):
+    model = build_model("llama")
+    tok = tokenizers_by_bos[True]
+    out = prune.save(model, tok, tmp_path / "o")
+    with pytest.raises(PruneError, match="already exists"):
+        prune.save(model, tok, tmp_path / "o")
+    prune.remove_layers(model, [3])
+    prune.save(model, tok, tmp_path / "o", overwrite=True)
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == N_LAYERS - 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # no staging or old folders left
+
+    class Boom(RuntimeError):
+        pass
+
+    def explode(*args, **kwargs):
+        raise Boom("disk gone")
+
+    tok_save = tok.save_pretrained
+    tok.save_pretrained = explode
+    try:
+        with pytest.raises(Boom):
+            prune.save(model, tok, tmp_path / "half")
+    finally:
+        tok.save_pretrained = tok_save
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
