@@ -282,9 +282,9 @@ def is_dispatched(model: nn.Module) -> bool:
     return len(devices) > 1 or "disk" in devices
 
 
-def context_length(model: nn.Module) -> int | None:
-    """Longest sequence the model supports, from its config (``None`` when unknown)."""
-    cfg = model.config
+def context_length(config) -> int | None:
+    """Longest sequence a model supports, from its config (or the model's), ``None`` when unknown."""
+    cfg = getattr(config, "config", config)
     for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
         value = getattr(cfg, key, None)
         if isinstance(value, int) and value > 0:

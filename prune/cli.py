@@ -1,0 +1,194 @@
+"""The ``prune`` console script: a thin layer over the Python API, one call per subcommand.
+
+Exit status: 0 on success, 2 for a problem with the input (one ``error:`` line, nothing
+written), 1 for an unexpected failure (with its traceback), 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+from .errors import PruneError
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _device_map(value: str | None):
+    if value is None:
+        return None
+    if value.strip().startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise argparse.ArgumentTypeError(f"--device-map is not valid JSON: {exc}") from None
+    return value
+
+
+def _common_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", help="model dtype: auto (the checkpoint's), float32, bfloat16, float16")
+    p.add_argument("--device-map", type=_device_map, default=None,
+                   help='Accelerate placement: auto, cpu, or a JSON map like \'{"model.layers.0": "cpu", ...}\'')
+    p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the checkpoint (off by default)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress messages")
+
+
+# ---- run ------------------------------------------------------------------------------
+def add_run(sub) -> None:
+    p = sub.add_parser("run", help="run a pruning recipe: score, select, prune, evaluate before/after, save",
+                       description="Run a YAML pruning recipe end to end: load the model, score every decoder block on "
+                                   "calibration text, choose blocks, evaluate the original, remove the blocks, evaluate "
+                                   "the pruned model and write the output folder (checkpoint, recipe.yaml, pruning.json, "
+                                   "eval.json, eval.md). Examples are in recipes/.")
+    p.add_argument("recipe", help="path to a recipe YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set select.n_layers=8 --set evaluate.limit=50 (repeatable; "
+                        "the value is parsed as YAML)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress messages")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run
+
+    run(args.recipe, overrides=args.overrides, overwrite=args.overwrite, quiet=args.quiet)
+    return 0
+
+
+# ---- score ----------------------------------------------------------------------------
+def add_score(sub) -> None:
+    p = sub.add_parser("score", help="redundancy scores only (table to the terminal, JSON to a file)",
+                       description="Score every decoder block of MODEL on calibration text: Block Influence, angular "
+                                   "distances, the CKA matrix between block outputs and MSRS. Prints a per-block table; "
+                                   "--output writes everything as JSON. Block indices are 0-based.")
+    p.add_argument("model", help="Hub id, local model folder, or .gguf file")
+    p.add_argument("--data", required=True, help="calibration text: a .txt/.jsonl file or a datasets name")
+    p.add_argument("--field", type=_csv, default=["text"], help="JSONL field(s) holding the text (comma-separated: concatenated)")
+    p.add_argument("--rows", default=None, help="slice of rows/lines to use, e.g. 0:2000")
+    p.add_argument("--n-samples", type=int, default=64, help="number of calibration windows (default 64)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing windows (default 0)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--positions", choices=["all", "skip_first"], default="all",
+                   help="token positions that count: all, or skip_first (leave out each window's first token)")
+    p.add_argument("--metrics", type=_csv, default=["bi", "angular", "cka"], help="comma-separated: bi,angular,cka (default all)")
+    p.add_argument("--cka-windows", type=int, default=1, help="windows pooled into one CKA batch (default 1)")
+    p.add_argument("--beta", type=float, default=100.0, help="MSRS steepness beta (default 100)")
+    p.add_argument("--tau", type=float, default=0.8, help="MSRS similarity threshold tau (default 0.8)")
+    p.add_argument("--output", "-o", default=None, help="write the scores as JSON to this file")
+    _common_model_flags(p)
+    p.set_defaults(func=cmd_score)
+
+
+def cmd_score(args) -> int:
+    from .pipeline import score_model
+
+    field = args.field[0] if len(args.field) == 1 else args.field
+    result = score_model(args.model, data=args.data, field=field, rows=args.rows, n_samples=args.n_samples,
+                         seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size, positions=args.positions,
+                         metrics=args.metrics, cka_windows=args.cka_windows, beta=args.beta, tau=args.tau,
+                         dtype=args.dtype, device_map=args.device_map, trust_remote_code=args.trust_remote_code,
+                         output=args.output, quiet=args.quiet)
+    print(result.table())
+    if args.output:
+        print(f"scores written to {args.output}")
+    return 0
+
+
+# ---- eval -----------------------------------------------------------------------------
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate any model (original or pruned): perplexity and lm-eval tasks",
+                       description="Evaluate MODEL with perplexity on a text file and/or lm-eval tasks, on the model in "
+                                   "memory through lm-eval's HFLM. Offline, set --data-dir (or PRUNE_DATA_DIR) to use the "
+                                   "shipped local copies of arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq, "
+                                   "openbookqa and copa.")
+    p.add_argument("model", help="Hub id, local model folder, or .gguf file")
+    p.add_argument("--tasks", type=_csv, default=[], help="comma-separated lm-eval task names")
+    p.add_argument("--perplexity-data", default=None, help="text file for perplexity (e.g. wiki.test.raw)")
+    p.add_argument("--perplexity-field", default="text", help="JSONL field for --perplexity-data")
+    p.add_argument("--perplexity-rows", default=None, help="slice of rows of --perplexity-data, e.g. 2000:")
+    p.add_argument("--seq-len", type=int, default=512, help="perplexity window length (default 512)")
+    p.add_argument("--max-windows", type=int, default=None, help="at most this many perplexity windows")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or a fraction < 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (set on HFLM; default 8)")
+    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="lm-eval seeds (default 0)")
+    p.add_argument("--data-dir", default=None, help="offline task data folder (default $PRUNE_DATA_DIR)")
+    p.add_argument("--task-dir", action="append", default=[], help="folder of extra lm-eval task YAMLs (repeatable)")
+    p.add_argument("--output", "-o", default=None, help="write the results as JSON to this file")
+    _common_model_flags(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from .pipeline import evaluate_model
+    from .recipe import EvaluateConfig, PerplexityConfig
+
+    if not args.tasks and not args.perplexity_data:
+        raise PruneError("nothing to evaluate: give --tasks and/or --perplexity-data")
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    ppl = None
+    if args.perplexity_data:
+        ppl = PerplexityConfig(path=args.perplexity_data, field=args.perplexity_field, rows=args.perplexity_rows,
+                               seq_len=args.seq_len, max_windows=args.max_windows)
+    cfg = EvaluateConfig(perplexity=ppl, tasks=args.tasks, task_dirs=args.task_dir, data_dir=args.data_dir, limit=limit,
+                         batch_size=args.batch_size, num_fewshot=args.num_fewshot, seed=args.seed)
+    result = evaluate_model(args.model, cfg, dtype=args.dtype, device_map=args.device_map,
+                            trust_remote_code=args.trust_remote_code, quiet=args.quiet)
+    print(f"{'task':<16} {'metric':<10} {'value':>8} {'stderr':>8}")
+    if "perplexity" in result:
+        print(f"{'perplexity':<16} {'ppl':<10} {result['perplexity']['perplexity']:>8.3f} {'':>8}")
+    for task, res in result.get("tasks", {}).items():
+        for metric, value in res["metrics"].items():
+            err = res["stderr"].get(metric)
+            print(f"{task:<16} {metric:<10} {value:>8.4f} {'' if err is None else f'{err:.4f}':>8}")
+    print(f"{result['layers']} layers, {result['parameters']:,} parameters")
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump(result, handle, indent=1)
+        print(f"results written to {args.output}")
+    return 0
+
+
+#: every subcommand registers itself here: (adder, ...) in --help order
+SUBCOMMANDS = [add_run, add_score, add_eval]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prune", description="Measure and remove redundant decoder layers of LLMs. "
+                                     "Block indices are 0-based everywhere.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"prune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except PruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - unexpected: show everything
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

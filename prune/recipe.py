@@ -1,0 +1,302 @@
+"""Recipes: YAML validated by a pydantic schema whose keys map one to one onto :func:`prune.run`.
+
+A recipe has the sections ``model``, ``calibration``, ``score``, ``select``, ``evaluate``,
+``heal`` and ``output``. Unknown keys, wrong types, impossible values and missing files
+fail in :func:`load_recipe` with one line naming the key and the fix, before any model
+is loaded. String values may use ``${VAR}`` or ``${VAR:-default}`` (environment
+variables); relative paths are relative to the working directory.
+
+``overrides`` are ``dotted.key=value`` strings (the CLI's ``--set``); the value is parsed
+as YAML (``select.n_layers=8``, ``evaluate.tasks=[arc_easy,piqa]``, ``model.device_map=null``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import PruneError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """What to load: Hub id, local folder or ``.gguf`` file, and how (dtype, Accelerate placement)."""
+
+    source: str
+    gguf_file: str | None = None
+    dtype: str = "auto"
+    device_map: str | dict[str, int | str] | None = None
+    max_memory: dict[str | int, str | int] | None = None
+    offload_folder: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        from .models import resolve_dtype
+
+        try:
+            resolve_dtype(value)
+        except PruneError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+class TextConfig(Section):
+    """Text from a local ``.txt``/``.jsonl`` file or a ``datasets`` name (see :mod:`prune.data`)."""
+
+    path: str
+    field: str | list[str] = "text"
+    config: str | None = None
+    split: str = "train"
+    rows: str | None = None
+    bos: bool | None = None  # None: BOS per window when the tokenizer adds BOS
+
+    def source(self):
+        from .data import TextSource
+
+        return TextSource(self.path, self.field, self.config, self.split, self.rows)
+
+
+class CalibrationConfig(TextConfig):
+    n_samples: int = Field(64, ge=1)
+    seq_len: int = Field(256, ge=8)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+
+
+class ScoreConfig(Section):
+    metrics: list[Literal["bi", "angular", "cka"]] = ["bi", "angular", "cka"]
+    positions: Literal["all", "skip_first"] = "all"
+    cka_windows: int = Field(1, ge=1)
+    beta: float = Field(100.0, gt=0)
+    tau: float = Field(0.8, gt=0, lt=1)
+    execution: Literal["auto", "in_memory", "sequential"] = "auto"
+
+
+class SelectConfig(Section):
+    strategy: Literal["one_shot", "contiguous", "iterative", "sleb", "random", "tail", "search"] = "contiguous"
+    metric: Literal["bi", "angular", "cka", "msrs"] = "angular"
+    n_layers: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0, lt=1)
+    protect: list[int] = [0, -1]
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _amount(self):
+        if self.strategy != "search" and (self.n_layers is None) == (self.fraction is None):
+            raise ValueError("give exactly one of n_layers (how many blocks to remove) or fraction (0 < f < 1)")
+        if len(set(self.protect)) != len(self.protect):
+            raise ValueError(f"protect lists a block twice: {self.protect}")
+        return self
+
+
+class PerplexityConfig(TextConfig):
+    seq_len: int = Field(512, ge=8)
+    max_windows: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1)
+
+
+class EvaluateConfig(Section):
+    perplexity: PerplexityConfig | None = None
+    tasks: list[str] = []
+    task_dirs: list[str] = []
+    data_dir: str | None = None  # offline task data (default: $PRUNE_DATA_DIR)
+    limit: int | float | None = Field(None, gt=0)
+    batch_size: int = Field(8, ge=1)
+    num_fewshot: int = Field(0, ge=0)
+    seed: int = 0
+    original: bool = True  # also evaluate the original model, for the before/after table
+
+
+class PushConfig(Section):
+    repo_id: str
+    private: bool = True
+    revision: str | None = None
+    commit_message: str | None = None
+
+
+class OutputConfig(Section):
+    dir: str
+    overwrite: bool = False
+    push_to_hub: PushConfig | None = None
+
+
+class HealConfig(Section):
+    """Healing after pruning (see :mod:`prune.heal`)."""
+
+    method: Literal["lora", "replace", "partial"]
+    data: TextConfig | None = None
+    n_samples: int = Field(256, ge=1)
+    seq_len: int = Field(256, ge=8)
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    # lora
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    target_modules: list[str] | str = "all-linear"
+    # partial fine-tuning
+    last_blocks: int = Field(2, ge=0)
+    train_norm: bool = True
+    train_lm_head: bool = False
+    # replacement layer
+    init: Literal["first_removed", "last_removed", "mean_removed"] = "first_removed"
+    loss: Literal["mse", "mse+cos"] = "mse"
+
+
+class Recipe(Section):
+    model: ModelConfig
+    calibration: CalibrationConfig
+    score: ScoreConfig = ScoreConfig()
+    select: SelectConfig
+    evaluate: EvaluateConfig | None = None
+    heal: HealConfig | None = None
+    output: OutputConfig
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---- loading -------------------------------------------------------------------------
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a nested structure."""
+    if isinstance(value, str):
+        def sub(match):
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise PruneError(f"recipe uses ${{{name}}} but it is not set (export {name}=... or write ${{{name}:-default}})")
+        return _ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v) for v in value]
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw recipe dict."""
+    for item in overrides or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise PruneError(f"--set {item!r} is not key=value (e.g. --set select.n_layers=8)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise PruneError(f"--set {key}: {part!r} is not a section")
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def _model_for(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the location ``loc`` (for listing its valid keys)."""
+    model: Any = Recipe
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+        annotation = model.model_fields[part].annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return None
+        model = candidates[0]
+    return model
+
+
+def format_validation_error(exc: ValidationError, where: str) -> str:
+    """One line: the key, what is wrong, and the fix."""
+    errors = exc.errors()
+    err = errors[0]
+    loc = tuple(str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float", "list", "dict", "function-after"))))
+    key = ".".join(loc)
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if err["type"] == "extra_forbidden":
+        owner = _model_for(loc[:-1])
+        valid = ", ".join(owner.model_fields) if owner else "see the docs"
+        return f"{where}: unknown key '{key}' (valid keys here: {valid}){more}"
+    if err["type"] == "missing":
+        return f"{where}: missing required key '{key}' (add it to the recipe or pass --set {key}=...){more}"
+    message = err["msg"].removeprefix("Value error, ")
+    shown = f"'{key}'" if key else "recipe"
+    return f"{where}: {shown}: {message} (got {err.get('input')!r}){more}"
+
+
+def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override, validate and check a recipe; raises :class:`PruneError` with one line."""
+    if isinstance(path, dict):
+        data, where = dict(path), "recipe"
+    else:
+        file = Path(path).expanduser()
+        where = str(file)
+        if not file.is_file():
+            raise PruneError(f"recipe not found: {file} (check the path; examples are in recipes/)")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark else ""
+            raise PruneError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(data, dict):
+            raise PruneError(f"{where}: a recipe is a mapping of sections (model, calibration, select, ...)")
+    data = apply_overrides(expand_env(data), overrides)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise PruneError(format_validation_error(exc, where)) from None
+    check_files(recipe, where)
+    return recipe
+
+
+def _check_text_path(cfg: TextConfig | None, key: str, where: str) -> None:
+    if cfg is None:
+        return
+    path = Path(cfg.path).expanduser()
+    local = path.suffix in (".txt", ".raw", ".jsonl", ".json") or cfg.path.startswith((".", "/", "~"))
+    if local and not path.is_file():
+        raise PruneError(f"{where}: '{key}.path' file not found: {cfg.path} (check the path or set PRUNE_DATA_DIR)")
+
+
+def check_files(recipe: Recipe, where: str = "recipe") -> None:
+    """Missing local files fail here, before anything is loaded."""
+    from .models import resolve_source
+
+    try:
+        resolve_source(recipe.model.source, recipe.model.gguf_file, recipe.model.revision)
+    except PruneError as exc:
+        raise PruneError(f"{where}: 'model.source': {exc}") from None
+    _check_text_path(recipe.calibration, "calibration", where)
+    if recipe.evaluate is not None:
+        _check_text_path(recipe.evaluate.perplexity, "evaluate.perplexity", where)
+        for d in recipe.evaluate.task_dirs:
+            if not Path(d).expanduser().is_dir():
+                raise PruneError(f"{where}: 'evaluate.task_dirs' folder not found: {d}")
+        if recipe.evaluate.data_dir and not Path(recipe.evaluate.data_dir).expanduser().is_dir():
+            raise PruneError(f"{where}: 'evaluate.data_dir' folder not found: {recipe.evaluate.data_dir}")
+    if recipe.heal is not None and recipe.heal.data is not None:
+        _check_text_path(recipe.heal.data, "heal.data", where)
