@@ -150,3 +150,28 @@ def smollm2_folder(smollm2_path, tmp_path_factory):
     model, tok, src = prune.load(smollm2_path)
     assert src.kind == "gguf"
     return prune.save(model, tok, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tokenizers_by_bos):
+    """A tiny random Llama (8 blocks, blocks 3-4 planted as near-identity) saved as a plain
+    checkpoint folder with its tokenizer: what users point recipes and the CLI at."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    model = build_model("llama", redundant=(3, 4))
+    model.save_pretrained(folder)
+    tokenizers_by_bos[True].save_pretrained(folder)
+    return folder
+
+
+def tiny_recipe(model_dir, out_dir, **sections) -> dict:
+    """A recipe dict for the tiny fixture model (fast: 4 windows of 32 tokens)."""
+    recipe = {
+        "model": {"source": str(model_dir), "dtype": "float32"},
+        "calibration": {"path": str(WIKI_RAW), "rows": "0:300", "n_samples": 4, "seq_len": 32, "batch_size": 2},
+        "select": {"strategy": "one_shot", "metric": "bi", "n_layers": 2},
+        "evaluate": {"perplexity": {"path": str(WIKI_RAW), "rows": "300:600", "seq_len": 32, "max_windows": 4}},
+        "output": {"dir": str(out_dir)},
+    }
+    for key, value in sections.items():
+        recipe[key] = value
+    return recipe

@@ -43,3 +43,22 @@ def test_score_remove_seven_save_reload(smollm2_folder, tmp_path):
     prompt = tok("The capital of France is", return_tensors="pt").input_ids
     a = model.generate(prompt, max_new_tokens=8, do_sample=False)
     assert torch.equal(a, reloaded.generate(prompt, max_new_tokens=8, do_sample=False))
+
+
+def test_quick_recipe_end_to_end(smollm2_folder, tmp_path):
+    """recipes/smollm2-quick.yaml as shipped, with small limits: chosen layers, a before/after
+    table of perplexity and two lm-eval tasks on real data, and the output folder."""
+    from conftest import DATA, ROOT
+    from prune.pipeline import run
+
+    result = run(ROOT / "recipes" / "smollm2-quick.yaml", quiet=True, overrides=[
+        f"model.source={smollm2_folder}", f"output.dir={tmp_path / 'out'}", f"calibration.path={WIKI_RAW}",
+        f"evaluate.perplexity.path={WIKI_RAW}", "evaluate.perplexity.max_windows=4", f"evaluate.data_dir={DATA}",
+        "evaluate.tasks=[arc_easy, winogrande]", "evaluate.limit=20", "calibration.n_samples=8"])
+    assert len(result.selection.removed) == 7
+    rows = {(r["name"], r["metric"]) for r in result.evaluation["rows"]}
+    assert {("perplexity", "ppl"), ("arc_easy", "acc"), ("winogrande", "acc"), ("layers", "count")} <= rows
+    ppl = result.evaluation["pruned"]["perplexity"]["perplexity"]
+    assert math.isfinite(ppl) and ppl > result.evaluation["original"]["perplexity"]["perplexity"]
+    for name in ("config.json", "model.safetensors", "recipe.yaml", "pruning.json", "eval.json", "eval.md"):
+        assert (result.out_dir / name).is_file()

@@ -1,0 +1,109 @@
+"""The `prune` command through its real entry point (a subprocess running prune.cli.main)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from prune.scoring import ScoreResult
+
+from conftest import DATA, ROOT, WIKI_RAW, tiny_recipe
+
+
+def prune_cli(*args, check_rc=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "prune.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stdout + proc.stderr
+    return proc
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("prune", path=str(Path(sys.executable).parent))
+    assert exe is not None
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "run" in out.stdout and "score" in out.stdout and "eval" in out.stdout
+
+
+def test_help_of_every_subcommand_is_complete():
+    from prune.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        for action in p._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"prune {name} {action.option_strings} has no help"
+                assert action.option_strings[-1] in text
+
+
+def test_run_writes_a_complete_output_folder(tmp_path, tiny_folder):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_folder, tmp_path / "out")))
+    proc = prune_cli("run", recipe, "--set", "select.n_layers=2", check_rc=0)
+    assert "removing 2 of 8 blocks (0-based): [3, 4]" in proc.stdout
+    assert "| perplexity | ppl |" in proc.stdout and "| layers | count | 8 | 6 |" in proc.stdout
+    out = tmp_path / "out"
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "recipe.yaml", "pruning.json", "eval.json",
+            "eval.md"} <= names
+    pruning = json.loads((out / "pruning.json").read_text())
+    assert pruning["removed"] == [3, 4] and pruning["kept"] == [0, 1, 2, 5, 6, 7]
+    assert pruning["msrs_before"]["total"] > pruning["msrs_after"]["total"]
+    assert pruning["calibration"]["seed"] == 0 and "transformers" in pruning["versions"]
+    evaluation = json.loads((out / "eval.json").read_text())
+    ppl = next(r for r in evaluation["rows"] if r["name"] == "perplexity")
+    assert ppl["pruned"] == pytest.approx(evaluation["pruned"]["perplexity"]["perplexity"])
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["select"]["n_layers"] == 2
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 6
+
+    again = prune_cli("run", recipe, check_rc=2)
+    assert again.stderr.startswith("error: output folder") and "--overwrite" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+    quiet = prune_cli("run", recipe, "--overwrite", "--quiet", check_rc=0)
+    assert quiet.stdout == "" and "%|" not in quiet.stderr
+
+
+def test_bad_recipe_exits_2_with_one_line(tmp_path, tiny_folder):
+    recipe = tmp_path / "r.yaml"
+    data = tiny_recipe(tiny_folder, tmp_path / "out")
+    data["select"]["stratgy"] = "tail"
+    recipe.write_text(yaml.safe_dump(data))
+    proc = prune_cli("run", recipe, check_rc=2)
+    assert proc.stderr.count("\n") == 1 and "unknown key 'select.stratgy'" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_score_prints_table_and_writes_json(tmp_path, tiny_folder):
+    proc = prune_cli("score", tiny_folder, "--data", WIKI_RAW, "--rows", "0:300", "--n-samples", 4, "--seq-len", 32,
+                     "--positions", "skip_first", "-o", tmp_path / "s.json", "--quiet", check_rc=0)
+    assert "MSRS =" in proc.stdout and "positions=skip_first" in proc.stdout
+    result = ScoreResult.load_json(tmp_path / "s.json")
+    assert result.n_layers == 8 and result.positions == "skip_first" and result.n_windows == 4
+    assert result.metadata["model_type"] == "llama"
+
+
+def test_eval_runs_local_lm_eval_tasks_and_perplexity(tmp_path, tiny_folder):
+    proc = prune_cli("eval", tiny_folder, "--tasks", "arc_easy,winogrande", "--limit", 6, "--data-dir", DATA,
+                     "--perplexity-data", WIKI_RAW, "--perplexity-rows", "0:200", "--seq-len", 32, "--max-windows", 2,
+                     "-o", tmp_path / "e.json", "--quiet", check_rc=0)
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert set(result["tasks"]) == {"arc_easy", "winogrande"}
+    assert result["tasks"]["arc_easy"]["n"] == 6 and 0 <= result["tasks"]["arc_easy"]["metrics"]["acc"] <= 1
+    assert result["perplexity"]["windows"] == 2 and result["layers"] == 8
+    assert "arc_easy" in proc.stdout and "winogrande" in proc.stdout
+
+
+def test_eval_refuses_unknown_task_before_loading(tiny_folder):
+    proc = prune_cli("eval", tiny_folder, "--tasks", "arc_eezy", "--data-dir", DATA, check_rc=2)
+    assert "unknown lm-eval task 'arc_eezy'" in proc.stderr

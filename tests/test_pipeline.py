@@ -1,0 +1,50 @@
+"""prune.run end to end on a fixture model, with lm-eval on local task copies."""
+
+import json
+
+import pytest
+
+import prune
+from prune.pipeline import comparison_markdown, run
+
+from conftest import DATA, tiny_recipe
+
+
+def test_run_evaluates_before_and_after_with_lm_eval(tmp_path, tiny_folder):
+    recipe = tiny_recipe(tiny_folder, tmp_path / "out")
+    recipe["evaluate"].update({"tasks": ["copa", "piqa"], "data_dir": str(DATA), "limit": 8, "batch_size": 4})
+    result = run(recipe, quiet=True)
+    assert result.selection.removed == [3, 4]  # the planted near-identity blocks
+    ev = result.evaluation
+    assert set(ev["original"]["tasks"]) == set(ev["pruned"]["tasks"]) == {"copa", "piqa"}
+    for task in ("copa", "piqa"):
+        assert ev["pruned"]["tasks"][task]["n"] == 8
+    rows = {(r["name"], r["metric"]): r for r in ev["rows"]}
+    piqa = rows[("piqa", "acc")]
+    if piqa["original"]:
+        assert piqa["retained"] == pytest.approx(piqa["pruned"] / piqa["original"])
+    assert rows[("layers", "count")]["original"] == 8 and rows[("layers", "count")]["pruned"] == 6
+    assert ev["settings"]["limit"] == 8 and ev["settings"]["batch_size"] == 4 and "lm_eval" in ev["settings"]["versions"]
+    md = (result.out_dir / "eval.md").read_text()
+    assert "| copa | acc |" in md and "| parameters | count |" in md
+    saved = json.loads((result.out_dir / "eval.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(ev["rows"]))
+
+
+def test_scores_in_pruning_json_reproduce_the_choice(tmp_path, tiny_folder):
+    result = run(tiny_recipe(tiny_folder, tmp_path / "o", evaluate=None), quiet=True)
+    pruning = json.loads((result.out_dir / "pruning.json").read_text())
+    scores = prune.ScoreResult.from_dict(pruning["scores_before"])
+    again = prune.select(scores, 2, metric="bi")
+    assert again.removed == pruning["removed"]
+    assert pruning["scores_after"]["n_layers"] == 6
+
+
+def test_comparison_table_format():
+    rows = [{"name": "perplexity", "metric": "ppl", "original": 20.0, "pruned": 50.0, "retained": 2.5,
+             "stderr_original": None, "stderr_pruned": None, "lower_is_better": True},
+            {"name": "piqa", "metric": "acc", "original": 0.6, "pruned": 0.57, "retained": 0.95,
+             "stderr_original": 0.01, "stderr_pruned": 0.01, "lower_is_better": False}]
+    md = comparison_markdown(rows)
+    assert "| perplexity | ppl | 20.00 | 50.00 | x2.50 |" in md
+    assert "| piqa | acc | 0.6000 ± 0.0100 | 0.5700 ± 0.0100 | 95.0% |" in md

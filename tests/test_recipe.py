@@ -1,0 +1,113 @@
+"""Recipe validation: every kind of bad input fails with one line naming the key and the fix,
+before any model is loaded."""
+
+import pytest
+import yaml
+
+from prune import PruneError
+from prune.pipeline import preflight
+from prune.recipe import Recipe, load_recipe
+
+from conftest import WIKI_RAW, tiny_recipe
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return str(path)
+
+
+def error_of(tmp_path, data, overrides=()) -> str:
+    with pytest.raises(PruneError) as info:
+        load_recipe(write(tmp_path, data), overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_good_recipe_round_trips(tmp_path, tiny_folder):
+    recipe = load_recipe(write(tmp_path, tiny_recipe(tiny_folder, tmp_path / "out")))
+    assert isinstance(recipe, Recipe) and recipe.select.n_layers == 2
+    again = Recipe.model_validate(yaml.safe_load(recipe.to_yaml()))
+    assert again == recipe
+
+
+def test_unknown_key_names_valid_keys(tmp_path, tiny_folder):
+    data = tiny_recipe(tiny_folder, tmp_path / "out")
+    data["select"]["n_layyers"] = 3
+    message = error_of(tmp_path, data)
+    assert "unknown key 'select.n_layyers'" in message and "n_layers" in message and "fraction" in message
+    data = tiny_recipe(tiny_folder, tmp_path / "out", pruning={"x": 1})
+    assert "unknown key 'pruning'" in error_of(tmp_path, data)
+
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("select", "n_layers", "seven", "'select.n_layers'"),
+    ("select", "fraction", 1.5, "'select.fraction'"),
+    ("select", "strategy", "magic", "'select.strategy'"),
+    ("select", "metric", "loss", "'select.metric'"),
+    ("calibration", "n_samples", 0, "'calibration.n_samples'"),
+    ("score", "positions", "middle", "'score.positions'"),
+    ("score", "tau", 2, "'score.tau'"),
+    ("model", "dtype", "float8", "unknown dtype 'float8'"),
+])
+def test_wrong_types_and_values(tmp_path, tiny_folder, section, key, value, expected):
+    data = tiny_recipe(tiny_folder, tmp_path / "out")
+    data.setdefault(section, {})[key] = value
+    assert expected in error_of(tmp_path, data)
+
+
+def test_amount_must_be_one_of_count_or_fraction(tmp_path, tiny_folder):
+    data = tiny_recipe(tiny_folder, tmp_path / "out")
+    data["select"]["fraction"] = 0.25
+    assert "exactly one of n_layers" in error_of(tmp_path, data)
+
+
+def test_missing_required_and_missing_files(tmp_path, tiny_folder):
+    data = tiny_recipe(tiny_folder, tmp_path / "out")
+    del data["model"]
+    assert "missing required key 'model'" in error_of(tmp_path, data)
+    data = tiny_recipe(tiny_folder, tmp_path / "out")
+    data["calibration"]["path"] = str(tmp_path / "nowhere.txt")
+    assert "'calibration.path' file not found" in error_of(tmp_path, data)
+    data = tiny_recipe(tmp_path / "no-model", tmp_path / "out")
+    assert "'model.source'" in error_of(tmp_path, data)
+    with pytest.raises(PruneError, match="recipe not found"):
+        load_recipe(tmp_path / "absent.yaml")
+    assert "not valid YAML at line 2" in error_of(tmp_path, "model:\n  source: : bad\n")
+
+
+def test_overrides_and_env(tmp_path, tiny_folder, monkeypatch):
+    data = tiny_recipe(tiny_folder, tmp_path / "out")
+    data["calibration"]["path"] = "${MY_DATA:-" + str(WIKI_RAW) + "}"
+    recipe = load_recipe(write(tmp_path, data), ["select.n_layers=3", "evaluate.tasks=[arc_easy, piqa]",
+                                                 "model.device_map=null"])
+    assert recipe.select.n_layers == 3 and recipe.evaluate.tasks == ["arc_easy", "piqa"]
+    assert recipe.calibration.path == str(WIKI_RAW)
+    monkeypatch.setenv("MY_DATA", str(tmp_path / "elsewhere.txt"))
+    assert "file not found" in error_of(tmp_path, data)
+    assert "is not key=value" in error_of(tmp_path, tiny_recipe(tiny_folder, tmp_path / "o"), ["select.n_layers"])
+    assert "'select.n_layers'" in error_of(tmp_path, tiny_recipe(tiny_folder, tmp_path / "o"), ["select.n_layers=many"])
+
+
+def test_preflight_checks_layer_counts_context_tasks_and_output(tmp_path, tiny_folder):
+    def check(**changes):
+        data = tiny_recipe(tiny_folder, tmp_path / "out")
+        for dotted, value in changes.items():
+            section, key = dotted.split("__")
+            data[section][key] = value
+        preflight(load_recipe(write(tmp_path, data)))
+
+    with pytest.raises(PruneError, match="cannot remove 8 of 8 blocks"):
+        check(select__n_layers=8)
+    with pytest.raises(PruneError, match="only 6 of 8 are not protected"):
+        check(select__n_layers=7)
+    with pytest.raises(PruneError, match="out of range for 8 blocks"):
+        check(select__protect=[0, 12])
+    with pytest.raises(PruneError, match="longer than the model's context \\(512"):
+        check(calibration__seq_len=1024)
+    with pytest.raises(PruneError, match="unknown lm-eval task 'arc_eazy'.*did you mean arc_easy"):
+        check(evaluate__tasks=["arc_eazy"], evaluate__data_dir=str(WIKI_RAW.parent.parent))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(PruneError, match="already exists.*--overwrite"):
+        check()
