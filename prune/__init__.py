@@ -19,6 +19,7 @@ from .models import SUPPORTED_MODEL_TYPES, count_parameters, decoder_layers, loa
 from .scoring import ScoreResult, score
 from .select import Selection, select
 from .surgery import remove_layers
+from .pipeline import evaluate_model, run, score_model  # noqa: E402  (uses the modules above)
 
 load = load_model
 
@@ -33,12 +34,15 @@ __all__ = [
     "count_parameters",
     "decoder_layers",
     "eval_windows",
+    "evaluate_model",
     "load",
     "load_model",
     "load_text",
     "remove_layers",
+    "run",
     "save",
     "score",
+    "score_model",
     "select",
 ]
 

@@ -16,6 +16,7 @@ scored after each filled-in option).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -97,6 +98,13 @@ def resolve_tasks(tasks: list[str], *, data_dir_path: str | os.PathLike | None =
     return names, manager
 
 
+def check_tokenizer(tokenizer) -> None:
+    """lm-eval pads batches with the pad token (else unk, else eos); refuse a tokenizer with none."""
+    if all(getattr(tokenizer, name, None) is None for name in ("pad_token", "unk_token", "eos_token")):
+        raise PruneError("the tokenizer has no pad, unk or eos token, which lm-eval needs to pad batches "
+                         "(add one: tokenizer.add_special_tokens({'pad_token': ...}) with an id inside the vocabulary)")
+
+
 def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, batch_size: int = 8,
                    num_fewshot: int = 0, seed: int = 0, data_dir_path=None, task_dirs=None,
                    progress: bool = True) -> dict:
@@ -115,7 +123,9 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | float | N
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        check_tokenizer(tokenizer)
+        # a copy: HFLM sets pad_token on the tokenizer it gets, which must not leak into the saved one
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
         out = lm_eval.simple_evaluate(
             model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,

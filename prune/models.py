@@ -124,9 +124,10 @@ def load_model(
     ``"disk"`` entries need ``offload_folder``). GGUF files are dequantized to ``dtype``
     (float32 when ``"auto"``). ``trust_remote_code`` stays off unless asked for.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     src = resolve_source(source, gguf_file, revision)
+    check_checkpoint_files(src)
     torch_dtype = resolve_dtype(dtype)
     if src.kind == "gguf" and torch_dtype == "auto":
         torch_dtype = torch.float32
@@ -148,8 +149,7 @@ def load_model(
         config = _load_config(src, trust_remote_code)
         check_supported(config)
         model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
-        tok_kwargs = {k: kwargs[k] for k in ("gguf_file", "revision", "trust_remote_code") if k in kwargs}
-        tokenizer = AutoTokenizer.from_pretrained(src.path, **tok_kwargs)
+        tokenizer = load_tokenizer(src, trust_remote_code)
     except PruneError:
         raise
     except OSError as exc:  # missing files, offline hub, corrupt weights
@@ -161,6 +161,23 @@ def load_model(
     model.eval()
     decoder_layers(model)  # fail now, not after calibration, if no decoder stack is found
     return model, tokenizer, src
+
+
+def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
+    """The tokenizer that belongs to ``src`` (from the GGUF file itself for GGUF sources)."""
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    if src.revision:
+        kwargs["revision"] = src.revision
+    try:
+        return AutoTokenizer.from_pretrained(src.path, **kwargs)
+    except PruneError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise PruneError(f"could not load the tokenizer of {src.display}: {type(exc).__name__}: {_first_line(exc)}") from exc
 
 
 def _forget_gguf_quantization(model) -> None:
@@ -349,3 +366,57 @@ def pruned_config_updates(config, kept: list[int]) -> dict[str, Any]:
     if rewrite is not None:
         updates.update(rewrite(config, kept))
     return updates
+
+
+# ---- integrity of local checkpoint files (checked before anything is loaded) -------------
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file; refuses a truncated or corrupt file."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise PruneError(f"{path} is truncated or not a safetensors file (re-download or re-save it)")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise PruneError(f"{path} is truncated or corrupt: its header does not fit in the file (re-download it)")
+        try:
+            header = json.loads(handle.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise PruneError(f"{path} is corrupt: unreadable safetensors header (re-download it)") from None
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise PruneError(f"{path} is truncated or corrupt: {size} bytes, header says {8 + n + end} (re-download it)")
+    return header
+
+
+def check_checkpoint_files(src: ModelSource) -> None:
+    """Refuse local checkpoints with missing shards or truncated/corrupt weight files."""
+    if src.kind == "hub":
+        return
+    folder = Path(src.path)
+    if src.kind == "gguf":
+        import gguf
+
+        try:
+            gguf.GGUFReader(str(folder / src.gguf_file))
+        except Exception as exc:  # noqa: BLE001 - any parse failure means a bad file
+            raise PruneError(f"GGUF file {folder / src.gguf_file} is truncated or corrupt ({type(exc).__name__}); "
+                             "download it again") from None
+        return
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError):
+            raise PruneError(f"{index} is corrupt (no weight_map); re-save or re-download the model") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise PruneError(f"{folder} is incomplete: weight shard {missing[0]} listed in the index is missing "
+                             "(re-download or re-save the model)")
+        files = [folder / s for s in shards]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    for file in files:
+        safetensors_header(file)
+    if not files and not any(folder.glob("*.bin")) and not any(folder.glob("*.pt")):
+        raise PruneError(f"{folder} has a config but no weights (*.safetensors); is the download complete?")

@@ -24,7 +24,7 @@ from . import evaluate as E
 from .data import calibration_windows, eval_windows, load_text
 from .errors import PruneError
 from .export import check_output_dir, save
-from .models import check_supported, context_length, count_parameters, load_model, resolve_source
+from .models import load_tokenizer, check_checkpoint_files, check_device_map, check_supported, context_length, count_parameters, load_model, resolve_source
 from .recipe import EvaluateConfig, Recipe, load_recipe
 from .scoring import ScoreResult, score
 from .select import Selection, resolve_count, resolve_protect, select
@@ -73,6 +73,8 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     from transformers import AutoConfig
 
     src = resolve_source(recipe.model.source, recipe.model.gguf_file, recipe.model.revision)
+    check_checkpoint_files(src)
+    check_device_map(recipe.model.device_map, recipe.model.offload_folder)
     kwargs: dict[str, Any] = {"trust_remote_code": recipe.model.trust_remote_code}
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
@@ -98,11 +100,15 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     for key, value in lengths:
         if ctx is not None and value > ctx:
             raise PruneError(f"{key}={value} is longer than the model's context ({ctx} tokens); lower it")
+    tokenizer = load_tokenizer(src, recipe.model.trust_remote_code)
+    c = recipe.calibration
+    windows = calibration_windows(tokenizer, load_text(c.source()), c.n_samples, c.seq_len, c.seed, c.bos)
     if recipe.evaluate and recipe.evaluate.tasks:
-        from .lmeval import resolve_tasks
+        from .lmeval import check_tokenizer, resolve_tasks
 
+        check_tokenizer(tokenizer)
         resolve_tasks(recipe.evaluate.tasks, data_dir_path=recipe.evaluate.data_dir, task_dirs=recipe.evaluate.task_dirs)
-    return {"n_layers": n_layers, "model_type": config.model_type, "source": src}
+    return {"n_layers": n_layers, "model_type": config.model_type, "source": src, "windows": windows}
 
 
 # ---- evaluation ------------------------------------------------------------------------
@@ -227,7 +233,7 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
                                        max_memory=m.max_memory, offload_folder=m.offload_folder, revision=m.revision,
                                        trust_remote_code=m.trust_remote_code)
     c = recipe.calibration
-    windows = calibration_windows(tokenizer, load_text(c.source()), c.n_samples, c.seq_len, c.seed, c.bos)
+    windows = facts["windows"]  # tokenized in preflight: bad text fails before the model loads
     s = recipe.score
     say(f"scoring {facts['n_layers']} blocks on {c.n_samples} windows x {c.seq_len} tokens", quiet)
     score_kwargs = dict(batch_size=c.batch_size, positions=s.positions, metrics=tuple(s.metrics),

@@ -1,0 +1,115 @@
+"""Bad input of every kind: one clear line naming the problem and the fix, before expensive work."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import prune
+from prune import PruneError
+from prune.models import check_checkpoint_files, resolve_source
+
+from conftest import build_model, smollm2_gguf, tiny_recipe
+
+
+def copy_model(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_truncated_safetensors_is_refused_before_loading(tiny_folder, tmp_path):
+    folder = copy_model(tiny_folder, tmp_path / "m")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PruneError, match="model.safetensors is truncated or corrupt"):
+        prune.load(folder)
+    weights.write_bytes(b"\x00" * 4)
+    with pytest.raises(PruneError, match="truncated or not a safetensors file"):
+        check_checkpoint_files(resolve_source(str(folder)))
+
+
+def test_missing_shard_listed_in_index(tmp_path, tokenizers_by_bos):
+    model = build_model("qwen3")
+    model.save_pretrained(tmp_path / "m", max_shard_size="100KB")
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    (tmp_path / "m" / shard).unlink()
+    with pytest.raises(PruneError, match=f"weight shard {shard} listed in the index is missing"):
+        prune.load(tmp_path / "m")
+
+
+def test_truncated_gguf_is_refused(tmp_path):
+    gguf_path = smollm2_gguf()
+    if gguf_path is None:
+        pytest.skip("SmolLM2 GGUF not installed")
+    with gguf_path.open("rb") as handle:
+        (tmp_path / "half.gguf").write_bytes(handle.read(20_000_000))
+    with pytest.raises(PruneError, match="half.gguf is truncated or corrupt"):
+        prune.load(tmp_path / "half.gguf")
+
+
+def test_folder_without_weights(tiny_folder, tmp_path):
+    folder = copy_model(tiny_folder, tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(PruneError, match="has a config but no weights"):
+        prune.load(folder)
+
+
+def test_tokenizer_without_pad_unk_eos_is_refused_before_lm_eval(tiny_folder, tmp_path):
+    from prune.lmeval import check_tokenizer
+
+    folder = copy_model(tiny_folder, tmp_path / "m")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    for key in ("pad_token", "unk_token", "eos_token"):
+        cfg.pop(key, None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    _, tok, _ = prune.load(folder)
+    with pytest.raises(PruneError, match="no pad, unk or eos token"):
+        check_tokenizer(tok)
+
+
+def test_lm_eval_does_not_change_the_tokenizer_that_is_saved(tiny_folder, tmp_path):
+    from conftest import DATA
+
+    folder = copy_model(tiny_folder, tmp_path / "m")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg.pop("pad_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    recipe = tiny_recipe(folder, tmp_path / "out")
+    recipe["evaluate"].update({"tasks": ["copa"], "data_dir": str(DATA), "limit": 4})
+    result = prune.run(recipe, quiet=True)
+    saved = json.loads((result.out_dir / "tokenizer_config.json").read_text())
+    assert saved.get("pad_token") is None
+
+
+def test_calibration_problems_fail_before_the_model_loads(tiny_folder, tmp_path, monkeypatch):
+    import prune.pipeline as P
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(P, "load_model", no_loading)
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words\n")
+    recipe = tiny_recipe(tiny_folder, tmp_path / "out")
+    recipe["calibration"]["path"] = str(short)
+    with pytest.raises(PruneError, match="calibration text too short"):
+        P.run(recipe, quiet=True)
+    short.write_text("\n\n")
+    with pytest.raises(PruneError, match="text is empty"):
+        P.run(recipe, quiet=True)
+    recipe = tiny_recipe(tiny_folder, tmp_path / "out")
+    recipe["model"]["device_map"] = {"": "cuda:3"} if not torch.cuda.is_available() else {"": "cuda:99"}
+    with pytest.raises(PruneError, match="not present on this machine"):
+        P.run(recipe, quiet=True)
+    recipe = tiny_recipe(tiny_folder, tmp_path / "out")
+    recipe["calibration"]["bos"] = True
+    folder = copy_model(tiny_folder, tmp_path / "nobos")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg.pop("bos_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    recipe["model"]["source"] = str(folder)
+    with pytest.raises(PruneError, match="no BOS token"):
+        P.run(recipe, quiet=True)
