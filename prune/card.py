@@ -46,6 +46,22 @@ METHODS: dict[tuple[str, str | None], str] = {
     ("random", None): "random baseline: n unprotected blocks drawn with a fixed seed (no metric)",
 }
 
+#: License identifiers the Hub accepts in ``license:`` (hub-docs repositories-licenses.md);
+#: anything else is written as ``license: other`` with ``license_name`` (the Hub refuses
+#: unknown identifiers when the card is uploaded).
+HUB_LICENSES = frozenset("""
+apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m
+afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0 cc-by-2.5
+cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0 cc-by-nc-nd-3.0
+cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0 cdla-permissive-1.0
+cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 agpl-3.0 gfdl gpl gpl-2.0 gpl-3.0 lgpl lgpl-2.1
+lgpl-3.0 isc lppl-1.3c ms-pl mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl
+lgpl-lr deepfloyd-if-license llama2 llama3 llama3.1 llama3.2 llama3.3 gemma unknown other
+""".split())
+_LICENSE_ALIASES = {"apache 2.0": "apache-2.0", "apache2": "apache-2.0", "apache-2": "apache-2.0", "apache 2": "apache-2.0",
+                    "apache license 2.0": "apache-2.0", "apache license, version 2.0": "apache-2.0",
+                    "apache-2.0 license": "apache-2.0", "mit license": "mit", "the mit license": "mit"}
+
 TEMPLATE = "modelcard.md"
 _LOCAL_TEXT = (".txt", ".raw", ".jsonl", ".json", ".csv", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -65,6 +81,22 @@ def is_hub_dataset(path: str | None) -> bool:
     if p.exists() or p.suffix in _LOCAL_TEXT or path.startswith((".", "/", "~")):
         return False
     return bool(_HUB_ID.match(path)) and path.lower() not in _PACKAGED_BUILDERS
+
+
+def hub_license(original: dict) -> dict[str, str]:
+    """``license`` (and ``license_name`` / ``license_link``) for the front matter: a Hub
+    identifier when the carried-over value is one (common spellings mapped), otherwise
+    ``other`` with the value as a slug in ``license_name``; ``{}`` when unknown."""
+    value = str(original.get("license") or "").strip()
+    if not value:
+        return {}
+    key = _LICENSE_ALIASES.get(value.lower(), value.lower())
+    out = {"license": key} if key in HUB_LICENSES else {
+        "license": "other", "license_name": re.sub(r"[^a-z0-9.]+", "-", value.lower()).strip("-.") or "custom"}
+    for extra in ("license_name", "license_link"):
+        if original.get(extra) and out["license"] == "other":
+            out[extra] = str(original[extra])
+    return out
 
 
 def _step_datasets(step: dict) -> list[str]:
@@ -96,11 +128,8 @@ def card_data(pruning: dict):
     original = pruning.get("original") or {}
     base_model = pruning.get("base_model")
     extra = {"base_model_relation": RELATION} if base_model else {}
-    return ModelCardData(
-        base_model=base_model, library_name="transformers", pipeline_tag="text-generation", tags=tags,
-        license=original.get("license"), license_name=original.get("license_name"),
-        license_link=original.get("license_link"), datasets=datasets or None, **extra,
-    )
+    return ModelCardData(base_model=base_model, library_name="transformers", pipeline_tag="text-generation", tags=tags,
+                         datasets=datasets or None, **hub_license(original), **extra)
 
 
 # ---- body pieces ----------------------------------------------------------------------------

@@ -81,12 +81,14 @@ class CheckReport:
         lines.append("OK: complete and consistent" if n == 0 else f"FAILED: {n} problem{'s' if n > 1 else ''}")
         return "\n".join(lines)
 
-    def raise_for_problems(self, action: str = "") -> None:
-        """Raise one :class:`PruneError` line naming the first problem (and how many more)."""
+    def raise_for_problems(self, action: str = "", shown: bool = False) -> None:
+        """Raise one :class:`PruneError` line naming the first problem (and how many more;
+        ``shown``: the summary listing them all was already printed)."""
         if self.ok:
             return
         first = self.problems[0]
-        more = f" (and {len(self.problems) - 1} more: run `prune check {self.folder}`)" if len(self.problems) > 1 else ""
+        where = "listed above" if shown else f"run `prune check {self.folder}`"
+        more = f" (and {len(self.problems) - 1} more: {where})" if len(self.problems) > 1 else ""
         prefix = f"{action}: " if action else ""
         raise PruneError(f"{prefix}{self.folder} is not a complete checkpoint: {first.area}: {first.message}{more}")
 
@@ -162,34 +164,40 @@ def _check_config(path: Path, report: CheckReport):
     if not file.is_file():
         report.add("config", "fail", "config.json is missing")
         return None
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        report.add("config", "fail", f"config.json is not valid JSON: {exc}")
+        return None
+    n = next((raw[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(raw.get(k), int)), None)
+    bad = per_layer_list_problems(raw, n)
+    for message in bad:  # checked on the raw file first: transformers' own refusal is less clear
+        report.add("config", "fail", message)
     from transformers import AutoConfig
 
     try:
-        json.loads(file.read_text())
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - report, do not crash
-        report.add("config", "fail", f"config.json does not load: {_first_line(exc)}")
+        if not bad:
+            report.add("config", "fail", f"config.json does not load with transformers: {_first_line(exc)}")
         return None
-    n = getattr(config, "num_hidden_layers", None)
+    n = getattr(config, "num_hidden_layers", n)
     report.facts.update(model_type=config.model_type, n_layers=n)
-    bad = _per_layer_list_problems(config)
-    for message in bad:
-        report.add("config", "fail", message)
     if not bad:
-        lists = [k for k, v in config.to_dict().items() if "layer" in k and isinstance(v, (list, tuple))]
+        lists = [k for k, v in raw.items() if "layer" in k and isinstance(v, (list, tuple))]
         report.add("config", "ok", f"num_hidden_layers={n}; per-layer lists: {', '.join(lists) if lists else 'none'}")
     return config
 
 
-def _per_layer_list_problems(config) -> list[str]:
-    """Per-layer lists whose length is not ``num_hidden_layers``; index lists pointing outside."""
+def per_layer_list_problems(config: dict, n: int | None) -> list[str]:
+    """Per-layer lists (a list under a key naming "layer") whose length is not the block
+    count ``n``; index lists (``mlp_only_layers``) pointing outside ``0..n-1``."""
     from .models import INDEX_LIST_KEYS
 
-    n = getattr(config, "num_hidden_layers", None)
     if not isinstance(n, int):
         return []
     out = []
-    for key, value in config.to_dict().items():
+    for key, value in config.items():
         if "layer" not in key or not isinstance(value, (list, tuple)):
             continue
         if key in INDEX_LIST_KEYS:

@@ -176,7 +176,7 @@ def cmd_check(args) -> int:
 
     report = check_checkpoint(args.output_dir, require_export=args.require_export)
     print(report.summary())
-    report.raise_for_problems()
+    report.raise_for_problems(shown=True)
     return 0
 
 

@@ -125,7 +125,7 @@ def plan_push(folder: str | os.PathLike, repo_id: str, *, revision: str | None =
     report = check_checkpoint(path, require_export=True)
     if not quiet:
         print(report.summary(), flush=True)
-    report.raise_for_problems("refusing to push")
+    report.raise_for_problems("refusing to push", shown=not quiet)
     return UploadPlan(path, repo_id, revision or DEFAULT_BRANCH, private,
                       commit_message or default_commit_message(path), upload_files(path))
 
@@ -161,27 +161,35 @@ def _upload(plan: UploadPlan) -> str:
 
     token = get_token()
     api = HfApi(token=token)
+    stage = "prepare"
     try:
         api.create_repo(plan.repo_id, private=plan.private, exist_ok=True, repo_type="model")
         if plan.revision != DEFAULT_BRANCH:
             api.create_branch(plan.repo_id, branch=plan.revision, exist_ok=True, repo_type="model")
+        stage = "upload"
         info = api.upload_folder(repo_id=plan.repo_id, folder_path=str(plan.folder), repo_type="model",
                                  revision=plan.revision, commit_message=plan.commit_message,
                                  allow_patterns=[glob.escape(name) for name, _ in plan.files])
     except PruneError:
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line
-        raise PruneError(_scrub(failure_line(exc, plan), token)) from None
+        raise PruneError(_scrub(failure_line(exc, plan, stage), token)) from None
     return getattr(info, "commit_url", None) or str(info)
 
 
-def failure_line(exc: BaseException, plan: UploadPlan) -> str:
-    """One line for a failed push: authentication, permission, network or the Hub's answer."""
+def failure_line(exc: BaseException, plan: UploadPlan, stage: str = "prepare") -> str:
+    """One line for a failed push: authentication, permission, network or the Hub's answer.
+    ``stage`` is ``"prepare"`` (repo/branch creation: nothing was sent) or ``"upload"``
+    (``upload_folder`` may have committed part of the files before failing)."""
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError
 
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    where = f"push to {plan.repo_id}@{plan.revision} failed (no commit was made; the local folder is unchanged)"
+    if stage == "upload":
+        where = (f"push to {plan.repo_id}@{plan.revision} did not finish (the repo may hold part of the files: run the "
+                 "same push again to complete it; the local folder is unchanged)")
+    else:
+        where = f"push to {plan.repo_id}@{plan.revision} failed before any file was sent (the local folder is unchanged)"
     if isinstance(exc, HfHubHTTPError):
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status == 401:

@@ -18,6 +18,7 @@ without its own history (plus its ``eval_rows`` when the parent folder had ``eva
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from .errors import PruneError
 from .models import ModelSource
 
 RECORD = "pruning.json"
+HUB_TIMEOUT = 10  # seconds, for the one metadata request lineage makes to the Hub
 
 
 # ---- reading the parent ------------------------------------------------------------------
@@ -79,13 +81,41 @@ def _eval_rows(path) -> list | None:
 
 
 def _hub_file(repo_id: str, filename: str, revision: str | None) -> str | None:
-    """Local path of ``filename`` from a Hub model repo (cache or download), ``None`` on any failure."""
+    """Local path of ``filename`` from a Hub model repo, ``None`` when absent or unreachable.
+
+    The cache answers first; otherwise one ``model_info`` request (no retries, short
+    timeout) says whether the file exists before it is downloaded, so an unreachable Hub
+    costs one refused connection, not minutes of retries. Never raises."""
     try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id, filename, revision=revision)
+        if isinstance(cached, str):
+            return cached
+        files = _hub_files(repo_id, revision)
+        if files is None or filename not in files:
+            return None
         from huggingface_hub import hf_hub_download
 
         return hf_hub_download(repo_id, filename, revision=revision)
-    except Exception:  # noqa: BLE001 - absent file, offline, no network: no lineage
+    except Exception:  # noqa: BLE001 - absent file, offline, no network: unknown
         return None
+
+
+@functools.lru_cache(maxsize=32)
+def _hub_files(repo_id: str, revision: str | None) -> frozenset[str] | None:
+    """File names of a Hub model repo from one ``model_info`` call; ``None`` offline or on failure."""
+    from .hub import offline
+
+    if offline():
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi().model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT)
+    except Exception:  # noqa: BLE001
+        return None
+    return frozenset(s.rfilename for s in info.siblings or ())
 
 
 def normalize_step(record: dict, n_layers_after: int, where: str = "") -> dict:
