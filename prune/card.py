@@ -271,6 +271,8 @@ def render_card(pruning: dict, *, rows: list[dict] | None = None, recipe_yaml: s
     origin = source_name(original.get("source") or pruning.get("source"))
     summary = (f"A layer-pruned version of {origin}: {len(removed_all)} of its {n0} decoder blocks removed "
                f"({now_layers} kept){f', in {len(steps)} pruning steps' if len(steps) > 1 else ''}, made with `prune`.")
+    if (original.get("source") or {}).get("kind") == "gguf":
+        summary += " The GGUF weights were dequantized on load; this checkpoint stores them unquantized (safetensors)."
     if pruning.get("healing"):
         summary += " The pruned model was then healed (trained briefly; see Healing)."
     base = pruning.get("base_model")
@@ -293,7 +295,8 @@ def render_card(pruning: dict, *, rows: list[dict] | None = None, recipe_yaml: s
         layers_original=_count(n0), layers_now=_count(now_layers),
         params_original=_count(p0), params_now=_count(now_params), params_change=_change(p0, now_params),
         removed_all=removed_all, kept_all=pruning.get("kept_original", pruning.get("kept")),
-        method=method_line(pruning), protect=protect, calibration=calibration_line(pruning),
+        method=method_line(pruning), this_step=f" (step {len(steps)})" if len(steps) > 1 else "",
+        protect=protect, calibration=calibration_line(pruning),
         msrs=msrs_line(pruning), relation_note=relation_note,
         steps=lineage_rows, original_name=origin,
         table=comparison_markdown(rows) if rows else None, eval_settings=eval_settings_line(settings),
