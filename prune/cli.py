@@ -158,8 +158,58 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ---- check ----------------------------------------------------------------------------
+def add_check(sub) -> None:
+    p = sub.add_parser("check", help="check an output folder is a complete, loadable checkpoint (no weights loaded)",
+                       description="Check OUTPUT_DIR without loading weights: config and per-layer lists, every shard "
+                                   "in the safetensors index present and whole, block tensors numbered 0..L-1, "
+                                   "from_pretrained on the meta device, tied embeddings, tokenizer, model card and "
+                                   "pruning.json. Prints a one-screen summary; exit status 2 when something is wrong.")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a folder written by `prune run` (or any checkpoint folder)")
+    p.add_argument("--require-export", action="store_true",
+                   help="also require README.md (model card) and pruning.json, as `prune push` does")
+    p.set_defaults(func=cmd_check)
+
+
+def cmd_check(args) -> int:
+    from .check import check_checkpoint
+
+    report = check_checkpoint(args.output_dir, require_export=args.require_export)
+    print(report.summary())
+    report.raise_for_problems(shown=True)
+    return 0
+
+
+# ---- push -----------------------------------------------------------------------------
+def add_push(sub) -> None:
+    p = sub.add_parser("push", help="push a checked output folder to the Hugging Face Hub",
+                       description="Check OUTPUT_DIR (as `prune check --require-export`), refuse it when incomplete, "
+                                   "then create REPO_ID (exist_ok) and upload the folder. The token comes from HF_TOKEN "
+                                   "or `hf auth login` and is never printed. --dry-run prints exactly what would be "
+                                   "uploaded without any network access.")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a folder written by `prune run`")
+    p.add_argument("repo_id", metavar="REPO_ID", help="Hub model repo, e.g. your-name/SmolLM2-135M-pruned-23L")
+    p.add_argument("--revision", default=None, help="branch to push to (created if missing; default main)")
+    vis = p.add_mutually_exclusive_group()
+    vis.add_argument("--private", dest="private", action="store_true", default=True,
+                     help="create the repo private (the default)")
+    vis.add_argument("--public", dest="private", action="store_false", help="create the repo public")
+    p.add_argument("--commit-message", default=None, help="commit message (default: names the block counts)")
+    p.add_argument("--dry-run", action="store_true", help="print the files, sizes, repo and revision; send nothing")
+    p.add_argument("--quiet", "-q", action="store_true", help="no check summary or progress messages")
+    p.set_defaults(func=cmd_push)
+
+
+def cmd_push(args) -> int:
+    from .hub import push
+
+    push(args.output_dir, args.repo_id, revision=args.revision, private=args.private,
+         commit_message=args.commit_message, dry_run=args.dry_run, quiet=args.quiet)
+    return 0
+
+
 #: every subcommand registers itself here: (adder, ...) in --help order
-SUBCOMMANDS = [add_run, add_score, add_eval]
+SUBCOMMANDS = [add_run, add_score, add_eval, add_check, add_push]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -99,3 +99,32 @@ def _replace(stage: Path, out: Path) -> None:
     out.rename(old)
     stage.rename(out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- lineage, model card, push: what `prune run` adds around `save` ---------------------
+def preflight_export(recipe, src, n_layers: int) -> dict | None:
+    """Checks before any weights are loaded: the source's own ``pruning.json`` (when it was
+    itself pruned) agrees with its ``n_layers`` blocks, and ``output.push_to_hub`` can be
+    attempted (valid repo id, a token, not offline). Returns the parent record or ``None``."""
+    from .lineage import read_parent
+
+    parent = read_parent(src, n_layers)
+    if recipe.output.push_to_hub is not None:
+        from .hub import check_can_push
+
+        check_can_push(recipe.output.push_to_hub.repo_id)
+    return parent
+
+
+def prepare_export(pruning: dict, evaluation: dict, recipe, src, parent: dict | None) -> tuple[dict, str]:
+    """``(pruning, card)``: the record extended with its lineage (and the recipe, so each
+    step of a chain keeps its own) and the model card text written as ``README.md``."""
+    from .card import render_card
+    from .lineage import extend
+
+    record = extend({**pruning, "recipe": recipe.model_dump(mode="json")}, parent, src)
+    push = recipe.output.push_to_hub
+    card = render_card(record, rows=evaluation.get("rows"), recipe_yaml=recipe.to_yaml(),
+                       settings=evaluation.get("settings") if recipe.evaluate else None,
+                       model_name=Path(recipe.output.dir).name, load_id=push.repo_id if push else recipe.output.dir)
+    return record, card

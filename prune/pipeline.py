@@ -108,7 +108,13 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
 
         check_tokenizer(tokenizer)
         resolve_tasks(recipe.evaluate.tasks, data_dir_path=recipe.evaluate.data_dir, task_dirs=recipe.evaluate.task_dirs)
-    return {"n_layers": n_layers, "model_type": config.model_type, "source": src, "windows": windows}
+    # ---- export (prune.export): lineage of an already pruned source, push_to_hub checks ----
+    from .export import preflight_export
+
+    parent = preflight_export(recipe, src, n_layers)
+    # ---- end export ----
+    return {"n_layers": n_layers, "model_type": config.model_type, "source": src, "windows": windows,
+            "parent": parent}
 
 
 # ---- evaluation ------------------------------------------------------------------------
@@ -264,9 +270,18 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
                              {**run_facts, "model_type": facts["model_type"]}, healing, started)
     files = {"recipe.yaml": recipe.to_yaml(), "eval.json": json.dumps(evaluation, indent=1) + "\n",
              "eval.md": f"# Before / after\n\n{table}\n"}
+    # ---- export (prune.export, prune.hub): lineage + model card, then the optional push ----
+    from .export import prepare_export
+
+    pruning, files["README.md"] = prepare_export(pruning, evaluation, recipe, src, facts["parent"])
     out = save(model, tokenizer, recipe.output.dir, pruning=pruning, files=files,
                overwrite=overwrite or recipe.output.overwrite)
     say(f"\n{table}\n\nsaved {out}", quiet)
+    if recipe.output.push_to_hub is not None:
+        from .hub import push_config
+
+        push_config(out, recipe.output.push_to_hub, quiet=quiet)
+    # ---- end export ----
     return RunResult(out, selection, scores_before, scores_after, evaluation, pruning)
 
 

@@ -119,10 +119,23 @@ class EvaluateConfig(Section):
 
 
 class PushConfig(Section):
+    """``output.push_to_hub``: push the output folder after the run (see :mod:`prune.hub`)."""
+
     repo_id: str
-    private: bool = True
-    revision: str | None = None
+    private: bool = True  # applies when the repo is created; an existing repo keeps its visibility
+    revision: str | None = None  # branch, created if missing (default main)
     commit_message: str | None = None
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, value: str) -> str:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(value)
+        except HFValidationError as exc:
+            raise ValueError(f"not a Hub repo id: {str(exc).splitlines()[0]} (use namespace/name)") from None
+        return value
 
 
 class OutputConfig(Section):

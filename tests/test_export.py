@@ -1,0 +1,281 @@
+"""Model card and lineage of `prune run` outputs, on a tiny real model pruned twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+from huggingface_hub import ModelCard
+from safetensors import safe_open
+
+import prune
+from prune.card import RELATION, card_data, is_hub_dataset, render_card
+from prune.errors import PruneError
+from prune.lineage import chain, extend, normalize_step, source_license
+from prune.models import ModelSource
+from prune.pipeline import comparison_markdown, run
+from prune.recipe import load_recipe
+
+from conftest import ROOT, WIKI_RAW
+from export_fixtures import recipe, save_source
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """Source (8 blocks, 2 and 3 planted redundant) -> step 1: contiguous, 2 blocks -> step 2:
+    tail, 2 more blocks, run on the step-1 folder."""
+    root = tmp_path_factory.mktemp("lineage")
+    source = save_source(root / "source")
+    first = run(recipe(source, root / "step1", 2, "contiguous"), quiet=True)
+    second = run(recipe(first.out_dir, root / "step2", 2, "tail"), quiet=True)
+    return source, first, second
+
+
+def load_card(folder):
+    return ModelCard.load(folder / "README.md")
+
+
+def read_json(path):
+    return json.loads(path.read_text())
+
+
+# ---- the card of one pruning ---------------------------------------------------------------
+def test_card_front_matter_parsed_back(two_steps):
+    _, first, _ = two_steps
+    data = load_card(first.out_dir).data.to_dict()
+    assert data["library_name"] == "transformers"
+    assert data["pipeline_tag"] == "text-generation"
+    assert data["tags"] == ["pruned", "layer-pruning", "angular-distance"]
+    assert data["license"] == "mit"  # carried over from the source folder's card
+    # local source and local calibration text: no Hub lineage to declare
+    for key in ("base_model", "base_model_relation", "datasets"):
+        assert key not in data
+
+
+def test_card_body_renders_table_recipe_and_facts(two_steps):
+    _, first, _ = two_steps
+    out = first.out_dir
+    text = load_card(out).text
+    pruning = read_json(out / "pruning.json")
+    evaluation = read_json(out / "eval.json")
+    assert pruning["removed"] == [2, 3]  # the planted redundant blocks
+    assert "- **Removed blocks** (0-based, indices of the original model): `[2, 3]`" in text
+    assert "- **Kept blocks** (original indices, in order): `[0, 1, 4, 5, 6, 7]`" in text
+    assert "arccos(cos(h_l, h_{l+n})) / π" in text and "here l* = 2, n = 2" in text
+    assert f"| decoder blocks | 8 | 6 |" in text
+    p0, p1 = pruning["params_before"], pruning["params_after"]
+    assert f"| parameters | {p0:,} | {p1:,} ({100 * (p1 - p0) / p0:+.1f}%) |" in text
+    # the before/after table is the pipeline's own, verbatim
+    assert comparison_markdown(evaluation["rows"]) in text
+    assert "| perplexity | ppl |" in text
+    m0, m1 = pruning["msrs_before"], pruning["msrs_after"]
+    assert f"{m0['total']:.2f} over 28 pairs" in text and f"{m1['total']:.2f} over 15 pairs" in text
+    # the recipe is embedded verbatim and is the one saved beside it
+    recipe_yaml = (out / "recipe.yaml").read_text().strip()
+    assert f"```yaml\n{recipe_yaml}\n```" in text
+    assert yaml.safe_load(recipe_yaml)["select"]["strategy"] == "contiguous"
+    assert f'AutoModelForCausalLM.from_pretrained("{out}")' in text
+    assert "## Lineage" not in text and "## Healing" not in text
+
+
+def test_card_rendering_matches_pruning_json(two_steps):
+    """The card is a pure function of what the folder records: rendering it again from
+    pruning.json, eval.json and recipe.yaml gives the same text."""
+    _, first, _ = two_steps
+    out = first.out_dir
+    evaluation = read_json(out / "eval.json")
+    again = render_card(read_json(out / "pruning.json"), rows=evaluation["rows"], recipe_yaml=(out / "recipe.yaml").read_text(),
+                        settings=evaluation["settings"], model_name=out.name, load_id=str(out))
+    assert again == (out / "README.md").read_text()
+
+
+# ---- lineage -------------------------------------------------------------------------------
+def test_second_pruning_appends_history_with_original_indices(two_steps):
+    _, first, second = two_steps
+    p1 = read_json(first.out_dir / "pruning.json")
+    p2 = read_json(second.out_dir / "pruning.json")
+    assert p1["step"] == 1 and p1["history"] == [] and p1["kept_original"] == [0, 1, 4, 5, 6, 7]
+    assert p2["step"] == 2 and len(p2["history"]) == 1
+    earlier = p2["history"][0]
+    assert earlier["removed"] == p1["removed"] and earlier["kept_original"] == p1["kept_original"]
+    assert earlier["recipe"]["output"]["dir"] == str(first.out_dir)
+    assert earlier["eval_rows"] == read_json(first.out_dir / "eval.json")["rows"]
+    # tail on 6 blocks removes positions 3, 4 (just before the last), i.e. original blocks 5, 6
+    assert p2["removed"] == [3, 4] and p2["layers_before"] == 6 and p2["layers_after"] == 4
+    assert p2["removed_original"] == [p1["kept_original"][i] for i in p2["removed"]] == [5, 6]
+    assert p2["removed_original_all"] == [2, 3, 5, 6]
+    assert p2["kept_original"] == [0, 1, 4, 7]
+    assert p2["original"]["n_layers"] == 8 and p2["original"]["license"] == "mit"
+    assert p2["original"]["source"] == p1["original"]["source"]
+    assert [s["step"] for s in chain(p2)] == [1, 2]
+
+
+def test_lineage_indices_match_the_weights(two_steps):
+    """Block k of the twice-pruned checkpoint holds exactly the weights of original block
+    kept_original[k]: the recorded mapping is checked against the tensors themselves."""
+    source, _, second = two_steps
+    kept = read_json(second.out_dir / "pruning.json")["kept_original"]
+    with safe_open(source / "model.safetensors", "pt") as orig, safe_open(second.out_dir / "model.safetensors", "pt") as pruned:
+        names = [n for n in pruned.keys() if n.startswith("model.layers.")]
+        assert {int(n.split(".")[2]) for n in names} == set(range(len(kept)))
+        for name in names:
+            k = int(name.split(".")[2])
+            original_name = name.replace(f"model.layers.{k}.", f"model.layers.{kept[k]}.", 1)
+            assert pruned.get_tensor(name).equal(orig.get_tensor(original_name)), name
+
+
+def test_card_shows_the_whole_chain(two_steps):
+    _, first, second = two_steps
+    card = load_card(second.out_dir)
+    text = card.text
+    assert "pruned 2 times" in text and "in 2 pruning steps" in text
+    rows = re.findall(r"^\| (\d) \| (.+?) \| (.+?) \| (\d+) → (\d+) \| `(\[.*?\])` \| `(\[.*?\])` \|$", text, re.M)
+    assert [(r[0], r[2], r[3], r[4], r[5], r[6]) for r in rows] == [
+        ("1", "contiguous / angular", "8", "6", "[2, 3]", "[2, 3]"),
+        ("2", "tail", "6", "4", "[3, 4]", "[5, 6]"),
+    ]
+    assert "`source` (local folder)" in rows[0][1] and f"`{first.out_dir.name}` (local folder)" in rows[1][1]
+    assert "- **Removed blocks** (0-based, indices of the original model): `[2, 3, 5, 6]`" in text
+    assert "| decoder blocks | 8 | 4 |" in text
+    # step 1's table and recipe are kept, folded
+    step1_rows = read_json(first.out_dir / "eval.json")["rows"]
+    assert "<summary>Step 1 evaluation" in text and comparison_markdown(step1_rows) in text
+    assert "<summary>Recipe of step 1</summary>" in text
+    data = card.data.to_dict()
+    assert data["license"] == "mit" and data["tags"] == ["pruned", "layer-pruning", "angular-distance"]
+
+
+def test_corrupt_lineage_is_refused_before_loading(two_steps, tmp_path):
+    """A pruning.json that does not describe the folder's weights stops the run in pre-flight."""
+    import shutil
+
+    _, first, _ = two_steps
+    folder = shutil.copytree(first.out_dir, tmp_path / "edited")
+    record = read_json(folder / "pruning.json")
+    record["kept_original"] = record["kept_original"][:-1]
+    (folder / "pruning.json").write_text(json.dumps(record))
+    with pytest.raises(PruneError, match="records 5 blocks after pruning but the model has 6"):
+        run(recipe(folder, tmp_path / "out", 1), quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hand_written_record_counts_as_one_step():
+    """`prune.save(..., pruning={"removed": [...]})` records only the removed blocks."""
+    step = normalize_step({"removed": [1, 5]}, n_layers_after=6)
+    assert step["layers_before"] == 8 and step["kept_original"] == [0, 2, 3, 4, 6, 7]
+    current = {"removed": [0, 2], "kept": [1, 3, 4, 5], "layers_before": 6, "layers_after": 4}
+    out = extend(current, step, ModelSource("folder", "/x"))
+    assert out["removed_original"] == [0, 3] and out["removed_original_all"] == [0, 1, 3, 5]
+    assert out["kept_original"] == [2, 4, 6, 7] and out["step"] == 2
+
+
+# ---- front matter for Hub sources, Hub datasets, licenses ---------------------------------------
+def _record(source: dict, calibration_path: str, license: str | None = None) -> dict:
+    rec = {"removed": [1], "kept": [0, 2], "layers_before": 3, "layers_after": 2, "params_before": 30, "params_after": 20,
+           "selection": {"strategy": "one_shot", "metric": "bi"}, "calibration": {"path": calibration_path}}
+    src = ModelSource(**source)
+    out = extend(rec, None, src)
+    if license:
+        out["original"]["license"] = license
+    return out
+
+
+def test_base_model_only_for_hub_sources():
+    hub = card_data(_record({"kind": "hub", "path": "HuggingFaceTB/SmolLM2-135M-Instruct"}, "Salesforce/wikitext",
+                            "apache-2.0")).to_dict()
+    assert hub["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub["base_model_relation"] == RELATION == "finetune"
+    assert hub["datasets"] == ["Salesforce/wikitext"]
+    assert hub["license"] == "apache-2.0" and hub["tags"] == ["pruned", "layer-pruning", "block-influence"]
+    for kind in ({"kind": "folder", "path": "/models/x"}, {"kind": "gguf", "path": "/m", "gguf_file": "x.gguf"}):
+        data = card_data(_record(kind, str(ROOT / "README.md"))).to_dict()
+        assert "base_model" not in data and "base_model_relation" not in data and "datasets" not in data
+
+
+def test_rendered_card_front_matter_for_hub_source_round_trips(tmp_path):
+    record = _record({"kind": "hub", "path": "org/model"}, "allenai/c4", "llama3.2")
+    (tmp_path / "README.md").write_text(render_card(record, model_name="m"))
+    data = ModelCard.load(tmp_path / "README.md").data.to_dict()
+    assert data["base_model"] == "org/model" and data["base_model_relation"] == "finetune"
+    assert data["license"] == "llama3.2" and data["datasets"] == ["allenai/c4"]
+    assert "[org/model](https://huggingface.co/org/model)" in ModelCard.load(tmp_path / "README.md").text
+
+
+def test_is_hub_dataset():
+    assert is_hub_dataset("Salesforce/wikitext") and is_hub_dataset("wikitext")
+    assert not is_hub_dataset(str(ROOT / "README.md"))  # an existing local file
+    assert not is_hub_dataset("data/wiki.test.raw") and not is_hub_dataset("./x") and not is_hub_dataset("json")
+
+
+@pytest.mark.integration
+def test_license_read_from_gguf_metadata(smollm2_path):
+    assert source_license(ModelSource("gguf", str(smollm2_path.parent), smollm2_path.name)) == {"license": "apache-2.0"}
+
+
+def test_hub_license_lookup_never_fails_offline_or_unreachable(tmp_path):
+    """Offline mode, and an online Hub that cannot be reached (HF_ENDPOINT on a closed local
+    port), both give an unknown license, quickly, instead of an error."""
+    code = ("from prune.lineage import source_license, read_parent; from prune.models import ModelSource; "
+            "s = ModelSource('hub', 'HuggingFaceTB/SmolLM2-135M-Instruct'); print(source_license(s), read_parent(s, 30))")
+    for offline in ("1", "0"):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": offline,
+               "HF_ENDPOINT": "http://127.0.0.1:9"}
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "{} None"
+
+
+def test_push_to_hub_in_recipe_is_checked_before_loading(two_steps, tmp_path):
+    source, _, _ = two_steps
+    with pytest.raises(PruneError, match="push_to_hub.repo_id.*not a Hub repo id"):
+        load_recipe(recipe(source, tmp_path / "o", output={"push_to_hub": {"repo_id": "not a repo!"}}))
+    # conftest sets HF_HUB_OFFLINE=1: the push cannot happen, so the run stops before any work
+    with pytest.raises(PruneError, match="HF_HUB_OFFLINE is set"):
+        run(recipe(source, tmp_path / "o", output={"push_to_hub": {"repo_id": "me/tiny-pruned"}}), quiet=True)
+    assert not (tmp_path / "o").exists()
+
+
+def test_template_is_shipped_as_package_data():
+    from prune.card import template_path
+
+    assert template_path().is_file() and "{{ card_data }}" in template_path().read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"templates/*.md"' in pyproject
+
+
+# ---- the real model ----------------------------------------------------------------------------
+@pytest.mark.integration
+def test_smollm2_prune_twice_check_card_and_dry_run(smollm2_folder, tmp_path):
+    """SmolLM2-135M (30 blocks) pruned by 7 then 3 more blocks on real WikiText-2: both
+    folders pass `check`, the second card shows the two-step lineage in original indices,
+    and the dry run lists every file."""
+    from prune.check import check_checkpoint
+    from prune.hub import push
+
+    def smol_recipe(source, out, n):
+        return recipe(source, out, n, calibration={"n_samples": 8, "seq_len": 128},
+                      evaluate={"perplexity": {"path": str(WIKI_RAW), "rows": "2000:", "seq_len": 128, "max_windows": 2}})
+
+    first = run(smol_recipe(smollm2_folder, tmp_path / "smol-23L", 7), quiet=True)
+    second = run(smol_recipe(first.out_dir, tmp_path / "smol-20L", 3), quiet=True)
+    for result, n in ((first, 23), (second, 20)):
+        report = check_checkpoint(result.out_dir, require_export=True)
+        assert report.ok, report.summary()
+        assert report.facts["n_layers"] == n
+    p1 = read_json(first.out_dir / "pruning.json")
+    p2 = read_json(second.out_dir / "pruning.json")
+    assert len(p1["removed"]) == 7 and p1["removed"] == list(range(p1["removed"][0], p1["removed"][0] + 7))
+    assert p2["removed_original"] == [p1["kept_original"][i] for i in p2["removed"]]
+    assert sorted(p2["removed_original_all"]) == sorted(p1["removed"] + p2["removed_original"])
+    assert len(p2["kept_original"]) == 20 and not set(p2["kept_original"]) & set(p2["removed_original_all"])
+    text = (second.out_dir / "README.md").read_text()
+    assert f"`{p2['removed']}` | `{p2['removed_original']}` |" in text
+    assert comparison_markdown(read_json(second.out_dir / "eval.json")["rows"]) in text
+    assert "| decoder blocks | 30 | 20 |" in text
+    plan = push(second.out_dir, "me/SmolLM2-135M-20L", dry_run=True, quiet=True)
+    assert {name for name, _ in plan.files} == {p.name for p in second.out_dir.iterdir()}
