@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from .errors import PruneError
-from .models import plain_config_dict
+from .models import is_dispatched, plain_config_dict
 
 INCOMPLETE_TAG = ".incomplete-"
 INCOMPLETE_MARKER = "INCOMPLETE"  # file inside a staging folder, for anyone who finds one
@@ -63,6 +63,8 @@ def save(
     stage.mkdir(parents=True)
     try:
         (stage / INCOMPLETE_MARKER).write_text("This folder is being written and is not a finished checkpoint.\n")
+        if is_dispatched(model):  # Accelerate's offload hooks untie tied weights after a forward:
+            model.tie_weights()  # re-tie, or the tied copy (lm_head) would be saved twice
         model.save_pretrained(stage, max_shard_size=max_shard_size)
         (stage / "config.json").write_text(json.dumps(plain_config_dict(model.config), indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
