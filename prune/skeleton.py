@@ -118,6 +118,13 @@ class Skeleton:
             raise PruneError(f"{self.folder}: the checkpoint has no weights for block(s) {missing[:5]} of {n} "
                              "(is it complete? does config.json match the weights?)")
 
+    def missing_parameters(self) -> list[str]:
+        """Parameters of the model that no checkpoint tensor fills (tied copies excepted)."""
+        filled = set(self.target.values())
+        tied = dict(getattr(self.model, "all_tied_weights_keys", None) or {})  # tied copy -> its source
+        return [name for name, _ in self.model.named_parameters()
+                if name not in filled and tied.get(name) not in filled]
+
     def block_keys(self, index: int) -> list[str]:
         return [k for k, b in self.block_of.items() if b == index]
 
