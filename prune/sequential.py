@@ -36,11 +36,15 @@ from .scoring import METRICS, ScoreAccumulator, ScoreResult, check_score_args, f
 from .skeleton import Skeleton
 
 
+SPILL_MIN_BYTES = 64 << 20
+
+
 class StateStore:
     """The float32 states ``h_0 .. h_L`` of every window, in memory or in one file per state.
 
-    States are written batch by batch in window order (``put``) and read back by the same
-    batches (``get``); files are read with plain reads, so only the batch asked for is resident.
+    States are written batch by batch in window order (``put``) and read back by window
+    ranges inside one written batch (``get``); files are read with plain reads, so only the
+    range asked for is resident.
     """
 
     def __init__(self, n_states: int, folder: str | Path | None = None):
@@ -68,10 +72,10 @@ class StateStore:
 
     def get(self, state: int, start: int, count: int) -> torch.Tensor:
         if self.folder is None:
-            x = self._memory[state].get(start)
-            if x is None or x.shape[0] != count:
-                raise RuntimeError(f"state {state}: in memory, read back the batches as written (window {start})")
-            return x
+            for first, x in self._memory[state].items():  # the written batch holding the range
+                if first <= start and start + count <= first + x.shape[0]:
+                    return x[start - first : start - first + count]
+            raise RuntimeError(f"state {state}: windows {start}..{start + count - 1} were not written in one batch")
         out = torch.empty((count, *self._row_shape), dtype=torch.float32)
         row = out[0].numel() * 4
         with self._file(state).open("rb") as handle:
@@ -140,6 +144,7 @@ def score_sequential(
     tau: float = 0.8,
     dtype="auto",
     device: torch.device | str = "cpu",
+    blocks: list[int] | None = None,
     spill: bool | None = None,
     spill_dir: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
@@ -149,21 +154,27 @@ def score_sequential(
     """Score the blocks of the safetensors model in ``folder`` one block at a time (see module docstring).
 
     Arguments as in :func:`prune.score`, plus ``dtype`` (as in :func:`prune.load`), ``device``
-    (where each block runs and statistics are gathered), and ``spill``: keep the float32
+    (where each block runs and statistics are gathered), ``blocks``: score only these blocks
+    (0-based, in order; the others are skipped, which scores the model pruned to ``blocks``
+    without writing it), and ``spill``: keep the float32
     states of all blocks in files under ``spill_dir`` (default: a temporary folder, removed
-    afterwards) instead of memory; ``None`` spills when they would take more than 1 GiB.
+    afterwards) instead of memory; ``None`` spills when they would take more than one block
+    (and more than 64 MiB). States are folded one CKA group (``cka_windows`` windows) at a time.
     """
     metrics, batch_size, first = check_score_args(windows, positions, metrics, cka_windows, batch_size)
     device = torch.device(device)
     started = time.perf_counter()
     sk = Skeleton(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     layers = sk.layers
-    n_layers = len(layers)
+    run = list(range(len(layers))) if blocks is None else sorted(blocks)
+    if not run or run[0] < 0 or run[-1] >= len(layers) or len(set(run)) != len(run):
+        raise PruneError(f"blocks must be distinct indices in 0..{len(layers) - 1}, got {blocks}")
+    n_layers = len(run)
     parts = list(batches(windows, batch_size))
     hidden = sk.model.config.get_text_config().hidden_size
     states_bytes = (n_layers + 1) * windows.numel() * hidden * 4
-    if spill is None:
-        spill = states_bytes > (1 << 30)
+    if spill is None:  # keep the promise "one block in memory": spill states larger than a block
+        spill = states_bytes > max(max(sk.block_bytes(i) for i in run), SPILL_MIN_BYTES)
     tmp = None
     if spill:
         tmp = Path(tempfile.mkdtemp(prefix="prune-states-", dir=spill_dir))
@@ -190,11 +201,11 @@ def score_sequential(
             sk.free_rest()
             bar.update(1)
             # 3. one block at a time over all activations
-            for index in range(n_layers):
+            for step, index in enumerate(run):
                 block = sk.load_block(index)
                 for b, (start, batch) in enumerate(parts):
                     out = run_block(block, acts[b].to(device), calls[tuple(batch.shape)][index])
-                    store.put(index + 1, start, out)
+                    store.put(step + 1, start, out)
                     acts[b] = out.to("cpu")
                 sk.free_block(index)
                 bar.update(1)
@@ -202,10 +213,11 @@ def score_sequential(
             # 4. the same accumulator and batch folding as prune.score
             acc = ScoreAccumulator(n_layers, device, metrics, cka_windows)
             excluded: list[int] = []
-            for start, batch in parts:
-                count = batch.shape[0]
-                states = [store.get(l, start, count).to(device) for l in range(n_layers + 1)]
-                excluded += fold_batch(acc, states, [None] * n_layers, first, start)
+            for start, batch in parts:  # fold one CKA group at a time: the float64 work stays small
+                for g in range(start, start + batch.shape[0], cka_windows):
+                    count = min(cka_windows, start + batch.shape[0] - g)
+                    states = [store.get(l, g, count).to(device) for l in range(n_layers + 1)]
+                    excluded += fold_batch(acc, states, [None] * n_layers, first, g)
             bar.update(1)
     finally:
         bar.close()
