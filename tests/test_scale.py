@@ -379,3 +379,22 @@ def test_smollm2_sequential_and_outofcore_equal_in_memory(smollm2_folder, tmp_pa
     a, b = all_tensors(prune.save(model, tok, tmp_path / "mem")), all_tensors(out)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert "lm_head.weight" not in b  # tied embeddings stay stored once
+
+
+def test_out_of_core_recipe_runs(tokenizers_by_bos, tmp_path, monkeypatch):
+    from prune.pipeline import run
+    from prune.recipe import load_recipe
+
+    _, _, folder = saved(tmp_path, "qwen3", tokenizers_by_bos)
+    monkeypatch.setenv("PRUNE_MODEL", str(folder))
+    recipe = load_recipe(prune_root() / "recipes" / "out-of-core.yaml",
+                         [f"output.dir={tmp_path / 'out'}", "calibration.n_samples=4", "calibration.seq_len=32"])
+    result = run(recipe, quiet=True)
+    assert result.pruning["execution"]["mode"] == "sequential" and len(result.selection.removed) == 2
+    assert AutoModelForCausalLM.from_pretrained(result.out_dir).config.num_hidden_layers == 6
+
+
+def prune_root():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1]
