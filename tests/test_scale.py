@@ -185,6 +185,28 @@ def test_non_safetensors_checkpoint_is_scored_in_memory_or_refused(tmp_path):
         plan_execution(folder, "sequential")
 
 
+def test_checkpoint_headers_sizes_and_broken_files(tokenizers_by_bos, tmp_path):
+    model, _, folder = saved(tmp_path, "gpt2", tokenizers_by_bos, max_shard_size="150KB")
+    ckpt = Checkpoint(folder)
+    state = model.state_dict()
+    assert ckpt.total_bytes == sum(state[k].numel() * 4 for k in ckpt.entries)
+    assert ckpt.largest_file_bytes == max(f.stat().st_size for f in ckpt.files)
+    key = "transformer.h.3.mlp.c_fc.weight"
+    assert torch.equal(ckpt.read(key), state[key])
+    assert ckpt.bytes_at([key], torch.bfloat16) == state[key].numel() * 2
+    shard = ckpt.entries[key].file
+    data = shard.read_bytes()
+    shard.write_bytes(data[: ckpt.entries[key].begin + 10])  # a download cut inside this tensor
+    with pytest.raises(PruneError, match="truncated"):
+        Checkpoint(folder).read(key)
+    shard.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(PruneError, match="not a safetensors file"):
+        Checkpoint(folder)
+    shard.unlink()
+    with pytest.raises(PruneError, match="shard missing"):
+        Checkpoint(folder)
+
+
 # ---- 3. out-of-core pruning --------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ARCHS)
 def test_outofcore_pruning_equals_in_memory_pruning(arch, tokenizers_by_bos, tmp_path):
