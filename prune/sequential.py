@@ -153,13 +153,17 @@ def score_sequential(
 ) -> ScoreResult:
     """Score the blocks of the safetensors model in ``folder`` one block at a time (see module docstring).
 
-    Arguments as in :func:`prune.score`, plus ``dtype`` (as in :func:`prune.load`), ``device``
-    (where each block runs and statistics are gathered), ``blocks``: score only these blocks
-    (0-based, in order; the others are skipped, which scores the model pruned to ``blocks``
-    without writing it), and ``spill``: keep the float32
-    states of all blocks in files under ``spill_dir`` (default: a temporary folder, removed
-    afterwards) instead of memory; ``None`` spills when they would take more than one block
-    (and more than 64 MiB). States are folded one CKA group (``cka_windows`` windows) at a time.
+    Arguments as in :func:`prune.score`, plus
+
+    * ``dtype`` as in :func:`prune.load`; ``device``: where each block runs and statistics
+      are gathered;
+    * ``blocks``: score only these blocks (0-based); the others are skipped, which scores
+      the model pruned to ``blocks`` without writing it;
+    * ``spill``: keep the float32 states of all blocks in files under ``spill_dir`` (default:
+      a temporary folder, removed afterwards) instead of memory; ``None`` spills when they
+      would take more than one block (and more than 64 MiB).
+
+    States are folded one CKA group (``cka_windows`` windows) at a time.
     """
     metrics, batch_size, first = check_score_args(windows, positions, metrics, cka_windows, batch_size)
     device = torch.device(device)
