@@ -455,8 +455,12 @@ def table(results: dict, command: str) -> str:
 def machine() -> str:
     import psutil
 
-    return (f"{platform.machine()} {os.cpu_count()} CPU cores, {psutil.virtual_memory().total / GIB:.0f} GiB RAM, no GPU, "
-            f"Python {platform.python_version()}, shared with other jobs")
+    import torch
+    import transformers
+
+    return (f"{platform.machine()} {os.cpu_count()} CPU cores (AMD EPYC), {psutil.virtual_memory().total / GIB:.0f} GiB RAM, "
+            f"no GPU, shared with other jobs; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}")
 
 
 def write_section(text: str) -> None:
