@@ -458,7 +458,9 @@ def machine() -> str:
     import torch
     import transformers
 
-    return (f"{platform.machine()} {os.cpu_count()} CPU cores (AMD EPYC), {psutil.virtual_memory().total / GIB:.0f} GiB RAM, "
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").is_file() else "?"
+    return (f"{os.cpu_count()} CPU cores ({cpu}), {psutil.virtual_memory().total / GIB:.0f} GiB RAM, "
             f"no GPU, shared with other jobs; Python {platform.python_version()}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}")
 
