@@ -390,7 +390,7 @@ def table(results: dict, command: str) -> str:
                   "to minute: the ratios use the CPU time of the process (best of the rounds); the wall-clock ratio "
                   "(median over rounds of the ratio to the base-model forward of the same round) is shown beside it. "
                   "Memory: peak RSS above the loaded model and windows, one child process per method.", "",
-                  "| method | CPU s | wall s | vs full forward | vs base-model forward | (wall, paired) | "
+                  "| method | CPU s, best (range) | wall s, best | vs full forward | vs base-model forward | (wall, paired) | "
                   "peak memory above model |", "|---|---:|---:|---:|---:|---:|---:|"]
         names = {"forward_full": "bare forward, full model (with LM head)",
                  "forward_base": "bare forward, `model.base_model` (no LM head)",
@@ -399,7 +399,8 @@ def table(results: dict, command: str) -> str:
                  "hidden_states": "`output_hidden_states=True`, keep all, then BI + angular + CKA + MSRS"}
         for key, label in names.items():
             mem = ov["memory"][key]["peak_above"]
-            lines.append(f"| {label} | {cpu[key]:.1f} | {wall[key]:.1f} | {cpu[key] / full:.2f}x | {cpu[key] / base:.2f}x | "
+            spread = f"{min(ov['cpu_times'][key]):.0f}-{max(ov['cpu_times'][key]):.0f}"
+            lines.append(f"| {label} | {cpu[key]:.1f} ({spread}) | {wall[key]:.1f} | {cpu[key] / full:.2f}x | {cpu[key] / base:.2f}x | "
                          f"{paired[key]:.2f}x | {fmt_mib(mem)} |")
         hs, sf = cpu["hidden_states"], cpu["score_full"]
         mem_hs, mem_sf = ov["memory"]["hidden_states"]["peak_above"], ov["memory"]["score_full"]["peak_above"]
