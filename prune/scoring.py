@@ -143,22 +143,23 @@ class ScoreAccumulator:
         self.cka = M.RunningMean((m, m), device) if "cka" in metrics else None
         self.tokens = 0
 
-    def update(self, states: torch.Tensor, inputs: list[torch.Tensor | None]) -> None:
-        """Fold one batch in. ``states [L+1, B, S, d]``; ``inputs[l]`` overrides ``states[l]`` for BI."""
-        m, B, S, d = states.shape
+    def update(self, states, inputs: list[torch.Tensor | None]) -> None:
+        """Fold one batch in: ``states`` are ``h_0 .. h_L``, each ``[B, S, d]`` (a list, or one tensor
+        ``[L+1, B, S, d]``); ``inputs[l]`` overrides ``states[l]`` for BI. No stacked copy is made."""
+        B, S, d = states[0].shape
         T = B * S
-        one_minus_cos = torch.stack([
-            T - M.cosine_per_token((states[l] if inputs[l] is None else inputs[l]).reshape(T, d),
-                                   states[l + 1].reshape(T, d)).sum()
-            for l in range(self.n_layers)
-        ])
+        flat = [x.reshape(T, d) for x in states]
+        one_minus_cos, angular = M.cosine_sums(flat, pairs=self.angular is not None)
+        for l, x in enumerate(inputs):  # the stream changed between blocks: BI compares the block's own input
+            if x is not None:
+                one_minus_cos[l] = T - M.cosine_per_token(x.reshape(T, d), flat[l + 1]).sum()
         self.bi.add_sum(one_minus_cos, T)
         if self.angular is not None:
-            self.angular.add_sum(M.pairwise_angular_sum(states.reshape(m, T, d)), T)
+            self.angular.add_sum(angular, T)
         if self.cka is not None:
             P = self.cka_windows  # the caller makes forward batches multiples of P
             for g in range(0, B, P):
-                self.cka.update(M.cka_matrix(states[:, g : g + P].reshape(m, -1, d)))
+                self.cka.update(M.cka_matrix([x[g : g + P].reshape(-1, d) for x in states]))
         self.tokens += T
 
 
@@ -190,19 +191,20 @@ def fold_batch(acc: ScoreAccumulator, states: list[torch.Tensor], inputs: list[t
     Positions before ``first`` are dropped; windows with non-finite activations are left
     out of every statistic and their indices returned.
     """
-    states_t = torch.stack(states)[:, :, first:]
+    states = [x[:, first:] for x in states]
     inputs = [None if x is None else x[:, first:] for x in inputs]
-    finite = torch.isfinite(states_t).flatten(2).all(-1).all(0)  # [B]
+    # one pass per state: a window holding inf or nan anywhere has a non-finite sum
+    finite = torch.isfinite(sum(x.sum(dim=(1, 2), dtype=torch.float64) for x in states))  # [B]
     for x in inputs:
         if x is not None:
-            finite &= torch.isfinite(x).flatten(1).all(-1)
+            finite &= torch.isfinite(x.sum(dim=(1, 2), dtype=torch.float64))
     excluded: list[int] = []
     if not bool(finite.all()):
         excluded = [start + int(i) for i in torch.nonzero(~finite).flatten()]
-        states_t = states_t[:, finite]
+        states = [x[finite] for x in states]
         inputs = [None if x is None else x[finite] for x in inputs]
-    if states_t.shape[1]:
-        acc.update(states_t, inputs)
+    if states[0].shape[0]:
+        acc.update(states, inputs)
     return excluded
 
 

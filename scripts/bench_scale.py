@@ -13,6 +13,10 @@ Cases (each cached as JSON under bench_cache/scale/, so a rerun resumes; --fresh
                  CKA + MSRS, and the common ``output_hidden_states=True`` approach (keep every
                  hidden state, then compute the same metrics). Peak memory of each method: a
                  child process per method, RSS polled every 2 ms, peak minus RSS before it.
+* ``profile``    the same model and windows: one ``prune.score`` call per metric set, with the
+                 time spent in the hooks' state copies and in the metric updates summed inside
+                 the call; the rest is the model forward. The overhead ratio from this split
+                 does not suffer from the machine's load swings between calls.
 * ``scaling``    the same model, full metrics, 8/16/32/64 windows x 256 tokens: wall time and
                  peak RSS above the loaded model, one child process per point.
 * ``outofcore``  a random-weight Llama-shaped model (24 blocks, hidden 2048, 1.26B parameters,
@@ -49,6 +53,10 @@ SMOKE = os.environ.get("BENCH_SCALE_SMOKE") == "1"  # tiny sizes: checks the scr
 CACHE = ROOT / "bench_cache" / ("scale-smoke" if SMOKE else "scale")
 DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
 WIKI = DATA / "wikitext2_raw" / "wiki.test.raw"
+#: torch threads in every benchmark process. One by default: the 2 cores are shared with other
+#: jobs, and with 2 threads each parallel op waits for its second thread to be scheduled (stacking
+#: 31 [256, 576] tensors took 243 ms with 2 threads vs 2.5 ms with 1 under a load average of 10).
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 GIB = 1 << 30
 MIB = 1 << 20
 SECTION = "## Speed and memory"
@@ -111,6 +119,7 @@ def cached(name: str, fresh: bool, make) -> dict:
         return json.loads(path.read_text())
     result = make()
     result["date"] = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    result["threads"] = THREADS
     path.write_text(json.dumps(result, indent=1))
     return result
 
@@ -186,7 +195,7 @@ def load_smollm2(n_windows: int):
 
     import prune
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     model, tok, _ = prune.load(smollm2_folder(), dtype="float32")
     return model, wiki_windows(tok, n_windows)
 
@@ -222,6 +231,38 @@ def case_overhead(rounds: int = 1 if SMOKE else 3) -> dict:
     memory = {name: child("method", name, str(len(windows))) for name in fns}
     return {"windows": len(windows), "seq_len": 256, "batch_size": 8, "rounds": rounds, "times": times,
             "cpu_times": cpu, "memory": memory}
+
+
+def case_profile() -> dict:
+    """Where ``prune.score``'s time goes, measured inside one call (so load swings on the shared
+    machine hit every part alike): the model forward, the hooks' state copies, the metric updates."""
+    from prune import capture, scoring
+
+    model, windows = load_smollm2(2 if SMOKE else 64)
+    spent = {"copy": [0.0, 0.0], "metrics": [0.0, 0.0]}
+
+    def timed(fn, part):
+        def wrapper(*args, **kwargs):
+            t, c = time.perf_counter(), time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[part][0] += time.perf_counter() - t
+                spent[part][1] += time.process_time() - c
+        return wrapper
+
+    capture.BlockStates._copy = timed(capture.BlockStates._copy, "copy")
+    scoring.fold_batch = timed(scoring.fold_batch, "metrics")
+    out = {}
+    for metrics in (("bi", "angular"), ("bi", "angular", "cka")):
+        for part in spent.values():
+            part[:] = [0.0, 0.0]
+        t, c = time.perf_counter(), time.process_time()
+        scoring.score(model, windows, batch_size=8, metrics=metrics, progress=False)
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        out["+".join(metrics)] = {"wall": wall, "cpu": cpu, "copy": list(spent["copy"]), "metrics": list(spent["metrics"])}
+        print(f"profile {metrics}: {out['+'.join(metrics)]}", flush=True)
+    return {"windows": len(windows), "seq_len": 256, "batch_size": 8, "runs": out}
 
 
 def case_scaling() -> dict:
@@ -290,7 +331,7 @@ def child_big(what: str, folder: str, n_windows: str) -> dict:
 
     import prune
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     started = time.perf_counter()
     if what in ("in_memory", "sequential"):
         windows = wiki_windows(AutoTokenizer.from_pretrained(folder), int(n_windows))
@@ -385,11 +426,12 @@ def table(results: dict, command: str) -> str:
         full, base = cpu["forward_full"], cpu["forward_base"]
         lines += [f"### Scoring overhead (SmolLM2-135M-Instruct, fp32, {ov['windows']} windows x {ov['seq_len']} "
                   f"tokens of WikiText-2, batch {ov['batch_size']}; measured {ov['date']})", "",
-                  f"All methods ran in one process, interleaved, {ov['rounds']} rounds. The machine was shared with "
-                  "other jobs (load average above 5 on 2 cores), so wall time swings by tens of percent from minute "
-                  "to minute: the ratios use the CPU time of the process (best of the rounds); the wall-clock ratio "
-                  "(median over rounds of the ratio to the base-model forward of the same round) is shown beside it. "
-                  "Memory: peak RSS above the loaded model and windows, one child process per method.", "",
+                  f"All methods ran in one process, interleaved, {ov['rounds']} rounds, with {ov.get('threads', 2)} torch "
+                  "thread(s). The 2 cores were shared with other jobs (load average about 10), so wall time swings by "
+                  "tens of percent from minute to minute: the ratios use the CPU time of the process (best of the "
+                  "rounds); the wall-clock ratio (median over rounds of the ratio to the base-model forward of the same "
+                  "round) is shown beside it. Memory: peak RSS above the loaded model and windows, one child process "
+                  "per method.", "",
                   "| method | CPU s, best (range) | wall s, best | vs full forward | vs base-model forward | (wall, paired) | "
                   "peak memory above model |", "|---|---:|---:|---:|---:|---:|---:|"]
         names = {"forward_full": "bare forward, full model (with LM head)",
@@ -412,6 +454,18 @@ def table(results: dict, command: str) -> str:
                   f"- `output_hidden_states=True` vs `prune.score` (same metrics): time {hs / sf:.2f}x, peak memory "
                   f"{mem_hs / max(mem_sf, 1):.1f}x ({fmt_mib(mem_hs)} vs {fmt_mib(mem_sf)}); its memory grows with the "
                   "number of windows, `prune.score`'s does not (and its last hidden state is taken after the final norm)."]
+    pr = results.get("profile")
+    if pr:
+        lines += ["", f"Where `prune.score`'s CPU time goes, measured inside one call of each (so the load swings hit "
+                  f"every part alike; measured {pr['date']}):", "",
+                  "| metrics | CPU s | model forward | hooks' state copies | metric updates | overhead over the forward |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, r in pr["runs"].items():
+            copy, metric = r["copy"][1], r["metrics"][1]
+            forward = r["cpu"] - copy - metric
+            lines.append(f"| {name.replace('+', ' + ')} | {r['cpu']:.1f} | {forward:.1f} ({100 * forward / r['cpu']:.0f}%) | "
+                         f"{copy:.1f} ({100 * copy / r['cpu']:.0f}%) | {metric:.1f} ({100 * metric / r['cpu']:.0f}%) | "
+                         f"{r['cpu'] / forward:.3f}x |")
     sc = results.get("scaling")
     if sc:
         lines += ["", f"### Scaling with calibration tokens (SmolLM2, full metrics; measured {sc['date']})", "",
@@ -478,7 +532,7 @@ def write_section(text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="overhead,scaling,outofcore")
+    parser.add_argument("--cases", default="overhead,profile,scaling,outofcore")
     parser.add_argument("--fresh", action="store_true", help="rerun cached cases")
     parser.add_argument("--table", action="store_true", help="only rebuild the table from cached results")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -487,7 +541,7 @@ def main() -> None:
         fn = {"method": child_method, "big": child_big, "baseline": child_baseline}[args.child[0]]
         print(json.dumps(fn(*args.child[1:])))
         return
-    makers = {"overhead": case_overhead, "scaling": case_scaling, "outofcore": case_outofcore}
+    makers = {"overhead": case_overhead, "profile": case_profile, "scaling": case_scaling, "outofcore": case_outofcore}
     results = {}
     for name in args.cases.split(","):
         path = CACHE / f"{name}.json"

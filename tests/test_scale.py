@@ -69,6 +69,26 @@ def all_tensors(folder) -> dict[str, torch.Tensor]:
     return {k: ckpt.read(k) for k in ckpt.entries}
 
 
+# ---- 0. the streamed metric kernels used by both paths ---------------------------------------------
+@pytest.mark.parametrize("as_list", [False, True])
+def test_cosine_sums_match_direct_computation(as_list):
+    from prune import metrics as M
+
+    gen = torch.Generator().manual_seed(0)
+    states = torch.randn(6, 50, 16, generator=gen)
+    states[3] = states[2] * 3.0 + 1e-3 * torch.randn(50, 16, generator=gen)  # nearly parallel: cos ~ 1
+    states[4, 7] = 0.0  # a zero vector
+    given = list(states) if as_list else states
+    bi, ang = M.cosine_sums(given, chunk=7)  # chunking must not change the sums
+    for l in range(5):
+        assert bi[l].item() == pytest.approx(50 * M.block_influence(states[l], states[l + 1]).item(), abs=1e-9)
+    assert torch.allclose(ang, M.pairwise_angular_sum(states), atol=1e-9)
+    bi_only, none = M.cosine_sums(given, pairs=False, chunk=64)
+    assert none is None and torch.allclose(bi_only, bi, atol=1e-9)
+    cka_list = M.cka_matrix([x[:20] for x in states])
+    assert torch.allclose(cka_list, M.cka_matrix(states[:, :20]), atol=1e-12)
+
+
 # ---- 1. dispatched models (Accelerate device_map with CPU and disk offload) --------------------
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2", "qwen3_moe"])
 def test_cpu_disk_dispatched_scores_equal_single_device(arch, tokenizers_by_bos, calib_text, tmp_path):
