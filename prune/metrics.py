@@ -47,16 +47,9 @@ def pairwise_angular_sum(states: torch.Tensor, chunk: int = 1024) -> torch.Tenso
     """``A[i, j] = sum_t arccos(cos(states[i, t], states[j, t])) / pi`` for ``states [m, T, d]``.
 
     Returns the *sum* over tokens (divide by T for the mean); computed ``chunk`` tokens
-    at a time so memory stays ``O(chunk * m^2)``.
+    at a time so memory stays ``O(chunk * m^2)`` (see :func:`cosine_sums`).
     """
-    m, T, _ = states.shape
-    total = torch.zeros(m, m, dtype=F64, device=states.device)
-    for start in range(0, T, chunk):
-        u = states[:, start : start + chunk].to(F64)
-        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        cos = torch.einsum("itd,jtd->tij", u, u).clamp(-1.0, 1.0)
-        total += torch.arccos(cos).sum(0)
-    return total / math.pi
+    return cosine_sums(states, pairs=True, chunk=chunk)[1]
 
 
 def _unit_chunk(states, start: int, stop: int) -> torch.Tensor:
