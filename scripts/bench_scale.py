@@ -11,8 +11,9 @@ Cases (each cached as JSON under bench_cache/scale/, so a rerun resumes; --fresh
                  rounds (best of 3): bare ``torch.no_grad()`` forward of the full model and of
                  ``model.base_model``, ``prune.score`` with BI + angular and with BI + angular +
                  CKA + MSRS, and the common ``output_hidden_states=True`` approach (keep every
-                 hidden state, then compute the same metrics). Peak memory of each method: a
-                 child process per method, RSS polled every 2 ms, peak minus RSS before it.
+                 hidden state, then compute the same metrics with prune.metrics).
+* ``memory``     peak RSS of each of those methods, one child process each (``VmHWM`` reset
+                 after the model is loaded, so the peak is exact).
 * ``profile``    the same model and windows: one ``prune.score`` call per metric set, with the
                  time spent in the hooks' state copies and in the metric updates summed inside
                  the call; the rest is the model forward. The overhead ratio from this split
@@ -200,17 +201,29 @@ def load_smollm2(n_windows: int):
     return model, wiki_windows(tok, n_windows)
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's ``VmHWM`` to its current RSS (Linux >= 4.0); False where not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def child_method(name: str, n_windows: str) -> dict:
+    """One method in a fresh process: its exact peak RSS above the loaded model (``VmHWM`` reset
+    after loading; RSS polling every 2 ms where that is not possible)."""
     model, windows = load_smollm2(int(n_windows))
     fn = method_fns(model, windows)[name]
     gc.collect()
+    exact = reset_peak_rss()
     with PeakRSS() as mem:
         started, cpu_started = time.perf_counter(), time.process_time()
         fn()
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    peak = max_rss() if exact else mem.peak
     return {"method": name, "windows": int(n_windows), "seconds": seconds, "cpu_seconds": cpu_seconds,
-            "rss_before": mem.start,
-            "peak_above": mem.peak - mem.start, "max_rss": max_rss()}
+            "rss_before": mem.start, "peak_above": peak - mem.start, "max_rss": max_rss(), "exact_peak": exact}
 
 
 def case_overhead(rounds: int = 1 if SMOKE else 3) -> dict:
@@ -227,10 +240,15 @@ def case_overhead(rounds: int = 1 if SMOKE else 3) -> dict:
             times[name].append(time.perf_counter() - started)
             cpu[name].append(time.process_time() - cpu_started)
             print(f"round {r} {name}: {times[name][-1]:.1f} s wall, {cpu[name][-1]:.1f} s CPU", flush=True)
-    del model
-    memory = {name: child("method", name, str(len(windows))) for name in fns}
     return {"windows": len(windows), "seq_len": 256, "batch_size": 8, "rounds": rounds, "times": times,
-            "cpu_times": cpu, "memory": memory}
+            "cpu_times": cpu}
+
+
+def case_memory() -> dict:
+    """Peak memory of each overhead method, one fresh child process each."""
+    n = "2" if SMOKE else "64"
+    return {"memory": {name: child("method", name, n) for name in
+                       ("forward_full", "forward_base", "score_bi_angular", "score_full", "hidden_states")}}
 
 
 def case_profile() -> dict:
@@ -418,7 +436,9 @@ def table(results: dict, command: str) -> str:
     lines = [SECTION, "", f"Command: `{command}` (script `scripts/bench_scale.py`; results cached in "
              "`bench_cache/scale/`). Machine: " + machine() + ".", ""]
     ov = results.get("overhead")
-    if ov:
+    if ov and "memory" in results:
+        ov = {**ov, "memory": results["memory"]["memory"]}
+    if ov and "memory" in ov:
         cpu = {k: min(v) for k, v in ov["cpu_times"].items()}
         wall = {k: min(v) for k, v in ov["times"].items()}
         paired = {k: statistics.median(t / b for t, b in zip(v, ov["times"]["forward_base"]))
@@ -431,7 +451,7 @@ def table(results: dict, command: str) -> str:
                   "tens of percent from minute to minute: the ratios use the CPU time of the process (best of the "
                   "rounds); the wall-clock ratio (median over rounds of the ratio to the base-model forward of the same "
                   "round) is shown beside it. Memory: peak RSS above the loaded model and windows, one child process "
-                  "per method.", "",
+                  "per method (`VmHWM` reset after loading).", "",
                   "| method | CPU s, best (range) | wall s, best | vs full forward | vs base-model forward | (wall, paired) | "
                   "peak memory above model |", "|---|---:|---:|---:|---:|---:|---:|"]
         names = {"forward_full": "bare forward, full model (with LM head)",
@@ -469,7 +489,8 @@ def table(results: dict, command: str) -> str:
     sc = results.get("scaling")
     if sc:
         lines += ["", f"### Scaling with calibration tokens (SmolLM2, full metrics; measured {sc['date']})", "",
-                  "One child process per point; CPU time of the scoring call, peak RSS above the loaded model.", "",
+                  "One child process per point; CPU time of the scoring call, peak RSS above the loaded model "
+                  "(`VmHWM` reset after loading).", "",
                   "| windows x 256 tokens | tokens | CPU s | wall s | CPU s per 1k tokens | peak memory above model |",
                   "|---:|---:|---:|---:|---:|---:|"]
         for p in sc["points"]:
@@ -532,7 +553,7 @@ def write_section(text: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="overhead,profile,scaling,outofcore")
+    parser.add_argument("--cases", default="overhead,memory,profile,scaling,outofcore")
     parser.add_argument("--fresh", action="store_true", help="rerun cached cases")
     parser.add_argument("--table", action="store_true", help="only rebuild the table from cached results")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -541,15 +562,12 @@ def main() -> None:
         fn = {"method": child_method, "big": child_big, "baseline": child_baseline}[args.child[0]]
         print(json.dumps(fn(*args.child[1:])))
         return
-    makers = {"overhead": case_overhead, "profile": case_profile, "scaling": case_scaling, "outofcore": case_outofcore}
-    results = {}
-    for name in args.cases.split(","):
-        path = CACHE / f"{name}.json"
-        if args.table:
-            if path.is_file():
-                results[name] = json.loads(path.read_text())
-            continue
-        results[name] = cached(name, args.fresh, makers[name])
+    makers = {"overhead": case_overhead, "memory": case_memory, "profile": case_profile, "scaling": case_scaling, "outofcore": case_outofcore}
+    if not args.table:
+        for name in args.cases.split(","):
+            cached(name, args.fresh, makers[name])
+    results = {name: json.loads((CACHE / f"{name}.json").read_text()) for name in makers
+               if (CACHE / f"{name}.json").is_file()}
     text = table(results, "nice -n 10 .venv/bin/python scripts/bench_scale.py")
     if not SMOKE:
         write_section(text)
