@@ -497,6 +497,12 @@ def table(results: dict, command: str) -> str:
             tokens = p["windows"] * sc["seq_len"]
             lines.append(f"| {p['windows']} | {tokens:,} | {p['cpu_seconds']:.1f} | {p['seconds']:.1f} | "
                          f"{1000 * p['cpu_seconds'] / tokens:.3f} | {fmt_mib(p['peak_above'])} |")
+        a, b = sc["points"][0], sc["points"][-1]
+        growth = b["windows"] / a["windows"]
+        lines += ["", f"- {growth:.0f}x the tokens: {b['cpu_seconds'] / a['cpu_seconds']:.1f}x the CPU time (linear), "
+                  f"peak memory {fmt_mib(a['peak_above'])} -> {fmt_mib(b['peak_above'])} "
+                  f"({100 * (b['peak_above'] / a['peak_above'] - 1):+.0f}%): the running statistics have a fixed size; "
+                  "the peak is one batch's forward plus its float32 states and float64 metric work."]
     oc = results.get("outofcore")
     if oc:
         m, runs = oc["model"], oc["runs"]
@@ -522,9 +528,23 @@ def table(results: dict, command: str) -> str:
             shown = "-" if target is None else f"{fmt_mib(target)} ({name})"
             lines.append(f"| {label} | {r['seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['cpu_seconds'] / ref:.2f}x | "
                          f"{fmt_mib(r['max_rss'])} | {shown} | {met} |")
+        d, vocab = BIG["hidden_size"], BIG["vocab_size"]
+        block = 4 * (2 * d * d + 2 * d * d * BIG["num_key_value_heads"] // BIG["num_attention_heads"]
+                     + 3 * d * BIG["intermediate_size"] + 2 * d)
         lines += ["", f"- Sequential scores equal the in-memory ones: largest difference {oc['max_score_diff']:.1e} "
                   "(BI, angular, CKA).",
-                  f"- Out-of-core pruning equals in-memory pruning tensor for tensor: {oc['pruned_equal']}."]
+                  f"- Out-of-core pruning equals in-memory pruning tensor for tensor: {oc['pruned_equal']}.",
+                  f"- What sequential scoring holds: the imported libraries and the meta-device model, the embedding "
+                  f"matrix ({fmt_mib(4 * vocab * d)}) while the embeddings are computed, then one block at a time "
+                  f"({fmt_mib(block)}) with the activations of all windows ({fmt_mib(4 * oc['windows'] * oc['seq_len'] * d)}); "
+                  "the float32 states of every block are spilled to a temporary folder and read back one window at a "
+                  "time for the metrics. Its wall time includes reading every shard once and writing/reading the "
+                  "states. Out-of-core pruning copies tensors byte for byte between files: its memory does not "
+                  "depend on the model."]
+    lines += ["", "GPU: not measured here (no GPU on this machine). On a GPU machine, "
+              "`bash scripts/device_check_scale.sh` runs the GPU tests (GPU + CPU device map, sequential scoring on "
+              "the GPU) and the same overhead comparison on a random 1.1B Llama-shaped model (bfloat16), written to "
+              "`$OUT/gpu_scale.json`."]
     return "\n".join(lines) + "\n"
 
 
