@@ -10,14 +10,21 @@ The Python API, one call per step (0-based block indices everywhere)::
     choice = prune.select(scores, 7, strategy="contiguous")
     prune.remove_layers(model, choice.removed)
     prune.save(model, tok, "out/smollm2-23L", pruning={"removed": choice.removed})
+
+Models larger than memory, one block at a time, straight from the safetensors shards::
+
+    scores = prune.score_sequential("path/to/model", windows)      # same ScoreResult
+    prune.prune_checkpoint("path/to/model", [12, 13, 14], "out/pruned")
 """
 
 from .data import TextSource, calibration_windows, eval_windows, load_text
 from .errors import PruneError, UnsupportedModelError
 from .export import save
 from .models import SUPPORTED_MODEL_TYPES, count_parameters, decoder_layers, load_model
+from .outofcore import prune_checkpoint
 from .scoring import ScoreResult, score
 from .select import Selection, select
+from .sequential import score_sequential
 from .surgery import remove_layers
 from .pipeline import evaluate_model, run, score_model  # noqa: E402  (uses the modules above)
 
@@ -38,11 +45,13 @@ __all__ = [
     "load",
     "load_model",
     "load_text",
+    "prune_checkpoint",
     "remove_layers",
     "run",
     "save",
     "score",
     "score_model",
+    "score_sequential",
     "select",
 ]
 

@@ -84,6 +84,9 @@ def add_score(sub) -> None:
     p.add_argument("--beta", type=float, default=100.0, help="MSRS steepness beta (default 100)")
     p.add_argument("--tau", type=float, default=0.8, help="MSRS similarity threshold tau (default 0.8)")
     p.add_argument("--output", "-o", default=None, help="write the scores as JSON to this file")
+    p.add_argument("--execution", choices=["auto", "in_memory", "sequential"], default="auto",
+                   help="auto (default: from the model size and free memory), in_memory, or sequential (one block "
+                        "at a time from the safetensors shards, for models larger than memory)")
     _common_model_flags(p)
     p.set_defaults(func=cmd_score)
 
@@ -96,7 +99,7 @@ def cmd_score(args) -> int:
                          seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size, positions=args.positions,
                          metrics=args.metrics, cka_windows=args.cka_windows, beta=args.beta, tau=args.tau,
                          dtype=args.dtype, device_map=args.device_map, trust_remote_code=args.trust_remote_code,
-                         output=args.output, quiet=args.quiet)
+                         output=args.output, quiet=args.quiet, execution=args.execution)
     print(result.table())
     if args.output:
         print(f"scores written to {args.output}")
@@ -208,8 +211,36 @@ def cmd_push(args) -> int:
     return 0
 
 
+# ---- remove (out of core) ---------------------------------------------------------------
+def add_remove(sub) -> None:
+    p = sub.add_parser("remove", help="remove blocks from a safetensors checkpoint on disk, without loading it",
+                       description="Write a copy of MODEL (a safetensors folder or Hub id) without the given decoder "
+                                   "blocks, straight from its shards: kept blocks are renumbered, the config rewritten, "
+                                   "tokenizer files carried over. Memory stays small whatever the model size. "
+                                   "Block indices are 0-based.")
+    p.add_argument("model", help="safetensors model folder or Hub id")
+    p.add_argument("--blocks", type=_csv, required=True, help="comma-separated 0-based block indices, e.g. 12,13,14")
+    p.add_argument("--output", "-o", required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the checkpoint (off by default)")
+    p.set_defaults(func=cmd_remove)
+
+
+def cmd_remove(args) -> int:
+    from .outofcore import prune_checkpoint
+
+    try:
+        blocks = [int(b) for b in args.blocks]
+    except ValueError:
+        raise PruneError(f"--blocks must be integers, got {','.join(args.blocks)}") from None
+    out = prune_checkpoint(args.model, blocks, args.output, pruning={"removed": sorted(blocks), "source": args.model},
+                           overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+    print(f"wrote {out} without blocks {sorted(blocks)}")
+    return 0
+
+
 #: every subcommand registers itself here: (adder, ...) in --help order
-SUBCOMMANDS = [add_run, add_score, add_eval, add_check, add_push]
+SUBCOMMANDS = [add_run, add_score, add_eval, add_remove, add_check, add_push]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,13 +10,15 @@ after the new folder is complete).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import PruneError
-from .models import plain_config_dict
+from .models import is_dispatched, plain_config_dict
 
 INCOMPLETE_TAG = ".incomplete-"
 INCOMPLETE_MARKER = "INCOMPLETE"  # file inside a staging folder, for anyone who finds one
@@ -56,6 +58,21 @@ def save(
     final folder. The GGUF loader's ``quantization_config`` is dropped: weights are saved
     dequantized, so the folder loads with ``AutoModelForCausalLM.from_pretrained`` alone.
     """
+    with staged(out_dir, overwrite) as stage:
+        if is_dispatched(model):  # Accelerate's offload hooks untie tied weights after a forward:
+            model.tie_weights()  # re-tie, or the tied copy (lm_head) would be saved twice
+        model.save_pretrained(stage, max_shard_size=max_shard_size)
+        (stage / "config.json").write_text(json.dumps(plain_config_dict(model.config), indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage)
+        write_extras(stage, pruning, files)
+    return Path(out_dir).expanduser()
+
+
+@contextlib.contextmanager
+def staged(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden staging folder beside ``out_dir``; on success it is renamed to ``out_dir``
+    (replacing an existing one only then), on any error it is removed."""
     out = check_output_dir(out_dir, overwrite)
     stage = staging_dir(out)
     if stage.exists():
@@ -63,22 +80,22 @@ def save(
     stage.mkdir(parents=True)
     try:
         (stage / INCOMPLETE_MARKER).write_text("This folder is being written and is not a finished checkpoint.\n")
-        model.save_pretrained(stage, max_shard_size=max_shard_size)
-        (stage / "config.json").write_text(json.dumps(plain_config_dict(model.config), indent=2, sort_keys=True) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(stage)
-        if pruning is not None:
-            (stage / "pruning.json").write_text(json.dumps(pruning, indent=1) + "\n")
-        for name, text in (files or {}).items():
-            target = safe_join(stage, name)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
+        yield stage
         (stage / INCOMPLETE_MARKER).unlink()
         _replace(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    return out
+
+
+def write_extras(stage: Path, pruning: dict | None, files: dict[str, str] | None) -> None:
+    """``pruning.json`` and the extra text files of a checkpoint folder."""
+    if pruning is not None:
+        (stage / "pruning.json").write_text(json.dumps(pruning, indent=1) + "\n")
+    for name, text in (files or {}).items():
+        target = safe_join(stage, name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
 
 
 def safe_join(root: Path, name: str) -> Path:

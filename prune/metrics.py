@@ -47,16 +47,42 @@ def pairwise_angular_sum(states: torch.Tensor, chunk: int = 1024) -> torch.Tenso
     """``A[i, j] = sum_t arccos(cos(states[i, t], states[j, t])) / pi`` for ``states [m, T, d]``.
 
     Returns the *sum* over tokens (divide by T for the mean); computed ``chunk`` tokens
-    at a time so memory stays ``O(chunk * m^2)``.
+    at a time so memory stays ``O(chunk * m^2)`` (see :func:`cosine_sums`).
     """
-    m, T, _ = states.shape
-    total = torch.zeros(m, m, dtype=F64, device=states.device)
+    return cosine_sums(states, pairs=True, chunk=chunk)[1]
+
+
+def _unit_chunk(states, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of every state ``[T, d]`` in ``states``, as one float64 ``[m, t, d]``
+    tensor of unit vectors (cast and normalised in place; zero rows stay zero)."""
+    u = torch.empty((len(states), stop - start, states[0].shape[-1]), dtype=F64, device=states[0].device)
+    for i, x in enumerate(states):
+        u[i].copy_(x[start:stop])
+    return u.div_(torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp_min_(1e-12))
+
+
+def cosine_sums(states, pairs: bool = True, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Block Influence and angular sums of ``m`` states ``[T, d]`` (a list, or a tensor ``[m, T, d]``).
+
+    Returns ``(bi, ang)``: ``bi[l] = sum_t (1 - cos(states[l][t], states[l+1][t]))`` for
+    ``l < m - 1`` and, when ``pairs``, ``ang[i, j] = sum_t arccos(cos(states[i][t], states[j][t])) / pi``
+    (else ``None``). Each state is cast to float64 and normalised once per ``chunk`` tokens; the
+    consecutive cosines are the super-diagonal of the pairwise ones. Sums over tokens (divide by T).
+    """
+    m, T = len(states), states[0].shape[0]
+    device = states[0].device
+    bi = torch.zeros(m - 1, dtype=F64, device=device)
+    ang = torch.zeros(m, m, dtype=F64, device=device) if pairs else None
+    idx = torch.arange(m - 1, device=device)
     for start in range(0, T, chunk):
-        u = states[:, start : start + chunk].to(F64)
-        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        cos = torch.einsum("itd,jtd->tij", u, u).clamp(-1.0, 1.0)
-        total += torch.arccos(cos).sum(0)
-    return total / math.pi
+        u = _unit_chunk(states, start, min(start + chunk, T))
+        if pairs:
+            cos = torch.einsum("itd,jtd->tij", u, u)
+            bi += (1.0 - cos[:, idx, idx + 1]).sum(0)
+            ang += torch.arccos(cos.clamp_(-1.0, 1.0)).sum(0)
+        else:
+            bi += (1.0 - torch.einsum("itd,itd->it", u[:-1], u[1:])).sum(-1)
+    return bi, (ang / math.pi if pairs else None)
 
 
 def hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
@@ -80,17 +106,23 @@ def linear_cka(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return hsic_unbiased(K, L) / torch.sqrt(hsic_unbiased(K, K) * hsic_unbiased(L, L))
 
 
-def cka_matrix(states: torch.Tensor) -> torch.Tensor:
-    """Unbiased linear CKA between every pair of ``states [m, n, d]`` (one batch of n tokens).
+def cka_matrix(states) -> torch.Tensor:
+    """Unbiased linear CKA between every pair of ``states [m, n, d]`` (one batch of n tokens;
+    a list of m ``[n, d]`` tensors works too).
 
     All ``m`` Gram matrices are built once; the ``m x m`` HSIC terms then come from one
     matrix product of the flattened, diagonal-free Grams: ``tr(K_i K_j) = <vec K_i, vec K_j>``.
     Returns ``[m, m]`` float64; entries are NaN where a state has zero variance.
     """
-    m, n, _ = states.shape
+    m, n = len(states), states[0].shape[0]
     if n <= 3:
         raise ValueError(f"unbiased CKA needs more than 3 tokens per batch, got {n}")
-    x = states.to(F64)
+    if isinstance(states, torch.Tensor):
+        x = states.to(F64)
+    else:  # a list of [n, d] states: one float64 copy, no intermediate stack
+        x = torch.empty((m, n, states[0].shape[-1]), dtype=F64, device=states[0].device)
+        for i, s in enumerate(states):
+            x[i].copy_(s)
     grams = x @ x.transpose(1, 2)  # [m, n, n]
     grams.diagonal(dim1=1, dim2=2).zero_()
     flat = grams.reshape(m, n * n)

@@ -234,6 +234,17 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     started = time.time()
     facts = preflight(recipe, overwrite)
     m = recipe.model
+    # ---- execution mode (prune.execution): in memory, or one block at a time out of core ----
+    from .execution import plan_execution, run_sequential
+
+    c = recipe.calibration
+    plan = plan_execution(m.source, recipe.score.execution, dtype=m.dtype, device_map=m.device_map,
+                          max_memory=m.max_memory, n_windows=c.n_samples, seq_len=c.seq_len, batch_size=c.batch_size,
+                          revision=m.revision, gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code)
+    say(plan.describe(), quiet)
+    if plan.mode == "sequential":
+        return run_sequential(recipe, facts, plan, overwrite=overwrite, quiet=quiet, started=started)
+    # ---- end of execution mode -----------------------------------------------------------------
     say(f"loading {facts['source'].display} ({facts['model_type']}, {facts['n_layers']} blocks)", quiet)
     model, tokenizer, src = load_model(m.source, gguf_file=m.gguf_file, dtype=m.dtype, device_map=m.device_map,
                                        max_memory=m.max_memory, offload_folder=m.offload_folder, revision=m.revision,
@@ -268,6 +279,7 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     evaluation = {"original": original, "pruned": pruned, "rows": rows, "settings": eval_settings(recipe), **run_facts}
     pruning = pruning_record(recipe, src, selection, kept, scores_before, scores_after,
                              {**run_facts, "model_type": facts["model_type"]}, healing, started)
+    pruning["execution"] = plan.to_dict()
     files = {"recipe.yaml": recipe.to_yaml(), "eval.json": json.dumps(evaluation, indent=1) + "\n",
              "eval.md": f"# Before / after\n\n{table}\n"}
     # ---- export (prune.export, prune.hub): lineage + model card, then the optional push ----
@@ -316,18 +328,42 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
                 n_samples: int = 64, seq_len: int = 256, seed: int = 0, batch_size: int = 8,
                 positions: str = "all", metrics=("bi", "angular", "cka"), cka_windows: int = 1,
                 beta: float = 100.0, tau: float = 0.8, dtype: str = "auto", device_map=None,
-                trust_remote_code: bool = False, output: str | None = None, quiet: bool = False) -> ScoreResult:
-    """Redundancy scores of a model over calibration text; optionally written as JSON to ``output``."""
+                trust_remote_code: bool = False, output: str | None = None, quiet: bool = False,
+                execution: str = "auto", max_memory: dict | None = None) -> ScoreResult:
+    """Redundancy scores of a model over calibration text; optionally written as JSON to ``output``.
+
+    ``execution``: ``auto`` (from the weights' size and the memory there is), ``in_memory`` or
+    ``sequential`` (one block at a time, see :mod:`prune.execution`)."""
     from .data import TextSource
+    from .execution import plan_execution
 
     quiet_mode(quiet)
-    model, tokenizer, src = load_model(source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+    plan = plan_execution(source, execution, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                          n_windows=n_samples, seq_len=seq_len, batch_size=batch_size,
+                          trust_remote_code=trust_remote_code)
+    say(plan.describe(), quiet)
     text = load_text(TextSource(data, field, rows=rows))
-    windows = calibration_windows(tokenizer, text, n_samples, seq_len, seed)
-    result = score(model, windows, batch_size=batch_size, positions=positions, metrics=tuple(metrics),
-                   cka_windows=cka_windows, beta=beta, tau=tau, progress=not quiet,
-                   metadata={"source": src.to_dict(), "model_type": model.config.model_type,
-                             "data": {"path": data, "field": field, "rows": rows}, "seed": seed, "versions": versions()})
+    kwargs = dict(batch_size=batch_size, positions=positions, metrics=tuple(metrics), cka_windows=cka_windows,
+                  beta=beta, tau=tau, progress=not quiet)
+    meta = {"data": {"path": data, "field": field, "rows": rows}, "seed": seed, "versions": versions(),
+            "execution": plan.to_dict()}
+    if plan.mode == "sequential":
+        from transformers import AutoConfig, AutoTokenizer
+
+        from .sequential import score_sequential
+
+        tokenizer = AutoTokenizer.from_pretrained(plan.folder, trust_remote_code=trust_remote_code)
+        windows = calibration_windows(tokenizer, text, n_samples, seq_len, seed)
+        config = AutoConfig.from_pretrained(plan.folder, trust_remote_code=trust_remote_code)
+        meta.update(source=resolve_source(source).to_dict(), model_type=config.model_type)
+        result = score_sequential(plan.folder, windows, dtype=dtype, device=plan.device,
+                                  trust_remote_code=trust_remote_code, metadata=meta, **kwargs)
+    else:
+        model, tokenizer, src = load_model(source, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                                           trust_remote_code=trust_remote_code)
+        windows = calibration_windows(tokenizer, text, n_samples, seq_len, seed)
+        meta.update(source=src.to_dict(), model_type=model.config.model_type)
+        result = score(model, windows, metadata=meta, **kwargs)
     if output:
         Path(output).expanduser().parent.mkdir(parents=True, exist_ok=True)
         result.save_json(output)

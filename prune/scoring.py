@@ -143,23 +143,102 @@ class ScoreAccumulator:
         self.cka = M.RunningMean((m, m), device) if "cka" in metrics else None
         self.tokens = 0
 
-    def update(self, states: torch.Tensor, inputs: list[torch.Tensor | None]) -> None:
-        """Fold one batch in. ``states [L+1, B, S, d]``; ``inputs[l]`` overrides ``states[l]`` for BI."""
-        m, B, S, d = states.shape
+    def update(self, states, inputs: list[torch.Tensor | None]) -> None:
+        """Fold one batch in: ``states`` are ``h_0 .. h_L``, each ``[B, S, d]`` (a list, or one tensor
+        ``[L+1, B, S, d]``); ``inputs[l]`` overrides ``states[l]`` for BI. No stacked copy is made."""
+        B, S, d = states[0].shape
         T = B * S
-        one_minus_cos = torch.stack([
-            T - M.cosine_per_token((states[l] if inputs[l] is None else inputs[l]).reshape(T, d),
-                                   states[l + 1].reshape(T, d)).sum()
-            for l in range(self.n_layers)
-        ])
+        flat = [x.reshape(T, d) for x in states]
+        one_minus_cos, angular = M.cosine_sums(flat, pairs=self.angular is not None)
+        for l, x in enumerate(inputs):  # the stream changed between blocks: BI compares the block's own input
+            if x is not None:
+                one_minus_cos[l] = T - M.cosine_per_token(x.reshape(T, d), flat[l + 1]).sum()
         self.bi.add_sum(one_minus_cos, T)
         if self.angular is not None:
-            self.angular.add_sum(M.pairwise_angular_sum(states.reshape(m, T, d)), T)
+            self.angular.add_sum(angular, T)
         if self.cka is not None:
             P = self.cka_windows  # the caller makes forward batches multiples of P
             for g in range(0, B, P):
-                self.cka.update(M.cka_matrix(states[:, g : g + P].reshape(m, -1, d)))
+                self.cka.update(M.cka_matrix([x[g : g + P].reshape(-1, d) for x in states]))
         self.tokens += T
+
+
+def check_score_args(windows: torch.Tensor, positions: str, metrics, cka_windows: int,
+                     batch_size: int) -> tuple[tuple[str, ...], int, int]:
+    """Validate scoring arguments; returns ``(metrics, batch_size, first)`` where the batch size
+    is rounded up to a multiple of ``cka_windows`` and ``first`` is the first counted position."""
+    metrics = tuple(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise PruneError(f"unknown metric {unknown[0]!r} (choose from {', '.join(METRICS)})")
+    if positions not in POSITIONS:
+        raise PruneError(f"positions={positions!r} is not one of {', '.join(POSITIONS)}")
+    if windows.ndim != 2:
+        raise PruneError(f"windows must be [n_windows, seq_len], got shape {tuple(windows.shape)}")
+    if cka_windows < 1:
+        raise PruneError(f"cka_windows={cka_windows} must be at least 1")
+    batch_size = -(-max(batch_size, 1) // cka_windows) * cka_windows
+    first = 1 if positions == "skip_first" else 0
+    if "cka" in metrics and windows.shape[1] - first <= 3:
+        raise PruneError(f"CKA needs more than 3 counted tokens per window; seq_len={windows.shape[1]} is too short")
+    return metrics, batch_size, first
+
+
+def fold_batch(acc: ScoreAccumulator, states: list[torch.Tensor], inputs: list[torch.Tensor | None],
+               first: int, start: int) -> list[int]:
+    """Fold the states ``h_0 .. h_L`` of the windows ``start, start+1, ...`` into ``acc``.
+
+    Positions before ``first`` are dropped; windows with non-finite activations are left
+    out of every statistic and their indices returned.
+    """
+    states = [x[:, first:] for x in states]
+    inputs = [None if x is None else x[:, first:] for x in inputs]
+    # one pass per state: a window holding inf or nan anywhere has a non-finite sum
+    finite = torch.isfinite(sum(x.sum(dim=(1, 2), dtype=torch.float64) for x in states))  # [B]
+    for x in inputs:
+        if x is not None:
+            finite &= torch.isfinite(x.sum(dim=(1, 2), dtype=torch.float64))
+    excluded: list[int] = []
+    if not bool(finite.all()):
+        excluded = [start + int(i) for i in torch.nonzero(~finite).flatten()]
+        states = [x[finite] for x in states]
+        inputs = [None if x is None else x[finite] for x in inputs]
+    if states[0].shape[0]:
+        acc.update(states, inputs)
+    return excluded
+
+
+def finish(acc: ScoreAccumulator, windows: torch.Tensor, *, positions: str, metrics: tuple[str, ...],
+           cka_windows: int, beta: float, tau: float, excluded: list[int], started: float,
+           progress: bool, metadata: dict | None) -> ScoreResult:
+    """The :class:`ScoreResult` of a finished accumulation (MSRS over the CKA matrix of block outputs)."""
+    if acc.tokens == 0:
+        raise PruneError("every calibration window had non-finite activations (try dtype float32 or bfloat16)")
+    if excluded and progress:
+        print(f"warning: {len(excluded)} window(s) had non-finite activations and were excluded: {excluded[:10]}")
+    cka = msrs = None
+    cka_dropped = 0
+    if acc.cka is not None:
+        cka_t = acc.cka.mean
+        cka = cka_t.tolist()
+        msrs = M.msrs(cka_t[1:, 1:], beta=beta, tau=tau).to_dict()
+        cka_dropped = int(torch.triu(acc.cka.dropped, diagonal=1).sum())
+    return ScoreResult(
+        n_layers=acc.n_layers,
+        positions=positions,
+        cka_windows=cka_windows,
+        n_windows=int(windows.shape[0]),
+        seq_len=int(windows.shape[1]),
+        n_tokens=acc.tokens,
+        block_influence=acc.bi.mean.tolist(),
+        angular=acc.angular.mean.tolist() if "angular" in metrics else None,
+        cka=cka,
+        msrs=msrs,
+        excluded_windows=excluded,
+        cka_dropped=cka_dropped,
+        seconds=time.perf_counter() - started,
+        metadata=dict(metadata or {}),
+    )
 
 
 def score(
@@ -182,22 +261,10 @@ def score(
     in float32/float64 whatever the model dtype. Block Influence is always computed;
     ``metrics`` may add ``"angular"`` and ``"cka"`` (CKA also gives MSRS with ``beta``, ``tau``).
     ``cka_windows`` windows are pooled into one CKA batch (``batch_size`` is rounded up
-    to a multiple of it).
+    to a multiple of it). The model may be dispatched by Accelerate over several devices
+    or offloaded to CPU/disk: the hooks copy every state to ``device``.
     """
-    metrics = tuple(metrics)
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise PruneError(f"unknown metric {unknown[0]!r} (choose from {', '.join(METRICS)})")
-    if positions not in POSITIONS:
-        raise PruneError(f"positions={positions!r} is not one of {', '.join(POSITIONS)}")
-    if windows.ndim != 2:
-        raise PruneError(f"windows must be [n_windows, seq_len], got shape {tuple(windows.shape)}")
-    if cka_windows < 1:
-        raise PruneError(f"cka_windows={cka_windows} must be at least 1")
-    batch_size = -(-max(batch_size, 1) // cka_windows) * cka_windows
-    first = 1 if positions == "skip_first" else 0
-    if "cka" in metrics and windows.shape[1] - first <= 3:
-        raise PruneError(f"CKA needs more than 3 counted tokens per window; seq_len={windows.shape[1]} is too short")
+    metrics, batch_size, first = check_score_args(windows, positions, metrics, cka_windows, batch_size)
     layers = decoder_layers(model)
     n_layers = len(layers)
     in_dev = input_device(model)
@@ -211,44 +278,8 @@ def score(
         for start, batch in batches(windows, batch_size):
             base(input_ids=batch.to(in_dev), use_cache=False)
             states, inputs = capture.pop()
-            states_t = torch.stack(states)[:, :, first:]
-            inputs = [None if x is None else x[:, first:] for x in inputs]
-            finite = torch.isfinite(states_t).flatten(2).all(-1).all(0)  # [B]
-            for x in inputs:
-                if x is not None:
-                    finite &= torch.isfinite(x).flatten(1).all(-1)
-            if not bool(finite.all()):
-                excluded += [start + int(i) for i in torch.nonzero(~finite).flatten()]
-                states_t = states_t[:, finite]
-                inputs = [None if x is None else x[finite] for x in inputs]
-            if states_t.shape[1]:
-                acc.update(states_t, inputs)
+            excluded += fold_batch(acc, states, inputs, first, start)
             bar.update(batch.shape[0])
     bar.close()
-    if acc.tokens == 0:
-        raise PruneError("every calibration window had non-finite activations (try dtype float32 or bfloat16)")
-    if excluded and progress:
-        print(f"warning: {len(excluded)} window(s) had non-finite activations and were excluded: {excluded[:10]}")
-    cka = msrs = None
-    cka_dropped = 0
-    if acc.cka is not None:
-        cka_t = acc.cka.mean
-        cka = cka_t.tolist()
-        msrs = M.msrs(cka_t[1:, 1:], beta=beta, tau=tau).to_dict()
-        cka_dropped = int(torch.triu(acc.cka.dropped, diagonal=1).sum())
-    return ScoreResult(
-        n_layers=n_layers,
-        positions=positions,
-        cka_windows=cka_windows,
-        n_windows=int(windows.shape[0]),
-        seq_len=int(windows.shape[1]),
-        n_tokens=acc.tokens,
-        block_influence=acc.bi.mean.tolist(),
-        angular=acc.angular.mean.tolist() if "angular" in metrics else None,
-        cka=cka,
-        msrs=msrs,
-        excluded_windows=excluded,
-        cka_dropped=cka_dropped,
-        seconds=time.perf_counter() - started,
-        metadata=dict(metadata or {}),
-    )
+    return finish(acc, windows, positions=positions, metrics=metrics, cka_windows=cka_windows, beta=beta, tau=tau,
+                  excluded=excluded, started=started, progress=progress, metadata=metadata)

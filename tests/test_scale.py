@@ -1,0 +1,444 @@
+"""Scale: dispatched (CPU + disk offload, GPU) scoring, out-of-core (sequential) scoring and pruning,
+and the automatic choice between them. Every equivalence is against the plain in-memory path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import prune
+from prune import PruneError
+from prune.checkpoint import Checkpoint
+from prune.execution import plan_execution
+from prune.models import decoder_layers_path
+from prune.outofcore import prune_checkpoint
+from prune.sequential import score_sequential
+
+from conftest import ARCHS, BOS_ARCHS, WIKI_RAW, build_model
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+FIELDS = ("n_layers", "positions", "cka_windows", "n_windows", "seq_len", "n_tokens", "excluded_windows", "cka_dropped")
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+def saved(tmp_path, arch, tokenizers, name="src", max_shard_size="5GB", **overrides):
+    """(model, tokenizer, folder): a tiny random model saved as a safetensors folder."""
+    model = build_model(arch, **overrides)
+    tok = tokenizers[arch in BOS_ARCHS]
+    folder = prune.save(model, tok, tmp_path / name, max_shard_size=max_shard_size)
+    return model, tok, folder
+
+
+def windows_for(tok, calib_text, n=5, seq_len=24, seed=0):
+    return prune.calibration_windows(tok, calib_text, n, seq_len, seed=seed)
+
+
+def assert_same_scores(a: prune.ScoreResult, b: prune.ScoreResult, atol=1e-5):
+    for f in FIELDS:
+        assert getattr(a, f) == getattr(b, f), f
+    assert a.block_influence == pytest.approx(b.block_influence, abs=atol)
+    for name in ("angular", "cka"):
+        ma, mb = getattr(a, name), getattr(b, name)
+        assert (ma is None) == (mb is None)
+        if ma is not None:
+            assert torch.allclose(torch.tensor(ma), torch.tensor(mb), atol=atol, rtol=0, equal_nan=True), name
+    if a.msrs is not None:
+        assert a.msrs["total"] == pytest.approx(b.msrs["total"], abs=atol * 10)
+        assert a.msrs["contributions"] == pytest.approx(b.msrs["contributions"], abs=atol * 10)
+
+
+def split_map(model, devices=("cpu", "disk"), rest="cpu", embed=None):
+    """A device map putting the first half of the blocks on devices[0], the rest on devices[1],
+    every other leaf module on ``rest`` (embeddings and LM head on ``embed`` when given)."""
+    path = decoder_layers_path(model)
+    n = model.config.num_hidden_layers
+    device_map = {f"{path}.{i}": devices[0] if i < n // 2 else devices[1] for i in range(n)}
+    emb = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    for name, module in model.named_modules():
+        if name and not name.startswith(path) and not list(module.children()):
+            device_map[name] = embed if (embed and id(module) in emb) else rest
+    return device_map
+
+
+def all_tensors(folder) -> dict[str, torch.Tensor]:
+    ckpt = Checkpoint(folder)
+    return {k: ckpt.read(k) for k in ckpt.entries}
+
+
+# ---- 0. the streamed metric kernels used by both paths ---------------------------------------------
+@pytest.mark.parametrize("as_list", [False, True])
+def test_cosine_sums_match_direct_computation(as_list):
+    from prune import metrics as M
+
+    gen = torch.Generator().manual_seed(0)
+    states = torch.randn(6, 50, 16, generator=gen)
+    states[3] = states[2] * 3.0 + 1e-3 * torch.randn(50, 16, generator=gen)  # nearly parallel: cos ~ 1
+    states[4, 7] = 0.0  # a zero vector
+    given = list(states) if as_list else states
+    bi, ang = M.cosine_sums(given, chunk=7)  # chunking must not change the sums
+    for l in range(5):
+        assert bi[l].item() == pytest.approx(50 * M.block_influence(states[l], states[l + 1]).item(), abs=1e-9)
+    for i in range(6):
+        for j in range(6):
+            assert ang[i, j].item() == pytest.approx(50 * M.angular_distance(states[i], states[j]).item(), abs=1e-6)
+    bi_only, none = M.cosine_sums(given, pairs=False, chunk=64)
+    assert none is None and torch.allclose(bi_only, bi, atol=1e-9)
+    cka_list = M.cka_matrix([x[:20] for x in states])
+    assert torch.allclose(cka_list, M.cka_matrix(states[:, :20]), atol=1e-12)
+
+
+# ---- 1. dispatched models (Accelerate device_map with CPU and disk offload) --------------------
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2", "qwen3_moe"])
+def test_cpu_disk_dispatched_scores_equal_single_device(arch, tokenizers_by_bos, calib_text, tmp_path):
+    model, tok, folder = saved(tmp_path, arch, tokenizers_by_bos)
+    device_map = split_map(model, embed="disk")
+    dispatched, _, _ = prune.load(folder, device_map=device_map, offload_folder=str(tmp_path / "offload"))
+    assert "disk" in set(dispatched.hf_device_map.values())
+    assert any(p.device.type == "meta" for p in dispatched.parameters())  # really offloaded
+    w = windows_for(tok, calib_text)
+    assert_same_scores(prune.score(model, w, batch_size=2, progress=False),
+                       prune.score(dispatched, w, batch_size=2, progress=False), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "mixtral"])
+def test_remove_and_save_of_offloaded_model_equals_in_memory(arch, tokenizers_by_bos, calib_text, tmp_path):
+    """After a forward through disk-offloaded tied embeddings (Accelerate unties them), remove
+    blocks and save: a complete checkpoint equal to in-memory pruning, tied weights stored once."""
+    model, tok, folder = saved(tmp_path, arch, tokenizers_by_bos)
+    dispatched, _, _ = prune.load(folder, device_map=split_map(model, embed="disk"),
+                                  offload_folder=str(tmp_path / "offload"))
+    w = windows_for(tok, calib_text, n=2)
+    prune.score(dispatched, w, progress=False)  # a forward pass through the offloaded blocks
+    removed = [2, 5]
+    prune.remove_layers(model, removed)
+    prune.remove_layers(dispatched, removed)
+    path = decoder_layers_path(model)
+    assert {k for k in dispatched.hf_device_map if k.startswith(path + ".")} == {f"{path}.{i}" for i in range(6)}
+    a = all_tensors(prune.save(model, tok, tmp_path / "in_memory"))
+    b = all_tensors(prune.save(dispatched, tok, tmp_path / "dispatched"))
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dispatched").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(w).logits, model(w).logits)
+
+
+# ---- 2. sequential (out-of-core) scoring -----------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sequential_scores_equal_in_memory(arch, tokenizers_by_bos, calib_text, tmp_path):
+    _, tok, folder = saved(tmp_path, arch, tokenizers_by_bos, max_shard_size="100KB")
+    assert len(Checkpoint(folder).files) > 1  # several shards
+    model, _, _ = prune.load(folder)
+    w = windows_for(tok, calib_text)  # 5 windows in batches of 2: a last batch of another shape
+    expected = prune.score(model, w, batch_size=2, progress=False)
+    got = score_sequential(folder, w, batch_size=2, progress=False, spill=ARCHS.index(arch) % 2 == 0,
+                           spill_dir=tmp_path)
+    assert_same_scores(expected, got)
+    assert not list(tmp_path.glob("prune-states-*"))  # spilled states are cleaned up
+
+
+def test_sequential_options_equal_in_memory(tokenizers_by_bos, calib_text, tmp_path):
+    """positions=skip_first, pooled CKA groups, a metric subset and bfloat16 weights."""
+    _, tok, folder = saved(tmp_path, "qwen2", tokenizers_by_bos)
+    w = windows_for(tok, calib_text, n=6)
+    model, _, _ = prune.load(folder)
+    opts = dict(batch_size=3, positions="skip_first", cka_windows=2, progress=False)
+    assert_same_scores(prune.score(model, w, **opts), score_sequential(folder, w, **opts))
+    opts = dict(batch_size=4, metrics=("bi", "angular"), progress=False)
+    assert_same_scores(prune.score(model, w, **opts), score_sequential(folder, w, **opts))
+    bf16, _, _ = prune.load(folder, dtype="bfloat16")
+    assert_same_scores(prune.score(bf16, w, batch_size=2, progress=False),
+                       score_sequential(folder, w, batch_size=2, dtype="bfloat16", progress=False))
+
+
+@pytest.mark.parametrize("arch", ["gemma3_text", "qwen3_moe"])
+def test_sequential_subset_of_blocks_scores_the_pruned_model(arch, tokenizers_by_bos, calib_text, tmp_path):
+    """Scoring only the kept blocks equals scoring the pruned model (per-layer masks and
+    dense/sparse layouts follow each block, not its position)."""
+    model, tok, folder = saved(tmp_path, arch, tokenizers_by_bos)
+    w = windows_for(tok, calib_text, n=4)
+    kept = prune.remove_layers(model, [1, 2, 6])
+    assert_same_scores(prune.score(model, w, batch_size=2, progress=False),
+                       score_sequential(folder, w, batch_size=2, blocks=kept, progress=False))
+
+
+def test_sequential_holds_one_block_at_a_time(tokenizers_by_bos, calib_text, tmp_path, monkeypatch):
+    """While block l runs, no other block and no embedding holds real weights."""
+    from prune import sequential
+    from prune.skeleton import Skeleton
+
+    _, tok, folder = saved(tmp_path, "llama", tokenizers_by_bos)
+    seen = []
+    original = sequential.run_block
+
+    def spy(block, hidden, call):
+        sk_layers = block_owner["layers"]
+        real = [i for i, layer in enumerate(sk_layers) if any(p.device.type != "meta" for p in layer.parameters())]
+        emb = block_owner["model"].get_input_embeddings().weight.device.type
+        seen.append((tuple(real), emb))
+        return original(block, hidden, call)
+
+    block_owner = {}
+    init = Skeleton.__init__
+
+    def remember(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        block_owner.update(layers=self.layers, model=self.model)
+
+    monkeypatch.setattr(Skeleton, "__init__", remember)
+    monkeypatch.setattr(sequential, "run_block", spy)
+    score_sequential(folder, windows_for(tok, calib_text, n=2), batch_size=2, progress=False)
+    assert [s[0] for s in seen] == [(i,) for i in range(8)]
+    assert {s[1] for s in seen} == {"meta"}
+
+
+def test_non_safetensors_checkpoint_is_scored_in_memory_or_refused(tmp_path):
+    model = build_model("llama")
+    folder = tmp_path / "bin"
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    plan = plan_execution(folder)
+    assert plan.mode == "in_memory" and "not a local safetensors" in plan.reason
+    with pytest.raises(PruneError, match="no safetensors weights .*pytorch_model.bin: re-save it"):
+        plan_execution(folder, "sequential")
+
+
+def test_checkpoint_headers_sizes_and_broken_files(tokenizers_by_bos, tmp_path):
+    model, _, folder = saved(tmp_path, "gpt2", tokenizers_by_bos, max_shard_size="150KB")
+    ckpt = Checkpoint(folder)
+    state = model.state_dict()
+    assert ckpt.total_bytes == sum(state[k].numel() * 4 for k in ckpt.entries)
+    assert ckpt.largest_file_bytes == max(f.stat().st_size for f in ckpt.files)
+    key = "transformer.h.3.mlp.c_fc.weight"
+    assert torch.equal(ckpt.read(key), state[key])
+    assert ckpt.bytes_at([key], torch.bfloat16) == state[key].numel() * 2
+    shard = ckpt.entries[key].file
+    data = shard.read_bytes()
+    shard.write_bytes(data[: ckpt.entries[key].begin + 10])  # a download cut inside this tensor
+    with pytest.raises(PruneError, match="truncated"):
+        Checkpoint(folder).read(key)
+    shard.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(PruneError, match="not a safetensors file"):
+        Checkpoint(folder)
+    shard.unlink()
+    with pytest.raises(PruneError, match="shard missing"):
+        Checkpoint(folder)
+
+
+# ---- 3. out-of-core pruning --------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ARCHS)
+def test_outofcore_pruning_equals_in_memory_pruning(arch, tokenizers_by_bos, tmp_path):
+    model, tok, folder = saved(tmp_path, arch, tokenizers_by_bos, max_shard_size="150KB")
+    n_src_shards = len(Checkpoint(folder).files)
+    removed = [1, 4, 5]
+    out = prune_checkpoint(folder, removed, tmp_path / "ooc", pruning={"removed": removed})
+    prune.remove_layers(model, removed)
+    ref = prune.save(model, tok, tmp_path / "mem")
+    a, b = all_tensors(ref), all_tensors(out)
+    assert sorted(a) == sorted(b)
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    ca, cb = (json.loads((d / "config.json").read_text()) for d in (ref, out))
+    ca.pop("_name_or_path"), cb.pop("_name_or_path")
+    assert ca == cb
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer.json", "pruning.json"} <= files
+    assert len(Checkpoint(out).files) <= n_src_shards
+    assert (len(Checkpoint(out).files) > 1) == ("model.safetensors.index.json" in files)
+    assert not [p for p in tmp_path.iterdir() if ".incomplete-" in p.name]
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    x = torch.randint(3, 250, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, model(x).logits)
+
+
+def test_outofcore_pruning_refuses_bad_input_before_writing(tokenizers_by_bos, tmp_path):
+    _, _, folder = saved(tmp_path, "llama", tokenizers_by_bos)
+    for bad, message in (([], "no blocks"), ([8], "out of range"), (list(range(8)), "cannot remove all")):
+        with pytest.raises(PruneError, match=message):
+            prune_checkpoint(folder, bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(PruneError, match="already exists"):
+        prune_checkpoint(folder, [3], tmp_path / "exists")
+
+
+def test_cli_remove_writes_the_pruned_checkpoint(tokenizers_by_bos, tmp_path, capsys):
+    from prune.cli import main
+
+    model, _, folder = saved(tmp_path, "phi3", tokenizers_by_bos)
+    assert main(["remove", str(folder), "--blocks", "2,3", "-o", str(tmp_path / "out")]) == 0
+    assert "without blocks [2, 3]" in capsys.readouterr().out
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert again.config.num_hidden_layers == 6
+    assert main(["remove", str(folder), "--blocks", "2,x", "-o", str(tmp_path / "o2")]) == 2
+    assert "must be integers" in capsys.readouterr().err
+
+
+# ---- 4. choosing the mode -----------------------------------------------------------------------
+def tight_memory(folder) -> int:
+    """A memory limit that holds one block and the activations (4 windows x 32, batch 2) but
+    not the whole model."""
+    one_block = plan_execution(folder, "sequential", n_windows=4, seq_len=32, batch_size=2)
+    return one_block.block_bytes + one_block.activation_bytes + Checkpoint(folder).total_bytes // 4
+
+
+def test_mode_choice_from_size_and_memory(tokenizers_by_bos, tmp_path):
+    _, _, folder = saved(tmp_path, "llama", tokenizers_by_bos)
+    weights = Checkpoint(folder).total_bytes
+    plan = plan_execution(folder, n_windows=4, seq_len=32, batch_size=2)
+    assert plan.mode == "in_memory" and "fit in" in plan.reason
+    # a memory limit below the whole model but above one block (+ activations): sequential
+    limit = tight_memory(folder)
+    assert limit < 2 * weights
+    plan = plan_execution(folder, max_memory={"cpu": limit}, n_windows=4, seq_len=32, batch_size=2)
+    assert plan.mode == "sequential" and "exceed" in plan.reason and plan.memory_bytes == limit
+    assert plan.block_bytes < weights // 4 and plan.describe().startswith("execution: sequential")
+    assert plan_execution(folder, "in_memory", max_memory={"cpu": 1}).mode == "in_memory"
+    assert plan_execution(folder, device_map="cpu").mode == "in_memory"  # Accelerate places it
+    assert plan_execution(folder, "sequential").mode == "sequential"
+
+
+def test_refuses_when_memory_cannot_hold_one_block(tokenizers_by_bos, tmp_path):
+    _, _, folder = saved(tmp_path, "llama", tokenizers_by_bos)
+    for requested in ("auto", "sequential"):
+        with pytest.raises(PruneError, match="not enough memory for out-of-core scoring: one block needs"):
+            plan_execution(folder, requested, max_memory={"cpu": "10KB"}, n_windows=4, seq_len=32)
+    with pytest.raises(PruneError, match="is not a size"):
+        plan_execution(folder, "sequential", max_memory={"cpu": "lots"})
+    with pytest.raises(PruneError, match="score.execution"):
+        plan_execution(folder, "fast")
+
+
+def _recipe(folder, out, execution, **select):
+    return {"model": {"source": str(folder)},
+            "calibration": {"path": str(WIKI_RAW), "rows": "0:300", "n_samples": 4, "seq_len": 32, "batch_size": 2},
+            "score": {"execution": execution},
+            "select": {"strategy": "contiguous", "n_layers": 2, "metric": "angular", **select},
+            "output": {"dir": str(out)}}
+
+
+def test_run_sequential_equals_run_in_memory(tokenizers_by_bos, tmp_path, capsys):
+    from prune.pipeline import run
+
+    _, _, folder = saved(tmp_path, "gemma2", tokenizers_by_bos, max_shard_size="150KB")
+    mem = run(_recipe(folder, tmp_path / "mem", "in_memory"))
+    seq = run(_recipe(folder, tmp_path / "seq", "sequential"))
+    said = capsys.readouterr().out
+    assert "execution: in_memory (asked for in the recipe)" in said and "execution: sequential" in said
+    assert seq.selection.removed == mem.selection.removed
+    assert_same_scores(mem.scores_before, seq.scores_before)
+    assert_same_scores(mem.scores_after, seq.scores_after)
+    a, b = all_tensors(mem.out_dir), all_tensors(seq.out_dir)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    record = json.loads((seq.out_dir / "pruning.json").read_text())
+    assert record["execution"]["mode"] == "sequential" and record["removed"] == mem.selection.removed
+    assert record["params_after"] == prune.count_parameters(AutoModelForCausalLM.from_pretrained(seq.out_dir))
+    assert json.loads((mem.out_dir / "pruning.json").read_text())["execution"]["mode"] == "in_memory"
+    assert (seq.out_dir / "recipe.yaml").is_file()
+
+
+def test_run_auto_chooses_sequential_when_memory_is_short(tokenizers_by_bos, tmp_path, capsys):
+    from prune.pipeline import run
+
+    _, _, folder = saved(tmp_path, "llama", tokenizers_by_bos)
+    recipe = _recipe(folder, tmp_path / "out", "auto")
+    recipe["model"]["max_memory"] = {"cpu": tight_memory(folder)}
+    result = run(recipe)
+    assert "execution: sequential (weights" in capsys.readouterr().out
+    assert result.pruning["execution"]["requested"] == "auto"
+    with_eval = _recipe(folder, tmp_path / "out2", "sequential")
+    with_eval["evaluate"] = {"perplexity": {"path": str(WIKI_RAW), "rows": "2000:2100", "seq_len": 32}}
+    with pytest.raises(PruneError, match="cannot evaluate"):
+        run(with_eval)
+    with pytest.raises(PruneError, match="runs the model"):
+        run(_recipe(folder, tmp_path / "out3", "sequential", strategy="iterative"))
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
+
+
+def test_score_model_sequential_says_so(tokenizers_by_bos, tmp_path, capsys):
+    from prune.pipeline import score_model
+
+    _, _, folder = saved(tmp_path, "mistral", tokenizers_by_bos)
+    kwargs = dict(data=str(WIKI_RAW), rows="0:300", n_samples=4, seq_len=32, batch_size=2)
+    seq = score_model(str(folder), execution="sequential", **kwargs)
+    mem = score_model(str(folder), execution="in_memory", **kwargs)
+    assert seq.metadata["execution"]["mode"] == "sequential" and mem.metadata["execution"]["mode"] == "in_memory"
+    assert_same_scores(mem, seq)
+    assert "execution: sequential (asked for" in capsys.readouterr().out
+
+
+# ---- GPU variants (run only where CUDA exists) ----------------------------------------------------
+@needs_cuda
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "qwen3_moe"])
+def test_gpu_cpu_dispatched_scores_equal_single_gpu(arch, tokenizers_by_bos, calib_text, tmp_path):
+    model, tok, folder = saved(tmp_path, arch, tokenizers_by_bos)
+    w = windows_for(tok, calib_text)
+    single, _, _ = prune.load(folder, device_map="cuda:0")
+    expected = prune.score(single, w, batch_size=2, progress=False)
+    n_gpus = torch.cuda.device_count()
+    devices = ("cuda:0", "cuda:1") if n_gpus > 1 else ("cuda:0", "cpu")
+    dispatched, _, _ = prune.load(folder, device_map=split_map(model, devices=devices, rest="cuda:0"))
+    got = prune.score(dispatched, w, batch_size=2, progress=False)
+    assert_same_scores(expected, got, atol=1e-4)
+    assert got.metadata == {} and expected.n_tokens == got.n_tokens
+
+
+@needs_cuda
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "mixtral"])
+def test_gpu_sequential_scores_equal_in_memory(arch, tokenizers_by_bos, calib_text, tmp_path):
+    _, tok, folder = saved(tmp_path, arch, tokenizers_by_bos, max_shard_size="150KB")
+    w = windows_for(tok, calib_text)
+    model, _, _ = prune.load(folder, device_map="cuda:0")
+    expected = prune.score(model, w, batch_size=2, progress=False)
+    got = score_sequential(folder, w, batch_size=2, device="cuda:0", progress=False)
+    assert_same_scores(expected, got, atol=1e-4)
+    cpu = score_sequential(folder, w, batch_size=2, progress=False)
+    assert_same_scores(cpu, got, atol=1e-3)
+
+
+@needs_cuda
+def test_gpu_plan_uses_gpu_memory(tokenizers_by_bos, tmp_path):
+    _, _, folder = saved(tmp_path, "llama", tokenizers_by_bos)
+    plan = plan_execution(folder, "sequential", device_map="cuda:0")
+    assert plan.device == "cuda:0" and plan.memory_bytes <= torch.cuda.mem_get_info(0)[0]
+    with pytest.raises(PruneError, match="one block needs"):
+        plan_execution(folder, "sequential", device_map="cuda:0", max_memory={0: "10KB"})
+
+
+# ---- the real model ----------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_smollm2_sequential_and_outofcore_equal_in_memory(smollm2_folder, tmp_path):
+    model, tok, _ = prune.load(smollm2_folder)
+    text = prune.load_text(prune.TextSource(str(WIKI_RAW), rows="0:2000"))
+    w = prune.calibration_windows(tok, text, 4, 64, seed=0)
+    assert_same_scores(prune.score(model, w, batch_size=2, progress=False),
+                       score_sequential(smollm2_folder, w, batch_size=2, spill=True, progress=False))
+    removed = list(range(12, 19))
+    out = prune_checkpoint(smollm2_folder, removed, tmp_path / "ooc")
+    prune.remove_layers(model, removed)
+    a, b = all_tensors(prune.save(model, tok, tmp_path / "mem")), all_tensors(out)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert "lm_head.weight" not in b  # tied embeddings stay stored once
+
+
+def test_out_of_core_recipe_runs(tokenizers_by_bos, tmp_path, monkeypatch):
+    from prune.pipeline import run
+    from prune.recipe import load_recipe
+
+    _, _, folder = saved(tmp_path, "qwen3", tokenizers_by_bos)
+    monkeypatch.setenv("PRUNE_MODEL", str(folder))
+    recipe = load_recipe(prune_root() / "recipes" / "out-of-core.yaml",
+                         [f"output.dir={tmp_path / 'out'}", "calibration.n_samples=4", "calibration.seq_len=32"])
+    result = run(recipe, quiet=True)
+    assert result.pruning["execution"]["mode"] == "sequential" and len(result.selection.removed) == 2
+    assert AutoModelForCausalLM.from_pretrained(result.out_dir).config.num_hidden_layers == 6
+
+
+def prune_root():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parents[1]
