@@ -133,7 +133,7 @@ def block_chart(scores: ScoreResult, k: int, title: str, marked=(), labels: list
 
 
 def pareto_figure(details: dict, title: str):
-    """Search: every evaluated set (blocks removed vs proxy ratio), the floor, the Pareto curve."""
+    """Search: every evaluated set (blocks removed vs proxy ratio), the floor, the best ratio per size."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=DPI)
     trace = details["trace"]
@@ -146,8 +146,8 @@ def pareto_figure(details: dict, title: str):
                    zorder=3)
     front = details["pareto"]
     if front:
-        ax.plot([0] + [p["n"] for p in front], [1.0] + [p["ratio"] for p in front], "-", color="#2ca02c", alpha=0.6,
-                label="Pareto curve")
+        ax.plot([0] + [p["n"] for p in front], [1.0] + [p["ratio"] for p in front], "-", color="#555", alpha=0.6,
+                label="best seen per number removed")
     ax.axhline(details["floor"], color="k", ls="--", lw=1, label=f"floor {details['floor']:g} x original")
     ax.set_xlabel("blocks removed")
     ax.set_ylabel(f"proxy / original\n({details['proxy']})", fontsize=9)
@@ -192,7 +192,8 @@ def selection_lines(sel: Selection) -> list[str]:
 
 
 def pareto_rows(details: dict) -> list[list[str]]:
-    return [[str(p["n"]), f"{p['value']:.4g}", f"{p['ratio']:.3f}", " ".join(map(str, p["removed"]))] for p in details["pareto"]]
+    return [[str(p["n"]), f"{p['value']:.4g}", f"{p['ratio']:.3f}", "yes" if p["ok"] else "no", " ".join(map(str, p["removed"]))]
+            for p in details["pareto"]]
 
 
 # ---- the folder ------------------------------------------------------------------------------
@@ -332,7 +333,8 @@ def _write(folder: Path, before, after, selection, kept, k, title, source) -> No
         doc.heading("Search: blocks removed vs proxy utility")
         doc.para(f"proxy: {d['proxy']}; floor {'>=' if d['higher_is_better'] else '<='} {d['floor']:g} x the original "
                  f"({d['original']:.4g}); ordered by {selection.metric}")
-        doc.table(["blocks removed", "proxy", "ratio to original", "blocks (0-based)"], pareto_rows(d))
+        doc.table(["blocks removed", "best proxy seen", "ratio to original", "holds the floor", "blocks (0-based)"],
+                  pareto_rows(d))
         _save(pareto_figure(d, "Search: the largest removable set under the floor"), folder / "pareto.png")
         doc.images(folder, [("pareto.png", "search: every evaluated set")])
         data["pareto"] = d["pareto"]

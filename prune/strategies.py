@@ -254,12 +254,12 @@ def task_proxy(model, tokenizer, task: str, *, limit: int = 100, batch_size: int
 
 
 def pareto(evaluations: list[dict]) -> list[dict]:
-    """Best proxy ratio seen per number of blocks removed (passing sets only), as a curve."""
+    """The best proxy ratio seen for each number of blocks removed (whether or not it holds the floor)."""
     best: dict[int, dict] = {}
     for e in evaluations:
-        if e["ok"] and (e["n"] not in best or e["score"] > best[e["n"]]["score"]):
+        if e["n"] not in best or e["score"] > best[e["n"]]["score"]:
             best[e["n"]] = e
-    return [{"n": n, "ratio": best[n]["ratio"], "value": best[n]["value"], "removed": best[n]["removed"]} for n in sorted(best)]
+    return [{k: best[n][k] for k in ("n", "value", "ratio", "ok", "removed")} for n in sorted(best)]
 
 
 def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, higher_is_better: bool, budget: int,
@@ -374,7 +374,8 @@ def pareto_table(selection: Selection) -> str:
     d = selection.details
     lines = [f"search: {d['proxy']}, floor {'>=' if d['higher_is_better'] else '<='} {d['floor']:g} x original "
              f"({d['original']:.4g}); {d['evaluations']} evaluations (budget {d['budget']}, stopped: {d['stopped']})",
-             "", "| blocks removed | proxy | ratio to original | blocks (0-based) |", "|---:|---:|---:|---|"]
+             "", "| blocks removed | best proxy seen | ratio to original | holds | blocks (0-based) |", "|---:|---:|---:|---|---|"]
     for p in d["pareto"]:
-        lines.append(f"| {p['n']} | {p['value']:.4g} | {p['ratio']:.3f} | {' '.join(map(str, p['removed']))} |")
+        lines.append(f"| {p['n']} | {p['value']:.4g} | {p['ratio']:.3f} | {'yes' if p['ok'] else 'no'} | "
+                     f"{' '.join(map(str, p['removed']))} |")
     return "\n".join(lines)
