@@ -144,7 +144,9 @@ def pareto_figure(details: dict, title: str):
     if bad:
         ax.scatter([e["n"] for e in bad], [e["ratio"] for e in bad], color="#d62728", marker="x", label="breaks the floor",
                    zorder=3)
-    front = details["pareto"]
+    from .strategies import pareto
+
+    front = pareto(trace, details["higher_is_better"])
     if front:
         ax.plot([0] + [p["n"] for p in front], [1.0] + [p["ratio"] for p in front], "-", color="#555", alpha=0.6,
                 label="best seen per number removed")
@@ -153,12 +155,12 @@ def pareto_figure(details: dict, title: str):
     ax.set_ylabel(f"proxy / original\n({details['proxy']})", fontsize=9)
     ax.set_title(title, fontsize=11)
     if not details["higher_is_better"]:
-        from matplotlib.ticker import FormatStrFormatter
+        from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
-        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -192,8 +194,10 @@ def selection_lines(sel: Selection) -> list[str]:
 
 
 def pareto_rows(details: dict) -> list[list[str]]:
+    from .strategies import pareto
+
     return [[str(p["n"]), f"{p['value']:.4g}", f"{p['ratio']:.3f}", "yes" if p["ok"] else "no", " ".join(map(str, p["removed"]))]
-            for p in details["pareto"]]
+            for p in pareto(details["trace"], details["higher_is_better"])]
 
 
 # ---- the folder ------------------------------------------------------------------------------
@@ -250,11 +254,13 @@ def _save(fig, path: Path) -> None:
 
 def write_report(out_dir: str | Path, before: ScoreResult, *, after: ScoreResult | None = None,
                  selection: Selection | None = None, kept: list[int] | None = None, k: int | None = None,
-                 title: str = "Redundancy report", source: str = "", overwrite: bool = False) -> Path:
+                 title: str = "Redundancy report", source: str = "", evaluation: str | None = None,
+                 overwrite: bool = False) -> Path:
     """Write the report folder (see module docstring) atomically; returns its path.
 
     ``selection`` marks the blocks removed (``k`` defaults to how many); ``after`` are the scores
-    of the pruned model whose blocks are the original ``kept`` ones.
+    of the pruned model whose blocks are the original ``kept`` ones; ``evaluation`` is a Markdown
+    before/after table (a run's ``eval.md``).
     """
     from .export import _replace, check_output_dir, staging_dir
 
@@ -264,7 +270,7 @@ def write_report(out_dir: str | Path, before: ScoreResult, *, after: ScoreResult
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
     try:
-        _write(stage, before, after, selection, kept, k, title, source)
+        _write(stage, before, after, selection, kept, k, title, source, evaluation)
         _replace(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -272,7 +278,7 @@ def write_report(out_dir: str | Path, before: ScoreResult, *, after: ScoreResult
     return out
 
 
-def _write(folder: Path, before, after, selection, kept, k, title, source) -> None:
+def _write(folder: Path, before, after, selection, kept, k, title, source, evaluation) -> None:
     marked = list(selection.removed) if selection else []
     k = k or (len(marked) if marked else max(1, round(before.n_layers / 4)))
     tau = before.msrs["tau"] if before.msrs else 0.8
@@ -286,6 +292,12 @@ def _write(folder: Path, before, after, selection, kept, k, title, source) -> No
         doc.heading("Selection")
         for line in selection_lines(selection):
             doc.para(line)
+    if evaluation:
+        doc.heading("Utility before / after")
+        head, *body = [line for line in evaluation.splitlines() if line.startswith("|")] or [""]
+        if body:
+            doc.table([c.strip() for c in head.strip("|").split("|")],
+                      [[c.strip() for c in r.strip("|").split("|")] for r in body[1:]])
     doc.heading("MSRS")
     rows = [["original", *_msrs_cells(before)]]
     if after is not None:
@@ -323,7 +335,7 @@ def _write(folder: Path, before, after, selection, kept, k, title, source) -> No
         images.append(("blocks_pruned.png", "pruned model"))
     doc.images(folder, images)
     if after is not None and kept:
-        doc.table(["pruned block", "original block"], [[str(n), str(o)] for n, o in enumerate(kept)])
+        doc.para("pruned block n is original block kept[n]; kept = " + str(kept))
     doc.pre(before.table())
     if after is not None:
         doc.pre(after.table())
@@ -337,7 +349,7 @@ def _write(folder: Path, before, after, selection, kept, k, title, source) -> No
                   pareto_rows(d))
         _save(pareto_figure(d, "Search: the largest removable set under the floor"), folder / "pareto.png")
         doc.images(folder, [("pareto.png", "search: every evaluated set")])
-        data["pareto"] = d["pareto"]
+        data["pareto"] = pareto_rows(d)
 
     (folder / "report.md").write_text("\n".join(doc.md))
     (folder / "report.html").write_text(doc.render_html())
@@ -369,9 +381,10 @@ def report_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overwr
                          "give a folder written by prune run, or a model") from None
     src = record.get("source", {})
     name = src.get("gguf_file") or src.get("path") or str(run)
+    evaluation = (run / "eval.md").read_text() if (run / "eval.md").is_file() else None
     return write_report(out_dir or run / "report", before, after=after, selection=selection, kept=record.get("kept"),
                         title=f"Redundancy report: {Path(str(name)).name} -> {run.name}", source=str(name),
-                        overwrite=overwrite)
+                        evaluation=evaluation, overwrite=overwrite)
 
 
 def report_model(source: str, out_dir: str | Path, *, strategy: str = "contiguous", metric: str = "angular",

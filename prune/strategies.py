@@ -253,11 +253,12 @@ def task_proxy(model, tokenizer, task: str, *, limit: int = 100, batch_size: int
     return run
 
 
-def pareto(evaluations: list[dict]) -> list[dict]:
+def pareto(evaluations: list[dict], higher_is_better: bool) -> list[dict]:
     """The best proxy ratio seen for each number of blocks removed (whether or not it holds the floor)."""
+    sign = 1.0 if higher_is_better else -1.0
     best: dict[int, dict] = {}
     for e in evaluations:
-        if e["n"] not in best or e["score"] > best[e["n"]]["score"]:
+        if e["n"] not in best or sign * e["ratio"] > sign * best[e["n"]]["ratio"]:
             best[e["n"]] = e
     return [{k: best[n][k] for k in ("n", "value", "ratio", "ok", "removed")} for n in sorted(best)]
 
@@ -293,8 +294,7 @@ def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, 
             value = proxy(sorted(removed))
             ratio = value / base if base else float("inf")
             ok = ratio >= floor if higher_is_better else ratio <= floor
-            memo[key] = {"removed": list(key), "n": len(key), "value": value, "ratio": ratio, "ok": bool(ok),
-                         "score": ratio if higher_is_better else -ratio, "phase": phase}
+            memo[key] = {"removed": list(key), "n": len(key), "value": value, "ratio": ratio, "ok": bool(ok), "phase": phase}
             evaluations.append(memo[key])
             bar.update(1)
             bar.set_postfix(n=len(key), ratio=f"{ratio:.3f}")
@@ -325,7 +325,7 @@ def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, 
         "proxy": proxy_name, "floor": floor, "higher_is_better": higher_is_better, "budget": budget,
         "original": base, "evaluations": len(evaluations) + 1, "candidate_evaluations": len(evaluations),
         "order": order, "final": None if final is None else {k: final[k] for k in ("value", "ratio")},
-        "trace": [{k: v for k, v in e.items() if k != "score"} for e in evaluations], "pareto": pareto(evaluations),
+        "trace": evaluations, "pareto": pareto(evaluations, higher_is_better),
         "stopped": "budget" if len(evaluations) >= budget else "candidates",
     })
 

@@ -198,44 +198,125 @@ def search_selection(ctx: Context) -> dict:
         started = time.time()
         heldout = ST.heldout_windows(ctx.tok, prune.load_text(ctx.calib_source), 32, 256, seed=0,
                                      n_heldout=SEARCH["heldout_windows"])
-        sel = ST.search(ctx.model, heldout, ctx.scores(), max_perplexity_ratio=SEARCH["max_perplexity_ratio"],
-                        budget=SEARCH["budget"], order_by=SEARCH["order_by"], protect=PROTECT, progress=False)
+        proxy = ST.perplexity_proxy(ctx.model, heldout, batch_size=8)
+        sel = ST.search(ctx.model, ctx.scores(), proxy, floor=SEARCH["max_perplexity_ratio"], higher_is_better=False,
+                        budget=SEARCH["budget"], order_by=SEARCH["order_by"], protect=PROTECT, progress=False,
+                        proxy_name=f"perplexity on {SEARCH['heldout_windows']} held-out calibration windows")
         data = {"selection": sel.to_dict(), "settings": SEARCH, "seconds": round(time.time() - started, 1)}
         write(path, data)
     return data
 
 
 # ---- evaluations (cached per removed set) ---------------------------------------------------
-def ppl_of(ctx: Context, removed) -> dict:
+class claim:
+    """Cross-process lock on one cached result (``<path>.lock`` holding the pid): several
+    workers share the queue; a case another live worker is computing is skipped."""
+
+    def __init__(self, path: Path):
+        self.lock = path.with_suffix(".lock")
+        self.held = False
+
+    def __enter__(self) -> bool:
+        self.lock.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    os.kill(int(self.lock.read_text() or 0), 0)
+                    return False  # a live worker has it
+                except (ProcessLookupError, ValueError, FileNotFoundError):
+                    self.lock.unlink(missing_ok=True)  # stale
+                    continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            self.held = True
+            return True
+        return False
+
+    def __exit__(self, *exc):
+        if self.held:
+            self.lock.unlink(missing_ok=True)
+
+
+def ppl_of(ctx: Context, removed) -> dict | None:
     path = CACHE / "ppl" / f"{set_key(removed)}.json"
     data = read(path)
     if data is None:
-        started = time.time()
-        data = perplexity(ctx.pruned(removed), ctx.eval_windows, batch_size=4)
-        data["removed"] = sorted(removed)
-        data["seconds"] = round(time.time() - started, 1)
-        write(path, data)
-        log(f"perplexity {data['perplexity']:.2f} removed={sorted(removed)} ({data['seconds']}s)")
+        with claim(path) as mine:
+            if not mine:
+                return None
+            started = time.time()
+            data = perplexity(ctx.pruned(removed), ctx.eval_windows, batch_size=4)
+            data["removed"] = sorted(removed)
+            data["seconds"] = round(time.time() - started, 1)
+            write(path, data)
+            log(f"perplexity {data['perplexity']:.2f} removed={sorted(removed)} ({data['seconds']}s)")
     return data
 
 
-def lmeval_of(ctx: Context, removed, tasks, limit) -> dict:
+def lmeval_done(removed, tasks) -> bool:
+    data = read(CACHE / "lmeval" / f"{set_key(removed)}.json")
+    return data is not None and all(t in data["tasks"] for t in tasks)
+
+
+def lmeval_of(ctx: Context, removed, tasks, limit) -> dict | None:
     from prune.lmeval import evaluate_tasks
 
     path = CACHE / "lmeval" / f"{set_key(removed)}.json"
-    data = read(path) or {"removed": sorted(removed), "limit": limit, "tasks": {}}
-    missing = [t for t in tasks if t not in data["tasks"]]
-    if missing:
-        model = ctx.pruned(removed)
-        for task in missing:  # one task at a time: each finished task is cached
-            started = time.time()
-            res = evaluate_tasks(model, ctx.tok, [task], limit=limit, batch_size=16, seed=0, data_dir_path=str(DATA),
-                                 progress=False)
-            res[task]["seconds"] = round(time.time() - started, 1)
-            data["tasks"].update(res)
-            write(path, data)
-            log(f"lm-eval {task} removed={sorted(removed)}: {res[task]['metrics']} ({res[task]['seconds']}s)")
+    with claim(path) as mine:
+        if not mine:
+            return None
+        data = read(path) or {"removed": sorted(removed), "limit": limit, "tasks": {}}
+        missing = [t for t in tasks if t not in data["tasks"]]
+        if missing:
+            model = ctx.pruned(removed)
+            for task in missing:  # one task at a time: each finished task is cached
+                started = time.time()
+                res = evaluate_tasks(model, ctx.tok, [task], limit=limit, batch_size=16, seed=0, data_dir_path=str(DATA),
+                                     progress=False)
+                res[task]["seconds"] = round(time.time() - started, 1)
+                data["tasks"].update(res)
+                write(path, data)
+                log(f"lm-eval {task} removed={sorted(removed)}: {res[task]['metrics']} ({res[task]['seconds']}s)")
     return data
+
+
+#: lm-eval order at k = 7: the baselines and the published metrics first, then the rest
+LMEVAL_PRIORITY = ["contiguous angular", "one_shot bi", "tail", "random (seed 0)", "sleb", "random (seed 1)",
+                   "random (seed 2)", "one_shot angular", "iterative bi", "search", "one_shot msrs (all)",
+                   "one_shot cka (all)", "iterative angular", "one_shot msrs (skip_first)", "one_shot cka (skip_first)",
+                   "one_shot msrs (all, cka_windows=8)", "one_shot cka (all, cka_windows=8)"]
+
+
+def lmeval_worker(ctx: Context, k: int, tasks, limit) -> None:
+    """lm-eval at ``k`` in LMEVAL_PRIORITY order, sharing the queue with other workers; waits for
+    model-based selections that another worker is still computing."""
+    lmeval_of(ctx, [], tasks, limit)
+    while True:
+        waiting = False
+        for name in LMEVAL_PRIORITY:
+            if name == "search":
+                s = read(CACHE / "selections" / "search.json")
+                removed = s and s["selection"]["removed"]
+            elif STRATEGIES[name][0] == "model" and read(CACHE / "selections" / f"{slug(name)}_trace.json") is None:
+                removed = None
+            else:
+                removed = guarded(f"{name} k={k}", selection, ctx, name, k)
+                removed = removed and removed.removed
+            if removed is None:
+                waiting = True
+                continue
+            if lmeval_done(removed, tasks):
+                continue
+            if guarded(f"lm-eval {name} k={k}", lmeval_of, ctx, removed, tasks, limit) is None:
+                waiting = True  # another worker has it (or it failed: see the log)
+                continue
+            break  # restart from the top: a higher priority case may have become ready
+        else:
+            if not waiting:
+                return
+            time.sleep(120)
 
 
 def guarded(what: str, fn, *a):
@@ -461,7 +542,7 @@ def plots(data, ks, rows, avg, lm_k, dense_ppl) -> None:
 # ---- main ------------------------------------------------------------------------------------
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["all", "ppl", "lmeval", "search", "report"], default="all")
+    p.add_argument("--part", choices=["all", "ppl", "lmeval", "lmeval-worker", "search", "report"], default="all")
     p.add_argument("--kind", choices=["all", "score", "model"], default="all", help="which strategies")
     p.add_argument("--only", default=None, help="comma-separated substrings of strategy names")
     p.add_argument("--ks", default=",".join(map(str, KS)))
@@ -487,6 +568,9 @@ def main() -> int:
         stage_search(ctx)
     elif args.part == "lmeval":
         stage_lmeval(ctx, names, lm_ks, tasks, args.limit, with_search=args.only is None or "search" in args.only)
+    elif args.part == "lmeval-worker":
+        for k in lm_ks:
+            lmeval_worker(ctx, k, tasks, args.limit)
     elif args.part == "all":  # the whole benchmark, most informative cases first
         main_score = [n for n in names_for("score", None) if "cka" not in n and "msrs" not in n]
         other_score = [n for n in names_for("score", None) if n not in main_score]
