@@ -279,8 +279,7 @@ def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, 
     L = len(decoder_layers(model))
     prot = set(resolve_protect(protect, L))
     order = [i for i in rank_blocks(scores, order_by) if i not in prot][: L - 1]
-    if max_remove is not None:
-        order = order[: max_remove] if max_remove < len(order) else order
+    cap = len(order) if max_remove is None else min(max_remove, len(order))
     if not order:
         raise PruneError("search: every block is protected, nothing can be removed")
     base = proxy([])
@@ -301,7 +300,7 @@ def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, 
         return memo[key]["ok"]
 
     # phase 1: the longest prefix of the ranking that holds (binary search; the empty prefix holds)
-    lo, hi = 0, len(order) + 1
+    lo, hi = 0, cap + 1
     while hi - lo > 1 and len(evaluations) < budget:
         mid = (lo + hi) // 2
         if check(order[:mid], "prefix"):
@@ -311,7 +310,7 @@ def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, 
     chosen = list(order[:lo])
     # phase 2: greedy, the remaining candidates in rank order
     for cand in order[lo:]:
-        if max_remove is not None and len(chosen) >= max_remove:
+        if len(chosen) >= cap:
             break
         key = tuple(sorted(chosen + [cand]))
         if key not in memo and len(evaluations) >= budget:

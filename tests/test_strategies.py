@@ -136,6 +136,9 @@ def test_search_respects_floor_and_budget(tokenizers_by_bos):
     assert small.details["candidate_evaluations"] == 2 and small.details["stopped"] == "budget"
     none = ST.search(model, scores, proxy, floor=0.5, higher_is_better=False, budget=3, order_by="bi", progress=False)
     assert none.removed == [] and all(not e["ok"] for e in none.details["trace"])
+    capped = ST.search(model, scores, proxy, floor=1.10, higher_is_better=False, budget=12, order_by="bi", max_remove=2,
+                       progress=False)
+    assert len(capped.removed) == 2 and all(e["n"] <= 2 for e in capped.details["trace"])
     assert_unchanged(model, before)
 
 
