@@ -115,32 +115,39 @@ def _inject(block: nn.Module, states: list[torch.Tensor]):
 # ---- iterative -----------------------------------------------------------------------------
 def iterative(model, windows: torch.Tensor, count: int, *, metric: str = "bi", protect=DEFAULT_PROTECT,
               scores=None, batch_size: int = 8, positions: str = "all", cka_windows: int = 1, beta: float = 100.0,
-              tau: float = 0.8, progress: bool = True) -> Selection:
+              tau: float = 0.8, progress: bool = True, start=(), on_round: Callable[[dict], None] | None = None) -> Selection:
     """Remove ``count`` blocks one at a time: the one ``metric`` ranks most removable in the
     current (pruned) model, re-scored after every removal. ``scores`` of the full model, when
-    given, serve for the first round. Cost: ``count`` scoring passes (``count - 1`` with ``scores``)."""
+    given, serve for the first round. Cost: ``count`` scoring passes (``count - 1`` with ``scores``).
+
+    ``start`` (trace records of an earlier run) resumes a greedy run; ``on_round(record)`` is
+    called after every round (e.g. to save progress)."""
     if metric not in SCORE_METRICS:
         raise PruneError(f"unknown metric {metric!r} for iterative (choose from {', '.join(SCORE_METRICS)})")
     L = len(decoder_layers(model))
     prot = resolve_protect(protect, L)
     count = resolve_count(L, count, None, prot)
-    removed: list[int] = []
-    trace, passes = [], 0
-    current = scores if scores is not None and scores.n_layers == L else None
-    for r in tqdm(range(count), desc="iterative", unit="round", disable=not progress):
+    trace = [dict(t) for t in start][:count]
+    removed = [t["removed"] for t in trace]
+    current = scores if scores is not None and scores.n_layers == L and not trace else None
+    for r in tqdm(range(len(trace), count), desc="iterative", unit="round", disable=not progress):
         kept = [i for i in range(L) if i not in set(removed)]
+        passes = 0
         if current is None:
             with skip_blocks(model, removed):
                 current = score(model, windows, batch_size=batch_size, positions=positions, metrics=SCORE_METRICS[metric],
                                 cka_windows=cka_windows, beta=beta, tau=tau, progress=False)
-            passes += 1
+            passes = 1
         values, _ = metric_values(current, metric)
         order = [kept[p] for p in rank_blocks(current, metric) if kept[p] not in prot]
         pick = order[0]
-        trace.append({"round": r, "removed": pick, "value": values[kept.index(pick)],
+        trace.append({"round": r, "removed": pick, "value": values[kept.index(pick)], "forward_passes": passes,
                       "values": {str(kept[p]): v for p, v in enumerate(values)}})
         removed.append(pick)
         current = None
+        if on_round is not None:
+            on_round(trace[-1])
+    passes = sum(t["forward_passes"] for t in trace)
     return Selection(sorted(removed), L, "iterative", metric,
                      details={"order": removed, "trace": trace, "forward_passes": passes, "full_forward_equivalents": passes,
                               "positions": positions, "cka_windows": cka_windows})
@@ -162,27 +169,28 @@ def _block_inputs(model, windows: torch.Tensor, batch_size: int) -> list[list[to
 
 
 def sleb(model, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, batch_size: int = 8,
-         progress: bool = True) -> Selection:
+         progress: bool = True, start=(), on_round: Callable[[dict], None] | None = None) -> Selection:
     """SLEB: ``count`` rounds; each removes the block whose removal gives the lowest calibration loss.
 
     Candidate ``i`` is evaluated from the cached input of block ``i``, running only the kept
     blocks after it, so its loss equals that of the model without blocks ``removed + [i]``.
     ``full_forward_equivalents`` counts decoder-block passes over ``windows`` divided by the
-    number of blocks (the LM head runs once per candidate on top of that).
+    number of blocks (the LM head runs once per candidate on top of that). ``start`` and
+    ``on_round`` resume and follow a run as in :func:`iterative`.
     """
     layers = decoder_layers(model)
     L = len(layers)
     prot = set(resolve_protect(protect, L))
     count = resolve_count(L, count, None, sorted(prot))
-    removed: list[int] = []
-    trace, passes, block_runs = [], 0, 0
-    bar = tqdm(total=count, desc="sleb", unit="round", disable=not progress)
-    for r in range(count):
+    trace = [dict(t) for t in start][:count]
+    removed = [t["removed"] for t in trace]
+    bar = tqdm(total=count, initial=len(trace), desc="sleb", unit="round", disable=not progress)
+    for r in range(len(trace), count):
         kept = [i for i in range(L) if i not in set(removed)]
         with skip_blocks(model, removed):
             cached = _block_inputs(model, windows, batch_size)
-        passes += 1
-        block_runs += len(kept)
+        passes = 1
+        block_runs = len(kept)
         losses: dict[int, float] = {}
         for p, i in enumerate(kept):
             if i in prot:
@@ -204,11 +212,16 @@ def sleb(model, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, b
         del cached
         pick = min(losses, key=lambda i: (losses[i], i))
         trace.append({"round": r, "removed": pick, "loss": losses[pick], "perplexity": math.exp(losses[pick]),
+                      "forward_passes": passes, "block_runs": block_runs,
                       "candidates": {str(i): v for i, v in losses.items()}})
         removed.append(pick)
+        if on_round is not None:
+            on_round(trace[-1])
         bar.update(1)
         bar.set_postfix(removed=pick, ppl=f"{math.exp(losses[pick]):.2f}")
     bar.close()
+    passes = sum(t["forward_passes"] for t in trace)
+    block_runs = sum(t["block_runs"] for t in trace)
     return Selection(sorted(removed), L, "sleb", "calibration_loss",
                      details={"order": removed, "trace": trace, "forward_passes": passes,
                               "full_forward_equivalents": round(block_runs / L, 2), "windows": int(windows.shape[0]),

@@ -55,7 +55,7 @@ KS = (3, 5, 7, 10)
 TASKS = ["arc_easy", "piqa", "hellaswag", "winogrande"]
 EXTRA_TASKS = ["arc_challenge", "boolq"]
 PROTECT = (0, -1)
-SLEB_WINDOWS = 8  # SLEB's loss is measured on the first 8 calibration windows (CPU time; see docs)
+SLEB_WINDOWS = 4  # SLEB's loss is measured on the first 4 calibration windows (CPU time; see docs)
 SEARCH = dict(max_perplexity_ratio=4.0, budget=16, order_by="bi", heldout_windows=8)
 
 #: name -> (kind, parameters). Scores: (positions, cka_windows).
@@ -148,24 +148,41 @@ class Context:
 
 
 # ---- selections ------------------------------------------------------------------------
-def greedy_trace(ctx: Context, name: str, params: dict) -> dict:
-    """Run a greedy model-based strategy once to max(KS) blocks; cached with its trace."""
-    path = CACHE / "selections" / f"{slug(name)}_trace.json"
-    data = read(path)
-    if data is None:
-        from prune import strategies as ST
+def greedy_trace(ctx: Context, name: str, params: dict, k: int) -> dict:
+    """Run a greedy model-based strategy until its trace has ``k`` rounds.
 
-        k = max(KS)
-        log(f"{name}: greedy run to k={k}")
+    The trace is saved after every round (``<name>_trace.json``), so an interrupted run resumes."""
+    path = CACHE / "selections" / f"{slug(name)}_trace.json"
+    data = read(path) or {"trace": [], "seconds": 0.0}
+    if len(data["trace"]) >= k:
+        return data
+    from prune import strategies as ST
+
+    with claim(path) as mine:
+        if not mine:
+            raise RuntimeError(f"{name}: another worker is extending this greedy run")
+        log(f"{name}: greedy run from round {len(data['trace'])} to k={k}")
         started = time.time()
+        seconds = data["seconds"]
+
+        def save(record):
+            data["trace"].append(record)
+            data["seconds"] = round(seconds + time.time() - started, 1)
+            write(path, data)
+            log(f"{name}: round {record['round']} removes block {record['removed']} ({data['seconds']} s so far)")
+
+        kwargs = dict(protect=PROTECT, progress=False, start=list(data["trace"]), on_round=save)
         if params["strategy"] == "iterative":
-            sel = ST.iterative(ctx.model, ctx.windows, k, metric=params["metric"], protect=PROTECT, progress=False,
-                               scores=ctx.scores())
+            sel = ST.iterative(ctx.model, ctx.windows, k, metric=params["metric"], scores=ctx.scores(), **kwargs)
         else:
-            sel = ST.sleb(ctx.model, ctx.windows[:SLEB_WINDOWS], k, protect=PROTECT, progress=False)
-        data = {"selection": sel.to_dict(), "seconds": round(time.time() - started, 1)}
-        write(path, data)
+            sel = ST.sleb(ctx.model, ctx.windows[:SLEB_WINDOWS], k, **kwargs)
+        assert [t["removed"] for t in data["trace"]] == sel.details["order"]
     return data
+
+
+def trace_rounds(name: str) -> int:
+    data = read(CACHE / "selections" / f"{slug(name)}_trace.json")
+    return len(data["trace"]) if data else 0
 
 
 def selection(ctx: Context, name: str, k: int) -> Selection:
@@ -179,11 +196,12 @@ def selection(ctx: Context, name: str, k: int) -> Selection:
         sel = select(scores, k, strategy=params["strategy"], metric=params.get("metric", "angular"),
                      protect=PROTECT, seed=params.get("seed", 0))
     else:
-        trace = greedy_trace(ctx, name, params)
-        full = Selection.from_dict(trace["selection"])
-        order = full.details["order"][:k]
-        sel = Selection(sorted(order), full.n_layers, full.strategy, full.metric,
-                        details={"order": order, "prefix_of": max(KS), "trace": full.details["trace"][:k]})
+        trace = greedy_trace(ctx, name, params, k)["trace"][:k]
+        order = [t["removed"] for t in trace]
+        sel = Selection(sorted(order), ctx.n_layers, params["strategy"], params.get("metric", "calibration_loss"),
+                        details={"order": order, "trace": trace,
+                                 "forward_passes": sum(t["forward_passes"] for t in trace),
+                                 "block_runs": sum(t.get("block_runs", 0) for t in trace)})
     write(path, sel.to_dict())
     return sel
 
@@ -299,7 +317,7 @@ def lmeval_worker(ctx: Context, k: int, tasks, limit) -> None:
             if name == "search":
                 s = read(CACHE / "selections" / "search.json")
                 removed = s and s["selection"]["removed"]
-            elif STRATEGIES[name][0] == "model" and read(CACHE / "selections" / f"{slug(name)}_trace.json") is None:
+            elif STRATEGIES[name][0] == "model" and trace_rounds(name) < k:
                 removed = None
             else:
                 removed = guarded(f"{name} k={k}", selection, ctx, name, k)

@@ -104,6 +104,13 @@ def test_sleb_equals_brute_force_loss(arch, tokenizers_by_bos):
         assert step["removed"] == min(ref, key=ref.get)
         removed.append(step["removed"])
     assert sel.removed == sorted(removed)
+    # a greedy run resumes from an earlier trace: the next round is the brute-force choice after the first two
+    rounds = []
+    more = ST.sleb(model, w, 3, protect=[0], batch_size=3, progress=False, start=sel.details["trace"], on_round=rounds.append)
+    assert more.details["order"][:2] == sel.details["order"] and len(rounds) == 1
+    ref = {i: brute_loss(model, w, removed + [i]) for i in range(1, 8) if i not in removed}
+    assert rounds[0]["removed"] == min(ref, key=ref.get)
+    assert more.details["forward_passes"] == sel.details["forward_passes"] + 1 + 5  # 6 blocks left, block 0 protected
     assert sel.details["forward_passes"] == 2 + 7 + 6  # one caching pass per round plus one per candidate
     assert 0 < sel.details["full_forward_equivalents"] < sel.details["forward_passes"]
 
