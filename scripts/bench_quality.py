@@ -307,35 +307,65 @@ LMEVAL_PRIORITY = ["contiguous angular", "one_shot bi", "tail", "random (seed 0)
                    "one_shot msrs (all, cka_windows=8)", "one_shot cka (all, cka_windows=8)"]
 
 
-def lmeval_worker(ctx: Context, k: int, tasks, limit) -> None:
-    """lm-eval at ``k`` in LMEVAL_PRIORITY order, sharing the queue with other workers; waits for
-    model-based selections that another worker is still computing."""
-    lmeval_of(ctx, [], tasks, limit)
-    while True:
-        waiting = False
-        for name in LMEVAL_PRIORITY:
-            if name == "search":
-                s = read(CACHE / "selections" / "search.json")
-                removed = s and s["selection"]["removed"]
-            elif STRATEGIES[name][0] == "model" and trace_rounds(name) < k:
-                removed = None
-            else:
-                removed = guarded(f"{name} k={k}", selection, ctx, name, k)
-                removed = removed and removed.removed
-            if removed is None:
-                waiting = True
-                continue
-            if lmeval_done(removed, tasks):
-                continue
-            if guarded(f"lm-eval {name} k={k}", lmeval_of, ctx, removed, tasks, limit) is None:
-                waiting = True  # another worker has it (or it failed: see the log)
-                continue
-            break  # restart from the top: a higher priority case may have become ready
-        else:
-            if not waiting:
-                return
-            time.sleep(120)
+#: lm-eval tasks, cheapest first, so every strategy gets the cheap tasks before any gets the costly one
+TASK_ORDER = ["winogrande", "piqa", "arc_easy", "hellaswag", "arc_challenge", "boolq"]
 
+
+def ready_selection(ctx: Context, name: str, k: int):
+    """The blocks ``name`` removes at ``k``, or None while a model-based run has not got that far."""
+    if name == "search":
+        s = read(CACHE / "selections" / "search.json")
+        return s and s["selection"]["removed"]
+    if STRATEGIES[name][0] == "model" and trace_rounds(name) < k:
+        return None
+    sel = guarded(f"{name} k={k}", selection, ctx, name, k)
+    return sel and sel.removed
+
+
+def lmeval_worker(ctx: Context, k: int, tasks, limit) -> None:
+    """lm-eval at ``k``: task by task (TASK_ORDER), strategy by strategy (LMEVAL_PRIORITY); shares the queue
+    with other workers and waits for model-based selections that another worker is still computing."""
+    order = [t for t in TASK_ORDER if t in tasks] + [t for t in tasks if t not in TASK_ORDER]
+    while True:
+        waiting, did = False, False
+        for task in order:
+            for name in ["dense"] + LMEVAL_PRIORITY:
+                removed = [] if name == "dense" else ready_selection(ctx, name, k)
+                if removed is None:
+                    waiting = True
+                    continue
+                if lmeval_done(removed, [task]):
+                    continue
+                if guarded(f"lm-eval {name} k={k}", lmeval_of, ctx, removed, [task], limit) is None:
+                    waiting = True  # another worker has it (or it failed: see the log)
+                    continue
+                did = True
+                break
+            if did:
+                break
+        if did:
+            continue  # restart from the top: a higher priority case may have become ready
+        if not waiting:
+            return
+        time.sleep(120)
+
+
+#: perplexity order: k = 7 first, the baselines and published metrics before the variants
+MAIN = ["random (seed 0)", "random (seed 1)", "random (seed 2)", "tail", "one_shot bi", "contiguous angular",
+        "one_shot angular", "one_shot msrs (all)", "one_shot cka (all)"]
+VARIANTS = ["one_shot msrs (skip_first)", "one_shot cka (skip_first)", "one_shot msrs (all, cka_windows=8)",
+            "one_shot cka (all, cka_windows=8)"]
+
+
+def ppl_worker(ctx: Context) -> None:
+    """Perplexity of the score-only strategies in priority order (model-based ones: the model queue)."""
+    ppl_of(ctx, [])
+    cases = [(n, 7) for n in MAIN + VARIANTS] + [(n, k) for k in (3, 5, 10) for n in MAIN] + \
+            [(n, k) for k in (3, 5, 10) for n in VARIANTS]
+    for name, k in cases:
+        sel = guarded(f"{name} k={k}", selection, ctx, name, k)
+        if sel is not None:
+            guarded(f"perplexity {name} k={k}", ppl_of, ctx, sel.removed)
 
 def guarded(what: str, fn, *a):
     """Run one case; a failure is logged and the benchmark goes on with the next case."""
@@ -560,7 +590,8 @@ def plots(data, ks, rows, avg, lm_k, dense_ppl) -> None:
 # ---- main ------------------------------------------------------------------------------------
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["all", "ppl", "lmeval", "lmeval-worker", "search", "report"], default="all")
+    p.add_argument("--part", choices=["all", "ppl", "ppl-worker", "lmeval", "lmeval-worker", "search", "report"],
+                   default="all")
     p.add_argument("--kind", choices=["all", "score", "model"], default="all", help="which strategies")
     p.add_argument("--only", default=None, help="comma-separated substrings of strategy names")
     p.add_argument("--ks", default=",".join(map(str, KS)))
@@ -586,6 +617,8 @@ def main() -> int:
         stage_search(ctx)
     elif args.part == "lmeval":
         stage_lmeval(ctx, names, lm_ks, tasks, args.limit, with_search=args.only is None or "search" in args.only)
+    elif args.part == "ppl-worker":
+        ppl_worker(ctx)
     elif args.part == "lmeval-worker":
         for k in lm_ks:
             lmeval_worker(ctx, k, tasks, args.limit)
