@@ -478,8 +478,21 @@ def report(ks, tasks, lm_k: int) -> str:
             xs = [rows[n][i] for n in randoms if rows[n][i]]
             vals.append(mean(xs) if len(xs) == len(randoms) else None)
         rows = {"random (mean of 3 seeds)": vals, **{n: v for n, v in rows.items() if n not in randoms}}
+    spread = {}
+    if randoms:
+        for i, k in enumerate(ks):
+            xs = [data["strategies"][n].get(k, {}).get("ppl") for n in randoms]
+            if all(xs):
+                spread[i] = (min(x["perplexity"] for x in xs), max(x["perplexity"] for x in xs))
+
+    def fmt(v):
+        return f"{v:.1f}" if v < 1e4 else f"{v:.2g}"
+
     for name, vals in rows.items():
-        lines.append(f"| {name} | " + " | ".join("-" if not v else f"{v:.1f}" for v in vals) + " |")
+        cells = ["-" if not v else fmt(v) for v in vals]
+        if name.startswith("random"):
+            cells = [c if i not in spread else f"{c} ({fmt(spread[i][0])}-{fmt(spread[i][1])})" for i, c in enumerate(cells)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if dense_ppl:
         lines.append(f"\nDense model: perplexity {dense_ppl:.2f}.")
     table_ppl = "\n".join(lines)
@@ -500,6 +513,12 @@ def report(ks, tasks, lm_k: int) -> str:
         lines.append("| dense | " + " | ".join(cells) + " | 100% |")
     avg = {}
     entries = [(n, row.get(lm_k)) for n, row in data["strategies"].items()]
+    # the average is over the tasks finished for the dense model and for every baseline evaluated so far
+    have = {n: set(((e or {}).get("lmeval") or {}).get("tasks", {})) for n, e in entries}
+    base = [n for n in ("tail", "one_shot bi", "contiguous angular", "random (seed 0)", "random (seed 1)",
+                        "random (seed 2)") if have.get(n)]
+    common = [t for t in tasks if dense_lm and t in dense_lm["tasks"] and all(t in have[n] for n in base)]
+    lines[0] = lines[0].replace("avg retained", f"avg retained ({', '.join(common)})")
     if "search" in data:
         entries.append((SEARCH_NAME + f" (k={len(data['search']['selection']['removed'])})",
                         {"lmeval": data["search"]["lmeval"]}))
@@ -514,19 +533,19 @@ def report(ks, tasks, lm_k: int) -> str:
                 cells.append(f"{lm['tasks'][t]['metrics'][m]:.3f} ± {lm['tasks'][t]['stderr'][m]:.3f}")
             else:
                 cells.append("-")
-        r = retained(lm, dense_lm, tasks)
+        r = retained(lm, dense_lm, common) if common else None
         if r:
             avg[name] = r
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if not r else f'{100 * r[0]:.1f}% ± {100 * r[1]:.1f}'} |")
     rnd = [avg[n] for n in avg if n.startswith("random")]
     if len(rnd) == 3:
-        lines.append(f"| random (mean of 3 seeds) | | | | | {100 * mean([r[0] for r in rnd]):.1f}% "
+        lines.append(f"| random (mean of 3 seeds) |" + " |" * len(tasks) + f" {100 * mean([r[0] for r in rnd]):.1f}% "
                      f"(seeds: {', '.join(f'{100 * r[0]:.1f}' for r in rnd)}) |")
         avg = {"random (mean of 3 seeds)": (mean([r[0] for r in rnd]), mean([r[1] for r in rnd])),
                **{n: v for n, v in avg.items() if not n.startswith("random")}}
     table_lm = "\n".join(lines)
 
-    plots(data, ks, rows, avg, lm_k, dense_ppl)
+    plots(data, ks, rows, avg, lm_k, dense_ppl, common)
     parts = [f"### Perplexity (WikiText-2 rows 2000:, 64 x 512 tokens) vs k\n\n{table_ppl}",
              f"### Blocks removed (0-based)\n\n{table_blocks}",
              f"### 0-shot lm-eval at k = {lm_k} (limit 500 per task; acc, hellaswag acc_norm; ± stderr)\n\n{table_lm}"]
@@ -540,7 +559,7 @@ def report(ks, tasks, lm_k: int) -> str:
     return "\n\n".join(parts)
 
 
-def plots(data, ks, rows, avg, lm_k, dense_ppl) -> None:
+def plots(data, ks, rows, avg, lm_k, dense_ppl, common=()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -578,7 +597,8 @@ def plots(data, ks, rows, avg, lm_k, dense_ppl) -> None:
         for yi, (_, v) in zip(y, items):
             ax.text(100 * v[0] + 100 * v[1] + 0.5, yi, f"{100 * v[0]:.1f}%", va="center", fontsize=8)
         ax.set_xlabel("average retained accuracy vs dense (%), ± stderr")
-        ax.set_title(f"0-shot lm-eval, k = {lm_k} blocks removed (of 30)")
+        ax.set_title(f"0-shot lm-eval, k = {lm_k} of 30 blocks removed\n(mean over {', '.join(common)}; 500 examples each)",
+                     fontsize=10)
         lo = min(100 * v[0] - 100 * v[1] for _, v in items)
         ax.set_xlim(max(0, lo - 5), 105)
         ax.grid(alpha=0.3, axis="x")
