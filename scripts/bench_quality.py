@@ -546,9 +546,25 @@ def report(ks, tasks, lm_k: int) -> str:
     table_lm = "\n".join(lines)
 
     plots(data, ks, rows, avg, lm_k, dense_ppl, common)
-    parts = [f"### Perplexity (WikiText-2 rows 2000:, 64 x 512 tokens) vs k\n\n{table_ppl}",
+    cost = ["| strategy | rounds | forward passes over its windows | full-model equivalents | seconds (shared CPU) |",
+            "|---|---:|---:|---:|---:|"]
+    for name, (kind, _) in STRATEGIES.items():
+        tr = read(CACHE / "selections" / f"{slug(name)}_trace.json")
+        if kind == "model" and tr and tr["trace"]:
+            t = tr["trace"]
+            fwd = sum(x["forward_passes"] for x in t)
+            equiv = sum(x.get("block_runs", 30 * x["forward_passes"]) for x in t) / 30
+            cost.append(f"| {name} | {len(t)} | {fwd} | {equiv:.1f} | {tr['seconds']:.0f} |")
+    lm_img = IMG / f"quality_lmeval_k{lm_k}.png"
+    parts = [f"### Perplexity (WikiText-2 rows 2000:, 64 x 512 tokens) vs k\n\n{table_ppl}\n\n"
+             f"![perplexity vs k](img/quality_ppl_vs_k.png)",
              f"### Blocks removed (0-based)\n\n{table_blocks}",
-             f"### 0-shot lm-eval at k = {lm_k} (limit 500 per task; acc, hellaswag acc_norm; ± stderr)\n\n{table_lm}"]
+             f"### What the model-based strategies cost (to k = {max(KS)} where finished)\n\n"
+             "Iterative: one scoring pass (32 windows) per round after the first. SLEB: per round one pass to cache the "
+             "block inputs plus one partial pass per candidate (4 windows); full-model equivalents count decoder-block "
+             "passes / 30 (plus one LM head per candidate).\n\n" + "\n".join(cost),
+             f"### 0-shot lm-eval at k = {lm_k} (limit 500 per task; acc, hellaswag acc_norm; ± stderr)\n\n{table_lm}"
+             + (f"\n\n![average retained accuracy at k = {lm_k}](img/{lm_img.name})" if lm_img.is_file() else "")]
     if "search" in data:
         s = data["search"]
         det = s["selection"]["details"]
@@ -607,10 +623,25 @@ def plots(data, ks, rows, avg, lm_k, dense_ppl, common=()) -> None:
         plt.close(fig)
 
 
+BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
+
+
+def write_docs(tables: str) -> None:
+    """Replace the generated block of docs/BENCHMARKS.md ("Quality of the strategies") with ``tables``."""
+    path = ROOT / "docs" / "BENCHMARKS.md"
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        sys.exit(f"{path} has no {BEGIN} ... {END} block in its quality section")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    stamp = f"_Tables generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `python scripts/bench_quality.py --part docs` from bench_cache/._"
+    path.write_text(f"{head}{BEGIN}\n{stamp}\n\n{tables}\n{END}{tail}")
+
+
 # ---- main ------------------------------------------------------------------------------------
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["all", "ppl", "ppl-worker", "lmeval", "lmeval-worker", "search", "report"],
+    p.add_argument("--part", choices=["all", "ppl", "ppl-worker", "lmeval", "lmeval-worker", "search", "report", "docs"],
                    default="all")
     p.add_argument("--kind", choices=["all", "score", "model"], default="all", help="which strategies")
     p.add_argument("--only", default=None, help="comma-separated substrings of strategy names")
@@ -626,6 +657,9 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     if args.part == "report":
         print(report(KS, tasks, int(args.lmeval_ks.split(",")[0])))
+        return 0
+    if args.part == "docs":
+        write_docs(report(KS, tasks, int(args.lmeval_ks.split(",")[0])))
         return 0
     log(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
     ctx = Context()
