@@ -224,3 +224,13 @@ def test_search_with_task_floor(tokenizers_by_bos):
     assert sel.details["candidate_evaluations"] <= 2
     assert all(e["ok"] == (e["ratio"] >= 0.5) for e in sel.details["trace"])
     assert 0.0 <= sel.details["original"] <= 1.0
+
+
+def test_shipped_search_recipe_is_valid(smollm2_path, monkeypatch):
+    from conftest import DATA, ROOT
+
+    monkeypatch.setenv("SMOLLM2_GGUF", str(smollm2_path))
+    monkeypatch.setenv("PRUNE_DATA_DIR", str(DATA))
+    recipe = load_recipe(ROOT / "recipes" / "smollm2-search.yaml")
+    s = recipe.select
+    assert s.strategy == "search" and s.max_perplexity_ratio > 1 and s.budget >= 1 and s.order_by
