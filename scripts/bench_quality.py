@@ -584,10 +584,16 @@ def plots(data, ks, rows, avg, lm_k, dense_ppl, common=()) -> None:
     IMG.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
     markers = "osD^v<>phX*P+x"
+    top = 5000.0  # values above are drawn at the top edge, with their value written beside them
     for i, (name, vals) in enumerate(rows.items()):
         pts = [(k, v) for k, v in zip(ks, vals) if v]
         if pts:
-            ax.plot(*zip(*pts), marker=markers[i % len(markers)], label=name, lw=1.4)
+            line, = ax.plot([k for k, _ in pts], [min(v, top) for _, v in pts], marker=markers[i % len(markers)],
+                            label=name, lw=1.4)
+            for k, v in pts:
+                if v > top:
+                    ax.annotate(f"{v:.2g}", (k, top), textcoords="offset points", xytext=(6, -4 - 9 * (i % 4)),
+                                fontsize=7, color=line.get_color())
     if "search" in data and data["search"]["ppl"]:
         ax.plot([len(data["search"]["selection"]["removed"])], [data["search"]["ppl"]["perplexity"]], "k*", ms=14,
                 label=SEARCH_NAME)
@@ -596,7 +602,8 @@ def plots(data, ks, rows, avg, lm_k, dense_ppl, common=()) -> None:
     ax.set_yscale("log")
     ax.set_xticks(list(ks))
     ax.set_xlabel("blocks removed k (of 30)")
-    ax.set_ylabel("WikiText-2 perplexity (log scale)")
+    ax.set_ylabel(f"WikiText-2 perplexity (log scale; > {top:g} drawn at the top)")
+    ax.set_ylim(top=top * 1.3)
     ax.set_title("SmolLM2-135M-Instruct: perplexity after removing k blocks")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7.5, loc="upper left", ncol=2)
