@@ -410,7 +410,9 @@ def names_for(kind_filter: str, only: str | None) -> list[str]:
     names = [n for n, (kind, _) in STRATEGIES.items() if kind_filter in ("all", kind)]
     if only:
         wanted = [w.strip() for w in only.split(",")]
-        names = [n for n in names if any(w in n for w in wanted)]
+        # in the order the filters are given (the first filter's strategies first)
+        names = [n for w in wanted for n in names if w in n]
+        names = list(dict.fromkeys(names))
     return names
 
 
