@@ -7,7 +7,8 @@ The Python API, one call per step (0-based block indices everywhere)::
     text = prune.load_text(prune.TextSource("wiki.test.raw"))
     windows = prune.calibration_windows(tok, text, n_samples=32, seq_len=256, seed=0)
     scores = prune.score(model, windows)                 # BI, angular, CKA, MSRS
-    choice = prune.select(scores, 7, strategy="contiguous")
+    choice = prune.select(scores, 7, strategy="contiguous")    # or prune.sleb / prune.iterative / prune.search
+    prune.write_report("report/", scores, selection=choice)  # report.md + report.html with plots
     prune.remove_layers(model, choice.removed)
     prune.save(model, tok, "out/smollm2-23L", pruning={"removed": choice.removed})
 
@@ -22,9 +23,11 @@ from .errors import PruneError, UnsupportedModelError
 from .export import save
 from .models import SUPPORTED_MODEL_TYPES, count_parameters, decoder_layers, load_model
 from .outofcore import prune_checkpoint
+from .report import write_report
 from .scoring import ScoreResult, score
 from .select import Selection, select
 from .sequential import score_sequential
+from .strategies import iterative, search, skip_blocks, sleb
 from .surgery import remove_layers
 from .pipeline import evaluate_model, run, score_model  # noqa: E402  (uses the modules above)
 
@@ -49,10 +52,15 @@ __all__ = [
     "remove_layers",
     "run",
     "save",
+    "iterative",
     "score",
     "score_model",
     "score_sequential",
+    "search",
     "select",
+    "skip_blocks",
+    "sleb",
+    "write_report",
 ]
 
 __version__ = "0.1.0"

@@ -63,14 +63,9 @@ def cmd_run(args) -> int:
     return 0
 
 
-# ---- score ----------------------------------------------------------------------------
-def add_score(sub) -> None:
-    p = sub.add_parser("score", help="redundancy scores only (table to the terminal, JSON to a file)",
-                       description="Score every decoder block of MODEL on calibration text: Block Influence, angular "
-                                   "distances, the CKA matrix between block outputs and MSRS. Prints a per-block table; "
-                                   "--output writes everything as JSON. Block indices are 0-based.")
-    p.add_argument("model", help="Hub id, local model folder, or .gguf file")
-    p.add_argument("--data", required=True, help="calibration text: a .txt/.jsonl file or a datasets name")
+def _calibration_flags(p: argparse.ArgumentParser, data_required: bool) -> None:
+    """Calibration text and scoring flags shared by ``score`` and ``report``."""
+    p.add_argument("--data", required=data_required, help="calibration text: a .txt/.jsonl file or a datasets name")
     p.add_argument("--field", type=_csv, default=["text"], help="JSONL field(s) holding the text (comma-separated: concatenated)")
     p.add_argument("--rows", default=None, help="slice of rows/lines to use, e.g. 0:2000")
     p.add_argument("--n-samples", type=int, default=64, help="number of calibration windows (default 64)")
@@ -83,6 +78,25 @@ def add_score(sub) -> None:
     p.add_argument("--cka-windows", type=int, default=1, help="windows pooled into one CKA batch (default 1)")
     p.add_argument("--beta", type=float, default=100.0, help="MSRS steepness beta (default 100)")
     p.add_argument("--tau", type=float, default=0.8, help="MSRS similarity threshold tau (default 0.8)")
+
+
+def _score_kwargs(args) -> dict:
+    """The :func:`prune.pipeline.score_model` keyword arguments from the flags above."""
+    return dict(data=args.data, field=args.field[0] if len(args.field) == 1 else args.field, rows=args.rows,
+                n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
+                positions=args.positions, metrics=args.metrics, cka_windows=args.cka_windows, beta=args.beta,
+                tau=args.tau, dtype=args.dtype, device_map=args.device_map, trust_remote_code=args.trust_remote_code,
+                quiet=args.quiet, execution=getattr(args, "execution", "auto"))
+
+
+# ---- score ----------------------------------------------------------------------------
+def add_score(sub) -> None:
+    p = sub.add_parser("score", help="redundancy scores only (table to the terminal, JSON to a file)",
+                       description="Score every decoder block of MODEL on calibration text: Block Influence, angular "
+                                   "distances, the CKA matrix between block outputs and MSRS. Prints a per-block table; "
+                                   "--output writes everything as JSON. Block indices are 0-based.")
+    p.add_argument("model", help="Hub id, local model folder, or .gguf file")
+    _calibration_flags(p, data_required=True)
     p.add_argument("--output", "-o", default=None, help="write the scores as JSON to this file")
     p.add_argument("--execution", choices=["auto", "in_memory", "sequential"], default="auto",
                    help="auto (default: from the model size and free memory), in_memory, or sequential (one block "
@@ -94,12 +108,7 @@ def add_score(sub) -> None:
 def cmd_score(args) -> int:
     from .pipeline import score_model
 
-    field = args.field[0] if len(args.field) == 1 else args.field
-    result = score_model(args.model, data=args.data, field=field, rows=args.rows, n_samples=args.n_samples,
-                         seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size, positions=args.positions,
-                         metrics=args.metrics, cka_windows=args.cka_windows, beta=args.beta, tau=args.tau,
-                         dtype=args.dtype, device_map=args.device_map, trust_remote_code=args.trust_remote_code,
-                         output=args.output, quiet=args.quiet, execution=args.execution)
+    result = score_model(args.model, output=args.output, **_score_kwargs(args))
     print(result.table())
     if args.output:
         print(f"scores written to {args.output}")
@@ -239,8 +248,47 @@ def cmd_remove(args) -> int:
     return 0
 
 
+# ---- report ---------------------------------------------------------------------------
+def add_report(sub) -> None:
+    p = sub.add_parser("report", help="redundancy report (Markdown + HTML with plots) of a model or a run folder",
+                       description="Write a self-contained report folder: report.md and report.html (images embedded) with "
+                                   "the CKA heatmap between block outputs (pairs above tau outlined), per-block Block "
+                                   "Influence, angular distances and MSRS contributions with the removed blocks marked, "
+                                   "and MSRS raw and per pair. Give a folder written by 'prune run' (reads its "
+                                   "pruning.json; original and pruned side by side) or a model plus --data (scores it "
+                                   "first, like 'prune score'). Block indices are 0-based.")
+    p.add_argument("source", metavar="MODEL_OR_RUN_DIR", help="a 'prune run' output folder, or a Hub id / model folder / .gguf")
+    p.add_argument("--output", "-o", default=None,
+                   help="report folder (default: RUN_DIR/report, or ./report-<model name> for a model)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    p.add_argument("--strategy", default="contiguous", choices=["one_shot", "contiguous", "tail", "random"],
+                   help="model reports: the strategy whose blocks are marked (default contiguous)")
+    p.add_argument("--metric", default="angular", choices=["bi", "angular", "cka", "msrs"],
+                   help="model reports: metric of --strategy one_shot (default angular)")
+    p.add_argument("--n-layers", type=int, default=None,
+                   help="model reports: blocks to mark, and n of d(l, n) (default: a quarter of the blocks)")
+    _calibration_flags(p, data_required=False)
+    _common_model_flags(p)
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from .report import default_output, is_run_dir, report_model, report_run
+
+    out = args.output or default_output(args.source)
+    if is_run_dir(args.source):
+        folder = report_run(args.source, out, overwrite=args.overwrite)
+    else:
+        if not args.data:
+            raise PruneError(f"{args.source} is not a run folder (no pruning.json): give --data to score it as a model")
+        folder = report_model(args.source, out, strategy=args.strategy, metric=args.metric, n_layers=args.n_layers,
+                              overwrite=args.overwrite, **_score_kwargs(args))
+    print(f"report written to {folder}/report.md and report.html")
+    return 0
+
+
 #: every subcommand registers itself here: (adder, ...) in --help order
-SUBCOMMANDS = [add_run, add_score, add_eval, add_remove, add_check, add_push]
+SUBCOMMANDS = [add_run, add_score, add_eval, add_report, add_remove, add_check, add_push]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -84,20 +84,66 @@ class ScoreConfig(Section):
 
 
 class SelectConfig(Section):
+    """Which blocks to remove. ``n_layers`` or ``fraction`` says how many (for ``search``: an
+    optional upper bound). Strategies: ``one_shot`` (by ``metric``), ``contiguous`` (angular),
+    ``iterative`` (by ``metric``, re-scored after each removal), ``sleb`` (calibration loss),
+    ``random``, ``tail``, and ``search``: the largest set keeping a utility floor
+    (``max_perplexity_ratio`` on ``heldout_windows`` held-out calibration windows, or
+    ``min_task_retained`` of ``proxy_task``'s score with ``proxy_limit`` examples), candidates
+    ordered by ``order_by`` (default: ``metric``), at most ``budget`` proxy evaluations."""
+
     strategy: Literal["one_shot", "contiguous", "iterative", "sleb", "random", "tail", "search"] = "contiguous"
     metric: Literal["bi", "angular", "cka", "msrs"] = "angular"
     n_layers: int | None = Field(None, ge=1)
     fraction: float | None = Field(None, gt=0, lt=1)
     protect: list[int] = [0, -1]
     seed: int = 0
+    # search only
+    max_perplexity_ratio: float | None = Field(None, gt=1)
+    min_task_retained: float | None = Field(None, gt=0, le=1)
+    proxy_task: str | None = None
+    proxy_limit: int = Field(100, ge=1)
+    budget: int | None = Field(None, ge=1)
+    order_by: Literal["msrs", "cka", "angular", "bi"] | None = None
+    heldout_windows: int = Field(8, ge=1)
 
     @model_validator(mode="after")
     def _amount(self):
-        if self.strategy != "search" and (self.n_layers is None) == (self.fraction is None):
+        search = self.strategy == "search"
+        if not search and (self.n_layers is None) == (self.fraction is None):
             raise ValueError("give exactly one of n_layers (how many blocks to remove) or fraction (0 < f < 1)")
+        if search and self.n_layers is not None and self.fraction is not None:
+            raise ValueError("give at most one of n_layers or fraction (for search: the most blocks it may remove)")
         if len(set(self.protect)) != len(self.protect):
             raise ValueError(f"protect lists a block twice: {self.protect}")
+        defaults = {k: f.default for k, f in type(self).model_fields.items() if k in _SEARCH_KEYS}
+        given = [k for k in _SEARCH_KEYS if getattr(self, k) != defaults[k]]
+        if not search:
+            if given:
+                raise ValueError(f"{given[0]} is only used by strategy: search (remove it, or set strategy: search)")
+            return self
+        floors = [k for k in ("max_perplexity_ratio", "min_task_retained") if getattr(self, k) is not None]
+        if not floors:
+            raise ValueError("strategy search needs a utility floor: set max_perplexity_ratio (e.g. 2.0) or "
+                             "min_task_retained (e.g. 0.9) with proxy_task")
+        if len(floors) == 2:
+            raise ValueError("give one utility floor: max_perplexity_ratio or min_task_retained, not both")
+        if self.budget is None:
+            raise ValueError(f"a floor ({floors[0]}) without a budget: set budget, the most proxy evaluations the "
+                             "search may spend (e.g. 16)")
+        if floors[0] == "min_task_retained" and not self.proxy_task:
+            raise ValueError("min_task_retained needs proxy_task, the lm-eval task it is measured on (e.g. arc_easy)")
+        if floors[0] == "max_perplexity_ratio":
+            wrong = [k for k in ("proxy_task", "proxy_limit") if k in given]
+            if wrong:
+                raise ValueError(f"{wrong[0]} is only used with min_task_retained (the perplexity floor uses heldout_windows)")
+        elif "heldout_windows" in given:
+            raise ValueError("heldout_windows is only used with max_perplexity_ratio (the task floor uses proxy_limit)")
         return self
+
+
+_SEARCH_KEYS = ("max_perplexity_ratio", "min_task_retained", "proxy_task", "proxy_limit", "budget", "order_by",
+                "heldout_windows")
 
 
 class PerplexityConfig(TextConfig):

@@ -1,0 +1,117 @@
+"""The redundancy report (prune report) on a tiny real model and on a run folder."""
+
+import base64
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import prune
+from prune.report import cka_heatmap, report_run
+from prune.scoring import ScoreResult
+
+from conftest import ROOT, WIKI_RAW, build_model
+
+PNGS_RUN = ["cka_original.png", "cka_pruned.png", "blocks_original.png", "blocks_pruned.png", "pareto.png"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tokenizers_by_bos):
+    """A real ``prune run`` output folder: tiny Llama with planted redundancy, search strategy."""
+    from prune.pipeline import run
+
+    tmp = tmp_path_factory.mktemp("report")
+    folder = prune.save(build_model("llama", redundant=(2, 5)), tokenizers_by_bos[True], tmp / "tiny")
+    recipe = {
+        "model": {"source": str(folder)},
+        "calibration": {"path": str(WIKI_RAW), "rows": "0:400", "n_samples": 6, "seq_len": 48, "batch_size": 4},
+        "select": {"strategy": "search", "max_perplexity_ratio": 1.2, "budget": 6, "order_by": "msrs"},
+        "output": {"dir": str(tmp / "run")},
+    }
+    return run(recipe, quiet=True).out_dir
+
+
+def cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "prune.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def check_png(path, min_px=300, max_px=3000):
+    with Image.open(path) as im:
+        im.load()
+        w, h = im.size
+    assert min_px <= w <= max_px and min_px <= h <= max_px, (path.name, im.size)
+
+
+def test_report_of_a_run_folder(run_dir, tmp_path):
+    out = report_run(run_dir, tmp_path / "rep")
+    record = json.loads((run_dir / "pruning.json").read_text())
+    for name in ["report.md", "report.html", "report.json", *PNGS_RUN]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 200, name
+    for name in PNGS_RUN:
+        check_png(out / name)
+    # the HTML is self-contained: every image embedded, and each decodes to a PNG
+    page = (out / "report.html").read_text()
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(embedded) == len(PNGS_RUN) and "src=\"http" not in page
+    for data in embedded:
+        Image.open(io.BytesIO(base64.b64decode(data))).verify()
+    md = (out / "report.md").read_text()
+    for name in PNGS_RUN:
+        assert f"]({name})" in md
+    before = ScoreResult.from_dict(record["scores_before"])
+    after = ScoreResult.from_dict(record["scores_after"])
+    assert f"{before.msrs['total']:.3f}" in md and f"{after.msrs['total']:.3f}" in md and "beta" in md
+    assert str(record["removed"]) in md
+    # the heatmaps show exactly the CKA matrices recorded in pruning.json
+    data = json.loads((out / "report.json").read_text())
+    assert data["cka_original"] == before.cka_matrix and data["cka_pruned"] == after.cka_matrix
+    assert data["removed"] == record["removed"]
+    assert [int(row[0]) for row in data["pareto"]] == [p["n"] for p in record["selection"]["details"]["pareto"]]
+    fig = cka_heatmap(before.cka_matrix, before.msrs["tau"], "t", record["removed"])
+    shown = fig.axes[0].images[0].get_array()
+    assert np.array_equal(np.asarray(shown), np.array(before.cka_matrix))
+    n_above = sum(1 for i, row in enumerate(before.cka_matrix) for j, v in enumerate(row) if i != j and v > before.msrs["tau"])
+    outlined = sum(len(c.get_paths()) for c in fig.axes[0].collections)
+    assert outlined == n_above
+
+
+def test_cli_report_run_folder_and_model(run_dir, tmp_path):
+    res = cli("report", str(run_dir), "-o", str(tmp_path / "a"))
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "a" / "report.html").is_file()
+    again = cli("report", str(run_dir), "-o", str(tmp_path / "a"))
+    assert again.returncode == 2 and "already exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    # a model: scored first, like prune score; the strategy's blocks marked
+    model_dir = run_dir.parent / "tiny"
+    res = cli("report", str(model_dir), "--data", str(WIKI_RAW), "--rows", "0:400", "--n-samples", "4", "--seq-len", "48",
+              "--strategy", "one_shot", "--metric", "bi", "--n-layers", "2", "-o", str(tmp_path / "m"), "-q")
+    assert res.returncode == 0, res.stderr
+    md = (tmp_path / "m" / "report.md").read_text()
+    assert "strategy `one_shot`, metric `bi`: removes 2 of 8 blocks" in md
+    for name in ["cka_original.png", "blocks_original.png"]:
+        check_png(tmp_path / "m" / name)
+    assert not (tmp_path / "m" / "cka_pruned.png").exists()
+    bad = cli("report", str(model_dir), "-o", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "give --data" in bad.stderr and not (tmp_path / "x").exists()
+
+
+@pytest.mark.integration
+def test_report_on_smollm2(smollm2_folder, tmp_path):
+    """The real model: the sink block 11 shows as a CKA cliff, 30 x 30 heatmap, contiguous marks 7 blocks."""
+    from prune.report import report_model
+
+    out = report_model(str(smollm2_folder), tmp_path / "rep", n_layers=7, data=str(WIKI_RAW), rows="0:2000",
+                       n_samples=4, seq_len=128, batch_size=4, quiet=True)
+    data = json.loads((out / "report.json").read_text())
+    assert len(data["cka_original"]) == 30 and len(data["removed"]) == 7 and data["k"] == 7
+    md = (out / "report.md").read_text()
+    assert "strategy `contiguous`, metric `angular`: removes 7 of 30 blocks" in md and "per pair" in md
+    for name in ["cka_original.png", "blocks_original.png"]:
+        check_png(out / name, min_px=800)

@@ -1,0 +1,236 @@
+"""Model-based strategies (iterative, SLEB, search) on tiny real models with planted redundancy."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import prune
+from prune import strategies as ST
+from prune.evaluate import nll_sum
+from prune.recipe import load_recipe
+
+from conftest import ARCHS, BOS_ARCHS, WIKI_RAW, build_model
+
+
+def windows_for(tok, n=6, seq_len=48, seed=0):
+    return prune.calibration_windows(tok, prune.load_text(prune.TextSource(str(WIKI_RAW), rows="0:400")), n, seq_len, seed)
+
+
+def fingerprint(model):
+    """Everything a strategy could leave changed: weights, config, layer_idx, module identities."""
+    layers = prune.decoder_layers(model)
+    idx = [(name, m.layer_idx) for name, m in model.named_modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()}, "config": model.config.to_dict(),
+            "layer_idx": idx, "list": id(layers), "blocks": [id(b) for b in layers], "training": model.training}
+
+
+def assert_unchanged(model, before):
+    after = fingerprint(model)
+    assert after["config"] == before["config"]
+    assert after["layer_idx"] == before["layer_idx"]
+    assert after["list"] == before["list"] and after["blocks"] == before["blocks"]
+    assert after["training"] == before["training"]
+    assert after["state"].keys() == before["state"].keys()
+    assert all(torch.equal(after["state"][k], before["state"][k]) for k in before["state"])
+
+
+def brute_loss(model, windows, removed):
+    """Calibration loss of a real pruned copy (surgery), the reference for SLEB."""
+    pruned = copy.deepcopy(model)
+    if removed:
+        prune.remove_layers(pruned, list(removed))
+    total, count = nll_sum(pruned, windows, batch_size=4)
+    return total / count
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_skip_blocks_equals_surgery_and_restores_everything(arch, tokenizers_by_bos):
+    model, tok = build_model(arch), tokenizers_by_bos[arch in BOS_ARCHS]
+    w = windows_for(tok, n=2, seq_len=32)
+    before = fingerprint(model)
+    removed = [1, 4, 5]
+    with ST.skip_blocks(model, removed) as kept, torch.no_grad():
+        assert kept == [0, 2, 3, 6, 7]
+        skipped = model(w, use_cache=False).logits
+    assert_unchanged(model, before)
+    pruned = copy.deepcopy(model)
+    prune.remove_layers(pruned, removed)
+    with torch.no_grad():
+        assert torch.allclose(skipped, pruned(w, use_cache=False).logits, atol=1e-5)
+    # restored even when the body raises
+    with pytest.raises(RuntimeError, match="boom"), ST.skip_blocks(model, [2]):
+        raise RuntimeError("boom")
+    assert_unchanged(model, before)
+
+
+def test_iterative_rescores_after_each_removal(tokenizers_by_bos):
+    model, tok = build_model("llama", redundant=(2, 5)), tokenizers_by_bos[True]
+    w = windows_for(tok)
+    before = fingerprint(model)
+    scores = prune.score(model, w, progress=False)
+    sel = ST.iterative(model, w, 3, metric="bi", scores=scores, progress=False)
+    assert_unchanged(model, before)
+    assert set(sel.details["order"][:2]) == {2, 5}  # the planted blocks go first
+    assert sel.details["forward_passes"] == 2  # k - 1 re-scorings: round 0 uses the given scores
+    # each round's values are the scores of the model pruned by the rounds before it
+    for r, step in enumerate(sel.details["trace"]):
+        pruned = copy.deepcopy(model)
+        if r:
+            prune.remove_layers(pruned, sel.details["order"][:r])
+        ref = prune.score(pruned, w, metrics=("bi",), progress=False).block_influence
+        kept = [i for i in range(8) if i not in sel.details["order"][:r]]
+        assert [step["values"][str(i)] for i in kept] == pytest.approx(ref, abs=1e-6)
+        assert step["removed"] == min((i for i in kept if i not in (0, 7)), key=lambda i: (step["values"][str(i)], i))
+    # greedy: a shorter run is the prefix of a longer one
+    assert ST.iterative(model, w, 2, metric="bi", scores=scores, progress=False).details["order"] == sel.details["order"][:2]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_sleb_equals_brute_force_loss(arch, tokenizers_by_bos):
+    model, tok = build_model(arch), tokenizers_by_bos[arch in BOS_ARCHS]
+    w = windows_for(tok, n=4, seq_len=40)
+    before = fingerprint(model)
+    sel = ST.sleb(model, w, 2, protect=[0], batch_size=3, progress=False)  # last block removable: exercises that path
+    assert_unchanged(model, before)
+    removed = []
+    for step in sel.details["trace"]:
+        cands = [i for i in range(8) if i not in removed and i != 0]
+        ref = {i: brute_loss(model, w, removed + [i]) for i in cands}
+        got = {int(i): v for i, v in step["candidates"].items()}
+        assert got.keys() == ref.keys()
+        assert all(got[i] == pytest.approx(ref[i], rel=1e-5) for i in ref)
+        assert step["removed"] == min(ref, key=ref.get)
+        removed.append(step["removed"])
+    assert sel.removed == sorted(removed)
+    # a greedy run resumes from an earlier trace: the next round is the brute-force choice after the first two
+    rounds = []
+    more = ST.sleb(model, w, 3, protect=[0], batch_size=3, progress=False, start=sel.details["trace"], on_round=rounds.append)
+    assert more.details["order"][:2] == sel.details["order"] and len(rounds) == 1
+    ref = {i: brute_loss(model, w, removed + [i]) for i in range(1, 8) if i not in removed}
+    assert rounds[0]["removed"] == min(ref, key=ref.get)
+    assert more.details["forward_passes"] == sel.details["forward_passes"] + 1 + 5  # 6 blocks left, block 0 protected
+    assert sel.details["forward_passes"] == 2 + 7 + 6  # one caching pass per round plus one per candidate
+    assert 0 < sel.details["full_forward_equivalents"] < sel.details["forward_passes"]
+
+
+def test_search_respects_floor_and_budget(tokenizers_by_bos):
+    model, tok = build_model("llama", redundant=(2, 4, 6)), tokenizers_by_bos[True]
+    text = prune.load_text(prune.TextSource(str(WIKI_RAW), rows="0:400"))
+    held = ST.heldout_windows(tok, text, 6, 48, seed=0, n_heldout=4)
+    calib = prune.calibration_windows(tok, text, 6, 48, seed=0)
+    assert not any(torch.equal(h, c) for h in held for c in calib)  # held out: disjoint windows
+    scores = prune.score(model, calib, progress=False)
+    before = fingerprint(model)
+    proxy = ST.perplexity_proxy(model, held, batch_size=4)
+    base = proxy([])
+    sel = ST.search(model, scores, proxy, floor=1.10, higher_is_better=False, budget=12, order_by="bi", progress=False)
+    assert_unchanged(model, before)
+    d = sel.details
+    assert d["candidate_evaluations"] <= 12 and d["evaluations"] == d["candidate_evaluations"] + 1
+    assert set(sel.removed) >= {2, 4, 6}  # the planted blocks are cheap to remove
+    assert all(e["ok"] == (e["ratio"] <= 1.10) for e in d["trace"])
+    # the floor holds on a really pruned copy, and adding any other candidate it tried breaks it
+    pruned = copy.deepcopy(model)
+    prune.remove_layers(pruned, sel.removed)
+    total, count = nll_sum(pruned, held, 4)
+    assert math.exp(total / count) / base <= 1.10
+    assert d["final"]["ratio"] == pytest.approx(math.exp(total / count) / base, rel=1e-5)
+    assert [p["n"] for p in d["pareto"]] == sorted({p["n"] for p in d["pareto"]})
+    # a tiny budget stops early; a floor nothing meets removes nothing
+    small = ST.search(model, scores, proxy, floor=1.10, higher_is_better=False, budget=2, order_by="bi", progress=False)
+    assert small.details["candidate_evaluations"] == 2 and small.details["stopped"] == "budget"
+    none = ST.search(model, scores, proxy, floor=0.5, higher_is_better=False, budget=3, order_by="bi", progress=False)
+    assert none.removed == [] and all(not e["ok"] for e in none.details["trace"])
+    capped = ST.search(model, scores, proxy, floor=1.10, higher_is_better=False, budget=12, order_by="bi", max_remove=2,
+                       progress=False)
+    assert len(capped.removed) == 2 and all(e["n"] <= 2 for e in capped.details["trace"])
+    assert_unchanged(model, before)
+
+
+SEARCH_RECIPE = {
+    "model": {"source": "MODEL"},
+    "calibration": {"path": str(WIKI_RAW), "rows": "0:400", "n_samples": 6, "seq_len": 48, "batch_size": 4},
+    "select": {"strategy": "search", "max_perplexity_ratio": 1.2, "budget": 8, "order_by": "msrs"},
+    "output": {"dir": "OUT"},
+}
+
+
+def recipe_with(**select):
+    data = copy.deepcopy(SEARCH_RECIPE)
+    data["select"] = select
+    return data
+
+
+@pytest.mark.parametrize("select, message", [
+    (dict(strategy="search", max_perplexity_ratio=2.0), "without a budget"),
+    (dict(strategy="search", budget=5), "needs a utility floor"),
+    (dict(strategy="search", budget=5, max_perplexity_ratio=2.0, min_task_retained=0.9, proxy_task="piqa"), "not both"),
+    (dict(strategy="search", budget=5, min_task_retained=0.9), "needs proxy_task"),
+    (dict(strategy="search", budget=5, max_perplexity_ratio=2.0, proxy_task="piqa"), "only used with min_task_retained"),
+    (dict(strategy="search", budget=5, min_task_retained=0.9, proxy_task="piqa", heldout_windows=4), "only used with max_perplexity_ratio"),
+    (dict(strategy="search", budget=5, max_perplexity_ratio=0.5), "greater than 1"),
+    (dict(strategy="contiguous", n_layers=2, budget=5), "budget is only used by strategy: search"),
+    (dict(strategy="sleb", n_layers=2, order_by="bi"), "order_by is only used by strategy: search"),
+    (dict(strategy="search", budget=5, max_perplexity_ratio=2.0, order_by="loss"), "order_by"),
+])
+def test_recipe_refuses_bad_search_settings_in_one_line(select, message, tmp_path):
+    data = recipe_with(**select)
+    data["model"]["source"] = str(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(prune.PruneError, match=message) as info:
+        load_recipe(data)
+    assert "\n" not in str(info.value)
+
+
+def test_recipe_round_trip_keeps_search_defaults_valid(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    data = recipe_with(strategy="contiguous", n_layers=2)
+    data["model"]["source"] = str(tmp_path)
+    recipe = load_recipe(data)
+    import yaml
+
+    assert load_recipe(yaml.safe_load(recipe.to_yaml())).select.strategy == "contiguous"  # saved defaults are not "given"
+
+
+def test_run_recipe_with_search_end_to_end(tmp_path, tokenizers_by_bos):
+    model = build_model("llama", redundant=(2, 5))
+    folder = prune.save(model, tokenizers_by_bos[True], tmp_path / "tiny")
+    data = copy.deepcopy(SEARCH_RECIPE)
+    data["model"]["source"] = str(folder)
+    data["output"]["dir"] = str(tmp_path / "out")
+    from prune.pipeline import run
+
+    result = run(data, quiet=True)
+    sel = result.selection
+    assert sel.strategy == "search" and {2, 5} <= set(sel.removed)
+    assert sel.details["candidate_evaluations"] <= 8 and sel.details["final"]["ratio"] <= 1.2
+    import json
+
+    record = json.loads((result.out_dir / "pruning.json").read_text())
+    assert record["selection"]["details"]["pareto"] and record["removed"] == sel.removed
+
+
+def test_search_with_task_floor(tokenizers_by_bos):
+    model, tok = build_model("llama", redundant=(3,)), tokenizers_by_bos[True]
+    from conftest import DATA
+
+    scores = prune.score(model, windows_for(tok), progress=False)
+    before = fingerprint(model)
+    proxy = ST.task_proxy(model, tok, "piqa", limit=16, batch_size=8, data_dir=str(DATA))
+    sel = ST.search(model, scores, proxy, floor=0.5, higher_is_better=True, budget=2, order_by="bi", progress=False)
+    assert_unchanged(model, before)
+    assert sel.details["candidate_evaluations"] <= 2
+    assert all(e["ok"] == (e["ratio"] >= 0.5) for e in sel.details["trace"])
+    assert 0.0 <= sel.details["original"] <= 1.0
+
+
+def test_shipped_search_recipe_is_valid(smollm2_path, monkeypatch):
+    from conftest import DATA, ROOT
+
+    monkeypatch.setenv("SMOLLM2_GGUF", str(smollm2_path))
+    monkeypatch.setenv("PRUNE_DATA_DIR", str(DATA))
+    recipe = load_recipe(ROOT / "recipes" / "smollm2-search.yaml")
+    s = recipe.select
+    assert s.strategy == "search" and s.max_perplexity_ratio > 1 and s.budget >= 1 and s.order_by
