@@ -10,11 +10,13 @@ The Python API, one call per step (0-based block indices everywhere)::
     choice = prune.select(scores, 7, strategy="contiguous")
     prune.remove_layers(model, choice.removed)
     prune.save(model, tok, "out/smollm2-23L", pruning={"removed": choice.removed})
+    # healing (LoRA merged back, a replacement block, or the last blocks): prune.heal_model
 """
 
 from .data import TextSource, calibration_windows, eval_windows, load_text
 from .errors import PruneError, UnsupportedModelError
 from .export import save
+from .heal import heal_model
 from .models import SUPPORTED_MODEL_TYPES, count_parameters, decoder_layers, load_model
 from .scoring import ScoreResult, score
 from .select import Selection, select
@@ -33,6 +35,7 @@ __all__ = [
     "count_parameters",
     "decoder_layers",
     "eval_windows",
+    "heal_model",
     "load",
     "load_model",
     "load_text",
