@@ -103,6 +103,17 @@ def test_partial_trains_last_blocks_and_norm_only(tokenizers_by_bos, tmp_path):
     save_reload_same_logits(model, tok, tmp_path / "healed", torch.arange(20)[None])
 
 
+def test_same_seed_same_result(tokenizers_by_bos):
+    results = []
+    for _ in range(2):
+        model = build_model("llama")
+        prune.remove_layers(model, RUN)
+        rec = heal_model(model, tokenizers_by_bos[True], "partial", data=C4_DATA, quiet=True, **{**FAST, "steps": 4})
+        results.append((rec["losses"], snapshot(model)))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(v, results[1][1][k]) for k, v in results[0][1].items())
+
+
 def test_partial_tied_lm_head_trains_the_embeddings_and_stays_tied(tokenizers_by_bos, tmp_path):
     tok = tokenizers_by_bos[True]
     model = build_model("llama")
