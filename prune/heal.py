@@ -32,13 +32,11 @@ causal-LM loss on held-out windows of the training text before and after.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch

@@ -96,7 +96,7 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter], dataset: Da
     try:
         wrapped.train()
         for step in range(cfg.steps):
-            total = 0.0
+            total, lr = 0.0, scheduler.get_last_lr()[0]  # the rate this step uses
             for _ in range(cfg.gradient_accumulation):
                 batch = next(batches)
                 with accelerator.accumulate(wrapped):
@@ -114,7 +114,7 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter], dataset: Da
                 items += int(batch[0].shape[0])
             losses.append(total / cfg.gradient_accumulation)
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
             if callback is not None:
                 wrapped.eval()
                 callback(step + 1, items * tokens_per_item)

@@ -24,7 +24,6 @@ import argparse
 import copy
 import datetime as dt
 import json
-import math
 import os
 import platform
 import sys
@@ -207,22 +206,23 @@ def part_curve() -> None:
                            "val_loss": rec["val_loss_after"], "seconds": rec["seconds"]})
             store("curve", {"method": method, "points": sorted(points, key=lambda p: p["tokens"]), "mode": "separate runs"})
             log(f"curve {method} {points[-1]}")
-    elif todo:
-        # one run at the largest budget, evaluated on the way (the schedule is the largest run's)
-        f_max = max(CURVE_FACTORS)
-        marks = {int(f * settings["steps"]): f for f in CURVE_FACTORS}
-        model = copy.deepcopy(base)
-        prune.remove_layers(model, run)
-
-        def on_step(step, tokens):
-            if step in marks and tokens not in have:
-                points.append({"tokens": tokens, "steps": step, "perplexity": ppl(model, tok)["perplexity"]})
-                store("curve", {"method": method, "points": sorted(points, key=lambda p: p["tokens"]),
-                                "mode": f"one run of {int(f_max * BUDGET)} tokens, evaluated on the way"})
-                log(f"curve {method} {points[-1]}")
-
-        heal_model(model, tok, callback=on_step, **{**settings, "n_samples": int(f_max * TRAIN_WINDOWS),
-                                                     "steps": int(f_max * settings["steps"])})
+    else:
+        # a separate run per budget (its own schedule), so each point is what that budget buys
+        for f in todo:
+            hit = cached(method) if f == 1 else None
+            if hit:
+                rec, result = hit["healing"], hit["perplexity"]
+            else:
+                model = copy.deepcopy(base)
+                prune.remove_layers(model, run)
+                rec = heal_model(model, tok, **{**settings, "n_samples": int(f * TRAIN_WINDOWS),
+                                                "steps": max(1, int(f * settings["steps"]))})
+                result = ppl(model, tok)
+                del model
+            points.append({"tokens": rec["tokens_seen"], "steps": rec["steps"], "perplexity": result["perplexity"],
+                           "val_loss": rec["val_loss_after"], "seconds": rec["seconds"]})
+            store("curve", {"method": method, "points": sorted(points, key=lambda p: p["tokens"]), "mode": "separate runs"})
+            log(f"curve {method} {points[-1]}")
 
 
 # ---- part: lm-eval ---------------------------------------------------------------------------------------

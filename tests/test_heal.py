@@ -357,3 +357,12 @@ def test_smollm2_replacement_layer_beats_plain_removal(smollm2_folder):
     assert rec["replacement"]["val_mse_after"] < rec["replacement"]["val_mse_before"]
     assert model.config.num_hidden_layers == 24
     assert perplexity(model, eval_w)["perplexity"] < ppl_pruned
+
+
+def test_learning_rate_schedule():
+    from prune.training import lr_lambda
+
+    cosine = [lr_lambda(40, "cosine")(s) for s in range(40)]
+    assert cosine[:2] == [0.5, 1.0]  # warmup over ceil(5% of 40) = 2 steps
+    assert all(a > b for a, b in zip(cosine[1:], cosine[2:])) and 0 < cosine[-1] < 0.01
+    assert [lr_lambda(40, "constant")(s) for s in range(40)][1:] == [1.0] * 39
