@@ -435,20 +435,25 @@ class HealPlan:
     extra: dict = field(default_factory=dict)
 
 
+def replacement_init(layers: nn.ModuleList, run: list[int], init: str) -> tuple[int, dict | None]:
+    """``(block kept as the replacement, weights to load into it or None)`` for an ``init`` rule:
+    ``first_removed`` / ``last_removed`` keep that block as it is; ``mean_removed`` keeps the
+    first and loads the element-wise mean of the run's weights."""
+    if init != "mean_removed":
+        return (run[-1] if init == "last_removed" else run[0]), None
+    states = [layers[i].state_dict() for i in run]
+    if any(s.keys() != states[0].keys() or any(s[k].shape != states[0][k].shape for k in s) for s in states):
+        raise PruneError(f"heal.init mean_removed: blocks {run} differ in shape (use first_removed)")
+    return run[0], {k: torch.stack([s[k].float() for s in states]).mean(0).to(states[0][k].dtype) for k in states[0]}
+
+
 def plan_replacement(model, run: list[int], cfg: HealConfig, windows, val_windows, quiet: bool = False) -> HealPlan:
     """Capture the run's input/output states on the full ``model`` and decide which blocks to cut."""
     started = time.time()
     _check_in_memory(model)
     layers = decoder_layers(model)
     run = check_run(run, len(layers))
-    source = run[-1] if cfg.init == "last_removed" else run[0]
-    init_state = None
-    if cfg.init == "mean_removed":
-        states = [layers[i].state_dict() for i in run]
-        if any(s.keys() != states[0].keys() or any(s[k].shape != states[0][k].shape for k in s) for s in states):
-            raise PruneError(f"heal.init mean_removed: blocks {run} differ in shape (use first_removed)")
-        init_state = {k: torch.stack([s[k].float() for s in states]).mean(0).to(states[0][k].dtype)
-                      for k in states[0]}
+    source, init_state = replacement_init(layers, run, cfg.init)
     h_in, h_out = capture_run(model, windows, run[0], run[-1], cfg.batch_size, progress=not quiet)
     v_in = v_out = None
     if val_windows is not None and val_windows.shape[0]:

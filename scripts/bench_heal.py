@@ -44,7 +44,8 @@ torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
 
 import prune  # noqa: E402
 from prune.evaluate import perplexity  # noqa: E402
-from prune.heal import heal_config, heal_model, heal_replacement, plan_replacement, training_windows  # noqa: E402
+from prune.heal import (heal_config, heal_model, heal_replacement, plan_replacement, replacement_init,  # noqa: E402
+                        training_windows)
 
 DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
 WIKI = DATA / "wikitext2_raw" / "wiki.test.raw"
@@ -225,6 +226,39 @@ def part_curve() -> None:
             log(f"curve {method} {points[-1]}")
 
 
+# ---- part: init (which block the replacement layer starts from) ------------------------------------------
+INITS = ["first_removed", "last_removed", "mean_removed"]
+
+
+def part_init() -> None:
+    """The replacement layer at the budget with each ``init`` rule, from one capture of the run."""
+    base, tok = load_dense()
+    run = removed_blocks(base, tok)
+    settings = METHODS["replace"]
+    todo = [i for i in INITS if not cached(f"init-{i}")]
+    if not todo:
+        return
+    cfg = heal_config("replace", **settings)
+    windows, val_windows = training_windows(tok, cfg)
+    full = copy.deepcopy(base)
+    plan = plan_replacement(full, run, cfg, windows, val_windows)
+    for init in todo:
+        sub = copy.copy(plan)
+        sub.cfg = cfg.model_copy(update={"init": init})
+        sub.source_block, sub.init_state = replacement_init(prune.decoder_layers(full), run, init)
+        sub.remove = [i for i in run if i != sub.source_block]
+        model = copy.deepcopy(base)
+        prune.remove_layers(model, sub.remove)
+        if sub.init_state is not None:
+            prune.decoder_layers(model)[run[0]].load_state_dict(sub.init_state)
+        untrained = ppl(model, tok)["perplexity"]
+        rec = heal_replacement(model, sub)
+        store(f"init-{init}", {"init": init, "perplexity": ppl(model, tok), "untrained_perplexity": untrained,
+                               "healing": rec})
+        log(f"init {init}: ppl {cached(f'init-{init}')['perplexity']['perplexity']:.2f} (untrained {untrained})")
+        del model
+
+
 # ---- part: lm-eval ---------------------------------------------------------------------------------------
 def part_lmeval() -> None:
     from prune.lmeval import evaluate_tasks
@@ -306,27 +340,36 @@ def part_report() -> None:
         ax.axhline(2 * d_ppl, color="g", ls=":", lw=1, label=f"target 2x dense ({2 * d_ppl:.1f})")
         pr = cached("pruned")["perplexity"]["perplexity"]
         ax.axhline(pr, color="r", ls="--", lw=1, label=f"pruned, not healed ({pr:.1f})")
-        ax.axvline(BUDGET, color="grey", lw=0.8)
+        ax.axvline(BUDGET, color="grey", lw=0.8, label=f"the fixed budget ({BUDGET:,} tokens)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("training tokens (C4)")
         ax.set_ylabel("WikiText-2 perplexity (64 x 512 tokens)")
         ax.set_title(f"SmolLM2-135M-Instruct, blocks 12-18 removed: {curve['method']}")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower left")
         fig.tight_layout()
         IMG.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(IMG, dpi=110)
         print(f"curve: {IMG}")
         for p in pts:
             print(f"  {p['tokens']:>7} tokens: ppl {p['perplexity']:.2f} (x{p['perplexity'] / d_ppl:.2f} dense)")
+    inits = [cached(f"init-{i}") for i in INITS]
+    if all(inits):
+        rows = ["| init | ppl before training | ppl after | val MSE before -> after |", "|---|---:|---:|---:|"]
+        for r in inits:
+            rep = r["healing"]["replacement"]
+            rows.append(f"| {r['init']} | {r['untrained_perplexity']:.2f} | {r['perplexity']['perplexity']:.2f} | "
+                        f"{rep['val_mse_before']:.2f} -> {rep['val_mse_after']:.2f} |")
+        print("\n".join(rows))
+        table += "\n\n" + "\n".join(rows)
     (CACHE / "table.md").write_text(table + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["train", "curve", "lmeval", "report", "all"], default="all")
+    ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "report", "all"], default="all")
     args = ap.parse_args()
     started = time.time()
-    parts = ["train", "curve", "report", "lmeval", "report"] if args.part == "all" else [args.part]
+    parts = ["train", "curve", "init", "report", "lmeval", "report"] if args.part == "all" else [args.part]
     for part in parts:
         log(f"part {part}")
         globals()[f"part_{part}"]()
