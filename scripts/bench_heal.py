@@ -190,7 +190,7 @@ def part_curve() -> None:
     if method == "replace" and todo:
         # one capture of the largest budget's windows; each budget trains a fresh block on its first windows
         most = int(max(CURVE_FACTORS) * TRAIN_WINDOWS)
-        cfg = heal_config("replace", **{**settings, "n_samples": most, "data": C4})
+        cfg = heal_config(**{**settings, "n_samples": most})
         windows, val_windows = training_windows(tok, cfg)
         full = copy.deepcopy(base)
         plan = plan_replacement(full, run, cfg, windows, val_windows)
@@ -238,7 +238,7 @@ def part_init() -> None:
     todo = [i for i in INITS if not cached(f"init-{i}")]
     if not todo:
         return
-    cfg = heal_config("replace", **settings)
+    cfg = heal_config(**settings)
     windows, val_windows = training_windows(tok, cfg)
     full = copy.deepcopy(base)
     plan = plan_replacement(full, run, cfg, windows, val_windows)
@@ -265,8 +265,10 @@ def part_lmeval() -> None:
 
     base, tok = load_dense()
     run = removed_blocks(base, tok)
-    for case in ["dense", "pruned", *METHODS]:
+    for case in ["dense", *METHODS, "pruned"]:
         if cached(f"{case}.lmeval"):
+            continue
+        if case == "pruned" and reuse_quality_lmeval(run):
             continue
         if case == "dense":
             model = base
@@ -283,6 +285,20 @@ def part_lmeval() -> None:
         res = evaluate_tasks(model, tok, TASKS, limit=LIMIT, batch_size=16, seed=0, data_dir_path=DATA, progress=False)
         store(f"{case}.lmeval", {"case": case, "tasks": res, "seconds": round(time.time() - t, 1)})
         log(f"lm-eval {case}: " + ", ".join(f"{k} {headline(v):.3f}" for k, v in res.items()))
+
+
+def reuse_quality_lmeval(run) -> bool:
+    """The pruned model is the quality benchmark's `contiguous angular` k = 7 case, evaluated with the same
+    tasks, limit, batch size and seed: reuse its cached result instead of computing it twice."""
+    other = ROOT / "bench_cache" / "quality" / "lmeval" / ("-".join(str(i) for i in sorted(run)) + ".json")
+    data = json.loads(other.read_text()) if other.is_file() else None
+    if not data or data.get("limit") != LIMIT or not all(t in data["tasks"] for t in TASKS):
+        return False
+    tasks = {t: {k: v for k, v in data["tasks"][t].items() if k in ("metrics", "stderr", "n")} for t in TASKS}
+    store("pruned.lmeval", {"case": "pruned", "tasks": tasks, "from": str(other.relative_to(ROOT)),
+                            "seconds": round(sum(data["tasks"][t].get("seconds", 0) for t in TASKS), 1)})
+    log(f"lm-eval pruned: reused {other.relative_to(ROOT)}")
+    return True
 
 
 def headline(task_result: dict) -> float:
