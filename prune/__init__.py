@@ -11,6 +11,7 @@ The Python API, one call per step (0-based block indices everywhere)::
     prune.write_report("report/", scores, selection=choice)  # report.md + report.html with plots
     prune.remove_layers(model, choice.removed)
     prune.save(model, tok, "out/smollm2-23L", pruning={"removed": choice.removed})
+    # healing (LoRA merged back, a replacement block, or the last blocks): prune.heal_model
 
 Models larger than memory, one block at a time, straight from the safetensors shards::
 
@@ -21,6 +22,7 @@ Models larger than memory, one block at a time, straight from the safetensors sh
 from .data import TextSource, calibration_windows, eval_windows, load_text
 from .errors import PruneError, UnsupportedModelError
 from .export import save
+from .heal import heal_model
 from .models import SUPPORTED_MODEL_TYPES, count_parameters, decoder_layers, load_model
 from .outofcore import prune_checkpoint
 from .report import write_report
@@ -45,6 +47,7 @@ __all__ = [
     "decoder_layers",
     "eval_windows",
     "evaluate_model",
+    "heal_model",
     "load",
     "load_model",
     "load_text",

@@ -287,8 +287,42 @@ def cmd_report(args) -> int:
     return 0
 
 
+# ---- heal -----------------------------------------------------------------------------
+def add_heal(sub) -> None:
+    p = sub.add_parser("heal", help="heal a saved pruned run into a new folder (LoRA, replacement layer, partial fine-tuning)",
+                       description="Win back utility lost to pruning: train the pruned model of RUN_DIR (a folder written "
+                                   "by prune run) on training text and write a NEW complete folder (a plain checkpoint, "
+                                   "pruning.json with the healing record, recipe.yaml). RUN_DIR is never modified. Settings "
+                                   "come from RUN_DIR/recipe.yaml's heal section, then --config, then the flags and --set. "
+                                   "Methods: lora (adapters merged into the weights), replace (one trained block in place of "
+                                   "the removed contiguous run; loads the original model recorded in pruning.json), partial "
+                                   "(fine-tune the last blocks).")
+    p.add_argument("run_dir", help="a folder written by prune run")
+    p.add_argument("--output", "-o", required=True, help="the new folder to write (must not be RUN_DIR)")
+    p.add_argument("--method", choices=["lora", "replace", "partial"], default=None, help="healing method")
+    p.add_argument("--config", default=None, help="YAML file with heal settings (a heal section, or a recipe holding one)")
+    p.add_argument("--data", default=None, help="training text (.txt/.jsonl or a datasets name); never the evaluation text")
+    p.add_argument("--field", type=_csv, default=None, help="JSONL field(s) of --data (comma-separated: concatenated)")
+    p.add_argument("--rows", default=None, help="slice of rows of --data, e.g. 0:1000")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a heal setting, e.g. --set steps=200 --set learning_rate=5e-4 --set rank=16 (repeatable)")
+    p.add_argument("--evaluate", action="store_true", help="evaluate the healed model with RUN_DIR's evaluate settings "
+                                                          "and write eval.json / eval.md (original, pruned, healed)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress messages")
+    p.set_defaults(func=cmd_heal)
+
+
+def cmd_heal(args) -> int:
+    from .heal_run import heal_run
+
+    heal_run(args.run_dir, args.output, method=args.method, config=args.config, data=args.data, field=args.field,
+             rows=args.rows, overrides=args.overrides, evaluate=args.evaluate, overwrite=args.overwrite, quiet=args.quiet)
+    return 0
+
+
 #: every subcommand registers itself here: (adder, ...) in --help order
-SUBCOMMANDS = [add_run, add_score, add_eval, add_report, add_remove, add_check, add_push]
+SUBCOMMANDS = [add_run, add_score, add_eval, add_report, add_heal, add_remove, add_check, add_push]
 
 
 def build_parser() -> argparse.ArgumentParser:

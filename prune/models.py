@@ -271,6 +271,16 @@ def num_layers(model: nn.Module) -> int:
     return len(decoder_layers(model))
 
 
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm applied after the last decoder block (``model.norm``, GPT-2's ``ln_f``, ...):
+    the one normalisation module among the decoder stack's siblings; ``None`` if there is none."""
+    path = decoder_layers_path(model)
+    parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+    norms = [m for name, m in parent.named_children()
+             if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith(("Norm", "RMSNorm", "LayerNorm"))]
+    return norms[0] if len(norms) == 1 else None
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of distinct parameters (tied embeddings counted once)."""
     seen: set[int] = set()

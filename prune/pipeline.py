@@ -4,8 +4,9 @@
 ``run(recipe)``:
   validate the recipe and everything checkable without weights (output folder, model
   config, layer counts, task names) -> load -> calibration windows -> score -> choose
-  blocks -> evaluate the original -> remove blocks in place -> score again (MSRS after)
-  -> evaluate the pruned model -> (heal) -> save atomically with ``recipe.yaml``,
+  blocks -> evaluate the original -> (heal: prepare) -> remove blocks in place -> (heal:
+  train) -> score again (MSRS after)
+  -> evaluate the pruned model -> save atomically with ``recipe.yaml``,
   ``pruning.json``, ``eval.json`` and ``eval.md``.
 """
 
@@ -108,6 +109,12 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
 
         check_tokenizer(tokenizer)
         resolve_tasks(recipe.evaluate.tasks, data_dir_path=recipe.evaluate.data_dir, task_dirs=recipe.evaluate.task_dirs)
+    # -- heal (prune.heal): settings checked against the config, before any weights are loaded --
+    if recipe.heal is not None:
+        from .heal import preflight as heal_preflight
+
+        heal_preflight(recipe, config, n_layers)
+    # -- end heal --
     # ---- export (prune.export): lineage of an already pruned source, push_to_hub checks ----
     from .export import preflight_export
 
@@ -180,14 +187,17 @@ def comparison_markdown(rows: list[dict]) -> str:
             a += f" ± {r['stderr_original']:.4f}"
         if r["stderr_pruned"] is not None:
             b += f" ± {r['stderr_pruned']:.4f}"
-        if r["retained"] is None:
-            retained = "-"
-        elif r["metric"] == "ppl":
-            retained = f"x{r['retained']:.2f}"
-        else:
-            retained = f"{100 * r['retained']:.1f}%"
-        lines.append(f"| {r['name']} | {r['metric']} | {a} | {b} | {retained} |")
+        lines.append(f"| {r['name']} | {r['metric']} | {a} | {b} | {fmt_retained(r)} |")
     return "\n".join(lines)
+
+
+def fmt_retained(row: dict) -> str:
+    """A row's retained value: ``x2.80`` for perplexity (a factor), ``97.5%`` otherwise, ``-`` if unknown."""
+    if row["retained"] is None:
+        return "-"
+    if row["metric"] == "ppl":
+        return f"x{row['retained']:.2f}"
+    return f"{100 * row['retained']:.1f}%"
 
 
 def eval_settings(recipe: Recipe) -> dict:
@@ -264,13 +274,18 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     params_before = count_parameters(model)
     from .surgery import remove_layers
 
-    kept = remove_layers(model, selection.removed)
-    scores_after = score(model, windows, **score_kwargs)
-    healing = None
+    # -- heal (prune.heal): prepare() reads the training text and, for a replacement layer,
+    #    captures the removed run's input/output on the full model; the surgery then removes
+    #    plan.remove (k - 1 blocks for a replacement layer), and heal() trains after it --
+    plan = None
     if recipe.heal is not None:
         from . import heal as H
 
-        healing = H.heal(model, tokenizer, selection, recipe, quiet=quiet)
+        plan = H.prepare(model, tokenizer, selection, recipe, quiet=quiet)
+    kept = remove_layers(model, plan.remove if plan is not None else selection.removed)
+    healing = H.heal(model, tokenizer, selection, recipe, quiet=quiet, plan=plan) if plan is not None else None
+    # -- end heal --
+    scores_after = score(model, windows, **score_kwargs)
     pruned = evaluate_loaded(model, tokenizer, recipe.evaluate, quiet=quiet, label="pruned:   ")
     run_facts = {"params_before": params_before, "params_after": count_parameters(model),
                  "layers_before": facts["n_layers"], "layers_after": len(kept)}
@@ -282,6 +297,8 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     pruning["execution"] = plan.to_dict()
     files = {"recipe.yaml": recipe.to_yaml(), "eval.json": json.dumps(evaluation, indent=1) + "\n",
              "eval.md": f"# Before / after\n\n{table}\n"}
+    if healing is not None:  # -- heal: what the healing did, below the table --
+        files["eval.md"] += "\n" + H.healing_markdown(healing)
     # ---- export (prune.export, prune.hub): lineage + model card, then the optional push ----
     from .export import prepare_export
 

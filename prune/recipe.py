@@ -191,21 +191,39 @@ class OutputConfig(Section):
 
 
 class HealConfig(Section):
-    """Healing after pruning (see :mod:`prune.heal`)."""
+    """Healing after pruning (see :mod:`prune.heal`): one of three methods, trained on ``data``.
+
+    * ``lora``: LoRA adapters (``rank``, ``alpha``, ``target_modules``) on the pruned model,
+      causal-LM loss, merged into the weights afterwards (the checkpoint needs no peft);
+    * ``replace``: one decoder block takes the place of the removed contiguous run, initialised
+      by ``init`` and trained to map the run's input hidden states to its output (``loss``);
+    * ``partial``: full fine-tuning of the last ``last_blocks`` blocks (plus the final norm and,
+      with ``train_lm_head``, the LM head; a tied LM head is the input embedding matrix, so
+      training it changes the input embeddings too and the model stays tied).
+
+    ``data`` is training text that must not be the evaluation text. Each optimizer step sees
+    ``batch_size * gradient_accumulation`` windows of ``seq_len`` tokens drawn from
+    ``n_samples`` windows (reused over epochs); ``val_samples`` more windows are held out for
+    the before/after loss. Learning rate: linear warmup over 5% of the steps, then cosine to 0
+    (``schedule: cosine``) or flat (``constant``).
+    """
 
     method: Literal["lora", "replace", "partial"]
-    data: TextConfig | None = None
+    data: TextConfig | None = None  # required in a recipe (checked in prune.recipe.check_heal)
     n_samples: int = Field(256, ge=1)
+    val_samples: int = Field(8, ge=0)
     seq_len: int = Field(256, ge=8)
     steps: int = Field(100, ge=1)
     batch_size: int = Field(4, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     # lora
-    rank: int = Field(8, ge=1)
+    rank: int = 8
     alpha: float = Field(16.0, gt=0)
     target_modules: list[str] | str = "all-linear"
     # partial fine-tuning
@@ -215,6 +233,22 @@ class HealConfig(Section):
     # replacement layer
     init: Literal["first_removed", "last_removed", "mean_removed"] = "first_removed"
     loss: Literal["mse", "mse+cos"] = "mse"
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError("the LoRA rank must be at least 1")
+        return value
+
+    @model_validator(mode="after")
+    def _trainable(self):
+        if self.method == "partial" and self.last_blocks == 0 and not self.train_norm and not self.train_lm_head:
+            raise ValueError("partial fine-tuning with last_blocks=0, train_norm=false and train_lm_head=false "
+                             "trains no parameters (set last_blocks >= 1)")
+        if self.method == "lora" and not self.target_modules:
+            raise ValueError("LoRA with an empty target_modules trains no parameters (use all-linear or name modules)")
+        return self
 
 
 class Recipe(Section):
@@ -329,6 +363,7 @@ def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str
     except ValidationError as exc:
         raise PruneError(format_validation_error(exc, where)) from None
     check_files(recipe, where)
+    check_heal(recipe, where)
     return recipe
 
 
@@ -359,3 +394,53 @@ def check_files(recipe: Recipe, where: str = "recipe") -> None:
             raise PruneError(f"{where}: 'evaluate.data_dir' folder not found: {recipe.evaluate.data_dir}")
     if recipe.heal is not None and recipe.heal.data is not None:
         _check_text_path(recipe.heal.data, "heal.data", where)
+
+
+# ---- heal: checks across sections (prune.heal) ----------------------------------------------
+#: strategies whose removed blocks always form one contiguous run (what ``replace`` needs)
+CONTIGUOUS_STRATEGIES = ("contiguous", "tail")
+
+
+def _rows_overlap(a: str | None, b: str | None) -> bool:
+    """Whether two ``rows`` slices ``"start:stop"`` (None: all rows) share a row."""
+    def bounds(rows):
+        if rows is None:
+            return 0, float("inf")
+        start, _, stop = rows.partition(":")
+        return int(start or 0), (int(stop) if stop.strip() else float("inf"))
+
+    try:
+        (a0, a1), (b0, b1) = bounds(a), bounds(b)
+    except ValueError:
+        return True  # an unreadable slice is reported elsewhere; assume the worst here
+    return max(a0, b0) < min(a1, b1)
+
+
+def check_heal_data(heal: HealConfig, evaluate: EvaluateConfig | None, where: str = "recipe") -> None:
+    """Training text given, and not the perplexity text (same file, field and overlapping rows)."""
+    if heal.data is None:
+        raise PruneError(f"{where}: 'heal.data' is missing: give training text that is not the evaluation text "
+                         "(e.g. heal.data.path: ../shared/data/c4/c4_web_1480.jsonl with field [prefix, gold_completion])")
+    ppl = evaluate.perplexity if evaluate else None
+    if ppl is not None and Path(heal.data.path).expanduser().resolve() == Path(ppl.path).expanduser().resolve() \
+            and heal.data.field == ppl.field and _rows_overlap(heal.data.rows, ppl.rows):
+        raise PruneError(f"{where}: 'heal.data' overlaps the perplexity text ({ppl.path} rows {ppl.rows or 'all'}): "
+                         "healing on evaluation text inflates the result (use other text or disjoint heal.data.rows)")
+
+
+def check_heal(recipe: Recipe, where: str = "recipe") -> None:
+    """Heal settings that depend on other sections: training text given and disjoint from the
+    perplexity text, and a replacement layer only for a removal that is one contiguous run."""
+    heal = recipe.heal
+    if heal is None:
+        return
+    check_heal_data(heal, recipe.evaluate, where)
+    if heal.method == "replace":
+        sel = recipe.select
+        if sel.n_layers == 1:
+            raise PruneError(f"{where}: 'heal.method' replace with select.n_layers=1 would swap one block for one "
+                             "block (remove at least 2, or use heal.method lora/partial)")
+        if sel.strategy not in CONTIGUOUS_STRATEGIES:
+            raise PruneError(f"{where}: 'heal.method' replace needs the removed blocks to be one contiguous run, but "
+                             f"select.strategy {sel.strategy!r} can remove scattered blocks "
+                             f"(use select.strategy contiguous or tail, or heal.method lora/partial)")

@@ -1,0 +1,396 @@
+"""Healing benchmark: SmolLM2-135M-Instruct with 7 blocks removed, dense vs pruned vs each healing method.
+
+Protocol (docs/BENCHMARKS.md, "Healing"; the shared protocol of notes/COMMON.md):
+  * blocks: contiguous angular distance on WikiText-2 test rows 0:2000 (32 windows x 256
+    tokens, seed 0) -> blocks 12-18 of 30;
+  * training text: C4 web excerpts (prefix + gold_completion), never WikiText-2; every method
+    sees the same BUDGET of training tokens (TRAIN_WINDOWS windows x 256 tokens, one epoch);
+  * perplexity: WikiText-2 test rows 2000: (disjoint from calibration), 64 windows x 512;
+  * lm-eval: arc_easy, piqa, hellaswag, winogrande, 0-shot, limit 500, batch 16, seed 0,
+    local task copies.
+
+Parts (each case is cached as JSON under bench_cache/heal/ as soon as it finishes, so a rerun
+resumes; healed checkpoints are kept in bench_cache/heal/models/ for the lm-eval part):
+  python scripts/bench_heal.py --part train    # dense, pruned, replace, lora, partial: perplexity
+  python scripts/bench_heal.py --part curve    # the best method at 1/4 .. 4x the budget
+  python scripts/bench_heal.py --part lmeval   # the multiple-choice tasks of every case
+  python scripts/bench_heal.py --part report   # table + docs/img/heal_curve.png + Markdown
+Run it niced in the background: nohup nice -n 10 python scripts/bench_heal.py --part all > bench_heal.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+# the 2 cores are shared with other jobs: one thread each is faster than two fighting (measured)
+torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+
+import prune  # noqa: E402
+from prune.evaluate import perplexity  # noqa: E402
+from prune.heal import (heal_config, heal_model, heal_replacement, plan_replacement, replacement_init,  # noqa: E402
+                        training_windows)
+
+DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
+WIKI = DATA / "wikitext2_raw" / "wiki.test.raw"
+C4 = {"path": str(DATA / "c4" / "c4_web_1480.jsonl"), "field": ["prefix", "gold_completion"]}
+CACHE = ROOT / "bench_cache" / "heal"
+DENSE = ROOT / "bench_cache" / "smollm2-dense"
+IMG = ROOT / "docs" / "img" / "heal_curve.png"
+K = 7
+TASKS = ["arc_easy", "piqa", "hellaswag", "winogrande"]
+LIMIT = 500
+SEQ = 256
+TRAIN_WINDOWS = 128  # the budget: 128 windows x 256 tokens = 32,768 training tokens per method
+BUDGET = TRAIN_WINDOWS * SEQ
+COMMON = dict(data=C4, n_samples=TRAIN_WINDOWS, val_samples=8, seq_len=SEQ, seed=0)
+#: each method at the budget: batch 4 x 256 tokens, 32 optimizer steps, one epoch
+METHODS = {
+    "replace": dict(COMMON, method="replace", steps=32, batch_size=4, learning_rate=3e-3, init="first_removed", loss="mse"),
+    "partial": dict(COMMON, method="partial", steps=32, batch_size=4, learning_rate=3e-4, last_blocks=4, train_norm=True),
+    "lora": dict(COMMON, method="lora", steps=32, batch_size=4, learning_rate=1e-3, rank=16, alpha=32.0),
+}
+CURVE_FACTORS = [0.25, 0.5, 1, 2, 4]
+
+
+def log(msg: str) -> None:
+    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+def stamp() -> dict:
+    return {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}, "
+                       f"{torch.get_num_threads()} threads, no GPU" if not torch.cuda.is_available() else "GPU",
+            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+
+
+def cached(name: str):
+    path = CACHE / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def store(name: str, data: dict) -> None:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = CACHE / f".{name}.json.tmp"
+    tmp.write_text(json.dumps({**data, **stamp()}, indent=1))
+    tmp.rename(CACHE / f"{name}.json")
+
+
+# ---- shared setup ---------------------------------------------------------------------------------
+def dense_folder() -> Path:
+    """SmolLM2-135M-Instruct as a plain float32 folder (dequantized once from the GGUF file)."""
+    if not DENSE.is_dir():
+        sys.path.insert(0, str(ROOT / "tests"))
+        from conftest import smollm2_gguf
+
+        model, tok, _ = prune.load(smollm2_gguf())
+        prune.save(model, tok, DENSE)
+    return DENSE
+
+
+def load_dense():
+    model, tok, _ = prune.load(dense_folder(), dtype="float32")
+    return model, tok
+
+
+def removed_blocks(model, tok) -> list[int]:
+    """Contiguous angular choice of K blocks under the shared calibration protocol (cached)."""
+    hit = cached("selection")
+    if hit:
+        return hit["removed"]
+    text = prune.load_text(prune.TextSource(str(WIKI), rows="0:2000"))
+    windows = prune.calibration_windows(tok, text, 32, 256, seed=0)
+    scores = prune.score(model, windows, batch_size=8, metrics=("bi", "angular"), progress=False)
+    choice = prune.select(scores, K, strategy="contiguous", metric="angular")
+    store("selection", {"removed": choice.removed, "selection": choice.to_dict()})
+    return choice.removed
+
+
+_EVAL = {}
+
+
+def eval_windows(tok) -> torch.Tensor:
+    if "w" not in _EVAL:
+        text = prune.load_text(prune.TextSource(str(WIKI), rows="2000:"))
+        _EVAL["w"] = prune.eval_windows(tok, text, 512, max_windows=64)
+    return _EVAL["w"]
+
+
+def ppl(model, tok) -> dict:
+    return perplexity(model, eval_windows(tok), batch_size=4, progress=False)
+
+
+# ---- part: train (perplexity at the budget) ----------------------------------------------------------
+def part_train() -> None:
+    base, tok = load_dense()
+    run = removed_blocks(base, tok)
+    log(f"removed blocks {run}; budget {BUDGET:,} training tokens per method")
+    if not cached("dense"):
+        t = time.time()
+        store("dense", {"case": "dense", "perplexity": ppl(base, tok), "layers": 30,
+                        "params": prune.count_parameters(base), "seconds": round(time.time() - t, 1)})
+    log(f"dense ppl {cached('dense')['perplexity']['perplexity']:.2f}")
+    if not cached("pruned"):
+        model = copy.deepcopy(base)
+        prune.remove_layers(model, run)
+        store("pruned", {"case": "pruned", "perplexity": ppl(model, tok), "layers": 30 - K,
+                         "params": prune.count_parameters(model), "removed": run})
+    log(f"pruned ppl {cached('pruned')['perplexity']['perplexity']:.2f}")
+    for name, settings in METHODS.items():
+        if cached(name):
+            log(f"{name} ppl {cached(name)['perplexity']['perplexity']:.2f} (cached)")
+            continue
+        model = copy.deepcopy(base)
+        if name != "replace":
+            prune.remove_layers(model, run)
+        log(f"healing: {name} {settings}")
+        rec = heal_model(model, tok, removed=run, **settings)
+        result = ppl(model, tok)
+        prune.save(model, tok, CACHE / "models" / name, pruning={"removed": run, "healing": rec}, overwrite=True)
+        store(name, {"case": name, "perplexity": result, "healing": rec, "layers": model.config.num_hidden_layers,
+                     "params": prune.count_parameters(model), "removed": run})
+        log(f"{name} ppl {result['perplexity']:.2f} ({rec['seconds']:.0f} s of healing)")
+        del model
+
+
+# ---- part: curve (what more budget buys) ----------------------------------------------------------------
+def best_method() -> str:
+    done = {m: cached(m) for m in METHODS}
+    done = {m: r for m, r in done.items() if r}
+    if not done:
+        raise SystemExit("run --part train first")
+    return min(done, key=lambda m: done[m]["perplexity"]["perplexity"])
+
+
+def part_curve() -> None:
+    base, tok = load_dense()
+    run = removed_blocks(base, tok)
+    method = best_method()
+    settings = METHODS[method]
+    log(f"curve for {method}: budgets {[int(f * BUDGET) for f in CURVE_FACTORS]}")
+    points = (cached("curve") or {}).get("points", [])
+    have = {p["tokens"] for p in points}
+    todo = [f for f in CURVE_FACTORS if int(f * BUDGET) not in have]
+    if method == "replace" and todo:
+        # one capture of the largest budget's windows; each budget trains a fresh block on its first windows
+        most = int(max(CURVE_FACTORS) * TRAIN_WINDOWS)
+        cfg = heal_config(**{**settings, "n_samples": most})
+        windows, val_windows = training_windows(tok, cfg)
+        full = copy.deepcopy(base)
+        plan = plan_replacement(full, run, cfg, windows, val_windows)
+        del full
+        for f in todo:
+            n = int(f * TRAIN_WINDOWS)
+            model = copy.deepcopy(base)
+            prune.remove_layers(model, plan.remove)
+            sub = copy.copy(plan)
+            sub.cfg = cfg.model_copy(update={"n_samples": n, "steps": max(1, int(f * settings["steps"]))})
+            sub.windows, sub.inputs, sub.targets = windows[:n], plan.inputs[:n], plan.targets[:n]
+            rec = heal_replacement(model, sub)
+            points.append({"tokens": rec["tokens_seen"], "steps": sub.cfg.steps, "perplexity": ppl(model, tok)["perplexity"],
+                           "val_loss": rec["val_loss_after"], "seconds": rec["seconds"]})
+            store("curve", {"method": method, "points": sorted(points, key=lambda p: p["tokens"]), "mode": "separate runs"})
+            log(f"curve {method} {points[-1]}")
+    else:
+        # a separate run per budget (its own schedule), so each point is what that budget buys
+        for f in todo:
+            hit = cached(method) if f == 1 else None
+            if hit:
+                rec, result = hit["healing"], hit["perplexity"]
+            else:
+                model = copy.deepcopy(base)
+                prune.remove_layers(model, run)
+                rec = heal_model(model, tok, **{**settings, "n_samples": int(f * TRAIN_WINDOWS),
+                                                "steps": max(1, int(f * settings["steps"]))})
+                result = ppl(model, tok)
+                del model
+            points.append({"tokens": rec["tokens_seen"], "steps": rec["steps"], "perplexity": result["perplexity"],
+                           "val_loss": rec["val_loss_after"], "seconds": rec["seconds"]})
+            store("curve", {"method": method, "points": sorted(points, key=lambda p: p["tokens"]), "mode": "separate runs"})
+            log(f"curve {method} {points[-1]}")
+
+
+# ---- part: init (which block the replacement layer starts from) ------------------------------------------
+INITS = ["first_removed", "last_removed", "mean_removed"]
+
+
+def part_init() -> None:
+    """The replacement layer at the budget with each ``init`` rule, from one capture of the run."""
+    base, tok = load_dense()
+    run = removed_blocks(base, tok)
+    settings = METHODS["replace"]
+    todo = [i for i in INITS if not cached(f"init-{i}")]
+    if not todo:
+        return
+    cfg = heal_config(**settings)
+    windows, val_windows = training_windows(tok, cfg)
+    full = copy.deepcopy(base)
+    plan = plan_replacement(full, run, cfg, windows, val_windows)
+    for init in todo:
+        sub = copy.copy(plan)
+        sub.cfg = cfg.model_copy(update={"init": init})
+        sub.source_block, sub.init_state = replacement_init(prune.decoder_layers(full), run, init)
+        sub.remove = [i for i in run if i != sub.source_block]
+        model = copy.deepcopy(base)
+        prune.remove_layers(model, sub.remove)
+        if sub.init_state is not None:
+            prune.decoder_layers(model)[run[0]].load_state_dict(sub.init_state)
+        untrained = ppl(model, tok)["perplexity"]
+        rec = heal_replacement(model, sub)
+        store(f"init-{init}", {"init": init, "perplexity": ppl(model, tok), "untrained_perplexity": untrained,
+                               "healing": rec})
+        log(f"init {init}: ppl {cached(f'init-{init}')['perplexity']['perplexity']:.2f} (untrained {untrained})")
+        del model
+
+
+# ---- part: lm-eval ---------------------------------------------------------------------------------------
+def part_lmeval() -> None:
+    from prune.lmeval import evaluate_tasks
+
+    base, tok = load_dense()
+    run = removed_blocks(base, tok)
+    for case in ["dense", *METHODS, "pruned"]:
+        if cached(f"{case}.lmeval"):
+            continue
+        if case == "pruned" and reuse_quality_lmeval(run):
+            continue
+        if case == "dense":
+            model = base
+        elif case == "pruned":
+            model = copy.deepcopy(base)
+            prune.remove_layers(model, run)
+        else:
+            if not (CACHE / "models" / case).is_dir():
+                log(f"skip {case}: no healed checkpoint yet (run --part train)")
+                continue
+            model, tok, _ = prune.load(CACHE / "models" / case, dtype="float32")
+        log(f"lm-eval {case}")
+        t = time.time()
+        res = evaluate_tasks(model, tok, TASKS, limit=LIMIT, batch_size=16, seed=0, data_dir_path=DATA, progress=False)
+        store(f"{case}.lmeval", {"case": case, "tasks": res, "seconds": round(time.time() - t, 1)})
+        log(f"lm-eval {case}: " + ", ".join(f"{k} {headline(v):.3f}" for k, v in res.items()))
+
+
+def reuse_quality_lmeval(run) -> bool:
+    """The pruned model is the quality benchmark's `contiguous angular` k = 7 case, evaluated with the same
+    tasks, limit, batch size and seed: reuse its cached result instead of computing it twice."""
+    other = ROOT / "bench_cache" / "quality" / "lmeval" / ("-".join(str(i) for i in sorted(run)) + ".json")
+    data = json.loads(other.read_text()) if other.is_file() else None
+    if not data or data.get("limit") != LIMIT or not all(t in data["tasks"] for t in TASKS):
+        return False
+    tasks = {t: {k: v for k, v in data["tasks"][t].items() if k in ("metrics", "stderr", "n")} for t in TASKS}
+    store("pruned.lmeval", {"case": "pruned", "tasks": tasks, "from": str(other.relative_to(ROOT)),
+                            "seconds": round(sum(data["tasks"][t].get("seconds", 0) for t in TASKS), 1)})
+    log(f"lm-eval pruned: reused {other.relative_to(ROOT)}")
+    return True
+
+
+def headline(task_result: dict) -> float:
+    m = task_result["metrics"]
+    return m.get("acc_norm", m["acc"]) if "acc_norm" in m else m["acc"]
+
+
+def metric_name(task: str) -> str:
+    return "acc_norm" if task == "hellaswag" else "acc"
+
+
+# ---- part: report ------------------------------------------------------------------------------------------
+def part_report() -> None:
+    dense = cached("dense")
+    cases = [c for c in ["dense", "pruned", *METHODS] if cached(c)]
+    d_ppl = dense["perplexity"]["perplexity"]
+    d_lm = cached("dense.lmeval")
+    lines = ["| model | blocks | params | trained params | healing time | WikiText-2 ppl | x dense | "
+             + " | ".join(f"{t} ({metric_name(t)})" for t in TASKS) + " | MC retained |",
+             "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(TASKS) + "---:|"]
+    for c in cases:
+        r = cached(c)
+        heal = r.get("healing") or {}
+        p = r["perplexity"]["perplexity"]
+        lm = cached(f"{c}.lmeval")
+        cells, ratios = [], []
+        for t in TASKS:
+            if lm and t in lm["tasks"]:
+                res = lm["tasks"][t]
+                metric = metric_name(t)
+                err = res["stderr"].get(metric)
+                cells.append(f"{res['metrics'][metric]:.3f} ± {err:.3f}" if err is not None else f"{res['metrics'][metric]:.3f}")
+                if d_lm:
+                    ratios.append(res["metrics"][metric] / d_lm["tasks"][t]["metrics"][metric])
+            else:
+                cells.append("-")
+        retained = f"{100 * sum(ratios) / len(ratios):.1f}%" if len(ratios) == len(TASKS) else "-"
+        trained = f"{heal['trainable_parameters']:,}" if heal else "-"
+        secs = f"{heal['seconds'] / 60:.1f} min" if heal else "-"
+        lines.append(f"| {c} | {r['layers']} | {r['params'] / 1e6:.1f}M | {trained} | {secs} | {p:.2f} | x{p / d_ppl:.2f} | "
+                     + " | ".join(cells) + f" | {retained} |")
+    table = "\n".join(lines)
+    print(table)
+    curve = cached("curve")
+    if curve:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        pts = curve["points"]
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        ax.plot([p["tokens"] for p in pts], [p["perplexity"] for p in pts], "o-", label=f"{curve['method']} (healed)")
+        ax.axhline(d_ppl, color="k", ls="--", lw=1, label=f"dense ({d_ppl:.1f})")
+        ax.axhline(2 * d_ppl, color="g", ls=":", lw=1, label=f"target 2x dense ({2 * d_ppl:.1f})")
+        pr = cached("pruned")["perplexity"]["perplexity"]
+        ax.axhline(pr, color="r", ls="--", lw=1, label=f"pruned, not healed ({pr:.1f})")
+        ax.axvline(BUDGET, color="grey", lw=0.8, label=f"the fixed budget ({BUDGET:,} tokens)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("training tokens (C4)")
+        ax.set_ylabel("WikiText-2 perplexity (64 x 512 tokens)")
+        ax.set_title(f"SmolLM2-135M-Instruct, blocks 12-18 removed: {curve['method']}")
+        ax.legend(fontsize=8, loc="lower left")
+        fig.tight_layout()
+        IMG.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(IMG, dpi=110)
+        print(f"curve: {IMG}")
+        for p in pts:
+            print(f"  {p['tokens']:>7} tokens: ppl {p['perplexity']:.2f} (x{p['perplexity'] / d_ppl:.2f} dense)")
+    inits = [cached(f"init-{i}") for i in INITS]
+    if all(inits):
+        rows = ["| init | ppl before training | ppl after | val MSE before -> after |", "|---|---:|---:|---:|"]
+        for r in inits:
+            rep = r["healing"]["replacement"]
+            rows.append(f"| {r['init']} | {r['untrained_perplexity']:.2f} | {r['perplexity']['perplexity']:.2f} | "
+                        f"{rep['val_mse_before']:.2f} -> {rep['val_mse_after']:.2f} |")
+        print("\n".join(rows))
+        table += "\n\n" + "\n".join(rows)
+    (CACHE / "table.md").write_text(table + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "report", "all"], default="all")
+    args = ap.parse_args()
+    started = time.time()
+    parts = ["train", "curve", "init", "report", "lmeval", "report"] if args.part == "all" else [args.part]
+    for part in parts:
+        log(f"part {part}")
+        globals()[f"part_{part}"]()
+    log(f"done in {(time.time() - started) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

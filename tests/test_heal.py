@@ -1,0 +1,368 @@
+"""Healing (prune.heal): LoRA merged back, a trained replacement block, partial fine-tuning.
+
+Each method on tiny fixture models: the loss goes down, only the intended parameters change,
+the healed model saves and reloads with plain transformers to identical logits, and no
+adapter is left behind; bad settings fail at validation with one line; the recipe stage and
+``prune heal RUN_DIR`` write complete folders and never touch the run folder.
+"""
+
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import prune
+from prune import PruneError
+from prune.heal import heal_model, mean_lm_loss
+from prune.pipeline import run
+from prune.models import decoder_layers
+
+from conftest import DATA, N_LAYERS, ROOT, WIKI_RAW, build_model
+
+C4 = DATA / "c4" / "c4_web_1480.jsonl"
+C4_DATA = {"path": str(C4), "field": ["prefix", "gold_completion"], "rows": "0:300"}
+FAST = dict(n_samples=16, val_samples=4, seq_len=32, steps=10, batch_size=4, learning_rate=1e-2)
+RUN = [3, 4, 5]  # the removed run on the 8-block fixtures
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed(before: dict, model) -> set[str]:
+    after = model.state_dict()
+    assert set(after) == set(before)
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def save_reload_same_logits(model, tok, path, windows):
+    out = prune.save(model, tok, path)
+    assert not [f for f in os.listdir(out) if "adapter" in f]
+    config = json.loads((out / "config.json").read_text())
+    assert not [k for k in config if "peft" in k.lower() or "lora" in k.lower()]
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(model(windows).logits, reloaded(windows).logits)
+    return reloaded
+
+
+def no_adapters(model):
+    assert not [n for n, m in model.named_modules() if type(m).__module__.startswith("peft")]
+    assert not [k for k in model.state_dict() if "lora" in k.lower()]
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_lora_trains_only_targets_merges_and_reloads(arch, tokenizers_by_bos, tmp_path):
+    tok = tokenizers_by_bos[arch in ("llama",)]
+    model = build_model(arch)
+    prune.remove_layers(model, RUN)
+    before = snapshot(model)
+    cls = type(model)
+    from prune.heal import training_windows, heal_config
+
+    train_w, val_w = training_windows(tok, heal_config("lora", C4_DATA, **FAST))
+    loss0 = mean_lm_loss(model, train_w)
+    rec = heal_model(model, tok, "lora", data=C4_DATA, quiet=True, rank=4, **FAST)
+    assert mean_lm_loss(model, train_w) < loss0
+    assert rec["val_loss_after"] < rec["val_loss_before"]
+    assert rec["tokens_seen"] == FAST["steps"] * FAST["batch_size"] * FAST["seq_len"]
+    assert rec["lora"]["merged"] and rec["lora"]["rank"] == 4 and rec["trainable_parameters"] > 0
+    # exactly the weights of the linear layers inside the blocks changed (all-linear: not the LM head)
+    assert type(model) is cls
+    no_adapters(model)
+    diff = changed(before, model)
+    linear = {f"{n}.weight" for n, m in model.named_modules()
+              if type(m).__name__ in ("Linear", "Conv1D") and m is not model.get_output_embeddings()}
+    assert diff == linear
+    for p in model.parameters():
+        assert p.requires_grad  # flags restored
+    save_reload_same_logits(model, tok, tmp_path / "healed", train_w[:2])
+
+
+# ---- partial fine-tuning --------------------------------------------------------------------------------
+def test_partial_trains_last_blocks_and_norm_only(tokenizers_by_bos, tmp_path):
+    tok = tokenizers_by_bos[True]
+    model = build_model("llama")
+    prune.remove_layers(model, RUN)
+    before = snapshot(model)
+    rec = heal_model(model, tok, "partial", data=C4_DATA, quiet=True, last_blocks=2, **FAST)
+    assert rec["val_loss_after"] < rec["val_loss_before"]
+    assert rec["losses"][-1] < rec["losses"][0]
+    n = len(decoder_layers(model))
+    assert rec["trained"] == [f"model.layers.{n - 2}", f"model.layers.{n - 1}", "model.norm"]
+    want = {k for k in before if k.startswith((f"model.layers.{n - 2}.", f"model.layers.{n - 1}.", "model.norm."))}
+    assert changed(before, model) == want
+    assert not rec["partial"]["lm_head_tied"]
+    save_reload_same_logits(model, tok, tmp_path / "healed", torch.arange(20)[None])
+
+
+def test_same_seed_same_result(tokenizers_by_bos):
+    results = []
+    for _ in range(2):
+        model = build_model("llama")
+        prune.remove_layers(model, RUN)
+        rec = heal_model(model, tokenizers_by_bos[True], "partial", data=C4_DATA, quiet=True, **{**FAST, "steps": 4})
+        results.append((rec["losses"], snapshot(model)))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(v, results[1][1][k]) for k, v in results[0][1].items())
+
+
+def test_partial_tied_lm_head_trains_the_embeddings_and_stays_tied(tokenizers_by_bos, tmp_path):
+    tok = tokenizers_by_bos[True]
+    model = build_model("llama")
+    assert model.config.tie_word_embeddings
+    prune.remove_layers(model, RUN)
+    before = snapshot(model)
+    rec = heal_model(model, tok, "partial", data=C4_DATA, quiet=True, last_blocks=1, train_norm=False,
+                     train_lm_head=True, **FAST)
+    n = len(decoder_layers(model))
+    diff = changed(before, model)
+    assert "model.embed_tokens.weight" in diff and "lm_head.weight" in diff  # one tensor, two names
+    assert diff == {k for k in before if k.startswith(f"model.layers.{n - 1}.")} | {"model.embed_tokens.weight", "lm_head.weight"}
+    assert rec["partial"]["lm_head_tied"] and "input embeddings" in rec["partial"]["note"]
+    assert "tied" in rec["trained"][-1]
+    reloaded = save_reload_same_logits(model, tok, tmp_path / "healed", torch.arange(24)[None])
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+
+
+# ---- replacement layer ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,init", [("llama", "first_removed"), ("llama", "last_removed"), ("llama", "mean_removed"),
+                                       ("gpt2", "first_removed"), ("gemma3_text", "first_removed"), ("qwen2", "first_removed")])
+def test_replace_trains_one_block_in_place_of_the_run(arch, init, tokenizers_by_bos, tmp_path):
+    tok = tokenizers_by_bos[arch in ("llama", "gemma3_text")]
+    model = build_model(arch)
+    original = copy.deepcopy(model)
+    layer_types = getattr(model.config, "layer_types", None)
+    rec = heal_model(model, tok, "replace", data=C4_DATA, removed=RUN, init=init, quiet=True, **FAST)
+    source = RUN[-1] if init == "last_removed" else RUN[0]
+    kept = [0, 1, 2, source, 6, 7]
+    assert rec["kept"] == kept and model.config.num_hidden_layers == N_LAYERS - len(RUN) + 1
+    if layer_types is not None:
+        assert model.config.layer_types == [layer_types[i] for i in kept]
+    r = rec["replacement"]
+    assert r["replaces"] == RUN and r["position"] == RUN[0] and r["init_block"] == source
+    assert r["val_mse_after"] < r["val_mse_before"]
+    assert rec["losses"][-1] < rec["losses"][0]
+    # every weight but the replacement block's equals the original model's
+    new_layers, old_layers = decoder_layers(model), decoder_layers(original)
+    for pos, orig in enumerate(kept):
+        same = all(torch.equal(a, b) for a, b in zip(new_layers[pos].state_dict().values(), old_layers[orig].state_dict().values()))
+        assert same == (pos != RUN[0]), (pos, orig)
+    for idx in [m.layer_idx for m in new_layers[RUN[0]].modules() if isinstance(getattr(m, "layer_idx", None), int)]:
+        assert idx == RUN[0]
+    others = {k: v for k, v in original.state_dict().items() if ".h." not in k and ".layers." not in k}
+    for k, v in others.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    w = torch.arange(3, 27)[None]
+    reloaded = save_reload_same_logits(model, tok, tmp_path / "healed", w)
+    prompt = w[:, :6]
+    a = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, reloaded.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0))
+
+
+def test_replace_with_cosine_loss_and_accumulation(tokenizers_by_bos):
+    model = build_model("llama")
+    rec = heal_model(model, tokenizers_by_bos[True], "replace", data=C4_DATA, removed=RUN, loss="mse+cos",
+                     quiet=True, **{**FAST, "gradient_accumulation": 2, "steps": 5})
+    assert rec["windows_seen"] == 5 * 2 * FAST["batch_size"] and rec["replacement"]["loss"] == "mse+cos"
+    assert rec["replacement"]["val_mse_after"] < rec["replacement"]["val_mse_before"]
+
+
+def test_callback_and_gradient_checkpointing(tokenizers_by_bos):
+    model = build_model("llama")
+    prune.remove_layers(model, RUN)
+    seen = []
+    rec = heal_model(model, tokenizers_by_bos[True], "partial", data=C4_DATA, quiet=True, gradient_checkpointing=True,
+                     callback=lambda step, tokens: seen.append((step, tokens, model.training)), **{**FAST, "steps": 3})
+    assert seen == [(s, s * FAST["batch_size"] * FAST["seq_len"], False) for s in (1, 2, 3)]
+    assert rec["gradient_checkpointing"]
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+# ---- bad settings: one line, before any training ------------------------------------------------------------
+def _recipe(tmp_path, **heal):
+    return {
+        "model": {"source": str(tmp_path / "tiny")},
+        "calibration": {"path": str(WIKI_RAW), "rows": "0:300", "n_samples": 4, "seq_len": 32, "batch_size": 4},
+        "score": {"metrics": ["bi", "angular"]},
+        "select": {"strategy": "contiguous", "metric": "angular", "n_layers": 3},
+        "evaluate": {"perplexity": {"path": str(WIKI_RAW), "rows": "2000:", "seq_len": 32, "max_windows": 4}},
+        "heal": {"data": C4_DATA, **FAST, **heal},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tokenizers_by_bos):
+    return prune.save(build_model("llama"), tokenizers_by_bos[True], tmp_path / "tiny")
+
+
+@pytest.mark.parametrize("heal,select,message", [
+    ({"method": "lora", "rank": 0}, {}, "rank must be at least 1"),
+    ({"method": "partial", "last_blocks": 0, "train_norm": False}, {}, "trains no parameters"),
+    ({"method": "lora", "target_modules": []}, {}, "trains no parameters"),
+    ({"method": "replace"}, {"strategy": "one_shot"}, "one contiguous run"),
+    ({"method": "replace"}, {"n_layers": 1}, "at least 2"),
+    ({"method": "lora", "data": {"path": str(WIKI_RAW), "rows": "1000:3000"}}, {}, "overlaps the perplexity text"),
+    ({"method": "lora", "data": None}, {}, "'heal.data' is missing"),
+    ({"method": "lora", "steps": 0}, {}, "heal.steps"),
+    ({"method": "prune"}, {}, "heal.method"),
+])
+def test_bad_heal_settings_fail_at_validation(tmp_path, tiny_folder, heal, select, message):
+    recipe = _recipe(tmp_path, **heal)
+    recipe["select"].update(select)
+    with pytest.raises(PruneError) as err:
+        run(recipe, quiet=True)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("heal,message", [
+    ({"method": "lora", "target_modules": ["qproj"]}, "'qproj' matches no module"),
+    ({"method": "partial", "last_blocks": 7}, "last_blocks=7 but the pruned model has 5 blocks"),
+    ({"method": "replace", "seq_len": 1024}, "longer than the model's context"),
+])
+def test_bad_heal_settings_fail_at_preflight(tmp_path, tiny_folder, heal, message):
+    from prune.pipeline import preflight
+    from prune.recipe import load_recipe
+
+    with pytest.raises(PruneError) as err:
+        preflight(load_recipe(_recipe(tmp_path, **heal)))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without a GPU")
+def test_fp16_without_gpu_is_refused(tmp_path, tiny_folder):
+    from prune.pipeline import preflight
+    from prune.recipe import load_recipe
+
+    with pytest.raises(PruneError, match="fp16 needs a CUDA GPU"):
+        preflight(load_recipe(_recipe(tmp_path, method="lora", mixed_precision="fp16")))
+
+
+def test_replace_refuses_a_scattered_run(tokenizers_by_bos):
+    model = build_model("llama")
+    before = snapshot(model)
+    with pytest.raises(PruneError, match="one contiguous run"):
+        heal_model(model, tokenizers_by_bos[True], "replace", data=C4_DATA, removed=[2, 4], quiet=True, **FAST)
+    assert not changed(before, model) and len(decoder_layers(model)) == N_LAYERS
+
+
+# ---- the recipe stage and prune heal RUN_DIR ---------------------------------------------------------------------
+def folder_digest(folder) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def test_recipe_with_replace_and_prune_heal_run_dir(tmp_path, tiny_folder):
+    from prune.heal_run import heal_run
+
+    result = run(_recipe(tmp_path, method="replace"), quiet=True)
+    out = result.out_dir
+    record = json.loads((out / "pruning.json").read_text())
+    removed = record["removed"]
+    assert len(removed) == 3 and record["healing"]["method"] == "replace"
+    assert record["layers_after"] == N_LAYERS - 2 == len(record["kept"])
+    assert record["healing"]["tokens_seen"] == FAST["steps"] * FAST["batch_size"] * FAST["seq_len"]
+    assert "## Healing: replace" in (out / "eval.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == N_LAYERS - 2
+
+    # a plain pruned run (no heal), then healed afterwards: the run folder is only read
+    plain = _recipe(tmp_path)
+    del plain["heal"]
+    plain["output"]["dir"] = str(tmp_path / "plain")
+    run_dir = run(plain, quiet=True).out_dir
+    digest = folder_digest(run_dir)
+    healed = heal_run(run_dir, tmp_path / "healed", method="replace", data=C4_DATA["path"], field=C4_DATA["field"],
+                      rows="0:300", overrides=[f"{k}={v}" for k, v in FAST.items()], evaluate=True, quiet=True)
+    assert folder_digest(run_dir) == digest
+    rec = json.loads((healed / "pruning.json").read_text())
+    assert rec["healing"]["method"] == "replace" and rec["healing"]["from_run"] == str(run_dir.resolve())
+    assert rec["kept"] == sorted(set(range(N_LAYERS)) - set(removed[1:])) and rec["layers_after"] == N_LAYERS - 2
+    assert rec["scores_after"]["n_layers"] == N_LAYERS - 2
+    ev = json.loads((healed / "eval.json").read_text())
+    assert ev["pruned"]["perplexity"]["perplexity"] > 0 and ev["pruned_before_healing"]["perplexity"]
+    assert "| perplexity | ppl |" in (healed / "eval.md").read_text()
+    assert "method: replace" in (healed / "recipe.yaml").read_text()
+    # the healed folder cannot be rebuilt from its source again
+    with pytest.raises(PruneError, match="already healed"):
+        heal_run(healed, tmp_path / "again", quiet=True)
+    # the same run edited since pruning: refused, nothing written
+    edited = tmp_path / "edited"
+    m = AutoModelForCausalLM.from_pretrained(run_dir)
+    with torch.no_grad():
+        decoder_layers(m)[0].mlp.up_proj.weight.add_(1.0)
+    import shutil
+
+    shutil.copytree(run_dir, edited)
+    m.save_pretrained(edited)
+    with pytest.raises(PruneError, match="differs from the source"):
+        heal_run(edited, tmp_path / "bad", quiet=True, method="replace", data=str(C4), field=C4_DATA["field"])
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_heal_partial(tmp_path, tiny_folder):
+    plain = _recipe(tmp_path)
+    del plain["heal"]
+    run_dir = run(plain, quiet=True).out_dir
+    digest = folder_digest(run_dir)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "prune.cli", "heal", str(run_dir), "--output", str(tmp_path / "healed"), "--method",
+           "partial", "--data", str(C4), "--field", "prefix,gold_completion", "--rows", "0:300", "-q",
+           "--set", "steps=3", "--set", "n_samples=8", "--set", "seq_len=32", "--set", "heal.last_blocks=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert folder_digest(run_dir) == digest
+    rec = json.loads((tmp_path / "healed" / "pruning.json").read_text())
+    assert rec["healing"]["method"] == "partial" and rec["healing"]["settings"]["last_blocks"] == 1
+    assert rec["healing"]["steps"] == 3 and rec["removed"] == json.loads((run_dir / "pruning.json").read_text())["removed"]
+    AutoModelForCausalLM.from_pretrained(tmp_path / "healed")
+    # bad input: one error line, exit 2, nothing written
+    bad = subprocess.run(cmd[:6] + [str(tmp_path / "bad"), "--method", "lora", "--set", "rank=0", "--data", str(C4)],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "rank must be at least 1" in bad.stderr
+    same = subprocess.run(cmd[:6] + [str(run_dir), "--method", "lora", "--data", str(C4)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path)
+    assert same.returncode == 2 and "outside RUN_DIR" in same.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+# ---- the real model -------------------------------------------------------------------------------------------------
+@pytest.mark.integration
+def test_smollm2_replacement_layer_beats_plain_removal(smollm2_folder):
+    """SmolLM2-135M, blocks 12-18 (the contiguous angular choice): a replacement block trained
+    briefly on C4 gives a lower WikiText-2 perplexity than removing the seven blocks."""
+    from prune.evaluate import perplexity
+
+    held_out = prune.load_text(prune.TextSource(str(WIKI_RAW), rows="2000:"))
+    run = list(range(12, 19))
+    pruned, tok, _ = prune.load(smollm2_folder)
+    eval_w = prune.eval_windows(tok, held_out, 256, max_windows=4)
+    prune.remove_layers(pruned, run)
+    ppl_pruned = perplexity(pruned, eval_w)["perplexity"]
+    del pruned
+    model, tok, _ = prune.load(smollm2_folder)
+    rec = heal_model(model, tok, "replace", data=C4_DATA, removed=run, quiet=True, n_samples=32, val_samples=4,
+                     seq_len=128, steps=16, batch_size=8, learning_rate=1e-3, loss="mse")
+    assert rec["replacement"]["val_mse_after"] < rec["replacement"]["val_mse_before"]
+    assert model.config.num_hidden_layers == 24
+    assert perplexity(model, eval_w)["perplexity"] < ppl_pruned
+
+
+def test_learning_rate_schedule():
+    from prune.training import lr_lambda
+
+    cosine = [lr_lambda(40, "cosine")(s) for s in range(40)]
+    assert cosine[:2] == [0.5, 1.0]  # warmup over ceil(5% of 40) = 2 steps
+    assert all(a > b for a, b in zip(cosine[1:], cosine[2:])) and 0 < cosine[-1] < 0.01
+    assert [lr_lambda(40, "constant")(s) for s in range(40)][1:] == [1.0] * 39
