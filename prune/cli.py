@@ -52,6 +52,9 @@ def add_run(sub) -> None:
                    help="override a recipe key, e.g. --set select.n_layers=8 --set evaluate.limit=50 (repeatable; "
                         "the value is parsed as YAML)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same recipe: reuse the scores, selection and original "
+                        "evaluation it saved (in .<output name>.progress beside the output folder)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress messages")
     p.set_defaults(func=cmd_run)
 
@@ -59,7 +62,7 @@ def add_run(sub) -> None:
 def cmd_run(args) -> int:
     from .pipeline import run
 
-    run(args.recipe, overrides=args.overrides, overwrite=args.overwrite, quiet=args.quiet)
+    run(args.recipe, overrides=args.overrides, overwrite=args.overwrite, quiet=args.quiet, resume=args.resume)
     return 0
 
 
@@ -346,7 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = ""
+        if args.command == "run":
+            hint = "; nothing was saved as a checkpoint (rerun with --resume to reuse the finished stages)"
+        print(f"interrupted{hint}", file=sys.stderr)
         return 130
     except Exception:  # noqa: BLE001 - unexpected: show everything
         traceback.print_exc()

@@ -11,6 +11,7 @@ after the new folder is complete).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import PruneError
+from .faults import checkpoint
 from .models import is_dispatched, plain_config_dict
 
 INCOMPLETE_TAG = ".incomplete-"
@@ -61,7 +63,9 @@ def save(
     with staged(out_dir, overwrite) as stage:
         if is_dispatched(model):  # Accelerate's offload hooks untie tied weights after a forward:
             model.tie_weights()  # re-tie, or the tied copy (lm_head) would be saved twice
+        checkpoint("saving")
         model.save_pretrained(stage, max_shard_size=max_shard_size)
+        checkpoint("saved_weights")
         (stage / "config.json").write_text(json.dumps(plain_config_dict(model.config), indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
@@ -72,20 +76,51 @@ def save(
 @contextlib.contextmanager
 def staged(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a hidden staging folder beside ``out_dir``; on success it is renamed to ``out_dir``
-    (replacing an existing one only then), on any error it is removed."""
+    (replacing an existing one only then), on any error it is removed. A disk that fills up
+    becomes one :class:`PruneError` line; staging folders of killed runs are cleared first."""
     out = check_output_dir(out_dir, overwrite)
+    remove_stale_staging(out)
     stage = staging_dir(out)
     if stage.exists():
         shutil.rmtree(stage)
-    stage.mkdir(parents=True)
     try:
+        stage.mkdir(parents=True)
         (stage / INCOMPLETE_MARKER).write_text("This folder is being written and is not a finished checkpoint.\n")
         yield stage
+        checkpoint("before_rename")
         (stage / INCOMPLETE_MARKER).unlink()
         _replace(stage, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise PruneError(f"disk full while writing {out} ({exc.strerror}): the partial files were removed and "
+                             f"{'the existing folder is untouched' if out.exists() else 'no output was written'}; "
+                             f"free some space or choose another output.dir (prune run --resume reuses the scores)"
+                             ) from None
         raise
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove ``.<name>.incomplete-<pid>`` folders beside ``out`` whose process is gone (a run
+    killed while saving); a folder of a process still alive is left alone."""
+    removed = []
+    for old in out.resolve().parent.glob(f".{out.name}{INCOMPLETE_TAG}*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+        removed.append(old)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_extras(stage: Path, pruning: dict | None, files: dict[str, str] | None) -> None:

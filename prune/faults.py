@@ -16,7 +16,9 @@ import errno
 import os
 import signal
 
-STAGES = ("loaded", "scoring", "scored", "selected", "evaluated_original", "pruned", "evaluated_pruned",
+#: where ``checkpoint`` is called, in run order (``scoring``: after each scored batch;
+#: ``evaluating``: between perplexity and lm-eval, for the original and the pruned model)
+STAGES = ("loaded", "scoring", "scored", "selected", "evaluating", "evaluated_original", "pruned", "evaluated_pruned",
           "saving", "saved_weights", "before_rename")
 
 

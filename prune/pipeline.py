@@ -24,10 +24,12 @@ from typing import Any
 from . import evaluate as E
 from .data import calibration_windows, eval_windows, load_text
 from .errors import PruneError
+from .faults import checkpoint
 from .export import check_output_dir, save
 from .models import load_tokenizer, check_checkpoint_files, check_device_map, check_supported, context_length, count_parameters, load_model, resolve_source
 from .recipe import EvaluateConfig, Recipe, load_recipe
 from .scoring import ScoreResult, score
+from .progress import RunProgress
 from .select import Selection, resolve_count, resolve_protect, select
 
 FORMAT = "prune/1"
@@ -137,6 +139,7 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
         result["data"] = p.source().describe()
         out["perplexity"] = result
         say(f"{label}perplexity {result['perplexity']:.3f} ({result['windows']} windows x {result['seq_len']} tokens)", quiet)
+    checkpoint("evaluating")
     if cfg.tasks:
         from .lmeval import evaluate_tasks
 
@@ -236,41 +239,62 @@ class RunResult:
 
 
 def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tuple[str, ...] = (),
-        overwrite: bool = False, quiet: bool = False) -> RunResult:
-    """Run a pruning recipe end to end and write its output folder (see module docstring)."""
+        overwrite: bool = False, quiet: bool = False, resume: bool = False) -> RunResult:
+    """Run a pruning recipe end to end and write its output folder (see module docstring).
+
+    Finished stages are kept in a progress folder beside the output (:mod:`prune.progress`);
+    ``resume=True`` reuses them after an interruption instead of recomputing them."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     quiet_mode(quiet)
     started = time.time()
     facts = preflight(recipe, overwrite)
+    progress = RunProgress(recipe.output.dir, recipe, resume=resume)
+    if progress.resume:
+        say(f"resuming from {progress.folder}: reusing {', '.join(progress.found()) or 'nothing yet'}", quiet)
     m = recipe.model
     # ---- execution mode (prune.execution): in memory, or one block at a time out of core ----
     from .execution import plan_execution, run_sequential
 
     c = recipe.calibration
-    plan = plan_execution(m.source, recipe.score.execution, dtype=m.dtype, device_map=m.device_map,
+    exec_plan = plan_execution(m.source, recipe.score.execution, dtype=m.dtype, device_map=m.device_map,
                           max_memory=m.max_memory, n_windows=c.n_samples, seq_len=c.seq_len, batch_size=c.batch_size,
                           revision=m.revision, gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code)
-    say(plan.describe(), quiet)
-    if plan.mode == "sequential":
-        return run_sequential(recipe, facts, plan, overwrite=overwrite, quiet=quiet, started=started)
+    say(exec_plan.describe(), quiet)
+    if exec_plan.mode == "sequential":
+        return run_sequential(recipe, facts, exec_plan, overwrite=overwrite, quiet=quiet, started=started,
+                              progress=progress)
     # ---- end of execution mode -----------------------------------------------------------------
     say(f"loading {facts['source'].display} ({facts['model_type']}, {facts['n_layers']} blocks)", quiet)
     model, tokenizer, src = load_model(m.source, gguf_file=m.gguf_file, dtype=m.dtype, device_map=m.device_map,
                                        max_memory=m.max_memory, offload_folder=m.offload_folder, revision=m.revision,
                                        trust_remote_code=m.trust_remote_code)
+    checkpoint("loaded")
     c = recipe.calibration
     windows = facts["windows"]  # tokenized in preflight: bad text fails before the model loads
     s = recipe.score
     say(f"scoring {facts['n_layers']} blocks on {c.n_samples} windows x {c.seq_len} tokens", quiet)
     score_kwargs = dict(batch_size=c.batch_size, positions=s.positions, metrics=tuple(s.metrics),
                         cka_windows=s.cka_windows, beta=s.beta, tau=s.tau, progress=not quiet)
-    scores_before = score(model, windows, **score_kwargs)
-    selection = choose_blocks(model, tokenizer, windows, scores_before, recipe, quiet)
+    stored = progress.get("scores")
+    scores_before = ScoreResult.from_dict(stored) if stored else score(model, windows, **score_kwargs)
+    if not stored:
+        progress.put("scores", scores_before.to_dict())
+    checkpoint("scored")
+    stored = progress.get("selection")
+    selection = Selection.from_dict(stored) if stored else \
+        choose_blocks(model, tokenizer, windows, scores_before, recipe, quiet)
+    if not stored:
+        progress.put("selection", selection.to_dict())
+    checkpoint("selected")
     say(f"removing {len(selection.removed)} of {facts['n_layers']} blocks (0-based): {selection.removed}", quiet)
 
-    original = evaluate_loaded(model, tokenizer, recipe.evaluate, quiet=quiet, label="original: ") \
-        if recipe.evaluate and recipe.evaluate.original else {}
+    original = progress.get("original")
+    if original is None:
+        original = evaluate_loaded(model, tokenizer, recipe.evaluate, quiet=quiet, label="original: ") \
+            if recipe.evaluate and recipe.evaluate.original else {}
+        progress.put("original", original)
+    checkpoint("evaluated_original")
     params_before = count_parameters(model)
     from .surgery import remove_layers
 
@@ -285,8 +309,10 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     kept = remove_layers(model, plan.remove if plan is not None else selection.removed)
     healing = H.heal(model, tokenizer, selection, recipe, quiet=quiet, plan=plan) if plan is not None else None
     # -- end heal --
+    checkpoint("pruned")
     scores_after = score(model, windows, **score_kwargs)
     pruned = evaluate_loaded(model, tokenizer, recipe.evaluate, quiet=quiet, label="pruned:   ")
+    checkpoint("evaluated_pruned")
     run_facts = {"params_before": params_before, "params_after": count_parameters(model),
                  "layers_before": facts["n_layers"], "layers_after": len(kept)}
     rows = comparison_rows(original, pruned, run_facts)
@@ -294,7 +320,8 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     evaluation = {"original": original, "pruned": pruned, "rows": rows, "settings": eval_settings(recipe), **run_facts}
     pruning = pruning_record(recipe, src, selection, kept, scores_before, scores_after,
                              {**run_facts, "model_type": facts["model_type"]}, healing, started)
-    pruning["execution"] = plan.to_dict()
+    pruning["execution"] = exec_plan.to_dict()
+    pruning["resumed"] = progress.resumed
     files = {"recipe.yaml": recipe.to_yaml(), "eval.json": json.dumps(evaluation, indent=1) + "\n",
              "eval.md": f"# Before / after\n\n{table}\n"}
     if healing is not None:  # -- heal: what the healing did, below the table --
@@ -305,6 +332,7 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     pruning, files["README.md"] = prepare_export(pruning, evaluation, recipe, src, facts["parent"])
     out = save(model, tokenizer, recipe.output.dir, pruning=pruning, files=files,
                overwrite=overwrite or recipe.output.overwrite)
+    progress.finish()
     say(f"\n{table}\n\nsaved {out}", quiet)
     if recipe.output.push_to_hub is not None:
         from .hub import push_config

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from .capture import BlockStates, batches
 from .errors import PruneError
+from .faults import checkpoint
 from .models import decoder_layers, input_device
 
 POSITIONS = ("all", "skip_first")
@@ -280,6 +281,7 @@ def score(
             states, inputs = capture.pop()
             excluded += fold_batch(acc, states, inputs, first, start)
             bar.update(batch.shape[0])
+            checkpoint("scoring")  # fault-injection hook (prune.faults); a no-op outside tests
     bar.close()
     return finish(acc, windows, positions=positions, metrics=metrics, cka_windows=cka_windows, beta=beta, tau=tau,
                   excluded=excluded, started=started, progress=progress, metadata=metadata)

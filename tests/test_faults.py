@@ -1,0 +1,216 @@
+"""Faults injected into real runs: kills, Ctrl-C, a full disk, non-finite activations, resume,
+determinism, and a planted Hub token that must never reach any output.
+
+Kills and interrupts go through the real entry point in a subprocess (``PRUNE_FAULT``, see
+``prune.faults``): SIGKILL runs no cleanup code, like a power cut."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import prune
+from prune import PruneError
+from prune.export import INCOMPLETE_MARKER
+from prune.progress import progress_dir
+
+from conftest import tiny_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def prune_cli(*args, fault: str | None = None, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    env.pop("PRUNE_FAULT", None)
+    if fault:
+        env["PRUNE_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "prune.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=ROOT)
+
+
+def digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def siblings(out: Path) -> list[Path]:
+    return sorted(p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+# ---- killed at any stage: no output folder, or a hidden one marked incomplete; source untouched ----
+@pytest.mark.parametrize("stage", ["scoring", "evaluating", "saving", "saved_weights", "before_rename"])
+def test_killed_run_leaves_no_checkpoint(stage, tiny_folder, tmp_path):
+    before = digest(tiny_folder)
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_folder, out))
+    done = prune_cli("run", recipe, "--quiet", fault=f"{stage}:kill")
+    assert done.returncode == -9, done.stderr  # SIGKILL: no cleanup ran
+    assert not out.exists()
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(out)
+    for leftover in siblings(out):  # the progress folder, or a half-written staging folder
+        assert leftover.name.startswith(".")
+        if ".incomplete-" in leftover.name:
+            assert (leftover / INCOMPLETE_MARKER).is_file()
+    if stage in ("saving", "saved_weights", "before_rename"):
+        assert any(".incomplete-" in p.name for p in siblings(out))
+    assert digest(tiny_folder) == before  # the source model files are never modified
+
+
+def test_next_run_clears_a_killed_save_and_succeeds(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_folder, out))
+    assert prune_cli("run", recipe, "--quiet", fault="saved_weights:kill").returncode == -9
+    assert any(".incomplete-" in p.name for p in siblings(out))
+    prune.run(recipe, quiet=True)
+    assert siblings(out) == []  # staging and progress folders gone
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_ctrl_c_says_how_to_resume_and_saves_nothing(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_folder, out))
+    done = prune_cli("run", recipe, "--quiet", fault="evaluated_original:interrupt")
+    assert done.returncode == 130
+    assert done.stderr.strip().splitlines()[-1] == ("interrupted; nothing was saved as a checkpoint "
+                                                   "(rerun with --resume to reuse the finished stages)")
+    assert not out.exists()
+    assert [p.name for p in siblings(out)] == [".out.progress"]
+
+
+# ---- disk full while saving: one clear error, partial files removed ----------------------------
+def test_disk_full_while_saving(tiny_folder, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setenv("PRUNE_FAULT", "saved_weights:enospc")
+    with pytest.raises(PruneError) as err:
+        prune.run(tiny_recipe(tiny_folder, out), quiet=True)
+    msg = str(err.value)
+    assert msg.startswith(f"disk full while writing {out.resolve()}")
+    assert "partial files were removed and no output was written" in msg and "\n" not in msg
+    assert not out.exists()
+    assert not any(".incomplete-" in p.name for p in siblings(out))
+    # the scores survive: after freeing space, --resume reuses them
+    monkeypatch.delenv("PRUNE_FAULT")
+    result = prune.run(tiny_recipe(tiny_folder, out), quiet=True, resume=True)
+    assert result.pruning["resumed"] == ["scores", "selection", "original"]
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_disk_full_keeps_an_existing_output(tiny_folder, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    prune.run(tiny_recipe(tiny_folder, out), quiet=True)
+    before = digest(out)
+    monkeypatch.setenv("PRUNE_FAULT", "before_rename:enospc")
+    with pytest.raises(PruneError, match="the existing folder is untouched"):
+        prune.run(tiny_recipe(tiny_folder, out), quiet=True, overwrite=True)
+    assert digest(out) == before
+
+
+# ---- resume ------------------------------------------------------------------------------------
+def test_resume_equals_an_uninterrupted_run(tiny_folder, tmp_path):
+    plain = prune.run(tiny_recipe(tiny_folder, tmp_path / "plain"), quiet=True)
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_folder, out))
+    assert prune_cli("run", recipe, "--quiet", fault="pruned:kill").returncode == -9
+    stored = sorted(p.name for p in progress_dir(out).iterdir())
+    assert stored == ["original.json", "recipe.json", "scores.json", "selection.json"]
+    done = prune_cli("run", recipe, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert "resuming from" in done.stdout and "reusing scores, selection, original" in done.stdout
+    assert not progress_dir(out).exists()
+    a = json.loads((tmp_path / "plain" / "pruning.json").read_text())
+    b = json.loads((out / "pruning.json").read_text())
+    assert b["resumed"] == ["scores", "selection", "original"]
+    assert a["removed"] == b["removed"] == plain.selection.removed
+    for key in ("block_influence", "angular", "cka"):
+        assert torch.allclose(torch.tensor(a["scores_before"][key]), torch.tensor(b["scores_before"][key]), atol=1e-12)
+    assert json.loads((out / "eval.json").read_text())["rows"] == json.loads((tmp_path / "plain" / "eval.json").read_text())["rows"]
+    wa, wb = load_file(tmp_path / "plain" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_refuses_a_changed_recipe_or_nothing_to_resume(tiny_folder, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(PruneError, match=r"nothing to resume: no saved progress at .*\(run without --resume\)"):
+        prune.run(tiny_recipe(tiny_folder, out), quiet=True, resume=True)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_folder, out))
+    assert prune_cli("run", recipe, "--quiet", fault="selected:kill").returncode == -9
+    with pytest.raises(PruneError, match=r"recipe changed since the interrupted run \(sections: select\)"):
+        prune.run(recipe, overrides=["select.n_layers=3"], quiet=True, resume=True)
+    assert progress_dir(out).is_dir()  # kept for a resume with the right recipe
+
+
+# ---- non-finite activations: reported, excluded, counted in pruning.json -----------------------
+def test_non_finite_activations_are_excluded_and_recorded(tiny_folder, tmp_path):
+    """A checkpoint whose embedding row for one token is inf (what fp16 overflow produces): the
+    windows holding that token are excluded from the scores and listed in pruning.json."""
+    recipe = tiny_recipe(tiny_folder, tmp_path / "out", evaluate=None)
+    tok = prune.load(tiny_folder, dtype="float32")[1]
+    c = recipe["calibration"]
+    text = prune.load_text(prune.TextSource(c["path"], rows=c["rows"]))
+    windows = prune.calibration_windows(tok, text, c["n_samples"], c["seq_len"], seed=0)
+    sets = [set(w.tolist()) for w in windows]
+    only_in_1 = sorted(sets[1] - set().union(*(s for i, s in enumerate(sets) if i != 1)))
+    assert only_in_1, "fixture text: window 1 needs a token of its own"
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(tiny_folder, poisoned)
+    weights = load_file(poisoned / "model.safetensors")
+    name = next(k for k in weights if k.endswith("embed_tokens.weight"))
+    weights[name][only_in_1[0]] = float("inf")
+    save_file(weights, poisoned / "model.safetensors", metadata={"format": "pt"})
+    recipe["model"]["source"] = str(poisoned)
+    result = prune.run(recipe, quiet=True)
+    record = json.loads((tmp_path / "out" / "pruning.json").read_text())
+    assert record["scores_before"]["excluded_windows"] == [1]
+    assert result.scores_before.n_tokens == (c["n_samples"] - 1) * c["seq_len"]  # window 1 not counted
+    assert all(v == v for v in result.scores_before.block_influence)  # no NaN averaged in
+
+
+# ---- determinism: same recipe and seed, same blocks and scores (to 1e-6), any batch size -------
+@pytest.mark.parametrize("strategy", [{"strategy": "one_shot", "metric": "bi"}, {"strategy": "random", "seed": 3}])
+def test_same_recipe_same_blocks_and_scores_across_runs_and_batch_sizes(strategy, tiny_folder, tmp_path):
+    runs = []
+    for i, batch in enumerate([2, 2, 1, 4]):
+        recipe = tiny_recipe(tiny_folder, tmp_path / f"out{i}", evaluate=None,
+                             select={**strategy, "n_layers": 2})
+        recipe["calibration"]["batch_size"] = batch
+        prune.run(recipe, quiet=True)
+        runs.append(json.loads((tmp_path / f"out{i}" / "pruning.json").read_text()))
+    first = runs[0]
+    assert first["seed"] == 0 and first["calibration"]["seed"] == 0
+    for other in runs[1:]:
+        assert other["removed"] == first["removed"]
+        for key in ("block_influence", "angular", "cka"):
+            a, b = torch.tensor(first["scores_before"][key]), torch.tensor(other["scores_before"][key])
+            assert torch.allclose(a, b, atol=1e-6, rtol=0), key
+        assert other["msrs_before"]["total"] == pytest.approx(first["msrs_before"]["total"], abs=1e-6)
+
+
+# ---- a planted Hub token never reaches the terminal or any output file -------------------------
+def test_planted_token_is_never_printed_or_written(tiny_folder, tmp_path):
+    token = "hf_PlantedTokenThatMustNeverAppear1234567"
+    env = {"HF_TOKEN": token, "HF_HOME": str(tmp_path / "hf_home")}
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_folder, out))
+    outputs = [prune_cli("run", recipe, env_extra=env), prune_cli("check", out, "--require-export", env_extra=env),
+               prune_cli("push", out, "me/tiny-pruned", "--dry-run", env_extra=env)]
+    assert [d.returncode for d in outputs] == [0, 0, 0], [d.stderr for d in outputs]
+    for d in outputs:
+        assert token not in d.stdout and token not in d.stderr
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len([p for p in files if p.is_relative_to(out)]) >= 8
+    for path in files:
+        assert token.encode() not in path.read_bytes(), path
