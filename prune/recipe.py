@@ -417,13 +417,15 @@ def _rows_overlap(a: str | None, b: str | None) -> bool:
 
 
 def check_heal_data(heal: HealConfig, evaluate: EvaluateConfig | None, where: str = "recipe") -> None:
-    """Training text given, and not the perplexity text (same file, field and overlapping rows)."""
+    """Training text given, and not the perplexity text (same file or dataset, config, split and
+    field, and overlapping rows)."""
     if heal.data is None:
         raise PruneError(f"{where}: 'heal.data' is missing: give training text that is not the evaluation text "
                          "(e.g. heal.data.path: ../shared/data/c4/c4_web_1480.jsonl with field [prefix, gold_completion])")
     ppl = evaluate.perplexity if evaluate else None
     if ppl is not None and Path(heal.data.path).expanduser().resolve() == Path(ppl.path).expanduser().resolve() \
-            and heal.data.field == ppl.field and _rows_overlap(heal.data.rows, ppl.rows):
+            and heal.data.field == ppl.field and heal.data.config == ppl.config and heal.data.split == ppl.split \
+            and _rows_overlap(heal.data.rows, ppl.rows):
         raise PruneError(f"{where}: 'heal.data' overlaps the perplexity text ({ppl.path} rows {ppl.rows or 'all'}): "
                          "healing on evaluation text inflates the result (use other text or disjoint heal.data.rows)")
 

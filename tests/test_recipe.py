@@ -1,6 +1,8 @@
 """Recipe validation: every kind of bad input fails with one line naming the key and the fix,
 before any model is loaded."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -111,3 +113,27 @@ def test_preflight_checks_layer_counts_context_tasks_and_output(tmp_path, tiny_f
     (tmp_path / "out").mkdir()
     with pytest.raises(PruneError, match="already exists.*--overwrite"):
         check()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path, monkeypatch, smollm2_path):
+    """The offline recipes resolve their data and model here; the GPU ones name Hub models and
+    datasets and validate as written (they run where the Hub is reachable)."""
+    monkeypatch.setenv("SMOLLM2_GGUF", str(smollm2_path))
+    monkeypatch.chdir(path.parents[1])
+    recipe = load_recipe(path)
+    assert recipe.output.dir.startswith("runs/")
+    if "smollm2" not in path.name and "out-of-core" not in path.name:
+        assert recipe.model.source.count("/") == 1 and recipe.model.device_map == "auto"
+        assert recipe.model.dtype == "bfloat16" and recipe.evaluate.tasks
+
+
+def test_heal_text_from_another_split_of_the_same_dataset_is_allowed(tiny_folder, tmp_path):
+    data = tiny_recipe(tiny_folder, tmp_path / "out")
+    data["evaluate"]["perplexity"] = {"path": "Salesforce/wikitext", "config": "wikitext-2-raw-v1", "split": "test"}
+    data["heal"] = {"method": "lora", "data": {"path": "Salesforce/wikitext", "config": "wikitext-2-raw-v1",
+                                               "split": "train"}}
+    assert load_recipe(write(tmp_path, data)).heal.data.split == "train"
+    data["heal"]["data"]["split"] = "test"
+    assert "'heal.data' overlaps the perplexity text" in error_of(tmp_path, data)
