@@ -342,6 +342,7 @@ def part_report() -> None:
                      + " | ".join(cells) + f" | {retained} |")
     table = "\n".join(lines)
     print(table)
+    docs = [table]
     curve = cached("curve")
     if curve:
         import matplotlib
@@ -368,6 +369,12 @@ def part_report() -> None:
         print(f"curve: {IMG}")
         for p in pts:
             print(f"  {p['tokens']:>7} tokens: ppl {p['perplexity']:.2f} (x{p['perplexity'] / d_ppl:.2f} dense)")
+        docs += ["", f"Perplexity against training tokens, `{curve['method']}` (each point a separate run from the "
+                 "pruned model, same settings, steps scaled with the tokens):", "",
+                 "| training tokens | steps | WikiText-2 ppl | x dense | healing time |", "|---:|---:|---:|---:|---:|"]
+        docs += [f"| {p['tokens']:,} | {p['steps']} | {p['perplexity']:.2f} | x{p['perplexity'] / d_ppl:.2f} | "
+                 f"{p['seconds'] / 60:.1f} min |" for p in pts]
+        docs += ["", "![perplexity vs training tokens](img/heal_curve.png)"]
     inits = [cached(f"init-{i}") for i in INITS]
     if all(inits):
         rows = ["| init | ppl before training | ppl after | val MSE before -> after |", "|---|---:|---:|---:|"]
@@ -377,7 +384,26 @@ def part_report() -> None:
                         f"{rep['val_mse_before']:.2f} -> {rep['val_mse_after']:.2f} |")
         print("\n".join(rows))
         table += "\n\n" + "\n".join(rows)
+        docs += ["", "Replacement block: which removed block to start from (same budget):", "", *rows]
     (CACHE / "table.md").write_text(table + "\n")
+    write_docs("\n".join(docs))
+
+
+DOCS_BEGIN, DOCS_END = "<!-- bench_heal:begin -->", "<!-- bench_heal:end -->"
+
+
+def write_docs(body: str) -> None:
+    """Replace the generated block of docs/BENCHMARKS.md ("Healing") with ``body``."""
+    path = ROOT / "docs" / "BENCHMARKS.md"
+    text = path.read_text()
+    if DOCS_BEGIN not in text or DOCS_END not in text:
+        log(f"{path} has no {DOCS_BEGIN} ... {DOCS_END} block: tables not written there")
+        return
+    head, rest = text.split(DOCS_BEGIN, 1)
+    _, tail = rest.split(DOCS_END, 1)
+    stamp = (f"_Tables generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by "
+             "`python scripts/bench_heal.py --part report` from bench_cache/heal/._")
+    path.write_text(f"{head}{DOCS_BEGIN}\n{stamp}\n\n{body}\n{DOCS_END}{tail}")
 
 
 def main() -> None:
