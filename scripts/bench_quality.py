@@ -567,6 +567,8 @@ def report(ks, tasks, lm_k: int) -> str:
              "passes / 30 (plus one LM head per candidate).\n\n" + "\n".join(cost),
              f"### 0-shot lm-eval at k = {lm_k} (limit 500 per task; acc, hellaswag acc_norm; ± stderr)\n\n{table_lm}"
              + (f"\n\n![average retained accuracy at k = {lm_k}](img/{lm_img.name})" if lm_img.is_file() else "")]
+    chosen = {n: tuple(row[lm_k]["removed"]) for n, row in data["strategies"].items() if lm_k in row}
+    parts.append(recommendation(avg, rows, ks, chosen))
     if "search" in data:
         s = data["search"]
         det = s["selection"]["details"]
@@ -575,6 +577,61 @@ def report(ks, tasks, lm_k: int) -> str:
                      f"({len(s['selection']['removed'])} blocks), {det.get('evaluations')} proxy evaluations, "
                      f"proxy {det.get('final')}, WikiText-2 perplexity {ppl and round(ppl, 2)}, {s['seconds']} s")
     return "\n\n".join(parts)
+
+
+#: the toolkit's default (prune.recipe.SelectConfig), and the published one-shot metrics it must match
+DEFAULT_STRATEGY = "contiguous angular"
+PUBLISHED = ("one_shot bi", "one_shot angular")
+
+
+def compare(avg: dict, a: str, b: str) -> str:
+    """``a`` against ``b`` on average retained accuracy: the difference with its standard error
+    (independent errors), called a win or a loss only when it exceeds twice that error."""
+    (ma, sa), (mb, sb) = avg[a], avg[b]
+    diff, se = ma - mb, (sa ** 2 + sb ** 2) ** 0.5
+    verdict = "better" if diff > 2 * se else "worse" if diff < -2 * se else "within the standard error"
+    return f"{100 * ma:.1f}% vs {100 * mb:.1f}% for {b}: {100 * diff:+.1f} points ± {100 * se:.1f} ({verdict})"
+
+
+def recommendation(avg: dict, rows: dict, ks, chosen: dict) -> str:
+    """The evidence for the default strategy and the default token positions, from the cached results."""
+    out = ["### Recommendation", "",
+           f"Default: `select: {{strategy: contiguous, metric: angular}}` ({DEFAULT_STRATEGY}), `score.positions: "
+           "skip_first`. The evidence at k = 7 (average retained accuracy, ± its standard error):", ""]
+    d = DEFAULT_STRATEGY
+    if d not in avg:
+        return "\n".join(out + ["- not measured yet"])
+    for other in ["tail", "random (mean of 3 seeds)", *PUBLISHED, "sleb", "iterative bi", "iterative angular"]:
+        if other in avg:
+            out.append(f"- {d}: {compare(avg, d, other)}")
+    same = [n for n in chosen if n != d and chosen[n] == chosen.get(d)]
+    if same:
+        out.append(f"- {', '.join(same)} chose the same blocks ({' '.join(map(str, chosen[d]))})")
+    best = max((n for n in avg if n != d and n not in same), key=lambda n: avg[n][0], default=None)
+    if best:
+        out.append(f"- the best other strategy measured: {compare(avg, best, d)}")
+    wins = []
+    for i, k in enumerate(ks):
+        vals = {n: v[i] for n, v in rows.items() if v[i]}
+        if d in vals and len(vals) > 1:
+            rank = sorted(vals, key=vals.get).index(d) + 1
+            wins.append(f"k={k}: {vals[d]:.1f}, rank {rank} of {len(vals)}")
+    if wins:
+        out.append(f"- perplexity of {d} (lower is better): " + "; ".join(wins))
+    pos = []
+    for metric in ("cka", "msrs"):
+        a, b = f"one_shot {metric} (all)", f"one_shot {metric} (skip_first)"
+        ppl = [f"k={k}: {rows[a][i]:.3g} -> {rows[b][i]:.3g}" for i, k in enumerate(ks)
+               if a in rows and b in rows and rows[a][i] and rows[b][i]]
+        lm = f"; accuracy {compare(avg, b, a)}" if a in avg and b in avg else ""
+        if ppl or lm:
+            pos.append(f"- {metric.upper()} with all positions -> without the first token: perplexity "
+                       + ", ".join(ppl) + lm)
+    if pos:
+        out += ["", "Token positions (`all` vs `skip_first`): BI and angular distance choose the same blocks either "
+                "way on this model at every k; CKA and MSRS, dominated by the first token's attention-sink "
+                "activations when it counts, choose very differently:", "", *pos]
+    return "\n".join(out)
 
 
 def plots(data, ks, rows, avg, lm_k, dense_ppl, common=()) -> None:
