@@ -609,7 +609,7 @@ def recommendation(avg: dict, rows: dict, ks, chosen: dict) -> str:
         out.append(f"- {', '.join(same)} chose the same blocks ({' '.join(map(str, chosen[d]))})")
     best = max((n for n in avg if n != d and n not in same), key=lambda n: avg[n][0], default=None)
     if best:
-        out.append(f"- the best other strategy measured: {compare(avg, best, d)}")
+        out.append(f"- the best other strategy measured, {best}: {compare(avg, best, d)}")
     wins = []
     for i, k in enumerate(ks):
         vals = {n: v[i] for n, v in rows.items() if v[i]}
