@@ -13,6 +13,7 @@ import sys
 import traceback
 
 from .errors import PruneError
+from .scoring import DEFAULT_POSITIONS
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -75,8 +76,9 @@ def _calibration_flags(p: argparse.ArgumentParser, data_required: bool) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing windows (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    p.add_argument("--positions", choices=["all", "skip_first"], default="all",
-                   help="token positions that count: all, or skip_first (leave out each window's first token)")
+    p.add_argument("--positions", choices=["all", "skip_first"], default=DEFAULT_POSITIONS,
+                   help="token positions that count: skip_first (default: leave out each window's first token, whose "
+                        "attention-sink activations dominate CKA) or all")
     p.add_argument("--metrics", type=_csv, default=["bi", "angular", "cka"], help="comma-separated: bi,angular,cka (default all)")
     p.add_argument("--cka-windows", type=int, default=1, help="windows pooled into one CKA batch (default 1)")
     p.add_argument("--beta", type=float, default=100.0, help="MSRS steepness beta (default 100)")

@@ -28,7 +28,7 @@ from .faults import checkpoint
 from .export import check_output_dir, save
 from .models import load_tokenizer, check_checkpoint_files, check_device_map, check_supported, context_length, count_parameters, load_model, resolve_source
 from .recipe import EvaluateConfig, Recipe, load_recipe
-from .scoring import ScoreResult, score
+from .scoring import DEFAULT_POSITIONS, ScoreResult, score
 from .progress import RunProgress
 from .select import Selection, resolve_count, resolve_protect, select
 
@@ -371,7 +371,7 @@ def pruning_record(recipe: Recipe, src, selection: Selection, kept: list[int], b
 # ---- score / eval subcommands -------------------------------------------------------------
 def score_model(source: str, *, data: str, field: str | list[str] = "text", rows: str | None = None,
                 n_samples: int = 64, seq_len: int = 256, seed: int = 0, batch_size: int = 8,
-                positions: str = "all", metrics=("bi", "angular", "cka"), cka_windows: int = 1,
+                positions: str = DEFAULT_POSITIONS, metrics=("bi", "angular", "cka"), cka_windows: int = 1,
                 beta: float = 100.0, tau: float = 0.8, dtype: str = "auto", device_map=None,
                 trust_remote_code: bool = False, output: str | None = None, quiet: bool = False,
                 execution: str = "auto", max_memory: dict | None = None) -> ScoreResult:

@@ -76,7 +76,7 @@ class CalibrationConfig(TextConfig):
 
 class ScoreConfig(Section):
     metrics: list[Literal["bi", "angular", "cka"]] = ["bi", "angular", "cka"]
-    positions: Literal["all", "skip_first"] = "all"
+    positions: Literal["all", "skip_first"] = "skip_first"  # prune.scoring.DEFAULT_POSITIONS
     cka_windows: int = Field(1, ge=1)
     beta: float = Field(100.0, gt=0)
     tau: float = Field(0.8, gt=0, lt=1)

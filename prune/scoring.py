@@ -39,6 +39,10 @@ from .faults import checkpoint
 from .models import decoder_layers, input_device
 
 POSITIONS = ("all", "skip_first")
+#: Default token positions, decided by the quality benchmark (docs/BENCHMARKS.md, "Recommendation"):
+#: on SmolLM2 BI and angular distance pick the same blocks either way, while CKA and MSRS with
+#: the first token counted follow its attention-sink activations and pick far worse blocks.
+DEFAULT_POSITIONS = "skip_first"
 METRICS = ("bi", "angular", "cka")
 
 
@@ -247,7 +251,7 @@ def score(
     windows: torch.Tensor,
     *,
     batch_size: int = 8,
-    positions: str = "all",
+    positions: str = DEFAULT_POSITIONS,
     metrics: tuple[str, ...] | list[str] = METRICS,
     cka_windows: int = 1,
     beta: float = 100.0,

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .capture import _hidden_from_args, _hidden_from_output, batches
 from .errors import PruneError
-from .scoring import METRICS, ScoreAccumulator, ScoreResult, check_score_args, finish, fold_batch
+from .scoring import DEFAULT_POSITIONS, METRICS, ScoreAccumulator, ScoreResult, check_score_args, finish, fold_batch
 from .skeleton import Skeleton
 
 
@@ -137,7 +137,7 @@ def score_sequential(
     windows: torch.Tensor,
     *,
     batch_size: int = 8,
-    positions: str = "all",
+    positions: str = DEFAULT_POSITIONS,
     metrics: tuple[str, ...] | list[str] = METRICS,
     cka_windows: int = 1,
     beta: float = 100.0,

@@ -37,7 +37,7 @@ from .data import _assemble, _window_body, token_stream
 from .errors import PruneError
 from .evaluate import nll_sum
 from .models import decoder_layers, decoder_layers_path, input_device, pruned_config_updates
-from .scoring import score
+from .scoring import DEFAULT_POSITIONS, score
 from .select import DEFAULT_PROTECT, Selection, metric_values, rank_blocks, resolve_count, resolve_protect
 
 ORDER_BY = ("msrs", "cka", "angular", "bi")
@@ -114,7 +114,7 @@ def _inject(block: nn.Module, states: list[torch.Tensor]):
 
 # ---- iterative -----------------------------------------------------------------------------
 def iterative(model, windows: torch.Tensor, count: int, *, metric: str = "bi", protect=DEFAULT_PROTECT,
-              scores=None, batch_size: int = 8, positions: str = "all", cka_windows: int = 1, beta: float = 100.0,
+              scores=None, batch_size: int = 8, positions: str = DEFAULT_POSITIONS, cka_windows: int = 1, beta: float = 100.0,
               tau: float = 0.8, progress: bool = True, start=(), on_round: Callable[[dict], None] | None = None) -> Selection:
     """Remove ``count`` blocks one at a time: the one ``metric`` ranks most removable in the
     current (pruned) model, re-scored after every removal. ``scores`` of the full model, when

@@ -175,7 +175,8 @@ def test_non_finite_activations_are_excluded_and_recorded(tiny_folder, tmp_path)
     result = prune.run(recipe, quiet=True)
     record = json.loads((tmp_path / "out" / "pruning.json").read_text())
     assert record["scores_before"]["excluded_windows"] == [1]
-    assert result.scores_before.n_tokens == (c["n_samples"] - 1) * c["seq_len"]  # window 1 not counted
+    counted = c["seq_len"] - (result.scores_before.positions == "skip_first")
+    assert result.scores_before.n_tokens == (c["n_samples"] - 1) * counted  # window 1 not counted
     assert all(v == v for v in result.scores_before.block_influence)  # no NaN averaged in
 
 

@@ -78,8 +78,8 @@ def test_scores_do_not_depend_on_batch_size(tokenizers_by_bos, calib_text):
 def test_pooled_cka_batches_are_fixed_groups_of_windows(tokenizers_by_bos, calib_text):
     model = build_model("phi3")
     w = prune.calibration_windows(tokenizers_by_bos[False], calib_text, 6, 16, seed=2)
-    a = prune.score(model, w, batch_size=1, cka_windows=2, progress=False)
-    b = prune.score(model, w, batch_size=5, cka_windows=2, progress=False)  # rounded up to 6
+    a = prune.score(model, w, batch_size=1, cka_windows=2, positions="all", progress=False)
+    b = prune.score(model, w, batch_size=5, cka_windows=2, positions="all", progress=False)  # rounded up to 6
     states, _ = reference_states(model, w)
     L1 = model.config.num_hidden_layers + 1
     for i in range(L1):
