@@ -231,7 +231,8 @@ class HealConfig(Section):
     train_norm: bool = True
     train_lm_head: bool = False
     # replacement layer
-    init: Literal["first_removed", "last_removed", "mean_removed"] = "first_removed"
+    # last_removed: the healing benchmark's best start (docs/BENCHMARKS.md, "Healing")
+    init: Literal["first_removed", "last_removed", "mean_removed"] = "last_removed"
     loss: Literal["mse", "mse+cos"] = "mse"
 
     @field_validator("rank")

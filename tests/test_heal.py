@@ -288,7 +288,8 @@ def test_recipe_with_replace_and_prune_heal_run_dir(tmp_path, tiny_folder):
     assert folder_digest(run_dir) == digest
     rec = json.loads((healed / "pruning.json").read_text())
     assert rec["healing"]["method"] == "replace" and rec["healing"]["from_run"] == str(run_dir.resolve())
-    assert rec["kept"] == sorted(set(range(N_LAYERS)) - set(removed[1:])) and rec["layers_after"] == N_LAYERS - 2
+    # the default init (last_removed) keeps the run's last block as the replacement
+    assert rec["kept"] == sorted(set(range(N_LAYERS)) - set(removed[:-1])) and rec["layers_after"] == N_LAYERS - 2
     assert rec["scores_after"]["n_layers"] == N_LAYERS - 2
     ev = json.loads((healed / "eval.json").read_text())
     assert ev["pruned"]["perplexity"]["perplexity"] > 0 and ev["pruned_before_healing"]["perplexity"]
