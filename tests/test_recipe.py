@@ -10,7 +10,7 @@ from prune import PruneError
 from prune.pipeline import preflight
 from prune.recipe import Recipe, load_recipe
 
-from conftest import WIKI_RAW, tiny_recipe
+from conftest import DATA, WIKI_RAW, tiny_recipe
 
 
 def write(tmp_path, data) -> str:
@@ -121,6 +121,7 @@ def test_every_shipped_recipe_validates(path, monkeypatch, smollm2_path):
     """The offline recipes resolve their data and model here; the GPU ones name Hub models and
     datasets and validate as written (they run where the Hub is reachable)."""
     monkeypatch.setenv("SMOLLM2_GGUF", str(smollm2_path))
+    monkeypatch.setenv("PRUNE_DATA_DIR", str(DATA))
     monkeypatch.chdir(path.parents[1])
     recipe = load_recipe(path)
     assert recipe.output.dir.startswith("runs/")
