@@ -586,10 +586,11 @@ PUBLISHED = ("one_shot bi", "one_shot angular")
 
 def compare(avg: dict, a: str, b: str) -> str:
     """``a`` against ``b`` on average retained accuracy: the difference with its standard error
-    (independent errors), called a win or a loss only when it exceeds twice that error."""
+    (errors taken as independent, which is conservative: both saw the same examples), called a
+    win or a loss only when it exceeds twice that error."""
     (ma, sa), (mb, sb) = avg[a], avg[b]
     diff, se = ma - mb, (sa ** 2 + sb ** 2) ** 0.5
-    verdict = "better" if diff > 2 * se else "worse" if diff < -2 * se else "within the standard error"
+    verdict = "better" if diff > 2 * se else "worse" if diff < -2 * se else "within two standard errors: not a claim"
     return f"{100 * ma:.1f}% vs {100 * mb:.1f}% for {b}: {100 * diff:+.1f} points ± {100 * se:.1f} ({verdict})"
 
 
