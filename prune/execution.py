@@ -192,7 +192,7 @@ def check_sequential_recipe(recipe, plan: ExecutionPlan) -> None:
 
 
 def run_sequential(recipe, facts: dict, plan: ExecutionPlan, *, overwrite: bool = False, quiet: bool = False,
-                   started: float | None = None, progress=None):
+                   started: float | None = None, progress):
     """``prune.run`` out of core: sequential scoring before (and of the kept blocks after),
     selection from the scores, and the pruned checkpoint written from the shards."""
     from transformers import AutoTokenizer
@@ -216,10 +216,8 @@ def run_sequential(recipe, facts: dict, plan: ExecutionPlan, *, overwrite: bool 
     say(f"scoring {facts['n_layers']} blocks one at a time on {c.n_samples} windows x {c.seq_len} tokens", quiet)
     from .scoring import ScoreResult
 
-    stored = progress.get("scores") if progress is not None else None
-    before = ScoreResult.from_dict(stored) if stored else score_sequential(folder, windows, **kwargs)
-    if progress is not None and not stored:
-        progress.put("scores", before.to_dict())
+    before = progress.stage("scores", lambda: score_sequential(folder, windows, **kwargs),
+                            ScoreResult.to_dict, ScoreResult.from_dict)
     selection = select(before, sel.n_layers, fraction=sel.fraction, strategy=sel.strategy, metric=sel.metric,
                        protect=sel.protect, seed=sel.seed)
     kept = selection.kept
@@ -233,11 +231,10 @@ def run_sequential(recipe, facts: dict, plan: ExecutionPlan, *, overwrite: bool 
                  "layers_after": len(kept), "model_type": facts["model_type"]}
     pruning = pruning_record(recipe, facts["source"], selection, kept, before, after, run_facts, None, started)
     pruning["execution"] = plan.to_dict()
-    pruning["resumed"] = progress.resumed if progress is not None else []
+    pruning["resumed"] = progress.resumed
     out = prune_checkpoint(folder, selection.removed, recipe.output.dir, pruning=pruning,
                            files={"recipe.yaml": recipe.to_yaml()}, overwrite=overwrite or recipe.output.overwrite,
                            trust_remote_code=recipe.model.trust_remote_code)
-    if progress is not None:
-        progress.finish()
+    progress.finish()
     say(f"saved {out} (written from the source shards, out of core)", quiet)
     return RunResult(out, selection, before, after, {}, pruning)

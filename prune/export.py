@@ -79,10 +79,8 @@ def staged(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     (replacing an existing one only then), on any error it is removed. A disk that fills up
     becomes one :class:`PruneError` line; staging folders of killed runs are cleared first."""
     out = check_output_dir(out_dir, overwrite)
-    remove_stale_staging(out)
+    remove_stale_staging(out)  # includes a leftover of this very process
     stage = staging_dir(out)
-    if stage.exists():
-        shutil.rmtree(stage)
     try:
         stage.mkdir(parents=True)
         (stage / INCOMPLETE_MARKER).write_text("This folder is being written and is not a finished checkpoint.\n")
@@ -115,11 +113,11 @@ def remove_stale_staging(out: Path) -> list[Path]:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: alive, owned by someone else
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 

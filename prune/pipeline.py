@@ -276,24 +276,17 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     say(f"scoring {facts['n_layers']} blocks on {c.n_samples} windows x {c.seq_len} tokens", quiet)
     score_kwargs = dict(batch_size=c.batch_size, positions=s.positions, metrics=tuple(s.metrics),
                         cka_windows=s.cka_windows, beta=s.beta, tau=s.tau, progress=not quiet)
-    stored = progress.get("scores")
-    scores_before = ScoreResult.from_dict(stored) if stored else score(model, windows, **score_kwargs)
-    if not stored:
-        progress.put("scores", scores_before.to_dict())
+    scores_before = progress.stage("scores", lambda: score(model, windows, **score_kwargs),
+                                   ScoreResult.to_dict, ScoreResult.from_dict)
     checkpoint("scored")
-    stored = progress.get("selection")
-    selection = Selection.from_dict(stored) if stored else \
-        choose_blocks(model, tokenizer, windows, scores_before, recipe, quiet)
-    if not stored:
-        progress.put("selection", selection.to_dict())
+    selection = progress.stage("selection", lambda: choose_blocks(model, tokenizer, windows, scores_before, recipe, quiet),
+                               Selection.to_dict, Selection.from_dict)
     checkpoint("selected")
     say(f"removing {len(selection.removed)} of {facts['n_layers']} blocks (0-based): {selection.removed}", quiet)
 
-    original = progress.get("original")
-    if original is None:
-        original = evaluate_loaded(model, tokenizer, recipe.evaluate, quiet=quiet, label="original: ") \
-            if recipe.evaluate and recipe.evaluate.original else {}
-        progress.put("original", original)
+    original = progress.stage("original", lambda: evaluate_loaded(model, tokenizer, recipe.evaluate, quiet=quiet,
+                                                                  label="original: ")
+                              if recipe.evaluate and recipe.evaluate.original else {})
     checkpoint("evaluated_original")
     params_before = count_parameters(model)
     from .surgery import remove_layers

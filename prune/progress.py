@@ -31,7 +31,7 @@ def progress_dir(out_dir: str | os.PathLike) -> Path:
 
 def fingerprint(recipe) -> dict:
     """The recipe as the stored stages depend on it: everything except the ``output`` section."""
-    data = json.loads(json.dumps(recipe.model_dump(mode="json"), default=str))
+    data = recipe.model_dump(mode="json")
     data.pop("output", None)
     return data
 
@@ -61,6 +61,16 @@ class RunProgress:
     def found(self) -> list[str]:
         """The stages a resumed run will reuse."""
         return [s for s in STAGES if self.resume and (self.folder / f"{s}.json").is_file()]
+
+    def stage(self, name: str, compute, encode=lambda x: x, decode=lambda x: x):
+        """``decode(stored)`` when resuming a run that finished stage ``name``; otherwise
+        ``compute()``, stored as ``encode(result)`` before it is returned."""
+        stored = self.get(name)
+        if stored is not None:
+            return decode(stored)
+        result = compute()
+        self.put(name, encode(result))
+        return result
 
     def get(self, stage: str):
         if not self.resume:

@@ -120,6 +120,20 @@ def test_non_finite_windows_are_excluded_and_counted(tokenizers_by_bos, calib_te
     assert all(math.isfinite(v) for row in dirty.cka for v in row)
 
 
+def test_every_window_non_finite_is_refused(tokenizers_by_bos, calib_text):
+    model = build_model("llama")
+    w = prune.calibration_windows(tokenizers_by_bos[True], calib_text, 4, 16)
+
+    def overflow(module, args, output):
+        output[:, 2, 0] = float("inf")
+        return output
+
+    handle = decoder_layers(model)[1].register_forward_hook(overflow)
+    with pytest.raises(PruneError, match=r"every calibration window had non-finite activations \(try dtype float32"):
+        prune.score(model, w, batch_size=2, progress=False)
+    handle.remove()
+
+
 def test_half_precision_model_scores_in_float32(tokenizers_by_bos, calib_text):
     model = build_model("qwen2")
     w = prune.calibration_windows(tokenizers_by_bos[False], calib_text, 4, 24)
