@@ -19,19 +19,22 @@ Models larger than memory, one block at a time, straight from the safetensors sh
     prune.prune_checkpoint("path/to/model", [12, 13, 14], "out/pruned")
 """
 
-from .data import TextSource, calibration_windows, eval_windows, load_text
-from .errors import PruneError, UnsupportedModelError
-from .export import save
-from .heal import heal_model
-from .models import SUPPORTED_MODEL_TYPES, count_parameters, decoder_layers, load_model
-from .outofcore import prune_checkpoint
-from .report import write_report
-from .scoring import ScoreResult, score
-from .select import Selection, select
-from .sequential import score_sequential
-from .strategies import iterative, search, skip_blocks, sleb
-from .surgery import remove_layers
-from .pipeline import evaluate_model, run, score_model  # noqa: E402  (uses the modules above)
+from prune.core.config import TextSource
+from prune.io.text import calibration_windows, eval_windows, load_text
+from prune.core.errors import PruneError, UnsupportedModelError
+from prune.export.save import save
+from prune.heal.methods import heal_model
+from prune.model.loading import SUPPORTED_MODEL_TYPES, count_parameters, decoder_layers, load_model
+from prune.export.outofcore import prune_checkpoint
+from prune.export.report import write_report
+from prune.measure.scoring import ScoreResult, score
+from prune.choose.rules import Selection, select
+from prune.measure.sequential import score_sequential
+from prune.choose.strategies import iterative, search, skip_blocks, sleb
+from prune.model.surgery import remove_layers
+from prune.pipeline.commands import evaluate_model, score_model
+from prune.pipeline.orchestrator import run
+from prune.core.console import __version__
 
 load = load_model
 
@@ -66,4 +69,7 @@ __all__ = [
     "write_report",
 ]
 
-__version__ = "0.1.0"
+
+from prune import _compat  # noqa: E402  (old module names, deprecated)
+
+_compat.install()

@@ -12,8 +12,8 @@ import os
 import sys
 import traceback
 
-from .errors import PruneError
-from .scoring import DEFAULT_POSITIONS
+from prune.core.errors import PruneError
+from prune.measure.scoring import DEFAULT_POSITIONS
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -61,7 +61,7 @@ def add_run(sub) -> None:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import run
+    from prune.pipeline.orchestrator import run
 
     run(args.recipe, overrides=args.overrides, overwrite=args.overwrite, quiet=args.quiet, resume=args.resume)
     return 0
@@ -111,7 +111,7 @@ def add_score(sub) -> None:
 
 
 def cmd_score(args) -> int:
-    from .pipeline import score_model
+    from prune.pipeline.commands import score_model
 
     result = score_model(args.model, output=args.output, **_score_kwargs(args))
     print(result.table())
@@ -146,8 +146,8 @@ def add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .pipeline import evaluate_model
-    from .recipe import EvaluateConfig, PerplexityConfig
+    from prune.pipeline.commands import evaluate_model
+    from prune.core.config import EvaluateConfig, PerplexityConfig
 
     if not args.tasks and not args.perplexity_data:
         raise PruneError("nothing to evaluate: give --tasks and/or --perplexity-data")
@@ -189,7 +189,7 @@ def add_check(sub) -> None:
 
 
 def cmd_check(args) -> int:
-    from .check import check_checkpoint
+    from prune.export.check import check_checkpoint
 
     report = check_checkpoint(args.output_dir, require_export=args.require_export)
     print(report.summary())
@@ -218,7 +218,7 @@ def add_push(sub) -> None:
 
 
 def cmd_push(args) -> int:
-    from .hub import push
+    from prune.export.push import push
 
     push(args.output_dir, args.repo_id, revision=args.revision, private=args.private,
          commit_message=args.commit_message, dry_run=args.dry_run, quiet=args.quiet)
@@ -241,7 +241,7 @@ def add_remove(sub) -> None:
 
 
 def cmd_remove(args) -> int:
-    from .outofcore import prune_checkpoint
+    from prune.export.outofcore import prune_checkpoint
 
     try:
         blocks = [int(b) for b in args.blocks]
@@ -278,7 +278,7 @@ def add_report(sub) -> None:
 
 
 def cmd_report(args) -> int:
-    from .report import default_output, is_run_dir, report_model, report_run
+    from prune.export.report import default_output, is_run_dir, report_model, report_run
 
     out = args.output or default_output(args.source)
     if is_run_dir(args.source):
@@ -319,7 +319,7 @@ def add_heal(sub) -> None:
 
 
 def cmd_heal(args) -> int:
-    from .heal_run import heal_run
+    from prune.pipeline.heal_run import heal_run
 
     heal_run(args.run_dir, args.output, method=args.method, config=args.config, data=args.data, field=args.field,
              rows=args.rows, overrides=args.overrides, evaluate=args.evaluate, overwrite=args.overwrite, quiet=args.quiet)
@@ -333,7 +333,7 @@ SUBCOMMANDS = [add_run, add_score, add_eval, add_report, add_heal, add_remove, a
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prune", description="Measure and remove redundant decoder layers of LLMs. "
                                      "Block indices are 0-based everywhere.")
-    from . import __version__
+    from prune.core.console import __version__
 
     parser.add_argument("--version", action="version", version=f"prune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

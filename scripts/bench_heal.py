@@ -43,9 +43,15 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
 
 import prune  # noqa: E402
-from prune.evaluate import perplexity  # noqa: E402
-from prune.heal import (heal_config, heal_model, heal_replacement, plan_replacement, replacement_init,  # noqa: E402
-                        training_windows)
+from prune.measure.perplexity import perplexity
+from prune.heal.methods import (
+    heal_config,
+    heal_model,
+    heal_replacement,
+    plan_replacement,
+    replacement_init,
+    training_windows,
+)
 
 DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
 WIKI = DATA / "wikitext2_raw" / "wiki.test.raw"
@@ -261,7 +267,7 @@ def part_init() -> None:
 
 # ---- part: lm-eval ---------------------------------------------------------------------------------------
 def part_lmeval() -> None:
-    from prune.lmeval import evaluate_tasks
+    from prune.measure.lmeval import evaluate_tasks
 
     base, tok = load_dense()
     run = removed_blocks(base, tok)

@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import prune  # noqa: E402
-from prune.evaluate import perplexity  # noqa: E402
-from prune.select import Selection, select  # noqa: E402
+from prune.measure.perplexity import perplexity
+from prune.choose.rules import Selection, select
 
 DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
 WIKI = DATA / "wikitext2_raw" / "wiki.test.raw"
@@ -156,7 +156,7 @@ def greedy_trace(ctx: Context, name: str, params: dict, k: int) -> dict:
     data = read(path) or {"trace": [], "seconds": 0.0}
     if len(data["trace"]) >= k:
         return data
-    from prune import strategies as ST
+    from prune.choose import strategies as ST
 
     with claim(path) as mine:
         if not mine:
@@ -210,7 +210,7 @@ def search_selection(ctx: Context) -> dict:
     path = CACHE / "selections" / "search.json"
     data = read(path)
     if data is None:
-        from prune import strategies as ST
+        from prune.choose import strategies as ST
 
         log(f"search {SEARCH}")
         started = time.time()
@@ -279,7 +279,7 @@ def lmeval_done(removed, tasks) -> bool:
 
 
 def lmeval_of(ctx: Context, removed, tasks, limit) -> dict | None:
-    from prune.lmeval import evaluate_tasks
+    from prune.measure.lmeval import evaluate_tasks
 
     path = CACHE / "lmeval" / f"{set_key(removed)}.json"
     with claim(path) as mine:
@@ -418,7 +418,7 @@ def names_for(kind_filter: str, only: str | None) -> list[str]:
 
 # ---- report: tables and plots ----------------------------------------------------------------
 def headline(task: str) -> str:
-    from prune.lmeval import HEADLINE
+    from prune.measure.lmeval import HEADLINE
 
     return HEADLINE.get(task, "acc")
 
@@ -579,7 +579,7 @@ def report(ks, tasks, lm_k: int) -> str:
     return "\n\n".join(parts)
 
 
-#: the toolkit's default (prune.recipe.SelectConfig), and the published one-shot metrics it must match
+#: the toolkit's default (prune.pipeline.recipe.SelectConfig), and the published one-shot metrics it must match
 DEFAULT_STRATEGY = "contiguous angular"
 PUBLISHED = ("one_shot bi", "one_shot angular")
 

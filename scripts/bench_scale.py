@@ -11,7 +11,7 @@ Cases (each cached as JSON under bench_cache/scale/, so a rerun resumes; --fresh
                  rounds (best of 3): bare ``torch.no_grad()`` forward of the full model and of
                  ``model.base_model``, ``prune.score`` with BI + angular and with BI + angular +
                  CKA + MSRS, and the common ``output_hidden_states=True`` approach (keep every
-                 hidden state, then compute the same metrics with prune.metrics).
+                 hidden state, then compute the same metrics with prune.core.metrics).
 * ``memory``     peak RSS of each of those methods, one child process each (``VmHWM`` reset
                  after the model is loaded, so the peak is exact).
 * ``profile``    the same model and windows: one ``prune.score`` call per metric set, with the
@@ -153,7 +153,7 @@ def method_fns(model, windows, batch_size: int = 8):
     import torch
 
     import prune
-    from prune import metrics as M
+    from prune.core import metrics as M
 
     def forward_full():
         with torch.no_grad():
@@ -254,7 +254,8 @@ def case_memory() -> dict:
 def case_profile() -> dict:
     """Where ``prune.score``'s time goes, measured inside one call (so load swings on the shared
     machine hit every part alike): the model forward, the hooks' state copies, the metric updates."""
-    from prune import capture, scoring
+    from prune.model import capture
+    from prune.measure import scoring
 
     model, windows = load_smollm2(2 if SMOKE else 64)
     spent = {"copy": [0.0, 0.0], "metrics": [0.0, 0.0]}
@@ -360,12 +361,12 @@ def child_big(what: str, folder: str, n_windows: str) -> dict:
         scores = prune.score(model, windows, batch_size=8, progress=False)
         result["scores"] = scores.to_dict()
     elif what == "sequential":
-        from prune.sequential import score_sequential
+        from prune.measure.sequential import score_sequential
 
         scores = score_sequential(folder, windows, batch_size=8, progress=False)
         result["scores"] = scores.to_dict()
     elif what == "prune_outofcore":
-        from prune.outofcore import prune_checkpoint
+        from prune.export.outofcore import prune_checkpoint
 
         prune_checkpoint(folder, list(range(12, 18)), out, overwrite=True)
     elif what == "prune_in_memory":
@@ -408,7 +409,7 @@ def _tensors_equal(a: Path, b: Path) -> bool:
     """Tensor-for-tensor equality of two checkpoints, one tensor at a time."""
     import torch
 
-    from prune.checkpoint import Checkpoint
+    from prune.io.safetensors import Checkpoint
 
     ca, cb = Checkpoint(a), Checkpoint(b)
     if set(ca.entries) != set(cb.entries):
@@ -422,7 +423,7 @@ def child_baseline() -> dict:
     import transformers  # noqa: F401
 
     import prune  # noqa: F401
-    from prune import sequential  # noqa: F401
+    from prune.measure import sequential
 
     return {"max_rss": max_rss()}
 

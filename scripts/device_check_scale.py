@@ -76,7 +76,7 @@ def timing(out: str) -> None:
 
     import prune
     from bench_scale import method_fns
-    from prune.sequential import score_sequential
+    from prune.measure.sequential import score_sequential
 
     small = os.environ.get("DEVICE_CHECK_SMALL") == "1"  # a CPU dry run of this script, not a result
     assert small or torch.cuda.is_available(), "no CUDA GPU"

@@ -86,7 +86,7 @@ def build_model(model_type: str, seed: int = 0, redundant=(), **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if redundant:
-        from prune.models import decoder_layers
+        from prune.model.loading import decoder_layers
 
         layers = decoder_layers(model)
         with torch.no_grad():

@@ -8,7 +8,8 @@ import torch
 
 import prune
 from prune import PruneError
-from prune.models import check_checkpoint_files, resolve_source
+from prune.model.loading import check_checkpoint_files
+from prune.io.source import resolve_source
 
 from conftest import build_model, smollm2_gguf, tiny_recipe
 
@@ -58,7 +59,7 @@ def test_folder_without_weights(tiny_folder, tmp_path):
 
 
 def test_tokenizer_without_pad_unk_eos_is_refused_before_lm_eval(tiny_folder, tmp_path):
-    from prune.lmeval import check_tokenizer
+    from prune.measure.lmeval import check_tokenizer
 
     folder = copy_model(tiny_folder, tmp_path / "m")
     cfg = json.loads((folder / "tokenizer_config.json").read_text())
@@ -85,7 +86,7 @@ def test_lm_eval_does_not_change_the_tokenizer_that_is_saved(tiny_folder, tmp_pa
 
 
 def test_calibration_problems_fail_before_the_model_loads(tiny_folder, tmp_path, monkeypatch):
-    import prune.pipeline as P
+    import prune.pipeline.orchestrator as P
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")

@@ -12,7 +12,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from prune.scoring import ScoreResult
+from prune.measure.scoring import ScoreResult
 
 from conftest import DATA, ROOT, WIKI_RAW, tiny_recipe
 

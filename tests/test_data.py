@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prune import PruneError, TextSource, calibration_windows, eval_windows, load_text
-from prune.data import needs_bos, token_stream
+from prune.io.text import needs_bos, token_stream
 
 from conftest import WIKI_JSONL, WIKI_RAW
 

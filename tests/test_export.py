@@ -14,12 +14,13 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 
 import prune
-from prune.card import RELATION, card_data, is_hub_dataset, render_card
-from prune.errors import PruneError
-from prune.lineage import chain, extend, normalize_step, source_license
-from prune.models import ModelSource
-from prune.pipeline import comparison_markdown, run
-from prune.recipe import load_recipe
+from prune.export.card import RELATION, card_data, is_hub_dataset, render_card
+from prune.core.errors import PruneError
+from prune.export.lineage import chain, extend, normalize_step, source_license
+from prune.io.source import ModelSource
+from prune.core.tables import comparison_markdown
+from prune.pipeline.orchestrator import run
+from prune.pipeline.recipe import load_recipe
 
 from conftest import ROOT, WIKI_RAW
 from export_fixtures import recipe, save_source
@@ -220,7 +221,7 @@ def test_license_read_from_gguf_metadata(smollm2_path):
 def test_hub_license_lookup_never_fails_offline_or_unreachable(tmp_path):
     """Offline mode, and an online Hub that cannot be reached (HF_ENDPOINT on a closed local
     port), both give an unknown license, quickly, instead of an error."""
-    code = ("from prune.lineage import source_license, read_parent; from prune.models import ModelSource; "
+    code = ("from prune.export.lineage import source_license, read_parent; from prune.model.loading import ModelSource; "
             "s = ModelSource('hub', 'HuggingFaceTB/SmolLM2-135M-Instruct'); print(source_license(s), read_parent(s, 30))")
     for offline in ("1", "0"):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": offline,
@@ -241,7 +242,7 @@ def test_push_to_hub_in_recipe_is_checked_before_loading(two_steps, tmp_path):
 
 
 def test_template_is_shipped_as_package_data():
-    from prune.card import template_path
+    from prune.export.card import template_path
 
     assert template_path().is_file() and "{{ card_data }}" in template_path().read_text()
     pyproject = (ROOT / "pyproject.toml").read_text()
@@ -254,8 +255,8 @@ def test_smollm2_prune_twice_check_card_and_dry_run(smollm2_folder, tmp_path):
     """SmolLM2-135M (30 blocks) pruned by 7 then 3 more blocks on real WikiText-2: both
     folders pass `check`, the second card shows the two-step lineage in original indices,
     and the dry run lists every file."""
-    from prune.check import check_checkpoint
-    from prune.hub import push
+    from prune.export.check import check_checkpoint
+    from prune.export.push import push
 
     def smol_recipe(source, out, n):
         return recipe(source, out, n, calibration={"n_samples": 8, "seq_len": 128},

@@ -2,7 +2,7 @@
 determinism, and a planted Hub token that must never reach any output.
 
 Kills and interrupts go through the real entry point in a subprocess (``PRUNE_FAULT``, see
-``prune.faults``): SIGKILL runs no cleanup code, like a power cut."""
+``prune.core.faults``): SIGKILL runs no cleanup code, like a power cut."""
 
 import hashlib
 import json
@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM
 
 import prune
 from prune import PruneError
-from prune.export import INCOMPLETE_MARKER
-from prune.progress import progress_dir
+from prune.export.save import INCOMPLETE_MARKER
+from prune.pipeline.progress import progress_dir
 
 from conftest import tiny_recipe
 

@@ -1,4 +1,4 @@
-"""Healing (prune.heal): LoRA merged back, a trained replacement block, partial fine-tuning.
+"""Healing (prune.heal.methods): LoRA merged back, a trained replacement block, partial fine-tuning.
 
 Each method on tiny fixture models: the loss goes down, only the intended parameters change,
 the healed model saves and reloads with plain transformers to identical logits, and no
@@ -19,9 +19,9 @@ from transformers import AutoModelForCausalLM
 
 import prune
 from prune import PruneError
-from prune.heal import heal_model, mean_lm_loss
-from prune.pipeline import run
-from prune.models import decoder_layers
+from prune.heal.methods import heal_model, mean_lm_loss
+from prune.pipeline.orchestrator import run
+from prune.model.loading import decoder_layers
 
 from conftest import DATA, N_LAYERS, ROOT, WIKI_RAW, build_model
 
@@ -65,7 +65,7 @@ def test_lora_trains_only_targets_merges_and_reloads(arch, tokenizers_by_bos, tm
     prune.remove_layers(model, RUN)
     before = snapshot(model)
     cls = type(model)
-    from prune.heal import training_windows, heal_config
+    from prune.heal.methods import training_windows, heal_config
 
     train_w, val_w = training_windows(tok, heal_config("lora", C4_DATA, **FAST))
     loss0 = mean_lm_loss(model, train_w)
@@ -230,8 +230,8 @@ def test_bad_heal_settings_fail_at_validation(tmp_path, tiny_folder, heal, selec
     ({"method": "replace", "seq_len": 1024}, "longer than the model's context"),
 ])
 def test_bad_heal_settings_fail_at_preflight(tmp_path, tiny_folder, heal, message):
-    from prune.pipeline import preflight
-    from prune.recipe import load_recipe
+    from prune.pipeline.orchestrator import preflight
+    from prune.pipeline.recipe import load_recipe
 
     with pytest.raises(PruneError) as err:
         preflight(load_recipe(_recipe(tmp_path, **heal)))
@@ -240,8 +240,8 @@ def test_bad_heal_settings_fail_at_preflight(tmp_path, tiny_folder, heal, messag
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without a GPU")
 def test_fp16_without_gpu_is_refused(tmp_path, tiny_folder):
-    from prune.pipeline import preflight
-    from prune.recipe import load_recipe
+    from prune.pipeline.orchestrator import preflight
+    from prune.pipeline.recipe import load_recipe
 
     with pytest.raises(PruneError, match="fp16 needs a CUDA GPU"):
         preflight(load_recipe(_recipe(tmp_path, method="lora", mixed_precision="fp16")))
@@ -264,7 +264,7 @@ def folder_digest(folder) -> str:
 
 
 def test_recipe_with_replace_and_prune_heal_run_dir(tmp_path, tiny_folder):
-    from prune.heal_run import heal_run
+    from prune.pipeline.heal_run import heal_run
 
     result = run(_recipe(tmp_path, method="replace"), quiet=True)
     out = result.out_dir
@@ -343,7 +343,7 @@ def test_cli_heal_partial(tmp_path, tiny_folder):
 def test_smollm2_replacement_layer_beats_plain_removal(smollm2_folder):
     """SmolLM2-135M, blocks 12-18 (the contiguous angular choice): a replacement block trained
     briefly on C4 gives a lower WikiText-2 perplexity than removing the seven blocks."""
-    from prune.evaluate import perplexity
+    from prune.measure.perplexity import perplexity
 
     held_out = prune.load_text(prune.TextSource(str(WIKI_RAW), rows="2000:"))
     run = list(range(12, 19))
@@ -361,7 +361,7 @@ def test_smollm2_replacement_layer_beats_plain_removal(smollm2_folder):
 
 
 def test_learning_rate_schedule():
-    from prune.training import lr_lambda
+    from prune.heal.training import lr_lambda
 
     cosine = [lr_lambda(40, "cosine")(s) for s in range(40)]
     assert cosine[:2] == [0.5, 1.0]  # warmup over ceil(5% of 40) = 2 steps

@@ -17,10 +17,10 @@ import pytest
 from huggingface_hub.utils import filter_repo_objects
 
 import prune
-from prune.check import check_checkpoint, read_safetensors_header
-from prune.errors import PruneError
-from prune.hub import push, upload_files
-from prune.pipeline import run
+from prune.export.check import check_checkpoint, read_safetensors_header
+from prune.core.errors import PruneError
+from prune.export.push import push, upload_files
+from prune.pipeline.orchestrator import run
 
 from conftest import ROOT
 from export_fixtures import folder_digest, recipe, save_source

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import prune
-from prune.evaluate import perplexity
+from prune.measure.perplexity import perplexity
 
 from conftest import WIKI_RAW
 
@@ -52,7 +52,7 @@ def test_quick_recipe_end_to_end(smollm2_folder, tmp_path):
     """recipes/smollm2-quick.yaml as shipped, with small limits: chosen layers, a before/after
     table of perplexity and two lm-eval tasks on real data, and the output folder."""
     from conftest import DATA, ROOT
-    from prune.pipeline import run
+    from prune.pipeline.orchestrator import run
 
     result = run(ROOT / "recipes" / "smollm2-quick.yaml", quiet=True, overrides=[
         f"model.source={smollm2_folder}", f"output.dir={tmp_path / 'out'}", f"calibration.path={WIKI_RAW}",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from prune import metrics as M
+from prune.core import metrics as M
 
 
 def ref_hsic_unbiased(K: np.ndarray, L: np.ndarray) -> float:

@@ -3,7 +3,8 @@ import torch
 
 import prune
 from prune import PruneError, UnsupportedModelError
-from prune.models import decoder_layers_path, resolve_source
+from prune.model.loading import decoder_layers_path
+from prune.io.source import resolve_source
 
 from conftest import N_LAYERS, build_model
 
@@ -59,7 +60,7 @@ def test_hub_id_offline_fails_cleanly():
 
 
 def test_absent_device_and_disk_without_folder_are_refused(tmp_path):
-    from prune.models import check_device_map
+    from prune.model.loading import check_device_map
 
     with pytest.raises(PruneError, match="not present"):
         check_device_map({"model.layers.0": "cuda:7"} if not torch.cuda.is_available() else {"x": "cuda:99"}, None)

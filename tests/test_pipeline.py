@@ -5,7 +5,8 @@ import json
 import pytest
 
 import prune
-from prune.pipeline import comparison_markdown, run
+from prune.core.tables import comparison_markdown
+from prune.pipeline.orchestrator import run
 
 from conftest import DATA, tiny_recipe
 

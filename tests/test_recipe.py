@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from prune import PruneError
-from prune.pipeline import preflight
-from prune.recipe import Recipe, load_recipe
+from prune.pipeline.orchestrator import preflight
+from prune.pipeline.recipe import Recipe, load_recipe
 
 from conftest import DATA, WIKI_RAW, tiny_recipe
 

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 import prune
-from prune.report import cka_heatmap, report_run
-from prune.scoring import ScoreResult
+from prune.export.report import cka_heatmap, report_run
+from prune.measure.scoring import ScoreResult
 
 from conftest import ROOT, WIKI_RAW, build_model
 
@@ -24,7 +24,7 @@ PNGS_RUN = ["cka_original.png", "cka_pruned.png", "blocks_original.png", "blocks
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tokenizers_by_bos):
     """A real ``prune run`` output folder: tiny Llama with planted redundancy, search strategy."""
-    from prune.pipeline import run
+    from prune.pipeline.orchestrator import run
 
     tmp = tmp_path_factory.mktemp("report")
     folder = prune.save(build_model("llama", redundant=(2, 5)), tokenizers_by_bos[True], tmp / "tiny")
@@ -105,7 +105,7 @@ def test_cli_report_run_folder_and_model(run_dir, tmp_path):
 @pytest.mark.integration
 def test_report_on_smollm2(smollm2_folder, tmp_path):
     """The real model: the sink block 11 shows as a CKA cliff, 30 x 30 heatmap, contiguous marks 7 blocks."""
-    from prune.report import report_model
+    from prune.export.report import report_model
 
     out = report_model(str(smollm2_folder), tmp_path / "rep", n_layers=7, data=str(WIKI_RAW), rows="0:2000",
                        n_samples=4, seq_len=128, batch_size=4, quiet=True)

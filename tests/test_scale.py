@@ -11,11 +11,11 @@ from transformers import AutoModelForCausalLM
 
 import prune
 from prune import PruneError
-from prune.checkpoint import Checkpoint
-from prune.execution import plan_execution
-from prune.models import decoder_layers_path
-from prune.outofcore import prune_checkpoint
-from prune.sequential import score_sequential
+from prune.io.safetensors import Checkpoint
+from prune.pipeline.execution import plan_execution
+from prune.model.loading import decoder_layers_path
+from prune.export.outofcore import prune_checkpoint
+from prune.measure.sequential import score_sequential
 
 from conftest import ARCHS, BOS_ARCHS, WIKI_RAW, build_model
 
@@ -72,7 +72,7 @@ def all_tensors(folder) -> dict[str, torch.Tensor]:
 # ---- 0. the streamed metric kernels used by both paths ---------------------------------------------
 @pytest.mark.parametrize("as_list", [False, True])
 def test_cosine_sums_match_direct_computation(as_list):
-    from prune import metrics as M
+    from prune.core import metrics as M
 
     gen = torch.Generator().manual_seed(0)
     states = torch.randn(6, 50, 16, generator=gen)
@@ -168,8 +168,8 @@ def test_sequential_subset_of_blocks_scores_the_pruned_model(arch, tokenizers_by
 
 def test_sequential_holds_one_block_at_a_time(tokenizers_by_bos, calib_text, tmp_path, monkeypatch):
     """While block l runs, no other block and no embedding holds real weights."""
-    from prune import sequential
-    from prune.skeleton import Skeleton
+    from prune.measure import sequential
+    from prune.model.skeleton import Skeleton
 
     _, tok, folder = saved(tmp_path, "llama", tokenizers_by_bos)
     seen = []
@@ -322,7 +322,7 @@ def _recipe(folder, out, execution, **select):
 
 
 def test_run_sequential_equals_run_in_memory(tokenizers_by_bos, tmp_path, capsys):
-    from prune.pipeline import run
+    from prune.pipeline.orchestrator import run
 
     _, _, folder = saved(tmp_path, "gemma2", tokenizers_by_bos, max_shard_size="150KB")
     mem = run(_recipe(folder, tmp_path / "mem", "in_memory"))
@@ -342,7 +342,7 @@ def test_run_sequential_equals_run_in_memory(tokenizers_by_bos, tmp_path, capsys
 
 
 def test_run_auto_chooses_sequential_when_memory_is_short(tokenizers_by_bos, tmp_path, capsys):
-    from prune.pipeline import run
+    from prune.pipeline.orchestrator import run
 
     _, _, folder = saved(tmp_path, "llama", tokenizers_by_bos)
     recipe = _recipe(folder, tmp_path / "out", "auto")
@@ -360,7 +360,7 @@ def test_run_auto_chooses_sequential_when_memory_is_short(tokenizers_by_bos, tmp
 
 
 def test_score_model_sequential_says_so(tokenizers_by_bos, tmp_path, capsys):
-    from prune.pipeline import score_model
+    from prune.pipeline.commands import score_model
 
     _, _, folder = saved(tmp_path, "mistral", tokenizers_by_bos)
     kwargs = dict(data=str(WIKI_RAW), rows="0:300", n_samples=4, seq_len=32, batch_size=2)
@@ -426,8 +426,8 @@ def test_smollm2_sequential_and_outofcore_equal_in_memory(smollm2_folder, tmp_pa
 
 
 def test_out_of_core_recipe_runs(tokenizers_by_bos, tmp_path, monkeypatch):
-    from prune.pipeline import run
-    from prune.recipe import load_recipe
+    from prune.pipeline.orchestrator import run
+    from prune.pipeline.recipe import load_recipe
 
     _, _, folder = saved(tmp_path, "qwen3", tokenizers_by_bos)
     monkeypatch.setenv("PRUNE_MODEL", str(folder))

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import prune
-from prune import PruneError, metrics as M
-from prune.capture import BlockStates
-from prune.models import decoder_layers
+from prune.core import metrics as M
+from prune import PruneError
+from prune.model.capture import BlockStates
+from prune.model.loading import decoder_layers
 
 from conftest import build_model
 

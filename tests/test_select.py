@@ -2,7 +2,7 @@ import pytest
 
 import prune
 from prune import PruneError
-from prune.scoring import ScoreResult
+from prune.measure.scoring import ScoreResult
 
 
 def fake_scores(bi, angular=None, cka=None, msrs=None) -> ScoreResult:
@@ -67,7 +67,7 @@ def test_msrs_ranks_by_contribution_with_cka_tie_break():
             cka[i + 1][j + 1] = S[i][j]
     import torch
 
-    from prune.metrics import msrs
+    from prune.core.metrics import msrs
 
     m = msrs(torch.tensor(S)).to_dict()
     s = fake_scores([0.1] * L, cka=cka, msrs=m)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import prune
-from prune import strategies as ST
-from prune.evaluate import nll_sum
-from prune.recipe import load_recipe
+from prune.choose import strategies as ST
+from prune.measure.perplexity import nll_sum
+from prune.pipeline.recipe import load_recipe
 
 from conftest import ARCHS, BOS_ARCHS, WIKI_RAW, build_model
 
@@ -200,7 +200,7 @@ def test_run_recipe_with_search_end_to_end(tmp_path, tokenizers_by_bos):
     data = copy.deepcopy(SEARCH_RECIPE)
     data["model"]["source"] = str(folder)
     data["output"]["dir"] = str(tmp_path / "out")
-    from prune.pipeline import run
+    from prune.pipeline.orchestrator import run
 
     result = run(data, quiet=True)
     sel = result.selection

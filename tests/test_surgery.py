@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 import prune
 from prune import PruneError
-from prune.models import decoder_layers
+from prune.model.loading import decoder_layers
 
 from conftest import N_LAYERS, build_model
 

@@ -1,0 +1,172 @@
+"""Choose which decoder blocks to remove, from a :class:`~prune.scoring.ScoreResult`.
+
+All indices are 0-based positions in the model's decoder stack (block 0 is the one that
+reads the embeddings); negative indices in ``protect`` count from the end (-1 = last).
+
+Strategies that need only the scores:
+
+* ``one_shot``: the k blocks a metric ranks most removable, in one go:
+  ``bi`` (lowest Block Influence), ``angular`` (lowest ``d(l, 1)``), ``cka`` (highest
+  ``CKA(h_l, h_{l+1})``), ``msrs`` (highest MSRS contribution; ties broken by the mean CKA
+  of the block's output to all others);
+* ``contiguous``: Gromov et al.'s block, the run ``l* .. l*+k-1`` with the smallest
+  angular distance ``d(l, k)`` between its input and its output;
+* ``tail``: the k blocks just before the last one; ``random``: k blocks drawn with ``seed``.
+
+Protected blocks (default: the first and the last) are never removed.
+"""
+
+from __future__ import annotations
+
+import random as _random
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prune.core.errors import PruneError
+
+ONE_SHOT_METRICS = ("bi", "angular", "cka", "msrs")
+DEFAULT_PROTECT = (0, -1)
+
+
+@dataclass
+class Selection:
+    """The blocks chosen for removal and why (0-based indices into the original stack)."""
+
+    removed: list[int]
+    n_layers: int
+    strategy: str
+    metric: str | None = None
+    scores: list[float] | None = None  # the per-block values the choice was made on
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> list[int]:
+        removed = set(self.removed)
+        return [i for i in range(self.n_layers) if i not in removed]
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["kept"] = self.kept
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Selection:
+        data = {k: v for k, v in data.items() if k != "kept"}
+        return cls(**data)
+
+
+def resolve_protect(protect, n_layers: int) -> list[int]:
+    """Protected blocks as sorted non-negative indices; out-of-range entries are refused."""
+    out = set()
+    for p in protect or ():
+        if not isinstance(p, int) or isinstance(p, bool):
+            raise PruneError(f"select.protect entries must be integers, got {p!r}")
+        if not -n_layers <= p < n_layers:
+            raise PruneError(f"select.protect index {p} is out of range for {n_layers} blocks (use 0..{n_layers - 1} or -1..-{n_layers})")
+        out.add(p % n_layers)
+    return sorted(out)
+
+
+def resolve_count(n_layers: int, count: int | None = None, fraction: float | None = None,
+                  protect: list[int] | None = None) -> int:
+    """How many blocks to remove: ``count``, or ``round(fraction * n_layers)``; checked against what is removable."""
+    if (count is None) == (fraction is None):
+        raise PruneError("give exactly one of select.n_layers (a count) or select.fraction (0 < f < 1)")
+    if fraction is not None:
+        if not 0.0 < fraction < 1.0:
+            raise PruneError(f"select.fraction={fraction} must be strictly between 0 and 1")
+        count = round(fraction * n_layers)
+    if count < 1:
+        raise PruneError(f"removing {count} blocks does nothing (select.n_layers must be at least 1)")
+    if count >= n_layers:
+        raise PruneError(f"cannot remove {count} of {n_layers} blocks: at least one must stay (lower select.n_layers)")
+    removable = n_layers - len(protect or [])
+    if count > removable:
+        raise PruneError(
+            f"cannot remove {count} blocks: only {removable} of {n_layers} are not protected (lower select.n_layers or select.protect)"
+        )
+    return count
+
+
+def metric_values(scores, metric: str) -> tuple[list[float], bool]:
+    """``(values, high_is_redundant)`` of a per-block metric."""
+    if metric == "bi":
+        return list(scores.block_influence), False
+    if metric == "angular":
+        return scores.angular_distance(1), False
+    if metric == "cka":
+        return scores.cka_in_out, True
+    if metric == "msrs":
+        return list(scores.msrs_contribution), True
+    raise PruneError(f"unknown metric {metric!r} (choose from {', '.join(ONE_SHOT_METRICS)})")
+
+
+def rank_blocks(scores, metric: str) -> list[int]:
+    """All blocks ordered from most to least removable by ``metric`` (ties: by index)."""
+    values, high = metric_values(scores, metric)
+    sign = -1.0 if high else 1.0
+    if metric == "msrs":  # many blocks can saturate the soft count: break ties by mean CKA
+        S = scores.cka_matrix
+        L = len(S)
+        tie = [sum(S[i][j] for j in range(L) if j != i) / max(L - 1, 1) for i in range(L)]
+        key = lambda i: (-round(values[i], 9), -tie[i], i)  # noqa: E731
+    else:
+        key = lambda i: (sign * values[i], i)  # noqa: E731
+    finite = [i for i in range(len(values)) if values[i] == values[i]]
+    nan = [i for i in range(len(values)) if values[i] != values[i]]
+    return sorted(finite, key=key) + nan
+
+
+def one_shot(scores, count: int, metric: str, protect: list[int]) -> Selection:
+    values, _ = metric_values(scores, metric)
+    order = [i for i in rank_blocks(scores, metric) if i not in set(protect)]
+    return Selection(sorted(order[:count]), scores.n_layers, "one_shot", metric, values)
+
+
+def contiguous(scores, count: int, protect: list[int]) -> Selection:
+    """Gromov et al.: ``l* = argmin_l d(l, count)`` over runs that avoid protected blocks."""
+    dist = scores.angular_distance(count)
+    prot = set(protect)
+    candidates = [l for l in range(len(dist)) if not prot.intersection(range(l, l + count)) and dist[l] == dist[l]]
+    if not candidates:
+        raise PruneError(f"no run of {count} contiguous blocks avoids the protected blocks {protect} (lower select.n_layers)")
+    start = min(candidates, key=lambda l: (dist[l], l))
+    return Selection(list(range(start, start + count)), scores.n_layers, "contiguous", "angular", dist,
+                     {"start": start, "n": count, "distance": dist[start]})
+
+
+def tail(n_layers: int, count: int, protect: list[int]) -> Selection:
+    """The ``count`` unprotected blocks just before the last block."""
+    prot = set(protect) | {n_layers - 1}
+    order = [i for i in range(n_layers - 1, -1, -1) if i not in prot]
+    if len(order) < count:
+        raise PruneError(f"tail: only {len(order)} blocks are removable before the last one")
+    return Selection(sorted(order[:count]), n_layers, "tail")
+
+
+def random_blocks(n_layers: int, count: int, protect: list[int], seed: int = 0) -> Selection:
+    """``count`` unprotected blocks drawn uniformly with ``random.Random(seed)``."""
+    prot = set(protect)
+    pool = [i for i in range(n_layers) if i not in prot]
+    return Selection(sorted(_random.Random(seed).sample(pool, count)), n_layers, "random", details={"seed": seed})
+
+
+def select(scores, n_layers: int | None = None, *, fraction: float | None = None, strategy: str = "one_shot",
+           metric: str = "angular", protect=DEFAULT_PROTECT, seed: int = 0) -> Selection:
+    """Choose blocks to remove from ``scores`` with a score-only strategy (see module docstring).
+
+    ``n_layers`` is how many blocks to remove (or ``fraction`` of the stack).
+    Returns a :class:`Selection` with 0-based ``removed`` and ``kept`` indices.
+    """
+    L = scores.n_layers
+    prot = resolve_protect(protect, L)
+    count = resolve_count(L, n_layers, fraction, prot)
+    if strategy == "one_shot":
+        return one_shot(scores, count, metric, prot)
+    if strategy == "contiguous":
+        return contiguous(scores, count, prot)
+    if strategy == "tail":
+        return tail(L, count, prot)
+    if strategy == "random":
+        return random_blocks(L, count, prot, seed)
+    raise PruneError(f"unknown strategy {strategy!r} for score-only selection (one_shot, contiguous, tail, random)")

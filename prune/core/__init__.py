@@ -1,0 +1,1 @@
+"""Stage-free basics: errors, typed records, config sections, metrics, tables, console output."""

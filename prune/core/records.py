@@ -1,0 +1,169 @@
+"""``pruning.json``, the toolkit's central output, as a typed record (pydantic).
+
+One step of a pruning chain is a :class:`PruningStep`; the file holds a :class:`PruningRecord`
+(the latest step plus ``history``, the earlier steps oldest first). It is written by
+:func:`write_record` and read by :func:`read_record` only; everything else reads attributes.
+
+Schema versions: ``1`` is what 0.1.0 wrote (``"format": "prune/1"``, no ``schema_version``);
+``2`` adds ``schema_version``. Version-1 files read unchanged (every field they have is
+declared here); unknown keys from newer writers are kept, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from prune.core.errors import PruneError
+
+SCHEMA_VERSION = 2
+FORMAT = "prune/1"
+RECORD_FILE = "pruning.json"
+
+
+class Record(BaseModel):
+    """Base of the records: unknown keys are kept (forward compatible), assignment is validated."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+
+class SourceRecord(Record):
+    """Where a model came from: ``kind`` is ``hub``, ``folder`` or ``gguf``."""
+
+    kind: str
+    path: str
+    gguf_file: str | None = None
+    revision: str | None = None
+
+
+class OriginalModel(Record):
+    """The first, unpruned model of a chain."""
+
+    source: SourceRecord | None = None
+    n_layers: int
+    params: int | None = None
+    model_type: str | None = None
+    license: str | None = None
+    license_name: str | None = None
+    license_link: str | None = None
+
+
+class CalibrationRecord(Record):
+    """The calibration text and windows the scores were computed on."""
+
+    path: str | None = None
+    field: str | list[str] | None = None
+    config: str | None = None
+    split: str | None = None
+    rows: str | None = None
+    n_samples: int | None = None
+    seq_len: int | None = None
+    seed: int | None = None
+    bos: bool | None = None
+    batch_size: int | None = None
+    positions: str | None = None
+    cka_windows: int | None = None
+
+
+class PruningStep(Record):
+    """One pruning step. ``removed`` / ``kept`` index the blocks of the model this step loaded;
+    the ``*_original`` lists index the original model (see :mod:`prune.export.lineage`)."""
+
+    schema_version: int = 1  # absent in 0.1.0's files; write_record stamps SCHEMA_VERSION
+    format: str = FORMAT
+    source: SourceRecord | None = None
+    removed: list[int]
+    kept: list[int] = []
+    layers_before: int | None = None
+    layers_after: int | None = None
+    params_before: int | None = None
+    params_after: int | None = None
+    model_type: str | None = None
+    selection: dict[str, Any] | None = None  # prune.choose.rules.Selection.to_dict()
+    msrs_before: dict[str, Any] | None = None
+    msrs_after: dict[str, Any] | None = None
+    scores_before: dict[str, Any] | None = None  # prune.measure.scoring.ScoreResult.to_dict()
+    scores_after: dict[str, Any] | None = None
+    calibration: CalibrationRecord | None = None
+    seed: int | None = None
+    healing: dict[str, Any] | None = None
+    healed: str | None = None  # when `prune heal` healed this step's model (ISO time)
+    versions: dict[str, str] = {}
+    created: str | None = None
+    seconds: float | None = None
+    execution: dict[str, Any] | None = None
+    resumed: list[str] = []
+    recipe: dict[str, Any] | None = None
+    # lineage (prune.export.lineage)
+    step: int = 1
+    removed_original: list[int] = []
+    removed_original_all: list[int] = []
+    kept_original: list[int] = []
+    original: OriginalModel | None = None
+    base_model: str | None = None
+    eval_rows: list[dict[str, Any]] | None = None  # history entries: the parent folder's before/after rows
+
+    @property
+    def strategy(self) -> str | None:
+        return (self.selection or {}).get("strategy")
+
+    @property
+    def metric(self) -> str | None:
+        return (self.selection or {}).get("metric")
+
+
+class PruningRecord(PruningStep):
+    """What ``pruning.json`` holds: the latest step and its ``history`` (earlier steps, oldest first)."""
+
+    history: list[PruningStep] = Field(default_factory=list)
+
+    def chain(self) -> list[PruningStep]:
+        """Every step of the lineage, oldest first, ending with this one."""
+        return [*self.history, self]
+
+    def as_step(self) -> PruningStep:
+        """This record without its history (how it is kept in a child's history)."""
+        return PruningStep.model_validate(self.model_dump(exclude={"history"}))
+
+
+def parse_record(data: Any, where: str = RECORD_FILE) -> PruningRecord:
+    """Validate a decoded ``pruning.json``; one :class:`PruneError` line when it is not a record."""
+    if not isinstance(data, dict) or "removed" not in data:
+        raise PruneError(f"{where} is not a pruning record (no 'removed'); move it away to use the folder as an "
+                         "original model")
+    try:
+        return PruningRecord.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise PruneError(f"{where}: '{key}': {err['msg']} (got {err.get('input')!r}); fix the file or move it "
+                         "away") from None
+
+
+def read_record(path: str | Path) -> PruningRecord:
+    """Read and validate ``pruning.json`` (any schema version); one-line errors."""
+    file = Path(path)
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise PruneError(f"{file} is not UTF-8 text; fix it or move it away") from None
+    except json.JSONDecodeError as exc:
+        raise PruneError(f"{file} is not valid JSON ({exc}); fix it or move it away") from None
+    return parse_record(data, str(file))
+
+
+def record_json(record: PruningRecord) -> str:
+    """The text of ``pruning.json`` (the only serialisation of a record)."""
+    data = record.model_dump(mode="json")
+    data["schema_version"] = SCHEMA_VERSION
+    return json.dumps(data, indent=1) + "\n"
+
+
+def write_record(folder: str | Path, record: PruningRecord) -> Path:
+    """Write ``record`` as ``folder/pruning.json``; returns the file."""
+    file = Path(folder) / RECORD_FILE
+    file.write_text(record_json(record))
+    return file

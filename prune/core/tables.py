@@ -1,0 +1,56 @@
+"""The before/after comparison table: rows, Markdown, retained values."""
+
+from __future__ import annotations
+
+def comparison_rows(original: dict, pruned: dict, facts: dict) -> list[dict]:
+    """Rows of the before/after table: name, metric, original, pruned, retained (pruned/original)."""
+    rows = []
+
+    def add(name, metric, a, b, stderr_a=None, stderr_b=None, lower_is_better=False):
+        retained = (b / a) if (a not in (None, 0) and b is not None) else None
+        rows.append({"name": name, "metric": metric, "original": a, "pruned": b, "retained": retained,
+                     "stderr_original": stderr_a, "stderr_pruned": stderr_b, "lower_is_better": lower_is_better})
+
+    if "perplexity" in pruned:
+        add("perplexity", "ppl", original.get("perplexity", {}).get("perplexity"), pruned["perplexity"]["perplexity"],
+            lower_is_better=True)
+    for task, res in pruned.get("tasks", {}).items():
+        before = original.get("tasks", {}).get(task, {})
+        for metric, value in res["metrics"].items():
+            add(task, metric, before.get("metrics", {}).get(metric), value,
+                before.get("stderr", {}).get(metric), res["stderr"].get(metric))
+    add("parameters", "count", facts["params_before"], facts["params_after"], lower_is_better=True)
+    add("layers", "count", facts["layers_before"], facts["layers_after"], lower_is_better=True)
+    return rows
+
+
+def _fmt(value, metric: str) -> str:
+    if value is None:
+        return "-"
+    if metric == "count":
+        return f"{value:,}"
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+
+
+def comparison_markdown(rows: list[dict]) -> str:
+    """The before/after table as Markdown: retained % = pruned / original; for perplexity
+    (lower is better) the ratio is shown as a factor, e.g. ``x2.80``."""
+    lines = ["| task | metric | original | pruned | retained |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        a = _fmt(r["original"], r["metric"])
+        b = _fmt(r["pruned"], r["metric"])
+        if r["stderr_original"] is not None:
+            a += f" ± {r['stderr_original']:.4f}"
+        if r["stderr_pruned"] is not None:
+            b += f" ± {r['stderr_pruned']:.4f}"
+        lines.append(f"| {r['name']} | {r['metric']} | {a} | {b} | {fmt_retained(r)} |")
+    return "\n".join(lines)
+
+
+def fmt_retained(row: dict) -> str:
+    """A row's retained value: ``x2.80`` for perplexity (a factor), ``97.5%`` otherwise, ``-`` if unknown."""
+    if row["retained"] is None:
+        return "-"
+    if row["metric"] == "ppl":
+        return f"x{row['retained']:.2f}"
+    return f"{100 * row['retained']:.1f}%"

@@ -1,0 +1,464 @@
+"""Check that a checkpoint folder is complete and self-consistent, without loading weights.
+
+``check_checkpoint(folder)`` reads only metadata: ``config.json``, the safetensors index
+and each shard's JSON header, the tokenizer, and (for pruned outputs) ``README.md`` and
+``pruning.json``; the model is built by plain ``transformers`` on the meta device. It checks
+
+* config: parses with ``AutoConfig``; every per-layer list (a list under a key naming
+  "layer", e.g. ``layer_types``) has ``num_hidden_layers`` entries, index lists
+  (``mlp_only_layers``) point inside the stack;
+* weights: every shard named in ``model.safetensors.index.json`` is present, every shard
+  header parses and its size matches the data it declares (a truncated copy fails),
+  the index and the headers name the same tensors, decoder-block tensors are numbered
+  contiguously ``0 .. L-1`` with ``L = num_hidden_layers``;
+* transformers: ``from_pretrained(folder, device_map="meta")`` reports no missing,
+  unexpected or mismatched tensors, and tied embeddings are tied as the config says;
+* tokenizer: loads with ``AutoTokenizer`` and fits the embedding (``len(tok) <= vocab_size``);
+* export (``require_export=True``, what ``prune push`` asks): a model card whose front
+  matter parses, and a ``pruning.json`` that agrees with the weights.
+
+The result is a :class:`CheckReport`; ``summary()`` is one screen, ``problems`` the failures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prune.core.errors import PruneError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+MAX_HEADER = 100 * 1024 * 1024  # safetensors caps headers at 100 MB
+
+
+@dataclass
+class Finding:
+    area: str
+    level: str  # "ok", "warn" or "fail"
+    message: str
+
+
+@dataclass
+class CheckReport:
+    """What :func:`check_checkpoint` found: findings in order, plus facts for the summary."""
+
+    folder: Path
+    findings: list[Finding] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, area: str, level: str, message: str) -> None:
+        self.findings.append(Finding(area, level, message))
+
+    @property
+    def problems(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "fail"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        """One screen: a header line, one line per finding, and the verdict."""
+        f = self.facts
+        head = f"checkpoint {self.folder}"
+        if "model_type" in f:
+            head += f"  ({f['model_type']}, {f.get('n_layers', '?')} blocks"
+            if "n_params" in f:
+                head += f", {f['n_params']:,} parameters"
+            if f.get("dtypes"):
+                head += f", {'/'.join(f['dtypes'])}"
+            head += ")"
+        mark = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+        lines = [head] + [f"  {mark[x.level]} {x.area:<11} {x.message}" for x in self.findings]
+        n = len(self.problems)
+        lines.append("OK: complete and consistent" if n == 0 else f"FAILED: {n} problem{'s' if n > 1 else ''}")
+        return "\n".join(lines)
+
+    def raise_for_problems(self, action: str = "", shown: bool = False) -> None:
+        """Raise one :class:`PruneError` line naming the first problem (and how many more;
+        ``shown``: the summary listing them all was already printed)."""
+        if self.ok:
+            return
+        first = self.problems[0]
+        where = "listed above" if shown else f"run `prune check {self.folder}`"
+        more = f" (and {len(self.problems) - 1} more: {where})" if len(self.problems) > 1 else ""
+        prefix = f"{action}: " if action else ""
+        raise PruneError(f"{prefix}{self.folder} is not a complete checkpoint: {first.area}: {first.message}{more}")
+
+
+# ---- safetensors headers -------------------------------------------------------------
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """Tensor name -> ``{"dtype", "shape", "data_offsets"}`` from a safetensors file's header.
+
+    Reads the 8-byte little-endian header length and the JSON header only; raises
+    :class:`ValueError` when the file is shorter than the data its header declares.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        if len(raw) < 8:
+            raise ValueError("file is shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER or 8 + n > size:
+            raise ValueError("header length is impossible (not a safetensors file, or truncated)")
+        try:
+            header = json.loads(handle.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError("header is not valid JSON (corrupt file)") from None
+    header.pop("__metadata__", None)
+    end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    if 8 + n + end != size:
+        raise ValueError(f"holds {size:,} bytes but its header declares {8 + n + end:,} (truncated or corrupt copy)")
+    return header
+
+
+def _numel(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+# ---- the check ------------------------------------------------------------------------
+def check_checkpoint(folder: str | os.PathLike, *, require_export: bool = False, tokenizer: bool = True) -> CheckReport:
+    """Check the checkpoint in ``folder`` (see module docstring); never loads weight data.
+
+    Raises :class:`PruneError` only when ``folder`` is not a folder; every other problem
+    is a ``"fail"`` finding in the returned report.
+    """
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise PruneError(f"{path} is not a folder (give the output folder of `prune run`)")
+    report = CheckReport(path)
+    from prune.export.save import INCOMPLETE_MARKER
+
+    if (path / INCOMPLETE_MARKER).exists():
+        report.add("folder", "fail", f"holds {INCOMPLETE_MARKER}: an interrupted save, not a finished checkpoint (run again)")
+    config = _check_config(path, report)
+    headers = _check_weight_files(path, report)
+    if config is not None:
+        skeleton = _meta_skeleton(config, report)
+        if skeleton is not None and headers is not None:
+            _check_blocks(config, skeleton, headers, report)
+        if headers is not None and not _weights_failed(report):
+            _check_transformers_load(path, report)
+        if tokenizer:
+            _check_tokenizer(path, config, report)
+        _check_export_files(path, config, report, require_export)
+    return report
+
+
+def _weights_failed(report: CheckReport) -> bool:
+    return any(f.level == "fail" and f.area in ("weights", "blocks", "config") for f in report.findings)
+
+
+def _check_config(path: Path, report: CheckReport):
+    file = path / "config.json"
+    if not file.is_file():
+        report.add("config", "fail", "config.json is missing")
+        return None
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        report.add("config", "fail", f"config.json is not valid JSON: {exc}")
+        return None
+    n = next((raw[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(raw.get(k), int)), None)
+    bad = per_layer_list_problems(raw, n)
+    for message in bad:  # checked on the raw file first: transformers' own refusal is less clear
+        report.add("config", "fail", message)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - report, do not crash
+        if not bad:
+            report.add("config", "fail", f"config.json does not load with transformers: {_first_line(exc)}")
+        return None
+    n = getattr(config, "num_hidden_layers", n)
+    report.facts.update(model_type=config.model_type, n_layers=n)
+    if not bad:
+        lists = [k for k, v in raw.items() if "layer" in k and isinstance(v, (list, tuple))]
+        report.add("config", "ok", f"num_hidden_layers={n}; per-layer lists: {', '.join(lists) if lists else 'none'}")
+    return config
+
+
+def per_layer_list_problems(config: dict, n: int | None) -> list[str]:
+    """Per-layer lists (a list under a key naming "layer") whose length is not the block
+    count ``n``; index lists (``mlp_only_layers``) pointing outside ``0..n-1``."""
+    from prune.model.loading import INDEX_LIST_KEYS
+
+    if not isinstance(n, int):
+        return []
+    out = []
+    for key, value in config.items():
+        if "layer" not in key or not isinstance(value, (list, tuple)):
+            continue
+        if key in INDEX_LIST_KEYS:
+            outside = [i for i in value if not (isinstance(i, int) and 0 <= i < n)]
+            if outside:
+                out.append(f"config.{key} lists blocks {outside} outside 0..{n - 1}")
+        elif len(value) != n:
+            out.append(f"config.{key} has {len(value)} entries but num_hidden_layers is {n}")
+    return out
+
+
+def _check_weight_files(path: Path, report: CheckReport) -> dict[str, dict] | None:
+    """All tensors' headers (name -> header entry + ``file``), or ``None`` when unreadable."""
+    index_file = path / INDEX_FILE
+    shards: list[str]
+    weight_map: dict[str, str] | None = None
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            report.add("weights", "fail", f"{INDEX_FILE} is not a valid index (no weight_map)")
+            return None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            report.add("weights", "fail", f"{len(missing)} of {len(shards)} shards listed in {INDEX_FILE} are missing: "
+                                          f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+            return None
+    elif (path / SINGLE_FILE).is_file():
+        shards = [SINGLE_FILE]
+    else:
+        other = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.safetensors"))
+        hint = f" (found {', '.join(other[:3])}: not a single {SINGLE_FILE} or an indexed set)" if other else ""
+        report.add("weights", "fail", f"no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+        return None
+    headers: dict[str, dict] = {}
+    total = 0
+    for shard in shards:
+        file = path / shard
+        try:
+            header = read_safetensors_header(file)
+        except (OSError, ValueError) as exc:
+            report.add("weights", "fail", f"{shard}: {exc}")
+            return None
+        total += file.stat().st_size
+        for name, entry in header.items():
+            headers[name] = {**entry, "file": shard}
+    if weight_map is not None:
+        wrong = [n for n, s in weight_map.items() if headers.get(n, {}).get("file") != s]
+        unlisted = [n for n in headers if n not in weight_map]
+        if wrong or unlisted:
+            name = (wrong or unlisted)[0]
+            report.add("weights", "fail", f"{INDEX_FILE} and the shard headers disagree ({len(wrong)} listed tensors not in "
+                                          f"their shard, {len(unlisted)} unlisted), e.g. {name}")
+            return None
+    stray = sorted(p.name for p in path.glob("*.safetensors") if p.name not in shards)
+    if stray:
+        report.add("weights", "warn", f"safetensors files not used by the checkpoint: {', '.join(stray[:3])}")
+    report.facts.update(n_params=sum(_numel(e["shape"]) for e in headers.values()),
+                        dtypes=sorted({e["dtype"] for e in headers.values()}), weight_bytes=total)
+    report.add("weights", "ok", f"{len(shards)} file{'s' if len(shards) > 1 else ''} ({human_size(total)}), "
+                                f"{len(headers)} tensors, every shard present and whole")
+    return headers
+
+
+def _meta_skeleton(config, report: CheckReport):
+    """The model built from ``config`` on the meta device (no memory), or ``None``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # noqa: BLE001
+        report.add("config", "fail", f"transformers cannot build a causal LM from config.json: {_first_line(exc)}")
+        return None
+
+
+def decoder_path(model) -> str | None:
+    """Dotted path of the decoder-block list: :func:`prune.models.decoder_layers_path`, or the
+    longest ``ModuleList`` for architectures prune does not prune."""
+    from torch import nn
+
+    from prune.model.loading import decoder_layers_path
+
+    try:
+        return decoder_layers_path(model)
+    except PruneError:
+        lists = [(n, len(m)) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+        return max(lists, key=lambda x: x[1])[0] if lists else None
+
+
+def _check_blocks(config, skeleton, headers: dict, report: CheckReport) -> None:
+    """Decoder-block tensors numbered 0..L-1 with ``L = num_hidden_layers``."""
+    n = config.num_hidden_layers
+    path = decoder_path(skeleton)
+    if path is None:
+        report.add("blocks", "warn", "no decoder-block list found; block numbering not checked")
+        return
+    candidates = [path] + ([path.split(".", 1)[1]] if "." in path else [])
+    found: set[int] = set()
+    for prefix in candidates:
+        pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+        found = {int(m.group(1)) for name in headers if (m := pattern.match(name))}
+        if found:
+            break
+    if not found:
+        report.add("blocks", "fail", f"no tensors named {path}.<i>.* in the weights (config has {n} blocks)")
+        return
+    expected = set(range(n))
+    if found != expected:
+        gaps = sorted(set(range(max(found) + 1)) - found)
+        detail = f"blocks {_ranges(sorted(found))} ({len(found)})"
+        if gaps:
+            detail += f", gaps at {_ranges(gaps)}"
+        report.add("blocks", "fail", f"config.num_hidden_layers={n} but the weights hold {detail}")
+        return
+    built = len(skeleton.get_submodule(path))
+    if built != n:
+        report.add("blocks", "fail", f"config.num_hidden_layers={n} but transformers builds {built} blocks")
+        return
+    report.add("blocks", "ok", f"{path}.0 .. {path}.{n - 1}: {n} blocks, numbered contiguously")
+
+
+def _check_transformers_load(path: Path, report: CheckReport) -> None:
+    """``from_pretrained`` on the meta device: no missing/unexpected/mismatched tensors; ties."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, info = AutoModelForCausalLM.from_pretrained(path, device_map="meta", output_loading_info=True)
+    except Exception as exc:  # noqa: BLE001
+        report.add("load", "fail", f"AutoModelForCausalLM.from_pretrained fails: {_first_line(exc)}")
+        return
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    bad = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(bad.values()):
+        parts = [f"{len(v)} {k.replace('_keys', '')} (e.g. {_key_name(v[0])})" for k, v in bad.items() if v]
+        report.add("load", "fail", "from_pretrained reports " + ", ".join(parts)
+                   + ": transformers would initialise or drop these weights")
+    else:
+        report.add("load", "ok", "AutoModelForCausalLM.from_pretrained(device_map='meta'): no missing, unexpected "
+                                 "or mismatched tensors")
+    _check_ties(model, report)
+
+
+def _key_name(key) -> str:
+    return key[0] if isinstance(key, tuple) else str(key)
+
+
+def _check_ties(model, report: CheckReport) -> None:
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    want = bool(getattr(text_config, "tie_word_embeddings", False))
+    if out is None or inp is None:
+        return
+    tied = out.weight is inp.weight
+    if want and not tied:
+        report.add("tied", "fail", "config.tie_word_embeddings is true but the output embedding is not tied after loading")
+    elif not want and tied:
+        report.add("tied", "fail", "config.tie_word_embeddings is false but the output embedding shares the input's")
+    else:
+        report.add("tied", "ok", "input and output embeddings tied, as the config says" if want
+                   else "separate output embedding, as the config says (tie_word_embeddings false)")
+
+
+def _check_tokenizer(path: Path, config, report: CheckReport) -> None:
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        report.add("tokenizer", "fail", f"no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001
+        report.add("tokenizer", "fail", f"AutoTokenizer.from_pretrained fails: {_first_line(exc)}")
+        return
+    vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
+    size = len(tok)
+    if isinstance(vocab, int) and size > vocab:
+        report.add("tokenizer", "fail", f"{size} tokens but the embedding has {vocab} rows (ids >= {vocab} would crash)")
+    else:
+        report.add("tokenizer", "ok", f"{type(tok).__name__}, {size:,} tokens (embedding rows: {vocab:,})"
+                   if isinstance(vocab, int) else f"{type(tok).__name__}, {size:,} tokens")
+
+
+def _check_export_files(path: Path, config, report: CheckReport, required: bool) -> None:
+    """README.md (model card front matter) and pruning.json (agrees with the weights)."""
+    missing = "fail" if required else "warn"
+    card = path / "README.md"
+    if not card.is_file():
+        report.add("card", missing, "README.md (model card) is missing")
+    else:
+        from huggingface_hub import ModelCard
+
+        try:
+            data = ModelCard.load(card).data.to_dict()
+        except Exception as exc:  # noqa: BLE001
+            report.add("card", "fail", f"README.md front matter does not parse: {_first_line(exc)}")
+        else:
+            keys = ", ".join(f"{k}: {data[k]}" for k in ("base_model", "license") if data.get(k))
+            report.add("card", "ok", f"README.md, front matter parses ({keys or 'no base_model/license'})")
+    record = path / "pruning.json"
+    if not record.is_file():
+        report.add("pruning", missing, "pruning.json is missing (not an output of `prune run`)")
+        return
+    try:
+        pruning = json.loads(record.read_text())
+    except json.JSONDecodeError as exc:
+        report.add("pruning", "fail", f"pruning.json is not valid JSON: {exc}")
+        return
+    if not isinstance(pruning, dict):
+        report.add("pruning", "fail", "pruning.json is not a JSON object")
+        return
+    n = config.num_hidden_layers
+    kept = pruning.get("kept_original") or pruning.get("kept")
+    after = pruning.get("layers_after")
+    if (isinstance(after, int) and after != n) or (isinstance(kept, list) and len(kept) != n):
+        said = after if isinstance(after, int) else len(kept)
+        report.add("pruning", "fail", f"pruning.json records {said} blocks after pruning but the config has {n}")
+        return
+    steps = len(pruning.get("history") or []) + 1
+    removed = pruning.get("removed_original_all", pruning.get("removed"))
+    report.add("pruning", "ok", f"{steps} pruning step{'s' if steps > 1 else ''}; removed blocks of the original: {removed}")
+
+
+# ---- small helpers ---------------------------------------------------------------------
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+def _ranges(values: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0..2, 5"``."""
+    out, start, prev = [], None, None
+    for v in values:
+        if start is None:
+            start = prev = v
+        elif v == prev + 1:
+            prev = v
+        else:
+            out.append(f"{start}..{prev}" if prev != start else str(start))
+            start = prev = v
+    if start is not None:
+        out.append(f"{start}..{prev}" if prev != start else str(start))
+    return ", ".join(out)

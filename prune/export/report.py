@@ -1,0 +1,393 @@
+"""The redundancy report: where a model's redundancy is, as a self-contained folder.
+
+``write_report(out_dir, before, after=None, selection=None, ...)`` writes
+
+* ``report.md`` and ``report.html`` (the same content; the HTML embeds every image as base64);
+* ``cka_original.png``: the L x L unbiased linear CKA between block outputs (what MSRS is
+  computed on), 0-based blocks on both axes, pairs with ``S_ij > tau`` outlined;
+* ``blocks_original.png``: per block, Block Influence, the angular distance ``d(l, 1)`` of
+  block ``l``'s input to the next block's and ``d(l, k)`` to ``k`` blocks on, and each block's
+  MSRS contribution, with the blocks the strategy removes (would remove) shaded;
+* for a pruned run, ``cka_pruned.png`` and ``blocks_pruned.png`` beside them, and for a
+  search, ``pareto.png`` (blocks removed vs proxy utility);
+* ``report.json``: the numbers drawn.
+
+``report(source_or_run_dir, ...)`` reads a run folder's ``pruning.json`` (written by
+``prune run``) or scores a model on calibration text first.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import shutil
+from pathlib import Path
+
+from prune.core.errors import PruneError
+from prune.measure.scoring import ScoreResult
+from prune.choose.rules import Selection, select
+
+SCORE_ONLY = ("one_shot", "contiguous", "tail", "random")
+DPI = 110
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _ticks(n: int) -> list[int]:
+    step = 1 if n <= 32 else 2 if n <= 64 else 5
+    return list(range(0, n, step))
+
+
+# ---- figures -------------------------------------------------------------------------------
+def cka_heatmap(S: list[list[float]], tau: float, title: str, marked=(), labels: list[str] | None = None):
+    """Heatmap of ``S`` (block x block), cells with ``S_ij > tau`` (i != j) outlined, ``marked`` ticks in red."""
+    import numpy as np
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    plt = _plt()
+    data = np.array(S, dtype=float)
+    n = data.shape[0]
+    size = min(4.0 + 0.22 * n, 12.0)
+    fig, ax = plt.subplots(figsize=(size + 1.3, size), dpi=DPI)
+    finite = data[np.isfinite(data)]
+    vmin = min(0.0, float(finite.min())) if finite.size else 0.0
+    im = ax.imshow(data, cmap="viridis", vmin=vmin, vmax=1.0, origin="upper", interpolation="nearest")
+    boxes = [Rectangle((j - 0.5, i - 0.5), 1, 1) for i in range(n) for j in range(n) if i != j and data[i, j] > tau]
+    if boxes:
+        ax.add_collection(PatchCollection(boxes, facecolor="none", edgecolor="#e8412c", linewidth=0.9))
+    ticks = _ticks(n)
+    names = labels or [str(i) for i in range(n)]
+    ax.set_xticks(ticks, [names[i] for i in ticks], fontsize=8, rotation=90 if n > 20 else 0)
+    ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=8)
+    for getter in (ax.get_xticklabels, ax.get_yticklabels):
+        for lab in getter():
+            if lab.get_text() in {names[i] for i in marked}:
+                lab.set_color("#d62728")
+                lab.set_fontweight("bold")
+    ax.set_xlabel("block (0-based): output of block j")
+    ax.set_ylabel("block (0-based): output of block i")
+    ax.set_title(title, fontsize=11)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    bar.set_label("unbiased linear CKA between block outputs")
+    note = f"outlined: pairs with CKA > tau = {tau:g}"
+    if marked:
+        note += "; red ticks: removed blocks"
+    fig.text(0.01, 0.01, note, fontsize=8, color="#444")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+def block_chart(scores: ScoreResult, k: int, title: str, marked=(), labels: list[str] | None = None):
+    """Per-block Block Influence, angular ``d(l, 1)`` and ``d(l, k)``, MSRS contribution; ``marked`` shaded."""
+    plt = _plt()
+    L = scores.n_layers
+    x = list(range(L))
+    has_cka = scores.cka is not None
+    rows = 3 if has_cka else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(max(8.0, 0.32 * L + 3), 2.4 * rows + 1.0), dpi=DPI, sharex=True)
+    ax_bi, ax_ang = axes[0], axes[1]
+    ax_bi.plot(x, scores.block_influence, "o-", color="#1f77b4", ms=4, label="Block Influence (1 - cos(in, out))")
+    ax_bi.set_ylabel("Block Influence")
+    if scores.angular is not None:
+        ax_ang.plot(x, scores.angular_distance(1), "o-", color="#2ca02c", ms=4, label="d(l, 1): input of l vs of l+1")
+        if 1 < k < L:
+            dk = scores.angular_distance(k)
+            ax_ang.plot(range(len(dk)), dk, "s--", color="#9467bd", ms=3.5, label=f"d(l, {k}): input of l vs of l+{k}")
+    ax_ang.set_ylabel("angular distance\n(arccos cos / pi)")
+    if has_cka:
+        ax_m = axes[2]
+        ax_m.bar(x, scores.msrs_contribution, color="#ff7f0e", label="MSRS contribution (row sum of soft counts)")
+        ax_m.set_ylabel("MSRS contribution")
+    for ax in axes:
+        for i in marked:
+            ax.axvspan(i - 0.5, i + 0.5, color="#d62728", alpha=0.15, lw=0)
+        ax.grid(alpha=0.3)
+        handles, names = ax.get_legend_handles_labels()
+        if marked and ax is axes[0]:
+            from matplotlib.patches import Patch
+
+            handles.append(Patch(color="#d62728", alpha=0.25))
+            names.append(f"removed ({len(marked)} blocks)")
+        ax.legend(handles, names, fontsize=8, loc="best")
+    names = labels or [str(i) for i in x]
+    ticks = _ticks(L)
+    axes[-1].set_xticks(ticks, [names[i] for i in ticks], fontsize=8)
+    for lab, i in zip(axes[-1].get_xticklabels(), ticks):
+        if i in set(marked):
+            lab.set_color("#d62728")
+            lab.set_fontweight("bold")
+    axes[-1].set_xlabel("block (0-based)")
+    axes[-1].set_xlim(-0.6, L - 0.4)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def pareto_figure(details: dict, title: str):
+    """Search: every evaluated set (blocks removed vs proxy ratio), the floor, the best ratio per size."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=DPI)
+    trace = details["trace"]
+    ok = [e for e in trace if e["ok"]]
+    bad = [e for e in trace if not e["ok"]]
+    if ok:
+        ax.scatter([e["n"] for e in ok], [e["ratio"] for e in ok], color="#2ca02c", label="holds the floor", zorder=3)
+    if bad:
+        ax.scatter([e["n"] for e in bad], [e["ratio"] for e in bad], color="#d62728", marker="x", label="breaks the floor",
+                   zorder=3)
+    from prune.choose.strategies import pareto
+
+    front = pareto(trace, details["higher_is_better"])
+    if front:
+        ax.plot([0] + [p["n"] for p in front], [1.0] + [p["ratio"] for p in front], "-", color="#555", alpha=0.6,
+                label="best seen per number removed")
+    ax.axhline(details["floor"], color="k", ls="--", lw=1, label=f"floor {details['floor']:g} x original")
+    ax.set_xlabel("blocks removed")
+    ax.set_ylabel(f"proxy / original\n({details['proxy']})", fontsize=9)
+    ax.set_title(title, fontsize=11)
+    if not details["higher_is_better"]:
+        from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ---- text ------------------------------------------------------------------------------------
+def msrs_lines(scores: ScoreResult) -> list[str]:
+    if scores.msrs is None:
+        return ["no CKA matrix in these scores (score with metrics including cka)"]
+    m = scores.msrs
+    L = scores.n_layers
+    pairs = L * (L - 1) // 2
+    top = sorted(range(L), key=lambda i: -m["contributions"][i])[:5]
+    return [f"MSRS = {m['total']:.3f} over {pairs} block pairs, {m['per_pair']:.4f} per pair "
+            f"(beta = {m['beta']:g}, tau = {m['tau']:g})",
+            "largest contributions: " + ", ".join(f"block {i} ({m['contributions'][i]:.2f})" for i in top)]
+
+
+def selection_lines(sel: Selection) -> list[str]:
+    d = sel.details or {}
+    lines = [f"strategy `{sel.strategy}`" + (f", metric `{sel.metric}`" if sel.metric else "") +
+             f": removes {len(sel.removed)} of {sel.n_layers} blocks (0-based) {sel.removed}"]
+    if "forward_passes" in d:
+        lines.append(f"cost: {d['forward_passes']} forward passes over the calibration windows "
+                     f"({d.get('full_forward_equivalents')} full-model equivalents)")
+    if "evaluations" in d:
+        lines.append(f"cost: {d['evaluations']} proxy evaluations ({d['candidate_evaluations']} candidate sets, budget "
+                     f"{d['budget']}, + the original); stopped: {'budget spent' if d['stopped'] == 'budget' else 'no candidate left'}")
+    return lines
+
+
+def pareto_rows(details: dict) -> list[list[str]]:
+    from prune.choose.strategies import pareto
+
+    return [[str(p["n"]), f"{p['value']:.4g}", f"{p['ratio']:.3f}", "yes" if p["ok"] else "no", " ".join(map(str, p["removed"]))]
+            for p in pareto(details["trace"], details["higher_is_better"])]
+
+
+# ---- the folder ------------------------------------------------------------------------------
+class _Doc:
+    """Sections rendered both as Markdown and as self-contained HTML."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.md = [f"# {title}", ""]
+        self.html = []
+
+    def heading(self, text: str) -> None:
+        self.md += [f"## {text}", ""]
+        self.html.append(f"<h2>{html.escape(text)}</h2>")
+
+    def para(self, text: str) -> None:
+        self.md += [text, ""]
+        self.html.append(f"<p>{html.escape(text).replace('`', '')}</p>")
+
+    def pre(self, text: str) -> None:
+        self.md += ["```", text, "```", ""]
+        self.html.append(f"<pre>{html.escape(text)}</pre>")
+
+    def table(self, head: list[str], rows: list[list[str]]) -> None:
+        self.md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows] + [""]
+        cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+        self.html.append(f"<table><tr>{cells}</tr>{body}</table>")
+
+    def images(self, folder: Path, items: list[tuple[str, str]]) -> None:
+        """Images side by side: ``(file name, caption)``."""
+        self.md += [" ".join(f"![{cap}]({name})" for name, cap in items), ""]
+        figs = []
+        for name, cap in items:
+            data = base64.b64encode((folder / name).read_bytes()).decode("ascii")
+            figs.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(cap)}">'
+                        f"<figcaption>{html.escape(cap)}</figcaption></figure>")
+        self.html.append(f'<div class="row">{"".join(figs)}</div>')
+
+    def render_html(self) -> str:
+        style = ("body{font-family:sans-serif;max-width:1700px;margin:2em auto;padding:0 1em;color:#222}"
+                 ".row{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start}figure{margin:0}"
+                 "img{max-width:100%}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}"
+                 "pre{background:#f6f6f6;padding:8px;overflow-x:auto}")
+        return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(self.title)}</title>"
+                f"<style>{style}</style></head><body><h1>{html.escape(self.title)}</h1>\n" + "\n".join(self.html) +
+                "\n</body></html>\n")
+
+
+def _save(fig, path: Path) -> None:
+    fig.savefig(path)
+    _plt().close(fig)
+
+
+def write_report(out_dir: str | Path, before: ScoreResult, *, after: ScoreResult | None = None,
+                 selection: Selection | None = None, kept: list[int] | None = None, k: int | None = None,
+                 title: str = "Redundancy report", source: str = "", evaluation: str | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write the report folder (see module docstring) atomically; returns its path.
+
+    ``selection`` marks the blocks removed (``k`` defaults to how many); ``after`` are the scores
+    of the pruned model whose blocks are the original ``kept`` ones; ``evaluation`` is a Markdown
+    before/after table (a run's ``eval.md``).
+    """
+    from prune.export.save import _replace, check_output_dir, staging_dir
+
+    out = check_output_dir(out_dir, overwrite)
+    stage = staging_dir(out)
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    try:
+        _write(stage, before, after, selection, kept, k, title, source, evaluation)
+        _replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return out
+
+
+def _write(folder: Path, before, after, selection, kept, k, title, source, evaluation) -> None:
+    marked = list(selection.removed) if selection else []
+    k = k or (len(marked) if marked else max(1, round(before.n_layers / 4)))
+    tau = before.msrs["tau"] if before.msrs else 0.8
+    doc = _Doc(title)
+    if source:
+        doc.para(f"model: `{source}`")
+    doc.para(f"{before.n_layers} decoder blocks, 0-based; calibration: {before.n_windows} windows x {before.seq_len} tokens, "
+             f"positions = {before.positions}, cka_windows = {before.cka_windows}, {before.n_tokens} tokens counted"
+             + (f", {len(before.excluded_windows)} windows excluded (non-finite)" if before.excluded_windows else ""))
+    if selection:
+        doc.heading("Selection")
+        for line in selection_lines(selection):
+            doc.para(line)
+    if evaluation:
+        doc.heading("Utility before / after")
+        head, *body = [line for line in evaluation.splitlines() if line.startswith("|")] or [""]
+        if body:
+            doc.table([c.strip() for c in head.strip("|").split("|")],
+                      [[c.strip() for c in r.strip("|").split("|")] for r in body[1:]])
+    doc.heading("MSRS")
+    rows = [["original", *_msrs_cells(before)]]
+    if after is not None:
+        rows.append(["pruned", *_msrs_cells(after)])
+    doc.table(["model", "blocks", "MSRS (raw)", "per pair", "beta", "tau"], rows)
+    for line in msrs_lines(before):
+        doc.para(line)
+
+    data = {"cka_original": before.cka_matrix if before.cka else None, "removed": marked, "k": k, "tau": tau}
+    doc.heading("CKA between block outputs")
+    images = []
+    if before.cka is not None:
+        _save(cka_heatmap(before.cka_matrix, tau, f"Original: CKA between block outputs ({before.n_layers} blocks)", marked),
+              folder / "cka_original.png")
+        images.append(("cka_original.png", "original model"))
+    labels = None
+    if after is not None and after.cka is not None:
+        labels = [str(i) for i in range(after.n_layers)]
+        _save(cka_heatmap(after.cka_matrix, after.msrs["tau"], f"Pruned: CKA between block outputs ({after.n_layers} blocks)"),
+              folder / "cka_pruned.png")
+        images.append(("cka_pruned.png", "pruned model (blocks renumbered)"))
+        data["cka_pruned"] = after.cka_matrix
+    if images:
+        doc.images(folder, images)
+    else:
+        doc.para("no CKA matrix in these scores (score with metrics including cka)")
+
+    doc.heading("Per-block scores")
+    what = f"removed by {selection.strategy}" if selection else "none marked"
+    _save(block_chart(before, k, f"Original: per-block redundancy (shaded: {what})", marked), folder / "blocks_original.png")
+    images = [("blocks_original.png", "original model")]
+    if after is not None:
+        _save(block_chart(after, min(k, after.n_layers - 1) if after.n_layers > 1 else 1,
+                          "Pruned: per-block redundancy (blocks renumbered)"), folder / "blocks_pruned.png")
+        images.append(("blocks_pruned.png", "pruned model"))
+    doc.images(folder, images)
+    if after is not None and kept:
+        doc.para("pruned block n is original block kept[n]; kept = " + str(kept))
+    doc.pre(before.table())
+    if after is not None:
+        doc.pre(after.table())
+
+    if selection is not None and selection.strategy == "search":
+        d = selection.details
+        doc.heading("Search: blocks removed vs proxy utility")
+        doc.para(f"proxy: {d['proxy']}; floor {'>=' if d['higher_is_better'] else '<='} {d['floor']:g} x the original "
+                 f"({d['original']:.4g}); ordered by {selection.metric}")
+        doc.table(["blocks removed", "best proxy seen", "ratio to original", "holds the floor", "blocks (0-based)"],
+                  pareto_rows(d))
+        _save(pareto_figure(d, "Search: the largest removable set under the floor"), folder / "pareto.png")
+        doc.images(folder, [("pareto.png", "search: every evaluated set")])
+        data["pareto"] = pareto_rows(d)
+
+    (folder / "report.md").write_text("\n".join(doc.md))
+    (folder / "report.html").write_text(doc.render_html())
+    (folder / "report.json").write_text(json.dumps(data, indent=1) + "\n")
+
+
+def _msrs_cells(scores: ScoreResult) -> list[str]:
+    if scores.msrs is None:
+        return [str(scores.n_layers), "-", "-", "-", "-"]
+    m = scores.msrs
+    return [str(scores.n_layers), f"{m['total']:.3f}", f"{m['per_pair']:.4f}", f"{m['beta']:g}", f"{m['tau']:g}"]
+
+
+# ---- entry points ----------------------------------------------------------------------------
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path).expanduser() / "pruning.json").is_file()
+
+
+def report_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overwrite: bool = False) -> Path:
+    """Report of a ``prune run`` output folder, from its ``pruning.json`` (no model is loaded)."""
+    run = Path(run_dir).expanduser()
+    try:
+        record = json.loads((run / "pruning.json").read_text())
+        before = ScoreResult.from_dict(record["scores_before"])
+        after = ScoreResult.from_dict(record["scores_after"]) if record.get("scores_after") else None
+        selection = Selection.from_dict(record["selection"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise PruneError(f"{run / 'pruning.json'} is not a prune run record ({type(exc).__name__}: {exc}); "
+                         "give a folder written by prune run, or a model") from None
+    src = record.get("source", {})
+    name = src.get("gguf_file") or src.get("path") or str(run)
+    evaluation = (run / "eval.md").read_text() if (run / "eval.md").is_file() else None
+    return write_report(out_dir or run / "report", before, after=after, selection=selection, kept=record.get("kept"),
+                        title=f"Redundancy report: {Path(str(name)).name} -> {run.name}", source=str(name),
+                        evaluation=evaluation, overwrite=overwrite)
+
+
+def default_output(source: str) -> Path:
+    if is_run_dir(source):
+        return Path(source).expanduser() / "report"
+    return Path(f"report-{Path(str(source).rstrip('/')).name.removesuffix('.gguf')}")

@@ -1,0 +1,644 @@
+"""Healing: win back part of the utility that pruning costs, and still ship a plain checkpoint.
+
+Three methods (settings: :class:`prune.recipe.HealConfig`), all trained on text that is not
+the evaluation text, all leaving a standard ``AutoModelForCausalLM`` checkpoint:
+
+* ``lora``: LoRA adapters (peft) on the pruned model's linear projections, trained with the
+  causal-LM loss, then merged into the weights (``merge_and_unload``): no adapter module
+  and no peft dependency remains.
+* ``replace`` (LLM-Streamline): the removed contiguous run ``r..r+k-1`` becomes ONE block,
+  initialised from a removed block (``init``) and trained so that
+  ``block(h_r) ~ h_{r+k}``, with ``h_r`` / ``h_{r+k}`` the hidden states entering / leaving the
+  run in the ORIGINAL model on the training windows; loss ``MSE(out, target)`` (``mse``) or
+  ``MSE + mean(1 - cos(out, target))`` over tokens (``mse+cos``). The model keeps ``L - k + 1``
+  blocks: the surgery removes the other ``k - 1`` (renumbering ``layer_idx``, config lists).
+  Since the targets need the full model, :func:`prepare` captures them before the surgery.
+* ``partial``: the last ``last_blocks`` blocks (and the final norm; with ``train_lm_head``
+  the LM head) are fine-tuned with the causal-LM loss, everything else frozen. A tied LM head
+  IS the input embedding matrix: training it changes the input embeddings too, and the model
+  stays tied (no untying, which would add ``vocab x hidden`` parameters).
+
+Entry points:
+
+* :func:`heal_model`: the Python API, no recipe needed;
+* :func:`preflight`, :func:`prepare` and :func:`heal`: the ``heal:`` stage of a recipe in
+  :func:`prune.pipeline.run` (checks before loading; capture before surgery; training after);
+* :func:`heal_run`: ``prune heal RUN_DIR --output NEW_DIR`` on a saved run folder.
+
+Every method returns a record (stored as ``pruning.json["healing"]``): method, settings, data,
+seeds, steps, tokens seen, seconds, device, trained parameters, per-step losses and the
+causal-LM loss on held-out windows of the training text before and after.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from prune.model.capture import _hidden_from_args, _hidden_from_output, batches
+from prune.core.config import TextSource
+from prune.io.text import calibration_windows, load_text
+from prune.core.errors import PruneError
+from prune.model.loading import decoder_layers, final_norm, input_device
+from prune.core.config import HealConfig, TextConfig
+
+METHODS = ("lora", "replace", "partial")
+
+
+# ---- settings -------------------------------------------------------------------------------
+def heal_config(method: str | HealConfig, data=None, **settings) -> HealConfig:
+    """A validated :class:`HealConfig` from keyword settings; bad values raise one-line :class:`PruneError`."""
+    if isinstance(method, HealConfig):
+        return method.model_copy(update=settings) if settings else method
+    from pydantic import ValidationError
+
+    from prune.core.config import format_validation_error
+
+    if isinstance(data, (str, os.PathLike)):
+        data = {"path": str(data)}
+    elif isinstance(data, TextSource):
+        data = {k: v for k, v in data.describe().items() if v is not None}
+    elif isinstance(data, TextConfig):
+        data = data.model_dump()
+    try:
+        return HealConfig.model_validate({"method": method, "data": data, **settings})
+    except ValidationError as exc:
+        raise PruneError(format_validation_error(exc, "heal settings")) from None
+
+
+def training_windows(tokenizer, cfg: HealConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train [n_samples, seq_len], held_out [val_samples, seq_len])`` token windows of ``cfg.data``:
+    non-overlapping windows drawn with ``cfg.seed`` (see :func:`prune.data.calibration_windows`),
+    then split at random (seed ``cfg.seed + 1``) so the held-out windows are disjoint from training."""
+    if cfg.data is None:
+        raise PruneError("no training text: set heal data (e.g. ../shared/data/c4/c4_web_1480.jsonl)")
+    d = cfg.data
+    all_windows = calibration_windows(tokenizer, load_text(d.source()), cfg.n_samples + cfg.val_samples,
+                                      cfg.seq_len, cfg.seed, d.bos)
+    order = torch.randperm(all_windows.shape[0], generator=torch.Generator().manual_seed(cfg.seed + 1))
+    return all_windows[order[cfg.val_samples:]], all_windows[order[: cfg.val_samples]]
+
+
+def _meta_model(config, trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def lora_targets_matched(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """Names of the modules peft's ``target_modules`` matching would pick (``all-linear``: every
+    linear layer but the LM head; a string: a regex matched against full names; a list:
+    name suffixes). Raises :class:`PruneError` when a target matches nothing."""
+    from transformers.pytorch_utils import Conv1D
+
+    linear = (nn.Linear, Conv1D)
+    output = model.get_output_embeddings()
+    names = [(n, m) for n, m in model.named_modules() if n]
+    if targets == "all-linear":
+        found = [n for n, m in names if isinstance(m, linear) and m is not output]
+        if not found:
+            raise PruneError("heal.target_modules all-linear: the model has no linear layer besides the LM head")
+        return found
+    if isinstance(targets, str):
+        found = [n for n, _ in names if re.fullmatch(targets, n)]
+        if not found:
+            raise PruneError(f"heal.target_modules regex {targets!r} matches no module name of this model")
+        return found
+    found = []
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in names if isinstance(m, linear) and m is not output})
+    for t in targets:
+        hits = [n for n, _ in names if n == t or n.endswith("." + t)]
+        if not hits:
+            raise PruneError(f"heal.target_modules: {t!r} matches no module of this model "
+                             f"(its linear layers: {', '.join(suffixes)}; or use all-linear)")
+        found += hits
+    return sorted(set(found))
+
+
+def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: int | None = None) -> None:
+    """Checks of ``cfg`` against a model (a meta-device copy is enough) that keeps ``n_blocks``
+    blocks after pruning; one-line :class:`PruneError` naming the key and the fix."""
+    if context is not None and cfg.seq_len > context:
+        raise PruneError(f"heal.seq_len={cfg.seq_len} is longer than the model's context ({context} tokens); lower it")
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise PruneError("heal.mixed_precision fp16 needs a CUDA GPU (use bf16 or no on CPU)")
+    if cfg.gradient_checkpointing and cfg.method != "replace" and not getattr(model, "supports_gradient_checkpointing", False):
+        raise PruneError(f"heal.gradient_checkpointing: {type(model).__name__} does not support it (set it to false)")
+    if cfg.method == "lora":
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise PruneError("heal.method lora needs peft (pip install peft)") from None
+        lora_targets_matched(model, cfg.target_modules)
+    if cfg.method == "partial":
+        if cfg.last_blocks > n_blocks:
+            raise PruneError(f"heal.last_blocks={cfg.last_blocks} but the pruned model has {n_blocks} blocks (lower it)")
+        if cfg.train_norm and final_norm(model) is None:
+            raise PruneError(f"heal.train_norm: no final norm found in {type(model).__name__} (set train_norm: false)")
+        if cfg.train_lm_head and model.get_output_embeddings() is None:
+            raise PruneError(f"heal.train_lm_head: {type(model).__name__} has no LM head (set train_lm_head: false)")
+
+
+def check_run(removed: list[int], n_layers: int) -> list[int]:
+    """The removed blocks as one sorted contiguous run of at least 2 (what ``replace`` needs)."""
+    run = sorted(removed)
+    if len(run) < 2:
+        raise PruneError(f"heal.method replace needs at least 2 removed blocks, got {run} (use lora or partial)")
+    if run != list(range(run[0], run[0] + len(run))):
+        raise PruneError(f"heal.method replace needs one contiguous run of removed blocks, got {run} "
+                         "(select with strategy contiguous, or use heal.method lora/partial)")
+    if run[-1] >= n_layers:
+        raise PruneError(f"removed blocks {run} do not fit a model of {n_layers} blocks")
+    return run
+
+
+# ---- loss helpers -----------------------------------------------------------------------------
+def _lm_loss(model, batch) -> torch.Tensor:
+    ids = batch[0]
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+def mean_lm_loss(model, windows: torch.Tensor, batch_size: int = 4) -> float | None:
+    """Mean causal-LM loss (nats per predicted token) of ``model`` on ``windows``; None when empty."""
+    if windows is None or windows.shape[0] == 0:
+        return None
+    from prune.measure.perplexity import nll_sum
+
+    total, count = nll_sum(model, windows, batch_size)
+    return total / count
+
+
+def _trainable_state(model: nn.Module) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def _restore_trainable(model: nn.Module, state: dict[str, bool]) -> None:
+    for n, p in model.named_parameters():
+        p.requires_grad_(state.get(n, True))
+
+
+def _record(cfg: HealConfig, log: dict, trained: list[str], n_params: int, windows, val_windows,
+            before: float | None, after: float | None, started: float) -> dict:
+    losses = log["losses"]
+    return {
+        "method": cfg.method,
+        "settings": cfg.model_dump(mode="json"),
+        "data": {**(cfg.data.source().describe() if cfg.data else {"path": None}),
+                 "train_windows": int(windows.shape[0]), "val_windows": int(val_windows.shape[0]) if val_windows is not None else 0,
+                 "seq_len": int(windows.shape[1])},
+        "seed": cfg.seed,
+        "steps": cfg.steps,
+        "tokens_seen": log["tokens_seen"],
+        "windows_seen": log["items_seen"],
+        "epochs": round(log["epochs"], 3),
+        "trained": trained,
+        "trainable_parameters": n_params,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "losses": [round(x, 5) for x in losses],
+        "val_loss_before": before,
+        "val_loss_after": after,
+        "val_perplexity_before": math.exp(before) if before is not None else None,
+        "val_perplexity_after": math.exp(after) if after is not None else None,
+        "device": log["device"],
+        "mixed_precision": cfg.mixed_precision,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "train_seconds": log["seconds"],
+        "seconds": round(time.time() - started, 1),
+    }
+
+
+def _gradient_checkpointing(model, on: bool) -> None:
+    """Turn activation checkpointing on (non-reentrant: frozen inputs need no grad hook) or off."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def _check_in_memory(model: nn.Module) -> None:
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise PruneError("healing trains weights, but part of this model is offloaded to disk "
+                         "(load it without disk offload: more max_memory, or a smaller model)")
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------
+def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.Tensor | None = None, *,
+              quiet: bool = False, callback=None) -> dict:
+    """LoRA on the pruned ``model`` (in place), causal-LM loss, merged back into the weights."""
+    from peft import LoraConfig, get_peft_model
+
+    started = time.time()
+    _check_in_memory(model)
+    targets = lora_targets_matched(model, cfg.target_modules)
+    before = mean_lm_loss(model, val_windows)
+    flags = _trainable_state(model)
+    if cfg.gradient_checkpointing:
+        _gradient_checkpointing(model, True)
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.target_modules, lora_dropout=0.0,
+                      bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lcfg)
+    merged = False
+    try:
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        n_params = sum(p.numel() for p in params)
+        log = _train_lm(peft_model, params, windows, cfg, quiet, callback)
+        peft_model.merge_and_unload()
+        merged = True
+    finally:
+        if not merged:  # failed or interrupted: take the adapters out, leave the weights as they were
+            peft_model.unload()
+        if cfg.gradient_checkpointing:
+            _gradient_checkpointing(model, False)
+        _restore_trainable(model, flags)
+        for attr in ("peft_config", "_hf_peft_config_loaded"):
+            if attr in vars(model):
+                delattr(model, attr)
+    leftover = [n for n, m in model.named_modules() if type(m).__module__.startswith("peft")]
+    if leftover:
+        raise PruneError(f"internal error: adapter modules left after merging LoRA: {leftover[:3]}; please report this")
+    after = mean_lm_loss(model, val_windows)
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in targets})
+    record = _record(cfg, log, [f"lora r={cfg.rank} on {len(targets)} modules: {', '.join(suffixes)}"], n_params,
+                     windows, val_windows, before, after, started)
+    record["lora"] = {"rank": cfg.rank, "alpha": cfg.alpha, "modules": len(targets), "targets": suffixes,
+                      "adapter_parameters": n_params, "merged": True}
+    return record
+
+
+def _train_lm(model, params, windows, cfg, quiet, callback) -> dict:
+    from prune.heal.training import train
+
+    return train(model, params, TensorDataset(windows), _lm_loss, cfg, tokens_per_item=int(windows.shape[1]),
+                 desc=f"heal {cfg.method}", quiet=quiet, callback=callback)
+
+
+# ---- partial fine-tuning --------------------------------------------------------------------------
+def partial_parameters(model, cfg: HealConfig) -> tuple[list[str], list[nn.Parameter], bool]:
+    """``(module names, parameters, tied_head_trained)`` that partial fine-tuning trains."""
+    from prune.model.loading import decoder_layers_path
+
+    path = decoder_layers_path(model)
+    layers = model.get_submodule(path)
+    n = len(layers)
+    if cfg.last_blocks > n:
+        raise PruneError(f"heal.last_blocks={cfg.last_blocks} but the model has {n} blocks (lower it)")
+    names, params = [], []
+    for i in range(n - cfg.last_blocks, n):
+        names.append(f"{path}.{i}")
+        params += list(layers[i].parameters())
+    module_names = {id(m): name for name, m in model.named_modules()}
+    if cfg.train_norm:
+        norm = final_norm(model)
+        if norm is None:
+            raise PruneError(f"heal.train_norm: no final norm found in {type(model).__name__} (set train_norm: false)")
+        names.append(module_names[id(norm)])
+        params += list(norm.parameters())
+    tied = False
+    if cfg.train_lm_head:
+        head = model.get_output_embeddings()
+        tied = head.weight is model.get_input_embeddings().weight
+        names.append(module_names[id(head)] + (f" (tied: also {module_names[id(model.get_input_embeddings())]})" if tied else ""))
+        params += list(head.parameters())
+    unique = list({id(p): p for p in params}.values())
+    return names, unique, tied
+
+
+def heal_partial(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.Tensor | None = None, *,
+                 quiet: bool = False, callback=None) -> dict:
+    """Fine-tune the last ``cfg.last_blocks`` blocks (+ final norm, + LM head) of ``model`` in place."""
+    started = time.time()
+    _check_in_memory(model)
+    names, params, tied = partial_parameters(model, cfg)
+    before = mean_lm_loss(model, val_windows)
+    flags = _trainable_state(model)
+    try:
+        model.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            _gradient_checkpointing(model, True)
+        log = _train_lm(model, params, windows, cfg, quiet, callback)
+    finally:
+        if cfg.gradient_checkpointing:
+            _gradient_checkpointing(model, False)
+        _restore_trainable(model, flags)
+    after = mean_lm_loss(model, val_windows)
+    record = _record(cfg, log, names, sum(p.numel() for p in params), windows, val_windows, before, after, started)
+    record["partial"] = {"last_blocks": cfg.last_blocks, "train_norm": cfg.train_norm, "train_lm_head": cfg.train_lm_head,
+                         "lm_head_tied": tied}
+    if tied:
+        record["partial"]["note"] = ("the LM head is tied to the input embeddings: training it changed the input "
+                                     "embeddings too (the model stays tied)")
+    return record
+
+
+# ---- replacement layer -------------------------------------------------------------------------------
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the states needed are taken."""
+
+
+def capture_run(model, windows: torch.Tensor, first: int, last: int, batch_size: int = 8,
+                progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h_in, h_out)``: the hidden states entering block ``first`` and leaving block ``last``
+    of ``model`` for every window, ``[n, seq_len, d]`` on the CPU in the block's dtype. Each
+    forward pass stops after block ``last`` (the rest of the model is not run)."""
+    from tqdm.auto import tqdm
+
+    layers = decoder_layers(model)
+    dtype = next(layers[first].parameters()).dtype
+    ins, outs = [], []
+
+    def pre(module, args, kwargs):
+        ins.append(_hidden_from_args(args, kwargs).detach().to("cpu", dtype, copy=True))
+
+    def post(module, args, kwargs, output):
+        outs.append(_hidden_from_output(output).detach().to("cpu", dtype, copy=True))
+        raise _StopForward
+
+    handles = [layers[first].register_forward_pre_hook(pre, with_kwargs=True),
+               layers[last].register_forward_hook(post, with_kwargs=True)]
+    device = input_device(model)
+    try:
+        with torch.no_grad():
+            for _, batch in tqdm(list(batches(windows, batch_size)), desc="capture run", unit="batch", disable=not progress):
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(ins), torch.cat(outs)
+
+
+def block_call_args(model, index: int, input_ids: torch.Tensor) -> tuple[tuple, dict]:
+    """``(extra positional args, keyword args)`` the model passes to block ``index`` for
+    ``input_ids`` (attention mask, positions, rotary embeddings, ...), so the block can be
+    called alone on stored hidden states; the forward stops before the block runs."""
+    got: dict[str, Any] = {}
+
+    def pre(module, args, kwargs):
+        got["args"] = tuple(args[1:])
+        got["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    handle = decoder_layers(model)[index].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids.to(input_device(model)), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return got["args"], got["kwargs"]
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    return value
+
+
+@dataclass
+class HealPlan:
+    """What healing needs from the full model, taken before the surgery (see :func:`prepare`)."""
+
+    cfg: HealConfig
+    remove: list[int]  # blocks the surgery removes: the k selected, or k - 1 for a replacement layer
+    windows: torch.Tensor
+    val_windows: torch.Tensor
+    run: list[int] | None = None  # replace: the removed run (original indices)
+    source_block: int | None = None  # replace: the original block kept as the replacement
+    inputs: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    val_inputs: torch.Tensor | None = None
+    val_targets: torch.Tensor | None = None
+    init_state: dict[str, torch.Tensor] | None = None  # mean_removed: the averaged weights
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def replacement_init(layers: nn.ModuleList, run: list[int], init: str) -> tuple[int, dict | None]:
+    """``(block kept as the replacement, weights to load into it or None)`` for an ``init`` rule:
+    ``first_removed`` / ``last_removed`` keep that block as it is; ``mean_removed`` keeps the
+    first and loads the element-wise mean of the run's weights."""
+    if init != "mean_removed":
+        return (run[-1] if init == "last_removed" else run[0]), None
+    states = [layers[i].state_dict() for i in run]
+    if any(s.keys() != states[0].keys() or any(s[k].shape != states[0][k].shape for k in s) for s in states):
+        raise PruneError(f"heal.init mean_removed: blocks {run} differ in shape (use first_removed)")
+    return run[0], {k: torch.stack([s[k].float() for s in states]).mean(0).to(states[0][k].dtype) for k in states[0]}
+
+
+def plan_replacement(model, run: list[int], cfg: HealConfig, windows, val_windows, quiet: bool = False) -> HealPlan:
+    """Capture the run's input/output states on the full ``model`` and decide which blocks to cut."""
+    started = time.time()
+    _check_in_memory(model)
+    layers = decoder_layers(model)
+    run = check_run(run, len(layers))
+    source, init_state = replacement_init(layers, run, cfg.init)
+    h_in, h_out = capture_run(model, windows, run[0], run[-1], cfg.batch_size, progress=not quiet)
+    v_in = v_out = None
+    if val_windows is not None and val_windows.shape[0]:
+        v_in, v_out = capture_run(model, val_windows, run[0], run[-1], cfg.batch_size)
+    return HealPlan(cfg, [i for i in run if i != source], windows, val_windows, run, source, h_in, h_out, v_in, v_out,
+                    init_state, time.time() - started)
+
+
+def _replacement_loss(kind: str) -> Callable:
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        out, target = out.float(), target.float()
+        value = F.mse_loss(out, target)
+        if kind == "mse+cos":
+            value = value + (1.0 - F.cosine_similarity(out, target, dim=-1)).mean()
+        return value
+
+    return loss
+
+
+def heal_replacement(model, plan: HealPlan, *, quiet: bool = False, callback=None) -> dict:
+    """Train the replacement block of a model pruned by ``plan.remove`` (see :func:`plan_replacement`)."""
+    from prune.heal.training import train
+
+    cfg, run = plan.cfg, plan.run
+    started = time.time() - plan.seconds
+    layers = decoder_layers(model)
+    position = run[0]
+    block = layers[position]
+    if plan.init_state is not None:
+        block.load_state_dict(plan.init_state)
+    home = next(block.parameters()).device
+    loss_of = _replacement_loss(cfg.loss)
+    call_cache: dict[int, tuple] = {}
+
+    def call(module, hidden):
+        b = hidden.shape[0]
+        if b not in call_cache:
+            args, kwargs = block_call_args(model, position, plan.windows[:b])
+            call_cache[b] = (args, kwargs)
+        args, kwargs = call_cache[b]
+        return _hidden_from_output(module(hidden, *_to(args, hidden.device), **_to(kwargs, hidden.device)))
+
+    def step_loss(module, batch):
+        x, y = batch
+        return loss_of(call(module, x), y)
+
+    def val_mse() -> float | None:
+        if plan.val_inputs is None:
+            return None
+        dev = next(block.parameters()).device
+        with torch.no_grad():
+            outs = [call(block, x.to(dev)).float().cpu() for _, x in batches(plan.val_inputs, cfg.batch_size)]
+        return float(F.mse_loss(torch.cat(outs), plan.val_targets.float()))
+
+    flags = _trainable_state(model)
+    mse_before = val_mse()
+    before = mean_lm_loss(model, plan.val_windows)
+    try:
+        model.requires_grad_(False)
+        block.requires_grad_(True)
+        params = list(block.parameters())
+        log = train(block, params, TensorDataset(plan.inputs, plan.targets), step_loss, cfg,
+                    tokens_per_item=int(plan.inputs.shape[1]), desc="heal replace", quiet=quiet, callback=callback)
+    finally:
+        block.to(home)
+        _restore_trainable(model, flags)
+    after = mean_lm_loss(model, plan.val_windows)
+    from prune.model.loading import decoder_layers_path
+
+    record = _record(cfg, log, [f"{decoder_layers_path(model)}.{position}"], sum(p.numel() for p in params),
+                     plan.windows, plan.val_windows, before, after, started)
+    record["replacement"] = {"replaces": run, "position": position, "init": cfg.init, "init_block": plan.source_block,
+                             "loss": cfg.loss, "val_mse_before": mse_before, "val_mse_after": val_mse(),
+                             "capture_seconds": round(plan.seconds, 1)}
+    return record
+
+
+# ---- the Python API ------------------------------------------------------------------------------------
+def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data=None, windows: torch.Tensor | None = None,
+               val_windows: torch.Tensor | None = None, removed: list[int] | None = None, quiet: bool = False,
+               callback: Callable[[int, int], None] | None = None, **settings) -> dict:
+    """Heal ``model`` in place and return the record (see the module docstring).
+
+    * ``lora`` / ``partial``: ``model`` is the pruned model.
+    * ``replace``: ``model`` is the FULL model and ``removed`` the contiguous run of blocks to
+      replace: the run's input/output states are captured, ``len(removed) - 1`` blocks are
+      removed with :func:`prune.remove_layers` and the one kept is trained in their place
+      (``record["kept"]`` lists the original indices of the blocks that stay).
+
+    Training text: ``data`` (a path, :class:`prune.TextSource` or ``{"path", "field", "rows"}``)
+    tokenized with ``tokenizer``, or token windows ``windows`` [n, seq_len] (and optionally
+    ``val_windows``) directly. ``settings`` are :class:`prune.recipe.HealConfig` fields
+    (``steps=50, learning_rate=1e-3, rank=16, last_blocks=4, ...``).
+    ``callback(step, tokens_seen)`` runs after every optimizer step.
+    """
+    cfg = heal_config(method, data, **settings)
+    if windows is None:
+        if tokenizer is None:
+            raise PruneError("heal_model needs a tokenizer to read data (or pass windows=)")
+        windows, val_windows = training_windows(tokenizer, cfg)
+    n = len(decoder_layers(model))
+    check_settings(cfg, model, n)
+    if cfg.method == "lora":
+        return heal_lora(model, cfg, windows, val_windows, quiet=quiet, callback=callback)
+    if cfg.method == "partial":
+        return heal_partial(model, cfg, windows, val_windows, quiet=quiet, callback=callback)
+    if removed is None:
+        raise PruneError("heal method replace needs removed= (the contiguous run of blocks to replace)")
+    from prune.model.surgery import remove_layers
+
+    plan = plan_replacement(model, list(removed), cfg, windows, val_windows, quiet=quiet)
+    kept = remove_layers(model, plan.remove)
+    record = heal_replacement(model, plan, quiet=quiet, callback=callback)
+    record["kept"] = kept
+    return record
+
+
+# ---- the recipe stage (prune.pipeline.run) ------------------------------------------------------------
+def preflight(recipe, config, n_layers: int) -> None:
+    """Recipe checks that need the model config but no weights (called from the pipeline's preflight)."""
+    from prune.model.loading import context_length
+    from prune.choose.rules import resolve_count, resolve_protect
+
+    cfg = recipe.heal
+    sel = recipe.select
+    n_after = n_layers
+    if sel.strategy != "search":
+        k = resolve_count(n_layers, sel.n_layers, sel.fraction, resolve_protect(sel.protect, n_layers))
+        if cfg.method == "replace" and k < 2:
+            raise PruneError(f"heal.method replace needs at least 2 removed blocks, but select removes {k} (use lora or partial)")
+        n_after = n_layers - k + (1 if cfg.method == "replace" else 0)
+    check_settings(cfg, _meta_model(config, recipe.model.trust_remote_code), n_after, context_length(config))
+
+
+def prepare(model, tokenizer, selection, recipe, quiet: bool = False) -> HealPlan:
+    """Before the surgery: read the training windows, and for ``replace`` capture the removed
+    run's input/output states on the full model. ``plan.remove`` is what the surgery removes."""
+    cfg = recipe.heal
+    windows, val_windows = training_windows(tokenizer, cfg)
+    if cfg.method != "replace":
+        return HealPlan(cfg, list(selection.removed), windows, val_windows)
+    return plan_replacement(model, list(selection.removed), cfg, windows, val_windows, quiet=quiet)
+
+
+def heal(model, tokenizer, selection, recipe, quiet: bool = False, plan: HealPlan | None = None) -> dict:
+    """After the surgery: heal the pruned ``model`` in place with ``recipe.heal``; returns the record."""
+    cfg = recipe.heal
+    if plan is None:
+        if cfg.method == "replace":
+            raise PruneError("heal.method replace needs prepare() before the surgery (it trains on the full model's states)")
+        plan = prepare(model, tokenizer, selection, recipe, quiet)
+    if not quiet:
+        print(f"healing ({cfg.method}): {cfg.steps} steps x {cfg.batch_size * cfg.gradient_accumulation} windows x "
+              f"{cfg.seq_len} tokens of {cfg.data.path}", flush=True)
+    if cfg.method == "replace":
+        record = heal_replacement(model, plan, quiet=quiet)
+    elif cfg.method == "lora":
+        record = heal_lora(model, cfg, plan.windows, plan.val_windows, quiet=quiet)
+    else:
+        record = heal_partial(model, cfg, plan.windows, plan.val_windows, quiet=quiet)
+    if not quiet and record["val_loss_after"] is not None:
+        print(f"healed: held-out loss {record['val_loss_before']:.4f} -> {record['val_loss_after']:.4f} "
+              f"({record['tokens_seen']:,} tokens, {record['seconds']:.0f} s)", flush=True)
+    return record
+
+
+def healing_markdown(record: dict) -> str:
+    """A short Markdown section describing a healing record (for eval.md and model cards)."""
+    if not record:
+        return ""
+    s = record["settings"]
+    lines = [f"## Healing: {record['method']}", "",
+             f"- trained: {', '.join(record['trained'])} ({record['trainable_parameters']:,} parameters)",
+             f"- data: {record['data']['path']} (rows {record['data'].get('rows') or 'all'}), "
+             f"{record['tokens_seen']:,} tokens seen in {record['steps']} steps ({record['epochs']} epochs), seed {record['seed']}",
+             f"- learning rate {s['learning_rate']} ({s['schedule']}), batch {s['batch_size']} x {s['gradient_accumulation']} "
+             f"x {s['seq_len']} tokens, mixed precision {record['mixed_precision']}, on {record['device']}, "
+             f"{record['seconds']:.0f} s"]
+    if record.get("val_loss_after") is not None:
+        lines.append(f"- held-out loss on the training text: {record['val_loss_before']:.4f} -> {record['val_loss_after']:.4f}")
+    if "replacement" in record:
+        r = record["replacement"]
+        lines.append(f"- blocks {r['replaces']} replaced by one block at position {r['position']} "
+                     f"(initialised from block {r['init_block']}, loss {r['loss']})")
+    if record.get("partial", {}).get("note"):
+        lines.append(f"- note: {record['partial']['note']}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,132 @@
+"""A small training loop for healing, on Accelerate: one optimizer, one loss, a fixed number of steps.
+
+``train(module, params, dataset, loss_fn, cfg)`` runs ``cfg.steps`` optimizer steps of AdamW
+over ``params``; each step accumulates ``cfg.gradient_accumulation`` micro-batches of
+``cfg.batch_size`` items drawn from ``dataset`` (shuffled with ``cfg.seed``, reused over
+epochs). Learning rate: linear warmup over the first 5% of the steps (at least one), then
+cosine decay to 0 (``schedule="cosine"``) or flat (``"constant"``). Gradients are clipped
+to norm 1. Accelerate places the module on its device (a GPU when there is one), applies
+``mixed_precision`` (autocast) and the accumulation; the module is unwrapped afterwards, so
+nothing of Accelerate stays attached to it. A tqdm bar shows the loss.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from prune.core.errors import PruneError
+
+MAX_GRAD_NORM = 1.0
+WARMUP_FRACTION = 0.05
+
+
+def lr_lambda(steps: int, schedule: str) -> Callable[[int], float]:
+    """Multiplier of the learning rate at optimizer step ``s`` (0-based): warmup, then cosine or flat."""
+    warmup = max(1, math.ceil(WARMUP_FRACTION * steps))
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (s - warmup + 1) / max(1, steps - warmup + 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def make_accelerator(mixed_precision: str, gradient_accumulation: int):
+    """An ``Accelerator`` for one healing run. Accelerate keeps its settings in process-wide
+    singletons that refuse a second, different ``mixed_precision``; a state left by an
+    earlier run is reset first (only the training settings, not the process group)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import GradientAccumulationPlugin
+
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise PruneError("heal.mixed_precision fp16 needs a CUDA GPU (use bf16 or no on CPU)")
+    if AcceleratorState._shared_state:  # noqa: SLF001 - see docstring
+        AcceleratorState._reset_state(reset_partial_state=False)  # noqa: SLF001
+        GradientState._reset_state()  # noqa: SLF001
+    plugin = GradientAccumulationPlugin(num_steps=gradient_accumulation, sync_with_dataloader=False)
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_plugin=plugin)
+
+
+def _forever(loader) -> Iterator:
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def train(module: torch.nn.Module, params: list[torch.nn.Parameter], dataset: Dataset,
+          loss_fn: Callable[[torch.nn.Module, list[torch.Tensor]], torch.Tensor], cfg, *,
+          tokens_per_item: int, desc: str = "heal", quiet: bool = False,
+          callback: Callable[[int, int], None] | None = None) -> dict:
+    """Train ``params`` of ``module`` to minimise ``loss_fn(module, batch)`` (see module docstring).
+
+    ``cfg`` has ``steps, batch_size, gradient_accumulation, learning_rate, weight_decay,
+    schedule, seed, mixed_precision``. ``callback(step, tokens_seen)`` runs after every
+    optimizer step with the module in eval mode (for learning curves). Returns
+    ``{"losses": per-step mean loss, "tokens_seen", "items_seen", "epochs", "seconds", "device"}``;
+    the trained module (back in eval mode) is the same object as ``module``.
+    """
+    if not params:
+        raise PruneError("nothing to train: no parameter requires a gradient (check the heal settings)")
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.steps, cfg.schedule))
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    torch.manual_seed(cfg.seed)
+    started = time.time()
+    wrapped, optimizer, scheduler, loader = accelerator.prepare(module, optimizer, scheduler, loader)
+    losses: list[float] = []
+    items = 0
+    batches = _forever(loader)
+    bar = tqdm(total=cfg.steps, desc=desc, unit="step", disable=quiet)
+    try:
+        wrapped.train()
+        for step in range(cfg.steps):
+            total, lr = 0.0, scheduler.get_last_lr()[0]  # the rate this step uses
+            for _ in range(cfg.gradient_accumulation):
+                batch = next(batches)
+                with accelerator.accumulate(wrapped):
+                    loss = loss_fn(wrapped, batch)
+                    if not torch.isfinite(loss):
+                        raise PruneError(f"healing diverged: the loss is {loss.item()} at step {step + 1} "
+                                         "(lower heal.learning_rate, or use mixed_precision no)")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                total += float(loss.detach())
+                items += int(batch[0].shape[0])
+            losses.append(total / cfg.gradient_accumulation)
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
+            if callback is not None:
+                wrapped.eval()
+                callback(step + 1, items * tokens_per_item)
+                wrapped.train()
+    finally:
+        bar.close()
+        wrapped.eval()
+        accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
+        accelerator.free_memory()
+        for m in (module, wrapped):
+            if "_is_accelerate_prepared" in vars(m):
+                del m._is_accelerate_prepared
+    return {"losses": losses, "tokens_seen": items * tokens_per_item, "items_seen": items,
+            "epochs": items / len(dataset), "seconds": round(time.time() - started, 1),
+            "device": str(accelerator.device)}

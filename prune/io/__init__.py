@@ -1,0 +1,1 @@
+"""Files and text: model sources, one safetensors reader, text and calibration windows."""

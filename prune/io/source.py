@@ -1,0 +1,57 @@
+"""Where a model comes from: a Hub id, a local folder or a GGUF file, classified before loading."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prune.core.errors import PruneError
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from. ``kind`` is ``"hub"``, ``"folder"`` or ``"gguf"``."""
+
+    kind: str
+    path: str  # Hub id or local folder (for GGUF: the folder holding the file)
+    gguf_file: str | None = None
+    revision: str | None = None
+
+    @property
+    def display(self) -> str:
+        return os.path.join(self.path, self.gguf_file) if self.gguf_file else self.path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": self.path, "gguf_file": self.gguf_file, "revision": self.revision}
+
+
+def resolve_source(source: str | os.PathLike, gguf_file: str | None = None, revision: str | None = None) -> ModelSource:
+    """Classify ``source`` and check that a local one exists, before anything is loaded."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if gguf_file is None and text.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise PruneError(f"GGUF file not found: {text} (check the path)")
+        return ModelSource("gguf", str(path.parent), path.name, revision)
+    if path.is_dir():
+        if gguf_file is not None:
+            if not (path / gguf_file).is_file():
+                raise PruneError(f"GGUF file not found: {path / gguf_file} (check gguf_file)")
+            return ModelSource("gguf", str(path), gguf_file, revision)
+        if not (path / "config.json").is_file():
+            raise PruneError(
+                f"{text} is a folder but not a model: it has no config.json "
+                "(point to a folder written by save_pretrained, a .gguf file, or a Hub id)"
+            )
+        return ModelSource("folder", str(path), None, revision)
+    if path.exists():
+        raise PruneError(f"{text} is a file, not a model (give a model folder, a .gguf file or a Hub id)")
+    if not _HUB_ID.match(text):
+        raise PruneError(f"model path not found: {text} (check the path, or give a Hub id like org/name)")
+    return ModelSource("hub", text, gguf_file, revision)

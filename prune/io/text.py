@@ -1,0 +1,168 @@
+"""Text for calibration and evaluation: read it, tokenize it once, cut it into windows.
+
+Sources: a local ``.txt`` file (one document per line; blank lines kept as separators),
+a local ``.jsonl`` file (one document per row, from ``field``, or several fields joined
+with a space), or a Hugging Face ``datasets`` name with ``config`` and ``split``.
+``rows="a:b"`` keeps a slice of the documents, so calibration and evaluation text
+can be disjoint parts of one file.
+
+Documents are joined with ``"\\n\\n"`` and tokenized once without special tokens
+(the standard WikiText perplexity setup). Windows hold ``seq_len`` tokens; when the
+tokenizer puts BOS in front of every encoded text (Llama-3, Gemma, ...) each window is
+BOS followed by ``seq_len - 1`` text tokens, so the model sees what it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prune.core.errors import PruneError
+from prune.core.config import TextSource
+
+JOIN = "\n\n"
+
+
+def _row_slice(rows: str | None) -> slice:
+    if rows is None:
+        return slice(None)
+    try:
+        parts = [int(p) if p.strip() else None for p in rows.split(":")]
+        if len(parts) != 2:
+            raise ValueError
+    except ValueError:
+        raise PruneError(f"rows={rows!r} is not a 'start:stop' slice (e.g. '0:2000' or '2000:')") from None
+    return slice(*parts)
+
+
+def _pick(record: dict, field: str | list[str], where: str) -> str:
+    fields = [field] if isinstance(field, str) else list(field)
+    missing = [f for f in fields if f not in record]
+    if missing:
+        raise PruneError(f"{where} has no field {missing[0]!r} (fields: {', '.join(record)}); set data.field")
+    return "".join(str(record[f]) for f in fields)
+
+
+def load_text(source: TextSource) -> str:
+    """The text of ``source``: its rows (after the ``rows`` slice) joined as described above."""
+    path = Path(source.path).expanduser()
+    if path.suffix in (".txt", ".raw", ".jsonl", ".json") or path.exists():
+        if not path.is_file():
+            raise PruneError(f"data file not found: {source.path} (check the path)")
+        if path.suffix in (".jsonl", ".json"):
+            texts = []
+            with path.open(encoding="utf-8") as handle:
+                for lineno, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise PruneError(f"{path}:{lineno} is not valid JSON (one object per line expected)") from None
+                    texts.append(_pick(record, source.field, f"{path}:{lineno}"))
+        else:
+            lines = path.read_text(encoding="utf-8").split("\n")
+            return "\n".join(lines[_row_slice(source.rows)])
+    else:
+        texts = _read_hf_dataset(source)
+    return JOIN.join(texts[_row_slice(source.rows)])
+
+
+def _read_hf_dataset(source: TextSource) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source.path, source.config, split=source.split)
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PruneError(
+            f"could not load dataset {source.path!r} (config {source.config!r}, split {source.split!r}): {first} "
+            "(offline? use a local .txt/.jsonl file)"
+        ) from exc
+    fields = [source.field] if isinstance(source.field, str) else list(source.field)
+    for f in fields:
+        if f not in ds.column_names:
+            raise PruneError(f"dataset {source.path!r} has no column {f!r} (columns: {', '.join(ds.column_names)}); set data.field")
+    return ["".join(str(row[f]) for f in fields) for row in ds]
+
+
+def needs_bos(tokenizer) -> bool:
+    """True when the tokenizer itself starts every encoded text with BOS (so windows should too)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
+def token_stream(tokenizer, text: str) -> torch.Tensor:
+    """``text`` tokenized once without special tokens (1-D int64)."""
+    if not text.strip():
+        raise PruneError("the text is empty (check data.path, data.field and data.rows)")
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _window_body(tokenizer, seq_len: int, bos: bool | None) -> tuple[int, int | None]:
+    use_bos = needs_bos(tokenizer) if bos is None else bos
+    if use_bos and tokenizer.bos_token_id is None:
+        raise PruneError("BOS per window was asked for but the tokenizer has no BOS token (set data.bos: false)")
+    if seq_len < 2 + int(use_bos):
+        raise PruneError(f"seq_len={seq_len} is too short (use at least {2 + int(use_bos)})")
+    return seq_len - int(use_bos), (tokenizer.bos_token_id if use_bos else None)
+
+
+def _assemble(chunks: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    if bos_id is None:
+        return chunks
+    return torch.cat([torch.full((chunks.shape[0], 1), bos_id, dtype=torch.long), chunks], dim=1)
+
+
+def calibration_windows(
+    tokenizer,
+    text: str,
+    n_samples: int,
+    seq_len: int,
+    seed: int = 0,
+    bos: bool | None = None,
+) -> torch.Tensor:
+    """``n_samples`` windows of ``seq_len`` tokens, ``[n_samples, seq_len]`` int64.
+
+    The token stream is cut into non-overlapping windows and ``n_samples`` of them are
+    drawn without replacement with ``torch.Generator().manual_seed(seed)``, then kept in
+    stream order, so windows never overlap and the same seed gives the same windows.
+    """
+    if n_samples < 1:
+        raise PruneError(f"n_samples={n_samples} must be at least 1")
+    body, bos_id = _window_body(tokenizer, seq_len, bos)
+    stream = token_stream(tokenizer, text)
+    available = stream.numel() // body
+    if available < n_samples:
+        raise PruneError(
+            f"calibration text too short: {stream.numel()} tokens make {available} windows of {body}, "
+            f"{n_samples} asked (add text, or lower data.n_samples / data.seq_len)"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(available, generator=gen)[:n_samples].sort().values
+    chunks = stream[: available * body].view(available, body)[picks]
+    return _assemble(chunks, bos_id)
+
+
+def eval_windows(
+    tokenizer,
+    text: str,
+    seq_len: int,
+    max_windows: int | None = None,
+    bos: bool | None = None,
+) -> torch.Tensor:
+    """Consecutive non-overlapping windows from the start of the stream (the perplexity setup)."""
+    body, bos_id = _window_body(tokenizer, seq_len, bos)
+    stream = token_stream(tokenizer, text)
+    available = stream.numel() // body
+    if available < 1:
+        raise PruneError(f"evaluation text too short: {stream.numel()} tokens, one window needs {body}")
+    n = available if max_windows is None else min(available, max_windows)
+    return _assemble(stream[: n * body].view(n, body)[:n], bos_id)

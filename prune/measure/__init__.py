@@ -1,0 +1,1 @@
+"""Measurements: redundancy scores (in memory or sequential), perplexity, lm-eval."""

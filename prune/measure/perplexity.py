@@ -1,0 +1,46 @@
+"""Utility of a model: perplexity over text windows (lm-eval tasks live in ``prune.lmeval``).
+
+Perplexity follows the standard setup: the evaluation text is joined, cut into
+consecutive non-overlapping windows of ``seq_len`` tokens (BOS first where the
+tokenizer uses it, see :mod:`prune.data`), and
+``ppl = exp( sum NLL(predicted tokens) / number of predicted tokens )``, where every
+token of a window but its first is predicted from the tokens before it in that window.
+The same windows are used for the original and the pruned model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from prune.model.capture import batches
+from prune.model.loading import input_device
+
+
+def nll_sum(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False, desc: str = "perplexity") -> tuple[float, int]:
+    """``(sum of token NLLs, number of predicted tokens)`` over ``windows [n, seq_len]``."""
+    device = input_device(model)
+    total, count = 0.0, 0
+    bar = tqdm(total=windows.shape[0], desc=desc, unit="win", disable=not progress)
+    with torch.no_grad():
+        for _, batch in batches(windows, batch_size):
+            batch = batch.to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            targets = batch[:, 1:].to(logits.device)
+            losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
+            total += float(losses)
+            count += targets.numel()
+            bar.update(batch.shape[0])
+    bar.close()
+    return total, count
+
+
+def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> dict:
+    """``{"perplexity", "nll", "tokens", "windows", "seq_len"}`` of ``model`` on ``windows``."""
+    total, count = nll_sum(model, windows, batch_size, progress)
+    nll = total / count
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": count,
+            "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1])}

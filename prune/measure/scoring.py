@@ -1,0 +1,291 @@
+"""Score every decoder block over calibration windows: one forward pass, running statistics.
+
+``score(model, windows)`` runs the windows through the model's decoder stack (no LM head)
+in batches, captures ``h_0 .. h_L`` with :class:`~prune.capture.BlockStates`, and folds each
+batch into running sums, so memory does not grow with the number of windows:
+
+* ``block_influence[l]``  ShortGPT BI of block ``l`` (mean over counted tokens);
+* ``angular[i][j]``       mean ``arccos(cos(h_i, h_j)) / pi``; ``d(l, n) = angular[l][l+n]``;
+* ``cka[i][j]``           unbiased linear CKA between ``h_i`` and ``h_j``; one CKA batch is the
+                          tokens of ``cka_windows`` consecutive windows (fixed groups, so the
+                          forward batch size never changes the result), averaged over groups
+                          (NaN groups dropped and counted);
+* ``msrs``                RedTest's score over the L x L CKA matrix of block outputs
+                          (``cka[1:, 1:]``), with each block's contribution.
+
+``positions="skip_first"`` leaves out the first token of every window (the attention
+sink, whose massive activations dominate linear CKA); ``"all"`` counts every token.
+The sink dominates most when several windows are pooled into one CKA batch: the
+unbiased estimator zeroes each token's self-similarity, so with ``cka_windows=1`` the
+one sink of a batch weighs far less than the sink-to-sink products of a pooled batch.
+Windows with non-finite activations are excluded from every statistic and listed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from prune.core import metrics as M
+from prune.model.capture import BlockStates, batches
+from prune.core.errors import PruneError
+from prune.core.faults import checkpoint
+from prune.model.loading import decoder_layers, input_device
+
+POSITIONS = ("all", "skip_first")
+#: Default token positions, decided by the quality benchmark (docs/BENCHMARKS.md, "Recommendation"):
+#: on SmolLM2 BI and angular distance pick the same blocks either way, while CKA and MSRS with
+#: the first token counted follow its attention-sink activations and pick far worse blocks.
+DEFAULT_POSITIONS = "skip_first"
+METRICS = ("bi", "angular", "cka")
+
+
+@dataclass
+class ScoreResult:
+    """Per-block scores of one model over one calibration set (0-based block indices)."""
+
+    n_layers: int
+    positions: str
+    cka_windows: int
+    n_windows: int
+    seq_len: int
+    n_tokens: int  # tokens counted per state (after position filtering and exclusions)
+    block_influence: list[float]
+    angular: list[list[float]] | None  # (L+1) x (L+1) over states h_0..h_L, or None if not computed
+    cka: list[list[float]] | None  # (L+1) x (L+1) over states h_0..h_L, or None if not computed
+    msrs: dict | None  # M.MSRS.to_dict() over cka[1:, 1:]
+    excluded_windows: list[int] = field(default_factory=list)  # non-finite activations
+    cka_dropped: int = 0  # (window, pair) CKA values that were NaN and left out
+    seconds: float = 0.0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    # ---- derived views -------------------------------------------------------------
+    def angular_distance(self, n: int) -> list[float]:
+        """``d(l, n)`` for ``l = 0 .. L-n``: distance between the input of block l and of block l+n."""
+        if self.angular is None:
+            raise PruneError("these scores have no angular distances (score with metrics including 'angular')")
+        if not 1 <= n <= self.n_layers:
+            raise PruneError(f"angular distance needs 1 <= n <= {self.n_layers}, got {n}")
+        return [self.angular[l][l + n] for l in range(self.n_layers - n + 1)]
+
+    @property
+    def cka_matrix(self) -> list[list[float]]:
+        """L x L unbiased linear CKA between block outputs (what MSRS is computed on)."""
+        self._need_cka()
+        return [row[1:] for row in self.cka[1:]]
+
+    @property
+    def cka_in_out(self) -> list[float]:
+        """``CKA(h_l, h_{l+1})``: similarity of block l's output to its input."""
+        self._need_cka()
+        return [self.cka[l][l + 1] for l in range(self.n_layers)]
+
+    @property
+    def msrs_contribution(self) -> list[float]:
+        """Block l's share of MSRS: ``sum_{j != l} sigmoid(2 beta (S_lj - tau))``."""
+        self._need_cka()
+        return self.msrs["contributions"]
+
+    def _need_cka(self) -> None:
+        if self.cka is None:
+            raise PruneError("these scores have no CKA matrix (score with metrics including 'cka')")
+
+    # ---- serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ScoreResult:
+        return cls(**data)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> ScoreResult:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def table(self) -> str:
+        """A per-block table for the terminal."""
+        head = f"{'block':>5} {'BI':>9} {'ang(n=1)':>9}"
+        cka = self.cka is not None
+        if cka:
+            head += f" {'CKA(in,out)':>11} {'MSRS contrib':>12}"
+        lines = [head]
+        ang = self.angular_distance(1) if self.angular is not None else [float("nan")] * self.n_layers
+        for l in range(self.n_layers):
+            line = f"{l:>5} {self.block_influence[l]:>9.5f} {ang[l]:>9.5f}"
+            if cka:
+                line += f" {self.cka_in_out[l]:>11.5f} {self.msrs_contribution[l]:>12.3f}"
+            lines.append(line)
+        if cka:
+            m = self.msrs
+            lines.append(
+                f"MSRS = {m['total']:.3f} over {self.n_layers * (self.n_layers - 1) // 2} pairs "
+                f"({m['per_pair']:.4f} per pair; beta={m['beta']:g}, tau={m['tau']:g})"
+            )
+        lines.append(f"{self.n_windows} windows x {self.seq_len} tokens, positions={self.positions}, "
+                     f"{self.n_tokens} tokens counted, {len(self.excluded_windows)} windows excluded")
+        return "\n".join(lines)
+
+
+class ScoreAccumulator:
+    """Running statistics over batches of ``h_0 .. h_L`` (see module docstring)."""
+
+    def __init__(self, n_layers: int, device: torch.device, metrics: tuple[str, ...], cka_windows: int = 1):
+        m = n_layers + 1
+        self.n_layers = n_layers
+        self.cka_windows = cka_windows
+        self.metrics = metrics
+        self.bi = M.RunningMean((n_layers,), device)
+        self.angular = M.RunningMean((m, m), device) if "angular" in metrics else None
+        self.cka = M.RunningMean((m, m), device) if "cka" in metrics else None
+        self.tokens = 0
+
+    def update(self, states, inputs: list[torch.Tensor | None]) -> None:
+        """Fold one batch in: ``states`` are ``h_0 .. h_L``, each ``[B, S, d]`` (a list, or one tensor
+        ``[L+1, B, S, d]``); ``inputs[l]`` overrides ``states[l]`` for BI. No stacked copy is made."""
+        B, S, d = states[0].shape
+        T = B * S
+        flat = [x.reshape(T, d) for x in states]
+        one_minus_cos, angular = M.cosine_sums(flat, pairs=self.angular is not None)
+        for l, x in enumerate(inputs):  # the stream changed between blocks: BI compares the block's own input
+            if x is not None:
+                one_minus_cos[l] = T - M.cosine_per_token(x.reshape(T, d), flat[l + 1]).sum()
+        self.bi.add_sum(one_minus_cos, T)
+        if self.angular is not None:
+            self.angular.add_sum(angular, T)
+        if self.cka is not None:
+            P = self.cka_windows  # the caller makes forward batches multiples of P
+            for g in range(0, B, P):
+                self.cka.update(M.cka_matrix([x[g : g + P].reshape(-1, d) for x in states]))
+        self.tokens += T
+
+
+def check_score_args(windows: torch.Tensor, positions: str, metrics, cka_windows: int,
+                     batch_size: int) -> tuple[tuple[str, ...], int, int]:
+    """Validate scoring arguments; returns ``(metrics, batch_size, first)`` where the batch size
+    is rounded up to a multiple of ``cka_windows`` and ``first`` is the first counted position."""
+    metrics = tuple(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise PruneError(f"unknown metric {unknown[0]!r} (choose from {', '.join(METRICS)})")
+    if positions not in POSITIONS:
+        raise PruneError(f"positions={positions!r} is not one of {', '.join(POSITIONS)}")
+    if windows.ndim != 2:
+        raise PruneError(f"windows must be [n_windows, seq_len], got shape {tuple(windows.shape)}")
+    if cka_windows < 1:
+        raise PruneError(f"cka_windows={cka_windows} must be at least 1")
+    batch_size = -(-max(batch_size, 1) // cka_windows) * cka_windows
+    first = 1 if positions == "skip_first" else 0
+    if "cka" in metrics and windows.shape[1] - first <= 3:
+        raise PruneError(f"CKA needs more than 3 counted tokens per window; seq_len={windows.shape[1]} is too short")
+    return metrics, batch_size, first
+
+
+def fold_batch(acc: ScoreAccumulator, states: list[torch.Tensor], inputs: list[torch.Tensor | None],
+               first: int, start: int) -> list[int]:
+    """Fold the states ``h_0 .. h_L`` of the windows ``start, start+1, ...`` into ``acc``.
+
+    Positions before ``first`` are dropped; windows with non-finite activations are left
+    out of every statistic and their indices returned.
+    """
+    states = [x[:, first:] for x in states]
+    inputs = [None if x is None else x[:, first:] for x in inputs]
+    # one pass per state: a window holding inf or nan anywhere has a non-finite sum
+    finite = torch.isfinite(sum(x.sum(dim=(1, 2), dtype=torch.float64) for x in states))  # [B]
+    for x in inputs:
+        if x is not None:
+            finite &= torch.isfinite(x.sum(dim=(1, 2), dtype=torch.float64))
+    excluded: list[int] = []
+    if not bool(finite.all()):
+        excluded = [start + int(i) for i in torch.nonzero(~finite).flatten()]
+        states = [x[finite] for x in states]
+        inputs = [None if x is None else x[finite] for x in inputs]
+    if states[0].shape[0]:
+        acc.update(states, inputs)
+    return excluded
+
+
+def finish(acc: ScoreAccumulator, windows: torch.Tensor, *, positions: str, metrics: tuple[str, ...],
+           cka_windows: int, beta: float, tau: float, excluded: list[int], started: float,
+           progress: bool, metadata: dict | None) -> ScoreResult:
+    """The :class:`ScoreResult` of a finished accumulation (MSRS over the CKA matrix of block outputs)."""
+    if acc.tokens == 0:
+        raise PruneError("every calibration window had non-finite activations (try dtype float32 or bfloat16)")
+    if excluded and progress:
+        print(f"warning: {len(excluded)} window(s) had non-finite activations and were excluded: {excluded[:10]}")
+    cka = msrs = None
+    cka_dropped = 0
+    if acc.cka is not None:
+        cka_t = acc.cka.mean
+        cka = cka_t.tolist()
+        msrs = M.msrs(cka_t[1:, 1:], beta=beta, tau=tau).to_dict()
+        cka_dropped = int(torch.triu(acc.cka.dropped, diagonal=1).sum())
+    return ScoreResult(
+        n_layers=acc.n_layers,
+        positions=positions,
+        cka_windows=cka_windows,
+        n_windows=int(windows.shape[0]),
+        seq_len=int(windows.shape[1]),
+        n_tokens=acc.tokens,
+        block_influence=acc.bi.mean.tolist(),
+        angular=acc.angular.mean.tolist() if "angular" in metrics else None,
+        cka=cka,
+        msrs=msrs,
+        excluded_windows=excluded,
+        cka_dropped=cka_dropped,
+        seconds=time.perf_counter() - started,
+        metadata=dict(metadata or {}),
+    )
+
+
+def score(
+    model,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    positions: str = DEFAULT_POSITIONS,
+    metrics: tuple[str, ...] | list[str] = METRICS,
+    cka_windows: int = 1,
+    beta: float = 100.0,
+    tau: float = 0.8,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    metadata: dict | None = None,
+) -> ScoreResult:
+    """Score every decoder block of ``model`` on ``windows [n, seq_len]`` (int64 token ids).
+
+    Statistics are gathered on ``device`` (default: the device of the input embedding)
+    in float32/float64 whatever the model dtype. Block Influence is always computed;
+    ``metrics`` may add ``"angular"`` and ``"cka"`` (CKA also gives MSRS with ``beta``, ``tau``).
+    ``cka_windows`` windows are pooled into one CKA batch (``batch_size`` is rounded up
+    to a multiple of it). The model may be dispatched by Accelerate over several devices
+    or offloaded to CPU/disk: the hooks copy every state to ``device``.
+    """
+    metrics, batch_size, first = check_score_args(windows, positions, metrics, cka_windows, batch_size)
+    layers = decoder_layers(model)
+    n_layers = len(layers)
+    in_dev = input_device(model)
+    stats_dev = torch.device(device) if device is not None else (in_dev if in_dev.type != "meta" else torch.device("cpu"))
+    acc = ScoreAccumulator(n_layers, stats_dev, metrics, cka_windows)
+    excluded: list[int] = []
+    base = model.base_model
+    started = time.perf_counter()
+    bar = tqdm(total=windows.shape[0], desc="scoring", unit="win", disable=not progress)
+    with torch.no_grad(), BlockStates(layers, stats_dev) as capture:
+        for start, batch in batches(windows, batch_size):
+            base(input_ids=batch.to(in_dev), use_cache=False)
+            states, inputs = capture.pop()
+            excluded += fold_batch(acc, states, inputs, first, start)
+            bar.update(batch.shape[0])
+            checkpoint("scoring")  # fault-injection hook (prune.faults); a no-op outside tests
+    bar.close()
+    return finish(acc, windows, positions=positions, metrics=metrics, cka_windows=cka_windows, beta=beta, tau=tau,
+                  excluded=excluded, started=started, progress=progress, metadata=metadata)

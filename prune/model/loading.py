@@ -1,0 +1,368 @@
+"""Loading models and finding their decoder blocks: every architecture difference lives here.
+
+A model source is one of
+  * a Hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``),
+  * a local folder holding ``config.json`` and weights,
+  * a GGUF file (``path/to/model.Q4_1.gguf``), or a folder plus ``gguf_file=``.
+
+Decoder blocks are found from the model's own metadata: the ``nn.ModuleList`` whose
+children are all of a class named in ``model._no_split_modules`` (the classes Accelerate
+must keep whole on one device), checked against ``config.model_type``. No repo names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prune.core.errors import PruneError, UnsupportedModelError
+from prune.core.config import DTYPES, resolve_dtype  # noqa: F401  (resolve_dtype: part of this module's API)
+from prune.io.source import ModelSource, resolve_source  # noqa: F401
+
+#: ``config.model_type`` -> architecture name, for every architecture tested end to end.
+SUPPORTED_MODEL_TYPES: dict[str, str] = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "gemma2": "Gemma2",
+    "gemma3_text": "Gemma3 (text)",
+    "phi3": "Phi3",
+    "gpt2": "GPT-2",
+    "gpt_neox": "GPT-NeoX",
+    "mixtral": "Mixtral (MoE)",
+    "qwen3_moe": "Qwen3-MoE",
+}
+
+
+def load_model(
+    source: str | os.PathLike,
+    *,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load ``(model, tokenizer, source)``; the model is in eval mode and its decoder stack is checked.
+
+    ``device_map`` and ``max_memory`` go straight to Accelerate through
+    ``from_pretrained`` (``"auto"``, ``"cpu"``, or an explicit ``{module: device}`` map,
+    ``"disk"`` entries need ``offload_folder``). GGUF files are dequantized to ``dtype``
+    (float32 when ``"auto"``). ``trust_remote_code`` stays off unless asked for.
+    """
+    from transformers import AutoModelForCausalLM
+
+    src = resolve_source(source, gguf_file, revision)
+    check_checkpoint_files(src)
+    torch_dtype = resolve_dtype(dtype)
+    if src.kind == "gguf" and torch_dtype == "auto":
+        torch_dtype = torch.float32
+    check_device_map(device_map, offload_folder)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    if src.revision:
+        kwargs["revision"] = src.revision
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
+    if offload_folder is not None:
+        kwargs["offload_folder"] = offload_folder
+    if trust_remote_code:
+        print(f"note: trust_remote_code is ON for {src.display}: code from the checkpoint will run")
+    try:
+        config = _load_config(src, trust_remote_code)
+        check_supported(config)
+        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+        tokenizer = load_tokenizer(src, trust_remote_code)
+    except PruneError:
+        raise
+    except OSError as exc:  # missing files, offline hub, corrupt weights
+        raise PruneError(f"could not load {src.display}: {_first_line(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - one clear line for anything transformers raises
+        raise PruneError(f"could not load {src.display}: {type(exc).__name__}: {_first_line(exc)}") from exc
+    if src.kind == "gguf":
+        _forget_gguf_quantization(model)
+    model.eval()
+    decoder_layers(model)  # fail now, not after calibration, if no decoder stack is found
+    return model, tokenizer, src
+
+
+def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
+    """The tokenizer that belongs to ``src`` (from the GGUF file itself for GGUF sources)."""
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    if src.revision:
+        kwargs["revision"] = src.revision
+    try:
+        return AutoTokenizer.from_pretrained(src.path, **kwargs)
+    except PruneError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise PruneError(f"could not load the tokenizer of {src.display}: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _forget_gguf_quantization(model) -> None:
+    """A GGUF checkpoint is fully dequantized on load; drop the GGUF 'quantizer' so the model
+    is a plain one (``save_pretrained`` refuses GGUF-quantized models otherwise)."""
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+
+
+def _load_config(src: ModelSource, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    if src.revision:
+        kwargs["revision"] = src.revision
+    return AutoConfig.from_pretrained(src.path, **kwargs)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def check_supported(config) -> None:
+    """Refuse an architecture outside :data:`SUPPORTED_MODEL_TYPES` with a message naming both."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        names = ", ".join(f"{v} ({k})" for k, v in SUPPORTED_MODEL_TYPES.items())
+        raise UnsupportedModelError(
+            f"architecture {model_type!r} is not supported for layer pruning; supported: {names}"
+        )
+
+
+def check_device_map(device_map, offload_folder: str | None) -> None:
+    """Refuse device maps that name absent devices or disk offload without a folder."""
+    if device_map is None or isinstance(device_map, str):
+        if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential", "cpu") and not _device_exists(device_map):
+            raise PruneError(f"device_map {device_map!r} names a device that is not present (use auto, cpu, or a present device)")
+        return
+    for module, device in device_map.items():
+        if device == "disk":
+            if not offload_folder:
+                raise PruneError(f"device_map puts {module!r} on disk but no offload_folder is set (set model.offload_folder)")
+        elif not _device_exists(device):
+            raise PruneError(f"device_map puts {module!r} on {device!r}, which is not present on this machine (use cpu, disk, or a present GPU)")
+
+
+def _device_exists(device) -> bool:
+    if isinstance(device, int):
+        return torch.cuda.is_available() and device < torch.cuda.device_count()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        return False
+    if dev.type == "cpu":
+        return True
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()
+    if dev.type == "mps":
+        return torch.backends.mps.is_available()
+    return False
+
+
+def decoder_layers_path(model: nn.Module) -> str:
+    """Dotted name of the decoder-block ``ModuleList`` (``model.layers``, ``transformer.h``, ...)."""
+    check_supported(model.config)
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    best: tuple[str, int] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if all(type(child).__name__ in block_classes for child in module):
+                if best is None or len(module) > best[1]:
+                    best = (name, len(module))
+    if best is None:
+        raise UnsupportedModelError(
+            f"no decoder stack found in {type(model).__name__} (model_type {model.config.model_type!r}): "
+            f"no ModuleList of {sorted(block_classes) or 'no-split blocks'}"
+        )
+    return best[0]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ``nn.ModuleList`` of decoder blocks, in forward order."""
+    return model.get_submodule(decoder_layers_path(model))
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(decoder_layers(model))
+
+
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm applied after the last decoder block (``model.norm``, GPT-2's ``ln_f``, ...):
+    the one normalisation module among the decoder stack's siblings; ``None`` if there is none."""
+    path = decoder_layers_path(model)
+    parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+    norms = [m for name, m in parent.named_children()
+             if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith(("Norm", "RMSNorm", "LayerNorm"))]
+    return norms[0] if len(norms) == 1 else None
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (tied embeddings counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():  # parameters() already skips shared tensors
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Device that input ids must be on (the input embedding's, even when dispatched)."""
+    emb = model.get_input_embeddings()
+    weight = emb.weight
+    if weight.device.type == "meta":  # offloaded to disk: Accelerate's hook moves inputs
+        hook = getattr(emb, "_hf_hook", None)
+        exec_dev = getattr(hook, "execution_device", None)
+        return torch.device(exec_dev if exec_dev is not None else "cpu")
+    return weight.device
+
+
+def is_dispatched(model: nn.Module) -> bool:
+    """True when Accelerate spread the model over several devices (or offloaded part of it)."""
+    devices = {str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()}
+    return len(devices) > 1 or "disk" in devices
+
+
+def context_length(config) -> int | None:
+    """Longest sequence a model supports, from its config (or the model's), ``None`` when unknown."""
+    cfg = getattr(config, "config", config)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def plain_config_dict(config) -> dict[str, Any]:
+    """The config as saved, minus load-time artefacts (GGUF's ``quantization_config``)."""
+    data = json.loads(config.to_json_string(use_diff=False))
+    qc = data.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == "gguf":
+        data.pop("quantization_config")
+    return data
+
+
+# ---- config of a pruned stack ----------------------------------------------------------
+#: Config keys holding per-layer *index lists* (indices into the stack), remapped on pruning.
+INDEX_LIST_KEYS = ("mlp_only_layers",)
+
+
+def _qwen3_moe_layout(config, kept: list[int]) -> dict[str, Any]:
+    """Qwen3-MoE picks dense vs sparse MLP from the block *position*
+    (``i in mlp_only_layers`` or ``(i + 1) % decoder_sparse_step != 0`` -> dense), so the
+    pruned config lists every kept dense block explicitly and sets the step to 1."""
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    only = set(getattr(config, "mlp_only_layers", None) or [])
+    experts = getattr(config, "num_experts", 0) or 0
+
+    def dense(i: int) -> bool:
+        return i in only or not (experts > 0 and (i + 1) % step == 0)
+
+    return {"decoder_sparse_step": 1, "mlp_only_layers": [new for new, old in enumerate(kept) if dense(old)]}
+
+
+#: model_type -> function(config, kept) -> extra config updates, for position-dependent layouts.
+LAYOUT_REWRITES = {"qwen3_moe": _qwen3_moe_layout}
+
+
+def pruned_config_updates(config, kept: list[int]) -> dict[str, Any]:
+    """Config changes that make a stack keeping blocks ``kept`` (0-based, sorted) rebuild identically.
+
+    * ``num_hidden_layers`` (through ``attribute_map``: GPT-2's ``n_layer``) = ``len(kept)``;
+    * every per-layer list (a list attribute whose name mentions "layer" and whose length is
+      the old layer count: ``layer_types``, ``mlp_layer_types``, ...) is sliced to ``kept``;
+    * index lists (``mlp_only_layers``) are remapped to new positions; ``max_window_layers``
+      counts the kept blocks below the old threshold;
+    * architecture-specific layouts (:data:`LAYOUT_REWRITES`).
+    """
+    old_n = config.num_hidden_layers
+    updates: dict[str, Any] = {"num_hidden_layers": len(kept)}
+    position = {old: new for new, old in enumerate(kept)}
+    for key, value in config.to_dict().items():
+        if key in INDEX_LIST_KEYS and isinstance(value, (list, tuple)):
+            updates[key] = [position[i] for i in value if i in position]
+        elif "layer" in key and isinstance(value, (list, tuple)) and len(value) == old_n:
+            updates[key] = [value[i] for i in kept]
+    mwl = getattr(config, "max_window_layers", None)
+    if isinstance(mwl, int):
+        updates["max_window_layers"] = sum(1 for i in kept if i < mwl)
+    rewrite = LAYOUT_REWRITES.get(config.model_type)
+    if rewrite is not None:
+        updates.update(rewrite(config, kept))
+    return updates
+
+
+# ---- integrity of local checkpoint files (checked before anything is loaded) -------------
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file; refuses a truncated or corrupt file."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise PruneError(f"{path} is truncated or not a safetensors file (re-download or re-save it)")
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise PruneError(f"{path} is truncated or corrupt: its header does not fit in the file (re-download it)")
+        try:
+            header = json.loads(handle.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise PruneError(f"{path} is corrupt: unreadable safetensors header (re-download it)") from None
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise PruneError(f"{path} is truncated or corrupt: {size} bytes, header says {8 + n + end} (re-download it)")
+    return header
+
+
+def check_checkpoint_files(src: ModelSource) -> None:
+    """Refuse local checkpoints with missing shards or truncated/corrupt weight files."""
+    if src.kind == "hub":
+        return
+    folder = Path(src.path)
+    if src.kind == "gguf":
+        import gguf
+
+        try:
+            gguf.GGUFReader(str(folder / src.gguf_file))
+        except Exception as exc:  # noqa: BLE001 - any parse failure means a bad file
+            raise PruneError(f"GGUF file {folder / src.gguf_file} is truncated or corrupt ({type(exc).__name__}); "
+                             "download it again") from None
+        return
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError):
+            raise PruneError(f"{index} is corrupt (no weight_map); re-save or re-download the model") from None
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise PruneError(f"{folder} is incomplete: weight shard {missing[0]} listed in the index is missing "
+                             "(re-download or re-save the model)")
+        files = [folder / s for s in shards]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    for file in files:
+        safetensors_header(file)
+    if not files and not any(folder.glob("*.bin")) and not any(folder.glob("*.pt")):
+        raise PruneError(f"{folder} has a config but no weights (*.safetensors); is the download complete?")

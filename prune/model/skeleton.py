@@ -1,0 +1,195 @@
+"""A model skeleton on the meta device whose weights are read from the checkpoint part by part.
+
+``Skeleton(folder)`` builds the ``AutoModelForCausalLM`` of a safetensors folder with every
+parameter on the meta device (``accelerate.init_empty_weights``; buffers such as rotary
+frequencies are built for real, they are tiny) and maps every checkpoint tensor to the
+parameter it fills, with transformers' own key conversions (legacy names, per-expert
+tensors fused into one, ...). Then :meth:`Skeleton.load_block` materialises one decoder
+block, :meth:`Skeleton.load_rest` everything outside the blocks (embeddings, final norm;
+never the LM head, which scoring does not use) and :meth:`Skeleton.free` returns a part
+to the meta device, so at most one block's weights are in memory at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prune.io.safetensors import Checkpoint
+from prune.core.errors import PruneError
+from prune.model.loading import check_supported, decoder_layers_path
+from prune.core.config import resolve_dtype
+
+
+def resolve_load_dtype(dtype, config, checkpoint: Checkpoint) -> torch.dtype:
+    """The dtype weights are loaded in: ``dtype``, or for ``"auto"`` the config's, else the checkpoint's."""
+    resolved = resolve_dtype(dtype)
+    if resolved != "auto":
+        return resolved
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    if isinstance(value, torch.dtype):
+        return value
+    return checkpoint.float_dtype() or torch.float32
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Silence transformers' per-call "Loading weights" bar (we show our own per block)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+class Skeleton:
+    """The model of ``folder`` on the meta device plus the checkpoint tensors of each part.
+
+    ``device`` is where loaded parts live and run; ``dtype`` as in :func:`prune.load`.
+    """
+
+    def __init__(self, folder: str | Path, *, dtype="auto", device: torch.device | str = "cpu",
+                 trust_remote_code: bool = False):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.folder = Path(folder)
+        self.device = torch.device(device)
+        self.checkpoint = Checkpoint(self.folder)
+        config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
+        check_supported(config)
+        self.dtype = resolve_load_dtype(dtype, config, self.checkpoint)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, trust_remote_code=trust_remote_code)
+        self.model = model.eval()
+        for module in model.modules():  # buffers were built for real (on CPU): move them to the device
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.device.type != "meta":
+                    module._buffers[name] = buf.to(self.device)
+        self.layers_path = decoder_layers_path(model)
+        self.layers: nn.ModuleList = model.get_submodule(self.layers_path)
+        self._map_keys()
+
+    # ---- which checkpoint tensor fills which parameter --------------------------------------
+    def _map_keys(self) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        model = self.model
+        self.weight_mapping = get_model_conversion_mapping(model)
+        renamings = [m for m in self.weight_mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in self.weight_mapping if isinstance(m, WeightConverter)]
+        meta_sd = model.state_dict()
+        block = re.compile(rf"^{re.escape(self.layers_path)}\.(\d+)\.")
+        out = model.get_output_embeddings()
+        names = {id(m): n for n, m in model.named_modules()}
+        head = names.get(id(out)) if out is not None and out is not model.get_input_embeddings() else None
+        self.head = head
+        self.target: dict[str, str] = {}  # checkpoint key -> model key
+        self.block_of: dict[str, int | None] = {}  # checkpoint key -> block index (None: outside the blocks)
+        self.head_keys: list[str] = []
+        self.unused: list[str] = []
+        for key in self.checkpoint.entries:
+            renamed, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
+            if renamed not in meta_sd and key in meta_sd:
+                renamed = key
+            if renamed not in meta_sd:
+                self.unused.append(key)
+                continue
+            self.target[key] = renamed
+            if head is not None and (renamed == head or renamed.startswith(head + ".")):
+                self.head_keys.append(key)
+                continue
+            match = block.match(renamed)
+            self.block_of[key] = int(match.group(1)) if match else None
+        n = len(self.layers)
+        found = {i for i in self.block_of.values() if i is not None}
+        if found != set(range(n)):
+            missing = sorted(set(range(n)) - found)
+            raise PruneError(f"{self.folder}: the checkpoint has no weights for block(s) {missing[:5]} of {n} "
+                             "(is it complete? does config.json match the weights?)")
+
+    def missing_parameters(self) -> list[str]:
+        """Parameters of the model that no checkpoint tensor fills (tied copies excepted)."""
+        filled = set(self.target.values())
+        tied = dict(getattr(self.model, "all_tied_weights_keys", None) or {})  # tied copy -> its source
+        return [name for name, _ in self.model.named_parameters()
+                if name not in filled and tied.get(name) not in filled]
+
+    def block_keys(self, index: int) -> list[str]:
+        return [k for k, b in self.block_of.items() if b == index]
+
+    def rest_keys(self) -> list[str]:
+        return [k for k, b in self.block_of.items() if b is None]
+
+    def block_bytes(self, index: int) -> int:
+        return self.checkpoint.bytes_at(self.block_keys(index), self.dtype)
+
+    # ---- loading and freeing ----------------------------------------------------------------
+    def _load(self, keys: list[str], params: list[str], what: str) -> None:
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        model = self.model
+        try:
+            plan = model._get_dtype_plan(self.dtype)
+        except AttributeError:  # pragma: no cover - older transformers
+            plan = {}
+        config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype, dtype_plan=plan,
+                                     weight_mapping=self.weight_mapping)
+        state = {k: self.checkpoint.lazy(k) for k in keys}
+        with _quiet_loading():
+            info, _ = convert_and_load_state_dict_in_model(model, state, config)
+        if info.mismatched_keys:
+            bad = sorted(info.mismatched_keys)[0]
+            raise PruneError(f"{self.folder}: {bad[0]} has shape {tuple(bad[1])} in the checkpoint but {tuple(bad[2])} "
+                             "in the model (does config.json match the weights?)")
+        left = [n for n in params if model.get_parameter(n).device.type == "meta"]
+        if left:
+            raise PruneError(f"{self.folder}: the checkpoint has no weights for {what} parameter(s) {left[:3]}")
+
+    def _params(self, prefix: str | None) -> list[str]:
+        """Names of the parameters under ``prefix``; ``None``: outside the blocks and the LM head."""
+        names = []
+        for name, _ in self.model.named_parameters():
+            inside_blocks = name.startswith(self.layers_path + ".")
+            if prefix is not None:
+                if name.startswith(prefix + "."):
+                    names.append(name)
+            elif not inside_blocks and not (self.head and name.startswith(self.head + ".")):
+                names.append(name)
+        return names
+
+    def load_block(self, index: int) -> nn.Module:
+        """Materialise block ``index`` on the device and return it."""
+        self._load(self.block_keys(index), self._params(f"{self.layers_path}.{index}"), f"block {index}")
+        return self.layers[index]
+
+    def load_rest(self) -> None:
+        """Materialise everything outside the decoder blocks (embeddings, final norm), not the LM head."""
+        self._load(self.rest_keys(), self._params(None), "non-block")
+
+    def free_block(self, index: int) -> None:
+        self._free(self._params(f"{self.layers_path}.{index}"))
+
+    def free_rest(self) -> None:
+        self._free(self._params(None))
+
+    def _free(self, names: list[str]) -> None:
+        """Return the parameters ``names`` to the meta device (their memory is released)."""
+        for name in names:
+            owner, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(owner)
+            param = module._parameters[attr]
+            if param is not None and param.device.type != "meta":
+                module._parameters[attr] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)

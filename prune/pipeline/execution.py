@@ -1,0 +1,241 @@
+"""How a model is scored: in memory (whole, or dispatched by Accelerate) or one block at a time.
+
+:func:`plan_execution` decides from the weights' size (read from the safetensors headers,
+at the dtype they will be loaded in) and the memory there is (``psutil``'s available
+memory, or ``torch.cuda.mem_get_info`` on a GPU, capped by ``max_memory``):
+
+* ``in_memory``  when asked, when a ``device_map`` is given (Accelerate places the model),
+  when the source is not a safetensors folder (GGUF, ``.bin``), or when the weights plus
+  the scoring working set fit in 90% of the memory;
+* ``sequential`` otherwise (or when asked): :func:`prune.sequential.score_sequential`,
+  and the pruned checkpoint is written by :func:`prune.outofcore.prune_checkpoint`.
+
+A sequential plan is refused, with one line and before any weight is read, when even the
+largest block (or the embeddings) plus the calibration activations exceed the memory.
+:func:`run_sequential` is the out-of-core path of :func:`prune.pipeline.run`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prune.core.errors import PruneError
+
+MODES = ("auto", "in_memory", "sequential")
+FIT_FRACTION = 0.9  # in memory only when the estimate fits in this share of the memory
+GIB = float(1 << 30)
+
+
+@dataclass
+class ExecutionPlan:
+    """The chosen mode and the figures it was chosen from (bytes)."""
+
+    mode: str  # "in_memory" or "sequential"
+    requested: str
+    reason: str
+    device: str = "cpu"  # where sequential blocks run
+    weight_bytes: int | None = None
+    block_bytes: int | None = None  # largest block (or the non-block weights, if larger)
+    activation_bytes: int | None = None
+    memory_bytes: int | None = None  # what the estimate was compared with
+    folder: str | None = None  # the local safetensors folder (sequential)
+
+    def describe(self) -> str:
+        return f"execution: {self.mode} ({self.reason})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _gib(n: int | float | None) -> str:
+    """Bytes in the largest binary unit that keeps a number >= 1 (``1.25 GiB``, ``300.0 KiB``)."""
+    if n is None:
+        return "?"
+    for unit, size in (("GiB", GIB), ("MiB", float(1 << 20)), ("KiB", 1024.0)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def sequential_device(device_map) -> torch.device:
+    """Where blocks run sequentially: the GPU a ``device_map`` names (``"cuda:1"``, ``0``,
+    ``"auto"`` when CUDA exists), else the CPU."""
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    if isinstance(device_map, dict):
+        gpus = [d for d in device_map.values() if d not in ("cpu", "disk")]
+        return sequential_device(gpus[0]) if gpus else torch.device("cpu")
+    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if isinstance(device_map, str) and device_map != "cpu":
+        return torch.device(device_map)
+    return torch.device("cpu")
+
+
+def memory_limit(device: torch.device, max_memory: dict | None) -> int:
+    """Bytes usable on ``device``: free memory there, capped by its ``max_memory`` entry."""
+    from accelerate.utils import convert_file_size_to_int
+
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        key_options = (device.index or 0, str(device.index or 0), f"cuda:{device.index or 0}")
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+        key_options = ("cpu",)
+    for key in key_options:
+        if max_memory and key in max_memory:
+            try:
+                return min(free, convert_file_size_to_int(max_memory[key]))
+            except (ValueError, TypeError):
+                raise PruneError(f"max_memory[{key!r}]={max_memory[key]!r} is not a size (use e.g. '20GiB' or bytes)") from None
+    return free
+
+
+def working_set(config, n_states: int, n_windows: int, seq_len: int, batch_size: int, act_bytes: int) -> tuple[int, int]:
+    """``(running activations, per-batch working memory)`` of scoring, in bytes (an estimate):
+    activations of all windows between blocks, plus float32 states of one batch, float64
+    metric work and the widest intermediate of a block."""
+    cfg = config.get_text_config()
+    d = cfg.hidden_size
+    inter = max(getattr(cfg, "intermediate_size", 0) or 0, 4 * d)
+    tokens = batch_size * seq_len
+    acts = n_windows * seq_len * d * act_bytes
+    work = n_states * tokens * d * 4 + 2 * n_states * min(tokens, 1024) * d * 8 + 4 * tokens * inter * 4
+    return acts, work
+
+
+def plan_execution(source, requested: str = "auto", *, dtype="auto", device_map=None, max_memory: dict | None = None,
+                   n_windows: int = 64, seq_len: int = 256, batch_size: int = 8, revision: str | None = None,
+                   gguf_file: str | None = None, trust_remote_code: bool = False) -> ExecutionPlan:
+    """Choose ``in_memory`` or ``sequential`` for scoring ``source`` (see module docstring)."""
+    from prune.io.safetensors import local_folder
+    from prune.io.source import resolve_source
+
+    if requested not in MODES:
+        raise PruneError(f"score.execution={requested!r} is not one of {', '.join(MODES)}")
+    if requested == "in_memory":
+        return ExecutionPlan("in_memory", requested, "asked for in the recipe")
+    src = resolve_source(source, gguf_file, revision)
+    if requested == "auto" and device_map is not None:
+        return ExecutionPlan("in_memory", requested, f"device_map={device_map!r} given: Accelerate places the weights")
+    if src.kind == "gguf":
+        if requested == "sequential":
+            local_folder(src)  # raises the GGUF refusal
+        return ExecutionPlan("in_memory", requested, "a GGUF file is dequantized whole (sequential reads safetensors)")
+    try:
+        folder = local_folder(src)
+        from prune.io.safetensors import Checkpoint
+
+        checkpoint = Checkpoint(folder)
+    except PruneError:
+        if requested == "sequential":
+            raise
+        return ExecutionPlan("in_memory", requested, "not a local safetensors checkpoint")
+    from transformers import AutoConfig
+
+    from prune.model.skeleton import resolve_load_dtype
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    load_dtype = resolve_load_dtype(dtype, config, checkpoint)
+    weights = checkpoint.bytes_at(checkpoint.entries, load_dtype)
+    n_states = config.get_text_config().num_hidden_layers + 1
+    acts, work = working_set(config, n_states, n_windows, seq_len, batch_size, load_dtype.itemsize)
+    device = sequential_device(device_map) if requested == "sequential" else torch.device("cpu")
+    in_memory_need = weights + work
+    cpu_limit = memory_limit(torch.device("cpu"), max_memory)
+    if requested == "auto" and in_memory_need <= FIT_FRACTION * cpu_limit:
+        return ExecutionPlan("in_memory", requested, f"weights {_gib(weights)} + working set {_gib(work)} fit in "
+                             f"{_gib(cpu_limit)} of memory", str(device), weights, None, acts + work, cpu_limit)
+    from prune.model.skeleton import Skeleton
+
+    sk = Skeleton(folder, dtype=load_dtype, trust_remote_code=trust_remote_code)
+    largest = max(max(sk.block_bytes(i) for i in range(len(sk.layers))),
+                  checkpoint.bytes_at(sk.rest_keys(), load_dtype))
+    limit = memory_limit(device, max_memory)
+    need = largest + acts + work
+    if need > limit:
+        raise PruneError(
+            f"not enough memory for out-of-core scoring: one block needs {_gib(largest)} plus {_gib(acts + work)} of "
+            f"activations ({n_windows} windows x {seq_len} tokens, batch {batch_size}), but only {_gib(limit)} is "
+            f"available on {device} (max_memory / free memory); lower calibration.n_samples or batch_size, use a "
+            "smaller dtype, or raise max_memory")
+    why = ("asked for in the recipe" if requested == "sequential" else
+           f"weights {_gib(weights)} + working set {_gib(work)} exceed {FIT_FRACTION:.0%} of {_gib(cpu_limit)} of memory")
+    return ExecutionPlan("sequential", requested, f"{why}; one block at a time needs {_gib(need)}", str(device),
+                         weights, largest, acts + work, limit, str(folder))
+
+
+# ---- the out-of-core path of prune.run ------------------------------------------------------
+MODEL_BASED = ("iterative", "sleb", "search")
+
+
+def check_sequential_recipe(recipe, plan: ExecutionPlan) -> None:
+    """Refuse, before any work, the parts of a recipe that need the whole model in memory."""
+    why = f"score.execution chose sequential ({plan.reason})"
+    fix = ("or set score.execution: in_memory (with model.device_map: auto and model.offload_folder to let "
+           "Accelerate offload weights)")
+    if recipe.evaluate is not None and (recipe.evaluate.perplexity is not None or recipe.evaluate.tasks):
+        raise PruneError(f"{why}: an out-of-core run cannot evaluate the model; remove the evaluate section (evaluate "
+                         f"the output folder afterwards with `prune eval ... --device-map auto`) {fix}")
+    if recipe.heal is not None:
+        raise PruneError(f"{why}: healing trains the model in memory; remove the heal section {fix}")
+    if recipe.select.strategy in MODEL_BASED:
+        raise PruneError(f"{why}: select.strategy={recipe.select.strategy!r} runs the model; use one_shot, "
+                         f"contiguous, tail or random {fix}")
+
+
+def run_sequential(recipe, facts: dict, plan: ExecutionPlan, *, overwrite: bool = False, quiet: bool = False,
+                   started: float | None = None, progress):
+    """``prune.run`` out of core: sequential scoring before (and of the kept blocks after),
+    selection from the scores, and the pruned checkpoint written from the shards."""
+    from transformers import AutoTokenizer
+
+    from prune.io.text import calibration_windows, load_text
+    from prune.export.outofcore import prune_checkpoint
+    from prune.pipeline.orchestrator import RunResult, pruning_record
+    from prune.core.console import say
+    from prune.choose.rules import select
+    from prune.measure.sequential import score_sequential
+    from prune.model.skeleton import Skeleton
+
+    started = time.time() if started is None else started
+    check_sequential_recipe(recipe, plan)
+    folder = Path(plan.folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=recipe.model.trust_remote_code)
+    c, s, sel = recipe.calibration, recipe.score, recipe.select
+    windows = calibration_windows(tokenizer, load_text(c.source()), c.n_samples, c.seq_len, c.seed, c.bos)
+    kwargs = dict(batch_size=c.batch_size, positions=s.positions, metrics=tuple(s.metrics), cka_windows=s.cka_windows,
+                  beta=s.beta, tau=s.tau, dtype=recipe.model.dtype, device=plan.device,
+                  trust_remote_code=recipe.model.trust_remote_code, progress=not quiet)
+    say(f"scoring {facts['n_layers']} blocks one at a time on {c.n_samples} windows x {c.seq_len} tokens", quiet)
+    from prune.measure.scoring import ScoreResult
+
+    before = progress.stage("scores", lambda: score_sequential(folder, windows, **kwargs),
+                            ScoreResult.to_dict, ScoreResult.from_dict)
+    selection = select(before, sel.n_layers, fraction=sel.fraction, strategy=sel.strategy, metric=sel.metric,
+                       protect=sel.protect, seed=sel.seed)
+    kept = selection.kept
+    say(f"removing {len(selection.removed)} of {facts['n_layers']} blocks (0-based): {selection.removed}", quiet)
+    after = score_sequential(folder, windows, blocks=kept, **kwargs)
+    sk = Skeleton(folder, trust_remote_code=recipe.model.trust_remote_code)  # meta: parameter counts only
+    numel = {k: sk.checkpoint.entries[k].numel() for k in sk.target}
+    params_before = sum(numel.values())
+    params_after = params_before - sum(n for k, n in numel.items() if sk.block_of.get(k) in set(selection.removed))
+    run_facts = {"params_before": params_before, "params_after": params_after, "layers_before": facts["n_layers"],
+                 "layers_after": len(kept), "model_type": facts["model_type"]}
+    pruning = pruning_record(recipe, facts["source"], selection, kept, before, after, run_facts, None, started)
+    pruning["execution"] = plan.to_dict()
+    pruning["resumed"] = progress.resumed
+    out = prune_checkpoint(folder, selection.removed, recipe.output.dir, pruning=pruning,
+                           files={"recipe.yaml": recipe.to_yaml()}, overwrite=overwrite or recipe.output.overwrite,
+                           trust_remote_code=recipe.model.trust_remote_code)
+    progress.finish()
+    say(f"saved {out} (written from the source shards, out of core)", quiet)
+    return RunResult(out, selection, before, after, {}, pruning)

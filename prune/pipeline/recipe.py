@@ -1,0 +1,200 @@
+"""Recipes: YAML validated by a pydantic schema whose keys map one to one onto :func:`prune.run`.
+
+A recipe has the sections ``model``, ``calibration``, ``score``, ``select``, ``evaluate``,
+``heal`` and ``output``. Unknown keys, wrong types, impossible values and missing files
+fail in :func:`load_recipe` with one line naming the key and the fix, before any model
+is loaded. String values may use ``${VAR}`` or ``${VAR:-default}`` (environment
+variables); relative paths are relative to the working directory.
+
+``overrides`` are ``dotted.key=value`` strings (the CLI's ``--set``); the value is parsed
+as YAML (``select.n_layers=8``, ``evaluate.tasks=[arc_easy,piqa]``, ``model.device_map=null``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from prune.core.errors import PruneError
+from prune.core.config import (
+    CalibrationConfig,
+    EvaluateConfig,
+    HealConfig,
+    ModelConfig,
+    OutputConfig,
+    ScoreConfig,
+    Section,
+    SelectConfig,
+    TextConfig,
+    format_validation_error,
+)
+
+
+class Recipe(Section):
+    model: ModelConfig
+    calibration: CalibrationConfig
+    score: ScoreConfig = ScoreConfig()
+    select: SelectConfig
+    evaluate: EvaluateConfig | None = None
+    heal: HealConfig | None = None
+    output: OutputConfig
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---- loading -------------------------------------------------------------------------
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(value: Any) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a nested structure."""
+    if isinstance(value, str):
+        def sub(match):
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise PruneError(f"recipe uses ${{{name}}} but it is not set (export {name}=... or write ${{{name}:-default}})")
+        return _ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v) for v in value]
+    return value
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw recipe dict."""
+    for item in overrides or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise PruneError(f"--set {item!r} is not key=value (e.g. --set select.n_layers=8)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise PruneError(f"--set {key}: {part!r} is not a section")
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override, validate and check a recipe; raises :class:`PruneError` with one line."""
+    if isinstance(path, dict):
+        data, where = dict(path), "recipe"
+    else:
+        file = Path(path).expanduser()
+        where = str(file)
+        if not file.is_file():
+            raise PruneError(f"recipe not found: {file} (check the path; examples are in recipes/)")
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark else ""
+            raise PruneError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(data, dict):
+            raise PruneError(f"{where}: a recipe is a mapping of sections (model, calibration, select, ...)")
+    data = apply_overrides(expand_env(data), overrides)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise PruneError(format_validation_error(exc, where, Recipe)) from None
+    check_files(recipe, where)
+    check_heal(recipe, where)
+    return recipe
+
+
+def _check_text_path(cfg: TextConfig | None, key: str, where: str) -> None:
+    if cfg is None:
+        return
+    path = Path(cfg.path).expanduser()
+    local = path.suffix in (".txt", ".raw", ".jsonl", ".json") or cfg.path.startswith((".", "/", "~"))
+    if local and not path.is_file():
+        raise PruneError(f"{where}: '{key}.path' file not found: {cfg.path} (check the path or set PRUNE_DATA_DIR)")
+
+
+def check_files(recipe: Recipe, where: str = "recipe") -> None:
+    """Missing local files fail here, before anything is loaded."""
+    from prune.io.source import resolve_source
+
+    try:
+        resolve_source(recipe.model.source, recipe.model.gguf_file, recipe.model.revision)
+    except PruneError as exc:
+        raise PruneError(f"{where}: 'model.source': {exc}") from None
+    _check_text_path(recipe.calibration, "calibration", where)
+    if recipe.evaluate is not None:
+        _check_text_path(recipe.evaluate.perplexity, "evaluate.perplexity", where)
+        for d in recipe.evaluate.task_dirs:
+            if not Path(d).expanduser().is_dir():
+                raise PruneError(f"{where}: 'evaluate.task_dirs' folder not found: {d}")
+        if recipe.evaluate.data_dir and not Path(recipe.evaluate.data_dir).expanduser().is_dir():
+            raise PruneError(f"{where}: 'evaluate.data_dir' folder not found: {recipe.evaluate.data_dir}")
+    if recipe.heal is not None and recipe.heal.data is not None:
+        _check_text_path(recipe.heal.data, "heal.data", where)
+
+
+# ---- heal: checks across sections (prune.heal) ----------------------------------------------
+#: strategies whose removed blocks always form one contiguous run (what ``replace`` needs)
+CONTIGUOUS_STRATEGIES = ("contiguous", "tail")
+
+
+def _rows_overlap(a: str | None, b: str | None) -> bool:
+    """Whether two ``rows`` slices ``"start:stop"`` (None: all rows) share a row."""
+    def bounds(rows):
+        if rows is None:
+            return 0, float("inf")
+        start, _, stop = rows.partition(":")
+        return int(start or 0), (int(stop) if stop.strip() else float("inf"))
+
+    try:
+        (a0, a1), (b0, b1) = bounds(a), bounds(b)
+    except ValueError:
+        return True  # an unreadable slice is reported elsewhere; assume the worst here
+    return max(a0, b0) < min(a1, b1)
+
+
+def check_heal_data(heal: HealConfig, evaluate: EvaluateConfig | None, where: str = "recipe") -> None:
+    """Training text given, and not the perplexity text (same file or dataset, config, split and
+    field, and overlapping rows)."""
+    if heal.data is None:
+        raise PruneError(f"{where}: 'heal.data' is missing: give training text that is not the evaluation text "
+                         "(e.g. heal.data.path: ../shared/data/c4/c4_web_1480.jsonl with field [prefix, gold_completion])")
+    ppl = evaluate.perplexity if evaluate else None
+    if ppl is not None and Path(heal.data.path).expanduser().resolve() == Path(ppl.path).expanduser().resolve() \
+            and heal.data.field == ppl.field and heal.data.config == ppl.config and heal.data.split == ppl.split \
+            and _rows_overlap(heal.data.rows, ppl.rows):
+        raise PruneError(f"{where}: 'heal.data' overlaps the perplexity text ({ppl.path} rows {ppl.rows or 'all'}): "
+                         "healing on evaluation text inflates the result (use other text or disjoint heal.data.rows)")
+
+
+def check_heal(recipe: Recipe, where: str = "recipe") -> None:
+    """Heal settings that depend on other sections: training text given and disjoint from the
+    perplexity text, and a replacement layer only for a removal that is one contiguous run."""
+    heal = recipe.heal
+    if heal is None:
+        return
+    check_heal_data(heal, recipe.evaluate, where)
+    if heal.method == "replace":
+        sel = recipe.select
+        if sel.n_layers == 1:
+            raise PruneError(f"{where}: 'heal.method' replace with select.n_layers=1 would swap one block for one "
+                             "block (remove at least 2, or use heal.method lora/partial)")
+        if sel.strategy not in CONTIGUOUS_STRATEGIES:
+            raise PruneError(f"{where}: 'heal.method' replace needs the removed blocks to be one contiguous run, but "
+                             f"select.strategy {sel.strategy!r} can remove scattered blocks "
+                             f"(use select.strategy contiguous or tail, or heal.method lora/partial)")

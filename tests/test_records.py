@@ -1,0 +1,56 @@
+"""pruning.json as a typed record: 0.1.0 files still read, one writer, one-line errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from prune.core.errors import PruneError
+from prune.core.records import SCHEMA_VERSION, PruningRecord, read_record, record_json, write_record
+
+FIXTURE = Path(__file__).parent / "fixtures" / "pruning-0.1.0.json"
+
+
+def test_a_record_written_by_0_1_0_reads_with_every_value():
+    raw = json.loads(FIXTURE.read_text())
+    record = read_record(FIXTURE)
+    assert record.schema_version == 1  # what 0.1.0 wrote: no schema_version key
+    assert record.removed == raw["removed"] and record.kept == raw["kept"]
+    assert record.removed_original_all == raw["removed_original_all"]
+    assert record.original.n_layers == raw["original"]["n_layers"]
+    assert record.source.path == raw["source"]["path"]
+    assert record.calibration.seq_len == raw["calibration"]["seq_len"]
+    assert record.strategy == raw["selection"]["strategy"]
+    assert [s.step for s in record.chain()] == [1, 2]
+    assert record.history[0].eval_rows == raw["history"][0]["eval_rows"]
+    assert record.scores_before == raw["scores_before"]
+
+
+def test_written_record_round_trips_and_carries_the_schema_version(tmp_path):
+    record = read_record(FIXTURE)
+    file = write_record(tmp_path, record)
+    again = read_record(file)
+    assert json.loads(file.read_text())["schema_version"] == SCHEMA_VERSION
+    assert again.model_dump(exclude={"schema_version"}) == record.model_dump(exclude={"schema_version"})
+    assert record_json(again) == file.read_text()
+
+
+def test_unknown_keys_are_kept():
+    data = {**json.loads(FIXTURE.read_text()), "from_the_future": {"x": 1}}
+    record = PruningRecord.model_validate(data)
+    assert json.loads(record_json(record))["from_the_future"] == {"x": 1}
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"[1, 2]", "not a pruning record"),
+    (b'{"removed": 5}', "'removed'"),
+    (b'{"removed": [1], "kept": "x"}', "'kept'"),
+    (b"\xff\xfe{", "not UTF-8"),
+    (b"{", "not valid JSON"),
+])
+def test_bad_records_are_one_line_errors(tmp_path, content, message):
+    file = tmp_path / "pruning.json"
+    file.write_bytes(content)
+    with pytest.raises(PruneError, match=message) as err:
+        read_record(file)
+    assert "\n" not in str(err.value)
