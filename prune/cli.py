@@ -12,6 +12,7 @@ import os
 import sys
 import traceback
 
+from prune.choose.registry import names
 from prune.core.errors import PruneError
 from prune.measure.scoring import DEFAULT_POSITIONS
 
@@ -242,12 +243,14 @@ def add_remove(sub) -> None:
 
 def cmd_remove(args) -> int:
     from prune.export.outofcore import prune_checkpoint
+    from prune.io.source import resolve_source
 
     try:
         blocks = [int(b) for b in args.blocks]
     except ValueError:
         raise PruneError(f"--blocks must be integers, got {','.join(args.blocks)}") from None
-    out = prune_checkpoint(args.model, blocks, args.output, pruning={"removed": sorted(blocks), "source": args.model},
+    record = {"removed": sorted(blocks), "source": resolve_source(args.model).to_dict()}
+    out = prune_checkpoint(args.model, blocks, args.output, pruning=record,
                            overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
     print(f"wrote {out} without blocks {sorted(blocks)}")
     return 0
@@ -266,7 +269,7 @@ def add_report(sub) -> None:
     p.add_argument("--output", "-o", default=None,
                    help="report folder (default: RUN_DIR/report, or ./report-<model name> for a model)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
-    p.add_argument("--strategy", default="contiguous", choices=["one_shot", "contiguous", "tail", "random"],
+    p.add_argument("--strategy", default="contiguous", choices=names(needs_model=False),
                    help="model reports: the strategy whose blocks are marked (default contiguous)")
     p.add_argument("--metric", default="angular", choices=["bi", "angular", "cka", "msrs"],
                    help="model reports: metric of --strategy one_shot (default angular)")

@@ -14,10 +14,12 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub.utils import filter_repo_objects
 
 import prune
-from prune.export.check import check_checkpoint, read_safetensors_header
+from prune.export.check import check_checkpoint
+from prune.io.safetensors import byte_ranges
 from prune.core.errors import PruneError
 from prune.export.push import push, upload_files
 from prune.pipeline.orchestrator import run
@@ -162,8 +164,8 @@ def broken_card_front_matter(f):
 
 
 CORRUPTIONS = {
-    missing_shard: ("weights", "shards listed in model.safetensors.index.json are missing: model-00002-of-"),
-    truncated_shard: ("weights", "truncated or corrupt copy"),
+    missing_shard: ("weights", "weight shard model-00002-of-"),
+    truncated_shard: ("weights", "is truncated or corrupt"),
     more_layers_in_config: ("blocks", "config.num_hidden_layers=7 but the weights hold blocks 0..5 (6)"),
     fewer_layers_in_config: ("blocks", "config.num_hidden_layers=5 but the weights hold blocks 0..5 (6)"),
     per_layer_list_too_short: ("config", "config.layer_types has 5 entries but num_hidden_layers is 6"),
@@ -207,14 +209,19 @@ def test_fine_grained_block_gap_is_named(pruned, tmp_path):
         "config.num_hidden_layers=6 but the weights hold blocks 0, 2..6 (6), gaps at 1"]
 
 
-def test_safetensors_header_reader_matches_safetensors(pruned):
+def test_byte_ranges_hold_exactly_the_tensors_safe_open_reads(pruned):
+    """The byte-copy writer's offsets (the one thing safe_open does not expose) address each tensor."""
     from safetensors import safe_open
 
-    header = read_safetensors_header(pruned[0] / "model.safetensors")
-    with safe_open(pruned[0] / "model.safetensors", "pt") as f:
-        assert set(header) == set(f.keys())
+    file = pruned[1] / sorted(p.name for p in pruned[1].glob("*.safetensors"))[0]
+    ranges = byte_ranges(file)
+    raw = file.read_bytes()
+    with safe_open(file, "pt") as f:
+        assert set(ranges) == set(f.keys())
         for name in f.keys():
-            assert header[name]["shape"] == list(f.get_slice(name).get_shape())
+            tensor = f.get_tensor(name)
+            begin, end = ranges[name]
+            assert raw[begin:end] == tensor.contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def test_check_cli_fails_with_one_error_line(pruned, tmp_path):

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from prune.model.capture import BlockStates, batches
 from prune.io.text import _assemble, _window_body, token_stream
+from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, SelectConfig
 from prune.core.errors import PruneError
 from prune.measure.perplexity import nll_sum
 from prune.model.loading import decoder_layers, decoder_layers_path, input_device, pruned_config_updates
@@ -343,23 +344,35 @@ def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, 
 
 
 # ---- dispatch from a recipe ------------------------------------------------------------------
-def choose(model, tokenizer, windows: torch.Tensor, scores, recipe, quiet: bool = False) -> Selection:
-    """Run the model-based strategy ``recipe.select.strategy`` (iterative, sleb, search)."""
+def choose_iterative(model, windows: torch.Tensor, scores, select: SelectConfig, calibration: CalibrationConfig,
+                     score: ScoreConfig, quiet: bool = False) -> Selection:
+    """``select.strategy: iterative`` with a recipe's sections."""
+    L = len(decoder_layers(model))
+    prot = resolve_protect(select.protect, L)
+    count = resolve_count(L, select.n_layers, select.fraction, prot)
+    return iterative(model, windows, count, metric=select.metric, protect=prot, scores=scores,
+                     batch_size=calibration.batch_size, positions=score.positions, cka_windows=score.cka_windows,
+                     beta=score.beta, tau=score.tau, progress=not quiet)
+
+
+def choose_sleb(model, windows: torch.Tensor, select: SelectConfig, calibration: CalibrationConfig,
+                quiet: bool = False) -> Selection:
+    """``select.strategy: sleb`` with a recipe's sections."""
+    L = len(decoder_layers(model))
+    prot = resolve_protect(select.protect, L)
+    count = resolve_count(L, select.n_layers, select.fraction, prot)
+    return sleb(model, windows, count, protect=prot, batch_size=calibration.batch_size, progress=not quiet)
+
+
+def choose_search(model, tokenizer, scores, select: SelectConfig, calibration: CalibrationConfig,
+                  evaluate: EvaluateConfig | None, quiet: bool = False) -> Selection:
+    """``select.strategy: search`` with a recipe's sections: the proxy is perplexity on held-out
+    calibration windows (``max_perplexity_ratio``) or an lm-eval task (``min_task_retained``)."""
     from prune.io.text import load_text
 
-    sel, c, s = recipe.select, recipe.calibration, recipe.score
+    sel, c = select, calibration
     L = len(decoder_layers(model))
     prot = resolve_protect(sel.protect, L)
-    progress = not quiet
-    if sel.strategy == "iterative":
-        count = resolve_count(L, sel.n_layers, sel.fraction, prot)
-        return iterative(model, windows, count, metric=sel.metric, protect=prot, scores=scores, batch_size=c.batch_size,
-                         positions=s.positions, cka_windows=s.cka_windows, beta=s.beta, tau=s.tau, progress=progress)
-    if sel.strategy == "sleb":
-        count = resolve_count(L, sel.n_layers, sel.fraction, prot)
-        return sleb(model, windows, count, protect=prot, batch_size=c.batch_size, progress=progress)
-    if sel.strategy != "search":
-        raise PruneError(f"strategy {sel.strategy!r} is not a model-based strategy (iterative, sleb, search)")
     max_remove = None
     if sel.n_layers is not None or sel.fraction is not None:
         max_remove = resolve_count(L, sel.n_layers, sel.fraction, prot)
@@ -369,13 +382,13 @@ def choose(model, tokenizer, windows: torch.Tensor, scores, recipe, quiet: bool 
         proxy = perplexity_proxy(model, held, c.batch_size)
         floor, higher, name = sel.max_perplexity_ratio, False, f"perplexity on {sel.heldout_windows} held-out calibration windows"
     else:
-        ev = recipe.evaluate
+        ev = evaluate
         proxy = task_proxy(model, tokenizer, sel.proxy_task, limit=sel.proxy_limit, seed=sel.seed,
                            batch_size=ev.batch_size if ev else 8, data_dir=ev.data_dir if ev else None,
                            task_dirs=ev.task_dirs if ev else None)
         floor, higher, name = sel.min_task_retained, True, f"{sel.proxy_task} (limit {sel.proxy_limit})"
     result = search(model, scores, proxy, floor=floor, higher_is_better=higher, budget=sel.budget, order_by=order_by,
-                    protect=prot, max_remove=max_remove, proxy_name=name, progress=progress)
+                    protect=prot, max_remove=max_remove, proxy_name=name, progress=not quiet)
     if not quiet:
         print(pareto_table(result))
     return result

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -115,7 +112,7 @@ class SelectConfig(Section):
     ``min_task_retained`` of ``proxy_task``'s score with ``proxy_limit`` examples), candidates
     ordered by ``order_by`` (default: ``metric``), at most ``budget`` proxy evaluations."""
 
-    strategy: Literal["one_shot", "contiguous", "iterative", "sleb", "random", "tail", "search"] = "contiguous"
+    strategy: str = "contiguous"  # a name in prune.choose.registry.STRATEGIES (checked by the Recipe)
     metric: Literal["bi", "angular", "cka", "msrs"] = "angular"
     n_layers: int | None = Field(None, ge=1)
     fraction: float | None = Field(None, gt=0, lt=1)

@@ -1,6 +1,6 @@
 """Fault injection for the reliability tests: ``PRUNE_FAULT=<stage>:<action>``.
 
-``checkpoint(stage)`` is called at every stage boundary of a run; when the environment
+``fault_point(stage)`` is called at every stage boundary of a run; when the environment
 variable names that stage, the action happens there:
 
 * ``kill``       the process dies at once (SIGKILL: no cleanup code runs), like a power cut;
@@ -16,13 +16,13 @@ import errno
 import os
 import signal
 
-#: where ``checkpoint`` is called, in run order (``scoring``: after each scored batch;
+#: where ``fault_point`` is called, in run order (``scoring``: after each scored batch;
 #: ``evaluating``: between perplexity and lm-eval, for the original and the pruned model)
 STAGES = ("loaded", "scoring", "scored", "selected", "evaluating", "evaluated_original", "pruned", "evaluated_pruned",
           "saving", "saved_weights", "before_rename")
 
 
-def checkpoint(stage: str) -> None:
+def fault_point(stage: str) -> None:
     spec = os.environ.get("PRUNE_FAULT")
     if not spec:
         return
@@ -36,3 +36,11 @@ def checkpoint(stage: str) -> None:
     if action == "enospc":
         raise OSError(errno.ENOSPC, f"No space left on device (injected at {stage})")
     raise ValueError(f"PRUNE_FAULT={spec!r}: action must be kill, interrupt or enospc")
+
+
+def checkpoint(stage: str) -> None:
+    """Deprecated name of :func:`fault_point` (0.1.0); removed in 0.3."""
+    import warnings
+
+    warnings.warn("prune.faults.checkpoint is now prune.core.faults.fault_point", DeprecationWarning, stacklevel=2)
+    fault_point(stage)

@@ -25,17 +25,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prune.core.errors import PruneError
+from prune.io.safetensors import INDEX_NAME as INDEX_FILE, SINGLE_NAME as SINGLE_FILE, file_tensors, read_index
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-MAX_HEADER = 100 * 1024 * 1024  # safetensors caps headers at 100 MB
 
 
 @dataclass
@@ -91,32 +88,6 @@ class CheckReport:
         more = f" (and {len(self.problems) - 1} more: {where})" if len(self.problems) > 1 else ""
         prefix = f"{action}: " if action else ""
         raise PruneError(f"{prefix}{self.folder} is not a complete checkpoint: {first.area}: {first.message}{more}")
-
-
-# ---- safetensors headers -------------------------------------------------------------
-def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """Tensor name -> ``{"dtype", "shape", "data_offsets"}`` from a safetensors file's header.
-
-    Reads the 8-byte little-endian header length and the JSON header only; raises
-    :class:`ValueError` when the file is shorter than the data its header declares.
-    """
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        raw = handle.read(8)
-        if len(raw) < 8:
-            raise ValueError("file is shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", raw)
-        if n > MAX_HEADER or 8 + n > size:
-            raise ValueError("header length is impossible (not a safetensors file, or truncated)")
-        try:
-            header = json.loads(handle.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError("header is not valid JSON (corrupt file)") from None
-    header.pop("__metadata__", None)
-    end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
-    if 8 + n + end != size:
-        raise ValueError(f"holds {size:,} bytes but its header declares {8 + n + end:,} (truncated or corrupt copy)")
-    return header
 
 
 def _numel(shape) -> int:
@@ -210,41 +181,25 @@ def per_layer_list_problems(config: dict, n: int | None) -> list[str]:
 
 
 def _check_weight_files(path: Path, report: CheckReport) -> dict[str, dict] | None:
-    """All tensors' headers (name -> header entry + ``file``), or ``None`` when unreadable."""
-    index_file = path / INDEX_FILE
-    shards: list[str]
-    weight_map: dict[str, str] | None = None
-    if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            report.add("weights", "fail", f"{INDEX_FILE} is not a valid index (no weight_map)")
-            return None
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            report.add("weights", "fail", f"{len(missing)} of {len(shards)} shards listed in {INDEX_FILE} are missing: "
-                                          f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
-            return None
-    elif (path / SINGLE_FILE).is_file():
-        shards = [SINGLE_FILE]
-    else:
-        other = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.safetensors"))
+    """All tensors' headers (name -> ``{"dtype", "shape", "file"}``), or ``None`` when unreadable."""
+    try:
+        weight_map, shards = read_index(path)
+    except PruneError as exc:
+        other = sorted(p.name for p in path.glob("*.safetensors"))
         hint = f" (found {', '.join(other[:3])}: not a single {SINGLE_FILE} or an indexed set)" if other else ""
-        report.add("weights", "fail", f"no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+        report.add("weights", "fail", f"{exc}{hint}")
         return None
     headers: dict[str, dict] = {}
     total = 0
     for shard in shards:
-        file = path / shard
         try:
-            header = read_safetensors_header(file)
-        except (OSError, ValueError) as exc:
+            entries, _ = file_tensors(path / shard)
+        except PruneError as exc:
             report.add("weights", "fail", f"{shard}: {exc}")
             return None
-        total += file.stat().st_size
-        for name, entry in header.items():
-            headers[name] = {**entry, "file": shard}
+        total += (path / shard).stat().st_size
+        for name, entry in entries.items():
+            headers[name] = {"dtype": entry.dtype, "shape": list(entry.shape), "file": shard}
     if weight_map is not None:
         wrong = [n for n, s in weight_map.items() if headers.get(n, {}).get("file") != s]
         unlisted = [n for n in headers if n not in weight_map]

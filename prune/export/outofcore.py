@@ -24,7 +24,7 @@ import shutil
 import struct
 from pathlib import Path
 
-from prune.io.safetensors import INDEX_NAME, SINGLE_NAME, Checkpoint, TensorEntry, copy_bytes, local_folder
+from prune.io.safetensors import INDEX_NAME, SINGLE_NAME, TensorEntry, byte_ranges, copy_bytes, local_folder
 from prune.core.errors import PruneError
 from prune.export.save import staged, write_extras
 from prune.model.loading import plain_config_dict, pruned_config_updates
@@ -62,11 +62,14 @@ def write_safetensors(path: Path, tensors: list[tuple[str, TensorEntry]], metada
         offset += entry.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    ranges: dict[Path, dict[str, tuple[int, int]]] = {}
     with path.open("wb") as out:
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
         for _, entry in tensors:
-            copy_bytes(entry, out)
+            if entry.file not in ranges:
+                ranges[entry.file] = byte_ranges(entry.file)
+            copy_bytes(entry.file, *ranges[entry.file][entry.key], out)
     return offset
 
 

@@ -24,11 +24,12 @@ import json
 import shutil
 from pathlib import Path
 
+from prune.choose.registry import names
 from prune.core.errors import PruneError
 from prune.measure.scoring import ScoreResult
-from prune.choose.rules import Selection, select
+from prune.choose.rules import Selection
 
-SCORE_ONLY = ("one_shot", "contiguous", "tail", "random")
+SCORE_ONLY = tuple(names(needs_model=False))
 DPI = 110
 
 
@@ -313,9 +314,7 @@ def _write(folder: Path, before, after, selection, kept, k, title, source, evalu
         _save(cka_heatmap(before.cka_matrix, tau, f"Original: CKA between block outputs ({before.n_layers} blocks)", marked),
               folder / "cka_original.png")
         images.append(("cka_original.png", "original model"))
-    labels = None
     if after is not None and after.cka is not None:
-        labels = [str(i) for i in range(after.n_layers)]
         _save(cka_heatmap(after.cka_matrix, after.msrs["tau"], f"Pruned: CKA between block outputs ({after.n_layers} blocks)"),
               folder / "cka_pruned.png")
         images.append(("cka_pruned.png", "pruned model (blocks renumbered)"))

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from prune.core.errors import PruneError
-from prune.core.faults import checkpoint
+from prune.core.records import PruningRecord, parse_record, write_record
+from prune.core.faults import fault_point
 from prune.model.loading import is_dispatched, plain_config_dict
 
 INCOMPLETE_TAG = ".incomplete-"
@@ -63,9 +64,9 @@ def save(
     with staged(out_dir, overwrite) as stage:
         if is_dispatched(model):  # Accelerate's offload hooks untie tied weights after a forward:
             model.tie_weights()  # re-tie, or the tied copy (lm_head) would be saved twice
-        checkpoint("saving")
+        fault_point("saving")
         model.save_pretrained(stage, max_shard_size=max_shard_size)
-        checkpoint("saved_weights")
+        fault_point("saved_weights")
         (stage / "config.json").write_text(json.dumps(plain_config_dict(model.config), indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
@@ -85,7 +86,7 @@ def staged(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         stage.mkdir(parents=True)
         (stage / INCOMPLETE_MARKER).write_text("This folder is being written and is not a finished checkpoint.\n")
         yield stage
-        checkpoint("before_rename")
+        fault_point("before_rename")
         (stage / INCOMPLETE_MARKER).unlink()
         _replace(stage, out)
     except BaseException as exc:
@@ -121,10 +122,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_extras(stage: Path, pruning: dict | None, files: dict[str, str] | None) -> None:
-    """``pruning.json`` and the extra text files of a checkpoint folder."""
+def write_extras(stage: Path, pruning: PruningRecord | dict | None, files: dict[str, str] | None) -> None:
+    """``pruning.json`` (a :class:`~prune.core.records.PruningRecord`, or a dict validated as one)
+    and the extra text files of a checkpoint folder."""
     if pruning is not None:
-        (stage / "pruning.json").write_text(json.dumps(pruning, indent=1) + "\n")
+        write_record(stage, pruning if isinstance(pruning, PruningRecord) else parse_record(pruning))
     for name, text in (files or {}).items():
         target = safe_join(stage, name)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -166,15 +168,20 @@ def preflight_export(recipe, src, n_layers: int) -> dict | None:
     return parent
 
 
-def prepare_export(pruning: dict, evaluation: dict, recipe, src, parent: dict | None) -> tuple[dict, str]:
-    """``(pruning, card)``: the record extended with its lineage (and the recipe, so each
-    step of a chain keeps its own) and the model card text written as ``README.md``."""
+def prepare_export(pruning: dict, evaluation: dict, recipe, src, parent: dict | None, *,
+                   new_step: bool = True, out_dir=None) -> tuple[dict, str]:
+    """``(pruning, card)``: the record with the recipe (so each step of a chain keeps its own),
+    extended with its lineage when it is a ``new_step`` (``prune heal`` keeps the step it heals),
+    and the model card text written as ``README.md``."""
     from prune.export.card import render_card
     from prune.export.lineage import extend
 
-    record = extend({**pruning, "recipe": recipe.model_dump(mode="json")}, parent, src)
-    push = recipe.output.push_to_hub
-    card = render_card(record, rows=evaluation.get("rows"), recipe_yaml=recipe.to_yaml(),
-                       settings=evaluation.get("settings") if recipe.evaluate else None,
-                       model_name=Path(recipe.output.dir).name, load_id=push.repo_id if push else recipe.output.dir)
+    out_dir = str(out_dir if out_dir is not None else recipe.output.dir)
+    record = {**pruning, "recipe": recipe.model_dump(mode="json")} if recipe is not None else dict(pruning)
+    if new_step:
+        record = extend(record, parent, src)
+    push = recipe.output.push_to_hub if recipe is not None else None
+    card = render_card(record, rows=evaluation.get("rows"), recipe_yaml=recipe.to_yaml() if recipe else None,
+                       settings=evaluation.get("settings") if recipe is not None and recipe.evaluate else None,
+                       model_name=Path(out_dir).name, load_id=push.repo_id if push else out_dir)
     return record, card

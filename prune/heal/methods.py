@@ -49,7 +49,7 @@ from prune.core.config import TextSource
 from prune.io.text import calibration_windows, load_text
 from prune.core.errors import PruneError
 from prune.model.loading import decoder_layers, final_norm, input_device
-from prune.core.config import HealConfig, TextConfig
+from prune.core.config import HealConfig, SelectConfig, TextConfig
 
 METHODS = ("lora", "replace", "partial")
 
@@ -572,40 +572,32 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
     return record
 
 
-# ---- the recipe stage (prune.pipeline.run) ------------------------------------------------------------
-def preflight(recipe, config, n_layers: int) -> None:
-    """Recipe checks that need the model config but no weights (called from the pipeline's preflight)."""
+# ---- the recipe stage (prune.pipeline.orchestrator) -------------------------------------------------
+def preflight(cfg: HealConfig, select: SelectConfig, config, n_layers: int, trust_remote_code: bool = False) -> None:
+    """Heal settings checked against the model config, before any weights are loaded."""
     from prune.model.loading import context_length
     from prune.choose.rules import resolve_count, resolve_protect
 
-    cfg = recipe.heal
-    sel = recipe.select
     n_after = n_layers
-    if sel.strategy != "search":
-        k = resolve_count(n_layers, sel.n_layers, sel.fraction, resolve_protect(sel.protect, n_layers))
+    if select.strategy != "search":
+        k = resolve_count(n_layers, select.n_layers, select.fraction, resolve_protect(select.protect, n_layers))
         if cfg.method == "replace" and k < 2:
             raise PruneError(f"heal.method replace needs at least 2 removed blocks, but select removes {k} (use lora or partial)")
         n_after = n_layers - k + (1 if cfg.method == "replace" else 0)
-    check_settings(cfg, _meta_model(config, recipe.model.trust_remote_code), n_after, context_length(config))
+    check_settings(cfg, _meta_model(config, trust_remote_code), n_after, context_length(config))
 
 
-def prepare(model, tokenizer, selection, recipe, quiet: bool = False) -> HealPlan:
+def prepare(model, tokenizer, removed: list[int], cfg: HealConfig, quiet: bool = False) -> HealPlan:
     """Before the surgery: read the training windows, and for ``replace`` capture the removed
     run's input/output states on the full model. ``plan.remove`` is what the surgery removes."""
-    cfg = recipe.heal
     windows, val_windows = training_windows(tokenizer, cfg)
     if cfg.method != "replace":
-        return HealPlan(cfg, list(selection.removed), windows, val_windows)
-    return plan_replacement(model, list(selection.removed), cfg, windows, val_windows, quiet=quiet)
+        return HealPlan(cfg, list(removed), windows, val_windows)
+    return plan_replacement(model, list(removed), cfg, windows, val_windows, quiet=quiet)
 
 
-def heal(model, tokenizer, selection, recipe, quiet: bool = False, plan: HealPlan | None = None) -> dict:
-    """After the surgery: heal the pruned ``model`` in place with ``recipe.heal``; returns the record."""
-    cfg = recipe.heal
-    if plan is None:
-        if cfg.method == "replace":
-            raise PruneError("heal.method replace needs prepare() before the surgery (it trains on the full model's states)")
-        plan = prepare(model, tokenizer, selection, recipe, quiet)
+def heal(model, cfg: HealConfig, plan: HealPlan, quiet: bool = False) -> dict:
+    """After the surgery: heal the pruned ``model`` in place as ``cfg`` says; returns the record."""
     if not quiet:
         print(f"healing ({cfg.method}): {cfg.steps} steps x {cfg.batch_size * cfg.gradient_accumulation} windows x "
               f"{cfg.seq_len} tokens of {cfg.data.path}", flush=True)

@@ -1,20 +1,23 @@
-"""Safetensors checkpoints on disk, read without loading them: headers, sizes, one tensor at a time.
+"""Safetensors checkpoints on disk, read without loading them: one reader for the whole toolkit.
 
-A safetensors file is ``[8-byte little-endian header length N][N bytes of JSON header][data]``;
-the header maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}``
-(offsets relative to the data section) plus an optional ``"__metadata__"`` of strings.
-A sharded checkpoint adds ``model.safetensors.index.json`` (``{"metadata", "weight_map"}``).
+Everything is read through ``safetensors.safe_open`` (names, dtypes, shapes, metadata, whole
+tensors, and ``get_slice`` for partial reads), which also refuses truncated and corrupt files;
+``model.safetensors.index.json`` is read by :func:`read_index` only. Each read opens the shard
+and closes it again, so nothing stays memory-mapped between reads (the out-of-core paths keep
+their memory flat).
 
-:class:`Checkpoint` reads only the headers, so the size of every tensor, shard and block is
-known before a byte of weights is read. :meth:`Checkpoint.read` reads one tensor with plain
-file reads (no memory map, so nothing stays mapped into the process afterwards).
+The one thing ``safe_open`` does not expose is where a tensor's bytes lie in its file; the
+out-of-core writer copies those bytes verbatim (:func:`copy_bytes`, the fastest way to write a
+pruned shard: docs/BENCHMARKS.md), so :func:`byte_ranges` reads the offsets from the header.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from prune.core.errors import PruneError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+MAX_HEADER = 100_000_000  # safetensors caps headers at 100 MB
 
 #: safetensors dtype name -> torch dtype
 DTYPES: dict[str, torch.dtype] = {
@@ -36,17 +40,12 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """Where one tensor lies: its file, dtype, shape and absolute byte range ``[begin, end)``."""
+    """One tensor of a checkpoint: its file, name, dtype and shape (from ``safe_open``)."""
 
     file: Path
+    key: str
     dtype: str
     shape: tuple[int, ...]
-    begin: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -61,22 +60,80 @@ class TensorEntry:
             n *= s
         return n
 
+    @property
+    def nbytes(self) -> int:
+        return self.numel() * self.torch_dtype.itemsize
 
-def read_header(path: str | os.PathLike) -> tuple[dict, int]:
-    """``(header, data_start)`` of a safetensors file: the JSON header and the absolute offset of its data."""
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+@contextlib.contextmanager
+def open_file(path: str | os.PathLike) -> Iterator:
+    """``safe_open(path)``, with a truncated, corrupt or unreadable file as one :class:`PruneError` line."""
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path)
-    with path.open("rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise PruneError(f"{path} is not a safetensors file (too short)")
-        (size,) = struct.unpack("<Q", raw)
-        if size > 100_000_000 or size > path.stat().st_size - 8:
-            raise PruneError(f"{path} is not a safetensors file (bad header length)")
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PruneError(f"{path} is truncated or corrupt ({_first_line(exc)}); re-download or re-save it") from None
+    with handle:
+        yield handle
+
+
+def file_tensors(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """``(name -> TensorEntry, metadata)`` of one safetensors file, from its header only."""
+    path = Path(path)
+    with open_file(path) as handle:
+        entries = {}
+        for key in handle.keys():
+            view = handle.get_slice(key)
+            entries[key] = TensorEntry(path, key, view.get_dtype(), tuple(view.get_shape()))
+        return entries, handle.metadata() or {}
+
+
+def read_index(folder: str | os.PathLike) -> tuple[dict[str, str] | None, list[str]]:
+    """``(weight_map, shard names)`` of a checkpoint folder: the index's map and its shards in order
+    of first appearance, or ``(None, ["model.safetensors"])`` for a single file. One line on a bad
+    index or a missing shard; ``PruneError`` too when the folder has no safetensors weights."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.is_file():
         try:
-            header = json.loads(handle.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise PruneError(f"{path} is not a safetensors file (unreadable header)") from None
-    return header, 8 + size
+            data = json.loads(index.read_bytes().decode("utf-8"))
+            weight_map = data["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            raise PruneError(f"{index} is not a valid index (it needs a weight_map of tensor -> shard file); "
+                             "re-save or re-download the model") from None
+        names = list(dict.fromkeys(weight_map.values()))
+        for name in names:
+            if Path(name).name != name:
+                raise PruneError(f"{index} points outside its folder ({name!r}); refusing to read it")
+            if not (folder / name).is_file():
+                raise PruneError(f"{folder} is incomplete: weight shard {name} listed in {INDEX_NAME} is missing "
+                                 "(re-download or re-save the model)")
+        return weight_map, names
+    if (folder / SINGLE_NAME).is_file():
+        return None, [SINGLE_NAME]
+    other = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
+    hint = f" (it has {other[0]}: re-save it with save_pretrained to get safetensors)" if other else ""
+    raise PruneError(f"{folder} has no safetensors weights ({SINGLE_NAME} or {INDEX_NAME}){hint}")
+
+
+def byte_ranges(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """Absolute ``[begin, end)`` byte range of every tensor in a safetensors file (the layout is
+    ``[8-byte length N][N bytes of JSON header][data]``; offsets in the header are relative to
+    the data). Only the byte-copy writer needs this; the file was validated by ``safe_open``."""
+    with Path(path).open("rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(min(size, MAX_HEADER)))
+    start = 8 + size
+    return {k: (start + v["data_offsets"][0], start + v["data_offsets"][1]) for k, v in header.items()
+            if k != "__metadata__"}
 
 
 class Checkpoint:
@@ -84,34 +141,17 @@ class Checkpoint:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        index = self.folder / INDEX_NAME
-        if index.is_file():
-            data = json.loads(index.read_text())
-            self.index_metadata: dict = data.get("metadata") or {}
-            weight_map: dict[str, str] = data["weight_map"]
-            names = list(dict.fromkeys(weight_map.values()))  # shard order of first appearance
-        elif (self.folder / SINGLE_NAME).is_file():
-            self.index_metadata, weight_map, names = {}, {}, [SINGLE_NAME]
-        else:
-            other = sorted(p.name for p in self.folder.glob("*.bin")) if self.folder.is_dir() else []
-            hint = f" (it has {other[0]}: re-save it with save_pretrained to get safetensors)" if other else ""
-            raise PruneError(f"{self.folder} has no safetensors weights ({SINGLE_NAME} or {INDEX_NAME}){hint}; "
-                             "out-of-core execution reads safetensors shards")
+        weight_map, names = read_index(self.folder)
         self.files: list[Path] = [self.folder / n for n in names]
         self.file_metadata: dict[str, dict] = {}
         self.entries: dict[str, TensorEntry] = {}
         for file in self.files:
-            if not file.is_file():
-                raise PruneError(f"checkpoint shard missing: {file} (listed in {INDEX_NAME}); the download is incomplete")
-            header, start = read_header(file)
-            self.file_metadata[file.name] = header.pop("__metadata__", None) or {}
-            for key, info in header.items():
-                begin, end = info["data_offsets"]
-                self.entries[key] = TensorEntry(file, info["dtype"], tuple(info["shape"]), start + begin, start + end)
-        listed = set(weight_map)
-        if listed and listed != set(self.entries):
-            missing = sorted(listed - set(self.entries))[:3]
-            raise PruneError(f"{self.folder}: {INDEX_NAME} lists tensors the shards do not hold: {missing}")
+            entries, self.file_metadata[file.name] = file_tensors(file)
+            self.entries.update(entries)
+        if weight_map is not None and set(weight_map) != set(self.entries):
+            missing = sorted(set(weight_map) ^ set(self.entries))[:3]
+            raise PruneError(f"{self.folder}: {INDEX_NAME} and the shards disagree about tensors {missing}; "
+                             "re-save or re-download the model")
 
     # ---- sizes ---------------------------------------------------------------------------
     @property
@@ -147,20 +187,15 @@ class Checkpoint:
     # ---- reading -------------------------------------------------------------------------
     def read(self, key: str) -> torch.Tensor:
         """Tensor ``key`` read from its shard into a fresh CPU tensor of its own dtype."""
-        e = self.entries[key]
-        buffer = torch.empty(e.nbytes, dtype=torch.uint8)
-        with e.file.open("rb") as handle:
-            handle.seek(e.begin)
-            if handle.readinto(buffer.numpy()) != e.nbytes:
-                raise PruneError(f"{e.file} is truncated (tensor {key} runs past the end of the file)")
-        return buffer.view(e.torch_dtype).reshape(e.shape)
+        with open_file(self.entries[key].file) as handle:
+            return handle.get_tensor(key)
 
     def lazy(self, key: str) -> LazyTensor:
         return LazyTensor(self, key)
 
 
 class LazyTensor:
-    """A tensor read from its shard only when sliced (``t[...]``), like safetensors' slice objects."""
+    """A tensor read from its shard only when sliced (``t[...]``): ``safe_open``'s ``get_slice``."""
 
     def __init__(self, checkpoint: Checkpoint, key: str):
         self.checkpoint = checkpoint
@@ -176,18 +211,19 @@ class LazyTensor:
         return self.checkpoint.entries[self.key].dtype
 
     def __getitem__(self, index) -> torch.Tensor:
-        return self.checkpoint.read(self.key)[index]
+        with open_file(self.checkpoint.entries[self.key].file) as handle:
+            return handle.get_slice(self.key)[index]
 
 
-def copy_bytes(entry: TensorEntry, out, chunk: int = 16 << 20) -> None:
-    """Copy the raw bytes of ``entry`` to the open binary file ``out``, ``chunk`` bytes at a time."""
-    remaining = entry.nbytes
-    with entry.file.open("rb") as handle:
-        handle.seek(entry.begin)
+def copy_bytes(file: Path, begin: int, end: int, out, chunk: int = 16 << 20) -> None:
+    """Copy the raw bytes ``[begin, end)`` of ``file`` to the open binary file ``out``, ``chunk`` at a time."""
+    remaining = end - begin
+    with Path(file).open("rb") as handle:
+        handle.seek(begin)
         while remaining:
             data = handle.read(min(chunk, remaining))
             if not data:
-                raise PruneError(f"{entry.file} is truncated")
+                raise PruneError(f"{file} is truncated")
             out.write(data)
             remaining -= len(data)
 

@@ -15,13 +15,12 @@ BOS followed by ``seq_len - 1`` text tokens, so the model sees what it was train
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from prune.core.errors import PruneError
-from prune.core.config import TextSource
+from prune.core.config import CalibrationConfig, TextSource
 
 JOIN = "\n\n"
 
@@ -166,3 +165,8 @@ def eval_windows(
         raise PruneError(f"evaluation text too short: {stream.numel()} tokens, one window needs {body}")
     n = available if max_windows is None else min(available, max_windows)
     return _assemble(stream[: n * body].view(n, body)[:n], bos_id)
+
+
+def calibration_windows_of(tokenizer, cfg: CalibrationConfig) -> torch.Tensor:
+    """The calibration windows a recipe's ``calibration`` section describes (the one place they are cut)."""
+    return calibration_windows(tokenizer, load_text(cfg.source()), cfg.n_samples, cfg.seq_len, cfg.seed, cfg.bos)

@@ -6,7 +6,7 @@ from typing import Any
 
 from prune.core.config import EvaluateConfig
 from prune.core.console import say
-from prune.core.faults import checkpoint
+from prune.core.faults import fault_point
 from prune.io.text import eval_windows, load_text
 from prune.measure import perplexity as E
 
@@ -24,7 +24,7 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
         result["data"] = p.source().describe()
         out["perplexity"] = result
         say(f"{label}perplexity {result['perplexity']:.3f} ({result['windows']} windows x {result['seq_len']} tokens)", quiet)
-    checkpoint("evaluating")
+    fault_point("evaluating")
     if cfg.tasks:
         from prune.measure.lmeval import evaluate_tasks
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from prune.core import metrics as M
 from prune.model.capture import BlockStates, batches
 from prune.core.errors import PruneError
-from prune.core.faults import checkpoint
+from prune.core.faults import fault_point
 from prune.model.loading import decoder_layers, input_device
 
 POSITIONS = ("all", "skip_first")
@@ -285,7 +285,7 @@ def score(
             states, inputs = capture.pop()
             excluded += fold_batch(acc, states, inputs, first, start)
             bar.update(batch.shape[0])
-            checkpoint("scoring")  # fault-injection hook (prune.faults); a no-op outside tests
+            fault_point("scoring")  # fault-injection hook (prune.faults); a no-op outside tests
     bar.close()
     return finish(acc, windows, positions=positions, metrics=metrics, cka_windows=cka_windows, beta=beta, tau=tau,
                   excluded=excluded, started=started, progress=progress, metadata=metadata)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import torch
 from torch import nn
 
 from prune.core.errors import PruneError, UnsupportedModelError
+from prune.io.safetensors import INDEX_NAME, file_tensors, read_index
 from prune.core.config import DTYPES, resolve_dtype  # noqa: F401  (resolve_dtype: part of this module's API)
 from prune.io.source import ModelSource, resolve_source  # noqa: F401
 
@@ -315,26 +314,6 @@ def pruned_config_updates(config, kept: list[int]) -> dict[str, Any]:
 
 
 # ---- integrity of local checkpoint files (checked before anything is loaded) -------------
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file; refuses a truncated or corrupt file."""
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise PruneError(f"{path} is truncated or not a safetensors file (re-download or re-save it)")
-        n = int.from_bytes(head, "little")
-        if n <= 0 or 8 + n > size:
-            raise PruneError(f"{path} is truncated or corrupt: its header does not fit in the file (re-download it)")
-        try:
-            header = json.loads(handle.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise PruneError(f"{path} is corrupt: unreadable safetensors header (re-download it)") from None
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end != size:
-        raise PruneError(f"{path} is truncated or corrupt: {size} bytes, header says {8 + n + end} (re-download it)")
-    return header
-
-
 def check_checkpoint_files(src: ModelSource) -> None:
     """Refuse local checkpoints with missing shards or truncated/corrupt weight files."""
     if src.kind == "hub":
@@ -349,20 +328,11 @@ def check_checkpoint_files(src: ModelSource) -> None:
             raise PruneError(f"GGUF file {folder / src.gguf_file} is truncated or corrupt ({type(exc).__name__}); "
                              "download it again") from None
         return
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError):
-            raise PruneError(f"{index} is corrupt (no weight_map); re-save or re-download the model") from None
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise PruneError(f"{folder} is incomplete: weight shard {missing[0]} listed in the index is missing "
-                             "(re-download or re-save the model)")
-        files = [folder / s for s in shards]
+    if (folder / INDEX_NAME).is_file():
+        files = [folder / s for s in read_index(folder)[1]]
     else:
         files = sorted(folder.glob("*.safetensors"))
     for file in files:
-        safetensors_header(file)
+        file_tensors(file)  # safe_open refuses a truncated or corrupt file
     if not files and not any(folder.glob("*.bin")) and not any(folder.glob("*.pt")):
         raise PruneError(f"{folder} has a config but no weights (*.safetensors); is the download complete?")

@@ -12,14 +12,12 @@ memory, or ``torch.cuda.mem_get_info`` on a GPU, capped by ``max_memory``):
 
 A sequential plan is refused, with one line and before any weight is read, when even the
 largest block (or the embeddings) plus the calibration activations exceed the memory.
-:func:`run_sequential` is the out-of-core path of :func:`prune.pipeline.run`.
+The engines that carry a plan out are in :mod:`prune.pipeline.engines`.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -170,72 +168,3 @@ def plan_execution(source, requested: str = "auto", *, dtype="auto", device_map=
            f"weights {_gib(weights)} + working set {_gib(work)} exceed {FIT_FRACTION:.0%} of {_gib(cpu_limit)} of memory")
     return ExecutionPlan("sequential", requested, f"{why}; one block at a time needs {_gib(need)}", str(device),
                          weights, largest, acts + work, limit, str(folder))
-
-
-# ---- the out-of-core path of prune.run ------------------------------------------------------
-MODEL_BASED = ("iterative", "sleb", "search")
-
-
-def check_sequential_recipe(recipe, plan: ExecutionPlan) -> None:
-    """Refuse, before any work, the parts of a recipe that need the whole model in memory."""
-    why = f"score.execution chose sequential ({plan.reason})"
-    fix = ("or set score.execution: in_memory (with model.device_map: auto and model.offload_folder to let "
-           "Accelerate offload weights)")
-    if recipe.evaluate is not None and (recipe.evaluate.perplexity is not None or recipe.evaluate.tasks):
-        raise PruneError(f"{why}: an out-of-core run cannot evaluate the model; remove the evaluate section (evaluate "
-                         f"the output folder afterwards with `prune eval ... --device-map auto`) {fix}")
-    if recipe.heal is not None:
-        raise PruneError(f"{why}: healing trains the model in memory; remove the heal section {fix}")
-    if recipe.select.strategy in MODEL_BASED:
-        raise PruneError(f"{why}: select.strategy={recipe.select.strategy!r} runs the model; use one_shot, "
-                         f"contiguous, tail or random {fix}")
-
-
-def run_sequential(recipe, facts: dict, plan: ExecutionPlan, *, overwrite: bool = False, quiet: bool = False,
-                   started: float | None = None, progress):
-    """``prune.run`` out of core: sequential scoring before (and of the kept blocks after),
-    selection from the scores, and the pruned checkpoint written from the shards."""
-    from transformers import AutoTokenizer
-
-    from prune.io.text import calibration_windows, load_text
-    from prune.export.outofcore import prune_checkpoint
-    from prune.pipeline.orchestrator import RunResult, pruning_record
-    from prune.core.console import say
-    from prune.choose.rules import select
-    from prune.measure.sequential import score_sequential
-    from prune.model.skeleton import Skeleton
-
-    started = time.time() if started is None else started
-    check_sequential_recipe(recipe, plan)
-    folder = Path(plan.folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=recipe.model.trust_remote_code)
-    c, s, sel = recipe.calibration, recipe.score, recipe.select
-    windows = calibration_windows(tokenizer, load_text(c.source()), c.n_samples, c.seq_len, c.seed, c.bos)
-    kwargs = dict(batch_size=c.batch_size, positions=s.positions, metrics=tuple(s.metrics), cka_windows=s.cka_windows,
-                  beta=s.beta, tau=s.tau, dtype=recipe.model.dtype, device=plan.device,
-                  trust_remote_code=recipe.model.trust_remote_code, progress=not quiet)
-    say(f"scoring {facts['n_layers']} blocks one at a time on {c.n_samples} windows x {c.seq_len} tokens", quiet)
-    from prune.measure.scoring import ScoreResult
-
-    before = progress.stage("scores", lambda: score_sequential(folder, windows, **kwargs),
-                            ScoreResult.to_dict, ScoreResult.from_dict)
-    selection = select(before, sel.n_layers, fraction=sel.fraction, strategy=sel.strategy, metric=sel.metric,
-                       protect=sel.protect, seed=sel.seed)
-    kept = selection.kept
-    say(f"removing {len(selection.removed)} of {facts['n_layers']} blocks (0-based): {selection.removed}", quiet)
-    after = score_sequential(folder, windows, blocks=kept, **kwargs)
-    sk = Skeleton(folder, trust_remote_code=recipe.model.trust_remote_code)  # meta: parameter counts only
-    numel = {k: sk.checkpoint.entries[k].numel() for k in sk.target}
-    params_before = sum(numel.values())
-    params_after = params_before - sum(n for k, n in numel.items() if sk.block_of.get(k) in set(selection.removed))
-    run_facts = {"params_before": params_before, "params_after": params_after, "layers_before": facts["n_layers"],
-                 "layers_after": len(kept), "model_type": facts["model_type"]}
-    pruning = pruning_record(recipe, facts["source"], selection, kept, before, after, run_facts, None, started)
-    pruning["execution"] = plan.to_dict()
-    pruning["resumed"] = progress.resumed
-    out = prune_checkpoint(folder, selection.removed, recipe.output.dir, pruning=pruning,
-                           files={"recipe.yaml": recipe.to_yaml()}, overwrite=overwrite or recipe.output.overwrite,
-                           trust_remote_code=recipe.model.trust_remote_code)
-    progress.finish()
-    say(f"saved {out} (written from the source shards, out of core)", quiet)
-    return RunResult(out, selection, before, after, {}, pruning)

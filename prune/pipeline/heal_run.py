@@ -148,12 +148,18 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     """Heal the model of ``run_dir`` into the new folder ``output`` (see module docstring); returns it."""
     from transformers import AutoConfig
 
+    from prune.core.config import EvaluateConfig
+    from prune.core.console import quiet_mode, say, versions
+    from prune.core.records import read_record
+    from prune.core.tables import comparison_rows
     from prune.export.save import check_output_dir, save
-    from prune.model.loading import context_length, count_parameters, load_model
     from prune.io.source import resolve_source
     from prune.measure.evaluation import evaluate_loaded
-    from prune.core.console import quiet_mode, say, versions
-    from prune.core.config import EvaluateConfig
+    from prune.measure.scoring import score
+    from prune.model.loading import context_length, count_parameters, load_model
+    from prune.pipeline.engines import score_options
+    from prune.pipeline.orchestrator import write_output
+    from prune.io.text import calibration_windows_of
     from prune.pipeline.recipe import Recipe
 
     quiet_mode(quiet)
@@ -164,10 +170,14 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     if out.resolve() == run.resolve() or out.resolve().is_relative_to(run.resolve()):
         raise PruneError(f"--output {out} must be a new folder outside RUN_DIR (RUN_DIR is never modified)")
     check_output_dir(out, overwrite)
-    pruning = json.loads((run / "pruning.json").read_text())
+    pruning = read_record(run / "pruning.json")
     recipe_data = _read_yaml(run / "recipe.yaml", "recipe") if (run / "recipe.yaml").is_file() else None
     cfg = heal_settings(recipe_data, config, method, data, field, rows, overrides)
-    recipe = Recipe.model_validate({**recipe_data, "heal": cfg.model_dump()}) if recipe_data else None
+    recipe = None
+    if recipe_data is not None:
+        output_section = {**(recipe_data.get("output") or {}), "dir": str(out), "overwrite": overwrite}
+        output_section.pop("push_to_hub", None)  # a heal pushes nothing unless asked (prune push)
+        recipe = Recipe.model_validate({**recipe_data, "heal": cfg.model_dump(), "output": output_section})
     eval_cfg: EvaluateConfig | None = recipe.evaluate if recipe else None
     check_heal_data(cfg, eval_cfg, "heal settings")
     if evaluate and eval_cfg is None:
@@ -179,24 +189,22 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     model_cfg = recipe.model if recipe else None
     dtype = model_cfg.dtype if model_cfg else "auto"
     trust = model_cfg.trust_remote_code if model_cfg else False
-    run_kept = pruning.get("kept")
-    removed = pruning.get("removed")
     run_config = AutoConfig.from_pretrained(run, trust_remote_code=trust)
     n_after = run_config.num_hidden_layers + (1 if cfg.method == "replace" else 0)
     check_settings(cfg, _meta_model(run_config, trust), n_after, context_length(run_config))
     src = None
     if cfg.method == "replace":
-        if not removed or run_kept is None or not pruning.get("source"):
+        if not pruning.removed or not pruning.kept or pruning.source is None:
             raise PruneError(f"{run}/pruning.json lacks removed/kept/source: a replacement layer needs the original model")
-        if pruning.get("healing"):
-            raise PruneError(f"{run} is already healed ({pruning['healing'].get('method')}); a replacement layer is "
+        if pruning.healing:
+            raise PruneError(f"{run} is already healed ({pruning.healing.get('method')}); a replacement layer is "
                              "rebuilt from the source model (heal the unhealed run folder instead)")
-        check_run(removed, len(removed) + len(run_kept))
-        s = pruning["source"]
+        check_run(pruning.removed, len(pruning.removed) + len(pruning.kept))
+        s = pruning.source
         try:
-            src = resolve_source(s["path"], s.get("gguf_file"), s.get("revision"))
+            src = resolve_source(s.path, s.gguf_file, s.revision)
         except PruneError as exc:
-            raise PruneError(f"a replacement layer needs the original model {s.get('path')}: {exc}") from None
+            raise PruneError(f"a replacement layer needs the original model {s.path}: {exc}") from None
 
     started = _dt.datetime.now(_dt.timezone.utc)
     if cfg.method == "replace":
@@ -206,50 +214,48 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         windows, val_windows = training_windows(tokenizer, cfg)
         from prune.model.surgery import remove_layers
 
-        plan: HealPlan = plan_replacement(model, removed, cfg, windows, val_windows, quiet=quiet)
+        plan: HealPlan = plan_replacement(model, pruning.removed, cfg, windows, val_windows, quiet=quiet)
         kept = remove_layers(model, plan.remove)
-        check_matches_run(model, kept, run, run_kept, skip=plan.source_block)
+        check_matches_run(model, kept, run, pruning.kept, skip=plan.source_block)
         record = heal_replacement(model, plan, quiet=quiet)
     else:
         model, tokenizer, _ = load_model(run, dtype=dtype, trust_remote_code=trust)
-        kept = run_kept
+        kept = pruning.kept
         windows, val_windows = training_windows(tokenizer, cfg)
         fn = heal_lora if cfg.method == "lora" else heal_partial
         record = fn(model, cfg, windows, val_windows, quiet=quiet)
-    record["from_run"] = str(run.resolve())
-    if pruning.get("healing"):
-        record["previous"] = pruning["healing"]
+    record["from_run"] = run.name
+    if pruning.healing:
+        record["previous"] = pruning.healing
 
-    new = dict(pruning)
-    new.update(healing=record, kept=kept, layers_after=len(kept) if kept is not None else run_config.num_hidden_layers,
-               params_after=count_parameters(model), healed=started.isoformat(timespec="seconds"), versions=versions())
+    new = pruning.model_copy(deep=True)
+    new.healing = record
+    new.kept = kept or []
+    new.layers_after = len(kept) if kept else run_config.num_hidden_layers
+    new.params_after = count_parameters(model)
+    new.healed = started.isoformat(timespec="seconds")
+    new.versions = versions()
+    new.scores_after = new.msrs_after = None
     if recipe is not None:  # the scores after describe the saved model: recompute them on the same windows
-        from prune.io.text import calibration_windows, load_text
-        from prune.measure.scoring import score
+        after = score(model, calibration_windows_of(tokenizer, recipe.calibration), **score_options(recipe, quiet))
+        new.scores_after, new.msrs_after = after.to_dict(), after.msrs
+    counts = {"params_before": pruning.params_before, "params_after": new.params_after,
+              "layers_before": pruning.layers_before, "layers_after": new.layers_after}
+    run_eval = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
+    original, before = run_eval.get("original", {}), run_eval.get("pruned", {})
+    healed = evaluate_loaded(model, tokenizer, eval_cfg, quiet=quiet, label="healed:   ") if evaluate else {}
+    if not evaluate:
+        original, before = {}, {}  # the run's figures describe the unhealed model: not carried over
+    evaluation = {"original": original, "pruned_before_healing": before, "pruned": healed,
+                  "rows": comparison_rows(original, healed, counts), **counts}
+    if recipe is not None and evaluate:
+        evaluation["settings"] = run_eval.get("settings")
 
-        c, sc = recipe.calibration, recipe.score
-        cal = calibration_windows(tokenizer, load_text(c.source()), c.n_samples, c.seq_len, c.seed, c.bos)
-        after = score(model, cal, batch_size=c.batch_size, positions=sc.positions, metrics=tuple(sc.metrics),
-                      cka_windows=sc.cka_windows, beta=sc.beta, tau=sc.tau, progress=not quiet)
-        new.update(scores_after=after.to_dict(), msrs_after=after.msrs)
-    else:
-        new.update(scores_after=None, msrs_after=None)
-    files = {}
-    if recipe_data is not None:
-        files["recipe.yaml"] = yaml.safe_dump({**recipe_data, "heal": cfg.model_dump(mode="json"),
-                                               "output": {**recipe_data.get("output", {}), "dir": str(out)}},
-                                              sort_keys=False)
-    if evaluate:
-        healed = evaluate_loaded(model, tokenizer, eval_cfg, quiet=quiet, label="healed:   ")
-        run_eval = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
-        facts = {"params_before": pruning.get("params_before"), "params_after": new["params_after"],
-                 "layers_before": pruning.get("layers_before"), "layers_after": new["layers_after"]}
-        original, before = run_eval.get("original", {}), run_eval.get("pruned", {})
-        table = _healed_markdown(original, before, healed, facts)
-        files["eval.json"] = json.dumps({"original": original, "pruned_before_healing": before, "pruned": healed,
-                                         **facts}, indent=1) + "\n"
-        files["eval.md"] = f"# Before / after healing\n\n{table}\n\n{healing_markdown(record)}"
-        say(f"\n{table}\n", quiet)
-    result = save(model, tokenizer, out, pruning=new, files=files, overwrite=overwrite)
-    say(f"saved {result}", quiet)
+    def save_fn(out_dir, rec, files, ow):
+        return save(model, tokenizer, out_dir, pruning=rec, files=files, overwrite=ow)
+
+    result, _ = write_output(save_fn, recipe, new, evaluation, out_dir=out, new_step=False, overwrite=overwrite,
+                             quiet=quiet, title="Before / after healing",
+                             table=_healed_markdown(original, before, healed, counts),
+                             extra_markdown=healing_markdown(record))
     return result

@@ -1,13 +1,16 @@
-"""The jobs behind the CLI, one Python call each: ``run`` (a recipe end to end),
-``score_model`` (redundancy scores only) and ``evaluate_model`` (utility of any model).
+"""The one orchestrator of a recipe: ``run(recipe)``, for in-memory and sequential execution alike.
 
-``run(recipe)``:
-  validate the recipe and everything checkable without weights (output folder, model
-  config, layer counts, task names) -> load -> calibration windows -> score -> choose
-  blocks -> evaluate the original -> (heal: prepare) -> remove blocks in place -> (heal:
-  train) -> score again (MSRS after)
-  -> evaluate the pruned model -> save atomically with ``recipe.yaml``,
-  ``pruning.json``, ``eval.json`` and ``eval.md``.
+  preflight (everything checkable without weights: output folder, model config, layer
+  counts, calibration windows, task names, heal settings, lineage, push target)
+  -> plan the execution (:mod:`prune.pipeline.execution`) -> an engine
+  (:mod:`prune.pipeline.engines`: the model in memory, or one block at a time from the shards)
+  -> score -> choose blocks -> evaluate the original -> (heal: prepare) -> remove blocks
+  -> (heal: train) -> score again (MSRS after) -> evaluate the pruned model
+  -> :func:`write_output`: ``pruning.json`` (typed record with lineage), ``recipe.yaml``,
+  ``eval.json``, ``eval.md`` and the model card, saved atomically -> optional push.
+
+Both engines go through the same steps and write the same files; ``prune heal`` ends
+with the same :func:`write_output`.
 """
 
 from __future__ import annotations
@@ -15,35 +18,34 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prune.measure import perplexity as E
-from prune.io.text import calibration_windows, eval_windows, load_text
 from prune.core.errors import PruneError
+from prune.io.text import calibration_windows_of
 from prune.core.console import quiet_mode, say, versions
 from prune.core.tables import comparison_markdown, comparison_rows
-from prune.measure.evaluation import evaluate_loaded
-from prune.core.faults import checkpoint
-from prune.export.save import check_output_dir, save
+from prune.core.faults import fault_point
+from prune.export.save import check_output_dir
 from prune.model.loading import (
     load_tokenizer,
     check_checkpoint_files,
     check_device_map,
     check_supported,
     context_length,
-    count_parameters,
-    load_model,
 )
 from prune.io.source import resolve_source
-from prune.core.config import EvaluateConfig
 from prune.pipeline.recipe import Recipe, load_recipe
-from prune.measure.scoring import DEFAULT_POSITIONS, ScoreResult, score
+from prune.measure.scoring import ScoreResult
 from prune.pipeline.progress import RunProgress
-from prune.choose.rules import Selection, resolve_count, resolve_protect, select
+from prune.choose.rules import Selection, resolve_count, resolve_protect
+from prune.core.records import PruningRecord, parse_record
+from prune.export.save import prepare_export
+from prune.heal.methods import healing_markdown
+from prune.pipeline.engines import make_engine
+from prune.pipeline.execution import plan_execution
 
 FORMAT = "prune/1"
 
@@ -83,8 +85,7 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         if ctx is not None and value > ctx:
             raise PruneError(f"{key}={value} is longer than the model's context ({ctx} tokens); lower it")
     tokenizer = load_tokenizer(src, recipe.model.trust_remote_code)
-    c = recipe.calibration
-    windows = calibration_windows(tokenizer, load_text(c.source()), c.n_samples, c.seq_len, c.seed, c.bos)
+    windows = calibration_windows_of(tokenizer, recipe.calibration)
     if recipe.evaluate and recipe.evaluate.tasks:
         from prune.measure.lmeval import check_tokenizer, resolve_tasks
 
@@ -94,7 +95,7 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     if recipe.heal is not None:
         from prune.heal.methods import preflight as heal_preflight
 
-        heal_preflight(recipe, config, n_layers)
+        heal_preflight(recipe.heal, recipe.select, config, n_layers, recipe.model.trust_remote_code)
     # -- end heal --
     # ---- export (prune.export): lineage of an already pruned source, push_to_hub checks ----
     from prune.export.save import preflight_export
@@ -116,19 +117,6 @@ def eval_settings(recipe: Recipe) -> dict:
     }
 
 
-# ---- choosing blocks --------------------------------------------------------------------
-def choose_blocks(model, tokenizer, windows, scores: ScoreResult, recipe: Recipe, quiet: bool = False) -> Selection:
-    """Dispatch ``select.strategy``: score-only strategies use :func:`prune.select.select`;
-    model-based ones (iterative, sleb, search) run forward passes on ``windows``."""
-    sel = recipe.select
-    if sel.strategy in ("one_shot", "contiguous", "random", "tail"):
-        return select(scores, sel.n_layers, fraction=sel.fraction, strategy=sel.strategy, metric=sel.metric,
-                      protect=sel.protect, seed=sel.seed)
-    from prune.choose import strategies
-
-    return strategies.choose(model, tokenizer, windows, scores, recipe, quiet=quiet)
-
-
 # ---- run --------------------------------------------------------------------------------
 @dataclass
 class RunResult:
@@ -136,130 +124,111 @@ class RunResult:
     selection: Selection
     scores_before: ScoreResult
     scores_after: ScoreResult | None
-    evaluation: dict = field(default_factory=dict)
-    pruning: dict = field(default_factory=dict)
+    evaluation: dict
+    pruning: PruningRecord
 
 
 def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tuple[str, ...] = (),
         overwrite: bool = False, quiet: bool = False, resume: bool = False) -> RunResult:
     """Run a pruning recipe end to end and write its output folder (see module docstring).
 
-    Finished stages are kept in a progress folder beside the output (:mod:`prune.progress`);
+    Finished stages are kept in a progress folder beside the output (:mod:`prune.pipeline.progress`);
     ``resume=True`` reuses them after an interruption instead of recomputing them."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     quiet_mode(quiet)
     started = time.time()
+    overwrite = overwrite or recipe.output.overwrite
     facts = preflight(recipe, overwrite)
     progress = RunProgress(recipe.output.dir, recipe, resume=resume)
     if progress.resume:
         say(f"resuming from {progress.folder}: reusing {', '.join(progress.found()) or 'nothing yet'}", quiet)
-    m = recipe.model
-    # ---- execution mode (prune.execution): in memory, or one block at a time out of core ----
-    from prune.pipeline.execution import plan_execution, run_sequential
-
-    c = recipe.calibration
-    exec_plan = plan_execution(m.source, recipe.score.execution, dtype=m.dtype, device_map=m.device_map,
+    m, c = recipe.model, recipe.calibration
+    plan = plan_execution(m.source, recipe.score.execution, dtype=m.dtype, device_map=m.device_map,
                           max_memory=m.max_memory, n_windows=c.n_samples, seq_len=c.seq_len, batch_size=c.batch_size,
                           revision=m.revision, gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code)
-    say(exec_plan.describe(), quiet)
-    if exec_plan.mode == "sequential":
-        return run_sequential(recipe, facts, exec_plan, overwrite=overwrite, quiet=quiet, started=started,
-                              progress=progress)
-    # ---- end of execution mode -----------------------------------------------------------------
-    say(f"loading {facts['source'].display} ({facts['model_type']}, {facts['n_layers']} blocks)", quiet)
-    model, tokenizer, src = load_model(m.source, gguf_file=m.gguf_file, dtype=m.dtype, device_map=m.device_map,
-                                       max_memory=m.max_memory, offload_folder=m.offload_folder, revision=m.revision,
-                                       trust_remote_code=m.trust_remote_code)
-    checkpoint("loaded")
-    c = recipe.calibration
+    say(plan.describe(), quiet)
+    engine = make_engine(recipe, plan, facts, quiet)
     windows = facts["windows"]  # tokenized in preflight: bad text fails before the model loads
-    s = recipe.score
-    say(f"scoring {facts['n_layers']} blocks on {c.n_samples} windows x {c.seq_len} tokens", quiet)
-    score_kwargs = dict(batch_size=c.batch_size, positions=s.positions, metrics=tuple(s.metrics),
-                        cka_windows=s.cka_windows, beta=s.beta, tau=s.tau, progress=not quiet)
-    scores_before = progress.stage("scores", lambda: score(model, windows, **score_kwargs),
-                                   ScoreResult.to_dict, ScoreResult.from_dict)
-    checkpoint("scored")
-    selection = progress.stage("selection", lambda: choose_blocks(model, tokenizer, windows, scores_before, recipe, quiet),
+    say(f"scoring {facts['n_layers']} blocks{engine.scoring_note} on {c.n_samples} windows x {c.seq_len} tokens", quiet)
+    scores_before = progress.stage("scores", lambda: engine.score(windows), ScoreResult.to_dict, ScoreResult.from_dict)
+    fault_point("scored")
+    selection = progress.stage("selection", lambda: engine.choose(windows, scores_before),
                                Selection.to_dict, Selection.from_dict)
-    checkpoint("selected")
+    fault_point("selected")
     say(f"removing {len(selection.removed)} of {facts['n_layers']} blocks (0-based): {selection.removed}", quiet)
-
-    original = progress.stage("original", lambda: evaluate_loaded(model, tokenizer, recipe.evaluate, quiet=quiet,
-                                                                  label="original: ")
-                              if recipe.evaluate and recipe.evaluate.original else {})
-    checkpoint("evaluated_original")
-    params_before = count_parameters(model)
-    from prune.model.surgery import remove_layers
-
-    # -- heal (prune.heal): prepare() reads the training text and, for a replacement layer,
-    #    captures the removed run's input/output on the full model; the surgery then removes
-    #    plan.remove (k - 1 blocks for a replacement layer), and heal() trains after it --
-    plan = None
-    if recipe.heal is not None:
-        from prune.heal import methods as H
-
-        plan = H.prepare(model, tokenizer, selection, recipe, quiet=quiet)
-    kept = remove_layers(model, plan.remove if plan is not None else selection.removed)
-    healing = H.heal(model, tokenizer, selection, recipe, quiet=quiet, plan=plan) if plan is not None else None
-    # -- end heal --
-    checkpoint("pruned")
-    scores_after = score(model, windows, **score_kwargs)
-    pruned = evaluate_loaded(model, tokenizer, recipe.evaluate, quiet=quiet, label="pruned:   ")
-    checkpoint("evaluated_pruned")
-    run_facts = {"params_before": params_before, "params_after": count_parameters(model),
-                 "layers_before": facts["n_layers"], "layers_after": len(kept)}
-    rows = comparison_rows(original, pruned, run_facts)
-    table = comparison_markdown(rows)
-    evaluation = {"original": original, "pruned": pruned, "rows": rows, "settings": eval_settings(recipe), **run_facts}
-    pruning = pruning_record(recipe, src, selection, kept, scores_before, scores_after,
-                             {**run_facts, "model_type": facts["model_type"]}, healing, started)
-    pruning["execution"] = exec_plan.to_dict()
-    pruning["resumed"] = progress.resumed
-    files = {"recipe.yaml": recipe.to_yaml(), "eval.json": json.dumps(evaluation, indent=1) + "\n",
-             "eval.md": f"# Before / after\n\n{table}\n"}
-    if healing is not None:  # -- heal: what the healing did, below the table --
-        files["eval.md"] += "\n" + H.healing_markdown(healing)
-    # ---- export (prune.export, prune.hub): lineage + model card, then the optional push ----
-    from prune.export.save import prepare_export
-
-    pruning, files["README.md"] = prepare_export(pruning, evaluation, recipe, src, facts["parent"])
-    out = save(model, tokenizer, recipe.output.dir, pruning=pruning, files=files,
-               overwrite=overwrite or recipe.output.overwrite)
+    ev = recipe.evaluate
+    original = progress.stage("original", lambda: engine.evaluate(ev, "original: ") if ev and ev.original else {})
+    fault_point("evaluated_original")
+    params_before = engine.parameters()
+    kept, healing = engine.remove(selection)
+    fault_point("pruned")
+    scores_after = engine.score(windows, kept)
+    pruned = engine.evaluate(ev, "pruned:   ")
+    fault_point("evaluated_pruned")
+    counts = {"params_before": params_before, "params_after": engine.parameters(kept),
+              "layers_before": facts["n_layers"], "layers_after": len(kept)}
+    evaluation = {"original": original, "pruned": pruned, "rows": comparison_rows(original, pruned, counts),
+                  "settings": eval_settings(recipe), **counts}
+    record = pruning_record(recipe, facts["source"], selection, kept, scores_before, scores_after,
+                            {**counts, "model_type": facts["model_type"]}, healing, started)
+    record.execution = plan.to_dict()
+    record.resumed = progress.resumed
+    out, record = write_output(engine.save, recipe, record, evaluation, src=facts["source"], parent=facts["parent"],
+                               overwrite=overwrite, quiet=quiet,
+                               extra_markdown=healing_markdown(healing) if healing is not None else "")
     progress.finish()
+    return RunResult(out, selection, scores_before, scores_after, evaluation, record)
+
+
+def write_output(save_fn, recipe: Recipe | None, record: PruningRecord, evaluation: dict, *, out_dir=None, src=None,
+                 parent=None, new_step: bool = True, overwrite: bool, quiet: bool, extra_markdown: str = "",
+                 title: str = "Before / after", table: str | None = None) -> tuple[Path, PruningRecord]:
+    """The one tail of every command that writes a pruned model: the record (extended with its
+    lineage when it is a ``new_step``), ``recipe.yaml``, ``eval.json``, ``eval.md`` and the model
+    card, saved atomically by ``save_fn(out_dir, record, files, overwrite)``, then the optional
+    push. ``recipe`` may be ``None`` only for a folder that has none (``prune heal`` of a folder
+    saved through the Python API): then there is no ``recipe.yaml``. Returns the folder and the
+    final record."""
+    out_dir = out_dir if out_dir is not None else recipe.output.dir
+    table = table if table is not None else comparison_markdown(evaluation["rows"])
+    files = {"eval.json": json.dumps(evaluation, indent=1) + "\n",
+             "eval.md": f"# {title}\n\n{table}\n" + (f"\n{extra_markdown}" if extra_markdown else "")}
+    if recipe is not None:
+        files["recipe.yaml"] = recipe.to_yaml()
+    data, files["README.md"] = prepare_export(record.model_dump(mode="json"), evaluation, recipe, src, parent,
+                                              new_step=new_step, out_dir=out_dir)
+    record = parse_record(data)
+    out = save_fn(out_dir, record, files, overwrite)
     say(f"\n{table}\n\nsaved {out}", quiet)
-    if recipe.output.push_to_hub is not None:
+    if recipe is not None and recipe.output.push_to_hub is not None:
         from prune.export.push import push_config
 
         push_config(out, recipe.output.push_to_hub, quiet=quiet)
-    # ---- end export ----
-    return RunResult(out, selection, scores_before, scores_after, evaluation, pruning)
+    return out, record
 
 
 def pruning_record(recipe: Recipe, src, selection: Selection, kept: list[int], before: ScoreResult,
-                   after: ScoreResult | None, facts: dict, healing: dict | None, started: float) -> dict:
-    """Everything ``pruning.json`` holds: indices, scores, MSRS before/after, calibration, versions."""
+                   after: ScoreResult | None, facts: dict, healing: dict | None, started: float) -> PruningRecord:
+    """This step's record (``pruning.json`` before lineage): indices, scores, MSRS before/after,
+    calibration, versions."""
     c = recipe.calibration
-    return {
-        "format": FORMAT,
-        "source": src.to_dict(),
-        "removed": selection.removed,
-        "kept": kept,
+    return PruningRecord(
+        source=src.to_dict(),
+        removed=selection.removed,
+        kept=kept,
         **facts,
-        "selection": selection.to_dict(),
-        "msrs_before": before.msrs,
-        "msrs_after": after.msrs if after else None,
-        "scores_before": before.to_dict(),
-        "scores_after": after.to_dict() if after else None,
-        "calibration": {**c.source().describe(), "n_samples": c.n_samples, "seq_len": c.seq_len, "seed": c.seed,
-                        "bos": c.bos, "batch_size": c.batch_size, "positions": recipe.score.positions,
-                        "cka_windows": recipe.score.cka_windows},
-        "seed": c.seed,
-        "healing": healing,
-        "versions": versions(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(time.time() - started, 1),
-    }
-
-
+        selection=selection.to_dict(),
+        msrs_before=before.msrs,
+        msrs_after=after.msrs if after else None,
+        scores_before=before.to_dict(),
+        scores_after=after.to_dict() if after else None,
+        calibration={**c.source().describe(), "n_samples": c.n_samples, "seq_len": c.seq_len, "seed": c.seed,
+                     "bos": c.bos, "batch_size": c.batch_size, "positions": recipe.score.positions,
+                     "cka_windows": recipe.score.cka_windows},
+        seed=c.seed,
+        healing=healing,
+        versions=versions(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        seconds=round(time.time() - started, 1),
+    )

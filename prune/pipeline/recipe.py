@@ -15,11 +15,12 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError, field_validator
 
+from prune.choose.registry import STRATEGIES
 from prune.core.errors import PruneError
 from prune.core.config import (
     CalibrationConfig,
@@ -43,6 +44,15 @@ class Recipe(Section):
     evaluate: EvaluateConfig | None = None
     heal: HealConfig | None = None
     output: OutputConfig
+
+    @field_validator("select")
+    @classmethod
+    def _strategy(cls, select: SelectConfig) -> SelectConfig:
+        from prune.choose.registry import STRATEGIES
+
+        if select.strategy not in STRATEGIES:
+            raise ValueError(f"select.strategy {select.strategy!r} is not one of: {', '.join(STRATEGIES)}")
+        return select
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -149,9 +159,6 @@ def check_files(recipe: Recipe, where: str = "recipe") -> None:
 
 
 # ---- heal: checks across sections (prune.heal) ----------------------------------------------
-#: strategies whose removed blocks always form one contiguous run (what ``replace`` needs)
-CONTIGUOUS_STRATEGIES = ("contiguous", "tail")
-
 
 def _rows_overlap(a: str | None, b: str | None) -> bool:
     """Whether two ``rows`` slices ``"start:stop"`` (None: all rows) share a row."""
@@ -194,7 +201,8 @@ def check_heal(recipe: Recipe, where: str = "recipe") -> None:
         if sel.n_layers == 1:
             raise PruneError(f"{where}: 'heal.method' replace with select.n_layers=1 would swap one block for one "
                              "block (remove at least 2, or use heal.method lora/partial)")
-        if sel.strategy not in CONTIGUOUS_STRATEGIES:
+        if not STRATEGIES[sel.strategy].contiguous:
             raise PruneError(f"{where}: 'heal.method' replace needs the removed blocks to be one contiguous run, but "
                              f"select.strategy {sel.strategy!r} can remove scattered blocks "
-                             f"(use select.strategy contiguous or tail, or heal.method lora/partial)")
+                             f"(use select.strategy {' or '.join(n for n, s in STRATEGIES.items() if s.contiguous)}, or "
+                             "heal.method lora/partial)")

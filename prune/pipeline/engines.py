@@ -1,0 +1,158 @@
+"""The two ways a run touches the model, behind one interface the orchestrator drives.
+
+* :class:`InMemory`: the model is loaded whole (or dispatched by Accelerate); blocks are removed
+  in place, healing trains it, and :func:`prune.export.save.save` writes it.
+* :class:`Sequential`: nothing but a meta skeleton is built; scoring reads one block's weights
+  at a time (:func:`prune.measure.sequential.score_sequential`) and the pruned checkpoint is
+  copied from the source shards (:func:`prune.export.outofcore.prune_checkpoint`).
+
+Every engine has the same calls: ``score(windows, kept=None)``, ``choose(windows, scores)``,
+``evaluate(cfg, label)``, ``parameters(kept=None)``, ``remove(selection) -> (kept, healing)``
+and ``save(out_dir, record, files, overwrite)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prune.choose.registry import choose
+from prune.choose.rules import Selection
+from prune.core.config import EvaluateConfig
+from prune.core.console import say
+from prune.core.errors import PruneError
+from prune.core.faults import fault_point
+from prune.core.records import PruningRecord
+from prune.measure.evaluation import evaluate_loaded
+from prune.measure.scoring import ScoreResult, score
+from prune.model.loading import count_parameters, load_model
+from prune.pipeline.execution import ExecutionPlan
+from prune.pipeline.recipe import Recipe
+
+
+def score_options(recipe: Recipe, quiet: bool) -> dict:
+    """The keyword arguments of :func:`prune.score` / :func:`prune.score_sequential` a recipe sets."""
+    c, s = recipe.calibration, recipe.score
+    return dict(batch_size=c.batch_size, positions=s.positions, metrics=tuple(s.metrics), cka_windows=s.cka_windows,
+                beta=s.beta, tau=s.tau, progress=not quiet)
+
+
+class InMemory:
+    """The whole model in memory (or placed by Accelerate's ``device_map``)."""
+
+    scoring_note = ""
+
+    def __init__(self, recipe: Recipe, facts: dict, quiet: bool = False):
+        self.recipe, self.quiet = recipe, quiet
+        m = recipe.model
+        say(f"loading {facts['source'].display} ({facts['model_type']}, {facts['n_layers']} blocks)", quiet)
+        self.model, self.tokenizer, _ = load_model(
+            m.source, gguf_file=m.gguf_file, dtype=m.dtype, device_map=m.device_map, max_memory=m.max_memory,
+            offload_folder=m.offload_folder, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        fault_point("loaded")
+        self.heal_plan = None
+
+    def score(self, windows, kept: list[int] | None = None) -> ScoreResult:
+        """Scores of the model as it is now (after :meth:`remove`, the pruned model)."""
+        return score(self.model, windows, **score_options(self.recipe, self.quiet))
+
+    def choose(self, windows, scores: ScoreResult) -> Selection:
+        r = self.recipe
+        return choose(r.select, scores, model=self.model, tokenizer=self.tokenizer, windows=windows,
+                      calibration=r.calibration, score=r.score, evaluate=r.evaluate, quiet=self.quiet)
+
+    def evaluate(self, cfg: EvaluateConfig | None, label: str) -> dict:
+        return evaluate_loaded(self.model, self.tokenizer, cfg, quiet=self.quiet, label=label)
+
+    def parameters(self, kept: list[int] | None = None) -> int:
+        return count_parameters(self.model)
+
+    def remove(self, selection: Selection) -> tuple[list[int], dict | None]:
+        """Remove the chosen blocks in place; with a ``heal`` section, prepare healing before the
+        surgery (a replacement block learns from the full model's states) and train after it."""
+        from prune.model.surgery import remove_layers
+
+        heal_cfg = self.recipe.heal
+        if heal_cfg is None:
+            return remove_layers(self.model, selection.removed), None
+        from prune.heal import methods as H
+
+        plan = H.prepare(self.model, self.tokenizer, selection.removed, heal_cfg, quiet=self.quiet)
+        kept = remove_layers(self.model, plan.remove)
+        return kept, H.heal(self.model, heal_cfg, plan, quiet=self.quiet)
+
+    def save(self, out_dir, record: PruningRecord, files: dict[str, str], overwrite: bool) -> Path:
+        from prune.export.save import save
+
+        return save(self.model, self.tokenizer, out_dir, pruning=record, files=files, overwrite=overwrite)
+
+
+class Sequential:
+    """One block in memory at a time, read from the safetensors shards of ``plan.folder``."""
+
+    scoring_note = " one at a time"
+
+    def __init__(self, recipe: Recipe, plan: ExecutionPlan, quiet: bool = False):
+        check_sequential_recipe(recipe, plan)
+        self.recipe, self.plan, self.quiet = recipe, plan, quiet
+        self.folder = Path(plan.folder)
+        self._removed: list[int] = []
+
+    def score(self, windows, kept: list[int] | None = None) -> ScoreResult:
+        """Scores of the source model, or of it pruned to the blocks ``kept`` (nothing is written)."""
+        from prune.measure.sequential import score_sequential
+
+        m = self.recipe.model
+        return score_sequential(self.folder, windows, blocks=kept, dtype=m.dtype, device=self.plan.device,
+                                trust_remote_code=m.trust_remote_code, **score_options(self.recipe, self.quiet))
+
+    def choose(self, windows, scores: ScoreResult) -> Selection:
+        return choose(self.recipe.select, scores, quiet=self.quiet)
+
+    def evaluate(self, cfg: EvaluateConfig | None, label: str) -> dict:
+        return {}  # an evaluate section is refused for sequential runs (check_sequential_recipe)
+
+    def parameters(self, kept: list[int] | None = None) -> int:
+        """Parameter count from the checkpoint's headers (of the blocks ``kept`` only, when given)."""
+        from prune.model.skeleton import Skeleton
+
+        sk = Skeleton(self.folder, trust_remote_code=self.recipe.model.trust_remote_code)  # meta: counts only
+        numel = {k: sk.checkpoint.entries[k].numel() for k in sk.target}
+        keep = set(kept) if kept is not None else None
+        return sum(n for k, n in numel.items() if keep is None or sk.block_of.get(k) is None or sk.block_of[k] in keep)
+
+    def remove(self, selection: Selection) -> tuple[list[int], dict | None]:
+        self._removed = list(selection.removed)
+        return list(selection.kept), None  # the blocks are left out when the shards are copied (save)
+
+    def save(self, out_dir, record: PruningRecord, files: dict[str, str], overwrite: bool) -> Path:
+        from prune.export.outofcore import prune_checkpoint
+
+        out = prune_checkpoint(self.folder, self._removed, out_dir, pruning=record, files=files, overwrite=overwrite,
+                               trust_remote_code=self.recipe.model.trust_remote_code)
+        say("(written from the source shards, out of core)", self.quiet)
+        return out
+
+
+def check_sequential_recipe(recipe: Recipe, plan: ExecutionPlan) -> None:
+    """Refuse, before any work, the parts of a recipe that need the whole model in memory."""
+    from prune.choose.registry import STRATEGIES
+
+    why = f"score.execution chose sequential ({plan.reason})"
+    fix = ("or set score.execution: in_memory (with model.device_map: auto and model.offload_folder to let "
+           "Accelerate offload weights)")
+    if recipe.evaluate is not None and (recipe.evaluate.perplexity is not None or recipe.evaluate.tasks):
+        raise PruneError(f"{why}: an out-of-core run cannot evaluate the model; remove the evaluate section (evaluate "
+                         f"the output folder afterwards with `prune eval ... --device-map auto`) {fix}")
+    if recipe.heal is not None:
+        raise PruneError(f"{why}: healing trains the model in memory; remove the heal section {fix}")
+    if STRATEGIES[recipe.select.strategy].needs_model:
+        score_only = ", ".join(n for n, s in STRATEGIES.items() if not s.needs_model)
+        raise PruneError(f"{why}: select.strategy={recipe.select.strategy!r} runs the model; use {score_only} {fix}")
+
+
+def make_engine(recipe: Recipe, plan: ExecutionPlan, facts: dict, quiet: bool = False):
+    """The engine the execution plan chose."""
+    if plan.mode == "sequential":
+        return Sequential(recipe, plan, quiet)
+    return InMemory(recipe, facts, quiet)
+
