@@ -14,7 +14,15 @@ import traceback
 
 from prune.choose.registry import names
 from prune.core.errors import PruneError
-from prune.measure.scoring import DEFAULT_POSITIONS
+from prune.core.config import (
+    CalibrationConfig,
+    EvaluateConfig,
+    ModelConfig,
+    PerplexityConfig,
+    ScoreConfig,
+    default,
+    describe,
+)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -34,8 +42,13 @@ def _device_map(value: str | None):
     return value
 
 
+def option(p: argparse.ArgumentParser, flag: str, section, name: str, **kwargs) -> None:
+    """``--flag`` for the config field ``section.name``: its default and help come from the config model."""
+    p.add_argument(flag, default=default(section, name), help=describe(section, name), **kwargs)
+
+
 def _common_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="auto", help="model dtype: auto (the checkpoint's), float32, bfloat16, float16")
+    option(p, "--dtype", ModelConfig, "dtype")
     p.add_argument("--device-map", type=_device_map, default=None,
                    help='Accelerate placement: auto, cpu, or a JSON map like \'{"model.layers.0": "cpu", ...}\'')
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the checkpoint (off by default)")
@@ -73,17 +86,14 @@ def _calibration_flags(p: argparse.ArgumentParser, data_required: bool) -> None:
     p.add_argument("--data", required=data_required, help="calibration text: a .txt/.jsonl file or a datasets name")
     p.add_argument("--field", type=_csv, default=["text"], help="JSONL field(s) holding the text (comma-separated: concatenated)")
     p.add_argument("--rows", default=None, help="slice of rows/lines to use, e.g. 0:2000")
-    p.add_argument("--n-samples", type=int, default=64, help="number of calibration windows (default 64)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed for drawing windows (default 0)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    p.add_argument("--positions", choices=["all", "skip_first"], default=DEFAULT_POSITIONS,
-                   help="token positions that count: skip_first (default: leave out each window's first token, whose "
-                        "attention-sink activations dominate CKA) or all")
-    p.add_argument("--metrics", type=_csv, default=["bi", "angular", "cka"], help="comma-separated: bi,angular,cka (default all)")
-    p.add_argument("--cka-windows", type=int, default=1, help="windows pooled into one CKA batch (default 1)")
-    p.add_argument("--beta", type=float, default=100.0, help="MSRS steepness beta (default 100)")
-    p.add_argument("--tau", type=float, default=0.8, help="MSRS similarity threshold tau (default 0.8)")
+    for flag, name in (("--n-samples", "n_samples"), ("--seq-len", "seq_len"), ("--seed", "seed"),
+                       ("--batch-size", "batch_size")):
+        option(p, flag, CalibrationConfig, name, type=int)
+    option(p, "--positions", ScoreConfig, "positions", choices=["all", "skip_first"])
+    option(p, "--metrics", ScoreConfig, "metrics", type=_csv)
+    option(p, "--cka-windows", ScoreConfig, "cka_windows", type=int)
+    option(p, "--beta", ScoreConfig, "beta", type=float)
+    option(p, "--tau", ScoreConfig, "tau", type=float)
 
 
 def _score_kwargs(args) -> dict:
@@ -104,9 +114,7 @@ def add_score(sub) -> None:
     p.add_argument("model", help="Hub id, local model folder, or .gguf file")
     _calibration_flags(p, data_required=True)
     p.add_argument("--output", "-o", default=None, help="write the scores as JSON to this file")
-    p.add_argument("--execution", choices=["auto", "in_memory", "sequential"], default="auto",
-                   help="auto (default: from the model size and free memory), in_memory, or sequential (one block "
-                        "at a time from the safetensors shards, for models larger than memory)")
+    option(p, "--execution", ScoreConfig, "execution", choices=["auto", "in_memory", "sequential"])
     _common_model_flags(p)
     p.set_defaults(func=cmd_score)
 
@@ -133,12 +141,12 @@ def add_eval(sub) -> None:
     p.add_argument("--perplexity-data", default=None, help="text file for perplexity (e.g. wiki.test.raw)")
     p.add_argument("--perplexity-field", default="text", help="JSONL field for --perplexity-data")
     p.add_argument("--perplexity-rows", default=None, help="slice of rows of --perplexity-data, e.g. 2000:")
-    p.add_argument("--seq-len", type=int, default=512, help="perplexity window length (default 512)")
-    p.add_argument("--max-windows", type=int, default=None, help="at most this many perplexity windows")
-    p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or a fraction < 1)")
-    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (set on HFLM; default 8)")
-    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (default 0)")
-    p.add_argument("--seed", type=int, default=0, help="lm-eval seeds (default 0)")
+    option(p, "--seq-len", PerplexityConfig, "seq_len", type=int)
+    option(p, "--max-windows", PerplexityConfig, "max_windows", type=int)
+    option(p, "--limit", EvaluateConfig, "limit", type=float)
+    option(p, "--batch-size", EvaluateConfig, "batch_size", type=int)
+    option(p, "--num-fewshot", EvaluateConfig, "num_fewshot", type=int)
+    option(p, "--seed", EvaluateConfig, "seed", type=int)
     p.add_argument("--data-dir", default=None, help="offline task data folder (default $PRUNE_DATA_DIR)")
     p.add_argument("--task-dir", action="append", default=[], help="folder of extra lm-eval task YAMLs (repeatable)")
     p.add_argument("--output", "-o", default=None, help="write the results as JSON to this file")
@@ -148,7 +156,6 @@ def add_eval(sub) -> None:
 
 def cmd_eval(args) -> int:
     from prune.pipeline.commands import evaluate_model
-    from prune.core.config import EvaluateConfig, PerplexityConfig
 
     if not args.tasks and not args.perplexity_data:
         raise PruneError("nothing to evaluate: give --tasks and/or --perplexity-data")

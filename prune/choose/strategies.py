@@ -38,7 +38,7 @@ from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, Se
 from prune.core.errors import PruneError
 from prune.measure.perplexity import nll_sum
 from prune.model.loading import decoder_layers, decoder_layers_path, input_device, pruned_config_updates
-from prune.measure.scoring import DEFAULT_POSITIONS, score
+from prune.measure.scoring import BATCH_SIZE, BETA, CKA_WINDOWS, DEFAULT_POSITIONS, TAU, score
 from prune.choose.rules import DEFAULT_PROTECT, Selection, metric_values, rank_blocks, resolve_count, resolve_protect
 
 ORDER_BY = ("msrs", "cka", "angular", "bi")
@@ -115,8 +115,8 @@ def _inject(block: nn.Module, states: list[torch.Tensor]):
 
 # ---- iterative -----------------------------------------------------------------------------
 def iterative(model, windows: torch.Tensor, count: int, *, metric: str = "bi", protect=DEFAULT_PROTECT,
-              scores=None, batch_size: int = 8, positions: str = DEFAULT_POSITIONS, cka_windows: int = 1, beta: float = 100.0,
-              tau: float = 0.8, progress: bool = True, start=(), on_round: Callable[[dict], None] | None = None) -> Selection:
+              scores=None, batch_size: int = BATCH_SIZE, positions: str = DEFAULT_POSITIONS,
+              cka_windows: int = CKA_WINDOWS, beta: float = BETA, tau: float = TAU, progress: bool = True, start=(), on_round: Callable[[dict], None] | None = None) -> Selection:
     """Remove ``count`` blocks one at a time: the one ``metric`` ranks most removable in the
     current (pruned) model, re-scored after every removal. ``scores`` of the full model, when
     given, serve for the first round. Cost: ``count`` scoring passes (``count - 1`` with ``scores``).

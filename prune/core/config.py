@@ -33,6 +33,18 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
         raise PruneError(f"unknown dtype {dtype!r} (use one of: auto, {', '.join(sorted(set(DTYPES)))})") from None
 
 
+def default(section: type[BaseModel], name: str) -> Any:
+    """The default of ``section.name``: config sections are the one place defaults live."""
+    return section.model_fields[name].get_default(call_default_factory=True)
+
+
+def describe(section: type[BaseModel], name: str) -> str:
+    """``section.name``'s description with its default, for ``--help``."""
+    value = default(section, name)
+    shown = ",".join(map(str, value)) if isinstance(value, list) else value
+    return f"{section.model_fields[name].description} (default {shown})"
+
+
 @dataclass(frozen=True)
 class TextSource:
     """Where text comes from. ``path`` is a local file or a ``datasets`` name."""
@@ -56,7 +68,7 @@ class ModelConfig(Section):
 
     source: str
     gguf_file: str | None = None
-    dtype: str = "auto"
+    dtype: str = Field("auto", description="model dtype: auto (the checkpoint's), float32, bfloat16, float16")
     device_map: str | dict[str, int | str] | None = None
     max_memory: dict[str | int, str | int] | None = None
     offload_folder: str | None = None
@@ -88,19 +100,27 @@ class TextConfig(Section):
 
 
 class CalibrationConfig(TextConfig):
-    n_samples: int = Field(64, ge=1)
-    seq_len: int = Field(256, ge=8)
-    seed: int = 0
-    batch_size: int = Field(8, ge=1)
+    n_samples: int = Field(64, ge=1, description="number of calibration windows")
+    seq_len: int = Field(256, ge=8, description="tokens per window")
+    seed: int = Field(0, description="seed for drawing the windows")
+    batch_size: int = Field(8, ge=1, description="windows per forward pass")
 
 
 class ScoreConfig(Section):
-    metrics: list[Literal["bi", "angular", "cka"]] = ["bi", "angular", "cka"]
-    positions: Literal["all", "skip_first"] = "skip_first"  # prune.scoring.DEFAULT_POSITIONS
-    cka_windows: int = Field(1, ge=1)
-    beta: float = Field(100.0, gt=0)
-    tau: float = Field(0.8, gt=0, lt=1)
-    execution: Literal["auto", "in_memory", "sequential"] = "auto"
+    """How blocks are scored. These are the defaults of :func:`prune.score`, :func:`prune.score_sequential`
+    and the CLI's flags too (read with :func:`default`)."""
+
+    metrics: list[Literal["bi", "angular", "cka"]] = Field(["bi", "angular", "cka"], description="metrics to compute")
+    # skip_first: the quality benchmark's evidence (docs/BENCHMARKS.md); the attention-sink token dominates CKA
+    positions: Literal["all", "skip_first"] = Field(
+        "skip_first", description="token positions that count: skip_first (leave out each window's first token, "
+                                  "whose attention-sink activations dominate CKA) or all")
+    cka_windows: int = Field(1, ge=1, description="windows pooled into one CKA batch")
+    beta: float = Field(100.0, gt=0, description="MSRS steepness beta")
+    tau: float = Field(0.8, gt=0, lt=1, description="MSRS similarity threshold tau")
+    execution: Literal["auto", "in_memory", "sequential"] = Field(
+        "auto", description="auto (from the model size and free memory), in_memory, or sequential (one block at a "
+                            "time from the safetensors shards, for models larger than memory)")
 
 
 class SelectConfig(Section):
@@ -167,9 +187,9 @@ _SEARCH_KEYS = ("max_perplexity_ratio", "min_task_retained", "proxy_task", "prox
 
 
 class PerplexityConfig(TextConfig):
-    seq_len: int = Field(512, ge=8)
-    max_windows: int | None = Field(None, ge=1)
-    batch_size: int = Field(4, ge=1)
+    seq_len: int = Field(512, ge=8, description="perplexity window length")
+    max_windows: int | None = Field(None, ge=1, description="at most this many perplexity windows")
+    batch_size: int = Field(4, ge=1, description="perplexity windows per forward pass")
 
 
 class EvaluateConfig(Section):
@@ -177,10 +197,10 @@ class EvaluateConfig(Section):
     tasks: list[str] = []
     task_dirs: list[str] = []
     data_dir: str | None = None  # offline task data (default: $PRUNE_DATA_DIR)
-    limit: int | float | None = Field(None, gt=0)
-    batch_size: int = Field(8, ge=1)
-    num_fewshot: int = Field(0, ge=0)
-    seed: int = 0
+    limit: int | float | None = Field(None, gt=0, description="lm-eval: examples per task (or a fraction < 1)")
+    batch_size: int = Field(8, ge=1, description="lm-eval batch size")
+    num_fewshot: int = Field(0, ge=0, description="few-shot examples")
+    seed: int = Field(0, description="lm-eval seeds")
     original: bool = True  # also evaluate the original model, for the before/after table
 
 

@@ -10,3 +10,8 @@ class PruneError(Exception):
 
 class UnsupportedModelError(PruneError):
     """The model's architecture has no decoder stack this toolkit knows how to prune."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

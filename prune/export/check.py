@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prune.core.errors import PruneError
+from prune.core.errors import PruneError, first_line
+from prune.model.arch import block_index, meta_model
 from prune.io.safetensors import INDEX_NAME as INDEX_FILE, SINGLE_NAME as SINGLE_FILE, file_tensors, read_index
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -150,7 +150,7 @@ def _check_config(path: Path, report: CheckReport):
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - report, do not crash
         if not bad:
-            report.add("config", "fail", f"config.json does not load with transformers: {_first_line(exc)}")
+            report.add("config", "fail", f"config.json does not load with transformers: {first_line(exc)}")
         return None
     n = getattr(config, "num_hidden_layers", n)
     report.facts.update(model_type=config.model_type, n_layers=n)
@@ -220,14 +220,10 @@ def _check_weight_files(path: Path, report: CheckReport) -> dict[str, dict] | No
 
 def _meta_skeleton(config, report: CheckReport):
     """The model built from ``config`` on the meta device (no memory), or ``None``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+        return meta_model(config)
     except Exception as exc:  # noqa: BLE001
-        report.add("config", "fail", f"transformers cannot build a causal LM from config.json: {_first_line(exc)}")
+        report.add("config", "fail", f"transformers cannot build a causal LM from config.json: {first_line(exc)}")
         return None
 
 
@@ -255,8 +251,7 @@ def _check_blocks(config, skeleton, headers: dict, report: CheckReport) -> None:
     candidates = [path] + ([path.split(".", 1)[1]] if "." in path else [])
     found: set[int] = set()
     for prefix in candidates:
-        pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
-        found = {int(m.group(1)) for name in headers if (m := pattern.match(name))}
+        found = {b[0] for name in headers if (b := block_index(name, prefix))}
         if found:
             break
     if not found:
@@ -292,7 +287,7 @@ def _check_transformers_load(path: Path, report: CheckReport) -> None:
             warnings.simplefilter("ignore")
             model, info = AutoModelForCausalLM.from_pretrained(path, device_map="meta", output_loading_info=True)
     except Exception as exc:  # noqa: BLE001
-        report.add("load", "fail", f"AutoModelForCausalLM.from_pretrained fails: {_first_line(exc)}")
+        report.add("load", "fail", f"AutoModelForCausalLM.from_pretrained fails: {first_line(exc)}")
         return
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -338,7 +333,7 @@ def _check_tokenizer(path: Path, config, report: CheckReport) -> None:
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001
-        report.add("tokenizer", "fail", f"AutoTokenizer.from_pretrained fails: {_first_line(exc)}")
+        report.add("tokenizer", "fail", f"AutoTokenizer.from_pretrained fails: {first_line(exc)}")
         return
     vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
     size = len(tok)
@@ -361,7 +356,7 @@ def _check_export_files(path: Path, config, report: CheckReport, required: bool)
         try:
             data = ModelCard.load(card).data.to_dict()
         except Exception as exc:  # noqa: BLE001
-            report.add("card", "fail", f"README.md front matter does not parse: {_first_line(exc)}")
+            report.add("card", "fail", f"README.md front matter does not parse: {first_line(exc)}")
         else:
             keys = ", ".join(f"{k}: {data[k]}" for k in ("base_model", "license") if data.get(k))
             report.add("card", "ok", f"README.md, front matter parses ({keys or 'no base_model/license'})")
@@ -390,9 +385,6 @@ def _check_export_files(path: Path, config, report: CheckReport, required: bool)
 
 
 # ---- small helpers ---------------------------------------------------------------------
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def human_size(n: int) -> str:

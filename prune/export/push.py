@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prune.export.check import check_checkpoint, human_size
-from prune.core.errors import PruneError
+from prune.core.errors import PruneError, first_line
 
 DEFAULT_BRANCH = "main"
 
@@ -184,7 +184,7 @@ def failure_line(exc: BaseException, plan: UploadPlan, stage: str = "prepare") -
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError
 
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first = first_line(exc)
     if stage == "upload":
         where = (f"push to {plan.repo_id}@{plan.revision} did not finish (the repo may hold part of the files: run the "
                  "same push again to complete it; the local folder is unchanged)")

@@ -48,6 +48,7 @@ from prune.model.capture import _hidden_from_args, _hidden_from_output, batches
 from prune.core.config import TextSource
 from prune.io.text import calibration_windows, load_text
 from prune.core.errors import PruneError
+from prune.model.arch import meta_model
 from prune.model.loading import decoder_layers, final_norm, input_device
 from prune.core.config import HealConfig, SelectConfig, TextConfig
 
@@ -86,13 +87,6 @@ def training_windows(tokenizer, cfg: HealConfig) -> tuple[torch.Tensor, torch.Te
                                       cfg.seq_len, cfg.seed, d.bos)
     order = torch.randperm(all_windows.shape[0], generator=torch.Generator().manual_seed(cfg.seed + 1))
     return all_windows[order[cfg.val_samples:]], all_windows[order[: cfg.val_samples]]
-
-
-def _meta_model(config, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def lora_targets_matched(model: nn.Module, targets: list[str] | str) -> list[str]:
@@ -584,7 +578,7 @@ def preflight(cfg: HealConfig, select: SelectConfig, config, n_layers: int, trus
         if cfg.method == "replace" and k < 2:
             raise PruneError(f"heal.method replace needs at least 2 removed blocks, but select removes {k} (use lora or partial)")
         n_after = n_layers - k + (1 if cfg.method == "replace" else 0)
-    check_settings(cfg, _meta_model(config, trust_remote_code), n_after, context_length(config))
+    check_settings(cfg, meta_model(config, trust_remote_code=trust_remote_code), n_after, context_length(config))
 
 
 def prepare(model, tokenizer, removed: list[int], cfg: HealConfig, quiet: bool = False) -> HealPlan:

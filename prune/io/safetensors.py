@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from prune.core.errors import PruneError
+from prune.core.errors import PruneError, first_line
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -65,9 +65,6 @@ class TensorEntry:
         return self.numel() * self.torch_dtype.itemsize
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
 
 @contextlib.contextmanager
 def open_file(path: str | os.PathLike) -> Iterator:
@@ -78,7 +75,7 @@ def open_file(path: str | os.PathLike) -> Iterator:
     try:
         handle = safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise PruneError(f"{path} is truncated or corrupt ({_first_line(exc)}); re-download or re-save it") from None
+        raise PruneError(f"{path} is truncated or corrupt ({first_line(exc)}); re-download or re-save it") from None
     with handle:
         yield handle
 
@@ -245,5 +242,5 @@ def local_folder(source, *, revision: str | None = None) -> Path:
         return Path(snapshot_download(src.path, revision=src.revision or revision,
                                       allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.jinja"]))
     except Exception as exc:  # noqa: BLE001 - offline, missing repo, ...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise PruneError(f"could not fetch {src.path} from the Hub: {first}") from exc

@@ -34,16 +34,20 @@ from tqdm.auto import tqdm
 
 from prune.core import metrics as M
 from prune.model.capture import BlockStates, batches
+from prune.core.config import CalibrationConfig, ScoreConfig, default
 from prune.core.errors import PruneError
 from prune.core.faults import fault_point
 from prune.model.loading import decoder_layers, input_device
 
 POSITIONS = ("all", "skip_first")
-#: Default token positions, decided by the quality benchmark (docs/BENCHMARKS.md, "Recommendation"):
-#: on SmolLM2 BI and angular distance pick the same blocks either way, while CKA and MSRS with
-#: the first token counted follow its attention-sink activations and pick far worse blocks.
-DEFAULT_POSITIONS = "skip_first"
-METRICS = ("bi", "angular", "cka")
+#: Defaults, from the config sections (prune.core.config: the one place they are set). Token
+#: positions were decided by the quality benchmark (docs/BENCHMARKS.md, "Recommendation").
+DEFAULT_POSITIONS = default(ScoreConfig, "positions")
+METRICS = tuple(default(ScoreConfig, "metrics"))
+CKA_WINDOWS = default(ScoreConfig, "cka_windows")
+BETA = default(ScoreConfig, "beta")
+TAU = default(ScoreConfig, "tau")
+BATCH_SIZE = default(CalibrationConfig, "batch_size")
 
 
 @dataclass
@@ -250,12 +254,12 @@ def score(
     model,
     windows: torch.Tensor,
     *,
-    batch_size: int = 8,
+    batch_size: int = BATCH_SIZE,
     positions: str = DEFAULT_POSITIONS,
     metrics: tuple[str, ...] | list[str] = METRICS,
-    cka_windows: int = 1,
-    beta: float = 100.0,
-    tau: float = 0.8,
+    cka_windows: int = CKA_WINDOWS,
+    beta: float = BETA,
+    tau: float = TAU,
     device: torch.device | str | None = None,
     progress: bool = True,
     metadata: dict | None = None,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prune.core.errors import PruneError, UnsupportedModelError
+from prune.core.errors import PruneError, first_line, UnsupportedModelError
 from prune.io.safetensors import INDEX_NAME, file_tensors, read_index
 from prune.core.config import DTYPES, resolve_dtype  # noqa: F401  (resolve_dtype: part of this module's API)
 from prune.io.source import ModelSource, resolve_source  # noqa: F401
@@ -88,9 +88,9 @@ def load_model(
     except PruneError:
         raise
     except OSError as exc:  # missing files, offline hub, corrupt weights
-        raise PruneError(f"could not load {src.display}: {_first_line(exc)}") from exc
+        raise PruneError(f"could not load {src.display}: {first_line(exc)}") from exc
     except Exception as exc:  # noqa: BLE001 - one clear line for anything transformers raises
-        raise PruneError(f"could not load {src.display}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise PruneError(f"could not load {src.display}: {type(exc).__name__}: {first_line(exc)}") from exc
     if src.kind == "gguf":
         _forget_gguf_quantization(model)
     model.eval()
@@ -112,7 +112,7 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
     except PruneError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise PruneError(f"could not load the tokenizer of {src.display}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise PruneError(f"could not load the tokenizer of {src.display}: {type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def _forget_gguf_quantization(model) -> None:
@@ -134,9 +134,6 @@ def _load_config(src: ModelSource, trust_remote_code: bool):
     return AutoConfig.from_pretrained(src.path, **kwargs)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def check_supported(config) -> None:

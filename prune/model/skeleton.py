@@ -13,7 +13,6 @@ to the meta device, so at most one block's weights are in memory at a time.
 from __future__ import annotations
 
 import contextlib
-import re
 from pathlib import Path
 
 import torch
@@ -21,6 +20,8 @@ from torch import nn
 
 from prune.io.safetensors import Checkpoint
 from prune.core.errors import PruneError
+from prune.model.arch import block_index, meta_model
+from prune.model.hf_internals import checkpoint_key_renamer, load_state_dict_into
 from prune.model.loading import check_supported, decoder_layers_path
 from prune.core.config import resolve_dtype
 
@@ -60,8 +61,7 @@ class Skeleton:
 
     def __init__(self, folder: str | Path, *, dtype="auto", device: torch.device | str = "cpu",
                  trust_remote_code: bool = False):
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         self.folder = Path(folder)
         self.device = torch.device(device)
@@ -69,8 +69,7 @@ class Skeleton:
         config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
         check_supported(config)
         self.dtype = resolve_load_dtype(dtype, config, self.checkpoint)
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, trust_remote_code=trust_remote_code)
+        model = meta_model(config, trust_remote_code=trust_remote_code, dtype=self.dtype, real_buffers=True)
         self.model = model.eval()
         for module in model.modules():  # buffers were built for real (on CPU): move them to the device
             for name, buf in module._buffers.items():
@@ -82,15 +81,10 @@ class Skeleton:
 
     # ---- which checkpoint tensor fills which parameter --------------------------------------
     def _map_keys(self) -> None:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
         model = self.model
-        self.weight_mapping = get_model_conversion_mapping(model)
-        renamings = [m for m in self.weight_mapping if isinstance(m, WeightRenaming)]
-        converters = [m for m in self.weight_mapping if isinstance(m, WeightConverter)]
+        rename = checkpoint_key_renamer(model)
+        self.weight_mapping = rename.mapping
         meta_sd = model.state_dict()
-        block = re.compile(rf"^{re.escape(self.layers_path)}\.(\d+)\.")
         out = model.get_output_embeddings()
         names = {id(m): n for n, m in model.named_modules()}
         head = names.get(id(out)) if out is not None and out is not model.get_input_embeddings() else None
@@ -100,7 +94,7 @@ class Skeleton:
         self.head_keys: list[str] = []
         self.unused: list[str] = []
         for key in self.checkpoint.entries:
-            renamed, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
+            renamed = rename(key, meta_sd)
             if renamed not in meta_sd and key in meta_sd:
                 renamed = key
             if renamed not in meta_sd:
@@ -110,8 +104,8 @@ class Skeleton:
             if head is not None and (renamed == head or renamed.startswith(head + ".")):
                 self.head_keys.append(key)
                 continue
-            match = block.match(renamed)
-            self.block_of[key] = int(match.group(1)) if match else None
+            found = block_index(renamed, self.layers_path)
+            self.block_of[key] = found[0] if found else None
         n = len(self.layers)
         found = {i for i in self.block_of.values() if i is not None}
         if found != set(range(n)):
@@ -137,19 +131,10 @@ class Skeleton:
 
     # ---- loading and freeing ----------------------------------------------------------------
     def _load(self, keys: list[str], params: list[str], what: str) -> None:
-        from transformers.core_model_loading import convert_and_load_state_dict_in_model
-        from transformers.modeling_utils import LoadStateDictConfig
-
         model = self.model
-        try:
-            plan = model._get_dtype_plan(self.dtype)
-        except AttributeError:  # pragma: no cover - older transformers
-            plan = {}
-        config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype, dtype_plan=plan,
-                                     weight_mapping=self.weight_mapping)
         state = {k: self.checkpoint.lazy(k) for k in keys}
         with _quiet_loading():
-            info, _ = convert_and_load_state_dict_in_model(model, state, config)
+            info = load_state_dict_into(model, state, self.device, self.dtype, self.weight_mapping)
         if info.mismatched_keys:
             bad = sorted(info.mismatched_keys)[0]
             raise PruneError(f"{self.folder}: {bad[0]} has shape {tuple(bad[1])} in the checkpoint but {tuple(bad[2])} "

@@ -16,12 +16,11 @@ model (and load with missing or unexpected weights) is caught here, not after sa
 
 from __future__ import annotations
 
-import re
 
-import torch
 from torch import nn
 
 from prune.core.errors import PruneError
+from prune.model.arch import block_index, meta_model
 from prune.model.loading import decoder_layers_path, pruned_config_updates
 
 
@@ -83,21 +82,19 @@ def _rename_device_map(model: nn.Module, path: str, kept: list[int]) -> None:
     if not device_map:
         return
     position = {old: new for new, old in enumerate(kept)}
-    pattern = re.compile(rf"^{re.escape(path)}\.(\d+)(\..*)?$")
     renamed = {}
     for name, device in device_map.items():
-        match = pattern.match(name)
-        if match is None:
+        found = block_index(name, path)
+        if found is None:
             renamed[name] = device
-        elif int(match.group(1)) in position:
-            renamed[f"{path}.{position[int(match.group(1))]}{match.group(2) or ''}"] = device
+        elif found[0] in position:
+            renamed[f"{path}.{position[found[0]]}{found[1]}"] = device
     model.hf_device_map = renamed
 
 
 def check_rebuild(model: nn.Module) -> None:
     """Refuse a pruned model whose config would rebuild different parameters on reload."""
-    with torch.device("meta"):
-        fresh = type(model)(model.config)
+    fresh = meta_model(model.config, cls=type(model))
     want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if want != have:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prune.core.config import EvaluateConfig
+from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, default
 from prune.core.console import quiet_mode, say, versions
 from prune.io.text import calibration_windows, load_text
 from prune.io.source import resolve_source
-from prune.measure.scoring import DEFAULT_POSITIONS, ScoreResult, score
+from prune.measure.scoring import ScoreResult, score
 from prune.measure.evaluation import evaluate_loaded
 from prune.model.loading import count_parameters, load_model
 from prune.core.errors import PruneError
@@ -17,12 +17,17 @@ from prune.export.report import SCORE_ONLY, write_report
 
 
 # ---- score / eval subcommands -------------------------------------------------------------
+_C, _S = CalibrationConfig, ScoreConfig
+
+
 def score_model(source: str, *, data: str, field: str | list[str] = "text", rows: str | None = None,
-                n_samples: int = 64, seq_len: int = 256, seed: int = 0, batch_size: int = 8,
-                positions: str = DEFAULT_POSITIONS, metrics=("bi", "angular", "cka"), cka_windows: int = 1,
-                beta: float = 100.0, tau: float = 0.8, dtype: str = "auto", device_map=None,
+                n_samples: int = default(_C, "n_samples"), seq_len: int = default(_C, "seq_len"),
+                seed: int = default(_C, "seed"), batch_size: int = default(_C, "batch_size"),
+                positions: str = default(_S, "positions"), metrics=tuple(default(_S, "metrics")),
+                cka_windows: int = default(_S, "cka_windows"), beta: float = default(_S, "beta"),
+                tau: float = default(_S, "tau"), dtype: str = "auto", device_map=None,
                 trust_remote_code: bool = False, output: str | None = None, quiet: bool = False,
-                execution: str = "auto", max_memory: dict | None = None) -> ScoreResult:
+                execution: str = default(_S, "execution"), max_memory: dict | None = None) -> ScoreResult:
     """Redundancy scores of a model over calibration text; optionally written as JSON to ``output``.
 
     ``execution``: ``auto`` (from the weights' size and the memory there is), ``in_memory`` or

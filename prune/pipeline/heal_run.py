@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import re
 from pathlib import Path
 
 import torch
 import yaml
 
 from prune.core.errors import PruneError
+from prune.model.arch import block_index, meta_model
 from prune.heal.methods import (
     HealPlan,
     check_run,
@@ -39,7 +39,6 @@ from prune.heal.methods import (
     healing_markdown,
     plan_replacement,
     training_windows,
-    _meta_model,
 )
 from prune.core.config import HealConfig, Section
 from prune.core.config import format_validation_error
@@ -102,20 +101,19 @@ def check_matches_run(model, kept: list[int], run_dir: Path, run_kept: list[int]
     from prune.model.loading import decoder_layers_path
 
     path = decoder_layers_path(model)
-    pattern = re.compile(rf"^{re.escape(path)}\.(\d+)\.(.+)$")
     position = {orig: i for i, orig in enumerate(kept)}
     state = model.state_dict()
     compared = 0
     for file in sorted(run_dir.glob("*.safetensors")):
         with safe_open(str(file), "pt") as handle:
             for key in handle.keys():
-                match = pattern.match(key)
+                found = block_index(key, path)
                 name = key
-                if match is not None:
-                    orig = run_kept[int(match.group(1))]
+                if found is not None:
+                    orig = run_kept[found[0]]
                     if orig == skip or orig not in position:
                         continue
-                    name = f"{path}.{position[orig]}.{match.group(2)}"
+                    name = f"{path}.{position[orig]}{found[1]}"
                 if name not in state:
                     continue
                 saved = handle.get_tensor(key)
@@ -191,7 +189,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     trust = model_cfg.trust_remote_code if model_cfg else False
     run_config = AutoConfig.from_pretrained(run, trust_remote_code=trust)
     n_after = run_config.num_hidden_layers + (1 if cfg.method == "replace" else 0)
-    check_settings(cfg, _meta_model(run_config, trust), n_after, context_length(run_config))
+    check_settings(cfg, meta_model(run_config, trust_remote_code=trust), n_after, context_length(run_config))
     src = None
     if cfg.method == "replace":
         if not pruning.removed or not pruning.kept or pruning.source is None:

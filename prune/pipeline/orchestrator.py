@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prune.core.errors import PruneError
+from prune.core.errors import PruneError, first_line
 from prune.io.text import calibration_windows_of
 from prune.core.console import quiet_mode, say, versions
 from prune.core.tables import comparison_markdown, comparison_rows
@@ -67,7 +67,7 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     try:
         config = AutoConfig.from_pretrained(src.path, **kwargs)
     except Exception as exc:  # noqa: BLE001
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise PruneError(f"could not read the config of {src.display}: {first}") from exc
     check_supported(config)
     n_layers = config.num_hidden_layers
