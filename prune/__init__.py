@@ -22,7 +22,7 @@ Models larger than memory, one block at a time, straight from the safetensors sh
 from prune.core.config import TextSource
 from prune.io.text import calibration_windows, eval_windows, load_text
 from prune.core.errors import PruneError, UnsupportedModelError
-from prune.export.save import save
+from prune.export.saving import save
 from prune.heal.methods import heal_model
 from prune.model.loading import SUPPORTED_MODEL_TYPES, count_parameters, decoder_layers, load_model
 from prune.export.outofcore import prune_checkpoint

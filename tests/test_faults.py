@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 import prune
 from prune import PruneError
-from prune.export.save import INCOMPLETE_MARKER
+from prune.export.saving import INCOMPLETE_MARKER
 from prune.pipeline.progress import progress_dir
 
 from conftest import tiny_recipe

@@ -362,9 +362,19 @@ def test_smollm2_replacement_layer_beats_plain_removal(smollm2_folder):
 
 
 def test_learning_rate_schedule():
-    from prune.heal.training import lr_lambda
+    from prune.heal.training import make_scheduler
 
-    cosine = [lr_lambda(40, "cosine")(s) for s in range(40)]
-    assert cosine[:2] == [0.5, 1.0]  # warmup over ceil(5% of 40) = 2 steps
-    assert all(a > b for a, b in zip(cosine[1:], cosine[2:])) and 0 < cosine[-1] < 0.01
-    assert [lr_lambda(40, "constant")(s) for s in range(40)][1:] == [1.0] * 39
+    def factors(schedule):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = make_scheduler(optimizer, 40, schedule)
+        out = []
+        for _ in range(40):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    cosine = factors("cosine")
+    assert cosine[:3] == [0.0, 0.5, 1.0]  # transformers' linear warmup over ceil(5% of 40) = 2 steps
+    assert all(a > b for a, b in zip(cosine[2:], cosine[3:])) and 0 < cosine[-1] < 0.01
+    assert factors("constant")[2:] == [1.0] * 38

@@ -9,4 +9,4 @@ from __future__ import annotations
 def __getattr__(name: str):
     from prune._compat import lookup
 
-    return lookup(__name__, ("export.save", "io.staging"), name)
+    return lookup(__name__, ("export.saving", "io.staging"), name)

@@ -108,7 +108,7 @@ def check_checkpoint(folder: str | os.PathLike, *, require_export: bool = False,
     if not path.is_dir():
         raise PruneError(f"{path} is not a folder (give the output folder of `prune run`)")
     report = CheckReport(path)
-    from prune.export.save import INCOMPLETE_MARKER
+    from prune.export.saving import INCOMPLETE_MARKER
 
     if (path / INCOMPLETE_MARKER).exists():
         report.add("folder", "fail", f"holds {INCOMPLETE_MARKER}: an interrupted save, not a finished checkpoint (run again)")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from prune.io.safetensors import INDEX_NAME, SINGLE_NAME, TensorEntry, byte_ranges, copy_bytes, local_folder
 from prune.core.errors import PruneError
-from prune.export.save import staged, write_extras
+from prune.export.saving import staged, write_extras
 from prune.model.loading import plain_config_dict, pruned_config_updates
 from prune.model.surgery import check_indices
 

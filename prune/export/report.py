@@ -263,7 +263,7 @@ def write_report(out_dir: str | Path, before: ScoreResult, *, after: ScoreResult
     of the pruned model whose blocks are the original ``kept`` ones; ``evaluation`` is a Markdown
     before/after table (a run's ``eval.md``).
     """
-    from prune.export.save import _replace, check_output_dir, staging_dir
+    from prune.export.saving import _replace, check_output_dir, staging_dir
 
     out = check_output_dir(out_dir, overwrite)
     stage = staging_dir(out)

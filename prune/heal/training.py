@@ -26,19 +26,15 @@ MAX_GRAD_NORM = 1.0
 WARMUP_FRACTION = 0.05
 
 
-def lr_lambda(steps: int, schedule: str) -> Callable[[int], float]:
-    """Multiplier of the learning rate at optimizer step ``s`` (0-based): warmup, then cosine or flat."""
+def make_scheduler(optimizer, steps: int, schedule: str):
+    """transformers' schedule: linear warmup over ``WARMUP_FRACTION`` of the steps (at least one),
+    then cosine to 0 (``cosine``) or flat (``constant``)."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
     warmup = max(1, math.ceil(WARMUP_FRACTION * steps))
-
-    def factor(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = (s - warmup + 1) / max(1, steps - warmup + 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+    if schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
+    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
 
 def make_accelerator(mixed_precision: str, gradient_accumulation: int):
@@ -83,7 +79,7 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter], dataset: Da
         raise PruneError("nothing to train: no parameter requires a gradient (check the heal settings)")
     accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.steps, cfg.schedule))
+    scheduler = make_scheduler(optimizer, cfg.steps, cfg.schedule)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
     torch.manual_seed(cfg.seed)

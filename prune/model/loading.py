@@ -214,14 +214,10 @@ def final_norm(model: nn.Module) -> nn.Module | None:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of distinct parameters (tied embeddings counted once)."""
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():  # parameters() already skips shared tensors
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
+    """Number of distinct parameters (tied embeddings counted once): transformers' ``num_parameters``."""
+    if hasattr(model, "num_parameters"):
+        return model.num_parameters()
+    return sum(p.numel() for p in model.parameters())  # parameters() skips shared tensors
 
 
 def input_device(model: nn.Module) -> torch.device:

@@ -90,7 +90,7 @@ def report_model(source: str, out_dir: str | Path, *, strategy: str = "contiguou
                  n_layers: int | None = None, protect=(0, -1), overwrite: bool = False, **score_kwargs) -> Path:
     """Score ``source`` (see :func:`prune.pipeline.score_model` for ``score_kwargs``) and report it,
     marking the ``n_layers`` blocks a score-only ``strategy`` would remove (default: a quarter)."""
-    from prune.export.save import check_output_dir
+    from prune.export.saving import check_output_dir
     from prune.pipeline.commands import score_model
 
     if strategy not in SCORE_ONLY:

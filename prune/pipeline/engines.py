@@ -1,7 +1,7 @@
 """The two ways a run touches the model, behind one interface the orchestrator drives.
 
 * :class:`InMemory`: the model is loaded whole (or dispatched by Accelerate); blocks are removed
-  in place, healing trains it, and :func:`prune.export.save.save` writes it.
+  in place, healing trains it, and :func:`prune.export.saving.save` writes it.
 * :class:`Sequential`: nothing but a meta skeleton is built; scoring reads one block's weights
   at a time (:func:`prune.measure.sequential.score_sequential`) and the pruned checkpoint is
   copied from the source shards (:func:`prune.export.outofcore.prune_checkpoint`).
@@ -81,7 +81,7 @@ class InMemory:
         return kept, H.heal(self.model, heal_cfg, plan, quiet=self.quiet)
 
     def save(self, out_dir, record: PruningRecord, files: dict[str, str], overwrite: bool) -> Path:
-        from prune.export.save import save
+        from prune.export.saving import save
 
         return save(self.model, self.tokenizer, out_dir, pruning=record, files=files, overwrite=overwrite)
 

@@ -76,23 +76,20 @@ def sequential_device(device_map) -> torch.device:
 
 
 def memory_limit(device: torch.device, max_memory: dict | None) -> int:
-    """Bytes usable on ``device``: free memory there, capped by its ``max_memory`` entry."""
-    from accelerate.utils import convert_file_size_to_int
+    """Bytes usable on ``device``: free memory there (Accelerate's ``get_max_memory``), capped by
+    its ``max_memory`` entry."""
+    from accelerate.utils import get_max_memory
 
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        key_options = (device.index or 0, str(device.index or 0), f"cuda:{device.index or 0}")
-    else:
-        import psutil
-
-        free = psutil.virtual_memory().available
-        key_options = ("cpu",)
-    for key in key_options:
-        if max_memory and key in max_memory:
+    key = (device.index or 0) if device.type == "cuda" else "cpu"
+    free = get_max_memory().get(key, 0)
+    options = (key, str(key), f"cuda:{key}") if device.type == "cuda" else ("cpu",)
+    for option in options:
+        if max_memory and option in max_memory:
             try:
-                return min(free, convert_file_size_to_int(max_memory[key]))
+                return min(free, get_max_memory({key: max_memory[option]})[key])
             except (ValueError, TypeError):
-                raise PruneError(f"max_memory[{key!r}]={max_memory[key]!r} is not a size (use e.g. '20GiB' or bytes)") from None
+                raise PruneError(f"max_memory[{option!r}]={max_memory[option]!r} is not a size (use e.g. '20GiB' or "
+                                 "bytes)") from None
     return free
 
 

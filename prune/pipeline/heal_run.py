@@ -11,7 +11,7 @@ The heal settings come from, in order (later wins): the ``heal:`` section of
   the one kept; it first checks that every other weight equals the run folder's (a run that
   was healed or edited since is refused rather than silently rebuilt from its source).
 
-The result is a NEW complete folder, written atomically (:func:`prune.export.save`): the
+The result is a NEW complete folder, written atomically (:func:`prune.export.saving`): the
 checkpoint, ``pruning.json`` (the run's record, ``healing`` set, kept blocks / counts and the
 scores after updated), ``recipe.yaml`` (the run's recipe with the heal section used) and,
 with ``evaluate``, ``eval.json`` / ``eval.md`` (original, pruned before healing, healed).
@@ -150,7 +150,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     from prune.core.console import quiet_mode, say, versions
     from prune.core.records import read_record
     from prune.core.tables import comparison_rows
-    from prune.export.save import check_output_dir, save
+    from prune.export.saving import check_output_dir, save
     from prune.io.source import resolve_source
     from prune.measure.evaluation import evaluate_loaded
     from prune.measure.scoring import score

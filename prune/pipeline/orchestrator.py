@@ -28,7 +28,7 @@ from prune.io.text import calibration_windows_of
 from prune.core.console import quiet_mode, say, versions
 from prune.core.tables import comparison_markdown, comparison_rows
 from prune.core.faults import fault_point
-from prune.export.save import check_output_dir
+from prune.export.saving import check_output_dir
 from prune.model.loading import (
     load_tokenizer,
     check_checkpoint_files,
@@ -42,7 +42,7 @@ from prune.measure.scoring import ScoreResult
 from prune.pipeline.progress import RunProgress
 from prune.choose.rules import Selection, resolve_count, resolve_protect
 from prune.core.records import PruningRecord, parse_record
-from prune.export.save import prepare_export
+from prune.export.saving import prepare_export
 from prune.heal.methods import healing_markdown
 from prune.pipeline.engines import make_engine
 from prune.pipeline.execution import plan_execution
@@ -98,7 +98,7 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         heal_preflight(recipe.heal, recipe.select, config, n_layers, recipe.model.trust_remote_code)
     # -- end heal --
     # ---- export (prune.export): lineage of an already pruned source, push_to_hub checks ----
-    from prune.export.save import preflight_export
+    from prune.export.saving import preflight_export
 
     parent = preflight_export(recipe, src, n_layers)
     # ---- end export ----

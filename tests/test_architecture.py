@@ -1,0 +1,45 @@
+"""The house rules: stages import only downwards (import-linter), and 0.1.0's names still import."""
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_linter_contract_is_kept():
+    lint = Path(sys.executable).with_name("lint-imports")
+    done = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "1 kept, 0 broken" in done.stdout
+
+
+@pytest.mark.parametrize("old, name", [
+    ("prune.models", "load_model"), ("prune.recipe", "load_recipe"), ("prune.recipe", "HealConfig"),
+    ("prune.scoring", "score"), ("prune.select", "Selection"), ("prune.checkpoint", "Checkpoint"),
+    ("prune.evaluate", "perplexity"), ("prune.hub", "push"), ("prune.execution", "plan_execution"),
+])
+def test_old_module_names_import_with_a_deprecation_warning(old, name):
+    import importlib
+
+    sys.modules.pop(old, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = importlib.import_module(old)
+    assert any(issubclass(w.category, DeprecationWarning) and old in str(w.message) for w in caught)
+    assert callable(getattr(module, name)) or isinstance(getattr(module, name), type)
+
+
+def test_0_1_0_packages_keep_their_names():
+    from prune.export import save
+    from prune.heal import heal_model
+    from prune.pipeline import evaluate_model, run, score_model
+
+    import prune
+
+    assert prune.run is run and prune.save is save and prune.heal_model is heal_model
+    assert callable(evaluate_model) and callable(score_model)
