@@ -1,0 +1,193 @@
+"""``verified``: cheap candidates from the scores, ranked by what they do to the model's outputs.
+
+1. **Candidates** (each a set of ``k`` unprotected blocks, named by where it came from):
+   every contiguous run (Gromov et al.'s family of choices); the one-shot top-k by Block
+   Influence, angular distance, CKA(in, out) and MSRS contribution; and the *redundancy
+   families* of RedTest's CKA matrix: blocks whose outputs are mutually more similar than
+   ``tau`` (the pairs MSRS counts) form connected groups, and a candidate takes the least
+   influential (lowest BI) one, then two, blocks from every family, filling up by BI. This is
+   where MSRS chooses: it says which blocks are interchangeable, BI which of them to drop.
+2. **Verification**: each candidate is measured by ``KL(original || candidate)`` of the
+   next-token distributions on held-out calibration windows (not those that scored it;
+   :mod:`prune.measure.fidelity`, the original's top-k log-probs computed once). The hidden
+   state entering every block of the original is cached, so a candidate whose first removed
+   block is ``f`` runs only the kept blocks after ``f``.
+3. **Local search** (optional, ``budget`` evaluations): swap one removed block of the best set
+   for an adjacent kept one, keep the swap when the KL falls, until no swap helps or the
+   budget is spent.
+
+Cost is counted like SLEB's: decoder-block runs over the held-out windows divided by the
+number of blocks (``full_forward_equivalents``), plus the two full passes of the original
+(reference log-probs and cached block inputs); the LM head runs once per candidate on top.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from prune.choose.rules import Selection, contiguous, one_shot, resolve_count, resolve_protect
+from prune.choose.strategies import _block_inputs, _inject, skip_blocks
+from prune.core.errors import PruneError
+from prune.measure.fidelity import build_reference, measure_fidelity
+from prune.model.loading import decoder_layers
+
+ONE_SHOT = ("bi", "angular", "cka", "msrs")
+
+
+def contiguous_runs(n_layers: int, count: int, protect: list[int]) -> list[list[int]]:
+    """Every run ``l .. l+count-1`` that avoids the protected blocks."""
+    prot = set(protect)
+    return [list(range(l, l + count)) for l in range(n_layers - count + 1) if not prot & set(range(l, l + count))]
+
+
+def redundancy_families(scores, tau: float) -> list[list[int]]:
+    """Connected groups (size >= 2) of blocks whose outputs have linear CKA above ``tau``."""
+    S = scores.cka_matrix
+    L = len(S)
+    parent = list(range(L))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(L):
+        for j in range(i + 1, L):
+            if S[i][j] == S[i][j] and S[i][j] > tau:
+                parent[find(i)] = find(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(L):
+        groups.setdefault(find(i), []).append(i)
+    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+
+
+def family_set(scores, count: int, protect: list[int], families: list[list[int]], per_family: int) -> list[int] | None:
+    """Up to ``per_family`` lowest-BI blocks from each family (rounds of one), filled up by BI."""
+    bi = scores.block_influence
+    prot = set(protect)
+    pools = [sorted((b for b in fam if b not in prot), key=lambda b: (bi[b], b)) for fam in families]
+    chosen: list[int] = []
+    for round_ in range(per_family):
+        for pool in sorted(pools, key=lambda p: (bi[p[0]], p[0]) if p else (float("inf"), 0)):
+            if len(chosen) < count and round_ < len(pool):
+                chosen.append(pool[round_])
+    if not chosen:
+        return None
+    rest = sorted((b for b in range(scores.n_layers) if b not in prot and b not in chosen), key=lambda b: (bi[b], b))
+    return sorted(chosen + rest[: count - len(chosen)])
+
+
+def candidate_sets(scores, count: int, protect: list[int]) -> dict[tuple[int, ...], str]:
+    """Every candidate set (sorted tuple) -> the first source that proposed it."""
+    out: dict[tuple[int, ...], str] = {}
+
+    def add(blocks, source):
+        key = tuple(sorted(blocks))
+        if len(key) == count:
+            out.setdefault(key, source)
+
+    if scores.angular is not None:
+        add(contiguous(scores, count, protect).removed, "contiguous angular")
+    for metric in ONE_SHOT:
+        if metric in ("cka", "msrs") and scores.cka is None:
+            continue
+        if metric == "angular" and scores.angular is None:
+            continue
+        add(one_shot(scores, count, metric, protect).removed, f"one_shot {metric}")
+    if scores.cka is not None and scores.msrs:
+        families = redundancy_families(scores, scores.msrs["tau"])
+        for per in (1, 2):
+            found = family_set(scores, count, protect, families, per)
+            if found is not None:
+                add(found, f"msrs families ({per} per family)")
+    for run in contiguous_runs(scores.n_layers, count, protect):
+        add(run, "contiguous run")
+    return out
+
+
+class _Verifier:
+    """KL(original || model without a set) on held-out windows, from cached block inputs."""
+
+    def __init__(self, model, windows: torch.Tensor, batch_size: int, top_k: int, progress: bool):
+        self.model, self.batch_size = model, batch_size
+        self.L = len(decoder_layers(model))
+        self.reference = build_reference(model, windows, top_k=top_k, batch_size=batch_size, progress=progress)
+        self.inputs = _block_inputs(model, windows, batch_size)  # inputs[p][b]: state entering block p
+        self.block_runs = 0
+        self.evaluations = 0
+        self.cache: dict[tuple[int, ...], dict] = {}
+
+    def __call__(self, removed: tuple[int, ...]) -> dict:
+        if removed in self.cache:
+            return self.cache[removed]
+        first = removed[0]
+        skip = sorted(set(range(first + 1)) | set(removed))
+        if len(skip) == self.L:  # nothing kept after the first removed block: the whole pruned stack runs
+            skip = list(removed)
+            runs = self.L - len(removed)
+            with skip_blocks(self.model, skip):
+                result = measure_fidelity(self.model, self.reference, batch_size=self.batch_size)
+        else:
+            runs = self.L - len(skip)
+            with skip_blocks(self.model, skip):
+                handle = _inject(decoder_layers(self.model)[0], self.inputs[first])
+                try:
+                    result = measure_fidelity(self.model, self.reference, batch_size=self.batch_size)
+                finally:
+                    handle.remove()
+        self.block_runs += runs
+        self.evaluations += 1
+        self.cache[removed] = result
+        return result
+
+
+def verified(model, scores, windows: torch.Tensor, count: int, *, protect=(0, -1), batch_size: int = 4,
+             top_k: int = 256, budget: int = 16, progress: bool = True) -> Selection:
+    """Choose ``count`` blocks by measured fidelity (see module docstring); ``windows`` are held-out
+    calibration windows, ``scores`` the full model's scores, ``budget`` the local-search evaluations."""
+    started = time.time()
+    L = len(decoder_layers(model))
+    if scores.n_layers != L:
+        raise PruneError(f"scores describe {scores.n_layers} blocks but the model has {L}")
+    prot = resolve_protect(protect, L)
+    count = resolve_count(L, count, None, prot)
+    candidates = candidate_sets(scores, count, prot)
+    verify = _Verifier(model, windows, batch_size, top_k, progress)
+    results: dict[tuple[int, ...], dict] = {}
+    for blocks in tqdm(list(candidates), desc="verified", unit="set", disable=not progress):
+        results[blocks] = verify(blocks)
+    best = min(results, key=lambda b: (results[b]["kl_mean"], b))
+    searched = 0
+    improved = True
+    while improved and searched < budget:
+        improved = False
+        neighbours = []
+        for b in best:
+            for n in (b - 1, b + 1):
+                if 0 <= n < L and n not in best and n not in prot:
+                    neighbours.append(tuple(sorted((set(best) - {b}) | {n})))
+        for cand in dict.fromkeys(neighbours):
+            if searched >= budget:
+                break
+            if cand in results:
+                continue
+            results[cand] = verify(cand)
+            candidates.setdefault(cand, "local search")
+            searched += 1
+            if results[cand]["kl_mean"] < results[best]["kl_mean"]:
+                best, improved = cand, True
+                break
+    ranked = sorted(results, key=lambda b: (results[b]["kl_mean"], b))
+    table = [{"removed": list(b), "source": candidates[b], "kl_mean": results[b]["kl_mean"],
+              "top1_agreement": results[b]["top1_agreement"], "perplexity_ratio": results[b]["perplexity_ratio"]}
+             for b in ranked]
+    passes = round(verify.block_runs / L + 2, 2)  # + the reference pass and the block-input pass
+    return Selection(sorted(best), L, "verified", "kl", None, {
+        "source": candidates[best], "kl_mean": results[best]["kl_mean"], "candidates": table,
+        "evaluations": verify.evaluations, "local_search_evaluations": searched, "budget": budget,
+        "full_forward_equivalents": passes, "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+        "top_k": top_k, "seconds": round(time.time() - started, 1)})
