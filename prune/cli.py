@@ -134,6 +134,11 @@ def add_eval(sub) -> None:
     p.add_argument("--perplexity-rows", default=None, help="slice of rows of --perplexity-data, e.g. 2000:")
     p.add_argument("--seq-len", type=int, default=512, help="perplexity window length (default 512)")
     p.add_argument("--max-windows", type=int, default=None, help="at most this many perplexity windows")
+    p.add_argument("--fidelity-to", default=None, metavar="ORIGINAL",
+                   help="also measure KL(ORIGINAL || MODEL) per token, top-1 agreement and the perplexity ratio on the "
+                        "--perplexity-data windows (ORIGINAL runs first, once)")
+    p.add_argument("--fidelity-top-k", type=int, default=256,
+                   help="original log-probs kept per token for --fidelity-to (default 256; the vocabulary size: exact KL)")
     p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or a fraction < 1)")
     p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (set on HFLM; default 8)")
     p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (default 0)")
@@ -149,6 +154,8 @@ def cmd_eval(args) -> int:
     from prune.pipeline.commands import evaluate_model
     from prune.core.config import EvaluateConfig, PerplexityConfig
 
+    if args.fidelity_to and not args.perplexity_data:
+        raise PruneError("--fidelity-to measures on the perplexity text: give --perplexity-data too")
     if not args.tasks and not args.perplexity_data:
         raise PruneError("nothing to evaluate: give --tasks and/or --perplexity-data")
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
@@ -156,13 +163,19 @@ def cmd_eval(args) -> int:
     if args.perplexity_data:
         ppl = PerplexityConfig(path=args.perplexity_data, field=args.perplexity_field, rows=args.perplexity_rows,
                                seq_len=args.seq_len, max_windows=args.max_windows)
-    cfg = EvaluateConfig(perplexity=ppl, tasks=args.tasks, task_dirs=args.task_dir, data_dir=args.data_dir, limit=limit,
+    fidelity = {"top_k": args.fidelity_top_k} if args.fidelity_to else None
+    cfg = EvaluateConfig(perplexity=ppl, fidelity=fidelity, tasks=args.tasks, task_dirs=args.task_dir, data_dir=args.data_dir, limit=limit,
                          batch_size=args.batch_size, num_fewshot=args.num_fewshot, seed=args.seed)
     result = evaluate_model(args.model, cfg, dtype=args.dtype, device_map=args.device_map,
-                            trust_remote_code=args.trust_remote_code, quiet=args.quiet)
+                            trust_remote_code=args.trust_remote_code, quiet=args.quiet, original=args.fidelity_to)
     print(f"{'task':<16} {'metric':<10} {'value':>8} {'stderr':>8}")
     if "perplexity" in result:
         print(f"{'perplexity':<16} {'ppl':<10} {result['perplexity']['perplexity']:>8.3f} {'':>8}")
+    if "fidelity" in result:
+        f = result["fidelity"]
+        for metric in ("kl_mean", "kl_median", "kl_p99", "kl_max", "top1_agreement", "perplexity_ratio"):
+            err = f["kl_mean_stderr"] if metric == "kl_mean" else None
+            print(f"{'fidelity':<16} {metric:<16} {f[metric]:>10.4g} {'' if err is None else f'{err:.2g}':>8}")
     for task, res in result.get("tasks", {}).items():
         for metric, value in res["metrics"].items():
             err = res["stderr"].get(metric)

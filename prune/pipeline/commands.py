@@ -64,15 +64,27 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
 
 
 def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", device_map=None,
-                   trust_remote_code: bool = False, quiet: bool = False) -> dict:
-    """Perplexity and lm-eval tasks of any model (original or pruned), loaded from ``source``."""
+                   trust_remote_code: bool = False, quiet: bool = False, original: str | None = None) -> dict:
+    """Perplexity and lm-eval tasks of any model (original or pruned), loaded from ``source``;
+    with ``cfg.fidelity``, its fidelity to ``original`` (loaded first, then released)."""
     quiet_mode(quiet)
+    if (cfg.fidelity is None) != (original is None):
+        raise PruneError("fidelity needs both the original model (--fidelity-to) and fidelity settings")
     if cfg.tasks:
         from prune.measure.lmeval import resolve_tasks
 
         resolve_tasks(cfg.tasks, data_dir_path=cfg.data_dir, task_dirs=cfg.task_dirs)  # fail before loading
+    reference = None
+    if original is not None:
+        from prune.measure.evaluation import fidelity_reference
+
+        base, base_tok, _ = load_model(original, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+        reference = fidelity_reference(base, base_tok, cfg, quiet=quiet)
+        del base
     model, tokenizer, src = load_model(source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
-    result = evaluate_loaded(model, tokenizer, cfg, quiet=quiet)
+    result = evaluate_loaded(model, tokenizer, cfg, quiet=quiet, reference=reference)
+    if original is not None:
+        result["fidelity"]["original"] = str(original)
     result["model"] = src.to_dict()
     result["layers"] = model.config.num_hidden_layers
     result["parameters"] = count_parameters(model)

@@ -26,7 +26,7 @@ from prune.io.text import calibration_windows, eval_windows, load_text
 from prune.core.errors import PruneError
 from prune.core.console import quiet_mode, say, versions
 from prune.core.tables import comparison_markdown, comparison_rows
-from prune.measure.evaluation import evaluate_loaded
+from prune.measure.evaluation import evaluate_loaded, fidelity_reference
 from prune.core.faults import checkpoint
 from prune.export.save import check_output_dir, save
 from prune.model.loading import (
@@ -112,6 +112,7 @@ def eval_settings(recipe: Recipe) -> dict:
         "limit": ev.limit if ev else None, "batch_size": ev.batch_size if ev else None,
         "num_fewshot": ev.num_fewshot if ev else None, "seed": ev.seed if ev else None,
         "perplexity": ev.perplexity.model_dump() if ev and ev.perplexity else None,
+        "fidelity": ev.fidelity.model_dump() if ev and ev.fidelity else None,
         "tasks": ev.tasks if ev else [], "versions": versions(),
     }
 
@@ -190,6 +191,8 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
                                                                   label="original: ")
                               if recipe.evaluate and recipe.evaluate.original else {})
     checkpoint("evaluated_original")
+    # the original's next-token distributions, kept for the pruned model's fidelity (prune.measure.fidelity)
+    reference = fidelity_reference(model, tokenizer, recipe.evaluate, quiet=quiet)
     params_before = count_parameters(model)
     from prune.model.surgery import remove_layers
 
@@ -206,7 +209,7 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     # -- end heal --
     checkpoint("pruned")
     scores_after = score(model, windows, **score_kwargs)
-    pruned = evaluate_loaded(model, tokenizer, recipe.evaluate, quiet=quiet, label="pruned:   ")
+    pruned = evaluate_loaded(model, tokenizer, recipe.evaluate, quiet=quiet, label="pruned:   ", reference=reference)
     checkpoint("evaluated_pruned")
     run_facts = {"params_before": params_before, "params_after": count_parameters(model),
                  "layers_before": facts["n_layers"], "layers_after": len(kept)}
