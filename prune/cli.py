@@ -339,8 +339,38 @@ def cmd_heal(args) -> int:
     return 0
 
 
+# ---- compare --------------------------------------------------------------------------
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="paired comparison of two evaluations on the same examples (lm-eval samples)",
+                       description="Compare B against A example by example from lm-eval's per-example samples "
+                                   "(samples_*.jsonl): per task and metric the mean difference B - A, its paired standard "
+                                   "error sd(d)/sqrt(n), a 95%% percentile bootstrap interval, how many answers flipped "
+                                   "each way and McNemar's exact p-value. A and B are prune run folders (their "
+                                   "eval/pruned), lm-eval --output_path folders or folders of samples_*.jsonl. With only A "
+                                   "(a run folder), its original is compared with its pruned model.")
+    p.add_argument("a", metavar="A", help="run folder or lm-eval results folder (the baseline)")
+    p.add_argument("b", metavar="B", nargs="?", default=None, help="run folder or lm-eval results folder (compared to A)")
+    p.add_argument("--iters", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--output", "-o", default=None, help="also write the comparison as JSON to this file")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    from prune.measure.paired import compare_folders, paired_markdown
+
+    rows = compare_folders(args.a, args.b, iters=args.iters, seed=args.seed)
+    names = ("original", "pruned") if args.b is None else ("A", "B")
+    print(paired_markdown(rows, *names))
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump({"a": args.a, "b": args.b, "rows": [r.to_dict() for r in rows]}, handle, indent=1)
+        print(f"comparison written to {args.output}", file=sys.stderr)
+    return 0
+
+
 #: every subcommand registers itself here: (adder, ...) in --help order
-SUBCOMMANDS = [add_run, add_score, add_eval, add_report, add_heal, add_remove, add_check, add_push]
+SUBCOMMANDS = [add_run, add_score, add_eval, add_compare, add_report, add_heal, add_remove, add_check, add_push]
 
 
 def build_parser() -> argparse.ArgumentParser:

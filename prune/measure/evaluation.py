@@ -27,9 +27,11 @@ def fidelity_reference(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: b
 
 
 def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool = False, label: str = "",
-                    reference=None) -> dict:
+                    reference=None, lm_eval_name: str | None = None, lm_eval_folder: str = "model") -> dict:
     """Perplexity, fidelity (against ``reference``, the original's) and lm-eval tasks of an
-    in-memory model under the settings ``cfg``."""
+    in-memory model under the settings ``cfg``. With ``lm_eval_name`` (the model name lm-eval
+    records; ``lm_eval_folder`` its folder name) lm-eval logs every example and its own files are returned as ``lm_eval_files``
+    (``{file name: text}``: ``results_<date>.json``, ``samples_<task>_<date>.jsonl``)."""
     if cfg is None:
         return {}
     out: dict[str, Any] = {}
@@ -51,9 +53,30 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
         say(f"{label}perplexity {result['perplexity']:.3f} ({result['windows']} windows x {result['seq_len']} tokens)", quiet)
     checkpoint("evaluating")
     if cfg.tasks:
-        from prune.measure.lmeval import evaluate_tasks
+        from prune.measure.lmeval import run_lm_eval
 
-        out["tasks"] = evaluate_tasks(model, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size,
-                                      num_fewshot=cfg.num_fewshot, seed=cfg.seed, data_dir_path=cfg.data_dir,
-                                      task_dirs=cfg.task_dirs, progress=not quiet)
+        run = run_lm_eval(model, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size,
+                          num_fewshot=cfg.num_fewshot, seed=cfg.seed, data_dir_path=cfg.data_dir,
+                          task_dirs=cfg.task_dirs, progress=not quiet, log_samples=lm_eval_name is not None)
+        out["tasks"] = run.summary
+        if lm_eval_name is not None:
+            out["lm_eval_files"] = run.files(lm_eval_name, lm_eval_folder)
     return out
+
+
+def lm_eval_outputs(original: dict, pruned: dict, *, seed: int = 0) -> tuple[dict[str, str], list]:
+    """Take lm-eval's files out of two evaluations (``lm_eval_files``, see :func:`evaluate_loaded`):
+    ``({"eval/original/<file>": text, "eval/pruned/<file>": text, ...}, paired comparison rows)``."""
+    from lm_eval.utils import get_file_task_name
+
+    from prune.measure.paired import compare_samples, read_samples
+
+    files: dict[str, str] = {}
+    samples: dict[str, dict] = {}
+    for which, result in (("original", original), ("pruned", pruned)):
+        texts = result.pop("lm_eval_files", None) or {}
+        files.update({f"eval/{which}/{name}": text for name, text in texts.items()})
+        samples[which] = {get_file_task_name(name): read_samples(text.splitlines())
+                          for name, text in texts.items() if name.startswith("samples_")}
+    paired = compare_samples(samples["original"], samples["pruned"], seed=seed) if all(samples.values()) else []
+    return files, paired

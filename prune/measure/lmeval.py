@@ -20,8 +20,11 @@ import copy
 import hashlib
 import logging
 import os
+import tempfile
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from prune.core.errors import PruneError
 
@@ -105,35 +108,56 @@ def check_tokenizer(tokenizer) -> None:
                          "(add one: tokenizer.add_special_tokens({'pad_token': ...}) with an id inside the vocabulary)")
 
 
-def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, batch_size: int = 8,
-                   num_fewshot: int = 0, seed: int = 0, data_dir_path=None, task_dirs=None,
-                   progress: bool = True) -> dict:
-    """Run lm-eval ``tasks`` on the in-memory ``model``.
+@dataclass
+class LmEvalRun:
+    """One ``lm_eval.simple_evaluate`` call: its output (``results``, without the samples), the
+    per-example ``samples`` per task, our ``summary`` (see :func:`evaluate_tasks`) and the
+    ``tracker`` (lm-eval's ``EvaluationTracker``) that writes lm-eval's own files."""
 
-    Returns ``{task: {"metrics": {metric: value}, "stderr": {metric: value}, "n": examples}}``
-    keyed by the standard task name (``arc_easy``, not ``arc_easy_local``).
-    """
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
+    results: dict
+    samples: dict
+    summary: dict
+    tracker: Any
 
-    names, manager = resolve_tasks(tasks, data_dir_path=data_dir_path, task_dirs=task_dirs)
-    # lm-eval warns that an in-memory model was passed and that num_fewshot was set: both intended
-    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("lm_eval")]
-    previous = [(lg, lg.level) for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        check_tokenizer(tokenizer)
-        # a copy: HFLM sets pad_token on the tokenizer it gets, which must not leak into the saved one
-        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-            log_samples=False, verbosity="ERROR" if not progress else "WARNING",
-        )
-    finally:
-        for lg, level in previous:
-            lg.setLevel(level)
+    def write(self, folder: str | os.PathLike, model_name: str | None = None) -> Path:
+        """lm-eval's files, as its CLI writes them with ``--output_path DIR --log_samples``:
+        ``DIR/<model>/results_<date>.json`` (configs, versions, n-shot, task hashes) and
+        ``DIR/<model>/samples_<task>_<date>.jsonl``; returns ``DIR/<model>``. ``folder`` is ``DIR/<model>``."""
+        from lm_eval.utils import sanitize_model_name
+
+        folder = Path(folder)
+        general = self.tracker.general_config_tracker
+        if model_name:
+            general.model_name = model_name
+        general.model_name_sanitized = sanitize_model_name(folder.name)
+        self.tracker.output_path = str(folder.parent)
+        results = copy.deepcopy(self.results)
+        samples = copy.deepcopy(self.samples)  # the tracker rewrites them as it saves
+        self.tracker.save_results_aggregated(results=results, samples=samples)
+        for task in results["configs"]:
+            self.tracker.save_results_samples(task_name=task, samples=samples[task])
+        if not list(folder.glob("results_*.json")):
+            raise PruneError(f"lm-eval could not write its results to {folder} (is it writable?)")
+        return folder
+
+    def files(self, model_name: str | None = None, folder: str = "model") -> dict[str, str]:
+        """The files :meth:`write` puts in ``DIR/<folder>``, as ``{file name: text}`` (for a folder saved atomically)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.write(Path(tmp) / folder, model_name)
+            return {p.name: p.read_text(encoding="utf-8") for p in sorted(folder.iterdir())}
+
+    def table(self) -> str:
+        """lm-eval's own ``make_table`` (and its groups table, when there are groups)."""
+        from lm_eval.utils import make_table
+
+        out = make_table(self.results)
+        if self.results.get("groups"):
+            out += "\n" + make_table(self.results, "groups")
+        return out
+
+
+def summarize(out: dict, names: list[str]) -> dict:
+    """``{task: {"metrics", "stderr", "n"}}`` from lm-eval's output for the tasks ``names``."""
     results = {}
     for name in names:
         raw = out["results"][name]
@@ -149,3 +173,46 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | float | N
         n = out.get("n-samples", {}).get(name, {}).get("effective")
         results[canonical_name(name)] = {"metrics": metrics, "stderr": stderr, "n": n}
     return results
+
+
+def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, batch_size: int | str = 8,
+                num_fewshot: int = 0, seed: int = 0, data_dir_path=None, task_dirs=None, progress: bool = True,
+                log_samples: bool = True) -> LmEvalRun:
+    """Run lm-eval ``tasks`` on the in-memory ``model`` (wrapped in ``HFLM``) with an ``EvaluationTracker``."""
+    import lm_eval
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.models.huggingface import HFLM
+
+    names, manager = resolve_tasks(tasks, data_dir_path=data_dir_path, task_dirs=task_dirs)
+    # lm-eval warns that an in-memory model was passed and that num_fewshot was set: both intended
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("lm_eval")]
+    previous = [(lg, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        check_tokenizer(tokenizer)
+        # a copy: HFLM sets pad_token on the tokenizer it gets, which must not leak into the saved one
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+        tracker = EvaluationTracker()
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            log_samples=log_samples, evaluation_tracker=tracker, verbosity="ERROR" if not progress else "WARNING",
+        )
+    finally:
+        for lg, level in previous:
+            lg.setLevel(level)
+    samples = out.pop("samples", {})
+    return LmEvalRun(out, samples, summarize(out, names), tracker)
+
+
+def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, batch_size: int | str = 8,
+                   num_fewshot: int = 0, seed: int = 0, data_dir_path=None, task_dirs=None,
+                   progress: bool = True) -> dict:
+    """Run lm-eval ``tasks`` on the in-memory ``model``.
+
+    Returns ``{task: {"metrics": {metric: value}, "stderr": {metric: value}, "n": examples}}``
+    keyed by the standard task name (``arc_easy``, not ``arc_easy_local``).
+    """
+    return run_lm_eval(model, tokenizer, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, seed=seed,
+                       data_dir_path=data_dir_path, task_dirs=task_dirs, progress=progress, log_samples=False).summary

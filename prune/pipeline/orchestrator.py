@@ -26,7 +26,8 @@ from prune.io.text import calibration_windows, eval_windows, load_text
 from prune.core.errors import PruneError
 from prune.core.console import quiet_mode, say, versions
 from prune.core.tables import comparison_markdown, comparison_rows
-from prune.measure.evaluation import evaluate_loaded, fidelity_reference
+from prune.measure.evaluation import evaluate_loaded, fidelity_reference, lm_eval_outputs
+from prune.measure.paired import paired_section
 from prune.core.faults import checkpoint
 from prune.export.save import check_output_dir, save
 from prune.model.loading import (
@@ -188,7 +189,8 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     say(f"removing {len(selection.removed)} of {facts['n_layers']} blocks (0-based): {selection.removed}", quiet)
 
     original = progress.stage("original", lambda: evaluate_loaded(model, tokenizer, recipe.evaluate, quiet=quiet,
-                                                                  label="original: ")
+                                                                  label="original: ", lm_eval_name=src.display,
+                                                                  lm_eval_folder="original")
                               if recipe.evaluate and recipe.evaluate.original else {})
     checkpoint("evaluated_original")
     # the original's next-token distributions, kept for the pruned model's fidelity (prune.measure.fidelity)
@@ -209,19 +211,23 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     # -- end heal --
     checkpoint("pruned")
     scores_after = score(model, windows, **score_kwargs)
-    pruned = evaluate_loaded(model, tokenizer, recipe.evaluate, quiet=quiet, label="pruned:   ", reference=reference)
+    pruned = evaluate_loaded(model, tokenizer, recipe.evaluate, quiet=quiet, label="pruned:   ", reference=reference,
+                             lm_eval_name=f"{src.display} (pruned)", lm_eval_folder="pruned")
     checkpoint("evaluated_pruned")
     run_facts = {"params_before": params_before, "params_after": count_parameters(model),
                  "layers_before": facts["n_layers"], "layers_after": len(kept)}
     rows = comparison_rows(original, pruned, run_facts)
     table = comparison_markdown(rows)
-    evaluation = {"original": original, "pruned": pruned, "rows": rows, "settings": eval_settings(recipe), **run_facts}
+    # lm-eval's own files (eval/original, eval/pruned) and the paired comparison of their examples
+    lm_eval_files, paired = lm_eval_outputs(original, pruned)
+    evaluation = {"original": original, "pruned": pruned, "rows": rows, "settings": eval_settings(recipe), **run_facts,
+                  "paired": [p.to_dict() for p in paired]}
     pruning = pruning_record(recipe, src, selection, kept, scores_before, scores_after,
                              {**run_facts, "model_type": facts["model_type"]}, healing, started)
     pruning["execution"] = exec_plan.to_dict()
     pruning["resumed"] = progress.resumed
     files = {"recipe.yaml": recipe.to_yaml(), "eval.json": json.dumps(evaluation, indent=1) + "\n",
-             "eval.md": f"# Before / after\n\n{table}\n"}
+             "eval.md": f"# Before / after\n\n{table}\n" + paired_section(paired), **lm_eval_files}
     if healing is not None:  # -- heal: what the healing did, below the table --
         files["eval.md"] += "\n" + H.healing_markdown(healing)
     # ---- export (prune.export, prune.hub): lineage + model card, then the optional push ----
