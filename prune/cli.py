@@ -140,19 +140,29 @@ def add_eval(sub) -> None:
     p.add_argument("--fidelity-top-k", type=int, default=256,
                    help="original log-probs kept per token for --fidelity-to (default 256; the vocabulary size: exact KL)")
     p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or a fraction < 1)")
-    p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (set on HFLM; default 8)")
+    p.add_argument("--batch-size", default="8", help="lm-eval batch size: a number, auto or auto:N (default 8)")
     p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (default 0)")
     p.add_argument("--seed", type=int, default=0, help="lm-eval seeds (default 0)")
     p.add_argument("--data-dir", default=None, help="offline task data folder (default $PRUNE_DATA_DIR)")
-    p.add_argument("--task-dir", action="append", default=[], help="folder of extra lm-eval task YAMLs (repeatable)")
+    p.add_argument("--include-path", "--task-dir", dest="task_dir", action="append", default=[],
+                   help="folder of extra lm-eval task YAMLs (lm-eval's --include_path; repeatable)")
+    p.add_argument("--apply-chat-template", nargs="?", const=True, default=False, metavar="TEMPLATE",
+                   help="format prompts with the tokenizer's chat template (optionally a named one), as lm-eval does")
+    p.add_argument("--fewshot-as-multiturn", action=argparse.BooleanOptionalAction, default=None,
+                   help="few-shot examples as a multi-turn chat (default: on with --apply-chat-template)")
+    p.add_argument("--output-path", default=None, metavar="DIR",
+                   help="write lm-eval's own files (results_*.json, samples_*.jsonl) to DIR/<model name>, as lm-eval's "
+                        "--output_path --log_samples does; read them with prune compare")
     p.add_argument("--output", "-o", default=None, help="write the results as JSON to this file")
     _common_model_flags(p)
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
+    from pydantic import ValidationError
+
+    from prune.core.config import EvaluateConfig, PerplexityConfig, format_validation_error
     from prune.pipeline.commands import evaluate_model
-    from prune.core.config import EvaluateConfig, PerplexityConfig
 
     if args.fidelity_to and not args.perplexity_data:
         raise PruneError("--fidelity-to measures on the perplexity text: give --perplexity-data too")
@@ -164,10 +174,18 @@ def cmd_eval(args) -> int:
         ppl = PerplexityConfig(path=args.perplexity_data, field=args.perplexity_field, rows=args.perplexity_rows,
                                seq_len=args.seq_len, max_windows=args.max_windows)
     fidelity = {"top_k": args.fidelity_top_k} if args.fidelity_to else None
-    cfg = EvaluateConfig(perplexity=ppl, fidelity=fidelity, tasks=args.tasks, task_dirs=args.task_dir, data_dir=args.data_dir, limit=limit,
-                         batch_size=args.batch_size, num_fewshot=args.num_fewshot, seed=args.seed)
+    try:
+        cfg = EvaluateConfig(perplexity=ppl, fidelity=fidelity, tasks=args.tasks, task_dirs=args.task_dir,
+                             data_dir=args.data_dir, limit=limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+                             seed=args.seed, apply_chat_template=args.apply_chat_template,
+                             fewshot_as_multiturn=args.fewshot_as_multiturn)
+    except ValidationError as exc:
+        raise PruneError(format_validation_error(exc, "prune eval", EvaluateConfig)) from None
+
     result = evaluate_model(args.model, cfg, dtype=args.dtype, device_map=args.device_map,
-                            trust_remote_code=args.trust_remote_code, quiet=args.quiet, original=args.fidelity_to)
+                            trust_remote_code=args.trust_remote_code, quiet=args.quiet, original=args.fidelity_to,
+                            output_path=args.output_path)
+    lm_eval_files = result.pop("lm_eval_files", {})
     print(f"{'task':<16} {'metric':<10} {'value':>8} {'stderr':>8}")
     if "perplexity" in result:
         print(f"{'perplexity':<16} {'ppl':<10} {result['perplexity']['perplexity']:>8.3f} {'':>8}")
@@ -181,6 +199,12 @@ def cmd_eval(args) -> int:
             err = res["stderr"].get(metric)
             print(f"{task:<16} {metric:<10} {value:>8.4f} {'' if err is None else f'{err:.4f}':>8}")
     print(f"{result['layers']} layers, {result['parameters']:,} parameters")
+    if lm_eval_files:
+        from prune.measure.evaluation import lm_eval_tables
+
+        print("\n" + lm_eval_tables(lm_eval_files))
+    if result.get("lm_eval_folder"):
+        print(f"lm-eval results and samples written to {result['lm_eval_folder']}", file=sys.stderr)
     if args.output:
         with open(args.output, "w") as handle:
             json.dump(result, handle, indent=1)

@@ -215,10 +215,23 @@ class EvaluateConfig(Section):
     task_dirs: list[str] = []
     data_dir: str | None = None  # offline task data (default: $PRUNE_DATA_DIR)
     limit: int | float | None = Field(None, gt=0)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int | str = 8  # lm-eval's: a number, "auto" or "auto:N"
     num_fewshot: int = Field(0, ge=0)
     seed: int = 0
     original: bool = True  # also evaluate the original model, for the before/after table
+    apply_chat_template: bool | str = False  # lm-eval's: True, or the name of one of the tokenizer's templates
+    fewshot_as_multiturn: bool | None = None  # None: on when a chat template is applied (lm-eval's default)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, value: int | str) -> int | str:
+        if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+            if int(value) < 1:
+                raise ValueError("batch_size must be at least 1 (or auto)")
+            return int(value)
+        if not re.fullmatch(r"auto(:\d+)?", value):
+            raise ValueError("batch_size is a number, auto or auto:N (lm-eval's choices)")
+        return value
 
     @model_validator(mode="after")
     def _fidelity_text(self):

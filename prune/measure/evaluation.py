@@ -3,6 +3,8 @@ original (with a :class:`~prune.measure.fidelity.FidelityReference` built from i
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from prune.core.config import EvaluateConfig
@@ -57,7 +59,8 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
 
         run = run_lm_eval(model, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size,
                           num_fewshot=cfg.num_fewshot, seed=cfg.seed, data_dir_path=cfg.data_dir,
-                          task_dirs=cfg.task_dirs, progress=not quiet, log_samples=lm_eval_name is not None)
+                          task_dirs=cfg.task_dirs, progress=not quiet, log_samples=lm_eval_name is not None,
+                          apply_chat_template=cfg.apply_chat_template, fewshot_as_multiturn=cfg.fewshot_as_multiturn)
         out["tasks"] = run.summary
         if lm_eval_name is not None:
             out["lm_eval_files"] = run.files(lm_eval_name, lm_eval_folder)
@@ -80,3 +83,16 @@ def lm_eval_outputs(original: dict, pruned: dict, *, seed: int = 0) -> tuple[dic
                           for name, text in texts.items() if name.startswith("samples_")}
     paired = compare_samples(samples["original"], samples["pruned"], seed=seed) if all(samples.values()) else []
     return files, paired
+
+
+def lm_eval_tables(files: dict[str, str]) -> str:
+    """lm-eval's own ``make_table`` of each results file in ``files`` (``{"eval/<which>/results_*.json": text}``)."""
+    from lm_eval.utils import make_table
+
+    parts = []
+    for name, text in sorted(files.items()):
+        if Path(name).name.startswith("results_"):
+            results = json.loads(text)
+            table = make_table(results) + ("\n" + make_table(results, "groups") if results.get("groups") else "")
+            parts.append(f"### lm-eval: {Path(name).parent.name}\n\n{table}")
+    return "\n".join(parts)

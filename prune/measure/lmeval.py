@@ -177,7 +177,8 @@ def summarize(out: dict, names: list[str]) -> dict:
 
 def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, batch_size: int | str = 8,
                 num_fewshot: int = 0, seed: int = 0, data_dir_path=None, task_dirs=None, progress: bool = True,
-                log_samples: bool = True) -> LmEvalRun:
+                log_samples: bool = True, apply_chat_template: bool | str = False,
+                fewshot_as_multiturn: bool | None = None) -> LmEvalRun:
     """Run lm-eval ``tasks`` on the in-memory ``model`` (wrapped in ``HFLM``) with an ``EvaluationTracker``."""
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
@@ -195,9 +196,11 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
         lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
         tracker = EvaluationTracker()
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
+            model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
             log_samples=log_samples, evaluation_tracker=tracker, verbosity="ERROR" if not progress else "WARNING",
+            apply_chat_template=apply_chat_template,
+            fewshot_as_multiturn=bool(apply_chat_template) if fewshot_as_multiturn is None else fewshot_as_multiturn,
         )
     finally:
         for lg, level in previous:

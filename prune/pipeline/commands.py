@@ -64,9 +64,14 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
 
 
 def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", device_map=None,
-                   trust_remote_code: bool = False, quiet: bool = False, original: str | None = None) -> dict:
+                   trust_remote_code: bool = False, quiet: bool = False, original: str | None = None,
+                   output_path: str | None = None) -> dict:
     """Perplexity and lm-eval tasks of any model (original or pruned), loaded from ``source``;
-    with ``cfg.fidelity``, its fidelity to ``original`` (loaded first, then released)."""
+    with ``cfg.fidelity``, its fidelity to ``original`` (loaded first, then released).
+
+    lm-eval logs every example; its own files (``results_<date>.json``, ``samples_<task>_<date>.jsonl``)
+    are returned as ``lm_eval_files`` and, with ``output_path``, written where lm-eval's
+    ``--output_path`` puts them: ``output_path/<model name, sanitized>/``."""
     quiet_mode(quiet)
     if (cfg.fidelity is None) != (original is None):
         raise PruneError("fidelity needs both the original model (--fidelity-to) and fidelity settings")
@@ -82,7 +87,17 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
         reference = fidelity_reference(base, base_tok, cfg, quiet=quiet)
         del base
     model, tokenizer, src = load_model(source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
-    result = evaluate_loaded(model, tokenizer, cfg, quiet=quiet, reference=reference)
+    from lm_eval.utils import sanitize_model_name
+
+    folder = sanitize_model_name(str(source))
+    result = evaluate_loaded(model, tokenizer, cfg, quiet=quiet, reference=reference, lm_eval_name=str(source),
+                             lm_eval_folder=folder)
+    if output_path and result.get("lm_eval_files"):
+        target = Path(output_path).expanduser() / folder
+        target.mkdir(parents=True, exist_ok=True)
+        for name, text in result["lm_eval_files"].items():
+            (target / name).write_text(text, encoding="utf-8")
+        result["lm_eval_folder"] = str(target)
     if original is not None:
         result["fidelity"]["original"] = str(original)
     result["model"] = src.to_dict()

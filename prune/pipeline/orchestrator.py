@@ -26,7 +26,7 @@ from prune.io.text import calibration_windows, eval_windows, load_text
 from prune.core.errors import PruneError
 from prune.core.console import quiet_mode, say, versions
 from prune.core.tables import comparison_markdown, comparison_rows
-from prune.measure.evaluation import evaluate_loaded, fidelity_reference, lm_eval_outputs
+from prune.measure.evaluation import evaluate_loaded, fidelity_reference, lm_eval_outputs, lm_eval_tables
 from prune.measure.paired import paired_section
 from prune.core.faults import checkpoint
 from prune.export.save import check_output_dir, save
@@ -115,6 +115,8 @@ def eval_settings(recipe: Recipe) -> dict:
         "perplexity": ev.perplexity.model_dump() if ev and ev.perplexity else None,
         "fidelity": ev.fidelity.model_dump() if ev and ev.fidelity else None,
         "tasks": ev.tasks if ev else [], "versions": versions(),
+        "apply_chat_template": ev.apply_chat_template if ev else False,
+        "fewshot_as_multiturn": ev.fewshot_as_multiturn if ev else None,
     }
 
 
@@ -227,7 +229,9 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     pruning["execution"] = exec_plan.to_dict()
     pruning["resumed"] = progress.resumed
     files = {"recipe.yaml": recipe.to_yaml(), "eval.json": json.dumps(evaluation, indent=1) + "\n",
-             "eval.md": f"# Before / after\n\n{table}\n" + paired_section(paired), **lm_eval_files}
+             "eval.md": f"# Before / after\n\n{table}\n" + paired_section(paired)
+             + (f"\n## lm-eval's own tables\n\n{lm_eval_tables(lm_eval_files)}" if lm_eval_files else ""),
+             **lm_eval_files}
     if healing is not None:  # -- heal: what the healing did, below the table --
         files["eval.md"] += "\n" + H.healing_markdown(healing)
     # ---- export (prune.export, prune.hub): lineage + model card, then the optional push ----
@@ -237,7 +241,8 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     out = save(model, tokenizer, recipe.output.dir, pruning=pruning, files=files,
                overwrite=overwrite or recipe.output.overwrite)
     progress.finish()
-    say(f"\n{table}\n\nsaved {out}", quiet)
+    say(f"\n{table}\n" + paired_section(paired) + (f"\n{lm_eval_tables(lm_eval_files)}" if lm_eval_files else "")
+        + f"\nsaved {out}", quiet)
     if recipe.output.push_to_hub is not None:
         from prune.export.push import push_config
 
