@@ -98,8 +98,8 @@ def test_eval_runs_local_lm_eval_tasks_and_perplexity(tmp_path, tiny_folder):
                      "--perplexity-data", WIKI_RAW, "--perplexity-rows", "0:200", "--seq-len", 32, "--max-windows", 2,
                      "-o", tmp_path / "e.json", "--quiet", check_rc=0)
     result = json.loads((tmp_path / "e.json").read_text())
-    assert set(result["tasks"]) == {"arc_easy", "winogrande"}
-    assert result["tasks"]["arc_easy"]["n"] == 6 and 0 <= result["tasks"]["arc_easy"]["metrics"]["acc"] <= 1
+    assert set(result["tasks"]) == {"arc_easy_local", "winogrande_local"}  # local copies, named as such
+    assert result["tasks"]["arc_easy_local"]["n"] == 6 and 0 <= result["tasks"]["arc_easy_local"]["metrics"]["acc"] <= 1
     assert result["perplexity"]["windows"] == 2 and result["layers"] == 8
     assert "arc_easy" in proc.stdout and "winogrande" in proc.stdout
 

@@ -61,7 +61,7 @@ def test_eval_writes_lm_eval_files_with_lm_eval_flags(tmp_path, chat_folder):
     folder = tmp_path / "results" / sanitize_model_name(str(chat_folder))
     files = [str(p) for p in folder.iterdir()]
     results = json.loads(open(get_latest_filename(get_results_filenames(files))).read())
-    assert results["results"]["copa_local"]["acc,none"] == pytest.approx(mine["tasks"]["copa"]["metrics"]["acc"])
+    assert results["results"]["copa_local"]["acc,none"] == pytest.approx(mine["tasks"]["copa_local"]["metrics"]["acc"])
     assert results["chat_template"] and results["fewshot_as_multiturn"] is True
     assert results["config"]["batch_size"] == "auto" and results["n-shot"]["copa_local"] == 1
     [samples] = get_sample_results_filenames(files)

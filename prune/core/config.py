@@ -221,6 +221,8 @@ class EvaluateConfig(Section):
     original: bool = True  # also evaluate the original model, for the before/after table
     apply_chat_template: bool | str = False  # lm-eval's: True, or the name of one of the tokenizer's templates
     fewshot_as_multiturn: bool | None = None  # None: on when a chat template is applied (lm-eval's default)
+    local_alias: bool = False  # report local copies under the registry name (arc_easy_local as arc_easy)
+    fewshot_from_scored_split: bool = False  # allow few-shot examples from the split being scored (results marked)
 
     @field_validator("batch_size")
     @classmethod

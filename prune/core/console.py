@@ -21,8 +21,17 @@ def versions() -> dict[str, str]:
     return out
 
 
+_QUIET = {"on": False}
+
+
+def is_quiet() -> bool:
+    """Whether the running command was asked to be quiet (:func:`quiet_mode`)."""
+    return _QUIET["on"]
+
+
 def quiet_mode(quiet: bool) -> None:
     """Silence every progress bar (ours, transformers', datasets', lm-eval's) when ``quiet``."""
+    _QUIET["on"] = bool(quiet)
     if not quiet:
         return
     os.environ["TQDM_DISABLE"] = "1"

@@ -24,8 +24,10 @@ def comparison_rows(original: dict, pruned: dict, facts: dict) -> list[dict]:
             add("fidelity perplexity", "ppl", f["perplexity_original"], f["perplexity_pruned"], lower_is_better=True)
     for task, res in pruned.get("tasks", {}).items():
         before = original.get("tasks", {}).get(task, {})
+        name = task + (" (group)" if res.get("group") else "") + (
+            " (few-shot from the scored split)" if res.get("fewshot_from_scored_split") else "")
         for metric, value in res["metrics"].items():
-            add(task, metric, before.get("metrics", {}).get(metric), value,
+            add(name, metric, before.get("metrics", {}).get(metric), value,
                 before.get("stderr", {}).get(metric), res["stderr"].get(metric))
     add("parameters", "count", facts["params_before"], facts["params_after"], lower_is_better=True)
     add("layers", "count", facts["layers_before"], facts["layers_after"], lower_is_better=True)

@@ -60,7 +60,8 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
         run = run_lm_eval(model, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size,
                           num_fewshot=cfg.num_fewshot, seed=cfg.seed, data_dir_path=cfg.data_dir,
                           task_dirs=cfg.task_dirs, progress=not quiet, log_samples=lm_eval_name is not None,
-                          apply_chat_template=cfg.apply_chat_template, fewshot_as_multiturn=cfg.fewshot_as_multiturn)
+                          apply_chat_template=cfg.apply_chat_template, fewshot_as_multiturn=cfg.fewshot_as_multiturn,
+                          local_alias=cfg.local_alias)
         out["tasks"] = run.summary
         if lm_eval_name is not None:
             out["lm_eval_files"] = run.files(lm_eval_name, lm_eval_folder)

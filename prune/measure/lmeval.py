@@ -1,13 +1,21 @@
 """lm-eval on the in-memory model, with offline copies of the standard tasks.
 
-``evaluate_tasks(model, tokenizer, ["arc_easy", "piqa"], ...)`` wraps the model in lm-eval's
-``HFLM`` (no save and reload; the batch size is set on ``HFLM``) and runs
-``lm_eval.simple_evaluate``. Task names go straight to lm-eval, so users with Hub access
-get the registry's tasks. For offline use the package ships task YAMLs
-(``prune/tasks/*_local.yaml``) that read local JSONL copies from a data folder given by
-``data_dir=`` or the ``PRUNE_DATA_DIR`` environment variable: when a data folder is set,
-the standard names below resolve to those local tasks (``arc_easy`` -> ``arc_easy_local``).
-Folders of the user's own task YAMLs are added with ``task_dirs=``.
+``run_lm_eval(model, tokenizer, ["arc_easy", "piqa"], ...)`` wraps the model in lm-eval's
+``HFLM`` (no save and reload) and runs ``lm_eval.simple_evaluate`` with an
+``EvaluationTracker``, so lm-eval's own files can be written (:meth:`LmEvalRun.write`).
+Task, group and tag names go straight to lm-eval, so users with Hub access get the registry's
+tasks. For offline use the package ships task YAMLs (``prune/tasks/*_local.yaml``, tag
+``prune_local``) that read local JSONL copies from a data folder given by ``data_dir=`` or
+the ``PRUNE_DATA_DIR`` environment variable: when a data folder is set, the standard names
+below run those local tasks (``arc_easy`` -> ``arc_easy_local``), said once on the terminal
+and reported under the local name (``arc_easy_local``); ``local_alias=True`` reports them
+under the registry name instead. Folders of the user's own task YAMLs are added with
+``task_dirs=`` (lm-eval's ``include_path``).
+
+:func:`check_tasks` finds every task problem before a model is loaded: an unknown name, a
+task whose data cannot be loaded (offline and not cached), a group or tag with no task in it,
+and few-shot examples that would come from the split being scored (refused unless
+``fewshot_from_scored_split=True``; then the task is marked in the results).
 
 Prompts follow lm-eval's own tasks: ``Question: ...\\nAnswer:`` for ARC and BoolQ,
 HellaSwag reported as ``acc_norm``, WinoGrande with partial scoring (the continuation
@@ -67,8 +75,71 @@ def local_task_dir(folder: Path) -> Path:
 
 
 def canonical_name(task: str) -> str:
-    """``arc_easy_local`` -> ``arc_easy`` (how results are reported)."""
+    """``arc_easy_local`` -> ``arc_easy`` (the registry name of a shipped local copy)."""
     return task[: -len("_local")] if task.endswith("_local") and task[: -len("_local")] in LOCAL_TASKS else task
+
+
+def reported_name(task: str, local_alias: bool = False) -> str:
+    """The name results are reported under: lm-eval's own, or with ``local_alias`` the registry
+    name of a shipped local copy (``arc_easy_local`` -> ``arc_easy``)."""
+    return canonical_name(task) if local_alias else task
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_fewshot: int = 0,
+                fewshot_from_scored_split: bool = False, quiet: bool | None = None) -> list[str]:
+    """Every task problem as one ``PruneError`` line, before any model is loaded (module docstring);
+    loads each task's data once (lm-eval's ``TaskManager.load``). Returns lm-eval's names."""
+    import warnings
+
+    names, manager = resolve_tasks(tasks, data_dir_path=data_dir_path, task_dirs=task_dirs)
+    offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    for asked, name in zip(tasks, names):
+        if asked != name:
+            from prune.core.console import is_quiet, say
+
+            say(f"lm-eval: {asked} runs the local copy {name} (from {data_dir(data_dir_path)}/tasks)",
+                is_quiet() if quiet is None else quiet)
+        loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("lm_eval")]
+        previous = [(lg, lg.level) for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loaded = manager.load(name)
+        except Exception as exc:  # noqa: BLE001 - any failure to load the task data ends here, in one line
+            local = LOCAL_TASKS.get(name)
+            hint = (f"offline and not in the datasets cache: run once online to cache it" if offline else
+                    "check the network and the task's dataset_path")
+            if local:
+                hint += f", or use the local copy {local} (set PRUNE_DATA_DIR or evaluate.data_dir)"
+            raise PruneError(f"lm-eval task {asked!r}: its data could not be loaded ({_first_line(exc)}); {hint}") from None
+        finally:
+            for lg, level in previous:
+                lg.setLevel(level)
+        leaves = loaded.get("tasks", {})
+        if not leaves:
+            raise PruneError(f"lm-eval group or tag {asked!r} has no task in it (check its YAML's task list)")
+        for leaf, task in leaves.items():
+            cfg = task.config
+            shots = num_fewshot or (cfg.num_fewshot or 0)
+            fewshot = cfg.fewshot_config
+            field = (lambda k: fewshot.get(k)) if isinstance(fewshot, dict) else (lambda k: getattr(fewshot, k, None))
+            if shots <= 0 or field("samples") is not None:
+                continue
+            # lm-eval's rule (ConfigurableTask.fewshot_docs): the few-shot split, else train, else validation, else test
+            source = field("split") or getattr(cfg, "fewshot_split", None) or cfg.training_split or cfg.validation_split \
+                or cfg.test_split
+            scored = cfg.test_split or cfg.validation_split
+            if source == scored and not fewshot_from_scored_split:
+                raise PruneError(f"lm-eval task {leaf!r}: {shots}-shot examples would be drawn from its {scored!r} split, "
+                                 f"the split it scores; use num_fewshot 0, a task with a training or validation split, "
+                                 f"or set evaluate.fewshot_from_scored_split (then the results are marked)")
+    return names
 
 
 def resolve_tasks(tasks: list[str], *, data_dir_path: str | os.PathLike | None = None,
@@ -156,29 +227,39 @@ class LmEvalRun:
         return out
 
 
-def summarize(out: dict, names: list[str]) -> dict:
-    """``{task: {"metrics", "stderr", "n"}}`` from lm-eval's output for the tasks ``names``."""
+def summarize(out: dict, *, local_alias: bool = False) -> dict:
+    """``{name: {"metrics", "stderr", "n"}}`` of every task and group in lm-eval's output, keyed by
+    :func:`reported_name`; groups get ``"group": True`` (their aggregate) and few-shot examples drawn
+    from the scored split ``"fewshot_from_scored_split": True``."""
     results = {}
-    for name in names:
-        raw = out["results"][name]
+    groups = set(out.get("groups", {}))
+    for name, raw in out["results"].items():
         metrics, stderr = {}, {}
         for key, value in raw.items():
-            if "," not in key or not isinstance(value, (int, float)):
+            if "," not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
             metric, _filter = key.split(",", 1)
             if metric.endswith("_stderr"):
                 stderr[metric[: -len("_stderr")]] = float(value) if value == value else None
             else:
                 metrics[metric] = float(value)
-        n = out.get("n-samples", {}).get(name, {}).get("effective")
-        results[canonical_name(name)] = {"metrics": metrics, "stderr": stderr, "n": n}
+        entry: dict[str, Any] = {"metrics": metrics, "stderr": stderr,
+                                 "n": out.get("n-samples", {}).get(name, {}).get("effective")}
+        if name in groups:
+            entry["group"] = True
+        cfg = out.get("configs", {}).get(name)
+        if cfg and out.get("n-shot", {}).get(name):
+            source = cfg.get("fewshot_split") or cfg.get("training_split") or cfg.get("validation_split") or cfg.get("test_split")
+            if source == (cfg.get("test_split") or cfg.get("validation_split")):
+                entry["fewshot_from_scored_split"] = True
+        results[reported_name(name, local_alias)] = entry
     return results
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, batch_size: int | str = 8,
                 num_fewshot: int = 0, seed: int = 0, data_dir_path=None, task_dirs=None, progress: bool = True,
                 log_samples: bool = True, apply_chat_template: bool | str = False,
-                fewshot_as_multiturn: bool | None = None) -> LmEvalRun:
+                fewshot_as_multiturn: bool | None = None, local_alias: bool = False) -> LmEvalRun:
     """Run lm-eval ``tasks`` on the in-memory ``model`` (wrapped in ``HFLM``) with an ``EvaluationTracker``."""
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
@@ -206,16 +287,17 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
         for lg, level in previous:
             lg.setLevel(level)
     samples = out.pop("samples", {})
-    return LmEvalRun(out, samples, summarize(out, names), tracker)
+    return LmEvalRun(out, samples, summarize(out, local_alias=local_alias), tracker)
 
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, batch_size: int | str = 8,
                    num_fewshot: int = 0, seed: int = 0, data_dir_path=None, task_dirs=None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, local_alias: bool = False) -> dict:
     """Run lm-eval ``tasks`` on the in-memory ``model``.
 
     Returns ``{task: {"metrics": {metric: value}, "stderr": {metric: value}, "n": examples}}``
-    keyed by the standard task name (``arc_easy``, not ``arc_easy_local``).
+    keyed by :func:`reported_name` (``local_alias``: ``arc_easy`` for ``arc_easy_local``).
     """
     return run_lm_eval(model, tokenizer, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, seed=seed,
-                       data_dir_path=data_dir_path, task_dirs=task_dirs, progress=progress, log_samples=False).summary
+                       data_dir_path=data_dir_path, task_dirs=task_dirs, progress=progress, log_samples=False,
+                       local_alias=local_alias).summary

@@ -76,9 +76,10 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
     if (cfg.fidelity is None) != (original is None):
         raise PruneError("fidelity needs both the original model (--fidelity-to) and fidelity settings")
     if cfg.tasks:
-        from prune.measure.lmeval import resolve_tasks
+        from prune.measure.lmeval import check_tasks
 
-        resolve_tasks(cfg.tasks, data_dir_path=cfg.data_dir, task_dirs=cfg.task_dirs)  # fail before loading
+        check_tasks(cfg.tasks, data_dir_path=cfg.data_dir, task_dirs=cfg.task_dirs, num_fewshot=cfg.num_fewshot,
+                    fewshot_from_scored_split=cfg.fewshot_from_scored_split, quiet=quiet)  # fail before loading
     reference = None
     if original is not None:
         from prune.measure.evaluation import fidelity_reference

@@ -87,10 +87,12 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     c = recipe.calibration
     windows = calibration_windows(tokenizer, load_text(c.source()), c.n_samples, c.seq_len, c.seed, c.bos)
     if recipe.evaluate and recipe.evaluate.tasks:
-        from prune.measure.lmeval import check_tokenizer, resolve_tasks
+        from prune.measure.lmeval import check_tasks, check_tokenizer
 
         check_tokenizer(tokenizer)
-        resolve_tasks(recipe.evaluate.tasks, data_dir_path=recipe.evaluate.data_dir, task_dirs=recipe.evaluate.task_dirs)
+        ev = recipe.evaluate  # every task problem now, before the model loads
+        check_tasks(ev.tasks, data_dir_path=ev.data_dir, task_dirs=ev.task_dirs, num_fewshot=ev.num_fewshot,
+                    fewshot_from_scored_split=ev.fewshot_from_scored_split)
     # -- heal (prune.heal): settings checked against the config, before any weights are loaded --
     if recipe.heal is not None:
         from prune.heal.methods import preflight as heal_preflight
