@@ -150,6 +150,16 @@ def add_eval(sub) -> None:
                    help="format prompts with the tokenizer's chat template (optionally a named one), as lm-eval does")
     p.add_argument("--fewshot-as-multiturn", action=argparse.BooleanOptionalAction, default=None,
                    help="few-shot examples as a multi-turn chat (default: on with --apply-chat-template)")
+    p.add_argument("--model", dest="backend", choices=["hf", "vllm"], default="hf",
+                   help="lm-eval backend for the tasks (default hf: the model in memory; with --model-args, vllm or "
+                        "under accelerate launch lm-eval loads MODEL itself with pretrained=MODEL)")
+    p.add_argument("--model-args", default=None,
+                   help="lm-eval's model_args, passed through after pretrained=MODEL, e.g. "
+                        "'dtype=bfloat16,max_length=2048' (hf) or 'tensor_parallel_size=2,gpu_memory_utilization=0.8' (vllm)")
+    p.add_argument("--local-alias", action="store_true",
+                   help="report the local task copies under the registry names (arc_easy for arc_easy_local)")
+    p.add_argument("--fewshot-from-scored-split", action="store_true",
+                   help="allow few-shot examples from the split being scored (refused otherwise; results are marked)")
     p.add_argument("--output-path", default=None, metavar="DIR",
                    help="write lm-eval's own files (results_*.json, samples_*.jsonl) to DIR/<model name>, as lm-eval's "
                         "--output_path --log_samples does; read them with prune compare")
@@ -178,13 +188,17 @@ def cmd_eval(args) -> int:
         cfg = EvaluateConfig(perplexity=ppl, fidelity=fidelity, tasks=args.tasks, task_dirs=args.task_dir,
                              data_dir=args.data_dir, limit=limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
                              seed=args.seed, apply_chat_template=args.apply_chat_template,
-                             fewshot_as_multiturn=args.fewshot_as_multiturn)
+                             fewshot_as_multiturn=args.fewshot_as_multiturn, model=args.backend,
+                             model_args=args.model_args, local_alias=args.local_alias,
+                             fewshot_from_scored_split=args.fewshot_from_scored_split)
     except ValidationError as exc:
         raise PruneError(format_validation_error(exc, "prune eval", EvaluateConfig)) from None
 
     result = evaluate_model(args.model, cfg, dtype=args.dtype, device_map=args.device_map,
                             trust_remote_code=args.trust_remote_code, quiet=args.quiet, original=args.fidelity_to,
                             output_path=args.output_path)
+    if result is None:  # a data-parallel process other than the first: the first one reports
+        return 0
     lm_eval_files = result.pop("lm_eval_files", {})
     print(f"{'task':<16} {'metric':<10} {'value':>8} {'stderr':>8}")
     if "perplexity" in result:
@@ -198,7 +212,8 @@ def cmd_eval(args) -> int:
         for metric, value in res["metrics"].items():
             err = res["stderr"].get(metric)
             print(f"{task:<16} {metric:<10} {value:>8.4f} {'' if err is None else f'{err:.4f}':>8}")
-    print(f"{result['layers']} layers, {result['parameters']:,} parameters")
+    params = f"{result['parameters']:,} parameters" if result["parameters"] is not None else "parameters not counted"
+    print(f"{result['layers']} layers, {params}")
     if lm_eval_files:
         from prune.measure.evaluation import lm_eval_tables
 
@@ -403,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     from prune.core.console import __version__
 
     parser.add_argument("--version", action="version", version=f"prune {__version__}")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None,
+                        help="log messages of prune's libraries (transformers, datasets, lm-eval) from this level on, to "
+                             "stderr (default: their own defaults; --quiet lowers them to errors)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
@@ -412,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.log_level:
+        from prune.core.console import set_log_level
+
+        set_log_level(args.log_level)
     try:
         return args.func(args)
     except PruneError as exc:

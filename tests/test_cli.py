@@ -50,7 +50,7 @@ def test_run_writes_a_complete_output_folder(tmp_path, tiny_folder):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_folder, tmp_path / "out")))
     proc = prune_cli("run", recipe, "--set", "select.n_layers=2", check_rc=0)
-    assert "removing 2 of 8 blocks (0-based): [3, 4]" in proc.stdout
+    assert "removing 2 of 8 blocks (0-based): [3, 4]" in proc.stderr  # stage lines on stderr, results on stdout
     assert "| perplexity | ppl |" in proc.stdout and "| layers | count | 8 | 6 |" in proc.stdout
     out = tmp_path / "out"
     names = {p.name for p in out.iterdir()}

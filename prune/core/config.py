@@ -222,6 +222,10 @@ class EvaluateConfig(Section):
     apply_chat_template: bool | str = False  # lm-eval's: True, or the name of one of the tokenizer's templates
     fewshot_as_multiturn: bool | None = None  # None: on when a chat template is applied (lm-eval's default)
     local_alias: bool = False  # report local copies under the registry name (arc_easy_local as arc_easy)
+    # lm-eval's model backend for the tasks: hf in memory (default), or lm-eval loads the folder itself
+    # (model hf with model_args, model vllm; see prune eval --model). A run always evaluates in memory.
+    model: Literal["hf", "vllm"] = "hf"
+    model_args: str | None = None
     fewshot_from_scored_split: bool = False  # allow few-shot examples from the split being scored (results marked)
 
     @field_validator("batch_size")

@@ -97,12 +97,9 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
 
     names, manager = resolve_tasks(tasks, data_dir_path=data_dir_path, task_dirs=task_dirs)
     offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    notes = [f"lm-eval: {asked} runs the local copy {name} (from {data_dir(data_dir_path)}/tasks), reported as {name}"
+             for asked, name in zip(tasks, names) if asked != name]
     for asked, name in zip(tasks, names):
-        if asked != name:
-            from prune.core.console import is_quiet, say
-
-            say(f"lm-eval: {asked} runs the local copy {name} (from {data_dir(data_dir_path)}/tasks)",
-                is_quiet() if quiet is None else quiet)
         loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("lm_eval")]
         previous = [(lg, lg.level) for lg in loggers]
         for lg in loggers:
@@ -139,6 +136,10 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
                 raise PruneError(f"lm-eval task {leaf!r}: {shots}-shot examples would be drawn from its {scored!r} split, "
                                  f"the split it scores; use num_fewshot 0, a task with a training or validation split, "
                                  f"or set evaluate.fewshot_from_scored_split (then the results are marked)")
+    from prune.core.console import say
+
+    for note in notes:  # once every check passed: an error stays the only line
+        say(note, quiet)
     return names
 
 
@@ -259,11 +260,14 @@ def summarize(out: dict, *, local_alias: bool = False) -> dict:
 def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, batch_size: int | str = 8,
                 num_fewshot: int = 0, seed: int = 0, data_dir_path=None, task_dirs=None, progress: bool = True,
                 log_samples: bool = True, apply_chat_template: bool | str = False,
-                fewshot_as_multiturn: bool | None = None, local_alias: bool = False) -> LmEvalRun:
-    """Run lm-eval ``tasks`` on the in-memory ``model`` (wrapped in ``HFLM``) with an ``EvaluationTracker``."""
+                fewshot_as_multiturn: bool | None = None, local_alias: bool = False,
+                model_args: str | None = None) -> LmEvalRun | None:
+    """Run lm-eval ``tasks`` with an ``EvaluationTracker`` on ``model``: an in-memory model (wrapped
+    in ``HFLM``; ``tokenizer`` is its tokenizer) or the name of one of lm-eval's backends (``"hf"``,
+    ``"vllm"``), which then loads the model itself from ``model_args`` (see :func:`backend_model_args`).
+    Returns None on the processes of a data-parallel run other than the first (lm-eval gathers there)."""
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
-    from lm_eval.models.huggingface import HFLM
 
     names, manager = resolve_tasks(tasks, data_dir_path=data_dir_path, task_dirs=task_dirs)
     # lm-eval warns that an in-memory model was passed and that num_fewshot was set: both intended
@@ -272,12 +276,18 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        check_tokenizer(tokenizer)
-        # a copy: HFLM sets pad_token on the tokenizer it gets, which must not leak into the saved one
-        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+        if isinstance(model, str):
+            lm = model
+        else:
+            from lm_eval.models.huggingface import HFLM
+
+            check_tokenizer(tokenizer)
+            # a copy: HFLM sets pad_token on the tokenizer it gets, which must not leak into the saved one
+            lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
         tracker = EvaluationTracker()
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
+            model=lm, model_args=model_args if isinstance(model, str) else None, tasks=names, task_manager=manager,
+            num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
             log_samples=log_samples, evaluation_tracker=tracker, verbosity="ERROR" if not progress else "WARNING",
             apply_chat_template=apply_chat_template,
@@ -286,8 +296,44 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
     finally:
         for lg, level in previous:
             lg.setLevel(level)
+    if out is None:  # a data-parallel process other than the first
+        return None
     samples = out.pop("samples", {})
     return LmEvalRun(out, samples, summarize(out, local_alias=local_alias), tracker)
+
+
+#: lm-eval backends ``prune eval --model`` passes through (lm-eval loads the model itself)
+BACKENDS = ("hf", "vllm")
+
+
+def world_size() -> int:
+    """Processes of a data-parallel launch (``accelerate launch`` / ``torchrun`` set ``WORLD_SIZE``)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def check_backend(backend: str) -> None:
+    """One line when ``backend`` is unknown or its package is missing (before any model work)."""
+    import importlib.util
+
+    if backend not in BACKENDS:
+        raise PruneError(f"unknown lm-eval model backend {backend!r} (use one of: {', '.join(BACKENDS)})")
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise PruneError("--model vllm needs vLLM, which is not installed (pip install vllm, on a machine with a GPU); "
+                         "or use --model hf")
+
+
+def backend_model_args(source: str, model_args: str | None = None, *, dtype: str = "auto", gguf_file: str | None = None,
+                       trust_remote_code: bool = False) -> str:
+    """lm-eval's ``model_args`` string for ``source``: ``pretrained=SOURCE`` first, then the user's
+    ``model_args`` unchanged, then ``dtype`` / ``gguf_file`` / ``trust_remote_code`` unless given there."""
+    given = {part.split("=", 1)[0].strip() for part in (model_args or "").split(",") if "=" in part}
+    if "pretrained" in given:
+        raise PruneError("--model-args must not set pretrained: the model is the MODEL argument")
+    parts = [f"pretrained={source}"] + ([model_args.strip(",")] if model_args else [])
+    extra = {"dtype": None if dtype == "auto" else dtype, "gguf_file": gguf_file,
+             "trust_remote_code": True if trust_remote_code else None}
+    parts += [f"{k}={v}" for k, v in extra.items() if v is not None and k not in given]
+    return ",".join(parts)
 
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, batch_size: int | str = 8,

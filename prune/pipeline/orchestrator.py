@@ -24,7 +24,7 @@ from typing import Any
 from prune.measure import perplexity as E
 from prune.io.text import calibration_windows, eval_windows, load_text
 from prune.core.errors import PruneError
-from prune.core.console import quiet_mode, say, versions
+from prune.core.console import quiet_mode, say, show, versions
 from prune.core.tables import comparison_markdown, comparison_rows
 from prune.measure.evaluation import evaluate_loaded, fidelity_reference, lm_eval_outputs, lm_eval_tables
 from prune.measure.paired import paired_section
@@ -91,6 +91,9 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
 
         check_tokenizer(tokenizer)
         ev = recipe.evaluate  # every task problem now, before the model loads
+        if ev.model != "hf" or ev.model_args is not None:
+            raise PruneError("a run evaluates the model in memory (evaluate.model hf, no model_args); evaluate the saved "
+                             f"folder with another backend afterwards: prune eval OUTPUT --model {ev.model} --model-args ...")
         check_tasks(ev.tasks, data_dir_path=ev.data_dir, task_dirs=ev.task_dirs, num_fewshot=ev.num_fewshot,
                     fewshot_from_scored_split=ev.fewshot_from_scored_split)
     # -- heal (prune.heal): settings checked against the config, before any weights are loaded --
@@ -243,8 +246,8 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     out = save(model, tokenizer, recipe.output.dir, pruning=pruning, files=files,
                overwrite=overwrite or recipe.output.overwrite)
     progress.finish()
-    say(f"\n{table}\n" + paired_section(paired) + (f"\n{lm_eval_tables(lm_eval_files)}" if lm_eval_files else "")
-        + f"\nsaved {out}", quiet)
+    show(f"\n{table}\n" + paired_section(paired) + (f"\n{lm_eval_tables(lm_eval_files)}" if lm_eval_files else "")
+         + f"\nsaved {out}", quiet)
     if recipe.output.push_to_hub is not None:
         from prune.export.push import push_config
 
