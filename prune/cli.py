@@ -18,6 +18,7 @@ from prune.core.config import (
     CalibrationConfig,
     EvaluateConfig,
     ModelConfig,
+    FidelityConfig,
     PerplexityConfig,
     ScoreConfig,
     default,
@@ -143,20 +144,47 @@ def add_eval(sub) -> None:
     p.add_argument("--perplexity-rows", default=None, help="slice of rows of --perplexity-data, e.g. 2000:")
     option(p, "--seq-len", PerplexityConfig, "seq_len", type=int)
     option(p, "--max-windows", PerplexityConfig, "max_windows", type=int)
+    p.add_argument("--fidelity-to", default=None, metavar="ORIGINAL",
+                   help="also measure KL(ORIGINAL || MODEL) per token, top-1 agreement and the perplexity ratio on the "
+                        "--perplexity-data windows (ORIGINAL runs first, once)")
+    option(p, "--fidelity-top-k", FidelityConfig, "top_k", type=int)
     option(p, "--limit", EvaluateConfig, "limit", type=float)
-    option(p, "--batch-size", EvaluateConfig, "batch_size", type=int)
+    option(p, "--batch-size", EvaluateConfig, "batch_size", type=str)
     option(p, "--num-fewshot", EvaluateConfig, "num_fewshot", type=int)
     option(p, "--seed", EvaluateConfig, "seed", type=int)
     p.add_argument("--data-dir", default=None, help="offline task data folder (default $PRUNE_DATA_DIR)")
-    p.add_argument("--task-dir", action="append", default=[], help="folder of extra lm-eval task YAMLs (repeatable)")
+    p.add_argument("--include-path", "--task-dir", dest="task_dir", action="append", default=[],
+                   help="folder of extra lm-eval task YAMLs (lm-eval's --include_path; repeatable)")
+    p.add_argument("--apply-chat-template", nargs="?", const=True, default=False, metavar="TEMPLATE",
+                   help="format prompts with the tokenizer's chat template (optionally a named one), as lm-eval does")
+    p.add_argument("--fewshot-as-multiturn", action=argparse.BooleanOptionalAction, default=None,
+                   help="few-shot examples as a multi-turn chat (default: on with --apply-chat-template)")
+    p.add_argument("--model", dest="backend", choices=["hf", "vllm"], default="hf",
+                   help="lm-eval backend for the tasks (default hf: the model in memory; with --model-args, vllm or "
+                        "under accelerate launch lm-eval loads MODEL itself with pretrained=MODEL)")
+    p.add_argument("--model-args", default=None,
+                   help="lm-eval's model_args, passed through after pretrained=MODEL, e.g. "
+                        "'dtype=bfloat16,max_length=2048' (hf) or 'tensor_parallel_size=2,gpu_memory_utilization=0.8' (vllm)")
+    p.add_argument("--local-alias", action="store_true",
+                   help="report the local task copies under the registry names (arc_easy for arc_easy_local)")
+    p.add_argument("--fewshot-from-scored-split", action="store_true",
+                   help="allow few-shot examples from the split being scored (refused otherwise; results are marked)")
+    p.add_argument("--output-path", default=None, metavar="DIR",
+                   help="write lm-eval's own files (results_*.json, samples_*.jsonl) to DIR/<model name>, as lm-eval's "
+                        "--output_path --log_samples does; read them with prune compare")
     p.add_argument("--output", "-o", default=None, help="write the results as JSON to this file")
     _common_model_flags(p)
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
+    from pydantic import ValidationError
+
+    from prune.core.config import format_validation_error
     from prune.pipeline.commands import evaluate_model
 
+    if args.fidelity_to and not args.perplexity_data:
+        raise PruneError("--fidelity-to measures on the perplexity text: give --perplexity-data too")
     if not args.tasks and not args.perplexity_data:
         raise PruneError("nothing to evaluate: give --tasks and/or --perplexity-data")
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
@@ -164,18 +192,43 @@ def cmd_eval(args) -> int:
     if args.perplexity_data:
         ppl = PerplexityConfig(path=args.perplexity_data, field=args.perplexity_field, rows=args.perplexity_rows,
                                seq_len=args.seq_len, max_windows=args.max_windows)
-    cfg = EvaluateConfig(perplexity=ppl, tasks=args.tasks, task_dirs=args.task_dir, data_dir=args.data_dir, limit=limit,
-                         batch_size=args.batch_size, num_fewshot=args.num_fewshot, seed=args.seed)
+    fidelity = {"top_k": args.fidelity_top_k} if args.fidelity_to else None
+    try:
+        cfg = EvaluateConfig(perplexity=ppl, fidelity=fidelity, tasks=args.tasks, task_dirs=args.task_dir,
+                             data_dir=args.data_dir, limit=limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+                             seed=args.seed, apply_chat_template=args.apply_chat_template,
+                             fewshot_as_multiturn=args.fewshot_as_multiturn, model=args.backend,
+                             model_args=args.model_args, local_alias=args.local_alias,
+                             fewshot_from_scored_split=args.fewshot_from_scored_split)
+    except ValidationError as exc:
+        raise PruneError(format_validation_error(exc, "prune eval", EvaluateConfig)) from None
+
     result = evaluate_model(args.model, cfg, dtype=args.dtype, device_map=args.device_map,
-                            trust_remote_code=args.trust_remote_code, quiet=args.quiet)
+                            trust_remote_code=args.trust_remote_code, quiet=args.quiet, original=args.fidelity_to,
+                            output_path=args.output_path)
+    if result is None:  # a data-parallel process other than the first: the first one reports
+        return 0
+    lm_eval_files = result.pop("lm_eval_files", {})
     print(f"{'task':<16} {'metric':<10} {'value':>8} {'stderr':>8}")
     if "perplexity" in result:
         print(f"{'perplexity':<16} {'ppl':<10} {result['perplexity']['perplexity']:>8.3f} {'':>8}")
+    if "fidelity" in result:
+        f = result["fidelity"]
+        for metric in ("kl_mean", "kl_median", "kl_p99", "kl_max", "top1_agreement", "perplexity_ratio"):
+            err = f["kl_mean_stderr"] if metric == "kl_mean" else None
+            print(f"{'fidelity':<16} {metric:<16} {f[metric]:>10.4g} {'' if err is None else f'{err:.2g}':>8}")
     for task, res in result.get("tasks", {}).items():
         for metric, value in res["metrics"].items():
             err = res["stderr"].get(metric)
             print(f"{task:<16} {metric:<10} {value:>8.4f} {'' if err is None else f'{err:.4f}':>8}")
-    print(f"{result['layers']} layers, {result['parameters']:,} parameters")
+    params = f"{result['parameters']:,} parameters" if result["parameters"] is not None else "parameters not counted"
+    print(f"{result['layers']} layers, {params}")
+    if lm_eval_files:
+        from prune.measure.evaluation import lm_eval_tables
+
+        print("\n" + lm_eval_tables(lm_eval_files))
+    if result.get("lm_eval_folder"):
+        print(f"lm-eval results and samples written to {result['lm_eval_folder']}", file=sys.stderr)
     if args.output:
         with open(args.output, "w") as handle:
             json.dump(result, handle, indent=1)
@@ -337,8 +390,38 @@ def cmd_heal(args) -> int:
     return 0
 
 
+# ---- compare --------------------------------------------------------------------------
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="paired comparison of two evaluations on the same examples (lm-eval samples)",
+                       description="Compare B against A example by example from lm-eval's per-example samples "
+                                   "(samples_*.jsonl): per task and metric the mean difference B - A, its paired standard "
+                                   "error sd(d)/sqrt(n), a 95%% percentile bootstrap interval, how many answers flipped "
+                                   "each way and McNemar's exact p-value. A and B are prune run folders (their "
+                                   "eval/pruned), lm-eval --output_path folders or folders of samples_*.jsonl. With only A "
+                                   "(a run folder), its original is compared with its pruned model.")
+    p.add_argument("a", metavar="A", help="run folder or lm-eval results folder (the baseline)")
+    p.add_argument("b", metavar="B", nargs="?", default=None, help="run folder or lm-eval results folder (compared to A)")
+    p.add_argument("--iters", type=int, default=10_000, help="bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--output", "-o", default=None, help="also write the comparison as JSON to this file")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    from prune.measure.paired import compare_folders, paired_markdown
+
+    rows = compare_folders(args.a, args.b, iters=args.iters, seed=args.seed)
+    names = ("original", "pruned") if args.b is None else ("A", "B")
+    print(paired_markdown(rows, *names))
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump({"a": args.a, "b": args.b, "rows": [r.to_dict() for r in rows]}, handle, indent=1)
+        print(f"comparison written to {args.output}", file=sys.stderr)
+    return 0
+
+
 #: every subcommand registers itself here: (adder, ...) in --help order
-SUBCOMMANDS = [add_run, add_score, add_eval, add_report, add_heal, add_remove, add_check, add_push]
+SUBCOMMANDS = [add_run, add_score, add_eval, add_compare, add_report, add_heal, add_remove, add_check, add_push]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -347,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     from prune.core.console import __version__
 
     parser.add_argument("--version", action="version", version=f"prune {__version__}")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None,
+                        help="log messages of prune's libraries (transformers, datasets, lm-eval) from this level on, to "
+                             "stderr (default: their own defaults; --quiet lowers them to errors)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
@@ -356,6 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.log_level:
+        from prune.core.console import set_log_level
+
+        set_log_level(args.log_level)
     try:
         return args.func(args)
     except PruneError as exc:

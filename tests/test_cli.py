@@ -50,7 +50,7 @@ def test_run_writes_a_complete_output_folder(tmp_path, tiny_folder):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_folder, tmp_path / "out")))
     proc = prune_cli("run", recipe, "--set", "select.n_layers=2", check_rc=0)
-    assert "removing 2 of 8 blocks (0-based): [3, 4]" in proc.stdout
+    assert "removing 2 of 8 blocks (0-based): [3, 4]" in proc.stderr  # stage lines on stderr, results on stdout
     assert "| perplexity | ppl |" in proc.stdout and "| layers | count | 8 | 6 |" in proc.stdout
     out = tmp_path / "out"
     names = {p.name for p in out.iterdir()}
@@ -98,8 +98,8 @@ def test_eval_runs_local_lm_eval_tasks_and_perplexity(tmp_path, tiny_folder):
                      "--perplexity-data", WIKI_RAW, "--perplexity-rows", "0:200", "--seq-len", 32, "--max-windows", 2,
                      "-o", tmp_path / "e.json", "--quiet", check_rc=0)
     result = json.loads((tmp_path / "e.json").read_text())
-    assert set(result["tasks"]) == {"arc_easy", "winogrande"}
-    assert result["tasks"]["arc_easy"]["n"] == 6 and 0 <= result["tasks"]["arc_easy"]["metrics"]["acc"] <= 1
+    assert set(result["tasks"]) == {"arc_easy_local", "winogrande_local"}  # local copies, named as such
+    assert result["tasks"]["arc_easy_local"]["n"] == 6 and 0 <= result["tasks"]["arc_easy_local"]["metrics"]["acc"] <= 1
     assert result["perplexity"]["windows"] == 2 and result["layers"] == 8
     assert "arc_easy" in proc.stdout and "winogrande" in proc.stdout
 

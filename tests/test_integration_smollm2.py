@@ -60,7 +60,7 @@ def test_quick_recipe_end_to_end(smollm2_folder, tmp_path):
         "evaluate.tasks=[arc_easy, winogrande]", "evaluate.limit=20", "calibration.n_samples=8"])
     assert len(result.selection.removed) == 7
     rows = {(r["name"], r["metric"]) for r in result.evaluation["rows"]}
-    assert {("perplexity", "ppl"), ("arc_easy", "acc"), ("winogrande", "acc"), ("layers", "count")} <= rows
+    assert {("perplexity", "ppl"), ("arc_easy_local", "acc"), ("winogrande_local", "acc"), ("layers", "count")} <= rows
     ppl = result.evaluation["pruned"]["perplexity"]["perplexity"]
     assert math.isfinite(ppl) and ppl > result.evaluation["original"]["perplexity"]["perplexity"]
     for name in ("config.json", "model.safetensors", "recipe.yaml", "pruning.json", "eval.json", "eval.md"):

@@ -17,17 +17,18 @@ def test_run_evaluates_before_and_after_with_lm_eval(tmp_path, tiny_folder):
     result = run(recipe, quiet=True)
     assert result.selection.removed == [3, 4]  # the planted near-identity blocks
     ev = result.evaluation
-    assert set(ev["original"]["tasks"]) == set(ev["pruned"]["tasks"]) == {"copa", "piqa"}
-    for task in ("copa", "piqa"):
+    # local copies are reported under their own names
+    assert set(ev["original"]["tasks"]) == set(ev["pruned"]["tasks"]) == {"copa_local", "piqa_local"}
+    for task in ("copa_local", "piqa_local"):
         assert ev["pruned"]["tasks"][task]["n"] == 8
     rows = {(r["name"], r["metric"]): r for r in ev["rows"]}
-    piqa = rows[("piqa", "acc")]
+    piqa = rows[("piqa_local", "acc")]
     if piqa["original"]:
         assert piqa["retained"] == pytest.approx(piqa["pruned"] / piqa["original"])
     assert rows[("layers", "count")]["original"] == 8 and rows[("layers", "count")]["pruned"] == 6
     assert ev["settings"]["limit"] == 8 and ev["settings"]["batch_size"] == 4 and "lm_eval" in ev["settings"]["versions"]
     md = (result.out_dir / "eval.md").read_text()
-    assert "| copa | acc |" in md and "| parameters | count |" in md
+    assert "| copa_local | acc |" in md and "| parameters | count |" in md
     saved = json.loads((result.out_dir / "eval.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(ev["rows"]))
 

@@ -327,7 +327,7 @@ def test_run_sequential_equals_run_in_memory(tokenizers_by_bos, tmp_path, capsys
     _, _, folder = saved(tmp_path, "gemma2", tokenizers_by_bos, max_shard_size="150KB")
     mem = run(_recipe(folder, tmp_path / "mem", "in_memory"))
     seq = run(_recipe(folder, tmp_path / "seq", "sequential"))
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err
     assert "execution: in_memory (asked for in the recipe)" in said and "execution: sequential" in said
     assert seq.selection.removed == mem.selection.removed
     assert_same_scores(mem.scores_before, seq.scores_before)
@@ -348,7 +348,7 @@ def test_run_auto_chooses_sequential_when_memory_is_short(tokenizers_by_bos, tmp
     recipe = _recipe(folder, tmp_path / "out", "auto")
     recipe["model"]["max_memory"] = {"cpu": tight_memory(folder)}
     result = run(recipe)
-    assert "execution: sequential (weights" in capsys.readouterr().out
+    assert "execution: sequential (weights" in capsys.readouterr().err
     assert result.pruning.execution["requested"] == "auto"
     with_eval = _recipe(folder, tmp_path / "out2", "sequential")
     with_eval["evaluate"] = {"perplexity": {"path": str(WIKI_RAW), "rows": "2000:2100", "seq_len": 32}}
@@ -368,7 +368,7 @@ def test_score_model_sequential_says_so(tokenizers_by_bos, tmp_path, capsys):
     mem = score_model(str(folder), execution="in_memory", **kwargs)
     assert seq.metadata["execution"]["mode"] == "sequential" and mem.metadata["execution"]["mode"] == "in_memory"
     assert_same_scores(mem, seq)
-    assert "execution: sequential (asked for" in capsys.readouterr().out
+    assert "execution: sequential (asked for" in capsys.readouterr().err
 
 
 # ---- GPU variants (run only where CUDA exists) ----------------------------------------------------

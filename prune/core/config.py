@@ -192,16 +192,76 @@ class PerplexityConfig(TextConfig):
     batch_size: int = Field(4, ge=1, description="perplexity windows per forward pass")
 
 
+class FidelityConfig(Section):
+    """``evaluate.fidelity``: KL(original || pruned) per predicted token (see :mod:`prune.measure.fidelity`).
+
+    Without ``path`` it reuses the perplexity text and windows (``evaluate.perplexity``; its
+    ``seq_len`` and ``max_windows`` unless given here). The original's top-``top_k`` log-probs
+    per token are kept (``windows x (seq_len - 1) x top_k x 8`` bytes); the rest of the vocabulary
+    is one bucket, so the KL is exact when ``top_k`` covers the vocabulary and a lower bound otherwise.
+    """
+
+    path: str | None = None
+    field: str | list[str] = "text"
+    config: str | None = None
+    split: str = "train"
+    rows: str | None = None
+    bos: bool | None = None
+    seq_len: int | None = Field(None, ge=8)
+    max_windows: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1)
+    top_k: int = Field(256, ge=1, description="original log-probs kept per token (the vocabulary size: exact KL)")
+
+    def text(self, perplexity: "PerplexityConfig | None") -> tuple[TextConfig, int, int | None]:
+        """``(text, seq_len, max_windows)`` the fidelity windows are cut from."""
+        if self.path is not None:
+            own = TextConfig(path=self.path, field=self.field, config=self.config, split=self.split, rows=self.rows,
+                             bos=self.bos)
+            return own, self.seq_len or 512, self.max_windows or 16
+        if perplexity is None:
+            raise PruneError("evaluate.fidelity has no path and there is no evaluate.perplexity to reuse: "
+                             "give evaluate.fidelity.path (held-out text, not the calibration text)")
+        return (TextConfig(**perplexity.model_dump(include=set(TextConfig.model_fields))),
+                self.seq_len or perplexity.seq_len, self.max_windows or perplexity.max_windows)
+
+
 class EvaluateConfig(Section):
     perplexity: PerplexityConfig | None = None
+    fidelity: FidelityConfig | None = None  # KL(original || pruned); needs the original (in a run: always there)
     tasks: list[str] = []
     task_dirs: list[str] = []
     data_dir: str | None = None  # offline task data (default: $PRUNE_DATA_DIR)
     limit: int | float | None = Field(None, gt=0, description="lm-eval: examples per task (or a fraction < 1)")
-    batch_size: int = Field(8, ge=1, description="lm-eval batch size")
+    batch_size: int | str = Field(8, description="lm-eval batch size: a number, auto or auto:N")
     num_fewshot: int = Field(0, ge=0, description="few-shot examples")
     seed: int = Field(0, description="lm-eval seeds")
     original: bool = True  # also evaluate the original model, for the before/after table
+    apply_chat_template: bool | str = False  # lm-eval's: True, or the name of one of the tokenizer's templates
+    fewshot_as_multiturn: bool | None = None  # None: on when a chat template is applied (lm-eval's default)
+    local_alias: bool = False  # report local copies under the registry name (arc_easy_local as arc_easy)
+    # lm-eval's model backend for the tasks: hf in memory (default), or lm-eval loads the folder itself
+    # (model hf with model_args, model vllm; see prune eval --model). A run always evaluates in memory.
+    model: Literal["hf", "vllm"] = "hf"
+    model_args: str | None = None
+    fewshot_from_scored_split: bool = False  # allow few-shot examples from the split being scored (results marked)
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, value: int | str) -> int | str:
+        if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+            if int(value) < 1:
+                raise ValueError("batch_size must be at least 1 (or auto)")
+            return int(value)
+        if not re.fullmatch(r"auto(:\d+)?", value):
+            raise ValueError("batch_size is a number, auto or auto:N (lm-eval's choices)")
+        return value
+
+    @model_validator(mode="after")
+    def _fidelity_text(self):
+        if self.fidelity is not None and self.fidelity.path is None and self.perplexity is None:
+            raise ValueError("fidelity without a path reuses the perplexity text: add evaluate.perplexity or "
+                             "give evaluate.fidelity.path")
+        return self
 
 
 class PushConfig(Section):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 
 __version__ = "0.1.0"  # the package version (pyproject.toml's)
 
@@ -21,22 +22,79 @@ def versions() -> dict[str, str]:
     return out
 
 
+_QUIET = {"on": False}
+_TQDM_INIT: dict = {}
+
+
+def is_quiet() -> bool:
+    """Whether the running command was asked to be quiet (:func:`quiet_mode`)."""
+    return _QUIET["on"]
+
+
 def quiet_mode(quiet: bool) -> None:
-    """Silence every progress bar (ours, transformers', datasets', lm-eval's) when ``quiet``."""
+    """Silence every progress bar (ours, transformers', datasets', huggingface_hub's and lm-eval's,
+    which pass ``disable=False`` themselves: tqdm is made to ignore it) and library warnings below
+    errors when ``quiet``; ``quiet_mode(False)`` undoes it."""
+    import logging
+
+    import tqdm.std
+
+    _QUIET["on"] = bool(quiet)
+    if quiet and "init" not in _TQDM_INIT:
+        original = _TQDM_INIT["init"] = tqdm.std.tqdm.__init__
+
+        def silent_init(self, *args, **kwargs):
+            kwargs["disable"] = True
+            original(self, *args, **kwargs)
+
+        tqdm.std.tqdm.__init__ = silent_init
+    elif not quiet and "init" in _TQDM_INIT:
+        tqdm.std.tqdm.__init__ = _TQDM_INIT.pop("init")
     if not quiet:
         return
     os.environ["TQDM_DISABLE"] = "1"
+    for name in list(logging.root.manager.loggerDict) + ["lm_eval", "lm-eval"]:
+        if name.startswith(("lm_eval", "lm-eval")):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import datasets
+        import huggingface_hub.utils
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
         datasets.disable_progress_bars()
+        huggingface_hub.utils.disable_progress_bars()
     except ImportError:  # pragma: no cover
         pass
 
 
-def say(message: str, quiet: bool) -> None:
-    if not quiet:
+def set_log_level(level: str) -> None:
+    """``--log-level``: Python logging, transformers, datasets and lm-eval at ``level`` (debug, info, warning, error)."""
+    import logging
+
+    value = getattr(logging, level.upper())
+    logging.basicConfig(level=value, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(value)
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(value)
+    try:
+        import datasets
+        import transformers
+
+        transformers.utils.logging.set_verbosity(value)
+        datasets.utils.logging.set_verbosity(value)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def say(message: str, quiet: bool | None = None) -> None:
+    """A progress or stage line, on stderr (results go to stdout: :func:`show`); ``quiet`` None: :func:`is_quiet`."""
+    if not (is_quiet() if quiet is None else quiet):
+        print(message, file=sys.stderr, flush=True)
+
+
+def show(message: str, quiet: bool | None = None) -> None:
+    """A result (a table, a summary), on stdout."""
+    if not (is_quiet() if quiet is None else quiet):
         print(message, flush=True)

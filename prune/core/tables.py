@@ -14,10 +14,20 @@ def comparison_rows(original: dict, pruned: dict, facts: dict) -> list[dict]:
     if "perplexity" in pruned:
         add("perplexity", "ppl", original.get("perplexity", {}).get("perplexity"), pruned["perplexity"]["perplexity"],
             lower_is_better=True)
+    if "fidelity" in pruned:  # against the original: KL 0 and agreement 1 by definition
+        f = pruned["fidelity"]
+        kl = "KL to original" + ("" if f.get("kl_exact", True) else f" (top-{f['top_k']})")
+        add(kl, "mean", 0.0, f["kl_mean"], None, f.get("kl_mean_stderr"), lower_is_better=True)
+        add(kl, "p99", 0.0, f["kl_p99"], lower_is_better=True)
+        add("top-1 agreement", "fraction", 1.0, f["top1_agreement"])
+        if f.get("data") != pruned.get("perplexity", {}).get("data"):  # own text: its perplexity too
+            add("fidelity perplexity", "ppl", f["perplexity_original"], f["perplexity_pruned"], lower_is_better=True)
     for task, res in pruned.get("tasks", {}).items():
         before = original.get("tasks", {}).get(task, {})
+        name = task + (" (group)" if res.get("group") else "") + (
+            " (few-shot from the scored split)" if res.get("fewshot_from_scored_split") else "")
         for metric, value in res["metrics"].items():
-            add(task, metric, before.get("metrics", {}).get(metric), value,
+            add(name, metric, before.get("metrics", {}).get(metric), value,
                 before.get("stderr", {}).get(metric), res["stderr"].get(metric))
     add("parameters", "count", facts["params_before"], facts["params_after"], lower_is_better=True)
     add("layers", "count", facts["layers_before"], facts["layers_after"], lower_is_better=True)
@@ -29,6 +39,8 @@ def _fmt(value, metric: str) -> str:
         return "-"
     if metric == "count":
         return f"{value:,}"
+    if metric in ("mean", "p99"):  # KL values span orders of magnitude
+        return f"{value:.4g}"
     return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
 
 
@@ -42,7 +54,7 @@ def comparison_markdown(rows: list[dict]) -> str:
         if r["stderr_original"] is not None:
             a += f" ± {r['stderr_original']:.4f}"
         if r["stderr_pruned"] is not None:
-            b += f" ± {r['stderr_pruned']:.4f}"
+            b += f" ± {r['stderr_pruned']:.2g}" if r["metric"] == "mean" else f" ± {r['stderr_pruned']:.4f}"
         lines.append(f"| {r['name']} | {r['metric']} | {a} | {b} | {fmt_retained(r)} |")
     return "\n".join(lines)
 

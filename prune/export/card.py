@@ -206,6 +206,10 @@ def eval_settings_line(settings: dict | None) -> str:
         rows = f" rows {ppl['rows']}" if ppl.get("rows") else ""
         windows = f"at most {ppl['max_windows']} windows" if ppl.get("max_windows") else "all windows"
         parts.append(f"perplexity on `{Path(str(ppl.get('path'))).name}`{rows}, {windows} × {ppl.get('seq_len')} tokens")
+    fid = settings.get("fidelity")
+    if fid:
+        where = f"`{Path(str(fid['path'])).name}`" if fid.get("path") else "the perplexity text"
+        parts.append(f"KL(original ‖ pruned) per token on {where}, top-{fid.get('top_k')} of the original kept")
     if settings.get("tasks"):
         limit = settings.get("limit")
         parts.append(f"lm-eval {', '.join(settings['tasks'])}: {settings.get('num_fewshot', 0)}-shot, "

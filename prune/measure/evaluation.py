@@ -1,7 +1,10 @@
-"""Utility of an in-memory model under an ``evaluate:`` section: perplexity and lm-eval tasks."""
+"""Utility of an in-memory model under an ``evaluate:`` section: perplexity, fidelity to the
+original (with a :class:`~prune.measure.fidelity.FidelityReference` built from it) and lm-eval tasks."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from prune.core.config import EvaluateConfig
@@ -12,11 +15,37 @@ from prune.measure import perplexity as E
 
 
 # ---- evaluation ------------------------------------------------------------------------
-def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool = False, label: str = "") -> dict:
-    """Perplexity and lm-eval tasks of an in-memory model under the settings ``cfg``."""
+def fidelity_reference(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool = False):
+    """The original ``model``'s reference for ``evaluate.fidelity`` (None when not asked for)."""
+    if cfg is None or cfg.fidelity is None:
+        return None
+    from prune.measure.fidelity import build_reference
+
+    f = cfg.fidelity
+    text, seq_len, max_windows = f.text(cfg.perplexity)
+    windows = eval_windows(tokenizer, load_text(text.source()), seq_len, max_windows, text.bos)
+    return build_reference(model, windows, top_k=f.top_k, batch_size=f.batch_size, progress=not quiet,
+                           data=text.source().describe())
+
+
+def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool = False, label: str = "",
+                    reference=None, lm_eval_name: str | None = None, lm_eval_folder: str = "model") -> dict:
+    """Perplexity, fidelity (against ``reference``, the original's) and lm-eval tasks of an
+    in-memory model under the settings ``cfg``. With ``lm_eval_name`` (the model name lm-eval
+    records; ``lm_eval_folder`` its folder name) lm-eval logs every example and its own files are returned as ``lm_eval_files``
+    (``{file name: text}``: ``results_<date>.json``, ``samples_<task>_<date>.jsonl``)."""
     if cfg is None:
         return {}
     out: dict[str, Any] = {}
+    if reference is not None:
+        from prune.measure.fidelity import measure_fidelity
+
+        fid = measure_fidelity(model, reference, batch_size=cfg.fidelity.batch_size if cfg.fidelity else 4,
+                               progress=not quiet)
+        out["fidelity"] = fid
+        say(f"{label}KL to the original: mean {fid['kl_mean']:.4f}, median {fid['kl_median']:.4f}, p99 "
+            f"{fid['kl_p99']:.4f}, max {fid['kl_max']:.3f}; top-1 agreement {100 * fid['top1_agreement']:.1f}%; "
+            f"perplexity ratio {fid['perplexity_ratio']:.3f}", quiet)
     if cfg.perplexity is not None:
         p = cfg.perplexity
         windows = eval_windows(tokenizer, load_text(p.source()), p.seq_len, p.max_windows, p.bos)
@@ -26,9 +55,45 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
         say(f"{label}perplexity {result['perplexity']:.3f} ({result['windows']} windows x {result['seq_len']} tokens)", quiet)
     fault_point("evaluating")
     if cfg.tasks:
-        from prune.measure.lmeval import evaluate_tasks
+        from prune.measure.lmeval import run_lm_eval
 
-        out["tasks"] = evaluate_tasks(model, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size,
-                                      num_fewshot=cfg.num_fewshot, seed=cfg.seed, data_dir_path=cfg.data_dir,
-                                      task_dirs=cfg.task_dirs, progress=not quiet)
+        run = run_lm_eval(model, tokenizer, cfg.tasks, limit=cfg.limit, batch_size=cfg.batch_size,
+                          num_fewshot=cfg.num_fewshot, seed=cfg.seed, data_dir_path=cfg.data_dir,
+                          task_dirs=cfg.task_dirs, progress=not quiet, log_samples=lm_eval_name is not None,
+                          apply_chat_template=cfg.apply_chat_template, fewshot_as_multiturn=cfg.fewshot_as_multiturn,
+                          local_alias=cfg.local_alias)
+        out["tasks"] = run.summary
+        if lm_eval_name is not None:
+            out["lm_eval_files"] = run.files(lm_eval_name, lm_eval_folder)
     return out
+
+
+def lm_eval_outputs(original: dict, pruned: dict, *, seed: int = 0) -> tuple[dict[str, str], list]:
+    """Take lm-eval's files out of two evaluations (``lm_eval_files``, see :func:`evaluate_loaded`):
+    ``({"eval/original/<file>": text, "eval/pruned/<file>": text, ...}, paired comparison rows)``."""
+    from lm_eval.utils import get_file_task_name
+
+    from prune.measure.paired import compare_samples, read_samples
+
+    files: dict[str, str] = {}
+    samples: dict[str, dict] = {}
+    for which, result in (("original", original), ("pruned", pruned)):
+        texts = result.pop("lm_eval_files", None) or {}
+        files.update({f"eval/{which}/{name}": text for name, text in texts.items()})
+        samples[which] = {get_file_task_name(name): read_samples(text.splitlines())
+                          for name, text in texts.items() if name.startswith("samples_")}
+    paired = compare_samples(samples["original"], samples["pruned"], seed=seed) if all(samples.values()) else []
+    return files, paired
+
+
+def lm_eval_tables(files: dict[str, str]) -> str:
+    """lm-eval's own ``make_table`` of each results file in ``files`` (``{"eval/<which>/results_*.json": text}``)."""
+    from lm_eval.utils import make_table
+
+    parts = []
+    for name, text in sorted(files.items()):
+        if Path(name).name.startswith("results_"):
+            results = json.loads(text)
+            table = make_table(results) + ("\n" + make_table(results, "groups") if results.get("groups") else "")
+            parts.append(f"### lm-eval: {Path(name).parent.name}\n\n{table}")
+    return "\n".join(parts)

@@ -1,13 +1,21 @@
 """lm-eval on the in-memory model, with offline copies of the standard tasks.
 
-``evaluate_tasks(model, tokenizer, ["arc_easy", "piqa"], ...)`` wraps the model in lm-eval's
-``HFLM`` (no save and reload; the batch size is set on ``HFLM``) and runs
-``lm_eval.simple_evaluate``. Task names go straight to lm-eval, so users with Hub access
-get the registry's tasks. For offline use the package ships task YAMLs
-(``prune/tasks/*_local.yaml``) that read local JSONL copies from a data folder given by
-``data_dir=`` or the ``PRUNE_DATA_DIR`` environment variable: when a data folder is set,
-the standard names below resolve to those local tasks (``arc_easy`` -> ``arc_easy_local``).
-Folders of the user's own task YAMLs are added with ``task_dirs=``.
+``run_lm_eval(model, tokenizer, ["arc_easy", "piqa"], ...)`` wraps the model in lm-eval's
+``HFLM`` (no save and reload) and runs ``lm_eval.simple_evaluate`` with an
+``EvaluationTracker``, so lm-eval's own files can be written (:meth:`LmEvalRun.write`).
+Task, group and tag names go straight to lm-eval, so users with Hub access get the registry's
+tasks. For offline use the package ships task YAMLs (``prune/tasks/*_local.yaml``, tag
+``prune_local``) that read local JSONL copies from a data folder given by ``data_dir=`` or
+the ``PRUNE_DATA_DIR`` environment variable: when a data folder is set, the standard names
+below run those local tasks (``arc_easy`` -> ``arc_easy_local``), said once on the terminal
+and reported under the local name (``arc_easy_local``); ``local_alias=True`` reports them
+under the registry name instead. Folders of the user's own task YAMLs are added with
+``task_dirs=`` (lm-eval's ``include_path``).
+
+:func:`check_tasks` finds every task problem before a model is loaded: an unknown name, a
+task whose data cannot be loaded (offline and not cached), a group or tag with no task in it,
+and few-shot examples that would come from the split being scored (refused unless
+``fewshot_from_scored_split=True``; then the task is marked in the results).
 
 Prompts follow lm-eval's own tasks: ``Question: ...\\nAnswer:`` for ARC and BoolQ,
 HellaSwag reported as ``acc_norm``, WinoGrande with partial scoring (the continuation
@@ -20,8 +28,11 @@ import copy
 import hashlib
 import logging
 import os
+import tempfile
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from prune.core.errors import PruneError
 
@@ -64,8 +75,72 @@ def local_task_dir(folder: Path) -> Path:
 
 
 def canonical_name(task: str) -> str:
-    """``arc_easy_local`` -> ``arc_easy`` (how results are reported)."""
+    """``arc_easy_local`` -> ``arc_easy`` (the registry name of a shipped local copy)."""
     return task[: -len("_local")] if task.endswith("_local") and task[: -len("_local")] in LOCAL_TASKS else task
+
+
+def reported_name(task: str, local_alias: bool = False) -> str:
+    """The name results are reported under: lm-eval's own, or with ``local_alias`` the registry
+    name of a shipped local copy (``arc_easy_local`` -> ``arc_easy``)."""
+    return canonical_name(task) if local_alias else task
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_fewshot: int = 0,
+                fewshot_from_scored_split: bool = False, quiet: bool | None = None) -> list[str]:
+    """Every task problem as one ``PruneError`` line, before any model is loaded (module docstring);
+    loads each task's data once (lm-eval's ``TaskManager.load``). Returns lm-eval's names."""
+    import warnings
+
+    names, manager = resolve_tasks(tasks, data_dir_path=data_dir_path, task_dirs=task_dirs)
+    offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    notes = [f"lm-eval: {asked} runs the local copy {name} (from {data_dir(data_dir_path)}/tasks), reported as {name}"
+             for asked, name in zip(tasks, names) if asked != name]
+    for asked, name in zip(tasks, names):
+        loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("lm_eval")]
+        previous = [(lg, lg.level) for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loaded = manager.load(name)
+        except Exception as exc:  # noqa: BLE001 - any failure to load the task data ends here, in one line
+            local = LOCAL_TASKS.get(name)
+            hint = ("offline and not in the datasets cache: run once online to cache it" if offline else
+                    "check the network and the task's dataset_path")
+            if local:
+                hint += f", or use the local copy {local} (set PRUNE_DATA_DIR or evaluate.data_dir)"
+            raise PruneError(f"lm-eval task {asked!r}: its data could not be loaded ({_first_line(exc)}); {hint}") from None
+        finally:
+            for lg, level in previous:
+                lg.setLevel(level)
+        leaves = loaded.get("tasks", {})
+        if not leaves:
+            raise PruneError(f"lm-eval group or tag {asked!r} has no task in it (check its YAML's task list)")
+        for leaf, task in leaves.items():
+            cfg = task.config
+            shots = num_fewshot or (cfg.num_fewshot or 0)
+            fewshot = cfg.fewshot_config
+            field = (lambda k: fewshot.get(k)) if isinstance(fewshot, dict) else (lambda k: getattr(fewshot, k, None))
+            if shots <= 0 or field("samples") is not None:
+                continue
+            # lm-eval's rule (ConfigurableTask.fewshot_docs): the few-shot split, else train, else validation, else test
+            source = field("split") or getattr(cfg, "fewshot_split", None) or cfg.training_split or cfg.validation_split \
+                or cfg.test_split
+            scored = cfg.test_split or cfg.validation_split
+            if source == scored and not fewshot_from_scored_split:
+                raise PruneError(f"lm-eval task {leaf!r}: {shots}-shot examples would be drawn from its {scored!r} split, "
+                                 f"the split it scores; use num_fewshot 0, a task with a training or validation split, "
+                                 f"or set evaluate.fewshot_from_scored_split (then the results are marked)")
+    from prune.core.console import say
+
+    for note in notes:  # once every check passed: an error stays the only line
+        say(note, quiet)
+    return names
 
 
 def resolve_tasks(tasks: list[str], *, data_dir_path: str | os.PathLike | None = None,
@@ -105,16 +180,94 @@ def check_tokenizer(tokenizer) -> None:
                          "(add one: tokenizer.add_special_tokens({'pad_token': ...}) with an id inside the vocabulary)")
 
 
-def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, batch_size: int = 8,
-                   num_fewshot: int = 0, seed: int = 0, data_dir_path=None, task_dirs=None,
-                   progress: bool = True) -> dict:
-    """Run lm-eval ``tasks`` on the in-memory ``model``.
+@dataclass
+class LmEvalRun:
+    """One ``lm_eval.simple_evaluate`` call: its output (``results``, without the samples), the
+    per-example ``samples`` per task, our ``summary`` (see :func:`evaluate_tasks`) and the
+    ``tracker`` (lm-eval's ``EvaluationTracker``) that writes lm-eval's own files."""
 
-    Returns ``{task: {"metrics": {metric: value}, "stderr": {metric: value}, "n": examples}}``
-    keyed by the standard task name (``arc_easy``, not ``arc_easy_local``).
-    """
+    results: dict
+    samples: dict
+    summary: dict
+    tracker: Any
+
+    def write(self, folder: str | os.PathLike, model_name: str | None = None) -> Path:
+        """lm-eval's files, as its CLI writes them with ``--output_path DIR --log_samples``:
+        ``DIR/<model>/results_<date>.json`` (configs, versions, n-shot, task hashes) and
+        ``DIR/<model>/samples_<task>_<date>.jsonl``; returns ``DIR/<model>``. ``folder`` is ``DIR/<model>``."""
+        from lm_eval.utils import sanitize_model_name
+
+        folder = Path(folder)
+        general = self.tracker.general_config_tracker
+        if model_name:
+            general.model_name = model_name
+        general.model_name_sanitized = sanitize_model_name(folder.name)
+        self.tracker.output_path = str(folder.parent)
+        results = copy.deepcopy(self.results)
+        samples = copy.deepcopy(self.samples)  # the tracker rewrites them as it saves
+        self.tracker.save_results_aggregated(results=results, samples=samples)
+        for task in results["configs"]:
+            self.tracker.save_results_samples(task_name=task, samples=samples[task])
+        if not list(folder.glob("results_*.json")):
+            raise PruneError(f"lm-eval could not write its results to {folder} (is it writable?)")
+        return folder
+
+    def files(self, model_name: str | None = None, folder: str = "model") -> dict[str, str]:
+        """The files :meth:`write` puts in ``DIR/<folder>``, as ``{file name: text}`` (for a folder saved atomically)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.write(Path(tmp) / folder, model_name)
+            return {p.name: p.read_text(encoding="utf-8") for p in sorted(folder.iterdir())}
+
+    def table(self) -> str:
+        """lm-eval's own ``make_table`` (and its groups table, when there are groups)."""
+        from lm_eval.utils import make_table
+
+        out = make_table(self.results)
+        if self.results.get("groups"):
+            out += "\n" + make_table(self.results, "groups")
+        return out
+
+
+def summarize(out: dict, *, local_alias: bool = False) -> dict:
+    """``{name: {"metrics", "stderr", "n"}}`` of every task and group in lm-eval's output, keyed by
+    :func:`reported_name`; groups get ``"group": True`` (their aggregate) and few-shot examples drawn
+    from the scored split ``"fewshot_from_scored_split": True``."""
+    results = {}
+    groups = set(out.get("groups", {}))
+    for name, raw in out["results"].items():
+        metrics, stderr = {}, {}
+        for key, value in raw.items():
+            if "," not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            metric, _filter = key.split(",", 1)
+            if metric.endswith("_stderr"):
+                stderr[metric[: -len("_stderr")]] = float(value) if value == value else None
+            else:
+                metrics[metric] = float(value)
+        entry: dict[str, Any] = {"metrics": metrics, "stderr": stderr,
+                                 "n": out.get("n-samples", {}).get(name, {}).get("effective")}
+        if name in groups:
+            entry["group"] = True
+        cfg = out.get("configs", {}).get(name)
+        if cfg and out.get("n-shot", {}).get(name):
+            source = cfg.get("fewshot_split") or cfg.get("training_split") or cfg.get("validation_split") or cfg.get("test_split")
+            if source == (cfg.get("test_split") or cfg.get("validation_split")):
+                entry["fewshot_from_scored_split"] = True
+        results[reported_name(name, local_alias)] = entry
+    return results
+
+
+def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, batch_size: int | str = 8,
+                num_fewshot: int = 0, seed: int = 0, data_dir_path=None, task_dirs=None, progress: bool = True,
+                log_samples: bool = True, apply_chat_template: bool | str = False,
+                fewshot_as_multiturn: bool | None = None, local_alias: bool = False,
+                model_args: str | None = None) -> LmEvalRun | None:
+    """Run lm-eval ``tasks`` with an ``EvaluationTracker`` on ``model``: an in-memory model (wrapped
+    in ``HFLM``; ``tokenizer`` is its tokenizer) or the name of one of lm-eval's backends (``"hf"``,
+    ``"vllm"``), which then loads the model itself from ``model_args`` (see :func:`backend_model_args`).
+    Returns None on the processes of a data-parallel run other than the first (lm-eval gathers there)."""
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
+    from lm_eval.loggers import EvaluationTracker
 
     names, manager = resolve_tasks(tasks, data_dir_path=data_dir_path, task_dirs=task_dirs)
     # lm-eval warns that an in-memory model was passed and that num_fewshot was set: both intended
@@ -123,29 +276,74 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | float | N
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        check_tokenizer(tokenizer)
-        # a copy: HFLM sets pad_token on the tokenizer it gets, which must not leak into the saved one
-        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+        if isinstance(model, str):
+            lm = model
+        else:
+            from lm_eval.models.huggingface import HFLM
+
+            check_tokenizer(tokenizer)
+            # a copy: HFLM sets pad_token on the tokenizer it gets, which must not leak into the saved one
+            lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+        tracker = EvaluationTracker()
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
+            model=lm, model_args=model_args if isinstance(model, str) else None, tasks=names, task_manager=manager,
+            num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-            log_samples=False, verbosity="ERROR" if not progress else "WARNING",
+            log_samples=log_samples, evaluation_tracker=tracker, verbosity="ERROR" if not progress else "WARNING",
+            apply_chat_template=apply_chat_template,
+            fewshot_as_multiturn=bool(apply_chat_template) if fewshot_as_multiturn is None else fewshot_as_multiturn,
         )
     finally:
         for lg, level in previous:
             lg.setLevel(level)
-    results = {}
-    for name in names:
-        raw = out["results"][name]
-        metrics, stderr = {}, {}
-        for key, value in raw.items():
-            if "," not in key or not isinstance(value, (int, float)):
-                continue
-            metric, _filter = key.split(",", 1)
-            if metric.endswith("_stderr"):
-                stderr[metric[: -len("_stderr")]] = float(value) if value == value else None
-            else:
-                metrics[metric] = float(value)
-        n = out.get("n-samples", {}).get(name, {}).get("effective")
-        results[canonical_name(name)] = {"metrics": metrics, "stderr": stderr, "n": n}
-    return results
+    if out is None:  # a data-parallel process other than the first
+        return None
+    samples = out.pop("samples", {})
+    return LmEvalRun(out, samples, summarize(out, local_alias=local_alias), tracker)
+
+
+#: lm-eval backends ``prune eval --model`` passes through (lm-eval loads the model itself)
+BACKENDS = ("hf", "vllm")
+
+
+def world_size() -> int:
+    """Processes of a data-parallel launch (``accelerate launch`` / ``torchrun`` set ``WORLD_SIZE``)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def check_backend(backend: str) -> None:
+    """One line when ``backend`` is unknown or its package is missing (before any model work)."""
+    import importlib.util
+
+    if backend not in BACKENDS:
+        raise PruneError(f"unknown lm-eval model backend {backend!r} (use one of: {', '.join(BACKENDS)})")
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise PruneError("--model vllm needs vLLM, which is not installed (pip install vllm, on a machine with a GPU); "
+                         "or use --model hf")
+
+
+def backend_model_args(source: str, model_args: str | None = None, *, dtype: str = "auto", gguf_file: str | None = None,
+                       trust_remote_code: bool = False) -> str:
+    """lm-eval's ``model_args`` string for ``source``: ``pretrained=SOURCE`` first, then the user's
+    ``model_args`` unchanged, then ``dtype`` / ``gguf_file`` / ``trust_remote_code`` unless given there."""
+    given = {part.split("=", 1)[0].strip() for part in (model_args or "").split(",") if "=" in part}
+    if "pretrained" in given:
+        raise PruneError("--model-args must not set pretrained: the model is the MODEL argument")
+    parts = [f"pretrained={source}"] + ([model_args.strip(",")] if model_args else [])
+    extra = {"dtype": None if dtype == "auto" else dtype, "gguf_file": gguf_file,
+             "trust_remote_code": True if trust_remote_code else None}
+    parts += [f"{k}={v}" for k, v in extra.items() if v is not None and k not in given]
+    return ",".join(parts)
+
+
+def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, batch_size: int | str = 8,
+                   num_fewshot: int = 0, seed: int = 0, data_dir_path=None, task_dirs=None,
+                   progress: bool = True, local_alias: bool = False) -> dict:
+    """Run lm-eval ``tasks`` on the in-memory ``model``.
+
+    Returns ``{task: {"metrics": {metric: value}, "stderr": {metric: value}, "n": examples}}``
+    keyed by :func:`reported_name` (``local_alias``: ``arc_easy`` for ``arc_easy_local``).
+    """
+    return run_lm_eval(model, tokenizer, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot, seed=seed,
+                       data_dir_path=data_dir_path, task_dirs=task_dirs, progress=progress, log_samples=False,
+                       local_alias=local_alias).summary

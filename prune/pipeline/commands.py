@@ -69,20 +69,85 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
 
 
 def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", device_map=None,
-                   trust_remote_code: bool = False, quiet: bool = False) -> dict:
-    """Perplexity and lm-eval tasks of any model (original or pruned), loaded from ``source``."""
-    quiet_mode(quiet)
-    if cfg.tasks:
-        from prune.measure.lmeval import resolve_tasks
+                   trust_remote_code: bool = False, quiet: bool = False, original: str | None = None,
+                   output_path: str | None = None) -> dict | None:
+    """Perplexity, fidelity and lm-eval tasks of any model (original or pruned), loaded from ``source``;
+    with ``cfg.fidelity``, its fidelity to ``original`` (loaded first, then released).
 
-        resolve_tasks(cfg.tasks, data_dir_path=cfg.data_dir, task_dirs=cfg.task_dirs)  # fail before loading
-    model, tokenizer, src = load_model(source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
-    result = evaluate_loaded(model, tokenizer, cfg, quiet=quiet)
+    Tasks run on the model in memory (``cfg.model`` hf without ``model_args``), or lm-eval loads
+    ``source`` itself with its backend ``cfg.model`` and ``pretrained=SOURCE,<model_args>``: with
+    ``model_args``, with ``vllm``, and always in a data-parallel launch (``accelerate launch``), where
+    only the first process returns results (the others return None).
+
+    lm-eval logs every example; its own files (``results_<date>.json``, ``samples_<task>_<date>.jsonl``)
+    are returned as ``lm_eval_files`` and, with ``output_path``, written where lm-eval's
+    ``--output_path`` puts them: ``output_path/<model name, sanitized>/``."""
+    from lm_eval.utils import sanitize_model_name
+
+    from prune.measure import lmeval as L
+
+    quiet_mode(quiet)
+    if (cfg.fidelity is None) != (original is None):
+        raise PruneError("fidelity needs both the original model (--fidelity-to) and fidelity settings")
+    named = bool(cfg.tasks) and (cfg.model != "hf" or cfg.model_args is not None or L.world_size() > 1)
+    in_memory = cfg.perplexity is not None or cfg.fidelity is not None or (cfg.tasks and not named)
+    if named:
+        L.check_backend(cfg.model)
+        if in_memory and L.world_size() > 1:
+            raise PruneError("perplexity and fidelity run in one process: evaluate them without accelerate launch "
+                             "(a data-parallel launch evaluates lm-eval tasks only)")
+    src = resolve_source(source)
+    if cfg.tasks:
+        L.check_tasks(cfg.tasks, data_dir_path=cfg.data_dir, task_dirs=cfg.task_dirs, num_fewshot=cfg.num_fewshot,
+                      fewshot_from_scored_split=cfg.fewshot_from_scored_split, quiet=quiet)  # fail before loading
+    reference = None
+    if original is not None:
+        from prune.measure.evaluation import fidelity_reference
+
+        base, base_tok, _ = load_model(original, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+        reference = fidelity_reference(base, base_tok, cfg, quiet=quiet)
+        del base
+    folder = sanitize_model_name(str(source))
+    result: dict = {}
+    layers = parameters = None
+    if in_memory:
+        model, tokenizer, src = load_model(source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+        memory_cfg = cfg.model_copy(update={"tasks": []}) if named else cfg
+        result = evaluate_loaded(model, tokenizer, memory_cfg, quiet=quiet, reference=reference, lm_eval_name=str(source),
+                                 lm_eval_folder=folder)
+        layers, parameters = model.config.num_hidden_layers, count_parameters(model)
+        del model
+    if named:
+        args = L.backend_model_args(src.path, cfg.model_args, dtype=dtype, gguf_file=src.gguf_file,
+                                    trust_remote_code=trust_remote_code)
+        say(f"lm-eval loads the model itself: --model {cfg.model} --model_args {args}", quiet)
+        run = L.run_lm_eval(cfg.model, None, cfg.tasks, model_args=args, limit=cfg.limit, batch_size=cfg.batch_size,
+                            num_fewshot=cfg.num_fewshot, seed=cfg.seed, data_dir_path=cfg.data_dir, task_dirs=cfg.task_dirs,
+                            progress=not quiet, apply_chat_template=cfg.apply_chat_template,
+                            fewshot_as_multiturn=cfg.fewshot_as_multiturn, local_alias=cfg.local_alias)
+        if run is None:
+            return None
+        result["tasks"] = run.summary
+        result["lm_eval_files"] = run.files(str(source), folder)
+    if output_path and result.get("lm_eval_files"):
+        target = Path(output_path).expanduser() / folder
+        target.mkdir(parents=True, exist_ok=True)
+        for name, text in result["lm_eval_files"].items():
+            (target / name).write_text(text, encoding="utf-8")
+        result["lm_eval_folder"] = str(target)
+    if original is not None:
+        result["fidelity"]["original"] = str(original)
+    if layers is None:
+        from transformers import AutoConfig
+
+        kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+        layers = AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **kwargs).num_hidden_layers
     result["model"] = src.to_dict()
-    result["layers"] = model.config.num_hidden_layers
-    result["parameters"] = count_parameters(model)
+    result["layers"] = layers
+    result["parameters"] = parameters
     result["settings"] = {"dtype": dtype, "limit": cfg.limit, "batch_size": cfg.batch_size, "num_fewshot": cfg.num_fewshot,
-                          "seed": cfg.seed, "versions": versions()}
+                          "seed": cfg.seed, "model": cfg.model, "model_args": cfg.model_args,
+                          "apply_chat_template": cfg.apply_chat_template, "versions": versions()}
     return result
 
 

@@ -22,7 +22,7 @@ from prune.core.console import say
 from prune.core.errors import PruneError
 from prune.core.faults import fault_point
 from prune.core.records import PruningRecord
-from prune.measure.evaluation import evaluate_loaded
+from prune.measure.evaluation import evaluate_loaded, fidelity_reference
 from prune.measure.scoring import ScoreResult, score
 from prune.model.loading import count_parameters, load_model
 from prune.pipeline.execution import ExecutionPlan
@@ -60,8 +60,15 @@ class InMemory:
         return choose(r.select, scores, model=self.model, tokenizer=self.tokenizer, windows=windows,
                       calibration=r.calibration, score=r.score, evaluate=r.evaluate, quiet=self.quiet)
 
-    def evaluate(self, cfg: EvaluateConfig | None, label: str) -> dict:
-        return evaluate_loaded(self.model, self.tokenizer, cfg, quiet=self.quiet, label=label)
+    def evaluate(self, cfg: EvaluateConfig | None, label: str, name: str | None = None, folder: str = "model",
+                 reference=None) -> dict:
+        """Perplexity, fidelity to ``reference`` and lm-eval tasks of the model as it is now."""
+        return evaluate_loaded(self.model, self.tokenizer, cfg, quiet=self.quiet, label=label, reference=reference,
+                               lm_eval_name=name, lm_eval_folder=folder)
+
+    def fidelity_reference(self, cfg: EvaluateConfig | None):
+        """The original's next-token distributions for ``evaluate.fidelity`` (``None`` without it)."""
+        return fidelity_reference(self.model, self.tokenizer, cfg, quiet=self.quiet)
 
     def parameters(self, kept: list[int] | None = None) -> int:
         return count_parameters(self.model)
@@ -108,8 +115,12 @@ class Sequential:
     def choose(self, windows, scores: ScoreResult) -> Selection:
         return choose(self.recipe.select, scores, quiet=self.quiet)
 
-    def evaluate(self, cfg: EvaluateConfig | None, label: str) -> dict:
+    def evaluate(self, cfg: EvaluateConfig | None, label: str, name: str | None = None, folder: str = "model",
+                 reference=None) -> dict:
         return {}  # an evaluate section is refused for sequential runs (check_sequential_recipe)
+
+    def fidelity_reference(self, cfg: EvaluateConfig | None):
+        return None
 
     def parameters(self, kept: list[int] | None = None) -> int:
         """Parameter count from the checkpoint's headers (of the blocks ``kept`` only, when given)."""

@@ -25,8 +25,10 @@ from typing import Any
 
 from prune.core.errors import PruneError, first_line
 from prune.io.text import calibration_windows_of
-from prune.core.console import quiet_mode, say, versions
+from prune.core.console import quiet_mode, say, show, versions
 from prune.core.tables import comparison_markdown, comparison_rows
+from prune.measure.evaluation import lm_eval_outputs, lm_eval_tables
+from prune.measure.paired import paired_section
 from prune.core.faults import fault_point
 from prune.export.saving import check_output_dir
 from prune.model.loading import (
@@ -87,10 +89,15 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     tokenizer = load_tokenizer(src, recipe.model.trust_remote_code)
     windows = calibration_windows_of(tokenizer, recipe.calibration)
     if recipe.evaluate and recipe.evaluate.tasks:
-        from prune.measure.lmeval import check_tokenizer, resolve_tasks
+        from prune.measure.lmeval import check_tasks, check_tokenizer
 
         check_tokenizer(tokenizer)
-        resolve_tasks(recipe.evaluate.tasks, data_dir_path=recipe.evaluate.data_dir, task_dirs=recipe.evaluate.task_dirs)
+        ev = recipe.evaluate  # every task problem now, before the model loads
+        if ev.model != "hf" or ev.model_args is not None:
+            raise PruneError("a run evaluates the model in memory (evaluate.model hf, no model_args); evaluate the saved "
+                             f"folder with another backend afterwards: prune eval OUTPUT --model {ev.model} --model-args ...")
+        check_tasks(ev.tasks, data_dir_path=ev.data_dir, task_dirs=ev.task_dirs, num_fewshot=ev.num_fewshot,
+                    fewshot_from_scored_split=ev.fewshot_from_scored_split)
     # -- heal (prune.heal): settings checked against the config, before any weights are loaded --
     if recipe.heal is not None:
         from prune.heal.methods import preflight as heal_preflight
@@ -157,33 +164,40 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
                                Selection.to_dict, Selection.from_dict)
     fault_point("selected")
     say(f"removing {len(selection.removed)} of {facts['n_layers']} blocks (0-based): {selection.removed}", quiet)
-    ev = recipe.evaluate
-    original = progress.stage("original", lambda: engine.evaluate(ev, "original: ") if ev and ev.original else {})
+    ev, name = recipe.evaluate, facts["source"].display
+    original = progress.stage("original", lambda: engine.evaluate(ev, "original: ", name, "original")
+                              if ev and ev.original else {})
     fault_point("evaluated_original")
+    reference = engine.fidelity_reference(ev)  # the original's next-token distributions (prune.measure.fidelity)
     params_before = engine.parameters()
     kept, healing = engine.remove(selection)
     fault_point("pruned")
     scores_after = engine.score(windows, kept)
-    pruned = engine.evaluate(ev, "pruned:   ")
+    pruned = engine.evaluate(ev, "pruned:   ", f"{name} (pruned)", "pruned", reference)
     fault_point("evaluated_pruned")
     counts = {"params_before": params_before, "params_after": engine.parameters(kept),
               "layers_before": facts["n_layers"], "layers_after": len(kept)}
+    # lm-eval's own files (eval/original, eval/pruned) and the paired comparison of their examples
+    lm_eval_files, paired = lm_eval_outputs(original, pruned)
     evaluation = {"original": original, "pruned": pruned, "rows": comparison_rows(original, pruned, counts),
-                  "settings": eval_settings(recipe), **counts}
+                  "settings": eval_settings(recipe), **counts, "paired": [p.to_dict() for p in paired]}
     record = pruning_record(recipe, facts["source"], selection, kept, scores_before, scores_after,
                             {**counts, "model_type": facts["model_type"]}, healing, started)
     record.execution = plan.to_dict()
     record.resumed = progress.resumed
+    extra = paired_section(paired) + (f"\n## lm-eval's own tables\n\n{lm_eval_tables(lm_eval_files)}"
+                                      if lm_eval_files else "")
     out, record = write_output(engine.save, recipe, record, evaluation, src=facts["source"], parent=facts["parent"],
-                               overwrite=overwrite, quiet=quiet,
-                               extra_markdown=healing_markdown(healing) if healing is not None else "")
+                               overwrite=overwrite, quiet=quiet, extra_files=lm_eval_files,
+                               extra_markdown=extra + (healing_markdown(healing) if healing is not None else ""))
     progress.finish()
     return RunResult(out, selection, scores_before, scores_after, evaluation, record)
 
 
 def write_output(save_fn, recipe: Recipe | None, record: PruningRecord, evaluation: dict, *, out_dir=None, src=None,
                  parent=None, new_step: bool = True, overwrite: bool, quiet: bool, extra_markdown: str = "",
-                 title: str = "Before / after", table: str | None = None) -> tuple[Path, PruningRecord]:
+                 extra_files: dict[str, str] | None = None, title: str = "Before / after",
+                 table: str | None = None) -> tuple[Path, PruningRecord]:
     """The one tail of every command that writes a pruned model: the record (extended with its
     lineage when it is a ``new_step``), ``recipe.yaml``, ``eval.json``, ``eval.md`` and the model
     card, saved atomically by ``save_fn(out_dir, record, files, overwrite)``, then the optional
@@ -193,14 +207,15 @@ def write_output(save_fn, recipe: Recipe | None, record: PruningRecord, evaluati
     out_dir = out_dir if out_dir is not None else recipe.output.dir
     table = table if table is not None else comparison_markdown(evaluation["rows"])
     files = {"eval.json": json.dumps(evaluation, indent=1) + "\n",
-             "eval.md": f"# {title}\n\n{table}\n" + (f"\n{extra_markdown}" if extra_markdown else "")}
+             "eval.md": f"# {title}\n\n{table}\n" + (f"\n{extra_markdown}" if extra_markdown else ""),
+             **(extra_files or {})}
     if recipe is not None:
         files["recipe.yaml"] = recipe.to_yaml()
     data, files["README.md"] = prepare_export(record.model_dump(mode="json"), evaluation, recipe, src, parent,
                                               new_step=new_step, out_dir=out_dir)
     record = parse_record(data)
     out = save_fn(out_dir, record, files, overwrite)
-    say(f"\n{table}\n\nsaved {out}", quiet)
+    show(f"\n{table}\n" + (f"\n{extra_markdown}" if extra_markdown else "") + f"\nsaved {out}", quiet)
     if recipe is not None and recipe.output.push_to_hub is not None:
         from prune.export.push import push_config
 

@@ -1,0 +1,174 @@
+"""Fidelity to the original: how close the pruned model's next-token distribution stays.
+
+The measures of llama.cpp's ``perplexity --kl-divergence``, per predicted token ``t`` of the
+same text windows (every token of a window but its first, as for perplexity), with ``p_t`` the
+original's and ``q_t`` the pruned model's next-token distribution:
+
+* ``KL_t = sum_v p_t(v) (log p_t(v) - log q_t(v))``: mean (with its standard error), median,
+  p99 and max over tokens;
+* top-1 agreement ``mean_t [argmax p_t = argmax q_t]``;
+* the perplexity ratio ``ppl(pruned) / ppl(original) = exp(mean_t (NLL_q - NLL_p))`` on the
+  same tokens.
+
+The original runs once: :func:`build_reference` keeps, per token, its ``top_k`` largest
+log-probs with their token ids, the log-prob of the actual next token and its argmax, on the
+CPU (``windows x (seq_len - 1) x top_k`` values and ids; :meth:`FidelityReference.save` puts them
+on disk). :func:`measure_fidelity` then streams any number of models over the same windows, one
+batch at a time: no ``[tokens, vocab]`` tensor of either model is held for the whole text.
+
+With ``top_k`` below the vocabulary size the vocabulary outside the original's top ``k`` is
+merged into one bucket (mass ``1 - sum_topk p`` against ``1 - sum_topk q``). Merging outcomes
+never increases a KL divergence, so the value is then a lower bound of the full KL, exact when
+``top_k`` covers the vocabulary; top-1 agreement and the perplexity ratio are always exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from prune.core.errors import PruneError
+from prune.model.capture import batches
+from prune.model.loading import input_device
+
+
+@dataclass
+class FidelityReference:
+    """The original model's next-token distributions over ``windows [n, seq_len]``, top ``k`` per token.
+
+    ``top_logprobs``/``top_ids`` ``[n, seq_len - 1, k]`` (sorted, largest first),
+    ``target_logprobs`` ``[n, seq_len - 1]`` (log-prob of the token that follows)."""
+
+    windows: torch.Tensor
+    top_logprobs: torch.Tensor
+    top_ids: torch.Tensor
+    target_logprobs: torch.Tensor
+    vocab_size: int
+    data: dict = field(default_factory=dict)
+
+    @property
+    def top_k(self) -> int:
+        return int(self.top_ids.shape[-1])
+
+    def save(self, path: str | Path) -> Path:
+        """Write the reference as one safetensors file (metadata: vocabulary size, data)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"windows": self.windows.contiguous(), "top_logprobs": self.top_logprobs.contiguous(),
+                   "top_ids": self.top_ids.contiguous(), "target_logprobs": self.target_logprobs.contiguous()},
+                  str(tmp), metadata={"vocab_size": str(self.vocab_size), "data": json.dumps(self.data)})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FidelityReference":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(vocab_size=int(meta["vocab_size"]), data=json.loads(meta.get("data", "{}")), **tensors)
+
+
+def _log_probs(model, batch: torch.Tensor) -> torch.Tensor:
+    """float32 log-softmax of the next-token logits at every position but the last: ``[b, s - 1, V]``."""
+    logits = model(input_ids=batch.to(input_device(model)), use_cache=False).logits
+    return F.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
+
+
+def build_reference(model, windows: torch.Tensor, *, top_k: int = 256, batch_size: int = 4,
+                    progress: bool = False, data: dict | None = None) -> FidelityReference:
+    """Run the original ``model`` once over ``windows`` and keep what :func:`measure_fidelity` needs."""
+    if windows.shape[1] < 2:
+        raise PruneError("fidelity windows need at least 2 tokens")
+    tops, ids, targets = [], [], []
+    vocab = None
+    bar = tqdm(total=windows.shape[0], desc="fidelity reference", unit="win", disable=not progress)
+    with torch.no_grad():
+        for _, batch in batches(windows, batch_size):
+            logp = _log_probs(model, batch)
+            vocab = logp.shape[-1]
+            values, index = logp.topk(min(top_k, vocab), dim=-1)
+            tops.append(values)
+            ids.append(index.to(torch.int32))
+            targets.append(logp.gather(-1, batch[:, 1:, None]).squeeze(-1))
+            bar.update(batch.shape[0])
+    bar.close()
+    return FidelityReference(windows.clone(), torch.cat(tops), torch.cat(ids), torch.cat(targets), int(vocab),
+                             dict(data or {}))
+
+
+def _log1mexp(lse: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(lse))`` for ``lse <= 0`` (the log of the mass outside the kept entries)."""
+    lse = lse.clamp(max=0.0)
+    return torch.where(lse > -0.6931, torch.log(-torch.expm1(lse)), torch.log1p(-torch.exp(lse)))
+
+
+def token_kl(ref_top: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(p || q) in float64 over the top-k of ``p`` plus one bucket for the rest.
+
+    ``ref_top``/``ref_ids`` ``[..., k]``: log p of the original's top k tokens and their ids;
+    ``logq`` ``[..., V]``: the other model's full log-probs."""
+    logp = ref_top.double()
+    logq_k = logq.gather(-1, ref_ids.long()).double()
+    kl = (logp.exp() * (logp - logq_k)).sum(-1)
+    if ref_ids.shape[-1] < logq.shape[-1]:
+        logp_tail = _log1mexp(torch.logsumexp(logp, -1))
+        logq_tail = _log1mexp(torch.logsumexp(logq_k, -1)).clamp(min=-700.0)
+        p_tail = logp_tail.exp()
+        kl = kl + torch.where(p_tail > 0, p_tail * (logp_tail - logq_tail), torch.zeros_like(kl))
+    return kl.clamp(min=0.0)  # rounding can leave -1e-12 for identical distributions
+
+
+def measure_fidelity(model, reference: FidelityReference, *, batch_size: int = 4, progress: bool = False,
+                     desc: str = "fidelity") -> dict:
+    """KL(original || ``model``) statistics, top-1 agreement and perplexity ratio (module docstring)."""
+    kls, agree = [], []
+    nll_q = nll_p = 0.0
+    bar = tqdm(total=reference.windows.shape[0], desc=desc, unit="win", disable=not progress)
+    with torch.no_grad():
+        for start, batch in batches(reference.windows, batch_size):
+            stop = start + batch.shape[0]
+            logq = _log_probs(model, batch)
+            if logq.shape[-1] != reference.vocab_size:
+                raise PruneError(f"the model's vocabulary ({logq.shape[-1]}) differs from the original's "
+                                 f"({reference.vocab_size}): fidelity compares models with one tokenizer")
+            kls.append(token_kl(reference.top_logprobs[start:stop], reference.top_ids[start:stop], logq).flatten())
+            agree.append((logq.argmax(-1) == reference.top_ids[start:stop, :, 0].long()).flatten())
+            nll_q -= float(logq.gather(-1, batch[:, 1:, None]).double().sum())
+            nll_p -= float(reference.target_logprobs[start:stop].double().sum())
+            bar.update(batch.shape[0])
+    bar.close()
+    return fidelity_summary(torch.cat(kls).numpy(), torch.cat(agree).numpy(), nll_p, nll_q, reference)
+
+
+def fidelity_summary(kl: np.ndarray, agree: np.ndarray, nll_p: float, nll_q: float, reference: FidelityReference) -> dict:
+    n = kl.size
+    return {
+        "kl_mean": float(kl.mean()),
+        "kl_mean_stderr": float(kl.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
+        "kl_median": float(np.median(kl)),
+        "kl_p99": float(np.percentile(kl, 99)),
+        "kl_max": float(kl.max()),
+        "top1_agreement": float(agree.mean()),
+        "perplexity_original": math.exp(nll_p / n),
+        "perplexity_pruned": math.exp(nll_q / n),
+        "perplexity_ratio": math.exp((nll_q - nll_p) / n),
+        "tokens": int(n),
+        "windows": int(reference.windows.shape[0]),
+        "seq_len": int(reference.windows.shape[1]),
+        "top_k": reference.top_k,
+        "vocab_size": reference.vocab_size,
+        "kl_exact": reference.top_k >= reference.vocab_size,
+        "data": reference.data,
+    }

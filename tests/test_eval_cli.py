@@ -1,0 +1,139 @@
+"""`prune eval` / `prune compare` through the real entry point: fidelity, lm-eval formats, task problems."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import DATA, WIKI_RAW
+from prune.core.errors import PruneError
+from test_cli import prune_cli
+
+
+@pytest.fixture(scope="module")
+def pruned_folder(tiny_folder, tmp_path_factory):
+    from prune.export.outofcore import prune_checkpoint
+
+    out = tmp_path_factory.mktemp("pruned") / "tiny-pruned"
+    return prune_checkpoint(str(tiny_folder), [3, 4], out, pruning={"removed": [3, 4]})
+
+
+def test_eval_fidelity_to_the_original(tmp_path, tiny_folder, pruned_folder):
+    proc = prune_cli("eval", pruned_folder, "--fidelity-to", tiny_folder, "--fidelity-top-k", 256,
+                     "--perplexity-data", WIKI_RAW, "--perplexity-rows", "0:200", "--seq-len", 32, "--max-windows", 3,
+                     "-o", tmp_path / "e.json", "--quiet", check_rc=0)
+    result = json.loads((tmp_path / "e.json").read_text())
+    fid = result["fidelity"]
+    assert fid["kl_exact"] and fid["windows"] == 3 and fid["original"] == str(tiny_folder)
+    assert fid["perplexity_pruned"] == pytest.approx(result["perplexity"]["perplexity"], rel=1e-4)
+    assert 0 < fid["kl_mean"] and 0 < fid["top1_agreement"] <= 1
+    assert "kl_mean" in proc.stdout and "top1_agreement" in proc.stdout
+
+
+def test_eval_fidelity_needs_text(tiny_folder, pruned_folder):
+    proc = prune_cli("eval", pruned_folder, "--fidelity-to", tiny_folder, check_rc=2)
+    assert proc.stderr.strip().splitlines() == ["error: --fidelity-to measures on the perplexity text: give --perplexity-data too"]
+
+
+@pytest.fixture(scope="module")
+def chat_folder(tiny_folder, tmp_path_factory):
+    """The tiny model with a chat template on its tokenizer (a plain copy of the folder)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("chat") / "tiny-chat"
+    shutil.copytree(tiny_folder, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_eval_writes_lm_eval_files_with_lm_eval_flags(tmp_path, chat_folder):
+    from lm_eval.utils import get_latest_filename, get_results_filenames, get_sample_results_filenames, sanitize_model_name
+
+    proc = prune_cli("eval", chat_folder, "--tasks", "copa", "--limit", 6, "--data-dir", DATA, "--batch-size", "auto",
+                     "--apply-chat-template", "--num-fewshot", 1, "--fewshot-from-scored-split", "--output-path", tmp_path / "results",
+                     "-o", tmp_path / "e.json", "--quiet", check_rc=0)
+    mine = json.loads((tmp_path / "e.json").read_text())
+    folder = tmp_path / "results" / sanitize_model_name(str(chat_folder))
+    files = [str(p) for p in folder.iterdir()]
+    results = json.loads(open(get_latest_filename(get_results_filenames(files))).read())
+    assert results["results"]["copa_local"]["acc,none"] == pytest.approx(mine["tasks"]["copa_local"]["metrics"]["acc"])
+    assert results["chat_template"] and results["fewshot_as_multiturn"] is True
+    assert results["config"]["batch_size"] == "auto" and results["n-shot"]["copa_local"] == 1
+    [samples] = get_sample_results_filenames(files)
+    first = json.loads(open(samples).readline())
+    assert "<|user|>" in first["arguments"]["gen_args_0"]["arg_0"]  # the chat template formatted the prompt
+    assert "|copa_local|" in proc.stdout.replace(" ", "")  # lm-eval's make_table
+    assert "lm_eval_files" not in mine and mine["tasks"]["copa_local"]["fewshot_from_scored_split"] is True
+
+
+def test_eval_bad_batch_size_is_one_line(tiny_folder):
+    proc = prune_cli("eval", tiny_folder, "--tasks", "copa", "--batch-size", "big", check_rc=2)
+    assert proc.stderr.count("\n") == 1 and "batch_size is a number, auto or auto:N" in proc.stderr
+
+
+def test_backend_model_args_plumbing():
+    from prune.core.errors import PruneError
+    from prune.measure.lmeval import backend_model_args
+
+    assert backend_model_args("/m", None) == "pretrained=/m"
+    assert backend_model_args("/m", "tensor_parallel_size=2,gpu_memory_utilization=0.8", dtype="bfloat16") == \
+        "pretrained=/m,tensor_parallel_size=2,gpu_memory_utilization=0.8,dtype=bfloat16"
+    assert backend_model_args("/m", "dtype=float16", dtype="bfloat16", trust_remote_code=True) == \
+        "pretrained=/m,dtype=float16,trust_remote_code=True"  # the user's model_args win
+    assert backend_model_args("/d", None, gguf_file="m.gguf") == "pretrained=/d,gguf_file=m.gguf"
+    with pytest.raises(PruneError, match="must not set pretrained"):
+        backend_model_args("/m", "pretrained=/other")
+
+
+def test_vllm_not_installed_is_one_line_before_loading(tiny_folder):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here: scripts/device_check_eval.sh runs it")
+    proc = prune_cli("eval", tiny_folder, "--tasks", "copa", "--model", "vllm", "--data-dir", DATA, check_rc=2)
+    assert proc.stderr.strip().splitlines() == [
+        "error: --model vllm needs vLLM, which is not installed (pip install vllm, on a machine with a GPU); or use --model hf"]
+
+
+def test_hf_backend_loads_the_saved_folder_itself(tmp_path, tiny_folder):
+    from lm_eval.utils import get_results_filenames
+
+    prune_cli("eval", tiny_folder, "--tasks", "copa", "--limit", 4, "--data-dir", DATA, "--model", "hf",
+              "--model-args", "max_length=256", "--dtype", "float32", "--output-path", tmp_path, "-o",
+              tmp_path / "e.json", "--quiet", check_rc=0)
+    result = json.loads((tmp_path / "e.json").read_text())
+    [path] = get_results_filenames([str(p) for p in tmp_path.rglob("*.json")])
+    lm = json.loads(open(path).read())
+    assert lm["config"]["model"] == "hf"
+    assert lm["config"]["model_args"] == f"pretrained={tiny_folder},max_length=256,dtype=float32"
+    assert lm["results"]["copa_local"]["acc,none"] == pytest.approx(result["tasks"]["copa_local"]["metrics"]["acc"])
+    assert result["layers"] == 8 and result["parameters"] is None and result["settings"]["model"] == "hf"
+
+
+def test_run_refuses_another_backend(tiny_folder, tmp_path):
+    import prune
+    from conftest import tiny_recipe
+
+    recipe = tiny_recipe(tiny_folder, tmp_path / "out")
+    recipe["evaluate"].update(tasks=["copa"], data_dir=str(DATA), model="vllm")
+    with pytest.raises(PruneError, match="a run evaluates the model in memory"):
+        prune.run(recipe, quiet=True)
+
+
+def test_quiet_means_quiet_and_results_go_to_stdout(tmp_path, tiny_folder):
+    """--quiet: nothing on stderr at all (no bar of ours, lm-eval's, datasets' or transformers'), the table on stdout."""
+    proc = prune_cli("eval", tiny_folder, "--tasks", "copa", "--limit", 4, "--data-dir", DATA, "--quiet",
+                     "--perplexity-data", WIKI_RAW, "--perplexity-rows", "0:200", "--seq-len", 32, "--max-windows", 2,
+                     check_rc=0)
+    assert proc.stderr == "", proc.stderr
+    assert "copa_local" in proc.stdout and "perplexity" in proc.stdout
+    loud = prune_cli("--log-level", "info", "eval", tiny_folder, "--tasks", "copa", "--limit", 4, "--data-dir", DATA,
+                     check_rc=0)
+    assert "runs the local copy copa_local" in loud.stderr and "Running loglikelihood requests" in loud.stderr
+    assert "INFO" in loud.stderr and "runs the local copy" not in loud.stdout

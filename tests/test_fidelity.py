@@ -1,0 +1,124 @@
+"""Fidelity to the original (prune.measure.fidelity) against a direct computation on fixture models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import VOCAB, WIKI_RAW, build_model, tiny_recipe, wiki_text
+from prune.core.config import EvaluateConfig
+from prune.core.errors import PruneError
+from prune.io.text import eval_windows
+from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity, token_kl
+from prune.model.surgery import remove_layers
+
+
+@pytest.fixture
+def pair(tokenizers_by_bos):
+    """(original, pruned copy without blocks 2 and 5, windows [5, 24])."""
+    tok = tokenizers_by_bos[True]
+    original = build_model("llama")
+    pruned = build_model("llama")
+    remove_layers(pruned, [2, 5])
+    windows = eval_windows(tok, wiki_text(20_000), 24, max_windows=5)
+    return original, pruned, windows
+
+
+def direct(original, pruned, windows):
+    """Every token's KL, agreement and NLLs from the full distributions of both models at once."""
+    with torch.no_grad():
+        logp = F.log_softmax(original(windows).logits[:, :-1].double(), -1)
+        logq = F.log_softmax(pruned(windows).logits[:, :-1].double(), -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1).flatten().numpy()
+    agree = (logp.argmax(-1) == logq.argmax(-1)).flatten().numpy()
+    target = windows[:, 1:, None]
+    nll_p = -logp.gather(-1, target).mean().item()
+    nll_q = -logq.gather(-1, target).mean().item()
+    return kl, agree, nll_p, nll_q
+
+
+def test_full_vocabulary_equals_direct_computation(pair):
+    original, pruned, windows = pair
+    ref = build_reference(original, windows, top_k=VOCAB, batch_size=2)
+    got = measure_fidelity(pruned, ref, batch_size=3)
+    kl, agree, nll_p, nll_q = direct(original, pruned, windows)
+    assert got["kl_exact"] and got["tokens"] == kl.size == 5 * 23
+    assert got["kl_mean"] == pytest.approx(kl.mean(), rel=1e-4)
+    assert got["kl_median"] == pytest.approx(np.median(kl), rel=1e-4)
+    assert got["kl_p99"] == pytest.approx(np.percentile(kl, 99), rel=1e-4)
+    assert got["kl_max"] == pytest.approx(kl.max(), rel=1e-4)
+    assert got["kl_mean_stderr"] == pytest.approx(kl.std(ddof=1) / math.sqrt(kl.size), rel=1e-3)
+    assert got["top1_agreement"] == pytest.approx(agree.mean())
+    assert got["perplexity_ratio"] == pytest.approx(math.exp(nll_q - nll_p), rel=1e-5)
+    assert got["perplexity_original"] == pytest.approx(math.exp(nll_p), rel=1e-5)
+    assert got["kl_mean"] > 0.01 and got["top1_agreement"] < 1  # removing two blocks changes the model
+
+
+def test_top_k_is_a_lower_bound_and_the_rest_is_exact(pair):
+    original, pruned, windows = pair
+    exact = measure_fidelity(pruned, build_reference(original, windows, top_k=VOCAB))
+    kl, *_ = direct(original, pruned, windows)
+    ref = build_reference(original, windows, top_k=16)
+    assert ref.top_logprobs.shape == (5, 23, 16)
+    got = measure_fidelity(pruned, ref)
+    assert not got["kl_exact"] and got["top_k"] == 16
+    assert 0 < got["kl_mean"] <= exact["kl_mean"] + 1e-6
+    with torch.no_grad():  # the bound holds token by token (merging outcomes never raises a KL)
+        logq = F.log_softmax(pruned(windows).logits[:, :-1].float(), -1)
+    bounded = token_kl(ref.top_logprobs, ref.top_ids, logq).flatten().numpy()
+    assert (bounded <= kl + 1e-6).all() and (bounded > 0).all()
+    for key in ("top1_agreement", "perplexity_ratio", "perplexity_pruned"):
+        assert got[key] == pytest.approx(exact[key], rel=1e-6)
+
+
+def test_same_model_is_perfectly_faithful_and_reference_round_trips(pair, tmp_path):
+    original, _, windows = pair
+    ref = build_reference(original, windows, top_k=32, data={"path": "wiki"})
+    same = measure_fidelity(original, ref)
+    assert same["kl_max"] < 1e-5 and same["top1_agreement"] == 1.0
+    assert same["perplexity_ratio"] == pytest.approx(1.0, abs=1e-6)
+    loaded = FidelityReference.load(ref.save(tmp_path / "ref.safetensors"))
+    assert loaded.data == {"path": "wiki"} and loaded.vocab_size == VOCAB
+    assert torch.equal(loaded.top_ids, ref.top_ids) and torch.equal(loaded.windows, windows)
+    assert measure_fidelity(original, loaded) == same
+
+
+def test_other_vocabulary_is_refused(pair):
+    original, _, windows = pair
+    ref = build_reference(original, windows, top_k=8)
+    other = build_model("llama", vocab_size=300)
+    with pytest.raises(PruneError, match="vocabulary"):
+        measure_fidelity(other, ref)
+
+
+def test_fidelity_without_text_needs_perplexity():
+    with pytest.raises(ValueError, match="reuses the perplexity text"):
+        EvaluateConfig(fidelity={})
+    cfg = EvaluateConfig(perplexity={"path": "a.txt", "seq_len": 64, "max_windows": 3}, fidelity={"top_k": 8})
+    text, seq_len, max_windows = cfg.fidelity.text(cfg.perplexity)
+    assert (text.path, seq_len, max_windows) == ("a.txt", 64, 3)
+
+
+def test_run_reports_fidelity_in_eval_json_table_and_card(tiny_folder, tmp_path):
+    from prune.pipeline.orchestrator import run
+
+    recipe = tiny_recipe(tiny_folder, tmp_path / "out")
+    recipe["evaluate"]["fidelity"] = {"top_k": 64}
+    result = run(recipe, quiet=True)
+    data = json.loads((result.out_dir / "eval.json").read_text())
+    fid = data["pruned"]["fidelity"]
+    assert fid["windows"] == 4 and fid["seq_len"] == 32 and fid["top_k"] == 64 and fid["kl_mean"] > 0
+    assert data["settings"]["fidelity"]["top_k"] == 64
+    # the fidelity perplexity of the pruned model equals the run's perplexity on the same windows
+    assert fid["perplexity_pruned"] == pytest.approx(data["pruned"]["perplexity"]["perplexity"], rel=1e-4)
+    assert fid["perplexity_original"] == pytest.approx(data["original"]["perplexity"]["perplexity"], rel=1e-4)
+    table = (result.out_dir / "eval.md").read_text()
+    assert "| KL to original (top-64) | mean | 0 |" in table and "| top-1 agreement |" in table
+    card = (result.out_dir / "README.md").read_text()
+    assert "KL to original" in card and "KL(original ‖ pruned)" in card
+    assert str(WIKI_RAW.name) in json.dumps(fid["data"])

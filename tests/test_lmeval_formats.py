@@ -1,0 +1,57 @@
+"""A run's lm-eval results are lm-eval's own files: read back with lm-eval's helpers, same numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import DATA, tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def run_with_tasks(tiny_folder, tmp_path_factory):
+    from prune.pipeline.orchestrator import run
+
+    recipe = tiny_recipe(tiny_folder, tmp_path_factory.mktemp("run") / "out")
+    recipe["evaluate"].update(tasks=["arc_easy", "copa"], limit=12, data_dir=str(DATA))
+    return run(recipe, quiet=True)
+
+
+def test_run_writes_lm_eval_results_and_samples(run_with_tasks):
+    from lm_eval.utils import (get_file_task_name, get_latest_filename, get_results_filenames,
+                               get_sample_results_filenames, make_table)
+
+    out = run_with_tasks.out_dir
+    data = json.loads((out / "eval.json").read_text())
+    files = [str(p) for p in (out / "eval").rglob("*") if p.is_file()]
+    for which in ("original", "pruned"):
+        mine = [f for f in files if f"/eval/{which}/" in f]
+        results = json.loads(open(get_latest_filename(get_results_filenames(mine))).read())
+        assert results["model_name_sanitized"] == which and results["n-shot"]["arc_easy_local"] == 0
+        assert set(results["task_hashes"]) == {"arc_easy_local", "copa_local"} and results["configs"]["copa_local"]
+        for task in ("arc_easy_local", "copa_local"):
+            for metric, value in data[which]["tasks"][task]["metrics"].items():
+                assert results["results"][task][f"{metric},none"] == pytest.approx(value)
+        samples = {get_file_task_name(f.rsplit("/", 1)[1]): f for f in get_sample_results_filenames(mine)}
+        assert set(samples) == {"arc_easy_local", "copa_local"}
+        import datasets  # the way the Hub's lm-eval "details" datasets are read
+
+        rows = datasets.load_dataset("json", data_files=samples["arc_easy_local"], split="train")
+        assert len(rows) == 12
+        assert sum(rows["acc"]) / 12 == pytest.approx(data[which]["tasks"]["arc_easy_local"]["metrics"]["acc"])
+        assert "arc_easy_local" in make_table(results)
+    # the paired comparison of the same examples, in eval.json and eval.md
+    paired = {(p["task"], p["metric"]): p for p in data["paired"]}
+    acc = paired[("arc_easy_local", "acc")]
+    assert acc["n"] == 12 and acc["mean_a"] == pytest.approx(data["original"]["tasks"]["arc_easy_local"]["metrics"]["acc"])
+    assert acc["right_to_wrong"] + acc["wrong_to_right"] <= 12
+    assert "## Paired: pruned against original" in (out / "eval.md").read_text()
+    assert "lm_eval_files" not in data["original"] and "lm_eval_files" not in data["pruned"]
+
+
+def test_compare_a_run_folder(run_with_tasks):
+    from test_cli import prune_cli
+
+    proc = prune_cli("compare", run_with_tasks.out_dir, "--iters", 500, check_rc=0)
+    assert "| copa_local | acc | 12 |" in proc.stdout and "pruned - original" in proc.stdout

@@ -1,0 +1,115 @@
+"""Paired comparisons (prune.measure.paired) on hand-checked numbers and on real lm-eval sample files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from conftest import DATA, build_model
+from prune.core.errors import PruneError
+from prune.measure.paired import compare_folders, mcnemar_exact, paired_stats
+
+
+def test_mcnemar_exact_by_hand():
+    # 2 and 8 flips: p = 2 * (C(10,0) + C(10,1) + C(10,2)) / 2^10
+    assert mcnemar_exact(2, 8) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+    assert mcnemar_exact(8, 2) == mcnemar_exact(2, 8)
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0
+    assert mcnemar_exact(0, 10) == pytest.approx(2 / 1024)
+
+
+def test_paired_stats_by_hand():
+    a = [1, 1, 1, 0, 0, 1, 0, 1, 1, 0]
+    b = [1, 0, 1, 1, 0, 1, 0, 0, 1, 0]
+    d = np.array(b) - np.array(a)
+    r = paired_stats(a, b, iters=4000, seed=1)
+    assert r.n == 10 and r.mean_a == 0.6 and r.mean_b == 0.5 and r.diff == pytest.approx(-0.1)
+    assert r.se_paired == pytest.approx(d.std(ddof=1) / math.sqrt(10))
+    sa, sb = np.std(a, ddof=1) / math.sqrt(10), np.std(b, ddof=1) / math.sqrt(10)
+    assert r.se_unpaired == pytest.approx(math.sqrt(sa ** 2 + sb ** 2))
+    assert (r.right_to_wrong, r.wrong_to_right) == (2, 1)
+    assert r.mcnemar_p == pytest.approx(mcnemar_exact(2, 1))
+    assert r.ci_low <= r.diff <= r.ci_high
+    assert paired_stats(a, b, iters=4000, seed=1) == r  # fixed seed: the same interval
+    # non-binary scores: no flips
+    assert paired_stats([0.5, 0.2, 0.3], [0.4, 0.1, 0.5]).right_to_wrong is None
+
+
+def test_bootstrap_interval_matches_normal_theory_for_large_n():
+    rng = np.random.default_rng(5)
+    a = (rng.random(2000) < 0.6).astype(float)
+    b = a.copy()
+    flip = rng.random(2000) < 0.1
+    b[flip] = 1 - b[flip]
+    r = paired_stats(a, b, iters=5000, seed=0)
+    assert r.ci_high - r.ci_low == pytest.approx(2 * 1.96 * r.se_paired, rel=0.1)
+    assert r.se_paired < r.se_unpaired / 2  # most answers agree: pairing is much tighter
+
+
+@pytest.fixture(scope="module")
+def lm_eval_folders(tmp_path_factory, tokenizers_by_bos):
+    """Real lm-eval results folders (results_*.json + samples_*.jsonl, written by lm-eval's
+    EvaluationTracker) of two tiny models on local ARC-Easy and COPA copies, 16 examples each."""
+    from prune.measure.lmeval import run_lm_eval
+
+    root = tmp_path_factory.mktemp("lm_eval")
+    tok = tokenizers_by_bos[True]
+    runs = {}
+    for name, seed in (("model-a", 0), ("model-b", 1)):
+        run = run_lm_eval(build_model("llama", seed=seed), tok, ["arc_easy", "copa"], limit=16, batch_size=8,
+                          data_dir_path=DATA, progress=False)
+        run.write(root / name, f"tiny-{name}")
+        runs[name] = run
+    return root, runs
+
+
+def samples_of(folder, task):
+    [path] = folder.glob(f"samples_{task}_*.jsonl")
+    return {r["doc_id"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_compare_real_lm_eval_samples(lm_eval_folders):
+    root, runs = lm_eval_folders
+    rows = {(r.task, r.metric): r for r in compare_folders(root / "model-a", root / "model-b", iters=2000)}
+    assert set(rows) == {("arc_easy_local", "acc"), ("arc_easy_local", "acc_norm"), ("copa_local", "acc")}
+    for (task, metric), r in rows.items():
+        assert r.n == 16
+        assert r.mean_a == pytest.approx(runs["model-a"].summary[task]["metrics"][metric])
+        assert r.mean_b == pytest.approx(runs["model-b"].summary[task]["metrics"][metric])
+        sa, sb = samples_of(root / "model-a", task), samples_of(root / "model-b", task)
+        assert r.right_to_wrong == sum(sa[i][metric] == 1 and sb[i][metric] == 0 for i in sa)
+        assert r.wrong_to_right == sum(sa[i][metric] == 0 and sb[i][metric] == 1 for i in sa)
+        assert r.diff == pytest.approx(r.mean_b - r.mean_a)
+    same = compare_folders(root / "model-a", root / "model-a", iters=500)
+    assert all(r.diff == 0 and r.right_to_wrong == 0 and r.wrong_to_right == 0 and r.mcnemar_p == 1 for r in same)
+    with pytest.raises(PruneError, match="holds samples of 2 models"):
+        compare_folders(root, root / "model-b")
+
+
+def test_compare_refuses_different_questions(lm_eval_folders, tmp_path):
+    root, _ = lm_eval_folders
+    other = tmp_path / "edited"
+    other.mkdir()
+    for path in (root / "model-b").iterdir():
+        text = path.read_text()
+        if path.name.startswith("samples_copa"):
+            records = [json.loads(line) for line in text.splitlines()]
+            records[3]["doc_hash"] = "0" * 64
+            text = "\n".join(json.dumps(r) for r in records) + "\n"
+        (other / path.name).write_text(text)
+    with pytest.raises(PruneError, match="copa_local: example 3 differs"):
+        compare_folders(root / "model-a", other)
+
+
+def test_compare_cli(lm_eval_folders, tmp_path):
+    from test_cli import prune_cli
+
+    root, _ = lm_eval_folders
+    proc = prune_cli("compare", root / "model-a", root / "model-b", "--iters", 500, "-o", tmp_path / "c.json", check_rc=0)
+    assert "| arc_easy_local | acc | 16 |" in proc.stdout and "McNemar p" in proc.stdout
+    assert len(json.loads((tmp_path / "c.json").read_text())["rows"]) == 3
+    proc = prune_cli("compare", tmp_path, root / "model-b", check_rc=2)
+    assert proc.stderr.startswith("error: no lm-eval samples") and len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,88 @@
+"""Honest task handling: names, groups and tags, and every task problem in one line before a model loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import DATA, build_model
+from prune.core.errors import PruneError
+from prune.measure.lmeval import check_tasks, evaluate_tasks, local_task_dir
+from test_cli import prune_cli
+
+
+@pytest.fixture(scope="module")
+def no_weights(tiny_folder, tmp_path_factory):
+    """The tiny model's folder without its weights: loading it fails, so an error about the tasks
+    proves the tasks were checked before any model loaded."""
+    folder = tmp_path_factory.mktemp("noweights") / "m"
+    shutil.copytree(tiny_folder, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    """User task YAMLs: a tag over two copies of the local COPA, a group with an aggregate, an empty group."""
+    folder = tmp_path_factory.mktemp("tasks")
+    copa = local_task_dir(DATA) / "copa_local.yaml"
+    for name in ("copa_a", "copa_b"):
+        (folder / f"{name}.yaml").write_text(f"include: {copa}\ntask: {name}\ntag: [my_tag]\n")
+    (folder / "my_group.yaml").write_text("group: my_group\ntask: [copa_local, piqa_local]\n"
+                                          "aggregate_metric_list:\n  - metric: acc\n    weight_by_size: true\n")
+    (folder / "empty.yaml").write_text("group: empty_group\ntask: []\n")
+    return folder
+
+
+def one_line_error(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_unknown_task_before_loading(no_weights):
+    line = one_line_error(prune_cli("eval", no_weights, "--tasks", "arc_eezy", "--data-dir", DATA))
+    assert "unknown lm-eval task 'arc_eezy'" in line
+
+
+def test_uncached_registry_task_offline_before_loading(no_weights, monkeypatch):
+    monkeypatch.delenv("PRUNE_DATA_DIR", raising=False)
+    line = one_line_error(prune_cli("eval", no_weights, "--tasks", "arc_easy"))
+    assert "lm-eval task 'arc_easy': its data could not be loaded" in line
+    assert "offline and not in the datasets cache" in line and "local copy arc_easy_local" in line
+
+
+def test_empty_group_before_loading(no_weights, task_dir):
+    line = one_line_error(prune_cli("eval", no_weights, "--tasks", "empty_group", "--include-path", task_dir,
+                                    "--data-dir", DATA))
+    assert "group or tag 'empty_group' has no task in it" in line
+
+
+def test_fewshot_from_the_scored_split_is_refused_before_loading(no_weights):
+    line = one_line_error(prune_cli("eval", no_weights, "--tasks", "copa", "--num-fewshot", 2, "--data-dir", DATA))
+    assert "2-shot examples would be drawn from its 'test' split, the split it scores" in line
+
+
+def test_fewshot_from_the_scored_split_when_allowed_is_marked(tokenizers_by_bos):
+    check_tasks(["copa"], data_dir_path=DATA, num_fewshot=2, fewshot_from_scored_split=True)
+    res = evaluate_tasks(build_model("llama"), tokenizers_by_bos[True], ["copa"], limit=4, num_fewshot=2,
+                         data_dir_path=DATA, progress=False)
+    assert res["copa_local"]["fewshot_from_scored_split"] is True
+
+
+def test_tags_and_groups_report_every_task_and_the_aggregate(tokenizers_by_bos, task_dir):
+    assert check_tasks(["my_tag", "my_group"], data_dir_path=DATA, task_dirs=[str(task_dir)]) == ["my_tag", "my_group"]
+    res = evaluate_tasks(build_model("llama"), tokenizers_by_bos[True], ["my_tag", "my_group"], limit=4,
+                         data_dir_path=DATA, task_dirs=[str(task_dir)], progress=False)
+    assert {"copa_a", "copa_b", "copa_local", "piqa_local", "my_group"} <= set(res)
+    group = res["my_group"]
+    assert group["group"] is True
+    members = (res["copa_local"]["metrics"]["acc"], res["piqa_local"]["metrics"]["acc"])
+    assert group["metrics"]["acc"] == pytest.approx(sum(members) / 2)  # equal sizes (limit 4)
+
+
+def test_local_alias_reports_registry_names(tokenizers_by_bos):
+    res = evaluate_tasks(build_model("llama"), tokenizers_by_bos[True], ["copa"], limit=4, data_dir_path=DATA,
+                         progress=False, local_alias=True)
+    assert set(res) == {"copa"}
