@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from prune.choose import strategies as S
-from prune.choose.rules import Selection, select
+from prune.choose.rules import Selection, resolve_count, resolve_protect, select
 from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, SelectConfig
 from prune.core.errors import PruneError
 
@@ -53,6 +53,19 @@ def _sleb(ctx: Choice) -> Selection:
     return S.choose_sleb(ctx.model, ctx.windows, ctx.select, ctx.calibration, ctx.quiet)
 
 
+def _verified(ctx: Choice) -> Selection:
+    from prune.choose.strategies import heldout_windows
+    from prune.choose.verified import verified
+    from prune.io.text import load_text
+
+    s, c = ctx.select, ctx.calibration
+    held = heldout_windows(ctx.tokenizer, load_text(c.source()), c.n_samples, c.seq_len, c.seed, c.bos,
+                           s.heldout_windows)
+    count = resolve_count(ctx.scores.n_layers, s.n_layers, s.fraction, resolve_protect(s.protect, ctx.scores.n_layers))
+    return verified(ctx.model, ctx.scores, held, count, protect=s.protect, batch_size=c.batch_size,
+                    budget=s.budget if s.budget is not None else 16, progress=not ctx.quiet)
+
+
 def _search(ctx: Choice) -> Selection:
     return S.choose_search(ctx.model, ctx.tokenizer, ctx.scores, ctx.select, ctx.calibration, ctx.evaluate, ctx.quiet)
 
@@ -65,6 +78,8 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("iterative", True, False, "remove the best block by `metric`, re-score, repeat", _iterative),
     Strategy("sleb", True, False, "remove the block whose removal raises the calibration loss least, repeat (SLEB)",
              _sleb),
+    Strategy("verified", True, False, "candidate sets from the scores (contiguous runs, one-shot, MSRS families) "
+             "ranked by KL to the original on held-out windows, then a local search", _verified),
     Strategy("search", True, False, "the largest set that keeps a utility floor, under a budget of proxy evaluations",
              _search),
 )}

@@ -81,14 +81,14 @@ def family_set(scores, count: int, protect: list[int], families: list[list[int]]
     return sorted(chosen + rest[: count - len(chosen)])
 
 
-def candidate_sets(scores, count: int, protect: list[int]) -> dict[tuple[int, ...], str]:
-    """Every candidate set (sorted tuple) -> the first source that proposed it."""
-    out: dict[tuple[int, ...], str] = {}
+def candidate_sets(scores, count: int, protect: list[int]) -> dict[tuple[int, ...], list[str]]:
+    """Every candidate set (sorted tuple) -> the sources that proposed it, in order."""
+    out: dict[tuple[int, ...], list[str]] = {}
 
     def add(blocks, source):
         key = tuple(sorted(blocks))
-        if len(key) == count:
-            out.setdefault(key, source)
+        if len(key) == count and source not in out.setdefault(key, []):
+            out[key].append(source)
 
     if scores.angular is not None:
         add(contiguous(scores, count, protect).removed, "contiguous angular")
@@ -176,18 +176,18 @@ def verified(model, scores, windows: torch.Tensor, count: int, *, protect=(0, -1
             if cand in results:
                 continue
             results[cand] = verify(cand)
-            candidates.setdefault(cand, "local search")
+            candidates.setdefault(cand, ["local search"])
             searched += 1
             if results[cand]["kl_mean"] < results[best]["kl_mean"]:
                 best, improved = cand, True
                 break
     ranked = sorted(results, key=lambda b: (results[b]["kl_mean"], b))
-    table = [{"removed": list(b), "source": candidates[b], "kl_mean": results[b]["kl_mean"],
+    table = [{"removed": list(b), "source": ", ".join(candidates[b]), "kl_mean": results[b]["kl_mean"],
               "top1_agreement": results[b]["top1_agreement"], "perplexity_ratio": results[b]["perplexity_ratio"]}
              for b in ranked]
     passes = round(verify.block_runs / L + 2, 2)  # + the reference pass and the block-input pass
     return Selection(sorted(best), L, "verified", "kl", None, {
-        "source": candidates[best], "kl_mean": results[best]["kl_mean"], "candidates": table,
+        "source": ", ".join(candidates[best]), "kl_mean": results[best]["kl_mean"], "candidates": table,
         "evaluations": verify.evaluations, "local_search_evaluations": searched, "budget": budget,
         "full_forward_equivalents": passes, "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
         "top_k": top_k, "seconds": round(time.time() - started, 1)})

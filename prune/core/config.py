@@ -131,7 +131,10 @@ class SelectConfig(Section):
     ``random``, ``tail``, and ``search``: the largest set keeping a utility floor
     (``max_perplexity_ratio`` on ``heldout_windows`` held-out calibration windows, or
     ``min_task_retained`` of ``proxy_task``'s score with ``proxy_limit`` examples), candidates
-    ordered by ``order_by`` (default: ``metric``), at most ``budget`` proxy evaluations."""
+    ordered by ``order_by`` (default: ``metric``), at most ``budget`` proxy evaluations; and
+    ``verified``: candidate sets from the scores ranked by KL to the original on
+    ``heldout_windows`` held-out windows, then at most ``budget`` local-search evaluations
+    (default 16; see :mod:`prune.choose.verified`)."""
 
     strategy: str = "contiguous"  # a name in prune.choose.registry.STRATEGIES (checked by the Recipe)
     metric: Literal["bi", "angular", "cka", "msrs"] = "angular"
@@ -159,6 +162,11 @@ class SelectConfig(Section):
             raise ValueError(f"protect lists a block twice: {self.protect}")
         defaults = {k: f.default for k, f in type(self).model_fields.items() if k in _SEARCH_KEYS}
         given = [k for k in _SEARCH_KEYS if getattr(self, k) != defaults[k]]
+        if self.strategy == "verified":
+            wrong = [k for k in given if k not in ("budget", "heldout_windows")]
+            if wrong:
+                raise ValueError(f"{wrong[0]} is only used by strategy: search (verified uses budget and heldout_windows)")
+            return self
         if not search:
             if given:
                 raise ValueError(f"{given[0]} is only used by strategy: search (remove it, or set strategy: search)")
