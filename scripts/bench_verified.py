@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""The `verified` strategy against the published methods on SmolLM2-135M-Instruct (docs/BENCHMARKS.md,
+"Verified selection").
+
+Protocol: the quality benchmark's (scripts/bench_quality.py: calibration wiki.test.raw rows 0:2000,
+32 windows x 256 tokens, seed 0, protected blocks 0 and 29; evaluation text rows 2000:, 64 windows
+x 512 tokens). ``verified`` scores with the default positions (skip_first), draws its held-out
+windows (``--heldout`` of them, 256 tokens) from the calibration rows, disjoint from the scoring
+windows, and spends at most ``--budget`` local-search evaluations.
+
+Every set (verified's and the baselines', the latter read from the quality benchmark's table
+"Blocks removed (0-based)") is measured in ONE pass over the evaluation windows: perplexity and
+KL(original || pruned) per token (prune.measure.fidelity, the original's top-256 log-probs), so
+both columns come from the same tokens. Cases are cached under bench_cache/verified/; a rerun resumes.
+
+    nohup nice -n 10 python scripts/bench_verified.py > bench_cache/verified.log 2>&1 &
+    python scripts/bench_verified.py --report        # the tables, from the cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import torch  # noqa: E402
+
+import prune  # noqa: E402
+from prune.choose.strategies import heldout_windows  # noqa: E402
+from prune.choose.verified import verified  # noqa: E402
+from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity  # noqa: E402
+
+CACHE = ROOT / "bench_cache" / "verified"
+KS = (3, 5, 7, 10)
+BASELINES = ("contiguous angular", "one_shot bi", "one_shot angular", "sleb")
+SLEB_FFE_TO_10 = 105.8  # docs/BENCHMARKS.md: SLEB's selection to k = 10, full-model equivalents over 4 windows
+
+
+def log(msg: str) -> None:
+    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+def read(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def baseline_sets() -> dict[str, dict[int, list[int]]]:
+    """The quality benchmark's recorded selections, from docs/BENCHMARKS.md."""
+    text = (ROOT / "docs" / "BENCHMARKS.md").read_text()
+    table = text[text.index("### Blocks removed (0-based)"):]
+    out: dict[str, dict[int, list[int]]] = {}
+    for line in table.splitlines()[4:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] in BASELINES:
+            out[cells[0]] = {k: [int(b) for b in cells[i + 1].split()] for i, k in enumerate(KS)}
+    return out
+
+
+class Bench:
+    def __init__(self, threads: int, heldout: int, budget: int):
+        torch.set_num_threads(threads)
+        from bench_quality import Context
+
+        self.ctx = Context()
+        self.heldout, self.budget = heldout, budget
+        ref_path = CACHE / "reference.safetensors"
+        if ref_path.is_file():
+            self.reference = FidelityReference.load(ref_path)
+        else:
+            log("reference: the original's top-256 log-probs over the evaluation windows")
+            started = time.time()
+            self.reference = build_reference(self.ctx.model, self.ctx.eval_windows, top_k=256, batch_size=4)
+            self.reference.save(ref_path)
+            write(CACHE / "reference.json", {"seconds": round(time.time() - started, 1)})
+
+    def selection(self, k: int) -> dict:
+        path = CACHE / f"verified_k{k}_h{self.heldout}_b{self.budget}.json"
+        data = read(path)
+        if data is None:
+            ctx = self.ctx
+            scores_path = CACHE / "scores_skip_first.json"
+            if scores_path.is_file():
+                scores = prune.ScoreResult.load_json(scores_path)
+            else:
+                scores = prune.score(ctx.model, ctx.windows, batch_size=8, progress=False)
+                scores.save_json(scores_path)
+            held = heldout_windows(ctx.tok, prune.load_text(ctx.calib_source), 32, 256, 0, None, self.heldout)
+            started = time.time()
+            sel = verified(ctx.model, scores, held, k, protect=(0, -1), batch_size=4, budget=self.budget,
+                           progress=False)
+            data = {"removed": sel.removed, "details": sel.details, "seconds": round(time.time() - started, 1)}
+            write(path, data)
+            log(f"verified k={k}: {sel.removed} from {sel.details['source']} "
+                f"({sel.details['full_forward_equivalents']} FFE, {data['seconds']} s)")
+        return data
+
+    def measure(self, removed: list[int]) -> dict:
+        path = CACHE / "sets" / f"{'-'.join(map(str, sorted(removed))) or 'dense'}.json"
+        data = read(path)
+        if data is None:
+            model = copy.deepcopy(self.ctx.model)
+            if removed:
+                prune.remove_layers(model, list(removed))
+            started = time.time()
+            data = measure_fidelity(model, self.reference, batch_size=4)
+            data.pop("data", None)
+            data.update(removed=sorted(removed), seconds=round(time.time() - started, 1))
+            write(path, data)
+            log(f"measured {sorted(removed)}: ppl {data['perplexity_pruned']:.2f}, KL {data['kl_mean']:.4f}")
+        return data
+
+
+def report(heldout: int, budget: int) -> str:
+    base = baseline_sets()
+    rows = []
+    lines = ["| strategy | " + " | ".join(f"k={k} ppl | k={k} KL" for k in KS) + " |",
+             "|---|" + "---:|---:|" * len(KS)]
+    best = {k: (float("inf"), float("inf")) for k in KS}
+    names = list(BASELINES) + ["verified"]
+    for name in names:
+        cells = []
+        for k in KS:
+            if name == "verified":
+                sel = read(CACHE / f"verified_k{k}_h{heldout}_b{budget}.json")
+                removed = sel["removed"] if sel else None
+            else:
+                removed = base.get(name, {}).get(k)
+            m = read(CACHE / "sets" / f"{'-'.join(map(str, sorted(removed)))}.json") if removed else None
+            if m is None:
+                cells.append("- | -")
+                continue
+            cells.append(f"{m['perplexity_pruned']:.1f} | {m['kl_mean']:.3f}")
+            if name != "verified":
+                best[k] = (min(best[k][0], m["perplexity_pruned"]), min(best[k][1], m["kl_mean"]))
+            rows.append((name, k, m))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    dense = read(CACHE / "sets" / "dense.json")
+    out = ["\n".join(lines)]
+    if dense:
+        out.append(f"\nDense model on the same tokens: perplexity {dense['perplexity_pruned']:.2f}.")
+    sel_lines = ["| k | removed | from | KL on held-out windows | evaluations (local search) | full-model equivalents | "
+                 "seconds |", "|---:|---|---|---:|---:|---:|---:|"]
+    goals = []
+    for k in KS:
+        sel = read(CACHE / f"verified_k{k}_h{heldout}_b{budget}.json")
+        if sel is None:
+            continue
+        d = sel["details"]
+        sel_lines.append(f"| {k} | {' '.join(map(str, sel['removed']))} | {d['source']} | {d['kl_mean']:.4f} | "
+                         f"{d['evaluations']} ({d['local_search_evaluations']}) | {d['full_forward_equivalents']} | "
+                         f"{sel['seconds']} |")
+        m = read(CACHE / "sets" / f"{'-'.join(map(str, sel['removed']))}.json")
+        if m and best[k][0] < float("inf"):
+            ok_ppl, ok_kl = m["perplexity_pruned"] <= best[k][0] * 1.0005, m["kl_mean"] <= best[k][1] * 1.0005
+            goals.append(f"- k = {k}: perplexity {m['perplexity_pruned']:.1f} vs best baseline {best[k][0]:.1f} "
+                         f"({'met' if ok_ppl else 'NOT met'}); KL {m['kl_mean']:.3f} vs {best[k][1]:.3f} "
+                         f"({'met' if ok_kl else 'NOT met'})")
+    out.append("\n### What verified chose and what it cost\n\n" + "\n".join(sel_lines))
+    sel10 = read(CACHE / f"verified_k10_h{heldout}_b{budget}.json")
+    sleb10 = base.get("sleb", {}).get(10)
+    m10 = read(CACHE / "sets" / f"{'-'.join(map(str, sel10['removed']))}.json") if sel10 else None
+    s10 = read(CACHE / "sets" / f"{'-'.join(map(str, sleb10))}.json") if sleb10 else None
+    if m10 and s10:
+        ffe = sel10["details"]["full_forward_equivalents"] * heldout / 4 + 32 / 4  # in 4-window passes, + scoring
+        below = 1 - m10["perplexity_pruned"] / s10["perplexity_pruned"]
+        goals.append(f"- k = 10 against SLEB: perplexity {100 * below:.1f}% below SLEB's (goal: at least 10%: "
+                     f"{'met' if below >= 0.10 else 'NOT met'}); selection compute {ffe:.1f} full-model passes over 4 "
+                     f"windows including the 32-window scoring pass, vs SLEB's {SLEB_FFE_TO_10} "
+                     f"({ffe / SLEB_FFE_TO_10:.2f}x; goal at most 0.25x: {'met' if ffe <= SLEB_FFE_TO_10 / 4 else 'NOT met'})")
+    out.append("\n### Goals (perplexity and KL at or below the best of contiguous angular, one-shot BI, SLEB)\n\n"
+               + "\n".join(goals))
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--report", action="store_true", help="only print the tables from the cache")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--heldout", type=int, default=4, help="held-out calibration windows verified ranks on")
+    ap.add_argument("--budget", type=int, default=16, help="local-search evaluations")
+    ap.add_argument("--ks", default="7,10,3,5")
+    args = ap.parse_args()
+    if not args.report:
+        bench = Bench(args.threads, args.heldout, args.budget)
+        bench.measure([])
+        base = baseline_sets()
+        for k in [int(x) for x in args.ks.split(",")]:
+            sel = bench.selection(k)
+            bench.measure(sel["removed"])
+            for name in BASELINES:
+                if k in base.get(name, {}):
+                    bench.measure(base[name][k])
+    print(f"_Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `python scripts/bench_verified.py "
+          f"--report` (heldout {args.heldout}, budget {args.budget})._\n")
+    print(report(args.heldout, args.budget))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
