@@ -103,6 +103,7 @@ def add_score(sub) -> None:
     p.add_argument("model", help="Hub id, local model folder, or .gguf file")
     _calibration_flags(p, data_required=True)
     p.add_argument("--output", "-o", default=None, help="write the scores as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--execution", choices=["auto", "in_memory", "sequential"], default="auto",
                    help="auto (default: from the model size and free memory), in_memory, or sequential (one block "
                         "at a time from the safetensors shards, for models larger than memory)")
@@ -113,7 +114,7 @@ def add_score(sub) -> None:
 def cmd_score(args) -> int:
     from prune.pipeline.commands import score_model
 
-    result = score_model(args.model, output=args.output, **_score_kwargs(args))
+    result = score_model(args.model, output=args.output, overwrite=args.overwrite, **_score_kwargs(args))
     print(result.table())
     if args.output:
         print(f"scores written to {args.output}")
@@ -141,25 +142,32 @@ def add_eval(sub) -> None:
     p.add_argument("--data-dir", default=None, help="offline task data folder (default $PRUNE_DATA_DIR)")
     p.add_argument("--task-dir", action="append", default=[], help="folder of extra lm-eval task YAMLs (repeatable)")
     p.add_argument("--output", "-o", default=None, help="write the results as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     _common_model_flags(p)
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
     from prune.pipeline.commands import evaluate_model
+    from prune.pipeline.inputs import validated
     from prune.core.config import EvaluateConfig, PerplexityConfig
 
     if not args.tasks and not args.perplexity_data:
         raise PruneError("nothing to evaluate: give --tasks and/or --perplexity-data")
-    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        if limit != int(limit):
+            raise PruneError(f"--limit: give a whole number of examples or a fraction below 1 (got {limit:g})")
+        limit = int(limit)
     ppl = None
     if args.perplexity_data:
-        ppl = PerplexityConfig(path=args.perplexity_data, field=args.perplexity_field, rows=args.perplexity_rows,
-                               seq_len=args.seq_len, max_windows=args.max_windows)
-    cfg = EvaluateConfig(perplexity=ppl, tasks=args.tasks, task_dirs=args.task_dir, data_dir=args.data_dir, limit=limit,
-                         batch_size=args.batch_size, num_fewshot=args.num_fewshot, seed=args.seed)
+        ppl = validated(PerplexityConfig, path=args.perplexity_data, field=args.perplexity_field,
+                        rows=args.perplexity_rows, seq_len=args.seq_len, max_windows=args.max_windows)
+    cfg = validated(EvaluateConfig, perplexity=ppl, tasks=args.tasks, task_dirs=args.task_dir, data_dir=args.data_dir,
+                    limit=limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot, seed=args.seed)
     result = evaluate_model(args.model, cfg, dtype=args.dtype, device_map=args.device_map,
-                            trust_remote_code=args.trust_remote_code, quiet=args.quiet)
+                            trust_remote_code=args.trust_remote_code, quiet=args.quiet, output=args.output,
+                            overwrite=args.overwrite)
     print(f"{'task':<16} {'metric':<10} {'value':>8} {'stderr':>8}")
     if "perplexity" in result:
         print(f"{'perplexity':<16} {'ppl':<10} {result['perplexity']['perplexity']:>8.3f} {'':>8}")
@@ -169,8 +177,6 @@ def cmd_eval(args) -> int:
             print(f"{task:<16} {metric:<10} {value:>8.4f} {'' if err is None else f'{err:.4f}':>8}")
     print(f"{result['layers']} layers, {result['parameters']:,} parameters")
     if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(result, handle, indent=1)
         print(f"results written to {args.output}")
     return 0
 
@@ -247,6 +253,10 @@ def cmd_remove(args) -> int:
         blocks = [int(b) for b in args.blocks]
     except ValueError:
         raise PruneError(f"--blocks must be integers, got {','.join(args.blocks)}") from None
+    from prune.io.source import resolve_source
+    from prune.pipeline.inputs import preflight_model
+
+    preflight_model(resolve_source(args.model), args.trust_remote_code)  # config, weights cover it, before writing
     out = prune_checkpoint(args.model, blocks, args.output, pruning={"removed": sorted(blocks), "source": args.model},
                            overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
     print(f"wrote {out} without blocks {sorted(blocks)}")
@@ -314,6 +324,8 @@ def add_heal(sub) -> None:
     p.add_argument("--evaluate", action="store_true", help="evaluate the healed model with RUN_DIR's evaluate settings "
                                                           "and write eval.json / eval.md (original, pruned, healed)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run code shipped with the checkpoint (off by default; never taken from RUN_DIR's own files)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress messages")
     p.set_defaults(func=cmd_heal)
 
@@ -322,7 +334,8 @@ def cmd_heal(args) -> int:
     from prune.pipeline.heal_run import heal_run
 
     heal_run(args.run_dir, args.output, method=args.method, config=args.config, data=args.data, field=args.field,
-             rows=args.rows, overrides=args.overrides, evaluate=args.evaluate, overwrite=args.overwrite, quiet=args.quiet)
+             rows=args.rows, overrides=args.overrides, evaluate=args.evaluate, overwrite=args.overwrite, quiet=args.quiet,
+             trust_remote_code=args.trust_remote_code)
     return 0
 
 
@@ -330,25 +343,78 @@ def cmd_heal(args) -> int:
 SUBCOMMANDS = [add_run, add_score, add_eval, add_report, add_heal, add_remove, add_check, add_push]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors redacted: a token given in any argument is never echoed."""
+
+    def error(self, message: str):
+        from prune.core.secrets import redact
+
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {redact(message)}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prune", description="Measure and remove redundant decoder layers of LLMs. "
+    parser = _Parser(prog="prune", description="Measure and remove redundant decoder layers of LLMs. "
                                      "Block indices are 0-based everywhere.")
     from prune.core.console import __version__
 
     parser.add_argument("--version", action="version", version=f"prune {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for add in SUBCOMMANDS:
         add(sub)
     return parser
 
 
+def input_error(exc: BaseException) -> str | None:
+    """The one line for an exception caused by the user's input or environment, ``None`` for a bug.
+
+    ``PruneError`` is ours; ``OSError`` (files, permissions, a full disk), ``UnicodeError`` (a
+    non-UTF-8 file or name), pydantic's ``ValidationError`` (a setting) and safetensors'
+    ``SafetensorError`` (a weight file) come from what the user gave; any other exception is a
+    bug and keeps its traceback."""
+    from prune.io.guard import disk_full
+
+    if isinstance(exc, PruneError):
+        return str(exc)
+    if disk_full(exc):
+        return f"disk full (No space left on device): {_first_line(exc)}; free some space or choose another output path"
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"cannot access{where}: {exc.strerror or _first_line(exc)} (check the path and its permissions)"
+    if isinstance(exc, UnicodeError):
+        return f"not valid UTF-8 text: {_first_line(exc)} (convert the file to UTF-8)"
+    try:
+        from pydantic import ValidationError
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(exc, ValidationError):
+        from prune.core.config import format_validation_error
+
+        return format_validation_error(exc, "settings")
+    if isinstance(exc, SafetensorError):
+        return f"a safetensors file is unreadable or could not be written: {_first_line(exc)}"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    from prune.core.secrets import redact
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except PruneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (PruneError, OSError, UnicodeError, ValueError) as exc:  # ValueError: pydantic, SafetensorError? see below
+        line = input_error(exc)
+        if line is None:
+            traceback.print_exc()
+            return 1
+        print(f"error: {redact(line)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = ""
@@ -356,9 +422,13 @@ def main(argv: list[str] | None = None) -> int:
             hint = "; nothing was saved as a checkpoint (rerun with --resume to reuse the finished stages)"
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
-    except Exception:  # noqa: BLE001 - unexpected: show everything
-        traceback.print_exc()
-        return 1
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and the tokenizers' disk-full Exception, else a bug
+        line = input_error(exc)
+        if line is None:
+            traceback.print_exc()  # a bug: show everything
+            return 1
+        print(f"error: {redact(line)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

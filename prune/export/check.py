@@ -112,6 +112,12 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
             header = json.loads(handle.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ValueError("header is not valid JSON (corrupt file)") from None
+    from prune.io.safetensors import check_header_shape
+
+    try:
+        check_header_shape(header, path.name)
+    except PruneError as exc:
+        raise ValueError(str(exc).removeprefix(f"{path.name} ")) from None
     header.pop("__metadata__", None)
     end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
     if 8 + n + end != size:
@@ -169,6 +175,9 @@ def _check_config(path: Path, report: CheckReport):
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         report.add("config", "fail", f"config.json is not valid JSON: {exc}")
         return None
+    if not isinstance(raw, dict):
+        report.add("config", "fail", f"config.json holds a JSON {type(raw).__name__}, not an object")
+        return None
     n = next((raw[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(raw.get(k), int)), None)
     bad = per_layer_list_problems(raw, n)
     for message in bad:  # checked on the raw file first: transformers' own refusal is less clear
@@ -215,10 +224,12 @@ def _check_weight_files(path: Path, report: CheckReport) -> dict[str, dict] | No
     shards: list[str]
     weight_map: dict[str, str] | None = None
     if index_file.is_file():
+        from prune.io.safetensors import read_index
+
         try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            report.add("weights", "fail", f"{INDEX_FILE} is not a valid index (no weight_map)")
+            weight_map = read_index(path)[0]
+        except PruneError as exc:
+            report.add("weights", "fail", str(exc).replace(str(index_file), INDEX_FILE))
             return None
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (path / s).is_file()]
@@ -415,9 +426,9 @@ def _check_export_files(path: Path, config, report: CheckReport, required: bool)
         report.add("pruning", missing, "pruning.json is missing (not an output of `prune run`)")
         return
     try:
-        pruning = json.loads(record.read_text())
-    except json.JSONDecodeError as exc:
-        report.add("pruning", "fail", f"pruning.json is not valid JSON: {exc}")
+        pruning = json.loads(record.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad JSON or not UTF-8
+        report.add("pruning", "fail", f"pruning.json is not valid UTF-8 JSON: {exc}")
         return
     if not isinstance(pruning, dict):
         report.add("pruning", "fail", "pruning.json is not a JSON object")

@@ -62,6 +62,56 @@ class TensorEntry:
         return n
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def check_header_shape(header, path) -> dict:
+    """``header`` if it has the safetensors shape (name -> ``{"dtype": str, "shape": [int],
+    "data_offsets": [begin, end]}``, optional ``__metadata__`` of strings); else one line."""
+    if not isinstance(header, dict):
+        raise PruneError(f"{path} is corrupt: its header is a JSON {type(header).__name__}, not a table of tensors "
+                         "(re-download it)")
+    for name, info in header.items():
+        if name == "__metadata__":
+            if info is not None and not isinstance(info, dict):
+                raise PruneError(f"{path} is corrupt: __metadata__ is not a mapping (re-download it)")
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)
+                and all(_is_int(s) for s in info["shape"]) and isinstance(offsets, list) and len(offsets) == 2
+                and all(_is_int(o) for o in offsets) and offsets[0] <= offsets[1]):
+            raise PruneError(f"{path} is corrupt: the header entry of tensor {str(name)[:80]!r} is malformed "
+                             "(re-download it)")
+    return header
+
+
+def read_index(folder: str | os.PathLike) -> tuple[dict[str, str], dict]:
+    """``(weight_map, metadata)`` of ``folder``'s ``model.safetensors.index.json``, checked: UTF-8 JSON,
+    a mapping whose ``weight_map`` maps tensor names to shard file names inside ``folder``."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    try:
+        data = json.loads(index.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise PruneError(f"{index} is not UTF-8 text (corrupt; re-download or re-save the model)") from None
+    except (json.JSONDecodeError, RecursionError):
+        raise PruneError(f"{index} is not valid JSON (corrupt; re-download or re-save the model)") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise PruneError(f"{index} is corrupt: it needs a \"weight_map\" of tensor name -> shard file "
+                         "(re-download or re-save the model)")
+    root = folder.resolve()
+    for shard in set(weight_map.values()):
+        if Path(shard).is_absolute() or not (root / shard).resolve().is_relative_to(root) or "/" in shard \
+                or "\\" in shard:
+            raise PruneError(f"{index} names the shard {shard[:80]!r}, which is outside the model folder "
+                             "(refused: only the folder's own files are read)")
+    metadata = data.get("metadata")
+    return weight_map, metadata if isinstance(metadata, dict) else {}
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict, int]:
     """``(header, data_start)`` of a safetensors file: the JSON header and the absolute offset of its data."""
     path = Path(path)
@@ -74,9 +124,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
             raise PruneError(f"{path} is not a safetensors file (bad header length)")
         try:
             header = json.loads(handle.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise PruneError(f"{path} is not a safetensors file (unreadable header)") from None
-    return header, 8 + size
+    return check_header_shape(header, path), 8 + size
 
 
 class Checkpoint:
@@ -86,9 +136,7 @@ class Checkpoint:
         self.folder = Path(folder)
         index = self.folder / INDEX_NAME
         if index.is_file():
-            data = json.loads(index.read_text())
-            self.index_metadata: dict = data.get("metadata") or {}
-            weight_map: dict[str, str] = data["weight_map"]
+            weight_map, self.index_metadata = read_index(self.folder)
             names = list(dict.fromkeys(weight_map.values()))  # shard order of first appearance
         elif (self.folder / SINGLE_NAME).is_file():
             self.index_metadata, weight_map, names = {}, {}, [SINGLE_NAME]

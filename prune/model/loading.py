@@ -80,11 +80,17 @@ def load_model(
     if offload_folder is not None:
         kwargs["offload_folder"] = offload_folder
     if trust_remote_code:
-        print(f"note: trust_remote_code is ON for {src.display}: code from the checkpoint will run")
+        import sys
+
+        print(f"note: trust_remote_code is ON for {src.display}: code from the checkpoint will run", file=sys.stderr)
     try:
         config = _load_config(src, trust_remote_code)
         check_supported(config)
-        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(src.path, output_loading_info=True, **kwargs)
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:  # transformers filled these with random values: never score or save those
+            raise PruneError(f"{src.display}: the weights lack {len(missing)} tensors the config needs (e.g. "
+                             f"{missing[0]}); they would be random (re-download or re-save the model, or fix config.json)")
         tokenizer = load_tokenizer(src, trust_remote_code)
     except PruneError:
         raise
@@ -327,8 +333,11 @@ def safetensors_header(path: Path) -> dict:
             raise PruneError(f"{path} is truncated or corrupt: its header does not fit in the file (re-download it)")
         try:
             header = json.loads(handle.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise PruneError(f"{path} is corrupt: unreadable safetensors header (re-download it)") from None
+    from prune.io.safetensors import check_header_shape
+
+    check_header_shape(header, path)
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end != size:
         raise PruneError(f"{path} is truncated or corrupt: {size} bytes, header says {8 + n + end} (re-download it)")
@@ -351,10 +360,9 @@ def check_checkpoint_files(src: ModelSource) -> None:
         return
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError):
-            raise PruneError(f"{index} is corrupt (no weight_map); re-save or re-download the model") from None
+        from prune.io.safetensors import read_index
+
+        shards = sorted(set(read_index(folder)[0].values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise PruneError(f"{folder} is incomplete: weight shard {missing[0]} listed in the index is missing "

@@ -51,10 +51,9 @@ class _HealOnly(Section):
 
 
 def _read_yaml(path: Path, what: str) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise PruneError(f"{path}: not valid YAML ({what}): {getattr(exc, 'problem', exc)}") from None
+    from prune.core.yamlsafe import read_yaml
+
+    data = read_yaml(path, f"{path} ({what})") or {}
     if not isinstance(data, dict):
         raise PruneError(f"{path}: {what} must be a mapping")
     return data
@@ -64,13 +63,19 @@ def heal_settings(recipe_data: dict | None, config: str | None = None, method: s
                   data: str | None = None, field: list[str] | str | None = None, rows: str | None = None,
                   overrides=()) -> HealConfig:
     """Merge the heal settings (see module docstring) and validate them; one-line errors."""
-    settings = dict((recipe_data or {}).get("heal") or {})
+    settings = (recipe_data or {}).get("heal") or {}
+    if not isinstance(settings, dict):
+        raise PruneError("the run's recipe.yaml has a heal section that is not a mapping (fix it or give --config)")
+    settings = dict(settings)
     if config:
         path = Path(config).expanduser()
         if not path.is_file():
             raise PruneError(f"heal config not found: {path}")
         extra = _read_yaml(path, "heal config")
-        settings.update(extra.get("heal", extra) or {})
+        extra = extra.get("heal", extra) or {}
+        if not isinstance(extra, dict):
+            raise PruneError(f"{path}: the heal section must be a mapping (method: lora, steps: 100, ...)")
+        settings.update(extra)
     if method:
         settings["method"] = method
     if data:
@@ -144,8 +149,11 @@ def _healed_markdown(original: dict, before: dict, healed: dict, facts: dict) ->
 
 def heal_run(run_dir, output, *, method: str | None = None, config: str | None = None, data: str | None = None,
              field=None, rows: str | None = None, overrides=(), evaluate: bool = False, overwrite: bool = False,
-             quiet: bool = False) -> Path:
-    """Heal the model of ``run_dir`` into the new folder ``output`` (see module docstring); returns it."""
+             quiet: bool = False, trust_remote_code: bool = False) -> Path:
+    """Heal the model of ``run_dir`` into the new folder ``output`` (see module docstring); returns it.
+
+    Code shipped with a checkpoint runs only when ``trust_remote_code`` is given here (the CLI's
+    ``--trust-remote-code``): RUN_DIR's own ``recipe.yaml`` is an input and never grants it."""
     from transformers import AutoConfig
 
     from prune.export.save import check_output_dir, save
@@ -161,12 +169,15 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     out = Path(output).expanduser()
     if not (run / "config.json").is_file() or not (run / "pruning.json").is_file():
         raise PruneError(f"{run} is not a prune run folder (it needs config.json and pruning.json, as written by prune run)")
-    if out.resolve() == run.resolve() or out.resolve().is_relative_to(run.resolve()):
-        raise PruneError(f"--output {out} must be a new folder outside RUN_DIR (RUN_DIR is never modified)")
-    check_output_dir(out, overwrite)
-    pruning = json.loads((run / "pruning.json").read_text())
+    from prune.core.records import read_record
+    from prune.pipeline.inputs import command_inputs
+
+    read_record(run / "pruning.json")  # a record of the wrong shape is one line, here
+    pruning = json.loads((run / "pruning.json").read_text(encoding="utf-8"))
     recipe_data = _read_yaml(run / "recipe.yaml", "recipe") if (run / "recipe.yaml").is_file() else None
     cfg = heal_settings(recipe_data, config, method, data, field, rows, overrides)
+    inputs = command_inputs(None, [config, cfg.data.path if cfg.data else None], run_dir=str(run))
+    check_output_dir(out, overwrite, inputs, flag="--output")
     recipe = Recipe.model_validate({**recipe_data, "heal": cfg.model_dump()}) if recipe_data else None
     eval_cfg: EvaluateConfig | None = recipe.evaluate if recipe else None
     check_heal_data(cfg, eval_cfg, "heal settings")
@@ -178,10 +189,16 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         resolve_tasks(eval_cfg.tasks, data_dir_path=eval_cfg.data_dir, task_dirs=eval_cfg.task_dirs)
     model_cfg = recipe.model if recipe else None
     dtype = model_cfg.dtype if model_cfg else "auto"
-    trust = model_cfg.trust_remote_code if model_cfg else False
+    trust = trust_remote_code  # never from RUN_DIR/recipe.yaml: a downloaded folder cannot grant itself code
+    if model_cfg is not None and model_cfg.trust_remote_code and not trust:
+        say(f"note: {run / 'recipe.yaml'} sets trust_remote_code, which is ignored for an input folder "
+            "(pass --trust-remote-code to run the checkpoint's code)", quiet)
     run_kept = pruning.get("kept")
     removed = pruning.get("removed")
-    run_config = AutoConfig.from_pretrained(run, trust_remote_code=trust)
+    from prune.io.source import ModelSource
+    from prune.pipeline.inputs import preflight_model
+
+    run_config = preflight_model(ModelSource("folder", str(run)), trust)
     n_after = run_config.num_hidden_layers + (1 if cfg.method == "replace" else 0)
     check_settings(cfg, _meta_model(run_config, trust), n_after, context_length(run_config))
     src = None
@@ -250,6 +267,6 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
                                          **facts}, indent=1) + "\n"
         files["eval.md"] = f"# Before / after healing\n\n{table}\n\n{healing_markdown(record)}"
         say(f"\n{table}\n", quiet)
-    result = save(model, tokenizer, out, pruning=new, files=files, overwrite=overwrite)
+    result = save(model, tokenizer, out, pruning=new, files=files, overwrite=overwrite, inputs=inputs)
     say(f"saved {result}", quiet)
     return result

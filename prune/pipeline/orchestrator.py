@@ -49,12 +49,15 @@ FORMAT = "prune/1"
 
 
 # ---- pre-flight: everything that can fail before weights are loaded --------------------
-def preflight(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
+def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict[str, Any]:
     """Check the output folder, the model config and the evaluation tasks; returns facts found."""
-    check_output_dir(recipe.output.dir, overwrite or recipe.output.overwrite)
     from transformers import AutoConfig
 
+    from prune.pipeline import inputs as I
+
     src = resolve_source(recipe.model.source, recipe.model.gguf_file, recipe.model.revision)
+    inputs = I.recipe_inputs(recipe, src, recipe_file)
+    check_output_dir(recipe.output.dir, overwrite or recipe.output.overwrite, inputs)
     check_checkpoint_files(src)
     check_device_map(recipe.model.device_map, recipe.model.offload_folder)
     kwargs: dict[str, Any] = {"trust_remote_code": recipe.model.trust_remote_code}
@@ -68,11 +71,13 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise PruneError(f"could not read the config of {src.display}: {first}") from exc
     check_supported(config)
+    I.check_weights_cover_config(src, config)
     n_layers = config.num_hidden_layers
     sel = recipe.select
     protect = resolve_protect(sel.protect, n_layers)
     if sel.strategy != "search":
-        resolve_count(n_layers, sel.n_layers, sel.fraction, protect)
+        I.check_selection_possible(n_layers, resolve_count(n_layers, sel.n_layers, sel.fraction, protect),
+                                   sel.strategy, protect)
     elif len(protect) >= n_layers:
         raise PruneError(f"select.protect covers all {n_layers} blocks: nothing can be removed")
     ctx = context_length(config)
@@ -85,6 +90,9 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     tokenizer = load_tokenizer(src, recipe.model.trust_remote_code)
     c = recipe.calibration
     windows = calibration_windows(tokenizer, load_text(c.source()), c.n_samples, c.seq_len, c.seed, c.bos)
+    if recipe.evaluate and recipe.evaluate.perplexity:  # empty or too short text fails now, not after scoring
+        p = recipe.evaluate.perplexity
+        eval_windows(tokenizer, load_text(p.source()), p.seq_len, p.max_windows, p.bos)
     if recipe.evaluate and recipe.evaluate.tasks:
         from prune.measure.lmeval import check_tokenizer, resolve_tasks
 
@@ -102,7 +110,7 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     parent = preflight_export(recipe, src, n_layers)
     # ---- end export ----
     return {"n_layers": n_layers, "model_type": config.model_type, "source": src, "windows": windows,
-            "parent": parent}
+            "parent": parent, "inputs": inputs}
 
 
 def eval_settings(recipe: Recipe) -> dict:
@@ -146,11 +154,12 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
 
     Finished stages are kept in a progress folder beside the output (:mod:`prune.progress`);
     ``resume=True`` reuses them after an interruption instead of recomputing them."""
+    recipe_file = None if isinstance(recipe, (Recipe, dict)) else recipe
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     quiet_mode(quiet)
     started = time.time()
-    facts = preflight(recipe, overwrite)
+    facts = preflight(recipe, overwrite, recipe_file)
     progress = RunProgress(recipe.output.dir, recipe, resume=resume)
     if progress.resume:
         say(f"resuming from {progress.folder}: reusing {', '.join(progress.found()) or 'nothing yet'}", quiet)
@@ -226,7 +235,7 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
 
     pruning, files["README.md"] = prepare_export(pruning, evaluation, recipe, src, facts["parent"])
     out = save(model, tokenizer, recipe.output.dir, pruning=pruning, files=files,
-               overwrite=overwrite or recipe.output.overwrite)
+               overwrite=overwrite or recipe.output.overwrite, inputs=facts["inputs"])
     progress.finish()
     say(f"\n{table}\n\nsaved {out}", quiet)
     if recipe.output.push_to_hub is not None:
