@@ -75,7 +75,7 @@ class Section(BaseModel):
     """A recipe section: unknown keys refused; ``true``/``false`` never taken as a number
     (``n_layers: true`` is not 1); NaN and infinity never taken as a setting."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod

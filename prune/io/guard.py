@@ -78,8 +78,9 @@ def check_output(out: str | os.PathLike, inputs: Iterable[Input | None] = (), *,
     raw = Path(out).expanduser()
     check_name(raw, what)
     target = _resolve(raw, what)
-    if raw.is_symlink() and not raw.exists():
-        raise PruneError(f"{what} {raw} is a broken symbolic link (remove it or choose another path)")
+    for link in [raw, *raw.absolute().parents]:
+        if link.is_symlink() and not link.exists():
+            raise PruneError(f"{what} {raw}: {link} is a broken symbolic link (remove it or choose another path)")
     for item in [(Path.cwd(), "the working directory", True), *[i for i in inputs if i]]:
         path, label, inside_ok = item
         if path is None:

@@ -35,7 +35,7 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, inputs
     """Refuse an unsafe or existing output folder (unless ``overwrite``) before any work starts
     (:func:`prune.io.guard.check_output`); recovers a swap a killed run left half done."""
     out = Path(out_dir).expanduser()
-    recover(out)
+    remove_stale_staging(out)  # first finishes a swap a killed run left half done
     return check_output(out, inputs, overwrite=overwrite, kind="folder", flag=flag)
 
 
@@ -81,7 +81,11 @@ def remove_stale_staging(out: Path) -> list[Path]:
     killed while saving); a folder of a process still alive is left alone."""
     recover(out)
     removed = []
-    for old in out.resolve().parent.glob(f".{glob_escape(out.name)}{INCOMPLETE_TAG}*"):
+    try:
+        leftovers = list(out.resolve().parent.glob(f".{glob_escape(out.name)}{INCOMPLETE_TAG}*"))
+    except (OSError, RuntimeError, ValueError):  # a bad path: check_output says why
+        return removed
+    for old in leftovers:
         pid = _pid_of(old)
         if pid is not None and pid != os.getpid() and _alive(pid):
             continue
@@ -101,7 +105,7 @@ def recover(out: Path) -> Path | None:
         out = parent / out.name
         olds = [p for p in parent.glob(f".{glob_escape(out.name)}{OLD_TAG}*")
                 if _pid_of(p) is not None and (_pid_of(p) == os.getpid() or not _alive(_pid_of(p)))]
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):
         return None
     restored = None
     for old in olds:

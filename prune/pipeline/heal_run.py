@@ -191,8 +191,10 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     dtype = model_cfg.dtype if model_cfg else "auto"
     trust = trust_remote_code  # never from RUN_DIR/recipe.yaml: a downloaded folder cannot grant itself code
     if model_cfg is not None and model_cfg.trust_remote_code and not trust:
-        say(f"note: {run / 'recipe.yaml'} sets trust_remote_code, which is ignored for an input folder "
-            "(pass --trust-remote-code to run the checkpoint's code)", quiet)
+        import sys
+
+        print(f"note: {run / 'recipe.yaml'} sets trust_remote_code, which is ignored for an input folder "
+              "(pass --trust-remote-code to run the checkpoint's code)", file=sys.stderr)
     run_kept = pruning.get("kept")
     removed = pruning.get("removed")
     from prune.io.source import ModelSource

@@ -153,6 +153,8 @@ class RunProgress:
                 self._write("recipe", self.recipe)
             self._write(stage, data)
         except Exception as exc:
+            if not any((self.folder / f"{s}.json").is_file() for s in STAGES):
+                shutil.rmtree(self.folder, ignore_errors=True)  # nothing finished: leave nothing behind
             error = write_error(exc, self.folder, "saving the progress of the run in")
             if error is None:
                 raise
