@@ -288,7 +288,8 @@ def add_report(sub) -> None:
 
 
 def cmd_report(args) -> int:
-    from prune.export.report import default_output, is_run_dir, report_model, report_run
+    from prune.export.report import default_output, is_run_dir, report_run
+    from prune.pipeline.commands import report_model
 
     out = args.output or default_output(args.source)
     if is_run_dir(args.source):

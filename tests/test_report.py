@@ -105,7 +105,7 @@ def test_cli_report_run_folder_and_model(run_dir, tmp_path):
 @pytest.mark.integration
 def test_report_on_smollm2(smollm2_folder, tmp_path):
     """The real model: the sink block 11 shows as a CKA cliff, 30 x 30 heatmap, contiguous marks 7 blocks."""
-    from prune.export.report import report_model
+    from prune.pipeline.commands import report_model
 
     out = report_model(str(smollm2_folder), tmp_path / "rep", n_layers=7, data=str(WIKI_RAW), rows="0:2000",
                        n_samples=4, seq_len=128, batch_size=4, quiet=True)

@@ -40,3 +40,11 @@ def quiet_mode(quiet: bool) -> None:
 def say(message: str, quiet: bool) -> None:
     if not quiet:
         print(message, flush=True)
+
+
+def announce_remote_code(where: str) -> None:
+    """Say on stderr that code shipped with the checkpoint ``where`` will run (asked for by
+    ``--trust-remote-code`` or the recipe the user ran; never by a file inside an input folder)."""
+    import sys
+
+    print(f"note: trust_remote_code is ON for {where}: code from the checkpoint will run", file=sys.stderr)

@@ -80,9 +80,9 @@ def load_model(
     if offload_folder is not None:
         kwargs["offload_folder"] = offload_folder
     if trust_remote_code:
-        import sys
+        from prune.core.console import announce_remote_code
 
-        print(f"note: trust_remote_code is ON for {src.display}: code from the checkpoint will run", file=sys.stderr)
+        announce_remote_code(src.display)
     try:
         config = _load_config(src, trust_remote_code)
         check_supported(config)

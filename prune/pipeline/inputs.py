@@ -9,13 +9,12 @@
 * :func:`check_context`: window lengths within the model's context.
 * :func:`check_selection_possible`: a block count that the strategy can find outside the
   protected blocks (contiguous runs, the tail).
-* :func:`announce_remote_code`: the stderr line printed whenever code from a checkpoint runs.
+* :func:`preflight_model`: all of the above for one model, for the one-shot commands.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from prune.core.errors import PruneError
@@ -106,19 +105,17 @@ def check_selection_possible(n_layers: int, count: int, strategy: str, protect: 
                              "(lower select.n_layers or change select.protect)")
 
 
-def announce_remote_code(where: str) -> None:
-    """Say on stderr that code shipped with a checkpoint will run (the user asked for it)."""
-    print(f"note: trust_remote_code is ON for {where}: code from the checkpoint will run", file=sys.stderr)
-
-
 def preflight_model(src: ModelSource, trust_remote_code: bool = False,
                     lengths: list[tuple[str, int | None]] = ()):
     """Everything about a model checkable without its weights: files whole, config readable
     and supported, weights covering every block, window lengths within the context.
     Returns the config."""
+    from prune.core.console import announce_remote_code
     from prune.model.loading import _load_config, check_checkpoint_files, check_supported
 
     check_checkpoint_files(src)
+    if trust_remote_code:
+        announce_remote_code(src.display)
     try:
         config = _load_config(src, trust_remote_code)
     except PruneError:

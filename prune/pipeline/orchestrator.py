@@ -59,6 +59,10 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
     inputs = I.recipe_inputs(recipe, src, recipe_file)
     check_output_dir(recipe.output.dir, overwrite or recipe.output.overwrite, inputs)
     check_checkpoint_files(src)
+    if recipe.model.trust_remote_code:  # asked for in the recipe the user ran: say so before any code runs
+        from prune.core.console import announce_remote_code
+
+        announce_remote_code(src.display)
     check_device_map(recipe.model.device_map, recipe.model.offload_folder)
     kwargs: dict[str, Any] = {"trust_remote_code": recipe.model.trust_remote_code}
     if src.gguf_file:
