@@ -168,7 +168,17 @@ def test_remove_and_heal_refuse_outputs_over_their_inputs(model, run_dir, tmp_pa
                        (run / "healed", "is inside the run folder")]:
         refused(capsys, "heal", run, "-o", out, "--overwrite", "--method", "lora", "--data", C4, "--field", "prefix",
                 match=match)
+    refused(capsys, "report", run, "-o", run, "--overwrite", match="is the run folder")
+    refused(capsys, "report", run, "-o", run.parent, "--overwrite", match="contains the run folder")
     assert (run / "model.safetensors").is_file()
+
+
+def test_the_home_folder_is_never_an_output(model, tmp_path, capsys, monkeypatch):
+    home = tmp_path / "home"
+    (home / "work").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    refused(capsys, "remove", model, "--blocks", "3", "-o", "~", "--overwrite", match="is the home folder")
+    assert (home / "work").is_dir()
 
 
 def test_score_and_eval_never_write_over_an_input_or_an_existing_file(model, tmp_path, capsys):

@@ -3,8 +3,8 @@
 :func:`check_output` is called before any work by every command that writes (``run``, ``remove``,
 ``heal``, ``report``, ``score -o``, ``eval -o``). It refuses an output path that
 
-* equals an input (the source model, the run folder, the recipe, a data file) or the working
-  directory, or is a parent folder of one (``--overwrite`` would delete it), or lies inside an
+* equals an input (the source model, the run folder, the recipe, a data file, the Hugging Face
+  cache), the working directory or the home folder, or is a parent folder of one (``--overwrite`` would delete it), or lies inside an
   input folder (writing into a model folder changes the input);
 * exists and ``overwrite`` was not given; is a folder where a file is written or a file where a
   folder is written;
@@ -73,15 +73,23 @@ def check_output(out: str | os.PathLike, inputs: Iterable[Input | None] = (), *,
                  kind: str = "folder", what: str = "output folder", flag: str = "output.dir") -> Path:
     """Refuse an unsafe output path before any work (see module docstring); returns it, expanded.
 
-    ``inputs`` are ``(path, label, inside_ok)``; the working directory is always one (writing
-    inside it is fine). ``kind`` is ``"folder"`` or ``"file"``."""
+    ``inputs`` are ``(path, label, inside_ok)``; the working directory and the home folder are
+    always among them (writing inside them is fine). ``kind`` is ``"folder"`` or ``"file"``."""
     raw = Path(out).expanduser()
     check_name(raw, what)
     target = _resolve(raw, what)
     for link in [raw, *raw.absolute().parents]:
         if link.is_symlink() and not link.exists():
             raise PruneError(f"{what} {raw}: {link} is a broken symbolic link (remove it or choose another path)")
-    for item in [(Path.cwd(), "the working directory", True), *[i for i in inputs if i]]:
+    always = [(Path.cwd(), "the working directory", True)]
+    try:
+        always.append((Path.home(), "the home folder", True))
+    except (RuntimeError, KeyError):  # no home folder known: nothing to protect there
+        pass
+    from huggingface_hub import constants
+
+    always.append((constants.HF_HUB_CACHE, "the Hugging Face cache", False))
+    for item in [*always, *[i for i in inputs if i]]:
         path, label, inside_ok = item
         if path is None:
             continue
