@@ -115,6 +115,7 @@ def add_score(sub) -> None:
     p.add_argument("model", help="Hub id, local model folder, or .gguf file")
     _calibration_flags(p, data_required=True)
     p.add_argument("--output", "-o", default=None, help="write the scores as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     option(p, "--execution", ScoreConfig, "execution", choices=["auto", "in_memory", "sequential"])
     _common_model_flags(p)
     p.set_defaults(func=cmd_score)
@@ -123,7 +124,7 @@ def add_score(sub) -> None:
 def cmd_score(args) -> int:
     from prune.pipeline.commands import score_model
 
-    result = score_model(args.model, output=args.output, **_score_kwargs(args))
+    result = score_model(args.model, output=args.output, overwrite=args.overwrite, **_score_kwargs(args))
     print(result.table())
     if args.output:
         print(f"scores written to {args.output}")
@@ -173,39 +174,37 @@ def add_eval(sub) -> None:
                    help="write lm-eval's own files (results_*.json, samples_*.jsonl) to DIR/<model name>, as lm-eval's "
                         "--output_path --log_samples does; read them with prune compare")
     p.add_argument("--output", "-o", default=None, help="write the results as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     _common_model_flags(p)
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
-    from pydantic import ValidationError
-
-    from prune.core.config import format_validation_error
     from prune.pipeline.commands import evaluate_model
+    from prune.pipeline.inputs import validated
 
     if args.fidelity_to and not args.perplexity_data:
         raise PruneError("--fidelity-to measures on the perplexity text: give --perplexity-data too")
     if not args.tasks and not args.perplexity_data:
         raise PruneError("nothing to evaluate: give --tasks and/or --perplexity-data")
-    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        if limit != int(limit):
+            raise PruneError(f"--limit: give a whole number of examples or a fraction below 1 (got {limit:g})")
+        limit = int(limit)
     ppl = None
     if args.perplexity_data:
-        ppl = PerplexityConfig(path=args.perplexity_data, field=args.perplexity_field, rows=args.perplexity_rows,
-                               seq_len=args.seq_len, max_windows=args.max_windows)
+        ppl = validated(PerplexityConfig, path=args.perplexity_data, field=args.perplexity_field,
+                        rows=args.perplexity_rows, seq_len=args.seq_len, max_windows=args.max_windows)
     fidelity = {"top_k": args.fidelity_top_k} if args.fidelity_to else None
-    try:
-        cfg = EvaluateConfig(perplexity=ppl, fidelity=fidelity, tasks=args.tasks, task_dirs=args.task_dir,
-                             data_dir=args.data_dir, limit=limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
-                             seed=args.seed, apply_chat_template=args.apply_chat_template,
-                             fewshot_as_multiturn=args.fewshot_as_multiturn, model=args.backend,
-                             model_args=args.model_args, local_alias=args.local_alias,
-                             fewshot_from_scored_split=args.fewshot_from_scored_split)
-    except ValidationError as exc:
-        raise PruneError(format_validation_error(exc, "prune eval", EvaluateConfig)) from None
-
+    cfg = validated(EvaluateConfig, perplexity=ppl, fidelity=fidelity, tasks=args.tasks, task_dirs=args.task_dir,
+                    data_dir=args.data_dir, limit=limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+                    seed=args.seed, apply_chat_template=args.apply_chat_template,
+                    fewshot_as_multiturn=args.fewshot_as_multiturn, model=args.backend, model_args=args.model_args,
+                    local_alias=args.local_alias, fewshot_from_scored_split=args.fewshot_from_scored_split)
     result = evaluate_model(args.model, cfg, dtype=args.dtype, device_map=args.device_map,
                             trust_remote_code=args.trust_remote_code, quiet=args.quiet, original=args.fidelity_to,
-                            output_path=args.output_path)
+                            output_path=args.output_path, output=args.output, overwrite=args.overwrite)
     if result is None:  # a data-parallel process other than the first: the first one reports
         return 0
     lm_eval_files = result.pop("lm_eval_files", {})
@@ -230,8 +229,6 @@ def cmd_eval(args) -> int:
     if result.get("lm_eval_folder"):
         print(f"lm-eval results and samples written to {result['lm_eval_folder']}", file=sys.stderr)
     if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(result, handle, indent=1)
         print(f"results written to {args.output}")
     return 0
 
@@ -309,6 +306,9 @@ def cmd_remove(args) -> int:
         blocks = [int(b) for b in args.blocks]
     except ValueError:
         raise PruneError(f"--blocks must be integers, got {','.join(args.blocks)}") from None
+    from prune.pipeline.inputs import preflight_model
+
+    preflight_model(resolve_source(args.model), args.trust_remote_code)  # config, weights cover it, before writing
     record = {"removed": sorted(blocks), "source": resolve_source(args.model).to_dict()}
     out = prune_checkpoint(args.model, blocks, args.output, pruning=record,
                            overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
@@ -378,6 +378,8 @@ def add_heal(sub) -> None:
     p.add_argument("--evaluate", action="store_true", help="evaluate the healed model with RUN_DIR's evaluate settings "
                                                           "and write eval.json / eval.md (original, pruned, healed)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run code shipped with the checkpoint (off by default; never taken from RUN_DIR's own files)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress messages")
     p.set_defaults(func=cmd_heal)
 
@@ -386,7 +388,8 @@ def cmd_heal(args) -> int:
     from prune.pipeline.heal_run import heal_run
 
     heal_run(args.run_dir, args.output, method=args.method, config=args.config, data=args.data, field=args.field,
-             rows=args.rows, overrides=args.overrides, evaluate=args.evaluate, overwrite=args.overwrite, quiet=args.quiet)
+             rows=args.rows, overrides=args.overrides, evaluate=args.evaluate, overwrite=args.overwrite, quiet=args.quiet,
+             trust_remote_code=args.trust_remote_code)
     return 0
 
 
@@ -424,8 +427,18 @@ def cmd_compare(args) -> int:
 SUBCOMMANDS = [add_run, add_score, add_eval, add_compare, add_report, add_heal, add_remove, add_check, add_push]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors redacted: a token given in any argument is never echoed."""
+
+    def error(self, message: str):
+        from prune.core.secrets import redact
+
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {redact(message)}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prune", description="Measure and remove redundant decoder layers of LLMs. "
+    parser = _Parser(prog="prune", description="Measure and remove redundant decoder layers of LLMs. "
                                      "Block indices are 0-based everywhere.")
     from prune.core.console import __version__
 
@@ -433,13 +446,52 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None,
                         help="log messages of prune's libraries (transformers, datasets, lm-eval) from this level on, to "
                              "stderr (default: their own defaults; --quiet lowers them to errors)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for add in SUBCOMMANDS:
         add(sub)
     return parser
 
 
+def input_error(exc: BaseException) -> str | None:
+    """The one line for an exception caused by the user's input or environment, ``None`` for a bug.
+
+    ``PruneError`` is ours; ``OSError`` (files, permissions, a full disk), ``UnicodeError`` (a
+    non-UTF-8 file or name), pydantic's ``ValidationError`` (a setting) and safetensors'
+    ``SafetensorError`` (a weight file) come from what the user gave; any other exception is a
+    bug and keeps its traceback."""
+    from prune.io.guard import disk_full
+
+    if isinstance(exc, PruneError):
+        return str(exc)
+    if disk_full(exc):
+        return f"disk full (No space left on device): {_first_line(exc)}; free some space or choose another output path"
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"cannot access{where}: {exc.strerror or _first_line(exc)} (check the path and its permissions)"
+    if isinstance(exc, UnicodeError):
+        return f"not valid UTF-8 text: {_first_line(exc)} (convert the file to UTF-8)"
+    try:
+        from pydantic import ValidationError
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(exc, ValidationError):
+        from prune.core.config import format_validation_error
+
+        return format_validation_error(exc, "settings")
+    if isinstance(exc, SafetensorError):
+        return f"a safetensors file is unreadable or could not be written: {_first_line(exc)}"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    from prune.core.secrets import redact
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.log_level:
@@ -448,8 +500,12 @@ def main(argv: list[str] | None = None) -> int:
         set_log_level(args.log_level)
     try:
         return args.func(args)
-    except PruneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (PruneError, OSError, UnicodeError, ValueError) as exc:  # ValueError: pydantic, SafetensorError? see below
+        line = input_error(exc)
+        if line is None:
+            traceback.print_exc()
+            return 1
+        print(f"error: {redact(line)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = ""
@@ -457,9 +513,13 @@ def main(argv: list[str] | None = None) -> int:
             hint = "; nothing was saved as a checkpoint (rerun with --resume to reuse the finished stages)"
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
-    except Exception:  # noqa: BLE001 - unexpected: show everything
-        traceback.print_exc()
-        return 1
+    except Exception as exc:  # noqa: BLE001 - SafetensorError and the tokenizers' disk-full Exception, else a bug
+        line = input_error(exc)
+        if line is None:
+            traceback.print_exc()  # a bug: show everything
+            return 1
+        print(f"error: {redact(line)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import copy
 import datetime as dt
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path

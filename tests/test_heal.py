@@ -335,7 +335,7 @@ def test_cli_heal_partial(tmp_path, tiny_folder):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "rank must be at least 1" in bad.stderr
     same = subprocess.run(cmd[:6] + [str(run_dir), "--method", "lora", "--data", str(C4)], capture_output=True, text=True,
                           env=env, cwd=tmp_path)
-    assert same.returncode == 2 and "outside RUN_DIR" in same.stderr
+    assert same.returncode == 2 and "is the run folder" in same.stderr
     assert not (tmp_path / "bad").exists()
 
 

@@ -49,7 +49,7 @@ def test_remote_code_is_not_run_unless_asked(tiny_folder, tmp_path):
 
 def test_trust_remote_code_is_announced(tiny_folder, capsys):
     prune.load(tiny_folder, trust_remote_code=True)
-    assert "trust_remote_code is ON" in capsys.readouterr().out
+    assert "trust_remote_code is ON" in capsys.readouterr().err
 
 
 def test_files_cannot_be_written_outside_the_output_folder(tiny_folder, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -60,8 +61,50 @@ class TextSource:
         return {"path": self.path, "field": self.field, "config": self.config, "split": self.split, "rows": self.rows}
 
 
+#: seeds are passed to torch, numpy (lm-eval) and random: numpy's bound is the tightest
+SEED_MAX = 2**32 - 1
+
+
+def _types(annotation) -> set:
+    """Every type an annotation names (``int | list[float] | None`` -> {int, list, float, NoneType})."""
+    out = {annotation}
+    for arg in getattr(annotation, "__args__", ()) or ():
+        out |= _types(arg)
+    return out
+
+
+def _has(value, kind) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_has(v, kind) for v in value)
+    if isinstance(value, dict):
+        return any(_has(v, kind) for v in value.values())
+    return kind(value)
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """A recipe section: unknown keys refused; ``true``/``false`` never taken as a number
+    (``n_layers: true`` is not 1); NaN and infinity never taken as a setting."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value, info):
+        field = cls.model_fields.get(info.field_name)
+        if field is not None:
+            types = _types(field.annotation)
+            nested = any(isinstance(t, type) and issubclass(t, BaseModel) for t in types)  # checks itself
+            if not nested and bool not in types and Any not in types and _has(value, lambda v: isinstance(v, bool)):
+                what = "a number" if types & {int, float} else "text"
+                raise ValueError(f"expects {what}, not true/false")
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _finite(cls, value):
+        if _has(value, lambda v: isinstance(v, float) and not math.isfinite(v)):
+            raise ValueError("must be a finite number (not nan or inf)")
+        return value
 
 
 class ModelConfig(Section):
@@ -103,7 +146,7 @@ class TextConfig(Section):
 class CalibrationConfig(TextConfig):
     n_samples: int = Field(64, ge=1, description="number of calibration windows")
     seq_len: int = Field(256, ge=8, description="tokens per window")
-    seed: int = Field(0, description="seed for drawing the windows")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seed for drawing the windows")
     batch_size: int = Field(8, ge=1, description="windows per forward pass")
 
 
@@ -111,7 +154,8 @@ class ScoreConfig(Section):
     """How blocks are scored. These are the defaults of :func:`prune.score`, :func:`prune.score_sequential`
     and the CLI's flags too (read with :func:`default`)."""
 
-    metrics: list[Literal["bi", "angular", "cka"]] = Field(["bi", "angular", "cka"], description="metrics to compute")
+    metrics: list[Literal["bi", "angular", "cka"]] = Field(["bi", "angular", "cka"], min_length=1,
+                                                           description="metrics to compute")
     # skip_first: the quality benchmark's evidence (docs/BENCHMARKS.md); the attention-sink token dominates CKA
     positions: Literal["all", "skip_first"] = Field(
         "skip_first", description="token positions that count: skip_first (leave out each window's first token, "
@@ -141,7 +185,7 @@ class SelectConfig(Section):
     n_layers: int | None = Field(None, ge=1)
     fraction: float | None = Field(None, gt=0, lt=1)
     protect: list[int] = [0, -1]
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     # search only
     max_perplexity_ratio: float | None = Field(None, gt=1)
     min_task_retained: float | None = Field(None, gt=0, le=1)
@@ -243,7 +287,7 @@ class EvaluateConfig(Section):
     limit: int | float | None = Field(None, gt=0, description="lm-eval: examples per task (or a fraction < 1)")
     batch_size: int | str = Field(8, description="lm-eval batch size: a number, auto or auto:N")
     num_fewshot: int = Field(0, ge=0, description="few-shot examples")
-    seed: int = Field(0, description="lm-eval seeds")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="lm-eval seeds")
     original: bool = True  # also evaluate the original model, for the before/after table
     apply_chat_template: bool | str = False  # lm-eval's: True, or the name of one of the tokenizer's templates
     fewshot_as_multiturn: bool | None = None  # None: on when a chat template is applied (lm-eval's default)
@@ -328,7 +372,7 @@ class HealConfig(Section):
     learning_rate: float = Field(1e-4, gt=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     weight_decay: float = Field(0.0, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     # lora

@@ -98,3 +98,11 @@ def show(message: str, quiet: bool | None = None) -> None:
     """A result (a table, a summary), on stdout."""
     if not (is_quiet() if quiet is None else quiet):
         print(message, flush=True)
+
+
+def announce_remote_code(where: str) -> None:
+    """Say on stderr that code shipped with the checkpoint ``where`` will run (asked for by
+    ``--trust-remote-code`` or the recipe the user ran; never by a file inside an input folder)."""
+    import sys
+
+    print(f"note: trust_remote_code is ON for {where}: code from the checkpoint will run", file=sys.stderr)

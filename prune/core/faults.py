@@ -19,7 +19,7 @@ import signal
 #: where ``fault_point`` is called, in run order (``scoring``: after each scored batch;
 #: ``evaluating``: between perplexity and lm-eval, for the original and the pruned model)
 STAGES = ("loaded", "scoring", "scored", "selected", "evaluating", "evaluated_original", "pruned", "evaluated_pruned",
-          "saving", "saved_weights", "before_rename")
+          "saving", "saved_weights", "before_rename", "swapping", "swapped")
 
 
 def fault_point(stage: str) -> None:

@@ -140,6 +140,9 @@ def _check_config(path: Path, report: CheckReport):
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         report.add("config", "fail", f"config.json is not valid JSON: {exc}")
         return None
+    if not isinstance(raw, dict):
+        report.add("config", "fail", f"config.json holds a JSON {type(raw).__name__}, not an object")
+        return None
     n = next((raw[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(raw.get(k), int)), None)
     bad = per_layer_list_problems(raw, n)
     for message in bad:  # checked on the raw file first: transformers' own refusal is less clear
@@ -365,9 +368,9 @@ def _check_export_files(path: Path, config, report: CheckReport, required: bool)
         report.add("pruning", missing, "pruning.json is missing (not an output of `prune run`)")
         return
     try:
-        pruning = json.loads(record.read_text())
-    except json.JSONDecodeError as exc:
-        report.add("pruning", "fail", f"pruning.json is not valid JSON: {exc}")
+        pruning = json.loads(record.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad JSON or not UTF-8
+        report.add("pruning", "fail", f"pruning.json is not valid UTF-8 JSON: {exc}")
         return
     if not isinstance(pruning, dict):
         report.add("pruning", "fail", "pruning.json is not a JSON object")

@@ -57,10 +57,10 @@ def _read_record(src: ModelSource) -> tuple[Any, list | None]:
         file = folder / RECORD
         if not file.is_file():
             return None, None
-        try:
-            record = json.loads(file.read_text())
-        except json.JSONDecodeError as exc:
-            raise PruneError(f"{file} is not valid JSON ({exc}); fix it or move it away") from None
+        from prune.core.records import read_record
+
+        read_record(file)  # not UTF-8, not JSON, or the wrong shape (removed: 5): one line, here
+        record = json.loads(file.read_text(encoding="utf-8"))
         return record, _eval_rows(folder / "eval.json")
     if src.kind == "hub":
         file = _hub_file(src.path, RECORD, src.revision)
@@ -68,7 +68,7 @@ def _read_record(src: ModelSource) -> tuple[Any, list | None]:
             return None, None
         try:
             return json.loads(Path(file).read_text()), _eval_rows(_hub_file(src.path, "eval.json", src.revision))
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             return None, None
     return None, None
 
@@ -76,7 +76,7 @@ def _read_record(src: ModelSource) -> tuple[Any, list | None]:
 def _eval_rows(path) -> list | None:
     try:
         return json.loads(Path(path).read_text()).get("rows") if path else None
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # ValueError: bad JSON or UTF-8
         return None
 
 

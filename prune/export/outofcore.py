@@ -108,6 +108,7 @@ def prune_checkpoint(
     files: dict[str, str] | None = None,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    inputs=(),
 ) -> Path:
     """Write the checkpoint of ``source`` without the blocks ``removed`` (0-based) to ``out_dir``.
 
@@ -120,7 +121,12 @@ def prune_checkpoint(
 
     from prune.model.skeleton import Skeleton
 
+    from prune.io.guard import input_paths
+    from prune.io.staging import check_output_dir
+
     folder = local_folder(source)
+    inputs = [*inputs, *input_paths(folder, label="the source model")]
+    check_output_dir(out_dir, overwrite, inputs, flag="--output")  # before reading any shard
     sk = Skeleton(folder, trust_remote_code=trust_remote_code)  # meta model: key mapping only
     n_layers = len(sk.layers)
     removed = check_indices(removed, n_layers)
@@ -129,7 +135,7 @@ def prune_checkpoint(
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     for key, value in pruned_config_updates(config, kept).items():
         setattr(config, key, value)
-    with staged(out_dir, overwrite) as stage:
+    with staged(out_dir, overwrite, inputs) as stage:
         names = [SINGLE_NAME] if len(shards) == 1 else \
             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         weight_map: dict[str, str] = {}

@@ -63,13 +63,25 @@ class UploadPlan:
 
 
 def upload_files(folder: Path) -> list[tuple[str, int]]:
-    """Every regular file under ``folder`` (sorted, POSIX relative paths), hidden names excluded."""
+    """Every regular file under ``folder`` (sorted, POSIX relative paths), hidden names excluded.
+    Symbolic links are resolved: one that leads outside ``folder`` (a planted link to
+    ``$HF_HOME/token``, to ``~/.ssh``) is refused, so nothing outside the folder is ever sent."""
     out = []
+    root = folder.resolve()
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+        if any(part.startswith(".") for part in rel.parts):
             continue
-        out.append((rel.as_posix(), path.stat().st_size))
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise PruneError(f"refusing to push: {rel.as_posix()} is a broken or looping symbolic link (remove it)") from None
+        if not real.is_relative_to(root):
+            raise PruneError(f"refusing to push: {rel.as_posix()} is a symbolic link to {real}, outside {folder} "
+                             "(remove it; only the folder's own files are uploaded)")
+        if not real.is_file():
+            continue
+        out.append((rel.as_posix(), real.stat().st_size))
     return out
 
 
@@ -90,6 +102,11 @@ def default_commit_message(folder: Path) -> str:
 def check_repo_id(repo_id: str) -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    from prune.core.secrets import looks_like_token
+
+    if looks_like_token(repo_id):
+        raise PruneError("the repo id looks like a Hugging Face token (not shown): give namespace/name, and keep the "
+                         "token in HF_TOKEN or `hf auth login`")
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:

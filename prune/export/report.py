@@ -21,11 +21,11 @@ from __future__ import annotations
 import base64
 import html
 import json
-import shutil
 from pathlib import Path
 
 from prune.choose.registry import names
 from prune.core.errors import PruneError
+from prune.io.guard import input_paths
 from prune.measure.scoring import ScoreResult
 from prune.choose.rules import Selection
 
@@ -256,27 +256,18 @@ def _save(fig, path: Path) -> None:
 def write_report(out_dir: str | Path, before: ScoreResult, *, after: ScoreResult | None = None,
                  selection: Selection | None = None, kept: list[int] | None = None, k: int | None = None,
                  title: str = "Redundancy report", source: str = "", evaluation: str | None = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, inputs=()) -> Path:
     """Write the report folder (see module docstring) atomically; returns its path.
 
     ``selection`` marks the blocks removed (``k`` defaults to how many); ``after`` are the scores
     of the pruned model whose blocks are the original ``kept`` ones; ``evaluation`` is a Markdown
     before/after table (a run's ``eval.md``).
     """
-    from prune.export.saving import _replace, check_output_dir, staging_dir
+    from prune.io.staging import staged
 
-    out = check_output_dir(out_dir, overwrite)
-    stage = staging_dir(out)
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
-    try:
+    with staged(out_dir, overwrite, inputs) as stage:
         _write(stage, before, after, selection, kept, k, title, source, evaluation)
-        _replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    return out
+    return Path(out_dir).expanduser()
 
 
 def _write(folder: Path, before, after, selection, kept, k, title, source, evaluation) -> None:
@@ -375,7 +366,7 @@ def report_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overwr
         before = ScoreResult.from_dict(record["scores_before"])
         after = ScoreResult.from_dict(record["scores_after"]) if record.get("scores_after") else None
         selection = Selection.from_dict(record["selection"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # ValueError: bad JSON / UTF-8
         raise PruneError(f"{run / 'pruning.json'} is not a prune run record ({type(exc).__name__}: {exc}); "
                          "give a folder written by prune run, or a model") from None
     src = record.get("source", {})
@@ -383,7 +374,8 @@ def report_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overwr
     evaluation = (run / "eval.md").read_text() if (run / "eval.md").is_file() else None
     return write_report(out_dir or run / "report", before, after=after, selection=selection, kept=record.get("kept"),
                         title=f"Redundancy report: {Path(str(name)).name} -> {run.name}", source=str(name),
-                        evaluation=evaluation, overwrite=overwrite)
+                        evaluation=evaluation, overwrite=overwrite,
+                        inputs=input_paths(run, label="the run folder", inside_ok=True))
 
 
 def default_output(source: str) -> Path:

@@ -10,38 +10,25 @@ after the new folder is complete).
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
-from prune.core.errors import PruneError
 from prune.core.records import PruningRecord, parse_record, write_record
 from prune.core.faults import fault_point
 from prune.model.loading import is_dispatched, plain_config_dict
 
-INCOMPLETE_TAG = ".incomplete-"
-INCOMPLETE_MARKER = "INCOMPLETE"  # file inside a staging folder, for anyone who finds one
-
-
-def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an existing output folder (unless ``overwrite``) before any work starts."""
-    out = Path(out_dir).expanduser()
-    if out.exists() and not overwrite:
-        raise PruneError(f"output folder {out} already exists (choose another output.dir or pass --overwrite)")
-    if out.exists() and not out.is_dir():
-        raise PruneError(f"output path {out} exists and is not a folder (choose another output.dir)")
-    parent = out.resolve().parent
-    if not parent.exists():
-        parent.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def staging_dir(out: Path) -> Path:
-    return out.resolve().parent / f".{out.name}{INCOMPLETE_TAG}{os.getpid()}"
+from prune.io.guard import check_output, input_paths, safe_join  # noqa: F401  (re-exported)
+from prune.io.staging import (  # noqa: F401  (re-exported: the atomic-folder code lives in prune.io.staging)
+    INCOMPLETE_MARKER,
+    INCOMPLETE_TAG,
+    _replace,
+    check_output_dir,
+    recover,
+    remove_stale_staging,
+    staged,
+    staging_dir,
+)
 
 
 def save(
@@ -53,6 +40,7 @@ def save(
     files: dict[str, str] | None = None,
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
+    inputs=(),
 ) -> Path:
     """Save ``model`` and ``tokenizer`` as a plain checkpoint (safetensors) plus metadata.
 
@@ -61,7 +49,7 @@ def save(
     final folder. The GGUF loader's ``quantization_config`` is dropped: weights are saved
     dequantized, so the folder loads with ``AutoModelForCausalLM.from_pretrained`` alone.
     """
-    with staged(out_dir, overwrite) as stage:
+    with staged(out_dir, overwrite, inputs) as stage:
         if is_dispatched(model):  # Accelerate's offload hooks untie tied weights after a forward:
             model.tie_weights()  # re-tie, or the tied copy (lm_head) would be saved twice
         fault_point("saving")
@@ -74,54 +62,6 @@ def save(
     return Path(out_dir).expanduser()
 
 
-@contextlib.contextmanager
-def staged(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a hidden staging folder beside ``out_dir``; on success it is renamed to ``out_dir``
-    (replacing an existing one only then), on any error it is removed. A disk that fills up
-    becomes one :class:`PruneError` line; staging folders of killed runs are cleared first."""
-    out = check_output_dir(out_dir, overwrite)
-    remove_stale_staging(out)  # includes a leftover of this very process
-    stage = staging_dir(out)
-    try:
-        stage.mkdir(parents=True)
-        (stage / INCOMPLETE_MARKER).write_text("This folder is being written and is not a finished checkpoint.\n")
-        yield stage
-        fault_point("before_rename")
-        (stage / INCOMPLETE_MARKER).unlink()
-        _replace(stage, out)
-    except BaseException as exc:
-        shutil.rmtree(stage, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise PruneError(f"disk full while writing {out} ({exc.strerror}): the partial files were removed and "
-                             f"{'the existing folder is untouched' if out.exists() else 'no output was written'}; "
-                             f"free some space or choose another output.dir (prune run --resume reuses the scores)"
-                             ) from None
-        raise
-
-
-def remove_stale_staging(out: Path) -> list[Path]:
-    """Remove ``.<name>.incomplete-<pid>`` folders beside ``out`` whose process is gone (a run
-    killed while saving); a folder of a process still alive is left alone."""
-    removed = []
-    for old in out.resolve().parent.glob(f".{out.name}{INCOMPLETE_TAG}*"):
-        pid = old.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
-            continue
-        shutil.rmtree(old, ignore_errors=True)
-        removed.append(old)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # PermissionError: alive, owned by someone else
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def write_extras(stage: Path, pruning: PruningRecord | dict | None, files: dict[str, str] | None) -> None:
     """``pruning.json`` (a :class:`~prune.core.records.PruningRecord`, or a dict validated as one)
     and the extra text files of a checkpoint folder."""
@@ -131,26 +71,6 @@ def write_extras(stage: Path, pruning: PruningRecord | dict | None, files: dict[
         target = safe_join(stage, name)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
-
-
-def safe_join(root: Path, name: str) -> Path:
-    """``root / name``, refusing names that would escape ``root`` (absolute paths, ``..``)."""
-    target = (root / name).resolve()
-    if not target.is_relative_to(root.resolve()):
-        raise PruneError(f"refusing to write {name!r}: it points outside the output folder")
-    return target
-
-
-def _replace(stage: Path, out: Path) -> None:
-    """Move the finished ``stage`` folder to ``out``, replacing an existing one last."""
-    out = out.resolve()
-    if not out.exists():
-        stage.rename(out)
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    out.rename(old)
-    stage.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- lineage, model card, push: what `prune run` adds around `save` ---------------------

@@ -1,0 +1,184 @@
+"""Atomic output folders: written in a hidden sibling, swapped in only when complete.
+
+``with staged(out, overwrite, inputs) as stage:`` yields ``.<name>.incomplete-<pid>/`` beside
+``out`` (with an ``INCOMPLETE`` marker file inside); on success the marker is removed and the
+folder becomes ``out``; on any error it is removed and a full disk becomes one line.
+
+Replacing an existing ``out`` (``--overwrite``) is crash-safe: on Linux the two folders are
+exchanged in one atomic ``renameat2(RENAME_EXCHANGE)``; elsewhere the old folder is first
+renamed ``.<name>.old-<pid>``, then the new one takes its place. At every instant the old or the
+new output is complete and findable, and :func:`recover` (run first by every later write to the
+same output) puts back whichever a killed process left: a complete staged folder (no marker)
+becomes ``out``, else ``.old-<pid>`` is renamed back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from prune.core.errors import PruneError
+from prune.core.faults import fault_point
+from prune.io.guard import Input, check_output, write_error
+
+INCOMPLETE_TAG = ".incomplete-"
+OLD_TAG = ".old-"
+INCOMPLETE_MARKER = "INCOMPLETE"  # file inside a staging folder, for anyone who finds one
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, inputs: Iterable[Input | None] = (),
+                     flag: str = "output.dir") -> Path:
+    """Refuse an unsafe or existing output folder (unless ``overwrite``) before any work starts
+    (:func:`prune.io.guard.check_output`); recovers a swap a killed run left half done."""
+    out = Path(out_dir).expanduser()
+    remove_stale_staging(out)  # first finishes a swap a killed run left half done
+    return check_output(out, inputs, overwrite=overwrite, kind="folder", flag=flag)
+
+
+def staging_dir(out: Path) -> Path:
+    return out.resolve().parent / f".{out.name}{INCOMPLETE_TAG}{os.getpid()}"
+
+
+@contextlib.contextmanager
+def staged(out_dir: str | os.PathLike, overwrite: bool = False, inputs: Iterable[Input | None] = ()) -> Iterator[Path]:
+    """Yield a hidden staging folder beside ``out_dir``; on success it is renamed to ``out_dir``
+    (replacing an existing one only then), on any error it is removed. A disk that fills up
+    becomes one :class:`PruneError` line; staging folders of killed runs are cleared first."""
+    out = check_output_dir(out_dir, overwrite, inputs)
+    remove_stale_staging(out)  # includes a leftover of this very process
+    stage = staging_dir(out)
+    try:
+        stage.mkdir(parents=True)
+        (stage / INCOMPLETE_MARKER).write_text("This folder is being written and is not a finished checkpoint.\n")
+        yield stage
+        fault_point("before_rename")
+        (stage / INCOMPLETE_MARKER).unlink()
+        replace_folder(stage, out)
+    except BaseException as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        error = write_error(exc, out.resolve())
+        if error is not None:
+            kept = "the existing folder is untouched" if out.exists() else "no output was written"
+            if "disk full" in str(error):
+                raise PruneError(f"disk full while writing {out.resolve()} (No space left on device): the partial files "
+                                 f"were removed and {kept}; free some space or choose another output.dir "
+                                 "(prune run --resume reuses the scores)") from None
+            raise PruneError(f"{error}; the partial files were removed and {kept}") from None
+        raise
+
+
+def _pid_of(path: Path) -> int | None:
+    pid = path.name.rsplit("-", 1)[-1]
+    return int(pid) if pid.isdigit() else None
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove ``.<name>.incomplete-<pid>`` folders beside ``out`` whose process is gone (a run
+    killed while saving); a folder of a process still alive is left alone."""
+    recover(out)
+    removed = []
+    try:
+        leftovers = list(out.resolve().parent.glob(f".{glob_escape(out.name)}{INCOMPLETE_TAG}*"))
+    except (OSError, RuntimeError, ValueError):  # a bad path: check_output says why
+        return removed
+    for old in leftovers:
+        pid = _pid_of(old)
+        if pid is not None and pid != os.getpid() and _alive(pid):
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+        removed.append(old)
+    return removed
+
+
+def recover(out: Path) -> Path | None:
+    """Finish the swap of a killed process: when ``out`` is missing, a complete staged folder
+    (no ``INCOMPLETE`` marker) of a dead process becomes ``out``, else its ``.old-<pid>`` folder
+    is renamed back. Old folders beside an existing ``out`` are removed. Returns what was restored."""
+    try:
+        parent = out.expanduser().resolve().parent
+        if not parent.is_dir():
+            return None
+        out = parent / out.name
+        olds = [p for p in parent.glob(f".{glob_escape(out.name)}{OLD_TAG}*")
+                if _pid_of(p) is not None and (_pid_of(p) == os.getpid() or not _alive(_pid_of(p)))]
+    except (OSError, RuntimeError, ValueError):
+        return None
+    restored = None
+    for old in olds:
+        if not out.exists():
+            new = parent / f".{out.name}{INCOMPLETE_TAG}{_pid_of(old)}"
+            if new.is_dir() and not (new / INCOMPLETE_MARKER).exists():
+                new.rename(out)  # the new output was complete: finish the swap
+                restored = out
+            else:
+                old.rename(out)  # put the old output back
+                restored = out
+                continue
+        shutil.rmtree(old, ignore_errors=True)
+    return restored
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # PermissionError: alive, owned by someone else
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap ``a`` and ``b`` (Linux ``renameat2``); False where it is not available."""
+    if os.environ.get("PRUNE_NO_RENAME_EXCHANGE"):  # tests of the portable path
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: the file system cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_folder(stage: Path, out: Path) -> None:
+    """Move the finished ``stage`` folder to ``out``, replacing an existing one last (see module
+    docstring: at every instant the old or the new folder is complete)."""
+    out = out.resolve()
+    if not out.exists():
+        stage.rename(out)
+        return
+    if _exchange(stage, out):
+        fault_point("swapped")  # stage now holds the old folder
+        shutil.rmtree(stage, ignore_errors=True)
+        return
+    old = out.parent / f".{out.name}{OLD_TAG}{os.getpid()}"
+    out.rename(old)
+    fault_point("swapping")  # killed here: recover() finishes the swap
+    stage.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_replace = replace_folder  # the name report.py and older code import
+
+
+def unwritable(out: Path, exc: BaseException) -> PruneError:
+    """One line for a write that failed for a reason of the file system."""
+    return write_error(exc, out) or PruneError(f"cannot write {out}: {exc}")

@@ -37,12 +37,58 @@ def _row_slice(rows: str | None) -> slice:
     return slice(*parts)
 
 
-def _pick(record: dict, field: str | list[str], where: str) -> str:
+def _pick(record, field: str | list[str], where: str) -> str:
+    """The text of one row: ``field`` (or several, concatenated) of a JSON object, all strings."""
+    if not isinstance(record, dict):
+        raise PruneError(f"{where} is {type(record).__name__} {str(record)[:40]!r}, not a JSON object "
+                         "(one object per line expected, e.g. {\"text\": \"...\"})")
     fields = [field] if isinstance(field, str) else list(field)
     missing = [f for f in fields if f not in record]
     if missing:
-        raise PruneError(f"{where} has no field {missing[0]!r} (fields: {', '.join(record)}); set data.field")
+        raise PruneError(f"{where} has no field {missing[0]!r} (fields: {', '.join(map(str, record))}); set data.field")
+    for f in fields:
+        value = record[f]
+        if value is None or isinstance(value, (list, dict, bool)):
+            shown = "null" if value is None else type(value).__name__
+            raise PruneError(f"{where}: field {f!r} is {shown}, not text (remove the row or fix it)")
     return "".join(str(record[f]) for f in fields)
+
+
+def read_text_file(path: Path) -> str:
+    """A text file's content as UTF-8; gzip, binary and other encodings refused with one line."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PruneError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if data[:2] == b"\x1f\x8b":
+        raise PruneError(f"{path} is gzip-compressed: decompress it first (gunzip -k {path.name})")
+    if b"\x00" in data[:1 << 16]:
+        raise PruneError(f"{path} is a binary file, not text (give a .txt or .jsonl file)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PruneError(f"{path} is not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); convert it, "
+                         f"e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}") from None
+
+
+def _json_rows(path: Path, text: str, field) -> list[str]:
+    """Rows of a ``.jsonl`` file (one object per line) or of a ``.json`` file holding an array of objects."""
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PruneError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return [_pick(r, field, f"{path}: item {i}") for i, r in enumerate(rows)]
+    texts = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            raise PruneError(f"{path}:{lineno} is not valid JSON (one object per line expected)") from None
+        texts.append(_pick(record, field, f"{path}:{lineno}"))
+    return texts
 
 
 def load_text(source: TextSource) -> str:
@@ -51,19 +97,11 @@ def load_text(source: TextSource) -> str:
     if path.suffix in (".txt", ".raw", ".jsonl", ".json") or path.exists():
         if not path.is_file():
             raise PruneError(f"data file not found: {source.path} (check the path)")
+        text = read_text_file(path)
         if path.suffix in (".jsonl", ".json"):
-            texts = []
-            with path.open(encoding="utf-8") as handle:
-                for lineno, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise PruneError(f"{path}:{lineno} is not valid JSON (one object per line expected)") from None
-                    texts.append(_pick(record, source.field, f"{path}:{lineno}"))
+            texts = _json_rows(path, text, source.field)
         else:
-            lines = path.read_text(encoding="utf-8").split("\n")
+            lines = text.split("\n")
             return "\n".join(lines[_row_slice(source.rows)])
     else:
         texts = _read_hf_dataset(source)
@@ -85,7 +123,7 @@ def _read_hf_dataset(source: TextSource) -> list[str]:
     for f in fields:
         if f not in ds.column_names:
             raise PruneError(f"dataset {source.path!r} has no column {f!r} (columns: {', '.join(ds.column_names)}); set data.field")
-    return ["".join(str(row[f]) for f in fields) for row in ds]
+    return [_pick(row, fields, f"dataset {source.path!r} row {i}") for i, row in enumerate(ds)]
 
 
 def needs_bos(tokenizer) -> bool:

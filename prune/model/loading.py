@@ -79,11 +79,17 @@ def load_model(
     if offload_folder is not None:
         kwargs["offload_folder"] = offload_folder
     if trust_remote_code:
-        print(f"note: trust_remote_code is ON for {src.display}: code from the checkpoint will run")
+        from prune.core.console import announce_remote_code
+
+        announce_remote_code(src.display)
     try:
         config = _load_config(src, trust_remote_code)
         check_supported(config)
-        model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(src.path, output_loading_info=True, **kwargs)
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:  # transformers filled these with random values: never score or save those
+            raise PruneError(f"{src.display}: the weights lack {len(missing)} tensors the config needs (e.g. "
+                             f"{missing[0]}); they would be random (re-download or re-save the model, or fix config.json)")
         tokenizer = load_tokenizer(src, trust_remote_code)
     except PruneError:
         raise

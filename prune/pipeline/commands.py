@@ -27,31 +27,44 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
                 cka_windows: int = default(_S, "cka_windows"), beta: float = default(_S, "beta"),
                 tau: float = default(_S, "tau"), dtype: str = "auto", device_map=None,
                 trust_remote_code: bool = False, output: str | None = None, quiet: bool = False,
-                execution: str = default(_S, "execution"), max_memory: dict | None = None) -> ScoreResult:
+                execution: str = default(_S, "execution"), max_memory: dict | None = None,
+                overwrite: bool = False) -> ScoreResult:
     """Redundancy scores of a model over calibration text; optionally written as JSON to ``output``.
 
     ``execution``: ``auto`` (from the weights' size and the memory there is), ``in_memory`` or
     ``sequential`` (one block at a time, see :mod:`prune.execution`)."""
-    from prune.core.config import TextSource
+    from prune.core.config import CalibrationConfig, ScoreConfig, TextSource
+    from prune.io.guard import check_output, write_file
+    from prune.model.loading import load_tokenizer
     from prune.pipeline.execution import plan_execution
+    from prune.pipeline.inputs import command_inputs, preflight_model, validated
 
     quiet_mode(quiet)
+    # -- everything checkable before the weights load: flags, output file, config, text --
+    validated(CalibrationConfig, path=str(data), field=field, rows=rows, n_samples=n_samples, seq_len=seq_len, seed=seed,
+              batch_size=batch_size)
+    validated(ScoreConfig, metrics=list(metrics), positions=positions, cka_windows=cka_windows, beta=beta, tau=tau,
+              execution=execution)
+    src = resolve_source(source)
+    if output:
+        check_output(output, command_inputs(source, [data]), overwrite=overwrite, kind="file", what="--output file",
+                     flag="--output")
+    preflight_model(src, trust_remote_code, [("--seq-len", seq_len)])
+    text = load_text(TextSource(data, field, rows=rows))
+    windows = calibration_windows(load_tokenizer(src, trust_remote_code), text, n_samples, seq_len, seed)
     plan = plan_execution(source, execution, dtype=dtype, device_map=device_map, max_memory=max_memory,
                           n_windows=n_samples, seq_len=seq_len, batch_size=batch_size,
                           trust_remote_code=trust_remote_code)
     say(plan.describe(), quiet)
-    text = load_text(TextSource(data, field, rows=rows))
     kwargs = dict(batch_size=batch_size, positions=positions, metrics=tuple(metrics), cka_windows=cka_windows,
                   beta=beta, tau=tau, progress=not quiet)
     meta = {"data": {"path": data, "field": field, "rows": rows}, "seed": seed, "versions": versions(),
             "execution": plan.to_dict()}
     if plan.mode == "sequential":
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         from prune.measure.sequential import score_sequential
 
-        tokenizer = AutoTokenizer.from_pretrained(plan.folder, trust_remote_code=trust_remote_code)
-        windows = calibration_windows(tokenizer, text, n_samples, seq_len, seed)
         config = AutoConfig.from_pretrained(plan.folder, trust_remote_code=trust_remote_code)
         meta.update(source=resolve_source(source).to_dict(), model_type=config.model_type)
         result = score_sequential(plan.folder, windows, dtype=dtype, device=plan.device,
@@ -59,18 +72,18 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
     else:
         model, tokenizer, src = load_model(source, dtype=dtype, device_map=device_map, max_memory=max_memory,
                                            trust_remote_code=trust_remote_code)
-        windows = calibration_windows(tokenizer, text, n_samples, seq_len, seed)
         meta.update(source=src.to_dict(), model_type=model.config.model_type)
         result = score(model, windows, metadata=meta, **kwargs)
     if output:
-        Path(output).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        result.save_json(output)
+        import json
+
+        write_file(output, json.dumps(result.to_dict(), indent=1))
     return result
 
 
 def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", device_map=None,
                    trust_remote_code: bool = False, quiet: bool = False, original: str | None = None,
-                   output_path: str | None = None) -> dict | None:
+                   output_path: str | None = None, output: str | None = None, overwrite: bool = False) -> dict | None:
     """Perplexity, fidelity and lm-eval tasks of any model (original or pruned), loaded from ``source``;
     with ``cfg.fidelity``, its fidelity to ``original`` (loaded first, then released).
 
@@ -81,10 +94,15 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
 
     lm-eval logs every example; its own files (``results_<date>.json``, ``samples_<task>_<date>.jsonl``)
     are returned as ``lm_eval_files`` and, with ``output_path``, written where lm-eval's
-    ``--output_path`` puts them: ``output_path/<model name, sanitized>/``."""
+    ``--output_path`` puts them: ``output_path/<model name, sanitized>/``. ``output``: the result as
+    JSON (an existing file is refused unless ``overwrite``). Inputs are checked before any loading."""
     from lm_eval.utils import sanitize_model_name
 
+    from prune.io.guard import check_output
+    from prune.io.text import eval_windows
     from prune.measure import lmeval as L
+    from prune.model.loading import load_tokenizer
+    from prune.pipeline.inputs import command_inputs, preflight_model
 
     quiet_mode(quiet)
     if (cfg.fidelity is None) != (original is None):
@@ -97,6 +115,14 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
             raise PruneError("perplexity and fidelity run in one process: evaluate them without accelerate launch "
                              "(a data-parallel launch evaluates lm-eval tasks only)")
     src = resolve_source(source)
+    ppl = cfg.perplexity
+    if output:
+        check_output(output, command_inputs(source, [ppl.path if ppl else None]), overwrite=overwrite, kind="file",
+                     what="--output file", flag="--output")
+    preflight_model(src, trust_remote_code, [("--seq-len", ppl.seq_len if ppl else None)])
+    if ppl is not None:  # empty or too short text fails now, not after loading
+        eval_windows(load_tokenizer(src, trust_remote_code), load_text(ppl.source()), ppl.seq_len, ppl.max_windows,
+                     ppl.bos)
     if cfg.tasks:
         L.check_tasks(cfg.tasks, data_dir_path=cfg.data_dir, task_dirs=cfg.task_dirs, num_fewshot=cfg.num_fewshot,
                       fewshot_from_scored_split=cfg.fewshot_from_scored_split, quiet=quiet)  # fail before loading
@@ -148,6 +174,12 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
     result["settings"] = {"dtype": dtype, "limit": cfg.limit, "batch_size": cfg.batch_size, "num_fewshot": cfg.num_fewshot,
                           "seed": cfg.seed, "model": cfg.model, "model_args": cfg.model_args,
                           "apply_chat_template": cfg.apply_chat_template, "versions": versions()}
+    if output:
+        import json
+
+        from prune.io.guard import write_file
+
+        write_file(output, json.dumps(result, indent=1))
     return result
 
 
@@ -161,9 +193,12 @@ def report_model(source: str, out_dir: str | Path, *, strategy: str = "contiguou
     if strategy not in SCORE_ONLY:
         raise PruneError(f"a model report marks blocks with a score-only strategy ({', '.join(SCORE_ONLY)}); for "
                          f"{strategy} run a recipe and report its output folder")
-    check_output_dir(out_dir, overwrite)  # before the expensive scoring
+    from prune.pipeline.inputs import command_inputs
+
+    inputs = command_inputs(source, [score_kwargs.get("data")])
+    check_output_dir(out_dir, overwrite, inputs, flag="--output")  # before the expensive scoring
     scores = score_model(source, **score_kwargs)
     k = n_layers or max(1, round(scores.n_layers / 4))
     sel = select(scores, k, strategy=strategy, metric=metric, protect=protect, seed=score_kwargs.get("seed", 0))
     return write_report(out_dir, scores, selection=sel, k=k, title=f"Redundancy report: {Path(str(source)).name}",
-                        source=str(source), overwrite=overwrite)
+                        source=str(source), overwrite=overwrite, inputs=inputs)

@@ -87,10 +87,11 @@ class InMemory:
         kept = remove_layers(self.model, plan.remove)
         return kept, H.heal(self.model, heal_cfg, plan, quiet=self.quiet)
 
-    def save(self, out_dir, record: PruningRecord, files: dict[str, str], overwrite: bool) -> Path:
+    def save(self, out_dir, record: PruningRecord, files: dict[str, str], overwrite: bool, inputs=()) -> Path:
         from prune.export.saving import save
 
-        return save(self.model, self.tokenizer, out_dir, pruning=record, files=files, overwrite=overwrite)
+        return save(self.model, self.tokenizer, out_dir, pruning=record, files=files, overwrite=overwrite,
+                    inputs=inputs)
 
 
 class Sequential:
@@ -135,11 +136,11 @@ class Sequential:
         self._removed = list(selection.removed)
         return list(selection.kept), None  # the blocks are left out when the shards are copied (save)
 
-    def save(self, out_dir, record: PruningRecord, files: dict[str, str], overwrite: bool) -> Path:
+    def save(self, out_dir, record: PruningRecord, files: dict[str, str], overwrite: bool, inputs=()) -> Path:
         from prune.export.outofcore import prune_checkpoint
 
         out = prune_checkpoint(self.folder, self._removed, out_dir, pruning=record, files=files, overwrite=overwrite,
-                               trust_remote_code=self.recipe.model.trust_remote_code)
+                               trust_remote_code=self.recipe.model.trust_remote_code, inputs=inputs)
         say("(written from the source shards, out of core)", self.quiet)
         return out
 

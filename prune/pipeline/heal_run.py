@@ -25,7 +25,6 @@ import json
 from pathlib import Path
 
 import torch
-import yaml
 
 from prune.core.errors import PruneError
 from prune.model.arch import block_index, meta_model
@@ -50,10 +49,9 @@ class _HealOnly(Section):
 
 
 def _read_yaml(path: Path, what: str) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise PruneError(f"{path}: not valid YAML ({what}): {getattr(exc, 'problem', exc)}") from None
+    from prune.core.yamlsafe import read_yaml
+
+    data = read_yaml(path, f"{path} ({what})") or {}
     if not isinstance(data, dict):
         raise PruneError(f"{path}: {what} must be a mapping")
     return data
@@ -63,13 +61,19 @@ def heal_settings(recipe_data: dict | None, config: str | None = None, method: s
                   data: str | None = None, field: list[str] | str | None = None, rows: str | None = None,
                   overrides=()) -> HealConfig:
     """Merge the heal settings (see module docstring) and validate them; one-line errors."""
-    settings = dict((recipe_data or {}).get("heal") or {})
+    settings = (recipe_data or {}).get("heal") or {}
+    if not isinstance(settings, dict):
+        raise PruneError("the run's recipe.yaml has a heal section that is not a mapping (fix it or give --config)")
+    settings = dict(settings)
     if config:
         path = Path(config).expanduser()
         if not path.is_file():
             raise PruneError(f"heal config not found: {path}")
         extra = _read_yaml(path, "heal config")
-        settings.update(extra.get("heal", extra) or {})
+        extra = extra.get("heal", extra) or {}
+        if not isinstance(extra, dict):
+            raise PruneError(f"{path}: the heal section must be a mapping (method: lora, steps: 100, ...)")
+        settings.update(extra)
     if method:
         settings["method"] = method
     if data:
@@ -142,9 +146,11 @@ def _healed_markdown(original: dict, before: dict, healed: dict, facts: dict) ->
 
 def heal_run(run_dir, output, *, method: str | None = None, config: str | None = None, data: str | None = None,
              field=None, rows: str | None = None, overrides=(), evaluate: bool = False, overwrite: bool = False,
-             quiet: bool = False) -> Path:
-    """Heal the model of ``run_dir`` into the new folder ``output`` (see module docstring); returns it."""
-    from transformers import AutoConfig
+             quiet: bool = False, trust_remote_code: bool = False) -> Path:
+    """Heal the model of ``run_dir`` into the new folder ``output`` (see module docstring); returns it.
+
+    Code shipped with a checkpoint runs only when ``trust_remote_code`` is given here (the CLI's
+    ``--trust-remote-code``): RUN_DIR's own ``recipe.yaml`` is an input and never grants it."""
 
     from prune.core.config import EvaluateConfig
     from prune.core.console import quiet_mode, say, versions
@@ -165,12 +171,13 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     out = Path(output).expanduser()
     if not (run / "config.json").is_file() or not (run / "pruning.json").is_file():
         raise PruneError(f"{run} is not a prune run folder (it needs config.json and pruning.json, as written by prune run)")
-    if out.resolve() == run.resolve() or out.resolve().is_relative_to(run.resolve()):
-        raise PruneError(f"--output {out} must be a new folder outside RUN_DIR (RUN_DIR is never modified)")
-    check_output_dir(out, overwrite)
-    pruning = read_record(run / "pruning.json")
+    from prune.pipeline.inputs import command_inputs
+
+    pruning = read_record(run / "pruning.json")  # a record of the wrong shape is one line, here
     recipe_data = _read_yaml(run / "recipe.yaml", "recipe") if (run / "recipe.yaml").is_file() else None
     cfg = heal_settings(recipe_data, config, method, data, field, rows, overrides)
+    inputs = command_inputs(None, [config, cfg.data.path if cfg.data else None], run_dir=str(run))
+    check_output_dir(out, overwrite, inputs, flag="--output")
     recipe = None
     if recipe_data is not None:
         output_section = {**(recipe_data.get("output") or {}), "dir": str(out), "overwrite": overwrite}
@@ -186,8 +193,16 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         resolve_tasks(eval_cfg.tasks, data_dir_path=eval_cfg.data_dir, task_dirs=eval_cfg.task_dirs)
     model_cfg = recipe.model if recipe else None
     dtype = model_cfg.dtype if model_cfg else "auto"
-    trust = model_cfg.trust_remote_code if model_cfg else False
-    run_config = AutoConfig.from_pretrained(run, trust_remote_code=trust)
+    trust = trust_remote_code  # never from RUN_DIR/recipe.yaml: a downloaded folder cannot grant itself code
+    if model_cfg is not None and model_cfg.trust_remote_code and not trust:
+        import sys
+
+        print(f"note: {run / 'recipe.yaml'} sets trust_remote_code, which is ignored for an input folder "
+              "(pass --trust-remote-code to run the checkpoint's code)", file=sys.stderr)
+    from prune.io.source import ModelSource
+    from prune.pipeline.inputs import preflight_model
+
+    run_config = preflight_model(ModelSource("folder", str(run)), trust)
     n_after = run_config.num_hidden_layers + (1 if cfg.method == "replace" else 0)
     check_settings(cfg, meta_model(run_config, trust_remote_code=trust), n_after, context_length(run_config))
     src = None
@@ -249,10 +264,11 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     if recipe is not None and evaluate:
         evaluation["settings"] = run_eval.get("settings")
 
-    def save_fn(out_dir, rec, files, ow):
-        return save(model, tokenizer, out_dir, pruning=rec, files=files, overwrite=ow)
+    def save_fn(out_dir, rec, files, ow, inputs):
+        return save(model, tokenizer, out_dir, pruning=rec, files=files, overwrite=ow, inputs=inputs)
 
-    result, _ = write_output(save_fn, recipe, new, evaluation, out_dir=out, new_step=False, overwrite=overwrite,
+    result, _ = write_output(save_fn, recipe, new, evaluation, out_dir=out, inputs=inputs, new_step=False,
+                             overwrite=overwrite,
                              quiet=quiet, title="Before / after healing",
                              table=_healed_markdown(original, before, healed, counts),
                              extra_markdown=healing_markdown(record))

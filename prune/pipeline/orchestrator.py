@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from prune.core.errors import PruneError, first_line
-from prune.io.text import calibration_windows_of
+from prune.io.text import calibration_windows_of, eval_windows, load_text
 from prune.core.console import quiet_mode, say, show, versions
 from prune.core.tables import comparison_markdown, comparison_rows
 from prune.measure.evaluation import lm_eval_outputs, lm_eval_tables
@@ -53,13 +53,20 @@ FORMAT = "prune/1"
 
 
 # ---- pre-flight: everything that can fail before weights are loaded --------------------
-def preflight(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
+def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict[str, Any]:
     """Check the output folder, the model config and the evaluation tasks; returns facts found."""
-    check_output_dir(recipe.output.dir, overwrite or recipe.output.overwrite)
     from transformers import AutoConfig
 
+    from prune.pipeline import inputs as I
+
     src = resolve_source(recipe.model.source, recipe.model.gguf_file, recipe.model.revision)
+    inputs = I.recipe_inputs(recipe, src, recipe_file)
+    check_output_dir(recipe.output.dir, overwrite or recipe.output.overwrite, inputs)
     check_checkpoint_files(src)
+    if recipe.model.trust_remote_code:  # asked for in the recipe the user ran: say so before any code runs
+        from prune.core.console import announce_remote_code
+
+        announce_remote_code(src.display)
     check_device_map(recipe.model.device_map, recipe.model.offload_folder)
     kwargs: dict[str, Any] = {"trust_remote_code": recipe.model.trust_remote_code}
     if src.gguf_file:
@@ -72,11 +79,13 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
         first = first_line(exc)
         raise PruneError(f"could not read the config of {src.display}: {first}") from exc
     check_supported(config)
+    I.check_weights_cover_config(src, config)
     n_layers = config.num_hidden_layers
     sel = recipe.select
     protect = resolve_protect(sel.protect, n_layers)
     if sel.strategy != "search":
-        resolve_count(n_layers, sel.n_layers, sel.fraction, protect)
+        I.check_selection_possible(n_layers, resolve_count(n_layers, sel.n_layers, sel.fraction, protect),
+                                   sel.strategy, protect)
     elif len(protect) >= n_layers:
         raise PruneError(f"select.protect covers all {n_layers} blocks: nothing can be removed")
     ctx = context_length(config)
@@ -88,6 +97,9 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
             raise PruneError(f"{key}={value} is longer than the model's context ({ctx} tokens); lower it")
     tokenizer = load_tokenizer(src, recipe.model.trust_remote_code)
     windows = calibration_windows_of(tokenizer, recipe.calibration)
+    if recipe.evaluate and recipe.evaluate.perplexity:  # empty or too short text fails now, not after scoring
+        p = recipe.evaluate.perplexity
+        eval_windows(tokenizer, load_text(p.source()), p.seq_len, p.max_windows, p.bos)
     if recipe.evaluate and recipe.evaluate.tasks:
         from prune.measure.lmeval import check_tasks, check_tokenizer
 
@@ -110,7 +122,7 @@ def preflight(recipe: Recipe, overwrite: bool = False) -> dict[str, Any]:
     parent = preflight_export(recipe, src, n_layers)
     # ---- end export ----
     return {"n_layers": n_layers, "model_type": config.model_type, "source": src, "windows": windows,
-            "parent": parent}
+            "parent": parent, "inputs": inputs}
 
 
 def eval_settings(recipe: Recipe) -> dict:
@@ -141,12 +153,13 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
 
     Finished stages are kept in a progress folder beside the output (:mod:`prune.pipeline.progress`);
     ``resume=True`` reuses them after an interruption instead of recomputing them."""
+    recipe_file = None if isinstance(recipe, (Recipe, dict)) else recipe
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     quiet_mode(quiet)
     started = time.time()
     overwrite = overwrite or recipe.output.overwrite
-    facts = preflight(recipe, overwrite)
+    facts = preflight(recipe, overwrite, recipe_file)
     progress = RunProgress(recipe.output.dir, recipe, resume=resume)
     if progress.resume:
         say(f"resuming from {progress.folder}: reusing {', '.join(progress.found()) or 'nothing yet'}", quiet)
@@ -188,6 +201,7 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     extra = paired_section(paired) + (f"\n## lm-eval's own tables\n\n{lm_eval_tables(lm_eval_files)}"
                                       if lm_eval_files else "")
     out, record = write_output(engine.save, recipe, record, evaluation, src=facts["source"], parent=facts["parent"],
+                               inputs=facts["inputs"],
                                overwrite=overwrite, quiet=quiet, extra_files=lm_eval_files,
                                extra_markdown=extra + (healing_markdown(healing) if healing is not None else ""))
     progress.finish()
@@ -195,12 +209,13 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
 
 
 def write_output(save_fn, recipe: Recipe | None, record: PruningRecord, evaluation: dict, *, out_dir=None, src=None,
-                 parent=None, new_step: bool = True, overwrite: bool, quiet: bool, extra_markdown: str = "",
+                 parent=None, inputs=(), new_step: bool = True, overwrite: bool, quiet: bool, extra_markdown: str = "",
                  extra_files: dict[str, str] | None = None, title: str = "Before / after",
                  table: str | None = None) -> tuple[Path, PruningRecord]:
     """The one tail of every command that writes a pruned model: the record (extended with its
     lineage when it is a ``new_step``), ``recipe.yaml``, ``eval.json``, ``eval.md`` and the model
-    card, saved atomically by ``save_fn(out_dir, record, files, overwrite)``, then the optional
+    card, saved atomically by ``save_fn(out_dir, record, files, overwrite, inputs)`` (``inputs``: the
+    paths the output must never touch, :mod:`prune.io.guard`), then the optional
     push. ``recipe`` may be ``None`` only for a folder that has none (``prune heal`` of a folder
     saved through the Python API): then there is no ``recipe.yaml``. Returns the folder and the
     final record."""
@@ -214,7 +229,7 @@ def write_output(save_fn, recipe: Recipe | None, record: PruningRecord, evaluati
     data, files["README.md"] = prepare_export(record.model_dump(mode="json"), evaluation, recipe, src, parent,
                                               new_step=new_step, out_dir=out_dir)
     record = parse_record(data)
-    out = save_fn(out_dir, record, files, overwrite)
+    out = save_fn(out_dir, record, files, overwrite, inputs)
     show(f"\n{table}\n" + (f"\n{extra_markdown}" if extra_markdown else "") + f"\nsaved {out}", quiet)
     if recipe is not None and recipe.output.push_to_hub is not None:
         from prune.export.push import push_config

@@ -7,13 +7,16 @@ model's evaluation), plus ``recipe.json``, the recipe they were computed under. 
 output folder is saved the progress folder is removed.
 
 ``prune run RECIPE --resume`` reuses those stages when the recipe is the same (output keys
-aside) and recomputes the rest; a different recipe is refused with a one-line message. The
+aside) and so are its inputs (:func:`input_fingerprint`: each model file's size, mtime and a hash
+of its header, or the Hub commit; each data file's size, mtime and hash; the package version),
+and recomputes the rest; anything different is refused with a one-line message naming it. The
 pruned model, its scores and its evaluation are always recomputed: everything saved is a
 deterministic function of the stored stages, so a resumed run equals an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +25,62 @@ from pathlib import Path
 from prune.core.errors import PruneError
 
 STAGES = ("scores", "selection", "original")
+#: files up to this size are hashed whole; larger ones by their first HEAD bytes (a safetensors
+#: file by its whole JSON header, which names every tensor's dtype, shape and offsets)
+WHOLE = 64 << 20
+HEAD = 1 << 20
+
+
+def file_fingerprint(path: Path) -> dict:
+    """``{"size", "mtime_ns", "sha256"}``: the hash covers the whole file up to :data:`WHOLE`
+    bytes, else its first :data:`HEAD` bytes (for ``.safetensors`` the whole header)."""
+    st = path.stat()
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        if st.st_size <= WHOLE:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        else:
+            n = HEAD
+            if path.suffix == ".safetensors":
+                n = 8 + min(int.from_bytes(handle.read(8), "little"), 100 << 20)
+                handle.seek(0)
+            digest.update(handle.read(n))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest.hexdigest()}
+
+
+def _model_fingerprint(model) -> dict:
+    from prune.io.source import resolve_source
+
+    src = resolve_source(model.source, model.gguf_file, model.revision)
+    if src.kind == "gguf":
+        return {src.gguf_file: file_fingerprint(Path(src.path) / src.gguf_file)}
+    if src.kind == "folder":
+        folder = Path(src.path)
+        return {p.name: file_fingerprint(p) for p in sorted(folder.iterdir())
+                if p.is_file() and not p.name.startswith(".")}
+    try:  # a Hub id: the commit of the cached snapshot the run reads
+        from huggingface_hub import snapshot_download
+
+        commit = Path(snapshot_download(src.path, revision=src.revision, local_files_only=True)).name
+    except Exception:  # noqa: BLE001 - not cached: the revision asked for is all there is
+        commit = None
+    return {"hub": src.path, "revision": src.revision, "commit": commit}
+
+
+def input_fingerprint(recipe) -> dict:
+    """What the stored stages were computed from besides the recipe: the model files, the
+    local data files and the package version."""
+    from prune.core.console import __version__
+
+    texts = {"calibration": recipe.calibration}
+    if recipe.evaluate is not None and recipe.evaluate.perplexity is not None:
+        texts["evaluate.perplexity"] = recipe.evaluate.perplexity
+    data = {}
+    for key, cfg in texts.items():
+        path = Path(cfg.path).expanduser()
+        data[key] = file_fingerprint(path) if path.is_file() else {"dataset": cfg.path}
+    return {"model": _model_fingerprint(recipe.model), "data": data, "prune": __version__}
 
 
 def progress_dir(out_dir: str | os.PathLike) -> Path:
@@ -42,12 +101,16 @@ class RunProgress:
 
     def __init__(self, out_dir: str | os.PathLike, recipe, resume: bool = False):
         self.folder = progress_dir(out_dir)
-        self.recipe = fingerprint(recipe)
+        self.recipe = {**fingerprint(recipe), "inputs": input_fingerprint(recipe)}
         self.resumed: list[str] = []
         stored = self._read("recipe")
         if resume:
             if stored is None:
                 raise PruneError(f"nothing to resume: no saved progress at {self.folder} (run without --resume)")
+            if stored.get("inputs") != self.recipe["inputs"] and isinstance(stored.get("inputs"), dict):
+                raise PruneError(f"cannot resume: {_changed_inputs(stored['inputs'], self.recipe['inputs'])} changed "
+                                 "since the interrupted run, so its saved scores and evaluation are stale; run "
+                                 "without --resume to start over")
             if stored != self.recipe:
                 changed = sorted(k for k in set(stored) | set(self.recipe) if stored.get(k) != self.recipe.get(k))
                 raise PruneError(f"cannot resume: the recipe changed since the interrupted run (sections: "
@@ -81,10 +144,21 @@ class RunProgress:
         return data
 
     def put(self, stage: str, data) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if not (self.folder / "recipe.json").is_file():
-            self._write("recipe", self.recipe)
-        self._write(stage, data)
+        """Store ``stage``; a full disk (or an unwritable folder) is one line, nothing half written."""
+        from prune.io.guard import write_error
+
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if not (self.folder / "recipe.json").is_file():
+                self._write("recipe", self.recipe)
+            self._write(stage, data)
+        except Exception as exc:
+            if not any((self.folder / f"{s}.json").is_file() for s in STAGES):
+                shutil.rmtree(self.folder, ignore_errors=True)  # nothing finished: leave nothing behind
+            error = write_error(exc, self.folder, "saving the progress of the run in")
+            if error is None:
+                raise
+            raise error from None
 
     def finish(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -95,10 +169,25 @@ class RunProgress:
             return None
         try:
             return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # ValueError: bad JSON or UTF-8
             return None  # a stage cut short is recomputed
 
     def _write(self, name: str, data) -> None:
         tmp = self.folder / f".{name}.json.tmp"
-        tmp.write_text(json.dumps(data) + "\n")
-        tmp.replace(self.folder / f"{name}.json")
+        try:
+            tmp.write_text(json.dumps(data) + "\n")
+            tmp.replace(self.folder / f"{name}.json")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _changed_inputs(old: dict, new: dict) -> str:
+    """``"the model file model.safetensors"``, ``"the data file (calibration)"``, ``"the prune version"``."""
+    if old.get("model") != new.get("model"):
+        om, nm = old.get("model") or {}, new.get("model") or {}
+        names = sorted(k for k in set(om) | set(nm) if om.get(k) != nm.get(k))
+        return f"the model ({', '.join(names[:3])})"
+    if old.get("data") != new.get("data"):
+        od, nd = old.get("data") or {}, new.get("data") or {}
+        return f"the data file of {', '.join(sorted(k for k in set(od) | set(nd) if od.get(k) != nd.get(k)))}"
+    return f"the prune version ({old.get('prune')} -> {new.get('prune')})"

@@ -22,6 +22,7 @@ from pydantic import ValidationError, field_validator
 
 from prune.choose.registry import STRATEGIES
 from prune.core.errors import PruneError
+from prune.core.yamlsafe import load_yaml, read_yaml
 from prune.core.config import (
     CalibrationConfig,
     EvaluateConfig,
@@ -87,9 +88,11 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         if not sep or not key.strip():
             raise PruneError(f"--set {item!r} is not key=value (e.g. --set select.n_layers=8)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
+            value = load_yaml(raw, f"--set {key.strip()}") if raw.strip() else None
+        except PruneError as exc:
+            if ": not valid YAML" not in str(exc):
+                raise  # aliases, nesting, duplicates: refused as in a recipe
+            value = raw  # not YAML: the plain string
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -111,12 +114,7 @@ def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str
         where = str(file)
         if not file.is_file():
             raise PruneError(f"recipe not found: {file} (check the path; examples are in recipes/)")
-        try:
-            data = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark else ""
-            raise PruneError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+        data = read_yaml(file, where) or {}
         if not isinstance(data, dict):
             raise PruneError(f"{where}: a recipe is a mapping of sections (model, calibration, select, ...)")
     data = apply_overrides(expand_env(data), overrides)

@@ -1,0 +1,144 @@
+"""Checks on a command's inputs that run before any weights are loaded.
+
+* :func:`recipe_inputs` / :func:`command_inputs`: the local paths a command reads (model,
+  recipe, data files, task folders), which an output must never equal, contain or lie in
+  (:func:`prune.io.guard.check_output`).
+* :func:`check_weights_cover_config`: every block the config names has its tensors in the
+  checkpoint (the header-only check of ``prune check``), so missing weights are never
+  silently initialised at random.
+* :func:`check_context`: window lengths within the model's context.
+* :func:`check_selection_possible`: a block count that the strategy can find outside the
+  protected blocks (contiguous runs, the tail).
+* :func:`preflight_model`: all of the above for one model, for the one-shot commands.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prune.core.errors import PruneError
+from prune.io.guard import Input, input_paths
+from prune.io.source import ModelSource
+
+
+def source_inputs(src: ModelSource | None) -> list[Input]:
+    """The local files of a model source (a folder, or a GGUF file) as inputs."""
+    if src is None or src.kind == "hub":
+        return []
+    if src.kind == "gguf":
+        return input_paths(os.path.join(src.path, src.gguf_file), label="the source model")
+    return input_paths(src.path, label="the source model")
+
+
+def recipe_inputs(recipe, src: ModelSource | None = None, recipe_file: str | os.PathLike | None = None) -> list[Input]:
+    """Every local path a recipe reads."""
+    out = source_inputs(src)
+    out += input_paths(recipe_file, label="the recipe file")
+    texts = [recipe.calibration]
+    if recipe.evaluate is not None:
+        texts.append(recipe.evaluate.perplexity)
+        out += input_paths(*recipe.evaluate.task_dirs, recipe.evaluate.data_dir, label="a task data folder")
+    if recipe.heal is not None:
+        texts.append(recipe.heal.data)
+    out += input_paths(*(t.path for t in texts if t is not None), label="a data file")
+    return out
+
+
+def command_inputs(model: str | None = None, data: list[str | None] | tuple = (), run_dir: str | None = None,
+                   run_inside_ok: bool = False) -> list[Input]:
+    """The inputs of a one-shot command (``score``, ``eval``, ``report``, ``remove``, ``heal``)."""
+    out: list[Input] = []
+    if model is not None:
+        out += input_paths(model, label="the source model")
+    out += input_paths(*data, label="a data file")
+    if run_dir is not None:
+        out += input_paths(run_dir, label="the run folder", inside_ok=run_inside_ok)
+    return out
+
+
+# ---- weights against the config ---------------------------------------------------------
+def check_weights_cover_config(src: ModelSource, config) -> None:
+    """Refuse a local safetensors checkpoint whose weights lack blocks its config names
+    (``num_hidden_layers: 8`` over weights of 6 blocks): transformers would fill them with
+    random values. Reuses ``prune check``'s header reading and block numbering."""
+    if src.kind != "folder":
+        return
+    folder = Path(src.path)
+    from prune.export.check import CheckReport, _check_blocks, _check_weight_files, _meta_skeleton
+
+    if not any(folder.glob("*.safetensors")):
+        return  # other formats: refused or loaded elsewhere (weights_only pickles)
+    report = CheckReport(folder)
+    headers = _check_weight_files(folder, report)
+    if headers is not None:
+        skeleton = _meta_skeleton(config, report)
+        if skeleton is not None:
+            _check_blocks(config, skeleton, headers, report)
+    problems = [f for f in report.problems if f.area in ("weights", "blocks")]
+    if problems:
+        raise PruneError(f"{folder}: {problems[0].message}: the missing weights would be random "
+                         "(re-download or re-save the model, or fix config.json)")
+
+
+def check_context(config, lengths: list[tuple[str, int | None]]) -> None:
+    """Each ``(flag, seq_len)`` fits the model's context."""
+    from prune.model.loading import context_length
+
+    ctx = context_length(config)
+    for key, value in lengths:
+        if ctx is not None and value is not None and value > ctx:
+            raise PruneError(f"{key}={value} is longer than the model's context ({ctx} tokens); lower it")
+
+
+def check_selection_possible(n_layers: int, count: int, strategy: str, protect: list[int]) -> None:
+    """The score-only strategies' structural limits, known before scoring."""
+    prot = set(protect)
+    if strategy == "contiguous":
+        if not any(not prot.intersection(range(start, start + count)) for start in range(n_layers - count + 1)):
+            raise PruneError(f"no run of {count} contiguous blocks avoids the protected blocks {sorted(prot)} of "
+                             f"{n_layers} (lower select.n_layers or change select.protect)")
+    if strategy == "tail":
+        free = [i for i in range(n_layers - 1) if i not in prot]
+        if len(free) < count:
+            raise PruneError(f"tail: only {len(free)} blocks are removable before the last one, {count} asked "
+                             "(lower select.n_layers or change select.protect)")
+
+
+def preflight_model(src: ModelSource, trust_remote_code: bool = False,
+                    lengths: list[tuple[str, int | None]] = ()):
+    """Everything about a model checkable without its weights: files whole, config readable
+    and supported, weights covering every block, window lengths within the context.
+    Returns the config."""
+    from prune.core.console import announce_remote_code
+    from prune.model.loading import _load_config, check_checkpoint_files, check_supported
+
+    check_checkpoint_files(src)
+    if trust_remote_code:
+        announce_remote_code(src.display)
+    try:
+        config = _load_config(src, trust_remote_code)
+    except PruneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad config
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PruneError(f"could not read the config of {src.display}: {first}") from None
+    check_supported(config)
+    check_weights_cover_config(src, config)
+    check_context(config, list(lengths))
+    return config
+
+
+def validated(cls, **values):
+    """``cls(**values)`` (a config section) with a validation error as one line naming the flag
+    (``--seq-len``): the CLI's flags get the same checks as a recipe's keys."""
+    from pydantic import ValidationError
+
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = next((str(p) for p in err["loc"] if isinstance(p, str)), "")
+        message = err["msg"].removeprefix("Value error, ")
+        flag = f"--{key.replace('_', '-')}" if key else "flags"
+        raise PruneError(f"{flag}: {message} (got {err.get('input')!r})") from None

@@ -1,0 +1,558 @@
+"""A careless or hostile user, with real files: code in a downloaded folder, outputs aimed at the
+inputs, weights that do not match the config, stale progress, a full disk, hostile YAML, data and
+metadata, bad flags and tokens in arguments. Each case: one ``error:`` line, exit 2, nothing lost.
+
+The CLI runs in-process (``prune.cli.main``) except where a process must die or load code."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import prune
+from prune import PruneError
+from prune.cli import input_error, main
+
+from conftest import DATA, ROOT, WIKI_RAW, tiny_recipe
+
+C4 = DATA / "c4" / "c4_web_1480.jsonl"
+TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123"  # shaped like a token, not a real one
+
+
+def cli(capsys, *args) -> tuple[int, str]:
+    """``prune ARGS`` in-process: (exit status, stderr)."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:") or "Traceback" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def refused(capsys, *args, match: str) -> str:
+    code, err = cli(capsys, *args)
+    line = one_error_line(err)
+    assert code == 2 and match in line, err
+    return line
+
+
+def digest(folder: Path) -> dict:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture
+def model(tiny_folder, tmp_path) -> Path:
+    """A private copy of the tiny model (tests may point outputs at it)."""
+    return Path(shutil.copytree(tiny_folder, tmp_path / "models" / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_folder, tmp_path_factory) -> Path:
+    """A real `prune run` output folder (module-wide: tests copy it before changing anything)."""
+    out = tmp_path_factory.mktemp("runs") / "run"
+    prune.run(tiny_recipe(tiny_folder, out), quiet=True)
+    return out
+
+
+# ==== 1. consent for code ========================================================================
+EVIL = """
+import pathlib
+pathlib.Path({marker!r}).write_text("the checkpoint's code ran")
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class EvilConfig(LlamaConfig):
+    pass
+
+
+class EvilModel(LlamaForCausalLM):
+    config_class = EvilConfig
+"""
+
+
+def plant_code(folder: Path, marker: Path) -> None:
+    (folder / "evil.py").write_text(EVIL.format(marker=str(marker)))
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def heal_cli(run: Path, out: Path, *extra) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    args = ["heal", run, "-o", out, "--method", "lora", "--data", C4, "--field", "prefix", "--rows", "0:200",
+            "--set", "n_samples=4", "--set", "val_samples=0", "--set", "seq_len=32", "--set", "steps=1",
+            "--set", "batch_size=2", "-q", *extra]
+    return subprocess.run([sys.executable, "-m", "prune.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=600)
+
+
+def test_heal_never_takes_trust_remote_code_from_the_run_folder(run_dir, tmp_path):
+    evil = Path(shutil.copytree(run_dir, tmp_path / "downloaded"))
+    marker = tmp_path / "pwned"
+    plant_code(evil, marker)
+    recipe = yaml.safe_load((evil / "recipe.yaml").read_text())
+    recipe["model"]["trust_remote_code"] = True  # the folder tries to grant itself consent
+    (evil / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+
+    done = heal_cli(evil, tmp_path / "healed")
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists()
+    assert "ignored for an input folder" in done.stderr
+    # control: the planted code is real and runs when the user asks, and the run says so on stderr
+    done = heal_cli(evil, tmp_path / "healed2", "--trust-remote-code")
+    assert marker.exists()
+    assert "trust_remote_code is ON" in done.stderr
+
+
+# ==== 2. inputs are sacred ========================================================================
+@pytest.mark.parametrize("where, match", [
+    ("source", "is the source model"),
+    ("source_parent", "contains the source model"),
+    ("cwd", "is the working directory"),
+    ("cwd_parent", "contains the working directory"),
+    ("recipe", "is the recipe file"),
+    ("inside_source", "is inside the source model"),
+    ("data_parent", "contains a data file"),
+])
+def test_run_refuses_an_output_that_would_destroy_an_input(where, match, model, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data" / "calib.txt"
+    data.parent.mkdir()
+    shutil.copy(WIKI_RAW, data)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (model.parent / "sibling.txt").write_text("an unrelated file")
+    recipe_file = tmp_path / "r.yaml"
+    out = {"source": model, "source_parent": model.parent, "cwd": ".", "cwd_parent": "..", "recipe": recipe_file,
+           "inside_source": model / "pruned", "data_parent": data.parent}[where]
+    recipe = tiny_recipe(model, out)
+    recipe["calibration"]["path"] = str(data)
+    recipe["output"]["overwrite"] = True
+    write_recipe(recipe_file, recipe)
+    before = digest(tmp_path)
+    refused(capsys, "run", recipe_file, "--overwrite", match=match)
+    assert digest(tmp_path) == before
+
+
+def test_remove_and_heal_refuse_outputs_over_their_inputs(model, run_dir, tmp_path, capsys):
+    before = digest(model.parent)
+    refused(capsys, "remove", model, "--blocks", "3", "-o", model, "--overwrite", match="is the source model")
+    refused(capsys, "remove", model, "--blocks", "3", "-o", model.parent, "--overwrite", match="contains the source")
+    assert digest(model.parent) == before
+    run = Path(shutil.copytree(run_dir, tmp_path / "p" / "run"))
+    for out, match in [(run, "is the run folder"), (run.parent, "contains the run folder"),
+                       (run / "healed", "is inside the run folder")]:
+        refused(capsys, "heal", run, "-o", out, "--overwrite", "--method", "lora", "--data", C4, "--field", "prefix",
+                match=match)
+    refused(capsys, "report", run, "-o", run, "--overwrite", match="is the run folder")
+    refused(capsys, "report", run, "-o", run.parent, "--overwrite", match="contains the run folder")
+    assert (run / "model.safetensors").is_file()
+
+
+def test_the_home_folder_is_never_an_output(model, tmp_path, capsys, monkeypatch):
+    home = tmp_path / "home"
+    (home / "work").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    refused(capsys, "remove", model, "--blocks", "3", "-o", "~", "--overwrite", match="is the home folder")
+    assert (home / "work").is_dir()
+
+
+def test_score_and_eval_never_write_over_an_input_or_an_existing_file(model, tmp_path, capsys):
+    weights = model / "model.safetensors"
+    before = weights.read_bytes()
+    refused(capsys, "score", model, "--data", WIKI_RAW, "-o", weights, match="is inside the source model")
+    refused(capsys, "eval", model, "--perplexity-data", WIKI_RAW, "-o", weights, "--overwrite", match="is inside")
+    refused(capsys, "score", model, "--data", WIKI_RAW, "-o", WIKI_RAW, "--overwrite", match="is a data file")
+    assert weights.read_bytes() == before
+    existing = tmp_path / "scores.json"
+    existing.write_text("keep me")
+    refused(capsys, "score", model, "--data", WIKI_RAW, "-o", existing, match="already exists")
+    (tmp_path / "dir").mkdir()
+    refused(capsys, "score", model, "--data", WIKI_RAW, "-o", tmp_path / "dir", match="is a folder")
+    assert existing.read_text() == "keep me"
+    code, err = cli(capsys, "score", model, "--data", WIKI_RAW, "--rows", "0:300", "--n-samples", "2", "--seq-len", "32",
+                    "-o", existing, "--overwrite", "-q")
+    assert code == 0, err
+    assert json.loads(existing.read_text())["n_layers"] == 8
+    assert not [p for p in tmp_path.iterdir() if ".incomplete-" in p.name]
+
+
+@pytest.mark.parametrize("case", ["parent_is_file", "long_name", "symlink_loop", "non_utf8", "dangling_link"])
+def test_unwritable_output_paths_are_refused_before_work(case, model, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    loop = tmp_path / "loop"
+    if case == "symlink_loop":
+        os.symlink(loop, loop)
+    if case == "dangling_link":
+        os.symlink(tmp_path / "nowhere" / "x", tmp_path / "dangling")
+    out = {"parent_is_file": tmp_path / "file" / "out", "long_name": tmp_path / ("n" * 250),
+           "symlink_loop": loop / "out", "non_utf8": Path(os.fsdecode(str(tmp_path).encode() + b"/out\xff")),
+           "dangling_link": tmp_path / "dangling" / "out"}[case]
+    match = {"parent_is_file": "is a file, not a folder", "long_name": "file-system limit", "symlink_loop": "loop",
+             "non_utf8": "not valid UTF-8", "dangling_link": "broken symbolic link"}[case]
+    refused(capsys, "remove", model, "--blocks", "3", "-o", out, match=match)
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """Mount a small tmpfs (``mount(size, ro=False)``); skips where mounting is not allowed."""
+    mounted = []
+
+    def make(size: str, ro: bool = False) -> Path:
+        point = tmp_path / f"mnt{len(mounted)}"
+        point.mkdir()
+        opts = f"size={size}" + (",ro" if ro else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(point)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'mount failed'}; needs root)")
+        mounted.append(point)
+        return point
+
+    yield make
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def test_read_only_parent_is_refused(model, mount, capsys):
+    ro = mount("100k", ro=True)
+    refused(capsys, "remove", model, "--blocks", "3", "-o", ro / "out", match="not writable")
+
+
+# ---- the overwrite swap survives SIGKILL -----------------------------------------------------------
+@pytest.mark.parametrize("portable", [False, True], ids=["rename_exchange", "two_renames"])
+def test_overwrite_killed_mid_swap_keeps_a_complete_output(portable, model, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = cli(capsys, "remove", model, "--blocks", "3", "-o", out)
+    assert code == 0, err
+    old = digest(out)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PRUNE_FAULT": "swapped:kill" if not portable else "swapping:kill"}
+    if portable:
+        env["PRUNE_NO_RENAME_EXCHANGE"] = "1"
+    done = subprocess.run([sys.executable, "-m", "prune.cli", "remove", str(model), "--blocks", "3,4", "-o", str(out),
+                           "--overwrite"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == -9, done.stderr
+    hidden = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out."))
+    if portable:  # between the renames: the old output waits in .out.old-PID, the new one is staged, complete
+        assert not out.exists() and any(".old-" in h for h in hidden)
+    else:  # exchanged in one step: the new output is in place
+        assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 6
+    # the next command on that output finishes the swap, and deletes nothing complete
+    code, err = cli(capsys, "remove", model, "--blocks", "3", "-o", out)
+    assert code == 2 and "already exists" in err
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 6
+    assert digest(out) != old and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+# ==== 3. weights must match the config ===========================================================
+def test_config_naming_more_blocks_than_the_weights_hold_is_refused_before_loading(model, tmp_path, capsys):
+    config = json.loads((model / "config.json").read_text())
+    config["num_hidden_layers"] = 10
+    (model / "config.json").write_text(json.dumps(config))
+    refused(capsys, "score", model, "--data", WIKI_RAW, match="weights hold blocks 0..7")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model, tmp_path / "out"))
+    refused(capsys, "run", recipe, match="would be random")
+    refused(capsys, "remove", model, "--blocks", "3", "-o", tmp_path / "o", match="would be random")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+def test_missing_block_tensors_are_refused(model, tmp_path, capsys):
+    tensors = load_file(model / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if ".layers.7." not in k}, model / "model.safetensors",
+              metadata={"format": "pt"})
+    refused(capsys, "eval", model, "--perplexity-data", WIKI_RAW, match="weights hold blocks 0..6")
+    with pytest.raises(PruneError, match="would be random"):  # the library path refuses it too
+        prune.load(model)
+
+
+# ==== 4. resume fingerprints the inputs ===========================================================
+def test_resume_refuses_a_replaced_model(model, tmp_path, monkeypatch):
+    from conftest import build_model
+
+    data = tmp_path / "calib.txt"
+    shutil.copy(WIKI_RAW, data)
+    recipe = tiny_recipe(model, tmp_path / "out")
+    recipe["calibration"]["path"] = str(data)
+    monkeypatch.setenv("PRUNE_FAULT", "selected:interrupt")
+    with pytest.raises(KeyboardInterrupt):
+        prune.run(recipe, quiet=True)
+    monkeypatch.delenv("PRUNE_FAULT")
+    build_model("llama", seed=7).save_pretrained(model)  # another model at the same path
+    with pytest.raises(PruneError, match=r"cannot resume: the model \(.*model.safetensors.*\) changed"):
+        prune.run(recipe, quiet=True, resume=True)
+
+
+def test_resume_refuses_changed_data(model, tmp_path, monkeypatch):
+    data = tmp_path / "calib.txt"
+    shutil.copy(WIKI_RAW, data)
+    recipe = tiny_recipe(model, tmp_path / "out")
+    recipe["calibration"]["path"] = str(data)
+    monkeypatch.setenv("PRUNE_FAULT", "selected:interrupt")
+    with pytest.raises(KeyboardInterrupt):
+        prune.run(recipe, quiet=True)
+    monkeypatch.delenv("PRUNE_FAULT")
+    data.write_text(data.read_text().replace("the", "teh"))
+    with pytest.raises(PruneError, match="the data file of calibration changed"):
+        prune.run(recipe, quiet=True, resume=True)
+    data.write_text(WIKI_RAW.read_text())  # restored (same bytes, new mtime): still refused, the mtime is recorded
+    with pytest.raises(PruneError, match="cannot resume"):
+        prune.run(recipe, quiet=True, resume=True)
+
+
+# ==== 5. disk full is one line, on a real small file system ======================================
+def fill(folder: Path) -> None:
+    """Write until the file system is full."""
+    handle = (folder / "filler").open("wb", buffering=0)
+    try:
+        while True:
+            handle.write(b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        handle.close()
+
+
+def test_full_disk_while_saving_weights_is_one_line(model, mount, capsys, tmp_path):
+    disk = mount("400k")  # the tiny model's weights are ~800 kB
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model, disk / "out"))
+    line = refused(capsys, "run", recipe, "-q", match="disk full while writing")
+    assert "no output was written" in line
+    assert [p.name for p in disk.iterdir()] == [".out.progress"]  # scores kept for --resume
+    refused(capsys, "remove", model, "--blocks", "3", "-o", disk / "o2", match="disk full")
+    assert not (disk / "o2").exists()
+
+
+def test_full_disk_for_progress_score_and_eval_files_is_one_line(model, mount, capsys, tmp_path):
+    disk = mount("64k")
+    fill(disk)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model, disk / "out"))
+    refused(capsys, "run", recipe, "-q", match="disk full while saving the progress")
+    common = ["--seq-len", "32", "-q"]
+    refused(capsys, "score", model, "--data", WIKI_RAW, "--rows", "0:300", "--n-samples", "2", "-o",
+            disk / "s.json", *common, match="disk full")
+    refused(capsys, "eval", model, "--perplexity-data", WIKI_RAW, "--max-windows", "2", "-o", disk / "e.json",
+            *common, match="disk full")
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
+# ==== 6. safe YAML ===============================================================================
+LAUGHS = "a: &a [lol,lol,lol,lol,lol,lol,lol,lol,lol]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize("text, match", [
+    (LAUGHS.encode(), "aliases expand to more than"),
+    (b"a: &a [*a]\n", "an alias refers to itself"),
+    (b"[" * 20000 + b"]" * 20000, "nested too deeply"),
+    (b"model: {source: caf\xe9}\n", "not UTF-8 text"),
+    (b"select: {n_layers: 2}\nselect: {n_layers: 5}\n", "appears twice"),
+])
+def test_hostile_yaml_is_one_line(text, match, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(text)
+    refused(capsys, "run", recipe, match=match)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("select.n_layers=true", "expects a number, not true/false"),
+    ("score.beta=.nan", "finite number"),
+    ("score.beta=.inf", "finite number"),
+    ("evaluate.limit=.inf", "finite number"),
+    ("score.tau=5", "less than 1"),
+    ("score.metrics=[]", "at least 1"),
+    ("calibration.seed=1.0e+20", "'calibration.seed'"),
+    ("calibration.seed=4294967296", "less than or equal to 4294967295"),
+    ("select.protect=[true, -1]", "not true/false"),
+    ("select.n_layers=&a [*a]", "refers to itself"),
+])
+def test_strict_settings(override, match, model, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model, tmp_path / "out"))
+    refused(capsys, "run", recipe, "--set", override, match=match)
+
+
+def test_heal_config_goes_through_the_safe_loader(run_dir, tmp_path, capsys):
+    config = tmp_path / "heal.yaml"
+    config.write_bytes(b"heal: {method: lora, steps: 3, steps: 4}\n")
+    refused(capsys, "heal", run_dir, "-o", tmp_path / "h", "--config", config, match="appears twice")
+
+
+# ==== 7. flags, data, metadata: one line before loading ==========================================
+@pytest.mark.parametrize("args, match", [
+    (["score", "{m}", "--data", WIKI_RAW, "--seq-len", "4"], "--seq-len"),
+    (["score", "{m}", "--data", WIKI_RAW, "--batch-size", "0"], "--batch-size"),
+    (["score", "{m}", "--data", WIKI_RAW, "--n-samples", "0"], "--n-samples"),
+    (["score", "{m}", "--data", WIKI_RAW, "--beta", "nan"], "--beta"),
+    (["score", "{m}", "--data", WIKI_RAW, "--tau", "5"], "--tau"),
+    (["score", "{m}", "--data", WIKI_RAW, "--metrics", ","], "--metrics"),
+    (["score", "{m}", "--data", WIKI_RAW, "--seq-len", "1024"], "longer than the model's context (512"),
+    (["eval", "{m}", "--tasks", "arc_easy", "--limit", "0"], "--limit"),
+    (["eval", "{m}", "--tasks", "arc_easy", "--num-fewshot", "-1"], "--num-fewshot"),
+    (["eval", "{m}", "--perplexity-data", WIKI_RAW, "--max-windows", "0"], "--max-windows"),
+    (["eval", "{m}", "--perplexity-data", WIKI_RAW, "--batch-size", "0"], "--batch-size"),
+    (["eval", "{m}", "--perplexity-data", WIKI_RAW, "--seq-len", "4096"], "longer than the model's context"),
+])
+def test_bad_flags_are_one_line_before_loading(args, match, model, capsys, monkeypatch):
+    import prune.pipeline.commands as C
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(C, "load_model", no_loading)
+    refused(capsys, *[str(model) if a == "{m}" else a for a in args], match=match)
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("latin1.txt", "caf\u00e9 cr\u00e8me ".encode("latin-1") * 200, "not UTF-8 text"),
+    ("binary.txt", bytes(range(256)) * 20, "binary file"),
+    ("text.txt", gzip.compress(WIKI_RAW.read_bytes()[:20000]), "gzip-compressed"),
+    ("rows.jsonl", b'{"text": "a"}\n5\n', "is int"),
+    ("rows.jsonl", b'["a", "b"]\n', "is list"),
+    ("rows.jsonl", b'{"text": null}\n', "is null, not text"),
+    ("rows.json", b'[{"text": "a"}, 7]', "item 1"),
+])
+def test_hostile_data_files_are_one_line_before_loading(name, content, match, model, tmp_path, capsys):
+    data = tmp_path / name
+    data.write_bytes(content)
+    refused(capsys, "score", model, "--data", data, match=match)
+
+
+def test_a_json_array_of_objects_is_read():
+    from prune.core.config import TextSource
+    from prune.io.text import load_text
+
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"rows-{os.getpid()}.json"
+    path.write_text(json.dumps([{"text": "one"}, {"text": "two"}]))
+    try:
+        assert load_text(TextSource(str(path))) == "one\n\ntwo"
+    finally:
+        path.unlink()
+
+
+def _header_file(path: Path, header) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("header_list", "header is a JSON list"),
+    ("header_entry", "is malformed"),
+    ("index_list", "weight_map"),
+    ("weight_map_list", "weight_map"),
+    ("weight_map_int", "weight_map"),
+    ("index_not_utf8", "not UTF-8"),
+    ("index_outside", "outside the model folder"),
+    ("pruning_removed_int", "'removed'"),
+    ("pruning_not_utf8", "not UTF-8"),
+    ("auto_map_unknown_type", "could not read the config"),
+])
+def test_checkpoint_metadata_of_the_wrong_shape(case, match, model, tmp_path, capsys):
+    index = model / "model.safetensors.index.json"
+    if case == "header_list":
+        _header_file(model / "model.safetensors", [])
+    elif case == "header_entry":
+        _header_file(model / "model.safetensors", {"x": {"dtype": "F32", "shape": [1], "data_offsets": "0-4"}})
+    elif case.startswith(("index", "weight_map")):
+        body = {"index_list": b"[]", "weight_map_list": b'{"weight_map": ["a"]}', "weight_map_int": b'{"weight_map": 3}',
+                "index_not_utf8": b'{"weight_map": {"a": "\xff.safetensors"}}',
+                "index_outside": json.dumps({"weight_map": {"lm_head.weight": "../../secret/model.safetensors"}}).encode()}
+        (model / "model.safetensors").rename(model / "model-00001-of-00001.safetensors")
+        index.write_bytes(body[case])
+    elif case == "pruning_removed_int":
+        (model / "pruning.json").write_text(json.dumps({"removed": 5, "kept": [0]}))
+    elif case == "pruning_not_utf8":
+        (model / "pruning.json").write_bytes(b'{"removed": [1], "note": "\xff"}')
+    elif case == "auto_map_unknown_type":
+        config = json.loads((model / "config.json").read_text())
+        config.update(model_type="totally_new", auto_map={"AutoConfig": "x.Y", "AutoModelForCausalLM": "x.Z"})
+        (model / "config.json").write_text(json.dumps(config))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model, tmp_path / "out"))
+    refused(capsys, "run", recipe, match=match)
+    if not case.startswith("pruning"):
+        refused(capsys, "score", model, "--data", WIKI_RAW, match=match)
+        refused(capsys, "remove", model, "--blocks", "3", "-o", tmp_path / "o", match=match)
+
+
+def test_impossible_selection_and_short_perplexity_text_fail_before_loading(model, tmp_path, capsys, monkeypatch):
+    import prune.pipeline.orchestrator as P
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(P, "load_model", no_loading)
+    recipe = tiny_recipe(model, tmp_path / "out", select={"strategy": "contiguous", "n_layers": 3, "protect": [0, 3, 6, -1]})
+    refused(capsys, "run", write_recipe(tmp_path / "r.yaml", recipe), match="no run of 3 contiguous blocks")
+    short = tmp_path / "short.txt"
+    short.write_text("a few words\n")
+    recipe = tiny_recipe(model, tmp_path / "out")
+    recipe["evaluate"]["perplexity"].update(path=str(short), rows=None)
+    refused(capsys, "run", write_recipe(tmp_path / "r.yaml", recipe), match="evaluation text too short")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no progress left behind
+
+
+def test_cli_guard_turns_input_errors_into_one_line_and_keeps_bugs_loud():
+    from pydantic import ValidationError
+    from safetensors import SafetensorError
+
+    from prune.core.config import ScoreConfig
+
+    assert input_error(SafetensorError("Error while deserializing header: HeaderTooLarge")).startswith("a safetensors")
+    assert "cannot access /x" in input_error(PermissionError(13, "Permission denied", "/x"))
+    assert "not valid UTF-8" in input_error(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"))
+    with pytest.raises(ValidationError) as exc:
+        ScoreConfig(tau=5)
+    assert "'tau'" in input_error(exc.value)
+    assert input_error(Exception("safetensors_rust: No space left on device (os error 28)")).startswith("disk full")
+    assert input_error(ZeroDivisionError("a bug")) is None and input_error(KeyError("x")) is None
+
+
+# ==== 8. tokens never echoed =====================================================================
+def test_tokens_are_never_echoed(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    code, err = cli(capsys, "push", run_dir, "me/model", "--token", TOKEN)  # not a flag: argparse echoes args
+    assert code == 2 and TOKEN not in err and "--token ***" in err
+    code, err = cli(capsys, "push", run_dir, TOKEN, "--dry-run")  # pasted as the repo id
+    assert code == 2 and TOKEN not in err and "looks like a Hugging Face token" in err
+    code, err = cli(capsys, "push", run_dir, f"me/{TOKEN}", "--dry-run")
+    assert code == 2 and TOKEN not in err
+    recipe = tiny_recipe(run_dir, tmp_path / "out", output={"dir": str(tmp_path / "o"), "push_to_hub": {"repo_id": TOKEN}})
+    code, err = cli(capsys, "run", write_recipe(tmp_path / "r.yaml", recipe))
+    assert code == 2 and TOKEN not in err
+
+
+def test_push_plan_refuses_links_leading_outside_the_folder(run_dir, tmp_path, capsys, monkeypatch):
+    home = tmp_path / "hf_home"
+    home.mkdir()
+    (home / "token").write_text(TOKEN)
+    monkeypatch.setenv("HF_HOME", str(home))
+    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    os.symlink(home / "token", run / "notes.txt")
+    code, err = cli(capsys, "push", run, "me/model", "--dry-run", "-q")
+    assert code == 2 and "symbolic link" in err and "outside" in err
+    assert TOKEN not in err + capsys.readouterr().out
+    (run / "notes.txt").unlink()
+    os.symlink(run / "eval.md", run / "eval-copy.md")  # a link inside the folder is fine
+    code, out = cli(capsys, "push", run, "me/model", "--dry-run", "-q")
+    assert code == 0, out
