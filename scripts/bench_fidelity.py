@@ -55,7 +55,7 @@ MODEL_DIR = ROOT / "bench_cache" / "SmolLM2-135M-Instruct"
 KS = (3, 5, 7, 10)
 TOP_K = 256
 TASKS = ["arc_easy", "piqa", "hellaswag", "winogrande"]
-PAIRED = ["contiguous angular", "sleb", "one_shot bi", "one_shot angular"]
+PAIRED = ["contiguous angular", "sleb", "one_shot bi", "dense"]
 
 
 def log(msg: str) -> None:
@@ -137,10 +137,10 @@ class Context:
         return ref
 
 
-def stage_kl(ctx: Context, names: list[str]) -> None:
+def stage_kl(ctx: Context, names: list[str], ks=(7, 3, 5, 10)) -> None:
     ref = ctx.reference()
     sels = recorded_selections()
-    cases = [(k, name) for k in (7, 3, 5, 10) for name in names if name in sels]
+    cases = [(k, name) for k in ks for name in names if name in sels]
     for k, name in cases:
         removed = sels[name][k]
         path = CACHE / f"w{ctx.windows.shape[0]}" / f"{set_key(removed)}.json"
@@ -199,7 +199,7 @@ def stage_paired(ctx: Context, names: list[str], limit: int) -> None:
     from prune.measure.lmeval import run_lm_eval
 
     sels = recorded_selections()
-    for name in ["dense"] + names:
+    for name in names:  # "dense" is the unpruned model
         removed = [] if name == "dense" else sels[name][7]
         folder = CACHE / "lmeval_k7" / set_key(removed)
         if list(folder.glob("results_*.json")):
@@ -269,9 +269,9 @@ def report(windows: int) -> str:
                       f"{b['kl_p99']:.3f}, max {a['kl_max']:.3f} vs {b['kl_max']:.3f}."]
     from prune.measure.paired import compare_folders, paired_markdown
 
-    dense = CACHE / "lmeval_k7" / "dense"
+    sels["dense"] = {7: []}
     done = [n for n in PAIRED if list((CACHE / "lmeval_k7" / set_key(sels[n][7])).glob("samples_*.jsonl"))]
-    if list(dense.glob("samples_*.jsonl")) and done:
+    if len(done) >= 2:
         lines += ["", "#### Paired lm-eval at k = 7 (0-shot, limit 500, the same examples)", ""]
         for i, a in enumerate(done):
             for b in done[i + 1:]:
@@ -285,6 +285,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--part", choices=["kl", "paired", "report"], required=True)
     p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--ks", default="3,5,10", help="the k after k = 7 (default 3,5,10)")
     p.add_argument("--only", default=None, help="comma-separated strategy names (default all recorded)")
     p.add_argument("--paired", default=",".join(PAIRED))
     p.add_argument("--limit", type=int, default=500)
@@ -297,9 +298,10 @@ def main() -> int:
     ctx = Context(args.windows)
     if args.part == "kl":
         names = args.only.split(",") if args.only else list(recorded_selections())
-        stage_kl(ctx, names)
+        stage_kl(ctx, names, [7])  # k = 7 first (the lm-eval comparison), then the costs, then the other k
         stage_cost(ctx)
         stage_topk(ctx)
+        stage_kl(ctx, names, [int(k) for k in args.ks.split(",")])
     else:
         stage_paired(ctx, args.paired.split(","), args.limit)
     log("done")

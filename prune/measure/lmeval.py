@@ -276,8 +276,13 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
+        device = None
         if isinstance(model, str):
             lm = model
+            if "device=" not in (model_args or ""):  # lm-eval's hf default is cuda, even where there is none
+                import torch
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
         else:
             from lm_eval.models.huggingface import HFLM
 
@@ -287,7 +292,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
         tracker = EvaluationTracker()
         out = lm_eval.simple_evaluate(
             model=lm, model_args=model_args if isinstance(model, str) else None, tasks=names, task_manager=manager,
-            num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
+            num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
             log_samples=log_samples, evaluation_tracker=tracker, verbosity="ERROR" if not progress else "WARNING",
             apply_chat_template=apply_chat_template,
