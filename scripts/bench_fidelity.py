@@ -42,11 +42,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-import prune  # noqa: E402
-from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity  # noqa: E402
-from prune.measure.perplexity import nll_sum  # noqa: E402
+import prune
+from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity
+from prune.measure.perplexity import nll_sum
 
 DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
 WIKI = DATA / "wikitext2_raw" / "wiki.test.raw"
@@ -195,7 +195,7 @@ def stage_topk(ctx: Context) -> None:
     log(f"top-k check: {out}")
 
 
-def stage_paired(ctx: Context, names: list[str], limit: int) -> None:
+def stage_paired(ctx: Context, names: list[str], limit: int, tasks: list[str]) -> None:
     from prune.measure.lmeval import run_lm_eval
 
     sels = recorded_selections()
@@ -205,7 +205,7 @@ def stage_paired(ctx: Context, names: list[str], limit: int) -> None:
         if list(folder.glob("results_*.json")):
             continue
         started = time.time()
-        run = run_lm_eval(ctx.pruned(removed), ctx.tok, TASKS, limit=limit, batch_size=16, seed=0, data_dir_path=DATA,
+        run = run_lm_eval(ctx.pruned(removed), ctx.tok, tasks, limit=limit, batch_size=16, seed=0, data_dir_path=DATA,
                           progress=False)
         run.write(folder, f"SmolLM2-135M-Instruct {name} k=7")
         log(f"lm-eval {name}: {({t: r['metrics'] for t, r in run.summary.items()})} ({time.time() - started:.0f}s)")
@@ -272,7 +272,7 @@ def report(windows: int) -> str:
     sels["dense"] = {7: []}
     done = [n for n in PAIRED if list((CACHE / "lmeval_k7" / set_key(sels[n][7])).glob("samples_*.jsonl"))]
     if len(done) >= 2:
-        lines += ["", "#### Paired lm-eval at k = 7 (0-shot, limit 500, the same examples)", ""]
+        lines += ["", "#### Paired lm-eval at k = 7 (0-shot, limit 500, the same examples, local task copies)", ""]
         for i, a in enumerate(done):
             for b in done[i + 1:]:
                 rows = compare_folders(CACHE / "lmeval_k7" / set_key(sels[a][7]),
@@ -289,6 +289,7 @@ def main() -> int:
     p.add_argument("--only", default=None, help="comma-separated strategy names (default all recorded)")
     p.add_argument("--paired", default=",".join(PAIRED))
     p.add_argument("--limit", type=int, default=500)
+    p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -303,7 +304,7 @@ def main() -> int:
         stage_topk(ctx)
         stage_kl(ctx, names, [int(k) for k in args.ks.split(",")])
     else:
-        stage_paired(ctx, args.paired.split(","), args.limit)
+        stage_paired(ctx, args.paired.split(","), args.limit, args.tasks.split(","))
     log("done")
     return 0
 

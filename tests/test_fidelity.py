@@ -9,12 +9,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import VOCAB, WIKI_RAW, build_model, tiny_recipe, wiki_text
+
 from prune.core.config import EvaluateConfig
 from prune.core.errors import PruneError
 from prune.io.text import eval_windows
-from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity, token_kl
+from prune.measure.fidelity import (
+    FidelityReference,
+    build_reference,
+    measure_fidelity,
+    token_kl,
+)
 from prune.model.surgery import remove_layers
 
 

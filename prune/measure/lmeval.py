@@ -108,9 +108,9 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 loaded = manager.load(name)
-        except Exception as exc:  # noqa: BLE001 - any failure to load the task data ends here, in one line
+        except Exception as exc:
             local = LOCAL_TASKS.get(name)
-            hint = (f"offline and not in the datasets cache: run once online to cache it" if offline else
+            hint = ("offline and not in the datasets cache: run once online to cache it" if offline else
                     "check the network and the task's dataset_path")
             if local:
                 hint += f", or use the local copy {local} (set PRUNE_DATA_DIR or evaluate.data_dir)"
@@ -125,11 +125,11 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
             cfg = task.config
             shots = num_fewshot or (cfg.num_fewshot or 0)
             fewshot = cfg.fewshot_config
-            field = (lambda k: fewshot.get(k)) if isinstance(fewshot, dict) else (lambda k: getattr(fewshot, k, None))
-            if shots <= 0 or field("samples") is not None:
+            fs = fewshot if isinstance(fewshot, dict) else vars(fewshot) if fewshot is not None else {}
+            if shots <= 0 or fs.get("samples") is not None:
                 continue
             # lm-eval's rule (ConfigurableTask.fewshot_docs): the few-shot split, else train, else validation, else test
-            source = field("split") or getattr(cfg, "fewshot_split", None) or cfg.training_split or cfg.validation_split \
+            source = fs.get("split") or getattr(cfg, "fewshot_split", None) or cfg.training_split or cfg.validation_split \
                 or cfg.test_split
             scored = cfg.test_split or cfg.validation_split
             if source == scored and not fewshot_from_scored_split:
