@@ -288,7 +288,8 @@ def part_lmeval() -> None:
             model, tok, _ = prune.load(CACHE / "models" / case, dtype="float32")
         log(f"lm-eval {case}")
         t = time.time()
-        res = evaluate_tasks(model, tok, TASKS, limit=LIMIT, batch_size=16, seed=0, data_dir_path=DATA, progress=False)
+        res = evaluate_tasks(model, tok, TASKS, limit=LIMIT, batch_size=16, seed=0, data_dir_path=DATA, progress=False,
+                             local_alias=True)
         store(f"{case}.lmeval", {"case": case, "tasks": res, "seconds": round(time.time() - t, 1)})
         log(f"lm-eval {case}: " + ", ".join(f"{k} {headline(v):.3f}" for k, v in res.items()))
 

@@ -292,7 +292,7 @@ def lmeval_of(ctx: Context, removed, tasks, limit) -> dict | None:
             for task in missing:  # one task at a time: each finished task is cached
                 started = time.time()
                 res = evaluate_tasks(model, ctx.tok, [task], limit=limit, batch_size=16, seed=0, data_dir_path=str(DATA),
-                                     progress=False)
+                                     progress=False, local_alias=True)  # cached results use the registry names
                 res[task]["seconds"] = round(time.time() - started, 1)
                 data["tasks"].update(res)
                 write(path, data)

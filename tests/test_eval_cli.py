@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import DATA, WIKI_RAW
-from prune.core.errors import PruneError
 from test_cli import prune_cli
+
+from prune.core.errors import PruneError
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,12 @@ def chat_folder(tiny_folder, tmp_path_factory):
 
 
 def test_eval_writes_lm_eval_files_with_lm_eval_flags(tmp_path, chat_folder):
-    from lm_eval.utils import get_latest_filename, get_results_filenames, get_sample_results_filenames, sanitize_model_name
+    from lm_eval.utils import (
+        get_latest_filename,
+        get_results_filenames,
+        get_sample_results_filenames,
+        sanitize_model_name,
+    )
 
     proc = prune_cli("eval", chat_folder, "--tasks", "copa", "--limit", 6, "--data-dir", DATA, "--batch-size", "auto",
                      "--apply-chat-template", "--num-fewshot", 1, "--fewshot-from-scored-split", "--output-path", tmp_path / "results",
@@ -117,8 +122,9 @@ def test_hf_backend_loads_the_saved_folder_itself(tmp_path, tiny_folder):
 
 
 def test_run_refuses_another_backend(tiny_folder, tmp_path):
-    import prune
     from conftest import tiny_recipe
+
+    import prune
 
     recipe = tiny_recipe(tiny_folder, tmp_path / "out")
     recipe["evaluate"].update(tasks=["copa"], data_dir=str(DATA), model="vllm")

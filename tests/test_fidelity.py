@@ -9,12 +9,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import VOCAB, WIKI_RAW, build_model, tiny_recipe, wiki_text
+
 from prune.core.config import EvaluateConfig
 from prune.core.errors import PruneError
 from prune.io.text import eval_windows
-from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity, token_kl
+from prune.measure.fidelity import (
+    FidelityReference,
+    build_reference,
+    measure_fidelity,
+    token_kl,
+)
 from prune.model.surgery import remove_layers
 
 
@@ -122,3 +127,12 @@ def test_run_reports_fidelity_in_eval_json_table_and_card(tiny_folder, tmp_path)
     card = (result.out_dir / "README.md").read_text()
     assert "KL to original" in card and "KL(original ‖ pruned)" in card
     assert str(WIKI_RAW.name) in json.dumps(fid["data"])
+
+
+def test_missing_fidelity_text_fails_before_loading(tiny_folder, tmp_path):
+    from prune.pipeline.recipe import load_recipe
+
+    recipe = tiny_recipe(tiny_folder, tmp_path / "out")
+    recipe["evaluate"]["fidelity"] = {"path": str(tmp_path / "nope.txt")}
+    with pytest.raises(PruneError, match="'evaluate.fidelity.path' file not found"):
+        load_recipe(recipe)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import DATA, tiny_recipe
 
 
@@ -19,8 +18,13 @@ def run_with_tasks(tiny_folder, tmp_path_factory):
 
 
 def test_run_writes_lm_eval_results_and_samples(run_with_tasks):
-    from lm_eval.utils import (get_file_task_name, get_latest_filename, get_results_filenames,
-                               get_sample_results_filenames, make_table)
+    from lm_eval.utils import (
+        get_file_task_name,
+        get_latest_filename,
+        get_results_filenames,
+        get_sample_results_filenames,
+        make_table,
+    )
 
     out = run_with_tasks.out_dir
     data = json.loads((out / "eval.json").read_text())

@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import DATA, build_model
+
 from prune.core.errors import PruneError
 from prune.measure.paired import compare_folders, mcnemar_exact, paired_stats
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
-
 from conftest import DATA, build_model
-from prune.core.errors import PruneError
-from prune.measure.lmeval import check_tasks, evaluate_tasks, local_task_dir
 from test_cli import prune_cli
+
+from prune.measure.lmeval import check_tasks, evaluate_tasks, local_task_dir
 
 
 @pytest.fixture(scope="module")

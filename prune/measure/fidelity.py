@@ -71,7 +71,7 @@ class FidelityReference:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "FidelityReference":
+    def load(cls, path: str | Path) -> FidelityReference:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:

@@ -108,7 +108,7 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 loaded = manager.load(name)
-        except Exception as exc:  # noqa: BLE001 - any failure to load the task data ends here, in one line
+        except Exception as exc:
             local = LOCAL_TASKS.get(name)
             hint = ("offline and not in the datasets cache: run once online to cache it" if offline else
                     "check the network and the task's dataset_path")
@@ -125,11 +125,11 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
             cfg = task.config
             shots = num_fewshot or (cfg.num_fewshot or 0)
             fewshot = cfg.fewshot_config
-            field = (lambda k: fewshot.get(k)) if isinstance(fewshot, dict) else (lambda k: getattr(fewshot, k, None))
-            if shots <= 0 or field("samples") is not None:
+            fs = fewshot if isinstance(fewshot, dict) else vars(fewshot) if fewshot is not None else {}
+            if shots <= 0 or fs.get("samples") is not None:
                 continue
             # lm-eval's rule (ConfigurableTask.fewshot_docs): the few-shot split, else train, else validation, else test
-            source = field("split") or getattr(cfg, "fewshot_split", None) or cfg.training_split or cfg.validation_split \
+            source = fs.get("split") or getattr(cfg, "fewshot_split", None) or cfg.training_split or cfg.validation_split \
                 or cfg.test_split
             scored = cfg.test_split or cfg.validation_split
             if source == scored and not fewshot_from_scored_split:
@@ -276,8 +276,13 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
+        device = None
         if isinstance(model, str):
             lm = model
+            if "device=" not in (model_args or ""):  # lm-eval's hf default is cuda, even where there is none
+                import torch
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
         else:
             from lm_eval.models.huggingface import HFLM
 
@@ -287,7 +292,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
         tracker = EvaluationTracker()
         out = lm_eval.simple_evaluate(
             model=lm, model_args=model_args if isinstance(model, str) else None, tasks=names, task_manager=manager,
-            num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
+            num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
             log_samples=log_samples, evaluation_tracker=tracker, verbosity="ERROR" if not progress else "WARNING",
             apply_chat_template=apply_chat_template,

@@ -79,7 +79,7 @@ def paired_stats(a, b, *, task: str = "", metric: str = "", iters: int = 10_000,
         means[start:stop] = d[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(means, [tail, 100 - tail])
-    sd = lambda x: float(x.std(ddof=1) / math.sqrt(n))  # noqa: E731
+    sd = lambda x: float(x.std(ddof=1) / math.sqrt(n))
     out = Paired(task, metric, n, float(a.mean()), float(b.mean()), float(d.mean()), sd(d),
                  math.sqrt(sd(a) ** 2 + sd(b) ** 2), float(low), float(high))
     if np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all():
@@ -101,7 +101,7 @@ def per_example(records: list[dict]) -> dict[str, dict[tuple, tuple[str, float]]
     for r in records:
         for metric in r.get("metrics", []):
             value = r.get(metric)
-            if isinstance(value, bool) or isinstance(value, (int, float)):
+            if isinstance(value, (bool, int, float)):
                 out.setdefault(metric, {})[(r["doc_id"], r.get("filter", "none"))] = (r.get("doc_hash"), float(value))
     return out
 

@@ -147,6 +147,8 @@ def check_files(recipe: Recipe, where: str = "recipe") -> None:
     _check_text_path(recipe.calibration, "calibration", where)
     if recipe.evaluate is not None:
         _check_text_path(recipe.evaluate.perplexity, "evaluate.perplexity", where)
+        if recipe.evaluate.fidelity is not None and recipe.evaluate.fidelity.path is not None:
+            _check_text_path(recipe.evaluate.fidelity, "evaluate.fidelity", where)
         for d in recipe.evaluate.task_dirs:
             if not Path(d).expanduser().is_dir():
                 raise PruneError(f"{where}: 'evaluate.task_dirs' folder not found: {d}")
