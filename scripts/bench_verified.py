@@ -95,7 +95,7 @@ class Bench:
             write(CACHE / "reference.json", {"seconds": round(time.time() - started, 1)})
 
     def selection(self, k: int) -> dict:
-        path = CACHE / f"verified_k{k}_h{self.heldout}_b{self.budget}.json"
+        path = CACHE / f"verified2_k{k}_h{self.heldout}_b{self.budget}.json"
         data = read(path)
         if data is None:
             ctx = self.ctx
@@ -142,7 +142,7 @@ def report(heldout: int, budget: int) -> str:
         cells = []
         for k in KS:
             if name == "verified":
-                sel = read(CACHE / f"verified_k{k}_h{heldout}_b{budget}.json")
+                sel = read(CACHE / f"verified2_k{k}_h{heldout}_b{budget}.json")
                 removed = sel["removed"] if sel else None
             else:
                 removed = base.get(name, {}).get(k)
@@ -163,7 +163,7 @@ def report(heldout: int, budget: int) -> str:
                  "seconds |", "|---:|---|---|---:|---:|---:|---:|"]
     goals = []
     for k in KS:
-        sel = read(CACHE / f"verified_k{k}_h{heldout}_b{budget}.json")
+        sel = read(CACHE / f"verified2_k{k}_h{heldout}_b{budget}.json")
         if sel is None:
             continue
         d = sel["details"]
@@ -177,7 +177,7 @@ def report(heldout: int, budget: int) -> str:
                          f"({'met' if ok_ppl else 'NOT met'}); KL {m['kl_mean']:.3f} vs {best[k][1]:.3f} "
                          f"({'met' if ok_kl else 'NOT met'})")
     out.append("\n### What verified chose and what it cost\n\n" + "\n".join(sel_lines))
-    sel10 = read(CACHE / f"verified_k10_h{heldout}_b{budget}.json")
+    sel10 = read(CACHE / f"verified2_k10_h{heldout}_b{budget}.json")
     sleb10 = base.get("sleb", {}).get(10)
     m10 = read(CACHE / "sets" / f"{'-'.join(map(str, sel10['removed']))}.json") if sel10 else None
     s10 = read(CACHE / "sets" / f"{'-'.join(map(str, sleb10))}.json") if sleb10 else None

@@ -7,14 +7,16 @@
    ``tau`` (the pairs MSRS counts) form connected groups, and a candidate takes the least
    influential (lowest BI) one, then two, blocks from every family, filling up by BI. This is
    where MSRS chooses: it says which blocks are interchangeable, BI which of them to drop.
+   And the mixtures of the two published shapes: the best contiguous run of ``m < k`` blocks
+   (angular distance) plus the ``k - m`` lowest-BI blocks outside it, for every ``m >= k / 2``.
 2. **Verification**: each candidate is measured by ``KL(original || candidate)`` of the
    next-token distributions on held-out calibration windows (not those that scored it;
    :mod:`prune.measure.fidelity`, the original's top-k log-probs computed once). The hidden
    state entering every block of the original is cached, so a candidate whose first removed
    block is ``f`` runs only the kept blocks after ``f``.
 3. **Local search** (optional, ``budget`` evaluations): swap one removed block of the best set
-   for an adjacent kept one, keep the swap when the KL falls, until no swap helps or the
-   budget is spent.
+   for an adjacent kept one, or for one of the three lowest-BI kept blocks; keep the first swap
+   that lowers the KL and start again, until no swap helps or the budget is spent.
 
 Cost is counted like SLEB's: decoder-block runs over the held-out windows divided by the
 number of blocks (``full_forward_equivalents``), plus the two full passes of the original
@@ -104,6 +106,13 @@ def candidate_sets(scores, count: int, protect: list[int]) -> dict[tuple[int, ..
             found = family_set(scores, count, protect, families, per)
             if found is not None:
                 add(found, f"msrs families ({per} per family)")
+    if scores.angular is not None:
+        bi = scores.block_influence
+        for m in range((count + 1) // 2, count):
+            run = contiguous(scores, m, protect).removed
+            rest = sorted((b for b in range(scores.n_layers) if b not in protect and b not in run),
+                          key=lambda b: (bi[b], b))
+            add(run + rest[: count - m], f"contiguous {m} + BI {count - m}")
     for run in contiguous_runs(scores.n_layers, count, protect):
         add(run, "contiguous run")
     return out
@@ -166,8 +175,10 @@ def verified(model, scores, windows: torch.Tensor, count: int, *, protect=(0, -1
     while improved and searched < budget:
         improved = False
         neighbours = []
+        kept_by_bi = sorted((n for n in range(L) if n not in best and n not in prot),
+                            key=lambda n: (scores.block_influence[n], n))[:3]
         for b in best:
-            for n in (b - 1, b + 1):
+            for n in (b - 1, b + 1, *kept_by_bi):
                 if 0 <= n < L and n not in best and n not in prot:
                     neighbours.append(tuple(sorted((set(best) - {b}) | {n})))
         for cand in dict.fromkeys(neighbours):
