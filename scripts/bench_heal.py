@@ -15,6 +15,9 @@ resumes; healed checkpoints are kept in bench_cache/heal/models/ for the lm-eval
   python scripts/bench_heal.py --part curve    # the best method at 1/4 .. 4x the budget
   python scripts/bench_heal.py --part lmeval   # the multiple-choice tasks of every case
   python scripts/bench_heal.py --part report   # table + docs/img/heal_curve.png + Markdown
+  python scripts/bench_heal.py --part distill [--budgets 8192,32768]   # distill vs next-token, LoRA and partial
+  python scripts/bench_heal.py --part distill_lmeval   # the multiple-choice tasks of the 32k-token distill cases
+  python scripts/bench_heal.py --part distill_report   # its table into docs/BENCHMARKS.md
 Run it niced in the background: nohup nice -n 10 python scripts/bench_heal.py --part all > bench_heal.log 2>&1 &
 """
 
@@ -173,6 +176,124 @@ def part_train() -> None:
                      "params": prune.count_parameters(model), "removed": run})
         log(f"{name} ppl {result['perplexity']:.2f} ({rec['seconds']:.0f} s of healing)")
         del model
+
+
+# ---- part: distill (distillation from the original vs next-token loss) ------------------------------------
+#: training-token budgets: 32, 128, 512 windows x 256 tokens (one epoch, batch 4, steps = windows / 4)
+DISTILL_BUDGETS = [8_192, 32_768, 131_072]
+DISTILL_PARAMS = {"lora": METHODS["lora"], "partial": METHODS["partial"]}
+DISTILL_SETTINGS = dict(temperature=1.0, kl_weight=1.0, hidden_weight=0.0, lm_weight=0.0, teacher="memory")
+FIDELITY_WINDOWS = 16  # the first 16 of the WikiText-2 perplexity windows (16 x 512 = 8,192 tokens)
+
+
+def distill_cases(budgets=DISTILL_BUDGETS) -> list[tuple[str, str, int]]:
+    """(objective, params, tokens), cheapest budgets first so the small ones finish first."""
+    return [(o, m, t) for t in budgets for m in DISTILL_PARAMS for o in ("distill", "lm")]
+
+
+def case_name(objective: str, params: str, tokens: int) -> str:
+    return f"d-{objective}-{params}-{tokens // 1024}k"
+
+
+def fidelity_to(model, dense, tok) -> dict:
+    """Mean KL(dense || model) per token (T = 1, full vocabulary) and top-1 agreement on the first
+    FIDELITY_WINDOWS WikiText-2 evaluation windows (prune.heal.distill.fidelity with the dense teacher)."""
+    from prune.heal.distill import Teacher, fidelity
+
+    return fidelity(model, Teacher("memory", "dense", dense), eval_windows(tok)[:FIDELITY_WINDOWS])
+
+
+def part_distill(budgets=DISTILL_BUDGETS) -> None:
+    base, tok = load_dense()
+    run = removed_blocks(base, tok)
+    kept = [i for i in range(30) if i not in run]
+    if not cached("dense"):
+        t = time.time()
+        store("dense", {"case": "dense", "perplexity": ppl(base, tok), "layers": 30,
+                        "params": prune.count_parameters(base), "seconds": round(time.time() - t, 1)})
+    if not cached("fidelity-pruned"):
+        model = copy.deepcopy(base)
+        prune.remove_layers(model, run)
+        t = time.time()
+        store("fidelity-pruned", {"case": "pruned", "fidelity": fidelity_to(model, base, tok),
+                                  "perplexity": ppl(model, tok), "seconds": round(time.time() - t, 1)})
+        del model
+    log(f"pruned: {cached('fidelity-pruned')['fidelity']}")
+    for objective, params, tokens in distill_cases(budgets):
+        name = case_name(objective, params, tokens)
+        if cached(name):
+            log(f"{name}: cached")
+            continue
+        n = tokens // SEQ
+        settings = {**DISTILL_PARAMS[params], "n_samples": n, "steps": max(1, n // 4), "objective": objective}
+        if objective == "distill":
+            settings.update(DISTILL_SETTINGS)
+        model = copy.deepcopy(base)
+        prune.remove_layers(model, run)
+        log(f"healing {name}: {settings}")
+        rec = heal_model(model, tok, teacher_model=base, kept=kept, quiet=True, **settings)
+        result = {"case": name, "objective": objective, "params": params, "tokens": rec["tokens_seen"],
+                  "perplexity": ppl(model, tok), "fidelity": fidelity_to(model, base, tok), "healing": rec,
+                  "layers": model.config.num_hidden_layers, "params_count": prune.count_parameters(model)}
+        if tokens == 32_768:  # the lm-eval cases keep their checkpoint
+            prune.save(model, tok, CACHE / "models" / name, pruning={"removed": run, "healing": rec}, overwrite=True)
+        store(name, result)
+        log(f"{name}: ppl {result['perplexity']['perplexity']:.2f}, KL {result['fidelity']['kl']:.4f}, "
+            f"top-1 {result['fidelity']['top1']:.3f} ({rec['seconds']:.0f} s of healing)")
+        del model
+
+
+def part_distill_lmeval() -> None:
+    """The four multiple-choice tasks of the 33k-token distill / next-token cases (checkpoints from --part distill)."""
+    from prune.measure.lmeval import evaluate_tasks
+
+    for objective, params, tokens in distill_cases([32_768]):
+        name = case_name(objective, params, tokens)
+        if cached(f"{name}.lmeval") or not (CACHE / "models" / name).is_dir():
+            continue
+        model, tok, _ = prune.load(CACHE / "models" / name, dtype="float32")
+        log(f"lm-eval {name}")
+        t = time.time()
+        res = evaluate_tasks(model, tok, TASKS, limit=LIMIT, batch_size=16, seed=0, data_dir_path=DATA, progress=False)
+        store(f"{name}.lmeval", {"case": name, "tasks": res, "seconds": round(time.time() - t, 1)})
+
+
+def distill_report(d_ppl: float) -> list[str]:
+    """The distill-vs-next-token table (Markdown lines) from the cached cases."""
+    pr = cached("fidelity-pruned")
+    if not pr:
+        return []
+    d_lm = cached("dense.lmeval")
+    lines = ["| objective | params | training tokens | steps | healing time | WikiText-2 ppl | x dense | "
+             "KL to dense | KL / pruned's | top-1 agreement | MC retained |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+             f"| (none: pruned) | - | 0 | 0 | - | {pr['perplexity']['perplexity']:.2f} | "
+             f"x{pr['perplexity']['perplexity'] / d_ppl:.2f} | {pr['fidelity']['kl']:.4f} | 100% | "
+             f"{pr['fidelity']['top1']:.1%} | - |"]
+    for objective, params, tokens in sorted(distill_cases(), key=lambda c: (c[2], c[1], c[0])):
+        r = cached(case_name(objective, params, tokens))
+        if not r:
+            continue
+        h, f, p = r["healing"], r["fidelity"], r["perplexity"]["perplexity"]
+        lm = cached(f"{case_name(objective, params, tokens)}.lmeval")
+        retained = "-"
+        if lm and d_lm:
+            ratios = [lm["tasks"][t]["metrics"][metric_name(t)] / d_lm["tasks"][t]["metrics"][metric_name(t)] for t in TASKS]
+            retained = f"{100 * sum(ratios) / len(ratios):.1f}%"
+        lines.append(f"| {objective} | {params} | {h['tokens_seen']:,} | {h['steps']} | {h['seconds'] / 60:.1f} min | "
+                     f"{p:.2f} | x{p / d_ppl:.2f} | {f['kl']:.4f} | {100 * f['kl'] / pr['fidelity']['kl']:.0f}% | "
+                     f"{f['top1']:.1%} | {retained} |")
+    return lines
+
+
+def part_distill_report() -> None:
+    """Print the distill table and write it into its own block of docs/BENCHMARKS.md."""
+    dense = cached("dense")
+    if not dense:
+        raise SystemExit("run --part distill first")
+    lines = distill_report(dense["perplexity"]["perplexity"])
+    print("\n".join(lines))
+    write_docs("\n".join(lines), "bench_heal_distill")
 
 
 # ---- part: curve (what more budget buys) ----------------------------------------------------------------
@@ -395,11 +516,9 @@ def part_report() -> None:
     write_docs("\n".join(docs))
 
 
-DOCS_BEGIN, DOCS_END = "<!-- bench_heal:begin -->", "<!-- bench_heal:end -->"
-
-
-def write_docs(body: str) -> None:
-    """Replace the generated block of docs/BENCHMARKS.md ("Healing") with ``body``."""
+def write_docs(body: str, block: str = "bench_heal") -> None:
+    """Replace the generated ``block`` of docs/BENCHMARKS.md ("Healing") with ``body``."""
+    DOCS_BEGIN, DOCS_END = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
     path = ROOT / "docs" / "BENCHMARKS.md"
     text = path.read_text()
     if DOCS_BEGIN not in text or DOCS_END not in text:
@@ -408,19 +527,26 @@ def write_docs(body: str) -> None:
     head, rest = text.split(DOCS_BEGIN, 1)
     _, tail = rest.split(DOCS_END, 1)
     stamp = (f"_Tables generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by "
-             "`python scripts/bench_heal.py --part report` from bench_cache/heal/._")
+             f"`python scripts/bench_heal.py --part {'report' if block == 'bench_heal' else 'distill_report'}` "
+             "from bench_cache/heal/._")
     path.write_text(f"{head}{DOCS_BEGIN}\n{stamp}\n\n{body}\n{DOCS_END}{tail}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "report", "all"], default="all")
+    ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "distill", "distill_lmeval", "distill_report",
+                                       "report", "all"],
+                    default="all")
+    ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     args = ap.parse_args()
     started = time.time()
     parts = ["train", "curve", "init", "report", "lmeval", "report"] if args.part == "all" else [args.part]
     for part in parts:
         log(f"part {part}")
-        globals()[f"part_{part}"]()
+        if part == "distill" and args.budgets:
+            part_distill([int(b) for b in args.budgets.split(",")])
+        else:
+            globals()[f"part_{part}"]()
     log(f"done in {(time.time() - started) / 60:.1f} min")
 
 
