@@ -135,6 +135,19 @@ def test_topk_cache_reproduces_the_in_memory_teacher_loss(tokenizers_by_bos, tmp
     assert float(topk_kl_loss(zs, lp, ix, 2.0)) == pytest.approx(float(kl_loss(zs, zt, 2.0)), rel=1e-5)
 
 
+def test_sequential_topk_equals_the_loaded_model(tokenizers_by_bos, tmp_path):
+    """The out-of-core teacher (one block in memory at a time, 3 windows per pass) gives the top-k of the loaded model."""
+    from prune.heal.distill import topk_logprobs, topk_logprobs_sequential
+
+    tok = tokenizers_by_bos[True]
+    folder = prune.save(build_model("llama"), tok, tmp_path / "teacher")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    train_w, _ = windows_of(tok, n_samples=7)
+    lp, ix = topk_logprobs(model, train_w, 8)
+    slp, six = topk_logprobs_sequential(folder, train_w, 8, batch_size=2, windows_per_pass=3)
+    assert torch.allclose(lp, slp, atol=1e-5) and (ix == six).float().mean() > 0.999
+
+
 # ---- healing --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("params", ["lora", "partial"])
 def test_distill_brings_the_student_closer_and_reloads(params, tokenizers_by_bos, tmp_path):
@@ -195,6 +208,8 @@ def test_prune_heal_run_dir_with_distill(tmp_path, tiny_folder_heal):
     heal_run(run_dir, tmp_path / "healed2", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
              rows=C4_DATA["rows"], overrides=[*fast, "teacher=cache", "top_k=8", f"teacher_cache={cache}"], quiet=True)
     assert cache.is_file()
+    rec2 = json.loads((tmp_path / "healed2" / "pruning.json").read_text())["healing"]["distill"]
+    assert "sequential" in rec2["teacher"] and rec2["top_k"] == 8  # read one block at a time, never loaded whole
     pruning = json.loads((run_dir / "pruning.json").read_text())
     (run_dir / "pruning.json").write_text(json.dumps({**pruning, "source": None}))  # the source is gone: the cache suffices
     heal_run(run_dir, tmp_path / "healed3", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],

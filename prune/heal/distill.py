@@ -26,7 +26,9 @@ Teacher sources (``heal.teacher``):
   ``sum_topk q * (log q - log_softmax(z_s / T)[topk])``. This equals the full KL when
   ``k = vocab`` and drops the teacher's tail mass otherwise (tests/test_distill.py states the
   tolerance). The file also holds the windows it was computed on and the tokenizer's
-  fingerprint, so a run that reads it is refused when either differs.
+  fingerprint, so a run that reads it is refused when either differs. ``prune heal`` computes
+  it from a source safetensors folder ONE BLOCK AT A TIME (:func:`topk_logprobs_sequential`)
+  when a copy of the original would not fit beside the student (or with ``teacher: cache``).
 * ``auto``: ``memory`` when a copy of the model fits in the free memory of its device with a
   25% margin (``MARGIN``), otherwise ``cache``.
 
@@ -164,17 +166,94 @@ def topk_logprobs(model, windows: torch.Tensor, k: int, batch_size: int = EVAL_B
     return torch.cat(values), torch.cat(indices)
 
 
+def topk_logprobs_sequential(folder: str | os.PathLike, windows: torch.Tensor, k: int, *, batch_size: int = EVAL_BATCH,
+                             windows_per_pass: int = 64, dtype="auto", device: torch.device | str = "cpu",
+                             trust_remote_code: bool = False, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`topk_logprobs` of the safetensors model in ``folder`` holding ONE decoder block in
+    memory at a time (the out-of-core execution of :mod:`prune.measure.sequential`): the model's own
+    forward records each block's arguments, then block after block runs over the activations of
+    ``windows_per_pass`` windows (kept on the CPU), then the final norm and the LM head. Weights are
+    read once per pass of ``windows_per_pass`` windows."""
+    from tqdm.auto import tqdm
+
+    from prune.measure.sequential import _Recorder, run_block
+    from prune.model.capture import batches
+    from prune.model.loading import final_norm
+    from prune.model.skeleton import Skeleton
+
+    device = torch.device(device)
+    sk = Skeleton(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    config = sk.model.config.get_text_config()
+    if getattr(config, "final_logit_softcapping", None) or final_norm(sk.model) is None:
+        raise PruneError(f"{folder}: {config.model_type} changes the logits after its final norm and LM head (or has "
+                         "no final norm): compute its top-k in memory (teacher: memory, or load it whole)")
+    values, indices = [], []
+    passes = range(0, windows.shape[0], windows_per_pass)
+    bar = tqdm(total=len(passes) * (len(sk.layers) + 2), desc="teacher top-k (sequential)", unit="step", disable=not progress)
+    with torch.no_grad():
+        for first in passes:
+            parts = list(batches(windows[first:first + windows_per_pass], batch_size))
+            sk.load_rest()
+            acts, calls = [], {}
+            for _, batch in parts:
+                with _Recorder(sk.layers) as rec:
+                    sk.model.base_model(input_ids=batch.to(device), use_cache=False)
+                if rec.changed or any(c is None for c in rec.calls):
+                    raise PruneError(f"{config.model_type}: blocks cannot be run one at a time for this model; "
+                                     "compute its top-k in memory")
+                calls.setdefault(tuple(batch.shape), rec.calls)
+                acts.append(rec.h0.to("cpu"))
+            sk.free_rest()
+            bar.update(1)
+            for index in range(len(sk.layers)):
+                block = sk.load_block(index)
+                for b, (_, batch) in enumerate(parts):
+                    acts[b] = run_block(block, acts[b].to(device), calls[tuple(batch.shape)][index]).to("cpu")
+                sk.free_block(index)
+                bar.update(1)
+            sk.load_rest()
+            untied = sk.head is not None and bool(sk.head_keys)
+            if untied:
+                sk._load(sk.head_keys, sk._params(sk.head), "LM head")  # noqa: SLF001 - the skeleton's own loader
+            norm, head = final_norm(sk.model), sk.model.get_output_embeddings()
+            weight = head.weight if untied else sk.model.get_input_embeddings().weight  # tied: the embeddings
+            bias = getattr(head, "bias", None) if untied else None
+            for hidden in acts:
+                logits = F.linear(norm(hidden.to(device)), weight, bias)
+                v, i = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+                values.append(v.cpu())
+                indices.append(i.to(torch.int32).cpu())
+            sk.free_rest()
+            if untied:
+                sk._free(sk._params(sk.head))  # noqa: SLF001
+            bar.update(1)
+    bar.close()
+    return torch.cat(values), torch.cat(indices)
+
+
 def build_cache(model, tokenizer, windows: torch.Tensor, val_windows: torch.Tensor | None, k: int,
                 path: str | os.PathLike, teacher_name: str, quiet: bool = False) -> TopkCache:
-    """Compute the teacher's top-k log-probs on ``windows`` (+ ``val_windows``) and write them to ``path``."""
-    width = logit_width(model)
+    """Compute the teacher's top-k log-probs on ``windows`` (+ ``val_windows``) and write them to ``path``.
+    ``model``: a loaded model, or a safetensors folder read one block at a time
+    (:func:`topk_logprobs_sequential`)."""
+    if isinstance(model, nn.Module):
+        width = logit_width(model)
+        topk = topk_logprobs
+    else:
+        from transformers import AutoConfig
+
+        width = logit_width(AutoConfig.from_pretrained(model))
+        folder = model
+
+        def topk(_, w, k, progress=False):
+            return topk_logprobs_sequential(folder, w, k, progress=progress)
     if k > width:
         raise PruneError(f"heal.top_k={k} is larger than the vocabulary ({width} tokens); lower it")
     started = time.time()
-    lp, ix = topk_logprobs(model, windows, k, progress=not quiet)
+    lp, ix = topk(model, windows, k, progress=not quiet)
     tensors = {"input_ids": windows.to(torch.int32), "logprobs": lp, "indices": ix}
     if val_windows is not None and val_windows.shape[0]:
-        vlp, vix = topk_logprobs(model, val_windows, k)
+        vlp, vix = topk(model, val_windows, k)
         tensors.update(val_input_ids=val_windows.to(torch.int32), val_logprobs=vlp, val_indices=vix)
     meta = {"format": FORMAT, "k": k, "teacher": teacher_name, "vocab": width,
             "tokenizer": tokenizer_fingerprint(tokenizer) if tokenizer is not None else "",
@@ -524,6 +603,15 @@ def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dty
     if src is None:
         teacher = open_cache(cfg, tokenizer, windows, val_windows, logit_width(model),
                              kept or list(range(len(decoder_layers(model)))))
+    elif _sequential_teacher(cfg, src, model, pruning):
+        from transformers import AutoTokenizer
+
+        path = cache_file or out.with_name(f"{out.name}.teacher-top{cfg.top_k}.safetensors")
+        t_tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust)
+        check_teacher_model(_meta_of(src.path, trust), model, t_tok, tokenizer)
+        say(f"teacher {src.display}: top-{cfg.top_k} log-probs read one block at a time (it is not loaded whole)", quiet)
+        cache = build_cache(str(src.path), t_tok, windows, val_windows, cfg.top_k, path, src.display, quiet)
+        teacher = Teacher("cache", f"{src.display} (top-{cfg.top_k} cache, sequential)", cache=cache)
     else:
         say(f"loading the teacher {src.display} (the original model)", quiet)
         original, t_tok, _ = load_model(src.path, gguf_file=src.gguf_file, dtype=dtype, revision=src.revision,
@@ -540,6 +628,26 @@ def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dty
             teacher = Teacher("cache", f"{src.display} (top-{cfg.top_k} cache)", cache=cache)
     record = heal_distill(model, cfg, windows, val_windows, teacher, quiet=quiet)
     return model, tokenizer, kept, record
+
+
+def _meta_of(folder, trust: bool):
+    from prune.heal.methods import _meta_model
+    from transformers import AutoConfig
+
+    return _meta_model(AutoConfig.from_pretrained(folder, trust_remote_code=trust), trust)
+
+
+def _sequential_teacher(cfg: HealConfig, src, student, pruning: dict) -> bool:
+    """``prune heal`` reads the teacher one block at a time when it is a local safetensors folder and
+    either ``teacher: cache`` or (``auto``) a copy of it, estimated as the student's size scaled by
+    ``layers_before / layers_after``, would not fit with MARGIN beside the student."""
+    if src.kind != "folder" or not list(Path(src.path).glob("*.safetensors")) or cfg.teacher == "memory":
+        return False
+    if cfg.teacher == "cache":
+        return True
+    before, after = pruning.get("layers_before"), pruning.get("layers_after") or len(decoder_layers(student))
+    estimate = model_bytes(student) * (before / after if before else 1.0)
+    return free_memory(next(student.parameters()).device) < MARGIN * estimate
 
 
 # ---- the Python API (prune.heal.methods.heal_model with objective distill) ---------------------------------
