@@ -222,7 +222,7 @@ def fidelity_to(model, dense, tok, batch: int = 2) -> dict:
     return {"kl": kl / tokens, "top1": agree / tokens, "perplexity": math.exp(nll / predicted), "tokens": tokens}
 
 
-def part_distill(budgets=DISTILL_BUDGETS) -> None:
+def part_distill(budgets=DISTILL_BUDGETS, only: str | None = None) -> None:
     base, tok = load_dense()
     run = removed_blocks(base, tok)
     kept = [i for i in range(30) if i not in run]
@@ -240,6 +240,8 @@ def part_distill(budgets=DISTILL_BUDGETS) -> None:
         name = case_name(objective, params, tokens)
         if cached(name):
             log(f"{name}: cached")
+            continue
+        if only and only not in name:
             continue
         n = tokens // SEQ
         settings = {**DISTILL_PARAMS[params], "n_samples": n, "steps": max(1, n // 4), "objective": objective}
@@ -306,11 +308,55 @@ def distill_report() -> list[str]:
     return lines
 
 
+def extrapolate(points: list[tuple[int, float]], goal: float) -> float | None:
+    """Tokens at which ``y`` reaches ``goal``, from a least-squares line ``y = a + b * log2(tokens)``
+    through ``points`` (None with fewer than 2 points or a flat / rising line)."""
+    if len(points) < 2:
+        return None
+    xs, ys = [math.log2(t) for t, _ in points], [y for _, y in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    if b >= 0:
+        return None
+    return 2 ** (mx + (goal - my) / b)
+
+
+def distill_goals() -> list[str]:
+    """Per (objective, params): the tokens at which perplexity <= 1.5x dense and KL <= half the pruned
+    model's would be reached, extrapolated linearly in log2(tokens) from the measured budgets."""
+    pr, dense = cached("fidelity-pruned"), cached("fidelity-dense")
+    if not pr or not dense:
+        return []
+    lines = ["| objective | params | budgets measured | ppl <= 1.5x dense at | KL <= 50% of pruned's at |", "|---|---|---|---:|---:|"]
+    for objective in ("distill", "lm"):
+        for params in DISTILL_PARAMS:
+            rows = [(t, cached(case_name(objective, params, t))) for t in DISTILL_BUDGETS]
+            rows = [(t, r["fidelity"]) for t, r in rows if r]
+            if not rows:
+                continue
+            ratio = [(t, f["perplexity"] / dense["fidelity"]["perplexity"]) for t, f in rows]
+            share = [(t, f["kl"] / pr["fidelity"]["kl"]) for t, f in rows]
+
+            def when(points, goal):
+                if any(y <= goal for _, y in points):
+                    return f"met at {min(t for t, y in points if y <= goal):,} (measured)"
+                if len(points) < 2:
+                    return "not met; one budget, no trend"
+                x = extrapolate(points, goal)
+                return f"not met; ~{x:,.0f} (extrapolated)" if x else "not met; no improvement with tokens"
+
+            lines.append(f"| {objective} | {params} | {', '.join(f'{t:,}' for t, _ in rows)} | {when(ratio, 1.5)} | "
+                         f"{when(share, 0.5)} |")
+    return lines
+
+
 def part_distill_report() -> None:
     """Print the distill table and write it into its own block of docs/BENCHMARKS.md."""
     lines = distill_report()
     if not lines:
         raise SystemExit("run --part distill first")
+    lines += ["", "Budget at which each goal is met, or would be on a straight line in log2(training tokens) "
+              "through the measured budgets (an extrapolation, not a measurement):", "", *distill_goals()]
     print("\n".join(lines))
     write_docs("\n".join(lines), "bench_heal_distill")
 
@@ -557,13 +603,14 @@ def main() -> None:
                                        "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
+    ap.add_argument("--only", default=None, help="--part distill: only the cases whose name contains this (e.g. lm-partial)")
     args = ap.parse_args()
     started = time.time()
     parts = ["train", "curve", "init", "report", "lmeval", "report"] if args.part == "all" else [args.part]
     for part in parts:
         log(f"part {part}")
-        if part == "distill" and args.budgets:
-            part_distill([int(b) for b in args.budgets.split(",")])
+        if part == "distill":
+            part_distill([int(b) for b in args.budgets.split(",")] if args.budgets else DISTILL_BUDGETS, args.only)
         else:
             globals()[f"part_{part}"]()
     log(f"done in {(time.time() - started) / 60:.1f} min")
