@@ -401,6 +401,7 @@ def teacher_outputs(teacher: Teacher, ids: torch.Tensor, rows: torch.Tensor, val
                 h.remove()
         return logits, None, states
     _, lp, ix = teacher.cache.part(val)
+    rows = rows.cpu()  # Accelerate moves the batch to the device; the cache stays on the CPU
     return None, (lp[rows], ix[rows]), {}
 
 
