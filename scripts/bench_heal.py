@@ -343,6 +343,8 @@ def distill_goals() -> list[str]:
                 if len(points) < 2:
                     return "not met; one budget, no trend"
                 x = extrapolate(points, goal)
+                if x and x > 100 * max(DISTILL_BUDGETS):
+                    return "not met; beyond 100x the largest budget on this trend"
                 return f"not met; ~{x:,.0f} (extrapolated)" if x else "not met; no improvement with tokens"
 
             lines.append(f"| {objective} | {params} | {', '.join(f'{t:,}' for t, _ in rows)} | {when(ratio, 1.5)} | "
