@@ -368,7 +368,9 @@ def add_heal(sub) -> None:
                                    "(fine-tune the last blocks).")
     p.add_argument("run_dir", help="a folder written by prune run")
     p.add_argument("--output", "-o", required=True, help="the new folder to write (must not be RUN_DIR)")
-    p.add_argument("--method", choices=["lora", "replace", "partial"], default=None, help="healing method")
+    p.add_argument("--method", choices=["lora", "replace", "partial", "distill"], default=None,
+                   help="healing method; distill = LoRA trained to match the original model (--set params=partial for "
+                        "partial fine-tuning; --set temperature=2 top_k=64 teacher_cache=FILE hidden_weight=...)")
     p.add_argument("--config", default=None, help="YAML file with heal settings (a heal section, or a recipe holding one)")
     p.add_argument("--data", default=None, help="training text (.txt/.jsonl or a datasets name); never the evaluation text")
     p.add_argument("--field", type=_csv, default=None, help="JSONL field(s) of --data (comma-separated: concatenated)")

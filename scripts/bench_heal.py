@@ -15,6 +15,9 @@ resumes; healed checkpoints are kept in bench_cache/heal/models/ for the lm-eval
   python scripts/bench_heal.py --part curve    # the best method at 1/4 .. 4x the budget
   python scripts/bench_heal.py --part lmeval   # the multiple-choice tasks of every case
   python scripts/bench_heal.py --part report   # table + docs/img/heal_curve.png + Markdown
+  python scripts/bench_heal.py --part distill [--budgets 8192,32768]   # distill vs next-token, LoRA and partial
+  python scripts/bench_heal.py --part distill_lmeval   # the multiple-choice tasks of the 32k-token distill cases
+  python scripts/bench_heal.py --part distill_report   # its table into docs/BENCHMARKS.md
 Run it niced in the background: nohup nice -n 10 python scripts/bench_heal.py --part all > bench_heal.log 2>&1 &
 """
 
@@ -24,6 +27,7 @@ import argparse
 import copy
 import datetime as dt
 import json
+import math
 import os
 import platform
 import sys
@@ -173,6 +177,190 @@ def part_train() -> None:
                      "params": prune.count_parameters(model), "removed": run})
         log(f"{name} ppl {result['perplexity']:.2f} ({rec['seconds']:.0f} s of healing)")
         del model
+
+
+# ---- part: distill (distillation from the original vs next-token loss) ------------------------------------
+#: training-token budgets: 32, 128, 512 windows x 256 tokens (one epoch, batch 4, steps = windows / 4)
+DISTILL_BUDGETS = [8_192, 32_768, 131_072]
+DISTILL_PARAMS = {"lora": METHODS["lora"], "partial": METHODS["partial"]}
+DISTILL_SETTINGS = dict(temperature=1.0, kl_weight=1.0, hidden_weight=0.0, lm_weight=0.0, teacher="memory")
+FIDELITY_WINDOWS = 16  # the first 16 of the WikiText-2 perplexity windows (16 x 512 = 8,192 tokens)
+
+
+def distill_cases(budgets=DISTILL_BUDGETS) -> list[tuple[str, str, int]]:
+    """(objective, params, tokens), cheapest budgets first so the small ones finish first."""
+    return [(o, m, t) for t in budgets for m in DISTILL_PARAMS for o in ("distill", "lm")]
+
+
+def case_name(objective: str, params: str, tokens: int) -> str:
+    return f"d-{objective}-{params}-{tokens // 1024}k"
+
+
+_DENSE_LP: list[torch.Tensor] = []
+
+
+def fidelity_to(model, dense, tok, batch: int = 2) -> dict:
+    """One pass over the first FIDELITY_WINDOWS WikiText-2 evaluation windows: perplexity, the mean
+    per-token KL(dense || model) at T = 1 over the full vocabulary, and the top-1 agreement with
+    the dense model (whose log-probs, 16 x 512 x 49,152 float32 = 1.6 GB, are computed once per process)."""
+    windows = eval_windows(tok)[:FIDELITY_WINDOWS]
+    with torch.no_grad():
+        if not _DENSE_LP:
+            _DENSE_LP.extend(torch.log_softmax(dense(windows[i:i + batch], use_cache=False).logits.float(), -1)
+                             for i in range(0, len(windows), batch))
+        kl = nll = 0.0
+        agree = tokens = predicted = 0
+        for i, lp_t in zip(range(0, len(windows), batch), _DENSE_LP):
+            ids = windows[i:i + batch]
+            lp_s = torch.log_softmax(model(ids, use_cache=False).logits.float(), -1)
+            kl += float((lp_t.exp() * (lp_t - lp_s)).sum())
+            agree += int((lp_s.argmax(-1) == lp_t.argmax(-1)).sum())
+            tokens += ids.numel()
+            nll -= float(lp_s[:, :-1].gather(-1, ids[:, 1:, None]).sum())
+            predicted += ids[:, 1:].numel()
+            del lp_s
+    return {"kl": kl / tokens, "top1": agree / tokens, "perplexity": math.exp(nll / predicted), "tokens": tokens}
+
+
+def part_distill(budgets=DISTILL_BUDGETS, only: str | None = None) -> None:
+    base, tok = load_dense()
+    run = removed_blocks(base, tok)
+    kept = [i for i in range(30) if i not in run]
+    if not cached("fidelity-dense"):
+        store("fidelity-dense", {"case": "dense", "fidelity": fidelity_to(base, base, tok)})
+    if not cached("fidelity-pruned"):
+        model = copy.deepcopy(base)
+        prune.remove_layers(model, run)
+        t = time.time()
+        store("fidelity-pruned", {"case": "pruned", "fidelity": fidelity_to(model, base, tok),
+                                  "seconds": round(time.time() - t, 1)})
+        del model
+    log(f"pruned: {cached('fidelity-pruned')['fidelity']}")
+    for objective, params, tokens in distill_cases(budgets):
+        name = case_name(objective, params, tokens)
+        if cached(name):
+            log(f"{name}: cached")
+            continue
+        if only and only not in name:
+            continue
+        n = tokens // SEQ
+        settings = {**DISTILL_PARAMS[params], "n_samples": n, "steps": max(1, n // 4), "objective": objective}
+        if objective == "distill":
+            settings.update(DISTILL_SETTINGS)
+        model = copy.deepcopy(base)
+        prune.remove_layers(model, run)
+        log(f"healing {name}: {settings}")
+        rec = heal_model(model, tok, teacher_model=base, kept=kept, quiet=True, **settings)
+        result = {"case": name, "objective": objective, "params": params, "tokens": rec["tokens_seen"],
+                  "fidelity": fidelity_to(model, base, tok), "healing": rec,
+                  "layers": model.config.num_hidden_layers, "params_count": prune.count_parameters(model)}
+        if tokens == 32_768:  # the lm-eval cases keep their checkpoint
+            prune.save(model, tok, CACHE / "models" / name, pruning={"removed": run, "healing": rec}, overwrite=True)
+        store(name, result)
+        log(f"{name}: ppl {result['fidelity']['perplexity']:.2f}, KL {result['fidelity']['kl']:.4f}, "
+            f"top-1 {result['fidelity']['top1']:.3f} ({rec['seconds']:.0f} s of healing)")
+        del model
+
+
+def part_distill_lmeval() -> None:
+    """The four multiple-choice tasks of the 33k-token distill / next-token cases (checkpoints from --part distill)."""
+    from prune.measure.lmeval import evaluate_tasks
+
+    for objective, params, tokens in distill_cases([32_768]):
+        name = case_name(objective, params, tokens)
+        if cached(f"{name}.lmeval") or not (CACHE / "models" / name).is_dir():
+            continue
+        model, tok, _ = prune.load(CACHE / "models" / name, dtype="float32")
+        log(f"lm-eval {name}")
+        t = time.time()
+        res = evaluate_tasks(model, tok, TASKS, limit=LIMIT, batch_size=16, seed=0, data_dir_path=DATA, progress=False)
+        store(f"{name}.lmeval", {"case": name, "tasks": res, "seconds": round(time.time() - t, 1)})
+
+
+def distill_report() -> list[str]:
+    """The distill-vs-next-token table (Markdown lines) from the cached cases."""
+    pr, dense = cached("fidelity-pruned"), cached("fidelity-dense")
+    if not pr or not dense:
+        return []
+    d_ppl = dense["fidelity"]["perplexity"]
+    d_lm = cached("dense.lmeval")
+    lines = ["| objective | params | training tokens | steps | healing time | ppl (16 x 512) | x dense | "
+             "KL to dense | KL / pruned's | top-1 agreement | MC retained |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+             f"| (dense) | - | - | - | - | {d_ppl:.2f} | x1.00 | 0 | 0% | 100% | 100% |",
+             f"| (none: pruned) | - | 0 | 0 | - | {pr['fidelity']['perplexity']:.2f} | "
+             f"x{pr['fidelity']['perplexity'] / d_ppl:.2f} | {pr['fidelity']['kl']:.4f} | 100% | "
+             f"{pr['fidelity']['top1']:.1%} | - |"]
+    for objective, params, tokens in sorted(distill_cases(), key=lambda c: (c[2], c[1], c[0])):
+        r = cached(case_name(objective, params, tokens))
+        if not r:
+            continue
+        h, f = r["healing"], r["fidelity"]
+        p = f["perplexity"]
+        lm = cached(f"{case_name(objective, params, tokens)}.lmeval")
+        retained = "-"
+        if lm and d_lm:
+            ratios = [lm["tasks"][t]["metrics"][metric_name(t)] / d_lm["tasks"][t]["metrics"][metric_name(t)] for t in TASKS]
+            retained = f"{100 * sum(ratios) / len(ratios):.1f}%"
+        lines.append(f"| {objective} | {params} | {h['tokens_seen']:,} | {h['steps']} | {h['seconds'] / 60:.1f} min | "
+                     f"{p:.2f} | x{p / d_ppl:.2f} | {f['kl']:.4f} | {100 * f['kl'] / pr['fidelity']['kl']:.0f}% | "
+                     f"{f['top1']:.1%} | {retained} |")
+    return lines
+
+
+def extrapolate(points: list[tuple[int, float]], goal: float) -> float | None:
+    """Tokens at which ``y`` reaches ``goal``, from a least-squares line ``y = a + b * log2(tokens)``
+    through ``points`` (None with fewer than 2 points or a flat / rising line)."""
+    if len(points) < 2:
+        return None
+    xs, ys = [math.log2(t) for t, _ in points], [y for _, y in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    if b >= 0:
+        return None
+    return 2 ** (mx + (goal - my) / b)
+
+
+def distill_goals() -> list[str]:
+    """Per (objective, params): the tokens at which perplexity <= 1.5x dense and KL <= half the pruned
+    model's would be reached, extrapolated linearly in log2(tokens) from the measured budgets."""
+    pr, dense = cached("fidelity-pruned"), cached("fidelity-dense")
+    if not pr or not dense:
+        return []
+    lines = ["| objective | params | budgets measured | ppl <= 1.5x dense at | KL <= 50% of pruned's at |", "|---|---|---|---:|---:|"]
+    for objective in ("distill", "lm"):
+        for params in DISTILL_PARAMS:
+            rows = [(t, cached(case_name(objective, params, t))) for t in DISTILL_BUDGETS]
+            rows = [(t, r["fidelity"]) for t, r in rows if r]
+            if not rows:
+                continue
+            ratio = [(t, f["perplexity"] / dense["fidelity"]["perplexity"]) for t, f in rows]
+            share = [(t, f["kl"] / pr["fidelity"]["kl"]) for t, f in rows]
+
+            def when(points, goal):
+                if any(y <= goal for _, y in points):
+                    return f"met at {min(t for t, y in points if y <= goal):,} (measured)"
+                if len(points) < 2:
+                    return "not met; one budget, no trend"
+                x = extrapolate(points, goal)
+                if x and x > 100 * max(DISTILL_BUDGETS):
+                    return "not met; beyond 100x the largest budget on this trend"
+                return f"not met; ~{x:,.0f} (extrapolated)" if x else "not met; no improvement with tokens"
+
+            lines.append(f"| {objective} | {params} | {', '.join(f'{t:,}' for t, _ in rows)} | {when(ratio, 1.5)} | "
+                         f"{when(share, 0.5)} |")
+    return lines
+
+
+def part_distill_report() -> None:
+    """Print the distill table and write it into its own block of docs/BENCHMARKS.md."""
+    lines = distill_report()
+    if not lines:
+        raise SystemExit("run --part distill first")
+    lines += ["", "Budget at which each goal is met, or would be on a straight line in log2(training tokens) "
+              "through the measured budgets (an extrapolation, not a measurement):", "", *distill_goals()]
+    print("\n".join(lines))
+    write_docs("\n".join(lines), "bench_heal_distill")
 
 
 # ---- part: curve (what more budget buys) ----------------------------------------------------------------
@@ -396,11 +584,9 @@ def part_report() -> None:
     write_docs("\n".join(docs))
 
 
-DOCS_BEGIN, DOCS_END = "<!-- bench_heal:begin -->", "<!-- bench_heal:end -->"
-
-
-def write_docs(body: str) -> None:
-    """Replace the generated block of docs/BENCHMARKS.md ("Healing") with ``body``."""
+def write_docs(body: str, block: str = "bench_heal") -> None:
+    """Replace the generated ``block`` of docs/BENCHMARKS.md ("Healing") with ``body``."""
+    DOCS_BEGIN, DOCS_END = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
     path = ROOT / "docs" / "BENCHMARKS.md"
     text = path.read_text()
     if DOCS_BEGIN not in text or DOCS_END not in text:
@@ -409,19 +595,27 @@ def write_docs(body: str) -> None:
     head, rest = text.split(DOCS_BEGIN, 1)
     _, tail = rest.split(DOCS_END, 1)
     stamp = (f"_Tables generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by "
-             "`python scripts/bench_heal.py --part report` from bench_cache/heal/._")
+             f"`python scripts/bench_heal.py --part {'report' if block == 'bench_heal' else 'distill_report'}` "
+             "from bench_cache/heal/._")
     path.write_text(f"{head}{DOCS_BEGIN}\n{stamp}\n\n{body}\n{DOCS_END}{tail}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "report", "all"], default="all")
+    ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "distill", "distill_lmeval", "distill_report",
+                                       "report", "all"],
+                    default="all")
+    ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
+    ap.add_argument("--only", default=None, help="--part distill: only the cases whose name contains this (e.g. lm-partial)")
     args = ap.parse_args()
     started = time.time()
     parts = ["train", "curve", "init", "report", "lmeval", "report"] if args.part == "all" else [args.part]
     for part in parts:
         log(f"part {part}")
-        globals()[f"part_{part}"]()
+        if part == "distill":
+            part_distill([int(b) for b in args.budgets.split(",")] if args.budgets else DISTILL_BUDGETS, args.only)
+        else:
+            globals()[f"part_{part}"]()
     log(f"done in {(time.time() - started) / 60:.1f} min")
 
 

@@ -354,6 +354,17 @@ class HealConfig(Section):
       with ``train_lm_head``, the LM head; a tied LM head is the input embedding matrix, so
       training it changes the input embeddings too and the model stays tied).
 
+    The OBJECTIVE is separate from the parameters trained (``method``): ``objective: lm`` (the
+    default) is the causal-LM loss on ``data``; ``objective: distill`` trains the same parameters
+    to match the ORIGINAL model (the teacher) on the same text (:mod:`prune.heal.distill`):
+    ``kl_weight * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`` per token, ``T = temperature``,
+    ``+ hidden_weight * MSE`` between each kept block's output and the original's corresponding
+    block output, ``+ lm_weight *`` the causal-LM loss. ``method: distill`` is shorthand for
+    ``objective: distill`` with ``params`` (default ``lora``) as the method. The teacher is a
+    copy of the original in memory (``teacher: memory``) or its top-``top_k`` log-probs per
+    token precomputed to ``teacher_cache`` (``teacher: cache``); ``auto`` keeps the copy when
+    it fits in free memory.
+
     ``data`` is training text that must not be the evaluation text. Each optimizer step sees
     ``batch_size * gradient_accumulation`` windows of ``seq_len`` tokens drawn from
     ``n_samples`` windows (reused over epochs); ``val_samples`` more windows are held out for
@@ -387,6 +398,31 @@ class HealConfig(Section):
     # last_removed: the healing benchmark's best start (docs/BENCHMARKS.md, "Healing")
     init: Literal["first_removed", "last_removed", "mean_removed"] = "last_removed"
     loss: Literal["mse", "mse+cos"] = "mse"
+    # objective (prune.heal.distill)
+    objective: Literal["lm", "distill"] = "lm"
+    temperature: float = 1.0
+    kl_weight: float = Field(1.0, ge=0)
+    hidden_weight: float = Field(0.0, ge=0)
+    lm_weight: float = Field(0.0, ge=0)
+    teacher: Literal["auto", "memory", "cache"] = "auto"
+    top_k: int = Field(64, ge=1)
+    teacher_cache: str | None = None  # the top-k file; default: beside the output folder
+
+    @model_validator(mode="before")
+    @classmethod
+    def _distill_method(cls, data):
+        """``method: distill`` (+ ``params: lora|partial|replace``) -> ``objective: distill``."""
+        if isinstance(data, dict) and data.get("method") == "distill":
+            data = dict(data)
+            data["objective"], data["method"] = "distill", data.pop("params", "lora")
+        return data
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"the distillation temperature must be > 0, got {value} (1 is plain KL; 2 softens)")
+        return value
 
     @field_validator("rank")
     @classmethod
@@ -402,6 +438,11 @@ class HealConfig(Section):
                              "trains no parameters (set last_blocks >= 1)")
         if self.method == "lora" and not self.target_modules:
             raise ValueError("LoRA with an empty target_modules trains no parameters (use all-linear or name modules)")
+        if self.objective == "distill" and self.kl_weight == self.hidden_weight == self.lm_weight == 0:
+            raise ValueError("distillation with kl_weight, hidden_weight and lm_weight all 0 has no loss (set kl_weight: 1)")
+        if self.objective == "distill" and self.teacher == "cache" and self.hidden_weight > 0:
+            raise ValueError("hidden_weight needs the teacher in memory (the top-k cache holds no hidden states): "
+                             "set teacher: memory or hidden_weight: 0")
         return self
 
 

@@ -89,6 +89,10 @@ class PruningStep(Record):
     scores_after: dict[str, Any] | None = None
     calibration: CalibrationRecord | None = None
     seed: int | None = None
+    # prune.heal: method, objective (lm | distill), settings, tokens_seen, steps, losses, val_loss_before/after;
+    # with objective distill also distill = {temperature, kl_weight, hidden_weight, lm_weight, teacher,
+    # teacher_source (memory | cache), top_k, teacher_cache, teacher_cache_bytes, kl_before, kl_after,
+    # top1_before, top1_after, kl_tokens} (prune.heal.distill.heal_distill)
     healing: dict[str, Any] | None = None
     healed: str | None = None  # when `prune heal` healed this step's model (ISO time)
     versions: dict[str, str] = {}

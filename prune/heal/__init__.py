@@ -1,4 +1,5 @@
-"""Healing a pruned model: LoRA, replacement block, partial fine-tuning, and the training loop.
+"""Healing a pruned model: LoRA, replacement block, partial fine-tuning (``methods``), the
+training loop (``training``), and distillation from the original as the objective (``distill``).
 
 ``from prune.heal import heal_model`` works as in 0.1.0.
 """

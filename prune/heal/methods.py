@@ -128,6 +128,12 @@ def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: in
         raise PruneError("heal.mixed_precision fp16 needs a CUDA GPU (use bf16 or no on CPU)")
     if cfg.gradient_checkpointing and cfg.method != "replace" and not getattr(model, "supports_gradient_checkpointing", False):
         raise PruneError(f"heal.gradient_checkpointing: {type(model).__name__} does not support it (set it to false)")
+    if cfg.objective == "distill":  # -- distill (prune.heal.distill): checks that need the vocabulary --
+        from prune.heal.distill import logit_width
+
+        width = logit_width(model)
+        if cfg.top_k > width:
+            raise PruneError(f"heal.top_k={cfg.top_k} is larger than the vocabulary ({width} tokens); lower it")
     if cfg.method == "lora":
         try:
             import peft  # noqa: F401
@@ -233,8 +239,9 @@ def _check_in_memory(model: nn.Module) -> None:
 
 # ---- LoRA ---------------------------------------------------------------------------------------
 def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.Tensor | None = None, *,
-              quiet: bool = False, callback=None) -> dict:
-    """LoRA on the pruned ``model`` (in place), causal-LM loss, merged back into the weights."""
+              quiet: bool = False, callback=None, train_fn=None) -> dict:
+    """LoRA on the pruned ``model`` (in place), causal-LM loss (or ``train_fn(module, params)``,
+    e.g. distillation), merged back into the weights."""
     from peft import LoraConfig, get_peft_model
 
     started = time.time()
@@ -251,7 +258,7 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
     try:
         params = [p for p in peft_model.parameters() if p.requires_grad]
         n_params = sum(p.numel() for p in params)
-        log = _train_lm(peft_model, params, windows, cfg, quiet, callback)
+        log = (train_fn or _train_lm)(peft_model, params, windows, cfg, quiet, callback)
         peft_model.merge_and_unload()
         merged = True
     finally:
@@ -314,7 +321,7 @@ def partial_parameters(model, cfg: HealConfig) -> tuple[list[str], list[nn.Param
 
 
 def heal_partial(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.Tensor | None = None, *,
-                 quiet: bool = False, callback=None) -> dict:
+                 quiet: bool = False, callback=None, train_fn=None) -> dict:
     """Fine-tune the last ``cfg.last_blocks`` blocks (+ final norm, + LM head) of ``model`` in place."""
     started = time.time()
     _check_in_memory(model)
@@ -327,7 +334,7 @@ def heal_partial(model, cfg: HealConfig, windows: torch.Tensor, val_windows: tor
             p.requires_grad_(True)
         if cfg.gradient_checkpointing:
             _gradient_checkpointing(model, True)
-        log = _train_lm(model, params, windows, cfg, quiet, callback)
+        log = (train_fn or _train_lm)(model, params, windows, cfg, quiet, callback)
     finally:
         if cfg.gradient_checkpointing:
             _gradient_checkpointing(model, False)
@@ -529,7 +536,8 @@ def heal_replacement(model, plan: HealPlan, *, quiet: bool = False, callback=Non
 # ---- the Python API ------------------------------------------------------------------------------------
 def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data=None, windows: torch.Tensor | None = None,
                val_windows: torch.Tensor | None = None, removed: list[int] | None = None, quiet: bool = False,
-               callback: Callable[[int, int], None] | None = None, **settings) -> dict:
+               callback: Callable[[int, int], None] | None = None, teacher_model=None, teacher_tokenizer=None,
+               kept: list[int] | None = None, **settings) -> dict:
     """Heal ``model`` in place and return the record (see the module docstring).
 
     * ``lora`` / ``partial``: ``model`` is the pruned model.
@@ -543,6 +551,11 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
     ``val_windows``) directly. ``settings`` are :class:`prune.recipe.HealConfig` fields
     (``steps=50, learning_rate=1e-3, rank=16, last_blocks=4, ...``).
     ``callback(step, tokens_seen)`` runs after every optimizer step.
+
+    ``objective="distill"`` (or ``method="distill", params=...``): the teacher is ``teacher_model``
+    (the original model, checked against ``teacher_tokenizer``; ``kept``: the original index of
+    each block of ``model``, for ``hidden_weight``) or ``teacher_cache`` (a top-k file); for
+    ``replace`` the full ``model`` itself (a copy or its top-k cache, per ``teacher``).
     """
     cfg = heal_config(method, data, **settings)
     if windows is None:
@@ -551,6 +564,12 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
         windows, val_windows = training_windows(tokenizer, cfg)
     n = len(decoder_layers(model))
     check_settings(cfg, model, n)
+    if cfg.objective == "distill":  # -- distill (prune.heal.distill) --
+        from prune.heal import distill as D
+
+        return D.heal_model_distill(model, tokenizer, cfg, windows, val_windows, teacher_model=teacher_model,
+                                    teacher_tokenizer=teacher_tokenizer, removed=removed, kept=kept, quiet=quiet,
+                                    callback=callback)
     if cfg.method == "lora":
         return heal_lora(model, cfg, windows, val_windows, quiet=quiet, callback=callback)
     if cfg.method == "partial":
@@ -581,10 +600,18 @@ def preflight(cfg: HealConfig, select: SelectConfig, config, n_layers: int, trus
     check_settings(cfg, meta_model(config, trust_remote_code=trust_remote_code), n_after, context_length(config))
 
 
-def prepare(model, tokenizer, removed: list[int], cfg: HealConfig, quiet: bool = False) -> HealPlan:
+def prepare(model, tokenizer, removed: list[int], cfg: HealConfig, quiet: bool = False, *, out_dir=None,
+            source_name: str = "") -> HealPlan:
     """Before the surgery: read the training windows, and for ``replace`` capture the removed
-    run's input/output states on the full model. ``plan.remove`` is what the surgery removes."""
+    run's input/output states on the full model. ``plan.remove`` is what the surgery removes.
+    For ``objective: distill`` the teacher is prepared too (a copy of the full model, or its
+    top-k cache beside ``out_dir``; ``source_name`` names the teacher in the record)."""
     windows, val_windows = training_windows(tokenizer, cfg)
+    if cfg.objective == "distill":  # the teacher: a copy of the full model, or its top-k cache
+        from prune.heal import distill as D
+
+        return D.prepare(model, tokenizer, removed, cfg, windows, val_windows, out_dir=out_dir,
+                         source_name=source_name, quiet=quiet)
     if cfg.method != "replace":
         return HealPlan(cfg, list(removed), windows, val_windows)
     return plan_replacement(model, list(removed), cfg, windows, val_windows, quiet=quiet)
@@ -593,9 +620,13 @@ def prepare(model, tokenizer, removed: list[int], cfg: HealConfig, quiet: bool =
 def heal(model, cfg: HealConfig, plan: HealPlan, quiet: bool = False) -> dict:
     """After the surgery: heal the pruned ``model`` in place as ``cfg`` says; returns the record."""
     if not quiet:
-        print(f"healing ({cfg.method}): {cfg.steps} steps x {cfg.batch_size * cfg.gradient_accumulation} windows x "
+        print(f"healing ({cfg.method}{', distill' if cfg.objective == 'distill' else ''}): {cfg.steps} steps x {cfg.batch_size * cfg.gradient_accumulation} windows x "
               f"{cfg.seq_len} tokens of {cfg.data.path}", flush=True)
-    if cfg.method == "replace":
+    if cfg.objective == "distill":
+        from prune.heal import distill as D
+
+        record = D.heal(model, plan, quiet=quiet)
+    elif cfg.method == "replace":
         record = heal_replacement(model, plan, quiet=quiet)
     elif cfg.method == "lora":
         record = heal_lora(model, cfg, plan.windows, plan.val_windows, quiet=quiet)
@@ -625,6 +656,14 @@ def healing_markdown(record: dict) -> str:
         r = record["replacement"]
         lines.append(f"- blocks {r['replaces']} replaced by one block at position {r['position']} "
                      f"(initialised from block {r['init_block']}, loss {r['loss']})")
+    if "distill" in record:
+        d = record["distill"]
+        lines.append(f"- objective: distillation from {d['teacher']}, T = {d['temperature']}, weights KL {d['kl_weight']} / "
+                     f"hidden MSE {d['hidden_weight']} / next-token {d['lm_weight']}"
+                     + (f", top-{d['top_k']} cache ({d['teacher_cache_bytes'] / 2**20:.1f} MiB)" if d.get("top_k") else ""))
+        if d.get("kl_after") is not None:
+            lines.append(f"- KL to the teacher on {d['kl_tokens']:,} held-out tokens: {d['kl_before']:.4f} -> "
+                         f"{d['kl_after']:.4f}; top-1 agreement {d['top1_before']:.1%} -> {d['top1_after']:.1%}")
     if record.get("partial", {}).get("note"):
         lines.append(f"- note: {record['partial']['note']}")
     return "\n".join(lines) + "\n"

@@ -83,7 +83,8 @@ class InMemory:
             return remove_layers(self.model, selection.removed), None
         from prune.heal import methods as H
 
-        plan = H.prepare(self.model, self.tokenizer, selection.removed, heal_cfg, quiet=self.quiet)
+        plan = H.prepare(self.model, self.tokenizer, selection.removed, heal_cfg, quiet=self.quiet,
+                         out_dir=self.recipe.output.dir, source_name=self.recipe.model.source)
         kept = remove_layers(self.model, plan.remove)
         return kept, H.heal(self.model, heal_cfg, plan, quiet=self.quiet)
 

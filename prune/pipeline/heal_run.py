@@ -6,6 +6,9 @@ The heal settings come from, in order (later wins): the ``heal:`` section of
 ``heal.rank=16``). Everything is checked before a weight is loaded.
 
 * ``lora`` / ``partial`` train the run's pruned model itself.
+* ``distill`` (``objective: distill``, :mod:`prune.heal.distill`) trains the same parameters to
+  match the original model: the source in ``pruning.json`` (in memory, or as a top-k cache)
+  or an existing ``heal.teacher_cache`` file.
 * ``replace`` needs the removed run's hidden states in the ORIGINAL model, so it loads the
   source recorded in ``pruning.json``, removes ``k - 1`` of the ``k`` removed blocks and trains
   the one kept; it first checks that every other weight equals the run folder's (a run that
@@ -85,7 +88,7 @@ def heal_settings(recipe_data: dict | None, config: str | None = None, method: s
     overrides = [o.removeprefix("heal.") for o in overrides or ()]
     settings = apply_overrides(settings, overrides)
     if "method" not in settings:
-        raise PruneError("no heal method: give --method lora|replace|partial (or --config with a heal section)")
+        raise PruneError("no heal method: give --method lora|replace|partial|distill (or --config with a heal section)")
     try:
         return _HealOnly.model_validate({"heal": settings}).heal
     except Exception as exc:  # pydantic ValidationError
@@ -206,7 +209,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     n_after = run_config.num_hidden_layers + (1 if cfg.method == "replace" else 0)
     check_settings(cfg, meta_model(run_config, trust_remote_code=trust), n_after, context_length(run_config))
     src = None
-    if cfg.method == "replace":
+    if cfg.method == "replace" and cfg.objective == "lm":
         if not pruning.removed or not pruning.kept or pruning.source is None:
             raise PruneError(f"{run}/pruning.json lacks removed/kept/source: a replacement layer needs the original model")
         if pruning.healing:
@@ -220,7 +223,12 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
             raise PruneError(f"a replacement layer needs the original model {s.path}: {exc}") from None
 
     started = _dt.datetime.now(_dt.timezone.utc)
-    if cfg.method == "replace":
+    if cfg.objective == "distill":  # -- distill (prune.heal.distill): teacher = the source model or a top-k cache --
+        from prune.heal.distill import heal_saved_run
+
+        model, tokenizer, kept, record = heal_saved_run(run, out, pruning.model_dump(mode="json"), cfg, dtype, trust,
+                                                        quiet)
+    elif cfg.method == "replace":
         say(f"loading the original model {src.display} (the replacement layer learns from its hidden states)", quiet)
         model, tokenizer, _ = load_model(src.path, gguf_file=src.gguf_file, dtype=dtype, revision=src.revision,
                                          trust_remote_code=trust)

@@ -1,0 +1,694 @@
+"""Healing by distillation from the original model (``heal.objective: distill``).
+
+The objective is separate from WHICH parameters train: the same LoRA (merged), partial
+fine-tuning and replacement block as :mod:`prune.heal.methods`, trained to match the original
+model (the teacher) instead of the corpus's next tokens. Per batch of windows:
+
+    loss = kl_weight * T^2 * mean_tokens KL(softmax(z_t / T) || softmax(z_s / T))
+         + hidden_weight * mean_blocks MSE(h_s[j], h_t[kept[j]])
+         + lm_weight * causal-LM loss
+
+with ``z_t`` / ``z_s`` the teacher's / student's logits at every position of the window,
+``T = heal.temperature`` (Hinton et al.; the ``T^2`` keeps gradient sizes comparable across
+temperatures) and ``h_s[j]`` the output of the pruned model's block ``j``, matched with the
+output of the ORIGINAL block it came from (``kept[j]``; a replacement block is matched with
+the last block of the run it replaces).
+
+Teacher sources (``heal.teacher``):
+
+* ``memory``: a full copy of the original beside the student (exact KL over the whole
+  vocabulary; needed for ``hidden_weight``). In a recipe the copy is taken before the surgery.
+* ``cache``: the original's top-``k`` log-probs per token (``heal.top_k``), computed ONCE
+  before the surgery (or from the source model by ``prune heal``) and written to a safetensors
+  file (``heal.teacher_cache``; size reported). The KL then uses the teacher distribution
+  RENORMALISED over its ``k`` kept tokens, ``q = softmax(log p_t[topk] / T)``, against the
+  student's full-vocabulary log-probs at those tokens:
+  ``sum_topk q * (log q - log_softmax(z_s / T)[topk])``. This equals the full KL when
+  ``k = vocab`` and drops the teacher's tail mass otherwise (tests/test_distill.py states the
+  tolerance). The file also holds the windows it was computed on and the tokenizer's
+  fingerprint, so a run that reads it is refused when either differs. ``prune heal`` computes
+  it from a source safetensors folder ONE BLOCK AT A TIME (:func:`topk_logprobs_sequential`)
+  when a copy of the original would not fit beside the student (or with ``teacher: cache``).
+* ``auto``: ``memory`` when a copy of the model fits in the free memory of its device with a
+  25% margin (``MARGIN``), otherwise ``cache``.
+
+The KL to the teacher before and after healing (T = 1, mean per token over the held-out
+windows; top-k estimate with a cache) and the top-1 agreement go into the healing record.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from prune.core.config import HealConfig
+from prune.core.errors import PruneError
+from prune.model.capture import _hidden_from_output
+from prune.model.loading import decoder_layers, input_device
+
+FORMAT = "prune-teacher-topk/1"
+MARGIN = 1.25  # auto: keep a teacher copy when free memory >= MARGIN x its size
+EVAL_BATCH = 4
+
+
+# ---- losses --------------------------------------------------------------------------------------
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`` averaged over every token position (full vocabulary)."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return temperature ** 2 * (t.exp() * (t - s)).sum(-1).mean()
+
+
+def topk_kl_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """The same with the teacher's top-k log-probs only: the teacher renormalised over its k tokens
+    (``softmax(log p_t / T)`` over the k), the student's full-vocabulary log-probs at those tokens."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_indices.long())
+    t = F.log_softmax(teacher_logprobs.float() / temperature, dim=-1)
+    return temperature ** 2 * (t.exp() * (t - s)).sum(-1).mean()
+
+
+# ---- teacher sources ------------------------------------------------------------------------------
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's vocabulary (token -> id), the first 16 hex digits."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def windows_fingerprint(*tensors: torch.Tensor | None) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is not None:
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def logit_width(model_or_config) -> int:
+    """Number of logits per token (the LM head's rows; the config's ``vocab_size`` otherwise)."""
+    head = model_or_config.get_output_embeddings() if isinstance(model_or_config, nn.Module) else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    config = getattr(model_or_config, "config", model_or_config)
+    return int(config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size)
+
+
+@dataclass
+class TopkCache:
+    """The teacher's top-k log-probs ``[n, seq_len, k]`` (float32, sorted, largest first) and token
+    ids (int32) on the training and held-out windows, as stored in one safetensors file."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    meta: dict
+
+    @property
+    def k(self) -> int:
+        return int(self.meta["k"])
+
+    @property
+    def bytes(self) -> int:
+        return self.path.stat().st_size if self.path.is_file() else sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def part(self, val: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        p = "val_" if val else ""
+        return self.tensors[f"{p}input_ids"], self.tensors[f"{p}logprobs"], self.tensors[f"{p}indices"]
+
+    def save(self) -> None:
+        from safetensors.torch import save_file
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp),
+                  metadata={k: str(v) for k, v in self.meta.items()})
+        os.replace(tmp, self.path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TopkCache":
+        from safetensors import safe_open
+
+        path = Path(path).expanduser()
+        try:
+            with safe_open(str(path), "pt") as handle:
+                meta = dict(handle.metadata() or {})
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        except Exception as exc:  # noqa: BLE001 - a broken / foreign file
+            raise PruneError(f"heal.teacher_cache {path}: not a readable safetensors file ({exc})") from None
+        if meta.get("format") != FORMAT:
+            raise PruneError(f"heal.teacher_cache {path} is not a teacher top-k cache ({FORMAT}); delete it or point elsewhere")
+        return cls(path, tensors, meta)
+
+
+def topk_logprobs(model, windows: torch.Tensor, k: int, batch_size: int = EVAL_BATCH,
+                  progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log-probs [n, seq_len, k] float32, token ids int32)``: the model's k most likely next
+    tokens at every position of ``windows`` (log-softmax over the full vocabulary, T = 1)."""
+    from tqdm.auto import tqdm
+
+    values, indices = [], []
+    device = input_device(model)
+    with torch.no_grad():
+        for start in tqdm(range(0, windows.shape[0], batch_size), desc="teacher top-k", unit="batch", disable=not progress):
+            logits = model(input_ids=windows[start:start + batch_size].to(device), use_cache=False).logits
+            v, i = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+            values.append(v.cpu())
+            indices.append(i.to(torch.int32).cpu())
+    return torch.cat(values), torch.cat(indices)
+
+
+def topk_logprobs_sequential(folder: str | os.PathLike, windows: torch.Tensor, k: int, *, batch_size: int = EVAL_BATCH,
+                             windows_per_pass: int = 64, dtype="auto", device: torch.device | str = "cpu",
+                             trust_remote_code: bool = False, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`topk_logprobs` of the safetensors model in ``folder`` holding ONE decoder block in
+    memory at a time (the out-of-core execution of :mod:`prune.measure.sequential`): the model's own
+    forward records each block's arguments, then block after block runs over the activations of
+    ``windows_per_pass`` windows (kept on the CPU), then the final norm and the LM head. Weights are
+    read once per pass of ``windows_per_pass`` windows."""
+    from tqdm.auto import tqdm
+
+    from prune.measure.sequential import _Recorder, run_block
+    from prune.model.capture import batches
+    from prune.model.loading import final_norm
+    from prune.model.skeleton import Skeleton
+
+    device = torch.device(device)
+    sk = Skeleton(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    config = sk.model.config.get_text_config()
+    if getattr(config, "final_logit_softcapping", None) or final_norm(sk.model) is None:
+        raise PruneError(f"{folder}: {config.model_type} changes the logits after its final norm and LM head (or has "
+                         "no final norm): compute its top-k in memory (teacher: memory, or load it whole)")
+    values, indices = [], []
+    passes = range(0, windows.shape[0], windows_per_pass)
+    bar = tqdm(total=len(passes) * (len(sk.layers) + 2), desc="teacher top-k (sequential)", unit="step", disable=not progress)
+    with torch.no_grad():
+        for first in passes:
+            parts = list(batches(windows[first:first + windows_per_pass], batch_size))
+            sk.load_rest()
+            acts, calls = [], {}
+            for _, batch in parts:
+                with _Recorder(sk.layers) as rec:
+                    sk.model.base_model(input_ids=batch.to(device), use_cache=False)
+                if rec.changed or any(c is None for c in rec.calls):
+                    raise PruneError(f"{config.model_type}: blocks cannot be run one at a time for this model; "
+                                     "compute its top-k in memory")
+                calls.setdefault(tuple(batch.shape), rec.calls)
+                acts.append(rec.h0.to("cpu"))
+            sk.free_rest()
+            bar.update(1)
+            for index in range(len(sk.layers)):
+                block = sk.load_block(index)
+                for b, (_, batch) in enumerate(parts):
+                    acts[b] = run_block(block, acts[b].to(device), calls[tuple(batch.shape)][index]).to("cpu")
+                sk.free_block(index)
+                bar.update(1)
+            sk.load_rest()
+            untied = sk.head is not None and bool(sk.head_keys)
+            if untied:
+                sk._load(sk.head_keys, sk._params(sk.head), "LM head")  # noqa: SLF001 - the skeleton's own loader
+            norm, head = final_norm(sk.model), sk.model.get_output_embeddings()
+            weight = head.weight if untied else sk.model.get_input_embeddings().weight  # tied: the embeddings
+            bias = getattr(head, "bias", None) if untied else None
+            for hidden in acts:
+                logits = F.linear(norm(hidden.to(device)), weight, bias)
+                v, i = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+                values.append(v.cpu())
+                indices.append(i.to(torch.int32).cpu())
+            sk.free_rest()
+            if untied:
+                sk._free(sk._params(sk.head))  # noqa: SLF001
+            bar.update(1)
+    bar.close()
+    return torch.cat(values), torch.cat(indices)
+
+
+def build_cache(model, tokenizer, windows: torch.Tensor, val_windows: torch.Tensor | None, k: int,
+                path: str | os.PathLike, teacher_name: str, quiet: bool = False) -> TopkCache:
+    """Compute the teacher's top-k log-probs on ``windows`` (+ ``val_windows``) and write them to ``path``.
+    ``model``: a loaded model, or a safetensors folder read one block at a time
+    (:func:`topk_logprobs_sequential`)."""
+    if isinstance(model, nn.Module):
+        width = logit_width(model)
+        topk = topk_logprobs
+    else:
+        from transformers import AutoConfig
+
+        width = logit_width(AutoConfig.from_pretrained(model))
+        folder = model
+
+        def topk(_, w, k, progress=False):
+            return topk_logprobs_sequential(folder, w, k, progress=progress)
+    if k > width:
+        raise PruneError(f"heal.top_k={k} is larger than the vocabulary ({width} tokens); lower it")
+    started = time.time()
+    lp, ix = topk(model, windows, k, progress=not quiet)
+    tensors = {"input_ids": windows.to(torch.int32), "logprobs": lp, "indices": ix}
+    if val_windows is not None and val_windows.shape[0]:
+        vlp, vix = topk(model, val_windows, k)
+        tensors.update(val_input_ids=val_windows.to(torch.int32), val_logprobs=vlp, val_indices=vix)
+    meta = {"format": FORMAT, "k": k, "teacher": teacher_name, "vocab": width,
+            "tokenizer": tokenizer_fingerprint(tokenizer) if tokenizer is not None else "",
+            "windows": windows_fingerprint(windows, val_windows), "seconds": round(time.time() - started, 1)}
+    cache = TopkCache(Path(path).expanduser(), tensors, meta)
+    cache.save()
+    if not quiet:
+        print(f"teacher top-{k} log-probs of {windows.shape[0] + (val_windows.shape[0] if val_windows is not None else 0)} "
+              f"windows: {cache.path} ({cache.bytes / 2**20:.1f} MiB)", flush=True)
+    return cache
+
+
+def check_cache(cache: TopkCache, tokenizer, windows: torch.Tensor, val_windows: torch.Tensor | None,
+                width: int | None = None) -> None:
+    """Refuse a cache computed with another tokenizer, on other windows, or for another vocabulary."""
+    if tokenizer is not None and cache.meta.get("tokenizer") and cache.meta["tokenizer"] != tokenizer_fingerprint(tokenizer):
+        raise PruneError(f"heal.teacher_cache {cache.path}: the teacher's tokenizer differs from this model's "
+                         "(distillation needs the same vocabulary); recompute the cache from the original model")
+    if width is not None and int(cache.meta.get("vocab", width)) != width:
+        raise PruneError(f"heal.teacher_cache {cache.path}: the teacher has {cache.meta['vocab']} logits per token, "
+                         f"this model {width}; distil from the model it was pruned from")
+    if cache.meta.get("windows") != windows_fingerprint(windows, val_windows):
+        raise PruneError(f"heal.teacher_cache {cache.path} was computed on other training windows (heal data, "
+                         "n_samples, val_samples, seq_len or seed differ); delete it to recompute, or restore the settings")
+
+
+def check_teacher_model(teacher, student, teacher_tokenizer=None, tokenizer=None) -> None:
+    """Refuse a teacher whose vocabulary (logit width or tokenizer) differs from the student's."""
+    tw, sw = logit_width(teacher), logit_width(student)
+    if tw != sw:
+        raise PruneError(f"the teacher has {tw} logits per token and the pruned model {sw}: a teacher must share "
+                         "the student's tokenizer (distil from the model it was pruned from)")
+    if teacher_tokenizer is not None and tokenizer is not None and \
+            tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(tokenizer):
+        raise PruneError("the teacher's tokenizer differs from the pruned model's (same size, other tokens): "
+                         "distil from the model it was pruned from")
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for a teacher copy on ``device`` (CUDA: free memory; CPU: MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def model_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + \
+        sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def teacher_kind(cfg: HealConfig, model) -> str:
+    """``memory`` or ``cache`` for ``cfg.teacher`` (``auto``: a copy fits with MARGIN to spare)."""
+    if cfg.teacher != "auto":
+        return cfg.teacher
+    fits = free_memory(next(model.parameters()).device) >= MARGIN * model_bytes(model)
+    if not fits and cfg.hidden_weight > 0:
+        raise PruneError("heal.hidden_weight needs the teacher in memory, but a copy of the model does not fit "
+                         "(set hidden_weight: 0 to distil from the top-k cache)")
+    return "memory" if fits else "cache"
+
+
+@dataclass
+class Teacher:
+    """Where the teacher's outputs come from: ``model`` (in memory) or ``cache`` (top-k file)."""
+
+    kind: str  # memory | cache
+    description: str
+    model: nn.Module | None = None
+    cache: TopkCache | None = None
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # (student block, teacher block)
+
+    def record(self) -> dict:
+        out = {"teacher": self.description, "teacher_source": self.kind}
+        if self.cache is not None:
+            out.update(top_k=self.cache.k, teacher_cache=str(self.cache.path), teacher_cache_bytes=self.cache.bytes,
+                       teacher_cache_note="teacher renormalised over its top-k tokens")
+        return out
+
+
+def block_pairs(kept: list[int], run: list[int] | None = None, source_block: int | None = None) -> list[tuple[int, int]]:
+    """(student block, original block) whose outputs should agree; a replacement block (the kept
+    ``source_block`` of ``run``) stands for the whole run, so it is matched with ``run[-1]``."""
+    return [(j, run[-1] if run and orig == source_block else orig) for j, orig in enumerate(kept)]
+
+
+def prepare_teacher(model, tokenizer, cfg: HealConfig, windows, val_windows, kept: list[int], *, name: str,
+                    default_cache: str | os.PathLike | None, run=None, source_block=None, quiet: bool = False) -> Teacher:
+    """From the FULL ``model`` before the surgery: a copy of it, or its top-k cache (see module docstring)."""
+    pairs = block_pairs(kept, run, source_block)
+    width = logit_width(model)
+    if cfg.top_k > width:
+        raise PruneError(f"heal.top_k={cfg.top_k} is larger than the vocabulary ({width} tokens); lower it")
+    kind = teacher_kind(cfg, model)
+    if kind == "memory":
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        return Teacher("memory", f"{name} (in-memory copy, {model_bytes(model) / 2**20:.0f} MiB)", teacher, pairs=pairs)
+    path = Path(cfg.teacher_cache or default_cache or "teacher-topk.safetensors").expanduser()
+    if path.is_file():
+        cache = TopkCache.load(path)
+        try:
+            check_cache(cache, tokenizer, windows, val_windows, width)
+            if cache.k == cfg.top_k:
+                return Teacher("cache", f"{cache.meta.get('teacher', name)} (top-{cache.k} cache, reused)", cache=cache, pairs=pairs)
+        except PruneError:
+            if cfg.teacher_cache:
+                raise
+    cache = build_cache(model, tokenizer, windows, val_windows, cfg.top_k, path, name, quiet)
+    return Teacher("cache", f"{name} (top-{cfg.top_k} cache)", cache=cache, pairs=pairs)
+
+
+def open_cache(cfg: HealConfig, tokenizer, windows, val_windows, width: int, kept: list[int]) -> Teacher:
+    """A teacher read from an existing ``cfg.teacher_cache`` (checked against the student)."""
+    cache = TopkCache.load(cfg.teacher_cache)
+    check_cache(cache, tokenizer, windows, val_windows, width)
+    return Teacher("cache", f"{cache.meta.get('teacher', '?')} (top-{cache.k} cache)", cache=cache, pairs=block_pairs(kept))
+
+
+# ---- the loss on a batch -------------------------------------------------------------------------
+def _block_outputs(layers, indices: list[int], store: dict):
+    def hook(i):
+        def fn(module, args, output):
+            store[i] = _hidden_from_output(output)
+        return fn
+
+    return [layers[i].register_forward_hook(hook(i)) for i in indices]
+
+
+def teacher_outputs(teacher: Teacher, ids: torch.Tensor, rows: torch.Tensor, val: bool = False,
+                    hidden: bool = False) -> tuple:
+    """``(full logits or None, (top-k log-probs, ids) or None, {teacher block: output})`` for a batch."""
+    if teacher.model is not None:
+        states: dict = {}
+        handles = _block_outputs(decoder_layers(teacher.model), [t for _, t in teacher.pairs], states) if hidden else []
+        try:
+            with torch.no_grad():
+                logits = teacher.model(input_ids=ids.to(input_device(teacher.model)), use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+        return logits, None, states
+    _, lp, ix = teacher.cache.part(val)
+    rows = rows.cpu()  # Accelerate moves the batch to the device; the cache stays on the CPU
+    return None, (lp[rows], ix[rows]), {}
+
+
+def make_loss(cfg: HealConfig, teacher: Teacher, student_layers):
+    """``loss_fn(module, (ids, rows))`` for :func:`prune.heal.training.train` (module docstring formula)."""
+    T = cfg.temperature
+    hidden = cfg.hidden_weight > 0
+
+    def loss_fn(module, batch):
+        ids, rows = batch
+        states: dict = {}
+        handles = _block_outputs(student_layers, [s for s, _ in teacher.pairs], states) if hidden else []
+        try:
+            out = module(input_ids=ids, labels=ids if cfg.lm_weight > 0 else None, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        t_logits, t_topk, t_states = teacher_outputs(teacher, ids, rows, hidden=hidden)
+        dev = out.logits.device
+        total = out.logits.new_zeros((), dtype=torch.float32)
+        if cfg.kl_weight > 0:
+            kl = kl_loss(out.logits, t_logits.to(dev), T) if t_logits is not None else \
+                topk_kl_loss(out.logits, t_topk[0].to(dev), t_topk[1].to(dev), T)
+            total = total + cfg.kl_weight * kl
+        if hidden:
+            mse = torch.stack([F.mse_loss(states[s].float(), t_states[t].to(states[s].device).float())
+                               for s, t in teacher.pairs]).mean()
+            total = total + cfg.hidden_weight * mse
+        if cfg.lm_weight > 0:
+            total = total + cfg.lm_weight * out.loss
+        return total
+
+    return loss_fn
+
+
+def fidelity(model, teacher: Teacher, windows: torch.Tensor | None, val: bool = True) -> dict | None:
+    """Mean KL(teacher || model) per token at T = 1 and the top-1 agreement on ``windows`` (the
+    held-out windows when ``val``); with a cache, the KL is the top-k renormalised estimate."""
+    if windows is None or windows.shape[0] == 0:
+        return None
+    kl_sum, agree, count = 0.0, 0, 0
+    device = input_device(model)
+    with torch.no_grad():
+        for start in range(0, windows.shape[0], EVAL_BATCH):
+            ids = windows[start:start + EVAL_BATCH]
+            rows = torch.arange(start, start + ids.shape[0])
+            logits = model(input_ids=ids.to(device), use_cache=False).logits
+            t_logits, t_topk, _ = teacher_outputs(teacher, ids, rows, val=val)
+            n = ids.numel()
+            if t_logits is not None:
+                kl_sum += float(kl_loss(logits, t_logits.to(logits.device))) * n
+                top = t_logits.argmax(-1).to(logits.device)
+            else:
+                kl_sum += float(topk_kl_loss(logits, t_topk[0].to(logits.device), t_topk[1].to(logits.device))) * n
+                top = t_topk[1][..., 0].long().to(logits.device)
+            agree += int((logits.argmax(-1) == top).sum())
+            count += n
+    return {"kl": kl_sum / count, "top1": agree / count, "tokens": count}
+
+
+# ---- healing ------------------------------------------------------------------------------------------
+def heal_distill(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.Tensor | None, teacher: Teacher, *,
+                 run: list[int] | None = None, init_state: dict | None = None, source_block: int | None = None,
+                 quiet: bool = False, callback=None) -> dict:
+    """Heal the pruned ``model`` in place, training ``cfg.method``'s parameters on the distillation
+    loss; returns the healing record with ``objective``, the loss weights, the teacher and the
+    KL / top-1 agreement to the teacher before and after (held-out windows)."""
+    from prune.heal import methods as M
+    from prune.heal.training import train
+
+    if cfg.objective != "distill":
+        raise PruneError("internal error: heal_distill needs heal.objective distill; please report this")
+    if teacher.cache is not None:
+        check_cache(teacher.cache, None, windows, val_windows, logit_width(model))
+    elif teacher.model is not None:
+        check_teacher_model(teacher.model, model)
+    layers = decoder_layers(model)
+    if cfg.hidden_weight > 0:
+        if teacher.model is None:
+            raise PruneError("heal.hidden_weight needs the teacher in memory (a top-k cache holds no hidden states)")
+        t_layers = decoder_layers(teacher.model)
+        if not teacher.pairs or any(s >= len(layers) or t >= len(t_layers) for s, t in teacher.pairs):
+            raise PruneError("heal.hidden_weight: which original block each kept block came from is unknown "
+                             f"(pairs {teacher.pairs[:4]}...); pass kept= or set hidden_weight: 0")
+    dataset = TensorDataset(windows, torch.arange(windows.shape[0]))
+    loss_fn = make_loss(cfg, teacher, layers)
+
+    def train_fn(module, params, *_args, **_kwargs):
+        return train(module, params, dataset, loss_fn, cfg, tokens_per_item=int(windows.shape[1]),
+                     desc=f"heal distill ({cfg.method})", quiet=quiet, callback=callback)
+
+    started = time.time()
+    before = fidelity(model, teacher, val_windows)
+    if cfg.method == "lora":
+        record = M.heal_lora(model, cfg, windows, val_windows, quiet=quiet, callback=callback, train_fn=train_fn)
+    elif cfg.method == "partial":
+        record = M.heal_partial(model, cfg, windows, val_windows, quiet=quiet, callback=callback, train_fn=train_fn)
+    else:
+        record = _heal_replacement_block(model, cfg, windows, val_windows, run, init_state, train_fn, started)
+        record["replacement"]["init_block"] = source_block
+    after = fidelity(model, teacher, val_windows)
+    record["objective"] = "distill"
+    record["distill"] = {"temperature": cfg.temperature, "kl_weight": cfg.kl_weight, "hidden_weight": cfg.hidden_weight,
+                         "lm_weight": cfg.lm_weight, **teacher.record(),
+                         "kl_before": before["kl"] if before else None, "kl_after": after["kl"] if after else None,
+                         "top1_before": before["top1"] if before else None, "top1_after": after["top1"] if after else None,
+                         "kl_tokens": after["tokens"] if after else 0}
+    record["seconds"] = round(time.time() - started, 1)
+    return record
+
+
+def _heal_replacement_block(model, cfg, windows, val_windows, run, init_state, train_fn, started) -> dict:
+    """The replacement block (at ``run[0]`` after the surgery) trained alone, on the whole model's distillation loss."""
+    from prune.heal import methods as M
+    from prune.model.loading import decoder_layers_path
+
+    if run is None:
+        raise PruneError("heal.method replace with objective distill needs the removed run (use a recipe or heal_model)")
+    block = decoder_layers(model)[run[0]]
+    if init_state is not None:
+        block.load_state_dict(init_state)
+    flags = M._trainable_state(model)  # noqa: SLF001 - same package
+    before = M.mean_lm_loss(model, val_windows)
+    try:
+        model.requires_grad_(False)
+        block.requires_grad_(True)
+        params = list(block.parameters())
+        log = train_fn(model, params)
+    finally:
+        M._restore_trainable(model, flags)  # noqa: SLF001
+    after = M.mean_lm_loss(model, val_windows)
+    record = M._record(cfg, log, [f"{decoder_layers_path(model)}.{run[0]}"], sum(p.numel() for p in params),  # noqa: SLF001
+                       windows, val_windows, before, after, started)
+    record["replacement"] = {"replaces": run, "position": run[0], "init": cfg.init, "loss": "distill"}
+    return record
+
+
+# ---- the recipe stage (called from prune.heal.methods.prepare / heal) ------------------------------------
+def prepare(model, tokenizer, removed: list[int], cfg: HealConfig, windows, val_windows, *, out_dir,
+            source_name: str = "", quiet: bool = False):
+    """Before the surgery: the blocks to remove (k, or k - 1 for a replacement block) and the
+    teacher, a copy of the full ``model`` or its top-k cache beside the output folder ``out_dir``."""
+    from prune.heal.methods import HealPlan, check_run, replacement_init
+
+    n = len(decoder_layers(model))
+    removed = sorted(removed)
+    run = source = init_state = None
+    remove = removed
+    if cfg.method == "replace":
+        run = check_run(removed, n)
+        source, init_state = replacement_init(decoder_layers(model), run, cfg.init)
+        remove = [i for i in run if i != source]
+    kept = [i for i in range(n) if i not in remove]
+    out = Path(out_dir)
+    default_cache = out.with_name(f"{out.name}.teacher-top{cfg.top_k}.safetensors")
+    teacher = prepare_teacher(model, tokenizer, cfg, windows, val_windows, kept, name=str(source_name),
+                              default_cache=default_cache, run=run, source_block=source, quiet=quiet)
+    return HealPlan(cfg, remove, windows, val_windows, run=run, source_block=source, init_state=init_state,
+                    extra={"teacher": teacher})
+
+
+def heal(model, plan, quiet: bool = False) -> dict:
+    """After the surgery: distil into the pruned ``model`` with the plan's teacher."""
+    record = heal_distill(model, plan.cfg, plan.windows, plan.val_windows, plan.extra["teacher"], run=plan.run,
+                          init_state=plan.init_state, source_block=plan.source_block, quiet=quiet)
+    plan.extra["teacher"] = None  # free the teacher copy before evaluation
+    return record
+
+
+# ---- prune heal RUN_DIR ---------------------------------------------------------------------------------
+def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dtype, trust: bool, quiet: bool = False):
+    """``prune heal RUN_DIR --method distill``: the teacher is ``heal.teacher_cache`` when that file
+    exists, otherwise the source model recorded in ``pruning.json`` (in memory, or turned into a
+    top-k cache beside ``out`` first). Returns ``(model, tokenizer, kept, record)``."""
+    from prune.core.console import say
+    from prune.heal.methods import training_windows
+    from prune.io.source import resolve_source
+    from prune.model.loading import load_model
+
+    if cfg.method == "replace":
+        raise PruneError("heal.method replace with objective distill needs the original model's blocks: run it in a "
+                         "recipe (heal section), or use params lora/partial with prune heal")
+    kept = pruning.get("kept")
+    cache_file = Path(cfg.teacher_cache).expanduser() if cfg.teacher_cache else None
+    src = None
+    if cache_file is None or not cache_file.is_file():
+        s = pruning.get("source") or {}
+        if not s.get("path"):
+            raise PruneError(f"no teacher source: {run_dir}/pruning.json records no source model and heal.teacher_cache "
+                             "is not an existing file (set heal.teacher_cache to a top-k cache)")
+        try:
+            src = resolve_source(s["path"], s.get("gguf_file"), s.get("revision"))
+        except PruneError as exc:
+            raise PruneError(f"no teacher source: the original model {s['path']} cannot be read ({exc}); "
+                             "set heal.teacher_cache to a top-k cache") from None
+        if cfg.hidden_weight > 0 and kept is None:
+            raise PruneError(f"heal.hidden_weight: {run_dir}/pruning.json lacks kept (which original block each is)")
+    model, tokenizer, _ = load_model(run_dir, dtype=dtype, trust_remote_code=trust)
+    windows, val_windows = training_windows(tokenizer, cfg)
+    if src is None:
+        teacher = open_cache(cfg, tokenizer, windows, val_windows, logit_width(model),
+                             kept or list(range(len(decoder_layers(model)))))
+    elif _sequential_teacher(cfg, src, model, pruning):
+        from transformers import AutoTokenizer
+
+        path = cache_file or out.with_name(f"{out.name}.teacher-top{cfg.top_k}.safetensors")
+        t_tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust)
+        check_teacher_model(_meta_of(src.path, trust), model, t_tok, tokenizer)
+        say(f"teacher {src.display}: top-{cfg.top_k} log-probs read one block at a time (it is not loaded whole)", quiet)
+        cache = build_cache(str(src.path), t_tok, windows, val_windows, cfg.top_k, path, src.display, quiet)
+        teacher = Teacher("cache", f"{src.display} (top-{cfg.top_k} cache, sequential)", cache=cache)
+    else:
+        say(f"loading the teacher {src.display} (the original model)", quiet)
+        original, t_tok, _ = load_model(src.path, gguf_file=src.gguf_file, dtype=dtype, revision=src.revision,
+                                        trust_remote_code=trust)
+        check_teacher_model(original, model, t_tok, tokenizer)
+        kind = teacher_kind(cfg, original)
+        if kind == "memory":
+            teacher = Teacher("memory", f"{src.display} (in-memory)", original.eval().requires_grad_(False),
+                              pairs=block_pairs(kept or []))
+        else:
+            path = cache_file or out.with_name(f"{out.name}.teacher-top{cfg.top_k}.safetensors")
+            cache = build_cache(original, t_tok, windows, val_windows, cfg.top_k, path, src.display, quiet)
+            del original
+            teacher = Teacher("cache", f"{src.display} (top-{cfg.top_k} cache)", cache=cache)
+    record = heal_distill(model, cfg, windows, val_windows, teacher, quiet=quiet)
+    return model, tokenizer, kept, record
+
+
+def _meta_of(folder, trust: bool):
+    from prune.heal.methods import _meta_model
+    from transformers import AutoConfig
+
+    return _meta_model(AutoConfig.from_pretrained(folder, trust_remote_code=trust), trust)
+
+
+def _sequential_teacher(cfg: HealConfig, src, student, pruning: dict) -> bool:
+    """``prune heal`` reads the teacher one block at a time when it is a local safetensors folder and
+    either ``teacher: cache`` or (``auto``) a copy of it, estimated as the student's size scaled by
+    ``layers_before / layers_after``, would not fit with MARGIN beside the student."""
+    if src.kind != "folder" or not list(Path(src.path).glob("*.safetensors")) or cfg.teacher == "memory":
+        return False
+    if cfg.teacher == "cache":
+        return True
+    before, after = pruning.get("layers_before"), pruning.get("layers_after") or len(decoder_layers(student))
+    estimate = model_bytes(student) * (before / after if before else 1.0)
+    return free_memory(next(student.parameters()).device) < MARGIN * estimate
+
+
+# ---- the Python API (prune.heal.methods.heal_model with objective distill) ---------------------------------
+def heal_model_distill(model, tokenizer, cfg: HealConfig, windows, val_windows, *, teacher_model=None, teacher_tokenizer=None,
+                       removed: list[int] | None = None, kept: list[int] | None = None, quiet: bool = False,
+                       callback=None) -> dict:
+    """See :func:`prune.heal.methods.heal_model`: lora/partial distil the pruned ``model`` from
+    ``teacher_model`` (a model, or a top-k cache file) or ``cfg.teacher_cache``; replace prunes the
+    full ``model`` itself and takes the teacher from it (per ``cfg.teacher``)."""
+    from prune.heal.methods import check_run, replacement_init
+    from prune.model.surgery import remove_layers
+
+    if cfg.method == "replace":
+        if removed is None:
+            raise PruneError("heal method replace needs removed= (the contiguous run of blocks to replace)")
+        n = len(decoder_layers(model))
+        run = check_run(list(removed), n)
+        source, init_state = replacement_init(decoder_layers(model), run, cfg.init)
+        remove = [i for i in run if i != source]
+        t = prepare_teacher(model, tokenizer, cfg, windows, val_windows, [i for i in range(n) if i not in remove],
+                            name=getattr(model.config, "_name_or_path", "") or "the original model",
+                            default_cache=cfg.teacher_cache, run=run, source_block=source, quiet=quiet)
+        kept_now = remove_layers(model, remove)
+        record = heal_distill(model, cfg, windows, val_windows, t, run=run, init_state=init_state, source_block=source,
+                              quiet=quiet, callback=callback)
+        record["kept"] = kept_now
+        return record
+    kept = kept if kept is not None else []
+    teacher = teacher_model
+    if isinstance(teacher, nn.Module):
+        check_teacher_model(teacher, model, teacher_tokenizer, tokenizer)
+        name = getattr(teacher.config, "_name_or_path", "") or "the original model"
+        t = Teacher("memory", f"{name} (in memory)", teacher.eval().requires_grad_(False), pairs=block_pairs(kept))
+    elif teacher is not None or cfg.teacher_cache:
+        path = Path(teacher if teacher is not None else cfg.teacher_cache)
+        if not path.is_file():
+            raise PruneError(f"no teacher source: the top-k cache {path} does not exist")
+        t = open_cache(cfg.model_copy(update={"teacher_cache": str(path)}), tokenizer, windows, val_windows,
+                       logit_width(model), kept)
+    else:
+        raise PruneError("no teacher source for distillation: pass teacher= (the original model) or set "
+                         "teacher_cache to a top-k cache of it")
+    return heal_distill(model, cfg, windows, val_windows, t, quiet=quiet, callback=callback)
