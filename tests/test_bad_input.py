@@ -37,7 +37,7 @@ def test_missing_shard_listed_in_index(tmp_path, tokenizers_by_bos):
     index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
     shard = sorted(set(index["weight_map"].values()))[1]
     (tmp_path / "m" / shard).unlink()
-    with pytest.raises(PruneError, match=f"weight shard {shard} listed in the index is missing"):
+    with pytest.raises(PruneError, match=f"weight shard {shard} listed in model.safetensors.index.json is missing"):
         prune.load(tmp_path / "m")
 
 

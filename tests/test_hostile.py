@@ -496,7 +496,7 @@ def test_checkpoint_metadata_of_the_wrong_shape(case, match, model, tmp_path, ca
 
 
 def test_impossible_selection_and_short_perplexity_text_fail_before_loading(model, tmp_path, capsys, monkeypatch):
-    import prune.pipeline.orchestrator as P
+    import prune.pipeline.engines as P
 
     def no_loading(*a, **k):
         raise AssertionError("the model was loaded before the input was checked")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from prune.choose import strategies as S
 from prune.choose.rules import Selection, resolve_count, resolve_protect, select
+from prune.core import config
 from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, SelectConfig
 from prune.core.errors import PruneError
 
@@ -83,6 +84,9 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("search", True, False, "the largest set that keeps a utility floor, under a budget of proxy evaluations",
              _search),
 )}
+
+
+config.KNOWN_STRATEGIES[:] = list(STRATEGIES)  # recipe validation reads the registry
 
 
 def get(name: str) -> Strategy:

@@ -168,6 +168,11 @@ class ScoreConfig(Section):
                             "time from the safetensors shards, for models larger than memory)")
 
 
+#: the strategy names of prune.choose.registry, which fills this in when it is imported (the core
+#: layer cannot import it); recipe validation reads the registry through it
+KNOWN_STRATEGIES: list[str] = []
+
+
 class SelectConfig(Section):
     """Which blocks to remove. ``n_layers`` or ``fraction`` says how many (for ``search``: an
     optional upper bound). Strategies: ``one_shot`` (by ``metric``), ``contiguous`` (angular),
@@ -180,7 +185,7 @@ class SelectConfig(Section):
     ``heldout_windows`` held-out windows, then at most ``budget`` local-search evaluations
     (default 16; see :mod:`prune.choose.verified`)."""
 
-    strategy: str = "contiguous"  # a name in prune.choose.registry.STRATEGIES (checked by the Recipe)
+    strategy: str = "contiguous"  # a name in prune.choose.registry.STRATEGIES (see KNOWN_STRATEGIES)
     metric: Literal["bi", "angular", "cka", "msrs"] = "angular"
     n_layers: int | None = Field(None, ge=1)
     fraction: float | None = Field(None, gt=0, lt=1)
@@ -194,6 +199,13 @@ class SelectConfig(Section):
     budget: int | None = Field(None, ge=1)
     order_by: Literal["msrs", "cka", "angular", "bi"] | None = None
     heldout_windows: int = Field(8, ge=1)
+
+    @field_validator("strategy")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if KNOWN_STRATEGIES and value not in KNOWN_STRATEGIES:
+            raise ValueError(f"unknown strategy {value!r} (one of: {', '.join(KNOWN_STRATEGIES)})")
+        return value
 
     @model_validator(mode="after")
     def _amount(self):

@@ -46,15 +46,6 @@ class Recipe(Section):
     heal: HealConfig | None = None
     output: OutputConfig
 
-    @field_validator("select")
-    @classmethod
-    def _strategy(cls, select: SelectConfig) -> SelectConfig:
-        from prune.choose.registry import STRATEGIES
-
-        if select.strategy not in STRATEGIES:
-            raise ValueError(f"select.strategy {select.strategy!r} is not one of: {', '.join(STRATEGIES)}")
-        return select
-
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
