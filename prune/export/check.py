@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from prune.core.errors import PruneError
+from prune.core.records import RECORD_FILE, read_record
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -410,27 +411,24 @@ def _check_export_files(path: Path, config, report: CheckReport, required: bool)
         else:
             keys = ", ".join(f"{k}: {data[k]}" for k in ("base_model", "license") if data.get(k))
             report.add("card", "ok", f"README.md, front matter parses ({keys or 'no base_model/license'})")
-    record = path / "pruning.json"
-    if not record.is_file():
+    file = path / RECORD_FILE
+    if not file.is_file():
         report.add("pruning", missing, "pruning.json is missing (not an output of `prune run`)")
         return
     try:
-        pruning = json.loads(record.read_text())
-    except json.JSONDecodeError as exc:
-        report.add("pruning", "fail", f"pruning.json is not valid JSON: {exc}")
-        return
-    if not isinstance(pruning, dict):
-        report.add("pruning", "fail", "pruning.json is not a JSON object")
+        record = read_record(file)
+    except PruneError as exc:
+        report.add("pruning", "fail", str(exc).replace(str(file), "pruning.json"))
         return
     n = config.num_hidden_layers
-    kept = pruning.get("kept_original") or pruning.get("kept")
-    after = pruning.get("layers_after")
-    if (isinstance(after, int) and after != n) or (isinstance(kept, list) and len(kept) != n):
-        said = after if isinstance(after, int) else len(kept)
+    kept = record.kept_original or record.kept
+    after = record.layers_after
+    if (after is not None and after != n) or (kept and len(kept) != n):
+        said = after if after is not None else len(kept)
         report.add("pruning", "fail", f"pruning.json records {said} blocks after pruning but the config has {n}")
         return
-    steps = len(pruning.get("history") or []) + 1
-    removed = pruning.get("removed_original_all", pruning.get("removed"))
+    steps = len(record.history) + 1
+    removed = record.removed_original_all or record.removed
     report.add("pruning", "ok", f"{steps} pruning step{'s' if steps > 1 else ''}; removed blocks of the original: {removed}")
 
 

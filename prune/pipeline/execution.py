@@ -235,7 +235,8 @@ def run_sequential(recipe, facts: dict, plan: ExecutionPlan, *, overwrite: bool 
     pruning["resumed"] = progress.resumed
     out = prune_checkpoint(folder, selection.removed, recipe.output.dir, pruning=pruning,
                            files={"recipe.yaml": recipe.to_yaml()}, overwrite=overwrite or recipe.output.overwrite,
-                           trust_remote_code=recipe.model.trust_remote_code)
+                           trust_remote_code=recipe.model.trust_remote_code, dtype=recipe.output.dtype,
+                           base_model=recipe.model.base_model)
     progress.finish()
     say(f"saved {out} (written from the source shards, out of core)", quiet)
     return RunResult(out, selection, before, after, {}, pruning)

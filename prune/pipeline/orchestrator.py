@@ -224,9 +224,9 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     # ---- export (prune.export, prune.hub): lineage + model card, then the optional push ----
     from prune.export.save import prepare_export
 
-    pruning, files["README.md"] = prepare_export(pruning, evaluation, recipe, src, facts["parent"])
+    pruning, files["README.md"] = prepare_export(pruning, evaluation, recipe, src, facts["parent"], model=model)
     out = save(model, tokenizer, recipe.output.dir, pruning=pruning, files=files,
-               overwrite=overwrite or recipe.output.overwrite)
+               overwrite=overwrite or recipe.output.overwrite, dtype=recipe.output.dtype)
     progress.finish()
     say(f"\n{table}\n\nsaved {out}", quiet)
     if recipe.output.push_to_hub is not None:
