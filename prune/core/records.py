@@ -108,6 +108,7 @@ class PruningStep(Record):
     repo_id: str | None = None  # the Hub repo this step's folder was pushed to (prune push)
     dtype: str | None = None  # dtype of the saved weights
     command: str | None = None  # what wrote this step: run, remove, heal, save
+    adapter: dict[str, Any] | None = None  # a PEFT adapter folder (heal.merge: false): {"format", "base"}
     eval_rows: list[dict[str, Any]] | None = None  # history entries: the parent folder's before/after rows
 
     @property

@@ -271,8 +271,9 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
 
     from prune.core.tables import comparison_markdown
     from prune.export.modelindex import eval_results
+    from prune.export.public import public_data
 
-    record = as_record(pruning)
+    record = PruningRecord.model_validate(public_data(as_record(pruning).model_dump()))  # no local path on the card
     steps = record.chain()
     original = record.original
     n0 = (original.n_layers if original else None) or record.layers_before
@@ -285,7 +286,8 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
     if original and original.source and original.source.kind == "gguf":
         summary += " The GGUF weights were dequantized on load; this checkpoint stores them unquantized (safetensors)."
     if record.healing:
-        summary += " The pruned model was then healed (trained briefly; see Healing)."
+        healed_from = f" ({source_name(None, record.base_model)})" if record.command == "heal" and record.base_model else ""
+        summary += f" The pruned model{healed_from} was then healed (trained briefly; see Healing)."
     adapter = getattr(record, "adapter", None)
     if adapter:
         summary += (" This folder holds only the LoRA adapter of the healing: load it on top of the pruned base "

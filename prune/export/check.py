@@ -142,6 +142,10 @@ def check_checkpoint(folder: str | os.PathLike, *, require_export: bool = False,
 
     if (path / INCOMPLETE_MARKER).exists():
         report.add("folder", "fail", f"holds {INCOMPLETE_MARKER}: an interrupted save, not a finished checkpoint (run again)")
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        _check_adapter(path, report)
+        _check_export_files(path, None, report, require_export)
+        return report
     config = _check_config(path, report)
     headers = _check_weight_files(path, report)
     if config is not None:
@@ -395,6 +399,29 @@ def _check_tokenizer(path: Path, config, report: CheckReport) -> None:
                    if isinstance(vocab, int) else f"{type(tok).__name__}, {size:,} tokens")
 
 
+def _check_adapter(path: Path, report: CheckReport) -> None:
+    """A PEFT adapter folder: ``adapter_config.json`` parses with peft, the adapter weights are whole."""
+    try:
+        from peft import PeftConfig
+
+        config = PeftConfig.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001
+        report.add("adapter", "fail", f"adapter_config.json does not load with peft: {_first_line(exc)}")
+        return
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        report.add("adapter", "fail", "adapter_model.safetensors is missing")
+        return
+    try:
+        header = read_safetensors_header(weights)
+    except (OSError, ValueError) as exc:
+        report.add("adapter", "fail", f"adapter_model.safetensors: {exc}")
+        return
+    report.facts.update(model_type=f"{config.peft_type} adapter", n_params=sum(_numel(e["shape"]) for e in header.values()),
+                        dtypes=sorted({e["dtype"] for e in header.values()}))
+    report.add("adapter", "ok", f"{config.peft_type} adapter, {len(header)} tensors, base {config.base_model_name_or_path}")
+
+
 def _check_export_files(path: Path, config, report: CheckReport, required: bool) -> None:
     """README.md (model card front matter) and pruning.json (agrees with the weights)."""
     missing = "fail" if required else "warn"
@@ -419,6 +446,10 @@ def _check_export_files(path: Path, config, report: CheckReport, required: bool)
         record = read_record(file)
     except PruneError as exc:
         report.add("pruning", "fail", str(exc).replace(str(file), "pruning.json"))
+        return
+    if config is None:  # an adapter folder: no blocks of its own
+        report.add("pruning", "ok", f"adapter of a pruned model; removed blocks of the original: "
+                                    f"{record.removed_original_all or record.removed}")
         return
     n = config.num_hidden_layers
     kept = record.kept_original or record.kept

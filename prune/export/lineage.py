@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 from prune.core.errors import PruneError
-from prune.core.records import OriginalModel, PruningRecord, PruningStep, parse_record, read_record
+from prune.core.records import OriginalModel, PruningRecord, PruningStep, SourceRecord, parse_record, read_record
 from prune.io.source import ModelSource
 
 RECORD = "pruning.json"
@@ -194,6 +194,31 @@ def hub_parent(src: ModelSource, parent: PruningRecord | None, base_model: str |
     if src.kind == "hub":
         return src.path
     return base_model or (parent.repo_id or parent.base_model if parent else None)
+
+
+def recorded_source(recorded: SourceRecord | dict, given: str | None = None) -> ModelSource:
+    """The model a record names as its source, to load it again (``prune heal --method replace``).
+
+    A Hub source resolves as recorded; a local one is recorded by name and sha256 only (no
+    local paths are published), so it is ``given`` (``--source``) and checked against the
+    sha256; records of older versions with an absolute path still resolve by that path."""
+    from prune.export.public import is_local_path, matches_source
+    from prune.io.source import resolve_source
+
+    rec = recorded if isinstance(recorded, SourceRecord) else SourceRecord.model_validate(recorded)
+    if given is not None:
+        src = resolve_source(given)
+        if not matches_source(rec, src):
+            raise PruneError(f"--source {given} is not the model pruning.json records ({rec.gguf_file or rec.path}, "
+                             f"sha256 {str(rec.sha256)[:12]}...): give the original model this run was pruned from")
+        return src
+    if rec.kind == "hub" or is_local_path(rec.path):
+        try:
+            return resolve_source(rec.path, rec.gguf_file, rec.revision)
+        except PruneError as exc:
+            raise PruneError(f"the original model {rec.path} is needed: {exc}") from None
+    raise PruneError(f"pruning.json records the original model by name only ({rec.gguf_file or rec.path}, local, "
+                     "no path is stored): give it with --source PATH (checked against its sha256)")
 
 
 def chain(record: PruningRecord | dict) -> list[PruningStep]:

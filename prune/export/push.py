@@ -249,7 +249,10 @@ def _upload(plan: UploadPlan, token: str | None = None) -> str:
                                  revision=plan.revision, commit_message=plan.commit_message, create_pr=plan.create_pr)
     except PruneError:
         raise
-    except ValueError as exc:  # the Hub's card validation refused README.md: raised before any file is sent
+    except ValueError as exc:
+        if "README.md" not in str(exc):
+            raise PruneError(_scrub(failure_line(exc, plan, stage), token)) from None
+        # the Hub's card validation refused README.md: raised before any file is sent
         first = " ".join(str(exc).split())
         raise PruneError(_scrub(f"push to {plan.repo_id} failed before any file was sent: the Hub refuses the model "
                                 f"card: {first} (fix README.md's front matter)", token)) from None

@@ -237,6 +237,10 @@ def preflight_export(recipe, src, n_layers: int) -> PruningRecord | None:
     if base and src.kind == "hub" and base != src.path:
         raise PruneError(f"model.base_model={base!r} is only for a local source: {src.path} is a Hub id and is the "
                          "base model itself (remove model.base_model)")
+    if recipe.heal is not None and not getattr(recipe.heal, "merge", True):
+        raise PruneError("heal.merge: false (a LoRA adapter instead of merged weights) is for `prune heal RUN_DIR "
+                         "--set merge=false`, which writes the adapter of the saved pruned run; in a recipe keep "
+                         "merge: true, or run without heal and heal the output afterwards")
     parent = read_parent(src, n_layers)
     if recipe.output.push_to_hub is not None:
         from prune.export.push import check_can_push

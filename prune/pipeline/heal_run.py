@@ -144,7 +144,7 @@ def _healed_markdown(original: dict, before: dict, healed: dict, facts: dict) ->
 
 def heal_run(run_dir, output, *, method: str | None = None, config: str | None = None, data: str | None = None,
              field=None, rows: str | None = None, overrides=(), evaluate: bool = False, overwrite: bool = False,
-             quiet: bool = False) -> Path:
+             quiet: bool = False, source: str | None = None) -> Path:
     """Heal the model of ``run_dir`` into the new folder ``output`` (see module docstring); returns it."""
     from transformers import AutoConfig
 
@@ -192,11 +192,11 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
             raise PruneError(f"{run} is already healed ({pruning['healing'].get('method')}); a replacement layer is "
                              "rebuilt from the source model (heal the unhealed run folder instead)")
         check_run(removed, len(removed) + len(run_kept))
-        s = pruning["source"]
-        try:
-            src = resolve_source(s["path"], s.get("gguf_file"), s.get("revision"))
-        except PruneError as exc:
-            raise PruneError(f"a replacement layer needs the original model {s.get('path')}: {exc}") from None
+        from prune.export.lineage import recorded_source
+
+        src = recorded_source(pruning["source"], source)
+    if not cfg.merge and cfg.method != "lora":
+        raise PruneError(f"heal.merge: false keeps a LoRA adapter apart; method {cfg.method} has none (use lora)")
 
     started = _dt.datetime.now(_dt.timezone.utc)
     if cfg.method == "replace":
@@ -214,9 +214,15 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         model, tokenizer, _ = load_model(run, dtype=dtype, trust_remote_code=trust)
         kept = run_kept
         windows, val_windows = training_windows(tokenizer, cfg)
-        fn = heal_lora if cfg.method == "lora" else heal_partial
-        record = fn(model, cfg, windows, val_windows, quiet=quiet)
-    record["from_run"] = str(run.resolve())
+        if cfg.method == "lora":
+            import tempfile
+
+            adapter_tmp = tempfile.TemporaryDirectory(prefix="prune-adapter-") if not cfg.merge else None
+            record = heal_lora(model, cfg, windows, val_windows, quiet=quiet,
+                               adapter_dir=adapter_tmp.name if adapter_tmp else None)
+        else:
+            record = heal_partial(model, cfg, windows, val_windows, quiet=quiet)
+    record["from_run"] = run.name
     if pruning.get("healing"):
         record["previous"] = pruning["healing"]
 
@@ -246,10 +252,22 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
                  "layers_before": pruning.get("layers_before"), "layers_after": new["layers_after"]}
         original, before = run_eval.get("original", {}), run_eval.get("pruned", {})
         table = _healed_markdown(original, before, healed, facts)
+        from prune.core.tables import comparison_rows
+        from prune.pipeline.orchestrator import eval_settings
+
         files["eval.json"] = json.dumps({"original": original, "pruned_before_healing": before, "pruned": healed,
-                                         **facts}, indent=1) + "\n"
+                                         "rows": comparison_rows(original, healed, facts),
+                                         "settings": eval_settings(recipe), **facts}, indent=1) + "\n"
         files["eval.md"] = f"# Before / after healing\n\n{table}\n\n{healing_markdown(record)}"
         say(f"\n{table}\n", quiet)
-    result = save(model, tokenizer, out, pruning=new, files=files, overwrite=overwrite)
+    from prune.export.heal import heal_export, save_adapter
+
+    new, files["README.md"] = heal_export(new, run, out, files, recipe, model, adapter=not cfg.merge)
+    if not cfg.merge:
+        result = save_adapter(adapter_tmp.name, out, pruning=new, files=files, overwrite=overwrite)
+        adapter_tmp.cleanup()
+    else:
+        result = save(model, tokenizer, out, pruning=new, files=files, overwrite=overwrite,
+                      dtype=recipe.output.dtype if recipe else None)
     say(f"saved {result}", quiet)
     return result
