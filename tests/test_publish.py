@@ -155,7 +155,9 @@ def test_local_sources_are_recorded_by_name_and_sha256(chain):
     record = read_record(chain["step1"] / "pruning.json")
     assert record.source.path == "source" and record.source.sha256 == folder_sha256(chain["source"])
     assert record.original.source == record.source
-    assert yaml.safe_load((chain["step1"] / "recipe.yaml").read_text())["model"]["source"] == "<local>/source"
+    saved = yaml.safe_load((chain["step1"] / "recipe.yaml").read_text())
+    assert saved["model"]["source"] == "<local>/source"  # outside the working folder: redacted, name kept
+    assert saved["calibration"]["path"] == "${PRUNE_DATA_DIR}/wikitext2_raw/wiki.test.raw"  # portable again
 
 
 def test_config_is_what_save_pretrained_writes(chain):

@@ -1,8 +1,9 @@
 """What may be published: no absolute or machine-local path in any file of an output folder.
 
-* :func:`public_path`: a local path as it may appear in a published file. A path under the
-  current directory becomes relative to it (``runs/step1``); any other absolute path, and
-  anything under ``$HOME``, becomes ``<local>/<file name>`` (redacted, the name kept).
+* :func:`public_path`: a local path as it may appear in a published file. A path under
+  ``$PRUNE_DATA_DIR`` becomes ``${PRUNE_DATA_DIR}/...`` (recipes expand it again on any
+  machine); a path under the current directory becomes relative to it (``runs/step1``); any
+  other absolute path becomes ``<local>/<file name>`` (redacted, the name kept).
 * :func:`public_data`: the same applied to every string of a JSON-like value that is an
   absolute path (or starts with ``~``); everything else is left as it is.
 * :func:`public_source`: a model source as recorded: a Hub id as it is; a local GGUF file or
@@ -41,6 +42,11 @@ def public_path(path: str | os.PathLike) -> str:
     if not is_local_path(text):
         return text
     p = Path(text).expanduser().absolute()
+    data = os.environ.get("PRUNE_DATA_DIR")
+    if data and Path(data).is_absolute():
+        for root in {Path(data), Path(data).resolve()}:
+            if p.is_relative_to(root):
+                return "${PRUNE_DATA_DIR}/" + p.relative_to(root).as_posix()
     cwd = Path.cwd().absolute()
     if cwd != Path(cwd.anchor) and p.is_relative_to(cwd):
         rel = p.relative_to(cwd).as_posix()

@@ -167,7 +167,9 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     pruning = json.loads((run / "pruning.json").read_text())
     recipe_data = _read_yaml(run / "recipe.yaml", "recipe") if (run / "recipe.yaml").is_file() else None
     cfg = heal_settings(recipe_data, config, method, data, field, rows, overrides)
-    recipe = Recipe.model_validate({**recipe_data, "heal": cfg.model_dump()}) if recipe_data else None
+    from prune.pipeline.recipe import expand_env  # published recipes say ${PRUNE_DATA_DIR}/... (prune.export.public)
+
+    recipe = Recipe.model_validate(expand_env({**recipe_data, "heal": cfg.model_dump()})) if recipe_data else None
     eval_cfg: EvaluateConfig | None = recipe.evaluate if recipe else None
     check_heal_data(cfg, eval_cfg, "heal settings")
     if evaluate and eval_cfg is None:
