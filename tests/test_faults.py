@@ -105,7 +105,7 @@ def test_disk_full_while_saving(tiny_folder, tmp_path, monkeypatch):
     # the scores survive: after freeing space, --resume reuses them
     monkeypatch.delenv("PRUNE_FAULT")
     result = prune.run(tiny_recipe(tiny_folder, out), quiet=True, resume=True)
-    assert result.pruning["resumed"] == ["scores", "selection", "original"]
+    assert result.pruning.resumed == ["scores", "selection", "original"]
     AutoModelForCausalLM.from_pretrained(out)
 
 
