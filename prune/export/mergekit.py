@@ -39,13 +39,14 @@ def kept_ranges(kept: list[int]) -> list[tuple[int, int]]:
 
 
 def original_model_id(record: PruningRecord) -> str:
-    """The model a passthrough merge reads: the original's Hub id, else its local name."""
+    """The model a passthrough merge reads: the original's Hub id, else the Hub parent declared
+    for a local original (``model.base_model`` of the first step), else its local name."""
     source = record.original.source if record.original else record.source
     if source is None:
         return "path/to/original/model"
     if source.kind == "hub":
         return source.path
-    return source.gguf_file or source.path
+    return record.chain()[0].base_model or source.gguf_file or source.path
 
 
 def mergekit_config(record: PruningRecord, model: str | None = None, dtype: str | None = None) -> dict:
@@ -71,9 +72,10 @@ def export_mergekit(run_dir: str | os.PathLike, output: str | os.PathLike | None
     out = Path(output).expanduser() if output else run / "mergekit.yaml"
     note = ("# mergekit passthrough config for the blocks this model kept (original indices, half-open ranges)\n"
             f"# written by prune from {RECORD_FILE}; run with: mergekit-yaml {out.name} OUTPUT_DIR\n")
-    if original_model_id(record) == config["slices"][0]["sources"][0]["model"] and record.original and \
-            record.original.source and record.original.source.kind != "hub" and model is None:
-        note += "# the original is a local model: replace `model` with its path (or pass --model)\n"
+    source = record.original.source if record.original else None
+    if model is None and source is not None and source.kind != "hub":
+        note += (f"# the original was the local {source.kind} {source.gguf_file or source.path}: check that `model` names "
+                 "the same weights (or pass --model)\n")
     out.write_text(note + yaml.safe_dump(config, sort_keys=False))
     return out
 
