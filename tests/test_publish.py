@@ -22,6 +22,8 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import torch
 import yaml
+from conftest import DATA, ROOT, build_model, build_tokenizer
+from export_fixtures import recipe, save_source
 from huggingface_hub import EvalResult, ModelCard
 from huggingface_hub.repocard_data import eval_results_to_model_index
 from safetensors import safe_open
@@ -38,9 +40,6 @@ from prune.export.push import push
 from prune.pipeline.heal_run import heal_run
 from prune.pipeline.orchestrator import run
 from prune.pipeline.recipe import load_recipe
-
-from conftest import DATA, ROOT, build_model, build_tokenizer
-from export_fixtures import recipe, save_source
 
 C4 = {"path": str(DATA / "c4" / "c4_web_1480.jsonl"), "field": "prefix,gold_completion", "rows": "0:300"}
 HEAL = ["n_samples=8", "val_samples=2", "seq_len=32", "steps=4", "batch_size=2", "learning_rate=1e-2", "seed=0"]

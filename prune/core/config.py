@@ -220,9 +220,6 @@ def _hub_repo_id(value: str) -> str:
     return value
 
 
-SAVE_DTYPES = ("auto", "bfloat16", "float16", "float32")
-
-
 class OutputConfig(Section):
     dir: str
     overwrite: bool = False

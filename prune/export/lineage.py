@@ -25,7 +25,14 @@ import json
 from pathlib import Path
 
 from prune.core.errors import PruneError
-from prune.core.records import OriginalModel, PruningRecord, PruningStep, SourceRecord, parse_record, read_record
+from prune.core.records import (
+    OriginalModel,
+    PruningRecord,
+    PruningStep,
+    SourceRecord,
+    parse_record,
+    read_record,
+)
 from prune.io.source import ModelSource
 
 RECORD = "pruning.json"
@@ -189,13 +196,6 @@ def extend(record: PruningRecord | dict, parent: PruningRecord | None, src: Mode
     return out
 
 
-def hub_parent(src: ModelSource, parent: PruningRecord | None, base_model: str | None = None) -> str | None:
-    """The Hub parent a step from ``src`` gets (see :func:`extend`)."""
-    if src.kind == "hub":
-        return src.path
-    return base_model or (parent.repo_id or parent.base_model if parent else None)
-
-
 def recorded_source(recorded: SourceRecord | dict, given: str | None = None) -> ModelSource:
     """The model a record names as its source, to load it again (``prune heal --method replace``).
 
@@ -224,15 +224,6 @@ def recorded_source(recorded: SourceRecord | dict, given: str | None = None) -> 
 def chain(record: PruningRecord | dict) -> list[PruningStep]:
     """Every step of ``record``'s lineage, oldest first, ending with ``record`` itself."""
     return as_record(record).chain()
-
-
-def next_step(parent: PruningRecord | None, n_layers: int, removed: list[int], src: ModelSource, **fields) -> PruningRecord:
-    """The record of a step that removed ``removed`` (0-based in its input of ``n_layers`` blocks)
-    from ``src`` (``parent``: its record when it was pruned before), with lineage."""
-    kept = [i for i in range(n_layers) if i not in set(removed)]
-    base_model = fields.pop("base_model", None)
-    step = PruningRecord(removed=sorted(removed), kept=kept, layers_before=n_layers, layers_after=len(kept), **fields)
-    return extend(step, parent, src, base_model)
 
 
 # ---- license of the source -----------------------------------------------------------------

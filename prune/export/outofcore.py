@@ -32,7 +32,13 @@ from prune.core.errors import PruneError
 from prune.core.records import PruningRecord
 from prune.export.public import clean_config_file
 from prune.export.save import staged, write_extras
-from prune.io.safetensors import INDEX_NAME, SINGLE_NAME, TensorEntry, copy_bytes, local_folder
+from prune.io.safetensors import (
+    INDEX_NAME,
+    SINGLE_NAME,
+    TensorEntry,
+    copy_bytes,
+    local_folder,
+)
 from prune.io.source import ModelSource
 from prune.model.loading import pruned_config_updates
 from prune.model.surgery import check_indices

@@ -63,7 +63,7 @@ class UploadPlan:
         ]
         if self.rendered:
             lines.append(f"card      {', '.join(sorted(self.rendered))} re-rendered for {self.repo_id} (load snippet, "
-                         "lineage links; sizes below are the new files')")
+                         "lineage links; sizes below are of the new files)")
         if self.excluded:
             lines.append(f"excluded  {', '.join(self.excluded)}")
         if token_found is not None:
