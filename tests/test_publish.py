@@ -397,3 +397,16 @@ def test_mergekit_rebuilds_the_same_tensors(chain, tmp_path):
     for k, v in ours.items():
         if k in merged:
             assert merged[k].equal(v), k
+
+
+def test_public_path_rules(tmp_path, monkeypatch):
+    from prune.export.public import public_data, public_path
+
+    monkeypatch.setenv("PRUNE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path / "..")
+    assert public_path(tmp_path / "data" / "c4" / "x.jsonl") == "${PRUNE_DATA_DIR}/c4/x.jsonl"
+    assert public_path(tmp_path / "runs" / "a") == f"{tmp_path.name}/runs/a"  # under the working folder: relative
+    assert public_path("/somewhere/else/model.gguf") == "<local>/model.gguf"
+    assert public_path("~/models/m") == "<local>/m" and public_path("runs/a") == "runs/a"
+    assert public_data({"a": ["/x/y", "org/model", 3], "b": "https://huggingface.co/x"}) == {
+        "a": ["<local>/y", "org/model", 3], "b": "https://huggingface.co/x"}
