@@ -229,13 +229,15 @@ def test_remove_on_a_pruned_folder_maps_indices_and_drops_stale_files(chain):
 
 def test_heal_keeps_the_lineage_and_writes_a_card(chain):
     step3 = read_record(chain["step3"] / "pruning.json")
-    assert step3.command == "heal" and step3.healing["method"] == "lora" and step3.healing["from_run"] == "step2"
+    assert step3.command == "remove" and step3.healing["method"] == "lora" and step3.healing["from_run"] == "step2"
+    assert step3.healing["from_repo"] == "me/tiny-step2"
     assert step3.kept_original == [0, 1, 4, 6, 7] and step3.removed_original_all == [2, 3, 5]
     assert step3.base_model == "me/tiny-step2" and step3.repo_id is None  # its parent is the pushed run
     card = ModelCard.load(chain["step3"] / "README.md")
     assert card.data.base_model == "me/tiny-step2" and card.data.base_model_relation == "finetune"
     assert "healed" in card.data.tags and "## Healing" in card.text
-    assert "[me/tiny-step2](https://huggingface.co/me/tiny-step2)" in card.text  # the lineage links the pushed step
+    assert "The pruned model ([me/tiny-step2](https://huggingface.co/me/tiny-step2)) was then healed" in card.text
+    assert "| 2 | `step1` (local folder) | by hand (prune remove) | 6 → 5 | `[3]` | `[5]` |" in card.text
     assert check_checkpoint(chain["step3"], require_export=True).ok
 
 

@@ -286,7 +286,8 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
     if original and original.source and original.source.kind == "gguf":
         summary += " The GGUF weights were dequantized on load; this checkpoint stores them unquantized (safetensors)."
     if record.healing:
-        healed_from = f" ({source_name(None, record.base_model)})" if record.command == "heal" and record.base_model else ""
+        repo = (record.healing or {}).get("from_repo")
+        healed_from = f" ({source_name(None, repo)})" if repo else ""
         summary += f" The pruned model{healed_from} was then healed (trained briefly; see Healing)."
     adapter = getattr(record, "adapter", None)
     if adapter:

@@ -4,7 +4,7 @@ PEFT adapter folder of ``heal.merge: false``.
 A healed folder keeps the pruning step of the run it healed (``removed`` / ``kept`` local to
 that step's input, mapped to the original model again since ``replace`` changes ``kept``),
 with ``healing`` set; its Hub parent is the run's repo when the run was pushed, else the run's
-own parent. An adapter folder holds ``adapter_config.json`` + ``adapter_model.safetensors``
+own parent (``healing.from_repo``). An adapter folder holds ``adapter_config.json`` + ``adapter_model.safetensors``
 (loadable with ``PeftModel.from_pretrained`` on the pruned run's model), its own card
 (``library_name: peft``, ``base_model_relation: adapter``) and ``pruning.json``.
 """
@@ -30,9 +30,11 @@ def heal_export(pruning: dict | PruningRecord, run: Path, out: Path, files: dict
     before = record.history[-1].kept_original if record.history else list(range(record.layers_before or 0))
     if record.kept and before:
         record.kept_original = [before[i] for i in record.kept]
-    record.base_model = record.repo_id or record.base_model  # the run's repo, once pushed, is the parent
+    if record.repo_id:  # the run's repo, once pushed, is the parent
+        record.base_model = record.repo_id
+        record.healing = {**(record.healing or {}), "from_repo": record.repo_id}
     record.repo_id = None  # this new folder is not pushed yet
-    record.command = "heal"
+    record.command = record.command or "run"  # the command that pruned this step; `healing` says it was healed
     if adapter:
         record.adapter = {"format": "peft", "base": record.base_model or f"path/to/{run.name}"}
     else:
