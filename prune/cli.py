@@ -270,6 +270,10 @@ def add_push(sub) -> None:
                      help="create the repo private (the default)")
     vis.add_argument("--public", dest="private", action="store_false", help="create the repo public")
     p.add_argument("--commit-message", default=None, help="commit message (default: names the block counts)")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request on the repo instead of committing to main")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave out files matching this glob (on the relative path or file name), e.g. 'eval.*' (repeatable)")
+    p.add_argument("--token-file", default=None, help="read the Hub token from this file (never printed)")
     p.add_argument("--dry-run", action="store_true", help="print the files, sizes, repo and revision; send nothing")
     p.add_argument("--quiet", "-q", action="store_true", help="no check summary or progress messages")
     p.set_defaults(func=cmd_push)
@@ -279,7 +283,8 @@ def cmd_push(args) -> int:
     from prune.export.push import push
 
     push(args.output_dir, args.repo_id, revision=args.revision, private=args.private,
-         commit_message=args.commit_message, dry_run=args.dry_run, quiet=args.quiet)
+         commit_message=args.commit_message, dry_run=args.dry_run, quiet=args.quiet, exclude=args.exclude,
+         create_pr=args.create_pr, token_file=args.token_file)
     return 0
 
 
@@ -291,8 +296,14 @@ def add_remove(sub) -> None:
                                    "tokenizer files carried over. Memory stays small whatever the model size. "
                                    "Block indices are 0-based.")
     p.add_argument("model", help="safetensors model folder or Hub id")
-    p.add_argument("--blocks", type=_csv, required=True, help="comma-separated 0-based block indices, e.g. 12,13,14")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--blocks", type=_csv, help="comma-separated 0-based block indices to remove, e.g. 12,13,14")
+    which.add_argument("--slices", help="the blocks to KEEP as mergekit passthrough slices: a mergekit config file, "
+                                        "or half-open ranges like '[[0, 12], [15, 30]]'")
     p.add_argument("--output", "-o", required=True, help="output folder (written atomically)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="dtype of the saved weights (default auto: as stored), converted one tensor at a time")
+    p.add_argument("--base-model", default=None, help="Hub repo id of the model, for the card (a local MODEL only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the checkpoint (off by default)")
     p.set_defaults(func=cmd_remove)
@@ -302,17 +313,62 @@ def cmd_remove(args) -> int:
     from prune.export.outofcore import prune_checkpoint
     from prune.io.source import resolve_source
 
-    try:
-        blocks = [int(b) for b in args.blocks]
-    except ValueError:
-        raise PruneError(f"--blocks must be integers, got {','.join(args.blocks)}") from None
+    blocks = _remove_blocks(args)
     from prune.pipeline.inputs import preflight_model
 
     preflight_model(resolve_source(args.model), args.trust_remote_code)  # config, weights cover it, before writing
-    record = {"removed": sorted(blocks), "source": resolve_source(args.model).to_dict()}
-    out = prune_checkpoint(args.model, blocks, args.output, pruning=record,
-                           overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+    out = prune_checkpoint(args.model, blocks, args.output, pruning={}, overwrite=args.overwrite,
+                           trust_remote_code=args.trust_remote_code, dtype=args.dtype,
+                           base_model=_repo_id_arg(args.base_model, "--base-model"))
     print(f"wrote {out} without blocks {sorted(blocks)}")
+    return 0
+
+
+def _remove_blocks(args) -> list[int]:
+    if args.blocks is not None:
+        try:
+            return [int(b) for b in args.blocks]
+        except ValueError:
+            raise PruneError(f"--blocks must be integers, got {','.join(args.blocks)}") from None
+    from transformers import AutoConfig
+
+    from prune.export.mergekit import blocks_from_slices
+    from prune.io.safetensors import local_folder
+
+    config = AutoConfig.from_pretrained(local_folder(args.model), trust_remote_code=args.trust_remote_code)
+    return blocks_from_slices(args.slices, config.num_hidden_layers)
+
+
+def _repo_id_arg(value: str | None, flag: str) -> str | None:
+    if value is None:
+        return None
+    from prune.core.config import _hub_repo_id
+
+    try:
+        return _hub_repo_id(value)
+    except ValueError as exc:
+        raise PruneError(f"{flag} {value!r}: {exc}") from None
+
+
+# ---- export-mergekit --------------------------------------------------------------------
+def add_export_mergekit(sub) -> None:
+    p = sub.add_parser("export-mergekit", help="write the mergekit passthrough config of a run's kept blocks",
+                       description="Write mergekit.yaml for RUN_DIR: merge_method passthrough, one slice per run of "
+                                   "consecutive kept blocks of the ORIGINAL model (half-open layer_range), so "
+                                   "`mergekit-yaml mergekit.yaml OUT` rebuilds the pruned model from the original.")
+    p.add_argument("run_dir", help="a folder written by prune run / remove / heal (reads pruning.json)")
+    p.add_argument("--output", "-o", default=None, help="config file to write (default RUN_DIR/mergekit.yaml)")
+    p.add_argument("--model", default=None, help="model id or path for the slices (default: the original's Hub id, "
+                                                 "or its local name)")
+    p.add_argument("--dtype", default=None, help="mergekit dtype (default: the run's saved dtype)")
+    p.set_defaults(func=cmd_export_mergekit)
+
+
+def cmd_export_mergekit(args) -> int:
+    from prune.export.mergekit import export_mergekit
+
+    out = export_mergekit(args.run_dir, args.output, model=args.model, dtype=args.dtype)
+    print(f"mergekit config written to {out}")
     return 0
 
 
@@ -377,6 +433,8 @@ def add_heal(sub) -> None:
     p.add_argument("--rows", default=None, help="slice of rows of --data, e.g. 0:1000")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a heal setting, e.g. --set steps=200 --set learning_rate=5e-4 --set rank=16 (repeatable)")
+    p.add_argument("--source", default=None, help="replace: the original model, when pruning.json records a local "
+                                                  "source by name only (checked against its sha256)")
     p.add_argument("--evaluate", action="store_true", help="evaluate the healed model with RUN_DIR's evaluate settings "
                                                           "and write eval.json / eval.md (original, pruned, healed)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)")
@@ -391,7 +449,7 @@ def cmd_heal(args) -> int:
 
     heal_run(args.run_dir, args.output, method=args.method, config=args.config, data=args.data, field=args.field,
              rows=args.rows, overrides=args.overrides, evaluate=args.evaluate, overwrite=args.overwrite, quiet=args.quiet,
-             trust_remote_code=args.trust_remote_code)
+             trust_remote_code=args.trust_remote_code, source=args.source)
     return 0
 
 
@@ -426,7 +484,8 @@ def cmd_compare(args) -> int:
 
 
 #: every subcommand registers itself here: (adder, ...) in --help order
-SUBCOMMANDS = [add_run, add_score, add_eval, add_compare, add_report, add_heal, add_remove, add_check, add_push]
+SUBCOMMANDS = [add_run, add_score, add_eval, add_compare, add_report, add_heal, add_remove, add_check, add_push,
+               add_export_mergekit]
 
 
 class _Parser(argparse.ArgumentParser):

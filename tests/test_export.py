@@ -18,7 +18,9 @@ from prune.export.card import RELATION, card_data, is_hub_dataset, render_card
 from prune.core.errors import PruneError
 from prune.export.lineage import chain, extend, normalize_step, source_license
 from prune.io.source import ModelSource
+from prune.core.records import read_record
 from prune.core.tables import comparison_markdown
+from prune.export.public import public_path
 from prune.pipeline.orchestrator import run
 from prune.pipeline.recipe import load_recipe
 
@@ -80,7 +82,7 @@ def test_card_body_renders_table_recipe_and_facts(two_steps):
     recipe_yaml = (out / "recipe.yaml").read_text().strip()
     assert f"```yaml\n{recipe_yaml}\n```" in text
     assert yaml.safe_load(recipe_yaml)["select"]["strategy"] == "contiguous"
-    assert f'AutoModelForCausalLM.from_pretrained("{out}")' in text
+    assert f'AutoModelForCausalLM.from_pretrained("path/to/{out.name}")' in text  # no local path until pushed
     assert "## Lineage" not in text and "## Healing" not in text
 
 
@@ -90,8 +92,8 @@ def test_card_rendering_matches_pruning_json(two_steps):
     _, first, _ = two_steps
     out = first.out_dir
     evaluation = read_json(out / "eval.json")
-    again = render_card(read_json(out / "pruning.json"), rows=evaluation["rows"], recipe_yaml=(out / "recipe.yaml").read_text(),
-                        settings=evaluation["settings"], model_name=out.name, load_id=str(out))
+    again = render_card(read_record(out / "pruning.json"), rows=evaluation["rows"], recipe_yaml=(out / "recipe.yaml").read_text(),
+                        settings=evaluation["settings"], model_name=out.name, load_id=f"path/to/{out.name}")
     assert again == (out / "README.md").read_text()
 
 
@@ -104,7 +106,7 @@ def test_second_pruning_appends_history_with_original_indices(two_steps):
     assert p2["step"] == 2 and len(p2["history"]) == 1
     earlier = p2["history"][0]
     assert earlier["removed"] == p1["removed"] and earlier["kept_original"] == p1["kept_original"]
-    assert earlier["recipe"]["output"]["dir"] == str(first.out_dir)
+    assert earlier["recipe"]["output"]["dir"] == public_path(first.out_dir)
     assert earlier["eval_rows"] == read_json(first.out_dir / "eval.json")["rows"]
     # tail on 6 blocks removes positions 3, 4 (just before the last), i.e. original blocks 5, 6
     assert p2["removed"] == [3, 4] and p2["layers_before"] == 6 and p2["layers_after"] == 4
@@ -113,7 +115,7 @@ def test_second_pruning_appends_history_with_original_indices(two_steps):
     assert p2["kept_original"] == [0, 1, 4, 7]
     assert p2["original"]["n_layers"] == 8 and p2["original"]["license"] == "mit"
     assert p2["original"]["source"] == p1["original"]["source"]
-    assert [s["step"] for s in chain(p2)] == [1, 2]
+    assert [s.step for s in chain(p2)] == [1, 2]
 
 
 def test_lineage_indices_match_the_weights(two_steps):
@@ -168,11 +170,11 @@ def test_corrupt_lineage_is_refused_before_loading(two_steps, tmp_path):
 def test_hand_written_record_counts_as_one_step():
     """`prune.save(..., pruning={"removed": [...]})` records only the removed blocks."""
     step = normalize_step({"removed": [1, 5]}, n_layers_after=6)
-    assert step["layers_before"] == 8 and step["kept_original"] == [0, 2, 3, 4, 6, 7]
+    assert step.layers_before == 8 and step.kept_original == [0, 2, 3, 4, 6, 7]
     current = {"removed": [0, 2], "kept": [1, 3, 4, 5], "layers_before": 6, "layers_after": 4}
     out = extend(current, step, ModelSource("folder", "/x"))
-    assert out["removed_original"] == [0, 3] and out["removed_original_all"] == [0, 1, 3, 5]
-    assert out["kept_original"] == [2, 4, 6, 7] and out["step"] == 2
+    assert out.removed_original == [0, 3] and out.removed_original_all == [0, 1, 3, 5]
+    assert out.kept_original == [2, 4, 6, 7] and out.step == 2 and out.source.path == "x"
 
 
 # ---- front matter for Hub sources, Hub datasets, licenses ---------------------------------------
@@ -182,7 +184,7 @@ def _record(source: dict, calibration_path: str, license: str | None = None) -> 
     src = ModelSource(**source)
     out = extend(rec, None, src)
     if license:
-        out["original"]["license"] = license
+        out.original.license = license
     return out
 
 

@@ -283,8 +283,14 @@ def test_recipe_with_replace_and_prune_heal_run_dir(tmp_path, tiny_folder):
     plain["output"]["dir"] = str(tmp_path / "plain")
     run_dir = run(plain, quiet=True).out_dir
     digest = folder_digest(run_dir)
-    healed = heal_run(run_dir, tmp_path / "healed", method="replace", data=C4_DATA["path"], field=C4_DATA["field"],
-                      rows="0:300", overrides=[f"{k}={v}" for k, v in FAST.items()], evaluate=True, quiet=True)
+    kwargs = dict(method="replace", data=C4_DATA["path"], field=C4_DATA["field"], rows="0:300",
+                  overrides=[f"{k}={v}" for k, v in FAST.items()], quiet=True)
+    # pruning.json names a local source by name and sha256 only: it is given again, and checked
+    with pytest.raises(PruneError, match="by name only .*--source"):
+        heal_run(run_dir, tmp_path / "healed", **kwargs)
+    with pytest.raises(PruneError, match="is not the model pruning.json records"):
+        heal_run(run_dir, tmp_path / "healed", source=str(run_dir), **kwargs)
+    healed = heal_run(run_dir, tmp_path / "healed", evaluate=True, source=str(tmp_path / "tiny"), **kwargs)
     assert folder_digest(run_dir) == digest
     rec = json.loads((healed / "pruning.json").read_text())
     # the folder name only: an absolute path would publish the machine's layout
@@ -309,7 +315,8 @@ def test_recipe_with_replace_and_prune_heal_run_dir(tmp_path, tiny_folder):
     shutil.copytree(run_dir, edited)
     m.save_pretrained(edited)
     with pytest.raises(PruneError, match="differs from the source"):
-        heal_run(edited, tmp_path / "bad", quiet=True, method="replace", data=str(C4), field=C4_DATA["field"])
+        heal_run(edited, tmp_path / "bad", quiet=True, method="replace", data=str(C4), field=C4_DATA["field"],
+                 source=str(tmp_path / "tiny"))
     assert not (tmp_path / "bad").exists()
 
 

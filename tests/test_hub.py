@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub.utils import filter_repo_objects
 
 import prune
 from prune.export.check import check_checkpoint
 from prune.io.safetensors import byte_ranges
 from prune.core.errors import PruneError
-from prune.export.push import push, upload_files
+from prune.export.push import card_for_repo, commit_operations, push, upload_files
 from prune.pipeline.orchestrator import run
 
 from conftest import ROOT
@@ -265,17 +264,18 @@ def test_push_dry_run_lists_exactly_what_upload_folder_sends(pruned, tmp_path):
         if len(parts) == 5 and parts[1] == "B" and parts[0].replace(",", "").isdigit():
             listed[parts[4]] = int(parts[0].replace(",", ""))
     on_disk = {p.name: p.stat().st_size for p in folder.iterdir() if not p.name.startswith(".")}
+    rendered = card_for_repo(folder, "me/tiny-pruned")  # the card and record as published to the repo
+    assert set(rendered) == {"README.md", "pruning.json"}
+    on_disk.update({name: len(text.encode()) for name, text in rendered.items()})
     assert listed == on_disk and ".hidden" not in listed
     assert f"files     {len(on_disk)} files" in out and f"({sum(on_disk.values()):,} bytes)" in out
-    # the same selection upload_folder makes from the patterns push passes it
+    assert "card      README.md, pruning.json re-rendered for me/tiny-pruned" in out
+    # the commit sends exactly the listed files, the re-rendered ones from memory
     plan = push(folder, "me/tiny-pruned", dry_run=True, quiet=True)
-    from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
-    import glob
-
-    everything = [p.relative_to(folder).as_posix() for p in sorted(folder.glob("**/*")) if p.is_file()]
-    chosen = list(filter_repo_objects(everything, allow_patterns=[glob.escape(n) for n, _ in plan.files],
-                                      ignore_patterns=list(DEFAULT_IGNORE_PATTERNS)))
-    assert chosen == [n for n, _ in plan.files] == sorted(listed)
+    ops = commit_operations(plan)
+    assert [op.path_in_repo for op in ops] == [n for n, _ in plan.files] == sorted(listed)
+    card = next(op for op in ops if op.path_in_repo == "README.md")
+    assert 'from_pretrained("me/tiny-pruned")' in card.path_or_fileobj.decode()
     assert folder_digest(folder) == before
 
 
@@ -313,7 +313,7 @@ def test_push_refuses_offline_and_without_token(pruned, tmp_path):
     with pytest.raises(PruneError, match="HF_HUB_OFFLINE is set: the Hub cannot be reached"):
         push(folder, "me/tiny-pruned", quiet=True)
     done = cli("push", folder, "me/tiny-pruned", env_extra=online(tmp_path, CLOSED_PORT, token=None))
-    assert_one_error_line(done, "no Hugging Face token found: run `hf auth login` or set HF_TOKEN")
+    assert_one_error_line(done, "no Hugging Face token found: run `hf auth login`, set HF_TOKEN or give --token-file")
     assert done.stdout == ""  # refused before the folder is even read
 
 

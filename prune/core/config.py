@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -118,6 +119,7 @@ class ModelConfig(Section):
     offload_folder: str | None = None
     revision: str | None = None
     trust_remote_code: bool = False
+    base_model: str | None = None  # the Hub parent of a local (file/folder) source, for the model card
 
     @field_validator("dtype")
     @classmethod
@@ -127,6 +129,11 @@ class ModelConfig(Section):
         except PruneError as exc:
             raise ValueError(str(exc)) from None
         return value
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model(cls, value: str | None) -> str | None:
+        return None if value is None else _hub_repo_id(value)
 
 
 class TextConfig(Section):
@@ -340,19 +347,27 @@ class PushConfig(Section):
     @field_validator("repo_id")
     @classmethod
     def _repo_id(cls, value: str) -> str:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
+        return _hub_repo_id(value)
 
-        try:
-            validate_repo_id(value)
-        except HFValidationError as exc:
-            raise ValueError(f"not a Hub repo id: {str(exc).splitlines()[0]} (use namespace/name)") from None
-        return value
+
+def _hub_repo_id(value: str) -> str:
+    """``value`` when it is a valid Hub repo id (huggingface_hub's own check), else ValueError."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as exc:
+        raise ValueError(f"not a Hub repo id: {str(exc).splitlines()[0]} (use namespace/name)") from None
+    if value.startswith((".", "/", "~")) or Path(value).expanduser().exists():
+        raise ValueError("a local path, not a Hub repo id (use namespace/name)")
+    return value
 
 
 class OutputConfig(Section):
     dir: str
     overwrite: bool = False
     push_to_hub: PushConfig | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # saved weights; auto = as loaded
 
 
 class HealConfig(Section):
@@ -400,6 +415,7 @@ class HealConfig(Section):
     gradient_checkpointing: bool = False
     # lora
     rank: int = 8
+    merge: bool = True  # false: save the LoRA adapter as a PEFT folder instead of merging it
     alpha: float = Field(16.0, gt=0)
     target_modules: list[str] | str = "all-linear"
     # partial fine-tuning

@@ -37,6 +37,7 @@ class SourceRecord(Record):
     path: str
     gguf_file: str | None = None
     revision: str | None = None
+    sha256: str | None = None  # local sources: of the GGUF file, or of a folder's config + weights (prune.export.public)
 
 
 class OriginalModel(Record):
@@ -108,6 +109,10 @@ class PruningStep(Record):
     kept_original: list[int] = []
     original: OriginalModel | None = None
     base_model: str | None = None
+    repo_id: str | None = None  # the Hub repo this step's folder was pushed to (prune push)
+    dtype: str | None = None  # dtype of the saved weights
+    command: str | None = None  # what wrote this step: run, remove, heal, save
+    adapter: dict[str, Any] | None = None  # a PEFT adapter folder (heal.merge: false): {"format", "base"}
     eval_rows: list[dict[str, Any]] | None = None  # history entries: the parent folder's before/after rows
 
     @property

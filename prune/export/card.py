@@ -21,6 +21,9 @@ from pathlib import Path
 
 import yaml
 
+from prune.core.records import OriginalModel, PruningRecord, PruningStep, SourceRecord
+from prune.export.lineage import as_record
+
 #: The Hub accepts ``adapter``, ``merge``, ``quantized`` and ``finetune``. A layer-pruned
 #: model is a complete set of weights derived from ONE parent (so not a merge), stored as
 #: full tensors (not an adapter), at the parent's precision (not quantized): the Hub's
@@ -46,21 +49,13 @@ METHODS: dict[tuple[str, str | None], str] = {
     ("random", None): "random baseline: n unprotected blocks drawn with a fixed seed (no metric)",
 }
 
-#: License identifiers the Hub accepts in ``license:`` (hub-docs repositories-licenses.md);
-#: anything else is written as ``license: other`` with ``license_name`` (the Hub refuses
-#: unknown identifiers when the card is uploaded).
-HUB_LICENSES = frozenset("""
-apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m
-afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0 cc-by-2.5
-cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0 cc-by-nc-nd-3.0
-cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0 cdla-permissive-1.0
-cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 agpl-3.0 gfdl gpl gpl-2.0 gpl-3.0 lgpl lgpl-2.1
-lgpl-3.0 isc lppl-1.3c ms-pl mpl-2.0 odc-by odbl openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl
-lgpl-lr deepfloyd-if-license llama2 llama3 llama3.1 llama3.2 llama3.3 gemma unknown other
-""".split())
+#: Common spellings of license names (GGUF metadata, free-text cards) -> Hub identifiers. Any
+#: other value is written as it is when it looks like an identifier (the Hub's own card
+#: validation at ``prune push`` then accepts or refuses it), else as ``other`` + ``license_name``.
 _LICENSE_ALIASES = {"apache 2.0": "apache-2.0", "apache2": "apache-2.0", "apache-2": "apache-2.0", "apache 2": "apache-2.0",
                     "apache license 2.0": "apache-2.0", "apache license, version 2.0": "apache-2.0",
                     "apache-2.0 license": "apache-2.0", "mit license": "mit", "the mit license": "mit"}
+_LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
 
 TEMPLATE = "modelcard.md"
 _LOCAL_TEXT = (".txt", ".raw", ".jsonl", ".json", ".csv", ".parquet")
@@ -83,60 +78,70 @@ def is_hub_dataset(path: str | None) -> bool:
     return bool(_HUB_ID.match(path)) and path.lower() not in _PACKAGED_BUILDERS
 
 
-def hub_license(original: dict) -> dict[str, str]:
-    """``license`` (and ``license_name`` / ``license_link``) for the front matter: a Hub
-    identifier when the carried-over value is one (common spellings mapped), otherwise
-    ``other`` with the value as a slug in ``license_name``; ``{}`` when unknown."""
-    value = str(original.get("license") or "").strip()
+def hub_license(original: OriginalModel | None) -> dict[str, str]:
+    """``license`` (and ``license_name`` / ``license_link``) for the front matter: the
+    carried-over value as an identifier (common spellings mapped), otherwise ``other`` with
+    the value as a slug in ``license_name``; ``{}`` when unknown. Whether the Hub knows the
+    identifier is checked by its own card validation at ``prune push``."""
+    value = str((original.license if original else None) or "").strip()
     if not value:
         return {}
     key = _LICENSE_ALIASES.get(value.lower(), value.lower())
-    out = {"license": key} if key in HUB_LICENSES else {
+    out = {"license": key} if _LICENSE_ID.match(key) else {
         "license": "other", "license_name": re.sub(r"[^a-z0-9.]+", "-", value.lower()).strip("-.") or "custom"}
-    for extra in ("license_name", "license_link"):
-        if original.get(extra) and out["license"] == "other":
-            out[extra] = str(original[extra])
+    if out["license"] == "other":
+        for extra in ("license_name", "license_link"):
+            if getattr(original, extra, None):
+                out[extra] = str(getattr(original, extra))
     return out
 
 
-def _step_datasets(step: dict) -> list[str]:
-    paths = [(step.get("calibration") or {}).get("path")]
-    heal = (step.get("recipe") or {}).get("heal") or {}
+def _step_datasets(step: PruningStep) -> list[str]:
+    paths = [step.calibration.path if step.calibration else None]
+    heal = (step.recipe or {}).get("heal") or {}
     paths.append((heal.get("data") or {}).get("path"))
     return [p for p in paths if is_hub_dataset(p)]
 
 
-def _step_metric(step: dict) -> str | None:
-    return (step.get("selection") or {}).get("metric")
+def relation(record: PruningStep) -> str:
+    """``base_model_relation`` of an output: ``adapter`` for a LoRA adapter folder, else
+    :data:`RELATION` (pruned, healed or not: full weights derived from one parent)."""
+    return "adapter" if getattr(record, "adapter", None) else RELATION
 
 
-def card_data(pruning: dict):
-    """The ``ModelCardData`` (front matter) of a pruning record with lineage."""
+def card_data(pruning: PruningRecord | dict, eval_results=None, model_name: str | None = None):
+    """The ``ModelCardData`` (front matter) of a pruning record with lineage; ``eval_results``
+    (:func:`prune.export.modelindex.eval_results`) become the ``model-index``."""
     from huggingface_hub import ModelCardData
 
-    from prune.export.lineage import chain
-
-    steps = chain(pruning)
+    record = as_record(pruning)
+    steps = record.chain()
     tags = ["pruned", "layer-pruning"]
     for step in steps:
-        tag = METRIC_TAGS.get(_step_metric(step) or "")
+        tag = METRIC_TAGS.get(step.metric or "")
         if tag and tag not in tags:
             tags.append(tag)
+    if record.healing and "healed" not in tags:
+        tags.append("healed")
+    if getattr(record, "adapter", None):
+        tags += ["lora", "peft"]
     datasets: list[str] = []
     for step in steps:
         datasets += [d for d in _step_datasets(step) if d not in datasets]
-    original = pruning.get("original") or {}
-    base_model = pruning.get("base_model")
-    extra = {"base_model_relation": RELATION} if base_model else {}
-    return ModelCardData(base_model=base_model, library_name="transformers", pipeline_tag="text-generation", tags=tags,
-                         datasets=datasets or None, **hub_license(original), **extra)
+    extra = {"base_model_relation": relation(record)} if record.base_model else {}
+    results = {"eval_results": eval_results, "model_name": model_name} if eval_results else {}
+    return ModelCardData(base_model=record.base_model, library_name="peft" if getattr(record, "adapter", None)
+                         else "transformers", pipeline_tag="text-generation", tags=tags, datasets=datasets or None,
+                         **hub_license(record.original), **extra, **results)
 
 
 # ---- body pieces ----------------------------------------------------------------------------
-def method_line(step: dict) -> str:
-    sel = step.get("selection") or {}
-    strategy, metric = sel.get("strategy", "?"), sel.get("metric")
+def method_line(step: PruningStep) -> str:
+    sel = step.selection or {}
+    strategy, metric = sel.get("strategy", step.command or "?"), sel.get("metric")
     line = METHODS.get((strategy, metric)) or METHODS.get((strategy, None))
+    if line is None and not sel and step.command == "remove":
+        return "blocks chosen by hand (`prune remove`)"
     if line is None:
         line = f"strategy `{strategy}`" + (f", metric `{metric}`" if metric else "") + " (details in pruning.json 'selection')"
     details = sel.get("details") or {}
@@ -145,21 +150,24 @@ def method_line(step: dict) -> str:
     return line
 
 
-def short_method(step: dict) -> str:
-    sel = step.get("selection") or {}
-    metric = sel.get("metric")
-    return f"{sel.get('strategy', '?')}" + (f" / {metric}" if metric else "")
+def short_method(step: PruningStep) -> str:
+    if not step.selection:
+        return "by hand (prune remove)" if step.command == "remove" else "?"
+    return f"{step.strategy or '?'}" + (f" / {step.metric}" if step.metric else "")
 
 
-def source_name(source: dict | None) -> str:
-    """A Hub id as a link, a local source by its file or folder name (no local paths on the Hub)."""
-    if not source:
+def source_name(source: SourceRecord | None, repo_id: str | None = None) -> str:
+    """A Hub id as a link, a local source by its file or folder name (no local paths on the Hub);
+    ``repo_id``: where that local folder was pushed (then linked)."""
+    if repo_id:
+        return f"[{repo_id}](https://huggingface.co/{repo_id})"
+    if source is None:
         return "an unknown model"
-    if source.get("kind") == "hub":
-        return f"[{source['path']}](https://huggingface.co/{source['path']})"
-    if source.get("gguf_file"):
-        return f"`{source['gguf_file']}` (local GGUF file)"
-    return f"`{Path(str(source.get('path', '?'))).name}` (local folder)"
+    if source.kind == "hub":
+        return f"[{source.path}](https://huggingface.co/{source.path})"
+    if source.gguf_file:
+        return f"`{source.gguf_file}` (local GGUF file)"
+    return f"`{Path(source.path).name}` (local folder)"
 
 
 def _count(n) -> str:
@@ -172,13 +180,13 @@ def _change(before, after) -> str:
     return ""
 
 
-def msrs_line(step: dict) -> str | None:
-    a, b = step.get("msrs_before"), step.get("msrs_after")
+def msrs_line(step: PruningStep) -> str | None:
+    a, b = step.msrs_before, step.msrs_after
     if not a:
         return None
-    line = f"{a['total']:.2f} over {_pairs(step.get('layers_before'))} pairs ({a['per_pair']:.4f} per pair) before"
+    line = f"{a['total']:.2f} over {_pairs(step.layers_before)} pairs ({a['per_pair']:.4f} per pair) before"
     if b:
-        line += f" → {b['total']:.2f} over {_pairs(step.get('layers_after'))} pairs ({b['per_pair']:.4f} per pair) after"
+        line += f" → {b['total']:.2f} over {_pairs(step.layers_after)} pairs ({b['per_pair']:.4f} per pair) after"
     return line + f"; beta = {a['beta']:g}, tau = {a['tau']:g}"
 
 
@@ -186,15 +194,15 @@ def _pairs(n) -> str:
     return f"{n * (n - 1) // 2:,}" if isinstance(n, int) else "?"
 
 
-def calibration_line(step: dict) -> str:
-    c = step.get("calibration") or {}
-    if not c:
-        return "not recorded"
-    name = c.get("path", "?")
+def calibration_line(step: PruningStep) -> str:
+    c = step.calibration
+    if c is None:
+        return "none (blocks chosen by hand)" if step.command == "remove" else "not recorded"
+    name = c.path or "?"
     name = name if is_hub_dataset(name) else Path(str(name)).name
-    rows = f" (rows {c['rows']})" if c.get("rows") else ""
-    return (f"{c.get('n_samples', '?')} windows × {c.get('seq_len', '?')} tokens of `{name}`{rows}, seed {c.get('seed', '?')}, "
-            f"token positions: {c.get('positions', 'all')}")
+    rows = f" (rows {c.rows})" if c.rows else ""
+    return (f"{c.n_samples or '?'} windows × {c.seq_len or '?'} tokens of `{name}`{rows}, seed {c.seed}, "
+            f"token positions: {c.positions or 'all'}")
 
 
 def eval_settings_line(settings: dict | None) -> str:
@@ -258,54 +266,64 @@ def versions_line(versions: dict | None) -> str:
 
 
 # ---- the card ----------------------------------------------------------------------------------
-def render_card(pruning: dict, *, rows: list[dict] | None = None, recipe_yaml: str | None = None,
+def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None, recipe_yaml: str | None = None,
                 settings: dict | None = None, model_name: str = "Pruned model", load_id: str | None = None) -> str:
-    """The model card text for a pruning record with lineage (see module docstring)."""
+    """The model card text for a pruning record with lineage (see module docstring). ``rows``
+    and ``settings`` are the evaluation (``eval.json``); ``load_id`` the name readers load it by
+    (the repo id once pushed)."""
     from huggingface_hub import ModelCard
 
-    from prune.export.lineage import chain
     from prune.core.tables import comparison_markdown
+    from prune.export.modelindex import eval_results
+    from prune.export.public import public_data
 
-    steps = chain(pruning)
-    original = pruning.get("original") or {}
-    n0 = original.get("n_layers") or pruning.get("layers_before")
-    p0 = original.get("params") or pruning.get("params_before")
-    now_layers, now_params = pruning.get("layers_after"), pruning.get("params_after")
-    removed_all = pruning.get("removed_original_all", pruning.get("removed"))
-    origin = source_name(original.get("source") or pruning.get("source"))
+    record = PruningRecord.model_validate(public_data(as_record(pruning).model_dump()))  # no local path on the card
+    steps = record.chain()
+    original = record.original
+    n0 = (original.n_layers if original else None) or record.layers_before
+    p0 = (original.params if original else None) or record.params_before
+    now_layers, now_params = record.layers_after, record.params_after
+    removed_all = record.removed_original_all or record.removed
+    origin = source_name((original.source if original else None) or record.source)
     summary = (f"A layer-pruned version of {origin}: {len(removed_all)} of its {n0} decoder blocks removed "
                f"({now_layers} kept){f', in {len(steps)} pruning steps' if len(steps) > 1 else ''}, made with `prune`.")
-    if (original.get("source") or {}).get("kind") == "gguf":
+    if original and original.source and original.source.kind == "gguf":
         summary += " The GGUF weights were dequantized on load; this checkpoint stores them unquantized (safetensors)."
-    if pruning.get("healing"):
-        summary += " The pruned model was then healed (trained briefly; see Healing)."
-    base = pruning.get("base_model")
-    relation_note = (f"`base_model_relation: {RELATION}` (the Hub's relation for a full checkpoint derived from one "
-                     "parent; the Hub has no `pruned` relation)") if base else None
+    if record.healing:
+        repo = (record.healing or {}).get("from_repo")
+        healed_from = f" ({source_name(None, repo)})" if repo else ""
+        summary += f" The pruned model{healed_from} was then healed (trained briefly; see Healing)."
+    adapter = getattr(record, "adapter", None)
+    if adapter:
+        summary += (" This folder holds only the LoRA adapter of the healing: load it on top of the pruned base "
+                    f"model {source_name(None, record.base_model) if record.base_model else '(the pruned checkpoint)'}.")
+    rel = relation(record)
+    relation_note = (f"`base_model_relation: {rel}`" + (" (the Hub's relation for a full checkpoint derived from one "
+                     "parent; the Hub has no `pruned` relation)" if rel == RELATION else "")) if record.base_model else None
     lineage_rows = [{
-        "step": s.get("step", i + 1), "source": source_name(s.get("source")), "method": short_method(s),
-        "layers_before": s.get("layers_before"), "layers_after": s.get("layers_after"),
-        "removed": s.get("removed"), "removed_original": s.get("removed_original", s.get("removed")),
+        "step": s.step or i + 1, "source": source_name(s.source, steps[i - 1].repo_id if i else None),
+        "method": short_method(s), "layers_before": s.layers_before, "layers_after": s.layers_after,
+        "removed": s.removed, "removed_original": s.removed_original or s.removed,
     } for i, s in enumerate(steps)]
-    earlier_tables = [{"step": s.get("step", i + 1), "source": source_name(s.get("source")),
-                       "table": comparison_markdown(s["eval_rows"])}
-                      for i, s in enumerate(steps[:-1]) if s.get("eval_rows")]
-    earlier_recipes = [{"step": s.get("step", i + 1), "yaml": yaml.safe_dump(s["recipe"], sort_keys=False).strip()}
-                       for i, s in enumerate(steps[:-1]) if s.get("recipe")]
-    protect = ((pruning.get("recipe") or {}).get("select") or {}).get("protect")
+    earlier_tables = [{"step": s.step or i + 1, "source": source_name(s.source), "table": comparison_markdown(s.eval_rows)}
+                      for i, s in enumerate(steps[:-1]) if s.eval_rows]
+    earlier_recipes = [{"step": s.step or i + 1, "yaml": yaml.safe_dump(s.recipe, sort_keys=False).strip()}
+                       for i, s in enumerate(steps[:-1]) if s.recipe]
+    protect = ((record.recipe or {}).get("select") or {}).get("protect")
+    results = eval_results(rows, settings)
     card = ModelCard.from_template(
-        card_data(pruning), template_path=str(template_path()),
+        card_data(record, results, model_name), template_path=str(template_path()),
         model_name=model_name, summary=summary,
         layers_original=_count(n0), layers_now=_count(now_layers),
         params_original=_count(p0), params_now=_count(now_params), params_change=_change(p0, now_params),
-        removed_all=removed_all, kept_all=pruning.get("kept_original", pruning.get("kept")),
-        method=method_line(pruning), this_step=f" (step {len(steps)})" if len(steps) > 1 else "",
-        protect=protect, calibration=calibration_line(pruning),
-        msrs=msrs_line(pruning), relation_note=relation_note,
+        removed_all=removed_all, kept_all=record.kept_original or record.kept,
+        method=method_line(record), this_step=f" (step {len(steps)})" if len(steps) > 1 else "",
+        protect=protect, calibration=calibration_line(record),
+        msrs=msrs_line(record), relation_note=relation_note, dtype=record.dtype,
         steps=lineage_rows, original_name=origin,
         table=comparison_markdown(rows) if rows else None, eval_settings=eval_settings_line(settings),
-        earlier_tables=earlier_tables, healing=healing_text(pruning.get("healing"), pruning.get("recipe")),
-        load_id=load_id or "path/to/this/folder", recipe=(recipe_yaml or "").strip(),
-        earlier_recipes=earlier_recipes, versions=versions_line(pruning.get("versions")),
+        earlier_tables=earlier_tables, healing=healing_text(record.healing, record.recipe),
+        load_id=load_id or "path/to/this/folder", adapter=adapter, base_id=record.base_model or "path/to/pruned/base",
+        recipe=(recipe_yaml or "").strip(), earlier_recipes=earlier_recipes, versions=versions_line(record.versions),
     )
     return str(card)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from prune.core.errors import PruneError, first_line
+from prune.core.records import RECORD_FILE, read_record
 from prune.model.arch import block_index, meta_model
 from prune.io.safetensors import INDEX_NAME as INDEX_FILE, SINGLE_NAME as SINGLE_FILE, file_tensors, read_index
 
@@ -112,6 +113,10 @@ def check_checkpoint(folder: str | os.PathLike, *, require_export: bool = False,
 
     if (path / INCOMPLETE_MARKER).exists():
         report.add("folder", "fail", f"holds {INCOMPLETE_MARKER}: an interrupted save, not a finished checkpoint (run again)")
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        _check_adapter(path, report)
+        _check_export_files(path, None, report, require_export)
+        return report
     config = _check_config(path, report)
     headers = _check_weight_files(path, report)
     if config is not None:
@@ -347,6 +352,29 @@ def _check_tokenizer(path: Path, config, report: CheckReport) -> None:
                    if isinstance(vocab, int) else f"{type(tok).__name__}, {size:,} tokens")
 
 
+def _check_adapter(path: Path, report: CheckReport) -> None:
+    """A PEFT adapter folder: ``adapter_config.json`` parses with peft, the adapter weights are whole."""
+    try:
+        from peft import PeftConfig
+
+        config = PeftConfig.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001
+        report.add("adapter", "fail", f"adapter_config.json does not load with peft: {first_line(exc)}")
+        return
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        report.add("adapter", "fail", "adapter_model.safetensors is missing")
+        return
+    try:
+        header, _ = file_tensors(weights)
+    except PruneError as exc:
+        report.add("adapter", "fail", f"adapter_model.safetensors: {exc}")
+        return
+    report.facts.update(model_type=f"{config.peft_type} adapter", n_params=sum(e.numel() for e in header.values()),
+                        dtypes=sorted({e.dtype for e in header.values()}))
+    report.add("adapter", "ok", f"{config.peft_type} adapter, {len(header)} tensors, base {config.base_model_name_or_path}")
+
+
 def _check_export_files(path: Path, config, report: CheckReport, required: bool) -> None:
     """README.md (model card front matter) and pruning.json (agrees with the weights)."""
     missing = "fail" if required else "warn"
@@ -363,27 +391,28 @@ def _check_export_files(path: Path, config, report: CheckReport, required: bool)
         else:
             keys = ", ".join(f"{k}: {data[k]}" for k in ("base_model", "license") if data.get(k))
             report.add("card", "ok", f"README.md, front matter parses ({keys or 'no base_model/license'})")
-    record = path / "pruning.json"
-    if not record.is_file():
+    file = path / RECORD_FILE
+    if not file.is_file():
         report.add("pruning", missing, "pruning.json is missing (not an output of `prune run`)")
         return
     try:
-        pruning = json.loads(record.read_bytes().decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # bad JSON or not UTF-8
-        report.add("pruning", "fail", f"pruning.json is not valid UTF-8 JSON: {exc}")
+        record = read_record(file)
+    except PruneError as exc:
+        report.add("pruning", "fail", str(exc).replace(str(file), "pruning.json"))
         return
-    if not isinstance(pruning, dict):
-        report.add("pruning", "fail", "pruning.json is not a JSON object")
+    if config is None:  # an adapter folder: no blocks of its own
+        report.add("pruning", "ok", f"adapter of a pruned model; removed blocks of the original: "
+                                    f"{record.removed_original_all or record.removed}")
         return
     n = config.num_hidden_layers
-    kept = pruning.get("kept_original") or pruning.get("kept")
-    after = pruning.get("layers_after")
-    if (isinstance(after, int) and after != n) or (isinstance(kept, list) and len(kept) != n):
-        said = after if isinstance(after, int) else len(kept)
+    kept = record.kept_original or record.kept
+    after = record.layers_after
+    if (after is not None and after != n) or (kept and len(kept) != n):
+        said = after if after is not None else len(kept)
         report.add("pruning", "fail", f"pruning.json records {said} blocks after pruning but the config has {n}")
         return
-    steps = len(pruning.get("history") or []) + 1
-    removed = pruning.get("removed_original_all", pruning.get("removed"))
+    steps = len(record.history) + 1
+    removed = record.removed_original_all or record.removed
     report.add("pruning", "ok", f"{steps} pruning step{'s' if steps > 1 else ''}; removed blocks of the original: {removed}")
 
 

@@ -9,11 +9,13 @@ many steps it has. With ``K_{s-1}`` the kept original indices before step ``s``
     removed_original[s] = [K_{s-1}[r] for r in removed[s]]
     kept_original[s]    = [K_{s-1}[k] for k in kept[s]]
 
-Keys added to a step: ``step`` (1-based), ``removed_original``, ``removed_original_all``
-(every original block gone so far), ``kept_original``, ``original`` (source, layer and
-parameter count, license of the first model), ``base_model`` (nearest Hub id up the
-chain, or ``None``), and ``history``: the earlier steps, oldest first, each a full record
-without its own history (plus its ``eval_rows`` when the parent folder had ``eval.json``).
+Fields set on a step (:class:`~prune.core.records.PruningRecord`): ``step`` (1-based),
+``removed_original``, ``removed_original_all`` (every original block gone so far),
+``kept_original``, ``original`` (source, layer and parameter count, license of the first
+model), ``base_model`` (the Hub parent, see :func:`extend`), and ``history``: the earlier
+steps, oldest first, each a full record without its own history (plus its ``eval_rows``
+when the parent folder had ``eval.json``). Every writer (``prune run``, ``prune remove``,
+``prune heal``, :func:`prune.save`) goes through :func:`extend`.
 """
 
 from __future__ import annotations
@@ -21,9 +23,16 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Any
 
 from prune.core.errors import PruneError
+from prune.core.records import (
+    OriginalModel,
+    PruningRecord,
+    PruningStep,
+    SourceRecord,
+    parse_record,
+    read_record,
+)
 from prune.io.source import ModelSource
 
 RECORD = "pruning.json"
@@ -31,7 +40,7 @@ HUB_TIMEOUT = 10  # seconds, for the one metadata request lineage makes to the H
 
 
 # ---- reading the parent ------------------------------------------------------------------
-def read_parent(src: ModelSource, n_layers: int) -> dict | None:
+def read_parent(src: ModelSource, n_layers: int) -> PruningRecord | None:
     """The ``pruning.json`` of ``src`` when it was itself pruned, normalised and checked
     against its ``n_layers`` blocks; ``None`` for an unpruned source.
 
@@ -39,38 +48,31 @@ def read_parent(src: ModelSource, n_layers: int) -> dict | None:
     missing file, offline mode or no network mean "no lineage", never a failure).
     Raises :class:`PruneError` when the record contradicts the checkpoint.
     """
-    record, eval_rows = _read_record(src)
-    if record is None:
+    found = _read_record(src)
+    if found is None:
         return None
-    if not isinstance(record, dict) or "removed" not in record:
-        raise PruneError(f"{src.display}: {RECORD} is not a pruning record (no 'removed'); move it away to prune "
-                         "this folder as an original model")
+    record, eval_rows = found
     step = normalize_step(record, n_layers, src.display)
     if eval_rows is not None:
-        step["eval_rows"] = eval_rows
+        step.eval_rows = eval_rows
     return step
 
 
-def _read_record(src: ModelSource) -> tuple[Any, list | None]:
+def _read_record(src: ModelSource) -> tuple[PruningRecord, list | None] | None:
     if src.kind == "folder":
         folder = Path(src.path)
-        file = folder / RECORD
-        if not file.is_file():
-            return None, None
-        from prune.core.records import read_record
-
-        read_record(file)  # not UTF-8, not JSON, or the wrong shape (removed: 5): one line, here
-        record = json.loads(file.read_text(encoding="utf-8"))
-        return record, _eval_rows(folder / "eval.json")
+        if not (folder / RECORD).is_file():
+            return None
+        return read_record(folder / RECORD), _eval_rows(folder / "eval.json")
     if src.kind == "hub":
         file = _hub_file(src.path, RECORD, src.revision)
         if file is None:
-            return None, None
+            return None
         try:
-            return json.loads(Path(file).read_text()), _eval_rows(_hub_file(src.path, "eval.json", src.revision))
-        except (OSError, ValueError):
-            return None, None
-    return None, None
+            return read_record(file), _eval_rows(_hub_file(src.path, "eval.json", src.revision))
+        except PruneError:
+            return None
+    return None
 
 
 def _eval_rows(path) -> list | None:
@@ -118,69 +120,110 @@ def _hub_files(repo_id: str, revision: str | None) -> frozenset[str] | None:
     return frozenset(s.rfilename for s in info.siblings or ())
 
 
-def normalize_step(record: dict, n_layers_after: int, where: str = "") -> dict:
-    """A copy of ``record`` with the lineage keys filled in (older or hand-written records
+def as_record(record: PruningRecord | PruningStep | dict, where: str = RECORD) -> PruningRecord:
+    """A :class:`PruningRecord` from a record or the dict of one (validated, one-line errors)."""
+    if isinstance(record, PruningRecord):
+        return record
+    if isinstance(record, PruningStep):
+        return PruningRecord.model_validate(record.model_dump())
+    return parse_record(record, where)
+
+
+def normalize_step(record: PruningRecord | dict, n_layers_after: int, where: str = "") -> PruningRecord:
+    """A copy of ``record`` with the lineage fields filled in (older or hand-written records
     with only ``removed`` count as one step from an original model), checked: its kept
     blocks must number ``n_layers_after`` (the checkpoint's own block count)."""
-    step = dict(record)
-    removed = sorted(step["removed"])
-    before = step.get("layers_before") or n_layers_after + len(removed)
-    kept = step.get("kept") or [i for i in range(before) if i not in set(removed)]
-    step.setdefault("layers_before", before)
-    step.setdefault("layers_after", len(kept))
-    step.setdefault("kept", kept)
-    step.setdefault("step", len(step.get("history") or []) + 1)
-    step.setdefault("removed_original", removed)
-    step.setdefault("kept_original", kept)
-    step.setdefault("removed_original_all", removed)
-    step.setdefault("history", [])
-    step.setdefault("original", {"source": step.get("source"), "n_layers": before,
-                                 "params": step.get("params_before"), "model_type": step.get("model_type")})
-    if len(step["kept_original"]) != n_layers_after:
-        raise PruneError(f"{where or 'the source'}: {RECORD} records {len(step['kept_original'])} blocks after pruning "
+    step = as_record(record, where or RECORD).model_copy(deep=True)
+    removed = sorted(step.removed)
+    before = step.layers_before or n_layers_after + len(removed)
+    kept = step.kept or [i for i in range(before) if i not in set(removed)]
+    step.layers_before = before
+    if step.layers_after is None:
+        step.layers_after = len(kept)
+    step.kept = kept
+    if "step" not in step.model_fields_set:
+        step.step = len(step.history) + 1
+    step.removed_original = step.removed_original or removed
+    step.kept_original = step.kept_original or kept
+    step.removed_original_all = step.removed_original_all or removed
+    if step.original is None:
+        step.original = OriginalModel(source=step.source, n_layers=before, params=step.params_before,
+                                      model_type=step.model_type)
+    if len(step.kept_original) != n_layers_after:
+        raise PruneError(f"{where or 'the source'}: {RECORD} records {len(step.kept_original)} blocks after pruning "
                          f"but the model has {n_layers_after}; the record does not describe these weights "
                          f"(fix it, or move {RECORD} away to prune this model as an original)")
     return step
 
 
 # ---- extending ---------------------------------------------------------------------------
-def extend(record: dict, parent: dict | None, src: ModelSource) -> dict:
-    """``record`` (this step, indices local to the model it loaded) with its lineage keys."""
-    out = dict(record)
-    removed = list(record["removed"])
-    kept = list(record["kept"])
+def extend(record: PruningRecord | dict, parent: PruningRecord | None, src: ModelSource,
+           base_model: str | None = None) -> PruningRecord:
+    """``record`` (this step, indices local to the model it loaded) with its lineage fields.
+
+    ``base_model``: the Hub parent declared for a local source (``model.base_model``); the
+    Hub parent is, in order, a Hub source itself, ``base_model``, the repo the parent folder
+    was pushed to, the parent's own ``base_model``."""
+    from prune.export.public import public_source
+
+    out = as_record(record).model_copy(deep=True)
+    removed, kept = list(out.removed), list(out.kept)
+    out.source = public_source(src)
     if parent is None:
-        before = list(range(record["layers_before"]))
-        history: list[dict] = []
+        before = list(range(out.layers_before))
+        history: list[PruningStep] = []
         previously_removed: list[int] = []
-        original = {"source": src.to_dict(), "n_layers": record["layers_before"], "params": record.get("params_before"),
-                    "model_type": record.get("model_type"), **source_license(src)}
-        base_model = src.path if src.kind == "hub" else None
+        original = OriginalModel(source=out.source, n_layers=out.layers_before, params=out.params_before,
+                                 model_type=out.model_type, **source_license(src))
+        inherited = None
     else:
-        before = list(parent["kept_original"])
-        if len(before) != record["layers_before"]:
+        before = list(parent.kept_original)
+        if len(before) != out.layers_before:
             raise PruneError(f"internal error: the parent record keeps {len(before)} blocks but the model had "
-                             f"{record['layers_before']}; please report this")
-        history = list(parent.get("history") or []) + [{k: v for k, v in parent.items() if k != "history"}]
-        previously_removed = list(parent["removed_original_all"])
-        license_now = source_license(src)
-        original = {**parent["original"], **{k: v for k, v in license_now.items() if v}}
-        base_model = src.path if src.kind == "hub" else parent.get("base_model")
-    out.update(
-        step=len(history) + 1,
-        removed_original=[before[i] for i in removed],
-        removed_original_all=sorted(previously_removed + [before[i] for i in removed]),
-        kept_original=[before[i] for i in kept],
-        original=original,
-        base_model=base_model,
-        history=history,
-    )
+                             f"{out.layers_before}; please report this")
+        history = [*parent.history, parent.as_step()]
+        previously_removed = list(parent.removed_original_all)
+        license_now = {k: v for k, v in source_license(src).items() if v}
+        original = parent.original.model_copy(update=license_now) if parent.original else None
+        inherited = parent.repo_id or parent.base_model
+    out.step = len(history) + 1
+    out.removed_original = [before[i] for i in removed]
+    out.removed_original_all = sorted(previously_removed + [before[i] for i in removed])
+    out.kept_original = [before[i] for i in kept]
+    out.original = original
+    out.base_model = src.path if src.kind == "hub" else (base_model or inherited)
+    out.history = history
     return out
 
 
-def chain(record: dict) -> list[dict]:
+def recorded_source(recorded: SourceRecord | dict, given: str | None = None) -> ModelSource:
+    """The model a record names as its source, to load it again (``prune heal --method replace``).
+
+    A Hub source resolves as recorded; a local one is recorded by name and sha256 only (no
+    local paths are published), so it is ``given`` (``--source``) and checked against the
+    sha256; records of older versions with an absolute path still resolve by that path."""
+    from prune.export.public import is_local_path, matches_source
+    from prune.io.source import resolve_source
+
+    rec = recorded if isinstance(recorded, SourceRecord) else SourceRecord.model_validate(recorded)
+    if given is not None:
+        src = resolve_source(given)
+        if not matches_source(rec, src):
+            raise PruneError(f"--source {given} is not the model pruning.json records ({rec.gguf_file or rec.path}, "
+                             f"sha256 {str(rec.sha256)[:12]}...): give the original model this run was pruned from")
+        return src
+    if rec.kind == "hub" or is_local_path(rec.path):
+        try:
+            return resolve_source(rec.path, rec.gguf_file, rec.revision)
+        except PruneError as exc:
+            raise PruneError(f"the original model {rec.path} is needed: {exc}") from None
+    raise PruneError(f"pruning.json records the original model by name only ({rec.gguf_file or rec.path}, local, "
+                     "no path is stored): give it with --source PATH (checked against its sha256)")
+
+
+def chain(record: PruningRecord | dict) -> list[PruningStep]:
     """Every step of ``record``'s lineage, oldest first, ending with ``record`` itself."""
-    return list(record.get("history") or []) + [record]
+    return as_record(record).chain()
 
 
 # ---- license of the source -----------------------------------------------------------------

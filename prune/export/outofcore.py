@@ -6,8 +6,9 @@ shard under its new name (block indices renumbered ``0 .. len(kept)-1``), tensor
 blocks are skipped, everything outside the blocks (embeddings, norm, LM head) is copied
 unchanged. Each source shard gives one output shard (so no output shard is larger than the
 largest source shard), with a new ``model.safetensors.index.json``. ``config.json`` gets
-:func:`prune.models.pruned_config_updates`; tokenizer, generation config and other small
-files are carried over (not the original model card, nor weights in other formats).
+:func:`prune.models.pruned_config_updates` and is written by ``save_pretrained``; tokenizer,
+generation config and other small files are carried over (not the original model card, nor
+weights in other formats, nor a pruned source's ``eval.*`` / ``recipe.yaml``).
 
 Which checkpoint tensor belongs to which block is decided by transformers' own key mapping
 (:class:`~prune.skeleton.Skeleton`), and the written folder is checked the same way: it must
@@ -22,17 +23,32 @@ import os
 import re
 import shutil
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
-from prune.io.safetensors import INDEX_NAME, SINGLE_NAME, TensorEntry, byte_ranges, copy_bytes, local_folder
+import torch
+
 from prune.core.errors import PruneError
+from prune.core.records import PruningRecord
+from prune.export.public import clean_config_file
 from prune.export.saving import staged, write_extras
-from prune.model.loading import plain_config_dict, pruned_config_updates
+from prune.io.safetensors import (
+    INDEX_NAME,
+    SINGLE_NAME,
+    TensorEntry,
+    byte_ranges,
+    copy_bytes,
+    local_folder,
+    open_file,
+)
+from prune.io.source import ModelSource
+from prune.model.loading import pruned_config_updates
 from prune.model.surgery import check_indices
 
 #: files never carried over: weights in other formats, the original model card, our own outputs
 SKIP_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$|^README\.md$|^config\.json$|"
-                        rf"^{re.escape(INDEX_NAME)}$|^pytorch_model.*\.json$|^pruning\.json$|^\..*")
+                        rf"^{re.escape(INDEX_NAME)}$|^pytorch_model.*\.json$|^pruning\.json$|^\..*|"
+                        r"^eval\.(json|md)$|^recipe\.yaml$")  # a pruned source's evaluation and recipe: stale here
 
 
 def renumber_key(key: str, attr: str, old: int, new: int) -> str:
@@ -42,6 +58,47 @@ def renumber_key(key: str, attr: str, old: int, new: int) -> str:
     if match is None:
         raise PruneError(f"cannot find block {old} in checkpoint key {key!r} (expected '{attr}.{old}.')")
     return key[: match.start()] + f"{match.group(1)}{attr}.{new}." + key[match.end():]
+
+
+@dataclass(frozen=True)
+class Converted:
+    """A source tensor written in another floating dtype (``output.dtype``): read, converted
+    and written one tensor at a time, so memory holds at most one tensor."""
+
+    entry: TensorEntry
+    target: torch.dtype
+
+    @property
+    def dtype(self) -> str:
+        return SAFETENSORS_NAMES[self.target]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.entry.shape
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return self.target
+
+    @property
+    def nbytes(self) -> int:
+        return self.entry.numel() * self.target.itemsize
+
+    def write(self, out) -> None:
+        with open_file(self.entry.file) as handle:
+            tensor = handle.get_tensor(self.entry.key)
+        out.write(tensor.to(self.target).contiguous().view(torch.uint8).numpy().tobytes())
+
+
+SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def convert_entries(tensors: list[tuple[str, TensorEntry]], target: torch.dtype | None) -> list[tuple[str, object]]:
+    """Floating tensors not already in ``target`` wrapped as :class:`Converted` (``None``: unchanged)."""
+    if target is None:
+        return tensors
+    return [(name, Converted(e, target) if e.torch_dtype.is_floating_point and e.torch_dtype != target else e)
+            for name, e in tensors]
 
 
 def write_safetensors(path: Path, tensors: list[tuple[str, TensorEntry]], metadata: dict | None = None) -> int:
@@ -67,6 +124,9 @@ def write_safetensors(path: Path, tensors: list[tuple[str, TensorEntry]], metada
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
         for _, entry in tensors:
+            if isinstance(entry, Converted):
+                entry.write(out)
+                continue
             if entry.file not in ranges:
                 ranges[entry.file] = byte_ranges(entry.file)
             copy_bytes(entry.file, *ranges[entry.file][entry.key], out)
@@ -104,37 +164,69 @@ def prune_checkpoint(
     removed,
     out_dir: str | os.PathLike,
     *,
-    pruning: dict | None = None,
+    pruning: PruningRecord | dict | None = None,
     files: dict[str, str] | None = None,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    dtype: str | None = None,
+    base_model: str | None = None,
     inputs=(),
+    new_step: bool = True,
 ) -> Path:
     """Write the checkpoint of ``source`` without the blocks ``removed`` (0-based) to ``out_dir``.
 
-    ``source`` is a safetensors model folder or a Hub id; ``pruning`` and ``files`` are
-    written as by :func:`prune.save`. Returns the output folder. The result loads with
-    ``AutoModelForCausalLM.from_pretrained`` and equals, tensor for tensor, the checkpoint
-    ``prune.remove_layers`` + ``prune.save`` would write.
+    ``source`` is a safetensors model folder or a Hub id; ``files`` are written as by
+    :func:`prune.save`. With ``pruning`` (a record, or ``{}`` for a bare ``prune remove``)
+    the folder gets ``pruning.json`` with its lineage (a pruned source's record is extended:
+    indices mapped to the original model) and a model card; the source's ``eval.*`` and
+    ``recipe.yaml`` are never carried over (they describe another model). ``dtype``
+    (``bfloat16``, ``float16``, ``float32``; ``auto``/None = as stored) converts floating
+    tensors one at a time. Returns the output folder. Without ``dtype`` the result equals,
+    tensor for tensor, the checkpoint ``prune.remove_layers`` + ``prune.save`` would write.
+    ``new_step=False``: ``pruning`` already has its lineage (``prune run`` out of core) and is
+    written as it is. ``inputs``: paths the output must never touch (:mod:`prune.io.guard`).
     """
     from transformers import AutoConfig
 
+    from prune.core.config import resolve_dtype
+    from prune.io.source import resolve_source
     from prune.model.skeleton import Skeleton
 
     from prune.io.guard import input_paths
     from prune.io.staging import check_output_dir
 
-    folder = local_folder(source)
+    src = resolve_source(source) if not isinstance(source, ModelSource) else source
+    folder = local_folder(src)
     inputs = [*inputs, *input_paths(folder, label="the source model")]
     check_output_dir(out_dir, overwrite, inputs, flag="--output")  # before reading any shard
     sk = Skeleton(folder, trust_remote_code=trust_remote_code)  # meta model: key mapping only
     n_layers = len(sk.layers)
     removed = check_indices(removed, n_layers)
     kept = [i for i in range(n_layers) if i not in set(removed)]
-    shards = plan_tensors(sk, kept)
+    record = None
+    if pruning is not None and not new_step:
+        from prune.export.lineage import as_record
+
+        record = as_record(pruning)
+    elif pruning is not None:  # lineage first: a record that contradicts the weights fails before writing
+        record = remove_record(src, pruning, n_layers, removed, sk, base_model=base_model)
+    target = resolve_dtype(dtype)
+    target = None if target == "auto" else target
+    shards = {name: convert_entries(items, target) for name, items in plan_tensors(sk, kept).items()}
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     for key, value in pruned_config_updates(config, kept).items():
         setattr(config, key, value)
+    stored = next((e.torch_dtype for items in shards.values() for _, e in items if e.torch_dtype.is_floating_point), None)
+    if record is not None:
+        record.dtype = str(target or stored).removeprefix("torch.")
+        if "README.md" not in (files or {}):
+            from prune.export.card import render_card
+            from prune.export.public import public_yaml
+
+            name = Path(out_dir).name
+            recipe_yaml = (files or {}).get("recipe.yaml")
+            files = {**(files or {}), "README.md": render_card(
+                record, model_name=name, load_id=f"path/to/{name}", recipe_yaml=public_yaml(recipe_yaml) if recipe_yaml else None)}
     with staged(out_dir, overwrite, inputs) as stage:
         names = [SINGLE_NAME] if len(shards) == 1 else \
             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -148,10 +240,36 @@ def prune_checkpoint(
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (stage / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         carry_files(folder, stage)
-        (stage / "config.json").write_text(json.dumps(plain_config_dict(config), indent=2, sort_keys=True) + "\n")
+        config.save_pretrained(stage)  # as save_pretrained writes it: no local _name_or_path
+        clean_config_file(stage, dtype=None if target is None else str(target).removeprefix("torch."))
         check_complete(stage, trust_remote_code=trust_remote_code)
-        write_extras(stage, pruning, files)
+        write_extras(stage, record, files)
     return Path(out_dir).expanduser()
+
+
+def remove_record(src, pruning: PruningRecord | dict, n_layers: int, removed: list[int], sk,
+                  base_model: str | None = None) -> PruningRecord:
+    """The lineage record of removing ``removed`` from ``src`` (``n_layers`` blocks): the
+    fields of ``pruning`` (a run's record, or ``{}``), this step's indices, parameter counts
+    from the shard headers, and the source's own record as parent."""
+    from prune.core.console import versions
+    from prune.export.lineage import extend, read_parent
+
+    data = pruning.model_dump(exclude_unset=True) if isinstance(pruning, PruningRecord) else dict(pruning)
+    numel = {k: sk.checkpoint.entries[k].numel() for k in sk.target}
+    gone = set(removed)
+    facts = {"params_before": sum(numel.values()),
+             "params_after": sum(n for k, n in numel.items() if sk.block_of.get(k) not in gone),
+             "model_type": sk.model.config.model_type}
+    kept = [i for i in range(n_layers) if i not in gone]
+    data.update(removed=sorted(removed), kept=kept, layers_before=n_layers, layers_after=len(kept))
+    for key, value in facts.items():
+        data.setdefault(key, value)
+    data.setdefault("versions", versions())
+    data.setdefault("command", "remove")
+    data.pop("source", None)
+    record = PruningRecord.model_validate(data)
+    return extend(record, read_parent(src, n_layers), src, base_model)
 
 
 def check_complete(folder: Path, *, trust_remote_code: bool = False) -> None:

@@ -3,27 +3,35 @@
 ``push(folder, repo_id)``:
   1. refuses a folder that is not a complete checkpoint (:func:`prune.check.check_checkpoint`
      with the card and ``pruning.json`` required) before anything is sent;
-  2. lists the files to upload (every regular file, hidden names excluded) - with
-     ``dry_run=True`` it prints this plan (repo, revision, visibility, files, sizes) and
-     stops: no network, no token needed;
+  2. lists the files to upload (every regular file; hidden names and ``exclude`` glob
+     patterns left out) and re-renders the card for the repo (:func:`card_for_repo`: the
+     load snippet names ``repo_id``, ``pruning.json`` records ``repo_id``). With
+     ``dry_run=True`` it prints this plan and stops: no network, no token needed;
   3. ``HfApi.create_repo(repo_id, private=..., exist_ok=True)``, ``create_branch`` for a
-     revision other than ``main``, then ``upload_folder`` restricted to exactly the listed files.
+     revision other than ``main``, then one ``create_commit`` of exactly the listed files
+     (``create_pr=True``: as a pull request). ``create_commit`` has the Hub validate the
+     card's metadata first (``/api/validate-yaml``: licenses, ``model-index``, relations),
+     so a card the Hub would refuse fails before any file is sent.
+  4. after a successful push (not a pull request), the re-rendered ``README.md`` and
+     ``pruning.json`` are written back into the folder, so a later ``prune run`` on it knows
+     its Hub parent. A failed push leaves the folder untouched.
 
-The token comes from the usual ``huggingface_hub`` sources (``HF_TOKEN``, ``hf auth login``);
-it is never printed, logged or written anywhere, and is scrubbed from error messages.
-Network, offline and authentication failures raise one :class:`PruneError` line; the local
-folder is only read. An existing repo keeps its visibility (``private`` applies on creation).
+The token comes from ``token_file`` or the usual ``huggingface_hub`` sources (``HF_TOKEN``,
+``hf auth login``); it is never printed, logged or written anywhere, and is scrubbed from
+error messages. Network, offline and authentication failures raise one :class:`PruneError`
+line. An existing repo keeps its visibility (``private`` applies on creation).
 """
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prune.export.check import check_checkpoint, human_size
 from prune.core.errors import PruneError, first_line
+from prune.core.records import RECORD_FILE, read_record, record_json
+from prune.export.check import check_checkpoint, human_size
 
 DEFAULT_BRANCH = "main"
 
@@ -38,6 +46,9 @@ class UploadPlan:
     private: bool
     commit_message: str
     files: list[tuple[str, int]] = field(default_factory=list)
+    rendered: dict[str, str] = field(default_factory=dict)  # file name -> new text (card and record for the repo)
+    create_pr: bool = False
+    excluded: list[str] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -47,9 +58,14 @@ class UploadPlan:
         lines = [
             f"repo      {self.repo_id} (model; created {'private' if self.private else 'public'} if missing, "
             "an existing repo keeps its visibility)",
-            f"revision  {self.revision}",
+            f"revision  {self.revision}" + (" (as a pull request)" if self.create_pr else ""),
             f"message   {self.commit_message}",
         ]
+        if self.rendered:
+            lines.append(f"card      {', '.join(sorted(self.rendered))} re-rendered for {self.repo_id} (load snippet, "
+                         "lineage links; sizes below are of the new files)")
+        if self.excluded:
+            lines.append(f"excluded  {', '.join(self.excluded)}")
         if token_found is not None:
             lines.append("token     " + ("found (not shown)" if token_found else
                                          "NOT found: a real push needs `hf auth login` or HF_TOKEN"))
@@ -62,8 +78,9 @@ class UploadPlan:
         return "\n".join(lines)
 
 
-def upload_files(folder: Path) -> list[tuple[str, int]]:
-    """Every regular file under ``folder`` (sorted, POSIX relative paths), hidden names excluded.
+def upload_files(folder: Path, exclude: list[str] | tuple[str, ...] = ()) -> list[tuple[str, int]]:
+    """Every regular file under ``folder`` (sorted, POSIX relative paths), hidden names and files
+    matching an ``exclude`` glob pattern (on the relative path or the file name) left out.
     Symbolic links are resolved: one that leads outside ``folder`` (a planted link to
     ``$HF_HOME/token``, to ``~/.ssh``) is refused, so nothing outside the folder is ever sent."""
     out = []
@@ -71,6 +88,8 @@ def upload_files(folder: Path) -> list[tuple[str, int]]:
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts):
+            continue
+        if any(fnmatch.fnmatch(rel.as_posix(), p) or fnmatch.fnmatch(rel.name, p) for p in exclude):
             continue
         try:
             real = path.resolve(strict=True)
@@ -86,16 +105,52 @@ def upload_files(folder: Path) -> list[tuple[str, int]]:
 
 
 def default_commit_message(folder: Path) -> str:
-    import json
-
     from prune.core.console import __version__
 
     try:
-        record = json.loads((folder / "pruning.json").read_text())
-        n0 = (record.get("original") or {}).get("n_layers") or record.get("layers_before")
-        return f"Upload layer-pruned model: {n0} -> {record.get('layers_after')} decoder blocks (prune {__version__})"
-    except (OSError, ValueError, AttributeError):
+        record = read_record(folder / RECORD_FILE)
+    except (OSError, PruneError):
         return f"Upload layer-pruned model (prune {__version__})"
+    n0 = (record.original.n_layers if record.original else None) or record.layers_before
+    return f"Upload layer-pruned model: {n0} -> {record.layers_after} decoder blocks (prune {__version__})"
+
+
+def card_for_repo(folder: Path, repo_id: str) -> dict[str, str]:
+    """``README.md`` and ``pruning.json`` of ``folder`` as they are published to ``repo_id``:
+    the record with ``repo_id`` set, the card rendered from it, ``eval.json`` and ``recipe.yaml``
+    with the load snippet naming the repo. ``{}`` for a folder without ``pruning.json``."""
+    import json
+
+    from prune.export.card import render_card
+
+    if not (folder / RECORD_FILE).is_file():
+        return {}
+    record = read_record(folder / RECORD_FILE)
+    record.repo_id = repo_id
+    evaluation = {}
+    if (folder / "eval.json").is_file():
+        try:
+            evaluation = json.loads((folder / "eval.json").read_text())
+        except json.JSONDecodeError:
+            evaluation = {}
+    recipe = (folder / "recipe.yaml").read_text() if (folder / "recipe.yaml").is_file() else None
+    card = render_card(record, rows=evaluation.get("rows"), settings=evaluation.get("settings"), recipe_yaml=recipe,
+                       model_name=repo_id.split("/")[-1], load_id=repo_id)
+    return {"README.md": card, RECORD_FILE: record_json(record)}
+
+
+def read_token_file(path: str | os.PathLike) -> str:
+    """The token in ``path`` (first line, stripped); one-line errors, the token is never shown."""
+    file = Path(path).expanduser()
+    try:
+        token = file.read_text().strip().splitlines()[0].strip() if file.is_file() else ""
+    except (OSError, UnicodeDecodeError, IndexError):
+        token = ""
+    if not file.is_file():
+        raise PruneError(f"--token-file {file} not found (give a file holding a Hugging Face token)")
+    if not token:
+        raise PruneError(f"--token-file {file} is empty (put a Hugging Face token with write access in it)")
+    return token
 
 
 # ---- checks that need no network ------------------------------------------------------------
@@ -122,20 +177,21 @@ def offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or value in ("1", "ON", "YES", "TRUE")
 
 
-def check_can_push(repo_id: str) -> None:
+def check_can_push(repo_id: str, token: str | None = None) -> None:
     """A push can be attempted: valid repo id, not offline, a token available (not shown)."""
     check_repo_id(repo_id)
     if offline():
         raise PruneError("HF_HUB_OFFLINE is set: the Hub cannot be reached (unset it to push, or use --dry-run)")
     from huggingface_hub import get_token
 
-    if not get_token():
-        raise PruneError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN (a token with write access)")
+    if not (token or get_token()):
+        raise PruneError("no Hugging Face token found: run `hf auth login`, set HF_TOKEN or give --token-file "
+                         "(a token with write access)")
 
 
 # ---- push -------------------------------------------------------------------------------------
 def plan_push(folder: str | os.PathLike, repo_id: str, *, revision: str | None = None, private: bool = True,
-              commit_message: str | None = None, quiet: bool = False) -> UploadPlan:
+              commit_message: str | None = None, quiet: bool = False, exclude=(), create_pr: bool = False) -> UploadPlan:
     """Check the folder (refusing an incomplete one) and list what a push would send."""
     check_repo_id(repo_id)
     path = Path(folder).expanduser()
@@ -143,27 +199,41 @@ def plan_push(folder: str | os.PathLike, repo_id: str, *, revision: str | None =
     if not quiet:
         print(report.summary(), flush=True)
     report.raise_for_problems("refusing to push", shown=not quiet)
-    return UploadPlan(path, repo_id, revision or DEFAULT_BRANCH, private,
-                      commit_message or default_commit_message(path), upload_files(path))
+    rendered = card_for_repo(path, repo_id)
+    files = [(name, len(rendered[name].encode()) if name in rendered else size)
+             for name, size in upload_files(path, list(exclude))]
+    for name in ("README.md", RECORD_FILE):
+        if name in rendered and name not in {n for n, _ in files}:
+            raise PruneError(f"--exclude leaves out {name}, which a pushed model needs (remove that pattern)")
+    return UploadPlan(path, repo_id, revision or DEFAULT_BRANCH, private, commit_message or default_commit_message(path),
+                      files, rendered, create_pr, list(exclude))
 
 
 def push(folder: str | os.PathLike, repo_id: str, *, revision: str | None = None, private: bool = True,
-         commit_message: str | None = None, dry_run: bool = False, quiet: bool = False) -> UploadPlan | str:
+         commit_message: str | None = None, dry_run: bool = False, quiet: bool = False, exclude=(),
+         create_pr: bool = False, token_file: str | os.PathLike | None = None) -> UploadPlan | str:
     """Push ``folder`` to ``repo_id`` (see module docstring). Returns the plan for a dry
-    run, otherwise the URL of the commit."""
+    run, otherwise the URL of the commit (or of the pull request)."""
+    token = read_token_file(token_file) if token_file else None
+    if create_pr and revision not in (None, DEFAULT_BRANCH):
+        raise PruneError("--create-pr opens a pull request against main: leave out --revision")
     if not dry_run:
-        check_can_push(repo_id)  # offline / no token: fail before reading anything
-    plan = plan_push(folder, repo_id, revision=revision, private=private, commit_message=commit_message, quiet=quiet)
+        check_can_push(repo_id, token)  # offline / no token: fail before reading anything
+    plan = plan_push(folder, repo_id, revision=revision, private=private, commit_message=commit_message, quiet=quiet,
+                     exclude=exclude, create_pr=create_pr)
     if dry_run:
         from huggingface_hub import get_token
 
-        print("\ndry run: nothing is sent. A push would upload:\n" + plan.describe(token_found=bool(get_token())))
+        print("\ndry run: nothing is sent. A push would upload:\n" + plan.describe(token_found=bool(token or get_token())))
         return plan
     if not quiet:
         print(f"\npushing to {repo_id}@{plan.revision}:\n{plan.describe()}", flush=True)
-    url = _upload(plan)
+    url = _upload(plan, token)
+    if not create_pr:
+        for name, text in plan.rendered.items():  # the folder now says where it lives
+            (plan.folder / name).write_text(text)
     if not quiet:
-        print(f"pushed: {url}")
+        print(f"{'pull request opened' if create_pr else 'pushed'}: {url}")
     return url
 
 
@@ -173,10 +243,18 @@ def push_config(folder, cfg, *, quiet: bool = False) -> str:
                 quiet=quiet)
 
 
-def _upload(plan: UploadPlan) -> str:
+def commit_operations(plan: UploadPlan) -> list:
+    """One ``CommitOperationAdd`` per listed file: re-rendered files from memory, the rest from disk."""
+    from huggingface_hub import CommitOperationAdd
+
+    return [CommitOperationAdd(name, plan.rendered[name].encode() if name in plan.rendered else str(plan.folder / name))
+            for name, _ in plan.files]
+
+
+def _upload(plan: UploadPlan, token: str | None = None) -> str:
     from huggingface_hub import HfApi, get_token
 
-    token = get_token()
+    token = token or get_token()
     api = HfApi(token=token)
     stage = "prepare"
     try:
@@ -184,20 +262,28 @@ def _upload(plan: UploadPlan) -> str:
         if plan.revision != DEFAULT_BRANCH:
             api.create_branch(plan.repo_id, branch=plan.revision, exist_ok=True, repo_type="model")
         stage = "upload"
-        info = api.upload_folder(repo_id=plan.repo_id, folder_path=str(plan.folder), repo_type="model",
-                                 revision=plan.revision, commit_message=plan.commit_message,
-                                 allow_patterns=[glob.escape(name) for name, _ in plan.files])
+        info = api.create_commit(repo_id=plan.repo_id, operations=commit_operations(plan), repo_type="model",
+                                 revision=plan.revision, commit_message=plan.commit_message, create_pr=plan.create_pr)
     except PruneError:
         raise
+    except ValueError as exc:
+        if "README.md" not in str(exc):
+            raise PruneError(_scrub(failure_line(exc, plan, stage), token)) from None
+        # the Hub's card validation refused README.md: raised before any file is sent
+        first = " ".join(str(exc).split())
+        raise PruneError(_scrub(f"push to {plan.repo_id} failed before any file was sent: the Hub refuses the model "
+                                f"card: {first} (fix README.md's front matter)", token)) from None
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line
         raise PruneError(_scrub(failure_line(exc, plan, stage), token)) from None
+    if plan.create_pr and getattr(info, "pr_url", None):
+        return info.pr_url
     return getattr(info, "commit_url", None) or str(info)
 
 
 def failure_line(exc: BaseException, plan: UploadPlan, stage: str = "prepare") -> str:
     """One line for a failed push: authentication, permission, network or the Hub's answer.
     ``stage`` is ``"prepare"`` (repo/branch creation: nothing was sent) or ``"upload"``
-    (``upload_folder`` may have committed part of the files before failing)."""
+    (the commit may not have been made)."""
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError
 

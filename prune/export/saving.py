@@ -10,13 +10,14 @@ after the new folder is complete).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from prune.core.records import PruningRecord, parse_record, write_record
+from prune.core.errors import PruneError
+from prune.core.records import RECORD_FILE, PruningRecord, record_json
 from prune.core.faults import fault_point
-from prune.model.loading import is_dispatched, plain_config_dict
+from prune.export.public import clean_config_file, public_text
+from prune.model.loading import is_dispatched
 
 from prune.io.guard import check_output, input_paths, safe_join  # noqa: F401  (re-exported)
 from prune.io.staging import (  # noqa: F401  (re-exported: the atomic-folder code lives in prune.io.staging)
@@ -36,50 +37,132 @@ def save(
     tokenizer,
     out_dir: str | os.PathLike,
     *,
-    pruning: dict | None = None,
+    pruning: PruningRecord | dict | None = None,
     files: dict[str, str] | None = None,
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
+    dtype: str | None = None,
+    source=None,
     inputs=(),
 ) -> Path:
     """Save ``model`` and ``tokenizer`` as a plain checkpoint (safetensors) plus metadata.
 
     ``pruning`` is written as ``pruning.json``; ``files`` maps relative file names to text
-    contents written beside it (``recipe.yaml``, ``eval.md``, ``README.md`` ...). Returns the
-    final folder. The GGUF loader's ``quantization_config`` is dropped: weights are saved
-    dequantized, so the folder loads with ``AutoModelForCausalLM.from_pretrained`` alone.
+    contents written beside it (``recipe.yaml``, ``eval.md``, ``README.md`` ...). With a
+    ``pruning`` record and no ``README.md`` in ``files``, the record gets its lineage (a
+    record of only ``removed`` counts as one step from an original model; ``source``: the
+    :class:`~prune.io.source.ModelSource` it was loaded from, when known) and a model card
+    is written, so the folder is ready for ``prune push``. ``dtype`` (``auto``/None = as
+    loaded, ``bfloat16``, ``float16``, ``float32``) converts the saved weights only (the
+    model in memory is untouched). ``config.json`` is exactly what ``save_pretrained``
+    writes, minus the GGUF loader's ``quantization_config`` (weights are saved dequantized).
+    Every JSON/YAML file is cleaned of local paths (:mod:`prune.export.public`). ``inputs``:
+    paths the output must never touch (:mod:`prune.io.guard`). Returns the final folder.
     """
+    if pruning is not None and "README.md" not in (files or {}):
+        pruning, card = record_and_card(model, pruning, out_dir, source=source, dtype=dtype)
+        files = {**(files or {}), "README.md": card}
     with staged(out_dir, overwrite, inputs) as stage:
         if is_dispatched(model):  # Accelerate's offload hooks untie tied weights after a forward:
             model.tie_weights()  # re-tie, or the tied copy (lm_head) would be saved twice
         fault_point("saving")
-        model.save_pretrained(stage, max_shard_size=max_shard_size)
+        target = saved_dtype(model, dtype)
+        state = None if target == _model_dtype(model) else converted_state(model, target)
+        model.save_pretrained(stage, max_shard_size=max_shard_size, state_dict=state)
         fault_point("saved_weights")
-        (stage / "config.json").write_text(json.dumps(plain_config_dict(model.config), indent=2, sort_keys=True) + "\n")
+        clean_config_file(stage, dtype=None if state is None else dtype_name(target))
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
         write_extras(stage, pruning, files)
     return Path(out_dir).expanduser()
 
 
+def _model_dtype(model):
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def saved_dtype(model, dtype: str | None):
+    """The torch dtype the weights are saved in: ``dtype`` (``output.dtype``), ``auto``/None = as loaded."""
+    from prune.core.config import resolve_dtype
+
+    target = resolve_dtype(dtype)
+    return _model_dtype(model) if target == "auto" else target
+
+
+def converted_state(model, dtype) -> dict:
+    """The model's state dict with floating tensors in ``dtype``; tensors that share storage
+    (tied embeddings) stay shared, so ``save_pretrained`` still saves them once."""
+    done: dict = {}
+    out = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+        if key not in done:
+            done[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        out[name] = done[key]
+    return out
+
+
+def record_and_card(model, pruning: PruningRecord | dict, out_dir, *, source=None, dtype: str | None = None,
+                    rows: list[dict] | None = None, settings: dict | None = None, recipe_yaml: str | None = None):
+    """``(record, card)`` for :func:`save` from the Python API: ``pruning`` normalised to a
+    lineage record of the model as it is now (blocks, parameters, dtype) and its card."""
+    from prune.core.console import versions
+    from prune.export.card import render_card
+    from prune.export.lineage import as_record, extend, normalize_step
+    from prune.model.loading import count_parameters, decoder_layers
+
+    n_now = len(decoder_layers(model))
+    record = as_record(pruning)
+    if record.layers_before is None or not record.kept or record.step == 1 and not record.kept_original:
+        record = normalize_step(record, n_now)
+        if source is not None:
+            record = extend(record, None, source)
+    if record.params_after is None:
+        record.params_after = count_parameters(model)
+    record.model_type = record.model_type or model.config.model_type
+    record.dtype = dtype_name(saved_dtype(model, dtype))
+    record.command = record.command or "save"
+    record.versions = record.versions or versions()
+    name = Path(out_dir).name
+    card = render_card(record, rows=rows, settings=settings, recipe_yaml=recipe_yaml, model_name=name,
+                       load_id=f"path/to/{name}")
+    return record, card
+
+
 def write_extras(stage: Path, pruning: PruningRecord | dict | None, files: dict[str, str] | None) -> None:
     """``pruning.json`` (a :class:`~prune.core.records.PruningRecord`, or a dict validated as one)
-    and the extra text files of a checkpoint folder."""
+    and the extra text files of a checkpoint folder, JSON and YAML files cleaned of local paths
+    (:func:`prune.export.public.public_text`)."""
+    from prune.export.lineage import as_record
+
     if pruning is not None:
-        write_record(stage, pruning if isinstance(pruning, PruningRecord) else parse_record(pruning))
+        (stage / RECORD_FILE).write_text(public_text(RECORD_FILE, record_json(as_record(pruning))))
     for name, text in (files or {}).items():
         target = safe_join(stage, name)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
+        target.write_text(public_text(name, text))
 
 
 # ---- lineage, model card, push: what `prune run` adds around `save` ---------------------
-def preflight_export(recipe, src, n_layers: int) -> dict | None:
+def preflight_export(recipe, src, n_layers: int) -> PruningRecord | None:
     """Checks before any weights are loaded: the source's own ``pruning.json`` (when it was
-    itself pruned) agrees with its ``n_layers`` blocks, and ``output.push_to_hub`` can be
-    attempted (valid repo id, a token, not offline). Returns the parent record or ``None``."""
+    itself pruned) agrees with its ``n_layers`` blocks, ``model.base_model`` is only given
+    for a local source, and ``output.push_to_hub`` can be attempted (valid repo id, a token,
+    not offline). Returns the parent record or ``None``."""
     from prune.export.lineage import read_parent
 
+    base = getattr(recipe.model, "base_model", None)
+    if base and src.kind == "hub" and base != src.path:
+        raise PruneError(f"model.base_model={base!r} is only for a local source: {src.path} is a Hub id and is the "
+                         "base model itself (remove model.base_model)")
+    if recipe.heal is not None and not getattr(recipe.heal, "merge", True):
+        raise PruneError("heal.merge: false (a LoRA adapter instead of merged weights) is for `prune heal RUN_DIR "
+                         "--set merge=false`, which writes the adapter of the saved pruned run; in a recipe keep "
+                         "merge: true, or run without heal and heal the output afterwards")
     parent = read_parent(src, n_layers)
     if recipe.output.push_to_hub is not None:
         from prune.export.push import check_can_push
@@ -88,20 +171,30 @@ def preflight_export(recipe, src, n_layers: int) -> dict | None:
     return parent
 
 
-def prepare_export(pruning: dict, evaluation: dict, recipe, src, parent: dict | None, *,
-                   new_step: bool = True, out_dir=None) -> tuple[dict, str]:
-    """``(pruning, card)``: the record with the recipe (so each step of a chain keeps its own),
-    extended with its lineage when it is a ``new_step`` (``prune heal`` keeps the step it heals),
-    and the model card text written as ``README.md``."""
+def prepare_export(pruning: PruningRecord | dict, evaluation: dict, recipe, src, parent: PruningRecord | None, *,
+                   new_step: bool = True, out_dir=None, model=None) -> tuple[PruningRecord, str]:
+    """``(record, card)``: the record with the recipe (local paths made public, so each step of a
+    chain keeps its own), extended with its lineage when it is a ``new_step`` (``prune heal``
+    keeps the step it heals), and the model card text written as ``README.md``. ``recipe`` is
+    ``None`` for a folder that has none (then ``out_dir`` names the output)."""
     from prune.export.card import render_card
-    from prune.export.lineage import extend
+    from prune.export.lineage import as_record, extend
+    from prune.export.public import public_data, public_yaml
 
     out_dir = str(out_dir if out_dir is not None else recipe.output.dir)
-    record = {**pruning, "recipe": recipe.model_dump(mode="json")} if recipe is not None else dict(pruning)
+    record = as_record(pruning)
+    if recipe is not None:
+        record = record.model_copy(update={"recipe": public_data(recipe.model_dump(mode="json"))})
     if new_step:
-        record = extend(record, parent, src)
+        record = extend(record, parent, src, getattr(recipe.model, "base_model", None) if recipe else None)
+        record.command = "run"
+    if recipe is not None:
+        wanted = getattr(recipe.output, "dtype", "auto")
+        record.dtype = dtype_name(saved_dtype(model, wanted)) if model is not None else (
+            wanted if wanted != "auto" else None if recipe.model.dtype == "auto" else recipe.model.dtype)
     push = recipe.output.push_to_hub if recipe is not None else None
-    card = render_card(record, rows=evaluation.get("rows"), recipe_yaml=recipe.to_yaml() if recipe else None,
-                       settings=evaluation.get("settings") if recipe is not None and recipe.evaluate else None,
-                       model_name=Path(out_dir).name, load_id=push.repo_id if push else out_dir)
+    name = Path(out_dir).name
+    card = render_card(record, rows=evaluation.get("rows"), recipe_yaml=public_yaml(recipe.to_yaml()) if recipe else None,
+                       settings=public_data(evaluation.get("settings")) if recipe is not None and recipe.evaluate else None,
+                       model_name=name, load_id=push.repo_id if push else f"path/to/{name}")
     return record, card

@@ -239,9 +239,11 @@ def _check_in_memory(model: nn.Module) -> None:
 
 # ---- LoRA ---------------------------------------------------------------------------------------
 def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.Tensor | None = None, *,
-              quiet: bool = False, callback=None, train_fn=None) -> dict:
+              quiet: bool = False, callback=None, train_fn=None, adapter_dir: str | None = None) -> dict:
     """LoRA on the pruned ``model`` (in place), causal-LM loss (or ``train_fn(module, params)``,
-    e.g. distillation), merged back into the weights."""
+    e.g. distillation), merged back into the weights. ``adapter_dir``: also save the trained
+    adapter there (PEFT format); with ``cfg.merge`` false the adapter is only saved, and
+    ``model`` keeps its pruned weights."""
     from peft import LoraConfig, get_peft_model
 
     started = time.time()
@@ -259,8 +261,13 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
         params = [p for p in peft_model.parameters() if p.requires_grad]
         n_params = sum(p.numel() for p in params)
         log = (train_fn or _train_lm)(peft_model, params, windows, cfg, quiet, callback)
-        peft_model.merge_and_unload()
-        merged = True
+        if adapter_dir is not None:
+            peft_model.save_pretrained(adapter_dir)
+        if cfg.merge:
+            peft_model.merge_and_unload()
+            merged = True
+        else:
+            with_adapter = mean_lm_loss(model, val_windows)  # adapters are injected into `model`: still active
     finally:
         if not merged:  # failed or interrupted: take the adapters out, leave the weights as they were
             peft_model.unload()
@@ -273,12 +280,12 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
     leftover = [n for n, m in model.named_modules() if type(m).__module__.startswith("peft")]
     if leftover:
         raise PruneError(f"internal error: adapter modules left after merging LoRA: {leftover[:3]}; please report this")
-    after = mean_lm_loss(model, val_windows)
+    after = mean_lm_loss(model, val_windows) if cfg.merge else with_adapter
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in targets})
     record = _record(cfg, log, [f"lora r={cfg.rank} on {len(targets)} modules: {', '.join(suffixes)}"], n_params,
                      windows, val_windows, before, after, started)
     record["lora"] = {"rank": cfg.rank, "alpha": cfg.alpha, "modules": len(targets), "targets": suffixes,
-                      "adapter_parameters": n_params, "merged": True}
+                      "adapter_parameters": n_params, "merged": cfg.merge}
     return record
 
 

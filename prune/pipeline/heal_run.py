@@ -149,7 +149,7 @@ def _healed_markdown(original: dict, before: dict, healed: dict, facts: dict) ->
 
 def heal_run(run_dir, output, *, method: str | None = None, config: str | None = None, data: str | None = None,
              field=None, rows: str | None = None, overrides=(), evaluate: bool = False, overwrite: bool = False,
-             quiet: bool = False, trust_remote_code: bool = False) -> Path:
+             quiet: bool = False, trust_remote_code: bool = False, source: str | None = None) -> Path:
     """Heal the model of ``run_dir`` into the new folder ``output`` (see module docstring); returns it.
 
     Code shipped with a checkpoint runs only when ``trust_remote_code`` is given here (the CLI's
@@ -160,7 +160,6 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     from prune.core.records import read_record
     from prune.core.tables import comparison_rows
     from prune.export.saving import check_output_dir, save
-    from prune.io.source import resolve_source
     from prune.measure.evaluation import evaluate_loaded
     from prune.measure.scoring import score
     from prune.model.loading import context_length, count_parameters, load_model
@@ -181,11 +180,13 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     cfg = heal_settings(recipe_data, config, method, data, field, rows, overrides)
     inputs = command_inputs(None, [config, cfg.data.path if cfg.data else None], run_dir=str(run))
     check_output_dir(out, overwrite, inputs, flag="--output")
+    from prune.pipeline.recipe import expand_env  # published recipes say ${PRUNE_DATA_DIR}/... (prune.export.public)
+
     recipe = None
     if recipe_data is not None:
         output_section = {**(recipe_data.get("output") or {}), "dir": str(out), "overwrite": overwrite}
         output_section.pop("push_to_hub", None)  # a heal pushes nothing unless asked (prune push)
-        recipe = Recipe.model_validate({**recipe_data, "heal": cfg.model_dump(), "output": output_section})
+        recipe = Recipe.model_validate(expand_env({**recipe_data, "heal": cfg.model_dump(), "output": output_section}))
     eval_cfg: EvaluateConfig | None = recipe.evaluate if recipe else None
     check_heal_data(cfg, eval_cfg, "heal settings")
     if evaluate and eval_cfg is None:
@@ -216,11 +217,11 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
             raise PruneError(f"{run} is already healed ({pruning.healing.get('method')}); a replacement layer is "
                              "rebuilt from the source model (heal the unhealed run folder instead)")
         check_run(pruning.removed, len(pruning.removed) + len(pruning.kept))
-        s = pruning.source
-        try:
-            src = resolve_source(s.path, s.gguf_file, s.revision)
-        except PruneError as exc:
-            raise PruneError(f"a replacement layer needs the original model {s.path}: {exc}") from None
+        from prune.export.lineage import recorded_source
+
+        src = recorded_source(pruning.source, source)
+    if not cfg.merge and cfg.method != "lora":
+        raise PruneError(f"heal.merge: false keeps a LoRA adapter apart; method {cfg.method} has none (use lora)")
 
     started = _dt.datetime.now(_dt.timezone.utc)
     if cfg.objective == "distill":  # -- distill (prune.heal.distill): teacher = the source model or a top-k cache --
@@ -243,8 +244,14 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         model, tokenizer, _ = load_model(run, dtype=dtype, trust_remote_code=trust)
         kept = pruning.kept
         windows, val_windows = training_windows(tokenizer, cfg)
-        fn = heal_lora if cfg.method == "lora" else heal_partial
-        record = fn(model, cfg, windows, val_windows, quiet=quiet)
+        if cfg.method == "lora":
+            import tempfile
+
+            adapter_tmp = tempfile.TemporaryDirectory(prefix="prune-adapter-") if not cfg.merge else None
+            record = heal_lora(model, cfg, windows, val_windows, quiet=quiet,
+                               adapter_dir=adapter_tmp.name if adapter_tmp else None)
+        else:
+            record = heal_partial(model, cfg, windows, val_windows, quiet=quiet)
     record["from_run"] = run.name
     if pruning.healing:
         record["previous"] = pruning.healing
@@ -272,12 +279,20 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     if recipe is not None and evaluate:
         evaluation["settings"] = run_eval.get("settings")
 
-    def save_fn(out_dir, rec, files, ow, inputs):
-        return save(model, tokenizer, out_dir, pruning=rec, files=files, overwrite=ow, inputs=inputs)
+    from prune.export.heal import heal_export, save_adapter
 
-    result, _ = write_output(save_fn, recipe, new, evaluation, out_dir=out, inputs=inputs, new_step=False,
-                             overwrite=overwrite,
+    def save_fn(out_dir, rec, files, ow, inputs):
+        if not cfg.merge:
+            folder = save_adapter(adapter_tmp.name, out_dir, pruning=rec, files=files, overwrite=ow)
+            adapter_tmp.cleanup()
+            return folder
+        return save(model, tokenizer, out_dir, pruning=rec, files=files, overwrite=ow, inputs=inputs,
+                    dtype=recipe.output.dtype if recipe else None)
+
+    result, _ = write_output(save_fn, recipe, new, evaluation, out_dir=out, inputs=inputs, overwrite=overwrite,
                              quiet=quiet, title="Before / after healing",
                              table=_healed_markdown(original, before, healed, counts),
-                             extra_markdown=healing_markdown(record))
+                             extra_markdown=healing_markdown(record),
+                             prepare=lambda rec, files: heal_export(rec, run, out, files, recipe, model,
+                                                                    adapter=not cfg.merge))
     return result

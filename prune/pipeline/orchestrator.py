@@ -43,7 +43,7 @@ from prune.pipeline.recipe import Recipe, load_recipe
 from prune.measure.scoring import ScoreResult
 from prune.pipeline.progress import RunProgress
 from prune.choose.rules import Selection, resolve_count, resolve_protect
-from prune.core.records import PruningRecord, parse_record
+from prune.core.records import PruningRecord
 from prune.export.saving import prepare_export
 from prune.heal.methods import healing_markdown
 from prune.pipeline.engines import make_engine
@@ -201,7 +201,7 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     extra = paired_section(paired) + (f"\n## lm-eval's own tables\n\n{lm_eval_tables(lm_eval_files)}"
                                       if lm_eval_files else "")
     out, record = write_output(engine.save, recipe, record, evaluation, src=facts["source"], parent=facts["parent"],
-                               inputs=facts["inputs"],
+                               inputs=facts["inputs"], model=getattr(engine, "model", None),
                                overwrite=overwrite, quiet=quiet, extra_files=lm_eval_files,
                                extra_markdown=extra + (healing_markdown(healing) if healing is not None else ""))
     progress.finish()
@@ -209,7 +209,8 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
 
 
 def write_output(save_fn, recipe: Recipe | None, record: PruningRecord, evaluation: dict, *, out_dir=None, src=None,
-                 parent=None, inputs=(), new_step: bool = True, overwrite: bool, quiet: bool, extra_markdown: str = "",
+                 parent=None, inputs=(), model=None, new_step: bool = True, prepare=None, overwrite: bool,
+                 quiet: bool, extra_markdown: str = "",
                  extra_files: dict[str, str] | None = None, title: str = "Before / after",
                  table: str | None = None) -> tuple[Path, PruningRecord]:
     """The one tail of every command that writes a pruned model: the record (extended with its
@@ -226,9 +227,11 @@ def write_output(save_fn, recipe: Recipe | None, record: PruningRecord, evaluati
              **(extra_files or {})}
     if recipe is not None:
         files["recipe.yaml"] = recipe.to_yaml()
-    data, files["README.md"] = prepare_export(record.model_dump(mode="json"), evaluation, recipe, src, parent,
-                                              new_step=new_step, out_dir=out_dir)
-    record = parse_record(data)
+    if prepare is not None:  # a command's own record and card (prune heal: prune.export.heal.heal_export)
+        record, files["README.md"] = prepare(record, files)
+    else:
+        record, files["README.md"] = prepare_export(record, evaluation, recipe, src, parent, new_step=new_step,
+                                                    out_dir=out_dir, model=model)
     out = save_fn(out_dir, record, files, overwrite, inputs)
     show(f"\n{table}\n" + (f"\n{extra_markdown}" if extra_markdown else "") + f"\nsaved {out}", quiet)
     if recipe is not None and recipe.output.push_to_hub is not None:

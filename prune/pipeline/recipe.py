@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError, field_validator
+from pydantic import ValidationError
 
 from prune.choose.registry import STRATEGIES
 from prune.core.errors import PruneError

@@ -1,0 +1,130 @@
+"""mergekit interop: the ``passthrough`` slices of a pruned model, and slices as a block choice.
+
+A layer-pruned model is mergekit's ``passthrough`` merge of one model with the kept blocks as
+slices. Each maximal run of consecutive kept ORIGINAL blocks ``a, a+1, ..., b-1`` is one slice
+``layer_range: [a, b]`` (mergekit's ranges are half-open, 0-based), in order:
+
+    slices:
+      - sources: [{model: ORIGINAL, layer_range: [0, 2]}]
+      - sources: [{model: ORIGINAL, layer_range: [4, 8]}]
+    merge_method: passthrough
+    dtype: bfloat16
+
+:func:`mergekit_config` writes that for a run folder (``prune export-mergekit RUN``);
+:func:`blocks_from_slices` reads such slices back (``prune remove --slices``) as the blocks
+to remove. Only in-order, non-overlapping slices of one model describe a pruning (mergekit
+can also repeat or reorder blocks; those are refused).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from prune.core.errors import PruneError
+from prune.core.records import PruningRecord
+
+
+def kept_ranges(kept: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive indices as half-open ``(start, end)`` ranges, in order."""
+    out: list[list[int]] = []
+    for i in kept:
+        if out and i == out[-1][1]:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return [(a, b) for a, b in out]
+
+
+def original_model_id(record: PruningRecord) -> str:
+    """The model a passthrough merge reads: the original's Hub id, else the Hub parent declared
+    for a local original (``model.base_model`` of the first step), else its local name."""
+    source = record.original.source if record.original else record.source
+    if source is None:
+        return "path/to/original/model"
+    if source.kind == "hub":
+        return source.path
+    return record.chain()[0].base_model or source.gguf_file or source.path
+
+
+def mergekit_config(record: PruningRecord, model: str | None = None, dtype: str | None = None) -> dict:
+    """The passthrough config that rebuilds ``record``'s kept blocks from the original model."""
+    kept = record.kept_original or record.kept
+    if not kept:
+        raise PruneError("pruning.json records no kept blocks: nothing to export")
+    name = model or original_model_id(record)
+    slices = [{"sources": [{"model": name, "layer_range": [a, b]}]} for a, b in kept_ranges(kept)]
+    return {"slices": slices, "merge_method": "passthrough", "dtype": dtype or record.dtype or "float32"}
+
+
+def export_mergekit(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, *, model: str | None = None,
+                    dtype: str | None = None) -> Path:
+    """Write ``mergekit.yaml`` (default: inside ``run_dir``) for the run's kept blocks; returns the file."""
+    from prune.core.records import RECORD_FILE, read_record
+
+    run = Path(run_dir).expanduser()
+    if not (run / RECORD_FILE).is_file():
+        raise PruneError(f"{run} has no {RECORD_FILE}: give a folder written by prune run / remove / heal")
+    record = read_record(run / RECORD_FILE)
+    config = mergekit_config(record, model, dtype)
+    out = Path(output).expanduser() if output else run / "mergekit.yaml"
+    note = ("# mergekit passthrough config for the blocks this model kept (original indices, half-open ranges)\n"
+            f"# written by prune from {RECORD_FILE}; run with: mergekit-yaml {out.name} OUTPUT_DIR\n")
+    source = record.original.source if record.original else None
+    if model is None and source is not None and source.kind != "hub":
+        note += (f"# the original was the local {source.kind} {source.gguf_file or source.path}: check that `model` names "
+                 "the same weights (or pass --model)\n")
+    out.write_text(note + yaml.safe_dump(config, sort_keys=False))
+    return out
+
+
+# ---- slices -> blocks to remove ------------------------------------------------------------
+def parse_slices(spec: str | list) -> list[tuple[int, int]]:
+    """Half-open ranges from a mergekit config file, its ``slices`` list, or inline YAML such as
+    ``[[0, 2], [4, 8]]`` (``[start, end]`` pairs)."""
+    data = spec
+    if isinstance(spec, str):
+        path = Path(spec).expanduser()
+        try:
+            data = yaml.safe_load(path.read_text()) if path.is_file() else yaml.safe_load(spec)
+        except yaml.YAMLError as exc:
+            raise PruneError(f"--slices: not valid YAML ({getattr(exc, 'problem', exc)}); give a mergekit config "
+                             "file or ranges like [[0, 2], [4, 8]]") from None
+    if isinstance(data, dict):
+        data = data.get("slices")
+    if not isinstance(data, list) or not data:
+        raise PruneError("--slices: expected a mergekit config with `slices`, or ranges like [[0, 2], [4, 8]]")
+    ranges, models = [], set()
+    for item in data:
+        if isinstance(item, dict):
+            sources = item.get("sources") or []
+            if len(sources) != 1:
+                raise PruneError("--slices: each slice must have exactly one source (a pruning reads one model)")
+            models.add(sources[0].get("model"))
+            item = sources[0].get("layer_range")
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(v, int) for v in item)):
+            raise PruneError(f"--slices: {item!r} is not a layer_range [start, end] of two integers")
+        ranges.append((int(item[0]), int(item[1])))
+    if len(models) > 1:
+        raise PruneError(f"--slices: the slices read {len(models)} different models; a pruning keeps blocks of one")
+    return ranges
+
+
+def blocks_from_slices(spec: str | list, n_layers: int) -> list[int]:
+    """The blocks to remove so that exactly the blocks of the slices remain (0-based, of
+    ``n_layers``); refuses empty, out-of-range, overlapping or out-of-order slices."""
+    kept: list[int] = []
+    for start, end in parse_slices(spec):
+        if not 0 <= start < end <= n_layers:
+            raise PruneError(f"--slices: layer_range [{start}, {end}] is not inside 0..{n_layers} "
+                             "(half-open, 0-based: [start, end) with start < end)")
+        if kept and start < kept[-1] + 1:
+            raise PruneError(f"--slices: layer_range [{start}, {end}] overlaps or comes before the previous slice "
+                             "(repeating or reordering blocks is not a pruning)")
+        kept += range(start, end)
+    removed = [i for i in range(n_layers) if i not in set(kept)]
+    if not removed:
+        raise PruneError(f"--slices keep all {n_layers} blocks: nothing to remove")
+    return removed

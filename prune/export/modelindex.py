@@ -1,0 +1,59 @@
+"""The card's ``model-index``: the evaluation results as ``huggingface_hub.EvalResult`` objects.
+
+One result per (task, metric) for the pruned model (``metric_name`` = the lm-eval metric,
+e.g. ``acc``) and one for the original model measured in the same run (``metric_name``
+``"<metric> (original model, before pruning)"``, same ``metric_type``), so the Hub page shows
+both side by side. lm-eval tasks name the Hub dataset they read where it is known
+(:data:`TASK_DATASETS`); perplexity names its text (a Hub dataset id, or the local file's
+name with ``dataset_type: text``). Parameter and layer counts are not results and are left out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: lm-eval task -> (Hub dataset, config, split) it evaluates on (lm-eval's task YAMLs)
+TASK_DATASETS: dict[str, tuple[str, str | None, str]] = {
+    "arc_easy": ("allenai/ai2_arc", "ARC-Easy", "test"),
+    "arc_challenge": ("allenai/ai2_arc", "ARC-Challenge", "test"),
+    "piqa": ("baber/piqa", None, "validation"),
+    "hellaswag": ("Rowan/hellaswag", None, "validation"),
+    "winogrande": ("allenai/winogrande", "winogrande_xl", "validation"),
+    "boolq": ("aps/super_glue", "boolq", "validation"),
+    "copa": ("aps/super_glue", "copa", "validation"),
+    "openbookqa": ("allenai/openbookqa", "main", "test"),
+}
+TASK_TYPE = "text-generation"
+ORIGINAL = " (original model, before pruning)"
+
+
+def eval_results(rows: list[dict] | None, settings: dict | None = None) -> list:
+    """``EvalResult`` objects for the before/after ``rows`` of ``eval.json`` (see module docstring)."""
+    from huggingface_hub import EvalResult
+
+    from prune.export.card import is_hub_dataset
+
+    out = []
+    fewshot = (settings or {}).get("num_fewshot")
+    for row in rows or []:
+        if row.get("metric") == "count":
+            continue
+        name, metric = row["name"], row["metric"]
+        if name == "perplexity":
+            ppl = (settings or {}).get("perplexity") or {}
+            path = str(ppl.get("path") or "text")
+            hub = is_hub_dataset(path)
+            dataset = dict(dataset_type=path if hub else "text", dataset_name=path if hub else Path(path).name,
+                           dataset_split=ppl.get("split") if hub else None, dataset_config=ppl.get("config") if hub else None)
+            metric_type = "perplexity"
+        else:
+            hub_id, config, split = TASK_DATASETS.get(name, (name, None, None))
+            dataset = dict(dataset_type=hub_id, dataset_name=name, dataset_config=config, dataset_split=split)
+            metric_type = metric
+        args = {"num_fewshot": fewshot} if fewshot is not None and name != "perplexity" else None
+        for value, label in ((row.get("pruned"), metric), (row.get("original"), metric + ORIGINAL)):
+            if isinstance(value, (int, float)):
+                out.append(EvalResult(task_type=TASK_TYPE, task_name=name, metric_type=metric_type,
+                                      metric_value=round(float(value), 6), metric_name=label, metric_args=args,
+                                      **dataset))
+    return out

@@ -1,0 +1,414 @@
+"""Hub-ready outputs (issue 14) on a tiny real model, no network: the Hub is a local stub HTTP
+server answering the endpoints huggingface_hub's create_repo / create_commit use
+(``/api/repos/create``, ``/api/validate-yaml``, ``/preupload``, ``/commit``).
+
+The chain: source (8 blocks) -> step1 `prune run` (contiguous, 2 blocks, model.base_model
+declared) -> step2 `prune remove --slices` (1 more block) -> pushed to the stub -> step3
+`prune heal` (LoRA merged) and an adapter folder (LoRA, merge: false) -> push --dry-run.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import torch
+import yaml
+from conftest import DATA, ROOT, build_model, build_tokenizer
+from export_fixtures import recipe, save_source
+from huggingface_hub import EvalResult, ModelCard
+from huggingface_hub.repocard_data import eval_results_to_model_index
+from safetensors import safe_open
+
+import prune
+from prune.cli import main as prune_main
+from prune.core.errors import PruneError
+from prune.core.records import read_record
+from prune.core.tables import comparison_rows
+from prune.export.check import check_checkpoint
+from prune.export.mergekit import blocks_from_slices, kept_ranges, mergekit_config
+from prune.export.modelindex import eval_results
+from prune.export.push import push
+from prune.pipeline.heal_run import heal_run
+from prune.pipeline.orchestrator import run
+from prune.pipeline.recipe import load_recipe
+
+C4 = {"path": str(DATA / "c4" / "c4_web_1480.jsonl"), "field": "prefix,gold_completion", "rows": "0:300"}
+HEAL = ["n_samples=8", "val_samples=2", "seq_len=32", "steps=4", "batch_size=2", "learning_rate=1e-2", "seed=0"]
+TOKEN = "hf_publishTESTtokenNEVERshown"
+
+
+# ---- a local stand-in for the Hub -----------------------------------------------------------------
+class StubHub(BaseHTTPRequestHandler):
+    """Answers create_repo, validate-yaml, preupload (every file 'regular': sent inline) and
+    commit; keeps what it was sent in ``log`` (method, path, query, authorized, body)."""
+
+    log: list = []
+
+    def do_POST(self):
+        url = urlparse(self.path)
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        auth = self.headers.get("Authorization") == f"Bearer {TOKEN}"
+        type(self).log.append((url.path, parse_qs(url.query), auth, raw))
+        if not auth:
+            return self._json(401, {"error": "Invalid credentials"})
+        if url.path == "/api/repos/create":
+            body = json.loads(raw)
+            return self._json(200, {"url": f"http://{self.headers['Host']}/{body.get('organization') or 'me'}/{body['name']}"})
+        if url.path == "/api/validate-yaml":
+            return self._json(200, {"errors": [], "warnings": []})
+        if "/preupload/" in url.path:
+            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in json.loads(raw)["files"]]
+            return self._json(200, {"files": files, "commitOid": "0" * 40})
+        if "/commit/" in url.path:
+            pr = parse_qs(url.query).get("create_pr") == ["1"]
+            host = f"http://{self.headers['Host']}"
+            return self._json(200, {"commitUrl": f"{host}/me/x/commit/{'1' * 40}", "commitOid": "1" * 40,
+                                    "pullRequestUrl": f"{host}/me/x/discussions/1" if pr else None})
+        return self._json(404, {"error": f"not stubbed: {url.path}"})
+
+    def _json(self, status, data):
+        body = json.dumps(data).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def committed(log) -> tuple[dict, dict[str, bytes]]:
+    """(query, {path: content}) of the last commit the stub received."""
+    path, query, _, raw = [entry for entry in log if "/commit/" in entry[0]][-1]
+    files = {}
+    for line in raw.splitlines():
+        item = json.loads(line)
+        if item["key"] == "file":
+            files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+    return query, files
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    handler = type("Hub", (StubHub,), {"log": []})
+    server = HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    token_file = tmp_path_factory.mktemp("token") / "token.txt"
+    token_file.write_text(TOKEN + "\n")
+    yield f"http://127.0.0.1:{server.server_port}", handler, token_file
+    server.shutdown()
+
+
+def cli_push(endpoint: str, *args, home: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="0", HF_ENDPOINT=endpoint, HF_HOME=str(home),
+               HF_HUB_DISABLE_TELEMETRY="1")
+    return subprocess.run([sys.executable, "-m", "prune.cli", "push", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, hub):
+    endpoint, _, token_file = hub
+    root = tmp_path_factory.mktemp("publish")
+    source = save_source(root / "source")
+    step1 = run(recipe(source, root / "step1", 2, "contiguous", model={"base_model": "org/tiny-base"}), quiet=True).out_dir
+    assert prune_main(["remove", str(step1), "--slices", "[[0, 3], [4, 6]]", "-o", str(root / "step2")]) == 0
+    step2 = root / "step2"
+    done = cli_push(endpoint, step2, "me/tiny-step2", "--token-file", token_file, "-q", home=root / "hf")
+    assert done.returncode == 0, done.stderr
+    step3 = heal_run(step2, root / "step3", method="lora", data=C4["path"], field=C4["field"].split(","),
+                     rows=C4["rows"], overrides=HEAL, quiet=True)
+    adapter = heal_run(step2, root / "adapter", method="lora", data=C4["path"], field=C4["field"].split(","),
+                       rows=C4["rows"], overrides=HEAL + ["merge=false"], quiet=True)
+    return {"root": root, "source": source, "step1": step1, "step2": step2, "step3": step3, "adapter": adapter}
+
+
+# ---- 1. clean files ---------------------------------------------------------------------------------
+def test_no_local_path_in_any_output_file(chain):
+    """Every byte of every output folder is free of this machine's paths: the test folders,
+    the repository, the data folder and $HOME."""
+    local = {str(chain["root"]), str(chain["root"].resolve()), str(ROOT), str(DATA), str(DATA.resolve()),
+             os.path.expanduser("~"), "/tmp/"}
+    for name in ("step1", "step2", "step3", "adapter"):
+        for file in chain[name].rglob("*"):
+            if file.is_file():
+                data = file.read_bytes()
+                for path in local:
+                    assert path.encode() not in data, f"{file.relative_to(chain['root'])} holds {path}"
+
+
+def test_local_sources_are_recorded_by_name_and_sha256(chain):
+    from prune.export.public import folder_sha256
+
+    record = read_record(chain["step1"] / "pruning.json")
+    assert record.source.path == "source" and record.source.sha256 == folder_sha256(chain["source"])
+    assert record.original.source == record.source
+    saved = yaml.safe_load((chain["step1"] / "recipe.yaml").read_text())
+    assert saved["model"]["source"] == "<local>/source"  # outside the working folder: redacted, name kept
+    assert saved["calibration"]["path"] == "${PRUNE_DATA_DIR}/wikitext2_raw/wiki.test.raw"  # portable again
+
+
+def test_config_is_what_save_pretrained_writes(chain):
+    from transformers import AutoModelForCausalLM
+
+    for name in ("step1", "step2", "step3"):
+        text = (chain[name] / "config.json").read_text()
+        assert "_name_or_path" not in text
+        model = AutoModelForCausalLM.from_pretrained(chain[name])
+        model.save_pretrained(chain["root"] / f"resaved-{name}")
+        assert (chain["root"] / f"resaved-{name}" / "config.json").read_text() == text
+
+
+# ---- 2. metadata ---------------------------------------------------------------------------------------
+def test_declared_base_model_and_relation(chain):
+    card = ModelCard.load(chain["step1"] / "README.md").data.to_dict()
+    assert card["base_model"] == "org/tiny-base" and card["base_model_relation"] == "finetune"
+    with pytest.raises(PruneError, match="model.base_model.*not a Hub repo id"):
+        load_recipe(recipe(chain["source"], chain["root"] / "x"), ["model.base_model=not a repo!"])
+    with pytest.raises(PruneError, match="a local path, not a Hub repo id"):
+        load_recipe(recipe(chain["source"], chain["root"] / "x"), ["model.base_model=tests"])  # a folder here
+
+
+def test_model_index_is_valid_for_huggingface_hub(chain, tmp_path):
+    """The run's card: huggingface_hub parses its model-index into EvalResults (original and
+    pruned perplexity); a card with lm-eval rows names tasks, metrics and Hub datasets."""
+    card = ModelCard.load(chain["step1"] / "README.md")
+    results = card.data.eval_results
+    rows = json.loads((chain["step1"] / "eval.json").read_text())["rows"]
+    ppl = next(r for r in rows if r["name"] == "perplexity")
+    assert {(r.metric_name, r.metric_value) for r in results} == {
+        ("ppl", round(ppl["pruned"], 6)), ("ppl (original model, before pruning)", round(ppl["original"], 6))}
+    assert eval_results_to_model_index("step1", results) == card.data.to_dict()["model-index"]
+    # lm-eval rows as the pipeline builds them
+    original = {"tasks": {"arc_easy": {"metrics": {"acc": 0.5, "acc_norm": 0.45}, "stderr": {"acc": 0.02}}}}
+    pruned = {"tasks": {"arc_easy": {"metrics": {"acc": 0.4, "acc_norm": 0.41}, "stderr": {"acc": 0.02}}}}
+    lm_rows = comparison_rows(original, pruned, {"params_before": 10, "params_after": 8, "layers_before": 8,
+                                                 "layers_after": 6})
+    made = eval_results(lm_rows, {"num_fewshot": 0})
+    assert all(isinstance(r, EvalResult) for r in made) and len(made) == 4
+    acc = next(r for r in made if r.metric_name == "acc")
+    assert (acc.task_name, acc.dataset_type, acc.dataset_config, acc.metric_value) == ("arc_easy", "allenai/ai2_arc",
+                                                                                         "ARC-Easy", 0.4)
+    from prune.export.card import render_card
+
+    (tmp_path / "README.md").write_text(render_card(read_record(chain["step1"] / "pruning.json"), rows=lm_rows,
+                                                    settings={"num_fewshot": 0, "tasks": ["arc_easy"]}, model_name="m"))
+    again = ModelCard.load(tmp_path / "README.md")  # huggingface_hub validates the model-index on load
+    assert sorted((r.metric_name, r.metric_value) for r in again.data.eval_results) == sorted(
+        (r.metric_name, r.metric_value) for r in made)
+
+
+# ---- 5. lineage through remove and heal ----------------------------------------------------------------
+def test_remove_on_a_pruned_folder_maps_indices_and_drops_stale_files(chain):
+    step1, step2 = read_record(chain["step1"] / "pruning.json"), read_record(chain["step2"] / "pruning.json")
+    assert step1.kept_original == [0, 1, 4, 5, 6, 7]
+    assert step2.command == "remove" and step2.step == 2 and step2.removed == [3]
+    assert step2.removed_original == [5] and step2.removed_original_all == [2, 3, 5]
+    assert step2.kept_original == [0, 1, 4, 6, 7] and step2.history[0].kept_original == step1.kept_original
+    assert not any((chain["step2"] / f).exists() for f in ("eval.json", "eval.md", "recipe.yaml"))
+    assert check_checkpoint(chain["step2"], require_export=True).ok
+    # block k of step2 holds original block kept_original[k]
+    with safe_open(chain["source"] / "model.safetensors", "pt") as a, safe_open(chain["step2"] / "model.safetensors", "pt") as b:
+        for k, orig in enumerate(step2.kept_original):
+            name = f"model.layers.{k}.mlp.down_proj.weight"
+            assert b.get_tensor(name).equal(a.get_tensor(name.replace(f".{k}.", f".{orig}.", 1)))
+    text = (chain["step2"] / "README.md").read_text()
+    assert "| 2 | `step1` (local folder) | by hand (prune remove) | 6 → 5 | `[3]` | `[5]` |" in text
+
+
+def test_heal_keeps_the_lineage_and_writes_a_card(chain):
+    step3 = read_record(chain["step3"] / "pruning.json")
+    assert step3.command == "remove" and step3.healing["method"] == "lora" and step3.healing["from_run"] == "step2"
+    assert step3.healing["from_repo"] == "me/tiny-step2"
+    assert step3.kept_original == [0, 1, 4, 6, 7] and step3.removed_original_all == [2, 3, 5]
+    assert step3.base_model == "me/tiny-step2" and step3.repo_id is None  # its parent is the pushed run
+    card = ModelCard.load(chain["step3"] / "README.md")
+    assert card.data.base_model == "me/tiny-step2" and card.data.base_model_relation == "finetune"
+    assert "healed" in card.data.tags and "## Healing" in card.text
+    assert "The pruned model ([me/tiny-step2](https://huggingface.co/me/tiny-step2)) was then healed" in card.text
+    assert "| 2 | `step1` (local folder) | by hand (prune remove) | 6 → 5 | `[3]` | `[5]` |" in card.text
+    assert check_checkpoint(chain["step3"], require_export=True).ok
+
+
+# ---- 3 + 9. push: card re-rendered for the repo, options, the Hub's own card validation ----------------
+def test_push_rerenders_the_card_and_records_the_repo(chain, hub):
+    _, handler, _ = hub
+    query, files = committed(handler.log)  # the fixture pushed step2
+    card = files["README.md"].decode()
+    assert 'from_pretrained("me/tiny-step2")' in card and "path/to/" not in card.split("## How to load")[1].split("##")[0]
+    assert json.loads(files["pruning.json"])["repo_id"] == "me/tiny-step2"
+    validated = [json.loads(raw)["content"] for path, _, _, raw in handler.log if path == "/api/validate-yaml"]
+    assert card in validated  # huggingface_hub had the Hub validate the card before the commit
+    # the folder now knows its repo (written back after the push)
+    assert read_record(chain["step2"] / "pruning.json").repo_id == "me/tiny-step2"
+    assert check_checkpoint(chain["step2"], require_export=True).ok
+
+
+def test_push_create_pr_exclude_and_token_file(chain, hub, tmp_path):
+    endpoint, handler, token_file = hub
+    import shutil
+
+    folder = Path(shutil.copytree(chain["step1"], tmp_path / "step1"))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    done = cli_push(endpoint, folder, "me/tiny-step1", "--token-file", token_file, "--create-pr", "--exclude", "eval.*",
+                    home=tmp_path / "hf")
+    assert done.returncode == 0, done.stderr
+    assert f"pull request opened: {endpoint}/me/x/discussions/1" in done.stdout and TOKEN not in done.stdout + done.stderr
+    query, files = committed(handler.log)
+    assert query.get("create_pr") == ["1"]
+    assert "eval.json" not in files and "eval.md" not in files and "recipe.yaml" in files
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # a pull request leaves the folder as it was
+    # a token file that is missing, or --exclude of the card: one line, before anything is sent
+    n = len(handler.log)
+    done = cli_push(endpoint, folder, "me/x", "--token-file", tmp_path / "nope", home=tmp_path / "hf")
+    assert done.returncode == 2 and "--token-file" in done.stderr and "not found" in done.stderr
+    done = cli_push(endpoint, folder, "me/x", "--token-file", token_file, "--exclude", "README.md", "-q", home=tmp_path / "hf")
+    assert done.returncode == 2 and "leaves out README.md" in done.stderr
+    assert len(handler.log) == n
+
+
+def test_chain_push_dry_run(chain, capsys):
+    plan = push(chain["step3"], "me/tiny-step3", dry_run=True, quiet=True)
+    assert 'from_pretrained("me/tiny-step3")' in plan.rendered["README.md"]
+    published = json.loads(plan.rendered["pruning.json"])
+    assert published["repo_id"] == "me/tiny-step3" and published["base_model"] == "me/tiny-step2"
+    assert [s["kept_original"] for s in published["history"]] == [[0, 1, 4, 5, 6, 7]]
+    assert {n for n, _ in plan.files} == {p.name for p in chain["step3"].iterdir()}
+
+
+# ---- 4. prune.save writes the card and the lineage -------------------------------------------------------
+def test_python_api_save_writes_card_and_lineage(tmp_path):
+    model, tok = build_model("llama"), build_tokenizer(True)
+    prune.remove_layers(model, [2, 5])
+    out = prune.save(model, tok, tmp_path / "api", pruning={"removed": [2, 5]})
+    record = read_record(out / "pruning.json")
+    assert record.kept_original == [0, 1, 3, 4, 6, 7] and record.layers_before == 8 and record.command == "save"
+    assert record.params_after == prune.count_parameters(model) and record.dtype == "float32"
+    assert check_checkpoint(out, require_export=True).ok
+    assert push(out, "me/api", dry_run=True, quiet=True).files
+
+
+# ---- 6. save dtype ----------------------------------------------------------------------------------------
+def test_output_dtype_in_memory_and_out_of_core(chain, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = run(recipe(chain["source"], tmp_path / "bf16", 2, "contiguous", output={"dtype": "bfloat16"}), quiet=True).out_dir
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert "- **Saved dtype**: `bfloat16`" in (out / "README.md").read_text()
+    assert read_record(out / "pruning.json").dtype == "bfloat16"
+    # out of core: converted tensor by tensor, equal to converting in memory
+    ooc = prune.prune_checkpoint(chain["source"], [2, 3], tmp_path / "ooc", pruning={}, dtype="bfloat16")
+    ref = AutoModelForCausalLM.from_pretrained(chain["source"])
+    prune.remove_layers(ref, [2, 3])
+    mem = prune.save(ref, None, tmp_path / "mem", dtype="bfloat16")
+    assert next(ref.parameters()).dtype == torch.float32  # the model in memory is untouched
+    with safe_open(ooc / "model.safetensors", "pt") as a, safe_open(mem / "model.safetensors", "pt") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for k in a.keys():
+            assert a.get_tensor(k).dtype == torch.bfloat16 and a.get_tensor(k).equal(b.get_tensor(k)), k
+    assert json.loads((ooc / "config.json").read_text())["dtype"] == "bfloat16"
+    assert check_checkpoint(ooc, require_export=True).ok
+
+
+# ---- 7. adapter output ------------------------------------------------------------------------------------
+def test_adapter_folder_loads_on_the_pruned_base(chain):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder = chain["adapter"]
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "pruning.json"} <= {p.name for p in folder.iterdir()}
+    assert not (folder / "model.safetensors").exists()
+    card = ModelCard.load(folder / "README.md").data
+    assert card.base_model == "me/tiny-step2" and card.base_model_relation == "adapter" and card.library_name == "peft"
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "me/tiny-step2"
+    assert check_checkpoint(folder, require_export=True).ok
+    # the adapter on the pruned base is the model the healing measured: same held-out loss
+    from transformers import AutoTokenizer
+
+    from prune.heal.methods import mean_lm_loss, training_windows
+    from prune.pipeline.heal_run import heal_settings
+
+    healing = read_record(folder / "pruning.json").healing
+    assert healing["lora"]["merged"] is False
+    cfg = heal_settings(None, method="lora", data=C4["path"], field=C4["field"].split(","), rows=C4["rows"],
+                        overrides=HEAL + ["merge=false"])
+    _, val = training_windows(AutoTokenizer.from_pretrained(chain["step2"]), cfg)
+    base = AutoModelForCausalLM.from_pretrained(chain["step2"])
+    with torch.no_grad():
+        plain = mean_lm_loss(base, val)
+        adapted = mean_lm_loss(PeftModel.from_pretrained(base, folder), val)
+    assert plain == pytest.approx(healing["val_loss_before"], rel=1e-5)
+    assert adapted == pytest.approx(healing["val_loss_after"], rel=1e-5) and adapted != pytest.approx(plain, rel=1e-4)
+
+
+# ---- 8. mergekit --------------------------------------------------------------------------------------------
+def test_mergekit_slices_cover_exactly_the_kept_blocks(chain, tmp_path):
+    record = read_record(chain["step2"] / "pruning.json")
+    config = mergekit_config(record, model="org/tiny-base")
+    ranges = [tuple(s["sources"][0]["layer_range"]) for s in config["slices"]]
+    assert ranges == [(0, 2), (4, 5), (6, 8)] and config["merge_method"] == "passthrough"
+    assert [i for a, b in ranges for i in range(a, b)] == record.kept_original
+    assert kept_ranges([3]) == [(3, 4)] and kept_ranges([0, 1, 2]) == [(0, 3)]
+    # the CLI file, read back by `prune remove --slices`, removes exactly what the chain removed
+    assert prune_main(["export-mergekit", str(chain["step2"]), "-o", str(tmp_path / "mk.yaml")]) == 0
+    assert blocks_from_slices(str(tmp_path / "mk.yaml"), 8) == record.removed_original_all
+    for bad, message in (("[[0, 3], [2, 5]]", "overlaps"), ("[[0, 9]]", "not inside"), ("[[0, 8]]", "nothing to remove"),
+                         ("{slices: [{sources: [{model: a, layer_range: [0, 2]}, {model: b, layer_range: [0, 2]}]}]}",
+                          "exactly one source")):
+        with pytest.raises(PruneError, match=message):
+            blocks_from_slices(bad, 8)
+
+
+MERGEKIT_LIB = os.environ.get("PRUNE_MERGEKIT_PATH", "/tmp/mergekit-lib")
+
+
+@pytest.mark.skipif(not (Path(MERGEKIT_LIB) / "mergekit").is_dir(),
+                    reason="mergekit not installed (pip install --no-deps --target /tmp/mergekit-lib mergekit immutables)")
+def test_mergekit_rebuilds_the_same_tensors(chain, tmp_path):
+    """mergekit's own passthrough merge of the exported config gives step2's tensors exactly."""
+    config = tmp_path / "mk.yaml"
+    assert prune_main(["export-mergekit", str(chain["step2"]), "-o", str(config), "--model", str(chain["source"])]) == 0
+    code = ("import sys; from mergekit.config import MergeConfiguration; from mergekit.merge import run_merge; "
+            "from mergekit.options import MergeOptions; import yaml; "
+            "c = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1]))); "
+            "run_merge(c, sys.argv[2], options=MergeOptions(copy_tokenizer=False, lazy_unpickle=False))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([MERGEKIT_LIB, str(ROOT)])}
+    done = subprocess.run([sys.executable, "-c", code, str(config), str(tmp_path / "merged")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    merged = {}
+    for file in (tmp_path / "merged").glob("*.safetensors"):
+        with safe_open(file, "pt") as f:
+            merged.update({k: f.get_tensor(k) for k in f.keys()})
+    with safe_open(chain["step2"] / "model.safetensors", "pt") as f:
+        ours = {k: f.get_tensor(k) for k in f.keys()}
+    assert set(ours) <= set(merged) | {"lm_head.weight"}
+    for k, v in ours.items():
+        if k in merged:
+            assert merged[k].equal(v), k
+
+
+def test_public_path_rules(tmp_path, monkeypatch):
+    from prune.export.public import public_data, public_path
+
+    monkeypatch.setenv("PRUNE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path / "..")
+    assert public_path(tmp_path / "data" / "c4" / "x.jsonl") == "${PRUNE_DATA_DIR}/c4/x.jsonl"
+    assert public_path(tmp_path / "runs" / "a") == f"{tmp_path.name}/runs/a"  # under the working folder: relative
+    assert public_path("/somewhere/else/model.gguf") == "<local>/model.gguf"
+    assert public_path("~/models/m") == "<local>/m" and public_path("runs/a") == "runs/a"
+    assert public_data({"a": ["/x/y", "org/model", 3], "b": "https://huggingface.co/x"}) == {
+        "a": ["<local>/y", "org/model", 3], "b": "https://huggingface.co/x"}
