@@ -13,7 +13,7 @@ import sys
 import traceback
 
 from prune.choose.registry import names
-from prune.core.errors import PruneError
+from prune.core.errors import PruneError, first_line
 from prune.core.config import (
     CalibrationConfig,
     EvaluateConfig,
@@ -356,6 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from prune.core import dist
+
+    if dist.launched():  # torchrun / accelerate launch: every rank ends with one line, never a hang
+        return dist_exit(run_command, args)
+    return run_command(args)
+
+
+def run_command(args) -> int:
     try:
         return args.func(args)
     except PruneError as exc:
@@ -367,9 +375,41 @@ def main(argv: list[str] | None = None) -> int:
             hint = "; nothing was saved as a checkpoint (rerun with --resume to reuse the finished stages)"
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
-    except Exception:  # noqa: BLE001 - unexpected: show everything
+    except Exception as exc:  # noqa: BLE001 - unexpected: show everything
+        from prune.core import dist
+
+        if dist.launched() and dist.is_collective_failure(exc):  # another rank died or hung: one line
+            print(f"error: rank {os.environ.get('RANK', '?')} stopped: another rank failed or timed out "
+                  f"({first_line(exc)})", file=sys.stderr)
+            return 1
         traceback.print_exc()
         return 1
+
+
+def dist_exit(command, args) -> int:
+    """Run ``command(args)`` as one rank of a launch. A rank that fails prints its one line and
+    leaves at once (``os._exit``: its sockets close, so the other ranks' next collective fails
+    instead of waiting); a rank whose collective failed because another died says so in one line;
+    the launcher's SIGTERM to the survivors does the same."""
+    import signal
+
+    rank = os.environ.get("RANK", "?")
+
+    def on_term(signum, frame):  # noqa: ARG001
+        print(f"error: rank {rank} stopped: another process of the launch failed", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    signal.signal(signal.SIGTERM, on_term)
+    code = command(args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code == 0:
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+        return 0
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -262,6 +262,8 @@ class HealConfig(Section):
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    # several processes (torchrun / accelerate launch): DDP by default; FSDP shards the model instead
+    fsdp: bool = False
     # lora
     rank: int = 8
     alpha: float = Field(16.0, gt=0)

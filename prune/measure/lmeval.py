@@ -116,6 +116,8 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | float | N
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from prune.measure.lmeval_dist import results_on_every_rank, spread_over_ranks
+
     names, manager = resolve_tasks(tasks, data_dir_path=data_dir_path, task_dirs=task_dirs)
     # lm-eval warns that an in-memory model was passed and that num_fewshot was set: both intended
     loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("lm_eval")]
@@ -126,11 +128,13 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | float | N
         check_tokenizer(tokenizer)
         # a copy: HFLM sets pad_token on the tokenizer it gets, which must not leak into the saved one
         lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+        lm = spread_over_ranks(lm)  # under a launcher: a share of the examples per rank (prune.measure.lmeval_dist)
         out = lm_eval.simple_evaluate(
             model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot, limit=limit,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
             log_samples=False, verbosity="ERROR" if not progress else "WARNING",
         )
+        out = results_on_every_rank(out)
     finally:
         for lg, level in previous:
             lg.setLevel(level)

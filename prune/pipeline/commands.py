@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prune.core import dist
 from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, default
 from prune.core.console import quiet_mode, say, versions
 from prune.io.text import calibration_windows, load_text
@@ -63,8 +64,11 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
         meta.update(source=src.to_dict(), model_type=model.config.model_type)
         result = score(model, windows, metadata=meta, **kwargs)
     if output:
-        Path(output).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        result.save_json(output)
+        def write() -> None:
+            Path(output).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            result.save_json(output)
+
+        dist.on_main(write)  # under a launcher only rank 0 writes
     return result
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prune.core import dist
 from prune.core.errors import PruneError, first_line
 from prune.io.text import calibration_windows_of
 from prune.core.console import quiet_mode, say, versions
@@ -136,11 +137,13 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     ``resume=True`` reuses them after an interruption instead of recomputing them."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
+    dist.check_same(recipe.model_dump(mode="json"), "recipe")  # under a launcher: every rank the same recipe
+    quiet = quiet or not dist.world().is_main  # one rank talks
     quiet_mode(quiet)
     started = time.time()
     overwrite = overwrite or recipe.output.overwrite
     facts = preflight(recipe, overwrite)
-    progress = RunProgress(recipe.output.dir, recipe, resume=resume)
+    progress = dist.on_main(lambda: RunProgress(recipe.output.dir, recipe, resume=resume))  # rank 0 keeps it
     if progress.resume:
         say(f"resuming from {progress.folder}: reusing {', '.join(progress.found()) or 'nothing yet'}", quiet)
     m, c = recipe.model, recipe.calibration
@@ -177,7 +180,7 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     out, record = write_output(engine.save, recipe, record, evaluation, src=facts["source"], parent=facts["parent"],
                                overwrite=overwrite, quiet=quiet,
                                extra_markdown=healing_markdown(healing) if healing is not None else "")
-    progress.finish()
+    dist.on_main(progress.finish)
     return RunResult(out, selection, scores_before, scores_after, evaluation, record)
 
 
@@ -199,13 +202,17 @@ def write_output(save_fn, recipe: Recipe | None, record: PruningRecord, evaluati
     data, files["README.md"] = prepare_export(record.model_dump(mode="json"), evaluation, recipe, src, parent,
                                               new_step=new_step, out_dir=out_dir)
     record = parse_record(data)
-    out = save_fn(out_dir, record, files, overwrite)
-    say(f"\n{table}\n\nsaved {out}", quiet)
-    if recipe is not None and recipe.output.push_to_hub is not None:
-        from prune.export.push import push_config
 
-        push_config(out, recipe.output.push_to_hub, quiet=quiet)
-    return out, record
+    def write() -> Path:
+        out = save_fn(out_dir, record, files, overwrite)
+        say(f"\n{table}\n\nsaved {out}", quiet)
+        if recipe is not None and recipe.output.push_to_hub is not None:
+            from prune.export.push import push_config
+
+            push_config(out, recipe.output.push_to_hub, quiet=quiet)
+        return out
+
+    return dist.on_main(write), record  # under a launcher rank 0 writes; the others wait for it
 
 
 def pruning_record(recipe: Recipe, src, selection: Selection, kept: list[int], before: ScoreResult,
