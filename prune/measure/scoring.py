@@ -217,13 +217,12 @@ def fold_batch(acc: ScoreAccumulator, states: list[torch.Tensor], inputs: list[t
     Positions before ``first`` are dropped; windows with non-finite activations are left
     out of every statistic and their indices returned.
     """
-    states = [x[:, first:] for x in states]
-    inputs = [None if x is None else x[:, first:] for x in inputs]
-    # one pass per state: a window holding inf or nan anywhere has a non-finite sum
-    finite = torch.isfinite(sum(x.sum(dim=(1, 2), dtype=torch.float64) for x in states))  # [B]
-    for x in inputs:
-        if x is not None:
-            finite &= torch.isfinite(x.sum(dim=(1, 2), dtype=torch.float64))
+    if first:
+        states = [x[:, first:] for x in states]
+        inputs = [None if x is None else x[:, first:] for x in inputs]
+    finite = torch.ones(states[0].shape[0], dtype=torch.bool, device=states[0].device)  # [B]
+    for x in states + [x for x in inputs if x is not None]:  # no float64 copy of any state
+        finite &= torch.isfinite(x).flatten(1).all(1)
     excluded: list[int] = []
     if not bool(finite.all()):
         excluded = [start + int(i) for i in torch.nonzero(~finite).flatten()]
@@ -304,11 +303,12 @@ def score(
     started = time.perf_counter()
     lo, hi = dist.shard(windows.shape[0], batch_size)  # (0, n) in one process
     bar = tqdm(total=hi - lo, desc="scoring", unit="win", disable=not progress)
-    with torch.no_grad(), BlockStates(layers, stats_dev) as capture:
+    with torch.no_grad(), BlockStates(layers, stats_dev, first=first) as capture:  # skipped positions: never copied
         for start, batch in batches(windows[lo:hi], batch_size):
             base(input_ids=batch.to(in_dev), use_cache=False)
             states, inputs = capture.pop()
-            excluded += fold_batch(acc, states, inputs, first, lo + start)
+            excluded += fold_batch(acc, states, inputs, 0, lo + start)
+            del states, inputs
             bar.update(batch.shape[0])
             fault_point("scoring")  # fault-injection hook (prune.faults); a no-op outside tests
     bar.close()
