@@ -57,7 +57,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 SMOKE = os.environ.get("BENCH_SCALE_SMOKE") == "1"  # tiny sizes: checks the script, not a result
-CACHE = ROOT / "bench_cache" / ("scale-smoke" if SMOKE else "scale")
+#: windows of the overhead/memory cases (64 by default); another count, or a subset of the
+#: methods (BENCH_METHODS=forward_base,score_bi_angular), is a quick side-by-side check whose
+#: results are cached apart and not written to docs/BENCHMARKS.md
+WINDOWS = int(os.environ.get("BENCH_WINDOWS", "64"))
+METHODS = [m for m in os.environ.get("BENCH_METHODS", "").split(",") if m]
+QUICK = WINDOWS != 64 or bool(METHODS)
+CACHE = ROOT / "bench_cache" / ("scale-smoke" if SMOKE else f"scale-w{WINDOWS}-{'+'.join(METHODS) or 'all'}" if QUICK else "scale")
 DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
 WIKI = DATA / "wikitext2_raw" / "wiki.test.raw"
 #: torch threads in every benchmark process. One by default: the 2 cores are shared with other
@@ -193,8 +199,9 @@ def method_fns(model, windows, batch_size: int = 8):
             M.msrs(cka[1:, 1:])
         return bi, ang
 
-    return {"forward_full": forward_full, "forward_base": forward_base, "score_bi_angular": score_bi_angular,
-            "score_full": score_full, "hidden_states": hidden_states}
+    fns = {"forward_full": forward_full, "forward_base": forward_base, "score_bi_angular": score_bi_angular,
+           "score_full": score_full, "hidden_states": hidden_states}
+    return {k: v for k, v in fns.items() if not METHODS or k in METHODS}
 
 
 def load_smollm2(n_windows: int):
@@ -233,7 +240,7 @@ def child_method(name: str, n_windows: str) -> dict:
 
 
 def case_overhead(rounds: int = 1 if SMOKE else 3) -> dict:
-    model, windows = load_smollm2(2 if SMOKE else 64)
+    model, windows = load_smollm2(2 if SMOKE else WINDOWS)
     fns = method_fns(model, windows)
     fns["forward_base"]()  # warm-up (allocator, kernels)
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -252,9 +259,10 @@ def case_overhead(rounds: int = 1 if SMOKE else 3) -> dict:
 
 def case_memory() -> dict:
     """Peak memory of each overhead method, one fresh child process each."""
-    n = "2" if SMOKE else "64"
+    n = "2" if SMOKE else str(WINDOWS)
     return {"memory": {name: child("method", name, n) for name in
-                       ("forward_full", "forward_base", "score_bi_angular", "score_full", "hidden_states")}}
+                       ("forward_full", "forward_base", "score_bi_angular", "score_full", "hidden_states")
+                       if not METHODS or name in METHODS}}
 
 
 def case_profile() -> dict:
@@ -667,6 +675,9 @@ def main() -> None:
             cached(name, args.fresh, makers[name])
     results = {name: json.loads((CACHE / f"{name}.json").read_text()) for name in makers
                if (CACHE / f"{name}.json").is_file()}
+    if QUICK:
+        print(json.dumps(results, indent=1))
+        return
     text = table(results, "nice -n 10 .venv/bin/python scripts/bench_scale.py")
     if not SMOKE:
         write_section(text)
