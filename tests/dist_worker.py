@@ -38,6 +38,23 @@ from prune.model.loading import decoder_layers, load_model  # noqa: E402
 DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
 
 
+def heal(model, windows, fsdp: bool) -> dict:
+    from torch.utils.data import TensorDataset
+
+    from prune.heal.methods import _lm_loss
+
+    torch.manual_seed(0)
+    params = [p for p in decoder_layers(model)[-1].parameters()] + list(model.model.norm.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    cfg = HealConfig(method="partial", steps=3, batch_size=4, learning_rate=1e-3, seed=0, fsdp=fsdp)
+    log = train(model, params, TensorDataset(windows[:8]), _lm_loss, cfg, tokens_per_item=32, quiet=True)
+    return {"losses": log["losses"], "items_seen": log["items_seen"],
+            "weights": [float(p.detach().double().sum()) for p in params]}
+
+
 def main(folder: str, out: str) -> None:
     torch.set_num_threads(1)
     w = dist.world()
@@ -52,21 +69,11 @@ def main(folder: str, out: str) -> None:
     chosen = sleb(model, windows[:6], 2, batch_size=2, progress=False)
     res["sleb"] = {"removed": chosen.removed, "trace": chosen.details["trace"]}
     res["lmeval"] = evaluate_tasks(model, tok, ["copa"], limit=10, batch_size=4, data_dir_path=str(DATA), progress=False)
-    # healing: the last block and the final norm, 3 steps of a global batch of 4 windows
-    torch.manual_seed(0)
-    params = [p for p in decoder_layers(model)[-1].parameters()] + list(model.model.norm.parameters())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    from torch.utils.data import TensorDataset
-
-    from prune.heal.methods import _lm_loss
-
-    cfg = HealConfig(method="partial", steps=3, batch_size=4, learning_rate=1e-3, seed=0)
-    log = train(model, params, TensorDataset(windows[:8]), _lm_loss, cfg, tokens_per_item=32, quiet=True)
-    res["heal"] = {"losses": log["losses"], "items_seen": log["items_seen"],
-                   "weights": [float(p.detach().double().sum()) for p in params]}
+    # healing: the last block and the final norm, 3 steps of a global batch of 4 windows (DDP; then
+    # FSDP from a fresh copy, under the launcher only)
+    res["heal"] = heal(model, windows, fsdp=False)
+    if w.distributed:
+        res["heal_fsdp"] = heal(load_model(folder, dtype="float32")[0], windows, fsdp=True)
     try:
         dist.check_same({"recipe": "a" if w.rank == 0 else "b"}, "recipe")
         res["mismatch"] = None

@@ -1,8 +1,8 @@
 """Several processes for real: ``torchrun --nproc_per_node 2`` (gloo on this CPU), fixture models.
 
 * the same work in 2 ranks and in 1 process: scores within 1e-9, the same selection, the same
-  perplexity, SLEB choice and lm-eval table, and a healing run (DDP, same global batch) whose
-  loss curve and trained weights match to float32 precision;
+  perplexity, SLEB choice and lm-eval table, and a healing run (DDP, and FSDP, same global
+  batch) whose loss curve and trained weights match to float32 precision;
 * ranks with different recipes are refused;
 * ``python -m prune run`` under the launcher: only rank 0 writes; a rank killed while the
   model is saved leaves no folder that looks complete, the other rank stops with one line (no
@@ -71,11 +71,12 @@ def test_two_ranks_equal_one_process(tiny_folder, tmp_path):
         assert two["lmeval"]["copa"]["metrics"] == one["lmeval"]["copa"]["metrics"]
         assert two["lmeval"]["copa"]["n"] == one["lmeval"]["copa"]["n"] == 10
         assert close(two["lmeval"]["copa"]["stderr"], one["lmeval"]["copa"]["stderr"], 1e-12)
-        assert two["heal"]["items_seen"] == one["heal"]["items_seen"] == 12  # 3 steps x global batch 4
-        for a, b in zip(two["heal"]["losses"], one["heal"]["losses"]):
-            assert abs(a - b) <= HEAL_RTOL * abs(b)
-        for a, b in zip(two["heal"]["weights"], one["heal"]["weights"]):
-            assert abs(a - b) <= HEAL_RTOL * max(1.0, abs(b))
+        for kind in ("heal", "heal_fsdp"):  # DDP, and FSDP (works on gloo CPU for this model)
+            assert two[kind]["items_seen"] == one["heal"]["items_seen"] == 12  # 3 steps x global batch 4
+            for a, b in zip(two[kind]["losses"], one["heal"]["losses"]):
+                assert abs(a - b) <= HEAL_RTOL * abs(b)
+            for a, b in zip(two[kind]["weights"], one["heal"]["weights"]):
+                assert abs(a - b) <= HEAL_RTOL * max(1.0, abs(b))
         assert "different recipe" in two["mismatch"]
     assert one["mismatch"] is None
     # the training moved the weights: the comparison is not between untouched copies
