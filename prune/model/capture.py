@@ -54,7 +54,10 @@ class BlockStates:
         self._last_output = None  # the raw tensor block l-1 returned (identity check only)
 
     def _copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.detach()[:, self.first :].to(self.device, self.dtype, copy=True).contiguous()
+        """One contiguous copy of the kept positions (``.to(copy=True)`` of a slice would keep its
+        strides and need a second copy to be contiguous)."""
+        src = tensor.detach()[:, self.first :]
+        return torch.empty(src.shape, dtype=self.dtype, device=self.device).copy_(src)
 
     def _pre_hook(self, index: int):
         def hook(module, args, kwargs):
