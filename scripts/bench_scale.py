@@ -645,6 +645,31 @@ def machine() -> str:
             f"transformers {transformers.__version__}")
 
 
+def quick_table(results: dict) -> str:
+    """Markdown rows of a quick side-by-side run: each method against the base-model forward
+    (CPU time: best of the rounds, and the median of the per-round ratios; peak memory above the model)."""
+    ov, mem = results.get("overhead"), results.get("memory", {}).get("memory", {})
+    lines = [f"windows: {WINDOWS} x 256, batch 8, {THREADS} thread(s); cache {CACHE.relative_to(ROOT)}", "",
+             "| method | CPU s (best) | vs base forward (best) | vs base forward (median of rounds) | peak above model | vs base forward |",
+             "|---|---:|---:|---:|---:|---:|"]
+    names = [n for n in ("forward_base", "score_bi_angular", "score_full", "forward_full", "hidden_states")
+             if (ov and n in ov["cpu_times"]) or n in mem]
+    for n in names:
+        row = [n]
+        if ov and n in ov["cpu_times"]:
+            c, b = ov["cpu_times"][n], ov["cpu_times"]["forward_base"]
+            row += [f"{min(c):.2f}", f"{min(c) / min(b):.3f}x",
+                    f"{statistics.median(x / y for x, y in zip(c, b)):.3f}x"]
+        else:
+            row += ["-", "-", "-"]
+        if n in mem:
+            row += [f"{mem[n]['peak_above'] / MIB:,.0f} MiB", f"{mem[n]['peak_above'] / mem['forward_base']['peak_above']:.2f}x"]
+        else:
+            row += ["-", "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def write_section(text: str) -> None:
     """Replace the body of the "Speed and memory" section of docs/BENCHMARKS.md."""
     doc = ROOT / "docs" / "BENCHMARKS.md"
@@ -676,7 +701,7 @@ def main() -> None:
     results = {name: json.loads((CACHE / f"{name}.json").read_text()) for name in makers
                if (CACHE / f"{name}.json").is_file()}
     if QUICK:
-        print(json.dumps(results, indent=1))
+        print(quick_table(results))
         return
     text = table(results, "nice -n 10 .venv/bin/python scripts/bench_scale.py")
     if not SMOKE:
