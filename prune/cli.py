@@ -13,7 +13,7 @@ import sys
 import traceback
 
 from prune.choose.registry import names
-from prune.core.errors import PruneError
+from prune.core.errors import PruneError, first_line
 from prune.core.config import (
     CalibrationConfig,
     EvaluateConfig,
@@ -551,14 +551,23 @@ def _first_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prune.core.secrets import redact
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.log_level:
         from prune.core.console import set_log_level
 
         set_log_level(args.log_level)
+
+    from prune.core import dist
+
+    if dist.launched():  # torchrun / accelerate launch: every rank ends with one line, never a hang
+        return dist_exit(run_command, args)
+    return run_command(args)
+
+
+def run_command(args) -> int:
+    from prune.core.secrets import redact
+
     try:
         return args.func(args)
     except (PruneError, OSError, UnicodeError, ValueError) as exc:  # ValueError: pydantic, SafetensorError? see below
@@ -575,12 +584,44 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - SafetensorError and the tokenizers' disk-full Exception, else a bug
+        from prune.core import dist
+
+        if dist.launched() and dist.is_collective_failure(exc):  # another rank died or hung: one line
+            print(f"error: rank {os.environ.get('RANK', '?')} stopped: another rank failed or timed out "
+                  f"({first_line(exc)})", file=sys.stderr)
+            return 1
         line = input_error(exc)
         if line is None:
             traceback.print_exc()  # a bug: show everything
             return 1
         print(f"error: {redact(line)}", file=sys.stderr)
         return 2
+
+
+def dist_exit(command, args) -> int:
+    """Run ``command(args)`` as one rank of a launch. A rank that fails prints its one line and
+    leaves at once (``os._exit``: its sockets close, so the other ranks' next collective fails
+    instead of waiting); a rank whose collective failed because another died says so in one line;
+    the launcher's SIGTERM to the survivors does the same."""
+    import signal
+
+    rank = os.environ.get("RANK", "?")
+
+    def on_term(signum, frame):  # noqa: ARG001
+        print(f"error: rank {rank} stopped: another process of the launch failed", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    signal.signal(signal.SIGTERM, on_term)
+    code = command(args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code == 0:
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+        return 0
+    os._exit(code)
 
 
 if __name__ == "__main__":

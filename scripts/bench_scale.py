@@ -20,6 +20,12 @@ Cases (each cached as JSON under bench_cache/scale/, so a rerun resumes; --fresh
                  does not suffer from the machine's load swings between calls.
 * ``scaling``    the same model, full metrics, 8/16/32/64 windows x 256 tokens: wall time and
                  peak RSS above the loaded model, one child process per point.
+* ``processes``  2 processes x 1 thread (``torchrun --standalone --nproc_per_node 2``, gloo) against
+                 1 process x 1 thread, side by side: wall time of scoring (64 windows x 256, BI +
+                 angular + CKA), perplexity (32 windows x 256), lm-eval (arc_easy, limit 40) and 4
+                 healing steps (LoRA, global batch 4 x 256 tokens) on SmolLM2; each operation is
+                 timed inside the processes between two barriers (loading excluded); the results
+                 must agree (scores within 1e-9, the same perplexity and accuracy).
 * ``outofcore``  a random-weight Llama-shaped model (24 blocks, hidden 2048, 1.26B parameters,
                  fp32) written as 1 GB safetensors shards by this script (deleted afterwards);
                  16 windows x 256 tokens. Child processes: in-memory scoring, sequential scoring,
@@ -51,7 +57,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 SMOKE = os.environ.get("BENCH_SCALE_SMOKE") == "1"  # tiny sizes: checks the script, not a result
-CACHE = ROOT / "bench_cache" / ("scale-smoke" if SMOKE else "scale")
+#: windows of the overhead/memory cases (64 by default); another count, or a subset of the
+#: methods (BENCH_METHODS=forward_base,score_bi_angular), is a quick side-by-side check whose
+#: results are cached apart and not written to docs/BENCHMARKS.md
+WINDOWS = int(os.environ.get("BENCH_WINDOWS", "64"))
+METHODS = [m for m in os.environ.get("BENCH_METHODS", "").split(",") if m]
+QUICK = WINDOWS != 64 or bool(METHODS)
+CACHE = ROOT / "bench_cache" / ("scale-smoke" if SMOKE else f"scale-w{WINDOWS}-{'+'.join(METHODS) or 'all'}" if QUICK else "scale")
 DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
 WIKI = DATA / "wikitext2_raw" / "wiki.test.raw"
 #: torch threads in every benchmark process. One by default: the 2 cores are shared with other
@@ -187,8 +199,9 @@ def method_fns(model, windows, batch_size: int = 8):
             M.msrs(cka[1:, 1:])
         return bi, ang
 
-    return {"forward_full": forward_full, "forward_base": forward_base, "score_bi_angular": score_bi_angular,
-            "score_full": score_full, "hidden_states": hidden_states}
+    fns = {"forward_full": forward_full, "forward_base": forward_base, "score_bi_angular": score_bi_angular,
+           "score_full": score_full, "hidden_states": hidden_states}
+    return {k: v for k, v in fns.items() if not METHODS or k in METHODS}
 
 
 def load_smollm2(n_windows: int):
@@ -227,7 +240,7 @@ def child_method(name: str, n_windows: str) -> dict:
 
 
 def case_overhead(rounds: int = 1 if SMOKE else 3) -> dict:
-    model, windows = load_smollm2(2 if SMOKE else 64)
+    model, windows = load_smollm2(2 if SMOKE else WINDOWS)
     fns = method_fns(model, windows)
     fns["forward_base"]()  # warm-up (allocator, kernels)
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -246,9 +259,10 @@ def case_overhead(rounds: int = 1 if SMOKE else 3) -> dict:
 
 def case_memory() -> dict:
     """Peak memory of each overhead method, one fresh child process each."""
-    n = "2" if SMOKE else "64"
+    n = "2" if SMOKE else str(WINDOWS)
     return {"memory": {name: child("method", name, n) for name in
-                       ("forward_full", "forward_base", "score_bi_angular", "score_full", "hidden_states")}}
+                       ("forward_full", "forward_base", "score_bi_angular", "score_full", "hidden_states")
+                       if not METHODS or name in METHODS}}
 
 
 def case_profile() -> dict:
@@ -282,6 +296,75 @@ def case_profile() -> dict:
         out["+".join(metrics)] = {"wall": wall, "cpu": cpu, "copy": list(spent["copy"]), "metrics": list(spent["metrics"])}
         print(f"profile {metrics}: {out['+'.join(metrics)]}", flush=True)
     return {"windows": len(windows), "seq_len": 256, "batch_size": 8, "runs": out}
+
+
+DIST_OPS = ("scoring", "perplexity", "lmeval", "healing")
+
+
+def child_dist(op: str) -> dict:
+    """One operation on SmolLM2, in one process or as one rank of a torchrun launch; rank 0 reports."""
+    import torch
+
+    import prune
+    from prune.core import dist
+
+    w = dist.world()
+    n = 2 if SMOKE else 64
+    model, windows = load_smollm2(n)
+    dist.barrier()
+    started = time.perf_counter()
+    if op == "scoring":
+        out = prune.score(model, windows, batch_size=8, progress=False).to_dict()
+        out = {"block_influence": out["block_influence"], "angular": out["angular"], "cka": out["cka"]}
+    elif op == "perplexity":
+        from prune.measure.perplexity import perplexity
+
+        out = perplexity(model, windows[: max(2, n // 2)], batch_size=4)
+    elif op == "lmeval":
+        from transformers import AutoTokenizer
+
+        from prune.measure.lmeval import evaluate_tasks
+
+        tok = AutoTokenizer.from_pretrained(smollm2_folder())
+        out = evaluate_tasks(model, tok, ["arc_easy"], limit=4 if SMOKE else 40, batch_size=8, data_dir_path=str(DATA),
+                             progress=False)
+    else:  # healing: LoRA, 4 steps of a global batch of 4 windows
+        from peft import LoraConfig, get_peft_model
+        from torch.utils.data import TensorDataset
+
+        from prune.core.config import HealConfig
+        from prune.heal.methods import _lm_loss
+        from prune.heal.training import train
+
+        peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        cfg = HealConfig(method="lora", steps=1 if SMOKE else 4, batch_size=2 if SMOKE else 4, learning_rate=1e-4)
+        params = [p for p in peft.parameters() if p.requires_grad]
+        log = train(peft, params, TensorDataset(windows), _lm_loss, cfg, tokens_per_item=256, quiet=True)
+        out = {"losses": log["losses"]}
+    dist.barrier()
+    seconds = time.perf_counter() - started
+    return {"op": op, "processes": w.size, "seconds": seconds, "result": out, "threads": torch.get_num_threads()}
+
+
+def case_processes() -> dict:
+    """Each operation: 1 process, then 2 processes (torchrun), 1 torch thread each."""
+    import shutil
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    smollm2_folder()
+    runs = {}
+    for op in DIST_OPS:
+        one = child("dist", op)
+        cmd = [torchrun, "--standalone", "--nproc_per_node", "2", __file__, "--child", "dist", op]
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(THREADS)})
+        if proc.returncode != 0:
+            raise RuntimeError(f"torchrun {op} failed:\n{proc.stderr[-3000:]}")
+        two = next(json.loads(line) for line in reversed(proc.stdout.splitlines()) if line.startswith("{"))
+        runs[op] = {"one": one, "two": two, "speedup": one["seconds"] / two["seconds"]}
+        print(f"processes {op}: 1 process {one['seconds']:.1f} s, 2 processes {two['seconds']:.1f} s "
+              f"({runs[op]['speedup']:.2f}x)", flush=True)
+    return {"runs": runs}
 
 
 def case_scaling() -> dict:
@@ -591,6 +674,31 @@ def machine() -> str:
             f"transformers {transformers.__version__}")
 
 
+def quick_table(results: dict) -> str:
+    """Markdown rows of a quick side-by-side run: each method against the base-model forward
+    (CPU time: best of the rounds, and the median of the per-round ratios; peak memory above the model)."""
+    ov, mem = results.get("overhead"), results.get("memory", {}).get("memory", {})
+    lines = [f"windows: {WINDOWS} x 256, batch 8, {THREADS} thread(s); cache {CACHE.relative_to(ROOT)}", "",
+             "| method | CPU s (best) | vs base forward (best) | vs base forward (median of rounds) | peak above model | vs base forward |",
+             "|---|---:|---:|---:|---:|---:|"]
+    names = [n for n in ("forward_base", "score_bi_angular", "score_full", "forward_full", "hidden_states")
+             if (ov and n in ov["cpu_times"]) or n in mem]
+    for n in names:
+        row = [n]
+        if ov and n in ov["cpu_times"]:
+            c, b = ov["cpu_times"][n], ov["cpu_times"]["forward_base"]
+            row += [f"{min(c):.2f}", f"{min(c) / min(b):.3f}x",
+                    f"{statistics.median(x / y for x, y in zip(c, b)):.3f}x"]
+        else:
+            row += ["-", "-", "-"]
+        if n in mem:
+            row += [f"{mem[n]['peak_above'] / MIB:,.0f} MiB", f"{mem[n]['peak_above'] / mem['forward_base']['peak_above']:.2f}x"]
+        else:
+            row += ["-", "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def write_section(text: str) -> None:
     """Replace the body of the "Speed and memory" section of docs/BENCHMARKS.md."""
     doc = ROOT / "docs" / "BENCHMARKS.md"
@@ -609,15 +717,21 @@ def main() -> None:
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        fn = {"method": child_method, "big": child_big, "baseline": child_baseline}[args.child[0]]
-        print(json.dumps(fn(*args.child[1:])))
+        fn = {"method": child_method, "big": child_big, "baseline": child_baseline, "dist": child_dist}[args.child[0]]
+        result = fn(*args.child[1:])
+        if args.child[0] != "dist" or int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(result))
         return
-    makers = {"overhead": case_overhead, "memory": case_memory, "profile": case_profile, "scaling": case_scaling, "outofcore": case_outofcore}
+    makers = {"overhead": case_overhead, "memory": case_memory, "profile": case_profile, "scaling": case_scaling, "outofcore": case_outofcore,
+              "processes": case_processes}
     if not args.table:
         for name in args.cases.split(","):
             cached(name, args.fresh, makers[name])
     results = {name: json.loads((CACHE / f"{name}.json").read_text()) for name in makers
                if (CACHE / f"{name}.json").is_file()}
+    if QUICK:
+        print(quick_table(results))
+        return
     text = table(results, "nice -n 10 .venv/bin/python scripts/bench_scale.py")
     if not SMOKE:
         write_section(text)

@@ -147,5 +147,51 @@ def timing(out: str) -> None:
     (Path(out) / "gpu_scale.json").write_text(json.dumps(result, indent=1))
 
 
+def multi(out: str) -> None:
+    """Scoring and perplexity of a random 1.1B Llama (float32, seed 0) on one GPU per process:
+    run alone and under ``accelerate launch --multi_gpu --num_processes N``; rank 0 writes
+    ``$OUT/multi_gpu_<N>.json`` (scores, perplexity, seconds) for the shell script to compare."""
+    import json
+    import time
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import prune
+    from prune.core import dist
+    from prune.measure.perplexity import perplexity
+
+    w = dist.world()
+    small = os.environ.get("DEVICE_CHECK_SMALL") == "1"
+    dev = torch.device("cuda", w.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    size = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2) if small else \
+        dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=8)
+    config = LlamaConfig(vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False,
+                         initializer_range=0.02, **size)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.float32).eval()
+    windows = torch.randint(3, config.vocab_size, (64, 256), generator=torch.Generator().manual_seed(0))
+    prune.score(model, windows[:8], batch_size=8, progress=False)  # warm-up
+    dist.barrier()
+    t = time.perf_counter()
+    scores = prune.score(model, windows, batch_size=8, progress=False)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+    score_s = time.perf_counter() - t
+    t = time.perf_counter()
+    ppl = perplexity(model, windows, batch_size=8)
+    dist.barrier()
+    ppl_s = time.perf_counter() - t
+    if w.is_main:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"multi_gpu_{w.size}.json").write_text(json.dumps({
+            "processes": w.size, "scoring_seconds": score_s, "perplexity_seconds": ppl_s,
+            "perplexity": ppl["perplexity"], "block_influence": scores.block_influence, "angular": scores.angular,
+            "cka": scores.cka, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}))
+
+
 if __name__ == "__main__":
-    {"text": make_text, "timing": timing}[sys.argv[1]](sys.argv[2])
+    {"text": make_text, "timing": timing, "multi": multi}[sys.argv[1]](sys.argv[2])

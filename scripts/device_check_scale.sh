@@ -8,6 +8,9 @@
 #    GPU, sequential scoring on the GPU equals in-memory scoring, the memory plan reads GPU memory.
 # 2. GPU timing of scoring overhead on a random 1.1B Llama-shaped model built in the script, and
 #    sequential scoring on the GPU (scripts/device_check_scale.py timing).
+# 3. With 2 or more GPUs: scoring and perplexity of the same random model alone and under
+#    `accelerate launch --multi_gpu --num_processes N` (one GPU per process); scores must agree
+#    (1e-6: GPU kernels) and the perplexity too; the speed-up is printed ($OUT/multi_gpu_*.json).
 # pytest is taken from the environment, else from pure-Python wheels in .whl/ (make them with
 # `pip download --no-deps -d .whl pytest iniconfig pluggy pygments packaging`). Text for the tests'
 # tokenizer: WikiText-2 when $PRUNE_DATA_DIR (or ../shared/data) has it, else Python's docstrings.
@@ -47,6 +50,27 @@ status=0
   timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_scale.py -k gpu -m "not integration" -rs || status=1
   echo "== 2. GPU timing"
   timeout 300 "$PY" scripts/device_check_scale.py timing "$OUT" || status=1
+  NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  if [ "${NGPU:-0}" -ge 2 ]; then
+    echo "== 3. multi-GPU: 1 process vs accelerate launch --multi_gpu --num_processes $NGPU"
+    timeout 300 "$PY" scripts/device_check_scale.py multi "$OUT" || status=1
+    timeout 300 "$PY" -m accelerate.commands.launch --multi_gpu --num_processes "$NGPU" \
+      scripts/device_check_scale.py multi "$OUT" || status=1
+    "$PY" - "$OUT" "$NGPU" <<'PYEOF' || status=1
+import json, sys
+one = json.load(open(f"{sys.argv[1]}/multi_gpu_1.json")); many = json.load(open(f"{sys.argv[1]}/multi_gpu_{sys.argv[2]}.json"))
+diff = max(abs(a - b) for a, b in zip(one["block_influence"], many["block_influence"]))
+for key in ("angular", "cka"):
+    diff = max(diff, max(abs(a - b) for ra, rb in zip(one[key], many[key]) for a, b in zip(ra, rb)))
+ppl = abs(one["perplexity"] - many["perplexity"]) / one["perplexity"]
+print(f"scores max diff {diff:.2e}, perplexity rel diff {ppl:.2e}; scoring {one['scoring_seconds']:.2f} s -> "
+      f"{many['scoring_seconds']:.2f} s ({one['scoring_seconds'] / many['scoring_seconds']:.2f}x), perplexity "
+      f"{one['perplexity_seconds']:.2f} s -> {many['perplexity_seconds']:.2f} s")
+assert diff < 1e-6 and ppl < 1e-5, "multi-GPU results differ from one GPU"
+PYEOF
+  else
+    echo "== 3. multi-GPU: skipped ($NGPU GPU(s); needs 2 or more)"
+  fi
   echo "== done: status $status (0 = all passed)"
   exit $status
 } 2>&1 | tee "$LOG"

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prune.core import dist
 from prune.model.capture import BlockStates, batches
 from prune.io.text import _assemble, _window_body, token_stream
 from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, SelectConfig
@@ -156,12 +157,15 @@ def iterative(model, windows: torch.Tensor, count: int, *, metric: str = "bi", p
 
 # ---- SLEB ----------------------------------------------------------------------------------
 def _block_inputs(model, windows: torch.Tensor, batch_size: int) -> list[list[torch.Tensor]]:
-    """``inputs[p][b]``: the hidden state entering the p-th block of the (current) stack for batch b."""
+    """``inputs[p][b]``: the hidden state entering the p-th block of the (current) stack for batch b
+    of this rank's share of the windows (the share :func:`prune.measure.perplexity.nll_sum` runs;
+    all of them in one process)."""
     layers = decoder_layers(model)
     device, dtype = input_device(model), _model_dtype(model)
     out: list[list[torch.Tensor]] = [[] for _ in layers]
+    lo, hi = dist.shard(windows.shape[0], batch_size)
     with torch.no_grad(), BlockStates(layers, device, dtype) as capture:
-        for _, batch in batches(windows, batch_size):
+        for _, batch in batches(windows[lo:hi], batch_size):
             model.base_model(input_ids=batch.to(device), use_cache=False)
             states, inputs = capture.pop()
             for p in range(len(layers)):

@@ -413,6 +413,8 @@ class HealConfig(Section):
     seed: int = Field(0, ge=0, le=SEED_MAX)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    # several processes (torchrun / accelerate launch): DDP by default; FSDP shards the model instead
+    fsdp: bool = False
     # lora
     rank: int = 8
     merge: bool = True  # false: save the LoRA adapter as a PEFT folder instead of merging it

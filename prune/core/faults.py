@@ -7,6 +7,7 @@ variable names that stage, the action happens there:
 * ``interrupt``  ``KeyboardInterrupt`` (Ctrl-C: cleanup code runs);
 * ``enospc``     ``OSError(ENOSPC)``, the disk is full.
 
+Under a launcher, ``PRUNE_FAULT_RANK=<rank>`` limits the fault to that rank.
 Unset (always, outside tests) it costs one dictionary lookup.
 """
 
@@ -28,6 +29,9 @@ def fault_point(stage: str) -> None:
         return
     where, _, action = spec.partition(":")
     if where != stage:
+        return
+    only = os.environ.get("PRUNE_FAULT_RANK")
+    if only is not None and only != os.environ.get("RANK", "0"):
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)

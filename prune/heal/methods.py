@@ -605,6 +605,9 @@ def preflight(cfg: HealConfig, select: SelectConfig, config, n_layers: int, trus
             raise PruneError(f"heal.method replace needs at least 2 removed blocks, but select removes {k} (use lora or partial)")
         n_after = n_layers - k + (1 if cfg.method == "replace" else 0)
     check_settings(cfg, meta_model(config, trust_remote_code=trust_remote_code), n_after, context_length(config))
+    from prune.heal.training import check_parallel
+
+    check_parallel(cfg)  # batch split over the launch's ranks, FSDP only under a launcher
 
 
 def prepare(model, tokenizer, removed: list[int], cfg: HealConfig, quiet: bool = False, *, out_dir=None,

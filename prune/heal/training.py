@@ -8,6 +8,13 @@ cosine decay to 0 (``schedule="cosine"``) or flat (``"constant"``). Gradients ar
 to norm 1. Accelerate places the module on its device (a GPU when there is one), applies
 ``mixed_precision`` (autocast) and the accumulation; the module is unwrapped afterwards, so
 nothing of Accelerate stays attached to it. A tqdm bar shows the loss.
+
+Under a launcher (``torchrun`` / ``accelerate launch``, N processes) the module is wrapped in
+DDP and every loader batch of ``cfg.batch_size`` items is split over the N ranks
+(Accelerate's ``split_batches``), so the global batch, the data order and hence the loss
+curve are those of one process (equal up to float reduction order); the reported loss is
+the mean over ranks. ``cfg.fsdp`` shards parameters, gradients and optimizer state over the
+ranks instead (Accelerate's FSDP plugin), for models whose training does not fit one device.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from prune.core import dist
 from prune.core.errors import PruneError
 
 MAX_GRAD_NORM = 1.0
@@ -37,21 +45,43 @@ def make_scheduler(optimizer, steps: int, schedule: str):
     return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
 
-def make_accelerator(mixed_precision: str, gradient_accumulation: int):
+def check_parallel(cfg) -> None:
+    """Refuse, before any work, healing settings the launch cannot run: a batch that does not
+    split evenly over the ranks, or FSDP without a launcher of several processes."""
+    w = dist.world()
+    if w.distributed and cfg.batch_size % w.size:
+        raise PruneError(f"heal.batch_size={cfg.batch_size} does not split over {w.size} processes "
+                         f"(use a multiple of {w.size}: each optimizer step sees the same global batch as one process)")
+    if getattr(cfg, "fsdp", False) and not w.distributed:
+        raise PruneError("heal.fsdp shards the model over several processes: launch with "
+                         "`accelerate launch --num_processes N -m prune ...` or `torchrun --nproc_per_node N -m prune ...`, "
+                         "or set heal.fsdp: false")
+
+
+def make_accelerator(mixed_precision: str, gradient_accumulation: int, fsdp: bool = False):
     """An ``Accelerator`` for one healing run. Accelerate keeps its settings in process-wide
     singletons that refuse a second, different ``mixed_precision``; a state left by an
-    earlier run is reset first (only the training settings, not the process group)."""
+    earlier run is reset first (only the training settings, not the process group).
+    Several processes: loader batches are split over them (``split_batches``); ``fsdp``
+    adds Accelerate's FSDP plugin (full sharding)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import GradientAccumulationPlugin
+    from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin
 
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise PruneError("heal.mixed_precision fp16 needs a CUDA GPU (use bf16 or no on CPU)")
+    dist.world()  # joins the process group under a launcher, with prune's timeout
     if AcceleratorState._shared_state:  # noqa: SLF001 - see docstring
         AcceleratorState._reset_state(reset_partial_state=False)  # noqa: SLF001
         GradientState._reset_state()  # noqa: SLF001
     plugin = GradientAccumulationPlugin(num_steps=gradient_accumulation, sync_with_dataloader=False)
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_plugin=plugin)
+    extra = {}
+    if fsdp:
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        extra["fsdp_plugin"] = FullyShardedDataParallelPlugin(use_orig_params=True)
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_plugin=plugin,
+                       dataloader_config=DataLoaderConfiguration(split_batches=dist.world().distributed), **extra)
 
 
 def _forever(loader) -> Iterator:
@@ -77,7 +107,8 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter], dataset: Da
     """
     if not params:
         raise PruneError("nothing to train: no parameter requires a gradient (check the heal settings)")
-    accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation)
+    check_parallel(cfg)
+    accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation, getattr(cfg, "fsdp", False))
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.steps, cfg.schedule)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
@@ -106,8 +137,8 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter], dataset: Da
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                total += float(loss.detach())
-                items += int(batch[0].shape[0])
+                total += float(accelerator.reduce(loss.detach(), "mean"))  # mean over ranks (= loss itself in one)
+                items += int(batch[0].shape[0]) * accelerator.num_processes
             losses.append(total / cfg.gradient_accumulation)
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")

@@ -269,6 +269,8 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
 
+    from prune.measure.lmeval_dist import results_on_every_rank, spread_over_ranks
+
     names, manager = resolve_tasks(tasks, data_dir_path=data_dir_path, task_dirs=task_dirs)
     # lm-eval warns that an in-memory model was passed and that num_fewshot was set: both intended
     loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("lm_eval")]
@@ -289,6 +291,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
             check_tokenizer(tokenizer)
             # a copy: HFLM sets pad_token on the tokenizer it gets, which must not leak into the saved one
             lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+            lm = spread_over_ranks(lm)  # under a launcher: a share of the examples per rank (prune.measure.lmeval_dist)
         tracker = EvaluationTracker()
         out = lm_eval.simple_evaluate(
             model=lm, model_args=model_args if isinstance(model, str) else None, tasks=names, task_manager=manager,
@@ -298,6 +301,8 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
             apply_chat_template=apply_chat_template,
             fewshot_as_multiturn=bool(apply_chat_template) if fewshot_as_multiturn is None else fewshot_as_multiturn,
         )
+        if not isinstance(model, str):  # an in-memory model spread by us: every rank gets the results
+            out = results_on_every_rank(out)
     finally:
         for lg, level in previous:
             lg.setLevel(level)

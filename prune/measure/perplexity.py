@@ -16,25 +16,35 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from prune.core import dist
 from prune.model.capture import batches
 from prune.model.loading import input_device
 
 
 def nll_sum(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False, desc: str = "perplexity") -> tuple[float, int]:
-    """``(sum of token NLLs, number of predicted tokens)`` over ``windows [n, seq_len]``."""
+    """``(sum of token NLLs, number of predicted tokens)`` over ``windows [n, seq_len]``.
+
+    Under a launcher (:mod:`prune.core.dist`) each rank runs a contiguous share of whole
+    batches; the per-batch sums are gathered and added in window order, so the total is
+    bit-for-bit the one-process total."""
     device = input_device(model)
-    total, count = 0.0, 0
-    bar = tqdm(total=windows.shape[0], desc=desc, unit="win", disable=not progress)
+    lo, hi = dist.shard(windows.shape[0], batch_size)
+    sums: list[tuple[float, int]] = []
+    bar = tqdm(total=hi - lo, desc=desc, unit="win", disable=not progress)
     with torch.no_grad():
-        for _, batch in batches(windows, batch_size):
+        for _, batch in batches(windows[lo:hi], batch_size):
             batch = batch.to(device)
             logits = model(input_ids=batch, use_cache=False).logits
             targets = batch[:, 1:].to(logits.device)
             losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
-            total += float(losses)
-            count += targets.numel()
+            sums.append((float(losses), targets.numel()))
             bar.update(batch.shape[0])
     bar.close()
+    total, count = 0.0, 0
+    for part in dist.all_gather(sums):  # rank order = window order
+        for loss, n in part:
+            total += loss
+            count += n
     return total, count
 
 

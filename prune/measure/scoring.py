@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from prune.core import dist
 from prune.core import metrics as M
 from prune.model.capture import BlockStates, batches
 from prune.core.config import CalibrationConfig, ScoreConfig, default
@@ -171,6 +172,22 @@ class ScoreAccumulator:
                 self.cka.update(M.cka_matrix([x[g : g + P].reshape(-1, d) for x in states]))
         self.tokens += T
 
+    def all_reduce(self) -> None:
+        """Sum the running statistics of every rank (one float64 all-reduce; no-op in one process).
+        Every sum is additive over windows, so the result is the one-process accumulation."""
+        if not dist.world().distributed:
+            return
+        means = [m for m in (self.bi, self.angular, self.cka) if m is not None]
+        parts = [t for m in means for t in (m.sum, m.weight, m.dropped)]
+        packed = torch.cat([t.reshape(-1).to(torch.float64) for t in parts]
+                           + [torch.tensor([float(self.tokens)], dtype=torch.float64, device=parts[0].device)])
+        packed = dist.all_reduce_sum(packed)
+        at = 0
+        for t in parts:
+            t.copy_(packed[at : at + t.numel()].reshape(t.shape).to(t.dtype))
+            at += t.numel()
+        self.tokens = int(packed[at])
+
 
 def check_score_args(windows: torch.Tensor, positions: str, metrics, cka_windows: int,
                      batch_size: int) -> tuple[tuple[str, ...], int, int]:
@@ -200,13 +217,12 @@ def fold_batch(acc: ScoreAccumulator, states: list[torch.Tensor], inputs: list[t
     Positions before ``first`` are dropped; windows with non-finite activations are left
     out of every statistic and their indices returned.
     """
-    states = [x[:, first:] for x in states]
-    inputs = [None if x is None else x[:, first:] for x in inputs]
-    # one pass per state: a window holding inf or nan anywhere has a non-finite sum
-    finite = torch.isfinite(sum(x.sum(dim=(1, 2), dtype=torch.float64) for x in states))  # [B]
-    for x in inputs:
-        if x is not None:
-            finite &= torch.isfinite(x.sum(dim=(1, 2), dtype=torch.float64))
+    if first:
+        states = [x[:, first:] for x in states]
+        inputs = [None if x is None else x[:, first:] for x in inputs]
+    finite = torch.ones(states[0].shape[0], dtype=torch.bool, device=states[0].device)  # [B]
+    for x in states + [x for x in inputs if x is not None]:  # no float64 copy of any state
+        finite &= torch.isfinite(x).flatten(1).all(1)
     excluded: list[int] = []
     if not bool(finite.all()):
         excluded = [start + int(i) for i in torch.nonzero(~finite).flatten()]
@@ -272,6 +288,9 @@ def score(
     ``cka_windows`` windows are pooled into one CKA batch (``batch_size`` is rounded up
     to a multiple of it). The model may be dispatched by Accelerate over several devices
     or offloaded to CPU/disk: the hooks copy every state to ``device``.
+
+    Under a launcher (:mod:`prune.core.dist`) each rank scores a contiguous share of the
+    windows, in whole forward batches, and the running sums are all-reduced in float64.
     """
     metrics, batch_size, first = check_score_args(windows, positions, metrics, cka_windows, batch_size)
     layers = decoder_layers(model)
@@ -282,14 +301,18 @@ def score(
     excluded: list[int] = []
     base = model.base_model
     started = time.perf_counter()
-    bar = tqdm(total=windows.shape[0], desc="scoring", unit="win", disable=not progress)
-    with torch.no_grad(), BlockStates(layers, stats_dev) as capture:
-        for start, batch in batches(windows, batch_size):
+    lo, hi = dist.shard(windows.shape[0], batch_size)  # (0, n) in one process
+    bar = tqdm(total=hi - lo, desc="scoring", unit="win", disable=not progress)
+    with torch.no_grad(), BlockStates(layers, stats_dev, first=first) as capture:  # skipped positions: never copied
+        for start, batch in batches(windows[lo:hi], batch_size):
             base(input_ids=batch.to(in_dev), use_cache=False)
             states, inputs = capture.pop()
-            excluded += fold_batch(acc, states, inputs, first, start)
+            excluded += fold_batch(acc, states, inputs, 0, lo + start)
+            del states, inputs
             bar.update(batch.shape[0])
             fault_point("scoring")  # fault-injection hook (prune.faults); a no-op outside tests
     bar.close()
+    acc.all_reduce()
+    excluded = sorted(i for part in dist.all_gather(excluded) for i in part)
     return finish(acc, windows, positions=positions, metrics=metrics, cka_windows=cka_windows, beta=beta, tau=tau,
                   excluded=excluded, started=started, progress=progress, metadata=metadata)

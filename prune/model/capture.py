@@ -34,13 +34,16 @@ class BlockStates:
     After a forward pass, :meth:`pop` returns ``(states, inputs)``: ``states[l]`` enters
     block ``l`` for ``l = 0`` and is block ``l-1``'s output for ``l >= 1``; ``inputs[l]``
     is what entered block ``l`` when that differs from ``states[l]`` (else ``None``).
-    Tensors are ``[batch, seq, d]``, float32, on ``device``.
+    Tensors are ``[batch, seq - first, d]``, float32, on ``device``: positions before ``first``
+    are never copied (scoring that skips the attention-sink token keeps nothing of it).
     """
 
-    def __init__(self, layers: nn.ModuleList, device: torch.device | str, dtype: torch.dtype = torch.float32):
+    def __init__(self, layers: nn.ModuleList, device: torch.device | str, dtype: torch.dtype = torch.float32,
+                 first: int = 0):
         self.layers = layers
         self.device = torch.device(device)
         self.dtype = dtype
+        self.first = first
         self._handles: list = []
         self._reset()
 
@@ -51,7 +54,10 @@ class BlockStates:
         self._last_output = None  # the raw tensor block l-1 returned (identity check only)
 
     def _copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.detach().to(self.device, self.dtype, copy=True)
+        """One contiguous copy of the kept positions (``.to(copy=True)`` of a slice would keep its
+        strides and need a second copy to be contiguous)."""
+        src = tensor.detach()[:, self.first :]
+        return torch.empty(src.shape, dtype=self.dtype, device=self.device).copy_(src)
 
     def _pre_hook(self, index: int):
         def hook(module, args, kwargs):

@@ -41,6 +41,16 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
 }
 
 
+def rank_device_map(device_map):
+    """Under a launcher with GPUs, ``None`` or ``"auto"`` means this rank's own GPU (data parallel:
+    every rank holds the whole model); an explicit map or ``"cpu"`` is kept. Unchanged otherwise."""
+    from prune.core import dist
+
+    if dist.launched() and torch.cuda.is_available() and device_map in (None, "auto"):
+        return {"": f"cuda:{dist.world().local_rank}"}
+    return device_map
+
+
 def load_model(
     source: str | os.PathLike,
     *,
@@ -67,6 +77,7 @@ def load_model(
     if src.kind == "gguf" and torch_dtype == "auto":
         torch_dtype = torch.float32
     check_device_map(device_map, offload_folder)
+    device_map = rank_device_map(device_map)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file

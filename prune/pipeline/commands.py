@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prune.core import dist
 from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, default
 from prune.core.console import quiet_mode, say, versions
 from prune.io.text import calibration_windows, load_text
@@ -77,7 +78,7 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
     if output:
         import json
 
-        write_file(output, json.dumps(result.to_dict(), indent=1))
+        dist.on_main(lambda: write_file(output, json.dumps(result.to_dict(), indent=1)))  # under a launcher: rank 0
     return result
 
 

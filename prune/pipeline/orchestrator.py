@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prune.core import dist
 from prune.core.errors import PruneError, first_line
 from prune.io.text import calibration_windows_of, eval_windows, load_text
 from prune.core.console import quiet_mode, say, show, versions
@@ -156,11 +157,13 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     recipe_file = None if isinstance(recipe, (Recipe, dict)) else recipe
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
+    dist.check_same(recipe.model_dump(mode="json"), "recipe")  # under a launcher: every rank the same recipe
+    quiet = quiet or not dist.world().is_main  # one rank talks
     quiet_mode(quiet)
     started = time.time()
     overwrite = overwrite or recipe.output.overwrite
     facts = preflight(recipe, overwrite, recipe_file)
-    progress = RunProgress(recipe.output.dir, recipe, resume=resume)
+    progress = dist.on_main(lambda: RunProgress(recipe.output.dir, recipe, resume=resume))  # rank 0 keeps it
     if progress.resume:
         say(f"resuming from {progress.folder}: reusing {', '.join(progress.found()) or 'nothing yet'}", quiet)
     m, c = recipe.model, recipe.calibration
@@ -204,7 +207,7 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
                                inputs=facts["inputs"], model=getattr(engine, "model", None),
                                overwrite=overwrite, quiet=quiet, extra_files=lm_eval_files,
                                extra_markdown=extra + (healing_markdown(healing) if healing is not None else ""))
-    progress.finish()
+    dist.on_main(progress.finish)
     return RunResult(out, selection, scores_before, scores_after, evaluation, record)
 
 
@@ -232,13 +235,17 @@ def write_output(save_fn, recipe: Recipe | None, record: PruningRecord, evaluati
     else:
         record, files["README.md"] = prepare_export(record, evaluation, recipe, src, parent, new_step=new_step,
                                                     out_dir=out_dir, model=model)
-    out = save_fn(out_dir, record, files, overwrite, inputs)
-    show(f"\n{table}\n" + (f"\n{extra_markdown}" if extra_markdown else "") + f"\nsaved {out}", quiet)
-    if recipe is not None and recipe.output.push_to_hub is not None:
-        from prune.export.push import push_config
 
-        push_config(out, recipe.output.push_to_hub, quiet=quiet)
-    return out, record
+    def write() -> Path:
+        out = save_fn(out_dir, record, files, overwrite, inputs)
+        show(f"\n{table}\n" + (f"\n{extra_markdown}" if extra_markdown else "") + f"\nsaved {out}", quiet)
+        if recipe is not None and recipe.output.push_to_hub is not None:
+            from prune.export.push import push_config
+
+            push_config(out, recipe.output.push_to_hub, quiet=quiet)
+        return out
+
+    return dist.on_main(write), record  # under a launcher rank 0 writes; the others wait for it
 
 
 def pruning_record(recipe: Recipe, src, selection: Selection, kept: list[int], before: ScoreResult,

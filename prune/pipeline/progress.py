@@ -22,6 +22,7 @@ import os
 import shutil
 from pathlib import Path
 
+from prune.core import dist
 from prune.core.errors import PruneError
 
 STAGES = ("scores", "selection", "original")
@@ -128,11 +129,13 @@ class RunProgress:
     def stage(self, name: str, compute, encode=lambda x: x, decode=lambda x: x):
         """``decode(stored)`` when resuming a run that finished stage ``name``; otherwise
         ``compute()``, stored as ``encode(result)`` before it is returned."""
-        stored = self.get(name)
+        main = dist.world().is_main  # under a launcher rank 0 reads and writes, the others follow
+        stored = dist.broadcast(self.get(name) if main else None)
         if stored is not None:
             return decode(stored)
         result = compute()
-        self.put(name, encode(result))
+        if main:
+            self.put(name, encode(result))
         return result
 
     def get(self, stage: str):

@@ -1,0 +1,87 @@
+"""One rank of the multi-process tests (tests/test_dist.py), also run alone as the one-process reference.
+
+    torchrun --nproc_per_node 2 tests/dist_worker.py MODEL_FOLDER OUT_DIR     # two ranks (gloo)
+    python tests/dist_worker.py MODEL_FOLDER OUT_DIR                          # one process
+
+Each rank writes ``OUT_DIR/rank<r>.json``: scores, the selection, perplexity, SLEB's choice and
+candidate losses, an lm-eval table, a healing run's loss curve and trained weights' checksum,
+and what a mismatched recipe across ranks gives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from prune.choose.rules import select  # noqa: E402
+from prune.choose.strategies import sleb  # noqa: E402
+from prune.core import dist  # noqa: E402
+from prune.core.config import HealConfig  # noqa: E402
+from prune.core.errors import PruneError  # noqa: E402
+from prune.heal.training import train  # noqa: E402
+from prune.io.text import calibration_windows  # noqa: E402
+from prune.measure.lmeval import evaluate_tasks  # noqa: E402
+from prune.measure.perplexity import perplexity  # noqa: E402
+from prune.measure.scoring import score  # noqa: E402
+from prune.model.loading import decoder_layers, load_model  # noqa: E402
+
+DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+def heal(model, windows, fsdp: bool) -> dict:
+    from torch.utils.data import TensorDataset
+
+    from prune.heal.methods import _lm_loss
+
+    torch.manual_seed(0)
+    params = [p for p in decoder_layers(model)[-1].parameters()] + list(model.model.norm.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    cfg = HealConfig(method="partial", steps=3, batch_size=4, learning_rate=1e-3, seed=0, fsdp=fsdp)
+    log = train(model, params, TensorDataset(windows[:8]), _lm_loss, cfg, tokens_per_item=32, quiet=True)
+    return {"losses": log["losses"], "items_seen": log["items_seen"],
+            "weights": [float(p.detach().double().sum()) for p in params]}
+
+
+def main(folder: str, out: str) -> None:
+    torch.set_num_threads(1)
+    w = dist.world()
+    model, tok, _ = load_model(folder, dtype="float32")
+    text = (DATA / "wikitext2_raw" / "wiki.test.raw").read_text(encoding="utf-8")[:60_000]
+    windows = calibration_windows(tok, text, 10, 32, 0)  # 10 windows, batch 2: 3 + 2 batches per rank
+    res: dict = {"world": w.size}
+    s = score(model, windows, batch_size=2, metrics=("angular", "cka"), progress=False)
+    res["scores"] = {k: v for k, v in s.to_dict().items() if k != "seconds"}
+    res["selection"] = select(s, 2, metric="angular").removed
+    res["perplexity"] = perplexity(model, windows, batch_size=2)
+    chosen = sleb(model, windows[:6], 2, batch_size=2, progress=False)
+    res["sleb"] = {"removed": chosen.removed, "trace": chosen.details["trace"]}
+    res["lmeval"] = evaluate_tasks(model, tok, ["copa"], limit=10, batch_size=4, data_dir_path=str(DATA), progress=False)
+    # healing: the last block and the final norm, 3 steps of a global batch of 4 windows (DDP; then
+    # FSDP from a fresh copy, under the launcher only)
+    res["heal"] = heal(model, windows, fsdp=False)
+    if w.distributed:
+        res["heal_fsdp"] = heal(load_model(folder, dtype="float32")[0], windows, fsdp=True)
+    try:
+        dist.check_same({"recipe": "a" if w.rank == 0 else "b"}, "recipe")
+        res["mismatch"] = None
+    except PruneError as exc:
+        res["mismatch"] = str(exc)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / f"rank{w.rank}.json").write_text(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
