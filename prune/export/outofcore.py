@@ -39,7 +39,6 @@ from prune.io.safetensors import (
     byte_ranges,
     copy_bytes,
     local_folder,
-    open_file,
 )
 from prune.io.source import ModelSource
 from prune.model.loading import pruned_config_updates
@@ -85,9 +84,12 @@ class Converted:
         return self.entry.numel() * self.target.itemsize
 
     def write(self, out) -> None:
-        with open_file(self.entry.file) as handle:
-            tensor = handle.get_tensor(self.entry.key)
-        out.write(tensor.to(self.target).contiguous().view(torch.uint8).numpy().tobytes())
+        begin, end = byte_ranges(self.entry.file)[self.entry.key]
+        with self.entry.file.open("rb") as handle:
+            handle.seek(begin)
+            raw = bytearray(handle.read(end - begin))
+        tensor = torch.frombuffer(raw, dtype=self.entry.torch_dtype) if raw else torch.empty(0, dtype=self.entry.torch_dtype)
+        out.write(tensor.to(self.target).view(torch.uint8).numpy().tobytes())
 
 
 SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
