@@ -68,9 +68,9 @@ def test_two_ranks_equal_one_process(tiny_folder, tmp_path):
         assert two["perplexity"] == one["perplexity"]  # per-batch sums added in window order: bit-equal
         assert two["sleb"]["removed"] == one["sleb"]["removed"]
         assert close(two["sleb"]["trace"], one["sleb"]["trace"], 1e-12)
-        assert two["lmeval"]["copa"]["metrics"] == one["lmeval"]["copa"]["metrics"]
-        assert two["lmeval"]["copa"]["n"] == one["lmeval"]["copa"]["n"] == 10
-        assert close(two["lmeval"]["copa"]["stderr"], one["lmeval"]["copa"]["stderr"], 1e-12)
+        assert two["lmeval"]["copa_local"]["metrics"] == one["lmeval"]["copa_local"]["metrics"]
+        assert two["lmeval"]["copa_local"]["n"] == one["lmeval"]["copa_local"]["n"] == 10
+        assert close(two["lmeval"]["copa_local"]["stderr"], one["lmeval"]["copa_local"]["stderr"], 1e-12)
         for kind in ("heal", "heal_fsdp"):  # DDP, and FSDP (works on gloo CPU for this model)
             assert two[kind]["items_seen"] == one["heal"]["items_seen"] == 12  # 3 steps x global batch 4
             for a, b in zip(two[kind]["losses"], one["heal"]["losses"]):

@@ -201,15 +201,18 @@ def test_prune_heal_run_dir_with_distill(tmp_path, tiny_folder_heal):
     del plain["heal"]
     run_dir = run(plain, quiet=True).out_dir
     fast = [f"{k}={v}" for k, v in FAST.items()]
+    source = plain["model"]["source"]  # a local source is published by name and sha256: given again (--source)
     healed = heal_run(run_dir, tmp_path / "healed", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
-                      rows=C4_DATA["rows"], overrides=[*fast, "hidden_weight=0.1", "teacher=memory"], quiet=True)
+                      rows=C4_DATA["rows"], overrides=[*fast, "hidden_weight=0.1", "teacher=memory"], quiet=True,
+                      source=source)
     rec = json.loads((healed / "pruning.json").read_text())["healing"]
     assert rec["objective"] == "distill" and rec["distill"]["kl_after"] < rec["distill"]["kl_before"]
     AutoModelForCausalLM.from_pretrained(healed)
     # through a cache built from the source model, then read alone
     cache = tmp_path / "teacher.safetensors"
     heal_run(run_dir, tmp_path / "healed2", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
-             rows=C4_DATA["rows"], overrides=[*fast, "teacher=cache", "top_k=8", f"teacher_cache={cache}"], quiet=True)
+             rows=C4_DATA["rows"], overrides=[*fast, "teacher=cache", "top_k=8", f"teacher_cache={cache}"], quiet=True,
+             source=source)
     assert cache.is_file()
     rec2 = json.loads((tmp_path / "healed2" / "pruning.json").read_text())["healing"]["distill"]
     assert "sequential" in rec2["teacher"] and rec2["top_k"] == 8  # read one block at a time, never loaded whole

@@ -129,7 +129,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_folder, tmp_path):
     assert stored == ["original.json", "recipe.json", "scores.json", "selection.json"]
     done = prune_cli("run", recipe, "--resume")
     assert done.returncode == 0, done.stderr
-    assert "resuming from" in done.stdout and "reusing scores, selection, original" in done.stdout
+    assert "resuming from" in done.stderr and "reusing scores, selection, original" in done.stderr  # stage lines: stderr
     assert not progress_dir(out).exists()
     a = json.loads((tmp_path / "plain" / "pruning.json").read_text())
     b = json.loads((out / "pruning.json").read_text())

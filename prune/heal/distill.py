@@ -572,13 +572,14 @@ def heal(model, plan, quiet: bool = False) -> dict:
 
 
 # ---- prune heal RUN_DIR ---------------------------------------------------------------------------------
-def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dtype, trust: bool, quiet: bool = False):
+def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dtype, trust: bool, quiet: bool = False,
+                   source: str | None = None):
     """``prune heal RUN_DIR --method distill``: the teacher is ``heal.teacher_cache`` when that file
     exists, otherwise the source model recorded in ``pruning.json`` (in memory, or turned into a
-    top-k cache beside ``out`` first). Returns ``(model, tokenizer, kept, record)``."""
+    top-k cache beside ``out`` first); a local source is recorded by name and sha256 only, so it
+    is ``source`` (``--source PATH``, checked against the sha256). Returns ``(model, tokenizer, kept, record)``."""
     from prune.core.console import say
     from prune.heal.methods import training_windows
-    from prune.io.source import resolve_source
     from prune.model.loading import load_model
 
     if cfg.method == "replace":
@@ -592,11 +593,13 @@ def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dty
         if not s.get("path"):
             raise PruneError(f"no teacher source: {run_dir}/pruning.json records no source model and heal.teacher_cache "
                              "is not an existing file (set heal.teacher_cache to a top-k cache)")
+        from prune.export.lineage import recorded_source
+
         try:
-            src = resolve_source(s["path"], s.get("gguf_file"), s.get("revision"))
+            src = recorded_source(s, source)
         except PruneError as exc:
             raise PruneError(f"no teacher source: the original model {s['path']} cannot be read ({exc}); "
-                             "set heal.teacher_cache to a top-k cache") from None
+                             "give it with --source, or set heal.teacher_cache to a top-k cache") from None
         if cfg.hidden_weight > 0 and kept is None:
             raise PruneError(f"heal.hidden_weight: {run_dir}/pruning.json lacks kept (which original block each is)")
     model, tokenizer, _ = load_model(run_dir, dtype=dtype, trust_remote_code=trust)
@@ -632,10 +635,10 @@ def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dty
 
 
 def _meta_of(folder, trust: bool):
-    from prune.heal.methods import _meta_model
+    from prune.model.arch import meta_model
     from transformers import AutoConfig
 
-    return _meta_model(AutoConfig.from_pretrained(folder, trust_remote_code=trust), trust)
+    return meta_model(AutoConfig.from_pretrained(folder, trust_remote_code=trust), trust_remote_code=trust)
 
 
 def _sequential_teacher(cfg: HealConfig, src, student, pruning: dict) -> bool:

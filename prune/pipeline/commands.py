@@ -180,7 +180,7 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
 
         from prune.io.guard import write_file
 
-        write_file(output, json.dumps(result, indent=1))
+        write_file(output, json.dumps({k: v for k, v in result.items() if k != "lm_eval_files"}, indent=1))
     return result
 
 

@@ -228,7 +228,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         from prune.heal.distill import heal_saved_run
 
         model, tokenizer, kept, record = heal_saved_run(run, out, pruning.model_dump(mode="json"), cfg, dtype, trust,
-                                                        quiet)
+                                                        quiet, source=source)
     elif cfg.method == "replace":
         say(f"loading the original model {src.display} (the replacement layer learns from its hidden states)", quiet)
         model, tokenizer, _ = load_model(src.path, gguf_file=src.gguf_file, dtype=dtype, revision=src.revision,

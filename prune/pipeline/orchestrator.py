@@ -133,7 +133,10 @@ def eval_settings(recipe: Recipe) -> dict:
         "limit": ev.limit if ev else None, "batch_size": ev.batch_size if ev else None,
         "num_fewshot": ev.num_fewshot if ev else None, "seed": ev.seed if ev else None,
         "perplexity": ev.perplexity.model_dump() if ev and ev.perplexity else None,
+        "fidelity": ev.fidelity.model_dump() if ev and ev.fidelity else None,
         "tasks": ev.tasks if ev else [], "versions": versions(),
+        "apply_chat_template": ev.apply_chat_template if ev else False,
+        "fewshot_as_multiturn": ev.fewshot_as_multiturn if ev else None,
     }
 
 
