@@ -92,7 +92,7 @@ class InMemory:
         from prune.export.saving import save
 
         return save(self.model, self.tokenizer, out_dir, pruning=record, files=files, overwrite=overwrite,
-                    inputs=inputs)
+                    inputs=inputs, dtype=self.recipe.output.dtype)
 
 
 class Sequential:
@@ -141,7 +141,8 @@ class Sequential:
         from prune.export.outofcore import prune_checkpoint
 
         out = prune_checkpoint(self.folder, self._removed, out_dir, pruning=record, files=files, overwrite=overwrite,
-                               trust_remote_code=self.recipe.model.trust_remote_code, inputs=inputs)
+                               trust_remote_code=self.recipe.model.trust_remote_code, inputs=inputs,
+                               dtype=self.recipe.output.dtype, new_step=False)  # the record has its lineage
         say("(written from the source shards, out of core)", self.quiet)
         return out
 
