@@ -573,11 +573,12 @@ def heal(model, plan, quiet: bool = False) -> dict:
 
 # ---- prune heal RUN_DIR ---------------------------------------------------------------------------------
 def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dtype, trust: bool, quiet: bool = False,
-                   source: str | None = None):
+                   resolve=None):
     """``prune heal RUN_DIR --method distill``: the teacher is ``heal.teacher_cache`` when that file
     exists, otherwise the source model recorded in ``pruning.json`` (in memory, or turned into a
-    top-k cache beside ``out`` first); a local source is recorded by name and sha256 only, so it
-    is ``source`` (``--source PATH``, checked against the sha256). Returns ``(model, tokenizer, kept, record)``."""
+    top-k cache beside ``out`` first); ``resolve(recorded source) -> ModelSource`` finds it (a local
+    source is recorded by name and sha256 only: ``prune heal --source PATH``). Returns
+    ``(model, tokenizer, kept, record)``."""
     from prune.core.console import say
     from prune.heal.methods import training_windows
     from prune.model.loading import load_model
@@ -593,10 +594,13 @@ def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dty
         if not s.get("path"):
             raise PruneError(f"no teacher source: {run_dir}/pruning.json records no source model and heal.teacher_cache "
                              "is not an existing file (set heal.teacher_cache to a top-k cache)")
-        from prune.export.lineage import recorded_source
+        if resolve is None:
+            from prune.io.source import resolve_source
 
+            def resolve(rec):
+                return resolve_source(rec["path"], rec.get("gguf_file"), rec.get("revision"))
         try:
-            src = recorded_source(s, source)
+            src = resolve(s)
         except PruneError as exc:
             raise PruneError(f"no teacher source: the original model {s['path']} cannot be read ({exc}); "
                              "give it with --source, or set heal.teacher_cache to a top-k cache") from None

@@ -225,10 +225,11 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
 
     started = _dt.datetime.now(_dt.timezone.utc)
     if cfg.objective == "distill":  # -- distill (prune.heal.distill): teacher = the source model or a top-k cache --
+        from prune.export.lineage import recorded_source
         from prune.heal.distill import heal_saved_run
 
         model, tokenizer, kept, record = heal_saved_run(run, out, pruning.model_dump(mode="json"), cfg, dtype, trust,
-                                                        quiet, source=source)
+                                                        quiet, resolve=lambda s: recorded_source(s, source))
     elif cfg.method == "replace":
         say(f"loading the original model {src.display} (the replacement layer learns from its hidden states)", quiet)
         model, tokenizer, _ = load_model(src.path, gguf_file=src.gguf_file, dtype=dtype, revision=src.revision,
