@@ -65,6 +65,11 @@ class _Alias(types.ModuleType):
     def __getattr__(self, attr: str):
         return lookup(self.__name__, self._targets, attr)
 
+    def __call__(self, *args, **kwargs):
+        """``import prune.select`` binds the old module over the function ``prune.select`` (the
+        import system sets the package attribute); calling the alias calls that function."""
+        return lookup(self.__name__, self._targets, self.__name__.rsplit(".", 1)[1])(*args, **kwargs)
+
     def __dir__(self):
         return sorted({n for m in self._modules() for n in dir(m)})
 

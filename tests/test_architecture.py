@@ -34,6 +34,22 @@ def test_old_module_names_import_with_a_deprecation_warning(old, name):
     assert callable(getattr(module, name)) or isinstance(getattr(module, name), type)
 
 
+def test_importing_an_old_module_keeps_the_function_of_the_same_name_working():
+    import importlib
+
+    import prune
+
+    sys.modules.pop("prune.select", None)
+    importlib.import_module("prune.select")  # sets the attribute prune.select to the old module's alias
+    from conftest import build_model  # noqa: F401  (fixtures' helpers)
+
+    class Scores:  # the least a score-only rule reads
+        n_layers = 6
+        block_influence = [0.9, 0.1, 0.2, 0.3, 0.4, 0.9]
+
+    assert prune.select(Scores(), 2, metric="bi").removed == [1, 2]
+
+
 def test_0_1_0_packages_keep_their_names():
     from prune.export import save
     from prune.heal import heal_model
