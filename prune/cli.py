@@ -489,7 +489,12 @@ SUBCOMMANDS = [add_run, add_score, add_eval, add_compare, add_report, add_heal, 
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with usage errors redacted: a token given in any argument is never echoed."""
+    """argparse with usage errors redacted: a token given in any argument is never echoed; no
+    abbreviated flags (``--token VALUE`` must not silently mean ``--token-file VALUE``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         from prune.core.secrets import redact

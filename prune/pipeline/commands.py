@@ -120,13 +120,13 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
     if output:
         check_output(output, command_inputs(source, [ppl.path if ppl else None]), overwrite=overwrite, kind="file",
                      what="--output file", flag="--output")
+    if cfg.tasks:
+        L.check_tasks(cfg.tasks, data_dir_path=cfg.data_dir, task_dirs=cfg.task_dirs, num_fewshot=cfg.num_fewshot,
+                      fewshot_from_scored_split=cfg.fewshot_from_scored_split, quiet=quiet)  # fail before loading
     preflight_model(src, trust_remote_code, [("--seq-len", ppl.seq_len if ppl else None)])
     if ppl is not None:  # empty or too short text fails now, not after loading
         eval_windows(load_tokenizer(src, trust_remote_code), load_text(ppl.source()), ppl.seq_len, ppl.max_windows,
                      ppl.bos)
-    if cfg.tasks:
-        L.check_tasks(cfg.tasks, data_dir_path=cfg.data_dir, task_dirs=cfg.task_dirs, num_fewshot=cfg.num_fewshot,
-                      fewshot_from_scored_split=cfg.fewshot_from_scored_split, quiet=quiet)  # fail before loading
     reference = None
     if original is not None:
         from prune.measure.evaluation import fidelity_reference

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from prune.core.errors import PruneError
+from prune.export.public import public_data
 from prune.model.arch import block_index, meta_model
 from prune.heal.methods import (
     HealPlan,
@@ -293,7 +294,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     result, _ = write_output(save_fn, recipe, new, evaluation, out_dir=out, inputs=inputs, overwrite=overwrite,
                              quiet=quiet, title="Before / after healing",
                              table=_healed_markdown(original, before, healed, counts),
-                             extra_markdown=healing_markdown(record),
+                             extra_markdown=healing_markdown(public_data(record)),
                              prepare=lambda rec, files: heal_export(rec, run, out, files, recipe, model,
                                                                     adapter=not cfg.merge))
     return result

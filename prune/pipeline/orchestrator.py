@@ -25,6 +25,7 @@ from typing import Any
 
 from prune.core import dist
 from prune.core.errors import PruneError, first_line
+from prune.export.public import public_data
 from prune.io.text import calibration_windows_of, eval_windows, load_text
 from prune.core.console import quiet_mode, say, show, versions
 from prune.core.tables import comparison_markdown, comparison_rows
@@ -209,7 +210,7 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     out, record = write_output(engine.save, recipe, record, evaluation, src=facts["source"], parent=facts["parent"],
                                inputs=facts["inputs"], model=getattr(engine, "model", None),
                                overwrite=overwrite, quiet=quiet, extra_files=lm_eval_files,
-                               extra_markdown=extra + (healing_markdown(healing) if healing is not None else ""))
+                               extra_markdown=extra + (healing_markdown(public_data(healing)) if healing is not None else ""))
     dist.on_main(progress.finish)
     return RunResult(out, selection, scores_before, scores_after, evaluation, record)
 
