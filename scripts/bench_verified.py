@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import json
 import os
 import sys
 import time
@@ -41,26 +40,12 @@ import prune  # noqa: E402
 from prune.choose.strategies import heldout_windows  # noqa: E402
 from prune.choose.verified import verified  # noqa: E402
 from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity  # noqa: E402
+from bench_quality import Context, log, read, set_key, write  # noqa: E402  (the same protocol and cache helpers)
 
 CACHE = ROOT / "bench_cache" / "verified"
 KS = (3, 5, 7, 10)
 BASELINES = ("contiguous angular", "one_shot bi", "one_shot angular", "sleb")
 SLEB_FFE_TO_10 = 105.8  # docs/BENCHMARKS.md: SLEB's selection to k = 10, full-model equivalents over 4 windows
-
-
-def log(msg: str) -> None:
-    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
-
-
-def read(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def write(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
 
 
 def baseline_sets() -> dict[str, dict[int, list[int]]]:
@@ -80,8 +65,6 @@ def baseline_sets() -> dict[str, dict[int, list[int]]]:
 class Bench:
     def __init__(self, threads: int, heldout: int, budget: int):
         torch.set_num_threads(threads)
-        from bench_quality import Context
-
         self.ctx = Context()
         self.heldout, self.budget = heldout, budget
         ref_path = CACHE / "reference.safetensors"
@@ -116,7 +99,7 @@ class Bench:
         return data
 
     def measure(self, removed: list[int]) -> dict:
-        path = CACHE / "sets" / f"{'-'.join(map(str, sorted(removed))) or 'dense'}.json"
+        path = CACHE / "sets" / f"{set_key(removed)}.json"
         data = read(path)
         if data is None:
             model = copy.deepcopy(self.ctx.model)
@@ -146,7 +129,7 @@ def report(heldout: int, budget: int) -> str:
                 removed = sel["removed"] if sel else None
             else:
                 removed = base.get(name, {}).get(k)
-            m = read(CACHE / "sets" / f"{'-'.join(map(str, sorted(removed)))}.json") if removed else None
+            m = read(CACHE / "sets" / f"{set_key(removed)}.json") if removed else None
             if m is None:
                 cells.append("- | -")
                 continue
@@ -170,7 +153,7 @@ def report(heldout: int, budget: int) -> str:
         sel_lines.append(f"| {k} | {' '.join(map(str, sel['removed']))} | {d['source']} | {d['kl_mean']:.4f} | "
                          f"{d['evaluations']} ({d['local_search_evaluations']}) | {d['full_forward_equivalents']} | "
                          f"{sel['seconds']} |")
-        m = read(CACHE / "sets" / f"{'-'.join(map(str, sel['removed']))}.json")
+        m = read(CACHE / "sets" / f"{set_key(sel['removed'])}.json")
         if m and best[k][0] < float("inf"):
             ok_ppl, ok_kl = m["perplexity_pruned"] <= best[k][0] * 1.0005, m["kl_mean"] <= best[k][1] * 1.0005
             goals.append(f"- k = {k}: perplexity {m['perplexity_pruned']:.1f} vs best baseline {best[k][0]:.1f} "
@@ -179,8 +162,8 @@ def report(heldout: int, budget: int) -> str:
     out.append("\n### What verified chose and what it cost\n\n" + "\n".join(sel_lines))
     sel10 = read(CACHE / f"verified2_k10_h{heldout}_b{budget}.json")
     sleb10 = base.get("sleb", {}).get(10)
-    m10 = read(CACHE / "sets" / f"{'-'.join(map(str, sel10['removed']))}.json") if sel10 else None
-    s10 = read(CACHE / "sets" / f"{'-'.join(map(str, sleb10))}.json") if sleb10 else None
+    m10 = read(CACHE / "sets" / f"{set_key(sel10['removed'])}.json") if sel10 else None
+    s10 = read(CACHE / "sets" / f"{set_key(sleb10)}.json") if sleb10 else None
     if m10 and s10:
         ffe = sel10["details"]["full_forward_equivalents"] * heldout / 4 + 32 / 4  # in 4-window passes, + scoring
         below = 1 - m10["perplexity_pruned"] / s10["perplexity_pruned"]

@@ -10,7 +10,6 @@ from conftest import build_model
 
 def test_internals_checked_against_the_installed_transformers():
     # If this fails after an upgrade, re-check prune/model/hf_internals.py against the new version.
-    assert CHECKED_WITH == "5.24.0"
     assert transformers.__version__.split(".")[0] == CHECKED_WITH.split(".")[0]
 
 
