@@ -435,6 +435,8 @@ def add_heal(sub) -> None:
                    help="override a heal setting, e.g. --set steps=200 --set learning_rate=5e-4 --set rank=16 (repeatable)")
     p.add_argument("--source", default=None, help="replace: the original model, when pruning.json records a local "
                                                   "source by name only (checked against its sha256)")
+    p.add_argument("--calibration-data", default=None, metavar="PATH",
+                   help="the calibration text file, when RUN_DIR's recipe records it by name only (<local>/name)")
     p.add_argument("--evaluate", action="store_true", help="evaluate the healed model with RUN_DIR's evaluate settings "
                                                           "and write eval.json / eval.md (original, pruned, healed)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)")
@@ -449,7 +451,7 @@ def cmd_heal(args) -> int:
 
     heal_run(args.run_dir, args.output, method=args.method, config=args.config, data=args.data, field=args.field,
              rows=args.rows, overrides=args.overrides, evaluate=args.evaluate, overwrite=args.overwrite, quiet=args.quiet,
-             trust_remote_code=args.trust_remote_code, source=args.source)
+             trust_remote_code=args.trust_remote_code, source=args.source, calibration=args.calibration_data)
     return 0
 
 

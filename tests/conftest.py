@@ -16,6 +16,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
+# Run folders record data under $PRUNE_DATA_DIR as ${PRUNE_DATA_DIR}/... (prune.export.public):
+# the tests run with it set, as the README tells users, also where CI found the data by default.
+os.environ.setdefault("PRUNE_DATA_DIR", str(DATA))
 WIKI_RAW = DATA / "wikitext2_raw" / "wiki.test.raw"
 WIKI_JSONL = DATA / "wikitext2_raw" / "test.jsonl"
 VOCAB = 256

@@ -346,6 +346,30 @@ def test_cli_heal_partial(tmp_path, tiny_folder):
     assert not (tmp_path / "bad").exists()
 
 
+def test_heal_run_dir_whose_calibration_file_was_recorded_by_name(tmp_path, tiny_folder, monkeypatch):
+    """Without $PRUNE_DATA_DIR a data file outside the working folder is written as <local>/name:
+    healing that run folder asks for the file (one line, before loading), then takes it."""
+    from prune.core.errors import PruneError
+    from prune.pipeline.heal_run import heal_run
+
+    monkeypatch.delenv("PRUNE_DATA_DIR")
+    monkeypatch.chdir(tmp_path)
+    plain = _recipe(tmp_path)
+    del plain["heal"]
+    run_dir = run(plain, quiet=True).out_dir
+    assert f"<local>/{WIKI_RAW.name}" in (run_dir / "recipe.yaml").read_text()
+    options = dict(method="partial", data=C4_DATA["path"], field=C4_DATA["field"], rows=C4_DATA["rows"], quiet=True,
+                   overrides=["steps=2", "n_samples=8", "seq_len=32", "heal.last_blocks=1"])
+    with pytest.raises(PruneError, match="--calibration-data PATH") as err:
+        heal_run(run_dir, tmp_path / "healed", **options)
+    assert "\n" not in str(err.value) and not (tmp_path / "healed").exists()
+    with pytest.raises(PruneError, match="file not found"):
+        heal_run(run_dir, tmp_path / "healed", calibration=str(tmp_path / "missing.raw"), **options)
+    healed = heal_run(run_dir, tmp_path / "healed", calibration=str(WIKI_RAW), **options)
+    rec = json.loads((healed / "pruning.json").read_text())
+    assert rec["healing"]["method"] == "partial" and rec["layers_after"] == N_LAYERS - 3 == rec["scores_after"]["n_layers"]
+
+
 # ---- the real model -------------------------------------------------------------------------------------------------
 @pytest.mark.integration
 def test_smollm2_replacement_layer_beats_plain_removal(smollm2_folder):

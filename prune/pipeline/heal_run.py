@@ -148,13 +148,37 @@ def _healed_markdown(original: dict, before: dict, healed: dict, facts: dict) ->
     return "\n".join(lines)
 
 
+def with_local_texts(recipe, run: Path, calibration: str | None, evaluate: bool):
+    """``recipe`` (read from ``run``) with its calibration file replaced by ``calibration`` when given,
+    checked before any model is loaded: a text file the run recorded by name only (``<local>/name``)
+    or that is missing here is one line naming the fix."""
+    from prune.export.public import REDACTED
+    from prune.pipeline.recipe import check_text_path
+
+    if calibration is not None:
+        recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update={"path": calibration})})
+    texts = [("calibration", recipe.calibration, "give the file with --calibration-data PATH")]
+    if evaluate and recipe.evaluate is not None:
+        texts.append(("evaluate.perplexity", recipe.evaluate.perplexity,
+                      "evaluate the output with prune eval and a recipe naming the file"))
+    for key, cfg, fix in texts:
+        if cfg is not None and cfg.path.startswith(REDACTED + "/"):
+            raise PruneError(f"{run / 'recipe.yaml'} records '{key}.path' by file name only ({cfg.path}: a path outside "
+                             f"$PRUNE_DATA_DIR and the working folder is not written to a run folder); {fix}")
+        check_text_path(cfg, key, str(run / "recipe.yaml"))
+    return recipe
+
+
 def heal_run(run_dir, output, *, method: str | None = None, config: str | None = None, data: str | None = None,
              field=None, rows: str | None = None, overrides=(), evaluate: bool = False, overwrite: bool = False,
-             quiet: bool = False, trust_remote_code: bool = False, source: str | None = None) -> Path:
+             quiet: bool = False, trust_remote_code: bool = False, source: str | None = None,
+             calibration: str | None = None) -> Path:
     """Heal the model of ``run_dir`` into the new folder ``output`` (see module docstring); returns it.
 
     Code shipped with a checkpoint runs only when ``trust_remote_code`` is given here (the CLI's
-    ``--trust-remote-code``): RUN_DIR's own ``recipe.yaml`` is an input and never grants it."""
+    ``--trust-remote-code``): RUN_DIR's own ``recipe.yaml`` is an input and never grants it.
+    ``calibration`` replaces the calibration text file of RUN_DIR's recipe (needed when the run
+    recorded it by name only, ``<local>/name``: see :mod:`prune.export.public`)."""
 
     from prune.core.config import EvaluateConfig
     from prune.core.console import quiet_mode, say, versions
@@ -188,6 +212,9 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         output_section = {**(recipe_data.get("output") or {}), "dir": str(out), "overwrite": overwrite}
         output_section.pop("push_to_hub", None)  # a heal pushes nothing unless asked (prune push)
         recipe = Recipe.model_validate(expand_env({**recipe_data, "heal": cfg.model_dump(), "output": output_section}))
+        recipe = with_local_texts(recipe, run, calibration, evaluate)
+    elif calibration is not None:
+        raise PruneError(f"--calibration-data needs {run / 'recipe.yaml'} (the run folder has no recipe to calibrate with)")
     eval_cfg: EvaluateConfig | None = recipe.evaluate if recipe else None
     check_heal_data(cfg, eval_cfg, "heal settings")
     if evaluate and eval_cfg is None:

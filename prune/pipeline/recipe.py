@@ -118,7 +118,8 @@ def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str
     return recipe
 
 
-def _check_text_path(cfg: TextConfig | None, key: str, where: str) -> None:
+def check_text_path(cfg: TextConfig | None, key: str, where: str) -> None:
+    """A local text file named by ``cfg`` exists (a Hub dataset name is not checked here)."""
     if cfg is None:
         return
     path = Path(cfg.path).expanduser()
@@ -135,18 +136,18 @@ def check_files(recipe: Recipe, where: str = "recipe") -> None:
         resolve_source(recipe.model.source, recipe.model.gguf_file, recipe.model.revision)
     except PruneError as exc:
         raise PruneError(f"{where}: 'model.source': {exc}") from None
-    _check_text_path(recipe.calibration, "calibration", where)
+    check_text_path(recipe.calibration, "calibration", where)
     if recipe.evaluate is not None:
-        _check_text_path(recipe.evaluate.perplexity, "evaluate.perplexity", where)
+        check_text_path(recipe.evaluate.perplexity, "evaluate.perplexity", where)
         if recipe.evaluate.fidelity is not None and recipe.evaluate.fidelity.path is not None:
-            _check_text_path(recipe.evaluate.fidelity, "evaluate.fidelity", where)
+            check_text_path(recipe.evaluate.fidelity, "evaluate.fidelity", where)
         for d in recipe.evaluate.task_dirs:
             if not Path(d).expanduser().is_dir():
                 raise PruneError(f"{where}: 'evaluate.task_dirs' folder not found: {d}")
         if recipe.evaluate.data_dir and not Path(recipe.evaluate.data_dir).expanduser().is_dir():
             raise PruneError(f"{where}: 'evaluate.data_dir' folder not found: {recipe.evaluate.data_dir}")
     if recipe.heal is not None and recipe.heal.data is not None:
-        _check_text_path(recipe.heal.data, "heal.data", where)
+        check_text_path(recipe.heal.data, "heal.data", where)
 
 
 # ---- heal: checks across sections (prune.heal) ----------------------------------------------
