@@ -87,6 +87,13 @@ def recorded_selections() -> dict[str, dict[int, list[int]]]:
         if len(cells) != 1 + len(KS) or cells[0] in ("strategy", "---") or set(cells[1]) <= {"-"}:
             continue
         out[cells[0]] = {k: [int(b) for b in cell.split()] for k, cell in zip(KS, cells[1:])}
+    verified = {}  # the verified strategy's choices (issue 15): "What verified chose and what it cost"
+    for line in text.split("#### What verified chose", 1)[-1].split("####", 1)[0].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 2 and cells[0].isdigit() and int(cells[0]) in KS:
+            verified[int(cells[0])] = [int(b) for b in cells[1].split()]
+    if set(verified) == set(KS):
+        out["verified"] = verified
     return out
 
 

@@ -18,6 +18,8 @@ resumes; healed checkpoints are kept in bench_cache/heal/models/ for the lm-eval
   python scripts/bench_heal.py --part distill [--budgets 8192,32768]   # distill vs next-token, LoRA and partial
   python scripts/bench_heal.py --part distill_lmeval   # the multiple-choice tasks of the 32k-token distill cases
   python scripts/bench_heal.py --part distill_report   # its table into docs/BENCHMARKS.md
+  python scripts/bench_heal.py --part distill_paired   # lm-eval with samples: dense, un-healed, saved LoRA cases
+  python scripts/bench_heal.py --part distill_paired_report   # paired tables (prune.measure.paired) into docs
 Run it niced in the background: nohup nice -n 10 python scripts/bench_heal.py --part all > bench_heal.log 2>&1 &
 """
 
@@ -254,7 +256,7 @@ def part_distill(budgets=DISTILL_BUDGETS, only: str | None = None) -> None:
         result = {"case": name, "objective": objective, "params": params, "tokens": rec["tokens_seen"],
                   "fidelity": fidelity_to(model, base, tok), "healing": rec,
                   "layers": model.config.num_hidden_layers, "params_count": prune.count_parameters(model)}
-        if tokens == 32_768:  # the lm-eval cases keep their checkpoint
+        if tokens >= 32_768:  # the lm-eval cases keep their checkpoint
             prune.save(model, tok, CACHE / "models" / name, pruning={"removed": run, "healing": rec}, overwrite=True)
         store(name, result)
         log(f"{name}: ppl {result['fidelity']['perplexity']:.2f}, KL {result['fidelity']['kl']:.4f}, "
@@ -275,6 +277,75 @@ def part_distill_lmeval() -> None:
         t = time.time()
         res = evaluate_tasks(model, tok, TASKS, limit=LIMIT, batch_size=16, seed=0, data_dir_path=DATA, progress=False)
         store(f"{name}.lmeval", {"case": name, "tasks": res, "seconds": round(time.time() - t, 1)})
+
+
+# ---- part: distill_paired (lm-eval's own files, paired against the dense and the un-healed model) -----------
+#: the dense and the un-healed (blocks 12-18) models' lm-eval files under the same protocol, written by
+#: scripts/bench_fidelity.py --part paired (dense, contiguous angular at k = 7); run here when missing
+BASELINES = {"dense": [], "pruned": list(range(12, 19))}
+FIDELITY_LMEVAL = ROOT / "bench_cache" / "fidelity" / "lmeval_k7"
+
+
+def lmeval_folder(name: str) -> Path:
+    if name in BASELINES:
+        key = "-".join(map(str, BASELINES[name])) or "dense"
+        if list((FIDELITY_LMEVAL / key).glob("samples_*.jsonl")):
+            return FIDELITY_LMEVAL / key
+    return CACHE / "lmeval" / name
+
+
+def paired_cases() -> list[str]:
+    """The saved distill / next-token LoRA checkpoints, largest budget first."""
+    names = [case_name(o, "lora", t) for t in sorted(DISTILL_BUDGETS, reverse=True) for o in ("distill", "lm")]
+    return [n for n in names if (CACHE / "models" / n / "config.json").is_file()]
+
+
+def part_distill_paired() -> None:
+    """lm-eval (four tasks, limit 500, samples kept) of the baselines and every saved LoRA case."""
+    from prune.measure.lmeval import run_lm_eval
+
+    base = None
+    for name in [*BASELINES, *paired_cases()]:
+        folder = lmeval_folder(name)
+        if list(folder.glob("samples_*.jsonl")):
+            continue
+        if name in BASELINES:
+            base = base or load_dense()
+            model, tok = copy.deepcopy(base[0]), base[1]
+            if BASELINES[name]:
+                prune.remove_layers(model, BASELINES[name])
+        else:
+            model, tok, _ = prune.load(CACHE / "models" / name, dtype="float32")
+        log(f"lm-eval (samples) {name}")
+        t = time.time()
+        run = run_lm_eval(model, tok, TASKS, limit=LIMIT, batch_size=16, seed=0, data_dir_path=DATA, progress=False)
+        run.write(folder, f"SmolLM2-135M-Instruct {name}")
+        log(f"lm-eval {name}: {({k: r['metrics'] for k, r in run.summary.items()})} ({time.time() - t:.0f} s)")
+        del model
+
+
+def part_distill_paired_report() -> None:
+    """Paired tables of every evaluated case against the dense and the un-healed model, into docs."""
+    from prune.measure.paired import compare_folders, paired_markdown
+
+    have = [n for n in [*BASELINES, *paired_cases()] if list(lmeval_folder(n).glob("samples_*.jsonl"))]
+    if "dense" not in have or len(have) < 2:
+        raise SystemExit("run --part distill_paired first")
+    lines = []
+    for name in [n for n in have if n != "dense"]:
+        for ref in [r for r in ("dense", "pruned") if r in have and r != name]:
+            rows = compare_folders(lmeval_folder(ref), lmeval_folder(name))
+            head = [r for r in rows if r.metric == ("acc_norm" if r.task.startswith("hellaswag") else "acc")]
+            retained = sum(r.mean_b / r.mean_a for r in head) / len(head)
+            diff = sum(r.diff for r in head) / len(head)
+            se = math.sqrt(sum(r.se_paired ** 2 for r in head)) / len(head)  # the tasks' examples are independent
+            lines += [f"**{name}** against **{ref}** (A = {ref}, B = {name}): mean retained accuracy "
+                      f"{100 * retained:.1f}% (acc; hellaswag acc_norm); average over the tasks B - A = "
+                      f"{100 * diff:+.1f} points, paired SE {100 * se:.1f}, 95% interval "
+                      f"[{100 * (diff - 1.96 * se):+.1f}, {100 * (diff + 1.96 * se):+.1f}]", "",
+                      paired_markdown(head, ref, name), ""]
+    print("\n".join(lines))
+    write_docs("\n".join(lines), "bench_heal_paired")
 
 
 def distill_report() -> list[str]:
@@ -584,6 +655,9 @@ def part_report() -> None:
     write_docs("\n".join(docs))
 
 
+PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report", "bench_heal_paired": "distill_paired_report"}
+
+
 def write_docs(body: str, block: str = "bench_heal") -> None:
     """Replace the generated ``block`` of docs/BENCHMARKS.md ("Healing") with ``body``."""
     DOCS_BEGIN, DOCS_END = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
@@ -595,7 +669,7 @@ def write_docs(body: str, block: str = "bench_heal") -> None:
     head, rest = text.split(DOCS_BEGIN, 1)
     _, tail = rest.split(DOCS_END, 1)
     stamp = (f"_Tables generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by "
-             f"`python scripts/bench_heal.py --part {'report' if block == 'bench_heal' else 'distill_report'}` "
+             f"`python scripts/bench_heal.py --part {PART_OF_BLOCK[block]}` "
              "from bench_cache/heal/._")
     path.write_text(f"{head}{DOCS_BEGIN}\n{stamp}\n\n{body}\n{DOCS_END}{tail}")
 
@@ -603,7 +677,7 @@ def write_docs(body: str, block: str = "bench_heal") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "distill", "distill_lmeval", "distill_report",
-                                       "report", "all"],
+                                       "distill_paired", "distill_paired_report", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill: only the cases whose name contains this (e.g. lm-partial)")

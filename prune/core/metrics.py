@@ -117,20 +117,19 @@ def cka_matrix(states) -> torch.Tensor:
     """Unbiased linear CKA between every pair of ``states [m, n, d]`` (one batch of n tokens;
     a list of m ``[n, d]`` tensors works too).
 
-    All ``m`` Gram matrices are built once; the ``m x m`` HSIC terms then come from one
+    All ``m`` Gram matrices are built once (each state cast to float64 alone, so the peak is
+    the ``[m, n, n]`` Grams plus one ``[n, d]`` state); the ``m x m`` HSIC terms then come from one
     matrix product of the flattened, diagonal-free Grams: ``tr(K_i K_j) = <vec K_i, vec K_j>``.
     Returns ``[m, m]`` float64; entries are NaN where a state has zero variance.
     """
     m, n = len(states), states[0].shape[0]
     if n <= 3:
         raise ValueError(f"unbiased CKA needs more than 3 tokens per batch, got {n}")
-    if isinstance(states, torch.Tensor):
-        x = states.to(F64)
-    else:  # a list of [n, d] states: one float64 copy, no intermediate stack
-        x = torch.empty((m, n, states[0].shape[-1]), dtype=F64, device=states[0].device)
-        for i, s in enumerate(states):
-            x[i].copy_(s)
-    grams = x @ x.transpose(1, 2)  # [m, n, n]
+    grams = torch.empty((m, n, n), dtype=F64, device=states[0].device)
+    for i in range(m):  # one state in float64 at a time: the Grams are all that is kept
+        x = states[i].to(F64)
+        torch.matmul(x, x.T, out=grams[i])
+    del x
     grams.diagonal(dim1=1, dim2=2).zero_()
     flat = grams.reshape(m, n * n)
     trace = flat @ flat.T  # tr(K_i K_j)
