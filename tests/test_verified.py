@@ -70,3 +70,12 @@ def test_verified_in_a_recipe(tiny_folder, tmp_path):
     assert result.selection.strategy == "verified" and len(result.selection.removed) == 2
     assert result.pruning.selection["details"]["candidates"]
     assert len(decoder_layers(prune.load(result.out_dir)[0])) == 6
+    # the report shows every candidate's KL (table, plot) and what the choice cost
+    from prune.export.report import report_run
+
+    folder = report_run(result.out_dir)
+    text = (folder / "report.md").read_text()
+    assert "Verified: candidate sets ranked by KL" in text and "full-model passes" in text
+    assert (folder / "candidates.png").stat().st_size > 1000
+    best = result.pruning.selection["details"]["candidates"][0]
+    assert f"| 1 | {' '.join(map(str, best['removed']))} |" in text

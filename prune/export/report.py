@@ -168,6 +168,33 @@ def pareto_figure(details: dict, title: str):
     return fig
 
 
+def candidates_figure(details: dict, title: str, shown: int = 40):
+    """Verified: the KL of every measured candidate set, best first (the chosen one marked), coloured
+    by where it came from (proposed from the scores, or local search)."""
+    plt = _plt()
+    rows = details["candidates"][:shown]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=DPI)
+    searched = [i for i, r in enumerate(rows) if r["source"] == "local search"]
+    proposed = [i for i, r in enumerate(rows) if r["source"] != "local search"]
+    for idx, color, label in ((proposed, "#1f77b4", "proposed from the scores"), (searched, "#ff7f0e", "local search")):
+        if idx:
+            ax.scatter([i + 1 for i in idx], [rows[i]["kl_mean"] for i in idx], color=color, label=label, zorder=3)
+    ax.scatter([1], [rows[0]["kl_mean"]], s=160, facecolors="none", edgecolors="k", label="chosen", zorder=4)
+    ax.set_xlabel(f"candidate set, ranked (the best {len(rows)} of {len(details['candidates'])})")
+    ax.set_ylabel("mean KL(original || candidate)\non held-out windows", fontsize=9)
+    ax.set_title(title, fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def candidate_rows(details: dict, shown: int = 10) -> list[list[str]]:
+    return [[str(i + 1), " ".join(map(str, r["removed"])), r["source"], f"{r['kl_mean']:.4f}",
+             f"{100 * r['top1_agreement']:.1f}%", f"{r['perplexity_ratio']:.3f}"]
+            for i, r in enumerate(details["candidates"][:shown])]
+
+
 # ---- text ------------------------------------------------------------------------------------
 def msrs_lines(scores: ScoreResult) -> list[str]:
     if scores.msrs is None:
@@ -188,7 +215,12 @@ def selection_lines(sel: Selection) -> list[str]:
     if "forward_passes" in d:
         lines.append(f"cost: {d['forward_passes']} forward passes over the calibration windows "
                      f"({d.get('full_forward_equivalents')} full-model equivalents)")
-    if "evaluations" in d:
+    if sel.strategy == "verified":
+        lines.append(f"cost: {d['evaluations']} candidate sets measured by KL(original || candidate) on {d['windows']} "
+                     f"held-out windows x {d['seq_len']} tokens ({d['local_search_evaluations']} by local search, budget "
+                     f"{d['budget']}): {d['full_forward_equivalents']} full-model passes over those windows, "
+                     f"{d['seconds']} s; chosen from: {d['source']}")
+    elif "evaluations" in d:
         lines.append(f"cost: {d['evaluations']} proxy evaluations ({d['candidate_evaluations']} candidate sets, budget "
                      f"{d['budget']}, + the original); stopped: {'budget spent' if d['stopped'] == 'budget' else 'no candidate left'}")
     return lines
@@ -340,6 +372,18 @@ def _write(folder: Path, before, after, selection, kept, k, title, source, evalu
         _save(pareto_figure(d, "Search: the largest removable set under the floor"), folder / "pareto.png")
         doc.images(folder, [("pareto.png", "search: every evaluated set")])
         data["pareto"] = pareto_rows(d)
+
+    if selection is not None and selection.strategy == "verified":
+        d = selection.details
+        doc.heading("Verified: candidate sets ranked by KL to the original")
+        doc.para(f"{len(d['candidates'])} sets measured on {d['windows']} held-out windows x {d['seq_len']} tokens "
+                 f"(top {d['top_k']} log-probs of the original per token); the best 10:")
+        doc.table(["rank", "blocks removed (0-based)", "from", "mean KL", "top-1 agreement", "perplexity ratio"],
+                  candidate_rows(d))
+        _save(candidates_figure(d, f"Verified: {len(selection.removed)} blocks, every candidate measured"),
+              folder / "candidates.png")
+        doc.images(folder, [("candidates.png", "verified: every measured candidate set")])
+        data["candidates"] = d["candidates"]
 
     (folder / "report.md").write_text("\n".join(doc.md))
     (folder / "report.html").write_text(doc.render_html())
