@@ -102,6 +102,24 @@ def test_killed_rank_leaves_nothing_complete_and_resume_finishes(tiny_folder, tm
     assert not list(tmp_path.glob(".pruned.progress"))
 
 
+def test_prune_eval_of_a_saved_folder_under_the_launcher(tiny_folder, tmp_path):
+    """``prune eval FOLDER`` data-parallel (lm-eval's own path: each rank scores its share of the
+    requests): rank 0 writes lm-eval's files, with every example, equal to one process's."""
+    from prune.measure.paired import compare_folders
+
+    args = ["eval", tiny_folder, "--tasks", "copa", "--limit", "12", "--batch-size", "4", "-q", "--output-path"]
+    two = torchrun("-m", "prune", *args, tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PRUNE_DATA_DIR": str(DATA)}
+    one = subprocess.run([sys.executable, "-m", "prune", *map(str, args), str(tmp_path / "one")], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    table = [line for line in one.stdout.splitlines() if line.startswith("copa_local")]
+    assert table and table == [line for line in two.stdout.splitlines() if line.startswith("copa_local")]
+    (row,) = compare_folders(tmp_path / "one", tmp_path / "two")
+    assert row.n == 12 and row.diff == 0 and row.right_to_wrong == row.wrong_to_right == 0
+
+
 def test_fsdp_needs_a_launcher(tiny_folder, tmp_path):
     from prune.core.errors import PruneError
     from prune.pipeline.orchestrator import run
