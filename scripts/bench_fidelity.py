@@ -97,6 +97,21 @@ def recorded_selections() -> dict[str, dict[int, list[int]]]:
     return out
 
 
+def recorded_perplexity() -> dict[str, dict[int, float]]:
+    """``{strategy: {k: perplexity}}`` from docs/BENCHMARKS.md's quality table (64 x 512 tokens)."""
+    text = (ROOT / "docs" / "BENCHMARKS.md").read_text()
+    section = text.split("### Perplexity (WikiText-2 rows 2000:, 64 x 512 tokens) vs k", 1)[1].split("###", 1)[0]
+    out = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 1 + len(KS) and cells[0] not in ("strategy", "---") and "mean of" not in cells[0]:
+            try:
+                out[cells[0]] = {k: float(c.split()[0]) for k, c in zip(KS, cells[1:])}
+            except ValueError:
+                continue
+    return out
+
+
 def recorded_lmeval_k7() -> dict[str, float]:
     """``{strategy: average retained %}`` at k = 7 from docs/BENCHMARKS.md (the unpaired table)."""
     text = (ROOT / "docs" / "BENCHMARKS.md").read_text()
@@ -263,6 +278,17 @@ def report(windows: int) -> str:
         lines += ["", f"Rank correlation (Spearman) at k = 7 with the lm-eval average retained accuracy over "
                       f"{len(common)} strategies ({distinct} distinct block sets): mean KL {rho_kl:.2f}, top-1 "
                       f"agreement {rho_top1:.2f}, perplexity ratio on the same windows {rho_ppl:.2f}."]
+    ppl = recorded_perplexity()
+    cells = []
+    for k in KS:
+        kl_k = {n: read(CACHE / f"w{windows}" / f"{set_key(by_k[k])}.json") for n, by_k in sels.items()}
+        both = [n for n in kl_k if kl_k[n] is not None and n in ppl]
+        if len(both) >= 3:
+            rho = spearman([kl_k[n]["kl_mean"] for n in both], [ppl[n][k] for n in both])
+            cells.append(f"k = {k}: {rho:.2f} ({len(both)} strategies)")
+    if cells:
+        lines += ["", "Rank correlation (Spearman) of the mean KL on these 16 windows with the quality benchmark's "
+                      "perplexity on all 64 windows of the same text: " + "; ".join(cells) + "."]
     cost = read(CACHE / f"cost_w{windows}.json")
     ref_s = read(CACHE / "reference_seconds.json")
     if cost:
