@@ -392,6 +392,23 @@ def extrapolate(points: list[tuple[int, float]], goal: float) -> float | None:
     return 2 ** (mx + (goal - my) / b)
 
 
+def recorded_distill_rows() -> dict[tuple[str, str], dict[int, tuple[float, float]]]:
+    """``{(objective, params): {tokens: (ppl / dense, KL / pruned's)}}`` from the table of the
+    ``bench_heal_distill`` block in docs/BENCHMARKS.md: earlier budgets whose cache is not on this
+    machine still count for the trend (the same protocol, dense and pruned figures reproduced)."""
+    text = (ROOT / "docs" / "BENCHMARKS.md").read_text()
+    if "<!-- bench_heal_distill:begin -->" not in text:
+        return {}
+    block = text.split("<!-- bench_heal_distill:begin -->", 1)[1].split("<!-- bench_heal_distill:end -->", 1)[0]
+    out: dict = {}
+    for line in block.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 11 and cells[0] in ("distill", "lm") and cells[6].startswith("x"):
+            out.setdefault((cells[0], cells[1]), {})[int(cells[2].replace(",", ""))] = (
+                float(cells[6][1:]), float(cells[8].rstrip("%")) / 100)
+    return out
+
+
 def distill_goals() -> list[str]:
     """Per (objective, params): the tokens at which perplexity <= 1.5x dense and KL <= half the pruned
     model's would be reached, extrapolated linearly in log2(tokens) from the measured budgets."""
@@ -403,10 +420,14 @@ def distill_goals() -> list[str]:
         for params in DISTILL_PARAMS:
             rows = [(t, cached(case_name(objective, params, t))) for t in DISTILL_BUDGETS]
             rows = [(t, r["fidelity"]) for t, r in rows if r]
-            if not rows:
-                continue
             ratio = [(t, f["perplexity"] / dense["fidelity"]["perplexity"]) for t, f in rows]
             share = [(t, f["kl"] / pr["fidelity"]["kl"]) for t, f in rows]
+            earlier = recorded_distill_rows().get((objective, params), {})
+            ratio += [(t, v[0]) for t, v in earlier.items() if t not in dict(ratio)]
+            share += [(t, v[1]) for t, v in earlier.items() if t not in dict(share)]
+            ratio, share = sorted(ratio), sorted(share)
+            if not ratio:
+                continue
 
             def when(points, goal):
                 if any(y <= goal for _, y in points):
@@ -416,22 +437,28 @@ def distill_goals() -> list[str]:
                 x = extrapolate(points, goal)
                 if x and x > 100 * max(DISTILL_BUDGETS):
                     return "not met; beyond 100x the largest budget on this trend"
-                return f"not met; ~{x:,.0f} (extrapolated)" if x else "not met; no improvement with tokens"
+                text = f"not met; ~{x:,.0f} (extrapolated)" if x else "not met; no improvement with tokens"
+                if x and len(points) > 2:  # the curve flattens: the line through the last two budgets too
+                    last = extrapolate(points[-2:], goal)
+                    text += f", ~{last:,.0f} through the last two" if last else ", none through the last two"
+                return text
 
-            lines.append(f"| {objective} | {params} | {', '.join(f'{t:,}' for t, _ in rows)} | {when(ratio, 1.5)} | "
+            lines.append(f"| {objective} | {params} | {', '.join(f'{t:,}' for t, _ in ratio)} | {when(ratio, 1.5)} | "
                          f"{when(share, 0.5)} |")
     return lines
 
 
-def part_distill_report() -> None:
-    """Print the distill table and write it into its own block of docs/BENCHMARKS.md."""
+def part_distill_report(block: str = "bench_heal_distill") -> None:
+    """Print the distill table and write it into ``block`` of docs/BENCHMARKS.md (the goals table
+    also counts the budgets recorded in the ``bench_heal_distill`` block, see recorded_distill_rows)."""
     lines = distill_report()
     if not lines:
         raise SystemExit("run --part distill first")
     lines += ["", "Budget at which each goal is met, or would be on a straight line in log2(training tokens) "
-              "through the measured budgets (an extrapolation, not a measurement):", "", *distill_goals()]
+              "through the measured budgets (least squares over all of them, and through the last two; "
+              "an extrapolation, not a measurement):", "", *distill_goals()]
     print("\n".join(lines))
-    write_docs("\n".join(lines), "bench_heal_distill")
+    write_docs("\n".join(lines), block)
 
 
 # ---- part: curve (what more budget buys) ----------------------------------------------------------------
@@ -655,7 +682,9 @@ def part_report() -> None:
     write_docs("\n".join(docs))
 
 
-PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report", "bench_heal_paired": "distill_paired_report"}
+PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
+                 "bench_heal_distill_more": "distill_report --block bench_heal_distill_more",
+                 "bench_heal_paired": "distill_paired_report"}
 
 
 def write_docs(body: str, block: str = "bench_heal") -> None:
@@ -681,12 +710,15 @@ def main() -> None:
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill: only the cases whose name contains this (e.g. lm-partial)")
+    ap.add_argument("--block", default="bench_heal_distill", help="--part distill_report: the docs block to write")
     args = ap.parse_args()
     started = time.time()
     parts = ["train", "curve", "init", "report", "lmeval", "report"] if args.part == "all" else [args.part]
     for part in parts:
         log(f"part {part}")
-        if part == "distill":
+        if part == "distill_report":
+            part_distill_report(args.block)
+        elif part == "distill":
             part_distill([int(b) for b in args.budgets.split(",")] if args.budgets else DISTILL_BUDGETS, args.only)
         else:
             globals()[f"part_{part}"]()
