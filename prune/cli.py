@@ -473,11 +473,13 @@ def add_compare(sub) -> None:
 
 
 def cmd_compare(args) -> int:
-    from prune.measure.paired import compare_folders, paired_markdown
+    from prune.measure.paired import average_line, compare_folders, paired_markdown
 
     rows = compare_folders(args.a, args.b, iters=args.iters, seed=args.seed)
     names = ("original", "pruned") if args.b is None else ("A", "B")
     print(paired_markdown(rows, *names))
+    if len({r.task for r in rows}) > 1:
+        print("\n" + average_line(rows, *names))
     if args.output:
         with open(args.output, "w") as handle:
             json.dump({"a": args.a, "b": args.b, "rows": [r.to_dict() for r in rows]}, handle, indent=1)

@@ -302,17 +302,20 @@ def report(windows: int) -> str:
                       f"angular k = 7: mean {a['kl_mean']:.4f} vs {b['kl_mean']:.4f}, p99 {a['kl_p99']:.3f} vs "
                       f"{b['kl_p99']:.3f}, max {a['kl_max']:.3f} vs {b['kl_max']:.3f} (the top-{ka} mean is "
                       f"{100 * a['kl_mean'] / b['kl_mean']:.0f}% of the exact one: a lower bound, as documented)."]
-    from prune.measure.paired import compare_folders, paired_markdown
+    from prune.measure.paired import average_line, compare_folders, headline_rows, paired_markdown
 
     sels["dense"] = {7: []}
     done = [n for n in PAIRED if list((CACHE / "lmeval_k7" / set_key(sels[n][7])).glob("samples_*.jsonl"))]
+    done = (["dense"] if "dense" in done else []) + [n for n in done if n != "dense"]
     if len(done) >= 2:
-        lines += ["", "#### Paired lm-eval at k = 7 (0-shot, limit 500, the same examples, local task copies)", ""]
+        lines += ["", "#### Paired lm-eval at k = 7 (0-shot, limit 500, the same examples, local task copies)", "",
+                  "One headline metric per task (acc; hellaswag acc_norm). The average's SE is "
+                  "sqrt(sum of the tasks' squared paired SEs) / 4 (the tasks' examples are independent).", ""]
         for i, a in enumerate(done):
             for b in done[i + 1:]:
-                rows = compare_folders(CACHE / "lmeval_k7" / set_key(sels[a][7]),
-                                       CACHE / "lmeval_k7" / set_key(sels[b][7]))
-                lines += [f"A = {a}, B = {b}:", "", paired_markdown(rows), ""]
+                rows = headline_rows(compare_folders(CACHE / "lmeval_k7" / set_key(sels[a][7]),
+                                                     CACHE / "lmeval_k7" / set_key(sels[b][7])))
+                lines += [f"A = {a}, B = {b}. {average_line(rows)}.", "", paired_markdown(rows), ""]
     return "\n".join(lines)
 
 

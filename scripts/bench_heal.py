@@ -326,7 +326,7 @@ def part_distill_paired() -> None:
 
 def part_distill_paired_report() -> None:
     """Paired tables of every evaluated case against the dense and the un-healed model, into docs."""
-    from prune.measure.paired import compare_folders, paired_markdown
+    from prune.measure.paired import average_line, compare_folders, headline_rows, paired_markdown
 
     have = [n for n in [*BASELINES, *paired_cases()] if list(lmeval_folder(n).glob("samples_*.jsonl"))]
     if "dense" not in have or len(have) < 2:
@@ -334,15 +334,10 @@ def part_distill_paired_report() -> None:
     lines = []
     for name in [n for n in have if n != "dense"]:
         for ref in [r for r in ("dense", "pruned") if r in have and r != name]:
-            rows = compare_folders(lmeval_folder(ref), lmeval_folder(name))
-            head = [r for r in rows if r.metric == ("acc_norm" if r.task.startswith("hellaswag") else "acc")]
+            head = headline_rows(compare_folders(lmeval_folder(ref), lmeval_folder(name)))
             retained = sum(r.mean_b / r.mean_a for r in head) / len(head)
-            diff = sum(r.diff for r in head) / len(head)
-            se = math.sqrt(sum(r.se_paired ** 2 for r in head)) / len(head)  # the tasks' examples are independent
-            lines += [f"**{name}** against **{ref}** (A = {ref}, B = {name}): mean retained accuracy "
-                      f"{100 * retained:.1f}% (acc; hellaswag acc_norm); average over the tasks B - A = "
-                      f"{100 * diff:+.1f} points, paired SE {100 * se:.1f}, 95% interval "
-                      f"[{100 * (diff - 1.96 * se):+.1f}, {100 * (diff + 1.96 * se):+.1f}]", "",
+            lines += [f"**{name}** against **{ref}**: mean retained accuracy {100 * retained:.1f}% of {ref}'s "
+                      f"(acc; hellaswag acc_norm). {average_line(head, ref, name)}.", "",
                       paired_markdown(head, ref, name), ""]
     print("\n".join(lines))
     write_docs("\n".join(lines), "bench_heal_paired")

@@ -10,7 +10,7 @@ import pytest
 from conftest import DATA, build_model
 
 from prune.core.errors import PruneError
-from prune.measure.paired import compare_folders, mcnemar_exact, paired_stats
+from prune.measure.paired import Paired, compare_folders, headline_rows, mcnemar_exact, paired_stats, task_average
 
 
 def test_mcnemar_exact_by_hand():
@@ -104,12 +104,26 @@ def test_compare_refuses_different_questions(lm_eval_folders, tmp_path):
         compare_folders(root / "model-a", other)
 
 
+def test_task_average_by_hand():
+    """One headline metric per task (hellaswag: acc_norm), SE = sqrt(sum SE_t^2) / T."""
+    def row(task, metric, diff, se):
+        return Paired(task, metric, 100, 0.5, 0.5 + diff, diff, se, 2 * se, diff - 2 * se, diff + 2 * se)
+
+    rows = [row("arc_easy_local", "acc", -0.04, 0.02), row("arc_easy_local", "acc_norm", 0.5, 0.5),
+            row("hellaswag_local", "acc", 0.5, 0.5), row("hellaswag_local", "acc_norm", 0.02, 0.01)]
+    assert [(r.task, r.metric) for r in headline_rows(rows)] == [("arc_easy_local", "acc"), ("hellaswag_local", "acc_norm")]
+    avg = task_average(rows)
+    assert avg.diff == pytest.approx(-0.01) and avg.se == pytest.approx(math.sqrt(0.02 ** 2 + 0.01 ** 2) / 2)
+    assert avg.ci_low == pytest.approx(avg.diff - 1.96 * avg.se) and task_average([]) is None
+
+
 def test_compare_cli(lm_eval_folders, tmp_path):
     from test_cli import prune_cli
 
     root, _ = lm_eval_folders
     proc = prune_cli("compare", root / "model-a", root / "model-b", "--iters", 500, "-o", tmp_path / "c.json", check_rc=0)
     assert "| arc_easy_local | acc | 16 |" in proc.stdout and "McNemar p" in proc.stdout
+    assert "Average over 2 tasks (one headline metric each): B - A = " in proc.stdout
     assert len(json.loads((tmp_path / "c.json").read_text())["rows"]) == 3
     proc = prune_cli("compare", tmp_path, root / "model-b", check_rc=2)
     assert proc.stderr.startswith("error: no lm-eval samples") and len(proc.stderr.strip().splitlines()) == 1

@@ -126,6 +126,51 @@ def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters
     return out
 
 
+@dataclass
+class TaskAverage:
+    """B - A averaged over tasks, one headline metric per task."""
+
+    tasks: list[str]
+    diff: float  # mean over tasks of each task's mean difference
+    se: float  # sqrt(sum_t SE_t^2) / T: the tasks' examples are independent
+    ci_low: float  # diff -/+ 1.96 se
+    ci_high: float
+
+
+def headline_rows(rows: list[Paired]) -> list[Paired]:
+    """One row per task: its headline metric (``HEADLINE``: acc_norm for hellaswag, arc_challenge and
+    openbookqa, else acc), or its only metric."""
+    from prune.measure.lmeval import HEADLINE, canonical_name
+
+    by_task: dict[str, list[Paired]] = {}
+    for r in rows:
+        by_task.setdefault(r.task, []).append(r)
+    out = []
+    for task, found in by_task.items():
+        want = HEADLINE.get(canonical_name(task), "acc")
+        out.append(next((r for r in found if r.metric == want), found[0]))
+    return out
+
+
+def task_average(rows: list[Paired]) -> TaskAverage | None:
+    """The average over tasks of the headline rows of ``rows`` (None without rows)."""
+    head = headline_rows(rows)
+    if not head:
+        return None
+    diff = sum(r.diff for r in head) / len(head)
+    se = math.sqrt(sum(r.se_paired ** 2 for r in head)) / len(head)
+    return TaskAverage([r.task for r in head], diff, se, diff - 1.96 * se, diff + 1.96 * se)
+
+
+def average_line(rows: list[Paired], a: str = "A", b: str = "B") -> str:
+    """One sentence: the task average of B - A with its paired SE and 95% interval."""
+    avg = task_average(rows)
+    if avg is None:
+        return ""
+    return (f"Average over {len(avg.tasks)} tasks (one headline metric each): {b} - {a} = {100 * avg.diff:+.2f} points, "
+            f"paired SE {100 * avg.se:.2f}, 95% interval [{100 * avg.ci_low:+.2f}, {100 * avg.ci_high:+.2f}]")
+
+
 def paired_markdown(rows: list[Paired], a: str = "A", b: str = "B") -> str:
     """A Markdown table: means, difference B - A with paired SE and 95% bootstrap interval, flips, McNemar p."""
     lines = [f"| task | metric | n | {a} | {b} | {b} - {a} | paired SE | unpaired SE | 95% CI | right->wrong | "
