@@ -278,8 +278,23 @@ def lmeval_done(removed, tasks) -> bool:
     return data is not None and all(t in data["tasks"] for t in tasks)
 
 
+#: lm-eval's own files (results + per-example samples) per block set, for the paired comparisons;
+#: scripts/bench_fidelity.py --part paired writes the same protocol's files for k = 7 (read too)
+SAMPLES = CACHE / "lmeval-samples"
+FIDELITY_SAMPLES = ROOT / "bench_cache" / "fidelity" / "lmeval_k7"
+
+
+def samples_of(removed, tasks) -> Path | None:
+    """The folder of lm-eval samples of every task in ``tasks`` for this block set, or None."""
+    for root in (SAMPLES, FIDELITY_SAMPLES):
+        folder = root / set_key(removed)
+        if all(list(folder.glob(f"samples_{t}_local_*.jsonl")) for t in tasks):
+            return folder
+    return None
+
+
 def lmeval_of(ctx: Context, removed, tasks, limit) -> dict | None:
-    from prune.measure.lmeval import evaluate_tasks
+    from prune.measure.lmeval import run_lm_eval
 
     path = CACHE / "lmeval" / f"{set_key(removed)}.json"
     with claim(path) as mine:
@@ -291,8 +306,10 @@ def lmeval_of(ctx: Context, removed, tasks, limit) -> dict | None:
             model = ctx.pruned(removed)
             for task in missing:  # one task at a time: each finished task is cached
                 started = time.time()
-                res = evaluate_tasks(model, ctx.tok, [task], limit=limit, batch_size=16, seed=0, data_dir_path=str(DATA),
-                                     progress=False, local_alias=True)  # cached results use the registry names
+                run = run_lm_eval(model, ctx.tok, [task], limit=limit, batch_size=16, seed=0, data_dir_path=str(DATA),
+                                  progress=False, local_alias=True)  # cached results use the registry names
+                run.write(SAMPLES / set_key(removed), f"SmolLM2-135M-Instruct removed={sorted(removed)}")
+                res = run.summary
                 res[task]["seconds"] = round(time.time() - started, 1)
                 data["tasks"].update(res)
                 write(path, data)
@@ -568,7 +585,7 @@ def report(ks, tasks, lm_k: int) -> str:
              f"### 0-shot lm-eval at k = {lm_k} (limit 500 per task; acc, hellaswag acc_norm; ± stderr)\n\n{table_lm}"
              + (f"\n\n![average retained accuracy at k = {lm_k}](img/{lm_img.name})" if lm_img.is_file() else "")]
     chosen = {n: tuple(row[lm_k]["removed"]) for n, row in data["strategies"].items() if lm_k in row}
-    parts.append(recommendation(avg, rows, ks, chosen))
+    parts.append(recommendation(avg, rows, ks, chosen, tasks))
     if "search" in data:
         s = data["search"]
         det = s["selection"]["details"]
@@ -584,33 +601,49 @@ DEFAULT_STRATEGY = "contiguous angular"
 PUBLISHED = ("one_shot bi", "one_shot angular")
 
 
-def compare(avg: dict, a: str, b: str) -> str:
-    """``a`` against ``b`` on average retained accuracy: the difference with its standard error
-    (errors taken as independent, which is conservative: both saw the same examples), called a
-    win or a loss only when it exceeds twice that error."""
+def compare(avg: dict, a: str, b: str, chosen: dict | None = None, tasks=()) -> str:
+    """``a`` against ``b``. Paired when both block sets have lm-eval samples of every task (the same
+    questions): the task average of a - b (one headline metric per task) with its paired SE and 95%
+    interval, called a win or a loss only when the interval excludes 0, plus the tasks where the
+    per-task interval does. Otherwise unpaired, on average retained accuracy: the difference with
+    its standard error (errors taken as independent), called only beyond twice that error."""
+    folders = [samples_of(chosen[n], tasks) if chosen and n in chosen else None for n in (a, b)]
+    if all(folders):
+        from prune.measure.paired import compare_folders, headline_rows, task_average
+
+        rows = headline_rows(compare_folders(folders[1], folders[0]))  # B = a, A = b: differences a - b
+        avg_d = task_average(rows)
+        verdict = ("better" if avg_d.ci_low > 0 else "worse" if avg_d.ci_high < 0
+                   else "the 95% interval includes 0: not a claim")
+        alone = [f"{r.task.removesuffix('_local')} {100 * r.diff:+.1f} [{100 * r.ci_low:+.1f}, {100 * r.ci_high:+.1f}]"
+                 for r in rows if r.ci_low > 0 or r.ci_high < 0]
+        return (f"paired, {b}: {100 * avg_d.diff:+.2f} points on the {len(rows)}-task average, paired SE "
+                f"{100 * avg_d.se:.2f}, 95% interval [{100 * avg_d.ci_low:+.2f}, {100 * avg_d.ci_high:+.2f}] ({verdict})"
+                + (f"; tasks whose own interval excludes 0: {'; '.join(alone)}" if alone else ""))
     (ma, sa), (mb, sb) = avg[a], avg[b]
     diff, se = ma - mb, (sa ** 2 + sb ** 2) ** 0.5
     verdict = "better" if diff > 2 * se else "worse" if diff < -2 * se else "within two standard errors: not a claim"
-    return f"{100 * ma:.1f}% vs {100 * mb:.1f}% for {b}: {100 * diff:+.1f} points ± {100 * se:.1f} ({verdict})"
+    return f"{100 * ma:.1f}% vs {100 * mb:.1f}% for {b}: {100 * diff:+.1f} points ± {100 * se:.1f} ({verdict}; unpaired)"
 
 
-def recommendation(avg: dict, rows: dict, ks, chosen: dict) -> str:
+def recommendation(avg: dict, rows: dict, ks, chosen: dict, tasks=()) -> str:
     """The evidence for the default strategy and the default token positions, from the cached results."""
     out = ["### Recommendation", "",
            f"Default: `select: {{strategy: contiguous, metric: angular}}` ({DEFAULT_STRATEGY}), `score.positions: "
-           "skip_first`. The evidence at k = 7 (average retained accuracy, ± its standard error):", ""]
+           "skip_first`. The evidence at k = 7 (paired on the same questions where both block sets have lm-eval "
+           "samples, else average retained accuracy ± its standard error):", ""]
     d = DEFAULT_STRATEGY
     if d not in avg:
         return "\n".join(out + ["- not measured yet"])
     for other in ["tail", "random (mean of 3 seeds)", *PUBLISHED, "sleb", "iterative bi", "iterative angular"]:
         if other in avg:
-            out.append(f"- {d}: {compare(avg, d, other)}")
+            out.append(f"- {d}: {compare(avg, d, other, chosen, tasks)}")
     same = [n for n in chosen if n != d and chosen[n] == chosen.get(d)]
     if same:
         out.append(f"- {', '.join(same)} chose the same blocks ({' '.join(map(str, chosen[d]))})")
     best = max((n for n in avg if n != d and n not in same), key=lambda n: avg[n][0], default=None)
     if best:
-        out.append(f"- the best other strategy measured, {best}: {compare(avg, best, d)}")
+        out.append(f"- the best other strategy measured, {best}: {compare(avg, best, d, chosen, tasks)}")
     wins = []
     for i, k in enumerate(ks):
         vals = {n: v[i] for n, v in rows.items() if v[i]}
