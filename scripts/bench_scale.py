@@ -674,6 +674,31 @@ def machine() -> str:
             f"transformers {transformers.__version__}")
 
 
+def processes_table(results: dict) -> str:
+    """Markdown rows of the ``processes`` case: wall seconds (between two barriers, loading excluded)
+    of 1 process and of 2 (torchrun), the speed-up, and how far the two results are apart."""
+    import math
+
+    def gap(a, b) -> float:
+        if isinstance(a, dict):
+            return max((gap(a[k], b[k]) for k in a), default=0.0)
+        if isinstance(a, list):
+            return max((gap(x, y) for x, y in zip(a, b)), default=0.0)
+        if isinstance(a, float) and isinstance(b, float):
+            return 0.0 if (math.isnan(a) and math.isnan(b)) else abs(a - b) / max(1.0, abs(a))
+        return 0.0 if a == b else math.inf
+
+    runs = results.get("processes", {}).get("runs", {})
+    lines = ["| operation (SmolLM2-135M, fp32) | 1 process x 1 thread | 2 processes x 1 thread | speed-up | "
+             "largest relative difference of the results |", "|---|---:|---:|---:|---:|"]
+    what = {"scoring": "scoring, BI + angular + CKA (64 x 256 tokens)", "perplexity": "perplexity (32 x 256 tokens)",
+            "lmeval": "lm-eval arc_easy (40 examples)", "healing": "LoRA healing, 4 steps of 4 x 256 tokens"}
+    for op, r in runs.items():
+        lines.append(f"| {what.get(op, op)} | {r['one']['seconds']:.1f} s | {r['two']['seconds']:.1f} s | "
+                     f"{r['one']['seconds'] / r['two']['seconds']:.2f}x | {gap(r['one']['result'], r['two']['result']):.1e} |")
+    return "\n".join(lines) if runs else ""
+
+
 def quick_table(results: dict) -> str:
     """Markdown rows of a quick side-by-side run: each method against the base-model forward
     (CPU time: best of the rounds, and the median of the per-round ratios; peak memory above the model)."""
@@ -731,6 +756,7 @@ def main() -> None:
                if (CACHE / f"{name}.json").is_file()}
     if QUICK:
         print(quick_table(results))
+        print(processes_table(results))
         return
     text = table(results, "nice -n 10 .venv/bin/python scripts/bench_scale.py")
     if not SMOKE:
