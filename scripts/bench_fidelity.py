@@ -217,19 +217,24 @@ def stage_topk(ctx: Context) -> None:
     log(f"top-k check: {out}")
 
 
-def stage_paired(ctx: Context, names: list[str], limit: int, tasks: list[str]) -> None:
+def lmeval_folder(sels: dict, name: str, k: int) -> Path:
+    """lm-eval's files of ``name`` at ``k`` (the dense model's are shared by every k)."""
+    return CACHE / "lmeval_k7" / "dense" if name == "dense" else CACHE / f"lmeval_k{k}" / set_key(sels[name][k])
+
+
+def stage_paired(ctx: Context, names: list[str], limit: int, tasks: list[str], k: int = 7) -> None:
     from prune.measure.lmeval import run_lm_eval
 
     sels = recorded_selections()
     for name in names:  # "dense" is the unpruned model
-        removed = [] if name == "dense" else sels[name][7]
-        folder = CACHE / "lmeval_k7" / set_key(removed)
+        removed = [] if name == "dense" else sels[name][k]
+        folder = lmeval_folder(sels, name, k)
         if list(folder.glob("results_*.json")):
             continue
         started = time.time()
         run = run_lm_eval(ctx.pruned(removed), ctx.tok, tasks, limit=limit, batch_size=16, seed=0, data_dir_path=DATA,
                           progress=False)
-        run.write(folder, f"SmolLM2-135M-Instruct {name} k=7")
+        run.write(folder, f"SmolLM2-135M-Instruct {name} k={k}")
         log(f"lm-eval {name}: {({t: r['metrics'] for t, r in run.summary.items()})} ({time.time() - started:.0f}s)")
 
 
@@ -304,17 +309,26 @@ def report(windows: int) -> str:
                       f"{100 * a['kl_mean'] / b['kl_mean']:.0f}% of the exact one: a lower bound, as documented)."]
     from prune.measure.paired import average_line, compare_folders, headline_rows, paired_markdown
 
-    sels["dense"] = {7: []}
-    done = [n for n in PAIRED if list((CACHE / "lmeval_k7" / set_key(sels[n][7])).glob("samples_*.jsonl"))]
-    done = (["dense"] if "dense" in done else []) + [n for n in done if n != "dense"]
-    if len(done) >= 2:
-        lines += ["", "#### Paired lm-eval at k = 7 (0-shot, limit 500, the same examples, local task copies)", "",
+    for k in (7, 10):
+        seen: dict[str, str] = {}  # block set -> the first strategy evaluated with it
+        same = []
+        for n in dict.fromkeys(["dense", *PAIRED, "verified"]):
+            if n != "dense" and n not in sels:
+                continue
+            key = "dense" if n == "dense" else set_key(sels[n][k])
+            if key in seen:
+                same.append(f"{n} removes the same blocks as {seen[key]} at k = {k}: its figures are that row's.")
+            elif list(lmeval_folder(sels, n, k).glob("samples_*.jsonl")):
+                seen[key] = n
+        names = list(seen.values())
+        if len(names) < 2:
+            continue
+        lines += ["", f"#### Paired lm-eval at k = {k} (0-shot, limit 500, the same examples, local task copies)", "",
                   "One headline metric per task (acc; hellaswag acc_norm). The average's SE is "
-                  "sqrt(sum of the tasks' squared paired SEs) / 4 (the tasks' examples are independent).", ""]
-        for i, a in enumerate(done):
-            for b in done[i + 1:]:
-                rows = headline_rows(compare_folders(CACHE / "lmeval_k7" / set_key(sels[a][7]),
-                                                     CACHE / "lmeval_k7" / set_key(sels[b][7])))
+                  "sqrt(sum of the tasks' squared paired SEs) / 4 (the tasks' examples are independent).", *same, ""]
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                rows = headline_rows(compare_folders(lmeval_folder(sels, a, k), lmeval_folder(sels, b, k)))
                 lines += [f"A = {a}, B = {b}. {average_line(rows)}.", "", paired_markdown(rows), ""]
     return "\n".join(lines)
 
@@ -329,6 +343,7 @@ def main() -> int:
     p.add_argument("--limit", type=int, default=500)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--k", type=int, default=7, help="--part paired: blocks removed (7 or 10)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.part == "report":
@@ -342,7 +357,7 @@ def main() -> int:
         stage_topk(ctx)
         stage_kl(ctx, names, [int(k) for k in args.ks.split(",")])
     else:
-        stage_paired(ctx, args.paired.split(","), args.limit, args.tasks.split(","))
+        stage_paired(ctx, args.paired.split(","), args.limit, args.tasks.split(","), args.k)
     log("done")
     return 0
 
