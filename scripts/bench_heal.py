@@ -339,6 +339,12 @@ def part_distill_paired_report() -> None:
             lines += [f"**{name}** against **{ref}**: mean retained accuracy {100 * retained:.1f}% of {ref}'s "
                       f"(acc; hellaswag acc_norm). {average_line(head, ref, name)}.", "",
                       paired_markdown(head, ref, name), ""]
+    for tokens in sorted(DISTILL_BUDGETS, reverse=True):  # the two objectives against each other, same budget
+        a, b = case_name("lm", "lora", tokens), case_name("distill", "lora", tokens)
+        if a in have and b in have:
+            head = headline_rows(compare_folders(lmeval_folder(a), lmeval_folder(b)))
+            lines += [f"**{b}** against **{a}** (the two objectives, same budget). {average_line(head, a, b)}.", "",
+                      paired_markdown(head, a, b), ""]
     print("\n".join(lines))
     write_docs("\n".join(lines), "bench_heal_paired")
 
