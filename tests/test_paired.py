@@ -115,6 +115,7 @@ def test_task_average_by_hand():
     avg = task_average(rows)
     assert avg.diff == pytest.approx(-0.01) and avg.se == pytest.approx(math.sqrt(0.02 ** 2 + 0.01 ** 2) / 2)
     assert avg.ci_low == pytest.approx(avg.diff - 1.96 * avg.se) and task_average([]) is None
+    assert avg.retained == pytest.approx((0.46 / 0.5 + 0.52 / 0.5) / 2)
 
 
 def test_compare_cli(lm_eval_folders, tmp_path):

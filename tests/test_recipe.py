@@ -72,6 +72,9 @@ def test_missing_required_and_missing_files(tmp_path, tiny_folder):
     data = tiny_recipe(tiny_folder, tmp_path / "out")
     data["calibration"]["path"] = str(tmp_path / "nowhere.txt")
     assert "'calibration.path' file not found" in error_of(tmp_path, data)
+    data["calibration"]["path"] = "<local>/wiki.test.raw"  # a published run folder's recipe.yaml
+    assert "by file name only (<local>/wiki.test.raw" in (msg := error_of(tmp_path, data))
+    assert msg.endswith("give the file with --set calibration.path=PATH")
     data = tiny_recipe(tmp_path / "no-model", tmp_path / "out")
     assert "'model.source'" in error_of(tmp_path, data)
     with pytest.raises(PruneError, match="recipe not found"):

@@ -135,6 +135,7 @@ class TaskAverage:
     se: float  # sqrt(sum_t SE_t^2) / T: the tasks' examples are independent
     ci_low: float  # diff -/+ 1.96 se
     ci_high: float
+    retained: float  # mean over tasks of B's score / A's (B's share of A's accuracy)
 
 
 def headline_rows(rows: list[Paired]) -> list[Paired]:
@@ -159,7 +160,8 @@ def task_average(rows: list[Paired]) -> TaskAverage | None:
         return None
     diff = sum(r.diff for r in head) / len(head)
     se = math.sqrt(sum(r.se_paired ** 2 for r in head)) / len(head)
-    return TaskAverage([r.task for r in head], diff, se, diff - 1.96 * se, diff + 1.96 * se)
+    retained = sum(r.mean_b / r.mean_a for r in head) / len(head) if all(r.mean_a for r in head) else math.nan
+    return TaskAverage([r.task for r in head], diff, se, diff - 1.96 * se, diff + 1.96 * se, retained)
 
 
 def average_line(rows: list[Paired], a: str = "A", b: str = "B") -> str:
@@ -168,7 +170,8 @@ def average_line(rows: list[Paired], a: str = "A", b: str = "B") -> str:
     if avg is None:
         return ""
     return (f"Average over {len(avg.tasks)} tasks (one headline metric each): {b} - {a} = {100 * avg.diff:+.2f} points, "
-            f"paired SE {100 * avg.se:.2f}, 95% interval [{100 * avg.ci_low:+.2f}, {100 * avg.ci_high:+.2f}]")
+            f"paired SE {100 * avg.se:.2f}, 95% interval [{100 * avg.ci_low:+.2f}, {100 * avg.ci_high:+.2f}]; "
+            f"{b} keeps {100 * avg.retained:.1f}% of {a}'s accuracy (mean of the per-task ratios)")
 
 
 def paired_markdown(rows: list[Paired], a: str = "A", b: str = "B") -> str:

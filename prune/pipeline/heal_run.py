@@ -152,20 +152,15 @@ def with_local_texts(recipe, run: Path, calibration: str | None, evaluate: bool)
     """``recipe`` (read from ``run``) with its calibration file replaced by ``calibration`` when given,
     checked before any model is loaded: a text file the run recorded by name only (``<local>/name``)
     or that is missing here is one line naming the fix."""
-    from prune.export.public import REDACTED
     from prune.pipeline.recipe import check_text_path
 
     if calibration is not None:
         recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update={"path": calibration})})
-    texts = [("calibration", recipe.calibration, "give the file with --calibration-data PATH")]
+    where = str(run / "recipe.yaml")
+    check_text_path(recipe.calibration, "calibration", where, "give the file with --calibration-data PATH")
     if evaluate and recipe.evaluate is not None:
-        texts.append(("evaluate.perplexity", recipe.evaluate.perplexity,
-                      "evaluate the output with prune eval and a recipe naming the file"))
-    for key, cfg, fix in texts:
-        if cfg is not None and cfg.path.startswith(REDACTED + "/"):
-            raise PruneError(f"{run / 'recipe.yaml'} records '{key}.path' by file name only ({cfg.path}: a path outside "
-                             f"$PRUNE_DATA_DIR and the working folder is not written to a run folder); {fix}")
-        check_text_path(cfg, key, str(run / "recipe.yaml"))
+        check_text_path(recipe.evaluate.perplexity, "evaluate.perplexity", where,
+                        "evaluate the output with prune eval and a recipe naming the file")
     return recipe
 
 

@@ -118,10 +118,18 @@ def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str
     return recipe
 
 
-def check_text_path(cfg: TextConfig | None, key: str, where: str) -> None:
-    """A local text file named by ``cfg`` exists (a Hub dataset name is not checked here)."""
+def check_text_path(cfg: TextConfig | None, key: str, where: str, fix: str | None = None) -> None:
+    """A local text file named by ``cfg`` exists (a Hub dataset name is not checked here). A path a
+    run folder recorded by name only (``<local>/name``, see :mod:`prune.export.public`) is named as
+    such, with ``fix`` (default: ``--set <key>.path=PATH``)."""
+    from prune.export.public import REDACTED
+
     if cfg is None:
         return
+    if cfg.path.startswith(REDACTED + "/"):
+        raise PruneError(f"{where} records '{key}.path' by file name only ({cfg.path}: a path outside $PRUNE_DATA_DIR "
+                         f"and the working folder is not written to a run folder); "
+                         f"{fix or f'give the file with --set {key}.path=PATH'}")
     path = Path(cfg.path).expanduser()
     local = path.suffix in (".txt", ".raw", ".jsonl", ".json") or cfg.path.startswith((".", "/", "~"))
     if local and not path.is_file():
