@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from prune.choose.rules import select  # noqa: E402
 from prune.choose.strategies import sleb  # noqa: E402
+from prune.choose.verified import verified  # noqa: E402
 from prune.core import dist  # noqa: E402
 from prune.core.config import HealConfig  # noqa: E402
 from prune.core.errors import PruneError  # noqa: E402
@@ -68,6 +69,10 @@ def main(folder: str, out: str) -> None:
     res["perplexity"] = perplexity(model, windows, batch_size=2)
     chosen = sleb(model, windows[:6], 2, batch_size=2, progress=False)
     res["sleb"] = {"removed": chosen.removed, "trace": chosen.details["trace"]}
+    # verified on 6 held-out windows, batch 2: 2 + 1 batches per rank, all-reduced sums
+    picked = verified(model, s, windows[4:], 2, batch_size=2, budget=2, progress=False)
+    res["verified"] = {"removed": picked.removed, "candidates": picked.details["candidates"],
+                       "passes": picked.details["full_forward_equivalents"]}
     res["lmeval"] = evaluate_tasks(model, tok, ["copa"], limit=10, batch_size=4, data_dir_path=str(DATA), progress=False)
     # healing: the last block and the final norm, 3 steps of a global batch of 4 windows (DDP; then
     # FSDP from a fresh copy, under the launcher only)

@@ -1,7 +1,7 @@
 """Several processes for real: ``torchrun --nproc_per_node 2`` (gloo on this CPU), fixture models.
 
 * the same work in 2 ranks and in 1 process: scores within 1e-9, the same selection, the same
-  perplexity, SLEB choice and lm-eval table, and a healing run (DDP, and FSDP, same global
+  perplexity, SLEB and verified choice (every candidate's KL) and lm-eval table, and a healing run (DDP, and FSDP, same global
   batch) whose loss curve and trained weights match to float32 precision;
 * ranks with different recipes are refused;
 * ``python -m prune run`` under the launcher: only rank 0 writes; a rank killed while the
@@ -68,6 +68,10 @@ def test_two_ranks_equal_one_process(tiny_folder, tmp_path):
         assert two["perplexity"] == one["perplexity"]  # per-batch sums added in window order: bit-equal
         assert two["sleb"]["removed"] == one["sleb"]["removed"]
         assert close(two["sleb"]["trace"], one["sleb"]["trace"], 1e-12)
+        assert two["verified"]["removed"] == one["verified"]["removed"]
+        assert two["verified"]["passes"] == one["verified"]["passes"]
+        # float64 sums of per-rank shares against one sum in window order: equal to ~1e-12
+        assert close(two["verified"]["candidates"], one["verified"]["candidates"], 1e-9)
         assert two["lmeval"]["copa_local"]["metrics"] == one["lmeval"]["copa_local"]["metrics"]
         assert two["lmeval"]["copa_local"]["n"] == one["lmeval"]["copa_local"]["n"] == 10
         assert close(two["lmeval"]["copa_local"]["stderr"], one["lmeval"]["copa_local"]["stderr"], 1e-12)

@@ -19,8 +19,9 @@
    that lowers the KL and start again, until no swap helps or the budget is spent.
 
 Cost is counted like SLEB's: decoder-block runs over the held-out windows divided by the
-number of blocks (``full_forward_equivalents``), plus the two full passes of the original
-(reference log-probs and cached block inputs); the LM head runs once per candidate on top.
+number of blocks (``full_forward_equivalents``), plus the one full pass of the original that
+keeps both its reference log-probs and every block's input; the LM head runs once per candidate
+on top. Under a launcher the windows are split over the processes (:class:`_Verifier`).
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ import torch
 from tqdm.auto import tqdm
 
 from prune.choose.rules import Selection, contiguous, one_shot, resolve_count, resolve_protect
-from prune.choose.strategies import _block_inputs, _inject, skip_blocks
+from prune.choose.strategies import _inject, _model_dtype, skip_blocks
+from prune.core import dist
 from prune.core.errors import PruneError
-from prune.measure.fidelity import build_reference, measure_fidelity
-from prune.model.loading import decoder_layers
+from prune.measure.fidelity import build_reference, fidelity_sums, summary_from_sums
+from prune.model.capture import BlockStates
+from prune.model.loading import decoder_layers, input_device
 
 ONE_SHOT = ("bi", "angular", "cka", "msrs")
 
@@ -119,16 +122,43 @@ def candidate_sets(scores, count: int, protect: list[int]) -> dict[tuple[int, ..
 
 
 class _Verifier:
-    """KL(original || model without a set) on held-out windows, from cached block inputs."""
+    """KL(original || model without a set) on held-out windows, from cached block inputs.
+
+    One pass of the original over this process's share of the windows (:func:`prune.core.dist.shard`,
+    whole batches) keeps both its top-k log-probs and the state entering every block; each
+    candidate's sums (KL, agreement, NLLs, tokens) are all-reduced in float64, so every process
+    ranks the same numbers and one process gives the same result as several."""
 
     def __init__(self, model, windows: torch.Tensor, batch_size: int, top_k: int, progress: bool):
         self.model, self.batch_size = model, batch_size
-        self.L = len(decoder_layers(model))
-        self.reference = build_reference(model, windows, top_k=top_k, batch_size=batch_size, progress=progress)
-        self.inputs = _block_inputs(model, windows, batch_size)  # inputs[p][b]: state entering block p
+        layers = decoder_layers(model)
+        self.L = len(layers)
+        lo, hi = dist.shard(windows.shape[0], batch_size)
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in layers]  # inputs[p][b]: state entering block p
+        self.reference = None
+        if hi > lo:
+            with BlockStates(layers, input_device(model), _model_dtype(model)) as capture:
+                def keep() -> None:
+                    states, inputs = capture.pop()
+                    for p in range(self.L):
+                        self.inputs[p].append(states[p] if inputs[p] is None else inputs[p])
+
+                self.reference = build_reference(model, windows[lo:hi], top_k=top_k, batch_size=batch_size,
+                                                 progress=progress, after_batch=keep)
         self.block_runs = 0
         self.evaluations = 0
         self.cache: dict[tuple[int, ...], dict] = {}
+
+    def _sums(self, skip: list[int], inject_at: int | None) -> torch.Tensor:
+        if self.reference is None:  # this process's share is empty: it adds nothing
+            return torch.zeros(5, dtype=torch.float64)
+        with skip_blocks(self.model, skip):
+            handle = None if inject_at is None else _inject(decoder_layers(self.model)[0], self.inputs[inject_at])
+            try:
+                return fidelity_sums(self.model, self.reference, batch_size=self.batch_size)
+            finally:
+                if handle is not None:
+                    handle.remove()
 
     def __call__(self, removed: tuple[int, ...]) -> dict:
         if removed in self.cache:
@@ -136,18 +166,10 @@ class _Verifier:
         first = removed[0]
         skip = sorted(set(range(first + 1)) | set(removed))
         if len(skip) == self.L:  # nothing kept after the first removed block: the whole pruned stack runs
-            skip = list(removed)
-            runs = self.L - len(removed)
-            with skip_blocks(self.model, skip):
-                result = measure_fidelity(self.model, self.reference, batch_size=self.batch_size)
+            runs, sums = self.L - len(removed), self._sums(list(removed), None)
         else:
-            runs = self.L - len(skip)
-            with skip_blocks(self.model, skip):
-                handle = _inject(decoder_layers(self.model)[0], self.inputs[first])
-                try:
-                    result = measure_fidelity(self.model, self.reference, batch_size=self.batch_size)
-                finally:
-                    handle.remove()
+            runs, sums = self.L - len(skip), self._sums(skip, first)
+        result = summary_from_sums(dist.all_reduce_sum(sums))
         self.block_runs += runs
         self.evaluations += 1
         self.cache[removed] = result
@@ -196,7 +218,7 @@ def verified(model, scores, windows: torch.Tensor, count: int, *, protect=(0, -1
     table = [{"removed": list(b), "source": ", ".join(candidates[b]), "kl_mean": results[b]["kl_mean"],
               "top1_agreement": results[b]["top1_agreement"], "perplexity_ratio": results[b]["perplexity_ratio"]}
              for b in ranked]
-    passes = round(verify.block_runs / L + 2, 2)  # + the reference pass and the block-input pass
+    passes = round(verify.block_runs / L + 1, 2)  # + the original's one pass (reference and block inputs)
     return Selection(sorted(best), L, "verified", "kl", None, {
         "source": ", ".join(candidates[best]), "kl_mean": results[best]["kl_mean"], "candidates": table,
         "evaluations": verify.evaluations, "local_search_evaluations": searched, "budget": budget,

@@ -28,6 +28,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -87,8 +88,10 @@ def _log_probs(model, batch: torch.Tensor) -> torch.Tensor:
 
 
 def build_reference(model, windows: torch.Tensor, *, top_k: int = 256, batch_size: int = 4,
-                    progress: bool = False, data: dict | None = None) -> FidelityReference:
-    """Run the original ``model`` once over ``windows`` and keep what :func:`measure_fidelity` needs."""
+                    progress: bool = False, data: dict | None = None,
+                    after_batch: Callable[[], None] | None = None) -> FidelityReference:
+    """Run the original ``model`` once over ``windows`` and keep what :func:`measure_fidelity` needs;
+    ``after_batch()`` runs after each batch's forward (to collect what hooks captured in it)."""
     if windows.shape[1] < 2:
         raise PruneError("fidelity windows need at least 2 tokens")
     tops, ids, targets = [], [], []
@@ -97,6 +100,8 @@ def build_reference(model, windows: torch.Tensor, *, top_k: int = 256, batch_siz
     with torch.no_grad():
         for _, batch in batches(windows, batch_size):
             logp = _log_probs(model, batch)
+            if after_batch is not None:
+                after_batch()
             vocab = logp.shape[-1]
             values, index = logp.topk(min(top_k, vocab), dim=-1)
             tops.append(values)
@@ -130,11 +135,8 @@ def token_kl(ref_top: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Tensor) -
     return kl.clamp(min=0.0)  # rounding can leave -1e-12 for identical distributions
 
 
-def measure_fidelity(model, reference: FidelityReference, *, batch_size: int = 4, progress: bool = False,
-                     desc: str = "fidelity") -> dict:
-    """KL(original || ``model``) statistics, top-1 agreement and perplexity ratio (module docstring)."""
-    kls, agree = [], []
-    nll_q = nll_p = 0.0
+def _per_batch(model, reference: FidelityReference, batch_size: int, progress: bool, desc: str):
+    """Per batch of the reference's windows: ``(token KLs, top-1 agreements, NLL_p sum, NLL_q sum)``."""
     bar = tqdm(total=reference.windows.shape[0], desc=desc, unit="win", disable=not progress)
     with torch.no_grad():
         for start, batch in batches(reference.windows, batch_size):
@@ -143,13 +145,41 @@ def measure_fidelity(model, reference: FidelityReference, *, batch_size: int = 4
             if logq.shape[-1] != reference.vocab_size:
                 raise PruneError(f"the model's vocabulary ({logq.shape[-1]}) differs from the original's "
                                  f"({reference.vocab_size}): fidelity compares models with one tokenizer")
-            kls.append(token_kl(reference.top_logprobs[start:stop], reference.top_ids[start:stop], logq).flatten())
-            agree.append((logq.argmax(-1) == reference.top_ids[start:stop, :, 0].long()).flatten())
-            nll_q -= float(logq.gather(-1, batch[:, 1:, None]).double().sum())
-            nll_p -= float(reference.target_logprobs[start:stop].double().sum())
+            yield (token_kl(reference.top_logprobs[start:stop], reference.top_ids[start:stop], logq).flatten(),
+                   (logq.argmax(-1) == reference.top_ids[start:stop, :, 0].long()).flatten(),
+                   -float(reference.target_logprobs[start:stop].double().sum()),
+                   -float(logq.gather(-1, batch[:, 1:, None]).double().sum()))
             bar.update(batch.shape[0])
     bar.close()
+
+
+def measure_fidelity(model, reference: FidelityReference, *, batch_size: int = 4, progress: bool = False,
+                     desc: str = "fidelity") -> dict:
+    """KL(original || ``model``) statistics, top-1 agreement and perplexity ratio (module docstring)."""
+    kls, agree = [], []
+    nll_q = nll_p = 0.0
+    for kl, same, p, q in _per_batch(model, reference, batch_size, progress, desc):
+        kls.append(kl)
+        agree.append(same)
+        nll_p += p
+        nll_q += q
     return fidelity_summary(torch.cat(kls).numpy(), torch.cat(agree).numpy(), nll_p, nll_q, reference)
+
+
+def fidelity_sums(model, reference: FidelityReference, *, batch_size: int = 4) -> torch.Tensor:
+    """float64 ``[sum_t KL_t, sum_t agree_t, sum_t NLL_p, sum_t NLL_q, tokens]``: what adds up over
+    shares of the windows (several processes all-reduce it; :func:`summary_from_sums` reads it)."""
+    out = torch.zeros(5, dtype=torch.float64)
+    for kl, same, p, q in _per_batch(model, reference, batch_size, False, ""):
+        out += torch.tensor([float(kl.double().sum()), float(same.sum()), p, q, kl.numel()], dtype=torch.float64)
+    return out
+
+
+def summary_from_sums(sums: torch.Tensor) -> dict:
+    """``kl_mean``, ``top1_agreement`` and ``perplexity_ratio`` from :func:`fidelity_sums` (summed over ranks)."""
+    kl, agree, nll_p, nll_q, n = (float(v) for v in sums)
+    return {"kl_mean": kl / n, "top1_agreement": agree / n, "perplexity_ratio": math.exp((nll_q - nll_p) / n),
+            "tokens": int(n)}
 
 
 def fidelity_summary(kl: np.ndarray, agree: np.ndarray, nll_p: float, nll_q: float, reference: FidelityReference) -> dict:
