@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -295,8 +296,9 @@ def lmeval_folder(name: str) -> Path:
 
 
 def paired_cases() -> list[str]:
-    """The saved distill / next-token LoRA checkpoints, largest budget first."""
-    names = [case_name(o, "lora", t) for t in sorted(DISTILL_BUDGETS, reverse=True) for o in ("distill", "lm")]
+    """The saved distill / next-token checkpoints (LoRA, partial), largest budget first."""
+    names = [case_name(o, m, t) for t in sorted(DISTILL_BUDGETS, reverse=True) for m in DISTILL_PARAMS
+             for o in ("distill", "lm")]
     return [n for n in names if (CACHE / "models" / n / "config.json").is_file()]
 
 
@@ -324,8 +326,9 @@ def part_distill_paired() -> None:
         del model
 
 
-def part_distill_paired_report() -> None:
-    """Paired tables of every evaluated case against the dense and the un-healed model, into docs."""
+def part_distill_paired_report(block: str = "bench_heal_paired") -> None:
+    """Paired tables of every evaluated case against the dense and the un-healed model, into ``block``
+    of the docs (only cases whose lm-eval samples are on this machine)."""
     from prune.measure.paired import average_line, compare_folders, headline_rows, paired_markdown
 
     have = [n for n in [*BASELINES, *paired_cases()] if list(lmeval_folder(n).glob("samples_*.jsonl"))]
@@ -337,14 +340,14 @@ def part_distill_paired_report() -> None:
             head = headline_rows(compare_folders(lmeval_folder(ref), lmeval_folder(name)))
             lines += [f"**{name}** against **{ref}** (acc; hellaswag acc_norm). {average_line(head, ref, name)}.", "",
                       paired_markdown(head, ref, name), ""]
-    for tokens in sorted(DISTILL_BUDGETS, reverse=True):  # the two objectives against each other, same budget
-        a, b = case_name("lm", "lora", tokens), case_name("distill", "lora", tokens)
+    for tokens, params in [(t, m) for t in sorted(DISTILL_BUDGETS, reverse=True) for m in DISTILL_PARAMS]:
+        a, b = case_name("lm", params, tokens), case_name("distill", params, tokens)  # the two objectives, same budget
         if a in have and b in have:
             head = headline_rows(compare_folders(lmeval_folder(a), lmeval_folder(b)))
             lines += [f"**{b}** against **{a}** (the two objectives, same budget). {average_line(head, a, b)}.", "",
                       paired_markdown(head, a, b), ""]
     print("\n".join(lines))
-    write_docs("\n".join(lines), "bench_heal_paired")
+    write_docs("\n".join(lines), block)
 
 
 def distill_report() -> list[str]:
@@ -392,15 +395,13 @@ def extrapolate(points: list[tuple[int, float]], goal: float) -> float | None:
 
 
 def recorded_distill_rows() -> dict[tuple[str, str], dict[int, tuple[float, float]]]:
-    """``{(objective, params): {tokens: (ppl / dense, KL / pruned's)}}`` from the table of the
-    ``bench_heal_distill`` block in docs/BENCHMARKS.md: earlier budgets whose cache is not on this
-    machine still count for the trend (the same protocol, dense and pruned figures reproduced)."""
+    """``{(objective, params): {tokens: (ppl / dense, KL / pruned's)}}`` from the tables of every
+    ``bench_heal_distill*`` block in docs/BENCHMARKS.md: budgets whose cache is not on this machine
+    still count for the trend (the same protocol, dense and pruned figures reproduced)."""
     text = (ROOT / "docs" / "BENCHMARKS.md").read_text()
-    if "<!-- bench_heal_distill:begin -->" not in text:
-        return {}
-    block = text.split("<!-- bench_heal_distill:begin -->", 1)[1].split("<!-- bench_heal_distill:end -->", 1)[0]
+    blocks = re.findall(r"<!-- (bench_heal_distill[\w]*):begin -->(.*?)<!-- \1:end -->", text, flags=re.S)
     out: dict = {}
-    for line in block.splitlines():
+    for line in "\n".join(body for _, body in blocks).splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 11 and cells[0] in ("distill", "lm") and cells[6].startswith("x"):
             out.setdefault((cells[0], cells[1]), {})[int(cells[2].replace(",", ""))] = (
@@ -683,7 +684,9 @@ def part_report() -> None:
 
 PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_distill_more": "distill_report --block bench_heal_distill_more",
-                 "bench_heal_paired": "distill_paired_report"}
+                 "bench_heal_distill_partial": "distill_report --block bench_heal_distill_partial",
+                 "bench_heal_paired": "distill_paired_report",
+                 "bench_heal_paired_partial": "distill_paired_report --block bench_heal_paired_partial"}
 
 
 def write_docs(body: str, block: str = "bench_heal") -> None:
@@ -709,7 +712,7 @@ def main() -> None:
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill: only the cases whose name contains this (e.g. lm-partial)")
-    ap.add_argument("--block", default="bench_heal_distill", help="--part distill_report: the docs block to write")
+    ap.add_argument("--block", default="bench_heal_distill", help="--part distill_report / distill_paired_report: the docs block to write")
     args = ap.parse_args()
     started = time.time()
     parts = ["train", "curve", "init", "report", "lmeval", "report"] if args.part == "all" else [args.part]
@@ -717,6 +720,8 @@ def main() -> None:
         log(f"part {part}")
         if part == "distill_report":
             part_distill_report(args.block)
+        elif part == "distill_paired_report":
+            part_distill_paired_report(args.block if args.block != "bench_heal_distill" else "bench_heal_paired")
         elif part == "distill":
             part_distill([int(b) for b in args.budgets.split(",")] if args.budgets else DISTILL_BUDGETS, args.only)
         else:

@@ -11,7 +11,7 @@ from prune import PruneError
 from prune.model.loading import check_checkpoint_files
 from prune.io.source import resolve_source
 
-from conftest import build_model, smollm2_gguf, tiny_recipe
+from conftest import WIKI_RAW, build_model, smollm2_gguf, tiny_recipe
 
 
 def copy_model(src, dst):
@@ -115,3 +115,39 @@ def test_calibration_problems_fail_before_the_model_loads(tiny_folder, tmp_path,
     recipe["model"]["source"] = str(folder)
     with pytest.raises(PruneError, match="no BOS token"):
         P.run(recipe, quiet=True)
+
+
+def test_default_strategy_needs_held_out_text_and_says_so_before_loading(tiny_folder, tmp_path, monkeypatch):
+    """The default strategy (verified) ranks candidates on windows beyond the calibration ones: text
+    enough for the calibration windows but not for those is refused in one line, before the model loads."""
+    import prune.pipeline.engines as E
+    import prune.pipeline.orchestrator as P
+    from prune.choose.strategies import heldout_windows
+    from prune.core.config import HELDOUT_WINDOWS, SelectConfig
+    from prune.model.loading import load_tokenizer
+
+    assert SelectConfig(n_layers=2).strategy == "verified" and SelectConfig(n_layers=2).held_out() == 4
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(E, "load_model", no_loading)
+    recipe = tiny_recipe(tiny_folder, tmp_path / "out", select={"n_layers": 2})
+    text = prune.load_text(prune.TextSource(str(WIKI_RAW), rows="0:300"))
+    tok = load_tokenizer(resolve_source(str(tiny_folder)))
+    lo, hi = 1, 4096  # the most windows the text holds: lo fits, hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if _windows_fit(heldout_windows, tok, text, mid) else (lo, mid)
+    recipe["calibration"]["n_samples"] = lo - 1  # the calibration windows fit, 4 more do not
+    with pytest.raises(PruneError, match=f"too short for {HELDOUT_WINDOWS['verified']} held-out windows") as err:
+        P.run(recipe, quiet=True)
+    assert "\n" not in str(err.value) and "select.heldout_windows" in str(err.value)
+
+
+def _windows_fit(heldout_windows, tok, text, n) -> bool:
+    try:
+        heldout_windows(tok, text, n, 32, 0, None, 0)
+        return True
+    except PruneError:
+        return False

@@ -61,10 +61,10 @@ def _verified(ctx: Choice) -> Selection:
 
     s, c = ctx.select, ctx.calibration
     held = heldout_windows(ctx.tokenizer, load_text(c.source()), c.n_samples, c.seq_len, c.seed, c.bos,
-                           s.heldout_windows)
+                           s.held_out())
     count = resolve_count(ctx.scores.n_layers, s.n_layers, s.fraction, resolve_protect(s.protect, ctx.scores.n_layers))
     return verified(ctx.model, ctx.scores, held, count, protect=s.protect, batch_size=c.batch_size,
-                    budget=s.budget if s.budget is not None else 16, progress=not ctx.quiet)
+                    budget=s.verified_budget(), progress=not ctx.quiet)
 
 
 def _search(ctx: Choice) -> Selection:

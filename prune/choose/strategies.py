@@ -382,9 +382,9 @@ def choose_search(model, tokenizer, scores, select: SelectConfig, calibration: C
         max_remove = resolve_count(L, sel.n_layers, sel.fraction, prot)
     order_by = sel.order_by or sel.metric
     if sel.max_perplexity_ratio is not None:
-        held = heldout_windows(tokenizer, load_text(c.source()), c.n_samples, c.seq_len, c.seed, c.bos, sel.heldout_windows)
+        held = heldout_windows(tokenizer, load_text(c.source()), c.n_samples, c.seq_len, c.seed, c.bos, sel.held_out())
         proxy = perplexity_proxy(model, held, c.batch_size)
-        floor, higher, name = sel.max_perplexity_ratio, False, f"perplexity on {sel.heldout_windows} held-out calibration windows"
+        floor, higher, name = sel.max_perplexity_ratio, False, f"perplexity on {sel.held_out()} held-out calibration windows"
     else:
         ev = evaluate
         proxy = task_proxy(model, tokenizer, sel.proxy_task, limit=sel.proxy_limit, seed=sel.seed,

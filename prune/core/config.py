@@ -188,11 +188,13 @@ class SelectConfig(Section):
     (``max_perplexity_ratio`` on ``heldout_windows`` held-out calibration windows, or
     ``min_task_retained`` of ``proxy_task``'s score with ``proxy_limit`` examples), candidates
     ordered by ``order_by`` (default: ``metric``), at most ``budget`` proxy evaluations; and
-    ``verified``: candidate sets from the scores ranked by KL to the original on
-    ``heldout_windows`` held-out windows, then at most ``budget`` local-search evaluations
-    (default 16; see :mod:`prune.choose.verified`)."""
+    ``verified`` (the default): candidate sets from the scores ranked by KL to the original on
+    ``heldout_windows`` held-out windows (default 4), then at most ``budget`` local-search
+    evaluations (default 16; see :mod:`prune.choose.verified`). Why it is the default, and what
+    each strategy costs: docs/BENCHMARKS.md, "Verified selection"."""
 
-    strategy: str = "contiguous"  # a name in prune.choose.registry.STRATEGIES (see KNOWN_STRATEGIES)
+    # a name in prune.choose.registry.STRATEGIES (see KNOWN_STRATEGIES)
+    strategy: str = "verified"
     metric: Literal["bi", "angular", "cka", "msrs"] = "angular"
     n_layers: int | None = Field(None, ge=1)
     fraction: float | None = Field(None, gt=0, lt=1)
@@ -205,7 +207,15 @@ class SelectConfig(Section):
     proxy_limit: int = Field(100, ge=1)
     budget: int | None = Field(None, ge=1)
     order_by: Literal["msrs", "cka", "angular", "bi"] | None = None
-    heldout_windows: int = Field(8, ge=1)
+    heldout_windows: int | None = Field(None, ge=1)  # default: HELDOUT_WINDOWS[strategy]
+
+    def held_out(self) -> int:
+        """Held-out calibration windows of ``search`` (perplexity floor) or ``verified``."""
+        return self.heldout_windows if self.heldout_windows is not None else HELDOUT_WINDOWS[self.strategy]
+
+    def verified_budget(self) -> int:
+        """Local-search evaluations of ``verified``."""
+        return self.budget if self.budget is not None else VERIFIED_BUDGET
 
     @field_validator("strategy")
     @classmethod
@@ -254,6 +264,9 @@ class SelectConfig(Section):
         return self
 
 
+#: held-out windows by strategy; verified's 4 x 256 tokens are the protocol of its benchmark (and SLEB's)
+HELDOUT_WINDOWS = {"search": 8, "verified": 4}
+VERIFIED_BUDGET = 16
 _SEARCH_KEYS = ("max_perplexity_ratio", "min_task_retained", "proxy_task", "proxy_limit", "budget", "order_by",
                 "heldout_windows")
 

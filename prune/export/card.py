@@ -45,6 +45,9 @@ METHODS: dict[tuple[str, str | None], str] = {
     ("one_shot", "cka"): "CKA: remove the n blocks whose output is most like their input by unbiased linear CKA(h_l, h_{l+1})",
     ("one_shot", "msrs"): "MSRS contribution (RedTest): remove the n blocks with the largest "
                           "c_l = Σ_{j≠l} sigmoid(2β(S_lj - τ)), S the CKA matrix of block outputs",
+    ("verified", "kl"): "verified: candidate sets from the scores (every contiguous run, one-shot BI / angular / CKA / "
+                        "MSRS, RedTest's redundancy families) ranked by KL(original || pruned) of the next-token "
+                        "distributions on held-out calibration windows, then a local search swapping one block",
     ("tail", None): "tail baseline: remove the n blocks just before the last one (no metric)",
     ("random", None): "random baseline: n unprotected blocks drawn with a fixed seed (no metric)",
 }

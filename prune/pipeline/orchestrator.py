@@ -99,6 +99,12 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
             raise PruneError(f"{key}={value} is longer than the model's context ({ctx} tokens); lower it")
     tokenizer = load_tokenizer(src, recipe.model.trust_remote_code)
     windows = calibration_windows_of(tokenizer, recipe.calibration)
+    sel = recipe.select
+    if sel.strategy == "verified" or (sel.strategy == "search" and sel.max_perplexity_ratio is not None):
+        from prune.choose.strategies import heldout_windows
+
+        c = recipe.calibration  # held-out windows beyond the calibration ones: too little text fails now
+        heldout_windows(tokenizer, load_text(c.source()), c.n_samples, c.seq_len, c.seed, c.bos, sel.held_out())
     if recipe.evaluate and recipe.evaluate.perplexity:  # empty or too short text fails now, not after scoring
         p = recipe.evaluate.perplexity
         eval_windows(tokenizer, load_text(p.source()), p.seq_len, p.max_windows, p.bos)
