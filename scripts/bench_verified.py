@@ -176,6 +176,25 @@ def report(heldout: int, budget: int) -> str:
     return "\n".join(out) + "\n"
 
 
+def budget_table(heldout: int, budgets: list[int], k: int = 10) -> str:
+    """verified at ``k`` with each local-search budget: what it found, what it cost, how far below SLEB."""
+    sleb = baseline_sets().get("sleb", {}).get(k)
+    s = read(CACHE / "sets" / f"{set_key(sleb)}.json") if sleb else None
+    lines = [f"| budget | removed (k = {k}) | KL on held-out windows | evaluations (local search) | full-model "
+             "equivalents | selection cost vs SLEB | perplexity | below SLEB's |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for budget in budgets:
+        sel = read(CACHE / f"verified2_k{k}_h{heldout}_b{budget}.json")
+        m = read(CACHE / "sets" / f"{set_key(sel['removed'])}.json") if sel else None
+        if not (sel and m and s):
+            continue
+        d = sel["details"]
+        cost = (d["full_forward_equivalents"] * heldout / 4 + 32 / 4) / SLEB_FFE_TO_10
+        lines.append(f"| {budget} | {' '.join(map(str, sel['removed']))} | {d['kl_mean']:.4f} | {d['evaluations']} "
+                     f"({d['local_search_evaluations']}) | {d['full_forward_equivalents']} | {cost:.2f}x | "
+                     f"{m['perplexity_pruned']:.1f} | {100 * (1 - m['perplexity_pruned'] / s['perplexity_pruned']):.1f}% |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--report", action="store_true", help="only print the tables from the cache")
@@ -183,6 +202,7 @@ def main() -> int:
     ap.add_argument("--heldout", type=int, default=4, help="held-out calibration windows verified ranks on")
     ap.add_argument("--budget", type=int, default=16, help="local-search evaluations")
     ap.add_argument("--ks", default="7,10,3,5")
+    ap.add_argument("--budgets", default=None, help="--report: also tabulate k = 10 for these budgets (e.g. 16,200)")
     args = ap.parse_args()
     if not args.report:
         bench = Bench(args.threads, args.heldout, args.budget)
@@ -197,6 +217,8 @@ def main() -> int:
     print(f"_Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `python scripts/bench_verified.py "
           f"--report` (heldout {args.heldout}, budget {args.budget})._\n")
     print(report(args.heldout, args.budget))
+    if args.budgets:
+        print("\n### verified at k = 10 by local-search budget\n\n" + budget_table(args.heldout, [int(b) for b in args.budgets.split(",")]))
     return 0
 
 
