@@ -217,9 +217,11 @@ def stage_topk(ctx: Context) -> None:
     log(f"top-k check: {out}")
 
 
-def lmeval_folder(sels: dict, name: str, k: int) -> Path:
-    """lm-eval's files of ``name`` at ``k`` (the dense model's are shared by every k)."""
-    return CACHE / "lmeval_k7" / "dense" if name == "dense" else CACHE / f"lmeval_k{k}" / set_key(sels[name][k])
+def lmeval_folder(sels: dict, name: str, k: int, limit: int = 500) -> Path:
+    """lm-eval's files of ``name`` at ``k`` (the dense model's are shared by every k); another
+    ``limit`` than the default 500 questions per task has folders of its own."""
+    root = CACHE / ("lmeval_k{}" if limit == 500 else "lmeval_k{}_n" + str(limit))
+    return Path(str(root).format(7)) / "dense" if name == "dense" else Path(str(root).format(k)) / set_key(sels[name][k])
 
 
 def stage_paired(ctx: Context, names: list[str], limit: int, tasks: list[str], k: int = 7) -> None:
@@ -228,7 +230,7 @@ def stage_paired(ctx: Context, names: list[str], limit: int, tasks: list[str], k
     sels = recorded_selections()
     for name in names:  # "dense" is the unpruned model
         removed = [] if name == "dense" else sels[name][k]
-        folder = lmeval_folder(sels, name, k)
+        folder = lmeval_folder(sels, name, k, limit)
         if list(folder.glob("results_*.json")):
             continue
         started = time.time()
@@ -236,6 +238,22 @@ def stage_paired(ctx: Context, names: list[str], limit: int, tasks: list[str], k
                           progress=False)
         run.write(folder, f"SmolLM2-135M-Instruct {name} k={k}")
         log(f"lm-eval {name}: {({t: r['metrics'] for t, r in run.summary.items()})} ({time.time() - started:.0f}s)")
+
+
+def paired_report(k: int, limit: int, names: list[str]) -> str:
+    """Only the paired comparisons at ``k`` with ``limit`` questions per task, every pair of ``names``
+    whose lm-eval files are here (``--part paired_report``)."""
+    from prune.measure.paired import average_line, compare_folders, headline_rows, paired_markdown
+
+    sels = recorded_selections()
+    have = [n for n in names if list(lmeval_folder(sels, n, k, limit).glob("samples_*.jsonl"))]
+    lines = [f"_Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `python scripts/bench_fidelity.py "
+             f"--part paired_report --k {k} --limit {limit} --paired {','.join(names)}`._", ""]
+    for i, a in enumerate(have):
+        for b in have[i + 1:]:
+            rows = headline_rows(compare_folders(lmeval_folder(sels, a, k, limit), lmeval_folder(sels, b, k, limit)))
+            lines += [f"A = {a}, B = {b}. {average_line(rows)}.", "", paired_markdown(rows), ""]
+    return "\n".join(lines)
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -335,7 +353,7 @@ def report(windows: int) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--part", choices=["kl", "paired", "report"], required=True)
+    p.add_argument("--part", choices=["kl", "paired", "paired_report", "report"], required=True)
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--ks", default="3,5,10", help="the k after k = 7 (default 3,5,10)")
     p.add_argument("--only", default=None, help="comma-separated strategy names (default all recorded)")
@@ -348,6 +366,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     if args.part == "report":
         print(report(args.windows))
+        return 0
+    if args.part == "paired_report":
+        print(paired_report(args.k, args.limit, args.paired.split(",")))
         return 0
     ctx = Context(args.windows)
     if args.part == "kl":
