@@ -712,16 +712,16 @@ def main() -> None:
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill: only the cases whose name contains this (e.g. lm-partial)")
-    ap.add_argument("--block", default="bench_heal_distill", help="--part distill_report / distill_paired_report: the docs block to write")
+    ap.add_argument("--block", default=None, help="--part distill_report / distill_paired_report: the docs block to write")
     args = ap.parse_args()
     started = time.time()
     parts = ["train", "curve", "init", "report", "lmeval", "report"] if args.part == "all" else [args.part]
     for part in parts:
         log(f"part {part}")
         if part == "distill_report":
-            part_distill_report(args.block)
+            part_distill_report(args.block or "bench_heal_distill")
         elif part == "distill_paired_report":
-            part_distill_paired_report(args.block if args.block != "bench_heal_distill" else "bench_heal_paired")
+            part_distill_paired_report(args.block or "bench_heal_paired")
         elif part == "distill":
             part_distill([int(b) for b in args.budgets.split(",")] if args.budgets else DISTILL_BUDGETS, args.only)
         else:

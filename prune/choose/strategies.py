@@ -167,10 +167,15 @@ def _block_inputs(model, windows: torch.Tensor, batch_size: int) -> list[list[to
     with torch.no_grad(), BlockStates(layers, device, dtype) as capture:
         for _, batch in batches(windows[lo:hi], batch_size):
             model.base_model(input_ids=batch.to(device), use_cache=False)
-            states, inputs = capture.pop()
-            for p in range(len(layers)):
-                out[p].append(states[p] if inputs[p] is None else inputs[p])
+            _keep_inputs(capture, out)
     return out
+
+
+def _keep_inputs(capture: BlockStates, out: list[list[torch.Tensor]]) -> None:
+    """Append what entered each block in the last forward pass to ``out[p]``."""
+    states, inputs = capture.pop()
+    for p in range(len(out)):
+        out[p].append(states[p] if inputs[p] is None else inputs[p])
 
 
 def sleb(model, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, batch_size: int = 8,

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prune.choose.rules import Selection, contiguous, one_shot, resolve_count, resolve_protect
-from prune.choose.strategies import _inject, _model_dtype, skip_blocks
+from prune.choose.strategies import _inject, _keep_inputs, _model_dtype, skip_blocks
 from prune.core import dist
 from prune.core.errors import PruneError
 from prune.measure.fidelity import build_reference, fidelity_sums, summary_from_sums
@@ -138,13 +138,8 @@ class _Verifier:
         self.reference = None
         if hi > lo:
             with BlockStates(layers, input_device(model), _model_dtype(model)) as capture:
-                def keep() -> None:
-                    states, inputs = capture.pop()
-                    for p in range(self.L):
-                        self.inputs[p].append(states[p] if inputs[p] is None else inputs[p])
-
                 self.reference = build_reference(model, windows[lo:hi], top_k=top_k, batch_size=batch_size,
-                                                 progress=progress, after_batch=keep)
+                                                 progress=progress, after_batch=lambda: _keep_inputs(capture, self.inputs))
         self.block_runs = 0
         self.evaluations = 0
         self.cache: dict[tuple[int, ...], dict] = {}
