@@ -20,6 +20,9 @@ resumes; healed checkpoints are kept in bench_cache/heal/models/ for the lm-eval
   python scripts/bench_heal.py --part distill_report   # its table into docs/BENCHMARKS.md
   python scripts/bench_heal.py --part distill_paired   # lm-eval with samples: dense, un-healed, saved LoRA cases
   python scripts/bench_heal.py --part distill_paired_report   # paired tables (prune.measure.paired) into docs
+  python scripts/bench_heal.py --part distill_matrix   # every evaluated case in one table: fidelity + paired MC
+  python scripts/bench_heal.py --part distill --variant lr2e-3 --only distill-lora   # a VARIANTS setting
+  python scripts/bench_heal.py --part distill_variants   # each variant beside its plain case
 Run it niced in the background: nohup nice -n 10 python scripts/bench_heal.py --part all > bench_heal.log 2>&1 &
 """
 
@@ -187,6 +190,12 @@ def part_train() -> None:
 DISTILL_BUDGETS = [8_192, 32_768, 131_072]
 DISTILL_PARAMS = {"lora": METHODS["lora"], "partial": METHODS["partial"]}
 DISTILL_SETTINGS = dict(temperature=1.0, kl_weight=1.0, hidden_weight=0.0, lm_weight=0.0, teacher="memory")
+#: settings tried beside the matrix (``--variant NAME``; the case name gets ``+NAME``): the hidden-state
+#: MSE at every kept block (SmolLM2's residual stream has massive activations: the raw MSE starts near
+#: 40 against a KL near 0.8, so 0.01 makes the two terms comparable), a higher LoRA learning rate,
+#: and more, smaller optimizer steps
+VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-3),
+            "batch1": dict(batch_size=1)}  # one window per step: 4x the optimizer steps for the same tokens
 FIDELITY_WINDOWS = 16  # the first 16 of the WikiText-2 perplexity windows (16 x 512 = 8,192 tokens)
 
 
@@ -195,8 +204,8 @@ def distill_cases(budgets=DISTILL_BUDGETS) -> list[tuple[str, str, int]]:
     return [(o, m, t) for t in budgets for m in DISTILL_PARAMS for o in ("distill", "lm")]
 
 
-def case_name(objective: str, params: str, tokens: int) -> str:
-    return f"d-{objective}-{params}-{tokens // 1024}k"
+def case_name(objective: str, params: str, tokens: int, variant: str | None = None) -> str:
+    return f"d-{objective}-{params}-{tokens // 1024}k" + (f"+{variant}" if variant else "")
 
 
 _DENSE_LP: list[torch.Tensor] = []
@@ -225,7 +234,7 @@ def fidelity_to(model, dense, tok, batch: int = 2) -> dict:
     return {"kl": kl / tokens, "top1": agree / tokens, "perplexity": math.exp(nll / predicted), "tokens": tokens}
 
 
-def part_distill(budgets=DISTILL_BUDGETS, only: str | None = None) -> None:
+def part_distill(budgets=DISTILL_BUDGETS, only: str | None = None, variant: str | None = None) -> None:
     base, tok = load_dense()
     run = removed_blocks(base, tok)
     kept = [i for i in range(30) if i not in run]
@@ -240,7 +249,9 @@ def part_distill(budgets=DISTILL_BUDGETS, only: str | None = None) -> None:
         del model
     log(f"pruned: {cached('fidelity-pruned')['fidelity']}")
     for objective, params, tokens in distill_cases(budgets):
-        name = case_name(objective, params, tokens)
+        name = case_name(objective, params, tokens, variant)
+        if variant and objective != "distill" and "hidden_weight" in VARIANTS[variant]:
+            continue
         if cached(name):
             log(f"{name}: cached")
             continue
@@ -250,6 +261,8 @@ def part_distill(budgets=DISTILL_BUDGETS, only: str | None = None) -> None:
         settings = {**DISTILL_PARAMS[params], "n_samples": n, "steps": max(1, n // 4), "objective": objective}
         if objective == "distill":
             settings.update(DISTILL_SETTINGS)
+        settings.update(VARIANTS.get(variant, {}))
+        settings["steps"] = max(1, n // settings["batch_size"])  # one epoch of the budget's windows
         model = copy.deepcopy(base)
         prune.remove_layers(model, run)
         log(f"healing {name}: {settings}")
@@ -257,7 +270,7 @@ def part_distill(budgets=DISTILL_BUDGETS, only: str | None = None) -> None:
         result = {"case": name, "objective": objective, "params": params, "tokens": rec["tokens_seen"],
                   "fidelity": fidelity_to(model, base, tok), "healing": rec,
                   "layers": model.config.num_hidden_layers, "params_count": prune.count_parameters(model)}
-        if tokens >= 32_768:  # the lm-eval cases keep their checkpoint
+        if not variant or tokens >= 131_072:  # kept for the paired lm-eval (variant screens: only the largest budget)
             prune.save(model, tok, CACHE / "models" / name, pruning={"removed": run, "healing": rec}, overwrite=True)
         store(name, result)
         log(f"{name}: ppl {result['fidelity']['perplexity']:.2f}, KL {result['fidelity']['kl']:.4f}, "
@@ -296,9 +309,10 @@ def lmeval_folder(name: str) -> Path:
 
 
 def paired_cases() -> list[str]:
-    """The saved distill / next-token checkpoints (LoRA, partial), largest budget first."""
-    names = [case_name(o, m, t) for t in sorted(DISTILL_BUDGETS, reverse=True) for m in DISTILL_PARAMS
-             for o in ("distill", "lm")]
+    """The saved distill / next-token checkpoints (LoRA, partial; variants after their case),
+    largest budget first."""
+    names = [case_name(o, m, t, v) for t in sorted(DISTILL_BUDGETS, reverse=True) for m in DISTILL_PARAMS
+             for o in ("distill", "lm") for v in (None, *VARIANTS)]
     return [n for n in names if (CACHE / "models" / n / "config.json").is_file()]
 
 
@@ -346,6 +360,75 @@ def part_distill_paired_report(block: str = "bench_heal_paired") -> None:
             head = headline_rows(compare_folders(lmeval_folder(a), lmeval_folder(b)))
             lines += [f"**{b}** against **{a}** (the two objectives, same budget). {average_line(head, a, b)}.", "",
                       paired_markdown(head, a, b), ""]
+    print("\n".join(lines))
+    write_docs("\n".join(lines), block)
+
+
+def part_distill_matrix(block: str = "bench_heal_matrix") -> None:
+    """One row per healed case on this machine: fidelity (ppl, KL share, top-1) beside the paired
+    multiple-choice comparison against the dense and the un-healed model (average of the four
+    tasks' headline metrics, paired SE, 95% interval), into ``block`` of the docs."""
+    from prune.measure.paired import compare_folders, task_average
+
+    pr, dense = cached("fidelity-pruned"), cached("fidelity-dense")
+    have = [n for n in [*BASELINES, *paired_cases()] if list(lmeval_folder(n).glob("samples_*.jsonl"))]
+    if not pr or not dense or "dense" not in have:
+        raise SystemExit("run --part distill and --part distill_paired first")
+
+    def vs(ref: str, name: str) -> str:
+        if ref not in have or ref == name:
+            return "-"
+        avg = task_average(compare_folders(lmeval_folder(ref), lmeval_folder(name)))
+        sig = " *" if avg.ci_high < 0 or avg.ci_low > 0 else ""
+        return f"{100 * avg.diff:+.2f} [{100 * avg.ci_low:+.2f}, {100 * avg.ci_high:+.2f}]{sig}"
+
+    def retained(name: str) -> str:
+        avg = task_average(compare_folders(lmeval_folder("dense"), lmeval_folder(name)))
+        return f"{100 * avg.retained:.1f}%"
+
+    d_ppl = dense["fidelity"]["perplexity"]
+    lines = ["| case | objective | params | training tokens | healing time | ppl x dense | KL / pruned's | top-1 agreement | "
+             "MC retained | MC vs dense (points, 95% CI) | MC vs un-healed |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+             f"| pruned (blocks 12-18) | - | - | 0 | - | x{pr['fidelity']['perplexity'] / d_ppl:.2f} | 100% | "
+             f"{pr['fidelity']['top1']:.1%} | {retained('pruned') if 'pruned' in have else '-'} | {vs('dense', 'pruned')} | - |"]
+    for name in sorted(paired_cases(), key=lambda n: (cached(n) or {}).get("tokens", 0)):
+        r = cached(name)
+        if not r or name not in have:
+            continue
+        f, h = r["fidelity"], r["healing"]
+        lines.append(f"| {name} | {r['objective']} | {r['params']} | {h['tokens_seen']:,} | {h['seconds'] / 60:.1f} min | "
+                     f"x{f['perplexity'] / d_ppl:.2f} | {100 * f['kl'] / pr['fidelity']['kl']:.0f}% | {f['top1']:.1%} | "
+                     f"{retained(name)} | {vs('dense', name)} | {vs('pruned', name)} |")
+    lines += ["", "MC: ARC-Easy, PIQA, HellaSwag (acc_norm), WinoGrande, 0-shot, 500 questions each, the same questions "
+              "for every model; the average of the four per-task paired differences, its SE from the per-task "
+              "paired SEs, * where the 95% interval excludes 0 (`prune.measure.paired.task_average`)."]
+    print("\n".join(lines))
+    write_docs("\n".join(lines), block)
+
+
+def part_distill_variants(block: str = "bench_heal_variants") -> None:
+    """Each VARIANTS case beside its plain case (same objective, params, budget): the KL to the
+    original on the healing's own held-out C4 windows (what a variant is chosen by) and the
+    fidelity figures on the WikiText-2 windows, into ``block`` of the docs."""
+    pr, dense = cached("fidelity-pruned"), cached("fidelity-dense")
+    if not pr or not dense:
+        raise SystemExit("run --part distill first")
+    d_ppl = dense["fidelity"]["perplexity"]
+    lines = ["| case | changed settings | training tokens | steps | healing time | KL to dense, held-out C4 | "
+             "ppl (WikiText) x dense | KL / pruned's (WikiText) | top-1 agreement |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for objective, params, tokens in sorted(distill_cases(), key=lambda c: (c[2], c[1], c[0])):
+        for variant in (None, *VARIANTS):
+            r = cached(case_name(objective, params, tokens, variant))
+            if not r or (variant is None and not any(cached(case_name(objective, params, tokens, v)) for v in VARIANTS)):
+                continue
+            f, h = r["fidelity"], r["healing"]
+            c4 = h.get("distill", {}).get("kl_after")
+            changed = ", ".join(f"{k} {v}" for k, v in VARIANTS[variant].items()) if variant else "(plain)"
+            lines.append(f"| {r['case']} | {changed} | {h['tokens_seen']:,} | {h['steps']} | {h['seconds'] / 60:.1f} min | "
+                         f"{c4:.4f} | x{f['perplexity'] / d_ppl:.2f} | {100 * f['kl'] / pr['fidelity']['kl']:.1f}% | "
+                         f"{f['top1']:.1%} |" if c4 is not None else f"| {r['case']} | {changed} | - |")
     print("\n".join(lines))
     write_docs("\n".join(lines), block)
 
@@ -686,6 +769,8 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_distill_more": "distill_report --block bench_heal_distill_more",
                  "bench_heal_distill_partial": "distill_report --block bench_heal_distill_partial",
                  "bench_heal_paired": "distill_paired_report",
+                 "bench_heal_matrix": "distill_matrix",
+                 "bench_heal_variants": "distill_variants",
                  "bench_heal_paired_partial": "distill_paired_report --block bench_heal_paired_partial"}
 
 
@@ -708,10 +793,12 @@ def write_docs(body: str, block: str = "bench_heal") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "distill", "distill_lmeval", "distill_report",
-                                       "distill_paired", "distill_paired_report", "report", "all"],
+                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill: only the cases whose name contains this (e.g. lm-partial)")
+    ap.add_argument("--variant", default=None, choices=sorted(VARIANTS),
+                    help="--part distill: change these settings (VARIANTS) and add +NAME to the case names")
     ap.add_argument("--block", default=None, help="--part distill_report / distill_paired_report: the docs block to write")
     args = ap.parse_args()
     started = time.time()
@@ -720,10 +807,15 @@ def main() -> None:
         log(f"part {part}")
         if part == "distill_report":
             part_distill_report(args.block or "bench_heal_distill")
+        elif part == "distill_variants":
+            part_distill_variants(args.block or "bench_heal_variants")
+        elif part == "distill_matrix":
+            part_distill_matrix(args.block or "bench_heal_matrix")
         elif part == "distill_paired_report":
             part_distill_paired_report(args.block or "bench_heal_paired")
         elif part == "distill":
-            part_distill([int(b) for b in args.budgets.split(",")] if args.budgets else DISTILL_BUDGETS, args.only)
+            part_distill([int(b) for b in args.budgets.split(",")] if args.budgets else DISTILL_BUDGETS, args.only,
+                         args.variant)
         else:
             globals()[f"part_{part}"]()
     log(f"done in {(time.time() - started) / 60:.1f} min")

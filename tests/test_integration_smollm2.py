@@ -56,9 +56,9 @@ def test_quick_recipe_end_to_end(smollm2_folder, tmp_path):
 
     result = run(ROOT / "recipes" / "smollm2-quick.yaml", quiet=True, overrides=[
         f"model.source={smollm2_folder}", f"output.dir={tmp_path / 'out'}", f"calibration.path={WIKI_RAW}",
-        f"evaluate.perplexity.path={WIKI_RAW}", "evaluate.perplexity.max_windows=4", f"evaluate.data_dir={DATA}",
-        "evaluate.tasks=[arc_easy, winogrande]", "evaluate.limit=20", "calibration.n_samples=8",
-        "select.heldout_windows=2", "select.budget=2"])
+        f"evaluate.perplexity.path={WIKI_RAW}", "evaluate.perplexity.max_windows=2", "evaluate.perplexity.seq_len=256",
+        f"evaluate.data_dir={DATA}", "evaluate.tasks=[arc_easy, winogrande]", "evaluate.limit=10",
+        "calibration.n_samples=8", "calibration.seq_len=128", "select.heldout_windows=2", "select.budget=2"])
     assert len(result.selection.removed) == 7
     # the shipped strategy, verified: the chosen set is the lowest-KL candidate it measured
     details = result.selection.details

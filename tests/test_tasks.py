@@ -84,3 +84,17 @@ def test_local_alias_reports_registry_names(tokenizers_by_bos):
     res = evaluate_tasks(build_model("llama"), tokenizers_by_bos[True], ["copa"], limit=4, data_dir_path=DATA,
                          progress=False, local_alias=True)
     assert set(res) == {"copa"}
+
+
+def test_local_tasks_resolve_without_indexing_lm_evals_registry(task_dir):
+    """Local copies (and user task folders) resolve from their own YAMLs; lm-eval's ~10,000 registry
+    YAMLs are indexed only when a task is not among them, and then once per process."""
+    from prune.measure.lmeval import resolve_tasks, task_manager
+
+    names, manager = resolve_tasks(["arc_easy", "copa_local", "my_group"], data_dir_path=DATA, task_dirs=[task_dir])
+    assert names == ["arc_easy_local", "copa_local", "my_group"]
+    assert "arc_easy" not in manager.all_tasks and len(manager.all_tasks) < 50  # the registry was not indexed
+    names, full = resolve_tasks(["arc_easy_local", "lambada_openai"], data_dir_path=DATA)
+    assert names == ["arc_easy_local", "lambada_openai"] and "arc_easy" in full.all_tasks
+    assert resolve_tasks(["lambada_openai"], data_dir_path=DATA)[1] is full  # built once
+    assert task_manager.cache_info().currsize >= 2
