@@ -316,14 +316,15 @@ def paired_cases() -> list[str]:
     return [n for n in names if (CACHE / "models" / n / "config.json").is_file()]
 
 
-def part_distill_paired() -> None:
-    """lm-eval (four tasks, limit 500, samples kept) of the baselines and every saved LoRA case."""
+def part_distill_paired(only: str | None = None) -> None:
+    """lm-eval (four tasks, limit 500, samples kept) of the baselines and every saved case (``only``:
+    the cases whose name contains it)."""
     from prune.measure.lmeval import run_lm_eval
 
     base = None
     for name in [*BASELINES, *paired_cases()]:
         folder = lmeval_folder(name)
-        if list(folder.glob("samples_*.jsonl")):
+        if list(folder.glob("samples_*.jsonl")) or (only and only not in name):
             continue
         if name in BASELINES:
             base = base or load_dense()
@@ -796,7 +797,7 @@ def main() -> None:
                                        "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
-    ap.add_argument("--only", default=None, help="--part distill: only the cases whose name contains this (e.g. lm-partial)")
+    ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial)")
     ap.add_argument("--variant", default=None, choices=sorted(VARIANTS),
                     help="--part distill: change these settings (VARIANTS) and add +NAME to the case names")
     ap.add_argument("--block", default=None, help="--part distill_report / distill_paired_report: the docs block to write")
@@ -813,6 +814,8 @@ def main() -> None:
             part_distill_matrix(args.block or "bench_heal_matrix")
         elif part == "distill_paired_report":
             part_distill_paired_report(args.block or "bench_heal_paired")
+        elif part == "distill_paired":
+            part_distill_paired(args.only)
         elif part == "distill":
             part_distill([int(b) for b in args.budgets.split(",")] if args.budgets else DISTILL_BUDGETS, args.only,
                          args.variant)

@@ -19,7 +19,7 @@ def test_score_remove_seven_save_reload(smollm2_folder, tmp_path):
     assert src.kind == "folder" and len(prune.decoder_layers(model)) == 30
     calib = prune.load_text(prune.TextSource(str(WIKI_RAW), rows="0:2000"))
     held_out = prune.load_text(prune.TextSource(str(WIKI_RAW), rows="2000:"))
-    windows = prune.calibration_windows(tok, calib, 16, 256, seed=0)
+    windows = prune.calibration_windows(tok, calib, 8, 256, seed=0)
     scores = prune.score(model, windows, batch_size=8, progress=False)
     assert scores.n_layers == 30 and len(scores.cka_matrix) == 30
     assert all(0.0 <= v <= 2.0 for v in scores.block_influence)
@@ -31,7 +31,7 @@ def test_score_remove_seven_save_reload(smollm2_folder, tmp_path):
     choice = prune.select(scores, 7, strategy="contiguous")
     assert len(choice.removed) == 7 and choice.removed == list(range(choice.removed[0], choice.removed[0] + 7))
 
-    eval_w = prune.eval_windows(tok, held_out, 256, max_windows=8)
+    eval_w = prune.eval_windows(tok, held_out, 256, max_windows=4)
     dense = perplexity(model, eval_w)["perplexity"]
     prune.remove_layers(model, choice.removed)
     pruned = perplexity(model, eval_w)["perplexity"]

@@ -96,7 +96,8 @@ def load_model(
     try:
         config = _load_config(src, trust_remote_code)
         check_supported(config)
-        model, info = AutoModelForCausalLM.from_pretrained(src.path, output_loading_info=True, **kwargs)
+        # the config just read, not read again (a GGUF file's metadata takes seconds to parse)
+        model, info = AutoModelForCausalLM.from_pretrained(src.path, config=config, output_loading_info=True, **kwargs)
         missing = sorted(info.get("missing_keys") or ())
         if missing:  # transformers filled these with random values: never score or save those
             raise PruneError(f"{src.display}: the weights lack {len(missing)} tensors the config needs (e.g. "
