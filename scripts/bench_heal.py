@@ -192,7 +192,7 @@ DISTILL_PARAMS = {"lora": METHODS["lora"], "partial": METHODS["partial"]}
 DISTILL_SETTINGS = dict(temperature=1.0, kl_weight=1.0, hidden_weight=0.0, lm_weight=0.0, teacher="memory")
 #: settings tried beside the matrix (``--variant NAME``; the case name gets ``+NAME``): the hidden-state
 #: MSE at every kept block (SmolLM2's residual stream has massive activations: the raw MSE starts near
-#: 40 against a KL near 0.8, so 0.01 makes the two terms comparable), a higher LoRA learning rate,
+#: 40 against a KL near 0.8, ``--part hidden_scale``, so 0.01 makes the two terms comparable), a higher LoRA learning rate,
 #: and more, smaller optimizer steps
 VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-3),
             "batch1": dict(batch_size=1)}  # one window per step: 4x the optimizer steps for the same tokens
@@ -250,15 +250,15 @@ def part_distill(budgets=DISTILL_BUDGETS, only: str | None = None, variant: str 
     log(f"pruned: {cached('fidelity-pruned')['fidelity']}")
     for objective, params, tokens in distill_cases(budgets):
         name = case_name(objective, params, tokens, variant)
-        if variant and objective != "distill" and "hidden_weight" in VARIANTS[variant]:
-            continue
+        if variant and objective != "distill" and set(VARIANTS[variant]) & set(DISTILL_SETTINGS):
+            continue  # a distillation-only setting
         if cached(name):
             log(f"{name}: cached")
             continue
         if only and only not in name:
             continue
         n = tokens // SEQ
-        settings = {**DISTILL_PARAMS[params], "n_samples": n, "steps": max(1, n // 4), "objective": objective}
+        settings = {**DISTILL_PARAMS[params], "n_samples": n, "objective": objective}
         if objective == "distill":
             settings.update(DISTILL_SETTINGS)
         settings.update(VARIANTS.get(variant, {}))
@@ -376,36 +376,59 @@ def part_distill_matrix(block: str = "bench_heal_matrix") -> None:
     if not pr or not dense or "dense" not in have:
         raise SystemExit("run --part distill and --part distill_paired first")
 
-    def vs(ref: str, name: str) -> str:
+    def vs(ref: str, name: str):
+        """``(difference cell, retained cell)`` of ``name`` against ``ref`` (one paired comparison)."""
         if ref not in have or ref == name:
-            return "-"
+            return "-", "-"
         avg = task_average(compare_folders(lmeval_folder(ref), lmeval_folder(name)))
         sig = " *" if avg.ci_high < 0 or avg.ci_low > 0 else ""
-        return f"{100 * avg.diff:+.2f} [{100 * avg.ci_low:+.2f}, {100 * avg.ci_high:+.2f}]{sig}"
-
-    def retained(name: str) -> str:
-        avg = task_average(compare_folders(lmeval_folder("dense"), lmeval_folder(name)))
-        return f"{100 * avg.retained:.1f}%"
+        return f"{100 * avg.diff:+.2f} [{100 * avg.ci_low:+.2f}, {100 * avg.ci_high:+.2f}]{sig}", f"{100 * avg.retained:.1f}%"
 
     d_ppl = dense["fidelity"]["perplexity"]
+    diff, kept = vs("dense", "pruned")
     lines = ["| case | objective | params | training tokens | healing time | ppl x dense | KL / pruned's | top-1 agreement | "
              "MC retained | MC vs dense (points, 95% CI) | MC vs un-healed |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
              f"| pruned (blocks 12-18) | - | - | 0 | - | x{pr['fidelity']['perplexity'] / d_ppl:.2f} | 100% | "
-             f"{pr['fidelity']['top1']:.1%} | {retained('pruned') if 'pruned' in have else '-'} | {vs('dense', 'pruned')} | - |"]
+             f"{pr['fidelity']['top1']:.1%} | {kept} | {diff} | - |"]
     for name in sorted(paired_cases(), key=lambda n: (cached(n) or {}).get("tokens", 0)):
         r = cached(name)
         if not r or name not in have:
             continue
         f, h = r["fidelity"], r["healing"]
+        diff, kept = vs("dense", name)
         lines.append(f"| {name} | {r['objective']} | {r['params']} | {h['tokens_seen']:,} | {h['seconds'] / 60:.1f} min | "
                      f"x{f['perplexity'] / d_ppl:.2f} | {100 * f['kl'] / pr['fidelity']['kl']:.0f}% | {f['top1']:.1%} | "
-                     f"{retained(name)} | {vs('dense', name)} | {vs('pruned', name)} |")
+                     f"{kept} | {diff} | {vs('pruned', name)[0]} |")
     lines += ["", "MC: ARC-Easy, PIQA, HellaSwag (acc_norm), WinoGrande, 0-shot, 500 questions each, the same questions "
               "for every model; the average of the four per-task paired differences, its SE from the per-task "
               "paired SEs, * where the 95% interval excludes 0 (`prune.measure.paired.task_average`)."]
     print("\n".join(lines))
     write_docs("\n".join(lines), block)
+
+
+def part_hidden_scale() -> None:
+    """Why ``hidden_weight 0.01`` (VARIANTS): the un-healed model's KL to the original and the raw MSE
+    between each kept block's output and the original's, on 2 of the WikiText-2 windows (256 tokens)."""
+    from prune.heal.distill import _block_outputs, kl_loss
+
+    base, tok = load_dense()
+    run = removed_blocks(base, tok)
+    kept = [i for i in range(30) if i not in run]
+    model = copy.deepcopy(base)
+    prune.remove_layers(model, run)
+    ids = eval_windows(tok)[:2, :256]
+    s_out, t_out = {}, {}
+    handles = _block_outputs(prune.decoder_layers(model), list(range(len(kept))), s_out) + \
+        _block_outputs(prune.decoder_layers(base), kept, t_out)
+    with torch.no_grad():
+        kl = float(kl_loss(model(ids).logits, base(ids).logits))
+    for h in handles:
+        h.remove()
+    mse = [float(torch.nn.functional.mse_loss(s_out[j], t_out[o])) for j, o in enumerate(kept)]
+    print(f"KL(original || pruned) per token: {kl:.3f}; hidden MSE, mean over the {len(kept)} kept blocks: "
+          f"{sum(mse) / len(mse):.1f}")
+    print("original block outputs, mean square:", " ".join(f"{o}:{float(t_out[o].pow(2).mean()):.0f}" for o in kept))
 
 
 def part_distill_variants(block: str = "bench_heal_variants") -> None:
@@ -425,11 +448,11 @@ def part_distill_variants(block: str = "bench_heal_variants") -> None:
             if not r or (variant is None and not any(cached(case_name(objective, params, tokens, v)) for v in VARIANTS)):
                 continue
             f, h = r["fidelity"], r["healing"]
-            c4 = h.get("distill", {}).get("kl_after")
+            c4 = f"{h['distill']['kl_after']:.4f}" if "distill" in h else "- (not measured by the next-token loss)"
             changed = ", ".join(f"{k} {v}" for k, v in VARIANTS[variant].items()) if variant else "(plain)"
             lines.append(f"| {r['case']} | {changed} | {h['tokens_seen']:,} | {h['steps']} | {h['seconds'] / 60:.1f} min | "
-                         f"{c4:.4f} | x{f['perplexity'] / d_ppl:.2f} | {100 * f['kl'] / pr['fidelity']['kl']:.1f}% | "
-                         f"{f['top1']:.1%} |" if c4 is not None else f"| {r['case']} | {changed} | - |")
+                         f"{c4} | x{f['perplexity'] / d_ppl:.2f} | {100 * f['kl'] / pr['fidelity']['kl']:.1f}% | "
+                         f"{f['top1']:.1%} |")
     print("\n".join(lines))
     write_docs("\n".join(lines), block)
 
@@ -794,7 +817,7 @@ def write_docs(body: str, block: str = "bench_heal") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "distill", "distill_lmeval", "distill_report",
-                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "report", "all"],
+                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "hidden_scale", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial)")

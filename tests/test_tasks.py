@@ -86,10 +86,11 @@ def test_local_alias_reports_registry_names(tokenizers_by_bos):
     assert set(res) == {"copa"}
 
 
-def test_local_tasks_resolve_without_indexing_lm_evals_registry(task_dir):
+def test_local_tasks_resolve_without_indexing_lm_evals_registry(task_dir, tmp_path):
     """Local copies (and user task folders) resolve from their own YAMLs; lm-eval's ~10,000 registry
-    YAMLs are indexed only when a task is not among them, and then once per process."""
-    from prune.measure.lmeval import resolve_tasks, task_manager
+    YAMLs are indexed only when a task is not among them, and then once per process, until a
+    task folder changes."""
+    from prune.measure.lmeval import resolve_tasks
 
     names, manager = resolve_tasks(["arc_easy", "copa_local", "my_group"], data_dir_path=DATA, task_dirs=[task_dir])
     assert names == ["arc_easy_local", "copa_local", "my_group"]
@@ -97,4 +98,9 @@ def test_local_tasks_resolve_without_indexing_lm_evals_registry(task_dir):
     names, full = resolve_tasks(["arc_easy_local", "lambada_openai"], data_dir_path=DATA)
     assert names == ["arc_easy_local", "lambada_openai"] and "arc_easy" in full.all_tasks
     assert resolve_tasks(["lambada_openai"], data_dir_path=DATA)[1] is full  # built once
-    assert task_manager.cache_info().currsize >= 2
+    mine = tmp_path / "mine"
+    shutil.copytree(task_dir, mine)
+    first = resolve_tasks(["copa_a", "lambada_openai"], data_dir_path=DATA, task_dirs=[mine])[1]
+    (mine / "copa_c.yaml").write_text((mine / "copa_a.yaml").read_text().replace("copa_a", "copa_c"))
+    again = resolve_tasks(["copa_c", "lambada_openai"], data_dir_path=DATA, task_dirs=[mine])[1]  # added since: found
+    assert again is not first and "copa_c" in again.all_tasks

@@ -144,14 +144,20 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
     return names
 
 
-@functools.lru_cache(maxsize=8)
-def task_manager(include: tuple[str, ...], defaults: bool):
+def task_manager(include: list[str], defaults: bool):
     """lm-eval's ``TaskManager`` over the ``include`` folders, with its own ~10,000 task YAMLs when
-    ``defaults`` (indexing them costs ~9 s of CPU, so the full index is built once per process and
-    only when a task is not in ``include``: local copies alone index in ~0.1 s)."""
+    ``defaults`` (indexing them costs ~9 s of CPU, so the full index is built only when a task is
+    not in ``include``: local copies alone index in ~0.1 s). Kept per process while the folders'
+    YAML files (names and modification times) stay the same."""
+    stamp = tuple((d, tuple(sorted((str(f), f.stat().st_mtime_ns) for f in Path(d).rglob("*.yaml")))) for d in include)
+    return _task_manager(stamp, defaults)
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(stamp: tuple, defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(include) or None, include_defaults=defaults, verbosity="ERROR")
+    return TaskManager(include_path=[d for d, _ in stamp] or None, include_defaults=defaults, verbosity="ERROR")
 
 
 def resolve_tasks(tasks: list[str], *, data_dir_path: str | os.PathLike | None = None,
@@ -169,9 +175,9 @@ def resolve_tasks(tasks: list[str], *, data_dir_path: str | os.PathLike | None =
         names.append(LOCAL_TASKS.get(task, task) if folder is not None else task)
     if folder is not None:
         include.insert(0, str(local_task_dir(folder)))
-    manager = task_manager(tuple(include), defaults=False) if include else None
+    manager = task_manager(include, defaults=False) if include else None
     if manager is None or not set(names) <= set(manager.all_tasks):
-        manager = task_manager(tuple(include), defaults=True)
+        manager = task_manager(include, defaults=True)
     known = set(manager.all_tasks)
     for task, name in zip(tasks, names):
         if name not in known:
