@@ -195,7 +195,9 @@ DISTILL_SETTINGS = dict(temperature=1.0, kl_weight=1.0, hidden_weight=0.0, lm_we
 #: 40 against a KL near 0.8, ``--part hidden_scale``, so 0.01 makes the two terms comparable), a higher LoRA learning rate,
 #: and more, smaller optimizer steps
 VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-3),
-            "batch1": dict(batch_size=1)}  # one window per step: 4x the optimizer steps for the same tokens
+            "batch1": dict(batch_size=1),  # one window per step: 4x the optimizer steps for the same tokens
+            "batch1-lr2e-3": dict(batch_size=1, learning_rate=2e-3),  # the two that helped, together
+            "batch1-r64": dict(batch_size=1, rank=64, alpha=128.0)}  # one window per step, 4x the LoRA rank
 FIDELITY_WINDOWS = 16  # the first 16 of the WikiText-2 perplexity windows (16 x 512 = 8,192 tokens)
 
 
@@ -794,6 +796,7 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_distill_partial": "distill_report --block bench_heal_distill_partial",
                  "bench_heal_paired": "distill_paired_report",
                  "bench_heal_matrix": "distill_matrix",
+                 "bench_heal_matrix_131k": "distill_matrix --block bench_heal_matrix_131k",
                  "bench_heal_variants": "distill_variants",
                  "bench_heal_paired_partial": "distill_paired_report --block bench_heal_paired_partial"}
 

@@ -201,6 +201,58 @@ def budget_table(heldout: int, budgets: list[int], k: int = 10) -> str:
     return "\n".join(lines)
 
 
+def wide_search(bench: Bench, k: int, starts: dict[str, list[int]], cap: int) -> dict:
+    """How far can block selection alone go? First-improvement hill climbing over the FULL swap
+    neighbourhood (every removed block against every kept, unprotected block; verified's own local
+    search tries only the neighbours +-1 and the three lowest-BI kept blocks), by the same held-out
+    KL, from each start until no swap helps or ``cap`` evaluations are spent; every final set is then
+    measured on the evaluation windows. Every evaluated set's KL is cached (a rerun resumes)."""
+    from prune.choose.verified import _Verifier
+
+    ctx = bench.ctx
+    path = CACHE / f"wide_k{k}_h{bench.heldout}.json"
+    data = read(path) or {"evaluated": {}, "runs": {}}
+    held = heldout_windows(ctx.tok, prune.load_text(ctx.calib_source), 32, 256, 0, None, bench.heldout)
+    verify = _Verifier(ctx.model, held, 4, 256, False)
+
+    def kl(blocks) -> float:
+        if set_key(blocks) not in data["evaluated"]:
+            data["evaluated"][set_key(blocks)] = verify(tuple(blocks))["kl_mean"]
+        return data["evaluated"][set_key(blocks)]
+
+    L, protect = ctx.n_layers, {0, ctx.n_layers - 1}
+    for name, start in starts.items():
+        if name in data["runs"] and data["runs"][name].get("converged") is not None:
+            continue
+        cur, evals, path_taken = tuple(sorted(start)), 0, []
+        best = kl(cur)
+        improved = True
+        while improved and evals < cap:
+            improved = False
+            kept = [n for n in range(L) if n not in cur and n not in protect]
+            for b in cur:
+                for n in sorted(kept, key=lambda n: (abs(n - b), n)):  # nearest first
+                    cand = tuple(sorted((set(cur) - {b}) | {n}))
+                    fresh = set_key(cand) not in data["evaluated"]
+                    value = kl(cand)
+                    evals += fresh
+                    if value < best:
+                        cur, best, improved = cand, value, True
+                        path_taken.append([list(cur), value])
+                        write(path, data)
+                        log(f"wide {name}: {list(cur)} KL {value:.4f} ({evals} evaluations)")
+                        break
+                    if evals >= cap:
+                        break
+                if improved or evals >= cap:
+                    break
+        data["runs"][name] = {"start": sorted(start), "final": list(cur), "kl": best, "evaluations": evals,
+                              "converged": not improved, "moves": path_taken}  # evaluations: sets not already cached
+        write(path, data)
+        bench.measure(list(cur))
+    return data
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--report", action="store_true", help="only print the tables from the cache")
@@ -209,7 +261,20 @@ def main() -> int:
     ap.add_argument("--budget", type=int, default=16, help="local-search evaluations")
     ap.add_argument("--ks", default="7,10,3,5")
     ap.add_argument("--budgets", default=None, help="--report: also tabulate k = 10 for these budgets (e.g. 16,200)")
+    ap.add_argument("--wide", type=int, default=0, metavar="CAP",
+                    help="k = 10: hill-climb the full swap neighbourhood from verified's and SLEB's sets (CAP evaluations each)")
     args = ap.parse_args()
+    if args.wide:
+        bench = Bench(args.threads, args.heldout, args.budget)
+        starts = {"verified": bench.selection(10)["removed"], "sleb": baseline_sets()["sleb"][10]}
+        data = wide_search(bench, 10, starts, args.wide)
+        sleb = bench.measure(starts["sleb"])["perplexity_pruned"]
+        for name, r in data["runs"].items():
+            m = bench.measure(r["final"])
+            print(f"{name}: {r['start']} -> {r['final']} KL {r['kl']:.4f} after {r['evaluations']} new evaluations "
+                  f"(converged {r['converged']}); perplexity {m['perplexity_pruned']:.1f}, "
+                  f"{100 * (1 - m['perplexity_pruned'] / sleb):.1f}% below SLEB's {sleb:.1f}")
+        return 0
     if not args.report:
         bench = Bench(args.threads, args.heldout, args.budget)
         bench.measure([])
