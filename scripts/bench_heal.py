@@ -198,7 +198,8 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             "batch1": dict(batch_size=1),  # one window per step: 4x the optimizer steps for the same tokens
             "batch1-lr2e-3": dict(batch_size=1, learning_rate=2e-3),  # the two that helped, together
             "batch1-r64": dict(batch_size=1, rank=64, alpha=128.0),  # one window per step, 4x the LoRA rank
-            "batch1-r256": dict(batch_size=1, rank=256, alpha=512.0)}  # 16x: near full rank (hidden size 576)
+            "batch1-r256": dict(batch_size=1, rank=256, alpha=512.0),  # 16x: near full rank (hidden size 576)
+            "batch1-r64-lr5e-4": dict(batch_size=1, rank=64, alpha=128.0, learning_rate=5e-4)}  # r64, half the rate
 FIDELITY_WINDOWS = 16  # the first 16 of the WikiText-2 perplexity windows (16 x 512 = 8,192 tokens)
 
 
@@ -441,7 +442,7 @@ def variant_goals(have: list[str], vs, d_ppl: float, pruned_kl: float) -> list[s
     recorded = recorded_variant_rows()
     for name in paired_cases():
         m = re.fullmatch(r"d-distill-lora-(\d+)k(?:\+(.*))?", name)
-        r = cached(name)
+        r = cached(name)  # paired_cases(): largest budget first
         if not m or not r:
             continue
         tokens, f = r["healing"]["tokens_seen"], r["fidelity"]
@@ -451,7 +452,8 @@ def variant_goals(have: list[str], vs, d_ppl: float, pruned_kl: float) -> list[s
             continue
         diff, kept = vs("dense", name)
         mc_ok = not diff.endswith("*") and float(kept.rstrip("%")) >= 98.0
-        lines.append(f"| {name} | {tokens:,} | {'met' if ratio <= 1.5 else 'not met'} (x{ratio:.2f}) | "
+        beyond = " (beyond the budget)" if tokens > GOAL_TOKENS else ""
+        lines.append(f"| {name}{beyond} | {tokens:,} | {'met' if ratio <= 1.5 else 'not met'} (x{ratio:.2f}) | "
                      f"{'met' if share <= 0.5 else 'not met'} ({100 * share:.1f}%) | "
                      f"{'met' if mc_ok else 'not met'} ({kept}, {diff.rstrip(' *')}) |")
     for case, value in recorded.items():  # the 32k screen of the same settings
@@ -465,14 +467,19 @@ def variant_goals(have: list[str], vs, d_ppl: float, pruned_kl: float) -> list[s
         budgets = sorted(points)
         for label, goal, idx in (("ppl <= 1.5x", 1.5, 0), ("KL <= 50%", 0.5, 1)):
             pts = [(t, points[t][idx]) for t in budgets]
-            x = None if any(y <= goal for _, y in pts) else extrapolate(pts, goal)
+            head = f"- {variant} ({', '.join(f'{t:,}' for t in budgets)} tokens): {label} "
+            met = [i for i, (_, y) in enumerate(pts) if y <= goal]
+            if met:  # the first budget that meets it, and where the line from the budget before crosses
+                i = met[0]
+                cross = f"; ~{extrapolate(pts[i - 1:i + 1], goal):,.0f} interpolated from {pts[i - 1][0]:,}" if i else ""
+                trend.append(head + f"met at {pts[i][0]:,} (measured){cross}")
+                continue
+            x = extrapolate(pts, goal)
             last = extrapolate(pts[-2:], goal) if x and len(pts) > 2 else None
-            trend.append(f"- {variant} ({', '.join(f'{t:,}' for t in budgets)} tokens): {label} "
-                         + ("met at a measured budget" if x is None and any(y <= goal for _, y in pts) else
-                            f"~{x:,.0f} tokens by extrapolation" + (f" (~{last:,.0f} through the last two)" if last else "")
-                            if x else "no trend toward it"))
+            trend.append(head + (f"~{x:,.0f} tokens by extrapolation" + (f" (~{last:,.0f} through the last two)" if last else "")
+                                 if x else "no trend toward it"))
     if trend:
-        lines += ["", "Where the goals not met would be reached on a straight line in log2(training tokens) through "
+        lines += ["", "Where each goal is reached, measured or on a straight line in log2(training tokens) through "
                   "each setting's measured budgets (an extrapolation, not a measurement):", "", *trend]
     return lines
 
