@@ -198,6 +198,7 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             "batch1": dict(batch_size=1),  # one window per step: 4x the optimizer steps for the same tokens
             "batch1-lr2e-3": dict(batch_size=1, learning_rate=2e-3),  # the two that helped, together
             "batch1-r64": dict(batch_size=1, rank=64, alpha=128.0),  # one window per step, 4x the LoRA rank
+            "batch1-r128": dict(batch_size=1, rank=128, alpha=256.0),  # 8x
             "batch1-r256": dict(batch_size=1, rank=256, alpha=512.0),  # 16x: near full rank (hidden size 576)
             "batch1-r64-lr5e-4": dict(batch_size=1, rank=64, alpha=128.0, learning_rate=5e-4)}  # r64, half the rate
 FIDELITY_WINDOWS = 16  # the first 16 of the WikiText-2 perplexity windows (16 x 512 = 8,192 tokens)
