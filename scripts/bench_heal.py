@@ -213,6 +213,12 @@ def case_name(objective: str, params: str, tokens: int, variant: str | None = No
     return f"d-{objective}-{params}-{tokens // 1024}k" + (f"+{variant}" if variant else "")
 
 
+def parse_case_name(name: str) -> tuple[str, str, int, str | None] | None:
+    """``(objective, params, tokens, variant)``: the inverse of :func:`case_name` (None for other names)."""
+    m = re.fullmatch(r"d-(\w+)-(\w+)-(\d+)k(?:\+(.+))?", name)
+    return (m[1], m[2], int(m[3]) * 1024, m[4]) if m else None
+
+
 _DENSE_LP: list[torch.Tensor] = []
 
 
@@ -316,8 +322,8 @@ def lmeval_folder(name: str) -> Path:
 def paired_cases() -> list[str]:
     """The saved distill / next-token checkpoints (LoRA, partial; variants after their case),
     largest budget first."""
-    budgets = set(DISTILL_BUDGETS) | {int(m.group(1)) * 1024 for p in (CACHE / "models").glob("d-*")
-                                      if (m := re.fullmatch(r"d-\w+-\w+-(\d+)k(\+.*)?", p.name))}  # --budgets beyond the three
+    budgets = set(DISTILL_BUDGETS) | {parsed[2] for p in (CACHE / "models").glob("d-*")
+                                      if (parsed := parse_case_name(p.name))}  # --budgets beyond the three
     names = [case_name(o, m, t, v) for t in sorted(budgets, reverse=True) for m in DISTILL_PARAMS
              for o in ("distill", "lm") for v in (None, *VARIANTS)]
     return [n for n in names if (CACHE / "models" / n / "config.json").is_file()]
@@ -383,16 +389,21 @@ def part_distill_matrix(block: str = "bench_heal_matrix") -> None:
     if not pr or not dense or "dense" not in have:
         raise SystemExit("run --part distill and --part distill_paired first")
 
-    def vs(ref: str, name: str):
-        """``(difference cell, retained cell)`` of ``name`` against ``ref`` (one paired comparison)."""
+    def average(ref: str, name: str):
+        """The paired four-task average of ``name`` against ``ref`` (None where ``ref`` has no lm-eval)."""
         if ref not in have or ref == name:
-            return "-", "-"
-        avg = task_average(compare_folders(lmeval_folder(ref), lmeval_folder(name)))
-        sig = " *" if avg.ci_high < 0 or avg.ci_low > 0 else ""
-        return f"{100 * avg.diff:+.2f} [{100 * avg.ci_low:+.2f}, {100 * avg.ci_high:+.2f}]{sig}", f"{100 * avg.retained:.1f}%"
+            return None
+        return task_average(compare_folders(lmeval_folder(ref), lmeval_folder(name)))
 
+    def cells(avg) -> tuple[str, str]:
+        """``(difference cell, retained cell)``."""
+        if avg is None:
+            return "-", "-"
+        return interval(avg) + (" *" if significant(avg) else ""), f"{100 * avg.retained:.1f}%"
+
+    to_dense = {name: average("dense", name) for name in have if name != "dense"}  # one comparison per case
     d_ppl = dense["fidelity"]["perplexity"]
-    diff, kept = vs("dense", "pruned")
+    diff, kept = cells(to_dense.get("pruned"))
     lines = ["| case | objective | params | training tokens | healing time | ppl x dense | KL / pruned's | top-1 agreement | "
              "MC retained | MC vs dense (points, 95% CI) | MC vs un-healed |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
@@ -403,15 +414,15 @@ def part_distill_matrix(block: str = "bench_heal_matrix") -> None:
         if not r or name not in have:
             continue
         f, h = r["fidelity"], r["healing"]
-        diff, kept = vs("dense", name)
+        diff, kept = cells(to_dense[name])
         lines.append(f"| {name} | {r['objective']} | {r['params']} | {h['tokens_seen']:,} | {h['seconds'] / 60:.1f} min | "
                      f"x{f['perplexity'] / d_ppl:.2f} | {100 * f['kl'] / pr['fidelity']['kl']:.0f}% | {f['top1']:.1%} | "
-                     f"{kept} | {diff} | {vs('pruned', name)[0]} |")
+                     f"{kept} | {diff} | {cells(average('pruned', name))[0]} |")
     lines += ["", "MC: ARC-Easy, PIQA, HellaSwag (acc_norm), WinoGrande, 0-shot, 500 questions each, the same questions "
               "for every model; the average of the four per-task paired differences, its SE from the per-task "
               "paired SEs, * where the 95% interval excludes 0 (`prune.measure.paired.task_average`)."]
     if block == "bench_heal_matrix_131k":
-        lines += ["", *variant_goals(have, vs, d_ppl, pr["fidelity"]["kl"])]
+        lines += ["", *variant_goals(to_dense, d_ppl, pr["fidelity"]["kl"])]
     print("\n".join(lines))
     write_docs("\n".join(lines), block)
 
@@ -419,48 +430,50 @@ def part_distill_matrix(block: str = "bench_heal_matrix") -> None:
 GOAL_TOKENS = 131_072  # the issue's budget: every goal at <= this many training tokens
 
 
+def interval(avg) -> str:
+    """A paired average's difference and 95% interval, in points."""
+    return f"{100 * avg.diff:+.2f} [{100 * avg.ci_low:+.2f}, {100 * avg.ci_high:+.2f}]"
+
+
+def significant(avg) -> bool:
+    return avg.ci_high < 0 or avg.ci_low > 0
+
+
 def recorded_variant_rows() -> dict[str, tuple[float, float]]:
     """``{case: (ppl / dense, KL / pruned's)}`` from the ``bench_heal_variants`` table of
     docs/BENCHMARKS.md (budgets whose cache is not on this machine still count for a trend)."""
-    text = (ROOT / "docs" / "BENCHMARKS.md").read_text()
-    body = re.search(r"<!-- bench_heal_variants:begin -->(.*?)<!-- bench_heal_variants:end -->", text, flags=re.S)
-    out = {}
-    for line in (body.group(1) if body else "").splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 9 and cells[0].startswith("d-") and cells[6].startswith("x"):
-            out[cells[0]] = (float(cells[6][1:]), float(cells[7].rstrip("%")) / 100)
-    return out
+    return {c[0]: (float(c[6][1:]), float(c[7].rstrip("%")) / 100) for c in docs_table_rows("bench_heal_variants")
+            if len(c) == 9 and c[0].startswith("d-") and c[6].startswith("x")}
 
 
-def variant_goals(have: list[str], vs, d_ppl: float, pruned_kl: float) -> list[str]:
-    """The issue's three goals for every distill + LoRA case with paired lm-eval, met or not, and for
-    each settings series with two or more budgets the extrapolated budget of the goals not met
-    (a straight line in log2(tokens), :func:`extrapolate`)."""
+def variant_goals(to_dense: dict, d_ppl: float, pruned_kl: float) -> list[str]:
+    """The issue's three goals for every saved distill + LoRA case, met or not (MC where its paired
+    lm-eval ran), with the KL on the healing's own held-out C4 windows; and for each settings series
+    with two or more budgets where each goal is reached (:func:`goal_budget`)."""
     lines = [f"Goals at <= {GOAL_TOKENS:,} training tokens (ppl <= 1.5x dense, KL <= 50% of the un-healed model's, "
              "MC >= 98% retained with the paired difference to dense not significant):", "",
-             "| case | training tokens | ppl <= 1.5x | KL <= 50% | MC >= 98%, not significant |", "|---|---:|---|---|---|"]
+             "| case | training tokens | KL on held-out C4 (of un-healed) | ppl <= 1.5x | KL <= 50% | "
+             "MC >= 98%, not significant |", "|---|---:|---:|---|---|---|"]
     series: dict[str, dict[int, tuple[float, float]]] = {}
-    recorded = recorded_variant_rows()
-    for name in paired_cases():
-        m = re.fullmatch(r"d-distill-lora-(\d+)k(?:\+(.*))?", name)
-        r = cached(name)  # paired_cases(): largest budget first
-        if not m or not r:
+    for name in paired_cases():  # largest budget first
+        parsed, r = parse_case_name(name), cached(name)
+        if not r or parsed[:2] != ("distill", "lora"):
             continue
-        tokens, f = r["healing"]["tokens_seen"], r["fidelity"]
+        tokens, f, c4 = r["healing"]["tokens_seen"], r["fidelity"], r["healing"]["distill"]
         ratio, share = f["perplexity"] / d_ppl, f["kl"] / pruned_kl
-        series.setdefault(m.group(2) or "(plain)", {})[tokens] = (ratio, share)
-        if name not in have:
-            continue
-        diff, kept = vs("dense", name)
-        mc_ok = not diff.endswith("*") and float(kept.rstrip("%")) >= 98.0
+        series.setdefault(parsed[3] or "(plain)", {})[tokens] = (ratio, share)
+        avg = to_dense.get(name)
+        mc = "not measured" if avg is None else (
+            f"{'met' if avg.retained >= 0.98 and not significant(avg) else 'not met'} "
+            f"({100 * avg.retained:.1f}%, {interval(avg)})")
         beyond = " (beyond the budget)" if tokens > GOAL_TOKENS else ""
-        lines.append(f"| {name}{beyond} | {tokens:,} | {'met' if ratio <= 1.5 else 'not met'} (x{ratio:.2f}) | "
-                     f"{'met' if share <= 0.5 else 'not met'} ({100 * share:.1f}%) | "
-                     f"{'met' if mc_ok else 'not met'} ({kept}, {diff.rstrip(' *')}) |")
-    for case, value in recorded.items():  # the 32k screen of the same settings
-        m = re.fullmatch(r"d-distill-lora-(\d+)k(?:\+(.*))?", case)
-        if m and (m.group(2) or "(plain)") in series:
-            series[m.group(2) or "(plain)"].setdefault(int(m.group(1)) * 1024, value)
+        lines.append(f"| {name}{beyond} | {tokens:,} | {c4['kl_after']:.4f} ({100 * c4['kl_after'] / c4['kl_before']:.1f}% "
+                     f"of {c4['kl_before']:.4f}) | {'met' if ratio <= 1.5 else 'not met'} (x{ratio:.2f}) | "
+                     f"{'met' if share <= 0.5 else 'not met'} ({100 * share:.1f}%) | {mc} |")
+    for case, value in recorded_variant_rows().items():  # the 32k screen of the same settings
+        parsed = parse_case_name(case)
+        if parsed and parsed[:2] == ("distill", "lora") and (parsed[3] or "(plain)") in series:
+            series[parsed[3] or "(plain)"].setdefault(parsed[2], value)
     trend = []
     for variant, points in series.items():
         if len(points) < 2:
@@ -468,17 +481,11 @@ def variant_goals(have: list[str], vs, d_ppl: float, pruned_kl: float) -> list[s
         budgets = sorted(points)
         for label, goal, idx in (("ppl <= 1.5x", 1.5, 0), ("KL <= 50%", 0.5, 1)):
             pts = [(t, points[t][idx]) for t in budgets]
-            head = f"- {variant} ({', '.join(f'{t:,}' for t in budgets)} tokens): {label} "
             met = [i for i, (_, y) in enumerate(pts) if y <= goal]
-            if met:  # the first budget that meets it, and where the line from the budget before crosses
-                i = met[0]
-                cross = f"; ~{extrapolate(pts[i - 1:i + 1], goal):,.0f} interpolated from {pts[i - 1][0]:,}" if i else ""
-                trend.append(head + f"met at {pts[i][0]:,} (measured){cross}")
-                continue
-            x = extrapolate(pts, goal)
-            last = extrapolate(pts[-2:], goal) if x and len(pts) > 2 else None
-            trend.append(head + (f"~{x:,.0f} tokens by extrapolation" + (f" (~{last:,.0f} through the last two)" if last else "")
-                                 if x else "no trend toward it"))
+            cross = (f"; ~{extrapolate(pts[met[0] - 1:met[0] + 1], goal):,.0f} interpolated from {pts[met[0] - 1][0]:,}"
+                     if met and met[0] else "")  # where the line from the budget before crosses
+            trend.append(f"- {variant} ({', '.join(f'{t:,}' for t in budgets)} tokens): {label} "
+                         f"{goal_budget(pts, goal)}{cross}")
     if trend:
         lines += ["", "Where each goal is reached, measured or on a straight line in log2(training tokens) through "
                   "each setting's measured budgets (an extrapolation, not a measurement):", "", *trend]
@@ -579,19 +586,43 @@ def extrapolate(points: list[tuple[int, float]], goal: float) -> float | None:
     return 2 ** (mx + (goal - my) / b)
 
 
+def docs_table_rows(block: str) -> list[list[str]]:
+    """The cells of every table row inside the generated blocks of docs/BENCHMARKS.md whose name
+    matches the regex ``block``."""
+    text = (ROOT / "docs" / "BENCHMARKS.md").read_text()
+    bodies = re.findall(rf"<!-- ({block}):begin -->(.*?)<!-- \1:end -->", text, flags=re.S)
+    return [[c.strip() for c in line.strip().strip("|").split("|")]
+            for _, body in bodies for line in body.splitlines() if line.strip().startswith("|")]
+
+
 def recorded_distill_rows() -> dict[tuple[str, str], dict[int, tuple[float, float]]]:
     """``{(objective, params): {tokens: (ppl / dense, KL / pruned's)}}`` from the tables of every
     ``bench_heal_distill*`` block in docs/BENCHMARKS.md: budgets whose cache is not on this machine
     still count for the trend (the same protocol, dense and pruned figures reproduced)."""
-    text = (ROOT / "docs" / "BENCHMARKS.md").read_text()
-    blocks = re.findall(r"<!-- (bench_heal_distill[\w]*):begin -->(.*?)<!-- \1:end -->", text, flags=re.S)
     out: dict = {}
-    for line in "\n".join(body for _, body in blocks).splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    for cells in docs_table_rows(r"bench_heal_distill\w*"):
         if len(cells) == 11 and cells[0] in ("distill", "lm") and cells[6].startswith("x"):
             out.setdefault((cells[0], cells[1]), {})[int(cells[2].replace(",", ""))] = (
                 float(cells[6][1:]), float(cells[8].rstrip("%")) / 100)
     return out
+
+
+def goal_budget(points: list[tuple[int, float]], goal: float) -> str:
+    """Where ``y <= goal`` is reached on ``(tokens, y)`` points (sorted by tokens): the first measured
+    budget that meets it, or the least-squares line's crossing in log2(tokens) (and the line through
+    the last two budgets, as the curve flattens)."""
+    if any(y <= goal for _, y in points):
+        return f"met at {min(t for t, y in points if y <= goal):,} (measured)"
+    if len(points) < 2:
+        return "not met; one budget, no trend"
+    x = extrapolate(points, goal)
+    if x and x > 100 * max(DISTILL_BUDGETS):
+        return "not met; beyond 100x the largest budget on this trend"
+    text = f"not met; ~{x:,.0f} (extrapolated)" if x else "not met; no improvement with tokens"
+    if x and len(points) > 2:
+        last = extrapolate(points[-2:], goal)
+        text += f", ~{last:,.0f} through the last two" if last else ", none through the last two"
+    return text
 
 
 def distill_goals() -> list[str]:
@@ -613,23 +644,8 @@ def distill_goals() -> list[str]:
             ratio, share = sorted(ratio), sorted(share)
             if not ratio:
                 continue
-
-            def when(points, goal):
-                if any(y <= goal for _, y in points):
-                    return f"met at {min(t for t, y in points if y <= goal):,} (measured)"
-                if len(points) < 2:
-                    return "not met; one budget, no trend"
-                x = extrapolate(points, goal)
-                if x and x > 100 * max(DISTILL_BUDGETS):
-                    return "not met; beyond 100x the largest budget on this trend"
-                text = f"not met; ~{x:,.0f} (extrapolated)" if x else "not met; no improvement with tokens"
-                if x and len(points) > 2:  # the curve flattens: the line through the last two budgets too
-                    last = extrapolate(points[-2:], goal)
-                    text += f", ~{last:,.0f} through the last two" if last else ", none through the last two"
-                return text
-
-            lines.append(f"| {objective} | {params} | {', '.join(f'{t:,}' for t, _ in ratio)} | {when(ratio, 1.5)} | "
-                         f"{when(share, 0.5)} |")
+            lines.append(f"| {objective} | {params} | {', '.join(f'{t:,}' for t, _ in ratio)} | {goal_budget(ratio, 1.5)} | "
+                         f"{goal_budget(share, 0.5)} |")
     return lines
 
 

@@ -38,11 +38,13 @@ import torch  # noqa: E402
 
 import prune  # noqa: E402
 from prune.choose.strategies import heldout_windows  # noqa: E402
-from prune.choose.verified import verified  # noqa: E402
+from prune.choose.rules import resolve_protect  # noqa: E402
+from prune.choose.verified import _Verifier, verified  # noqa: E402
 from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity  # noqa: E402
 from bench_quality import Context, log, read, set_key, write  # noqa: E402  (the same protocol and cache helpers)
 
 CACHE = ROOT / "bench_cache" / "verified"
+PROTECT = (0, -1)  # the protocol's protected blocks (first and last)
 KS = (3, 5, 7, 10)
 BASELINES = ("contiguous angular", "one_shot bi", "one_shot angular", "sleb")
 SLEB_FFE_TO_10 = 105.8  # docs/BENCHMARKS.md: SLEB's selection to k = 10, full-model equivalents over 4 windows
@@ -88,15 +90,19 @@ class Bench:
             else:
                 scores = prune.score(ctx.model, ctx.windows, batch_size=8, progress=False)
                 scores.save_json(scores_path)
-            held = heldout_windows(ctx.tok, prune.load_text(ctx.calib_source), 32, 256, 0, None, self.heldout)
             started = time.time()
-            sel = verified(ctx.model, scores, held, k, protect=(0, -1), batch_size=4, budget=self.budget,
-                           progress=False)
+            sel = verified(ctx.model, scores, self.heldout_windows(), k, protect=PROTECT, batch_size=4,
+                           budget=self.budget, progress=False)
             data = {"removed": sel.removed, "details": sel.details, "seconds": round(time.time() - started, 1)}
             write(path, data)
             log(f"verified k={k}: {sel.removed} from {sel.details['source']} "
                 f"({sel.details['full_forward_equivalents']} FFE, {data['seconds']} s)")
         return data
+
+    def heldout_windows(self) -> torch.Tensor:
+        """verified's held-out windows: from the calibration rows, disjoint from the 32 x 256 scoring windows."""
+        ctx = self.ctx
+        return heldout_windows(ctx.tok, prune.load_text(ctx.calib_source), 32, 256, 0, None, self.heldout)
 
     def measure(self, removed: list[int]) -> dict:
         path = CACHE / "sets" / f"{set_key(removed)}.json"
@@ -205,51 +211,49 @@ def wide_search(bench: Bench, k: int, starts: dict[str, list[int]], cap: int) ->
     """How far can block selection alone go? First-improvement hill climbing over the FULL swap
     neighbourhood (every removed block against every kept, unprotected block; verified's own local
     search tries only the neighbours +-1 and the three lowest-BI kept blocks), by the same held-out
-    KL, from each start until no swap helps or ``cap`` evaluations are spent; every final set is then
-    measured on the evaluation windows. Every evaluated set's KL is cached (a rerun resumes)."""
-    from prune.choose.verified import _Verifier
-
-    ctx = bench.ctx
+    KL, from each start until no swap helps or ``cap`` new evaluations are spent. Every evaluated
+    set's KL is cached (a rerun resumes); ``evaluations`` counts the sets not already cached."""
     path = CACHE / f"wide_k{k}_h{bench.heldout}.json"
     data = read(path) or {"evaluated": {}, "runs": {}}
-    held = heldout_windows(ctx.tok, prune.load_text(ctx.calib_source), 32, 256, 0, None, bench.heldout)
-    verify = _Verifier(ctx.model, held, 4, 256, False)
+    verify = _Verifier(bench.ctx.model, bench.heldout_windows(), 4, 256, False)  # verified's batch and top-k
+    L = bench.ctx.n_layers
+    movable = [n for n in range(L) if n not in resolve_protect(PROTECT, L)]
 
-    def kl(blocks) -> float:
+    def neighbours(cur: tuple[int, ...]):
+        """Every single swap of ``cur``, each removed block's nearest kept blocks first."""
+        for b in cur:
+            for n in sorted((n for n in movable if n not in cur), key=lambda n: (abs(n - b), n)):
+                yield tuple(sorted((set(cur) - {b}) | {n}))
+
+    evals = 0
+
+    def kl(blocks: tuple[int, ...]) -> float:
+        nonlocal evals
         if set_key(blocks) not in data["evaluated"]:
-            data["evaluated"][set_key(blocks)] = verify(tuple(blocks))["kl_mean"]
+            data["evaluated"][set_key(blocks)] = verify(blocks)["kl_mean"]
+            evals += 1
         return data["evaluated"][set_key(blocks)]
 
-    L, protect = ctx.n_layers, {0, ctx.n_layers - 1}
     for name, start in starts.items():
-        if name in data["runs"] and data["runs"][name].get("converged") is not None:
+        if data["runs"].get(name, {}).get("converged") is not None:
             continue
-        cur, evals, path_taken = tuple(sorted(start)), 0, []
-        best = kl(cur)
-        improved = True
-        while improved and evals < cap:
-            improved = False
-            kept = [n for n in range(L) if n not in cur and n not in protect]
-            for b in cur:
-                for n in sorted(kept, key=lambda n: (abs(n - b), n)):  # nearest first
-                    cand = tuple(sorted((set(cur) - {b}) | {n}))
-                    fresh = set_key(cand) not in data["evaluated"]
-                    value = kl(cand)
-                    evals += fresh
-                    if value < best:
-                        cur, best, improved = cand, value, True
-                        path_taken.append([list(cur), value])
-                        write(path, data)
-                        log(f"wide {name}: {list(cur)} KL {value:.4f} ({evals} evaluations)")
-                        break
-                    if evals >= cap:
-                        break
-                if improved or evals >= cap:
+        cur, moves, converged = tuple(sorted(start)), [], False
+        best, evals = kl(cur), 0  # the start is not counted
+        while evals < cap and not converged:
+            for cand in neighbours(cur):
+                if kl(cand) < best:
+                    cur, best = cand, kl(cand)
+                    moves.append([list(cur), best])
+                    write(path, data)
+                    log(f"wide {name}: {list(cur)} KL {best:.4f} ({evals} evaluations)")
                     break
+                if evals >= cap:
+                    break
+            else:
+                converged = True  # no neighbour is lower
         data["runs"][name] = {"start": sorted(start), "final": list(cur), "kl": best, "evaluations": evals,
-                              "converged": not improved, "moves": path_taken}  # evaluations: sets not already cached
+                              "converged": converged, "moves": moves}
         write(path, data)
-        bench.measure(list(cur))
     return data
 
 
@@ -271,9 +275,14 @@ def main() -> int:
         sleb = bench.measure(starts["sleb"])["perplexity_pruned"]
         for name, r in data["runs"].items():
             m = bench.measure(r["final"])
-            print(f"{name}: {r['start']} -> {r['final']} KL {r['kl']:.4f} after {r['evaluations']} new evaluations "
-                  f"(converged {r['converged']}); perplexity {m['perplexity_pruned']:.1f}, "
-                  f"{100 * (1 - m['perplexity_pruned'] / sleb):.1f}% below SLEB's {sleb:.1f}")
+            sets = [r["start"], *(moved for moved, _ in r["moves"])]  # each swap: "newly removed for put back"
+            swaps = ", ".join(f"{data['evaluated'][set_key(b)]:.4f} ({(set(b) - set(a)).pop()} for {(set(a) - set(b)).pop()})"
+                              for a, b in zip(sets, sets[1:]))
+            print(f"{name}: {r['start']} KL {data['evaluated'][set_key(r['start'])]:.4f} -> {swaps or 'no move'}; "
+                  f"final {r['final']} after {r['evaluations']} new evaluations (converged {r['converged']}); "
+                  f"perplexity {m['perplexity_pruned']:.1f}, {100 * (1 - m['perplexity_pruned'] / sleb):.1f}% below "
+                  f"SLEB's {sleb:.1f}")
+        print(f"{len(data['evaluated'])} distinct sets evaluated")
         return 0
     if not args.report:
         bench = Bench(args.threads, args.heldout, args.budget)
