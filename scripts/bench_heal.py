@@ -200,7 +200,10 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             "batch1-r64": dict(batch_size=1, rank=64, alpha=128.0),  # one window per step, 4x the LoRA rank
             "batch1-r128": dict(batch_size=1, rank=128, alpha=256.0),  # 8x
             "batch1-r256": dict(batch_size=1, rank=256, alpha=512.0),  # 16x: near full rank (hidden size 576)
-            "batch1-r64-lr5e-4": dict(batch_size=1, rank=64, alpha=128.0, learning_rate=5e-4)}  # r64, half the rate
+            "batch1-r64-lr5e-4": dict(batch_size=1, rank=64, alpha=128.0, learning_rate=5e-4),  # r64, half the rate
+            "batch1-r64-lr1.5e-3": dict(batch_size=1, rank=64, alpha=128.0, learning_rate=1.5e-3),  # between 1e-3 and 2e-3
+            # windows as long as the fidelity windows (512): the same tokens in half as many, longer steps
+            "batch1-r64-seq512": dict(batch_size=1, rank=64, alpha=128.0, seq_len=512)}
 FIDELITY_WINDOWS = 16  # the first 16 of the WikiText-2 perplexity windows (16 x 512 = 8,192 tokens)
 
 
@@ -268,11 +271,11 @@ def part_distill(budgets=DISTILL_BUDGETS, only: str | None = None, variant: str 
             continue
         if only and only not in name:
             continue
-        n = tokens // SEQ
-        settings = {**DISTILL_PARAMS[params], "n_samples": n, "objective": objective}
+        settings = {**DISTILL_PARAMS[params], "objective": objective}
         if objective == "distill":
             settings.update(DISTILL_SETTINGS)
         settings.update(VARIANTS.get(variant, {}))
+        n = settings["n_samples"] = tokens // settings["seq_len"]  # the budget in windows of the case's length
         settings["steps"] = max(1, n // settings["batch_size"])  # one epoch of the budget's windows
         model = copy.deepcopy(base)
         prune.remove_layers(model, run)
