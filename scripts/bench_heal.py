@@ -203,7 +203,10 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             "batch1-r64-lr5e-4": dict(batch_size=1, rank=64, alpha=128.0, learning_rate=5e-4),  # r64, half the rate
             "batch1-r64-lr1.5e-3": dict(batch_size=1, rank=64, alpha=128.0, learning_rate=1.5e-3),  # between 1e-3 and 2e-3
             # windows as long as the fidelity windows (512): the same tokens in half as many, longer steps
-            "batch1-r64-seq512": dict(batch_size=1, rank=64, alpha=128.0, seq_len=512)}
+            "batch1-r64-seq512": dict(batch_size=1, rank=64, alpha=128.0, seq_len=512),
+            # DoRA (magnitude and direction trained apart) in place of LoRA, same rank
+            "batch1-r64-dora": dict(batch_size=1, rank=64, alpha=128.0, dora=True),
+            "batch1-r64-seq512-dora": dict(batch_size=1, rank=64, alpha=128.0, seq_len=512, dora=True)}
 FIDELITY_WINDOWS = 16  # the first 16 of the WikiText-2 perplexity windows (16 x 512 = 8,192 tokens)
 
 

@@ -86,6 +86,24 @@ def test_lora_trains_only_targets_merges_and_reloads(arch, tokenizers_by_bos, tm
     save_reload_same_logits(model, tok, tmp_path / "healed", train_w[:2])
 
 
+def test_dora_merges_reloads_and_differs_from_lora(tokenizers_by_bos, tmp_path):
+    """``dora: true`` trains peft's weight-decomposed LoRA (a magnitude vector per module as well),
+    merges it into plain weights like LoRA, and ends at different weights than LoRA from the same seed."""
+    tok = tokenizers_by_bos[True]
+    healed = {}
+    for dora in (False, True):
+        model = build_model("llama")
+        prune.remove_layers(model, RUN)
+        rec = heal_model(model, tok, "lora", data=C4_DATA, quiet=True, rank=4, dora=dora, **FAST)
+        assert rec["lora"]["dora"] is dora and rec["val_loss_after"] < rec["val_loss_before"]
+        healed[dora] = (rec, snapshot(model))
+        no_adapters(model)
+    (lora, lora_w), (dora, dora_w) = healed[False], healed[True]
+    assert dora["trainable_parameters"] > lora["trainable_parameters"]  # + one magnitude per output feature
+    assert not all(torch.equal(v, dora_w[k]) for k, v in lora_w.items())
+    save_reload_same_logits(model, tok, tmp_path / "healed", torch.arange(20)[None])
+
+
 # ---- partial fine-tuning --------------------------------------------------------------------------------
 def test_partial_trains_last_blocks_and_norm_only(tokenizers_by_bos, tmp_path):
     tok = tokenizers_by_bos[True]

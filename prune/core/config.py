@@ -433,6 +433,7 @@ class HealConfig(Section):
     merge: bool = True  # false: save the LoRA adapter as a PEFT folder instead of merging it
     alpha: float = Field(16.0, gt=0)
     target_modules: list[str] | str = "all-linear"
+    dora: bool = False  # weight-decomposed LoRA (DoRA, Liu et al. 2024; peft's use_dora): merges like LoRA
     # partial fine-tuning
     last_blocks: int = Field(2, ge=0)
     train_norm: bool = True

@@ -254,7 +254,7 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
     if cfg.gradient_checkpointing:
         _gradient_checkpointing(model, True)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.target_modules, lora_dropout=0.0,
-                      bias="none", task_type="CAUSAL_LM")
+                      bias="none", task_type="CAUSAL_LM", use_dora=cfg.dora)
     peft_model = get_peft_model(model, lcfg)
     merged = False
     try:
@@ -282,9 +282,9 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
         raise PruneError(f"internal error: adapter modules left after merging LoRA: {leftover[:3]}; please report this")
     after = mean_lm_loss(model, val_windows) if cfg.merge else with_adapter
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in targets})
-    record = _record(cfg, log, [f"lora r={cfg.rank} on {len(targets)} modules: {', '.join(suffixes)}"], n_params,
+    record = _record(cfg, log, [f"{'dora' if cfg.dora else 'lora'} r={cfg.rank} on {len(targets)} modules: {', '.join(suffixes)}"], n_params,
                      windows, val_windows, before, after, started)
-    record["lora"] = {"rank": cfg.rank, "alpha": cfg.alpha, "modules": len(targets), "targets": suffixes,
+    record["lora"] = {"rank": cfg.rank, "alpha": cfg.alpha, "dora": cfg.dora, "modules": len(targets), "targets": suffixes,
                       "adapter_parameters": n_params, "merged": cfg.merge}
     return record
 
