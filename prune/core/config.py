@@ -388,6 +388,7 @@ class HealConfig(Section):
 
     * ``lora``: LoRA adapters (``rank``, ``alpha``, ``target_modules``) on the pruned model,
       causal-LM loss, merged into the weights afterwards (the checkpoint needs no peft);
+      ``dora: true`` trains DoRA instead (each weight's magnitude apart from its direction);
     * ``replace``: one decoder block takes the place of the removed contiguous run, initialised
       by ``init`` and trained to map the run's input hidden states to its output (``loss``);
     * ``partial``: full fine-tuning of the last ``last_blocks`` blocks (plus the final norm and,
