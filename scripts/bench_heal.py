@@ -424,7 +424,7 @@ def part_distill_matrix(block: str = "bench_heal_matrix") -> None:
         f, h = r["fidelity"], r["healing"]
         diff, kept = cells(to_dense[name])
         lines.append(f"| {name} | {r['objective']} | {r['params']} | {h['tokens_seen']:,} | {h['seconds'] / 60:.1f} min | "
-                     f"x{f['perplexity'] / d_ppl:.2f} | {100 * f['kl'] / pr['fidelity']['kl']:.0f}% | {f['top1']:.1%} | "
+                     f"x{f['perplexity'] / d_ppl:.2f} | {100 * f['kl'] / pr['fidelity']['kl']:.1f}% | {f['top1']:.1%} | "
                      f"{kept} | {diff} | {cells(average('pruned', name))[0]} |")
     lines += ["", "MC: ARC-Easy, PIQA, HellaSwag (acc_norm), WinoGrande, 0-shot, 500 questions each, the same questions "
               "for every model; the average of the four per-task paired differences, its SE from the per-task "
