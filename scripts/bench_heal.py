@@ -208,7 +208,8 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             "batch1-r64-dora": dict(batch_size=1, rank=64, alpha=128.0, dora=True),
             "batch1-r64-seq512-dora": dict(batch_size=1, rank=64, alpha=128.0, seq_len=512, dora=True),
             # the same with another seed (other training windows, other initial adapters): the run-to-run spread
-            "batch1-r64-dora-seed1": dict(batch_size=1, rank=64, alpha=128.0, dora=True, seed=1)}
+            "batch1-r64-dora-seed1": dict(batch_size=1, rank=64, alpha=128.0, dora=True, seed=1),
+            "batch1-r64-seed1": dict(batch_size=1, rank=64, alpha=128.0, seed=1)}
 FIDELITY_WINDOWS = 16  # the first 16 of the WikiText-2 perplexity windows (16 x 512 = 8,192 tokens)
 
 
