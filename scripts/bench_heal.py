@@ -194,22 +194,23 @@ DISTILL_SETTINGS = dict(temperature=1.0, kl_weight=1.0, hidden_weight=0.0, lm_we
 #: MSE at every kept block (SmolLM2's residual stream has massive activations: the raw MSE starts near
 #: 40 against a KL near 0.8, ``--part hidden_scale``, so 0.01 makes the two terms comparable), a higher LoRA learning rate,
 #: and more, smaller optimizer steps
+R64 = dict(batch_size=1, rank=64, alpha=128.0)  # one window per step at rank 64: the base of the later variants
 VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-3),
             "batch1": dict(batch_size=1),  # one window per step: 4x the optimizer steps for the same tokens
             "batch1-lr2e-3": dict(batch_size=1, learning_rate=2e-3),  # the two that helped, together
-            "batch1-r64": dict(batch_size=1, rank=64, alpha=128.0),  # one window per step, 4x the LoRA rank
+            "batch1-r64": R64,  # one window per step, 4x the LoRA rank
             "batch1-r128": dict(batch_size=1, rank=128, alpha=256.0),  # 8x
             "batch1-r256": dict(batch_size=1, rank=256, alpha=512.0),  # 16x: near full rank (hidden size 576)
-            "batch1-r64-lr5e-4": dict(batch_size=1, rank=64, alpha=128.0, learning_rate=5e-4),  # r64, half the rate
-            "batch1-r64-lr1.5e-3": dict(batch_size=1, rank=64, alpha=128.0, learning_rate=1.5e-3),  # between 1e-3 and 2e-3
+            "batch1-r64-lr5e-4": dict(R64, learning_rate=5e-4),  # r64, half the rate
+            "batch1-r64-lr1.5e-3": dict(R64, learning_rate=1.5e-3),  # between 1e-3 and 2e-3
             # windows as long as the fidelity windows (512): the same tokens in half as many, longer steps
-            "batch1-r64-seq512": dict(batch_size=1, rank=64, alpha=128.0, seq_len=512),
+            "batch1-r64-seq512": dict(R64, seq_len=512),
             # DoRA (magnitude and direction trained apart) in place of LoRA, same rank
-            "batch1-r64-dora": dict(batch_size=1, rank=64, alpha=128.0, dora=True),
-            "batch1-r64-seq512-dora": dict(batch_size=1, rank=64, alpha=128.0, seq_len=512, dora=True),
-            # the same with another seed (other training windows, other initial adapters): the run-to-run spread
-            "batch1-r64-dora-seed1": dict(batch_size=1, rank=64, alpha=128.0, dora=True, seed=1),
-            "batch1-r64-seed1": dict(batch_size=1, rank=64, alpha=128.0, seed=1)}
+            "batch1-r64-dora": dict(R64, dora=True),
+            "batch1-r64-seq512-dora": dict(R64, seq_len=512, dora=True),
+            # another seed (other training windows, other initial adapters): the run-to-run spread
+            "batch1-r64-dora-seed1": dict(R64, dora=True, seed=1),
+            "batch1-r64-seed1": dict(R64, seed=1)}
 FIDELITY_WINDOWS = 16  # the first 16 of the WikiText-2 perplexity windows (16 x 512 = 8,192 tokens)
 
 
@@ -461,8 +462,8 @@ def variant_goals(to_dense: dict, d_ppl: float, pruned_kl: float) -> list[str]:
     with two or more budgets where each goal is reached (:func:`goal_budget`)."""
     lines = [f"Goals at <= {GOAL_TOKENS:,} training tokens (ppl <= 1.5x dense, KL <= 50% of the un-healed model's, "
              "MC >= 98% retained with the paired difference to dense not significant):", "",
-             "| case | training tokens | KL on held-out C4 (of un-healed) | ppl <= 1.5x | KL <= 50% | "
-             "MC >= 98%, not significant |", "|---|---:|---:|---|---|---|"]
+             "| case | training tokens | healing time | KL on held-out C4 (of un-healed) | ppl <= 1.5x | KL <= 50% | "
+             "MC >= 98%, not significant |", "|---|---:|---:|---:|---|---|---|"]
     series: dict[str, dict[int, tuple[float, float]]] = {}
     for name in paired_cases():  # largest budget first
         parsed, r = parse_case_name(name), cached(name)
@@ -476,7 +477,7 @@ def variant_goals(to_dense: dict, d_ppl: float, pruned_kl: float) -> list[str]:
             f"{'met' if avg.retained >= 0.98 and not significant(avg) else 'not met'} "
             f"({100 * avg.retained:.1f}%, {interval(avg)})")
         beyond = " (beyond the budget)" if tokens > GOAL_TOKENS else ""
-        lines.append(f"| {name}{beyond} | {tokens:,} | {c4['kl_after']:.4f} ({100 * c4['kl_after'] / c4['kl_before']:.1f}% "
+        lines.append(f"| {name}{beyond} | {tokens:,} | {r['healing']['seconds'] / 60:.1f} min | {c4['kl_after']:.4f} ({100 * c4['kl_after'] / c4['kl_before']:.1f}% "
                      f"of {c4['kl_before']:.4f}) | {'met' if ratio <= 1.5 else 'not met'} (x{ratio:.2f}) | "
                      f"{'met' if share <= 0.5 else 'not met'} ({100 * share:.1f}%) | {mc} |")
     for case, value in recorded_variant_rows().items():  # the 32k screen of the same settings

@@ -241,8 +241,8 @@ def wide_search(bench: Bench, k: int, starts: dict[str, list[int]], cap: int) ->
         best, evals = kl(cur), 0  # the start is not counted
         while evals < cap and not converged:
             for cand in neighbours(cur):
-                if kl(cand) < best:
-                    cur, best = cand, kl(cand)
+                if (value := kl(cand)) < best:
+                    cur, best = cand, value
                     moves.append([list(cur), best])
                     write(path, data)
                     log(f"wide {name}: {list(cur)} KL {best:.4f} ({evals} evaluations)")
