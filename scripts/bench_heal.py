@@ -210,7 +210,11 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             "batch1-r64-seq512-dora": dict(R64, seq_len=512, dora=True),
             # another seed (other training windows, other initial adapters): the run-to-run spread
             "batch1-r64-dora-seed1": dict(R64, dora=True, seed=1),
-            "batch1-r64-seed1": dict(R64, seed=1)}
+            "batch1-r64-seed1": dict(R64, seed=1),
+            # adapters started at each weight's principal singular directions (PiSSA), and the norm gains
+            # trained beside the adapters (the residual stream's scale changes where blocks were cut)
+            "batch1-r64-pissa": dict(R64, lora_init="pissa"),
+            "batch1-r64-norms": dict(R64, lora_norms=True)}
 FIDELITY_WINDOWS = 16  # the first 16 of the WikiText-2 perplexity windows (16 x 512 = 8,192 tokens)
 
 

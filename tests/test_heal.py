@@ -58,37 +58,79 @@ def no_adapters(model):
 
 
 # ---- LoRA ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch, dora", [("llama", False), ("gpt2", False), ("llama", True)])
-def test_lora_trains_only_targets_merges_and_reloads(arch, dora, tokenizers_by_bos, tmp_path):
+@pytest.mark.parametrize("arch, extra", [("llama", {}), ("gpt2", {}), ("llama", {"dora": True}),
+                                         ("llama", {"lora_init": "olora", "lora_norms": True}),
+                                         ("gpt2", {"lora_init": "pissa", "lora_norms": True})])
+def test_lora_trains_only_targets_merges_and_reloads(arch, extra, tokenizers_by_bos, tmp_path):
     """LoRA (and DoRA: ``dora: true``, peft's weight-decomposed LoRA, which also trains one magnitude
-    per output feature) trains exactly its adapters, merges into plain weights and reloads."""
+    per output feature; PiSSA/OLoRA initialisation; the norm gains beside the adapters) trains
+    exactly its adapters (and norms), merges into plain weights and reloads."""
     tok = tokenizers_by_bos[arch in ("llama",)]
     model = build_model(arch)
     prune.remove_layers(model, RUN)
     before = snapshot(model)
     cls = type(model)
-    from prune.heal.methods import training_windows, heal_config
+    from prune.heal.methods import training_windows, heal_config, norm_parameters
 
     train_w, val_w = training_windows(tok, heal_config("lora", C4_DATA, **FAST))
     loss0 = mean_lm_loss(model, train_w)
-    rec = heal_model(model, tok, "lora", data=C4_DATA, quiet=True, rank=4, dora=dora, **FAST)
+    rec = heal_model(model, tok, "lora", data=C4_DATA, quiet=True, rank=4, **extra, **FAST)
     assert mean_lm_loss(model, train_w) < loss0
     assert rec["val_loss_after"] < rec["val_loss_before"]
     assert rec["tokens_seen"] == FAST["steps"] * FAST["batch_size"] * FAST["seq_len"]
+    dora, norms = extra.get("dora", False), extra.get("lora_norms", False)
     assert rec["lora"]["merged"] and rec["lora"]["rank"] == 4 and rec["lora"]["dora"] is dora
-    # exactly the weights of the linear layers inside the blocks changed (all-linear: not the LM head)
+    assert rec["lora"]["init"] == extra.get("lora_init", "default")
+    # exactly the weights of the linear layers inside the blocks changed (all-linear: not the LM head),
+    # and with lora_norms every norm's gain (and bias)
     assert type(model) is cls
     no_adapters(model)
     diff = changed(before, model)
     linear = {n: m for n, m in model.named_modules()
               if type(m).__name__ in ("Linear", "Conv1D") and m is not model.get_output_embeddings()}
-    assert diff == {f"{n}.weight" for n in linear}
+    norm_params = norm_parameters(model) if norms else {}
+    assert rec["lora"]["norms"] == len(norm_params) and (len(norm_params) > 2 * (N_LAYERS - len(RUN)) or not norms)
+    assert diff == {f"{n}.weight" for n in linear} | set(norm_params)
     # per module: A (rank x in) + B (out x rank), + the magnitude (out) with DoRA; Conv1D weights are [in, out]
     shapes = [m.weight.shape[::-1] if type(m).__name__ == "Conv1D" else m.weight.shape for m in linear.values()]
-    assert rec["trainable_parameters"] == sum(4 * (i + o) + (o if dora else 0) for o, i in shapes)
+    assert rec["trainable_parameters"] == (sum(4 * (i + o) + (o if dora else 0) for o, i in shapes)
+                                           + sum(p.numel() for p in norm_params.values()))
     for p in model.parameters():
         assert p.requires_grad  # flags restored
     save_reload_same_logits(model, tok, tmp_path / "healed", train_w[:2])
+
+
+@pytest.mark.parametrize("extra", [{}, {"lora_init": "pissa", "lora_norms": True}])
+def test_interrupted_lora_leaves_the_weights_as_they_were(extra, tokenizers_by_bos):
+    """A run stopped mid-training leaves no adapter and the pruned weights: PiSSA moved the top
+    singular directions out of each base weight at the start, so merely dropping the adapters
+    would leave the residual; the initial adapters are merged back instead (equal up to rounding)."""
+    model = build_model("llama")
+    prune.remove_layers(model, RUN)
+    before = snapshot(model)
+
+    def stop(step, tokens):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        heal_model(model, tokenizers_by_bos[True], "lora", data=C4_DATA, quiet=True, rank=4, callback=stop,
+                   **extra, **FAST)
+    no_adapters(model)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=1e-5, msg=k)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_olora_on_conv1d_is_refused_before_training(tokenizers_by_bos):
+    model = build_model("gpt2")
+    before = snapshot(model)
+    with pytest.raises(PruneError, match="olora does not support Conv1D"):
+        heal_model(model, tokenizers_by_bos[False], "lora", data=C4_DATA, quiet=True, lora_init="olora", **FAST)
+    assert not changed(before, model)
+    no_adapters(model)
 
 
 # ---- partial fine-tuning --------------------------------------------------------------------------------
@@ -213,6 +255,9 @@ def tiny_folder(tmp_path, tokenizers_by_bos):
     ({"method": "lora", "rank": 0}, {}, "rank must be at least 1"),
     ({"method": "partial", "last_blocks": 0, "train_norm": False}, {}, "trains no parameters"),
     ({"method": "lora", "target_modules": []}, {}, "trains no parameters"),
+    ({"method": "partial", "lora_norms": True}, {}, "lora_norms only apply to LoRA"),
+    ({"method": "lora", "merge": False, "lora_init": "pissa"}, {}, "also change base weights"),
+    ({"method": "lora", "dora": True, "lora_init": "olora"}, {}, "DoRA with lora_init olora"),
     ({"method": "replace"}, {"strategy": "one_shot"}, "one contiguous run"),
     ({"method": "replace"}, {"n_layers": 1}, "at least 2"),
     ({"method": "lora", "data": {"path": str(WIKI_RAW), "rows": "1000:3000"}}, {}, "overlaps the perplexity text"),

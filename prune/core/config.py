@@ -389,6 +389,9 @@ class HealConfig(Section):
     * ``lora``: LoRA adapters (``rank``, ``alpha``, ``target_modules``) on the pruned model,
       causal-LM loss, merged into the weights afterwards (the checkpoint needs no peft);
       ``dora: true`` trains DoRA instead (each weight's magnitude apart from its direction);
+      ``lora_init: pissa`` starts the adapters at each weight's top-``rank`` singular directions
+      (PiSSA; the residual stays frozen) and ``olora`` at its QR factors; ``lora_norms: true`` also
+      trains every normalisation weight (RMSNorm/LayerNorm gains) beside the adapters;
     * ``replace``: one decoder block takes the place of the removed contiguous run, initialised
       by ``init`` and trained to map the run's input hidden states to its output (``loss``);
     * ``partial``: full fine-tuning of the last ``last_blocks`` blocks (plus the final norm and,
@@ -435,6 +438,8 @@ class HealConfig(Section):
     alpha: float = Field(16.0, gt=0)
     target_modules: list[str] | str = "all-linear"
     dora: bool = False  # weight-decomposed LoRA (DoRA, Liu et al. 2024; peft's use_dora): merges like LoRA
+    lora_init: Literal["default", "pissa", "olora"] = "default"  # peft's init_lora_weights (default: B = 0)
+    lora_norms: bool = False  # also train the norm gains (they are base weights: kept when merged)
     # partial fine-tuning
     last_blocks: int = Field(2, ge=0)
     train_norm: bool = True
@@ -481,6 +486,16 @@ class HealConfig(Section):
         if self.method == "partial" and self.last_blocks == 0 and not self.train_norm and not self.train_lm_head:
             raise ValueError("partial fine-tuning with last_blocks=0, train_norm=false and train_lm_head=false "
                              "trains no parameters (set last_blocks >= 1)")
+        lora_only = [k for k, on in (("dora", self.dora), ("lora_init", self.lora_init != "default"),
+                                     ("lora_norms", self.lora_norms)) if on]
+        if self.method != "lora" and lora_only:
+            raise ValueError(f"{', '.join(lora_only)} only apply to LoRA, not to method {self.method} "
+                             "(remove them, or use method: lora)")
+        if self.method == "lora" and not self.merge and (self.lora_norms or self.lora_init != "default"):
+            raise ValueError("merge: false saves only the adapter, but lora_norms and lora_init pissa/olora also "
+                             "change base weights (set merge: true, or lora_norms: false and lora_init: default)")
+        if self.dora and self.lora_init != "default":
+            raise ValueError(f"DoRA with lora_init {self.lora_init} is not supported (use one of them)")
         if self.method == "lora" and not self.target_modules:
             raise ValueError("LoRA with an empty target_modules trains no parameters (use all-linear or name modules)")
         if self.objective == "distill" and self.kl_weight == self.hidden_weight == self.lm_weight == 0:

@@ -249,15 +249,25 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
     started = time.time()
     _check_in_memory(model)
     targets = lora_targets_matched(model, cfg.target_modules)
+    if cfg.lora_init == "olora" and any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in targets):
+        raise PruneError("heal.lora_init olora does not support Conv1D layers (GPT-2 style; peft multiplies the "
+                         "transposed weight): use lora_init pissa or default")
     before = mean_lm_loss(model, val_windows)
     flags = _trainable_state(model)
     if cfg.gradient_checkpointing:
         _gradient_checkpointing(model, True)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.target_modules, lora_dropout=0.0,
-                      bias="none", task_type="CAUSAL_LM", use_dora=cfg.dora)
-    peft_model = get_peft_model(model, lcfg)
+                      bias="none", task_type="CAUSAL_LM", use_dora=cfg.dora,
+                      init_lora_weights=True if cfg.lora_init == "default" else cfg.lora_init)
+    norms = norm_parameters(model) if cfg.lora_norms else {}
+    norms_before = {n: p.detach().clone() for n, p in norms.items()}
+    peft_model = get_peft_model(model, lcfg)  # pissa/olora: the base weights become the residual W - s*B0A0
+    initial = ({n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+               if cfg.lora_init != "default" else {})
     merged = False
     try:
+        for p in norms.values():
+            p.requires_grad_(True)
         params = [p for p in peft_model.parameters() if p.requires_grad]
         n_params = sum(p.numel() for p in params)
         log = (train_fn or _train_lm)(peft_model, params, windows, cfg, quiet, callback)
@@ -270,7 +280,7 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
             with_adapter = mean_lm_loss(model, val_windows)  # adapters are injected into `model`: still active
     finally:
         if not merged:  # failed or interrupted: take the adapters out, leave the weights as they were
-            peft_model.unload()
+            _restore_pruned_weights(peft_model, initial, norms, norms_before)
         if cfg.gradient_checkpointing:
             _gradient_checkpointing(model, False)
         _restore_trainable(model, flags)
@@ -282,11 +292,36 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
         raise PruneError(f"internal error: adapter modules left after merging LoRA: {leftover[:3]}; please report this")
     after = mean_lm_loss(model, val_windows) if cfg.merge else with_adapter
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in targets})
-    record = _record(cfg, log, [f"{'dora' if cfg.dora else 'lora'} r={cfg.rank} on {len(targets)} modules: {', '.join(suffixes)}"], n_params,
-                     windows, val_windows, before, after, started)
-    record["lora"] = {"rank": cfg.rank, "alpha": cfg.alpha, "dora": cfg.dora, "modules": len(targets), "targets": suffixes,
-                      "adapter_parameters": n_params, "merged": cfg.merge}
+    trained = [f"{'dora' if cfg.dora else 'lora'} r={cfg.rank} on {len(targets)} modules: {', '.join(suffixes)}"]
+    if norms:
+        trained.append(f"{len(norms)} norm weights")
+    record = _record(cfg, log, trained, n_params, windows, val_windows, before, after, started)
+    record["lora"] = {"rank": cfg.rank, "alpha": cfg.alpha, "dora": cfg.dora, "init": cfg.lora_init, "modules": len(targets),
+                      "targets": suffixes, "norms": len(norms), "adapter_parameters": n_params, "merged": cfg.merge}
     return record
+
+
+def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The gain (and bias) of every normalisation module (``*Norm*`` class or ``nn.LayerNorm``), by name."""
+    return {f"{name}.{p_name}" if name else p_name: p for name, m in model.named_modules()
+            if isinstance(m, nn.LayerNorm) or "norm" in type(m).__name__.lower()
+            for p_name, p in m.named_parameters(recurse=False)}
+
+
+@torch.no_grad()
+def _restore_pruned_weights(peft_model, initial: dict, norms: dict, norms_before: dict) -> None:
+    """Undo an unfinished LoRA run: the norm gains back; with pissa/olora (whose init moved
+    ``s*B0A0`` out of each base weight) the initial adapters back and merged, so each weight is
+    ``W - s*B0A0 + s*B0A0 = W`` up to rounding; otherwise the adapters simply taken out."""
+    for name, p in norms.items():
+        p.copy_(norms_before[name])
+    if not initial:
+        peft_model.unload()
+        return
+    for name, p in peft_model.named_parameters():
+        if name in initial:
+            p.copy_(initial[name])
+    peft_model.merge_and_unload()
 
 
 def _train_lm(model, params, windows, cfg, quiet, callback) -> dict:
