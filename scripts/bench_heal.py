@@ -392,10 +392,11 @@ def part_distill_paired_report(block: str = "bench_heal_paired") -> None:
     write_docs("\n".join(lines), block)
 
 
-def part_distill_matrix(block: str = "bench_heal_matrix") -> None:
+def part_distill_matrix(block: str = "bench_heal_matrix", goals: bool = False) -> None:
     """One row per healed case on this machine: fidelity (ppl, KL share, top-1) beside the paired
     multiple-choice comparison against the dense and the un-healed model (average of the four
-    tasks' headline metrics, paired SE, 95% interval), into ``block`` of the docs."""
+    tasks' headline metrics, paired SE, 95% interval), into ``block`` of the docs; with ``goals``
+    the issue's goals table after it (:func:`variant_goals`)."""
     from prune.measure.paired import compare_folders, task_average
 
     pr, dense = cached("fidelity-pruned"), cached("fidelity-dense")
@@ -435,7 +436,7 @@ def part_distill_matrix(block: str = "bench_heal_matrix") -> None:
     lines += ["", "MC: ARC-Easy, PIQA, HellaSwag (acc_norm), WinoGrande, 0-shot, 500 questions each, the same questions "
               "for every model; the average of the four per-task paired differences, its SE from the per-task "
               "paired SEs, * where the 95% interval excludes 0 (`prune.measure.paired.task_average`)."]
-    if block == "bench_heal_matrix_131k":
+    if goals:
         lines += ["", *variant_goals(to_dense, d_ppl, pr["fidelity"]["kl"])]
     print("\n".join(lines))
     write_docs("\n".join(lines), block)
@@ -902,7 +903,7 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_distill_partial": "distill_report --block bench_heal_distill_partial",
                  "bench_heal_paired": "distill_paired_report",
                  "bench_heal_matrix": "distill_matrix",
-                 "bench_heal_matrix_131k": "distill_matrix --block bench_heal_matrix_131k",
+                 "bench_heal_matrix_131k": "distill_matrix --block bench_heal_matrix_131k --goals",
                  "bench_heal_variants": "distill_variants",
                  "bench_heal_paired_partial": "distill_paired_report --block bench_heal_paired_partial"}
 
@@ -933,6 +934,7 @@ def main() -> None:
     ap.add_argument("--variant", default=None, choices=sorted(VARIANTS),
                     help="--part distill: change these settings (VARIANTS) and add +NAME to the case names")
     ap.add_argument("--block", default=None, help="--part distill_report / distill_paired_report: the docs block to write")
+    ap.add_argument("--goals", action="store_true", help="--part distill_matrix: add the goals table after the matrix")
     args = ap.parse_args()
     started = time.time()
     parts = ["train", "curve", "init", "report", "lmeval", "report"] if args.part == "all" else [args.part]
@@ -943,7 +945,7 @@ def main() -> None:
         elif part == "distill_variants":
             part_distill_variants(args.block or "bench_heal_variants")
         elif part == "distill_matrix":
-            part_distill_matrix(args.block or "bench_heal_matrix")
+            part_distill_matrix(args.block or "bench_heal_matrix", args.goals)
         elif part == "distill_paired_report":
             part_distill_paired_report(args.block or "bench_heal_paired")
         elif part == "distill_paired":

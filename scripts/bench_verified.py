@@ -39,7 +39,7 @@ import torch  # noqa: E402
 import prune  # noqa: E402
 from prune.choose.strategies import heldout_windows  # noqa: E402
 from prune.choose.rules import resolve_protect  # noqa: E402
-from prune.choose.verified import _Verifier, verified  # noqa: E402
+from prune.choose.verified import Verifier, verified  # noqa: E402
 from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity  # noqa: E402
 from bench_quality import Context, log, read, set_key, write  # noqa: E402  (the same protocol and cache helpers)
 
@@ -215,7 +215,7 @@ def wide_search(bench: Bench, k: int, starts: dict[str, list[int]], cap: int) ->
     set's KL is cached (a rerun resumes); ``evaluations`` counts the sets not already cached."""
     path = CACHE / f"wide_k{k}_h{bench.heldout}.json"
     data = read(path) or {"evaluated": {}, "runs": {}}
-    verify = _Verifier(bench.ctx.model, bench.heldout_windows(), 4, 256, False)  # verified's batch and top-k
+    verify = Verifier(bench.ctx.model, bench.heldout_windows(), 4, 256, False)  # verified's batch and top-k
     L = bench.ctx.n_layers
     movable = [n for n in range(L) if n not in resolve_protect(PROTECT, L)]
 

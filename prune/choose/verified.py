@@ -21,7 +21,7 @@
 Cost is counted like SLEB's: decoder-block runs over the held-out windows divided by the
 number of blocks (``full_forward_equivalents``), plus the one full pass of the original that
 keeps both its reference log-probs and every block's input; the LM head runs once per candidate
-on top. Under a launcher the windows are split over the processes (:class:`_Verifier`).
+on top. Under a launcher the windows are split over the processes (:class:`Verifier`).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def candidate_sets(scores, count: int, protect: list[int]) -> dict[tuple[int, ..
     return out
 
 
-class _Verifier:
+class Verifier:
     """KL(original || model without a set) on held-out windows, from cached block inputs.
 
     One pass of the original over this process's share of the windows (:func:`prune.core.dist.shard`,
@@ -182,7 +182,7 @@ def verified(model, scores, windows: torch.Tensor, count: int, *, protect=(0, -1
     prot = resolve_protect(protect, L)
     count = resolve_count(L, count, None, prot)
     candidates = candidate_sets(scores, count, prot)
-    verify = _Verifier(model, windows, batch_size, top_k, progress)
+    verify = Verifier(model, windows, batch_size, top_k, progress)
     results: dict[tuple[int, ...], dict] = {}
     for blocks in tqdm(list(candidates), desc="verified", unit="set", disable=not progress):
         results[blocks] = verify(blocks)
