@@ -214,7 +214,10 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             # adapters started at each weight's principal singular directions (PiSSA), and the norm gains
             # trained beside the adapters (the residual stream's scale changes where blocks were cut)
             "batch1-r64-pissa": dict(R64, lora_init="pissa"),
-            "batch1-r64-norms": dict(R64, lora_norms=True)}
+            "batch1-r64-norms": dict(R64, lora_norms=True),
+            # LoRA+: the B matrices (zero at the start) learn 4x faster than A
+            "batch1-r64-loraplus4": dict(R64, loraplus_ratio=4.0),
+            "batch1-r64-loraplus4-lr5e-4": dict(R64, loraplus_ratio=4.0, learning_rate=5e-4)}
 FIDELITY_WINDOWS = 16  # the first 16 of the WikiText-2 perplexity windows (16 x 512 = 8,192 tokens)
 
 

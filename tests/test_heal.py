@@ -255,7 +255,7 @@ def tiny_folder(tmp_path, tokenizers_by_bos):
     ({"method": "lora", "rank": 0}, {}, "rank must be at least 1"),
     ({"method": "partial", "last_blocks": 0, "train_norm": False}, {}, "trains no parameters"),
     ({"method": "lora", "target_modules": []}, {}, "trains no parameters"),
-    ({"method": "partial", "lora_norms": True}, {}, "lora_norms only apply to LoRA"),
+    ({"method": "partial", "lora_norms": True, "loraplus_ratio": 4}, {}, "lora_norms, loraplus_ratio only apply to LoRA"),
     ({"method": "lora", "merge": False, "lora_init": "pissa"}, {}, "also change base weights"),
     ({"method": "lora", "dora": True, "lora_init": "olora"}, {}, "DoRA with lora_init olora"),
     ({"method": "replace"}, {"strategy": "one_shot"}, "one contiguous run"),
@@ -459,3 +459,31 @@ def test_learning_rate_schedule():
     assert cosine[:3] == [0.0, 0.5, 1.0]  # transformers' linear warmup over ceil(5% of 40) = 2 steps
     assert all(a > b for a, b in zip(cosine[2:], cosine[3:])) and 0 < cosine[-1] < 0.01
     assert factors("constant")[2:] == [1.0] * 38
+
+
+def test_loraplus_puts_b_in_its_own_faster_group_and_train_honours_group_rates():
+    """LoRA+ (``loraplus_ratio``): exactly the B matrices learn at ratio x the rate; ``train`` keeps
+    each group's own rate (a group at rate 0 does not move while the other does)."""
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import TensorDataset
+
+    from prune.heal.methods import heal_config, lora_param_groups
+    from prune.heal.training import train
+
+    peft_model = get_peft_model(build_model("llama"), LoraConfig(r=2, target_modules="all-linear"))
+    cfg = heal_config("lora", learning_rate=1e-3, loraplus_ratio=8.0)
+    base, fast = lora_param_groups(peft_model, cfg)
+    names = {id(p): n for n, p in peft_model.named_parameters()}
+    assert fast["lr"] == pytest.approx(8e-3) and "lr" not in base
+    assert fast["params"] and all(".lora_B." in names[id(p)] for p in fast["params"])
+    assert all(".lora_A." in names[id(p)] for p in base["params"])
+    trainable = {id(p) for p in peft_model.parameters() if p.requires_grad}
+    assert {id(p) for p in base["params"] + fast["params"]} == trainable
+    assert len(lora_param_groups(peft_model, heal_config("lora"))) == 1
+
+    module = torch.nn.Linear(3, 1)
+    weight, bias = module.weight.detach().clone(), module.bias.detach().clone()
+    train(module, [{"params": [module.weight], "lr": 0.0}, {"params": [module.bias]}],
+          TensorDataset(torch.randn(8, 3)), lambda m, batch: (m(batch[0]) - 5).pow(2).mean(),
+          heal_config("lora", steps=4, batch_size=2, learning_rate=0.1), tokens_per_item=1, quiet=True)
+    assert torch.equal(module.weight, weight) and not torch.equal(module.bias, bias)

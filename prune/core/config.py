@@ -392,6 +392,7 @@ class HealConfig(Section):
       ``lora_init: pissa`` starts the adapters at each weight's top-``rank`` singular directions
       (PiSSA; the residual stays frozen) and ``olora`` at its QR factors; ``lora_norms: true`` also
       trains every normalisation weight (RMSNorm/LayerNorm gains) beside the adapters;
+      ``loraplus_ratio`` > 1 trains each B matrix at that multiple of ``learning_rate`` (LoRA+);
     * ``replace``: one decoder block takes the place of the removed contiguous run, initialised
       by ``init`` and trained to map the run's input hidden states to its output (``loss``);
     * ``partial``: full fine-tuning of the last ``last_blocks`` blocks (plus the final norm and,
@@ -440,6 +441,7 @@ class HealConfig(Section):
     dora: bool = False  # weight-decomposed LoRA (DoRA, Liu et al. 2024; peft's use_dora): merges like LoRA
     lora_init: Literal["default", "pissa", "olora"] = "default"  # peft's init_lora_weights (default: B = 0)
     lora_norms: bool = False  # also train the norm gains (they are base weights: kept when merged)
+    loraplus_ratio: float = Field(1.0, ge=1)  # LoRA+ (Hayou et al. 2024): B learns at ratio x learning_rate
     # partial fine-tuning
     last_blocks: int = Field(2, ge=0)
     train_norm: bool = True
@@ -487,7 +489,8 @@ class HealConfig(Section):
             raise ValueError("partial fine-tuning with last_blocks=0, train_norm=false and train_lm_head=false "
                              "trains no parameters (set last_blocks >= 1)")
         lora_only = [k for k, on in (("dora", self.dora), ("lora_init", self.lora_init != "default"),
-                                     ("lora_norms", self.lora_norms)) if on]
+                                     ("lora_norms", self.lora_norms), ("loraplus_ratio", self.loraplus_ratio != 1))
+                     if on]
         if self.method != "lora" and lora_only:
             raise ValueError(f"{', '.join(lora_only)} only apply to LoRA, not to method {self.method} "
                              "(remove them, or use method: lora)")

@@ -268,9 +268,9 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
     try:
         for p in norms.values():
             p.requires_grad_(True)
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        n_params = sum(p.numel() for p in params)
-        log = (train_fn or _train_lm)(peft_model, params, windows, cfg, quiet, callback)
+        groups = lora_param_groups(peft_model, cfg)
+        n_params = sum(p.numel() for g in groups for p in g["params"])
+        log = (train_fn or _train_lm)(peft_model, groups, windows, cfg, quiet, callback)
         if adapter_dir is not None:
             peft_model.save_pretrained(adapter_dir)
         if cfg.merge:
@@ -297,8 +297,19 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
         trained.append(f"{len(norms)} norm weights")
     record = _record(cfg, log, trained, n_params, windows, val_windows, before, after, started)
     record["lora"] = {"rank": cfg.rank, "alpha": cfg.alpha, "dora": cfg.dora, "init": cfg.lora_init, "modules": len(targets),
-                      "targets": suffixes, "norms": len(norms), "adapter_parameters": n_params, "merged": cfg.merge}
+                      "targets": suffixes, "norms": len(norms), "loraplus_ratio": cfg.loraplus_ratio, "adapter_parameters": n_params, "merged": cfg.merge}
     return record
+
+
+def lora_param_groups(peft_model, cfg: HealConfig) -> list[dict]:
+    """The trainable parameters as optimizer groups: with ``cfg.loraplus_ratio`` r > 1 the LoRA B
+    matrices in their own group at ``r * learning_rate`` (LoRA+), everything else at the base rate."""
+    named = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
+    if cfg.loraplus_ratio == 1:
+        return [{"params": [p for _, p in named]}]
+    b = [p for n, p in named if ".lora_B." in n]
+    return [{"params": [p for n, p in named if ".lora_B." not in n]},
+            {"params": b, "lr": cfg.learning_rate * cfg.loraplus_ratio}]
 
 
 def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

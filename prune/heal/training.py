@@ -98,6 +98,8 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter], dataset: Da
           tokens_per_item: int, desc: str = "heal", quiet: bool = False,
           callback: Callable[[int, int], None] | None = None) -> dict:
     """Train ``params`` of ``module`` to minimise ``loss_fn(module, batch)`` (see module docstring).
+    ``params`` may be torch parameter groups (dicts whose ``lr`` overrides ``cfg.learning_rate``;
+    the schedule scales every group alike).
 
     ``cfg`` has ``steps, batch_size, gradient_accumulation, learning_rate, weight_decay,
     schedule, seed, mixed_precision``. ``callback(step, tokens_seen)`` runs after every
@@ -105,11 +107,13 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter], dataset: Da
     ``{"losses": per-step mean loss, "tokens_seen", "items_seen", "epochs", "seconds", "device"}``;
     the trained module (back in eval mode) is the same object as ``module``.
     """
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    params = [p for g in groups for p in g["params"]]
     if not params:
         raise PruneError("nothing to train: no parameter requires a gradient (check the heal settings)")
     check_parallel(cfg)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation, getattr(cfg, "fsdp", False))
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.steps, cfg.schedule)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
@@ -123,7 +127,7 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter], dataset: Da
     try:
         wrapped.train()
         for step in range(cfg.steps):
-            total, lr = 0.0, scheduler.get_last_lr()[0]  # the rate this step uses
+            total, lr = 0.0, scheduler.get_last_lr()[0]  # the rate this step uses (the first group's)
             for _ in range(cfg.gradient_accumulation):
                 batch = next(batches)
                 with accelerator.accumulate(wrapped):
