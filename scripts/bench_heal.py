@@ -220,7 +220,9 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             "batch1-r64-loraplus4-lr5e-4": dict(R64, loraplus_ratio=4.0, learning_rate=5e-4),
             # rank 128 with half batch1-r128's scale (alpha = rank): the rank without the larger steps
             "batch1-r128-a128": dict(batch_size=1, rank=128, alpha=128.0),
-            "batch1-r128-a128-lr7e-4": dict(batch_size=1, rank=128, alpha=128.0, learning_rate=7e-4)}
+            "batch1-r128-a128-lr7e-4": dict(batch_size=1, rank=128, alpha=128.0, learning_rate=7e-4),
+            "batch1-r128-a128-lr5e-4": dict(batch_size=1, rank=128, alpha=128.0, learning_rate=5e-4),
+            "batch1-r128-a128-lr7e-4-seed1": dict(batch_size=1, rank=128, alpha=128.0, learning_rate=7e-4, seed=1)}
 FIDELITY_WINDOWS = 16  # the first 16 of the WikiText-2 perplexity windows (16 x 512 = 8,192 tokens)
 
 
