@@ -93,7 +93,7 @@ def _forever(loader) -> Iterator:
         epoch += 1
 
 
-def train(module: torch.nn.Module, params: list[torch.nn.Parameter], dataset: Dataset,
+def train(module: torch.nn.Module, params: list[torch.nn.Parameter] | list[dict], dataset: Dataset,
           loss_fn: Callable[[torch.nn.Module, list[torch.Tensor]], torch.Tensor], cfg, *,
           tokens_per_item: int, desc: str = "heal", quiet: bool = False,
           callback: Callable[[int, int], None] | None = None) -> dict:
