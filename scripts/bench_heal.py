@@ -222,7 +222,13 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             "batch1-r128-a128": dict(batch_size=1, rank=128, alpha=128.0),
             "batch1-r128-a128-lr7e-4": dict(batch_size=1, rank=128, alpha=128.0, learning_rate=7e-4),
             "batch1-r128-a128-lr5e-4": dict(batch_size=1, rank=128, alpha=128.0, learning_rate=5e-4),
-            "batch1-r128-a128-lr7e-4-seed1": dict(batch_size=1, rank=128, alpha=128.0, learning_rate=7e-4, seed=1)}
+            "batch1-r128-a128-lr7e-4-seed1": dict(batch_size=1, rank=128, alpha=128.0, learning_rate=7e-4, seed=1),
+            # full fine-tuning of every kept block (``--only distill-partial``: partial with all 23 blocks
+            # + the final norm) at one window per step: every weight moves, not a low-rank update
+            "batch1-full-lr3e-5": dict(batch_size=1, last_blocks=30 - K, learning_rate=3e-5),
+            "batch1-full-lr1e-4": dict(batch_size=1, last_blocks=30 - K, learning_rate=1e-4),
+            "batch1-full-lr2e-4": dict(batch_size=1, last_blocks=30 - K, learning_rate=2e-4),
+            "batch1-full-lr4e-4": dict(batch_size=1, last_blocks=30 - K, learning_rate=4e-4)}
 FIDELITY_WINDOWS = 16  # the first 16 of the WikiText-2 perplexity windows (16 x 512 = 8,192 tokens)
 
 
@@ -469,8 +475,14 @@ def recorded_variant_rows() -> dict[str, tuple[float, float]]:
             if len(c) == 9 and c[0].startswith("d-") and c[6].startswith("x")}
 
 
+def series_key(parsed: tuple[str, str, int, str | None]) -> str:
+    """The settings series of a parsed case name: its variant (LoRA) or variant and params (partial)."""
+    variant = parsed[3] or "(plain)"
+    return variant if parsed[1] == "lora" else f"{variant} ({parsed[1]})"
+
+
 def variant_goals(to_dense: dict, d_ppl: float, pruned_kl: float) -> list[str]:
-    """The issue's three goals for every saved distill + LoRA case, met or not (MC where its paired
+    """The issue's three goals for every saved distillation case (LoRA or partial), met or not (MC where its paired
     lm-eval ran), with the KL on the healing's own held-out C4 windows; and for each settings series
     with two or more budgets where each goal is reached (:func:`goal_budget`)."""
     lines = [f"Goals at <= {GOAL_TOKENS:,} training tokens (ppl <= 1.5x dense, KL <= 50% of the un-healed model's, "
@@ -480,11 +492,11 @@ def variant_goals(to_dense: dict, d_ppl: float, pruned_kl: float) -> list[str]:
     series: dict[str, dict[int, tuple[float, float]]] = {}
     for name in paired_cases():  # largest budget first
         parsed, r = parse_case_name(name), cached(name)
-        if not r or parsed[:2] != ("distill", "lora"):
+        if not r or parsed[0] != "distill":
             continue
         tokens, f, c4 = r["healing"]["tokens_seen"], r["fidelity"], r["healing"]["distill"]
         ratio, share = f["perplexity"] / d_ppl, f["kl"] / pruned_kl
-        series.setdefault(parsed[3] or "(plain)", {})[tokens] = (ratio, share)
+        series.setdefault(series_key(parsed), {})[tokens] = (ratio, share)
         avg = to_dense.get(name)
         mc = "not measured" if avg is None else (
             f"{'met' if avg.retained >= 0.98 and not significant(avg) else 'not met'} "
@@ -495,8 +507,8 @@ def variant_goals(to_dense: dict, d_ppl: float, pruned_kl: float) -> list[str]:
                      f"{'met' if share <= 0.5 else 'not met'} ({100 * share:.1f}%) | {mc} |")
     for case, value in recorded_variant_rows().items():  # the 32k screen of the same settings
         parsed = parse_case_name(case)
-        if parsed and parsed[:2] == ("distill", "lora") and (parsed[3] or "(plain)") in series:
-            series[parsed[3] or "(plain)"].setdefault(parsed[2], value)
+        if parsed and parsed[0] == "distill" and series_key(parsed) in series:
+            series[series_key(parsed)].setdefault(parsed[2], value)
     trend = []
     for variant, points in series.items():
         if len(points) < 2:
