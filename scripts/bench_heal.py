@@ -223,6 +223,8 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             "batch1-r128-a128-lr7e-4": dict(batch_size=1, rank=128, alpha=128.0, learning_rate=7e-4),
             "batch1-r128-a128-lr5e-4": dict(batch_size=1, rank=128, alpha=128.0, learning_rate=5e-4),
             "batch1-r128-a128-lr7e-4-seed1": dict(batch_size=1, rank=128, alpha=128.0, learning_rate=7e-4, seed=1),
+            # the teacher and student softened at temperature 2 (the loss scaled by T^2, Hinton et al.)
+            "batch1-r128-a128-lr7e-4-t2": dict(batch_size=1, rank=128, alpha=128.0, learning_rate=7e-4, temperature=2.0),
             # full fine-tuning of every kept block (``--only distill-partial``: partial with all 23 blocks
             # + the final norm) at one window per step: every weight moves, not a low-rank update
             "batch1-full-lr3e-5": dict(batch_size=1, last_blocks=30 - K, learning_rate=3e-5),
@@ -924,6 +926,7 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_paired": "distill_paired_report",
                  "bench_heal_matrix": "distill_matrix",
                  "bench_heal_matrix_131k": "distill_matrix --block bench_heal_matrix_131k --goals",
+                 "bench_heal_full_131k": "distill_matrix --block bench_heal_full_131k --goals",
                  "bench_heal_variants": "distill_variants",
                  "bench_heal_paired_partial": "distill_paired_report --block bench_heal_paired_partial"}
 

@@ -483,6 +483,11 @@ class HealConfig(Section):
             raise ValueError("the LoRA rank must be at least 1")
         return value
 
+    @property
+    def lora_moves_base_weights(self) -> bool:
+        """PiSSA / OLoRA start by moving ``s*B0A0`` out of each base weight (default LoRA leaves them)."""
+        return self.lora_init != "default"
+
     @model_validator(mode="after")
     def _trainable(self):
         if self.method == "partial" and self.last_blocks == 0 and not self.train_norm and not self.train_lm_head:
@@ -494,7 +499,7 @@ class HealConfig(Section):
         if self.method != "lora" and lora_only:
             raise ValueError(f"{', '.join(lora_only)} only apply to LoRA, not to method {self.method} "
                              "(remove them, or use method: lora)")
-        if self.method == "lora" and not self.merge and (self.lora_norms or self.lora_init != "default"):
+        if self.method == "lora" and not self.merge and (self.lora_norms or self.lora_moves_base_weights):
             raise ValueError("merge: false saves only the adapter, but lora_norms and lora_init pissa/olora also "
                              "change base weights (set merge: true, or lora_norms: false and lora_init: default)")
         if self.dora and self.lora_init != "default":

@@ -263,7 +263,7 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
     norms_before = {n: p.detach().clone() for n, p in norms.items()}
     peft_model = get_peft_model(model, lcfg)  # pissa/olora: the base weights become the residual W - s*B0A0
     initial = ({n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
-               if cfg.lora_init != "default" else {})
+               if cfg.lora_moves_base_weights else {})
     merged = False
     try:
         for p in norms.values():
