@@ -502,7 +502,7 @@ class HealConfig(Section):
         if self.method == "lora" and not self.merge and (self.lora_norms or self.lora_moves_base_weights):
             raise ValueError("merge: false saves only the adapter, but lora_norms and lora_init pissa/olora also "
                              "change base weights (set merge: true, or lora_norms: false and lora_init: default)")
-        if self.dora and self.lora_init != "default":
+        if self.dora and self.lora_moves_base_weights:
             raise ValueError(f"DoRA with lora_init {self.lora_init} is not supported (use one of them)")
         if self.method == "lora" and not self.target_modules:
             raise ValueError("LoRA with an empty target_modules trains no parameters (use all-linear or name modules)")
