@@ -195,6 +195,7 @@ DISTILL_SETTINGS = dict(temperature=1.0, kl_weight=1.0, hidden_weight=0.0, lm_we
 #: 40 against a KL near 0.8, ``--part hidden_scale``, so 0.01 makes the two terms comparable), a higher LoRA learning rate,
 #: and more, smaller optimizer steps
 R64 = dict(batch_size=1, rank=64, alpha=128.0)  # one window per step at rank 64: the base of the later variants
+R128 = dict(batch_size=1, rank=128, alpha=128.0)  # rank 128 at alpha = rank (scale 1)
 VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-3),
             "batch1": dict(batch_size=1),  # one window per step: 4x the optimizer steps for the same tokens
             "batch1-lr2e-3": dict(batch_size=1, learning_rate=2e-3),  # the two that helped, together
@@ -219,18 +220,16 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             "batch1-r64-loraplus4": dict(R64, loraplus_ratio=4.0),
             "batch1-r64-loraplus4-lr5e-4": dict(R64, loraplus_ratio=4.0, learning_rate=5e-4),
             # rank 128 with half batch1-r128's scale (alpha = rank): the rank without the larger steps
-            "batch1-r128-a128": dict(batch_size=1, rank=128, alpha=128.0),
-            "batch1-r128-a128-lr7e-4": dict(batch_size=1, rank=128, alpha=128.0, learning_rate=7e-4),
-            "batch1-r128-a128-lr5e-4": dict(batch_size=1, rank=128, alpha=128.0, learning_rate=5e-4),
-            "batch1-r128-a128-lr7e-4-seed1": dict(batch_size=1, rank=128, alpha=128.0, learning_rate=7e-4, seed=1),
+            "batch1-r128-a128": R128,
+            "batch1-r128-a128-lr7e-4": dict(R128, learning_rate=7e-4),
+            "batch1-r128-a128-lr5e-4": dict(R128, learning_rate=5e-4),
+            "batch1-r128-a128-lr7e-4-seed1": dict(R128, learning_rate=7e-4, seed=1),
             # the teacher and student softened at temperature 2 (the loss scaled by T^2, Hinton et al.)
-            "batch1-r128-a128-lr7e-4-t2": dict(batch_size=1, rank=128, alpha=128.0, learning_rate=7e-4, temperature=2.0),
+            "batch1-r128-a128-lr7e-4-t2": dict(R128, learning_rate=7e-4, temperature=2.0),
             # full fine-tuning of every kept block (``--only distill-partial``: partial with all 23 blocks
             # + the final norm) at one window per step: every weight moves, not a low-rank update
-            "batch1-full-lr3e-5": dict(batch_size=1, last_blocks=30 - K, learning_rate=3e-5),
-            "batch1-full-lr1e-4": dict(batch_size=1, last_blocks=30 - K, learning_rate=1e-4),
-            "batch1-full-lr2e-4": dict(batch_size=1, last_blocks=30 - K, learning_rate=2e-4),
-            "batch1-full-lr4e-4": dict(batch_size=1, last_blocks=30 - K, learning_rate=4e-4)}
+            **{f"batch1-full-lr{lr}": dict(batch_size=1, last_blocks=30 - K, learning_rate=float(lr))
+               for lr in ("3e-5", "1e-4", "2e-4", "4e-4")}}
 FIDELITY_WINDOWS = 16  # the first 16 of the WikiText-2 perplexity windows (16 x 512 = 8,192 tokens)
 
 
@@ -489,8 +488,8 @@ def variant_goals(to_dense: dict, d_ppl: float, pruned_kl: float) -> list[str]:
     with two or more budgets where each goal is reached (:func:`goal_budget`)."""
     lines = [f"Goals at <= {GOAL_TOKENS:,} training tokens (ppl <= 1.5x dense, KL <= 50% of the un-healed model's, "
              "MC >= 98% retained with the paired difference to dense not significant):", "",
-             "| case | training tokens | healing time | KL on held-out C4 (of un-healed) | ppl <= 1.5x | KL <= 50% | "
-             "MC >= 98%, not significant |", "|---|---:|---:|---:|---|---|---|"]
+             "| case | training tokens | trained parameters | healing time | KL on held-out C4 (of un-healed) | top-1 agreement | "
+             "ppl <= 1.5x | KL <= 50% | MC >= 98%, not significant |", "|---|---:|---:|---:|---:|---:|---|---|---|"]
     series: dict[str, dict[int, tuple[float, float]]] = {}
     for name in paired_cases():  # largest budget first
         parsed, r = parse_case_name(name), cached(name)
@@ -504,8 +503,9 @@ def variant_goals(to_dense: dict, d_ppl: float, pruned_kl: float) -> list[str]:
             f"{'met' if avg.retained >= 0.98 and not significant(avg) else 'not met'} "
             f"({100 * avg.retained:.1f}%, {interval(avg)})")
         beyond = " (beyond the budget)" if tokens > GOAL_TOKENS else ""
-        lines.append(f"| {name}{beyond} | {tokens:,} | {r['healing']['seconds'] / 60:.1f} min | {c4['kl_after']:.4f} ({100 * c4['kl_after'] / c4['kl_before']:.1f}% "
-                     f"of {c4['kl_before']:.4f}) | {'met' if ratio <= 1.5 else 'not met'} (x{ratio:.2f}) | "
+        lines.append(f"| {name}{beyond} | {tokens:,} | {r['healing']['trainable_parameters'] / 1e6:.1f}M | "
+                     f"{r['healing']['seconds'] / 60:.1f} min | {c4['kl_after']:.4f} ({100 * c4['kl_after'] / c4['kl_before']:.1f}% "
+                     f"of {c4['kl_before']:.4f}) | {100 * f['top1']:.1f}% | {'met' if ratio <= 1.5 else 'not met'} (x{ratio:.2f}) | "
                      f"{'met' if share <= 0.5 else 'not met'} ({100 * share:.1f}%) | {mc} |")
     for case, value in recorded_variant_rows().items():  # the 32k screen of the same settings
         parsed = parse_case_name(case)
