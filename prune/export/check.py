@@ -293,7 +293,9 @@ def _check_transformers_load(path: Path, report: CheckReport) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model, info = AutoModelForCausalLM.from_pretrained(path, device_map="meta", output_loading_info=True)
+            # use_kernels=False: transformers >= 5.25 kernelizes by default, and `kernels` refuses the meta device
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, device_map="meta", output_loading_info=True, use_kernels=False)
     except Exception as exc:  # noqa: BLE001
         report.add("load", "fail", f"AutoModelForCausalLM.from_pretrained fails: {first_line(exc)}")
         return
