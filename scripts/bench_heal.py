@@ -226,6 +226,10 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             "batch1-r128-a128-lr7e-4-seed1": dict(R128, learning_rate=7e-4, seed=1),
             # the teacher and student softened at temperature 2 (the loss scaled by T^2, Hinton et al.)
             "batch1-r128-a128-lr7e-4-t2": dict(R128, learning_rate=7e-4, temperature=2.0),
+            # a least-squares linear map at the cut folded into block 11's down projection first
+            # (heal.bridge: linear, ReplaceMe), then the recipe's rank-64 distillation from there
+            "batch1-r64-bridge": dict(R64, bridge="linear"),
+            "batch1-r64-bridge-seed1": dict(R64, bridge="linear", seed=1),
             # full fine-tuning of every kept block (``--only distill-partial``: partial with all 23 blocks
             # + the final norm) at one window per step: every weight moves, not a low-rank update
             **{f"batch1-full-lr{lr}": dict(batch_size=1, last_blocks=30 - K, learning_rate=float(lr))

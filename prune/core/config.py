@@ -415,6 +415,10 @@ class HealConfig(Section):
     ``n_samples`` windows (reused over epochs); ``val_samples`` more windows are held out for
     the before/after loss. Learning rate: linear warmup over 5% of the steps, then cosine to 0
     (``schedule: cosine``) or flat (``constant``).
+
+    ``bridge: linear`` (lora and partial) first fits, on the original model over the training
+    windows, a least-squares linear map at each cut and folds it into the MLP output projection
+    of the block before the cut (ReplaceMe; :mod:`prune.heal.bridge`); training starts from there.
     """
 
     method: Literal["lora", "replace", "partial"]
@@ -459,6 +463,7 @@ class HealConfig(Section):
     teacher: Literal["auto", "memory", "cache"] = "auto"
     top_k: int = Field(64, ge=1)
     teacher_cache: str | None = None  # the top-k file; default: beside the output folder
+    bridge: Literal["none", "linear"] = "none"  # linear: a least-squares map at each cut first (prune.heal.bridge)
 
     @model_validator(mode="before")
     @classmethod
@@ -504,6 +509,9 @@ class HealConfig(Section):
                              "change base weights (set merge: true, or lora_norms: false and lora_init: default)")
         if self.dora and self.lora_moves_base_weights:
             raise ValueError(f"DoRA with lora_init {self.lora_init} is not supported (use one of them)")
+        if self.bridge != "none" and self.method == "replace":
+            raise ValueError("bridge applies to lora and partial; the replacement block already stands in for the "
+                             "removed run (remove bridge, or use method: lora)")
         if self.method == "lora" and not self.target_modules:
             raise ValueError("LoRA with an empty target_modules trains no parameters (use all-linear or name modules)")
         if self.objective == "distill" and self.kl_weight == self.hidden_weight == self.lm_weight == 0:

@@ -134,6 +134,10 @@ def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: in
         width = logit_width(model)
         if cfg.top_k > width:
             raise PruneError(f"heal.top_k={cfg.top_k} is larger than the vocabulary ({width} tokens); lower it")
+    if cfg.bridge == "linear":
+        from prune.heal.bridge import check_bridge
+
+        check_bridge(model)
     if cfg.method == "lora":
         try:
             import peft  # noqa: F401
@@ -586,6 +590,32 @@ def heal_replacement(model, plan: HealPlan, *, quiet: bool = False, callback=Non
     return record
 
 
+# ---- linear bridges (prune.heal.bridge) ------------------------------------------------------------------
+def with_bridges(model, bridges, kept: list[int], val_windows, train: Callable[[], dict], teacher=None) -> dict:
+    """Fold ``bridges`` into the pruned ``model``, then ``train()``. The record's ``*_before`` figures
+    stay the un-bridged model's; ``record["bridge"]`` holds the bridged ones (``val_loss_after``,
+    and with a distillation ``teacher`` the KL and top-1 agreement)."""
+    from prune.heal.bridge import apply_bridges
+
+    loss = mean_lm_loss(model, val_windows)
+    kl = None
+    if teacher is not None:
+        from prune.heal.distill import fidelity
+
+        kl = fidelity(model, teacher, val_windows)
+    apply_bridges(model, bridges, kept)
+    record = train()
+    info = {**bridges.record(), "val_loss_before": loss, "val_loss_after": record["val_loss_before"]}
+    record["val_loss_before"] = loss
+    record["val_perplexity_before"] = math.exp(loss) if loss is not None else None
+    if kl is not None and "distill" in record:
+        d = record["distill"]
+        info.update(kl_before=kl["kl"], kl_after=d["kl_before"], top1_before=kl["top1"], top1_after=d["top1_before"])
+        d["kl_before"], d["top1_before"] = kl["kl"], kl["top1"]
+    record["bridge"] = info
+    return record
+
+
 # ---- the Python API ------------------------------------------------------------------------------------
 def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data=None, windows: torch.Tensor | None = None,
                val_windows: torch.Tensor | None = None, removed: list[int] | None = None, quiet: bool = False,
@@ -617,6 +647,24 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
         windows, val_windows = training_windows(tokenizer, cfg)
     n = len(decoder_layers(model))
     check_settings(cfg, model, n)
+    if cfg.method != "replace" and cfg.bridge == "linear":
+        if not isinstance(teacher_model, nn.Module) or kept is None:
+            raise PruneError("heal bridge linear is fitted on the original model: pass teacher_model= (the original, "
+                             "in memory) and kept= (the original index of each block of model)")
+        from prune.heal.bridge import fit_bridges
+
+        bridges = fit_bridges(teacher_model, [i for i in range(len(decoder_layers(teacher_model))) if i not in kept],
+                              windows, cfg.batch_size)
+        teacher = None
+        if cfg.objective == "distill":
+            from prune.heal.distill import Teacher
+
+            teacher = Teacher("memory", "the original model", teacher_model.eval())
+        return with_bridges(model, bridges, list(kept), val_windows,
+                            lambda: heal_model(model, tokenizer, cfg.model_copy(update={"bridge": "none"}), windows=windows,
+                                               val_windows=val_windows, quiet=quiet, callback=callback,
+                                               teacher_model=teacher_model, teacher_tokenizer=teacher_tokenizer, kept=kept),
+                            teacher)
     if cfg.objective == "distill":  # -- distill (prune.heal.distill) --
         from prune.heal import distill as D
 
@@ -666,11 +714,17 @@ def prepare(model, tokenizer, removed: list[int], cfg: HealConfig, quiet: bool =
     if cfg.objective == "distill":  # the teacher: a copy of the full model, or its top-k cache
         from prune.heal import distill as D
 
-        return D.prepare(model, tokenizer, removed, cfg, windows, val_windows, out_dir=out_dir,
+        plan = D.prepare(model, tokenizer, removed, cfg, windows, val_windows, out_dir=out_dir,
                          source_name=source_name, quiet=quiet)
-    if cfg.method != "replace":
-        return HealPlan(cfg, list(removed), windows, val_windows)
-    return plan_replacement(model, list(removed), cfg, windows, val_windows, quiet=quiet)
+    elif cfg.method != "replace":
+        plan = HealPlan(cfg, list(removed), windows, val_windows)
+    else:
+        return plan_replacement(model, list(removed), cfg, windows, val_windows, quiet=quiet)
+    if cfg.bridge == "linear":
+        from prune.heal.bridge import fit_bridges
+
+        plan.extra["bridges"] = fit_bridges(model, plan.remove, windows, cfg.batch_size)
+    return plan
 
 
 def heal(model, cfg: HealConfig, plan: HealPlan, quiet: bool = False) -> dict:
@@ -678,16 +732,23 @@ def heal(model, cfg: HealConfig, plan: HealPlan, quiet: bool = False) -> dict:
     if not quiet:
         print(f"healing ({cfg.method}{', distill' if cfg.objective == 'distill' else ''}): {cfg.steps} steps x {cfg.batch_size * cfg.gradient_accumulation} windows x "
               f"{cfg.seq_len} tokens of {cfg.data.path}", flush=True)
-    if cfg.objective == "distill":
-        from prune.heal import distill as D
+    def train() -> dict:
+        if cfg.objective == "distill":
+            from prune.heal import distill as D
 
-        record = D.heal(model, plan, quiet=quiet)
-    elif cfg.method == "replace":
-        record = heal_replacement(model, plan, quiet=quiet)
-    elif cfg.method == "lora":
-        record = heal_lora(model, cfg, plan.windows, plan.val_windows, quiet=quiet)
+            return D.heal(model, plan, quiet=quiet)
+        if cfg.method == "replace":
+            return heal_replacement(model, plan, quiet=quiet)
+        if cfg.method == "lora":
+            return heal_lora(model, cfg, plan.windows, plan.val_windows, quiet=quiet)
+        return heal_partial(model, cfg, plan.windows, plan.val_windows, quiet=quiet)
+
+    bridges = plan.extra.get("bridges")
+    if bridges is None:
+        record = train()
     else:
-        record = heal_partial(model, cfg, plan.windows, plan.val_windows, quiet=quiet)
+        kept = [i for i in range(len(decoder_layers(model)) + len(plan.remove)) if i not in plan.remove]
+        record = with_bridges(model, bridges, kept, plan.val_windows, train, plan.extra.get("teacher"))
     if not quiet and record["val_loss_after"] is not None:
         print(f"healed: held-out loss {record['val_loss_before']:.4f} -> {record['val_loss_after']:.4f} "
               f"({record['tokens_seen']:,} tokens, {record['seconds']:.0f} s)", flush=True)

@@ -243,6 +243,9 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         from prune.export.lineage import recorded_source
 
         src = recorded_source(pruning.source, source)
+    if cfg.bridge != "none":
+        raise PruneError("heal.bridge is fitted on the original model's hidden states before the surgery: use it in "
+                         "a recipe's heal section (prune run), or from Python with heal_model(..., teacher_model=original)")
     if not cfg.merge and cfg.method != "lora":
         raise PruneError(f"heal.merge: false keeps a LoRA adapter apart; method {cfg.method} has none (use lora)")
 

@@ -1,0 +1,168 @@
+"""Linear bridges across the cuts, fitted on the original model before healing (``heal.bridge: linear``).
+
+Removing the contiguous run ``a..b`` leaves block ``a-1``'s output ``y`` where the original had
+``h_b``, the output of block ``b``. Block ``a-1`` ends by adding its MLP output ``m`` to the
+residual stream, so a matrix ``T`` applied to ``m`` can carry part of the run's work (ReplaceMe,
+Shopkhoev et al. 2025). Over the calibration tokens, least squares gives
+
+    T = argmin sum_t || m_t T - (h_b - y + m)_t ||^2 = (M^T M)^+ M^T (H_b - Y + M)
+
+(``T = I`` is plain removal). It is folded into the MLP's output projection (``W <- T^T W`` for
+``nn.Linear``, ``W <- W T`` for GPT-2's ``Conv1D``; the bias ``b <- b T``), so the checkpoint stays
+a plain one with no new module. ``M^T M`` and ``M^T (H_b - Y + M)`` are summed per batch in
+float64 (no states are kept), and each forward pass stops after the last block needed.
+
+A run that starts at block 0 has no block before it and is left without a bridge; blocks whose
+MLP output passes through a norm before the residual (Gemma 2/3) or is a mixture of experts have
+no single projection to fold ``T`` into and are refused (:func:`check_bridge`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from prune.core.errors import PruneError
+from prune.model.capture import _hidden_from_output, batches
+from prune.model.loading import decoder_layers, input_device
+
+#: the MLP's last projection (its output is what the block adds to the residual stream), by architecture
+OUTPUT_PROJECTIONS = ("down_proj", "c_proj", "dense_4h_to_h", "fc2")
+
+
+@dataclass
+class Bridge:
+    """The fitted map for one cut: ``run`` (original indices) removed, ``T`` folded into ``block``."""
+
+    run: list[int]
+    block: int
+    T: torch.Tensor  # [d, d] float64, on the CPU
+    fit_error: float  # ||M T - Z||^2 / ||M - Z||^2 on the fit tokens: the share of the cut's error left
+
+
+@dataclass
+class Bridges:
+    """Every cut's bridge, and what fitting them cost."""
+
+    bridges: list[Bridge]
+    skipped: list[list[int]] = field(default_factory=list)  # runs with no block before them
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def record(self) -> dict:
+        return {"method": "linear", "tokens": self.tokens, "seconds": round(self.seconds, 1),
+                "cuts": [{"run": b.run, "block": b.block, "fit_error": round(b.fit_error, 4)} for b in self.bridges],
+                "skipped": self.skipped}
+
+
+def runs_of(removed: list[int]) -> list[list[int]]:
+    """The maximal contiguous runs of ``removed`` (sorted)."""
+    runs: list[list[int]] = []
+    for i in sorted(set(removed)):
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def output_projection(block: nn.Module) -> nn.Module | None:
+    """The projection whose output block adds to the residual stream unchanged, or None."""
+    mlp = getattr(block, "mlp", None)
+    if mlp is None or hasattr(mlp, "experts") or hasattr(block, "post_feedforward_layernorm"):
+        return None
+    for name in OUTPUT_PROJECTIONS:
+        proj = getattr(mlp, name, None)
+        if isinstance(proj, nn.Linear) or type(proj).__name__ == "Conv1D":
+            return proj
+    return None
+
+
+def check_bridge(model: nn.Module) -> None:
+    """One-line refusal when the architecture has no plain MLP output projection to fold a bridge into."""
+    if output_projection(decoder_layers(model)[0]) is None:
+        raise PruneError(f"heal.bridge linear: {type(model).__name__} blocks have no plain MLP output projection "
+                         f"({', '.join(OUTPUT_PROJECTIONS)}) adding straight to the residual stream (a norm after "
+                         "the MLP, or experts): set heal.bridge: none")
+
+
+def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, batch_size: int = 8) -> Bridges:
+    """Fit one bridge per run of ``removed`` on the FULL (original) ``model`` over ``windows``."""
+    check_bridge(model)
+    started = time.time()
+    layers = decoder_layers(model)
+    runs = runs_of(removed)
+    cuts = [r for r in runs if r[0] > 0]
+    skipped = [r for r in runs if r[0] == 0]
+    if not cuts:
+        return Bridges([], skipped, 0, time.time() - started)
+    sums: dict[int, dict[str, torch.Tensor]] = {}
+    taken: dict[str, torch.Tensor] = {}
+    last = max(r[-1] for r in cuts)
+
+    class _Stop(Exception):
+        pass
+
+    def keep(name: str):
+        def hook(module, args, output):
+            taken[name] = _hidden_from_output(output).detach().flatten(0, -2).double()
+            if name == f"h{last}":
+                raise _Stop
+        return hook
+
+    handles = []
+    for r in cuts:
+        a = r[0]
+        handles += [output_projection(layers[a - 1]).register_forward_hook(keep(f"m{a - 1}")),
+                    layers[a - 1].register_forward_hook(keep(f"y{a - 1}")),
+                    layers[r[-1]].register_forward_hook(keep(f"h{r[-1]}"))]
+    device, tokens = input_device(model), 0
+    try:
+        with torch.no_grad():
+            for _, batch in batches(windows, batch_size):
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _Stop:
+                    pass
+                tokens += batch.numel()
+                for r in cuts:
+                    m, y, h = taken[f"m{r[0] - 1}"], taken[f"y{r[0] - 1}"], taken[f"h{r[-1]}"]
+                    z = h.to(m.device) - y.to(m.device) + m
+                    s = sums.setdefault(r[0], {"G": 0.0, "C": 0.0, "zz": 0.0})
+                    s["G"] = s["G"] + (m.T @ m).cpu()
+                    s["C"] = s["C"] + (m.T @ z).cpu()
+                    s["zz"] = s["zz"] + float((z * z).sum())
+                taken.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    bridges = []
+    for r in cuts:
+        s = sums[r[0]]
+        G, C = s["G"], s["C"]
+        T = torch.linalg.lstsq(G, C, driver="gelsd").solution  # the minimum-norm solution when M^T M is singular
+        left = float((T * (G @ T)).sum() - 2 * (T * C).sum()) + s["zz"]
+        plain = float(G.trace() - 2 * C.trace()) + s["zz"]
+        bridges.append(Bridge(r, r[0] - 1, T, left / plain if plain > 0 else 0.0))
+    return Bridges(bridges, skipped, tokens, time.time() - started)
+
+
+def apply_bridges(model: nn.Module, bridges: Bridges, kept: list[int]) -> None:
+    """Fold each bridge into the output projection of its block in the PRUNED ``model``
+    (``kept[j]`` is the original index of its block ``j``)."""
+    layers = decoder_layers(model)
+    for b in bridges.bridges:
+        if b.block not in kept:
+            raise PruneError(f"internal error: the bridge's block {b.block} is not kept; please report this")
+        proj = output_projection(layers[kept.index(b.block)])
+        with torch.no_grad():
+            T = b.T.to(proj.weight.device)
+            if isinstance(proj, nn.Linear):  # y = x W^T + c  ->  y T = x (T^T W)^T + c T
+                proj.weight.copy_((T.T @ proj.weight.double()).to(proj.weight.dtype))
+            else:  # Conv1D: y = x W + c
+                proj.weight.copy_((proj.weight.double() @ T).to(proj.weight.dtype))
+            if proj.bias is not None:
+                proj.bias.copy_((proj.bias.double() @ T).to(proj.bias.dtype))

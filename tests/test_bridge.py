@@ -1,0 +1,129 @@
+"""Linear bridges across the cuts (prune.heal.bridge, ``heal.bridge: linear``).
+
+The fitted map equals a direct least-squares solve on captured states; folded into the
+output projection it reproduces ``y - m + m T`` after the cut and lowers the cut's error;
+healing with it keeps the un-bridged ``*_before`` figures, saves a plain checkpoint, and bad
+settings (replace, unsupported blocks, no original model, ``prune heal``) are refused in one line.
+"""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import prune
+from prune import PruneError
+from prune.heal.bridge import apply_bridges, check_bridge, fit_bridges, output_projection, runs_of
+from prune.heal.methods import heal_config, heal_model, training_windows
+from prune.model.loading import decoder_layers
+from prune.pipeline.orchestrator import run
+
+from conftest import BOS_ARCHS, N_LAYERS, build_model
+from test_heal import C4_DATA, FAST, _recipe, tiny_folder  # noqa: F401 - a fixture
+
+RUN = [3, 4, 5]
+
+
+def states(model, windows, block_before: int, last: int):
+    """(m, y, h) of ``model``: block_before's MLP output and output, block last's output, [tokens, d] float64."""
+    layers, got = decoder_layers(model), {}
+    hooks = [output_projection(layers[block_before]).register_forward_hook(lambda m, a, o: got.__setitem__("m", o)),
+             layers[block_before].register_forward_hook(lambda m, a, o: got.__setitem__("y", o[0] if isinstance(o, tuple) else o)),
+             layers[last].register_forward_hook(lambda m, a, o: got.__setitem__("h", o[0] if isinstance(o, tuple) else o))]
+    with torch.no_grad():
+        model(windows, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return tuple(got[k].flatten(0, -2).double() for k in "myh")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "phi3"])
+def test_fit_equals_least_squares_and_folds_into_the_projection(arch, tokenizers_by_bos):
+    tok = tokenizers_by_bos[arch in BOS_ARCHS]
+    full = build_model(arch)
+    windows, _ = training_windows(tok, heal_config("lora", C4_DATA, **{**FAST, "n_samples": 24}))
+    bridges = fit_bridges(full, RUN, windows, batch_size=5)  # batches of 5: the sums span uneven batches
+    assert [b.run for b in bridges.bridges] == [RUN] and bridges.tokens == windows.numel()
+    m, y, h = states(full, windows, RUN[0] - 1, RUN[-1])
+    direct = torch.linalg.lstsq(m, h - y + m, driver="gelsd").solution
+    (bridge,) = bridges.bridges
+    assert torch.allclose(bridge.T, direct, atol=1e-6 * direct.abs().max())
+    assert bridge.fit_error == pytest.approx(float(((m @ direct - (h - y + m)) ** 2).sum() / ((h - y) ** 2).sum()), rel=1e-6)
+    assert 0 <= bridge.fit_error < 1  # T = I (plain removal) is a candidate, and it is beaten
+
+    pruned = build_model(arch)
+    kept = prune.remove_layers(pruned, RUN)
+    apply_bridges(pruned, bridges, kept)
+    m2, y2, _ = states(pruned, windows, RUN[0] - 1, RUN[0] - 1)
+    torch.testing.assert_close(y2, y - m + m @ direct, rtol=1e-4, atol=1e-4)
+    plain_error, bridged_error = float(((y - h) ** 2).sum()), float(((y2 - h) ** 2).sum())
+    assert bridged_error < plain_error
+
+
+def test_runs_and_a_cut_at_block_zero_is_skipped(tokenizers_by_bos):
+    assert runs_of([6, 1, 0, 3, 4]) == [[0, 1], [3, 4], [6]]
+    full = build_model("llama")
+    windows, _ = training_windows(tokenizers_by_bos[True], heal_config("lora", C4_DATA, **FAST))
+    bridges = fit_bridges(full, [0, 1, 4, 6], windows)
+    assert [b.run for b in bridges.bridges] == [[4], [6]] and bridges.skipped == [[0, 1]]
+    assert [c["block"] for c in bridges.record()["cuts"]] == [3, 5]
+
+
+@pytest.mark.parametrize("objective", ["distill", "lm"])
+def test_heal_with_a_bridge_keeps_unbridged_before_figures_and_reloads(objective, tokenizers_by_bos, tmp_path):
+    tok = tokenizers_by_bos[True]
+    full = build_model("llama")
+    model = build_model("llama")
+    kept = prune.remove_layers(model, RUN)
+    from prune.heal.methods import mean_lm_loss
+
+    train_w, val_w = training_windows(tok, heal_config("lora", C4_DATA, **FAST))
+    loss0 = mean_lm_loss(model, val_w)
+    rec = heal_model(model, tok, "lora", data=C4_DATA, quiet=True, rank=4, objective=objective, bridge="linear",
+                     teacher_model=full, kept=kept, **FAST)
+    b = rec["bridge"]
+    assert b["method"] == "linear" and b["cuts"][0]["run"] == RUN and b["tokens"] == train_w.numel()
+    assert rec["val_loss_before"] == pytest.approx(loss0) == pytest.approx(b["val_loss_before"])
+    assert b["val_loss_after"] != pytest.approx(loss0)  # the bridge moved the model before training
+    if objective == "distill":
+        assert b["kl_after"] != pytest.approx(b["kl_before"]) and rec["distill"]["kl_before"] == b["kl_before"]
+    out = prune.save(model, tok, tmp_path / "healed")
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(model(val_w).logits, reloaded(val_w).logits)
+
+
+def test_bridge_refusals(tokenizers_by_bos, tmp_path):
+    tok = tokenizers_by_bos[True]
+    with pytest.raises(PruneError, match="bridge applies to lora and partial"):
+        heal_config("replace", C4_DATA, bridge="linear")
+    for arch in ("gemma2", "mixtral"):  # a norm after the MLP; experts
+        with pytest.raises(PruneError, match="no plain MLP output projection"):
+            check_bridge(build_model(arch))
+    model = build_model("llama")
+    prune.remove_layers(model, RUN)
+    with pytest.raises(PruneError, match="pass teacher_model="):
+        heal_model(model, tok, "lora", data=C4_DATA, quiet=True, bridge="linear", **FAST)
+    with pytest.raises(PruneError, match="no plain MLP output projection"):
+        heal_model(build_model("gemma2"), tok, "lora", data=C4_DATA, quiet=True, bridge="linear",
+                   teacher_model=build_model("gemma2"), kept=list(range(N_LAYERS)), **FAST)
+
+
+def test_recipe_with_a_bridge_and_prune_heal_refuses_it(tmp_path, tiny_folder):
+    from prune.pipeline.heal_run import heal_run
+
+    out = run(_recipe(tmp_path, method="distill", bridge="linear", rank=4), quiet=True).out_dir
+    record = json.loads((out / "pruning.json").read_text())
+    healing = record["healing"]
+    assert healing["bridge"]["cuts"][0]["run"] == record["removed"] and healing["settings"]["bridge"] == "linear"
+    assert healing["distill"]["kl_before"] == healing["bridge"]["kl_before"]
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == N_LAYERS - 3
+    plain = _recipe(tmp_path)
+    del plain["heal"]
+    plain["output"]["dir"] = str(tmp_path / "plain")
+    run_dir = run(plain, quiet=True).out_dir
+    with pytest.raises(PruneError, match="heal.bridge is fitted on the original model"):
+        heal_run(run_dir, tmp_path / "healed", method="lora", data=C4_DATA["path"], field=C4_DATA["field"],
+                 overrides=["bridge=linear"], source=str(tmp_path / "tiny"), quiet=True)
+    assert not (tmp_path / "healed").exists()
