@@ -230,6 +230,9 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             # (heal.bridge: linear, ReplaceMe), then the recipe's rank-64 distillation from there
             "batch1-r64-bridge": dict(R64, bridge="linear"),
             "batch1-r64-bridge-seed1": dict(R64, bridge="linear", seed=1),
+            "batch1-r64-bridge-seed2": dict(R64, bridge="linear", seed=2),
+            # with the next-token loss on the C4 text beside the KL (for the perplexity goal)
+            "batch1-r64-bridge-lm0.2": dict(R64, bridge="linear", lm_weight=0.2),
             # full fine-tuning of every kept block (``--only distill-partial``: partial with all 23 blocks
             # + the final norm) at one window per step: every weight moves, not a low-rank update
             **{f"batch1-full-lr{lr}": dict(batch_size=1, last_blocks=30 - K, learning_rate=float(lr))
@@ -555,6 +558,41 @@ def part_hidden_scale() -> None:
     print(f"KL(original || pruned) per token: {kl:.3f}; hidden MSE, mean over the {len(kept)} kept blocks: "
           f"{sum(mse) / len(mse):.1f}")
     print("original block outputs, mean square:", " ".join(f"{o}:{float(t_out[o].pow(2).mean()):.0f}" for o in kept))
+
+
+def part_bridge() -> None:
+    """The linear bridge alone (``heal.bridge: linear`` with no training): fitted on the 131k case's
+    training windows (seed 0, as ``batch1-r64-bridge`` fits it), then the fidelity on the WikiText-2
+    windows; cached as ``bridge-only-128k``."""
+    from prune.heal.bridge import apply_bridges, fit_bridges
+
+    if not cached("bridge-only-128k"):
+        base, tok = load_dense()
+        run = removed_blocks(base, tok)
+        cfg = heal_config("lora", **{**COMMON, "n_samples": GOAL_TOKENS // SEQ})
+        windows, _ = training_windows(tok, cfg)
+        bridges = fit_bridges(base, run, windows, batch_size=8)
+        model = copy.deepcopy(base)
+        apply_bridges(model, bridges, prune.remove_layers(model, run))
+        store("bridge-only-128k", {"case": "bridge only", "bridge": bridges.record(),
+                                   "fidelity": fidelity_to(model, base, tok)})
+    r, pr, dense = cached("bridge-only-128k"), cached("fidelity-pruned"), cached("fidelity-dense")
+    f = r["fidelity"]
+    print(f"bridge only ({r['bridge']['tokens']:,} fit tokens, {r['bridge']['seconds']:.0f} s, fit error "
+          f"{r['bridge']['cuts'][0]['fit_error']:.3f}): ppl x{f['perplexity'] / dense['fidelity']['perplexity']:.2f} "
+          f"(un-bridged x{pr['fidelity']['perplexity'] / dense['fidelity']['perplexity']:.2f}), KL "
+          f"{100 * f['kl'] / pr['fidelity']['kl']:.1f}% of the un-healed model's, top-1 {f['top1']:.1%} "
+          f"(un-bridged {pr['fidelity']['top1']:.1%})")
+
+
+def part_distill_pair(pair: list[str]) -> None:
+    """The paired four-task comparison of case ``pair[1]`` against case ``pair[0]`` (both lm-evaluated)."""
+    from prune.measure.paired import compare_folders, task_average
+
+    a, b = pair
+    avg = task_average(compare_folders(lmeval_folder(a), lmeval_folder(b)))
+    print(f"{b} against {a}: {interval(avg)} points{' (significant)' if significant(avg) else ''}, "
+          f"{100 * avg.retained:.1f}% retained")
 
 
 def part_distill_variants(block: str = "bench_heal_variants") -> None:
@@ -954,7 +992,7 @@ def write_docs(body: str, block: str = "bench_heal") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "distill", "distill_lmeval", "distill_report",
-                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "hidden_scale", "report", "all"],
+                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial)")
@@ -962,6 +1000,7 @@ def main() -> None:
                     help="--part distill: change these settings (VARIANTS) and add +NAME to the case names")
     ap.add_argument("--block", default=None, help="--part distill_report / distill_paired_report: the docs block to write")
     ap.add_argument("--goals", action="store_true", help="--part distill_matrix: add the goals table after the matrix")
+    ap.add_argument("--pair", nargs=2, metavar=("A", "B"), help="--part distill_pair: compare case B against case A")
     args = ap.parse_args()
     started = time.time()
     parts = ["train", "curve", "init", "report", "lmeval", "report"] if args.part == "all" else [args.part]
@@ -977,6 +1016,10 @@ def main() -> None:
             part_distill_paired_report(args.block or "bench_heal_paired")
         elif part == "distill_paired":
             part_distill_paired(args.only)
+        elif part == "distill_pair":
+            if not args.pair:
+                raise SystemExit("--part distill_pair needs --pair A B (two case names, both lm-evaluated)")
+            part_distill_pair(args.pair)
         elif part == "distill":
             part_distill([int(b) for b in args.budgets.split(",")] if args.budgets else DISTILL_BUDGETS, args.only,
                          args.variant)

@@ -84,6 +84,7 @@ def test_heal_with_a_bridge_keeps_unbridged_before_figures_and_reloads(objective
                      teacher_model=full, kept=kept, **FAST)
     b = rec["bridge"]
     assert b["method"] == "linear" and b["cuts"][0]["run"] == RUN and b["tokens"] == train_w.numel()
+    assert rec["settings"]["bridge"] == "linear"
     assert rec["val_loss_before"] == pytest.approx(loss0) == pytest.approx(b["val_loss_before"])
     assert b["val_loss_after"] != pytest.approx(loss0)  # the bridge moved the model before training
     if objective == "distill":

@@ -303,3 +303,14 @@ def test_method_distill_is_shorthand_and_old_recipes_are_unchanged():
     # a dumped distill config validates again to itself (recipe.yaml round trip)
     assert heal_config(**cfg.model_dump()) == cfg
     assert math.isclose(cfg.temperature, 1.0)
+
+
+def test_heal_model_replace_by_distillation(tokenizers_by_bos):
+    """``heal_model`` on the FULL model with a replacement block trained by distillation: the run
+    is cut to one block, and the record says replace + distill."""
+    model = build_model("llama")
+    rec = heal_model(model, tokenizers_by_bos[True], "distill", params="replace", data=C4_DATA, removed=RUN,
+                     teacher="memory", quiet=True, **FAST)
+    assert rec["method"] == "replace" and rec["objective"] == "distill"
+    assert len(decoder_layers(model)) == N_LAYERS - len(RUN) + 1 == len(rec["kept"])
+    assert rec["distill"]["kl_after"] < rec["distill"]["kl_before"]

@@ -647,34 +647,29 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
         windows, val_windows = training_windows(tokenizer, cfg)
     n = len(decoder_layers(model))
     check_settings(cfg, model, n)
-    if cfg.method != "replace" and cfg.bridge == "linear":
+    if cfg.method != "replace" or cfg.objective == "distill":
+        def train() -> dict:
+            if cfg.objective == "distill":  # -- distill (prune.heal.distill) --
+                from prune.heal import distill as D
+
+                return D.heal_model_distill(model, tokenizer, cfg, windows, val_windows, teacher_model=teacher_model,
+                                            teacher_tokenizer=teacher_tokenizer, removed=removed, kept=kept,
+                                            quiet=quiet, callback=callback)
+            heal_fn = heal_lora if cfg.method == "lora" else heal_partial
+            return heal_fn(model, cfg, windows, val_windows, quiet=quiet, callback=callback)
+
+        if cfg.bridge == "none":
+            return train()
         if not isinstance(teacher_model, nn.Module) or kept is None:
             raise PruneError("heal bridge linear is fitted on the original model: pass teacher_model= (the original, "
                              "in memory) and kept= (the original index of each block of model)")
         from prune.heal.bridge import fit_bridges
+        from prune.heal.distill import Teacher
 
         bridges = fit_bridges(teacher_model, [i for i in range(len(decoder_layers(teacher_model))) if i not in kept],
                               windows, cfg.batch_size)
-        teacher = None
-        if cfg.objective == "distill":
-            from prune.heal.distill import Teacher
-
-            teacher = Teacher("memory", "the original model", teacher_model.eval())
-        return with_bridges(model, bridges, list(kept), val_windows,
-                            lambda: heal_model(model, tokenizer, cfg.model_copy(update={"bridge": "none"}), windows=windows,
-                                               val_windows=val_windows, quiet=quiet, callback=callback,
-                                               teacher_model=teacher_model, teacher_tokenizer=teacher_tokenizer, kept=kept),
-                            teacher)
-    if cfg.objective == "distill":  # -- distill (prune.heal.distill) --
-        from prune.heal import distill as D
-
-        return D.heal_model_distill(model, tokenizer, cfg, windows, val_windows, teacher_model=teacher_model,
-                                    teacher_tokenizer=teacher_tokenizer, removed=removed, kept=kept, quiet=quiet,
-                                    callback=callback)
-    if cfg.method == "lora":
-        return heal_lora(model, cfg, windows, val_windows, quiet=quiet, callback=callback)
-    if cfg.method == "partial":
-        return heal_partial(model, cfg, windows, val_windows, quiet=quiet, callback=callback)
+        teacher = Teacher("memory", "the original model", teacher_model.eval()) if cfg.objective == "distill" else None
+        return with_bridges(model, bridges, list(kept), val_windows, train, teacher)
     if removed is None:
         raise PruneError("heal method replace needs removed= (the contiguous run of blocks to replace)")
     from prune.model.surgery import remove_layers
