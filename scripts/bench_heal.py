@@ -490,7 +490,7 @@ def series_key(parsed: tuple[str, str, int, str | None]) -> str:
 
 
 def variant_goals(to_dense: dict, d_ppl: float, pruned_kl: float) -> list[str]:
-    """The issue's three goals for every saved distillation case (LoRA or partial), met or not (MC where its paired
+    """The issue's three goals for every distillation case on this machine (LoRA or partial), met or not (MC where its paired
     lm-eval ran), with the KL on the healing's own held-out C4 windows; and for each settings series
     with two or more budgets where each goal is reached (:func:`goal_budget`)."""
     lines = [f"Goals at <= {GOAL_TOKENS:,} training tokens (ppl <= 1.5x dense, KL <= 50% of the un-healed model's, "
@@ -498,7 +498,10 @@ def variant_goals(to_dense: dict, d_ppl: float, pruned_kl: float) -> list[str]:
              "| case | training tokens | trained parameters | healing time | KL on held-out C4 (of un-healed) | top-1 agreement | "
              "ppl <= 1.5x | KL <= 50% | MC >= 98%, not significant |", "|---|---:|---:|---:|---:|---:|---|---|---|"]
     series: dict[str, dict[int, tuple[float, float]]] = {}
-    for name in paired_cases():  # largest budget first
+    saved = paired_cases()
+    screens = [p.stem for p in CACHE.glob("d-*.json") if parse_case_name(p.stem) and p.stem not in saved]
+    # the saved cases, then the variants' smaller-budget screens (no checkpoint kept): largest budget first
+    for name in sorted(saved + sorted(screens), key=lambda n: -parse_case_name(n)[2]):
         parsed, r = parse_case_name(name), cached(name)
         if not r or parsed[0] != "distill":
             continue
@@ -969,6 +972,7 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_matrix": "distill_matrix",
                  "bench_heal_matrix_131k": "distill_matrix --block bench_heal_matrix_131k --goals",
                  "bench_heal_full_131k": "distill_matrix --block bench_heal_full_131k --goals",
+                 "bench_heal_bridge_131k": "distill_matrix --block bench_heal_bridge_131k --goals",
                  "bench_heal_variants": "distill_variants",
                  "bench_heal_paired_partial": "distill_paired_report --block bench_heal_paired_partial"}
 
