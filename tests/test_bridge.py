@@ -120,6 +120,8 @@ def test_recipe_with_a_bridge_and_prune_heal_refuses_it(tmp_path, tiny_folder):
     assert healing["bridge"]["cuts"][0]["run"] == record["removed"] and healing["settings"]["bridge"] == "linear"
     assert healing["distill"]["kl_before"] == healing["bridge"]["kl_before"]
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == N_LAYERS - 3
+    assert "- bridge: method = linear" in (out / "README.md").read_text()  # the model card
+    assert f"into block {record['removed'][0] - 1} (fit error" in (out / "eval.md").read_text()
     plain = _recipe(tmp_path)
     del plain["heal"]
     plain["output"]["dir"] = str(tmp_path / "plain")

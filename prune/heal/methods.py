@@ -776,6 +776,14 @@ def healing_markdown(record: dict) -> str:
         if d.get("kl_after") is not None:
             lines.append(f"- KL to the teacher on {d['kl_tokens']:,} held-out tokens: {d['kl_before']:.4f} -> "
                          f"{d['kl_after']:.4f}; top-1 agreement {d['top1_before']:.1%} -> {d['top1_after']:.1%}")
+    if "bridge" in record:
+        b = record["bridge"]
+        cuts = ", ".join(f"blocks {c['run'][0]}-{c['run'][-1]} into block {c['block']} (fit error {c['fit_error']:.3f})"
+                         for c in b["cuts"]) or "none"
+        after = (f"; KL to the teacher {b['kl_before']:.4f} -> {b['kl_after']:.4f}" if b.get("kl_after") is not None
+                 else "")
+        lines.append(f"- linear bridge before training (least squares on {b['tokens']:,} tokens): {cuts}; "
+                     f"held-out loss {b['val_loss_before']:.4f} -> {b['val_loss_after']:.4f}{after}")
     if record.get("partial", {}).get("note"):
         lines.append(f"- note: {record['partial']['note']}")
     return "\n".join(lines) + "\n"
