@@ -419,8 +419,6 @@ def part_distill_matrix(block: str = "bench_heal_matrix", goals: bool = False) -
     multiple-choice comparison against the dense and the un-healed model (average of the four
     tasks' headline metrics, paired SE, 95% interval), into ``block`` of the docs; with ``goals``
     the issue's goals table after it (:func:`variant_goals`)."""
-    from prune.measure.paired import compare_folders, task_average
-
     pr, dense = cached("fidelity-pruned"), cached("fidelity-dense")
     have = [n for n in [*BASELINES, *paired_cases()] if list(lmeval_folder(n).glob("samples_*.jsonl"))]
     if not pr or not dense or "dense" not in have:
@@ -428,9 +426,7 @@ def part_distill_matrix(block: str = "bench_heal_matrix", goals: bool = False) -
 
     def average(ref: str, name: str):
         """The paired four-task average of ``name`` against ``ref`` (None where ``ref`` has no lm-eval)."""
-        if ref not in have or ref == name:
-            return None
-        return task_average(compare_folders(lmeval_folder(ref), lmeval_folder(name)))
+        return None if ref not in have or ref == name else paired_average(ref, name)
 
     def cells(avg) -> tuple[str, str]:
         """``(difference cell, retained cell)``."""
@@ -576,24 +572,36 @@ def part_bridge() -> None:
         windows, _ = training_windows(tok, cfg)
         bridges = fit_bridges(base, run, windows, batch_size=8)
         model = copy.deepcopy(base)
-        apply_bridges(model, bridges, prune.remove_layers(model, run))
+        prune.remove_layers(model, run)
+        apply_bridges(model, bridges)
         store("bridge-only-128k", {"case": "bridge only", "bridge": bridges.record(),
                                    "fidelity": fidelity_to(model, base, tok)})
     r, pr, dense = cached("bridge-only-128k"), cached("fidelity-pruned"), cached("fidelity-dense")
+    if not pr or not dense:
+        raise SystemExit("run --part distill first (the dense and un-healed fidelity)")
     f = r["fidelity"]
     print(f"bridge only ({r['bridge']['tokens']:,} fit tokens, {r['bridge']['seconds']:.0f} s, fit error "
           f"{r['bridge']['cuts'][0]['fit_error']:.3f}): ppl x{f['perplexity'] / dense['fidelity']['perplexity']:.2f} "
           f"(un-bridged x{pr['fidelity']['perplexity'] / dense['fidelity']['perplexity']:.2f}), KL "
           f"{100 * f['kl'] / pr['fidelity']['kl']:.1f}% of the un-healed model's, top-1 {f['top1']:.1%} "
           f"(un-bridged {pr['fidelity']['top1']:.1%})")
+    for name in paired_cases():  # the healed cases that started from a bridge: its fit inside their healing time
+        h = (cached(name) or {}).get("healing", {})
+        if "bridge" in h:
+            print(f"{name}: bridge fit {h['bridge']['seconds'] / 60:.1f} of {h['seconds'] / 60:.1f} min of healing")
+
+
+def paired_average(ref: str, name: str):
+    """The paired four-task average of case ``name`` against case ``ref`` (both lm-evaluated)."""
+    from prune.measure.paired import compare_folders, task_average
+
+    return task_average(compare_folders(lmeval_folder(ref), lmeval_folder(name)))
 
 
 def part_distill_pair(pair: list[str]) -> None:
     """The paired four-task comparison of case ``pair[1]`` against case ``pair[0]`` (both lm-evaluated)."""
-    from prune.measure.paired import compare_folders, task_average
-
     a, b = pair
-    avg = task_average(compare_folders(lmeval_folder(a), lmeval_folder(b)))
+    avg = paired_average(a, b)
     print(f"{b} against {a}: {interval(avg)} points{' (significant)' if significant(avg) else ''}, "
           f"{100 * avg.retained:.1f}% retained")
 

@@ -10,7 +10,8 @@ Shopkhoev et al. 2025). Over the calibration tokens, least squares gives
 (``T = I`` is plain removal). It is folded into the MLP's output projection (``W <- T^T W`` for
 ``nn.Linear``, ``W <- W T`` for GPT-2's ``Conv1D``; the bias ``b <- b T``), so the checkpoint stays
 a plain one with no new module. ``M^T M`` and ``M^T (H_b - Y + M)`` are summed per batch in
-float64 (no states are kept), and each forward pass stops after the last block needed.
+float64 on the activations' device (no states are kept), and each forward pass stops after the
+last block needed.
 
 A run that starts at block 0 has no block before it and is left without a bridge; blocks whose
 MLP output passes through a norm before the residual (Gemma 2/3) or is a mixture of experts have
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from prune.core.errors import PruneError
-from prune.model.capture import _hidden_from_output, batches
+from prune.model.capture import StopForward, _hidden_from_output, batches
 from prune.model.loading import decoder_layers, input_device
 
 #: the MLP's last projection (its output is what the block adds to the residual stream), by architecture
@@ -103,14 +104,11 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
     taken: dict[str, torch.Tensor] = {}
     last = max(r[-1] for r in cuts)
 
-    class _Stop(Exception):
-        pass
-
     def keep(name: str):
         def hook(module, args, output):
             taken[name] = _hidden_from_output(output).detach().flatten(0, -2).double()
             if name == f"h{last}":
-                raise _Stop
+                raise StopForward
         return hook
 
     handles = []
@@ -125,16 +123,16 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
             for _, batch in batches(windows, batch_size):
                 try:
                     model(input_ids=batch.to(device), use_cache=False)
-                except _Stop:
+                except StopForward:
                     pass
                 tokens += batch.numel()
                 for r in cuts:
                     m, y, h = taken[f"m{r[0] - 1}"], taken[f"y{r[0] - 1}"], taken[f"h{r[-1]}"]
                     z = h.to(m.device) - y.to(m.device) + m
                     s = sums.setdefault(r[0], {"G": 0.0, "C": 0.0, "zz": 0.0})
-                    s["G"] = s["G"] + (m.T @ m).cpu()
-                    s["C"] = s["C"] + (m.T @ z).cpu()
-                    s["zz"] = s["zz"] + float((z * z).sum())
+                    s["G"] = s["G"] + m.T @ m  # on the activations' device: no copy per batch
+                    s["C"] = s["C"] + m.T @ z
+                    s["zz"] = s["zz"] + (z * z).sum()
                 taken.clear()
     finally:
         for h in handles:
@@ -142,22 +140,21 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
     bridges = []
     for r in cuts:
         s = sums[r[0]]
-        G, C = s["G"], s["C"]
+        G, C, zz = s["G"].cpu(), s["C"].cpu(), float(s["zz"])
         T = torch.linalg.lstsq(G, C, driver="gelsd").solution  # the minimum-norm solution when M^T M is singular
-        left = float((T * (G @ T)).sum() - 2 * (T * C).sum()) + s["zz"]
-        plain = float(G.trace() - 2 * C.trace()) + s["zz"]
+        left = float((T * (G @ T)).sum() - 2 * (T * C).sum()) + zz
+        plain = float(G.trace() - 2 * C.trace()) + zz
         bridges.append(Bridge(r, r[0] - 1, T, left / plain if plain > 0 else 0.0))
     return Bridges(bridges, skipped, tokens, time.time() - started)
 
 
-def apply_bridges(model: nn.Module, bridges: Bridges, kept: list[int]) -> None:
-    """Fold each bridge into the output projection of its block in the PRUNED ``model``
-    (``kept[j]`` is the original index of its block ``j``)."""
+def apply_bridges(model: nn.Module, bridges: Bridges) -> None:
+    """Fold each bridge into the output projection of its block in ``model`` pruned by the same
+    runs (the block's index there: its original index less the removed blocks before it)."""
     layers = decoder_layers(model)
+    removed = [i for r in [*(b.run for b in bridges.bridges), *bridges.skipped] for i in r]
     for b in bridges.bridges:
-        if b.block not in kept:
-            raise PruneError(f"internal error: the bridge's block {b.block} is not kept; please report this")
-        proj = output_projection(layers[kept.index(b.block)])
+        proj = output_projection(layers[b.block - sum(i < b.block for i in removed)])
         with torch.no_grad():
             T = b.T.to(proj.weight.device)
             if isinstance(proj, nn.Linear):  # y = x W^T + c  ->  y T = x (T^T W)^T + c T

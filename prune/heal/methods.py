@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from prune.model.capture import _hidden_from_args, _hidden_from_output, batches
+from prune.model.capture import StopForward, _hidden_from_args, _hidden_from_output, batches
 from prune.core.config import TextSource
 from prune.io.text import calibration_windows, load_text
 from prune.core.errors import PruneError
@@ -407,10 +407,6 @@ def heal_partial(model, cfg: HealConfig, windows: torch.Tensor, val_windows: tor
 
 
 # ---- replacement layer -------------------------------------------------------------------------------
-class _StopForward(Exception):
-    """Raised by a hook to end a forward pass once the states needed are taken."""
-
-
 def capture_run(model, windows: torch.Tensor, first: int, last: int, batch_size: int = 8,
                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(h_in, h_out)``: the hidden states entering block ``first`` and leaving block ``last``
@@ -427,7 +423,7 @@ def capture_run(model, windows: torch.Tensor, first: int, last: int, batch_size:
 
     def post(module, args, kwargs, output):
         outs.append(_hidden_from_output(output).detach().to("cpu", dtype, copy=True))
-        raise _StopForward
+        raise StopForward
 
     handles = [layers[first].register_forward_pre_hook(pre, with_kwargs=True),
                layers[last].register_forward_hook(post, with_kwargs=True)]
@@ -437,7 +433,7 @@ def capture_run(model, windows: torch.Tensor, first: int, last: int, batch_size:
             for _, batch in tqdm(list(batches(windows, batch_size)), desc="capture run", unit="batch", disable=not progress):
                 try:
                     model(input_ids=batch.to(device), use_cache=False)
-                except _StopForward:
+                except StopForward:
                     pass
     finally:
         for h in handles:
@@ -454,13 +450,13 @@ def block_call_args(model, index: int, input_ids: torch.Tensor) -> tuple[tuple, 
     def pre(module, args, kwargs):
         got["args"] = tuple(args[1:])
         got["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
+        raise StopForward
 
     handle = decoder_layers(model)[index].register_forward_pre_hook(pre, with_kwargs=True)
     try:
         with torch.no_grad():
             model(input_ids=input_ids.to(input_device(model)), use_cache=False)
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         handle.remove()
@@ -591,7 +587,7 @@ def heal_replacement(model, plan: HealPlan, *, quiet: bool = False, callback=Non
 
 
 # ---- linear bridges (prune.heal.bridge) ------------------------------------------------------------------
-def with_bridges(model, bridges, kept: list[int], val_windows, train: Callable[[], dict], teacher=None) -> dict:
+def with_bridges(model, bridges, val_windows, train: Callable[[], dict], teacher=None) -> dict:
     """Fold ``bridges`` into the pruned ``model``, then ``train()``. The record's ``*_before`` figures
     stay the un-bridged model's; ``record["bridge"]`` holds the bridged ones (``val_loss_after``,
     and with a distillation ``teacher`` the KL and top-1 agreement)."""
@@ -603,7 +599,7 @@ def with_bridges(model, bridges, kept: list[int], val_windows, train: Callable[[
         from prune.heal.distill import fidelity
 
         kl = fidelity(model, teacher, val_windows)
-    apply_bridges(model, bridges, kept)
+    apply_bridges(model, bridges)
     record = train()
     info = {**bridges.record(), "val_loss_before": loss, "val_loss_after": record["val_loss_before"]}
     record["val_loss_before"] = loss
@@ -669,7 +665,7 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
         bridges = fit_bridges(teacher_model, [i for i in range(len(decoder_layers(teacher_model))) if i not in kept],
                               windows, cfg.batch_size)
         teacher = Teacher("memory", "the original model", teacher_model.eval()) if cfg.objective == "distill" else None
-        return with_bridges(model, bridges, list(kept), val_windows, train, teacher)
+        return with_bridges(model, bridges, val_windows, train, teacher)
     if removed is None:
         raise PruneError("heal method replace needs removed= (the contiguous run of blocks to replace)")
     from prune.model.surgery import remove_layers
@@ -739,11 +735,7 @@ def heal(model, cfg: HealConfig, plan: HealPlan, quiet: bool = False) -> dict:
         return heal_partial(model, cfg, plan.windows, plan.val_windows, quiet=quiet)
 
     bridges = plan.extra.get("bridges")
-    if bridges is None:
-        record = train()
-    else:
-        kept = [i for i in range(len(decoder_layers(model)) + len(plan.remove)) if i not in plan.remove]
-        record = with_bridges(model, bridges, kept, plan.val_windows, train, plan.extra.get("teacher"))
+    record = train() if bridges is None else with_bridges(model, bridges, plan.val_windows, train, plan.extra.get("teacher"))
     if not quiet and record["val_loss_after"] is not None:
         print(f"healed: held-out loss {record['val_loss_before']:.4f} -> {record['val_loss_after']:.4f} "
               f"({record['tokens_seen']:,} tokens, {record['seconds']:.0f} s)", flush=True)

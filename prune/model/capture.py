@@ -18,6 +18,10 @@ import torch
 from torch import nn
 
 
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once the states needed are taken (caught by the caller)."""
+
+
 def _hidden_from_args(args: tuple, kwargs: dict) -> torch.Tensor:
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
