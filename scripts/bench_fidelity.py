@@ -217,10 +217,11 @@ def stage_topk(ctx: Context) -> None:
     log(f"top-k check: {out}")
 
 
-def lmeval_folder(sels: dict, name: str, k: int, limit: int = 500) -> Path:
+def lmeval_folder(sels: dict, name: str, k: int, limit: int = 500, tasks: list[str] = TASKS) -> Path:
     """lm-eval's files of ``name`` at ``k`` (the dense model's are shared by every k); another
-    ``limit`` than the default 500 questions per task has folders of its own."""
-    root = CACHE / ("lmeval_k{}" if limit == 500 else "lmeval_k{}_n" + str(limit))
+    ``limit`` than the default 500 questions per task, or other tasks than the four, have folders of their own."""
+    root = CACHE / (("lmeval_k{}" if limit == 500 else "lmeval_k{}_n" + str(limit))
+                    + ("" if list(tasks) == TASKS else "_" + "-".join(tasks)))
     return Path(str(root).format(7)) / "dense" if name == "dense" else Path(str(root).format(k)) / set_key(sels[name][k])
 
 
@@ -230,7 +231,7 @@ def stage_paired(ctx: Context, names: list[str], limit: int, tasks: list[str], k
     sels = recorded_selections()
     for name in names:  # "dense" is the unpruned model
         removed = [] if name == "dense" else sels[name][k]
-        folder = lmeval_folder(sels, name, k, limit)
+        folder = lmeval_folder(sels, name, k, limit, tasks)
         if list(folder.glob("results_*.json")):
             continue
         started = time.time()
@@ -240,18 +241,20 @@ def stage_paired(ctx: Context, names: list[str], limit: int, tasks: list[str], k
         log(f"lm-eval {name}: {({t: r['metrics'] for t, r in run.summary.items()})} ({time.time() - started:.0f}s)")
 
 
-def paired_report(k: int, limit: int, names: list[str]) -> str:
+def paired_report(k: int, limit: int, names: list[str], tasks: list[str] = TASKS) -> str:
     """Only the paired comparisons at ``k`` with ``limit`` questions per task, every pair of ``names``
     whose lm-eval files are here (``--part paired_report``)."""
     from prune.measure.paired import average_line, compare_folders, headline_rows, paired_markdown
 
     sels = recorded_selections()
-    have = [n for n in names if list(lmeval_folder(sels, n, k, limit).glob("samples_*.jsonl"))]
+    have = [n for n in names if list(lmeval_folder(sels, n, k, limit, tasks).glob("samples_*.jsonl"))]
     lines = [f"_Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `python scripts/bench_fidelity.py "
-             f"--part paired_report --k {k} --limit {limit} --paired {','.join(names)}`._", ""]
+             f"--part paired_report --k {k} --limit {limit} --paired {','.join(names)}"
+             + ("" if list(tasks) == TASKS else f" --tasks {','.join(tasks)}") + "`._", ""]
     for i, a in enumerate(have):
         for b in have[i + 1:]:
-            rows = headline_rows(compare_folders(lmeval_folder(sels, a, k, limit), lmeval_folder(sels, b, k, limit)))
+            rows = headline_rows(compare_folders(lmeval_folder(sels, a, k, limit, tasks),
+                                                 lmeval_folder(sels, b, k, limit, tasks)))
             lines += [f"A = {a}, B = {b}. {average_line(rows)}.", "", paired_markdown(rows), ""]
     return "\n".join(lines)
 
@@ -368,7 +371,7 @@ def main() -> int:
         print(report(args.windows))
         return 0
     if args.part == "paired_report":
-        print(paired_report(args.k, args.limit, args.paired.split(",")))
+        print(paired_report(args.k, args.limit, args.paired.split(","), args.tasks.split(",")))
         return 0
     ctx = Context(args.windows)
     if args.part == "kl":

@@ -23,6 +23,8 @@ resumes; healed checkpoints are kept in bench_cache/heal/models/ for the lm-eval
   python scripts/bench_heal.py --part distill_matrix   # every evaluated case in one table: fidelity + paired MC
   python scripts/bench_heal.py --part distill --variant lr2e-3 --only distill-lora   # a VARIANTS setting
   python scripts/bench_heal.py --part distill_variants   # each variant beside its plain case
+  python scripts/bench_heal.py --part lastword   # the exact last word of each TinyStories story, paired
+  python scripts/bench_heal.py --part lastword_report   # its table into docs/BENCHMARKS.md
 Run it niced in the background: nohup nice -n 10 python scripts/bench_heal.py --part all > bench_heal.log 2>&1 &
 """
 
@@ -606,6 +608,83 @@ def part_distill_pair(pair: list[str]) -> None:
           f"{100 * avg.retained:.1f}% retained")
 
 
+# ---- part: lastword (the exact next word: tinystories_lastword_local, every story, paired) ---------------------
+LASTWORD = "tinystories_lastword_local"
+LASTWORD_CACHE = CACHE / "lmeval-lastword"
+#: the pairs the report compares head to head (B against A), where both are evaluated
+LASTWORD_PAIRS = [("d-lm-lora-128k+batch1-r64", "d-distill-lora-128k+batch1-r64"),  # the two objectives
+                  ("d-distill-lora-128k+batch1-r64", "d-distill-lora-128k+batch1-r64-bridge")]  # the bridge
+
+
+def part_lastword(only: str | None = None) -> None:
+    """lm-eval of the exact last word of each TinyStories story (2,311 examples, samples kept) for the
+    dense and the un-healed model and every saved case at the goal budget or above (``only``: the cases
+    whose name contains it)."""
+    from prune.measure.lmeval import run_lm_eval
+
+    base = None
+    cases = [n for n in paired_cases() if (parse_case_name(n) or (0, 0, 0))[2] >= GOAL_TOKENS]
+    for name in [*BASELINES, *cases]:
+        folder = LASTWORD_CACHE / name
+        if list(folder.glob("samples_*.jsonl")) or (only and only not in name):
+            continue
+        if name in BASELINES:
+            base = base or load_dense()
+            model, tok = copy.deepcopy(base[0]), base[1]
+            if BASELINES[name]:
+                prune.remove_layers(model, BASELINES[name])
+        else:
+            model, tok, _ = prune.load(CACHE / "models" / name, dtype="float32")
+        t = time.time()
+        run = run_lm_eval(model, tok, [LASTWORD], batch_size=16, seed=0, data_dir_path=DATA, progress=False)
+        run.write(folder, f"SmolLM2-135M-Instruct {name}")
+        log(f"{LASTWORD} {name}: {run.summary[LASTWORD]['metrics']} ({time.time() - t:.0f} s)")
+        del model
+
+
+def part_lastword_report(block: str = "bench_heal_lastword") -> None:
+    """One row per evaluated model: last-word accuracy, its share of the dense model's, the paired
+    difference to the dense and to the un-healed model, beside the fidelity (KL share, top-1); then
+    LASTWORD_PAIRS head to head; into ``block`` of the docs."""
+    from prune.measure.paired import compare_folders, headline_rows
+
+    have = [n for n in [*BASELINES, *paired_cases()] if list((LASTWORD_CACHE / n).glob("samples_*.jsonl"))]
+    if "dense" not in have or "pruned" not in have:
+        raise SystemExit("run --part lastword first")
+    pr = cached("fidelity-pruned")
+
+    def pair(a: str, b: str):
+        return headline_rows(compare_folders(LASTWORD_CACHE / a, LASTWORD_CACHE / b))[0]
+
+    def cell(row) -> str:
+        star = " *" if row.ci_low > 0 or row.ci_high < 0 else ""
+        return f"{100 * row.diff:+.2f} [{100 * row.ci_low:+.2f}, {100 * row.ci_high:+.2f}]{star}"
+
+    dense_acc = pair("dense", "pruned").mean_a
+    lines = ["| model | KL / pruned's | top-1 agreement | last-word acc | of dense's | vs dense (points, 95% CI) | "
+             "vs un-healed | right -> wrong / wrong -> right (vs dense) |", "|---|---:|---:|---:|---:|---|---|---|",
+             f"| dense | 0% | 100% | {dense_acc:.4f} | 100% | - | - | - |"]
+    for name in [n for n in have if n != "dense"]:
+        r = cached(name) if name != "pruned" else pr
+        f = r["fidelity"] if r else None
+        to_dense = pair("dense", name)
+        fid = (f"{100 * f['kl'] / pr['fidelity']['kl']:.1f}% | {f['top1']:.1%}") if f else "- | -"
+        lines.append(f"| {name} | {fid} | {to_dense.mean_b:.4f} | {100 * to_dense.mean_b / dense_acc:.1f}% | "
+                     f"{cell(to_dense)} | {'-' if name == 'pruned' else cell(pair('pruned', name))} | "
+                     f"{to_dense.right_to_wrong} / {to_dense.wrong_to_right} |")
+    lines += ["", f"n = {to_dense.n} stories (every story of `tinystories/tinystories_sample_2MiB.txt` whose last word "
+              "follows a space); acc: greedy decoding gives the last word exactly; * where the paired 95% interval "
+              "(bootstrap) excludes 0; KL and top-1 on the WikiText-2 fidelity windows (the tables above).", ""]
+    for a, b in LASTWORD_PAIRS:
+        if a in have and b in have:
+            row = pair(a, b)
+            lines.append(f"- **{b}** against **{a}**: {cell(row)} points ({row.mean_a:.4f} -> {row.mean_b:.4f}; "
+                         f"{row.right_to_wrong} right -> wrong, {row.wrong_to_right} wrong -> right, "
+                         f"McNemar p = {row.mcnemar_p:.3g})")
+    print("\n".join(lines))
+    write_docs("\n".join(lines), block)
+
+
 def part_distill_variants(block: str = "bench_heal_variants") -> None:
     """Each VARIANTS case beside its plain case (same objective, params, budget): the KL to the
     original on the healing's own held-out C4 windows (what a variant is chosen by) and the
@@ -981,7 +1060,7 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_matrix_131k": "distill_matrix --block bench_heal_matrix_131k --goals",
                  "bench_heal_full_131k": "distill_matrix --block bench_heal_full_131k --goals",
                  "bench_heal_bridge_131k": "distill_matrix --block bench_heal_bridge_131k --goals",
-                 "bench_heal_variants": "distill_variants",
+                 "bench_heal_variants": "distill_variants", "bench_heal_lastword": "lastword_report",
                  "bench_heal_paired_partial": "distill_paired_report --block bench_heal_paired_partial"}
 
 
@@ -1004,7 +1083,7 @@ def write_docs(body: str, block: str = "bench_heal") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "distill", "distill_lmeval", "distill_report",
-                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "report", "all"],
+                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "lastword", "lastword_report", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial)")
@@ -1028,6 +1107,10 @@ def main() -> None:
             part_distill_paired_report(args.block or "bench_heal_paired")
         elif part == "distill_paired":
             part_distill_paired(args.only)
+        elif part == "lastword":
+            part_lastword(args.only)
+        elif part == "lastword_report":
+            part_lastword_report(args.block or "bench_heal_lastword")
         elif part == "distill_pair":
             if not args.pair:
                 raise SystemExit("--part distill_pair needs --pair A B (two case names, both lm-evaluated)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -104,3 +105,26 @@ def test_local_tasks_resolve_without_indexing_lm_evals_registry(task_dir, tmp_pa
     (mine / "copa_c.yaml").write_text((mine / "copa_a.yaml").read_text().replace("copa_a", "copa_c"))
     again = resolve_tasks(["copa_c", "lambada_openai"], data_dir_path=DATA, task_dirs=[mine])[1]  # added since: found
     assert again is not first and "copa_c" in again.all_tasks
+
+
+def test_last_word_task_scores_the_exact_last_word_of_each_story(tokenizers_by_bos, tmp_path):
+    """``tinystories_lastword_local`` (LAMBADA-style): one example per story of the shared TinyStories
+    file, the context the story up to its last word, the target that word after a space."""
+    from prune.measure.lmeval import run_lm_eval
+
+    stories = [s.strip() for s in (DATA / "tinystories" / "tinystories_sample_2MiB.txt").read_text().split("<|endoftext|>")]
+    expected = []
+    for story in filter(None, stories):
+        head, _, last = story.rpartition(" ")
+        word = last.rstrip(".!?\"',;:)")
+        if head and word.replace("'", "").isalpha():
+            expected.append((head, word))
+    assert check_tasks(["tinystories_lastword_local"], data_dir_path=DATA) == ["tinystories_lastword_local"]
+    run = run_lm_eval(build_model("llama"), tokenizers_by_bos[True], ["tinystories_lastword_local"], limit=6,
+                      batch_size=4, data_dir_path=DATA, progress=False)
+    assert run.summary["tinystories_lastword_local"]["n"] == 6
+    assert 0.0 <= run.summary["tinystories_lastword_local"]["metrics"]["acc"] <= 1.0
+    run.write(tmp_path, "tiny")
+    docs = [json.loads(line) for line in next(tmp_path.glob("samples_*.jsonl")).read_text().splitlines()]
+    assert [(d["doc"]["context"], d["target"]) for d in docs] == [(c, " " + w) for c, w in expected[:6]]
+    assert expected[0][1] == "together"  # "... They both felt happy because they had shared and worked together."

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from prune.core.errors import PruneError
+from prune.core.records import complement
 
 ONE_SHOT_METRICS = ("bi", "angular", "cka", "msrs")
 DEFAULT_PROTECT = (0, -1)
@@ -41,8 +42,7 @@ class Selection:
 
     @property
     def kept(self) -> list[int]:
-        removed = set(self.removed)
-        return [i for i in range(self.n_layers) if i not in removed]
+        return complement(self.n_layers, self.removed)
 
     def to_dict(self) -> dict:
         data = asdict(self)

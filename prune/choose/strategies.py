@@ -37,6 +37,7 @@ from prune.model.capture import BlockStates, batches
 from prune.io.text import _assemble, _window_body, token_stream
 from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, SelectConfig
 from prune.core.errors import PruneError
+from prune.core.records import complement
 from prune.measure.perplexity import nll_sum
 from prune.model.loading import decoder_layers, decoder_layers_path, input_device, pruned_config_updates
 from prune.measure.scoring import BATCH_SIZE, BETA, CKA_WINDOWS, DEFAULT_POSITIONS, TAU, score
@@ -63,7 +64,7 @@ def skip_blocks(model: nn.Module, removed):
         raise PruneError(f"block indices {removed} out of range for {n} blocks")
     if len(removed) >= n:
         raise PruneError(f"cannot skip all {n} blocks")
-    kept = [i for i in range(n) if i not in set(removed)]
+    kept = complement(n, removed)
     if not removed:
         yield kept
         return
@@ -133,7 +134,7 @@ def iterative(model, windows: torch.Tensor, count: int, *, metric: str = "bi", p
     removed = [t["removed"] for t in trace]
     current = scores if scores is not None and scores.n_layers == L and not trace else None
     for r in tqdm(range(len(trace), count), desc="iterative", unit="round", disable=not progress):
-        kept = [i for i in range(L) if i not in set(removed)]
+        kept = complement(L, removed)
         passes = 0
         if current is None:
             with skip_blocks(model, removed):
@@ -196,7 +197,7 @@ def sleb(model, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, b
     removed = [t["removed"] for t in trace]
     bar = tqdm(total=count, initial=len(trace), desc="sleb", unit="round", disable=not progress)
     for r in range(len(trace), count):
-        kept = [i for i in range(L) if i not in set(removed)]
+        kept = complement(L, removed)
         with skip_blocks(model, removed):
             cached = _block_inputs(model, windows, batch_size)
         passes = 1

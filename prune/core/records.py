@@ -24,6 +24,13 @@ FORMAT = "prune/1"
 RECORD_FILE = "pruning.json"
 
 
+def complement(n_layers: int, indices) -> list[int]:
+    """The block indices ``0 .. n_layers - 1`` not in ``indices``, in order: the kept blocks of a cut
+    (``complement(n, removed)``), or the removed ones of a list of kept blocks."""
+    gone = set(indices)
+    return [i for i in range(n_layers) if i not in gone]
+
+
 class Record(BaseModel):
     """Base of the records: unknown keys are kept (forward compatible), assignment is validated."""
 

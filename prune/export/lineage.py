@@ -30,6 +30,7 @@ from prune.core.records import (
     PruningRecord,
     PruningStep,
     SourceRecord,
+    complement,
     parse_record,
     read_record,
 )
@@ -136,7 +137,7 @@ def normalize_step(record: PruningRecord | dict, n_layers_after: int, where: str
     step = as_record(record, where or RECORD).model_copy(deep=True)
     removed = sorted(step.removed)
     before = step.layers_before or n_layers_after + len(removed)
-    kept = step.kept or [i for i in range(before) if i not in set(removed)]
+    kept = step.kept or complement(before, removed)
     step.layers_before = before
     if step.layers_after is None:
         step.layers_after = len(kept)

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from prune.core.errors import PruneError
-from prune.core.records import PruningRecord
+from prune.core.records import PruningRecord, complement
 
 
 def kept_ranges(kept: list[int]) -> list[tuple[int, int]]:
@@ -124,7 +124,7 @@ def blocks_from_slices(spec: str | list, n_layers: int) -> list[int]:
             raise PruneError(f"--slices: layer_range [{start}, {end}] overlaps or comes before the previous slice "
                              "(repeating or reordering blocks is not a pruning)")
         kept += range(start, end)
-    removed = [i for i in range(n_layers) if i not in set(kept)]
+    removed = complement(n_layers, kept)
     if not removed:
         raise PruneError(f"--slices keep all {n_layers} blocks: nothing to remove")
     return removed

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from prune.core.errors import PruneError
-from prune.core.records import PruningRecord
+from prune.core.records import PruningRecord, complement
 from prune.export.public import clean_config_file
 from prune.export.saving import staged, write_extras
 from prune.io.safetensors import (
@@ -204,7 +204,7 @@ def prune_checkpoint(
     sk = Skeleton(folder, trust_remote_code=trust_remote_code)  # meta model: key mapping only
     n_layers = len(sk.layers)
     removed = check_indices(removed, n_layers)
-    kept = [i for i in range(n_layers) if i not in set(removed)]
+    kept = complement(n_layers, removed)
     record = None
     if pruning is not None and not new_step:
         from prune.export.lineage import as_record
@@ -263,7 +263,7 @@ def remove_record(src, pruning: PruningRecord | dict, n_layers: int, removed: li
     facts = {"params_before": sum(numel.values()),
              "params_after": sum(n for k, n in numel.items() if sk.block_of.get(k) not in gone),
              "model_type": sk.model.config.model_type}
-    kept = [i for i in range(n_layers) if i not in gone]
+    kept = complement(n_layers, removed)
     data.update(removed=sorted(removed), kept=kept, layers_before=n_layers, layers_after=len(kept))
     for key, value in facts.items():
         data.setdefault(key, value)

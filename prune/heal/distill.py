@@ -53,6 +53,7 @@ from torch.utils.data import TensorDataset
 
 from prune.core.config import HealConfig
 from prune.core.errors import PruneError
+from prune.core.records import complement
 from prune.model.capture import _hidden_from_output
 from prune.model.loading import decoder_layers, input_device
 
@@ -554,7 +555,7 @@ def prepare(model, tokenizer, removed: list[int], cfg: HealConfig, windows, val_
         run = check_run(removed, n)
         source, init_state = replacement_init(decoder_layers(model), run, cfg.init)
         remove = [i for i in run if i != source]
-    kept = [i for i in range(n) if i not in remove]
+    kept = complement(n, remove)
     out = Path(out_dir)
     default_cache = out.with_name(f"{out.name}.teacher-top{cfg.top_k}.safetensors")
     teacher = prepare_teacher(model, tokenizer, cfg, windows, val_windows, kept, name=str(source_name),
@@ -675,7 +676,7 @@ def heal_model_distill(model, tokenizer, cfg: HealConfig, windows, val_windows, 
         run = check_run(list(removed), n)
         source, init_state = replacement_init(decoder_layers(model), run, cfg.init)
         remove = [i for i in run if i != source]
-        t = prepare_teacher(model, tokenizer, cfg, windows, val_windows, [i for i in range(n) if i not in remove],
+        t = prepare_teacher(model, tokenizer, cfg, windows, val_windows, complement(n, remove),
                             name=getattr(model.config, "_name_or_path", "") or "the original model",
                             default_cache=cfg.teacher_cache, run=run, source_block=source, quiet=quiet)
         kept_now = remove_layers(model, remove)

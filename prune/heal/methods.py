@@ -48,6 +48,7 @@ from prune.model.capture import StopForward, _hidden_from_args, _hidden_from_out
 from prune.core.config import TextSource
 from prune.io.text import calibration_windows, load_text
 from prune.core.errors import PruneError
+from prune.core.records import complement
 from prune.model.arch import meta_model
 from prune.model.loading import decoder_layers, final_norm, input_device
 from prune.core.config import HealConfig, SelectConfig, TextConfig
@@ -662,8 +663,7 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
         from prune.heal.bridge import fit_bridges
         from prune.heal.distill import Teacher
 
-        bridges = fit_bridges(teacher_model, [i for i in range(len(decoder_layers(teacher_model))) if i not in kept],
-                              windows, cfg.batch_size)
+        bridges = fit_bridges(teacher_model, complement(len(decoder_layers(teacher_model)), kept), windows, cfg.batch_size)
         teacher = Teacher("memory", "the original model", teacher_model.eval()) if cfg.objective == "distill" else None
         return with_bridges(model, bridges, val_windows, train, teacher)
     if removed is None:

@@ -67,7 +67,7 @@ def local_task_dir(folder: Path) -> Path:
     cache = Path(os.environ.get("PRUNE_CACHE", Path.home() / ".cache" / "prune")) / "tasks" / digest
     cache.mkdir(parents=True, exist_ok=True)
     for item in resources.files("prune.tasks").iterdir():
-        if item.name.endswith(".yaml"):
+        if item.name.endswith((".yaml", ".py")):  # a task's !function helpers sit beside its YAML
             text = item.read_text().replace("{data_dir}", str(folder))
             target = cache / item.name
             if not target.exists() or target.read_text() != text:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from torch import nn
 
 from prune.core.errors import PruneError
+from prune.core.records import complement
 from prune.model.arch import block_index, meta_model
 from prune.model.loading import decoder_layers_path, pruned_config_updates
 
@@ -57,7 +58,7 @@ def remove_layers(model: nn.Module, indices) -> list[int]:
     layers = model.get_submodule(path)
     n_layers = len(layers)
     removed = check_indices(indices, n_layers)
-    kept = [i for i in range(n_layers) if i not in set(removed)]
+    kept = complement(n_layers, removed)
     tied_before = _tied(model)
 
     parent_name, _, attr = path.rpartition(".")
