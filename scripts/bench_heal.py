@@ -611,9 +611,19 @@ def part_distill_pair(pair: list[str]) -> None:
 # ---- part: lastword (the exact next word: tinystories_lastword_local, every story, paired) ---------------------
 LASTWORD = "tinystories_lastword_local"
 LASTWORD_CACHE = CACHE / "lmeval-lastword"
+#: the dense and un-healed models' files are the ones scripts/bench_fidelity.py --part paired --limit 2400
+#: --tasks tinystories_lastword_local writes (k = 7), run here when missing
+FIDELITY_LASTWORD = ROOT / "bench_cache" / "fidelity" / f"lmeval_k7_n2400_{LASTWORD}"
 #: the pairs the report compares head to head (B against A), where both are evaluated
 LASTWORD_PAIRS = [("d-lm-lora-128k+batch1-r64", "d-distill-lora-128k+batch1-r64"),  # the two objectives
                   ("d-distill-lora-128k+batch1-r64", "d-distill-lora-128k+batch1-r64-bridge")]  # the bridge
+
+
+def lastword_folder(name: str) -> Path:
+    """Where the last-word lm-eval files of case ``name`` are (the baselines' shared with bench_fidelity)."""
+    if name in BASELINES:
+        return FIDELITY_LASTWORD / ("-".join(map(str, BASELINES[name])) or "dense")
+    return LASTWORD_CACHE / name
 
 
 def part_lastword(only: str | None = None) -> None:
@@ -625,8 +635,8 @@ def part_lastword(only: str | None = None) -> None:
     base = None
     cases = [n for n in paired_cases() if (parse_case_name(n) or (0, 0, 0))[2] >= GOAL_TOKENS]
     for name in [*BASELINES, *cases]:
-        folder = LASTWORD_CACHE / name
-        if list(folder.glob("samples_*.jsonl")) or (only and only not in name):
+        folder = lastword_folder(name)
+        if list(folder.glob("samples_*.jsonl")) or (only and only not in name and name not in BASELINES):
             continue
         if name in BASELINES:
             base = base or load_dense()
@@ -648,13 +658,13 @@ def part_lastword_report(block: str = "bench_heal_lastword") -> None:
     LASTWORD_PAIRS head to head; into ``block`` of the docs."""
     from prune.measure.paired import compare_folders, headline_rows
 
-    have = [n for n in [*BASELINES, *paired_cases()] if list((LASTWORD_CACHE / n).glob("samples_*.jsonl"))]
+    have = [n for n in [*BASELINES, *paired_cases()] if list(lastword_folder(n).glob("samples_*.jsonl"))]
     if "dense" not in have or "pruned" not in have:
         raise SystemExit("run --part lastword first")
     pr = cached("fidelity-pruned")
 
     def pair(a: str, b: str):
-        return headline_rows(compare_folders(LASTWORD_CACHE / a, LASTWORD_CACHE / b))[0]
+        return headline_rows(compare_folders(lastword_folder(a), lastword_folder(b)))[0]
 
     def cell(row) -> str:
         star = " *" if row.ci_low > 0 or row.ci_high < 0 else ""
