@@ -611,7 +611,10 @@ def dist_exit(command, args) -> int:
     """Run ``command(args)`` as one rank of a launch. A rank that fails prints its one line and
     leaves at once (``os._exit``: its sockets close, so the other ranks' next collective fails
     instead of waiting); a rank whose collective failed because another died says so in one line;
-    the launcher's SIGTERM to the survivors does the same."""
+    the launcher's SIGTERM to the survivors does the same. A rank that succeeded destroys the process
+    group and also leaves with ``os._exit``: at interpreter teardown gloo's worker threads can abort the
+    process (SIGABRT, "terminate called without an active exception"; seen once in CI on a resumed
+    run) after every output was written."""
     import signal
 
     rank = os.environ.get("RANK", "?")
@@ -629,7 +632,10 @@ def dist_exit(command, args) -> int:
 
         if tdist.is_initialized():
             tdist.destroy_process_group()
-        return 0
+        import logging
+
+        logging.shutdown()
+        os._exit(0)
     os._exit(code)
 
 
