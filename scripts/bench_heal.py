@@ -55,6 +55,7 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
 
 import prune  # noqa: E402
+from prune.core.records import complement  # noqa: E402
 from prune.measure.perplexity import perplexity
 from prune.heal.methods import (
     heal_config,
@@ -286,7 +287,7 @@ def fidelity_to(model, dense, tok, batch: int = 2) -> dict:
 def part_distill(budgets=DISTILL_BUDGETS, only: str | None = None, variant: str | None = None) -> None:
     base, tok = load_dense()
     run = removed_blocks(base, tok)
-    kept = [i for i in range(30) if i not in run]
+    kept = complement(30, run)
     if not cached("fidelity-dense"):
         store("fidelity-dense", {"case": "dense", "fidelity": fidelity_to(base, base, tok)})
     if not cached("fidelity-pruned"):
@@ -367,23 +368,31 @@ def paired_cases() -> list[str]:
     return [n for n in names if (CACHE / "models" / n / "config.json").is_file()]
 
 
+def case_model(name: str, dense: list):
+    """``(model, tokenizer)`` of case ``name``: a baseline cut from the dense model (loaded into ``dense``
+    on first use, so a loop over cases loads it once), else the saved checkpoint."""
+    if name not in BASELINES:
+        model, tok, _ = prune.load(CACHE / "models" / name, dtype="float32")
+        return model, tok
+    if not dense:
+        dense.extend(load_dense())
+    model = copy.deepcopy(dense[0])
+    if BASELINES[name]:
+        prune.remove_layers(model, BASELINES[name])
+    return model, dense[1]
+
+
 def part_distill_paired(only: str | None = None) -> None:
     """lm-eval (four tasks, limit 500, samples kept) of the baselines and every saved case (``only``:
     the cases whose name contains it)."""
     from prune.measure.lmeval import run_lm_eval
 
-    base = None
+    dense: list = []
     for name in [*BASELINES, *paired_cases()]:
         folder = lmeval_folder(name)
         if list(folder.glob("samples_*.jsonl")) or (only and only not in name):
             continue
-        if name in BASELINES:
-            base = base or load_dense()
-            model, tok = copy.deepcopy(base[0]), base[1]
-            if BASELINES[name]:
-                prune.remove_layers(model, BASELINES[name])
-        else:
-            model, tok, _ = prune.load(CACHE / "models" / name, dtype="float32")
+        model, tok = case_model(name, dense)
         log(f"lm-eval (samples) {name}")
         t = time.time()
         run = run_lm_eval(model, tok, TASKS, limit=LIMIT, batch_size=16, seed=0, data_dir_path=DATA, progress=False)
@@ -466,7 +475,7 @@ GOAL_TOKENS = 131_072  # the issue's budget: every goal at <= this many training
 
 
 def interval(avg) -> str:
-    """A paired average's difference and 95% interval, in points."""
+    """A paired average's (or one task row's) difference and 95% interval, in points."""
     return f"{100 * avg.diff:+.2f} [{100 * avg.ci_low:+.2f}, {100 * avg.ci_high:+.2f}]"
 
 
@@ -544,7 +553,7 @@ def part_hidden_scale() -> None:
 
     base, tok = load_dense()
     run = removed_blocks(base, tok)
-    kept = [i for i in range(30) if i not in run]
+    kept = complement(30, run)
     model = copy.deepcopy(base)
     prune.remove_layers(model, run)
     ids = eval_windows(tok)[:2, :256]
@@ -633,7 +642,7 @@ def part_lastword(only: str | None = None) -> None:
     comma-separated list of case names, in the order to run; the baselines always come first)."""
     from prune.measure.lmeval import run_lm_eval
 
-    base = None
+    dense: list = []
     cases = [n for n in paired_cases() if (parse_case_name(n) or (0, 0, 0))[2] >= GOAL_TOKENS]
     if only:
         cases = [n for n in only.split(",") if n in cases]
@@ -641,13 +650,7 @@ def part_lastword(only: str | None = None) -> None:
         folder = lastword_folder(name)
         if list(folder.glob("samples_*.jsonl")):
             continue
-        if name in BASELINES:
-            base = base or load_dense()
-            model, tok = copy.deepcopy(base[0]), base[1]
-            if BASELINES[name]:
-                prune.remove_layers(model, BASELINES[name])
-        else:
-            model, tok, _ = prune.load(CACHE / "models" / name, dtype="float32")
+        model, tok = case_model(name, dense)
         t = time.time()
         run = run_lm_eval(model, tok, [LASTWORD], limit=LASTWORD_LIMIT, batch_size=16, seed=0, data_dir_path=DATA,
                           progress=False)
@@ -671,8 +674,7 @@ def part_lastword_report(block: str = "bench_heal_lastword") -> None:
         return headline_rows(compare_folders(lastword_folder(a), lastword_folder(b)))[0]
 
     def cell(row) -> str:
-        star = " *" if row.ci_low > 0 or row.ci_high < 0 else ""
-        return f"{100 * row.diff:+.2f} [{100 * row.ci_low:+.2f}, {100 * row.ci_high:+.2f}]{star}"
+        return interval(row) + (" *" if significant(row) else "")
 
     dense_acc = pair("dense", "pruned").mean_a
     lines = ["| model | KL / pruned's | top-1 agreement | last-word acc | of dense's | vs dense (points, 95% CI) | "

@@ -165,12 +165,13 @@ def task_average(rows: list[Paired]) -> TaskAverage | None:
 
 
 def average_line(rows: list[Paired], a: str = "A", b: str = "B") -> str:
-    """One sentence: the task average of B - A with its paired SE and 95% interval."""
+    """One sentence: the task average of B - A with its paired SE, z = difference / SE (|z| > 1.96: the
+    interval excludes 0, which a bound rounded to 0.00 does not show) and 95% interval."""
     avg = task_average(rows)
     if avg is None:
         return ""
     return (f"Average over {len(avg.tasks)} tasks (one headline metric each): {b} - {a} = {100 * avg.diff:+.2f} points, "
-            f"paired SE {100 * avg.se:.2f}, 95% interval [{100 * avg.ci_low:+.2f}, {100 * avg.ci_high:+.2f}]; "
+            f"paired SE {100 * avg.se:.2f} (z = {avg.diff / avg.se if avg.se else 0.0:+.2f}), 95% interval [{100 * avg.ci_low:+.2f}, {100 * avg.ci_high:+.2f}]; "
             f"{b} keeps {100 * avg.retained:.1f}% of {a}'s accuracy (mean of the per-task ratios)")
 
 
