@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import prune
 from prune import PruneError
-from prune.heal.bridge import apply_bridges, check_bridge, fit_bridges, output_projection, runs_of
+from prune.heal.bridge import apply_bridges, check_bridge, fit_bridges, fold_targets, runs_of
 from prune.heal.methods import heal_config, heal_model, training_windows
 from prune.model.loading import decoder_layers
 from prune.pipeline.orchestrator import run
@@ -28,7 +28,7 @@ RUN = [3, 4, 5]
 def states(model, windows, block_before: int, last: int):
     """(m, y, h) of ``model``: block_before's MLP output and output, block last's output, [tokens, d] float64."""
     layers, got = decoder_layers(model), {}
-    hooks = [output_projection(layers[block_before]).register_forward_hook(lambda m, a, o: got.__setitem__("m", o)),
+    hooks = [layers[block_before].mlp.register_forward_hook(lambda m, a, o: got.__setitem__("m", o)),
              layers[block_before].register_forward_hook(lambda m, a, o: got.__setitem__("y", o[0] if isinstance(o, tuple) else o)),
              layers[last].register_forward_hook(lambda m, a, o: got.__setitem__("h", o[0] if isinstance(o, tuple) else o))]
     with torch.no_grad():
@@ -38,14 +38,17 @@ def states(model, windows, block_before: int, last: int):
     return tuple(got[k].flatten(0, -2).double() for k in "myh")
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "phi3"])
-def test_fit_equals_least_squares_and_folds_into_the_projection(arch, tokenizers_by_bos):
+#: Mixtral and Qwen3-MoE: T folds into every expert's stacked down projection (in the fixture's Qwen3-MoE
+#: every other block is a mixture; block 3, before the run 4-6, is one)
+@pytest.mark.parametrize("arch,run", [("llama", RUN), ("gpt2", RUN), ("gpt_neox", RUN), ("phi3", RUN),
+                                      ("mixtral", RUN), ("qwen3_moe", [4, 5, 6])])
+def test_fit_equals_least_squares_and_folds_into_the_projection(arch, run, tokenizers_by_bos):
     tok = tokenizers_by_bos[arch in BOS_ARCHS]
     full = build_model(arch)
     windows, _ = training_windows(tok, heal_config("lora", C4_DATA, **{**FAST, "n_samples": 24}))
-    bridges = fit_bridges(full, RUN, windows, batch_size=5)  # batches of 5: the sums span uneven batches
-    assert [b.run for b in bridges.bridges] == [RUN] and bridges.tokens == windows.numel()
-    m, y, h = states(full, windows, RUN[0] - 1, RUN[-1])
+    bridges = fit_bridges(full, run, windows, batch_size=5)  # batches of 5: the sums span uneven batches
+    assert [b.run for b in bridges.bridges] == [run] and bridges.tokens == windows.numel()
+    m, y, h = states(full, windows, run[0] - 1, run[-1])
     direct = torch.linalg.lstsq(m, h - y + m, driver="gelsd").solution
     (bridge,) = bridges.bridges
     assert torch.allclose(bridge.T, direct, atol=1e-6 * direct.abs().max())
@@ -53,9 +56,11 @@ def test_fit_equals_least_squares_and_folds_into_the_projection(arch, tokenizers
     assert 0 <= bridge.fit_error < 1  # T = I (plain removal) is a candidate, and it is beaten
 
     pruned = build_model(arch)
-    prune.remove_layers(pruned, RUN)
+    prune.remove_layers(pruned, run)
     apply_bridges(pruned, bridges)
-    m2, y2, _ = states(pruned, windows, RUN[0] - 1, RUN[0] - 1)
+    if arch in ("mixtral", "qwen3_moe"):
+        assert fold_targets(decoder_layers(pruned)[run[0] - 1])[0].dim() == 3  # the experts' stacked weights
+    m2, y2, _ = states(pruned, windows, run[0] - 1, run[0] - 1)
     torch.testing.assert_close(y2, y - m + m @ direct, rtol=1e-4, atol=1e-4)
     plain_error, bridged_error = float(((y - h) ** 2).sum()), float(((y2 - h) ** 2).sum())
     assert bridged_error < plain_error
@@ -70,11 +75,11 @@ def test_runs_and_a_cut_at_block_zero_is_skipped(tokenizers_by_bos):
     assert [c["block"] for c in bridges.record()["cuts"]] == [3, 5]
 
 
-@pytest.mark.parametrize("objective", ["distill", "lm"])
-def test_heal_with_a_bridge_keeps_unbridged_before_figures_and_reloads(objective, tokenizers_by_bos, tmp_path):
-    tok = tokenizers_by_bos[True]
-    full = build_model("llama")
-    model = build_model("llama")
+@pytest.mark.parametrize("objective,arch", [("distill", "llama"), ("lm", "llama"), ("distill", "mixtral")])
+def test_heal_with_a_bridge_keeps_unbridged_before_figures_and_reloads(objective, arch, tokenizers_by_bos, tmp_path):
+    tok = tokenizers_by_bos[arch in BOS_ARCHS]
+    full = build_model(arch)
+    model = build_model(arch)
     kept = prune.remove_layers(model, RUN)
     from prune.heal.methods import mean_lm_loss
 
@@ -99,14 +104,14 @@ def test_bridge_refusals(tokenizers_by_bos, tmp_path):
     tok = tokenizers_by_bos[True]
     with pytest.raises(PruneError, match="bridge applies to lora and partial"):
         heal_config("replace", C4_DATA, bridge="linear")
-    for arch in ("gemma2", "mixtral"):  # a norm after the MLP; experts
-        with pytest.raises(PruneError, match="no plain MLP output projection"):
+    for arch in ("gemma2", "gemma3_text"):  # a norm after the MLP
+        with pytest.raises(PruneError, match="has no MLP output projection"):
             check_bridge(build_model(arch))
     model = build_model("llama")
     prune.remove_layers(model, RUN)
     with pytest.raises(PruneError, match="pass teacher_model="):
         heal_model(model, tok, "lora", data=C4_DATA, quiet=True, bridge="linear", **FAST)
-    with pytest.raises(PruneError, match="no plain MLP output projection"):
+    with pytest.raises(PruneError, match="has no MLP output projection"):
         heal_model(build_model("gemma2"), tok, "lora", data=C4_DATA, quiet=True, bridge="linear",
                    teacher_model=build_model("gemma2"), kept=list(range(N_LAYERS)), **FAST)
 

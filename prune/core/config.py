@@ -418,7 +418,8 @@ class HealConfig(Section):
 
     ``bridge: linear`` (lora and partial) first fits, on the original model over the training
     windows, a least-squares linear map at each cut and folds it into the MLP output projection
-    of the block before the cut (ReplaceMe; :mod:`prune.heal.bridge`); training starts from there.
+    (every expert's, for a mixture of experts) of the block before the cut (ReplaceMe;
+    :mod:`prune.heal.bridge`); training starts from there.
     """
 
     method: Literal["lora", "replace", "partial"]

@@ -9,13 +9,16 @@ Shopkhoev et al. 2025). Over the calibration tokens, least squares gives
 
 (``T = I`` is plain removal). It is folded into the MLP's output projection (``W <- T^T W`` for
 ``nn.Linear``, ``W <- W T`` for GPT-2's ``Conv1D``; the bias ``b <- b T``), so the checkpoint stays
-a plain one with no new module. ``M^T M`` and ``M^T (H_b - Y + M)`` are summed per batch in
+a plain one with no new module. A mixture of experts adds ``sum_e g_e(x) E_e(x)``, linear in each
+expert's output, so ``m T = sum_e g_e(x) (E_e(x) T)``: ``T`` folds exactly into every expert's
+down projection (Mixtral's and Qwen3-MoE's stacked ``[experts, hidden, intermediate]`` weight). ``m``
+is captured at the MLP module's output. ``M^T M`` and ``M^T (H_b - Y + M)`` are summed per batch in
 float64 on the activations' device (no states are kept), and each forward pass stops after the
 last block needed.
 
 A run that starts at block 0 has no block before it and is left without a bridge; blocks whose
-MLP output passes through a norm before the residual (Gemma 2/3) or is a mixture of experts have
-no single projection to fold ``T`` into and are refused (:func:`check_bridge`).
+MLP output passes through a norm before the residual (Gemma 2/3), or whose MLP ends in something
+else than these projections, have nowhere to fold ``T`` and are refused (:func:`check_bridge`).
 """
 
 from __future__ import annotations
@@ -70,11 +73,8 @@ def runs_of(removed: list[int]) -> list[list[int]]:
     return runs
 
 
-def output_projection(block: nn.Module) -> nn.Module | None:
-    """The projection whose output block adds to the residual stream unchanged, or None."""
-    mlp = getattr(block, "mlp", None)
-    if mlp is None or hasattr(mlp, "experts") or hasattr(block, "post_feedforward_layernorm"):
-        return None
+def output_projection(mlp: nn.Module) -> nn.Module | None:
+    """A dense MLP's last projection (``nn.Linear`` or GPT-2's ``Conv1D``), or None."""
     for name in OUTPUT_PROJECTIONS:
         proj = getattr(mlp, name, None)
         if isinstance(proj, nn.Linear) or type(proj).__name__ == "Conv1D":
@@ -82,21 +82,43 @@ def output_projection(block: nn.Module) -> nn.Module | None:
     return None
 
 
-def check_bridge(model: nn.Module) -> None:
-    """One-line refusal when the architecture has no plain MLP output projection to fold a bridge into."""
-    if output_projection(decoder_layers(model)[0]) is None:
-        raise PruneError(f"heal.bridge linear: {type(model).__name__} blocks have no plain MLP output projection "
-                         f"({', '.join(OUTPUT_PROJECTIONS)}) adding straight to the residual stream (a norm after "
-                         "the MLP, or experts): set heal.bridge: none")
+def fold_targets(block: nn.Module) -> list[nn.Module | nn.Parameter] | None:
+    """What ``T`` folds into for ``block``: its MLP's output projection, or every expert's stacked
+    down projection (``[experts, hidden, intermediate]``); None where the MLP's output does not reach
+    the residual stream as a sum of those (a norm after the MLP, shared experts, other layouts)."""
+    mlp = getattr(block, "mlp", None)
+    if mlp is None or hasattr(block, "post_feedforward_layernorm"):
+        return None
+    experts = getattr(mlp, "experts", None)
+    if experts is None:
+        proj = output_projection(mlp)
+        return None if proj is None else [proj]
+    down = getattr(experts, "down_proj", None)
+    hidden = getattr(experts, "hidden_dim", None)
+    if (not isinstance(down, nn.Parameter) or down.dim() != 3 or down.shape[1] != hidden
+            or any(hasattr(mlp, n) for n in ("shared_expert", "shared_experts"))
+            or getattr(experts, "down_proj_bias", None) is not None):
+        return None
+    return [down]
+
+
+def check_bridge(model: nn.Module, blocks: list[int] | None = None) -> None:
+    """One-line refusal when a block (``blocks``, default every one) has nowhere to fold a bridge."""
+    layers = decoder_layers(model)
+    for i in range(len(layers)) if blocks is None else blocks:
+        if fold_targets(layers[i]) is None:
+            raise PruneError(f"heal.bridge linear: block {i} of {type(model).__name__} has no MLP output projection "
+                             f"({', '.join(OUTPUT_PROJECTIONS)}, or experts' stacked down_proj) adding straight to the "
+                             "residual stream (a norm after the MLP, or shared experts): set heal.bridge: none")
 
 
 def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, batch_size: int = 8) -> Bridges:
     """Fit one bridge per run of ``removed`` on the FULL (original) ``model`` over ``windows``."""
-    check_bridge(model)
     started = time.time()
     layers = decoder_layers(model)
     runs = runs_of(removed)
     cuts = [r for r in runs if r[0] > 0]
+    check_bridge(model, [r[0] - 1 for r in cuts])
     skipped = [r for r in runs if r[0] == 0]
     if not cuts:
         return Bridges([], skipped, 0, time.time() - started)
@@ -114,10 +136,11 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
     handles = []
     for r in cuts:
         a = r[0]
-        handles += [output_projection(layers[a - 1]).register_forward_hook(keep(f"m{a - 1}")),
+        handles += [layers[a - 1].mlp.register_forward_hook(keep(f"m{a - 1}")),
                     layers[a - 1].register_forward_hook(keep(f"y{a - 1}")),
                     layers[r[-1]].register_forward_hook(keep(f"h{r[-1]}"))]
-    device, tokens = input_device(model), 0
+    device, tokens, training = input_device(model), 0, model.training
+    model.eval()  # dropout off: the states the pruned model will see at inference
     try:
         with torch.no_grad():
             for _, batch in batches(windows, batch_size):
@@ -135,6 +158,7 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
                     s["zz"] = s["zz"] + (z * z).sum()
                 taken.clear()
     finally:
+        model.train(training)
         for h in handles:
             h.remove()
     bridges = []
@@ -154,12 +178,20 @@ def apply_bridges(model: nn.Module, bridges: Bridges) -> None:
     layers = decoder_layers(model)
     removed = [i for r in [*(b.run for b in bridges.bridges), *bridges.skipped] for i in r]
     for b in bridges.bridges:
-        proj = output_projection(layers[b.block - sum(i < b.block for i in removed)])
-        with torch.no_grad():
-            T = b.T.to(proj.weight.device)
-            if isinstance(proj, nn.Linear):  # y = x W^T + c  ->  y T = x (T^T W)^T + c T
-                proj.weight.copy_((T.T @ proj.weight.double()).to(proj.weight.dtype))
-            else:  # Conv1D: y = x W + c
-                proj.weight.copy_((proj.weight.double() @ T).to(proj.weight.dtype))
-            if proj.bias is not None:
-                proj.bias.copy_((proj.bias.double() @ T).to(proj.bias.dtype))
+        for target in fold_targets(layers[b.block - sum(i < b.block for i in removed)]):
+            fold(target, b.T)
+
+
+def fold(target: nn.Module | nn.Parameter, T: torch.Tensor) -> None:
+    """Make ``target``'s output ``o`` come out as ``o T``: an ``nn.Linear`` or stacked experts'
+    ``[..., out, in]`` weight ``W <- T^T W``; a ``Conv1D`` ``[in, out]`` weight ``W <- W T``; bias ``b <- b T``."""
+    weight = target if isinstance(target, nn.Parameter) else target.weight
+    bias = None if isinstance(target, nn.Parameter) else target.bias
+    with torch.no_grad():
+        T = T.to(weight.device)
+        if isinstance(target, nn.Parameter) or isinstance(target, nn.Linear):  # y = x W^T + c -> y T = x (T^T W)^T + c T
+            weight.copy_((T.T @ weight.double()).to(weight.dtype))
+        else:  # Conv1D: y = x W + c
+            weight.copy_((weight.double() @ T).to(weight.dtype))
+        if bias is not None:
+            bias.copy_((bias.double() @ T).to(bias.dtype))
