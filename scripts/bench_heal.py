@@ -234,6 +234,10 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             "batch1-r64-bridge": dict(R64, bridge="linear"),
             "batch1-r64-bridge-seed1": dict(R64, bridge="linear", seed=1),
             "batch1-r64-bridge-seed2": dict(R64, bridge="linear", seed=2),
+            # the whole down projection of block 11 refitted by least squares instead of T (heal.bridge: down)
+            "batch1-r64-bridgedown": dict(R64, bridge="down"),
+            "batch1-r64-bridgedown-seed1": dict(R64, bridge="down", seed=1),
+            "batch1-r64-bridgedown-seed2": dict(R64, bridge="down", seed=2),
             # with the next-token loss on the C4 text beside the KL (for the perplexity goal)
             "batch1-r64-bridge-lm0.2": dict(R64, bridge="linear", lm_weight=0.2),
             # full fine-tuning of every kept block (``--only distill-partial``: partial with all 23 blocks
@@ -570,36 +574,42 @@ def part_hidden_scale() -> None:
     print("original block outputs, mean square:", " ".join(f"{o}:{float(t_out[o].pow(2).mean()):.0f}" for o in kept))
 
 
+BRIDGE_ONLY = {"linear": "bridge-only-128k", "down": "bridgedown-only-128k"}  # heal.bridge kind -> cached case
+
+
 def part_bridge() -> None:
-    """The linear bridge alone (``heal.bridge: linear`` with no training): fitted on the 131k case's
-    training windows (seed 0, as ``batch1-r64-bridge`` fits it), then the fidelity on the WikiText-2
-    windows; cached as ``bridge-only-128k``."""
+    """Each bridge alone (``heal.bridge: linear`` and ``down`` with no training): fitted on the 131k
+    case's training windows (seed 0, as ``batch1-r64-bridge`` fits it), then the fidelity on the
+    WikiText-2 windows; cached as ``bridge-only-128k`` and ``bridgedown-only-128k``."""
     from prune.heal.bridge import apply_bridges, fit_bridges
 
-    if not cached("bridge-only-128k"):
-        base, tok = load_dense()
-        run = removed_blocks(base, tok)
-        cfg = heal_config("lora", **{**COMMON, "n_samples": GOAL_TOKENS // SEQ})
-        windows, _ = training_windows(tok, cfg)
-        bridges = fit_bridges(base, run, windows, batch_size=8)
-        model = copy.deepcopy(base)
-        prune.remove_layers(model, run)
-        apply_bridges(model, bridges)
-        store("bridge-only-128k", {"case": "bridge only", "bridge": bridges.record(),
-                                   "fidelity": fidelity_to(model, base, tok)})
-    r, pr, dense = cached("bridge-only-128k"), cached("fidelity-pruned"), cached("fidelity-dense")
+    pr, dense = cached("fidelity-pruned"), cached("fidelity-dense")
     if not pr or not dense:
         raise SystemExit("run --part distill first (the dense and un-healed fidelity)")
-    f = r["fidelity"]
-    print(f"bridge only ({r['bridge']['tokens']:,} fit tokens, {r['bridge']['seconds']:.0f} s, fit error "
-          f"{r['bridge']['cuts'][0]['fit_error']:.3f}): ppl x{f['perplexity'] / dense['fidelity']['perplexity']:.2f} "
-          f"(un-bridged x{pr['fidelity']['perplexity'] / dense['fidelity']['perplexity']:.2f}), KL "
-          f"{100 * f['kl'] / pr['fidelity']['kl']:.1f}% of the un-healed model's, top-1 {f['top1']:.1%} "
-          f"(un-bridged {pr['fidelity']['top1']:.1%})")
+    for kind, name in BRIDGE_ONLY.items():
+        if not cached(name):
+            base, tok = load_dense()
+            run = removed_blocks(base, tok)
+            cfg = heal_config("lora", **{**COMMON, "n_samples": GOAL_TOKENS // SEQ})
+            windows, _ = training_windows(tok, cfg)
+            bridges = fit_bridges(base, run, windows, batch_size=8, kind=kind)
+            model = copy.deepcopy(base)
+            prune.remove_layers(model, run)
+            apply_bridges(model, bridges)
+            store(name, {"case": f"bridge only ({kind})", "bridge": bridges.record(),
+                         "fidelity": fidelity_to(model, base, tok)})
+        r = cached(name)
+        f = r["fidelity"]
+        print(f"bridge {kind} only ({r['bridge']['tokens']:,} fit tokens, {r['bridge']['seconds']:.0f} s, fit error "
+              f"{r['bridge']['cuts'][0]['fit_error']:.3f}): ppl x{f['perplexity'] / dense['fidelity']['perplexity']:.2f} "
+              f"(un-bridged x{pr['fidelity']['perplexity'] / dense['fidelity']['perplexity']:.2f}), KL "
+              f"{100 * f['kl'] / pr['fidelity']['kl']:.1f}% of the un-healed model's, top-1 {f['top1']:.1%} "
+              f"(un-bridged {pr['fidelity']['top1']:.1%})")
     for name in paired_cases():  # the healed cases that started from a bridge: its fit inside their healing time
         h = (cached(name) or {}).get("healing", {})
         if "bridge" in h:
-            print(f"{name}: bridge fit {h['bridge']['seconds'] / 60:.1f} of {h['seconds'] / 60:.1f} min of healing")
+            print(f"{name}: {h['bridge']['method']} bridge fit {h['bridge']['seconds'] / 60:.1f} of "
+                  f"{h['seconds'] / 60:.1f} min of healing")
 
 
 def paired_average(ref: str, name: str):

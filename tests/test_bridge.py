@@ -66,6 +66,34 @@ def test_fit_equals_least_squares_and_folds_into_the_projection(arch, run, token
     assert bridged_error < plain_error
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "phi3"])  # no bias; Conv1D + bias; Linear + bias
+def test_down_bridge_refits_the_projection_by_ridge_least_squares(arch, tokenizers_by_bos):
+    tok = tokenizers_by_bos[arch in BOS_ARCHS]
+    full = build_model(arch)
+    windows, _ = training_windows(tok, heal_config("lora", C4_DATA, **{**FAST, "n_samples": 24}))
+    bridges = fit_bridges(full, RUN, windows, batch_size=5, kind="down")
+    (bridge,) = bridges.bridges
+    assert bridges.record()["method"] == "down" and bridge.kind == "down"
+    proj = fold_targets(decoder_layers(full)[RUN[0] - 1])[0]
+    got = {}
+    hook = proj.register_forward_hook(lambda mod, args, out: got.__setitem__("a", args[0].flatten(0, -2).double()))
+    m, y, h = states(full, windows, RUN[0] - 1, RUN[-1])
+    hook.remove()
+    a = torch.cat([got["a"], torch.ones(len(got["a"]), 1, dtype=torch.float64)], 1) if proj.bias is not None else got["a"]
+    G = a.T @ a
+    direct = torch.linalg.solve(G + 1e-4 * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype), a.T @ (h - y + m))
+    assert torch.allclose(bridge.T, direct, atol=1e-6 * direct.abs().max())
+    assert bridge.fit_error == pytest.approx(float(((a @ direct - (h - y + m)) ** 2).sum() / ((h - y) ** 2).sum()), rel=1e-6)
+    linear = fit_bridges(full, RUN, windows, batch_size=5).bridges[0]
+    assert bridge.fit_error < linear.fit_error  # a wider map than T: it fits the same tokens better
+
+    pruned = build_model(arch)
+    prune.remove_layers(pruned, RUN)
+    apply_bridges(pruned, bridges)
+    _, y2, _ = states(pruned, windows, RUN[0] - 1, RUN[0] - 1)
+    torch.testing.assert_close(y2, y - m + a @ direct, rtol=1e-4, atol=1e-4)
+
+
 def test_runs_and_a_cut_at_block_zero_is_skipped(tokenizers_by_bos):
     assert runs_of([6, 1, 0, 3, 4]) == [[0, 1], [3, 4], [6]]
     full = build_model("llama")
@@ -75,8 +103,9 @@ def test_runs_and_a_cut_at_block_zero_is_skipped(tokenizers_by_bos):
     assert [c["block"] for c in bridges.record()["cuts"]] == [3, 5]
 
 
-@pytest.mark.parametrize("objective,arch", [("distill", "llama"), ("lm", "llama"), ("distill", "mixtral")])
-def test_heal_with_a_bridge_keeps_unbridged_before_figures_and_reloads(objective, arch, tokenizers_by_bos, tmp_path):
+@pytest.mark.parametrize("objective,arch,kind", [("distill", "llama", "linear"), ("lm", "llama", "linear"),
+                                               ("distill", "mixtral", "linear"), ("distill", "gpt2", "down")])
+def test_heal_with_a_bridge_keeps_unbridged_before_figures_and_reloads(objective, arch, kind, tokenizers_by_bos, tmp_path):
     tok = tokenizers_by_bos[arch in BOS_ARCHS]
     full = build_model(arch)
     model = build_model(arch)
@@ -85,11 +114,11 @@ def test_heal_with_a_bridge_keeps_unbridged_before_figures_and_reloads(objective
 
     train_w, val_w = training_windows(tok, heal_config("lora", C4_DATA, **FAST))
     loss0 = mean_lm_loss(model, val_w)
-    rec = heal_model(model, tok, "lora", data=C4_DATA, quiet=True, rank=4, objective=objective, bridge="linear",
+    rec = heal_model(model, tok, "lora", data=C4_DATA, quiet=True, rank=4, objective=objective, bridge=kind,
                      teacher_model=full, kept=kept, **FAST)
     b = rec["bridge"]
-    assert b["method"] == "linear" and b["cuts"][0]["run"] == RUN and b["tokens"] == train_w.numel()
-    assert rec["settings"]["bridge"] == "linear"
+    assert b["method"] == kind and b["cuts"][0]["run"] == RUN and b["tokens"] == train_w.numel()
+    assert rec["settings"]["bridge"] == kind
     assert rec["val_loss_before"] == pytest.approx(loss0) == pytest.approx(b["val_loss_before"])
     assert b["val_loss_after"] != pytest.approx(loss0)  # the bridge moved the model before training
     if objective == "distill":
@@ -107,6 +136,12 @@ def test_bridge_refusals(tokenizers_by_bos, tmp_path):
     for arch in ("gemma2", "gemma3_text"):  # a norm after the MLP
         with pytest.raises(PruneError, match="has no MLP output projection"):
             check_bridge(build_model(arch))
+    with pytest.raises(PruneError, match="bridge down: block 0 of MixtralForCausalLM is a mixture of experts"):
+        check_bridge(build_model("mixtral"), kind="down")
+    qwen3_moe = build_model("qwen3_moe")  # blocks 0, 2, 4, 6 are dense MLPs; 1, 3, 5, 7 mixtures
+    assert fit_bridges(qwen3_moe, [3, 4], torch.ones(1, 8, dtype=torch.long), kind="down").bridges[0].block == 2
+    with pytest.raises(PruneError, match="bridge down: block 3 .* mixture"):  # only the blocks before a cut count
+        fit_bridges(qwen3_moe, [4, 5], torch.ones(1, 8, dtype=torch.long), kind="down")
     model = build_model("llama")
     prune.remove_layers(model, RUN)
     with pytest.raises(PruneError, match="pass teacher_model="):

@@ -419,7 +419,8 @@ class HealConfig(Section):
     ``bridge: linear`` (lora and partial) first fits, on the original model over the training
     windows, a least-squares linear map at each cut and folds it into the MLP output projection
     (every expert's, for a mixture of experts) of the block before the cut (ReplaceMe;
-    :mod:`prune.heal.bridge`); training starts from there.
+    :mod:`prune.heal.bridge`); training starts from there. ``bridge: down`` refits that whole
+    projection on its own inputs by least squares instead (dense MLPs).
     """
 
     method: Literal["lora", "replace", "partial"]
@@ -464,7 +465,7 @@ class HealConfig(Section):
     teacher: Literal["auto", "memory", "cache"] = "auto"
     top_k: int = Field(64, ge=1)
     teacher_cache: str | None = None  # the top-k file; default: beside the output folder
-    bridge: Literal["none", "linear"] = "none"  # linear: a least-squares map at each cut first (prune.heal.bridge)
+    bridge: Literal["none", "linear", "down"] = "none"  # a least-squares map at each cut first (prune.heal.bridge)
 
     @model_validator(mode="before")
     @classmethod

@@ -16,6 +16,14 @@ is captured at the MLP module's output. ``M^T M`` and ``M^T (H_b - Y + M)`` are 
 float64 on the activations' device (no states are kept), and each forward pass stops after the
 last block needed.
 
+``heal.bridge: down`` refits the whole output projection of the block before the cut instead, on
+its own inputs ``a`` (the MLP's inner activations, ``d_ff`` wide, and a constant 1 where the
+projection has a bias): ``W' = argmin sum_t || a_t W' - (h_b - y + m)_t ||^2``, solved as
+``(A^T A + lam I) W' = A^T Z`` with ``lam = RIDGE x mean(diag(A^T A))``. Its candidates include
+every ``T``-bridge (``W T``) and plain removal (``W``), so without the ridge it fits the fit tokens
+at least as well (docs/BENCHMARKS.md measures both on SmolLM2). Dense MLPs only (a mixture's
+experts are routed per token).
+
 A run that starts at block 0 has no block before it and is left without a bridge; blocks whose
 MLP output passes through a norm before the residual (Gemma 2/3), or whose MLP ends in something
 else than these projections, have nowhere to fold ``T`` and are refused (:func:`check_bridge`).
@@ -37,14 +45,24 @@ from prune.model.loading import decoder_layers, input_device
 OUTPUT_PROJECTIONS = ("down_proj", "c_proj", "dense_4h_to_h", "fc2")
 
 
+#: ``heal.bridge: down``: the ridge, relative to the mean diagonal of ``A^T A`` (1e-4 fits held-out
+#: windows as well as the exact solve on SmolLM2, and keeps the solve well posed)
+RIDGE = 1e-4
+BRIDGE_KINDS = ("linear", "down")
+
+
 @dataclass
 class Bridge:
-    """The fitted map for one cut: ``run`` (original indices) removed, ``T`` folded into ``block``."""
+    """The fitted map for one cut: ``run`` (original indices) removed, folded into ``block``.
+
+    ``linear``: ``T`` [d, d], the MLP's output becomes ``m T``. ``down``: ``T`` [d_ff (+1), d], the new
+    output projection (its input ``a`` -> ``a T``, the last row the bias where the projection has one)."""
 
     run: list[int]
     block: int
-    T: torch.Tensor  # [d, d] float64, on the CPU
-    fit_error: float  # ||M T - Z||^2 / ||M - Z||^2 on the fit tokens: the share of the cut's error left
+    T: torch.Tensor  # float64, on the CPU
+    fit_error: float  # ||X T - Z||^2 / ||M - Z||^2 on the fit tokens: the share of the cut's error left
+    kind: str = "linear"
 
 
 @dataclass
@@ -55,9 +73,10 @@ class Bridges:
     skipped: list[list[int]] = field(default_factory=list)  # runs with no block before them
     tokens: int = 0
     seconds: float = 0.0
+    kind: str = "linear"
 
     def record(self) -> dict:
-        return {"method": "linear", "tokens": self.tokens, "seconds": round(self.seconds, 1),
+        return {"method": self.kind, "tokens": self.tokens, "seconds": round(self.seconds, 1),
                 "cuts": [{"run": b.run, "block": b.block, "fit_error": round(b.fit_error, 4)} for b in self.bridges],
                 "skipped": self.skipped}
 
@@ -102,26 +121,32 @@ def fold_targets(block: nn.Module) -> list[nn.Module | nn.Parameter] | None:
     return [down]
 
 
-def check_bridge(model: nn.Module, blocks: list[int] | None = None) -> None:
+def check_bridge(model: nn.Module, blocks: list[int] | None = None, kind: str = "linear") -> None:
     """One-line refusal when a block (``blocks``, default every one) has nowhere to fold a bridge."""
     layers = decoder_layers(model)
     for i in range(len(layers)) if blocks is None else blocks:
-        if fold_targets(layers[i]) is None:
-            raise PruneError(f"heal.bridge linear: block {i} of {type(model).__name__} has no MLP output projection "
+        targets = fold_targets(layers[i])
+        if targets is None:
+            raise PruneError(f"heal.bridge {kind}: block {i} of {type(model).__name__} has no MLP output projection "
                              f"({', '.join(OUTPUT_PROJECTIONS)}, or experts' stacked down_proj) adding straight to the "
                              "residual stream (a norm after the MLP, or shared experts): set heal.bridge: none")
+        if kind == "down" and isinstance(targets[0], nn.Parameter):
+            raise PruneError(f"heal.bridge down: block {i} of {type(model).__name__} is a mixture of experts (its "
+                             "experts are routed per token, no single projection to refit): use heal.bridge: linear")
 
 
-def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, batch_size: int = 8) -> Bridges:
-    """Fit one bridge per run of ``removed`` on the FULL (original) ``model`` over ``windows``."""
+def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, batch_size: int = 8,
+                kind: str = "linear") -> Bridges:
+    """Fit one bridge (``kind``: linear or down) per run of ``removed`` on the FULL (original)
+    ``model`` over ``windows``."""
     started = time.time()
     layers = decoder_layers(model)
     runs = runs_of(removed)
     cuts = [r for r in runs if r[0] > 0]
-    check_bridge(model, [r[0] - 1 for r in cuts])
+    check_bridge(model, [r[0] - 1 for r in cuts], kind)
     skipped = [r for r in runs if r[0] == 0]
     if not cuts:
-        return Bridges([], skipped, 0, time.time() - started)
+        return Bridges([], skipped, 0, time.time() - started, kind)
     sums: dict[int, dict[str, torch.Tensor]] = {}
     taken: dict[str, torch.Tensor] = {}
     last = max(r[-1] for r in cuts)
@@ -129,6 +154,9 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
     def keep(name: str):
         def hook(module, args, output):
             taken[name] = _hidden_from_output(output).detach().flatten(0, -2).double()
+            if name.startswith("m") and kind == "down":  # the projection's input, and 1 for its bias
+                x = args[0].detach().flatten(0, -2).double()
+                taken["a" + name[1:]] = torch.cat([x, x.new_ones(len(x), 1)], 1) if module.bias is not None else x
             if name == f"h{last}":
                 raise StopForward
         return hook
@@ -136,7 +164,8 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
     handles = []
     for r in cuts:
         a = r[0]
-        handles += [layers[a - 1].mlp.register_forward_hook(keep(f"m{a - 1}")),
+        site = fold_targets(layers[a - 1])[0] if kind == "down" else layers[a - 1].mlp
+        handles += [site.register_forward_hook(keep(f"m{a - 1}")),
                     layers[a - 1].register_forward_hook(keep(f"y{a - 1}")),
                     layers[r[-1]].register_forward_hook(keep(f"h{r[-1]}"))]
     device, tokens, training = input_device(model), 0, model.training
@@ -152,10 +181,12 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
                 for r in cuts:
                     m, y, h = taken[f"m{r[0] - 1}"], taken[f"y{r[0] - 1}"], taken[f"h{r[-1]}"]
                     z = h.to(m.device) - y.to(m.device) + m
-                    s = sums.setdefault(r[0], {"G": 0.0, "C": 0.0, "zz": 0.0})
-                    s["G"] = s["G"] + m.T @ m  # on the activations' device: no copy per batch
-                    s["C"] = s["C"] + m.T @ z
+                    x = taken[f"a{r[0] - 1}"] if kind == "down" else m  # what the bridge maps to z
+                    s = sums.setdefault(r[0], {"G": 0.0, "C": 0.0, "zz": 0.0, "plain": 0.0})
+                    s["G"] = s["G"] + x.T @ x  # on the activations' device: no copy per batch
+                    s["C"] = s["C"] + x.T @ z
                     s["zz"] = s["zz"] + (z * z).sum()
+                    s["plain"] = s["plain"] + ((z - m) ** 2).sum()  # plain removal's error
                 taken.clear()
     finally:
         model.train(training)
@@ -164,12 +195,14 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
     bridges = []
     for r in cuts:
         s = sums[r[0]]
-        G, C, zz = s["G"].cpu(), s["C"].cpu(), float(s["zz"])
-        T = torch.linalg.lstsq(G, C, driver="gelsd").solution  # the minimum-norm solution when M^T M is singular
+        G, C, zz, plain = s["G"].cpu(), s["C"].cpu(), float(s["zz"]), float(s["plain"])
+        if kind == "down":  # ridge-regularised normal equations (d_ff wide)
+            T = torch.linalg.solve(G + RIDGE * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype), C)
+        else:
+            T = torch.linalg.lstsq(G, C, driver="gelsd").solution  # the minimum-norm solution when M^T M is singular
         left = float((T * (G @ T)).sum() - 2 * (T * C).sum()) + zz
-        plain = float(G.trace() - 2 * C.trace()) + zz
-        bridges.append(Bridge(r, r[0] - 1, T, left / plain if plain > 0 else 0.0))
-    return Bridges(bridges, skipped, tokens, time.time() - started)
+        bridges.append(Bridge(r, r[0] - 1, T, left / plain if plain > 0 else 0.0, kind))
+    return Bridges(bridges, skipped, tokens, time.time() - started, kind)
 
 
 def apply_bridges(model: nn.Module, bridges: Bridges) -> None:
@@ -178,8 +211,22 @@ def apply_bridges(model: nn.Module, bridges: Bridges) -> None:
     layers = decoder_layers(model)
     removed = [i for r in [*(b.run for b in bridges.bridges), *bridges.skipped] for i in r]
     for b in bridges.bridges:
-        for target in fold_targets(layers[b.block - sum(i < b.block for i in removed)]):
-            fold(target, b.T)
+        targets = fold_targets(layers[b.block - sum(i < b.block for i in removed)])
+        if b.kind == "down":
+            refit(targets[0], b.T)
+        else:
+            for target in targets:
+                fold(target, b.T)
+
+
+def refit(proj: nn.Module, T: torch.Tensor) -> None:
+    """Replace a dense output projection by ``a -> a T`` (``T`` [d_ff (+1 bias row), d])."""
+    with torch.no_grad():
+        T = T.to(proj.weight.device)
+        W, b = (T[:-1], T[-1]) if proj.bias is not None else (T, None)
+        proj.weight.copy_((W.T if isinstance(proj, nn.Linear) else W).to(proj.weight.dtype))  # Conv1D: [in, out]
+        if b is not None:
+            proj.bias.copy_(b.to(proj.bias.dtype))
 
 
 def fold(target: nn.Module | nn.Parameter, T: torch.Tensor) -> None:

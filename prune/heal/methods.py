@@ -135,10 +135,10 @@ def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: in
         width = logit_width(model)
         if cfg.top_k > width:
             raise PruneError(f"heal.top_k={cfg.top_k} is larger than the vocabulary ({width} tokens); lower it")
-    if cfg.bridge == "linear":
+    if cfg.bridge != "none":
         from prune.heal.bridge import check_bridge
 
-        check_bridge(model)
+        check_bridge(model, kind=cfg.bridge)
     if cfg.method == "lora":
         try:
             import peft  # noqa: F401
@@ -658,12 +658,13 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
         if cfg.bridge == "none":
             return train()
         if not isinstance(teacher_model, nn.Module) or kept is None:
-            raise PruneError("heal bridge linear is fitted on the original model: pass teacher_model= (the original, "
-                             "in memory) and kept= (the original index of each block of model)")
+            raise PruneError(f"heal bridge {cfg.bridge} is fitted on the original model: pass teacher_model= (the "
+                             "original, in memory) and kept= (the original index of each block of model)")
         from prune.heal.bridge import fit_bridges
         from prune.heal.distill import Teacher
 
-        bridges = fit_bridges(teacher_model, complement(len(decoder_layers(teacher_model)), kept), windows, cfg.batch_size)
+        bridges = fit_bridges(teacher_model, complement(len(decoder_layers(teacher_model)), kept), windows,
+                              cfg.batch_size, kind=cfg.bridge)
         teacher = Teacher("memory", "the original model", teacher_model.eval()) if cfg.objective == "distill" else None
         return with_bridges(model, bridges, val_windows, train, teacher)
     if removed is None:
@@ -711,10 +712,10 @@ def prepare(model, tokenizer, removed: list[int], cfg: HealConfig, quiet: bool =
         plan = HealPlan(cfg, list(removed), windows, val_windows)
     else:
         return plan_replacement(model, list(removed), cfg, windows, val_windows, quiet=quiet)
-    if cfg.bridge == "linear":
+    if cfg.bridge != "none":
         from prune.heal.bridge import fit_bridges
 
-        plan.extra["bridges"] = fit_bridges(model, plan.remove, windows, cfg.batch_size)
+        plan.extra["bridges"] = fit_bridges(model, plan.remove, windows, cfg.batch_size, kind=cfg.bridge)
     return plan
 
 
@@ -774,7 +775,7 @@ def healing_markdown(record: dict) -> str:
                          for c in b["cuts"]) or "none"
         after = (f"; KL to the teacher {b['kl_before']:.4f} -> {b['kl_after']:.4f}" if b.get("kl_after") is not None
                  else "")
-        lines.append(f"- linear bridge before training (least squares on {b['tokens']:,} tokens): {cuts}; "
+        lines.append(f"- {b['method']} bridge before training (least squares on {b['tokens']:,} tokens): {cuts}; "
                      f"held-out loss {b['val_loss_before']:.4f} -> {b['val_loss_after']:.4f}{after}")
     if record.get("partial", {}).get("note"):
         lines.append(f"- note: {record['partial']['note']}")
