@@ -636,7 +636,8 @@ LASTWORD_CACHE = CACHE / "lmeval-lastword"
 FIDELITY_LASTWORD = ROOT / "bench_cache" / "fidelity" / f"lmeval_k7_n{LASTWORD_LIMIT}_{LASTWORD}"
 #: the pairs the report compares head to head (B against A), where both are evaluated
 LASTWORD_PAIRS = [("d-lm-lora-128k+batch1-r64", "d-distill-lora-128k+batch1-r64"),  # the two objectives
-                  ("d-distill-lora-128k+batch1-r64", "d-distill-lora-128k+batch1-r64-bridge")]  # the bridge
+                  ("d-distill-lora-128k+batch1-r64", "d-distill-lora-128k+batch1-r64-bridge"),  # the bridge
+                  ("d-distill-lora-128k+batch1-r64-bridge", "d-distill-lora-128k+batch1-r64-bridgedown")]  # its kind
 
 
 def lastword_folder(name: str) -> Path:
@@ -1086,6 +1087,7 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_matrix_131k": "distill_matrix --block bench_heal_matrix_131k --goals",
                  "bench_heal_full_131k": "distill_matrix --block bench_heal_full_131k --goals",
                  "bench_heal_bridge_131k": "distill_matrix --block bench_heal_bridge_131k --goals",
+                 "bench_heal_bridgedown_131k": "distill_matrix --block bench_heal_bridgedown_131k --goals",
                  "bench_heal_variants": "distill_variants", "bench_heal_lastword": "lastword_report",
                  "bench_heal_paired_partial": "distill_paired_report --block bench_heal_paired_partial"}
 
