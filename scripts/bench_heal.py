@@ -527,7 +527,7 @@ def variant_goals(to_dense: dict, d_ppl: float, pruned_kl: float) -> list[str]:
         beyond = " (beyond the budget)" if tokens > GOAL_TOKENS else ""
         lines.append(f"| {name}{beyond} | {tokens:,} | {r['healing']['trainable_parameters'] / 1e6:.1f}M | "
                      f"{r['healing']['seconds'] / 60:.1f} min | {c4['kl_after']:.4f} ({100 * c4['kl_after'] / c4['kl_before']:.1f}% "
-                     f"of {c4['kl_before']:.4f}) | {100 * f['top1']:.1f}% | {'met' if ratio <= 1.5 else 'not met'} (x{ratio:.2f}) | "
+                     f"of {c4['kl_before']:.4f}) | {100 * f['top1']:.1f}% | {'met' if ratio <= 1.5 else 'not met'} (x{ratio:.3f}) | "
                      f"{'met' if share <= 0.5 else 'not met'} ({100 * share:.1f}%) | {mc} |")
     for case, value in recorded_variant_rows().items():  # the 32k screen of the same settings
         parsed = parse_case_name(case)
@@ -587,12 +587,14 @@ def part_bridge() -> None:
     pr, dense = cached("fidelity-pruned"), cached("fidelity-dense")
     if not pr or not dense:
         raise SystemExit("run --part distill first (the dense and un-healed fidelity)")
+    loaded = []  # (dense model, tokenizer, removed run, training windows): loaded once, if a kind is uncached
     for kind, name in BRIDGE_ONLY.items():
         if not cached(name):
-            base, tok = load_dense()
-            run = removed_blocks(base, tok)
-            cfg = heal_config("lora", **{**COMMON, "n_samples": GOAL_TOKENS // SEQ})
-            windows, _ = training_windows(tok, cfg)
+            if not loaded:
+                base, tok = load_dense()
+                cfg = heal_config("lora", **{**COMMON, "n_samples": GOAL_TOKENS // SEQ})
+                loaded += [base, tok, removed_blocks(base, tok), training_windows(tok, cfg)[0]]
+            base, tok, run, windows = loaded
             bridges = fit_bridges(base, run, windows, batch_size=8, kind=kind)
             model = copy.deepcopy(base)
             prune.remove_layers(model, run)

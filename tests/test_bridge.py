@@ -73,7 +73,7 @@ def test_down_bridge_refits_the_projection_by_ridge_least_squares(arch, tokenize
     windows, _ = training_windows(tok, heal_config("lora", C4_DATA, **{**FAST, "n_samples": 24}))
     bridges = fit_bridges(full, RUN, windows, batch_size=5, kind="down")
     (bridge,) = bridges.bridges
-    assert bridges.record()["method"] == "down" and bridge.kind == "down"
+    assert bridges.record()["method"] == "down" and bridges.kind == "down"
     proj = fold_targets(decoder_layers(full)[RUN[0] - 1])[0]
     got = {}
     hook = proj.register_forward_hook(lambda mod, args, out: got.__setitem__("a", args[0].flatten(0, -2).double()))

@@ -55,14 +55,13 @@ BRIDGE_KINDS = ("linear", "down")
 class Bridge:
     """The fitted map for one cut: ``run`` (original indices) removed, folded into ``block``.
 
-    ``linear``: ``T`` [d, d], the MLP's output becomes ``m T``. ``down``: ``T`` [d_ff (+1), d], the new
+    By the kind of its :class:`Bridges`: ``linear``: ``T`` [d, d], the MLP's output becomes ``m T``. ``down``: ``T`` [d_ff (+1), d], the new
     output projection (its input ``a`` -> ``a T``, the last row the bias where the projection has one)."""
 
     run: list[int]
     block: int
     T: torch.Tensor  # float64, on the CPU
     fit_error: float  # ||X T - Z||^2 / ||M - Z||^2 on the fit tokens: the share of the cut's error left
-    kind: str = "linear"
 
 
 @dataclass
@@ -73,7 +72,7 @@ class Bridges:
     skipped: list[list[int]] = field(default_factory=list)  # runs with no block before them
     tokens: int = 0
     seconds: float = 0.0
-    kind: str = "linear"
+    kind: str = "linear"  # every bridge's: linear or down
 
     def record(self) -> dict:
         return {"method": self.kind, "tokens": self.tokens, "seconds": round(self.seconds, 1),
@@ -154,18 +153,23 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
     def keep(name: str):
         def hook(module, args, output):
             taken[name] = _hidden_from_output(output).detach().flatten(0, -2).double()
-            if name.startswith("m") and kind == "down":  # the projection's input, and 1 for its bias
-                x = args[0].detach().flatten(0, -2).double()
-                taken["a" + name[1:]] = torch.cat([x, x.new_ones(len(x), 1)], 1) if module.bias is not None else x
             if name == f"h{last}":
                 raise StopForward
+        return hook
+
+    def keep_input(name: str):
+        """``down``: the projection's input, and a column of 1 for its bias."""
+        def hook(module, args, output):
+            x = args[0].detach().flatten(0, -2).double()
+            taken[name] = torch.cat([x, x.new_ones(len(x), 1)], 1) if module.bias is not None else x
         return hook
 
     handles = []
     for r in cuts:
         a = r[0]
-        site = fold_targets(layers[a - 1])[0] if kind == "down" else layers[a - 1].mlp
-        handles += [site.register_forward_hook(keep(f"m{a - 1}")),
+        if kind == "down":
+            handles.append(fold_targets(layers[a - 1])[0].register_forward_hook(keep_input(f"a{a - 1}")))
+        handles += [layers[a - 1].mlp.register_forward_hook(keep(f"m{a - 1}")),
                     layers[a - 1].register_forward_hook(keep(f"y{a - 1}")),
                     layers[r[-1]].register_forward_hook(keep(f"h{r[-1]}"))]
     device, tokens, training = input_device(model), 0, model.training
@@ -201,7 +205,7 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
         else:
             T = torch.linalg.lstsq(G, C, driver="gelsd").solution  # the minimum-norm solution when M^T M is singular
         left = float((T * (G @ T)).sum() - 2 * (T * C).sum()) + zz
-        bridges.append(Bridge(r, r[0] - 1, T, left / plain if plain > 0 else 0.0, kind))
+        bridges.append(Bridge(r, r[0] - 1, T, left / plain if plain > 0 else 0.0))
     return Bridges(bridges, skipped, tokens, time.time() - started, kind)
 
 
@@ -212,7 +216,7 @@ def apply_bridges(model: nn.Module, bridges: Bridges) -> None:
     removed = [i for r in [*(b.run for b in bridges.bridges), *bridges.skipped] for i in r]
     for b in bridges.bridges:
         targets = fold_targets(layers[b.block - sum(i < b.block for i in removed)])
-        if b.kind == "down":
+        if bridges.kind == "down":
             refit(targets[0], b.T)
         else:
             for target in targets:
@@ -236,7 +240,7 @@ def fold(target: nn.Module | nn.Parameter, T: torch.Tensor) -> None:
     bias = None if isinstance(target, nn.Parameter) else target.bias
     with torch.no_grad():
         T = T.to(weight.device)
-        if isinstance(target, nn.Parameter) or isinstance(target, nn.Linear):  # y = x W^T + c -> y T = x (T^T W)^T + c T
+        if isinstance(target, (nn.Parameter, nn.Linear)):  # y = x W^T + c -> y T = x (T^T W)^T + c T
             weight.copy_((T.T @ weight.double()).to(weight.dtype))
         else:  # Conv1D: y = x W + c
             weight.copy_((weight.double() @ T).to(weight.dtype))
