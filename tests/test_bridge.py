@@ -2,7 +2,8 @@
 
 The fitted map equals a direct least-squares solve on captured states; folded into the
 output projection it reproduces ``y - m + m T`` after the cut and lowers the cut's error;
-healing with it keeps the un-bridged ``*_before`` figures, saves a plain checkpoint, and bad
+a bridge is kept only where it lowers the held-out measure (and its weights are put back
+exactly otherwise); healing with it keeps the un-bridged ``*_before`` figures, saves a plain checkpoint, and bad
 settings (replace, unsupported blocks, no original model, ``prune heal``) are refused in one line.
 """
 
@@ -14,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import prune
 from prune import PruneError
-from prune.heal.bridge import apply_bridges, check_bridge, fit_bridges, fold_targets, runs_of
+from prune.heal.bridge import apply_bridges, check_bridge, fit_bridges, fold_targets, keep_helpful, runs_of
 from prune.heal.methods import heal_config, heal_model, training_windows
 from prune.model.loading import decoder_layers
 from prune.pipeline.orchestrator import run
@@ -120,13 +121,51 @@ def test_heal_with_a_bridge_keeps_unbridged_before_figures_and_reloads(objective
     assert b["method"] == kind and b["cuts"][0]["run"] == RUN and b["tokens"] == train_w.numel()
     assert rec["settings"]["bridge"] == kind
     assert rec["val_loss_before"] == pytest.approx(loss0) == pytest.approx(b["val_loss_before"])
-    assert b["val_loss_after"] != pytest.approx(loss0)  # the bridge moved the model before training
+    assert b["checked_by"] == ("kl" if objective == "distill" else "loss")
     if objective == "distill":
-        assert b["kl_after"] != pytest.approx(b["kl_before"]) and rec["distill"]["kl_before"] == b["kl_before"]
+        assert rec["distill"]["kl_before"] == b["kl_before"]
+        measure = (b["kl_before"], b["kl_after"])
+    else:
+        measure = (loss0, b["val_loss_after"])
+    if b["cuts"][0]["kept"]:  # kept: it moved the model before training, and lowered the held-out measure
+        assert b["val_loss_after"] != pytest.approx(loss0) and measure[1] < measure[0]
+    else:  # dropped: training started from the plain pruned model
+        assert b["val_loss_after"] == pytest.approx(loss0) and measure[1] == pytest.approx(measure[0])
     out = prune.save(model, tok, tmp_path / "healed")
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.equal(model(val_w).logits, reloaded(val_w).logits)
+
+
+def test_a_bridge_is_kept_only_where_it_lowers_the_measure(tokenizers_by_bos):
+    """By construction: least squares minimises the squared error after the cut on its fit tokens
+    (plain removal a candidate), so it is kept by that measure; the same map scaled by 50 (the error,
+    a quadratic in the map, grows with 49^2 times its curvature) is dropped and the projection's
+    weights are back bit for bit."""
+    tok = tokenizers_by_bos[True]
+    full = build_model("llama")
+    windows, _ = training_windows(tok, heal_config("lora", C4_DATA, **FAST))
+    bridges = fit_bridges(full, [4], windows)
+    with torch.no_grad():
+        h = full(windows, output_hidden_states=True).hidden_states[5]  # the original's block 4 output
+
+    def cut_error(model) -> float:
+        with torch.no_grad():
+            return float(((model(windows, output_hidden_states=True).hidden_states[4] - h) ** 2).sum())
+
+    pruned = build_model("llama")
+    prune.remove_layers(pruned, [4])
+    plain = cut_error(pruned)
+    assert keep_helpful(pruned, bridges, lambda: cut_error(pruned)) == [True]
+    assert cut_error(pruned) < plain
+
+    pruned = build_model("llama")
+    prune.remove_layers(pruned, [4])
+    before = {n: p.clone() for n, p in pruned.named_parameters()}
+    bridges.bridges[0].T = bridges.bridges[0].T * 50
+    assert keep_helpful(pruned, bridges, lambda: cut_error(pruned)) == [False]
+    assert all(torch.equal(p, before[n]) for n, p in pruned.named_parameters())
+    assert cut_error(pruned) == plain
 
 
 def test_bridge_refusals(tokenizers_by_bos, tmp_path):

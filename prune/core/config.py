@@ -420,7 +420,9 @@ class HealConfig(Section):
     windows, a least-squares linear map at each cut and folds it into the MLP output projection
     (every expert's, for a mixture of experts) of the block before the cut (ReplaceMe;
     :mod:`prune.heal.bridge`); training starts from there. ``bridge: down`` refits that whole
-    projection on its own inputs by least squares instead (dense MLPs).
+    projection on its own inputs by least squares instead (dense MLPs). Each cut's bridge is kept
+    only where it lowers the held-out measure of the objective (the KL to the original when
+    distilling, else the loss on ``val_samples``); the record says which were dropped.
     """
 
     method: Literal["lora", "replace", "partial"]

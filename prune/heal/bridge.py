@@ -32,6 +32,7 @@ else than these projections, have nowhere to fold ``T`` and are refused (:func:`
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -212,15 +213,48 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
 def apply_bridges(model: nn.Module, bridges: Bridges) -> None:
     """Fold each bridge into the output projection of its block in ``model`` pruned by the same
     runs (the block's index there: its original index less the removed blocks before it)."""
-    layers = decoder_layers(model)
-    removed = [i for r in [*(b.run for b in bridges.bridges), *bridges.skipped] for i in r]
     for b in bridges.bridges:
-        targets = fold_targets(layers[b.block - sum(i < b.block for i in removed)])
+        apply_bridge(model, bridges, b)
+
+
+def apply_bridge(model: nn.Module, bridges: Bridges, bridge: Bridge) -> Callable[[], None]:
+    """Fold one ``bridge`` of ``bridges`` into ``model`` (pruned by all of ``bridges``' runs);
+    returns a function that puts the weights it changed back."""
+    removed = [i for r in [*(b.run for b in bridges.bridges), *bridges.skipped] for i in r]
+    targets = fold_targets(decoder_layers(model)[bridge.block - sum(i < bridge.block for i in removed)])
+    targets = targets[:1] if bridges.kind == "down" else targets
+    changed = [p for t in targets for p in ([t] if isinstance(t, nn.Parameter) else [t.weight, t.bias]) if p is not None]
+    saved = [p.detach().clone() for p in changed]
+    for target in targets:
         if bridges.kind == "down":
-            refit(targets[0], b.T)
+            refit(target, bridge.T)
         else:
-            for target in targets:
-                fold(target, b.T)
+            fold(target, bridge.T)
+
+    def undo() -> None:
+        with torch.no_grad():
+            for p, value in zip(changed, saved):
+                p.copy_(value)
+    return undo
+
+
+def keep_helpful(model: nn.Module, bridges: Bridges, error: Callable[[], float]) -> list[bool]:
+    """Fold the bridges into ``model`` one at a time, keeping each only where it lowers ``error()``
+    (a held-out measure: the KL to the teacher, or the causal-LM loss); returns which were kept.
+
+    Least squares fits the fit tokens' squared error, which a few positions with massive
+    activations can dominate: across a long cut a fit that removes most of that error can still
+    raise the held-out KL (docs/BENCHMARKS.md: SmolLM2, blocks 9-18)."""
+    best, kept = error(), []
+    for b in bridges.bridges:
+        undo = apply_bridge(model, bridges, b)
+        now = error()
+        kept.append(now < best)
+        if now < best:
+            best = now
+        else:
+            undo()
+    return kept
 
 
 def refit(proj: nn.Module, T: torch.Tensor) -> None:

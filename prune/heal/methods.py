@@ -588,11 +588,16 @@ def heal_replacement(model, plan: HealPlan, *, quiet: bool = False, callback=Non
 
 
 # ---- linear bridges (prune.heal.bridge) ------------------------------------------------------------------
-def with_bridges(model, bridges, val_windows, train: Callable[[], dict], teacher=None) -> dict:
-    """Fold ``bridges`` into the pruned ``model``, then ``train()``. The record's ``*_before`` figures
-    stay the un-bridged model's; ``record["bridge"]`` holds the bridged ones (``val_loss_after``,
-    and with a distillation ``teacher`` the KL and top-1 agreement)."""
-    from prune.heal.bridge import apply_bridges
+def with_bridges(model, bridges, val_windows, train: Callable[[], dict], teacher=None, quiet: bool = False) -> dict:
+    """Fold the ``bridges`` that help into the pruned ``model``, then ``train()``.
+
+    A bridge is kept only where it lowers the held-out measure of the training objective on
+    ``val_windows``: the KL to the ``teacher`` when distilling, else the causal-LM loss
+    (:func:`prune.heal.bridge.keep_helpful`; with no held-out windows every bridge is kept,
+    unchecked). The record's ``*_before`` figures stay the un-bridged model's; ``record["bridge"]``
+    holds the bridged ones (``val_loss_after``, with a teacher the KL and top-1 agreement) and
+    each cut's ``kept``."""
+    from prune.heal.bridge import apply_bridges, keep_helpful
 
     loss = mean_lm_loss(model, val_windows)
     kl = None
@@ -600,9 +605,22 @@ def with_bridges(model, bridges, val_windows, train: Callable[[], dict], teacher
         from prune.heal.distill import fidelity
 
         kl = fidelity(model, teacher, val_windows)
-    apply_bridges(model, bridges)
+    if loss is None:
+        apply_bridges(model, bridges)
+        kept = [True] * len(bridges.bridges)
+    else:
+        kept = keep_helpful(model, bridges, lambda: fidelity(model, teacher, val_windows)["kl"] if teacher is not None
+                            else mean_lm_loss(model, val_windows))
     record = train()
-    info = {**bridges.record(), "val_loss_before": loss, "val_loss_after": record["val_loss_before"]}
+    info = {**bridges.record(), "checked_by": None if loss is None else ("kl" if teacher is not None else "loss"),
+            "val_loss_before": loss, "val_loss_after": record["val_loss_before"]}
+    for cut, k in zip(info["cuts"], kept):
+        cut["kept"] = k
+    dropped = [c["run"] for c in info["cuts"] if not c["kept"]]
+    if dropped and not quiet:
+        print(f"heal.bridge {bridges.kind}: dropped the bridge at blocks "
+              f"{', '.join(f'{r[0]}-{r[-1]}' for r in dropped)}: it raised the held-out "
+              f"{'KL to the teacher' if teacher is not None else 'loss'}", flush=True)
     record["val_loss_before"] = loss
     record["val_perplexity_before"] = math.exp(loss) if loss is not None else None
     if kl is not None and "distill" in record:
@@ -666,7 +684,7 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
         bridges = fit_bridges(teacher_model, complement(len(decoder_layers(teacher_model)), kept), windows,
                               cfg.batch_size, kind=cfg.bridge)
         teacher = Teacher("memory", "the original model", teacher_model.eval()) if cfg.objective == "distill" else None
-        return with_bridges(model, bridges, val_windows, train, teacher)
+        return with_bridges(model, bridges, val_windows, train, teacher, quiet)
     if removed is None:
         raise PruneError("heal method replace needs removed= (the contiguous run of blocks to replace)")
     from prune.model.surgery import remove_layers
@@ -736,7 +754,8 @@ def heal(model, cfg: HealConfig, plan: HealPlan, quiet: bool = False) -> dict:
         return heal_partial(model, cfg, plan.windows, plan.val_windows, quiet=quiet)
 
     bridges = plan.extra.get("bridges")
-    record = train() if bridges is None else with_bridges(model, bridges, plan.val_windows, train, plan.extra.get("teacher"))
+    record = train() if bridges is None else with_bridges(model, bridges, plan.val_windows, train, plan.extra.get("teacher"),
+                                                                   quiet)
     if not quiet and record["val_loss_after"] is not None:
         print(f"healed: held-out loss {record['val_loss_before']:.4f} -> {record['val_loss_after']:.4f} "
               f"({record['tokens_seen']:,} tokens, {record['seconds']:.0f} s)", flush=True)
@@ -771,7 +790,9 @@ def healing_markdown(record: dict) -> str:
                          f"{d['kl_after']:.4f}; top-1 agreement {d['top1_before']:.1%} -> {d['top1_after']:.1%}")
     if "bridge" in record:
         b = record["bridge"]
-        cuts = ", ".join(f"blocks {c['run'][0]}-{c['run'][-1]} into block {c['block']} (fit error {c['fit_error']:.3f})"
+        cuts = ", ".join(f"blocks {c['run'][0]}-{c['run'][-1]} into block {c['block']} (fit error {c['fit_error']:.3f}"
+                         + ("" if c.get("kept", True) else "; dropped: it raised the held-out "
+                            + ("KL" if b.get("checked_by") == "kl" else "loss")) + ")"
                          for c in b["cuts"]) or "none"
         after = (f"; KL to the teacher {b['kl_before']:.4f} -> {b['kl_after']:.4f}" if b.get("kl_after") is not None
                  else "")
