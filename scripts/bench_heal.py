@@ -23,6 +23,7 @@ resumes; healed checkpoints are kept in bench_cache/heal/models/ for the lm-eval
   python scripts/bench_heal.py --part distill_matrix   # every evaluated case in one table: fidelity + paired MC
   python scripts/bench_heal.py --part distill --variant lr2e-3 --only distill-lora   # a VARIANTS setting
   python scripts/bench_heal.py --part distill_variants   # each variant beside its plain case
+  python scripts/bench_heal.py --part bridge_cuts   # when a bridge alone helps: k = 7 and 10 cuts, both kinds
   python scripts/bench_heal.py --part lastword   # the exact last word of each TinyStories story, paired
   python scripts/bench_heal.py --part lastword_report   # its table into docs/BENCHMARKS.md
 Run it niced in the background: nohup nice -n 10 python scripts/bench_heal.py --part all > bench_heal.log 2>&1 &
@@ -618,6 +619,61 @@ def part_bridge() -> None:
                   f"{h['seconds'] / 60:.1f} min of healing")
 
 
+def bridge_cut_sets() -> dict[str, list[int]]:
+    """The block sets ``--part bridge_cuts`` bridges: this benchmark's k = 7 run, and k = 10 by
+    contiguous angular and SLEB as the quality benchmark recorded them (docs/BENCHMARKS.md)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_verified import baseline_sets
+
+    recorded = baseline_sets()
+    return {"k=7 contiguous angular": cached("selection")["removed"],
+            "k=10 contiguous angular": recorded["contiguous angular"][10], "k=10 SLEB": recorded["sleb"][10]}
+
+
+def part_bridge_cuts() -> None:
+    """When a bridge helps: for each block set of :func:`bridge_cut_sets`, each kind fitted on the
+    131k case's training windows, then (no training) the KL to the original on the healing's 8
+    held-out C4 windows (what ``heal`` judges a bridge by, :func:`prune.heal.bridge.keep_helpful`)
+    and on the WikiText-2 fidelity windows; cached as ``bridgecut-<set>-<kind>``."""
+    from prune.heal.bridge import apply_bridges, fit_bridges
+    from prune.heal.distill import Teacher, fidelity
+
+    loaded = []
+    rows = ["| blocks removed | bridge | cuts (fit error) | held-out C4 KL | WikiText-2 KL | WikiText-2 ppl | kept by heal |",
+            "|---|---|---|---:|---:|---:|---|"]
+    for label, removed in bridge_cut_sets().items():
+        plain = None
+        for kind in ("none", "linear", "down"):
+            name = f"bridgecut-{re.sub(r'[^a-z0-9]+', '-', label.lower())}-{kind}"
+            if not cached(name):
+                if not loaded:
+                    base, tok = load_dense()
+                    cfg = heal_config("lora", **{**COMMON, "n_samples": GOAL_TOKENS // SEQ})
+                    loaded += [base, tok, *training_windows(tok, cfg)]
+                base, tok, windows, val = loaded
+                bridges = fit_bridges(base, removed, windows, batch_size=8, kind=kind) if kind != "none" else None
+                model = copy.deepcopy(base)
+                prune.remove_layers(model, removed)
+                if bridges:
+                    apply_bridges(model, bridges)
+                held = fidelity(model, Teacher("memory", "the original model", base.eval()), val)
+                store(name, {"case": f"{label}, bridge {kind}", "removed": removed,
+                             "bridge": bridges.record() if bridges else None, "heldout": held,
+                             "fidelity": fidelity_to(model, base, tok)})
+                log(f"{name}: held-out KL {held['kl']:.4f}")
+            r = cached(name)
+            plain = plain or r
+            cuts = ", ".join(f"{c['run'][0]}-{c['run'][-1]} ({c['fit_error']:.3f})" for c in r["bridge"]["cuts"]) if r["bridge"] else "-"
+            kept = "-" if kind == "none" else ("yes" if r["heldout"]["kl"] < plain["heldout"]["kl"] else "**no**")
+            rows.append(f"| {' '.join(map(str, removed))} | {kind} | {cuts} | {r['heldout']['kl']:.3f} | "
+                        f"{r['fidelity']['kl']:.3f} | {r['fidelity']['perplexity']:.1f} | {kept} |")
+    rows += ["", "Fitted on 131,072 C4 training tokens (512 windows x 256, seed 0), no training after it; held-out "
+             "C4: the healing's 8 validation windows; WikiText-2: the fidelity windows (16 x 512). \"kept by "
+             "heal\": the held-out KL is lower than with no bridge (one cut each here; heal judges cut by cut)."]
+    print("\n".join(rows))
+    write_docs("\n".join(rows), "bench_heal_bridge_cuts")
+
+
 def paired_average(ref: str, name: str):
     """The paired four-task average of case ``name`` against case ``ref`` (both lm-evaluated)."""
     from prune.measure.paired import compare_folders, task_average
@@ -1094,6 +1150,7 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_full_131k": "distill_matrix --block bench_heal_full_131k --goals",
                  "bench_heal_bridge_131k": "distill_matrix --block bench_heal_bridge_131k --goals",
                  "bench_heal_bridgedown_131k": "distill_matrix --block bench_heal_bridgedown_131k --goals",
+                 "bench_heal_bridge_cuts": "bridge_cuts",
                  "bench_heal_variants": "distill_variants", "bench_heal_lastword": "lastword_report",
                  "bench_heal_paired_partial": "distill_paired_report --block bench_heal_paired_partial"}
 
@@ -1117,7 +1174,7 @@ def write_docs(body: str, block: str = "bench_heal") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "distill", "distill_lmeval", "distill_report",
-                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "lastword", "lastword_report", "report", "all"],
+                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "lastword", "lastword_report", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial)")
