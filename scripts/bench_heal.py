@@ -669,7 +669,7 @@ def part_bridge_cuts() -> None:
                         f"{r['fidelity']['kl']:.3f} | {r['fidelity']['perplexity']:.1f} | {kept} |")
     rows += ["", "Fitted on 131,072 C4 training tokens (512 windows x 256, seed 0), no training after it; held-out "
              "C4: the healing's 8 validation windows; WikiText-2: the fidelity windows (16 x 512). \"kept by "
-             "heal\": the held-out KL is lower than with no bridge (one cut each here; heal judges cut by cut)."]
+             "heal\": the held-out KL is lower than with no bridge (all of a set's cuts together here; heal judges them cut by cut)."]
     print("\n".join(rows))
     write_docs("\n".join(rows), "bench_heal_bridge_cuts")
 
