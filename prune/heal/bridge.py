@@ -238,14 +238,15 @@ def apply_bridge(model: nn.Module, bridges: Bridges, bridge: Bridge) -> Callable
     return undo
 
 
-def keep_helpful(model: nn.Module, bridges: Bridges, error: Callable[[], float]) -> list[bool]:
+def keep_helpful(model: nn.Module, bridges: Bridges, error: Callable[[], float], start: float | None = None) -> list[bool]:
     """Fold the bridges into ``model`` one at a time, keeping each only where it lowers ``error()``
-    (a held-out measure: the KL to the teacher, or the causal-LM loss); returns which were kept.
+    (a held-out measure: the KL to the teacher, or the causal-LM loss; ``start``: its value with no
+    bridge, when already measured); returns which were kept.
 
     Least squares fits the fit tokens' squared error, which a few positions with massive
     activations can dominate: across a long cut a fit that removes most of that error can still
     raise the held-out KL (docs/BENCHMARKS.md: SmolLM2, blocks 9-18)."""
-    best, kept = error(), []
+    best, kept = error() if start is None else start, []
     for b in bridges.bridges:
         undo = apply_bridge(model, bridges, b)
         now = error()

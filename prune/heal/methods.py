@@ -610,7 +610,7 @@ def with_bridges(model, bridges, val_windows, train: Callable[[], dict], teacher
         kept = [True] * len(bridges.bridges)
     else:
         kept = keep_helpful(model, bridges, lambda: fidelity(model, teacher, val_windows)["kl"] if teacher is not None
-                            else mean_lm_loss(model, val_windows))
+                            else mean_lm_loss(model, val_windows), start=loss if kl is None else kl["kl"])
     record = train()
     info = {**bridges.record(), "checked_by": None if loss is None else ("kl" if teacher is not None else "loss"),
             "val_loss_before": loss, "val_loss_after": record["val_loss_before"]}
@@ -754,8 +754,8 @@ def heal(model, cfg: HealConfig, plan: HealPlan, quiet: bool = False) -> dict:
         return heal_partial(model, cfg, plan.windows, plan.val_windows, quiet=quiet)
 
     bridges = plan.extra.get("bridges")
-    record = train() if bridges is None else with_bridges(model, bridges, plan.val_windows, train, plan.extra.get("teacher"),
-                                                                   quiet)
+    record = (train() if bridges is None
+              else with_bridges(model, bridges, plan.val_windows, train, plan.extra.get("teacher"), quiet))
     if not quiet and record["val_loss_after"] is not None:
         print(f"healed: held-out loss {record['val_loss_before']:.4f} -> {record['val_loss_after']:.4f} "
               f"({record['tokens_seen']:,} tokens, {record['seconds']:.0f} s)", flush=True)
