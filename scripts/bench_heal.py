@@ -529,7 +529,7 @@ def variant_goals(to_dense: dict, d_ppl: float, pruned_kl: float) -> list[str]:
         avg = to_dense.get(name)
         mc = "not measured" if avg is None else (
             f"{'met' if avg.retained >= 0.98 and not significant(avg) else 'not met'} "
-            f"({100 * avg.retained:.1f}%, {interval(avg)})")
+            f"({100 * avg.retained:.3f}%, {interval(avg)})")  # 3 decimals: 97.999% is not 98%
         beyond = " (beyond the budget)" if tokens > GOAL_TOKENS else ""
         lines.append(f"| {name}{beyond} | {tokens:,} | {r['healing']['trainable_parameters'] / 1e6:.1f}M | "
                      f"{r['healing']['seconds'] / 60:.1f} min | {c4['kl_after']:.4f} ({100 * c4['kl_after'] / c4['kl_before']:.1f}% "
@@ -581,6 +581,19 @@ def part_hidden_scale() -> None:
     print("original block outputs, mean square:", " ".join(f"{o}:{float(t_out[o].pow(2).mean()):.0f}" for o in kept))
 
 
+def bridged(base, removed: list[int], windows: torch.Tensor, kind: str):
+    """A copy of ``base`` without the ``removed`` blocks and, unless ``kind`` is ``none``, with the
+    bridges of that kind fitted on ``windows`` folded in: ``(model, bridges or None)``."""
+    from prune.heal.bridge import apply_bridges, fit_bridges
+
+    bridges = fit_bridges(base, removed, windows, batch_size=8, kind=kind) if kind != "none" else None
+    model = copy.deepcopy(base)
+    prune.remove_layers(model, removed)
+    if bridges:
+        apply_bridges(model, bridges)
+    return model, bridges
+
+
 BRIDGE_ONLY = {"linear": "bridge-only-128k", "down": "bridgedown-only-128k"}  # heal.bridge kind -> cached case
 
 
@@ -588,8 +601,6 @@ def part_bridge() -> None:
     """Each bridge alone (``heal.bridge: linear`` and ``down`` with no training): fitted on the 131k
     case's training windows (seed 0, as ``batch1-r64-bridge`` fits it), then the fidelity on the
     WikiText-2 windows; cached as ``bridge-only-128k`` and ``bridgedown-only-128k``."""
-    from prune.heal.bridge import apply_bridges, fit_bridges
-
     pr, dense = cached("fidelity-pruned"), cached("fidelity-dense")
     if not pr or not dense:
         raise SystemExit("run --part distill first (the dense and un-healed fidelity)")
@@ -601,10 +612,7 @@ def part_bridge() -> None:
                 cfg = heal_config("lora", **{**COMMON, "n_samples": GOAL_TOKENS // SEQ})
                 loaded += [base, tok, removed_blocks(base, tok), training_windows(tok, cfg)[0]]
             base, tok, run, windows = loaded
-            bridges = fit_bridges(base, run, windows, batch_size=8, kind=kind)
-            model = copy.deepcopy(base)
-            prune.remove_layers(model, run)
-            apply_bridges(model, bridges)
+            model, bridges = bridged(base, run, windows, kind)
             store(name, {"case": f"bridge only ({kind})", "bridge": bridges.record(),
                          "fidelity": fidelity_to(model, base, tok)})
         r = cached(name)
@@ -624,8 +632,7 @@ def part_bridge() -> None:
 def bridge_cut_sets() -> dict[str, list[int]]:
     """The block sets ``--part bridge_cuts`` bridges: this benchmark's k = 7 run, and k = 10 by
     contiguous angular and SLEB as the quality benchmark recorded them (docs/BENCHMARKS.md)."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from bench_verified import baseline_sets
+    from bench_verified import baseline_sets  # scripts/ is this script's folder, on the path
 
     recorded = baseline_sets()
     return {"k=7 contiguous angular": cached("selection")["removed"],
@@ -637,11 +644,10 @@ def part_bridge_cuts() -> None:
     131k case's training windows, then (no training) the KL to the original on the healing's 8
     held-out C4 windows (what ``heal`` judges a bridge by, :func:`prune.heal.bridge.keep_helpful`)
     and on the WikiText-2 fidelity windows; cached as ``bridgecut-<set>-<kind>``."""
-    from prune.heal.bridge import apply_bridges, fit_bridges
     from prune.heal.distill import Teacher, fidelity
 
     loaded = []
-    rows = ["| blocks removed | bridge | cuts (fit error) | held-out C4 KL | WikiText-2 KL | WikiText-2 ppl | kept by heal |",
+    rows = ["| blocks removed | bridge | cuts (fit error) | held-out C4 KL | WikiText-2 KL | WikiText-2 ppl | held-out KL below no bridge |",
             "|---|---|---|---:|---:|---:|---|"]
     for label, removed in bridge_cut_sets().items():
         plain = None
@@ -653,11 +659,7 @@ def part_bridge_cuts() -> None:
                     cfg = heal_config("lora", **{**COMMON, "n_samples": GOAL_TOKENS // SEQ})
                     loaded += [base, tok, *training_windows(tok, cfg)]
                 base, tok, windows, val = loaded
-                bridges = fit_bridges(base, removed, windows, batch_size=8, kind=kind) if kind != "none" else None
-                model = copy.deepcopy(base)
-                prune.remove_layers(model, removed)
-                if bridges:
-                    apply_bridges(model, bridges)
+                model, bridges = bridged(base, removed, windows, kind)
                 held = fidelity(model, Teacher("memory", "the original model", base.eval()), val)
                 store(name, {"case": f"{label}, bridge {kind}", "removed": removed,
                              "bridge": bridges.record() if bridges else None, "heldout": held,
@@ -670,8 +672,8 @@ def part_bridge_cuts() -> None:
             rows.append(f"| {' '.join(map(str, removed))} | {kind} | {cuts} | {r['heldout']['kl']:.3f} | "
                         f"{r['fidelity']['kl']:.3f} | {r['fidelity']['perplexity']:.1f} | {kept} |")
     rows += ["", "Fitted on 131,072 C4 training tokens (512 windows x 256, seed 0), no training after it; held-out "
-             "C4: the healing's 8 validation windows; WikiText-2: the fidelity windows (16 x 512). \"kept by "
-             "heal\": the held-out KL is lower than with no bridge (all of a set's cuts together here; heal judges them cut by cut)."]
+             "C4: the healing's 8 validation windows; WikiText-2: the fidelity windows (16 x 512). The last column: all of a "
+             "set's cuts together; heal judges them cut by cut (prune.heal.bridge.keep_helpful)."]
     print("\n".join(rows))
     write_docs("\n".join(rows), "bench_heal_bridge_cuts")
 

@@ -243,9 +243,9 @@ def keep_helpful(model: nn.Module, bridges: Bridges, error: Callable[[], float],
     (a held-out measure: the KL to the teacher, or the causal-LM loss; ``start``: its value with no
     bridge, when already measured); returns which were kept.
 
-    Least squares fits the fit tokens' squared error, which a few positions with massive
-    activations can dominate: across a long cut a fit that removes most of that error can still
-    raise the held-out KL (docs/BENCHMARKS.md: SmolLM2, blocks 9-18)."""
+    Least squares fits the fit tokens' squared error: across a long cut a fit that removes most
+    of that error can still raise the held-out KL (docs/BENCHMARKS.md: SmolLM2, blocks 9-18). A
+    tie drops the bridge."""
     best, kept = error() if start is None else start, []
     for b in bridges.bridges:
         undo = apply_bridge(model, bridges, b)

@@ -619,7 +619,7 @@ def with_bridges(model, bridges, val_windows, train: Callable[[], dict], teacher
     dropped = [c["run"] for c in info["cuts"] if not c["kept"]]
     if dropped and not quiet:
         print(f"heal.bridge {bridges.kind}: dropped the bridge at blocks "
-              f"{', '.join(f'{r[0]}-{r[-1]}' for r in dropped)}: it raised the held-out "
+              f"{', '.join(f'{r[0]}-{r[-1]}' for r in dropped)}: it did not lower the held-out "
               f"{'KL to the teacher' if teacher is not None else 'loss'}", flush=True)
     record["val_loss_before"] = loss
     record["val_perplexity_before"] = math.exp(loss) if loss is not None else None
@@ -791,7 +791,7 @@ def healing_markdown(record: dict) -> str:
     if "bridge" in record:
         b = record["bridge"]
         cuts = ", ".join(f"blocks {c['run'][0]}-{c['run'][-1]} into block {c['block']} (fit error {c['fit_error']:.3f}"
-                         + ("" if c.get("kept", True) else "; dropped: it raised the held-out "
+                         + ("" if c.get("kept", True) else "; dropped: it did not lower the held-out "
                             + ("KL" if b.get("checked_by") == "kl" else "loss")) + ")"
                          for c in b["cuts"]) or "none"
         after = (f"; KL to the teacher {b['kl_before']:.4f} -> {b['kl_after']:.4f}" if b.get("kl_after") is not None
