@@ -421,10 +421,12 @@ def add_heal(sub) -> None:
                                    "come from RUN_DIR/recipe.yaml's heal section, then --config, then the flags and --set. "
                                    "Methods: lora (adapters merged into the weights), replace (one trained block in place of "
                                    "the removed contiguous run; loads the original model recorded in pruning.json), partial "
-                                   "(fine-tune the last blocks).")
+                                   "(fine-tune the last blocks), bridge (nothing trained: a least-squares refit at each cut, "
+                                   "fitted on the original model recorded in pruning.json; --set bridge=linear|down adds it "
+                                   "before lora/partial too).")
     p.add_argument("run_dir", help="a folder written by prune run")
     p.add_argument("--output", "-o", required=True, help="the new folder to write (must not be RUN_DIR)")
-    p.add_argument("--method", choices=["lora", "replace", "partial", "distill"], default=None,
+    p.add_argument("--method", choices=["lora", "replace", "partial", "distill", "bridge"], default=None,
                    help="healing method; distill = LoRA trained to match the original model (--set params=partial for "
                         "partial fine-tuning; --set temperature=2 top_k=64 teacher_cache=FILE hidden_weight=...)")
     p.add_argument("--config", default=None, help="YAML file with heal settings (a heal section, or a recipe holding one)")

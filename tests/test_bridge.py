@@ -3,8 +3,9 @@
 The fitted map equals a direct least-squares solve on captured states; folded into the
 output projection it reproduces ``y - m + m T`` after the cut and lowers the cut's error;
 a bridge is kept only where it lowers the held-out measure (and its weights are put back
-exactly otherwise); healing with it keeps the un-bridged ``*_before`` figures, saves a plain checkpoint, and bad
-settings (replace, unsupported blocks, no original model, ``prune heal``) are refused in one line.
+exactly otherwise); healing with it keeps the un-bridged ``*_before`` figures, saves a plain checkpoint; ``method: bridge``
+trains nothing; ``prune heal`` fits the same bridges as a recipe; bad settings (replace, unsupported
+blocks, no original model, a healed run, an adapter-only LoRA) are refused in one line.
 """
 
 import json
@@ -168,10 +169,49 @@ def test_a_bridge_is_kept_only_where_it_lowers_the_measure(tokenizers_by_bos):
     assert cut_error(pruned) == plain
 
 
+@pytest.mark.parametrize("objective", ["lm", "distill"])
+def test_method_bridge_trains_nothing_and_is_exactly_the_kept_bridges(objective, tokenizers_by_bos):
+    """``method: bridge``: the pruned model changes only in the output projection of the block
+    before each kept cut, exactly as folding the same fitted bridges by hand; the record says
+    nothing was trained, and its before/after figures are the un-bridged / bridged model's."""
+    tok = tokenizers_by_bos[True]
+    full = build_model("llama")
+    model = build_model("llama")
+    kept = prune.remove_layers(model, RUN)
+    from prune.heal.methods import mean_lm_loss
+
+    train_w, val_w = training_windows(tok, heal_config("bridge", C4_DATA, **FAST))
+    loss0 = mean_lm_loss(model, val_w)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    rec = heal_model(model, tok, "bridge", data=C4_DATA, quiet=True, objective=objective, teacher_model=full,
+                     kept=kept, **FAST)
+    assert rec["method"] == "bridge" and rec["steps"] == rec["tokens_seen"] == rec["trainable_parameters"] == 0
+    assert rec["trained"] == [] and rec["losses"] == [] and rec["bridge"]["method"] == "down"
+    assert rec["val_loss_before"] == pytest.approx(loss0) and rec["val_loss_after"] == pytest.approx(mean_lm_loss(model, val_w))
+    assert rec["bridge"]["checked_by"] == ("kl" if objective == "distill" else "loss")
+    by_hand = build_model("llama")
+    prune.remove_layers(by_hand, RUN)
+    bridges = fit_bridges(full, RUN, train_w, kind="down")
+    if rec["bridge"]["cuts"][0]["kept"]:
+        apply_bridges(by_hand, bridges)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == ({f"model.layers.{RUN[0] - 1}.mlp.down_proj.weight"} if rec["bridge"]["cuts"][0]["kept"] else set())
+    with torch.no_grad():
+        assert torch.equal(model(val_w).logits, by_hand(val_w).logits)
+    if objective == "distill":
+        d = rec["distill"]
+        assert (d["kl_before"], d["kl_after"]) == (rec["bridge"]["kl_before"], rec["bridge"]["kl_after"])
+        assert (d["kl_after"] < d["kl_before"]) == rec["bridge"]["cuts"][0]["kept"]
+
+
 def test_bridge_refusals(tokenizers_by_bos, tmp_path):
     tok = tokenizers_by_bos[True]
-    with pytest.raises(PruneError, match="bridge applies to lora and partial"):
+    with pytest.raises(PruneError, match="bridge applies to lora, partial and bridge"):
         heal_config("replace", C4_DATA, bridge="linear")
+    with pytest.raises(PruneError, match="method bridge folds a least-squares bridge .* set bridge: down or linear"):
+        heal_config("bridge", C4_DATA, bridge="none")
+    # the method's defaults: the down bridge, checked by the KL to the original
+    assert (heal_config("bridge", C4_DATA).bridge, heal_config("bridge", C4_DATA).objective) == ("down", "distill")
     for arch in ("gemma2", "gemma3_text"):  # a norm after the MLP
         with pytest.raises(PruneError, match="has no MLP output projection"):
             check_bridge(build_model(arch))
@@ -190,9 +230,7 @@ def test_bridge_refusals(tokenizers_by_bos, tmp_path):
                    teacher_model=build_model("gemma2"), kept=list(range(N_LAYERS)), **FAST)
 
 
-def test_recipe_with_a_bridge_and_prune_heal_refuses_it(tmp_path, tiny_folder):
-    from prune.pipeline.heal_run import heal_run
-
+def test_recipe_with_a_bridge(tmp_path, tiny_folder):
     out = run(_recipe(tmp_path, method="distill", bridge="linear", rank=4), quiet=True).out_dir
     record = json.loads((out / "pruning.json").read_text())
     healing = record["healing"]
@@ -201,11 +239,55 @@ def test_recipe_with_a_bridge_and_prune_heal_refuses_it(tmp_path, tiny_folder):
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == N_LAYERS - 3
     assert "- bridge: method = linear" in (out / "README.md").read_text()  # the model card
     assert f"into block {record['removed'][0] - 1} (fit error" in (out / "eval.md").read_text()
+
+
+def test_prune_heal_with_a_bridge_equals_the_recipe_and_refuses_a_healed_run(tmp_path, tiny_folder):
+    """``prune heal RUN --method bridge`` loads the recorded original and fits the same bridges as
+    a recipe's heal section: the same weights, bit for bit. A healed run is refused (the bridges
+    are fitted to the original's blocks), and so is an adapter-only LoRA with a bridge."""
+    from prune.pipeline.heal_run import heal_run
+
+    recipe = _recipe(tmp_path, method="bridge")
+    recipe["output"]["dir"] = str(tmp_path / "bridged")
+    bridged = run(recipe, quiet=True).out_dir
     plain = _recipe(tmp_path)
     del plain["heal"]
     plain["output"]["dir"] = str(tmp_path / "plain")
     run_dir = run(plain, quiet=True).out_dir
-    with pytest.raises(PruneError, match="heal.bridge is fitted on the original model"):
-        heal_run(run_dir, tmp_path / "healed", method="lora", data=C4_DATA["path"], field=C4_DATA["field"],
-                 overrides=["bridge=linear"], source=str(tmp_path / "tiny"), quiet=True)
-    assert not (tmp_path / "healed").exists()
+    settings = [f"{k}={v}" for k, v in FAST.items()]
+    healed = heal_run(run_dir, tmp_path / "healed", method="bridge", data=C4_DATA["path"], field=C4_DATA["field"],
+                      rows=C4_DATA["rows"], overrides=settings, source=str(tmp_path / "tiny"), quiet=True)
+    a = AutoModelForCausalLM.from_pretrained(bridged).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(healed).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    record = json.loads((healed / "pruning.json").read_text())["healing"]
+    assert record["method"] == "bridge" and record["bridge"]["checked_by"] == "kl" and record["from_run"] == "plain"
+    assert [c["kept"] for c in record["bridge"]["cuts"]] == \
+        [c["kept"] for c in json.loads((bridged / "pruning.json").read_text())["healing"]["bridge"]["cuts"]] == [True]
+    p = AutoModelForCausalLM.from_pretrained(run_dir).state_dict()  # the bridge moved the weights
+    assert [k for k in p if not torch.equal(p[k], b[k])] == [f"model.layers.{record['bridge']['cuts'][0]['block']}.mlp.down_proj.weight"]
+    with pytest.raises(PruneError, match="is already healed .* heal.bridge is fitted to the original's blocks"):
+        heal_run(healed, tmp_path / "again", method="lora", data=C4_DATA["path"], field=C4_DATA["field"],
+                 overrides=["bridge=down"], source=str(tmp_path / "tiny"), quiet=True)
+    with pytest.raises(PruneError, match="merge: false saves only the adapter, but .* bridge"):
+        heal_run(run_dir, tmp_path / "again", method="lora", data=C4_DATA["path"], field=C4_DATA["field"],
+                 overrides=["bridge=down", "merge=false"], source=str(tmp_path / "tiny"), quiet=True)
+    assert not (tmp_path / "again").exists()
+
+
+def test_recipe_with_method_bridge_saves_a_plain_bridged_checkpoint(tmp_path, tiny_folder, capsys):
+    recipe = _recipe(tmp_path, method="bridge")
+    out = run(recipe, quiet=False).out_dir
+    record = json.loads((out / "pruning.json").read_text())
+    healing = record["healing"]
+    assert healing["method"] == "bridge" and healing["settings"]["bridge"] == "down" and healing["steps"] == 0
+    assert healing["bridge"]["checked_by"] == "kl" and healing["distill"]["kl_after"] == healing["bridge"]["kl_after"]
+    assert healing["bridge"]["cuts"][0]["run"] == record["removed"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == N_LAYERS - 3
+    card = (out / "README.md").read_text()
+    assert "healed (a least-squares bridge folded into the block before each cut, nothing trained" in card
+    assert "## Healing: bridge (training-free)" in (out / "eval.md").read_text()
+    assert "- down bridge, no training (least squares on" in (out / "eval.md").read_text()
+    printed = capsys.readouterr().out
+    assert "healing (bridge down, nothing trained)" in printed and "bridged: held-out loss" in printed

@@ -384,7 +384,7 @@ class OutputConfig(Section):
 
 
 class HealConfig(Section):
-    """Healing after pruning (see :mod:`prune.heal`): one of three methods, trained on ``data``.
+    """Healing after pruning (see :mod:`prune.heal`): one of four methods, fitted on ``data``.
 
     * ``lora``: LoRA adapters (``rank``, ``alpha``, ``target_modules``) on the pruned model,
       causal-LM loss, merged into the weights afterwards (the checkpoint needs no peft);
@@ -395,6 +395,9 @@ class HealConfig(Section):
       ``loraplus_ratio`` > 1 trains each B matrix at that multiple of ``learning_rate`` (LoRA+);
     * ``replace``: one decoder block takes the place of the removed contiguous run, initialised
       by ``init`` and trained to map the run's input hidden states to its output (``loss``);
+    * ``bridge``: nothing is trained: only the least-squares ``bridge`` at each cut (below;
+      ``down`` unless set), ReplaceMe's training-free setting, each bridge checked by the KL to
+      the original (``objective: distill`` unless set; ``lm``: by the loss, with no teacher);
     * ``partial``: full fine-tuning of the last ``last_blocks`` blocks (plus the final norm and,
       with ``train_lm_head``, the LM head; a tied LM head is the input embedding matrix, so
       training it changes the input embeddings too and the model stays tied).
@@ -416,7 +419,7 @@ class HealConfig(Section):
     the before/after loss. Learning rate: linear warmup over 5% of the steps, then cosine to 0
     (``schedule: cosine``) or flat (``constant``).
 
-    ``bridge: linear`` (lora and partial) first fits, on the original model over the training
+    ``bridge: linear`` (lora, partial and bridge) first fits, on the original model over the training
     windows, a least-squares linear map at each cut and folds it into the MLP output projection
     (every expert's, for a mixture of experts) of the block before the cut (ReplaceMe;
     :mod:`prune.heal.bridge`); training starts from there. ``bridge: down`` refits that whole
@@ -425,7 +428,7 @@ class HealConfig(Section):
     distilling, else the loss on ``val_samples``); the record says which were dropped.
     """
 
-    method: Literal["lora", "replace", "partial"]
+    method: Literal["lora", "replace", "partial", "bridge"]
     data: TextConfig | None = None  # required in a recipe (checked in prune.recipe.check_heal)
     n_samples: int = Field(256, ge=1)
     val_samples: int = Field(8, ge=0)
@@ -472,10 +475,14 @@ class HealConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _distill_method(cls, data):
-        """``method: distill`` (+ ``params: lora|partial|replace``) -> ``objective: distill``."""
+        """``method: distill`` (+ ``params: lora|partial|replace|bridge``) -> ``objective: distill``;
+        ``method: bridge`` with no ``bridge`` / ``objective`` key -> ``bridge: down``, ``objective: distill``
+        (its bridges are checked by the KL to the original: fidelity is what a bridge is fitted for)."""
         if isinstance(data, dict) and data.get("method") == "distill":
             data = dict(data)
             data["objective"], data["method"] = "distill", data.pop("params", "lora")
+        if isinstance(data, dict) and data.get("method") == "bridge":
+            data = {**data, "bridge": data.get("bridge") or "down", "objective": data.get("objective") or "distill"}
         return data
 
     @field_validator("temperature")
@@ -508,14 +515,19 @@ class HealConfig(Section):
         if self.method != "lora" and lora_only:
             raise ValueError(f"{', '.join(lora_only)} only apply to LoRA, not to method {self.method} "
                              "(remove them, or use method: lora)")
-        if self.method == "lora" and not self.merge and (self.lora_norms or self.lora_moves_base_weights):
-            raise ValueError("merge: false saves only the adapter, but lora_norms and lora_init pissa/olora also "
-                             "change base weights (set merge: true, or lora_norms: false and lora_init: default)")
+        if self.method == "lora" and not self.merge and (self.lora_norms or self.lora_moves_base_weights
+                                                         or self.bridge != "none"):
+            raise ValueError("merge: false saves only the adapter, but lora_norms, lora_init pissa/olora and bridge "
+                             "also change base weights (set merge: true, or lora_norms: false, lora_init: default "
+                             "and bridge: none)")
         if self.dora and self.lora_moves_base_weights:
             raise ValueError(f"DoRA with lora_init {self.lora_init} is not supported (use one of them)")
         if self.bridge != "none" and self.method == "replace":
-            raise ValueError("bridge applies to lora and partial; the replacement block already stands in for the "
-                             "removed run (remove bridge, or use method: lora)")
+            raise ValueError("bridge applies to lora, partial and bridge; the replacement block already stands in for "
+                             "the removed run (remove bridge, or use method: lora)")
+        if self.method == "bridge" and self.bridge == "none":
+            raise ValueError("method bridge folds a least-squares bridge into each cut and trains nothing: set "
+                             "bridge: down or linear (or use method: lora to train)")
         if self.method == "lora" and not self.target_modules:
             raise ValueError("LoRA with an empty target_modules trains no parameters (use all-linear or name modules)")
         if self.objective == "distill" and self.kl_weight == self.hidden_weight == self.lm_weight == 0:

@@ -295,7 +295,9 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
     if record.healing:
         repo = (record.healing or {}).get("from_repo")
         healed_from = f" ({source_name(None, repo)})" if repo else ""
-        summary += f" The pruned model{healed_from} was then healed (trained briefly; see Healing)."
+        how = ("a least-squares bridge folded into the block before each cut, nothing trained"
+               if record.healing.get("method") == "bridge" else "trained briefly")
+        summary += f" The pruned model{healed_from} was then healed ({how}; see Healing)."
     adapter = getattr(record, "adapter", None)
     if adapter:
         summary += (" This folder holds only the LoRA adapter of the healing: load it on top of the pruned base "

@@ -1,6 +1,6 @@
 """Healing: win back part of the utility that pruning costs, and still ship a plain checkpoint.
 
-Three methods (settings: :class:`prune.recipe.HealConfig`), all trained on text that is not
+Four methods (settings: :class:`prune.recipe.HealConfig`), all trained on text that is not
 the evaluation text, all leaving a standard ``AutoModelForCausalLM`` checkpoint:
 
 * ``lora``: LoRA adapters (peft) on the pruned model's linear projections, trained with the
@@ -13,6 +13,8 @@ the evaluation text, all leaving a standard ``AutoModelForCausalLM`` checkpoint:
   ``MSE + mean(1 - cos(out, target))`` over tokens (``mse+cos``). The model keeps ``L - k + 1``
   blocks: the surgery removes the other ``k - 1`` (renumbering ``layer_idx``, config lists).
   Since the targets need the full model, :func:`prepare` captures them before the surgery.
+* ``bridge``: nothing is trained; the least-squares bridge at each cut (:mod:`prune.heal.bridge`,
+  ``heal.bridge``, ``down`` by default) is the whole repair (ReplaceMe's training-free setting).
 * ``partial``: the last ``last_blocks`` blocks (and the final norm; with ``train_lm_head``
   the LM head) are fine-tuned with the causal-LM loss, everything else frozen. A tied LM head
   IS the input embedding matrix: training it changes the input embeddings too, and the model
@@ -53,7 +55,7 @@ from prune.model.arch import meta_model
 from prune.model.loading import decoder_layers, final_norm, input_device
 from prune.core.config import HealConfig, SelectConfig, TextConfig
 
-METHODS = ("lora", "replace", "partial")
+METHODS = ("lora", "replace", "partial", "bridge")
 
 
 # ---- settings -------------------------------------------------------------------------------
@@ -208,8 +210,8 @@ def _record(cfg: HealConfig, log: dict, trained: list[str], n_params: int, windo
         "epochs": round(log["epochs"], 3),
         "trained": trained,
         "trainable_parameters": n_params,
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
         "losses": [round(x, 5) for x in losses],
         "val_loss_before": before,
         "val_loss_after": after,
@@ -631,6 +633,27 @@ def with_bridges(model, bridges, val_windows, train: Callable[[], dict], teacher
     return record
 
 
+def bridged_record(model, cfg: HealConfig, windows, val_windows, teacher=None) -> dict:
+    """``method: bridge``: nothing to train; the record of the (already bridged) ``model``, with the
+    held-out loss (and, with a ``teacher``, the KL to it) as both the before and the after figure:
+    :func:`with_bridges` then puts the un-bridged figures in the ``*_before`` fields."""
+    started = time.time()
+    loss = mean_lm_loss(model, val_windows)
+    log = {"losses": [], "tokens_seen": 0, "items_seen": 0, "epochs": 0.0, "seconds": 0.0,
+           "device": str(input_device(model))}
+    record = _record(cfg, log, [], 0, windows, val_windows, loss, loss, started)
+    record["steps"] = 0
+    if teacher is not None:
+        from prune.heal.distill import fidelity
+
+        kl = fidelity(model, teacher, val_windows)
+        record["objective"] = "distill"
+        record["distill"] = {**teacher.record(), "kl_before": kl and kl["kl"], "kl_after": kl and kl["kl"],
+                             "top1_before": kl and kl["top1"], "top1_after": kl and kl["top1"],
+                             "kl_tokens": kl["tokens"] if kl else 0}
+    return record
+
+
 # ---- the Python API ------------------------------------------------------------------------------------
 def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data=None, windows: torch.Tensor | None = None,
                val_windows: torch.Tensor | None = None, removed: list[int] | None = None, quiet: bool = False,
@@ -664,6 +687,8 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
     check_settings(cfg, model, n)
     if cfg.method != "replace" or cfg.objective == "distill":
         def train() -> dict:
+            if cfg.method == "bridge":  # trains nothing: the bridges below are the repair
+                return bridged_record(model, cfg, windows, val_windows, teacher)
             if cfg.objective == "distill":  # -- distill (prune.heal.distill) --
                 from prune.heal import distill as D
 
@@ -673,6 +698,7 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
             heal_fn = heal_lora if cfg.method == "lora" else heal_partial
             return heal_fn(model, cfg, windows, val_windows, quiet=quiet, callback=callback)
 
+        teacher = None
         if cfg.bridge == "none":
             return train()
         if not isinstance(teacher_model, nn.Module) or kept is None:
@@ -739,10 +765,15 @@ def prepare(model, tokenizer, removed: list[int], cfg: HealConfig, quiet: bool =
 
 def heal(model, cfg: HealConfig, plan: HealPlan, quiet: bool = False) -> dict:
     """After the surgery: heal the pruned ``model`` in place as ``cfg`` says; returns the record."""
-    if not quiet:
+    if not quiet and cfg.method == "bridge":
+        print(f"healing (bridge {cfg.bridge}, nothing trained): least squares on {plan.windows.numel():,} tokens "
+              f"of {cfg.data.path}", flush=True)
+    elif not quiet:
         print(f"healing ({cfg.method}{', distill' if cfg.objective == 'distill' else ''}): {cfg.steps} steps x {cfg.batch_size * cfg.gradient_accumulation} windows x "
               f"{cfg.seq_len} tokens of {cfg.data.path}", flush=True)
     def train() -> dict:
+        if cfg.method == "bridge":
+            return bridged_record(model, cfg, plan.windows, plan.val_windows, plan.extra.get("teacher"))
         if cfg.objective == "distill":
             from prune.heal import distill as D
 
@@ -756,9 +787,12 @@ def heal(model, cfg: HealConfig, plan: HealPlan, quiet: bool = False) -> dict:
     bridges = plan.extra.get("bridges")
     record = (train() if bridges is None
               else with_bridges(model, bridges, plan.val_windows, train, plan.extra.get("teacher"), quiet))
+    plan.extra["teacher"] = None  # free the teacher copy before evaluation
     if not quiet and record["val_loss_after"] is not None:
-        print(f"healed: held-out loss {record['val_loss_before']:.4f} -> {record['val_loss_after']:.4f} "
-              f"({record['tokens_seen']:,} tokens, {record['seconds']:.0f} s)", flush=True)
+        cost = (f"fitted on {record['bridge']['tokens']:,} tokens in {record['bridge']['seconds']:.0f} s"
+                if cfg.method == "bridge" else f"{record['tokens_seen']:,} tokens, {record['seconds']:.0f} s")
+        print(f"{'bridged' if cfg.method == 'bridge' else 'healed'}: held-out loss {record['val_loss_before']:.4f} -> "
+              f"{record['val_loss_after']:.4f} ({cost})", flush=True)
     return record
 
 
@@ -767,6 +801,11 @@ def healing_markdown(record: dict) -> str:
     if not record:
         return ""
     s = record["settings"]
+    if record["method"] == "bridge":  # nothing trained: the bridge line below is the whole story
+        lines = ["## Healing: bridge (training-free)", "",
+                 f"- data: {record['data']['path']} (rows {record['data'].get('rows') or 'all'}), "
+                 f"{record['data']['train_windows']} windows of {record['data']['seq_len']} tokens"]
+        return "\n".join(lines + _bridge_lines(record)) + "\n"
     lines = [f"## Healing: {record['method']}", "",
              f"- trained: {', '.join(record['trained'])} ({record['trainable_parameters']:,} parameters)",
              f"- data: {record['data']['path']} (rows {record['data'].get('rows') or 'all'}), "
@@ -788,16 +827,23 @@ def healing_markdown(record: dict) -> str:
         if d.get("kl_after") is not None:
             lines.append(f"- KL to the teacher on {d['kl_tokens']:,} held-out tokens: {d['kl_before']:.4f} -> "
                          f"{d['kl_after']:.4f}; top-1 agreement {d['top1_before']:.1%} -> {d['top1_after']:.1%}")
-    if "bridge" in record:
-        b = record["bridge"]
-        cuts = ", ".join(f"blocks {c['run'][0]}-{c['run'][-1]} into block {c['block']} (fit error {c['fit_error']:.3f}"
-                         + ("" if c.get("kept", True) else "; dropped: it did not lower the held-out "
-                            + ("KL" if b.get("checked_by") == "kl" else "loss")) + ")"
-                         for c in b["cuts"]) or "none"
-        after = (f"; KL to the teacher {b['kl_before']:.4f} -> {b['kl_after']:.4f}" if b.get("kl_after") is not None
-                 else "")
-        lines.append(f"- {b['method']} bridge before training (least squares on {b['tokens']:,} tokens): {cuts}; "
-                     f"held-out loss {b['val_loss_before']:.4f} -> {b['val_loss_after']:.4f}{after}")
+    lines += _bridge_lines(record)
     if record.get("partial", {}).get("note"):
         lines.append(f"- note: {record['partial']['note']}")
     return "\n".join(lines) + "\n"
+
+
+def _bridge_lines(record: dict) -> list[str]:
+    """The card's line for a record's bridges (none without one)."""
+    if "bridge" not in record:
+        return []
+    b = record["bridge"]
+    cuts = ", ".join(f"blocks {c['run'][0]}-{c['run'][-1]} into block {c['block']} (fit error {c['fit_error']:.3f}"
+                     + ("" if c.get("kept", True) else "; dropped: it did not lower the held-out "
+                        + ("KL" if b.get("checked_by") == "kl" else "loss")) + ")"
+                     for c in b["cuts"]) or "none"
+    after = (f"; KL to the teacher {b['kl_before']:.4f} -> {b['kl_after']:.4f}" if b.get("kl_after") is not None
+             else "")
+    when = "no training" if record["method"] == "bridge" else "before training"
+    return [f"- {b['method']} bridge, {when} (least squares on {b['tokens']:,} tokens, {b['seconds']:.0f} s): {cuts}; "
+            f"held-out loss {b['val_loss_before']:.4f} -> {b['val_loss_after']:.4f}{after}"]

@@ -13,6 +13,10 @@ The heal settings come from, in order (later wins): the ``heal:`` section of
   source recorded in ``pruning.json``, removes ``k - 1`` of the ``k`` removed blocks and trains
   the one kept; it first checks that every other weight equals the run folder's (a run that
   was healed or edited since is refused rather than silently rebuilt from its source).
+* ``heal.bridge`` (and ``method: bridge``, the bridges alone) fits its least-squares maps on the
+  ORIGINAL model's hidden states, so it loads the source recorded in ``pruning.json`` beside the
+  run's model (both in memory; with ``objective: distill`` the original is also the teacher). A
+  run that was healed since is refused: the bridges are fitted to the original's blocks.
 
 The result is a NEW complete folder, written atomically (:func:`prune.export.saving`): the
 checkpoint, ``pruning.json`` (the run's record, ``healing`` set, kept blocks / counts and the
@@ -164,6 +168,26 @@ def with_local_texts(recipe, run: Path, calibration: str | None, evaluate: bool)
     return recipe
 
 
+def _heal_with_bridges(run: Path, src, kept: list[int], cfg: HealConfig, dtype, trust: bool, quiet: bool):
+    """``heal.bridge`` on a saved run: the original ``src`` is loaded beside the run's model and the
+    bridges are fitted on it (:func:`prune.heal.methods.heal_model`, the original as ``teacher_model``).
+    Returns ``(model, tokenizer, kept, record)``."""
+    from prune.core.console import say
+    from prune.heal.distill import check_teacher_model
+    from prune.heal.methods import heal_model
+    from prune.model.loading import load_model
+
+    say(f"loading the original model {src.display} (the bridges are fitted on its hidden states)", quiet)
+    original, t_tok, _ = load_model(src.path, gguf_file=src.gguf_file, dtype=dtype, revision=src.revision,
+                                    trust_remote_code=trust)
+    model, tokenizer, _ = load_model(run, dtype=dtype, trust_remote_code=trust)
+    check_teacher_model(original, model, t_tok, tokenizer)
+    windows, val_windows = training_windows(tokenizer, cfg)
+    record = heal_model(model, tokenizer, cfg, windows=windows, val_windows=val_windows, teacher_model=original,
+                        teacher_tokenizer=t_tok, kept=kept, quiet=quiet)
+    return model, tokenizer, kept, record
+
+
 def heal_run(run_dir, output, *, method: str | None = None, config: str | None = None, data: str | None = None,
              field=None, rows: str | None = None, overrides=(), evaluate: bool = False, overwrite: bool = False,
              quiet: bool = False, trust_remote_code: bool = False, source: str | None = None,
@@ -243,14 +267,22 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         from prune.export.lineage import recorded_source
 
         src = recorded_source(pruning.source, source)
-    if cfg.bridge != "none":
-        raise PruneError("heal.bridge is fitted on the original model's hidden states before the surgery: use it in "
-                         "a recipe's heal section (prune run), or from Python with heal_model(..., teacher_model=original)")
+    if cfg.bridge != "none":  # fitted on the original's hidden states: the source must be there, the run unhealed
+        if not pruning.removed or not pruning.kept or pruning.source is None:
+            raise PruneError(f"{run}/pruning.json lacks removed/kept/source: heal.bridge is fitted on the original model")
+        if pruning.healing:
+            raise PruneError(f"{run} is already healed ({pruning.healing.get('method')}); heal.bridge is fitted to the "
+                             "original's blocks (heal the unhealed run folder instead)")
+        from prune.export.lineage import recorded_source
+
+        src = recorded_source(pruning.source, source)
     if not cfg.merge and cfg.method != "lora":
         raise PruneError(f"heal.merge: false keeps a LoRA adapter apart; method {cfg.method} has none (use lora)")
 
     started = _dt.datetime.now(_dt.timezone.utc)
-    if cfg.objective == "distill":  # -- distill (prune.heal.distill): teacher = the source model or a top-k cache --
+    if cfg.bridge != "none":
+        model, tokenizer, kept, record = _heal_with_bridges(run, src, pruning.kept, cfg, dtype, trust, quiet)
+    elif cfg.objective == "distill":  # -- distill (prune.heal.distill): teacher = the source model or a top-k cache --
         from prune.export.lineage import recorded_source
         from prune.heal.distill import heal_saved_run
 
