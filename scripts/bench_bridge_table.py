@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prune.measure.paired import compare_folders, task_average  # noqa: E402
+from prune.measure.paired import compare_folders, headline_rows, task_average  # noqa: E402
 
 RUNS = ROOT / "bench_cache" / "bridge_run"
 MC = ("arc_easy", "piqa", "hellaswag", "winogrande")
@@ -31,7 +31,7 @@ BLOCK = "bench_bridge_run"
 
 def paired(a, b) -> tuple[str, str]:
     """(MC average B - A [95% CI], last word B - A [95% CI]) in points."""
-    rows = compare_folders(a, b)
+    rows = headline_rows(compare_folders(a, b))
     mc = task_average([r for r in rows if r.task.removesuffix("_local") in MC])
     last = [r for r in rows if r.task.startswith(LASTWORD)]
     mc_s = f"{100 * mc.diff:+.2f} [{100 * mc.ci_low:+.2f}, {100 * mc.ci_high:+.2f}]" if mc else "-"
@@ -41,7 +41,9 @@ def paired(a, b) -> tuple[str, str]:
 
 
 def accuracy(rows, which: str) -> tuple[float, float]:
-    """(MC average, last word) of side ``which`` (a or b) of paired rows, in %."""
+    """(MC average, last word) of side ``which`` (a or b) of paired rows, in %: each task's headline
+    metric, as in the paired average (prune.measure.paired.headline_rows)."""
+    rows = headline_rows(rows)
     mc = [getattr(r, f"mean_{which}") for r in rows if r.task.removesuffix("_local") in MC]
     last = [getattr(r, f"mean_{which}") for r in rows if r.task.startswith(LASTWORD)]
     return 100 * sum(mc) / len(mc), 100 * last[0] if last else float("nan")

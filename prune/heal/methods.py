@@ -1,6 +1,6 @@
 """Healing: win back part of the utility that pruning costs, and still ship a plain checkpoint.
 
-Four methods (settings: :class:`prune.recipe.HealConfig`), all trained on text that is not
+Four methods (settings: :class:`prune.recipe.HealConfig`), all fitted on text that is not
 the evaluation text, all leaving a standard ``AutoModelForCausalLM`` checkpoint:
 
 * ``lora``: LoRA adapters (peft) on the pruned model's linear projections, trained with the
