@@ -4,7 +4,8 @@
     python tests/dist_worker.py MODEL_FOLDER OUT_DIR                          # one process
 
 Each rank writes ``OUT_DIR/rank<r>.json``: scores, the selection, perplexity, SLEB's choice and
-candidate losses, an lm-eval table, a healing run's loss curve and trained weights' checksum,
+candidate losses, an lm-eval table, a training-free bridge (heal.method: bridge: which cuts kept, KL, the
+refitted weights' checksum), a healing run's loss curve and trained weights' checksum,
 and what a mismatched recipe across ranks gives.
 """
 
@@ -56,6 +57,20 @@ def heal(model, windows, fsdp: bool) -> dict:
             "weights": [float(p.detach().double().sum()) for p in params]}
 
 
+def bridge(folder: str, windows) -> dict:
+    """``heal.method: bridge`` on blocks 3-4 removed: every rank fits on all the windows."""
+    from prune.heal.methods import heal_model
+    from prune.model.surgery import remove_layers
+
+    full = load_model(folder, dtype="float32")[0]
+    pruned = load_model(folder, dtype="float32")[0]
+    kept = remove_layers(pruned, [3, 4])
+    rec = heal_model(pruned, None, "bridge", windows=windows[:6], val_windows=windows[6:], teacher_model=full,
+                     kept=kept, quiet=True)["bridge"]
+    return {"kept": [c["kept"] for c in rec["cuts"]], "kl": [rec["kl_before"], rec["kl_after"]],
+            "weights": float(decoder_layers(pruned)[2].mlp.down_proj.weight.double().sum())}
+
+
 def main(folder: str, out: str) -> None:
     torch.set_num_threads(1)
     w = dist.world()
@@ -74,6 +89,7 @@ def main(folder: str, out: str) -> None:
     res["verified"] = {"removed": picked.removed, "candidates": picked.details["candidates"],
                        "passes": picked.details["full_forward_equivalents"]}
     res["lmeval"] = evaluate_tasks(model, tok, ["copa"], limit=10, batch_size=4, data_dir_path=str(DATA), progress=False)
+    res["bridge"] = bridge(folder, windows)
     # healing: the last block and the final norm, 3 steps of a global batch of 4 windows (DDP; then
     # FSDP from a fresh copy, under the launcher only)
     res["heal"] = heal(model, windows, fsdp=False)

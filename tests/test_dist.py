@@ -81,6 +81,7 @@ def test_two_ranks_equal_one_process(tiny_folder, tmp_path):
                 assert abs(a - b) <= HEAL_RTOL * abs(b)
             for a, b in zip(two[kind]["weights"], one["heal"]["weights"]):
                 assert abs(a - b) <= HEAL_RTOL * max(1.0, abs(b))
+        assert two["bridge"] == one["bridge"] and one["bridge"]["kept"] == [True]  # the same refit, bit for bit
         assert "different recipe" in two["mismatch"]
     assert one["mismatch"] is None
     # the training moved the weights: the comparison is not between untouched copies
