@@ -61,7 +61,9 @@ def table() -> str:
         mc0, last0 = accuracy(orig_rows, "a")
         lines.append(f"| {k} | original | - | {ev['original']['perplexity']['perplexity']:.2f} | 0 | 100% | "
                      f"{mc0:.2f}% | | {last0:.1f}% | | | | |")
-        for name, run in (("plain cut", plain), ("bridged (method: bridge)", bridged)):
+        independent = RUNS / f"k{k}-bridge-independent"  # an earlier run: every cut fitted on the original's states
+        for name, run in (("plain cut", plain), ("bridged, independent fit", independent),
+                          ("bridged (method: bridge)", bridged)):
             if not (run / "pruning.json").is_file():
                 continue
             record = json.loads((run / "pruning.json").read_text())
@@ -69,12 +71,12 @@ def table() -> str:
             fid = pruned["fidelity"]
             mc_o, last_o = paired(plain / "eval" / "original", run)
             mc, last = accuracy(compare_folders(plain / "eval" / "original", run), "b")
-            vs_plain = paired(plain, run) if run == bridged else ("", "")
+            vs_plain = paired(plain, run) if run != plain else ("", "")
             fit = ""
             if record.get("healing"):
                 b = record["healing"]["bridge"]
                 fit = "; ".join(f"{c['run'][0]}-{c['run'][-1]} -> {c['block']}: {'kept' if c['kept'] else 'dropped'}"
-                                for c in b["cuts"]) + f" ({b['tokens']:,} tokens, {b['seconds']:.0f} s)"
+                                for c in b["cuts"]) + f" ({b.get('fit', 'independent')}, {b['tokens']:,} tokens, {b['seconds']:.0f} s)"
             lines.append(f"| {k} | {name} | {record['removed']} | {pruned['perplexity']['perplexity']:.2f} | "
                          f"{fid['kl_mean']:.3f} | {100 * fid['top1_agreement']:.1f}% | {mc:.2f}% | {mc_o} | {last:.1f}% | "
                          f"{last_o} | {vs_plain[0]} | {vs_plain[1]} | {fit} |")

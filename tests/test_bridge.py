@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 
 import prune
 from prune import PruneError
-from prune.heal.bridge import apply_bridges, check_bridge, fit_bridges, fold_targets, keep_helpful, runs_of
+from prune.heal.bridge import (Bridges, apply_bridge, apply_bridges, cascade, check_bridge, fit_bridges, fold_targets,
+                               keep_helpful, runs_of)
 from prune.heal.methods import heal_config, heal_model, training_windows
 from prune.model.loading import decoder_layers
 from prune.pipeline.orchestrator import run
@@ -66,6 +67,50 @@ def test_fit_equals_least_squares_and_folds_into_the_projection(arch, run, token
     torch.testing.assert_close(y2, y - m + m @ direct, rtol=1e-4, atol=1e-4)
     plain_error, bridged_error = float(((y - h) ** 2).sum()), float(((y2 - h) ** 2).sum())
     assert bridged_error < plain_error
+
+
+@pytest.mark.parametrize("kind", ["linear", "down"])
+def test_cascade_fits_each_cut_on_the_pruned_model_as_it_stands(kind, tokenizers_by_bos):
+    """Two cuts (2 into block 1; 5-6 into block 4, block 3 of the pruned model): the second bridge is
+    the least-squares map on the PRUNED model's states with the first bridge folded in, against the
+    original's block 6 output, not the map fitted on the original's states."""
+    tok = tokenizers_by_bos[True]
+    full = build_model("llama")
+    windows, _ = training_windows(tok, heal_config("lora", C4_DATA, **FAST))
+    removed = [2, 5, 6]
+    student = build_model("llama")
+    prune.remove_layers(student, removed)
+    bridges, kept = cascade(full, student, removed, windows, error=None, batch_size=5, kind=kind)
+    assert kept == [True, True] and bridges.record()["fit"] == "cascade" and bridges.tokens == windows.numel()
+    by_hand = build_model("llama")
+    prune.remove_layers(by_hand, removed)
+    layout = Bridges(bridges.bridges, [], kind=kind)
+    apply_bridge(by_hand, layout, bridges.bridges[0])
+    _, _, h = states(full, windows, 6, 6)
+    if kind == "linear":
+        m, y, _ = states(by_hand, windows, 3, 3)
+        x = m
+    else:  # the down projection's inputs
+        got = {}
+        hook = decoder_layers(by_hand)[3].mlp.down_proj.register_forward_hook(lambda mod, a, o: got.__setitem__("a", a[0]))
+        m, y, _ = states(by_hand, windows, 3, 3)
+        hook.remove()
+        x = got["a"].flatten(0, -2).double()
+    G, C = x.T @ x, x.T @ (h - y + m)
+    if kind == "linear":
+        direct = torch.linalg.lstsq(G, C, driver="gelsd").solution
+    else:
+        from prune.heal.bridge import RIDGE
+
+        direct = torch.linalg.solve(G + RIDGE * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype), C)
+    assert torch.allclose(bridges.bridges[1].T, direct, atol=1e-6 * direct.abs().max())
+    independent = fit_bridges(full, removed, windows, kind=kind).bridges
+    # the first cut sees the original's inputs either way (other batches: the same sums in another order)
+    assert torch.allclose(independent[0].T, bridges.bridges[0].T, atol=1e-9 * direct.abs().max())
+    assert not torch.allclose(independent[1].T, direct, atol=1e-3 * direct.abs().max())
+    apply_bridge(by_hand, layout, bridges.bridges[1])
+    with torch.no_grad():
+        assert torch.equal(student(windows).logits, by_hand(windows).logits)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "phi3"])  # no bias; Conv1D + bias; Linear + bias
@@ -275,13 +320,20 @@ def test_prune_heal_with_a_bridge_equals_the_recipe_and_refuses_a_healed_run(tmp
     assert not (tmp_path / "again").exists()
 
 
-def test_recipe_with_method_bridge_saves_a_plain_bridged_checkpoint(tmp_path, tiny_folder, capsys):
-    recipe = _recipe(tmp_path, method="bridge")
+@pytest.mark.parametrize("objective", [None, "lm"])
+def test_recipe_with_method_bridge_saves_a_plain_bridged_checkpoint(objective, tmp_path, tiny_folder, capsys):
+    """The default (KL check, the original in memory) fits cut by cut on the pruned model; with
+    ``objective: lm`` nothing of the original is kept, so every cut is fitted before the surgery."""
+    recipe = _recipe(tmp_path, method="bridge", **({"objective": objective} if objective else {}))
     out = run(recipe, quiet=False).out_dir
     record = json.loads((out / "pruning.json").read_text())
     healing = record["healing"]
     assert healing["method"] == "bridge" and healing["settings"]["bridge"] == "down" and healing["steps"] == 0
-    assert healing["bridge"]["checked_by"] == "kl" and healing["distill"]["kl_after"] == healing["bridge"]["kl_after"]
+    if objective is None:
+        assert healing["bridge"]["checked_by"] == "kl" and healing["bridge"]["fit"] == "cascade"
+        assert healing["distill"]["kl_after"] == healing["bridge"]["kl_after"]
+    else:
+        assert healing["bridge"]["checked_by"] == "loss" and healing["bridge"]["fit"] == "independent"
     assert healing["bridge"]["cuts"][0]["run"] == record["removed"]
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.num_hidden_layers == N_LAYERS - 3

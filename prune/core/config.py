@@ -423,7 +423,10 @@ class HealConfig(Section):
     windows, a least-squares linear map at each cut and folds it into the MLP output projection
     (every expert's, for a mixture of experts) of the block before the cut (ReplaceMe;
     :mod:`prune.heal.bridge`); training starts from there. ``bridge: down`` refits that whole
-    projection on its own inputs by least squares instead (dense MLPs). Each cut's bridge is kept
+    projection on its own inputs by least squares instead (dense MLPs). With the original in
+    memory (a teacher copy, ``prune heal``, the Python API) the cuts are fitted in order on the
+    pruned model as it stands, earlier bridges folded in (``prune.heal.bridge.cascade``);
+    otherwise all on the original's states before the surgery. Each cut's bridge is kept
     only where it lowers the held-out measure of the objective (the KL to the original when
     distilling, else the loss on ``val_samples``); the record says which were dropped.
     """

@@ -24,6 +24,12 @@ every ``T``-bridge (``W T``) and plain removal (``W``), so without the ridge it 
 at least as well (docs/BENCHMARKS.md measures both on SmolLM2). Dense MLPs only (a mixture's
 experts are routed per token).
 
+Several cuts: :func:`fit_bridges` fits each on the original's states, in one pass.
+:func:`cascade` fits them in order on the PRUNED model as it stands (``m``, ``y``, ``a`` from its
+block before the cut, earlier bridges folded in; ``h_b`` from the original), the sequential order
+of GPTQ / SparseGPT, so a later bridge corrects the input that earlier cuts changed; it needs the
+original in memory beside the pruned model (docs/BENCHMARKS.md compares the two).
+
 A run that starts at block 0 has no block before it and is left without a bridge; blocks whose
 MLP output passes through a norm before the residual (Gemma 2/3), or whose MLP ends in something
 else than these projections, have nowhere to fold ``T`` and are refused (:func:`check_bridge`).
@@ -74,9 +80,10 @@ class Bridges:
     tokens: int = 0
     seconds: float = 0.0
     kind: str = "linear"  # every bridge's: linear or down
+    order: str = "independent"  # independent: every cut on the original's states; cascade: on the pruned model's
 
     def record(self) -> dict:
-        return {"method": self.kind, "tokens": self.tokens, "seconds": round(self.seconds, 1),
+        return {"method": self.kind, "fit": self.order, "tokens": self.tokens, "seconds": round(self.seconds, 1),
                 "cuts": [{"run": b.run, "block": b.block, "fit_error": round(b.fit_error, 4)} for b in self.bridges],
                 "skipped": self.skipped}
 
@@ -186,28 +193,110 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
                 for r in cuts:
                     m, y, h = taken[f"m{r[0] - 1}"], taken[f"y{r[0] - 1}"], taken[f"h{r[-1]}"]
                     z = h.to(m.device) - y.to(m.device) + m
-                    x = taken[f"a{r[0] - 1}"] if kind == "down" else m  # what the bridge maps to z
-                    s = sums.setdefault(r[0], {"G": 0.0, "C": 0.0, "zz": 0.0, "plain": 0.0})
-                    s["G"] = s["G"] + x.T @ x  # on the activations' device: no copy per batch
-                    s["C"] = s["C"] + x.T @ z
-                    s["zz"] = s["zz"] + (z * z).sum()
-                    s["plain"] = s["plain"] + ((z - m) ** 2).sum()  # plain removal's error
+                    accumulate(sums.setdefault(r[0], {}), taken[f"a{r[0] - 1}"] if kind == "down" else m, z, m)
                 taken.clear()
     finally:
         model.train(training)
         for h in handles:
             h.remove()
-    bridges = []
-    for r in cuts:
-        s = sums[r[0]]
-        G, C, zz, plain = s["G"].cpu(), s["C"].cpu(), float(s["zz"]), float(s["plain"])
-        if kind == "down":  # ridge-regularised normal equations (d_ff wide)
-            T = torch.linalg.solve(G + RIDGE * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype), C)
-        else:
-            T = torch.linalg.lstsq(G, C, driver="gelsd").solution  # the minimum-norm solution when M^T M is singular
-        left = float((T * (G @ T)).sum() - 2 * (T * C).sum()) + zz
-        bridges.append(Bridge(r, r[0] - 1, T, left / plain if plain > 0 else 0.0))
-    return Bridges(bridges, skipped, tokens, time.time() - started, kind)
+    return Bridges([solve(r, sums[r[0]], kind) for r in cuts], skipped, tokens, time.time() - started, kind)
+
+
+def accumulate(s: dict, x: torch.Tensor, z: torch.Tensor, m: torch.Tensor) -> None:
+    """Add one batch to a cut's normal equations: ``G = X^T X``, ``C = X^T Z``, ``||Z||^2`` and
+    plain removal's error ``||Z - M||^2`` (float64, on the activations' device: no copy per batch)."""
+    s["G"] = s.get("G", 0.0) + x.T @ x
+    s["C"] = s.get("C", 0.0) + x.T @ z
+    s["zz"] = s.get("zz", 0.0) + (z * z).sum()
+    s["plain"] = s.get("plain", 0.0) + ((z - m) ** 2).sum()
+
+
+def solve(run: list[int], s: dict, kind: str) -> Bridge:
+    """The cut's map from its summed normal equations: ridge for ``down`` (``d_ff`` wide), the
+    minimum-norm least-squares solution for ``linear`` (``M^T M`` may be singular)."""
+    G, C, zz, plain = s["G"].cpu(), s["C"].cpu(), float(s["zz"]), float(s["plain"])
+    if kind == "down":
+        T = torch.linalg.solve(G + RIDGE * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype), C)
+    else:
+        T = torch.linalg.lstsq(G, C, driver="gelsd").solution
+    left = float((T * (G @ T)).sum() - 2 * (T * C).sum()) + zz
+    return Bridge(run, run[0] - 1, T, left / plain if plain > 0 else 0.0)
+
+
+def fit_cut(original: nn.Module, student: nn.Module, removed: list[int], run: list[int], windows: torch.Tensor,
+            batch_size: int = 8, kind: str = "linear") -> tuple[Bridge, int]:
+    """One cut's bridge fitted on the PRUNED ``student`` as it stands (its block ``run[0] - 1``, fed
+    what the pruned model feeds it: earlier cuts and their bridges included) against the
+    ``original``'s output of block ``run[-1]``. Returns the bridge and the tokens seen."""
+    block = decoder_layers(student)[run[0] - 1 - sum(i < run[0] - 1 for i in removed)]
+    taken: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):
+        def hook(module, args, output):
+            taken[name] = _hidden_from_output(output).detach().flatten(0, -2).double()
+            if name in ("y", "h"):
+                raise StopForward
+        return hook
+
+    def keep_input(module, args, output):
+        x = args[0].detach().flatten(0, -2).double()
+        taken["a"] = torch.cat([x, x.new_ones(len(x), 1)], 1) if module.bias is not None else x
+
+    handles = [block.mlp.register_forward_hook(keep("m")), block.register_forward_hook(keep("y")),
+               decoder_layers(original)[run[-1]].register_forward_hook(keep("h"))]
+    if kind == "down":
+        handles.append(fold_targets(block)[0].register_forward_hook(keep_input))
+    s: dict = {}
+    tokens, modes = 0, (student.training, original.training)
+    student.eval(), original.eval()
+    try:
+        with torch.no_grad():
+            for _, batch in batches(windows, batch_size):
+                for model in (student, original):
+                    try:
+                        model(input_ids=batch.to(input_device(model)), use_cache=False)
+                    except StopForward:
+                        pass
+                m, y = taken["m"], taken["y"]
+                z = taken["h"].to(m.device) - y + m
+                accumulate(s, taken["a"] if kind == "down" else m, z, m)
+                tokens += batch.numel()
+                taken.clear()
+    finally:
+        student.train(modes[0]), original.train(modes[1])
+        for h in handles:
+            h.remove()
+    return solve(run, s, kind), tokens
+
+
+def cascade(original: nn.Module, student: nn.Module, removed: list[int], windows: torch.Tensor,
+            error: Callable[[], float] | None, start: float | None = None, batch_size: int = 8,
+            kind: str = "linear") -> tuple[Bridges, list[bool]]:
+    """Fit and fold the bridges cut by cut, in order, each on the pruned ``student`` as it stands
+    (:func:`fit_cut`: the sequential order of GPTQ / SparseGPT), keeping each only where it lowers
+    ``error()`` (as :func:`keep_helpful`; ``error`` None keeps every one, unchecked). Returns
+    the bridges and which were kept; the student ends with the kept ones folded in."""
+    started = time.time()
+    runs = runs_of(removed)
+    cuts, skipped = [r for r in runs if r[0] > 0], [r for r in runs if r[0] == 0]
+    check_bridge(original, [r[0] - 1 for r in cuts], kind)
+    out = Bridges([], skipped, 0, 0.0, kind, order="cascade")
+    layout = Bridges([Bridge(r, r[0] - 1, torch.empty(0), 0.0) for r in cuts], skipped, kind=kind)
+    best = None if error is None else (error() if start is None else start)
+    kept = []
+    for run in cuts:
+        bridge, tokens = fit_cut(original, student, removed, run, windows, batch_size, kind)
+        out.bridges.append(bridge)
+        out.tokens = tokens
+        undo = apply_bridge(student, layout, bridge)
+        now = None if error is None else error()
+        kept.append(now is None or now < best)
+        if now is not None and now < best:
+            best = now
+        elif now is not None:
+            undo()
+    out.seconds = time.time() - started
+    return out, kept
 
 
 def apply_bridges(model: nn.Module, bridges: Bridges) -> None:

@@ -590,17 +590,18 @@ def heal_replacement(model, plan: HealPlan, *, quiet: bool = False, callback=Non
 
 
 # ---- linear bridges (prune.heal.bridge) ------------------------------------------------------------------
-def with_bridges(model, bridges, val_windows, train: Callable[[], dict], teacher=None, quiet: bool = False) -> dict:
-    """Fold the ``bridges`` that help into the pruned ``model``, then ``train()``.
+def with_bridges(model, fit: Callable, val_windows, train: Callable[[], dict], teacher=None, quiet: bool = False) -> dict:
+    """Fold the bridges that help into the pruned ``model``, then ``train()``.
 
-    A bridge is kept only where it lowers the held-out measure of the training objective on
-    ``val_windows``: the KL to the ``teacher`` when distilling, else the causal-LM loss
-    (:func:`prune.heal.bridge.keep_helpful`; with no held-out windows every bridge is kept,
-    unchecked). The record's ``*_before`` figures stay the un-bridged model's; ``record["bridge"]``
-    holds the bridged ones (``val_loss_after``, with a teacher the KL and top-1 agreement) and
-    each cut's ``kept``."""
-    from prune.heal.bridge import apply_bridges, keep_helpful
-
+    ``fit(error, start) -> (bridges, kept)`` folds them: cut by cut on the pruned model
+    (:func:`prune.heal.bridge.cascade`, when the original is in memory) or, fitted before the
+    surgery on the original's states, one after another (:func:`prune.heal.bridge.keep_helpful`).
+    Either way a bridge is kept only where it lowers ``error()``, the held-out measure of the
+    training objective on ``val_windows``: the KL to the ``teacher`` when distilling, else the
+    causal-LM loss (``start``: its value before; with no held-out windows ``error`` is None and
+    every bridge is kept, unchecked). The record's ``*_before`` figures stay the un-bridged
+    model's; ``record["bridge"]`` holds the bridged ones (``val_loss_after``, with a teacher the
+    KL and top-1 agreement) and each cut's ``kept``."""
     loss = mean_lm_loss(model, val_windows)
     kl = None
     if teacher is not None:
@@ -608,11 +609,10 @@ def with_bridges(model, bridges, val_windows, train: Callable[[], dict], teacher
 
         kl = fidelity(model, teacher, val_windows)
     if loss is None:
-        apply_bridges(model, bridges)
-        kept = [True] * len(bridges.bridges)
+        bridges, kept = fit(None, None)
     else:
-        kept = keep_helpful(model, bridges, lambda: fidelity(model, teacher, val_windows)["kl"] if teacher is not None
-                            else mean_lm_loss(model, val_windows), start=loss if kl is None else kl["kl"])
+        bridges, kept = fit(lambda: fidelity(model, teacher, val_windows)["kl"] if teacher is not None
+                            else mean_lm_loss(model, val_windows), loss if kl is None else kl["kl"])
     record = train()
     info = {**bridges.record(), "checked_by": None if loss is None else ("kl" if teacher is not None else "loss"),
             "val_loss_before": loss, "val_loss_after": record["val_loss_before"]}
@@ -631,6 +631,25 @@ def with_bridges(model, bridges, val_windows, train: Callable[[], dict], teacher
         d["kl_before"], d["top1_before"] = kl["kl"], kl["top1"]
     record["bridge"] = info
     return record
+
+
+def cascade_fit(original, model, removed: list[int], windows, cfg: HealConfig) -> Callable:
+    """``with_bridges``' fit: cut by cut on the pruned ``model``, against the ``original`` in memory."""
+    from prune.heal.bridge import cascade
+
+    return lambda error, start: cascade(original, model, removed, windows, error, start, cfg.batch_size, cfg.bridge)
+
+
+def prefitted(model, bridges) -> Callable:
+    """``with_bridges``' fit: ``bridges`` fitted before the surgery, folded one after another."""
+    from prune.heal.bridge import apply_bridges, keep_helpful
+
+    def fit(error, start):
+        if error is None:
+            apply_bridges(model, bridges)
+            return bridges, [True] * len(bridges.bridges)
+        return bridges, keep_helpful(model, bridges, error, start)
+    return fit
 
 
 def bridged_record(model, cfg: HealConfig, windows, val_windows, teacher=None) -> dict:
@@ -704,13 +723,11 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
         if not isinstance(teacher_model, nn.Module) or kept is None:
             raise PruneError(f"heal bridge {cfg.bridge} is fitted on the original model: pass teacher_model= (the "
                              "original, in memory) and kept= (the original index of each block of model)")
-        from prune.heal.bridge import fit_bridges
         from prune.heal.distill import Teacher
 
-        bridges = fit_bridges(teacher_model, complement(len(decoder_layers(teacher_model)), kept), windows,
-                              cfg.batch_size, kind=cfg.bridge)
         teacher = Teacher("memory", "the original model", teacher_model.eval()) if cfg.objective == "distill" else None
-        return with_bridges(model, bridges, val_windows, train, teacher, quiet)
+        return with_bridges(model, cascade_fit(teacher_model, model, complement(len(decoder_layers(teacher_model)), kept),
+                                               windows, cfg), val_windows, train, teacher, quiet)
     if removed is None:
         raise PruneError("heal method replace needs removed= (the contiguous run of blocks to replace)")
     from prune.model.surgery import remove_layers
@@ -757,9 +774,13 @@ def prepare(model, tokenizer, removed: list[int], cfg: HealConfig, quiet: bool =
     else:
         return plan_replacement(model, list(removed), cfg, windows, val_windows, quiet=quiet)
     if cfg.bridge != "none":
-        from prune.heal.bridge import fit_bridges
+        teacher = plan.extra.get("teacher")
+        if teacher is not None and teacher.model is not None:  # the original stays in memory: fit cut by cut after the surgery
+            plan.extra["original"] = teacher.model
+        else:  # nothing of the original after the surgery: fit every cut on its states now
+            from prune.heal.bridge import fit_bridges
 
-        plan.extra["bridges"] = fit_bridges(model, plan.remove, windows, cfg.batch_size, kind=cfg.bridge)
+            plan.extra["bridges"] = fit_bridges(model, plan.remove, windows, cfg.batch_size, kind=cfg.bridge)
     return plan
 
 
@@ -784,10 +805,13 @@ def heal(model, cfg: HealConfig, plan: HealPlan, quiet: bool = False) -> dict:
             return heal_lora(model, cfg, plan.windows, plan.val_windows, quiet=quiet)
         return heal_partial(model, cfg, plan.windows, plan.val_windows, quiet=quiet)
 
-    bridges = plan.extra.get("bridges")
-    record = (train() if bridges is None
-              else with_bridges(model, bridges, plan.val_windows, train, plan.extra.get("teacher"), quiet))
-    plan.extra["teacher"] = None  # free the teacher copy before evaluation
+    if cfg.bridge == "none":
+        record = train()
+    else:
+        fit = (cascade_fit(plan.extra["original"], model, plan.remove, plan.windows, cfg) if "original" in plan.extra
+               else prefitted(model, plan.extra["bridges"]))
+        record = with_bridges(model, fit, plan.val_windows, train, plan.extra.get("teacher"), quiet)
+    plan.extra["teacher"] = plan.extra["original"] = None  # free the original's copy before evaluation
     if not quiet and record["val_loss_after"] is not None:
         cost = (f"fitted on {record['bridge']['tokens']:,} tokens in {record['bridge']['seconds']:.0f} s"
                 if cfg.method == "bridge" else f"{record['tokens_seen']:,} tokens, {record['seconds']:.0f} s")
@@ -845,5 +869,6 @@ def _bridge_lines(record: dict) -> list[str]:
     after = (f"; KL to the teacher {b['kl_before']:.4f} -> {b['kl_after']:.4f}" if b.get("kl_after") is not None
              else "")
     when = "no training" if record["method"] == "bridge" else "before training"
-    return [f"- {b['method']} bridge, {when} (least squares on {b['tokens']:,} tokens, {b['seconds']:.0f} s): {cuts}; "
+    order = "cut by cut on the pruned model" if b.get("fit") == "cascade" else "on the original's states"
+    return [f"- {b['method']} bridge, {when} (least squares on {b['tokens']:,} tokens, {order}, {b['seconds']:.0f} s): {cuts}; "
             f"held-out loss {b['val_loss_before']:.4f} -> {b['val_loss_after']:.4f}{after}"]
