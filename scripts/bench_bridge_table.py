@@ -80,6 +80,12 @@ def table() -> str:
             lines.append(f"| {k} | {name} | {record['removed']} | {pruned['perplexity']['perplexity']:.2f} | "
                          f"{fid['kl_mean']:.3f} | {100 * fid['top1_agreement']:.1f}% | {mc:.2f}% | {mc_o} | {last:.1f}% | "
                          f"{last_o} | {vs_plain[0]} | {vs_plain[1]} | {fit} |")
+    for k in sorted(int(p.name[1:].split("-")[0]) for p in RUNS.glob("k*-bridge-independent")):
+        a, b = RUNS / f"k{k}-bridge-independent", RUNS / f"k{k}-bridge"
+        if (a / "pruning.json").is_file() and (b / "pruning.json").is_file():
+            mc, last = paired(a, b)
+            lines.append(f"\nk = {k}, cascaded fit (method: bridge) against the independent fit, paired on the same "
+                         f"examples: MC average {mc} points, last word {last}.")
     return "\n".join(lines)
 
 
