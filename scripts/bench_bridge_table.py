@@ -13,7 +13,6 @@ paired with the plain cut, example by example (prune.measure.paired).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 from pathlib import Path
@@ -89,19 +88,6 @@ def table() -> str:
     return "\n".join(lines)
 
 
-def write_docs(body: str) -> None:
-    begin, end = f"<!-- {BLOCK}:begin -->", f"<!-- {BLOCK}:end -->"
-    path = ROOT / "docs" / "BENCHMARKS.md"
-    text = path.read_text()
-    if begin not in text or end not in text:
-        sys.exit(f"{path} has no {begin} ... {end} block")
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    stamp = (f"_Table generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by "
-             "`python scripts/bench_bridge_table.py --docs` from the runs of `bash scripts/bench_bridge_run.sh 7 10`._")
-    path.write_text(f"{head}{begin}\n{stamp}\n\n{body}\n{end}{tail}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", action="store_true", help="write the table into docs/BENCHMARKS.md")
@@ -109,7 +95,11 @@ def main() -> None:
     body = table()
     print(body)
     if args.docs:
-        write_docs(body)
+        from docs_block import DOCS, replace_block
+
+        if not replace_block(BLOCK, body, "python scripts/bench_bridge_table.py --docs",
+                             "the runs of `bash scripts/bench_bridge_run.sh 7 10`"):
+            sys.exit(f"{DOCS} has no <!-- {BLOCK}:begin --> ... <!-- {BLOCK}:end --> block")
 
 
 if __name__ == "__main__":

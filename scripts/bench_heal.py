@@ -1161,18 +1161,10 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
 
 def write_docs(body: str, block: str = "bench_heal") -> None:
     """Replace the generated ``block`` of docs/BENCHMARKS.md ("Healing") with ``body``."""
-    DOCS_BEGIN, DOCS_END = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
-    path = ROOT / "docs" / "BENCHMARKS.md"
-    text = path.read_text()
-    if DOCS_BEGIN not in text or DOCS_END not in text:
-        log(f"{path} has no {DOCS_BEGIN} ... {DOCS_END} block: tables not written there")
-        return
-    head, rest = text.split(DOCS_BEGIN, 1)
-    _, tail = rest.split(DOCS_END, 1)
-    stamp = (f"_Tables generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by "
-             f"`python scripts/bench_heal.py --part {PART_OF_BLOCK[block]}` "
-             "from bench_cache/heal/._")
-    path.write_text(f"{head}{DOCS_BEGIN}\n{stamp}\n\n{body}\n{DOCS_END}{tail}")
+    from docs_block import DOCS, replace_block
+
+    if not replace_block(block, body, f"python scripts/bench_heal.py --part {PART_OF_BLOCK[block]}", "bench_cache/heal/"):
+        log(f"{DOCS} has no <!-- {block}:begin --> ... <!-- {block}:end --> block: tables not written there")
 
 
 def main() -> None:

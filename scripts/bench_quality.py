@@ -723,19 +723,12 @@ def plots(data, ks, rows, avg, lm_k, dense_ppl, common=()) -> None:
         plt.close(fig)
 
 
-BEGIN, END = "<!-- bench_quality:begin -->", "<!-- bench_quality:end -->"
-
-
 def write_docs(tables: str) -> None:
     """Replace the generated block of docs/BENCHMARKS.md ("Quality of the strategies") with ``tables``."""
-    path = ROOT / "docs" / "BENCHMARKS.md"
-    text = path.read_text()
-    if BEGIN not in text or END not in text:
-        sys.exit(f"{path} has no {BEGIN} ... {END} block in its quality section")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    stamp = f"_Tables generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `python scripts/bench_quality.py --part docs` from bench_cache/._"
-    path.write_text(f"{head}{BEGIN}\n{stamp}\n\n{tables}\n{END}{tail}")
+    from docs_block import DOCS, replace_block
+
+    if not replace_block("bench_quality", tables, "python scripts/bench_quality.py --part docs", "bench_cache/"):
+        sys.exit(f"{DOCS} has no <!-- bench_quality:begin --> ... <!-- bench_quality:end --> block in its quality section")
 
 
 # ---- main ------------------------------------------------------------------------------------

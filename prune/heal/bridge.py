@@ -80,10 +80,10 @@ class Bridges:
     tokens: int = 0
     seconds: float = 0.0
     kind: str = "linear"  # every bridge's: linear or down
-    order: str = "independent"  # independent: every cut on the original's states; cascade: on the pruned model's
+    fit: str = "independent"  # independent: every cut on the original's states; cascade: on the pruned model's
 
     def record(self) -> dict:
-        return {"method": self.kind, "fit": self.order, "tokens": self.tokens, "seconds": round(self.seconds, 1),
+        return {"method": self.kind, "fit": self.fit, "tokens": self.tokens, "seconds": round(self.seconds, 1),
                 "cuts": [{"run": b.run, "block": b.block, "fit_error": round(b.fit_error, 4)} for b in self.bridges],
                 "skipped": self.skipped}
 
@@ -248,7 +248,8 @@ def fit_cut(original: nn.Module, student: nn.Module, removed: list[int], run: li
         handles.append(fold_targets(block)[0].register_forward_hook(keep_input))
     s: dict = {}
     tokens, modes = 0, (student.training, original.training)
-    student.eval(), original.eval()
+    student.eval()  # dropout off: the states the pruned model will see at inference
+    original.eval()
     try:
         with torch.no_grad():
             for _, batch in batches(windows, batch_size):
@@ -263,7 +264,8 @@ def fit_cut(original: nn.Module, student: nn.Module, removed: list[int], run: li
                 tokens += batch.numel()
                 taken.clear()
     finally:
-        student.train(modes[0]), original.train(modes[1])
+        student.train(modes[0])
+        original.train(modes[1])
         for h in handles:
             h.remove()
     return solve(run, s, kind), tokens
@@ -280,7 +282,7 @@ def cascade(original: nn.Module, student: nn.Module, removed: list[int], windows
     runs = runs_of(removed)
     cuts, skipped = [r for r in runs if r[0] > 0], [r for r in runs if r[0] == 0]
     check_bridge(original, [r[0] - 1 for r in cuts], kind)
-    out = Bridges([], skipped, 0, 0.0, kind, order="cascade")
+    out = Bridges([], skipped, 0, 0.0, kind, fit="cascade")
     layout = Bridges([Bridge(r, r[0] - 1, torch.empty(0), 0.0) for r in cuts], skipped, kind=kind)
     best = None if error is None else (error() if start is None else start)
     kept = []

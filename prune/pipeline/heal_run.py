@@ -13,9 +13,9 @@ The heal settings come from, in order (later wins): the ``heal:`` section of
   source recorded in ``pruning.json``, removes ``k - 1`` of the ``k`` removed blocks and trains
   the one kept; it first checks that every other weight equals the run folder's (a run that
   was healed or edited since is refused rather than silently rebuilt from its source).
-* ``heal.bridge`` (and ``method: bridge``, the bridges alone) fits its least-squares maps on the
-  ORIGINAL model's hidden states, so it loads the source recorded in ``pruning.json`` beside the
-  run's model (both in memory; with ``objective: distill`` the original is also the teacher). A
+* ``heal.bridge`` (and ``method: bridge``, the bridges alone) fits its least-squares maps to the
+  ORIGINAL model's hidden states, cut by cut on the run's model, so it loads the source recorded
+  in ``pruning.json`` beside the run's model (both in memory; with ``objective: distill`` the original is also the teacher). A
   run that was healed since is refused: the bridges are fitted to the original's blocks.
 
 The result is a NEW complete folder, written atomically (:func:`prune.export.saving`): the
