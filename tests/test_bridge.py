@@ -299,9 +299,16 @@ def test_prune_heal_with_a_bridge_equals_the_recipe_and_refuses_a_healed_run(tmp
     del plain["heal"]
     plain["output"]["dir"] = str(tmp_path / "plain")
     run_dir = run(plain, quiet=True).out_dir
-    settings = [f"{k}={v}" for k, v in FAST.items()]
-    healed = heal_run(run_dir, tmp_path / "healed", method="bridge", data=C4_DATA["path"], field=C4_DATA["field"],
-                      rows=C4_DATA["rows"], overrides=settings, source=str(tmp_path / "tiny"), quiet=True)
+    import yaml
+
+    config = tmp_path / "bridge.yaml"  # a recipe's heal section, ${VAR:-default} expanded as in a recipe
+    config.write_text(yaml.safe_dump({"heal": {"method": "bridge", **FAST, "data": {
+        **C4_DATA, "path": "${PRUNE_TEST_UNSET_VAR:-%s}" % C4_DATA["path"]}}}))
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(config.read_text().replace("c4_web_1480.jsonl", "nowhere.jsonl"))
+    with pytest.raises(PruneError, match="'heal.data.path' file not found: .*nowhere.jsonl"):  # before any loading
+        heal_run(run_dir, tmp_path / "healed", config=str(missing), source=str(tmp_path / "tiny"), quiet=True)
+    healed = heal_run(run_dir, tmp_path / "healed", config=str(config), source=str(tmp_path / "tiny"), quiet=True)
     a = AutoModelForCausalLM.from_pretrained(bridged).state_dict()
     b = AutoModelForCausalLM.from_pretrained(healed).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

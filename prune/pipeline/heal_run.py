@@ -49,7 +49,7 @@ from prune.heal.methods import (
 )
 from prune.core.config import HealConfig, Section
 from prune.core.config import format_validation_error
-from prune.pipeline.recipe import apply_overrides, check_heal_data
+from prune.pipeline.recipe import apply_overrides, check_heal_data, check_text_path
 
 
 class _HealOnly(Section):
@@ -93,7 +93,10 @@ def heal_settings(recipe_data: dict | None, config: str | None = None, method: s
     overrides = [o.removeprefix("heal.") for o in overrides or ()]
     settings = apply_overrides(settings, overrides)
     if "method" not in settings:
-        raise PruneError("no heal method: give --method lora|replace|partial|distill (or --config with a heal section)")
+        raise PruneError("no heal method: give --method lora|replace|partial|distill|bridge (or --config with a heal section)")
+    from prune.pipeline.recipe import expand_env
+
+    settings = expand_env(settings)  # ${PRUNE_DATA_DIR:-../shared/data}/... as in a recipe
     try:
         return _HealOnly.model_validate({"heal": settings}).heal
     except Exception as exc:  # pydantic ValidationError
@@ -156,7 +159,6 @@ def with_local_texts(recipe, run: Path, calibration: str | None, evaluate: bool)
     """``recipe`` (read from ``run``) with its calibration file replaced by ``calibration`` when given,
     checked before any model is loaded: a text file the run recorded by name only (``<local>/name``)
     or that is missing here is one line naming the fix."""
-    from prune.pipeline.recipe import check_text_path
 
     if calibration is not None:
         recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update={"path": calibration})})
@@ -236,6 +238,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         raise PruneError(f"--calibration-data needs {run / 'recipe.yaml'} (the run folder has no recipe to calibrate with)")
     eval_cfg: EvaluateConfig | None = recipe.evaluate if recipe else None
     check_heal_data(cfg, eval_cfg, "heal settings")
+    check_text_path(cfg.data, "heal.data", "heal settings", "give the file with --data PATH")
     if evaluate and eval_cfg is None:
         raise PruneError(f"--evaluate needs an evaluate section in {run / 'recipe.yaml'} (or use prune eval on the output)")
     if evaluate and eval_cfg.tasks:
