@@ -107,6 +107,12 @@ def test_cascade_fits_each_cut_on_the_pruned_model_as_it_stands(kind, tokenizers
     independent = fit_bridges(full, removed, windows, kind=kind).bridges
     # the first cut sees the original's inputs either way (other batches: the same sums in another order)
     assert torch.allclose(independent[0].T, bridges.bridges[0].T, atol=1e-9 * direct.abs().max())
+    from prune.heal.bridge import fit_cut
+
+    on_student = build_model("llama")  # fitted on the pruned model, that first cut is the same map
+    prune.remove_layers(on_student, removed)
+    assert torch.allclose(fit_cut(full, on_student, removed, [2], windows, 5, kind)[0].T, bridges.bridges[0].T,
+                          atol=1e-9 * direct.abs().max())
     assert not torch.allclose(independent[1].T, direct, atol=1e-3 * direct.abs().max())
     apply_bridge(by_hand, layout, bridges.bridges[1])
     with torch.no_grad():

@@ -275,7 +275,8 @@ def cascade(original: nn.Module, student: nn.Module, removed: list[int], windows
             error: Callable[[], float] | None, start: float | None = None, batch_size: int = 8,
             kind: str = "linear") -> tuple[Bridges, list[bool]]:
     """Fit and fold the bridges cut by cut, in order, each on the pruned ``student`` as it stands
-    (:func:`fit_cut`: the sequential order of GPTQ / SparseGPT), keeping each only where it lowers
+    (:func:`fit_cut`: the sequential order of GPTQ / SparseGPT; a first cut with nothing removed
+    before it sees the original's inputs, and is fitted on the original alone), keeping each only where it lowers
     ``error()`` (as :func:`keep_helpful`; ``error`` None keeps every one, unchecked). Returns
     the bridges and which were kept; the student ends with the kept ones folded in."""
     started = time.time()
@@ -287,7 +288,11 @@ def cascade(original: nn.Module, student: nn.Module, removed: list[int], windows
     best = None if error is None else (error() if start is None else start)
     kept = []
     for run in cuts:
-        bridge, tokens = fit_cut(original, student, removed, run, windows, batch_size, kind)
+        if run[0] <= min(removed):  # nothing removed before it: the pruned model feeds it as the original does
+            first = fit_bridges(original, run, windows, batch_size, kind)
+            bridge, tokens = first.bridges[0], first.tokens  # one forward pass instead of two
+        else:
+            bridge, tokens = fit_cut(original, student, removed, run, windows, batch_size, kind)
         out.bridges.append(bridge)
         out.tokens = tokens
         undo = apply_bridge(student, layout, bridge)
