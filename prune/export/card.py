@@ -231,6 +231,17 @@ def eval_settings_line(settings: dict | None) -> str:
     return "Settings: " + "; ".join(parts) + "." if parts else ""
 
 
+def chosen_heal_settings(settings: dict) -> dict:
+    """The heal settings that differ from :class:`prune.core.config.HealConfig`'s defaults (and the
+    method): the ones that say what was done; a method's unused defaults (a learning rate where
+    nothing is trained) are left out."""
+    from prune.core.config import HealConfig
+
+    fields = HealConfig.model_fields
+    return {k: v for k, v in settings.items() if k != "data" and v is not None
+            and (k == "method" or k not in fields or fields[k].default != v)}
+
+
 def healing_text(healing: dict | None, recipe: dict | None) -> str | None:
     """Healing as bullets: the recipe's heal settings, then what the healing step recorded."""
     if not healing:
@@ -238,9 +249,11 @@ def healing_text(healing: dict | None, recipe: dict | None) -> str | None:
     lines = []
     heal_cfg = (recipe or {}).get("heal") or {}
     if heal_cfg:
-        shown = {k: v for k, v in heal_cfg.items() if k != "data" and v is not None}
-        lines.append("Recipe: " + ", ".join(f"{k} = {v}" for k, v in shown.items()))
+        lines.append("Recipe (settings other than the defaults): "
+                     + ", ".join(f"{k} = {v}" for k, v in chosen_heal_settings(heal_cfg).items()))
     for key, value in healing.items():
+        if key == "settings" and isinstance(value, dict):
+            value = chosen_heal_settings(value)
         if isinstance(value, dict):
             inner = ", ".join(f"{k} = {_scalar(v)}" for k, v in value.items() if _is_scalar(v))
             if inner:
@@ -249,7 +262,9 @@ def healing_text(healing: dict | None, recipe: dict | None) -> str | None:
             lines.append(f"{key}: {_scalar(value)}")
         elif isinstance(value, list) and len(value) <= 16 and all(_is_scalar(v) for v in value):
             lines.append(f"{key}: {[_scalar(v) for v in value]}")
-    return "\n".join(f"- {line}" for line in lines) + "\n\nWeights of this checkpoint were trained after pruning " \
+    how = ("refitted by least squares after pruning, with no training" if healing.get("method") == "bridge"
+           else "trained after pruning")
+    return "\n".join(f"- {line}" for line in lines) + f"\n\nWeights of this checkpoint were {how} " \
         "(details in `pruning.json` → `healing`)."
 
 
