@@ -15,6 +15,7 @@ import traceback
 from prune.choose.registry import names
 from prune.core.errors import PruneError, first_line
 from prune.core.config import (
+    HEAL_METHODS,
     CalibrationConfig,
     EvaluateConfig,
     ModelConfig,
@@ -426,7 +427,7 @@ def add_heal(sub) -> None:
                                    "before lora/partial too).")
     p.add_argument("run_dir", help="a folder written by prune run")
     p.add_argument("--output", "-o", required=True, help="the new folder to write (must not be RUN_DIR)")
-    p.add_argument("--method", choices=["lora", "replace", "partial", "distill", "bridge"], default=None,
+    p.add_argument("--method", choices=[*HEAL_METHODS, "distill"], default=None,
                    help="healing method; distill = LoRA trained to match the original model (--set params=partial for "
                         "partial fine-tuning; --set temperature=2 top_k=64 teacher_cache=FILE hidden_weight=...)")
     p.add_argument("--config", default=None, help="YAML file with heal settings (a heal section, or a recipe holding one)")

@@ -28,9 +28,9 @@ LASTWORD = "tinystories_lastword"
 BLOCK = "bench_bridge_run"
 
 
-def paired(a, b) -> tuple[str, str]:
-    """(MC average B - A [95% CI], last word B - A [95% CI]) in points."""
-    rows = headline_rows(compare_folders(a, b))
+def paired(rows) -> tuple[str, str]:
+    """(MC average B - A [95% CI], last word B - A [95% CI]) in points, from paired rows (compare_folders)."""
+    rows = headline_rows(rows)
     mc = task_average([r for r in rows if r.task.removesuffix("_local") in MC])
     last = [r for r in rows if r.task.startswith(LASTWORD)]
     mc_s = f"{100 * mc.diff:+.2f} [{100 * mc.ci_low:+.2f}, {100 * mc.ci_high:+.2f}]" if mc else "-"
@@ -68,9 +68,9 @@ def table() -> str:
             record = json.loads((run / "pruning.json").read_text())
             pruned = json.loads((run / "eval.json").read_text())["pruned"]
             fid = pruned["fidelity"]
-            mc_o, last_o = paired(plain / "eval" / "original", run)
-            mc, last = accuracy(compare_folders(plain / "eval" / "original", run), "b")
-            vs_plain = paired(plain, run) if run != plain else ("", "")
+            vs_original = compare_folders(plain / "eval" / "original", run)
+            (mc_o, last_o), (mc, last) = paired(vs_original), accuracy(vs_original, "b")
+            vs_plain = paired(compare_folders(plain, run)) if run != plain else ("", "")
             fit = ""
             if record.get("healing"):
                 b = record["healing"]["bridge"]
@@ -82,7 +82,7 @@ def table() -> str:
     for k in sorted(int(p.name[1:].split("-")[0]) for p in RUNS.glob("k*-bridge-independent")):
         a, b = RUNS / f"k{k}-bridge-independent", RUNS / f"k{k}-bridge"
         if (a / "pruning.json").is_file() and (b / "pruning.json").is_file():
-            mc, last = paired(a, b)
+            mc, last = paired(compare_folders(a, b))
             lines.append(f"\nk = {k}, cascaded fit (method: bridge) against the independent fit, paired on the same "
                          f"examples: MC average {mc} points, last word {last}.")
     return "\n".join(lines)

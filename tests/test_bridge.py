@@ -353,8 +353,8 @@ def test_recipe_with_method_bridge_saves_a_plain_bridged_checkpoint(objective, t
     card = (out / "README.md").read_text()
     assert "healed (a least-squares bridge folded into the block before each cut, nothing trained" in card
     assert "were refitted by least squares after pruning, with no training" in card
-    recipe_line = next(line for line in card.splitlines() if line.startswith("- Recipe (settings other than the defaults)"))
-    assert "method = bridge" in recipe_line and "rank" not in recipe_line and "init" not in recipe_line  # defaults left out
+    (settings_line,) = [line for line in card.splitlines() if line.startswith("- Settings other than the defaults")]
+    assert "method = bridge" in settings_line and "rank" not in settings_line and "init" not in settings_line
     assert "## Healing: bridge (training-free)" in (out / "eval.md").read_text()
     assert "- down bridge, no training (least squares on" in (out / "eval.md").read_text()
     printed = capsys.readouterr().out

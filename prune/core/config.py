@@ -383,6 +383,10 @@ class OutputConfig(Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # saved weights; auto = as loaded
 
 
+#: ``heal.method``: what is trained (``distill`` is shorthand for ``objective: distill`` with one of these)
+HEAL_METHODS = ("lora", "replace", "partial", "bridge")
+
+
 class HealConfig(Section):
     """Healing after pruning (see :mod:`prune.heal`): one of four methods, fitted on ``data``.
 
@@ -431,7 +435,7 @@ class HealConfig(Section):
     distilling, else the loss on ``val_samples``); the record says which were dropped.
     """
 
-    method: Literal["lora", "replace", "partial", "bridge"]
+    method: Literal[HEAL_METHODS]
     data: TextConfig | None = None  # required in a recipe (checked in prune.recipe.check_heal)
     n_samples: int = Field(256, ge=1)
     val_samples: int = Field(8, ge=0)

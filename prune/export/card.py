@@ -242,18 +242,15 @@ def chosen_heal_settings(settings: dict) -> dict:
             and (k == "method" or k not in fields or fields[k].default != v)}
 
 
-def healing_text(healing: dict | None, recipe: dict | None) -> str | None:
-    """Healing as bullets: the recipe's heal settings, then what the healing step recorded."""
+def healing_text(healing: dict | None) -> str | None:
+    """Healing as bullets: the heal settings other than the defaults, then what the healing step recorded."""
     if not healing:
         return None
-    lines = []
-    heal_cfg = (recipe or {}).get("heal") or {}
-    if heal_cfg:
-        lines.append("Recipe (settings other than the defaults): "
-                     + ", ".join(f"{k} = {v}" for k, v in chosen_heal_settings(heal_cfg).items()))
+    lines = ["Settings other than the defaults: "
+             + ", ".join(f"{k} = {v}" for k, v in chosen_heal_settings(healing["settings"]).items())]
     for key, value in healing.items():
-        if key == "settings" and isinstance(value, dict):
-            value = chosen_heal_settings(value)
+        if key == "settings":
+            continue
         if isinstance(value, dict):
             inner = ", ".join(f"{k} = {_scalar(v)}" for k, v in value.items() if _is_scalar(v))
             if inner:
@@ -262,7 +259,7 @@ def healing_text(healing: dict | None, recipe: dict | None) -> str | None:
             lines.append(f"{key}: {_scalar(value)}")
         elif isinstance(value, list) and len(value) <= 16 and all(_is_scalar(v) for v in value):
             lines.append(f"{key}: {[_scalar(v) for v in value]}")
-    how = ("refitted by least squares after pruning, with no training" if healing.get("method") == "bridge"
+    how = ("refitted by least squares after pruning, with no training" if healing["method"] == "bridge"
            else "trained after pruning")
     return "\n".join(f"- {line}" for line in lines) + f"\n\nWeights of this checkpoint were {how} " \
         "(details in `pruning.json` → `healing`)."
@@ -311,7 +308,7 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
         repo = (record.healing or {}).get("from_repo")
         healed_from = f" ({source_name(None, repo)})" if repo else ""
         how = ("a least-squares bridge folded into the block before each cut, nothing trained"
-               if record.healing.get("method") == "bridge" else "trained briefly")
+               if record.healing["method"] == "bridge" else "trained briefly")
         summary += f" The pruned model{healed_from} was then healed ({how}; see Healing)."
     adapter = getattr(record, "adapter", None)
     if adapter:
@@ -342,7 +339,7 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
         msrs=msrs_line(record), relation_note=relation_note, dtype=record.dtype,
         steps=lineage_rows, original_name=origin,
         table=comparison_markdown(rows) if rows else None, eval_settings=eval_settings_line(settings),
-        earlier_tables=earlier_tables, healing=healing_text(record.healing, record.recipe),
+        earlier_tables=earlier_tables, healing=healing_text(record.healing),
         load_id=load_id or "path/to/this/folder", adapter=adapter, base_id=record.base_model or "path/to/pruned/base",
         recipe=(recipe_yaml or "").strip(), earlier_recipes=earlier_recipes, versions=versions_line(record.versions),
     )

@@ -38,7 +38,7 @@ else than these projections, have nowhere to fold ``T`` and are refused (:func:`
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -166,10 +166,8 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
         return hook
 
     def keep_input(name: str):
-        """``down``: the projection's input, and a column of 1 for its bias."""
         def hook(module, args, output):
-            x = args[0].detach().flatten(0, -2).double()
-            taken[name] = torch.cat([x, x.new_ones(len(x), 1)], 1) if module.bias is not None else x
+            taken[name] = projection_input(module, args)
         return hook
 
     handles = []
@@ -200,6 +198,13 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
         for h in handles:
             h.remove()
     return Bridges([solve(r, sums[r[0]], kind) for r in cuts], skipped, tokens, time.time() - started, kind)
+
+
+def projection_input(proj: nn.Module, args: tuple) -> torch.Tensor:
+    """``down``: what the output projection ``proj`` was called with, [tokens, d_ff] float64, and a
+    column of 1 for its bias where it has one (the ``a`` of the module docstring)."""
+    x = args[0].detach().flatten(0, -2).double()
+    return torch.cat([x, x.new_ones(len(x), 1)], 1) if proj.bias is not None else x
 
 
 def accumulate(s: dict, x: torch.Tensor, z: torch.Tensor, m: torch.Tensor) -> None:
@@ -239,8 +244,7 @@ def fit_cut(original: nn.Module, student: nn.Module, removed: list[int], run: li
         return hook
 
     def keep_input(module, args, output):
-        x = args[0].detach().flatten(0, -2).double()
-        taken["a"] = torch.cat([x, x.new_ones(len(x), 1)], 1) if module.bias is not None else x
+        taken["a"] = projection_input(module, args)
 
     handles = [block.mlp.register_forward_hook(keep("m")), block.register_forward_hook(keep("y")),
                decoder_layers(original)[run[-1]].register_forward_hook(keep("h"))]
@@ -276,32 +280,27 @@ def cascade(original: nn.Module, student: nn.Module, removed: list[int], windows
             kind: str = "linear") -> tuple[Bridges, list[bool]]:
     """Fit and fold the bridges cut by cut, in order, each on the pruned ``student`` as it stands
     (:func:`fit_cut`: the sequential order of GPTQ / SparseGPT; a first cut with nothing removed
-    before it sees the original's inputs, and is fitted on the original alone), keeping each only where it lowers
-    ``error()`` (as :func:`keep_helpful`; ``error`` None keeps every one, unchecked). Returns
-    the bridges and which were kept; the student ends with the kept ones folded in."""
+    before it sees the original's inputs, and is fitted on the original alone), each kept only
+    where it lowers ``error()`` (:func:`keep_helpful`, which asks for the next fit only once the
+    previous one is decided). Returns the bridges and which were kept; the student ends with the
+    kept ones folded in."""
     started = time.time()
     runs = runs_of(removed)
     cuts, skipped = [r for r in runs if r[0] > 0], [r for r in runs if r[0] == 0]
     check_bridge(original, [r[0] - 1 for r in cuts], kind)
-    out = Bridges([], skipped, 0, 0.0, kind, fit="cascade")
-    layout = Bridges([Bridge(r, r[0] - 1, torch.empty(0), 0.0) for r in cuts], skipped, kind=kind)
-    best = None if error is None else (error() if start is None else start)
-    kept = []
-    for run in cuts:
-        if run[0] <= min(removed):  # nothing removed before it: the pruned model feeds it as the original does
-            first = fit_bridges(original, run, windows, batch_size, kind)
-            bridge, tokens = first.bridges[0], first.tokens  # one forward pass instead of two
-        else:
-            bridge, tokens = fit_cut(original, student, removed, run, windows, batch_size, kind)
-        out.bridges.append(bridge)
-        out.tokens = tokens
-        undo = apply_bridge(student, layout, bridge)
-        now = None if error is None else error()
-        kept.append(now is None or now < best)
-        if now is not None and now < best:
-            best = now
-        elif now is not None:
-            undo()
+    # every cut's run is known up front (apply_bridge places a bridge by them); the maps are filled in as fitted
+    out = Bridges([Bridge(r, r[0] - 1, torch.empty(0), 0.0) for r in cuts], skipped, 0, 0.0, kind, fit="cascade")
+
+    def fitted():
+        for i, run in enumerate(cuts):
+            if run[0] <= min(removed):  # nothing removed before it: the pruned model feeds it as the original does
+                first = fit_bridges(original, run, windows, batch_size, kind)
+                out.bridges[i], out.tokens = first.bridges[0], first.tokens  # one forward pass instead of two
+            else:
+                out.bridges[i], out.tokens = fit_cut(original, student, removed, run, windows, batch_size, kind)
+            yield out.bridges[i]
+
+    kept = keep_helpful(student, out, error, start, fitted())
     out.seconds = time.time() - started
     return out, kept
 
@@ -334,23 +333,27 @@ def apply_bridge(model: nn.Module, bridges: Bridges, bridge: Bridge) -> Callable
     return undo
 
 
-def keep_helpful(model: nn.Module, bridges: Bridges, error: Callable[[], float], start: float | None = None) -> list[bool]:
+def keep_helpful(model: nn.Module, bridges: Bridges, error: Callable[[], float] | None, start: float | None = None,
+                 fitted: Iterable[Bridge] | None = None) -> list[bool]:
     """Fold the bridges into ``model`` one at a time, keeping each only where it lowers ``error()``
     (a held-out measure: the KL to the teacher, or the causal-LM loss; ``start``: its value with no
-    bridge, when already measured); returns which were kept.
+    bridge, when already measured; ``error`` None keeps every one, unchecked); returns which were
+    kept. ``fitted``: the bridges in order (default ``bridges.bridges``), drawn one at a time, so a
+    generator can fit each on the model as the earlier decisions left it (:func:`cascade`).
 
     Least squares fits the fit tokens' squared error: across a long cut a fit that removes most
     of that error can still raise the held-out KL (docs/BENCHMARKS.md: SmolLM2, blocks 9-18). A
     tie drops the bridge."""
-    best, kept = error() if start is None else start, []
-    for b in bridges.bridges:
+    best = None if error is None else (error() if start is None else start)
+    kept = []
+    for b in bridges.bridges if fitted is None else fitted:
         undo = apply_bridge(model, bridges, b)
-        now = error()
-        kept.append(now < best)
-        if now < best:
-            best = now
-        else:
+        now = None if error is None else error()
+        kept.append(now is None or now < best)
+        if not kept[-1]:
             undo()
+        elif now is not None:
+            best = now
     return kept
 
 

@@ -53,9 +53,9 @@ from prune.core.errors import PruneError
 from prune.core.records import complement
 from prune.model.arch import meta_model
 from prune.model.loading import decoder_layers, final_norm, input_device
-from prune.core.config import HealConfig, SelectConfig, TextConfig
+from prune.core.config import HEAL_METHODS, HealConfig, SelectConfig, TextConfig
 
-METHODS = ("lora", "replace", "partial", "bridge")
+METHODS = HEAL_METHODS
 
 
 # ---- settings -------------------------------------------------------------------------------
@@ -608,11 +608,13 @@ def with_bridges(model, fit: Callable, val_windows, train: Callable[[], dict], t
         from prune.heal.distill import fidelity
 
         kl = fidelity(model, teacher, val_windows)
-    if loss is None:
-        bridges, kept = fit(None, None)
+    if loss is None:  # no held-out windows: every bridge kept, unchecked
+        measure, start = None, None
+    elif teacher is not None:
+        measure, start = (lambda: fidelity(model, teacher, val_windows)["kl"]), kl["kl"]
     else:
-        bridges, kept = fit(lambda: fidelity(model, teacher, val_windows)["kl"] if teacher is not None
-                            else mean_lm_loss(model, val_windows), loss if kl is None else kl["kl"])
+        measure, start = (lambda: mean_lm_loss(model, val_windows)), loss
+    bridges, kept = fit(measure, start)
     record = train()
     info = {**bridges.record(), "checked_by": None if loss is None else ("kl" if teacher is not None else "loss"),
             "val_loss_before": loss, "val_loss_after": record["val_loss_before"]}
@@ -642,14 +644,9 @@ def cascade_fit(original, model, removed: list[int], windows, cfg: HealConfig) -
 
 def prefitted(model, bridges) -> Callable:
     """``with_bridges``' fit: ``bridges`` fitted before the surgery, folded one after another."""
-    from prune.heal.bridge import apply_bridges, keep_helpful
+    from prune.heal.bridge import keep_helpful
 
-    def fit(error, start):
-        if error is None:
-            apply_bridges(model, bridges)
-            return bridges, [True] * len(bridges.bridges)
-        return bridges, keep_helpful(model, bridges, error, start)
-    return fit
+    return lambda error, start: (bridges, keep_helpful(model, bridges, error, start))
 
 
 def bridged_record(model, cfg: HealConfig, windows, val_windows, teacher=None) -> dict:

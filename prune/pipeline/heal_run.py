@@ -47,7 +47,7 @@ from prune.heal.methods import (
     plan_replacement,
     training_windows,
 )
-from prune.core.config import HealConfig, Section
+from prune.core.config import HEAL_METHODS, HealConfig, Section
 from prune.core.config import format_validation_error
 from prune.pipeline.recipe import apply_overrides, check_heal_data, check_text_path
 
@@ -93,7 +93,8 @@ def heal_settings(recipe_data: dict | None, config: str | None = None, method: s
     overrides = [o.removeprefix("heal.") for o in overrides or ()]
     settings = apply_overrides(settings, overrides)
     if "method" not in settings:
-        raise PruneError("no heal method: give --method lora|replace|partial|distill|bridge (or --config with a heal section)")
+        raise PruneError(f"no heal method: give --method {'|'.join([*HEAL_METHODS, 'distill'])} (or --config with a "
+                         "heal section)")
     from prune.pipeline.recipe import expand_env
 
     settings = expand_env(settings)  # ${PRUNE_DATA_DIR:-../shared/data}/... as in a recipe
@@ -260,22 +261,17 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     n_after = run_config.num_hidden_layers + (1 if cfg.method == "replace" else 0)
     check_settings(cfg, meta_model(run_config, trust_remote_code=trust), n_after, context_length(run_config))
     src = None
-    if cfg.method == "replace" and cfg.objective == "lm":
+    # built from the original's blocks: the source must be known, the run not healed since
+    from_original = ("a replacement layer is rebuilt from the source model" if cfg.method == "replace" and cfg.objective == "lm"
+                     else "heal.bridge is fitted to the original's blocks" if cfg.bridge != "none" else None)
+    if from_original:
         if not pruning.removed or not pruning.kept or pruning.source is None:
-            raise PruneError(f"{run}/pruning.json lacks removed/kept/source: a replacement layer needs the original model")
+            raise PruneError(f"{run}/pruning.json lacks removed/kept/source: {from_original}")
         if pruning.healing:
-            raise PruneError(f"{run} is already healed ({pruning.healing.get('method')}); a replacement layer is "
-                             "rebuilt from the source model (heal the unhealed run folder instead)")
-        check_run(pruning.removed, len(pruning.removed) + len(pruning.kept))
-        from prune.export.lineage import recorded_source
-
-        src = recorded_source(pruning.source, source)
-    if cfg.bridge != "none":  # fitted on the original's hidden states: the source must be there, the run unhealed
-        if not pruning.removed or not pruning.kept or pruning.source is None:
-            raise PruneError(f"{run}/pruning.json lacks removed/kept/source: heal.bridge is fitted on the original model")
-        if pruning.healing:
-            raise PruneError(f"{run} is already healed ({pruning.healing.get('method')}); heal.bridge is fitted to the "
-                             "original's blocks (heal the unhealed run folder instead)")
+            raise PruneError(f"{run} is already healed ({pruning.healing.get('method')}); {from_original} "
+                             "(heal the unhealed run folder instead)")
+        if cfg.method == "replace":
+            check_run(pruning.removed, len(pruning.removed) + len(pruning.kept))
         from prune.export.lineage import recorded_source
 
         src = recorded_source(pruning.source, source)
