@@ -105,4 +105,6 @@ def main(folder: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    from prune.cli import dist_exit  # leave as a launched prune rank does: gloo's threads can abort a plain teardown
+
+    dist_exit(lambda argv: main(*argv) or 0, sys.argv[1:3])
