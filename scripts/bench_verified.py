@@ -23,6 +23,7 @@ import argparse
 import copy
 import datetime as dt
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -207,13 +208,15 @@ def budget_table(heldout: int, budgets: list[int], k: int = 10) -> str:
     return "\n".join(lines)
 
 
-def wide_search(bench: Bench, k: int, starts: dict[str, list[int]], cap: int) -> dict:
+def wide_search(bench: Bench, k: int, starts: dict[str, list[int]], cap: int, objective: str = "kl_mean") -> dict:
     """How far can block selection alone go? First-improvement hill climbing over the FULL swap
     neighbourhood (every removed block against every kept, unprotected block; verified's own local
     search tries only the neighbours +-1 and the three lowest-BI kept blocks), by the same held-out
-    KL, from each start until no swap helps or ``cap`` new evaluations are spent. Every evaluated
-    set's KL is cached (a rerun resumes); ``evaluations`` counts the sets not already cached."""
-    path = CACHE / f"wide_k{k}_h{bench.heldout}.json"
+    KL (``objective`` perplexity_ratio: by the held-out perplexity instead, SLEB's criterion), from each
+    start until no swap helps or ``cap`` new evaluations are spent. Every evaluated set's value is cached
+    (a rerun resumes); ``evaluations`` counts the sets not already cached."""
+    suffix = "" if objective == "kl_mean" else "_ppl"
+    path = CACHE / f"wide_k{k}_h{bench.heldout}{suffix}.json"
     data = read(path) or {"evaluated": {}, "runs": {}}
     verify = Verifier(bench.ctx.model, bench.heldout_windows(), 4, 256, False)  # verified's batch and top-k
     L = bench.ctx.n_layers
@@ -230,7 +233,7 @@ def wide_search(bench: Bench, k: int, starts: dict[str, list[int]], cap: int) ->
     def kl(blocks: tuple[int, ...]) -> float:
         nonlocal evals
         if set_key(blocks) not in data["evaluated"]:
-            data["evaluated"][set_key(blocks)] = verify(blocks)["kl_mean"]
+            data["evaluated"][set_key(blocks)] = verify(blocks)[objective]
             evals += 1
         return data["evaluated"][set_key(blocks)]
 
@@ -245,7 +248,7 @@ def wide_search(bench: Bench, k: int, starts: dict[str, list[int]], cap: int) ->
                     cur, best = cand, value
                     moves.append([list(cur), best])
                     write(path, data)
-                    log(f"wide {name}: {list(cur)} KL {best:.4f} ({evals} evaluations)")
+                    log(f"wide {name}: {list(cur)} {objective} {best:.4f} ({evals} evaluations)")
                     break
                 if evals >= cap:
                     break
@@ -255,6 +258,27 @@ def wide_search(bench: Bench, k: int, starts: dict[str, list[int]], cap: int) ->
                               "converged": converged, "moves": moves}
         write(path, data)
     return data
+
+
+LOCAL_OPTIMUM_K10 = [4, 5, 12, 13, 14, 15, 16, 17, 18, 26]  # where --wide ends from verified's and SLEB's sets
+
+
+def other_starts(n_layers: int, k: int, n: int) -> dict[str, list[int]]:
+    """Starts away from the two of --wide (seeded): one uniform random set of ``k`` unprotected blocks
+    (seed 0), then kicks of the known local optimum (three random swaps; iterated local search). From a
+    random set the climb is slow: 400 evaluations did not converge (docs/BENCHMARKS.md)."""
+    movable = [b for b in range(n_layers) if b not in resolve_protect(PROTECT, n_layers)]
+    starts = {}
+    for i in range(n):
+        rng = random.Random(i)
+        if i == 0:
+            starts[f"random-s{i}"] = sorted(rng.sample(movable, k))
+        else:
+            cur = set(LOCAL_OPTIMUM_K10)
+            for b in rng.sample(sorted(cur), 3):
+                cur = (cur - {b}) | {rng.choice([m for m in movable if m not in cur])}
+            starts[f"kick-s{i}"] = sorted(cur)
+    return starts
 
 
 def main() -> int:
@@ -267,18 +291,26 @@ def main() -> int:
     ap.add_argument("--budgets", default=None, help="--report: also tabulate k = 10 for these budgets (e.g. 16,200)")
     ap.add_argument("--wide", type=int, default=0, metavar="CAP",
                     help="k = 10: hill-climb the full swap neighbourhood from verified's and SLEB's sets (CAP evaluations each)")
+    ap.add_argument("--restarts", type=int, default=0, metavar="N",
+                    help="with --wide: instead, N starts far from those: uniform random sets and kicks (three random "
+                         "swaps) of the local optimum the two starts reach")
+    ap.add_argument("--by-perplexity", action="store_true",
+                    help="with --wide: climb by the held-out perplexity (SLEB's criterion) instead of the KL")
     args = ap.parse_args()
     if args.wide:
         bench = Bench(args.threads, args.heldout, args.budget)
-        starts = {"verified": bench.selection(10)["removed"], "sleb": baseline_sets()["sleb"][10]}
-        data = wide_search(bench, 10, starts, args.wide)
+        if args.restarts:
+            starts = other_starts(bench.ctx.n_layers, 10, args.restarts)
+        else:
+            starts = {"verified": bench.selection(10)["removed"], "sleb": baseline_sets()["sleb"][10]}
+        data = wide_search(bench, 10, starts, args.wide, "perplexity_ratio" if args.by_perplexity else "kl_mean")
         sleb = bench.measure(starts["sleb"])["perplexity_pruned"]
         for name, r in data["runs"].items():
             m = bench.measure(r["final"])
             sets = [r["start"], *(moved for moved, _ in r["moves"])]  # each swap: "newly removed for put back"
             swaps = ", ".join(f"{data['evaluated'][set_key(b)]:.4f} ({(set(b) - set(a)).pop()} for {(set(a) - set(b)).pop()})"
                               for a, b in zip(sets, sets[1:]))
-            print(f"{name}: {r['start']} KL {data['evaluated'][set_key(r['start'])]:.4f} -> {swaps or 'no move'}; "
+            print(f"{name}: {r['start']} {'held-out perplexity ratio' if args.by_perplexity else 'KL'} {data['evaluated'][set_key(r['start'])]:.4f} -> {swaps or 'no move'}; "
                   f"final {r['final']} after {r['evaluations']} new evaluations (converged {r['converged']}); "
                   f"perplexity {m['perplexity_pruned']:.1f}, {100 * (1 - m['perplexity_pruned'] / sleb):.1f}% below "
                   f"SLEB's {sleb:.1f}")

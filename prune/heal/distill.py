@@ -251,7 +251,10 @@ def build_cache(model, tokenizer, windows: torch.Tensor, val_windows: torch.Tens
     if k > width:
         raise PruneError(f"heal.top_k={k} is larger than the vocabulary ({width} tokens); lower it")
     started = time.time()
-    lp, ix = topk(model, windows, k, progress=not quiet)
+    if windows.shape[0]:
+        lp, ix = topk(model, windows, k, progress=not quiet)
+    else:  # method bridge: the held-out windows alone
+        lp, ix = torch.zeros(0, windows.shape[1], k), torch.zeros(0, windows.shape[1], k, dtype=torch.int32)
     tensors = {"input_ids": windows.to(torch.int32), "logprobs": lp, "indices": ix}
     if val_windows is not None and val_windows.shape[0]:
         vlp, vix = topk(model, val_windows, k)
@@ -354,6 +357,8 @@ def prepare_teacher(model, tokenizer, cfg: HealConfig, windows, val_windows, kep
     if cfg.top_k > width:
         raise PruneError(f"heal.top_k={cfg.top_k} is larger than the vocabulary ({width} tokens); lower it")
     kind = teacher_kind(cfg, model)
+    if cfg.method == "bridge":  # nothing trained: only the held-out check reads the teacher
+        windows = windows[:0]
     if kind == "memory":
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         return Teacher("memory", f"{name} (in-memory copy, {model_bytes(model) / 2**20:.0f} MiB)", teacher, pairs=pairs)
