@@ -26,6 +26,7 @@ resumes; healed checkpoints are kept in bench_cache/heal/models/ for the lm-eval
   python scripts/bench_heal.py --part bridge_cuts   # when a bridge alone helps: k = 7 and 10 cuts, both kinds
   python scripts/bench_heal.py --part lastword   # the exact last word of each TinyStories story, paired
   python scripts/bench_heal.py --part lastword_report   # its table into docs/BENCHMARKS.md
+  python scripts/bench_heal.py --part mc_curve   # multiple choice against training tokens (--variant: the setting)
 Run it niced in the background: nohup nice -n 10 python scripts/bench_heal.py --part all > bench_heal.log 2>&1 &
 """
 
@@ -295,7 +296,7 @@ def fidelity_to(model, dense, tok, batch: int = 2) -> dict:
     return {"kl": kl / tokens, "top1": agree / tokens, "perplexity": math.exp(nll / predicted), "tokens": tokens}
 
 
-def part_distill(budgets=DISTILL_BUDGETS, only: str | None = None, variant: str | None = None) -> None:
+def part_distill(budgets=DISTILL_BUDGETS, only: str | None = None, variant: str | None = None, keep: bool = False) -> None:
     base, tok = load_dense()
     run = removed_blocks(base, tok)
     kept = complement(30, run)
@@ -331,7 +332,7 @@ def part_distill(budgets=DISTILL_BUDGETS, only: str | None = None, variant: str 
         result = {"case": name, "objective": objective, "params": params, "tokens": rec["tokens_seen"],
                   "fidelity": fidelity_to(model, base, tok), "healing": rec,
                   "layers": model.config.num_hidden_layers, "params_count": prune.count_parameters(model)}
-        if not variant or tokens >= 131_072:  # kept for the paired lm-eval (variant screens: only the largest budget)
+        if not variant or tokens >= 131_072 or keep:  # kept for the paired lm-eval (variant screens: the largest budget, or --keep)
             prune.save(model, tok, CACHE / "models" / name, pruning={"removed": run, "healing": rec}, overwrite=True)
         store(name, result)
         log(f"{name}: ppl {result['fidelity']['perplexity']:.2f}, KL {result['fidelity']['kl']:.4f}, "
@@ -555,6 +556,62 @@ def variant_goals(to_dense: dict, d_ppl: float, pruned_kl: float) -> list[str]:
         lines += ["", "Where each goal is reached, measured or on a straight line in log2(training tokens) through "
                   "each setting's measured budgets (an extrapolation, not a measurement):", "", *trend]
     return lines
+
+
+MC_GOAL = 0.98  # issue 16: multiple-choice accuracy retained, with the paired difference to dense not significant
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}  # Student's t, 97.5%, by df (8: for more)
+
+
+def part_mc_curve(variant: str = "batch1-r64-bridgedown", block: str = "bench_heal_mc_curve") -> None:
+    """Multiple choice against training tokens for one setting (the recipe's by default): every budget
+    whose checkpoint has its paired lm-eval, beside the un-healed model; then the least-squares line of
+    the retained share on log2(tokens) through the healed budgets, its slope per doubling with a 95%
+    t-interval, and where that line would reach :data:`MC_GOAL` (an extrapolation, not a measurement)."""
+    have = [n for n in [*BASELINES, *paired_cases()] if list(lmeval_folder(n).glob("samples_*.jsonl"))]
+    if "dense" not in have or "pruned" not in have:
+        raise SystemExit("run --part distill_paired first (the dense and un-healed models' lm-eval)")
+    d_ppl, pr = cached("fidelity-dense")["fidelity"]["perplexity"], cached("fidelity-pruned")["fidelity"]
+    cases = sorted((parsed[2], n) for n in have if (parsed := parse_case_name(n))
+                   and parsed[:2] == ("distill", "lora") and parsed[3] == variant)
+    if not cases:
+        raise SystemExit(f"no lm-evaluated distill-lora case of variant {variant}: run --part distill --variant {variant} "
+                         "--keep, then --part distill_paired")
+    base = paired_average("dense", "pruned")
+    lines = ["| training tokens | healing time | ppl x dense | KL / un-healed's | MC retained | MC vs dense (points, 95% CI) "
+             "| MC vs un-healed | goal: >= 98%, not significant |", "|---:|---:|---:|---:|---:|---|---|---|",
+             f"| 0 (un-healed) | - | x{pr['perplexity'] / d_ppl:.2f} | 100% | {100 * base.retained:.2f}% | "
+             f"{interval(base)}{' *' if significant(base) else ''} | - | not met |"]
+    points = []
+    for tokens, name in cases:
+        r, avg, gain = cached(name), paired_average("dense", name), paired_average("pruned", name)
+        f = r["fidelity"]
+        met = avg.retained >= MC_GOAL and not significant(avg)
+        beyond = " (beyond the budget)" if tokens > GOAL_TOKENS else ""
+        lines.append(f"| {tokens:,}{beyond} | {r['healing']['seconds'] / 60:.1f} min | x{f['perplexity'] / d_ppl:.2f} | "
+                     f"{100 * f['kl'] / pr['kl']:.1f}% | {100 * avg.retained:.2f}% | {interval(avg)}"
+                     f"{' *' if significant(avg) else ''} | {interval(gain)}{' *' if significant(gain) else ''} | "
+                     f"{'met' if met else 'not met'} |")
+        points.append((tokens, avg.retained))
+    lines += ["", f"Setting `{variant}` (the recipe's: rank-64 LoRA, one window per step, block 11's down projection "
+              "refitted first, KL to the original), seed 0; MC: ARC-Easy, PIQA, HellaSwag (acc_norm), WinoGrande, "
+              f"0-shot, {LIMIT} questions each, the same questions for every model; * where the 95% interval excludes 0."]
+    if len(points) >= 3:
+        xs, ys = [math.log2(t) for t, _ in points], [100 * y for _, y in points]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+        resid = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys))
+        se = math.sqrt(resid / (len(xs) - 2) / sxx)
+        half = T975[min(len(xs) - 2, max(T975))] * se
+        at = 2 ** (mx + (100 * MC_GOAL - my) / slope) if slope > 0 else None
+        lines += ["", f"Least-squares line of the retained share on log2(training tokens) through the {len(points)} healed "
+                  f"budgets: **{slope:+.2f} points per doubling** (95% interval {slope - half:+.2f} to {slope + half:+.2f}, "
+                  f"t with {len(xs) - 2} degrees of freedom)"
+                  + (f"; it would reach {100 * MC_GOAL:.0f}% near **{at:,.0f} tokens** (an extrapolation of a slope "
+                     f"{'that the data cannot tell from zero' if slope - half <= 0 else 'that excludes zero'})."
+                     if at else "; it does not rise, so no budget can be read from it.")]
+    print("\n".join(lines))
+    write_docs("\n".join(lines), block)
 
 
 def part_hidden_scale() -> None:
@@ -1154,7 +1211,7 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_full_131k": "distill_matrix --block bench_heal_full_131k --goals",
                  "bench_heal_bridge_131k": "distill_matrix --block bench_heal_bridge_131k --goals",
                  "bench_heal_bridgedown_131k": "distill_matrix --block bench_heal_bridgedown_131k --goals",
-                 "bench_heal_bridge_cuts": "bridge_cuts",
+                 "bench_heal_bridge_cuts": "bridge_cuts", "bench_heal_mc_curve": "mc_curve",
                  "bench_heal_variants": "distill_variants", "bench_heal_lastword": "lastword_report",
                  "bench_heal_paired_partial": "distill_paired_report --block bench_heal_paired_partial"}
 
@@ -1170,12 +1227,14 @@ def write_docs(body: str, block: str = "bench_heal") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "distill", "distill_lmeval", "distill_report",
-                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "lastword", "lastword_report", "report", "all"],
+                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "lastword", "lastword_report", "mc_curve", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial)")
     ap.add_argument("--variant", default=None, choices=sorted(VARIANTS),
                     help="--part distill: change these settings (VARIANTS) and add +NAME to the case names")
+    ap.add_argument("--keep", action="store_true", help="--part distill --variant: keep the checkpoint at every budget "
+                    "(for the paired lm-eval; by default a variant keeps only its 131k-token one)")
     ap.add_argument("--block", default=None, help="--part distill_report / distill_paired_report: the docs block to write")
     ap.add_argument("--goals", action="store_true", help="--part distill_matrix: add the goals table after the matrix")
     ap.add_argument("--pair", nargs=2, metavar=("A", "B"), help="--part distill_pair: compare case B against case A")
@@ -1196,6 +1255,8 @@ def main() -> None:
             part_distill_paired(args.only)
         elif part == "lastword":
             part_lastword(args.only)
+        elif part == "mc_curve":
+            part_mc_curve(args.variant or "batch1-r64-bridgedown")
         elif part == "lastword_report":
             part_lastword_report(args.block or "bench_heal_lastword")
         elif part == "distill_pair":
@@ -1204,7 +1265,7 @@ def main() -> None:
             part_distill_pair(args.pair)
         elif part == "distill":
             part_distill([int(b) for b in args.budgets.split(",")] if args.budgets else DISTILL_BUDGETS, args.only,
-                         args.variant)
+                         args.variant, args.keep)
         else:
             globals()[f"part_{part}"]()
     log(f"done in {(time.time() - started) / 60:.1f} min")
