@@ -235,6 +235,8 @@ def wide_search(bench: Bench, k: int, starts: dict[str, list[int]], cap: int, ob
         if set_key(blocks) not in data["evaluated"]:
             data["evaluated"][set_key(blocks)] = verify(blocks)[objective]
             evals += 1
+            if evals % 10 == 0:  # a stopped climb keeps what it measured (a rerun resumes from the cache)
+                write(path, data)
         return data["evaluated"][set_key(blocks)]
 
     for name, start in starts.items():
