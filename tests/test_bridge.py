@@ -333,25 +333,25 @@ def test_prune_heal_with_a_bridge_equals_the_recipe_and_refuses_a_healed_run(tmp
     assert not (tmp_path / "again").exists()
 
 
-@pytest.mark.parametrize("objective", [None, "lm", "cache"])
-def test_recipe_with_method_bridge_saves_a_plain_bridged_checkpoint(objective, tmp_path, tiny_folder, capsys):
+@pytest.mark.parametrize("setting", [None, "lm", "cache"])
+def test_recipe_with_method_bridge_saves_a_plain_bridged_checkpoint(setting, tmp_path, tiny_folder, capsys):
     """The default (KL check, the original in memory) fits cut by cut on the pruned model; with
     ``objective: lm`` nothing of the original is kept, so every cut is fitted before the surgery; so
     too with a top-k cache as the check's teacher, which then holds the held-out windows alone (nothing
     is trained on the others)."""
-    settings = {None: {}, "lm": {"objective": "lm"}, "cache": {"teacher": "cache", "top_k": 8}}[objective]
+    settings = {None: {}, "lm": {"objective": "lm"}, "cache": {"teacher": "cache", "top_k": 8}}[setting]
     recipe = _recipe(tmp_path, method="bridge", **settings)
     out = run(recipe, quiet=False).out_dir
     record = json.loads((out / "pruning.json").read_text())
     healing = record["healing"]
     assert healing["method"] == "bridge" and healing["settings"]["bridge"] == "down" and healing["steps"] == 0
-    if objective != "lm":
+    if setting != "lm":
         assert healing["bridge"]["checked_by"] == "kl"
-        assert healing["bridge"]["fit"] == ("cascade" if objective is None else "independent")
+        assert healing["bridge"]["fit"] == ("cascade" if setting is None else "independent")
         assert healing["distill"]["kl_after"] == healing["bridge"]["kl_after"]
     else:
         assert healing["bridge"]["checked_by"] == "loss" and healing["bridge"]["fit"] == "independent"
-    if objective == "cache":
+    if setting == "cache":
         from safetensors import safe_open
 
         with safe_open(str(out.with_name(f"{out.name}.teacher-top8.safetensors")), "pt") as cache:
