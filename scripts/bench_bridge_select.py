@@ -99,10 +99,15 @@ def repaired(model, removed: list[int], states: States, reference) -> tuple[obje
     runs = runs_of(removed)
     bridges = Bridges([states.bridge(r) for r in runs if r[0] > 0], [r for r in runs if r[0] == 0],
                       states.tokens, 0.0, "down")
-    plain = measure_fidelity(student, reference, batch_size=4)["kl_mean"]
-    kept = keep_helpful(student, bridges, lambda: measure_fidelity(student, reference, batch_size=4)["kl_mean"], plain)
-    after = measure_fidelity(student, reference, batch_size=4)["kl_mean"]
-    return student, {"removed": list(removed), "plain_kl": plain, "bridged_kl": after,
+    seen = [measure_fidelity(student, reference, batch_size=4)["kl_mean"]]  # plain, then after each fold
+
+    def kl() -> float:
+        seen.append(measure_fidelity(student, reference, batch_size=4)["kl_mean"])
+        return seen[-1]
+
+    kept = keep_helpful(student, bridges, kl, seen[0])
+    after = min(seen)  # keep_helpful keeps a fold only where it lowers the KL: the model ends at the lowest seen
+    return student, {"removed": list(removed), "plain_kl": seen[0], "bridged_kl": after,
                      "cuts": [b.run for b in bridges.bridges], "kept": kept}
 
 

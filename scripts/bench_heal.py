@@ -484,6 +484,7 @@ def part_distill_matrix(block: str = "bench_heal_matrix", goals: bool = False) -
 
 
 GOAL_TOKENS = 131_072  # the issue's budget: every goal at <= this many training tokens
+MC_GOAL = 0.98  # issue 16: multiple-choice accuracy retained, with the paired difference to dense not significant
 
 
 def interval(avg) -> str:
@@ -529,7 +530,7 @@ def variant_goals(to_dense: dict, d_ppl: float, pruned_kl: float) -> list[str]:
         series.setdefault(series_key(parsed), {})[tokens] = (ratio, share)
         avg = to_dense.get(name)
         mc = "not measured" if avg is None else (
-            f"{'met' if avg.retained >= 0.98 and not significant(avg) else 'not met'} "
+            f"{'met' if avg.retained >= MC_GOAL and not significant(avg) else 'not met'} "
             f"({100 * avg.retained:.3f}%, {interval(avg)})")  # 3 decimals: 97.999% is not 98%
         beyond = " (beyond the budget)" if tokens > GOAL_TOKENS else ""
         lines.append(f"| {name}{beyond} | {tokens:,} | {r['healing']['trainable_parameters'] / 1e6:.1f}M | "
@@ -558,7 +559,6 @@ def variant_goals(to_dense: dict, d_ppl: float, pruned_kl: float) -> list[str]:
     return lines
 
 
-MC_GOAL = 0.98  # issue 16: multiple-choice accuracy retained, with the paired difference to dense not significant
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}  # Student's t, 97.5%, by df (8: for more)
 
 
@@ -596,17 +596,12 @@ def part_mc_curve(variant: str = "batch1-r64-bridgedown", block: str = "bench_he
               "refitted first, KL to the original), seed 0; MC: ARC-Easy, PIQA, HellaSwag (acc_norm), WinoGrande, "
               f"0-shot, {LIMIT} questions each, the same questions for every model; * where the 95% interval excludes 0."]
     if len(points) >= 3:
-        xs, ys = [math.log2(t) for t, _ in points], [100 * y for _, y in points]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        sxx = sum((x - mx) ** 2 for x in xs)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-        resid = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys))
-        se = math.sqrt(resid / (len(xs) - 2) / sxx)
-        half = T975[min(len(xs) - 2, max(T975))] * se
+        mx, my, slope, se = log2_line([(t, 100 * y) for t, y in points])
+        half = T975[min(len(points) - 2, max(T975))] * se
         at = 2 ** (mx + (100 * MC_GOAL - my) / slope) if slope > 0 else None
         lines += ["", f"Least-squares line of the retained share on log2(training tokens) through the {len(points)} healed "
                   f"budgets: **{slope:+.2f} points per doubling** (95% interval {slope - half:+.2f} to {slope + half:+.2f}, "
-                  f"t with {len(xs) - 2} degrees of freedom)"
+                  f"t with {len(points) - 2} degrees of freedom)"
                   + (f"; it would reach {100 * MC_GOAL:.0f}% near **{at:,.0f} tokens** (an extrapolation of a slope "
                      f"{'that the data cannot tell from zero' if slope - half <= 0 else 'that excludes zero'})."
                      if at else "; it does not rise, so no budget can be read from it.")]
@@ -897,12 +892,21 @@ def extrapolate(points: list[tuple[int, float]], goal: float) -> float | None:
     through ``points`` (None with fewer than 2 points or a flat / rising line)."""
     if len(points) < 2:
         return None
-    xs, ys = [math.log2(t) for t, _ in points], [y for _, y in points]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    mx, my, b, _ = log2_line(points)
     if b >= 0:
         return None
     return 2 ** (mx + (goal - my) / b)
+
+
+def log2_line(points: list[tuple[int, float]]) -> tuple[float, float, float, float]:
+    """The least-squares line ``y = my + b * (log2(tokens) - mx)`` through ``(tokens, y)`` points:
+    ``(mx, my, b, se of b)`` (the se from the residuals; nan with two points)."""
+    xs, ys = [math.log2(t) for t, _ in points], [y for _, y in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    resid = sum((y - my - b * (x - mx)) ** 2 for x, y in zip(xs, ys))
+    return mx, my, b, math.sqrt(resid / (len(xs) - 2) / sxx) if len(xs) > 2 else math.nan
 
 
 def docs_table_rows(block: str) -> list[list[str]]:
