@@ -25,8 +25,12 @@ from prune.heal.distill import (
     TopkCache,
     block_pairs,
     build_cache,
+    free_memory,
     kl_loss,
     make_loss,
+    model_bytes,
+    teacher_kind,
+    teacher_need,
     tokenizer_fingerprint,
     topk_kl_loss,
 )
@@ -234,6 +238,18 @@ def test_prune_heal_run_dir_with_distill(tmp_path, tiny_folder_heal):
 
 
 # ---- refusals: one line, before training ------------------------------------------------------------------------
+def test_auto_keeps_the_teacher_in_memory_only_when_its_loss_fits_too():
+    """``teacher: auto`` counts the in-memory loss's float32 logits (batch x seq_len x vocab) beside
+    the copy: the same tiny model, whose batches' logits would need terabytes, distils from the cache."""
+    model = build_model("llama")
+    small = heal_config("distill", C4_DATA, **FAST)
+    huge = heal_config("distill", C4_DATA, **{**FAST, "batch_size": 2**16, "seq_len": 2**12})
+    assert small.teacher == huge.teacher == "auto"
+    assert teacher_kind(small, model) == "memory"
+    assert teacher_need(huge, model_bytes(model), VOCAB) > free_memory(torch.device("cpu")) > model_bytes(model) * 2
+    assert teacher_kind(huge, model) == "cache"
+
+
 def test_a_mismatched_teacher_is_refused(tokenizers_by_bos, tmp_path):
     tok = tokenizers_by_bos[True]
     _, student = pruned_pair()

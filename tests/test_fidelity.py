@@ -47,6 +47,19 @@ def direct(original, pruned, windows):
     return kl, agree, nll_p, nll_q
 
 
+def test_perplexity_equals_direct_computation(pair):
+    """``perplexity`` sums each window's float32 cross-entropy (uneven batches of 2): the same NLL as
+    one float64 log-softmax over every window at once."""
+    from prune.measure.perplexity import perplexity
+
+    _, pruned, windows = pair
+    got = perplexity(pruned, windows, batch_size=2)
+    _, _, _, nll_q = direct(pruned, pruned, windows)
+    assert got["tokens"] == 5 * 23 and got["windows"] == 5
+    assert got["nll"] == pytest.approx(nll_q, rel=1e-6)
+    assert got["perplexity"] == pytest.approx(math.exp(nll_q), rel=1e-6)
+
+
 def test_full_vocabulary_equals_direct_computation(pair):
     original, pruned, windows = pair
     ref = build_reference(original, windows, top_k=VOCAB, batch_size=2)

@@ -218,14 +218,16 @@ def accumulate(s: dict, x: torch.Tensor, z: torch.Tensor, m: torch.Tensor) -> No
 
 def solve(run: list[int], s: dict, kind: str) -> Bridge:
     """The cut's map from its summed normal equations: ridge for ``down`` (``d_ff`` wide), the
-    minimum-norm least-squares solution for ``linear`` (``M^T M`` may be singular)."""
-    G, C, zz, plain = s["G"].cpu(), s["C"].cpu(), float(s["zz"]), float(s["plain"])
+    minimum-norm least-squares solution for ``linear`` (``M^T M`` may be singular: its pseudo-inverse
+    by eigendecomposition, eigenvalues under ``eps x d`` of the largest dropped, as LAPACK's gelsd
+    drops singular values). Solved where the sums are (a GPU's float64 rather than the CPU's)."""
+    G, C, zz, plain = s["G"], s["C"], float(s["zz"]), float(s["plain"])
     if kind == "down":
-        T = torch.linalg.solve(G + RIDGE * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype), C)
+        T = torch.linalg.solve(G + RIDGE * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype, device=G.device), C)
     else:
-        T = torch.linalg.lstsq(G, C, driver="gelsd").solution
+        T = torch.linalg.pinv(G, hermitian=True) @ C
     left = float((T * (G @ T)).sum() - 2 * (T * C).sum()) + zz
-    return Bridge(run, run[0] - 1, T, left / plain if plain > 0 else 0.0)
+    return Bridge(run, run[0] - 1, T.cpu(), left / plain if plain > 0 else 0.0)
 
 
 def fit_cut(original: nn.Module, student: nn.Module, removed: list[int], run: list[int], windows: torch.Tensor,

@@ -29,8 +29,10 @@ Teacher sources (``heal.teacher``):
   fingerprint, so a run that reads it is refused when either differs. ``prune heal`` computes
   it from a source safetensors folder ONE BLOCK AT A TIME (:func:`topk_logprobs_sequential`)
   when a copy of the original would not fit beside the student (or with ``teacher: cache``).
-* ``auto``: ``memory`` when a copy of the model fits in the free memory of its device with a
-  25% margin (``MARGIN``), otherwise ``cache``.
+* ``auto``: ``memory`` when the free memory of the model's device holds a copy of it with a 25%
+  margin (``MARGIN``) and what the in-memory teacher's loss adds over the cache's:
+  ``TEACHER_LOGITS`` float32 ``[batch_size, seq_len, vocab]`` tensors (:func:`teacher_need`),
+  otherwise ``cache``.
 
 The KL to the teacher before and after healing (T = 1, mean per token over the held-out
 windows; top-k estimate with a cache) and the top-1 agreement go into the healing record.
@@ -58,7 +60,10 @@ from prune.model.capture import _hidden_from_output
 from prune.model.loading import decoder_layers, input_device
 
 FORMAT = "prune-teacher-topk/1"
-MARGIN = 1.25  # auto: keep a teacher copy when free memory >= MARGIN x its size
+MARGIN = 1.25  # auto: keep a teacher copy when free memory >= MARGIN x its size (+ the logits below)
+#: float32 [batch, seq_len, vocab] tensors the in-memory teacher's loss holds beyond the cache's: 7.1
+#: measured on the Llama-3.1-8B recipe on an H200 (docs/BENCHMARKS.md, "The Llama-3.1-8B recipes on a GPU")
+TEACHER_LOGITS = 8
 EVAL_BATCH = 4
 
 
@@ -314,11 +319,17 @@ def model_bytes(model) -> int:
         sum(b.numel() * b.element_size() for b in model.buffers())
 
 
+def teacher_need(cfg: HealConfig, teacher_bytes: int, vocab: int) -> int:
+    """Bytes free memory must hold for ``auto`` to keep the teacher in memory:
+    ``MARGIN x teacher_bytes + TEACHER_LOGITS x batch_size x seq_len x vocab x 4``."""
+    return int(MARGIN * teacher_bytes) + TEACHER_LOGITS * cfg.batch_size * cfg.seq_len * vocab * 4
+
+
 def teacher_kind(cfg: HealConfig, model) -> str:
-    """``memory`` or ``cache`` for ``cfg.teacher`` (``auto``: a copy fits with MARGIN to spare)."""
+    """``memory`` or ``cache`` for ``cfg.teacher`` (``auto``: :func:`teacher_need` is free)."""
     if cfg.teacher != "auto":
         return cfg.teacher
-    fits = free_memory(next(model.parameters()).device) >= MARGIN * model_bytes(model)
+    fits = free_memory(next(model.parameters()).device) >= teacher_need(cfg, model_bytes(model), logit_width(model))
     if not fits and cfg.hidden_weight > 0:
         raise PruneError("heal.hidden_weight needs the teacher in memory, but a copy of the model does not fit "
                          "(set hidden_weight: 0 to distil from the top-k cache)")
@@ -654,14 +665,14 @@ def _meta_of(folder, trust: bool):
 def _sequential_teacher(cfg: HealConfig, src, student, pruning: dict) -> bool:
     """``prune heal`` reads the teacher one block at a time when it is a local safetensors folder and
     either ``teacher: cache`` or (``auto``) a copy of it, estimated as the student's size scaled by
-    ``layers_before / layers_after``, would not fit with MARGIN beside the student."""
+    ``layers_before / layers_after``, would not fit beside the student (:func:`teacher_need`)."""
     if src.kind != "folder" or not list(Path(src.path).glob("*.safetensors")) or cfg.teacher == "memory":
         return False
     if cfg.teacher == "cache":
         return True
     before, after = pruning.get("layers_before"), pruning.get("layers_after") or len(decoder_layers(student))
     estimate = model_bytes(student) * (before / after if before else 1.0)
-    return free_memory(next(student.parameters()).device) < MARGIN * estimate
+    return free_memory(next(student.parameters()).device) < teacher_need(cfg, int(estimate), logit_width(student))
 
 
 # ---- the Python API (prune.heal.methods.heal_model with objective distill) ---------------------------------

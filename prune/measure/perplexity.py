@@ -21,6 +21,12 @@ from prune.model.capture import batches
 from prune.model.loading import input_device
 
 
+def window_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Sum of ``-log p(target)`` over a batch, in float32 one window at a time: a whole batch's
+    float32 logits would be ``batch x seq_len x vocab x 4`` bytes (16 x 2048 x 128,256: 16 GiB)."""
+    return sum(float(F.cross_entropy(row[:-1].float(), t, reduction="sum")) for row, t in zip(logits, targets))
+
+
 def nll_sum(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False, desc: str = "perplexity") -> tuple[float, int]:
     """``(sum of token NLLs, number of predicted tokens)`` over ``windows [n, seq_len]``.
 
@@ -36,8 +42,7 @@ def nll_sum(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = 
             batch = batch.to(device)
             logits = model(input_ids=batch, use_cache=False).logits
             targets = batch[:, 1:].to(logits.device)
-            losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="sum")
-            sums.append((float(losses), targets.numel()))
+            sums.append((window_nll(logits, targets), targets.numel()))
             bar.update(batch.shape[0])
     bar.close()
     total, count = 0.0, 0
