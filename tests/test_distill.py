@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import prune
@@ -78,6 +79,24 @@ def test_loss_equals_a_direct_kl_computation(T, tokenizers_by_bos):
     zs, zt = torch.randn(2, 5, VOCAB) * 3, torch.randn(2, 5, VOCAB) * 3
     assert float(kl_loss(zs, zt, T)) == pytest.approx(direct_kl(zs, zt, T), rel=1e-5, abs=1e-7)
     assert float(kl_loss(zt, zt, T)) == pytest.approx(0.0, abs=1e-6)
+    # its gradient (recomputed chunk by chunk, 3 positions at a time: uneven chunks) equals autograd's
+    # through the direct float64 formula, for float32 logits and (to bf16's precision) bf16 ones
+    def direct_grad(student, teacher):
+        z = student.double().requires_grad_(True)
+        s, t = F.log_softmax(z / T, -1), F.log_softmax(teacher.double() / T, -1)
+        (T ** 2 * (t.exp() * (t - s)).sum(-1).mean()).backward()
+        return z.grad
+
+    want = direct_grad(zs, zt)
+    for rows in (3, None):
+        z = zs.clone().requires_grad_(True)
+        kl_loss(z, zt, T, rows=rows).backward()
+        torch.testing.assert_close(z.grad.double(), want, rtol=1e-4, atol=1e-7)
+    half = zs.bfloat16().requires_grad_(True)
+    kl_loss(half, zt.bfloat16(), T, rows=4).backward()
+    assert half.grad.dtype == torch.bfloat16
+    want = direct_grad(zs.bfloat16(), zt.bfloat16())
+    torch.testing.assert_close(half.grad.double(), want, rtol=1e-2, atol=1e-3 * float(want.abs().max()))
     # the training loss on a real batch: the student's and teacher's own logits
     teacher, student = pruned_pair()
     train_w, _ = windows_of(tokenizers_by_bos[True])
@@ -140,6 +159,18 @@ def test_topk_cache_reproduces_the_in_memory_teacher_loss(tokenizers_by_bos, tmp
     zs, zt = torch.randn(3, VOCAB), torch.randn(3, VOCAB)
     lp, ix = torch.log_softmax(zt, -1).topk(VOCAB, -1)
     assert float(topk_kl_loss(zs, lp, ix, 2.0)) == pytest.approx(float(kl_loss(zs, zt, 2.0)), rel=1e-5)
+    # and its gradient (k = 8 of the vocabulary, 2 positions per chunk) is autograd's through the formula
+    zs = torch.randn(2, 3, VOCAB) * 3
+    lp, ix = torch.log_softmax(torch.randn(2, 3, VOCAB) * 3, -1).topk(8, -1)
+    z = zs.double().requires_grad_(True)
+    s, t = torch.log_softmax(z / 2.0, -1).gather(-1, ix), torch.log_softmax(lp.double() / 2.0, -1)
+    want = 4.0 * (t.exp() * (t - s)).sum(-1).mean()
+    want.backward()
+    z2 = zs.clone().requires_grad_(True)
+    got = topk_kl_loss(z2, lp, ix, 2.0, rows=2)
+    got.backward()
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+    torch.testing.assert_close(z2.grad.double(), z.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_sequential_topk_equals_the_loaded_model(tokenizers_by_bos, tmp_path):

@@ -82,9 +82,10 @@ class FidelityReference:
 
 
 def _log_probs(model, batch: torch.Tensor) -> torch.Tensor:
-    """float32 log-softmax of the next-token logits at every position but the last: ``[b, s - 1, V]``."""
+    """float32 log-softmax of the next-token logits at every position but the last: ``[b, s - 1, V]``
+    on the CPU, taken one window at a time on the model's device (as ``perplexity.window_nll``)."""
     logits = model(input_ids=batch.to(input_device(model)), use_cache=False).logits
-    return F.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
+    return torch.stack([F.log_softmax(row[:-1].float(), dim=-1).cpu() for row in logits])
 
 
 def build_reference(model, windows: torch.Tensor, *, top_k: int = 256, batch_size: int = 4,
