@@ -69,15 +69,18 @@ EVAL_BATCH = 4
 
 # ---- losses --------------------------------------------------------------------------------------
 class _ChunkedKL(torch.autograd.Function):
-    """``T^2 * mean_t KL(p_t || q_t)`` with ``p = softmax(z_t/T)``, ``q = softmax(z_s/T)``, over ``rows``
-    token positions at a time, in float32. The forward pass also writes the gradient
-    ``dL/dz_s = T (q - p) / N`` (in the logits' dtype), which is all the backward pass needs: no
-    float32 ``[tokens, vocab]`` tensor outlives its chunk (docs/BENCHMARKS.md: 0.3x the memory)."""
+    """``T^2 * mean_t KL(p_t || q_t)``, ``q = softmax(z_s/T)``, in float32 ``rows`` token positions at a
+    time. The teacher is its logits (``p = softmax(z_t/T)``) or, with ``indices``, its top-k
+    log-probs (``p = softmax(log p_t / T)`` over those k tokens, ``q`` read at them). The forward pass
+    also writes the gradient ``dL/dz_s = T (q - p) / N`` (``p`` scattered over the vocabulary; it
+    sums to 1) in the logits' dtype, all the backward pass needs: no float32 ``[tokens, vocab]``
+    tensor outlives its chunk (docs/BENCHMARKS.md: 0.2-0.7x the memory of the plain formula)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, temperature: float, rows: int):
+    def forward(ctx, student, teacher, indices, temperature: float, rows: int):
         vocab = student.shape[-1]
-        s_all, t_all = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
+        s_all, t_all = student.reshape(-1, vocab), teacher.reshape(-1, teacher.shape[-1])
+        ix_all = indices.reshape(-1, indices.shape[-1]).long() if indices is not None else None
         n = len(s_all)
         grad = torch.empty_like(s_all) if ctx.needs_input_grad[0] else None
         total = student.new_zeros((), dtype=torch.float64)
@@ -85,49 +88,15 @@ class _ChunkedKL(torch.autograd.Function):
             s = F.log_softmax(s_all[i:i + rows].float() / temperature, dim=-1)
             t = F.log_softmax(t_all[i:i + rows].float() / temperature, dim=-1)
             p = t.exp()
-            total += t.sub_(s).mul_(p).sum().double()  # p (log p - log q), in place: one chunk alive
+            if ix_all is None:
+                total += t.sub_(s).mul_(p).sum().double()  # p (log p - log q), in place
+                q_minus_p = s.exp_().sub_(p) if grad is not None else None
+            else:
+                ix = ix_all[i:i + rows]
+                total += (p * (t - s.gather(-1, ix))).sum().double()
+                q_minus_p = s.exp_().scatter_add_(-1, ix, -p) if grad is not None else None
             if grad is not None:
-                grad[i:i + rows] = s.exp_().sub_(p).mul_(temperature / n)
-        ctx.save_for_backward(grad.view_as(student) if grad is not None else None)
-        return (temperature ** 2 * total / n).float()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None
-
-
-#: float32 elements per chunk of :func:`kl_loss` (64 MiB: 512 positions of a 32k vocabulary)
-KL_CHUNK = 2 ** 24
-
-
-def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-            rows: int | None = None) -> torch.Tensor:
-    """``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`` averaged over every token position (full
-    vocabulary), ``rows`` positions at a time (default: ``KL_CHUNK`` elements): see :class:`_ChunkedKL`."""
-    rows = rows or max(1, KL_CHUNK // student_logits.shape[-1])
-    return _ChunkedKL.apply(student_logits, teacher_logits.detach(), float(temperature), rows)
-
-
-class _ChunkedTopkKL(torch.autograd.Function):
-    """:class:`_ChunkedKL` with the teacher's top-k only: ``p`` is ``softmax(log p_t / T)`` over its k
-    tokens ``idx``; ``L = T^2 mean_t sum_k p_k (log p_k - log q_idx_k)`` and, as ``p`` sums to 1,
-    ``dL/dz_s = T (q - p scattered at idx) / N``, written in the forward pass chunk by chunk."""
-
-    @staticmethod
-    def forward(ctx, student, logprobs, indices, temperature: float, rows: int):
-        vocab, k = student.shape[-1], logprobs.shape[-1]
-        s_all, lp_all, ix_all = student.reshape(-1, vocab), logprobs.reshape(-1, k), indices.reshape(-1, k).long()
-        n = len(s_all)
-        grad = torch.empty_like(s_all) if ctx.needs_input_grad[0] else None
-        total = student.new_zeros((), dtype=torch.float64)
-        for i in range(0, n, rows):
-            s = F.log_softmax(s_all[i:i + rows].float() / temperature, dim=-1)
-            t = F.log_softmax(lp_all[i:i + rows].float() / temperature, dim=-1)
-            p, ix = t.exp(), ix_all[i:i + rows]
-            total += (p * (t - s.gather(-1, ix))).sum().double()
-            if grad is not None:
-                grad[i:i + rows] = s.exp_().scatter_add_(-1, ix, -p).mul_(temperature / n)
+                grad[i:i + rows] = q_minus_p.mul_(temperature / n)
         ctx.save_for_backward(grad.view_as(student) if grad is not None else None)
         return (temperature ** 2 * total / n).float()
 
@@ -137,13 +106,27 @@ class _ChunkedTopkKL(torch.autograd.Function):
         return grad * grad_out.to(grad.dtype), None, None, None, None
 
 
+#: float32 elements per chunk of :func:`kl_loss` (64 MiB: 512 positions of a 32k vocabulary)
+KL_CHUNK = 2 ** 24
+
+
+def _rows(student_logits: torch.Tensor, rows: int | None) -> int:
+    return rows or max(1, KL_CHUNK // student_logits.shape[-1])
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+            rows: int | None = None) -> torch.Tensor:
+    """``T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`` averaged over every token position (full
+    vocabulary), ``rows`` positions at a time (default: ``KL_CHUNK`` elements): see :class:`_ChunkedKL`."""
+    return _ChunkedKL.apply(student_logits, teacher_logits.detach(), None, float(temperature), _rows(student_logits, rows))
+
+
 def topk_kl_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor,
                  temperature: float = 1.0, rows: int | None = None) -> torch.Tensor:
     """The same with the teacher's top-k log-probs only: the teacher renormalised over its k tokens
-    (``softmax(log p_t / T)`` over the k), the student's full-vocabulary log-probs at those tokens;
-    ``rows`` positions at a time (:class:`_ChunkedTopkKL`)."""
-    rows = rows or max(1, KL_CHUNK // student_logits.shape[-1])
-    return _ChunkedTopkKL.apply(student_logits, teacher_logprobs.detach(), teacher_indices, float(temperature), rows)
+    (``softmax(log p_t / T)`` over the k), the student's full-vocabulary log-probs at those tokens."""
+    return _ChunkedKL.apply(student_logits, teacher_logprobs.detach(), teacher_indices, float(temperature),
+                            _rows(student_logits, rows))
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
