@@ -62,7 +62,8 @@ from prune.model.loading import decoder_layers, input_device
 FORMAT = "prune-teacher-topk/1"
 MARGIN = 1.25  # auto: keep a teacher copy when free memory >= MARGIN x its size (+ the logits below)
 #: float32 [batch, seq_len, vocab] tensors the in-memory teacher's loss holds beyond the cache's: 7.1
-#: measured on the Llama-3.1-8B recipe on an H200 (docs/BENCHMARKS.md, "The Llama-3.1-8B recipes on a GPU")
+#: measured on the Llama-3.1-8B recipe on an H200 (docs/BENCHMARKS.md, "The Llama-3.1-8B recipes on a
+#: GPU") with the plain loss; the chunked one (_ChunkedKL) needs less, not re-measured there: a safe side
 TEACHER_LOGITS = 8
 EVAL_BATCH = 4
 
@@ -129,6 +130,7 @@ def topk_kl_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, t
                             _rows(student_logits, rows))
 
 
+# ---- teacher sources ------------------------------------------------------------------------------
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of the tokenizer's vocabulary (token -> id), the first 16 hex digits."""
     vocab = sorted(tokenizer.get_vocab().items())

@@ -85,7 +85,10 @@ def _log_probs(model, batch: torch.Tensor) -> torch.Tensor:
     """float32 log-softmax of the next-token logits at every position but the last: ``[b, s - 1, V]``
     on the CPU, taken one window at a time on the model's device (as ``perplexity.window_nll``)."""
     logits = model(input_ids=batch.to(input_device(model)), use_cache=False).logits
-    return torch.stack([F.log_softmax(row[:-1].float(), dim=-1).cpu() for row in logits])
+    out = torch.empty((logits.shape[0], logits.shape[1] - 1, logits.shape[2]), dtype=torch.float32)
+    for i, row in enumerate(logits):
+        out[i] = F.log_softmax(row[:-1].float(), dim=-1)
+    return out
 
 
 def build_reference(model, windows: torch.Tensor, *, top_k: int = 256, batch_size: int = 4,
