@@ -205,7 +205,7 @@ def heal_variant(name: str, original, tokenizer, cfg, removed: list[int], steps:
     if "distill" in record:
         out.update(kl_before=record["distill"]["kl_before"], kl_after=record["distill"]["kl_after"])
     del model, plan, record
-    gc.collect()  # PEFT leaves the merged model in a reference cycle: free it before the next variant
+    gc.collect()  # the distilled / healed copy, before the next variant (heal_lora also collects PEFT's cycle since 2026-12-04)
     return out
 
 

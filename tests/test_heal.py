@@ -124,6 +124,26 @@ def test_interrupted_lora_leaves_the_weights_as_they_were(extra, tokenizers_by_b
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_a_healed_model_is_freed_when_dropped(tokenizers_by_bos):
+    """LoRA under bf16 mixed precision leaves PEFT's wrapper in a reference cycle holding the model:
+    healing collects it, so a model the caller drops is freed at once (automatic gc off here)."""
+    import gc
+    import weakref
+
+    model = build_model("llama")
+    prune.remove_layers(model, RUN)
+    gc.collect()
+    gc.disable()
+    try:
+        heal_model(model, tokenizers_by_bos[True], "lora", data=C4_DATA, quiet=True, rank=4,
+                   mixed_precision="bf16", **{**FAST, "steps": 2})
+        ref = weakref.ref(model)
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
 def test_olora_on_conv1d_is_refused_before_training(tokenizers_by_bos):
     model = build_model("gpt2")
     before = snapshot(model)
