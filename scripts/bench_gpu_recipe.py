@@ -205,7 +205,7 @@ def heal_variant(name: str, original, tokenizer, cfg, removed: list[int], steps:
     if "distill" in record:
         out.update(kl_before=record["distill"]["kl_before"], kl_after=record["distill"]["kl_after"])
     del model, plan, record
-    gc.collect()  # the distilled / healed copy, before the next variant (heal_lora also collects PEFT's cycle since 2026-12-04)
+    gc.collect()  # the distilled / healed copy, before the next variant (needed before the training loop's fix of 2026-12-04)
     return out
 
 

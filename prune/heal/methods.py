@@ -34,7 +34,6 @@ causal-LM loss on held-out windows of the training text before and after.
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import re
@@ -295,10 +294,6 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
         for attr in ("peft_config", "_hf_peft_config_loaded"):
             if attr in vars(model):
                 delattr(model, attr)
-    # the PEFT wrapper (with Accelerate's mixed-precision forward) is left in a reference cycle that holds
-    # `model`: collect it now, or a healed model the caller drops stays in memory until the next collection
-    del peft_model
-    gc.collect()
     leftover = [n for n, m in model.named_modules() if type(m).__module__.startswith("peft")]
     if leftover:
         raise PruneError(f"internal error: adapter modules left after merging LoRA: {leftover[:3]}; please report this")

@@ -119,6 +119,7 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter] | list[dict]
                         generator=torch.Generator().manual_seed(cfg.seed))
     torch.manual_seed(cfg.seed)
     started = time.time()
+    had_forward = "forward" in vars(module)  # an instance forward set before training stays
     wrapped, optimizer, scheduler, loader = accelerator.prepare(module, optimizer, scheduler, loader)
     losses: list[float] = []
     items = 0
@@ -158,6 +159,11 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter] | list[dict]
         for m in (module, wrapped):
             if "_is_accelerate_prepared" in vars(m):
                 del m._is_accelerate_prepared
+            # unwrap_model leaves an instance `forward` bound to m (with mixed precision: the innermost
+            # function, past transformers' own decorators): a reference cycle that keeps m alive until
+            # the next gc, and not the class's forward. Back to the class's, as before prepare.
+            if not had_forward and "forward" in vars(m):
+                del m.forward
     return {"losses": losses, "tokens_seen": items * tokens_per_item, "items_seen": items,
             "epochs": items / len(dataset), "seconds": round(time.time() - started, 1),
             "device": str(accelerator.device)}
