@@ -26,7 +26,8 @@ the median step (steps 3 onward) x the recipe's steps, the teacher cache's time 
 its tokens. lm-eval's tasks are not timed here (lm-eval is not installed on those machines).
 The training text is random token ids (the recipes' WikiText-103 is not on the machine).
 
-    python scripts/bench_gpu_recipe.py --out bench_gpu.json          # on a CUDA machine
+    bash scripts/device_wheels.sh                                     # here: the wheels the GPU image lacks, in .whl
+    source scripts/device_env.sh && python3 scripts/bench_gpu_recipe.py --out $OUT/bench_gpu.json --steps 12   # there
     python scripts/bench_gpu_recipe.py --tiny --out /tmp/tiny.json    # the same path on CPU, tiny shapes
 
 Peak memory is ``torch.cuda.max_memory_allocated`` during the stage less the bench's own

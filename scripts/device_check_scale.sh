@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks of the scale work (issue 4), for a machine with one CUDA GPU and python3 with torch,
-# transformers and accelerate (datasets, lm-eval, gguf and pydantic are not needed).
+# transformers and accelerate (datasets, lm-eval and gguf are not needed; pydantic is, and the
+# borrowed GPU image lacks it: run `bash scripts/device_wheels.sh` here first and carry .whl, which
+# scripts/device_env.sh, sourced below, installs there).
 #
 #   bash scripts/device_check_scale.sh          # log in $OUT/device_check_scale.log, timing in $OUT/gpu_scale.json
 #
@@ -22,7 +24,7 @@ PY="${PYTHON:-python3}"
 WORK="$(mktemp -d)"
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source scripts/device_env.sh  # the carried wheels (.whl), this repo first on PYTHONPATH
 LOG="$OUT/device_check_scale.log"
 status=0
 {
