@@ -52,14 +52,6 @@ class Fade(nn.Module):
         return (mixed, *out[1:]) if isinstance(out, tuple) else mixed
 
 
-def settings_for(tokens: int) -> dict:
-    """bench_heal's ``batch1-r64`` distillation at ``tokens`` (one epoch, one window per step)."""
-    s = {**H.DISTILL_PARAMS["lora"], "objective": "distill", **H.DISTILL_SETTINGS, **H.VARIANTS["batch1-r64"]}
-    s["n_samples"] = tokens // s["seq_len"]
-    s["steps"] = max(1, s["n_samples"] // s["batch_size"])
-    return s
-
-
 def run_case(fade: float, tokens: int) -> dict:
     name = f"fade-{fade:g}-{tokens // 1024}k"
     hit = H.cached(name)
@@ -68,7 +60,7 @@ def run_case(fade: float, tokens: int) -> dict:
         return hit
     base, tok = H.load_dense()
     run = H.removed_blocks(base, tok)
-    settings = settings_for(tokens)
+    settings = H.distill_settings("distill", "lora", tokens, "batch1-r64")
     model = copy.deepcopy(base)
     callback = None
     if fade > 0:

@@ -60,6 +60,7 @@ from prune.heal.methods import HealPlan, heal_lora  # noqa: E402
 from prune.heal.bridge import fit_bridges  # noqa: E402
 from prune.measure.perplexity import nll_sum  # noqa: E402
 from prune.measure.scoring import score  # noqa: E402
+from prune.model.loading import decoder_layers  # noqa: E402
 from prune.model.surgery import remove_layers  # noqa: E402
 from prune.pipeline.engines import score_options  # noqa: E402
 from prune.pipeline.recipe import load_recipe  # noqa: E402
@@ -114,26 +115,22 @@ class Stage:
         self.device, self.held = device, held
 
     def __enter__(self):
-        sync(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
+        allocated_gib(self.device, self.held, reset=True)
         self.started = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         sync(self.device)
         self.seconds = round(time.perf_counter() - self.started, 2)
-        self.peak_gib = (round((torch.cuda.max_memory_allocated(self.device) - self.held) / 2**30, 2)
-                         if self.device.type == "cuda" else None)
+        self.peak_gib = peak_gib(self.device, self.held)
         return False
 
 
 def allocated_gib(device: torch.device, held: int, reset: bool = False) -> float | None:
-    """GiB allocated now less ``held``; ``reset``: the peak counts from here."""
+    """GiB allocated now less ``held`` (after a sync); ``reset``: the peak counts from here."""
+    sync(device)
     if device.type != "cuda":
         return None
-    sync(device)
     torch.cuda.empty_cache()
     if reset:
         torch.cuda.reset_peak_memory_stats(device)
@@ -202,7 +199,7 @@ def heal_variant(name: str, original, tokenizer, cfg, removed: list[int], steps:
     out.update(step_seconds=[round(s, 3) for s in steps_s], step_median=round(statistics.median(steps_s[WARMUP_STEPS:] or steps_s), 3),
                heal_seconds=record["seconds"], train_seconds=record["train_seconds"], total_seconds=whole.seconds,
                peak_gib=whole.peak_gib, loss_first=record["loss_first"], loss_last=record["loss_last"],
-               blocks_after=len(model.model.layers), trainable_parameters=record["trainable_parameters"])
+               blocks_after=len(decoder_layers(model)), trainable_parameters=record["trainable_parameters"])
     if "distill" in record:
         out.update(kl_before=record["distill"]["kl_before"], kl_after=record["distill"]["kl_after"])
     del model, plan, record

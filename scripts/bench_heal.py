@@ -298,6 +298,18 @@ def fidelity_to(model, dense, tok, batch: int = 2) -> dict:
     return {"kl": kl / tokens, "top1": agree / tokens, "perplexity": math.exp(nll / predicted), "tokens": tokens}
 
 
+def distill_settings(objective: str, params: str, tokens: int, variant: str | None = None) -> dict:
+    """``heal_model`` settings of a case: the params' method, the objective (with DISTILL_SETTINGS),
+    the variant's changes, and the budget as one epoch of ``tokens // seq_len`` windows."""
+    settings = {**DISTILL_PARAMS[params], "objective": objective}
+    if objective == "distill":
+        settings.update(DISTILL_SETTINGS)
+    settings.update(VARIANTS.get(variant, {}))
+    n = settings["n_samples"] = tokens // settings["seq_len"]  # the budget in windows of the case's length
+    settings["steps"] = max(1, n // settings["batch_size"])  # one epoch of the budget's windows
+    return settings
+
+
 def part_distill(budgets=DISTILL_BUDGETS, only: str | None = None, variant: str | None = None, keep: bool = False) -> None:
     base, tok = load_dense()
     run = removed_blocks(base, tok)
@@ -321,12 +333,7 @@ def part_distill(budgets=DISTILL_BUDGETS, only: str | None = None, variant: str 
             continue
         if only and only not in name:
             continue
-        settings = {**DISTILL_PARAMS[params], "objective": objective}
-        if objective == "distill":
-            settings.update(DISTILL_SETTINGS)
-        settings.update(VARIANTS.get(variant, {}))
-        n = settings["n_samples"] = tokens // settings["seq_len"]  # the budget in windows of the case's length
-        settings["steps"] = max(1, n // settings["batch_size"])  # one epoch of the budget's windows
+        settings = distill_settings(objective, params, tokens, variant)
         model = copy.deepcopy(base)
         prune.remove_layers(model, run)
         log(f"healing {name}: {settings}")

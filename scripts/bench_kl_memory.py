@@ -70,20 +70,17 @@ def one_case(kind: str, batch: int, seq: int, vocab: int, dtype: str) -> dict:
     teacher = (torch.randn(batch, seq, vocab) * 3).to(dt)
     if kind.endswith("top64"):  # the cache holds float32 log-probs and int32 ids
         lp, ix = torch.log_softmax(teacher.float(), -1).topk(TOP_K, -1)
-        ix = ix.to(torch.int32)
-        del teacher
-        fn = (lambda z, _t, T: topk_kl_loss(z, lp, ix, T)) if kind.startswith("chunked") else \
-            (lambda z, _t, T: plain_topk_kl(z, lp, ix, T))
-        teacher = None
+        fn, teacher_args = (topk_kl_loss if kind.startswith("chunked") else plain_topk_kl), (lp, ix.to(torch.int32))
+        del teacher, lp, ix
     else:
-        fn = kl_loss if kind == "chunked" else plain_kl
+        fn, teacher_args = (kl_loss if kind == "chunked" else plain_kl), (teacher,)
     Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts here (after the setup)
     base = rss("VmRSS")
     times = []
     for _ in range(REPEATS):
         student.grad = None
         started = time.perf_counter()
-        loss = fn(student, teacher, 1.0)
+        loss = fn(student, *teacher_args, 1.0)
         loss.backward()
         times.append(time.perf_counter() - started)
     return {"peak_mib": (rss("VmHWM") - base) / 2**20, "seconds": min(times), "loss": float(loss),
