@@ -86,12 +86,13 @@ def test_backend_model_args_plumbing():
     from prune.core.errors import PruneError
     from prune.measure.lmeval import backend_model_args
 
-    assert backend_model_args("/m", None) == "pretrained=/m"
-    assert backend_model_args("/m", "tensor_parallel_size=2,gpu_memory_utilization=0.8", dtype="bfloat16") == \
+    assert backend_model_args("/m", None) == "pretrained=/m,use_kernels=False"
+    assert backend_model_args("/m", "tensor_parallel_size=2,gpu_memory_utilization=0.8", backend="vllm",
+                              dtype="bfloat16") == \
         "pretrained=/m,tensor_parallel_size=2,gpu_memory_utilization=0.8,dtype=bfloat16"
-    assert backend_model_args("/m", "dtype=float16", dtype="bfloat16", trust_remote_code=True) == \
-        "pretrained=/m,dtype=float16,trust_remote_code=True"  # the user's model_args win
-    assert backend_model_args("/d", None, gguf_file="m.gguf") == "pretrained=/d,gguf_file=m.gguf"
+    assert backend_model_args("/m", "dtype=float16,use_kernels=True", dtype="bfloat16", trust_remote_code=True) == \
+        "pretrained=/m,dtype=float16,use_kernels=True,trust_remote_code=True"  # the user's model_args win
+    assert backend_model_args("/d", None, gguf_file="m.gguf") == "pretrained=/d,gguf_file=m.gguf,use_kernels=False"
     with pytest.raises(PruneError, match="must not set pretrained"):
         backend_model_args("/m", "pretrained=/other")
 
@@ -116,7 +117,7 @@ def test_hf_backend_loads_the_saved_folder_itself(tmp_path, tiny_folder):
     [path] = get_results_filenames([str(p) for p in tmp_path.rglob("*.json")])
     lm = json.loads(open(path).read())
     assert lm["config"]["model"] == "hf"
-    assert lm["config"]["model_args"] == f"pretrained={tiny_folder},max_length=256,dtype=float32"
+    assert lm["config"]["model_args"] == f"pretrained={tiny_folder},max_length=256,dtype=float32,use_kernels=False"
     assert lm["results"]["copa_local"]["acc,none"] == pytest.approx(result["tasks"]["copa_local"]["metrics"]["acc"])
     assert result["layers"] == 8 and result["parameters"] is None and result["settings"]["model"] == "hf"
 

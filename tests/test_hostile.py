@@ -101,6 +101,14 @@ def plant_code(folder: Path, marker: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
+def test_hub_kernels_stay_off(model):
+    """transformers 5 swaps layers for kernels fetched from the Hub by default (code from the Hub, and
+    offline on a GPU the load fails: seen on an H200); load_model asks for none."""
+    assert AutoModelForCausalLM.from_pretrained(model).use_kernels  # the library's default: on
+    loaded, _, _ = prune.load_model(model)
+    assert loaded.use_kernels is False
+
+
 def heal_cli(run: Path, out: Path, *extra) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     args = ["heal", run, "-o", out, "--method", "lora", "--data", C4, "--field", "prefix", "--rows", "0:200",

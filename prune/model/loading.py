@@ -67,7 +67,9 @@ def load_model(
     ``device_map`` and ``max_memory`` go straight to Accelerate through
     ``from_pretrained`` (``"auto"``, ``"cpu"``, or an explicit ``{module: device}`` map,
     ``"disk"`` entries need ``offload_folder``). GGUF files are dequantized to ``dtype``
-    (float32 when ``"auto"``). ``trust_remote_code`` stays off unless asked for.
+    (float32 when ``"auto"``). ``trust_remote_code`` stays off unless asked for, and so do
+    transformers' Hub kernels (on by default since transformers 5: code fetched from the Hub and
+    run on a GPU, which also fails to load offline).
     """
     from transformers import AutoModelForCausalLM
 
@@ -78,7 +80,7 @@ def load_model(
         torch_dtype = torch.float32
     check_device_map(device_map, offload_folder)
     device_map = rank_device_map(device_map)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "use_kernels": False}
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
     if src.revision:

@@ -145,7 +145,7 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
         layers, parameters = model.config.num_hidden_layers, count_parameters(model)
         del model
     if named:
-        args = L.backend_model_args(src.path, cfg.model_args, dtype=dtype, gguf_file=src.gguf_file,
+        args = L.backend_model_args(src.path, cfg.model_args, backend=cfg.model, dtype=dtype, gguf_file=src.gguf_file,
                                     trust_remote_code=trust_remote_code)
         say(f"lm-eval loads the model itself: --model {cfg.model} --model_args {args}", quiet)
         run = L.run_lm_eval(cfg.model, None, cfg.tasks, model_args=args, limit=cfg.limit, batch_size=cfg.batch_size,
