@@ -61,10 +61,10 @@ from prune.model.loading import decoder_layers, input_device
 
 FORMAT = "prune-teacher-topk/1"
 MARGIN = 1.25  # auto: keep a teacher copy when free memory >= MARGIN x its size (+ the logits below)
-#: float32 [batch, seq_len, vocab] tensors the in-memory teacher's loss holds beyond the cache's: 7.1
-#: measured on the Llama-3.1-8B recipe on an H200 (docs/BENCHMARKS.md, "The Llama-3.1-8B recipes on a
-#: GPU") with the plain loss; the chunked one (_ChunkedKL) needs less, not re-measured there: a safe side
-TEACHER_LOGITS = 8
+#: float32 [batch, seq_len, vocab] tensors the in-memory teacher's loss holds beyond the cache's: 0.7
+#: measured with the chunked loss on the Llama-3.1-8B recipe on an H200 (bf16, docs/BENCHMARKS.md "The
+#: Llama-3.1-8B recipes on a GPU"; 7.1 with the plain loss); 2 covers a float32 teacher's logits too
+TEACHER_LOGITS = 2
 EVAL_BATCH = 4
 
 
