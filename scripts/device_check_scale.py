@@ -93,6 +93,17 @@ def timing(out: str) -> None:
     params = sum(p.numel() for p in model.parameters())
     windows = torch.randint(3, config.vocab_size, (64, 256), generator=torch.Generator().manual_seed(0)).to(dev)
     fns = method_fns(model, windows)
+    from prune.core import metrics as M
+
+    def cpu_chunk(fn):  # the same method with the CPU's 32-token cosine chunks (the default before)
+        def run():
+            budget, M.DEVICE_CHUNK_BYTES = M.DEVICE_CHUNK_BYTES, 0
+            try:
+                fn()
+            finally:
+                M.DEVICE_CHUNK_BYTES = budget
+        return run
+    fns.update({f"{k}_chunk32": cpu_chunk(fns[k]) for k in ("score_bi_angular", "score_full")})
     fns["forward_base"]()
     sync()
     times = {k: [] for k in fns}
@@ -115,7 +126,7 @@ def timing(out: str) -> None:
               "ratios_vs_full_forward": {k: v / best["forward_full"] for k, v in best.items()}}
     print(f"{params / 1e9:.2f}B parameters, bf16, {result['gpu']}")
     for k, v in best.items():
-        print(f"  {k:18s} {v * 1000:8.1f} ms   x{v / best['forward_base']:.2f} of base forward   "
+        print(f"  {k:26s} {v * 1000:8.1f} ms   x{v / best['forward_base']:.2f} of base forward   "
               f"x{v / best['forward_full']:.2f} of full forward   peak +{memory[k] / 2**20:,.0f} MiB")
 
     folder = Path(tempfile.mkdtemp(prefix="prune-gpu-llama-"))

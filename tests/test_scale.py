@@ -91,6 +91,17 @@ def test_cosine_sums_match_direct_computation(as_list):
     assert torch.allclose(cka_list, M.cka_matrix(states[:, :20]), atol=1e-12)
 
 
+def test_cosine_chunk_is_small_on_the_cpu_and_fills_its_budget_elsewhere():
+    """On a CPU the chunk stays in cache; on a GPU one chunk holds DEVICE_CHUNK_BYTES of float64
+    states and Grams (a 1.2B Llama's 25 states of 2,048: 647 tokens), never fewer than the CPU's."""
+    from prune.core import metrics as M
+
+    assert M.cosine_chunk(torch.device("cpu"), 25, 2048) == M.CPU_CHUNK
+    gpu = M.cosine_chunk(torch.device("cuda"), 25, 2048)
+    assert 8 * gpu * (25 * 2048 + 25**2) <= M.DEVICE_CHUNK_BYTES < 8 * (gpu + 1) * (25 * 2048 + 25**2)
+    assert M.cosine_chunk(torch.device("cuda"), 10**4, 10**6) == M.CPU_CHUNK
+
+
 # ---- 1. dispatched models (Accelerate device_map with CPU and disk offload) --------------------
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2", "qwen3_moe"])
 def test_cpu_disk_dispatched_scores_equal_single_device(arch, tokenizers_by_bos, calib_text, tmp_path):

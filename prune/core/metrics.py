@@ -23,6 +23,19 @@ from dataclasses import dataclass
 import torch
 
 F64 = torch.float64
+CPU_CHUNK = 32  # tokens per step of cosine_sums on a CPU: the float64 chunk stays in cache (measured fastest)
+DEVICE_CHUNK_BYTES = 256 * 2**20  # elsewhere (a GPU): chunks of this size, so a batch is a few kernel launches
+
+
+def cosine_chunk(device: torch.device, m: int, d: int) -> int:
+    """Tokens per step of :func:`cosine_sums` for ``m`` states of width ``d`` on ``device``:
+    ``CPU_CHUNK`` on a CPU; elsewhere as many as fit in ``DEVICE_CHUNK_BYTES`` of float64 states
+    and Grams (``8 t (m d + m^2)`` bytes), at least ``CPU_CHUNK``: on a GPU the per-chunk kernel
+    launches, not the arithmetic, bound small chunks (32-token chunks made BI + angular scoring
+    3x a forward pass on an H200)."""
+    if torch.device(device).type == "cpu":
+        return CPU_CHUNK
+    return max(CPU_CHUNK, DEVICE_CHUNK_BYTES // (8 * (m * d + m * m)))
 
 
 def cosine_per_token(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -43,7 +56,7 @@ def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.arccos(cosine_per_token(a, b).clamp(-1.0, 1.0)).mean(-1) / math.pi
 
 
-def pairwise_angular_sum(states: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+def pairwise_angular_sum(states: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """``A[i, j] = sum_t arccos(cos(states[i, t], states[j, t])) / pi`` for ``states [m, T, d]``.
 
     Returns the *sum* over tokens (divide by T for the mean); computed ``chunk`` tokens
@@ -61,19 +74,19 @@ def _chunk64(states, start: int, stop: int) -> torch.Tensor:
     return u
 
 
-def cosine_sums(states, pairs: bool = True, chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor | None]:
+def cosine_sums(states, pairs: bool = True, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block Influence and angular sums of ``m`` states ``[T, d]`` (a list, or a tensor ``[m, T, d]``).
 
     Returns ``(bi, ang)``: ``bi[l] = sum_t (1 - cos(states[l][t], states[l+1][t]))`` for
     ``l < m - 1`` and, when ``pairs``, ``ang[i, j] = sum_t arccos(cos(states[i][t], states[j][t])) / pi``
-    (else ``None``). Per ``chunk`` tokens (32: the chunk stays in cache; measured fastest) the
-    states are cast to float64 once, token-major (``[t, m, d]``), and the Gram matrices
+    (else ``None``). Per ``chunk`` tokens (default :func:`cosine_chunk`) the states are cast to float64 once, token-major (``[t, m, d]``), and the Gram matrices
     ``G_t = X_t X_t^T`` come from one batched matrix product; ``cos_ij = G_ij / sqrt(G_ii G_jj)``
     (zero vectors give 0), so no normalised copy is made. The consecutive cosines are the super-diagonal. Memory: ``8 chunk m d`` bytes. Sums
     over tokens (divide by T).
     """
     m, T = len(states), states[0].shape[0]
     device = states[0].device
+    chunk = chunk or cosine_chunk(device, m, states[0].shape[-1])
     bi = torch.zeros(m - 1, dtype=F64, device=device)
     ang = torch.zeros(m, m, dtype=F64, device=device) if pairs else None
     idx = torch.arange(m - 1, device=device)
