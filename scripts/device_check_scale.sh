@@ -6,8 +6,10 @@
 #
 #   bash scripts/device_check_scale.sh          # log in $OUT/device_check_scale.log, timing in $OUT/gpu_scale.json
 #
-# 1. tests/test_scale.py's GPU tests: a GPU+CPU device map (two GPUs when present) scores like one
-#    GPU, sequential scoring on the GPU equals in-memory scoring, the memory plan reads GPU memory.
+# 1. The GPU tests of tests/test_scale.py and tests/test_distill.py: a GPU+CPU device map (two GPUs
+#    when present) scores like one GPU, sequential scoring on the GPU equals in-memory scoring, the
+#    memory plan reads GPU memory, `prune run` distils on the GPU (teacher in memory, top-k cache)
+#    like on the CPU.
 # 2. GPU timing of scoring overhead on a random 1.1B Llama-shaped model built in the script, and
 #    sequential scoring on the GPU (scripts/device_check_scale.py timing).
 # 3. With 2 or more GPUs: scoring and perplexity of the same random model alone and under
@@ -48,8 +50,8 @@ status=0
   fi
   export PRUNE_DATA_DIR="$DATA"
 
-  echo "== 1. GPU tests (tests/test_scale.py -k gpu)"
-  timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_scale.py -k gpu -m "not integration" -rs || status=1
+  echo "== 1. GPU tests (tests/test_scale.py tests/test_distill.py -k gpu)"
+  timeout 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_scale.py tests/test_distill.py -k gpu -m "not integration" -rs || status=1
   echo "== 2. GPU timing"
   timeout 300 "$PY" scripts/device_check_scale.py timing "$OUT" || status=1
   NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)

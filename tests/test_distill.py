@@ -361,3 +361,24 @@ def test_heal_model_replace_by_distillation(tokenizers_by_bos):
     assert rec["method"] == "replace" and rec["objective"] == "distill"
     assert len(decoder_layers(model)) == N_LAYERS - len(RUN) + 1 == len(rec["kept"])
     assert rec["distill"]["kl_after"] < rec["distill"]["kl_before"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("teacher", ["memory", "cache"])
+def test_gpu_run_distils_like_the_cpu(tmp_path, tiny_folder_heal, teacher):
+    """`prune run` with the model on a GPU (``device_map: cuda:0``), distilling from the teacher in
+    memory or from its top-k cache: the same blocks and KL before healing as on the CPU, healing
+    that wins back at least half the KL the CPU's does (float kernels differ over the steps), and a
+    checkpoint that reloads on the CPU with plain transformers."""
+    recipe = _recipe(tmp_path, method="distill", teacher=teacher, top_k=16)
+    cpu = run(recipe, quiet=True)
+    gpu = run({**recipe, "model": {**recipe["model"], "device_map": "cuda:0"}, "output": {"dir": str(tmp_path / "gpu")}},
+              quiet=True)
+    a, b = (r.pruning.healing["distill"] for r in (cpu, gpu))
+    assert gpu.pruning.removed == cpu.pruning.removed
+    assert b["kl_before"] == pytest.approx(a["kl_before"], rel=1e-4)
+    assert a["kl_after"] < a["kl_before"] and b["kl_before"] - b["kl_after"] >= 0.5 * (a["kl_before"] - a["kl_after"])
+    assert gpu.evaluation["original"]["perplexity"]["perplexity"] == \
+        pytest.approx(cpu.evaluation["original"]["perplexity"]["perplexity"], rel=1e-4)
+    model = AutoModelForCausalLM.from_pretrained(gpu.out_dir)
+    assert model.config.num_hidden_layers == N_LAYERS - 3

@@ -268,6 +268,7 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
                       init_lora_weights=True if cfg.lora_init == "default" else cfg.lora_init)
     norms = norm_parameters(model) if cfg.lora_norms else {}
     norms_before = {n: p.detach().clone() for n, p in norms.items()}
+    torch.manual_seed(cfg.seed)  # the adapters' random init follows heal.seed, not what ran before in the process
     peft_model = get_peft_model(model, lcfg)  # pissa/olora: the base weights become the residual W - s*B0A0
     initial = ({n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
                if cfg.lora_moves_base_weights else {})
