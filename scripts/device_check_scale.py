@@ -32,12 +32,14 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 def make_text(folder: str) -> None:
     """Write ``wikitext2_raw/wiki.test.raw`` under ``folder`` from the docstrings of Python's
-    standard library (real English text, ~500k characters) for the tokenizer of the tests."""
+    standard library (real English text, ~500k characters) for the tokenizer of the tests, and
+    ``c4/c4_web_1480.jsonl`` (the healing tests' training text) from the same docstrings, each
+    split in two as ``{"prefix", "gold_completion"}``."""
     import sysconfig
 
     target = Path(folder) / "wikitext2_raw" / "wiki.test.raw"
     target.parent.mkdir(parents=True, exist_ok=True)
-    lines, size = [], 0
+    lines, docs, size = [], [], 0
     for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -48,11 +50,17 @@ def make_text(folder: str) -> None:
                 doc = ast.get_docstring(node)
                 if doc and len(doc) > 80:
                     lines += [" " + line.strip() for line in doc.splitlines() if line.strip()] + [""]
+                    docs.append(" ".join(line.strip() for line in doc.splitlines() if line.strip()))
                     size += len(doc)
         if size > 600_000:
             break
     target.write_text("\n".join(lines), encoding="utf-8")
     print(f"wrote {target} ({size:,} characters from stdlib docstrings)")
+    records = [{"prefix": d[: len(d) // 2].strip(), "gold_completion": d[len(d) // 2:].strip()} for d in docs]
+    c4 = Path(folder) / "c4" / "c4_web_1480.jsonl"
+    c4.parent.mkdir(parents=True, exist_ok=True)
+    c4.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    print(f"wrote {c4} ({len(records):,} records)")
 
 
 def timing(out: str) -> None:
