@@ -50,3 +50,23 @@ def test_comparison_table_format():
     md = comparison_markdown(rows)
     assert "| perplexity | ppl | 20.00 | 50.00 | x2.50 |" in md
     assert "| piqa | acc | 0.6000 ± 0.0100 | 0.5700 ± 0.0100 | 95.0% |" in md
+
+
+def test_a_run_without_tasks_never_imports_lm_eval(tmp_path, tiny_folder):
+    """Perplexity only: lm-eval is not imported (a GPU image without it ran such recipes into
+    ModuleNotFoundError), and the output is complete."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    recipe = tmp_path / "recipe.json"  # YAML is a superset of JSON
+    recipe.write_text(json.dumps(tiny_recipe(tiny_folder, tmp_path / "out")))
+    code = ("import sys, prune; prune.run(sys.argv[1], quiet=True); "
+            "print('lm_eval' in sys.modules, 'lm_eval.utils' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False"]
+    assert (tmp_path / "out" / "pruning.json").is_file() and (tmp_path / "out" / "model.safetensors").is_file()

@@ -71,14 +71,17 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
 def lm_eval_outputs(original: dict, pruned: dict, *, seed: int = 0) -> tuple[dict[str, str], list]:
     """Take lm-eval's files out of two evaluations (``lm_eval_files``, see :func:`evaluate_loaded`):
     ``({"eval/original/<file>": text, "eval/pruned/<file>": text, ...}, paired comparison rows)``."""
+    texts_of = {which: result.pop("lm_eval_files", None) or {} for which, result in (("original", original),
+                                                                                     ("pruned", pruned))}
+    if not any(texts_of.values()):
+        return {}, []  # no tasks ran: nothing of lm-eval's (a perplexity-only run needs no lm-eval)
     from lm_eval.utils import get_file_task_name
 
     from prune.measure.paired import compare_samples, read_samples
 
     files: dict[str, str] = {}
     samples: dict[str, dict] = {}
-    for which, result in (("original", original), ("pruned", pruned)):
-        texts = result.pop("lm_eval_files", None) or {}
+    for which, texts in texts_of.items():
         files.update({f"eval/{which}/{name}": text for name, text in texts.items()})
         samples[which] = {get_file_task_name(name): read_samples(text.splitlines())
                           for name, text in texts.items() if name.startswith("samples_")}
