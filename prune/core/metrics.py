@@ -79,10 +79,11 @@ def cosine_sums(states, pairs: bool = True, chunk: int | None = None) -> tuple[t
 
     Returns ``(bi, ang)``: ``bi[l] = sum_t (1 - cos(states[l][t], states[l+1][t]))`` for
     ``l < m - 1`` and, when ``pairs``, ``ang[i, j] = sum_t arccos(cos(states[i][t], states[j][t])) / pi``
-    (else ``None``). Per ``chunk`` tokens (default :func:`cosine_chunk`) the states are cast to float64 once, token-major (``[t, m, d]``), and the Gram matrices
-    ``G_t = X_t X_t^T`` come from one batched matrix product; ``cos_ij = G_ij / sqrt(G_ii G_jj)``
-    (zero vectors give 0), so no normalised copy is made. The consecutive cosines are the super-diagonal. Memory: ``8 chunk m d`` bytes. Sums
-    over tokens (divide by T).
+    (else ``None``). Per ``chunk`` tokens (default :func:`cosine_chunk`) the states are cast to
+    float64 once, token-major (``[t, m, d]``), and the Gram matrices ``G_t = X_t X_t^T`` come from
+    one batched matrix product; ``cos_ij = G_ij / sqrt(G_ii G_jj)`` (zero vectors give 0), so no
+    normalised copy is made. The consecutive cosines are the super-diagonal. Memory:
+    ``8 chunk (m d + m^2)`` bytes. Sums over tokens (divide by T).
     """
     m, T = len(states), states[0].shape[0]
     device = states[0].device
