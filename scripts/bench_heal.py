@@ -250,6 +250,10 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             "batch1-r64-bridgedown-lm0.5-seed2": dict(R64, bridge="down", lm_weight=0.5, seed=2),
             "batch1-r64-bridgedown-lm0.4-seed3": dict(R64, bridge="down", lm_weight=0.4, seed=3),
             "batch1-r64-bridgedown-lm0.4-seed4": dict(R64, bridge="down", lm_weight=0.4, seed=4),
+            # after LoRA's init began following heal.seed (2026-12-04 18:20; before, it came from the
+            # process's random state, probably the same for every seed here): two more seeds
+            "batch1-r64-bridgedown-lm0.4-seed5": dict(R64, bridge="down", lm_weight=0.4, seed=5),
+            "batch1-r64-bridgedown-lm0.4-seed6": dict(R64, bridge="down", lm_weight=0.4, seed=6),
             # with the next-token loss on the C4 text beside the KL (for the perplexity goal)
             "batch1-r64-bridge-lm0.2": dict(R64, bridge="linear", lm_weight=0.2),
             # full fine-tuning of every kept block (``--only distill-partial``: partial with all 23 blocks
