@@ -624,6 +624,47 @@ def part_mc_curve(variant: str = "batch1-r64-bridgedown", block: str = "bench_he
     write_docs("\n".join(lines), block)
 
 
+def part_seeds(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "bench_heal_seeds") -> None:
+    """One setting over its seeds at the issue's budget (the recipe's by default): every
+    ``d-distill-lora-128k+SETTING[-seedN]`` case lm-evaluated here, with issue 16's three goals per
+    seed, how many seeds meet each, and each figure's mean and range over the seeds."""
+    have = [n for n in [*BASELINES, *paired_cases()] if list(lmeval_folder(n).glob("samples_*.jsonl"))]
+    if "dense" not in have:
+        raise SystemExit("run --part distill_paired first (the dense model's lm-eval)")
+    d_ppl, pr = cached("fidelity-dense")["fidelity"]["perplexity"], cached("fidelity-pruned")["fidelity"]
+    rows = []
+    for name in have:
+        parsed = parse_case_name(name)
+        seed = re.fullmatch(re.escape(setting) + r"(?:-seed(\d+))?", (parsed or ("",) * 4)[3] or "")
+        if parsed and parsed[:3] == ("distill", "lora", GOAL_TOKENS) and seed:
+            f, avg = cached(name)["fidelity"], paired_average("dense", name)
+            rows.append((int(seed.group(1) or 0), cached(name)["healing"]["seconds"], f["perplexity"] / d_ppl,
+                         f["kl"] / pr["kl"], avg))
+    if not rows:
+        raise SystemExit(f"no lm-evaluated 128k case of {setting}: run --part distill --variant {setting}[-seedN], "
+                         "then --part distill_paired")
+    goals = [lambda r: r[2] <= 1.5, lambda r: r[3] <= 0.5, lambda r: r[4].retained >= MC_GOAL and not significant(r[4])]
+    yes = lambda ok: "met" if ok else "not met"  # noqa: E731
+    lines = ["| seed | healing time | ppl x dense (<= 1.5) | KL / un-healed's (<= 50%) | MC retained (>= 98%) "
+             "| MC vs dense (points, 95% CI) | goals met |", "|---:|---:|---:|---:|---:|---|---|"]
+    for r in sorted(rows, key=lambda r: r[0]):
+        met = [g(r) for g in goals]
+        lines.append(f"| {r[0]} | {r[1] / 60:.1f} min | x{r[2]:.3f} ({yes(met[0])}) | {100 * r[3]:.1f}% ({yes(met[1])}) | "
+                     f"{100 * r[4].retained:.2f}% ({yes(met[2])}) | {interval(r[4])}{' *' if significant(r[4]) else ''} | "
+                     f"{'all three' if all(met) else f'{sum(met)} of 3'} |")
+    n = len(rows)
+    spread = lambda xs, fmt: f"mean {fmt(sum(xs) / n)}, {fmt(min(xs))}-{fmt(max(xs))}"  # noqa: E731
+    counts = [sum(g(r) for r in rows) for g in goals]
+    lines += ["", f"Setting `{setting}`, {GOAL_TOKENS:,} training tokens, {n} seeds lm-evaluated here: perplexity goal met by "
+              f"{counts[0]} of {n} ({spread([r[2] for r in rows], lambda v: f'x{v:.3f}')}), KL goal by {counts[1]} of {n} "
+              f"({spread([100 * r[3] for r in rows], lambda v: f'{v:.1f}%')}), multiple-choice goal by {counts[2]} of {n} "
+              f"({spread([100 * r[4].retained for r in rows], lambda v: f'{v:.2f}%')}); all three by "
+              f"{sum(all(g(r) for g in goals) for r in rows)} of {n}. MC: ARC-Easy, PIQA, HellaSwag (acc_norm), WinoGrande, "
+              f"0-shot, {LIMIT} questions each, the same for every model; * where the 95% interval excludes 0."]
+    print("\n".join(lines))
+    write_docs("\n".join(lines), block)
+
+
 def part_hidden_scale() -> None:
     """Why ``hidden_weight 0.01`` (VARIANTS): the un-healed model's KL to the original and the raw MSE
     between each kept block's output and the original's, on 2 of the WikiText-2 windows (256 tokens)."""
@@ -1230,7 +1271,7 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_full_131k": "distill_matrix --block bench_heal_full_131k --goals",
                  "bench_heal_bridge_131k": "distill_matrix --block bench_heal_bridge_131k --goals",
                  "bench_heal_bridgedown_131k": "distill_matrix --block bench_heal_bridgedown_131k --goals",
-                 "bench_heal_bridge_cuts": "bridge_cuts", "bench_heal_mc_curve": "mc_curve",
+                 "bench_heal_bridge_cuts": "bridge_cuts", "bench_heal_mc_curve": "mc_curve", "bench_heal_seeds": "seeds",
                  "bench_heal_variants": "distill_variants", "bench_heal_lastword": "lastword_report",
                  "bench_heal_paired_partial": "distill_paired_report --block bench_heal_paired_partial"}
 
@@ -1246,7 +1287,7 @@ def write_docs(body: str, block: str = "bench_heal") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "distill", "distill_lmeval", "distill_report",
-                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "lastword", "lastword_report", "mc_curve", "report", "all"],
+                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "lastword", "lastword_report", "mc_curve", "seeds", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial)")
