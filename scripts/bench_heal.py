@@ -824,14 +824,15 @@ def lastword_folder(name: str) -> Path:
 def part_lastword(only: str | None = None) -> None:
     """lm-eval of the exact last word of the first LASTWORD_LIMIT TinyStories stories (samples kept) for
     the dense and the un-healed model and every saved case at the goal budget or above (``only``: a
-    comma-separated list of case names, in the order to run; the baselines always come first)."""
+    comma-separated list of case names, in the order to run, the baselines among them only if named)."""
     from prune.measure.lmeval import run_lm_eval
 
     dense: list = []
     cases = [n for n in paired_cases() if (parse_case_name(n) or (0, 0, 0))[2] >= GOAL_TOKENS]
     if only:
         cases = [n for n in only.split(",") if n in cases]
-    for name in [*BASELINES, *cases]:
+    baselines = [n for n in BASELINES if not only or n in only.split(",")]
+    for name in [*baselines, *cases]:
         folder = lastword_folder(name)
         if list(folder.glob("samples_*.jsonl")):
             continue
