@@ -635,11 +635,13 @@ def part_seeds(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "bench
     rows = []
     for name in have:
         parsed = parse_case_name(name)
-        seed = re.fullmatch(re.escape(setting) + r"(?:-seed(\d+))?", (parsed or ("",) * 4)[3] or "")
-        if parsed and parsed[:3] == ("distill", "lora", GOAL_TOKENS) and seed:
-            f, avg = cached(name)["fidelity"], paired_average("dense", name)
-            rows.append((int(seed.group(1) or 0), cached(name)["healing"]["seconds"], f["perplexity"] / d_ppl,
-                         f["kl"] / pr["kl"], avg))
+        if not parsed or parsed[:3] != ("distill", "lora", GOAL_TOKENS):
+            continue
+        seed = re.fullmatch(re.escape(setting) + r"(?:-seed(\d+))?", parsed[3] or "")
+        if seed:
+            case = cached(name)
+            rows.append((int(seed.group(1) or 0), case["healing"]["seconds"], case["fidelity"]["perplexity"] / d_ppl,
+                         case["fidelity"]["kl"] / pr["kl"], paired_average("dense", name)))
     if not rows:
         raise SystemExit(f"no lm-evaluated 128k case of {setting}: run --part distill --variant {setting}[-seedN], "
                          "then --part distill_paired")
