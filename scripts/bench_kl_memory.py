@@ -1,7 +1,7 @@
 """Memory and time of the distillation loss with the teacher in memory: the chunked KL against the plain formula.
 
 ``prune.heal.distill.kl_loss`` computes ``T^2 KL(softmax(z_t/T) || softmax(z_s/T))`` a chunk of
-token positions at a time and recomputes its gradient in the backward pass; the plain formula
+token positions at a time and writes its gradient in the same pass; the plain formula
 (``plain_kl`` below, the loss as it was before 2026-12-04) builds float32 ``[tokens, vocab]``
 log-softmaxes of both sides and keeps two of them for the backward pass. Each case runs in a fresh
 process (forward + backward of the loss alone, on random logits of the recipes' shapes); the peak

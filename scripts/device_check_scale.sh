@@ -15,9 +15,9 @@
 # 3. With 2 or more GPUs: scoring and perplexity of the same random model alone and under
 #    `accelerate launch --multi_gpu --num_processes N` (one GPU per process); scores must agree
 #    (1e-6: GPU kernels) and the perplexity too; the speed-up is printed ($OUT/multi_gpu_*.json).
-# pytest is taken from the environment, else from pure-Python wheels in .whl/ (make them with
-# `pip download --no-deps -d .whl pytest iniconfig pluggy pygments packaging`). Text for the tests'
-# tokenizer: WikiText-2 when $PRUNE_DATA_DIR (or ../shared/data) has it, else Python's docstrings.
+# pytest is the image's (KINDS.md lists it); wheels of it in .whl/ would be installed by
+# device_env.sh like the others. Text for the tests (WikiText-2 for the tokenizer and scoring, C4
+# for healing): $PRUNE_DATA_DIR (or ../shared/data) when it has both, else Python's docstrings.
 # Takes about 2-4 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +25,7 @@ OUT="${OUT:-$(mktemp -d)}"
 PY="${PYTHON:-python3}"
 WORK="$(mktemp -d)"
 mkdir -p "$OUT"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-source scripts/device_env.sh  # the carried wheels (.whl), this repo first on PYTHONPATH
+source scripts/device_env.sh  # offline, the carried wheels (.whl), this repo first on PYTHONPATH
 LOG="$OUT/device_check_scale.log"
 status=0
 {
@@ -34,17 +33,9 @@ status=0
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi not found"
   "$PY" -c "import sys, torch, transformers, accelerate; print('python', sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.device_count())"
 
-  if ! "$PY" -c "import pytest" 2>/dev/null; then
-    if ls .whl/*.whl >/dev/null 2>&1; then
-      "$PY" -c "import sys, zipfile, glob; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in glob.glob('.whl/*.whl')]" "$WORK/pylib"
-      export PYTHONPATH="$PYTHONPATH:$WORK/pylib"
-      echo "pytest taken from .whl/"
-    else
-      echo "ERROR: pytest is not installed and .whl/ has no wheels (see the header of this script)"
-    fi
-  fi
+  "$PY" -c "import pytest" 2>/dev/null || echo "ERROR: pytest is not installed (carry its wheels in .whl/)"
   DATA="${PRUNE_DATA_DIR:-$PWD/../shared/data}"
-  if [ ! -f "$DATA/wikitext2_raw/wiki.test.raw" ]; then
+  if [ ! -f "$DATA/wikitext2_raw/wiki.test.raw" ] || [ ! -f "$DATA/c4/c4_web_1480.jsonl" ]; then
     "$PY" scripts/device_check_scale.py text "$WORK/data"
     DATA="$WORK/data"
   fi

@@ -45,6 +45,14 @@ from test_heal import C4_DATA, FAST, RUN, save_reload_same_logits
 KEPT = [i for i in range(N_LAYERS) if i not in RUN]
 
 
+def float64_grad(student, loss_of):
+    """``(loss, d loss / d student)`` of ``loss_of(z)``, a direct formula, by autograd in float64."""
+    z = student.double().requires_grad_(True)
+    loss = loss_of(z)
+    loss.backward()
+    return float(loss), z.grad
+
+
 def direct_kl(student_logits, teacher_logits, T):
     """T^2 * mean over tokens of sum_v p_t(v) * (log p_t(v) - log p_s(v)), one token at a time in float64."""
     s = student_logits.double().reshape(-1, student_logits.shape[-1]) / T
@@ -79,13 +87,12 @@ def test_loss_equals_a_direct_kl_computation(T, tokenizers_by_bos):
     zs, zt = torch.randn(2, 5, VOCAB) * 3, torch.randn(2, 5, VOCAB) * 3
     assert float(kl_loss(zs, zt, T)) == pytest.approx(direct_kl(zs, zt, T), rel=1e-5, abs=1e-7)
     assert float(kl_loss(zt, zt, T)) == pytest.approx(0.0, abs=1e-6)
-    # its gradient (recomputed chunk by chunk, 3 positions at a time: uneven chunks) equals autograd's
-    # through the direct float64 formula, for float32 logits and (to bf16's precision) bf16 ones
+    # its gradient (written chunk by chunk in the forward pass, 3 positions at a time: uneven chunks)
+    # equals autograd's through the direct float64 formula, for float32 logits and (to bf16's
+    # precision) bf16 ones
     def direct_grad(student, teacher):
-        z = student.double().requires_grad_(True)
-        s, t = F.log_softmax(z / T, -1), F.log_softmax(teacher.double() / T, -1)
-        (T ** 2 * (t.exp() * (t - s)).sum(-1).mean()).backward()
-        return z.grad
+        t = F.log_softmax(teacher.double() / T, -1)
+        return float64_grad(student, lambda z: T ** 2 * (t.exp() * (t - F.log_softmax(z / T, -1))).sum(-1).mean())[1]
 
     want = direct_grad(zs, zt)
     for rows in (3, None):
@@ -162,15 +169,14 @@ def test_topk_cache_reproduces_the_in_memory_teacher_loss(tokenizers_by_bos, tmp
     # and its gradient (k = 8 of the vocabulary, 2 positions per chunk) is autograd's through the formula
     zs = torch.randn(2, 3, VOCAB) * 3
     lp, ix = torch.log_softmax(torch.randn(2, 3, VOCAB) * 3, -1).topk(8, -1)
-    z = zs.double().requires_grad_(True)
-    s, t = torch.log_softmax(z / 2.0, -1).gather(-1, ix), torch.log_softmax(lp.double() / 2.0, -1)
-    want = 4.0 * (t.exp() * (t - s)).sum(-1).mean()
-    want.backward()
+    t = torch.log_softmax(lp.double() / 2.0, -1)
+    want, want_grad = float64_grad(
+        zs, lambda z: 4.0 * (t.exp() * (t - torch.log_softmax(z / 2.0, -1).gather(-1, ix))).sum(-1).mean())
     z2 = zs.clone().requires_grad_(True)
     got = topk_kl_loss(z2, lp, ix, 2.0, rows=2)
     got.backward()
-    assert float(got) == pytest.approx(float(want), rel=1e-5)
-    torch.testing.assert_close(z2.grad.double(), z.grad, rtol=1e-4, atol=1e-7)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+    torch.testing.assert_close(z2.grad.double(), want_grad, rtol=1e-4, atol=1e-7)
 
 
 def test_sequential_topk_equals_the_loaded_model(tokenizers_by_bos, tmp_path):

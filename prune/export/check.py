@@ -287,15 +287,17 @@ def _check_transformers_load(path: Path, report: CheckReport) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from prune.model.loading import USE_HUB_KERNELS
+
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # use_kernels=False: transformers >= 5.25 kernelizes by default, and `kernels` refuses the meta device
+            # as every load (`kernels` also refuses the meta device)
             model, info = AutoModelForCausalLM.from_pretrained(
-                path, device_map="meta", output_loading_info=True, use_kernels=False)
+                path, device_map="meta", output_loading_info=True, use_kernels=USE_HUB_KERNELS)
     except Exception as exc:  # noqa: BLE001
         report.add("load", "fail", f"AutoModelForCausalLM.from_pretrained fails: {first_line(exc)}")
         return

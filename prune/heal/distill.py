@@ -66,6 +66,8 @@ MARGIN = 1.25  # auto: keep a teacher copy when free memory >= MARGIN x its size
 #: Llama-3.1-8B recipes on a GPU"; 7.1 with the plain loss); 2 covers a float32 teacher's logits too
 TEACHER_LOGITS = 2
 EVAL_BATCH = 4
+#: float32 elements per chunk of :func:`kl_loss` (64 MiB: 512 positions of a 32k vocabulary)
+KL_CHUNK = 2 ** 24
 
 
 # ---- losses --------------------------------------------------------------------------------------
@@ -105,10 +107,6 @@ class _ChunkedKL(torch.autograd.Function):
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         return grad * grad_out.to(grad.dtype), None, None, None, None
-
-
-#: float32 elements per chunk of :func:`kl_loss` (64 MiB: 512 positions of a 32k vocabulary)
-KL_CHUNK = 2 ** 24
 
 
 def _rows(student_logits: torch.Tensor, rows: int | None) -> int:

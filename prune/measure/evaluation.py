@@ -71,8 +71,7 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
 def lm_eval_outputs(original: dict, pruned: dict, *, seed: int = 0) -> tuple[dict[str, str], list]:
     """Take lm-eval's files out of two evaluations (``lm_eval_files``, see :func:`evaluate_loaded`):
     ``({"eval/original/<file>": text, "eval/pruned/<file>": text, ...}, paired comparison rows)``."""
-    texts_of = {which: result.pop("lm_eval_files", None) or {} for which, result in (("original", original),
-                                                                                     ("pruned", pruned))}
+    texts_of = {"original": original.pop("lm_eval_files", None) or {}, "pruned": pruned.pop("lm_eval_files", None) or {}}
     if not any(texts_of.values()):
         return {}, []  # no tasks ran: nothing of lm-eval's (a perplexity-only run needs no lm-eval)
     from lm_eval.utils import get_file_task_name

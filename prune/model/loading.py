@@ -40,6 +40,10 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "qwen3_moe": "Qwen3-MoE",
 }
 
+#: transformers' ``use_kernels`` for every load (its default since 5: on a GPU, layers swapped for
+#: kernels fetched from the Hub, code run without being asked for, and offline the load fails)
+USE_HUB_KERNELS = False
+
 
 def rank_device_map(device_map):
     """Under a launcher with GPUs, ``None`` or ``"auto"`` means this rank's own GPU (data parallel:
@@ -68,8 +72,7 @@ def load_model(
     ``from_pretrained`` (``"auto"``, ``"cpu"``, or an explicit ``{module: device}`` map,
     ``"disk"`` entries need ``offload_folder``). GGUF files are dequantized to ``dtype``
     (float32 when ``"auto"``). ``trust_remote_code`` stays off unless asked for, and so do
-    transformers' Hub kernels (on by default since transformers 5: code fetched from the Hub and
-    run on a GPU, which also fails to load offline).
+    transformers' Hub kernels (``USE_HUB_KERNELS``).
     """
     from transformers import AutoModelForCausalLM
 
@@ -80,7 +83,8 @@ def load_model(
         torch_dtype = torch.float32
     check_device_map(device_map, offload_folder)
     device_map = rank_device_map(device_map)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "use_kernels": False}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code,
+                              "use_kernels": USE_HUB_KERNELS}
     if src.gguf_file:
         kwargs["gguf_file"] = src.gguf_file
     if src.revision:
