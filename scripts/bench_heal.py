@@ -254,6 +254,9 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             # process's random state, probably the same for every seed here): two more seeds
             "batch1-r64-bridgedown-lm0.4-seed5": dict(R64, bridge="down", lm_weight=0.4, seed=5),
             "batch1-r64-bridgedown-lm0.4-seed6": dict(R64, bridge="down", lm_weight=0.4, seed=6),
+            # the recipe's setting with its weights averaged over the last half of the steps (heal.average)
+            **{f"batch1-r64-bridgedown-lm0.4-avg0.5-seed{s}": dict(R64, bridge="down", lm_weight=0.4, average=0.5, seed=s)
+               for s in range(2, 7)},
             # with the next-token loss on the C4 text beside the KL (for the perplexity goal)
             "batch1-r64-bridge-lm0.2": dict(R64, bridge="linear", lm_weight=0.2),
             # full fine-tuning of every kept block (``--only distill-partial``: partial with all 23 blocks
@@ -672,6 +675,49 @@ def part_seeds(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "bench
               f"0-shot, {LIMIT} questions each, the same for every model; * where the 95% interval excludes 0."]
     print("\n".join(lines))
     write_docs("\n".join(lines), block)
+
+
+def part_soup(setting: str = "batch1-r64-bridgedown-lm0.4", seeds: tuple[int, ...] = (2, 3, 4, 5, 6)) -> None:
+    """A diagnostic, not a recipe: the uniform average of the weights of one setting's healed seeds
+    (a "model soup"; every seed starts from the same cut model, so their weights are comparable), its
+    fidelity and paired multiple choice beside the seeds' own. It costs len(seeds) x the budget, so it
+    says whether averaging can buy multiple choice at all, not that a run within the budget would."""
+    members = [case_name("distill", "lora", GOAL_TOKENS, f"{setting}-seed{s}") for s in seeds]
+    missing = [m for m in members if not (CACHE / "models" / m / "config.json").is_file()]
+    if missing:
+        raise SystemExit(f"no checkpoint of {', '.join(missing)}: run --part distill --variant ... first")
+    name = f"soup-{setting}-seeds{'-'.join(map(str, seeds))}"
+    base, tok = load_dense()
+    if not cached(name):
+        model, _, _ = prune.load(CACHE / "models" / members[0], dtype="float32")
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        for m in members[1:]:
+            other, _, _ = prune.load(CACHE / "models" / m, dtype="float32")
+            for k, v in other.state_dict().items():
+                state[k] += v
+            del other
+        model.load_state_dict({k: v / len(members) for k, v in state.items()})
+        store(name, {"case": name, "members": members, "fidelity": fidelity_to(model, base, tok)})
+        prune.save(model, tok, CACHE / "models" / name, pruning={"removed": list(range(12, 19)), "soup": members},
+                   overwrite=True)
+        del model
+    folder = lmeval_folder(name)
+    if not list(folder.glob("samples_*.jsonl")):
+        from prune.measure.lmeval import run_lm_eval
+
+        model, tok, _ = prune.load(CACHE / "models" / name, dtype="float32")
+        log(f"lm-eval (samples) {name}")
+        run_lm_eval(model, tok, TASKS, limit=LIMIT, batch_size=16, seed=0, data_dir_path=DATA,
+                    progress=False).write(folder, f"SmolLM2-135M-Instruct {name}")
+    d_ppl, pr = cached("fidelity-dense")["fidelity"]["perplexity"], cached("fidelity-pruned")["fidelity"]
+    for n in [*members, name]:
+        f, avg = cached(n)["fidelity"], paired_average("dense", n)
+        print(f"{n}: ppl x{f['perplexity'] / d_ppl:.3f}, KL {100 * f['kl'] / pr['kl']:.1f}% of the un-healed model's, "
+              f"top-1 {f['top1']:.1%}, MC {100 * avg.retained:.2f}% retained, vs dense {interval(avg)}"
+              f"{' *' if significant(avg) else ''}")
+    for m in members:
+        avg = paired_average(m, name)
+        print(f"soup against {m}: {interval(avg)}{' *' if significant(avg) else ''}")
 
 
 def part_hidden_scale() -> None:
@@ -1297,7 +1343,7 @@ def write_docs(body: str, block: str = "bench_heal") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "distill", "distill_lmeval", "distill_report",
-                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "lastword", "lastword_report", "mc_curve", "seeds", "report", "all"],
+                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "lastword", "lastword_report", "mc_curve", "seeds", "soup", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial)")

@@ -514,3 +514,34 @@ def test_loraplus_puts_b_in_its_own_faster_group_and_train_honours_group_rates()
           TensorDataset(torch.randn(8, 3)), lambda m, batch: (m(batch[0]) - 5).pow(2).mean(),
           heal_config("lora", steps=4, batch_size=2, learning_rate=0.1), tokens_per_item=1, quiet=True)
     assert torch.equal(module.weight, weight) and not torch.equal(module.bias, bias)
+
+
+@pytest.mark.parametrize("share, n_avg", [(0.0, 0), (0.5, 5), (0.25, 3)])
+def test_weight_averaging_returns_the_mean_of_the_last_steps(share, n_avg):
+    """``heal.average``: the trained parameters end as the mean of their values after each of the last
+    ceil(share x steps) optimizer steps (the callback sees every step's weights); 0 keeps the last step's."""
+    from torch.utils.data import TensorDataset
+
+    from prune.heal.methods import heal_config
+    from prune.heal.training import train
+
+    module = torch.nn.Linear(3, 1)
+    seen = []
+    log = train(module, list(module.parameters()), TensorDataset(torch.randn(8, 3)),
+                lambda m, batch: (m(batch[0]) - 5).pow(2).mean(),
+                heal_config("lora", steps=10, batch_size=2, learning_rate=0.1, average=share), tokens_per_item=1,
+                quiet=True, callback=lambda step, tokens: seen.append([p.detach().clone() for p in module.parameters()]))
+    assert log["averaged_steps"] == n_avg and len(seen) == 10
+    tail = seen[-n_avg:] if n_avg else seen[-1:]
+    for i, p in enumerate(module.parameters()):
+        want = torch.stack([s[i] for s in tail]).mean(0)
+        torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-6)
+    assert n_avg < 2 or not torch.equal(module.weight, seen[-1][0])  # the average is not the last step
+
+
+def test_weight_averaging_with_fsdp_is_refused():
+    from prune.heal.methods import heal_config
+    from prune.heal.training import check_parallel
+
+    with pytest.raises(PruneError, match="heal.average is not supported with heal.fsdp"):
+        check_parallel(heal_config("lora", fsdp=True, average=0.5))

@@ -421,7 +421,8 @@ class HealConfig(Section):
     ``batch_size * gradient_accumulation`` windows of ``seq_len`` tokens drawn from
     ``n_samples`` windows (reused over epochs); ``val_samples`` more windows are held out for
     the before/after loss. Learning rate: linear warmup over 5% of the steps, then cosine to 0
-    (``schedule: cosine``) or flat (``constant``).
+    (``schedule: cosine``) or flat (``constant``). ``average: a`` > 0 returns the mean of the trained
+    weights over the last ``a`` share of the steps instead of the last step's (weight averaging).
 
     ``bridge: linear`` (lora, partial and bridge) first fits, on the original model over the training
     windows, a least-squares linear map at each cut and folds it into the MLP output projection
@@ -445,6 +446,7 @@ class HealConfig(Section):
     gradient_accumulation: int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     schedule: Literal["cosine", "constant"] = "cosine"
+    average: float = Field(0.0, ge=0, lt=1)  # share of the last steps whose weights are averaged (0: the last step's)
     weight_decay: float = Field(0.0, ge=0)
     seed: int = Field(0, ge=0, le=SEED_MAX)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"

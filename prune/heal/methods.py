@@ -205,6 +205,7 @@ def _record(cfg: HealConfig, log: dict, trained: list[str], n_params: int, windo
                  "seq_len": int(windows.shape[1])},
         "seed": cfg.seed,
         "steps": cfg.steps,
+        "averaged_steps": log["averaged_steps"],
         "tokens_seen": log["tokens_seen"],
         "windows_seen": log["items_seen"],
         "epochs": round(log["epochs"], 3),
@@ -835,6 +836,8 @@ def healing_markdown(record: dict) -> str:
              f"- learning rate {s['learning_rate']} ({s['schedule']}), batch {s['batch_size']} x {s['gradient_accumulation']} "
              f"x {s['seq_len']} tokens, mixed precision {record['mixed_precision']}, on {record['device']}, "
              f"{record['seconds']:.0f} s"]
+    if record.get("averaged_steps"):
+        lines.append(f"- weights averaged over the last {record['averaged_steps']} of {record['steps']} steps")
     if record.get("val_loss_after") is not None:
         lines.append(f"- held-out loss on the training text: {record['val_loss_before']:.4f} -> {record['val_loss_after']:.4f}")
     if "replacement" in record:

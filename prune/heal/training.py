@@ -5,7 +5,10 @@ over ``params``; each step accumulates ``cfg.gradient_accumulation`` micro-batch
 ``cfg.batch_size`` items drawn from ``dataset`` (shuffled with ``cfg.seed``, reused over
 epochs). Learning rate: linear warmup over the first 5% of the steps (at least one), then
 cosine decay to 0 (``schedule="cosine"``) or flat (``"constant"``). Gradients are clipped
-to norm 1. Accelerate places the module on its device (a GPU when there is one), applies
+to norm 1. With ``cfg.average`` = a > 0 the result is not the last step's weights but the
+uniform average of the trained parameters after each of the last ``ceil(a * steps)`` steps
+(stochastic weight averaging, Izmailov et al. 2018; for LoRA the factors A and B are averaged,
+which is the average of the products to first order). Accelerate places the module on its device (a GPU when there is one), applies
 ``mixed_precision`` (autocast) and the accumulation; the module is unwrapped afterwards, so
 nothing of Accelerate stays attached to it. A tqdm bar shows the loss.
 
@@ -34,6 +37,12 @@ MAX_GRAD_NORM = 1.0
 WARMUP_FRACTION = 0.05
 
 
+def averaged_steps(steps: int, share: float) -> int:
+    """How many of the last optimizer steps ``heal.average`` = ``share`` averages: ``ceil(share * steps)``
+    (0 for 0: the last step's weights)."""
+    return math.ceil(share * steps) if share > 0 else 0
+
+
 def make_scheduler(optimizer, steps: int, schedule: str):
     """transformers' schedule: linear warmup over ``WARMUP_FRACTION`` of the steps (at least one),
     then cosine to 0 (``cosine``) or flat (``constant``)."""
@@ -52,6 +61,9 @@ def check_parallel(cfg) -> None:
     if w.distributed and cfg.batch_size % w.size:
         raise PruneError(f"heal.batch_size={cfg.batch_size} does not split over {w.size} processes "
                          f"(use a multiple of {w.size}: each optimizer step sees the same global batch as one process)")
+    if getattr(cfg, "fsdp", False) and getattr(cfg, "average", 0.0) > 0:
+        raise PruneError("heal.average is not supported with heal.fsdp (each rank holds only a shard of the "
+                         "weights to average): set heal.average: 0, or train without FSDP")
     if getattr(cfg, "fsdp", False) and not w.distributed:
         raise PruneError("heal.fsdp shards the model over several processes: launch with "
                          "`accelerate launch --num_processes N -m prune ...` or `torchrun --nproc_per_node N -m prune ...`, "
@@ -93,6 +105,17 @@ def _forever(loader) -> Iterator:
         epoch += 1
 
 
+def _accumulate(average: list[torch.Tensor], params: list[torch.nn.Parameter], n: int) -> None:
+    """Fold the ``n``-th sample of ``params`` into their running means ``average`` (filled at ``n = 1``):
+    ``a += (p - a) / n``, in float32."""
+    with torch.no_grad():
+        if n == 1:
+            average[:] = [p.detach().float().clone() for p in params]
+        else:
+            for a, p in zip(average, params):
+                a.lerp_(p.detach().float(), 1.0 / n)
+
+
 def train(module: torch.nn.Module, params: list[torch.nn.Parameter] | list[dict], dataset: Dataset,
           loss_fn: Callable[[torch.nn.Module, list[torch.Tensor]], torch.Tensor], cfg, *,
           tokens_per_item: int, desc: str = "heal", quiet: bool = False,
@@ -104,7 +127,8 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter] | list[dict]
     ``cfg`` has ``steps, batch_size, gradient_accumulation, learning_rate, weight_decay,
     schedule, seed, mixed_precision``. ``callback(step, tokens_seen)`` runs after every
     optimizer step with the module in eval mode (for learning curves). Returns
-    ``{"losses": per-step mean loss, "tokens_seen", "items_seen", "epochs", "seconds", "device"}``;
+    ``{"losses": per-step mean loss, "tokens_seen", "items_seen", "averaged_steps", "epochs", "seconds",
+    "device"}`` (the callback sees each step's weights, not the running average);
     the trained module (back in eval mode) is the same object as ``module``.
     """
     groups = params if params and isinstance(params[0], dict) else [{"params": params}]
@@ -123,6 +147,8 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter] | list[dict]
     wrapped, optimizer, scheduler, loader = accelerator.prepare(module, optimizer, scheduler, loader)
     losses: list[float] = []
     items = 0
+    n_avg = averaged_steps(cfg.steps, getattr(cfg, "average", 0.0))
+    average: list[torch.Tensor] = []  # the running mean of params over the last n_avg steps
     batches = _forever(loader)
     bar = tqdm(total=cfg.steps, desc=desc, unit="step", disable=quiet)
     try:
@@ -145,12 +171,17 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter] | list[dict]
                 total += float(accelerator.reduce(loss.detach(), "mean"))  # mean over ranks (= loss itself in one)
                 items += int(batch[0].shape[0]) * accelerator.num_processes
             losses.append(total / cfg.gradient_accumulation)
+            if step >= cfg.steps - n_avg:
+                _accumulate(average, params, step - (cfg.steps - n_avg) + 1)
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
             if callback is not None:
                 wrapped.eval()
                 callback(step + 1, items * tokens_per_item)
                 wrapped.train()
+        with torch.no_grad():
+            for a, p in zip(average, params):
+                p.copy_(a)
     finally:
         bar.close()
         wrapped.eval()
@@ -164,6 +195,6 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter] | list[dict]
             # the next gc, and not the class's forward. Back to the class's, as before prepare.
             if not had_forward and "forward" in vars(m):
                 del m.forward
-    return {"losses": losses, "tokens_seen": items * tokens_per_item, "items_seen": items,
+    return {"losses": losses, "tokens_seen": items * tokens_per_item, "items_seen": items, "averaged_steps": n_avg,
             "epochs": items / len(dataset), "seconds": round(time.time() - started, 1),
             "device": str(accelerator.device)}
