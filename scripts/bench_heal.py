@@ -257,6 +257,8 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             # the recipe's setting with its weights averaged over the last half of the steps (heal.average)
             **{f"batch1-r64-bridgedown-lm0.4-avg0.5-seed{s}": dict(R64, bridge="down", lm_weight=0.4, average=0.5, seed=s)
                for s in range(2, 7)},
+            # more seeds of the recipe's setting, for soups of runs at half the budget (--part soup --members)
+            **{f"batch1-r64-bridgedown-lm0.4-seed{s}": dict(R64, bridge="down", lm_weight=0.4, seed=s) for s in range(7, 15)},
             # with the next-token loss on the C4 text beside the KL (for the perplexity goal)
             "batch1-r64-bridge-lm0.2": dict(R64, bridge="linear", lm_weight=0.2),
             # full fine-tuning of every kept block (``--only distill-partial``: partial with all 23 blocks
@@ -677,16 +679,18 @@ def part_seeds(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "bench
     write_docs("\n".join(lines), block)
 
 
-def part_soup(setting: str = "batch1-r64-bridgedown-lm0.4", seeds: tuple[int, ...] = (2, 3, 4, 5, 6)) -> None:
-    """A diagnostic, not a recipe: the uniform average of the weights of one setting's healed seeds
-    (a "model soup"; every seed starts from the same cut model, so their weights are comparable), its
-    fidelity and paired multiple choice beside the seeds' own. It costs len(seeds) x the budget, so it
-    says whether averaging can buy multiple choice at all, not that a run within the budget would."""
-    members = [case_name("distill", "lora", GOAL_TOKENS, f"{setting}-seed{s}") for s in seeds]
+def part_soup(setting: str = "batch1-r64-bridgedown-lm0.4", seeds: tuple[int, ...] = (2, 3, 4, 5, 6),
+              tokens: int = GOAL_TOKENS) -> None:
+    """The uniform average of the weights of one setting's healed seeds at ``tokens`` (a "model soup";
+    every seed starts from the same cut model, so their weights are comparable), its fidelity and
+    paired multiple choice beside the seeds' own. Its training tokens are the members' together:
+    five seeds at 131k are a diagnostic (can averaging buy multiple choice at all?), two at 64k a
+    run within the 131k budget."""
+    members = [case_name("distill", "lora", tokens, f"{setting}-seed{s}") for s in seeds]
     missing = [m for m in members if not (CACHE / "models" / m / "config.json").is_file()]
     if missing:
-        raise SystemExit(f"no checkpoint of {', '.join(missing)}: run --part distill --variant ... first")
-    name = f"soup-{setting}-seeds{'-'.join(map(str, seeds))}"
+        raise SystemExit(f"no checkpoint of {', '.join(missing)}: run --part distill --variant ... --keep first")
+    name = f"soup-{tokens // 1024}k-{setting}-seeds{'-'.join(map(str, seeds))}"
     base, tok = load_dense()
     if not cached(name):
         model, _, _ = prune.load(CACHE / "models" / members[0], dtype="float32")
@@ -697,8 +701,9 @@ def part_soup(setting: str = "batch1-r64-bridgedown-lm0.4", seeds: tuple[int, ..
                 state[k] += v
             del other
         model.load_state_dict({k: v / len(members) for k, v in state.items()})
-        store(name, {"case": name, "members": members, "fidelity": fidelity_to(model, base, tok)})
-        prune.save(model, tok, CACHE / "models" / name, pruning={"removed": list(range(12, 19)), "soup": members},
+        store(name, {"case": name, "members": members, "tokens": sum(cached(m)["tokens"] for m in members),
+                     "fidelity": fidelity_to(model, base, tok)})
+        prune.save(model, tok, CACHE / "models" / name, pruning={"removed": removed_blocks(base, tok), "soup": members},
                    overwrite=True)
         del model
     folder = lmeval_folder(name)
@@ -710,12 +715,16 @@ def part_soup(setting: str = "batch1-r64-bridgedown-lm0.4", seeds: tuple[int, ..
         run_lm_eval(model, tok, TASKS, limit=LIMIT, batch_size=16, seed=0, data_dir_path=DATA,
                     progress=False).write(folder, f"SmolLM2-135M-Instruct {name}")
     d_ppl, pr = cached("fidelity-dense")["fidelity"]["perplexity"], cached("fidelity-pruned")["fidelity"]
+    evaluated = lambda n: bool(list(lmeval_folder(n).glob("samples_*.jsonl")))  # noqa: E731
     for n in [*members, name]:
-        f, avg = cached(n)["fidelity"], paired_average("dense", n)
+        f = cached(n)["fidelity"]
+        mc = "MC not measured"
+        if evaluated(n):
+            avg = paired_average("dense", n)
+            mc = f"MC {100 * avg.retained:.2f}% retained, vs dense {interval(avg)}{' *' if significant(avg) else ''}"
         print(f"{n}: ppl x{f['perplexity'] / d_ppl:.3f}, KL {100 * f['kl'] / pr['kl']:.1f}% of the un-healed model's, "
-              f"top-1 {f['top1']:.1%}, MC {100 * avg.retained:.2f}% retained, vs dense {interval(avg)}"
-              f"{' *' if significant(avg) else ''}")
-    for m in members:
+              f"top-1 {f['top1']:.1%}, {mc}")
+    for m in filter(evaluated, members):
         avg = paired_average(m, name)
         print(f"soup against {m}: {interval(avg)}{' *' if significant(avg) else ''}")
 
@@ -1353,6 +1362,7 @@ def main() -> None:
                     "(for the paired lm-eval; by default a variant keeps only its 131k-token one)")
     ap.add_argument("--block", default=None, help="--part distill_report / distill_paired_report: the docs block to write")
     ap.add_argument("--goals", action="store_true", help="--part distill_matrix: add the goals table after the matrix")
+    ap.add_argument("--seeds", default=None, help="--part soup: comma-separated seeds of --variant to average (default 2,3,4,5,6)")
     ap.add_argument("--pair", nargs=2, metavar=("A", "B"), help="--part distill_pair: compare case B against case A")
     args = ap.parse_args()
     started = time.time()
@@ -1379,6 +1389,10 @@ def main() -> None:
             if not args.pair:
                 raise SystemExit("--part distill_pair needs --pair A B (two case names, both lm-evaluated)")
             part_distill_pair(args.pair)
+        elif part == "soup":
+            part_soup(args.variant or "batch1-r64-bridgedown-lm0.4",
+                      tuple(int(x) for x in args.seeds.split(",")) if args.seeds else (2, 3, 4, 5, 6),
+                      int(args.budgets) if args.budgets else GOAL_TOKENS)
         elif part == "distill":
             part_distill([int(b) for b in args.budgets.split(",")] if args.budgets else DISTILL_BUDGETS, args.only,
                          args.variant, args.keep)
