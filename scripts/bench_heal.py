@@ -257,6 +257,9 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             # the recipe's setting with its weights averaged over the last half of the steps (heal.average)
             **{f"batch1-r64-bridgedown-lm0.4-avg0.5-seed{s}": dict(R64, bridge="down", lm_weight=0.4, average=0.5, seed=s)
                for s in range(2, 7)},
+            # ... and SWA's usual form: a constant rate, the weights averaged over the last half
+            **{f"batch1-r64-bridgedown-lm0.4-const-avg0.5-seed{s}": dict(R64, bridge="down", lm_weight=0.4, schedule="constant",
+                                                                          average=0.5, seed=s) for s in range(2, 7)},
             # more seeds of the recipe's setting, for soups of runs at half the budget (--part soup --members)
             **{f"batch1-r64-bridgedown-lm0.4-seed{s}": dict(R64, bridge="down", lm_weight=0.4, seed=s) for s in range(7, 15)},
             # with the next-token loss on the C4 text beside the KL (for the perplexity goal)
@@ -727,6 +730,46 @@ def part_soup(setting: str = "batch1-r64-bridgedown-lm0.4", seeds: tuple[int, ..
     for m in filter(evaluated, members):
         avg = paired_average(m, name)
         print(f"soup against {m}: {interval(avg)}{' *' if significant(avg) else ''}")
+
+
+def averaging(case: dict) -> str:
+    """How a cached case's weights were averaged: a soup of runs, the last steps of one run, or not."""
+    if len(case.get("members", [])) > 1:
+        return "the runs' final weights (soup)"
+    h = case["healing"]
+    if not h.get("averaged_steps"):
+        return "no"
+    return f"last {h['averaged_steps']} of {h['steps']} steps" + (" (constant rate)" if h["settings"]["schedule"] == "constant" else "")
+
+
+def part_averages(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "bench_heal_averages") -> None:
+    """Weight averaging against single runs of one setting (the recipe's by default): every single
+    run of it on this machine (any budget, any seed), every ``-avg*`` run (``heal.average``) and every
+    soup of its seeds (``--part soup``), each with fidelity and, where lm-evaluated, paired multiple choice."""
+    d_ppl, pr = cached("fidelity-dense")["fidelity"]["perplexity"], cached("fidelity-pruned")["fidelity"]
+    names = [p.stem for p in CACHE.glob("d-distill-lora-*.json")
+             if re.fullmatch(r"d-distill-lora-\d+k\+" + re.escape(setting) + r"(?:-const)?(?:-avg[\d.]+)?-seed\d+", p.stem)]
+    soups = [p.stem for p in CACHE.glob(f"soup-*-{setting}-seeds*.json")]
+    if not soups and not any("-avg" in n for n in names):
+        raise SystemExit(f"no soup or averaged run of {setting}: run --part soup or --variant {setting}-avg0.5-seedN first")
+    lines = ["| model | runs | training tokens (all runs) | weights averaged | ppl x dense | KL / un-healed's | top-1 agreement "
+             "| MC retained | MC vs dense (points, 95% CI) |", "|---|---:|---:|---|---:|---:|---:|---:|---|"]
+    key = lambda n: (cached(n).get("tokens", 0), n.startswith("soup"), "-avg" in n, int(re.findall(r"\d+", n.rsplit("seed", 1)[1])[0]))  # noqa: E731
+    for n in sorted(names + soups, key=key):
+        case, f = cached(n), cached(n)["fidelity"]
+        runs = len(case.get("members", [n]))
+        how = averaging(case)
+        mc = ("-", "-")
+        if list(lmeval_folder(n).glob("samples_*.jsonl")):
+            avg = paired_average("dense", n)
+            mc = (f"{100 * avg.retained:.2f}%", interval(avg) + (" *" if significant(avg) else ""))
+        lines.append(f"| {n} | {runs} | {case['tokens']:,} | {how} | x{f['perplexity'] / d_ppl:.3f} | {100 * f['kl'] / pr['kl']:.1f}% | "
+                     f"{f['top1']:.1%} | {mc[0]} | {mc[1]} |")
+    lines += ["", f"Setting `{setting}` (the recipe's), block 12-18 removed; fidelity on the 16 WikiText-2 windows; MC: ARC-Easy, "
+              f"PIQA, HellaSwag (acc_norm), WinoGrande, 0-shot, {LIMIT} questions each, the same for every model; "
+              "* where the 95% interval excludes 0. A soup's training tokens are its runs' together."]
+    print("\n".join(lines))
+    write_docs("\n".join(lines), block)
 
 
 def part_hidden_scale() -> None:
@@ -1337,6 +1380,7 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_bridge_131k": "distill_matrix --block bench_heal_bridge_131k --goals",
                  "bench_heal_bridgedown_131k": "distill_matrix --block bench_heal_bridgedown_131k --goals",
                  "bench_heal_bridge_cuts": "bridge_cuts", "bench_heal_mc_curve": "mc_curve", "bench_heal_seeds": "seeds",
+                 "bench_heal_averages": "averages",
                  "bench_heal_variants": "distill_variants", "bench_heal_lastword": "lastword_report",
                  "bench_heal_paired_partial": "distill_paired_report --block bench_heal_paired_partial"}
 
@@ -1352,7 +1396,7 @@ def write_docs(body: str, block: str = "bench_heal") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "distill", "distill_lmeval", "distill_report",
-                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "lastword", "lastword_report", "mc_curve", "seeds", "soup", "report", "all"],
+                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "lastword", "lastword_report", "mc_curve", "seeds", "soup", "averages", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial)")
