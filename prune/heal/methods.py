@@ -657,7 +657,7 @@ def bridged_record(model, cfg: HealConfig, windows, val_windows, teacher=None) -
     :func:`with_bridges` then puts the un-bridged figures in the ``*_before`` fields."""
     started = time.time()
     loss = mean_lm_loss(model, val_windows)
-    log = {"losses": [], "tokens_seen": 0, "items_seen": 0, "epochs": 0.0, "seconds": 0.0,
+    log = {"losses": [], "tokens_seen": 0, "items_seen": 0, "averaged_steps": 0, "epochs": 0.0, "seconds": 0.0,
            "device": str(input_device(model))}
     record = _record(cfg, log, [], 0, windows, val_windows, loss, loss, started)
     record["steps"] = 0

@@ -8,9 +8,10 @@ cosine decay to 0 (``schedule="cosine"``) or flat (``"constant"``). Gradients ar
 to norm 1. With ``cfg.average`` = a > 0 the result is not the last step's weights but the
 uniform average of the trained parameters after each of the last ``ceil(a * steps)`` steps
 (stochastic weight averaging, Izmailov et al. 2018; for LoRA the factors A and B are averaged,
-which is the average of the products to first order). Accelerate places the module on its device (a GPU when there is one), applies
-``mixed_precision`` (autocast) and the accumulation; the module is unwrapped afterwards, so
-nothing of Accelerate stays attached to it. A tqdm bar shows the loss.
+which is the average of the products to first order). Accelerate places the module on its
+device (a GPU when there is one), applies ``mixed_precision`` (autocast) and the accumulation;
+the module is unwrapped afterwards, so nothing of Accelerate stays attached to it. A tqdm bar
+shows the loss.
 
 Under a launcher (``torchrun`` / ``accelerate launch``, N processes) the module is wrapped in
 DDP and every loader batch of ``cfg.batch_size`` items is split over the N ranks
