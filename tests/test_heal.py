@@ -545,3 +545,13 @@ def test_weight_averaging_with_fsdp_is_refused():
 
     with pytest.raises(PruneError, match="heal.average is not supported with heal.fsdp"):
         check_parallel(heal_config("lora", fsdp=True, average=0.5))
+
+
+def test_averaged_healing_is_recorded_on_the_card(tokenizers_by_bos):
+    from prune.heal.methods import healing_markdown
+
+    model = build_model("llama")
+    prune.remove_layers(model, RUN)
+    rec = heal_model(model, tokenizers_by_bos[True], "lora", data=C4_DATA, quiet=True, average=0.5, **FAST)
+    assert rec["averaged_steps"] == 5 and rec["settings"]["average"] == 0.5
+    assert "- weights averaged over the last 5 of 10 steps" in healing_markdown(rec)
