@@ -260,7 +260,7 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             # ... and SWA's usual form: a constant rate, the weights averaged over the last half
             **{f"batch1-r64-bridgedown-lm0.4-const-avg0.5-seed{s}": dict(R64, bridge="down", lm_weight=0.4, schedule="constant",
                                                                           average=0.5, seed=s) for s in range(2, 7)},
-            # more seeds of the recipe's setting, for soups of runs at half the budget (--part soup --members)
+            # more seeds of the recipe's setting, for soups of runs at half the budget (--part soup --seeds)
             **{f"batch1-r64-bridgedown-lm0.4-seed{s}": dict(R64, bridge="down", lm_weight=0.4, seed=s) for s in range(7, 15)},
             # with the next-token loss on the C4 text beside the KL (for the perplexity goal)
             "batch1-r64-bridge-lm0.2": dict(R64, bridge="linear", lm_weight=0.2),
@@ -393,6 +393,11 @@ def lmeval_folder(name: str) -> Path:
     return CACHE / "lmeval" / name
 
 
+def evaluated(name: str) -> bool:
+    """Whether case ``name`` has its lm-eval samples (the paired comparisons need them)."""
+    return bool(list(lmeval_folder(name).glob("samples_*.jsonl")))
+
+
 def paired_cases() -> list[str]:
     """The saved distill / next-token checkpoints (LoRA, partial; variants after their case),
     largest budget first."""
@@ -441,7 +446,7 @@ def part_distill_paired_report(block: str = "bench_heal_paired") -> None:
     of the docs (only cases whose lm-eval samples are on this machine)."""
     from prune.measure.paired import average_line, compare_folders, headline_rows, paired_markdown
 
-    have = [n for n in [*BASELINES, *paired_cases()] if list(lmeval_folder(n).glob("samples_*.jsonl"))]
+    have = [n for n in [*BASELINES, *paired_cases()] if evaluated(n)]
     if "dense" not in have or len(have) < 2:
         raise SystemExit("run --part distill_paired first")
     lines = []
@@ -466,7 +471,7 @@ def part_distill_matrix(block: str = "bench_heal_matrix", goals: bool = False) -
     tasks' headline metrics, paired SE, 95% interval), into ``block`` of the docs; with ``goals``
     the issue's goals table after it (:func:`variant_goals`)."""
     pr, dense = cached("fidelity-pruned"), cached("fidelity-dense")
-    have = [n for n in [*BASELINES, *paired_cases()] if list(lmeval_folder(n).glob("samples_*.jsonl"))]
+    have = [n for n in [*BASELINES, *paired_cases()] if evaluated(n)]
     if not pr or not dense or "dense" not in have:
         raise SystemExit("run --part distill and --part distill_paired first")
 
@@ -597,7 +602,7 @@ def part_mc_curve(variant: str = "batch1-r64-bridgedown", block: str = "bench_he
     whose checkpoint has its paired lm-eval, beside the un-healed model; then the least-squares line of
     the retained share on log2(tokens) through the healed budgets, its slope per doubling with a 95%
     t-interval, and where that line would reach :data:`MC_GOAL` (an extrapolation, not a measurement)."""
-    have = [n for n in [*BASELINES, *paired_cases()] if list(lmeval_folder(n).glob("samples_*.jsonl"))]
+    have = [n for n in [*BASELINES, *paired_cases()] if evaluated(n)]
     if "dense" not in have or "pruned" not in have:
         raise SystemExit("run --part distill_paired first (the dense and un-healed models' lm-eval)")
     d_ppl, pr = cached("fidelity-dense")["fidelity"]["perplexity"], cached("fidelity-pruned")["fidelity"]
@@ -643,7 +648,7 @@ def part_seeds(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "bench
     """One setting over its seeds at the issue's budget (the recipe's by default): every
     ``d-distill-lora-128k+SETTING[-seedN]`` case lm-evaluated here, with issue 16's three goals per
     seed, how many seeds meet each, and each figure's mean and range over the seeds."""
-    have = [n for n in [*BASELINES, *paired_cases()] if list(lmeval_folder(n).glob("samples_*.jsonl"))]
+    have = [n for n in [*BASELINES, *paired_cases()] if evaluated(n)]
     if "dense" not in have:
         raise SystemExit("run --part distill_paired first (the dense model's lm-eval)")
     d_ppl, pr = cached("fidelity-dense")["fidelity"]["perplexity"], cached("fidelity-pruned")["fidelity"]
@@ -718,7 +723,6 @@ def part_soup(setting: str = "batch1-r64-bridgedown-lm0.4", seeds: tuple[int, ..
         run_lm_eval(model, tok, TASKS, limit=LIMIT, batch_size=16, seed=0, data_dir_path=DATA,
                     progress=False).write(folder, f"SmolLM2-135M-Instruct {name}")
     d_ppl, pr = cached("fidelity-dense")["fidelity"]["perplexity"], cached("fidelity-pruned")["fidelity"]
-    evaluated = lambda n: bool(list(lmeval_folder(n).glob("samples_*.jsonl")))  # noqa: E731
     for n in [*members, name]:
         f = cached(n)["fidelity"]
         mc = "MC not measured"
@@ -754,13 +758,14 @@ def part_averages(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "be
         raise SystemExit(f"no soup or averaged run of {setting}: run --part soup or --variant {setting}-avg0.5-seedN first")
     lines = ["| model | runs | training tokens (all runs) | weights averaged | ppl x dense | KL / un-healed's | top-1 agreement "
              "| MC retained | MC vs dense (points, 95% CI) |", "|---|---:|---:|---|---:|---:|---:|---:|---|"]
-    key = lambda n: (cached(n).get("tokens", 0), n.startswith("soup"), "-avg" in n, int(re.findall(r"\d+", n.rsplit("seed", 1)[1])[0]))  # noqa: E731
-    for n in sorted(names + soups, key=key):
-        case, f = cached(n), cached(n)["fidelity"]
+    cases = {n: cached(n) for n in names + soups}
+    order = lambda n: (cases[n]["tokens"], n.startswith("soup"), "-avg" in n, int(re.search(r"seeds?(\d+)", n)[1]))  # noqa: E731
+    for n in sorted(cases, key=order):
+        case, f = cases[n], cases[n]["fidelity"]
         runs = len(case.get("members", [n]))
         how = averaging(case)
         mc = ("-", "-")
-        if list(lmeval_folder(n).glob("samples_*.jsonl")):
+        if evaluated(n):
             avg = paired_average("dense", n)
             mc = (f"{100 * avg.retained:.2f}%", interval(avg) + (" *" if significant(avg) else ""))
         lines.append(f"| {n} | {runs} | {case['tokens']:,} | {how} | x{f['perplexity'] / d_ppl:.3f} | {100 * f['kl'] / pr['kl']:.1f}% | "
