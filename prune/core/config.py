@@ -422,7 +422,8 @@ class HealConfig(Section):
     ``n_samples`` windows (reused over epochs); ``val_samples`` more windows are held out for
     the before/after loss. Learning rate: linear warmup over 5% of the steps, then cosine to 0
     (``schedule: cosine``) or flat (``constant``). ``average: a`` > 0 returns the mean of the trained
-    weights over the last ``a`` share of the steps instead of the last step's (weight averaging).
+    weights over the last ``a`` share of the steps instead of the last step's (weight averaging;
+    it holds one float32 copy of the trained parameters).
 
     ``bridge: linear`` (lora, partial and bridge) first fits, on the original model over the training
     windows, a least-squares linear map at each cut and folds it into the MLP output projection
