@@ -687,6 +687,15 @@ def part_seeds(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "bench
     write_docs("\n".join(lines), block)
 
 
+def mc_cells(name: str) -> tuple[str, str] | None:
+    """``(retained share, difference to dense with its 95% interval)`` of case ``name``, paired on
+    the same questions; None where it has no lm-eval samples."""
+    if not evaluated(name):
+        return None
+    avg = paired_average("dense", name)
+    return f"{100 * avg.retained:.2f}%", interval(avg) + (" *" if significant(avg) else "")
+
+
 def part_soup(setting: str = "batch1-r64-bridgedown-lm0.4", seeds: tuple[int, ...] = (2, 3, 4, 5, 6),
               tokens: int = GOAL_TOKENS) -> None:
     """The uniform average of the weights of one setting's healed seeds at ``tokens`` (a "model soup";
@@ -699,8 +708,9 @@ def part_soup(setting: str = "batch1-r64-bridgedown-lm0.4", seeds: tuple[int, ..
     if missing:
         raise SystemExit(f"no checkpoint of {', '.join(missing)}: run --part distill --variant ... --keep first")
     name = f"soup-{tokens // 1024}k-{setting}-seeds{'-'.join(map(str, seeds))}"
-    base, tok = load_dense()
+    model = None
     if not cached(name):
+        base, tok = load_dense()
         model, _, _ = prune.load(CACHE / "models" / members[0], dtype="float32")
         state = {k: v.clone() for k, v in model.state_dict().items()}
         for m in members[1:]:
@@ -713,24 +723,20 @@ def part_soup(setting: str = "batch1-r64-bridgedown-lm0.4", seeds: tuple[int, ..
                      "fidelity": fidelity_to(model, base, tok)})
         prune.save(model, tok, CACHE / "models" / name, pruning={"removed": removed_blocks(base, tok), "soup": members},
                    overwrite=True)
-        del model
-    folder = lmeval_folder(name)
-    if not list(folder.glob("samples_*.jsonl")):
+        del base
+    if not evaluated(name):
         from prune.measure.lmeval import run_lm_eval
 
-        model, tok, _ = prune.load(CACHE / "models" / name, dtype="float32")
+        if model is None:
+            model, tok, _ = prune.load(CACHE / "models" / name, dtype="float32")
         log(f"lm-eval (samples) {name}")
         run_lm_eval(model, tok, TASKS, limit=LIMIT, batch_size=16, seed=0, data_dir_path=DATA,
-                    progress=False).write(folder, f"SmolLM2-135M-Instruct {name}")
+                    progress=False).write(lmeval_folder(name), f"SmolLM2-135M-Instruct {name}")
     d_ppl, pr = cached("fidelity-dense")["fidelity"]["perplexity"], cached("fidelity-pruned")["fidelity"]
     for n in [*members, name]:
-        f = cached(n)["fidelity"]
-        mc = "MC not measured"
-        if evaluated(n):
-            avg = paired_average("dense", n)
-            mc = f"MC {100 * avg.retained:.2f}% retained, vs dense {interval(avg)}{' *' if significant(avg) else ''}"
+        f, mc = cached(n)["fidelity"], mc_cells(n)
         print(f"{n}: ppl x{f['perplexity'] / d_ppl:.3f}, KL {100 * f['kl'] / pr['kl']:.1f}% of the un-healed model's, "
-              f"top-1 {f['top1']:.1%}, {mc}")
+              f"top-1 {f['top1']:.1%}, " + (f"MC {mc[0]} retained, vs dense {mc[1]}" if mc else "MC not measured"))
     for m in filter(evaluated, members):
         avg = paired_average(m, name)
         print(f"soup against {m}: {interval(avg)}{' *' if significant(avg) else ''}")
@@ -764,10 +770,7 @@ def part_averages(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "be
         case, f = cases[n], cases[n]["fidelity"]
         runs = len(case.get("members", [n]))
         how = averaging(case)
-        mc = ("-", "-")
-        if evaluated(n):
-            avg = paired_average("dense", n)
-            mc = (f"{100 * avg.retained:.2f}%", interval(avg) + (" *" if significant(avg) else ""))
+        mc = mc_cells(n) or ("-", "-")
         lines.append(f"| {n} | {runs} | {case['tokens']:,} | {how} | x{f['perplexity'] / d_ppl:.3f} | {100 * f['kl'] / pr['kl']:.1f}% | "
                      f"{f['top1']:.1%} | {mc[0]} | {mc[1]} |")
     lines += ["", f"Setting `{setting}` (the recipe's), block 12-18 removed; fidelity on the 16 WikiText-2 windows; MC: ARC-Easy, "

@@ -172,8 +172,8 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter] | list[dict]
                 total += float(accelerator.reduce(loss.detach(), "mean"))  # mean over ranks (= loss itself in one)
                 items += int(batch[0].shape[0]) * accelerator.num_processes
             losses.append(total / cfg.gradient_accumulation)
-            if step >= cfg.steps - n_avg:
-                _accumulate(average, params, step - (cfg.steps - n_avg) + 1)
+            if (n := step + 1 - (cfg.steps - n_avg)) > 0:  # the n-th of the last n_avg steps
+                _accumulate(average, params, n)
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
             if callback is not None:
