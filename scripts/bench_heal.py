@@ -73,6 +73,13 @@ WIKI = DATA / "wikitext2_raw" / "wiki.test.raw"
 C4 = {"path": str(DATA / "c4" / "c4_web_1480.jsonl"), "field": ["prefix", "gold_completion"]}
 CACHE = ROOT / "bench_cache" / "heal"
 DENSE = ROOT / "bench_cache" / "smollm2-dense"
+#: text the original model wrote itself (``--part teacher_text``): each sequence a C4 excerpt's first
+#: TEACHER_PREFIX tokens continued by sampling at temperature 1 (the teacher's own distribution, no top-k / top-p)
+TEACHER_TEXT = CACHE / "teacher_text.jsonl"
+TEACHER_DATA = {"path": str(TEACHER_TEXT), "field": "text"}
+TEACHER_PREFIX, TEACHER_LENGTH, TEACHER_SEQUENCES = 32, 256, 600
+#: half and half: TEACHER_TEXT's rows, then as many C4 tokens (whole rows drawn with seed 0, their text as C4 joins it)
+TEACHER_MIX = CACHE / "teacher_mix.jsonl"
 IMG = ROOT / "docs" / "img" / "heal_curve.png"
 K = 7
 TASKS = ["arc_easy", "piqa", "hellaswag", "winogrande"]
@@ -262,6 +269,12 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
                                                                           average=0.5, seed=s) for s in range(2, 7)},
             # more seeds of the recipe's setting, for soups of runs at half the budget (--part soup --seeds)
             **{f"batch1-r64-bridgedown-lm0.4-seed{s}": dict(R64, bridge="down", lm_weight=0.4, seed=s) for s in range(7, 15)},
+            # the recipe's setting trained on text the original wrote (TEACHER_DATA, --part teacher_text) in place of C4
+            **{f"batch1-r64-bridgedown-lm0.4-teachertext-seed{s}": dict(R64, bridge="down", lm_weight=0.4, data=TEACHER_DATA,
+                                                                         seed=s) for s in range(0, 7)},
+            **{f"batch1-r64-bridgedown-lm0.4-teachermix-seed{s}": dict(R64, bridge="down", lm_weight=0.4,
+                                                                        data={"path": str(TEACHER_MIX), "field": "text"},
+                                                                        seed=s) for s in range(0, 7)},
             # with the next-token loss on the C4 text beside the KL (for the perplexity goal)
             "batch1-r64-bridge-lm0.2": dict(R64, bridge="linear", lm_weight=0.2),
             # full fine-tuning of every kept block (``--only distill-partial``: partial with all 23 blocks
@@ -778,6 +791,80 @@ def part_averages(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "be
               "* where the 95% interval excludes 0. A soup's training tokens are its runs' together."]
     print("\n".join(lines))
     write_docs("\n".join(lines), block)
+
+
+def part_teacher(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "bench_heal_teacher") -> None:
+    """The recipe's setting trained on C4, on text the original wrote (TEACHER_TEXT) and on the two half
+    and half (TEACHER_MIX), at the issue's budget: fidelity, paired multiple choice against the original
+    and against the C4 run of the same seed (the same init and window draw, other text)."""
+    d_ppl, pr = cached("fidelity-dense")["fidelity"]["perplexity"], cached("fidelity-pruned")["fidelity"]
+    texts = {"": "C4", "-teachertext": "the original's own", "-teachermix": "half C4, half the original's"}
+    rows = []
+    for suffix, text in texts.items():
+        for p in CACHE.glob(case_name("distill", "lora", GOAL_TOKENS, f"{setting}{suffix}-seed*") + ".json"):
+            if re.fullmatch(re.escape(f"{setting}{suffix}") + r"-seed\d+", parse_case_name(p.stem)[3]):
+                rows.append((suffix, int(p.stem.rsplit("seed", 1)[1]), p.stem))
+    if not any(suffix for suffix, _, _ in rows):
+        raise SystemExit(f"no run on the original's text: --part teacher_text, then --variant {setting}-teachertext-seedN")
+    lines = ["| training text | seed | healing time | ppl x dense | KL / un-healed's | top-1 agreement | MC retained "
+             "| MC vs dense (points, 95% CI) | MC vs the C4 run of the seed |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for suffix, seed, name in sorted(rows, key=lambda r: (r[1], list(texts).index(r[0]))):
+        case, c4 = cached(name), case_name("distill", "lora", GOAL_TOKENS, f"{setting}-seed{seed}")
+        f = case["fidelity"]
+        mc = mc_cells(name) or ("-", "-")
+        vs = "-"
+        if suffix and evaluated(name) and evaluated(c4):
+            avg = paired_average(c4, name)
+            vs = interval(avg) + (" *" if significant(avg) else "")
+        lines.append(f"| {texts[suffix]} | {seed} | {case['healing']['seconds'] / 60:.1f} min | x{f['perplexity'] / d_ppl:.3f} | "
+                     f"{100 * f['kl'] / pr['kl']:.1f}% | {f['top1']:.1%} | {mc[0]} | {mc[1]} | {vs} |")
+    gen = cached("teacher_text")
+    lines += ["", f"Setting `{setting}` (the recipe's), {GOAL_TOKENS:,} training tokens, block 12-18 removed; the original's text: "
+              f"{gen['sequences']} sequences of {gen['tokens']} tokens, each a C4 excerpt's first {gen['prefix_tokens']} tokens "
+              f"sampled on at temperature 1, written in {gen['seconds'] / 60:.0f} min (1 thread; not in the healing time). "
+              f"Fidelity on the 16 WikiText-2 windows; MC: ARC-Easy, PIQA, HellaSwag (acc_norm), WinoGrande, 0-shot, {LIMIT} "
+              "questions each, the same for every model; * where the 95% interval excludes 0."]
+    print("\n".join(lines))
+    write_docs("\n".join(lines), block)
+
+
+def part_teacher_text(batch: int = 20) -> None:
+    """Write TEACHER_TEXT: TEACHER_SEQUENCES sequences of TEACHER_LENGTH tokens, the first TEACHER_PREFIX
+    from a C4 row (rows drawn with seed 0), the rest sampled from the dense model (seed 0). Resumes
+    from the rows already written; the generation time is kept in ``teacher_text.json``."""
+    base, tok = load_dense()
+    rows = [json.loads(line)["prefix"] for line in Path(C4["path"]).read_text().splitlines() if line.strip()]
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+    prefixes = [ids[:TEACHER_PREFIX] for i in order
+                if len(ids := tok(rows[i], add_special_tokens=False)["input_ids"]) >= TEACHER_PREFIX][:TEACHER_SEQUENCES]
+    done = TEACHER_TEXT.read_text().splitlines() if TEACHER_TEXT.is_file() else []
+    spent = (cached("teacher_text") or {}).get("seconds", 0.0)
+    new = TEACHER_LENGTH - TEACHER_PREFIX
+    for start in range(len(done), len(prefixes), batch):
+        torch.manual_seed(start)
+        t = time.time()
+        with torch.no_grad():
+            ids = torch.tensor(prefixes[start:start + batch])  # no padding: every prefix has TEACHER_PREFIX tokens
+            out = base.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+                                top_p=1.0, min_new_tokens=new, max_new_tokens=new, pad_token_id=tok.eos_token_id)
+        spent += time.time() - t
+        with TEACHER_TEXT.open("a") as f:
+            for ids in out.tolist():
+                f.write(json.dumps({"text": tok.decode(ids, skip_special_tokens=True)}) + "\n")
+        store("teacher_text", {"sequences": start + out.shape[0], "seconds": round(spent, 1),
+                               "prefix_tokens": TEACHER_PREFIX, "tokens": TEACHER_LENGTH, **stamp()})
+        log(f"teacher text: {start + out.shape[0]} / {len(prefixes)} sequences, {spent / 60:.1f} min")
+    if not TEACHER_MIX.is_file():
+        c4 = [json.loads(line) for line in Path(C4["path"]).read_text().splitlines() if line.strip()]
+        mix, tokens = TEACHER_TEXT.read_text().splitlines(), 0
+        for i in order:
+            if tokens >= len(prefixes) * TEACHER_LENGTH:
+                break
+            text = "".join(c4[i][f] for f in C4["field"])
+            tokens += len(tok(text, add_special_tokens=False)["input_ids"])
+            mix.append(json.dumps({"text": text}))
+        TEACHER_MIX.write_text("\n".join(mix) + "\n")
+        log(f"teacher mix: {len(prefixes)} teacher sequences and {tokens} C4 tokens")
 
 
 def part_hidden_scale() -> None:
@@ -1388,7 +1475,7 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_bridge_131k": "distill_matrix --block bench_heal_bridge_131k --goals",
                  "bench_heal_bridgedown_131k": "distill_matrix --block bench_heal_bridgedown_131k --goals",
                  "bench_heal_bridge_cuts": "bridge_cuts", "bench_heal_mc_curve": "mc_curve", "bench_heal_seeds": "seeds",
-                 "bench_heal_averages": "averages",
+                 "bench_heal_averages": "averages", "bench_heal_teacher": "teacher",
                  "bench_heal_variants": "distill_variants", "bench_heal_lastword": "lastword_report",
                  "bench_heal_paired_partial": "distill_paired_report --block bench_heal_paired_partial"}
 
@@ -1404,7 +1491,7 @@ def write_docs(body: str, block: str = "bench_heal") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "distill", "distill_lmeval", "distill_report",
-                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "lastword", "lastword_report", "mc_curve", "seeds", "soup", "averages", "report", "all"],
+                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "lastword", "lastword_report", "mc_curve", "seeds", "soup", "averages", "teacher_text", "teacher", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial)")
