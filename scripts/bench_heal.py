@@ -806,24 +806,34 @@ def part_teacher(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "ben
                 rows.append((suffix, int(p.stem.rsplit("seed", 1)[1]), p.stem))
     if not any(suffix for suffix, _, _ in rows):
         raise SystemExit(f"no run on the original's text: --part teacher_text, then --variant {setting}-teachertext-seedN")
+    from prune.measure.paired import compare_folders, headline_rows
+
+    def cell(row) -> str:
+        return interval(row) + (" *" if significant(row) else "")
+
+    def lastword(a: str, b: str):
+        have = all(list(lastword_folder(n).glob("samples_*.jsonl")) for n in (a, b))
+        return headline_rows(compare_folders(lastword_folder(a), lastword_folder(b)))[0] if have else None
+
     lines = ["| training text | seed | healing time | ppl x dense | KL / un-healed's | top-1 agreement | MC retained "
-             "| MC vs dense (points, 95% CI) | MC vs the C4 run of the seed |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+             "| MC vs dense (points, 95% CI) | MC vs the C4 run of the seed | last word | last word vs the C4 run |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
     for suffix, seed, name in sorted(rows, key=lambda r: (r[1], list(texts).index(r[0]))):
         case, c4 = cached(name), case_name("distill", "lora", GOAL_TOKENS, f"{setting}-seed{seed}")
         f = case["fidelity"]
         mc = mc_cells(name) or ("-", "-")
-        vs = "-"
-        if suffix and evaluated(name) and evaluated(c4):
-            avg = paired_average(c4, name)
-            vs = interval(avg) + (" *" if significant(avg) else "")
+        vs = cell(paired_average(c4, name)) if suffix and evaluated(name) and evaluated(c4) else "-"
+        word, word_vs = lastword(name, name), lastword(c4, name) if suffix else None  # (name, name): its accuracy
         lines.append(f"| {texts[suffix]} | {seed} | {case['healing']['seconds'] / 60:.1f} min | x{f['perplexity'] / d_ppl:.3f} | "
-                     f"{100 * f['kl'] / pr['kl']:.1f}% | {f['top1']:.1%} | {mc[0]} | {mc[1]} | {vs} |")
+                     f"{100 * f['kl'] / pr['kl']:.1f}% | {f['top1']:.1%} | {mc[0]} | {mc[1]} | {vs} | "
+                     f"{f'{word.mean_a:.1%}' if word else '-'} | {cell(word_vs) if word_vs else '-'} |")
     gen = cached("teacher_text")
     lines += ["", f"Setting `{setting}` (the recipe's), {GOAL_TOKENS:,} training tokens, block 12-18 removed; the original's text: "
               f"{gen['sequences']} sequences of {gen['tokens']} tokens, each a C4 excerpt's first {gen['prefix_tokens']} tokens "
               f"sampled on at temperature 1, written in {gen['seconds'] / 60:.0f} min (1 thread; not in the healing time). "
               f"Fidelity on the 16 WikiText-2 windows; MC: ARC-Easy, PIQA, HellaSwag (acc_norm), WinoGrande, 0-shot, {LIMIT} "
-              "questions each, the same for every model; * where the 95% interval excludes 0."]
+              "questions each, the same for every model; last word: the exact last word of "
+              f"{LASTWORD_LIMIT} TinyStories stories (`--part lastword`); * where the 95% interval excludes 0."]
     print("\n".join(lines))
     write_docs("\n".join(lines), block)
 
