@@ -78,8 +78,10 @@ DENSE = ROOT / "bench_cache" / "smollm2-dense"
 TEACHER_TEXT = CACHE / "teacher_text.jsonl"
 TEACHER_DATA = {"path": str(TEACHER_TEXT), "field": "text"}
 TEACHER_PREFIX, TEACHER_LENGTH, TEACHER_SEQUENCES = 32, 256, 600
-#: half and half: TEACHER_TEXT's rows, then as many C4 tokens (whole rows drawn with seed 0, their text as C4 joins it)
+#: half and half: TEACHER_TEXT's rows, then as many C4 tokens (whole rows, their text as C4 joins it, in the same seed-0
+#: order as the prefixes: mostly the excerpts whose first tokens started the original's sequences, their own continuations)
 TEACHER_MIX = CACHE / "teacher_mix.jsonl"
+TEACHER_MIX_DATA = {"path": str(TEACHER_MIX), "field": "text"}
 IMG = ROOT / "docs" / "img" / "heal_curve.png"
 K = 7
 TASKS = ["arc_easy", "piqa", "hellaswag", "winogrande"]
@@ -272,8 +274,7 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             # the recipe's setting trained on text the original wrote (TEACHER_DATA, --part teacher_text) in place of C4
             **{f"batch1-r64-bridgedown-lm0.4-teachertext-seed{s}": dict(R64, bridge="down", lm_weight=0.4, data=TEACHER_DATA,
                                                                          seed=s) for s in range(0, 7)},
-            **{f"batch1-r64-bridgedown-lm0.4-teachermix-seed{s}": dict(R64, bridge="down", lm_weight=0.4,
-                                                                        data={"path": str(TEACHER_MIX), "field": "text"},
+            **{f"batch1-r64-bridgedown-lm0.4-teachermix-seed{s}": dict(R64, bridge="down", lm_weight=0.4, data=TEACHER_MIX_DATA,
                                                                         seed=s) for s in range(0, 7)},
             # with the next-token loss on the C4 text beside the KL (for the perplexity goal)
             "batch1-r64-bridge-lm0.2": dict(R64, bridge="linear", lm_weight=0.2),
@@ -800,7 +801,7 @@ def part_teacher(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "ben
     d_ppl, pr = cached("fidelity-dense")["fidelity"]["perplexity"], cached("fidelity-pruned")["fidelity"]
     texts = {"": "C4", "-teachertext": "the original's own", "-teachermix": "half C4, half the original's"}
     rows = []
-    for suffix, text in texts.items():
+    for suffix in texts:
         for p in CACHE.glob(case_name("distill", "lora", GOAL_TOKENS, f"{setting}{suffix}-seed*") + ".json"):
             if re.fullmatch(re.escape(f"{setting}{suffix}") + r"-seed\d+", parse_case_name(p.stem)[3]):
                 rows.append((suffix, int(p.stem.rsplit("seed", 1)[1]), p.stem))
@@ -840,8 +841,9 @@ def part_teacher(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "ben
 
 def part_teacher_text(batch: int = 20) -> None:
     """Write TEACHER_TEXT: TEACHER_SEQUENCES sequences of TEACHER_LENGTH tokens, the first TEACHER_PREFIX
-    from a C4 row (rows drawn with seed 0), the rest sampled from the dense model (seed 0). Resumes
-    from the rows already written; the generation time is kept in ``teacher_text.json``."""
+    from a C4 row (rows drawn with seed 0), the rest sampled from the dense model (each batch seeded by
+    its first row's index, so a resumed run writes the same text); then TEACHER_MIX. Resumes from the
+    rows already written; the generation time is kept in ``teacher_text.json``."""
     base, tok = load_dense()
     rows = [json.loads(line)["prefix"] for line in Path(C4["path"]).read_text().splitlines() if line.strip()]
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
