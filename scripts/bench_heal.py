@@ -42,6 +42,7 @@ import platform
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -402,14 +403,19 @@ FIDELITY_LMEVAL = ROOT / "bench_cache" / "fidelity" / "lmeval_k7"
 def lmeval_folder(name: str) -> Path:
     if name in BASELINES:
         key = "-".join(map(str, BASELINES[name])) or "dense"
-        if list((FIDELITY_LMEVAL / key).glob("samples_*.jsonl")):
+        if has_samples(FIDELITY_LMEVAL / key):
             return FIDELITY_LMEVAL / key
     return CACHE / "lmeval" / name
 
 
-def evaluated(name: str) -> bool:
-    """Whether case ``name`` has its lm-eval samples (the paired comparisons need them)."""
-    return bool(list(lmeval_folder(name).glob("samples_*.jsonl")))
+def has_samples(folder: Path) -> bool:
+    return any(folder.glob("samples_*.jsonl"))
+
+
+def evaluated(name: str, folder_of: Callable[[str], Path] = lmeval_folder) -> bool:
+    """Whether case ``name`` has its lm-eval samples (the paired comparisons need them): the four
+    tasks', or with ``folder_of=lastword_folder`` the last word's."""
+    return has_samples(folder_of(name))
 
 
 def paired_cases() -> list[str]:
@@ -444,7 +450,7 @@ def part_distill_paired(only: str | None = None) -> None:
     dense: list = []
     for name in [*BASELINES, *paired_cases()]:
         folder = lmeval_folder(name)
-        if list(folder.glob("samples_*.jsonl")) or (only and only not in name):
+        if has_samples(folder) or (only and only not in name):
             continue
         model, tok = case_model(name, dense)
         log(f"lm-eval (samples) {name}")
@@ -497,7 +503,7 @@ def part_distill_matrix(block: str = "bench_heal_matrix", goals: bool = False) -
         """``(difference cell, retained cell)``."""
         if avg is None:
             return "-", "-"
-        return interval(avg) + (" *" if significant(avg) else ""), f"{100 * avg.retained:.1f}%"
+        return marked(avg), f"{100 * avg.retained:.1f}%"
 
     to_dense = {name: average("dense", name) for name in have if name != "dense"}  # one comparison per case
     d_ppl = dense["fidelity"]["perplexity"]
@@ -538,6 +544,11 @@ def interval(avg) -> str:
 
 def significant(avg) -> bool:
     return avg.ci_high < 0 or avg.ci_low > 0
+
+
+def marked(avg) -> str:
+    """:func:`interval`, with `` *`` where the 95% interval excludes 0."""
+    return interval(avg) + (" *" if significant(avg) else "")
 
 
 def mc_met(avg) -> bool:
@@ -629,7 +640,7 @@ def part_mc_curve(variant: str = "batch1-r64-bridgedown", block: str = "bench_he
     lines = ["| training tokens | healing time | ppl x dense | KL / un-healed's | MC retained | MC vs dense (points, 95% CI) "
              "| MC vs un-healed | goal: >= 98%, not significant |", "|---:|---:|---:|---:|---:|---|---|---|",
              f"| 0 (un-healed) | - | x{pr['perplexity'] / d_ppl:.2f} | 100% | {100 * base.retained:.2f}% | "
-             f"{interval(base)}{' *' if significant(base) else ''} | - | not met |"]
+             f"{marked(base)} | - | not met |"]
     points = []
     for tokens, name in cases:
         r, avg, gain = cached(name), paired_average("dense", name), paired_average("pruned", name)
@@ -637,8 +648,7 @@ def part_mc_curve(variant: str = "batch1-r64-bridgedown", block: str = "bench_he
         met = mc_met(avg)
         beyond = " (beyond the budget)" if tokens > GOAL_TOKENS else ""
         lines.append(f"| {tokens:,}{beyond} | {r['healing']['seconds'] / 60:.1f} min | x{f['perplexity'] / d_ppl:.2f} | "
-                     f"{100 * f['kl'] / pr['kl']:.1f}% | {100 * avg.retained:.2f}% | {interval(avg)}"
-                     f"{' *' if significant(avg) else ''} | {interval(gain)}{' *' if significant(gain) else ''} | "
+                     f"{100 * f['kl'] / pr['kl']:.1f}% | {100 * avg.retained:.2f}% | {marked(avg)} | {marked(gain)} | "
                      f"{'met' if met else 'not met'} |")
         points.append((tokens, avg.retained))
     lines += ["", f"Setting `{variant}` (the recipe's: rank-64 LoRA, one window per step, block 11's down projection "
@@ -686,7 +696,7 @@ def part_seeds(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "bench
     for r in sorted(rows, key=lambda r: r[0]):
         met = [g(r) for g in goals]
         lines.append(f"| {r[0]} | {r[1] / 60:.1f} min | x{r[2]:.3f} ({yes(met[0])}) | {100 * r[3]:.1f}% ({yes(met[1])}) | "
-                     f"{100 * r[4].retained:.2f}% ({yes(met[2])}) | {interval(r[4])}{' *' if significant(r[4]) else ''} | "
+                     f"{100 * r[4].retained:.2f}% ({yes(met[2])}) | {marked(r[4])} | "
                      f"{'all three' if all(met) else f'{sum(met)} of 3'} |")
     n = len(rows)
     spread = lambda xs, fmt: f"mean {fmt(sum(xs) / n)}, {fmt(min(xs))}-{fmt(max(xs))}"  # noqa: E731
@@ -707,7 +717,7 @@ def mc_cells(name: str) -> tuple[str, str] | None:
     if not evaluated(name):
         return None
     avg = paired_average("dense", name)
-    return f"{100 * avg.retained:.2f}%", interval(avg) + (" *" if significant(avg) else "")
+    return f"{100 * avg.retained:.2f}%", marked(avg)
 
 
 def part_soup(setting: str = "batch1-r64-bridgedown-lm0.4", seeds: tuple[int, ...] = (2, 3, 4, 5, 6),
@@ -753,7 +763,7 @@ def part_soup(setting: str = "batch1-r64-bridgedown-lm0.4", seeds: tuple[int, ..
               f"top-1 {f['top1']:.1%}, " + (f"MC {mc[0]} retained, vs dense {mc[1]}" if mc else "MC not measured"))
     for m in filter(evaluated, members):
         avg = paired_average(m, name)
-        print(f"soup against {m}: {interval(avg)}{' *' if significant(avg) else ''}")
+        print(f"soup against {m}: {marked(avg)}")
 
 
 def averaging(case: dict) -> str:
@@ -807,14 +817,7 @@ def part_teacher(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "ben
                 rows.append((suffix, int(p.stem.rsplit("seed", 1)[1]), p.stem))
     if not any(suffix for suffix, _, _ in rows):
         raise SystemExit(f"no run on the original's text: --part teacher_text, then --variant {setting}-teachertext-seedN")
-    from prune.measure.paired import compare_folders, headline_rows
-
-    def cell(row) -> str:
-        return interval(row) + (" *" if significant(row) else "")
-
-    def lastword(a: str, b: str):
-        have = all(list(lastword_folder(n).glob("samples_*.jsonl")) for n in (a, b))
-        return headline_rows(compare_folders(lastword_folder(a), lastword_folder(b)))[0] if have else None
+    from prune.measure.paired import compare_folders, headline_rows, load_samples, per_example
 
     lines = ["| training text | seed | healing time | ppl x dense | KL / un-healed's | top-1 agreement | MC retained "
              "| MC vs dense (points, 95% CI) | MC vs the C4 run of the seed | last word | last word vs the C4 run |",
@@ -823,11 +826,17 @@ def part_teacher(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "ben
         case, c4 = cached(name), case_name("distill", "lora", GOAL_TOKENS, f"{setting}-seed{seed}")
         f = case["fidelity"]
         mc = mc_cells(name) or ("-", "-")
-        vs = cell(paired_average(c4, name)) if suffix and evaluated(name) and evaluated(c4) else "-"
-        word, word_vs = lastword(name, name), lastword(c4, name) if suffix else None  # (name, name): its accuracy
+        vs = marked(paired_average(c4, name)) if suffix and evaluated(name) and evaluated(c4) else "-"
+        word = None
+        if evaluated(name, lastword_folder):
+            scores = per_example(load_samples(lastword_folder(name))[LASTWORD])["acc"].values()
+            word = f"{sum(v for _, v in scores) / len(scores):.1%}"
+        word_vs = "-"
+        if suffix and word and evaluated(c4, lastword_folder):
+            word_vs = marked(headline_rows(compare_folders(lastword_folder(c4), lastword_folder(name)))[0])
         lines.append(f"| {texts[suffix]} | {seed} | {case['healing']['seconds'] / 60:.1f} min | x{f['perplexity'] / d_ppl:.3f} | "
                      f"{100 * f['kl'] / pr['kl']:.1f}% | {f['top1']:.1%} | {mc[0]} | {mc[1]} | {vs} | "
-                     f"{f'{word.mean_a:.1%}' if word else '-'} | {cell(word_vs) if word_vs else '-'} |")
+                     f"{word or '-'} | {word_vs} |")
     gen = cached("teacher_text")
     lines += ["", f"Setting `{setting}` (the recipe's), {GOAL_TOKENS:,} training tokens, block 12-18 removed; the original's text: "
               f"{gen['sequences']} sequences of {gen['tokens']} tokens, each a C4 excerpt's first {gen['prefix_tokens']} tokens "
@@ -845,10 +854,10 @@ def part_teacher_text(batch: int = 20) -> None:
     its first row's index, so a resumed run writes the same text); then TEACHER_MIX. Resumes from the
     rows already written; the generation time is kept in ``teacher_text.json``."""
     base, tok = load_dense()
-    rows = [json.loads(line)["prefix"] for line in Path(C4["path"]).read_text().splitlines() if line.strip()]
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+    c4 = [json.loads(line) for line in Path(C4["path"]).read_text().splitlines() if line.strip()]
+    order = torch.randperm(len(c4), generator=torch.Generator().manual_seed(0)).tolist()
     prefixes = [ids[:TEACHER_PREFIX] for i in order
-                if len(ids := tok(rows[i], add_special_tokens=False)["input_ids"]) >= TEACHER_PREFIX][:TEACHER_SEQUENCES]
+                if len(ids := tok(c4[i]["prefix"], add_special_tokens=False)["input_ids"]) >= TEACHER_PREFIX][:TEACHER_SEQUENCES]
     done = TEACHER_TEXT.read_text().splitlines() if TEACHER_TEXT.is_file() else []
     spent = (cached("teacher_text") or {}).get("seconds", 0.0)
     new = TEACHER_LENGTH - TEACHER_PREFIX
@@ -867,7 +876,6 @@ def part_teacher_text(batch: int = 20) -> None:
                                "prefix_tokens": TEACHER_PREFIX, "tokens": TEACHER_LENGTH, **stamp()})
         log(f"teacher text: {start + out.shape[0]} / {len(prefixes)} sequences, {spent / 60:.1f} min")
     if not TEACHER_MIX.is_file():
-        c4 = [json.loads(line) for line in Path(C4["path"]).read_text().splitlines() if line.strip()]
         mix, tokens = TEACHER_TEXT.read_text().splitlines(), 0
         for i in order:
             if tokens >= len(prefixes) * TEACHER_LENGTH:
@@ -1048,7 +1056,7 @@ def part_lastword(only: str | None = None) -> None:
     baselines = [n for n in BASELINES if not only or n in only.split(",")]
     for name in [*baselines, *cases]:
         folder = lastword_folder(name)
-        if list(folder.glob("samples_*.jsonl")):
+        if has_samples(folder):
             continue
         model, tok = case_model(name, dense)
         t = time.time()
@@ -1065,16 +1073,13 @@ def part_lastword_report(block: str = "bench_heal_lastword") -> None:
     LASTWORD_PAIRS head to head; into ``block`` of the docs."""
     from prune.measure.paired import compare_folders, headline_rows
 
-    have = [n for n in [*BASELINES, *paired_cases()] if list(lastword_folder(n).glob("samples_*.jsonl"))]
+    have = [n for n in [*BASELINES, *paired_cases()] if evaluated(n, lastword_folder)]
     if "dense" not in have or "pruned" not in have:
         raise SystemExit("run --part lastword first")
     pr = cached("fidelity-pruned")
 
     def pair(a: str, b: str):
         return headline_rows(compare_folders(lastword_folder(a), lastword_folder(b)))[0]
-
-    def cell(row) -> str:
-        return interval(row) + (" *" if significant(row) else "")
 
     dense_acc = pair("dense", "pruned").mean_a
     lines = ["| model | KL / pruned's | top-1 agreement | last-word acc | of dense's | vs dense (points, 95% CI) | "
@@ -1086,7 +1091,7 @@ def part_lastword_report(block: str = "bench_heal_lastword") -> None:
         to_dense = pair("dense", name)
         fid = (f"{100 * f['kl'] / pr['fidelity']['kl']:.1f}% | {f['top1']:.1%}") if f else "- | -"
         lines.append(f"| {name} | {fid} | {to_dense.mean_b:.4f} | {100 * to_dense.mean_b / dense_acc:.1f}% | "
-                     f"{cell(to_dense)} | {'-' if name == 'pruned' else cell(pair('pruned', name))} | "
+                     f"{marked(to_dense)} | {'-' if name == 'pruned' else marked(pair('pruned', name))} | "
                      f"{to_dense.right_to_wrong} / {to_dense.wrong_to_right} |")
     lines += ["", f"n = {to_dense.n} stories (the first of `tinystories/tinystories_sample_2MiB.txt` whose last word "
               "follows a space), the same for every model; acc: greedy decoding gives the last word exactly; * where the paired 95% interval "
@@ -1094,7 +1099,7 @@ def part_lastword_report(block: str = "bench_heal_lastword") -> None:
     for a, b in LASTWORD_PAIRS:
         if a in have and b in have:
             row = pair(a, b)
-            lines.append(f"- **{b}** against **{a}**: {cell(row)} points ({row.mean_a:.4f} -> {row.mean_b:.4f}; "
+            lines.append(f"- **{b}** against **{a}**: {marked(row)} points ({row.mean_a:.4f} -> {row.mean_b:.4f}; "
                          f"{row.right_to_wrong} right -> wrong, {row.wrong_to_right} wrong -> right, "
                          f"McNemar p = {row.mcnemar_p:.3g})")
     print("\n".join(lines))
