@@ -807,7 +807,7 @@ def part_averages(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "be
 def part_teacher(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "bench_heal_teacher") -> None:
     """The recipe's setting trained on C4, on text the original wrote (TEACHER_TEXT) and on the two half
     and half (TEACHER_MIX), at the issue's budget: fidelity, paired multiple choice against the original
-    and against the C4 run of the same seed (the same init and window draw, other text)."""
+    and against the C4 run of the same seed (the same adapter init and draw of window positions, over other text)."""
     d_ppl, pr = cached("fidelity-dense")["fidelity"]["perplexity"], cached("fidelity-pruned")["fidelity"]
     texts = {"": "C4", "-teachertext": "the original's own", "-teachermix": "half C4, half the original's"}
     rows = []
