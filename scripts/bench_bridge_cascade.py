@@ -7,11 +7,12 @@ when the original is in memory) fits cut by cut on the pruned model as it stands
 applied, against the original's output of the run's last block. Both keep a cut only where it
 lowers the held-out KL (``keep_helpful``), as healing does.
 
-    .venv/bin/python scripts/bench_bridge_cascade.py [--removed 5,12,13,14,15,16,17,18,25,26] [--kind down]
+    .venv/bin/python scripts/bench_bridge_cascade.py [--removed 5,12,13,14,15,16,17,18,25,26] [--kind down] [--weight rms]
 
 Prints a Markdown table: KL(original || pruned) (exact, full vocabulary) on 8 held-out C4 windows
 and on WikiText-2 rows 2000: (16 x 512 tokens), top-1 agreement, and the fit's seconds.
-The default set is the one `verified` picks at k = 10 (docs/BENCHMARKS.md).
+The default set is the one `verified` picks at k = 10 (docs/BENCHMARKS.md). ``--weight``: each
+token's weight in the least squares (``heal.bridge_weight``; the table of 2026-12-04 was ``uniform``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prune.core.config import TextConfig  # noqa: E402
+from prune.core.config import BRIDGE_WEIGHTS, DEFAULT_BRIDGE_WEIGHT, TextConfig  # noqa: E402
 from prune.heal.bridge import cascade, fit_bridges, keep_helpful  # noqa: E402
 from prune.heal.distill import Teacher, fidelity  # noqa: E402
 from prune.heal.methods import heal_config, training_windows  # noqa: E402
@@ -43,6 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--removed", default="5,12,13,14,15,16,17,18,25,26")
     ap.add_argument("--kind", default="down", choices=["down", "linear"])
+    ap.add_argument("--weight", default=DEFAULT_BRIDGE_WEIGHT, choices=BRIDGE_WEIGHTS)
     args = ap.parse_args()
     removed = [int(x) for x in args.removed.split(",")]
     original, tok, _ = load_model(str(GGUF), dtype="float32")
@@ -70,15 +72,16 @@ def main() -> None:
     row("plain cut", plain, None, "-")
     del plain
     model, started = student(), time.time()
-    bridges = fit_bridges(original, removed, windows, 8, kind=args.kind)
+    bridges = fit_bridges(original, removed, windows, 8, kind=args.kind, weight=args.weight)
     kept = keep_helpful(model, bridges, lambda: fidelity(model, teacher, val)["kl"])
     row("independent (fit_bridges)", model, time.time() - started, kept)
     del model
     model, started = student(), time.time()
     _, kept = cascade(original, model, removed, windows, lambda: fidelity(model, teacher, val)["kl"], batch_size=8,
-                      kind=args.kind)
+                      kind=args.kind, weight=args.weight)
     row("cascaded", model, time.time() - started, kept)
-    print(f"\nblocks removed {removed}, bridge {args.kind}, fitted on {windows.numel():,} C4 tokens\n")
+    print(f"\nblocks removed {removed}, bridge {args.kind}, token weights {args.weight}, fitted on {windows.numel():,} "
+          "C4 tokens\n")
     print("| fit | held-out C4 KL | WikiText-2 KL | top-1 agreement | fit + check s | kept |\n|---|---:|---:|---:|---:|---|")
     print("\n".join(rows))
 

@@ -78,7 +78,8 @@ class States:
         self.cuts: dict[tuple[int, int], object] = {}
 
     def bridge(self, run: list[int]):
-        """The cut's independent ``down`` fit (prune.heal.bridge.fit_bridges' normal equations)."""
+        """The cut's independent ``down`` fit (prune.heal.bridge.fit_bridges' normal equations, every token
+        weighted alike: ``heal.bridge_weight: uniform``, the only fit when this was measured)."""
         key = (run[0], run[-1])
         if key not in self.cuts:
             p = run[0] - 1

@@ -277,6 +277,10 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
                                                                          seed=s) for s in range(0, 7)},
             **{f"batch1-r64-bridgedown-lm0.4-teachermix-seed{s}": dict(R64, bridge="down", lm_weight=0.4, data=TEACHER_MIX_DATA,
                                                                         seed=s) for s in range(0, 7)},
+            # the recipe's setting with the bridge's tokens weighted by 1 / rms (heal.bridge_weight: rms; the
+            # variants above fitted it uniformly)
+            **{f"batch1-r64-bridgedown-lm0.4-rms-seed{s}": dict(R64, bridge="down", bridge_weight="rms", lm_weight=0.4,
+                                                                 seed=s) for s in range(0, 7)},
             # with the next-token loss on the C4 text beside the KL (for the perplexity goal)
             "batch1-r64-bridge-lm0.2": dict(R64, bridge="linear", lm_weight=0.2),
             # full fine-tuning of every kept block (``--only distill-partial``: partial with all 23 blocks
@@ -334,6 +338,8 @@ def distill_settings(objective: str, params: str, tokens: int, variant: str | No
     if objective == "distill":
         settings.update(DISTILL_SETTINGS)
     settings.update(VARIANTS.get(variant, {}))
+    if settings.get("bridge", "none") != "none":
+        settings.setdefault("bridge_weight", "uniform")  # every bridge variant before the rms weights (2026-12-05)
     n = settings["n_samples"] = tokens // settings["seq_len"]  # the budget in windows of the case's length
     settings["steps"] = max(1, n // settings["batch_size"])  # one epoch of the budget's windows
     return settings
@@ -911,12 +917,13 @@ def part_hidden_scale() -> None:
     print("original block outputs, mean square:", " ".join(f"{o}:{float(t_out[o].pow(2).mean()):.0f}" for o in kept))
 
 
-def bridged(base, removed: list[int], windows: torch.Tensor, kind: str):
+def bridged(base, removed: list[int], windows: torch.Tensor, kind: str, weight: str = "uniform"):
     """A copy of ``base`` without the ``removed`` blocks and, unless ``kind`` is ``none``, with the
-    bridges of that kind fitted on ``windows`` folded in: ``(model, bridges or None)``."""
+    bridges of that kind fitted on ``windows`` (tokens weighted by ``weight``: uniform, as every
+    cached bridge before 2026-12-05, or rms) folded in: ``(model, bridges or None)``."""
     from prune.heal.bridge import apply_bridges, fit_bridges
 
-    bridges = fit_bridges(base, removed, windows, batch_size=8, kind=kind) if kind != "none" else None
+    bridges = fit_bridges(base, removed, windows, batch_size=8, kind=kind, weight=weight) if kind != "none" else None
     model = copy.deepcopy(base)
     prune.remove_layers(model, removed)
     if bridges:
@@ -969,27 +976,33 @@ def bridge_cut_sets() -> dict[str, list[int]]:
             "k=10 contiguous angular": recorded["contiguous angular"][10], "k=10 SLEB": recorded["sleb"][10]}
 
 
+#: ``--part bridge_cuts``' fits: (kind, token weights); the uniform ones were measured first (2026-12-04)
+BRIDGE_CUT_FITS = [("none", None), ("linear", "uniform"), ("down", "uniform"), ("linear", "rms"), ("down", "rms")]
+
+
 def part_bridge_cuts() -> None:
-    """When a bridge helps: for each block set of :func:`bridge_cut_sets`, each kind fitted on the
-    131k case's training windows, then (no training) the KL to the original on the healing's 8
-    held-out C4 windows (what ``heal`` judges a bridge by, :func:`prune.heal.bridge.keep_helpful`)
-    and on the WikiText-2 fidelity windows; cached as ``bridgecut-<set>-<kind>``."""
+    """When a bridge helps: for each block set of :func:`bridge_cut_sets`, each fit of
+    BRIDGE_CUT_FITS on the 131k case's training windows, then (no training) the KL to the original
+    on the healing's 8 held-out C4 windows (what ``heal`` judges a bridge by,
+    :func:`prune.heal.bridge.keep_helpful`) and on the WikiText-2 fidelity windows; cached as
+    ``bridgecut-<set>-<kind>`` (``-rms`` appended for the rms weights)."""
     from prune.heal.distill import Teacher, fidelity
 
     loaded = []
-    rows = ["| blocks removed | bridge | cuts (fit error) | held-out C4 KL | WikiText-2 KL | WikiText-2 ppl | held-out KL below no bridge |",
-            "|---|---|---|---:|---:|---:|---|"]
+    rows = ["| blocks removed | bridge | token weights | cuts (fit error) | held-out C4 KL | WikiText-2 KL | WikiText-2 ppl | "
+            "held-out KL below no bridge |",
+            "|---|---|---|---|---:|---:|---:|---|"]
     for label, removed in bridge_cut_sets().items():
         plain = None
-        for kind in ("none", "linear", "down"):
-            name = f"bridgecut-{re.sub(r'[^a-z0-9]+', '-', label.lower())}-{kind}"
+        for kind, weight in BRIDGE_CUT_FITS:
+            name = f"bridgecut-{re.sub(r'[^a-z0-9]+', '-', label.lower())}-{kind}" + ("-rms" if weight == "rms" else "")
             if not cached(name):
                 if not loaded:
                     base, tok = load_dense()
                     cfg = heal_config("lora", **{**COMMON, "n_samples": GOAL_TOKENS // SEQ})
                     loaded += [base, tok, *training_windows(tok, cfg)]
                 base, tok, windows, val = loaded
-                model, bridges = bridged(base, removed, windows, kind)
+                model, bridges = bridged(base, removed, windows, kind, weight or "uniform")
                 held = fidelity(model, Teacher("memory", "the original model", base.eval()), val)
                 store(name, {"case": f"{label}, bridge {kind}", "removed": removed,
                              "bridge": bridges.record() if bridges else None, "heldout": held,
@@ -999,11 +1012,13 @@ def part_bridge_cuts() -> None:
             plain = plain or r
             cuts = ", ".join(f"{c['run'][0]}-{c['run'][-1]} ({c['fit_error']:.3f})" for c in r["bridge"]["cuts"]) if r["bridge"] else "-"
             kept = "-" if kind == "none" else ("yes" if r["heldout"]["kl"] < plain["heldout"]["kl"] else "**no**")
-            rows.append(f"| {' '.join(map(str, removed))} | {kind} | {cuts} | {r['heldout']['kl']:.3f} | "
+            rows.append(f"| {' '.join(map(str, removed))} | {kind} | {weight or '-'} | {cuts} | {r['heldout']['kl']:.3f} | "
                         f"{r['fidelity']['kl']:.3f} | {r['fidelity']['perplexity']:.1f} | {kept} |")
-    rows += ["", "Fitted on 131,072 C4 training tokens (512 windows x 256, seed 0), no training after it; held-out "
-             "C4: the healing's 8 validation windows; WikiText-2: the fidelity windows (16 x 512). The last column: all of a "
-             "set's cuts together; heal judges them cut by cut (prune.heal.bridge.keep_helpful)."]
+    rows += ["", "Fitted on 131,072 C4 training tokens (512 windows x 256, seed 0), no training after it; token weights: "
+             "uniform (plain least squares) or rms (each token's squared error / the RMS of the original's state after the "
+             "cut, heal.bridge_weight; the fit error is then the weighted share); held-out C4: the healing's 8 validation "
+             "windows; WikiText-2: the fidelity windows (16 x 512). The last column: all of a set's cuts together; heal "
+             "judges them cut by cut (prune.heal.bridge.keep_helpful)."]
     print("\n".join(rows))
     write_docs("\n".join(rows), "bench_heal_bridge_cuts")
 

@@ -1,6 +1,7 @@
 """Linear bridges across the cuts (prune.heal.bridge, ``heal.bridge: linear``).
 
-The fitted map equals a direct least-squares solve on captured states; folded into the
+The fitted map equals a direct least-squares solve on captured states (each token weighted by
+``1 / rms`` of the original's state after the cut, or uniformly); folded into the
 output projection it reproduces ``y - m + m T`` after the cut and lowers the cut's error;
 a bridge is kept only where it lowers the held-out measure (and its weights are put back
 exactly otherwise); healing with it keeps the un-bridged ``*_before`` figures, saves a plain checkpoint; ``method: bridge``
@@ -28,6 +29,12 @@ from test_heal import C4_DATA, FAST, _recipe, tiny_folder  # noqa: F401 - a fixt
 RUN = [3, 4, 5]
 
 
+def weighted(h, *rows):
+    """``rows`` with each token's row scaled by ``sqrt(w)``, ``w = 1 / rms(h)`` (``heal.bridge_weight: rms``)."""
+    r = (h * h).mean(-1).rsqrt().sqrt()[:, None]
+    return tuple(x * r for x in rows)
+
+
 def states(model, windows, block_before: int, last: int):
     """(m, y, h) of ``model``: block_before's MLP output and output, block last's output, [tokens, d] float64."""
     layers, got = decoder_layers(model), {}
@@ -46,17 +53,25 @@ def states(model, windows, block_before: int, last: int):
 @pytest.mark.parametrize("arch,run", [("llama", RUN), ("gpt2", RUN), ("gpt_neox", RUN), ("phi3", RUN),
                                       ("mixtral", RUN), ("qwen3_moe", [4, 5, 6])])
 def test_fit_equals_least_squares_and_folds_into_the_projection(arch, run, tokenizers_by_bos):
+    """Weighted (the default ``rms``) and plain (``uniform``) least squares, each against a direct solve."""
     tok = tokenizers_by_bos[arch in BOS_ARCHS]
     full = build_model(arch)
     windows, _ = training_windows(tok, heal_config("lora", C4_DATA, **{**FAST, "n_samples": 24}))
-    bridges = fit_bridges(full, run, windows, batch_size=5)  # batches of 5: the sums span uneven batches
-    assert [b.run for b in bridges.bridges] == [run] and bridges.tokens == windows.numel()
     m, y, h = states(full, windows, run[0] - 1, run[-1])
-    direct = torch.linalg.lstsq(m, h - y + m, driver="gelsd").solution
-    (bridge,) = bridges.bridges
-    assert torch.allclose(bridge.T, direct, atol=1e-6 * direct.abs().max())
-    assert bridge.fit_error == pytest.approx(float(((m @ direct - (h - y + m)) ** 2).sum() / ((h - y) ** 2).sum()), rel=1e-6)
-    assert 0 <= bridge.fit_error < 1  # T = I (plain removal) is a candidate, and it is beaten
+    for weight in ("uniform", "rms"):
+        bridges = fit_bridges(full, run, windows, batch_size=5, weight=weight)  # batches of 5: sums over uneven batches
+        assert [b.run for b in bridges.bridges] == [run] and bridges.tokens == windows.numel()
+        assert bridges.record()["weight"] == weight
+        mw, zw, dw = (m, h - y + m, h - y) if weight == "uniform" else weighted(h, m, h - y + m, h - y)
+        direct = torch.linalg.lstsq(mw, zw, driver="gelsd").solution
+        (bridge,) = bridges.bridges
+        assert torch.allclose(bridge.T, direct, atol=1e-6 * direct.abs().max())
+        assert bridge.fit_error == pytest.approx(float(((mw @ direct - zw) ** 2).sum() / (dw ** 2).sum()), rel=1e-6)
+        assert 0 <= bridge.fit_error < 1  # T = I (plain removal) is a candidate, and it is beaten
+    rows = (h * h).mean(-1)
+    if rows.max() > 2 * rows.min():  # tokens of unequal size: the two fits differ
+        assert not torch.allclose(bridge.T, fit_bridges(full, run, windows, weight="uniform").bridges[0].T,
+                                  atol=1e-4 * direct.abs().max())
 
     pruned = build_model(arch)
     prune.remove_layers(pruned, run)
@@ -96,7 +111,8 @@ def test_cascade_fits_each_cut_on_the_pruned_model_as_it_stands(kind, tokenizers
         m, y, _ = states(by_hand, windows, 3, 3)
         hook.remove()
         x = got["a"].flatten(0, -2).double()
-    G, C = x.T @ x, x.T @ (h - y + m)
+    x, z = weighted(h, x, h - y + m)  # the default weights
+    G, C = x.T @ x, x.T @ z
     if kind == "linear":
         direct = torch.linalg.lstsq(G, C, driver="gelsd").solution
     else:
@@ -133,10 +149,11 @@ def test_down_bridge_refits_the_projection_by_ridge_least_squares(arch, tokenize
     m, y, h = states(full, windows, RUN[0] - 1, RUN[-1])
     hook.remove()
     a = torch.cat([got["a"], torch.ones(len(got["a"]), 1, dtype=torch.float64)], 1) if proj.bias is not None else got["a"]
-    G = a.T @ a
-    direct = torch.linalg.solve(G + 1e-4 * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype), a.T @ (h - y + m))
+    aw, zw, dw = weighted(h, a, h - y + m, h - y)  # the default weights
+    G = aw.T @ aw
+    direct = torch.linalg.solve(G + 1e-4 * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype), aw.T @ zw)
     assert torch.allclose(bridge.T, direct, atol=1e-6 * direct.abs().max())
-    assert bridge.fit_error == pytest.approx(float(((a @ direct - (h - y + m)) ** 2).sum() / ((h - y) ** 2).sum()), rel=1e-6)
+    assert bridge.fit_error == pytest.approx(float(((aw @ direct - zw) ** 2).sum() / (dw ** 2).sum()), rel=1e-6)
     linear = fit_bridges(full, RUN, windows, batch_size=5).bridges[0]
     assert bridge.fit_error < linear.fit_error  # a wider map than T: it fits the same tokens better
 

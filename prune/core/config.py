@@ -385,6 +385,9 @@ class OutputConfig(Section):
 
 #: ``heal.method``: what is trained (``distill`` is shorthand for ``objective: distill`` with one of these)
 HEAL_METHODS = ("lora", "replace", "partial", "bridge")
+#: how a bridge's least squares weighs each token (``heal.bridge_weight``, prune.heal.bridge.token_weights)
+BRIDGE_WEIGHTS = ("rms", "uniform")
+DEFAULT_BRIDGE_WEIGHT = "rms"
 
 
 class HealConfig(Section):
@@ -435,6 +438,9 @@ class HealConfig(Section):
     otherwise all on the original's states before the surgery. Each cut's bridge is kept
     only where it lowers the held-out measure of the objective (the KL to the original when
     distilling, else the loss on ``val_samples``); the record says which were dropped.
+    ``bridge_weight: rms`` (default) divides each token's squared error by the RMS of the original's
+    state after the cut, so the few positions with massive activations do not decide the fit
+    (``uniform``: plain least squares, as before 2026-12-05; docs/BENCHMARKS.md compares them).
     """
 
     method: Literal[HEAL_METHODS]
@@ -481,6 +487,8 @@ class HealConfig(Section):
     top_k: int = Field(64, ge=1)
     teacher_cache: str | None = None  # the top-k file; default: beside the output folder
     bridge: Literal["none", "linear", "down"] = "none"  # a least-squares map at each cut first (prune.heal.bridge)
+    # each token's squared error / the RMS of the original's state after the cut (rms), or as is (uniform)
+    bridge_weight: Literal[BRIDGE_WEIGHTS] = DEFAULT_BRIDGE_WEIGHT
 
     @model_validator(mode="before")
     @classmethod

@@ -24,6 +24,17 @@ every ``T``-bridge (``W T``) and plain removal (``W``), so without the ridge it 
 at least as well (docs/BENCHMARKS.md measures both on SmolLM2). Dense MLPs only (a mixture's
 experts are routed per token).
 
+Token weights (``heal.bridge_weight``): ``rms`` (default) minimises ``sum_t w_t ||...||^2`` with
+``w_t = 1 / rms(h_b,t)``, the RMS over the hidden size of the original's state after the cut (rows
+scaled by ``sqrt(w_t)``). A few positions (the first token's attention sink) carry states ~100x the
+others'; with equal weights their squares decide the fit, and across a long cut that fit raised the
+KL to the original on text it did not see (SmolLM2, blocks 9-18: 1.92 -> 2.70, where the
+weighted fit lowers it to about 1.2; docs/BENCHMARKS.md). ``1 / rms^2`` would weigh the error as
+the next block's RMSNorm sees it, but it neglects that an error at the sink position travels on
+through every later block's attention; ``1 / rms`` is between the two, and measured best of
+uniform, ``1 / rms``, ``1 / rms^2``, ``1 / rms^2`` capped at the median token's, and uniform without
+the first position. ``uniform`` is plain least squares.
+
 Several cuts: :func:`fit_bridges` fits each on the original's states, in one pass.
 :func:`cascade` fits them in order on the PRUNED model as it stands (``m``, ``y``, ``a`` from its
 block before the cut, earlier bridges folded in; ``h_b`` from the original), the sequential order
@@ -44,6 +55,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from prune.core.config import DEFAULT_BRIDGE_WEIGHT
 from prune.core.errors import PruneError
 from prune.model.capture import StopForward, _hidden_from_output, batches
 from prune.model.loading import decoder_layers, input_device
@@ -81,9 +93,11 @@ class Bridges:
     seconds: float = 0.0
     kind: str = "linear"  # every bridge's: linear or down
     fit: str = "independent"  # independent: every cut on the original's states; cascade: on the pruned model's
+    weight: str = DEFAULT_BRIDGE_WEIGHT  # each token's weight in the least squares: rms or uniform
 
     def record(self) -> dict:
-        return {"method": self.kind, "fit": self.fit, "tokens": self.tokens, "seconds": round(self.seconds, 1),
+        return {"method": self.kind, "fit": self.fit, "weight": self.weight, "tokens": self.tokens,
+                "seconds": round(self.seconds, 1),
                 "cuts": [{"run": b.run, "block": b.block, "fit_error": round(b.fit_error, 4)} for b in self.bridges],
                 "skipped": self.skipped}
 
@@ -143,9 +157,9 @@ def check_bridge(model: nn.Module, blocks: list[int] | None = None, kind: str = 
 
 
 def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, batch_size: int = 8,
-                kind: str = "linear") -> Bridges:
-    """Fit one bridge (``kind``: linear or down) per run of ``removed`` on the FULL (original)
-    ``model`` over ``windows``."""
+                kind: str = "linear", weight: str = DEFAULT_BRIDGE_WEIGHT) -> Bridges:
+    """Fit one bridge (``kind``: linear or down; tokens weighted by ``weight``, :func:`token_weights`)
+    per run of ``removed`` on the FULL (original) ``model`` over ``windows``."""
     started = time.time()
     layers = decoder_layers(model)
     runs = runs_of(removed)
@@ -153,7 +167,7 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
     check_bridge(model, [r[0] - 1 for r in cuts], kind)
     skipped = [r for r in runs if r[0] == 0]
     if not cuts:
-        return Bridges([], skipped, 0, time.time() - started, kind)
+        return Bridges([], skipped, 0, time.time() - started, kind, weight=weight)
     sums: dict[int, dict[str, torch.Tensor]] = {}
     taken: dict[str, torch.Tensor] = {}
     last = max(r[-1] for r in cuts)
@@ -190,14 +204,26 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
                 tokens += batch.numel()
                 for r in cuts:
                     m, y, h = taken[f"m{r[0] - 1}"], taken[f"y{r[0] - 1}"], taken[f"h{r[-1]}"]
-                    z = h.to(m.device) - y.to(m.device) + m
-                    accumulate(sums.setdefault(r[0], {}), taken[f"a{r[0] - 1}"] if kind == "down" else m, z, m)
+                    h = h.to(m.device)
+                    accumulate(sums.setdefault(r[0], {}), taken[f"a{r[0] - 1}"] if kind == "down" else m,
+                               h - y.to(m.device) + m, m, token_weights(h, weight))
                 taken.clear()
     finally:
         model.train(training)
         for h in handles:
             h.remove()
-    return Bridges([solve(r, sums[r[0]], kind) for r in cuts], skipped, tokens, time.time() - started, kind)
+    return Bridges([solve(r, sums[r[0]], kind) for r in cuts], skipped, tokens, time.time() - started, kind,
+                   weight=weight)
+
+
+def token_weights(h: torch.Tensor, weight: str) -> torch.Tensor | None:
+    """Each token's weight in a bridge's least squares, from the original's state after the cut
+    ``h`` [tokens, d]: ``rms``: ``1 / sqrt(mean_j h_tj^2)``; ``uniform``: None (every token 1)."""
+    if weight == "uniform":
+        return None
+    if weight != "rms":
+        raise ValueError(f"bridge weight {weight!r}: expected rms or uniform")
+    return torch.rsqrt((h * h).mean(-1) + 1e-12)
 
 
 def projection_input(proj: nn.Module, args: tuple) -> torch.Tensor:
@@ -207,9 +233,13 @@ def projection_input(proj: nn.Module, args: tuple) -> torch.Tensor:
     return torch.cat([x, x.new_ones(len(x), 1)], 1) if proj.bias is not None else x
 
 
-def accumulate(s: dict, x: torch.Tensor, z: torch.Tensor, m: torch.Tensor) -> None:
+def accumulate(s: dict, x: torch.Tensor, z: torch.Tensor, m: torch.Tensor, w: torch.Tensor | None = None) -> None:
     """Add one batch to a cut's normal equations: ``G = X^T X``, ``C = X^T Z``, ``||Z||^2`` and
-    plain removal's error ``||Z - M||^2`` (float64, on the activations' device: no copy per batch)."""
+    plain removal's error ``||Z - M||^2`` (float64, on the activations' device: no copy per batch);
+    with token weights ``w`` [tokens], every row of ``X``, ``Z``, ``M`` scaled by ``sqrt(w)`` first."""
+    if w is not None:
+        r = w.sqrt()[:, None]
+        x, z, m = x * r, z * r, m * r
     s["G"] = s.get("G", 0.0) + x.T @ x
     s["C"] = s.get("C", 0.0) + x.T @ z
     s["zz"] = s.get("zz", 0.0) + (z * z).sum()
@@ -231,7 +261,7 @@ def solve(run: list[int], s: dict, kind: str) -> Bridge:
 
 
 def fit_cut(original: nn.Module, student: nn.Module, removed: list[int], run: list[int], windows: torch.Tensor,
-            batch_size: int = 8, kind: str = "linear") -> tuple[Bridge, int]:
+            batch_size: int = 8, kind: str = "linear", weight: str = DEFAULT_BRIDGE_WEIGHT) -> tuple[Bridge, int]:
     """One cut's bridge fitted on the PRUNED ``student`` as it stands (its block ``run[0] - 1``, fed
     what the pruned model feeds it: earlier cuts and their bridges included) against the
     ``original``'s output of block ``run[-1]``. Returns the bridge and the tokens seen."""
@@ -264,9 +294,8 @@ def fit_cut(original: nn.Module, student: nn.Module, removed: list[int], run: li
                         model(input_ids=batch.to(input_device(model)), use_cache=False)
                     except StopForward:
                         pass
-                m, y = taken["m"], taken["y"]
-                z = taken["h"].to(m.device) - y + m
-                accumulate(s, taken["a"] if kind == "down" else m, z, m)
+                m, y, h = taken["m"], taken["y"], taken["h"].to(taken["m"].device)
+                accumulate(s, taken["a"] if kind == "down" else m, h - y + m, m, token_weights(h, weight))
                 tokens += batch.numel()
                 taken.clear()
     finally:
@@ -279,7 +308,7 @@ def fit_cut(original: nn.Module, student: nn.Module, removed: list[int], run: li
 
 def cascade(original: nn.Module, student: nn.Module, removed: list[int], windows: torch.Tensor,
             error: Callable[[], float] | None, start: float | None = None, batch_size: int = 8,
-            kind: str = "linear") -> tuple[Bridges, list[bool]]:
+            kind: str = "linear", weight: str = DEFAULT_BRIDGE_WEIGHT) -> tuple[Bridges, list[bool]]:
     """Fit and fold the bridges cut by cut, in order, each on the pruned ``student`` as it stands
     (:func:`fit_cut`: the sequential order of GPTQ / SparseGPT; a first cut with nothing removed
     before it sees the original's inputs, and is fitted on the original alone), each kept only
@@ -291,15 +320,16 @@ def cascade(original: nn.Module, student: nn.Module, removed: list[int], windows
     cuts, skipped = [r for r in runs if r[0] > 0], [r for r in runs if r[0] == 0]
     check_bridge(original, [r[0] - 1 for r in cuts], kind)
     # every cut's run is known up front (apply_bridge places a bridge by them); the maps are filled in as fitted
-    out = Bridges([Bridge(r, r[0] - 1, torch.empty(0), 0.0) for r in cuts], skipped, 0, 0.0, kind, fit="cascade")
+    out = Bridges([Bridge(r, r[0] - 1, torch.empty(0), 0.0) for r in cuts], skipped, 0, 0.0, kind, fit="cascade",
+                  weight=weight)
 
     def fitted():
         for i, run in enumerate(cuts):
             if run[0] <= min(removed):  # nothing removed before it: the pruned model feeds it as the original does
-                first = fit_bridges(original, run, windows, batch_size, kind)
+                first = fit_bridges(original, run, windows, batch_size, kind, weight)
                 out.bridges[i], out.tokens = first.bridges[0], first.tokens  # one forward pass instead of two
             else:
-                out.bridges[i], out.tokens = fit_cut(original, student, removed, run, windows, batch_size, kind)
+                out.bridges[i], out.tokens = fit_cut(original, student, removed, run, windows, batch_size, kind, weight)
             yield out.bridges[i]
 
     kept = keep_helpful(student, out, error, start, fitted())

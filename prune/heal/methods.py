@@ -641,7 +641,8 @@ def cascade_fit(original, model, removed: list[int], windows, cfg: HealConfig) -
     """``with_bridges``' fit: cut by cut on the pruned ``model``, against the ``original`` in memory."""
     from prune.heal.bridge import cascade
 
-    return lambda error, start: cascade(original, model, removed, windows, error, start, cfg.batch_size, cfg.bridge)
+    return lambda error, start: cascade(original, model, removed, windows, error, start, cfg.batch_size, cfg.bridge,
+                                             cfg.bridge_weight)
 
 
 def prefitted(model, bridges) -> Callable:
@@ -779,7 +780,8 @@ def prepare(model, tokenizer, removed: list[int], cfg: HealConfig, quiet: bool =
         else:  # nothing of the original after the surgery: fit every cut on its states now
             from prune.heal.bridge import fit_bridges
 
-            plan.extra["bridges"] = fit_bridges(model, plan.remove, windows, cfg.batch_size, kind=cfg.bridge)
+            plan.extra["bridges"] = fit_bridges(model, plan.remove, windows, cfg.batch_size, cfg.bridge,
+                                                     cfg.bridge_weight)
     return plan
 
 
