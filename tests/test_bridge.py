@@ -68,10 +68,10 @@ def test_fit_equals_least_squares_and_folds_into_the_projection(arch, run, token
         assert torch.allclose(bridge.T, direct, atol=1e-6 * direct.abs().max())
         assert bridge.fit_error == pytest.approx(float(((mw @ direct - zw) ** 2).sum() / (dw ** 2).sum()), rel=1e-6)
         assert 0 <= bridge.fit_error < 1  # T = I (plain removal) is a candidate, and it is beaten
-    rows = (h * h).mean(-1)
-    if rows.max() > 2 * rows.min():  # tokens of unequal size: the two fits differ
-        assert not torch.allclose(bridge.T, fit_bridges(full, run, windows, weight="uniform").bridges[0].T,
-                                  atol=1e-4 * direct.abs().max())
+    size = (h * h).mean(-1)
+    assert size.max() > 2 * size.min()  # tokens of unequal size (3.8-8x in these fixtures): the two fits differ
+    assert not torch.allclose(bridge.T, fit_bridges(full, run, windows, weight="uniform").bridges[0].T,
+                              atol=1e-4 * direct.abs().max())
 
     pruned = build_model(arch)
     prune.remove_layers(pruned, run)
