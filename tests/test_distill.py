@@ -140,6 +140,14 @@ def test_loss_equals_a_direct_kl_computation(T, tokenizers_by_bos):
     mse.append(torch.nn.functional.mse_loss(outs[0], outs[1]))
     want2 = want + 0.5 * float(torch.stack(mse).mean()) + 0.25 * float(s_out.loss)
     assert float(loss2(student, [ids, torch.arange(2)])) == pytest.approx(want2, rel=1e-5)
+    # hidden_loss relative: each token's squared error over the original state's squared norm, averaged
+    pairs = [(s_out.hidden_states[j + 1], t_out.hidden_states[o + 1]) for j, o in enumerate(KEPT[:-1])] + [tuple(outs)]
+    rel = [float(((a - b) ** 2).sum(-1).div((b ** 2).sum(-1)).mean()) for a, b in pairs]
+    cfg3 = cfg2.model_copy(update={"hidden_loss": "relative"})
+    loss3 = make_loss(cfg3, Teacher("memory", "t", teacher, pairs=block_pairs(KEPT)), decoder_layers(student))
+    want3 = want + 0.5 * sum(rel) / len(rel) + 0.25 * float(s_out.loss)
+    assert float(loss3(student, [ids, torch.arange(2)])) == pytest.approx(want3, rel=1e-5)
+    assert abs(want3 - want2) > 1e-3  # the two hidden terms differ here
 
 
 def test_topk_cache_reproduces_the_in_memory_teacher_loss(tokenizers_by_bos, tmp_path):

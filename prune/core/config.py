@@ -414,7 +414,8 @@ class HealConfig(Section):
     to match the ORIGINAL model (the teacher) on the same text (:mod:`prune.heal.distill`):
     ``kl_weight * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`` per token, ``T = temperature``,
     ``+ hidden_weight * MSE`` between each kept block's output and the original's corresponding
-    block output, ``+ lm_weight *`` the causal-LM loss. ``method: distill`` is shorthand for
+    block output (``hidden_loss: relative``: each token's squared error over the original state's
+    squared norm instead, scale-free), ``+ lm_weight *`` the causal-LM loss. ``method: distill`` is shorthand for
     ``objective: distill`` with ``params`` (default ``lora``) as the method. The teacher is a
     copy of the original in memory (``teacher: memory``) or its top-``top_k`` log-probs per
     token precomputed to ``teacher_cache`` (``teacher: cache``); ``auto`` keeps the copy when
@@ -482,6 +483,7 @@ class HealConfig(Section):
     temperature: float = 1.0
     kl_weight: float = Field(1.0, ge=0)
     hidden_weight: float = Field(0.0, ge=0)
+    hidden_loss: Literal["mse", "relative"] = "mse"  # relative: mean_t ||h_s - h_t||^2 / ||h_t||^2 (prune.heal.distill)
     lm_weight: float = Field(0.0, ge=0)
     teacher: Literal["auto", "memory", "cache"] = "auto"
     top_k: int = Field(64, ge=1)
