@@ -1028,6 +1028,63 @@ def part_bridge_cuts() -> None:
     write_docs("\n".join(rows), "bench_heal_bridge_cuts")
 
 
+#: ``--part bridge_weights``: other token weightings than the toolkit's two (uniform, rms), as functions of
+#: the original's state after the cut ``h`` [windows x SEQ tokens, d] (prune.heal.bridge.token_weights' place)
+OTHER_BRIDGE_WEIGHTS = {
+    "1 / rms^2": lambda h: 1 / (h * h).mean(-1),  # the error as the next block's RMSNorm sees it
+    "1 / rms^2, at most the median token's": lambda h: (lambda w: (w / w.median()).clamp(max=1.0))(1 / (h * h).mean(-1)),
+    "uniform, first position left out": lambda h: torch.ones(len(h), dtype=h.dtype, device=h.device).view(-1, SEQ)
+    .index_fill(1, torch.tensor([0], device=h.device), 0.0).flatten(),
+}
+
+
+def part_bridge_weights() -> None:
+    """Why ``heal.bridge_weight: rms``: the ``down`` refit at k = 7 and at k = 10's contiguous run with
+    each weighting of OTHER_BRIDGE_WEIGHTS in place of :func:`prune.heal.bridge.token_weights`, beside the
+    uniform and rms rows of ``--part bridge_cuts`` (same windows, same measures); cached as
+    ``bridgeweight-<set>-<n>``."""
+    import prune.heal.bridge as bridge_module
+    from prune.heal.distill import Teacher, fidelity
+
+    sets = {k: v for k, v in bridge_cut_sets().items() if k in ("k=7 contiguous angular", "k=10 contiguous angular")}
+    rows = ["| blocks removed | token weights | fit error | held-out C4 KL | WikiText-2 KL | WikiText-2 ppl |",
+            "|---|---|---:|---:|---:|---:|"]
+    loaded, toolkit = [], bridge_module.token_weights
+    for label, removed in sets.items():
+        slug = re.sub(r"[^a-z0-9]+", "-", label.lower())
+        for i, (form, fn) in enumerate([("none (plain cut)", None), ("uniform", None), ("1 / rms (rms)", None),
+                                        *OTHER_BRIDGE_WEIGHTS.items()]):
+            name = [f"bridgecut-{slug}-none", f"bridgecut-{slug}-down", f"bridgecut-{slug}-down-rms"][i] if i < 3 \
+                else f"bridgeweight-{slug}-{i}"
+            if not cached(name) and i >= 3:
+                if not loaded:
+                    base, tok = load_dense()
+                    cfg = heal_config("lora", **{**COMMON, "n_samples": GOAL_TOKENS // SEQ})
+                    loaded += [base, tok, *training_windows(tok, cfg)]
+                base, tok, windows, val = loaded
+                bridge_module.token_weights = lambda h, weight, fn=fn: fn(h)
+                try:
+                    model, bridges = bridged(base, removed, windows, "down", "rms")
+                finally:
+                    bridge_module.token_weights = toolkit
+                held = fidelity(model, Teacher("memory", "the original model", base.eval()), val)
+                store(name, {"case": f"{label}, down, {form}", "removed": removed, "bridge": bridges.record(),
+                             "heldout": held, "fidelity": fidelity_to(model, base, tok)})
+                log(f"{name}: held-out KL {held['kl']:.4f}")
+            r = cached(name)
+            if r is None:
+                raise SystemExit(f"run --part bridge_cuts first ({name} is missing)")
+            fit = f"{r['bridge']['cuts'][0]['fit_error']:.3f}" if r["bridge"] else "-"
+            rows.append(f"| {' '.join(map(str, removed))} | {form} | {fit} | {r['heldout']['kl']:.3f} | "
+                        f"{r['fidelity']['kl']:.3f} | {r['fidelity']['perplexity']:.1f} |")
+    rows += ["", "The down projection of the block before the cut refitted on the 131,072 C4 training tokens (512 x 256, "
+             "seed 0), no training; rms^2 = the mean square of the original's state after the cut, per token; the fit "
+             "error is the weighted share of the cut's error left; held-out C4: the healing's 8 validation windows; "
+             "WikiText-2: the fidelity windows (16 x 512)."]
+    print("\n".join(rows))
+    write_docs("\n".join(rows), "bench_heal_bridge_weights")
+
+
 def paired_average(ref: str, name: str):
     """The paired four-task average of case ``name`` against case ``ref`` (both lm-evaluated)."""
     from prune.measure.paired import compare_folders, task_average
@@ -1511,7 +1568,8 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_full_131k": "distill_matrix --block bench_heal_full_131k --goals",
                  "bench_heal_bridge_131k": "distill_matrix --block bench_heal_bridge_131k --goals",
                  "bench_heal_bridgedown_131k": "distill_matrix --block bench_heal_bridgedown_131k --goals",
-                 "bench_heal_bridge_cuts": "bridge_cuts", "bench_heal_mc_curve": "mc_curve", "bench_heal_seeds": "seeds",
+                 "bench_heal_bridge_cuts": "bridge_cuts", "bench_heal_bridge_weights": "bridge_weights",
+                 "bench_heal_mc_curve": "mc_curve", "bench_heal_seeds": "seeds",
                  "bench_heal_averages": "averages", "bench_heal_teacher": "teacher",
                  "bench_heal_variants": "distill_variants", "bench_heal_lastword": "lastword_report",
                  "bench_heal_paired_partial": "distill_paired_report --block bench_heal_paired_partial"}
@@ -1528,7 +1586,7 @@ def write_docs(body: str, block: str = "bench_heal") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "distill", "distill_lmeval", "distill_report",
-                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "lastword", "lastword_report", "mc_curve", "seeds", "soup", "averages", "teacher_text", "teacher", "report", "all"],
+                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "bridge_weights", "lastword", "lastword_report", "mc_curve", "seeds", "soup", "averages", "teacher_text", "teacher", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial)")
