@@ -281,11 +281,11 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             # variants above fitted it uniformly)
             **{f"batch1-r64-bridgedown-lm0.4-rms-seed{s}": dict(R64, bridge="down", bridge_weight="rms", lm_weight=0.4,
                                                                  seed=s) for s in range(0, 7)},
-            # ... and the hidden-state error at every kept block, relative to the original state's size per token
-            # (heal.hidden_loss: relative; its mean over the kept blocks starts near 0.10 against a KL of 0.76)
-            **{f"batch1-r64-bridgedown-lm0.4-rms-hrel2-seed{s}": dict(R64, bridge="down", bridge_weight="rms", lm_weight=0.4,
-                                                                       hidden_weight=2.0, hidden_loss="relative", seed=s)
-               for s in range(0, 7)},
+            # the recipe's setting (bridge fitted uniformly) with the hidden-state error at every kept block, relative
+            # to the original state's size per token (heal.hidden_loss: relative; its mean over the kept blocks starts
+            # near 0.10 against a KL of 0.76 on the un-healed model, --part hidden_scale's windows)
+            **{f"batch1-r64-bridgedown-lm0.4-hrel2-seed{s}": dict(R64, bridge="down", lm_weight=0.4, hidden_weight=2.0,
+                                                                   hidden_loss="relative", seed=s) for s in range(0, 7)},
             # with the next-token loss on the C4 text beside the KL (for the perplexity goal)
             "batch1-r64-bridge-lm0.2": dict(R64, bridge="linear", lm_weight=0.2),
             # full fine-tuning of every kept block (``--only distill-partial``: partial with all 23 blocks

@@ -53,7 +53,7 @@ def states(model, windows, block_before: int, last: int):
 @pytest.mark.parametrize("arch,run", [("llama", RUN), ("gpt2", RUN), ("gpt_neox", RUN), ("phi3", RUN),
                                       ("mixtral", RUN), ("qwen3_moe", [4, 5, 6])])
 def test_fit_equals_least_squares_and_folds_into_the_projection(arch, run, tokenizers_by_bos):
-    """Weighted (the default ``rms``) and plain (``uniform``) least squares, each against a direct solve."""
+    """Plain (``uniform``, the default) and weighted (``rms``) least squares, each against a direct solve."""
     tok = tokenizers_by_bos[arch in BOS_ARCHS]
     full = build_model(arch)
     windows, _ = training_windows(tok, heal_config("lora", C4_DATA, **{**FAST, "n_samples": 24}))
@@ -95,7 +95,7 @@ def test_cascade_fits_each_cut_on_the_pruned_model_as_it_stands(kind, tokenizers
     removed = [2, 5, 6]
     student = build_model("llama")
     prune.remove_layers(student, removed)
-    bridges, kept = cascade(full, student, removed, windows, error=None, batch_size=5, kind=kind)
+    bridges, kept = cascade(full, student, removed, windows, error=None, batch_size=5, kind=kind, weight="rms")
     assert kept == [True, True] and bridges.record()["fit"] == "cascade" and bridges.tokens == windows.numel()
     by_hand = build_model("llama")
     prune.remove_layers(by_hand, removed)
@@ -111,7 +111,7 @@ def test_cascade_fits_each_cut_on_the_pruned_model_as_it_stands(kind, tokenizers
         m, y, _ = states(by_hand, windows, 3, 3)
         hook.remove()
         x = got["a"].flatten(0, -2).double()
-    x, z = weighted(h, x, h - y + m)  # the default weights
+    x, z = weighted(h, x, h - y + m)  # weight rms
     G, C = x.T @ x, x.T @ z
     if kind == "linear":
         direct = torch.linalg.lstsq(G, C, driver="gelsd").solution
@@ -120,14 +120,14 @@ def test_cascade_fits_each_cut_on_the_pruned_model_as_it_stands(kind, tokenizers
 
         direct = torch.linalg.solve(G + RIDGE * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype), C)
     assert torch.allclose(bridges.bridges[1].T, direct, atol=1e-6 * direct.abs().max())
-    independent = fit_bridges(full, removed, windows, kind=kind).bridges
+    independent = fit_bridges(full, removed, windows, kind=kind, weight="rms").bridges
     # the first cut sees the original's inputs either way (other batches: the same sums in another order)
     assert torch.allclose(independent[0].T, bridges.bridges[0].T, atol=1e-9 * direct.abs().max())
     from prune.heal.bridge import fit_cut
 
     on_student = build_model("llama")  # fitted on the pruned model, that first cut is the same map
     prune.remove_layers(on_student, removed)
-    assert torch.allclose(fit_cut(full, on_student, removed, [2], windows, 5, kind)[0].T, bridges.bridges[0].T,
+    assert torch.allclose(fit_cut(full, on_student, removed, [2], windows, 5, kind, "rms")[0].T, bridges.bridges[0].T,
                           atol=1e-9 * direct.abs().max())
     assert not torch.allclose(independent[1].T, direct, atol=1e-3 * direct.abs().max())
     apply_bridge(by_hand, layout, bridges.bridges[1])
@@ -140,7 +140,7 @@ def test_down_bridge_refits_the_projection_by_ridge_least_squares(arch, tokenize
     tok = tokenizers_by_bos[arch in BOS_ARCHS]
     full = build_model(arch)
     windows, _ = training_windows(tok, heal_config("lora", C4_DATA, **{**FAST, "n_samples": 24}))
-    bridges = fit_bridges(full, RUN, windows, batch_size=5, kind="down")
+    bridges = fit_bridges(full, RUN, windows, batch_size=5, kind="down", weight="rms")
     (bridge,) = bridges.bridges
     assert bridges.record()["method"] == "down" and bridges.kind == "down"
     proj = fold_targets(decoder_layers(full)[RUN[0] - 1])[0]
@@ -149,7 +149,7 @@ def test_down_bridge_refits_the_projection_by_ridge_least_squares(arch, tokenize
     m, y, h = states(full, windows, RUN[0] - 1, RUN[-1])
     hook.remove()
     a = torch.cat([got["a"], torch.ones(len(got["a"]), 1, dtype=torch.float64)], 1) if proj.bias is not None else got["a"]
-    aw, zw, dw = weighted(h, a, h - y + m, h - y)  # the default weights
+    aw, zw, dw = weighted(h, a, h - y + m, h - y)  # weight rms
     G = aw.T @ aw
     direct = torch.linalg.solve(G + 1e-4 * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype), aw.T @ zw)
     assert torch.allclose(bridge.T, direct, atol=1e-6 * direct.abs().max())

@@ -386,8 +386,8 @@ class OutputConfig(Section):
 #: ``heal.method``: what is trained (``distill`` is shorthand for ``objective: distill`` with one of these)
 HEAL_METHODS = ("lora", "replace", "partial", "bridge")
 #: how a bridge's least squares weighs each token (``heal.bridge_weight``, prune.heal.bridge.token_weights)
-BRIDGE_WEIGHTS = ("rms", "uniform")
-DEFAULT_BRIDGE_WEIGHT = "rms"
+BRIDGE_WEIGHTS = ("uniform", "rms")
+DEFAULT_BRIDGE_WEIGHT = "uniform"
 
 
 class HealConfig(Section):
@@ -439,9 +439,10 @@ class HealConfig(Section):
     otherwise all on the original's states before the surgery. Each cut's bridge is kept
     only where it lowers the held-out measure of the objective (the KL to the original when
     distilling, else the loss on ``val_samples``); the record says which were dropped.
-    ``bridge_weight: rms`` (default) divides each token's squared error by the RMS of the original's
-    state after the cut, so the few positions with massive activations do not decide the fit
-    (``uniform``: plain least squares, as before 2026-12-05; docs/BENCHMARKS.md compares them).
+    ``bridge_weight: rms`` divides each token's squared error by the RMS of the original's state
+    after the cut, so the few positions with massive activations do not decide the fit (on
+    SmolLM2 it rescues a long contiguous cut, and hurts one window of text after a short one);
+    ``uniform`` (default) is plain least squares (docs/BENCHMARKS.md compares them).
     """
 
     method: Literal[HEAL_METHODS]
@@ -489,7 +490,7 @@ class HealConfig(Section):
     top_k: int = Field(64, ge=1)
     teacher_cache: str | None = None  # the top-k file; default: beside the output folder
     bridge: Literal["none", "linear", "down"] = "none"  # a least-squares map at each cut first (prune.heal.bridge)
-    # each token's squared error / the RMS of the original's state after the cut (rms), or as is (uniform)
+    # each token's squared error as is (uniform), or / the RMS of the original's state after the cut (rms)
     bridge_weight: Literal[BRIDGE_WEIGHTS] = DEFAULT_BRIDGE_WEIGHT
 
     @model_validator(mode="before")

@@ -24,16 +24,14 @@ every ``T``-bridge (``W T``) and plain removal (``W``), so without the ridge it 
 at least as well (docs/BENCHMARKS.md measures both on SmolLM2). Dense MLPs only (a mixture's
 experts are routed per token).
 
-Token weights (``heal.bridge_weight``): ``rms`` (default) minimises ``sum_t w_t ||...||^2`` with
-``w_t = 1 / rms(h_b,t)``, the RMS over the hidden size of the original's state after the cut (rows
-scaled by ``sqrt(w_t)``). A few positions (the first token's attention sink) carry states ~100x the
-others'; with equal weights their squares decide the fit, and across a long cut that fit raised the
-KL to the original on text it did not see (SmolLM2, blocks 9-18: 1.92 -> 2.70, where the
-weighted fit lowers it to about 1.2; docs/BENCHMARKS.md). ``1 / rms^2`` would weigh the error as
-the next block's RMSNorm sees it, but it neglects that an error at the sink position travels on
-through every later block's attention; ``1 / rms`` is between the two, and measured best of
-uniform, ``1 / rms``, ``1 / rms^2``, ``1 / rms^2`` capped at the median token's, and uniform without
-the first position. ``uniform`` is plain least squares.
+Token weights (``heal.bridge_weight``): ``uniform`` (default) is plain least squares; ``rms``
+minimises ``sum_t w_t ||...||^2`` with ``w_t = 1 / rms(h_b,t)``, the RMS over the hidden size of
+the original's state after the cut (rows scaled by ``sqrt(w_t)``). A few positions (the first
+token's attention sink) carry states ~100x the others'; with equal weights their squares decide
+the fit. On SmolLM2 (docs/BENCHMARKS.md, "Weighing the fit's tokens") ``rms`` turns the long cut
+9-18, where the uniform fit raises the held-out KL (1.92 -> 2.70) and is dropped, into a bridge
+that lowers it (1.18), and matches uniform at shorter cuts, but it lets one text window whose
+first state differs from the fit text's drift (KL 0.80 -> 0.96 there), so it is not the default.
 
 Several cuts: :func:`fit_bridges` fits each on the original's states, in one pass.
 :func:`cascade` fits them in order on the PRUNED model as it stands (``m``, ``y``, ``a`` from its
@@ -218,7 +216,7 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
 
 def token_weights(h: torch.Tensor, weight: str) -> torch.Tensor | None:
     """Each token's weight in a bridge's least squares, from the original's state after the cut
-    ``h`` [tokens, d]: ``rms``: ``1 / sqrt(mean_j h_tj^2)``; ``uniform``: None (every token 1)."""
+    ``h`` [tokens, d]: ``uniform``: None (every token 1); ``rms``: ``1 / sqrt(mean_j h_tj^2)``."""
     if weight == "uniform":
         return None
     if weight != "rms":
