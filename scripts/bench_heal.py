@@ -1085,6 +1085,28 @@ def part_bridge_weights() -> None:
     write_docs("\n".join(rows), "bench_heal_bridge_weights")
 
 
+def part_window_kl(names: list[str]) -> None:
+    """Per-window KL(original || model) on the FIDELITY_WINDOWS WikiText-2 windows (where a mean hides
+    one window): each name a saved case (bench_cache/heal/models/NAME) or ``bridge-down-<uniform|rms>``,
+    the k = 7 run cut and block 11's down projection refitted (no training) on the 131k case's windows."""
+    base, tok = load_dense()
+    windows = eval_windows(tok)[:FIDELITY_WINDOWS]
+    with torch.no_grad():
+        ref = torch.cat([torch.log_softmax(base(windows[i:i + 2]).logits.float(), -1) for i in range(0, len(windows), 2)])
+    for name in names:
+        m = re.fullmatch(r"bridge-(down|linear)-(uniform|rms)", name)
+        if m:
+            cfg = heal_config("lora", **{**COMMON, "n_samples": GOAL_TOKENS // SEQ})
+            model, _ = bridged(base, removed_blocks(base, tok), training_windows(tok, cfg)[0], m[1], m[2])
+        else:
+            model, _, _ = prune.load(CACHE / "models" / name, dtype="float32")
+        with torch.no_grad():
+            lp = torch.cat([torch.log_softmax(model(windows[i:i + 2]).logits.float(), -1) for i in range(0, len(windows), 2)])
+        kl = (ref.exp() * (ref - lp)).sum(-1).mean(1)
+        print(f"{name}: mean {float(kl.mean()):.4f}; per window " + " ".join(f"{float(x):.2f}" for x in kl), flush=True)
+        del model, lp
+
+
 def paired_average(ref: str, name: str):
     """The paired four-task average of case ``name`` against case ``ref`` (both lm-evaluated)."""
     from prune.measure.paired import compare_folders, task_average
@@ -1586,7 +1608,7 @@ def write_docs(body: str, block: str = "bench_heal") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "distill", "distill_lmeval", "distill_report",
-                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "bridge_weights", "lastword", "lastword_report", "mc_curve", "seeds", "soup", "averages", "teacher_text", "teacher", "report", "all"],
+                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "bridge_weights", "window_kl", "lastword", "lastword_report", "mc_curve", "seeds", "soup", "averages", "teacher_text", "teacher", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial)")
@@ -1619,6 +1641,10 @@ def main() -> None:
             part_mc_curve(args.variant or "batch1-r64-bridgedown")
         elif part == "lastword_report":
             part_lastword_report(args.block or "bench_heal_lastword")
+        elif part == "window_kl":
+            if not args.only:
+                raise SystemExit("--part window_kl needs --only NAME[,NAME...] (saved cases, or bridge-down-uniform / -rms)")
+            part_window_kl(args.only.split(","))
         elif part == "distill_pair":
             if not args.pair:
                 raise SystemExit("--part distill_pair needs --pair A B (two case names, both lm-evaluated)")
