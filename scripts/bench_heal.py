@@ -900,8 +900,9 @@ def part_teacher_text(batch: int = 20) -> None:
 
 def part_hidden_scale() -> None:
     """Why ``hidden_weight 0.01`` (VARIANTS): the un-healed model's KL to the original and the raw MSE
-    between each kept block's output and the original's, on 2 of the WikiText-2 windows (256 tokens)."""
-    from prune.heal.distill import _block_outputs, kl_loss
+    between each kept block's output and the original's, on 2 of the WikiText-2 windows (256 tokens);
+    and the relative error (``heal.hidden_loss: relative``) per kept block."""
+    from prune.heal.distill import _block_outputs, hidden_error, kl_loss
 
     base, tok = load_dense()
     run = removed_blocks(base, tok)
@@ -920,6 +921,9 @@ def part_hidden_scale() -> None:
     print(f"KL(original || pruned) per token: {kl:.3f}; hidden MSE, mean over the {len(kept)} kept blocks: "
           f"{sum(mse) / len(mse):.1f}")
     print("original block outputs, mean square:", " ".join(f"{o}:{float(t_out[o].pow(2).mean()):.0f}" for o in kept))
+    rel = [float(hidden_error(s_out[j], t_out[o], "relative")) for j, o in enumerate(kept)]  # heal.hidden_loss: relative
+    print(f"relative hidden error, mean over the kept blocks: {sum(rel) / len(rel):.3f}; per kept block:",
+          " ".join(f"{o}:{r:.3f}" for o, r in zip(kept, rel)))
 
 
 def bridged(base, removed: list[int], windows: torch.Tensor, kind: str, weight: str = "uniform"):

@@ -27,8 +27,8 @@ experts are routed per token).
 Token weights (``heal.bridge_weight``): ``uniform`` (default) is plain least squares; ``rms``
 minimises ``sum_t w_t ||...||^2`` with ``w_t = 1 / rms(h_b,t)``, the RMS over the hidden size of
 the original's state after the cut (rows scaled by ``sqrt(w_t)``). A few positions (the first
-token's attention sink) carry states ~100x the others'; with equal weights their squares decide
-the fit. On SmolLM2 (docs/BENCHMARKS.md, "Weighing the fit's tokens") ``rms`` turns the long cut
+above all) carry states far larger than the others' (massive activations); with equal weights
+their squares decide the fit. On SmolLM2 (docs/BENCHMARKS.md, "Weighing the fit's tokens") ``rms`` turns the long cut
 9-18, where the uniform fit raises the held-out KL (1.92 -> 2.70) and is dropped, into a bridge
 that lowers it (1.18), and matches uniform at shorter cuts, but it lets one text window whose
 first state differs from the fit text's drift (KL 0.80 -> 0.96 there), so it is not the default.
