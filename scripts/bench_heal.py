@@ -1043,7 +1043,7 @@ OTHER_BRIDGE_WEIGHTS = {
 
 
 def part_bridge_weights() -> None:
-    """Why ``heal.bridge_weight: rms``: the ``down`` refit at k = 7 and at k = 10's contiguous run with
+    """Which token weights for a bridge: the ``down`` refit at k = 7 and at k = 10's contiguous run with
     each weighting of OTHER_BRIDGE_WEIGHTS in place of :func:`prune.heal.bridge.token_weights`, beside the
     uniform and rms rows of ``--part bridge_cuts`` (same windows, same measures); cached as
     ``bridgeweight-<set>-<n>``."""
@@ -1091,8 +1091,8 @@ def part_bridge_weights() -> None:
 
 def part_window_kl(names: list[str]) -> None:
     """Per-window KL(original || model) on the FIDELITY_WINDOWS WikiText-2 windows (where a mean hides
-    one window): each name a saved case (bench_cache/heal/models/NAME) or ``bridge-down-<uniform|rms>``,
-    the k = 7 run cut and block 11's down projection refitted (no training) on the 131k case's windows."""
+    one window): each name a saved case (bench_cache/heal/models/NAME) or ``bridge-<down|linear>-<uniform|rms>``,
+    the k = 7 run cut and that bridge folded into block 11 (no training), fitted on the 131k case's windows."""
     base, tok = load_dense()
     windows = eval_windows(tok)[:FIDELITY_WINDOWS]
     with torch.no_grad():
@@ -1615,7 +1615,8 @@ def main() -> None:
                                        "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "bridge_weights", "window_kl", "lastword", "lastword_report", "mc_curve", "seeds", "soup", "averages", "teacher_text", "teacher", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
-    ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial)")
+    ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial); "
+                    "--part window_kl: the comma-separated cases")
     ap.add_argument("--variant", default=None, choices=sorted(VARIANTS),
                     help="--part distill: change these settings (VARIANTS) and add +NAME to the case names")
     ap.add_argument("--keep", action="store_true", help="--part distill --variant: keep the checkpoint at every budget "
@@ -1647,7 +1648,7 @@ def main() -> None:
             part_lastword_report(args.block or "bench_heal_lastword")
         elif part == "window_kl":
             if not args.only:
-                raise SystemExit("--part window_kl needs --only NAME[,NAME...] (saved cases, or bridge-down-uniform / -rms)")
+                raise SystemExit("--part window_kl needs --only NAME[,NAME...] (saved cases, or bridge-<down|linear>-<uniform|rms>)")
             part_window_kl(args.only.split(","))
         elif part == "distill_pair":
             if not args.pair:
