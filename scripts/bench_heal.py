@@ -315,7 +315,7 @@ _DENSE_LP: list[torch.Tensor] = []
 
 def fidelity_to(model, dense, tok, batch: int = 2) -> dict:
     """One pass over the first FIDELITY_WINDOWS WikiText-2 evaluation windows: perplexity, the mean
-    per-token KL(dense || model) at T = 1 over the full vocabulary, and the top-1 agreement with
+    per-token KL(dense || model) at T = 1 over the full vocabulary (and per window), and the top-1 agreement with
     the dense model (whose log-probs, 16 x 512 x 49,152 float32 = 1.6 GB, are computed once per process)."""
     windows = eval_windows(tok)[:FIDELITY_WINDOWS]
     with torch.no_grad():
@@ -324,16 +324,21 @@ def fidelity_to(model, dense, tok, batch: int = 2) -> dict:
                              for i in range(0, len(windows), batch))
         kl = nll = 0.0
         agree = tokens = predicted = 0
+        per_window = []
         for i, lp_t in zip(range(0, len(windows), batch), _DENSE_LP):
             ids = windows[i:i + batch]
             lp_s = torch.log_softmax(model(ids, use_cache=False).logits.float(), -1)
-            kl += float((lp_t.exp() * (lp_t - lp_s)).sum())
+            terms = lp_t.exp() * (lp_t - lp_s)
+            kl += float(terms.sum())
+            per_window += terms.sum(-1).mean(-1).tolist()
+            del terms
             agree += int((lp_s.argmax(-1) == lp_t.argmax(-1)).sum())
             tokens += ids.numel()
             nll -= float(lp_s[:, :-1].gather(-1, ids[:, 1:, None]).sum())
             predicted += ids[:, 1:].numel()
             del lp_s
-    return {"kl": kl / tokens, "top1": agree / tokens, "perplexity": math.exp(nll / predicted), "tokens": tokens}
+    return {"kl": kl / tokens, "top1": agree / tokens, "perplexity": math.exp(nll / predicted), "tokens": tokens,
+            "kl_windows": per_window}
 
 
 def distill_settings(objective: str, params: str, tokens: int, variant: str | None = None) -> dict:
@@ -815,46 +820,77 @@ def part_averages(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "be
     write_docs("\n".join(lines), block)
 
 
-def part_teacher(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "bench_heal_teacher") -> None:
-    """The recipe's setting trained on C4, on text the original wrote (TEACHER_TEXT) and on the two half
-    and half (TEACHER_MIX), at the issue's budget: fidelity, paired multiple choice against the original
-    and against the C4 run of the same seed (the same adapter init and draw of window positions, over other text)."""
+def seed_table(setting: str, variants: dict[str, str], column: str, ref: str, only_varied: bool = False,
+               heldout: bool = False) -> list[str]:
+    """Markdown rows of ``setting`` at the issue's budget and its variants (``variants``: case-name suffix ->
+    label; ``""`` the setting itself), seed by seed: fidelity, paired multiple choice against the original and
+    against the setting's run of the same seed, the exact last word likewise. ``only_varied``: only the seeds
+    with a variant; ``heldout``: a column with the healing's own held-out C4 KL after it."""
+    from prune.measure.paired import compare_folders, headline_rows, load_samples, per_example
+
     d_ppl, pr = cached("fidelity-dense")["fidelity"]["perplexity"], cached("fidelity-pruned")["fidelity"]
-    texts = {"": "C4", "-teachertext": "the original's own", "-teachermix": "half C4, half the original's"}
     rows = []
-    for suffix in texts:
+    for suffix in variants:
         for p in CACHE.glob(case_name("distill", "lora", GOAL_TOKENS, f"{setting}{suffix}-seed*") + ".json"):
             if re.fullmatch(re.escape(f"{setting}{suffix}") + r"-seed\d+", parse_case_name(p.stem)[3]):
                 rows.append((suffix, int(p.stem.rsplit("seed", 1)[1]), p.stem))
-    if not any(suffix for suffix, _, _ in rows):
-        raise SystemExit(f"no run on the original's text: --part teacher_text, then --variant {setting}-teachertext-seedN")
-    from prune.measure.paired import compare_folders, headline_rows, load_samples, per_example
-
-    lines = ["| training text | seed | healing time | ppl x dense | KL / un-healed's | top-1 agreement | MC retained "
-             "| MC vs dense (points, 95% CI) | MC vs the C4 run of the seed | last word | last word vs the C4 run |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
-    for suffix, seed, name in sorted(rows, key=lambda r: (r[1], list(texts).index(r[0]))):
-        case, c4 = cached(name), case_name("distill", "lora", GOAL_TOKENS, f"{setting}-seed{seed}")
+    if only_varied:
+        rows = [r for r in rows if r[0] or any(o[0] and o[1] == r[1] for o in rows)]
+    lines = [f"| {column} | seed | healing time | ppl x dense | KL / un-healed's | top-1 agreement | "
+             + ("held-out C4 KL | " if heldout else "") + f"MC retained | MC vs dense (points, 95% CI) | MC vs {ref} of "
+             f"the seed | last word | last word vs {ref} |",
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if heldout else "") + "---:|---|---|---:|---|"]
+    for suffix, seed, name in sorted(rows, key=lambda r: (r[1], list(variants).index(r[0]))):
+        case, own = cached(name), case_name("distill", "lora", GOAL_TOKENS, f"{setting}-seed{seed}")
         f = case["fidelity"]
         mc = mc_cells(name) or ("-", "-")
-        vs = marked(paired_average(c4, name)) if suffix and evaluated(name) and evaluated(c4) else "-"
+        vs = marked(paired_average(own, name)) if suffix and evaluated(name) and evaluated(own) else "-"
         word = None
         if evaluated(name, lastword_folder):
             scores = per_example(load_samples(lastword_folder(name))[LASTWORD])["acc"].values()
             word = f"{sum(v for _, v in scores) / len(scores):.1%}"
         word_vs = "-"
-        if suffix and word and evaluated(c4, lastword_folder):
-            word_vs = marked(headline_rows(compare_folders(lastword_folder(c4), lastword_folder(name)))[0])
-        lines.append(f"| {texts[suffix]} | {seed} | {case['healing']['seconds'] / 60:.1f} min | x{f['perplexity'] / d_ppl:.3f} | "
-                     f"{100 * f['kl'] / pr['kl']:.1f}% | {f['top1']:.1%} | {mc[0]} | {mc[1]} | {vs} | "
+        if suffix and word and evaluated(own, lastword_folder):
+            word_vs = marked(headline_rows(compare_folders(lastword_folder(own), lastword_folder(name)))[0])
+        held = f"{case['healing']['distill']['kl_after']:.4f} | " if heldout else ""
+        lines.append(f"| {variants[suffix]} | {seed} | {case['healing']['seconds'] / 60:.1f} min | x{f['perplexity'] / d_ppl:.3f} | "
+                     f"{100 * f['kl'] / pr['kl']:.1f}% | {f['top1']:.1%} | {held}{mc[0]} | {mc[1]} | {vs} | "
                      f"{word or '-'} | {word_vs} |")
+    return lines
+
+
+def mc_note() -> str:
+    """The footnote of :func:`seed_table`'s accuracy columns."""
+    return (f"MC: ARC-Easy, PIQA, HellaSwag (acc_norm), WinoGrande, 0-shot, {LIMIT} questions each, the same for every "
+            f"model; last word: the exact last word of {LASTWORD_LIMIT} TinyStories stories (`--part lastword`); * where "
+            "the 95% interval excludes 0.")
+
+
+def part_teacher(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "bench_heal_teacher") -> None:
+    """The recipe's setting trained on C4, on text the original wrote (TEACHER_TEXT) and on the two half
+    and half (TEACHER_MIX), at the issue's budget: fidelity, paired multiple choice against the original
+    and against the C4 run of the same seed (the same adapter init and draw of window positions, over other text)."""
+    texts = {"": "C4", "-teachertext": "the original's own", "-teachermix": "half C4, half the original's"}
+    if not any(CACHE.glob(case_name("distill", "lora", GOAL_TOKENS, f"{setting}-teacher*-seed*") + ".json")):
+        raise SystemExit(f"no run on the original's text: --part teacher_text, then --variant {setting}-teachertext-seedN")
+    lines = seed_table(setting, texts, "training text", "the C4 run")
     gen = cached("teacher_text")
     lines += ["", f"Setting `{setting}` (the recipe's), {GOAL_TOKENS:,} training tokens, block 12-18 removed; the original's text: "
               f"{gen['sequences']} sequences of {gen['tokens']} tokens, each a C4 excerpt's first {gen['prefix_tokens']} tokens "
               f"sampled on at temperature 1, written in {gen['seconds'] / 60:.0f} min (1 thread; not in the healing time). "
-              f"Fidelity on the 16 WikiText-2 windows; MC: ARC-Easy, PIQA, HellaSwag (acc_norm), WinoGrande, 0-shot, {LIMIT} "
-              "questions each, the same for every model; last word: the exact last word of "
-              f"{LASTWORD_LIMIT} TinyStories stories (`--part lastword`); * where the 95% interval excludes 0."]
+              f"Fidelity on the 16 WikiText-2 windows; {mc_note()}"]
+    print("\n".join(lines))
+    write_docs("\n".join(lines), block)
+
+
+def part_recipe_variants(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "bench_heal_recipe_variants") -> None:
+    """The recipe's setting beside one-change variants of it on the same seeds (same data, same LoRA init):
+    the bridge fitted with ``rms`` token weights, and the relative hidden-state term (weight 2)."""
+    variants = {"": "none (the recipe)", "-rms": "bridge_weight: rms", "-hrel2": "hidden_loss: relative, hidden_weight: 2"}
+    lines = seed_table(setting, variants, "change", "the recipe's run", only_varied=True, heldout=True)
+    lines += ["", f"Setting `{setting}` (the recipe's), {GOAL_TOKENS:,} training tokens, block 12-18 removed; fidelity on the "
+              "16 WikiText-2 windows; held-out C4 KL: the healing's own 8 validation windows after it; healing times "
+              f"with three or four jobs on 2 CPU cores for the variants (upper bounds); {mc_note()}"]
     print("\n".join(lines))
     write_docs("\n".join(lines), block)
 
@@ -917,13 +953,18 @@ def part_hidden_scale() -> None:
         kl = float(kl_loss(model(ids).logits, base(ids).logits))
     for h in handles:
         h.remove()
-    mse = [float(torch.nn.functional.mse_loss(s_out[j], t_out[o])) for j, o in enumerate(kept)]
+    mse = [float(hidden_error(s_out[j], t_out[o])) for j, o in enumerate(kept)]
     print(f"KL(original || pruned) per token: {kl:.3f}; hidden MSE, mean over the {len(kept)} kept blocks: "
           f"{sum(mse) / len(mse):.1f}")
     print("original block outputs, mean square:", " ".join(f"{o}:{float(t_out[o].pow(2).mean()):.0f}" for o in kept))
-    rel = [float(hidden_error(s_out[j], t_out[o], "relative")) for j, o in enumerate(kept)]  # heal.hidden_loss: relative
+    rel = [float(hidden_error(s_out[j], t_out[o], "relative")) for j, o in enumerate(kept)]
     print(f"relative hidden error, mean over the kept blocks: {sum(rel) / len(rel):.3f}; per kept block:",
           " ".join(f"{o}:{r:.3f}" for o, r in zip(kept, rel)))
+
+
+def goal_windows(tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, held-out) windows of the 131k case: the text every bridge here is fitted on."""
+    return training_windows(tok, heal_config("lora", **{**COMMON, "n_samples": GOAL_TOKENS // SEQ}))
 
 
 def bridged(base, removed: list[int], windows: torch.Tensor, kind: str, weight: str = "uniform"):
@@ -955,8 +996,7 @@ def part_bridge() -> None:
         if not cached(name):
             if not loaded:
                 base, tok = load_dense()
-                cfg = heal_config("lora", **{**COMMON, "n_samples": GOAL_TOKENS // SEQ})
-                loaded += [base, tok, removed_blocks(base, tok), training_windows(tok, cfg)[0]]
+                loaded += [base, tok, removed_blocks(base, tok), goal_windows(tok)[0]]
             base, tok, run, windows = loaded
             model, bridges = bridged(base, run, windows, kind)
             store(name, {"case": f"bridge only ({kind})", "bridge": bridges.record(),
@@ -989,6 +1029,16 @@ def bridge_cut_sets() -> dict[str, list[int]]:
 BRIDGE_CUT_FITS = [("none", None), ("linear", "uniform"), ("down", "uniform"), ("linear", "rms"), ("down", "rms")]
 
 
+def set_slug(label: str) -> str:
+    """A block set's label as it goes into cached case names (``k=7 contiguous angular`` -> ``k-7-contiguous-angular``)."""
+    return re.sub(r"[^a-z0-9]+", "-", label.lower())
+
+
+def bridge_cut_name(label: str, kind: str, weight: str | None = None) -> str:
+    """The cached case of ``--part bridge_cuts`` for a set ``label``, bridge ``kind`` and token ``weight``."""
+    return f"bridgecut-{set_slug(label)}-{kind}" + ("-rms" if weight == "rms" else "")
+
+
 def part_bridge_cuts() -> None:
     """When a bridge helps: for each block set of :func:`bridge_cut_sets`, each fit of
     BRIDGE_CUT_FITS on the 131k case's training windows, then (no training) the KL to the original
@@ -1004,12 +1054,11 @@ def part_bridge_cuts() -> None:
     for label, removed in bridge_cut_sets().items():
         plain = None
         for kind, weight in BRIDGE_CUT_FITS:
-            name = f"bridgecut-{re.sub(r'[^a-z0-9]+', '-', label.lower())}-{kind}" + ("-rms" if weight == "rms" else "")
+            name = bridge_cut_name(label, kind, weight)
             if not cached(name):
                 if not loaded:
                     base, tok = load_dense()
-                    cfg = heal_config("lora", **{**COMMON, "n_samples": GOAL_TOKENS // SEQ})
-                    loaded += [base, tok, *training_windows(tok, cfg)]
+                    loaded += [base, tok, *goal_windows(tok)]
                 base, tok, windows, val = loaded
                 model, bridges = bridged(base, removed, windows, kind, weight or "uniform")
                 held = fidelity(model, Teacher("memory", "the original model", base.eval()), val)
@@ -1055,16 +1104,15 @@ def part_bridge_weights() -> None:
             "|---|---|---:|---:|---:|---:|"]
     loaded, toolkit = [], bridge_module.token_weights
     for label, removed in sets.items():
-        slug = re.sub(r"[^a-z0-9]+", "-", label.lower())
-        for i, (form, fn) in enumerate([("none (plain cut)", None), ("uniform", None), ("1 / rms (rms)", None),
-                                        *OTHER_BRIDGE_WEIGHTS.items()]):
-            name = [f"bridgecut-{slug}-none", f"bridgecut-{slug}-down", f"bridgecut-{slug}-down-rms"][i] if i < 3 \
-                else f"bridgeweight-{slug}-{i}"
-            if not cached(name) and i >= 3:
+        measured = [("none (plain cut)", bridge_cut_name(label, "none")), ("uniform", bridge_cut_name(label, "down")),
+                    ("1 / rms (rms)", bridge_cut_name(label, "down", "rms"))]
+        others = [(form, f"bridgeweight-{set_slug(label)}-{i}") for i, form in enumerate(OTHER_BRIDGE_WEIGHTS, start=3)]
+        for form, name in measured + others:
+            fn = OTHER_BRIDGE_WEIGHTS.get(form)
+            if fn is not None and not cached(name):
                 if not loaded:
                     base, tok = load_dense()
-                    cfg = heal_config("lora", **{**COMMON, "n_samples": GOAL_TOKENS // SEQ})
-                    loaded += [base, tok, *training_windows(tok, cfg)]
+                    loaded += [base, tok, *goal_windows(tok)]
                 base, tok, windows, val = loaded
                 bridge_module.token_weights = lambda h, weight, fn=fn: fn(h)
                 try:
@@ -1091,24 +1139,21 @@ def part_bridge_weights() -> None:
 
 def part_window_kl(names: list[str]) -> None:
     """Per-window KL(original || model) on the FIDELITY_WINDOWS WikiText-2 windows (where a mean hides
-    one window): each name a saved case (bench_cache/heal/models/NAME) or ``bridge-<down|linear>-<uniform|rms>``,
-    the k = 7 run cut and that bridge folded into block 11 (no training), fitted on the 131k case's windows."""
+    one window), by :func:`fidelity_to`: each name a saved case (bench_cache/heal/models/NAME) or
+    ``bridge-<down|linear>-<uniform|rms>``, the k = 7 run cut and that bridge folded into block 11 (no
+    training), fitted on the 131k case's windows."""
     base, tok = load_dense()
-    windows = eval_windows(tok)[:FIDELITY_WINDOWS]
-    with torch.no_grad():
-        ref = torch.cat([torch.log_softmax(base(windows[i:i + 2]).logits.float(), -1) for i in range(0, len(windows), 2)])
+    windows = None
     for name in names:
         m = re.fullmatch(r"bridge-(down|linear)-(uniform|rms)", name)
         if m:
-            cfg = heal_config("lora", **{**COMMON, "n_samples": GOAL_TOKENS // SEQ})
-            model, _ = bridged(base, removed_blocks(base, tok), training_windows(tok, cfg)[0], m[1], m[2])
+            windows = goal_windows(tok)[0] if windows is None else windows
+            model, _ = bridged(base, removed_blocks(base, tok), windows, m[1], m[2])
         else:
             model, _, _ = prune.load(CACHE / "models" / name, dtype="float32")
-        with torch.no_grad():
-            lp = torch.cat([torch.log_softmax(model(windows[i:i + 2]).logits.float(), -1) for i in range(0, len(windows), 2)])
-        kl = (ref.exp() * (ref - lp)).sum(-1).mean(1)
-        print(f"{name}: mean {float(kl.mean()):.4f}; per window " + " ".join(f"{float(x):.2f}" for x in kl), flush=True)
-        del model, lp
+        f = fidelity_to(model, base, tok)
+        print(f"{name}: mean {f['kl']:.4f}; per window " + " ".join(f"{x:.2f}" for x in f["kl_windows"]), flush=True)
+        del model
 
 
 def paired_average(ref: str, name: str):
@@ -1597,6 +1642,7 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_bridge_cuts": "bridge_cuts", "bench_heal_bridge_weights": "bridge_weights",
                  "bench_heal_mc_curve": "mc_curve", "bench_heal_seeds": "seeds",
                  "bench_heal_averages": "averages", "bench_heal_teacher": "teacher",
+                 "bench_heal_recipe_variants": "recipe_variants",
                  "bench_heal_variants": "distill_variants", "bench_heal_lastword": "lastword_report",
                  "bench_heal_paired_partial": "distill_paired_report --block bench_heal_paired_partial"}
 
@@ -1612,7 +1658,7 @@ def write_docs(body: str, block: str = "bench_heal") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "distill", "distill_lmeval", "distill_report",
-                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "bridge_weights", "window_kl", "lastword", "lastword_report", "mc_curve", "seeds", "soup", "averages", "teacher_text", "teacher", "report", "all"],
+                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "bridge_weights", "window_kl", "lastword", "lastword_report", "mc_curve", "seeds", "soup", "averages", "teacher_text", "teacher", "recipe_variants", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial); "
