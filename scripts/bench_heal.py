@@ -970,7 +970,7 @@ def goal_windows(tok) -> tuple[torch.Tensor, torch.Tensor]:
 def bridged(base, removed: list[int], windows: torch.Tensor, kind: str, weight: str = "uniform"):
     """A copy of ``base`` without the ``removed`` blocks and, unless ``kind`` is ``none``, with the
     bridges of that kind fitted on ``windows`` (tokens weighted by ``weight``: uniform, as every
-    cached bridge before 2026-12-05, or rms) folded in: ``(model, bridges or None)``."""
+    cached bridge before 2026-12-05, skip_first or rms) folded in, unchecked: ``(model, bridges or None)``."""
     from prune.heal.bridge import apply_bridges, fit_bridges
 
     bridges = fit_bridges(base, removed, windows, batch_size=8, kind=kind, weight=weight) if kind != "none" else None
@@ -1114,7 +1114,7 @@ def part_bridge_weights() -> None:
                     base, tok = load_dense()
                     loaded += [base, tok, *goal_windows(tok)]
                 base, tok, windows, val = loaded
-                bridge_module.token_weights = lambda h, weight, fn=fn: fn(h)
+                bridge_module.token_weights = lambda h, weight, seq_len, fn=fn: fn(h)
                 try:
                     model, bridges = bridged(base, removed, windows, "down", "rms")
                 finally:
@@ -1137,15 +1137,59 @@ def part_bridge_weights() -> None:
     write_docs("\n".join(rows), "bench_heal_bridge_weights")
 
 
+def part_bridge_auto() -> None:
+    """``heal.bridge_weight: auto`` against the default ``uniform``, both through the toolkit's own path
+    (``method: bridge``: the down refit, cut by cut on the pruned model, each cut kept only where it
+    lowers the held-out KL to the original) on each block set of :func:`bridge_cut_sets`, fitted on the
+    131k case's windows; then the KL on the held-out C4 windows and the WikiText-2 fidelity windows.
+    Cached as ``bridgeauto-<set>-<weight>``."""
+    from prune.heal.distill import Teacher, fidelity
+
+    rows = ["| blocks removed | token weights | each cut: weights kept (held-out KL of uniform / skip_first / rms), or "
+            "dropped | fit time | held-out C4 KL | WikiText-2 KL | WikiText-2 ppl |", "|---|---|---|---:|---:|---:|---:|"]
+    loaded = []
+    for label, removed in bridge_cut_sets().items():
+        for weight in ("uniform", "auto"):
+            name = f"bridgeauto-{set_slug(label)}-{weight}"
+            if not cached(name):
+                if not loaded:
+                    loaded += load_dense()
+                base, tok = loaded
+                model = copy.deepcopy(base)
+                kept = prune.remove_layers(model, removed)
+                rec = heal_model(model, tok, "bridge", teacher_model=base, kept=kept, quiet=True, bridge_weight=weight,
+                                 **{**COMMON, "n_samples": GOAL_TOKENS // SEQ})
+                val = goal_windows(tok)[1]
+                store(name, {"case": f"{label}, method bridge, bridge_weight {weight}", "removed": removed,
+                             "bridge": rec["bridge"],
+                             "heldout": fidelity(model, Teacher("memory", "the original model", base.eval()), val),
+                             "fidelity": fidelity_to(model, base, tok)})
+                log(f"{name}: held-out KL {cached(name)['heldout']['kl']:.4f}")
+                del model
+            r = cached(name)
+            cuts = []
+            for c in r["bridge"]["cuts"]:
+                tried = f" ({' / '.join(f'{v:.3f}' for v in c['checked'].values())})" if "checked" in c else ""
+                cuts.append(f"{c['run'][0]}-{c['run'][-1]}: " + (c["weight"] if c["kept"] else "dropped") + tried)
+            rows.append(f"| {' '.join(map(str, removed))} | {weight} | {', '.join(cuts)} | {r['bridge']['seconds'] / 60:.1f} min | "
+                        f"{r['heldout']['kl']:.3f} | {r['fidelity']['kl']:.3f} | {r['fidelity']['perplexity']:.1f} |")
+    rows += ["", "`method: bridge` (the down projection of the block before each cut refitted, no training) on 131,072 C4 "
+             "training tokens (512 windows x 256, seed 0), cut by cut on the pruned model, each cut checked on the 8 "
+             "held-out C4 windows (the KL there with each weighting's fit folded in, in brackets for auto); held-out C4 KL: "
+             "those windows, after all cuts; WikiText-2: the fidelity windows (16 x 512), never seen by the choice."]
+    print("\n".join(rows))
+    write_docs("\n".join(rows), "bench_heal_bridge_auto")
+
+
 def part_window_kl(names: list[str]) -> None:
     """Per-window KL(original || model) on the FIDELITY_WINDOWS WikiText-2 windows (where a mean hides
     one window), by :func:`fidelity_to`: each name a saved case (bench_cache/heal/models/NAME) or
-    ``bridge-<down|linear>-<uniform|rms>``, the k = 7 run cut and that bridge folded into block 11 (no
-    training), fitted on the 131k case's windows."""
+    ``bridge-<down|linear>-<uniform|skip_first|rms>``, the k = 7 run cut and that bridge folded into block 11
+    (no training), fitted on the 131k case's windows."""
     base, tok = load_dense()
     windows = None
     for name in names:
-        m = re.fullmatch(r"bridge-(down|linear)-(uniform|rms)", name)
+        m = re.fullmatch(r"bridge-(down|linear)-(uniform|skip_first|rms)", name)
         if m:
             windows = goal_windows(tok)[0] if windows is None else windows
             model, _ = bridged(base, removed_blocks(base, tok), windows, m[1], m[2])
@@ -1640,6 +1684,7 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_bridge_131k": "distill_matrix --block bench_heal_bridge_131k --goals",
                  "bench_heal_bridgedown_131k": "distill_matrix --block bench_heal_bridgedown_131k --goals",
                  "bench_heal_bridge_cuts": "bridge_cuts", "bench_heal_bridge_weights": "bridge_weights",
+                 "bench_heal_bridge_auto": "bridge_auto",
                  "bench_heal_mc_curve": "mc_curve", "bench_heal_seeds": "seeds",
                  "bench_heal_averages": "averages", "bench_heal_teacher": "teacher",
                  "bench_heal_recipe_variants": "recipe_variants",
@@ -1658,7 +1703,7 @@ def write_docs(body: str, block: str = "bench_heal") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "distill", "distill_lmeval", "distill_report",
-                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "bridge_weights", "window_kl", "lastword", "lastword_report", "mc_curve", "seeds", "soup", "averages", "teacher_text", "teacher", "recipe_variants", "report", "all"],
+                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "bridge_weights", "bridge_auto", "window_kl", "lastword", "lastword_report", "mc_curve", "seeds", "soup", "averages", "teacher_text", "teacher", "recipe_variants", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial); "

@@ -1,7 +1,8 @@
 """Linear bridges across the cuts (prune.heal.bridge, ``heal.bridge: linear``).
 
 The fitted map equals a direct least-squares solve on captured states (each token weighted by
-``1 / rms`` of the original's state after the cut, or uniformly); folded into the
+``1 / rms`` of the original's state after the cut, each window's first token left out, or uniformly;
+``auto`` fits all three and keeps per cut the one the held-out measure prefers); folded into the
 output projection it reproduces ``y - m + m T`` after the cut and lowers the cut's error;
 a bridge is kept only where it lowers the held-out measure (and its weights are put back
 exactly otherwise); healing with it keeps the un-bridged ``*_before`` figures, saves a plain checkpoint; ``method: bridge``
@@ -29,8 +30,14 @@ from test_heal import C4_DATA, FAST, _recipe, tiny_folder  # noqa: F401 - a fixt
 RUN = [3, 4, 5]
 
 
-def weighted(h, *rows):
-    """``rows`` with each token's row scaled by ``sqrt(w)``, ``w = 1 / rms(h)`` (``heal.bridge_weight: rms``)."""
+def weighted(h, *rows, weight="rms", seq_len=None):
+    """``rows`` with each token's row scaled by ``sqrt(w)``: ``w = 1 / rms(h)`` (``heal.bridge_weight: rms``), or
+    each window's first token (of ``seq_len``) dropped (``skip_first``), or as they are (``uniform``)."""
+    if weight == "uniform":
+        return rows
+    if weight == "skip_first":
+        first = torch.arange(len(h)) % seq_len == 0
+        return tuple(x[~first] for x in rows)
     r = (h * h).mean(-1).rsqrt().sqrt()[:, None]
     return tuple(x * r for x in rows)
 
@@ -53,25 +60,32 @@ def states(model, windows, block_before: int, last: int):
 @pytest.mark.parametrize("arch,run", [("llama", RUN), ("gpt2", RUN), ("gpt_neox", RUN), ("phi3", RUN),
                                       ("mixtral", RUN), ("qwen3_moe", [4, 5, 6])])
 def test_fit_equals_least_squares_and_folds_into_the_projection(arch, run, tokenizers_by_bos):
-    """Plain (``uniform``, the default) and weighted (``rms``) least squares, each against a direct solve."""
+    """Plain (``uniform``, the default), first tokens left out (``skip_first``) and weighted (``rms``)
+    least squares, each against a direct solve; ``auto`` fits the same three in one pass."""
     tok = tokenizers_by_bos[arch in BOS_ARCHS]
     full = build_model(arch)
     windows, _ = training_windows(tok, heal_config("lora", C4_DATA, **{**FAST, "n_samples": 24}))
     m, y, h = states(full, windows, run[0] - 1, run[-1])
-    for weight in ("uniform", "rms"):
+    fits = {}
+    for weight in ("uniform", "skip_first", "rms"):
         bridges = fit_bridges(full, run, windows, batch_size=5, weight=weight)  # batches of 5: sums over uneven batches
         assert [b.run for b in bridges.bridges] == [run] and bridges.tokens == windows.numel()
-        assert bridges.record()["weight"] == weight
-        mw, zw, dw = (m, h - y + m, h - y) if weight == "uniform" else weighted(h, m, h - y + m, h - y)
+        assert bridges.record()["weight"] == bridges.record()["cuts"][0]["weight"] == weight
+        mw, zw, dw = weighted(h, m, h - y + m, h - y, weight=weight, seq_len=windows.shape[1])
         direct = torch.linalg.lstsq(mw, zw, driver="gelsd").solution
         (bridge,) = bridges.bridges
         assert torch.allclose(bridge.T, direct, atol=1e-6 * direct.abs().max())
         assert bridge.fit_error == pytest.approx(float(((mw @ direct - zw) ** 2).sum() / (dw ** 2).sum()), rel=1e-6)
         assert 0 <= bridge.fit_error < 1  # T = I (plain removal) is a candidate, and it is beaten
+        fits[weight] = bridge
     size = (h * h).mean(-1)
-    assert size.max() > 2 * size.min()  # tokens of unequal size (3.8-8x in these fixtures): the two fits differ
-    assert not torch.allclose(bridge.T, fit_bridges(full, run, windows, weight="uniform").bridges[0].T,
-                              atol=1e-4 * direct.abs().max())
+    assert size.max() > 2 * size.min()  # tokens of unequal size (3.8-8x in these fixtures): the fits differ
+    for a, b in (("uniform", "rms"), ("uniform", "skip_first"), ("skip_first", "rms")):
+        assert not torch.allclose(fits[a].T, fits[b].T, atol=1e-4 * fits[a].T.abs().max())
+    auto = fit_bridges(full, run, windows, batch_size=5, weight="auto")
+    assert [[o.weight for o in options] for options in auto.options] == [["uniform", "skip_first", "rms"]]
+    for option in auto.options[0]:
+        assert torch.allclose(option.T, fits[option.weight].T, atol=1e-9 * option.T.abs().max())
 
     pruned = build_model(arch)
     prune.remove_layers(pruned, run)
@@ -127,7 +141,7 @@ def test_cascade_fits_each_cut_on_the_pruned_model_as_it_stands(kind, tokenizers
 
     on_student = build_model("llama")  # fitted on the pruned model, that first cut is the same map
     prune.remove_layers(on_student, removed)
-    assert torch.allclose(fit_cut(full, on_student, removed, [2], windows, 5, kind, "rms")[0].T, bridges.bridges[0].T,
+    assert torch.allclose(fit_cut(full, on_student, removed, [2], windows, 5, kind, "rms")[0][0].T, bridges.bridges[0].T,
                           atol=1e-9 * direct.abs().max())
     assert not torch.allclose(independent[1].T, direct, atol=1e-3 * direct.abs().max())
     apply_bridge(by_hand, layout, bridges.bridges[1])
@@ -235,6 +249,69 @@ def test_a_bridge_is_kept_only_where_it_lowers_the_measure(tokenizers_by_bos):
     assert keep_helpful(pruned, bridges, lambda: cut_error(pruned)) == [False]
     assert all(torch.equal(p, before[n]) for n, p in pruned.named_parameters())
     assert cut_error(pruned) == plain
+
+
+def test_auto_keeps_each_cut_s_option_with_the_lowest_held_out_measure(tokenizers_by_bos):
+    """``bridge_weight: auto``: every option is folded in, measured and taken out; the lowest stays
+    (its ``checked`` the three measures, each the measure of that option folded in by hand), and the
+    model's weights are exactly those of the chosen fit folded into the plain pruned model."""
+    tok = tokenizers_by_bos[True]
+    full = build_model("llama")
+    windows, val = training_windows(tok, heal_config("lora", C4_DATA, **FAST))
+    with torch.no_grad():
+        target = full(val, output_hidden_states=True).hidden_states[RUN[-1] + 1]
+
+    def measure(model) -> float:  # the held-out squared error after the cut
+        with torch.no_grad():
+            return float(((model(val, output_hidden_states=True).hidden_states[RUN[0]] - target) ** 2).sum())
+
+    def pruned_with(bridge=None):
+        model = build_model("llama")
+        prune.remove_layers(model, RUN)
+        if bridge is not None:
+            apply_bridge(model, Bridges([bridge], [], kind="down"), bridge)
+        return model
+
+    bridges = fit_bridges(full, RUN, windows, kind="down", weight="auto")
+    by_hand = {o.weight: measure(pruned_with(o)) for o in bridges.options[0]}
+    assert len(set(by_hand.values())) == 3  # three different fits: the choice is not a tie
+    model = pruned_with()
+    plain = measure(model)
+    kept = keep_helpful(model, bridges, lambda: measure(model))
+    (chosen,) = bridges.bridges
+    assert chosen.weight == min(by_hand, key=by_hand.get) and chosen.checked == pytest.approx(by_hand)
+    assert kept == [by_hand[chosen.weight] < plain]
+    assert bridges.record()["cuts"][0]["weight"] == chosen.weight and set(bridges.record()["cuts"][0]["checked"]) == set(by_hand)
+    expected = pruned_with(chosen) if kept[0] else pruned_with()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), expected.parameters()))
+    with pytest.raises(PruneError, match="bridge_weight auto chooses each cut's fit by a held-out measure"):
+        keep_helpful(pruned_with(), fit_bridges(full, RUN, windows, kind="down", weight="auto"), None)
+    with pytest.raises(PruneError, match="bridge_weight auto .* val_samples is 0: set val_samples >= 1"):
+        heal_config("bridge", C4_DATA, bridge_weight="auto", val_samples=0)
+
+
+def test_heal_with_auto_weights_records_each_cut_s_choice(tokenizers_by_bos):
+    """Two cuts fitted in order on the pruned model (``method: bridge``, the original in memory): each
+    cut's record names the weighting kept and the held-out KL of all three; the bridged model's KL is
+    the last kept cut's lowest."""
+    tok = tokenizers_by_bos[True]
+    full = build_model("llama")
+    model = build_model("llama")
+    removed = [2, 5, 6]
+    kept = prune.remove_layers(model, removed)
+    rec = heal_model(model, tok, "bridge", data=C4_DATA, quiet=True, teacher_model=full, kept=kept,
+                     bridge_weight="auto", **FAST)
+    b = rec["bridge"]
+    assert b["weight"] == "auto" and b["fit"] == "cascade" and [c["run"] for c in b["cuts"]] == [[2], [5, 6]]
+    for cut in b["cuts"]:
+        assert set(cut["checked"]) == {"uniform", "skip_first", "rms"}
+        assert cut["weight"] == min(cut["checked"], key=cut["checked"].get)
+    last = [c for c in b["cuts"] if c["kept"]]
+    assert b["kl_after"] == pytest.approx(last[-1]["checked"][last[-1]["weight"]] if last else b["kl_before"], rel=1e-5)
+    from prune.heal.methods import _bridge_lines
+
+    (line,) = _bridge_lines(rec)  # the card names each cut's choice and what it was chosen over
+    assert f"{b['cuts'][0]['weight']} token weights, the lowest held-out of uniform " in line
 
 
 @pytest.mark.parametrize("objective", ["lm", "distill"])

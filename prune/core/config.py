@@ -385,8 +385,10 @@ class OutputConfig(Section):
 
 #: ``heal.method``: what is trained (``distill`` is shorthand for ``objective: distill`` with one of these)
 HEAL_METHODS = ("lora", "replace", "partial", "bridge")
-#: how a bridge's least squares weighs each token (``heal.bridge_weight``, prune.heal.bridge.token_weights)
-BRIDGE_WEIGHTS = ("uniform", "rms")
+#: how a bridge's least squares weighs each token (``heal.bridge_weight``, prune.heal.bridge.token_weights);
+#: ``auto`` fits every one of BRIDGE_FITS and keeps, per cut, the one the held-out check prefers
+BRIDGE_FITS = ("uniform", "skip_first", "rms")
+BRIDGE_WEIGHTS = (*BRIDGE_FITS, "auto")
 DEFAULT_BRIDGE_WEIGHT = "uniform"
 
 
@@ -442,7 +444,10 @@ class HealConfig(Section):
     ``bridge_weight: rms`` divides each token's squared error by the RMS of the original's state
     after the cut, so the few positions with massive activations do not decide the fit (on
     SmolLM2 it rescues a long contiguous cut, and hurts one window of text after a short one);
-    ``uniform`` (default) is plain least squares (docs/BENCHMARKS.md compares them).
+    ``skip_first`` leaves each window's first token (the attention sink) out of the fit;
+    ``uniform`` (default) is plain least squares; ``auto`` fits all three in the same pass and keeps,
+    cut by cut, the one with the lowest held-out measure (it needs ``val_samples`` >= 1;
+    docs/BENCHMARKS.md compares them).
     """
 
     method: Literal[HEAL_METHODS]
@@ -490,7 +495,8 @@ class HealConfig(Section):
     top_k: int = Field(64, ge=1)
     teacher_cache: str | None = None  # the top-k file; default: beside the output folder
     bridge: Literal["none", "linear", "down"] = "none"  # a least-squares map at each cut first (prune.heal.bridge)
-    # each token's squared error as is (uniform), or / the RMS of the original's state after the cut (rms)
+    # each token's squared error as is (uniform), without each window's first token (skip_first), / the RMS of
+    # the original's state after the cut (rms), or the held-out best of the three per cut (auto)
     bridge_weight: Literal[BRIDGE_WEIGHTS] = DEFAULT_BRIDGE_WEIGHT
 
     @model_validator(mode="before")
@@ -546,6 +552,9 @@ class HealConfig(Section):
         if self.bridge != "none" and self.method == "replace":
             raise ValueError("bridge applies to lora, partial and bridge; the replacement block already stands in for "
                              "the removed run (remove bridge, or use method: lora)")
+        if self.bridge_weight == "auto" and self.val_samples == 0 and self.bridge != "none":
+            raise ValueError("bridge_weight auto chooses each cut's fit by the held-out check, and val_samples is 0: "
+                             "set val_samples >= 1 (or bridge_weight: uniform, skip_first or rms)")
         if self.method == "bridge" and self.bridge == "none":
             raise ValueError("method bridge folds a least-squares bridge into each cut and trains nothing: set "
                              "bridge: down or linear (or use method: lora to train)")

@@ -26,12 +26,16 @@ experts are routed per token).
 
 Token weights (``heal.bridge_weight``): ``uniform`` (default) is plain least squares; ``rms``
 minimises ``sum_t w_t ||...||^2`` with ``w_t = 1 / rms(h_b,t)``, the RMS over the hidden size of
-the original's state after the cut (rows scaled by ``sqrt(w_t)``). A few positions (the first
-above all) carry states far larger than the others' (massive activations); with equal weights
-their squares decide the fit. On SmolLM2 (docs/BENCHMARKS.md, "Weighing the fit's tokens") ``rms`` turns the long cut
+the original's state after the cut (rows scaled by ``sqrt(w_t)``); ``skip_first`` gives each
+window's first token weight 0. A few positions (the first above all: the attention sink) carry
+states far larger than the others' (massive activations); with equal weights their squares decide
+the fit. On SmolLM2 (docs/BENCHMARKS.md, "Weighing the fit's tokens") ``rms`` turns the long cut
 9-18, where the uniform fit raises the held-out KL (1.92 -> 2.70) and is dropped, into a bridge
 that lowers it (1.18), and matches uniform at shorter cuts, but it lets one text window whose
-first state differs from the fit text's drift (KL 0.80 -> 0.96 there), so it is not the default.
+first state differs from the fit text's drift (KL 0.80 -> 0.96 there). ``auto`` sums the normal
+equations of all three in the same forward pass (three times the sums' memory: ``d_ff^2`` float64
+each for ``down``), solves each, and :func:`keep_helpful` keeps per cut the one with the lowest
+held-out measure (each cut's :attr:`Bridge.checked` records the three).
 
 Several cuts: :func:`fit_bridges` fits each on the original's states, in one pass.
 :func:`cascade` fits them in order on the PRUNED model as it stands (``m``, ``y``, ``a`` from its
@@ -53,7 +57,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from prune.core.config import DEFAULT_BRIDGE_WEIGHT
+from prune.core.config import BRIDGE_FITS, DEFAULT_BRIDGE_WEIGHT
 from prune.core.errors import PruneError
 from prune.model.capture import StopForward, _hidden_from_output, batches
 from prune.model.loading import decoder_layers, input_device
@@ -79,11 +83,15 @@ class Bridge:
     block: int
     T: torch.Tensor  # float64, on the CPU
     fit_error: float  # ||X T - Z||^2 / ||M - Z||^2 on the fit tokens: the share of the cut's error left
+    weight: str = "uniform"  # the token weights it was fitted with (one of BRIDGE_FITS)
+    checked: dict[str, float] = field(default_factory=dict)  # bridge_weight auto: each weighting's held-out measure
 
 
 @dataclass
 class Bridges:
-    """Every cut's bridge, and what fitting them cost."""
+    """Every cut's bridge, and what fitting them cost. ``options``: per cut, every fit to choose from
+    (one per weighting of ``weight``: three for ``auto``); ``bridges`` holds the first until
+    :func:`keep_helpful` puts the chosen one in its place."""
 
     bridges: list[Bridge]
     skipped: list[list[int]] = field(default_factory=list)  # runs with no block before them
@@ -91,13 +99,24 @@ class Bridges:
     seconds: float = 0.0
     kind: str = "linear"  # every bridge's: linear or down
     fit: str = "independent"  # independent: every cut on the original's states; cascade: on the pruned model's
-    weight: str = DEFAULT_BRIDGE_WEIGHT  # each token's weight in the least squares: rms or uniform
+    weight: str = DEFAULT_BRIDGE_WEIGHT  # each token's weight in the least squares: one of BRIDGE_WEIGHTS
+    options: list[list[Bridge]] = field(default_factory=list)  # empty: each cut's bridge is its only option
+
+    def __post_init__(self) -> None:
+        self.options = self.options or [[b] for b in self.bridges]
 
     def record(self) -> dict:
         return {"method": self.kind, "fit": self.fit, "weight": self.weight, "tokens": self.tokens,
                 "seconds": round(self.seconds, 1),
-                "cuts": [{"run": b.run, "block": b.block, "fit_error": round(b.fit_error, 4)} for b in self.bridges],
+                "cuts": [{"run": b.run, "block": b.block, "fit_error": round(b.fit_error, 4), "weight": b.weight,
+                          **({"checked": {w: round(v, 6) for w, v in b.checked.items()}} if b.checked else {})}
+                         for b in self.bridges],
                 "skipped": self.skipped}
+
+
+def weightings(weight: str) -> tuple[str, ...]:
+    """The fits ``heal.bridge_weight`` asks for: every one of BRIDGE_FITS for ``auto``, else itself."""
+    return BRIDGE_FITS if weight == "auto" else (weight,)
 
 
 def runs_of(removed: list[int]) -> list[list[int]]:
@@ -166,7 +185,7 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
     skipped = [r for r in runs if r[0] == 0]
     if not cuts:
         return Bridges([], skipped, 0, time.time() - started, kind, weight=weight)
-    sums: dict[int, dict[str, torch.Tensor]] = {}
+    sums: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     taken: dict[str, torch.Tensor] = {}
     last = max(r[-1] for r in cuts)
 
@@ -203,24 +222,31 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
                 for r in cuts:
                     m, y, h = taken[f"m{r[0] - 1}"], taken[f"y{r[0] - 1}"], taken[f"h{r[-1]}"]
                     h = h.to(m.device)
-                    accumulate(sums.setdefault(r[0], {}), taken[f"a{r[0] - 1}"] if kind == "down" else m,
-                               h - y.to(m.device) + m, m, token_weights(h, weight))
+                    for w in weightings(weight):
+                        accumulate(sums.setdefault((r[0], w), {}), taken[f"a{r[0] - 1}"] if kind == "down" else m,
+                                   h - y.to(m.device) + m, m, token_weights(h, w, batch.shape[-1]))
                 taken.clear()
     finally:
         model.train(training)
         for h in handles:
             h.remove()
-    return Bridges([solve(r, sums[r[0]], kind) for r in cuts], skipped, tokens, time.time() - started, kind,
-                   weight=weight)
+    options = [[solve(r, sums[(r[0], w)], kind, w) for w in weightings(weight)] for r in cuts]
+    return Bridges([o[0] for o in options], skipped, tokens, time.time() - started, kind, weight=weight,
+                   options=options)
 
 
-def token_weights(h: torch.Tensor, weight: str) -> torch.Tensor | None:
+def token_weights(h: torch.Tensor, weight: str, seq_len: int) -> torch.Tensor | None:
     """Each token's weight in a bridge's least squares, from the original's state after the cut
-    ``h`` [tokens, d]: ``uniform``: None (every token 1); ``rms``: ``1 / sqrt(mean_j h_tj^2)``."""
+    ``h`` [windows x seq_len tokens, d]: ``uniform``: None (every token 1); ``skip_first``: 0 for each
+    window's first token, 1 elsewhere; ``rms``: ``1 / sqrt(mean_j h_tj^2)``."""
     if weight == "uniform":
         return None
+    if weight == "skip_first":
+        w = torch.ones(len(h), dtype=h.dtype, device=h.device)
+        w.view(-1, seq_len)[:, 0] = 0.0
+        return w
     if weight != "rms":
-        raise ValueError(f"bridge weight {weight!r}: expected rms or uniform")
+        raise ValueError(f"bridge weight {weight!r}: expected one of {', '.join(BRIDGE_FITS)}")
     return torch.rsqrt((h * h).mean(-1) + 1e-12)
 
 
@@ -244,7 +270,7 @@ def accumulate(s: dict, x: torch.Tensor, z: torch.Tensor, m: torch.Tensor, w: to
     s["plain"] = s.get("plain", 0.0) + ((z - m) ** 2).sum()
 
 
-def solve(run: list[int], s: dict, kind: str) -> Bridge:
+def solve(run: list[int], s: dict, kind: str, weight: str = "uniform") -> Bridge:
     """The cut's map from its summed normal equations: ridge for ``down`` (``d_ff`` wide), the
     minimum-norm least-squares solution for ``linear`` (``M^T M`` may be singular: its pseudo-inverse
     by eigendecomposition, eigenvalues under ``eps x d`` of the largest dropped, as LAPACK's gelsd
@@ -255,14 +281,15 @@ def solve(run: list[int], s: dict, kind: str) -> Bridge:
     else:
         T = torch.linalg.pinv(G, hermitian=True) @ C
     left = float((T * (G @ T)).sum() - 2 * (T * C).sum()) + zz
-    return Bridge(run, run[0] - 1, T.cpu(), left / plain if plain > 0 else 0.0)
+    return Bridge(run, run[0] - 1, T.cpu(), left / plain if plain > 0 else 0.0, weight)
 
 
 def fit_cut(original: nn.Module, student: nn.Module, removed: list[int], run: list[int], windows: torch.Tensor,
-            batch_size: int = 8, kind: str = "linear", weight: str = DEFAULT_BRIDGE_WEIGHT) -> tuple[Bridge, int]:
+            batch_size: int = 8, kind: str = "linear", weight: str = DEFAULT_BRIDGE_WEIGHT) -> tuple[list[Bridge], int]:
     """One cut's bridge fitted on the PRUNED ``student`` as it stands (its block ``run[0] - 1``, fed
     what the pruned model feeds it: earlier cuts and their bridges included) against the
-    ``original``'s output of block ``run[-1]``. Returns the bridge and the tokens seen."""
+    ``original``'s output of block ``run[-1]``. Returns the bridge of each of ``weight``'s weightings
+    (:func:`weightings`) and the tokens seen."""
     block = decoder_layers(student)[run[0] - 1 - sum(i < run[0] - 1 for i in removed)]
     taken: dict[str, torch.Tensor] = {}
 
@@ -280,7 +307,7 @@ def fit_cut(original: nn.Module, student: nn.Module, removed: list[int], run: li
                decoder_layers(original)[run[-1]].register_forward_hook(keep("h"))]
     if kind == "down":
         handles.append(fold_targets(block)[0].register_forward_hook(keep_input))
-    s: dict = {}
+    sums: dict[str, dict] = {w: {} for w in weightings(weight)}
     tokens, modes = 0, (student.training, original.training)
     student.eval()  # dropout off: the states the pruned model will see at inference
     original.eval()
@@ -293,7 +320,8 @@ def fit_cut(original: nn.Module, student: nn.Module, removed: list[int], run: li
                     except StopForward:
                         pass
                 m, y, h = taken["m"], taken["y"], taken["h"].to(taken["m"].device)
-                accumulate(s, taken["a"] if kind == "down" else m, h - y + m, m, token_weights(h, weight))
+                for w, s in sums.items():
+                    accumulate(s, taken["a"] if kind == "down" else m, h - y + m, m, token_weights(h, w, batch.shape[-1]))
                 tokens += batch.numel()
                 taken.clear()
     finally:
@@ -301,7 +329,7 @@ def fit_cut(original: nn.Module, student: nn.Module, removed: list[int], run: li
         original.train(modes[1])
         for h in handles:
             h.remove()
-    return solve(run, s, kind), tokens
+    return [solve(run, s, kind, w) for w, s in sums.items()], tokens
 
 
 def cascade(original: nn.Module, student: nn.Module, removed: list[int], windows: torch.Tensor,
@@ -325,10 +353,11 @@ def cascade(original: nn.Module, student: nn.Module, removed: list[int], windows
         for i, run in enumerate(cuts):
             if run[0] <= min(removed):  # nothing removed before it: the pruned model feeds it as the original does
                 first = fit_bridges(original, run, windows, batch_size, kind, weight)
-                out.bridges[i], out.tokens = first.bridges[0], first.tokens  # one forward pass instead of two
+                out.options[i], out.tokens = first.options[0], first.tokens  # one forward pass instead of two
             else:
-                out.bridges[i], out.tokens = fit_cut(original, student, removed, run, windows, batch_size, kind, weight)
-            yield out.bridges[i]
+                out.options[i], out.tokens = fit_cut(original, student, removed, run, windows, batch_size, kind, weight)
+            out.bridges[i] = out.options[i][0]
+            yield out.options[i]
 
     kept = keep_helpful(student, out, error, start, fitted())
     out.seconds = time.time() - started
@@ -364,21 +393,38 @@ def apply_bridge(model: nn.Module, bridges: Bridges, bridge: Bridge) -> Callable
 
 
 def keep_helpful(model: nn.Module, bridges: Bridges, error: Callable[[], float] | None, start: float | None = None,
-                 fitted: Iterable[Bridge] | None = None) -> list[bool]:
-    """Fold the bridges into ``model`` one at a time, keeping each only where it lowers ``error()``
+                 fitted: Iterable[list[Bridge]] | None = None) -> list[bool]:
+    """Fold the bridges into ``model`` one cut at a time, keeping each only where it lowers ``error()``
     (a held-out measure: the KL to the teacher, or the causal-LM loss; ``start``: its value with no
     bridge, when already measured; ``error`` None keeps every one, unchecked); returns which were
-    kept. ``fitted``: the bridges in order (default ``bridges.bridges``), drawn one at a time, so a
-    generator can fit each on the model as the earlier decisions left it (:func:`cascade`).
+    kept. Where a cut has several options (``bridge_weight: auto``), each is folded in, measured and
+    taken out again, and the lowest is the cut's bridge (``bridges.bridges[i]``, its ``checked`` the
+    measures). ``fitted``: each cut's options in order (default ``bridges.options``), drawn one cut
+    at a time, so a generator can fit each on the model as the earlier decisions left it (:func:`cascade`).
 
     Least squares fits the fit tokens' squared error: across a long cut a fit that removes most
     of that error can still raise the held-out KL (docs/BENCHMARKS.md: SmolLM2, blocks 9-18). A
     tie drops the bridge."""
     best = None if error is None else (error() if start is None else start)
     kept = []
-    for b in bridges.bridges if fitted is None else fitted:
-        undo = apply_bridge(model, bridges, b)
-        now = None if error is None else error()
+    for i, options in enumerate(bridges.options if fitted is None else fitted):
+        if len(options) > 1:
+            if error is None:
+                raise PruneError("heal.bridge_weight auto chooses each cut's fit by a held-out measure, and there "
+                                 "is none: set val_samples >= 1 (or one weighting: uniform, skip_first or rms)")
+            measured = {}
+            for option in options:
+                undo = apply_bridge(model, bridges, option)
+                measured[option.weight] = error()
+                undo()
+            chosen = min(options, key=lambda option: measured[option.weight])  # a tie: the first (uniform)
+            chosen.checked, now = measured, measured[chosen.weight]
+            undo = apply_bridge(model, bridges, chosen)
+        else:
+            chosen = options[0]
+            undo = apply_bridge(model, bridges, chosen)
+            now = None if error is None else error()
+        bridges.bridges[i] = chosen
         kept.append(now is None or now < best)
         if not kept[-1]:
             undo()

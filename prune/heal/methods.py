@@ -860,14 +860,24 @@ def healing_markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _weight_note(cut: dict) -> str:
+    """A cut's token weights on the card: nothing for uniform; with ``bridge_weight: auto`` the held-out
+    measure of each weighting tried."""
+    weight = cut.get("weight", "uniform")  # records before heal.bridge_weight: uniform
+    if "checked" in cut:
+        tried = ", ".join(f"{w} {v:.4f}" for w, v in cut["checked"].items())
+        return f"; {weight} token weights, the lowest held-out of {tried}"
+    return "" if weight == "uniform" else f"; {weight} token weights"
+
+
 def _bridge_lines(record: dict) -> list[str]:
     """The card's line for a record's bridges (none without one)."""
     if "bridge" not in record:
         return []
     b = record["bridge"]
     cuts = ", ".join(f"blocks {c['run'][0]}-{c['run'][-1]} into block {c['block']} (fit error {c['fit_error']:.3f}"
-                     + ("" if c.get("kept", True) else "; dropped: it did not lower the held-out "
-                        + ("KL" if b.get("checked_by") == "kl" else "loss")) + ")"
+                     + _weight_note(c) + ("" if c.get("kept", True) else "; dropped: it did not lower the held-out "
+                                          + ("KL" if b.get("checked_by") == "kl" else "loss")) + ")"
                      for c in b["cuts"]) or "none"
     after = (f"; KL to the teacher {b['kl_before']:.4f} -> {b['kl_after']:.4f}" if b.get("kl_after") is not None
              else "")
