@@ -286,6 +286,10 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             # near 0.10 against a KL of 0.76 on the un-healed model, --part hidden_scale's windows)
             **{f"batch1-r64-bridgedown-lm0.4-hrel2-seed{s}": dict(R64, bridge="down", lm_weight=0.4, hidden_weight=2.0,
                                                                    hidden_loss="relative", seed=s) for s in range(0, 7)},
+            # the recipe's setting with the bridge's token weights chosen per cut by the held-out KL (heal.bridge_weight:
+            # auto: uniform, skip_first or rms)
+            **{f"batch1-r64-bridgedown-lm0.4-auto-seed{s}": dict(R64, bridge="down", bridge_weight="auto", lm_weight=0.4,
+                                                                  seed=s) for s in range(0, 7)},
             # with the next-token loss on the C4 text beside the KL (for the perplexity goal)
             "batch1-r64-bridge-lm0.2": dict(R64, bridge="linear", lm_weight=0.2),
             # full fine-tuning of every kept block (``--only distill-partial``: partial with all 23 blocks
@@ -886,13 +890,48 @@ def part_teacher(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "ben
 def part_recipe_variants(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "bench_heal_recipe_variants") -> None:
     """The recipe's setting beside one-change variants of it on the same seeds (same data, same LoRA init):
     the bridge fitted with ``rms`` token weights, and the relative hidden-state term (weight 2)."""
-    variants = {"": "none (the recipe)", "-rms": "bridge_weight: rms", "-hrel2": "hidden_loss: relative, hidden_weight: 2"}
+    variants = {"": "none (the recipe)", "-rms": "bridge_weight: rms", "-auto": "bridge_weight: auto",
+                "-hrel2": "hidden_loss: relative, hidden_weight: 2"}
     lines = seed_table(setting, variants, "change", "the recipe's run", only_varied=True, heldout=True)
     lines += ["", f"Setting `{setting}` (the recipe's), {GOAL_TOKENS:,} training tokens, block 12-18 removed; fidelity on the "
               "16 WikiText-2 windows; held-out C4 KL: the healing's own 8 validation windows after it; healing times "
               f"with three or four jobs on 2 CPU cores for the variants (upper bounds); {mc_note()}"]
+    lines += ["", *seed_summary(setting, {k: v for k, v in variants.items() if k})]
     print("\n".join(lines))
     write_docs("\n".join(lines), block)
+
+
+def seed_summary(setting: str, variants: dict[str, str]) -> list[str]:
+    """Each variant against ``setting`` over the seeds where both ran (and both were lm-evaluated for
+    multiple choice): the mean per-seed difference of perplexity (x dense), KL (% of the un-healed
+    model's) and the paired MC average, with a 95% t interval over the seeds (the seed is the unit:
+    the same questions and windows on every seed)."""
+    d_ppl, pr = cached("fidelity-dense")["fidelity"]["perplexity"], cached("fidelity-pruned")["fidelity"]
+    lines = ["| change | seeds | ppl x dense, difference | KL / un-healed's, difference (points) | seeds with MC | "
+             "MC vs the recipe's run, mean difference (points) |", "|---|---|---|---|---|---|"]
+
+    def mean_ci(xs: list[float], scale: float, fmt: str) -> str:
+        m = sum(xs) / len(xs)
+        if len(xs) < 2:
+            return f"{scale * m:{fmt}}"
+        half = T975[min(len(xs) - 1, max(T975))] * (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
+        return f"{scale * m:{fmt}} [{scale * (m - half):{fmt}}, {scale * (m + half):{fmt}}]"
+
+    for suffix, label in variants.items():
+        pairs = []
+        for seed in range(0, 15):
+            own, name = (case_name("distill", "lora", GOAL_TOKENS, f"{setting}{x}-seed{seed}") for x in ("", suffix))
+            if cached(own) and cached(name):
+                pairs.append((seed, own, name))
+        if not pairs:
+            continue
+        ppl = [(cached(n)["fidelity"]["perplexity"] - cached(o)["fidelity"]["perplexity"]) / d_ppl for _, o, n in pairs]
+        kl = [(cached(n)["fidelity"]["kl"] - cached(o)["fidelity"]["kl"]) / pr["kl"] for _, o, n in pairs]
+        mc = [paired_average(o, n).diff for _, o, n in pairs if evaluated(o) and evaluated(n)]
+        lines.append(f"| {label} | {', '.join(str(p[0]) for p in pairs)} | {mean_ci(ppl, 1, '+.3f')} | "
+                     f"{mean_ci(kl, 100, '+.1f')} | {len(mc)} | {mean_ci(mc, 100, '+.2f') if mc else '-'} |")
+    return lines + ["", "Mean over the seeds of (variant - the recipe's run of the same seed), 95% t interval over the seeds "
+                    "(df = seeds - 1)."]
 
 
 def part_teacher_text(batch: int = 20) -> None:
