@@ -290,6 +290,9 @@ VARIANTS = {"hidden": dict(hidden_weight=0.01), "lr2e-3": dict(learning_rate=2e-
             # auto: uniform, skip_first or rms)
             **{f"batch1-r64-bridgedown-lm0.4-auto-seed{s}": dict(R64, bridge="down", bridge_weight="auto", lm_weight=0.4,
                                                                   seed=s) for s in range(0, 7)},
+            # ... and with each window's first token left out of the bridge's fit (heal.bridge_weight: skip_first)
+            **{f"batch1-r64-bridgedown-lm0.4-skipfirst-seed{s}": dict(R64, bridge="down", bridge_weight="skip_first",
+                                                                       lm_weight=0.4, seed=s) for s in range(0, 7)},
             # with the next-token loss on the C4 text beside the KL (for the perplexity goal)
             "batch1-r64-bridge-lm0.2": dict(R64, bridge="linear", lm_weight=0.2),
             # full fine-tuning of every kept block (``--only distill-partial``: partial with all 23 blocks
@@ -891,6 +894,7 @@ def part_recipe_variants(setting: str = "batch1-r64-bridgedown-lm0.4", block: st
     """The recipe's setting beside one-change variants of it on the same seeds (same data, same LoRA init):
     the bridge fitted with ``rms`` token weights, and the relative hidden-state term (weight 2)."""
     variants = {"": "none (the recipe)", "-rms": "bridge_weight: rms", "-auto": "bridge_weight: auto",
+                "-skipfirst": "bridge_weight: skip_first",
                 "-hrel2": "hidden_loss: relative, hidden_weight: 2"}
     lines = seed_table(setting, variants, "change", "the recipe's run", only_varied=True, heldout=True)
     lines += ["", f"Setting `{setting}` (the recipe's), {GOAL_TOKENS:,} training tokens, block 12-18 removed; fidelity on the "
