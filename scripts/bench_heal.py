@@ -1082,6 +1082,11 @@ def bridge_cut_name(label: str, kind: str, weight: str | None = None) -> str:
     return f"bridgecut-{set_slug(label)}-{kind}" + ("-rms" if weight == "rms" else "")
 
 
+def kl_cells(r: dict) -> str:
+    """A bridged case's table cells: held-out C4 KL | WikiText-2 KL | WikiText-2 perplexity."""
+    return f"{r['heldout']['kl']:.3f} | {r['fidelity']['kl']:.3f} | {r['fidelity']['perplexity']:.1f}"
+
+
 def part_bridge_cuts() -> None:
     """When a bridge helps: for each block set of :func:`bridge_cut_sets`, each fit of
     BRIDGE_CUT_FITS on the 131k case's training windows, then (no training) the KL to the original
@@ -1113,8 +1118,7 @@ def part_bridge_cuts() -> None:
             plain = plain or r
             cuts = ", ".join(f"{c['run'][0]}-{c['run'][-1]} ({c['fit_error']:.3f})" for c in r["bridge"]["cuts"]) if r["bridge"] else "-"
             kept = "-" if kind == "none" else ("yes" if r["heldout"]["kl"] < plain["heldout"]["kl"] else "**no**")
-            rows.append(f"| {' '.join(map(str, removed))} | {kind} | {weight or '-'} | {cuts} | {r['heldout']['kl']:.3f} | "
-                        f"{r['fidelity']['kl']:.3f} | {r['fidelity']['perplexity']:.1f} | {kept} |")
+            rows.append(f"| {' '.join(map(str, removed))} | {kind} | {weight or '-'} | {cuts} | {kl_cells(r)} | {kept} |")
     rows += ["", "Fitted on 131,072 C4 training tokens (512 windows x 256, seed 0), no training after it; token weights: "
              "uniform (plain least squares) or rms (each token's squared error / the RMS of the original's state after the "
              "cut, heal.bridge_weight; the fit error is then the weighted share); held-out C4: the healing's 8 validation "
@@ -1170,8 +1174,7 @@ def part_bridge_weights() -> None:
             if r is None:
                 raise SystemExit(f"run --part bridge_cuts first ({name} is missing)")
             fit = f"{r['bridge']['cuts'][0]['fit_error']:.3f}" if r["bridge"] else "-"
-            rows.append(f"| {' '.join(map(str, removed))} | {form} | {fit} | {r['heldout']['kl']:.3f} | "
-                        f"{r['fidelity']['kl']:.3f} | {r['fidelity']['perplexity']:.1f} |")
+            rows.append(f"| {' '.join(map(str, removed))} | {form} | {fit} | {kl_cells(r)} |")
     rows += ["", "The down projection of the block before the cut refitted on the 131,072 C4 training tokens (512 x 256, "
              "seed 0), no training; rms^2 = the mean square of the original's state after the cut, per token; the fit "
              "error is the weighted share of the cut's error left; held-out C4: the healing's 8 validation windows; "
@@ -1214,8 +1217,8 @@ def part_bridge_auto() -> None:
             for c in r["bridge"]["cuts"]:
                 tried = f" ({' / '.join(f'{v:.3f}' for v in c['checked'].values())})" if "checked" in c else ""
                 cuts.append(f"{c['run'][0]}-{c['run'][-1]}: " + (c["weight"] if c["kept"] else "dropped") + tried)
-            rows.append(f"| {' '.join(map(str, removed))} | {weight} | {', '.join(cuts)} | {r['bridge']['seconds'] / 60:.1f} min | "
-                        f"{r['heldout']['kl']:.3f} | {r['fidelity']['kl']:.3f} | {r['fidelity']['perplexity']:.1f} |")
+            rows.append(f"| {' '.join(map(str, removed))} | {weight} | {', '.join(cuts)} | "
+                        f"{r['bridge']['seconds'] / 60:.1f} min | {kl_cells(r)} |")
     rows += ["", "`method: bridge` (the down projection of the block before each cut refitted, no training) on 131,072 C4 "
              "training tokens (512 windows x 256, seed 0), cut by cut on the pruned model, each cut checked on the 8 "
              "held-out C4 windows (the KL there with each weighting's fit folded in, in brackets for auto); held-out C4 KL: "
