@@ -892,14 +892,15 @@ def part_teacher(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "ben
 
 def part_recipe_variants(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "bench_heal_recipe_variants") -> None:
     """The recipe's setting beside one-change variants of it on the same seeds (same data, same LoRA init):
-    the bridge fitted with ``rms`` token weights, and the relative hidden-state term (weight 2)."""
+    the bridge's token weights (``rms``, ``skip_first``, ``auto``), and the relative hidden-state term
+    (weight 2); then :func:`seed_summary`."""
     variants = {"": "none (the recipe)", "-rms": "bridge_weight: rms", "-auto": "bridge_weight: auto",
                 "-skipfirst": "bridge_weight: skip_first",
                 "-hrel2": "hidden_loss: relative, hidden_weight: 2"}
     lines = seed_table(setting, variants, "change", "the recipe's run", only_varied=True, heldout=True)
     lines += ["", f"Setting `{setting}` (the recipe's), {GOAL_TOKENS:,} training tokens, block 12-18 removed; fidelity on the "
               "16 WikiText-2 windows; held-out C4 KL: the healing's own 8 validation windows after it; healing times "
-              f"with three or four jobs on 2 CPU cores for the variants (upper bounds); {mc_note()}"]
+              f"with three to six jobs on 2 CPU cores for the variants (upper bounds); {mc_note()}"]
     lines += ["", *seed_summary(setting, {k: v for k, v in variants.items() if k})]
     print("\n".join(lines))
     write_docs("\n".join(lines), block)
@@ -1192,7 +1193,7 @@ def part_bridge_auto() -> None:
     from prune.heal.distill import Teacher, fidelity
 
     rows = ["| blocks removed | token weights | each cut: weights kept (held-out KL of uniform / skip_first / rms), or "
-            "dropped | fit time | held-out C4 KL | WikiText-2 KL | WikiText-2 ppl |", "|---|---|---|---:|---:|---:|---:|"]
+            "dropped | fit + checks | held-out C4 KL | WikiText-2 KL | WikiText-2 ppl |", "|---|---|---|---:|---:|---:|---:|"]
     loaded = []
     for label, removed in bridge_cut_sets().items():
         for weight in ("uniform", "auto"):
@@ -1222,7 +1223,8 @@ def part_bridge_auto() -> None:
     rows += ["", "`method: bridge` (the down projection of the block before each cut refitted, no training) on 131,072 C4 "
              "training tokens (512 windows x 256, seed 0), cut by cut on the pruned model, each cut checked on the 8 "
              "held-out C4 windows (the KL there with each weighting's fit folded in, in brackets for auto); held-out C4 KL: "
-             "those windows, after all cuts; WikiText-2: the fidelity windows (16 x 512), never seen by the choice."]
+             "those windows, after all cuts; WikiText-2: the fidelity windows (16 x 512), never seen by the choice; fit + "
+             "checks: wall time beside three to five other jobs on 2 CPU cores (not comparable between rows)."]
     print("\n".join(rows))
     write_docs("\n".join(rows), "bench_heal_bridge_auto")
 
