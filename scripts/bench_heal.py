@@ -504,8 +504,7 @@ def part_distill_paired_report(block: str = "bench_heal_paired") -> None:
             head = headline_rows(compare_folders(lmeval_folder(a), lmeval_folder(b)))
             lines += [f"**{b}** against **{a}** (the two objectives, same budget). {average_line(head, a, b)}.", "",
                       paired_markdown(head, a, b), ""]
-    print("\n".join(lines))
-    write_docs("\n".join(lines), block)
+    publish(lines, block)
 
 
 def part_distill_matrix(block: str = "bench_heal_matrix", goals: bool = False) -> None:
@@ -550,8 +549,7 @@ def part_distill_matrix(block: str = "bench_heal_matrix", goals: bool = False) -
               "paired SEs, * where the 95% interval excludes 0 (`prune.measure.paired.task_average`)."]
     if goals:
         lines += ["", *variant_goals(to_dense, d_ppl, pr["fidelity"]["kl"])]
-    print("\n".join(lines))
-    write_docs("\n".join(lines), block)
+    publish(lines, block)
 
 
 GOAL_TOKENS = 131_072  # the issue's budget: every goal at <= this many training tokens
@@ -687,8 +685,7 @@ def part_mc_curve(variant: str = "batch1-r64-bridgedown", block: str = "bench_he
                   + (f"; it would reach {100 * MC_GOAL:.0f}% near **{at:,.0f} tokens** (an extrapolation of a slope "
                      f"{'that the data cannot tell from zero' if slope - half <= 0 else 'that excludes zero'})."
                      if at else "; it does not rise, so no budget can be read from it.")]
-    print("\n".join(lines))
-    write_docs("\n".join(lines), block)
+    publish(lines, block)
 
 
 def part_seeds(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "bench_heal_seeds") -> None:
@@ -730,8 +727,7 @@ def part_seeds(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "bench
               f"({spread([100 * r[4].retained for r in rows], lambda v: f'{v:.2f}%')}); all three by "
               f"{sum(all(g(r) for g in goals) for r in rows)} of {n}. MC: ARC-Easy, PIQA, HellaSwag (acc_norm), WinoGrande, "
               f"0-shot, {LIMIT} questions each, the same for every model; * where the 95% interval excludes 0."]
-    print("\n".join(lines))
-    write_docs("\n".join(lines), block)
+    publish(lines, block)
 
 
 def mc_cells(name: str) -> tuple[str, str] | None:
@@ -823,8 +819,7 @@ def part_averages(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "be
     lines += ["", f"Setting `{setting}` (the recipe's), block 12-18 removed; fidelity on the 16 WikiText-2 windows; MC: ARC-Easy, "
               f"PIQA, HellaSwag (acc_norm), WinoGrande, 0-shot, {LIMIT} questions each, the same for every model; "
               "* where the 95% interval excludes 0. A soup's training tokens are its runs' together."]
-    print("\n".join(lines))
-    write_docs("\n".join(lines), block)
+    publish(lines, block)
 
 
 def seed_table(setting: str, variants: dict[str, str], column: str, ref: str, only_varied: bool = False,
@@ -886,8 +881,7 @@ def part_teacher(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "ben
               f"{gen['sequences']} sequences of {gen['tokens']} tokens, each a C4 excerpt's first {gen['prefix_tokens']} tokens "
               f"sampled on at temperature 1, written in {gen['seconds'] / 60:.0f} min (1 thread; not in the healing time). "
               f"Fidelity on the 16 WikiText-2 windows; {mc_note()}"]
-    print("\n".join(lines))
-    write_docs("\n".join(lines), block)
+    publish(lines, block)
 
 
 def part_recipe_variants(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "bench_heal_recipe_variants") -> None:
@@ -902,8 +896,11 @@ def part_recipe_variants(setting: str = "batch1-r64-bridgedown-lm0.4", block: st
               "16 WikiText-2 windows; held-out C4 KL: the healing's own 8 validation windows after it; healing times "
               f"with three to six jobs on 2 CPU cores for the variants (upper bounds); {mc_note()}"]
     lines += ["", *seed_summary(setting, {k: v for k, v in variants.items() if k})]
-    print("\n".join(lines))
-    write_docs("\n".join(lines), block)
+    for p in sorted(CACHE.glob(case_name("distill", "lora", GOAL_TOKENS, f"{setting}-auto-seed*") + ".json")):
+        cut = cached(p.stem)["healing"]["bridge"]["cuts"][0]  # bridge_weight auto: what each seed's check kept
+        lines += ["", f"`bridge_weight: auto`, seed {p.stem.rsplit('seed', 1)[1]}: kept {cut['weight']} (held-out KL "
+                  + ", ".join(f"{w} {v:.4f}" for w, v in cut["checked"].items()) + ")."]
+    publish(lines, block)
 
 
 def seed_summary(setting: str, variants: dict[str, str]) -> list[str]:
@@ -923,16 +920,17 @@ def seed_summary(setting: str, variants: dict[str, str]) -> list[str]:
         return f"{scale * m:{fmt}} [{scale * (m - half):{fmt}}, {scale * (m + half):{fmt}}]"
 
     for suffix, label in variants.items():
-        pairs = []
-        for seed in range(0, 15):
+        pairs = []  # (seed, the setting's case, the variant's case, their fidelity records)
+        for seed in range(0, 15):  # VARIANTS' seed families run 0-14
             own, name = (case_name("distill", "lora", GOAL_TOKENS, f"{setting}{x}-seed{seed}") for x in ("", suffix))
-            if cached(own) and cached(name):
-                pairs.append((seed, own, name))
+            a, b = cached(own), cached(name)
+            if a and b:
+                pairs.append((seed, own, name, a["fidelity"], b["fidelity"]))
         if not pairs:
             continue
-        ppl = [(cached(n)["fidelity"]["perplexity"] - cached(o)["fidelity"]["perplexity"]) / d_ppl for _, o, n in pairs]
-        kl = [(cached(n)["fidelity"]["kl"] - cached(o)["fidelity"]["kl"]) / pr["kl"] for _, o, n in pairs]
-        mc = [paired_average(o, n).diff for _, o, n in pairs if evaluated(o) and evaluated(n)]
+        ppl = [(b["perplexity"] - a["perplexity"]) / d_ppl for *_, a, b in pairs]
+        kl = [(b["kl"] - a["kl"]) / pr["kl"] for *_, a, b in pairs]
+        mc = [paired_average(o, n).diff for _, o, n, _, _ in pairs if evaluated(o) and evaluated(n)]
         lines.append(f"| {label} | {', '.join(str(p[0]) for p in pairs)} | {mean_ci(ppl, 1, '+.3f')} | "
                      f"{mean_ci(kl, 100, '+.1f')} | {len(mc)} | {mean_ci(mc, 100, '+.2f') if mc else '-'} |")
     return lines + ["", "Mean over the seeds of (variant - the recipe's run of the same seed), 95% t interval over the seeds "
@@ -1125,23 +1123,22 @@ def part_bridge_cuts() -> None:
              "cut, heal.bridge_weight; the fit error is then the weighted share); held-out C4: the healing's 8 validation "
              "windows; WikiText-2: the fidelity windows (16 x 512). The last column: all of a set's cuts together; heal "
              "judges them cut by cut (prune.heal.bridge.keep_helpful)."]
-    print("\n".join(rows))
-    write_docs("\n".join(rows), "bench_heal_bridge_cuts")
+    publish(rows, "bench_heal_bridge_cuts")
 
 
-#: ``--part bridge_weights``: other token weightings than the toolkit's two (uniform, rms), as functions of
-#: the original's state after the cut ``h`` [windows x SEQ tokens, d] (prune.heal.bridge.token_weights' place)
+#: ``--part bridge_weights``: other token weightings than bridge_cuts' two (uniform, rms): a function of the
+#: original's state after the cut ``h`` [windows x SEQ tokens, d] (in prune.heal.bridge.token_weights' place),
+#: or the name of one of the toolkit's own weightings
 OTHER_BRIDGE_WEIGHTS = {
     "1 / rms^2": lambda h: 1 / (h * h).mean(-1),  # the error as the next block's RMSNorm sees it
     "1 / rms^2, at most the median token's": lambda h: (lambda w: (w / w.median()).clamp(max=1.0))(1 / (h * h).mean(-1)),
-    "uniform, first position left out": lambda h: torch.ones(len(h), dtype=h.dtype, device=h.device).view(-1, SEQ)
-    .index_fill(1, torch.tensor([0], device=h.device), 0.0).flatten(),
+    "uniform, first position left out (skip_first)": "skip_first",
 }
 
 
 def part_bridge_weights() -> None:
     """Which token weights for a bridge: the ``down`` refit at k = 7 and at k = 10's contiguous run with
-    each weighting of OTHER_BRIDGE_WEIGHTS in place of :func:`prune.heal.bridge.token_weights`, beside the
+    each weighting of OTHER_BRIDGE_WEIGHTS (a function in place of :func:`prune.heal.bridge.token_weights`), beside the
     uniform and rms rows of ``--part bridge_cuts`` (same windows, same measures); cached as
     ``bridgeweight-<set>-<n>``."""
     import prune.heal.bridge as bridge_module
@@ -1156,15 +1153,16 @@ def part_bridge_weights() -> None:
                     ("1 / rms (rms)", bridge_cut_name(label, "down", "rms"))]
         others = [(form, f"bridgeweight-{set_slug(label)}-{i}") for i, form in enumerate(OTHER_BRIDGE_WEIGHTS, start=3)]
         for form, name in measured + others:
-            fn = OTHER_BRIDGE_WEIGHTS.get(form)
-            if fn is not None and not cached(name):
+            how = OTHER_BRIDGE_WEIGHTS.get(form)
+            if how is not None and not cached(name):
                 if not loaded:
                     base, tok = load_dense()
                     loaded += [base, tok, *goal_windows(tok)]
                 base, tok, windows, val = loaded
-                bridge_module.token_weights = lambda h, weight, seq_len, fn=fn: fn(h)
+                if callable(how):
+                    bridge_module.token_weights = lambda h, weight, seq_len, fn=how: fn(h)
                 try:
-                    model, bridges = bridged(base, removed, windows, "down", "rms")
+                    model, bridges = bridged(base, removed, windows, "down", "rms" if callable(how) else how)
                 finally:
                     bridge_module.token_weights = toolkit
                 held = fidelity(model, Teacher("memory", "the original model", base.eval()), val)
@@ -1180,18 +1178,15 @@ def part_bridge_weights() -> None:
              "seed 0), no training; rms^2 = the mean square of the original's state after the cut, per token; the fit "
              "error is the weighted share of the cut's error left; held-out C4: the healing's 8 validation windows; "
              "WikiText-2: the fidelity windows (16 x 512)."]
-    print("\n".join(rows))
-    write_docs("\n".join(rows), "bench_heal_bridge_weights")
+    publish(rows, "bench_heal_bridge_weights")
 
 
 def part_bridge_auto() -> None:
     """``heal.bridge_weight: auto`` against the default ``uniform``, both through the toolkit's own path
     (``method: bridge``: the down refit, cut by cut on the pruned model, each cut kept only where it
     lowers the held-out KL to the original) on each block set of :func:`bridge_cut_sets`, fitted on the
-    131k case's windows; then the KL on the held-out C4 windows and the WikiText-2 fidelity windows.
-    Cached as ``bridgeauto-<set>-<weight>``."""
-    from prune.heal.distill import Teacher, fidelity
-
+    131k case's windows; the KL on its held-out C4 windows as the healing record measured it after the
+    bridges, then on the WikiText-2 fidelity windows. Cached as ``bridgeauto-<set>-<weight>``."""
     rows = ["| blocks removed | token weights | each cut: weights kept (held-out KL of uniform / skip_first / rms), or "
             "dropped | fit + checks | held-out C4 KL | WikiText-2 KL | WikiText-2 ppl |", "|---|---|---|---:|---:|---:|---:|"]
     loaded = []
@@ -1206,10 +1201,9 @@ def part_bridge_auto() -> None:
                 kept = prune.remove_layers(model, removed)
                 rec = heal_model(model, tok, "bridge", teacher_model=base, kept=kept, quiet=True, bridge_weight=weight,
                                  **{**COMMON, "n_samples": GOAL_TOKENS // SEQ})
-                val = goal_windows(tok)[1]
-                store(name, {"case": f"{label}, method bridge, bridge_weight {weight}", "removed": removed,
-                             "bridge": rec["bridge"],
-                             "heldout": fidelity(model, Teacher("memory", "the original model", base.eval()), val),
+                b = rec["bridge"]  # its held-out figures after the bridges: goal_windows' 8 held-out windows
+                store(name, {"case": f"{label}, method bridge, bridge_weight {weight}", "removed": removed, "bridge": b,
+                             "heldout": {"kl": b["kl_after"], "top1": b["top1_after"], "tokens": rec["distill"]["kl_tokens"]},
                              "fidelity": fidelity_to(model, base, tok)})
                 log(f"{name}: held-out KL {cached(name)['heldout']['kl']:.4f}")
                 del model
@@ -1225,8 +1219,7 @@ def part_bridge_auto() -> None:
              "held-out C4 windows (the KL there with each weighting's fit folded in, in brackets for auto); held-out C4 KL: "
              "those windows, after all cuts; WikiText-2: the fidelity windows (16 x 512), never seen by the choice; fit + "
              "checks: wall time beside three to five other jobs on 2 CPU cores (not comparable between rows)."]
-    print("\n".join(rows))
-    write_docs("\n".join(rows), "bench_heal_bridge_auto")
+    publish(rows, "bench_heal_bridge_auto")
 
 
 def part_window_kl(names: list[str]) -> None:
@@ -1342,8 +1335,7 @@ def part_lastword_report(block: str = "bench_heal_lastword") -> None:
             lines.append(f"- **{b}** against **{a}**: {marked(row)} points ({row.mean_a:.4f} -> {row.mean_b:.4f}; "
                          f"{row.right_to_wrong} right -> wrong, {row.wrong_to_right} wrong -> right, "
                          f"McNemar p = {row.mcnemar_p:.3g})")
-    print("\n".join(lines))
-    write_docs("\n".join(lines), block)
+    publish(lines, block)
 
 
 def part_distill_variants(block: str = "bench_heal_variants") -> None:
@@ -1368,8 +1360,7 @@ def part_distill_variants(block: str = "bench_heal_variants") -> None:
             lines.append(f"| {r['case']} | {changed} | {h['tokens_seen']:,} | {h['steps']} | {h['seconds'] / 60:.1f} min | "
                          f"{c4} | x{f['perplexity'] / d_ppl:.2f} | {100 * f['kl'] / pr['fidelity']['kl']:.1f}% | "
                          f"{f['top1']:.1%} |")
-    print("\n".join(lines))
-    write_docs("\n".join(lines), block)
+    publish(lines, block)
 
 
 def distill_report() -> list[str]:
@@ -1497,8 +1488,7 @@ def part_distill_report(block: str = "bench_heal_distill") -> None:
     lines += ["", "Budget at which each goal is met, or would be on a straight line in log2(training tokens) "
               "through the measured budgets (least squares over all of them, and through the last two; "
               "an extrapolation, not a measurement):", "", *distill_goals()]
-    print("\n".join(lines))
-    write_docs("\n".join(lines), block)
+    publish(lines, block)
 
 
 # ---- part: curve (what more budget buys) ----------------------------------------------------------------
@@ -1738,6 +1728,12 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_recipe_variants": "recipe_variants",
                  "bench_heal_variants": "distill_variants", "bench_heal_lastword": "lastword_report",
                  "bench_heal_paired_partial": "distill_paired_report --block bench_heal_paired_partial"}
+
+
+def publish(lines: list[str], block: str) -> None:
+    """Print a part's table and write it into docs/BENCHMARKS.md's ``block``."""
+    print("\n".join(lines))
+    write_docs("\n".join(lines), block)
 
 
 def write_docs(body: str, block: str = "bench_heal") -> None:
