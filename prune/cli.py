@@ -466,9 +466,12 @@ def add_compare(sub) -> None:
                                    "error sd(d)/sqrt(n), a 95%% percentile bootstrap interval, how many answers flipped "
                                    "each way and McNemar's exact p-value. A and B are prune run folders (their "
                                    "eval/pruned), lm-eval --output_path folders or folders of samples_*.jsonl. With only A "
-                                   "(a run folder), its original is compared with its pruned model.")
+                                   "(a run folder), its original is compared with its pruned model. With several B (seeds "
+                                   "of one recipe), B is their mean per example: the pooled difference and an interval "
+                                   "that counts the examples' sampling, which every seed shares.")
     p.add_argument("a", metavar="A", help="run folder or lm-eval results folder (the baseline)")
-    p.add_argument("b", metavar="B", nargs="?", default=None, help="run folder or lm-eval results folder (compared to A)")
+    p.add_argument("b", metavar="B", nargs="*", default=None,
+                   help="run folder or lm-eval results folder (compared to A); several: pooled per example")
     p.add_argument("--iters", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--output", "-o", default=None, help="also write the comparison as JSON to this file")
@@ -478,14 +481,15 @@ def add_compare(sub) -> None:
 def cmd_compare(args) -> int:
     from prune.measure.paired import average_line, compare_folders, paired_markdown
 
-    rows = compare_folders(args.a, args.b, iters=args.iters, seed=args.seed)
-    names = ("original", "pruned") if args.b is None else ("A", "B")
+    rows = compare_folders(args.a, args.b or None, iters=args.iters, seed=args.seed)
+    names = ("original", "pruned") if not args.b else ("A", "B" if len(args.b) == 1 else f"mean of {len(args.b)} B")
     print(paired_markdown(rows, *names))
     if len({r.task for r in rows}) > 1:
         print("\n" + average_line(rows, *names))
     if args.output:
         with open(args.output, "w") as handle:
-            json.dump({"a": args.a, "b": args.b, "rows": [r.to_dict() for r in rows]}, handle, indent=1)
+            b = args.b[0] if args.b and len(args.b) == 1 else args.b or None  # several: the list pooled
+            json.dump({"a": args.a, "b": b, "rows": [r.to_dict() for r in rows]}, handle, indent=1)
         print(f"comparison written to {args.output}", file=sys.stderr)
     return 0
 

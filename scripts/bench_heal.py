@@ -423,7 +423,11 @@ BASELINES = {"dense": [], "pruned": list(range(12, 19))}
 FIDELITY_LMEVAL = ROOT / "bench_cache" / "fidelity" / "lmeval_k7"
 
 
-def lmeval_folder(name: str) -> Path:
+def lmeval_folder(name: str, limit: int = LIMIT) -> Path:
+    """Where case ``name``'s lm-eval files are: ``limit`` questions per task (LIMIT: the baselines' shared
+    with bench_fidelity where there; more: ``lmeval-n<limit>``, every question of the tasks that have fewer)."""
+    if limit != LIMIT:
+        return CACHE / f"lmeval-n{limit}" / name
     if name in BASELINES:
         key = "-".join(map(str, BASELINES[name])) or "dense"
         if has_samples(FIDELITY_LMEVAL / key):
@@ -465,20 +469,20 @@ def case_model(name: str, dense: list):
     return model, dense[1]
 
 
-def part_distill_paired(only: str | None = None) -> None:
-    """lm-eval (four tasks, limit 500, samples kept) of the baselines and every saved case (``only``:
-    the cases whose name contains it)."""
+def part_distill_paired(only: str | None = None, limit: int = LIMIT) -> None:
+    """lm-eval (four tasks, ``limit`` questions each, samples kept) of the baselines and every saved case
+    (``only``: the cases whose name contains it, or one of its comma-separated parts)."""
     from prune.measure.lmeval import run_lm_eval
 
     dense: list = []
     for name in [*BASELINES, *paired_cases()]:
-        folder = lmeval_folder(name)
-        if has_samples(folder) or (only and only not in name):
+        folder = lmeval_folder(name, limit)
+        if has_samples(folder) or (only and not any(o in name for o in only.split(","))):
             continue
         model, tok = case_model(name, dense)
         log(f"lm-eval (samples) {name}")
         t = time.time()
-        run = run_lm_eval(model, tok, TASKS, limit=LIMIT, batch_size=16, seed=0, data_dir_path=DATA, progress=False)
+        run = run_lm_eval(model, tok, TASKS, limit=limit, batch_size=16, seed=0, data_dir_path=DATA, progress=False)
         run.write(folder, f"SmolLM2-135M-Instruct {name}")
         log(f"lm-eval {name}: {({k: r['metrics'] for k, r in run.summary.items()})} ({time.time() - t:.0f} s)")
         del model
@@ -727,6 +731,52 @@ def part_seeds(setting: str = "batch1-r64-bridgedown-lm0.4", block: str = "bench
               f"({spread([100 * r[4].retained for r in rows], lambda v: f'{v:.2f}%')}); all three by "
               f"{sum(all(g(r) for g in goals) for r in rows)} of {n}. MC: ARC-Easy, PIQA, HellaSwag (acc_norm), WinoGrande, "
               f"0-shot, {LIMIT} questions each, the same for every model; * where the 95% interval excludes 0."]
+    publish(lines, block)
+
+
+def part_questions(setting: str = "batch1-r64-bridgedown-lm0.4", limit: int = 2400,
+                   block: str = "bench_heal_questions") -> None:
+    """Issue 16's multiple-choice goal on more questions: every seed of ``setting`` at the issue's budget
+    lm-evaluated with ``limit`` questions per task (``--part distill_paired --limit``) beside its figures
+    on LIMIT, each paired against the dense model on the same questions, per task and on average; then
+    the seeds pooled per question (``compare_folders`` with several B: the recipe's expected
+    model, with an interval that counts the questions' sampling, which every seed shares)."""
+    from prune.measure.paired import compare_folders, headline_rows, task_average
+
+    ref = lmeval_folder("dense", limit)
+    if not has_samples(ref):
+        raise SystemExit(f"run --part distill_paired --limit {limit} --only dense first")
+    seeds = [(seed, name) for seed in range(0, 15)  # VARIANTS' seed families run 0-14
+             if has_samples(lmeval_folder(name := case_name("distill", "lora", GOAL_TOKENS, f"{setting}-seed{seed}"), limit))]
+    if not seeds:
+        raise SystemExit(f"no seed of {setting} evaluated on {limit} questions per task: run --part distill_paired --limit {limit}")
+    cells = lambda avg: f"{100 * avg.retained:.2f}% | {marked(avg)}"  # noqa: E731
+    heads = {}
+    lines = [f"| model | MC retained, {LIMIT} per task | vs dense ({LIMIT}) | MC retained, up to {limit} per task | "
+             f"vs dense (up to {limit}, points, 95% CI) | ARC-Easy | PIQA | HellaSwag | WinoGrande | MC goal (up to {limit}) |",
+             "|---|---:|---|---:|---|---:|---:|---:|---:|---|"]
+    for label, name in [("un-healed", "pruned"), *((f"seed {s}", n) for s, n in seeds)]:
+        if not has_samples(lmeval_folder(name, limit)):
+            continue
+        head = headline_rows(compare_folders(ref, lmeval_folder(name, limit)))
+        heads[name] = head
+        big = task_average(head)
+        small = cells(paired_average("dense", name)) if evaluated(name) else "- | -"
+        per_task = " | ".join(f"{100 * r.diff:+.2f}" for r in sorted(head, key=lambda r: TASKS.index(r.task.removesuffix("_local"))))
+        lines.append(f"| {label} | {small} | {cells(big)} | {per_task} | {'met' if mc_met(big) else 'not met'} |")
+    names = [n for _, n in seeds]
+    pooled = task_average(compare_folders(ref, [lmeval_folder(n, limit) for n in names]))
+    n_questions = ", ".join(f"{r.task.removesuffix('_local')} {r.n:,}" for r in next(iter(heads.values())))
+    lines += ["", f"Seeds {', '.join(str(s) for s, _ in seeds)} pooled per question (each question's score the mean over "
+              f"the seeds): **{100 * pooled.retained:.2f}%** of the dense model's accuracy retained, {marked(pooled)} points "
+              f"against it (MC goal: {'met' if mc_met(pooled) else 'not met'})."]
+    if all(evaluated(n) for n in names):
+        small = task_average(compare_folders(lmeval_folder("dense"), [lmeval_folder(n) for n in names]))
+        lines[-1] += f" The same seeds on {LIMIT} questions per task: {100 * small.retained:.2f}%, {marked(small)}."
+    lines += ["", f"Setting `{setting}` (the recipe's), {GOAL_TOKENS:,} training tokens. Questions: {n_questions} "
+              f"(every question of the tasks with fewer than {limit}, the first {limit} of the others), 0-shot, the same "
+              "for every model; the per-task columns are the difference to dense in points (HellaSwag: acc_norm); "
+              "* where the 95% interval excludes 0; MC goal: >= 98% retained and the difference not significant."]
     publish(lines, block)
 
 
@@ -1222,6 +1272,58 @@ def part_bridge_auto() -> None:
     publish(rows, "bench_heal_bridge_auto")
 
 
+def part_heldout_windows(seeds: tuple[int, ...] = (0, 5, 6)) -> None:
+    """Are ``bridge_weight: auto``'s choices noise? For each seed's 131k case windows and each one-cut set of
+    :func:`bridge_cut_sets`, the three weightings' down fits (one pass, as ``auto`` fits them), each folded
+    into the cut model alone, and the KL to the original on each of the seed's 8 held-out C4 windows (the
+    windows ``auto`` checks on); then each weighting against uniform paired by window: mean difference,
+    95% t interval over the windows, and on how many windows it is lower. Cached as ``heldoutwin-<seed>-<set>``."""
+    from prune.heal.bridge import apply_bridge, fit_bridges, runs_of
+    from prune.heal.distill import kl_loss
+
+    sets = {label: removed for label, removed in bridge_cut_sets().items() if len(runs_of(removed)) == 1}
+    loaded: list = []
+    rows = ["| seed | blocks removed | held-out KL, uniform | skip_first - uniform | windows lower | rms - uniform | "
+            "windows lower | auto keeps |", "|---:|---|---:|---|---:|---|---:|---|"]
+    for seed in seeds:
+        for label, removed in sets.items():
+            name = f"heldoutwin-{seed}-{set_slug(label)}"
+            if not cached(name):
+                if not loaded:
+                    loaded += load_dense()
+                base, tok = loaded
+                windows, val = training_windows(tok, heal_config("lora", **{**COMMON, "seed": seed,
+                                                                             "n_samples": GOAL_TOKENS // SEQ}))
+                with torch.no_grad():
+                    teacher = [base(input_ids=val[i:i + 1], use_cache=False).logits for i in range(val.shape[0])]
+                bridges = fit_bridges(base, removed, windows, batch_size=8, kind="down", weight="auto")
+                model = copy.deepcopy(base)
+                prune.remove_layers(model, removed)
+                per_window = {}
+                for option in bridges.options[0]:
+                    undo = apply_bridge(model, bridges, option)
+                    with torch.no_grad():
+                        per_window[option.weight] = [float(kl_loss(model(input_ids=val[i:i + 1], use_cache=False).logits,
+                                                                   teacher[i])) for i in range(val.shape[0])]
+                    undo()
+                store(name, {"case": f"seed {seed}, {label}, down fits", "removed": removed, "kl_windows": per_window})
+                del model
+            kl = cached(name)["kl_windows"]
+            cells = []
+            for weight in ("skip_first", "rms"):
+                d = [b - a for a, b in zip(kl["uniform"], kl[weight])]
+                m = sum(d) / len(d)
+                half = T975[min(len(d) - 1, max(T975))] * (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+                cells.append(f"{m:+.4f} [{m - half:+.4f}, {m + half:+.4f}] | {sum(x < 0 for x in d)} of {len(d)}")
+            mean = {w: sum(v) / len(v) for w, v in kl.items()}
+            rows.append(f"| {seed} | {' '.join(map(str, removed))} | {mean['uniform']:.4f} | {' | '.join(cells)} | "
+                        f"{min(mean, key=mean.get)} |")
+    rows += ["", "Each weighting's `down` fit (131,072 C4 training tokens of the seed's case) folded into the cut model "
+             "alone, no training; KL(original || model) on each of the seed's 8 held-out C4 windows (256 tokens), the "
+             "check `auto` chooses by; differences paired by window, 95% t interval over the 8 windows."]
+    publish(rows, "bench_heal_heldout_windows")
+
+
 def part_window_kl(names: list[str]) -> None:
     """Per-window KL(original || model) on the FIDELITY_WINDOWS WikiText-2 windows (where a mean hides
     one window), by :func:`fidelity_to`: each name a saved case (bench_cache/heal/models/NAME) or
@@ -1241,11 +1343,11 @@ def part_window_kl(names: list[str]) -> None:
         del model
 
 
-def paired_average(ref: str, name: str):
-    """The paired four-task average of case ``name`` against case ``ref`` (both lm-evaluated)."""
+def paired_average(ref: str, name: str, limit: int = LIMIT):
+    """The paired four-task average of case ``name`` against case ``ref`` (both lm-evaluated on ``limit`` questions)."""
     from prune.measure.paired import compare_folders, task_average
 
-    return task_average(compare_folders(lmeval_folder(ref), lmeval_folder(name)))
+    return task_average(compare_folders(lmeval_folder(ref, limit), lmeval_folder(name, limit)))
 
 
 def part_distill_pair(pair: list[str]) -> None:
@@ -1723,7 +1825,7 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_bridgedown_131k": "distill_matrix --block bench_heal_bridgedown_131k --goals",
                  "bench_heal_bridge_cuts": "bridge_cuts", "bench_heal_bridge_weights": "bridge_weights",
                  "bench_heal_bridge_auto": "bridge_auto",
-                 "bench_heal_mc_curve": "mc_curve", "bench_heal_seeds": "seeds",
+                 "bench_heal_mc_curve": "mc_curve", "bench_heal_seeds": "seeds", "bench_heal_questions": "questions", "bench_heal_heldout_windows": "heldout_windows",
                  "bench_heal_averages": "averages", "bench_heal_teacher": "teacher",
                  "bench_heal_recipe_variants": "recipe_variants",
                  "bench_heal_variants": "distill_variants", "bench_heal_lastword": "lastword_report",
@@ -1747,7 +1849,7 @@ def write_docs(body: str, block: str = "bench_heal") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "distill", "distill_lmeval", "distill_report",
-                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "bridge_weights", "bridge_auto", "window_kl", "lastword", "lastword_report", "mc_curve", "seeds", "soup", "averages", "teacher_text", "teacher", "recipe_variants", "report", "all"],
+                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "bridge_weights", "bridge_auto", "window_kl", "lastword", "lastword_report", "mc_curve", "seeds", "questions", "heldout_windows", "soup", "averages", "teacher_text", "teacher", "recipe_variants", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial); "
@@ -1759,6 +1861,9 @@ def main() -> None:
     ap.add_argument("--block", default=None, help="--part distill_report / distill_paired_report: the docs block to write")
     ap.add_argument("--goals", action="store_true", help="--part distill_matrix: add the goals table after the matrix")
     ap.add_argument("--seeds", default=None, help="--part soup: comma-separated seeds of --variant to average (default 2,3,4,5,6)")
+    ap.add_argument("--limit", type=int, default=LIMIT, help="--part distill_paired / seeds: questions per task "
+                    f"(default {LIMIT}; more go to bench_cache/heal/lmeval-n<limit>, e.g. 2400: every question of "
+                    "ARC-Easy, PIQA and WinoGrande, the first 2,400 of HellaSwag)")
     ap.add_argument("--pair", nargs=2, metavar=("A", "B"), help="--part distill_pair: compare case B against case A")
     args = ap.parse_args()
     started = time.time()
@@ -1773,8 +1878,12 @@ def main() -> None:
             part_distill_matrix(args.block or "bench_heal_matrix", args.goals)
         elif part == "distill_paired_report":
             part_distill_paired_report(args.block or "bench_heal_paired")
+        elif part == "heldout_windows":
+            part_heldout_windows()
+        elif part == "questions":
+            part_questions(args.variant or "batch1-r64-bridgedown-lm0.4", args.limit if args.limit != LIMIT else 2400)
         elif part == "distill_paired":
-            part_distill_paired(args.only)
+            part_distill_paired(args.only, args.limit)
         elif part == "lastword":
             part_lastword(args.only)
         elif part == "mc_curve":

@@ -10,7 +10,8 @@ import pytest
 from conftest import DATA, build_model
 
 from prune.core.errors import PruneError
-from prune.measure.paired import Paired, compare_folders, headline_rows, mcnemar_exact, paired_stats, task_average
+from prune.measure.paired import (Paired, compare_folders, compare_samples, headline_rows, load_samples, mcnemar_exact,
+                                  mean_samples, paired_stats, task_average)
 
 
 def test_mcnemar_exact_by_hand():
@@ -89,6 +90,24 @@ def test_compare_real_lm_eval_samples(lm_eval_folders):
         compare_folders(root, root / "model-b")
 
 
+def test_mean_samples_pools_runs_per_question(lm_eval_folders):
+    """Against A, the per-question mean of A and B differs by half of B - A on every task and metric,
+    with half its paired SE (d/2 per question); one run's mean is the run itself."""
+    root, _ = lm_eval_folders
+    a, b = load_samples(root / "model-a"), load_samples(root / "model-b")
+    direct = {(r.task, r.metric): r for r in compare_samples(a, b, iters=500)}
+    pooled = {(r.task, r.metric): r for r in compare_samples(a, mean_samples([a, b]), iters=500)}
+    assert set(pooled) == set(direct)
+    for key, r in pooled.items():
+        assert r.diff == pytest.approx(direct[key].diff / 2) and r.se_paired == pytest.approx(direct[key].se_paired / 2)
+        assert r.mean_b == pytest.approx((direct[key].mean_a + direct[key].mean_b) / 2)
+    assert all(r.diff == 0 for r in compare_samples(b, mean_samples([b]), iters=500))
+    edited = {t: [dict(r) for r in recs] for t, recs in b.items()}
+    edited["copa_local"][2]["doc_hash"] = "0" * 64
+    with pytest.raises(PruneError, match="copa_local: example 2 differs between the runs"):
+        mean_samples([a, edited])
+
+
 def test_compare_refuses_different_questions(lm_eval_folders, tmp_path):
     root, _ = lm_eval_folders
     other = tmp_path / "edited"
@@ -125,6 +144,14 @@ def test_compare_cli(lm_eval_folders, tmp_path):
     proc = prune_cli("compare", root / "model-a", root / "model-b", "--iters", 500, "-o", tmp_path / "c.json", check_rc=0)
     assert "| arc_easy_local | acc | 16 |" in proc.stdout and "McNemar p" in proc.stdout
     assert "Average over 2 tasks (one headline metric each): B - A = " in proc.stdout
-    assert len(json.loads((tmp_path / "c.json").read_text())["rows"]) == 3
+    direct = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert len(direct) == 3
+    # several B (seeds of one recipe): pooled per example, here A and B -> half of B - A on every row
+    proc = prune_cli("compare", root / "model-a", root / "model-a", root / "model-b", "--iters", 500,
+                     "-o", tmp_path / "p.json", check_rc=0)
+    assert "| mean of 2 B |" in proc.stdout and "mean of 2 B - A" in proc.stdout
+    pooled = json.loads((tmp_path / "p.json").read_text())
+    assert pooled["b"] == [str(root / "model-a"), str(root / "model-b")]
+    assert [r["diff"] for r in pooled["rows"]] == pytest.approx([r["diff"] / 2 for r in direct])
     proc = prune_cli("compare", tmp_path, root / "model-b", check_rc=2)
     assert proc.stderr.startswith("error: no lm-eval samples") and len(proc.stderr.strip().splitlines()) == 1

@@ -106,6 +106,30 @@ def per_example(records: list[dict]) -> dict[str, dict[tuple, tuple[str, float]]
     return out
 
 
+def mean_samples(runs: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
+    """One ``{task: sample records}`` whose every metric is the mean over ``runs`` (several models that
+    answered the same questions: seeds of one recipe), for :func:`compare_samples` against a reference:
+    the pooled difference is then the mean of the per-model differences, and its interval counts the
+    questions' sampling, which every run shares (a spread over runs alone does not). Only the tasks,
+    metrics and examples every run has; a question asked differently refuses, as in :func:`compare_samples`."""
+    if not runs:
+        raise PruneError("mean_samples needs at least one run")
+    out: dict[str, list[dict]] = {}
+    for task in [t for t in runs[0] if all(t in r for r in runs)]:
+        examples = [{(r["doc_id"], r.get("filter", "none")): r for r in run[task]} for run in runs]
+        records = []
+        for key in sorted(set.intersection(*(set(e) for e in examples)), key=str):
+            first, found = examples[0][key], [e[key] for e in examples]
+            if any(r.get("doc_hash") != first.get("doc_hash") for r in found):
+                raise PruneError(f"{task}: example {key[0]} differs between the runs (another prompt or document): "
+                                 "they did not answer the same questions")
+            metrics = [m for m in first.get("metrics", []) if all(isinstance(r.get(m), (bool, int, float)) for r in found)]
+            records.append({"doc_id": key[0], "filter": key[1], "doc_hash": first.get("doc_hash"), "metrics": metrics,
+                            **{m: sum(float(r[m]) for r in found) / len(found) for m in metrics}})
+        out[task] = records
+    return out
+
+
 def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters: int = 10_000,
                     seed: int = 0) -> list[Paired]:
     """Paired statistics per task and metric of two ``{task: sample records}`` (B against A)."""
@@ -232,13 +256,16 @@ def load_samples(folder: Path) -> dict[str, list[dict]]:
     return {task: read_samples(p.read_text(encoding="utf-8").splitlines()) for task, p in latest_samples(folder).items()}
 
 
-def compare_folders(a: str | Path, b: str | Path | None = None, *, iters: int = 10_000, seed: int = 0) -> list[Paired]:
+def compare_folders(a: str | Path, b: str | Path | list[str | Path] | None = None, *, iters: int = 10_000,
+                    seed: int = 0) -> list[Paired]:
     """Paired comparison of two results folders (B against A); with ``b`` None, ``a`` is a run
-    folder and its original is compared with its pruned model."""
+    folder and its original is compared with its pruned model; with a list of several folders, B is
+    their per-example mean (:func:`mean_samples`: several seeds of one recipe, pooled per question)."""
     if b is None:
         fa, fb = samples_folder(a, "original"), samples_folder(a, "pruned")
         if fa == fb:
             raise PruneError(f"{a} is not a run folder with eval/original and eval/pruned: give two folders")
-    else:
-        fa, fb = samples_folder(a), samples_folder(b)
-    return compare_samples(load_samples(fa), load_samples(fb), iters=iters, seed=seed)
+        return compare_samples(load_samples(fa), load_samples(fb), iters=iters, seed=seed)
+    runs = [load_samples(samples_folder(x)) for x in (b if isinstance(b, list) else [b])]
+    return compare_samples(load_samples(samples_folder(a)), runs[0] if len(runs) == 1 else mean_samples(runs),
+                           iters=iters, seed=seed)
