@@ -647,6 +647,14 @@ def variant_goals(to_dense: dict, d_ppl: float, pruned_kl: float) -> list[str]:
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}  # Student's t, 97.5%, by df (8: for more)
 
 
+def t_interval(xs: list[float]) -> tuple[float, float]:
+    """``(mean, half width)`` of the 95% Student-t interval of the mean of ``xs`` (half 0 for one value)."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, 0.0
+    return m, T975[min(len(xs) - 1, max(T975))] * (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
+
+
 def part_mc_curve(variant: str = "batch1-r64-bridgedown", block: str = "bench_heal_mc_curve") -> None:
     """Multiple choice against training tokens for one setting (the recipe's by default): every budget
     whose checkpoint has its paired lm-eval, beside the un-healed model; then the least-squares line of
@@ -963,10 +971,9 @@ def seed_summary(setting: str, variants: dict[str, str]) -> list[str]:
              "MC vs the recipe's run, mean difference (points) |", "|---|---|---|---|---|---|"]
 
     def mean_ci(xs: list[float], scale: float, fmt: str) -> str:
-        m = sum(xs) / len(xs)
+        m, half = t_interval(xs)
         if len(xs) < 2:
             return f"{scale * m:{fmt}}"
-        half = T975[min(len(xs) - 1, max(T975))] * (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5
         return f"{scale * m:{fmt}} [{scale * (m - half):{fmt}}, {scale * (m + half):{fmt}}]"
 
     for suffix, label in variants.items():
@@ -1312,8 +1319,7 @@ def part_heldout_windows(seeds: tuple[int, ...] = (0, 5, 6)) -> None:
             cells = []
             for weight in ("skip_first", "rms"):
                 d = [b - a for a, b in zip(kl["uniform"], kl[weight])]
-                m = sum(d) / len(d)
-                half = T975[min(len(d) - 1, max(T975))] * (sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+                m, half = t_interval(d)
                 cells.append(f"{m:+.4f} [{m - half:+.4f}, {m + half:+.4f}] | {sum(x < 0 for x in d)} of {len(d)}")
             mean = {w: sum(v) / len(v) for w, v in kl.items()}
             rows.append(f"| {seed} | {' '.join(map(str, removed))} | {mean['uniform']:.4f} | {' | '.join(cells)} | "
@@ -1343,11 +1349,11 @@ def part_window_kl(names: list[str]) -> None:
         del model
 
 
-def paired_average(ref: str, name: str, limit: int = LIMIT):
-    """The paired four-task average of case ``name`` against case ``ref`` (both lm-evaluated on ``limit`` questions)."""
+def paired_average(ref: str, name: str):
+    """The paired four-task average of case ``name`` against case ``ref`` (both lm-evaluated)."""
     from prune.measure.paired import compare_folders, task_average
 
-    return task_average(compare_folders(lmeval_folder(ref, limit), lmeval_folder(name, limit)))
+    return task_average(compare_folders(lmeval_folder(ref), lmeval_folder(name)))
 
 
 def part_distill_pair(pair: list[str]) -> None:
@@ -1825,7 +1831,8 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_bridgedown_131k": "distill_matrix --block bench_heal_bridgedown_131k --goals",
                  "bench_heal_bridge_cuts": "bridge_cuts", "bench_heal_bridge_weights": "bridge_weights",
                  "bench_heal_bridge_auto": "bridge_auto",
-                 "bench_heal_mc_curve": "mc_curve", "bench_heal_seeds": "seeds", "bench_heal_questions": "questions", "bench_heal_heldout_windows": "heldout_windows",
+                 "bench_heal_mc_curve": "mc_curve", "bench_heal_seeds": "seeds",
+                 "bench_heal_questions": "questions", "bench_heal_heldout_windows": "heldout_windows",
                  "bench_heal_averages": "averages", "bench_heal_teacher": "teacher",
                  "bench_heal_recipe_variants": "recipe_variants",
                  "bench_heal_variants": "distill_variants", "bench_heal_lastword": "lastword_report",
@@ -1861,7 +1868,7 @@ def main() -> None:
     ap.add_argument("--block", default=None, help="--part distill_report / distill_paired_report: the docs block to write")
     ap.add_argument("--goals", action="store_true", help="--part distill_matrix: add the goals table after the matrix")
     ap.add_argument("--seeds", default=None, help="--part soup: comma-separated seeds of --variant to average (default 2,3,4,5,6)")
-    ap.add_argument("--limit", type=int, default=LIMIT, help="--part distill_paired / seeds: questions per task "
+    ap.add_argument("--limit", type=int, default=LIMIT, help="--part distill_paired / questions: questions per task "
                     f"(default {LIMIT}; more go to bench_cache/heal/lmeval-n<limit>, e.g. 2400: every question of "
                     "ARC-Easy, PIQA and WinoGrande, the first 2,400 of HellaSwag)")
     ap.add_argument("--pair", nargs=2, metavar=("A", "B"), help="--part distill_pair: compare case B against case A")
