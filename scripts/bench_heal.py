@@ -773,11 +773,13 @@ def part_questions(setting: str = "batch1-r64-bridgedown-lm0.4", limit: int = 24
         per_task = " | ".join(f"{100 * r.diff:+.2f}" for r in sorted(head, key=lambda r: TASKS.index(r.task.removesuffix("_local"))))
         lines.append(f"| {label} | {small} | {cells(big)} | {per_task} | {'met' if mc_met(big) else 'not met'} |")
     names = [n for _, n in seeds]
-    pooled = task_average(compare_folders(ref, [lmeval_folder(n, limit) for n in names]))
+    pooled_rows = headline_rows(compare_folders(ref, [lmeval_folder(n, limit) for n in names]))
+    pooled = task_average(pooled_rows)
     n_questions = ", ".join(f"{r.task.removesuffix('_local')} {r.n:,}" for r in next(iter(heads.values())))
     lines += ["", f"Seeds {', '.join(str(s) for s, _ in seeds)} pooled per question (each question's score the mean over "
               f"the seeds): **{100 * pooled.retained:.2f}%** of the dense model's accuracy retained, {marked(pooled)} points "
-              f"against it (MC goal: {'met' if mc_met(pooled) else 'not met'})."]
+              f"against it (MC goal: {'met' if mc_met(pooled) else 'not met'}); per task "
+              + ", ".join(f"{r.task.removesuffix('_local')} {marked(r)}" for r in pooled_rows) + "."]
     if all(evaluated(n) for n in names):
         small = task_average(compare_folders(lmeval_folder("dense"), [lmeval_folder(n) for n in names]))
         lines[-1] += f" The same seeds on {LIMIT} questions per task: {100 * small.retained:.2f}%, {marked(small)}."
@@ -1859,8 +1861,9 @@ def main() -> None:
                                        "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "bridge_weights", "bridge_auto", "window_kl", "lastword", "lastword_report", "mc_curve", "seeds", "questions", "heldout_windows", "soup", "averages", "teacher_text", "teacher", "recipe_variants", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
-    ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial); "
-                    "--part window_kl: the comma-separated cases")
+    ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial; "
+                    "distill_paired: or any of its comma-separated parts, e.g. dense,lm0.4-seed2); --part window_kl: the "
+                    "comma-separated cases")
     ap.add_argument("--variant", default=None, choices=sorted(VARIANTS),
                     help="--part distill: change these settings (VARIANTS) and add +NAME to the case names")
     ap.add_argument("--keep", action="store_true", help="--part distill --variant: keep the checkpoint at every budget "
