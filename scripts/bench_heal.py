@@ -1872,8 +1872,8 @@ def main() -> None:
     ap.add_argument("--goals", action="store_true", help="--part distill_matrix: add the goals table after the matrix")
     ap.add_argument("--seeds", default=None, help="--part soup: comma-separated seeds of --variant to average (default 2,3,4,5,6)")
     ap.add_argument("--limit", type=int, default=LIMIT, help="--part distill_paired / questions: questions per task "
-                    f"(default {LIMIT}; more go to bench_cache/heal/lmeval-n<limit>, e.g. 2400: every question of "
-                    "ARC-Easy, PIQA and WinoGrande, the first 2,400 of HellaSwag)")
+                    f"(distill_paired: default {LIMIT}, more go to bench_cache/heal/lmeval-n<limit>; questions: default "
+                    "2400, every question of ARC-Easy, PIQA and WinoGrande, the first 2,400 of HellaSwag)")
     ap.add_argument("--pair", nargs=2, metavar=("A", "B"), help="--part distill_pair: compare case B against case A")
     args = ap.parse_args()
     started = time.time()
