@@ -780,6 +780,10 @@ def part_questions(setting: str = "batch1-r64-bridgedown-lm0.4", limit: int = 24
               f"the seeds): **{100 * pooled.retained:.2f}%** of the dense model's accuracy retained, {marked(pooled)} points "
               f"against it (MC goal: {'met' if mc_met(pooled) else 'not met'}); per task "
               + ", ".join(f"{r.task.removesuffix('_local')} {marked(r)}" for r in pooled_rows) + "."]
+    if "pruned" in heads:  # what healing won back: the pooled seeds against the un-healed model, same questions
+        gain = headline_rows(compare_folders(lmeval_folder("pruned", limit), [lmeval_folder(n, limit) for n in names]))
+        lines[-1] += (f" Against the un-healed model: {marked(task_average(gain))} points; per task "
+                      + ", ".join(f"{r.task.removesuffix('_local')} {marked(r)}" for r in gain) + ".")
     if all(evaluated(n) for n in names):
         small = task_average(compare_folders(lmeval_folder("dense"), [lmeval_folder(n) for n in names]))
         lines[-1] += f" The same seeds on {LIMIT} questions per task: {100 * small.retained:.2f}%, {marked(small)}."
