@@ -786,7 +786,11 @@ def part_questions(setting: str = "batch1-r64-bridgedown-lm0.4", limit: int = 24
                       + ", ".join(f"{r.task.removesuffix('_local')} {marked(r)}" for r in gain) + ".")
     if all(evaluated(n) for n in names):
         small = task_average(compare_folders(lmeval_folder("dense"), [lmeval_folder(n) for n in names]))
-        lines[-1] += f" The same seeds on {LIMIT} questions per task: {100 * small.retained:.2f}%, {marked(small)}."
+        lines[-1] += f" The same seeds on {LIMIT} questions per task: {100 * small.retained:.2f}%, {marked(small)}"
+        if evaluated("pruned"):
+            gain = task_average(compare_folders(lmeval_folder("pruned"), [lmeval_folder(n) for n in names]))
+            lines[-1] += f"; against the un-healed model {marked(gain)}"
+        lines[-1] += "."
     lines += ["", f"Setting `{setting}` (the recipe's), {GOAL_TOKENS:,} training tokens. Questions: {n_questions} "
               f"(every question of the tasks with fewer than {limit}, the first {limit} of the others), 0-shot, the same "
               "for every model; the per-task columns are the difference to dense in points (HellaSwag: acc_norm); "
