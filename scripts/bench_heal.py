@@ -418,21 +418,20 @@ def part_distill_lmeval() -> None:
 
 # ---- part: distill_paired (lm-eval's own files, paired against the dense and the un-healed model) -----------
 #: the dense and the un-healed (blocks 12-18) models' lm-eval files under the same protocol, written by
-#: scripts/bench_fidelity.py --part paired (dense, contiguous angular at k = 7); run here when missing
+#: scripts/bench_fidelity.py --part paired [--limit N] (dense, contiguous angular at k = 7); run here when missing
 BASELINES = {"dense": [], "pruned": list(range(12, 19))}
-FIDELITY_LMEVAL = ROOT / "bench_cache" / "fidelity" / "lmeval_k7"
 
 
 def lmeval_folder(name: str, limit: int = LIMIT) -> Path:
-    """Where case ``name``'s lm-eval files are: ``limit`` questions per task (LIMIT: the baselines' shared
-    with bench_fidelity where there; more: ``lmeval-n<limit>``, every question of the tasks that have fewer)."""
-    if limit != LIMIT:
-        return CACHE / f"lmeval-n{limit}" / name
+    """Where case ``name``'s lm-eval files are, with ``limit`` questions per task (more than LIMIT: every
+    question of the tasks that have fewer): a baseline's are bench_fidelity's where it wrote them, else
+    ``lmeval`` (LIMIT) or ``lmeval-n<limit>`` here."""
     if name in BASELINES:
         key = "-".join(map(str, BASELINES[name])) or "dense"
-        if has_samples(FIDELITY_LMEVAL / key):
-            return FIDELITY_LMEVAL / key
-    return CACHE / "lmeval" / name
+        shared = ROOT / "bench_cache" / "fidelity" / ("lmeval_k7" if limit == LIMIT else f"lmeval_k7_n{limit}") / key
+        if has_samples(shared):
+            return shared
+    return CACHE / ("lmeval" if limit == LIMIT else f"lmeval-n{limit}") / name
 
 
 def has_samples(folder: Path) -> bool:
@@ -759,6 +758,7 @@ def part_questions(setting: str = "batch1-r64-bridgedown-lm0.4", limit: int = 24
     if not seeds:
         raise SystemExit(f"no seed of {setting} evaluated on {limit} questions per task: run --part distill_paired --limit {limit}")
     cells = lambda avg: f"{100 * avg.retained:.2f}% | {marked(avg)}"  # noqa: E731
+    by_task = lambda rows: {r.task.removesuffix("_local"): r for r in rows}  # noqa: E731
     heads = {}
     lines = [f"| model | MC retained, {LIMIT} per task | vs dense ({LIMIT}) | MC retained, up to {limit} per task | "
              f"vs dense (up to {limit}, points, 95% CI) | ARC-Easy | PIQA | HellaSwag | WinoGrande | MC goal (up to {limit}) |",
@@ -769,8 +769,11 @@ def part_questions(setting: str = "batch1-r64-bridgedown-lm0.4", limit: int = 24
         head = headline_rows(compare_folders(ref, lmeval_folder(name, limit)))
         heads[name] = head
         big = task_average(head)
-        small = cells(paired_average("dense", name)) if evaluated(name) else "- | -"
-        per_task = " | ".join(f"{100 * r.diff:+.2f}" for r in sorted(head, key=lambda r: TASKS.index(r.task.removesuffix("_local"))))
+        small_rows = headline_rows(compare_folders(lmeval_folder("dense"), lmeval_folder(name))) if evaluated(name) else []
+        small = cells(task_average(small_rows)) if small_rows else "- | -"
+        tasks, small_tasks = by_task(head), by_task(small_rows)
+        per_task = " | ".join(f"{100 * tasks[t].diff:+.2f}" + (f" ({100 * small_tasks[t].diff:+.2f})" if t in small_tasks else "")
+                              for t in TASKS)
         lines.append(f"| {label} | {small} | {cells(big)} | {per_task} | {'met' if mc_met(big) else 'not met'} |")
     names = [n for _, n in seeds]
     pooled_rows = headline_rows(compare_folders(ref, [lmeval_folder(n, limit) for n in names]))
@@ -793,7 +796,8 @@ def part_questions(setting: str = "batch1-r64-bridgedown-lm0.4", limit: int = 24
         lines[-1] += "."
     lines += ["", f"Setting `{setting}` (the recipe's), {GOAL_TOKENS:,} training tokens. Questions: {n_questions} "
               f"(every question of the tasks with fewer than {limit}, the first {limit} of the others), 0-shot, the same "
-              "for every model; the per-task columns are the difference to dense in points (HellaSwag: acc_norm); "
+              f"for every model; the per-task columns are the difference to dense in points on up to {limit} questions "
+              f"(in brackets on {LIMIT}; HellaSwag: acc_norm); "
               "* where the 95% interval excludes 0; MC goal: >= 98% retained and the difference not significant."]
     publish(lines, block)
 
@@ -1879,7 +1883,7 @@ def main() -> None:
     ap.add_argument("--block", default=None, help="--part distill_report / distill_paired_report: the docs block to write")
     ap.add_argument("--goals", action="store_true", help="--part distill_matrix: add the goals table after the matrix")
     ap.add_argument("--seeds", default=None, help="--part soup: comma-separated seeds of --variant to average (default 2,3,4,5,6)")
-    ap.add_argument("--limit", type=int, default=LIMIT, help="--part distill_paired / questions: questions per task "
+    ap.add_argument("--limit", type=int, default=None, help="--part distill_paired / questions: questions per task "
                     f"(distill_paired: default {LIMIT}, more go to bench_cache/heal/lmeval-n<limit>; questions: default "
                     "2400, every question of ARC-Easy, PIQA and WinoGrande, the first 2,400 of HellaSwag)")
     ap.add_argument("--pair", nargs=2, metavar=("A", "B"), help="--part distill_pair: compare case B against case A")
@@ -1899,9 +1903,9 @@ def main() -> None:
         elif part == "heldout_windows":
             part_heldout_windows()
         elif part == "questions":
-            part_questions(args.variant or "batch1-r64-bridgedown-lm0.4", args.limit if args.limit != LIMIT else 2400)
+            part_questions(args.variant or "batch1-r64-bridgedown-lm0.4", args.limit or 2400)
         elif part == "distill_paired":
-            part_distill_paired(args.only, args.limit)
+            part_distill_paired(args.only, args.limit or LIMIT)
         elif part == "lastword":
             part_lastword(args.only)
         elif part == "mc_curve":
