@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""Does the calibration text change which blocks `verified` removes, and what they cost? (docs/BENCHMARKS.md,
+"Which calibration text").
+
+SmolLM2-135M-Instruct, the verified benchmark's protocol (scripts/bench_verified.py: 32 scoring windows
+x 256 tokens, seed 0, skip_first, 4 held-out windows from the same text, local-search budget 16, blocks
+0 and 29 protected) with the calibration text swapped:
+
+* ``wikitext``: WikiText-2 rows 0:2000 (the benchmarks' calibration text);
+* ``c4``: the C4 web excerpts (healing's training text);
+* ``tinystories``: simple children's stories, lines 0:8000 (a narrow, plain register);
+* ``arc_challenge_qa``: every ARC-Challenge question followed by its correct answer, a knowledge probe
+  (written to bench_cache/calibration/ from ../shared/data; it is the ARC-Challenge *test* set, so a
+  model calibrated on it must not be evaluated on ARC-Challenge: diagnostic only).
+
+Each chosen set is measured on three evaluation texts, one pass each: WikiText-2 rows 2000: (64 x 512,
+bench_verified's cached reference and sets), the C4 realnewslike excerpts (a text none of the sources
+is) and TinyStories lines 8000: (32 x 512 each): perplexity and KL(original || pruned) from the
+original's top-256 log-probs.
+``--lmeval SOURCES --ks K`` runs the four tasks on up to 2,400 questions each (bench_heal's protocol: batch
+16, seed 0) for those sources' sets and pairs them with the original and with WikiText's set at the same k
+(the original's and WikiText's k = 7 files are bench_heal's: bench_cache/heal/lmeval-n2400/{dense,pruned}).
+
+    nohup nice -n 5 python scripts/bench_calibration.py > bench_cache/calibration.log 2>&1 &
+    python scripts/bench_calibration.py --lmeval tinystories            # the paired lm-eval of its k = 7 set
+    python scripts/bench_calibration.py --lmeval wikitext,arc_challenge_qa --ks 10
+    python scripts/bench_calibration.py --report [--docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_verified  # noqa: E402  (sets the offline environment and sys.path first)
+from bench_verified import Bench, PROTECT  # noqa: E402
+from bench_quality import DATA, TASKS, WIKI, log, read, set_key, write  # noqa: E402
+
+import prune  # noqa: E402
+import torch  # noqa: E402
+from prune.choose.strategies import heldout_windows  # noqa: E402
+from prune.choose.verified import verified  # noqa: E402
+from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity  # noqa: E402
+
+CACHE = ROOT / "bench_cache" / "calibration"
+STORIES = DATA / "tinystories" / "tinystories_sample_2MiB.txt"
+QA = CACHE / "arc_challenge_qa.jsonl"
+SOURCES = {
+    "wikitext": prune.TextSource(str(WIKI), rows="0:2000"),
+    "c4": prune.TextSource(str(DATA / "c4" / "c4_web_1480.jsonl"), field=["prefix", "gold_completion"]),
+    "tinystories": prune.TextSource(str(STORIES), rows="0:8000"),
+    "arc_challenge_qa": prune.TextSource(str(QA)),
+}
+#: evaluation texts beside WikiText-2 rows 2000: (bench_verified's), 32 x 512 tokens each
+EVALS = {"news": prune.TextSource(str(DATA / "c4" / "c4_realnewslike_validation_200.jsonl"), field=["prompt", "response"]),
+         "stories": prune.TextSource(str(STORIES), rows="8000:")}
+KS = (7, 10)
+N_SCORING, SEQ, HELDOUT, BUDGET = 32, 256, 4, 16
+LIMIT = 2400  # bench_heal --part questions: every question of ARC-Easy, PIQA, WinoGrande and 2,400 of HellaSwag
+HEAL = ROOT / "bench_cache" / "heal" / f"lmeval-n{LIMIT}"
+WIKI_K7 = list(range(12, 19))  # what verified removes at k = 7 with the WikiText calibration (bench_verified)
+
+
+def write_qa() -> None:
+    """ARC-Challenge's questions, each with its correct answer (lm-eval's arc prompt and target)."""
+    if QA.is_file():
+        return
+    rows = [json.loads(line) for line in (DATA / "tasks" / "arc_challenge.jsonl").read_text().splitlines() if line]
+    QA.parent.mkdir(parents=True, exist_ok=True)
+    QA.write_text("".join(json.dumps({"text": f"{r['query']}\nAnswer: {r['choices'][r['gold']]}"}) + "\n" for r in rows))
+
+
+class Calibrations:
+    def __init__(self, threads: int):
+        self.bench = Bench(threads, HELDOUT, BUDGET)  # the model, the WikiText evaluation windows and their reference
+        self.ctx = self.bench.ctx
+        self._refs: dict[str, FidelityReference] = {}
+
+    def selection(self, source: str, k: int) -> dict:
+        path = CACHE / f"{source}_k{k}.json"
+        if (data := read(path)) is not None:
+            return data
+        ctx, text = self.ctx, prune.load_text(SOURCES[source])
+        scores_path = CACHE / f"{source}_scores.json"
+        if scores_path.is_file():
+            scores = prune.ScoreResult.load_json(scores_path)
+        else:
+            windows = prune.calibration_windows(ctx.tok, text, N_SCORING, SEQ, seed=0)
+            scores = prune.score(ctx.model, windows, batch_size=8, progress=False)
+            scores.save_json(scores_path)
+        held = heldout_windows(ctx.tok, text, N_SCORING, SEQ, 0, None, HELDOUT)
+        started = time.time()
+        sel = verified(ctx.model, scores, held, k, protect=PROTECT, batch_size=4, budget=BUDGET, progress=False)
+        data = {"removed": sel.removed, "details": sel.details, "seconds": round(time.time() - started, 1)}
+        write(path, data)
+        log(f"{source} k={k}: {sel.removed} from {sel.details['source']} ({data['seconds']} s)")
+        return data
+
+    def reference(self, text: str) -> FidelityReference:
+        """The original's top-256 log-probs over 32 x 512 tokens of evaluation text ``text`` (one of EVALS)."""
+        path = CACHE / f"{text}_reference.safetensors"
+        if text not in self._refs:
+            if path.is_file():
+                self._refs[text] = FidelityReference.load(path)
+            else:
+                windows = prune.eval_windows(self.ctx.tok, prune.load_text(EVALS[text]), 512, max_windows=32)
+                self._refs[text] = build_reference(self.ctx.model, windows, top_k=256, batch_size=4)
+                self._refs[text].save(path)
+        return self._refs[text]
+
+    def measure(self, text: str, removed: list[int]) -> dict:
+        """Perplexity and KL to the original of the model without ``removed`` on evaluation text ``text``."""
+        if text == "wikitext":
+            return self.bench.measure(removed)
+        path = CACHE / f"{text}_sets" / f"{set_key(removed)}.json"
+        if (data := read(path)) is None:
+            data = measure_fidelity(self.ctx.pruned(removed), self.reference(text), batch_size=4)
+            data.pop("data", None)
+            data.update(removed=sorted(removed))
+            write(path, data)
+        return data
+
+
+def lmeval_folder(removed: list[int]) -> Path:
+    """bench_heal's folders for the original and WikiText's k = 7 set; one of ours for any other set."""
+    if not removed:
+        return HEAL / "dense"
+    if sorted(removed) == WIKI_K7:
+        return HEAL / "pruned"
+    return CACHE / f"lmeval-n{LIMIT}" / set_key(removed)
+
+
+def evaluated(removed: list[int]) -> bool:
+    return any(lmeval_folder(removed).glob("samples_*.jsonl"))
+
+
+def run_lmeval(cal: Calibrations, removed: list[int]) -> None:
+    from prune.measure.lmeval import run_lm_eval
+
+    folder = lmeval_folder(removed)
+    if evaluated(removed):
+        return
+    started = time.time()
+    run = run_lm_eval(cal.ctx.pruned(removed), cal.ctx.tok, list(TASKS), limit=LIMIT, batch_size=16, seed=0,
+                      data_dir_path=DATA, progress=False)
+    run.write(folder, f"SmolLM2-135M-Instruct without {set_key(removed)}")
+    log(f"lm-eval {set_key(removed)}: {({t: r['metrics'] for t, r in run.summary.items()})} "
+        f"({time.time() - started:.0f} s)")
+
+
+def report() -> str:
+    from prune.choose.rules import select
+    from prune.measure.paired import average_line, compare_folders, headline_rows
+
+    texts = {"wikitext": "WikiText-2", "news": "C4 news", "stories": "TinyStories"}
+    rows = ["| k | calibration text | verified removes | its held-out KL (own text) | "
+            + " | ".join(f"{t} ppl | {t} KL" for t in texts.values()) + " | contiguous angular | one-shot BI |",
+            "|---:|---|---|---:|" + "---:|---:|" * len(texts) + "---|---|"]
+
+    def measured(text: str, removed: list[int]) -> dict:
+        folder = bench_verified.CACHE / "sets" if text == "wikitext" else CACHE / f"{text}_sets"
+        return read(folder / f"{set_key(removed)}.json") or {}
+
+    for k in KS:
+        for source in SOURCES:
+            sel = read(CACHE / f"{source}_k{k}.json")
+            if sel is None:
+                continue
+            cells = []
+            for text in texts:
+                m = measured(text, sel["removed"])
+                cells += [f"{m['perplexity_pruned']:.1f}", f"{m['kl_mean']:.3f}"] if m else ["-", "-"]
+            scores = prune.ScoreResult.load_json(CACHE / f"{source}_scores.json")
+            picks = [" ".join(map(str, select(scores, k, strategy=st, metric=me, protect=PROTECT).removed))
+                     for st, me in (("contiguous", "angular"), ("one_shot", "bi"))]
+            rows.append(f"| {k} | {source} | {' '.join(map(str, sel['removed']))} | {sel['details']['kl_mean']:.4f} | "
+                        + " | ".join(cells) + f" | {picks[0]} | {picks[1]} |")
+    out = ["\n".join(rows)]
+    if all(measured(t, []) for t in texts):
+        out.append("\nThe original's perplexity on the same tokens: "
+                   + ", ".join(f"{name} {measured(t, [])['perplexity_pruned']:.2f}" for t, name in texts.items()) + ".")
+    for k in KS:
+        chosen = {source: sel["removed"] for source in SOURCES if (sel := read(CACHE / f"{source}_k{k}.json"))}
+        base = chosen.get("wikitext")
+        for source, removed in chosen.items():
+            if not removed or not evaluated(removed) or (source != "wikitext" and removed == base):
+                continue
+            pairs = [([], "the original")]
+            if source != "wikitext" and base and evaluated(base):
+                pairs.append((base, f"wikitext's set ({set_key(base)})"))
+            for ref, ref_name in pairs:
+                head = headline_rows(compare_folders(lmeval_folder(ref), lmeval_folder(removed)))
+                per_task = "; ".join(f"{r.task.replace('_local', '')} {100 * r.diff:+.2f} "
+                                     f"[{100 * r.ci_low:+.2f}, {100 * r.ci_high:+.2f}]" for r in head)
+                out.append(f"\n**{source}'s set at k = {k}** ({set_key(removed)}) against **{ref_name}**: "
+                           f"{average_line(head, ref_name, source)}. Per task: {per_task}.")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sources", default=",".join(SOURCES), help="comma-separated calibration texts")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lmeval", default=None, help="comma-separated sources whose sets (at --ks) are lm-evaluated "
+                                                   "(2,400 questions per task)")
+    ap.add_argument("--ks", default="7", help="with --lmeval: comma-separated block counts")
+    ap.add_argument("--report", action="store_true", help="the tables, from the cache")
+    ap.add_argument("--docs", action="store_true", help="with --report: into docs/BENCHMARKS.md's bench_calibration block")
+    args = ap.parse_args()
+    if args.report:
+        tables = report()
+        print(tables)
+        if args.docs:
+            from docs_block import replace_block
+
+            if not replace_block("bench_calibration", tables, "python scripts/bench_calibration.py --report --docs",
+                                 "bench_cache/calibration/"):
+                sys.exit("docs/BENCHMARKS.md has no <!-- bench_calibration:begin --> block")
+        return
+    write_qa()
+    cal = Calibrations(args.threads)
+    if args.lmeval:
+        for k in map(int, args.ks.split(",")):
+            for source in args.lmeval.split(","):
+                run_lmeval(cal, cal.selection(source, k)["removed"])
+        return
+    for text in ["wikitext", *EVALS]:
+        cal.measure(text, [])
+    for k in KS:
+        for source in args.sources.split(","):
+            removed = cal.selection(source, k)["removed"]
+            for text in ["wikitext", *EVALS]:
+                m = cal.measure(text, removed)
+                log(f"{source} k={k} {removed}: {text} ppl {m['perplexity_pruned']:.1f} KL {m['kl_mean']:.3f}")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
