@@ -24,6 +24,7 @@ original's top-256 log-probs.
     nohup nice -n 5 python scripts/bench_calibration.py > bench_cache/calibration.log 2>&1 &
     python scripts/bench_calibration.py --lmeval tinystories            # the paired lm-eval of its k = 7 set
     python scripts/bench_calibration.py --lmeval wikitext,arc_challenge_qa --ks 10
+    python scripts/bench_calibration.py --sources wikitext,tinystories,arc_challenge_qa --heldout 16
     python scripts/bench_calibration.py --report [--docs]
 """
 
@@ -76,14 +77,18 @@ def write_qa() -> None:
     QA.write_text("".join(json.dumps({"text": f"{r['query']}\nAnswer: {r['choices'][r['gold']]}"}) + "\n" for r in rows))
 
 
+def selection_path(source: str, k: int, heldout: int = HELDOUT) -> Path:
+    return CACHE / (f"{source}_k{k}.json" if heldout == HELDOUT else f"{source}_k{k}_h{heldout}.json")
+
+
 class Calibrations:
     def __init__(self, threads: int):
         self.bench = Bench(threads, HELDOUT, BUDGET)  # the model, the WikiText evaluation windows and their reference
         self.ctx = self.bench.ctx
         self._refs: dict[str, FidelityReference] = {}
 
-    def selection(self, source: str, k: int) -> dict:
-        path = CACHE / f"{source}_k{k}.json"
+    def selection(self, source: str, k: int, heldout: int = HELDOUT) -> dict:
+        path = selection_path(source, k, heldout)
         if (data := read(path)) is not None:
             return data
         ctx, text = self.ctx, prune.load_text(SOURCES[source])
@@ -94,12 +99,12 @@ class Calibrations:
             windows = prune.calibration_windows(ctx.tok, text, N_SCORING, SEQ, seed=0)
             scores = prune.score(ctx.model, windows, batch_size=8, progress=False)
             scores.save_json(scores_path)
-        held = heldout_windows(ctx.tok, text, N_SCORING, SEQ, 0, None, HELDOUT)
+        held = heldout_windows(ctx.tok, text, N_SCORING, SEQ, 0, None, heldout)
         started = time.time()
         sel = verified(ctx.model, scores, held, k, protect=PROTECT, batch_size=4, budget=BUDGET, progress=False)
         data = {"removed": sel.removed, "details": sel.details, "seconds": round(time.time() - started, 1)}
         write(path, data)
-        log(f"{source} k={k}: {sel.removed} from {sel.details['source']} ({data['seconds']} s)")
+        log(f"{source} k={k} ({heldout} held-out windows): {sel.removed} from {sel.details['source']} ({data['seconds']} s)")
         return data
 
     def reference(self, text: str) -> FidelityReference:
@@ -185,6 +190,17 @@ def report() -> str:
     if all(measured(t, []) for t in texts):
         out.append("\nThe original's perplexity on the same tokens: "
                    + ", ".join(f"{name} {measured(t, [])['perplexity_pruned']:.2f}" for t, name in texts.items()) + ".")
+    more = [(k, source, sel, big) for k in KS for source in SOURCES
+            if (sel := read(selection_path(source, k))) and (big := read(selection_path(source, k, 4 * HELDOUT)))]
+    if more:
+        out += ["", f"verified with {4 * HELDOUT} held-out windows instead of {HELDOUT} (the same scores and text; "
+                    "perplexity of its set on each evaluation text):", "",
+                f"| k | calibration text | {HELDOUT} windows | {4 * HELDOUT} windows | "
+                + " | ".join(f"{t} ppl" for t in texts.values()) + " |", "|---:|---|---|---|" + "---:|" * len(texts)]
+        for k, source, sel, big in more:
+            ppls = [f"{m['perplexity_pruned']:.1f}" if (m := measured(t, big["removed"])) else "-" for t in texts]
+            out.append(f"| {k} | {source} | {' '.join(map(str, sel['removed']))} | {' '.join(map(str, big['removed']))} | "
+                       + " | ".join(ppls) + " |")
     for k in KS:
         chosen = {source: sel["removed"] for source in SOURCES if (sel := read(CACHE / f"{source}_k{k}.json"))}
         base = chosen.get("wikitext")
@@ -207,6 +223,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sources", default=",".join(SOURCES), help="comma-separated calibration texts")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--heldout", type=int, default=HELDOUT, help="verified's held-out windows (another number than "
+                                                                   f"{HELDOUT}: a table of its own)")
     ap.add_argument("--lmeval", default=None, help="comma-separated sources whose sets (at --ks) are lm-evaluated "
                                                    "(2,400 questions per task)")
     ap.add_argument("--ks", default="7", help="with --lmeval: comma-separated block counts")
@@ -234,7 +252,7 @@ def main() -> None:
         cal.measure(text, [])
     for k in KS:
         for source in args.sources.split(","):
-            removed = cal.selection(source, k)["removed"]
+            removed = cal.selection(source, k, args.heldout)["removed"]
             for text in ["wikitext", *EVALS]:
                 m = cal.measure(text, removed)
                 log(f"{source} k={k} {removed}: {text} ppl {m['perplexity_pruned']:.1f} KL {m['kl_mean']:.3f}")
