@@ -44,7 +44,6 @@ from bench_verified import Bench, PROTECT  # noqa: E402
 from bench_quality import DATA, TASKS, WIKI, log, read, set_key, write  # noqa: E402
 
 import prune  # noqa: E402
-import torch  # noqa: E402
 from prune.choose.strategies import heldout_windows  # noqa: E402
 from prune.choose.verified import verified  # noqa: E402
 from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity  # noqa: E402
@@ -65,7 +64,7 @@ KS = (7, 10)
 N_SCORING, SEQ, HELDOUT, BUDGET = 32, 256, 4, 16
 LIMIT = 2400  # bench_heal --part questions: every question of ARC-Easy, PIQA, WinoGrande and 2,400 of HellaSwag
 HEAL = ROOT / "bench_cache" / "heal" / f"lmeval-n{LIMIT}"
-WIKI_K7 = list(range(12, 19))  # what verified removes at k = 7 with the WikiText calibration (bench_verified)
+WIKI_K7 = list(range(12, 19))  # bench_heal's un-healed model ("pruned"): the k = 7 set of WikiText's calibration
 
 
 def write_qa() -> None:
@@ -174,7 +173,7 @@ def report() -> str:
 
     for k in KS:
         for source in SOURCES:
-            sel = read(CACHE / f"{source}_k{k}.json")
+            sel = read(selection_path(source, k))
             if sel is None:
                 continue
             cells = []
@@ -202,13 +201,17 @@ def report() -> str:
             out.append(f"| {k} | {source} | {' '.join(map(str, sel['removed']))} | {' '.join(map(str, big['removed']))} | "
                        + " | ".join(ppls) + " |")
     for k in KS:
-        chosen = {source: sel["removed"] for source in SOURCES if (sel := read(CACHE / f"{source}_k{k}.json"))}
-        base = chosen.get("wikitext")
-        for source, removed in chosen.items():
-            if not removed or not evaluated(removed) or (source != "wikitext" and removed == base):
+        chosen: dict[tuple[int, ...], str] = {}  # each set once, named by the first (text, windows) that chose it
+        for heldout in (HELDOUT, 4 * HELDOUT):
+            for source in SOURCES:
+                if sel := read(selection_path(source, k, heldout)):
+                    chosen.setdefault(tuple(sel["removed"]), source if heldout == HELDOUT else f"{source} ({heldout} windows)")
+        base = next((list(r) for r, name in chosen.items() if name == "wikitext"), None)
+        for removed, source in ((list(r), name) for r, name in chosen.items()):
+            if not evaluated(removed):
                 continue
             pairs = [([], "the original")]
-            if source != "wikitext" and base and evaluated(base):
+            if removed != base and base and evaluated(base):
                 pairs.append((base, f"wikitext's set ({set_key(base)})"))
             for ref, ref_name in pairs:
                 head = headline_rows(compare_folders(lmeval_folder(ref), lmeval_folder(removed)))
@@ -246,7 +249,7 @@ def main() -> None:
     if args.lmeval:
         for k in map(int, args.ks.split(",")):
             for source in args.lmeval.split(","):
-                run_lmeval(cal, cal.selection(source, k)["removed"])
+                run_lmeval(cal, cal.selection(source, k, args.heldout)["removed"])
         return
     for text in ["wikitext", *EVALS]:
         cal.measure(text, [])
@@ -259,5 +262,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
     main()
