@@ -22,9 +22,9 @@ original's top-256 log-probs.
 (the original's and WikiText's k = 7 files are bench_heal's: bench_cache/heal/lmeval-n2400/{dense,pruned}).
 
     nohup nice -n 5 python scripts/bench_calibration.py > bench_cache/calibration.log 2>&1 &
-    python scripts/bench_calibration.py --lmeval tinystories            # the paired lm-eval of its k = 7 set
-    python scripts/bench_calibration.py --lmeval wikitext,arc_challenge_qa --ks 10
+    python scripts/bench_calibration.py --lmeval wikitext,tinystories,arc_challenge_qa --ks 10
     python scripts/bench_calibration.py --sources wikitext,tinystories,arc_challenge_qa --heldout 16
+    python scripts/bench_calibration.py --lmeval tinystories --ks 7 --heldout 16
     python scripts/bench_calibration.py --report [--docs]
 """
 
