@@ -19,7 +19,7 @@ is) and TinyStories lines 8000: (32 x 512 each): perplexity and KL(original || p
 original's top-256 log-probs.
 ``--lmeval SOURCES --ks K`` runs the four tasks on up to 2,400 questions each (bench_heal's protocol: batch
 16, seed 0) for those sources' sets and pairs them with the original and with WikiText's set at the same k
-(the original's and WikiText's k = 7 files are bench_heal's: bench_cache/heal/lmeval-n2400/{dense,pruned}).
+(a set bench_heal or bench_fidelity evaluated on the same protocol is read from their files, not run again).
 
     nohup nice -n 5 python scripts/bench_calibration.py > bench_cache/calibration.log 2>&1 &
     python scripts/bench_calibration.py --lmeval wikitext,tinystories,arc_challenge_qa --ks 10
@@ -39,14 +39,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-import bench_verified  # noqa: E402  (sets the offline environment and sys.path first)
-from bench_verified import Bench, PROTECT  # noqa: E402
-from bench_quality import DATA, TASKS, WIKI, log, read, set_key, write  # noqa: E402
+import bench_heal  # noqa: E402  (sets the offline environment and sys.path first)
+import bench_verified  # noqa: E402
+from bench_verified import PROTECT, Bench, cached_measure, cached_reference, cached_selection  # noqa: E402
+from bench_quality import DATA, TASKS, WIKI, log, read, set_key  # noqa: E402
 
 import prune  # noqa: E402
-from prune.choose.strategies import heldout_windows  # noqa: E402
-from prune.choose.verified import verified  # noqa: E402
-from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity  # noqa: E402
 
 CACHE = ROOT / "bench_cache" / "calibration"
 STORIES = DATA / "tinystories" / "tinystories_sample_2MiB.txt"
@@ -61,10 +59,9 @@ SOURCES = {
 EVALS = {"news": prune.TextSource(str(DATA / "c4" / "c4_realnewslike_validation_200.jsonl"), field=["prompt", "response"]),
          "stories": prune.TextSource(str(STORIES), rows="8000:")}
 KS = (7, 10)
-N_SCORING, SEQ, HELDOUT, BUDGET = 32, 256, 4, 16
+HELDOUT, BUDGET = 4, 16  # verified's held-out windows and local-search budget (bench_verified's protocol)
 LIMIT = 2400  # bench_heal --part questions: every question of ARC-Easy, PIQA, WinoGrande and 2,400 of HellaSwag
-HEAL = ROOT / "bench_cache" / "heal" / f"lmeval-n{LIMIT}"
-WIKI_K7 = list(range(12, 19))  # bench_heal's un-healed model ("pruned"): the k = 7 set of WikiText's calibration
+FIDELITY = ROOT / "bench_cache" / "fidelity"  # scripts/bench_fidelity.py's lm-eval files, the same protocol
 
 
 def write_qa() -> None:
@@ -80,80 +77,55 @@ def selection_path(source: str, k: int, heldout: int = HELDOUT) -> Path:
     return CACHE / (f"{source}_k{k}.json" if heldout == HELDOUT else f"{source}_k{k}_h{heldout}.json")
 
 
+def set_path(text: str, removed: list[int]) -> Path:
+    """Where the measurement of the set ``removed`` on evaluation text ``text`` is kept (WikiText-2's:
+    bench_verified's)."""
+    folder = bench_verified.CACHE / "sets" if text == "wikitext" else CACHE / f"{text}_sets"
+    return folder / f"{set_key(removed)}.json"
+
+
 class Calibrations:
     def __init__(self, threads: int):
         self.bench = Bench(threads, HELDOUT, BUDGET)  # the model, the WikiText evaluation windows and their reference
         self.ctx = self.bench.ctx
-        self._refs: dict[str, FidelityReference] = {}
+        self.references = {"wikitext": self.bench.reference}
 
     def selection(self, source: str, k: int, heldout: int = HELDOUT) -> dict:
-        path = selection_path(source, k, heldout)
-        if (data := read(path)) is not None:
-            return data
-        ctx, text = self.ctx, prune.load_text(SOURCES[source])
-        scores_path = CACHE / f"{source}_scores.json"
-        if scores_path.is_file():
-            scores = prune.ScoreResult.load_json(scores_path)
-        else:
-            windows = prune.calibration_windows(ctx.tok, text, N_SCORING, SEQ, seed=0)
-            scores = prune.score(ctx.model, windows, batch_size=8, progress=False)
-            scores.save_json(scores_path)
-        held = heldout_windows(ctx.tok, text, N_SCORING, SEQ, 0, None, heldout)
-        started = time.time()
-        sel = verified(ctx.model, scores, held, k, protect=PROTECT, batch_size=4, budget=BUDGET, progress=False)
-        data = {"removed": sel.removed, "details": sel.details, "seconds": round(time.time() - started, 1)}
-        write(path, data)
-        log(f"{source} k={k} ({heldout} held-out windows): {sel.removed} from {sel.details['source']} ({data['seconds']} s)")
-        return data
-
-    def reference(self, text: str) -> FidelityReference:
-        """The original's top-256 log-probs over 32 x 512 tokens of evaluation text ``text`` (one of EVALS)."""
-        path = CACHE / f"{text}_reference.safetensors"
-        if text not in self._refs:
-            if path.is_file():
-                self._refs[text] = FidelityReference.load(path)
-            else:
-                windows = prune.eval_windows(self.ctx.tok, prune.load_text(EVALS[text]), 512, max_windows=32)
-                self._refs[text] = build_reference(self.ctx.model, windows, top_k=256, batch_size=4)
-                self._refs[text].save(path)
-        return self._refs[text]
+        return cached_selection(selection_path(source, k, heldout), CACHE / f"{source}_scores.json", self.ctx.model,
+                                self.ctx.tok, prune.load_text(SOURCES[source]), k, heldout, BUDGET)
 
     def measure(self, text: str, removed: list[int]) -> dict:
         """Perplexity and KL to the original of the model without ``removed`` on evaluation text ``text``."""
-        if text == "wikitext":
-            return self.bench.measure(removed)
-        path = CACHE / f"{text}_sets" / f"{set_key(removed)}.json"
-        if (data := read(path)) is None:
-            data = measure_fidelity(self.ctx.pruned(removed), self.reference(text), batch_size=4)
-            data.pop("data", None)
-            data.update(removed=sorted(removed))
-            write(path, data)
-        return data
+        if text not in self.references:  # the original's top-256 log-probs over 32 x 512 tokens of it
+            windows = prune.eval_windows(self.ctx.tok, prune.load_text(EVALS[text]), 512, max_windows=32)
+            self.references[text] = cached_reference(CACHE / f"{text}_reference.safetensors", self.ctx.model, windows)
+        return cached_measure(set_path(text, removed), self.ctx.model, removed, self.references[text])
 
 
 def lmeval_folder(removed: list[int]) -> Path:
-    """bench_heal's folders for the original and WikiText's k = 7 set; one of ours for any other set."""
-    if not removed:
-        return HEAL / "dense"
-    if sorted(removed) == WIKI_K7:
-        return HEAL / "pruned"
-    return CACHE / f"lmeval-n{LIMIT}" / set_key(removed)
+    """Where the set ``removed``'s lm-eval files (LIMIT questions per task) are: the original's and 12-18's
+    where bench_heal finds them (bench_fidelity's or its own), any other set's where bench_fidelity wrote it,
+    else here."""
+    for name, blocks in bench_heal.BASELINES.items():
+        if sorted(removed) == blocks:
+            return bench_heal.lmeval_folder(name, LIMIT)
+    shared = FIDELITY / f"lmeval_k{len(removed)}_n{LIMIT}" / set_key(removed)
+    return shared if bench_heal.has_samples(shared) else CACHE / f"lmeval-n{LIMIT}" / set_key(removed)
 
 
 def evaluated(removed: list[int]) -> bool:
-    return any(lmeval_folder(removed).glob("samples_*.jsonl"))
+    return bench_heal.has_samples(lmeval_folder(removed))
 
 
 def run_lmeval(cal: Calibrations, removed: list[int]) -> None:
     from prune.measure.lmeval import run_lm_eval
 
-    folder = lmeval_folder(removed)
     if evaluated(removed):
         return
     started = time.time()
     run = run_lm_eval(cal.ctx.pruned(removed), cal.ctx.tok, list(TASKS), limit=LIMIT, batch_size=16, seed=0,
                       data_dir_path=DATA, progress=False)
-    run.write(folder, f"SmolLM2-135M-Instruct without {set_key(removed)}")
+    run.write(lmeval_folder(removed), f"SmolLM2-135M-Instruct without {set_key(removed)}")
     log(f"lm-eval {set_key(removed)}: {({t: r['metrics'] for t, r in run.summary.items()})} "
         f"({time.time() - started:.0f} s)")
 
@@ -163,13 +135,12 @@ def report() -> str:
     from prune.measure.paired import average_line, compare_folders, headline_rows
 
     texts = {"wikitext": "WikiText-2", "news": "C4 news", "stories": "TinyStories"}
-    rows = ["| k | calibration text | verified removes | its held-out KL (own text) | "
+    rows = ["| k | calibration text | verified removes | its held-out KL (own text) | runner-up (KL above) | "
             + " | ".join(f"{t} ppl | {t} KL" for t in texts.values()) + " | contiguous angular | one-shot BI |",
-            "|---:|---|---|---:|" + "---:|---:|" * len(texts) + "---|---|"]
+            "|---:|---|---|---:|---|" + "---:|---:|" * len(texts) + "---|---|"]
 
     def measured(text: str, removed: list[int]) -> dict:
-        folder = bench_verified.CACHE / "sets" if text == "wikitext" else CACHE / f"{text}_sets"
-        return read(folder / f"{set_key(removed)}.json") or {}
+        return read(set_path(text, removed)) or {}
 
     for k in KS:
         for source in SOURCES:
@@ -183,8 +154,10 @@ def report() -> str:
             scores = prune.ScoreResult.load_json(CACHE / f"{source}_scores.json")
             picks = [" ".join(map(str, select(scores, k, strategy=st, metric=me, protect=PROTECT).removed))
                      for st, me in (("contiguous", "angular"), ("one_shot", "bi"))]
+            best, second = sorted(sel["details"]["candidates"], key=lambda c: c["kl_mean"])[:2]
+            runner_up = f"{' '.join(map(str, second['removed']))} (+{100 * (second['kl_mean'] / best['kl_mean'] - 1):.1f}%)"
             rows.append(f"| {k} | {source} | {' '.join(map(str, sel['removed']))} | {sel['details']['kl_mean']:.4f} | "
-                        + " | ".join(cells) + f" | {picks[0]} | {picks[1]} |")
+                        f"{runner_up} | " + " | ".join(cells) + f" | {picks[0]} | {picks[1]} |")
     out = ["\n".join(rows)]
     if all(measured(t, []) for t in texts):
         out.append("\nThe original's perplexity on the same tokens: "

@@ -776,23 +776,28 @@ def part_questions(setting: str = "batch1-r64-bridgedown-lm0.4", limit: int = 24
                               for t in TASKS)
         lines.append(f"| {label} | {small} | {cells(big)} | {per_task} | {'met' if mc_met(big) else 'not met'} |")
     names = [n for _, n in seeds]
-    pooled_rows = headline_rows(compare_folders(ref, [lmeval_folder(n, limit) for n in names]))
-    pooled = task_average(pooled_rows)
+
+    def pooled(ref_name: str, n: int):
+        """The seeds pooled per question against ``ref_name``, with ``n`` questions per task: headline rows."""
+        return headline_rows(compare_folders(lmeval_folder(ref_name, n), [lmeval_folder(name, n) for name in names]))
+
+    def per_task(rows) -> str:
+        return ", ".join(f"{r.task.removesuffix('_local')} {marked(r)}" for r in rows)
+
+    to_dense = pooled("dense", limit)
+    avg = task_average(to_dense)
     n_questions = ", ".join(f"{r.task.removesuffix('_local')} {r.n:,}" for r in next(iter(heads.values())))
     lines += ["", f"Seeds {', '.join(str(s) for s, _ in seeds)} pooled per question (each question's score the mean over "
-              f"the seeds): **{100 * pooled.retained:.2f}%** of the dense model's accuracy retained, {marked(pooled)} points "
-              f"against it (MC goal: {'met' if mc_met(pooled) else 'not met'}); per task "
-              + ", ".join(f"{r.task.removesuffix('_local')} {marked(r)}" for r in pooled_rows) + "."]
+              f"the seeds): **{100 * avg.retained:.2f}%** of the dense model's accuracy retained, {marked(avg)} points "
+              f"against it (MC goal: {'met' if mc_met(avg) else 'not met'}); per task {per_task(to_dense)}."]
     if "pruned" in heads:  # what healing won back: the pooled seeds against the un-healed model, same questions
-        gain = headline_rows(compare_folders(lmeval_folder("pruned", limit), [lmeval_folder(n, limit) for n in names]))
-        lines[-1] += (f" Against the un-healed model: {marked(task_average(gain))} points; per task "
-                      + ", ".join(f"{r.task.removesuffix('_local')} {marked(r)}" for r in gain) + ".")
+        gain = pooled("pruned", limit)
+        lines[-1] += f" Against the un-healed model: {marked(task_average(gain))} points; per task {per_task(gain)}."
     if all(evaluated(n) for n in names):
-        small = task_average(compare_folders(lmeval_folder("dense"), [lmeval_folder(n) for n in names]))
+        small = task_average(pooled("dense", LIMIT))
         lines[-1] += f" The same seeds on {LIMIT} questions per task: {100 * small.retained:.2f}%, {marked(small)}"
         if evaluated("pruned"):
-            gain = task_average(compare_folders(lmeval_folder("pruned"), [lmeval_folder(n) for n in names]))
-            lines[-1] += f"; against the un-healed model {marked(gain)}"
+            lines[-1] += f"; against the un-healed model {marked(task_average(pooled('pruned', LIMIT)))}"
         lines[-1] += "."
     lines += ["", f"Setting `{setting}` (the recipe's), {GOAL_TOKENS:,} training tokens. Questions: {n_questions} "
               f"(every question of the tasks with fewer than {limit}, the first {limit} of the others), 0-shot, the same "

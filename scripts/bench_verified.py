@@ -65,40 +65,67 @@ def baseline_sets() -> dict[str, dict[int, list[int]]]:
     return out
 
 
+def cached_reference(path: Path, model, windows: torch.Tensor) -> FidelityReference:
+    """The original's top-256 log-probs over ``windows``, built once and kept at ``path``."""
+    if path.is_file():
+        return FidelityReference.load(path)
+    log(f"reference: the original's top-256 log-probs over {windows.shape[0]} windows ({path.name})")
+    started = time.time()
+    reference = build_reference(model, windows, top_k=256, batch_size=4)
+    reference.save(path)
+    write(path.with_suffix(".json"), {"seconds": round(time.time() - started, 1)})
+    return reference
+
+
+def cached_measure(path: Path, model, removed: list[int], reference: FidelityReference) -> dict:
+    """Perplexity and KL to the original of ``model`` without ``removed`` against ``reference``, kept at ``path``."""
+    data = read(path)
+    if data is None:
+        pruned = copy.deepcopy(model)
+        if removed:
+            prune.remove_layers(pruned, list(removed))
+        started = time.time()
+        data = measure_fidelity(pruned, reference, batch_size=4)
+        data.pop("data", None)
+        data.update(removed=sorted(removed), seconds=round(time.time() - started, 1))
+        write(path, data)
+        log(f"measured {sorted(removed)}: ppl {data['perplexity_pruned']:.2f}, KL {data['kl_mean']:.4f} ({path.parent.name})")
+    return data
+
+
+def cached_selection(path: Path, scores_path: Path, model, tok, text: str, k: int, heldout: int, budget: int) -> dict:
+    """verified at ``k`` on calibration ``text`` (the protocol's 32 scoring windows x 256 tokens, seed 0, and
+    ``heldout`` windows disjoint from them), kept at ``path``; the scores are kept at ``scores_path``."""
+    data = read(path)
+    if data is None:
+        if scores_path.is_file():
+            scores = prune.ScoreResult.load_json(scores_path)
+        else:
+            windows = prune.calibration_windows(tok, text, 32, 256, seed=0)
+            scores = prune.score(model, windows, batch_size=8, progress=False)
+            scores.save_json(scores_path)
+        started = time.time()
+        sel = verified(model, scores, heldout_windows(tok, text, 32, 256, 0, None, heldout), k, protect=PROTECT,
+                       batch_size=4, budget=budget, progress=False)
+        data = {"removed": sel.removed, "details": sel.details, "seconds": round(time.time() - started, 1)}
+        write(path, data)
+        log(f"verified k={k} ({heldout} held-out windows, {path.name}): {sel.removed} from {sel.details['source']} "
+            f"({sel.details['full_forward_equivalents']} FFE, {data['seconds']} s)")
+    return data
+
+
 class Bench:
     def __init__(self, threads: int, heldout: int, budget: int):
         torch.set_num_threads(threads)
         self.ctx = Context()
         self.heldout, self.budget = heldout, budget
-        ref_path = CACHE / "reference.safetensors"
-        if ref_path.is_file():
-            self.reference = FidelityReference.load(ref_path)
-        else:
-            log("reference: the original's top-256 log-probs over the evaluation windows")
-            started = time.time()
-            self.reference = build_reference(self.ctx.model, self.ctx.eval_windows, top_k=256, batch_size=4)
-            self.reference.save(ref_path)
-            write(CACHE / "reference.json", {"seconds": round(time.time() - started, 1)})
+        self.reference = cached_reference(CACHE / "reference.safetensors", self.ctx.model, self.ctx.eval_windows)
 
     def selection(self, k: int) -> dict:
-        path = CACHE / f"verified2_k{k}_h{self.heldout}_b{self.budget}.json"
-        data = read(path)
-        if data is None:
-            ctx = self.ctx
-            scores_path = CACHE / "scores_skip_first.json"
-            if scores_path.is_file():
-                scores = prune.ScoreResult.load_json(scores_path)
-            else:
-                scores = prune.score(ctx.model, ctx.windows, batch_size=8, progress=False)
-                scores.save_json(scores_path)
-            started = time.time()
-            sel = verified(ctx.model, scores, self.heldout_windows(), k, protect=PROTECT, batch_size=4,
-                           budget=self.budget, progress=False)
-            data = {"removed": sel.removed, "details": sel.details, "seconds": round(time.time() - started, 1)}
-            write(path, data)
-            log(f"verified k={k}: {sel.removed} from {sel.details['source']} "
-                f"({sel.details['full_forward_equivalents']} FFE, {data['seconds']} s)")
-        return data
+        ctx = self.ctx
+        return cached_selection(CACHE / f"verified2_k{k}_h{self.heldout}_b{self.budget}.json",
+                                CACHE / "scores_skip_first.json", ctx.model, ctx.tok, prune.load_text(ctx.calib_source),
+                                k, self.heldout, self.budget)
 
     def heldout_windows(self) -> torch.Tensor:
         """verified's held-out windows: from the calibration rows, disjoint from the 32 x 256 scoring windows."""
@@ -106,19 +133,7 @@ class Bench:
         return heldout_windows(ctx.tok, prune.load_text(ctx.calib_source), 32, 256, 0, None, self.heldout)
 
     def measure(self, removed: list[int]) -> dict:
-        path = CACHE / "sets" / f"{set_key(removed)}.json"
-        data = read(path)
-        if data is None:
-            model = copy.deepcopy(self.ctx.model)
-            if removed:
-                prune.remove_layers(model, list(removed))
-            started = time.time()
-            data = measure_fidelity(model, self.reference, batch_size=4)
-            data.pop("data", None)
-            data.update(removed=sorted(removed), seconds=round(time.time() - started, 1))
-            write(path, data)
-            log(f"measured {sorted(removed)}: ppl {data['perplexity_pruned']:.2f}, KL {data['kl_mean']:.4f}")
-        return data
+        return cached_measure(CACHE / "sets" / f"{set_key(removed)}.json", self.ctx.model, removed, self.reference)
 
 
 def passes_over_4_windows(details: dict, heldout: int) -> float:
