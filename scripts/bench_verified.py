@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import prune  # noqa: E402
 from prune.choose.strategies import heldout_windows  # noqa: E402
 from prune.choose.rules import resolve_protect  # noqa: E402
-from prune.choose.verified import Verifier, verified  # noqa: E402
+from prune.choose.verified import Verifier, margin, verified  # noqa: E402
 from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity  # noqa: E402
 from bench_quality import Context, log, read, set_key, write  # noqa: E402  (the same protocol and cache helpers)
 
@@ -77,15 +77,16 @@ def cached_reference(path: Path, model, windows: torch.Tensor) -> FidelityRefere
     return reference
 
 
-def cached_measure(path: Path, model, removed: list[int], reference: FidelityReference) -> dict:
-    """Perplexity and KL to the original of ``model`` without ``removed`` against ``reference``, kept at ``path``."""
+def cached_measure(path: Path, model, removed: list[int], reference: FidelityReference, per_window: bool = False) -> dict:
+    """Perplexity and KL to the original of ``model`` without ``removed`` against ``reference``, with each
+    window's KL and NLL difference, kept at ``path`` (``per_window``: a file without them is measured again)."""
     data = read(path)
-    if data is None:
+    if data is None or (per_window and "kl_windows" not in data):
         pruned = copy.deepcopy(model)
         if removed:
             prune.remove_layers(pruned, list(removed))
         started = time.time()
-        data = measure_fidelity(pruned, reference, batch_size=4)
+        data = measure_fidelity(pruned, reference, batch_size=4, per_window=True)
         data.pop("data", None)
         data.update(removed=sorted(removed), seconds=round(time.time() - started, 1))
         write(path, data)
@@ -132,8 +133,9 @@ class Bench:
         ctx = self.ctx
         return heldout_windows(ctx.tok, prune.load_text(ctx.calib_source), 32, 256, 0, None, self.heldout)
 
-    def measure(self, removed: list[int]) -> dict:
-        return cached_measure(CACHE / "sets" / f"{set_key(removed)}.json", self.ctx.model, removed, self.reference)
+    def measure(self, removed: list[int], per_window: bool = False) -> dict:
+        return cached_measure(CACHE / "sets" / f"{set_key(removed)}.json", self.ctx.model, removed, self.reference,
+                              per_window)
 
 
 def passes_over_4_windows(details: dict, heldout: int) -> float:
@@ -202,6 +204,34 @@ def report(heldout: int, budget: int) -> str:
     out.append("\n### Goals (perplexity and KL at or below the best of contiguous angular, one-shot BI, SLEB)\n\n"
                + "\n".join(goals))
     return "\n".join(out) + "\n"
+
+
+def margin_table(heldouts: list[int], budget: int, bench: Bench | None = None) -> str:
+    """How sure was each choice? The runner-up's KL minus the chosen set's, paired per window, on
+    verified's held-out windows (what it ranked on) and on the evaluation text (64 x 512 tokens it never
+    saw); ``bench``: measure what is missing for its own held-out count first."""
+    lines = ["| held-out windows | k | chosen | runner-up | held-out: runner-up - chosen KL, 95% (runner-up lower on) | "
+             "evaluation text: runner-up - chosen KL, 95% (runner-up lower on) | perplexity: chosen, runner-up |",
+             "|---:|---:|---|---|---|---|---|"]
+    for heldout in heldouts:
+        for k in KS:
+            if bench is not None and bench.heldout == heldout:
+                sel = bench.selection(k)
+                for removed in (sel["removed"], sel["details"]["runner_up"]["removed"]):
+                    bench.measure(removed, per_window=True)
+            sel = read(CACHE / f"verified2_k{k}_h{heldout}_b{budget}.json")
+            m = sel and sel["details"].get("runner_up")
+            a = m and read(CACHE / "sets" / f"{set_key(sel['removed'])}.json")
+            b = a and read(CACHE / "sets" / f"{set_key(m['removed'])}.json")
+            if not (b and "kl_windows" in a and "kl_windows" in b):
+                continue
+            ev = margin({"removed": sel["removed"], "kl_mean": a["kl_mean"], "kl_windows": a["kl_windows"]},
+                        {"removed": m["removed"], "kl_mean": b["kl_mean"], "kl_windows": b["kl_windows"]})
+            cell = lambda x: (f"{x['difference']:+.4f} [{x['ci_low']:+.4f}, {x['ci_high']:+.4f}] "
+                              f"({x['windows_lower']} of {x['windows']})")
+            lines.append(f"| {heldout} | {k} | {' '.join(map(str, sel['removed']))} | {' '.join(map(str, m['removed']))} | "
+                         f"{cell(m)} | {cell(ev)} | {a['perplexity_pruned']:.1f}, {b['perplexity_pruned']:.1f} |")
+    return "\n".join(lines)
 
 
 def budget_table(heldout: int, budgets: list[int], k: int = 10) -> str:
@@ -305,6 +335,9 @@ def main() -> int:
     ap.add_argument("--heldout", type=int, default=4, help="held-out calibration windows verified ranks on")
     ap.add_argument("--budget", type=int, default=16, help="local-search evaluations")
     ap.add_argument("--ks", default="7,10,3,5")
+    ap.add_argument("--margins", default=None, metavar="HELDOUTS",
+                    help="the runner-up's paired margin at each k, on the held-out and the evaluation windows, for these "
+                         "held-out counts (e.g. 4,16); measures what is missing for --heldout unless --report")
     ap.add_argument("--budgets", default=None, help="--report: also tabulate k = 10 for these budgets (e.g. 16,200)")
     ap.add_argument("--wide", type=int, default=0, metavar="CAP",
                     help="k = 10: hill-climb the full swap neighbourhood from verified's and SLEB's sets (CAP evaluations each)")
@@ -332,6 +365,12 @@ def main() -> int:
                   f"perplexity {m['perplexity_pruned']:.1f}, {100 * (1 - m['perplexity_pruned'] / sleb):.1f}% below "
                   f"SLEB's {sleb:.1f}")
         print(f"{len(data['evaluated'])} distinct sets evaluated")
+        return 0
+    if args.margins:
+        bench = None if args.report else Bench(args.threads, args.heldout, args.budget)
+        table = margin_table([int(h) for h in args.margins.split(",")], args.budget, bench)
+        print(f"_Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `python scripts/bench_verified.py "
+              f"--report --margins {args.margins}` from bench_cache/verified/._\n\n{table}")
         return 0
     if not args.report:
         bench = Bench(args.threads, args.heldout, args.budget)

@@ -87,7 +87,7 @@ def main(folder: str, out: str) -> None:
     # verified on 6 held-out windows, batch 2: 2 + 1 batches per rank, all-reduced sums
     picked = verified(model, s, windows[4:], 2, batch_size=2, budget=2, progress=False)
     res["verified"] = {"removed": picked.removed, "candidates": picked.details["candidates"],
-                       "passes": picked.details["full_forward_equivalents"]}
+                       "passes": picked.details["full_forward_equivalents"], "runner_up": picked.details["runner_up"]}
     res["lmeval"] = evaluate_tasks(model, tok, ["copa"], limit=10, batch_size=4, data_dir_path=str(DATA), progress=False)
     res["bridge"] = bridge(folder, windows)
     # healing: the last block and the final norm, 3 steps of a global batch of 4 windows (DDP; then

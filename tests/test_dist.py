@@ -72,6 +72,8 @@ def test_two_ranks_equal_one_process(tiny_folder, tmp_path):
         assert two["verified"]["passes"] == one["verified"]["passes"]
         # float64 sums of per-rank shares against one sum in window order: equal to ~1e-12
         assert close(two["verified"]["candidates"], one["verified"]["candidates"], 1e-9)
+        assert one["verified"]["runner_up"]["windows"] == 6  # every rank's windows in the paired margin
+        assert close(two["verified"]["runner_up"], one["verified"]["runner_up"], 1e-9)
         assert two["lmeval"]["copa_local"]["metrics"] == one["lmeval"]["copa_local"]["metrics"]
         assert two["lmeval"]["copa_local"]["n"] == one["lmeval"]["copa_local"]["n"] == 10
         assert close(two["lmeval"]["copa_local"]["stderr"], one["lmeval"]["copa_local"]["stderr"], 1e-12)

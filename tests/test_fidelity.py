@@ -77,6 +77,30 @@ def test_full_vocabulary_equals_direct_computation(pair):
     assert got["kl_mean"] > 0.01 and got["top1_agreement"] < 1  # removing two blocks changes the model
 
 
+def test_per_window_values_equal_direct_computation(pair):
+    """``per_window``: each window's mean KL and NLL difference, as the full distributions give them;
+    ``fidelity_window_sums`` holds the same per-window sums, and adds up to the summary."""
+    from prune.measure.fidelity import fidelity_window_sums, summary_from_sums
+
+    original, pruned, windows = pair
+    ref = build_reference(original, windows, top_k=VOCAB, batch_size=2)
+    got = measure_fidelity(pruned, ref, batch_size=3, per_window=True)
+    for w in range(windows.shape[0]):
+        kl, _, nll_p, nll_q = direct(original, pruned, windows[w:w + 1])
+        assert got["kl_windows"][w] == pytest.approx(kl.mean(), rel=1e-4)
+        assert got["nll_diff_windows"][w] == pytest.approx(nll_q - nll_p, rel=1e-4, abs=1e-9)
+    assert np.mean(got["kl_windows"]) == pytest.approx(got["kl_mean"], rel=1e-12)
+    assert math.exp(np.mean(got["nll_diff_windows"])) == pytest.approx(got["perplexity_ratio"], rel=1e-12)
+    rows = fidelity_window_sums(pruned, ref, batch_size=2)
+    assert rows.shape == (5, 5) and rows.dtype == torch.float64
+    assert (rows[:, 0] / rows[:, 4]).tolist() == pytest.approx(got["kl_windows"], rel=1e-12)
+    summary = summary_from_sums(rows.sum(0))
+    assert summary["kl_mean"] == pytest.approx(got["kl_mean"], rel=1e-12) and summary["tokens"] == 5 * 23
+    assert summary["perplexity_ratio"] == pytest.approx(got["perplexity_ratio"], rel=1e-12)
+    assert summary["top1_agreement"] == got["top1_agreement"]
+    assert "kl_windows" not in measure_fidelity(pruned, ref, batch_size=3)  # only when asked
+
+
 def test_top_k_is_a_lower_bound_and_the_rest_is_exact(pair):
     original, pruned, windows = pair
     exact = measure_fidelity(pruned, build_reference(original, windows, top_k=VOCAB))

@@ -39,6 +39,34 @@ def test_paired_stats_by_hand():
     assert paired_stats([0.5, 0.2, 0.3], [0.4, 0.1, 0.5]).right_to_wrong is None
 
 
+def test_t_quantile_against_tables():
+    from prune.measure.paired import t_quantile
+
+    # two-sided 95% and 99.9% points of printed t tables, and the normal limit
+    for df, q, table in [(1, 0.975, 12.7062), (2, 0.975, 4.3027), (3, 0.975, 3.1824), (5, 0.975, 2.5706),
+                         (15, 0.975, 2.1314), (30, 0.975, 2.0423), (3, 0.995, 5.8409), (10, 0.9995, 4.5869),
+                         (10 ** 6, 0.975, 1.95996)]:
+        assert abs(t_quantile(q, df) - table) < 1e-4, (df, q)
+    assert t_quantile(0.025, 4) == -t_quantile(0.975, 4) and abs(t_quantile(0.5, 4)) < 1e-12
+    with pytest.raises(PruneError, match="0 < q < 1"):
+        t_quantile(1.0, 3)
+
+
+def test_paired_t_by_hand():
+    from prune.measure.paired import paired_t
+
+    a, b = [0.50, 0.61, 0.47, 0.55], [0.53, 0.60, 0.52, 0.58]
+    d = [y - x for x, y in zip(a, b)]
+    mean = sum(d) / 4
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / 3 / 4)
+    p = paired_t(a, b, task="windows", metric="kl")
+    assert p.n == 4 and abs(p.diff - mean) < 1e-15 and abs(p.se_paired - se) < 1e-15
+    assert abs(p.ci_low - (mean - 3.1824 * se)) < 1e-4 * se and abs(p.ci_high - (mean + 3.1824 * se)) < 1e-4 * se
+    assert p.se_unpaired > p.se_paired  # the windows move together: pairing removes that
+    with pytest.raises(PruneError, match="at least 2"):
+        paired_t([0.1], [0.2])
+
+
 def test_bootstrap_interval_matches_normal_theory_for_large_n():
     rng = np.random.default_rng(5)
     a = (rng.random(2000) < 0.6).astype(float)

@@ -5,7 +5,7 @@ import torch
 
 import prune
 from prune.choose.strategies import skip_blocks
-from prune.choose.verified import candidate_sets, contiguous_runs, redundancy_families, verified
+from prune.choose.verified import candidate_sets, contiguous_runs, margin_line, redundancy_families, verified
 from prune.measure.fidelity import build_reference, measure_fidelity
 from prune.model.loading import decoder_layers
 from conftest import build_model, tiny_recipe, WIKI_RAW
@@ -56,6 +56,36 @@ def test_cached_inputs_equal_recomputation(setup):
         assert abs(direct - row["kl_mean"]) < 1e-5 * max(1.0, direct), row
 
 
+def test_per_window_kl_and_the_runner_up_margin(setup):
+    """Each candidate's per-window KL equals a direct measure on that window alone; the runner-up's
+    margin is Student's paired interval over those windows."""
+    model, scores, held = setup
+    sel = verified(model, scores, held, 2, budget=0, batch_size=2, progress=False)
+    table = sel.details["candidates"]
+    refs = [build_reference(model, held[w:w + 1], top_k=256, batch_size=1) for w in range(held.shape[0])]
+    for row in table[:2]:
+        assert len(row["kl_windows"]) == held.shape[0]
+        assert abs(sum(row["kl_windows"]) / len(row["kl_windows"]) - row["kl_mean"]) < 1e-12  # equal tokens per window
+        with skip_blocks(model, row["removed"]):
+            for w, ref in enumerate(refs):
+                direct = measure_fidelity(model, ref, batch_size=1)["kl_mean"]
+                assert abs(direct - row["kl_windows"][w]) < 1e-5 * max(1.0, direct), (row["removed"], w)
+    m = sel.details["runner_up"]
+    chosen, other = table[0]["kl_windows"], table[1]["kl_windows"]
+    d = [o - c for c, o in zip(chosen, other)]
+    n = len(d)
+    mean = sum(d) / n
+    sd = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5
+    half = 12.7062 * sd / n ** 0.5  # t(0.975, 1 degree of freedom): two held-out windows
+    assert m["removed"] == table[1]["removed"] and m["windows"] == n == 2
+    assert abs(m["difference"] - mean) < 1e-12 and abs(m["difference"] - (table[1]["kl_mean"] - table[0]["kl_mean"])) < 1e-12
+    assert abs(m["ci_low"] - (mean - half)) < 1e-4 * half and abs(m["ci_high"] - (mean + half)) < 1e-4 * half
+    assert m["separated"] == (m["ci_low"] > 0) and m["windows_lower"] == sum(x < 0 for x in d)
+    line = margin_line(sel.details)
+    assert " ".join(map(str, m["removed"])) in line and "2 held-out windows" in line
+    assert ("includes 0" in line) != m["separated"]
+
+
 def test_budget_limits_local_search(setup):
     model, scores, held = setup
     sel = verified(model, scores, held, 3, budget=0, batch_size=2, progress=False)
@@ -63,10 +93,12 @@ def test_budget_limits_local_search(setup):
     assert all(r["source"] != "local search" for r in sel.details["candidates"])
 
 
-def test_verified_in_a_recipe(tiny_folder, tmp_path):
+def test_verified_in_a_recipe(tiny_folder, tmp_path, capsys):
     recipe = tiny_recipe(tiny_folder, tmp_path / "out", select={"strategy": "verified", "n_layers": 2, "budget": 2,
                                                                 "heldout_windows": 2})
-    result = prune.run(recipe, quiet=True)
+    result = prune.run(recipe, quiet=False)
+    details = result.pruning.selection["details"]
+    assert margin_line(details) in capsys.readouterr().err  # the run says how far the runner-up is behind
     assert result.selection.strategy == "verified" and len(result.selection.removed) == 2
     assert result.pruning.selection["details"]["candidates"]
     assert len(decoder_layers(prune.load(result.out_dir)[0])) == 6
@@ -79,3 +111,6 @@ def test_verified_in_a_recipe(tiny_folder, tmp_path):
     assert (folder / "candidates.png").stat().st_size > 1000
     best = result.pruning.selection["details"]["candidates"][0]
     assert f"| 1 | {' '.join(map(str, best['removed']))} |" in text
+    m = details["runner_up"]  # the runner-up's row carries its paired difference, and the margin is stated
+    assert f"| {m['difference']:+.4f} [{m['ci_low']:+.4f}, {m['ci_high']:+.4f}] |" in text
+    assert margin_line(details) in text

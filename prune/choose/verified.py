@@ -18,6 +18,12 @@
    for an adjacent kept one, or for one of the three lowest-BI kept blocks; keep the first swap
    that lowers the KL and start again, until no swap helps or the budget is spent.
 
+4. **Margin**: the runner-up's KL minus the chosen set's, paired over the held-out windows
+   (``d_w = KL_w(runner-up) - KL_w(chosen)``, Student's 95% interval with ``n - 1`` degrees of
+   freedom, :func:`prune.measure.paired.paired_t`). The windows chose the winner, so the interval
+   flatters it: one that includes 0 says the windows cannot tell the two sets apart (more
+   ``heldout_windows``, or a check on other text, would); one above 0 is suggestive, not proof.
+
 Cost is counted like SLEB's: decoder-block runs over the held-out windows divided by the
 number of blocks (``full_forward_equivalents``), plus the one full pass of the original that
 keeps both its reference log-probs and every block's input; the LM head runs once per candidate
@@ -35,7 +41,8 @@ from prune.choose.rules import Selection, contiguous, one_shot, resolve_count, r
 from prune.choose.strategies import _inject, _keep_inputs, _model_dtype, skip_blocks
 from prune.core import dist
 from prune.core.errors import PruneError
-from prune.measure.fidelity import build_reference, fidelity_sums, summary_from_sums
+from prune.measure.fidelity import build_reference, fidelity_window_sums, summary_from_sums
+from prune.measure.paired import paired_t
 from prune.model.capture import BlockStates
 from prune.model.loading import decoder_layers, input_device
 
@@ -126,14 +133,16 @@ class Verifier:
 
     One pass of the original over this process's share of the windows (:func:`prune.core.dist.shard`,
     whole batches) keeps both its top-k log-probs and the state entering every block; each
-    candidate's sums (KL, agreement, NLLs, tokens) are all-reduced in float64, so every process
-    ranks the same numbers and one process gives the same result as several."""
+    candidate's per-window sums (KL, agreement, NLLs, tokens) are all-reduced in float64 (each
+    process fills its own rows), so every process ranks the same numbers and one process gives the
+    same result as several. A result holds the totals' summary and each window's mean KL."""
 
     def __init__(self, model, windows: torch.Tensor, batch_size: int, top_k: int, progress: bool):
         self.model, self.batch_size = model, batch_size
         layers = decoder_layers(model)
         self.L = len(layers)
-        lo, hi = dist.shard(windows.shape[0], batch_size)
+        lo, hi = self.share = dist.shard(windows.shape[0], batch_size)
+        self.n_windows = int(windows.shape[0])
         self.inputs: list[list[torch.Tensor]] = [[] for _ in layers]  # inputs[p][b]: state entering block p
         self.reference = None
         if hi > lo:
@@ -145,12 +154,16 @@ class Verifier:
         self.cache: dict[tuple[int, ...], dict] = {}
 
     def _sums(self, skip: list[int], inject_at: int | None) -> torch.Tensor:
-        if self.reference is None:  # this process's share is empty: it adds nothing
-            return torch.zeros(5, dtype=torch.float64)
+        """``[windows, 5]``: this process's rows filled, the others zero (an empty share adds nothing)."""
+        out = torch.zeros((self.n_windows, 5), dtype=torch.float64)
+        if self.reference is None:
+            return out
         with skip_blocks(self.model, skip):
             handle = None if inject_at is None else _inject(decoder_layers(self.model)[0], self.inputs[inject_at])
             try:
-                return fidelity_sums(self.model, self.reference, batch_size=self.batch_size)
+                out[self.share[0]:self.share[1]] = fidelity_window_sums(self.model, self.reference,
+                                                                        batch_size=self.batch_size)
+                return out
             finally:
                 if handle is not None:
                     handle.remove()
@@ -164,11 +177,34 @@ class Verifier:
             runs, sums = self.L - len(removed), self._sums(list(removed), None)
         else:
             runs, sums = self.L - len(skip), self._sums(skip, first)
-        result = summary_from_sums(dist.all_reduce_sum(sums))
+        rows = dist.all_reduce_sum(sums)
+        result = {**summary_from_sums(rows.sum(0)), "kl_windows": (rows[:, 0] / rows[:, 4]).tolist()}
         self.block_runs += runs
         self.evaluations += 1
         self.cache[removed] = result
         return result
+
+
+def margin(chosen: dict, other: dict, level: float = 0.95) -> dict:
+    """``other``'s KL minus ``chosen``'s, paired over the held-out windows (two candidate-table rows)."""
+    p = paired_t(chosen["kl_windows"], other["kl_windows"], level=level)
+    return {"removed": other["removed"], "kl_mean": other["kl_mean"], "difference": p.diff, "ci_low": p.ci_low,
+            "ci_high": p.ci_high, "level": level, "windows": p.n,
+            "windows_lower": sum(o < c for c, o in zip(chosen["kl_windows"], other["kl_windows"])),
+            "separated": p.ci_low > 0}
+
+
+def margin_line(details: dict) -> str:
+    """One line on how far the runner-up is behind, and whether the held-out windows can tell."""
+    m = details.get("runner_up")
+    if m is None:
+        return "verified: no runner-up to compare (one candidate, or one held-out window)"
+    verdict = ("lies above 0 (the same windows chose the winner: suggestive, not proof)" if m["separated"] else
+               "includes 0: the held-out windows cannot tell the two sets apart (raise select.heldout_windows, "
+               "or check both on other text)")
+    return (f"verified: runner-up {' '.join(map(str, m['removed']))} has KL {m['kl_mean']:.4f}, "
+            f"{m['difference']:+.4f} [{m['ci_low']:+.4f}, {m['ci_high']:+.4f}] against the chosen set over "
+            f"{m['windows']} held-out windows (lower on {m['windows_lower']}); its {100 * m['level']:g}% interval {verdict}")
 
 
 def verified(model, scores, windows: torch.Tensor, count: int, *, protect=(0, -1), batch_size: int = 4,
@@ -211,11 +247,13 @@ def verified(model, scores, windows: torch.Tensor, count: int, *, protect=(0, -1
                 break
     ranked = sorted(results, key=lambda b: (results[b]["kl_mean"], b))
     table = [{"removed": list(b), "source": ", ".join(candidates[b]), "kl_mean": results[b]["kl_mean"],
-              "top1_agreement": results[b]["top1_agreement"], "perplexity_ratio": results[b]["perplexity_ratio"]}
+              "top1_agreement": results[b]["top1_agreement"], "perplexity_ratio": results[b]["perplexity_ratio"],
+              "kl_windows": results[b]["kl_windows"]}
              for b in ranked]
     passes = round(verify.block_runs / L + 1, 2)  # + the original's one pass (reference and block inputs)
     return Selection(sorted(best), L, "verified", "kl", None, {
         "source": ", ".join(candidates[best]), "kl_mean": results[best]["kl_mean"], "candidates": table,
+        "runner_up": margin(table[0], table[1]) if len(table) > 1 and len(table[0]["kl_windows"]) > 1 else None,
         "evaluations": verify.evaluations, "local_search_evaluations": searched, "budget": budget,
         "full_forward_equivalents": passes, "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
         "top_k": top_k, "seconds": round(time.time() - started, 1)})

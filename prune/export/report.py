@@ -28,6 +28,7 @@ from prune.core.errors import PruneError
 from prune.io.guard import input_paths
 from prune.measure.scoring import ScoreResult
 from prune.choose.rules import Selection
+from prune.choose.verified import margin, margin_line
 
 SCORE_ONLY = tuple(names(needs_model=False))
 DPI = 110
@@ -170,10 +171,14 @@ def pareto_figure(details: dict, title: str):
 
 def candidates_figure(details: dict, title: str, shown: int = 40):
     """Verified: the KL of every measured candidate set, best first (the chosen one marked), coloured
-    by where it came from (proposed from the scores, or local search)."""
+    by where it came from (proposed from the scores, or local search); each held-out window's KL as a
+    grey tick behind its mean (the spread the ranking has to see through)."""
     plt = _plt()
     rows = details["candidates"][:shown]
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=DPI)
+    per_window = [(i + 1, v) for i, r in enumerate(rows) for v in r.get("kl_windows", [])]
+    if per_window:
+        ax.scatter(*zip(*per_window), marker="_", s=60, color="0.6", label="one held-out window", zorder=2)
     searched = [i for i, r in enumerate(rows) if r["source"] == "local search"]
     proposed = [i for i, r in enumerate(rows) if r["source"] != "local search"]
     for idx, color, label in ((proposed, "#1f77b4", "proposed from the scores"), (searched, "#ff7f0e", "local search")):
@@ -190,9 +195,19 @@ def candidates_figure(details: dict, title: str, shown: int = 40):
 
 
 def candidate_rows(details: dict, shown: int = 10) -> list[list[str]]:
-    return [[str(i + 1), " ".join(map(str, r["removed"])), r["source"], f"{r['kl_mean']:.4f}",
+    """Rank, blocks, source, KL, its difference to the chosen set paired over the windows (95%
+    interval; ``-`` for the chosen set, or a record without per-window KL), agreement, perplexity ratio."""
+    rows = details["candidates"]
+
+    def versus(i: int, r: dict) -> str:
+        if i == 0 or len(r.get("kl_windows", [])) < 2:
+            return "-"
+        m = margin(rows[0], r)
+        return f"{m['difference']:+.4f} [{m['ci_low']:+.4f}, {m['ci_high']:+.4f}]"
+
+    return [[str(i + 1), " ".join(map(str, r["removed"])), r["source"], f"{r['kl_mean']:.4f}", versus(i, r),
              f"{100 * r['top1_agreement']:.1f}%", f"{r['perplexity_ratio']:.3f}"]
-            for i, r in enumerate(details["candidates"][:shown])]
+            for i, r in enumerate(rows[:shown])]
 
 
 # ---- text ------------------------------------------------------------------------------------
@@ -378,8 +393,9 @@ def _write(folder: Path, before, after, selection, kept, k, title, source, evalu
         doc.heading("Verified: candidate sets ranked by KL to the original")
         doc.para(f"{len(d['candidates'])} sets measured on {d['windows']} held-out windows x {d['seq_len']} tokens "
                  f"(top {d['top_k']} log-probs of the original per token); the best 10:")
-        doc.table(["rank", "blocks removed (0-based)", "from", "mean KL", "top-1 agreement", "perplexity ratio"],
-                  candidate_rows(d))
+        doc.table(["rank", "blocks removed (0-based)", "from", "mean KL", "- chosen's, paired over windows (95%)",
+                   "top-1 agreement", "perplexity ratio"], candidate_rows(d))
+        doc.para(margin_line(d))
         _save(candidates_figure(d, f"Verified: {len(selection.removed)} blocks, every candidate measured"),
               folder / "candidates.png")
         doc.images(folder, [("candidates.png", "verified: every measured candidate set")])

@@ -140,7 +140,8 @@ def token_kl(ref_top: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Tensor) -
 
 
 def _per_batch(model, reference: FidelityReference, batch_size: int, progress: bool, desc: str):
-    """Per batch of the reference's windows: ``(token KLs, top-1 agreements, NLL_p sum, NLL_q sum)``."""
+    """Per batch of the reference's windows, per window and token: ``(KL_t [b, s-1], agree_t [b, s-1],
+    NLL_p [b], NLL_q [b])`` (float64 NLLs summed over each window's tokens)."""
     bar = tqdm(total=reference.windows.shape[0], desc=desc, unit="win", disable=not progress)
     with torch.no_grad():
         for start, batch in batches(reference.windows, batch_size):
@@ -149,38 +150,45 @@ def _per_batch(model, reference: FidelityReference, batch_size: int, progress: b
             if logq.shape[-1] != reference.vocab_size:
                 raise PruneError(f"the model's vocabulary ({logq.shape[-1]}) differs from the original's "
                                  f"({reference.vocab_size}): fidelity compares models with one tokenizer")
-            yield (token_kl(reference.top_logprobs[start:stop], reference.top_ids[start:stop], logq).flatten(),
-                   (logq.argmax(-1) == reference.top_ids[start:stop, :, 0].long()).flatten(),
-                   -float(reference.target_logprobs[start:stop].double().sum()),
-                   -float(logq.gather(-1, batch[:, 1:, None]).double().sum()))
+            yield (token_kl(reference.top_logprobs[start:stop], reference.top_ids[start:stop], logq),
+                   logq.argmax(-1) == reference.top_ids[start:stop, :, 0].long(),
+                   -reference.target_logprobs[start:stop].double().sum(-1),
+                   -logq.gather(-1, batch[:, 1:, None]).squeeze(-1).double().sum(-1))
             bar.update(batch.shape[0])
     bar.close()
 
 
 def measure_fidelity(model, reference: FidelityReference, *, batch_size: int = 4, progress: bool = False,
-                     desc: str = "fidelity") -> dict:
-    """KL(original || ``model``) statistics, top-1 agreement and perplexity ratio (module docstring)."""
-    kls, agree = [], []
-    nll_q = nll_p = 0.0
+                     desc: str = "fidelity", per_window: bool = False) -> dict:
+    """KL(original || ``model``) statistics, top-1 agreement and perplexity ratio (module docstring);
+    ``per_window``: also each window's mean KL and NLL difference (``kl_windows``, ``nll_diff_windows``:
+    mean over its tokens of ``NLL_q - NLL_p``), for paired comparisons of two models over the windows."""
+    kls, agree, nll_p, nll_q = [], [], [], []
     for kl, same, p, q in _per_batch(model, reference, batch_size, progress, desc):
         kls.append(kl)
         agree.append(same)
-        nll_p += p
-        nll_q += q
-    return fidelity_summary(torch.cat(kls).numpy(), torch.cat(agree).numpy(), nll_p, nll_q, reference)
-
-
-def fidelity_sums(model, reference: FidelityReference, *, batch_size: int = 4) -> torch.Tensor:
-    """float64 ``[sum_t KL_t, sum_t agree_t, sum_t NLL_p, sum_t NLL_q, tokens]``: what adds up over
-    shares of the windows (several processes all-reduce it; :func:`summary_from_sums` reads it)."""
-    out = torch.zeros(5, dtype=torch.float64)
-    for kl, same, p, q in _per_batch(model, reference, batch_size, False, ""):
-        out += torch.tensor([float(kl.double().sum()), float(same.sum()), p, q, kl.numel()], dtype=torch.float64)
+        nll_p.append(p)
+        nll_q.append(q)
+    kl, p, q = torch.cat(kls), torch.cat(nll_p), torch.cat(nll_q)
+    out = fidelity_summary(kl.flatten().numpy(), torch.cat(agree).flatten().numpy(), float(p.sum()), float(q.sum()),
+                           reference)
+    if per_window:
+        out.update(kl_windows=kl.mean(-1).tolist(), nll_diff_windows=((q - p) / kl.shape[-1]).tolist())
     return out
 
 
+def fidelity_window_sums(model, reference: FidelityReference, *, batch_size: int = 4) -> torch.Tensor:
+    """float64 ``[windows, 5]``, per window ``[sum_t KL_t, sum_t agree_t, sum_t NLL_p, sum_t NLL_q, tokens]``:
+    what adds up over shares of the windows (several processes all-reduce it, each having filled its
+    own rows). ``.sum(0)`` is what :func:`summary_from_sums` reads; ``[:, 0] / [:, 4]`` each window's mean KL."""
+    rows = [torch.stack([kl.sum(-1), same.double().sum(-1), p, q, torch.full_like(p, kl.shape[-1])], dim=1)
+            for kl, same, p, q in _per_batch(model, reference, batch_size, False, "")]
+    return torch.cat(rows) if rows else torch.zeros((0, 5), dtype=torch.float64)
+
+
 def summary_from_sums(sums: torch.Tensor) -> dict:
-    """``kl_mean``, ``top1_agreement`` and ``perplexity_ratio`` from :func:`fidelity_sums` (summed over ranks)."""
+    """``kl_mean``, ``top1_agreement`` and ``perplexity_ratio`` from the five sums of
+    :func:`fidelity_window_sums` added over windows (and ranks)."""
     kl, agree, nll_p, nll_q, n = (float(v) for v in sums)
     return {"kl_mean": kl / n, "top1_agreement": agree / n, "perplexity_ratio": math.exp((nll_q - nll_p) / n),
             "tokens": int(n)}

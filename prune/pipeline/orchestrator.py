@@ -45,6 +45,7 @@ from prune.pipeline.recipe import Recipe, load_recipe
 from prune.measure.scoring import ScoreResult
 from prune.pipeline.progress import RunProgress
 from prune.choose.rules import Selection, resolve_count, resolve_protect
+from prune.choose.verified import margin_line
 from prune.core.records import PruningRecord
 from prune.export.saving import prepare_export
 from prune.heal.methods import healing_markdown
@@ -190,6 +191,8 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
                                Selection.to_dict, Selection.from_dict)
     fault_point("selected")
     say(f"removing {len(selection.removed)} of {facts['n_layers']} blocks (0-based): {selection.removed}", quiet)
+    if selection.strategy == "verified":
+        say(margin_line(selection.details), quiet)
     ev, name = recipe.evaluate, facts["source"].display
     original = progress.stage("original", lambda: engine.evaluate(ev, "original: ", name, "original")
                               if ev and ev.original else {})
