@@ -441,7 +441,9 @@ def add_heal(sub) -> None:
     p.add_argument("--calibration-data", default=None, metavar="PATH",
                    help="the calibration text file, when RUN_DIR's recipe records it by name only (<local>/name)")
     p.add_argument("--evaluate", action="store_true", help="evaluate the healed model with RUN_DIR's evaluate settings "
-                                                          "and write eval.json / eval.md (original, pruned, healed)")
+                                                          "and write eval.json / eval.md (original, pruned, healed); with "
+                                                          "evaluate.fidelity the original is loaded once for its reference "
+                                                          "(--source where pruning.json names it by name only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run code shipped with the checkpoint (off by default; never taken from RUN_DIR's own files)")
@@ -460,7 +462,8 @@ def cmd_heal(args) -> int:
 
 # ---- compare --------------------------------------------------------------------------
 def add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="paired comparison of two evaluations on the same examples (lm-eval samples)",
+    p = sub.add_parser("compare", help="paired comparison of two evaluations on the same examples (lm-eval samples, "
+                                       "fidelity windows)",
                        description="Compare B against A example by example from lm-eval's per-example samples "
                                    "(samples_*.jsonl): per task and metric the mean difference B - A, its paired standard "
                                    "error sd(d)/sqrt(n), a 95%% percentile bootstrap interval, how many answers flipped "
@@ -468,10 +471,14 @@ def add_compare(sub) -> None:
                                    "eval/pruned), lm-eval --output_path folders or folders of samples_*.jsonl. With only A "
                                    "(a run folder), its original is compared with its pruned model. With several B (seeds "
                                    "of one recipe), B is their mean per example: the pooled difference and an interval "
-                                   "that counts the examples' sampling, which every seed shares.")
-    p.add_argument("a", metavar="A", help="run folder or lm-eval results folder (the baseline)")
+                                   "that counts the examples' sampling, which every seed shares. When A and B both "
+                                   "measured fidelity to the same original on the same windows (a run's eval.json, or "
+                                   "prune eval --output FILE.json), their KL and log perplexity ratio are compared "
+                                   "window by window too (Student's 95%% interval).")
+    p.add_argument("a", metavar="A", help="run folder, lm-eval results folder or prune eval --output file (the baseline)")
     p.add_argument("b", metavar="B", nargs="*", default=None,
-                   help="run folder or lm-eval results folder (compared to A); several: pooled per example")
+                   help="run folder, lm-eval results folder or prune eval --output file (compared to A); several: "
+                        "pooled per example")
     p.add_argument("--iters", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--output", "-o", default=None, help="also write the comparison as JSON to this file")
@@ -479,17 +486,29 @@ def add_compare(sub) -> None:
 
 
 def cmd_compare(args) -> int:
-    from prune.measure.paired import average_line, compare_folders, paired_markdown
+    from prune.measure.paired import (average_line, compare_fidelity, compare_folders, fidelity_markdown, fidelity_of,
+                                      has_samples, paired_markdown)
 
-    rows = compare_folders(args.a, args.b or None, iters=args.iters, seed=args.seed)
-    names = ("original", "pruned") if not args.b else ("A", "B" if len(args.b) == 1 else f"mean of {len(args.b)} B")
-    print(paired_markdown(rows, *names))
+    bs = args.b or []
+    fid_a, fid_b = (fidelity_of(args.a), [fidelity_of(x) for x in bs]) if bs else (None, [])
+    fid_rows = compare_fidelity(fid_a, fid_b) if fid_a and fid_b and all(fid_b) else []
+    samples = (all(has_samples(x) for x in [args.a, *bs]) if bs else
+               has_samples(args.a, "original") and has_samples(args.a, "pruned"))
+    # lm-eval samples where both sides have them; without them and without fidelity, compare_folders says what is missing
+    rows = compare_folders(args.a, bs or None, iters=args.iters, seed=args.seed) if samples or not fid_rows else []
+    names = ("original", "pruned") if not bs else ("A", "B" if len(bs) == 1 else f"mean of {len(bs)} B")
+    if rows:
+        print(paired_markdown(rows, *names))
     if len({r.task for r in rows}) > 1:
         print("\n" + average_line(rows, *names))
+    if fid_rows:
+        print(("\n" if rows else "") + f"Fidelity to the original, paired over the {fid_rows[0].n} windows both were measured "
+              "on (KL per token and log perplexity ratio, each window's mean):\n\n" + fidelity_markdown(fid_rows, *names))
     if args.output:
         with open(args.output, "w") as handle:
-            b = args.b[0] if args.b and len(args.b) == 1 else args.b or None  # several: the list pooled
-            json.dump({"a": args.a, "b": b, "rows": [r.to_dict() for r in rows]}, handle, indent=1)
+            b = bs[0] if len(bs) == 1 else bs or None  # several: the list pooled
+            json.dump({"a": args.a, "b": b, "rows": [r.to_dict() for r in rows],
+                       "fidelity_rows": [r.to_dict() for r in fid_rows]}, handle, indent=1)
         print(f"comparison written to {args.output}", file=sys.stderr)
     return 0
 

@@ -70,7 +70,8 @@ def test_full_vocabulary_equals_direct_computation(pair):
     assert got["kl_median"] == pytest.approx(np.median(kl), rel=1e-4)
     assert got["kl_p99"] == pytest.approx(np.percentile(kl, 99), rel=1e-4)
     assert got["kl_max"] == pytest.approx(kl.max(), rel=1e-4)
-    assert got["kl_mean_stderr"] == pytest.approx(kl.std(ddof=1) / math.sqrt(kl.size), rel=1e-3)
+    per_window = kl.reshape(5, 23).mean(1)  # the standard error over windows, whose tokens move together
+    assert got["kl_mean_stderr"] == pytest.approx(per_window.std(ddof=1) / math.sqrt(5), rel=1e-3)
     assert got["top1_agreement"] == pytest.approx(agree.mean())
     assert got["perplexity_ratio"] == pytest.approx(math.exp(nll_q - nll_p), rel=1e-5)
     assert got["perplexity_original"] == pytest.approx(math.exp(nll_p), rel=1e-5)
@@ -99,6 +100,8 @@ def test_per_window_values_equal_direct_computation(pair):
     assert summary["perplexity_ratio"] == pytest.approx(got["perplexity_ratio"], rel=1e-12)
     assert summary["top1_agreement"] == got["top1_agreement"]
     assert "kl_windows" not in measure_fidelity(pruned, ref, batch_size=3)  # only when asked
+    one = measure_fidelity(pruned, build_reference(original, windows[:1], top_k=VOCAB), per_window=True)
+    assert one["kl_mean_stderr"] is None and one["kl_windows"] == [pytest.approx(one["kl_mean"])]  # no spread of one window
 
 
 def test_top_k_is_a_lower_bound_and_the_rest_is_exact(pair):
@@ -164,6 +167,33 @@ def test_run_reports_fidelity_in_eval_json_table_and_card(tiny_folder, tmp_path)
     card = (result.out_dir / "README.md").read_text()
     assert "KL to original" in card and "KL(original ‖ pruned)" in card
     assert str(WIKI_RAW.name) in json.dumps(fid["data"])
+
+
+def test_compare_two_runs_window_by_window(tiny_folder, tmp_path):
+    """prune compare pairs two pruned models' fidelity over the windows both measured (no lm-eval
+    samples needed); a measure on other windows is refused."""
+    from prune.pipeline.orchestrator import run
+    from test_cli import prune_cli
+
+    fids = {}
+    for name, n in (("a", 2), ("b", 3)):
+        recipe = tiny_recipe(tiny_folder, tmp_path / name, select={"strategy": "one_shot", "metric": "bi", "n_layers": n})
+        recipe["evaluate"]["fidelity"] = {"top_k": 64}
+        fids[name] = json.loads((run(recipe, quiet=True).out_dir / "eval.json").read_text())["pruned"]["fidelity"]
+    a, b = fids["a"], fids["b"]
+    assert len(a["kl_windows"]) == 4 and a["windows_sha256"] == b["windows_sha256"]
+    proc = prune_cli("compare", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "c.json", check_rc=0)
+    assert "Fidelity to the original, paired over the 4 windows" in proc.stdout and "| kl_mean | 4 |" in proc.stdout
+    out = json.loads((tmp_path / "c.json").read_text())
+    assert out["rows"] == []  # no lm-eval samples in these runs: fidelity alone
+    kl, ratio = out["fidelity_rows"]
+    assert kl["diff"] == pytest.approx(b["kl_mean"] - a["kl_mean"], rel=1e-9) and kl["diff"] > 0  # one more block out
+    assert ratio["diff"] == pytest.approx(math.log(b["perplexity_ratio"]) - math.log(a["perplexity_ratio"]), rel=1e-9)
+    assert kl["ci_low"] < kl["diff"] < kl["ci_high"]
+    other = {**b, "windows_sha256": "0" * 16}  # as prune eval --output writes it, measured on other windows
+    (tmp_path / "other.json").write_text(json.dumps({"fidelity": other}))
+    proc = prune_cli("compare", tmp_path / "a", tmp_path / "other.json", check_rc=2)
+    assert "different windows" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_missing_fidelity_text_fails_before_loading(tiny_folder, tmp_path):

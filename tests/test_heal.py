@@ -358,6 +358,7 @@ def test_recipe_with_replace_and_prune_heal_run_dir(tmp_path, tiny_folder):
     plain = _recipe(tmp_path)
     del plain["heal"]
     plain["output"]["dir"] = str(tmp_path / "plain")
+    plain["evaluate"]["fidelity"] = {"top_k": 64}
     run_dir = run(plain, quiet=True).out_dir
     digest = folder_digest(run_dir)
     kwargs = dict(method="replace", data=C4_DATA["path"], field=C4_DATA["field"], rows="0:300",
@@ -378,6 +379,11 @@ def test_recipe_with_replace_and_prune_heal_run_dir(tmp_path, tiny_folder):
     ev = json.loads((healed / "eval.json").read_text())
     assert ev["pruned"]["perplexity"]["perplexity"] > 0 and ev["pruned_before_healing"]["perplexity"]
     assert "| perplexity | ppl |" in (healed / "eval.md").read_text()
+    # the healed model's fidelity is measured against the run's original, on the run's windows
+    fid, before = ev["pruned"]["fidelity"], ev["pruned_before_healing"]["fidelity"]
+    assert fid["windows_sha256"] == before["windows_sha256"] and fid["top_k"] == 64 and fid["kl_mean"] > 0
+    assert fid["kl_mean"] != before["kl_mean"]  # another model: trained, one block more
+    assert "| KL to original (top-64) | mean |" in (healed / "eval.md").read_text()
     assert "method: replace" in (healed / "recipe.yaml").read_text()
     # the healed folder cannot be rebuilt from its source again
     with pytest.raises(PruneError, match="already healed"):

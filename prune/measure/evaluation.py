@@ -41,7 +41,7 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
         from prune.measure.fidelity import measure_fidelity
 
         fid = measure_fidelity(model, reference, batch_size=cfg.fidelity.batch_size if cfg.fidelity else 4,
-                               progress=not quiet)
+                               progress=not quiet, per_window=True)  # per window: prune compare pairs two models
         out["fidelity"] = fid
         say(f"{label}KL to the original: mean {fid['kl_mean']:.4f}, median {fid['kl_median']:.4f}, p99 "
             f"{fid['kl_p99']:.4f}, max {fid['kl_max']:.3f}; top-1 agreement {100 * fid['top1_agreement']:.1f}%; "

@@ -4,8 +4,8 @@ The measures of llama.cpp's ``perplexity --kl-divergence``, per predicted token 
 same text windows (every token of a window but its first, as for perplexity), with ``p_t`` the
 original's and ``q_t`` the pruned model's next-token distribution:
 
-* ``KL_t = sum_v p_t(v) (log p_t(v) - log q_t(v))``: mean (with its standard error), median,
-  p99 and max over tokens;
+* ``KL_t = sum_v p_t(v) (log p_t(v) - log q_t(v))``: mean (with its standard error over windows,
+  whose tokens are not independent), median, p99 and max over tokens;
 * top-1 agreement ``mean_t [argmax p_t = argmax q_t]``;
 * the perplexity ratio ``ppl(pruned) / ppl(original) = exp(mean_t (NLL_q - NLL_p))`` on the
   same tokens.
@@ -24,6 +24,7 @@ never increases a KL divergence, so the value is then a lower bound of the full 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -170,8 +171,7 @@ def measure_fidelity(model, reference: FidelityReference, *, batch_size: int = 4
         nll_p.append(p)
         nll_q.append(q)
     kl, p, q = torch.cat(kls), torch.cat(nll_p), torch.cat(nll_q)
-    out = fidelity_summary(kl.flatten().numpy(), torch.cat(agree).flatten().numpy(), float(p.sum()), float(q.sum()),
-                           reference)
+    out = fidelity_summary(kl.numpy(), torch.cat(agree).flatten().numpy(), float(p.sum()), float(q.sum()), reference)
     if per_window:
         out.update(kl_windows=kl.mean(-1).tolist(), nll_diff_windows=((q - p) / kl.shape[-1]).tolist())
     return out
@@ -194,11 +194,21 @@ def summary_from_sums(sums: torch.Tensor) -> dict:
             "tokens": int(n)}
 
 
+def windows_fingerprint(windows: torch.Tensor) -> str:
+    """The first 16 hex digits of the sha256 of the token ids (int64): two measures paired over windows
+    must have measured the same ones."""
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def fidelity_summary(kl: np.ndarray, agree: np.ndarray, nll_p: float, nll_q: float, reference: FidelityReference) -> dict:
+    """The statistics of :func:`measure_fidelity` from ``kl`` ``[windows, tokens]``. The mean's standard
+    error is taken over windows, ``sd(window means) / sqrt(windows)`` (None for one window): a window's
+    tokens share their context and move together, so treating them as independent would understate it."""
     n = kl.size
+    per_window = kl.mean(-1)
     return {
         "kl_mean": float(kl.mean()),
-        "kl_mean_stderr": float(kl.std(ddof=1) / math.sqrt(n)) if n > 1 else None,
+        "kl_mean_stderr": float(per_window.std(ddof=1) / math.sqrt(per_window.size)) if per_window.size > 1 else None,
         "kl_median": float(np.median(kl)),
         "kl_p99": float(np.percentile(kl, 99)),
         "kl_max": float(kl.max()),
@@ -209,6 +219,7 @@ def fidelity_summary(kl: np.ndarray, agree: np.ndarray, nll_p: float, nll_q: flo
         "tokens": int(n),
         "windows": int(reference.windows.shape[0]),
         "seq_len": int(reference.windows.shape[1]),
+        "windows_sha256": windows_fingerprint(reference.windows),
         "top_k": reference.top_k,
         "vocab_size": reference.vocab_size,
         "kl_exact": reference.top_k >= reference.vocab_size,

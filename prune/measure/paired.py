@@ -298,6 +298,55 @@ def load_samples(folder: Path) -> dict[str, list[dict]]:
     return {task: read_samples(p.read_text(encoding="utf-8").splitlines()) for task, p in latest_samples(folder).items()}
 
 
+def has_samples(path: str | Path, which: str = "pruned") -> bool:
+    """Whether :func:`samples_folder` finds lm-eval samples at ``path``."""
+    try:
+        samples_folder(path, which)
+        return True
+    except PruneError:
+        return False
+
+
+def fidelity_of(path: str | Path) -> dict | None:
+    """The fidelity measure, with its per-window values, of the model a run folder saved (its eval.json's
+    ``pruned``: healed, if it was) or of a ``prune eval --output`` JSON file; None when there is none."""
+    path = Path(path).expanduser()
+    file = path / "eval.json" if path.is_dir() else path
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PruneError(f"{file} is not a readable JSON file ({exc}); give a run folder or prune eval's --output file") from None
+    found = data.get("pruned", data) if isinstance(data, dict) else None
+    fid = found.get("fidelity") if isinstance(found, dict) else None
+    return fid if isinstance(fid, dict) and "kl_windows" in fid else None
+
+
+def compare_fidelity(a: dict, b: list[dict], level: float = 0.95) -> list[Paired]:
+    """KL to the original and ``log`` of the perplexity ratio of B against A, paired over the windows
+    both were measured on (Student's interval, :func:`paired_t`); several B: their mean per window."""
+    for other in b:
+        if (other.get("windows_sha256"), other.get("top_k")) != (a.get("windows_sha256"), a.get("top_k")):
+            raise PruneError("A and B measured fidelity on different windows or top-k (windows "
+                             f"{a.get('windows_sha256')} top {a.get('top_k')} against {other.get('windows_sha256')} top "
+                             f"{other.get('top_k')}): evaluate both with the same evaluate.fidelity settings and original")
+    mean_b = lambda key: np.mean([other[key] for other in b], axis=0)
+    return [paired_t(a["kl_windows"], mean_b("kl_windows"), task="fidelity", metric="kl_mean", level=level),
+            paired_t(a["nll_diff_windows"], mean_b("nll_diff_windows"), task="fidelity", metric="log_ppl_ratio",
+                     level=level)]
+
+
+def fidelity_markdown(rows: list[Paired], a: str = "A", b: str = "B") -> str:
+    """The fidelity comparison as a Markdown table (lower is closer to the original)."""
+    lines = [f"| measure (lower: closer to the original) | windows | {a} | {b} | {b} - {a} | paired SE | unpaired SE | "
+             "95% interval (Student) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r.metric} | {r.n} | {r.mean_a:.4f} | {r.mean_b:.4f} | {r.diff:+.4f} | {r.se_paired:.4f} | "
+                     f"{r.se_unpaired:.4f} | [{r.ci_low:+.4f}, {r.ci_high:+.4f}] |")
+    return "\n".join(lines)
+
+
 def compare_folders(a: str | Path, b: str | Path | list[str | Path] | None = None, *, iters: int = 10_000,
                     seed: int = 0) -> list[Paired]:
     """Paired comparison of two results folders (B against A); with ``b`` None, ``a`` is a run

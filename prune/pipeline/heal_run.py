@@ -21,7 +21,9 @@ The heal settings come from, in order (later wins): the ``heal:`` section of
 The result is a NEW complete folder, written atomically (:func:`prune.export.saving`): the
 checkpoint, ``pruning.json`` (the run's record, ``healing`` set, kept blocks / counts and the
 scores after updated), ``recipe.yaml`` (the run's recipe with the heal section used) and,
-with ``evaluate``, ``eval.json`` / ``eval.md`` (original, pruned before healing, healed).
+with ``evaluate``, ``eval.json`` / ``eval.md`` (original, pruned before healing, healed; with
+``evaluate.fidelity`` the healed model's KL to the run's original, whose reference is built first
+and the original released before healing).
 ``RUN_DIR`` is only read.
 """
 
@@ -278,6 +280,21 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     if not cfg.merge and cfg.method != "lora":
         raise PruneError(f"heal.merge: false keeps a LoRA adapter apart; method {cfg.method} has none (use lora)")
 
+    reference = None
+    if evaluate and eval_cfg.fidelity is not None:  # the healed model's KL to the run's original, as the run measured it
+        from prune.export.lineage import recorded_source
+        from prune.measure.evaluation import fidelity_reference
+
+        if pruning.source is None:
+            raise PruneError(f"{run}/pruning.json records no source model, and evaluate.fidelity measures against it: "
+                             "drop fidelity from the recipe's evaluate section, or use prune eval --fidelity-to")
+        orig = recorded_source(pruning.source, source)
+        say(f"loading the original model {orig.display} (the reference of evaluate.fidelity)", quiet)
+        original_model, original_tok, _ = load_model(orig.path, gguf_file=orig.gguf_file, dtype=dtype,
+                                                     revision=orig.revision, trust_remote_code=trust)
+        reference = fidelity_reference(original_model, original_tok, eval_cfg, quiet=quiet)
+        del original_model, original_tok  # released before healing loads its own models
+
     started = _dt.datetime.now(_dt.timezone.utc)
     if cfg.bridge != "none":
         model, tokenizer, kept, record = _heal_with_bridges(run, src, pruning.kept, cfg, dtype, trust, quiet)
@@ -329,7 +346,8 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
               "layers_before": pruning.layers_before, "layers_after": new.layers_after}
     run_eval = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
     original, before = run_eval.get("original", {}), run_eval.get("pruned", {})
-    healed = evaluate_loaded(model, tokenizer, eval_cfg, quiet=quiet, label="healed:   ") if evaluate else {}
+    healed = evaluate_loaded(model, tokenizer, eval_cfg, quiet=quiet, label="healed:   ",
+                             reference=reference) if evaluate else {}
     if not evaluate:
         original, before = {}, {}  # the run's figures describe the unhealed model: not carried over
     evaluation = {"original": original, "pruned_before_healing": before, "pruned": healed,
