@@ -114,3 +114,5 @@ def test_verified_in_a_recipe(tiny_folder, tmp_path, capsys):
     m = details["runner_up"]  # the runner-up's row carries its paired difference, and the margin is stated
     assert f"| {m['difference']:+.4f} [{m['ci_low']:+.4f}, {m['ci_high']:+.4f}] |" in text
     assert margin_line(details) in text
+    card = (result.out_dir / "README.md").read_text()  # and the model card says how clearly the chosen set won
+    assert f"the runner-up ({' '.join(map(str, m['removed']))}) had a mean KL higher by {m['difference']:+.4f}" in card

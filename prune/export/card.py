@@ -150,6 +150,11 @@ def method_line(step: PruningStep) -> str:
     details = sel.get("details") or {}
     if strategy == "contiguous" and "start" in details and "distance" in details:
         line += f"; here l* = {details['start']}, n = {details['n']}, d = {details['distance']:.4f}"
+    margin = details.get("runner_up") if strategy == "verified" else None
+    if margin:  # how clearly the chosen set won (prune.choose.verified.margin)
+        line += (f"; the runner-up ({' '.join(map(str, margin['removed']))}) had a mean KL higher by "
+                 f"{margin['difference']:+.4f}, 95% interval [{margin['ci_low']:+.4f}, {margin['ci_high']:+.4f}] over "
+                 f"{margin['windows']} held-out windows")
     return line
 
 
