@@ -61,16 +61,22 @@ def mcnemar_exact(right_to_wrong: int, wrong_to_right: int) -> float:
     return min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m)
 
 
-def paired_stats(a, b, *, task: str = "", metric: str = "", iters: int = 10_000, seed: int = 0,
-                 level: float = 0.95) -> Paired:
-    """Paired statistics of per-example scores ``a`` and ``b`` (same examples, same order)."""
+def _pair(a, b, task: str, unit: str) -> tuple[np.ndarray, np.ndarray]:
+    """``a`` and ``b`` as float64 vectors of one length, at least 2; else one line saying what is wrong."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
-        raise PruneError(f"paired scores need two equal-length lists, got {a.shape} and {b.shape}")
+        raise PruneError(f"paired values need two equal-length lists, got {a.shape} and {b.shape}")
+    if a.size < 2:
+        raise PruneError(f"{task or 'paired comparison'}: {a.size} {unit}(s) in common; at least 2 are needed")
+    return a, b
+
+
+def paired_stats(a, b, *, task: str = "", metric: str = "", iters: int = 10_000, seed: int = 0,
+                 level: float = 0.95) -> Paired:
+    """Paired statistics of per-example scores ``a`` and ``b`` (same examples, same order)."""
+    a, b = _pair(a, b, task, "example")
     n = a.size
-    if n < 2:
-        raise PruneError(f"{task or 'paired comparison'}: {n} example(s) in common; at least 2 are needed")
     d = b - a
     rng = np.random.default_rng(seed)
     means = np.empty(iters)
@@ -117,13 +123,8 @@ def paired_t(a, b, *, task: str = "", metric: str = "", level: float = 0.95) -> 
     """Paired statistics of a few measurements per unit (``a`` and ``b`` on the same ``n`` text windows):
     ``mean(d) +- t_{(1+level)/2, n-1} x sd(d) / sqrt(n)``, ``d = b - a``. Student's interval, not the
     bootstrap of :func:`paired_stats`, which is too narrow at a handful of units."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise PruneError(f"paired values need two equal-length lists, got {a.shape} and {b.shape}")
+    a, b = _pair(a, b, task, "unit")
     n = a.size
-    if n < 2:
-        raise PruneError(f"{task or 'paired comparison'}: {n} unit(s) in common; at least 2 are needed")
     d = b - a
     se = lambda x: float(x.std(ddof=1) / math.sqrt(n))
     half = t_quantile((1 + level) / 2, n - 1) * se(d)
