@@ -338,6 +338,7 @@ def main() -> int:
     ap.add_argument("--margins", default=None, metavar="HELDOUTS",
                     help="the runner-up's paired margin at each k, on the held-out and the evaluation windows, for these "
                          "held-out counts (e.g. 4,16); measures what is missing for --heldout unless --report")
+    ap.add_argument("--docs", action="store_true", help="with --margins: also write the table into docs/BENCHMARKS.md")
     ap.add_argument("--budgets", default=None, help="--report: also tabulate k = 10 for these budgets (e.g. 16,200)")
     ap.add_argument("--wide", type=int, default=0, metavar="CAP",
                     help="k = 10: hill-climb the full swap neighbourhood from verified's and SLEB's sets (CAP evaluations each)")
@@ -369,8 +370,15 @@ def main() -> int:
     if args.margins:
         bench = None if args.report else Bench(args.threads, args.heldout, args.budget)
         table = margin_table([int(h) for h in args.margins.split(",")], args.budget, bench)
-        print(f"_Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `python scripts/bench_verified.py "
-              f"--report --margins {args.margins}` from bench_cache/verified/._\n\n{table}")
+        command = f"python scripts/bench_verified.py --report --margins {args.margins}"
+        print(f"_Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `{command}` from "
+              f"bench_cache/verified/._\n\n{table}")
+        if args.docs:
+            from docs_block import replace_block
+
+            if not replace_block("bench_verified_margins", table, command + " --docs", "bench_cache/verified/"):
+                print("docs/BENCHMARKS.md has no bench_verified_margins block: nothing written", file=sys.stderr)
+                return 1
         return 0
     if not args.report:
         bench = Bench(args.threads, args.heldout, args.budget)
