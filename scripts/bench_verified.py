@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import math
 import os
 import random
 import sys
@@ -42,6 +43,7 @@ from prune.choose.strategies import heldout_windows  # noqa: E402
 from prune.choose.rules import resolve_protect  # noqa: E402
 from prune.choose.verified import Verifier, margin, verified  # noqa: E402
 from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity  # noqa: E402
+from prune.measure.paired import paired_t  # noqa: E402
 from bench_quality import Context, log, read, set_key, write  # noqa: E402  (the same protocol and cache helpers)
 
 CACHE = ROOT / "bench_cache" / "verified"
@@ -234,6 +236,37 @@ def margin_table(heldouts: list[int], budget: int, bench: Bench | None = None) -
     return "\n".join(lines)
 
 
+def paired_table(heldout: int, budget: int, bench: Bench | None = None) -> str:
+    """verified's set against each baseline's at every k, paired over the 64 evaluation windows: the
+    baseline's KL minus verified's, and the baseline's perplexity over verified's (``exp`` of the mean
+    per-window NLL difference, interval likewise); ``bench``: measure what is missing first."""
+    base = baseline_sets()
+    lines = ["| k | baseline | its set | KL: baseline - verified, 95% (verified lower on) | "
+             "perplexity: baseline / verified, 95% |", "|---:|---|---|---|---|"]
+    for k in KS:
+        sel = bench.selection(k) if bench is not None else read(CACHE / f"verified2_k{k}_h{heldout}_b{budget}.json")
+        for name in BASELINES:
+            removed = base.get(name, {}).get(k)
+            if sel is None or removed is None:
+                continue
+            if bench is not None:
+                for s in (sel["removed"], removed):
+                    bench.measure(s, per_window=True)
+            v, b = (read(CACHE / "sets" / f"{set_key(s)}.json") for s in (sel["removed"], removed))
+            if not (v and b and "kl_windows" in v and "kl_windows" in b):
+                continue
+            if sorted(removed) == sorted(sel["removed"]):
+                lines.append(f"| {k} | {name} | {' '.join(map(str, removed))} | the same set | - |")
+                continue
+            kl = paired_t(v["kl_windows"], b["kl_windows"])
+            ppl = paired_t(v["nll_diff_windows"], b["nll_diff_windows"])
+            lower = sum(x < y for x, y in zip(v["kl_windows"], b["kl_windows"]))
+            lines.append(f"| {k} | {name} | {' '.join(map(str, removed))} | {kl.diff:+.4f} [{kl.ci_low:+.4f}, "
+                         f"{kl.ci_high:+.4f}] ({lower} of {kl.n}) | x{math.exp(ppl.diff):.3f} [x{math.exp(ppl.ci_low):.3f}, "
+                         f"x{math.exp(ppl.ci_high):.3f}] |")
+    return "\n".join(lines)
+
+
 def budget_table(heldout: int, budgets: list[int], k: int = 10) -> str:
     """verified at ``k`` with each local-search budget: what it found, what it cost, how far below SLEB."""
     sleb = baseline_sets().get("sleb", {}).get(k)
@@ -338,7 +371,11 @@ def main() -> int:
     ap.add_argument("--margins", default=None, metavar="HELDOUTS",
                     help="the runner-up's paired margin at each k, on the held-out and the evaluation windows, for these "
                          "held-out counts (e.g. 4,16); measures what is missing for --heldout unless --report")
-    ap.add_argument("--docs", action="store_true", help="with --margins: also write the table into docs/BENCHMARKS.md")
+    ap.add_argument("--paired", action="store_true",
+                    help="verified against each baseline at every k, paired over the evaluation windows; measures what "
+                         "is missing unless --report")
+    ap.add_argument("--docs", action="store_true",
+                    help="with --margins or --paired: also write the table into docs/BENCHMARKS.md")
     ap.add_argument("--budgets", default=None, help="--report: also tabulate k = 10 for these budgets (e.g. 16,200)")
     ap.add_argument("--wide", type=int, default=0, metavar="CAP",
                     help="k = 10: hill-climb the full swap neighbourhood from verified's and SLEB's sets (CAP evaluations each)")
@@ -367,17 +404,22 @@ def main() -> int:
                   f"SLEB's {sleb:.1f}")
         print(f"{len(data['evaluated'])} distinct sets evaluated")
         return 0
-    if args.margins:
+    if args.paired or args.margins:
         bench = None if args.report else Bench(args.threads, args.heldout, args.budget)
-        table = margin_table([int(h) for h in args.margins.split(",")], args.budget, bench)
-        command = f"python scripts/bench_verified.py --report --margins {args.margins}"
+        if args.paired:
+            table, block = paired_table(args.heldout, args.budget, bench), "bench_verified_paired"
+            command = "python scripts/bench_verified.py --report --paired" + (
+                f" --heldout {args.heldout}" if args.heldout != 4 else "")
+        else:
+            table, block = margin_table([int(h) for h in args.margins.split(",")], args.budget, bench), "bench_verified_margins"
+            command = f"python scripts/bench_verified.py --report --margins {args.margins}"
         print(f"_Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `{command}` from "
               f"bench_cache/verified/._\n\n{table}")
         if args.docs:
             from docs_block import replace_block
 
-            if not replace_block("bench_verified_margins", table, command + " --docs", "bench_cache/verified/"):
-                print("docs/BENCHMARKS.md has no bench_verified_margins block: nothing written", file=sys.stderr)
+            if not replace_block(block, table, command + " --docs", "bench_cache/verified/"):
+                print(f"docs/BENCHMARKS.md has no {block} block: nothing written", file=sys.stderr)
                 return 1
         return 0
     if not args.report:
