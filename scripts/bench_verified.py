@@ -208,6 +208,16 @@ def report(heldout: int, budget: int) -> str:
     return "\n".join(out) + "\n"
 
 
+def interval_cell(m: dict) -> str:
+    """A :func:`prune.choose.verified.margin` as ``+d [lo, hi] (windows where the other set is lower)``."""
+    return f"{m['difference']:+.4f} [{m['ci_low']:+.4f}, {m['ci_high']:+.4f}] ({m['windows_lower']} of {m['windows']})"
+
+
+def window_row(removed: list[int], measured: dict) -> dict:
+    """A set measured per window, in the shape :func:`margin` reads."""
+    return {"removed": removed, "kl_mean": measured["kl_mean"], "kl_windows": measured["kl_windows"]}
+
+
 def margin_table(heldouts: list[int], budget: int, bench: Bench | None = None) -> str:
     """How sure was each choice? The runner-up's KL minus the chosen set's, paired per window, on
     verified's held-out windows (what it ranked on) and on the evaluation text (64 x 512 tokens it never
@@ -217,7 +227,7 @@ def margin_table(heldouts: list[int], budget: int, bench: Bench | None = None) -
              "|---:|---:|---|---|---|---|---|"]
     for heldout in heldouts:
         for k in KS:
-            if bench is not None and bench.heldout == heldout:
+            if bench is not None and bench.heldout == heldout and bench.selection(k)["details"]["runner_up"]:
                 sel = bench.selection(k)
                 for removed in (sel["removed"], sel["details"]["runner_up"]["removed"]):
                     bench.measure(removed, per_window=True)
@@ -227,12 +237,9 @@ def margin_table(heldouts: list[int], budget: int, bench: Bench | None = None) -
             b = a and read(CACHE / "sets" / f"{set_key(m['removed'])}.json")
             if not (b and "kl_windows" in a and "kl_windows" in b):
                 continue
-            ev = margin({"removed": sel["removed"], "kl_mean": a["kl_mean"], "kl_windows": a["kl_windows"]},
-                        {"removed": m["removed"], "kl_mean": b["kl_mean"], "kl_windows": b["kl_windows"]})
-            cell = lambda x: (f"{x['difference']:+.4f} [{x['ci_low']:+.4f}, {x['ci_high']:+.4f}] "
-                              f"({x['windows_lower']} of {x['windows']})")
+            ev = margin(window_row(sel["removed"], a), window_row(m["removed"], b))
             lines.append(f"| {heldout} | {k} | {' '.join(map(str, sel['removed']))} | {' '.join(map(str, m['removed']))} | "
-                         f"{cell(m)} | {cell(ev)} | {a['perplexity_pruned']:.1f}, {b['perplexity_pruned']:.1f} |")
+                         f"{interval_cell(m)} | {interval_cell(ev)} | {a['perplexity_pruned']:.1f}, {b['perplexity_pruned']:.1f} |")
     return "\n".join(lines)
 
 
@@ -241,7 +248,7 @@ def paired_table(heldout: int, budget: int, bench: Bench | None = None) -> str:
     baseline's KL minus verified's, and the baseline's perplexity over verified's (``exp`` of the mean
     per-window NLL difference, interval likewise); ``bench``: measure what is missing first."""
     base = baseline_sets()
-    lines = ["| k | baseline | its set | KL: baseline - verified, 95% (verified lower on) | "
+    lines = ["| k | baseline | its set | KL: baseline - verified, 95% (baseline lower on) | "
              "perplexity: baseline / verified, 95% |", "|---:|---|---|---|---|"]
     for k in KS:
         sel = bench.selection(k) if bench is not None else read(CACHE / f"verified2_k{k}_h{heldout}_b{budget}.json")
@@ -258,12 +265,10 @@ def paired_table(heldout: int, budget: int, bench: Bench | None = None) -> str:
             if sorted(removed) == sorted(sel["removed"]):
                 lines.append(f"| {k} | {name} | {' '.join(map(str, removed))} | the same set | - |")
                 continue
-            kl = paired_t(v["kl_windows"], b["kl_windows"])
+            kl = margin(window_row(sel["removed"], v), window_row(removed, b))
             ppl = paired_t(v["nll_diff_windows"], b["nll_diff_windows"])
-            lower = sum(x < y for x, y in zip(v["kl_windows"], b["kl_windows"]))
-            lines.append(f"| {k} | {name} | {' '.join(map(str, removed))} | {kl.diff:+.4f} [{kl.ci_low:+.4f}, "
-                         f"{kl.ci_high:+.4f}] ({lower} of {kl.n}) | x{math.exp(ppl.diff):.3f} [x{math.exp(ppl.ci_low):.3f}, "
-                         f"x{math.exp(ppl.ci_high):.3f}] |")
+            lines.append(f"| {k} | {name} | {' '.join(map(str, removed))} | {interval_cell(kl)} | "
+                         f"x{math.exp(ppl.diff):.4f} [x{math.exp(ppl.ci_low):.4f}, x{math.exp(ppl.ci_high):.4f}] |")
     return "\n".join(lines)
 
 
