@@ -194,6 +194,9 @@ def test_compare_two_runs_window_by_window(tiny_folder, tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"fidelity": other}))
     proc = prune_cli("compare", tmp_path / "a", tmp_path / "other.json", check_rc=2)
     assert "different windows" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    (tmp_path / "damaged.json").write_text(json.dumps({"fidelity": {**b, "kl_windows": ["x"] * 4}}))
+    proc = prune_cli("compare", tmp_path / "a", tmp_path / "damaged.json", check_rc=2)
+    assert "fidelity record is damaged" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_missing_fidelity_text_fails_before_loading(tiny_folder, tmp_path):

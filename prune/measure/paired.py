@@ -321,14 +321,22 @@ def fidelity_of(path: str | Path) -> dict | None:
         raise PruneError(f"{file} is not a readable JSON file ({exc}); give a run folder or prune eval's --output file") from None
     found = data.get("pruned", data) if isinstance(data, dict) else None
     fid = found.get("fidelity") if isinstance(found, dict) else None
-    return fid if isinstance(fid, dict) and "kl_windows" in fid else None
+    if not (isinstance(fid, dict) and "kl_windows" in fid):
+        return None
+    values = [fid.get("kl_windows"), fid.get("nll_diff_windows")]
+    if not all(isinstance(v, list) and len(v) == len(values[0]) and all(isinstance(x, (int, float)) for x in v)
+               for v in values) or not isinstance(fid.get("windows_sha256"), str):
+        raise PruneError(f"{file}: its fidelity record is damaged (kl_windows, nll_diff_windows: lists of numbers of one "
+                         "length; windows_sha256: text): measure it again with prune eval --fidelity-to")
+    return fid
 
 
 def compare_fidelity(a: dict, b: list[dict], level: float = 0.95) -> list[Paired]:
     """KL to the original and ``log`` of the perplexity ratio of B against A, paired over the windows
     both were measured on (Student's interval, :func:`paired_t`); several B: their mean per window."""
     for other in b:
-        if (other.get("windows_sha256"), other.get("top_k")) != (a.get("windows_sha256"), a.get("top_k")):
+        key = lambda f: (f.get("windows_sha256"), f.get("top_k"), len(f["kl_windows"]))
+        if key(other) != key(a):
             raise PruneError("A and B measured fidelity on different windows or top-k (windows "
                              f"{a.get('windows_sha256')} top {a.get('top_k')} against {other.get('windows_sha256')} top "
                              f"{other.get('top_k')}): evaluate both with the same evaluate.fidelity settings and original")
