@@ -334,8 +334,8 @@ def fidelity_of(path: str | Path) -> dict | None:
 def compare_fidelity(a: dict, b: list[dict], level: float = 0.95) -> list[Paired]:
     """KL to the original and ``log`` of the perplexity ratio of B against A, paired over the windows
     both were measured on (Student's interval, :func:`paired_t`); several B: their mean per window."""
+    key = lambda f: (f.get("windows_sha256"), f.get("top_k"), len(f["kl_windows"]))  # the same windows, same top-k
     for other in b:
-        key = lambda f: (f.get("windows_sha256"), f.get("top_k"), len(f["kl_windows"]))
         if key(other) != key(a):
             raise PruneError("A and B measured fidelity on different windows or top-k (windows "
                              f"{a.get('windows_sha256')} top {a.get('top_k')} against {other.get('windows_sha256')} top "
