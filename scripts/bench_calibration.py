@@ -154,7 +154,7 @@ def report() -> str:
             scores = prune.ScoreResult.load_json(CACHE / f"{source}_scores.json")
             picks = [" ".join(map(str, select(scores, k, strategy=st, metric=me, protect=PROTECT).removed))
                      for st, me in (("contiguous", "angular"), ("one_shot", "bi"))]
-            best, second = sorted(sel["details"]["candidates"], key=lambda c: c["kl_mean"])[:2]
+            best, second = sel["details"]["candidates"][:2]  # verified ranks its candidate table by KL
             runner_up = f"{' '.join(map(str, second['removed']))} (+{100 * (second['kl_mean'] / best['kl_mean'] - 1):.1f}%)"
             rows.append(f"| {k} | {source} | {' '.join(map(str, sel['removed']))} | {sel['details']['kl_mean']:.4f} | "
                         f"{runner_up} | " + " | ".join(cells) + f" | {picks[0]} | {picks[1]} |")
