@@ -383,6 +383,8 @@ def test_recipe_with_replace_and_prune_heal_run_dir(tmp_path, tiny_folder):
     fid, before = ev["pruned"]["fidelity"], ev["pruned_before_healing"]["fidelity"]
     assert fid["windows_sha256"] == before["windows_sha256"] and fid["top_k"] == 64 and fid["kl_mean"] > 0
     assert fid["kl_mean"] != before["kl_mean"]  # another model: trained, one block more
+    # the reference is the original's, as the run's was (the run folder's model would give another perplexity)
+    assert fid["perplexity_original"] == pytest.approx(before["perplexity_original"], rel=1e-5)
     assert "| KL to original (top-64) | mean |" in (healed / "eval.md").read_text()
     assert "method: replace" in (healed / "recipe.yaml").read_text()
     # the healed folder cannot be rebuilt from its source again
