@@ -3,8 +3,12 @@ real WikiText-2 text from ../shared/data, and the real SmolLM2-135M model (integ
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -178,3 +182,36 @@ def tiny_recipe(model_dir, out_dir, **sections) -> dict:
     for key, value in sections.items():
         recipe[key] = value
     return recipe
+
+
+def prune_cli(*args, check_rc: int | None = None, env_extra: dict | None = None, unset: tuple[str, ...] = (),
+              cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m prune.cli ARGS`` in a real process: the entry point, the exit status (a kill's
+    too) and every byte the process prints, library warnings included. Offline; ``unset`` drops
+    variables (tokens, ``PRUNE_FAULT``) before ``env_extra`` is added."""
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update({"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env_extra or {})})
+    proc = subprocess.run([sys.executable, "-m", "prune.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=timeout)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stdout + proc.stderr
+    return proc
+
+
+def prune_main(*args, check_rc: int | None = None) -> subprocess.CompletedProcess:
+    """``prune ARGS`` in this process (``prune.cli.main``, the function the console script calls):
+    its exit status and what it prints to ``sys.stdout`` / ``sys.stderr``, without a new Python
+    and its imports (~4 CPU-seconds) per call. For what a command decides; :func:`prune_cli`
+    for what a real process shows."""
+    from prune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's errors
+            code = exc.code
+    proc = subprocess.CompletedProcess(["prune", *map(str, args)], code, out.getvalue(), err.getvalue())
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stdout + proc.stderr
+    return proc

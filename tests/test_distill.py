@@ -10,9 +10,6 @@ or cache that does not match the student is refused with one line, before any tr
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -39,7 +36,7 @@ from prune.heal.methods import heal_config, heal_model, training_windows
 from prune.model.loading import decoder_layers
 from prune.pipeline.orchestrator import run
 
-from conftest import N_LAYERS, ROOT, VOCAB, WIKI_RAW, build_model
+from conftest import N_LAYERS, VOCAB, WIKI_RAW, build_model, prune_main
 from test_heal import C4_DATA, FAST, RUN, save_reload_same_logits
 
 KEPT = [i for i in range(N_LAYERS) if i not in RUN]
@@ -274,10 +271,8 @@ def test_prune_heal_run_dir_with_distill(tmp_path, tiny_folder_heal):
                  rows=C4_DATA["rows"], overrides=fast, quiet=True)
     assert "\n" not in str(err.value) and not (tmp_path / "healed4").exists()
     # the console script: --method distill, a bad temperature is one line and exit 2
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    bad = subprocess.run([sys.executable, "-m", "prune.cli", "heal", str(run_dir), "-o", str(tmp_path / "bad"), "--method",
-                          "distill", "--data", C4_DATA["path"], "--set", "temperature=0"], capture_output=True, text=True,
-                         env=env, cwd=tmp_path)
+    bad = prune_main("heal", run_dir, "-o", tmp_path / "bad", "--method", "distill", "--data", C4_DATA["path"],
+                     "--set", "temperature=0")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "temperature must be > 0" in bad.stderr
     assert not (tmp_path / "bad").exists()
 

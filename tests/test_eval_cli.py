@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import DATA, WIKI_RAW
-from test_cli import prune_cli
+from conftest import DATA, WIKI_RAW, prune_cli, prune_main
 
 from prune.core.errors import PruneError
 
@@ -20,7 +19,7 @@ def pruned_folder(tiny_folder, tmp_path_factory):
 
 
 def test_eval_fidelity_to_the_original(tmp_path, tiny_folder, pruned_folder):
-    proc = prune_cli("eval", pruned_folder, "--fidelity-to", tiny_folder, "--fidelity-top-k", 256,
+    proc = prune_main("eval", pruned_folder, "--fidelity-to", tiny_folder, "--fidelity-top-k", 256,
                      "--perplexity-data", WIKI_RAW, "--perplexity-rows", "0:200", "--seq-len", 32, "--max-windows", 3,
                      "-o", tmp_path / "e.json", "--quiet", check_rc=0)
     result = json.loads((tmp_path / "e.json").read_text())
@@ -32,7 +31,7 @@ def test_eval_fidelity_to_the_original(tmp_path, tiny_folder, pruned_folder):
 
 
 def test_eval_fidelity_needs_text(tiny_folder, pruned_folder):
-    proc = prune_cli("eval", pruned_folder, "--fidelity-to", tiny_folder, check_rc=2)
+    proc = prune_main("eval", pruned_folder, "--fidelity-to", tiny_folder, check_rc=2)
     assert proc.stderr.strip().splitlines() == ["error: --fidelity-to measures on the perplexity text: give --perplexity-data too"]
 
 
@@ -60,7 +59,7 @@ def test_eval_writes_lm_eval_files_with_lm_eval_flags(tmp_path, chat_folder):
         sanitize_model_name,
     )
 
-    proc = prune_cli("eval", chat_folder, "--tasks", "copa", "--limit", 6, "--data-dir", DATA, "--batch-size", "auto",
+    proc = prune_main("eval", chat_folder, "--tasks", "copa", "--limit", 6, "--data-dir", DATA, "--batch-size", "auto",
                      "--apply-chat-template", "--num-fewshot", 1, "--fewshot-from-scored-split", "--output-path", tmp_path / "results",
                      "-o", tmp_path / "e.json", "--quiet", check_rc=0)
     mine = json.loads((tmp_path / "e.json").read_text())
@@ -78,7 +77,7 @@ def test_eval_writes_lm_eval_files_with_lm_eval_flags(tmp_path, chat_folder):
 
 
 def test_eval_bad_batch_size_is_one_line(tiny_folder):
-    proc = prune_cli("eval", tiny_folder, "--tasks", "copa", "--batch-size", "big", check_rc=2)
+    proc = prune_main("eval", tiny_folder, "--tasks", "copa", "--batch-size", "big", check_rc=2)
     assert proc.stderr.count("\n") == 1 and "batch_size is a number, auto or auto:N" in proc.stderr
 
 
@@ -102,7 +101,7 @@ def test_vllm_not_installed_is_one_line_before_loading(tiny_folder):
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here: scripts/device_check_eval.sh runs it")
-    proc = prune_cli("eval", tiny_folder, "--tasks", "copa", "--model", "vllm", "--data-dir", DATA, check_rc=2)
+    proc = prune_main("eval", tiny_folder, "--tasks", "copa", "--model", "vllm", "--data-dir", DATA, check_rc=2)
     assert proc.stderr.strip().splitlines() == [
         "error: --model vllm needs vLLM, which is not installed (pip install vllm, on a machine with a GPU); or use --model hf"]
 
@@ -110,7 +109,7 @@ def test_vllm_not_installed_is_one_line_before_loading(tiny_folder):
 def test_hf_backend_loads_the_saved_folder_itself(tmp_path, tiny_folder):
     from lm_eval.utils import get_results_filenames
 
-    prune_cli("eval", tiny_folder, "--tasks", "copa", "--limit", 4, "--data-dir", DATA, "--model", "hf",
+    prune_main("eval", tiny_folder, "--tasks", "copa", "--limit", 4, "--data-dir", DATA, "--model", "hf",
               "--model-args", "max_length=256", "--dtype", "float32", "--output-path", tmp_path, "-o",
               tmp_path / "e.json", "--quiet", check_rc=0)
     result = json.loads((tmp_path / "e.json").read_text())

@@ -70,7 +70,7 @@ def test_card_body_renders_table_recipe_and_facts(two_steps):
     assert "- **Removed blocks** (0-based, indices of the original model): `[2, 3]`" in text
     assert "- **Kept blocks** (original indices, in order): `[0, 1, 4, 5, 6, 7]`" in text
     assert "arccos(cos(h_l, h_{l+n})) / π" in text and "here l* = 2, n = 2" in text
-    assert f"| decoder blocks | 8 | 6 |" in text
+    assert "| decoder blocks | 8 | 6 |" in text
     p0, p1 = pruning["params_before"], pruning["params_after"]
     assert f"| parameters | {p0:,} | {p1:,} ({100 * (p1 - p0) / p0:+.1f}%) |" in text
     # the before/after table is the pipeline's own, verbatim

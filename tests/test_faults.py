@@ -6,10 +6,8 @@ Kills and interrupts go through the real entry point in a subprocess (``PRUNE_FA
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from prune import PruneError
 from prune.export.saving import INCOMPLETE_MARKER
 from prune.pipeline.progress import progress_dir
 
+import conftest
 from conftest import tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,12 +33,9 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 
 
 def prune_cli(*args, fault: str | None = None, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
-    env.pop("PRUNE_FAULT", None)
-    if fault:
-        env["PRUNE_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "prune.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=ROOT)
+    """The console command in a real process (a kill must end a process), ``fault`` planted (``PRUNE_FAULT``)."""
+    return conftest.prune_cli(*args, unset=("PRUNE_FAULT",),
+                              env_extra={**(env_extra or {}), **({"PRUNE_FAULT": fault} if fault else {})})
 
 
 def digest(folder: Path) -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, WIKI_RAW, build_model, tiny_recipe, wiki_text
+from conftest import VOCAB, WIKI_RAW, build_model, prune_main, tiny_recipe, wiki_text
 
 from prune.core.config import EvaluateConfig
 from prune.core.errors import PruneError
@@ -173,7 +173,6 @@ def test_compare_two_runs_window_by_window(tiny_folder, tmp_path):
     """prune compare pairs two pruned models' fidelity over the windows both measured (no lm-eval
     samples needed); a measure on other windows is refused."""
     from prune.pipeline.orchestrator import run
-    from test_cli import prune_cli
 
     fids = {}
     for name, n in (("a", 2), ("b", 3)):
@@ -182,7 +181,7 @@ def test_compare_two_runs_window_by_window(tiny_folder, tmp_path):
         fids[name] = json.loads((run(recipe, quiet=True).out_dir / "eval.json").read_text())["pruned"]["fidelity"]
     a, b = fids["a"], fids["b"]
     assert len(a["kl_windows"]) == 4 and a["windows_sha256"] == b["windows_sha256"]
-    proc = prune_cli("compare", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "c.json", check_rc=0)
+    proc = prune_main("compare", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "c.json", check_rc=0)
     assert "Fidelity to the original, paired over the 4 windows" in proc.stdout and "| kl_mean | 4 |" in proc.stdout
     out = json.loads((tmp_path / "c.json").read_text())
     assert out["rows"] == []  # no lm-eval samples in these runs: fidelity alone
@@ -192,10 +191,10 @@ def test_compare_two_runs_window_by_window(tiny_folder, tmp_path):
     assert kl["ci_low"] < kl["diff"] < kl["ci_high"]
     other = {**b, "windows_sha256": "0" * 16}  # as prune eval --output writes it, measured on other windows
     (tmp_path / "other.json").write_text(json.dumps({"fidelity": other}))
-    proc = prune_cli("compare", tmp_path / "a", tmp_path / "other.json", check_rc=2)
+    proc = prune_main("compare", tmp_path / "a", tmp_path / "other.json", check_rc=2)
     assert "different windows" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     (tmp_path / "damaged.json").write_text(json.dumps({"fidelity": {**b, "kl_windows": ["x"] * 4}}))
-    proc = prune_cli("compare", tmp_path / "a", tmp_path / "damaged.json", check_rc=2)
+    proc = prune_main("compare", tmp_path / "a", tmp_path / "damaged.json", check_rc=2)
     assert "fidelity record is damaged" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 

@@ -10,8 +10,6 @@ import copy
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,7 +21,7 @@ from prune.heal.methods import heal_model, mean_lm_loss
 from prune.pipeline.orchestrator import run
 from prune.model.loading import decoder_layers
 
-from conftest import DATA, N_LAYERS, ROOT, WIKI_RAW, build_model
+from conftest import DATA, N_LAYERS, WIKI_RAW, build_model, prune_main
 
 C4 = DATA / "c4" / "c4_web_1480.jsonl"
 C4_DATA = {"path": str(C4), "field": ["prefix", "gold_completion"], "rows": "0:300"}
@@ -410,23 +408,18 @@ def test_cli_heal_partial(tmp_path, tiny_folder):
     del plain["heal"]
     run_dir = run(plain, quiet=True).out_dir
     digest = folder_digest(run_dir)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "prune.cli", "heal", str(run_dir), "--output", str(tmp_path / "healed"), "--method",
-           "partial", "--data", str(C4), "--field", "prefix,gold_completion", "--rows", "0:300", "-q",
-           "--set", "steps=3", "--set", "n_samples=8", "--set", "seq_len=32", "--set", "heal.last_blocks=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    prune_main("heal", run_dir, "--output", tmp_path / "healed", "--method", "partial", "--data", C4, "--field",
+               "prefix,gold_completion", "--rows", "0:300", "-q", "--set", "steps=3", "--set", "n_samples=8",
+               "--set", "seq_len=32", "--set", "heal.last_blocks=1", check_rc=0)
     assert folder_digest(run_dir) == digest
     rec = json.loads((tmp_path / "healed" / "pruning.json").read_text())
     assert rec["healing"]["method"] == "partial" and rec["healing"]["settings"]["last_blocks"] == 1
     assert rec["healing"]["steps"] == 3 and rec["removed"] == json.loads((run_dir / "pruning.json").read_text())["removed"]
     AutoModelForCausalLM.from_pretrained(tmp_path / "healed")
     # bad input: one error line, exit 2, nothing written
-    bad = subprocess.run(cmd[:6] + [str(tmp_path / "bad"), "--method", "lora", "--set", "rank=0", "--data", str(C4)],
-                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    bad = prune_main("heal", run_dir, "--output", tmp_path / "bad", "--method", "lora", "--set", "rank=0", "--data", C4)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "rank must be at least 1" in bad.stderr
-    same = subprocess.run(cmd[:6] + [str(run_dir), "--method", "lora", "--data", str(C4)], capture_output=True, text=True,
-                          env=env, cwd=tmp_path)
+    same = prune_main("heal", run_dir, "--output", run_dir, "--method", "lora", "--data", C4)
     assert same.returncode == 2 and "is the run folder" in same.stderr
     assert not (tmp_path / "bad").exists()
 

@@ -23,7 +23,7 @@ import prune
 from prune import PruneError
 from prune.cli import input_error, main
 
-from conftest import DATA, ROOT, WIKI_RAW, tiny_recipe
+from conftest import DATA, ROOT, WIKI_RAW, prune_cli, tiny_recipe
 
 C4 = DATA / "c4" / "c4_web_1480.jsonl"
 TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123"  # shaped like a token, not a real one
@@ -110,12 +110,10 @@ def test_hub_kernels_stay_off(model):
 
 
 def heal_cli(run: Path, out: Path, *extra) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     args = ["heal", run, "-o", out, "--method", "lora", "--data", C4, "--field", "prefix", "--rows", "0:200",
             "--set", "n_samples=4", "--set", "val_samples=0", "--set", "seq_len=32", "--set", "steps=1",
             "--set", "batch_size=2", "-q", *extra]
-    return subprocess.run([sys.executable, "-m", "prune.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=600)
+    return prune_cli(*args)  # a real process: planted code runs there, never in the tests' process
 
 
 def test_heal_never_takes_trust_remote_code_from_the_run_folder(run_dir, tmp_path):

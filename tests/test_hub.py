@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -23,7 +22,7 @@ from prune.core.errors import PruneError
 from prune.export.push import card_for_repo, commit_operations, push, upload_files
 from prune.pipeline.orchestrator import run
 
-from conftest import ROOT
+from conftest import prune_cli, prune_main
 from export_fixtures import folder_digest, recipe, save_source
 
 FAKE_TOKEN = "hf_prunetestTOKENthatmustneverbeprinted"
@@ -48,11 +47,9 @@ def copy(folder: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(folder, tmp_path / folder.name))
 
 
-def cli(*args, env_extra: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
-    env.update({"PYTHONPATH": str(ROOT), **(env_extra or {})})
-    return subprocess.run([sys.executable, "-m", "prune.cli", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+def cli(*args, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """The console command in a real process without the caller's Hub token (``online`` gives one)."""
+    return prune_cli(*args, env_extra=env_extra, unset=("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"), timeout=180)
 
 
 def online(tmp_path: Path, endpoint: str, token: str | None = FAKE_TOKEN) -> dict:
@@ -83,7 +80,7 @@ def test_check_passes_on_pruned_outputs(pruned):
 
 
 def test_check_cli_prints_one_screen_and_exits_zero(pruned):
-    done = cli("check", pruned[1], "--require-export")
+    done = prune_main("check", pruned[1], "--require-export")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert lines[0].startswith(f"checkpoint {pruned[1]}  (llama, 6 blocks,") and lines[-1] == "OK: complete and consistent"
@@ -226,7 +223,7 @@ def test_byte_ranges_hold_exactly_the_tensors_safe_open_reads(pruned):
 def test_check_cli_fails_with_one_error_line(pruned, tmp_path):
     folder = copy(pruned[1], tmp_path)
     fewer_layers_in_config(folder)
-    done = cli("check", folder)
+    done = prune_main("check", folder)
     assert done.returncode == 2
     assert "FAIL blocks" in done.stdout and "FAIL pruning" in done.stdout
     assert done.stdout.strip().endswith("FAILED: 2 problems")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import DATA, tiny_recipe
+from conftest import DATA, prune_main, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,6 @@ def test_run_writes_lm_eval_results_and_samples(run_with_tasks):
 
 
 def test_compare_a_run_folder(run_with_tasks):
-    from test_cli import prune_cli
 
-    proc = prune_cli("compare", run_with_tasks.out_dir, "--iters", 500, check_rc=0)
+    proc = prune_main("compare", run_with_tasks.out_dir, "--iters", 500, check_rc=0)
     assert "| copa_local | acc | 12 |" in proc.stdout and "pruned - original" in proc.stdout

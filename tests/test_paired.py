@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import DATA, build_model
+from conftest import DATA, build_model, prune_main
 
 from prune.core.errors import PruneError
 from prune.measure.paired import (Paired, compare_folders, compare_samples, headline_rows, load_samples, mcnemar_exact,
@@ -166,20 +166,19 @@ def test_task_average_by_hand():
 
 
 def test_compare_cli(lm_eval_folders, tmp_path):
-    from test_cli import prune_cli
 
     root, _ = lm_eval_folders
-    proc = prune_cli("compare", root / "model-a", root / "model-b", "--iters", 500, "-o", tmp_path / "c.json", check_rc=0)
+    proc = prune_main("compare", root / "model-a", root / "model-b", "--iters", 500, "-o", tmp_path / "c.json", check_rc=0)
     assert "| arc_easy_local | acc | 16 |" in proc.stdout and "McNemar p" in proc.stdout
     assert "Average over 2 tasks (one headline metric each): B - A = " in proc.stdout
     direct = json.loads((tmp_path / "c.json").read_text())["rows"]
     assert len(direct) == 3
     # several B (seeds of one recipe): pooled per example, here A and B -> half of B - A on every row
-    proc = prune_cli("compare", root / "model-a", root / "model-a", root / "model-b", "--iters", 500,
+    proc = prune_main("compare", root / "model-a", root / "model-a", root / "model-b", "--iters", 500,
                      "-o", tmp_path / "p.json", check_rc=0)
     assert "| mean of 2 B |" in proc.stdout and "mean of 2 B - A" in proc.stdout
     pooled = json.loads((tmp_path / "p.json").read_text())
     assert pooled["b"] == [str(root / "model-a"), str(root / "model-b")]
     assert [r["diff"] for r in pooled["rows"]] == pytest.approx([r["diff"] / 2 for r in direct])
-    proc = prune_cli("compare", tmp_path, root / "model-b", check_rc=2)
+    proc = prune_main("compare", tmp_path, root / "model-b", check_rc=2)
     assert proc.stderr.startswith("error: no lm-eval samples") and len(proc.stderr.strip().splitlines()) == 1

@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import torch
 import yaml
-from conftest import DATA, ROOT, build_model, build_tokenizer
+from conftest import DATA, ROOT, build_model, build_tokenizer, prune_cli
 from export_fixtures import recipe, save_source
 from huggingface_hub import EvalResult, ModelCard
 from huggingface_hub.repocard_data import eval_results_to_model_index
@@ -110,11 +110,8 @@ def hub(tmp_path_factory):
 
 
 def cli_push(endpoint: str, *args, home: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="0", HF_ENDPOINT=endpoint, HF_HOME=str(home),
-               HF_HUB_DISABLE_TELEMETRY="1")
-    return subprocess.run([sys.executable, "-m", "prune.cli", "push", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=180)
+    return prune_cli("push", *args, unset=("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"), timeout=180,
+                     env_extra=dict(HF_HUB_OFFLINE="0", HF_ENDPOINT=endpoint, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1"))
 
 
 @pytest.fixture(scope="module")

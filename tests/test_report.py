@@ -3,10 +3,7 @@
 import base64
 import io
 import json
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +13,7 @@ import prune
 from prune.export.report import cka_heatmap, report_run
 from prune.measure.scoring import ScoreResult
 
-from conftest import ROOT, WIKI_RAW, build_model
+from conftest import WIKI_RAW, build_model, prune_main
 
 PNGS_RUN = ["cka_original.png", "cka_pruned.png", "blocks_original.png", "blocks_pruned.png", "pareto.png"]
 
@@ -35,11 +32,6 @@ def run_dir(tmp_path_factory, tokenizers_by_bos):
         "output": {"dir": str(tmp / "run")},
     }
     return run(recipe, quiet=True).out_dir
-
-
-def cli(*args):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "prune.cli", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
 def check_png(path, min_px=300, max_px=3000):
@@ -83,14 +75,14 @@ def test_report_of_a_run_folder(run_dir, tmp_path):
 
 
 def test_cli_report_run_folder_and_model(run_dir, tmp_path):
-    res = cli("report", str(run_dir), "-o", str(tmp_path / "a"))
+    res = prune_main("report", str(run_dir), "-o", str(tmp_path / "a"))
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "a" / "report.html").is_file()
-    again = cli("report", str(run_dir), "-o", str(tmp_path / "a"))
+    again = prune_main("report", str(run_dir), "-o", str(tmp_path / "a"))
     assert again.returncode == 2 and "already exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
     # a model: scored first, like prune score; the strategy's blocks marked
     model_dir = run_dir.parent / "tiny"
-    res = cli("report", str(model_dir), "--data", str(WIKI_RAW), "--rows", "0:400", "--n-samples", "4", "--seq-len", "48",
+    res = prune_main("report", str(model_dir), "--data", str(WIKI_RAW), "--rows", "0:400", "--n-samples", "4", "--seq-len", "48",
               "--strategy", "one_shot", "--metric", "bi", "--n-layers", "2", "-o", str(tmp_path / "m"), "-q")
     assert res.returncode == 0, res.stderr
     md = (tmp_path / "m" / "report.md").read_text()
@@ -98,7 +90,7 @@ def test_cli_report_run_folder_and_model(run_dir, tmp_path):
     for name in ["cka_original.png", "blocks_original.png"]:
         check_png(tmp_path / "m" / name)
     assert not (tmp_path / "m" / "cka_pruned.png").exists()
-    bad = cli("report", str(model_dir), "-o", str(tmp_path / "x"))
+    bad = prune_main("report", str(model_dir), "-o", str(tmp_path / "x"))
     assert bad.returncode == 2 and "give --data" in bad.stderr and not (tmp_path / "x").exists()
 
 

@@ -9,8 +9,7 @@ import shutil
 import datasets
 
 import pytest
-from conftest import DATA, build_model
-from test_cli import prune_cli
+from conftest import DATA, build_model, prune_main
 
 from prune.measure.lmeval import check_tasks, evaluate_tasks, local_task_dir
 
@@ -43,26 +42,27 @@ def one_line_error(proc) -> str:
     return lines[0]
 
 
-def test_unknown_task_before_loading(no_weights):
-    line = one_line_error(prune_cli("eval", no_weights, "--tasks", "arc_eezy", "--data-dir", DATA))
+def test_unknown_task_before_loading(no_weights, monkeypatch):
+    monkeypatch.delenv("PRUNE_DATA_DIR", raising=False)  # lm-eval's registry alone: indexed once for this and the next
+    line = one_line_error(prune_main("eval", no_weights, "--tasks", "arc_eezy"))
     assert "unknown lm-eval task 'arc_eezy'" in line
 
 
 def test_uncached_registry_task_offline_before_loading(no_weights, monkeypatch):
     monkeypatch.delenv("PRUNE_DATA_DIR", raising=False)
-    line = one_line_error(prune_cli("eval", no_weights, "--tasks", "arc_easy"))
+    line = one_line_error(prune_main("eval", no_weights, "--tasks", "arc_easy"))
     assert "lm-eval task 'arc_easy': its data could not be loaded" in line
     assert "offline and not in the datasets cache" in line and "local copy arc_easy_local" in line
 
 
 def test_empty_group_before_loading(no_weights, task_dir):
-    line = one_line_error(prune_cli("eval", no_weights, "--tasks", "empty_group", "--include-path", task_dir,
+    line = one_line_error(prune_main("eval", no_weights, "--tasks", "empty_group", "--include-path", task_dir,
                                     "--data-dir", DATA))
     assert "group or tag 'empty_group' has no task in it" in line
 
 
 def test_fewshot_from_the_scored_split_is_refused_before_loading(no_weights):
-    line = one_line_error(prune_cli("eval", no_weights, "--tasks", "copa", "--num-fewshot", 2, "--data-dir", DATA))
+    line = one_line_error(prune_main("eval", no_weights, "--tasks", "copa", "--num-fewshot", 2, "--data-dir", DATA))
     assert "2-shot examples would be drawn from its 'test' split, the split it scores" in line
 
 
@@ -104,10 +104,11 @@ def test_local_tasks_resolve_without_indexing_lm_evals_registry(task_dir, tmp_pa
     assert resolve_tasks(["lambada_openai"], data_dir_path=DATA)[1] is full  # built once
     mine = tmp_path / "mine"
     shutil.copytree(task_dir, mine)
-    first = resolve_tasks(["copa_a", "lambada_openai"], data_dir_path=DATA, task_dirs=[mine])[1]
+    first = resolve_tasks(["copa_a"], data_dir_path=DATA, task_dirs=[mine])[1]
+    assert resolve_tasks(["copa_b"], data_dir_path=DATA, task_dirs=[mine])[1] is first
     (mine / "copa_c.yaml").write_text((mine / "copa_a.yaml").read_text().replace("copa_a", "copa_c"))
-    again = resolve_tasks(["copa_c", "lambada_openai"], data_dir_path=DATA, task_dirs=[mine])[1]  # added since: found
-    assert again is not first and "copa_c" in again.all_tasks
+    again = resolve_tasks(["copa_c"], data_dir_path=DATA, task_dirs=[mine])[1]  # added since: found
+    assert again is not first and "copa_c" in again.all_tasks and "arc_easy" not in again.all_tasks
 
 
 def test_last_word_task_scores_the_exact_last_word_of_each_story(tokenizers_by_bos, tmp_path):
