@@ -24,7 +24,7 @@ from prune.export.public import public_path
 from prune.pipeline.orchestrator import run
 from prune.pipeline.recipe import load_recipe
 
-from conftest import ROOT, WIKI_RAW
+from conftest import ROOT
 from export_fixtures import recipe, save_source
 
 
@@ -249,36 +249,3 @@ def test_template_is_shipped_as_package_data():
     assert template_path().is_file() and "{{ card_data }}" in template_path().read_text()
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert '"templates/*.md"' in pyproject
-
-
-# ---- the real model ----------------------------------------------------------------------------
-@pytest.mark.integration
-def test_smollm2_prune_twice_check_card_and_dry_run(smollm2_folder, tmp_path):
-    """SmolLM2-135M (30 blocks) pruned by 7 then 3 more blocks on real WikiText-2: both
-    folders pass `check`, the second card shows the two-step lineage in original indices,
-    and the dry run lists every file."""
-    from prune.export.check import check_checkpoint
-    from prune.export.push import push
-
-    def smol_recipe(source, out, n):
-        return recipe(source, out, n, calibration={"n_samples": 8, "seq_len": 128},
-                      evaluate={"perplexity": {"path": str(WIKI_RAW), "rows": "2000:", "seq_len": 128, "max_windows": 2}})
-
-    first = run(smol_recipe(smollm2_folder, tmp_path / "smol-23L", 7), quiet=True)
-    second = run(smol_recipe(first.out_dir, tmp_path / "smol-20L", 3), quiet=True)
-    for result, n in ((first, 23), (second, 20)):
-        report = check_checkpoint(result.out_dir, require_export=True)
-        assert report.ok, report.summary()
-        assert report.facts["n_layers"] == n
-    p1 = read_json(first.out_dir / "pruning.json")
-    p2 = read_json(second.out_dir / "pruning.json")
-    assert len(p1["removed"]) == 7 and p1["removed"] == list(range(p1["removed"][0], p1["removed"][0] + 7))
-    assert p2["removed_original"] == [p1["kept_original"][i] for i in p2["removed"]]
-    assert sorted(p2["removed_original_all"]) == sorted(p1["removed"] + p2["removed_original"])
-    assert len(p2["kept_original"]) == 20 and not set(p2["kept_original"]) & set(p2["removed_original_all"])
-    text = (second.out_dir / "README.md").read_text()
-    assert f"`{p2['removed']}` | `{p2['removed_original']}` |" in text
-    assert comparison_markdown(read_json(second.out_dir / "eval.json")["rows"]) in text
-    assert "| decoder blocks | 30 | 20 |" in text
-    plan = push(second.out_dir, "me/SmolLM2-135M-20L", dry_run=True, quiet=True)
-    assert {name for name, _ in plan.files} == {p.name for p in second.out_dir.iterdir()}

@@ -448,28 +448,6 @@ def test_heal_run_dir_whose_calibration_file_was_recorded_by_name(tmp_path, tiny
     assert rec["healing"]["method"] == "partial" and rec["layers_after"] == N_LAYERS - 3 == rec["scores_after"]["n_layers"]
 
 
-# ---- the real model -------------------------------------------------------------------------------------------------
-@pytest.mark.integration
-def test_smollm2_replacement_layer_beats_plain_removal(smollm2_folder):
-    """SmolLM2-135M, blocks 12-18 (the contiguous angular choice): a replacement block trained
-    briefly on C4 gives a lower WikiText-2 perplexity than removing the seven blocks."""
-    from prune.measure.perplexity import perplexity
-
-    held_out = prune.load_text(prune.TextSource(str(WIKI_RAW), rows="2000:"))
-    run = list(range(12, 19))
-    pruned, tok, _ = prune.load(smollm2_folder)
-    eval_w = prune.eval_windows(tok, held_out, 256, max_windows=4)
-    prune.remove_layers(pruned, run)
-    ppl_pruned = perplexity(pruned, eval_w)["perplexity"]
-    del pruned
-    model, tok, _ = prune.load(smollm2_folder)
-    rec = heal_model(model, tok, "replace", data=C4_DATA, removed=run, quiet=True, n_samples=32, val_samples=4,
-                     seq_len=128, steps=16, batch_size=8, learning_rate=1e-3, loss="mse")
-    assert rec["replacement"]["val_mse_after"] < rec["replacement"]["val_mse_before"]
-    assert model.config.num_hidden_layers == 24
-    assert perplexity(model, eval_w)["perplexity"] < ppl_pruned
-
-
 def test_learning_rate_schedule():
     from prune.heal.training import make_scheduler
 

@@ -1,5 +1,7 @@
-"""The real SmolLM2-135M-Instruct (GGUF, Llama architecture, 30 blocks) on real WikiText-2 text."""
+"""The real SmolLM2-135M-Instruct (GGUF, Llama architecture, 30 blocks) on real WikiText-2 text:
+the suite's one real-model module (the other modules use tiny random models)."""
 
+import json
 import math
 
 import pytest
@@ -7,9 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import prune
+from prune.core.tables import comparison_markdown
 from prune.measure.perplexity import perplexity
 
-from conftest import WIKI_RAW
+from conftest import DATA, ROOT, WIKI_RAW
 
 pytestmark = pytest.mark.integration
 
@@ -48,17 +51,23 @@ def test_score_remove_seven_save_reload(smollm2_folder, tmp_path):
     assert torch.equal(a, reloaded.generate(prompt, max_new_tokens=8, do_sample=False))
 
 
-def test_quick_recipe_end_to_end(smollm2_folder, tmp_path):
-    """recipes/smollm2-quick.yaml as shipped, with small limits: chosen layers, a before/after
-    table of perplexity and two lm-eval tasks on real data, and the output folder."""
-    from conftest import DATA, ROOT
+@pytest.fixture(scope="module")
+def quick_run(smollm2_folder, tmp_path_factory):
+    """recipes/smollm2-quick.yaml as shipped, with small limits (one run for the tests below)."""
     from prune.pipeline.orchestrator import run
 
-    result = run(ROOT / "recipes" / "smollm2-quick.yaml", quiet=True, overrides=[
-        f"model.source={smollm2_folder}", f"output.dir={tmp_path / 'out'}", f"calibration.path={WIKI_RAW}",
+    out = tmp_path_factory.mktemp("quick") / "out"
+    return run(ROOT / "recipes" / "smollm2-quick.yaml", quiet=True, overrides=[
+        f"model.source={smollm2_folder}", f"output.dir={out}", f"calibration.path={WIKI_RAW}",
         f"evaluate.perplexity.path={WIKI_RAW}", "evaluate.perplexity.max_windows=2", "evaluate.perplexity.seq_len=256",
         f"evaluate.data_dir={DATA}", "evaluate.tasks=[arc_easy, winogrande]", "evaluate.limit=10",
         "calibration.n_samples=8", "calibration.seq_len=128", "select.heldout_windows=2", "select.budget=2"])
+
+
+def test_quick_recipe_end_to_end(quick_run):
+    """The shipped recipe: chosen layers, a before/after table of perplexity and two lm-eval tasks
+    on real data, and the output folder."""
+    result = quick_run
     assert len(result.selection.removed) == 7
     # the shipped strategy, verified: the chosen set is the lowest-KL candidate it measured
     details = result.selection.details
@@ -70,3 +79,86 @@ def test_quick_recipe_end_to_end(smollm2_folder, tmp_path):
     assert math.isfinite(ppl) and ppl > result.evaluation["original"]["perplexity"]["perplexity"]
     for name in ("config.json", "model.safetensors", "recipe.yaml", "pruning.json", "eval.json", "eval.md"):
         assert (result.out_dir / name).is_file()
+
+
+def test_prune_the_pruned_again_check_card_and_dry_run(quick_run, tmp_path):
+    """The quick run's 23 blocks pruned by 3 more: both folders pass `check`, the second card shows
+    the two-step lineage in original indices, and the dry run lists every file."""
+    from export_fixtures import recipe
+    from prune.export.check import check_checkpoint
+    from prune.export.push import push
+    from prune.pipeline.orchestrator import run
+
+    first = quick_run
+    second = run(recipe(first.out_dir, tmp_path / "smol-20L", 3, calibration={"n_samples": 8, "seq_len": 128},
+                        evaluate={"perplexity": {"path": str(WIKI_RAW), "rows": "2000:", "seq_len": 128, "max_windows": 2}}),
+                 quiet=True)
+    for result, n in ((first, 23), (second, 20)):
+        report = check_checkpoint(result.out_dir, require_export=True)
+        assert report.ok, report.summary()
+        assert report.facts["n_layers"] == n
+    p1 = json.loads((first.out_dir / "pruning.json").read_text())
+    p2 = json.loads((second.out_dir / "pruning.json").read_text())
+    assert p2["removed_original"] == [p1["kept_original"][i] for i in p2["removed"]]
+    assert sorted(p2["removed_original_all"]) == sorted(p1["removed"] + p2["removed_original"])
+    assert len(p2["kept_original"]) == 20 and not set(p2["kept_original"]) & set(p2["removed_original_all"])
+    text = (second.out_dir / "README.md").read_text()
+    assert f"`{p2['removed']}` | `{p2['removed_original']}` |" in text
+    assert comparison_markdown(json.loads((second.out_dir / "eval.json").read_text())["rows"]) in text
+    assert "| decoder blocks | 30 | 20 |" in text
+    plan = push(second.out_dir, "me/SmolLM2-135M-20L", dry_run=True, quiet=True)
+    assert {name for name, _ in plan.files} == {p.name for p in second.out_dir.iterdir()}
+
+
+def test_replacement_layer_beats_plain_removal(smollm2_folder):
+    """Blocks 12-18 (the contiguous angular choice): a replacement block trained briefly on C4
+    gives a lower WikiText-2 perplexity than removing the seven blocks."""
+    from test_heal import C4_DATA
+    from prune.heal.methods import heal_model
+
+    held_out = prune.load_text(prune.TextSource(str(WIKI_RAW), rows="2000:"))
+    run = list(range(12, 19))
+    pruned, tok, _ = prune.load(smollm2_folder)
+    eval_w = prune.eval_windows(tok, held_out, 256, max_windows=4)
+    prune.remove_layers(pruned, run)
+    ppl_pruned = perplexity(pruned, eval_w)["perplexity"]
+    del pruned
+    model, tok, _ = prune.load(smollm2_folder)
+    rec = heal_model(model, tok, "replace", data=C4_DATA, removed=run, quiet=True, n_samples=32, val_samples=4,
+                     seq_len=128, steps=16, batch_size=8, learning_rate=1e-3, loss="mse")
+    assert rec["replacement"]["val_mse_after"] < rec["replacement"]["val_mse_before"]
+    assert model.config.num_hidden_layers == 24
+    assert perplexity(model, eval_w)["perplexity"] < ppl_pruned
+
+
+def test_sequential_and_outofcore_equal_in_memory(smollm2_folder, tmp_path):
+    from test_scale import all_tensors, assert_same_scores
+    from prune.export.outofcore import prune_checkpoint
+    from prune.measure.sequential import score_sequential
+
+    model, tok, _ = prune.load(smollm2_folder)
+    text = prune.load_text(prune.TextSource(str(WIKI_RAW), rows="0:2000"))
+    w = prune.calibration_windows(tok, text, 4, 64, seed=0)
+    assert_same_scores(prune.score(model, w, batch_size=2, progress=False),
+                       score_sequential(smollm2_folder, w, batch_size=2, spill=True, progress=False))
+    removed = list(range(12, 19))
+    out = prune_checkpoint(smollm2_folder, removed, tmp_path / "ooc")
+    prune.remove_layers(model, removed)
+    a, b = all_tensors(prune.save(model, tok, tmp_path / "mem")), all_tensors(out)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert "lm_head.weight" not in b  # tied embeddings stay stored once
+
+
+def test_report(smollm2_folder, tmp_path):
+    """The sink block 11 shows as a CKA cliff, 30 x 30 heatmap, contiguous marks 7 blocks."""
+    from test_report import check_png
+    from prune.pipeline.commands import report_model
+
+    out = report_model(str(smollm2_folder), tmp_path / "rep", n_layers=7, data=str(WIKI_RAW), rows="0:2000",
+                       n_samples=4, seq_len=128, batch_size=4, quiet=True)
+    data = json.loads((out / "report.json").read_text())
+    assert len(data["cka_original"]) == 30 and len(data["removed"]) == 7 and data["k"] == 7
+    md = (out / "report.md").read_text()
+    assert "strategy `contiguous`, metric `angular`: removes 7 of 30 blocks" in md and "per pair" in md
+    for name in ["cka_original.png", "blocks_original.png"]:
+        check_png(out / name, min_px=800)

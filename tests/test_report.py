@@ -92,18 +92,3 @@ def test_cli_report_run_folder_and_model(run_dir, tmp_path):
     assert not (tmp_path / "m" / "cka_pruned.png").exists()
     bad = prune_main("report", str(model_dir), "-o", str(tmp_path / "x"))
     assert bad.returncode == 2 and "give --data" in bad.stderr and not (tmp_path / "x").exists()
-
-
-@pytest.mark.integration
-def test_report_on_smollm2(smollm2_folder, tmp_path):
-    """The real model: the sink block 11 shows as a CKA cliff, 30 x 30 heatmap, contiguous marks 7 blocks."""
-    from prune.pipeline.commands import report_model
-
-    out = report_model(str(smollm2_folder), tmp_path / "rep", n_layers=7, data=str(WIKI_RAW), rows="0:2000",
-                       n_samples=4, seq_len=128, batch_size=4, quiet=True)
-    data = json.loads((out / "report.json").read_text())
-    assert len(data["cka_original"]) == 30 and len(data["removed"]) == 7 and data["k"] == 7
-    md = (out / "report.md").read_text()
-    assert "strategy `contiguous`, metric `angular`: removes 7 of 30 blocks" in md and "per pair" in md
-    for name in ["cka_original.png", "blocks_original.png"]:
-        check_png(out / name, min_px=800)

@@ -419,22 +419,6 @@ def test_gpu_plan_uses_gpu_memory(tokenizers_by_bos, tmp_path):
         plan_execution(folder, "sequential", device_map="cuda:0", max_memory={0: "10KB"})
 
 
-# ---- the real model ----------------------------------------------------------------------------------
-@pytest.mark.integration
-def test_smollm2_sequential_and_outofcore_equal_in_memory(smollm2_folder, tmp_path):
-    model, tok, _ = prune.load(smollm2_folder)
-    text = prune.load_text(prune.TextSource(str(WIKI_RAW), rows="0:2000"))
-    w = prune.calibration_windows(tok, text, 4, 64, seed=0)
-    assert_same_scores(prune.score(model, w, batch_size=2, progress=False),
-                       score_sequential(smollm2_folder, w, batch_size=2, spill=True, progress=False))
-    removed = list(range(12, 19))
-    out = prune_checkpoint(smollm2_folder, removed, tmp_path / "ooc")
-    prune.remove_layers(model, removed)
-    a, b = all_tensors(prune.save(model, tok, tmp_path / "mem")), all_tensors(out)
-    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-    assert "lm_head.weight" not in b  # tied embeddings stay stored once
-
-
 def test_out_of_core_recipe_runs(tokenizers_by_bos, tmp_path, monkeypatch):
     from prune.pipeline.orchestrator import run
     from prune.pipeline.recipe import load_recipe
