@@ -386,9 +386,10 @@ def test_recipe_with_a_bridge(tmp_path, tiny_folder):
     assert f"into block {record['removed'][0] - 1} (fit error" in (out / "eval.md").read_text()
 
 
-def test_prune_heal_with_a_bridge_equals_the_recipe_and_refuses_a_healed_run(tmp_path, tiny_folder):
+def test_prune_heal_with_a_bridge_equals_the_recipe_and_refuses_a_healed_run(tmp_path, tiny_folder, capsys):
     """``prune heal RUN --method bridge`` loads the recorded original and fits the same bridges as
-    a recipe's heal section: the same weights, bit for bit. A healed run is refused (the bridges
+    a recipe's heal section: the same weights, bit for bit (also when ``--evaluate`` built the
+    fidelity reference with the same loaded copy first). A healed run is refused (the bridges
     are fitted to the original's blocks), and so is an adapter-only LoRA with a bridge."""
     from prune.pipeline.heal_run import heal_run
 
@@ -398,6 +399,7 @@ def test_prune_heal_with_a_bridge_equals_the_recipe_and_refuses_a_healed_run(tmp
     plain = _recipe(tmp_path)
     del plain["heal"]
     plain["output"]["dir"] = str(tmp_path / "plain")
+    plain["evaluate"]["fidelity"] = {"top_k": 64}
     run_dir = run(plain, quiet=True).out_dir
     import yaml
 
@@ -408,7 +410,11 @@ def test_prune_heal_with_a_bridge_equals_the_recipe_and_refuses_a_healed_run(tmp
     missing.write_text(config.read_text().replace("c4_web_1480.jsonl", "nowhere.jsonl"))
     with pytest.raises(PruneError, match="'heal.data.path' file not found: .*nowhere.jsonl"):  # before any loading
         heal_run(run_dir, tmp_path / "healed", config=str(missing), source=str(tmp_path / "tiny"), quiet=True)
-    healed = heal_run(run_dir, tmp_path / "healed", config=str(config), source=str(tmp_path / "tiny"), quiet=True)
+    capsys.readouterr()
+    healed = heal_run(run_dir, tmp_path / "healed", config=str(config), source=str(tmp_path / "tiny"), quiet=False,
+                      evaluate=True)
+    assert capsys.readouterr().err.count("loading the original model") == 1  # the reference's copy is fitted on
+    assert json.loads((healed / "eval.json").read_text())["pruned"]["fidelity"]["kl_mean"] > 0
     a = AutoModelForCausalLM.from_pretrained(bridged).state_dict()
     b = AutoModelForCausalLM.from_pretrained(healed).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

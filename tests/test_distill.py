@@ -240,19 +240,27 @@ def test_recipe_replace_block_distilled_from_a_topk_cache(tmp_path, tiny_folder_
     assert json.loads((out2 / "pruning.json").read_text())["healing"]["distill"]["kl_after"] == pytest.approx(d["kl_after"])
 
 
-def test_prune_heal_run_dir_with_distill(tmp_path, tiny_folder_heal):
+def test_prune_heal_run_dir_with_distill(tmp_path, tiny_folder_heal, capsys):
     from prune.pipeline.heal_run import heal_run
 
     plain = _recipe(tmp_path)
     del plain["heal"]
+    plain["evaluate"]["fidelity"] = {"top_k": 64}
     run_dir = run(plain, quiet=True).out_dir
     fast = [f"{k}={v}" for k, v in FAST.items()]
     source = plain["model"]["source"]  # a local source is published by name and sha256: given again (--source)
+    capsys.readouterr()
     healed = heal_run(run_dir, tmp_path / "healed", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
-                      rows=C4_DATA["rows"], overrides=[*fast, "hidden_weight=0.1", "teacher=memory"], quiet=True,
-                      source=source)
+                      rows=C4_DATA["rows"], overrides=[*fast, "hidden_weight=0.1", "teacher=memory"], quiet=False,
+                      source=source, evaluate=True)
     rec = json.loads((healed / "pruning.json").read_text())["healing"]
     assert rec["objective"] == "distill" and rec["distill"]["kl_after"] < rec["distill"]["kl_before"]
+    # the original is loaded once: the fidelity reference's copy is the teacher
+    err = capsys.readouterr().err
+    assert err.count("loading the original model") == 1 and "the copy loaded for the fidelity reference" in err
+    assert "loading the teacher" not in err and rec["distill"]["teacher_source"] == "memory"
+    fid = json.loads((healed / "eval.json").read_text())["pruned"]["fidelity"]
+    assert fid["kl_mean"] < json.loads((run_dir / "eval.json").read_text())["pruned"]["fidelity"]["kl_mean"]
     AutoModelForCausalLM.from_pretrained(healed)
     # through a cache built from the source model, then read alone
     cache = tmp_path / "teacher.safetensors"

@@ -338,7 +338,7 @@ def folder_digest(folder) -> str:
     return h.hexdigest()
 
 
-def test_recipe_with_replace_and_prune_heal_run_dir(tmp_path, tiny_folder):
+def test_recipe_with_replace_and_prune_heal_run_dir(tmp_path, tiny_folder, capsys):
     from prune.pipeline.heal_run import heal_run
 
     result = run(_recipe(tmp_path, method="replace"), quiet=True)
@@ -366,8 +366,11 @@ def test_recipe_with_replace_and_prune_heal_run_dir(tmp_path, tiny_folder):
         heal_run(run_dir, tmp_path / "healed", **kwargs)
     with pytest.raises(PruneError, match="is not the model pruning.json records"):
         heal_run(run_dir, tmp_path / "healed", source=str(run_dir), **kwargs)
-    healed = heal_run(run_dir, tmp_path / "healed", evaluate=True, source=str(tmp_path / "tiny"), **kwargs)
+    capsys.readouterr()
+    healed = heal_run(run_dir, tmp_path / "healed", evaluate=True, source=str(tmp_path / "tiny"), **{**kwargs, "quiet": False})
     assert folder_digest(run_dir) == digest
+    # the original is loaded once: for the fidelity reference, then rebuilt into the replacement
+    assert capsys.readouterr().err.count("loading the original model") == 1
     rec = json.loads((healed / "pruning.json").read_text())
     # the folder name only: an absolute path would publish the machine's layout
     assert rec["healing"]["method"] == "replace" and rec["healing"]["from_run"] == run_dir.name

@@ -645,12 +645,14 @@ def heal(model, plan, quiet: bool = False) -> dict:
 
 # ---- prune heal RUN_DIR ---------------------------------------------------------------------------------
 def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dtype, trust: bool, quiet: bool = False,
-                   resolve=None):
+                   resolve=None, original=None):
     """``prune heal RUN_DIR --method distill``: the teacher is ``heal.teacher_cache`` when that file
     exists, otherwise the source model recorded in ``pruning.json`` (in memory, or turned into a
     top-k cache beside ``out`` first); ``resolve(recorded source) -> ModelSource`` finds it (a local
-    source is recorded by name and sha256 only: ``prune heal --source PATH``). Returns
-    ``(model, tokenizer, kept, record)``."""
+    source is recorded by name and sha256 only: ``prune heal --source PATH``). ``original``: a
+    :class:`prune.heal.original.OriginalModel` of that source, taken when it holds a loaded copy
+    (``prune heal --evaluate`` built the fidelity reference with it), released when the teacher
+    is an existing cache. Returns ``(model, tokenizer, kept, record)``."""
     from prune.core.console import say
     from prune.heal.methods import training_windows
     from prune.model.loading import load_model
@@ -678,12 +680,15 @@ def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dty
                              "give it with --source, or set heal.teacher_cache to a top-k cache") from None
         if cfg.hidden_weight > 0 and kept is None:
             raise PruneError(f"heal.hidden_weight: {run_dir}/pruning.json lacks kept (which original block each is)")
+    held = original is not None and original.held
+    if src is None and held:
+        original.release()  # the teacher is the cache file
     model, tokenizer, _ = load_model(run_dir, dtype=dtype, trust_remote_code=trust)
     windows, val_windows = training_windows(tokenizer, cfg)
     if src is None:
         teacher = open_cache(cfg, tokenizer, windows, val_windows, logit_width(model),
                              kept or list(range(len(decoder_layers(model)))))
-    elif _sequential_teacher(cfg, src, model, pruning):
+    elif not held and _sequential_teacher(cfg, src, model, pruning):
         from transformers import AutoTokenizer
 
         path = cache_file or out.with_name(f"{out.name}.teacher-top{cfg.top_k}.safetensors")
@@ -693,18 +698,22 @@ def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dty
         cache = build_cache(str(src.path), t_tok, windows, val_windows, cfg.top_k, path, src.display, quiet)
         teacher = Teacher("cache", f"{src.display} (top-{cfg.top_k} cache, sequential)", cache=cache)
     else:
-        say(f"loading the teacher {src.display} (the original model)", quiet)
-        original, t_tok, _ = load_model(src.path, gguf_file=src.gguf_file, dtype=dtype, revision=src.revision,
-                                        trust_remote_code=trust)
-        check_teacher_model(original, model, t_tok, tokenizer)
-        kind = teacher_kind(cfg, original)
+        if held:
+            say(f"teacher {src.display}: the copy loaded for the fidelity reference", quiet)
+            loaded, t_tok = original.take("the teacher")
+        else:
+            say(f"loading the teacher {src.display} (the original model)", quiet)
+            loaded, t_tok, _ = load_model(src.path, gguf_file=src.gguf_file, dtype=dtype, revision=src.revision,
+                                          trust_remote_code=trust)
+        check_teacher_model(loaded, model, t_tok, tokenizer)
+        kind = teacher_kind(cfg, loaded)
         if kind == "memory":
-            teacher = Teacher("memory", f"{src.display} (in-memory)", original.eval().requires_grad_(False),
+            teacher = Teacher("memory", f"{src.display} (in-memory)", loaded.eval().requires_grad_(False),
                               pairs=block_pairs(kept or []))
         else:
             path = cache_file or out.with_name(f"{out.name}.teacher-top{cfg.top_k}.safetensors")
-            cache = build_cache(original, t_tok, windows, val_windows, cfg.top_k, path, src.display, quiet)
-            del original
+            cache = build_cache(loaded, t_tok, windows, val_windows, cfg.top_k, path, src.display, quiet)
+            del loaded
             teacher = Teacher("cache", f"{src.display} (top-{cfg.top_k} cache)", cache=cache)
     record = heal_distill(model, cfg, windows, val_windows, teacher, quiet=quiet)
     return model, tokenizer, kept, record

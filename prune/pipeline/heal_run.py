@@ -22,8 +22,9 @@ The result is a NEW complete folder, written atomically (:func:`prune.export.sav
 checkpoint, ``pruning.json`` (the run's record, ``healing`` set, kept blocks / counts and the
 scores after updated), ``recipe.yaml`` (the run's recipe with the heal section used) and,
 with ``evaluate``, ``eval.json`` / ``eval.md`` (original, pruned before healing, healed; with
-``evaluate.fidelity`` the healed model's KL to the run's original, whose reference is built first
-and the original released before healing).
+``evaluate.fidelity`` the healed model's KL to the run's original, whose reference is built first;
+the original is then released, or handed to the healing that needs it: loaded once,
+:class:`prune.heal.original.OriginalModel`).
 ``RUN_DIR`` is only read.
 """
 
@@ -38,6 +39,7 @@ import torch
 from prune.core.errors import PruneError
 from prune.export.public import public_data
 from prune.model.arch import block_index, meta_model
+from prune.heal.original import OriginalModel
 from prune.heal.methods import (
     HealPlan,
     check_run,
@@ -173,22 +175,20 @@ def with_local_texts(recipe, run: Path, calibration: str | None, evaluate: bool)
     return recipe
 
 
-def _heal_with_bridges(run: Path, src, kept: list[int], cfg: HealConfig, dtype, trust: bool, quiet: bool):
-    """``heal.bridge`` on a saved run: the original ``src`` is loaded beside the run's model and the
+def _heal_with_bridges(run: Path, original: OriginalModel, kept: list[int], cfg: HealConfig, dtype, trust: bool,
+                       quiet: bool):
+    """``heal.bridge`` on a saved run: the ``original`` is loaded beside the run's model and the
     bridges are fitted on it (:func:`prune.heal.methods.heal_model`, the original as ``teacher_model``).
     Returns ``(model, tokenizer, kept, record)``."""
-    from prune.core.console import say
     from prune.heal.distill import check_teacher_model
     from prune.heal.methods import heal_model
     from prune.model.loading import load_model
 
-    say(f"loading the original model {src.display} (the bridges are fitted on its hidden states)", quiet)
-    original, t_tok, _ = load_model(src.path, gguf_file=src.gguf_file, dtype=dtype, revision=src.revision,
-                                    trust_remote_code=trust)
+    teacher, t_tok = original.take("the bridges are fitted on its hidden states")
     model, tokenizer, _ = load_model(run, dtype=dtype, trust_remote_code=trust)
-    check_teacher_model(original, model, t_tok, tokenizer)
+    check_teacher_model(teacher, model, t_tok, tokenizer)
     windows, val_windows = training_windows(tokenizer, cfg)
-    record = heal_model(model, tokenizer, cfg, windows=windows, val_windows=val_windows, teacher_model=original,
+    record = heal_model(model, tokenizer, cfg, windows=windows, val_windows=val_windows, teacher_model=teacher,
                         teacher_tokenizer=t_tok, kept=kept, quiet=quiet)
     return model, tokenizer, kept, record
 
@@ -205,7 +205,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     recorded it by name only, ``<local>/name``: see :mod:`prune.export.public`)."""
 
     from prune.core.config import EvaluateConfig
-    from prune.core.console import quiet_mode, say, versions
+    from prune.core.console import quiet_mode, versions
     from prune.core.records import read_record
     from prune.core.tables import comparison_rows
     from prune.export.saving import check_output_dir, save
@@ -262,7 +262,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     run_config = preflight_model(ModelSource("folder", str(run)), trust)
     n_after = run_config.num_hidden_layers + (1 if cfg.method == "replace" else 0)
     check_settings(cfg, meta_model(run_config, trust_remote_code=trust), n_after, context_length(run_config))
-    src = None
+    original = None  # the run's original, loaded at most once (the fidelity reference and the healing share it)
     # built from the original's blocks: the source must be known, the run not healed since
     from_original = ("a replacement layer is rebuilt from the source model" if cfg.method == "replace" and cfg.objective == "lm"
                      else "heal.bridge is fitted to the original's blocks" if cfg.bridge != "none" else None)
@@ -276,7 +276,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
             check_run(pruning.removed, len(pruning.removed) + len(pruning.kept))
         from prune.export.lineage import recorded_source
 
-        src = recorded_source(pruning.source, source)
+        original = OriginalModel(recorded_source(pruning.source, source), dtype, trust, quiet)
     if not cfg.merge and cfg.method != "lora":
         raise PruneError(f"heal.merge: false keeps a LoRA adapter apart; method {cfg.method} has none (use lora)")
 
@@ -288,26 +288,26 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         if pruning.source is None:
             raise PruneError(f"{run}/pruning.json records no source model, and evaluate.fidelity measures against it: "
                              "drop fidelity from the recipe's evaluate section, or use prune eval --fidelity-to")
-        orig = recorded_source(pruning.source, source)
-        say(f"loading the original model {orig.display} (the reference of evaluate.fidelity)", quiet)
-        original_model, original_tok, _ = load_model(orig.path, gguf_file=orig.gguf_file, dtype=dtype,
-                                                     revision=orig.revision, trust_remote_code=trust)
-        reference = fidelity_reference(original_model, original_tok, eval_cfg, quiet=quiet)
-        del original_model, original_tok  # released before healing loads its own models
+        if original is None:
+            original = OriginalModel(recorded_source(pruning.source, source), dtype, trust, quiet)
+        reference_model, reference_tok = original.take("the reference of evaluate.fidelity")
+        reference = fidelity_reference(reference_model, reference_tok, eval_cfg, quiet=quiet)
+        if from_original or cfg.objective == "distill":  # the healing below builds on it: not loaded again
+            original.hold(reference_model, reference_tok)
+        del reference_model, reference_tok  # otherwise released before healing loads its own models
 
     started = _dt.datetime.now(_dt.timezone.utc)
     if cfg.bridge != "none":
-        model, tokenizer, kept, record = _heal_with_bridges(run, src, pruning.kept, cfg, dtype, trust, quiet)
+        model, tokenizer, kept, record = _heal_with_bridges(run, original, pruning.kept, cfg, dtype, trust, quiet)
     elif cfg.objective == "distill":  # -- distill (prune.heal.distill): teacher = the source model or a top-k cache --
         from prune.export.lineage import recorded_source
         from prune.heal.distill import heal_saved_run
 
         model, tokenizer, kept, record = heal_saved_run(run, out, pruning.model_dump(mode="json"), cfg, dtype, trust,
-                                                        quiet, resolve=lambda s: recorded_source(s, source))
+                                                        quiet, resolve=lambda s: recorded_source(s, source),
+                                                        original=original)
     elif cfg.method == "replace":
-        say(f"loading the original model {src.display} (the replacement layer learns from its hidden states)", quiet)
-        model, tokenizer, _ = load_model(src.path, gguf_file=src.gguf_file, dtype=dtype, revision=src.revision,
-                                         trust_remote_code=trust)
+        model, tokenizer = original.take("the replacement layer learns from its hidden states")
         windows, val_windows = training_windows(tokenizer, cfg)
         from prune.model.surgery import remove_layers
 
