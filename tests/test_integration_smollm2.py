@@ -124,8 +124,8 @@ def test_replacement_layer_beats_plain_removal(smollm2_folder):
     ppl_pruned = perplexity(pruned, eval_w)["perplexity"]
     del pruned
     model, tok, _ = prune.load(smollm2_folder)
-    rec = heal_model(model, tok, "replace", data=C4_DATA, removed=run, quiet=True, n_samples=32, val_samples=4,
-                     seq_len=128, steps=16, batch_size=8, learning_rate=1e-3, loss="mse")
+    rec = heal_model(model, tok, "replace", data=C4_DATA, removed=run, quiet=True, n_samples=16, val_samples=4,
+                     seq_len=128, steps=8, batch_size=8, learning_rate=1e-3, loss="mse")
     assert rec["replacement"]["val_mse_after"] < rec["replacement"]["val_mse_before"]
     assert model.config.num_hidden_layers == 24
     assert perplexity(model, eval_w)["perplexity"] < ppl_pruned
