@@ -298,7 +298,7 @@ def add_remove(sub) -> None:
                                    "Block indices are 0-based.")
     p.add_argument("model", help="safetensors model folder or Hub id")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--blocks", type=_csv, help="comma-separated 0-based block indices to remove, e.g. 12,13,14")
+    which.add_argument("--blocks", type=_csv, help="0-based block indices to remove, comma-separated, inclusive ranges allowed: 12-18,25")
     which.add_argument("--slices", help="the blocks to KEEP as mergekit passthrough slices: a mergekit config file, "
                                         "or half-open ranges like '[[0, 12], [15, 30]]'")
     p.add_argument("--output", "-o", required=True, help="output folder (written atomically)")
@@ -325,12 +325,22 @@ def cmd_remove(args) -> int:
     return 0
 
 
+def parse_blocks(items: list[str]) -> list[int]:
+    """``--blocks``: 0-based indices and inclusive ranges, ``12-18,25`` -> 12..18 and 25, sorted, once each."""
+    import re
+
+    out: set[int] = set()
+    for item in items:
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", item)
+        if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise PruneError(f"--blocks takes 0-based indices and inclusive ranges like 12-18,25; got {item!r}")
+        out.update(range(int(m[1]), int(m[2] or m[1]) + 1))
+    return sorted(out)
+
+
 def _remove_blocks(args) -> list[int]:
     if args.blocks is not None:
-        try:
-            return [int(b) for b in args.blocks]
-        except ValueError:
-            raise PruneError(f"--blocks must be integers, got {','.join(args.blocks)}") from None
+        return parse_blocks(args.blocks)
     from transformers import AutoConfig
 
     from prune.export.mergekit import blocks_from_slices

@@ -92,3 +92,18 @@ def test_eval_runs_local_lm_eval_tasks_and_perplexity(tmp_path, tiny_folder):
     assert result["tasks"]["arc_easy_local"]["n"] == 6 and 0 <= result["tasks"]["arc_easy_local"]["metrics"]["acc"] <= 1
     assert result["perplexity"]["windows"] == 2 and result["layers"] == 8
     assert "arc_easy" in proc.stdout and "winogrande" in proc.stdout
+
+
+def test_remove_takes_indices_and_inclusive_ranges(tmp_path, tiny_folder):
+    from prune.cli import parse_blocks
+
+    assert parse_blocks(["5", "1-3", "2", "7 - 7"]) == [1, 2, 3, 5, 7]
+    proc = prune_main("remove", tiny_folder, "--blocks", "3-4,6", "-o", tmp_path / "out", check_rc=0)
+    assert "without blocks [3, 4, 6]" in proc.stdout
+    assert json.loads((tmp_path / "out" / "pruning.json").read_text())["removed"] == [3, 4, 6]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_hidden_layers == 5
+    for bad in ("4-3", "-1", "3..4"):
+        proc = prune_main("remove", tiny_folder, "--blocks", bad, "-o", tmp_path / "bad", check_rc=2)
+        assert proc.stderr.strip().splitlines() == [
+            f"error: --blocks takes 0-based indices and inclusive ranges like 12-18,25; got {bad!r}"]
+    assert not (tmp_path / "bad").exists()
