@@ -162,3 +162,25 @@ def test_report(smollm2_folder, tmp_path):
     assert "strategy `contiguous`, metric `angular`: removes 7 of 30 blocks" in md and "per pair" in md
     for name in ["cka_original.png", "blocks_original.png"]:
         check_png(out / name, min_px=800)
+
+
+def test_a_gguf_files_header_config_and_tokenizer_are_read_once(smollm2_path):
+    """Parsing the GGUF header takes seconds: the integrity check, the license lookup, the
+    pre-flight and the load share one parse of each (prune.io.gguf, loading._gguf_once); every
+    caller gets its own copy of the config and tokenizer."""
+    from prune.export.lineage import gguf_license
+    from prune.io.gguf import gguf_reader
+    from prune.io.source import resolve_source
+    from prune.model.loading import load_config, load_tokenizer
+
+    assert gguf_reader(smollm2_path) is gguf_reader(smollm2_path)
+    assert gguf_license(smollm2_path) == "apache-2.0"
+    src = resolve_source(smollm2_path)
+    a, b = load_config(src), load_config(src)
+    assert a is not b and a.to_dict() == b.to_dict() and a.num_hidden_layers == 30
+    a.num_hidden_layers = 23  # as surgery does: the next caller still reads the file's
+    assert load_config(src).num_hidden_layers == 30
+    t1, t2 = load_tokenizer(src), load_tokenizer(src)
+    assert t1 is not t2 and t1("The capital of France").input_ids == t2("The capital of France").input_ids
+    t1.pad_token = t1.eos_token
+    assert load_tokenizer(src).pad_token == t2.pad_token

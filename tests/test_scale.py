@@ -285,7 +285,7 @@ def test_cli_remove_writes_the_pruned_checkpoint(tokenizers_by_bos, tmp_path, ca
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert again.config.num_hidden_layers == 6
     assert main(["remove", str(folder), "--blocks", "2,x", "-o", str(tmp_path / "o2")]) == 2
-    assert "must be integers" in capsys.readouterr().err
+    assert "takes 0-based indices and inclusive ranges like 12-18,25; got 'x'" in capsys.readouterr().err
 
 
 # ---- 4. choosing the mode -----------------------------------------------------------------------

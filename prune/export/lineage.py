@@ -256,10 +256,10 @@ def _card_license(path: Path) -> dict[str, str]:
 
 
 def gguf_license(path: Path) -> str | None:
-    """``general.license`` from a GGUF file's metadata (header only, memory-mapped)."""
-    import gguf
+    """``general.license`` from a GGUF file's metadata (header only, memory-mapped, parsed once per process)."""
+    from prune.io.gguf import gguf_reader
 
-    reader = gguf.GGUFReader(str(path), "r")
+    reader = gguf_reader(path)
     field = reader.fields.get("general.license")
     if field is None:
         return None

@@ -100,7 +100,7 @@ def load_model(
 
         announce_remote_code(src.display)
     try:
-        config = _load_config(src, trust_remote_code)
+        config = load_config(src, trust_remote_code)
         check_supported(config)
         # the config just read, not read again (a GGUF file's metadata takes seconds to parse)
         model, info = AutoModelForCausalLM.from_pretrained(src.path, config=config, output_loading_info=True, **kwargs)
@@ -123,7 +123,8 @@ def load_model(
 
 
 def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
-    """The tokenizer that belongs to ``src`` (from the GGUF file itself for GGUF sources)."""
+    """The tokenizer that belongs to ``src`` (from the GGUF file itself for GGUF sources, read
+    once per process: :func:`_gguf_once`)."""
     from transformers import AutoTokenizer
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -132,11 +133,32 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
     if src.revision:
         kwargs["revision"] = src.revision
     try:
-        return AutoTokenizer.from_pretrained(src.path, **kwargs)
+        return _gguf_once("tokenizer", src, trust_remote_code, lambda: AutoTokenizer.from_pretrained(src.path, **kwargs))
     except PruneError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise PruneError(f"could not load the tokenizer of {src.display}: {type(exc).__name__}: {first_line(exc)}") from exc
+
+
+#: (what, GGUF file, size, mtime, trust_remote_code) -> config or tokenizer read from it
+_GGUF_READ: dict[tuple, Any] = {}
+
+
+def _gguf_once(what: str, src: ModelSource, trust_remote_code: bool, read):
+    """``read()``, kept per process for a GGUF source (whose config and tokenizer take seconds to
+    parse out of the file, asked for by the pre-flight and again by the load): a deep copy of
+    the first read each time, so callers may change theirs; read again when the file changes."""
+    if src.kind != "gguf":
+        return read()
+    import copy
+
+    stat = (Path(src.path) / src.gguf_file).stat()
+    key = (what, str((Path(src.path) / src.gguf_file).resolve()), stat.st_size, stat.st_mtime_ns, trust_remote_code)
+    if key not in _GGUF_READ:
+        if len(_GGUF_READ) >= 8:
+            _GGUF_READ.clear()
+        _GGUF_READ[key] = read()
+    return copy.deepcopy(_GGUF_READ[key])
 
 
 def _forget_gguf_quantization(model) -> None:
@@ -147,7 +169,8 @@ def _forget_gguf_quantization(model) -> None:
         del model.config.quantization_config
 
 
-def _load_config(src: ModelSource, trust_remote_code: bool):
+def load_config(src: ModelSource, trust_remote_code: bool = False):
+    """``AutoConfig`` of ``src`` (a GGUF file's read once per process: :func:`_gguf_once`)."""
     from transformers import AutoConfig
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -155,7 +178,7 @@ def _load_config(src: ModelSource, trust_remote_code: bool):
         kwargs["gguf_file"] = src.gguf_file
     if src.revision:
         kwargs["revision"] = src.revision
-    return AutoConfig.from_pretrained(src.path, **kwargs)
+    return _gguf_once("config", src, trust_remote_code, lambda: AutoConfig.from_pretrained(src.path, **kwargs))
 
 
 
@@ -337,10 +360,10 @@ def check_checkpoint_files(src: ModelSource) -> None:
         return
     folder = Path(src.path)
     if src.kind == "gguf":
-        import gguf
+        from prune.io.gguf import gguf_reader
 
         try:
-            gguf.GGUFReader(str(folder / src.gguf_file))
+            gguf_reader(folder / src.gguf_file)  # parsed once per process (prune.io.gguf)
         except Exception as exc:  # noqa: BLE001 - any parse failure means a bad file
             raise PruneError(f"GGUF file {folder / src.gguf_file} is truncated or corrupt ({type(exc).__name__}); "
                              "download it again") from None

@@ -165,10 +165,9 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
     if original is not None:
         result["fidelity"]["original"] = str(original)
     if layers is None:
-        from transformers import AutoConfig
+        from prune.model.loading import load_config
 
-        kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-        layers = AutoConfig.from_pretrained(src.path, trust_remote_code=trust_remote_code, **kwargs).num_hidden_layers
+        layers = load_config(src, trust_remote_code).num_hidden_layers
     result["model"] = src.to_dict()
     result["layers"] = layers
     result["parameters"] = parameters

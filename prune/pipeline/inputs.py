@@ -111,13 +111,13 @@ def preflight_model(src: ModelSource, trust_remote_code: bool = False,
     and supported, weights covering every block, window lengths within the context.
     Returns the config."""
     from prune.core.console import announce_remote_code
-    from prune.model.loading import _load_config, check_checkpoint_files, check_supported
+    from prune.model.loading import check_checkpoint_files, check_supported, load_config
 
     check_checkpoint_files(src)
     if trust_remote_code:
         announce_remote_code(src.display)
     try:
-        config = _load_config(src, trust_remote_code)
+        config = load_config(src, trust_remote_code)
     except PruneError:
         raise
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad config

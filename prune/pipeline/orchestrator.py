@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from prune.core import dist
-from prune.core.errors import PruneError, first_line
+from prune.core.errors import PruneError
 from prune.export.public import public_data
 from prune.io.text import calibration_windows_of, eval_windows, load_text
 from prune.core.console import quiet_mode, say, show, versions
@@ -33,13 +33,7 @@ from prune.measure.evaluation import lm_eval_outputs, lm_eval_tables
 from prune.measure.paired import paired_section
 from prune.core.faults import fault_point
 from prune.export.saving import check_output_dir
-from prune.model.loading import (
-    load_tokenizer,
-    check_checkpoint_files,
-    check_device_map,
-    check_supported,
-    context_length,
-)
+from prune.model.loading import check_device_map, load_tokenizer
 from prune.io.source import resolve_source
 from prune.pipeline.recipe import Recipe, load_recipe
 from prune.measure.scoring import ScoreResult
@@ -58,31 +52,17 @@ FORMAT = "prune/1"
 # ---- pre-flight: everything that can fail before weights are loaded --------------------
 def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict[str, Any]:
     """Check the output folder, the model config and the evaluation tasks; returns facts found."""
-    from transformers import AutoConfig
-
     from prune.pipeline import inputs as I
 
     src = resolve_source(recipe.model.source, recipe.model.gguf_file, recipe.model.revision)
     inputs = I.recipe_inputs(recipe, src, recipe_file)
     check_output_dir(recipe.output.dir, overwrite or recipe.output.overwrite, inputs)
-    check_checkpoint_files(src)
-    if recipe.model.trust_remote_code:  # asked for in the recipe the user ran: say so before any code runs
-        from prune.core.console import announce_remote_code
-
-        announce_remote_code(src.display)
     check_device_map(recipe.model.device_map, recipe.model.offload_folder)
-    kwargs: dict[str, Any] = {"trust_remote_code": recipe.model.trust_remote_code}
-    if src.gguf_file:
-        kwargs["gguf_file"] = src.gguf_file
-    if src.revision:
-        kwargs["revision"] = src.revision
-    try:
-        config = AutoConfig.from_pretrained(src.path, **kwargs)
-    except Exception as exc:  # noqa: BLE001
-        first = first_line(exc)
-        raise PruneError(f"could not read the config of {src.display}: {first}") from exc
-    check_supported(config)
-    I.check_weights_cover_config(src, config)
+    lengths = [("calibration.seq_len", recipe.calibration.seq_len)]
+    if recipe.evaluate and recipe.evaluate.perplexity:
+        lengths.append(("evaluate.perplexity.seq_len", recipe.evaluate.perplexity.seq_len))
+    # files whole, config readable and supported, weights covering it, windows within the context
+    config = I.preflight_model(src, recipe.model.trust_remote_code, lengths)
     n_layers = config.num_hidden_layers
     sel = recipe.select
     protect = resolve_protect(sel.protect, n_layers)
@@ -91,13 +71,6 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
                                    sel.strategy, protect)
     elif len(protect) >= n_layers:
         raise PruneError(f"select.protect covers all {n_layers} blocks: nothing can be removed")
-    ctx = context_length(config)
-    lengths = [("calibration.seq_len", recipe.calibration.seq_len)]
-    if recipe.evaluate and recipe.evaluate.perplexity:
-        lengths.append(("evaluate.perplexity.seq_len", recipe.evaluate.perplexity.seq_len))
-    for key, value in lengths:
-        if ctx is not None and value > ctx:
-            raise PruneError(f"{key}={value} is longer than the model's context ({ctx} tokens); lower it")
     tokenizer = load_tokenizer(src, recipe.model.trust_remote_code)
     windows = calibration_windows_of(tokenizer, recipe.calibration)
     sel = recipe.select

