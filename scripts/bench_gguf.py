@@ -57,6 +57,13 @@ def worktree(rev: str) -> Path:
     return path
 
 
+def revision(tree: Path) -> str:
+    """The tree's commit, ``+`` when it has uncommitted changes."""
+    head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(tree), "diff", "--quiet", "HEAD"]).returncode != 0
+    return head.stdout.strip() + ("+" if dirty else "")
+
+
 def one(tree: Path, label: str, rnd: int, gguf: Path, wiki: Path) -> dict:
     file = CACHE / f"{label}-{rnd}.json"
     if file.is_file():
@@ -67,17 +74,19 @@ def one(tree: Path, label: str, rnd: int, gguf: Path, wiki: Path) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"{label} round {rnd} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["rev"] = revision(tree)
     file.write_text(json.dumps(result))
     print(f"{label} round {rnd}: {result}", flush=True)
     return result
 
 
-def table(results: dict[str, list[dict]], before: str, after: str) -> str:
+def table(results: dict[str, list[dict]]) -> str:
     rows = ["| tree | GGUF header parses | parsing (s, median) | run (s, median) | run vs before |",
             "|---|---:|---:|---:|---:|"]
     base = statistics.median(r["wall_s"] for r in results["before"])
-    for label, rev in (("before", before), ("after", after)):
+    for label in ("before", "after"):
         rs = results[label]
+        rev = ", ".join(sorted({r["rev"] for r in rs}))  # the commit each round measured
         wall = statistics.median(r["wall_s"] for r in rs)
         rows.append(f"| {label} ({rev}) | {rs[0]['parses']} | {statistics.median(r['parse_s'] for r in rs):.1f} | "
                     f"{wall:.1f} | x{wall / base:.2f} |")
@@ -102,12 +111,10 @@ def main() -> None:
     for rnd in range(args.rounds):
         for label in ("before", "after") if rnd % 2 == 0 else ("after", "before"):
             results[label].append(one(trees[label], label, rnd, gguf, WIKI_RAW))
-    after = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                           text=True).stdout.strip() + ("+" if subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet"]).returncode else "")
     command = f"python scripts/bench_gguf.py --before {args.before} --rounds {args.rounds} --docs"
     text = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, OMP_NUM_THREADS="
             f"{os.environ.get('OMP_NUM_THREADS', '1')}; {args.rounds} rounds, the two trees alternating.\n\n"
-            + table(results, args.before, after))
+            + table(results))
     print(text)
     if args.docs and not replace_block("bench_gguf", text, command, "bench_cache/gguf/"):
         raise SystemExit("docs/BENCHMARKS.md has no bench_gguf block")

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from prune.io.source import ModelSource
+
 
 @dataclass
 class OriginalModel:
-    """``src`` (a :class:`prune.io.source.ModelSource`) loaded with ``dtype`` / ``trust_remote_code``."""
+    """``src`` loaded with ``dtype`` / ``trust_remote_code``."""
 
-    src: object
+    src: ModelSource
     dtype: str
     trust_remote_code: bool = False
     quiet: bool = False

@@ -152,8 +152,9 @@ def _gguf_once(what: str, src: ModelSource, trust_remote_code: bool, read):
         return read()
     import copy
 
-    stat = (Path(src.path) / src.gguf_file).stat()
-    key = (what, str((Path(src.path) / src.gguf_file).resolve()), stat.st_size, stat.st_mtime_ns, trust_remote_code)
+    file = (Path(src.path) / src.gguf_file).resolve()
+    stat = file.stat()
+    key = (what, str(file), stat.st_size, stat.st_mtime_ns, trust_remote_code)
     if key not in _GGUF_READ:
         if len(_GGUF_READ) >= 8:
             _GGUF_READ.clear()
