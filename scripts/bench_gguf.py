@@ -58,9 +58,9 @@ def worktree(rev: str) -> Path:
 
 
 def revision(tree: Path) -> str:
-    """The tree's commit, ``+`` when it has uncommitted changes."""
+    """The tree's commit, ``+`` when its package (``prune/``, the code measured) has uncommitted changes."""
     head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(tree), "diff", "--quiet", "HEAD"]).returncode != 0
+    dirty = subprocess.run(["git", "-C", str(tree), "diff", "--quiet", "HEAD", "--", "prune"]).returncode != 0
     return head.stdout.strip() + ("+" if dirty else "")
 
 
