@@ -107,3 +107,32 @@ def test_remove_takes_indices_and_inclusive_ranges(tmp_path, tiny_folder):
         assert proc.stderr.strip().splitlines() == [
             f"error: --blocks takes 0-based indices and inclusive ranges like 12-18,25; got {bad!r}"]
     assert not (tmp_path / "bad").exists()
+
+
+def test_quiet_mode_is_undone_for_the_next_run_in_the_process():
+    """``quiet_mode(False)`` restores what ``quiet_mode(True)`` changed: ``TQDM_DISABLE`` (which tqdm
+    reads for every bar, and child processes inherit), the libraries' bars and verbosity."""
+    import os
+
+    import datasets
+    import huggingface_hub.utils as hub
+    import transformers
+    from tqdm import tqdm
+
+    from prune.core.console import quiet_mode
+
+    def state():
+        log = transformers.utils.logging
+        return (os.environ.get("TQDM_DISABLE"), log.get_verbosity(), log.is_progress_bar_enabled(),
+                datasets.is_progress_bar_enabled(), hub.are_progress_bars_disabled())
+
+    quiet_mode(False)  # whatever an earlier test in this process left
+    before = state()
+    quiet_mode(True)
+    assert os.environ["TQDM_DISABLE"] == "1" and tqdm(range(1)).disable
+    assert state() != before or before[0] == "1"
+    quiet_mode(True)  # twice: the first snapshot is kept
+    quiet_mode(False)
+    assert state() == before
+    if before[0] is None:
+        assert not tqdm(range(1)).disable  # a bar shows again

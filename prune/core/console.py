@@ -24,6 +24,7 @@ def versions() -> dict[str, str]:
 
 _QUIET = {"on": False}
 _TQDM_INIT: dict = {}
+_BEFORE_QUIET: dict = {}  # what quiet mode changed, as it was: restored by quiet_mode(False)
 
 
 def is_quiet() -> bool:
@@ -34,7 +35,8 @@ def is_quiet() -> bool:
 def quiet_mode(quiet: bool) -> None:
     """Silence every progress bar (ours, transformers', datasets', huggingface_hub's and lm-eval's,
     which pass ``disable=False`` themselves: tqdm is made to ignore it) and library warnings below
-    errors when ``quiet``; ``quiet_mode(False)`` undoes it."""
+    errors when ``quiet``; ``quiet_mode(False)`` undoes all of it (``TQDM_DISABLE``, the libraries'
+    bars and verbosity, lm-eval's log levels), so a later run in the same process shows its bars."""
     import logging
 
     import tqdm.std
@@ -51,22 +53,60 @@ def quiet_mode(quiet: bool) -> None:
     elif not quiet and "init" in _TQDM_INIT:
         tqdm.std.tqdm.__init__ = _TQDM_INIT.pop("init")
     if not quiet:
+        _restore()
         return
-    os.environ["TQDM_DISABLE"] = "1"
-    for name in list(logging.root.manager.loggerDict) + ["lm_eval", "lm-eval"]:
-        if name.startswith(("lm_eval", "lm-eval")):
-            logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import datasets
-        import huggingface_hub.utils
-        import transformers
+    import datasets
+    import huggingface_hub.utils
+    import transformers
 
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
-        huggingface_hub.utils.disable_progress_bars()
-    except ImportError:  # pragma: no cover
-        pass
+    if not _BEFORE_QUIET:
+        _BEFORE_QUIET.update(
+            tqdm_disable=os.environ.get("TQDM_DISABLE"),
+            transformers_bars=transformers.utils.logging.is_progress_bar_enabled(),
+            transformers_level=transformers.utils.logging.get_verbosity(),
+            datasets_bars=datasets.is_progress_bar_enabled(),
+            hub_bars=not huggingface_hub.utils.are_progress_bars_disabled(),
+            lm_eval_levels={name: logging.getLogger(name).level for name in _lm_eval_loggers()})
+    os.environ["TQDM_DISABLE"] = "1"
+    for name in _lm_eval_loggers():
+        logging.getLogger(name).setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+def _lm_eval_loggers() -> list[str]:
+    import logging
+
+    return [n for n in list(logging.root.manager.loggerDict) + ["lm_eval", "lm-eval"] if n.startswith(("lm_eval", "lm-eval"))]
+
+
+def _restore() -> None:
+    """Undo what :func:`quiet_mode` changed (nothing when it changed nothing)."""
+    if not _BEFORE_QUIET:
+        return
+    import logging
+
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+
+    before = dict(_BEFORE_QUIET)
+    _BEFORE_QUIET.clear()
+    if before["tqdm_disable"] is None:
+        os.environ.pop("TQDM_DISABLE", None)
+    else:
+        os.environ["TQDM_DISABLE"] = before["tqdm_disable"]
+    if before["transformers_bars"]:
+        transformers.utils.logging.enable_progress_bar()
+    transformers.utils.logging.set_verbosity(before["transformers_level"])
+    if before["datasets_bars"]:
+        datasets.enable_progress_bars()
+    if before["hub_bars"]:
+        huggingface_hub.utils.enable_progress_bars()
+    for name, level in before["lm_eval_levels"].items():
+        logging.getLogger(name).setLevel(level)
 
 
 def set_log_level(level: str) -> None:
