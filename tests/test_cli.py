@@ -109,9 +109,10 @@ def test_remove_takes_indices_and_inclusive_ranges(tmp_path, tiny_folder):
     assert not (tmp_path / "bad").exists()
 
 
-def test_quiet_mode_is_undone_for_the_next_run_in_the_process():
+def test_quiet_mode_is_undone_for_the_next_run_in_the_process(tmp_path, tiny_folder):
     """``quiet_mode(False)`` restores what ``quiet_mode(True)`` changed: ``TQDM_DISABLE`` (which tqdm
-    reads for every bar, and child processes inherit), the libraries' bars and verbosity."""
+    reads for every bar, and child processes inherit), the libraries' bars and verbosity; and
+    ``prune.run(..., quiet=True)`` leaves the process as quiet as it found it."""
     import os
 
     import datasets
@@ -136,3 +137,7 @@ def test_quiet_mode_is_undone_for_the_next_run_in_the_process():
     assert state() == before
     if before[0] is None:
         assert not tqdm(range(1)).disable  # a bar shows again
+    from prune.pipeline.orchestrator import run
+
+    run(tiny_recipe(tiny_folder, tmp_path / "out"), quiet=True)
+    assert state() == before

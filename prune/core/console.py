@@ -76,6 +76,23 @@ def quiet_mode(quiet: bool) -> None:
     huggingface_hub.utils.disable_progress_bars()
 
 
+def keeps_quiet_mode(fn):
+    """Decorator for the entry points that call :func:`quiet_mode`: on return (or an error) the
+    process is as quiet as before the call, so ``prune.run(..., quiet=True)`` in a notebook leaves
+    transformers' bars and warnings as the user had them."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        was = is_quiet()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            quiet_mode(was)
+
+    return wrapper
+
+
 def _lm_eval_loggers() -> list[str]:
     import logging
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prune.core import dist
 from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, default
-from prune.core.console import quiet_mode, say, versions
+from prune.core.console import keeps_quiet_mode, quiet_mode, say, versions
 from prune.io.text import calibration_windows, load_text
 from prune.io.source import resolve_source
 from prune.measure.scoring import ScoreResult, score
@@ -21,6 +21,7 @@ from prune.export.report import SCORE_ONLY, write_report
 _C, _S = CalibrationConfig, ScoreConfig
 
 
+@keeps_quiet_mode
 def score_model(source: str, *, data: str, field: str | list[str] = "text", rows: str | None = None,
                 n_samples: int = default(_C, "n_samples"), seq_len: int = default(_C, "seq_len"),
                 seed: int = default(_C, "seed"), batch_size: int = default(_C, "batch_size"),
@@ -82,6 +83,7 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
     return result
 
 
+@keeps_quiet_mode
 def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", device_map=None,
                    trust_remote_code: bool = False, quiet: bool = False, original: str | None = None,
                    output_path: str | None = None, output: str | None = None, overwrite: bool = False) -> dict | None:

@@ -39,6 +39,7 @@ import torch
 from prune.core.errors import PruneError
 from prune.export.public import public_data
 from prune.model.arch import block_index, meta_model
+from prune.core.console import keeps_quiet_mode
 from prune.heal.original import OriginalModel
 from prune.heal.methods import (
     HealPlan,
@@ -193,6 +194,7 @@ def _heal_with_bridges(run: Path, original: OriginalModel, kept: list[int], cfg:
     return model, tokenizer, kept, record
 
 
+@keeps_quiet_mode
 def heal_run(run_dir, output, *, method: str | None = None, config: str | None = None, data: str | None = None,
              field=None, rows: str | None = None, overrides=(), evaluate: bool = False, overwrite: bool = False,
              quiet: bool = False, trust_remote_code: bool = False, source: str | None = None,

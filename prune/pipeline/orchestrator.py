@@ -27,7 +27,7 @@ from prune.core import dist
 from prune.core.errors import PruneError
 from prune.export.public import public_data
 from prune.io.text import calibration_windows_of, eval_windows, load_text
-from prune.core.console import quiet_mode, say, show, versions
+from prune.core.console import keeps_quiet_mode, quiet_mode, say, show, versions
 from prune.core.tables import comparison_markdown, comparison_rows
 from prune.measure.evaluation import lm_eval_outputs, lm_eval_tables
 from prune.measure.paired import paired_section
@@ -132,6 +132,7 @@ class RunResult:
     pruning: PruningRecord
 
 
+@keeps_quiet_mode
 def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tuple[str, ...] = (),
         overwrite: bool = False, quiet: bool = False, resume: bool = False) -> RunResult:
     """Run a pruning recipe end to end and write its output folder (see module docstring).
