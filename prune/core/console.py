@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from dataclasses import dataclass
 
 __version__ = "0.1.0"  # the package version (pyproject.toml's)
 
@@ -24,7 +25,7 @@ def versions() -> dict[str, str]:
 
 _QUIET = {"on": False}
 _TQDM_INIT: dict = {}
-_BEFORE_QUIET: dict = {}  # what quiet mode changed, as it was: restored by quiet_mode(False)
+_BEFORE_QUIET: list["_Loudness"] = []  # what quiet mode changed, as it was: restored by quiet_mode(False)
 
 
 def is_quiet() -> bool:
@@ -60,13 +61,7 @@ def quiet_mode(quiet: bool) -> None:
     import transformers
 
     if not _BEFORE_QUIET:
-        _BEFORE_QUIET.update(
-            tqdm_disable=os.environ.get("TQDM_DISABLE"),
-            transformers_bars=transformers.utils.logging.is_progress_bar_enabled(),
-            transformers_level=transformers.utils.logging.get_verbosity(),
-            datasets_bars=datasets.is_progress_bar_enabled(),
-            hub_bars=not huggingface_hub.utils.are_progress_bars_disabled(),
-            lm_eval_levels={name: logging.getLogger(name).level for name in _lm_eval_loggers()})
+        _BEFORE_QUIET.append(_Loudness.now())
     os.environ["TQDM_DISABLE"] = "1"
     for name in _lm_eval_loggers():
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -99,31 +94,56 @@ def _lm_eval_loggers() -> list[str]:
     return [n for n in list(logging.root.manager.loggerDict) + ["lm_eval", "lm-eval"] if n.startswith(("lm_eval", "lm-eval"))]
 
 
+@dataclass
+class _Loudness:
+    """What :func:`quiet_mode` changes, as it was before."""
+
+    tqdm_disable: str | None  # the TQDM_DISABLE variable
+    transformers_bars: bool
+    transformers_level: int
+    datasets_bars: bool
+    hub_bars: bool
+    lm_eval_levels: dict[str, int]
+
+    @classmethod
+    def now(cls) -> "_Loudness":
+        import logging
+
+        import datasets
+        import huggingface_hub.utils
+        import transformers
+
+        return cls(os.environ.get("TQDM_DISABLE"), transformers.utils.logging.is_progress_bar_enabled(),
+                   transformers.utils.logging.get_verbosity(), datasets.is_progress_bar_enabled(),
+                   not huggingface_hub.utils.are_progress_bars_disabled(),
+                   {name: logging.getLogger(name).level for name in _lm_eval_loggers()})
+
+    def restore(self) -> None:
+        import logging
+
+        import datasets
+        import huggingface_hub.utils
+        import transformers
+
+        if self.tqdm_disable is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = self.tqdm_disable
+        if self.transformers_bars:
+            transformers.utils.logging.enable_progress_bar()
+        transformers.utils.logging.set_verbosity(self.transformers_level)
+        if self.datasets_bars:
+            datasets.enable_progress_bars()
+        if self.hub_bars:
+            huggingface_hub.utils.enable_progress_bars()
+        for name, level in self.lm_eval_levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def _restore() -> None:
     """Undo what :func:`quiet_mode` changed (nothing when it changed nothing)."""
-    if not _BEFORE_QUIET:
-        return
-    import logging
-
-    import datasets
-    import huggingface_hub.utils
-    import transformers
-
-    before = dict(_BEFORE_QUIET)
-    _BEFORE_QUIET.clear()
-    if before["tqdm_disable"] is None:
-        os.environ.pop("TQDM_DISABLE", None)
-    else:
-        os.environ["TQDM_DISABLE"] = before["tqdm_disable"]
-    if before["transformers_bars"]:
-        transformers.utils.logging.enable_progress_bar()
-    transformers.utils.logging.set_verbosity(before["transformers_level"])
-    if before["datasets_bars"]:
-        datasets.enable_progress_bars()
-    if before["hub_bars"]:
-        huggingface_hub.utils.enable_progress_bars()
-    for name, level in before["lm_eval_levels"].items():
-        logging.getLogger(name).setLevel(level)
+    if _BEFORE_QUIET:
+        _BEFORE_QUIET.pop().restore()
 
 
 def set_log_level(level: str) -> None:
