@@ -9,7 +9,8 @@ GGUF file with small settings (contiguous selection, 4 calibration windows x 64 
 perplexity on 2 x 128 tokens, no lm-eval tasks), and counts the ``gguf.GGUFReader`` parses
 (a counting wrapper that calls the real one). ``--before REV`` is checked out as a git worktree
 under bench_cache/gguf/; the other tree is this checkout. Results are cached per case in
-bench_cache/gguf/ (a rerun resumes); ``--docs`` writes the table into docs/BENCHMARKS.md.
+bench_cache/gguf/ with the commit it measured (a rerun resumes;
+a round of another commit is measured again); ``--docs`` writes the table into docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def revision(tree: Path) -> str:
 
 def one(tree: Path, label: str, rnd: int, gguf: Path, wiki: Path) -> dict:
     file = CACHE / f"{label}-{rnd}.json"
-    if file.is_file():
-        return json.loads(file.read_text())
+    cached = json.loads(file.read_text()) if file.is_file() else None
+    if cached is not None and cached.get("rev") == revision(tree):  # a round of other code is measured again
+        return cached
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     done = subprocess.run([sys.executable, "-c", CHILD, str(gguf), str(wiki), str(CACHE / f"out-{label}")], cwd=tree,
                           env=env, capture_output=True, text=True)

@@ -94,21 +94,6 @@ def test_eval_runs_local_lm_eval_tasks_and_perplexity(tmp_path, tiny_folder):
     assert "arc_easy" in proc.stdout and "winogrande" in proc.stdout
 
 
-def test_remove_takes_indices_and_inclusive_ranges(tmp_path, tiny_folder):
-    from prune.cli import parse_blocks
-
-    assert parse_blocks(["5", "1-3", "2", "7 - 7"]) == [1, 2, 3, 5, 7]
-    proc = prune_main("remove", tiny_folder, "--blocks", "3-4,6", "-o", tmp_path / "out", check_rc=0)
-    assert "without blocks [3, 4, 6]" in proc.stdout
-    assert json.loads((tmp_path / "out" / "pruning.json").read_text())["removed"] == [3, 4, 6]
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.num_hidden_layers == 5
-    for bad in ("4-3", "-1", "3..4"):
-        proc = prune_main("remove", tiny_folder, "--blocks", bad, "-o", tmp_path / "bad", check_rc=2)
-        assert proc.stderr.strip().splitlines() == [
-            f"error: --blocks takes 0-based indices and inclusive ranges like 12-18,25; got {bad!r}"]
-    assert not (tmp_path / "bad").exists()
-
-
 def test_quiet_mode_is_undone_for_the_next_run_in_the_process(tmp_path, tiny_folder):
     """``quiet_mode(False)`` restores what ``quiet_mode(True)`` changed: ``TQDM_DISABLE`` (which tqdm
     reads for every bar, and child processes inherit), the libraries' bars and verbosity; and
@@ -131,7 +116,6 @@ def test_quiet_mode_is_undone_for_the_next_run_in_the_process(tmp_path, tiny_fol
     before = state()
     quiet_mode(True)
     assert os.environ["TQDM_DISABLE"] == "1" and tqdm(range(1)).disable
-    assert state() != before or before[0] == "1"
     quiet_mode(True)  # twice: the first snapshot is kept
     quiet_mode(False)
     assert state() == before

@@ -165,9 +165,9 @@ def test_report(smollm2_folder, tmp_path):
 
 
 def test_a_gguf_files_header_config_and_tokenizer_are_read_once(smollm2_path):
-    """Parsing the GGUF header takes seconds: the integrity check, the license lookup, the
-    pre-flight and the load share one parse of each (prune.io.gguf, loading._gguf_once); every
-    caller gets its own copy of the config and tokenizer."""
+    """Parsing the GGUF header takes seconds: the header, config and tokenizer are kept after the
+    first read (prune.io.gguf.kept_per_file), and every caller gets its own copy of the config and
+    tokenizer."""
     from prune.export.lineage import gguf_license
     from prune.io.gguf import gguf_reader
     from prune.io.source import resolve_source
@@ -182,5 +182,5 @@ def test_a_gguf_files_header_config_and_tokenizer_are_read_once(smollm2_path):
     assert load_config(src).num_hidden_layers == 30
     t1, t2 = load_tokenizer(src), load_tokenizer(src)
     assert t1 is not t2 and t1("The capital of France").input_ids == t2("The capital of France").input_ids
-    t1.pad_token = t1.eos_token
-    assert load_tokenizer(src).pad_token == t2.pad_token
+    t1.model_max_length = 7  # a change to one copy is not seen by the next caller
+    assert load_tokenizer(src).model_max_length == t2.model_max_length != 7

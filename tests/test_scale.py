@@ -279,13 +279,21 @@ def test_outofcore_pruning_refuses_bad_input_before_writing(tokenizers_by_bos, t
 def test_cli_remove_writes_the_pruned_checkpoint(tokenizers_by_bos, tmp_path, capsys):
     from prune.cli import main
 
+    from prune.cli import parse_blocks
+
+    assert parse_blocks(["5", "1-3", "2", "7 - 7"]) == [1, 2, 3, 5, 7]  # indices and inclusive ranges, once each
     model, _, folder = saved(tmp_path, "phi3", tokenizers_by_bos)
-    assert main(["remove", str(folder), "--blocks", "2,3", "-o", str(tmp_path / "out")]) == 0
-    assert "without blocks [2, 3]" in capsys.readouterr().out
+    assert main(["remove", str(folder), "--blocks", "2-3,5", "-o", str(tmp_path / "out")]) == 0
+    assert "without blocks [2, 3, 5]" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "pruning.json").read_text())["removed"] == [2, 3, 5]
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert again.config.num_hidden_layers == 6
-    assert main(["remove", str(folder), "--blocks", "2,x", "-o", str(tmp_path / "o2")]) == 2
-    assert "takes 0-based indices and inclusive ranges like 12-18,25; got 'x'" in capsys.readouterr().err
+    assert again.config.num_hidden_layers == 5
+    capsys.readouterr()  # the load's progress bar
+    for bad in ("2,x", "4-3", "-1", "3..4"):
+        assert main(["remove", str(folder), "--blocks", bad, "-o", str(tmp_path / "o2")]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: --blocks takes 0-based indices and inclusive ranges like 12-18,25; got {bad.split(',')[-1]!r}"]
+    assert not (tmp_path / "o2").exists()
 
 
 # ---- 4. choosing the mode -----------------------------------------------------------------------

@@ -140,26 +140,18 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
         raise PruneError(f"could not load the tokenizer of {src.display}: {type(exc).__name__}: {first_line(exc)}") from exc
 
 
-#: (what, GGUF file, size, mtime, trust_remote_code) -> config or tokenizer read from it
-_GGUF_READ: dict[tuple, Any] = {}
-
-
 def _gguf_once(what: str, src: ModelSource, trust_remote_code: bool, read):
     """``read()``, kept per process for a GGUF source (whose config and tokenizer take seconds to
-    parse out of the file, asked for by the pre-flight and again by the load): a deep copy of
-    the first read each time, so callers may change theirs; read again when the file changes."""
+    parse out of the file, asked for by the pre-flight and again by the load;
+    :func:`prune.io.gguf.kept_per_file`): a deep copy each time, so callers may change theirs."""
     if src.kind != "gguf":
         return read()
     import copy
 
-    file = (Path(src.path) / src.gguf_file).resolve()
-    stat = file.stat()
-    key = (what, str(file), stat.st_size, stat.st_mtime_ns, trust_remote_code)
-    if key not in _GGUF_READ:
-        if len(_GGUF_READ) >= 8:
-            _GGUF_READ.clear()
-        _GGUF_READ[key] = read()
-    return copy.deepcopy(_GGUF_READ[key])
+    from prune.io.gguf import kept_per_file
+
+    return copy.deepcopy(kept_per_file(f"{what} trust_remote_code={trust_remote_code}",
+                                       Path(src.path) / src.gguf_file, read))
 
 
 def _forget_gguf_quantization(model) -> None:
