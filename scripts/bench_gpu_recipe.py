@@ -40,17 +40,12 @@ import argparse
 import copy
 import gc
 import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench_env import ROOT  # first: the offline environment and sys.path
 
 import torch  # noqa: E402
 

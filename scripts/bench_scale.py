@@ -49,12 +49,8 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from bench_env import DATA, ROOT, WIKI  # first: the offline environment and sys.path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 SMOKE = os.environ.get("BENCH_SCALE_SMOKE") == "1"  # tiny sizes: checks the script, not a result
 #: windows of the overhead/memory cases (64 by default); another count, or a subset of the
@@ -64,8 +60,6 @@ WINDOWS = int(os.environ.get("BENCH_WINDOWS", "64"))
 METHODS = [m for m in os.environ.get("BENCH_METHODS", "").split(",") if m]
 QUICK = WINDOWS != 64 or bool(METHODS)
 CACHE = ROOT / "bench_cache" / ("scale-smoke" if SMOKE else f"scale-w{WINDOWS}-{'+'.join(METHODS) or 'all'}" if QUICK else "scale")
-DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
-WIKI = DATA / "wikitext2_raw" / "wiki.test.raw"
 #: torch threads in every benchmark process. One by default: the 2 cores are shared with other
 #: jobs, and with 2 threads each parallel op waits for its second thread to be scheduled (stacking
 #: 31 [256, 576] tensors took 243 ms with 2 threads vs 2.5 ms with 1 under a load average of 10).

@@ -23,18 +23,12 @@ import argparse
 import copy
 import datetime as dt
 import math
-import os
 import random
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+from bench_env import ROOT, log, read, set_key, write  # first: the offline environment and sys.path
 
 import torch  # noqa: E402
 
@@ -44,7 +38,7 @@ from prune.choose.rules import resolve_protect  # noqa: E402
 from prune.choose.verified import Verifier, margin, verified  # noqa: E402
 from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity  # noqa: E402
 from prune.measure.paired import paired_t  # noqa: E402
-from bench_quality import Context, log, read, set_key, write  # noqa: E402  (the same protocol and cache helpers)
+from bench_quality import Context  # noqa: E402  (the same protocol)
 
 CACHE = ROOT / "bench_cache" / "verified"
 PROTECT = (0, -1)  # the protocol's protected blocks (first and last)

