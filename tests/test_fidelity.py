@@ -133,6 +133,39 @@ def test_same_model_is_perfectly_faithful_and_reference_round_trips(pair, tmp_pa
     assert measure_fidelity(original, loaded) == same
 
 
+def test_perplexity_on_the_fidelity_windows_takes_no_pass_of_its_own(pair, tokenizers_by_bos, tmp_path):
+    """With ``evaluate.fidelity`` on the perplexity text (the usual recipe), the pruned model's perplexity
+    comes from its fidelity pass and the original's from the reference: the same values as a pass of
+    their own, without running either model over the same windows again."""
+    from prune.measure.evaluation import evaluate_loaded, fidelity_reference
+    from prune.measure.perplexity import perplexity
+
+    original, pruned, _ = pair
+    tok = tokenizers_by_bos[True]
+    text = tmp_path / "wiki.txt"
+    text.write_text(wiki_text(20_000))
+    cfg = EvaluateConfig(perplexity={"path": str(text), "seq_len": 24, "max_windows": 5, "batch_size": 2},
+                         fidelity={"top_k": 16, "batch_size": 2})
+    reference = fidelity_reference(original, tok, cfg, quiet=True)
+    calls = []
+    for model in (original, pruned):
+        model.register_forward_hook(lambda module, args, out: calls.append(module))
+    own = evaluate_loaded(original, tok, cfg, quiet=True, reference=reference, is_reference=True)
+    other = evaluate_loaded(pruned, tok, cfg, quiet=True, reference=reference)
+    assert calls.count(original) == 0 and calls.count(pruned) == 3  # 5 windows in batches of 2: the fidelity pass only
+    assert "fidelity" not in own and other["fidelity"]["kl_mean"] > 0
+    for model, result in ((original, own), (pruned, other)):
+        alone = perplexity(model, reference.windows, batch_size=2)
+        assert result["perplexity"]["tokens"] == alone["tokens"] == 5 * 23 and result["perplexity"]["windows"] == 5
+        assert result["perplexity"]["perplexity"] == pytest.approx(alone["perplexity"], rel=1e-6)
+        assert result["perplexity"]["nll"] == pytest.approx(alone["nll"], rel=1e-6)
+    # other windows than the reference's (here: fewer) are measured by a pass of their own
+    fewer = cfg.model_copy(update={"perplexity": cfg.perplexity.model_copy(update={"max_windows": 3})})
+    calls.clear()
+    assert evaluate_loaded(pruned, tok, fewer, quiet=True, reference=reference)["perplexity"]["windows"] == 3
+    assert calls.count(pruned) == 3 + 2
+
+
 def test_other_vocabulary_is_refused(pair):
     original, _, windows = pair
     ref = build_reference(original, windows, top_k=8)

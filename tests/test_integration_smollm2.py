@@ -77,6 +77,8 @@ def test_quick_recipe_end_to_end(quick_run):
     assert {("perplexity", "ppl"), ("arc_easy_local", "acc"), ("winogrande_local", "acc"), ("layers", "count")} <= rows
     ppl = result.evaluation["pruned"]["perplexity"]["perplexity"]
     assert math.isfinite(ppl) and ppl > result.evaluation["original"]["perplexity"]["perplexity"]
+    fidelity = result.evaluation["pruned"]["fidelity"]  # the recipe's evaluate.fidelity: KL to the original
+    assert fidelity["kl_mean"] > 0.05 and 0.2 < fidelity["top1_agreement"] < 1
     for name in ("config.json", "model.safetensors", "recipe.yaml", "pruning.json", "eval.json", "eval.md"):
         assert (result.out_dir / name).is_file()
 

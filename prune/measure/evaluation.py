@@ -4,8 +4,11 @@ original (with a :class:`~prune.measure.fidelity.FidelityReference` built from i
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from prune.core.config import EvaluateConfig
 from prune.core.console import say
@@ -29,15 +32,21 @@ def fidelity_reference(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: b
 
 
 def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool = False, label: str = "",
-                    reference=None, lm_eval_name: str | None = None, lm_eval_folder: str = "model") -> dict:
+                    reference=None, is_reference: bool = False, lm_eval_name: str | None = None,
+                    lm_eval_folder: str = "model") -> dict:
     """Perplexity, fidelity (against ``reference``, the original's) and lm-eval tasks of an
-    in-memory model under the settings ``cfg``. With ``lm_eval_name`` (the model name lm-eval
-    records; ``lm_eval_folder`` its folder name) lm-eval logs every example and its own files are returned as ``lm_eval_files``
+    in-memory model under the settings ``cfg``. ``is_reference``: ``model`` is the original that
+    ``reference`` was built from (no fidelity to itself). When the perplexity windows are the
+    reference's (``evaluate.fidelity`` without text of its own), perplexity is read from the
+    fidelity pass (the original's: from the reference) instead of another pass over the same windows.
+    With ``lm_eval_name`` (the model name lm-eval records; ``lm_eval_folder`` its folder name) lm-eval
+    logs every example and its own files are returned as ``lm_eval_files``
     (``{file name: text}``: ``results_<date>.json``, ``samples_<task>_<date>.jsonl``)."""
     if cfg is None:
         return {}
     out: dict[str, Any] = {}
-    if reference is not None:
+    fid = None
+    if reference is not None and not is_reference:
         from prune.measure.fidelity import measure_fidelity
 
         fid = measure_fidelity(model, reference, batch_size=cfg.fidelity.batch_size if cfg.fidelity else 4,
@@ -49,7 +58,10 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
     if cfg.perplexity is not None:
         p = cfg.perplexity
         windows = eval_windows(tokenizer, load_text(p.source()), p.seq_len, p.max_windows, p.bos)
-        result = E.perplexity(model, windows, batch_size=p.batch_size, progress=not quiet)
+        if reference is not None and torch.equal(windows, reference.windows):
+            result = perplexity_of_reference(reference) if is_reference else perplexity_of_fidelity(fid, windows)
+        else:
+            result = E.perplexity(model, windows, batch_size=p.batch_size, progress=not quiet)
         result["data"] = p.source().describe()
         out["perplexity"] = result
         say(f"{label}perplexity {result['perplexity']:.3f} ({result['windows']} windows x {result['seq_len']} tokens)", quiet)
@@ -66,6 +78,21 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
         if lm_eval_name is not None:
             out["lm_eval_files"] = run.files(lm_eval_name, lm_eval_folder)
     return out
+
+
+def perplexity_of_reference(reference) -> dict:
+    """The original's perplexity on the reference's windows, from the log-probs of the tokens that
+    follow (kept by :func:`~prune.measure.fidelity.build_reference`): what ``perplexity()`` computes."""
+    logp = reference.target_logprobs.double()
+    nll = float(-logp.sum()) / logp.numel()
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": int(logp.numel()),
+            "windows": int(reference.windows.shape[0]), "seq_len": int(reference.windows.shape[1])}
+
+
+def perplexity_of_fidelity(fid: dict, windows: torch.Tensor) -> dict:
+    """A model's perplexity on the reference's ``windows``, from its fidelity pass."""
+    return {"perplexity": fid["perplexity_pruned"], "nll": math.log(fid["perplexity_pruned"]), "tokens": fid["tokens"],
+            "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1])}
 
 
 def lm_eval_outputs(original: dict, pruned: dict, *, seed: int = 0) -> tuple[dict[str, str], list]:

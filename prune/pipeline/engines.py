@@ -61,10 +61,11 @@ class InMemory:
                       calibration=r.calibration, score=r.score, evaluate=r.evaluate, quiet=self.quiet)
 
     def evaluate(self, cfg: EvaluateConfig | None, label: str, name: str | None = None, folder: str = "model",
-                 reference=None) -> dict:
-        """Perplexity, fidelity to ``reference`` and lm-eval tasks of the model as it is now."""
+                 reference=None, is_reference: bool = False) -> dict:
+        """Perplexity, fidelity to ``reference`` and lm-eval tasks of the model as it is now
+        (``is_reference``: it is the model ``reference`` was built from, the original)."""
         return evaluate_loaded(self.model, self.tokenizer, cfg, quiet=self.quiet, label=label, reference=reference,
-                               lm_eval_name=name, lm_eval_folder=folder)
+                               is_reference=is_reference, lm_eval_name=name, lm_eval_folder=folder)
 
     def fidelity_reference(self, cfg: EvaluateConfig | None):
         """The original's next-token distributions for ``evaluate.fidelity`` (``None`` without it)."""
@@ -118,7 +119,7 @@ class Sequential:
         return choose(self.recipe.select, scores, quiet=self.quiet)
 
     def evaluate(self, cfg: EvaluateConfig | None, label: str, name: str | None = None, folder: str = "model",
-                 reference=None) -> dict:
+                 reference=None, is_reference: bool = False) -> dict:
         return {}  # an evaluate section is refused for sequential runs (check_sequential_recipe)
 
     def fidelity_reference(self, cfg: EvaluateConfig | None):

@@ -123,7 +123,7 @@ def plan_execution(source, requested: str = "auto", *, dtype="auto", device_map=
     if src.kind == "gguf":
         if requested == "sequential":
             local_folder(src)  # raises the GGUF refusal
-        return ExecutionPlan("in_memory", requested, "a GGUF file is dequantized whole (sequential reads safetensors)")
+        return ExecutionPlan("in_memory", requested, "a GGUF file is dequantized whole; sequential execution reads safetensors")
     try:
         folder = local_folder(src)
         from prune.io.safetensors import Checkpoint

@@ -168,10 +168,11 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     if selection.strategy == "verified":
         say(margin_line(selection.details), quiet)
     ev, name = recipe.evaluate, facts["source"].display
-    original = progress.stage("original", lambda: engine.evaluate(ev, "original: ", name, "original")
+    reference = engine.fidelity_reference(ev)  # the original's next-token distributions (prune.measure.fidelity)
+    original = progress.stage("original", lambda: engine.evaluate(ev, "original: ", name, "original", reference,
+                                                                  is_reference=True)
                               if ev and ev.original else {})
     fault_point("evaluated_original")
-    reference = engine.fidelity_reference(ev)  # the original's next-token distributions (prune.measure.fidelity)
     params_before = engine.parameters()
     kept, healing = engine.remove(selection)
     fault_point("pruned")
