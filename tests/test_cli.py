@@ -2,6 +2,7 @@
 the point, in-process (``prune.cli.main``) where only what the command decides is."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,12 @@ def test_run_writes_a_complete_output_folder(tmp_path, tiny_folder):
     assert pruning["removed"] == [3, 4] and pruning["kept"] == [0, 1, 2, 5, 6, 7]
     assert pruning["msrs_before"]["total"] > pruning["msrs_after"]["total"]
     assert pruning["calibration"]["seed"] == 0 and "transformers" in pruning["versions"]
+    # where the time went: each stage of the run, in order, on stderr and in pruning.json
+    stages = pruning["stage_seconds"]
+    assert list(stages) == ["pre-flight", "load", "score", "choose", "evaluate original", "remove", "score pruned",
+                            "evaluate pruned"]
+    assert all(s >= 0 for s in stages.values()) and sum(stages.values()) <= pruning["seconds"] + 0.5
+    assert re.search(r"^done in [\d.]+ s: pre-flight [\d.]+ s, load .*, write [\d.]+ s$", proc.stderr, re.M)
     evaluation = json.loads((out / "eval.json").read_text())
     ppl = next(r for r in evaluation["rows"] if r["name"] == "perplexity")
     assert ppl["pruned"] == pytest.approx(evaluation["pruned"]["perplexity"]["perplexity"])
@@ -125,3 +132,11 @@ def test_quiet_mode_is_undone_for_the_next_run_in_the_process(tmp_path, tiny_fol
 
     run(tiny_recipe(tiny_folder, tmp_path / "out"), quiet=True)
     assert state() == before
+
+
+@pytest.mark.parametrize("seconds, shown", [(0.04, "0.0 s"), (3.14, "3.1 s"), (42.4, "42 s"), (59.6, "1 min 00 s"),
+                                            (362.0, "6 min 02 s"), (3725, "1 h 02 min")])
+def test_durations_read_as_people_write_them(seconds, shown):
+    from prune.core.console import duration
+
+    assert duration(seconds) == shown

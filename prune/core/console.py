@@ -183,3 +183,35 @@ def announce_remote_code(where: str) -> None:
     import sys
 
     print(f"note: trust_remote_code is ON for {where}: code from the checkpoint will run", file=sys.stderr)
+
+
+def duration(seconds: float) -> str:
+    """``"42 s"``, ``"6 min 02 s"``, ``"1 h 05 min"``: a wall time as people read it."""
+    s = round(seconds)
+    if s < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+class StageClock:
+    """Wall seconds per stage of a run, in order: ``lap(stage)`` ends ``stage``, which began at the
+    previous lap (or at the clock's start); a stage lapped twice adds up."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._now = time.perf_counter
+        self.started = self._last = self._now()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = self._now()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._last, 1)
+        self._last = now
+
+    def summary(self) -> str:
+        """``done in 6 min 02 s: pre-flight 3.1 s, load 21 s, score 11 s, ...``."""
+        stages = ", ".join(f"{name} {duration(s)}" for name, s in self.seconds.items())
+        return f"done in {duration(self._now() - self.started)}" + (f": {stages}" if stages else "")

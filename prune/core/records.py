@@ -106,6 +106,7 @@ class PruningStep(Record):
     versions: dict[str, str] = {}
     created: str | None = None
     seconds: float | None = None
+    stage_seconds: dict[str, float] = {}  # wall seconds per stage of `prune run`, in order (core.console.StageClock)
     execution: dict[str, Any] | None = None
     resumed: list[str] = []
     recipe: dict[str, Any] | None = None

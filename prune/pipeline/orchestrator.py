@@ -27,7 +27,7 @@ from prune.core import dist
 from prune.core.errors import PruneError
 from prune.export.public import public_data
 from prune.io.text import calibration_windows_of, eval_windows, load_text
-from prune.core.console import keeps_quiet_mode, quiet_mode, say, show, versions
+from prune.core.console import StageClock, keeps_quiet_mode, quiet_mode, say, show, versions
 from prune.core.tables import comparison_markdown, comparison_rows
 from prune.measure.evaluation import lm_eval_outputs, lm_eval_tables
 from prune.measure.paired import paired_section
@@ -145,7 +145,7 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     dist.check_same(recipe.model_dump(mode="json"), "recipe")  # under a launcher: every rank the same recipe
     quiet = quiet or not dist.world().is_main  # one rank talks
     quiet_mode(quiet)
-    started = time.time()
+    started, clock = time.time(), StageClock()
     overwrite = overwrite or recipe.output.overwrite
     facts = preflight(recipe, overwrite, recipe_file)
     progress = dist.on_main(lambda: RunProgress(recipe.output.dir, recipe, resume=resume))  # rank 0 keeps it
@@ -156,14 +156,18 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
                           max_memory=m.max_memory, n_windows=c.n_samples, seq_len=c.seq_len, batch_size=c.batch_size,
                           revision=m.revision, gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code)
     say(plan.describe(), quiet)
+    clock.lap("pre-flight")
     engine = make_engine(recipe, plan, facts, quiet)
+    clock.lap("load")
     windows = facts["windows"]  # tokenized in preflight: bad text fails before the model loads
     say(f"scoring {facts['n_layers']} blocks{engine.scoring_note} on {c.n_samples} windows x {c.seq_len} tokens", quiet)
     scores_before = progress.stage("scores", lambda: engine.score(windows), ScoreResult.to_dict, ScoreResult.from_dict)
     fault_point("scored")
+    clock.lap("score")
     selection = progress.stage("selection", lambda: engine.choose(windows, scores_before),
                                Selection.to_dict, Selection.from_dict)
     fault_point("selected")
+    clock.lap("choose")
     say(f"removing {len(selection.removed)} of {facts['n_layers']} blocks (0-based): {selection.removed}", quiet)
     if selection.strategy == "verified":
         say(margin_line(selection.details), quiet)
@@ -173,12 +177,16 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
                                                                   is_reference=True)
                               if ev and ev.original else {})
     fault_point("evaluated_original")
+    clock.lap("evaluate original")
     params_before = engine.parameters()
     kept, healing = engine.remove(selection)
     fault_point("pruned")
+    clock.lap("remove and heal" if healing is not None else "remove")
     scores_after = engine.score(windows, kept)
+    clock.lap("score pruned")
     pruned = engine.evaluate(ev, "pruned:   ", f"{name} (pruned)", "pruned", reference)
     fault_point("evaluated_pruned")
+    clock.lap("evaluate pruned")
     counts = {"params_before": params_before, "params_after": engine.parameters(kept),
               "layers_before": facts["n_layers"], "layers_after": len(kept)}
     # lm-eval's own files (eval/original, eval/pruned) and the paired comparison of their examples
@@ -189,6 +197,7 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
                             {**counts, "model_type": facts["model_type"]}, healing, started)
     record.execution = plan.to_dict()
     record.resumed = progress.resumed
+    record.stage_seconds = dict(clock.seconds)  # to here: writing the folder comes after the record
     extra = paired_section(paired) + (f"\n## lm-eval's own tables\n\n{lm_eval_tables(lm_eval_files)}"
                                       if lm_eval_files else "")
     out, record = write_output(engine.save, recipe, record, evaluation, src=facts["source"], parent=facts["parent"],
@@ -196,6 +205,8 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
                                overwrite=overwrite, quiet=quiet, extra_files=lm_eval_files,
                                extra_markdown=extra + (healing_markdown(public_data(healing)) if healing is not None else ""))
     dist.on_main(progress.finish)
+    clock.lap("write and push" if recipe.output.push_to_hub is not None else "write")
+    say(clock.summary(), quiet)
     return RunResult(out, selection, scores_before, scores_after, evaluation, record)
 
 
