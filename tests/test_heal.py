@@ -418,6 +418,7 @@ def test_cli_heal_partial(tmp_path, tiny_folder):
     rec = json.loads((tmp_path / "healed" / "pruning.json").read_text())
     assert rec["healing"]["method"] == "partial" and rec["healing"]["settings"]["last_blocks"] == 1
     assert rec["healing"]["steps"] == 3 and rec["removed"] == json.loads((run_dir / "pruning.json").read_text())["removed"]
+    assert list(rec["stage_seconds"]) == ["pre-flight", "heal", "score"]  # this healing's stages, not the run's
     AutoModelForCausalLM.from_pretrained(tmp_path / "healed")
     # bad input: one error line, exit 2, nothing written
     bad = prune_main("heal", run_dir, "--output", tmp_path / "bad", "--method", "lora", "--set", "rank=0", "--data", C4)

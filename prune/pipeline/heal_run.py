@@ -207,7 +207,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     recorded it by name only, ``<local>/name``: see :mod:`prune.export.public`)."""
 
     from prune.core.config import EvaluateConfig
-    from prune.core.console import quiet_mode, versions
+    from prune.core.console import StageClock, quiet_mode, say, versions
     from prune.core.records import read_record
     from prune.core.tables import comparison_rows
     from prune.export.saving import check_output_dir, save
@@ -220,6 +220,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     from prune.pipeline.recipe import Recipe
 
     quiet_mode(quiet)
+    clock = StageClock()
     run = Path(run_dir).expanduser()
     out = Path(output).expanduser()
     if not (run / "config.json").is_file() or not (run / "pruning.json").is_file():
@@ -282,6 +283,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     if not cfg.merge and cfg.method != "lora":
         raise PruneError(f"heal.merge: false keeps a LoRA adapter apart; method {cfg.method} has none (use lora)")
 
+    clock.lap("pre-flight")
     reference = None
     if evaluate and eval_cfg.fidelity is not None:  # the healed model's KL to the run's original, as the run measured it
         from prune.export.lineage import recorded_source
@@ -297,6 +299,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         if from_original or cfg.objective == "distill":  # the healing below builds on it: not loaded again
             original.hold(reference_model, reference_tok)
         del reference_model, reference_tok  # otherwise released before healing loads its own models
+        clock.lap("fidelity reference")
 
     started = _dt.datetime.now(_dt.timezone.utc)
     if cfg.bridge != "none":
@@ -329,6 +332,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
                                adapter_dir=adapter_tmp.name if adapter_tmp else None)
         else:
             record = heal_partial(model, cfg, windows, val_windows, quiet=quiet)
+    clock.lap("heal")
     record["from_run"] = run.name
     if pruning.healing:
         record["previous"] = pruning.healing
@@ -344,6 +348,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     if recipe is not None:  # the scores after describe the saved model: recompute them on the same windows
         after = score(model, calibration_windows_of(tokenizer, recipe.calibration), **score_options(recipe, quiet))
         new.scores_after, new.msrs_after = after.to_dict(), after.msrs
+        clock.lap("score")
     counts = {"params_before": pruning.params_before, "params_after": new.params_after,
               "layers_before": pruning.layers_before, "layers_after": new.layers_after}
     run_eval = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
@@ -356,6 +361,9 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
                   "rows": comparison_rows(original, healed, counts), **counts}
     if recipe is not None and evaluate:
         evaluation["settings"] = run_eval.get("settings")
+    if evaluate:
+        clock.lap("evaluate")
+    new.stage_seconds = dict(clock.seconds)  # this healing's, not the run's
 
     from prune.export.heal import heal_export, save_adapter
 
@@ -373,4 +381,6 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
                              extra_markdown=healing_markdown(public_data(record)),
                              prepare=lambda rec, files: heal_export(rec, run, out, files, recipe, model,
                                                                     adapter=not cfg.merge))
+    clock.lap("write")
+    say(clock.summary(), quiet)
     return result
