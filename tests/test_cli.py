@@ -134,7 +134,7 @@ def test_quiet_mode_is_undone_for_the_next_run_in_the_process(tmp_path, tiny_fol
     assert state() == before
 
 
-@pytest.mark.parametrize("seconds, shown", [(0.04, "0.0 s"), (3.14, "3.1 s"), (42.4, "42 s"), (59.6, "1 min 00 s"),
+@pytest.mark.parametrize("seconds, shown", [(0.04, "0.0 s"), (3.14, "3.1 s"), (9.96, "10 s"), (42.4, "42 s"), (59.6, "1 min 00 s"),
                                             (362.0, "6 min 02 s"), (3725, "1 h 02 min")])
 def test_durations_read_as_people_write_them(seconds, shown):
     from prune.core.console import duration

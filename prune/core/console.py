@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import time
 from dataclasses import dataclass
 
 __version__ = "0.1.0"  # the package version (pyproject.toml's)
@@ -189,7 +190,7 @@ def duration(seconds: float) -> str:
     """``"42 s"``, ``"6 min 02 s"``, ``"1 h 05 min"``: a wall time as people read it."""
     s = round(seconds)
     if s < 60:
-        return f"{seconds:.1f} s" if seconds < 10 else f"{s} s"
+        return f"{seconds:.1f} s" if seconds < 9.95 else f"{s} s"
     if s < 3600:
         return f"{s // 60} min {s % 60:02d} s"
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
@@ -200,8 +201,6 @@ class StageClock:
     previous lap (or at the clock's start); a stage lapped twice adds up."""
 
     def __init__(self) -> None:
-        import time
-
         self._now = time.perf_counter
         self.started = self._last = self._now()
         self.seconds: dict[str, float] = {}
