@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""What a run's evaluation costs with ``evaluate.fidelity`` on the perplexity text, at two commits side by side.
+
+    nice -n 5 .venv/bin/python scripts/bench_eval_passes.py --before 225adc3 --rounds 2 --docs
+
+Each round runs, in one fresh child process per tree (alternating), ``prune.run`` of
+recipes/smollm2-quick.yaml on SmolLM2-135M-Instruct (the float32 folder of bench_env) with its
+perplexity (16 x 512 WikiText-2 tokens) and ``evaluate.fidelity`` on the same windows, no lm-eval
+tasks, and a cheap selection (contiguous, 4 x 64 calibration tokens), so the evaluation is most
+of the run. It counts the forward passes of the whole model over the evaluation windows (a
+wrapper around ``LlamaForCausalLM.forward`` counting the windows it is given at the evaluation
+length) and records the perplexities and the KL, which must not change. ``--before REV`` is
+checked out as a git worktree under bench_cache/eval_passes/; results are cached per case with
+the commit measured; ``--docs`` writes the table into docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from bench_env import DATA, ROOT, WIKI, revision, smollm2_folder, worktree
+
+CACHE = ROOT / "bench_cache" / "eval_passes"
+SEQ_LEN = 512
+
+CHILD = r'''
+import collections, json, os, sys, time
+os.environ["HF_HUB_OFFLINE"] = "1"; os.environ["HF_DATASETS_OFFLINE"] = "1"
+from transformers.models.llama import modeling_llama
+real = modeling_llama.LlamaForCausalLM.forward
+count = collections.Counter()
+def counting(self, input_ids=None, **kwargs):
+    if input_ids is not None and input_ids.shape[-1] == int(sys.argv[4]):
+        count["windows"] += input_ids.shape[0]
+    return real(self, input_ids=input_ids, **kwargs)
+modeling_llama.LlamaForCausalLM.forward = counting
+from prune.pipeline.orchestrator import run
+model, wiki, out = sys.argv[1:4]
+start = time.perf_counter()
+result = run("recipes/smollm2-quick.yaml", quiet=True, overrides=[f"model.source={model}", f"output.dir={out}",
+    "output.overwrite=true", f"calibration.path={wiki}", f"evaluate.perplexity.path={wiki}", "evaluate.tasks=[]",
+    "calibration.n_samples=4", "calibration.seq_len=64", "select.strategy=contiguous", "evaluate.fidelity={}"])
+ev = result.evaluation
+print(json.dumps({"wall_s": time.perf_counter() - start, "eval_windows": count["windows"],
+                  "ppl_original": ev["original"]["perplexity"]["perplexity"],
+                  "ppl_pruned": ev["pruned"]["perplexity"]["perplexity"], "kl": ev["pruned"]["fidelity"]["kl_mean"]}))
+'''
+
+
+def one(tree: Path, label: str, rnd: int, model: Path) -> dict:
+    file = CACHE / f"{label}-{rnd}.json"
+    cached = json.loads(file.read_text()) if file.is_file() else None
+    if cached is not None and cached.get("rev") == revision(tree):  # a round of other code is measured again
+        return cached
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PRUNE_DATA_DIR": str(DATA)}  # the recipe's ${PRUNE_DATA_DIR:-../shared/data}, from any tree
+    done = subprocess.run([sys.executable, "-c", CHILD, str(model), str(WIKI), str(CACHE / f"out-{label}"), str(SEQ_LEN)],
+                          cwd=tree, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{label} round {rnd} failed:\n{done.stderr[-3000:]}")
+    result = {**json.loads(done.stdout.strip().splitlines()[-1]), "rev": revision(tree)}
+    file.write_text(json.dumps(result))
+    print(f"{label} round {rnd}: {result}", flush=True)
+    return result
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    rows = ["| tree | model passes over the evaluation windows | run (s, median) | run vs before | perplexity original / pruned | KL |",
+            "|---|---:|---:|---:|---|---:|"]
+    base = statistics.median(r["wall_s"] for r in results["before"])
+    for label in ("before", "after"):
+        rs = results[label]
+        rev = ", ".join(sorted({r["rev"] for r in rs}))
+        wall = statistics.median(r["wall_s"] for r in rs)
+        r = rs[0]
+        rows.append(f"| {label} ({rev}) | {r['eval_windows'] / 16:g} | {wall:.1f} | x{wall / base:.2f} | "
+                    f"{r['ppl_original']:.4f} / {r['ppl_pruned']:.4f} | {r['kl']:.4f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--before", required=True, help="the commit to compare against (a git worktree of it)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--docs", action="store_true", help="write the table into docs/BENCHMARKS.md")
+    args = ap.parse_args()
+    from docs_block import replace_block
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    model = smollm2_folder()
+    trees = {"before": worktree(args.before, CACHE), "after": ROOT}
+    results: dict[str, list[dict]] = {"before": [], "after": []}
+    for rnd in range(args.rounds):
+        for label in ("before", "after") if rnd % 2 == 0 else ("after", "before"):
+            results[label].append(one(trees[label], label, rnd, model))
+    command = f"python scripts/bench_eval_passes.py --before {args.before} --rounds {args.rounds} --docs"
+    text = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, OMP_NUM_THREADS="
+            f"{os.environ.get('OMP_NUM_THREADS', '1')}; {args.rounds} rounds, the two trees alternating; 16 windows x "
+            f"{SEQ_LEN} tokens (a pass: every window once).\n\n" + table(results))
+    print(text)
+    if args.docs and not replace_block("bench_eval_passes", text, command, "bench_cache/eval_passes/"):
+        raise SystemExit("docs/BENCHMARKS.md has no bench_eval_passes block")
+
+
+if __name__ == "__main__":
+    main()
