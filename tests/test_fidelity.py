@@ -121,6 +121,25 @@ def test_top_k_is_a_lower_bound_and_the_rest_is_exact(pair):
         assert got[key] == pytest.approx(exact[key], rel=1e-6)
 
 
+def test_the_rest_bucket_is_exact_when_the_model_puts_almost_nothing_there():
+    """A pruned model sure of one token leaves under 1e-7 of its mass outside the original's top k:
+    ``1 - sum_topk q`` from float32 log-probs rounds to 0 (or below), which made the bucket's term
+    ``p_rest * (log p_rest + 700)`` and the "lower bound" 40 times the full KL. The bucket is the
+    exact mass of the other tokens, so the value is the merged KL and stays below the full one."""
+    vocab, k = 1000, 16
+    zp, zq = torch.zeros(2, vocab), torch.zeros(2, vocab)
+    zp[:, 0], zq[0, 0], zq[1, 3] = 12.0, 30.0, 25.0  # the second token: sure of a token outside p's top k
+    top, ids = F.log_softmax(zp, -1).topk(k)
+    got = token_kl(top, ids.to(torch.int32), F.log_softmax(zq, -1))
+    lp, lq = F.log_softmax(zp.double(), -1), F.log_softmax(zq.double(), -1)
+    full = (lp.exp() * (lp - lq)).sum(-1)
+    rest = torch.ones_like(lp, dtype=torch.bool).scatter(-1, ids, False)
+    p_rest, q_rest = (lp.exp() * rest).sum(-1), (lq.exp() * rest).sum(-1)
+    merged = (lp.exp() * (lp - lq) * ~rest).sum(-1) + p_rest * (p_rest.log() - q_rest.log())
+    # to the float32 precision of the log-probs (p's normalisation rounds by ~7e-6 here, 1e-3 of its rest)
+    assert torch.allclose(got, merged, rtol=2e-3) and (got <= full * (1 + 2e-3)).all()
+
+
 def test_same_model_is_perfectly_faithful_and_reference_round_trips(pair, tmp_path):
     original, _, windows = pair
     ref = build_reference(original, windows, top_k=32, data={"path": "wiki"})

@@ -124,17 +124,44 @@ def _log1mexp(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(lse > -0.6931, torch.log(-torch.expm1(lse)), torch.log1p(-torch.exp(lse)))
 
 
+#: below this share of q's mass outside p's top k, ``1 - sum_topk q`` (float32 log-probs) is mostly
+#: rounding: the tail is then summed from the other entries instead
+EXACT_TAIL_BELOW = 1e-3
+TAIL_ROWS = 256  # positions per masked copy of their log-probs (256 x vocab floats)
+
+
+def _tail_logmass(logq: torch.Tensor, ids: torch.Tensor, lse_k: torch.Tensor) -> torch.Tensor:
+    """``log(1 - sum_{v in ids} q(v))`` per position, float64: from ``lse_k`` (the log of the kept
+    mass) where the tail is large enough for that difference, else summed over the other entries
+    (``logsumexp`` with ``ids`` masked out), which does not round to 0 and then to ``-inf``."""
+    tail = _log1mexp(lse_k)
+    small = lse_k > math.log1p(-EXACT_TAIL_BELOW)
+    if bool(small.any()):
+        flat_q, flat_ids = logq.reshape(-1, logq.shape[-1]), ids.reshape(-1, ids.shape[-1])
+        rows = small.reshape(-1).nonzero().squeeze(-1)
+        exact = torch.empty(rows.numel(), dtype=torch.float64)
+        for i in range(0, rows.numel(), TAIL_ROWS):
+            chunk = rows[i:i + TAIL_ROWS]
+            masked = flat_q[chunk].scatter(-1, flat_ids[chunk].long(), float("-inf"))
+            exact[i:i + TAIL_ROWS] = torch.logsumexp(masked.double(), -1)
+        tail.reshape(-1)[rows] = exact
+    return tail
+
+
 def token_kl(ref_top: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """Per-token KL(p || q) in float64 over the top-k of ``p`` plus one bucket for the rest.
 
     ``ref_top``/``ref_ids`` ``[..., k]``: log p of the original's top k tokens and their ids;
-    ``logq`` ``[..., V]``: the other model's full log-probs."""
+    ``logq`` ``[..., V]``: the other model's full log-probs. q's bucket is its exact mass outside
+    those ids (:func:`_tail_logmass`), so the value stays a lower bound of the full KL when q puts
+    almost everything on them; p's bucket is ``1 - sum_topk p`` (where that rounds, it is ~0 and
+    so is its term)."""
     logp = ref_top.double()
     logq_k = logq.gather(-1, ref_ids.long()).double()
     kl = (logp.exp() * (logp - logq_k)).sum(-1)
     if ref_ids.shape[-1] < logq.shape[-1]:
         logp_tail = _log1mexp(torch.logsumexp(logp, -1))
-        logq_tail = _log1mexp(torch.logsumexp(logq_k, -1)).clamp(min=-700.0)
+        logq_tail = _tail_logmass(logq, ref_ids, torch.logsumexp(logq_k, -1)).clamp(min=-700.0)
         p_tail = logp_tail.exp()
         kl = kl + torch.where(p_tail > 0, p_tail * (logp_tail - logq_tail), torch.zeros_like(kl))
     return kl.clamp(min=0.0)  # rounding can leave -1e-12 for identical distributions
