@@ -30,6 +30,10 @@ def test_candidates_cover_runs_one_shot_and_families(setup):
     assert {"contiguous angular", "one_shot bi", "one_shot angular", "contiguous run"} <= sources
     fams = redundancy_families(scores, 0.0)  # tau 0: every pair similar -> one family of all blocks
     assert fams == [list(range(8))]
+    # protected blocks that cut every run of 4 (0, 4, 7 of 8): the non-contiguous candidates remain
+    spread = candidate_sets(scores, 4, [0, 4, 7])
+    assert spread and all(len(c) == 4 and not {0, 4, 7} & set(c) for c in spread)
+    assert "contiguous angular" not in {src for found in spread.values() for src in found}
 
 
 def test_verified_picks_the_lowest_kl_and_is_deterministic(setup):

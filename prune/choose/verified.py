@@ -102,7 +102,7 @@ def candidate_sets(scores, count: int, protect: list[int]) -> dict[tuple[int, ..
         if len(key) == count and source not in out.setdefault(key, []):
             out[key].append(source)
 
-    if scores.angular is not None:
+    if scores.angular is not None and contiguous_runs(scores.n_layers, count, protect):
         add(contiguous(scores, count, protect).removed, "contiguous angular")
     for metric in ONE_SHOT:
         if metric in ("cka", "msrs") and scores.cka is None:
@@ -119,6 +119,8 @@ def candidate_sets(scores, count: int, protect: list[int]) -> dict[tuple[int, ..
     if scores.angular is not None:
         bi = scores.block_influence
         for m in range((count + 1) // 2, count):
+            if not contiguous_runs(scores.n_layers, m, protect):  # every run of m crosses a protected block
+                continue
             run = contiguous(scores, m, protect).removed
             rest = sorted((b for b in range(scores.n_layers) if b not in protect and b not in run),
                           key=lambda b: (bi[b], b))
