@@ -234,3 +234,17 @@ def test_shipped_search_recipe_is_valid(smollm2_path, monkeypatch):
     recipe = load_recipe(ROOT / "recipes" / "smollm2-search.yaml")
     s = recipe.select
     assert s.strategy == "search" and s.max_perplexity_ratio > 1 and s.budget >= 1 and s.order_by
+
+
+def test_task_proxy_reads_the_headline_metric_of_a_local_copy(tokenizers_by_bos):
+    """hellaswag_local is scored by acc_norm, as hellaswag and every report: not by acc."""
+    from conftest import DATA
+
+    from prune.measure.lmeval import evaluate_tasks
+
+    model, tok = build_model("llama"), tokenizers_by_bos[True]
+    metrics = evaluate_tasks(model, tok, ["hellaswag_local"], limit=24, batch_size=8, data_dir_path=str(DATA),
+                             progress=False)["hellaswag_local"]["metrics"]
+    assert metrics["acc_norm"] != metrics["acc"]  # otherwise this could not tell them apart
+    proxy = ST.task_proxy(model, tok, "hellaswag_local", limit=24, batch_size=8, data_dir=str(DATA))
+    assert proxy([]) == metrics["acc_norm"]

@@ -263,7 +263,7 @@ def perplexity_proxy(model, windows: torch.Tensor, batch_size: int = 8) -> Calla
 def task_proxy(model, tokenizer, task: str, *, limit: int = 100, batch_size: int = 8, seed: int = 0,
                data_dir=None, task_dirs=None) -> Callable[[list[int]], float]:
     """``removed -> score`` of one lm-eval task (its headline metric) without those blocks."""
-    from prune.measure.lmeval import HEADLINE, evaluate_tasks, resolve_tasks
+    from prune.measure.lmeval import HEADLINE, canonical_name, evaluate_tasks, resolve_tasks
 
     resolve_tasks([task], data_dir_path=data_dir, task_dirs=task_dirs)  # unknown task: fail now
 
@@ -271,8 +271,9 @@ def task_proxy(model, tokenizer, task: str, *, limit: int = 100, batch_size: int
         with skip_blocks(model, removed):
             res = evaluate_tasks(model, tokenizer, [task], limit=limit, batch_size=batch_size, seed=seed,
                                  data_dir_path=data_dir, task_dirs=task_dirs, progress=False)
-        metrics = next(iter(res.values()))["metrics"]
-        return metrics.get(HEADLINE.get(task, "acc"), metrics.get("acc"))
+        name, result = next(iter(res.items()))  # hellaswag, or its local copy hellaswag_local: acc_norm for both
+        metrics = result["metrics"]
+        return metrics.get(HEADLINE.get(canonical_name(name), "acc"), metrics.get("acc"))
 
     return run
 
