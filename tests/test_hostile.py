@@ -177,6 +177,17 @@ def test_remove_and_heal_refuse_outputs_over_their_inputs(model, run_dir, tmp_pa
     refused(capsys, "report", run, "-o", run, "--overwrite", match="is the run folder")
     refused(capsys, "report", run, "-o", run.parent, "--overwrite", match="contains the run folder")
     assert (run / "model.safetensors").is_file()
+    # what the healing reads beyond its flags' files: the original (--source) and the run recipe's texts
+    before = digest(model.parent)
+    refused(capsys, "heal", run, "-o", model, "--overwrite", "--method", "replace", "--source", model, "--data", C4,
+            "--field", "prefix", match="is the source model")
+    assert digest(model.parent) == before
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    shutil.copy(WIKI_RAW, texts / "wiki.txt")
+    refused(capsys, "heal", run, "-o", texts, "--overwrite", "--method", "lora", "--data", C4, "--field", "prefix",
+            "--calibration-data", texts / "wiki.txt", match="contains a data file")
+    assert (texts / "wiki.txt").is_file()
 
 
 def test_the_home_folder_is_never_an_output(model, tmp_path, capsys, monkeypatch):
@@ -193,6 +204,10 @@ def test_score_and_eval_never_write_over_an_input_or_an_existing_file(model, tmp
     refused(capsys, "score", model, "--data", WIKI_RAW, "-o", weights, match="is inside the source model")
     refused(capsys, "eval", model, "--perplexity-data", WIKI_RAW, "-o", weights, "--overwrite", match="is inside")
     refused(capsys, "score", model, "--data", WIKI_RAW, "-o", WIKI_RAW, "--overwrite", match="is a data file")
+    original = Path(shutil.copytree(model, tmp_path / "original"))
+    refused(capsys, "eval", model, "--perplexity-data", WIKI_RAW, "--fidelity-to", original, "-o",
+            original / "model.safetensors", "--overwrite", match="is inside the original model (--fidelity-to)")
+    assert (original / "model.safetensors").read_bytes() == before
     assert weights.read_bytes() == before
     existing = tmp_path / "scores.json"
     existing.write_text("keep me")

@@ -101,7 +101,7 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
     JSON (an existing file is refused unless ``overwrite``). Inputs are checked before any loading."""
     from lm_eval.utils import sanitize_model_name
 
-    from prune.io.guard import check_output
+    from prune.io.guard import check_output, input_paths
     from prune.io.text import eval_windows
     from prune.measure import lmeval as L
     from prune.model.loading import load_tokenizer
@@ -120,8 +120,9 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
     src = resolve_source(source)
     ppl = cfg.perplexity
     if output:
-        check_output(output, command_inputs(source, [ppl.path if ppl else None]), overwrite=overwrite, kind="file",
-                     what="--output file", flag="--output")
+        inputs = command_inputs(source, [ppl.path if ppl else None, cfg.fidelity.path if cfg.fidelity else None])
+        inputs += input_paths(original, label="the original model (--fidelity-to)")
+        check_output(output, inputs, overwrite=overwrite, kind="file", what="--output file", flag="--output")
     if cfg.tasks:
         L.check_tasks(cfg.tasks, data_dir_path=cfg.data_dir, task_dirs=cfg.task_dirs, num_fewshot=cfg.num_fewshot,
                       fewshot_from_scored_split=cfg.fewshot_from_scored_split, quiet=quiet)  # fail before loading

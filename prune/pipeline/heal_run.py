@@ -225,13 +225,13 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     out = Path(output).expanduser()
     if not (run / "config.json").is_file() or not (run / "pruning.json").is_file():
         raise PruneError(f"{run} is not a prune run folder (it needs config.json and pruning.json, as written by prune run)")
-    from prune.pipeline.inputs import command_inputs
+    from prune.pipeline.inputs import command_inputs, original_inputs, recipe_inputs
 
     pruning = read_record(run / "pruning.json")  # a record of the wrong shape is one line, here
     recipe_data = _read_yaml(run / "recipe.yaml", "recipe") if (run / "recipe.yaml").is_file() else None
     cfg = heal_settings(recipe_data, config, method, data, field, rows, overrides)
     inputs = command_inputs(None, [config, cfg.data.path if cfg.data else None], run_dir=str(run))
-    check_output_dir(out, overwrite, inputs, flag="--output")
+    inputs += original_inputs(pruning.source, source)  # loaded by bridges, a replacement block, a teacher, fidelity
     from prune.pipeline.recipe import expand_env  # published recipes say ${PRUNE_DATA_DIR}/... (prune.export.public)
 
     recipe = None
@@ -242,6 +242,9 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         recipe = with_local_texts(recipe, run, calibration, evaluate)
     elif calibration is not None:
         raise PruneError(f"--calibration-data needs {run / 'recipe.yaml'} (the run folder has no recipe to calibrate with)")
+    if recipe is not None:
+        inputs += recipe_inputs(recipe)  # its calibration, evaluation and healing texts, task folders
+    check_output_dir(out, overwrite, inputs, flag="--output")
     eval_cfg: EvaluateConfig | None = recipe.evaluate if recipe else None
     check_heal_data(cfg, eval_cfg, "heal settings")
     check_text_path(cfg.data, "heal.data", "heal settings", "give the file with --data PATH")

@@ -37,11 +37,25 @@ def recipe_inputs(recipe, src: ModelSource | None = None, recipe_file: str | os.
     out += input_paths(recipe_file, label="the recipe file")
     texts = [recipe.calibration]
     if recipe.evaluate is not None:
-        texts.append(recipe.evaluate.perplexity)
+        texts += [recipe.evaluate.perplexity, recipe.evaluate.fidelity]  # fidelity: its own text, when it has one
         out += input_paths(*recipe.evaluate.task_dirs, recipe.evaluate.data_dir, label="a task data folder")
     if recipe.heal is not None:
         texts.append(recipe.heal.data)
     out += input_paths(*(t.path for t in texts if t is not None), label="a data file")
+    return out
+
+
+def original_inputs(recorded, given: str | None = None) -> list[Input]:
+    """The local files of a run's original model, as far as they are known before loading it: the
+    ``--source`` given, and a local path an older ``pruning.json`` recorded (``recorded``: its
+    :class:`~prune.core.records.SourceRecord`); nothing is hashed or checked here."""
+    from prune.export.public import is_local_path
+    from prune.io.source import resolve_source
+
+    out = source_inputs(resolve_source(given)) if given is not None else []
+    if recorded is not None and recorded.kind != "hub" and is_local_path(recorded.path):  # as lineage resolves it
+        file = os.path.join(recorded.path, recorded.gguf_file) if recorded.gguf_file else recorded.path
+        out += input_paths(file, label="the original model")
     return out
 
 
