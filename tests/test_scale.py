@@ -274,6 +274,10 @@ def test_outofcore_pruning_refuses_bad_input_before_writing(tokenizers_by_bos, t
     (tmp_path / "exists").mkdir()
     with pytest.raises(PruneError, match="already exists"):
         prune_checkpoint(folder, [3], tmp_path / "exists")
+    # a Hub model: the existing output is refused before any shard is downloaded (offline here:
+    # a download would fail with another message)
+    with pytest.raises(PruneError, match="already exists"):
+        prune_checkpoint("some-org/not-downloaded", [3], tmp_path / "exists")
 
 
 def test_cli_remove_writes_the_pruned_checkpoint(tokenizers_by_bos, tmp_path, capsys):

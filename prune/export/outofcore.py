@@ -198,6 +198,8 @@ def prune_checkpoint(
     from prune.io.staging import check_output_dir
 
     src = resolve_source(source) if not isinstance(source, ModelSource) else source
+    if src.kind == "hub":  # an existing or unsafe output is refused before the shards are downloaded
+        check_output_dir(out_dir, overwrite, inputs, flag="--output")
     folder = local_folder(src)
     inputs = [*inputs, *input_paths(folder, label="the source model")]
     check_output_dir(out_dir, overwrite, inputs, flag="--output")  # before reading any shard
