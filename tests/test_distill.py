@@ -326,6 +326,29 @@ def test_a_mismatched_teacher_is_refused(tokenizers_by_bos, tmp_path):
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
 
 
+def test_a_cache_of_another_model_is_not_taken_for_this_ones(tokenizers_by_bos, tmp_path):
+    """Same tokenizer, same windows, another model (here: other weights): the cache beside the output
+    is computed again, and one named in heal.teacher_cache is refused."""
+    from prune.heal.distill import prepare_teacher, weights_fingerprint
+
+    tok = tokenizers_by_bos[True]
+    cfg = heal_config("lora", C4_DATA, **{**FAST, "objective": "distill", "teacher": "cache", "top_k": 8})
+    train_w, val_w = windows_of(tok)
+    first, second = build_model("llama", seed=0), build_model("llama", seed=1)
+    assert weights_fingerprint(first) != weights_fingerprint(second)
+    path = tmp_path / "beside.safetensors"
+    kept = list(range(N_LAYERS))
+    made = prepare_teacher(first, tok, cfg, train_w, val_w, kept, name="first", default_cache=path, quiet=True)
+    assert made.cache.meta["model"] == weights_fingerprint(first)
+    again = prepare_teacher(first, tok, cfg, train_w, val_w, kept, name="first", default_cache=path, quiet=True)
+    assert "reused" in again.description  # the same model: reused
+    other = prepare_teacher(second, tok, cfg, train_w, val_w, kept, name="second", default_cache=path, quiet=True)
+    assert "reused" not in other.description and TopkCache.load(path).meta["model"] == weights_fingerprint(second)
+    named = cfg.model_copy(update={"teacher_cache": str(path)})
+    with pytest.raises(PruneError, match="another model"):
+        prepare_teacher(first, tok, named, train_w, val_w, kept, name="first", default_cache=None, quiet=True)
+
+
 @pytest.fixture
 def tiny_folder_heal(tmp_path, tokenizers_by_bos):
     return prune.save(build_model("llama"), tokenizers_by_bos[True], tmp_path / "tiny")

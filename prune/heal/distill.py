@@ -284,6 +284,19 @@ def topk_logprobs_sequential(folder: str | os.PathLike, windows: torch.Tensor, k
     return torch.cat(values), torch.cat(indices)
 
 
+def weights_fingerprint(model: nn.Module, sample: int = 4096) -> str:
+    """16 hex digits of a sha256 over every parameter's name, shape and ``sample`` evenly strided values
+    (float32): a cache of one model's log-probs is not taken for another's (another size, fine-tune or
+    quantisation of the same tokenizer). Weights on the meta device (offloaded) count by name and shape."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        if not p.is_meta:
+            flat = p.detach().reshape(-1)
+            h.update(flat[:: max(1, flat.numel() // sample)][:sample].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def build_cache(model, tokenizer, windows: torch.Tensor, val_windows: torch.Tensor | None, k: int,
                 path: str | os.PathLike, teacher_name: str, quiet: bool = False) -> TopkCache:
     """Compute the teacher's top-k log-probs on ``windows`` (+ ``val_windows``) and write them to ``path``.
@@ -314,6 +327,8 @@ def build_cache(model, tokenizer, windows: torch.Tensor, val_windows: torch.Tens
     meta = {"format": FORMAT, "k": k, "teacher": teacher_name, "vocab": width,
             "tokenizer": tokenizer_fingerprint(tokenizer) if tokenizer is not None else "",
             "windows": windows_fingerprint(windows, val_windows), "seconds": round(time.time() - started, 1)}
+    if isinstance(model, nn.Module):
+        meta["model"] = weights_fingerprint(model)
     cache = TopkCache(Path(path).expanduser(), tensors, meta)
     cache.save()
     if not quiet:
@@ -323,8 +338,12 @@ def build_cache(model, tokenizer, windows: torch.Tensor, val_windows: torch.Tens
 
 
 def check_cache(cache: TopkCache, tokenizer, windows: torch.Tensor, val_windows: torch.Tensor | None,
-                width: int | None = None) -> None:
-    """Refuse a cache computed with another tokenizer, on other windows, or for another vocabulary."""
+                width: int | None = None, model: nn.Module | None = None) -> None:
+    """Refuse a cache computed with another tokenizer, on other windows, for another vocabulary, or
+    (``model``: the teacher at hand) by another model."""
+    if model is not None and cache.meta.get("model") not in (None, weights_fingerprint(model)):
+        raise PruneError(f"heal.teacher_cache {cache.path} holds the log-probs of another model than this run's "
+                         "original; delete it to recompute, or point heal.teacher_cache elsewhere")
     if tokenizer is not None and cache.meta.get("tokenizer") and cache.meta["tokenizer"] != tokenizer_fingerprint(tokenizer):
         raise PruneError(f"heal.teacher_cache {cache.path}: the teacher's tokenizer differs from this model's "
                          "(distillation needs the same vocabulary); recompute the cache from the original model")
@@ -424,7 +443,7 @@ def prepare_teacher(model, tokenizer, cfg: HealConfig, windows, val_windows, kep
     if path.is_file():
         cache = TopkCache.load(path)
         try:
-            check_cache(cache, tokenizer, windows, val_windows, width)
+            check_cache(cache, tokenizer, windows, val_windows, width, model)
             if cache.k == cfg.top_k:
                 return Teacher("cache", f"{cache.meta.get('teacher', name)} (top-{cache.k} cache, reused)", cache=cache, pairs=pairs)
         except PruneError:
