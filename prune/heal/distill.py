@@ -78,9 +78,11 @@ class _ChunkedKL(torch.autograd.Function):
     """``T^2 * mean_t KL(p_t || q_t)``, ``q = softmax(z_s/T)``, in float32 ``rows`` token positions at a
     time. The teacher is its logits (``p = softmax(z_t/T)``) or, with ``indices``, its top-k
     log-probs (``p = softmax(log p_t / T)`` over those k tokens, ``q`` read at them). The forward pass
-    also writes the gradient ``dL/dz_s = T (q - p) / N`` (``p`` scattered over the vocabulary; it
-    sums to 1) in the logits' dtype, all the backward pass needs: no float32 ``[tokens, vocab]``
-    tensor outlives its chunk (docs/BENCHMARKS.md: 0.2-0.7x the memory of the plain formula)."""
+    also writes ``T (q - p)`` (``p`` scattered over the vocabulary; it sums to 1) in the logits' dtype,
+    all the backward pass needs (``dL/dz_s = T (q - p) / N`` times the incoming gradient, a loss scale
+    under fp16, applied in one float32 product): no float32 ``[tokens, vocab]`` tensor outlives its
+    chunk (docs/BENCHMARKS.md: 0.2-0.7x the memory of the plain formula), and neither ``1/N`` nor a
+    scale of 65536 is rounded to fp16 on its own (the first underflows, the second overflows)."""
 
     @staticmethod
     def forward(ctx, student, teacher, indices, temperature: float, rows: int):
@@ -102,14 +104,15 @@ class _ChunkedKL(torch.autograd.Function):
                 total += (p * (t - s.gather(-1, ix))).sum().double()
                 q_minus_p = s.exp_().scatter_add_(-1, ix, -p) if grad is not None else None
             if grad is not None:
-                grad[i:i + rows] = q_minus_p.mul_(temperature / n)
+                grad[i:i + rows] = q_minus_p.mul_(temperature)
         ctx.save_for_backward(grad.view_as(student) if grad is not None else None)
+        ctx.positions = n
         return (temperature ** 2 * total / n).float()
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None
+        return grad * (float(grad_out) / ctx.positions), None, None, None, None
 
 
 def _rows(student_logits: torch.Tensor, rows: int | None) -> int:
