@@ -136,6 +136,12 @@ def test_remove_and_save_of_offloaded_model_equals_in_memory(arch, tokenizers_by
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dispatched").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(w).logits, model(w).logits)
+    # saved in another dtype: the weights offloaded to disk too (transformers reads them back as stored)
+    half = all_tensors(prune.save(dispatched, tok, tmp_path / "half", dtype="float16", max_shard_size="200KB"))
+    assert {v.dtype for v in half.values() if v.is_floating_point()} == {torch.float16}
+    assert all(torch.equal(half[k], a[k].half()) for k in a)
+    index = json.loads((tmp_path / "half" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in half.values())
 
 
 # ---- 2. sequential (out-of-core) scoring -----------------------------------------------------

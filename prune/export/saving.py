@@ -10,6 +10,7 @@ after the new folder is complete).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -69,6 +70,8 @@ def save(
         target = saved_dtype(model, dtype)
         state = None if target == _model_dtype(model) else converted_state(model, target)
         model.save_pretrained(stage, max_shard_size=max_shard_size, state_dict=state)
+        if state is not None and any(p.is_meta for p in model.parameters()):
+            convert_shards(stage, target)  # offloaded weights were read back from disk as stored
         fault_point("saved_weights")
         clean_config_file(stage, dtype=None if state is None else dtype_name(target))
         if tokenizer is not None:
@@ -104,6 +107,28 @@ def converted_state(model, dtype) -> dict:
             done[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         out[name] = done[key]
     return out
+
+
+def convert_shards(folder: Path, dtype) -> None:
+    """Every floating tensor of the safetensors files in ``folder`` rewritten in ``dtype``, one tensor
+    in memory at a time (:mod:`prune.export.outofcore`'s writer), and the index's ``total_size`` with
+    them. ``save_pretrained`` reads a weight offloaded to disk back as it was stored, whatever the
+    state dict it was given holds for it (a meta placeholder): without this, a model dispatched with
+    disk offload was saved half in ``dtype``, half in its stored dtype, under a config naming ``dtype``."""
+    from prune.export.outofcore import convert_entries, write_safetensors
+    from prune.io.safetensors import file_tensors
+
+    total = 0
+    for shard in sorted(folder.glob("*.safetensors")):
+        entries, metadata = file_tensors(shard)
+        tmp = shard.with_name(shard.name + ".tmp")
+        total += write_safetensors(tmp, convert_entries(list(entries.items()), dtype), metadata)
+        tmp.replace(shard)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data.setdefault("metadata", {})["total_size"] = total
+        index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def record_and_card(model, pruning: PruningRecord | dict, out_dir, *, source=None, dtype: str | None = None,
