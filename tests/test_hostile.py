@@ -288,6 +288,26 @@ def test_overwrite_killed_mid_swap_keeps_a_complete_output(portable, model, tmp_
     assert digest(out) != old and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
+@pytest.mark.parametrize("portable", [False, True], ids=["rename_noreplace", "check_then_rename"])
+def test_an_output_that_appears_while_writing_is_not_replaced_without_overwrite(portable, tmp_path, monkeypatch):
+    """Two runs with one output folder, neither with --overwrite: both pass the check at the start;
+    the one that finishes second leaves the first one's folder alone and keeps its own beside it."""
+    from prune.io.staging import staged
+
+    if portable:
+        monkeypatch.setenv("PRUNE_NO_RENAME_EXCHANGE", "1")
+    out = tmp_path / "out"
+    with pytest.raises(PruneError, match="appeared while this run was writing it") as err:
+        with staged(out) as stage:
+            (stage / "mine.txt").write_text("this run")
+            out.mkdir()  # the other run finished first
+            (out / "theirs.txt").write_text("the other run")
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    kept = tmp_path / f"out.{os.getpid()}"
+    assert str(kept) in str(err.value) and (kept / "mine.txt").read_text() == "this run"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging folder left
+
+
 # ==== 3. weights must match the config ===========================================================
 def test_config_naming_more_blocks_than_the_weights_hold_is_refused_before_loading(model, tmp_path, capsys):
     config = json.loads((model / "config.json").read_text())

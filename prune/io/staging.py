@@ -57,7 +57,7 @@ def staged(out_dir: str | os.PathLike, overwrite: bool = False, inputs: Iterable
         yield stage
         fault_point("before_rename")
         (stage / INCOMPLETE_MARKER).unlink()
-        replace_folder(stage, out)
+        replace_folder(stage, out, overwrite)
     except BaseException as exc:
         shutil.rmtree(stage, ignore_errors=True)
         error = write_error(exc, out.resolve())
@@ -136,35 +136,62 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap ``a`` and ``b`` (Linux ``renameat2``); False where it is not available."""
+def _renameat2(a: Path, b: Path, flag: int) -> bool | None:
+    """Linux ``renameat2(a, b, flag)``: True when done, None where the system or file system cannot
+    (then the caller falls back); another failure is raised (``FileExistsError`` for NOREPLACE)."""
     if os.environ.get("PRUNE_NO_RENAME_EXCHANGE"):  # tests of the portable path
-        return False
+        return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.renameat2
     except (OSError, AttributeError):
-        return False
+        return None
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flag) == 0:
         return True
     err = ctypes.get_errno()
-    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: the file system cannot exchange
-        return False
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: the file system cannot do it
+        return None
     raise OSError(err, os.strerror(err), str(b))
 
 
-def replace_folder(stage: Path, out: Path) -> None:
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap ``a`` and ``b`` (Linux ``renameat2``); False where it is not available."""
+    return bool(_renameat2(a, b, _RENAME_EXCHANGE))
+
+
+def _move_new(stage: Path, out: Path) -> bool:
+    """Rename ``stage`` to ``out`` only if ``out`` does not exist (atomically where Linux can):
+    False, with nothing moved, when it does."""
+    try:
+        if _renameat2(stage, out, _RENAME_NOREPLACE):
+            return True
+    except FileExistsError:
+        return False
+    if out.exists():
+        return False
+    stage.rename(out)
+    return True
+
+
+def replace_folder(stage: Path, out: Path, overwrite: bool = True) -> None:
     """Move the finished ``stage`` folder to ``out``, replacing an existing one last (see module
-    docstring: at every instant the old or the new folder is complete)."""
+    docstring: at every instant the old or the new folder is complete). Without ``overwrite`` an
+    ``out`` that appeared while ``stage`` was written (another run with the same output) is left
+    alone, and ``stage`` is kept beside it under a name of its own, said in the error."""
     out = out.resolve()
-    if not out.exists():
-        stage.rename(out)
+    if (not overwrite or not out.exists()) and _move_new(stage, out):
         return
+    if not overwrite:
+        kept = out.parent / f"{out.name}.{os.getpid()}"
+        stage.rename(kept)
+        raise PruneError(f"{out} appeared while this run was writing it (another run with the same output?): it is left "
+                         f"as it is, and this run's result is in {kept} (rename it, or rerun with --overwrite)")
     if _exchange(stage, out):
         fault_point("swapped")  # stage now holds the old folder
         shutil.rmtree(stage, ignore_errors=True)
