@@ -3,6 +3,10 @@
 Nothing is downloaded (``HF_HUB_OFFLINE``, ``HF_DATASETS_OFFLINE``; a caller's own values win), the
 tokenizers' thread pool stays off (the scripts fork lm-eval and data workers), and the repository's
 root and ``scripts/`` are on ``sys.path``. Import it first: ``from bench_env import ROOT, DATA``.
+
+Then the helpers the scripts share: cached cases (``read``, ``write``, ``set_key``, ``log``), the
+dequantized SmolLM2 folder (``smollm2_folder``), and rounds of two commits side by side in fresh
+processes (``worktree``, ``measure_round``, ``alternating``).
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ for _folder in (ROOT / "scripts", ROOT):
 DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))
 #: WikiText-2's test split, raw: calibration rows :2000, evaluation rows 2000:
 WIKI = DATA / "wikitext2_raw" / "wiki.test.raw"
-#: SmolLM2-135M-Instruct dequantized once from its GGUF file to a float32 folder (bench_quality, bench_fidelity)
+#: SmolLM2-135M-Instruct dequantized once from its GGUF file to a float32 folder (smollm2_folder)
 MODEL_DIR = ROOT / "bench_cache" / "SmolLM2-135M-Instruct"
 
 
@@ -98,7 +102,7 @@ def measure_round(cache: Path, tree: Path, label: str, rnd: int, child: str, arg
     if done.returncode != 0:
         raise SystemExit(f"{label} round {rnd} failed:\n{done.stderr[-3000:]}")
     result = {**json.loads(done.stdout.strip().splitlines()[-1]), "rev": revision(tree)}
-    file.write_text(json.dumps(result))
+    write(file, result)
     print(f"{label} round {rnd}: {result}", flush=True)
     return result
 
