@@ -115,3 +115,26 @@ def alternating(rounds: int, measure) -> dict[str, list[dict]]:
         for label in ("before", "after") if rnd % 2 == 0 else ("after", "before"):
             results[label].append(measure(label, rnd))
     return results
+
+
+def side_by_side_args(doc: str, rounds: int):
+    """The flags of a side-by-side benchmark: ``--before REV``, ``--rounds``, ``--docs``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--before", required=True, help="the commit to compare against (a git worktree of it)")
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--docs", action="store_true", help="write the table into docs/BENCHMARKS.md")
+    return ap.parse_args()
+
+
+def tree_rows(results: dict[str, list[dict]]):
+    """Per tree, before then after: ``(label (the commits its rounds measured), median wall seconds,
+    that over before's, its rounds)``."""
+    import statistics
+
+    base = statistics.median(r["wall_s"] for r in results["before"])
+    for label in ("before", "after"):
+        rounds = results[label]
+        wall = statistics.median(r["wall_s"] for r in rounds)
+        yield f"{label} ({', '.join(sorted({r['rev'] for r in rounds}))})", wall, wall / base, rounds

@@ -16,12 +16,10 @@ the commit measured; ``--docs`` writes the table into docs/BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
-import statistics
 
-from bench_env import DATA, ROOT, WIKI, alternating, measure_round, smollm2_folder, worktree
+from bench_env import DATA, ROOT, WIKI, alternating, measure_round, side_by_side_args, smollm2_folder, tree_rows, worktree
 
 CACHE = ROOT / "bench_cache" / "eval_passes"
 SEQ_LEN = 512
@@ -53,23 +51,15 @@ print(json.dumps({"wall_s": time.perf_counter() - start, "eval_windows": count["
 def table(results: dict[str, list[dict]]) -> str:
     rows = ["| tree | model passes over the evaluation windows | run (s, median) | run vs before | perplexity original / pruned | KL |",
             "|---|---:|---:|---:|---|---:|"]
-    base = statistics.median(r["wall_s"] for r in results["before"])
-    for label in ("before", "after"):
-        rs = results[label]
-        rev = ", ".join(sorted({r["rev"] for r in rs}))
-        wall = statistics.median(r["wall_s"] for r in rs)
-        r = rs[0]
-        rows.append(f"| {label} ({rev}) | {r['eval_windows'] / 16:g} | {wall:.1f} | x{wall / base:.2f} | "
+    for tree, wall, ratio, rounds in tree_rows(results):
+        r = rounds[0]
+        rows.append(f"| {tree} | {r['eval_windows'] / 16:g} | {wall:.1f} | x{ratio:.2f} | "
                     f"{r['ppl_original']:.4f} / {r['ppl_pruned']:.4f} | {r['kl']:.4f} |")
     return "\n".join(rows)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--before", required=True, help="the commit to compare against (a git worktree of it)")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--docs", action="store_true", help="write the table into docs/BENCHMARKS.md")
-    args = ap.parse_args()
+    args = side_by_side_args(__doc__, rounds=2)
     from docs_block import replace_block
 
     CACHE.mkdir(parents=True, exist_ok=True)

@@ -15,13 +15,12 @@ a round of another commit is measured again); ``--docs`` writes the table into d
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
 import sys
 
-from bench_env import ROOT, alternating, measure_round, worktree
+from bench_env import ROOT, alternating, measure_round, side_by_side_args, tree_rows, worktree
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -50,22 +49,14 @@ print(json.dumps({"wall_s": time.perf_counter() - start, "parses": count["parses
 def table(results: dict[str, list[dict]]) -> str:
     rows = ["| tree | GGUF header parses | parsing (s, median) | run (s, median) | run vs before |",
             "|---|---:|---:|---:|---:|"]
-    base = statistics.median(r["wall_s"] for r in results["before"])
-    for label in ("before", "after"):
-        rs = results[label]
-        rev = ", ".join(sorted({r["rev"] for r in rs}))  # the commit each round measured
-        wall = statistics.median(r["wall_s"] for r in rs)
-        rows.append(f"| {label} ({rev}) | {rs[0]['parses']} | {statistics.median(r['parse_s'] for r in rs):.1f} | "
-                    f"{wall:.1f} | x{wall / base:.2f} |")
+    for tree, wall, ratio, rounds in tree_rows(results):
+        rows.append(f"| {tree} | {rounds[0]['parses']} | {statistics.median(r['parse_s'] for r in rounds):.1f} | "
+                    f"{wall:.1f} | x{ratio:.2f} |")
     return "\n".join(rows)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--before", required=True, help="the commit to compare against (a git worktree of it)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--docs", action="store_true", help="write the table into docs/BENCHMARKS.md")
-    args = ap.parse_args()
+    args = side_by_side_args(__doc__, rounds=3)
     from conftest import WIKI_RAW, smollm2_gguf
     from docs_block import replace_block
 
