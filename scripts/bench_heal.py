@@ -1180,6 +1180,73 @@ def part_bridge_cuts() -> None:
     publish(rows, "bench_heal_bridge_cuts")
 
 
+#: ``--part bridge_sets``: how many of verified's best k = 7 candidates are bridged and measured
+BRIDGE_SET_COUNT = 5
+
+
+def verified_candidates(base, tok) -> list[dict]:
+    """verified's candidates at k = 7 under recipes/smollm2-quick.yaml's protocol (its scores, held-out
+    windows and local search), best first: ``[{removed, kl_mean, ...}]`` (cached as ``bridgesets-selection``)."""
+    hit = cached("bridgesets-selection")
+    if hit:
+        return hit["candidates"]
+    from prune.choose.registry import choose
+    from prune.io.text import calibration_windows_of
+    from prune.pipeline.engines import score_options
+    from prune.pipeline.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "smollm2-quick.yaml", [f"model.source={smollm2_folder()}",
+                                                                    f"calibration.path={WIKI}", f"evaluate.perplexity.path={WIKI}",
+                                                                    f"evaluate.data_dir={DATA}"])
+    windows = calibration_windows_of(tok, recipe.calibration)
+    scores = prune.score(base, windows, **score_options(recipe, True))
+    selection = choose(recipe.select, scores, model=base, tokenizer=tok, windows=windows, calibration=recipe.calibration,
+                       score=recipe.score, evaluate=recipe.evaluate, quiet=True)
+    store("bridgesets-selection", {"candidates": selection.details["candidates"]})
+    return selection.details["candidates"]
+
+
+def part_bridge_sets(only: str | None = None) -> None:
+    """Does the set verified ranks first stay first once repaired? verified's BRIDGE_SET_COUNT best k = 7
+    candidates (held-out calibration KL, un-healed), each without and with the recipe's bridge
+    (``down``, uniform weights, fitted on the 131k case's training windows, every cut kept), measured by
+    the KL to the original on the healing's 8 held-out C4 windows and on the WikiText-2 fidelity windows;
+    cached as ``bridgeset-<blocks>-<kind>``. ``only``: the comma-separated ranks to measure (1-based;
+    two processes can share the sets), the table from whatever is cached."""
+    from prune.heal.distill import Teacher, fidelity
+
+    base, tok = load_dense()
+    candidates = verified_candidates(base, tok)[:BRIDGE_SET_COUNT]
+    ranks = {int(r) for r in only.split(",")} if only else set(range(1, len(candidates) + 1))
+    windows, val = goal_windows(tok)
+    rows = ["| rank by verified (held-out calibration KL) | blocks removed | held-out calibration KL (verified's) | "
+            "un-bridged: held-out C4 KL | WikiText-2 KL | bridged: held-out C4 KL | WikiText-2 KL | WikiText-2 ppl |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for rank, cand in enumerate(candidates, 1):
+        removed = cand["removed"]
+        cells = []
+        for kind in ("none", "down"):
+            name = f"bridgeset-{'-'.join(map(str, removed))}-{kind}"
+            if not cached(name) and rank in ranks:
+                model, bridges = bridged(base, removed, windows, kind)
+                held = fidelity(model, Teacher("memory", "the original model", base.eval()), val)
+                store(name, {"removed": removed, "bridge": bridges.record() if bridges else None, "heldout": held,
+                             "fidelity": fidelity_to(model, base, tok)})
+                log(f"{name}: held-out C4 KL {held['kl']:.4f}")
+            cells.append(cached(name))
+        if None in cells:
+            continue
+        (none, down) = cells
+        rows.append(f"| {rank} | {' '.join(map(str, removed))} | {cand['kl_mean']:.4f} | {none['heldout']['kl']:.3f} | "
+                    f"{none['fidelity']['kl']:.3f} | {down['heldout']['kl']:.3f} | {down['fidelity']['kl']:.3f} | "
+                    f"{down['fidelity']['perplexity']:.1f} |")
+    rows += ["", "SmolLM2-135M-Instruct, k = 7; verified as recipes/smollm2-quick.yaml runs it (32 x 256 calibration tokens, "
+             "4 held-out windows, skip_first); bridge: heal.bridge down (the recipe's), uniform token weights, fitted on "
+             "131,072 C4 tokens (512 x 256, seed 0), every cut kept (heal would judge each cut on the held-out C4 windows), "
+             "no training; held-out C4: the healing's 8 validation windows; WikiText-2: the fidelity windows (16 x 512)."]
+    publish(rows, "bench_heal_bridge_sets")
+
+
 #: ``--part bridge_weights``: other token weightings than bridge_cuts' two (uniform, rms): a function of the
 #: original's state after the cut ``h`` [windows x SEQ tokens, d] (in prune.heal.bridge.token_weights' place),
 #: or the name of one of the toolkit's own weightings
@@ -1827,6 +1894,7 @@ PART_OF_BLOCK = {"bench_heal": "report", "bench_heal_distill": "distill_report",
                  "bench_heal_bridge_131k": "distill_matrix --block bench_heal_bridge_131k --goals",
                  "bench_heal_bridgedown_131k": "distill_matrix --block bench_heal_bridgedown_131k --goals",
                  "bench_heal_bridge_cuts": "bridge_cuts", "bench_heal_bridge_weights": "bridge_weights",
+                 "bench_heal_bridge_sets": "bridge_sets",
                  "bench_heal_bridge_auto": "bridge_auto",
                  "bench_heal_mc_curve": "mc_curve", "bench_heal_seeds": "seeds",
                  "bench_heal_questions": "questions", "bench_heal_heldout_windows": "heldout_windows",
@@ -1853,7 +1921,7 @@ def write_docs(body: str, block: str = "bench_heal") -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["train", "curve", "init", "lmeval", "distill", "distill_lmeval", "distill_report",
-                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "bridge_weights", "bridge_auto", "window_kl", "lastword", "lastword_report", "mc_curve", "seeds", "questions", "heldout_windows", "soup", "averages", "teacher_text", "teacher", "recipe_variants", "report", "all"],
+                                       "distill_paired", "distill_paired_report", "distill_matrix", "distill_variants", "distill_pair", "hidden_scale", "bridge", "bridge_cuts", "bridge_sets", "bridge_weights", "bridge_auto", "window_kl", "lastword", "lastword_report", "mc_curve", "seeds", "questions", "heldout_windows", "soup", "averages", "teacher_text", "teacher", "recipe_variants", "report", "all"],
                     default="all")
     ap.add_argument("--budgets", default=None, help="--part distill: comma-separated token budgets (default 8192,32768,131072)")
     ap.add_argument("--only", default=None, help="--part distill / distill_paired: only the cases whose name contains this (e.g. lm-partial; "
@@ -1899,6 +1967,8 @@ def main() -> None:
             if not args.only:
                 raise SystemExit("--part window_kl needs --only NAME[,NAME...] (saved cases, or bridge-<down|linear>-<uniform|rms>)")
             part_window_kl(args.only.split(","))
+        elif part == "bridge_sets":
+            part_bridge_sets(args.only)
         elif part == "distill_pair":
             if not args.pair:
                 raise SystemExit("--part distill_pair needs --pair A B (two case names, both lm-evaluated)")
