@@ -211,9 +211,8 @@ def test_run_reports_fidelity_in_eval_json_table_and_card(tiny_folder, tmp_path)
     fid = data["pruned"]["fidelity"]
     assert fid["windows"] == 4 and fid["seq_len"] == 32 and fid["top_k"] == 64 and fid["kl_mean"] > 0
     assert data["settings"]["fidelity"]["top_k"] == 64
-    # the fidelity perplexity of the pruned model equals the run's perplexity on the same windows
-    assert fid["perplexity_pruned"] == pytest.approx(data["pruned"]["perplexity"]["perplexity"], rel=1e-4)
-    assert fid["perplexity_original"] == pytest.approx(data["original"]["perplexity"]["perplexity"], rel=1e-4)
+    # (the run's perplexities come from these same passes: checked against passes of their own in
+    # test_perplexity_on_the_fidelity_windows_takes_no_pass_of_its_own)
     table = (result.out_dir / "eval.md").read_text()
     assert "| KL to original (top-64) | mean | 0 |" in table and "| top-1 agreement |" in table
     card = (result.out_dir / "README.md").read_text()

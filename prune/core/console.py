@@ -210,7 +210,11 @@ class StageClock:
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._last, 1)
         self._last = now
 
+    def elapsed(self) -> float:
+        """Wall seconds since the clock started."""
+        return self._now() - self.started
+
     def summary(self) -> str:
         """``done in 6 min 02 s: pre-flight 3.1 s, load 21 s, score 11 s, ...``."""
         stages = ", ".join(f"{name} {duration(s)}" for name, s in self.seconds.items())
-        return f"done in {duration(self._now() - self.started)}" + (f": {stages}" if stages else "")
+        return f"done in {duration(self.elapsed())}" + (f": {stages}" if stages else "")

@@ -58,8 +58,10 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
     if cfg.perplexity is not None:
         p = cfg.perplexity
         windows = eval_windows(tokenizer, load_text(p.source()), p.seq_len, p.max_windows, p.bos)
-        if reference is not None and torch.equal(windows, reference.windows):
-            result = perplexity_of_reference(reference) if is_reference else perplexity_of_fidelity(fid, windows)
+        if reference is not None and torch.equal(windows, reference.windows):  # in the passes already made
+            nll = (-float(reference.target_logprobs.double().mean()) if is_reference
+                   else math.log(fid["perplexity_pruned"]))
+            result = E.perplexity_record(nll, reference.target_logprobs.numel(), windows)
         else:
             result = E.perplexity(model, windows, batch_size=p.batch_size, progress=not quiet)
         result["data"] = p.source().describe()
@@ -78,21 +80,6 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
         if lm_eval_name is not None:
             out["lm_eval_files"] = run.files(lm_eval_name, lm_eval_folder)
     return out
-
-
-def perplexity_of_reference(reference) -> dict:
-    """The original's perplexity on the reference's windows, from the log-probs of the tokens that
-    follow (kept by :func:`~prune.measure.fidelity.build_reference`): what ``perplexity()`` computes."""
-    logp = reference.target_logprobs.double()
-    nll = float(-logp.sum()) / logp.numel()
-    return {"perplexity": math.exp(nll), "nll": nll, "tokens": int(logp.numel()),
-            "windows": int(reference.windows.shape[0]), "seq_len": int(reference.windows.shape[1])}
-
-
-def perplexity_of_fidelity(fid: dict, windows: torch.Tensor) -> dict:
-    """A model's perplexity on the reference's ``windows``, from its fidelity pass."""
-    return {"perplexity": fid["perplexity_pruned"], "nll": math.log(fid["perplexity_pruned"]), "tokens": fid["tokens"],
-            "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1])}
 
 
 def lm_eval_outputs(original: dict, pruned: dict, *, seed: int = 0) -> tuple[dict[str, str], list]:

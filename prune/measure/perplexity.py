@@ -56,6 +56,11 @@ def nll_sum(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> dict:
     """``{"perplexity", "nll", "tokens", "windows", "seq_len"}`` of ``model`` on ``windows``."""
     total, count = nll_sum(model, windows, batch_size, progress)
-    nll = total / count
-    return {"perplexity": math.exp(nll), "nll": nll, "tokens": count,
+    return perplexity_record(total / count, count, windows)
+
+
+def perplexity_record(nll: float, tokens: int, windows: torch.Tensor) -> dict:
+    """What :func:`perplexity` returns, from the mean NLL of the ``tokens`` predicted in ``windows``
+    (however it was measured: a pass of its own, or the fidelity pass over the same windows)."""
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": int(tokens),
             "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1])}

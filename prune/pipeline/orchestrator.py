@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,7 +144,7 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     dist.check_same(recipe.model_dump(mode="json"), "recipe")  # under a launcher: every rank the same recipe
     quiet = quiet or not dist.world().is_main  # one rank talks
     quiet_mode(quiet)
-    started, clock = time.time(), StageClock()
+    clock = StageClock()
     overwrite = overwrite or recipe.output.overwrite
     facts = preflight(recipe, overwrite, recipe_file)
     progress = dist.on_main(lambda: RunProgress(recipe.output.dir, recipe, resume=resume))  # rank 0 keeps it
@@ -194,7 +193,7 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     evaluation = {"original": original, "pruned": pruned, "rows": comparison_rows(original, pruned, counts),
                   "settings": eval_settings(recipe), **counts, "paired": [p.to_dict() for p in paired]}
     record = pruning_record(recipe, facts["source"], selection, kept, scores_before, scores_after,
-                            {**counts, "model_type": facts["model_type"]}, healing, started)
+                            {**counts, "model_type": facts["model_type"]}, healing, clock.elapsed())
     record.execution = plan.to_dict()
     record.resumed = progress.resumed
     record.stage_seconds = dict(clock.seconds)  # to here: writing the folder comes after the record
@@ -248,7 +247,7 @@ def write_output(save_fn, recipe: Recipe | None, record: PruningRecord, evaluati
 
 
 def pruning_record(recipe: Recipe, src, selection: Selection, kept: list[int], before: ScoreResult,
-                   after: ScoreResult | None, facts: dict, healing: dict | None, started: float) -> PruningRecord:
+                   after: ScoreResult | None, facts: dict, healing: dict | None, seconds: float) -> PruningRecord:
     """This step's record (``pruning.json`` before lineage): indices, scores, MSRS before/after,
     calibration, versions."""
     c = recipe.calibration
@@ -269,5 +268,5 @@ def pruning_record(recipe: Recipe, src, selection: Selection, kept: list[int], b
         healing=healing,
         versions=versions(),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        seconds=round(time.time() - started, 1),
+        seconds=round(seconds, 1),
     )
