@@ -452,23 +452,36 @@ def test_heal_run_dir_whose_calibration_file_was_recorded_by_name(tmp_path, tiny
     assert rec["healing"]["method"] == "partial" and rec["layers_after"] == N_LAYERS - 3 == rec["scores_after"]["n_layers"]
 
 
-def test_learning_rate_schedule():
-    from prune.heal.training import make_scheduler
+def test_learning_rate_schedule_never_spends_a_step_at_rate_zero():
+    """Warmup (step + 1) / (warmup + 1) over ceil(5% of the steps), then cosine towards 0 or flat: no
+    optimizer step at rate 0, so ``steps: 1`` trains (transformers' warmup gave that step rate 0)."""
+    from torch.utils.data import TensorDataset
 
-    def factors(schedule):
+    from prune.heal.methods import heal_config
+    from prune.heal.training import make_scheduler, train
+
+    def factors(schedule, steps=40):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        scheduler = make_scheduler(optimizer, 40, schedule)
+        scheduler = make_scheduler(optimizer, steps, schedule)
         out = []
-        for _ in range(40):
+        for _ in range(steps):
             out.append(optimizer.param_groups[0]["lr"])
             optimizer.step()
             scheduler.step()
         return out
 
     cosine = factors("cosine")
-    assert cosine[:3] == [0.0, 0.5, 1.0]  # transformers' linear warmup over ceil(5% of 40) = 2 steps
+    assert cosine[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])  # warmup over ceil(5% of 40) = 2 steps
     assert all(a > b for a, b in zip(cosine[2:], cosine[3:])) and 0 < cosine[-1] < 0.01
     assert factors("constant")[2:] == [1.0] * 38
+    assert factors("cosine", steps=1) == [0.5]
+
+    module = torch.nn.Linear(3, 1)
+    weight = module.weight.detach().clone()
+    train(module, list(module.parameters()), TensorDataset(torch.randn(4, 3)),
+          lambda m, batch: (m(batch[0]) - 5).pow(2).mean(),
+          heal_config("lora", steps=1, batch_size=2, learning_rate=0.1), tokens_per_item=1, quiet=True)
+    assert not torch.equal(module.weight, weight)
 
 
 def test_loraplus_puts_b_in_its_own_faster_group_and_train_honours_group_rates():

@@ -426,8 +426,9 @@ class HealConfig(Section):
     ``data`` is training text that must not be the evaluation text. Each optimizer step sees
     ``batch_size * gradient_accumulation`` windows of ``seq_len`` tokens drawn from
     ``n_samples`` windows (reused over epochs); ``val_samples`` more windows are held out for
-    the before/after loss. Learning rate: linear warmup over 5% of the steps, then cosine to 0
-    (``schedule: cosine``) or flat (``constant``). ``average: a`` > 0 returns the mean of the trained
+    the before/after loss. Learning rate: linear warmup over 5% of the steps (the first step
+    at 1 / (warmup + 1) of the rate, never 0), then cosine towards 0 (``schedule: cosine``) or flat
+    (``constant``). ``average: a`` > 0 returns the mean of the trained
     weights over the last ``a`` share of the steps instead of the last step's (weight averaging;
     it holds one float32 copy of the trained parameters).
 

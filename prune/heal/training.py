@@ -1,17 +1,16 @@
 """A small training loop for healing, on Accelerate: one optimizer, one loss, a fixed number of steps.
 
-``train(module, params, dataset, loss_fn, cfg)`` runs ``cfg.steps`` optimizer steps of AdamW
-over ``params``; each step accumulates ``cfg.gradient_accumulation`` micro-batches of
-``cfg.batch_size`` items drawn from ``dataset`` (shuffled with ``cfg.seed``, reused over
-epochs). Learning rate: linear warmup over the first 5% of the steps (at least one), then
-cosine decay to 0 (``schedule="cosine"``) or flat (``"constant"``). Gradients are clipped
-to norm 1. With ``cfg.average`` = a > 0 the result is not the last step's weights but the
-uniform average of the trained parameters after each of the last ``ceil(a * steps)`` steps
-(stochastic weight averaging, Izmailov et al. 2018; for LoRA the factors A and B are averaged,
-which is the average of the products to first order). Accelerate places the module on its
-device (a GPU when there is one), applies ``mixed_precision`` (autocast) and the accumulation;
-the module is unwrapped afterwards, so nothing of Accelerate stays attached to it. A tqdm bar
-shows the loss.
+``train(module, params, dataset, loss_fn, cfg)`` runs ``cfg.steps`` optimizer steps of AdamW over
+``params``; each step accumulates ``cfg.gradient_accumulation`` micro-batches of ``cfg.batch_size``
+items drawn from ``dataset`` (shuffled with ``cfg.seed``, reused over epochs). Learning rate: linear
+warmup over the first 5% of the steps (at least one; the first step already moves, at 1 / (warmup +
+1) of the rate), then cosine decay towards 0 (``schedule="cosine"``) or flat (``"constant"``).
+Gradients are clipped to norm 1. With ``cfg.average`` = a > 0 the result is not the last step's
+weights but the uniform average of the trained parameters after each of the last ``ceil(a * steps)``
+steps (stochastic weight averaging, Izmailov et al. 2018; for LoRA the factors A and B are averaged,
+which is the average of the products to first order). Accelerate places the module on its device (a
+GPU when there is one), applies ``mixed_precision`` (autocast) and the accumulation; the module is
+unwrapped afterwards, so nothing of Accelerate stays attached to it. A tqdm bar shows the loss.
 
 Under a launcher (``torchrun`` / ``accelerate launch``, N processes) the module is wrapped in
 DDP and every loader batch of ``cfg.batch_size`` items is split over the N ranks
@@ -44,15 +43,24 @@ def averaged_steps(steps: int, share: float) -> int:
     return math.ceil(share * steps) if share > 0 else 0
 
 
-def make_scheduler(optimizer, steps: int, schedule: str):
-    """transformers' schedule: linear warmup over ``WARMUP_FRACTION`` of the steps (at least one),
-    then cosine to 0 (``cosine``) or flat (``constant``)."""
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
-    warmup = max(1, math.ceil(WARMUP_FRACTION * steps))
+def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) as a share of the peak: linear warmup
+    ``(step + 1) / (warmup + 1)`` over the first ``warmup`` steps, then flat (``constant``) or
+    ``0.5 (1 + cos(pi (step - warmup) / (steps - warmup)))`` (``cosine``). No step gets rate 0:
+    transformers' warmup (``step / warmup``) spends the first step at 0, which is 1 of 8 steps at a
+    small budget and the whole of ``steps: 1``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
     if schedule == "constant":
-        return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
-    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def make_scheduler(optimizer, steps: int, schedule: str):
+    """A ``LambdaLR`` of ``lr_factor``: warmup over ``ceil(WARMUP_FRACTION * steps)`` steps (at
+    least one), then cosine towards 0 (``cosine``) or flat (``constant``)."""
+    warmup = max(1, math.ceil(WARMUP_FRACTION * steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, warmup, schedule))
 
 
 def check_parallel(cfg) -> None:
