@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import statistics
 
-from bench_env import DATA, ROOT, log, measure_round, side_by_side_args, worktree
+from bench_env import DATA, ROOT, log, measure_round, side_by_side_args, smollm2_folder, worktree
 
 CACHE = ROOT / "bench_cache" / "schedule"
 RUN = ROOT / "bench_cache" / "eval_passes" / "out-after"
@@ -29,21 +29,18 @@ CHILD = r"""
 import json, sys
 from pathlib import Path
 from prune.cli import main
-run, out, batch, steps, seed = sys.argv[1:6]
-sys.argv = ["prune", "heal", run, "-o", out, "--overwrite", "--quiet", "--evaluate",
+run, out, batch, steps, seed, source = sys.argv[1:7]
+sys.argv = ["prune", "heal", run, "-o", out, "--overwrite", "--quiet", "--evaluate", "--source", source,
             "--config", "recipes/smollm2-distill.yaml", "--set", "n_samples=32", "--set", f"batch_size={batch}",
             "--set", f"steps={steps}", "--set", f"seed={seed}"]
-try:
-    main()
-except SystemExit as e:
-    if e.code:
-        raise
+if main():
+    sys.exit(1)
 ev = json.loads((Path(out) / "eval.json").read_text())
-fid = ev["healed"]["fidelity"]
+fid = ev["pruned"]["fidelity"]  # the healed model; "pruned_before_healing" the un-healed one
 rec = json.loads((Path(out) / "pruning.json").read_text())["healing"]
 print(json.dumps({"perplexity": fid["perplexity_pruned"], "kl": fid["kl_mean"], "top1": fid["top1_agreement"],
-                  "kl_pruned": ev["pruned"]["fidelity"]["kl_mean"], "losses": rec.get("losses", [])[:3],
-                  "seconds": rec.get("seconds")}))
+                  "kl_pruned": ev["pruned_before_healing"]["fidelity"]["kl_mean"], "losses": rec["losses"][:3],
+                  "seconds": rec["seconds"]}))
 """
 
 
@@ -60,7 +57,7 @@ def main() -> None:
                 out = CACHE / f"out-{label}-{tag}-{seed}"
                 results[label][name, seed] = measure_round(
                     CACHE, trees[label], f"{label}-{tag}", seed, CHILD,
-                    [RUN, out, case["batch_size"], case["steps"], seed], env=env)
+                    [RUN, out, case["batch_size"], case["steps"], seed, smollm2_folder()], env=env)
     lines = ["| case | seed | perplexity before -> after | KL before -> after | after - before: KL |",
              "|---|---:|---:|---:|---:|"]
     for (name, seed), b in results["before"].items():

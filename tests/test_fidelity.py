@@ -222,7 +222,7 @@ def test_run_reports_fidelity_in_eval_json_table_and_card(tiny_folder, tmp_path)
 
 def test_compare_two_runs_window_by_window(tiny_folder, tmp_path):
     """prune compare pairs two pruned models' fidelity over the windows both measured (no lm-eval
-    samples needed); a measure on other windows is refused."""
+    samples needed); a measure on other windows, or against another original, is refused."""
     from prune.pipeline.orchestrator import run
 
     fids = {}
@@ -244,6 +244,10 @@ def test_compare_two_runs_window_by_window(tiny_folder, tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"fidelity": other}))
     proc = prune_main("compare", tmp_path / "a", tmp_path / "other.json", check_rc=2)
     assert "different windows" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    another = {**b, "perplexity_original": b["perplexity_original"] * 1.01}  # the same windows, another original
+    (tmp_path / "another.json").write_text(json.dumps({"fidelity": another}))
+    proc = prune_main("compare", tmp_path / "a", tmp_path / "another.json", check_rc=2)
+    assert "against different originals" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     (tmp_path / "damaged.json").write_text(json.dumps({"fidelity": {**b, "kl_windows": ["x"] * 4}}))
     proc = prune_main("compare", tmp_path / "a", tmp_path / "damaged.json", check_rc=2)
     assert "fidelity record is damaged" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -90,6 +90,22 @@ def test_cka_matrix_matches_pairwise(gen):
     assert S[2, 3].item() > 0.99
 
 
+def test_cka_keeps_its_digits_under_a_large_common_offset(gen):
+    """A vector added to every token leaves unbiased CKA unchanged; uncentred Grams lost it at 1000x
+    the tokens' norm (0.607 for 0.612; 2.0 at 3000x). Float64 inputs are not modified."""
+    X = torch.randn(128, 16, generator=gen, dtype=torch.float64)
+    Y = torch.tanh(X @ torch.randn(16, 16, generator=gen, dtype=torch.float64) / 4) + 0.3 * torch.randn(
+        128, 16, generator=gen, dtype=torch.float64)
+    mu = torch.randn(16, generator=gen, dtype=torch.float64)
+    mu /= mu.norm()
+    clean = M.cka_matrix([X, Y])[0, 1].item()
+    shifted = [X + 3000 * X.norm(dim=1).mean() * mu, Y + 3000 * Y.norm(dim=1).mean() * mu]
+    copies = [x.clone() for x in shifted]
+    assert M.cka_matrix(shifted)[0, 1].item() == pytest.approx(clean, abs=1e-9)
+    assert M.linear_cka(*shifted).item() == pytest.approx(clean, abs=1e-9)
+    assert all(torch.equal(a, b) for a, b in zip(shifted, copies))
+
+
 def test_cka_needs_more_than_three_tokens(gen):
     with pytest.raises(ValueError, match="more than 3"):
         M.cka_matrix(torch.randn(2, 3, 4, generator=gen))

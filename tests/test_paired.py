@@ -136,6 +136,30 @@ def test_mean_samples_pools_runs_per_question(lm_eval_folders):
         mean_samples([a, edited])
 
 
+def test_each_answer_filter_is_its_own_row_and_unpaired_examples_are_counted(capsys):
+    """Two filters score each question twice (gsm8k's strict-match and flexible-extract): one row per
+    filter of n questions, not one of 2n; examples only one side has are counted, and a task with
+    fewer than 2 in common is left out with one line instead of failing the comparison."""
+    from prune.measure.paired import paired_markdown
+
+    rng = np.random.default_rng(0)
+    def records(scores, filters=("strict-match", "flexible-extract")):
+        return [{"doc_id": i, "filter": f, "doc_hash": f"h{i}", "metrics": ["exact_match"], "exact_match": float(v[j])}
+                for i, v in enumerate(scores) for j, f in enumerate(filters)]
+    a = rng.random((40, 2)) < 0.5
+    b = a.copy()
+    b[:6, 0] = ~b[:6, 0]
+    rows = {r.metric: r for r in compare_samples({"gsm": records(a), "one": records(a[:1])},
+                                                  {"gsm": records(b[:30]), "one": records(b[:1])}, iters=200)}
+    assert set(rows) == {"exact_match,strict-match", "exact_match,flexible-extract"}
+    strict = rows["exact_match,strict-match"]
+    assert (strict.n, strict.n_a, strict.n_b) == (30, 40, 30)
+    assert strict.mean_a == pytest.approx(a[:30, 0].mean()) and strict.diff == pytest.approx(b[:30, 0].mean() - a[:30, 0].mean())
+    assert rows["exact_match,flexible-extract"].diff == 0
+    assert "| 30 (A 40, B 30) |" in paired_markdown(list(rows.values()))
+    assert "one exact_match,strict-match: 1 example(s) in common" in capsys.readouterr().err
+
+
 def test_compare_refuses_different_questions(lm_eval_folders, tmp_path):
     root, _ = lm_eval_folders
     other = tmp_path / "edited"

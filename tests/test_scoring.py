@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -119,6 +120,25 @@ def test_non_finite_windows_are_excluded_and_counted(tokenizers_by_bos, calib_te
     assert dirty.excluded_windows == [2]
     assert dirty.block_influence == pytest.approx(clean.block_influence, abs=1e-9)
     assert all(math.isfinite(v) for row in dirty.cka for v in row)
+
+
+def test_an_excluded_window_leaves_the_cka_groups_fixed(tmp_path):
+    """With ``cka_windows`` = 2 and a non-finite window, CKA and MSRS do not depend on the batch size
+    and equal the sequential path's (each fixed group keeps its other window)."""
+    from prune.measure.sequential import score_sequential
+
+    model = build_model("llama")
+    w = torch.randint(3, 199, (8, 16), generator=torch.Generator().manual_seed(1))
+    w[1, 5] = 200
+    with torch.no_grad():
+        model.model.embed_tokens.weight[200] = float("nan")
+    opts = dict(positions="all", metrics=("bi", "angular", "cka"), cka_windows=2, progress=False)
+    runs = [prune.score(model, w, batch_size=b, **opts) for b in (2, 4, 8)]
+    model.save_pretrained(tmp_path)
+    runs.append(score_sequential(tmp_path, w, batch_size=4, **opts))
+    for r in runs:
+        assert r.excluded_windows == [1]
+        assert np.allclose(r.cka, runs[0].cka, rtol=0, atol=1e-12) and r.msrs["total"] == pytest.approx(runs[0].msrs["total"], abs=1e-9)
 
 
 def test_every_window_non_finite_is_refused(tokenizers_by_bos, calib_text):

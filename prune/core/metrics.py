@@ -123,6 +123,7 @@ def hsic_unbiased(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
 def linear_cka(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """Unbiased linear CKA between ``X [n, d1]`` and ``Y [n, d2]`` (widths may differ)."""
     X, Y = X.to(F64), Y.to(F64)
+    X, Y = X - X.mean(0), Y - Y.mean(0)  # unbiased HSIC ignores a common offset; its sums cancel less without it
     K, L = X @ X.T, Y @ Y.T
     return hsic_unbiased(K, L) / torch.sqrt(hsic_unbiased(K, K) * hsic_unbiased(L, L))
 
@@ -131,7 +132,9 @@ def cka_matrix(states) -> torch.Tensor:
     """Unbiased linear CKA between every pair of ``states [m, n, d]`` (one batch of n tokens;
     a list of m ``[n, d]`` tensors works too).
 
-    All ``m`` Gram matrices are built once (each state cast to float64 alone, so the peak is
+    Each state is centred over its tokens first (unbiased HSIC does not change when one vector is added
+    to every token, but its sums then cancel: a large common offset cost digits). All ``m`` Gram
+    matrices are built once (each state cast to float64 alone, so the peak is
     the ``[m, n, n]`` Grams plus one ``[n, d]`` state); the ``m x m`` HSIC terms then come from one
     matrix product of the flattened, diagonal-free Grams: ``tr(K_i K_j) = <vec K_i, vec K_j>``.
     Returns ``[m, m]`` float64; entries are NaN where a state has zero variance.
@@ -142,6 +145,7 @@ def cka_matrix(states) -> torch.Tensor:
     grams = torch.empty((m, n, n), dtype=F64, device=states[0].device)
     for i in range(m):  # one state in float64 at a time: the Grams are all that is kept
         x = states[i].to(F64)
+        x = x - x.mean(0)  # centred: the same CKA (a common offset leaves unbiased HSIC unchanged), no cancellation
         torch.matmul(x, x.T, out=grams[i])
     del x
     grams.diagonal(dim1=1, dim2=2).zero_()

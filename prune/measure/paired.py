@@ -15,7 +15,10 @@ The unpaired standard error ``sqrt(SE_a^2 + SE_b^2)`` of two independent means i
 beside it: when the models agree on most examples, the paired one is far smaller.
 
 Samples come from lm-eval's ``samples_<task>_<date>.jsonl`` files (``log_samples``), matched by
-``doc_id`` and filter; examples whose ``doc_hash`` differs are refused (not the same questions).
+``doc_id``; examples whose ``doc_hash`` differs are refused (not the same questions). Each metric
+of each answer filter is its own row (``exact_match,strict-match`` as lm-eval names it: two filters
+score the same question twice, never two examples); examples only one side has are left out and
+counted (``n_a``, ``n_b``); a row with fewer than 2 examples in common is left out with one line.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class Paired:
     right_to_wrong: int | None = None
     wrong_to_right: int | None = None
     mcnemar_p: float | None = None
+    n_a: int | None = None  # examples A had for this row (``n`` of them in common with B)
+    n_b: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,14 +143,19 @@ def read_samples(lines) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def per_example(records: list[dict]) -> dict[str, dict[tuple, tuple[str, float]]]:
-    """``{metric: {(doc_id, filter): (doc_hash, score)}}`` of one task's sample records."""
-    out: dict[str, dict[tuple, tuple[str, float]]] = {}
+def row_name(metric: str, filt: str) -> str:
+    """A metric of one answer filter as lm-eval names it: ``acc`` (filter ``none``), ``exact_match,strict-match``."""
+    return metric if filt == "none" else f"{metric},{filt}"
+
+
+def per_example(records: list[dict]) -> dict[str, dict]:
+    """``{metric (of one filter, :func:`row_name`): {doc_id: (doc_hash, score)}}`` of one task's sample records."""
+    out: dict[str, dict] = {}
     for r in records:
         for metric in r.get("metrics", []):
             value = r.get(metric)
             if isinstance(value, (bool, int, float)):
-                out.setdefault(metric, {})[(r["doc_id"], r.get("filter", "none"))] = (r.get("doc_hash"), float(value))
+                out.setdefault(row_name(metric, r.get("filter", "none")), {})[r["doc_id"]] = (r.get("doc_hash"), float(value))
     return out
 
 
@@ -175,7 +185,10 @@ def mean_samples(runs: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
 
 def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters: int = 10_000,
                     seed: int = 0) -> list[Paired]:
-    """Paired statistics per task and metric of two ``{task: sample records}`` (B against A)."""
+    """Paired statistics per task and metric (of each answer filter) of two ``{task: sample records}``
+    (B against A), over the examples both have."""
+    from prune.core.console import say
+
     common = [t for t in a if t in b]
     if not common:
         raise PruneError(f"no task in common: A has {', '.join(sorted(a)) or 'none'}, B has {', '.join(sorted(b)) or 'none'}")
@@ -186,10 +199,16 @@ def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters
             keys = sorted(set(ea[metric]) & set(eb[metric]), key=str)
             differ = [k for k in keys if ea[metric][k][0] != eb[metric][k][0]]
             if differ:
-                raise PruneError(f"{task}: example {differ[0][0]} differs between A and B (another prompt or "
+                raise PruneError(f"{task}: example {differ[0]} differs between A and B (another prompt or "
                                  "document): the two results did not answer the same questions")
-            out.append(paired_stats([ea[metric][k][1] for k in keys], [eb[metric][k][1] for k in keys], task=task,
-                                    metric=metric, iters=iters, seed=seed))
+            if len(keys) < 2:
+                say(f"{task} {metric}: {len(keys)} example(s) in common (A {len(ea[metric])}, B {len(eb[metric])}): "
+                    "too few to pair, left out of the paired comparison")
+                continue
+            row = paired_stats([ea[metric][k][1] for k in keys], [eb[metric][k][1] for k in keys], task=task,
+                               metric=metric, iters=iters, seed=seed)
+            row.n_a, row.n_b = len(ea[metric]), len(eb[metric])
+            out.append(row)
     return out
 
 
@@ -242,13 +261,20 @@ def average_line(rows: list[Paired], a: str = "A", b: str = "B") -> str:
             f"{b} keeps {100 * avg.retained:.1f}% of {a}'s accuracy (mean of the per-task ratios)")
 
 
+def paired_count(r: Paired, a: str = "A", b: str = "B") -> str:
+    """``n``, and what each side had when some examples were not in both: ``143 (A 1000, B 143)``."""
+    if r.n_a in (None, r.n) and r.n_b in (None, r.n):
+        return str(r.n)
+    return f"{r.n} ({a} {r.n_a}, {b} {r.n_b})"
+
+
 def paired_markdown(rows: list[Paired], a: str = "A", b: str = "B") -> str:
     """A Markdown table: means, difference B - A with paired SE and 95% bootstrap interval, flips, McNemar p."""
     lines = [f"| task | metric | n | {a} | {b} | {b} - {a} | paired SE | unpaired SE | 95% CI | right->wrong | "
              "wrong->right | McNemar p |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         flips = ("-", "-", "-") if r.right_to_wrong is None else (r.right_to_wrong, r.wrong_to_right, f"{r.mcnemar_p:.3g}")
-        lines.append(f"| {r.task} | {r.metric} | {r.n} | {r.mean_a:.4f} | {r.mean_b:.4f} | {r.diff:+.4f} | "
+        lines.append(f"| {r.task} | {r.metric} | {paired_count(r, a, b)} | {r.mean_a:.4f} | {r.mean_b:.4f} | {r.diff:+.4f} | "
                      f"{r.se_paired:.4f} | {r.se_unpaired:.4f} | [{r.ci_low:+.4f}, {r.ci_high:+.4f}] | "
                      f"{flips[0]} | {flips[1]} | {flips[2]} |")
     return "\n".join(lines)
@@ -331,15 +357,26 @@ def fidelity_of(path: str | Path) -> dict | None:
     return fid
 
 
+#: how far apart (|log ratio|) the original's perplexity on the same windows may be in two fidelity
+#: records for one original: float noise of another device, batch or dtype, not another model
+ORIGINAL_TOLERANCE = 1e-3
+
+
 def compare_fidelity(a: dict, b: list[dict], level: float = 0.95) -> list[Paired]:
     """KL to the original and ``log`` of the perplexity ratio of B against A, paired over the windows
-    both were measured on (Student's interval, :func:`paired_t`); several B: their mean per window."""
+    both were measured on (Student's interval, :func:`paired_t`); several B: their mean per window.
+    Refused when the windows or top-k differ, or when the original's perplexity on them does (beyond
+    ``ORIGINAL_TOLERANCE``): then they were measured against different originals."""
     key = lambda f: (f.get("windows_sha256"), f.get("top_k"), len(f["kl_windows"]))  # the same windows, same top-k
     for other in b:
         if key(other) != key(a):
             raise PruneError("A and B measured fidelity on different windows or top-k (windows "
                              f"{a.get('windows_sha256')} top {a.get('top_k')} against {other.get('windows_sha256')} top "
                              f"{other.get('top_k')}): evaluate both with the same evaluate.fidelity settings and original")
+        ppl_a, ppl_b = a.get("perplexity_original"), other.get("perplexity_original")
+        if ppl_a and ppl_b and abs(math.log(ppl_b / ppl_a)) > ORIGINAL_TOLERANCE:
+            raise PruneError(f"A and B were measured against different originals (the original's perplexity on the same "
+                             f"windows: {ppl_a:.4f} against {ppl_b:.4f}): compare models measured against one original")
     mean_b = lambda key: np.mean([other[key] for other in b], axis=0)
     return [paired_t(a["kl_windows"], mean_b("kl_windows"), task="fidelity", metric="kl_mean", level=level),
             paired_t(a["nll_diff_windows"], mean_b("nll_diff_windows"), task="fidelity", metric="log_ppl_ratio",

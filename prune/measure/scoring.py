@@ -66,7 +66,7 @@ class ScoreResult:
     cka: list[list[float]] | None  # (L+1) x (L+1) over states h_0..h_L, or None if not computed
     msrs: dict | None  # M.MSRS.to_dict() over cka[1:, 1:]
     excluded_windows: list[int] = field(default_factory=list)  # non-finite activations
-    cka_dropped: int = 0  # (window, pair) CKA values that were NaN and left out
+    cka_dropped: int = 0  # (CKA group of cka_windows windows, pair) values that were NaN and left out
     seconds: float = 0.0
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -215,7 +215,8 @@ def fold_batch(acc: ScoreAccumulator, states: list[torch.Tensor], inputs: list[t
     """Fold the states ``h_0 .. h_L`` of the windows ``start, start+1, ...`` into ``acc``.
 
     Positions before ``first`` are dropped; windows with non-finite activations are left
-    out of every statistic and their indices returned.
+    out of every statistic and their indices returned (a CKA group of ``cka_windows`` windows,
+    fixed by position, keeps its other windows, so the batch size never moves the groups).
     """
     if first:
         states = [x[:, first:] for x in states]
@@ -223,14 +224,15 @@ def fold_batch(acc: ScoreAccumulator, states: list[torch.Tensor], inputs: list[t
     finite = torch.ones(states[0].shape[0], dtype=torch.bool, device=states[0].device)  # [B]
     for x in states + [x for x in inputs if x is not None]:  # no float64 copy of any state
         finite &= torch.isfinite(x).flatten(1).all(1)
-    excluded: list[int] = []
-    if not bool(finite.all()):
-        excluded = [start + int(i) for i in torch.nonzero(~finite).flatten()]
-        states = [x[finite] for x in states]
-        inputs = [None if x is None else x[finite] for x in inputs]
-    if states[0].shape[0]:
+    if bool(finite.all()):
         acc.update(states, inputs)
-    return excluded
+        return []
+    P = acc.cka_windows  # each fixed CKA group keeps its finite windows: the groups do not shift
+    for g in range(0, finite.numel(), P):
+        keep = finite[g : g + P]
+        if bool(keep.any()):
+            acc.update([x[g : g + P][keep] for x in states], [None if x is None else x[g : g + P][keep] for x in inputs])
+    return [start + int(i) for i in torch.nonzero(~finite).flatten()]
 
 
 def finish(acc: ScoreAccumulator, windows: torch.Tensor, *, positions: str, metrics: tuple[str, ...],
