@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import traceback
@@ -189,6 +190,8 @@ def cmd_eval(args) -> int:
     if not args.tasks and not args.perplexity_data:
         raise PruneError("nothing to evaluate: give --tasks and/or --perplexity-data")
     limit = args.limit
+    if limit is not None and not math.isfinite(limit):
+        raise PruneError(f"--limit: give a whole number of examples or a fraction below 1 (got {limit:g})")
     if limit is not None and limit >= 1:
         if limit != int(limit):
             raise PruneError(f"--limit: give a whole number of examples or a fraction below 1 (got {limit:g})")
@@ -314,10 +317,14 @@ def cmd_remove(args) -> int:
     from prune.export.outofcore import prune_checkpoint
     from prune.io.source import resolve_source
 
-    blocks = _remove_blocks(args)
     from prune.pipeline.inputs import preflight_model
 
-    preflight_model(resolve_source(args.model), args.trust_remote_code)  # config, weights cover it, before writing
+    blocks = parse_blocks(args.blocks) if args.blocks is not None else None
+    config = preflight_model(resolve_source(args.model), args.trust_remote_code)  # config, weights cover it, before writing
+    if blocks is None:
+        from prune.export.mergekit import blocks_from_slices
+
+        blocks = blocks_from_slices(args.slices, config.num_hidden_layers)
     out = prune_checkpoint(args.model, blocks, args.output, pruning={}, overwrite=args.overwrite,
                            trust_remote_code=args.trust_remote_code, dtype=args.dtype,
                            base_model=_repo_id_arg(args.base_model, "--base-model"))
@@ -336,18 +343,6 @@ def parse_blocks(items: list[str]) -> list[int]:
             raise PruneError(f"--blocks takes 0-based indices and inclusive ranges like 12-18,25; got {item!r}")
         out.update(range(int(m[1]), int(m[2] or m[1]) + 1))
     return sorted(out)
-
-
-def _remove_blocks(args) -> list[int]:
-    if args.blocks is not None:
-        return parse_blocks(args.blocks)
-    from transformers import AutoConfig
-
-    from prune.export.mergekit import blocks_from_slices
-    from prune.io.safetensors import local_folder
-
-    config = AutoConfig.from_pretrained(local_folder(args.model), trust_remote_code=args.trust_remote_code)
-    return blocks_from_slices(args.slices, config.num_hidden_layers)
 
 
 def _repo_id_arg(value: str | None, flag: str) -> str | None:
@@ -491,7 +486,9 @@ def add_compare(sub) -> None:
                         "pooled per example")
     p.add_argument("--iters", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    p.add_argument("--output", "-o", default=None, help="also write the comparison as JSON to this file")
+    p.add_argument("--output", "-o", default=None, help="also write the comparison as JSON to this file (never one of "
+                                                          "the compared results)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.set_defaults(func=cmd_compare)
 
 
@@ -500,6 +497,11 @@ def cmd_compare(args) -> int:
                                       has_samples, paired_markdown)
 
     bs = args.b or []
+    if args.output:
+        from prune.io.guard import check_output, input_paths
+
+        check_output(args.output, input_paths(args.a, *bs, label="a compared result"), overwrite=args.overwrite,
+                     kind="file", what="--output file", flag="--output")
     fid_a, fid_b = (fidelity_of(args.a), [fidelity_of(x) for x in bs]) if bs else (None, [])
     fid_rows = compare_fidelity(fid_a, fid_b) if fid_a and fid_b and all(fid_b) else []
     samples = (all(has_samples(x) for x in [args.a, *bs]) if bs else
@@ -515,10 +517,11 @@ def cmd_compare(args) -> int:
         print(("\n" if rows else "") + f"Fidelity to the original, paired over the {fid_rows[0].n} windows both were measured "
               "on (KL per token and log perplexity ratio, each window's mean):\n\n" + fidelity_markdown(fid_rows, *names))
     if args.output:
-        with open(args.output, "w") as handle:
-            b = bs[0] if len(bs) == 1 else bs or None  # several: the list pooled
-            json.dump({"a": args.a, "b": b, "rows": [r.to_dict() for r in rows],
-                       "fidelity_rows": [r.to_dict() for r in fid_rows]}, handle, indent=1)
+        from prune.io.guard import write_file
+
+        b = bs[0] if len(bs) == 1 else bs or None  # several: the list pooled
+        write_file(args.output, json.dumps({"a": args.a, "b": b, "rows": [r.to_dict() for r in rows],
+                                            "fidelity_rows": [r.to_dict() for r in fid_rows]}, indent=1))
         print(f"comparison written to {args.output}", file=sys.stderr)
     return 0
 

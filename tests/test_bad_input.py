@@ -1,6 +1,7 @@
 """Bad input of every kind: one clear line naming the problem and the fix, before expensive work."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -114,6 +115,54 @@ def test_calibration_problems_fail_before_the_model_loads(tiny_folder, tmp_path,
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     recipe["model"]["source"] = str(folder)
     with pytest.raises(PruneError, match="no BOS token"):
+        P.run(recipe, quiet=True)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("python_recipe_heals_on_evaluation_text", "overlaps the perplexity text"),
+    ("metric_not_scored", "select.metric cka reads the cka scores, but score.metrics is ['bi']"),
+    ("contiguous_without_angular", "select.strategy contiguous reads the angular scores"),
+    ("search_removes_more_than_there_are", "cannot remove 20 of 8 blocks"),
+    ("search_proxy_task_unknown", "no_such_task"),
+    ("fidelity_text_too_short", "evaluation text too short"),
+    ("fidelity_windows_beyond_the_context", "evaluate.fidelity.seq_len"),
+    ("heal_text_too_short", "heal text too short"),
+])
+def test_settings_that_fail_late_fail_before_loading(case, match, tiny_folder, tmp_path, monkeypatch):
+    """Each of these used to pass the pre-flight and fail after loading and scoring (or, for a recipe
+    built in Python, to heal on the evaluation text): now one line, before the model loads."""
+    import prune.pipeline.engines as E
+    import prune.pipeline.orchestrator as P
+    from prune.pipeline.recipe import Recipe
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(E, "load_model", no_loading)
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words\n")
+    recipe = tiny_recipe(tiny_folder, tmp_path / "out")
+    heal = {"method": "lora", "data": {"path": str(WIKI_RAW), "rows": "600:900"}, "n_samples": 4, "val_samples": 2,
+            "seq_len": 32, "steps": 1, "batch_size": 2}
+    if case == "python_recipe_heals_on_evaluation_text":
+        recipe["heal"] = {**heal, "data": {"path": str(WIKI_RAW), "rows": "300:600"}}
+        recipe = Recipe.model_validate(recipe)  # not through load_recipe
+    elif case == "metric_not_scored":
+        recipe.update(score={"metrics": ["bi"]}, select={"strategy": "one_shot", "metric": "cka", "n_layers": 2})
+    elif case == "contiguous_without_angular":
+        recipe.update(score={"metrics": ["bi", "cka"]}, select={"strategy": "contiguous", "n_layers": 2})
+    elif case == "search_removes_more_than_there_are":
+        recipe["select"] = {"strategy": "search", "n_layers": 20, "metric": "bi", "max_perplexity_ratio": 2.0, "budget": 4}
+    elif case == "search_proxy_task_unknown":
+        recipe["select"] = {"strategy": "search", "metric": "bi", "min_task_retained": 0.9, "proxy_task": "no_such_task",
+                            "budget": 4}
+    elif case == "fidelity_text_too_short":
+        recipe["evaluate"]["fidelity"] = {"path": str(short)}
+    elif case == "fidelity_windows_beyond_the_context":
+        recipe["evaluate"]["fidelity"] = {"seq_len": 600}
+    elif case == "heal_text_too_short":
+        recipe["heal"] = {**heal, "data": {"path": str(short)}}
+    with pytest.raises(PruneError, match=re.escape(match)):
         P.run(recipe, quiet=True)
 
 

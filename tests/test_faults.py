@@ -22,7 +22,7 @@ from prune.export.saving import INCOMPLETE_MARKER
 from prune.pipeline.progress import progress_dir
 
 import conftest
-from conftest import tiny_recipe
+from conftest import DATA, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,6 +147,24 @@ def test_resume_refuses_a_changed_recipe_or_nothing_to_resume(tiny_folder, tmp_p
     with pytest.raises(PruneError, match=r"recipe changed since the interrupted run \(sections: select\)"):
         prune.run(recipe, overrides=["select.n_layers=3"], quiet=True, resume=True)
     assert progress_dir(out).is_dir()  # kept for a resume with the right recipe
+
+
+def test_resume_refuses_changed_task_data(tiny_folder, tmp_path):
+    """The stored original evaluation depends on the lm-eval task data: a task file edited (or another
+    task data folder) after the interruption refuses --resume, naming the file."""
+    from prune.pipeline.progress import RunProgress
+    from prune.pipeline.recipe import load_recipe
+
+    data = tmp_path / "data"
+    shutil.copytree(DATA / "tasks", data / "tasks", ignore=shutil.ignore_patterns("hellaswag"))
+    recipe = tiny_recipe(tiny_folder, tmp_path / "out")
+    recipe["evaluate"].update(tasks=["copa_local"], data_dir=str(data), limit=4)
+    RunProgress(tmp_path / "out", load_recipe(recipe)).put("scores", {"stored": True})
+    assert RunProgress(tmp_path / "out", load_recipe(recipe), resume=True).get("scores") == {"stored": True}
+    copa = data / "tasks" / "copa.jsonl"
+    copa.write_text(copa.read_text().replace('"gold": 0', '"gold": 1'))
+    with pytest.raises(PruneError, match=r"cannot resume: the lm-eval task data \(copa.jsonl\) changed"):
+        RunProgress(tmp_path / "out", load_recipe(recipe), resume=True)
 
 
 # ---- non-finite activations: reported, excluded, counted in pruning.json -----------------------

@@ -222,6 +222,43 @@ def test_score_and_eval_never_write_over_an_input_or_an_existing_file(model, tmp
     assert not [p for p in tmp_path.iterdir() if ".incomplete-" in p.name]
 
 
+def test_compare_and_lm_eval_outputs_never_land_on_an_input(model, tmp_path, capsys, monkeypatch):
+    """prune compare -o is refused on one of the compared results (and on an existing file without
+    --overwrite); prune eval --output-path is refused where lm-eval's folder would sit in the model."""
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text("keep me")
+    b.write_text("{}")
+    refused(capsys, "compare", a, b, "-o", a, "--overwrite", match="is a compared result")
+    refused(capsys, "compare", a, b, "-o", b, match="is a compared result")
+    refused(capsys, "compare", a, b, "-o", WIKI_RAW.parent, match="is a folder")
+    assert a.read_text() == "keep me"
+    before = digest(model)
+    monkeypatch.chdir(model.parent)
+    refused(capsys, "eval", model.name, "--tasks", "copa_local", "--limit", "2", "--output-path", model.name,
+            match="is inside the source model")
+    refused(capsys, "eval", model, "--tasks", "copa_local", "--limit", "2", "--output-path", a, match="is a file")
+    assert digest(model) == before
+
+
+def test_flag_values_that_failed_late_or_named_the_wrong_flag(model, tmp_path, capsys):
+    """Refused in one line naming the flag, before any scoring: a report asked to mark more blocks
+    than there are, none, or by a score it is not given; an infinite --limit; --fidelity-top-k 0; an
+    original of another vocabulary (before either model loads)."""
+    report = ("report", model, "--data", WIKI_RAW, "--rows", "0:300", "--n-samples", "2", "--seq-len", "32")
+    refused(capsys, *report, "--n-layers", "20", "-o", tmp_path / "r1", match="cannot remove 20 of 8 blocks: at least one "
+            "must stay (lower --n-layers)")
+    refused(capsys, *report, "--n-layers", "0", "-o", tmp_path / "r2", match="--n-layers must be at least 1")
+    refused(capsys, *report, "--metrics", "bi", "-o", tmp_path / "r3", match="--strategy contiguous reads the angular scores")
+    assert not any((tmp_path / name).exists() for name in ("r1", "r2", "r3"))
+    refused(capsys, "eval", model, "--tasks", "copa_local", "--limit", "inf", match="--limit: give a whole number")
+    refused(capsys, "eval", model, "--perplexity-data", WIKI_RAW, "--fidelity-to", model, "--fidelity-top-k", "0",
+            match="--fidelity-top-k:")
+    other = Path(shutil.copytree(model, tmp_path / "other-vocab"))
+    other_cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**other_cfg, "vocab_size": other_cfg["vocab_size"] + 8}))
+    refused(capsys, "eval", model, "--perplexity-data", WIKI_RAW, "--fidelity-to", other, match="its vocabulary has")
+
+
 @pytest.mark.parametrize("case", ["parent_is_file", "long_name", "symlink_loop", "non_utf8", "dangling_link"])
 def test_unwritable_output_paths_are_refused_before_work(case, model, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
@@ -534,6 +571,7 @@ def test_checkpoint_metadata_of_the_wrong_shape(case, match, model, tmp_path, ca
     if not case.startswith("pruning"):
         refused(capsys, "score", model, "--data", WIKI_RAW, match=match)
         refused(capsys, "remove", model, "--blocks", "3", "-o", tmp_path / "o", match=match)
+        refused(capsys, "remove", model, "--slices", "[[0, 3], [4, 8]]", "-o", tmp_path / "o", match=match)
 
 
 def test_impossible_selection_and_short_perplexity_text_fail_before_loading(model, tmp_path, capsys, monkeypatch):
@@ -581,6 +619,26 @@ def test_tokens_are_never_echoed(run_dir, tmp_path, capsys, monkeypatch):
     recipe = tiny_recipe(run_dir, tmp_path / "out", output={"dir": str(tmp_path / "o"), "push_to_hub": {"repo_id": TOKEN}})
     code, err = cli(capsys, "run", write_recipe(tmp_path / "r.yaml", recipe))
     assert code == 2 and TOKEN not in err
+
+
+def test_a_token_never_enters_a_saved_recipe(model, tmp_path, capsys, monkeypatch):
+    """A recipe value holding a token (from ${VAR}, --set or written in) is refused before anything
+    is written: the recipe is saved in recipe.yaml, pruning.json and the card, and pushed with them."""
+    monkeypatch.setenv("SPLIT", TOKEN)
+    recipe = tiny_recipe(model, tmp_path / "out")
+    recipe["calibration"]["split"] = "${SPLIT}"
+    code, err = cli(capsys, "run", write_recipe(tmp_path / "r.yaml", recipe))
+    assert code == 2 and "'calibration.split' holds an access token" in err and TOKEN not in err
+    recipe["calibration"]["split"] = "train"
+    code, err = cli(capsys, "run", write_recipe(tmp_path / "r.yaml", recipe), "--set", f"model.revision={TOKEN}")
+    assert code == 2 and "holds an access token" in err and TOKEN not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_set_refuses_a_value_yaml_would_cut_at_a_comment(model, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model, tmp_path / "out"))
+    refused(capsys, "run", recipe, "--set", f"output.dir={tmp_path}/exp #2", match="quote the value")
+    assert not (tmp_path / "exp").exists()
 
 
 def test_push_plan_refuses_links_leading_outside_the_folder(run_dir, tmp_path, capsys, monkeypatch):

@@ -87,7 +87,7 @@ def training_windows(tokenizer, cfg: HealConfig) -> tuple[torch.Tensor, torch.Te
         raise PruneError("no training text: set heal data (e.g. ../shared/data/c4/c4_web_1480.jsonl)")
     d = cfg.data
     all_windows = calibration_windows(tokenizer, load_text(d.source()), cfg.n_samples + cfg.val_samples,
-                                      cfg.seq_len, cfg.seed, d.bos)
+                                      cfg.seq_len, cfg.seed, d.bos, section="heal")
     order = torch.randperm(all_windows.shape[0], generator=torch.Generator().manual_seed(cfg.seed + 1))
     return all_windows[order[cfg.val_samples:]], all_windows[order[: cfg.val_samples]]
 

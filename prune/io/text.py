@@ -165,8 +165,10 @@ def calibration_windows(
     seq_len: int,
     seed: int = 0,
     bos: bool | None = None,
+    section: str = "calibration",
 ) -> torch.Tensor:
-    """``n_samples`` windows of ``seq_len`` tokens, ``[n_samples, seq_len]`` int64.
+    """``n_samples`` windows of ``seq_len`` tokens, ``[n_samples, seq_len]`` int64 (``section``: the
+    recipe section a too-short text is reported against).
 
     The token stream is cut into non-overlapping windows and ``n_samples`` of them are
     drawn without replacement with ``torch.Generator().manual_seed(seed)``, then kept in
@@ -179,8 +181,8 @@ def calibration_windows(
     available = stream.numel() // body
     if available < n_samples:
         raise PruneError(
-            f"calibration text too short: {stream.numel()} tokens make {available} windows of {body}, "
-            f"{n_samples} asked (add text, or lower data.n_samples / data.seq_len)"
+            f"{section} text too short: {stream.numel()} tokens make {available} windows of {body}, "
+            f"{n_samples} asked (add text, or lower {section}.n_samples / {section}.seq_len)"
         )
     gen = torch.Generator().manual_seed(seed)
     picks = torch.randperm(available, generator=gen)[:n_samples].sort().values

@@ -13,7 +13,7 @@ from prune.measure.scoring import ScoreResult, score
 from prune.measure.evaluation import evaluate_loaded
 from prune.model.loading import count_parameters, load_model
 from prune.core.errors import PruneError
-from prune.choose.rules import select
+from prune.choose.rules import resolve_count, resolve_protect, select
 from prune.export.report import SCORE_ONLY, write_report
 
 
@@ -119,14 +119,24 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
                              "(a data-parallel launch evaluates lm-eval tasks only)")
     src = resolve_source(source)
     ppl = cfg.perplexity
+    inputs = command_inputs(source, [ppl.path if ppl else None, cfg.fidelity.path if cfg.fidelity else None])
+    inputs += input_paths(original, label="the original model (--fidelity-to)")
     if output:
-        inputs = command_inputs(source, [ppl.path if ppl else None, cfg.fidelity.path if cfg.fidelity else None])
-        inputs += input_paths(original, label="the original model (--fidelity-to)")
         check_output(output, inputs, overwrite=overwrite, kind="file", what="--output file", flag="--output")
+    folder = sanitize_model_name(str(source))
+    if output_path and cfg.tasks:  # lm-eval's files go to OUTPUT_PATH/<model>: a folder of its own, never an input
+        check_output(Path(output_path).expanduser() / folder, inputs, overwrite=True, what="--output-path folder",
+                     flag="--output-path")
     if cfg.tasks:
         L.check_tasks(cfg.tasks, data_dir_path=cfg.data_dir, task_dirs=cfg.task_dirs, num_fewshot=cfg.num_fewshot,
                       fewshot_from_scored_split=cfg.fewshot_from_scored_split, quiet=quiet)  # fail before loading
-    preflight_model(src, trust_remote_code, [("--seq-len", ppl.seq_len if ppl else None)])
+    config = preflight_model(src, trust_remote_code, [("--seq-len", ppl.seq_len if ppl else None)])
+    if original is not None:  # one vocabulary, or no KL between them: refused before either model loads
+        base_config = preflight_model(resolve_source(original), trust_remote_code)
+        if base_config.vocab_size != config.vocab_size:
+            raise PruneError(f"--fidelity-to {original}: its vocabulary has {base_config.vocab_size} tokens, {source}'s "
+                             f"{config.vocab_size}; fidelity compares next-token distributions over one vocabulary "
+                             "(give the model this one was pruned from)")
     if ppl is not None:  # empty or too short text fails now, not after loading
         eval_windows(load_tokenizer(src, trust_remote_code), load_text(ppl.source()), ppl.seq_len, ppl.max_windows,
                      ppl.bos)
@@ -137,7 +147,6 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
         base, base_tok, _ = load_model(original, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
         reference = fidelity_reference(base, base_tok, cfg, quiet=quiet)
         del base
-    folder = sanitize_model_name(str(source))
     result: dict = {}
     layers = parameters = None
     if in_memory:
@@ -198,10 +207,24 @@ def report_model(source: str, out_dir: str | Path, *, strategy: str = "contiguou
                          f"{strategy} run a recipe and report its output folder")
     from prune.pipeline.inputs import command_inputs
 
+    from prune.pipeline.inputs import preflight_model
+    from prune.pipeline.recipe import needed_score
+
     inputs = command_inputs(source, [score_kwargs.get("data")])
     check_output_dir(out_dir, overwrite, inputs, flag="--output")  # before the expensive scoring
+    metrics = list(score_kwargs.get("metrics") or default(_S, "metrics"))
+    need, why = needed_score(strategy, metric)
+    if need is not None and need not in metrics:
+        raise PruneError(f"{why.replace('select.', '--')} reads the {need} scores, but --metrics is "
+                         f"{' '.join(metrics)} (add {need})")
+    config = preflight_model(resolve_source(source), score_kwargs.get("trust_remote_code", False))
+    L = config.num_hidden_layers
+    k = max(1, round(L / 4)) if n_layers is None else n_layers
+    try:
+        resolve_count(L, k, None, resolve_protect(protect, L))
+    except PruneError as exc:
+        raise PruneError(str(exc).replace("select.n_layers", "--n-layers").replace("select.protect", "--protect")) from None
     scores = score_model(source, **score_kwargs)
-    k = n_layers or max(1, round(scores.n_layers / 4))
     sel = select(scores, k, strategy=strategy, metric=metric, protect=protect, seed=score_kwargs.get("seed", 0))
     return write_report(out_dir, scores, selection=sel, k=k, title=f"Redundancy report: {Path(str(source)).name}",
                         source=str(source), overwrite=overwrite, inputs=inputs)

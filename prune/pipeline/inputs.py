@@ -152,7 +152,7 @@ def validated(cls, **values):
         return cls(**values)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = next((str(p) for p in err["loc"] if isinstance(p, str)), "")
+        key = "_".join(p for p in err["loc"] if isinstance(p, str))  # ("fidelity", "top_k"): --fidelity-top-k
         message = err["msg"].removeprefix("Value error, ")
         flag = f"--{key.replace('_', '-')}" if key else "flags"
         raise PruneError(f"{flag}: {message} (got {err.get('input')!r})") from None

@@ -52,14 +52,20 @@ FORMAT = "prune/1"
 def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict[str, Any]:
     """Check the output folder, the model config and the evaluation tasks; returns facts found."""
     from prune.pipeline import inputs as I
+    from prune.pipeline.recipe import check_recipe
 
+    check_recipe(recipe)  # a Recipe built in Python has not been through load_recipe's checks
     src = resolve_source(recipe.model.source, recipe.model.gguf_file, recipe.model.revision)
     inputs = I.recipe_inputs(recipe, src, recipe_file)
     check_output_dir(recipe.output.dir, overwrite or recipe.output.overwrite, inputs)
     check_device_map(recipe.model.device_map, recipe.model.offload_folder)
     lengths = [("calibration.seq_len", recipe.calibration.seq_len)]
-    if recipe.evaluate and recipe.evaluate.perplexity:
-        lengths.append(("evaluate.perplexity.seq_len", recipe.evaluate.perplexity.seq_len))
+    ev = recipe.evaluate
+    if ev and ev.perplexity:
+        lengths.append(("evaluate.perplexity.seq_len", ev.perplexity.seq_len))
+    fidelity_text = ev.fidelity.text(ev.perplexity) if ev and ev.fidelity else None  # (text, seq_len, max_windows)
+    if fidelity_text is not None:
+        lengths.append(("evaluate.fidelity.seq_len", fidelity_text[1]))
     # files whole, config readable and supported, weights covering it, windows within the context
     config = I.preflight_model(src, recipe.model.trust_remote_code, lengths)
     n_layers = config.num_hidden_layers
@@ -70,6 +76,8 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
                                    sel.strategy, protect)
     elif len(protect) >= n_layers:
         raise PruneError(f"select.protect covers all {n_layers} blocks: nothing can be removed")
+    elif sel.n_layers is not None or sel.fraction is not None:  # search: the most it may remove
+        resolve_count(n_layers, sel.n_layers, sel.fraction, protect)
     tokenizer = load_tokenizer(src, recipe.model.trust_remote_code)
     windows = calibration_windows_of(tokenizer, recipe.calibration)
     sel = recipe.select
@@ -81,6 +89,9 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
     if recipe.evaluate and recipe.evaluate.perplexity:  # empty or too short text fails now, not after scoring
         p = recipe.evaluate.perplexity
         eval_windows(tokenizer, load_text(p.source()), p.seq_len, p.max_windows, p.bos)
+    if fidelity_text is not None and ev.fidelity.path is not None:  # its own text: the same checks
+        text, seq_len, max_windows = fidelity_text
+        eval_windows(tokenizer, load_text(text.source()), seq_len, max_windows, text.bos)
     if recipe.evaluate and recipe.evaluate.tasks:
         from prune.measure.lmeval import check_tasks, check_tokenizer
 
@@ -91,11 +102,18 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
                              f"folder with another backend afterwards: prune eval OUTPUT --model {ev.model} --model-args ...")
         check_tasks(ev.tasks, data_dir_path=ev.data_dir, task_dirs=ev.task_dirs, num_fewshot=ev.num_fewshot,
                     fewshot_from_scored_split=ev.fewshot_from_scored_split)
+    if sel.strategy == "search" and sel.proxy_task:  # the search's task floor: an unknown task fails now
+        from prune.measure.lmeval import check_tasks
+
+        check_tasks([sel.proxy_task], data_dir_path=ev.data_dir if ev else None, task_dirs=ev.task_dirs if ev else None)
     # -- heal (prune.heal): settings checked against the config, before any weights are loaded --
     if recipe.heal is not None:
         from prune.heal.methods import preflight as heal_preflight
 
+        from prune.heal.methods import training_windows
+
         heal_preflight(recipe.heal, recipe.select, config, n_layers, recipe.model.trust_remote_code)
+        training_windows(tokenizer, recipe.heal)  # too little training text fails now, not after scoring
     # -- end heal --
     # ---- export (prune.export): lineage of an already pruned source, push_to_hub checks ----
     from prune.export.saving import preflight_export

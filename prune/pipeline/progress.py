@@ -8,7 +8,8 @@ output folder is saved the progress folder is removed.
 
 ``prune run RECIPE --resume`` reuses those stages when the recipe is the same (output keys
 aside) and so are its inputs (:func:`input_fingerprint`: each model file's size, mtime and a hash
-of its header, or the Hub commit; each data file's size, mtime and hash; the package version),
+of its header, or the Hub commit; each data file's size, mtime and hash; with lm-eval tasks, every
+file of the task data and task folders and lm-eval's version; the package version),
 and recomputes the rest; anything different is refused with a one-line message naming it. The
 pruned model, its scores and its evaluation are always recomputed: everything saved is a
 deterministic function of the stored stages, so a resumed run equals an uninterrupted one.
@@ -75,13 +76,36 @@ def input_fingerprint(recipe) -> dict:
     from prune.core.console import __version__
 
     texts = {"calibration": recipe.calibration}
-    if recipe.evaluate is not None and recipe.evaluate.perplexity is not None:
-        texts["evaluate.perplexity"] = recipe.evaluate.perplexity
+    ev = recipe.evaluate
+    if ev is not None and ev.perplexity is not None:
+        texts["evaluate.perplexity"] = ev.perplexity
+    if ev is not None and ev.fidelity is not None and ev.fidelity.path is not None:
+        texts["evaluate.fidelity"] = ev.fidelity
     data = {}
     for key, cfg in texts.items():
         path = Path(cfg.path).expanduser()
         data[key] = file_fingerprint(path) if path.is_file() else {"dataset": cfg.path}
-    return {"model": _model_fingerprint(recipe.model), "data": data, "prune": __version__}
+    return {"model": _model_fingerprint(recipe.model), "data": data, "tasks": _task_fingerprint(recipe),
+            "prune": __version__}
+
+
+def _task_fingerprint(recipe) -> dict | None:
+    """The lm-eval tasks' inputs (the stored original evaluation and a task-floor search read them):
+    lm-eval's version and every file of the task data folder's ``tasks/`` (``evaluate.data_dir``, else
+    ``$PRUNE_DATA_DIR``) and of ``evaluate.task_dirs``, by path. None without tasks."""
+    from importlib.metadata import version
+
+    from prune.measure.lmeval import data_dir
+
+    ev, sel = recipe.evaluate, recipe.select
+    proxy = sel.proxy_task if sel.strategy == "search" else None
+    if not ((ev is not None and ev.tasks) or proxy):
+        return None
+    root = data_dir(ev.data_dir if ev is not None else None)
+    folders = ([root / "tasks"] if root is not None else []) + [Path(d).expanduser() for d in (ev.task_dirs if ev else [])]
+    files = {str(p): file_fingerprint(p) for folder in folders if folder.is_dir()
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {"lm_eval": version("lm_eval"), "data_dir": str(root) if root is not None else None, "files": files}
 
 
 def progress_dir(out_dir: str | os.PathLike) -> Path:
@@ -185,7 +209,8 @@ class RunProgress:
 
 
 def _changed_inputs(old: dict, new: dict) -> str:
-    """``"the model file model.safetensors"``, ``"the data file (calibration)"``, ``"the prune version"``."""
+    """``"the model (model.safetensors)"``, ``"the data file of calibration"``, ``"the lm-eval task data
+    (copa.jsonl)"``, ``"the prune version"``."""
     if old.get("model") != new.get("model"):
         om, nm = old.get("model") or {}, new.get("model") or {}
         names = sorted(k for k in set(om) | set(nm) if om.get(k) != nm.get(k))
@@ -193,4 +218,11 @@ def _changed_inputs(old: dict, new: dict) -> str:
     if old.get("data") != new.get("data"):
         od, nd = old.get("data") or {}, new.get("data") or {}
         return f"the data file of {', '.join(sorted(k for k in set(od) | set(nd) if od.get(k) != nd.get(k)))}"
+    if old.get("tasks") != new.get("tasks"):
+        ot, nt = old.get("tasks") or {}, new.get("tasks") or {}
+        if ot.get("lm_eval") != nt.get("lm_eval") or ot.get("data_dir") != nt.get("data_dir"):
+            return "the lm-eval version or the task data folder"
+        of, nf = ot.get("files") or {}, nt.get("files") or {}
+        names = sorted(Path(k).name for k in set(of) | set(nf) if of.get(k) != nf.get(k))
+        return f"the lm-eval task data ({', '.join(names[:3])})"
     return f"the prune version ({old.get('prune')} -> {new.get('prune')})"

@@ -72,6 +72,22 @@ def expand_env(value: Any) -> Any:
     return value
 
 
+def check_no_token(value: Any, where: str, key: str = "") -> None:
+    """Refuse a recipe value that holds an access token (written in, or from ``${VAR}`` or ``--set``):
+    the recipe is saved beside the model (recipe.yaml, pruning.json, the card) and pushed with it."""
+    from prune.core.secrets import looks_like_token
+
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_no_token(v, where, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for v in value:
+            check_no_token(v, where, key)
+    elif isinstance(value, str) and looks_like_token(value):
+        raise PruneError(f"{where}: '{key}' holds an access token; a recipe is saved and published with the model, so "
+                         "tokens never go in it (the Hub token is read from HF_TOKEN or hf auth login)")
+
+
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw recipe dict."""
     for item in overrides or ():
@@ -84,6 +100,9 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             if ": not valid YAML" not in str(exc):
                 raise  # aliases, nesting, duplicates: refused as in a recipe
             value = raw  # not YAML: the plain string
+        if "#" in raw and not raw.lstrip().startswith(("'", '"')) and value != raw.strip():
+            raise PruneError(f"--set {key.strip()}: YAML reads ' #' as the start of a comment, so {raw!r} would become "
+                             f"{value!r}; quote the value (--set '{key.strip()}=\"{raw.strip()}\"')")
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -109,13 +128,46 @@ def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str
         if not isinstance(data, dict):
             raise PruneError(f"{where}: a recipe is a mapping of sections (model, calibration, select, ...)")
     data = apply_overrides(expand_env(data), overrides)
+    check_no_token(data, where)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise PruneError(format_validation_error(exc, where, Recipe)) from None
-    check_files(recipe, where)
-    check_heal(recipe, where)
+    check_recipe(recipe, where)
     return recipe
+
+
+def check_recipe(recipe: Recipe, where: str = "recipe") -> None:
+    """The checks across sections and files that a valid ``Recipe`` may still fail (a recipe built
+    in Python passes them in :func:`prune.pipeline.orchestrator.preflight`)."""
+    check_files(recipe, where)
+    check_select(recipe, where)
+    check_heal(recipe, where)
+
+
+#: the score a per-block selection metric is read from (BI is always computed)
+METRIC_SCORE = {"angular": "angular", "cka": "cka", "msrs": "cka"}
+
+
+def needed_score(strategy: str, metric: str, order_by: str | None = None) -> tuple[str | None, str]:
+    """``(score, setting)``: the score (``score.metrics`` entry) a selection reads beyond BI, and the
+    setting that makes it read it (None: BI alone, or a strategy that needs none)."""
+    if strategy == "contiguous":
+        return "angular", "select.strategy contiguous"
+    if strategy in ("one_shot", "iterative"):
+        return METRIC_SCORE.get(metric), f"select.metric {metric}"
+    if strategy == "search":
+        return METRIC_SCORE.get(order_by or metric), f"select.{'order_by' if order_by else 'metric'} {order_by or metric}"
+    return None, ""
+
+
+def check_select(recipe: Recipe, where: str = "recipe") -> None:
+    """A selection that reads a score the ``score`` section does not compute: refused now, not after scoring."""
+    sel = recipe.select
+    need, why = needed_score(sel.strategy, sel.metric, sel.order_by)
+    if need is not None and need not in recipe.score.metrics:
+        raise PruneError(f"{where}: {why} reads the {need} scores, but score.metrics is {recipe.score.metrics} "
+                         f"(add {need} to score.metrics)")
 
 
 def check_text_path(cfg: TextConfig | None, key: str, where: str, fix: str | None = None) -> None:
