@@ -83,8 +83,9 @@ def test_bad_recipe_exits_2_with_one_line(tmp_path, tiny_folder):
 
 def test_score_prints_table_and_writes_json(tmp_path, tiny_folder):
     proc = prune_main("score", tiny_folder, "--data", WIKI_RAW, "--rows", "0:300", "--n-samples", 4, "--seq-len", 32,
-                     "--positions", "skip_first", "-o", tmp_path / "s.json", "--quiet", check_rc=0)
+                     "--positions", "skip_first", "-o", tmp_path / "s.json", check_rc=0)
     assert "MSRS =" in proc.stdout and "positions=skip_first" in proc.stdout
+    assert re.search(r"^done in [\d.]+ s: pre-flight [\d.]+ s, load and score [\d.]+ s, write [\d.]+ s$", proc.stderr, re.M)
     result = ScoreResult.load_json(tmp_path / "s.json")
     assert result.n_layers == 8 and result.positions == "skip_first" and result.n_windows == 4
     assert result.metadata["model_type"] == "llama"

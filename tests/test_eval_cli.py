@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import DATA, WIKI_RAW, prune_cli, prune_main
@@ -21,7 +22,9 @@ def pruned_folder(tiny_folder, tmp_path_factory):
 def test_eval_fidelity_to_the_original(tmp_path, tiny_folder, pruned_folder):
     proc = prune_main("eval", pruned_folder, "--fidelity-to", tiny_folder, "--fidelity-top-k", 256,
                      "--perplexity-data", WIKI_RAW, "--perplexity-rows", "0:200", "--seq-len", 32, "--max-windows", 3,
-                     "-o", tmp_path / "e.json", "--quiet", check_rc=0)
+                     "-o", tmp_path / "e.json", check_rc=0)
+    assert re.search(r"^done in [\d.]+ s: pre-flight [\d.]+ s, fidelity reference \(original\) [\d.]+ s, "
+                     r"load and evaluate [\d.]+ s, write [\d.]+ s$", proc.stderr, re.M)
     result = json.loads((tmp_path / "e.json").read_text())
     fid = result["fidelity"]
     assert fid["kl_exact"] and fid["windows"] == 3 and fid["original"] == str(tiny_folder)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prune.core import dist
 from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, default
-from prune.core.console import keeps_quiet_mode, quiet_mode, say, versions
+from prune.core.console import StageClock, keeps_quiet_mode, quiet_mode, say, versions
 from prune.io.text import calibration_windows, load_text
 from prune.io.source import resolve_source
 from prune.measure.scoring import ScoreResult, score
@@ -42,6 +42,7 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
     from prune.pipeline.inputs import command_inputs, preflight_model, validated
 
     quiet_mode(quiet)
+    clock = StageClock()
     # -- everything checkable before the weights load: flags, output file, config, text --
     validated(CalibrationConfig, path=str(data), field=field, rows=rows, n_samples=n_samples, seq_len=seq_len, seed=seed,
               batch_size=batch_size)
@@ -58,6 +59,7 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
                           n_windows=n_samples, seq_len=seq_len, batch_size=batch_size,
                           trust_remote_code=trust_remote_code)
     say(plan.describe(), quiet)
+    clock.lap("pre-flight")
     kwargs = dict(batch_size=batch_size, positions=positions, metrics=tuple(metrics), cka_windows=cka_windows,
                   beta=beta, tau=tau, progress=not quiet)
     meta = {"data": {"path": data, "field": field, "rows": rows}, "seed": seed, "versions": versions(),
@@ -76,10 +78,13 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
                                            trust_remote_code=trust_remote_code)
         meta.update(source=src.to_dict(), model_type=model.config.model_type)
         result = score(model, windows, metadata=meta, **kwargs)
+    clock.lap("load and score")
     if output:
         import json
 
         dist.on_main(lambda: write_file(output, json.dumps(result.to_dict(), indent=1)))  # under a launcher: rank 0
+        clock.lap("write")
+    say(clock.summary(), quiet or not dist.world().is_main)
     return result
 
 
@@ -108,6 +113,7 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
     from prune.pipeline.inputs import command_inputs, preflight_model
 
     quiet_mode(quiet)
+    clock = StageClock()
     if (cfg.fidelity is None) != (original is None):
         raise PruneError("fidelity needs both the original model (--fidelity-to) and fidelity settings")
     named = bool(cfg.tasks) and (cfg.model != "hf" or cfg.model_args is not None or L.world_size() > 1)
@@ -140,6 +146,7 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
     if ppl is not None:  # empty or too short text fails now, not after loading
         eval_windows(load_tokenizer(src, trust_remote_code), load_text(ppl.source()), ppl.seq_len, ppl.max_windows,
                      ppl.bos)
+    clock.lap("pre-flight")
     reference = None
     if original is not None:
         from prune.measure.evaluation import fidelity_reference
@@ -147,6 +154,7 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
         base, base_tok, _ = load_model(original, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
         reference = fidelity_reference(base, base_tok, cfg, quiet=quiet)
         del base
+        clock.lap("fidelity reference (original)")
     result: dict = {}
     layers = parameters = None
     if in_memory:
@@ -156,6 +164,7 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
                                  lm_eval_folder=folder)
         layers, parameters = model.config.num_hidden_layers, count_parameters(model)
         del model
+        clock.lap("load and evaluate")
     if named:
         args = L.backend_model_args(src.path, cfg.model_args, backend=cfg.model, dtype=dtype, gguf_file=src.gguf_file,
                                     trust_remote_code=trust_remote_code)
@@ -168,6 +177,7 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
             return None
         result["tasks"] = run.summary
         result["lm_eval_files"] = run.files(str(source), folder)
+        clock.lap("lm-eval")
     if output_path and result.get("lm_eval_files"):
         target = Path(output_path).expanduser() / folder
         target.mkdir(parents=True, exist_ok=True)
@@ -192,6 +202,9 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
         from prune.io.guard import write_file
 
         write_file(output, json.dumps({k: v for k, v in result.items() if k != "lm_eval_files"}, indent=1))
+    if output or output_path:
+        clock.lap("write")
+    say(clock.summary(), quiet)
     return result
 
 
