@@ -343,8 +343,9 @@ def test_a_mismatched_teacher_is_refused(tokenizers_by_bos, tmp_path):
 
 
 def test_a_cache_of_another_model_is_not_taken_for_this_ones(tokenizers_by_bos, tmp_path):
-    """Same tokenizer, same windows, another model (here: other weights): the cache beside the output
-    is computed again, and one named in heal.teacher_cache is refused."""
+    """Same tokenizer, same windows, another model (here: other weights), or a cache with no
+    fingerprint: the cache beside the output is computed again, and one named in heal.teacher_cache
+    is refused."""
     from prune.heal.distill import prepare_teacher, weights_fingerprint
 
     tok = tokenizers_by_bos[True]
@@ -363,6 +364,13 @@ def test_a_cache_of_another_model_is_not_taken_for_this_ones(tokenizers_by_bos, 
     named = cfg.model_copy(update={"teacher_cache": str(path)})
     with pytest.raises(PruneError, match="another model"):
         prepare_teacher(first, tok, named, train_w, val_w, kept, name="first", default_cache=None, quiet=True)
+    old = TopkCache.load(path)  # a cache written before the fingerprint existed: cannot be checked
+    del old.meta["model"]
+    old.save()
+    with pytest.raises(PruneError, match="records no fingerprint"):
+        prepare_teacher(second, tok, named, train_w, val_w, kept, name="second", default_cache=None, quiet=True)
+    again = prepare_teacher(second, tok, cfg, train_w, val_w, kept, name="second", default_cache=path, quiet=True)
+    assert "reused" not in again.description and TopkCache.load(path).meta["model"] == weights_fingerprint(second)
 
 
 @pytest.fixture

@@ -271,6 +271,30 @@ def test_outofcore_pruning_equals_in_memory_pruning(arch, tokenizers_by_bos, tmp
         assert torch.equal(reloaded(x).logits, model(x).logits)
 
 
+def test_gpt2_scaled_by_its_layer_index_computes_the_same_after_pruning_and_reload(tokenizers_by_bos, tmp_path):
+    """GPT-2 with ``scale_attn_by_inverse_layer_idx`` scales each block's scores by 1 / (index + 1), fixed
+    when the block is built: a kept block that moves gets its query rescaled, so the pruned model (in
+    memory, reloaded, and written out of core) equals the original with the removed blocks skipped."""
+    model, tok, folder = saved(tmp_path, "gpt2", tokenizers_by_bos, scale_attn_by_inverse_layer_idx=True)
+    removed = [1, 4, 5]
+    x = torch.randint(3, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    layers = model.transformer.h
+    skip = [layers[i].register_forward_hook(lambda m, a, k, o: (k["hidden_states"] if "hidden_states" in k else a[0]),
+                                            with_kwargs=True) for i in removed]
+    with torch.no_grad():
+        want = model(x).logits
+    for handle in skip:
+        handle.remove()
+    prune.remove_layers(model, removed)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, want, rtol=0, atol=1e-5)
+        reloaded = AutoModelForCausalLM.from_pretrained(prune.save(model, tok, tmp_path / "mem")).eval()
+        torch.testing.assert_close(reloaded(x).logits, want, rtol=0, atol=1e-5)
+    out = prune_checkpoint(folder, removed, tmp_path / "ooc", pruning={"removed": removed})
+    a, b = all_tensors(tmp_path / "mem"), all_tensors(out)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_outofcore_pruning_refuses_bad_input_before_writing(tokenizers_by_bos, tmp_path):
     _, _, folder = saved(tmp_path, "llama", tokenizers_by_bos)
     for bad, message in (([], "no blocks"), ([8], "out of range"), (list(range(8)), "cannot remove all")):

@@ -18,6 +18,7 @@ renamed at the end, as :func:`prune.save`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -42,12 +43,16 @@ from prune.io.safetensors import (
 )
 from prune.io.source import ModelSource
 from prune.model.loading import pruned_config_updates
-from prune.model.surgery import check_indices
+from prune.model.surgery import check_indices, query_rescale
 
 #: files never carried over: weights in other formats, the original model card, our own outputs
 SKIP_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$|^README\.md$|^config\.json$|"
                         rf"^{re.escape(INDEX_NAME)}$|^pytorch_model.*\.json$|^pruning\.json$|^\..*|"
                         r"^eval\.(json|md)$|^recipe\.yaml$")  # a pruned source's evaluation and recipe: stale here
+
+
+#: GPT-2's fused query/key/value projection (weight and bias), whose query part :func:`query_rescale` scales
+QUERY_KEY = re.compile(r"(^|\.)attn\.c_attn\.(weight|bias)$")
 
 
 def renumber_key(key: str, attr: str, old: int, new: int) -> str:
@@ -61,11 +66,14 @@ def renumber_key(key: str, attr: str, old: int, new: int) -> str:
 
 @dataclass(frozen=True)
 class Converted:
-    """A source tensor written in another floating dtype (``output.dtype``): read, converted
-    and written one tensor at a time, so memory holds at most one tensor."""
+    """A source tensor written in another floating dtype (``output.dtype``), or with the first
+    ``rescale[0]`` entries of its last dimension multiplied by ``rescale[1]`` (in its stored dtype,
+    as :func:`prune.model.surgery.remove_layers` does in memory): read, changed and written one
+    tensor at a time, so memory holds at most one tensor."""
 
     entry: TensorEntry
     target: torch.dtype
+    rescale: tuple[int, float] | None = None
 
     @property
     def dtype(self) -> str:
@@ -89,6 +97,9 @@ class Converted:
             handle.seek(begin)
             raw = bytearray(handle.read(end - begin))
         tensor = torch.frombuffer(raw, dtype=self.entry.torch_dtype) if raw else torch.empty(0, dtype=self.entry.torch_dtype)
+        if self.rescale is not None:
+            width, factor = self.rescale
+            tensor.view(self.entry.shape)[..., :width].mul_(factor)
         out.write(tensor.to(self.target).view(torch.uint8).numpy().tobytes())
 
 
@@ -99,8 +110,14 @@ def convert_entries(tensors: list[tuple[str, TensorEntry]], target: torch.dtype 
     """Floating tensors not already in ``target`` wrapped as :class:`Converted` (``None``: unchanged)."""
     if target is None:
         return tensors
-    return [(name, Converted(e, target) if e.torch_dtype.is_floating_point and e.torch_dtype != target else e)
-            for name, e in tensors]
+    out = []
+    for name, e in tensors:
+        if isinstance(e, Converted):
+            e = dataclasses.replace(e, target=target)
+        elif e.torch_dtype.is_floating_point and e.torch_dtype != target:
+            e = Converted(e, target)
+        out.append((name, e))
+    return out
 
 
 def write_safetensors(path: Path, tensors: list[tuple[str, TensorEntry]], metadata: dict | None = None) -> int:
@@ -157,7 +174,11 @@ def plan_tensors(sk, kept: list[int]) -> dict[str, list[tuple[str, TensorEntry]]
         if block is None:
             by_shard[entry.file.name].append((key, entry))
         elif block in position:
-            by_shard[entry.file.name].append((renumber_key(key, attr, block, position[block]), entry))
+            factor = query_rescale(sk.model.config, block, position[block])
+            written = entry
+            if factor != 1.0 and QUERY_KEY.search(key):  # GPT-2's index-scaled attention: as remove_layers does
+                written = Converted(entry, entry.torch_dtype, (sk.model.config.hidden_size, factor))
+            by_shard[entry.file.name].append((renumber_key(key, attr, block, position[block]), written))
     return {name: items for name, items in by_shard.items() if items}
 
 

@@ -344,7 +344,10 @@ def check_cache(cache: TopkCache, tokenizer, windows: torch.Tensor, val_windows:
                 width: int | None = None, model: nn.Module | None = None) -> None:
     """Refuse a cache computed with another tokenizer, on other windows, for another vocabulary, or
     (``model``: the teacher at hand) by another model."""
-    if model is not None and cache.meta.get("model") not in (None, weights_fingerprint(model)):
+    if model is not None and cache.meta.get("model") is None:
+        raise PruneError(f"heal.teacher_cache {cache.path} records no fingerprint of the model that wrote it (an older "
+                         "cache), so it cannot be checked against this run's original; delete it to recompute")
+    if model is not None and cache.meta["model"] != weights_fingerprint(model):
         raise PruneError(f"heal.teacher_cache {cache.path} holds the log-probs of another model than this run's "
                          "original; delete it to recompute, or point heal.teacher_cache elsewhere")
     if tokenizer is not None and cache.meta.get("tokenizer") and cache.meta["tokenizer"] != tokenizer_fingerprint(tokenizer):

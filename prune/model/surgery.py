@@ -16,7 +16,9 @@ model (and load with missing or unexpected weights) is caught here, not after sa
 
 from __future__ import annotations
 
+import math
 
+import torch
 from torch import nn
 
 from prune.core.errors import PruneError
@@ -48,11 +50,37 @@ def _tied(model: nn.Module) -> bool:
     return out is not None and out.weight is model.get_input_embeddings().weight
 
 
+def query_rescale(config, old: int, new: int) -> float:
+    """The factor a kept block's query projection takes when it moves from position ``old`` to
+    ``new``: ``(new + 1) / (old + 1)`` for GPT-2 with ``scale_attn_by_inverse_layer_idx`` (its
+    attention scales the scores by ``1 / (layer_idx + 1)``, fixed when the block is built, so a
+    reload at the new index would change the function), else 1."""
+    if getattr(config, "model_type", None) == "gpt2" and getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        return (new + 1) / (old + 1)
+    return 1.0
+
+
+def _rescale_query(block: nn.Module, factor: float) -> None:
+    """Fold ``factor`` into GPT-2's query columns (``c_attn``'s first ``embed_dim`` outputs) and divide
+    the block's score scaling by it: the same attention, and the scaling a reload computes."""
+    attn = block.attn
+    if attn.c_attn.weight.is_meta:
+        raise PruneError("GPT-2 with scale_attn_by_inverse_layer_idx needs its query weights in memory to move a "
+                         "block (they are offloaded): load it without disk offload")
+    E = attn.embed_dim
+    with torch.no_grad():
+        attn.c_attn.weight[..., :E].mul_(factor)
+        attn.c_attn.bias[:E].mul_(factor)
+    attn.scaling = attn.scaling / factor
+
+
 def remove_layers(model: nn.Module, indices) -> list[int]:
     """Remove the decoder blocks at 0-based ``indices`` from ``model`` in place.
 
     Returns the original indices of the kept blocks, in order. Raises :class:`PruneError`
-    for an empty, complete, out-of-range or repeated list of indices.
+    for an empty, complete, out-of-range or repeated list of indices. A kept block whose
+    computation depends on its index (:func:`query_rescale`) is rewritten to compute the same
+    function at its new index, so the saved model equals the pruned model in memory.
     """
     path = decoder_layers_path(model)
     layers = model.get_submodule(path)
@@ -65,6 +93,9 @@ def remove_layers(model: nn.Module, indices) -> list[int]:
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, nn.ModuleList([layers[i] for i in kept]))
     for new_index, block in enumerate(getattr(parent, attr)):
+        factor = query_rescale(model.config, kept[new_index], new_index)
+        if factor != 1.0:
+            _rescale_query(block, factor)
         for module in block.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new_index
@@ -106,3 +137,12 @@ def check_rebuild(model: nn.Module) -> None:
             f"internal error: the pruned config does not rebuild the pruned model "
             f"(missing {missing}, unexpected {extra}, shape mismatch {shape}); please report this"
         )
+    rebuilt = dict(fresh.named_modules())
+    for name, module in model.named_modules():  # constants fixed at construction (a scaling, a window)
+        other = rebuilt.get(name)
+        for key, value in vars(module).items() if other is not None else ():
+            theirs = vars(other).get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and isinstance(theirs, (int, float)) \
+                    and not math.isclose(value, theirs, rel_tol=1e-9):
+                raise PruneError(f"internal error: {name}.{key} is {value} in the pruned model but {theirs} when its "
+                                 "config is loaded again (the saved model would compute something else); please report this")
