@@ -118,6 +118,21 @@ def test_second_pruning_appends_history_with_original_indices(two_steps):
     assert [s.step for s in chain(p2)] == [1, 2]
 
 
+def test_python_api_save_of_a_pruned_source_extends_its_lineage(two_steps, tmp_path):
+    """prune.load a pruned folder, remove blocks, prune.save with source=: step 2 with the original's
+    indices and the loaded model's parameter count, as prune run records them (it was step 1, with
+    indices local to the loaded model)."""
+    _, first, second = two_steps
+    model, tok, src = prune.load(first.out_dir)
+    prune.remove_layers(model, [3, 4])
+    saved = read_json(prune.save(model, tok, tmp_path / "api", pruning={"removed": [3, 4]}, source=src) / "pruning.json")
+    want = read_json(second.out_dir / "pruning.json")
+    for key in ("step", "removed", "removed_original", "removed_original_all", "kept_original", "params_before",
+                "params_after", "layers_before", "layers_after"):
+        assert saved[key] == want[key], key
+    assert saved["original"]["n_layers"] == 8
+
+
 def test_lineage_indices_match_the_weights(two_steps):
     """Block k of the twice-pruned checkpoint holds exactly the weights of original block
     kept_original[k]: the recorded mapping is checked against the tensors themselves."""

@@ -295,6 +295,31 @@ def test_gpt2_scaled_by_its_layer_index_computes_the_same_after_pruning_and_relo
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_outofcore_counts_a_stored_tied_head_once_and_leaves_a_stale_mergekit_config(tokenizers_by_bos, tmp_path):
+    """A tied LM head stored beside the embeddings is one parameter, as the loaded model counts it; a
+    pruned source's mergekit.yaml describes the source's blocks, not the output's, so it stays behind;
+    the card names no recipe or evaluation files the folder does not hold."""
+    from safetensors.torch import load_file, save_file
+
+    from prune.model.loading import count_parameters
+
+    model, tok, folder = saved(tmp_path, "llama", tokenizers_by_bos)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "mergekit.yaml").write_text("merge_method: passthrough\n")
+    out = prune_checkpoint(folder, [1, 4, 5], tmp_path / "ooc", pruning={})
+    record = json.loads((out / "pruning.json").read_text())
+    before = count_parameters(model)
+    prune.remove_layers(model, [1, 4, 5])
+    assert (record["params_before"], record["params_after"]) == (before, count_parameters(model))
+    assert not (out / "mergekit.yaml").exists()
+    card = (out / "README.md").read_text()  # no recipe and no evaluation here: the card names none
+    assert "## Recipe" not in card and "eval.json" not in card and "recipe.yaml" not in card
+    assert "made without a recipe" in card
+
+
 def test_outofcore_pruning_refuses_bad_input_before_writing(tokenizers_by_bos, tmp_path):
     _, _, folder = saved(tmp_path, "llama", tokenizers_by_bos)
     for bad, message in (([], "no blocks"), ([8], "out of range"), (list(range(8)), "cannot remove all")):

@@ -347,5 +347,6 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
         earlier_tables=earlier_tables, healing=healing_text(record.healing),
         load_id=load_id or "path/to/this/folder", adapter=adapter, base_id=record.base_model or "path/to/pruned/base",
         recipe=(recipe_yaml or "").strip(), earlier_recipes=earlier_recipes, versions=versions_line(record.versions),
+        command=record.command or "save",
     )
     return str(card)

@@ -48,7 +48,7 @@ from prune.model.surgery import check_indices, query_rescale
 #: files never carried over: weights in other formats, the original model card, our own outputs
 SKIP_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$|^README\.md$|^config\.json$|"
                         rf"^{re.escape(INDEX_NAME)}$|^pytorch_model.*\.json$|^pruning\.json$|^\..*|"
-                        r"^eval\.(json|md)$|^recipe\.yaml$")  # a pruned source's evaluation and recipe: stale here
+                        r"^eval\.(json|md)$|^recipe\.yaml$|^mergekit\.yaml$")  # a pruned source's: stale here
 
 
 #: GPT-2's fused query/key/value projection (weight and bias), whose query part :func:`query_rescale` scales
@@ -281,7 +281,7 @@ def remove_record(src, pruning: PruningRecord | dict, n_layers: int, removed: li
     from prune.export.lineage import extend, read_parent
 
     data = pruning.model_dump(exclude_unset=True) if isinstance(pruning, PruningRecord) else dict(pruning)
-    numel = {k: sk.checkpoint.entries[k].numel() for k in sk.target}
+    numel = {k: sk.checkpoint.entries[k].numel() for k in sk.counted_keys()}
     gone = set(removed)
     facts = {"params_before": sum(numel.values()),
              "params_after": sum(n for k, n in numel.items() if sk.block_of.get(k) not in gone),

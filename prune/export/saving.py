@@ -137,15 +137,18 @@ def record_and_card(model, pruning: PruningRecord | dict, out_dir, *, source=Non
     lineage record of the model as it is now (blocks, parameters, dtype) and its card."""
     from prune.core.console import versions
     from prune.export.card import render_card
-    from prune.export.lineage import as_record, extend, normalize_step
+    from prune.export.lineage import as_record, extend, normalize_step, read_parent
     from prune.model.loading import count_parameters, decoder_layers
 
     n_now = len(decoder_layers(model))
     record = as_record(pruning)
     if record.layers_before is None or not record.kept or record.step == 1 and not record.kept_original:
         record = normalize_step(record, n_now)
-        if source is not None:
-            record = extend(record, None, source)
+        if source is not None:  # a pruned source: this step extends its lineage (indices in the original)
+            parent = read_parent(source, record.layers_before)
+            if parent is not None and record.params_before is None:
+                record.params_before = parent.params_after
+            record = extend(record, parent, source)
     if record.params_after is None:
         record.params_after = count_parameters(model)
     record.model_type = record.model_type or model.config.model_type

@@ -120,6 +120,13 @@ class Skeleton:
         return [name for name, _ in self.model.named_parameters()
                 if name not in filled and tied.get(name) not in filled]
 
+    def counted_keys(self) -> list[str]:
+        """The checkpoint keys that are parameters of their own: a tied copy stored beside its source
+        (an LM head tied to the embeddings) counts once, as the loaded model counts it."""
+        filled = set(self.target.values())
+        tied = dict(getattr(self.model, "all_tied_weights_keys", None) or {})
+        return [k for k, name in self.target.items() if not (name in tied and tied[name] in filled)]
+
     def block_keys(self, index: int) -> list[str]:
         return [k for k, b in self.block_of.items() if b == index]
 

@@ -130,7 +130,7 @@ class Sequential:
         from prune.model.skeleton import Skeleton
 
         sk = Skeleton(self.folder, trust_remote_code=self.recipe.model.trust_remote_code)  # meta: counts only
-        numel = {k: sk.checkpoint.entries[k].numel() for k in sk.target}
+        numel = {k: sk.checkpoint.entries[k].numel() for k in sk.counted_keys()}
         keep = set(kept) if kept is not None else None
         return sum(n for k, n in numel.items() if keep is None or sk.block_of.get(k) is None or sk.block_of[k] in keep)
 
