@@ -6,7 +6,7 @@ root and ``scripts/`` are on ``sys.path``. Import it first: ``from bench_env imp
 
 Then the helpers the scripts share: cached cases (``read``, ``write``, ``set_key``, ``log``), the
 dequantized SmolLM2 folder (``smollm2_folder``), and rounds of two commits side by side in fresh
-processes (``worktree``, ``measure_round``, ``alternating``).
+processes (``worktree``, ``measure_round``, ``alternating``), and ``no_flags`` for scripts without options.
 """
 from __future__ import annotations
 
@@ -115,6 +115,14 @@ def alternating(rounds: int, measure) -> dict[str, list[dict]]:
         for label in ("before", "after") if rnd % 2 == 0 else ("after", "before"):
             results[label].append(measure(label, rnd))
     return results
+
+
+def no_flags(doc: str) -> None:
+    """The command line of a script that takes no flags: ``--help`` prints ``doc`` (and exits), anything
+    else is refused, rather than a run starting (and rewriting its docs block) on ``--help``."""
+    import argparse
+
+    argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
 
 def side_by_side_args(doc: str, rounds: int):

@@ -91,6 +91,9 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--case":
         print(json.dumps(one_case(sys.argv[2], *map(int, sys.argv[3:6]), sys.argv[6])))
         return
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__).parse_args()  # --help prints this, without measuring
     plain_env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     env = dict(plain_env, MALLOC_MMAP_THRESHOLD_="65536")
     print("| logits (one micro-batch) | loss | peak beyond the logits | forward + backward | loss, gradient agree |")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import time
 
-from bench_env import ROOT, log, read, write  # first: the offline environment and sys.path
+from bench_env import ROOT, log, no_flags, read, write  # first: the offline environment and sys.path
 
 import torch  # noqa: E402
 
@@ -77,6 +77,7 @@ def table(rows: list[dict], dense_ppl: float) -> list[str]:
 
 
 def main() -> None:
+    no_flags(__doc__)
     torch.set_num_threads(1)
     dense, tok = bench_heal.load_dense()
     removed = bench_heal.removed_blocks(dense, tok)

@@ -70,6 +70,9 @@ def recorded() -> dict[str, dict]:
 
 
 def main() -> int:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__).parse_args()  # --help prints this; nothing else is a flag
     import matplotlib
 
     matplotlib.use("Agg")
