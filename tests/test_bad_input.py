@@ -86,14 +86,20 @@ def test_lm_eval_does_not_change_the_tokenizer_that_is_saved(tiny_folder, tmp_pa
     assert saved.get("pad_token") is None
 
 
-def test_calibration_problems_fail_before_the_model_loads(tiny_folder, tmp_path, monkeypatch):
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Loading the model fails the test: every check under test must come before it."""
     import prune.pipeline.engines as E
-    import prune.pipeline.orchestrator as P
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
     monkeypatch.setattr(E, "load_model", no_loading)
+
+
+def test_calibration_problems_fail_before_the_model_loads(tiny_folder, tmp_path, no_model_loading):
+    import prune.pipeline.orchestrator as P
+
     short = tmp_path / "short.txt"
     short.write_text("just a few words\n")
     recipe = tiny_recipe(tiny_folder, tmp_path / "out")
@@ -128,17 +134,12 @@ def test_calibration_problems_fail_before_the_model_loads(tiny_folder, tmp_path,
     ("fidelity_windows_beyond_the_context", "evaluate.fidelity.seq_len"),
     ("heal_text_too_short", "heal text too short"),
 ])
-def test_settings_that_fail_late_fail_before_loading(case, match, tiny_folder, tmp_path, monkeypatch):
+def test_settings_that_fail_late_fail_before_loading(case, match, tiny_folder, tmp_path, no_model_loading):
     """Each of these used to pass the pre-flight and fail after loading and scoring (or, for a recipe
     built in Python, to heal on the evaluation text): now one line, before the model loads."""
-    import prune.pipeline.engines as E
     import prune.pipeline.orchestrator as P
     from prune.pipeline.recipe import Recipe
 
-    def no_loading(*args, **kwargs):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(E, "load_model", no_loading)
     short = tmp_path / "short.txt"
     short.write_text("just a few words\n")
     recipe = tiny_recipe(tiny_folder, tmp_path / "out")
@@ -166,10 +167,9 @@ def test_settings_that_fail_late_fail_before_loading(case, match, tiny_folder, t
         P.run(recipe, quiet=True)
 
 
-def test_default_strategy_needs_held_out_text_and_says_so_before_loading(tiny_folder, tmp_path, monkeypatch):
+def test_default_strategy_needs_held_out_text_and_says_so_before_loading(tiny_folder, tmp_path, no_model_loading):
     """The default strategy (verified) ranks candidates on windows beyond the calibration ones: text
     enough for the calibration windows but not for those is refused in one line, before the model loads."""
-    import prune.pipeline.engines as E
     import prune.pipeline.orchestrator as P
     from prune.choose.strategies import heldout_windows
     from prune.core.config import HELDOUT_WINDOWS, SelectConfig
@@ -177,10 +177,6 @@ def test_default_strategy_needs_held_out_text_and_says_so_before_loading(tiny_fo
 
     assert SelectConfig(n_layers=2).strategy == "verified" and SelectConfig(n_layers=2).held_out() == 4
 
-    def no_loading(*args, **kwargs):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(E, "load_model", no_loading)
     recipe = tiny_recipe(tiny_folder, tmp_path / "out", select={"n_layers": 2})
     text = prune.load_text(prune.TextSource(str(WIKI_RAW), rows="0:300"))
     tok = load_tokenizer(resolve_source(str(tiny_folder)))
