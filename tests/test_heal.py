@@ -450,6 +450,7 @@ def test_heal_run_dir_whose_calibration_file_was_recorded_by_name(tmp_path, tiny
     healed = heal_run(run_dir, tmp_path / "healed", calibration=str(WIKI_RAW), **options)
     rec = json.loads((healed / "pruning.json").read_text())
     assert rec["healing"]["method"] == "partial" and rec["layers_after"] == N_LAYERS - 3 == rec["scores_after"]["n_layers"]
+    assert rec["healing"]["warmup_steps"] == 1  # ceil(5% of its steps): recorded with the schedule it ran
 
 
 def test_learning_rate_schedule_never_spends_a_step_at_rate_zero():

@@ -206,6 +206,7 @@ def _record(cfg: HealConfig, log: dict, trained: list[str], n_params: int, windo
         "seed": cfg.seed,
         "steps": cfg.steps,
         "averaged_steps": log["averaged_steps"],
+        "warmup_steps": log["warmup_steps"],  # at rates (s + 1) / (warmup + 1) of heal.learning_rate
         "tokens_seen": log["tokens_seen"],
         "windows_seen": log["items_seen"],
         "epochs": round(log["epochs"], 3),
@@ -658,8 +659,8 @@ def bridged_record(model, cfg: HealConfig, windows, val_windows, teacher=None) -
     :func:`with_bridges` then puts the un-bridged figures in the ``*_before`` fields."""
     started = time.time()
     loss = mean_lm_loss(model, val_windows)
-    log = {"losses": [], "tokens_seen": 0, "items_seen": 0, "averaged_steps": 0, "epochs": 0.0, "seconds": 0.0,
-           "device": str(input_device(model))}
+    log = {"losses": [], "tokens_seen": 0, "items_seen": 0, "averaged_steps": 0, "warmup_steps": 0, "epochs": 0.0,
+           "seconds": 0.0, "device": str(input_device(model))}
     record = _record(cfg, log, [], 0, windows, val_windows, loss, loss, started)
     record["steps"] = 0
     if teacher is not None:

@@ -56,10 +56,15 @@ def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def warmup_steps(steps: int) -> int:
+    """The warmup of ``steps`` optimizer steps: ``ceil(WARMUP_FRACTION * steps)``, at least one."""
+    return max(1, math.ceil(WARMUP_FRACTION * steps))
+
+
 def make_scheduler(optimizer, steps: int, schedule: str):
-    """A ``LambdaLR`` of ``lr_factor``: warmup over ``ceil(WARMUP_FRACTION * steps)`` steps (at
-    least one), then cosine towards 0 (``cosine``) or flat (``constant``)."""
-    warmup = max(1, math.ceil(WARMUP_FRACTION * steps))
+    """A ``LambdaLR`` of ``lr_factor``: warmup over :func:`warmup_steps`, then cosine towards 0
+    (``cosine``) or flat (``constant``)."""
+    warmup = warmup_steps(steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, warmup, schedule))
 
 
@@ -136,7 +141,7 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter] | list[dict]
     ``cfg`` has ``steps, batch_size, gradient_accumulation, learning_rate, weight_decay,
     schedule, seed, mixed_precision``. ``callback(step, tokens_seen)`` runs after every
     optimizer step with the module in eval mode (for learning curves). Returns
-    ``{"losses": per-step mean loss, "tokens_seen", "items_seen", "averaged_steps", "epochs", "seconds",
+    ``{"losses": per-step mean loss, "tokens_seen", "items_seen", "averaged_steps", "warmup_steps", "epochs", "seconds",
     "device"}`` (the callback sees each step's weights, not the running average);
     the trained module (back in eval mode) is the same object as ``module``.
     """
@@ -205,5 +210,6 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter] | list[dict]
             if not had_forward and "forward" in vars(m):
                 del m.forward
     return {"losses": losses, "tokens_seen": items * tokens_per_item, "items_seen": items, "averaged_steps": n_avg,
+            "warmup_steps": warmup_steps(cfg.steps),
             "epochs": items / len(dataset), "seconds": round(time.time() - started, 1),
             "device": str(accelerator.device)}
