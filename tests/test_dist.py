@@ -93,7 +93,9 @@ def test_two_ranks_equal_one_process(tiny_folder, tmp_path):
 def test_killed_rank_leaves_nothing_complete_and_resume_finishes(tiny_folder, tmp_path):
     out = tmp_path / "pruned"
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_folder, out)))
+    data = tiny_recipe(tiny_folder, out)
+    data["evaluate"].update(tasks=["copa"], limit=6)  # lm-eval's samples are on rank 0 only: the files too
+    recipe.write_text(yaml.safe_dump(data))
     killed = torchrun("-m", "prune", "run", recipe, "-q",
                       env_extra={"PRUNE_FAULT": "saved_weights:kill", "PRUNE_FAULT_RANK": "0"})
     assert killed.returncode != 0
@@ -106,6 +108,8 @@ def test_killed_rank_leaves_nothing_complete_and_resume_finishes(tiny_folder, tm
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     record = json.loads((out / "pruning.json").read_text())
     assert record["removed"] == [3, 4] and {"scores", "selection", "original"} <= set(record["resumed"])
+    assert "Paired: pruned against original" in (out / "eval.md").read_text()
+    assert list((out / "eval" / "pruned").glob("samples_copa_local_*.jsonl"))
     assert not list(tmp_path.glob(".pruned.progress"))
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from prune.core import dist
 from prune.core.config import EvaluateConfig
 from prune.core.console import say
 from prune.core.faults import fault_point
@@ -77,7 +78,7 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
                           apply_chat_template=cfg.apply_chat_template, fewshot_as_multiturn=cfg.fewshot_as_multiturn,
                           local_alias=cfg.local_alias)
         out["tasks"] = run.summary
-        if lm_eval_name is not None:
+        if lm_eval_name is not None and dist.world().is_main:  # lm-eval's samples live on rank 0 (which writes)
             out["lm_eval_files"] = run.files(lm_eval_name, lm_eval_folder)
     return out
 
