@@ -282,6 +282,7 @@ def tiny_folder(tmp_path, tokenizers_by_bos):
     ({"method": "lora", "target_modules": []}, {}, "trains no parameters"),
     ({"method": "partial", "lora_norms": True, "loraplus_ratio": 4}, {}, "lora_norms, loraplus_ratio only apply to LoRA"),
     ({"method": "lora", "merge": False, "lora_init": "pissa"}, {}, "also change base weights"),
+    ({"method": "lora", "merge": False, "objective": "distill"}, {}, "distillation merges its adapter"),
     ({"method": "lora", "dora": True, "lora_init": "olora"}, {}, "DoRA with lora_init olora"),
     ({"method": "replace"}, {"strategy": "one_shot"}, "one contiguous run"),
     ({"method": "replace"}, {"n_layers": 1}, "at least 2"),
@@ -404,6 +405,29 @@ def test_recipe_with_replace_and_prune_heal_run_dir(tmp_path, tiny_folder, capsy
         heal_run(edited, tmp_path / "bad", quiet=True, method="replace", data=str(C4), field=C4_DATA["field"],
                  source=str(tmp_path / "tiny"))
     assert not (tmp_path / "bad").exists()
+
+
+def test_an_adapter_heal_is_evaluated_with_its_adapter(tmp_path, tiny_folder):
+    """heal.merge: false writes the adapter apart; --evaluate measures the pruned model WITH it (it
+    measured the bare pruned model: the run's figures again, reported as healed)."""
+    from peft import PeftModel
+
+    from prune.core.config import EvaluateConfig
+    from prune.measure.evaluation import evaluate_loaded
+    from prune.pipeline.heal_run import heal_run
+
+    plain = _recipe(tmp_path)
+    del plain["heal"]
+    run_dir = run(plain, quiet=True).out_dir
+    healed = heal_run(run_dir, tmp_path / "adapter", method="lora", data=C4_DATA["path"], field=C4_DATA["field"],
+                      rows="0:300", overrides=[f"{k}={v}" for k, v in FAST.items()] + ["merge=false"], evaluate=True,
+                      quiet=True)
+    ev = json.loads((healed / "eval.json").read_text())
+    base, tok, _ = prune.load(run_dir)
+    with_adapter = PeftModel.from_pretrained(base, healed).merge_and_unload()
+    want = evaluate_loaded(with_adapter, tok, EvaluateConfig(**plain["evaluate"]), quiet=True)["perplexity"]["perplexity"]
+    assert ev["pruned"]["perplexity"]["perplexity"] == pytest.approx(want, rel=1e-6)
+    assert ev["pruned"]["perplexity"]["perplexity"] != pytest.approx(ev["pruned_before_healing"]["perplexity"]["perplexity"])
 
 
 def test_cli_heal_partial(tmp_path, tiny_folder):

@@ -548,6 +548,9 @@ class HealConfig(Section):
             raise ValueError("merge: false saves only the adapter, but lora_norms, lora_init pissa/olora and bridge "
                              "also change base weights (set merge: true, or lora_norms: false, lora_init: default "
                              "and bridge: none)")
+        if self.method == "lora" and not self.merge and self.objective == "distill":
+            raise ValueError("merge: false keeps the LoRA adapter of the next-token loss apart; distillation merges "
+                             "its adapter (set merge: true, or objective: lm)")
         if self.dora and self.lora_moves_base_weights:
             raise ValueError(f"DoRA with lora_init {self.lora_init} is not supported (use one of them)")
         if self.bridge != "none" and self.method == "replace":

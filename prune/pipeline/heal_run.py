@@ -305,6 +305,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         clock.lap("fidelity reference")
 
     started = _dt.datetime.now(_dt.timezone.utc)
+    adapter_tmp = None  # heal.merge: false (LoRA, next-token loss): the adapter is saved apart
     if cfg.bridge != "none":
         model, tokenizer, kept, record = _heal_with_bridges(run, original, pruning.kept, cfg, dtype, trust, quiet)
     elif cfg.objective == "distill":  # -- distill (prune.heal.distill): teacher = the source model or a top-k cache --
@@ -335,6 +336,10 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
                                adapter_dir=adapter_tmp.name if adapter_tmp else None)
         else:
             record = heal_partial(model, cfg, windows, val_windows, quiet=quiet)
+    if adapter_tmp is not None:  # the healed model is the pruned one plus the adapter: score and evaluate that
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_tmp.name).merge_and_unload()
     clock.lap("heal")
     record["from_run"] = run.name
     if pruning.healing:
@@ -371,7 +376,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     from prune.export.heal import heal_export, save_adapter
 
     def save_fn(out_dir, rec, files, ow, inputs):
-        if not cfg.merge:
+        if adapter_tmp is not None:
             folder = save_adapter(adapter_tmp.name, out_dir, pruning=rec, files=files, overwrite=ow)
             adapter_tmp.cleanup()
             return folder
