@@ -416,6 +416,16 @@ def test_run_sequential_equals_run_in_memory(tokenizers_by_bos, tmp_path, capsys
     assert record["params_after"] == prune.count_parameters(AutoModelForCausalLM.from_pretrained(seq.out_dir))
     assert json.loads((mem.out_dir / "pruning.json").read_text())["execution"]["mode"] == "in_memory"
     assert (seq.out_dir / "recipe.yaml").is_file()
+    # loaded in bfloat16, output.dtype auto: both save what they loaded (out of core saved the stored float32)
+    runs = {}
+    for mode in ("in_memory", "sequential"):
+        recipe = _recipe(folder, tmp_path / f"bf16-{mode}", mode)
+        recipe["model"]["dtype"] = "bfloat16"
+        runs[mode] = run(recipe, quiet=True).out_dir
+    a, b = all_tensors(runs["in_memory"]), all_tensors(runs["sequential"])
+    assert {t.dtype for t in b.values()} == {torch.bfloat16} and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((runs["sequential"] / "pruning.json").read_text())["dtype"] == "bfloat16"
+    assert "**Saved dtype**: `bfloat16`" in (runs["sequential"] / "README.md").read_text()
 
 
 def test_run_auto_chooses_sequential_when_memory_is_short(tokenizers_by_bos, tmp_path, capsys):
@@ -430,6 +440,9 @@ def test_run_auto_chooses_sequential_when_memory_is_short(tokenizers_by_bos, tmp
     with_eval = _recipe(folder, tmp_path / "out2", "sequential")
     with_eval["evaluate"] = {"perplexity": {"path": str(WIKI_RAW), "rows": "2000:2100", "seq_len": 32}}
     with pytest.raises(PruneError, match="cannot evaluate"):
+        run(with_eval)
+    with_eval["evaluate"] = {"fidelity": {"path": str(WIKI_RAW), "rows": "2000:2100", "seq_len": 32}}
+    with pytest.raises(PruneError, match="cannot evaluate"):  # a fidelity section alone: it was silently dropped
         run(with_eval)
     with pytest.raises(PruneError, match="runs the model"):
         run(_recipe(folder, tmp_path / "out3", "sequential", strategy="iterative"))

@@ -141,9 +141,11 @@ class Sequential:
     def save(self, out_dir, record: PruningRecord, files: dict[str, str], overwrite: bool, inputs=()) -> Path:
         from prune.export.outofcore import prune_checkpoint
 
+        wanted, loaded = self.recipe.output.dtype, self.recipe.model.dtype  # as in memory: output.dtype auto saves
+        dtype = wanted if wanted != "auto" else loaded               # the dtype the model was loaded in
         out = prune_checkpoint(self.folder, self._removed, out_dir, pruning=record, files=files, overwrite=overwrite,
                                trust_remote_code=self.recipe.model.trust_remote_code, inputs=inputs,
-                               dtype=self.recipe.output.dtype, new_step=False)  # the record has its lineage
+                               dtype=dtype, new_step=False)  # the record has its lineage
         say("(written from the source shards, out of core)", self.quiet)
         return out
 
@@ -155,7 +157,8 @@ def check_sequential_recipe(recipe: Recipe, plan: ExecutionPlan) -> None:
     why = f"score.execution chose sequential ({plan.reason})"
     fix = ("or set score.execution: in_memory (with model.device_map: auto and model.offload_folder to let "
            "Accelerate offload weights)")
-    if recipe.evaluate is not None and (recipe.evaluate.perplexity is not None or recipe.evaluate.tasks):
+    ev = recipe.evaluate
+    if ev is not None and (ev.perplexity is not None or ev.fidelity is not None or ev.tasks):
         raise PruneError(f"{why}: an out-of-core run cannot evaluate the model; remove the evaluate section (evaluate "
                          f"the output folder afterwards with `prune eval ... --device-map auto`) {fix}")
     if recipe.heal is not None:
