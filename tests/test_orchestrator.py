@@ -67,3 +67,12 @@ def test_push_to_hub_is_attempted_after_a_sequential_run(tiny_folder, tmp_path, 
         server.shutdown()
     assert ("POST", "/api/repos/create", True) in handler.seen  # with the token
     assert (tmp_path / "seq" / "README.md").is_file()  # saved, complete, before the push
+
+
+def test_overrides_apply_to_a_recipe_object_too(tiny_folder, tmp_path):
+    """prune.run(Recipe, overrides=...) applies them, as for a file or a dict (they were ignored)."""
+    from prune.pipeline.recipe import load_recipe
+
+    recipe = load_recipe(tiny_recipe(tiny_folder, tmp_path / "out", evaluate=None))
+    result = run(recipe, overrides=["select.n_layers=3"], quiet=True)
+    assert len(result.selection.removed) == 3 and recipe.select.n_layers == 2  # the caller's object is unchanged

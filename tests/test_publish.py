@@ -352,7 +352,7 @@ def test_adapter_folder_loads_on_the_pruned_base(chain):
 
 
 # ---- 8. mergekit --------------------------------------------------------------------------------------------
-def test_mergekit_slices_cover_exactly_the_kept_blocks(chain, tmp_path):
+def test_mergekit_slices_cover_exactly_the_kept_blocks(chain, tmp_path, capsys):
     record = read_record(chain["step2"] / "pruning.json")
     config = mergekit_config(record, model="org/tiny-base")
     ranges = [tuple(s["sources"][0]["layer_range"]) for s in config["slices"]]
@@ -362,6 +362,11 @@ def test_mergekit_slices_cover_exactly_the_kept_blocks(chain, tmp_path):
     # the CLI file, read back by `prune remove --slices`, removes exactly what the chain removed
     assert prune_main(["export-mergekit", str(chain["step2"]), "-o", str(tmp_path / "mk.yaml")]) == 0
     assert blocks_from_slices(str(tmp_path / "mk.yaml"), 8) == record.removed_original_all
+    # a healed folder's weights are not the original's blocks: no passthrough config rebuilds them
+    capsys.readouterr()
+    assert prune_main(["export-mergekit", str(chain["step3"]), "-o", str(tmp_path / "healed.yaml")]) == 2
+    assert "step 2 of this folder was healed" in capsys.readouterr().err  # heal keeps the step it heals
+    assert not (tmp_path / "healed.yaml").exists()
     for bad, message in (("[[0, 3], [2, 5]]", "overlaps"), ("[[0, 9]]", "not inside"), ("[[0, 8]]", "nothing to remove"),
                          ("{slices: [{sources: [{model: a, layer_range: [0, 2]}, {model: b, layer_range: [0, 2]}]}]}",
                           "exactly one source")):

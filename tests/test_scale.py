@@ -293,6 +293,10 @@ def test_gpt2_scaled_by_its_layer_index_computes_the_same_after_pruning_and_relo
     out = prune_checkpoint(folder, removed, tmp_path / "ooc", pruning={"removed": removed})
     a, b = all_tensors(tmp_path / "mem"), all_tensors(out)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    from prune.export.mergekit import export_mergekit  # a passthrough merge would copy the unscaled queries
+
+    with pytest.raises(PruneError, match="rescaled query"):
+        export_mergekit(out)
 
 
 def test_outofcore_counts_a_stored_tied_head_once_and_leaves_a_stale_mergekit_config(tokenizers_by_bos, tmp_path):

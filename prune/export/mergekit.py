@@ -18,6 +18,7 @@ can also repeat or reorder blocks; those are refused).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -49,11 +50,26 @@ def original_model_id(record: PruningRecord) -> str:
     return record.chain()[0].base_model or source.gguf_file or source.path
 
 
-def mergekit_config(record: PruningRecord, model: str | None = None, dtype: str | None = None) -> dict:
-    """The passthrough config that rebuilds ``record``'s kept blocks from the original model."""
+def mergekit_config(record: PruningRecord, model: str | None = None, dtype: str | None = None,
+                    config: dict | None = None) -> dict:
+    """The passthrough config that rebuilds ``record``'s kept blocks from the original model. Refused
+    where a passthrough merge cannot rebuild the folder's weights: a healed step (trained or refitted
+    weights), or GPT-2 with ``scale_attn_by_inverse_layer_idx`` (``config``: the folder's config.json)
+    whose moved blocks carry a rescaled query."""
     kept = record.kept_original or record.kept
     if not kept:
         raise PruneError("pruning.json records no kept blocks: nothing to export")
+    healed = [s.step or i + 1 for i, s in enumerate(record.chain()) if s.healing]
+    if healed:
+        raise PruneError(f"step {healed[0]} of this folder was healed: its weights are not the original's blocks, "
+                         "which is all a mergekit passthrough merge copies (export the run folder before healing, "
+                         "or use this folder's weights as they are)")
+    config = config or {}
+    if config.get("model_type") == "gpt2" and config.get("scale_attn_by_inverse_layer_idx") and \
+            any(old != new for new, old in enumerate(kept)):
+        raise PruneError("GPT-2 with scale_attn_by_inverse_layer_idx: the blocks that moved carry a rescaled query "
+                         "(their attention scale depends on their index), which a mergekit passthrough merge of the "
+                         "original's blocks would not: use this folder's weights as they are")
     name = model or original_model_id(record)
     slices = [{"sources": [{"model": name, "layer_range": [a, b]}]} for a, b in kept_ranges(kept)]
     return {"slices": slices, "merge_method": "passthrough", "dtype": dtype or record.dtype or "float32"}
@@ -68,7 +84,8 @@ def export_mergekit(run_dir: str | os.PathLike, output: str | os.PathLike | None
     if not (run / RECORD_FILE).is_file():
         raise PruneError(f"{run} has no {RECORD_FILE}: give a folder written by prune run / remove / heal")
     record = read_record(run / RECORD_FILE)
-    config = mergekit_config(record, model, dtype)
+    model_config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else None
+    config = mergekit_config(record, model, dtype, model_config)
     out = Path(output).expanduser() if output else run / "mergekit.yaml"
     note = ("# mergekit passthrough config for the blocks this model kept (original indices, half-open ranges)\n"
             f"# written by prune from {RECORD_FILE}; run with: mergekit-yaml {out.name} OUTPUT_DIR\n")

@@ -159,6 +159,8 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     recipe_file = None if isinstance(recipe, (Recipe, dict)) else recipe
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
+    elif overrides:  # a Recipe and --set-style overrides: applied to its data, then validated again
+        recipe = load_recipe(recipe.model_dump(mode="json", exclude_unset=True), overrides)
     dist.check_same(recipe.model_dump(mode="json"), "recipe")  # under a launcher: every rank the same recipe
     quiet = quiet or not dist.world().is_main  # one rank talks
     quiet_mode(quiet)
