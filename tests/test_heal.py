@@ -409,7 +409,8 @@ def test_recipe_with_replace_and_prune_heal_run_dir(tmp_path, tiny_folder, capsy
 
 def test_an_adapter_heal_is_evaluated_with_its_adapter(tmp_path, tiny_folder):
     """heal.merge: false writes the adapter apart; --evaluate measures the pruned model WITH it (it
-    measured the bare pruned model: the run's figures again, reported as healed)."""
+    measured the bare pruned model: the run's figures again, reported as healed), and keeps lm-eval's
+    files of the run's original and of the healed model, paired (it kept none)."""
     from peft import PeftModel
 
     from prune.core.config import EvaluateConfig
@@ -418,6 +419,7 @@ def test_an_adapter_heal_is_evaluated_with_its_adapter(tmp_path, tiny_folder):
 
     plain = _recipe(tmp_path)
     del plain["heal"]
+    plain["evaluate"].update(tasks=["copa"], limit=6, data_dir=str(DATA))
     run_dir = run(plain, quiet=True).out_dir
     healed = heal_run(run_dir, tmp_path / "adapter", method="lora", data=C4_DATA["path"], field=C4_DATA["field"],
                       rows="0:300", overrides=[f"{k}={v}" for k, v in FAST.items()] + ["merge=false"], evaluate=True,
@@ -425,9 +427,15 @@ def test_an_adapter_heal_is_evaluated_with_its_adapter(tmp_path, tiny_folder):
     ev = json.loads((healed / "eval.json").read_text())
     base, tok, _ = prune.load(run_dir)
     with_adapter = PeftModel.from_pretrained(base, healed).merge_and_unload()
-    want = evaluate_loaded(with_adapter, tok, EvaluateConfig(**plain["evaluate"]), quiet=True)["perplexity"]["perplexity"]
+    want = evaluate_loaded(with_adapter, tok, EvaluateConfig(perplexity=plain["evaluate"]["perplexity"]),
+                           quiet=True)["perplexity"]["perplexity"]
     assert ev["pruned"]["perplexity"]["perplexity"] == pytest.approx(want, rel=1e-6)
     assert ev["pruned"]["perplexity"]["perplexity"] != pytest.approx(ev["pruned_before_healing"]["perplexity"]["perplexity"])
+    # lm-eval's files of the run's original and of the healed model: paired in eval.md and by prune compare
+    assert list((healed / "eval" / "original").glob("samples_copa_local_*.jsonl"))
+    assert list((healed / "eval" / "pruned").glob("samples_copa_local_*.jsonl"))
+    assert ev["paired"] and ev["paired"][0]["n"] == 6 and "Paired: pruned against original" in (healed / "eval.md").read_text()
+    assert prune_main("compare", healed, check_rc=0).stdout.count("copa_local") >= 1
 
 
 def test_cli_heal_partial(tmp_path, tiny_folder):

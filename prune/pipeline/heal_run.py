@@ -194,6 +194,12 @@ def _heal_with_bridges(run: Path, original: OriginalModel, kept: list[int], cfg:
     return model, tokenizer, kept, record
 
 
+def run_lm_eval_files(run: Path, which: str) -> dict[str, str]:
+    """lm-eval's files a run folder keeps for its ``which`` model (``eval/original``), ``{name: text}``."""
+    folder = run / "eval" / which
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(folder.iterdir()) if p.is_file()} if folder.is_dir() else {}
+
+
 @keeps_quiet_mode
 def heal_run(run_dir, output, *, method: str | None = None, config: str | None = None, data: str | None = None,
              field=None, rows: str | None = None, overrides=(), evaluate: bool = False, overwrite: bool = False,
@@ -211,7 +217,8 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     from prune.core.records import read_record
     from prune.core.tables import comparison_rows
     from prune.export.saving import check_output_dir, save
-    from prune.measure.evaluation import evaluate_loaded
+    from prune.measure.evaluation import evaluate_loaded, lm_eval_outputs
+    from prune.measure.paired import paired_section
     from prune.measure.scoring import score
     from prune.model.loading import context_length, count_parameters, load_model
     from prune.pipeline.engines import score_options
@@ -361,12 +368,15 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
               "layers_before": pruning.layers_before, "layers_after": new.layers_after}
     run_eval = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
     original, before = run_eval.get("original", {}), run_eval.get("pruned", {})
-    healed = evaluate_loaded(model, tokenizer, eval_cfg, quiet=quiet, label="healed:   ",
-                             reference=reference) if evaluate else {}
+    healed = evaluate_loaded(model, tokenizer, eval_cfg, quiet=quiet, label="healed:   ", reference=reference,
+                             lm_eval_name=f"{run.name} (healed)", lm_eval_folder="pruned") if evaluate else {}
     if not evaluate:
         original, before = {}, {}  # the run's figures describe the unhealed model: not carried over
+    # lm-eval's files: the run's original's (read back) and the healed model's, paired per example
+    lm_eval_files, paired = lm_eval_outputs({**original, "lm_eval_files": run_lm_eval_files(run, "original")
+                                             if evaluate else {}}, healed)
     evaluation = {"original": original, "pruned_before_healing": before, "pruned": healed,
-                  "rows": comparison_rows(original, healed, counts), **counts}
+                  "rows": comparison_rows(original, healed, counts), **counts, "paired": [p.to_dict() for p in paired]}
     if recipe is not None and evaluate:
         evaluation["settings"] = run_eval.get("settings")
     if evaluate:
@@ -386,7 +396,8 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     result, _ = write_output(save_fn, recipe, new, evaluation, out_dir=out, inputs=inputs, overwrite=overwrite,
                              quiet=quiet, title="Before / after healing",
                              table=_healed_markdown(original, before, healed, counts),
-                             extra_markdown=healing_markdown(public_data(record)),
+                             extra_markdown=healing_markdown(public_data(record)) + paired_section(paired),
+                             extra_files=lm_eval_files,
                              prepare=lambda rec, files: heal_export(rec, run, out, files, recipe, model,
                                                                     adapter=not cfg.merge))
     clock.lap("write")
