@@ -47,11 +47,17 @@ def siblings(out: Path) -> list[Path]:
 
 
 # ---- killed at any stage: no output folder, or a hidden one marked incomplete; source untouched ----
-@pytest.mark.parametrize("stage", ["scoring", "evaluating", "saving", "saved_weights", "before_rename"])
-def test_killed_run_leaves_no_checkpoint(stage, tiny_folder, tmp_path):
+@pytest.mark.parametrize("stage, execution", [("scoring", "in_memory"), ("evaluating", "in_memory"),
+                                              ("saving", "in_memory"), ("saved_weights", "in_memory"),
+                                              ("before_rename", "in_memory"), ("scoring", "sequential"),
+                                              ("saved_weights", "sequential")])
+def test_killed_run_leaves_no_checkpoint(stage, execution, tiny_folder, tmp_path):
     before = digest(tiny_folder)
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_folder, out))
+    data = tiny_recipe(tiny_folder, out, score={"execution": execution})
+    if execution == "sequential":  # out of core: written from the shards, nothing evaluated
+        data["evaluate"] = None
+    recipe = write_recipe(tmp_path / "r.yaml", data)
     done = prune_cli("run", recipe, "--quiet", fault=f"{stage}:kill")
     assert done.returncode == -9, done.stderr  # SIGKILL: no cleanup ran
     assert not out.exists()

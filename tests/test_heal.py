@@ -286,6 +286,7 @@ def tiny_folder(tmp_path, tokenizers_by_bos):
     ({"method": "lora", "dora": True, "lora_init": "olora"}, {}, "DoRA with lora_init olora"),
     ({"method": "replace"}, {"strategy": "one_shot"}, "one contiguous run"),
     ({"method": "replace"}, {"n_layers": 1}, "at least 2"),
+    ({"method": "replace"}, {"strategy": "tail", "protect": [0, -1, -3]}, "tail with protect [0, -1, -3] removes [3, 4, 6]"),
     ({"method": "lora", "data": {"path": str(WIKI_RAW), "rows": "1000:3000"}}, {}, "overlaps the perplexity text"),
     ({"method": "lora", "data": None}, {}, "'heal.data' is missing"),
     ({"method": "lora", "steps": 0}, {}, "heal.steps"),

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from prune.core.errors import PruneError
+from prune.core.faults import fault_point
 from prune.core.records import PruningRecord, complement
 from prune.export.public import clean_config_file
 from prune.export.saving import staged, write_extras
@@ -257,10 +258,12 @@ def prune_checkpoint(
             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         weight_map: dict[str, str] = {}
         total = 0
+        fault_point("saving")
         for name, (source_shard, tensors) in zip(names, shards.items()):
             meta = sk.checkpoint.file_metadata.get(source_shard) or {"format": "pt"}
             total += write_safetensors(stage / name, tensors, meta)
             weight_map.update({key: name for key, _ in tensors})
+        fault_point("saved_weights")
         if len(names) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (stage / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

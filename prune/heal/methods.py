@@ -751,6 +751,13 @@ def preflight(cfg: HealConfig, select: SelectConfig, config, n_layers: int, trus
         k = resolve_count(n_layers, select.n_layers, select.fraction, resolve_protect(select.protect, n_layers))
         if cfg.method == "replace" and k < 2:
             raise PruneError(f"heal.method replace needs at least 2 removed blocks, but select removes {k} (use lora or partial)")
+        if cfg.method == "replace" and select.strategy == "tail":  # known now: the blocks before the last, protect skipped
+            from prune.choose.rules import tail
+
+            removed = tail(n_layers, k, resolve_protect(select.protect, n_layers)).removed
+            if removed != list(range(removed[0], removed[0] + k)):
+                raise PruneError(f"heal.method replace needs one contiguous run, but select.strategy tail with protect "
+                                 f"{select.protect} removes {removed} (change select.protect, or use lora or partial)")
         n_after = n_layers - k + (1 if cfg.method == "replace" else 0)
     check_settings(cfg, meta_model(config, trust_remote_code=trust_remote_code), n_after, context_length(config))
     from prune.heal.training import check_parallel

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from prune.model.capture import _hidden_from_args, _hidden_from_output, batches
 from prune.core.errors import PruneError
+from prune.core.faults import fault_point
 from prune.measure.scoring import (
     BATCH_SIZE,
     BETA,
@@ -225,6 +226,7 @@ def score_sequential(
                     acts[b] = out.to("cpu")
                 sk.free_block(index)
                 bar.update(1)
+                fault_point("scoring")  # fault-injection hook (prune.core.faults), as in prune.score
             del acts, calls
             # 4. the same accumulator and batch folding as prune.score
             acc = ScoreAccumulator(n_layers, device, metrics, cka_windows)
