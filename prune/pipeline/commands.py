@@ -218,9 +218,7 @@ def report_model(source: str, out_dir: str | Path, *, strategy: str = "contiguou
     if strategy not in SCORE_ONLY:
         raise PruneError(f"a model report marks blocks with a score-only strategy ({', '.join(SCORE_ONLY)}); for "
                          f"{strategy} run a recipe and report its output folder")
-    from prune.pipeline.inputs import command_inputs
-
-    from prune.pipeline.inputs import preflight_model
+    from prune.pipeline.inputs import command_inputs, preflight_model
     from prune.pipeline.recipe import needed_score
 
     inputs = command_inputs(source, [score_kwargs.get("data")])
@@ -230,11 +228,10 @@ def report_model(source: str, out_dir: str | Path, *, strategy: str = "contiguou
     if need is not None and need not in metrics:
         raise PruneError(f"{why.replace('select.', '--')} reads the {need} scores, but --metrics is "
                          f"{' '.join(metrics)} (add {need})")
-    config = preflight_model(resolve_source(source), score_kwargs.get("trust_remote_code", False))
-    L = config.num_hidden_layers
-    k = max(1, round(L / 4)) if n_layers is None else n_layers
-    try:
-        resolve_count(L, k, None, resolve_protect(protect, L))
+    blocks = preflight_model(resolve_source(source), score_kwargs.get("trust_remote_code", False)).num_hidden_layers
+    k = max(1, round(blocks / 4)) if n_layers is None else n_layers
+    try:  # an impossible count fails now, not after scoring
+        resolve_count(blocks, k, None, resolve_protect(protect, blocks))
     except PruneError as exc:
         raise PruneError(str(exc).replace("select.n_layers", "--n-layers").replace("select.protect", "--protect")) from None
     scores = score_model(source, **score_kwargs)

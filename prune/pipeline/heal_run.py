@@ -197,7 +197,9 @@ def _heal_with_bridges(run: Path, original: OriginalModel, kept: list[int], cfg:
 def run_lm_eval_files(run: Path, which: str) -> dict[str, str]:
     """lm-eval's files a run folder keeps for its ``which`` model (``eval/original``), ``{name: text}``."""
     folder = run / "eval" / which
-    return {p.name: p.read_text(encoding="utf-8") for p in sorted(folder.iterdir()) if p.is_file()} if folder.is_dir() else {}
+    if not folder.is_dir():
+        return {}
+    return {p.name: p.read_text(encoding="utf-8") for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 @keeps_quiet_mode

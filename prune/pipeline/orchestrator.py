@@ -108,9 +108,7 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
         check_tasks([sel.proxy_task], data_dir_path=ev.data_dir if ev else None, task_dirs=ev.task_dirs if ev else None)
     # -- heal (prune.heal): settings checked against the config, before any weights are loaded --
     if recipe.heal is not None:
-        from prune.heal.methods import preflight as heal_preflight
-
-        from prune.heal.methods import training_windows
+        from prune.heal.methods import preflight as heal_preflight, training_windows
 
         heal_preflight(recipe.heal, recipe.select, config, n_layers, recipe.model.trust_remote_code)
         training_windows(tokenizer, recipe.heal)  # too little training text fails now, not after scoring

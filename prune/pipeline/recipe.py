@@ -128,7 +128,6 @@ def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str
         if not isinstance(data, dict):
             raise PruneError(f"{where}: a recipe is a mapping of sections (model, calibration, select, ...)")
     data = apply_overrides(expand_env(data), overrides)
-    check_no_token(data, where)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -140,6 +139,7 @@ def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str
 def check_recipe(recipe: Recipe, where: str = "recipe") -> None:
     """The checks across sections and files that a valid ``Recipe`` may still fail (a recipe built
     in Python passes them in :func:`prune.pipeline.orchestrator.preflight`)."""
+    check_no_token(recipe.model_dump(mode="json"), where)
     check_files(recipe, where)
     check_select(recipe, where)
     check_heal(recipe, where)
