@@ -58,3 +58,43 @@ def test_compare_a_run_folder(run_with_tasks):
 
     proc = prune_main("compare", run_with_tasks.out_dir, "--iters", 500, check_rc=0)
     assert "| copa_local | acc | 12 |" in proc.stdout and "pruned - original" in proc.stdout
+
+
+def test_lm_eval_s_direction_of_a_metric_reaches_the_table(run_with_tasks):
+    """lm-eval marks each metric higher- or lower-is-better (perplexity, bits per byte: lower); the
+    before/after table shows a lower-is-better row as a factor, not as "% retained" (a perplexity 4x
+    worse read "400.0%"). Read from the run's own results file, one metric's direction flipped."""
+    from lm_eval.utils import get_latest_filename, get_results_filenames
+
+    from prune.core.tables import comparison_markdown, comparison_rows
+    from prune.measure.lmeval import summarize
+
+    out = run_with_tasks.out_dir
+    data = json.loads((out / "eval.json").read_text())
+    assert data["pruned"]["tasks"]["copa_local"]["lower_is_better"] == []  # acc: higher is better
+    runs = {}
+    for which in ("original", "pruned"):
+        files = [str(p) for p in (out / "eval" / which).iterdir()]
+        results = json.loads(open(get_latest_filename(get_results_filenames(files))).read())
+        results["higher_is_better"]["copa_local"]["acc"] = False  # as lm-eval marks perplexity
+        runs[which] = {"tasks": summarize(results)}
+    assert runs["pruned"]["tasks"]["copa_local"]["lower_is_better"] == ["acc"]
+    rows = comparison_rows(runs["original"], runs["pruned"], {"params_before": 2, "params_after": 1,
+                                                               "layers_before": 8, "layers_after": 6})
+    row = next(r for r in rows if r["name"] == "copa_local")
+    assert row["lower_is_better"] and f"| x{row['retained']:.2f} |" in comparison_markdown([row])
+
+
+def test_report_of_a_run_with_tasks_keeps_only_the_before_after_table(run_with_tasks, tmp_path):
+    """eval.md holds the before/after table, then the paired and lm-eval tables (other columns): the
+    report's "Utility before / after" is the first alone (it took every `|` line: pairs under "original")."""
+    from prune.export.report import report_run
+
+    out = run_with_tasks.out_dir
+    assert "## Paired" in (out / "eval.md").read_text()
+    md = (report_run(out, tmp_path / "rep") / "report.md").read_text()
+    section = md.split("Utility before / after", 1)[1].split("\n#", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    data = json.loads((out / "eval.json").read_text())
+    assert len(rows) == 2 + len(data["rows"])  # header, separator, one line per row of eval.json
+    assert "| Tasks |" not in section and "right->wrong" not in section

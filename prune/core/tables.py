@@ -26,9 +26,10 @@ def comparison_rows(original: dict, pruned: dict, facts: dict) -> list[dict]:
         before = original.get("tasks", {}).get(task, {})
         name = task + (" (group)" if res.get("group") else "") + (
             " (few-shot from the scored split)" if res.get("fewshot_from_scored_split") else "")
+        lower = set(res.get("lower_is_better", ()))  # perplexity-like metrics (absent in older results)
         for metric, value in res["metrics"].items():
             add(name, metric, before.get("metrics", {}).get(metric), value,
-                before.get("stderr", {}).get(metric), res["stderr"].get(metric))
+                before.get("stderr", {}).get(metric), res["stderr"].get(metric), lower_is_better=metric in lower)
     add("parameters", "count", facts["params_before"], facts["params_after"], lower_is_better=True)
     add("layers", "count", facts["layers_before"], facts["layers_after"], lower_is_better=True)
     return rows
@@ -60,9 +61,10 @@ def comparison_markdown(rows: list[dict]) -> str:
 
 
 def fmt_retained(row: dict) -> str:
-    """A row's retained value: ``x2.80`` for perplexity (a factor), ``97.5%`` otherwise, ``-`` if unknown."""
+    """A row's retained value: ``x2.80`` for perplexity and every other lower-is-better measure (a
+    factor), ``97.5%`` otherwise (counts too), ``-`` if unknown."""
     if row["retained"] is None:
         return "-"
-    if row["metric"] == "ppl":
+    if row["metric"] == "ppl" or (row.get("lower_is_better") and row["metric"] != "count"):
         return f"x{row['retained']:.2f}"
     return f"{100 * row['retained']:.1f}%"

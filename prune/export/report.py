@@ -34,6 +34,18 @@ SCORE_ONLY = tuple(names(needs_model=False))
 DPI = 110
 
 
+def first_table(markdown: str) -> list[str]:
+    """The lines of the first Markdown table in ``markdown`` (eval.md's before/after table; the paired and
+    lm-eval tables after it are other tables, with other columns)."""
+    lines: list[str] = []
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            lines.append(line)
+        elif lines:
+            break
+    return lines
+
+
 def _plt():
     import matplotlib
 
@@ -333,7 +345,7 @@ def _write(folder: Path, before, after, selection, kept, k, title, source, evalu
             doc.para(line)
     if evaluation:
         doc.heading("Utility before / after")
-        head, *body = [line for line in evaluation.splitlines() if line.startswith("|")] or [""]
+        head, *body = first_table(evaluation) or [""]
         if body:
             doc.table([c.strip() for c in head.strip("|").split("|")],
                       [[c.strip() for c in r.strip("|").split("|")] for r in body[1:]])

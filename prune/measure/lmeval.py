@@ -246,7 +246,8 @@ class LmEvalRun:
 
 
 def summarize(out: dict, *, local_alias: bool = False) -> dict:
-    """``{name: {"metrics", "stderr", "n"}}`` of every task and group in lm-eval's output, keyed by
+    """``{name: {"metrics", "stderr", "n", "lower_is_better"}}`` of every task and group in lm-eval's
+    output (``lower_is_better``: the metrics lm-eval marks so, e.g. perplexity), keyed by
     :func:`reported_name`; groups get ``"group": True`` (their aggregate) and few-shot examples drawn
     from the scored split ``"fewshot_from_scored_split": True``."""
     results = {}
@@ -261,8 +262,10 @@ def summarize(out: dict, *, local_alias: bool = False) -> dict:
                 stderr[metric[: -len("_stderr")]] = float(value) if value == value else None
             else:
                 metrics[metric] = float(value)
+        better = out.get("higher_is_better", {}).get(name, {})  # lm-eval's own direction of each metric
         entry: dict[str, Any] = {"metrics": metrics, "stderr": stderr,
-                                 "n": out.get("n-samples", {}).get(name, {}).get("effective")}
+                                 "n": out.get("n-samples", {}).get(name, {}).get("effective"),
+                                 "lower_is_better": sorted(m for m in metrics if better.get(m) is False)}
         if name in groups:
             entry["group"] = True
         cfg = out.get("configs", {}).get(name)
