@@ -92,4 +92,3 @@ def test_cli_report_run_folder_and_model(run_dir, tmp_path):
     assert not (tmp_path / "m" / "cka_pruned.png").exists()
     bad = prune_main("report", str(model_dir), "-o", str(tmp_path / "x"))
     assert bad.returncode == 2 and "give --data" in bad.stderr and not (tmp_path / "x").exists()
-

@@ -113,10 +113,14 @@ def test_local_tasks_resolve_without_indexing_lm_evals_registry(task_dir, tmp_pa
 
 def test_last_word_task_scores_the_exact_last_word_of_each_story(tokenizers_by_bos, tmp_path):
     """``tinystories_lastword_local`` (LAMBADA-style): one example per story of the shared TinyStories
-    file, the context the story up to its last word, the target that word after a space."""
+    file, the context the story up to its last word, the target that word after a space (the file's
+    last piece, cut at 2 MiB, is not a story)."""
     from prune.measure.lmeval import run_lm_eval
 
-    stories = [s.strip() for s in (DATA / "tinystories" / "tinystories_sample_2MiB.txt").read_text().split("<|endoftext|>")]
+    text = (DATA / "tinystories" / "tinystories_sample_2MiB.txt").read_text()
+    stories = [s.strip() for s in text.split("<|endoftext|>")]
+    if not text.rstrip().endswith("<|endoftext|>"):
+        stories = stories[:-1]  # cut by the 2 MiB sample: "... She said it was" is not a story's end
     expected = []
     for story in filter(None, stories):
         head, _, word = story.rpartition(" ")
@@ -139,3 +143,30 @@ def test_last_word_task_scores_the_exact_last_word_of_each_story(tokenizers_by_b
     spec.loader.exec_module(lastword)
     whole = datasets.Dataset.from_dict({"text": [(DATA / "tinystories" / "tinystories_sample_2MiB.txt").read_text()]})
     assert [(d["context"], d["target"]) for d in lastword.process_docs(whole)] == expected
+
+
+def test_copa_and_boolq_local_prompts_are_lm_eval_s_own():
+    """The local COPA and BoolQ copies build the requests lm-eval's super_glue tasks build (the copy's
+    query writes "faucet, therefore" and "Passage: ...", which lm-eval's prompts do not have)."""
+    import jinja2
+    from lm_eval.tasks import get_task_dict
+
+    from prune.measure.lmeval import resolve_tasks
+
+    names, manager = resolve_tasks(["copa", "boolq"], data_dir_path=DATA)
+    tasks = get_task_dict(names, manager)
+    for task in tasks.values():
+        task.build_all_requests(limit=1, rank=0, world_size=1)
+    copa = [i.arguments for i in tasks["copa_local"].instances]
+    spec = importlib.util.spec_from_file_location(
+        "copa_utils", importlib.util.find_spec("lm_eval").submodule_search_locations[0] + "/tasks/super_glue/copa/utils.py")
+    official = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(official)
+    doc = {"premise": "The man turned on the faucet.", "choice1": "The toilet filled with water.",
+           "choice2": "Water flowed from the spout.", "question": "effect", "label": 1}  # COPA's first question
+    assert copa == [(official.doc_to_text(doc), " " + c) for c in official.doc_to_choice(doc)]
+    context, _ = tasks["boolq_local"].instances[0].arguments
+    first = json.loads((DATA / "tasks" / "boolq.jsonl").open().readline())
+    passage, question = first["query"].removeprefix("Passage: ").split("\nQuestion: ")
+    template = jinja2.Template("{{passage}}\nQuestion: {{question}}?\nAnswer:")  # lm-eval's boolq doc_to_text
+    assert context == template.render(passage=passage, question=question.removesuffix("?"))

@@ -4,7 +4,8 @@ The text file holds stories separated by ``<|endoftext|>``. Each story becomes o
 ``context`` is the story up to its last word, ``target`` that word (letters and apostrophes; the
 punctuation after it is dropped). lm-eval scores ``" " + target`` after ``context``: ``acc`` is 1
 when greedy decoding produces the word exactly (every one of its tokens), as in ``lambada_openai``.
-Stories whose last word does not follow a space (a quote or a line break before it) are left out.
+Stories whose last word does not follow a space (a quote or a line break before it) are left out,
+and so is a document's last piece when no separator closes it (a sample cut at its size limit).
 """
 
 import re
@@ -25,7 +26,10 @@ def process_docs(dataset: datasets.Dataset) -> datasets.Dataset:
     """One example per story of every document in ``dataset`` (column ``text``), in file order."""
     rows = []
     for document in dataset["text"]:
-        for story in document.split(SEPARATOR):
+        stories = document.split(SEPARATOR)
+        if len(stories) > 1 and not document.rstrip().endswith(SEPARATOR):
+            stories = stories[:-1]  # the sample's size limit cut its last story: its last word is not the story's
+        for story in stories:
             pair = split_story(story.strip())
             if pair:
                 rows.append({"context": pair[0], "target": pair[1]})
