@@ -129,7 +129,7 @@ def test_calibration_problems_fail_before_the_model_loads(tiny_folder, tmp_path,
     ("metric_not_scored", "select.metric cka reads the cka scores, but score.metrics is ['bi']"),
     ("contiguous_without_angular", "select.strategy contiguous reads the angular scores"),
     ("search_removes_more_than_there_are", "cannot remove 20 of 8 blocks"),
-    ("search_proxy_task_unknown", "no_such_task"),
+    ("search_proxy_task_without_its_data", "has no tasks/ subfolder"),
     ("fidelity_text_too_short", "evaluation text too short"),
     ("fidelity_windows_beyond_the_context", "evaluate.fidelity.seq_len"),
     ("heal_text_too_short", "heal text too short"),
@@ -154,8 +154,10 @@ def test_settings_that_fail_late_fail_before_loading(case, match, tiny_folder, t
         recipe.update(score={"metrics": ["bi", "cka"]}, select={"strategy": "contiguous", "n_layers": 2})
     elif case == "search_removes_more_than_there_are":
         recipe["select"] = {"strategy": "search", "n_layers": 20, "metric": "bi", "max_perplexity_ratio": 2.0, "budget": 4}
-    elif case == "search_proxy_task_unknown":
-        recipe["select"] = {"strategy": "search", "metric": "bi", "min_task_retained": 0.9, "proxy_task": "no_such_task",
+    elif case == "search_proxy_task_without_its_data":  # the proxy task's data is checked now (fast: no registry)
+        (tmp_path / "empty").mkdir()
+        recipe["evaluate"]["data_dir"] = str(tmp_path / "empty")
+        recipe["select"] = {"strategy": "search", "metric": "bi", "min_task_retained": 0.9, "proxy_task": "copa",
                             "budget": 4}
     elif case == "fidelity_text_too_short":
         recipe["evaluate"]["fidelity"] = {"path": str(short)}
