@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_env import no_flags  # first: the offline environment and sys.path
 #: (label, batch, seq_len, vocab, dtype): the SmolLM2 distill recipe's batch on CPU, and the
 #: Llama-3.1-8B distill recipe's micro-batch (bf16 logits under mixed precision)
 SHAPES = [("SmolLM2 recipe: 1 x 2048 x 49,152, float32", 1, 2048, 49152, "float32"),
@@ -61,7 +61,6 @@ def plain_topk_kl(student, logprobs, indices, temperature: float = 1.0):
 def one_case(kind: str, batch: int, seq: int, vocab: int, dtype: str) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from prune.heal.distill import kl_loss, topk_kl_loss
 
     torch.manual_seed(0)
@@ -91,9 +90,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--case":
         print(json.dumps(one_case(sys.argv[2], *map(int, sys.argv[3:6]), sys.argv[6])))
         return
-    import argparse
-
-    argparse.ArgumentParser(description=__doc__).parse_args()  # --help prints this, without measuring
+    no_flags(__doc__)
     plain_env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     env = dict(plain_env, MALLOC_MMAP_THRESHOLD_="65536")
     print("| logits (one micro-batch) | loss | peak beyond the logits | forward + backward | loss, gradient agree |")

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import re
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_env import ROOT, no_flags
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 OUT = ROOT / "docs" / "img" / "selection_cost.png"
 KS = (3, 5, 7, 10)
@@ -70,9 +69,7 @@ def recorded() -> dict[str, dict]:
 
 
 def main() -> int:
-    import argparse
-
-    argparse.ArgumentParser(description=__doc__).parse_args()  # --help prints this; nothing else is a flag
+    no_flags(__doc__)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -45,10 +45,13 @@ def _fmt(value, metric: str) -> str:
     return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
 
 
-def comparison_markdown(rows: list[dict]) -> str:
-    """The before/after table as Markdown: retained % = pruned / original; for perplexity
-    (lower is better) the ratio is shown as a factor, e.g. ``x2.80``."""
-    lines = ["| task | metric | original | pruned | retained |", "|---|---|---:|---:|---:|"]
+COMPARISON_HEADER = ["task", "metric", "original", "pruned", "retained"]
+
+
+def comparison_cells(rows: list[dict]) -> list[list[str]]:
+    """The before/after table's cells, one list per row (:data:`COMPARISON_HEADER`): retained % =
+    pruned / original; lower-is-better measures as a factor, e.g. ``x2.80``."""
+    cells = []
     for r in rows:
         a = _fmt(r["original"], r["metric"])
         b = _fmt(r["pruned"], r["metric"])
@@ -56,8 +59,14 @@ def comparison_markdown(rows: list[dict]) -> str:
             a += f" ± {r['stderr_original']:.4f}"
         if r["stderr_pruned"] is not None:
             b += f" ± {r['stderr_pruned']:.2g}" if r["metric"] == "mean" else f" ± {r['stderr_pruned']:.4f}"
-        lines.append(f"| {r['name']} | {r['metric']} | {a} | {b} | {fmt_retained(r)} |")
-    return "\n".join(lines)
+        cells.append([r["name"], r["metric"], a, b, fmt_retained(r)])
+    return cells
+
+
+def comparison_markdown(rows: list[dict]) -> str:
+    """The before/after table (:func:`comparison_cells`) as Markdown."""
+    lines = ["| " + " | ".join(COMPARISON_HEADER) + " |", "|---|---|---:|---:|---:|"]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in comparison_cells(rows)])
 
 
 def fmt_retained(row: dict) -> str:
@@ -65,6 +74,6 @@ def fmt_retained(row: dict) -> str:
     factor), ``97.5%`` otherwise (counts too), ``-`` if unknown."""
     if row["retained"] is None:
         return "-"
-    if row["metric"] == "ppl" or (row.get("lower_is_better") and row["metric"] != "count"):
+    if row.get("lower_is_better") and row["metric"] != "count":  # perplexity's rows are marked so too
         return f"x{row['retained']:.2f}"
     return f"{100 * row['retained']:.1f}%"

@@ -29,21 +29,10 @@ from prune.io.guard import input_paths
 from prune.measure.scoring import ScoreResult
 from prune.choose.rules import Selection
 from prune.choose.verified import margin, margin_line
+from prune.core.tables import COMPARISON_HEADER, comparison_cells
 
 SCORE_ONLY = tuple(names(needs_model=False))
 DPI = 110
-
-
-def first_table(markdown: str) -> list[str]:
-    """The lines of the first Markdown table in ``markdown`` (eval.md's before/after table; the paired and
-    lm-eval tables after it are other tables, with other columns)."""
-    lines: list[str] = []
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            lines.append(line)
-        elif lines:
-            break
-    return lines
 
 
 def _plt():
@@ -314,13 +303,13 @@ def _save(fig, path: Path) -> None:
 
 def write_report(out_dir: str | Path, before: ScoreResult, *, after: ScoreResult | None = None,
                  selection: Selection | None = None, kept: list[int] | None = None, k: int | None = None,
-                 title: str = "Redundancy report", source: str = "", evaluation: str | None = None,
+                 title: str = "Redundancy report", source: str = "", evaluation: list[dict] | None = None,
                  overwrite: bool = False, inputs=()) -> Path:
     """Write the report folder (see module docstring) atomically; returns its path.
 
     ``selection`` marks the blocks removed (``k`` defaults to how many); ``after`` are the scores
-    of the pruned model whose blocks are the original ``kept`` ones; ``evaluation`` is a Markdown
-    before/after table (a run's ``eval.md``).
+    of the pruned model whose blocks are the original ``kept`` ones; ``evaluation`` are the rows of
+    a before/after table (a run's ``eval.json`` ``rows``, :func:`prune.core.tables.comparison_rows`).
     """
     from prune.io.staging import staged
 
@@ -345,10 +334,7 @@ def _write(folder: Path, before, after, selection, kept, k, title, source, evalu
             doc.para(line)
     if evaluation:
         doc.heading("Utility before / after")
-        head, *body = first_table(evaluation) or [""]
-        if body:
-            doc.table([c.strip() for c in head.strip("|").split("|")],
-                      [[c.strip() for c in r.strip("|").split("|")] for r in body[1:]])
+        doc.table(COMPARISON_HEADER, comparison_cells(evaluation))
     doc.heading("MSRS")
     rows = [["original", *_msrs_cells(before)]]
     if after is not None:
@@ -443,7 +429,13 @@ def report_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overwr
                          "give a folder written by prune run, or a model") from None
     src = record.get("source", {})
     name = src.get("gguf_file") or src.get("path") or str(run)
-    evaluation = (run / "eval.md").read_text() if (run / "eval.md").is_file() else None
+    evaluation = None
+    if (run / "eval.json").is_file():  # the before/after rows, as the run's eval.md shows them
+        try:
+            evaluation = json.loads((run / "eval.json").read_text())["rows"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PruneError(f"{run / 'eval.json'} is not a prune evaluation ({type(exc).__name__}: {exc}); "
+                             "remove it, or report a folder written by prune run") from None
     return write_report(out_dir or run / "report", before, after=after, selection=selection, kept=record.get("kept"),
                         title=f"Redundancy report: {Path(str(name)).name} -> {run.name}", source=str(name),
                         evaluation=evaluation, overwrite=overwrite,

@@ -96,6 +96,13 @@ def saved_dtype(model, dtype: str | None):
     return _model_dtype(model) if target == "auto" else target
 
 
+def out_of_core_dtype(recipe) -> str:
+    """What a recipe saves out of core (no model in memory), as :func:`saved_dtype` in memory:
+    ``output.dtype``, ``auto`` = the dtype the model is loaded in (``model.dtype``; ``auto`` = as stored)."""
+    wanted = recipe.output.dtype
+    return wanted if wanted != "auto" else recipe.model.dtype
+
+
 def converted_state(model, dtype) -> dict:
     """The model's state dict with floating tensors in ``dtype``; tensors that share storage
     (tied embeddings) stay shared, so ``save_pretrained`` still saves them once."""
@@ -217,9 +224,10 @@ def prepare_export(pruning: PruningRecord | dict, evaluation: dict, recipe, src,
         record = extend(record, parent, src, getattr(recipe.model, "base_model", None) if recipe else None)
         record.command = "run"
     if recipe is not None:
-        wanted = getattr(recipe.output, "dtype", "auto")
-        record.dtype = dtype_name(saved_dtype(model, wanted)) if model is not None else (
-            wanted if wanted != "auto" else None if recipe.model.dtype == "auto" else recipe.model.dtype)
+        if model is not None:
+            record.dtype = dtype_name(saved_dtype(model, recipe.output.dtype))
+        else:  # out of core: the shards' own dtype under "auto" is known once they are written
+            record.dtype = None if out_of_core_dtype(recipe) == "auto" else out_of_core_dtype(recipe)
     push = recipe.output.push_to_hub if recipe is not None else None
     name = Path(out_dir).name
     card = render_card(record, rows=evaluation.get("rows"), recipe_yaml=public_yaml(recipe.to_yaml()) if recipe else None,

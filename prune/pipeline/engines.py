@@ -141,11 +141,11 @@ class Sequential:
     def save(self, out_dir, record: PruningRecord, files: dict[str, str], overwrite: bool, inputs=()) -> Path:
         from prune.export.outofcore import prune_checkpoint
 
-        wanted, loaded = self.recipe.output.dtype, self.recipe.model.dtype  # as in memory: output.dtype auto saves
-        dtype = wanted if wanted != "auto" else loaded               # the dtype the model was loaded in
+        from prune.export.saving import out_of_core_dtype
+
         out = prune_checkpoint(self.folder, self._removed, out_dir, pruning=record, files=files, overwrite=overwrite,
                                trust_remote_code=self.recipe.model.trust_remote_code, inputs=inputs,
-                               dtype=dtype, new_step=False)  # the record has its lineage
+                               dtype=out_of_core_dtype(self.recipe), new_step=False)  # the record has its lineage
         say("(written from the source shards, out of core)", self.quiet)
         return out
 
