@@ -23,7 +23,7 @@ import prune
 from prune import PruneError
 from prune.cli import input_error, main
 
-from conftest import DATA, ROOT, WIKI_RAW, prune_cli, tiny_recipe
+from conftest import DATA, ROOT, WIKI_RAW, prune_cli, prune_main, tiny_recipe
 
 C4 = DATA / "c4" / "c4_web_1480.jsonl"
 TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123"  # shaped like a token, not a real one
@@ -109,11 +109,13 @@ def test_hub_kernels_stay_off(model):
     assert loaded.use_kernels is False
 
 
-def heal_cli(run: Path, out: Path, *extra) -> subprocess.CompletedProcess:
+def heal_cli(run: Path, out: Path, *extra, in_process: bool = False) -> subprocess.CompletedProcess:
+    """``prune heal`` of a run folder; in a real process unless ``in_process`` (only for a call that must
+    not run the planted code: should it run anyway, it writes the marker the test checks)."""
     args = ["heal", run, "-o", out, "--method", "lora", "--data", C4, "--field", "prefix", "--rows", "0:200",
             "--set", "n_samples=4", "--set", "val_samples=0", "--set", "seq_len=32", "--set", "steps=1",
             "--set", "batch_size=2", "-q", *extra]
-    return prune_cli(*args)  # a real process: planted code runs there, never in the tests' process
+    return prune_main(*args) if in_process else prune_cli(*args)
 
 
 def test_heal_never_takes_trust_remote_code_from_the_run_folder(run_dir, tmp_path):
@@ -124,7 +126,7 @@ def test_heal_never_takes_trust_remote_code_from_the_run_folder(run_dir, tmp_pat
     recipe["model"]["trust_remote_code"] = True  # the folder tries to grant itself consent
     (evil / "recipe.yaml").write_text(yaml.safe_dump(recipe))
 
-    done = heal_cli(evil, tmp_path / "healed")
+    done = heal_cli(evil, tmp_path / "healed", in_process=True)
     assert done.returncode == 0, done.stderr
     assert not marker.exists()
     assert "ignored for an input folder" in done.stderr

@@ -22,7 +22,7 @@ def test_score_remove_seven_save_reload(smollm2_folder, tmp_path):
     assert src.kind == "folder" and len(prune.decoder_layers(model)) == 30
     calib = prune.load_text(prune.TextSource(str(WIKI_RAW), rows="0:2000"))
     held_out = prune.load_text(prune.TextSource(str(WIKI_RAW), rows="2000:"))
-    windows = prune.calibration_windows(tok, calib, 8, 256, seed=0)
+    windows = prune.calibration_windows(tok, calib, 8, 128, seed=0)
     scores = prune.score(model, windows, batch_size=8, progress=False)
     assert scores.n_layers == 30 and len(scores.cka_matrix) == 30
     assert all(0.0 <= v <= 2.0 for v in scores.block_influence)
@@ -34,7 +34,7 @@ def test_score_remove_seven_save_reload(smollm2_folder, tmp_path):
     choice = prune.select(scores, 7, strategy="contiguous")
     assert len(choice.removed) == 7 and choice.removed == list(range(choice.removed[0], choice.removed[0] + 7))
 
-    eval_w = prune.eval_windows(tok, held_out, 256, max_windows=4)
+    eval_w = prune.eval_windows(tok, held_out, 256, max_windows=2)
     dense = perplexity(model, eval_w)["perplexity"]
     prune.remove_layers(model, choice.removed)
     pruned = perplexity(model, eval_w)["perplexity"]
@@ -61,7 +61,7 @@ def quick_run(smollm2_folder, tmp_path_factory):
         f"model.source={smollm2_folder}", f"output.dir={out}", f"calibration.path={WIKI_RAW}",
         f"evaluate.perplexity.path={WIKI_RAW}", "evaluate.perplexity.max_windows=2", "evaluate.perplexity.seq_len=256",
         f"evaluate.data_dir={DATA}", "evaluate.tasks=[arc_easy, winogrande]", "evaluate.limit=10",
-        "calibration.n_samples=8", "calibration.seq_len=128", "select.heldout_windows=2", "select.budget=2"])
+        "calibration.n_samples=8", "calibration.seq_len=64", "select.heldout_windows=2", "select.budget=2"])
 
 
 def test_quick_recipe_end_to_end(quick_run):
@@ -121,13 +121,13 @@ def test_replacement_layer_beats_plain_removal(smollm2_folder):
     held_out = prune.load_text(prune.TextSource(str(WIKI_RAW), rows="2000:"))
     run = list(range(12, 19))
     pruned, tok, _ = prune.load(smollm2_folder)
-    eval_w = prune.eval_windows(tok, held_out, 256, max_windows=4)
+    eval_w = prune.eval_windows(tok, held_out, 256, max_windows=2)
     prune.remove_layers(pruned, run)
     ppl_pruned = perplexity(pruned, eval_w)["perplexity"]
     del pruned
     model, tok, _ = prune.load(smollm2_folder)
-    rec = heal_model(model, tok, "replace", data=C4_DATA, removed=run, quiet=True, n_samples=16, val_samples=4,
-                     seq_len=128, steps=8, batch_size=8, learning_rate=1e-3, loss="mse")
+    rec = heal_model(model, tok, "replace", data=C4_DATA, removed=run, quiet=True, n_samples=8, val_samples=4,
+                     seq_len=128, steps=4, batch_size=4, learning_rate=1e-3, loss="mse")
     assert rec["replacement"]["val_mse_after"] < rec["replacement"]["val_mse_before"]
     assert model.config.num_hidden_layers == 24
     assert perplexity(model, eval_w)["perplexity"] < ppl_pruned

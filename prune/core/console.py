@@ -57,7 +57,6 @@ def quiet_mode(quiet: bool) -> None:
     if not quiet:
         _restore()
         return
-    import datasets
     import huggingface_hub.utils
     import transformers
 
@@ -68,8 +67,15 @@ def quiet_mode(quiet: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+    if (datasets := _datasets_if_imported()) is not None:
+        datasets.disable_progress_bars()
     huggingface_hub.utils.disable_progress_bars()
+
+
+def _datasets_if_imported():
+    """The ``datasets`` module when something already imported it, else None: quiet mode does not
+    import it (0.7 s per process); one imported later is silenced by the tqdm patch and ``TQDM_DISABLE``."""
+    return sys.modules.get("datasets")
 
 
 def keeps_quiet_mode(fn):
@@ -102,7 +108,7 @@ class _Loudness:
     tqdm_disable: str | None  # the TQDM_DISABLE variable
     transformers_bars: bool
     transformers_level: int
-    datasets_bars: bool
+    datasets_bars: bool | None  # None: datasets was not imported then
     hub_bars: bool
     lm_eval_levels: dict[str, int]
 
@@ -110,19 +116,18 @@ class _Loudness:
     def now(cls) -> "_Loudness":
         import logging
 
-        import datasets
         import huggingface_hub.utils
         import transformers
 
+        datasets = _datasets_if_imported()
         return cls(os.environ.get("TQDM_DISABLE"), transformers.utils.logging.is_progress_bar_enabled(),
-                   transformers.utils.logging.get_verbosity(), datasets.is_progress_bar_enabled(),
+                   transformers.utils.logging.get_verbosity(), datasets and datasets.is_progress_bar_enabled(),
                    not huggingface_hub.utils.are_progress_bars_disabled(),
                    {name: logging.getLogger(name).level for name in _lm_eval_loggers()})
 
     def restore(self) -> None:
         import logging
 
-        import datasets
         import huggingface_hub.utils
         import transformers
 
@@ -134,7 +139,7 @@ class _Loudness:
             transformers.utils.logging.enable_progress_bar()
         transformers.utils.logging.set_verbosity(self.transformers_level)
         if self.datasets_bars:
-            datasets.enable_progress_bars()
+            _datasets_if_imported().enable_progress_bars()
         if self.hub_bars:
             huggingface_hub.utils.enable_progress_bars()
         for name, level in self.lm_eval_levels.items():
