@@ -535,14 +535,15 @@ def report(ks, tasks, lm_k: int) -> str:
         if kind == "model" and tr and tr["trace"]:
             t = tr["trace"]
             fwd = sum(x["forward_passes"] for x in t)
-            equiv = sum(x.get("block_runs", 30 * x["forward_passes"]) for x in t) / 30
+            # iterative: each re-scoring runs the blocks still kept (traces before 2026-12-06 lack block_runs)
+            equiv = sum(x.get("block_runs", (30 - x["round"]) * x["forward_passes"]) for x in t) / 30
             cost.append(f"| {name} | {len(t)} | {fwd} | {equiv:.1f} | {tr['seconds']:.0f} |")
     lm_img = IMG / f"quality_lmeval_k{lm_k}.png"
     parts = [f"### Perplexity (WikiText-2 rows 2000:, 64 x 512 tokens) vs k\n\n{table_ppl}\n\n"
              f"![perplexity vs k](img/quality_ppl_vs_k.png)",
              f"### Blocks removed (0-based)\n\n{table_blocks}",
              f"### What the model-based strategies cost (to k = {max(KS)} where finished)\n\n"
-             "Iterative: one scoring pass (32 windows) per round after the first. SLEB: per round one pass to cache the "
+             "Iterative: one scoring pass (32 windows) of the blocks still kept per round after the first. SLEB: per round one pass to cache the "
              "block inputs plus one partial pass per candidate (4 windows); full-model equivalents count decoder-block "
              "passes / 30 (plus one LM head per candidate).\n\n" + "\n".join(cost),
              f"### 0-shot lm-eval at k = {lm_k} (limit 500 per task; acc, hellaswag acc_norm; ± stderr)\n\n{table_lm}"

@@ -9,8 +9,8 @@ full-model-equivalent passes), so strategies that use different windows compare:
 
 * score-only strategies (one_shot, contiguous): one scoring pass over the 32 x 256 calibration
   tokens (8,192);
-* iterative: that pass plus one per later round (the cost table's "forward passes") over the same
-  8,192 tokens;
+* iterative: that pass plus one per later round over the same 8,192 tokens, each of the blocks
+  still kept (the cost table's "full-model equivalents": sum of kept blocks / 30);
 * SLEB: its full-model equivalents over its 4 x 256 windows (1,024 tokens); no scoring pass;
 * verified: the scoring pass plus its full-model equivalents over its 4 x 256 held-out windows.
 
@@ -53,7 +53,7 @@ def recorded() -> dict[str, dict]:
     cost = {name: SCORING_TOKENS for name in ppl}
     for r in rows(section(text, "### What the model-based strategies cost")):
         if r[0].startswith("iterative"):
-            cost[r[0]] = SCORING_TOKENS * (1 + int(r[2]))
+            cost[r[0]] = SCORING_TOKENS * (1 + float(r[3]))
         elif r[0] == "sleb":
             cost[r[0]] = WINDOW_TOKENS * float(r[3])
     verified_ppl = {}

@@ -128,6 +128,7 @@ def test_calibration_problems_fail_before_the_model_loads(tiny_folder, tmp_path,
     ("python_recipe_heals_on_evaluation_text", "overlaps the perplexity text"),
     ("metric_not_scored", "select.metric cka reads the cka scores, but score.metrics is ['bi']"),
     ("contiguous_without_angular", "select.strategy contiguous reads the angular scores"),
+    ("verified_without_its_candidate_scores", "select.strategy verified builds its candidates from the angular and cka"),
     ("search_removes_more_than_there_are", "cannot remove 20 of 8 blocks"),
     ("search_proxy_task_without_its_data", "has no tasks/ subfolder"),
     ("fidelity_text_too_short", "evaluation text too short"),
@@ -152,6 +153,8 @@ def test_settings_that_fail_late_fail_before_loading(case, match, tiny_folder, t
         recipe.update(score={"metrics": ["bi"]}, select={"strategy": "one_shot", "metric": "cka", "n_layers": 2})
     elif case == "contiguous_without_angular":
         recipe.update(score={"metrics": ["bi", "cka"]}, select={"strategy": "contiguous", "n_layers": 2})
+    elif case == "verified_without_its_candidate_scores":
+        recipe.update(score={"metrics": ["bi", "angular"]}, select={"strategy": "verified", "n_layers": 2})
     elif case == "search_removes_more_than_there_are":
         recipe["select"] = {"strategy": "search", "n_layers": 20, "metric": "bi", "max_perplexity_ratio": 2.0, "budget": 4}
     elif case == "search_proxy_task_without_its_data":  # the proxy task's data is checked now (fast: no registry)

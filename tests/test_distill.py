@@ -10,6 +10,7 @@ or cache that does not match the student is refused with one line, before any tr
 import copy
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from prune.heal.distill import (
     kl_loss,
     make_loss,
     model_bytes,
+    recorded_pairs,
     teacher_kind,
     teacher_need,
     tokenizer_fingerprint,
@@ -211,6 +213,11 @@ def test_sequential_topk_equals_the_loaded_model(tokenizers_by_bos, tmp_path):
     lp, ix = topk_logprobs(model, train_w, 8)
     slp, six = topk_logprobs_sequential(folder, train_w, 8, batch_size=2, windows_per_pass=3)
     assert torch.allclose(lp, slp, atol=1e-5) and (ix == six).float().mean() > 0.999
+    # a bfloat16 checkpoint, healed in float32: the cache is computed in the student's dtype, like a loaded teacher
+    half = prune.save(build_model("llama").to(torch.bfloat16), tok, tmp_path / "teacher-bf16")
+    student = AutoModelForCausalLM.from_pretrained(half, dtype=torch.float32).eval()
+    cache = build_cache(str(half), tok, train_w, None, 8, tmp_path / "c.safetensors", "bf16", quiet=True, like=student)
+    assert torch.allclose(cache.tensors["logprobs"], topk_logprobs(student, train_w, 8)[0], atol=1e-5)
 
 
 # ---- healing --------------------------------------------------------------------------------------------------
@@ -286,6 +293,18 @@ def test_prune_heal_run_dir_with_distill(tmp_path, tiny_folder_heal, capsys):
     assert cache.is_file()
     rec2 = json.loads((tmp_path / "healed2" / "pruning.json").read_text())["healing"]["distill"]
     assert "sequential" in rec2["teacher"] and rec2["top_k"] == 8  # read one block at a time, never loaded whole
+    # teacher memory is honoured beside an existing cache (the hidden-state term needs it)
+    heal_run(run_dir, tmp_path / "healed_mem", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
+             rows=C4_DATA["rows"], overrides=[*fast, "teacher=memory", "hidden_weight=0.1", f"teacher_cache={cache}"],
+             quiet=True, source=source)
+    assert json.loads((tmp_path / "healed_mem" / "pruning.json").read_text())["healing"]["distill"]["teacher_source"] == "memory"
+    # refused before any work: a cache to write inside the source model, a replacement block (recipes only)
+    for override, message in ((f"teacher_cache={source}/teacher.safetensors", "is inside the source model"),
+                              ("params=replace", "replace with objective distill needs the original model's blocks")):
+        with pytest.raises(PruneError, match=message):
+            heal_run(run_dir, tmp_path / "refused", method="distill", data=C4_DATA["path"], overrides=[*fast, "teacher=cache",
+                     override], quiet=True, source=source, evaluate=True)
+        assert not (tmp_path / "refused").exists() and not (Path(source) / "teacher.safetensors").exists()
     pruning = json.loads((run_dir / "pruning.json").read_text())
     (run_dir / "pruning.json").write_text(json.dumps({**pruning, "source": None}))  # the source is gone: the cache suffices
     heal_run(run_dir, tmp_path / "healed3", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
@@ -312,6 +331,18 @@ def test_auto_keeps_the_teacher_in_memory_only_when_its_loss_fits_too():
     assert teacher_kind(small, model) == "memory"
     assert teacher_need(huge, model_bytes(model), VOCAB) > free_memory(torch.device("cpu")) > model_bytes(model) * 2
     assert teacher_kind(huge, model) == "cache"
+
+
+def test_auto_counts_a_teacher_already_loaded_as_memory_it_holds(monkeypatch):
+    """``prune heal`` loads the teacher before deciding: the memory it holds counts as free for it
+    (asking for a second copy's room loaded the teacher whole, then distilled from a cache anyway)."""
+    import prune.heal.distill as D
+
+    model = build_model("llama")
+    cfg = heal_config("distill", C4_DATA, **FAST)
+    need = teacher_need(cfg, model_bytes(model), VOCAB)
+    monkeypatch.setattr(D, "free_memory", lambda device: need - model_bytes(model) // 2)
+    assert teacher_kind(cfg, model) == "cache" and teacher_kind(cfg, model, loaded=True) == "memory"
 
 
 def test_a_mismatched_teacher_is_refused(tokenizers_by_bos, tmp_path):
@@ -405,6 +436,22 @@ def test_bad_distill_settings_fail_before_loading(tmp_path, tiny_folder_heal, he
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*.safetensors"))
 
 
+def test_a_named_cache_of_other_windows_or_inside_an_input_fails_before_loading(tmp_path, tiny_folder_heal, monkeypatch,
+                                                                                tokenizers_by_bos):
+    import prune.pipeline.engines as E
+
+    tok = tokenizers_by_bos[True]
+    cache = tmp_path / "other.safetensors"
+    other = heal_config("distill", C4_DATA, **{**FAST, "seed": 5})  # other windows than the recipe's
+    build_cache(build_model("llama"), tok, *training_windows(tok, other), 8, cache, "the original", quiet=True)
+    monkeypatch.setattr(E, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    for path, message in ((cache, "was computed on other training windows"),
+                          (tmp_path / "tiny" / "teacher.safetensors", "is inside the source model")):
+        with pytest.raises(PruneError, match=message):
+            run(_recipe(tmp_path, method="distill", teacher="cache", top_k=8, teacher_cache=str(path)), quiet=True)
+    assert not (tmp_path / "tiny" / "teacher.safetensors").exists()
+
+
 def test_method_distill_is_shorthand_and_old_recipes_are_unchanged():
     cfg = heal_config("distill", C4_DATA, params="partial")
     assert (cfg.method, cfg.objective) == ("partial", "distill")
@@ -420,11 +467,33 @@ def test_heal_model_replace_by_distillation(tokenizers_by_bos):
     """``heal_model`` on the FULL model with a replacement block trained by distillation: the run
     is cut to one block, and the record says replace + distill."""
     model = build_model("llama")
+    checkpointing = []  # the loss backpropagates through every later block: gradient_checkpointing applies
     rec = heal_model(model, tokenizers_by_bos[True], "distill", params="replace", data=C4_DATA, removed=RUN,
-                     teacher="memory", quiet=True, **FAST)
+                     teacher="memory", quiet=True, gradient_checkpointing=True,
+                     callback=lambda *_: checkpointing.append(model.is_gradient_checkpointing), **FAST)
     assert rec["method"] == "replace" and rec["objective"] == "distill"
     assert len(decoder_layers(model)) == N_LAYERS - len(RUN) + 1 == len(rec["kept"])
     assert rec["distill"]["kl_after"] < rec["distill"]["kl_before"]
+    assert checkpointing == [True] * FAST["steps"] and not model.is_gradient_checkpointing
+
+
+def test_replace_kl_before_is_the_model_training_starts_from(tokenizers_by_bos):
+    """init mean_removed: the record's KL before healing is measured with the averaged block in
+    place (a step at rate ~0 leaves the KL where it was)."""
+    rec = heal_model(build_model("llama"), tokenizers_by_bos[True], "distill", params="replace", data=C4_DATA,
+                     removed=RUN, teacher="memory", init="mean_removed", quiet=True,
+                     **{**FAST, "steps": 1, "learning_rate": 1e-12})
+    assert rec["distill"]["kl_after"] == pytest.approx(rec["distill"]["kl_before"], rel=1e-6)
+
+
+def test_recorded_pairs_match_a_replacement_block_with_the_end_of_its_run():
+    """``prune heal`` of a run healed with a replacement block (standing for blocks 4-6, started from
+    block 4): the hidden-state term matches it with block 6, through later healings too."""
+    rep = {"replacement": {"replaces": [4, 5, 6], "position": 4, "init": "first_removed"}}
+    pruning = {"kept": [0, 1, 2, 3, 4, 7], "healing": rep}
+    assert recorded_pairs(pruning) == [(0, 0), (1, 1), (2, 2), (3, 3), (4, 6), (5, 7)]
+    assert recorded_pairs({**pruning, "healing": {"method": "lora", "previous": rep}})[4] == (4, 6)
+    assert recorded_pairs({"kept": [0, 2, 3]}) == [(0, 0), (1, 2), (2, 3)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -154,6 +154,44 @@ def test_olora_on_conv1d_is_refused_before_training(tokenizers_by_bos):
     no_adapters(model)
 
 
+def test_olora_on_conv1d_is_refused_by_the_settings_check():
+    """The pre-flight's check (a meta-device model, nothing loaded) refuses it too, not only training."""
+    from prune.heal.methods import check_settings, heal_config
+    from prune.model.arch import meta_model
+
+    with pytest.raises(PruneError, match="olora does not support Conv1D"):
+        check_settings(heal_config("lora", C4_DATA, lora_init="olora"), meta_model(build_model("gpt2").config), 5)
+
+
+def test_settings_this_healing_never_reads_are_named(capsys):
+    """Keys set away from their default that the objective or bridge never reads: one note line."""
+    from prune.heal.methods import check_settings, heal_config, ignored_settings
+    from prune.model.arch import meta_model
+
+    assert ignored_settings(heal_config("lora", C4_DATA, temperature=2.0, lm_weight=0.5)) == ["temperature", "lm_weight"]
+    assert ignored_settings(heal_config("replace", C4_DATA, gradient_checkpointing=True)) == ["gradient_checkpointing"]
+    assert ignored_settings(heal_config("distill", C4_DATA, params="replace", loss="mse+cos")) == ["loss"]
+    assert ignored_settings(heal_config("lora", C4_DATA, bridge_weight="rms")) == ["bridge_weight"]
+    assert ignored_settings(heal_config("distill", C4_DATA, temperature=2.0, rank=4, bridge="down", bridge_weight="rms")) == []
+    check_settings(heal_config("partial", C4_DATA, top_k=8), meta_model(build_model("llama").config), 5)
+    assert capsys.readouterr().err == "note: heal top_k has no effect with method partial, objective lm, bridge none (ignored)\n"
+
+
+def test_half_precision_weights_train_through_float32_copies(tokenizers_by_bos):
+    """A bfloat16 model's trained weights move as far as a float32 model's: updated in place, most
+    AdamW steps of lr 1e-4 round away in bfloat16 (0.44x the float32 movement before the fix)."""
+    moved = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build_model("llama").to(dtype)
+        prune.remove_layers(model, RUN)
+        before = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        heal_model(model, tokenizers_by_bos[True], "partial", data=C4_DATA, quiet=True,
+                   **{**FAST, "steps": 6, "learning_rate": 1e-4})
+        assert all(p.dtype == dtype for p in model.parameters())  # rounded back into the model's dtype
+        moved[dtype] = sum(float((p.detach().float() - before[n]).norm() ** 2) for n, p in model.named_parameters()) ** 0.5
+    assert 0.85 < moved[torch.bfloat16] / moved[torch.float32] < 1.15
+
+
 # ---- partial fine-tuning --------------------------------------------------------------------------------
 def test_partial_trains_last_blocks_and_norm_only(tokenizers_by_bos, tmp_path):
     tok = tokenizers_by_bos[True]

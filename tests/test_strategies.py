@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import prune
+from prune import PruneError
 from prune.choose import strategies as ST
 from prune.measure.perplexity import nll_sum
 from prune.pipeline.recipe import load_recipe
@@ -74,6 +75,7 @@ def test_iterative_rescores_after_each_removal(tokenizers_by_bos):
     assert_unchanged(model, before)
     assert set(sel.details["order"][:2]) == {2, 5}  # the planted blocks go first
     assert sel.details["forward_passes"] == 2  # k - 1 re-scorings: round 0 uses the given scores
+    assert sel.details["full_forward_equivalents"] == round((7 + 6) / 8, 2)  # of the 7, then 6 blocks still kept
     # each round's values are the scores of the model pruned by the rounds before it
     for r, step in enumerate(sel.details["trace"]):
         pruned = copy.deepcopy(model)
@@ -85,6 +87,9 @@ def test_iterative_rescores_after_each_removal(tokenizers_by_bos):
         assert step["removed"] == min((i for i in kept if i not in (0, 7)), key=lambda i: (step["values"][str(i)], i))
     # greedy: a shorter run is the prefix of a longer one
     assert ST.iterative(model, w, 2, metric="bi", scores=scores, progress=False).details["order"] == sel.details["order"][:2]
+    # scores of other settings would rank round 0 unlike the rounds after it
+    with pytest.raises(PruneError, match="positions all \\(scores\\) vs skip_first"):
+        ST.iterative(model, w, 2, metric="bi", scores=prune.score(model, w, positions="all", progress=False), progress=False)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
@@ -146,6 +151,11 @@ def test_search_respects_floor_and_budget(tokenizers_by_bos):
     capped = ST.search(model, scores, proxy, floor=1.10, higher_is_better=False, budget=12, order_by="bi", max_remove=2,
                        progress=False)
     assert len(capped.removed) == 2 and all(e["n"] <= 2 for e in capped.details["trace"])
+    assert capped.details["stopped"] == "max_remove"
+    # every candidate tried within the budget: 'candidates', even when the last one used the budget up
+    exact = ST.search(model, scores, proxy, floor=1.10, higher_is_better=False, budget=d["candidate_evaluations"],
+                      order_by="bi", progress=False)
+    assert exact.removed == sel.removed and d["stopped"] == exact.details["stopped"] == "candidates"
     assert_unchanged(model, before)
 
 

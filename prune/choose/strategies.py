@@ -116,12 +116,29 @@ def _inject(block: nn.Module, states: list[torch.Tensor]):
 
 
 # ---- iterative -----------------------------------------------------------------------------
+def check_same_settings(scores, *, positions: str, cka_windows: int, beta: float, tau: float) -> None:
+    """Refuse ``scores`` computed with other scoring settings than a strategy that re-scores uses
+    (its later rounds would rank on other settings than its first)."""
+    have = {"positions": scores.positions, "cka_windows": scores.cka_windows}
+    want = {"positions": positions, "cka_windows": cka_windows}
+    if scores.msrs:
+        have.update(beta=scores.msrs["beta"], tau=scores.msrs["tau"])
+        want.update(beta=beta, tau=tau)
+    differ = [f"{k} {have[k]} (scores) vs {want[k]}" for k in have if have[k] != want[k]]
+    if differ:
+        raise PruneError(f"the given scores were computed with other settings than this call's: {', '.join(differ)} "
+                         "(pass the same settings, or scores=None to score here)")
+
+
 def iterative(model, windows: torch.Tensor, count: int, *, metric: str = "bi", protect=DEFAULT_PROTECT,
               scores=None, batch_size: int = BATCH_SIZE, positions: str = DEFAULT_POSITIONS,
               cka_windows: int = CKA_WINDOWS, beta: float = BETA, tau: float = TAU, progress: bool = True, start=(), on_round: Callable[[dict], None] | None = None) -> Selection:
     """Remove ``count`` blocks one at a time: the one ``metric`` ranks most removable in the
     current (pruned) model, re-scored after every removal. ``scores`` of the full model, when
-    given, serve for the first round. Cost: ``count`` scoring passes (``count - 1`` with ``scores``).
+    given, serve for the first round. Cost: ``count`` scoring passes (``count - 1`` with ``scores``),
+    each of the blocks still kept: ``full_forward_equivalents`` = sum of kept blocks per pass / L
+    (SLEB's and ``verified``'s unit). ``scores`` must have been computed with this call's
+    ``positions``, ``cka_windows``, ``beta`` and ``tau`` (every round ranks on the same settings).
 
     ``start`` (trace records of an earlier run) resumes a greedy run; ``on_round(record)`` is
     called after every round (e.g. to save progress)."""
@@ -132,6 +149,8 @@ def iterative(model, windows: torch.Tensor, count: int, *, metric: str = "bi", p
     count = resolve_count(L, count, None, prot)
     trace = [dict(t) for t in start][:count]
     removed = [t["removed"] for t in trace]
+    if scores is not None:
+        check_same_settings(scores, positions=positions, cka_windows=cka_windows, beta=beta, tau=tau)
     current = scores if scores is not None and scores.n_layers == L and not trace else None
     for r in tqdm(range(len(trace), count), desc="iterative", unit="round", disable=not progress):
         kept = complement(L, removed)
@@ -145,14 +164,16 @@ def iterative(model, windows: torch.Tensor, count: int, *, metric: str = "bi", p
         order = [kept[p] for p in rank_blocks(current, metric) if kept[p] not in prot]
         pick = order[0]
         trace.append({"round": r, "removed": pick, "value": values[kept.index(pick)], "forward_passes": passes,
-                      "values": {str(kept[p]): v for p, v in enumerate(values)}})
+                      "block_runs": passes * len(kept), "values": {str(kept[p]): v for p, v in enumerate(values)}})
         removed.append(pick)
         current = None
         if on_round is not None:
             on_round(trace[-1])
     passes = sum(t["forward_passes"] for t in trace)
+    block_runs = sum(t.get("block_runs", t["forward_passes"] * (L - t["round"])) for t in trace)  # resumed traces may lack it
     return Selection(sorted(removed), L, "iterative", metric,
-                     details={"order": removed, "trace": trace, "forward_passes": passes, "full_forward_equivalents": passes,
+                     details={"order": removed, "trace": trace, "forward_passes": passes,
+                              "full_forward_equivalents": round(block_runs / L, 2),
                               "positions": positions, "cka_windows": cka_windows})
 
 
@@ -333,12 +354,16 @@ def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, 
         else:
             hi = mid
     chosen = list(order[:lo])
+    # why it stopped: the budget with candidates untried, the max_remove cap, or every candidate tried
+    stopped = "budget" if hi - lo > 1 else "candidates"
     # phase 2: greedy, the remaining candidates in rank order
-    for cand in order[lo:]:
+    for cand in order[lo:] if stopped == "candidates" else ():
         if len(chosen) >= cap:
+            stopped = "max_remove"
             break
         key = tuple(sorted(chosen + [cand]))
         if key not in memo and len(evaluations) >= budget:
+            stopped = "budget"
             break
         if check(chosen + [cand], "greedy"):
             chosen.append(cand)
@@ -350,7 +375,7 @@ def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, 
         "original": base, "evaluations": len(evaluations) + 1, "candidate_evaluations": len(evaluations),
         "order": order, "final": None if final is None else {k: final[k] for k in ("value", "ratio")},
         "trace": evaluations, "pareto": pareto(evaluations, higher_is_better),
-        "stopped": "budget" if len(evaluations) >= budget else "candidates",
+        "stopped": stopped,
     })
 
 

@@ -33,6 +33,9 @@ from prune.core.tables import COMPARISON_HEADER, comparison_cells
 
 SCORE_ONLY = tuple(names(needs_model=False))
 DPI = 110
+#: why ``search`` stopped (its ``details.stopped``), in words
+STOPPED = {"budget": "budget spent, candidates left untried", "candidates": "every candidate tried",
+           "max_remove": "max_remove reached"}
 
 
 def _plt():
@@ -238,7 +241,7 @@ def selection_lines(sel: Selection) -> list[str]:
                      f"{d['seconds']} s; chosen from: {d['source']}")
     elif "evaluations" in d:
         lines.append(f"cost: {d['evaluations']} proxy evaluations ({d['candidate_evaluations']} candidate sets, budget "
-                     f"{d['budget']}, + the original); stopped: {'budget spent' if d['stopped'] == 'budget' else 'no candidate left'}")
+                     f"{d['budget']}, + the original); stopped: {STOPPED.get(d['stopped'], d['stopped'])}")
     return lines
 
 

@@ -189,6 +189,18 @@ class TopkCache:
                   metadata={k: str(v) for k, v in self.meta.items()})
         os.replace(tmp, self.path)
 
+    @staticmethod
+    def stored_k(path: str | os.PathLike) -> int | None:
+        """The k of the cache file at ``path`` from its header alone; None when it is not one."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(Path(path).expanduser()), "pt") as handle:
+                meta = handle.metadata() or {}
+            return int(meta["k"]) if meta.get("format") == FORMAT else None
+        except Exception:  # noqa: BLE001 - a broken / foreign file: TopkCache.load says why
+            return None
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TopkCache":
         from safetensors import safe_open
@@ -301,21 +313,25 @@ def weights_fingerprint(model: nn.Module, sample: int = 4096) -> str:
 
 
 def build_cache(model, tokenizer, windows: torch.Tensor, val_windows: torch.Tensor | None, k: int,
-                path: str | os.PathLike, teacher_name: str, quiet: bool = False) -> TopkCache:
+                path: str | os.PathLike, teacher_name: str, quiet: bool = False, *, like: nn.Module | None = None,
+                trust_remote_code: bool = False) -> TopkCache:
     """Compute the teacher's top-k log-probs on ``windows`` (+ ``val_windows``) and write them to ``path``.
     ``model``: a loaded model, or a safetensors folder read one block at a time
-    (:func:`topk_logprobs_sequential`)."""
+    (:func:`topk_logprobs_sequential`) in the dtype and on the device of ``like`` (the student: the
+    teacher a loaded copy would be)."""
     if isinstance(model, nn.Module):
         width = logit_width(model)
         topk = topk_logprobs
     else:
         from transformers import AutoConfig
 
-        width = logit_width(AutoConfig.from_pretrained(model))
+        width = logit_width(AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code))
         folder = model
+        first = next(like.parameters()) if like is not None else None
+        where = {"dtype": first.dtype, "device": first.device} if first is not None else {}
 
         def topk(_, w, k, progress=False):
-            return topk_logprobs_sequential(folder, w, k, progress=progress)
+            return topk_logprobs_sequential(folder, w, k, progress=progress, trust_remote_code=trust_remote_code, **where)
     if k > width:
         raise PruneError(f"heal.top_k={k} is larger than the vocabulary ({width} tokens); lower it")
     started = time.time()
@@ -397,11 +413,14 @@ def teacher_need(cfg: HealConfig, teacher_bytes: int, vocab: int) -> int:
     return int(MARGIN * teacher_bytes) + TEACHER_LOGITS * cfg.batch_size * cfg.seq_len * vocab * 4
 
 
-def teacher_kind(cfg: HealConfig, model) -> str:
-    """``memory`` or ``cache`` for ``cfg.teacher`` (``auto``: :func:`teacher_need` is free)."""
+def teacher_kind(cfg: HealConfig, model, loaded: bool = False) -> str:
+    """``memory`` or ``cache`` for ``cfg.teacher`` (``auto``: :func:`teacher_need` is free, counting
+    the memory ``model`` holds already when it is the teacher itself, ``loaded``, not a model to copy)."""
     if cfg.teacher != "auto":
         return cfg.teacher
-    fits = free_memory(next(model.parameters()).device) >= teacher_need(cfg, model_bytes(model), logit_width(model))
+    size = model_bytes(model)
+    free = free_memory(next(model.parameters()).device) + (size if loaded else 0)
+    fits = free >= teacher_need(cfg, size, logit_width(model))
     if not fits and cfg.hidden_weight > 0:
         raise PruneError("heal.hidden_weight needs the teacher in memory, but a copy of the model does not fit "
                          "(set hidden_weight: 0 to distil from the top-k cache)")
@@ -432,6 +451,20 @@ def block_pairs(kept: list[int], run: list[int] | None = None, source_block: int
     return [(j, run[-1] if run and orig == source_block else orig) for j, orig in enumerate(kept)]
 
 
+def recorded_pairs(pruning: dict) -> list[tuple[int, int]]:
+    """:func:`block_pairs` of a run folder's ``pruning.json``: its ``kept`` blocks, a replacement block
+    (``healing.replacement`` of this or an earlier healing: the run it replaces, at ``position``)
+    matched with the run's last block."""
+    kept = pruning.get("kept") or []
+    healing = pruning.get("healing")
+    while healing:  # the latest healing first, then the ones before it ("previous")
+        rep = healing.get("replacement") or {}
+        if rep.get("replaces") and rep.get("position") is not None and rep["position"] < len(kept):
+            return block_pairs(kept, rep["replaces"], kept[rep["position"]])
+        healing = healing.get("previous")
+    return block_pairs(kept)
+
+
 def prepare_teacher(model, tokenizer, cfg: HealConfig, windows, val_windows, kept: list[int], *, name: str,
                     default_cache: str | os.PathLike | None, run=None, source_block=None, quiet: bool = False) -> Teacher:
     """From the FULL ``model`` before the surgery: a copy of it, or its top-k cache (see module docstring)."""
@@ -445,7 +478,10 @@ def prepare_teacher(model, tokenizer, cfg: HealConfig, windows, val_windows, kep
     if kind == "memory":
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
         return Teacher("memory", f"{name} (in-memory copy, {model_bytes(model) / 2**20:.0f} MiB)", teacher, pairs=pairs)
-    path = Path(cfg.teacher_cache or default_cache or "teacher-topk.safetensors").expanduser()
+    if not (cfg.teacher_cache or default_cache):
+        raise PruneError("the teacher is a top-k cache here: set heal.teacher_cache to the file to write it to "
+                         "(or teacher: memory)")
+    path = Path(cfg.teacher_cache or default_cache).expanduser()
     if path.is_file():
         cache = TopkCache.load(path)
         try:
@@ -459,11 +495,27 @@ def prepare_teacher(model, tokenizer, cfg: HealConfig, windows, val_windows, kep
     return Teacher("cache", f"{name} (top-{cfg.top_k} cache)", cache=cache, pairs=pairs)
 
 
-def open_cache(cfg: HealConfig, tokenizer, windows, val_windows, width: int, kept: list[int]) -> Teacher:
+def preflight_cache(cfg: HealConfig, inputs=(), tokenizer=None, windows=None, val_windows=None) -> None:
+    """Before any work: a ``heal.teacher_cache`` that will be written is not an input or inside one
+    (a model folder, the run folder); one that will be reused was computed on these windows with
+    this tokenizer (given ``windows``: the heal's training windows)."""
+    if cfg.objective != "distill" or not cfg.teacher_cache or cfg.teacher == "memory":
+        return
+    path = Path(cfg.teacher_cache).expanduser()
+    if path.is_file() and TopkCache.stored_k(path) == cfg.top_k:  # reused, not written
+        if windows is not None:
+            check_cache(TopkCache.load(path), tokenizer, windows[:0] if cfg.method == "bridge" else windows, val_windows)
+        return
+    from prune.io.guard import check_output
+
+    check_output(path, inputs, overwrite=True, kind="file", what="heal.teacher_cache", flag="heal.teacher_cache")
+
+
+def open_cache(cfg: HealConfig, tokenizer, windows, val_windows, width: int, pairs: list[tuple[int, int]]) -> Teacher:
     """A teacher read from an existing ``cfg.teacher_cache`` (checked against the student)."""
     cache = TopkCache.load(cfg.teacher_cache)
     check_cache(cache, tokenizer, windows, val_windows, width)
-    return Teacher("cache", f"{cache.meta.get('teacher', '?')} (top-{cache.k} cache)", cache=cache, pairs=block_pairs(kept))
+    return Teacher("cache", f"{cache.meta.get('teacher', '?')} (top-{cache.k} cache)", cache=cache, pairs=pairs)
 
 
 # ---- the loss on a batch -------------------------------------------------------------------------
@@ -591,13 +643,15 @@ def heal_distill(model, cfg: HealConfig, windows: torch.Tensor, val_windows: tor
                      desc=f"heal distill ({cfg.method})", quiet=quiet, callback=callback)
 
     started = time.time()
+    if cfg.method == "replace" and init_state is not None and run is not None:  # kl_before: the model training starts from
+        layers[run[0]].load_state_dict(init_state)
     before = fidelity(model, teacher, val_windows)
     if cfg.method == "lora":
         record = M.heal_lora(model, cfg, windows, val_windows, quiet=quiet, callback=callback, train_fn=train_fn)
     elif cfg.method == "partial":
         record = M.heal_partial(model, cfg, windows, val_windows, quiet=quiet, callback=callback, train_fn=train_fn)
     else:
-        record = _heal_replacement_block(model, cfg, windows, val_windows, run, init_state, train_fn, started)
+        record = _heal_replacement_block(model, cfg, windows, val_windows, run, train_fn, started)
         record["replacement"]["init_block"] = source_block
     after = fidelity(model, teacher, val_windows)
     record["objective"] = "distill"
@@ -610,24 +664,28 @@ def heal_distill(model, cfg: HealConfig, windows: torch.Tensor, val_windows: tor
     return record
 
 
-def _heal_replacement_block(model, cfg, windows, val_windows, run, init_state, train_fn, started) -> dict:
-    """The replacement block (at ``run[0]`` after the surgery) trained alone, on the whole model's distillation loss."""
+def _heal_replacement_block(model, cfg, windows, val_windows, run, train_fn, started) -> dict:
+    """The replacement block (at ``run[0]`` after the surgery, its initial state loaded) trained
+    alone, on the whole model's distillation loss (backpropagated through every later block:
+    ``heal.gradient_checkpointing`` applies)."""
     from prune.heal import methods as M
     from prune.model.loading import decoder_layers_path
 
     if run is None:
         raise PruneError("heal.method replace with objective distill needs the removed run (use a recipe or heal_model)")
     block = decoder_layers(model)[run[0]]
-    if init_state is not None:
-        block.load_state_dict(init_state)
     flags = M._trainable_state(model)  # noqa: SLF001 - same package
     before = M.mean_lm_loss(model, val_windows)
     try:
         model.requires_grad_(False)
         block.requires_grad_(True)
         params = list(block.parameters())
+        if cfg.gradient_checkpointing:
+            M._gradient_checkpointing(model, True)  # noqa: SLF001
         log = train_fn(model, params)
     finally:
+        if cfg.gradient_checkpointing:
+            M._gradient_checkpointing(model, False)  # noqa: SLF001
         M._restore_trainable(model, flags)  # noqa: SLF001
     after = M.mean_lm_loss(model, val_windows)
     record = M._record(cfg, log, [f"{decoder_layers_path(model)}.{run[0]}"], sum(p.numel() for p in params),  # noqa: SLF001
@@ -669,6 +727,10 @@ def heal(model, plan, quiet: bool = False) -> dict:
 
 
 # ---- prune heal RUN_DIR ---------------------------------------------------------------------------------
+REPLACE_IN_A_RECIPE = ("heal.method replace with objective distill needs the original model's blocks: run it in a "
+                       "recipe (heal section), or use params lora/partial with prune heal")
+
+
 def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dtype, trust: bool, quiet: bool = False,
                    resolve=None, original=None):
     """``prune heal RUN_DIR --method distill``: the teacher is ``heal.teacher_cache`` when that file
@@ -683,12 +745,18 @@ def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dty
     from prune.model.loading import load_model
 
     if cfg.method == "replace":
-        raise PruneError("heal.method replace with objective distill needs the original model's blocks: run it in a "
-                         "recipe (heal section), or use params lora/partial with prune heal")
+        raise PruneError(REPLACE_IN_A_RECIPE)
     kept = pruning.get("kept")
     cache_file = Path(cfg.teacher_cache).expanduser() if cfg.teacher_cache else None
+    # an existing cache is the teacher unless the teacher is asked in memory or the cache holds another k
+    # (then recomputed from the source, as a recipe does; with no source recorded its k is taken, and recorded)
+    have_file = cache_file is not None and cache_file.is_file() and cfg.teacher != "memory"
+    stored_k = TopkCache.stored_k(cache_file) if have_file else None
+    use_file = have_file and (stored_k in (cfg.top_k, None) or not (pruning.get("source") or {}).get("path"))
+    if use_file and stored_k not in (cfg.top_k, None):
+        cfg = cfg.model_copy(update={"top_k": stored_k})
     src = None
-    if cache_file is None or not cache_file.is_file():
+    if not use_file:
         s = pruning.get("source") or {}
         if not s.get("path"):
             raise PruneError(f"no teacher source: {run_dir}/pruning.json records no source model and heal.teacher_cache "
@@ -711,8 +779,7 @@ def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dty
     model, tokenizer, _ = load_model(run_dir, dtype=dtype, trust_remote_code=trust)
     windows, val_windows = training_windows(tokenizer, cfg)
     if src is None:
-        teacher = open_cache(cfg, tokenizer, windows, val_windows, logit_width(model),
-                             kept or list(range(len(decoder_layers(model)))))
+        teacher = open_cache(cfg, tokenizer, windows, val_windows, logit_width(model), recorded_pairs(pruning))
     elif not held and _sequential_teacher(cfg, src, model, pruning):
         from transformers import AutoTokenizer
 
@@ -720,7 +787,8 @@ def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dty
         t_tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=trust)
         check_teacher_model(_meta_of(src.path, trust), model, t_tok, tokenizer)
         say(f"teacher {src.display}: top-{cfg.top_k} log-probs read one block at a time (it is not loaded whole)", quiet)
-        cache = build_cache(str(src.path), t_tok, windows, val_windows, cfg.top_k, path, src.display, quiet)
+        cache = build_cache(str(src.path), t_tok, windows, val_windows, cfg.top_k, path, src.display, quiet, like=model,
+                            trust_remote_code=trust)
         teacher = Teacher("cache", f"{src.display} (top-{cfg.top_k} cache, sequential)", cache=cache)
     else:
         if held:
@@ -731,10 +799,10 @@ def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dty
             loaded, t_tok, _ = load_model(src.path, gguf_file=src.gguf_file, dtype=dtype, revision=src.revision,
                                           trust_remote_code=trust)
         check_teacher_model(loaded, model, t_tok, tokenizer)
-        kind = teacher_kind(cfg, loaded)
+        kind = teacher_kind(cfg, loaded, loaded=True)  # auto: does it stay beside the student, now it is loaded
         if kind == "memory":
             teacher = Teacher("memory", f"{src.display} (in-memory)", loaded.eval().requires_grad_(False),
-                              pairs=block_pairs(kept or []))
+                              pairs=recorded_pairs(pruning))
         else:
             path = cache_file or out.with_name(f"{out.name}.teacher-top{cfg.top_k}.safetensors")
             cache = build_cache(loaded, t_tok, windows, val_windows, cfg.top_k, path, src.display, quiet)
@@ -800,7 +868,7 @@ def heal_model_distill(model, tokenizer, cfg: HealConfig, windows, val_windows, 
         if not path.is_file():
             raise PruneError(f"no teacher source: the top-k cache {path} does not exist")
         t = open_cache(cfg.model_copy(update={"teacher_cache": str(path)}), tokenizer, windows, val_windows,
-                       logit_width(model), kept)
+                       logit_width(model), block_pairs(kept))
     else:
         raise PruneError("no teacher source for distillation: pass teacher= (the original model) or set "
                          "teacher_cache to a top-k cache of it")

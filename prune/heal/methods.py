@@ -122,6 +122,31 @@ def lora_targets_matched(model: nn.Module, targets: list[str] | str) -> list[str
     return sorted(set(found))
 
 
+OLORA_CONV1D = ("heal.lora_init olora does not support Conv1D layers (GPT-2 style; peft multiplies the transposed "
+                "weight): use lora_init pissa or default")
+
+#: the keys only distillation reads
+_DISTILL_KEYS = ("temperature", "kl_weight", "hidden_weight", "hidden_loss", "lm_weight", "teacher", "top_k", "teacher_cache")
+
+
+def ignored_settings(cfg: HealConfig) -> list[str]:
+    """The heal keys set away from their default that this objective / bridge never reads (e.g.
+    ``temperature`` with ``objective: lm``). The method's own knobs (``rank``, ``last_blocks``, ...)
+    are not listed: recipes carry them to switch methods with ``--set heal.method=...``."""
+    fields = type(cfg).model_fields
+    changed = {k for k in fields if getattr(cfg, k) != fields[k].default}
+    unused = set()
+    if cfg.objective == "lm":
+        unused.update(_DISTILL_KEYS)
+    elif cfg.method == "replace":
+        unused.add("loss")  # the whole model's distillation loss, not the block's hidden-state loss
+    if cfg.method == "replace" and cfg.objective == "lm":
+        unused.add("gradient_checkpointing")
+    if cfg.bridge == "none":
+        unused.add("bridge_weight")
+    return sorted(changed & unused, key=list(fields).index)
+
+
 def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: int | None = None) -> None:
     """Checks of ``cfg`` against a model (a meta-device copy is enough) that keeps ``n_blocks``
     blocks after pruning; one-line :class:`PruneError` naming the key and the fix."""
@@ -129,8 +154,14 @@ def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: in
         raise PruneError(f"heal.seq_len={cfg.seq_len} is longer than the model's context ({context} tokens); lower it")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise PruneError("heal.mixed_precision fp16 needs a CUDA GPU (use bf16 or no on CPU)")
-    if cfg.gradient_checkpointing and cfg.method != "replace" and not getattr(model, "supports_gradient_checkpointing", False):
+    replace_alone = cfg.method == "replace" and cfg.objective == "lm"  # the block trains alone on its cached inputs
+    if cfg.gradient_checkpointing and not replace_alone and not getattr(model, "supports_gradient_checkpointing", False):
         raise PruneError(f"heal.gradient_checkpointing: {type(model).__name__} does not support it (set it to false)")
+    if ignored := ignored_settings(cfg):
+        from prune.core.console import say
+
+        say(f"note: heal {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with method "
+            f"{cfg.method}, objective {cfg.objective}{', bridge none' if cfg.bridge == 'none' else ''} (ignored)")
     if cfg.objective == "distill":  # -- distill (prune.heal.distill): checks that need the vocabulary --
         from prune.heal.distill import logit_width
 
@@ -146,7 +177,9 @@ def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: in
             import peft  # noqa: F401
         except ImportError:
             raise PruneError("heal.method lora needs peft (pip install peft)") from None
-        lora_targets_matched(model, cfg.target_modules)
+        targets = lora_targets_matched(model, cfg.target_modules)
+        if cfg.lora_init == "olora" and any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in targets):
+            raise PruneError(OLORA_CONV1D)
     if cfg.method == "partial":
         if cfg.last_blocks > n_blocks:
             raise PruneError(f"heal.last_blocks={cfg.last_blocks} but the pruned model has {n_blocks} blocks (lower it)")
@@ -259,8 +292,7 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
     _check_in_memory(model)
     targets = lora_targets_matched(model, cfg.target_modules)
     if cfg.lora_init == "olora" and any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in targets):
-        raise PruneError("heal.lora_init olora does not support Conv1D layers (GPT-2 style; peft multiplies the "
-                         "transposed weight): use lora_init pissa or default")
+        raise PruneError(OLORA_CONV1D)
     before = mean_lm_loss(model, val_windows)
     flags = _trainable_state(model)
     if cfg.gradient_checkpointing:

@@ -5,7 +5,8 @@
 items drawn from ``dataset`` (shuffled with ``cfg.seed``, reused over epochs). Learning rate: linear
 warmup over the first 5% of the steps (at least one; the first step already moves, at 1 / (warmup +
 1) of the rate), then cosine decay towards 0 (``schedule="cosine"``) or flat (``"constant"``).
-Gradients are clipped to norm 1. With ``cfg.average`` = a > 0 the result is not the last step's
+Gradients are clipped to norm 1. Parameters held in bfloat16 / float16 are trained through float32
+copies (:class:`MasterWeights`), rounded back after each step. With ``cfg.average`` = a > 0 the result is not the last step's
 weights but the uniform average of the trained parameters after each of the last ``ceil(a * steps)``
 steps (stochastic weight averaging, Izmailov et al. 2018; for LoRA the factors A and B are averaged,
 which is the average of the products to first order). Accelerate places the module on its device (a
@@ -130,6 +131,46 @@ def _accumulate(average: list[torch.Tensor], params: list[torch.nn.Parameter], n
                 a.lerp_(p.detach().float(), 1.0 / n)
 
 
+class MasterWeights:
+    """Float32 copies of the trained parameters held in bfloat16 / float16 (a model loaded in half
+    precision): the optimizer updates the copies and each step rounds them back into the model.
+    Updated in place, a half-precision weight loses every change below half its last digit (a
+    learning rate of 1e-4 leaves most bfloat16 weights unchanged); the copies keep them. Each
+    micro-batch's gradient is computed in the model's precision and moved to the copies at
+    the optimizer step."""
+
+    def __init__(self, groups: list[dict]):
+        self.pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
+        self.groups = []
+        for group in groups:
+            copies = []
+            for p in group["params"]:
+                master = torch.nn.Parameter(p.detach().float().clone()) if p.dtype in HALF else p
+                self.pairs.append((p, master))
+                copies.append(master)
+            self.groups.append({**group, "params": copies})
+        self.params = [m for _, m in self.pairs]
+
+    @staticmethod
+    def needed(params: list[torch.nn.Parameter], fsdp: bool) -> bool:
+        return not fsdp and any(p.dtype in HALF for p in params)  # FSDP keeps its own (sharded) copies
+
+    def take_grads(self) -> None:
+        for p, m in self.pairs:
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+                p.grad = None
+
+    def write_back(self) -> None:
+        with torch.no_grad():
+            for p, m in self.pairs:
+                if m is not p:
+                    p.copy_(m)
+
+
+HALF = (torch.bfloat16, torch.float16)
+
+
 def train(module: torch.nn.Module, params: list[torch.nn.Parameter] | list[dict], dataset: Dataset,
           loss_fn: Callable[[torch.nn.Module, list[torch.Tensor]], torch.Tensor], cfg, *,
           tokens_per_item: int, desc: str = "heal", quiet: bool = False,
@@ -151,7 +192,8 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter] | list[dict]
         raise PruneError("nothing to train: no parameter requires a gradient (check the heal settings)")
     check_parallel(cfg)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation, getattr(cfg, "fsdp", False))
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    masters = MasterWeights(groups) if MasterWeights.needed(params, getattr(cfg, "fsdp", False)) else None
+    optimizer = torch.optim.AdamW(masters.groups if masters else groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.steps, cfg.schedule)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
@@ -178,15 +220,19 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter] | list[dict]
                                          "(lower heal.learning_rate, or use mixed_precision no)")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
+                        if masters:
+                            masters.take_grads()
+                        accelerator.clip_grad_norm_(masters.params if masters else params, MAX_GRAD_NORM)
                     optimizer.step()
+                    if masters and accelerator.sync_gradients:
+                        masters.write_back()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 total += float(accelerator.reduce(loss.detach(), "mean"))  # mean over ranks (= loss itself in one)
                 items += int(batch[0].shape[0]) * accelerator.num_processes
             losses.append(total / cfg.gradient_accumulation)
             if (n := step + 1 - (cfg.steps - n_avg)) > 0:  # the n-th of the last n_avg steps
-                _accumulate(average, params, n)
+                _accumulate(average, masters.params if masters else params, n)
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
             if callback is not None:

@@ -277,6 +277,12 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     run_config = preflight_model(ModelSource("folder", str(run)), trust)
     n_after = run_config.num_hidden_layers + (1 if cfg.method == "replace" else 0)
     check_settings(cfg, meta_model(run_config, trust_remote_code=trust), n_after, context_length(run_config))
+    if cfg.objective == "distill":
+        from prune.heal.distill import REPLACE_IN_A_RECIPE, preflight_cache
+
+        if cfg.method == "replace":
+            raise PruneError(REPLACE_IN_A_RECIPE)
+        preflight_cache(cfg, inputs)
     original = None  # the run's original, loaded at most once (the fidelity reference and the healing share it)
     # built from the original's blocks: the source must be known, the run not healed since
     from_original = ("a replacement layer is rebuilt from the source model" if cfg.method == "replace" and cfg.objective == "lm"

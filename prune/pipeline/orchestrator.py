@@ -110,8 +110,11 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
     if recipe.heal is not None:
         from prune.heal.methods import preflight as heal_preflight, training_windows
 
+        from prune.heal.distill import preflight_cache
+
         heal_preflight(recipe.heal, recipe.select, config, n_layers, recipe.model.trust_remote_code)
-        training_windows(tokenizer, recipe.heal)  # too little training text fails now, not after scoring
+        heal_windows = training_windows(tokenizer, recipe.heal)  # too little training text fails now, not after scoring
+        preflight_cache(recipe.heal, inputs, tokenizer, *heal_windows)
     # -- end heal --
     # ---- export (prune.export): lineage of an already pruned source, push_to_hub checks ----
     from prune.export.saving import preflight_export

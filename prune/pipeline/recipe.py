@@ -164,6 +164,10 @@ def needed_score(strategy: str, metric: str, order_by: str | None = None) -> tup
 def check_select(recipe: Recipe, where: str = "recipe") -> None:
     """A selection that reads a score the ``score`` section does not compute: refused now, not after scoring."""
     sel = recipe.select
+    if sel.strategy == "verified" and (missing := [m for m in ("angular", "cka") if m not in recipe.score.metrics]):
+        raise PruneError(f"{where}: select.strategy verified builds its candidates from the angular and cka scores too "
+                         "(contiguous runs, one-shot angular / CKA / MSRS sets, the CKA families), but score.metrics is "
+                         f"{recipe.score.metrics} (add {', '.join(missing)})")
     need, why = needed_score(sel.strategy, sel.metric, sel.order_by)
     if need is not None and need not in recipe.score.metrics:
         raise PruneError(f"{where}: {why} reads the {need} scores, but score.metrics is {recipe.score.metrics} "
