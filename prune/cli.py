@@ -471,7 +471,8 @@ def add_compare(sub) -> None:
                                        "fidelity windows)",
                        description="Compare B against A example by example from lm-eval's per-example samples "
                                    "(samples_*.jsonl): per task and metric the mean difference B - A, its paired standard "
-                                   "error sd(d)/sqrt(n), a 95%% percentile bootstrap interval, how many answers flipped "
+                                   "error sd(d)/sqrt(n), a 95%% interval (exact from the flips for right/wrong answers, else a "
+                                   "percentile bootstrap), how many answers flipped "
                                    "each way and McNemar's exact p-value. A and B are prune run folders (their "
                                    "eval/pruned), lm-eval --output_path folders or folders of samples_*.jsonl. With only A "
                                    "(a run folder), its original is compared with its pruned model. With several B (seeds "
@@ -659,7 +660,10 @@ def dist_exit(command, args) -> int:
     rank = os.environ.get("RANK", "?")
 
     def on_term(signum, frame):  # noqa: ARG001
+        from prune.core import scratch
+
         print(f"error: rank {rank} stopped: another process of the launch failed", file=sys.stderr, flush=True)
+        scratch.remove_all()  # os._exit runs no finally: spilled states would stay in $TMPDIR
         os._exit(2)
 
     signal.signal(signal.SIGTERM, on_term)

@@ -100,6 +100,23 @@ def main(folder: str, out: str) -> None:
         res["mismatch"] = None
     except PruneError as exc:
         res["mismatch"] = str(exc)
+    # settings whose launched run would differ from one process's, or fail on one rank: refused on every rank
+    from prune.heal.training import check_parallel
+    from prune.measure.lmeval import check_limit_over_ranks
+
+    # each rank plans from its own free memory: every rank runs rank 0's mode
+    from prune.pipeline.execution import ExecutionPlan, agreed_plan
+
+    mine = ExecutionPlan("in_memory" if w.rank == 0 else "sequential", "auto", "this rank's memory")
+    res["plan"] = agreed_plan(mine, lambda mode: ExecutionPlan(mode, mode, "rank 0's")).mode
+    res["refused"] = []
+    for check in (lambda: check_parallel(HealConfig(method="partial", n_samples=10, batch_size=4)),
+                  lambda: check_limit_over_ranks(1)):
+        try:
+            check()
+            res["refused"].append(None)
+        except PruneError as exc:
+            res["refused"].append(str(exc))
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"rank{w.rank}.json").write_text(json.dumps(res))
 

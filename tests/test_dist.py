@@ -85,7 +85,10 @@ def test_two_ranks_equal_one_process(tiny_folder, tmp_path):
                 assert abs(a - b) <= HEAL_RTOL * max(1.0, abs(b))
         assert two["bridge"] == one["bridge"] and one["bridge"]["kept"] == [True]  # the same refit, bit for bit
         assert "different recipe" in two["mismatch"]
-    assert one["mismatch"] is None
+        uneven, limit = two["refused"]  # the short last batch would be padded; a rank would get no example
+        assert "n_samples=10 is not a multiple of heal.batch_size=4" in uneven and "evaluate.limit=1" in limit
+    assert one["mismatch"] is None and one["refused"] == [None, None]
+    assert one["plan"] == ranks[0]["plan"] == ranks[1]["plan"] == "in_memory"  # rank 1 planned sequential
     # the training moved the weights: the comparison is not between untouched copies
     assert one["heal"]["losses"][0] != one["heal"]["losses"][-1]
 
@@ -94,7 +97,8 @@ def test_killed_rank_leaves_nothing_complete_and_resume_finishes(tiny_folder, tm
     out = tmp_path / "pruned"
     recipe = tmp_path / "recipe.yaml"
     data = tiny_recipe(tiny_folder, out)
-    data["evaluate"].update(tasks=["copa"], limit=6)  # lm-eval's samples are on rank 0 only: the files too
+    # lm-eval's samples are on rank 0 only: the files too; the last-word task's config holds a function
+    data["evaluate"].update(tasks=["copa", "tinystories_lastword_local"], limit=6)
     recipe.write_text(yaml.safe_dump(data))
     killed = torchrun("-m", "prune", "run", recipe, "-q",
                       env_extra={"PRUNE_FAULT": "saved_weights:kill", "PRUNE_FAULT_RANK": "0"})
@@ -141,3 +145,19 @@ def test_fsdp_needs_a_launcher(tiny_folder, tmp_path):
     with pytest.raises(PruneError, match="heal.fsdp shards the model over several processes"):
         run(data, quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rank_the_launcher_stops_removes_its_scratch_folders(tmp_path):
+    """The launcher's SIGTERM makes a rank leave with ``os._exit`` (no ``finally`` runs): the sequential
+    engine's spilled states (registered in prune.core.scratch) are removed first, not left in $TMPDIR."""
+    spill = tmp_path / "prune-states-x"
+    code = ("import os, pathlib, signal\n"
+            "from prune.core import scratch\n"
+            "from prune.cli import dist_exit\n"
+            f"folder = pathlib.Path({str(spill)!r}); folder.mkdir(); (folder / 'state_0000.f32').write_bytes(b'0' * 64)\n"
+            "scratch.register(folder)\n"
+            "dist_exit(lambda args: os.kill(os.getpid(), signal.SIGTERM) or 0, [])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "RANK": "1"})
+    assert proc.returncode == 2 and "rank 1 stopped" in proc.stderr, proc.stderr
+    assert not spill.exists()

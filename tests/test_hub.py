@@ -114,6 +114,12 @@ def missing_shard(f):
     (f / _shards(f)[1]).unlink()
 
 
+def stale_single_file_beside_the_shards(f):  # an earlier save or push left it: transformers would load it
+    import shutil
+
+    shutil.copy(f / _shards(f)[0], f / "model.safetensors")
+
+
 def truncated_shard(f):
     path = f / _shards(f)[-1]
     path.write_bytes(path.read_bytes()[:-100])
@@ -162,6 +168,7 @@ def broken_card_front_matter(f):
 CORRUPTIONS = {
     missing_shard: ("weights", "weight shard model-00002-of-"),
     truncated_shard: ("weights", "is truncated or corrupt"),
+    stale_single_file_beside_the_shards: ("weights", "transformers loads model.safetensors and ignores the index"),
     more_layers_in_config: ("blocks", "config.num_hidden_layers=7 but the weights hold blocks 0..5 (6)"),
     fewer_layers_in_config: ("blocks", "config.num_hidden_layers=5 but the weights hold blocks 0..5 (6)"),
     per_layer_list_too_short: ("config", "config.layer_types has 5 entries but num_hidden_layers is 6"),
@@ -261,7 +268,7 @@ def test_push_dry_run_lists_exactly_what_upload_folder_sends(pruned, tmp_path):
         if len(parts) == 5 and parts[1] == "B" and parts[0].replace(",", "").isdigit():
             listed[parts[4]] = int(parts[0].replace(",", ""))
     on_disk = {p.name: p.stat().st_size for p in folder.iterdir() if not p.name.startswith(".")}
-    rendered = card_for_repo(folder, "me/tiny-pruned")  # the card and record as published to the repo
+    rendered = card_for_repo(folder, "me/tiny-pruned", "v2")  # the card and record as published to the repo
     assert set(rendered) == {"README.md", "pruning.json"}
     on_disk.update({name: len(text.encode()) for name, text in rendered.items()})
     assert listed == on_disk and ".hidden" not in listed

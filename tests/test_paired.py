@@ -67,7 +67,23 @@ def test_paired_t_by_hand():
         paired_t([0.1], [0.2])
 
 
-def test_bootstrap_interval_matches_normal_theory_for_large_n():
+def test_right_wrong_interval_is_exact_and_agrees_with_mcnemar():
+    """0/1 scores: the interval of the difference comes from the exact (Clopper-Pearson) interval of
+    the flips' split, so it excludes 0 exactly when McNemar's p < 0.05 (a bootstrap over 5 flips of
+    100 answers all one way excluded 0 beside p = 0.0625)."""
+    from prune.measure.paired import clopper_pearson
+
+    assert clopper_pearson(3, 10) == pytest.approx((0.06674, 0.65245), abs=1e-5)  # printed tables
+    assert clopper_pearson(0, 10)[0] == 0.0 and clopper_pearson(10, 10)[1] == 1.0
+    for n, gains, losses in [(100, 5, 0), (100, 6, 0), (12, 4, 0), (500, 30, 15), (500, 31, 14), (40, 0, 0)]:
+        a = [0] * gains + [1] * losses + [1] * (n - gains - losses)
+        b = [1] * gains + [0] * losses + [1] * (n - gains - losses)
+        r = paired_stats(a, b)
+        assert r.ci_low <= r.diff <= r.ci_high
+        assert (r.ci_low > 0 or r.ci_high < 0) == (r.mcnemar_p < 0.05), (n, gains, losses, r)
+
+
+def test_interval_matches_normal_theory_for_large_n():
     rng = np.random.default_rng(5)
     a = (rng.random(2000) < 0.6).astype(float)
     b = a.copy()

@@ -75,6 +75,15 @@ class StubHub(BaseHTTPRequestHandler):
                                     "pullRequestUrl": f"{host}/me/x/discussions/1" if pr else None})
         return self._json(404, {"error": f"not stubbed: {url.path}"})
 
+    repo_files: list = []  # what the repo holds (the tree listing a push reads for stale weight files)
+
+    def do_GET(self):
+        url = urlparse(self.path)
+        type(self).log.append((url.path, parse_qs(url.query), None, b""))
+        if "/tree/" in url.path:
+            return self._json(200, [{"type": "file", "path": f, "size": 1, "oid": "0" * 40} for f in type(self).repo_files])
+        return self._json(404, {"error": f"not stubbed: {url.path}"})
+
     def _json(self, status, data):
         body = json.dumps(data).encode()
         self.send_response(status)
@@ -185,7 +194,7 @@ def test_model_index_is_valid_for_huggingface_hub(chain, tmp_path):
     rows = json.loads((chain["step1"] / "eval.json").read_text())["rows"]
     ppl = next(r for r in rows if r["name"] == "perplexity")
     assert {(r.metric_name, r.metric_value) for r in results} == {
-        ("ppl", round(ppl["pruned"], 6)), ("ppl (original model, before pruning)", round(ppl["original"], 6))}
+        ("ppl", float(f"{ppl['pruned']:.6g}")), ("ppl (original model, before pruning)", float(f"{ppl['original']:.6g}"))}
     assert eval_results_to_model_index("step1", results) == card.data.to_dict()["model-index"]
     # lm-eval rows as the pipeline builds them
     original = {"tasks": {"arc_easy": {"metrics": {"acc": 0.5, "acc_norm": 0.45}, "stderr": {"acc": 0.02}}}}
@@ -194,6 +203,13 @@ def test_model_index_is_valid_for_huggingface_hub(chain, tmp_path):
                                                  "layers_after": 6})
     made = eval_results(lm_rows, {"num_fewshot": 0})
     assert all(isinstance(r, EvalResult) for r in made) and len(made) == 4
+    # a shipped local copy reports as lm-eval's task; KL / agreement rows compare two models: left out
+    local = comparison_rows({"tasks": {"arc_easy_local": original["tasks"]["arc_easy"]}},
+                            {"tasks": {"arc_easy_local": pruned["tasks"]["arc_easy"]},
+                             "fidelity": {"kl_mean": 1.389e-06, "kl_p99": 2e-6, "top1_agreement": 0.99}},
+                            {"params_before": 10, "params_after": 8, "layers_before": 8, "layers_after": 6})
+    assert [(r.task_name, r.dataset_type) for r in eval_results(local)][0] == ("arc_easy", "allenai/ai2_arc")
+    assert len(eval_results(local)) == 4
     acc = next(r for r in made if r.metric_name == "acc")
     assert (acc.task_name, acc.dataset_type, acc.dataset_config, acc.metric_value) == ("arc_easy", "allenai/ai2_arc",
                                                                                          "ARC-Easy", 0.4)
@@ -257,14 +273,24 @@ def test_push_create_pr_exclude_and_token_file(chain, hub, tmp_path):
     import shutil
 
     folder = Path(shutil.copytree(chain["step1"], tmp_path / "step1"))
+    shutil.copy(token_file, folder / "hf-token")  # a token file inside the pushed folder is never sent
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    done = cli_push(endpoint, folder, "me/tiny-step1", "--token-file", token_file, "--create-pr", "--exclude", "eval.*",
-                    home=tmp_path / "hf")
+    # the repo holds an earlier push's shards: transformers would load them, not this single file
+    handler.repo_files = ["model-00001-of-00002.safetensors", "model.safetensors.index.json", "model.safetensors",
+                          "eval.json", "old/model.safetensors", "notes.md"]
+    try:
+        done = cli_push(endpoint, folder, "me/tiny-step1", "--token-file", folder / "hf-token", "--create-pr",
+                        "--exclude", "eval.*", home=tmp_path / "hf")
+    finally:
+        handler.repo_files = []
     assert done.returncode == 0, done.stderr
     assert f"pull request opened: {endpoint}/me/x/discussions/1" in done.stdout and TOKEN not in done.stdout + done.stderr
     query, files = committed(handler.log)
     assert query.get("create_pr") == ["1"]
-    assert "eval.json" not in files and "eval.md" not in files and "recipe.yaml" in files
+    assert "eval.json" not in files and "eval.md" not in files and "recipe.yaml" in files and "hf-token" not in files
+    raw = [entry for entry in handler.log if "/commit/" in entry[0]][-1][3]
+    deleted = [json.loads(line)["value"]["path"] for line in raw.splitlines() if json.loads(line)["key"] == "deletedFile"]
+    assert deleted == ["model-00001-of-00002.safetensors", "model.safetensors.index.json"]
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # a pull request leaves the folder as it was
     # a token file that is missing, or --exclude of the card: one line, before anything is sent
     n = len(handler.log)
@@ -278,6 +304,8 @@ def test_push_create_pr_exclude_and_token_file(chain, hub, tmp_path):
 def test_chain_push_dry_run(chain, capsys):
     plan = push(chain["step3"], "me/tiny-step3", dry_run=True, quiet=True)
     assert 'from_pretrained("me/tiny-step3")' in plan.rendered["README.md"]
+    on_branch = push(chain["step3"], "me/tiny-step3", revision="v2", dry_run=True, quiet=True)
+    assert 'from_pretrained("me/tiny-step3", revision="v2")' in on_branch.rendered["README.md"]
     published = json.loads(plan.rendered["pruning.json"])
     assert published["repo_id"] == "me/tiny-step3" and published["base_model"] == "me/tiny-step2"
     assert [s["kept_original"] for s in published["history"]] == [[0, 1, 4, 5, 6, 7]]
@@ -351,6 +379,18 @@ def test_adapter_folder_loads_on_the_pruned_base(chain):
     assert adapted == pytest.approx(healing["val_loss_after"], rel=1e-5) and adapted != pytest.approx(plain, rel=1e-4)
 
 
+def test_an_unpushed_runs_adapter_never_names_the_original_as_its_base(chain, tmp_path):
+    """The adapter fits the pruned run's kept blocks: with the run not pushed, its base is the run
+    folder, not the run's Hub parent (the unpruned original, onto which peft loads it without error)."""
+    from prune.export.heal import heal_export
+
+    record = read_record(chain["step1"] / "pruning.json").model_copy(update={"repo_id": None,
+                                                                               "base_model": "org/original"})
+    healed, card = heal_export(record, tmp_path / "run", tmp_path / "adapter", {}, None, None, adapter=True)
+    assert healed.adapter["base"] == "path/to/run" and healed.base_model is None
+    assert "base_model:" not in card.split("---")[1] and 'AutoModelForCausalLM.from_pretrained("path/to/run")' in card
+
+
 # ---- 8. mergekit --------------------------------------------------------------------------------------------
 def test_mergekit_slices_cover_exactly_the_kept_blocks(chain, tmp_path, capsys):
     record = read_record(chain["step2"] / "pruning.json")
@@ -372,6 +412,13 @@ def test_mergekit_slices_cover_exactly_the_kept_blocks(chain, tmp_path, capsys):
                           "exactly one source")):
         with pytest.raises(PruneError, match=message):
             blocks_from_slices(bad, 8)
+    # per-layer config lists (sliced by prune, copied unsliced by mergekit), a GGUF original on the Hub: refused
+    with pytest.raises(PruneError, match=r"per-layer settings \(layer_types\)"):
+        mergekit_config(record, model="x", config={"model_type": "qwen2", "num_hidden_layers": 6, "layer_types": ["a"] * 6})
+    hub_gguf = record.model_copy(update={"source": record.source.model_copy(update={"kind": "hub", "path": "org/X-GGUF",
+                                                                                    "gguf_file": "x.gguf"})})
+    with pytest.raises(PruneError, match="mergekit cannot read"):
+        mergekit_config(hub_gguf.model_copy(update={"original": None}))
 
 
 MERGEKIT_LIB = os.environ.get("PRUNE_MERGEKIT_PATH", "/tmp/mergekit-lib")

@@ -293,6 +293,14 @@ def test_gpt2_scaled_by_its_layer_index_computes_the_same_after_pruning_and_relo
     out = prune_checkpoint(folder, removed, tmp_path / "ooc", pruning={"removed": removed})
     a, b = all_tensors(tmp_path / "mem"), all_tensors(out)
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # stored in bfloat16, written as float32: rescaled after the conversion, like the in-memory surgery
+    half = prune.save(build_model("gpt2", scale_attn_by_inverse_layer_idx=True).to(torch.bfloat16), tok,
+                      tmp_path / "bf16")
+    wide = AutoModelForCausalLM.from_pretrained(half, dtype=torch.float32)
+    prune.remove_layers(wide, removed)
+    a = all_tensors(prune.save(wide, tok, tmp_path / "bf16-mem"))
+    b = all_tensors(prune_checkpoint(half, removed, tmp_path / "bf16-ooc", pruning={"removed": removed}, dtype="float32"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
     from prune.export.mergekit import export_mergekit  # a passthrough merge would copy the unscaled queries
 
     with pytest.raises(PruneError, match="rescaled query"):

@@ -170,3 +170,13 @@ def test_copa_and_boolq_local_prompts_are_lm_eval_s_own():
     passage, question = first["query"].removeprefix("Passage: ").split("\nQuestion: ")
     template = jinja2.Template("{{passage}}\nQuestion: {{question}}?\nAnswer:")  # lm-eval's boolq doc_to_text
     assert context == template.render(passage=passage, question=question.removesuffix("?"))
+
+
+def test_local_tasks_name_the_data_folder_only_where_they_read_it():
+    """lm-eval copies each task's config (metadata included) into its results files, which a push
+    uploads: the data folder's absolute path appears only in the data-file entries (which the run
+    folder records relative to $PRUNE_DATA_DIR), never in the metadata's prose."""
+    for task in sorted(local_task_dir(DATA).glob("*.yaml")):
+        for line in task.read_text().splitlines():
+            if str(DATA) in line:
+                assert line.strip().startswith("test:"), f"{task.name}: {line.strip()}"

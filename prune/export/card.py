@@ -287,7 +287,8 @@ def versions_line(versions: dict | None) -> str:
 
 # ---- the card ----------------------------------------------------------------------------------
 def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None, recipe_yaml: str | None = None,
-                settings: dict | None = None, model_name: str = "Pruned model", load_id: str | None = None) -> str:
+                settings: dict | None = None, model_name: str = "Pruned model", load_id: str | None = None,
+                revision: str | None = None) -> str:
     """The model card text for a pruning record with lineage (see module docstring). ``rows``
     and ``settings`` are the evaluation (``eval.json``); ``load_id`` the name readers load it by
     (the repo id once pushed)."""
@@ -345,7 +346,8 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
         steps=lineage_rows, original_name=origin,
         table=comparison_markdown(rows) if rows else None, eval_settings=eval_settings_line(settings),
         earlier_tables=earlier_tables, healing=healing_text(record.healing),
-        load_id=load_id or "path/to/this/folder", adapter=adapter, base_id=record.base_model or "path/to/pruned/base",
+        load_id=load_id or "path/to/this/folder", revision=revision, adapter=adapter,
+        base_id=(adapter or {}).get("base") or record.base_model or "path/to/pruned/base",
         recipe=(recipe_yaml or "").strip(), earlier_recipes=earlier_recipes, versions=versions_line(record.versions),
         command=record.command or "save",
     )

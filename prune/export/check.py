@@ -190,6 +190,10 @@ def per_layer_list_problems(config: dict, n: int | None) -> list[str]:
 
 def _check_weight_files(path: Path, report: CheckReport) -> dict[str, dict] | None:
     """All tensors' headers (name -> ``{"dtype", "shape", "file"}``), or ``None`` when unreadable."""
+    if (path / SINGLE_FILE).is_file() and (path / INDEX_FILE).is_file():
+        report.add("weights", "fail", f"both {SINGLE_FILE} and {INDEX_FILE}: transformers loads {SINGLE_FILE} and "
+                                      "ignores the index and its shards (one of them is stale: remove it)")
+        return None
     try:
         weight_map, shards = read_index(path)
     except PruneError as exc:

@@ -30,13 +30,16 @@ def heal_export(pruning: dict | PruningRecord, run: Path, out: Path, files: dict
     before = record.history[-1].kept_original if record.history else list(range(record.layers_before or 0))
     if record.kept and before:
         record.kept_original = [before[i] for i in record.kept]
-    if record.repo_id:  # the run's repo, once pushed, is the parent
-        record.base_model = record.repo_id
-        record.healing = {**(record.healing or {}), "from_repo": record.repo_id}
+    pushed_run = record.repo_id
+    if pushed_run:  # the run's repo, once pushed, is the parent
+        record.base_model = pushed_run
+        record.healing = {**(record.healing or {}), "from_repo": pushed_run}
     record.repo_id = None  # this new folder is not pushed yet
     record.command = record.command or "run"  # the command that pruned this step; `healing` says it was healed
-    if adapter:
-        record.adapter = {"format": "peft", "base": record.base_model or f"path/to/{run.name}"}
+    if adapter:  # its base is the PRUNED run's model: never the original (the adapter fits the kept blocks only)
+        if not pushed_run:
+            record.base_model = None  # no Hub id holds the pruned base yet
+        record.adapter = {"format": "peft", "base": pushed_run or f"path/to/{run.name}"}
     else:
         record.dtype = dtype_name(saved_dtype(model, recipe.output.dtype if recipe else None))
     evaluation = json.loads(files["eval.json"]) if "eval.json" in files else {}

@@ -26,6 +26,7 @@ import yaml
 
 from prune.core.errors import PruneError
 from prune.core.records import PruningRecord, complement
+from prune.model.loading import INDEX_LIST_KEYS
 
 
 def kept_ranges(kept: list[int]) -> list[tuple[int, int]]:
@@ -54,8 +55,10 @@ def mergekit_config(record: PruningRecord, model: str | None = None, dtype: str 
                     config: dict | None = None) -> dict:
     """The passthrough config that rebuilds ``record``'s kept blocks from the original model. Refused
     where a passthrough merge cannot rebuild the folder's weights: a healed step (trained or refitted
-    weights), or GPT-2 with ``scale_attn_by_inverse_layer_idx`` (``config``: the folder's config.json)
-    whose moved blocks carry a rescaled query."""
+    weights), GPT-2 with ``scale_attn_by_inverse_layer_idx`` (``config``: the folder's config.json)
+    whose moved blocks carry a rescaled query, a config with per-layer lists (``layer_types``,
+    ``mlp_only_layers``: mergekit copies them unsliced), or an original mergekit cannot read (a
+    GGUF file on the Hub, unless ``model`` names a copy)."""
     kept = record.kept_original or record.kept
     if not kept:
         raise PruneError("pruning.json records no kept blocks: nothing to export")
@@ -70,6 +73,18 @@ def mergekit_config(record: PruningRecord, model: str | None = None, dtype: str 
         raise PruneError("GPT-2 with scale_attn_by_inverse_layer_idx: the blocks that moved carry a rescaled query "
                          "(their attention scale depends on their index), which a mergekit passthrough merge of the "
                          "original's blocks would not: use this folder's weights as they are")
+    n = config.get("num_hidden_layers", config.get("n_layer"))
+    per_layer = [k for k, v in config.items() if isinstance(v, list) and v and
+                 ((k in INDEX_LIST_KEYS) or ("layer" in k and len(v) == n))]
+    if per_layer:
+        raise PruneError(f"{config.get('model_type', 'this model')}: config.json has per-layer settings "
+                         f"({', '.join(per_layer)}) that prune sliced to the kept blocks, but a mergekit passthrough merge "
+                         "copies from the original unchanged (it sets only num_hidden_layers): the merged model would "
+                         "not load or not match; use this folder's weights as they are")
+    source = record.original.source if record.original else record.source
+    if model is None and source is not None and source.kind == "hub" and source.gguf_file:
+        raise PruneError(f"the original is the GGUF file {source.gguf_file} of {source.path}, which mergekit cannot "
+                         "read: pass --model with a safetensors copy of the same weights")
     name = model or original_model_id(record)
     slices = [{"sources": [{"model": name, "layer_range": [a, b]}]} for a, b in kept_ranges(kept)]
     return {"slices": slices, "merge_method": "passthrough", "dtype": dtype or record.dtype or "float32"}

@@ -5,7 +5,11 @@ e.g. ``acc``) and one for the original model measured in the same run (``metric_
 ``"<metric> (original model, before pruning)"``, same ``metric_type``), so the Hub page shows
 both side by side. lm-eval tasks name the Hub dataset they read where it is known
 (:data:`TASK_DATASETS`); perplexity names its text (a Hub dataset id, or the local file's
-name with ``dataset_type: text``). Parameter and layer counts are not results and are left out.
+name with ``dataset_type: text``). Parameter and layer counts are not results and are left out,
+and so are the fidelity rows (KL to the original, top-1 agreement: a comparison of the two models,
+whose "original" values hold by definition, not a benchmark result). Shipped local task copies
+(``arc_easy_local``) are reported under lm-eval's task name and dataset (``arc_easy``). Values keep
+6 significant digits (a KL of 1.389e-06 stays that).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ TASK_DATASETS: dict[str, tuple[str, str | None, str]] = {
 }
 TASK_TYPE = "text-generation"
 ORIGINAL = " (original model, before pruning)"
+#: rows of eval.json that compare the two models (prune.core.tables): not results of one model
+FIDELITY_ROWS = ("KL to original", "top-1 agreement")
 
 
 def eval_results(rows: list[dict] | None, settings: dict | None = None) -> list:
@@ -32,13 +38,14 @@ def eval_results(rows: list[dict] | None, settings: dict | None = None) -> list:
     from huggingface_hub import EvalResult
 
     from prune.export.card import is_hub_dataset
+    from prune.measure.lmeval import canonical_name
 
     out = []
     fewshot = (settings or {}).get("num_fewshot")
     for row in rows or []:
-        if row.get("metric") == "count":
+        if row.get("metric") == "count" or row["name"].startswith(FIDELITY_ROWS):
             continue
-        name, metric = row["name"], row["metric"]
+        name, metric = canonical_name(row["name"]), row["metric"]
         if name == "perplexity":
             ppl = (settings or {}).get("perplexity") or {}
             path = str(ppl.get("path") or "text")
@@ -54,6 +61,6 @@ def eval_results(rows: list[dict] | None, settings: dict | None = None) -> list:
         for value, label in ((row.get("pruned"), metric), (row.get("original"), metric + ORIGINAL)):
             if isinstance(value, (int, float)):
                 out.append(EvalResult(task_type=TASK_TYPE, task_name=name, metric_type=metric_type,
-                                      metric_value=round(float(value), 6), metric_name=label, metric_args=args,
+                                      metric_value=float(f"{float(value):.6g}"), metric_name=label, metric_args=args,
                                       **dataset))
     return out

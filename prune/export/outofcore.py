@@ -98,8 +98,9 @@ class Converted:
             handle.seek(begin)
             raw = bytearray(handle.read(end - begin))
         tensor = torch.frombuffer(raw, dtype=self.entry.torch_dtype) if raw else torch.empty(0, dtype=self.entry.torch_dtype)
-        if self.rescale is not None:
+        if self.rescale is not None:  # in float32, then rounded once to the target (as surgery in memory does)
             width, factor = self.rescale
+            tensor = tensor.float()
             tensor.view(self.entry.shape)[..., :width].mul_(factor)
         out.write(tensor.to(self.target).view(torch.uint8).numpy().tobytes())
 

@@ -74,7 +74,9 @@ class UploadPlan:
         width = max(len(f"{size:,}") for _, size in self.files) if self.files else 1
         for name, size in self.files:
             lines.append(f"  {size:>{width},} B  {human_size(size):>9}  {name}")
-        lines.append("files already in the repo and not listed here are left as they are")
+        lines.append("files already in the repo and not listed here are left as they are, except weight files "
+                     "(*.safetensors, *.bin, their indexes) this folder does not have: those are deleted, so the repo "
+                     "loads these weights")
         return "\n".join(lines)
 
 
@@ -115,10 +117,11 @@ def default_commit_message(folder: Path) -> str:
     return f"Upload layer-pruned model: {n0} -> {record.layers_after} decoder blocks (prune {__version__})"
 
 
-def card_for_repo(folder: Path, repo_id: str) -> dict[str, str]:
+def card_for_repo(folder: Path, repo_id: str, revision: str | None = None) -> dict[str, str]:
     """``README.md`` and ``pruning.json`` of ``folder`` as they are published to ``repo_id``:
     the record with ``repo_id`` set, the card rendered from it, ``eval.json`` and ``recipe.yaml``
-    with the load snippet naming the repo. ``{}`` for a folder without ``pruning.json``."""
+    with the load snippet naming the repo (and ``revision``, a branch other than main). ``{}`` for
+    a folder without ``pruning.json``."""
     import json
 
     from prune.export.card import render_card
@@ -135,7 +138,8 @@ def card_for_repo(folder: Path, repo_id: str) -> dict[str, str]:
             evaluation = {}
     recipe = (folder / "recipe.yaml").read_text() if (folder / "recipe.yaml").is_file() else None
     card = render_card(record, rows=evaluation.get("rows"), settings=evaluation.get("settings"), recipe_yaml=recipe,
-                       model_name=repo_id.split("/")[-1], load_id=repo_id)
+                       model_name=repo_id.split("/")[-1], load_id=repo_id,
+                       revision=revision if revision not in (None, DEFAULT_BRANCH) else None)
     return {"README.md": card, RECORD_FILE: record_json(record)}
 
 
@@ -199,7 +203,7 @@ def plan_push(folder: str | os.PathLike, repo_id: str, *, revision: str | None =
     if not quiet:
         print(report.summary(), flush=True)
     report.raise_for_problems("refusing to push", shown=not quiet)
-    rendered = card_for_repo(path, repo_id)
+    rendered = card_for_repo(path, repo_id, revision)
     files = [(name, len(rendered[name].encode()) if name in rendered else size)
              for name, size in upload_files(path, list(exclude))]
     for name in ("README.md", RECORD_FILE):
@@ -219,6 +223,8 @@ def push(folder: str | os.PathLike, repo_id: str, *, revision: str | None = None
         raise PruneError("--create-pr opens a pull request against main: leave out --revision")
     if not dry_run:
         check_can_push(repo_id, token)  # offline / no token: fail before reading anything
+    if token_file:  # the token file never goes up, wherever it lies
+        exclude = [*exclude, *_inside(Path(token_file), Path(folder))]
     plan = plan_push(folder, repo_id, revision=revision, private=private, commit_message=commit_message, quiet=quiet,
                      exclude=exclude, create_pr=create_pr)
     if dry_run:
@@ -228,7 +234,7 @@ def push(folder: str | os.PathLike, repo_id: str, *, revision: str | None = None
         return plan
     if not quiet:
         print(f"\npushing to {repo_id}@{plan.revision}:\n{plan.describe()}", flush=True)
-    url = _upload(plan, token)
+    url = _upload(plan, token, quiet)
     if not create_pr:
         for name, text in plan.rendered.items():  # the folder now says where it lives
             (plan.folder / name).write_text(text)
@@ -237,21 +243,54 @@ def push(folder: str | os.PathLike, repo_id: str, *, revision: str | None = None
     return url
 
 
+def _inside(file: Path, folder: Path) -> list[str]:
+    """``[file's path relative to folder]`` (glob-escaped) when ``file`` lies inside ``folder``, else ``[]``."""
+    import glob
+
+    file, folder = file.expanduser().resolve(), folder.expanduser().resolve()
+    return [glob.escape(file.relative_to(folder).as_posix())] if file.is_relative_to(folder) else []
+
+
 def push_config(folder, cfg, *, quiet: bool = False) -> str:
     """Push after ``prune run`` from a recipe's ``output.push_to_hub`` section."""
     return push(folder, cfg.repo_id, revision=cfg.revision, private=cfg.private, commit_message=cfg.commit_message,
                 quiet=quiet)
 
 
-def commit_operations(plan: UploadPlan) -> list:
-    """One ``CommitOperationAdd`` per listed file: re-rendered files from memory, the rest from disk."""
-    from huggingface_hub import CommitOperationAdd
+#: weight files a repo may hold: those this push does not send are deleted (see :func:`stale_weights`)
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.gguf")
+
+
+def stale_weights(existing: list[str], plan: UploadPlan) -> list[str]:
+    """Weight files at the repo's top level that this push does not send (and no ``--exclude``
+    pattern keeps): a single ``model.safetensors`` left by an earlier push would be loaded by
+    transformers ahead of this push's sharded index, so they are deleted in the same commit."""
+    sending = {name for name, _ in plan.files}
+    return sorted(f for f in existing if "/" not in f and f not in sending
+                  and any(fnmatch.fnmatch(f, p) for p in WEIGHT_FILES)
+                  and not any(fnmatch.fnmatch(f, p) for p in plan.excluded))
+
+
+def commit_operations(plan: UploadPlan, delete: list[str] = ()) -> list:
+    """One ``CommitOperationAdd`` per listed file (re-rendered files from memory, the rest from
+    disk), one ``CommitOperationDelete`` per stale weight file."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     return [CommitOperationAdd(name, plan.rendered[name].encode() if name in plan.rendered else str(plan.folder / name))
-            for name, _ in plan.files]
+            for name, _ in plan.files] + [CommitOperationDelete(name) for name in delete]
 
 
-def _upload(plan: UploadPlan, token: str | None = None) -> str:
+def repo_files(api, plan: UploadPlan) -> list[str]:
+    """The files of ``plan``'s repo at its revision; none for a repo or branch just created."""
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return api.list_repo_files(plan.repo_id, revision=plan.revision, repo_type="model")
+    except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError):
+        return []
+
+
+def _upload(plan: UploadPlan, token: str | None = None, quiet: bool = False) -> str:
     from huggingface_hub import HfApi, get_token
 
     token = token or get_token()
@@ -261,8 +300,11 @@ def _upload(plan: UploadPlan, token: str | None = None) -> str:
         api.create_repo(plan.repo_id, private=plan.private, exist_ok=True, repo_type="model")
         if plan.revision != DEFAULT_BRANCH:
             api.create_branch(plan.repo_id, branch=plan.revision, exist_ok=True, repo_type="model")
+        delete = stale_weights(repo_files(api, plan), plan)
+        if delete and not quiet:
+            print(f"deleting weight files this folder no longer has: {', '.join(delete)}", flush=True)
         stage = "upload"
-        info = api.create_commit(repo_id=plan.repo_id, operations=commit_operations(plan), repo_type="model",
+        info = api.create_commit(repo_id=plan.repo_id, operations=commit_operations(plan, delete), repo_type="model",
                                  revision=plan.revision, commit_message=plan.commit_message, create_pr=plan.create_pr)
     except PruneError:
         raise

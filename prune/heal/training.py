@@ -76,6 +76,11 @@ def check_parallel(cfg) -> None:
     if w.distributed and cfg.batch_size % w.size:
         raise PruneError(f"heal.batch_size={cfg.batch_size} does not split over {w.size} processes "
                          f"(use a multiple of {w.size}: each optimizer step sees the same global batch as one process)")
+    n = getattr(cfg, "n_samples", None)
+    if w.distributed and n is not None and n % cfg.batch_size:
+        raise PruneError(f"heal.n_samples={n} is not a multiple of heal.batch_size={cfg.batch_size}: under {w.size} "
+                         "processes the short last batch is padded with repeated windows, so the training would differ "
+                         "from one process's (use a multiple of the batch size)")
     if getattr(cfg, "fsdp", False) and getattr(cfg, "average", 0.0) > 0:
         raise PruneError("heal.average is not supported with heal.fsdp (each rank holds only a shard of the "
                          "weights to average): set heal.average: 0, or train without FSDP")

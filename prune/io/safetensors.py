@@ -95,11 +95,14 @@ def file_tensors(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[
 
 
 def read_index(folder: str | os.PathLike) -> tuple[dict[str, str] | None, list[str]]:
-    """``(weight_map, shard names)`` of a checkpoint folder: the index's map and its shards in order
-    of first appearance, or ``(None, ["model.safetensors"])`` for a single file. One line on a bad
-    index or a missing shard; ``PruneError`` too when the folder has no safetensors weights."""
+    """``(weight_map, shard names)`` of a checkpoint folder: ``(None, ["model.safetensors"])`` for a
+    single file, else the index's map and its shards in order of first appearance (transformers'
+    order: a single file wins over an index beside it). One line on a bad index or a missing shard;
+    ``PruneError`` too when the folder has no safetensors weights."""
     folder = Path(folder)
     index = folder / INDEX_NAME
+    if (folder / SINGLE_NAME).is_file():
+        return None, [SINGLE_NAME]
     if index.is_file():
         try:
             data = json.loads(index.read_bytes().decode("utf-8"))
@@ -117,8 +120,6 @@ def read_index(folder: str | os.PathLike) -> tuple[dict[str, str] | None, list[s
                 raise PruneError(f"{folder} is incomplete: weight shard {name} listed in {INDEX_NAME} is missing "
                                  "(re-download or re-save the model)")
         return weight_map, names
-    if (folder / SINGLE_NAME).is_file():
-        return None, [SINGLE_NAME]
     other = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []
     hint = f" (it has {other[0]}: re-save it with save_pretrained to get safetensors)" if other else ""
     raise PruneError(f"{folder} has no safetensors weights ({SINGLE_NAME} or {INDEX_NAME}){hint}")

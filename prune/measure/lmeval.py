@@ -277,6 +277,18 @@ def summarize(out: dict, *, local_alias: bool = False) -> dict:
     return results
 
 
+def check_limit_over_ranks(limit: int | float | None) -> None:
+    """Under a launcher lm-eval gives each process a share of a task's examples, and a process left
+    without one fails: a ``limit`` below the number of processes is refused in one line."""
+    from prune.core import dist
+
+    w = dist.world()
+    if w.distributed and limit is not None and limit >= 1 and int(limit) < w.size:
+        raise PruneError(f"evaluate.limit={limit} is below the number of processes ({w.size}): each process scores a "
+                         f"share of a task's examples and one without any fails (raise the limit to at least {w.size}, "
+                         "or launch fewer processes)")
+
+
 def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, batch_size: int | str = 8,
                 num_fewshot: int = 0, seed: int = 0, data_dir_path=None, task_dirs=None, progress: bool = True,
                 log_samples: bool = True, apply_chat_template: bool | str = False,
@@ -291,6 +303,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
 
     from prune.measure.lmeval_dist import results_on_every_rank, spread_over_ranks
 
+    check_limit_over_ranks(limit)
     names, manager = resolve_tasks(tasks, data_dir_path=data_dir_path, task_dirs=task_dirs)
     # lm-eval warns that an in-memory model was passed and that num_fewshot was set: both intended
     loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("lm_eval")]

@@ -50,11 +50,18 @@ def spread_over_ranks(lm):
 def results_on_every_rank(out: dict | None) -> dict:
     """Rank 0's ``simple_evaluate`` output (the others get ``None`` from lm-eval) on every rank:
     rank 0 keeps all of it (samples and configs for lm-eval's own files), the others get the parts
-    read from it (``results``, ``n-samples``, ``configs``, ``versions``, ``n-shot``)."""
+    read from it (``results``, ``n-samples``, ``configs``, ``versions``, ``n-shot``), in the JSON form
+    lm-eval writes them (a config's functions as their names: functions do not pickle)."""
     w = dist.world()
     if not w.distributed:
         return out
     keys = ("results", "n-samples", "configs", "versions", "n-shot", "groups", "group_subtasks", "higher_is_better")
     part = {k: out[k] for k in keys if k in out} if out is not None else None
+    if part is not None:  # a task config may hold functions (`!function` helpers): as lm-eval writes it to JSON
+        import json
+
+        from lm_eval.utils import handle_non_serializable
+
+        part = json.loads(json.dumps(part, default=handle_non_serializable))
     received = dist.broadcast(part)
     return out if w.rank == 0 else received

@@ -5,11 +5,16 @@ With per-example scores ``a_i`` (model A) and ``b_i`` (model B) on the same ``n`
 
 * mean difference ``mean(d)`` (= B's score minus A's);
 * paired standard error ``SE = sd(d) / sqrt(n)`` (``sd`` with ``n - 1``);
-* a 95% percentile bootstrap interval of ``mean(d)``: ``iters`` resamples of the ``n`` examples
-  with replacement (``numpy.random.default_rng(seed)``), the 2.5th and 97.5th percentiles;
+* a 95% interval of ``mean(d)``: for 0/1 scores the exact one given the flips (below), else a
+  percentile bootstrap: ``iters`` resamples of the ``n`` examples with replacement
+  (``numpy.random.default_rng(seed)``), the 2.5th and 97.5th percentiles;
 * for 0/1 scores, the flips ``right -> wrong`` (``a = 1, b = 0``) and ``wrong -> right``
   (``a = 0, b = 1``) and McNemar's exact two-sided p-value: with ``m`` flips in all and
-  ``k`` the smaller count, ``p = min(1, 2 * sum_{i <= k} C(m, i) / 2^m)``.
+  ``k`` the smaller count, ``p = min(1, 2 * sum_{i <= k} C(m, i) / 2^m)``. The interval is
+  ``m (2 q - 1) / n`` at the Clopper-Pearson bounds ``q`` of the share ``r / m`` of flips that
+  went B's way (``r`` = wrong -> right): it excludes 0 exactly when McNemar's p < 0.05 (a
+  bootstrap over few flips is too narrow: 5 flips of 100 answers all one way gave [+0.01, +0.10]
+  beside p = 0.0625).
 
 The unpaired standard error ``sqrt(SE_a^2 + SE_b^2)`` of two independent means is reported
 beside it: when the models agree on most examples, the paired one is far smaller.
@@ -83,21 +88,60 @@ def paired_stats(a, b, *, task: str = "", metric: str = "", iters: int = 10_000,
     a, b = _pair(a, b, task, "example")
     n = a.size
     d = b - a
-    rng = np.random.default_rng(seed)
-    means = np.empty(iters)
-    for start in range(0, iters, 1000):  # resample in blocks: memory stays ~1000 x n
-        stop = min(iters, start + 1000)
-        means[start:stop] = d[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
-    tail = 100 * (1 - level) / 2
-    low, high = np.percentile(means, [tail, 100 - tail])
+    binary = bool(np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all())
+    low = high = math.nan  # 0/1 scores: the exact interval below
+    if not binary:
+        rng = np.random.default_rng(seed)
+        means = np.empty(iters)
+        for start in range(0, iters, 1000):  # resample in blocks: memory stays ~1000 x n
+            stop = min(iters, start + 1000)
+            means[start:stop] = d[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+        tail = 100 * (1 - level) / 2
+        low, high = np.percentile(means, [tail, 100 - tail])
     sd = lambda x: float(x.std(ddof=1) / math.sqrt(n))
     out = Paired(task, metric, n, float(a.mean()), float(b.mean()), float(d.mean()), sd(d),
                  math.sqrt(sd(a) ** 2 + sd(b) ** 2), float(low), float(high))
-    if np.isin(a, (0.0, 1.0)).all() and np.isin(b, (0.0, 1.0)).all():
+    if binary:
         out.right_to_wrong = int(((a == 1) & (b == 0)).sum())
         out.wrong_to_right = int(((a == 0) & (b == 1)).sum())
         out.mcnemar_p = mcnemar_exact(out.right_to_wrong, out.wrong_to_right)
+        m = out.right_to_wrong + out.wrong_to_right
+        q_low, q_high = clopper_pearson(out.wrong_to_right, m, level)
+        out.ci_low, out.ci_high = m * (2 * q_low - 1) / n, m * (2 * q_high - 1) / n
     return out
+
+
+def _binomial_cdf(k: int, m: int, q: float) -> float:
+    """``P(X <= k)`` for ``X ~ Binomial(m, q)``, summed in log space (any ``m``)."""
+    if k < 0:
+        return 0.0
+    if k >= m or q <= 0.0:
+        return 1.0
+    if q >= 1.0:
+        return 0.0
+    lq, l1q, lm = math.log(q), math.log1p(-q), math.lgamma(m + 1)
+    return min(1.0, sum(math.exp(lm - math.lgamma(i + 1) - math.lgamma(m - i + 1) + i * lq + (m - i) * l1q)
+                        for i in range(k + 1)))
+
+
+def clopper_pearson(k: int, m: int, level: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) ``level`` interval of a binomial proportion from ``k`` of ``m``:
+    ``P(X >= k; low) = P(X <= k; high) = (1 - level) / 2``, by bisection; ``(0.5, 0.5)`` for ``m = 0``
+    (no flips: a zero-width interval of the difference)."""
+    if m == 0:
+        return 0.5, 0.5
+    tail = (1 - level) / 2
+
+    def solve(f, target: float) -> float:  # the q where the increasing f(q) reaches target
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+        return (lo + hi) / 2
+
+    low = 0.0 if k == 0 else solve(lambda q: 1.0 - _binomial_cdf(k - 1, m, q), tail)  # P(X >= k; q) = tail
+    high = 1.0 if k == m else solve(lambda q: 1.0 - _binomial_cdf(k, m, q), 1 - tail)  # P(X <= k; q) = tail
+    return low, high
 
 
 def t_quantile(q: float, df: float) -> float:
@@ -269,7 +313,7 @@ def paired_count(r: Paired, a: str = "A", b: str = "B") -> str:
 
 
 def paired_markdown(rows: list[Paired], a: str = "A", b: str = "B") -> str:
-    """A Markdown table: means, difference B - A with paired SE and 95% bootstrap interval, flips, McNemar p."""
+    """A Markdown table: means, difference B - A with paired SE and 95% interval, flips, McNemar p."""
     lines = [f"| task | metric | n | {a} | {b} | {b} - {a} | paired SE | unpaired SE | 95% CI | right->wrong | "
              "wrong->right | McNemar p |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
@@ -285,8 +329,9 @@ def paired_section(rows: list[Paired]) -> str:
     if not rows:
         return ""
     return ("\n## Paired: pruned against original, same examples\n\n"
-            "Per-example differences d = pruned - original: mean, paired SE = sd(d)/sqrt(n), 95% percentile "
-            "bootstrap interval (10,000 resamples, seed 0), answers that flipped each way and McNemar's exact p. "
+            "Per-example differences d = pruned - original: mean, paired SE = sd(d)/sqrt(n), 95% interval (right/wrong "
+            "answers: exact, from the flips, excluding 0 exactly when McNemar's p < 0.05; other scores: percentile "
+            "bootstrap, 10,000 resamples, seed 0), answers that flipped each way and McNemar's exact p. "
             "The unpaired SE treats the two means as independent.\n\n" + paired_markdown(rows, "original", "pruned") + "\n")
 
 

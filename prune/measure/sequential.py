@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prune.model.capture import _hidden_from_args, _hidden_from_output, batches
+from prune.core import scratch
 from prune.core.errors import PruneError
 from prune.core.faults import fault_point
 from prune.measure.scoring import (
@@ -67,6 +68,7 @@ class StateStore:
         self._row_shape: tuple[int, ...] | None = None
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
+            scratch.register(self.folder)  # removed even by a rank the launcher stops (prune.core.scratch)
 
     def _file(self, state: int) -> Path:
         return self.folder / f"state_{state:04d}.f32"
@@ -100,6 +102,7 @@ class StateStore:
         self._memory = []
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
+            scratch.unregister(self.folder)
 
 
 class _Recorder:

@@ -106,6 +106,16 @@ def working_set(config, n_states: int, n_windows: int, seq_len: int, batch_size:
     return acts, work
 
 
+def agreed_plan(plan: ExecutionPlan, replan) -> ExecutionPlan:
+    """Under a launcher every rank runs rank 0's mode (each plans from its own free memory; ranks that
+    chose differently would run different collectives and hang): ``replan(mode)`` gives this rank's
+    plan in that mode. One process: ``plan``."""
+    from prune.core import dist
+
+    mode = dist.broadcast(plan.mode)
+    return plan if mode == plan.mode else replan(mode)
+
+
 def plan_execution(source, requested: str = "auto", *, dtype="auto", device_map=None, max_memory: dict | None = None,
                    n_windows: int = 64, seq_len: int = 256, batch_size: int = 8, revision: str | None = None,
                    gguf_file: str | None = None, trust_remote_code: bool = False) -> ExecutionPlan:

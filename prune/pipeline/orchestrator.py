@@ -43,7 +43,7 @@ from prune.core.records import PruningRecord
 from prune.export.saving import prepare_export
 from prune.heal.methods import healing_markdown
 from prune.pipeline.engines import make_engine
-from prune.pipeline.execution import plan_execution
+from prune.pipeline.execution import agreed_plan, plan_execution
 
 FORMAT = "prune/1"
 
@@ -93,9 +93,10 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
         text, seq_len, max_windows = fidelity_text
         eval_windows(tokenizer, load_text(text.source()), seq_len, max_windows, text.bos)
     if recipe.evaluate and recipe.evaluate.tasks:
-        from prune.measure.lmeval import check_tasks, check_tokenizer
+        from prune.measure.lmeval import check_limit_over_ranks, check_tasks, check_tokenizer
 
         check_tokenizer(tokenizer)
+        check_limit_over_ranks(recipe.evaluate.limit)
         ev = recipe.evaluate  # every task problem now, before the model loads
         if ev.model != "hf" or ev.model_args is not None:
             raise PruneError("a run evaluates the model in memory (evaluate.model hf, no model_args); evaluate the saved "
@@ -172,9 +173,12 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     if progress.resume:
         say(f"resuming from {progress.folder}: reusing {', '.join(progress.found()) or 'nothing yet'}", quiet)
     m, c = recipe.model, recipe.calibration
-    plan = plan_execution(m.source, recipe.score.execution, dtype=m.dtype, device_map=m.device_map,
-                          max_memory=m.max_memory, n_windows=c.n_samples, seq_len=c.seq_len, batch_size=c.batch_size,
-                          revision=m.revision, gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code)
+    def planned(requested: str):
+        return plan_execution(m.source, requested, dtype=m.dtype, device_map=m.device_map, max_memory=m.max_memory,
+                              n_windows=c.n_samples, seq_len=c.seq_len, batch_size=c.batch_size, revision=m.revision,
+                              gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code)
+
+    plan = agreed_plan(planned(recipe.score.execution), planned)  # rank 0's mode on every rank
     say(plan.describe(), quiet)
     clock.lap("pre-flight")
     engine = make_engine(recipe, plan, facts, quiet)
