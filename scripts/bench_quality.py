@@ -136,7 +136,9 @@ def greedy_trace(ctx: Context, name: str, params: dict, k: int) -> dict:
 
         kwargs = dict(protect=PROTECT, progress=False, start=list(data["trace"]), on_round=save)
         if params["strategy"] == "iterative":
-            sel = ST.iterative(ctx.model, ctx.windows, k, metric=params["metric"], scores=ctx.scores(), **kwargs)
+            # every round on the first round's settings (all positions, CKA per window: ctx.scores()'s)
+            sel = ST.iterative(ctx.model, ctx.windows, k, metric=params["metric"], scores=ctx.scores(), positions="all",
+                               cka_windows=1, **kwargs)
         else:
             sel = ST.sleb(ctx.model, ctx.windows[:SLEB_WINDOWS], k, **kwargs)
         assert [t["removed"] for t in data["trace"]] == sel.details["order"]

@@ -301,6 +301,21 @@ def test_push_create_pr_exclude_and_token_file(chain, hub, tmp_path):
     assert len(handler.log) == n
 
 
+def test_only_a_full_checkpoint_push_deletes_stale_weights():
+    """A push that sends model weights deletes the repo's other transformers weight files (not nested
+    ones, not excluded ones, not other files); an adapter folder's push deletes nothing."""
+    from prune.export.push import UploadPlan, stale_weights
+
+    repo = ["model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+            "teacher.safetensors", "adapter_model.safetensors", "sub/model.safetensors", "README.md"]
+    sharded = UploadPlan(Path("."), "me/x", "main", True, "m", [("model-00001-of-00001.safetensors", 1),
+                                                                 ("model.safetensors.index.json", 1), ("config.json", 1)],
+                         excluded=["pytorch_model.*"])
+    assert stale_weights(repo, sharded) == ["model-00001-of-00002.safetensors", "model.safetensors"]
+    adapter = UploadPlan(Path("."), "me/x", "main", True, "m", [("adapter_model.safetensors", 1), ("README.md", 1)])
+    assert stale_weights(repo, adapter) == []
+
+
 def test_chain_push_dry_run(chain, capsys):
     plan = push(chain["step3"], "me/tiny-step3", dry_run=True, quiet=True)
     assert 'from_pretrained("me/tiny-step3")' in plan.rendered["README.md"]

@@ -74,9 +74,9 @@ class UploadPlan:
         width = max(len(f"{size:,}") for _, size in self.files) if self.files else 1
         for name, size in self.files:
             lines.append(f"  {size:>{width},} B  {human_size(size):>9}  {name}")
-        lines.append("files already in the repo and not listed here are left as they are, except weight files "
-                     "(*.safetensors, *.bin, their indexes) this folder does not have: those are deleted, so the repo "
-                     "loads these weights")
+        lines.append("files already in the repo and not listed here are left as they are, except the model weight "
+                     "files (model*.safetensors, pytorch_model*.bin, their indexes) this folder does not have: those "
+                     "are deleted, so the repo loads these weights")
         return "\n".join(lines)
 
 
@@ -257,15 +257,19 @@ def push_config(folder, cfg, *, quiet: bool = False) -> str:
                 quiet=quiet)
 
 
-#: weight files a repo may hold: those this push does not send are deleted (see :func:`stale_weights`)
-WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.gguf")
+#: the names transformers loads a checkpoint's weights from (single file, shards, index)
+WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json")
 
 
 def stale_weights(existing: list[str], plan: UploadPlan) -> list[str]:
-    """Weight files at the repo's top level that this push does not send (and no ``--exclude``
-    pattern keeps): a single ``model.safetensors`` left by an earlier push would be loaded by
-    transformers ahead of this push's sharded index, so they are deleted in the same commit."""
+    """When this push sends a full checkpoint: the repo's top-level weight files (transformers' names)
+    it does not send and no ``--exclude`` pattern keeps. A single ``model.safetensors`` left by an
+    earlier push would be loaded by transformers ahead of this push's sharded index, so they are
+    deleted in the same commit. An adapter folder (or a push without weights) deletes nothing."""
     sending = {name for name, _ in plan.files}
+    if not any(any(fnmatch.fnmatch(f, p) for p in WEIGHT_FILES) for f in sending):
+        return []
     return sorted(f for f in existing if "/" not in f and f not in sending
                   and any(fnmatch.fnmatch(f, p) for p in WEIGHT_FILES)
                   and not any(fnmatch.fnmatch(f, p) for p in plan.excluded))

@@ -496,14 +496,15 @@ def prepare_teacher(model, tokenizer, cfg: HealConfig, windows, val_windows, kep
 
 
 def preflight_cache(cfg: HealConfig, inputs=(), tokenizer=None, windows=None, val_windows=None) -> None:
-    """Before any work: a ``heal.teacher_cache`` that will be written is not an input or inside one
-    (a model folder, the run folder); one that will be reused was computed on these windows with
-    this tokenizer (given ``windows``: the heal's training windows)."""
+    """Before any work: a ``heal.teacher_cache`` that may be written is not an input or inside one
+    (a model folder, the run folder); with ``teacher: cache`` one that will be reused was computed on
+    these windows with this tokenizer (given ``windows``: the heal's training windows; ``auto`` may
+    keep the teacher in memory and never read it)."""
     if cfg.objective != "distill" or not cfg.teacher_cache or cfg.teacher == "memory":
         return
     path = Path(cfg.teacher_cache).expanduser()
     if path.is_file() and TopkCache.stored_k(path) == cfg.top_k:  # reused, not written
-        if windows is not None:
+        if windows is not None and cfg.teacher == "cache":
             check_cache(TopkCache.load(path), tokenizer, windows[:0] if cfg.method == "bridge" else windows, val_windows)
         return
     from prune.io.guard import check_output

@@ -77,7 +77,7 @@ def check_parallel(cfg) -> None:
         raise PruneError(f"heal.batch_size={cfg.batch_size} does not split over {w.size} processes "
                          f"(use a multiple of {w.size}: each optimizer step sees the same global batch as one process)")
     n = getattr(cfg, "n_samples", None)
-    if w.distributed and n is not None and n % cfg.batch_size:
+    if w.distributed and n is not None and n % cfg.batch_size and getattr(cfg, "method", None) != "bridge":
         raise PruneError(f"heal.n_samples={n} is not a multiple of heal.batch_size={cfg.batch_size}: under {w.size} "
                          "processes the short last batch is padded with repeated windows, so the training would differ "
                          "from one process's (use a multiple of the batch size)")
@@ -144,13 +144,15 @@ class MasterWeights:
     micro-batch's gradient is computed in the model's precision and moved to the copies at
     the optimizer step."""
 
-    def __init__(self, groups: list[dict]):
+    def __init__(self, groups: list[dict], device: torch.device | None = None):
+        """``device``: where the training runs (Accelerate moves the model there after this)."""
         self.pairs: list[tuple[torch.nn.Parameter, torch.nn.Parameter]] = []
         self.groups = []
         for group in groups:
             copies = []
             for p in group["params"]:
-                master = torch.nn.Parameter(p.detach().float().clone()) if p.dtype in HALF else p
+                master = (torch.nn.Parameter(p.detach().to(device or p.device, torch.float32, copy=True))
+                          if p.dtype in HALF else p)
                 self.pairs.append((p, master))
                 copies.append(master)
             self.groups.append({**group, "params": copies})
@@ -163,7 +165,7 @@ class MasterWeights:
     def take_grads(self) -> None:
         for p, m in self.pairs:
             if m is not p:
-                m.grad = None if p.grad is None else p.grad.float()
+                m.grad = None if p.grad is None else p.grad.to(m.device, torch.float32)
                 p.grad = None
 
     def write_back(self) -> None:
@@ -197,7 +199,8 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter] | list[dict]
         raise PruneError("nothing to train: no parameter requires a gradient (check the heal settings)")
     check_parallel(cfg)
     accelerator = make_accelerator(cfg.mixed_precision, cfg.gradient_accumulation, getattr(cfg, "fsdp", False))
-    masters = MasterWeights(groups) if MasterWeights.needed(params, getattr(cfg, "fsdp", False)) else None
+    masters = (MasterWeights(groups, accelerator.device) if MasterWeights.needed(params, getattr(cfg, "fsdp", False))
+               else None)
     optimizer = torch.optim.AdamW(masters.groups if masters else groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.steps, cfg.schedule)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
