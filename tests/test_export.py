@@ -228,6 +228,10 @@ def test_is_hub_dataset():
     assert is_hub_dataset("Salesforce/wikitext") and is_hub_dataset("wikitext")
     assert not is_hub_dataset(str(ROOT / "README.md"))  # an existing local file
     assert not is_hub_dataset("data/wiki.test.raw") and not is_hub_dataset("./x") and not is_hub_dataset("json")
+    # a bare file name read from the working folder stays local when the card is re-rendered elsewhere (prune push),
+    # and so do the forms a run folder records local paths in
+    assert not is_hub_dataset("corpus.text") and not is_hub_dataset("<local>/corpus.text")
+    assert not is_hub_dataset("${PRUNE_DATA_DIR}/wikitext2_raw/wiki.test.raw")
 
 
 @pytest.mark.integration

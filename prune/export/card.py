@@ -76,7 +76,9 @@ def is_hub_dataset(path: str | None) -> bool:
     if not path:
         return False
     p = Path(path).expanduser()
-    if p.exists() or p.suffix in _LOCAL_TEXT or path.startswith((".", "/", "~")):
+    if p.exists() or p.suffix in _LOCAL_TEXT or path.startswith((".", "/", "~", "$", "<")):
+        return False
+    if "/" not in path and "." in path:  # a bare file name (corpus.text) read from the working folder, not a Hub id
         return False
     return bool(_HUB_ID.match(path)) and path.lower() not in _PACKAGED_BUILDERS
 
