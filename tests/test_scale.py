@@ -528,3 +528,19 @@ def prune_root():
     from pathlib import Path
 
     return Path(__file__).resolve().parents[1]
+
+
+def test_a_mixed_dtype_checkpoint_is_written_out_of_core_as_in_memory(tokenizers_by_bos, tmp_path):
+    """bfloat16 weights with float32 norms, ``dtype: auto``: a load gives one dtype (the config's), so
+    prune.save writes bfloat16 throughout; out of core writes the same, tensor for tensor."""
+    from safetensors.torch import load_file, save_file
+
+    folder = prune.save(build_model("llama").to(torch.bfloat16), tokenizers_by_bos[True], tmp_path / "mixed")
+    tensors = load_file(folder / "model.safetensors")
+    save_file({k: v.float() if "norm" in k else v for k, v in tensors.items()}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    prune.remove_layers(model, [3])
+    a = all_tensors(prune.save(model, None, tmp_path / "mem"))
+    b = all_tensors(prune_checkpoint(folder, [3], tmp_path / "ooc", pruning={"removed": [3]}))
+    assert sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)

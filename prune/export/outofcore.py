@@ -205,8 +205,9 @@ def prune_checkpoint(
     the folder gets ``pruning.json`` with its lineage (a pruned source's record is extended:
     indices mapped to the original model) and a model card; the source's ``eval.*`` and
     ``recipe.yaml`` are never carried over (they describe another model). ``dtype``
-    (``bfloat16``, ``float16``, ``float32``; ``auto``/None = as stored) converts floating
-    tensors one at a time. Returns the output folder. Without ``dtype`` the result equals,
+    (``bfloat16``, ``float16``, ``float32``; ``auto``/None = as stored, or for a checkpoint of mixed
+    floating dtypes the one dtype a load with ``dtype="auto"`` gives) converts floating tensors one
+    at a time. Returns the output folder. Without ``dtype`` the result equals,
     tensor for tensor, the checkpoint ``prune.remove_layers`` + ``prune.save`` would write.
     ``new_step=False``: ``pruning`` already has its lineage (``prune run`` out of core) and is
     written as it is. ``inputs``: paths the output must never touch (:mod:`prune.io.guard`).
@@ -239,7 +240,11 @@ def prune_checkpoint(
         record = remove_record(src, pruning, n_layers, removed, sk, base_model=base_model)
     target = resolve_dtype(dtype)
     target = None if target == "auto" else target
-    shards = {name: convert_entries(items, target) for name, items in plan_tensors(sk, kept).items()}
+    planned = plan_tensors(sk, kept)
+    if target is None and len({e.torch_dtype for items in planned.values() for _, e in items
+                               if getattr(e, "torch_dtype", torch.float32).is_floating_point}) > 1:
+        target = sk.dtype  # a mixed checkpoint: one dtype, the one a load with dtype auto gives (and prune.save writes)
+    shards = {name: convert_entries(items, target) for name, items in planned.items()}
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     for key, value in pruned_config_updates(config, kept).items():
         setattr(config, key, value)
