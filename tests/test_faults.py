@@ -235,3 +235,52 @@ def test_planted_token_is_never_printed_or_written(tiny_folder, tmp_path):
     assert len([p for p in files if p.is_relative_to(out)]) >= 8
     for path in files:
         assert token.encode() not in path.read_bytes(), path
+
+
+def _recover_in_step(out: str, barrier, rounds: int, errors) -> None:
+    """One of two processes finishing the same half-done swaps at the same moment (ranks of a launch do)."""
+    from prune.io.staging import recover
+
+    for _ in range(rounds):
+        barrier.wait()  # the parent has planted the next half-done swap
+        try:
+            recover(Path(out))
+        except OSError as exc:
+            errors.put(repr(exc))
+        barrier.wait()
+
+
+def test_ranks_finishing_a_killed_swap_together_never_fail(tmp_path):
+    """A swap killed between its two renames leaves ``.out.old-<pid>`` (and maybe a complete staging folder);
+    every rank's pre-flight finishes it. Two real processes doing so at once: one rename finds its source
+    gone, which is another process's success, not an error (the old code raised FileNotFoundError)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    dead = ctx.Process(target=int)
+    dead.start()
+    dead.join()  # a pid that is no longer alive: the killed process
+    out, rounds = tmp_path / "out", 40
+    barrier, errors = ctx.Barrier(3), ctx.Queue()
+    workers = [ctx.Process(target=_recover_in_step, args=(str(out), barrier, rounds, errors)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for i in range(rounds):
+        shutil.rmtree(out, ignore_errors=True)
+        old = tmp_path / f".out.old-{dead.pid}"
+        old.mkdir()
+        (old / "which").write_text("old")
+        if i % 2:  # the new output had been written completely: the swap is finished with it
+            new = tmp_path / f".out.incomplete-{dead.pid}"
+            new.mkdir()
+            (new / "which").write_text("new")
+        barrier.wait()
+        barrier.wait()
+        assert (out / "which").read_text() == ("new" if i % 2 else "old")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    for w in workers:
+        w.join(timeout=60)
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert failures == [] and all(w.exitcode == 0 for w in workers)

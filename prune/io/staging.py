@@ -111,12 +111,14 @@ def recover(out: Path) -> Path | None:
     for old in olds:
         if not out.exists():
             new = parent / f".{out.name}{INCOMPLETE_TAG}{_pid_of(old)}"
-            if new.is_dir() and not (new / INCOMPLETE_MARKER).exists():
-                new.rename(out)  # the new output was complete: finish the swap
-                restored = out
-            else:
-                old.rename(out)  # put the old output back
-                restored = out
+            complete = new.is_dir() and not (new / INCOMPLETE_MARKER).exists()
+            try:
+                (new if complete else old).rename(out)  # finish the swap, or put the old output back
+            except OSError:  # the ranks of a launch recover together: another process did it first
+                if not out.exists():
+                    raise
+            restored = out
+            if not complete:
                 continue
         shutil.rmtree(old, ignore_errors=True)
     return restored
