@@ -69,8 +69,8 @@ def test_paired_t_by_hand():
 
 def test_right_wrong_interval_is_exact_and_agrees_with_mcnemar():
     """0/1 scores: the interval of the difference comes from the exact (Clopper-Pearson) interval of
-    the flips' split, so it excludes 0 exactly when McNemar's p < 0.05 (a bootstrap over 5 flips of
-    100 answers all one way excluded 0 beside p = 0.0625)."""
+    the flips' split, so it excludes 0 exactly when McNemar's p < 0.05 (a bootstrap over few flips
+    could exclude 0 beside p > 0.05: 5 flips of 100 answers all one way, p = 0.0625, is one case below)."""
     from prune.measure.paired import clopper_pearson
 
     assert clopper_pearson(3, 10) == pytest.approx((0.06674, 0.65245), abs=1e-5)  # printed tables

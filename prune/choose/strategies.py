@@ -354,10 +354,10 @@ def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, 
         else:
             hi = mid
     chosen = list(order[:lo])
-    # why it stopped: the budget with candidates untried, the max_remove cap, or every candidate tried
-    stopped = "budget" if hi - lo > 1 else "candidates"
-    # phase 2: greedy, the remaining candidates in rank order
-    for cand in order[lo:] if stopped == "candidates" else ():
+    # phase 2: greedy, the remaining candidates in rank order; why it stopped: the budget with candidates
+    # untried (also when phase 1 spent it: order[:lo + 1] is then untried), the max_remove cap, or every candidate tried
+    stopped = "candidates"
+    for cand in order[lo:]:
         if len(chosen) >= cap:
             stopped = "max_remove"
             break

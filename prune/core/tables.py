@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+#: the rows that compare the pruned model with the original (not results of one model)
+KL_ROW, AGREEMENT_ROW = "KL to original", "top-1 agreement"
+
+
 def comparison_rows(original: dict, pruned: dict, facts: dict) -> list[dict]:
     """Rows of the before/after table: name, metric, original, pruned, retained (pruned/original)."""
     rows = []
@@ -16,10 +20,10 @@ def comparison_rows(original: dict, pruned: dict, facts: dict) -> list[dict]:
             lower_is_better=True)
     if "fidelity" in pruned:  # against the original: KL 0 and agreement 1 by definition
         f = pruned["fidelity"]
-        kl = "KL to original" + ("" if f.get("kl_exact", True) else f" (top-{f['top_k']})")
+        kl = KL_ROW + ("" if f.get("kl_exact", True) else f" (top-{f['top_k']})")
         add(kl, "mean", 0.0, f["kl_mean"], None, f.get("kl_mean_stderr"), lower_is_better=True)
         add(kl, "p99", 0.0, f["kl_p99"], lower_is_better=True)
-        add("top-1 agreement", "fraction", 1.0, f["top1_agreement"])
+        add(AGREEMENT_ROW, "fraction", 1.0, f["top1_agreement"])
         if f.get("data") != pruned.get("perplexity", {}).get("data"):  # own text: its perplexity too
             add("fidelity perplexity", "ppl", f["perplexity_original"], f["perplexity_pruned"], lower_is_better=True)
     for task, res in pruned.get("tasks", {}).items():

@@ -29,21 +29,21 @@ TASK_DATASETS: dict[str, tuple[str, str | None, str]] = {
 }
 TASK_TYPE = "text-generation"
 ORIGINAL = " (original model, before pruning)"
-#: rows of eval.json that compare the two models (prune.core.tables): not results of one model
-FIDELITY_ROWS = ("KL to original", "top-1 agreement")
+
 
 
 def eval_results(rows: list[dict] | None, settings: dict | None = None) -> list:
     """``EvalResult`` objects for the before/after ``rows`` of ``eval.json`` (see module docstring)."""
     from huggingface_hub import EvalResult
 
+    from prune.core.tables import AGREEMENT_ROW, KL_ROW
     from prune.export.card import is_hub_dataset
     from prune.measure.lmeval import canonical_name
 
     out = []
     fewshot = (settings or {}).get("num_fewshot")
     for row in rows or []:
-        if row.get("metric") == "count" or row["name"].startswith(FIDELITY_ROWS):
+        if row.get("metric") == "count" or row["name"].startswith((KL_ROW, AGREEMENT_ROW)):
             continue
         name, metric = canonical_name(row["name"]), row["metric"]
         if name == "perplexity":

@@ -189,17 +189,25 @@ class TopkCache:
                   metadata={k: str(v) for k, v in self.meta.items()})
         os.replace(tmp, self.path)
 
-    @staticmethod
-    def stored_k(path: str | os.PathLike) -> int | None:
-        """The k of the cache file at ``path`` from its header alone; None when it is not one."""
+    @classmethod
+    def header(cls, path: str | os.PathLike) -> "TopkCache | None":
+        """The cache file at ``path`` with its metadata and no tensors (what :func:`check_cache` reads),
+        from the header alone; None when it is not a cache (:meth:`load` says why)."""
         from safetensors import safe_open
 
+        path = Path(path).expanduser()
         try:
-            with safe_open(str(Path(path).expanduser()), "pt") as handle:
-                meta = handle.metadata() or {}
-            return int(meta["k"]) if meta.get("format") == FORMAT else None
-        except Exception:  # noqa: BLE001 - a broken / foreign file: TopkCache.load says why
+            with safe_open(str(path), "pt") as handle:
+                meta = dict(handle.metadata() or {})
+        except Exception:  # noqa: BLE001 - a broken / foreign file
             return None
+        return cls(path, {}, meta) if meta.get("format") == FORMAT else None
+
+    @classmethod
+    def stored_k(cls, path: str | os.PathLike) -> int | None:
+        """The k of the cache file at ``path`` (its header); None when it is not one."""
+        head = cls.header(path)
+        return head.k if head is not None else None
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TopkCache":
@@ -503,9 +511,10 @@ def preflight_cache(cfg: HealConfig, inputs=(), tokenizer=None, windows=None, va
     if cfg.objective != "distill" or not cfg.teacher_cache or cfg.teacher == "memory":
         return
     path = Path(cfg.teacher_cache).expanduser()
-    if path.is_file() and TopkCache.stored_k(path) == cfg.top_k:  # reused, not written
+    head = TopkCache.header(path) if path.is_file() else None
+    if head is not None and head.k == cfg.top_k:  # reused, not written
         if windows is not None and cfg.teacher == "cache":
-            check_cache(TopkCache.load(path), tokenizer, windows[:0] if cfg.method == "bridge" else windows, val_windows)
+            check_cache(head, tokenizer, windows[:0] if cfg.method == "bridge" else windows, val_windows)
         return
     from prune.io.guard import check_output
 

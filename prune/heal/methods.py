@@ -122,9 +122,6 @@ def lora_targets_matched(model: nn.Module, targets: list[str] | str) -> list[str
     return sorted(set(found))
 
 
-OLORA_CONV1D = ("heal.lora_init olora does not support Conv1D layers (GPT-2 style; peft multiplies the transposed "
-                "weight): use lora_init pissa or default")
-
 #: the keys only distillation reads
 _DISTILL_KEYS = ("temperature", "kl_weight", "hidden_weight", "hidden_loss", "lm_weight", "teacher", "top_k", "teacher_cache")
 
@@ -179,7 +176,8 @@ def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: in
             raise PruneError("heal.method lora needs peft (pip install peft)") from None
         targets = lora_targets_matched(model, cfg.target_modules)
         if cfg.lora_init == "olora" and any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in targets):
-            raise PruneError(OLORA_CONV1D)
+            raise PruneError("heal.lora_init olora does not support Conv1D layers (GPT-2 style; peft multiplies the "
+                             "transposed weight): use lora_init pissa or default")
     if cfg.method == "partial":
         if cfg.last_blocks > n_blocks:
             raise PruneError(f"heal.last_blocks={cfg.last_blocks} but the pruned model has {n_blocks} blocks (lower it)")
@@ -290,9 +288,7 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
 
     started = time.time()
     _check_in_memory(model)
-    targets = lora_targets_matched(model, cfg.target_modules)
-    if cfg.lora_init == "olora" and any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in targets):
-        raise PruneError(OLORA_CONV1D)
+    targets = lora_targets_matched(model, cfg.target_modules)  # olora on Conv1D: refused by check_settings
     before = mean_lm_loss(model, val_windows)
     flags = _trainable_state(model)
     if cfg.gradient_checkpointing:

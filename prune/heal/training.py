@@ -136,6 +136,9 @@ def _accumulate(average: list[torch.Tensor], params: list[torch.nn.Parameter], n
                 a.lerp_(p.detach().float(), 1.0 / n)
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
 class MasterWeights:
     """Float32 copies of the trained parameters held in bfloat16 / float16 (a model loaded in half
     precision): the optimizer updates the copies and each step rounds them back into the model.
@@ -174,8 +177,6 @@ class MasterWeights:
                 if m is not p:
                     p.copy_(m)
 
-
-HALF = (torch.bfloat16, torch.float16)
 
 
 def train(module: torch.nn.Module, params: list[torch.nn.Parameter] | list[dict], dataset: Dataset,

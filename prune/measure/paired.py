@@ -13,8 +13,7 @@ With per-example scores ``a_i`` (model A) and ``b_i`` (model B) on the same ``n`
   ``k`` the smaller count, ``p = min(1, 2 * sum_{i <= k} C(m, i) / 2^m)``. The interval is
   ``m (2 q - 1) / n`` at the Clopper-Pearson bounds ``q`` of the share ``r / m`` of flips that
   went B's way (``r`` = wrong -> right): it excludes 0 exactly when McNemar's p < 0.05 (a
-  bootstrap over few flips is too narrow: 5 flips of 100 answers all one way gave [+0.01, +0.10]
-  beside p = 0.0625).
+  bootstrap over few flips is too narrow: it could exclude 0 beside p > 0.05).
 
 The unpaired standard error ``sqrt(SE_a^2 + SE_b^2)`` of two independent means is reported
 beside it: when the models agree on most examples, the paired one is far smaller.
