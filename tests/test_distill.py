@@ -515,3 +515,46 @@ def test_gpu_run_distils_like_the_cpu(tmp_path, tiny_folder_heal, teacher):
         pytest.approx(cpu.evaluation["original"]["perplexity"]["perplexity"], rel=1e-4)
     model = AutoModelForCausalLM.from_pretrained(gpu.out_dir)
     assert model.config.num_hidden_layers == N_LAYERS - 3
+
+
+def _save_in_step(path: str, tensors: dict, barrier, rounds: int, errors) -> None:
+    """One of two processes writing the same teacher cache at the same moment (every rank of a launch does)."""
+    from prune.heal.distill import FORMAT, TopkCache
+
+    for _ in range(rounds):
+        barrier.wait()
+        try:
+            TopkCache(Path(path), tensors, {"format": FORMAT, "k": 4}).save()
+            TopkCache.load(path)
+        except (OSError, PruneError) as exc:
+            errors.put(repr(exc))
+        barrier.wait()
+
+
+def test_ranks_writing_the_same_teacher_cache_at_once_never_fail(tmp_path):
+    """Each rank of a launch computes the same top-k cache and writes it to the same file: each through a
+    temporary file of its own, then an atomic rename (with one shared temporary name, a rename found its
+    source moved by the other process, or a rank read a file the other was still writing)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    g = torch.Generator().manual_seed(0)
+    tensors = {"input_ids": torch.randint(0, 100, (16, 128), generator=g, dtype=torch.int32),
+               "logprobs": torch.randn(16, 128, 4, generator=g), "indices": torch.zeros(16, 128, 4, dtype=torch.int32)}
+    path, rounds = tmp_path / "teacher.safetensors", 300
+    barrier, errors = ctx.Barrier(3), ctx.Queue()
+    workers = [ctx.Process(target=_save_in_step, args=(str(path), tensors, barrier, rounds, errors)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for _ in range(rounds):
+        path.unlink(missing_ok=True)
+        barrier.wait()
+        barrier.wait()
+        assert torch.equal(TopkCache.load(path).tensors["logprobs"], tensors["logprobs"])
+    for w in workers:
+        w.join(timeout=60)
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher.safetensors"]
+    assert failures == [] and all(w.exitcode == 0 for w in workers)

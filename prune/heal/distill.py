@@ -184,7 +184,7 @@ class TopkCache:
         from safetensors.torch import save_file
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")  # each rank of a launch writes its own
         save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp),
                   metadata={k: str(v) for k, v in self.meta.items()})
         os.replace(tmp, self.path)
