@@ -185,6 +185,29 @@ def test_perplexity_on_the_fidelity_windows_takes_no_pass_of_its_own(pair, token
     assert calls.count(pruned) == 3 + 2
 
 
+def test_a_model_against_itself_is_exactly_faithful_with_ties_and_peaked_rows(tokenizers_by_bos, tmp_path):
+    """bf16 logits tie often (the reviewer's tiny model: 0.9906 agreement with itself, topk and argmax break
+    ties differently); peaked rows left p's rest bucket as 1 - sum_topk p, float32 noise against q's exact
+    sum (KL ~1e-7 for a model against itself). Both tails are now summed one way, agreement counts ties."""
+    model = build_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight.mul_(200.0)  # large logits, as a trained model's: peaked, and ties at bf16 spacing
+    model = model.to(torch.bfloat16)
+    windows = eval_windows(tokenizers_by_bos[True], wiki_text(20_000), 64, max_windows=8)
+    for top_k in (VOCAB, 16):
+        ref = build_reference(model, windows, top_k=top_k)
+        same = measure_fidelity(model, ref)
+        assert same["kl_max"] == 0.0 and same["top1_agreement"] == 1.0, (top_k, same["kl_max"], same["top1_agreement"])
+        assert (ref.tail_logmass is None) == (top_k == VOCAB)
+    loaded = FidelityReference.load(ref.save(tmp_path / "ref.safetensors"))
+    assert torch.equal(loaded.tail_logmass, ref.tail_logmass) and measure_fidelity(model, loaded)["kl_max"] == 0.0
+    with torch.no_grad():
+        logp = F.log_softmax(model(windows).logits[:, :-1].double(), -1)
+    rest = torch.ones_like(logp, dtype=torch.bool).scatter(-1, ref.top_ids.long(), False)
+    exact = torch.logsumexp(logp.masked_fill(~rest, float("-inf")), -1)
+    assert torch.allclose(ref.tail_logmass, exact, atol=1e-5, rtol=1e-5)
+
+
 def test_other_vocabulary_is_refused(pair):
     original, _, windows = pair
     ref = build_reference(original, windows, top_k=8)

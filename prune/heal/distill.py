@@ -59,6 +59,7 @@ from torch.utils.data import TensorDataset
 from prune.core.config import HealConfig
 from prune.core.errors import PruneError
 from prune.core.records import complement
+from prune.measure.fidelity import top1_agrees
 from prune.model.capture import _hidden_from_output
 from prune.model.loading import decoder_layers, input_device
 
@@ -69,6 +70,7 @@ MARGIN = 1.25  # auto: keep a teacher copy when free memory >= MARGIN x its size
 #: Llama-3.1-8B recipes on a GPU"; 7.1 with the plain loss); 2 covers a float32 teacher's logits too
 TEACHER_LOGITS = 2
 EVAL_BATCH = 4
+TIES = 8  # an in-memory teacher's largest logits checked for ties, as a cache's top k are (top-1 agreement)
 #: float32 elements per chunk of :func:`kl_loss` (64 MiB: 512 positions of a 32k vocabulary)
 KL_CHUNK = 2 ** 24
 
@@ -611,12 +613,13 @@ def fidelity(model, teacher: Teacher, windows: torch.Tensor | None, val: bool = 
             t_logits, t_topk, _ = teacher_outputs(teacher, ids, rows, val=val)
             n = ids.numel()
             if t_logits is not None:
-                kl_sum += float(kl_loss(logits, t_logits.to(logits.device))) * n
-                top = t_logits.argmax(-1).to(logits.device)
+                t_logits = t_logits.to(logits.device)
+                kl_sum += float(kl_loss(logits, t_logits)) * n
+                top = t_logits.topk(TIES, -1)
             else:
-                kl_sum += float(topk_kl_loss(logits, t_topk[0].to(logits.device), t_topk[1].to(logits.device))) * n
-                top = t_topk[1][..., 0].long().to(logits.device)
-            agree += int((logits.argmax(-1) == top).sum())
+                top = (t_topk[0].to(logits.device), t_topk[1].to(logits.device))
+                kl_sum += float(topk_kl_loss(logits, *top)) * n
+            agree += int(top1_agrees(*top, logits).sum())
             count += n
     return {"kl": kl_sum / count, "top1": agree / count, "tokens": count}
 

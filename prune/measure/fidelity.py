@@ -6,18 +6,20 @@ original's and ``q_t`` the pruned model's next-token distribution:
 
 * ``KL_t = sum_v p_t(v) (log p_t(v) - log q_t(v))``: mean (with its standard error over windows,
   whose tokens are not independent), median, p99 and max over tokens;
-* top-1 agreement ``mean_t [argmax p_t = argmax q_t]``;
+* top-1 agreement ``mean_t [argmax p_t = argmax q_t]`` (where either has tied largest values: some
+  token is largest under both, so a model agrees with itself however ``argmax`` breaks ties);
 * the perplexity ratio ``ppl(pruned) / ppl(original) = exp(mean_t (NLL_q - NLL_p))`` on the
   same tokens.
 
 The original runs once: :func:`build_reference` keeps, per token, its ``top_k`` largest
-log-probs with their token ids, the log-prob of the actual next token and its argmax, on the
-CPU (``windows x (seq_len - 1) x top_k`` values and ids; :meth:`FidelityReference.save` puts them
+log-probs with their token ids, the log-prob of the actual next token and the log of its mass
+outside those ``k``, on the CPU (``windows x (seq_len - 1) x top_k`` values and ids; :meth:`FidelityReference.save` puts them
 on disk). :func:`measure_fidelity` then streams any number of models over the same windows, one
 batch at a time: no ``[tokens, vocab]`` tensor of either model is held for the whole text.
 
 With ``top_k`` below the vocabulary size the vocabulary outside the original's top ``k`` is
-merged into one bucket (mass ``1 - sum_topk p`` against ``1 - sum_topk q``). Merging outcomes
+merged into one bucket (mass ``1 - sum_topk p`` against ``1 - sum_topk q``, each summed over the
+tokens outside, not as one minus a rounded sum: a model compared with itself gives 0). Merging outcomes
 never increases a KL divergence, so the value is then a lower bound of the full KL, exact when
 ``top_k`` covers the vocabulary; top-1 agreement and the perplexity ratio are always exact.
 """
@@ -46,7 +48,9 @@ class FidelityReference:
     """The original model's next-token distributions over ``windows [n, seq_len]``, top ``k`` per token.
 
     ``top_logprobs``/``top_ids`` ``[n, seq_len - 1, k]`` (sorted, largest first),
-    ``target_logprobs`` ``[n, seq_len - 1]`` (log-prob of the token that follows)."""
+    ``target_logprobs`` ``[n, seq_len - 1]`` (log-prob of the token that follows), ``tail_logmass``
+    ``[n, seq_len - 1]`` float64 (log of the mass outside the top k; None when k covers the vocabulary,
+    or in a file saved before it was kept)."""
 
     windows: torch.Tensor
     top_logprobs: torch.Tensor
@@ -54,6 +58,7 @@ class FidelityReference:
     target_logprobs: torch.Tensor
     vocab_size: int
     data: dict = field(default_factory=dict)
+    tail_logmass: torch.Tensor | None = None
 
     @property
     def top_k(self) -> int:
@@ -66,9 +71,9 @@ class FidelityReference:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"windows": self.windows.contiguous(), "top_logprobs": self.top_logprobs.contiguous(),
-                   "top_ids": self.top_ids.contiguous(), "target_logprobs": self.target_logprobs.contiguous()},
-                  str(tmp), metadata={"vocab_size": str(self.vocab_size), "data": json.dumps(self.data)})
+        tensors = {"windows": self.windows, "top_logprobs": self.top_logprobs, "top_ids": self.top_ids,
+                   "target_logprobs": self.target_logprobs, "tail_logmass": self.tail_logmass}
+        save_file({k: v.contiguous() for k, v in tensors.items() if v is not None}, str(tmp), metadata={"vocab_size": str(self.vocab_size), "data": json.dumps(self.data)})
         tmp.replace(path)
         return path
 
@@ -99,7 +104,7 @@ def build_reference(model, windows: torch.Tensor, *, top_k: int = 256, batch_siz
     ``after_batch()`` runs after each batch's forward (to collect what hooks captured in it)."""
     if windows.shape[1] < 2:
         raise PruneError("fidelity windows need at least 2 tokens")
-    tops, ids, targets = [], [], []
+    tops, ids, targets, tails = [], [], [], []
     vocab = None
     bar = tqdm(total=windows.shape[0], desc="fidelity reference", unit="win", disable=not progress)
     with torch.no_grad():
@@ -111,11 +116,13 @@ def build_reference(model, windows: torch.Tensor, *, top_k: int = 256, batch_siz
             values, index = logp.topk(min(top_k, vocab), dim=-1)
             tops.append(values)
             ids.append(index.to(torch.int32))
+            if values.shape[-1] < vocab:
+                tails.append(_tail_logmass(logp, index, torch.logsumexp(values.double(), -1)))
             targets.append(logp.gather(-1, batch[:, 1:, None]).squeeze(-1))
             bar.update(batch.shape[0])
     bar.close()
     return FidelityReference(windows.clone(), torch.cat(tops), torch.cat(ids), torch.cat(targets), int(vocab),
-                             dict(data or {}))
+                             dict(data or {}), torch.cat(tails) if tails else None)
 
 
 def _log1mexp(lse: torch.Tensor) -> torch.Tensor:
@@ -148,23 +155,34 @@ def _tail_logmass(logq: torch.Tensor, ids: torch.Tensor, lse_k: torch.Tensor) ->
     return tail
 
 
-def token_kl(ref_top: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+def token_kl(ref_top: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Tensor,
+             ref_tail: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token KL(p || q) in float64 over the top-k of ``p`` plus one bucket for the rest.
 
     ``ref_top``/``ref_ids`` ``[..., k]``: log p of the original's top k tokens and their ids;
-    ``logq`` ``[..., V]``: the other model's full log-probs. q's bucket is its exact mass outside
-    those ids (:func:`_tail_logmass`), so the value stays a lower bound of the full KL when q puts
-    almost everything on them; p's bucket is ``1 - sum_topk p`` (where that rounds, it is ~0 and
-    so is its term)."""
+    ``logq`` ``[..., V]``: the other model's full log-probs; ``ref_tail``: log p's mass outside the
+    ids (:attr:`FidelityReference.tail_logmass`). Each bucket is the exact mass outside those ids
+    (:func:`_tail_logmass`, one rule for both: a model against itself gives 0), so the value stays a
+    lower bound of the full KL when either puts almost everything on them (without ``ref_tail``, p's
+    is ``1 - sum_topk p``: float32 rounding, ~1e-7)."""
     logp = ref_top.double()
     logq_k = logq.gather(-1, ref_ids.long()).double()
     kl = (logp.exp() * (logp - logq_k)).sum(-1)
     if ref_ids.shape[-1] < logq.shape[-1]:
-        logp_tail = _log1mexp(torch.logsumexp(logp, -1))
+        logp_tail = ref_tail.double() if ref_tail is not None else _log1mexp(torch.logsumexp(logp, -1))
         logq_tail = _tail_logmass(logq, ref_ids, torch.logsumexp(logq_k, -1)).clamp(min=-700.0)
         p_tail = logp_tail.exp()
         kl = kl + torch.where(p_tail > 0, p_tail * (logp_tail - logq_tail), torch.zeros_like(kl))
     return kl.clamp(min=0.0)  # rounding can leave -1e-12 for identical distributions
+
+
+def top1_agrees(ref_top: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """Per position: is some token largest under both p (among its stored top k, ``ref_top``/``ref_ids``)
+    and q (``logq``)? With no ties that is ``argmax p == argmax q``; with tied largest values (bf16 logits)
+    it does not depend on how ``topk`` and ``argmax`` break them."""
+    p_largest = ref_top == ref_top[..., :1]
+    q_at = logq.gather(-1, ref_ids.long())
+    return ((q_at == logq.max(-1, keepdim=True).values) & p_largest).any(-1)
 
 
 def _per_batch(model, reference: FidelityReference, batch_size: int, progress: bool, desc: str):
@@ -178,8 +196,9 @@ def _per_batch(model, reference: FidelityReference, batch_size: int, progress: b
             if logq.shape[-1] != reference.vocab_size:
                 raise PruneError(f"the model's vocabulary ({logq.shape[-1]}) differs from the original's "
                                  f"({reference.vocab_size}): fidelity compares models with one tokenizer")
-            yield (token_kl(reference.top_logprobs[start:stop], reference.top_ids[start:stop], logq),
-                   logq.argmax(-1) == reference.top_ids[start:stop, :, 0].long(),
+            tail = reference.tail_logmass[start:stop] if reference.tail_logmass is not None else None
+            yield (token_kl(reference.top_logprobs[start:stop], reference.top_ids[start:stop], logq, tail),
+                   top1_agrees(reference.top_logprobs[start:stop], reference.top_ids[start:stop], logq),
                    -reference.target_logprobs[start:stop].double().sum(-1),
                    -logq.gather(-1, batch[:, 1:, None]).squeeze(-1).double().sum(-1))
             bar.update(batch.shape[0])
