@@ -17,7 +17,7 @@ from prune.model.loading import decoder_layers_path
 from prune.export.outofcore import prune_checkpoint
 from prune.measure.sequential import score_sequential
 
-from conftest import ARCHS, BOS_ARCHS, WIKI_RAW, build_model
+from conftest import ARCHS, BOS_ARCHS, N_LAYERS, WIKI_RAW, build_model
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -305,6 +305,36 @@ def test_gpt2_scaled_by_its_layer_index_computes_the_same_after_pruning_and_relo
 
     with pytest.raises(PruneError, match="rescaled query"):
         export_mergekit(out)
+    # stored in float64 (the writer had no name for it: KeyError)
+    wide = prune.save(build_model("gpt2", scale_attn_by_inverse_layer_idx=True).double(), tok, tmp_path / "f64")
+    double = AutoModelForCausalLM.from_pretrained(wide, dtype="auto")
+    prune.remove_layers(double, removed)
+    a = all_tensors(prune.save(double, tok, tmp_path / "f64-mem"))
+    b = all_tensors(prune_checkpoint(wide, removed, tmp_path / "f64-ooc", pruning={"removed": removed}))
+    assert a["transformer.h.1.attn.c_attn.weight"].dtype == torch.float64 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gpt2_surgery_it_cannot_do_is_refused_before_the_model_changes(tokenizers_by_bos, tmp_path):
+    """Refusals of remove_layers come before anything is changed: a GPT-2 scaled by its layer index whose
+    queries are offloaded to disk (the old code moved the blocks, rescaled some and raised half way: the
+    model computed something else), or with cross-attention (whose scaling is not rewritten)."""
+    model, _, folder = saved(tmp_path, "gpt2", tokenizers_by_bos, scale_attn_by_inverse_layer_idx=True)
+    device_map = {"transformer.wte": "cpu", "transformer.wpe": "cpu", "transformer.drop": "cpu", "transformer.ln_f": "cpu",
+                  "lm_head": "cpu", **{f"transformer.h.{i}": "cpu" if i < 4 else "disk" for i in range(N_LAYERS)}}
+    dispatched, _, _ = prune.load(folder, device_map=device_map, offload_folder=str(tmp_path / "offload"))
+    x = torch.randint(3, 250, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = dispatched(x).logits
+    with pytest.raises(PruneError, match="offloaded"):
+        prune.remove_layers(dispatched, [2])
+    assert len(dispatched.transformer.h) == N_LAYERS and dispatched.config.num_hidden_layers == N_LAYERS
+    with torch.no_grad():
+        assert torch.equal(dispatched(x).logits, before)
+    cross = build_model("gpt2", scale_attn_by_inverse_layer_idx=True, add_cross_attention=True)
+    with pytest.raises(PruneError, match="add_cross_attention"):
+        prune.remove_layers(cross, [2])
+    assert len(cross.transformer.h) == N_LAYERS
+    prune.remove_layers(cross, [N_LAYERS - 1])  # no kept block moves: nothing to rewrite
 
 
 def test_outofcore_counts_a_stored_tied_head_once_and_leaves_a_stale_mergekit_config(tokenizers_by_bos, tmp_path):

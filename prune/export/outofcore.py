@@ -68,8 +68,9 @@ def renumber_key(key: str, attr: str, old: int, new: int) -> str:
 @dataclass(frozen=True)
 class Converted:
     """A source tensor written in another floating dtype (``output.dtype``), or with the first
-    ``rescale[0]`` entries of its last dimension multiplied by ``rescale[1]`` (in its stored dtype,
-    as :func:`prune.model.surgery.remove_layers` does in memory): read, changed and written one
+    ``rescale[0]`` entries of its last dimension multiplied by ``rescale[1]`` (as
+    :func:`prune.model.surgery.remove_layers` does in memory, in float32 or wider, rounded once to the
+    target): read, changed and written one
     tensor at a time, so memory holds at most one tensor."""
 
     entry: TensorEntry
@@ -98,14 +99,14 @@ class Converted:
             handle.seek(begin)
             raw = bytearray(handle.read(end - begin))
         tensor = torch.frombuffer(raw, dtype=self.entry.torch_dtype) if raw else torch.empty(0, dtype=self.entry.torch_dtype)
-        if self.rescale is not None:  # in float32, then rounded once to the target (as surgery in memory does)
+        if self.rescale is not None:  # in float32 (float64 if stored or written so), rounded once to the target
             width, factor = self.rescale
-            tensor = tensor.float()
+            tensor = tensor.to(torch.promote_types(torch.promote_types(tensor.dtype, self.target), torch.float32))
             tensor.view(self.entry.shape)[..., :width].mul_(factor)
         out.write(tensor.to(self.target).view(torch.uint8).numpy().tobytes())
 
 
-SAFETENSORS_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def convert_entries(tensors: list[tuple[str, TensorEntry]], target: torch.dtype | None) -> list[tuple[str, object]]:

@@ -56,6 +56,9 @@ def query_rescale(config, old: int, new: int) -> float:
     attention scales the scores by ``1 / (layer_idx + 1)``, fixed when the block is built, so a
     reload at the new index would change the function), else 1."""
     if getattr(config, "model_type", None) == "gpt2" and getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        if old != new and getattr(config, "add_cross_attention", False):
+            raise PruneError("GPT-2 with scale_attn_by_inverse_layer_idx and add_cross_attention: moving a block would "
+                             "change its cross-attention's scaling, which is not rewritten; keep the blocks in place")
         return (new + 1) / (old + 1)
     return 1.0
 
@@ -64,9 +67,6 @@ def _rescale_query(block: nn.Module, factor: float) -> None:
     """Fold ``factor`` into GPT-2's query columns (``c_attn``'s first ``embed_dim`` outputs) and divide
     the block's score scaling by it: the same attention, and the scaling a reload computes."""
     attn = block.attn
-    if attn.c_attn.weight.is_meta:
-        raise PruneError("GPT-2 with scale_attn_by_inverse_layer_idx needs its query weights in memory to move a "
-                         "block (they are offloaded): load it without disk offload")
     E = attn.embed_dim
     with torch.no_grad():
         attn.c_attn.weight[..., :E].mul_(factor)
@@ -88,12 +88,15 @@ def remove_layers(model: nn.Module, indices) -> list[int]:
     removed = check_indices(indices, n_layers)
     kept = complement(n_layers, removed)
     tied_before = _tied(model)
+    factors = [query_rescale(model.config, old, new) for new, old in enumerate(kept)]  # refusals before any change
+    if any(f != 1.0 and layers[old].attn.c_attn.weight.is_meta for old, f in zip(kept, factors)):
+        raise PruneError("GPT-2 with scale_attn_by_inverse_layer_idx needs its query weights in memory to move a "
+                         "block (they are offloaded): load it without disk offload")
 
     parent_name, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, nn.ModuleList([layers[i] for i in kept]))
-    for new_index, block in enumerate(getattr(parent, attr)):
-        factor = query_rescale(model.config, kept[new_index], new_index)
+    for new_index, (block, factor) in enumerate(zip(getattr(parent, attr), factors)):
         if factor != 1.0:
             _rescale_query(block, factor)
         for module in block.modules():
