@@ -150,6 +150,10 @@ def test_mean_samples_pools_runs_per_question(lm_eval_folders):
     edited["copa_local"][2]["doc_hash"] = "0" * 64
     with pytest.raises(PruneError, match="copa_local: example 2 differs between the runs"):
         mean_samples([a, edited])
+    edited["copa_local"][2]["doc_hash"] = a["copa_local"][2]["doc_hash"]
+    edited["copa_local"][2]["prompt_hash"] = "0" * 64
+    with pytest.raises(PruneError, match="copa_local: example 2 differs between the runs .another prompt"):
+        mean_samples([a, edited])
 
 
 def test_each_answer_filter_is_its_own_row_and_unpaired_examples_are_counted(capsys):
@@ -176,7 +180,14 @@ def test_each_answer_filter_is_its_own_row_and_unpaired_examples_are_counted(cap
     assert "one exact_match,strict-match: 1 example(s) in common" in capsys.readouterr().err
 
 
-def test_compare_refuses_different_questions(lm_eval_folders, tmp_path):
+@pytest.mark.parametrize("field, message", [("doc_hash", "another document"),
+                                            ("prompt_hash", "another prompt: few-shot examples"),
+                                            ("target_hash", "another target"),
+                                            (None, ".filter none. appears twice")])
+def test_compare_refuses_different_questions(lm_eval_folders, tmp_path, field, message):
+    """lm-eval hashes each example's document, prompt and target: a 2-shot run against a 0-shot one of
+    the same rows (another prompt_hash; the old code paired them) is refused, as is a file holding an
+    example twice (the old code kept the last)."""
     root, _ = lm_eval_folders
     other = tmp_path / "edited"
     other.mkdir()
@@ -184,10 +195,14 @@ def test_compare_refuses_different_questions(lm_eval_folders, tmp_path):
         text = path.read_text()
         if path.name.startswith("samples_copa"):
             records = [json.loads(line) for line in text.splitlines()]
-            records[3]["doc_hash"] = "0" * 64
+            assert all(r.get(h) for r in records for h in ("doc_hash", "prompt_hash", "target_hash"))
+            if field:
+                records[3][field] = "0" * 64
+            else:
+                records.append(dict(records[3]))
             text = "\n".join(json.dumps(r) for r in records) + "\n"
         (other / path.name).write_text(text)
-    with pytest.raises(PruneError, match="copa_local: example 3 differs"):
+    with pytest.raises(PruneError, match=f"copa_local: example 3.*{message}"):
         compare_folders(root / "model-a", other)
 
 

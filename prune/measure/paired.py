@@ -191,14 +191,48 @@ def row_name(metric: str, filt: str) -> str:
     return metric if filt == "none" else f"{metric},{filt}"
 
 
-def per_example(records: list[dict]) -> dict[str, dict]:
-    """``{metric (of one filter, :func:`row_name`): {doc_id: (doc_hash, score)}}`` of one task's sample records."""
-    out: dict[str, dict] = {}
+#: what lm-eval hashes per example: the document (dataset row), the prompt the model saw (few-shot
+#: examples, chat template, the task version's wording) and the target; two runs answered the same
+#: question when all three agree (a file without one of them is not checked on it)
+QUESTION_HASHES = ("doc_hash", "prompt_hash", "target_hash")
+
+
+def question(record: dict) -> tuple:
+    """The hashes of :data:`QUESTION_HASHES` of one sample record (None where it has none)."""
+    return tuple(record.get(h) for h in QUESTION_HASHES)
+
+
+def check_same_question(task: str, doc_id, first: tuple, other: tuple, between: str) -> None:
+    """One line when two records of example ``doc_id`` hold another document, prompt or target."""
+    for name, x, y in zip(QUESTION_HASHES, first, other):
+        if x is not None and y is not None and x != y:
+            what = {"doc_hash": "another document", "prompt_hash": "another prompt: few-shot examples, chat template "
+                    "or task version", "target_hash": "another target"}[name]
+            raise PruneError(f"{task}: example {doc_id} differs between {between} ({what}): "
+                             "they did not answer the same questions")
+
+
+def _records_by_example(task: str, records: list[dict]) -> dict[tuple, dict]:
+    """``{(doc_id, filter): record}``; an example found twice (a damaged or concatenated file) is refused."""
+    out: dict[tuple, dict] = {}
     for r in records:
+        key = (r["doc_id"], r.get("filter", "none"))
+        if key in out:
+            raise PruneError(f"{task}: example {key[0]} (filter {key[1]}) appears twice in one samples file; "
+                             "use the file lm-eval wrote for one run")
+        out[key] = r
+    return out
+
+
+def per_example(records: list[dict], task: str = "task") -> dict[str, dict]:
+    """``{metric (of one filter, :func:`row_name`): {doc_id: (question hashes, score)}}`` of one task's
+    sample records (:func:`question`)."""
+    out: dict[str, dict] = {}
+    for (doc_id, filt), r in _records_by_example(task, records).items():
         for metric in r.get("metrics", []):
             value = r.get(metric)
             if isinstance(value, (bool, int, float)):
-                out.setdefault(row_name(metric, r.get("filter", "none")), {})[r["doc_id"]] = (r.get("doc_hash"), float(value))
+                out.setdefault(row_name(metric, filt), {})[doc_id] = (question(r), float(value))
     return out
 
 
@@ -212,16 +246,15 @@ def mean_samples(runs: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
         raise PruneError("mean_samples needs at least one run")
     out: dict[str, list[dict]] = {}
     for task in [t for t in runs[0] if all(t in r for r in runs)]:
-        examples = [{(r["doc_id"], r.get("filter", "none")): r for r in run[task]} for run in runs]
+        examples = [_records_by_example(task, run[task]) for run in runs]
         records = []
         for key in sorted(set.intersection(*(set(e) for e in examples)), key=str):
             first, found = examples[0][key], [e[key] for e in examples]
-            if any(r.get("doc_hash") != first.get("doc_hash") for r in found):
-                raise PruneError(f"{task}: example {key[0]} differs between the runs (another prompt or document): "
-                                 "they did not answer the same questions")
+            for r in found:
+                check_same_question(task, key[0], question(first), question(r), "the runs")
             metrics = [m for m in first.get("metrics", []) if all(isinstance(r.get(m), (bool, int, float)) for r in found)]
-            records.append({"doc_id": key[0], "filter": key[1], "doc_hash": first.get("doc_hash"), "metrics": metrics,
-                            **{m: sum(float(r[m]) for r in found) / len(found) for m in metrics}})
+            records.append({"doc_id": key[0], "filter": key[1], **{h: first.get(h) for h in QUESTION_HASHES},
+                            "metrics": metrics, **{m: sum(float(r[m]) for r in found) / len(found) for m in metrics}})
         out[task] = records
     return out
 
@@ -237,13 +270,11 @@ def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters
         raise PruneError(f"no task in common: A has {', '.join(sorted(a)) or 'none'}, B has {', '.join(sorted(b)) or 'none'}")
     out = []
     for task in sorted(common):
-        ea, eb = per_example(a[task]), per_example(b[task])
+        ea, eb = per_example(a[task], task), per_example(b[task], task)
         for metric in [m for m in ea if m in eb]:
             keys = sorted(set(ea[metric]) & set(eb[metric]), key=str)
-            differ = [k for k in keys if ea[metric][k][0] != eb[metric][k][0]]
-            if differ:
-                raise PruneError(f"{task}: example {differ[0]} differs between A and B (another prompt or "
-                                 "document): the two results did not answer the same questions")
+            for k in keys:
+                check_same_question(task, k, ea[metric][k][0], eb[metric][k][0], "A and B")
             if len(keys) < 2:
                 say(f"{task} {metric}: {len(keys)} example(s) in common (A {len(ea[metric])}, B {len(eb[metric])}): "
                     "too few to pair, left out of the paired comparison")
