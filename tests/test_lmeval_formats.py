@@ -98,3 +98,45 @@ def test_report_of_a_run_with_tasks_keeps_only_the_before_after_table(run_with_t
     data = json.loads((out / "eval.json").read_text())
     assert len(rows) == 2 + len(data["rows"])  # header, separator, one line per row of eval.json
     assert "| Tasks |" not in section and "right->wrong" not in section
+
+
+def test_each_answer_filter_is_its_own_metric_in_the_summary(tokenizers_by_bos, tmp_path):
+    """A task scored through two answer filters (gsm8k's strict-match and flexible-extract) reports each:
+    ``exact_match,<filter>``, as the paired table names them (the old summary kept the last filter's under
+    ``exact_match``, in eval.json, the before/after table and the card)."""
+    from conftest import build_model
+
+    from prune.measure.lmeval import evaluate_tasks
+
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"q": f"question {i}", "a": "yes"}) + "\n" for i in range(3)))
+    filters = "".join(f"""
+  - name: always-{answer}
+    filter:
+      - function: regex
+        regex_pattern: "(ZZZZ_never)"
+        fallback: "{answer}"
+      - function: take_first""" for answer in ("yes", "no"))
+    (tmp_path / "two_filters.yaml").write_text(f"""task: two_filters
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / "rows.jsonl"}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{q}}}}"
+doc_to_target: "{{{{a}}}}"
+generation_kwargs: {{until: ["\\n"], max_gen_toks: 2, do_sample: false}}
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+filter_list:{filters}
+""")
+    model, tok = build_model("llama"), tokenizers_by_bos[True]
+    res = evaluate_tasks(model, tok, ["two_filters"], task_dirs=[str(tmp_path)], progress=False)
+    metrics = res["two_filters"]["metrics"]
+    assert metrics == {"exact_match,always-yes": 1.0, "exact_match,always-no": 0.0}
+    assert set(res["two_filters"]["stderr"]) == set(metrics)
+    from prune.choose.strategies import task_proxy  # no acc: the search's proxy reads the first filter's (it read None)
+
+    assert task_proxy(model, tok, "two_filters", limit=2, task_dirs=[str(tmp_path)])([3]) == 1.0

@@ -294,7 +294,10 @@ def task_proxy(model, tokenizer, task: str, *, limit: int = 100, batch_size: int
                                  data_dir_path=data_dir, task_dirs=task_dirs, progress=False)
         name, result = next(iter(res.items()))  # hellaswag, or its local copy hellaswag_local: acc_norm for both
         metrics = result["metrics"]
-        return metrics.get(HEADLINE.get(canonical_name(name), "acc"), metrics.get("acc"))
+        for metric in (HEADLINE.get(canonical_name(name), "acc"), "acc", *metrics):  # else lm-eval's first (filter)
+            if metrics.get(metric) is not None:
+                return metrics[metric]
+        raise PruneError(f"search proxy task {task!r} reports no metric; choose a task with one (acc, exact_match, ...)")
 
     return run
 

@@ -247,9 +247,12 @@ class LmEvalRun:
 
 def summarize(out: dict, *, local_alias: bool = False) -> dict:
     """``{name: {"metrics", "stderr", "n", "lower_is_better"}}`` of every task and group in lm-eval's
-    output (``lower_is_better``: the metrics lm-eval marks so, e.g. perplexity), keyed by
+    output (metrics of an answer filter other than ``none`` named ``metric,filter``, as
+    :func:`prune.measure.paired.row_name`; ``lower_is_better``: the metrics lm-eval marks so, e.g. perplexity), keyed by
     :func:`reported_name`; groups get ``"group": True`` (their aggregate) and few-shot examples drawn
     from the scored split ``"fewshot_from_scored_split": True``."""
+    from prune.measure.paired import row_name
+
     results = {}
     groups = set(out.get("groups", {}))
     for name, raw in out["results"].items():
@@ -257,15 +260,15 @@ def summarize(out: dict, *, local_alias: bool = False) -> dict:
         for key, value in raw.items():
             if "," not in key or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
-            metric, _filter = key.split(",", 1)
+            metric, filt = key.split(",", 1)  # each answer filter its own metric, named as the paired table does
             if metric.endswith("_stderr"):
-                stderr[metric[: -len("_stderr")]] = float(value) if value == value else None
+                stderr[row_name(metric[: -len("_stderr")], filt)] = float(value) if value == value else None
             else:
-                metrics[metric] = float(value)
+                metrics[row_name(metric, filt)] = float(value)
         better = out.get("higher_is_better", {}).get(name, {})  # lm-eval's own direction of each metric
         entry: dict[str, Any] = {"metrics": metrics, "stderr": stderr,
                                  "n": out.get("n-samples", {}).get(name, {}).get("effective"),
-                                 "lower_is_better": sorted(m for m in metrics if better.get(m) is False)}
+                                 "lower_is_better": sorted(m for m in metrics if better.get(m.split(",")[0]) is False)}
         if name in groups:
             entry["group"] = True
         cfg = out.get("configs", {}).get(name)
