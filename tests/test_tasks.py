@@ -11,6 +11,7 @@ import datasets
 import pytest
 from conftest import DATA, build_model, prune_main
 
+from prune.core.errors import PruneError
 from prune.measure.lmeval import check_tasks, evaluate_tasks, local_task_dir
 
 
@@ -71,6 +72,32 @@ def test_fewshot_from_the_scored_split_when_allowed_is_marked(tokenizers_by_bos)
     res = evaluate_tasks(build_model("llama"), tokenizers_by_bos[True], ["copa"], limit=4, num_fewshot=2,
                          data_dir_path=DATA, progress=False)
     assert res["copa_local"]["fewshot_from_scored_split"] is True
+
+
+def test_few_shot_is_counted_as_lm_eval_counts_it(tokenizers_by_bos, tmp_path):
+    """Without num_fewshot a task gets its YAML's number (the old default 0 replaced it: a 2-shot task
+    ran 0-shot, unlike lm_eval); a task whose YAML says 0 stays 0-shot whatever is asked. The pre-flight
+    judges the number that will run, and eval.json / the card keep what each task got."""
+    from prune.export.card import shots_text
+    from prune.measure.lmeval import n_shots
+
+    copa = (local_task_dir(DATA) / "copa_local.yaml").read_text()
+    for name, shots in (("copa_two", 2), ("copa_zero", 0)):
+        text = copa.replace("task: copa_local", f"task: {name}").replace("tag: [prune_local]\n", "")
+        (tmp_path / f"{name}.yaml").write_text(text + f"num_fewshot: {shots}\n")
+    where = dict(data_dir_path=DATA, task_dirs=[str(tmp_path)])
+    with pytest.raises(PruneError, match="'copa_two': 2-shot examples would be drawn from its 'test' split"):
+        check_tasks(["copa_two"], **where)  # 2-shot by its YAML, from the split it scores
+    check_tasks(["copa_two"], num_fewshot=0, **where)  # asked 0: runs 0-shot
+    check_tasks(["copa_zero"], num_fewshot=3, **where)  # its YAML's 0 wins
+    model, tok = build_model("llama"), tokenizers_by_bos[True]
+    res = evaluate_tasks(model, tok, ["copa_two", "copa_zero"], limit=2, progress=False, **where)
+    assert n_shots({"tasks": res}) == {"copa_two": 2, "copa_zero": 0}
+    assert res["copa_two"]["fewshot_from_scored_split"] is True
+    res = evaluate_tasks(model, tok, ["copa_two", "copa_zero"], limit=2, num_fewshot=1, progress=False, **where)
+    assert n_shots({"tasks": res}) == {"copa_two": 1, "copa_zero": 0}
+    assert shots_text({"num_fewshot": 1, "n_shot": n_shots({"tasks": res})}) == "copa_two 1-shot, copa_zero 0-shot"
+    assert shots_text({"num_fewshot": None, "n_shot": {"a": 0, "b": 0}}) == "0-shot"
 
 
 def test_tags_and_groups_report_every_task_and_the_aggregate(tokenizers_by_bos, task_dir):

@@ -318,7 +318,8 @@ class EvaluateConfig(Section):
     data_dir: str | None = None  # offline task data (default: $PRUNE_DATA_DIR)
     limit: int | float | None = Field(None, gt=0, description="lm-eval: examples per task (or a fraction < 1)")
     batch_size: int | str = Field(8, description="lm-eval batch size: a number, auto or auto:N")
-    num_fewshot: int = Field(0, ge=0, description="few-shot examples")
+    num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (default: each task's own, as lm-eval's; "
+                                                           "0 for the shipped tasks)")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="lm-eval seeds")
     original: bool = True  # also evaluate the original model, for the before/after table
     apply_chat_template: bool | str = False  # lm-eval's: True, or the name of one of the tokenizer's templates

@@ -215,6 +215,18 @@ def calibration_line(step: PruningStep) -> str:
             f"token positions: {c.positions or 'all'}")
 
 
+def shots_text(settings: dict) -> str:
+    """``0-shot``, or each task's few-shot number where they differ: what lm-eval gave (``n_shot``), else
+    what was asked (``num_fewshot``; None: each task's own)."""
+    given = {t: n for t, n in (settings.get("n_shot") or {}).items() if n is not None}
+    if len(set(given.values())) > 1:
+        return ", ".join(f"{t} {n}-shot" for t, n in given.items())
+    if given:
+        return f"{next(iter(given.values()))}-shot"
+    shots = settings.get("num_fewshot")
+    return f"{shots}-shot" if shots is not None else "each task's own number of few-shot examples"
+
+
 def eval_settings_line(settings: dict | None) -> str:
     if not settings:
         return ""
@@ -230,7 +242,7 @@ def eval_settings_line(settings: dict | None) -> str:
         parts.append(f"KL(original ‖ pruned) per token on {where}, top-{fid.get('top_k')} of the original kept")
     if settings.get("tasks"):
         limit = settings.get("limit")
-        parts.append(f"lm-eval {', '.join(settings['tasks'])}: {settings.get('num_fewshot', 0)}-shot, "
+        parts.append(f"lm-eval {', '.join(settings['tasks'])}: {shots_text(settings)}, "
                      f"{'all examples' if limit is None else f'limit {limit}'}, seed {settings.get('seed')}, "
                      f"batch size {settings.get('batch_size')} (± is the standard error)")
     if settings.get("dtype"):

@@ -57,7 +57,8 @@ def eval_results(rows: list[dict] | None, settings: dict | None = None) -> list:
             hub_id, config, split = TASK_DATASETS.get(name, (name, None, None))
             dataset = dict(dataset_type=hub_id, dataset_name=name, dataset_config=config, dataset_split=split)
             metric_type = metric
-        args = {"num_fewshot": fewshot} if fewshot is not None and name != "perplexity" else None
+        shots = ((settings or {}).get("n_shot") or {}).get(row["name"], fewshot)  # what lm-eval gave the task
+        args = {"num_fewshot": shots} if shots is not None and name != "perplexity" else None
         for value, label in ((row.get("pruned"), metric), (row.get("original"), metric + ORIGINAL)):
             if isinstance(value, (int, float)):
                 out.append(EvalResult(task_type=TASK_TYPE, task_name=name, metric_type=metric_type,

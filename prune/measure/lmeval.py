@@ -90,7 +90,15 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_fewshot: int = 0,
+def shots_of(task_default: int | None, asked: int | None) -> int:
+    """The few-shot examples lm-eval gives a task (``simple_evaluate``): a task whose YAML says 0 stays
+    0-shot, else ``asked`` when given, else the YAML's number, else 0."""
+    if task_default == 0:
+        return 0
+    return asked if asked is not None else (task_default or 0)
+
+
+def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_fewshot: int | None = None,
                 fewshot_from_scored_split: bool = False, quiet: bool | None = None) -> list[str]:
     """Every task problem as one ``PruneError`` line, before any model is loaded (module docstring);
     loads each task's data once (lm-eval's ``TaskManager.load``). Returns lm-eval's names."""
@@ -124,7 +132,7 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
             raise PruneError(f"lm-eval group or tag {asked!r} has no task in it (check its YAML's task list)")
         for leaf, task in leaves.items():
             cfg = task.config
-            shots = num_fewshot or (cfg.num_fewshot or 0)
+            shots = shots_of(cfg.num_fewshot, num_fewshot)
             fewshot = cfg.fewshot_config
             fs = fewshot if isinstance(fewshot, dict) else vars(fewshot) if fewshot is not None else {}
             if shots <= 0 or fs.get("samples") is not None:
@@ -268,6 +276,7 @@ def summarize(out: dict, *, local_alias: bool = False) -> dict:
         better = out.get("higher_is_better", {}).get(name, {})  # lm-eval's own direction of each metric
         entry: dict[str, Any] = {"metrics": metrics, "stderr": stderr,
                                  "n": out.get("n-samples", {}).get(name, {}).get("effective"),
+                                 "n_shot": out.get("n-shot", {}).get(name),
                                  "lower_is_better": sorted(m for m in metrics if better.get(m.split(",")[0]) is False)}
         if name in groups:
             entry["group"] = True
@@ -278,6 +287,11 @@ def summarize(out: dict, *, local_alias: bool = False) -> dict:
                 entry["fewshot_from_scored_split"] = True
         results[reported_name(name, local_alias)] = entry
     return results
+
+
+def n_shots(result: dict | None) -> dict[str, int]:
+    """``{task: few-shot examples lm-eval gave it}`` of an evaluation result's ``tasks`` (:func:`summarize`)."""
+    return {t: e["n_shot"] for t, e in ((result or {}).get("tasks") or {}).items() if e.get("n_shot") is not None}
 
 
 def check_limit_over_ranks(limit: int | float | None) -> None:
@@ -293,7 +307,7 @@ def check_limit_over_ranks(limit: int | float | None) -> None:
 
 
 def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, batch_size: int | str = 8,
-                num_fewshot: int = 0, seed: int = 0, data_dir_path=None, task_dirs=None, progress: bool = True,
+                num_fewshot: int | None = None, seed: int = 0, data_dir_path=None, task_dirs=None, progress: bool = True,
                 log_samples: bool = True, apply_chat_template: bool | str = False,
                 fewshot_as_multiturn: bool | None = None, local_alias: bool = False,
                 model_args: str | None = None) -> LmEvalRun | None:
@@ -387,7 +401,7 @@ def backend_model_args(source: str, model_args: str | None = None, *, backend: s
 
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | float | None = None, batch_size: int | str = 8,
-                   num_fewshot: int = 0, seed: int = 0, data_dir_path=None, task_dirs=None,
+                   num_fewshot: int | None = None, seed: int = 0, data_dir_path=None, task_dirs=None,
                    progress: bool = True, local_alias: bool = False) -> dict:
     """Run lm-eval ``tasks`` on the in-memory ``model``.
 

@@ -195,7 +195,8 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
     result["parameters"] = parameters
     result["settings"] = {"dtype": dtype, "limit": cfg.limit, "batch_size": cfg.batch_size, "num_fewshot": cfg.num_fewshot,
                           "seed": cfg.seed, "model": cfg.model, "model_args": cfg.model_args,
-                          "apply_chat_template": cfg.apply_chat_template, "versions": versions()}
+                          "apply_chat_template": cfg.apply_chat_template, "n_shot": L.n_shots(result),
+                          "versions": versions()}
     if output:
         import json
 

@@ -29,6 +29,7 @@ from prune.io.text import calibration_windows_of, eval_windows, load_text
 from prune.core.console import StageClock, keeps_quiet_mode, quiet_mode, say, show, versions
 from prune.core.tables import comparison_markdown, comparison_rows
 from prune.measure.evaluation import lm_eval_outputs, lm_eval_tables
+from prune.measure.lmeval import n_shots
 from prune.measure.paired import paired_section
 from prune.core.faults import fault_point
 from prune.export.saving import check_output_dir
@@ -216,7 +217,8 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     # lm-eval's own files (eval/original, eval/pruned) and the paired comparison of their examples
     lm_eval_files, paired = lm_eval_outputs(original, pruned)
     evaluation = {"original": original, "pruned": pruned, "rows": comparison_rows(original, pruned, counts),
-                  "settings": eval_settings(recipe), **counts, "paired": [p.to_dict() for p in paired]}
+                  "settings": {**eval_settings(recipe), "n_shot": n_shots(pruned)}, **counts,
+                  "paired": [p.to_dict() for p in paired]}
     record = pruning_record(recipe, facts["source"], selection, kept, scores_before, scores_after,
                             {**counts, "model_type": facts["model_type"]}, healing, clock.elapsed())
     record.execution = plan.to_dict()
