@@ -178,6 +178,8 @@ def test_each_answer_filter_is_its_own_row_and_unpaired_examples_are_counted(cap
     assert rows["exact_match,flexible-extract"].diff == 0
     assert "| 30 (A 40, B 30) |" in paired_markdown(list(rows.values()))
     assert "one exact_match,strict-match: 1 example(s) in common" in capsys.readouterr().err
+    compare_samples({"gsm": records(a), "extra": records(a)}, {"gsm": records(b)}, iters=10)
+    assert "extra: only in A, left out of the paired comparison" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("field, message", [("doc_hash", "another document"),

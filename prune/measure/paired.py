@@ -268,6 +268,9 @@ def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters
     common = [t for t in a if t in b]
     if not common:
         raise PruneError(f"no task in common: A has {', '.join(sorted(a)) or 'none'}, B has {', '.join(sorted(b)) or 'none'}")
+    for side, tasks in (("A", [t for t in a if t not in b]), ("B", [t for t in b if t not in a])):
+        if tasks:
+            say(f"{', '.join(sorted(tasks))}: only in {side}, left out of the paired comparison")
     out = []
     for task in sorted(common):
         ea, eb = per_example(a[task], task), per_example(b[task], task)
