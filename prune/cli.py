@@ -406,8 +406,8 @@ def cmd_report(args) -> int:
     from prune.export.report import default_output, is_run_dir, report_run
     from prune.pipeline.commands import report_model
 
-    out = args.output or default_output(args.source)
-    if is_run_dir(args.source):
+    out = args.output or default_output(args.source, as_model=bool(args.data))
+    if is_run_dir(args.source) and not args.data:  # with --data a pruned folder is scored as a model
         folder = report_run(args.source, out, overwrite=args.overwrite)
     else:
         if not args.data:

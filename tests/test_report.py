@@ -92,3 +92,40 @@ def test_cli_report_run_folder_and_model(run_dir, tmp_path):
     assert not (tmp_path / "m" / "cka_pruned.png").exists()
     bad = prune_main("report", str(model_dir), "-o", str(tmp_path / "x"))
     assert bad.returncode == 2 and "give --data" in bad.stderr and not (tmp_path / "x").exists()
+
+
+def test_report_of_a_second_step_names_original_blocks_and_a_hand_removal_says_how_to_report_it(run_dir, tmp_path):
+    """A run on an already pruned folder scores that folder's blocks: the report shows the original model's
+    indices beside them (it printed the step's own indices as the original's); a folder whose blocks were
+    removed as given holds no scores: one line that says to score it as a model, which --data then does."""
+    from prune.export.report import healed_by
+    from prune.pipeline.orchestrator import run
+
+    second = run({"model": {"source": str(run_dir)},
+                  "calibration": {"path": str(WIKI_RAW), "rows": "0:400", "n_samples": 4, "seq_len": 48, "batch_size": 4},
+                  "select": {"strategy": "one_shot", "metric": "bi", "n_layers": 1, "protect": []}, "output": {"dir": str(tmp_path / "two")}},
+                 quiet=True).out_dir
+    record = json.loads((second / "pruning.json").read_text())
+    assert record["step"] == 2 and record["removed_original"] != record["removed"]
+    out = report_run(second, tmp_path / "rep")
+    md, data = (out / "report.md").read_text(), json.loads((out / "report.json").read_text())
+    assert f"in the original model the removed blocks are {record['removed_original']}" in md
+    assert f"kept_original = {record['kept_original']}" in md and "![before step 2](cka_original.png)" in md
+    assert data["removed_original"] == record["removed_original"] and data["step"] == 2
+    hand = prune_main("remove", str(run_dir.parent / "tiny"), "--blocks", "0", "-o", str(tmp_path / "hand"))
+    assert hand.returncode == 0, hand.stderr
+    bad = prune_main("report", str(tmp_path / "hand"), "-o", str(tmp_path / "x"))
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--data TEXT" in bad.stderr
+    good = prune_main("report", str(tmp_path / "hand"), "--data", str(WIKI_RAW), "--rows", "0:400", "--n-samples", "2",
+                      "--seq-len", "32", "-q")
+    assert good.returncode == 0, good.stderr
+    assert healed_by({"healing": {"method": "distill", "settings": {"params": "lora"}}}) == "distill (lora)"
+    assert healed_by({"healing": None}) is None
+
+
+def test_every_removed_block_keeps_its_red_tick_in_a_deep_model():
+    """Above 32 blocks only every 2nd tick is drawn; a removed block without one had no mark at all."""
+    S = np.eye(40).tolist()
+    fig = cka_heatmap(S, 0.8, "t", marked=[3, 7, 33])
+    red = sorted(int(lab.get_text()) for lab in fig.axes[0].get_xticklabels() if lab.get_color() == "#d62728")
+    assert red == [3, 7, 33]

@@ -22,6 +22,7 @@ import base64
 import html
 import json
 from pathlib import Path
+from dataclasses import dataclass
 
 from prune.choose.registry import names
 from prune.core.errors import PruneError
@@ -70,7 +71,7 @@ def cka_heatmap(S: list[list[float]], tau: float, title: str, marked=(), labels:
     boxes = [Rectangle((j - 0.5, i - 0.5), 1, 1) for i in range(n) for j in range(n) if i != j and data[i, j] > tau]
     if boxes:
         ax.add_collection(PatchCollection(boxes, facecolor="none", edgecolor="#e8412c", linewidth=0.9))
-    ticks = _ticks(n)
+    ticks = sorted(set(_ticks(n)) | {i for i in marked if 0 <= i < n})  # every removed block keeps its red tick
     names = labels or [str(i) for i in range(n)]
     ax.set_xticks(ticks, [names[i] for i in ticks], fontsize=8, rotation=90 if n > 20 else 0)
     ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=8)
@@ -125,7 +126,7 @@ def block_chart(scores: ScoreResult, k: int, title: str, marked=(), labels: list
             names.append(f"removed ({len(marked)} blocks)")
         ax.legend(handles, names, fontsize=8, loc="best")
     names = labels or [str(i) for i in x]
-    ticks = _ticks(L)
+    ticks = sorted(set(_ticks(L)) | {i for i in marked if 0 <= i < L})
     axes[-1].set_xticks(ticks, [names[i] for i in ticks], fontsize=8)
     for lab, i in zip(axes[-1].get_xticklabels(), ticks):
         if i in set(marked):
@@ -307,22 +308,46 @@ def _save(fig, path: Path) -> None:
 def write_report(out_dir: str | Path, before: ScoreResult, *, after: ScoreResult | None = None,
                  selection: Selection | None = None, kept: list[int] | None = None, k: int | None = None,
                  title: str = "Redundancy report", source: str = "", evaluation: list[dict] | None = None,
-                 overwrite: bool = False, inputs=()) -> Path:
+                 overwrite: bool = False, inputs=(), lineage: Lineage | None = None, healed: str | None = None) -> Path:
     """Write the report folder (see module docstring) atomically; returns its path.
 
     ``selection`` marks the blocks removed (``k`` defaults to how many); ``after`` are the scores
     of the pruned model whose blocks are the original ``kept`` ones; ``evaluation`` are the rows of
-    a before/after table (a run's ``eval.json`` ``rows``, :func:`prune.core.tables.comparison_rows`).
+    a before/after table (a run's ``eval.json`` ``rows``, :func:`prune.core.tables.comparison_rows`);
+    ``lineage``: the step and original index of each scored block when the model was pruned before;
+    ``healed``: how the pruned model was healed (its scores are the healed model's).
     """
     from prune.io.staging import staged
 
     with staged(out_dir, overwrite, inputs) as stage:
-        _write(stage, before, after, selection, kept, k, title, source, evaluation)
+        _write(stage, before, after, selection, kept, k, title, source, evaluation, lineage, healed)
     return Path(out_dir).expanduser()
 
 
-def _write(folder: Path, before, after, selection, kept, k, title, source, evaluation) -> None:
+@dataclass
+class Lineage:
+    """A later pruning step: ``step`` (2, 3, ...) and ``original[i]``, the original model's index of
+    block ``i`` of the model this step scored."""
+
+    step: int
+    original: list[int]
+
+    @classmethod
+    def of(cls, record: dict, n_layers: int) -> "Lineage | None":
+        """From a ``pruning.json``: None for a first step (or a record without the original indices)."""
+        step = record.get("step") or 1
+        pairs = [*zip(record.get("kept") or [], record.get("kept_original") or []),
+                 *zip(record.get("removed") or [], record.get("removed_original") or [])]
+        where = dict(pairs)
+        if not isinstance(step, int) or step < 2 or sorted(where) != list(range(n_layers)):
+            return None
+        return cls(step, [int(where[i]) for i in range(n_layers)])
+
+
+def _write(folder: Path, before, after, selection, kept, k, title, source, evaluation, lineage=None, healed=None) -> None:
     marked = list(selection.removed) if selection else []
+    labels = [str(o) for o in lineage.original] if lineage else None
+    first = "Original" if lineage is None else f"Before step {lineage.step} (original indices)"
     k = k or (len(marked) if marked else max(1, round(before.n_layers / 4)))
     tau = before.msrs["tau"] if before.msrs else 0.8
     doc = _Doc(title)
@@ -335,11 +360,16 @@ def _write(folder: Path, before, after, selection, kept, k, title, source, evalu
         doc.heading("Selection")
         for line in selection_lines(selection):
             doc.para(line)
+        if healed:
+            doc.para(f"healed after the removal ({healed}): the pruned model's scores below are the healed model's")
+        if lineage is not None:
+            doc.para(f"step {lineage.step} of a model pruned before: these are indices of the model this step scored; "
+                     f"in the original model the removed blocks are {[lineage.original[i] for i in marked]}")
     if evaluation:
         doc.heading("Utility before / after")
         doc.table(COMPARISON_HEADER, comparison_cells(evaluation))
     doc.heading("MSRS")
-    rows = [["original", *_msrs_cells(before)]]
+    rows = [["original" if lineage is None else f"before step {lineage.step}", *_msrs_cells(before)]]
     if after is not None:
         rows.append(["pruned", *_msrs_cells(after)])
     doc.table(["model", "blocks", "MSRS (raw)", "per pair", "beta", "tau"], rows)
@@ -347,12 +377,14 @@ def _write(folder: Path, before, after, selection, kept, k, title, source, evalu
         doc.para(line)
 
     data = {"cka_original": before.cka_matrix if before.cka else None, "removed": marked, "k": k, "tau": tau}
+    if lineage is not None:
+        data.update(step=lineage.step, removed_original=[lineage.original[i] for i in marked])
     doc.heading("CKA between block outputs")
     images = []
     if before.cka is not None:
-        _save(cka_heatmap(before.cka_matrix, tau, f"Original: CKA between block outputs ({before.n_layers} blocks)", marked),
-              folder / "cka_original.png")
-        images.append(("cka_original.png", "original model"))
+        _save(cka_heatmap(before.cka_matrix, tau, f"{first}: CKA between block outputs ({before.n_layers} blocks)", marked,
+                          labels), folder / "cka_original.png")
+        images.append(("cka_original.png", "original model" if lineage is None else f"before step {lineage.step}"))
     if after is not None and after.cka is not None:
         _save(cka_heatmap(after.cka_matrix, after.msrs["tau"], f"Pruned: CKA between block outputs ({after.n_layers} blocks)"),
               folder / "cka_pruned.png")
@@ -365,14 +397,18 @@ def _write(folder: Path, before, after, selection, kept, k, title, source, evalu
 
     doc.heading("Per-block scores")
     what = f"removed by {selection.strategy}" if selection else "none marked"
-    _save(block_chart(before, k, f"Original: per-block redundancy (shaded: {what})", marked), folder / "blocks_original.png")
-    images = [("blocks_original.png", "original model")]
+    _save(block_chart(before, k, f"{first}: per-block redundancy (shaded: {what})", marked, labels),
+          folder / "blocks_original.png")
+    images = [("blocks_original.png", "original model" if lineage is None else f"before step {lineage.step}")]
     if after is not None:
         _save(block_chart(after, min(k, after.n_layers - 1) if after.n_layers > 1 else 1,
                           "Pruned: per-block redundancy (blocks renumbered)"), folder / "blocks_pruned.png")
         images.append(("blocks_pruned.png", "pruned model"))
     doc.images(folder, images)
-    if after is not None and kept:
+    if after is not None and kept and lineage is not None:
+        doc.para(f"pruned block n is original block kept_original[n]; kept_original = {[lineage.original[i] for i in kept]} "
+                 f"(of the model this step scored: kept = {kept})")
+    elif after is not None and kept:
         doc.para("pruned block n is original block kept[n]; kept = " + str(kept))
     doc.pre(before.table())
     if after is not None:
@@ -411,7 +447,8 @@ def _msrs_cells(scores: ScoreResult) -> list[str]:
     if scores.msrs is None:
         return [str(scores.n_layers), "-", "-", "-", "-"]
     m = scores.msrs
-    return [str(scores.n_layers), f"{m['total']:.3f}", f"{m['per_pair']:.4f}", f"{m['beta']:g}", f"{m['tau']:g}"]
+    cell = lambda key, spec: "-" if m.get(key) is None else format(m[key], spec)  # noqa: E731 - one block: no pair
+    return [str(scores.n_layers), cell("total", ".3f"), cell("per_pair", ".4f"), cell("beta", "g"), cell("tau", "g")]
 
 
 # ---- entry points ----------------------------------------------------------------------------
@@ -424,6 +461,9 @@ def report_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overwr
     run = Path(run_dir).expanduser()
     try:
         record = json.loads((run / "pruning.json").read_text())
+        if isinstance(record, dict) and "scores_before" in record and record["scores_before"] is None:
+            raise PruneError(f"{run}: its blocks were removed as given ({record.get('command') or 'prune remove'}), "
+                             f"so pruning.json holds no scores; score it as a model: prune report {run} --data TEXT")
         before = ScoreResult.from_dict(record["scores_before"])
         after = ScoreResult.from_dict(record["scores_after"]) if record.get("scores_after") else None
         selection = Selection.from_dict(record["selection"])
@@ -442,10 +482,21 @@ def report_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overwr
     return write_report(out_dir or run / "report", before, after=after, selection=selection, kept=record.get("kept"),
                         title=f"Redundancy report: {Path(str(name)).name} -> {run.name}", source=str(name),
                         evaluation=evaluation, overwrite=overwrite,
-                        inputs=input_paths(run, label="the run folder", inside_ok=True))
+                        inputs=input_paths(run, label="the run folder", inside_ok=True),
+                        lineage=Lineage.of(record, before.n_layers), healed=healed_by(record))
 
 
-def default_output(source: str) -> Path:
-    if is_run_dir(source):
+def healed_by(record: dict) -> str | None:
+    """``lora``, ``distill (lora)``, ...: the healing a ``pruning.json`` records, None without one."""
+    healing = record.get("healing")
+    if not isinstance(healing, dict) or not healing.get("method"):
+        return None
+    params = (healing.get("settings") or {}).get("params") if isinstance(healing.get("settings"), dict) else None
+    return f"{healing['method']} ({params})" if params and params != healing["method"] else str(healing["method"])
+
+
+def default_output(source: str, as_model: bool = False) -> Path:
+    """``RUN_DIR/report`` for a run's report, else ``report-<name>`` (``as_model``: a folder scored again)."""
+    if is_run_dir(source) and not as_model:
         return Path(source).expanduser() / "report"
     return Path(f"report-{Path(str(source).rstrip('/')).name.removesuffix('.gguf')}")

@@ -133,7 +133,8 @@ class ScoreResult:
             m = self.msrs
             lines.append(
                 f"MSRS = {m['total']:.3f} over {self.n_layers * (self.n_layers - 1) // 2} pairs "
-                f"({m['per_pair']:.4f} per pair; beta={m['beta']:g}, tau={m['tau']:g})"
+                f"({'-' if m['per_pair'] is None else format(m['per_pair'], '.4f')} per pair; "  # one block: no pair
+                f"beta={m['beta']:g}, tau={m['tau']:g})"
             )
         lines.append(f"{self.n_windows} windows x {self.seq_len} tokens, positions={self.positions}, "
                      f"{self.n_tokens} tokens counted, {len(self.excluded_windows)} windows excluded")
