@@ -210,6 +210,21 @@ def test_model_index_is_valid_for_huggingface_hub(chain, tmp_path):
                             {"params_before": 10, "params_after": 8, "layers_before": 8, "layers_after": 6})
     assert [(r.task_name, r.dataset_type) for r in eval_results(local)][0] == ("arc_easy", "allenai/ai2_arc")
     assert len(eval_results(local)) == 4
+    # a task's row carries its marks in the table's name, not in the model-index (it published the name with
+    # them, under no known dataset); the fidelity text's own perplexity is a fidelity row; a later step's
+    # "original" is the model that step loaded
+    marked = comparison_rows({"tasks": {"arc_easy_local": original["tasks"]["arc_easy"]}},
+                             {"tasks": {"arc_easy_local": {**pruned["tasks"]["arc_easy"], "fewshot_from_scored_split": True}},
+                              "perplexity": {"perplexity": 9.0, "data": {"path": "a"}},
+                              "fidelity": {"kl_mean": 0.1, "kl_p99": 0.2, "top1_agreement": 0.9, "data": {"path": "b"},
+                                           "perplexity_original": 8.0, "perplexity_pruned": 9.5}},
+                             {"params_before": 10, "params_after": 8, "layers_before": 8, "layers_after": 6})
+    assert any(r["name"] == "arc_easy_local (few-shot from the scored split)" for r in marked)
+    shown = eval_results(marked, {"num_fewshot": 2, "n_shot": {"arc_easy_local": 2}}, steps=2)
+    assert {(r.task_name, r.dataset_type, r.dataset_split) for r in shown} == {
+        ("arc_easy", "allenai/ai2_arc", "test"), ("perplexity", "text", None)}
+    assert {r.metric_args["num_fewshot"] for r in shown if r.task_name == "arc_easy"} == {2}
+    assert "acc (step-1 model, before this step)" in {r.metric_name for r in shown}
     acc = next(r for r in made if r.metric_name == "acc")
     assert (acc.task_name, acc.dataset_type, acc.dataset_config, acc.metric_value) == ("arc_easy", "allenai/ai2_arc",
                                                                                          "ARC-Easy", 0.4)

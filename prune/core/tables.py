@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 #: the rows that compare the pruned model with the original (not results of one model)
-KL_ROW, AGREEMENT_ROW = "KL to original", "top-1 agreement"
+KL_ROW, AGREEMENT_ROW, FIDELITY_PPL_ROW = "KL to original", "top-1 agreement", "fidelity perplexity"
 
 
 def comparison_rows(original: dict, pruned: dict, facts: dict) -> list[dict]:
     """Rows of the before/after table: name, metric, original, pruned, retained (pruned/original)."""
     rows = []
 
-    def add(name, metric, a, b, stderr_a=None, stderr_b=None, lower_is_better=False):
+    def add(name, metric, a, b, stderr_a=None, stderr_b=None, lower_is_better=False, task=None):
         retained = (b / a) if (a not in (None, 0) and b is not None) else None
         rows.append({"name": name, "metric": metric, "original": a, "pruned": b, "retained": retained,
-                     "stderr_original": stderr_a, "stderr_pruned": stderr_b, "lower_is_better": lower_is_better})
+                     "stderr_original": stderr_a, "stderr_pruned": stderr_b, "lower_is_better": lower_is_better,
+                     **({"task": task} if task else {})})
 
     if "perplexity" in pruned:
         add("perplexity", "ppl", original.get("perplexity", {}).get("perplexity"), pruned["perplexity"]["perplexity"],
@@ -25,7 +26,7 @@ def comparison_rows(original: dict, pruned: dict, facts: dict) -> list[dict]:
         add(kl, "p99", 0.0, f["kl_p99"], lower_is_better=True)
         add(AGREEMENT_ROW, "fraction", 1.0, f["top1_agreement"])
         if f.get("data") != pruned.get("perplexity", {}).get("data"):  # own text: its perplexity too
-            add("fidelity perplexity", "ppl", f["perplexity_original"], f["perplexity_pruned"], lower_is_better=True)
+            add(FIDELITY_PPL_ROW, "ppl", f["perplexity_original"], f["perplexity_pruned"], lower_is_better=True)
     for task, res in pruned.get("tasks", {}).items():
         before = original.get("tasks", {}).get(task, {})
         name = task + (" (group)" if res.get("group") else "") + (
@@ -33,7 +34,7 @@ def comparison_rows(original: dict, pruned: dict, facts: dict) -> list[dict]:
         lower = set(res.get("lower_is_better", ()))  # perplexity-like metrics (absent in older results)
         for metric, value in res["metrics"].items():
             add(name, metric, before.get("metrics", {}).get(metric), value,
-                before.get("stderr", {}).get(metric), res["stderr"].get(metric), lower_is_better=metric in lower)
+                before.get("stderr", {}).get(metric), res["stderr"].get(metric), lower_is_better=metric in lower, task=task)
     add("parameters", "count", facts["params_before"], facts["params_after"], lower_is_better=True)
     add("layers", "count", facts["layers_before"], facts["layers_after"], lower_is_better=True)
     return rows

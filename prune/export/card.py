@@ -347,7 +347,7 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
     earlier_recipes = [{"step": s.step or i + 1, "yaml": yaml.safe_dump(s.recipe, sort_keys=False).strip()}
                        for i, s in enumerate(steps[:-1]) if s.recipe]
     protect = ((record.recipe or {}).get("select") or {}).get("protect")
-    results = eval_results(rows, settings)
+    results = eval_results(rows, settings, len(steps))
     card = ModelCard.from_template(
         card_data(record, results, model_name), template_path=str(template_path()),
         model_name=model_name, summary=summary,

@@ -1,15 +1,18 @@
 """The card's ``model-index``: the evaluation results as ``huggingface_hub.EvalResult`` objects.
 
 One result per (task, metric) for the pruned model (``metric_name`` = the lm-eval metric,
-e.g. ``acc``) and one for the original model measured in the same run (``metric_name``
-``"<metric> (original model, before pruning)"``, same ``metric_type``), so the Hub page shows
-both side by side. lm-eval tasks name the Hub dataset they read where it is known
-(:data:`TASK_DATASETS`); perplexity names its text (a Hub dataset id, or the local file's
-name with ``dataset_type: text``). Parameter and layer counts are not results and are left out,
-and so are the fidelity rows (KL to the original, top-1 agreement: a comparison of the two models,
-whose "original" values hold by definition, not a benchmark result). Shipped local task copies
-(``arc_easy_local``) are reported under lm-eval's task name and dataset (``arc_easy``). Values keep
-6 significant digits (a KL of 1.389e-06 stays that).
+e.g. ``acc``) and one for the model it was compared with in the same run (``metric_name``
+``"<metric> (original model, before pruning)"``, or from the second pruning step on ``"<metric>
+(step-1 model, before this step)"``, same ``metric_type``), so the Hub page shows both side by
+side. lm-eval tasks name the Hub dataset they read where it is known (:data:`TASK_DATASETS`),
+under the task's own name (the table's marks, such as few-shot from the scored split, stay in
+the table); perplexity names its text (a Hub dataset id, or the local file's name with
+``dataset_type: text``). Parameter and layer counts are not results and are left out, and so
+are the fidelity rows (KL to the original, top-1 agreement: a comparison of the two models,
+whose "original" values hold by definition, not a benchmark result; and the perplexity of the
+fidelity text measured beside them). Shipped local task copies (``arc_easy_local``) are reported
+under lm-eval's task name and dataset (``arc_easy``). Values keep 6 significant digits (a KL of
+1.389e-06 stays that).
 """
 
 from __future__ import annotations
@@ -32,20 +35,27 @@ ORIGINAL = " (original model, before pruning)"
 
 
 
-def eval_results(rows: list[dict] | None, settings: dict | None = None) -> list:
-    """``EvalResult`` objects for the before/after ``rows`` of ``eval.json`` (see module docstring)."""
+def before_label(steps: int) -> str:
+    """What the "original" column of a step's evaluation measured: the original model, or from the
+    second pruning step on the model that step loaded (as the card's table says)."""
+    return ORIGINAL if steps <= 1 else f" (step-{steps - 1} model, before this step)"
+
+
+def eval_results(rows: list[dict] | None, settings: dict | None = None, steps: int = 1) -> list:
+    """``EvalResult`` objects for the before/after ``rows`` of ``eval.json`` (see module docstring);
+    ``steps``: the pruning steps of the lineage (:func:`before_label`)."""
     from huggingface_hub import EvalResult
 
-    from prune.core.tables import AGREEMENT_ROW, KL_ROW
+    from prune.core.tables import AGREEMENT_ROW, FIDELITY_PPL_ROW, KL_ROW
     from prune.export.card import is_hub_dataset
     from prune.measure.lmeval import canonical_name
 
     out = []
     fewshot = (settings or {}).get("num_fewshot")
     for row in rows or []:
-        if row.get("metric") == "count" or row["name"].startswith((KL_ROW, AGREEMENT_ROW)):
+        if row.get("metric") == "count" or row["name"].startswith((KL_ROW, AGREEMENT_ROW, FIDELITY_PPL_ROW)):
             continue
-        name, metric = canonical_name(row["name"]), row["metric"]
+        name, metric = canonical_name(row.get("task") or row["name"]), row["metric"]
         if name == "perplexity":
             ppl = (settings or {}).get("perplexity") or {}
             path = str(ppl.get("path") or "text")
@@ -57,9 +67,9 @@ def eval_results(rows: list[dict] | None, settings: dict | None = None) -> list:
             hub_id, config, split = TASK_DATASETS.get(name, (name, None, None))
             dataset = dict(dataset_type=hub_id, dataset_name=name, dataset_config=config, dataset_split=split)
             metric_type = metric
-        shots = ((settings or {}).get("n_shot") or {}).get(row["name"], fewshot)  # what lm-eval gave the task
+        shots = ((settings or {}).get("n_shot") or {}).get(row.get("task") or row["name"], fewshot)  # what lm-eval gave it
         args = {"num_fewshot": shots} if shots is not None and name != "perplexity" else None
-        for value, label in ((row.get("pruned"), metric), (row.get("original"), metric + ORIGINAL)):
+        for value, label in ((row.get("pruned"), metric), (row.get("original"), metric + before_label(steps))):
             if isinstance(value, (int, float)):
                 out.append(EvalResult(task_type=TASK_TYPE, task_name=name, metric_type=metric_type,
                                       metric_value=float(f"{float(value):.6g}"), metric_name=label, metric_args=args,
