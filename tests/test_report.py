@@ -117,7 +117,7 @@ def test_report_of_a_second_step_names_original_blocks_and_a_hand_removal_says_h
     bad = prune_main("report", str(tmp_path / "hand"), "-o", str(tmp_path / "x"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--data TEXT" in bad.stderr
     good = prune_main("report", str(tmp_path / "hand"), "--data", str(WIKI_RAW), "--rows", "0:400", "--n-samples", "2",
-                      "--seq-len", "32", "-q")
+                      "--seq-len", "32", "-q", "-o", str(tmp_path / "scored"))
     assert good.returncode == 0, good.stderr
     assert healed_by({"healing": {"method": "distill", "settings": {"params": "lora"}}}) == "distill (lora)"
     assert healed_by({"healing": None}) is None
@@ -129,3 +129,33 @@ def test_every_removed_block_keeps_its_red_tick_in_a_deep_model():
     fig = cka_heatmap(S, 0.8, "t", marked=[3, 7, 33])
     red = sorted(int(lab.get_text()) for lab in fig.axes[0].get_xticklabels() if lab.get_color() == "#d62728")
     assert red == [3, 7, 33]
+
+
+def test_hand_edited_records_give_one_line_or_leave_the_table_out(run_dir, tmp_path):
+    """A parent's eval.json rows without the optional keys (hand-written) are shown; rows that are not a
+    table are left out of the card (prune remove crashed after writing the weights with KeyError); a
+    tampered pruning.json is one line from prune report (KeyError / IndexError tracebacks before)."""
+    import shutil
+
+    parent = tmp_path / "parent"
+    shutil.copytree(run_dir, parent)
+    evaluation = json.loads((parent / "eval.json").read_text())
+    evaluation["rows"] = [{"name": "perplexity", "metric": "ppl", "original": 10.0, "pruned": 12.5, "lower_is_better": True}]
+    (parent / "eval.json").write_text(json.dumps(evaluation))
+    done = prune_main("remove", str(parent), "--blocks", "0", "-o", str(tmp_path / "a"))
+    assert done.returncode == 0, done.stderr
+    assert "| perplexity | ppl | 10.00 | 12.50 | x1.25 |" in (tmp_path / "a" / "README.md").read_text()
+    evaluation["rows"] = [{"name": "perplexity", "metric": "ppl", "original": "not-a-number-zz"}]
+    (parent / "eval.json").write_text(json.dumps(evaluation))
+    done = prune_main("remove", str(parent), "--blocks", "0", "-o", str(tmp_path / "b"))
+    assert done.returncode == 0, done.stderr
+    assert "not-a-number-zz" not in (tmp_path / "b" / "README.md").read_text()
+    bad = prune_main("report", str(parent), "-o", str(tmp_path / "r1"))
+    assert bad.returncode == 2 and "eval.json is not a prune evaluation" in bad.stderr and not (tmp_path / "r1").exists()
+    (parent / "eval.json").unlink()
+    record = json.loads((parent / "pruning.json").read_text())
+    record["selection"]["removed"] = [99]
+    (parent / "pruning.json").write_text(json.dumps(record))
+    bad = prune_main("report", str(parent), "-o", str(tmp_path / "r2"))
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "does not hold what prune run writes (IndexError" in bad.stderr and not (tmp_path / "r2").exists()

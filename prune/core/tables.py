@@ -40,6 +40,27 @@ def comparison_rows(original: dict, pruned: dict, facts: dict) -> list[dict]:
     return rows
 
 
+def well_formed_rows(rows) -> list[dict] | None:
+    """``rows`` (an ``eval.json``'s, read back) with every optional key filled, or None when they are not
+    a list of rows as :func:`comparison_rows` writes them: ``name`` and ``metric`` strings, numbers or
+    None for the values (a hand-edited or damaged file: its table is left out, not a traceback)."""
+    def number(v):
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    if not isinstance(rows, list):
+        return None
+    out = []
+    for r in rows:
+        if not (isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("metric"), str)
+                and all(number(r.get(k)) for k in ("original", "pruned", "retained", "stderr_original", "stderr_pruned"))):
+            return None
+        a, b = r.get("original"), r.get("pruned")
+        out.append({**r, "original": a, "pruned": b, "retained": (b / a) if (a not in (None, 0) and b is not None) else None,
+                    "stderr_original": r.get("stderr_original"), "stderr_pruned": r.get("stderr_pruned"),
+                    "lower_is_better": bool(r.get("lower_is_better", False))})
+    return out
+
+
 def _fmt(value, metric: str) -> str:
     if value is None:
         return "-"

@@ -308,11 +308,12 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
     (the repo id once pushed)."""
     from huggingface_hub import ModelCard
 
-    from prune.core.tables import comparison_markdown
+    from prune.core.tables import comparison_markdown, well_formed_rows
     from prune.export.modelindex import eval_results
     from prune.export.public import public_data
 
     record = PruningRecord.model_validate(public_data(as_record(pruning).model_dump()))  # no local path on the card
+    rows = well_formed_rows(rows)  # a damaged eval.json: no table, not a traceback
     steps = record.chain()
     original = record.original
     n0 = (original.n_layers if original else None) or record.layers_before
@@ -342,8 +343,8 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
         "method": short_method(s), "layers_before": s.layers_before, "layers_after": s.layers_after,
         "removed": s.removed, "removed_original": s.removed_original or s.removed,
     } for i, s in enumerate(steps)]
-    earlier_tables = [{"step": s.step or i + 1, "source": source_name(s.source), "table": comparison_markdown(s.eval_rows)}
-                      for i, s in enumerate(steps[:-1]) if s.eval_rows]
+    earlier_tables = [{"step": s.step or i + 1, "source": source_name(s.source), "table": comparison_markdown(table)}
+                      for i, s in enumerate(steps[:-1]) if (table := well_formed_rows(s.eval_rows))]
     earlier_recipes = [{"step": s.step or i + 1, "yaml": yaml.safe_dump(s.recipe, sort_keys=False).strip()}
                        for i, s in enumerate(steps[:-1]) if s.recipe]
     protect = ((record.recipe or {}).get("select") or {}).get("protect")

@@ -77,8 +77,11 @@ def _read_record(src: ModelSource) -> tuple[PruningRecord, list | None] | None:
 
 
 def _eval_rows(path) -> list | None:
+    """The before/after rows of a parent's ``eval.json``; None when absent or not well formed."""
+    from prune.core.tables import well_formed_rows
+
     try:
-        return json.loads(Path(path).read_text()).get("rows") if path else None
+        return well_formed_rows(json.loads(Path(path).read_text()).get("rows")) if path else None
     except (OSError, ValueError, AttributeError):  # ValueError: bad JSON or UTF-8
         return None
 

@@ -474,16 +474,24 @@ def report_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overwr
     name = src.get("gguf_file") or src.get("path") or str(run)
     evaluation = None
     if (run / "eval.json").is_file():  # the before/after rows, as the run's eval.md shows them
+        from prune.core.tables import well_formed_rows
+
         try:
             evaluation = json.loads((run / "eval.json").read_text())["rows"]
+            if evaluation is not None and (evaluation := well_formed_rows(evaluation)) is None:
+                raise ValueError("its rows are not the before/after table prune writes")
         except (ValueError, KeyError, TypeError) as exc:
             raise PruneError(f"{run / 'eval.json'} is not a prune evaluation ({type(exc).__name__}: {exc}); "
                              "remove it, or report a folder written by prune run") from None
-    return write_report(out_dir or run / "report", before, after=after, selection=selection, kept=record.get("kept"),
-                        title=f"Redundancy report: {Path(str(name)).name} -> {run.name}", source=str(name),
-                        evaluation=evaluation, overwrite=overwrite,
-                        inputs=input_paths(run, label="the run folder", inside_ok=True),
-                        lineage=Lineage.of(record, before.n_layers), healed=healed_by(record))
+    try:
+        return write_report(out_dir or run / "report", before, after=after, selection=selection, kept=record.get("kept"),
+                            title=f"Redundancy report: {Path(str(name)).name} -> {run.name}", source=str(name),
+                            evaluation=evaluation, overwrite=overwrite,
+                            inputs=input_paths(run, label="the run folder", inside_ok=True),
+                            lineage=Lineage.of(record, before.n_layers), healed=healed_by(record))
+    except (KeyError, IndexError, TypeError, ValueError) as exc:  # a hand-edited record: nothing is written
+        raise PruneError(f"{run / 'pruning.json'} does not hold what prune run writes ({type(exc).__name__}: {exc}); "
+                         "report a folder written by prune run, or score the model: prune report MODEL --data TEXT") from None
 
 
 def healed_by(record: dict) -> str | None:
