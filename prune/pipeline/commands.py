@@ -118,11 +118,11 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
         raise PruneError("fidelity needs both the original model (--fidelity-to) and fidelity settings")
     named = bool(cfg.tasks) and (cfg.model != "hf" or cfg.model_args is not None or L.world_size() > 1)
     in_memory = cfg.perplexity is not None or cfg.fidelity is not None or (cfg.tasks and not named)
+    if in_memory and L.world_size() > 1:  # every rank would measure all of it, print it and write it
+        raise PruneError("perplexity and fidelity run in one process: evaluate them without a launcher "
+                         "(a data-parallel launch evaluates lm-eval tasks only)")
     if named:
         L.check_backend(cfg.model)
-        if in_memory and L.world_size() > 1:
-            raise PruneError("perplexity and fidelity run in one process: evaluate them without accelerate launch "
-                             "(a data-parallel launch evaluates lm-eval tasks only)")
     src = resolve_source(source)
     ppl = cfg.perplexity
     inputs = command_inputs(source, [ppl.path if ppl else None, cfg.fidelity.path if cfg.fidelity else None])
