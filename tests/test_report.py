@@ -159,3 +159,31 @@ def test_hand_edited_records_give_one_line_or_leave_the_table_out(run_dir, tmp_p
     bad = prune_main("report", str(parent), "-o", str(tmp_path / "r2"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert "does not hold what prune run writes (IndexError" in bad.stderr and not (tmp_path / "r2").exists()
+
+
+def test_names_from_edited_files_stay_text_on_the_card_and_in_tables(run_dir, tmp_path):
+    """A parent's pruning.json may have been edited: a repo_id that is no Hub id is neither inherited as
+    base_model nor linked (it went raw into the front matter and the lineage table, HTML and all); names
+    from task YAMLs and folders are escaped in Markdown tables (a | split the row)."""
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from prune.core.tables import comparison_markdown, comparison_rows
+
+    parent = tmp_path / "parent"
+    shutil.copytree(run_dir, parent)
+    record = json.loads((parent / "pruning.json").read_text())
+    record["repo_id"] = "x) | <img src=x onerror=alert(1)> [y"
+    (parent / "pruning.json").write_text(json.dumps(record))
+    done = prune_main("remove", str(parent), "--blocks", "0", "-o", str(tmp_path / "child"))
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "child" / "README.md").read_text()
+    assert "<img" not in text and "onerror" not in text
+    assert ModelCard.load(tmp_path / "child" / "README.md").data.to_dict().get("base_model") is None
+    assert json.loads((tmp_path / "child" / "pruning.json").read_text())["base_model"] is None
+    rows = comparison_rows({"tasks": {"a|b<i>": {"metrics": {"acc": 0.5}, "stderr": {}}}},
+                           {"tasks": {"a|b<i>": {"metrics": {"acc": 0.4}, "stderr": {}}}},
+                           {"params_before": 2, "params_after": 1, "layers_before": 2, "layers_after": 1})
+    line = comparison_markdown(rows).splitlines()[2]
+    assert line.startswith("| a\\|b&lt;i&gt; | acc |") and line.count(" | ") == 4

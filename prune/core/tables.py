@@ -61,6 +61,14 @@ def well_formed_rows(rows) -> list[dict] | None:
     return out
 
 
+def md_text(text) -> str:
+    """``text`` as one Markdown table cell or inline run: ``|`` escaped, line breaks as spaces, HTML's
+    ``<``, ``>`` and ``&`` as entities, backticks as quotes (names from task YAMLs, folders and
+    records, which may hold anything)."""
+    out = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("`", "'")
+    return " ".join(out.replace("|", "\\|").splitlines())
+
+
 def _fmt(value, metric: str) -> str:
     if value is None:
         return "-"
@@ -92,7 +100,7 @@ def comparison_cells(rows: list[dict]) -> list[list[str]]:
 def comparison_markdown(rows: list[dict]) -> str:
     """The before/after table (:func:`comparison_cells`) as Markdown."""
     lines = ["| " + " | ".join(COMPARISON_HEADER) + " |", "|---|---|---:|---:|---:|"]
-    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in comparison_cells(rows)])
+    return "\n".join(lines + ["| " + " | ".join(map(md_text, cells)) + " |" for cells in comparison_cells(rows)])
 
 
 def fmt_retained(row: dict) -> str:

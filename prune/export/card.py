@@ -169,15 +169,18 @@ def short_method(step: PruningStep) -> str:
 def source_name(source: SourceRecord | None, repo_id: str | None = None) -> str:
     """A Hub id as a link, a local source by its file or folder name (no local paths on the Hub);
     ``repo_id``: where that local folder was pushed (then linked)."""
-    if repo_id:
+    from prune.core.tables import md_text
+    from prune.export.public import hub_id
+
+    if hub_id(repo_id):
         return f"[{repo_id}](https://huggingface.co/{repo_id})"
     if source is None:
         return "an unknown model"
-    if source.kind == "hub":
+    if source.kind == "hub" and hub_id(source.path):
         return f"[{source.path}](https://huggingface.co/{source.path})"
     if source.gguf_file:
-        return f"`{source.gguf_file}` (local GGUF file)"
-    return f"`{Path(source.path).name}` (local folder)"
+        return f"`{md_text(Path(source.gguf_file).name)}` (local GGUF file)"
+    return f"`{md_text(Path(source.path).name)}` ({'Hub model' if source.kind == 'hub' else 'local folder'})"
 
 
 def _count(n) -> str:
@@ -209,8 +212,10 @@ def calibration_line(step: PruningStep) -> str:
     if c is None:
         return "none (blocks chosen by hand)" if step.command == "remove" else "not recorded"
     name = c.path or "?"
-    name = name if is_hub_dataset(name) else Path(str(name)).name
-    rows = f" (rows {c.rows})" if c.rows else ""
+    from prune.core.tables import md_text
+
+    name = md_text(name if is_hub_dataset(name) else Path(str(name)).name)
+    rows = f" (rows {md_text(c.rows)})" if c.rows else ""
     return (f"{c.n_samples or '?'} windows × {c.seq_len or '?'} tokens of `{name}`{rows}, seed {c.seed}, "
             f"token positions: {c.positions or 'all'}")
 
@@ -228,6 +233,8 @@ def shots_text(settings: dict) -> str:
 
 
 def eval_settings_line(settings: dict | None) -> str:
+    from prune.core.tables import md_text
+
     if not settings:
         return ""
     parts = []
@@ -235,14 +242,14 @@ def eval_settings_line(settings: dict | None) -> str:
     if ppl:
         rows = f" rows {ppl['rows']}" if ppl.get("rows") else ""
         windows = f"at most {ppl['max_windows']} windows" if ppl.get("max_windows") else "all windows"
-        parts.append(f"perplexity on `{Path(str(ppl.get('path'))).name}`{rows}, {windows} × {ppl.get('seq_len')} tokens")
+        parts.append(f"perplexity on `{md_text(Path(str(ppl.get('path'))).name)}`{rows}, {windows} × {ppl.get('seq_len')} tokens")
     fid = settings.get("fidelity")
     if fid:
-        where = f"`{Path(str(fid['path'])).name}`" if fid.get("path") else "the perplexity text"
+        where = f"`{md_text(Path(str(fid['path'])).name)}`" if fid.get("path") else "the perplexity text"
         parts.append(f"KL(original ‖ pruned) per token on {where}, top-{fid.get('top_k')} of the original kept")
     if settings.get("tasks"):
         limit = settings.get("limit")
-        parts.append(f"lm-eval {', '.join(settings['tasks'])}: {shots_text(settings)}, "
+        parts.append(f"lm-eval {md_text(', '.join(map(str, settings['tasks'])))}: {md_text(shots_text(settings))}, "
                      f"{'all examples' if limit is None else f'limit {limit}'}, seed {settings.get('seed')}, "
                      f"batch size {settings.get('batch_size')} (± is the standard error)")
     if settings.get("dtype"):

@@ -168,7 +168,7 @@ def extend(record: PruningRecord | dict, parent: PruningRecord | None, src: Mode
     ``base_model``: the Hub parent declared for a local source (``model.base_model``); the
     Hub parent is, in order, a Hub source itself, ``base_model``, the repo the parent folder
     was pushed to, the parent's own ``base_model``."""
-    from prune.export.public import public_source
+    from prune.export.public import hub_id, public_source
 
     out = as_record(record).model_copy(deep=True)
     removed, kept = list(out.removed), list(out.kept)
@@ -189,7 +189,7 @@ def extend(record: PruningRecord | dict, parent: PruningRecord | None, src: Mode
         previously_removed = list(parent.removed_original_all)
         license_now = {k: v for k, v in source_license(src).items() if v}
         original = parent.original.model_copy(update=license_now) if parent.original else None
-        inherited = parent.repo_id or parent.base_model
+        inherited = hub_id(parent.repo_id) or hub_id(parent.base_model)  # a parent's file may have been edited
     out.step = len(history) + 1
     out.removed_original = [before[i] for i in removed]
     out.removed_original_all = sorted(previously_removed + [before[i] for i in removed])

@@ -31,6 +31,22 @@ REDACTED = "<local>"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
+def hub_id(value) -> str | None:
+    """``value`` when it is a Hub repo id huggingface_hub accepts (and not a token), else None: a parent's
+    recorded ``repo_id`` / ``base_model`` comes from a file anyone may have edited."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from prune.core.secrets import looks_like_token
+
+    if not isinstance(value, str) or not value or looks_like_token(value):
+        return None
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return None
+    return value
+
+
 def is_local_path(text: str) -> bool:
     """An absolute path, or one starting with ``~`` (the only strings :func:`public_data` rewrites)."""
     return isinstance(text, str) and "\n" not in text and (text.startswith(("/", "~")) or Path(text).is_absolute())

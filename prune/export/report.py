@@ -275,7 +275,10 @@ class _Doc:
         self.html.append(f"<pre>{html.escape(text)}</pre>")
 
     def table(self, head: list[str], rows: list[list[str]]) -> None:
-        self.md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows] + [""]
+        from prune.core.tables import md_text
+
+        self.md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
+            "| " + " | ".join(md_text(c) for c in r) + " |" for r in rows] + [""]
         cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
         self.html.append(f"<table><tr>{cells}</tr>{body}</table>")

@@ -347,11 +347,13 @@ def paired_count(r: Paired, a: str = "A", b: str = "B") -> str:
 
 def paired_markdown(rows: list[Paired], a: str = "A", b: str = "B") -> str:
     """A Markdown table: means, difference B - A with paired SE and 95% interval, flips, McNemar p."""
+    from prune.core.tables import md_text
+
     lines = [f"| task | metric | n | {a} | {b} | {b} - {a} | paired SE | unpaired SE | 95% CI | right->wrong | "
              "wrong->right | McNemar p |", "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         flips = ("-", "-", "-") if r.right_to_wrong is None else (r.right_to_wrong, r.wrong_to_right, f"{r.mcnemar_p:.3g}")
-        lines.append(f"| {r.task} | {r.metric} | {paired_count(r, a, b)} | {r.mean_a:.4f} | {r.mean_b:.4f} | {r.diff:+.4f} | "
+        lines.append(f"| {md_text(r.task)} | {md_text(r.metric)} | {paired_count(r, a, b)} | {r.mean_a:.4f} | {r.mean_b:.4f} | {r.diff:+.4f} | "
                      f"{r.se_paired:.4f} | {r.se_unpaired:.4f} | [{r.ci_low:+.4f}, {r.ci_high:+.4f}] | "
                      f"{flips[0]} | {flips[1]} | {flips[2]} |")
     return "\n".join(lines)
