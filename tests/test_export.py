@@ -34,6 +34,7 @@ def two_steps(tmp_path_factory):
     tail, 2 more blocks, run on the step-1 folder."""
     root = tmp_path_factory.mktemp("lineage")
     source = save_source(root / "source")
+    (source / "LICENSE").write_text("MIT License\n\nthe tiny source's terms\n")
     first = run(recipe(source, root / "step1", 2, "contiguous"), quiet=True)
     second = run(recipe(first.out_dir, root / "step2", 2, "tail"), quiet=True)
     return source, first, second
@@ -222,6 +223,14 @@ def test_rendered_card_front_matter_for_hub_source_round_trips(tmp_path):
     assert data["base_model"] == "org/model" and data["base_model_relation"] == "finetune"
     assert data["license"] == "llama3.2" and data["datasets"] == ["allenai/c4"]
     assert "[org/model](https://huggingface.co/org/model)" in ModelCard.load(tmp_path / "README.md").text
+
+
+def test_license_files_travel_with_the_weights(two_steps):
+    """A license link in the card points at a file the folder holds: the source's LICENSE is copied by
+    the in-memory writer too (only the out-of-core copy carried it), and on to the next step."""
+    source, first, second = two_steps
+    for out in (first.out_dir, second.out_dir):
+        assert (out / "LICENSE").read_text() == (source / "LICENSE").read_text()
 
 
 def test_is_hub_dataset():

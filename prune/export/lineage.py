@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 from prune.core.errors import PruneError
@@ -247,6 +248,33 @@ def source_license(src: ModelSource) -> dict[str, str]:
     except Exception:  # noqa: BLE001 - a license we cannot read is simply unknown
         return {}
     return {}
+
+
+#: the files that carry a model's terms, copied into every pruned folder (the card's license_link may name one)
+LICENSE_FILES = re.compile(r"^(LICEN[CS]E|NOTICE|USE_POLICY|COPYING)(\.(md|txt))?$", re.IGNORECASE)
+_HUB_LICENSE_NAMES = ("LICENSE", "LICENSE.md", "LICENSE.txt", "NOTICE", "NOTICE.md", "USE_POLICY.md")
+
+
+def license_files(src: ModelSource) -> dict[str, str]:
+    """``{name: text}`` of a source's license files (:data:`LICENSE_FILES`): a folder's own, a Hub model's
+    from the cache (never the network); ``{}`` for a GGUF file or when none is there. Never raises."""
+    found: dict[str, str] = {}
+    try:
+        if src.kind == "folder":
+            paths = [p for p in sorted(Path(src.path).iterdir()) if p.is_file() and LICENSE_FILES.match(p.name)]
+        elif src.kind == "hub":
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = [(n, try_to_load_from_cache(src.path, n, revision=src.revision)) for n in _HUB_LICENSE_NAMES]
+            paths = [Path(p) for _, p in cached if isinstance(p, str)]
+        else:
+            return {}
+        for path in paths:
+            if path.stat().st_size <= 2**20:
+                found[path.name] = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError, ValueError):
+        return found
+    return found
 
 
 def _card_license(path: Path) -> dict[str, str]:

@@ -401,8 +401,8 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         return save(model, tokenizer, out_dir, pruning=rec, files=files, overwrite=ow, inputs=inputs,
                     dtype=recipe.output.dtype if recipe else None)
 
-    result, _ = write_output(save_fn, recipe, new, evaluation, out_dir=out, inputs=inputs, overwrite=overwrite,
-                             quiet=quiet, title="Before / after healing",
+    result, _ = write_output(save_fn, recipe, new, evaluation, out_dir=out, src=ModelSource("folder", str(run)),
+                             inputs=inputs, overwrite=overwrite, quiet=quiet, title="Before / after healing",
                              table=_healed_markdown(original, before, healed, counts),
                              extra_markdown=healing_markdown(public_data(record)) + paired_section(paired),
                              extra_files=lm_eval_files,

@@ -244,13 +244,17 @@ def write_output(save_fn, recipe: Recipe | None, record: PruningRecord, evaluati
     """The one tail of every command that writes a pruned model: the record (extended with its
     lineage when it is a ``new_step``), ``recipe.yaml``, ``eval.json``, ``eval.md`` and the model
     card, saved atomically by ``save_fn(out_dir, record, files, overwrite, inputs)`` (``inputs``: the
-    paths the output must never touch, :mod:`prune.io.guard`), then the optional
+    paths the output must never touch, :mod:`prune.io.guard`; ``src``: the model whose license files
+    are copied along, :func:`prune.export.lineage.license_files`), then the optional
     push. ``recipe`` may be ``None`` only for a folder that has none (``prune heal`` of a folder
     saved through the Python API): then there is no ``recipe.yaml``. Returns the folder and the
     final record."""
     out_dir = out_dir if out_dir is not None else recipe.output.dir
     table = table if table is not None else comparison_markdown(evaluation["rows"])
-    files = {"eval.json": json.dumps(evaluation, indent=1) + "\n",
+    from prune.export.lineage import license_files
+
+    files = {**(license_files(src) if src is not None else {}),  # the terms travel with the weights
+             "eval.json": json.dumps(evaluation, indent=1) + "\n",
              "eval.md": f"# {title}\n\n{table}\n" + (f"\n{extra_markdown}" if extra_markdown else ""),
              **(extra_files or {})}
     if recipe is not None:
