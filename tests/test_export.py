@@ -241,6 +241,23 @@ def test_is_hub_dataset():
     # and so do the forms a run folder records local paths in
     assert not is_hub_dataset("corpus.text") and not is_hub_dataset("<local>/corpus.text")
     assert not is_hub_dataset("${PRUNE_DATA_DIR}/wikitext2_raw/wiki.test.raw")
+    # recorded relative to another working folder: a file suffix says file wherever the card is rendered
+    assert not is_hub_dataset("data/corpus.md") and not is_hub_dataset("data/rows.jsonl.gz")
+    assert is_hub_dataset("allenai/c4") and is_hub_dataset("HuggingFaceFW/fineweb-edu")
+
+
+def test_a_run_records_whether_its_calibration_text_came_from_the_hub(two_steps, tmp_path):
+    """The card's datasets come from what the run decided where it read the text (a file under its working
+    folder, recorded relative to it, was listed as a Hub dataset when a card was rendered elsewhere)."""
+    from prune.export.card import _step_datasets
+
+    _, first, _ = two_steps
+    record = read_record(first.out_dir / "pruning.json")
+    assert record.calibration.hub is False
+    moved = record.model_copy(update={"calibration": record.calibration.model_copy(update={"path": "data/corpus"})})
+    assert _step_datasets(moved) == []
+    hub = record.model_copy(update={"calibration": record.calibration.model_copy(update={"path": "allenai/c4", "hub": True})})
+    assert _step_datasets(hub) == ["allenai/c4"]
 
 
 @pytest.mark.integration

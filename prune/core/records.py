@@ -74,6 +74,7 @@ class CalibrationRecord(Record):
     batch_size: int | None = None
     positions: str | None = None
     cka_windows: int | None = None
+    hub: bool | None = None  # the text came from a Hub dataset (decided where the run read it; None: older records)
 
 
 class PruningStep(Record):

@@ -61,7 +61,7 @@ _LICENSE_ALIASES = {"apache 2.0": "apache-2.0", "apache2": "apache-2.0", "apache
 _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
 
 TEMPLATE = "modelcard.md"
-_LOCAL_TEXT = (".txt", ".raw", ".jsonl", ".json", ".csv", ".parquet")
+_FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,5}$")  # corpus.md, wiki.test.raw, rows.jsonl.gz: a file
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PACKAGED_BUILDERS = {"json", "csv", "text", "parquet", "arrow", "pandas", "imagefolder", "audiofolder"}
 
@@ -72,13 +72,14 @@ def template_path() -> Path:
 
 # ---- front matter ------------------------------------------------------------------------
 def is_hub_dataset(path: str | None) -> bool:
-    """True when a text source names a Hub dataset (not a local file, not a packaged builder)."""
+    """True when a text source names a Hub dataset (not a local file, not a packaged builder). A name
+    ending in a file suffix is a file wherever the card is rendered (a path recorded relative to the
+    run's working folder does not exist from another one); a run records its own answer
+    (``CalibrationRecord.hub``), which wins where present."""
     if not path:
         return False
     p = Path(path).expanduser()
-    if p.exists() or p.suffix in _LOCAL_TEXT or path.startswith((".", "/", "~", "$", "<")):
-        return False
-    if "/" not in path and "." in path:  # a bare file name (corpus.text) read from the working folder, not a Hub id
+    if p.exists() or _FILE_SUFFIX.search(path) or path.startswith((".", "/", "~", "$", "<")):
         return False
     return bool(_HUB_ID.match(path)) and path.lower() not in _PACKAGED_BUILDERS
 
@@ -102,10 +103,10 @@ def hub_license(original: OriginalModel | None) -> dict[str, str]:
 
 
 def _step_datasets(step: PruningStep) -> list[str]:
-    paths = [step.calibration.path if step.calibration else None]
+    c = step.calibration
+    found = [c.path] if c and c.path and (c.hub if c.hub is not None else is_hub_dataset(c.path)) else []
     heal = (step.recipe or {}).get("heal") or {}
-    paths.append((heal.get("data") or {}).get("path"))
-    return [p for p in paths if is_hub_dataset(p)]
+    return found + [p for p in [(heal.get("data") or {}).get("path")] if is_hub_dataset(p)]
 
 
 def relation(record: PruningStep) -> str:
@@ -214,7 +215,7 @@ def calibration_line(step: PruningStep) -> str:
     name = c.path or "?"
     from prune.core.tables import md_text
 
-    name = md_text(name if is_hub_dataset(name) else Path(str(name)).name)
+    name = md_text(name if (c.hub if c.hub is not None else is_hub_dataset(name)) else Path(str(name)).name)
     rows = f" (rows {md_text(c.rows)})" if c.rows else ""
     return (f"{c.n_samples or '?'} windows × {c.seq_len or '?'} tokens of `{name}`{rows}, seed {c.seed}, "
             f"token positions: {c.positions or 'all'}")
