@@ -408,7 +408,9 @@ def cmd_report(args) -> int:
 
     out = args.output or default_output(args.source, as_model=bool(args.data))
     if is_run_dir(args.source) and not args.data:  # with --data a pruned folder is scored as a model
-        folder = report_run(args.source, out, overwrite=args.overwrite)
+        from prune.pipeline.inputs import run_inputs
+
+        folder = report_run(args.source, out, overwrite=args.overwrite, inputs=run_inputs(args.source))
     else:
         if not args.data:
             raise PruneError(f"{args.source} is not a run folder (no pruning.json): give --data to score it as a model")

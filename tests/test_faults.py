@@ -284,3 +284,40 @@ def test_ranks_finishing_a_killed_swap_together_never_fail(tmp_path):
     while not errors.empty():
         failures.append(errors.get())
     assert failures == [] and all(w.exitcode == 0 for w in workers)
+
+
+def _digest(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_replaces_a_folder_prune_did_not_write_nor_weights_the_source_links_to(tiny_folder, tmp_path):
+    """--overwrite replaced whatever folder it was given: `prune report RUN -o DATA --overwrite` deleted a data
+    folder (the run's own inputs were not guarded), and `prune remove SRC -o W --overwrite` replaced the
+    folder SRC's weights are symbolic links into (the source then held the pruned weights)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("someone's data\n")
+    run = prune.prune_checkpoint(tiny_folder, [1], tmp_path / "run")
+    for args in (["remove", tiny_folder, "--blocks", "2"], ["report", run, "--data", conftest.WIKI_RAW, "--n-samples", "2",
+                                                            "--seq-len", "32"]):
+        res = conftest.prune_main(*args, "-o", data, "--overwrite", check_rc=2)
+        assert "was not written by this command" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+        assert _digest(data) == {"notes.txt": hashlib.sha256(b"someone's data\n").hexdigest()}
+    res = conftest.prune_main("report", run, "--data", conftest.WIKI_RAW, "--n-samples", "2", "--seq-len", "32",
+                             "-o", tiny_folder, "--overwrite", check_rc=2)  # a model folder is not a report's to replace
+    assert "holds no report.json" in res.stderr
+    weights = tmp_path / "W"
+    weights.mkdir()
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for f in Path(tiny_folder).iterdir():
+        if f.suffix == ".safetensors":
+            shutil.copy(f, weights / f.name)
+            (linked / f.name).symlink_to(weights / f.name)
+        else:
+            shutil.copy(f, linked / f.name)
+    before = _digest(weights)
+    res = conftest.prune_main("remove", linked, "--blocks", "3", "-o", weights, "--overwrite", check_rc=2)
+    assert "through its link" in res.stderr and _digest(weights) == before
+    conftest.prune_main("remove", linked, "--blocks", "3", "-o", tmp_path / "fine", check_rc=0)

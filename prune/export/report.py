@@ -322,7 +322,7 @@ def write_report(out_dir: str | Path, before: ScoreResult, *, after: ScoreResult
     """
     from prune.io.staging import staged
 
-    with staged(out_dir, overwrite, inputs) as stage:
+    with staged(out_dir, overwrite, inputs, written=("report.json",)) as stage:
         _write(stage, before, after, selection, kept, k, title, source, evaluation, lineage, healed)
     return Path(out_dir).expanduser()
 
@@ -459,8 +459,9 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path).expanduser() / "pruning.json").is_file()
 
 
-def report_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overwrite: bool = False) -> Path:
-    """Report of a ``prune run`` output folder, from its ``pruning.json`` (no model is loaded)."""
+def report_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overwrite: bool = False, inputs=()) -> Path:
+    """Report of a ``prune run`` output folder, from its ``pruning.json`` (no model is loaded); ``inputs``:
+    what else the output must not replace (what the run read: :func:`prune.pipeline.inputs.run_inputs`)."""
     run = Path(run_dir).expanduser()
     try:
         record = json.loads((run / "pruning.json").read_text())
@@ -490,7 +491,7 @@ def report_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overwr
         return write_report(out_dir or run / "report", before, after=after, selection=selection, kept=record.get("kept"),
                             title=f"Redundancy report: {Path(str(name)).name} -> {run.name}", source=str(name),
                             evaluation=evaluation, overwrite=overwrite,
-                            inputs=input_paths(run, label="the run folder", inside_ok=True),
+                            inputs=[*input_paths(run, label="the run folder", inside_ok=True), *inputs],
                             lineage=Lineage.of(record, before.n_layers), healed=healed_by(record))
     except (KeyError, IndexError, TypeError, ValueError) as exc:  # a hand-edited record: nothing is written
         raise PruneError(f"{run / 'pruning.json'} does not hold what prune run writes ({type(exc).__name__}: {exc}); "

@@ -114,7 +114,9 @@ def check_output(out: str | os.PathLike, inputs: Iterable[Input | None] = (), *,
 
 
 def input_paths(*paths: str | os.PathLike | None, label: str, inside_ok: bool = False) -> list[Input]:
-    """``(path, label, inside_ok)`` for each local path that exists (Hub ids and ``None`` skipped)."""
+    """``(path, label, inside_ok)`` for each local path that exists (Hub ids and ``None`` skipped); for a
+    folder also the folder of each file or folder it links to (a source whose weights are symbolic links
+    into another folder: replacing that folder would replace the source's weights)."""
     out: list[Input] = []
     for p in paths:
         if p is None:
@@ -125,7 +127,23 @@ def input_paths(*paths: str | os.PathLike | None, label: str, inside_ok: bool = 
             exists = False
         if exists:
             out.append((p, label, inside_ok))
+            out += _linked(Path(p).expanduser(), label)
     return out
+
+
+def _linked(folder: Path, label: str) -> list[Input]:
+    """The folders that ``folder``'s top-level symbolic links point into (outputs may lie inside them)."""
+    if not folder.is_dir():
+        return []
+    found = []
+    try:
+        for child in folder.iterdir():
+            if child.is_symlink() and child.exists():
+                target = child.resolve()
+                found.append((target if target.is_dir() else target.parent, f"{label} (through its link {child.name})", True))
+    except OSError:
+        return found
+    return found
 
 
 # ---- failures while writing -------------------------------------------------------------

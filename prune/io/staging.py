@@ -31,12 +31,32 @@ INCOMPLETE_MARKER = "INCOMPLETE"  # file inside a staging folder, for anyone who
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, inputs: Iterable[Input | None] = (),
-                     flag: str = "output.dir") -> Path:
+                     flag: str = "output.dir", written: tuple[str, ...] | None = None) -> Path:
     """Refuse an unsafe or existing output folder (unless ``overwrite``) before any work starts
     (:func:`prune.io.guard.check_output`); recovers a swap a killed run left half done."""
     out = Path(out_dir).expanduser()
     remove_stale_staging(out)  # first finishes a swap a killed run left half done
-    return check_output(out, inputs, overwrite=overwrite, kind="folder", flag=flag)
+    checked = check_output(out, inputs, overwrite=overwrite, kind="folder", flag=flag)
+    if overwrite:
+        check_replaceable(out, flag, written or WRITTEN_BY_PRUNE)
+    return checked
+
+
+#: what a folder of prune's checkpoint writers holds (a report folder: ``report.json``)
+WRITTEN_BY_PRUNE = ("config.json", "pruning.json", "adapter_config.json")
+
+
+def check_replaceable(out: Path, flag: str = "output.dir", written: tuple[str, ...] = WRITTEN_BY_PRUNE) -> None:
+    """``--overwrite`` replaces an empty folder or one that holds what this writer writes (``written``), never
+    another folder given by mistake (a data folder, a project; a model folder for a report)."""
+    try:
+        entries = [p.name for p in out.iterdir()] if out.is_dir() else []
+    except OSError:
+        return
+    if entries and not any(name in entries for name in written):
+        raise PruneError(f"output folder {out} was not written by this command (it holds no {' or '.join(written)}): "
+                         f"--overwrite replaces only such a folder or an empty one (choose another {flag}, or empty "
+                         "it first)")
 
 
 def staging_dir(out: Path) -> Path:
@@ -44,11 +64,12 @@ def staging_dir(out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def staged(out_dir: str | os.PathLike, overwrite: bool = False, inputs: Iterable[Input | None] = ()) -> Iterator[Path]:
+def staged(out_dir: str | os.PathLike, overwrite: bool = False, inputs: Iterable[Input | None] = (),
+           written: tuple[str, ...] | None = None) -> Iterator[Path]:
     """Yield a hidden staging folder beside ``out_dir``; on success it is renamed to ``out_dir``
     (replacing an existing one only then), on any error it is removed. A disk that fills up
     becomes one :class:`PruneError` line; staging folders of killed runs are cleared first."""
-    out = check_output_dir(out_dir, overwrite, inputs)
+    out = check_output_dir(out_dir, overwrite, inputs, written=written)
     remove_stale_staging(out)  # includes a leftover of this very process
     stage = staging_dir(out)
     try:

@@ -223,7 +223,7 @@ def report_model(source: str, out_dir: str | Path, *, strategy: str = "contiguou
     from prune.pipeline.recipe import needed_score
 
     inputs = command_inputs(source, [score_kwargs.get("data")])
-    check_output_dir(out_dir, overwrite, inputs, flag="--output")  # before the expensive scoring
+    check_output_dir(out_dir, overwrite, inputs, flag="--output", written=("report.json",))  # before the scoring
     metrics = list(score_kwargs.get("metrics") or default(_S, "metrics"))
     need, why = needed_score(strategy, metric)
     if need is not None and need not in metrics:

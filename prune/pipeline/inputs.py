@@ -59,6 +59,32 @@ def original_inputs(recorded, given: str | None = None) -> list[Input]:
     return out
 
 
+def run_inputs(run: str | os.PathLike) -> list[Input]:
+    """What a saved run folder read, as far as its ``recipe.yaml`` and ``pruning.json`` still name it
+    here: its source model, data files and task folders, its original model (a writer given that run,
+    such as ``prune report``, must not replace them). Unreadable files name nothing."""
+    import json
+
+    from prune.core.records import SourceRecord
+    from prune.core.yamlsafe import load_yaml
+    from prune.io.source import resolve_source
+    from prune.pipeline.recipe import Recipe, expand_env
+
+    run = Path(run).expanduser()
+    out: list[Input] = []
+    try:
+        recipe = Recipe.model_validate(expand_env(load_yaml((run / "recipe.yaml").read_text())))
+        out += recipe_inputs(recipe)
+        out += source_inputs(resolve_source(recipe.model.source, recipe.model.gguf_file))
+    except Exception:  # noqa: BLE001 - no recipe, or one naming what is not here: nothing known to protect
+        pass
+    try:
+        out += original_inputs(SourceRecord.model_validate(json.loads((run / "pruning.json").read_text())["source"]))
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
 def command_inputs(model: str | None = None, data: list[str | None] | tuple = (), run_dir: str | None = None,
                    run_inside_ok: bool = False) -> list[Input]:
     """The inputs of a one-shot command (``score``, ``eval``, ``report``, ``remove``, ``heal``)."""
