@@ -367,13 +367,14 @@ def add_export_mergekit(sub) -> None:
     p.add_argument("--model", default=None, help="model id or path for the slices (default: the original's Hub id, "
                                                  "or its local name)")
     p.add_argument("--dtype", default=None, help="mergekit dtype (default: the run's saved dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.set_defaults(func=cmd_export_mergekit)
 
 
 def cmd_export_mergekit(args) -> int:
     from prune.export.mergekit import export_mergekit
 
-    out = export_mergekit(args.run_dir, args.output, model=args.model, dtype=args.dtype)
+    out = export_mergekit(args.run_dir, args.output, model=args.model, dtype=args.dtype, overwrite=args.overwrite)
     print(f"mergekit config written to {out}")
     return 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -449,6 +450,27 @@ def test_mergekit_slices_cover_exactly_the_kept_blocks(chain, tmp_path, capsys):
                                                                                     "gguf_file": "x.gguf"})})
     with pytest.raises(PruneError, match="mergekit cannot read"):
         mergekit_config(hub_gguf.model_copy(update={"original": None}))
+    # -o is a file like any other output: never a file of the run (pruning.json was overwritten), an existing one
+    # only with --overwrite, written atomically; a damaged config.json is one line; --slices takes numbers, not booleans
+    capsys.readouterr()
+    record_bytes = (chain["step2"] / "pruning.json").read_bytes()
+    assert prune_main(["export-mergekit", str(chain["step2"]), "-o", str(chain["step2"] / "pruning.json")]) == 2
+    assert "is a file of the run folder" in capsys.readouterr().err
+    assert (chain["step2"] / "pruning.json").read_bytes() == record_bytes
+    assert prune_main(["export-mergekit", str(chain["step2"]), "-o", str(tmp_path / "mk.yaml")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert prune_main(["export-mergekit", str(chain["step2"]), "-o", str(tmp_path / "mk.yaml"), "--overwrite"]) == 0
+    broken = tmp_path / "broken"
+    shutil.copytree(chain["step2"], broken)
+    (broken / "config.json").write_text("{not json")
+    capsys.readouterr()
+    assert prune_main(["export-mergekit", str(broken), "-o", str(tmp_path / "b.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "config.json: not readable JSON" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(PruneError, match="two integers"):
+        blocks_from_slices("[[true, 3], [5, 8]]", 8)
+    with pytest.raises(PruneError, match="appears twice"):
+        blocks_from_slices("{slices: [], slices: []}", 8)
 
 
 MERGEKIT_LIB = os.environ.get("PRUNE_MERGEKIT_PATH", "/tmp/mergekit-lib")

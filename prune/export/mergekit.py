@@ -91,39 +91,52 @@ def mergekit_config(record: PruningRecord, model: str | None = None, dtype: str 
 
 
 def export_mergekit(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, *, model: str | None = None,
-                    dtype: str | None = None) -> Path:
-    """Write ``mergekit.yaml`` (default: inside ``run_dir``) for the run's kept blocks; returns the file."""
+                    dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Write ``mergekit.yaml`` (default: inside ``run_dir``, replaced each time) for the run's kept blocks;
+    returns the file. Another ``output`` is refused when it exists (unless ``overwrite``) or is an input."""
     from prune.core.records import RECORD_FILE, read_record
+    from prune.io.guard import check_output, input_paths, write_file
 
     run = Path(run_dir).expanduser()
     if not (run / RECORD_FILE).is_file():
         raise PruneError(f"{run} has no {RECORD_FILE}: give a folder written by prune run / remove / heal")
-    record = read_record(run / RECORD_FILE)
-    model_config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else None
-    config = mergekit_config(record, model, dtype, model_config)
     out = Path(output).expanduser() if output else run / "mergekit.yaml"
+    if output:  # never over the run's own files (pruning.json, the weights) or another input
+        inputs = [(run / f.name, "a file of the run folder", False) for f in run.iterdir() if f.name != "mergekit.yaml"]
+        check_output(out, [*input_paths(run, label="the run folder", inside_ok=True), *inputs], overwrite=overwrite,
+                     kind="file", what="--output file", flag="--output")
+    record = read_record(run / RECORD_FILE)
+    model_config = None
+    if (run / "config.json").is_file():
+        try:
+            model_config = json.loads((run / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise PruneError(f"{run / 'config.json'}: not readable JSON ({exc}); give a folder written by prune") from None
+        if not isinstance(model_config, dict):
+            raise PruneError(f"{run / 'config.json'}: not a model config (a JSON object); give a folder written by prune")
+    config = mergekit_config(record, model, dtype, model_config)
     note = ("# mergekit passthrough config for the blocks this model kept (original indices, half-open ranges)\n"
             f"# written by prune from {RECORD_FILE}; run with: mergekit-yaml {out.name} OUTPUT_DIR\n")
     source = record.original.source if record.original else None
     if model is None and source is not None and source.kind != "hub":
         note += (f"# the original was the local {source.kind} {source.gguf_file or source.path}: check that `model` names "
                  "the same weights (or pass --model)\n")
-    out.write_text(note + yaml.safe_dump(config, sort_keys=False))
-    return out
+    return write_file(out, note + yaml.safe_dump(config, sort_keys=False))
 
 
 # ---- slices -> blocks to remove ------------------------------------------------------------
 def parse_slices(spec: str | list) -> list[tuple[int, int]]:
     """Half-open ranges from a mergekit config file, its ``slices`` list, or inline YAML such as
     ``[[0, 2], [4, 8]]`` (``[start, end]`` pairs)."""
+    from prune.core.yamlsafe import load_yaml
+
     data = spec
     if isinstance(spec, str):
         path = Path(spec).expanduser()
         try:
-            data = yaml.safe_load(path.read_text()) if path.is_file() else yaml.safe_load(spec)
-        except yaml.YAMLError as exc:
-            raise PruneError(f"--slices: not valid YAML ({getattr(exc, 'problem', exc)}); give a mergekit config "
-                             "file or ranges like [[0, 2], [4, 8]]") from None
+            data = load_yaml(path.read_text() if path.is_file() else spec, "--slices")
+        except PruneError as exc:
+            raise PruneError(f"{exc}; give a mergekit config file or ranges like [[0, 2], [4, 8]]") from None
     if isinstance(data, dict):
         data = data.get("slices")
     if not isinstance(data, list) or not data:
@@ -136,7 +149,8 @@ def parse_slices(spec: str | list) -> list[tuple[int, int]]:
                 raise PruneError("--slices: each slice must have exactly one source (a pruning reads one model)")
             models.add(sources[0].get("model"))
             item = sources[0].get("layer_range")
-        if not (isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(v, int) for v in item)):
+        if not (isinstance(item, (list, tuple)) and len(item) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in item)):
             raise PruneError(f"--slices: {item!r} is not a layer_range [start, end] of two integers")
         ranges.append((int(item[0]), int(item[1])))
     if len(models) > 1:
