@@ -431,6 +431,15 @@ def test_recipe_with_replace_and_prune_heal_run_dir(tmp_path, tiny_folder, capsy
     # the healed folder cannot be rebuilt from its source again
     with pytest.raises(PruneError, match="already healed"):
         heal_run(healed, tmp_path / "again", quiet=True)
+    # a damaged eval.json fails before the training (it failed with a traceback after it)
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    (damaged / "eval.json").write_text("[1]")
+    with pytest.raises(PruneError, match="is not the evaluation prune writes"):
+        heal_run(damaged, tmp_path / "damaged-healed", source=str(tmp_path / "tiny"), **kwargs)
+    assert not (tmp_path / "damaged-healed").exists()
     # the same run edited since pruning: refused, nothing written
     edited = tmp_path / "edited"
     m = AutoModelForCausalLM.from_pretrained(run_dir)

@@ -194,6 +194,21 @@ def _heal_with_bridges(run: Path, original: OriginalModel, kept: list[int], cfg:
     return model, tokenizer, kept, record
 
 
+def read_run_eval(run: Path) -> dict:
+    """The run's ``eval.json`` (``{}`` without one); one line when it is not the object prune writes."""
+    path = run / "eval.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or UTF-8
+        raise PruneError(f"{path}: not readable JSON ({exc}); remove it or restore the run's own") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k) or {}, dict) for k in ("original", "pruned")):
+        raise PruneError(f"{path} is not the evaluation prune writes (an object with original / pruned results); "
+                         "remove it or restore the run's own")
+    return data
+
+
 def run_lm_eval_files(run: Path, which: str) -> dict[str, str]:
     """lm-eval's files a run folder keeps for its ``which`` model (``eval/original``), ``{name: text}``."""
     folder = run / "eval" / which
@@ -254,6 +269,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     if recipe is not None:
         inputs += recipe_inputs(recipe)  # its calibration, evaluation and healing texts, task folders
     check_output_dir(out, overwrite, inputs, flag="--output")
+    run_eval = read_run_eval(run)  # read now: a damaged file fails before the training, not after it
     eval_cfg: EvaluateConfig | None = recipe.evaluate if recipe else None
     check_heal_data(cfg, eval_cfg, "heal settings")
     check_text_path(cfg.data, "heal.data", "heal settings", "give the file with --data PATH")
@@ -374,8 +390,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         clock.lap("score")
     counts = {"params_before": pruning.params_before, "params_after": new.params_after,
               "layers_before": pruning.layers_before, "layers_after": new.layers_after}
-    run_eval = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
-    original, before = run_eval.get("original", {}), run_eval.get("pruned", {})
+    original, before = run_eval.get("original") or {}, run_eval.get("pruned") or {}
     healed = evaluate_loaded(model, tokenizer, eval_cfg, quiet=quiet, label="healed:   ", reference=reference,
                              lm_eval_name=f"{run.name} (healed)", lm_eval_folder="pruned") if evaluate else {}
     if not evaluate:
