@@ -47,6 +47,13 @@ def test_unknown_keys_are_kept():
     (b'{"removed": [1], "kept": "x"}', "'kept'"),
     (b"\xff\xfe{", "not UTF-8"),
     (b"{", "not valid JSON"),
+    # indices that no saved model has (heal crashed on them after training; check called such a record consistent)
+    (b'{"removed": [3, 3], "layers_before": 8}', "'removed' repeats a block"),
+    (b'{"removed": [3], "kept": [0, 1, 2, 4, 5, 6, 99], "layers_before": 8}', r"'kept' holds \[99\], outside the 8"),
+    (b'{"removed": [-1], "layers_before": 8}', r"'removed' holds \[-1\]"),
+    (b'{"removed": [3], "kept": [0, 1], "layers_before": 8, "layers_after": 7}', "'kept' lists 2 blocks"),
+    (b'{"removed": [1], "kept_original": [700], "original": {"n_layers": 8}}', "'kept_original' holds \\[700\\]"),
+    (b'{"removed": [1], "history": [{"removed": [9, 9]}]}', "step 1: 'removed' repeats"),
 ])
 def test_bad_records_are_one_line_errors(tmp_path, content, message):
     file = tmp_path / "pruning.json"

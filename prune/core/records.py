@@ -153,12 +153,35 @@ def parse_record(data: Any, where: str = RECORD_FILE) -> PruningRecord:
         raise PruneError(f"{where} is not a pruning record (no 'removed'); move it away to use the folder as an "
                          "original model")
     try:
-        return PruningRecord.model_validate(data)
+        record = PruningRecord.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
         raise PruneError(f"{where}: '{key}': {err['msg']} (got {err.get('input')!r}); fix the file or move it "
                          "away") from None
+    for step in record.chain():
+        problem = index_problem(step)
+        if problem:
+            raise PruneError(f"{where}: step {step.step}: {problem}; fix the file or move it away")
+    return record
+
+
+def index_problem(step: PruningStep) -> str | None:
+    """What is wrong with a step's block indices, or None: each list without repeats, within the blocks
+    it counts (``layers_before`` for ``removed`` / ``kept``, the original's for the ``*_original`` lists),
+    ``kept`` as long as ``layers_after``."""
+    n_original = step.original.n_layers if step.original else None
+    for name, n in (("removed", step.layers_before), ("kept", step.layers_before), ("removed_original", n_original),
+                    ("kept_original", n_original), ("removed_original_all", n_original)):
+        values = getattr(step, name)
+        if len(set(values)) != len(values):
+            return f"'{name}' repeats a block ({values})"
+        bad = [i for i in values if i < 0 or (n is not None and i >= n)]
+        if bad:
+            return f"'{name}' holds {bad}, outside the {n if n is not None else 'non-negative'} blocks it counts"
+    if step.kept and step.layers_after is not None and len(step.kept) != step.layers_after:
+        return f"'kept' lists {len(step.kept)} blocks but 'layers_after' is {step.layers_after}"
+    return None
 
 
 def read_record(path: str | Path) -> PruningRecord:
