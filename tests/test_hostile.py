@@ -618,6 +618,9 @@ def test_tokens_are_never_echoed(run_dir, tmp_path, capsys, monkeypatch):
     assert code == 2 and TOKEN not in err and "looks like a Hugging Face token" in err
     code, err = cli(capsys, "push", run_dir, f"me/{TOKEN}", "--dry-run")
     assert code == 2 and TOKEN not in err
+    for flag in ("--revision", "--commit-message", "--exclude"):  # printed by --dry-run, published by a push
+        code, err = cli(capsys, "push", run_dir, "me/model", "--dry-run", flag, TOKEN)
+        assert code == 2 and TOKEN not in err and f"{flag} looks like a Hugging Face token" in err
     recipe = tiny_recipe(run_dir, tmp_path / "out", output={"dir": str(tmp_path / "o"), "push_to_hub": {"repo_id": TOKEN}})
     code, err = cli(capsys, "run", write_recipe(tmp_path / "r.yaml", recipe))
     assert code == 2 and TOKEN not in err

@@ -197,7 +197,14 @@ def check_can_push(repo_id: str, token: str | None = None) -> None:
 def plan_push(folder: str | os.PathLike, repo_id: str, *, revision: str | None = None, private: bool = True,
               commit_message: str | None = None, quiet: bool = False, exclude=(), create_pr: bool = False) -> UploadPlan:
     """Check the folder (refusing an incomplete one) and list what a push would send."""
+    from prune.core.secrets import looks_like_token
+
     check_repo_id(repo_id)
+    for flag, value in (("--revision", revision), ("--commit-message", commit_message),
+                        *(("--exclude", pattern) for pattern in exclude)):
+        if value and looks_like_token(str(value)):  # it would be printed, and published in the repo's history
+            raise PruneError(f"{flag} looks like a Hugging Face token (not shown): keep the token in HF_TOKEN, "
+                             "`hf auth login` or --token-file")
     path = Path(folder).expanduser()
     report = check_checkpoint(path, require_export=True)
     if not quiet:
