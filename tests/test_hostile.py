@@ -359,6 +359,14 @@ def test_config_naming_more_blocks_than_the_weights_hold_is_refused_before_loadi
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
 
+def test_a_config_without_blocks_names_the_config(model, tmp_path, capsys):
+    """num_hidden_layers <= 0 reached the protect check, which blamed select.protect."""
+    config = json.loads((model / "config.json").read_text())
+    config["num_hidden_layers"] = -3
+    (model / "config.json").write_text(json.dumps(config))
+    refused(capsys, "score", model, "--data", WIKI_RAW, match="num_hidden_layers = -3: a decoder has at least one block")
+
+
 def test_missing_block_tensors_are_refused(model, tmp_path, capsys):
     tensors = load_file(model / "model.safetensors")
     save_file({k: v for k, v in tensors.items() if ".layers.7." not in k}, model / "model.safetensors",

@@ -184,6 +184,10 @@ def check_supported(config) -> None:
         raise UnsupportedModelError(
             f"architecture {model_type!r} is not supported for layer pruning; supported: {names}"
         )
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise PruneError(f"the model's config says num_hidden_layers = {n!r}: a decoder has at least one block "
+                         "(fix config.json)")
 
 
 def check_device_map(device_map, offload_folder: str | None) -> None:
