@@ -23,7 +23,7 @@ import prune
 from prune import PruneError
 from prune.cli import input_error, main
 
-from conftest import DATA, ROOT, WIKI_RAW, prune_cli, prune_main, tiny_recipe
+from conftest import DATA, ROOT, WIKI_RAW, build_model, prune_cli, prune_main, tiny_recipe
 
 C4 = DATA / "c4" / "c4_web_1480.jsonl"
 TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123"  # shaped like a token, not a real one
@@ -255,10 +255,17 @@ def test_flag_values_that_failed_late_or_named_the_wrong_flag(model, tmp_path, c
     refused(capsys, "eval", model, "--tasks", "copa_local", "--limit", "inf", match="--limit: give a whole number")
     refused(capsys, "eval", model, "--perplexity-data", WIKI_RAW, "--fidelity-to", model, "--fidelity-top-k", "0",
             match="--fidelity-top-k:")
-    other = Path(shutil.copytree(model, tmp_path / "other-vocab"))
-    other_cfg = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**other_cfg, "vocab_size": other_cfg["vocab_size"] + 8}))
+    other = prune.save(build_model("llama", vocab_size=json.loads((model / "config.json").read_text())["vocab_size"] + 8),
+                       None, tmp_path / "other-vocab")
     refused(capsys, "eval", model, "--perplexity-data", WIKI_RAW, "--fidelity-to", other, match="its vocabulary has")
+    # a config edited to another vocabulary than its weights: the shapes, named before loading
+    edited = Path(shutil.copytree(model, tmp_path / "edited-vocab"))
+    (edited / "config.json").write_text(json.dumps({**json.loads((model / "config.json").read_text()), "vocab_size": 512}))
+    refused(capsys, "remove", edited, "--blocks", "3", "-o", tmp_path / "never", match="embed_tokens.weight is [256, ")
+    (edited / "config.json").write_text(json.dumps({**json.loads((model / "config.json").read_text()),
+                                                    "tie_word_embeddings": False}))
+    refused(capsys, "remove", edited, "--blocks", "3", "-o", tmp_path / "never", match="unties the output head (lm_head")
+    assert not (tmp_path / "never").exists()
 
 
 @pytest.mark.parametrize("case", ["parent_is_file", "long_name", "symlink_loop", "non_utf8", "dangling_link"])

@@ -111,14 +111,34 @@ def check_weights_cover_config(src: ModelSource, config) -> None:
         return  # other formats: refused or loaded elsewhere (weights_only pickles)
     report = CheckReport(folder)
     headers = _check_weight_files(folder, report)
-    if headers is not None:
-        skeleton = _meta_skeleton(config, report)
-        if skeleton is not None:
-            _check_blocks(config, skeleton, headers, report)
+    skeleton = _meta_skeleton(config, report) if headers is not None else None
+    if skeleton is not None:
+        _check_blocks(config, skeleton, headers, report)
     problems = [f for f in report.problems if f.area in ("weights", "blocks")]
     if problems:
         raise PruneError(f"{folder}: {problems[0].message}: the missing weights would be random "
                          "(re-download or re-save the model, or fix config.json)")
+    if skeleton is not None:
+        check_shapes(folder, config, skeleton, headers)
+
+
+def check_shapes(folder: Path, config, skeleton, headers: dict) -> None:
+    """Each stored tensor the model builds under the same name has the shape the config gives it (a
+    vocab_size or hidden_size edited in config.json failed only while loading, or wrote a checkpoint no
+    one can load), and an untied output head is stored (else it would be random)."""
+    params = dict(skeleton.named_parameters())
+    for name, param in params.items():
+        stored = headers.get(name)
+        if stored is not None and list(stored["shape"]) != list(param.shape):
+            raise PruneError(f"{folder}: {name} is {list(stored['shape'])} in the weights but the config builds "
+                             f"{list(param.shape)} (fix config.json, e.g. vocab_size or hidden_size, or re-save the model)")
+    head = skeleton.get_output_embeddings()
+    tied = head is not None and head.weight is skeleton.get_input_embeddings().weight
+    head_name = next((n for n, p in params.items() if head is not None and p is head.weight), None)
+    if head_name and not tied and not any(k == head_name or k.endswith("." + head_name.rsplit(".", 2)[-2] + ".weight")
+                                          for k in headers):
+        raise PruneError(f"{folder}: the config unties the output head ({head_name}) but the weights do not store it: "
+                         "it would be random (set tie_word_embeddings: true in config.json, or re-save the model)")
 
 
 def check_context(config, lengths: list[tuple[str, int | None]]) -> None:
