@@ -366,6 +366,12 @@ def test_config_naming_more_blocks_than_the_weights_hold_is_refused_before_loadi
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
 
+def test_a_missing_relative_folder_is_named_as_missing(tmp_path, capsys):
+    """org/name-shaped paths are Hub ids when no such folder exists: the message said only that the Hub was
+    unreachable, not that the folder the user meant is not there."""
+    refused(capsys, "score", "runs/not-here", "--data", WIKI_RAW, match="no local folder runs/not-here here either")
+
+
 def test_a_config_without_blocks_names_the_config(model, tmp_path, capsys):
     """num_hidden_layers <= 0 reached the protect check, which blamed select.protect."""
     config = json.loads((model / "config.json").read_text())

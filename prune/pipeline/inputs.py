@@ -182,7 +182,8 @@ def preflight_model(src: ModelSource, trust_remote_code: bool = False,
         raise
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad config
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise PruneError(f"could not read the config of {src.display}: {first}") from None
+        local = "" if src.kind != "hub" else f" (and there is no local folder {src.path} here either)"
+        raise PruneError(f"could not read the config of {src.display}: {first}{local}") from None
     check_supported(config)
     check_weights_cover_config(src, config)
     check_context(config, list(lengths))
