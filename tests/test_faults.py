@@ -321,3 +321,17 @@ def test_overwrite_never_replaces_a_folder_prune_did_not_write_nor_weights_the_s
     res = conftest.prune_main("remove", linked, "--blocks", "3", "-o", weights, "--overwrite", check_rc=2)
     assert "through its link" in res.stderr and _digest(weights) == before
     conftest.prune_main("remove", linked, "--blocks", "3", "-o", tmp_path / "fine", check_rc=0)
+
+
+def test_a_read_command_finishes_a_killed_swap_first(tiny_folder, tmp_path):
+    """A writer killed between the two renames of an overwrite leaves the old output as .out.old-<pid>; the
+    next command on that output finishes the swap, a reading one too (check, eval, push said it was missing)."""
+    import multiprocessing
+
+    dead = multiprocessing.get_context("fork").Process(target=int)
+    dead.start()
+    dead.join()
+    shutil.copytree(tiny_folder, tmp_path / f".out.old-{dead.pid}")
+    res = conftest.prune_main("check", tmp_path / "out")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -105,7 +105,11 @@ def check_checkpoint(folder: str | os.PathLike, *, require_export: bool = False,
     Raises :class:`PruneError` only when ``folder`` is not a folder; every other problem
     is a ``"fail"`` finding in the returned report.
     """
+    from prune.io.staging import recover
+
     path = Path(folder).expanduser()
+    if not path.exists():
+        recover(path)  # an overwrite a killed writer left half done: finished first, as every command does
     if not path.is_dir():
         raise PruneError(f"{path} is not a folder (give the output folder of `prune run`)")
     report = CheckReport(path)
