@@ -71,3 +71,43 @@ def test_too_little_text_is_refused(tokenizers_by_bos):
         calibration_windows(tok, "a few words only", 4, 64)
     with pytest.raises(PruneError, match="text is empty"):
         calibration_windows(tok, "  \n ", 4, 64)
+
+
+def test_text_edge_cases_read_the_same_or_say_why(tmp_path):
+    """Windows line ends read as the Unix file (they changed every window), a number where text belongs is
+    refused (it became text), a slice that selects nothing is named (it surfaced as "the text is empty"),
+    and a folder goes to datasets (it was "not found")."""
+    lines = [f"line {i} of the corpus" for i in range(20)]
+    (tmp_path / "unix.txt").write_text("\n".join(lines))
+    (tmp_path / "dos.txt").write_bytes("\r\n".join(lines).encode())
+    assert load_text(TextSource(str(tmp_path / "dos.txt"))) == load_text(TextSource(str(tmp_path / "unix.txt")))
+    (tmp_path / "n.jsonl").write_text('{"text": "words"}\n{"text": 123}\n')
+    with pytest.raises(PruneError, match="field 'text' is int, not text"):
+        load_text(TextSource(str(tmp_path / "n.jsonl")))
+    for rows in ("5:2", "100:"):
+        with pytest.raises(PruneError, match=f"rows='{rows}' selects none of the 20 rows"):
+            load_text(TextSource(str(tmp_path / "unix.txt"), rows=rows))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"text": "from a folder"}\n')
+    assert load_text(TextSource(str(folder))) == "from a folder"
+
+
+def test_heal_text_that_overlaps_evaluation_text_is_caught_however_it_is_written():
+    """The guard against healing on evaluation text compared field, config and split literally and rows as
+    plain numbers: ["text"] against "text", a .txt file's unused split, rows counted from the end, and the
+    fidelity's own text all passed; a malformed rows slice was blamed on an overlap."""
+    from prune.core.config import EvaluateConfig, HealConfig
+    from prune.pipeline.recipe import check_heal_data
+
+    ev = EvaluateConfig(perplexity={"path": str(WIKI_RAW), "rows": "4000:"})
+    for data in ({"path": str(WIKI_RAW), "rows": "0:-10"}, {"path": str(WIKI_RAW), "field": ["text"], "rows": "3990:"},
+                 {"path": str(WIKI_RAW), "split": "test", "rows": "-5:"}):
+        with pytest.raises(PruneError, match="overlaps the perplexity text"):
+            check_heal_data(HealConfig(method="lora", data=data), ev)
+    check_heal_data(HealConfig(method="lora", data={"path": str(WIKI_RAW), "rows": "0:-400"}), ev)  # 0:3958: disjoint
+    fid = EvaluateConfig(perplexity={"path": str(WIKI_JSONL)}, fidelity={"path": str(WIKI_RAW), "rows": "100:200"})
+    with pytest.raises(PruneError, match="overlaps the fidelity text"):
+        check_heal_data(HealConfig(method="lora", data={"path": str(WIKI_RAW), "rows": "150:160"}), fid)
+    with pytest.raises(ValueError, match="not a 'start:stop' slice of whole numbers"):
+        HealConfig(method="lora", data={"path": str(WIKI_RAW), "rows": "abc"})

@@ -632,3 +632,33 @@ def test_averaged_healing_is_recorded_on_the_card(tokenizers_by_bos):
     rec = heal_model(model, tokenizers_by_bos[True], "lora", data=C4_DATA, quiet=True, average=0.5, **FAST)
     assert rec["averaged_steps"] == 5 and rec["settings"]["average"] == 0.5
     assert "- weights averaged over the last 5 of 10 steps" in healing_markdown(rec)
+
+
+def test_prune_heal_cuts_every_text_before_loading_a_model(tmp_path, tiny_folder, monkeypatch):
+    """Too little training text failed after the run's model (and the original) loaded, and a perplexity slice
+    that selects nothing after the training: every window the heal reads is cut in its pre-flight."""
+    import yaml
+
+    import prune.model.loading as loading
+    from prune.pipeline.heal_run import heal_run
+
+    plain = _recipe(tmp_path)
+    del plain["heal"]
+    run_dir = run(plain, quiet=True).out_dir
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the texts were checked")
+
+    monkeypatch.setattr(loading, "load_model", no_loading)
+    short = tmp_path / "short.jsonl"
+    short.write_text('{"text": "a few words"}\n')
+    kwargs = dict(method="lora", overrides=[f"{k}={v}" for k, v in FAST.items()], quiet=True)
+    with pytest.raises(PruneError, match="heal text too short"):
+        heal_run(run_dir, tmp_path / "a", data=str(short), **kwargs)
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    recipe["evaluate"]["perplexity"]["rows"] = "9000:"
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(PruneError, match="rows='9000:' selects none"):
+        heal_run(run_dir, tmp_path / "b", data=C4_DATA["path"], field=C4_DATA["field"], rows=C4_DATA["rows"],
+                 evaluate=True, **kwargs)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -136,6 +136,23 @@ class ModelConfig(Section):
         return None if value is None else _hub_repo_id(value)
 
 
+def check_rows(rows: str | None) -> str | None:
+    """``rows`` is ``"start:stop"`` with whole numbers (either may be empty, negative counts from the end)."""
+    if rows is None:
+        return rows
+    parts = rows.split(":")
+    if len(parts) != 2 or not all(p.strip() == "" or p.strip().lstrip("-").isdigit() for p in parts):
+        raise ValueError(f"rows={rows!r} is not a 'start:stop' slice of whole numbers (e.g. '0:2000' or '2000:')")
+    return rows
+
+
+def check_fields(field: str | list[str]) -> str | list[str]:
+    """A field name, or a non-empty list of them."""
+    if isinstance(field, list) and not field:
+        raise ValueError("field is an empty list: name at least one field")
+    return field
+
+
 class TextConfig(Section):
     """Text from a local ``.txt``/``.jsonl`` file or a ``datasets`` name (see :mod:`prune.data`)."""
 
@@ -145,6 +162,9 @@ class TextConfig(Section):
     split: str = "train"
     rows: str | None = None
     bos: bool | None = None  # None: BOS per window when the tokenizer adds BOS
+
+    _rows = field_validator("rows")(lambda v: check_rows(v))
+    _field = field_validator("field")(lambda v: check_fields(v))
 
     def source(self):
         return TextSource(self.path, self.field, self.config, self.split, self.rows)
@@ -296,6 +316,9 @@ class FidelityConfig(Section):
     max_windows: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1)
     top_k: int = Field(256, ge=1, description="original log-probs kept per token (the vocabulary size: exact KL)")
+
+    _rows = field_validator("rows")(lambda v: check_rows(v))
+    _field = field_validator("field")(lambda v: check_fields(v))
 
     def text(self, perplexity: "PerplexityConfig | None") -> tuple[TextConfig, int, int | None]:
         """``(text, seq_len, max_windows)`` the fidelity windows are cut from."""

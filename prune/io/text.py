@@ -1,8 +1,9 @@
 """Text for calibration and evaluation: read it, tokenize it once, cut it into windows.
 
-Sources: a local ``.txt`` file (one document per line; blank lines kept as separators),
-a local ``.jsonl`` file (one document per row, from ``field``, or several fields joined
-with a space), or a Hugging Face ``datasets`` name with ``config`` and ``split``.
+Sources: a local ``.txt`` file (one document per line; blank lines kept as separators; Windows
+line ends read as ``\n``), a local ``.jsonl`` file (one document per row, from ``field``, or
+several fields concatenated with nothing between them: a prefix and its completion), or a
+Hugging Face ``datasets`` name (or a local folder ``datasets`` reads) with ``config`` and ``split``.
 ``rows="a:b"`` keeps a slice of the documents, so calibration and evaluation text
 can be disjoint parts of one file.
 
@@ -48,7 +49,7 @@ def _pick(record, field: str | list[str], where: str) -> str:
         raise PruneError(f"{where} has no field {missing[0]!r} (fields: {', '.join(map(str, record))}); set data.field")
     for f in fields:
         value = record[f]
-        if value is None or isinstance(value, (list, dict, bool)):
+        if not isinstance(value, str):
             shown = "null" if value is None else type(value).__name__
             raise PruneError(f"{where}: field {f!r} is {shown}, not text (remove the row or fix it)")
     return "".join(str(record[f]) for f in fields)
@@ -65,7 +66,7 @@ def read_text_file(path: Path) -> str:
     if b"\x00" in data[:1 << 16]:
         raise PruneError(f"{path} is a binary file, not text (give a .txt or .jsonl file)")
     try:
-        return data.decode("utf-8-sig")
+        return data.decode("utf-8-sig").replace("\r\n", "\n")  # the same windows as the file with Unix line ends
     except UnicodeDecodeError as exc:
         raise PruneError(f"{path} is not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); convert it, "
                          f"e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8{path.suffix}") from None
@@ -94,18 +95,41 @@ def _json_rows(path: Path, text: str, field) -> list[str]:
 def load_text(source: TextSource) -> str:
     """The text of ``source``: its rows (after the ``rows`` slice) joined as described above."""
     path = Path(source.path).expanduser()
-    if path.suffix in (".txt", ".raw", ".jsonl", ".json") or path.exists():
+    if not path.is_dir() and (path.suffix in (".txt", ".raw", ".jsonl", ".json") or path.exists()):
         if not path.is_file():
             raise PruneError(f"data file not found: {source.path} (check the path)")
         text = read_text_file(path)
         if path.suffix in (".jsonl", ".json"):
             texts = _json_rows(path, text, source.field)
         else:
-            lines = text.split("\n")
-            return "\n".join(lines[_row_slice(source.rows)])
-    else:
+            return "\n".join(_rows_of(text.split("\n"), source))
+    else:  # a datasets name, or a folder datasets reads
         texts = _read_hf_dataset(source)
-    return JOIN.join(texts[_row_slice(source.rows)])
+    return JOIN.join(_rows_of(texts, source))
+
+
+def row_count(source: TextSource) -> int | None:
+    """How many rows (lines; JSON rows) a local file holds, for slices counted from its end; None for a
+    dataset name or an unreadable file (then a check assumes the worst)."""
+    path = Path(source.path).expanduser()
+    if not path.is_file():
+        return None
+    try:
+        text = read_text_file(path)
+        if path.suffix in (".jsonl", ".json"):
+            return len(_json_rows(path, text, source.field))
+        return len(text.split("\n"))
+    except PruneError:
+        return None
+
+
+def _rows_of(items: list[str], source: TextSource) -> list[str]:
+    """``items[rows]``; a slice that selects nothing is named (it surfaced later as "the text is empty")."""
+    picked = items[_row_slice(source.rows)]
+    if source.rows is not None and not picked:
+        raise PruneError(f"rows={source.rows!r} selects none of the {len(items)} rows of {source.path} "
+                         "(check the slice: start:stop, counted from 0)")
+    return picked
 
 
 def _read_hf_dataset(source: TextSource) -> list[str]:
@@ -138,7 +162,7 @@ def needs_bos(tokenizer) -> bool:
 def token_stream(tokenizer, text: str) -> torch.Tensor:
     """``text`` tokenized once without special tokens (1-D int64)."""
     if not text.strip():
-        raise PruneError("the text is empty (check data.path, data.field and data.rows)")
+        raise PruneError("the text is empty (check its path, field and rows)")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 

@@ -194,6 +194,29 @@ def _heal_with_bridges(run: Path, original: OriginalModel, kept: list[int], cfg:
     return model, tokenizer, kept, record
 
 
+def check_texts(run: Path, cfg: HealConfig, recipe, evaluate: bool, trust: bool) -> None:
+    """Cut every window the heal will read, with the run's tokenizer, before any model loads: training
+    text too short or a slice that selects nothing failed after loading (the training text) or after
+    training (the calibration and evaluation text)."""
+    from prune.io.source import ModelSource
+    from prune.io.text import calibration_windows_of, eval_windows, load_text
+    from prune.model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelSource("folder", str(run)), trust)
+    training_windows(tokenizer, cfg)
+    if recipe is None:
+        return
+    calibration_windows_of(tokenizer, recipe.calibration)
+    ev = recipe.evaluate
+    if evaluate and ev is not None:
+        if ev.perplexity is not None:
+            eval_windows(tokenizer, load_text(ev.perplexity.source()), ev.perplexity.seq_len, ev.perplexity.max_windows,
+                         ev.perplexity.bos)
+        if ev.fidelity is not None:
+            text, seq_len, max_windows = ev.fidelity.text(ev.perplexity)
+            eval_windows(tokenizer, load_text(text.source()), seq_len, max_windows, text.bos)
+
+
 def read_run_eval(run: Path) -> dict:
     """The run's ``eval.json`` (``{}`` without one); one line when it is not the object prune writes."""
     path = run / "eval.json"
@@ -316,6 +339,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         original = OriginalModel(recorded_source(pruning.source, source), dtype, trust, quiet)
     if not cfg.merge and cfg.method != "lora":
         raise PruneError(f"heal.merge: false keeps a LoRA adapter apart; method {cfg.method} has none (use lora)")
+    check_texts(run, cfg, recipe, evaluate, trust)
 
     clock.lap("pre-flight")
     reference = None

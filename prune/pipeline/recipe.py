@@ -216,33 +216,53 @@ def check_files(recipe: Recipe, where: str = "recipe") -> None:
 
 # ---- heal: checks across sections (prune.heal) ----------------------------------------------
 
-def _rows_overlap(a: str | None, b: str | None) -> bool:
-    """Whether two ``rows`` slices ``"start:stop"`` (None: all rows) share a row."""
+def _rows_overlap(a: str | None, b: str | None, n: int | None = None) -> bool:
+    """Whether two ``rows`` slices ``"start:stop"`` (None: all rows) of ``n`` rows share a row; a
+    negative bound counts from the end (without ``n``: assumed to overlap)."""
     def bounds(rows):
-        if rows is None:
-            return 0, float("inf")
-        start, _, stop = rows.partition(":")
-        return int(start or 0), (int(stop) if stop.strip() else float("inf"))
+        start, _, stop = (rows or ":").partition(":")
+        lo, hi = int(start) if start.strip() else None, int(stop) if stop.strip() else None
+        if n is not None:
+            return slice(lo, hi).indices(n)[:2]
+        if (lo or 0) < 0 or (hi or 0) < 0:
+            raise ValueError("counted from the end")
+        return lo or 0, float("inf") if hi is None else hi
 
     try:
         (a0, a1), (b0, b1) = bounds(a), bounds(b)
     except ValueError:
-        return True  # an unreadable slice is reported elsewhere; assume the worst here
+        return True  # rows counted from an end not known here: assume the worst
     return max(a0, b0) < min(a1, b1)
 
 
+def _same_text(a: TextConfig, b: TextConfig) -> bool:
+    """One file or dataset read the same way (a plain-text file has no field, config or split)."""
+    if Path(a.path).expanduser().resolve() != Path(b.path).expanduser().resolve():
+        return False
+    if Path(a.path).suffix in (".txt", ".raw"):
+        return True
+    fields = lambda f: [f] if isinstance(f, str) else list(f)  # noqa: E731
+    return fields(a.field) == fields(b.field) and a.config == b.config and a.split == b.split
+
+
 def check_heal_data(heal: HealConfig, evaluate: EvaluateConfig | None, where: str = "recipe") -> None:
-    """Training text given, and not the perplexity text (same file or dataset, config, split and
-    field, and overlapping rows)."""
+    """Training text given, and not the evaluation text: the perplexity text or the fidelity's own
+    (the same file or dataset read the same way, with rows in common)."""
+    from prune.io.text import row_count
+
     if heal.data is None:
         raise PruneError(f"{where}: 'heal.data' is missing: give training text that is not the evaluation text "
                          "(e.g. heal.data.path: ../shared/data/c4/c4_web_1480.jsonl with field [prefix, gold_completion])")
-    ppl = evaluate.perplexity if evaluate else None
-    if ppl is not None and Path(heal.data.path).expanduser().resolve() == Path(ppl.path).expanduser().resolve() \
-            and heal.data.field == ppl.field and heal.data.config == ppl.config and heal.data.split == ppl.split \
-            and _rows_overlap(heal.data.rows, ppl.rows):
-        raise PruneError(f"{where}: 'heal.data' overlaps the perplexity text ({ppl.path} rows {ppl.rows or 'all'}): "
-                         "healing on evaluation text inflates the result (use other text or disjoint heal.data.rows)")
+    texts = [("perplexity", evaluate.perplexity if evaluate else None)]
+    if evaluate is not None and evaluate.fidelity is not None and evaluate.fidelity.path is not None:
+        texts.append(("fidelity", evaluate.fidelity.text(evaluate.perplexity)[0]))
+    for name, text in texts:
+        if text is None or not _same_text(heal.data, text):
+            continue
+        negative = any(r and "-" in r for r in (heal.data.rows, text.rows))
+        if _rows_overlap(heal.data.rows, text.rows, row_count(text.source()) if negative else None):
+            raise PruneError(f"{where}: 'heal.data' overlaps the {name} text ({text.path} rows {text.rows or 'all'}): "
+                             "healing on evaluation text inflates the result (use other text or disjoint heal.data.rows)")
 
 
 def check_heal(recipe: Recipe, where: str = "recipe") -> None:
