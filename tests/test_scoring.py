@@ -185,3 +185,18 @@ def test_result_round_trips_through_json(llama, calib_text, tmp_path):
     back = prune.ScoreResult.load_json(tmp_path / "s.json")
     assert back == r
     assert "MSRS =" in back.table()
+
+
+def test_measurements_run_in_eval_mode_and_leave_the_mode_as_it_was(tokenizers_by_bos, calib_text):
+    """A model in training mode (from_config, or mid-training) measured with dropout on: two calls of score or
+    sleb gave two answers (GPT-2's resid_pdrop 0.1). Each measurement runs in eval mode and restores the mode."""
+    import prune
+
+    model = build_model("gpt2").train()
+    windows = prune.calibration_windows(tokenizers_by_bos[False], calib_text, n_samples=4, seq_len=32, seed=0)
+    a, b = prune.score(model, windows, progress=False), prune.score(model, windows, progress=False)
+    assert a.block_influence == b.block_influence and model.training and all(m.training for m in model.modules())
+    assert prune.sleb(model, windows, 2, progress=False).removed == prune.sleb(model, windows, 2, progress=False).removed
+    model.transformer.h[0].eval()  # a mixed state comes back as it was
+    prune.score(model, windows, progress=False)
+    assert not model.transformer.h[0].training and model.transformer.h[1].training

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prune.core import dist
-from prune.model.capture import BlockStates, batches
+from prune.model.capture import BlockStates, batches, measured_in_eval_mode
 from prune.io.text import _assemble, _window_body, token_stream
 from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, SelectConfig
 from prune.core.errors import PruneError
@@ -130,6 +130,7 @@ def check_same_settings(scores, *, positions: str, cka_windows: int, beta: float
                          "(pass the same settings, or scores=None to score here)")
 
 
+@measured_in_eval_mode
 def iterative(model, windows: torch.Tensor, count: int, *, metric: str = "bi", protect=DEFAULT_PROTECT,
               scores=None, batch_size: int = BATCH_SIZE, positions: str = DEFAULT_POSITIONS,
               cka_windows: int = CKA_WINDOWS, beta: float = BETA, tau: float = TAU, progress: bool = True, start=(), on_round: Callable[[dict], None] | None = None) -> Selection:
@@ -200,6 +201,7 @@ def _keep_inputs(capture: BlockStates, out: list[list[torch.Tensor]]) -> None:
         out[p].append(states[p] if inputs[p] is None else inputs[p])
 
 
+@measured_in_eval_mode
 def sleb(model, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, batch_size: int = 8,
          progress: bool = True, start=(), on_round: Callable[[dict], None] | None = None) -> Selection:
     """SLEB: ``count`` rounds; each removes the block whose removal gives the lowest calibration loss.
@@ -312,6 +314,7 @@ def pareto(evaluations: list[dict], higher_is_better: bool) -> list[dict]:
     return [{k: best[n][k] for k in ("n", "value", "ratio", "ok", "removed")} for n in sorted(best)]
 
 
+@measured_in_eval_mode
 def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, higher_is_better: bool, budget: int,
            order_by: str = "msrs", protect=DEFAULT_PROTECT, max_remove: int | None = None, proxy_name: str = "proxy",
            progress: bool = True) -> Selection:

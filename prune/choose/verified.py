@@ -43,7 +43,7 @@ from prune.core import dist
 from prune.core.errors import PruneError
 from prune.measure.fidelity import build_reference, fidelity_window_sums, summary_from_sums
 from prune.measure.paired import paired_t
-from prune.model.capture import BlockStates
+from prune.model.capture import BlockStates, measured_in_eval_mode
 from prune.model.loading import decoder_layers, input_device
 
 ONE_SHOT = ("bi", "angular", "cka", "msrs")
@@ -209,6 +209,7 @@ def margin_line(details: dict) -> str:
             f"{m['windows']} held-out windows (lower on {m['windows_lower']}); its {100 * m['level']:g}% interval {verdict}")
 
 
+@measured_in_eval_mode
 def verified(model, scores, windows: torch.Tensor, count: int, *, protect=(0, -1), batch_size: int = 4,
              top_k: int = 256, budget: int = 16, progress: bool = True) -> Selection:
     """Choose ``count`` blocks by measured fidelity (see module docstring); ``windows`` are held-out

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from prune.core import dist
 from prune.core import metrics as M
-from prune.model.capture import BlockStates, batches
+from prune.model.capture import BlockStates, batches, measured_in_eval_mode
 from prune.core.config import CalibrationConfig, ScoreConfig, default
 from prune.core.errors import PruneError
 from prune.core.faults import fault_point
@@ -269,6 +269,7 @@ def finish(acc: ScoreAccumulator, windows: torch.Tensor, *, positions: str, metr
     )
 
 
+@measured_in_eval_mode
 def score(
     model,
     windows: torch.Tensor,

@@ -103,6 +103,26 @@ class BlockStates:
         return states, inputs
 
 
+def measured_in_eval_mode(fn):
+    """Run ``fn(model, ...)`` with ``model`` in eval mode (dropout off: a measurement gives one answer),
+    each module's own mode restored afterwards (a model being trained stays in training mode)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        if not isinstance(model, nn.Module):
+            return fn(model, *args, **kwargs)
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            for module, mode in modes:
+                module.training = mode
+
+    return wrapper
+
+
 def batches(windows: torch.Tensor, batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
     """``(first_index, windows[first:first+batch_size])`` over the windows, in order."""
     for start in range(0, windows.shape[0], batch_size):
