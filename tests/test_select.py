@@ -82,3 +82,30 @@ def test_tail_and_random_baselines():
     assert a.removed == prune.select(s, 3, strategy="random", seed=1).removed
     assert 0 not in a.removed and 9 not in a.removed
     assert any(prune.select(s, 3, strategy="random", seed=k).removed != a.removed for k in range(2, 6))
+
+
+def test_block_numbers_of_any_integer_type_and_a_single_protected_block():
+    """protect=0 protected nothing (read as "no list") and protect=-1 failed with a TypeError; numpy integers
+    were refused by remove_layers but leaked into a Selection that json could not write; floats and
+    booleans are never block numbers."""
+    import json
+
+    import numpy as np
+
+    from prune.choose.rules import resolve_protect
+
+    steps = [0.3, 0.2, 0.05, 0.04, 0.06, 0.2, 0.3, 0.1]
+    scores = fake_scores([0.5, 0.4, 0.1, 0.05, 0.06, 0.3, 0.2, 0.01], angular=angular_from_steps(steps))
+    assert resolve_protect(0, 8) == [0] and resolve_protect(-1, 8) == [7] and resolve_protect(None, 8) == []
+    assert 7 not in prune.select(scores, 2, protect=-1, metric="bi").removed
+    chosen = prune.select(scores, np.int64(2), strategy="contiguous", protect=[np.int64(0), -1])
+    json.dumps(chosen.to_dict())
+    from conftest import build_model
+
+    model = build_model("llama")
+    prune.remove_layers(model, [np.int64(3)])
+    for bad in ([1.0], [True], 3, "3"):
+        with pytest.raises(PruneError):
+            prune.remove_layers(build_model("llama"), bad)
+    with pytest.raises(PruneError, match="select.n_layers 2.0 is not an integer"):
+        prune.select(scores, 2.0)

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from prune.core.errors import PruneError
-from prune.core.records import complement
+from prune.core.records import block_number, complement
 
 ONE_SHOT_METRICS = ("bi", "angular", "cka", "msrs")
 DEFAULT_PROTECT = (0, -1)
@@ -56,11 +56,17 @@ class Selection:
 
 
 def resolve_protect(protect, n_layers: int) -> list[int]:
-    """Protected blocks as sorted non-negative indices; out-of-range entries are refused."""
+    """Protected blocks as sorted non-negative indices (one integer: that block); out-of-range entries
+    are refused."""
+    import numbers
+
+    if protect is None:
+        return []
+    if isinstance(protect, numbers.Integral) and not isinstance(protect, bool):
+        protect = [protect]  # protect=0 protected nothing (read as "no list"), protect=-1 failed
     out = set()
-    for p in protect or ():
-        if not isinstance(p, int) or isinstance(p, bool):
-            raise PruneError(f"select.protect entries must be integers, got {p!r}")
+    for p in protect:
+        p = block_number(p, "select.protect entry")
         if not -n_layers <= p < n_layers:
             raise PruneError(f"select.protect index {p} is out of range for {n_layers} blocks (use 0..{n_layers - 1} or -1..-{n_layers})")
         out.add(p % n_layers)
@@ -76,6 +82,7 @@ def resolve_count(n_layers: int, count: int | None = None, fraction: float | Non
         if not 0.0 < fraction < 1.0:
             raise PruneError(f"select.fraction={fraction} must be strictly between 0 and 1")
         count = round(fraction * n_layers)
+    count = block_number(count, "select.n_layers")  # numpy's integers too, stored as a Python int
     if count < 1:
         raise PruneError(f"removing {count} blocks does nothing (select.n_layers must be at least 1)")
     if count >= n_layers:

@@ -37,7 +37,7 @@ from prune.model.capture import BlockStates, batches, measured_in_eval_mode
 from prune.io.text import _assemble, _window_body, token_stream
 from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, SelectConfig
 from prune.core.errors import PruneError
-from prune.core.records import complement
+from prune.core.records import block_number, complement
 from prune.measure.perplexity import nll_sum
 from prune.model.loading import decoder_layers, decoder_layers_path, input_device, pruned_config_updates
 from prune.measure.scoring import BATCH_SIZE, BETA, CKA_WINDOWS, DEFAULT_POSITIONS, TAU, score
@@ -59,7 +59,7 @@ def skip_blocks(model: nn.Module, removed):
     path = decoder_layers_path(model)
     layers = model.get_submodule(path)
     n = len(layers)
-    removed = sorted(set(removed))
+    removed = sorted({block_number(i) for i in removed})
     if any(not 0 <= i < n for i in removed):
         raise PruneError(f"block indices {removed} out of range for {n} blocks")
     if len(removed) >= n:

@@ -24,6 +24,15 @@ FORMAT = "prune/1"
 RECORD_FILE = "pruning.json"
 
 
+def block_number(value, what: str = "block index") -> int:
+    """``value`` as a Python int: any integer type (numpy's, torch's scalars too), never a bool or a float."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise PruneError(f"{what} {value!r} is not an integer")
+    return int(value)
+
+
 def complement(n_layers: int, indices) -> list[int]:
     """The block indices ``0 .. n_layers - 1`` not in ``indices``, in order: the kept blocks of a cut
     (``complement(n, removed)``), or the removed ones of a list of kept blocks."""

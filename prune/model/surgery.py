@@ -22,19 +22,19 @@ import torch
 from torch import nn
 
 from prune.core.errors import PruneError
-from prune.core.records import complement
+from prune.core.records import block_number, complement
 from prune.model.arch import block_index, meta_model
 from prune.model.loading import decoder_layers_path, pruned_config_updates
 
 
 def check_indices(indices, n_layers: int) -> list[int]:
     """Sorted block indices to remove; refuses empty, all, out-of-range and repeated indices."""
-    indices = list(indices)
+    if isinstance(indices, (str, bytes)) or not hasattr(indices, "__iter__"):
+        raise PruneError(f"block indices {indices!r}: give a list of integers (e.g. [3] for one block)")
+    indices = [block_number(i) for i in indices]
     if not indices:
         raise PruneError("no blocks to remove: give at least one block index")
     for i in indices:
-        if not isinstance(i, int) or isinstance(i, bool):
-            raise PruneError(f"block index {i!r} is not an integer")
         if not 0 <= i < n_layers:
             raise PruneError(f"block index {i} is out of range: the model has blocks 0..{n_layers - 1}")
     dupes = sorted({i for i in indices if indices.count(i) > 1})
