@@ -33,11 +33,11 @@ MOVED: dict[str, tuple[str, ...]] = {
     "training": ("heal.training",),
     "lineage": ("export.lineage",),
     "card": ("export.card",),
-    "check": ("export.check",),
+    "check": ("export.check", "io.safetensors"),
     "hub": ("export.push", "io.hub"),
     "outofcore": ("export.outofcore",),
     "report": ("export.report", "pipeline.commands"),
-    "execution": ("pipeline.execution",),
+    "execution": ("pipeline.execution", "pipeline.engines"),
     "progress": ("pipeline.progress",),
     "heal_run": ("pipeline.heal_run",),
     "recipe": ("pipeline.recipe", "core.config"),
@@ -74,6 +74,19 @@ class _Alias(types.ModuleType):
         return sorted({n for m in self._modules() for n in dir(m)})
 
 
+def _importer_level() -> int:
+    """The ``stacklevel`` of the code that wrote the import (past the import machinery and this module):
+    Python shows a DeprecationWarning by default only when it points into ``__main__`` (a script, a
+    notebook cell); pointing into the import system, it was never shown."""
+    frame, level = sys._getframe(1), 1  # warnings.warn does not count the import system's frames
+    while frame is not None and (frame.f_code.co_filename.startswith("<frozen importlib")
+                                 or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+        if frame is not None and not frame.f_code.co_filename.startswith("<frozen importlib"):
+            level += 1
+    return level
+
+
 class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def find_spec(self, fullname, path=None, target=None):
         head, _, old = fullname.partition(".")
@@ -84,7 +97,7 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         old = spec.name.split(".", 1)[1]
         warnings.warn(f"{spec.name} is deprecated and will be removed in 0.3; import from "
-                      f"prune.{MOVED[old][0]} instead", DeprecationWarning, stacklevel=3)
+                      f"prune.{MOVED[old][0]} instead", DeprecationWarning, stacklevel=_importer_level())
         return _Alias(spec.name, MOVED[old])
 
     def exec_module(self, module):
