@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM
 
 import prune
 from prune import PruneError
-from prune.heal.methods import heal_model, mean_lm_loss
+from prune.heal.methods import heal_config, heal_model, mean_lm_loss
+from prune.core.config import HealConfig
 from prune.pipeline.orchestrator import run
 from prune.model.loading import decoder_layers
 
@@ -662,3 +663,21 @@ def test_prune_heal_cuts_every_text_before_loading_a_model(tmp_path, tiny_folder
         heal_run(run_dir, tmp_path / "b", data=C4_DATA["path"], field=C4_DATA["field"], rows=C4_DATA["rows"],
                  evaluate=True, **kwargs)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_heal_config_of_a_config_validates_the_keywords_and_takes_data():
+    """A HealConfig passed with keywords was copied without validation (a bad value failed deep in training)
+    and data= was dropped; prune.save left the caller's PruningRecord changed."""
+    from prune.core.records import PruningRecord
+    from prune.export.lineage import as_record
+
+    cfg = HealConfig(method="lora", steps=2)
+    with pytest.raises(PruneError, match="steps"):
+        heal_config(cfg, steps="x")
+    given = heal_config(cfg, data=C4_DATA["path"], rank=4)
+    assert given.data.path == C4_DATA["path"] and given.rank == 4 and given.steps == 2 and cfg.rank != 4
+    assert heal_config(HealConfig(method="partial", data={"path": "a.txt"})).data.path == "a.txt"
+    record = PruningRecord(removed=[1])
+    copy = as_record(record)
+    copy.command = "save"
+    assert record.command is None

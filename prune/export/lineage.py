@@ -126,9 +126,10 @@ def _hub_files(repo_id: str, revision: str | None) -> frozenset[str] | None:
 
 
 def as_record(record: PruningRecord | PruningStep | dict, where: str = RECORD) -> PruningRecord:
-    """A :class:`PruningRecord` from a record or the dict of one (validated, one-line errors)."""
+    """A :class:`PruningRecord` from a record or the dict of one (validated, one-line errors); always a
+    copy: the writers fill in fields, and a record a caller passed in stays as it was."""
     if isinstance(record, PruningRecord):
-        return record
+        return record.model_copy(deep=True)
     if isinstance(record, PruningStep):
         return PruningRecord.model_validate(record.model_dump())
     return parse_record(record, where)

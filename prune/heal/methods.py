@@ -61,12 +61,15 @@ METHODS = HEAL_METHODS
 # ---- settings -------------------------------------------------------------------------------
 def heal_config(method: str | HealConfig, data=None, **settings) -> HealConfig:
     """A validated :class:`HealConfig` from keyword settings; bad values raise one-line :class:`PruneError`."""
-    if isinstance(method, HealConfig):
-        return method.model_copy(update=settings) if settings else method
     from pydantic import ValidationError
 
     from prune.core.config import format_validation_error
 
+    if isinstance(method, HealConfig):  # its settings, with the keywords (and data) given here, validated again
+        dumped = method.model_dump()
+        settings = {**dumped, **settings}
+        method, data = settings.pop("method"), data if data is not None else settings.get("data")
+        settings.pop("data", None)
     if isinstance(data, (str, os.PathLike)):
         data = {"path": str(data)}
     elif isinstance(data, TextSource):
