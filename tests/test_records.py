@@ -51,7 +51,6 @@ def test_unknown_keys_are_kept():
     (b'{"removed": [3, 3], "layers_before": 8}', "'removed' repeats a block"),
     (b'{"removed": [3], "kept": [0, 1, 2, 4, 5, 6, 99], "layers_before": 8}', r"'kept' holds \[99\], outside the 8"),
     (b'{"removed": [-1], "layers_before": 8}', r"'removed' holds \[-1\]"),
-    (b'{"removed": [3], "kept": [0, 1], "layers_before": 8, "layers_after": 7}', "'kept' lists 2 blocks"),
     (b'{"removed": [1], "kept_original": [700], "original": {"n_layers": 8}}', "'kept_original' holds \\[700\\]"),
     (b'{"removed": [1], "history": [{"removed": [9, 9]}]}', "step 1: 'removed' repeats"),
 ])
