@@ -200,3 +200,24 @@ def test_measurements_run_in_eval_mode_and_leave_the_mode_as_it_was(tokenizers_b
     model.transformer.h[0].eval()  # a mixed state comes back as it was
     prune.score(model, windows, progress=False)
     assert not model.transformer.h[0].training and model.transformer.h[1].training
+
+
+def test_the_python_api_names_a_wrong_argument_in_one_line(tokenizers_by_bos, calib_text):
+    """Windows as a list, as floats or none at all, a module that is no transformers model, a path where a
+    TextSource belongs, max_windows of 0: AttributeErrors and RuntimeErrors from deep inside before."""
+    from torch import nn
+
+    from prune.core.errors import UnsupportedModelError
+
+    model = build_model("llama")
+    windows = prune.calibration_windows(tokenizers_by_bos[True], calib_text, n_samples=2, seq_len=16, seed=0)
+    for bad, message in ((windows.tolist(), "got list"), (windows.float(), "torch.float32"), (windows[:0], "no windows")):
+        with pytest.raises(PruneError, match=message):
+            prune.score(model, bad, progress=False)
+    with pytest.raises(UnsupportedModelError, match="not a transformers causal LM"):
+        prune.score(nn.Linear(2, 2), windows, progress=False)
+    from conftest import WIKI_RAW
+
+    assert prune.load_text(str(WIKI_RAW)) == prune.load_text(prune.TextSource(str(WIKI_RAW)))
+    with pytest.raises(PruneError, match="max_windows=0"):
+        prune.eval_windows(tokenizers_by_bos[True], calib_text, 16, max_windows=0)

@@ -16,6 +16,7 @@ BOS followed by ``seq_len - 1`` text tokens, so the model sees what it was train
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -93,7 +94,10 @@ def _json_rows(path: Path, text: str, field) -> list[str]:
 
 
 def load_text(source: TextSource) -> str:
-    """The text of ``source``: its rows (after the ``rows`` slice) joined as described above."""
+    """The text of ``source`` (a :class:`TextSource`, or a path / dataset name with the defaults): its rows
+    (after the ``rows`` slice) joined as described above."""
+    if isinstance(source, (str, os.PathLike)):
+        source = TextSource(str(source))
     path = Path(source.path).expanduser()
     if not path.is_dir() and (path.suffix in (".txt", ".raw", ".jsonl", ".json") or path.exists()):
         if not path.is_file():
@@ -222,6 +226,8 @@ def eval_windows(
     bos: bool | None = None,
 ) -> torch.Tensor:
     """Consecutive non-overlapping windows from the start of the stream (the perplexity setup)."""
+    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1):
+        raise PruneError(f"max_windows={max_windows!r} must be a whole number of at least 1 (None: every window)")
     body, bos_id = _window_body(tokenizer, seq_len, bos)
     stream = token_stream(tokenizer, text)
     available = stream.numel() // body

@@ -200,8 +200,12 @@ def check_score_args(windows: torch.Tensor, positions: str, metrics, cka_windows
         raise PruneError(f"unknown metric {unknown[0]!r} (choose from {', '.join(METRICS)})")
     if positions not in POSITIONS:
         raise PruneError(f"positions={positions!r} is not one of {', '.join(POSITIONS)}")
-    if windows.ndim != 2:
-        raise PruneError(f"windows must be [n_windows, seq_len], got shape {tuple(windows.shape)}")
+    if not isinstance(windows, torch.Tensor) or windows.ndim != 2 or windows.dtype.is_floating_point:
+        shape = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__
+        raise PruneError(f"windows must be a tensor of token ids [n_windows, seq_len] (prune.calibration_windows), "
+                         f"got {shape}{' of ' + str(windows.dtype) if isinstance(windows, torch.Tensor) else ''}")
+    if windows.shape[0] == 0:
+        raise PruneError("no windows to score: give at least one window")
     if cka_windows < 1:
         raise PruneError(f"cka_windows={cka_windows} must be at least 1")
     batch_size = -(-max(batch_size, 1) // cka_windows) * cka_windows

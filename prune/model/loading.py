@@ -222,6 +222,9 @@ def _device_exists(device) -> bool:
 
 def decoder_layers_path(model: nn.Module) -> str:
     """Dotted name of the decoder-block ``ModuleList`` (``model.layers``, ``transformer.h``, ...)."""
+    if getattr(model, "config", None) is None:
+        raise UnsupportedModelError(f"{type(model).__name__} is not a transformers causal LM (no config): give a "
+                                    "model loaded with prune.load or AutoModelForCausalLM")
     check_supported(model.config)
     block_classes = set(getattr(model, "_no_split_modules", None) or ())
     best: tuple[str, int] | None = None
