@@ -77,6 +77,18 @@ def add_run(sub) -> None:
     p.set_defaults(func=cmd_run)
 
 
+def _finished_stages(args) -> bool:
+    """Whether an interrupted ``prune run`` left a finished stage that ``--resume`` would reuse."""
+    try:
+        from prune.pipeline.progress import STAGES, progress_dir
+        from prune.pipeline.recipe import load_recipe
+
+        folder = progress_dir(load_recipe(args.recipe, args.overrides).output.dir)
+        return any((folder / f"{s}.json").is_file() for s in STAGES)
+    except Exception:  # noqa: BLE001 - the recipe no longer loads: say nothing about resuming
+        return False
+
+
 def cmd_run(args) -> int:
     from prune.pipeline.orchestrator import run
 
@@ -633,7 +645,8 @@ def run_command(args) -> int:
     except KeyboardInterrupt:
         hint = ""
         if args.command == "run":
-            hint = "; nothing was saved as a checkpoint (rerun with --resume to reuse the finished stages)"
+            hint = "; nothing was saved as a checkpoint (" + (
+                "rerun with --resume to reuse the finished stages)" if _finished_stages(args) else "no stage had finished: rerun it)")
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - SafetensorError and the tokenizers' disk-full Exception, else a bug

@@ -91,6 +91,11 @@ def test_ctrl_c_says_how_to_resume_and_saves_nothing(tiny_folder, tmp_path):
                                                    "(rerun with --resume to reuse the finished stages)")
     assert not out.exists()
     assert [p.name for p in siblings(out)] == [".out.progress"]
+    # interrupted before any stage finished: --resume would find nothing, so it is not suggested
+    shutil.rmtree(tmp_path / ".out.progress")
+    done = prune_cli("run", recipe, "--quiet", fault="scoring:interrupt")
+    assert done.returncode == 130 and done.stderr.strip().splitlines()[-1] == (
+        "interrupted; nothing was saved as a checkpoint (no stage had finished: rerun it)")
 
 
 # ---- disk full while saving: one clear error, partial files removed ----------------------------
@@ -170,6 +175,34 @@ def test_resume_refuses_changed_task_data(tiny_folder, tmp_path):
     copa = data / "tasks" / "copa.jsonl"
     copa.write_text(copa.read_text().replace('"gold": 0', '"gold": 1'))
     with pytest.raises(PruneError, match=r"cannot resume: the lm-eval task data \(copa.jsonl\) changed"):
+        RunProgress(tmp_path / "out", load_recipe(recipe), resume=True)
+    # the shipped last-word task reads a file outside tasks/: its edits refuse too (they were reused)
+    shutil.copytree(DATA / "tinystories", data / "tinystories")
+    recipe["evaluate"].update(tasks=["tinystories_lastword_local"])
+    shutil.rmtree(tmp_path / ".out.progress")
+    RunProgress(tmp_path / "out", load_recipe(recipe)).put("scores", {"stored": True})
+    story = data / "tinystories" / "tinystories_sample_2MiB.txt"
+    story.write_text(story.read_text()[::-1])
+    with pytest.raises(PruneError, match=r"cannot resume: the lm-eval task data \(tinystories_sample_2MiB.txt\) changed"):
+        RunProgress(tmp_path / "out", load_recipe(recipe), resume=True)
+
+
+def test_resume_refuses_a_changed_dataset_folder(tiny_folder, tmp_path):
+    """Calibration text from a local folder (read by datasets) was fingerprinted by its name only: new
+    rows in it gave stale scores under a record naming the new text."""
+    from prune.pipeline.progress import RunProgress
+    from prune.pipeline.recipe import load_recipe
+
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rows = [json.dumps({"text": line}) for line in conftest.wiki_text(40_000).split("\n") if line.strip()]
+    (folder / "train.jsonl").write_text("\n".join(rows[:200]) + "\n")
+    recipe = tiny_recipe(tiny_folder, tmp_path / "out")
+    recipe["calibration"].update(path=str(folder), rows=None)
+    RunProgress(tmp_path / "out", load_recipe(recipe)).put("scores", {"stored": True})
+    assert RunProgress(tmp_path / "out", load_recipe(recipe), resume=True).get("scores") == {"stored": True}
+    (folder / "train.jsonl").write_text("\n".join(rows[200:400]) + "\n")
+    with pytest.raises(PruneError, match="cannot resume"):
         RunProgress(tmp_path / "out", load_recipe(recipe), resume=True)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -72,8 +73,8 @@ def _model_fingerprint(model) -> dict:
 
 def input_fingerprint(recipe) -> dict:
     """What the stored stages were computed from besides the recipe: the model files, the
-    local data files and the package version."""
-    from prune.core.console import __version__
+    local data files (every file of a folder ``datasets`` reads), the package and library versions."""
+    from prune.core.console import __version__, versions
 
     texts = {"calibration": recipe.calibration}
     ev = recipe.evaluate
@@ -84,15 +85,41 @@ def input_fingerprint(recipe) -> dict:
     data = {}
     for key, cfg in texts.items():
         path = Path(cfg.path).expanduser()
-        data[key] = file_fingerprint(path) if path.is_file() else {"dataset": cfg.path}
+        data[key] = (file_fingerprint(path) if path.is_file() else _folder_fingerprint(path) if path.is_dir()
+                     else {"dataset": cfg.path})
     return {"model": _model_fingerprint(recipe.model), "data": data, "tasks": _task_fingerprint(recipe),
-            "prune": __version__}
+            "prune": __version__, "versions": versions()}
+
+
+def _folder_fingerprint(folder: Path) -> dict:
+    """Every file under ``folder``, by its path inside it (a local dataset folder, a task folder)."""
+    return {str(p.relative_to(folder)): file_fingerprint(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+#: a data file a task YAML names: the shipped copies' ``{data_dir}/...``, a user task's absolute path
+_TASK_FILE = re.compile(r"""\{data_dir\}/([^'"\s]+)|:\s*['"]?(/[^'"\s]+)""")
+
+
+def _task_data_files(yaml_files: list[Path], root: Path | None) -> list[Path]:
+    """The data files task YAMLs read outside the folders fingerprinted whole."""
+    found = []
+    for yaml_file in yaml_files:
+        try:
+            text = yaml_file.read_text()
+        except (OSError, UnicodeDecodeError):
+            continue
+        for shipped, absolute in _TASK_FILE.findall(text):
+            path = (root / shipped) if shipped and root is not None else Path(absolute) if absolute else None
+            if path is not None and path.is_file():
+                found.append(path)
+    return found
 
 
 def _task_fingerprint(recipe) -> dict | None:
     """The lm-eval tasks' inputs (the stored original evaluation and a task-floor search read them):
-    lm-eval's version and every file of the task data folder's ``tasks/`` (``evaluate.data_dir``, else
-    ``$PRUNE_DATA_DIR``) and of ``evaluate.task_dirs``, by path. None without tasks."""
+    lm-eval's version, every file of the task data folder's ``tasks/`` (``evaluate.data_dir``, else
+    ``$PRUNE_DATA_DIR``) and of ``evaluate.task_dirs``, and the data files their YAMLs name elsewhere
+    (the shipped last-word task reads ``tinystories/``), by path. None without tasks."""
     from importlib.metadata import version
 
     from prune.measure.lmeval import data_dir
@@ -105,6 +132,9 @@ def _task_fingerprint(recipe) -> dict | None:
     folders = ([root / "tasks"] if root is not None else []) + [Path(d).expanduser() for d in (ev.task_dirs if ev else [])]
     files = {str(p): file_fingerprint(p) for folder in folders if folder.is_dir()
              for p in sorted(folder.rglob("*")) if p.is_file()}
+    yamls = sorted(Path(__file__).resolve().parents[1].joinpath("tasks").glob("*.yaml")) + [
+        Path(p) for p in files if p.endswith((".yaml", ".yml"))]
+    files.update({str(p): file_fingerprint(p) for p in _task_data_files(yamls, root) if str(p) not in files})
     return {"lm_eval": version("lm_eval"), "data_dir": str(root) if root is not None else None, "files": files}
 
 
@@ -225,4 +255,8 @@ def _changed_inputs(old: dict, new: dict) -> str:
         of, nf = ot.get("files") or {}, nt.get("files") or {}
         names = sorted(Path(k).name for k in set(of) | set(nf) if of.get(k) != nf.get(k))
         return f"the lm-eval task data ({', '.join(names[:3])})"
-    return f"the prune version ({old.get('prune')} -> {new.get('prune')})"
+    if old.get("prune") != new.get("prune"):
+        return f"the prune version ({old.get('prune')} -> {new.get('prune')})"
+    ov, nv = old.get("versions") or {}, new.get("versions") or {}
+    return "the library versions (" + ", ".join(f"{k} {ov.get(k)} -> {nv.get(k)}" for k in sorted(set(ov) | set(nv))
+                                               if ov.get(k) != nv.get(k)) + ")"

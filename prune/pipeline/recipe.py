@@ -175,7 +175,8 @@ def check_select(recipe: Recipe, where: str = "recipe") -> None:
 
 
 def check_text_path(cfg: TextConfig | None, key: str, where: str, fix: str | None = None) -> None:
-    """A local text file named by ``cfg`` exists (a Hub dataset name is not checked here). A path a
+    """A local text file named by ``cfg`` exists (a Hub dataset name, or a folder ``datasets`` reads, is not
+    checked here). A path a
     run folder recorded by name only (``<local>/name``, see :mod:`prune.export.public`) is named as
     such, with ``fix`` (default: ``--set <key>.path=PATH``)."""
     from prune.export.public import REDACTED
@@ -188,7 +189,7 @@ def check_text_path(cfg: TextConfig | None, key: str, where: str, fix: str | Non
                          f"{fix or f'give the file with --set {key}.path=PATH'}")
     path = Path(cfg.path).expanduser()
     local = path.suffix in (".txt", ".raw", ".jsonl", ".json") or cfg.path.startswith((".", "/", "~"))
-    if local and not path.is_file():
+    if local and not path.is_file() and not (path.is_dir() and path.suffix not in (".txt", ".raw", ".jsonl", ".json")):
         raise PruneError(f"{where}: '{key}.path' file not found: {cfg.path} (check the path or set PRUNE_DATA_DIR)")
 
 
