@@ -110,8 +110,13 @@ def main(folder: str, out: str) -> None:
     mine = ExecutionPlan("in_memory" if w.rank == 0 else "sequential", "auto", "this rank's memory")
     res["plan"] = agreed_plan(mine, lambda mode: ExecutionPlan(mode, mode, "rank 0's")).mode
     res["refused"] = []
+    from prune.core.config import EvaluateConfig
+    from prune.pipeline.commands import evaluate_model
+
+    ppl = EvaluateConfig(perplexity={"path": str(DATA / "wikitext2_raw" / "wiki.test.raw"), "rows": "0:200", "seq_len": 16,
+                                     "max_windows": 2})  # every rank would measure all of it and write it
     for check in (lambda: check_parallel(HealConfig(method="partial", n_samples=10, batch_size=4)),
-                  lambda: check_limit_over_ranks(1)):
+                  lambda: check_limit_over_ranks(1), lambda: evaluate_model(folder, ppl, quiet=True) and None):
         try:
             check()
             res["refused"].append(None)
