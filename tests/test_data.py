@@ -111,3 +111,4 @@ def test_heal_text_that_overlaps_evaluation_text_is_caught_however_it_is_written
         check_heal_data(HealConfig(method="lora", data={"path": str(WIKI_RAW), "rows": "150:160"}), fid)
     with pytest.raises(ValueError, match="not a 'start:stop' slice of whole numbers"):
         HealConfig(method="lora", data={"path": str(WIKI_RAW), "rows": "abc"})
+    assert HealConfig(method="lora", data={"path": str(WIKI_RAW), "rows": "+0:1_000"}).data.rows == "+0:1_000"  # int() reads it

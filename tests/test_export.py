@@ -241,9 +241,9 @@ def test_is_hub_dataset():
     # and so do the forms a run folder records local paths in
     assert not is_hub_dataset("corpus.text") and not is_hub_dataset("<local>/corpus.text")
     assert not is_hub_dataset("${PRUNE_DATA_DIR}/wikitext2_raw/wiki.test.raw")
-    # recorded relative to another working folder: a file suffix says file wherever the card is rendered
+    # a text file's suffix says file wherever the card is rendered; a Hub id may hold a dot
     assert not is_hub_dataset("data/corpus.md") and not is_hub_dataset("data/rows.jsonl.gz")
-    assert is_hub_dataset("allenai/c4") and is_hub_dataset("HuggingFaceFW/fineweb-edu")
+    assert is_hub_dataset("allenai/c4") and is_hub_dataset("user/wiki.en")
 
 
 def test_a_run_records_whether_its_calibration_text_came_from_the_hub(two_steps, tmp_path):
@@ -256,6 +256,10 @@ def test_a_run_records_whether_its_calibration_text_came_from_the_hub(two_steps,
     assert record.calibration.hub is False
     moved = record.model_copy(update={"calibration": record.calibration.model_copy(update={"path": "data/corpus"})})
     assert _step_datasets(moved) == []
+    from prune.core.config import TextSource
+    from prune.io.text import reads_from_hub
+
+    assert reads_from_hub(TextSource("user/wiki.en")) and not reads_from_hub(TextSource(str(ROOT / "tests")))
     hub = record.model_copy(update={"calibration": record.calibration.model_copy(update={"path": "allenai/c4", "hub": True})})
     assert _step_datasets(hub) == ["allenai/c4"]
 

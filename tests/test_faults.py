@@ -364,7 +364,11 @@ def test_a_read_command_finishes_a_killed_swap_first(tiny_folder, tmp_path):
     dead = multiprocessing.get_context("fork").Process(target=int)
     dead.start()
     dead.join()
-    shutil.copytree(tiny_folder, tmp_path / f".out.old-{dead.pid}")
-    res = conftest.prune_main("check", tmp_path / "out")
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    run = prune.prune_checkpoint(tiny_folder, [1], tmp_path / "run", pruning={"removed": [1]})
+    for args in (["check", tmp_path / "out"], ["export-mergekit", tmp_path / "out", "-o", tmp_path / "out.yaml"],
+                 ["report", tmp_path / "out", "-o", tmp_path / "rep"]):
+        shutil.rmtree(tmp_path / "out", ignore_errors=True)
+        shutil.copytree(run, tmp_path / f".out.old-{dead.pid}")
+        res = conftest.prune_main(*args)
+        assert "no pruning.json" not in res.stderr and "is not a folder" not in res.stderr, (args, res.stderr)
+        assert (tmp_path / "out" / "pruning.json").is_file() and not (tmp_path / f".out.old-{dead.pid}").exists()

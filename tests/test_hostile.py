@@ -681,3 +681,18 @@ def test_push_plan_refuses_links_leading_outside_the_folder(run_dir, tmp_path, c
     os.symlink(run / "eval.md", run / "eval-copy.md")  # a link inside the folder is fine
     code, out = cli(capsys, "push", run, "me/model", "--dry-run", "-q")
     assert code == 0, out
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_shape_check_passes_every_supported_architecture(tmp_path, tied):
+    """The pre-flight's shape and head checks on a checkpoint of each fixture architecture, tied and untied:
+    GPT-NeoX stores its head as embed_out (transformers renames it on load), which was refused."""
+    from conftest import ARCHS
+
+    from prune.io.source import resolve_source
+    from prune.pipeline.inputs import preflight_model
+
+    for arch in ARCHS:
+        folder = tmp_path / arch
+        build_model(arch, tie_word_embeddings=tied).save_pretrained(folder)
+        preflight_model(resolve_source(str(folder)))

@@ -221,3 +221,6 @@ def test_the_python_api_names_a_wrong_argument_in_one_line(tokenizers_by_bos, ca
     assert prune.load_text(str(WIKI_RAW)) == prune.load_text(prune.TextSource(str(WIKI_RAW)))
     with pytest.raises(PruneError, match="max_windows=0"):
         prune.eval_windows(tokenizers_by_bos[True], calib_text, 16, max_windows=0)
+    import numpy as np
+
+    assert prune.eval_windows(tokenizers_by_bos[True], calib_text, 16, max_windows=np.int64(2)).shape == (2, 16)

@@ -25,7 +25,7 @@ RECORD_FILE = "pruning.json"
 
 
 def block_number(value, what: str = "block index") -> int:
-    """``value`` as a Python int: any integer type (numpy's, torch's scalars too), never a bool or a float."""
+    """``value`` as a Python int: any integer type (numpy's too), never a bool, a float or a tensor."""
     import numbers
 
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

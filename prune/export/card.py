@@ -61,7 +61,7 @@ _LICENSE_ALIASES = {"apache 2.0": "apache-2.0", "apache2": "apache-2.0", "apache
 _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
 
 TEMPLATE = "modelcard.md"
-_FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,5}$")  # corpus.md, wiki.test.raw, rows.jsonl.gz: a file
+_LOCAL_TEXT = (".txt", ".raw", ".jsonl", ".json", ".csv", ".parquet", ".md", ".gz")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PACKAGED_BUILDERS = {"json", "csv", "text", "parquet", "arrow", "pandas", "imagefolder", "audiofolder"}
 
@@ -72,14 +72,15 @@ def template_path() -> Path:
 
 # ---- front matter ------------------------------------------------------------------------
 def is_hub_dataset(path: str | None) -> bool:
-    """True when a text source names a Hub dataset (not a local file, not a packaged builder). A name
-    ending in a file suffix is a file wherever the card is rendered (a path recorded relative to the
-    run's working folder does not exist from another one); a run records its own answer
-    (``CalibrationRecord.hub``), which wins where present."""
+    """True when a text source names a Hub dataset (not a local file, not a packaged builder): a guess
+    from the name, for records that predate ``CalibrationRecord.hub`` (what the run that read the
+    text recorded, which wins where present) and for texts no run recorded."""
     if not path:
         return False
     p = Path(path).expanduser()
-    if p.exists() or _FILE_SUFFIX.search(path) or path.startswith((".", "/", "~", "$", "<")):
+    if p.exists() or p.suffix in _LOCAL_TEXT or path.startswith((".", "/", "~", "$", "<")):
+        return False
+    if "/" not in path and "." in path:  # a bare file name (corpus.text) read from the working folder, not a Hub id
         return False
     return bool(_HUB_ID.match(path)) and path.lower() not in _PACKAGED_BUILDERS
 

@@ -105,11 +105,9 @@ def check_checkpoint(folder: str | os.PathLike, *, require_export: bool = False,
     Raises :class:`PruneError` only when ``folder`` is not a folder; every other problem
     is a ``"fail"`` finding in the returned report.
     """
-    from prune.io.staging import recover
+    from prune.io.staging import existing
 
-    path = Path(folder).expanduser()
-    if not path.exists():
-        recover(path)  # an overwrite a killed writer left half done: finished first, as every command does
+    path = existing(folder)  # an overwrite a killed writer left half done: finished first, as every command does
     if not path.is_dir():
         raise PruneError(f"{path} is not a folder (give the output folder of `prune run`)")
     report = CheckReport(path)

@@ -97,11 +97,13 @@ def export_mergekit(run_dir: str | os.PathLike, output: str | os.PathLike | None
     from prune.core.records import RECORD_FILE, read_record
     from prune.io.guard import check_output, input_paths, write_file
 
-    run = Path(run_dir).expanduser()
+    from prune.io.staging import existing
+
+    run = existing(run_dir)
     if not (run / RECORD_FILE).is_file():
         raise PruneError(f"{run} has no {RECORD_FILE}: give a folder written by prune run / remove / heal")
     out = Path(output).expanduser() if output else run / "mergekit.yaml"
-    if output:  # never over the run's own files (pruning.json, the weights) or another input
+    if output and out.resolve() != (run / "mergekit.yaml").resolve():  # never over the run's files or another input
         inputs = [(run / f.name, "a file of the run folder", False) for f in run.iterdir() if f.name != "mergekit.yaml"]
         check_output(out, [*input_paths(run, label="the run folder", inside_ok=True), *inputs], overwrite=overwrite,
                      kind="file", what="--output file", flag="--output")

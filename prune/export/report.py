@@ -456,7 +456,9 @@ def _msrs_cells(scores: ScoreResult) -> list[str]:
 
 # ---- entry points ----------------------------------------------------------------------------
 def is_run_dir(path: str | Path) -> bool:
-    return (Path(path).expanduser() / "pruning.json").is_file()
+    from prune.io.staging import existing
+
+    return (existing(path) / "pruning.json").is_file()
 
 
 def report_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overwrite: bool = False, inputs=()) -> Path:

@@ -35,10 +35,10 @@ def resolve_source(source: str | os.PathLike, gguf_file: str | None = None, revi
     """Classify ``source`` and check that a local one exists, before anything is loaded."""
     text = str(source)
     path = Path(text).expanduser()
-    if not path.exists() and text.strip():  # a folder whose replacement a killed writer left half done: finish it
-        from prune.io.staging import recover
+    if text.strip():  # a folder whose replacement a killed writer left half done: finished first
+        from prune.io.staging import existing
 
-        recover(path)
+        existing(path)
     if gguf_file is None and text.lower().endswith(".gguf"):
         if not path.is_file():
             raise PruneError(f"GGUF file not found: {text} (check the path)")

@@ -115,6 +115,15 @@ def remove_stale_staging(out: Path) -> list[Path]:
     return removed
 
 
+def existing(path: str | os.PathLike) -> Path:
+    """``path`` expanded, after finishing an overwrite of it that a killed writer left half done (every
+    command that reads an output calls this first)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        recover(path)
+    return path
+
+
 def recover(out: Path) -> Path | None:
     """Finish the swap of a killed process: when ``out`` is missing, a complete staged folder
     (no ``INCOMPLETE`` marker) of a dead process becomes ``out``, else its ``.old-<pid>`` folder

@@ -127,6 +127,13 @@ def row_count(source: TextSource) -> int | None:
         return None
 
 
+def reads_from_hub(source: TextSource) -> bool:
+    """Whether :func:`load_text` reads ``source`` from the Hub (``datasets``): no local file or folder by
+    that name, and not a text file's suffix (recorded by a run, so a card rendered elsewhere says the same)."""
+    path = Path(source.path).expanduser()
+    return not path.exists() and path.suffix not in (".txt", ".raw", ".jsonl", ".json")
+
+
 def _rows_of(items: list[str], source: TextSource) -> list[str]:
     """``items[rows]``; a slice that selects nothing is named (it surfaced later as "the text is empty")."""
     picked = items[_row_slice(source.rows)]
@@ -226,8 +233,12 @@ def eval_windows(
     bos: bool | None = None,
 ) -> torch.Tensor:
     """Consecutive non-overlapping windows from the start of the stream (the perplexity setup)."""
-    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1):
-        raise PruneError(f"max_windows={max_windows!r} must be a whole number of at least 1 (None: every window)")
+    import numbers
+
+    if max_windows is not None:
+        if isinstance(max_windows, bool) or not isinstance(max_windows, numbers.Integral) or max_windows < 1:
+            raise PruneError(f"max_windows={max_windows!r} must be a whole number of at least 1 (None: every window)")
+        max_windows = int(max_windows)
     body, bos_id = _window_body(tokenizer, seq_len, bos)
     stream = token_stream(tokenizer, text)
     available = stream.numel() // body

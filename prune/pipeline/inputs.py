@@ -132,11 +132,15 @@ def check_shapes(folder: Path, config, skeleton, headers: dict) -> None:
         if stored is not None and list(stored["shape"]) != list(param.shape):
             raise PruneError(f"{folder}: {name} is {list(stored['shape'])} in the weights but the config builds "
                              f"{list(param.shape)} (fix config.json, e.g. vocab_size or hidden_size, or re-save the model)")
-    head = skeleton.get_output_embeddings()
-    tied = head is not None and head.weight is skeleton.get_input_embeddings().weight
+    head, embed = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
+    tied = head is not None and head.weight is embed.weight
     head_name = next((n for n, p in params.items() if head is not None and p is head.weight), None)
-    if head_name and not tied and not any(k == head_name or k.endswith("." + head_name.rsplit(".", 2)[-2] + ".weight")
-                                          for k in headers):
+    embed_name = next((n for n, p in params.items() if p is embed.weight), None)
+    # stored under any name (GPT-NeoX's embed_out, which transformers renames on load): a [vocab, hidden] tensor
+    # besides the input embeddings
+    stored = [k for k, h in headers.items() if k != embed_name and not k.endswith(".embed_tokens.weight")
+              and list(h["shape"]) == list(head.weight.shape)] if head is not None else []
+    if head_name and not tied and not stored:
         raise PruneError(f"{folder}: the config unties the output head ({head_name}) but the weights do not store it: "
                          "it would be random (set tie_word_embeddings: true in config.json, or re-save the model)")
 

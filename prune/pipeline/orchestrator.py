@@ -25,7 +25,7 @@ from typing import Any
 from prune.core import dist
 from prune.core.errors import PruneError
 from prune.export.public import public_data
-from prune.export.card import is_hub_dataset
+from prune.io.text import reads_from_hub
 from prune.io.text import calibration_windows_of, eval_windows, load_text
 from prune.core.console import StageClock, keeps_quiet_mode, quiet_mode, say, show, versions
 from prune.core.tables import comparison_markdown, comparison_rows
@@ -295,7 +295,7 @@ def pruning_record(recipe: Recipe, src, selection: Selection, kept: list[int], b
         scores_after=after.to_dict() if after else None,
         calibration={**c.source().describe(), "n_samples": c.n_samples, "seq_len": c.seq_len, "seed": c.seed,
                      "bos": c.bos, "batch_size": c.batch_size, "positions": recipe.score.positions,
-                     "cka_windows": recipe.score.cka_windows, "hub": is_hub_dataset(c.path)},
+                     "cka_windows": recipe.score.cka_windows, "hub": reads_from_hub(c.source())},
         seed=c.seed,
         healing=healing,
         versions=versions(),
