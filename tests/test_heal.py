@@ -23,6 +23,7 @@ from prune.pipeline.orchestrator import run
 from prune.model.loading import decoder_layers
 
 from conftest import DATA, N_LAYERS, WIKI_RAW, build_model, prune_main
+from prune.export.check import check_checkpoint
 
 C4 = DATA / "c4" / "c4_web_1480.jsonl"
 C4_DATA = {"path": str(C4), "field": ["prefix", "gold_completion"], "rows": "0:300"}
@@ -319,6 +320,7 @@ def tiny_folder(tmp_path, tokenizers_by_bos):
     ({"method": "lora", "rank": 0}, {}, "rank must be at least 1"),
     ({"method": "partial", "last_blocks": 0, "train_norm": False}, {}, "trains no parameters"),
     ({"method": "lora", "target_modules": []}, {}, "trains no parameters"),
+    ({"method": "lora", "target_modules": ["lm_head", "q_proj"]}, {}, "shares its weight with the input embeddings"),
     ({"method": "partial", "lora_norms": True, "loraplus_ratio": 4}, {}, "lora_norms, loraplus_ratio only apply to LoRA"),
     ({"method": "lora", "merge": False, "lora_init": "pissa"}, {}, "also change base weights"),
     ({"method": "lora", "merge": False, "objective": "distill"}, {}, "distillation merges its adapter"),
@@ -432,6 +434,12 @@ def test_recipe_with_replace_and_prune_heal_run_dir(tmp_path, tiny_folder, capsy
     # the healed folder cannot be rebuilt from its source again
     with pytest.raises(PruneError, match="already healed"):
         heal_run(healed, tmp_path / "again", quiet=True)
+    # the replacement keeps its source block's index: a later step removing it again records each block once
+    assert "one a trained block in place of the removed run" in (healed / "README.md").read_text()
+    child = tmp_path / "child"
+    assert prune_main("remove", healed, "--blocks", rec["kept"].index(removed[-1]), "-o", child).returncode == 0
+    child_rec = json.loads((child / "pruning.json").read_text())
+    assert child_rec["removed_original_all"] == sorted(removed) and check_checkpoint(child).ok
     # a damaged eval.json fails before the training (it failed with a traceback after it)
     import shutil
 

@@ -330,6 +330,7 @@ def test_only_a_full_checkpoint_push_deletes_stale_weights():
     assert stale_weights(repo, sharded) == ["model-00001-of-00002.safetensors", "model.safetensors"]
     adapter = UploadPlan(Path("."), "me/x", "main", True, "m", [("adapter_model.safetensors", 1), ("README.md", 1)])
     assert stale_weights(repo, adapter) == []
+    assert "are deleted" in sharded.describe() and "are deleted" not in adapter.describe()  # --dry-run said so for both
 
 
 def test_chain_push_dry_run(chain, capsys):

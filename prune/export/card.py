@@ -330,8 +330,11 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
     now_layers, now_params = record.layers_after, record.params_after
     removed_all = record.removed_original_all or record.removed
     origin = source_name((original.source if original else None) or record.source)
+    replaced = any((s.healing or {}).get("method") == "replace" for s in steps)
+    kept_words = (f"{now_layers} blocks now, one a trained block in place of the removed run" if replaced
+                  else f"{now_layers} kept")
     summary = (f"A layer-pruned version of {origin}: {len(removed_all)} of its {n0} decoder blocks removed "
-               f"({now_layers} kept){f', in {len(steps)} pruning steps' if len(steps) > 1 else ''}, made with `prune`.")
+               f"({kept_words}){f', in {len(steps)} pruning steps' if len(steps) > 1 else ''}, made with `prune`.")
     if original and original.source and original.source.kind == "gguf":
         summary += " The GGUF weights were dequantized on load; this checkpoint stores them unquantized (safetensors)."
     if record.healing:

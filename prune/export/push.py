@@ -51,6 +51,11 @@ class UploadPlan:
     excluded: list[str] = field(default_factory=list)
 
     @property
+    def sends_weights(self) -> bool:
+        """Whether this push sends transformers' weight files (then the repo's stale ones are deleted)."""
+        return any(any(fnmatch.fnmatch(f, p) for p in WEIGHT_FILES) for f, _ in self.files)
+
+    @property
     def total_bytes(self) -> int:
         return sum(size for _, size in self.files)
 
@@ -74,9 +79,12 @@ class UploadPlan:
         width = max(len(f"{size:,}") for _, size in self.files) if self.files else 1
         for name, size in self.files:
             lines.append(f"  {size:>{width},} B  {human_size(size):>9}  {name}")
-        lines.append("files already in the repo and not listed here are left as they are, except the model weight "
-                     "files (model*.safetensors, pytorch_model*.bin, their indexes) this folder does not have: those "
-                     "are deleted, so the repo loads these weights")
+        if self.sends_weights:
+            lines.append("files already in the repo and not listed here are left as they are, except the model weight "
+                         "files (model*.safetensors, pytorch_model*.bin, their indexes) this folder does not have: those "
+                         "are deleted, so the repo loads these weights")
+        else:
+            lines.append("files already in the repo and not listed here are left as they are")
         return "\n".join(lines)
 
 
@@ -275,7 +283,7 @@ def stale_weights(existing: list[str], plan: UploadPlan) -> list[str]:
     earlier push would be loaded by transformers ahead of this push's sharded index, so they are
     deleted in the same commit. An adapter folder (or a push without weights) deletes nothing."""
     sending = {name for name, _ in plan.files}
-    if not any(any(fnmatch.fnmatch(f, p) for p in WEIGHT_FILES) for f in sending):
+    if not plan.sends_weights:
         return []
     return sorted(f for f in existing if "/" not in f and f not in sending
                   and any(fnmatch.fnmatch(f, p) for p in WEIGHT_FILES)

@@ -181,6 +181,13 @@ def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: in
         if cfg.lora_init == "olora" and any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in targets):
             raise PruneError("heal.lora_init olora does not support Conv1D layers (GPT-2 style; peft multiplies the "
                              "transposed weight): use lora_init pissa or default")
+        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+        tied = head is not None and embed is not None and (head.weight is embed.weight
+                                                          or getattr(model.config, "tie_word_embeddings", False))
+        if tied and any(model.get_submodule(n) is head for n in targets):
+            raise PruneError("heal.target_modules includes the output head, which shares its weight with the input "
+                             "embeddings: merging its LoRA would change both (the merged model would not be the trained "
+                             "one); leave it out of target_modules")
     if cfg.method == "partial":
         if cfg.last_blocks > n_blocks:
             raise PruneError(f"heal.last_blocks={cfg.last_blocks} but the pruned model has {n_blocks} blocks (lower it)")

@@ -270,7 +270,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     clock = StageClock()
     from prune.io.staging import existing
 
-    run = existing(run_dir)  # an overwrite a killed writer left half done: finished first
+    run = existing(run_dir).resolve()  # a killed writer's half-done overwrite finished first; "." has a name
     out = Path(output).expanduser()
     if not (run / "config.json").is_file() or not (run / "pruning.json").is_file():
         raise PruneError(f"{run} is not a prune run folder (it needs config.json and pruning.json, as written by prune run)")
