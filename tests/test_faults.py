@@ -82,7 +82,7 @@ def test_next_run_clears_a_killed_save_and_succeeds(tiny_folder, tmp_path):
     AutoModelForCausalLM.from_pretrained(out)
 
 
-def test_ctrl_c_says_how_to_resume_and_saves_nothing(tiny_folder, tmp_path):
+def test_ctrl_c_says_how_to_resume_and_saves_nothing(tiny_folder, tmp_path, monkeypatch):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_folder, out))
     done = prune_cli("run", recipe, "--quiet", fault="evaluated_original:interrupt")
@@ -93,7 +93,8 @@ def test_ctrl_c_says_how_to_resume_and_saves_nothing(tiny_folder, tmp_path):
     assert [p.name for p in siblings(out)] == [".out.progress"]
     # interrupted before any stage finished: --resume would find nothing, so it is not suggested
     shutil.rmtree(tmp_path / ".out.progress")
-    done = prune_cli("run", recipe, "--quiet", fault="scoring:interrupt")
+    monkeypatch.setenv("PRUNE_FAULT", "scoring:interrupt")  # in this process: main() turns Ctrl-C into the line
+    done = conftest.prune_main("run", recipe, "--quiet")
     assert done.returncode == 130 and done.stderr.strip().splitlines()[-1] == (
         "interrupted; nothing was saved as a checkpoint (no stage had finished: rerun it)")
 
