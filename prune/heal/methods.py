@@ -66,8 +66,7 @@ def heal_config(method: str | HealConfig, data=None, **settings) -> HealConfig:
     from prune.core.config import format_validation_error
 
     if isinstance(method, HealConfig):  # its settings, with the keywords (and data) given here, validated again
-        dumped = method.model_dump()
-        settings = {**dumped, **settings}
+        settings = {**method.model_dump(), **settings}
         method, data = settings.pop("method"), data if data is not None else settings.get("data")
         settings.pop("data", None)
     if isinstance(data, (str, os.PathLike)):

@@ -25,6 +25,8 @@ from prune.core.errors import PruneError
 from prune.core.config import CalibrationConfig, TextSource
 
 JOIN = "\n\n"
+#: the suffixes load_text reads as a local file (anything else that is no file or folder: a datasets name)
+TEXT_SUFFIXES = (".txt", ".raw", ".jsonl", ".json")
 
 
 def _row_slice(rows: str | None) -> slice:
@@ -99,7 +101,7 @@ def load_text(source: TextSource) -> str:
     if isinstance(source, (str, os.PathLike)):
         source = TextSource(str(source))
     path = Path(source.path).expanduser()
-    if not path.is_dir() and (path.suffix in (".txt", ".raw", ".jsonl", ".json") or path.exists()):
+    if not path.is_dir() and (path.suffix in TEXT_SUFFIXES or path.exists()):
         if not path.is_file():
             raise PruneError(f"data file not found: {source.path} (check the path)")
         text = read_text_file(path)
@@ -131,7 +133,7 @@ def reads_from_hub(source: TextSource) -> bool:
     """Whether :func:`load_text` reads ``source`` from the Hub (``datasets``): no local file or folder by
     that name, and not a text file's suffix (recorded by a run, so a card rendered elsewhere says the same)."""
     path = Path(source.path).expanduser()
-    return not path.exists() and path.suffix not in (".txt", ".raw", ".jsonl", ".json")
+    return not path.exists() and path.suffix not in TEXT_SUFFIXES
 
 
 def _rows_of(items: list[str], source: TextSource) -> list[str]:

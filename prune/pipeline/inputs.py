@@ -133,14 +133,14 @@ def check_shapes(folder: Path, config, skeleton, headers: dict) -> None:
             raise PruneError(f"{folder}: {name} is {list(stored['shape'])} in the weights but the config builds "
                              f"{list(param.shape)} (fix config.json, e.g. vocab_size or hidden_size, or re-save the model)")
     head, embed = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
-    tied = head is not None and head.weight is embed.weight
-    head_name = next((n for n, p in params.items() if head is not None and p is head.weight), None)
-    embed_name = next((n for n, p in params.items() if p is embed.weight), None)
-    # stored under any name (GPT-NeoX's embed_out, which transformers renames on load): a [vocab, hidden] tensor
-    # besides the input embeddings
-    stored = [k for k, h in headers.items() if k != embed_name and not k.endswith(".embed_tokens.weight")
-              and list(h["shape"]) == list(head.weight.shape)] if head is not None else []
-    if head_name and not tied and not stored:
+    if head is None or head.weight is embed.weight:
+        return
+    # stored under any name (GPT-NeoX's embed_out, which transformers renames on load): one more tensor of the
+    # head's shape than the input embeddings account for
+    shape = list(head.weight.shape)
+    same = sum(list(h["shape"]) == shape for h in headers.values())
+    head_name = next(n for n, p in params.items() if p is head.weight)
+    if same <= (list(embed.weight.shape) == shape):
         raise PruneError(f"{folder}: the config unties the output head ({head_name}) but the weights do not store it: "
                          "it would be random (set tie_word_embeddings: true in config.json, or re-save the model)")
 

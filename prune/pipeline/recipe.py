@@ -188,8 +188,10 @@ def check_text_path(cfg: TextConfig | None, key: str, where: str, fix: str | Non
                          f"and the working folder is not written to a run folder); "
                          f"{fix or f'give the file with --set {key}.path=PATH'}")
     path = Path(cfg.path).expanduser()
-    local = path.suffix in (".txt", ".raw", ".jsonl", ".json") or cfg.path.startswith((".", "/", "~"))
-    if local and not path.is_file() and not (path.is_dir() and path.suffix not in (".txt", ".raw", ".jsonl", ".json")):
+    from prune.io.text import TEXT_SUFFIXES
+
+    local = path.suffix in TEXT_SUFFIXES or cfg.path.startswith((".", "/", "~"))
+    if local and not path.is_file() and not (path.is_dir() and path.suffix not in TEXT_SUFFIXES):
         raise PruneError(f"{where}: '{key}.path' file not found: {cfg.path} (check the path or set PRUNE_DATA_DIR)")
 
 
