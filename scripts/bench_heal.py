@@ -97,7 +97,29 @@ def stamp() -> dict:
     return {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}, "
                        f"{torch.get_num_threads()} threads, no GPU" if not torch.cuda.is_available() else "GPU",
-            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+            "command": " ".join([Path(sys.executable).name, *sys.argv]), "revision": revision()}
+
+
+def revision() -> str | None:
+    """The repository's commit (``git rev-parse HEAD``), ``+`` when files differ from it; None outside git."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+" if dirty else "")
+
+
+def changed_settings(name: str, settings: dict) -> list[str]:
+    """The settings of case ``name`` that differ from those its cached result was healed with (a case
+    is keyed by its name: a changed setting under an unchanged name must not reuse the old result)."""
+    old = ((cached(name) or {}).get("healing") or {}).get("settings") or {}
+    return [f"{k}: {old[k]!r} -> {v!r}" for k, v in settings.items() if k in old and old[k] != v
+            and not (isinstance(v, (int, float)) and isinstance(old[k], (int, float)) and math.isclose(old[k], v))]
 
 
 def cached(name: str):
@@ -358,12 +380,15 @@ def part_distill(budgets=DISTILL_BUDGETS, only: str | None = None, variant: str 
         name = case_name(objective, params, tokens, variant)
         if variant and objective != "distill" and set(VARIANTS[variant]) & set(DISTILL_SETTINGS):
             continue  # a distillation-only setting
+        settings = distill_settings(objective, params, tokens, variant)
         if cached(name):
+            if changed_settings(name, settings):
+                raise SystemExit(f"{CACHE / name}.json was healed with other settings ({'; '.join(changed_settings(name, settings))}): "
+                                 f"give the case a new variant name, or delete it and {CACHE / 'models' / name} to heal it again")
             log(f"{name}: cached")
             continue
         if only and only not in name:
             continue
-        settings = distill_settings(objective, params, tokens, variant)
         model = copy.deepcopy(base)
         prune.remove_layers(model, run)
         log(f"healing {name}: {settings}")
@@ -413,7 +438,14 @@ def lmeval_folder(name: str, limit: int = LIMIT) -> Path:
 
 
 def has_samples(folder: Path) -> bool:
-    return any(folder.glob("samples_*.jsonl"))
+    """Whether ``folder`` holds lm-eval samples; samples older than the checkpoint they evaluated (a case
+    healed again since, under its name) are refused, not paired with the new case's fidelity."""
+    samples = list(folder.glob("samples_*.jsonl"))
+    checkpoint = CACHE / "models" / folder.name / "config.json"
+    if samples and checkpoint.is_file() and min(f.stat().st_mtime for f in samples) < checkpoint.stat().st_mtime:
+        raise SystemExit(f"{folder}'s lm-eval samples predate {checkpoint.parent} (healed again since): "
+                         "delete the folder to evaluate the new checkpoint")
+    return bool(samples)
 
 
 def evaluated(name: str, folder_of: Callable[[str], Path] = lmeval_folder) -> bool:
@@ -1500,7 +1532,7 @@ def part_lastword_report(block: str = "bench_heal_lastword") -> None:
                      f"{to_dense.right_to_wrong} / {to_dense.wrong_to_right} |")
     lines += ["", f"n = {to_dense.n} stories (the first of `tinystories/tinystories_sample_2MiB.txt` whose last word "
               "follows a space), the same for every model; acc: greedy decoding gives the last word exactly; * where the paired 95% interval "
-              "(bootstrap) excludes 0; KL and top-1 on the WikiText-2 fidelity windows (the tables above).", ""]
+              "(Newcombe's) excludes 0; KL and top-1 on the WikiText-2 fidelity windows (the tables above).", ""]
     for a, b in LASTWORD_PAIRS:
         if a in have and b in have:
             row = pair(a, b)

@@ -238,8 +238,18 @@ def ppl_of(ctx: Context, removed) -> dict | None:
     return data
 
 
-def lmeval_done(removed, tasks) -> bool:
-    data = read(CACHE / "lmeval" / f"{set_key(removed)}.json")
+def same_limit(data: dict | None, limit: int, path: Path) -> dict | None:
+    """``data`` (a cached lm-eval file) when it was made with ``limit`` questions per task; a cache of
+    another limit is refused (its tasks, samples and the report's paired rows would mix two limits)."""
+    if data is not None and data.get("limit") != limit:
+        raise SystemExit(f"{path} holds lm-eval results of --limit {data.get('limit')}, not {limit}: rerun with "
+                         f"--limit {data.get('limit')}, or move {CACHE / 'lmeval'} and {SAMPLES} aside first")
+    return data
+
+
+def lmeval_done(removed, tasks, limit: int) -> bool:
+    path = CACHE / "lmeval" / f"{set_key(removed)}.json"
+    data = same_limit(read(path), limit, path)
     return data is not None and all(t in data["tasks"] for t in tasks)
 
 
@@ -265,7 +275,7 @@ def lmeval_of(ctx: Context, removed, tasks, limit) -> dict | None:
     with claim(path) as mine:
         if not mine:
             return None
-        data = read(path) or {"removed": sorted(removed), "limit": limit, "tasks": {}}
+        data = same_limit(read(path), limit, path) or {"removed": sorted(removed), "limit": limit, "tasks": {}}
         missing = [t for t in tasks if t not in data["tasks"]]
         if missing:
             model = ctx.pruned(removed)
@@ -316,7 +326,7 @@ def lmeval_worker(ctx: Context, k: int, tasks, limit) -> None:
                 if removed is None:
                     waiting = True
                     continue
-                if lmeval_done(removed, [task]):
+                if lmeval_done(removed, [task], limit):
                     continue
                 if guarded(f"lm-eval {name} k={k}", lmeval_of, ctx, removed, [task], limit) is None:
                     waiting = True  # another worker has it (or it failed: see the log)
@@ -445,6 +455,11 @@ def mean(xs):
     return sum(xs) / len(xs)
 
 
+def cached_limit(data: dict) -> int | str:
+    """The ``--limit`` of the cached lm-eval results the report reads (the dense model's file)."""
+    return ((data["dense"].get("lmeval") or {}).get("limit")) or "?"
+
+
 def report(ks, tasks, lm_k: int) -> str:
     data = collect(ks)
     dense_ppl = data["dense"]["ppl"]["perplexity"] if data["dense"]["ppl"] else None
@@ -548,7 +563,7 @@ def report(ks, tasks, lm_k: int) -> str:
              "Iterative: one scoring pass (32 windows) of the blocks still kept per round after the first. SLEB: per round one pass to cache the "
              "block inputs plus one partial pass per candidate (4 windows); full-model equivalents count decoder-block "
              "passes / 30 (plus one LM head per candidate).\n\n" + "\n".join(cost),
-             f"### 0-shot lm-eval at k = {lm_k} (limit 500 per task; acc, hellaswag acc_norm; ± stderr)\n\n{table_lm}"
+             f"### 0-shot lm-eval at k = {lm_k} (limit {cached_limit(data)} per task; acc, hellaswag acc_norm; ± stderr)\n\n{table_lm}"
              + (f"\n\n![average retained accuracy at k = {lm_k}](img/{lm_img.name})" if lm_img.is_file() else "")]
     chosen = {n: tuple(row[lm_k]["removed"]) for n, row in data["strategies"].items() if lm_k in row}
     parts.append(recommendation(avg, rows, ks, chosen, tasks))
@@ -679,7 +694,7 @@ def plots(data, ks, rows, avg, lm_k, dense_ppl, common=()) -> None:
         for yi, (_, v) in zip(y, items):
             ax.text(100 * v[0] + 100 * v[1] + 0.5, yi, f"{100 * v[0]:.1f}%", va="center", fontsize=8)
         ax.set_xlabel("average retained accuracy vs dense (%), ± stderr")
-        ax.set_title(f"0-shot lm-eval, k = {lm_k} of 30 blocks removed\n(mean over {', '.join(common)}; 500 examples each)",
+        ax.set_title(f"0-shot lm-eval, k = {lm_k} of 30 blocks removed\n(mean over {', '.join(common)}; {cached_limit(data)} examples each)",
                      fontsize=10)
         lo = min(100 * v[0] - 100 * v[1] for _, v in items)
         ax.set_xlim(max(0, lo - 5), 105)
@@ -714,6 +729,9 @@ def main() -> int:
     tasks = [t for t in args.tasks.split(",") if t]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.part in ("report", "docs") and not (CACHE / "ppl" / "dense.json").is_file():
+        raise SystemExit(f"no cached results under {CACHE} (the report would redraw docs/img from nothing): "
+                         "run the benchmark first")
     if args.part == "report":
         print(report(KS, tasks, int(args.lmeval_ks.split(",")[0])))
         return 0
