@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 import prune
@@ -493,6 +494,10 @@ def test_an_adapter_heal_is_evaluated_with_its_adapter(tmp_path, tiny_folder):
     assert list((healed / "eval" / "pruned").glob("samples_copa_local_*.jsonl"))
     assert ev["paired"] and ev["paired"][0]["n"] == 6 and "Paired: pruned against original" in (healed / "eval.md").read_text()
     assert prune_main("compare", healed, check_rc=0).stdout.count("copa_local") >= 1
+    # the card tells how to re-make the adapter (prune run refuses merge: false), from the recipe beside it
+    card = (healed / "README.md").read_text()
+    assert "prune heal PRUNED_RUN --config recipe.yaml" in card and "Re-run with `prune run" not in card
+    assert yaml.safe_load((healed / "recipe.yaml").read_text())["heal"]["merge"] is False
 
 
 def test_cli_heal_partial(tmp_path, tiny_folder):
