@@ -366,7 +366,7 @@ def paired_section(rows: list[Paired]) -> str:
         return ""
     return ("\n## Paired: pruned against original, same examples\n\n"
             "Per-example differences d = pruned - original: mean, paired SE = sd(d)/sqrt(n), 95% interval (right/wrong "
-            "answers: exact, from the flips, excluding 0 exactly when McNemar's p < 0.05; other scores: percentile "
+            "answers: Newcombe's score interval for paired proportions; other scores: percentile "
             "bootstrap, 10,000 resamples, seed 0), answers that flipped each way and McNemar's exact p. "
             "The unpaired SE treats the two means as independent.\n\n" + paired_markdown(rows, "original", "pruned") + "\n")
 
