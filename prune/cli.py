@@ -23,6 +23,7 @@ from prune.core.config import (
     FidelityConfig,
     PerplexityConfig,
     ScoreConfig,
+    SelectConfig,
     default,
     describe,
 )
@@ -32,6 +33,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _int_csv(value: str) -> list[int]:
+    try:
+        return [int(v) for v in _csv(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a comma-separated list of block indices (e.g. 0,-1)") from None
 
 
 def _device_map(value: str | None):
@@ -410,6 +418,9 @@ def add_report(sub) -> None:
                    help="model reports: metric of --strategy one_shot (default angular)")
     p.add_argument("--n-layers", type=int, default=None,
                    help="model reports: blocks to mark, and n of d(l, n) (default: a quarter of the blocks)")
+    p.add_argument("--protect", type=_int_csv, default=default(SelectConfig, "protect"),
+                   help="model reports: blocks never marked, comma-separated, negative from the end (default 0,-1; "
+                        "'' for none)")
     _calibration_flags(p, data_required=False)
     _common_model_flags(p)
     p.set_defaults(func=cmd_report)
@@ -428,7 +439,7 @@ def cmd_report(args) -> int:
         if not args.data:
             raise PruneError(f"{args.source} is not a run folder (no pruning.json): give --data to score it as a model")
         folder = report_model(args.source, out, strategy=args.strategy, metric=args.metric, n_layers=args.n_layers,
-                              overwrite=args.overwrite, **_score_kwargs(args))
+                              protect=args.protect, overwrite=args.overwrite, **_score_kwargs(args))
     print(f"report written to {folder}/report.md and report.html")
     return 0
 

@@ -250,6 +250,8 @@ def test_flag_values_that_failed_late_or_named_the_wrong_flag(model, tmp_path, c
     refused(capsys, *report, "--n-layers", "20", "-o", tmp_path / "r1", match="cannot remove 20 of 8 blocks: at least one "
             "must stay (lower --n-layers)")
     refused(capsys, *report, "--n-layers", "0", "-o", tmp_path / "r2", match="--n-layers must be at least 1")
+    refused(capsys, *report, "--n-layers", "2", "--protect", "0,1,2,3,4,5,6", "-o", tmp_path / "r2",
+            match="only 1 of 8 are not protected (lower --n-layers or --protect)")
     refused(capsys, *report, "--metrics", "bi", "-o", tmp_path / "r3", match="--strategy contiguous reads the angular scores")
     assert not any((tmp_path / name).exists() for name in ("r1", "r2", "r3"))
     refused(capsys, "eval", model, "--tasks", "copa_local", "--limit", "inf", match="--limit: give a whole number")

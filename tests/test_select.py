@@ -51,6 +51,11 @@ def test_fraction_and_counts():
         prune.select(s, 2, metric="loss")
     with pytest.raises(PruneError, match="unknown strategy"):
         prune.select(s, 2, strategy="magic")
+    # a fraction is named as the setting to change (the messages blamed select.n_layers, which was not given)
+    with pytest.raises(PruneError, match=r"select.fraction=0.05 of 8 blocks rounds to 0: .*\(raise select.fraction\)"):
+        prune.select(s, fraction=0.05, metric="bi")
+    with pytest.raises(PruneError, match=r"rounds to 8: cannot remove 8 of 8 blocks: .*\(lower select.fraction\)"):
+        prune.select(s, fraction=0.95, metric="bi", protect=[])
 
 
 def test_msrs_ranks_by_contribution_with_cka_tie_break():

@@ -1,10 +1,12 @@
 """Model-based strategies (iterative, SLEB, search) on tiny real models with planted redundancy."""
 
 import copy
+import json
 import math
 
 import pytest
 import torch
+import yaml
 
 import prune
 from prune import PruneError
@@ -120,6 +122,23 @@ def test_sleb_equals_brute_force_loss(arch, tokenizers_by_bos):
     assert 0 < sel.details["full_forward_equivalents"] < sel.details["forward_passes"]
 
 
+def test_an_overflowing_block_is_never_chosen_for_its_nan(tokenizers_by_bos):
+    """A block whose output overflows (NaN, as fp16 can) makes every set that keeps it measure NaN: SLEB
+    chose the first candidate evaluated (``min`` never replaces a NaN), now the one finite removal; when
+    every candidate is NaN (the original itself overflows), verified says so instead of choosing one."""
+    from prune.choose.verified import verified
+
+    model, tok = build_model("llama"), tokenizers_by_bos[True]
+    w = windows_for(tok, n=4, seq_len=40)
+    scores = prune.score(model, w, progress=False)
+    with torch.no_grad():
+        model.model.layers[3].mlp.down_proj.weight.fill_(float("nan"))
+    sel = ST.sleb(model, w, 1, protect=[0], batch_size=4, progress=False)
+    assert sel.removed == [3] and math.isnan(sel.details["trace"][0]["candidates"]["1"])
+    with pytest.raises(PruneError, match="every candidate's KL is nan .*float32"):
+        verified(model, scores, w, 2, batch_size=4, budget=0, progress=False)
+
+
 def test_search_respects_floor_and_budget(tokenizers_by_bos):
     model, tok = build_model("llama", redundant=(2, 4, 6)), tokenizers_by_bos[True]
     text = prune.load_text(prune.TextSource(str(WIKI_RAW), rows="0:400"))
@@ -148,6 +167,11 @@ def test_search_respects_floor_and_budget(tokenizers_by_bos):
     assert small.details["candidate_evaluations"] == 2 and small.details["stopped"] == "budget"
     none = ST.search(model, scores, proxy, floor=0.5, higher_is_better=False, budget=3, order_by="bi", progress=False)
     assert none.removed == [] and all(not e["ok"] for e in none.details["trace"])
+    with pytest.raises(prune.PruneError, match=r"no block can be removed within select.max_perplexity_ratio=0.5 on "
+                       r"proxy; the best single removal measured \d\.\d{3} x the original \(loosen"):
+        ST.require_removal(none, "select.max_perplexity_ratio")  # a run said "no blocks to remove" after evaluating
+    with pytest.raises(prune.PruneError, match="the original model scores 0.0 on proxy, so a ratio to it means nothing"):
+        ST.search(model, scores, lambda removed: 0.0, floor=0.9, higher_is_better=True, budget=2, progress=False)
     capped = ST.search(model, scores, proxy, floor=1.10, higher_is_better=False, budget=12, order_by="bi", max_remove=2,
                        progress=False)
     assert len(capped.removed) == 2 and all(e["n"] <= 2 for e in capped.details["trace"])
@@ -234,6 +258,21 @@ def test_search_with_task_floor(tokenizers_by_bos):
     assert sel.details["candidate_evaluations"] <= 2
     assert all(e["ok"] == (e["ratio"] >= 0.5) for e in sel.details["trace"])
     assert 0.0 <= sel.details["original"] <= 1.0
+
+
+def test_a_proxy_task_scored_like_perplexity_is_refused(tokenizers_by_bos, tmp_path):
+    """min_task_retained reads a task's headline as "higher is better": a task that reports only a
+    perplexity (lm-eval marks it lower-is-better) let any removal that raised it pass the floor."""
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"page": t}) + "\n" for t in
+                                                 ["the cat sat on the mat", "a dog ran in the park"]))
+    (tmp_path / "tiny_ppl.yaml").write_text(yaml.safe_dump({
+        "task": "tiny_ppl", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(tmp_path / "docs.jsonl")}},
+        "test_split": "test", "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{page}}",
+        "metric_list": [{"metric": "word_perplexity"}], "metadata": {"version": 1.0}}))
+    model, tok = build_model("llama"), tokenizers_by_bos[True]
+    proxy = ST.task_proxy(model, tok, "tiny_ppl", limit=2, batch_size=2, task_dirs=[str(tmp_path)])
+    with pytest.raises(PruneError, match="reports word_perplexity, where lower is better: select.min_task_retained"):
+        proxy([])
 
 
 def test_shipped_search_recipe_is_valid(smollm2_path, monkeypatch):

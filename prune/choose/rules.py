@@ -18,6 +18,7 @@ Protected blocks (default: the first and the last) are never removed.
 
 from __future__ import annotations
 
+import math
 import random as _random
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -78,21 +79,32 @@ def resolve_count(n_layers: int, count: int | None = None, fraction: float | Non
     """How many blocks to remove: ``count``, or ``round(fraction * n_layers)``; checked against what is removable."""
     if (count is None) == (fraction is None):
         raise PruneError("give exactly one of select.n_layers (a count) or select.fraction (0 < f < 1)")
+    setting = "select.n_layers"
     if fraction is not None:
         if not 0.0 < fraction < 1.0:
             raise PruneError(f"select.fraction={fraction} must be strictly between 0 and 1")
         count = round(fraction * n_layers)
+        setting = "select.fraction"
     count = block_number(count, "select.n_layers")  # numpy's integers too, stored as a Python int
+    of = f"select.fraction={fraction} of {n_layers} blocks rounds to {count}: " if fraction is not None else ""
     if count < 1:
-        raise PruneError(f"removing {count} blocks does nothing (select.n_layers must be at least 1)")
+        raise PruneError(f"{of}removing {count} blocks does nothing ("
+                         + ("raise select.fraction)" if fraction is not None else "select.n_layers must be at least 1)"))
     if count >= n_layers:
-        raise PruneError(f"cannot remove {count} of {n_layers} blocks: at least one must stay (lower select.n_layers)")
+        raise PruneError(f"{of}cannot remove {count} of {n_layers} blocks: at least one must stay (lower {setting})")
     removable = n_layers - len(protect or [])
     if count > removable:
         raise PruneError(
-            f"cannot remove {count} blocks: only {removable} of {n_layers} are not protected (lower select.n_layers or select.protect)"
+            f"{of}cannot remove {count} blocks: only {removable} of {n_layers} are not protected (lower {setting} or select.protect)"
         )
     return count
+
+
+def finite_first(value: float) -> tuple[bool, float]:
+    """Sort key of a measured loss or KL, smallest first with NaN and inf last (``min`` with a NaN
+    first never replaces it, and ``x < nan`` is always False)."""
+    finite = math.isfinite(value)
+    return (not finite, value if finite else 0.0)
 
 
 def metric_values(scores, metric: str) -> tuple[list[float], bool]:

@@ -41,7 +41,8 @@ from prune.core.records import block_number, complement
 from prune.measure.perplexity import nll_sum
 from prune.model.loading import decoder_layers, decoder_layers_path, input_device, pruned_config_updates
 from prune.measure.scoring import BATCH_SIZE, BETA, CKA_WINDOWS, DEFAULT_POSITIONS, TAU, score
-from prune.choose.rules import DEFAULT_PROTECT, Selection, metric_values, rank_blocks, resolve_count, resolve_protect
+from prune.choose.rules import (DEFAULT_PROTECT, Selection, finite_first, metric_values, rank_blocks, resolve_count,
+                                resolve_protect)
 
 ORDER_BY = ("msrs", "cka", "angular", "bi")
 SCORE_METRICS = {"bi": ("bi",), "angular": ("angular",), "cka": ("cka",), "msrs": ("cka",)}
@@ -244,7 +245,10 @@ def sleb(model, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, b
             passes += 1
             losses[i] = total / n_tok
         del cached
-        pick = min(losses, key=lambda i: (losses[i], i))
+        pick = min(losses, key=lambda i: (finite_first(losses[i]), i))  # NaN / inf (an overflow) last
+        if not math.isfinite(losses[pick]):
+            raise PruneError(f"sleb: every candidate's loss is {losses[pick]} in round {r + 1} (the model overflows "
+                             "in its dtype: load it in float32, model.dtype: float32)")
         trace.append({"round": r, "removed": pick, "loss": losses[pick], "perplexity": math.exp(losses[pick]),
                       "forward_passes": passes, "block_runs": block_runs,
                       "candidates": {str(i): v for i, v in losses.items()}})
@@ -298,6 +302,10 @@ def task_proxy(model, tokenizer, task: str, *, limit: int = 100, batch_size: int
         metrics = result["metrics"]
         for metric in (HEADLINE.get(canonical_name(name), "acc"), "acc", *metrics):  # else lm-eval's first (filter)
             if metrics.get(metric) is not None:
+                if metric in result.get("lower_is_better", ()):
+                    raise PruneError(f"search proxy task {task!r} reports {metric}, where lower is better: "
+                                     "select.min_task_retained needs a task scored like accuracy (or use "
+                                     "select.max_perplexity_ratio)")
                 return metrics[metric]
         raise PruneError(f"search proxy task {task!r} reports no metric; choose a task with one (acc, exact_match, ...)")
 
@@ -335,6 +343,9 @@ def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, 
     if not order:
         raise PruneError("search: every block is protected, nothing can be removed")
     base = proxy([])
+    if not (math.isfinite(base) and base > 0):
+        raise PruneError(f"search: the original model scores {base} on {proxy_name}, so a ratio to it means nothing "
+                         "(choose another proxy task, or raise select.proxy_limit)")
     evaluations: list[dict] = []
     memo: dict[tuple, dict] = {}
     bar = tqdm(total=budget, desc="search", unit="eval", disable=not progress)
@@ -343,8 +354,8 @@ def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, 
         key = tuple(sorted(removed))
         if key not in memo:
             value = proxy(sorted(removed))
-            ratio = value / base if base else float("inf")
-            ok = ratio >= floor if higher_is_better else ratio <= floor
+            ratio = value / base
+            ok = math.isfinite(ratio) and (ratio >= floor if higher_is_better else ratio <= floor)
             memo[key] = {"removed": list(key), "n": len(key), "value": value, "ratio": ratio, "ok": bool(ok), "phase": phase}
             evaluations.append(memo[key])
             bar.update(1)
@@ -433,7 +444,20 @@ def choose_search(model, tokenizer, scores, select: SelectConfig, calibration: C
                     protect=prot, max_remove=max_remove, proxy_name=name, progress=not quiet)
     if not quiet:
         print(pareto_table(result))
-    return result
+    return require_removal(result, "select.max_perplexity_ratio" if sel.max_perplexity_ratio is not None
+                           else "select.min_task_retained")
+
+
+def require_removal(result: Selection, setting: str) -> Selection:
+    """``result`` when the search found a set to remove; else one line naming the floor (``setting``) and
+    the best single removal it measured, before a run evaluates the original and fails in surgery."""
+    if result.removed:
+        return result
+    d = result.details
+    single = [p for p in d["pareto"] if p["n"] == 1]
+    best = f"; the best single removal measured {single[0]['ratio']:.3f} x the original" if single else ""
+    raise PruneError(f"search: no block can be removed within {setting}={d['floor']:g} on {d['proxy']}{best} "
+                     f"(loosen {setting}, or give select.budget more evaluations)")
 
 
 def pareto_table(selection: Selection) -> str:

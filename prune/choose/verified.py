@@ -37,7 +37,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from prune.choose.rules import Selection, contiguous, one_shot, resolve_count, resolve_protect
+from prune.choose.rules import Selection, contiguous, finite_first, one_shot, resolve_count, resolve_protect
 from prune.choose.strategies import _inject, _keep_inputs, _model_dtype, skip_blocks
 from prune.core import dist
 from prune.core.errors import PruneError
@@ -225,7 +225,11 @@ def verified(model, scores, windows: torch.Tensor, count: int, *, protect=(0, -1
     results: dict[tuple[int, ...], dict] = {}
     for blocks in tqdm(list(candidates), desc="verified", unit="set", disable=not progress):
         results[blocks] = verify(blocks)
-    best = min(results, key=lambda b: (results[b]["kl_mean"], b))
+    kl = lambda b: finite_first(results[b]["kl_mean"])  # noqa: E731  NaN / inf (an overflow) last, never chosen
+    best = min(results, key=lambda b: (kl(b), b))
+    if kl(best)[0]:
+        raise PruneError(f"verified: every candidate's KL is {results[best]['kl_mean']} (the model overflows in its "
+                         "dtype: load it in float32, model.dtype: float32)")
     searched = 0
     improved = True
     while improved and searched < budget:
@@ -245,10 +249,10 @@ def verified(model, scores, windows: torch.Tensor, count: int, *, protect=(0, -1
             results[cand] = verify(cand)
             candidates.setdefault(cand, ["local search"])
             searched += 1
-            if results[cand]["kl_mean"] < results[best]["kl_mean"]:
+            if kl(cand) < kl(best):
                 best, improved = cand, True
                 break
-    ranked = sorted(results, key=lambda b: (results[b]["kl_mean"], b))
+    ranked = sorted(results, key=lambda b: (kl(b), b))
     table = [{"removed": list(b), "source": ", ".join(candidates[b]), "kl_mean": results[b]["kl_mean"],
               "top1_agreement": results[b]["top1_agreement"], "perplexity_ratio": results[b]["perplexity_ratio"],
               "kl_windows": results[b]["kl_windows"]}

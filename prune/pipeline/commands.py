@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prune.core import dist
-from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, default
+from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, SelectConfig, default
 from prune.core.console import StageClock, keeps_quiet_mode, quiet_mode, say, versions
 from prune.io.text import calibration_windows, load_text
 from prune.io.source import resolve_source
@@ -210,9 +210,11 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
 
 
 def report_model(source: str, out_dir: str | Path, *, strategy: str = "contiguous", metric: str = "angular",
-                 n_layers: int | None = None, protect=(0, -1), overwrite: bool = False, **score_kwargs) -> Path:
+                 n_layers: int | None = None, protect=None, overwrite: bool = False, **score_kwargs) -> Path:
     """Score ``source`` (see :func:`prune.pipeline.score_model` for ``score_kwargs``) and report it,
-    marking the ``n_layers`` blocks a score-only ``strategy`` would remove (default: a quarter)."""
+    marking the ``n_layers`` blocks a score-only ``strategy`` would remove (default: a quarter) outside
+    ``protect`` (default: ``select.protect``'s)."""
+    protect = default(SelectConfig, "protect") if protect is None else protect
     from prune.export.saving import check_output_dir
     from prune.pipeline.commands import score_model
 
