@@ -144,12 +144,14 @@ def add_score(sub) -> None:
 
 
 def cmd_score(args) -> int:
+    from prune.core import dist
     from prune.pipeline.commands import score_model
 
     result = score_model(args.model, output=args.output, overwrite=args.overwrite, **_score_kwargs(args))
-    print(result.table())
-    if args.output:
-        print(f"scores written to {args.output}")
+    if dist.world().is_main:  # under a launcher: one table, from the rank that wrote the file
+        print(result.table())
+        if args.output:
+            print(f"scores written to {args.output}")
     return 0
 
 
@@ -440,7 +442,10 @@ def cmd_report(args) -> int:
             raise PruneError(f"{args.source} is not a run folder (no pruning.json): give --data to score it as a model")
         folder = report_model(args.source, out, strategy=args.strategy, metric=args.metric, n_layers=args.n_layers,
                               protect=args.protect, overwrite=args.overwrite, **_score_kwargs(args))
-    print(f"report written to {folder}/report.md and report.html")
+    from prune.core import dist
+
+    if dist.world().is_main:
+        print(f"report written to {folder}/report.md and report.html")
     return 0
 
 
@@ -641,10 +646,23 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(args)
 
 
+#: commands with no work to share: under a launcher rank 0 runs them alone and the others wait for
+#: its outcome (every rank wrote, pushed and printed the same thing; a second writer found the first's folder)
+RANK0_COMMANDS = ("check", "push", "remove", "export-mergekit", "compare")
+
+
+def rank0_only(args) -> bool:
+    """Whether ``args``' command runs on rank 0 alone under a launcher (a run folder's report too)."""
+    return args.command in RANK0_COMMANDS or (args.command == "report" and not getattr(args, "data", None))
+
+
 def run_command(args) -> int:
+    from prune.core import dist
     from prune.core.secrets import redact
 
     try:
+        if dist.launched() and rank0_only(args):
+            return dist.on_main(lambda: args.func(args))
         return args.func(args)
     except (PruneError, OSError, UnicodeError, ValueError) as exc:  # ValueError: pydantic, SafetensorError? see below
         line = input_error(exc)

@@ -136,6 +136,33 @@ def test_prune_eval_of_a_saved_folder_under_the_launcher(tiny_folder, tmp_path):
     assert row.n == 12 and row.diff == 0 and row.right_to_wrong == row.wrong_to_right == 0
 
 
+def test_every_subcommand_under_the_launcher_writes_and_prints_once(tiny_folder, tmp_path):
+    """Commands with no work to share run on rank 0 alone (both ranks wrote: the second found the
+    first's folder, "already exists", or left a stray ``rep.<pid>`` folder); score and a model's
+    report share the scoring and write and print once; ranks that plan different execution modes
+    run rank 0's (prune score hung until the timeout: one rank in memory, the other sequential)."""
+    from conftest import WIKI_RAW
+
+    score = ["--data", str(WIKI_RAW), "--rows", "0:300", "--n-samples", "4", "--seq-len", "32", "-q"]
+    commands = [["remove", str(tiny_folder), "--blocks", "3-4", "-o", str(tmp_path / "rm")],
+                ["export-mergekit", str(tmp_path / "rm"), "-o", str(tmp_path / "mk.yaml")],
+                ["check", str(tmp_path / "rm")],
+                ["score", str(tiny_folder), *score, "-o", str(tmp_path / "s.json")],
+                ["report", str(tiny_folder), *score, "-o", str(tmp_path / "rep")]]
+    (tmp_path / "commands.json").write_text(json.dumps(commands))
+    proc = torchrun("tests/dist_commands.py", tmp_path / "commands.json", tiny_folder, WIKI_RAW)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = [(tmp_path / f"rank{r}.out").read_text() for r in (0, 1)]
+    for text in out:
+        assert [line for line in text.splitlines() if line.startswith("rc ")] == [f"rc {c[0]} 0" for c in commands]
+        assert text.splitlines()[-1] == "plan in_memory"  # rank 1 planned sequential: it runs rank 0's mode
+    for once in ("wrote ", "mergekit config written", "scores written", "MSRS =", "report written"):
+        assert out[0].count(once) == 1 and once not in out[1], once
+    assert out[0].count("report written") == 1 and "report written" not in out[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["commands.json", "mk.yaml", "rank0.err", "rank0.out", "rank1.err",
+                                                          "rank1.out", "rep", "rm", "s.json"]
+
+
 def test_fsdp_needs_a_launcher(tiny_folder, tmp_path):
     from prune.core.errors import PruneError
     from prune.pipeline.orchestrator import run

@@ -38,7 +38,7 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
     from prune.core.config import CalibrationConfig, ScoreConfig, TextSource
     from prune.io.guard import check_output, write_file
     from prune.model.loading import load_tokenizer
-    from prune.pipeline.execution import plan_execution
+    from prune.pipeline.execution import agreed_plan, plan_execution
     from prune.pipeline.inputs import command_inputs, preflight_model, validated
 
     quiet_mode(quiet)
@@ -55,9 +55,12 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
     preflight_model(src, trust_remote_code, [("--seq-len", seq_len)])
     text = load_text(TextSource(data, field, rows=rows))
     windows = calibration_windows(load_tokenizer(src, trust_remote_code), text, n_samples, seq_len, seed)
-    plan = plan_execution(source, execution, dtype=dtype, device_map=device_map, max_memory=max_memory,
-                          n_windows=n_samples, seq_len=seq_len, batch_size=batch_size,
-                          trust_remote_code=trust_remote_code)
+    def planned(mode: str):
+        return plan_execution(source, mode, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                              n_windows=n_samples, seq_len=seq_len, batch_size=batch_size,
+                              trust_remote_code=trust_remote_code)
+
+    plan = agreed_plan(planned(execution), planned)  # rank 0's mode on every rank: the same collectives
     say(plan.describe(), quiet)
     clock.lap("pre-flight")
     kwargs = dict(batch_size=batch_size, positions=positions, metrics=tuple(metrics), cka_windows=cka_windows,
@@ -237,7 +240,8 @@ def report_model(source: str, out_dir: str | Path, *, strategy: str = "contiguou
         resolve_count(blocks, k, None, resolve_protect(protect, blocks))
     except PruneError as exc:
         raise PruneError(str(exc).replace("select.n_layers", "--n-layers").replace("select.protect", "--protect")) from None
-    scores = score_model(source, **score_kwargs)
+    scores = score_model(source, **score_kwargs)  # under a launcher every rank scores its share
     sel = select(scores, k, strategy=strategy, metric=metric, protect=protect, seed=score_kwargs.get("seed", 0))
-    return write_report(out_dir, scores, selection=sel, k=k, title=f"Redundancy report: {Path(str(source)).name}",
-                        source=str(source), overwrite=overwrite, inputs=inputs)
+    return dist.on_main(lambda: write_report(out_dir, scores, selection=sel, k=k, source=str(source),
+                                             title=f"Redundancy report: {Path(str(source)).name}",
+                                             overwrite=overwrite, inputs=inputs))  # rank 0 writes

@@ -1,0 +1,44 @@
+"""One rank of tests/test_dist.py's launch of the CLI's commands (argument lists in a JSON file, one
+after another in the same processes, as ``python -m prune CMD ...`` runs each of them), then
+``score_model`` with a memory cap on rank 1 only (it plans sequential scoring, rank 0 in memory).
+
+    torchrun --nproc_per_node 2 tests/dist_commands.py COMMANDS.json MODEL DATA_FILE
+
+Each rank's output goes to ``rank<r>.out`` (and ``.err``) beside COMMANDS.json: what the commands print,
+``rc <command> <code>`` per command and ``plan <mode>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prune.cli import build_parser, run_command  # noqa: E402
+from prune.core import dist  # noqa: E402
+from prune.pipeline.commands import score_model  # noqa: E402
+
+
+def main(commands: str, model: str, data: str) -> None:
+    sys.stdout = open(Path(commands).parent / f"rank{os.environ['RANK']}.out", "w", buffering=1)  # noqa: SIM115
+    sys.stderr = open(Path(commands).parent / f"rank{os.environ['RANK']}.err", "w", buffering=1)  # noqa: SIM115
+    for argv in json.loads(Path(commands).read_text()):
+        code = run_command(build_parser().parse_args(argv))
+        print(f"rc {argv[0]} {code}", flush=True)
+    w = dist.world()
+    capped = {"cpu": "1200KiB"} if w.rank == 1 else None  # rank 1 alone would score sequentially
+    result = score_model(model, data=data, rows="0:300", n_samples=4, seq_len=32, batch_size=2, max_memory=capped,
+                         quiet=True)
+    print(f"plan {result.metadata['execution']['mode']}", flush=True)
+    import torch.distributed as tdist
+
+    tdist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
