@@ -52,11 +52,28 @@ def test_unknown_key_names_valid_keys(tmp_path, tiny_folder):
     ("score", "positions", "middle", "'score.positions'"),
     ("score", "tau", 2, "'score.tau'"),
     ("model", "dtype", "float8", "unknown dtype 'float8'"),
+    # a misspelt device or an unreadable size was read as no cap at all
+    ("model", "max_memory", {"CPU": "16GiB"}, "key 'CPU' is not a device"),
+    ("model", "max_memory", {"cpu": "garbage"}, "max_memory['cpu']='garbage' is not a size"),
 ])
 def test_wrong_types_and_values(tmp_path, tiny_folder, section, key, value, expected):
     data = tiny_recipe(tiny_folder, tmp_path / "out")
     data.setdefault(section, {})[key] = value
     assert expected in error_of(tmp_path, data)
+
+
+def test_max_memory_that_nothing_would_read_and_an_absent_device(tmp_path, tiny_folder):
+    """max_memory with in-memory scoring and no device map capped nothing (the model loaded whole); an
+    absent device in a score command's plan was "only 0 B is available on cuda:0"."""
+    from prune.pipeline.execution import plan_execution
+
+    data = tiny_recipe(tiny_folder, tmp_path / "out", score={"execution": "in_memory"})
+    data["model"]["max_memory"] = {"cpu": "1GiB"}
+    assert "with score.execution: in_memory and no device_map nothing would cap the load" in error_of(tmp_path, data)
+    data["model"]["device_map"] = "auto"
+    load_recipe(write(tmp_path, data))
+    with pytest.raises(PruneError, match="device_map 'cuda:7' names a device that is not present"):
+        plan_execution(tiny_folder, "sequential", device_map="cuda:7")
 
 
 def test_amount_must_be_one_of_count_or_fraction(tmp_path, tiny_folder):

@@ -428,6 +428,14 @@ def test_refuses_when_memory_cannot_hold_one_block(tokenizers_by_bos, tmp_path):
             plan_execution(folder, requested, max_memory={"cpu": "10KB"}, n_windows=4, seq_len=32)
     with pytest.raises(PruneError, match="is not a size"):
         plan_execution(folder, "sequential", max_memory={"cpu": "lots"})
+    # the float32 states between blocks stay in memory below 64 MiB (9 x 64 x 256 x 48 x 4 bytes = 27 MiB here):
+    # they count (a 24 MiB cap was accepted for 27 MiB of states alone)
+    states = 9 * 64 * 256 * 48 * 4
+    plan = plan_execution(folder, "sequential", n_windows=64, seq_len=256, batch_size=8)
+    assert plan.activation_bytes > states
+    with pytest.raises(PruneError, match="not enough memory for out-of-core scoring"):
+        plan_execution(folder, "sequential", n_windows=64, seq_len=256, batch_size=8,
+                       max_memory={"cpu": plan.block_bytes + plan.activation_bytes - states // 2})
     with pytest.raises(PruneError, match="score.execution"):
         plan_execution(folder, "fast")
 
@@ -574,3 +582,9 @@ def test_a_mixed_dtype_checkpoint_is_written_out_of_core_as_in_memory(tokenizers
     a = all_tensors(prune.save(model, None, tmp_path / "mem"))
     b = all_tensors(prune_checkpoint(folder, [3], tmp_path / "ooc", pruning={"removed": [3]}))
     assert sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
+    # every tensor stored in float32 under a config that says bfloat16: a load gives bfloat16, so does out of core
+    # (it copied float32 as stored, twice the size, and pruning.json said float32 beside config.json's bfloat16)
+    save_file({k: v.float() for k, v in tensors.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    c = all_tensors(prune_checkpoint(folder, [3], tmp_path / "ooc32", pruning={"removed": [3]}))
+    assert sorted(c) == sorted(a) and all(c[k].dtype == torch.bfloat16 and torch.equal(a[k], c[k]) for k in a)
+    assert json.loads((tmp_path / "ooc32" / "pruning.json").read_text())["dtype"] == "bfloat16"

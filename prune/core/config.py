@@ -135,6 +135,23 @@ class ModelConfig(Section):
     def _base_model(cls, value: str | None) -> str | None:
         return None if value is None else _hub_repo_id(value)
 
+    @field_validator("max_memory")
+    @classmethod
+    def _max_memory(cls, value: dict | None) -> dict | None:
+        """Accelerate's form: devices (``cpu``, ``disk``, ``mps``, a GPU index, ``cuda:N``) to sizes (bytes or
+        ``'20GiB'``); a misspelt device was read as no cap at all."""
+        from accelerate.utils import convert_file_size_to_int
+
+        for key, size in (value or {}).items():
+            if not (isinstance(key, int) and key >= 0 or re.fullmatch(r"cpu|disk|mps|\d+|(cuda|xpu|npu):\d+", str(key))):
+                raise ValueError(f"key {key!r} is not a device (cpu, disk, mps, a GPU index such as 0, or cuda:0)")
+            try:
+                if convert_file_size_to_int(size) < 0:
+                    raise ValueError
+            except (ValueError, TypeError):
+                raise ValueError(f"max_memory[{key!r}]={size!r} is not a size (bytes, or e.g. '20GiB')") from None
+        return value
+
 
 def check_rows(rows: str | None) -> str | None:
     """``rows`` is ``"start:stop"`` with whole numbers (either may be empty, negative counts from the end)."""

@@ -242,9 +242,11 @@ def prune_checkpoint(
     target = resolve_dtype(dtype)
     target = None if target == "auto" else target
     planned = plan_tensors(sk, kept)
-    if target is None and len({e.torch_dtype for items in planned.values() for _, e in items
-                               if getattr(e, "torch_dtype", torch.float32).is_floating_point}) > 1:
-        target = sk.dtype  # a mixed checkpoint: one dtype, the one a load with dtype auto gives (and prune.save writes)
+    if target is None and {e.torch_dtype for items in planned.values() for _, e in items
+                           if getattr(e, "torch_dtype", torch.float32).is_floating_point} - {sk.dtype}:
+        # stored otherwise than a load with dtype auto gives (a mixed checkpoint, or a config that names another
+        # dtype than the tensors'): that dtype, the one prune.save writes after an in-memory run
+        target = sk.dtype
     shards = {name: convert_entries(items, target) for name, items in planned.items()}
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     for key, value in pruned_config_updates(config, kept).items():

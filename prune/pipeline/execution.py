@@ -39,7 +39,7 @@ class ExecutionPlan:
     device: str = "cpu"  # where sequential blocks run
     weight_bytes: int | None = None
     block_bytes: int | None = None  # largest block (or the non-block weights, if larger)
-    activation_bytes: int | None = None
+    activation_bytes: int | None = None  # activations, working memory and the float32 states kept in memory
     memory_bytes: int | None = None  # what the estimate was compared with
     folder: str | None = None  # the local safetensors folder (sequential)
 
@@ -125,6 +125,10 @@ def plan_execution(source, requested: str = "auto", *, dtype="auto", device_map=
 
     if requested not in MODES:
         raise PruneError(f"score.execution={requested!r} is not one of {', '.join(MODES)}")
+    if isinstance(device_map, str):  # an absent device, named as such (not "only 0 B is available on cuda:0")
+        from prune.model.loading import check_device_map
+
+        check_device_map(device_map, None)
     if requested == "in_memory":
         return ExecutionPlan("in_memory", requested, "asked for in the recipe")
     src = resolve_source(source, gguf_file, revision)
@@ -160,18 +164,22 @@ def plan_execution(source, requested: str = "auto", *, dtype="auto", device_map=
                              f"{_gib(cpu_limit)} of memory", str(device), weights, None, acts + work, cpu_limit)
     from prune.model.skeleton import Skeleton
 
+    from prune.measure.sequential import SPILL_MIN_BYTES
+
     sk = Skeleton(folder, dtype=load_dtype, trust_remote_code=trust_remote_code)
-    largest = max(max(sk.block_bytes(i) for i in range(len(sk.layers))),
-                  checkpoint.bytes_at(sk.rest_keys(), load_dtype))
+    block = max(sk.block_bytes(i) for i in range(len(sk.layers)))
+    largest = max(block, checkpoint.bytes_at(sk.rest_keys(), load_dtype))
     limit = memory_limit(device, max_memory)
-    need = largest + acts + work
+    # the float32 states between blocks stay in (CPU) memory up to one block or SPILL_MIN_BYTES, then spill to disk
+    states = min(n_states * n_windows * seq_len * config.get_text_config().hidden_size * 4, max(block, SPILL_MIN_BYTES))
+    need = largest + acts + work + (states if device.type == "cpu" else 0)
     if need > limit:
         raise PruneError(
-            f"not enough memory for out-of-core scoring: one block needs {_gib(largest)} plus {_gib(acts + work)} of "
-            f"activations ({n_windows} windows x {seq_len} tokens, batch {batch_size}), but only {_gib(limit)} is "
+            f"not enough memory for out-of-core scoring: one block needs {_gib(largest)} plus {_gib(need - largest)} of "
+            f"activations and states ({n_windows} windows x {seq_len} tokens, batch {batch_size}), but only {_gib(limit)} is "
             f"available on {device} (max_memory / free memory); lower calibration.n_samples or batch_size, use a "
             "smaller dtype, or raise max_memory")
     why = ("asked for in the recipe" if requested == "sequential" else
            f"weights {_gib(weights)} + working set {_gib(work)} exceed {FIT_FRACTION:.0%} of {_gib(cpu_limit)} of memory")
     return ExecutionPlan("sequential", requested, f"{why}; one block at a time needs {_gib(need)}", str(device),
-                         weights, largest, acts + work, limit, str(folder))
+                         weights, largest, need - largest, limit, str(folder))

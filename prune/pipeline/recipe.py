@@ -143,6 +143,17 @@ def check_recipe(recipe: Recipe, where: str = "recipe") -> None:
     check_files(recipe, where)
     check_select(recipe, where)
     check_heal(recipe, where)
+    check_placement(recipe, where)
+
+
+def check_placement(recipe: Recipe, where: str = "recipe") -> None:
+    """``model.max_memory`` caps Accelerate's placement (``model.device_map``) and the execution plan;
+    with ``score.execution: in_memory`` and no device map nothing reads it (the whole model loaded anyway)."""
+    m = recipe.model
+    if m.max_memory and m.device_map is None and recipe.score.execution == "in_memory":
+        raise PruneError(f"{where}: model.max_memory is read by Accelerate's placement (model.device_map) and by "
+                         "score.execution auto / sequential; with score.execution: in_memory and no device_map nothing "
+                         "would cap the load (set model.device_map: auto, or drop model.max_memory)")
 
 
 #: the score a per-block selection metric is read from (BI is always computed)
