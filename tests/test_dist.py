@@ -7,6 +7,8 @@
 * ``python -m prune run`` under the launcher: only rank 0 writes; a rank killed while the
   model is saved leaves no folder that looks complete, the other rank stops with one line (no
   hang), and ``--resume`` under the launcher finishes the run from the stored stages;
+* the other subcommands in one launch (tests/dist_commands.py): each writes and prints once, ``prune
+  eval`` data-parallel equals one process, and ranks that plan different execution modes run rank 0's;
 * heal.fsdp without a launcher is refused in one line.
 """
 
@@ -118,30 +120,15 @@ def test_killed_rank_leaves_nothing_complete_and_resume_finishes(tiny_folder, tm
     assert not list(tmp_path.glob(".pruned.progress"))
 
 
-def test_prune_eval_of_a_saved_folder_under_the_launcher(tiny_folder, tmp_path):
-    """``prune eval FOLDER`` data-parallel (lm-eval's own path: each rank scores its share of the
-    requests): rank 0 writes lm-eval's files, with every example, equal to one process's."""
-    from prune.measure.paired import compare_folders
-
-    args = ["eval", tiny_folder, "--tasks", "copa", "--limit", "12", "--batch-size", "4", "-q", "--output-path"]
-    two = torchrun("-m", "prune", *args, tmp_path / "two")
-    assert two.returncode == 0, two.stderr[-3000:]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PRUNE_DATA_DIR": str(DATA)}
-    one = subprocess.run([sys.executable, "-m", "prune", *map(str, args), str(tmp_path / "one")], capture_output=True,
-                         text=True, env=env, cwd=ROOT, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    table = [line for line in one.stdout.splitlines() if line.startswith("copa_local")]
-    assert table and table == [line for line in two.stdout.splitlines() if line.startswith("copa_local")]
-    (row,) = compare_folders(tmp_path / "one", tmp_path / "two")
-    assert row.n == 12 and row.diff == 0 and row.right_to_wrong == row.wrong_to_right == 0
-
-
 def test_every_subcommand_under_the_launcher_writes_and_prints_once(tiny_folder, tmp_path):
     """Commands with no work to share run on rank 0 alone (both ranks wrote: the second found the
     first's folder, "already exists", or left a stray ``rep.<pid>`` folder); score and a model's
     report share the scoring and write and print once; ranks that plan different execution modes
-    run rank 0's (prune score hung until the timeout: one rank in memory, the other sequential)."""
-    from conftest import WIKI_RAW
+    run rank 0's (prune score hung until the timeout: one rank in memory, the other sequential).
+    ``prune eval FOLDER`` runs data-parallel (lm-eval's own path: each rank scores its share of the
+    requests): rank 0 writes lm-eval's files, with every example, equal to one process's."""
+    from conftest import WIKI_RAW, prune_main
+    from prune.measure.paired import compare_folders
 
     score = ["--data", str(WIKI_RAW), "--rows", "0:300", "--n-samples", "4", "--seq-len", "32", "-q"]
     commands = [["remove", str(tiny_folder), "--blocks", "3-4", "-o", str(tmp_path / "rm")],
@@ -149,6 +136,8 @@ def test_every_subcommand_under_the_launcher_writes_and_prints_once(tiny_folder,
                 ["check", str(tmp_path / "rm")],
                 ["score", str(tiny_folder), *score, "-o", str(tmp_path / "s.json")],
                 ["report", str(tiny_folder), *score, "-o", str(tmp_path / "rep")]]
+    evaluate = ["eval", str(tiny_folder), "--tasks", "copa", "--limit", "12", "--batch-size", "4", "-q", "--output-path"]
+    commands.append([*evaluate, str(tmp_path / "two")])
     (tmp_path / "commands.json").write_text(json.dumps(commands))
     proc = torchrun("tests/dist_commands.py", tmp_path / "commands.json", tiny_folder, WIKI_RAW)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -160,7 +149,13 @@ def test_every_subcommand_under_the_launcher_writes_and_prints_once(tiny_folder,
         assert out[0].count(once) == 1 and once not in out[1], once
     assert out[0].count("report written") == 1 and "report written" not in out[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["commands.json", "mk.yaml", "rank0.err", "rank0.out", "rank1.err",
-                                                          "rank1.out", "rep", "rm", "s.json"]
+                                                          "rank1.out", "rep", "rm", "s.json", "two"]
+    one = prune_main(*evaluate, tmp_path / "one", check_rc=0)  # the same in one process
+    table = [line for line in one.stdout.splitlines() if line.startswith("copa_local")]
+    assert table and table == [line for line in out[0].splitlines() if line.startswith("copa_local")]
+    assert "copa_local" not in out[1]
+    (row,) = compare_folders(tmp_path / "one", tmp_path / "two")
+    assert row.n == 12 and row.diff == 0 and row.right_to_wrong == row.wrong_to_right == 0
 
 
 def test_fsdp_needs_a_launcher(tiny_folder, tmp_path):
