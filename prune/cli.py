@@ -24,6 +24,7 @@ from prune.core.config import (
     PerplexityConfig,
     ScoreConfig,
     SelectConfig,
+    TextConfig,
     default,
     describe,
 )
@@ -55,7 +56,8 @@ def _device_map(value: str | None):
 
 def option(p: argparse.ArgumentParser, flag: str, section, name: str, **kwargs) -> None:
     """``--flag`` for the config field ``section.name``: its default and help come from the config model."""
-    p.add_argument(flag, default=default(section, name), help=describe(section, name), **kwargs)
+    kwargs.setdefault("help", describe(section, name))
+    p.add_argument(flag, default=default(section, name), **kwargs)
 
 
 def _common_model_flags(p: argparse.ArgumentParser) -> None:
@@ -109,6 +111,10 @@ def _calibration_flags(p: argparse.ArgumentParser, data_required: bool) -> None:
     p.add_argument("--data", required=data_required, help="calibration text: a .txt/.jsonl file or a datasets name")
     p.add_argument("--field", type=_csv, default=["text"], help="JSONL field(s) holding the text (comma-separated: concatenated)")
     p.add_argument("--rows", default=None, help="slice of rows/lines to use, e.g. 0:2000")
+    p.add_argument("--data-config", default=None, help="datasets configuration of --data (e.g. wikitext-2-raw-v1)")
+    option(p, "--split", TextConfig, "split", help="datasets split of --data (default train; a file has none)")
+    p.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="a BOS token at the start of every window (default: when the tokenizer adds one)")
     for flag, name in (("--n-samples", "n_samples"), ("--seq-len", "seq_len"), ("--seed", "seed"),
                        ("--batch-size", "batch_size")):
         option(p, flag, CalibrationConfig, name, type=int)
@@ -122,6 +128,7 @@ def _calibration_flags(p: argparse.ArgumentParser, data_required: bool) -> None:
 def _score_kwargs(args) -> dict:
     """The :func:`prune.pipeline.score_model` keyword arguments from the flags above."""
     return dict(data=args.data, field=args.field[0] if len(args.field) == 1 else args.field, rows=args.rows,
+                data_config=args.data_config, split=args.split, bos=args.bos,
                 n_samples=args.n_samples, seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size,
                 positions=args.positions, metrics=args.metrics, cka_windows=args.cka_windows, beta=args.beta,
                 tau=args.tau, dtype=args.dtype, device_map=args.device_map, trust_remote_code=args.trust_remote_code,

@@ -141,3 +141,34 @@ def test_durations_read_as_people_write_them(seconds, shown):
     from prune.core.console import duration
 
     assert duration(seconds) == shown
+
+
+def test_score_reads_a_datasets_configuration_split_and_bos_flag(tmp_path, tiny_folder):
+    """prune score / report had no --data-config, --split or --bos (a recipe could say them): a local
+    dataset folder with two configurations and two splits is read as asked, the same as the files."""
+    lines = [line for line in WIKI_RAW.read_text(encoding="utf-8").split("\n") if line.strip()]
+    folder = tmp_path / "corpus"
+    parts = {"alpha/train": lines[:150], "beta/train": lines[150:300], "beta/validation": lines[300:450]}
+    for name, rows in parts.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    (folder / "README.md").write_text(
+        "---\nconfigs:\n- config_name: alpha\n  data_files:\n  - {split: train, path: alpha/train.jsonl}\n"
+        "- config_name: beta\n  data_files:\n  - {split: train, path: beta/train.jsonl}\n"
+        "  - {split: validation, path: beta/validation.jsonl}\n---\n")
+    common = ["--n-samples", 4, "--seq-len", 32, "-q"]
+
+    def scores(*args):
+        out = tmp_path / f"s{len(list(tmp_path.glob('s*.json')))}.json"
+        prune_main("score", tiny_folder, *args, *common, "-o", out, check_rc=0)
+        return ScoreResult.load_json(out)
+
+    from_folder = scores("--data", folder, "--data-config", "beta", "--split", "validation")
+    from_file = scores("--data", folder / "beta" / "validation.jsonl")
+    assert from_folder.block_influence == from_file.block_influence
+    assert from_folder.metadata["data"]["config"] == "beta" and from_folder.metadata["data"]["split"] == "validation"
+    assert scores("--data", folder, "--data-config", "alpha").block_influence != from_folder.block_influence
+    no_bos = scores("--data", folder / "beta" / "validation.jsonl", "--no-bos")
+    assert no_bos.block_influence != from_file.block_influence and no_bos.metadata["data"]["bos"] is False
+    bad = prune_main("score", tiny_folder, "--data", folder, "--data-config", "gamma", *common)
+    assert bad.returncode == 2 and "could not load dataset" in bad.stderr and "config 'gamma'" in bad.stderr

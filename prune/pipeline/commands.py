@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prune.core import dist
-from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, SelectConfig, default
+from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, SelectConfig, TextConfig, default
 from prune.core.console import StageClock, keeps_quiet_mode, quiet_mode, say, versions
 from prune.io.text import calibration_windows, load_text
 from prune.io.source import resolve_source
@@ -18,11 +18,12 @@ from prune.export.report import SCORE_ONLY, write_report
 
 
 # ---- score / eval subcommands -------------------------------------------------------------
-_C, _S = CalibrationConfig, ScoreConfig
+_C, _S, _T = CalibrationConfig, ScoreConfig, TextConfig
 
 
 @keeps_quiet_mode
 def score_model(source: str, *, data: str, field: str | list[str] = "text", rows: str | None = None,
+                data_config: str | None = None, split: str = default(_T, "split"), bos: bool | None = None,
                 n_samples: int = default(_C, "n_samples"), seq_len: int = default(_C, "seq_len"),
                 seed: int = default(_C, "seed"), batch_size: int = default(_C, "batch_size"),
                 positions: str = default(_S, "positions"), metrics=tuple(default(_S, "metrics")),
@@ -32,6 +33,8 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
                 execution: str = default(_S, "execution"), max_memory: dict | None = None,
                 overwrite: bool = False) -> ScoreResult:
     """Redundancy scores of a model over calibration text; optionally written as JSON to ``output``.
+    ``data_config`` / ``split``: a ``datasets`` name's configuration and split; ``bos``: a BOS token per
+    window (None: when the tokenizer adds one), as in a recipe's ``calibration`` section.
 
     ``execution``: ``auto`` (from the weights' size and the memory there is), ``in_memory`` or
     ``sequential`` (one block at a time, see :mod:`prune.execution`)."""
@@ -45,7 +48,7 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
     clock = StageClock()
     # -- everything checkable before the weights load: flags, output file, config, text --
     validated(CalibrationConfig, path=str(data), field=field, rows=rows, n_samples=n_samples, seq_len=seq_len, seed=seed,
-              batch_size=batch_size)
+              batch_size=batch_size, config=data_config, split=split, bos=bos)
     validated(ScoreConfig, metrics=list(metrics), positions=positions, cka_windows=cka_windows, beta=beta, tau=tau,
               execution=execution)
     src = resolve_source(source)
@@ -53,8 +56,8 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
         check_output(output, command_inputs(source, [data]), overwrite=overwrite, kind="file", what="--output file",
                      flag="--output")
     preflight_model(src, trust_remote_code, [("--seq-len", seq_len)])
-    text = load_text(TextSource(data, field, rows=rows))
-    windows = calibration_windows(load_tokenizer(src, trust_remote_code), text, n_samples, seq_len, seed)
+    text = load_text(TextSource(data, field, data_config, split, rows))
+    windows = calibration_windows(load_tokenizer(src, trust_remote_code), text, n_samples, seq_len, seed, bos=bos)
     def planned(mode: str):
         return plan_execution(source, mode, dtype=dtype, device_map=device_map, max_memory=max_memory,
                               n_windows=n_samples, seq_len=seq_len, batch_size=batch_size,
@@ -65,7 +68,8 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
     clock.lap("pre-flight")
     kwargs = dict(batch_size=batch_size, positions=positions, metrics=tuple(metrics), cka_windows=cka_windows,
                   beta=beta, tau=tau, progress=not quiet)
-    meta = {"data": {"path": data, "field": field, "rows": rows}, "seed": seed, "versions": versions(),
+    meta = {"data": {"path": data, "field": field, "config": data_config, "split": split, "rows": rows, "bos": bos},
+            "seed": seed, "versions": versions(),
             "execution": plan.to_dict()}
     if plan.mode == "sequential":
         from transformers import AutoConfig
