@@ -62,7 +62,11 @@ def _gib(n: int | float | None) -> str:
 
 def sequential_device(device_map) -> torch.device:
     """Where blocks run sequentially: the GPU a ``device_map`` names (``"cuda:1"``, ``0``,
-    ``"auto"`` when CUDA exists), else the CPU."""
+    ``"auto"`` when CUDA exists; under a launcher with GPUs, unset or ``"auto"`` is this rank's own GPU,
+    as for a model held whole: ranks did not all run on GPU 0), else the CPU."""
+    from prune.model.loading import rank_device_map
+
+    device_map = rank_device_map(device_map)
     if isinstance(device_map, int):
         return torch.device("cuda", device_map)
     if isinstance(device_map, dict):
