@@ -5,7 +5,7 @@ after another in the same processes, as ``python -m prune CMD ...`` runs each of
     torchrun --nproc_per_node 2 tests/dist_commands.py COMMANDS.json MODEL DATA_FILE
 
 Each rank's output goes to ``rank<r>.out`` (and ``.err``) beside COMMANDS.json: what the commands print,
-``rc <command> <code>`` per command and ``plan <mode>``.
+``rc <command> <code>`` per command, ``nested <size>`` and ``plan <mode>``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def main(commands: str, model: str, data: str) -> None:
     for argv in json.loads(Path(commands).read_text()):
         code = run_command(build_parser().parse_args(argv))
         print(f"rc {argv[0]} {code}", flush=True)
+    # rank 0 alone inside on_main is a world of one: its own collectives never pair with the others' wait
+    print(f"nested {dist.on_main(lambda: dist.on_main(lambda: dist.broadcast(dist.world().size)))}", flush=True)
     w = dist.world()
     capped = {"cpu": "1200KiB"} if w.rank == 1 else None  # rank 1 alone would score sequentially
     result = score_model(model, data=data, rows="0:300", n_samples=4, seq_len=32, batch_size=2, max_memory=capped,

@@ -145,6 +145,7 @@ def test_every_subcommand_under_the_launcher_writes_and_prints_once(tiny_folder,
     for text in out:
         assert [line for line in text.splitlines() if line.startswith("rc ")] == [f"rc {c[0]} 0" for c in commands]
         assert text.splitlines()[-1] == "plan in_memory"  # rank 1 planned sequential: it runs rank 0's mode
+        assert "nested 1" in text.splitlines()  # collectives inside on_main: rank 0 alone, a world of one
     for once in ("wrote ", "mergekit config written", "scores written", "MSRS =", "report written"):
         assert out[0].count(once) == 1 and once not in out[1], once
     assert out[0].count("report written") == 1 and "report written" not in out[1]

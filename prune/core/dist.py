@@ -61,9 +61,15 @@ def timeout_s() -> int:
     return int(os.environ.get("PRUNE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
 
 
+#: rank 0 inside :func:`on_main`: the other ranks wait for its outcome, so it is one process for
+#: whatever runs there (a collective of its own would pair with their wait, or hang)
+_alone = False
+
+
 def world() -> World:
-    """This process's place in the launch; joins the process group on first use (under a launcher)."""
-    if not launched():
+    """This process's place in the launch; joins the process group on first use (under a launcher).
+    Rank 0 inside :func:`on_main` is a world of one."""
+    if not launched() or _alone:
         return World()
     import torch.distributed as dist
 
@@ -163,11 +169,15 @@ def on_main(fn: Callable[[], T]) -> T:
     outcome: tuple[bool, Any] = (True, None)
     error: BaseException | None = None
     if w.is_main:
+        global _alone
+        _alone = True
         try:
             outcome = (True, fn())
         except BaseException as exc:  # noqa: BLE001 - told to the others, then re-raised
             error = exc
             outcome = (False, f"{type(exc).__name__}: {exc}".splitlines()[0])
+        finally:
+            _alone = False
     outcome = broadcast(outcome)
     if error is not None:
         raise error
