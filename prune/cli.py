@@ -335,7 +335,8 @@ def add_remove(sub) -> None:
                                         "or half-open ranges like '[[0, 12], [15, 30]]'")
     p.add_argument("--output", "-o", required=True, help="output folder (written atomically)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                   help="dtype of the saved weights (default auto: as stored), converted one tensor at a time")
+                   help="dtype of the saved weights (default auto: what a load with dtype auto gives, the config's "
+                        "dtype, as prune.save would write), converted one tensor at a time")
     p.add_argument("--base-model", default=None, help="Hub repo id of the model, for the card (a local MODEL only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the checkpoint (off by default)")
@@ -510,8 +511,8 @@ def add_compare(sub) -> None:
                                        "fidelity windows)",
                        description="Compare B against A example by example from lm-eval's per-example samples "
                                    "(samples_*.jsonl): per task and metric the mean difference B - A, its paired standard "
-                                   "error sd(d)/sqrt(n), a 95%% interval (exact from the flips for right/wrong answers, else a "
-                                   "percentile bootstrap), how many answers flipped "
+                                   "error sd(d)/sqrt(n), a 95% interval (Newcombe's score interval for right/wrong answers, "
+                                   "else a percentile bootstrap), how many answers flipped "
                                    "each way and McNemar's exact p-value. A and B are prune run folders (their "
                                    "eval/pruned), lm-eval --output_path folders or folders of samples_*.jsonl. With only A "
                                    "(a run folder), its original is compared with its pruned model. With several B (seeds "
@@ -519,7 +520,7 @@ def add_compare(sub) -> None:
                                    "that counts the examples' sampling, which every seed shares. When A and B both "
                                    "measured fidelity to the same original on the same windows (a run's eval.json, or "
                                    "prune eval --output FILE.json), their KL and log perplexity ratio are compared "
-                                   "window by window too (Student's 95%% interval).")
+                                   "window by window too (Student's 95% interval).")
     p.add_argument("a", metavar="A", help="run folder, lm-eval results folder or prune eval --output file (the baseline)")
     p.add_argument("b", metavar="B", nargs="*", default=None,
                    help="run folder, lm-eval results folder or prune eval --output file (compared to A); several: "

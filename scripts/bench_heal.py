@@ -118,8 +118,20 @@ def changed_settings(name: str, settings: dict) -> list[str]:
     """The settings of case ``name`` that differ from those its cached result was healed with (a case
     is keyed by its name: a changed setting under an unchanged name must not reuse the old result)."""
     old = ((cached(name) or {}).get("healing") or {}).get("settings") or {}
-    return [f"{k}: {old[k]!r} -> {v!r}" for k, v in settings.items() if k in old and old[k] != v
-            and not (isinstance(v, (int, float)) and isinstance(old[k], (int, float)) and math.isclose(old[k], v))]
+    return [f"{k}: {old[k]!r} -> {v!r}" for k, v in settings.items() if k in old and not same_setting(old[k], v)]
+
+
+def same_setting(stored, given) -> bool:
+    """Whether a stored setting (the record's full dump: every field of a section filled in, lists for
+    tuples) is the one given (only the fields the bench sets; numbers to rounding)."""
+    if isinstance(given, dict):
+        return isinstance(stored, dict) and all(k in stored and same_setting(stored[k], v) for k, v in given.items())
+    if isinstance(given, (list, tuple)):
+        return (isinstance(stored, (list, tuple)) and len(stored) == len(given)
+                and all(same_setting(a, b) for a, b in zip(stored, given)))
+    if isinstance(given, (int, float)) and isinstance(stored, (int, float)) and not isinstance(given, bool):
+        return math.isclose(stored, given)
+    return stored == given
 
 
 def cached(name: str):
@@ -380,14 +392,14 @@ def part_distill(budgets=DISTILL_BUDGETS, only: str | None = None, variant: str 
         name = case_name(objective, params, tokens, variant)
         if variant and objective != "distill" and set(VARIANTS[variant]) & set(DISTILL_SETTINGS):
             continue  # a distillation-only setting
+        if only and only not in name:
+            continue
         settings = distill_settings(objective, params, tokens, variant)
         if cached(name):
-            if changed_settings(name, settings):
-                raise SystemExit(f"{CACHE / name}.json was healed with other settings ({'; '.join(changed_settings(name, settings))}): "
-                                 f"give the case a new variant name, or delete it and {CACHE / 'models' / name} to heal it again")
+            if changed := changed_settings(name, settings):
+                raise SystemExit(f"{CACHE / name}.json was healed with other settings ({'; '.join(changed)}): give the "
+                                 f"case a new variant name, or delete it and {CACHE / 'models' / name} to heal it again")
             log(f"{name}: cached")
-            continue
-        if only and only not in name:
             continue
         model = copy.deepcopy(base)
         prune.remove_layers(model, run)

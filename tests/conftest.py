@@ -19,9 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
-import torch
-
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+import torch  # reads OMP_NUM_THREADS when it starts: one thread, unless the caller set another count
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PRUNE_DATA_DIR", ROOT.parent / "shared" / "data"))

@@ -72,6 +72,8 @@ def test_max_memory_that_nothing_would_read_and_an_absent_device(tmp_path, tiny_
     assert "with score.execution: in_memory and no device_map nothing would cap the load" in error_of(tmp_path, data)
     data["model"]["device_map"] = "auto"
     load_recipe(write(tmp_path, data))
+    data["model"]["max_memory"] = {"cuda:0": "1GiB", "1": "2GiB", "cpu": "4GiB"}  # Accelerate takes GPU indices only
+    assert load_recipe(write(tmp_path, data)).model.max_memory == {0: "1GiB", 1: "2GiB", "cpu": "4GiB"}
     with pytest.raises(PruneError, match="device_map 'cuda:7' names a device that is not present"):
         plan_execution(tiny_folder, "sequential", device_map="cuda:7")
 

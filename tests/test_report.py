@@ -83,11 +83,11 @@ def test_cli_report_run_folder_and_model(run_dir, tmp_path):
     # a model: scored first, like prune score; the strategy's blocks marked
     model_dir = run_dir.parent / "tiny"
     res = prune_main("report", str(model_dir), "--data", str(WIKI_RAW), "--rows", "0:400", "--n-samples", "4", "--seq-len", "48",
-              "--strategy", "one_shot", "--metric", "bi", "--n-layers", "2", "--protect", "0,1,-1", "-o",
+              "--strategy", "one_shot", "--metric", "bi", "--n-layers", "2", "--protect", "0,2,-1", "-o",
               str(tmp_path / "m"), "-q")
     assert res.returncode == 0, res.stderr
     marked = json.loads((tmp_path / "m" / "report.json").read_text())["removed"]
-    assert len(marked) == 2 and not {0, 1, 7} & set(marked)  # --protect is honoured (the flag did not exist)
+    assert len(marked) == 2 and 5 in marked and not {0, 2, 7} & set(marked)  # 2 and 5 are planted: --protect kept 2
     md = (tmp_path / "m" / "report.md").read_text()
     assert "strategy `one_shot`, metric `bi`: removes 2 of 8 blocks" in md
     for name in ["cka_original.png", "blocks_original.png"]:

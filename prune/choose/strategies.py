@@ -345,7 +345,8 @@ def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, 
     base = proxy([])
     if not (math.isfinite(base) and base > 0):
         raise PruneError(f"search: the original model scores {base} on {proxy_name}, so a ratio to it means nothing "
-                         "(choose another proxy task, or raise select.proxy_limit)")
+                         "(a task it scores 0 on: choose another select.proxy_task or a larger select.proxy_limit; a "
+                         "perplexity that is not finite: load the model in float32)")
     evaluations: list[dict] = []
     memo: dict[tuple, dict] = {}
     bar = tqdm(total=budget, desc="search", unit="eval", disable=not progress)

@@ -138,19 +138,27 @@ class ModelConfig(Section):
     @field_validator("max_memory")
     @classmethod
     def _max_memory(cls, value: dict | None) -> dict | None:
-        """Accelerate's form: devices (``cpu``, ``disk``, ``mps``, a GPU index, ``cuda:N``) to sizes (bytes or
-        ``'20GiB'``); a misspelt device was read as no cap at all."""
+        """Accelerate's form: devices (``cpu``, ``disk``, ``mps``, a GPU index; ``"0"`` and ``"cuda:0"`` are
+        read as the index 0, which is what Accelerate takes) to sizes (bytes or ``'20GiB'``); a misspelt
+        device was read as no cap at all."""
         from accelerate.utils import convert_file_size_to_int
 
-        for key, size in (value or {}).items():
-            if not (isinstance(key, int) and key >= 0 or re.fullmatch(r"cpu|disk|mps|\d+|(cuda|xpu|npu):\d+", str(key))):
-                raise ValueError(f"key {key!r} is not a device (cpu, disk, mps, a GPU index such as 0, or cuda:0)")
+        if value is None:
+            return None
+        out: dict = {}
+        for key, size in value.items():
+            match = re.fullmatch(r"(?:cuda:)?(\d+)", key) if isinstance(key, str) else None
+            if match:
+                key = int(match.group(1))
+            if not (isinstance(key, int) and key >= 0 or key in ("cpu", "disk", "mps")):
+                raise ValueError(f"key {key!r} is not a device (cpu, disk, mps, or a GPU index such as 0)")
             try:
                 if convert_file_size_to_int(size) < 0:
                     raise ValueError
             except (ValueError, TypeError):
                 raise ValueError(f"max_memory[{key!r}]={size!r} is not a size (bytes, or e.g. '20GiB')") from None
-        return value
+            out[key] = size
+        return out
 
 
 def check_rows(rows: str | None) -> str | None:

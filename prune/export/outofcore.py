@@ -206,9 +206,8 @@ def prune_checkpoint(
     the folder gets ``pruning.json`` with its lineage (a pruned source's record is extended:
     indices mapped to the original model) and a model card; the source's ``eval.*`` and
     ``recipe.yaml`` are never carried over (they describe another model). ``dtype``
-    (``bfloat16``, ``float16``, ``float32``; ``auto``/None = as stored, or for a checkpoint of mixed
-    floating dtypes the one dtype a load with ``dtype="auto"`` gives) converts floating tensors one
-    at a time. Returns the output folder. Without ``dtype`` the result equals,
+    (``bfloat16``, ``float16``, ``float32``; ``auto``/None = the dtype a load with ``dtype="auto"``
+    gives: the config's, else the stored one) converts floating tensors one at a time. Returns the output folder. Without ``dtype`` the result equals,
     tensor for tensor, the checkpoint ``prune.remove_layers`` + ``prune.save`` would write.
     ``new_step=False``: ``pruning`` already has its lineage (``prune run`` out of core) and is
     written as it is. ``inputs``: paths the output must never touch (:mod:`prune.io.guard`).

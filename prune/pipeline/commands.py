@@ -64,7 +64,7 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
                               trust_remote_code=trust_remote_code)
 
     plan = agreed_plan(planned(execution), planned)  # rank 0's mode on every rank: the same collectives
-    say(plan.describe(), quiet)
+    say(plan.describe(), quiet or not dist.world().is_main)
     clock.lap("pre-flight")
     kwargs = dict(batch_size=batch_size, positions=positions, metrics=tuple(metrics), cka_windows=cka_windows,
                   beta=beta, tau=tau, progress=not quiet)

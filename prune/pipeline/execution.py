@@ -160,7 +160,7 @@ def plan_execution(source, requested: str = "auto", *, dtype="auto", device_map=
     weights = checkpoint.bytes_at(checkpoint.entries, load_dtype)
     n_states = config.get_text_config().num_hidden_layers + 1
     acts, work = working_set(config, n_states, n_windows, seq_len, batch_size, load_dtype.itemsize)
-    device = sequential_device(device_map) if requested == "sequential" else torch.device("cpu")
+    device = sequential_device(device_map)  # auto's sequential runs where an asked-for one would: ranks agree
     in_memory_need = weights + work
     cpu_limit = memory_limit(torch.device("cpu"), max_memory)
     if requested == "auto" and in_memory_need <= FIT_FRACTION * cpu_limit:
@@ -177,6 +177,9 @@ def plan_execution(source, requested: str = "auto", *, dtype="auto", device_map=
     # the float32 states between blocks stay in (CPU) memory up to one block or SPILL_MIN_BYTES, then spill to disk
     states = min(n_states * n_windows * seq_len * config.get_text_config().hidden_size * 4, max(block, SPILL_MIN_BYTES))
     need = largest + acts + work + (states if device.type == "cpu" else 0)
+    if device.type != "cpu" and states > cpu_limit:  # the states live in CPU memory wherever the blocks run
+        raise PruneError(f"not enough CPU memory for out-of-core scoring: the float32 states between blocks need "
+                         f"{_gib(states)} but {_gib(cpu_limit)} is free; lower calibration.n_samples or seq_len")
     if need > limit:
         raise PruneError(
             f"not enough memory for out-of-core scoring: one block needs {_gib(largest)} plus {_gib(need - largest)} of "
