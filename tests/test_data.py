@@ -112,3 +112,25 @@ def test_heal_text_that_overlaps_evaluation_text_is_caught_however_it_is_written
     with pytest.raises(ValueError, match="not a 'start:stop' slice of whole numbers"):
         HealConfig(method="lora", data={"path": str(WIKI_RAW), "rows": "abc"})
     assert HealConfig(method="lora", data={"path": str(WIKI_RAW), "rows": "+0:1_000"}).data.rows == "+0:1_000"  # int() reads it
+
+
+def test_a_text_is_tokenized_once_per_tokenizer(tokenizers_by_bos):
+    """A run tokenized its evaluation text on every pass (~0.3 s per MB each): the stream of the same
+    tokenizer and text is kept, equal to a fresh tokenization, handed out as a copy; a tokenizer that
+    encodes otherwise (a token added) gets its own stream."""
+    import copy
+
+    from prune.io import text as T
+
+    tok = tokenizers_by_bos[True]
+    body = load_text(TextSource(str(WIKI_RAW), rows="0:200"))
+    first = token_stream(tok, body)
+    key = (T._tokenizer_key(tok), __import__("hashlib").sha256(body.encode()).hexdigest())
+    assert key in T._STREAMS and torch.equal(first, torch.tensor(tok(body, add_special_tokens=False)["input_ids"]))
+    first[0] = -1  # the caller's copy
+    again = token_stream(tok, body)
+    assert again[0] != -1 and torch.equal(again[1:], first[1:])
+    other = copy.deepcopy(tok)
+    other.add_tokens(["Boulter"])
+    assert T._tokenizer_key(other) != key[0]
+    assert token_stream(other, body).numel() < again.numel()  # "Boulter" is one token now

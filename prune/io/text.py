@@ -15,8 +15,10 @@ BOS followed by ``seq_len - 1`` text tokens, so the model sees what it was train
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -172,12 +174,39 @@ def needs_bos(tokenizer) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
+#: the last few token streams, keyed by the tokenizer's full serialization and the text (sha256 of each):
+#: one run tokenizes the same calibration and evaluation text several times (pre-flight, scoring, held-out
+#: windows, every evaluation pass), ~0.3 s per MB each
+_STREAMS: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+_STREAMS_KEPT = 8
+
+
+def _tokenizer_key(tokenizer) -> str | None:
+    """A digest of everything a fast tokenizer encodes with (its ``tokenizers`` serialization: vocabulary,
+    merges, normalizer, added tokens); None for another kind (its streams are not kept)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return hashlib.sha256(backend.to_str().encode()).hexdigest()
+
+
 def token_stream(tokenizer, text: str) -> torch.Tensor:
-    """``text`` tokenized once without special tokens (1-D int64)."""
+    """``text`` tokenized once without special tokens (1-D int64); the same tokenizer and text again
+    return the stream kept from the first time (a copy)."""
     if not text.strip():
         raise PruneError("the text is empty (check its path, field and rows)")
+    tok_key = _tokenizer_key(tokenizer)
+    key = (tok_key, hashlib.sha256(text.encode()).hexdigest()) if tok_key else None
+    if key in _STREAMS:
+        _STREAMS.move_to_end(key)
+        return _STREAMS[key].clone()
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    stream = torch.tensor(ids, dtype=torch.long)
+    if key is not None:
+        _STREAMS[key] = stream.clone()
+        while len(_STREAMS) > _STREAMS_KEPT:
+            _STREAMS.popitem(last=False)
+    return stream
 
 
 def _window_body(tokenizer, seq_len: int, bos: bool | None) -> tuple[int, int | None]:
