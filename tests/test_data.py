@@ -134,3 +134,6 @@ def test_a_text_is_tokenized_once_per_tokenizer(tokenizers_by_bos):
     other.add_tokens(["Boulter"])
     assert T._tokenizer_key(other) != key[0]
     assert token_stream(other, body).numel() < again.numel()  # "Boulter" is one token now
+    split = copy.deepcopy(tok)
+    split.backend_tokenizer.encode_special_tokens = True  # special tokens in the text split like any text
+    assert T._tokenizer_key(split) != key[0]

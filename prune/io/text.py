@@ -187,7 +187,10 @@ def _tokenizer_key(tokenizer) -> str | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
-    return hashlib.sha256(backend.to_str().encode()).hexdigest()
+    # beside the serialization: the class and the switches that change how special tokens in a text encode
+    extra = (type(tokenizer).__qualname__, getattr(tokenizer, "split_special_tokens", None),
+             getattr(backend, "encode_special_tokens", None))
+    return hashlib.sha256(f"{extra}\n{backend.to_str()}".encode()).hexdigest()
 
 
 def token_stream(tokenizer, text: str) -> torch.Tensor:
