@@ -146,3 +146,27 @@ def tree_rows(results: dict[str, list[dict]]):
         rounds = results[label]
         wall = statistics.median(r["wall_s"] for r in rounds)
         yield f"{label} ({', '.join(sorted({r['rev'] for r in rounds}))})", wall, wall / base, rounds
+
+
+def side_by_side(doc: str, block: str, cache: Path, child: str, child_args, table, *, rounds: int = 2,
+                 env: dict | None = None, note: str = "") -> None:
+    """The whole of a two-commit benchmark (``scripts/<block>.py``): its flags (``side_by_side_args``),
+    ``--before`` as a worktree under ``cache``, alternating rounds of ``child`` with ``child_args(label)``,
+    the table ``table(results)`` printed under the machine line (and ``note``), and with ``--docs``
+    written into docs/BENCHMARKS.md's ``block``."""
+    import platform
+
+    from docs_block import replace_block
+
+    args = side_by_side_args(doc, rounds=rounds)
+    cache.mkdir(parents=True, exist_ok=True)
+    trees = {"before": worktree(args.before, cache), "after": ROOT}
+    results = alternating(args.rounds, lambda label, rnd: measure_round(
+        cache, trees[label], label, rnd, child, child_args(label), env))
+    command = f"python scripts/{block}.py --before {args.before} --rounds {args.rounds} --docs"
+    text = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, OMP_NUM_THREADS="
+            f"{os.environ.get('OMP_NUM_THREADS', '1')}; {args.rounds} rounds, the two trees alternating{note}.\n\n"
+            + table(results))
+    print(text)
+    if args.docs and not replace_block(block, text, command, f"{cache.relative_to(ROOT)}/"):
+        raise SystemExit(f"docs/BENCHMARKS.md has no {block} block")

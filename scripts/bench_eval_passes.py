@@ -16,10 +16,7 @@ the commit measured; ``--docs`` writes the table into docs/BENCHMARKS.md.
 
 from __future__ import annotations
 
-import os
-import platform
-
-from bench_env import DATA, ROOT, WIKI, alternating, measure_round, side_by_side_args, smollm2_folder, tree_rows, worktree
+from bench_env import DATA, ROOT, WIKI, side_by_side, smollm2_folder, tree_rows
 
 CACHE = ROOT / "bench_cache" / "eval_passes"
 SEQ_LEN = 512
@@ -59,22 +56,10 @@ def table(results: dict[str, list[dict]]) -> str:
 
 
 def main() -> None:
-    args = side_by_side_args(__doc__, rounds=2)
-    from docs_block import replace_block
-
-    CACHE.mkdir(parents=True, exist_ok=True)
-    model = smollm2_folder()
-    trees = {"before": worktree(args.before, CACHE), "after": ROOT}
-    env = {"PRUNE_DATA_DIR": str(DATA)}  # the recipe's ${PRUNE_DATA_DIR:-../shared/data}, from any tree
-    results = alternating(args.rounds, lambda label, rnd: measure_round(
-        CACHE, trees[label], label, rnd, CHILD, [model, WIKI, CACHE / f"out-{label}", SEQ_LEN], env))
-    command = f"python scripts/bench_eval_passes.py --before {args.before} --rounds {args.rounds} --docs"
-    text = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, OMP_NUM_THREADS="
-            f"{os.environ.get('OMP_NUM_THREADS', '1')}; {args.rounds} rounds, the two trees alternating; 16 windows x "
-            f"{SEQ_LEN} tokens (a pass: every window once).\n\n" + table(results))
-    print(text)
-    if args.docs and not replace_block("bench_eval_passes", text, command, "bench_cache/eval_passes/"):
-        raise SystemExit("docs/BENCHMARKS.md has no bench_eval_passes block")
+    side_by_side(__doc__, "bench_eval_passes", CACHE, CHILD,
+                 lambda label: [smollm2_folder(), WIKI, CACHE / f"out-{label}", SEQ_LEN],
+                 table, env={"PRUNE_DATA_DIR": str(DATA)},  # the recipe's ${PRUNE_DATA_DIR:-../shared/data}, from any tree
+                 note=f"; 16 windows x {SEQ_LEN} tokens (a pass: every window once)")
 
 
 if __name__ == "__main__":

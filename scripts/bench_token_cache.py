@@ -15,10 +15,7 @@ worktree under bench_cache/token_cache/; ``--docs`` writes the table into docs/B
 
 from __future__ import annotations
 
-import os
-import platform
-
-from bench_env import DATA, ROOT, WIKI, alternating, measure_round, side_by_side_args, smollm2_folder, tree_rows, worktree
+from bench_env import DATA, ROOT, WIKI, side_by_side, smollm2_folder, tree_rows
 
 CACHE = ROOT / "bench_cache" / "token_cache"
 
@@ -62,22 +59,9 @@ def table(results: dict[str, list[dict]]) -> str:
 
 
 def main() -> None:
-    args = side_by_side_args(__doc__, rounds=2)
-    from docs_block import replace_block
-
-    CACHE.mkdir(parents=True, exist_ok=True)
-    model = smollm2_folder()
-    trees = {"before": worktree(args.before, CACHE), "after": ROOT}
-    env = {"PRUNE_DATA_DIR": str(DATA)}  # the recipe's ${PRUNE_DATA_DIR:-../shared/data}, from any tree
-    results = alternating(args.rounds, lambda label, rnd: measure_round(
-        CACHE, trees[label], label, rnd, CHILD, [model, WIKI, CACHE / f"out-{label}"], env))
-    command = f"python scripts/bench_token_cache.py --before {args.before} --rounds {args.rounds} --docs"
-    text = (f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, OMP_NUM_THREADS="
-            f"{os.environ.get('OMP_NUM_THREADS', '1')}; {args.rounds} rounds, the two trees alternating.\n\n"
-            + table(results))
-    print(text)
-    if args.docs and not replace_block("bench_token_cache", text, command, "bench_cache/token_cache/"):
-        raise SystemExit("docs/BENCHMARKS.md has no bench_token_cache block")
+    side_by_side(__doc__, "bench_token_cache", CACHE, CHILD,
+                 lambda label: [smollm2_folder(), WIKI, CACHE / f"out-{label}"], table,
+                 env={"PRUNE_DATA_DIR": str(DATA)})  # the recipe's ${PRUNE_DATA_DIR:-../shared/data}, from any tree
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import sys
 from collections import Counter
 from pathlib import Path
 
