@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,6 +58,57 @@ def test_folder_without_weights(tiny_folder, tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(PruneError, match="has a config but no weights"):
         prune.load(folder)
+
+
+def test_loading_reads_what_transformers_reads(tiny_folder, tmp_path):
+    """A truncated PEFT adapter beside model.safetensors blocked the model ("adapter_model.safetensors is
+    truncated"), though transformers never reads it; a tensor stored in two shards was read from the
+    last shard by the out-of-core reader but from the one the index names by transformers."""
+    from safetensors.torch import load_file, save_file
+
+    from prune.io.safetensors import Checkpoint
+
+    folder = copy_model(tiny_folder, tmp_path / "m")
+    (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 20)
+    model, _, _ = prune.load(folder)
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    (folder / "adapter_model.safetensors").unlink()
+    save_file(tensors, folder / "a.safetensors", metadata={"format": "pt"})
+    save_file({"model.norm.weight": torch.full_like(tensors["model.norm.weight"], 7.0)}, folder / "b.safetensors",
+              metadata={"format": "pt"})
+    weight_map = {k: "a.safetensors" for k in tensors} | {"model.norm.weight": "b.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    entry = Checkpoint(folder).entries["model.norm.weight"]
+    assert Path(entry.file).name == "b.safetensors"
+    assert bool((prune.load(folder)[0].model.norm.weight == 7.0).all())  # transformers agrees
+    with pytest.raises(PruneError, match="names a GPU that is not present"):
+        prune.load(folder, device_map=3)  # was AttributeError: 'int' object has no attribute 'items'
+
+
+def test_a_revision_of_a_local_folder_is_refused_and_a_gguf_named_folder_is_a_folder(tiny_folder, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    copy_model(tiny_folder, tmp_path / "org" / "name")  # a folder named like a Hub id shadows the repo
+    with pytest.raises(PruneError, match="revision 'v2' is for a Hub repo, but org/name is a local folder here"):
+        resolve_source("org/name", revision="v2")
+    assert resolve_source("org/name").kind == "folder"
+    copy_model(tiny_folder, tmp_path / "model.gguf")
+    assert resolve_source("model.gguf").kind == "folder"  # it said "GGUF file not found: model.gguf"
+
+
+def test_a_file_read_once_per_process_is_read_again_after_an_edit_that_keeps_its_size_and_mtime(tmp_path):
+    import os
+
+    from prune.io.gguf import kept_per_file
+
+    path = tmp_path / "f.txt"
+    path.write_text("first")
+    stamp = path.stat()
+    assert kept_per_file("test", path, path.read_text) == "first"
+    path.write_text("again")  # same size, and the mtime restored as cp -p or rsync -t do
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert kept_per_file("test", path, path.read_text) == "again"
 
 
 def test_tokenizer_without_pad_unk_eos_is_refused_before_lm_eval(tiny_folder, tmp_path):

@@ -3,6 +3,7 @@ the suite's one real-model module (the other modules use tiny random models)."""
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -186,3 +187,16 @@ def test_a_gguf_files_header_config_and_tokenizer_are_read_once(smollm2_path):
     assert t1 is not t2 and t1("The capital of France").input_ids == t2("The capital of France").input_ids
     t1.model_max_length = 7  # a change to one copy is not seen by the next caller
     assert load_tokenizer(src).model_max_length == t2.model_max_length != 7
+
+
+def test_a_gguf_file_in_a_model_folder_brings_its_own_tokenizer(smollm2_path, tmp_path, tokenizers_by_bos):
+    """llama.cpp's converter writes the .gguf into the Hugging Face folder: transformers then read the
+    folder's tokenizer files, not the GGUF's (256 tokens against the config's 49,152, silently)."""
+    from prune.io.source import resolve_source
+    from prune.model.loading import load_config, load_tokenizer
+
+    folder = tmp_path / "hf-folder"
+    tokenizers_by_bos[True].save_pretrained(folder)  # another model's tokenizer files
+    os.link(smollm2_path, folder / smollm2_path.name)  # the same bytes under another path: not a kept read
+    src = resolve_source(folder, gguf_file=smollm2_path.name)
+    assert len(load_tokenizer(src)) == load_config(src).vocab_size == 49152

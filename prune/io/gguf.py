@@ -25,7 +25,8 @@ def kept_per_file(what: str, path: str | os.PathLike, read: Callable[[], Any]) -
     a read that raises is not kept (it raises again next time)."""
     file = Path(path).resolve()
     stat = file.stat()
-    key = (what, str(file), stat.st_size, stat.st_mtime_ns)
+    # ctime and the inode too: an edit in place that keeps size and mtime (cp -p, rsync -t) changes them
+    key = (what, str(file), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev)
     if key not in _KEPT:
         value = read()
         if len(_KEPT) >= _MOST:

@@ -32,16 +32,30 @@ class ModelSource:
 
 
 def resolve_source(source: str | os.PathLike, gguf_file: str | None = None, revision: str | None = None) -> ModelSource:
-    """Classify ``source`` and check that a local one exists, before anything is loaded."""
+    """Classify ``source`` and check that a local one exists, before anything is loaded. A ``revision``
+    is a Hub branch, tag or commit: with a local source (a folder named like a Hub id shadows the
+    repo) it is refused rather than ignored."""
+    src = _classify(source, gguf_file, revision)
+    if revision and src.kind != "hub":
+        raise PruneError(f"revision {revision!r} is for a Hub repo, but {source} is a local {src.kind} here "
+                         f"({Path(src.display).resolve()}): drop the revision to use it, or give the Hub id where no "
+                         "such path exists")
+    return src
+
+
+def _classify(source: str | os.PathLike, gguf_file: str | None, revision: str | None) -> ModelSource:
     text = str(source)
     path = Path(text).expanduser()
     if text.strip():  # a folder whose replacement a killed writer left half done: finished first
         from prune.io.staging import existing
 
         existing(path)
-    if gguf_file is None and text.lower().endswith(".gguf"):
+    if text.lower().endswith(".gguf") and not path.is_dir():  # a folder named *.gguf is a folder
         if not path.is_file():
             raise PruneError(f"GGUF file not found: {text} (check the path)")
+        if gguf_file is not None and gguf_file != path.name:
+            raise PruneError(f"{text} is a GGUF file and gguf_file names another ({gguf_file}): give the folder "
+                             "with gguf_file, or the file alone")
         return ModelSource("gguf", str(path.parent), path.name, revision)
     if path.is_dir():
         if gguf_file is not None:

@@ -79,7 +79,7 @@ def load_model(
     src = resolve_source(source, gguf_file, revision)
     check_checkpoint_files(src)
     torch_dtype = resolve_dtype(dtype)
-    if src.kind == "gguf" and torch_dtype == "auto":
+    if src.gguf_file and torch_dtype == "auto":  # a GGUF file, local or in a Hub repo
         torch_dtype = torch.float32
     check_device_map(device_map, offload_folder)
     device_map = rank_device_map(device_map)
@@ -115,7 +115,7 @@ def load_model(
         raise PruneError(f"could not load {src.display}: {first_line(exc)}") from exc
     except Exception as exc:  # noqa: BLE001 - one clear line for anything transformers raises
         raise PruneError(f"could not load {src.display}: {type(exc).__name__}: {first_line(exc)}") from exc
-    if src.kind == "gguf":
+    if src.gguf_file:  # a Hub repo's GGUF file too: save_pretrained refused it at the end of a run
         _forget_gguf_quantization(model)
     model.eval()
     decoder_layers(model)  # fail now, not after calibration, if no decoder stack is found
@@ -132,8 +132,18 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
         kwargs["gguf_file"] = src.gguf_file
     if src.revision:
         kwargs["revision"] = src.revision
+    def read():
+        if src.kind != "gguf":
+            return AutoTokenizer.from_pretrained(src.path, **kwargs)
+        # the GGUF file alone: beside a model folder's tokenizer files transformers read those instead
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="prune-gguf-") as alone:
+            (Path(alone) / src.gguf_file).symlink_to((Path(src.path) / src.gguf_file).resolve())
+            return AutoTokenizer.from_pretrained(alone, **kwargs)
+
     try:
-        return _gguf_once("tokenizer", src, trust_remote_code, lambda: AutoTokenizer.from_pretrained(src.path, **kwargs))
+        return _gguf_once("tokenizer", src, trust_remote_code, read)
     except PruneError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -192,6 +202,10 @@ def check_supported(config) -> None:
 
 def check_device_map(device_map, offload_folder: str | None) -> None:
     """Refuse device maps that name absent devices or disk offload without a folder."""
+    if isinstance(device_map, int) and not isinstance(device_map, bool):  # a GPU index, as transformers takes it
+        if not _device_exists(device_map):
+            raise PruneError(f"device_map {device_map} names a GPU that is not present (use auto, cpu, or a present GPU)")
+        return
     if device_map is None or isinstance(device_map, str):
         if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential", "cpu") and not _device_exists(device_map):
             raise PruneError(f"device_map {device_map!r} names a device that is not present (use auto, cpu, or a present device)")
@@ -368,11 +382,12 @@ def check_checkpoint_files(src: ModelSource) -> None:
             raise PruneError(f"GGUF file {folder / src.gguf_file} is truncated or corrupt ({type(exc).__name__}); "
                              "download it again") from None
         return
-    if (folder / INDEX_NAME).is_file():
-        files = [folder / s for s in read_index(folder)[1]]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
+    # the files transformers reads (model.safetensors, else the index's shards): another *.safetensors
+    # beside them (a PEFT adapter, a stray copy) is not the model's and does not block it
+    has_weights = (folder / INDEX_NAME).is_file() or (folder / "model.safetensors").is_file()
+    files = [folder / s for s in read_index(folder)[1]] if has_weights else []
     for file in files:
         file_tensors(file)  # safe_open refuses a truncated or corrupt file
-    if not files and not any(folder.glob("*.bin")) and not any(folder.glob("*.pt")):
-        raise PruneError(f"{folder} has a config but no weights (*.safetensors); is the download complete?")
+    if not files and not any(folder.glob("*.bin")):
+        raise PruneError(f"{folder} has a config but no weights (model.safetensors, an index of shards, or "
+                         "pytorch_model.bin); is the download complete?")
