@@ -86,6 +86,32 @@ def test_loading_reads_what_transformers_reads(tiny_folder, tmp_path):
         prune.load(folder, device_map=3)  # was AttributeError: 'int' object has no attribute 'items'
 
 
+def test_dtype_auto_without_a_config_dtype_is_transformers_choice(tiny_folder, tmp_path):
+    """No dtype in config.json: transformers takes the index's metadata.dtype, else the first floating
+    tensor of the first shard by name; the sequential path took the first shard the index listed."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from prune.io.safetensors import Checkpoint
+
+    folder = copy_model(tiny_folder, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    first, rest = [k for k in tensors if "layers.0." in k], [k for k in tensors if "layers.0." not in k]
+    save_file({k: tensors[k].to(torch.bfloat16) for k in first}, folder / "a.safetensors", metadata={"format": "pt"})
+    save_file({k: tensors[k] for k in rest}, folder / "b.safetensors", metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: "b.safetensors" for k in rest} | {k: "a.safetensors" for k in first}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").dtype
+    assert Checkpoint(folder).float_dtype() == loaded == torch.bfloat16  # a.safetensors, listed second
+    index["metadata"]["dtype"] = "float16"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert Checkpoint(folder).float_dtype() == AutoModelForCausalLM.from_pretrained(folder, dtype="auto").dtype
+
+
 def test_a_revision_of_a_local_folder_is_refused_and_a_gguf_named_folder_is_a_folder(tiny_folder, tmp_path,
                                                                                      monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -186,10 +186,18 @@ class Checkpoint:
         return total
 
     def float_dtype(self) -> torch.dtype | None:
-        """The dtype of the first floating tensor (the checkpoint's own dtype), ``None`` if there is none."""
-        for e in self.entries.values():
-            if e.dtype in FLOAT_DTYPES:
-                return DTYPES[e.dtype]
+        """The checkpoint's own dtype, as transformers reads it for ``dtype="auto"`` when the config names
+        none: an index's ``metadata.dtype``, else the first floating tensor of the first shard in name order
+        (its keys in the file's order); ``None`` if there is no floating tensor."""
+        index = self.folder / INDEX_NAME
+        if len(self.files) > 1 or (index.is_file() and not (self.folder / SINGLE_NAME).is_file()):
+            named = (json.loads(index.read_bytes().decode("utf-8")).get("metadata") or {}).get("dtype")
+            if isinstance(named, str) and isinstance(getattr(torch, named, None), torch.dtype):
+                return getattr(torch, named)
+        for file in sorted(self.files, key=lambda f: f.name):
+            for e in self.entries.values():
+                if e.file == file and e.dtype in FLOAT_DTYPES:
+                    return DTYPES[e.dtype]
         return None
 
     # ---- reading -------------------------------------------------------------------------
