@@ -309,7 +309,8 @@ def report(windows: int) -> str:
             continue
         lines += ["", f"#### Paired lm-eval at k = {k} (0-shot, limit 500, the same examples, local task copies)", "",
                   "One headline metric per task (acc; hellaswag acc_norm). The average's SE is "
-                  "sqrt(sum of the tasks' squared paired SEs) / 4 (the tasks' examples are independent).", *same, ""]
+                  "sqrt(sum of the tasks' squared paired SEs) / 4 (the tasks' examples are independent); its 95% interval "
+                  "adds the tasks' own intervals in squares (MOVER).", *same, ""]
         for i, a in enumerate(names):
             for b in names[i + 1:]:
                 rows = headline_rows(compare_folders(lmeval_folder(sels, a, k), lmeval_folder(sels, b, k)))

@@ -12,6 +12,7 @@ from conftest import DATA, build_model, prune_main
 from prune.core.errors import PruneError
 from prune.measure.paired import (Paired, compare_folders, compare_samples, headline_rows, load_samples, mcnemar_exact,
                                   mean_samples, paired_stats, task_average)
+from prune.measure.paired import average_line
 
 
 def test_mcnemar_exact_by_hand():
@@ -239,8 +240,17 @@ def test_task_average_by_hand():
     assert [(r.task, r.metric) for r in headline_rows(rows)] == [("arc_easy_local", "acc"), ("hellaswag_local", "acc_norm")]
     avg = task_average(rows)
     assert avg.diff == pytest.approx(-0.01) and avg.se == pytest.approx(math.sqrt(0.02 ** 2 + 0.01 ** 2) / 2)
-    assert avg.ci_low == pytest.approx(avg.diff - 1.96 * avg.se) and task_average([]) is None
-    assert avg.retained == pytest.approx((0.46 / 0.5 + 0.52 / 0.5) / 2)
+    # each task's interval (here diff -/+ 2 SE) squared and added: diff -/+ sqrt(sum (2 SE_t)^2) / T
+    assert avg.ci_low == pytest.approx(avg.diff - 2 * avg.se) and avg.ci_high == pytest.approx(avg.diff + 2 * avg.se)
+    assert task_average([]) is None and avg.retained == pytest.approx((0.46 / 0.5 + 0.52 / 0.5) / 2)
+    # no answer flipped on any task: the average's interval is as wide as the tasks' say (it was [0, 0]);
+    # a task the baseline scores 0 on has no share ("keeps nan%" before)
+    same = [paired_stats([1.0] * 30 + [0.0] * 10, [1.0] * 30 + [0.0] * 10, task="arc_easy_local", metric="acc"),
+            paired_stats([0.0] * 40, [0.0] * 40, task="piqa_local", metric="acc")]
+    avg = task_average(same)
+    assert avg.se == 0 and avg.ci_low < 0 < avg.ci_high and avg.retained == 1.0 and avg.retained_tasks == 1
+    line = average_line(same, "original", "pruned")
+    assert "nan" not in line and "no answer changed" in line and "over the 1 tasks original scores above 0" in line
 
 
 def test_compare_cli(lm_eval_folders, tmp_path):

@@ -311,9 +311,10 @@ class TaskAverage:
     tasks: list[str]
     diff: float  # mean over tasks of each task's mean difference
     se: float  # sqrt(sum_t SE_t^2) / T: the tasks' examples are independent
-    ci_low: float  # diff -/+ 1.96 se
-    ci_high: float
-    retained: float  # mean over tasks of B's score / A's (B's share of A's accuracy)
+    ci_low: float  # diff - sqrt(sum_t (diff_t - low_t)^2) / T: each task's own interval, squared and added
+    ci_high: float  # diff + sqrt(sum_t (high_t - diff_t)^2) / T
+    retained: float  # mean over the tasks A scores above 0 of B's score / A's (nan when there is none)
+    retained_tasks: int = 0  # how many tasks that mean is over
 
 
 def headline_rows(rows: list[Paired]) -> list[Paired]:
@@ -336,10 +337,17 @@ def task_average(rows: list[Paired]) -> TaskAverage | None:
     head = headline_rows(rows)
     if not head:
         return None
-    diff = sum(r.diff for r in head) / len(head)
-    se = math.sqrt(sum(r.se_paired ** 2 for r in head)) / len(head)
-    retained = sum(r.mean_b / r.mean_a for r in head) / len(head) if all(r.mean_a for r in head) else math.nan
-    return TaskAverage([r.task for r in head], diff, se, diff - 1.96 * se, diff + 1.96 * se, retained)
+    n = len(head)
+    diff = sum(r.diff for r in head) / n
+    se = math.sqrt(sum(r.se_paired ** 2 for r in head)) / n
+    # each task's interval (Newcombe's for right/wrong answers), combined by squaring and adding its two arms
+    # (Zou and Donner's MOVER for a sum of independent estimates): diff -/+ 1.96 se was 0 wide when no answer
+    # flipped, where every task's own interval is not
+    low = diff - math.sqrt(sum((r.diff - r.ci_low) ** 2 for r in head)) / n
+    high = diff + math.sqrt(sum((r.ci_high - r.diff) ** 2 for r in head)) / n
+    scored = [r for r in head if r.mean_a > 0]  # B's share of a score of 0 is undefined
+    retained = sum(r.mean_b / r.mean_a for r in scored) / len(scored) if scored else math.nan
+    return TaskAverage([r.task for r in head], diff, se, low, high, retained, len(scored))
 
 
 def average_line(rows: list[Paired], a: str = "A", b: str = "B") -> str:
@@ -348,9 +356,14 @@ def average_line(rows: list[Paired], a: str = "A", b: str = "B") -> str:
     avg = task_average(rows)
     if avg is None:
         return ""
+    if avg.retained_tasks == 0:
+        share = f"{b}'s share of {a}'s accuracy is undefined ({a} scores 0 on every task)"
+    else:
+        over = "" if avg.retained_tasks == len(avg.tasks) else f" over the {avg.retained_tasks} tasks {a} scores above 0"
+        share = f"{b} keeps {100 * avg.retained:.1f}% of {a}'s accuracy (mean of the per-task ratios{over})"
+    z = f"z = {avg.diff / avg.se:+.2f}" if avg.se else "no answer changed"
     return (f"Average over {len(avg.tasks)} tasks (one headline metric each): {b} - {a} = {100 * avg.diff:+.2f} points, "
-            f"paired SE {100 * avg.se:.2f} (z = {avg.diff / avg.se if avg.se else 0.0:+.2f}), 95% interval [{100 * avg.ci_low:+.2f}, {100 * avg.ci_high:+.2f}]; "
-            f"{b} keeps {100 * avg.retained:.1f}% of {a}'s accuracy (mean of the per-task ratios)")
+            f"paired SE {100 * avg.se:.2f} ({z}), 95% interval [{100 * avg.ci_low:+.2f}, {100 * avg.ci_high:+.2f}]; {share}")
 
 
 def paired_count(r: Paired, a: str = "A", b: str = "B") -> str:
