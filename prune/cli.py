@@ -363,15 +363,18 @@ def cmd_remove(args) -> int:
 
 
 def parse_blocks(items: list[str]) -> list[int]:
-    """``--blocks``: 0-based indices and inclusive ranges, ``12-18,25`` -> 12..18 and 25, sorted, once each."""
+    """``--blocks``: 0-based indices and inclusive ranges, ``12-18,25`` -> 12..18 and 25, sorted; a block named twice is refused."""
     import re
 
-    out: set[int] = set()
+    out: list[int] = []
     for item in items:
         m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", item)
         if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
             raise PruneError(f"--blocks takes 0-based indices and inclusive ranges like 12-18,25; got {item!r}")
-        out.update(range(int(m[1]), int(m[2] or m[1]) + 1))
+        out.extend(range(int(m[1]), int(m[2] or m[1]) + 1))
+    if len(set(out)) != len(out):  # a typo (3,3 for 3,4) removed fewer blocks than meant, silently
+        twice = sorted({b for b in out if out.count(b) > 1})
+        raise PruneError(f"--blocks names block(s) {twice} more than once (give each block once)")
     return sorted(out)
 
 
@@ -473,7 +476,8 @@ def add_heal(sub) -> None:
     p.add_argument("--output", "-o", required=True, help="the new folder to write (must not be RUN_DIR)")
     p.add_argument("--method", choices=[*HEAL_METHODS, "distill"], default=None,
                    help="healing method; distill = LoRA trained to match the original model (--set params=partial for "
-                        "partial fine-tuning; --set temperature=2 top_k=64 teacher_cache=FILE hidden_weight=...)")
+                        "partial fine-tuning; --set temperature=2 --set top_k=64 --set teacher_cache=FILE --set "
+                        "hidden_weight=..., one --set each)")
     p.add_argument("--config", default=None, help="YAML file with heal settings (a heal section, or a recipe holding one)")
     p.add_argument("--data", default=None, help="training text (.txt/.jsonl or a datasets name); never the evaluation text")
     p.add_argument("--field", type=_csv, default=None, help="JSONL field(s) of --data (comma-separated: concatenated)")

@@ -108,6 +108,8 @@ def test_overrides_and_env(tmp_path, tiny_folder, monkeypatch):
                                                  "model.device_map=null"])
     assert recipe.select.n_layers == 3 and recipe.evaluate.tasks == ["arc_easy", "piqa"]
     assert recipe.calibration.path == str(WIKI_RAW)
+    monkeypatch.setenv("MY_DATA", "")  # set but empty: the default, as ${MY_DATA:-...} is in a shell
+    assert load_recipe(write(tmp_path, data)).calibration.path == str(WIKI_RAW)
     monkeypatch.setenv("MY_DATA", str(tmp_path / "elsewhere.txt"))
     assert "file not found" in error_of(tmp_path, data)
     assert "is not key=value" in error_of(tmp_path, tiny_recipe(tiny_folder, tmp_path / "o"), ["select.n_layers"])

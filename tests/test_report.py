@@ -79,7 +79,8 @@ def test_cli_report_run_folder_and_model(run_dir, tmp_path):
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "a" / "report.html").is_file()
     again = prune_main("report", str(run_dir), "-o", str(tmp_path / "a"))
-    assert again.returncode == 2 and "already exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert again.returncode == 2 and "already exists (choose another --output or pass --overwrite)" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
     # a model: scored first, like prune score; the strategy's blocks marked
     model_dir = run_dir.parent / "tiny"
     res = prune_main("report", str(model_dir), "--data", str(WIKI_RAW), "--rows", "0:400", "--n-samples", "4", "--seq-len", "48",

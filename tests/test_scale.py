@@ -382,7 +382,9 @@ def test_cli_remove_writes_the_pruned_checkpoint(tokenizers_by_bos, tmp_path, ca
 
     from prune.cli import parse_blocks
 
-    assert parse_blocks(["5", "1-3", "2", "7 - 7"]) == [1, 2, 3, 5, 7]  # indices and inclusive ranges, once each
+    assert parse_blocks(["5", "1-3", "7 - 7"]) == [1, 2, 3, 5, 7]  # indices and inclusive ranges
+    with pytest.raises(PruneError, match=r"--blocks names block\(s\) \[2, 3\] more than once"):
+        parse_blocks(["1-3", "2", "3"])  # a typo (3,3 for 3,4) removed fewer blocks than meant, silently
     model, _, folder = saved(tmp_path, "phi3", tokenizers_by_bos)
     assert main(["remove", str(folder), "--blocks", "2-3,5", "-o", str(tmp_path / "out")]) == 0
     assert "without blocks [2, 3, 5]" in capsys.readouterr().out

@@ -46,7 +46,7 @@ def one_line_error(proc) -> str:
 def test_unknown_task_before_loading(no_weights, monkeypatch):
     monkeypatch.delenv("PRUNE_DATA_DIR", raising=False)  # lm-eval's registry alone: indexed once for this and the next
     line = one_line_error(prune_main("eval", no_weights, "--tasks", "arc_eezy"))
-    assert "unknown lm-eval task 'arc_eezy'" in line
+    assert "unknown lm-eval task 'arc_eezy'" in line and "give --data-dir (evaluate.data_dir in a recipe)" in line
 
 
 def test_uncached_registry_task_offline_before_loading(no_weights, monkeypatch):
@@ -65,6 +65,7 @@ def test_empty_group_before_loading(no_weights, task_dir):
 def test_fewshot_from_the_scored_split_is_refused_before_loading(no_weights):
     line = one_line_error(prune_main("eval", no_weights, "--tasks", "copa", "--num-fewshot", 2, "--data-dir", DATA))
     assert "2-shot examples would be drawn from its 'test' split, the split it scores" in line
+    assert "--fewshot-from-scored-split (evaluate.fewshot_from_scored_split in a recipe" in line  # the flag it has
 
 
 def test_fewshot_from_the_scored_split_when_allowed_is_marked(tokenizers_by_bos):
@@ -207,3 +208,20 @@ def test_local_tasks_name_the_data_folder_only_where_they_read_it():
         for line in task.read_text().splitlines():
             if str(DATA) in line:
                 assert line.strip().startswith("test:"), f"{task.name}: {line.strip()}"
+
+
+def test_a_chat_template_the_tokenizer_lacks_is_refused_before_loading(tiny_folder, tmp_path):
+    """--apply-chat-template on a tokenizer without one: lm-eval failed with a traceback, after the model was
+    loaded (and in a run, after scoring, selection and the original's evaluation: the fix then refused --resume)."""
+    import prune
+
+    line = one_line_error(prune_main("eval", tiny_folder, "--tasks", "copa", "--data-dir", DATA, "--limit", 2,
+                                     "--apply-chat-template", "-q"))
+    assert "--apply-chat-template: the tokenizer has no chat template" in line
+    from conftest import tiny_recipe
+
+    recipe = tiny_recipe(tiny_folder, tmp_path / "out")
+    recipe["evaluate"].update(tasks=["copa"], limit=2, data_dir=str(DATA), apply_chat_template=True)
+    with pytest.raises(PruneError, match="evaluate.apply_chat_template: the tokenizer has no chat template"):
+        prune.run(recipe, quiet=True)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.progress"))

@@ -322,7 +322,7 @@ def write_report(out_dir: str | Path, before: ScoreResult, *, after: ScoreResult
     """
     from prune.io.staging import staged
 
-    with staged(out_dir, overwrite, inputs, written=("report.json",)) as stage:
+    with staged(out_dir, overwrite, inputs, written=("report.json",), flag="--output") as stage:
         _write(stage, before, after, selection, kept, k, title, source, evaluation, lineage, healed)
     return Path(out_dir).expanduser()
 

@@ -65,11 +65,11 @@ def staging_dir(out: Path) -> Path:
 
 @contextlib.contextmanager
 def staged(out_dir: str | os.PathLike, overwrite: bool = False, inputs: Iterable[Input | None] = (),
-           written: tuple[str, ...] | None = None) -> Iterator[Path]:
+           written: tuple[str, ...] | None = None, flag: str = "output.dir") -> Iterator[Path]:
     """Yield a hidden staging folder beside ``out_dir``; on success it is renamed to ``out_dir``
     (replacing an existing one only then), on any error it is removed. A disk that fills up
     becomes one :class:`PruneError` line; staging folders of killed runs are cleared first."""
-    out = check_output_dir(out_dir, overwrite, inputs, written=written)
+    out = check_output_dir(out_dir, overwrite, inputs, flag=flag, written=written)
     remove_stale_staging(out)  # includes a leftover of this very process
     stage = staging_dir(out)
     try:

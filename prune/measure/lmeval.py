@@ -122,7 +122,7 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
             hint = ("offline and not in the datasets cache: run once online to cache it" if offline else
                     "check the network and the task's dataset_path")
             if local:
-                hint += f", or use the local copy {local} (set PRUNE_DATA_DIR or evaluate.data_dir)"
+                hint += f", or use the local copy {local} (--data-dir, evaluate.data_dir in a recipe, or PRUNE_DATA_DIR)"
             raise PruneError(f"lm-eval task {asked!r}: its data could not be loaded ({_first_line(exc)}); {hint}") from None
         finally:
             for lg, level in previous:
@@ -144,7 +144,8 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
             if source == scored and not fewshot_from_scored_split:
                 raise PruneError(f"lm-eval task {leaf!r}: {shots}-shot examples would be drawn from its {scored!r} split, "
                                  f"the split it scores; use num_fewshot 0, a task with a training or validation split, "
-                                 f"or set evaluate.fewshot_from_scored_split (then the results are marked)")
+                                 f"or allow it: --fewshot-from-scored-split (evaluate.fewshot_from_scored_split in a recipe; the results are "
+                                 f"then marked)")
     from prune.core.console import say
 
     for note in notes:  # once every check passed: an error stays the only line
@@ -179,7 +180,8 @@ def resolve_tasks(tasks: list[str], *, data_dir_path: str | os.PathLike | None =
     names = []
     for task in tasks:
         if task.endswith("_local") and folder is None:
-            raise PruneError(f"task {task!r} reads local data: set evaluate.data_dir or PRUNE_DATA_DIR")
+            raise PruneError(f"task {task!r} reads local data: give --data-dir (evaluate.data_dir in a recipe) or set "
+                             "PRUNE_DATA_DIR")
         names.append(LOCAL_TASKS.get(task, task) if folder is not None else task)
     if folder is not None:
         include.insert(0, str(local_task_dir(folder)))
@@ -193,8 +195,9 @@ def resolve_tasks(tasks: list[str], *, data_dir_path: str | os.PathLike | None =
 
             close = difflib.get_close_matches(task, sorted(known | set(LOCAL_TASKS)), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise PruneError(f"unknown lm-eval task {task!r}{hint}; offline, set PRUNE_DATA_DIR to use local copies of "
-                             f"{', '.join(LOCAL_TASKS)}")
+            where = ("" if folder is not None else "; offline, give --data-dir (evaluate.data_dir in a recipe) or set "
+                     f"PRUNE_DATA_DIR to use the local copies of {', '.join(LOCAL_TASKS)}")
+            raise PruneError(f"unknown lm-eval task {task!r}{hint}{where}")
     return names, manager
 
 
@@ -203,6 +206,21 @@ def check_tokenizer(tokenizer) -> None:
     if all(getattr(tokenizer, name, None) is None for name in ("pad_token", "unk_token", "eos_token")):
         raise PruneError("the tokenizer has no pad, unk or eos token, which lm-eval needs to pad batches "
                          "(add one: tokenizer.add_special_tokens({'pad_token': ...}) with an id inside the vocabulary)")
+
+
+def check_chat_template(tokenizer, apply: bool | str, flag: str = "evaluate.apply_chat_template") -> None:
+    """``apply`` (lm-eval's ``apply_chat_template``: True, or a template's name) needs the tokenizer to have
+    that template; without one lm-eval failed with a traceback after the model was loaded and scored."""
+    if not apply:
+        return
+    templates = getattr(tokenizer, "chat_template", None)
+    if not templates:
+        raise PruneError(f"{flag}: the tokenizer has no chat template (drop {flag}, or evaluate a model whose "
+                         "tokenizer has one, such as an instruct model)")
+    if isinstance(apply, str) and not (isinstance(templates, dict) and apply in templates):
+        names = ", ".join(templates) if isinstance(templates, dict) else "one unnamed template"
+        raise PruneError(f"{flag}={apply!r}: the tokenizer has no template of that name ({names}); use true for its "
+                         "default")
 
 
 @dataclass

@@ -153,6 +153,8 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
     if ppl is not None:  # empty or too short text fails now, not after loading
         eval_windows(load_tokenizer(src, trust_remote_code), load_text(ppl.source()), ppl.seq_len, ppl.max_windows,
                      ppl.bos)
+    if cfg.tasks and cfg.apply_chat_template:
+        L.check_chat_template(load_tokenizer(src, trust_remote_code), cfg.apply_chat_template, "--apply-chat-template")
     clock.lap("pre-flight")
     reference = None
     if original is not None:

@@ -95,9 +95,10 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
         text, seq_len, max_windows = fidelity_text
         eval_windows(tokenizer, load_text(text.source()), seq_len, max_windows, text.bos)
     if recipe.evaluate and recipe.evaluate.tasks:
-        from prune.measure.lmeval import check_limit_over_ranks, check_tasks, check_tokenizer
+        from prune.measure.lmeval import check_chat_template, check_limit_over_ranks, check_tasks, check_tokenizer
 
         check_tokenizer(tokenizer)
+        check_chat_template(tokenizer, recipe.evaluate.apply_chat_template)
         check_limit_over_ranks(recipe.evaluate.limit)
         ev = recipe.evaluate  # every task problem now, before the model loads
         if ev.model != "hf" or ev.model_args is not None:

@@ -55,14 +55,15 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 def expand_env(value: Any) -> Any:
-    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a nested structure."""
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a nested structure, as a shell does:
+    the default stands in for a variable that is unset or empty."""
     if isinstance(value, str):
         def sub(match):
             name, default = match.group(1), match.group(2)
+            if default is not None and not os.environ.get(name):
+                return default
             if name in os.environ:
                 return os.environ[name]
-            if default is not None:
-                return default
             raise PruneError(f"recipe uses ${{{name}}} but it is not set (export {name}=... or write ${{{name}:-default}})")
         return _ENV.sub(sub, value)
     if isinstance(value, dict):
