@@ -52,6 +52,7 @@ def eval_results(rows: list[dict] | None, settings: dict | None = None, steps: i
 
     out = []
     fewshot = (settings or {}).get("num_fewshot")
+    limit = (settings or {}).get("limit")  # examples per task (or a fraction of each): not the whole split
     for row in rows or []:
         if row.get("metric") == "count" or row["name"].startswith((KL_ROW, AGREEMENT_ROW, FIDELITY_PPL_ROW)):
             continue
@@ -65,10 +66,13 @@ def eval_results(rows: list[dict] | None, settings: dict | None = None, steps: i
             metric_type = "perplexity"
         else:
             hub_id, config, split = TASK_DATASETS.get(name, (name, None, None))
+            if split and limit:  # lm-eval scored the first examples only: say which, in datasets' slice syntax
+                split = f"{split}[:{100 * limit:g}%]" if limit < 1 else f"{split}[:{int(limit)}]"
             dataset = dict(dataset_type=hub_id, dataset_name=name, dataset_config=config, dataset_split=split)
             metric_type = metric
         shots = ((settings or {}).get("n_shot") or {}).get(row.get("task") or row["name"], fewshot)  # what lm-eval gave it
-        args = {"num_fewshot": shots} if shots is not None and name != "perplexity" else None
+        args = None if name == "perplexity" else (
+            {k: v for k, v in (("num_fewshot", shots), ("limit", limit)) if v is not None} or None)
         for value, label in ((row.get("pruned"), metric), (row.get("original"), metric + before_label(steps))):
             if isinstance(value, (int, float)):
                 out.append(EvalResult(task_type=TASK_TYPE, task_name=name, metric_type=metric_type,
