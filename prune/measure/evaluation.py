@@ -53,8 +53,8 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
         fid = measure_fidelity(model, reference, batch_size=cfg.fidelity.batch_size if cfg.fidelity else 4,
                                progress=not quiet, per_window=True)  # per window: prune compare pairs two models
         out["fidelity"] = fid
-        say(f"{label}KL to the original: mean {fid['kl_mean']:.4f}, median {fid['kl_median']:.4f}, p99 "
-            f"{fid['kl_p99']:.4f}, max {fid['kl_max']:.3f}; top-1 agreement {100 * fid['top1_agreement']:.1f}%; "
+        say(f"{label}KL to the original: mean {fid['kl_mean']:.4g}, median {fid['kl_median']:.4g}, p99 "  # 1e-6 shows
+            f"{fid['kl_p99']:.4g}, max {fid['kl_max']:.4g}; top-1 agreement {100 * fid['top1_agreement']:.1f}%; "
             f"perplexity ratio {fid['perplexity_ratio']:.3f}", quiet)
     if cfg.perplexity is not None:
         p = cfg.perplexity
@@ -112,5 +112,5 @@ def lm_eval_tables(files: dict[str, str]) -> str:
         if Path(name).name.startswith("results_"):
             results = json.loads(text)
             table = make_table(results) + ("\n" + make_table(results, "groups") if results.get("groups") else "")
-            parts.append(f"### lm-eval: {Path(name).parent.name}\n\n{table}")
+            parts.append(f"### lm-eval: {Path(name).parent.name or Path(name).name}\n\n{table}")
     return "\n".join(parts)
