@@ -1,7 +1,7 @@
 """CPU time of every test, its child processes included (CI's budget is CPU time, not wall time).
 
-As a pytest plugin it appends one JSON line per test to ``$PYTEST_CPU_OUT`` (default
-``bench_cache/pytest_cpu.jsonl``): the test's id and the CPU seconds (user + system) of the
+As a pytest plugin it writes one JSON line per test to ``$PYTEST_CPU_OUT`` (default
+``bench_cache/pytest_cpu.jsonl``, emptied when the session starts): the test's id and the CPU seconds (user + system) of the
 pytest process (``self``) and of the processes it waited for (``children``: subprocesses, torchrun)
 between its start and its end, setup and teardown included. Run as a script it sums a file by
 test module and lists the costliest tests.
@@ -33,6 +33,9 @@ except ImportError:  # the summary needs no pytest
     pytest = None
 
 if pytest is not None:
+    def pytest_sessionstart(session):  # noqa: ARG001 - pytest's hook signature
+        OUT.unlink(missing_ok=True)  # one run per file: the summary adds up what it holds
+
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(item, nextitem):  # noqa: ARG001 - pytest's hook signature
         before = _cpu()
@@ -50,7 +53,7 @@ def summary(path: Path, top: int = 20) -> str:
     modules = Counter()
     for test, seconds in cost.items():
         modules[test.split("::")[0]] += seconds
-    lines = [f"{len(rows)} tests, {sum(cost.values()):.0f} CPU-seconds", "", "by module:"]
+    lines = [f"{len(cost)} tests, {sum(cost.values()):.0f} CPU-seconds", "", "by module:"]
     lines += [f"{seconds:8.1f}  {module}" for module, seconds in modules.most_common()]
     lines += ["", f"the {top} costliest tests:"]
     lines += [f"{seconds:8.1f}  {test}" for test, seconds in sorted(cost.items(), key=lambda kv: -kv[1])[:top]]

@@ -137,3 +137,13 @@ def test_a_text_is_tokenized_once_per_tokenizer(tokenizers_by_bos):
     split = copy.deepcopy(tok)
     split.backend_tokenizer.encode_special_tokens = True  # special tokens in the text split like any text
     assert T._tokenizer_key(split) != key[0]
+    # a custom Python pre-tokenizer cannot be serialized: its streams are not kept, and tokenizing still works
+    from tokenizers import pre_tokenizers
+
+    class Whole:
+        def pre_tokenize(self, pretok):
+            pass
+
+    custom = copy.deepcopy(tok)
+    custom.backend_tokenizer.pre_tokenizer = pre_tokenizers.PreTokenizer.custom(Whole())
+    assert T._tokenizer_key(custom) is None and token_stream(custom, body).numel() > 0

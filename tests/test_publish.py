@@ -226,9 +226,10 @@ def test_model_index_is_valid_for_huggingface_hub(chain, tmp_path):
         ("arc_easy", "allenai/ai2_arc", "test"), ("perplexity", "text", None)}
     assert {r.metric_args["num_fewshot"] for r in shown if r.task_name == "arc_easy"} == {2}
     # a limit scored the first examples only: the split says which, and the args the limit (it read as the whole split)
-    limited = eval_results(marked, {"num_fewshot": 0, "limit": 4}) + eval_results(marked, {"limit": 0.25})
+    limited = (eval_results(marked, {"num_fewshot": 0, "limit": 4}) + eval_results(marked, {"limit": 0.25})
+               + eval_results(marked, {"limit": 0.025}))  # datasets' percent slices are whole: the split alone
     assert {(r.dataset_split, str(r.metric_args)) for r in limited if r.task_name == "arc_easy"} == {
-        ("test[:4]", "{'num_fewshot': 0, 'limit': 4}"), ("test[:25%]", "{'limit': 0.25}")}
+        ("test[:4]", "{'num_fewshot': 0, 'limit': 4}"), ("test[:25%]", "{'limit': 0.25}"), ("test", "{'limit': 0.025}")}
     assert "acc (step-1 model, before this step)" in {r.metric_name for r in shown}
     acc = next(r for r in made if r.metric_name == "acc")
     assert (acc.task_name, acc.dataset_type, acc.dataset_config, acc.metric_value) == ("arc_easy", "allenai/ai2_arc",

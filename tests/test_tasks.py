@@ -224,4 +224,14 @@ def test_a_chat_template_the_tokenizer_lacks_is_refused_before_loading(tiny_fold
     recipe["evaluate"].update(tasks=["copa"], limit=2, data_dir=str(DATA), apply_chat_template=True)
     with pytest.raises(PruneError, match="evaluate.apply_chat_template: the tokenizer has no chat template"):
         prune.run(recipe, quiet=True)
+    from conftest import build_tokenizer
+    from prune.measure.lmeval import check_chat_template
+
+    tok = build_tokenizer(True)
+    tok.chat_template = {"tool_use": "{{ messages }}", "rag": "{{ messages }}"}  # named templates, no default
+    with pytest.raises(PruneError, match="templates are tool_use, rag and none is 'default'"):
+        check_chat_template(tok, True)
+    check_chat_template(tok, "rag")
+    tok.chat_template = "{{ messages }}"  # one template: lm-eval uses it whatever name is asked for
+    check_chat_template(tok, "anything")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.progress"))

@@ -67,7 +67,10 @@ def eval_results(rows: list[dict] | None, settings: dict | None = None, steps: i
         else:
             hub_id, config, split = TASK_DATASETS.get(name, (name, None, None))
             if split and limit:  # lm-eval scored the first examples only: say which, in datasets' slice syntax
-                split = f"{split}[:{100 * limit:g}%]" if limit < 1 else f"{split}[:{int(limit)}]"
+                if limit >= 1:
+                    split = f"{split}[:{int(limit)}]"
+                elif float(100 * limit).is_integer():  # datasets' percent slices are whole percents
+                    split = f"{split}[:{int(100 * limit)}%]"
             dataset = dict(dataset_type=hub_id, dataset_name=name, dataset_config=config, dataset_split=split)
             metric_type = metric
         shots = ((settings or {}).get("n_shot") or {}).get(row.get("task") or row["name"], fewshot)  # what lm-eval gave it

@@ -147,17 +147,15 @@ class Checkpoint:
         self._ranges: dict[Path, dict[str, tuple[int, int]]] = {}  # byte ranges, read on first use
         self.file_metadata: dict[str, dict] = {}
         self.entries: dict[str, TensorEntry] = {}
-        unlisted: list[str] = []
         for file in self.files:
             entries, self.file_metadata[file.name] = file_tensors(file)
             for key, entry in entries.items():
-                # a tensor stored in two shards is read from the one the index names (as transformers does)
-                if weight_map is None or weight_map.get(key) == file.name:
-                    self.entries[key] = entry
-                elif key not in weight_map:
-                    unlisted.append(key)
-        if weight_map is not None and (set(weight_map) != set(self.entries) or unlisted):
-            missing = sorted((set(weight_map) ^ set(self.entries)) | set(unlisted))[:3]
+                if key in self.entries:  # which copy a reader takes is its own rule (transformers: the last shard)
+                    raise PruneError(f"{self.folder}: tensor {key} is stored in both {self.entries[key].file.name} and "
+                                     f"{file.name}; re-save the model (save_pretrained) so each tensor is stored once")
+                self.entries[key] = entry
+        if weight_map is not None and set(weight_map) != set(self.entries):
+            missing = sorted(set(weight_map) ^ set(self.entries))[:3]
             raise PruneError(f"{self.folder}: {INDEX_NAME} and the shards disagree about tensors {missing}; "
                              "re-save or re-download the model")
 

@@ -179,6 +179,7 @@ def needs_bos(tokenizer) -> bool:
 #: windows, every evaluation pass), ~0.3 s per MB each
 _STREAMS: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
 _STREAMS_KEPT = 8
+_STREAMS_BYTES = 256 << 20  # and at most this much (int64 ids: 32M tokens); a longer stream is not kept
 
 
 def _tokenizer_key(tokenizer) -> str | None:
@@ -190,7 +191,11 @@ def _tokenizer_key(tokenizer) -> str | None:
     # beside the serialization: the class and the switches that change how special tokens in a text encode
     extra = (type(tokenizer).__qualname__, getattr(tokenizer, "split_special_tokens", None),
              getattr(backend, "encode_special_tokens", None))
-    return hashlib.sha256(f"{extra}\n{backend.to_str()}".encode()).hexdigest()
+    try:
+        serialized = backend.to_str()
+    except Exception:  # noqa: BLE001 - a custom Python component cannot be serialized: such streams are not kept
+        return None
+    return hashlib.sha256(f"{extra}\n{serialized}".encode()).hexdigest()
 
 
 def token_stream(tokenizer, text: str) -> torch.Tensor:
@@ -205,9 +210,9 @@ def token_stream(tokenizer, text: str) -> torch.Tensor:
         return _STREAMS[key].clone()
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     stream = torch.tensor(ids, dtype=torch.long)
-    if key is not None:
+    if key is not None and stream.numel() * stream.element_size() <= _STREAMS_BYTES:
         _STREAMS[key] = stream.clone()
-        while len(_STREAMS) > _STREAMS_KEPT:
+        while len(_STREAMS) > _STREAMS_KEPT or sum(t.numel() * t.element_size() for t in _STREAMS.values()) > _STREAMS_BYTES:
             _STREAMS.popitem(last=False)
     return stream
 

@@ -217,10 +217,12 @@ def check_chat_template(tokenizer, apply: bool | str, flag: str = "evaluate.appl
     if not templates:
         raise PruneError(f"{flag}: the tokenizer has no chat template (drop {flag}, or evaluate a model whose "
                          "tokenizer has one, such as an instruct model)")
-    if isinstance(apply, str) and not (isinstance(templates, dict) and apply in templates):
-        names = ", ".join(templates) if isinstance(templates, dict) else "one unnamed template"
-        raise PruneError(f"{flag}={apply!r}: the tokenizer has no template of that name ({names}); use true for its "
-                         "default")
+    if not isinstance(templates, dict):
+        return  # one template: lm-eval uses it, whatever name was asked for
+    wanted = apply if isinstance(apply, str) else "default"
+    if wanted not in templates:
+        raise PruneError(f"{flag}={apply!r}: the tokenizer's templates are {', '.join(templates)} and none is "
+                         f"{wanted!r} (name one of them)")
 
 
 @dataclass
