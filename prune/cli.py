@@ -555,6 +555,13 @@ def cmd_compare(args) -> int:
     rows = compare_folders(args.a, bs or None, iters=args.iters, seed=args.seed) if samples or not fid_rows else []
     names = ("original", "pruned") if not bs else ("A", "B" if len(bs) == 1 else f"mean of {len(bs)} B")
     if rows:
+        from prune.measure.paired import evaluations_mixed, samples_folder
+
+        folders = [samples_folder(x) for x in [args.a, *bs]] if bs else [samples_folder(args.a, w) for w in names]
+        for folder in folders:  # each task from its newest file: say when they are not one evaluation's
+            if stamps := evaluations_mixed(folder, sorted({r.task for r in rows})):
+                print(f"note: {folder}'s tasks come from {len(stamps)} lm-eval runs ({', '.join(stamps)}; the newest "
+                      "file of each task): the comparison mixes them", file=sys.stderr)
         print(paired_markdown(rows, *names))
     if len({r.task for r in rows}) > 1:
         print("\n" + average_line(rows, *names))

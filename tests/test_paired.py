@@ -270,3 +270,14 @@ def test_compare_cli(lm_eval_folders, tmp_path):
     assert [r["diff"] for r in pooled["rows"]] == pytest.approx([r["diff"] / 2 for r in direct])
     proc = prune_main("compare", tmp_path, root / "model-b", check_rc=2)
     assert proc.stderr.startswith("error: no lm-eval samples") and len(proc.stderr.strip().splitlines()) == 1
+    # a folder holding two evaluations: each task's newest file is read, and the comparison says it mixes them
+    import re
+    import shutil
+
+    mixed = shutil.copytree(root / "model-b", tmp_path / "mixed")
+    [copa] = mixed.glob("samples_copa_local_*.jsonl")
+    later = re.sub(r"_(\d{4})-", lambda m: f"_{int(m[1]) + 1}-", copa.name, count=1)  # a year later
+    copa.rename(mixed / later)
+    proc = prune_main("compare", root / "model-a", mixed, check_rc=0)
+    assert "tasks come from 2 lm-eval runs" in proc.stderr and "mixed" in proc.stderr
+    assert "lm-eval runs" not in prune_main("compare", root / "model-a", root / "model-b", check_rc=0).stderr

@@ -412,6 +412,16 @@ def latest_samples(folder: Path) -> dict[str, Path]:
             if get_file_datetime(Path(paths[0]).name)}
 
 
+def evaluations_mixed(folder: Path, tasks: list[str] | None = None) -> list[str]:
+    """The lm-eval run times (file-name stamps) the newest samples of ``tasks`` in ``folder`` come from, when
+    there is more than one: each task is read from its newest file, so one comparison can mix two evaluations."""
+    from lm_eval.utils import get_file_datetime
+
+    latest = latest_samples(folder)
+    stamps = sorted({get_file_datetime(p.name) for t, p in latest.items() if tasks is None or t in tasks})
+    return stamps if len(stamps) > 1 else []
+
+
 def samples_folder(path: str | Path, which: str = "pruned") -> Path:
     """The folder of lm-eval samples meant by ``path``: a ``prune run`` folder (its ``eval/<which>``),
     an lm-eval output folder holding one model's subfolder, or a folder of ``samples_*.jsonl``."""
