@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench_env import DATA, ROOT, WIKI, log, smollm2_folder  # first: the offline environment and sys.path
+from bench_env import DATA, ROOT, WIKI, log, revision, smollm2_folder  # first: the offline environment and sys.path
 
 
 import torch  # noqa: E402
@@ -97,21 +97,7 @@ def stamp() -> dict:
     return {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}, "
                        f"{torch.get_num_threads()} threads, no GPU" if not torch.cuda.is_available() else "GPU",
-            "command": " ".join([Path(sys.executable).name, *sys.argv]), "revision": revision()}
-
-
-def revision() -> str | None:
-    """The repository's commit (``git rev-parse HEAD``), ``+`` when files differ from it; None outside git."""
-    import subprocess
-
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+" if dirty else "")
+            "command": " ".join([Path(sys.executable).name, *sys.argv]), "revision": revision(ROOT)}
 
 
 def changed_settings(name: str, settings: dict) -> list[str]:

@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import pytest
@@ -125,7 +126,7 @@ def test_a_text_is_tokenized_once_per_tokenizer(tokenizers_by_bos):
     tok = tokenizers_by_bos[True]
     body = load_text(TextSource(str(WIKI_RAW), rows="0:200"))
     first = token_stream(tok, body)
-    key = (T._tokenizer_key(tok), __import__("hashlib").sha256(body.encode()).hexdigest())
+    key = (T._tokenizer_key(tok), hashlib.sha256(body.encode()).hexdigest())
     assert key in T._STREAMS and torch.equal(first, torch.tensor(tok(body, add_special_tokens=False)["input_ids"]))
     first[0] = -1  # the caller's copy
     again = token_stream(tok, body)

@@ -23,6 +23,7 @@ import yaml
 
 from prune.core.records import OriginalModel, PruningRecord, PruningStep, SourceRecord
 from prune.export.lineage import as_record
+from prune.io.text import TEXT_SUFFIXES
 
 #: The Hub accepts ``adapter``, ``merge``, ``quantized`` and ``finetune``. A layer-pruned
 #: model is a complete set of weights derived from ONE parent (so not a merge), stored as
@@ -61,7 +62,7 @@ _LICENSE_ALIASES = {"apache 2.0": "apache-2.0", "apache2": "apache-2.0", "apache
 _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
 
 TEMPLATE = "modelcard.md"
-_LOCAL_TEXT = (".txt", ".raw", ".jsonl", ".json", ".csv", ".parquet", ".md", ".gz")
+_LOCAL_TEXT = (*TEXT_SUFFIXES, ".csv", ".parquet", ".md", ".gz")  # what load_text reads, and other files by name
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PACKAGED_BUILDERS = {"json", "csv", "text", "parquet", "arrow", "pandas", "imagefolder", "audiofolder"}
 

@@ -210,9 +210,9 @@ def token_stream(tokenizer, text: str) -> torch.Tensor:
         return _STREAMS[key].clone()
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     stream = torch.tensor(ids, dtype=torch.long)
-    if key is not None and stream.numel() * stream.element_size() <= _STREAMS_BYTES:
+    if key is not None and stream.nbytes <= _STREAMS_BYTES:
         _STREAMS[key] = stream.clone()
-        while len(_STREAMS) > _STREAMS_KEPT or sum(t.numel() * t.element_size() for t in _STREAMS.values()) > _STREAMS_BYTES:
+        while len(_STREAMS) > _STREAMS_KEPT or sum(t.nbytes for t in _STREAMS.values()) > _STREAMS_BYTES:
             _STREAMS.popitem(last=False)
     return stream
 

@@ -53,6 +53,14 @@ from prune.model.skeleton import Skeleton
 SPILL_MIN_BYTES = 64 << 20
 
 
+def states_in_memory(n_states: int, n_tokens: int, hidden: int, largest_block: int) -> tuple[int, bool]:
+    """``(bytes, spilled)`` of the float32 states between blocks (``n_states`` x ``n_tokens`` x ``hidden``):
+    kept in memory up to the largest block or ``SPILL_MIN_BYTES``, else spilled to disk (``bytes`` then
+    counts the bound, what a step may hold before writing)."""
+    states, bound = n_states * n_tokens * hidden * 4, max(largest_block, SPILL_MIN_BYTES)
+    return min(states, bound), states > bound
+
+
 class StateStore:
     """The float32 states ``h_0 .. h_L`` of every window, in memory or in one file per state.
 
@@ -192,9 +200,8 @@ def score_sequential(
     n_layers = len(run)
     parts = list(batches(windows, batch_size))
     hidden = sk.model.config.get_text_config().hidden_size
-    states_bytes = (n_layers + 1) * windows.numel() * hidden * 4
     if spill is None:  # keep the promise "one block in memory": spill states larger than a block
-        spill = states_bytes > max(max(sk.block_bytes(i) for i in run), SPILL_MIN_BYTES)
+        spill = states_in_memory(n_layers + 1, windows.numel(), hidden, max(sk.block_bytes(i) for i in run))[1]
     tmp = None
     if spill:
         tmp = Path(tempfile.mkdtemp(prefix="prune-states-", dir=spill_dir))

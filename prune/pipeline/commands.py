@@ -150,11 +150,12 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
             raise PruneError(f"--fidelity-to {original}: its vocabulary has {base_config.vocab_size} tokens, {source}'s "
                              f"{config.vocab_size}; fidelity compares next-token distributions over one vocabulary "
                              "(give the model this one was pruned from)")
+    templated = bool(cfg.tasks and cfg.apply_chat_template)
+    tokenizer = load_tokenizer(src, trust_remote_code) if ppl is not None or templated else None  # read once
     if ppl is not None:  # empty or too short text fails now, not after loading
-        eval_windows(load_tokenizer(src, trust_remote_code), load_text(ppl.source()), ppl.seq_len, ppl.max_windows,
-                     ppl.bos)
-    if cfg.tasks and cfg.apply_chat_template:
-        L.check_chat_template(load_tokenizer(src, trust_remote_code), cfg.apply_chat_template, "--apply-chat-template")
+        eval_windows(tokenizer, load_text(ppl.source()), ppl.seq_len, ppl.max_windows, ppl.bos)
+    if templated:
+        L.check_chat_template(tokenizer, cfg.apply_chat_template, "--apply-chat-template")
     clock.lap("pre-flight")
     reference = None
     if original is not None:

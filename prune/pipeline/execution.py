@@ -166,16 +166,15 @@ def plan_execution(source, requested: str = "auto", *, dtype="auto", device_map=
     if requested == "auto" and in_memory_need <= FIT_FRACTION * cpu_limit:
         return ExecutionPlan("in_memory", requested, f"weights {_gib(weights)} + working set {_gib(work)} fit in "
                              f"{_gib(cpu_limit)} of memory", str(device), weights, None, acts + work, cpu_limit)
+    from prune.measure.sequential import states_in_memory
     from prune.model.skeleton import Skeleton
-
-    from prune.measure.sequential import SPILL_MIN_BYTES
 
     sk = Skeleton(folder, dtype=load_dtype, trust_remote_code=trust_remote_code)
     block = max(sk.block_bytes(i) for i in range(len(sk.layers)))
     largest = max(block, checkpoint.bytes_at(sk.rest_keys(), load_dtype))
     limit = memory_limit(device, max_memory)
-    # the float32 states between blocks stay in (CPU) memory up to one block or SPILL_MIN_BYTES, then spill to disk
-    states = min(n_states * n_windows * seq_len * config.get_text_config().hidden_size * 4, max(block, SPILL_MIN_BYTES))
+    # the float32 states between blocks, in (CPU) memory up to sequential scoring's spill bound
+    states = states_in_memory(n_states, n_windows * seq_len, config.get_text_config().hidden_size, block)[0]
     need = largest + acts + work + (states if device.type == "cpu" else 0)
     if device.type != "cpu" and states > cpu_limit:  # the states live in CPU memory wherever the blocks run
         raise PruneError(f"not enough CPU memory for out-of-core scoring: the float32 states between blocks need "
