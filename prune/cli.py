@@ -60,6 +60,21 @@ def option(p: argparse.ArgumentParser, flag: str, section, name: str, **kwargs) 
     p.add_argument(flag, default=default(section, name), **kwargs)
 
 
+def _given(args, dests: tuple[str, ...]) -> list[str]:
+    """The flags among ``dests`` that this command line changed from their default (as typed: ``--n-layers``)."""
+    parser = args.subparser
+    return [action.option_strings[0] for action in parser._actions
+            if action.dest in dests and action.option_strings and getattr(args, action.dest) != action.default]
+
+
+def _refuse_unused(args, dests: tuple[str, ...], why: str) -> None:
+    """A one-line error for flags that would be silently ignored: ``why`` says when they count."""
+    flags = _given(args, dests)
+    if flags:
+        verb = "has" if len(flags) == 1 else "have"
+        raise PruneError(f"{', '.join(flags)} {verb} no effect {why}")
+
+
 def _common_model_flags(p: argparse.ArgumentParser) -> None:
     option(p, "--dtype", ModelConfig, "dtype")
     p.add_argument("--device-map", type=_device_map, default=None,
@@ -218,6 +233,16 @@ def cmd_eval(args) -> int:
         raise PruneError("--fidelity-to measures on the perplexity text: give --perplexity-data too")
     if not args.tasks and not args.perplexity_data:
         raise PruneError("nothing to evaluate: give --tasks and/or --perplexity-data")
+    if not args.tasks:
+        _refuse_unused(args, ("limit", "batch_size", "num_fewshot", "seed", "data_dir", "task_dir", "apply_chat_template",
+                              "fewshot_as_multiturn", "backend", "model_args", "local_alias",
+                              "fewshot_from_scored_split", "output_path"),
+                       "without --tasks (they set the lm-eval tasks): give --tasks or drop them")
+    if not args.perplexity_data:
+        _refuse_unused(args, ("perplexity_field", "perplexity_rows", "seq_len", "max_windows"),
+                       "without --perplexity-data: give --perplexity-data or drop them")
+    if not args.fidelity_to:
+        _refuse_unused(args, ("fidelity_top_k",), "without --fidelity-to ORIGINAL: give it or drop the flag")
     limit = args.limit
     if limit is not None and not math.isfinite(limit):
         raise PruneError(f"--limit: give a whole number of examples or a fraction below 1 (got {limit:g})")
@@ -439,6 +464,12 @@ def add_report(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+#: the flags of a model's report: a run folder's report reads what its run recorded
+_MODEL_REPORT_FLAGS = ("strategy", "metric", "n_layers", "protect", "field", "rows", "data_config", "split", "bos",
+                       "n_samples", "seq_len", "seed", "batch_size", "positions", "metrics", "cka_windows", "beta",
+                       "tau", "dtype", "device_map", "trust_remote_code")
+
+
 def cmd_report(args) -> int:
     from prune.export.report import default_output, is_run_dir, report_run
     from prune.pipeline.commands import report_model
@@ -447,6 +478,8 @@ def cmd_report(args) -> int:
     if is_run_dir(args.source) and not args.data:  # with --data a pruned folder is scored as a model
         from prune.pipeline.inputs import run_inputs
 
+        _refuse_unused(args, _MODEL_REPORT_FLAGS, f"on a run folder ({args.source} reports the blocks its run chose, "
+                       "scored as it was): give --data to score the folder as a model, or drop them")
         folder = report_run(args.source, out, overwrite=args.overwrite, inputs=run_inputs(args.source))
     else:
         if not args.data:
@@ -610,6 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for add in SUBCOMMANDS:
         add(sub)
+    for subparser in sub.choices.values():
+        subparser.set_defaults(subparser=subparser)  # for the flags a command would ignore (_given)
     return parser
 
 

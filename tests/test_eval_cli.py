@@ -38,6 +38,19 @@ def test_eval_fidelity_needs_text(tiny_folder, pruned_folder):
     assert proc.stderr.strip().splitlines() == ["error: --fidelity-to measures on the perplexity text: give --perplexity-data too"]
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--perplexity-data", WIKI_RAW, "--limit", "20"], "--limit has no effect without --tasks"),
+    (["--perplexity-data", WIKI_RAW, "--num-fewshot", "2", "--apply-chat-template"],
+     "--num-fewshot, --apply-chat-template have no effect without --tasks"),
+    (["--tasks", "copa", "--seq-len", "64"], "--seq-len has no effect without --perplexity-data"),
+    (["--perplexity-data", WIKI_RAW, "--fidelity-top-k", "8"], "--fidelity-top-k has no effect without --fidelity-to"),
+])
+def test_eval_refuses_flags_it_would_ignore(tiny_folder, flags, named):
+    """A flag that only counts with another one (lm-eval settings without tasks, ...) is refused, not dropped."""
+    proc = prune_main("eval", tiny_folder, *flags, check_rc=2)
+    assert proc.stderr.count("\n") == 1 and named in proc.stderr, proc.stderr
+
+
 @pytest.fixture(scope="module")
 def chat_folder(tiny_folder, tmp_path_factory):
     """The tiny model with a chat template on its tokenizer (a plain copy of the folder)."""

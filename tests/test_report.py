@@ -34,6 +34,17 @@ def run_dir(tmp_path_factory, tokenizers_by_bos):
     return run(recipe, quiet=True).out_dir
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--n-layers", "3"], "--n-layers has no effect on a run folder"),
+    (["--strategy", "one_shot", "--metric", "bi", "--seq-len", "16"], "--strategy, --metric, --seq-len have no effect"),
+])
+def test_report_of_a_run_folder_refuses_model_report_flags(run_dir, tmp_path, flags, named):
+    """A run folder's report shows what its run chose: the flags of a model's report would be ignored."""
+    proc = prune_main("report", run_dir, "-o", tmp_path / "rep", *flags, check_rc=2)
+    assert proc.stderr.count("\n") == 1 and named in proc.stderr and "give --data" in proc.stderr, proc.stderr
+    assert not (tmp_path / "rep").exists()
+
+
 def check_png(path, min_px=300, max_px=3000):
     with Image.open(path) as im:
         im.load()

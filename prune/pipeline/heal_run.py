@@ -197,7 +197,8 @@ def _heal_with_bridges(run: Path, original: OriginalModel, kept: list[int], cfg:
 def check_texts(run: Path, cfg: HealConfig, recipe, evaluate: bool, trust: bool) -> None:
     """Cut every window the heal will read, with the run's tokenizer, before any model loads: training
     text too short or a slice that selects nothing failed after loading (the training text) or after
-    training (the calibration and evaluation text)."""
+    training (the calibration and evaluation text). With ``--evaluate`` and lm-eval tasks, the
+    tokenizer's padding token and chat template are checked too (lm-eval failed on them after training)."""
     from prune.io.source import ModelSource
     from prune.io.text import calibration_windows_of, eval_windows, load_text
     from prune.model.loading import load_tokenizer
@@ -215,6 +216,11 @@ def check_texts(run: Path, cfg: HealConfig, recipe, evaluate: bool, trust: bool)
         if ev.fidelity is not None:
             text, seq_len, max_windows = ev.fidelity.text(ev.perplexity)
             eval_windows(tokenizer, load_text(text.source()), seq_len, max_windows, text.bos)
+        if ev.tasks:
+            from prune.measure.lmeval import check_chat_template, check_tokenizer
+
+            check_tokenizer(tokenizer)
+            check_chat_template(tokenizer, ev.apply_chat_template)
 
 
 def read_run_eval(run: Path) -> dict:
