@@ -365,6 +365,7 @@ def add_remove(sub) -> None:
     p.add_argument("--base-model", default=None, help="Hub repo id of the model, for the card (a local MODEL only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the checkpoint (off by default)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_remove)
 
 
@@ -382,7 +383,7 @@ def cmd_remove(args) -> int:
         blocks = blocks_from_slices(args.slices, config.num_hidden_layers)
     out = prune_checkpoint(args.model, blocks, args.output, pruning={}, overwrite=args.overwrite,
                            trust_remote_code=args.trust_remote_code, dtype=args.dtype,
-                           base_model=_repo_id_arg(args.base_model, "--base-model"))
+                           base_model=_repo_id_arg(args.base_model, "--base-model"), progress=not args.quiet)
     print(f"wrote {out} without blocks {sorted(blocks)}")
     return 0
 

@@ -96,7 +96,8 @@ CURVE_FACTORS = [0.25, 0.5, 1, 2, 4]
 def stamp() -> dict:
     return {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}, "
-                       f"{torch.get_num_threads()} threads, no GPU" if not torch.cuda.is_available() else "GPU",
+                       f"{torch.get_num_threads()} threads, "
+                       + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"),
             "command": " ".join([Path(sys.executable).name, *sys.argv]), "revision": revision(ROOT)}
 
 

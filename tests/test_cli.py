@@ -172,3 +172,11 @@ def test_score_reads_a_datasets_configuration_split_and_bos_flag(tmp_path, tiny_
     assert no_bos.block_influence != from_file.block_influence and no_bos.metadata["data"]["bos"] is False
     bad = prune_main("score", tiny_folder, "--data", folder, "--data-config", "gamma", *common)
     assert bad.returncode == 2 and "could not load dataset" in bad.stderr and "config 'gamma'" in bad.stderr
+
+
+def test_remove_shows_a_progress_bar_of_the_bytes_written_unless_quiet(tmp_path, tiny_folder):
+    """``prune remove`` copies every kept tensor (minutes for a large model): a tqdm bar in bytes, none with -q."""
+    shown = prune_main("remove", tiny_folder, "--blocks", "2", "-o", tmp_path / "a", check_rc=0)
+    assert "writing shards" in shown.stderr and "100%" in shown.stderr, shown.stderr
+    quiet = prune_main("remove", tiny_folder, "--blocks", "2", "-o", tmp_path / "b", "-q", check_rc=0)
+    assert "writing shards" not in quiet.stderr and f"wrote {tmp_path / 'b'}" in quiet.stdout

@@ -23,6 +23,7 @@ import yaml
 
 from prune.core.records import OriginalModel, PruningRecord, PruningStep, SourceRecord
 from prune.export.lineage import as_record
+from prune.io.source import HUB_ID
 from prune.io.text import TEXT_SUFFIXES
 
 #: The Hub accepts ``adapter``, ``merge``, ``quantized`` and ``finetune``. A layer-pruned
@@ -63,7 +64,6 @@ _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
 
 TEMPLATE = "modelcard.md"
 _LOCAL_TEXT = (*TEXT_SUFFIXES, ".csv", ".parquet", ".md", ".gz")  # what load_text reads, and other files by name
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PACKAGED_BUILDERS = {"json", "csv", "text", "parquet", "arrow", "pandas", "imagefolder", "audiofolder"}
 
 
@@ -83,7 +83,7 @@ def is_hub_dataset(path: str | None) -> bool:
         return False
     if "/" not in path and "." in path:  # a bare file name (corpus.text) read from the working folder, not a Hub id
         return False
-    return bool(_HUB_ID.match(path)) and path.lower() not in _PACKAGED_BUILDERS
+    return bool(HUB_ID.match(path)) and path.lower() not in _PACKAGED_BUILDERS
 
 
 def hub_license(original: OriginalModel | None) -> dict[str, str]:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from prune.core.errors import PruneError
 from prune.core.faults import fault_point
@@ -123,11 +124,13 @@ def convert_entries(tensors: list[tuple[str, TensorEntry]], target: torch.dtype 
     return out
 
 
-def write_safetensors(path: Path, tensors: list[tuple[str, TensorEntry]], metadata: dict | None = None) -> int:
+def write_safetensors(path: Path, tensors: list[tuple[str, TensorEntry]], metadata: dict | None = None,
+                      bar=None) -> int:
     """Write ``(name, source entry)`` pairs as one safetensors file, copying bytes; returns data bytes.
 
     Tensors are laid out like the reference serializer (largest element size first, then by
     name), so every tensor stays aligned to its element size; the header is padded to 8 bytes.
+    ``bar`` (a tqdm bar in bytes) advances by each tensor written.
     """
     def order(item):
         name, entry = item
@@ -148,10 +151,12 @@ def write_safetensors(path: Path, tensors: list[tuple[str, TensorEntry]], metada
         for _, entry in tensors:
             if isinstance(entry, Converted):
                 entry.write(out)
-                continue
-            if entry.file not in ranges:
-                ranges[entry.file] = byte_ranges(entry.file)
-            copy_bytes(entry.file, *ranges[entry.file][entry.key], out)
+            else:
+                if entry.file not in ranges:
+                    ranges[entry.file] = byte_ranges(entry.file)
+                copy_bytes(entry.file, *ranges[entry.file][entry.key], out)
+            if bar is not None:
+                bar.update(entry.nbytes)
     return offset
 
 
@@ -198,6 +203,7 @@ def prune_checkpoint(
     base_model: str | None = None,
     inputs=(),
     new_step: bool = True,
+    progress: bool = False,
 ) -> Path:
     """Write the checkpoint of ``source`` without the blocks ``removed`` (0-based) to ``out_dir``.
 
@@ -211,6 +217,7 @@ def prune_checkpoint(
     tensor for tensor, the checkpoint ``prune.remove_layers`` + ``prune.save`` would write.
     ``new_step=False``: ``pruning`` already has its lineage (``prune run`` out of core) and is
     written as it is. ``inputs``: paths the output must never touch (:mod:`prune.io.guard`).
+    ``progress``: a bar of the bytes written.
     """
     from transformers import AutoConfig
 
@@ -267,10 +274,12 @@ def prune_checkpoint(
         weight_map: dict[str, str] = {}
         total = 0
         fault_point("saving")
-        for name, (source_shard, tensors) in zip(names, shards.items()):
-            meta = sk.checkpoint.file_metadata.get(source_shard) or {"format": "pt"}
-            total += write_safetensors(stage / name, tensors, meta)
-            weight_map.update({key: name for key, _ in tensors})
+        size = sum(e.nbytes for tensors in shards.values() for _, e in tensors)
+        with tqdm(total=size, desc="writing shards", unit="B", unit_scale=True, disable=not progress) as bar:
+            for name, (source_shard, tensors) in zip(names, shards.items()):
+                meta = sk.checkpoint.file_metadata.get(source_shard) or {"format": "pt"}
+                total += write_safetensors(stage / name, tensors, meta, bar)
+                weight_map.update({key: name for key, _ in tensors})
         fault_point("saved_weights")
         if len(names) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

@@ -11,7 +11,8 @@ from typing import Any
 from prune.core.errors import PruneError
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+#: a Hub repository id (``name`` or ``org/name``), as a model or dataset is named on the Hub
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 @dataclass
@@ -70,6 +71,6 @@ def _classify(source: str | os.PathLike, gguf_file: str | None, revision: str | 
         return ModelSource("folder", str(path), None, revision)
     if path.exists():
         raise PruneError(f"{text} is a file, not a model (give a model folder, a .gguf file or a Hub id)")
-    if not _HUB_ID.match(text):
+    if not HUB_ID.match(text):
         raise PruneError(f"model path not found: {text} (check the path, or give a Hub id like org/name)")
     return ModelSource("hub", text, gguf_file, revision)
