@@ -5,6 +5,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -204,3 +206,22 @@ def test_a_gguf_file_in_a_model_folder_brings_its_own_tokenizer(smollm2_path, tm
         shutil.copy(smollm2_path, folder / smollm2_path.name)
     src = resolve_source(folder, gguf_file=smollm2_path.name)
     assert len(load_tokenizer(src)) == load_config(src).vocab_size == 49152
+    assert load_tokenizer(src).name_or_path == src.display  # not the temporary folder it was read from
+
+
+def test_a_hub_repos_gguf_file_brings_its_own_tokenizer(smollm2_path, tmp_path, tokenizers_by_bos):
+    """The same for a Hub repo holding a .gguf and tokenizer files (org/name with gguf_file): the
+    GGUF's tokenizer, read from the offline Hub cache (a process of its own: the cache folder is
+    read when huggingface_hub is imported)."""
+    snapshot = tmp_path / "hub" / "models--org--smol" / "snapshots" / ("0" * 40)
+    tokenizers_by_bos[True].save_pretrained(snapshot)  # another model's tokenizer files in the repo
+    (snapshot / smollm2_path.name).symlink_to(smollm2_path.resolve())
+    (tmp_path / "hub" / "models--org--smol" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--smol" / "refs" / "main").write_text("0" * 40)
+    code = ("from prune.io.source import resolve_source; from prune.model.loading import load_tokenizer; "
+            f"t = load_tokenizer(resolve_source('org/smol', gguf_file={smollm2_path.name!r})); "
+            "print(len(t), t.name_or_path)")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["49152", f"org/smol/{smollm2_path.name}"]

@@ -133,14 +133,22 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
     if src.revision:
         kwargs["revision"] = src.revision
     def read():
-        if src.kind != "gguf":
+        if not src.gguf_file:
             return AutoTokenizer.from_pretrained(src.path, **kwargs)
-        # the GGUF file alone: beside a model folder's tokenizer files transformers read those instead
+        # the GGUF file alone: beside a model folder's (or a Hub repo's) tokenizer files transformers read those
         import tempfile
 
+        if src.kind == "gguf":
+            gguf = Path(src.path) / src.gguf_file
+        else:  # a Hub repo's file: the copy in the Hub cache, which loading the model downloads anyway
+            from huggingface_hub import hf_hub_download
+
+            gguf = Path(hf_hub_download(src.path, src.gguf_file, revision=src.revision))
         with tempfile.TemporaryDirectory(prefix="prune-gguf-") as alone:
-            (Path(alone) / src.gguf_file).symlink_to((Path(src.path) / src.gguf_file).resolve())
-            return AutoTokenizer.from_pretrained(alone, **kwargs)
+            (Path(alone) / gguf.name).symlink_to(gguf.resolve())
+            tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=gguf.name, trust_remote_code=trust_remote_code)
+        tokenizer.name_or_path = src.display  # not the temporary folder, gone now
+        return tokenizer
 
     try:
         return _gguf_once("tokenizer", src, trust_remote_code, read)
