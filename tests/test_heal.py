@@ -493,6 +493,11 @@ def test_an_adapter_heal_is_evaluated_with_its_adapter(tmp_path, tiny_folder):
     assert list((healed / "eval" / "original").glob("samples_copa_local_*.jsonl"))
     assert list((healed / "eval" / "pruned").glob("samples_copa_local_*.jsonl"))
     assert ev["paired"] and ev["paired"][0]["n"] == 6 and "Paired: pruned against original" in (healed / "eval.md").read_text()
+    # and against the run's pruned model, on the same examples: what the healing won back
+    assert list((healed / "eval" / "pruned_before_healing").glob("samples_copa_local_*.jsonl"))
+    assert ev["paired_healing"] and ev["paired_healing"][0]["n"] == 6
+    assert ev["paired_healing"][0]["mean_a"] == ev["pruned_before_healing"]["tasks"]["copa_local"]["metrics"]["acc"]
+    assert "Paired: healed against pruned before healing" in (healed / "eval.md").read_text()
     assert prune_main("compare", healed, check_rc=0).stdout.count("copa_local") >= 1
     # the card tells how to re-make the adapter (prune run refuses merge: false), from the recipe beside it
     card = (healed / "README.md").read_text()

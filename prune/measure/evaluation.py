@@ -89,18 +89,20 @@ def lm_eval_outputs(original: dict, pruned: dict, *, seed: int = 0) -> tuple[dic
     texts_of = {"original": original.pop("lm_eval_files", None) or {}, "pruned": pruned.pop("lm_eval_files", None) or {}}
     if not any(texts_of.values()):
         return {}, []  # no tasks ran: nothing of lm-eval's (a perplexity-only run needs no lm-eval)
+    files = {f"eval/{which}/{name}": text for which, texts in texts_of.items() for name, text in texts.items()}
+    return files, paired_files(texts_of["original"], texts_of["pruned"], seed=seed)
+
+
+def paired_files(a: dict[str, str], b: dict[str, str], *, seed: int = 0) -> list:
+    """The paired comparison (B against A) of two models' lm-eval files (``{file name: text}``, as lm-eval writes
+    them), over their samples files; ``[]`` when either has none."""
     from lm_eval.utils import get_file_task_name
 
     from prune.measure.paired import compare_samples, read_samples
 
-    files: dict[str, str] = {}
-    samples: dict[str, dict] = {}
-    for which, texts in texts_of.items():
-        files.update({f"eval/{which}/{name}": text for name, text in texts.items()})
-        samples[which] = {get_file_task_name(name): read_samples(text.splitlines())
-                          for name, text in texts.items() if name.startswith("samples_")}
-    paired = compare_samples(samples["original"], samples["pruned"], seed=seed) if all(samples.values()) else []
-    return files, paired
+    samples = [{get_file_task_name(name): read_samples(text.splitlines())
+                for name, text in texts.items() if name.startswith("samples_")} for texts in (a, b)]
+    return compare_samples(*samples, seed=seed) if all(samples) else []
 
 
 def lm_eval_tables(files: dict[str, str]) -> str:

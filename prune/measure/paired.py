@@ -390,15 +390,16 @@ def paired_markdown(rows: list[Paired], a: str = "A", b: str = "B") -> str:
     return "\n".join(lines)
 
 
-def paired_section(rows: list[Paired]) -> str:
-    """The paired comparison of a run as a Markdown section of eval.md ('' without lm-eval samples)."""
+def paired_section(rows: list[Paired], a: str = "original", b: str = "pruned") -> str:
+    """The paired comparison of a run (``b`` against ``a``) as a Markdown section of eval.md ('' without
+    lm-eval samples)."""
     if not rows:
         return ""
-    return ("\n## Paired: pruned against original, same examples\n\n"
-            "Per-example differences d = pruned - original: mean, paired SE = sd(d)/sqrt(n), 95% interval (right/wrong "
+    return (f"\n## Paired: {b} against {a}, same examples\n\n"
+            f"Per-example differences d = {b} - {a}: mean, paired SE = sd(d)/sqrt(n), 95% interval (right/wrong "
             "answers: Newcombe's score interval for paired proportions; other scores: percentile "
             "bootstrap, 10,000 resamples, seed 0), answers that flipped each way and McNemar's exact p. "
-            "The unpaired SE treats the two means as independent.\n\n" + paired_markdown(rows, "original", "pruned") + "\n")
+            "The unpaired SE treats the two means as independent.\n\n" + paired_markdown(rows, a, b) + "\n")
 
 
 # ---- folders -----------------------------------------------------------------------------------

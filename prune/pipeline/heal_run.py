@@ -23,6 +23,8 @@ checkpoint, ``pruning.json`` (the run's record, ``healing`` set, kept blocks / c
 scores after updated), ``recipe.yaml`` (the run's recipe with the heal section used) and,
 with ``evaluate``, ``eval.json`` / ``eval.md`` (original, pruned before healing, healed; with
 ``evaluate.fidelity`` the healed model's KL to the run's original, whose reference is built first;
+with lm-eval tasks, the healed model paired per example against the run's original and against the
+run's pruned model (their samples read from the run folder, kept under ``eval/``);
 the original is then released, or handed to the healing that needs it: loaded once,
 :class:`prune.heal.original.OriginalModel`).
 ``RUN_DIR`` is only read.
@@ -263,7 +265,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     from prune.core.records import read_record
     from prune.core.tables import comparison_rows
     from prune.export.saving import check_output_dir, save
-    from prune.measure.evaluation import evaluate_loaded, lm_eval_outputs
+    from prune.measure.evaluation import evaluate_loaded, lm_eval_outputs, paired_files
     from prune.measure.paired import paired_section
     from prune.measure.scoring import score
     from prune.model.loading import context_length, count_parameters, load_model
@@ -430,8 +432,15 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     # lm-eval's files: the run's original's (read back) and the healed model's, paired per example
     lm_eval_files, paired = lm_eval_outputs({**original, "lm_eval_files": run_lm_eval_files(run, "original")
                                              if evaluate else {}}, healed)
+    # and the healed model against the run's pruned one on the same examples: what the healing won back
+    unhealed_files = run_lm_eval_files(run, "pruned") if evaluate else {}
+    healed_files = {k.removeprefix("eval/pruned/"): v for k, v in lm_eval_files.items() if k.startswith("eval/pruned/")}
+    healing_paired = paired_files(unhealed_files, healed_files)
+    if healing_paired:
+        lm_eval_files.update({f"eval/pruned_before_healing/{name}": text for name, text in unhealed_files.items()})
     evaluation = {"original": original, "pruned_before_healing": before, "pruned": healed,
-                  "rows": comparison_rows(original, healed, counts), **counts, "paired": [p.to_dict() for p in paired]}
+                  "rows": comparison_rows(original, healed, counts), **counts, "paired": [p.to_dict() for p in paired],
+                  "paired_healing": [p.to_dict() for p in healing_paired]}
     if recipe is not None and evaluate:
         evaluation["settings"] = run_eval.get("settings")
     if evaluate:
@@ -451,7 +460,8 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     result, _ = write_output(save_fn, recipe, new, evaluation, out_dir=out, src=ModelSource("folder", str(run)),
                              inputs=inputs, overwrite=overwrite, quiet=quiet, title="Before / after healing",
                              table=_healed_markdown(original, before, healed, counts),
-                             extra_markdown=healing_markdown(public_data(record)) + paired_section(paired),
+                             extra_markdown=healing_markdown(public_data(record)) + paired_section(paired)
+                             + paired_section(healing_paired, "pruned before healing", "healed"),
                              extra_files=lm_eval_files,
                              prepare=lambda rec, files: heal_export(rec, run, out, files, recipe, model,
                                                                     adapter=not cfg.merge))
