@@ -381,7 +381,10 @@ def cmd_remove(args) -> int:
         from prune.export.mergekit import blocks_from_slices
 
         blocks = blocks_from_slices(args.slices, config.num_hidden_layers)
-    out = prune_checkpoint(args.model, blocks, args.output, pruning={}, overwrite=args.overwrite,
+    from prune.io.guard import input_paths
+
+    inputs = input_paths(args.slices, label="the --slices file")  # when it names a file (not inline ranges)
+    out = prune_checkpoint(args.model, blocks, args.output, pruning={}, overwrite=args.overwrite, inputs=inputs,
                            trust_remote_code=args.trust_remote_code, dtype=args.dtype,
                            base_model=_repo_id_arg(args.base_model, "--base-model"), progress=not args.quiet)
     print(f"wrote {out} without blocks {sorted(blocks)}")
@@ -500,7 +503,8 @@ def add_heal(sub) -> None:
                        description="Win back utility lost to pruning: train the pruned model of RUN_DIR (a folder written "
                                    "by prune run) on training text and write a NEW complete folder (a plain checkpoint, "
                                    "pruning.json with the healing record, recipe.yaml). RUN_DIR is never modified. Settings "
-                                   "come from RUN_DIR/recipe.yaml's heal section, then --config, then the flags and --set. "
+                                   "come from RUN_DIR/recipe.yaml's heal section (without its objective and bridge when "
+                                   "--method is given), then --config, then the flags and --set. "
                                    "Methods: lora (adapters merged into the weights), replace (one trained block in place of "
                                    "the removed contiguous run; loads the original model recorded in pruning.json), partial "
                                    "(fine-tune the last blocks), bridge (nothing trained: a least-squares refit at each cut, "

@@ -314,6 +314,20 @@ def test_heal_with_auto_weights_records_each_cut_s_choice(tokenizers_by_bos):
     assert f"{b['cuts'][0]['weight']} token weights, the lowest held-out of uniform " in line
 
 
+def test_a_bridge_without_held_out_windows_is_described_on_the_card(tokenizers_by_bos):
+    """``val_samples: 0`` leaves no held-out loss: the card's bridge line crashed on it after all the work
+    (TypeError on None), so no folder was written."""
+    from prune.heal.methods import healing_markdown
+
+    tok, full, model = tokenizers_by_bos[True], build_model("llama"), build_model("llama")
+    kept = prune.remove_layers(model, [2, 5, 6])
+    rec = heal_model(model, tok, "bridge", data=C4_DATA, quiet=True, teacher_model=full, kept=kept,
+                     **{**FAST, "val_samples": 0})
+    assert rec["bridge"]["val_loss_before"] is None
+    line = next(x for x in healing_markdown(rec).splitlines() if "bridge, no training" in x)
+    assert "held-out loss" not in line and "blocks 2-2 into block 1" in line
+
+
 @pytest.mark.parametrize("objective", ["lm", "distill"])
 def test_method_bridge_trains_nothing_and_is_exactly_the_kept_bridges(objective, tokenizers_by_bos):
     """``method: bridge``: the pruned model changes only in the output projection of the block

@@ -10,6 +10,7 @@ or cache that does not match the student is refused with one line, before any tr
 import copy
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -293,13 +294,30 @@ def test_prune_heal_run_dir_with_distill(tmp_path, tiny_folder_heal, capsys):
     assert cache.is_file()
     rec2 = json.loads((tmp_path / "healed2" / "pruning.json").read_text())["healing"]["distill"]
     assert "sequential" in rec2["teacher"] and rec2["top_k"] == 8  # read one block at a time, never loaded whole
+    # the cache is stamped with the original it came from: a run pruned from another original does not take it
+    # (it did: only the tokenizer and windows were checked)
+    other = Path(shutil.copytree(run_dir, tmp_path / "other_run"))
+    record = json.loads((other / "pruning.json").read_text())
+    record["source"]["sha256"] = "0" * 64
+    (other / "pruning.json").write_text(json.dumps(record))
+    with pytest.raises(PruneError, match="holds the log-probs of another original model"):
+        heal_run(other, tmp_path / "other_healed", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
+                 rows=C4_DATA["rows"], overrides=[*fast, "teacher=cache", "top_k=8", f"teacher_cache={cache}"], quiet=True)
+    assert not (tmp_path / "other_healed").exists()
     # teacher memory is honoured beside an existing cache (the hidden-state term needs it)
     heal_run(run_dir, tmp_path / "healed_mem", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
              rows=C4_DATA["rows"], overrides=[*fast, "teacher=memory", "hidden_weight=0.1", f"teacher_cache={cache}"],
              quiet=True, source=source)
     assert json.loads((tmp_path / "healed_mem" / "pruning.json").read_text())["healing"]["distill"]["teacher_source"] == "memory"
-    # refused before any work: a cache to write inside the source model, a replacement block (recipes only)
+    # and by teacher auto, which took the file, did all the work and then refused it (the hidden term needs the blocks)
+    heal_run(run_dir, tmp_path / "healed_auto", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
+             rows=C4_DATA["rows"], overrides=[*fast, "hidden_weight=0.1", f"teacher_cache={cache}"], quiet=True,
+             source=source)
+    assert json.loads((tmp_path / "healed_auto" / "pruning.json").read_text())["healing"]["distill"]["teacher_source"] == "memory"
+    # refused before any work: a cache to write inside the source model or inside the output folder (it was written
+    # there, and the save then refused the folder it had made), a replacement block (recipes only)
     for override, message in ((f"teacher_cache={source}/teacher.safetensors", "is inside the source model"),
+                              (f"teacher_cache={tmp_path / 'refused' / 't.safetensors'}", "is inside the output folder"),
                               ("params=replace", "replace with objective distill needs the original model's blocks")):
         with pytest.raises(PruneError, match=message):
             heal_run(run_dir, tmp_path / "refused", method="distill", data=C4_DATA["path"], overrides=[*fast, "teacher=cache",
@@ -309,6 +327,9 @@ def test_prune_heal_run_dir_with_distill(tmp_path, tiny_folder_heal, capsys):
     (run_dir / "pruning.json").write_text(json.dumps({**pruning, "source": None}))  # the source is gone: the cache suffices
     heal_run(run_dir, tmp_path / "healed3", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
              rows=C4_DATA["rows"], overrides=[*fast, "teacher=cache", f"teacher_cache={cache}"], quiet=True)
+    with pytest.raises(PruneError, match="records no source model to load"):  # before loading anything
+        heal_run(run_dir, tmp_path / "healed_h", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
+                 rows=C4_DATA["rows"], overrides=[*fast, "hidden_weight=0.1", f"teacher_cache={cache}"], quiet=True)
     with pytest.raises(PruneError, match="no teacher source") as err:
         heal_run(run_dir, tmp_path / "healed4", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
                  rows=C4_DATA["rows"], overrides=fast, quiet=True)
@@ -450,6 +471,21 @@ def test_a_named_cache_of_other_windows_or_inside_an_input_fails_before_loading(
         with pytest.raises(PruneError, match=message):
             run(_recipe(tmp_path, method="distill", teacher="cache", top_k=8, teacher_cache=str(path)), quiet=True)
     assert not (tmp_path / "tiny" / "teacher.safetensors").exists()
+    # prune heal takes an existing cache under teacher auto too: checked before the original or the student loads
+    # (it was, after both, and after the fidelity reference of --evaluate)
+    from prune.pipeline.heal_run import heal_run
+
+    monkeypatch.undo()
+    plain = _recipe(tmp_path)
+    del plain["heal"]
+    run_dir = run(plain, quiet=True).out_dir
+    import prune.model.loading as L
+
+    monkeypatch.setattr(L, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the check"))
+    with pytest.raises(PruneError, match="was computed on other training windows"):
+        heal_run(run_dir, tmp_path / "healed", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
+                 rows=C4_DATA["rows"], overrides=[f"{k}={v}" for k, v in FAST.items()] + ["top_k=8",
+                 f"teacher_cache={cache}"], quiet=True, source=str(tmp_path / "tiny"), evaluate=True)
 
 
 def test_method_distill_is_shorthand_and_old_recipes_are_unchanged():

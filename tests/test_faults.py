@@ -295,7 +295,7 @@ def test_ranks_finishing_a_killed_swap_together_never_fail(tmp_path):
     dead.start()
     dead.join()  # a pid that is no longer alive: the killed process
     out, rounds = tmp_path / "out", 40
-    barrier, errors = ctx.Barrier(3), ctx.Queue()
+    barrier, errors = ctx.Barrier(3, timeout=120), ctx.Queue()  # a failure here must not hang the workers
     workers = [ctx.Process(target=_recover_in_step, args=(str(out), barrier, rounds, errors)) for _ in range(2)]
     for w in workers:
         w.start()
@@ -304,10 +304,12 @@ def test_ranks_finishing_a_killed_swap_together_never_fail(tmp_path):
         old = tmp_path / f".out.old-{dead.pid}"
         old.mkdir()
         (old / "which").write_text("old")
+        (old / "pruning.json").write_text("{}")  # what prune writes: only such folders are finished or removed
         if i % 2:  # the new output had been written completely: the swap is finished with it
             new = tmp_path / f".out.incomplete-{dead.pid}"
             new.mkdir()
             (new / "which").write_text("new")
+            (new / "pruning.json").write_text("{}")
         barrier.wait()
         barrier.wait()
         assert (out / "which").read_text() == ("new" if i % 2 else "old")
@@ -340,7 +342,7 @@ def test_overwrite_never_replaces_a_folder_prune_did_not_write_nor_weights_the_s
         assert _digest(data) == {"notes.txt": hashlib.sha256(b"someone's data\n").hexdigest()}
     res = conftest.prune_main("report", run, "--data", conftest.WIKI_RAW, "--n-samples", "2", "--seq-len", "32",
                              "-o", tiny_folder, "--overwrite", check_rc=2)  # a model folder is not a report's to replace
-    assert "holds no report.json" in res.stderr
+    assert "this command writes report.json" in res.stderr
     weights = tmp_path / "W"
     weights.mkdir()
     linked = tmp_path / "linked"
@@ -355,6 +357,35 @@ def test_overwrite_never_replaces_a_folder_prune_did_not_write_nor_weights_the_s
     res = conftest.prune_main("remove", linked, "--blocks", "3", "-o", weights, "--overwrite", check_rc=2)
     assert "through its link" in res.stderr and _digest(weights) == before
     conftest.prune_main("remove", linked, "--blocks", "3", "-o", tmp_path / "fine", check_rc=0)
+
+
+def test_overwrite_never_replaces_a_project_holding_a_config_json_nor_removes_folders_named_like_staging(
+        tiny_folder, tmp_path):
+    """A project folder with a config.json (and src/, .git, notes) passed for a checkpoint writer's folder and was
+    replaced by --overwrite; folders beside the output named like prune's staging or old folders
+    (.out.incomplete-backup, .out.old-20240101) were deleted, even by a command that was then refused."""
+    project = tmp_path / "proj"
+    for name in ("src", ".git"):
+        (project / name).mkdir(parents=True)
+    (project / "config.json").write_text('{"port": 8080}\n')
+    (project / "notes.txt").write_text("mine\n")
+    before = _digest(project)
+    res = conftest.prune_main("remove", tiny_folder, "--blocks", "3", "-o", project, "--overwrite", check_rc=2)
+    assert "was not written by this command (it holds .git, notes.txt, src;" in res.stderr, res.stderr
+    assert _digest(project) == before and (project / ".git").is_dir()
+    # a plain checkpoint folder (save_pretrained's files, no pruning.json) and prune's own outputs still are replaced
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_folder, plain)
+    conftest.prune_main("remove", tiny_folder, "--blocks", "3", "-o", plain, "--overwrite", check_rc=0)
+    conftest.prune_main("remove", tiny_folder, "--blocks", "2", "-o", plain, "--overwrite", check_rc=0)
+    # the user's folders that only look like staging leftovers are left alone
+    box = tmp_path / "box"
+    for name in (".out.incomplete-backup", ".out.old-20240101", "out"):
+        (box / name).mkdir(parents=True)
+        (box / name / "keep.txt").write_text(name)
+    conftest.prune_main("remove", tiny_folder, "--blocks", "3", "-o", box / "out", check_rc=2)  # exists: refused
+    assert sorted(p.name for p in box.iterdir()) == [".out.incomplete-backup", ".out.old-20240101", "out"]
+    assert all((box / name / "keep.txt").read_text() == name for name in (".out.incomplete-backup", ".out.old-20240101"))
 
 
 def test_a_read_command_finishes_a_killed_swap_first(tiny_folder, tmp_path):

@@ -175,6 +175,9 @@ def test_settings_this_healing_never_reads_are_named(capsys):
     assert ignored_settings(heal_config("replace", C4_DATA, gradient_checkpointing=True)) == ["gradient_checkpointing"]
     assert ignored_settings(heal_config("distill", C4_DATA, params="replace", loss="mse+cos")) == ["loss"]
     assert ignored_settings(heal_config("lora", C4_DATA, bridge_weight="rms")) == ["bridge_weight"]
+    # nothing trained: the bridges are checked by the KL at T = 1, whatever the distillation weights say
+    assert ignored_settings(heal_config("bridge", C4_DATA, objective="distill", temperature=4.0, lm_weight=1.0)) == [
+        "temperature", "lm_weight"]
     assert ignored_settings(heal_config("distill", C4_DATA, temperature=2.0, rank=4, bridge="down", bridge_weight="rms")) == []
     check_settings(heal_config("partial", C4_DATA, top_k=8), meta_model(build_model("llama").config), 5)
     assert capsys.readouterr().err == "note: heal top_k has no effect with method partial, objective lm, bridge none (ignored)\n"
@@ -716,3 +719,25 @@ def test_heal_evaluate_checks_the_chat_template_before_training(tmp_path, tiny_f
         heal_run(run_dir, tmp_path / "healed", method="lora", data=C4_DATA["path"], field=C4_DATA["field"],
                  rows="0:300", overrides=[f"{k}={v}" for k, v in FAST.items()], evaluate=True, quiet=True)
     assert not (tmp_path / "healed").exists()
+
+
+def test_a_new_method_does_not_inherit_the_runs_objective_and_bridge():
+    """The run's recipe.yaml holds its whole heal section (objective: distill, bridge: down, ...): `prune heal
+    --method lora` kept them, and so distilled (or refused for want of a teacher) where plain LoRA was asked."""
+    from prune.pipeline.heal_run import heal_settings
+
+    data = {"path": str(C4), "field": "prefix"}
+    recipe = {"heal": {"method": "lora", "objective": "distill", "bridge": "down", "rank": 4,
+                       "data": data}}
+    cfg = heal_settings(recipe, method="lora")
+    assert (cfg.method, cfg.objective, cfg.bridge, cfg.rank) == ("lora", "lm", "none", 4)  # the rest is kept
+    assert heal_settings(recipe).objective == "distill"  # no --method: the run's settings stand
+    assert heal_settings(recipe, method="lora", overrides=["objective=distill"]).objective == "distill"
+
+
+def test_heal_model_refuses_an_adapter_it_would_drop(tokenizers_by_bos):
+    """``heal_model(..., merge=False)`` trained the adapter and dropped it: the weights were unchanged, and the
+    record reported the trained adapter's held-out loss."""
+    model = build_model("llama")
+    with pytest.raises(PruneError, match="merge=False keeps the LoRA adapter apart"):
+        heal_model(model, tokenizers_by_bos[True], "lora", data=C4_DATA, merge=False, **FAST)

@@ -136,6 +136,22 @@ def test_heal_never_takes_trust_remote_code_from_the_run_folder(run_dir, tmp_pat
     assert "trust_remote_code is ON" in done.stderr
 
 
+def test_heal_reads_no_secret_of_the_environment_through_the_run_folders_recipe(run_dir, tmp_path, capsys, monkeypatch):
+    """A downloaded run folder's recipe.yaml naming ${HF_TOKEN} had it filled from the environment, and the token
+    was then written into the healed folder's recipe.yaml and card (and pushed with them)."""
+    evil = Path(shutil.copytree(run_dir, tmp_path / "downloaded"))
+    recipe = yaml.safe_load((evil / "recipe.yaml").read_text())
+    recipe["calibration"]["split"] = "${HF_TOKEN}"
+    (evil / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.setenv("HF_TOKEN", "hf_CCCCCCCCCCCCCCCCCCCCCCCCCCCC")
+    args = ["--method", "lora", "--data", C4, "--field", "prefix", "--rows", "0:200", "--set", "steps=1", "-q"]
+    refused(capsys, "heal", evil, "-o", tmp_path / "h", *args, match="uses ${HF_TOKEN}: a recipe read from an input folder")
+    assert not (tmp_path / "h").exists()
+    # the user's own settings may read the environment, but a token in them is refused too (they are published)
+    refused(capsys, "heal", run_dir, "-o", tmp_path / "h", *args, "--set", "data.split=${HF_TOKEN}",
+            match="holds an access token")
+
+
 # ==== 2. inputs are sacred ========================================================================
 @pytest.mark.parametrize("where, match", [
     ("source", "is the source model"),
@@ -171,6 +187,12 @@ def test_remove_and_heal_refuse_outputs_over_their_inputs(model, run_dir, tmp_pa
     refused(capsys, "remove", model, "--blocks", "3", "-o", model, "--overwrite", match="is the source model")
     refused(capsys, "remove", model, "--blocks", "3", "-o", model.parent, "--overwrite", match="contains the source")
     assert digest(model.parent) == before
+    # a --slices file inside an earlier output given again (it was deleted with the folder it sat in)
+    step = Path(prune.prune_checkpoint(model, [2], tmp_path / "step1"))
+    (step / "my_slices.yaml").write_text("[[0, 3], [5, 8]]\n")
+    refused(capsys, "remove", model, "--slices", step / "my_slices.yaml", "-o", step, "--overwrite",
+            match="the --slices file")
+    assert (step / "my_slices.yaml").is_file()
     run = Path(shutil.copytree(run_dir, tmp_path / "p" / "run"))
     for out, match in [(run, "is the run folder"), (run.parent, "contains the run folder"),
                        (run / "healed", "is inside the run folder")]:
@@ -472,6 +494,8 @@ LAUGHS = "a: &a [lol,lol,lol,lol,lol,lol,lol,lol,lol]\n" + "".join(
     (b"[" * 20000 + b"]" * 20000, "nested too deeply"),
     (b"model: {source: caf\xe9}\n", "not UTF-8 text"),
     (b"select: {n_layers: 2}\nselect: {n_layers: 5}\n", "appears twice"),
+    # one key written two ways (the last value won, silently): compared by value, as the mapping holds it
+    (b"model: {max_memory: {0: 1GiB, 00: 90GiB}}\n", "key '00' (the same key as '0') appears twice"),
 ])
 def test_hostile_yaml_is_one_line(text, match, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
@@ -490,6 +514,8 @@ def test_hostile_yaml_is_one_line(text, match, tmp_path, capsys):
     ("calibration.seed=4294967296", "less than or equal to 4294967295"),
     ("select.protect=[true, -1]", "not true/false"),
     ("select.n_layers=&a [*a]", "refers to itself"),
+    # the fidelity's own text settings without its own text: dropped silently, recorded in eval.json as used
+    ("evaluate.fidelity={bos: false, rows: '100:200'}", "rows, bos describe the fidelity's own text, but it has no path"),
 ])
 def test_strict_settings(override, match, model, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model, tmp_path / "out"))

@@ -227,9 +227,12 @@ def test_model_index_is_valid_for_huggingface_hub(chain, tmp_path):
     assert {r.metric_args["num_fewshot"] for r in shown if r.task_name == "arc_easy"} == {2}
     # a limit scored the first examples only: the split says which, and the args the limit (it read as the whole split)
     limited = (eval_results(marked, {"num_fewshot": 0, "limit": 4}) + eval_results(marked, {"limit": 0.25})
-               + eval_results(marked, {"limit": 0.025}))  # datasets' percent slices are whole: the split alone
+               + eval_results(marked, {"limit": 0.025}) + eval_results(marked, {"limit": 0.07}))
+    # datasets' percent slices are whole (0.07 is one, in spite of 0.07 * 100 = 7.000000000000001); 2.5% is none:
+    # no split then (it said the whole split)
     assert {(r.dataset_split, str(r.metric_args)) for r in limited if r.task_name == "arc_easy"} == {
-        ("test[:4]", "{'num_fewshot': 0, 'limit': 4}"), ("test[:25%]", "{'limit': 0.25}"), ("test", "{'limit': 0.025}")}
+        ("test[:4]", "{'num_fewshot': 0, 'limit': 4}"), ("test[:25%]", "{'limit': 0.25}"), (None, "{'limit': 0.025}"),
+        ("test[:7%]", "{'limit': 0.07}")}
     assert "acc (step-1 model, before this step)" in {r.metric_name for r in shown}
     acc = next(r for r in made if r.metric_name == "acc")
     assert (acc.task_name, acc.dataset_type, acc.dataset_config, acc.metric_value) == ("arc_easy", "allenai/ai2_arc",
@@ -456,6 +459,12 @@ def test_mergekit_slices_cover_exactly_the_kept_blocks(chain, tmp_path, capsys):
                                                                                     "gguf_file": "x.gguf"})})
     with pytest.raises(PruneError, match="mergekit cannot read"):
         mergekit_config(hub_gguf.model_copy(update={"original": None}))
+    # a local GGUF original too: the Hub base model it declares holds other weights than the quantized file
+    local_gguf = record.model_copy(update={"original": None, "base_model": "org/X", "source": record.source.model_copy(
+        update={"kind": "gguf", "path": "/models", "gguf_file": "x.Q4_1.gguf"})})
+    with pytest.raises(PruneError, match="GGUF file x.Q4_1.gguf, which mergekit cannot read"):
+        mergekit_config(local_gguf)
+    assert mergekit_config(local_gguf, model="org/X")["slices"][0]["sources"][0]["model"] == "org/X"
     # -o is a file like any other output: never a file of the run (pruning.json was overwritten), an existing one
     # only with --overwrite, written atomically; a damaged config.json is one line; --slices takes numbers, not booleans
     capsys.readouterr()

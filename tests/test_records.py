@@ -53,6 +53,12 @@ def test_unknown_keys_are_kept():
     (b'{"removed": [-1], "layers_before": 8}', r"'removed' holds \[-1\]"),
     (b'{"removed": [1], "kept_original": [700], "original": {"n_layers": 8}}', "'kept_original' holds \\[700\\]"),
     (b'{"removed": [1], "history": [{"removed": [9, 9]}]}', "step 1: 'removed' repeats"),
+    # kept and removed that do not split the blocks (check called it consistent; export-mergekit wrote wrong slices)
+    (b'{"removed": [3, 4], "kept": [0, 1, 2, 3, 4, 7], "layers_before": 8}', r"'kept' and 'removed' both hold \[3, 4\]"),
+    (b'{"removed": [3], "kept": [0, 1, 2, 4, 5], "layers_before": 8}', r"leave out \[6, 7\] of the 8"),
+    (b'{"removed": [3], "kept": [0, 1, 2, 4, 5, 6, 7], "layers_before": 8, "layers_after": 6}', "'layers_after' is 6"),
+    (b'{"removed": [3, 4], "kept_original": [0, 1, 2, 3, 4, 7], "removed_original_all": [3, 4], '
+     b'"original": {"n_layers": 8}}', r"'kept_original' and 'removed_original_all' both hold"),
 ])
 def test_bad_records_are_one_line_errors(tmp_path, content, message):
     file = tmp_path / "pruning.json"

@@ -200,6 +200,14 @@ def test_measurements_run_in_eval_mode_and_leave_the_mode_as_it_was(tokenizers_b
     model.transformer.h[0].eval()  # a mixed state comes back as it was
     prune.score(model, windows, progress=False)
     assert not model.transformer.h[0].training and model.transformer.h[1].training
+    # perplexity and fidelity too (they ran with dropout on: two answers, and a KL of the model to itself above 0)
+    from prune.measure.fidelity import build_reference, measure_fidelity
+    from prune.measure.perplexity import perplexity
+
+    model.train()
+    assert perplexity(model, windows)["perplexity"] == perplexity(model, windows)["perplexity"]
+    reference = build_reference(model, windows, top_k=8)
+    assert measure_fidelity(model, reference)["kl_mean"] == 0 and model.training
 
 
 def test_the_python_api_names_a_wrong_argument_in_one_line(tokenizers_by_bos, calib_text):

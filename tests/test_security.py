@@ -3,11 +3,14 @@
 import json
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 
 import prune
 from prune import PruneError
+
+from conftest import prune_main
 
 
 class Payload:
@@ -57,3 +60,28 @@ def test_files_cannot_be_written_outside_the_output_folder(tiny_folder, tmp_path
     with pytest.raises(PruneError, match="outside the output folder"):
         prune.save(model, tok, tmp_path / "out", files={"../escape.txt": "x"})
     assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_link_out_of_the_source_folder_is_not_copied_into_an_output(tiny_folder, tmp_path):
+    """A downloaded model folder with ``LICENSE -> ~/.cache/huggingface/token`` had the token copied into the
+    pruned folder as a plain file (push's guard against links then saw none), in-memory runs and prune remove."""
+    from prune.export.lineage import license_files
+    from prune.io.source import resolve_source
+
+    secret = tmp_path / "secret" / "token"
+    secret.parent.mkdir()
+    secret.write_text("hf_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n")
+    source = Path(shutil.copytree(tiny_folder, tmp_path / "downloaded"))
+    (source / "LICENSE").symlink_to(secret)
+    (source / "notes.txt").symlink_to(secret)
+    (source / "NOTICE").write_text("the model's own terms\n")
+    inside = source / "sub"
+    inside.mkdir()
+    (inside / "terms.txt").write_text("kept\n")
+    (source / "COPYING").symlink_to(inside / "terms.txt")  # a link inside the folder is the folder's own
+    assert license_files(resolve_source(source)) == {"COPYING": "kept\n", "NOTICE": "the model's own terms\n"}
+    proc = prune_main("remove", source, "--blocks", "2", "-o", tmp_path / "out", "-q", check_rc=0)
+    written = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"NOTICE", "COPYING"} <= written and not {"LICENSE", "notes.txt"} & written
+    assert "LICENSE of" in proc.stderr and "links out of the model folder: not copied" in proc.stderr
+    assert not any(b"hf_AAAA" in p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file())

@@ -99,6 +99,16 @@ def test_few_shot_is_counted_as_lm_eval_counts_it(tokenizers_by_bos, tmp_path):
     assert n_shots({"tasks": res}) == {"copa_two": 1, "copa_zero": 0}
     assert shots_text({"num_fewshot": 1, "n_shot": n_shots({"tasks": res})}) == "copa_two 1-shot, copa_zero 0-shot"
     assert shots_text({"num_fewshot": None, "n_shot": {"a": 0, "b": 0}}) == "0-shot"
+    # few-shot examples fixed in the YAML (fewshot_config.samples) come from no split: accepted by the pre-flight
+    # and not marked (they were marked "few-shot from the scored split": the two rules differed)
+    fixed = copa.replace("task: copa_local", "task: copa_fixed").replace("tag: [prune_local]\n", "") + (
+        "num_fewshot: 2\nfewshot_config:\n  sampler: first_n\n  samples:\n"
+        "    - {query: 'The sun rose, therefore', gold: 0, choices: ['it got light.', 'it got dark.']}\n"
+        "    - {query: 'I was hungry, therefore', gold: 0, choices: ['I ate.', 'I slept.']}\n")
+    (tmp_path / "copa_fixed.yaml").write_text(fixed)
+    check_tasks(["copa_fixed"], **where)
+    res = evaluate_tasks(model, tok, ["copa_fixed"], limit=2, progress=False, **where)
+    assert res["copa_fixed"]["n_shot"] == 2 and "fewshot_from_scored_split" not in res["copa_fixed"]
 
 
 def test_tags_and_groups_report_every_task_and_the_aggregate(tokenizers_by_bos, task_dir):

@@ -351,6 +351,18 @@ class FidelityConfig(Section):
     _rows = field_validator("rows")(lambda v: check_rows(v))
     _field = field_validator("field")(lambda v: check_fields(v))
 
+    @model_validator(mode="after")
+    def _own_text_needs_a_path(self):
+        """``field``, ``config``, ``split``, ``rows`` and ``bos`` describe the fidelity's own text: without ``path``
+        the perplexity text is reused as it is, and they were dropped silently (eval.json recorded them)."""
+        fields = type(self).model_fields
+        dropped = [k for k in ("field", "config", "split", "rows", "bos")
+                   if self.path is None and getattr(self, k) != fields[k].default]
+        if dropped:
+            raise ValueError(f"{', '.join(dropped)} describe the fidelity's own text, but it has no path (it reuses "
+                             "evaluate.perplexity's text and windows): set them there, or give evaluate.fidelity.path")
+        return self
+
     def text(self, perplexity: "PerplexityConfig | None") -> tuple[TextConfig, int, int | None]:
         """``(text, seq_len, max_windows)`` the fidelity windows are cut from."""
         if self.path is not None:

@@ -168,16 +168,20 @@ def parse_record(data: Any, where: str = RECORD_FILE) -> PruningRecord:
         key = ".".join(str(p) for p in err["loc"])
         raise PruneError(f"{where}: '{key}': {err['msg']} (got {err.get('input')!r}); fix the file or move it "
                          "away") from None
+    replaced = any((step.healing or {}).get("method") == "replace" for step in record.chain())
     for step in record.chain():
-        problem = index_problem(step)
+        problem = index_problem(step, replaced)
         if problem:
             raise PruneError(f"{where}: step {step.step}: {problem}; fix the file or move it away")
     return record
 
 
-def index_problem(step: PruningStep) -> str | None:
+def index_problem(step: PruningStep, replaced: bool = False) -> str | None:
     """What is wrong with a step's block indices, or None: each list without repeats, within the blocks
-    it counts (``layers_before`` for ``removed`` / ``kept``, the original's for the ``*_original`` lists)."""
+    it counts (``layers_before`` for ``removed`` / ``kept``, the original's for the ``*_original`` lists);
+    what a step keeps and removes split its blocks (no block in both, none in neither), and
+    ``layers_after`` counts the kept ones. ``replaced``: a replacement block stands in for removed ones
+    somewhere in the chain, so only the first checks hold."""
     n_original = step.original.n_layers if step.original else None
     for name, n in (("removed", step.layers_before), ("kept", step.layers_before), ("removed_original", n_original),
                     ("kept_original", n_original), ("removed_original_all", n_original)):
@@ -187,6 +191,19 @@ def index_problem(step: PruningStep) -> str | None:
         bad = [i for i in values if i < 0 or (n is not None and i >= n)]
         if bad:
             return f"'{name}' holds {bad}, outside the {n if n is not None else 'non-negative'} blocks it counts"
+    if replaced:
+        return None
+    for kept, removed, n in (("kept", "removed", step.layers_before),
+                             ("kept_original", "removed_original_all", n_original)):
+        a, b = set(getattr(step, kept)), set(getattr(step, removed))
+        if not a:  # not recorded (0.1.0's files)
+            continue
+        if a & b:
+            return f"'{kept}' and '{removed}' both hold {sorted(a & b)}"
+        if n is not None and a | b != set(range(n)):
+            return f"'{kept}' and '{removed}' leave out {sorted(set(range(n)) - a - b)} of the {n} blocks they split"
+    if step.kept and step.layers_after is not None and step.layers_after != len(step.kept):
+        return f"'layers_after' is {step.layers_after} but 'kept' holds {len(step.kept)} blocks"
     return None  # counts against the checkpoint's own config: prune.export.check
 
 

@@ -34,6 +34,16 @@ def _mark(node) -> str:
     return f" at line {mark.line + 1}" if mark is not None else ""
 
 
+def _key(node: yaml.ScalarNode) -> Any:
+    """A mapping key's value as the safe loader builds it (its text when it cannot be built: that fails later)."""
+    try:
+        value = _Loader("").construct_object(node)
+        hash(value)
+        return value
+    except Exception:  # noqa: BLE001 - an unbuildable key is reported by the load itself
+        return (node.tag, node.value)
+
+
 def _check(root, where: str) -> None:
     """Walk the composed node graph once (aliases are shared nodes): cycles, size, depth, duplicates."""
     sizes: dict[int, int] = {}
@@ -51,13 +61,15 @@ def _check(root, where: str) -> None:
         active.add(key)
         total = 1
         if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, Any] = {}
+            seen: dict[Any, str] = {}
             for k, v in node.value:
                 if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
-                    if k.value in seen:
-                        raise PruneError(f"{where}: key {k.value!r} appears twice in one mapping{_mark(k)} "
+                    key = _key(k)  # by value, as the mapping will hold it: 0 and 00, 16 and 0x10 are one key
+                    if key in seen:
+                        same = repr(k.value) if seen[key] == k.value else f"{k.value!r} (the same key as {seen[key]!r})"
+                        raise PruneError(f"{where}: key {same} appears twice in one mapping{_mark(k)} "
                                          "(YAML would keep only the last; remove one)")
-                    seen[k.value] = True
+                    seen[key] = k.value
                 total += walk(k, depth + 1) + walk(v, depth + 1)
                 if total > MAX_NODES:
                     break

@@ -262,8 +262,11 @@ def license_files(src: ModelSource) -> dict[str, str]:
     from the cache (never the network); ``{}`` for a GGUF file or when none is there. Never raises."""
     found: dict[str, str] = {}
     try:
-        if src.kind == "folder":
-            paths = [p for p in sorted(Path(src.path).iterdir()) if p.is_file() and LICENSE_FILES.match(p.name)]
+        if src.kind == "folder":  # not a link out of the folder (its target is not the model's to publish)
+            from prune.io.guard import inside_folder
+
+            paths = [p for p in sorted(Path(src.path).iterdir())
+                     if p.is_file() and LICENSE_FILES.match(p.name) and inside_folder(p, Path(src.path))]
         elif src.kind == "hub":
             from huggingface_hub import try_to_load_from_cache
 

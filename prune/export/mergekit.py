@@ -58,7 +58,7 @@ def mergekit_config(record: PruningRecord, model: str | None = None, dtype: str 
     weights), GPT-2 with ``scale_attn_by_inverse_layer_idx`` (``config``: the folder's config.json)
     whose moved blocks carry a rescaled query, a config with per-layer lists (``layer_types``,
     ``mlp_only_layers``: mergekit copies them unsliced), or an original mergekit cannot read (a
-    GGUF file on the Hub, unless ``model`` names a copy)."""
+    GGUF file, local or on the Hub, unless ``model`` names a copy)."""
     kept = record.kept_original or record.kept
     if not kept:
         raise PruneError("pruning.json records no kept blocks: nothing to export")
@@ -82,9 +82,12 @@ def mergekit_config(record: PruningRecord, model: str | None = None, dtype: str 
                          "copies from the original unchanged (it sets only num_hidden_layers): the merged model would "
                          "not load or not match; use this folder's weights as they are")
     source = record.original.source if record.original else record.source
-    if model is None and source is not None and source.kind == "hub" and source.gguf_file:
-        raise PruneError(f"the original is the GGUF file {source.gguf_file} of {source.path}, which mergekit cannot "
-                         "read: pass --model with a safetensors copy of the same weights")
+    if model is None and source is not None and source.gguf_file:  # a local one too: its Hub base model's
+        # weights are not the (dequantized) GGUF weights this folder holds
+        where = f" of {source.path}" if source.kind == "hub" else ""
+        raise PruneError(f"the original is the GGUF file {source.gguf_file}{where}, which mergekit cannot read (and a "
+                         "release of the model in safetensors holds other weights than a quantized file): pass --model "
+                         "with a safetensors copy of the same weights")
     name = model or original_model_id(record)
     slices = [{"sources": [{"model": name, "layer_range": [a, b]}]} for a, b in kept_ranges(kept)]
     return {"slices": slices, "merge_method": "passthrough", "dtype": dtype or record.dtype or "float32"}

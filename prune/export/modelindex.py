@@ -67,10 +67,13 @@ def eval_results(rows: list[dict] | None, settings: dict | None = None, steps: i
         else:
             hub_id, config, split = TASK_DATASETS.get(name, (name, None, None))
             if split and limit:  # lm-eval scored the first examples only: say which, in datasets' slice syntax
+                percent = round(100 * limit, 6)  # 0.07 * 100 is 7.000000000000001
                 if limit >= 1:
                     split = f"{split}[:{int(limit)}]"
-                elif float(100 * limit).is_integer():  # datasets' percent slices are whole percents
-                    split = f"{split}[:{int(100 * limit)}%]"
+                elif percent.is_integer():  # datasets' percent slices are whole percents
+                    split = f"{split}[:{int(percent)}%]"
+                else:  # no slice names it (metric_args has the limit): not the whole split either
+                    split = None
             dataset = dict(dataset_type=hub_id, dataset_name=name, dataset_config=config, dataset_split=split)
             metric_type = metric
         shots = ((settings or {}).get("n_shot") or {}).get(row.get("task") or row["name"], fewshot)  # what lm-eval gave it

@@ -161,10 +161,18 @@ def write_safetensors(path: Path, tensors: list[tuple[str, TensorEntry]], metada
 
 
 def carry_files(source: Path, stage: Path) -> list[str]:
-    """Copy the small non-weight files of ``source`` (tokenizer, generation config, ...) to ``stage``."""
+    """Copy the small non-weight files of ``source`` (tokenizer, generation config, ...) to ``stage``; a file that
+    links out of ``source`` is left behind, with a note (its target is not the model's to publish)."""
+    import sys
+
+    from prune.io.guard import inside_folder
+
     carried = []
     for item in sorted(source.iterdir()):
         if item.is_file() and not SKIP_FILES.match(item.name):
+            if not inside_folder(item, source):
+                print(f"note: {item.name} of {source} links out of the model folder: not copied", file=sys.stderr)
+                continue
             shutil.copy2(item, stage / item.name)
             carried.append(item.name)
     return carried

@@ -322,13 +322,25 @@ def weights_fingerprint(model: nn.Module, sample: int = 4096) -> str:
     return h.hexdigest()[:16]
 
 
+def source_identity(source: dict | None) -> str | None:
+    """The original model a run records (``pruning.json``'s ``source``) as a teacher cache is stamped with
+    it: the sha256 of a local model, else ``kind:path[/gguf file]@revision``; None when none is recorded."""
+    if not source or not source.get("path"):
+        return None
+    if source.get("sha256"):
+        return f"sha256:{source['sha256']}"
+    gguf = f"/{source['gguf_file']}" if source.get("gguf_file") else ""
+    return f"{source.get('kind')}:{source['path']}{gguf}@{source.get('revision') or 'main'}"
+
+
 def build_cache(model, tokenizer, windows: torch.Tensor, val_windows: torch.Tensor | None, k: int,
                 path: str | os.PathLike, teacher_name: str, quiet: bool = False, *, like: nn.Module | None = None,
-                trust_remote_code: bool = False) -> TopkCache:
+                trust_remote_code: bool = False, source: str | None = None) -> TopkCache:
     """Compute the teacher's top-k log-probs on ``windows`` (+ ``val_windows``) and write them to ``path``.
     ``model``: a loaded model, or a safetensors folder read one block at a time
     (:func:`topk_logprobs_sequential`) in the dtype and on the device of ``like`` (the student: the
-    teacher a loaded copy would be)."""
+    teacher a loaded copy would be). ``source``: the teacher's :func:`source_identity`, stamped on the file
+    (``prune heal`` takes a cache only for a run of the same original)."""
     if isinstance(model, nn.Module):
         width = logit_width(model)
         topk = topk_logprobs
@@ -358,6 +370,8 @@ def build_cache(model, tokenizer, windows: torch.Tensor, val_windows: torch.Tens
             "windows": windows_fingerprint(windows, val_windows), "seconds": round(time.time() - started, 1)}
     if isinstance(model, nn.Module):
         meta["model"] = weights_fingerprint(model)
+    if source:
+        meta["source"] = source
     cache = TopkCache(Path(path).expanduser(), tensors, meta)
     cache.save()
     if not quiet:
@@ -371,8 +385,10 @@ def check_cache(cache: TopkCache, tokenizer, windows: torch.Tensor, val_windows:
     """Refuse a cache computed with another tokenizer, on other windows, for another vocabulary, or
     (``model``: the teacher at hand) by another model."""
     if model is not None and cache.meta.get("model") is None:
-        raise PruneError(f"heal.teacher_cache {cache.path} records no fingerprint of the model that wrote it (an older "
-                         "cache), so it cannot be checked against this run's original; delete it to recompute")
+        raise PruneError(f"heal.teacher_cache {cache.path} records no fingerprint of the model that wrote it (written "
+                         "by prune heal reading the teacher one block at a time, or by an older version), so it cannot "
+                         "be checked against this run's original; delete it to recompute, or point heal.teacher_cache "
+                         "elsewhere")
     if model is not None and cache.meta["model"] != weights_fingerprint(model):
         raise PruneError(f"heal.teacher_cache {cache.path} holds the log-probs of another model than this run's "
                          "original; delete it to recompute, or point heal.teacher_cache elsewhere")
@@ -476,7 +492,8 @@ def recorded_pairs(pruning: dict) -> list[tuple[int, int]]:
 
 
 def prepare_teacher(model, tokenizer, cfg: HealConfig, windows, val_windows, kept: list[int], *, name: str,
-                    default_cache: str | os.PathLike | None, run=None, source_block=None, quiet: bool = False) -> Teacher:
+                    default_cache: str | os.PathLike | None, run=None, source_block=None, quiet: bool = False,
+                    source_id: str | None = None) -> Teacher:
     """From the FULL ``model`` before the surgery: a copy of it, or its top-k cache (see module docstring)."""
     pairs = block_pairs(kept, run, source_block)
     width = logit_width(model)
@@ -501,18 +518,25 @@ def prepare_teacher(model, tokenizer, cfg: HealConfig, windows, val_windows, kep
         except PruneError:
             if cfg.teacher_cache:
                 raise
-    cache = build_cache(model, tokenizer, windows, val_windows, cfg.top_k, path, name, quiet)
+    cache = build_cache(model, tokenizer, windows, val_windows, cfg.top_k, path, name, quiet, source=source_id)
     return Teacher("cache", f"{name} (top-{cfg.top_k} cache)", cache=cache, pairs=pairs)
 
 
-def preflight_cache(cfg: HealConfig, inputs=(), tokenizer=None, windows=None, val_windows=None) -> None:
-    """Before any work: a ``heal.teacher_cache`` that may be written is not an input or inside one
-    (a model folder, the run folder); with ``teacher: cache`` one that will be reused was computed on
-    these windows with this tokenizer (given ``windows``: the heal's training windows; ``auto`` may
-    keep the teacher in memory and never read it)."""
+def preflight_cache(cfg: HealConfig, inputs=(), tokenizer=None, windows=None, val_windows=None, *,
+                    output: str | os.PathLike | None = None) -> None:
+    """Before any work: a ``heal.teacher_cache`` is not inside the ``output`` folder (written there, it made
+    the folder exist, and the atomic save refused it after the training), and one that may be written
+    is not an input or inside one (a model folder, the run folder); with ``teacher: cache`` one that
+    will be reused was computed on these windows with this tokenizer (given ``windows``: the heal's
+    training windows; ``auto`` may keep the teacher in memory and never read it)."""
     if cfg.objective != "distill" or not cfg.teacher_cache or cfg.teacher == "memory":
         return
     path = Path(cfg.teacher_cache).expanduser()
+    if output is not None:
+        out = Path(output).expanduser().resolve()
+        if path.resolve() == out or path.resolve().is_relative_to(out):
+            raise PruneError(f"heal.teacher_cache {path} is inside the output folder {out}, which is written whole at "
+                             "the end: put the cache beside it (or anywhere else)")
     head = TopkCache.header(path) if path.is_file() else None
     if head is not None and head.k == cfg.top_k:  # reused, not written
         if windows is not None and cfg.teacher == "cache":
@@ -709,7 +733,7 @@ def _heal_replacement_block(model, cfg, windows, val_windows, run, train_fn, sta
 
 # ---- the recipe stage (called from prune.heal.methods.prepare / heal) ------------------------------------
 def prepare(model, tokenizer, removed: list[int], cfg: HealConfig, windows, val_windows, *, out_dir,
-            source_name: str = "", quiet: bool = False):
+            source_name: str = "", quiet: bool = False, source_id: str | None = None):
     """Before the surgery: the blocks to remove (k, or k - 1 for a replacement block) and the
     teacher, a copy of the full ``model`` or its top-k cache beside the output folder ``out_dir``."""
     from prune.heal.methods import HealPlan, check_run, replacement_init
@@ -726,7 +750,8 @@ def prepare(model, tokenizer, removed: list[int], cfg: HealConfig, windows, val_
     out = Path(out_dir)
     default_cache = out.with_name(f"{out.name}.teacher-top{cfg.top_k}.safetensors")
     teacher = prepare_teacher(model, tokenizer, cfg, windows, val_windows, kept, name=str(source_name),
-                              default_cache=default_cache, run=run, source_block=source, quiet=quiet)
+                              default_cache=default_cache, run=run, source_block=source, quiet=quiet,
+                              source_id=source_id)
     return HealPlan(cfg, remove, windows, val_windows, run=run, source_block=source, init_state=init_state,
                     extra={"teacher": teacher})
 
@@ -765,7 +790,21 @@ def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dty
     # (then recomputed from the source, as a recipe does; with no source recorded its k is taken, and recorded)
     have_file = cache_file is not None and cache_file.is_file() and cfg.teacher != "memory"
     stored_k = TopkCache.stored_k(cache_file) if have_file else None
-    use_file = have_file and (stored_k in (cfg.top_k, None) or not (pruning.get("source") or {}).get("path"))
+    recorded = bool((pruning.get("source") or {}).get("path"))
+    use_file = have_file and (stored_k in (cfg.top_k, None) or not recorded)
+    if cfg.hidden_weight > 0:  # the hidden-state term needs the teacher's blocks: the source in memory, never a file
+        if not recorded:
+            raise PruneError(f"heal.hidden_weight needs the teacher in memory, and {run_dir}/pruning.json records no "
+                             "source model to load (set hidden_weight: 0 to distil from a top-k cache)")
+        use_file = False
+    identity = source_identity(pruning.get("source"))
+    if use_file and identity is not None:  # a cache of another original (another run's) is not this run's teacher
+        stamped = TopkCache.header(cache_file).meta.get("source") if stored_k is not None else None
+        if stamped != identity:
+            why = ("records no source model (written by an older version, or by the Python API)" if stamped is None
+                   else "holds the log-probs of another original model than the one this run was pruned from")
+            raise PruneError(f"heal.teacher_cache {cache_file} {why} ({run_dir}/pruning.json: {identity[:30]}); delete "
+                             "it to recompute from the source, or point heal.teacher_cache elsewhere")
     if use_file and stored_k not in (cfg.top_k, None):
         cfg = cfg.model_copy(update={"top_k": stored_k})
     src = None
@@ -801,7 +840,7 @@ def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dty
         check_teacher_model(_meta_of(src.path, trust), model, t_tok, tokenizer)
         say(f"teacher {src.display}: top-{cfg.top_k} log-probs read one block at a time (it is not loaded whole)", quiet)
         cache = build_cache(str(src.path), t_tok, windows, val_windows, cfg.top_k, path, src.display, quiet, like=model,
-                            trust_remote_code=trust)
+                            trust_remote_code=trust, source=identity)
         teacher = Teacher("cache", f"{src.display} (top-{cfg.top_k} cache, sequential)", cache=cache)
     else:
         if held:
@@ -818,7 +857,7 @@ def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dty
                               pairs=recorded_pairs(pruning))
         else:
             path = cache_file or out.with_name(f"{out.name}.teacher-top{cfg.top_k}.safetensors")
-            cache = build_cache(loaded, t_tok, windows, val_windows, cfg.top_k, path, src.display, quiet)
+            cache = build_cache(loaded, t_tok, windows, val_windows, cfg.top_k, path, src.display, quiet, source=identity)
             del loaded
             teacher = Teacher("cache", f"{src.display} (top-{cfg.top_k} cache)", cache=cache)
     record = heal_distill(model, cfg, windows, val_windows, teacher, quiet=quiet)
@@ -842,7 +881,11 @@ def _sequential_teacher(cfg: HealConfig, src, student, pruning: dict) -> bool:
         return True
     before, after = pruning.get("layers_before"), pruning.get("layers_after") or len(decoder_layers(student))
     estimate = model_bytes(student) * (before / after if before else 1.0)
-    return free_memory(next(student.parameters()).device) < teacher_need(cfg, int(estimate), logit_width(student))
+    fits = free_memory(next(student.parameters()).device) >= teacher_need(cfg, int(estimate), logit_width(student))
+    if not fits and cfg.hidden_weight > 0:  # before a top-k cache is computed for nothing
+        raise PruneError("heal.hidden_weight needs the teacher in memory, but a copy of the model does not fit "
+                         "(set hidden_weight: 0 to distil from the top-k cache)")
+    return not fits
 
 
 # ---- the Python API (prune.heal.methods.heal_model with objective distill) ---------------------------------

@@ -139,6 +139,8 @@ def ignored_settings(cfg: HealConfig) -> list[str]:
         unused.update(_DISTILL_KEYS)
     elif cfg.method == "replace":
         unused.add("loss")  # the whole model's distillation loss, not the block's hidden-state loss
+    elif cfg.method == "bridge":  # nothing trained: the bridges are checked by the KL at T = 1 alone
+        unused.update(("temperature", "kl_weight", "hidden_weight", "hidden_loss", "lm_weight"))
     if cfg.method == "replace" and cfg.objective == "lm":
         unused.add("gradient_checkpointing")
     if cfg.bridge == "none":
@@ -736,6 +738,9 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
     ``replace`` the full ``model`` itself (a copy or its top-k cache, per ``teacher``).
     """
     cfg = heal_config(method, data, **settings)
+    if not cfg.merge:  # the adapter would be trained, then dropped: nothing here saves it apart
+        raise PruneError("heal_model: merge=False keeps the LoRA adapter apart, which only `prune heal RUN_DIR --set "
+                         "merge=false` saves; here the adapter is merged into the weights (drop merge=False)")
     if windows is None:
         if tokenizer is None:
             raise PruneError("heal_model needs a tokenizer to read data (or pass windows=)")
@@ -803,17 +808,18 @@ def preflight(cfg: HealConfig, select: SelectConfig, config, n_layers: int, trus
 
 
 def prepare(model, tokenizer, removed: list[int], cfg: HealConfig, quiet: bool = False, *, out_dir=None,
-            source_name: str = "") -> HealPlan:
+            source_name: str = "", source_id: str | None = None) -> HealPlan:
     """Before the surgery: read the training windows, and for ``replace`` capture the removed
     run's input/output states on the full model. ``plan.remove`` is what the surgery removes.
     For ``objective: distill`` the teacher is prepared too (a copy of the full model, or its
-    top-k cache beside ``out_dir``; ``source_name`` names the teacher in the record)."""
+    top-k cache beside ``out_dir``; ``source_name`` names the teacher in the record, ``source_id`` is stamped
+    on a cache: :func:`prune.heal.distill.source_identity`)."""
     windows, val_windows = training_windows(tokenizer, cfg)
     if cfg.objective == "distill":  # the teacher: a copy of the full model, or its top-k cache
         from prune.heal import distill as D
 
         plan = D.prepare(model, tokenizer, removed, cfg, windows, val_windows, out_dir=out_dir,
-                         source_name=source_name, quiet=quiet)
+                         source_name=source_name, quiet=quiet, source_id=source_id)
     elif cfg.method != "replace":
         plan = HealPlan(cfg, list(removed), windows, val_windows)
     else:
@@ -894,7 +900,8 @@ def healing_markdown(record: dict) -> str:
     if "distill" in record:
         d = record["distill"]
         lines.append(f"- objective: distillation from {d['teacher']}, T = {d['temperature']}, weights KL {d['kl_weight']} / "
-                     f"hidden MSE {d['hidden_weight']} / next-token {d['lm_weight']}"
+                     f"hidden {'relative error' if d.get('hidden_loss') == 'relative' else 'MSE'} {d['hidden_weight']} / "
+                     f"next-token {d['lm_weight']}"
                      + (f", top-{d['top_k']} cache ({d['teacher_cache_bytes'] / 2**20:.1f} MiB)" if d.get("top_k") else ""))
         if d.get("kl_after") is not None:
             lines.append(f"- KL to the teacher on {d['kl_tokens']:,} held-out tokens: {d['kl_before']:.4f} -> "
@@ -928,5 +935,7 @@ def _bridge_lines(record: dict) -> list[str]:
              else "")
     when = "no training" if record["method"] == "bridge" else "before training"
     order = "cut by cut on the pruned model" if b.get("fit") == "cascade" else "on the original's states"
-    return [f"- {b['method']} bridge, {when} (least squares on {b['tokens']:,} tokens, {order}, {b['seconds']:.0f} s): {cuts}; "
-            f"held-out loss {b['val_loss_before']:.4f} -> {b['val_loss_after']:.4f}{after}"]
+    held_out = (f"; held-out loss {b['val_loss_before']:.4f} -> {b['val_loss_after']:.4f}"
+                if b.get("val_loss_before") is not None and b.get("val_loss_after") is not None else "")  # val_samples: 0
+    return [f"- {b['method']} bridge, {when} (least squares on {b['tokens']:,} tokens, {order}, {b['seconds']:.0f} s): "
+            f"{cuts}{held_out}{after}"]

@@ -193,3 +193,15 @@ def safe_join(root: Path, name: str) -> Path:
     if not target.is_relative_to(root.resolve()):
         raise PruneError(f"refusing to write {name!r}: it points outside the output folder")
     return target
+
+
+def inside_folder(path: Path, folder: Path) -> bool:
+    """Whether the file ``path`` of the model folder ``folder`` resolves inside it, or, for a Hub cache
+    snapshot (whose files link to ``../../blobs``), inside that repository's cache. A link out of the
+    folder (a downloaded folder's ``LICENSE -> ~/.cache/huggingface/token``) is not copied into an output."""
+    try:
+        target, root = path.resolve(), folder.resolve()
+    except (OSError, RuntimeError):
+        return False
+    roots = [root, root.parent.parent] if root.parent.name == "snapshots" else [root]
+    return any(target.is_relative_to(r) for r in roots)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -44,19 +45,44 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, inputs
 
 #: what a folder of prune's checkpoint writers holds (a report folder: ``report.json``)
 WRITTEN_BY_PRUNE = ("config.json", "pruning.json", "adapter_config.json")
+#: prune's own records: a folder holding one was written by prune (``pruning.json``, a report's ``report.json``)
+OWN_RECORDS = ("pruning.json", "report.json")
+#: the only subfolder prune's writers make (lm-eval's files of a run)
+OWN_SUBFOLDERS = ("eval",)
+#: the files of a plain checkpoint (``save_pretrained`` of a model and its tokenizer, or a PEFT adapter)
+CHECKPOINT_FILE = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
+                             r"model\.safetensors\.index\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|"
+                             r"vocab\..*|merges\.txt|chat_template\..*|.*\.model|README\.md|adapter_.*)$")
+
+
+def foreign_entries(out: Path, written: tuple[str, ...] = WRITTEN_BY_PRUNE) -> list[str] | None:
+    """The entries of the folder ``out`` that say prune's writers did not write it, ``[]`` when they could have
+    (empty; or one of ``written`` and prune's own record with no hidden entry or other subfolder; or a plain
+    checkpoint's files only), ``None`` when it cannot be read."""
+    try:
+        entries = {p.name: p.is_dir() and not p.is_symlink() for p in out.iterdir()} if out.is_dir() else {}
+    except OSError:
+        return None
+    if not entries:
+        return []
+    if not any(name in entries for name in written):
+        return sorted(entries)
+    own = any(name in entries for name in OWN_RECORDS)  # else only a plain checkpoint's files
+    return sorted(name for name, is_dir in entries.items()
+                  if name.startswith(".") or (is_dir and name not in OWN_SUBFOLDERS)
+                  or not (own or is_dir or CHECKPOINT_FILE.match(name)))
 
 
 def check_replaceable(out: Path, flag: str = "output.dir", written: tuple[str, ...] = WRITTEN_BY_PRUNE) -> None:
-    """``--overwrite`` replaces an empty folder or one that holds what this writer writes (``written``), never
-    another folder given by mistake (a data folder, a project; a model folder for a report)."""
-    try:
-        entries = [p.name for p in out.iterdir()] if out.is_dir() else []
-    except OSError:
-        return
-    if entries and not any(name in entries for name in written):
-        raise PruneError(f"output folder {out} was not written by this command (it holds no {' or '.join(written)}): "
-                         f"--overwrite replaces only such a folder or an empty one (choose another {flag}, or empty "
-                         "it first)")
+    """``--overwrite`` replaces an empty folder or one this writer could have written (:func:`foreign_entries`),
+    never another folder given by mistake (a data folder, a project holding a config.json; a model folder for a
+    report)."""
+    foreign = foreign_entries(out, written)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise PruneError(f"output folder {out} was not written by this command (it holds {shown}; this command writes "
+                         f"{' or '.join(written)}): --overwrite replaces only such a folder or an empty one (choose "
+                         f"another {flag}, or empty it first)")
 
 
 def staging_dir(out: Path) -> Path:
@@ -92,9 +118,23 @@ def staged(out_dir: str | os.PathLike, overwrite: bool = False, inputs: Iterable
         raise
 
 
+def _pid_max() -> int:
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return 4_194_304  # Linux's largest
+
+
 def _pid_of(path: Path) -> int | None:
+    """The process id in a staging or old folder's name (``.<name>.incomplete-<pid>``); ``None`` for a name that
+    only looks like one (``-backup``, ``-20240101``): such folders are the user's, never removed."""
     pid = path.name.rsplit("-", 1)[-1]
-    return int(pid) if pid.isdigit() else None
+    return int(pid) if pid.isdigit() and 0 < int(pid) <= _pid_max() else None
+
+
+def _ours(folder: Path) -> bool:
+    """Whether a staging or old folder holds what prune writes: the ``INCOMPLETE`` marker, or an output's files."""
+    return (folder / INCOMPLETE_MARKER).is_file() or foreign_entries(folder, (*WRITTEN_BY_PRUNE, "report.json")) == []
 
 
 def remove_stale_staging(out: Path) -> list[Path]:
@@ -108,7 +148,7 @@ def remove_stale_staging(out: Path) -> list[Path]:
         return removed
     for old in leftovers:
         pid = _pid_of(old)
-        if pid is not None and pid != os.getpid() and _alive(pid):
+        if pid is None or (pid != os.getpid() and _alive(pid)) or not old.is_dir() or not _ours(old):
             continue
         shutil.rmtree(old, ignore_errors=True)
         removed.append(old)
@@ -134,7 +174,8 @@ def recover(out: Path) -> Path | None:
             return None
         out = parent / out.name
         olds = [p for p in parent.glob(f".{glob_escape(out.name)}{OLD_TAG}*")
-                if _pid_of(p) is not None and (_pid_of(p) == os.getpid() or not _alive(_pid_of(p)))]
+                if _pid_of(p) is not None and (_pid_of(p) == os.getpid() or not _alive(_pid_of(p)))
+                and p.is_dir() and _ours(p)]
     except (OSError, RuntimeError, ValueError):
         return None
     restored = None

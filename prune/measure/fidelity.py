@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from prune.core.errors import PruneError
-from prune.model.capture import batches
+from prune.model.capture import batches, measured_in_eval_mode
 from prune.model.loading import input_device
 
 
@@ -97,6 +97,7 @@ def _log_probs(model, batch: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@measured_in_eval_mode
 def build_reference(model, windows: torch.Tensor, *, top_k: int = 256, batch_size: int = 4,
                     progress: bool = False, data: dict | None = None,
                     after_batch: Callable[[], None] | None = None) -> FidelityReference:
@@ -205,6 +206,7 @@ def _per_batch(model, reference: FidelityReference, batch_size: int, progress: b
     bar.close()
 
 
+@measured_in_eval_mode
 def measure_fidelity(model, reference: FidelityReference, *, batch_size: int = 4, progress: bool = False,
                      desc: str = "fidelity", per_window: bool = False) -> dict:
     """KL(original || ``model``) statistics, top-1 agreement and perplexity ratio (module docstring);
@@ -223,6 +225,7 @@ def measure_fidelity(model, reference: FidelityReference, *, batch_size: int = 4
     return out
 
 
+@measured_in_eval_mode
 def fidelity_window_sums(model, reference: FidelityReference, *, batch_size: int = 4) -> torch.Tensor:
     """float64 ``[windows, 5]``, per window ``[sum_t KL_t, sum_t agree_t, sum_t NLL_p, sum_t NLL_q, tokens]``:
     what adds up over shares of the windows (several processes all-reduce it, each having filled its

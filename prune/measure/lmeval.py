@@ -133,14 +133,9 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
         for leaf, task in leaves.items():
             cfg = task.config
             shots = shots_of(cfg.num_fewshot, num_fewshot)
-            fewshot = cfg.fewshot_config
-            fs = fewshot if isinstance(fewshot, dict) else vars(fewshot) if fewshot is not None else {}
-            if shots <= 0 or fs.get("samples") is not None:
+            source, scored = fewshot_splits(lambda key: getattr(cfg, key, None))
+            if shots <= 0 or source is None:
                 continue
-            # lm-eval's rule (ConfigurableTask.fewshot_docs): the few-shot split, else train, else validation, else test
-            source = fs.get("split") or getattr(cfg, "fewshot_split", None) or cfg.training_split or cfg.validation_split \
-                or cfg.test_split
-            scored = cfg.test_split or cfg.validation_split
             if source == scored and not fewshot_from_scored_split:
                 raise PruneError(f"lm-eval task {leaf!r}: {shots}-shot examples would be drawn from its {scored!r} split, "
                                  f"the split it scores; use num_fewshot 0, a task with a training or validation split, "
@@ -302,11 +297,25 @@ def summarize(out: dict, *, local_alias: bool = False) -> dict:
             entry["group"] = True
         cfg = out.get("configs", {}).get(name)
         if cfg and out.get("n-shot", {}).get(name):
-            source = cfg.get("fewshot_split") or cfg.get("training_split") or cfg.get("validation_split") or cfg.get("test_split")
-            if source == (cfg.get("test_split") or cfg.get("validation_split")):
+            source, scored = fewshot_splits(cfg.get)
+            if source is not None and source == scored:
                 entry["fewshot_from_scored_split"] = True
         results[reported_name(name, local_alias)] = entry
     return results
+
+
+def fewshot_splits(get) -> tuple[str | None, str | None]:
+    """``(split the few-shot examples are drawn from, split scored)`` of a task config (``get(key)``: an
+    attribute of lm-eval's ``TaskConfig``, or a key of a results file's ``configs``), by lm-eval's rule
+    (``ConfigurableTask.fewshot_docs``): ``fewshot_config.split``, else the few-shot split, else train, else
+    validation, else test; ``None`` when ``fewshot_config.samples`` fixes the examples (no split is read)."""
+    fewshot = get("fewshot_config")
+    fs = fewshot if isinstance(fewshot, dict) else vars(fewshot) if fewshot is not None else {}
+    scored = get("test_split") or get("validation_split")
+    if fs.get("samples") is not None:
+        return None, scored
+    return (fs.get("split") or get("fewshot_split") or get("training_split") or get("validation_split")
+            or get("test_split")), scored
 
 
 def n_shots(result: dict | None) -> dict[str, int]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from prune.core import dist
-from prune.model.capture import batches
+from prune.model.capture import batches, measured_in_eval_mode
 from prune.model.loading import input_device
 
 
@@ -27,6 +27,7 @@ def window_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return sum(float(F.cross_entropy(row[:-1].float(), t, reduction="sum")) for row, t in zip(logits, targets))
 
 
+@measured_in_eval_mode
 def nll_sum(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False, desc: str = "perplexity") -> tuple[float, int]:
     """``(sum of token NLLs, number of predicted tokens)`` over ``windows [n, seq_len]``.
 

@@ -42,7 +42,7 @@ class InMemory:
     scoring_note = ""
 
     def __init__(self, recipe: Recipe, facts: dict, quiet: bool = False):
-        self.recipe, self.quiet = recipe, quiet
+        self.recipe, self.quiet, self.source = recipe, quiet, facts["source"]
         m = recipe.model
         say(f"loading {facts['source'].display} ({facts['model_type']}, {facts['n_layers']} blocks)", quiet)
         self.model, self.tokenizer, _ = load_model(
@@ -84,8 +84,14 @@ class InMemory:
             return remove_layers(self.model, selection.removed), None
         from prune.heal import methods as H
 
+        source_id = None
+        if heal_cfg.objective == "distill":  # a teacher cache is stamped with the original it was computed from
+            from prune.export.public import public_source
+            from prune.heal.distill import source_identity
+
+            source_id = source_identity(public_source(self.source).model_dump())
         plan = H.prepare(self.model, self.tokenizer, selection.removed, heal_cfg, quiet=self.quiet,
-                         out_dir=self.recipe.output.dir, source_name=self.recipe.model.source)
+                         out_dir=self.recipe.output.dir, source_name=self.recipe.model.source, source_id=source_id)
         kept = remove_layers(self.model, plan.remove)
         return kept, H.heal(self.model, heal_cfg, plan, quiet=self.quiet)
 

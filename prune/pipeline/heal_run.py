@@ -1,9 +1,10 @@
 """``prune heal RUN_DIR --output NEW_DIR``: heal the pruned model of a saved run folder.
 
 The heal settings come from, in order (later wins): the ``heal:`` section of
-``RUN_DIR/recipe.yaml``, a YAML file (``config``: a heal section, or a recipe holding one),
-``method`` / ``data`` / ``field`` / ``rows``, and ``key=value`` overrides (``steps=200``,
-``heal.rank=16``). Everything is checked before a weight is loaded.
+``RUN_DIR/recipe.yaml`` (without its ``objective`` and ``bridge`` when ``method`` is
+given: they belonged to the run's method), a YAML file (``config``: a heal section, or a recipe
+holding one), ``method`` / ``data`` / ``field`` / ``rows``, and ``key=value`` overrides
+(``steps=200``, ``heal.rank=16``). Everything is checked before a weight is loaded.
 
 * ``lora`` / ``partial`` train the run's pruned model itself.
 * ``distill`` (``objective: distill``, :mod:`prune.heal.distill`) trains the same parameters to
@@ -72,6 +73,10 @@ def _read_yaml(path: Path, what: str) -> dict:
     return data
 
 
+#: heal settings of the run's recipe that describe its method, dropped when --method names another
+INHERITED_WITH_THE_METHOD = ("objective", "bridge")
+
+
 def heal_settings(recipe_data: dict | None, config: str | None = None, method: str | None = None,
                   data: str | None = None, field: list[str] | str | None = None, rows: str | None = None,
                   overrides=()) -> HealConfig:
@@ -80,6 +85,9 @@ def heal_settings(recipe_data: dict | None, config: str | None = None, method: s
     if not isinstance(settings, dict):
         raise PruneError("the run's recipe.yaml has a heal section that is not a mapping (fix it or give --config)")
     settings = dict(settings)
+    if method:  # a new method: what the run's recipe says of the old one's objective and bridge goes
+        for key in INHERITED_WITH_THE_METHOD:  # (--config and --set may give them again)
+            settings.pop(key, None)
     if config:
         path = Path(config).expanduser()
         if not path.is_file():
@@ -199,14 +207,21 @@ def _heal_with_bridges(run: Path, original: OriginalModel, kept: list[int], cfg:
 def check_texts(run: Path, cfg: HealConfig, recipe, evaluate: bool, trust: bool) -> None:
     """Cut every window the heal will read, with the run's tokenizer, before any model loads: training
     text too short or a slice that selects nothing failed after loading (the training text) or after
-    training (the calibration and evaluation text). With ``--evaluate`` and lm-eval tasks, the
-    tokenizer's padding token and chat template are checked too (lm-eval failed on them after training)."""
+    training (the calibration and evaluation text). An existing teacher cache that distillation will
+    read is checked against the training windows (it was, after the original and the student loaded).
+    With ``--evaluate`` and lm-eval tasks, the tokenizer's padding token and chat template are checked
+    too (lm-eval failed on them after training)."""
     from prune.io.source import ModelSource
     from prune.io.text import calibration_windows_of, eval_windows, load_text
     from prune.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(ModelSource("folder", str(run)), trust)
-    training_windows(tokenizer, cfg)
+    windows, val_windows = training_windows(tokenizer, cfg)
+    if cfg.objective == "distill" and cfg.hidden_weight == 0:  # an existing teacher cache is taken (teacher auto
+        from prune.heal.distill import preflight_cache  # too): computed on these windows, with this tokenizer
+
+        preflight_cache(cfg.model_copy(update={"teacher": "cache"}) if cfg.teacher == "auto" else cfg, (), tokenizer,
+                        windows, val_windows)
     if recipe is None:
         return
     calibration_windows_of(tokenizer, recipe.calibration)
@@ -286,11 +301,14 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
 
     pruning = read_record(run / "pruning.json")  # a record of the wrong shape is one line, here
     recipe_data = _read_yaml(run / "recipe.yaml", "recipe") if (run / "recipe.yaml").is_file() else None
+    from prune.pipeline.recipe import INPUT_RECIPE_VARIABLES, check_no_token, expand_env
+
+    if recipe_data is not None:  # an input folder's recipe reads no other variable of this environment (a token)
+        recipe_data = expand_env(recipe_data, INPUT_RECIPE_VARIABLES, str(run / "recipe.yaml"))
     cfg = heal_settings(recipe_data, config, method, data, field, rows, overrides)
+    check_no_token(cfg.model_dump(mode="json"), "heal settings")  # written into recipe.yaml and the card
     inputs = command_inputs(None, [config, cfg.data.path if cfg.data else None], run_dir=str(run))
     inputs += original_inputs(pruning.source, source)  # loaded by bridges, a replacement block, a teacher, fidelity
-    from prune.pipeline.recipe import expand_env  # published recipes say ${PRUNE_DATA_DIR}/... (prune.export.public)
-
     recipe = None
     if recipe_data is not None:
         output_section = {**(recipe_data.get("output") or {}), "dir": str(out), "overwrite": overwrite}
@@ -331,7 +349,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
 
         if cfg.method == "replace":
             raise PruneError(REPLACE_IN_A_RECIPE)
-        preflight_cache(cfg, inputs)
+        preflight_cache(cfg, inputs, output=out)
     original = None  # the run's original, loaded at most once (the fidelity reference and the healing share it)
     # built from the original's blocks: the source must be known, the run not healed since
     from_original = ("a replacement layer is rebuilt from the source model" if cfg.method == "replace" and cfg.objective == "lm"

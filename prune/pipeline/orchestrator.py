@@ -118,7 +118,7 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
 
         heal_preflight(recipe.heal, recipe.select, config, n_layers, recipe.model.trust_remote_code)
         heal_windows = training_windows(tokenizer, recipe.heal)  # too little training text fails now, not after scoring
-        preflight_cache(recipe.heal, inputs, tokenizer, *heal_windows)
+        preflight_cache(recipe.heal, inputs, tokenizer, *heal_windows, output=recipe.output.dir)
     # -- end heal --
     # ---- export (prune.export): lineage of an already pruned source, push_to_hub checks ----
     from prune.export.saving import preflight_export

@@ -54,12 +54,20 @@ class Recipe(Section):
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def expand_env(value: Any) -> Any:
+#: the one variable a recipe read from an input folder (a run's recipe.yaml) may use: what prune writes there
+INPUT_RECIPE_VARIABLES = ("PRUNE_DATA_DIR",)
+
+
+def expand_env(value: Any, only: tuple[str, ...] | None = None, where: str = "recipe") -> Any:
     """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a nested structure, as a shell does:
-    the default stands in for a variable that is unset or empty."""
+    the default stands in for a variable that is unset or empty. ``only``: the variables ``where`` may read
+    (a recipe of an input folder, which could otherwise copy a secret of the environment into a published file)."""
     if isinstance(value, str):
         def sub(match):
             name, default = match.group(1), match.group(2)
+            if only is not None and name not in only:
+                raise PruneError(f"{where} uses ${{{name}}}: a recipe read from an input folder may only use "
+                                 f"{', '.join('${' + v + '}' for v in only)} (write the value into it, or give --config)")
             if default is not None and not os.environ.get(name):
                 return default
             if name in os.environ:
@@ -67,9 +75,9 @@ def expand_env(value: Any) -> Any:
             raise PruneError(f"recipe uses ${{{name}}} but it is not set (export {name}=... or write ${{{name}:-default}})")
         return _ENV.sub(sub, value)
     if isinstance(value, dict):
-        return {k: expand_env(v) for k, v in value.items()}
+        return {k: expand_env(v, only, where) for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v) for v in value]
+        return [expand_env(v, only, where) for v in value]
     return value
 
 
