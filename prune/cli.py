@@ -36,6 +36,18 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _positive(value: str) -> int:
+    if not value.strip().isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return int(value)
+
+
+def _non_negative(value: str) -> int:
+    if not value.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 0")
+    return int(value)
+
+
 def _int_csv(value: str) -> list[int]:
     try:
         return [int(v) for v in _csv(value)]
@@ -169,6 +181,8 @@ def cmd_score(args) -> int:
     from prune.core import dist
     from prune.pipeline.commands import score_model
 
+    if not args.output:
+        _refuse_unused(args, ("overwrite",), "without --output (it replaces an existing --output file)")
     result = score_model(args.model, output=args.output, overwrite=args.overwrite, **_score_kwargs(args))
     if dist.world().is_main:  # under a launcher: one table, from the rank that wrote the file
         print(result.table())
@@ -231,6 +245,8 @@ def cmd_eval(args) -> int:
 
     if args.fidelity_to and not args.perplexity_data:
         raise PruneError("--fidelity-to measures on the perplexity text: give --perplexity-data too")
+    if not args.output:
+        _refuse_unused(args, ("overwrite",), "without --output (it replaces an existing --output file)")
     if not args.tasks and not args.perplexity_data:
         raise PruneError("nothing to evaluate: give --tasks and/or --perplexity-data")
     if not args.tasks:
@@ -252,7 +268,8 @@ def cmd_eval(args) -> int:
         limit = int(limit)
     ppl = None
     if args.perplexity_data:
-        ppl = validated(PerplexityConfig, path=args.perplexity_data, field=args.perplexity_field,
+        ppl = validated(PerplexityConfig, {"path": "--perplexity-data", "field": "--perplexity-field",
+                                           "rows": "--perplexity-rows"}, path=args.perplexity_data, field=args.perplexity_field,
                         rows=args.perplexity_rows, seq_len=args.seq_len, max_windows=args.max_windows)
     fidelity = {"top_k": args.fidelity_top_k} if args.fidelity_to else None
     cfg = validated(EvaluateConfig, perplexity=ppl, fidelity=fidelity, tasks=args.tasks, task_dirs=args.task_dir,
@@ -376,7 +393,11 @@ def cmd_remove(args) -> int:
     from prune.pipeline.inputs import preflight_model
 
     blocks = parse_blocks(args.blocks) if args.blocks is not None else None
-    config = preflight_model(resolve_source(args.model), args.trust_remote_code)  # config, weights cover it, before writing
+    src = resolve_source(args.model)
+    if args.base_model and src.kind == "hub" and args.base_model != src.path:
+        raise PruneError(f"--base-model is only for a local MODEL: {src.path} is a Hub id and is the base model itself "
+                         "(drop --base-model)")
+    config = preflight_model(src, args.trust_remote_code)  # config, weights cover it, before writing
     if blocks is None:
         from prune.export.mergekit import blocks_from_slices
 
@@ -428,7 +449,8 @@ def add_export_mergekit(sub) -> None:
     p.add_argument("--output", "-o", default=None, help="config file to write (default RUN_DIR/mergekit.yaml)")
     p.add_argument("--model", default=None, help="model id or path for the slices (default: the original's Hub id, "
                                                  "or its local name)")
-    p.add_argument("--dtype", default=None, help="mergekit dtype (default: the run's saved dtype)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="mergekit dtype (default: the run's saved dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.set_defaults(func=cmd_export_mergekit)
 
@@ -487,7 +509,12 @@ def cmd_report(args) -> int:
         folder = report_run(args.source, out, overwrite=args.overwrite, inputs=run_inputs(args.source))
     else:
         if not args.data:
+            if not os.path.exists(os.path.expanduser(args.source)) and os.sep in args.source.strip(os.sep):
+                raise PruneError(f"{args.source} not found (give a 'prune run' output folder, or a model with --data)")
             raise PruneError(f"{args.source} is not a run folder (no pruning.json): give --data to score it as a model")
+        if args.strategy != "one_shot":
+            _refuse_unused(args, ("metric",), f"with --strategy {args.strategy} (only one_shot reads it): drop it, or "
+                           "give --strategy one_shot")
         folder = report_model(args.source, out, strategy=args.strategy, metric=args.metric, n_layers=args.n_layers,
                               protect=args.protect, overwrite=args.overwrite, **_score_kwargs(args))
     from prune.core import dist
@@ -567,8 +594,8 @@ def add_compare(sub) -> None:
     p.add_argument("b", metavar="B", nargs="*", default=None,
                    help="run folder, lm-eval results folder or prune eval --output file (compared to A); several: "
                         "pooled per example")
-    p.add_argument("--iters", type=int, default=10_000, help="bootstrap resamples (default 10000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--iters", type=_positive, default=10_000, help="bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=_non_negative, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--output", "-o", default=None, help="also write the comparison as JSON to this file (never one of "
                                                           "the compared results)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
@@ -580,6 +607,8 @@ def cmd_compare(args) -> int:
                                       has_samples, paired_markdown)
 
     bs = args.b or []
+    if not args.output:
+        _refuse_unused(args, ("overwrite",), "without --output (it replaces an existing --output file)")
     if args.output:
         from prune.io.guard import check_output, input_paths
 

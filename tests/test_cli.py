@@ -180,3 +180,35 @@ def test_remove_shows_a_progress_bar_of_the_bytes_written_unless_quiet(tmp_path,
     assert "writing shards" in shown.stderr and "100%" in shown.stderr, shown.stderr
     quiet = prune_main("remove", tiny_folder, "--blocks", "2", "-o", tmp_path / "b", "-q", check_rc=0)
     assert "writing shards" not in quiet.stderr and f"wrote {tmp_path / 'b'}" in quiet.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compare", "a", "b", "--iters", "0"], "argument --iters: '0' is not a whole number of at least 1"),
+    (["compare", "a", "b", "--seed", "-1"], "argument --seed: '-1' is not a whole number of at least 0"),
+    (["export-mergekit", "run", "--dtype", "foo"], "argument --dtype: invalid choice: 'foo'"),
+    (["remove", "org/model", "--blocks", "1", "-o", "x", "--base-model", "other/base"],
+     "--base-model is only for a local MODEL: org/model is a Hub id"),
+    (["report", "/nonexistent/run"], "/nonexistent/run not found"),
+    (["compare", "a", "b", "--overwrite"], "--overwrite has no effect without --output"),
+    (["score", "m", "--data", "d.txt", "--overwrite"], "--overwrite has no effect without --output"),
+])
+def test_flags_a_command_cannot_use_are_one_line(args, message, tmp_path, monkeypatch):
+    """A traceback (--iters 0: IndexError; --seed -1: ValueError), a value written unchecked (mergekit's dtype), a
+    flag ignored (--base-model of a Hub model), a folder that does not exist called 'not a run folder'."""
+    monkeypatch.chdir(tmp_path)
+    proc = prune_main(*args, check_rc=2)
+    assert message in proc.stderr.strip().splitlines()[-1], proc.stderr  # argparse's usage above its error line
+
+
+def test_report_refuses_a_metric_its_strategy_does_not_read_and_an_impossible_run_before_scoring(tiny_folder, tmp_path):
+    common = ["report", tiny_folder, "--data", WIKI_RAW, "--rows", "0:300", "--n-samples", "2", "--seq-len", "16",
+              "-o", tmp_path / "r"]
+    proc = prune_main(*common, "--metric", "bi", check_rc=2)  # default strategy contiguous: angular distances only
+    assert "--metric has no effect with --strategy contiguous" in proc.stderr
+    proc = prune_main(*common, "--strategy", "contiguous", "--n-layers", "4", "--protect", "0,3,-1", check_rc=2)
+    assert "no run of 4 contiguous blocks" in proc.stderr and "--n-layers" in proc.stderr
+    assert "done in" not in proc.stderr  # nothing was loaded or scored
+    # too little text for the windows asked: the flags typed, not the recipe keys
+    proc = prune_main("score", tiny_folder, "--data", WIKI_RAW, "--rows", "0:10", "--n-samples", "1000", "--seq-len",
+                      "16", check_rc=2)
+    assert "lower --n-samples / --seq-len" in proc.stderr, proc.stderr

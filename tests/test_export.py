@@ -178,6 +178,17 @@ def test_corrupt_lineage_is_refused_before_loading(two_steps, tmp_path):
     record = read_json(folder / "pruning.json")
     record["kept_original"] = record["kept_original"][:-1]
     (folder / "pruning.json").write_text(json.dumps(record))
+    # the record's own lists no longer split the original's blocks: refused when it is read
+    with pytest.raises(PruneError, match=r"'kept_original' and 'removed_original_all' leave out \[7\] of the 8"):
+        run(recipe(folder, tmp_path / "out", 1), quiet=True)
+    assert not (tmp_path / "out").exists()
+    # lists that split the blocks but count another number of them than the weights hold: against the config
+    record = read_json(first.out_dir / "pruning.json")
+    record["kept_original"], record["removed_original_all"] = record["kept_original"][:-1], [
+        *record["removed_original_all"], record["kept_original"][-1]]
+    record["kept"], record["removed"] = record["kept"][:-1], [*record["removed"], record["kept"][-1]]
+    record["layers_after"] = len(record["kept"])
+    (folder / "pruning.json").write_text(json.dumps(record))
     with pytest.raises(PruneError, match="records 5 blocks after pruning but the model has 6"):
         run(recipe(folder, tmp_path / "out", 1), quiet=True)
     assert not (tmp_path / "out").exists()

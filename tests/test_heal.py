@@ -416,6 +416,9 @@ def test_recipe_with_replace_and_prune_heal_run_dir(tmp_path, tiny_folder, capsy
     capsys.readouterr()
     healed = heal_run(run_dir, tmp_path / "healed", evaluate=True, source=str(tmp_path / "tiny"), **{**kwargs, "quiet": False})
     assert folder_digest(run_dir) == digest
+    # a --source the healing never reads (LoRA on the next-token loss, no fidelity) was accepted, unchecked
+    with pytest.raises(PruneError, match="which this healing never reads .* drop --source"):
+        heal_run(run_dir, tmp_path / "lora", source=str(tmp_path / "tiny"), **{**kwargs, "method": "lora"})
     # the original is loaded once: for the fidelity reference, then rebuilt into the replacement
     assert capsys.readouterr().err.count("loading the original model") == 1
     rec = json.loads((healed / "pruning.json").read_text())
@@ -548,7 +551,10 @@ def test_heal_run_dir_whose_calibration_file_was_recorded_by_name(tmp_path, tiny
         heal_run(run_dir, tmp_path / "healed", **options)
     assert "\n" not in str(err.value) and not (tmp_path / "healed").exists()
     with pytest.raises(PruneError, match="file not found"):
-        heal_run(run_dir, tmp_path / "healed", calibration=str(tmp_path / "missing.raw"), **options)
+        heal_run(run_dir, tmp_path / "healed", calibration=str(tmp_path / "elsewhere" / WIKI_RAW.name), **options)
+    # another text was taken silently: the scores after on it, the record naming the run's
+    with pytest.raises(PruneError, match=f"the run was scored on {WIKI_RAW.name}"):
+        heal_run(run_dir, tmp_path / "healed", calibration=str(C4_DATA["path"]), **options)
     healed = heal_run(run_dir, tmp_path / "healed", calibration=str(WIKI_RAW), **options)
     rec = json.loads((healed / "pruning.json").read_text())
     assert rec["healing"]["method"] == "partial" and rec["layers_after"] == N_LAYERS - 3 == rec["scores_after"]["n_layers"]

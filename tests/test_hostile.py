@@ -136,6 +136,12 @@ def test_heal_never_takes_trust_remote_code_from_the_run_folder(run_dir, tmp_pat
     assert "trust_remote_code is ON" in done.stderr
 
 
+def test_heal_without_training_text_names_its_flag(run_dir, tmp_path, capsys):
+    """It named the recipe key (heal.data.path: ...), which prune heal takes only through --config."""
+    refused(capsys, "heal", run_dir, "-o", tmp_path / "h", "--method", "lora",
+            match="'heal.data' is missing: give training text that is not the evaluation text (e.g. --data ")
+
+
 def test_heal_reads_no_secret_of_the_environment_through_the_run_folders_recipe(run_dir, tmp_path, capsys, monkeypatch):
     """A downloaded run folder's recipe.yaml naming ${HF_TOKEN} had it filled from the environment, and the token
     was then written into the healed folder's recipe.yaml and card (and pushed with them)."""
@@ -208,10 +214,10 @@ def test_remove_and_heal_refuse_outputs_over_their_inputs(model, run_dir, tmp_pa
     assert digest(model.parent) == before
     texts = tmp_path / "texts"
     texts.mkdir()
-    shutil.copy(WIKI_RAW, texts / "wiki.txt")
+    shutil.copy(WIKI_RAW, texts / WIKI_RAW.name)
     refused(capsys, "heal", run, "-o", texts, "--overwrite", "--method", "lora", "--data", C4, "--field", "prefix",
-            "--calibration-data", texts / "wiki.txt", match="contains a data file")
-    assert (texts / "wiki.txt").is_file()
+            "--calibration-data", texts / WIKI_RAW.name, match="contains a data file")
+    assert (texts / WIKI_RAW.name).is_file()
 
 
 def test_the_home_folder_is_never_an_output(model, tmp_path, capsys, monkeypatch):
@@ -516,9 +522,27 @@ def test_hostile_yaml_is_one_line(text, match, tmp_path, capsys):
     ("select.n_layers=&a [*a]", "refers to itself"),
     # the fidelity's own text settings without its own text: dropped silently, recorded in eval.json as used
     ("evaluate.fidelity={bos: false, rows: '100:200'}", "rows, bos describe the fidelity's own text, but it has no path"),
+    # settings a strategy, the scores or the missing tasks never read: refused, not dropped
+    ("select.strategy=contiguous", "metric is read only by strategies one_shot, iterative, search; contiguous"),
+    ("select.seed=3", "seed is read only by strategies random, search"),
+    ("score={metrics: [bi, angular], tau: 0.5}", "tau shape the CKA matrix and MSRS, but metrics has no cka"),
+    ("evaluate.limit=10", "limit set the lm-eval tasks, and there are none"),
+    ("evaluate.batch_size=4", "evaluate.batch_size is read by lm-eval tasks (evaluate.tasks) and search's"),
+    ("evaluate.tasks=[copa]", None),  # control: with tasks the same recipe passes these checks
+    ("evaluate={tasks: [copa], limit: 2.5}", "limit is a whole number of examples or a fraction below 1 (got 2.5)"),
+    ("evaluate={tasks: [copa], fewshot_as_multiturn: true}", "it needs apply_chat_template"),
+    ("evaluate={tasks: [copa], model_args: foo}", "'foo' has no '='"),
+    ("calibration.rows=1:30", "rows must be a quoted slice such as '0:2000' (YAML read the unquoted value as 90)"),
+    ("calibration.split=test", "'calibration.split' selects part of a datasets dataset, but"),
+    ("model.offload_folder=/tmp/off", "without a device_map nothing goes there"),
 ])
 def test_strict_settings(override, match, model, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model, tmp_path / "out"))
+    if match is None:
+        from prune.pipeline.recipe import load_recipe
+
+        load_recipe(recipe, overrides=[override])
+        return
     refused(capsys, "run", recipe, "--set", override, match=match)
 
 

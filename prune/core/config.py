@@ -165,6 +165,9 @@ def check_rows(rows: str | None) -> str | None:
     """``rows`` is ``"start:stop"`` with whole numbers (either may be empty, negative counts from the end)."""
     if rows is None:
         return rows
+    if not isinstance(rows, str):  # YAML 1.1 reads an unquoted 1:30 as 90 (base 60) and 300: as {300: None}
+        raise ValueError(f"rows must be a quoted slice such as '0:2000' (YAML read the unquoted value as {rows!r}); "
+                         "write rows: '1:30'")
     parts = rows.split(":")
     try:
         if len(parts) != 2:
@@ -194,7 +197,7 @@ class TextConfig(Section):
     rows: str | None = None
     bos: bool | None = None  # None: BOS per window when the tokenizer adds BOS
 
-    _rows = field_validator("rows")(lambda v: check_rows(v))
+    _rows = field_validator("rows", mode="before")(lambda v: check_rows(v))
     _field = field_validator("field")(lambda v: check_fields(v))
 
     def source(self):
@@ -225,6 +228,22 @@ class ScoreConfig(Section):
         "auto", description="auto (from the model size and free memory), in_memory, or sequential (one block at a "
                             "time from the safetensors shards, for models larger than memory)")
 
+    @model_validator(mode="after")
+    def _cka_settings_need_cka(self):
+        """``cka_windows``, ``beta`` and ``tau`` shape the CKA matrix and MSRS: without ``cka`` in ``metrics``
+        nothing reads them."""
+        fields = type(self).model_fields
+        unread = [k for k in ("cka_windows", "beta", "tau") if "cka" not in self.metrics
+                  and getattr(self, k) != fields[k].default]
+        if unread:
+            raise ValueError(f"{', '.join(unread)} shape the CKA matrix and MSRS, but metrics has no cka: add cka to "
+                             "metrics, or drop them")
+        return self
+
+
+#: the strategies that read ``select.metric`` (search: through ``order_by``'s default) and ``select.seed``
+METRIC_STRATEGIES = ("one_shot", "iterative", "search")
+SEED_STRATEGIES = ("random", "search")
 
 #: the strategy names of prune.choose.registry, which fills this in when it is imported (the core
 #: layer cannot import it); recipe validation reads the registry through it
@@ -284,6 +303,11 @@ class SelectConfig(Section):
             raise ValueError("give at most one of n_layers or fraction (for search: the most blocks it may remove)")
         if len(set(self.protect)) != len(self.protect):
             raise ValueError(f"protect lists a block twice: {self.protect}")
+        fields = type(self).model_fields
+        for key, readers in (("metric", METRIC_STRATEGIES), ("seed", SEED_STRATEGIES)):
+            if getattr(self, key) != fields[key].default and self.strategy not in readers:
+                raise ValueError(f"{key} is read only by strategies {', '.join(readers)}; {self.strategy} does not read "
+                                 "it (remove it, or choose one of those strategies)")
         defaults = {k: f.default for k, f in type(self).model_fields.items() if k in _SEARCH_KEYS}
         given = [k for k in _SEARCH_KEYS if getattr(self, k) != defaults[k]]
         if self.strategy == "verified":
@@ -348,7 +372,7 @@ class FidelityConfig(Section):
     batch_size: int = Field(4, ge=1)
     top_k: int = Field(256, ge=1, description="original log-probs kept per token (the vocabulary size: exact KL)")
 
-    _rows = field_validator("rows")(lambda v: check_rows(v))
+    _rows = field_validator("rows", mode="before")(lambda v: check_rows(v))
     _field = field_validator("field")(lambda v: check_fields(v))
 
     @model_validator(mode="after")
@@ -374,6 +398,12 @@ class FidelityConfig(Section):
                              "give evaluate.fidelity.path (held-out text, not the calibration text)")
         return (TextConfig(**perplexity.model_dump(include=set(TextConfig.model_fields))),
                 self.seq_len or perplexity.seq_len, self.max_windows or perplexity.max_windows)
+
+
+#: the evaluate settings only lm-eval's tasks read (and those search's proxy task reads too, checked with the recipe)
+LM_EVAL_KEYS = ("limit", "num_fewshot", "seed", "apply_chat_template", "fewshot_as_multiturn", "local_alias", "model",
+                "model_args", "fewshot_from_scored_split")
+PROXY_TASK_KEYS = ("task_dirs", "data_dir", "batch_size")
 
 
 class EvaluateConfig(Section):
@@ -408,11 +438,39 @@ class EvaluateConfig(Section):
             raise ValueError("batch_size is a number, auto or auto:N (lm-eval's choices)")
         return value
 
+    @field_validator("model_args")
+    @classmethod
+    def _key_value_pairs(cls, value: str | None) -> str | None:
+        bad = [part for part in (value or "").split(",") if part.strip() and "=" not in part]
+        if bad:  # lm-eval passed them on as keyword arguments of the model: a traceback after loading
+            raise ValueError(f"model_args is lm-eval's comma-separated key=value list; {bad[0]!r} has no '=' "
+                             "(e.g. 'dtype=bfloat16,max_length=2048')")
+        return value
+
+    @field_validator("limit")
+    @classmethod
+    def _whole_limit(cls, value):
+        if value is not None and value >= 1 and value != int(value):  # lm-eval truncated 2.5 to 2, recorded as 2.5
+            raise ValueError(f"limit is a whole number of examples or a fraction below 1 (got {value:g})")
+        return int(value) if value is not None and value >= 1 else value
+
     @model_validator(mode="after")
     def _fidelity_text(self):
         if self.fidelity is not None and self.fidelity.path is None and self.perplexity is None:
             raise ValueError("fidelity without a path reuses the perplexity text: add evaluate.perplexity or "
                              "give evaluate.fidelity.path")
+        return self
+
+    @model_validator(mode="after")
+    def _task_settings_need_tasks(self):
+        """The lm-eval settings have no effect without ``tasks`` (and ``fewshot_as_multiturn`` none without
+        a chat template): refused, not dropped."""
+        fields = type(self).model_fields
+        unread = [k for k in LM_EVAL_KEYS if not self.tasks and getattr(self, k) != fields[k].default]
+        if unread:
+            raise ValueError(f"{', '.join(unread)} set the lm-eval tasks, and there are none: add tasks, or drop them")
+        if self.fewshot_as_multiturn is not None and not self.apply_chat_template:
+            raise ValueError("fewshot_as_multiturn formats few-shot examples as a chat: it needs apply_chat_template")
         return self
 
 

@@ -51,7 +51,7 @@ def _pick(record, field: str | list[str], where: str) -> str:
     fields = [field] if isinstance(field, str) else list(field)
     missing = [f for f in fields if f not in record]
     if missing:
-        raise PruneError(f"{where} has no field {missing[0]!r} (fields: {', '.join(map(str, record))}); set data.field")
+        raise PruneError(f"{where} has no field {missing[0]!r} (fields: {', '.join(map(str, record))}); name one of them as this text's field (a recipe's '<section>.field', or --field / --perplexity-field)")
     for f in fields:
         value = record[f]
         if not isinstance(value, str):
@@ -161,7 +161,7 @@ def _read_hf_dataset(source: TextSource) -> list[str]:
     fields = [source.field] if isinstance(source.field, str) else list(source.field)
     for f in fields:
         if f not in ds.column_names:
-            raise PruneError(f"dataset {source.path!r} has no column {f!r} (columns: {', '.join(ds.column_names)}); set data.field")
+            raise PruneError(f"dataset {source.path!r} has no column {f!r} (columns: {', '.join(ds.column_names)}); name one of them as this text's field (a recipe's '<section>.field', or --field / --perplexity-field)")
     return [_pick(row, fields, f"dataset {source.path!r} row {i}") for i, row in enumerate(ds)]
 
 
@@ -220,7 +220,7 @@ def token_stream(tokenizer, text: str) -> torch.Tensor:
 def _window_body(tokenizer, seq_len: int, bos: bool | None) -> tuple[int, int | None]:
     use_bos = needs_bos(tokenizer) if bos is None else bos
     if use_bos and tokenizer.bos_token_id is None:
-        raise PruneError("BOS per window was asked for but the tokenizer has no BOS token (set data.bos: false)")
+        raise PruneError("BOS per window was asked for but the tokenizer has no BOS token (set this text's bos to false: a recipe's '<section>.bos', or --no-bos)")
     if seq_len < 2 + int(use_bos):
         raise PruneError(f"seq_len={seq_len} is too short (use at least {2 + int(use_bos)})")
     return seq_len - int(use_bos), (tokenizer.bos_token_id if use_bos else None)

@@ -57,7 +57,12 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
                      flag="--output")
     preflight_model(src, trust_remote_code, [("--seq-len", seq_len)])
     text = load_text(TextSource(data, field, data_config, split, rows))
-    windows = calibration_windows(load_tokenizer(src, trust_remote_code), text, n_samples, seq_len, seed, bos=bos)
+    try:
+        windows = calibration_windows(load_tokenizer(src, trust_remote_code), text, n_samples, seq_len, seed, bos=bos)
+    except PruneError as exc:  # the flags the user typed, not the recipe keys
+        raise PruneError(str(exc).replace("calibration.n_samples", "--n-samples").replace("calibration.seq_len",
+                                                                                           "--seq-len")) from None
+
     def planned(mode: str):
         return plan_execution(source, mode, dtype=dtype, device_map=device_map, max_memory=max_memory,
                               n_windows=n_samples, seq_len=seq_len, batch_size=batch_size,
@@ -243,8 +248,11 @@ def report_model(source: str, out_dir: str | Path, *, strategy: str = "contiguou
                          f"{' '.join(metrics)} (add {need})")
     blocks = preflight_model(resolve_source(source), score_kwargs.get("trust_remote_code", False)).num_hidden_layers
     k = max(1, round(blocks / 4)) if n_layers is None else n_layers
-    try:  # an impossible count fails now, not after scoring
-        resolve_count(blocks, k, None, resolve_protect(protect, blocks))
+    try:  # an impossible count, or a run no contiguous/tail selection can place, fails now, not after scoring
+        from prune.pipeline.inputs import check_selection_possible
+
+        count = resolve_count(blocks, k, None, resolve_protect(protect, blocks))
+        check_selection_possible(blocks, count, strategy, resolve_protect(protect, blocks))
     except PruneError as exc:
         raise PruneError(str(exc).replace("select.n_layers", "--n-layers").replace("select.protect", "--protect")) from None
     scores = score_model(source, **score_kwargs)  # under a launcher every rank scores its share

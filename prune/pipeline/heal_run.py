@@ -172,11 +172,16 @@ def _healed_markdown(original: dict, before: dict, healed: dict, facts: dict) ->
 
 
 def with_local_texts(recipe, run: Path, calibration: str | None, evaluate: bool):
-    """``recipe`` (read from ``run``) with its calibration file replaced by ``calibration`` when given,
-    checked before any model is loaded: a text file the run recorded by name only (``<local>/name``)
+    """``recipe`` (read from ``run``) with its calibration file replaced by ``calibration`` when given (the
+    same file, found elsewhere: its name must be the recorded one), checked before any model is loaded: a text file the run recorded by name only (``<local>/name``)
     or that is missing here is one line naming the fix."""
 
     if calibration is not None:
+        recorded = recipe.calibration.path
+        if Path(calibration).name != Path(recorded).name:  # the scores after must be on the run's text, not another
+            raise PruneError(f"--calibration-data {calibration}: the run was scored on {Path(recorded).name} "
+                             f"({run / 'recipe.yaml'}); the flag says where that file is here, not another text "
+                             "(give the same file)")
         recipe = recipe.model_copy(update={"calibration": recipe.calibration.model_copy(update={"path": calibration})})
     where = str(run / "recipe.yaml")
     check_text_path(recipe.calibration, "calibration", where, "give the file with --calibration-data PATH")
@@ -322,7 +327,8 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     check_output_dir(out, overwrite, inputs, flag="--output")
     run_eval = read_run_eval(run)  # read now: a damaged file fails before the training, not after it
     eval_cfg: EvaluateConfig | None = recipe.evaluate if recipe else None
-    check_heal_data(cfg, eval_cfg, "heal settings")
+    check_heal_data(cfg, eval_cfg, "heal settings",
+                    "--data ../shared/data/c4/c4_web_1480.jsonl --field prefix,gold_completion")
     check_text_path(cfg.data, "heal.data", "heal settings", "give the file with --data PATH")
     if evaluate and eval_cfg is None:
         raise PruneError(f"--evaluate needs an evaluate section in {run / 'recipe.yaml'} (or use prune eval on the output)")
@@ -354,6 +360,10 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     # built from the original's blocks: the source must be known, the run not healed since
     from_original = ("a replacement layer is rebuilt from the source model" if cfg.method == "replace" and cfg.objective == "lm"
                      else "heal.bridge is fitted to the original's blocks" if cfg.bridge != "none" else None)
+    if source is not None and not (from_original or cfg.objective == "distill"
+                                   or (evaluate and eval_cfg is not None and eval_cfg.fidelity is not None)):
+        raise PruneError(f"--source names the original model, which this healing never reads ({cfg.method} on the "
+                         "next-token loss, no bridge, no fidelity to measure): drop --source")
     if from_original:
         if not pruning.removed or not pruning.kept or pruning.source is None:
             raise PruneError(f"{run}/pruning.json lacks removed/kept/source: {from_original}")

@@ -194,9 +194,10 @@ def preflight_model(src: ModelSource, trust_remote_code: bool = False,
     return config
 
 
-def validated(cls, **values):
+def validated(cls, flags: dict[str, str] | None = None, **values):
     """``cls(**values)`` (a config section) with a validation error as one line naming the flag
-    (``--seq-len``): the CLI's flags get the same checks as a recipe's keys."""
+    (``--seq-len``; ``flags``: the flag of a field whose name differs, ``{"rows": "--perplexity-rows"}``):
+    the CLI's flags get the same checks as a recipe's keys."""
     from pydantic import ValidationError
 
     try:
@@ -205,5 +206,5 @@ def validated(cls, **values):
         err = exc.errors()[0]
         key = "_".join(p for p in err["loc"] if isinstance(p, str))  # ("fidelity", "top_k"): --fidelity-top-k
         message = err["msg"].removeprefix("Value error, ")
-        flag = f"--{key.replace('_', '-')}" if key else "flags"
+        flag = (flags or {}).get(key) or (f"--{key.replace('_', '-')}" if key else "flags")
         raise PruneError(f"{flag}: {message} (got {err.get('input')!r})") from None

@@ -153,12 +153,32 @@ def check_recipe(recipe: Recipe, where: str = "recipe") -> None:
     check_select(recipe, where)
     check_heal(recipe, where)
     check_placement(recipe, where)
+    check_task_settings(recipe, where)
+
+
+def check_task_settings(recipe: Recipe, where: str = "recipe") -> None:
+    """``evaluate.task_dirs`` / ``data_dir`` / ``batch_size`` are read by lm-eval's tasks and by search's proxy
+    task: with neither they have no effect (the other lm-eval keys: :class:`EvaluateConfig`)."""
+    from prune.core.config import PROXY_TASK_KEYS
+
+    ev, sel = recipe.evaluate, recipe.select
+    if ev is None or ev.tasks or (sel.strategy == "search" and sel.proxy_task):
+        return
+    fields = type(ev).model_fields
+    unread = [k for k in PROXY_TASK_KEYS if getattr(ev, k) != fields[k].default]
+    if unread:
+        raise PruneError(f"{where}: evaluate.{unread[0]} is read by lm-eval tasks (evaluate.tasks) and search's "
+                         "select.proxy_task, and there are none: add them, or drop it")
 
 
 def check_placement(recipe: Recipe, where: str = "recipe") -> None:
     """``model.max_memory`` caps Accelerate's placement (``model.device_map``) and the execution plan;
     with ``score.execution: in_memory`` and no device map nothing reads it (the whole model loaded anyway)."""
     m = recipe.model
+    if m.offload_folder and m.device_map is None:
+        raise PruneError(f"{where}: model.offload_folder holds what Accelerate's placement (model.device_map) puts on "
+                         "disk; without a device_map nothing goes there (set model.device_map, or drop "
+                         "model.offload_folder)")
     if m.max_memory and m.device_map is None and recipe.score.execution == "in_memory":
         raise PruneError(f"{where}: model.max_memory is read by Accelerate's placement (model.device_map) and by "
                          "score.execution auto / sequential; with score.execution: in_memory and no device_map nothing "
@@ -213,6 +233,10 @@ def check_text_path(cfg: TextConfig | None, key: str, where: str, fix: str | Non
     local = path.suffix in TEXT_SUFFIXES or cfg.path.startswith((".", "/", "~"))
     if local and not path.is_file() and not (path.is_dir() and path.suffix not in TEXT_SUFFIXES):
         raise PruneError(f"{where}: '{key}.path' file not found: {cfg.path} (check the path or set PRUNE_DATA_DIR)")
+    unread = [k for k, default in (("config", None), ("split", "train")) if getattr(cfg, k, default) != default]
+    if local and path.is_file() and unread:  # a datasets configuration / split: a file has neither
+        raise PruneError(f"{where}: '{key}.{unread[0]}' selects part of a datasets dataset, but {cfg.path} is a local "
+                         f"file, read whole (drop it; 'rows' takes a slice of the file)")
 
 
 def check_files(recipe: Recipe, where: str = "recipe") -> None:
@@ -268,14 +292,16 @@ def _same_text(a: TextConfig, b: TextConfig) -> bool:
     return fields(a.field) == fields(b.field) and a.config == b.config and a.split == b.split
 
 
-def check_heal_data(heal: HealConfig, evaluate: EvaluateConfig | None, where: str = "recipe") -> None:
+def check_heal_data(heal: HealConfig, evaluate: EvaluateConfig | None, where: str = "recipe",
+                    how: str = "heal.data.path: ../shared/data/c4/c4_web_1480.jsonl with field [prefix, gold_completion]") -> None:
     """Training text given, and not the evaluation text: the perplexity text or the fidelity's own
-    (the same file or dataset read the same way, with rows in common)."""
+    (the same file or dataset read the same way, with rows in common). ``how``: how to give it, as the
+    caller takes it (a recipe key, or ``prune heal``'s flags)."""
     from prune.io.text import row_count
 
     if heal.data is None:
         raise PruneError(f"{where}: 'heal.data' is missing: give training text that is not the evaluation text "
-                         "(e.g. heal.data.path: ../shared/data/c4/c4_web_1480.jsonl with field [prefix, gold_completion])")
+                         f"(e.g. {how})")
     texts = [("perplexity", evaluate.perplexity if evaluate else None)]
     if evaluate is not None and evaluate.fidelity is not None and evaluate.fidelity.path is not None:
         texts.append(("fidelity", evaluate.fidelity.text(evaluate.perplexity)[0]))
