@@ -509,7 +509,10 @@ def cmd_report(args) -> int:
         folder = report_run(args.source, out, overwrite=args.overwrite, inputs=run_inputs(args.source))
     else:
         if not args.data:
-            if not os.path.exists(os.path.expanduser(args.source)) and os.sep in args.source.strip(os.sep):
+            from prune.io.source import HUB_ID
+
+            local = args.source.startswith(("/", ".", "~")) or not HUB_ID.match(args.source)  # not a Hub id
+            if local and not os.path.exists(os.path.expanduser(args.source)):
                 raise PruneError(f"{args.source} not found (give a 'prune run' output folder, or a model with --data)")
             raise PruneError(f"{args.source} is not a run folder (no pruning.json): give --data to score it as a model")
         if args.strategy != "one_shot":

@@ -38,7 +38,7 @@ gguf, wiki, out = sys.argv[1:4]
 start = time.perf_counter()
 run("recipes/smollm2-quick.yaml", quiet=True, overrides=[f"model.source={gguf}", f"output.dir={out}", "output.overwrite=true",
     f"calibration.path={wiki}", f"evaluate.perplexity.path={wiki}", "evaluate.perplexity.max_windows=2",
-    "evaluate.perplexity.seq_len=128", "evaluate.tasks=[]", "calibration.n_samples=4", "calibration.seq_len=64",
+    "evaluate.perplexity.seq_len=128", "evaluate.tasks=[]", "evaluate.data_dir=null", "evaluate.limit=null", "evaluate.batch_size=8", "calibration.n_samples=4", "calibration.seq_len=64",
     "select.strategy=contiguous"])
 print(json.dumps({"wall_s": time.perf_counter() - start, "parses": count["parses"], "parse_s": count["seconds"]}))
 '''

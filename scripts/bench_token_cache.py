@@ -37,7 +37,7 @@ from prune.pipeline.orchestrator import run
 model, wiki, out = sys.argv[1:4]
 start = time.perf_counter()
 result = run("recipes/smollm2-quick.yaml", quiet=True, overrides=[f"model.source={model}", f"output.dir={out}",
-    "output.overwrite=true", f"calibration.path={wiki}", f"evaluate.perplexity.path={wiki}", "evaluate.tasks=[]",
+    "output.overwrite=true", f"calibration.path={wiki}", f"evaluate.perplexity.path={wiki}", "evaluate.tasks=[]", "evaluate.data_dir=null", "evaluate.limit=null", "evaluate.batch_size=8",
     "calibration.n_samples=8", "calibration.seq_len=64", "select.heldout_windows=2", "select.budget=2",
     "evaluate.fidelity={}"])
 ev = result.evaluation

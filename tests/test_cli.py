@@ -189,7 +189,11 @@ def test_remove_shows_a_progress_bar_of_the_bytes_written_unless_quiet(tmp_path,
     (["remove", "org/model", "--blocks", "1", "-o", "x", "--base-model", "other/base"],
      "--base-model is only for a local MODEL: org/model is a Hub id"),
     (["report", "/nonexistent/run"], "/nonexistent/run not found"),
+    (["report", "org/model"], "org/model is not a run folder (no pruning.json): give --data"),  # a Hub id
     (["compare", "a", "b", "--overwrite"], "--overwrite has no effect without --output"),
+    # a check across flags names the flags typed (it said "flags: tau shape ..." with the whole settings dict)
+    (["score", "m", "--data", "d.txt", "--metrics", "bi,angular", "--tau", "0.5"],
+     "error: --tau shape the CKA matrix and MSRS, but --metrics has no cka: add cka to --metrics, or drop them"),
     (["score", "m", "--data", "d.txt", "--overwrite"], "--overwrite has no effect without --output"),
 ])
 def test_flags_a_command_cannot_use_are_one_line(args, message, tmp_path, monkeypatch):

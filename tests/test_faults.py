@@ -377,6 +377,8 @@ def test_overwrite_never_replaces_a_project_holding_a_config_json_nor_removes_fo
     plain = tmp_path / "plain"
     shutil.copytree(tiny_folder, plain)
     conftest.prune_main("remove", tiny_folder, "--blocks", "3", "-o", plain, "--overwrite", check_rc=0)
+    (plain / "report").mkdir()  # what `prune report RUN_DIR` writes into a run folder
+    (plain / "report" / "report.json").write_text("{}")
     conftest.prune_main("remove", tiny_folder, "--blocks", "2", "-o", plain, "--overwrite", check_rc=0)
     # the user's folders that only look like staging leftovers are left alone
     box = tmp_path / "box"

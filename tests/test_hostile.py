@@ -156,6 +156,25 @@ def test_heal_reads_no_secret_of_the_environment_through_the_run_folders_recipe(
     # the user's own settings may read the environment, but a token in them is refused too (they are published)
     refused(capsys, "heal", run_dir, "-o", tmp_path / "h", *args, "--set", "data.split=${HF_TOKEN}",
             match="holds an access token")
+    # a default that names another variable is not expanded by a second pass (it was: the token reached the card)
+    recipe["calibration"]["split"] = "train"
+    recipe["model"]["revision"] = "${PRUNE_DATA_DIR:-${HF_TOKEN}}"
+    (evil / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.setenv("PRUNE_DATA_DIR", "")  # empty: the default stands in
+    refused(capsys, "heal", evil, "-o", tmp_path / "h", *args, match="uses ${HF_TOKEN}: a recipe read from an input folder")
+    assert not (tmp_path / "h").exists()
+
+
+def test_heal_reads_a_saved_recipe_with_settings_nothing_reads(run_dir, tmp_path):
+    """A run folder of an older version may hold settings the checks of user recipes now refuse (an lm-eval limit
+    without tasks, a metric its strategy ignores): prune heal cannot change them, and reads the folder."""
+    old = Path(shutil.copytree(run_dir, tmp_path / "old"))
+    recipe = yaml.safe_load((old / "recipe.yaml").read_text())
+    recipe["evaluate"]["limit"] = 100
+    recipe["select"].update(strategy="contiguous", metric="bi")
+    (old / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    done = heal_cli(old, tmp_path / "healed", in_process=True)
+    assert done.returncode == 0, done.stderr
 
 
 # ==== 2. inputs are sacred ========================================================================

@@ -158,7 +158,16 @@ def interrupted_save(f):
 
 
 def pruning_json_disagrees(f):
-    _edit_json(f / "pruning.json", layers_after=7)
+    """A record consistent in itself (one block fewer removed) that the folder's 6 blocks contradict."""
+    data = json.loads((f / "pruning.json").read_text())
+    back = data["removed"][-1]
+    changes = dict(removed=data["removed"][:-1], kept=sorted([*data["kept"], back]), layers_after=7)
+    if data.get("kept_original"):
+        back_original = data["removed_original_all"][-1]
+        changes.update(kept_original=sorted([*data["kept_original"], back_original]),
+                       removed_original_all=data["removed_original_all"][:-1],
+                       removed_original=[i for i in data["removed_original"] if i != back_original])
+    _edit_json(f / "pruning.json", **changes)
 
 
 def broken_card_front_matter(f):

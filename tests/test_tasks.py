@@ -245,3 +245,15 @@ def test_a_chat_template_the_tokenizer_lacks_is_refused_before_loading(tiny_fold
     tok.chat_template = "{{ messages }}"  # one template: lm-eval uses it whatever name is asked for
     check_chat_template(tok, "anything")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.progress"))
+
+
+def test_a_named_fewshot_split_takes_precedence_over_fixed_samples():
+    """lm-eval draws the few-shot examples from a named split even when samples are given (it warns): such a task
+    with the split it scores is refused / marked (the samples were taken to win)."""
+    from prune.measure.lmeval import fewshot_splits
+
+    samples = {"samples": [{"query": "q", "gold": 0, "choices": ["a", "b"]}]}
+    assert fewshot_splits({"test_split": "test", "fewshot_split": "test", "fewshot_config": samples}.get) == ("test", "test")
+    assert fewshot_splits({"test_split": "test", "fewshot_config": {**samples, "split": "train"}}.get) == ("train", "test")
+    assert fewshot_splits({"test_split": "test", "fewshot_config": samples}.get) == (None, "test")
+    assert fewshot_splits({"test_split": "test", "training_split": "train"}.get) == ("train", "test")

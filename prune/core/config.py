@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from prune.core.errors import PruneError
 
@@ -161,6 +161,13 @@ class ModelConfig(Section):
         return out
 
 
+def saved(info: ValidationInfo | None) -> bool:
+    """Whether a recipe a run folder saved is being read back (``context={"saved": True}``): the checks of
+    settings nothing reads hold for what a user writes, not for an older version's saved recipe, which
+    ``prune heal`` cannot change."""
+    return bool(info is not None and info.context and info.context.get("saved"))
+
+
 def check_rows(rows: str | None) -> str | None:
     """``rows`` is ``"start:stop"`` with whole numbers (either may be empty, negative counts from the end)."""
     if rows is None:
@@ -229,12 +236,12 @@ class ScoreConfig(Section):
                             "time from the safetensors shards, for models larger than memory)")
 
     @model_validator(mode="after")
-    def _cka_settings_need_cka(self):
+    def _cka_settings_need_cka(self, info: ValidationInfo):
         """``cka_windows``, ``beta`` and ``tau`` shape the CKA matrix and MSRS: without ``cka`` in ``metrics``
         nothing reads them."""
         fields = type(self).model_fields
         unread = [k for k in ("cka_windows", "beta", "tau") if "cka" not in self.metrics
-                  and getattr(self, k) != fields[k].default]
+                  and getattr(self, k) != fields[k].default and not saved(info)]
         if unread:
             raise ValueError(f"{', '.join(unread)} shape the CKA matrix and MSRS, but metrics has no cka: add cka to "
                              "metrics, or drop them")
@@ -295,7 +302,7 @@ class SelectConfig(Section):
         return value
 
     @model_validator(mode="after")
-    def _amount(self):
+    def _amount(self, info: ValidationInfo):
         search = self.strategy == "search"
         if not search and (self.n_layers is None) == (self.fraction is None):
             raise ValueError("give exactly one of n_layers (how many blocks to remove) or fraction (0 < f < 1)")
@@ -305,7 +312,7 @@ class SelectConfig(Section):
             raise ValueError(f"protect lists a block twice: {self.protect}")
         fields = type(self).model_fields
         for key, readers in (("metric", METRIC_STRATEGIES), ("seed", SEED_STRATEGIES)):
-            if getattr(self, key) != fields[key].default and self.strategy not in readers:
+            if getattr(self, key) != fields[key].default and self.strategy not in readers and not saved(info):
                 raise ValueError(f"{key} is read only by strategies {', '.join(readers)}; {self.strategy} does not read "
                                  "it (remove it, or choose one of those strategies)")
         defaults = {k: f.default for k, f in type(self).model_fields.items() if k in _SEARCH_KEYS}
@@ -376,12 +383,12 @@ class FidelityConfig(Section):
     _field = field_validator("field")(lambda v: check_fields(v))
 
     @model_validator(mode="after")
-    def _own_text_needs_a_path(self):
+    def _own_text_needs_a_path(self, info: ValidationInfo):
         """``field``, ``config``, ``split``, ``rows`` and ``bos`` describe the fidelity's own text: without ``path``
         the perplexity text is reused as it is, and they were dropped silently (eval.json recorded them)."""
         fields = type(self).model_fields
         dropped = [k for k in ("field", "config", "split", "rows", "bos")
-                   if self.path is None and getattr(self, k) != fields[k].default]
+                   if self.path is None and getattr(self, k) != fields[k].default and not saved(info)]
         if dropped:
             raise ValueError(f"{', '.join(dropped)} describe the fidelity's own text, but it has no path (it reuses "
                              "evaluate.perplexity's text and windows): set them there, or give evaluate.fidelity.path")
@@ -449,10 +456,10 @@ class EvaluateConfig(Section):
 
     @field_validator("limit")
     @classmethod
-    def _whole_limit(cls, value):
-        if value is not None and value >= 1 and value != int(value):  # lm-eval truncated 2.5 to 2, recorded as 2.5
+    def _whole_limit(cls, value, info: ValidationInfo):
+        if value is not None and value >= 1 and value != int(value) and not saved(info):  # lm-eval truncated 2.5 to 2, recorded as 2.5
             raise ValueError(f"limit is a whole number of examples or a fraction below 1 (got {value:g})")
-        return int(value) if value is not None and value >= 1 else value
+        return int(value) if value is not None and value >= 1 and value == int(value) else value
 
     @model_validator(mode="after")
     def _fidelity_text(self):
@@ -462,9 +469,11 @@ class EvaluateConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _task_settings_need_tasks(self):
+    def _task_settings_need_tasks(self, info: ValidationInfo):
         """The lm-eval settings have no effect without ``tasks`` (and ``fewshot_as_multiturn`` none without
         a chat template): refused, not dropped."""
+        if saved(info):
+            return self
         fields = type(self).model_fields
         unread = [k for k in LM_EVAL_KEYS if not self.tasks and getattr(self, k) != fields[k].default]
         if unread:

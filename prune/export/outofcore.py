@@ -161,16 +161,21 @@ def write_safetensors(path: Path, tensors: list[tuple[str, TensorEntry]], metada
 
 
 def carry_files(source: Path, stage: Path) -> list[str]:
-    """Copy the small non-weight files of ``source`` (tokenizer, generation config, ...) to ``stage``; a file that
-    links out of ``source`` is left behind, with a note (its target is not the model's to publish)."""
+    """Copy the small non-weight files of ``source`` (tokenizer, generation config, ...) to ``stage``. A file that
+    links out of ``source`` (git-annex, DVC, a symlinked download; or ``LICENSE -> ~/.cache/huggingface/token``)
+    is copied only when it is one the checkpoint needs (tokenizer, generation config) and holds no access
+    token; any other is left behind, with a note: its target is not the model's to publish."""
     import sys
 
+    from prune.core.secrets import looks_like_token
     from prune.io.guard import inside_folder
+    from prune.io.staging import CHECKPOINT_FILE
 
     carried = []
     for item in sorted(source.iterdir()):
         if item.is_file() and not SKIP_FILES.match(item.name):
-            if not inside_folder(item, source):
+            if not inside_folder(item, source) and not (CHECKPOINT_FILE.match(item.name) and not looks_like_token(
+                    item.read_bytes().decode("utf-8", "replace"))):
                 print(f"note: {item.name} of {source} links out of the model folder: not copied", file=sys.stderr)
                 continue
             shutil.copy2(item, stage / item.name)

@@ -261,8 +261,9 @@ def local_folder(source, *, revision: str | None = None) -> Path:
 
     src = source if isinstance(source, ModelSource) else resolve_source(source, revision=revision)
     if src.kind == "gguf":
-        raise PruneError(f"{src.display} is a GGUF file: out-of-core execution reads safetensors shards "
-                         "(use execution: in_memory, or save the model as safetensors first)")
+        raise PruneError(f"{src.display} is a GGUF file: out-of-core work (prune remove, sequential execution) reads "
+                         "safetensors shards (save the model as safetensors first, or score it in memory: "
+                         "score.execution: in_memory, --execution in_memory)")
     if src.kind == "folder":
         return Path(src.path)
     from huggingface_hub import snapshot_download

@@ -47,8 +47,8 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, inputs
 WRITTEN_BY_PRUNE = ("config.json", "pruning.json", "adapter_config.json")
 #: prune's own records: a folder holding one was written by prune (``pruning.json``, a report's ``report.json``)
 OWN_RECORDS = ("pruning.json", "report.json")
-#: the only subfolder prune's writers make (lm-eval's files of a run)
-OWN_SUBFOLDERS = ("eval",)
+#: the subfolders prune writes into an output folder (lm-eval's files of a run; `prune report RUN_DIR`'s report)
+OWN_SUBFOLDERS = ("eval", "report")
 #: the files of a plain checkpoint (``save_pretrained`` of a model and its tokenizer, or a PEFT adapter)
 CHECKPOINT_FILE = re.compile(r"^(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|"
                              r"model\.safetensors\.index\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|"

@@ -62,7 +62,7 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
 def local_task_dir(folder: Path) -> Path:
     """Materialise the shipped task YAMLs for ``folder`` (cached per folder) and return their dir."""
     if not (folder / "tasks").is_dir():
-        raise PruneError(f"task data folder {folder} has no tasks/ subfolder (set --data-dir or PRUNE_DATA_DIR to the shared data folder)")
+        raise PruneError(f"task data folder {folder} has no tasks/ subfolder (point --data-dir, evaluate.data_dir in a recipe, or PRUNE_DATA_DIR to the shared data folder)")
     digest = hashlib.sha1(str(folder).encode()).hexdigest()[:12]
     cache = Path(os.environ.get("PRUNE_CACHE", Path.home() / ".cache" / "prune")) / "tasks" / digest
     cache.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,7 @@ def resolve_tasks(tasks: list[str], *, data_dir_path: str | os.PathLike | None =
     include = [str(Path(d).expanduser().resolve()) for d in task_dirs or []]
     for d in include:
         if not Path(d).is_dir():
-            raise PruneError(f"task folder not found: {d} (check evaluate.task_dirs)")
+            raise PruneError(f"task folder not found: {d} (check --include-path, or evaluate.task_dirs in a recipe)")
     names = []
     for task in tasks:
         if task.endswith("_local") and folder is None:
@@ -308,14 +308,15 @@ def fewshot_splits(get) -> tuple[str | None, str | None]:
     """``(split the few-shot examples are drawn from, split scored)`` of a task config (``get(key)``: an
     attribute of lm-eval's ``TaskConfig``, or a key of a results file's ``configs``), by lm-eval's rule
     (``ConfigurableTask.fewshot_docs``): ``fewshot_config.split``, else the few-shot split, else train, else
-    validation, else test; ``None`` when ``fewshot_config.samples`` fixes the examples (no split is read)."""
+    validation, else test; ``None`` when, with no few-shot split named, ``fewshot_config.samples`` fixes the
+    examples (a named split takes precedence over samples, as lm-eval warns)."""
     fewshot = get("fewshot_config")
     fs = fewshot if isinstance(fewshot, dict) else vars(fewshot) if fewshot is not None else {}
     scored = get("test_split") or get("validation_split")
-    if fs.get("samples") is not None:
+    named = fs.get("split") or get("fewshot_split")
+    if named is None and fs.get("samples") is not None:
         return None, scored
-    return (fs.get("split") or get("fewshot_split") or get("training_split") or get("validation_split")
-            or get("test_split")), scored
+    return named or get("training_split") or get("validation_split") or get("test_split"), scored
 
 
 def n_shots(result: dict | None) -> dict[str, int]:

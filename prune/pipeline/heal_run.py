@@ -80,7 +80,11 @@ INHERITED_WITH_THE_METHOD = ("objective", "bridge")
 def heal_settings(recipe_data: dict | None, config: str | None = None, method: str | None = None,
                   data: str | None = None, field: list[str] | str | None = None, rows: str | None = None,
                   overrides=()) -> HealConfig:
-    """Merge the heal settings (see module docstring) and validate them; one-line errors."""
+    """Merge the heal settings (see module docstring) and validate them; one-line errors. ``recipe_data`` is
+    expanded already (a run folder's: ``${PRUNE_DATA_DIR}`` alone); ``${VAR}`` in ``config`` and ``overrides``
+    is expanded here, once."""
+    from prune.pipeline.recipe import expand_env
+
     settings = (recipe_data or {}).get("heal") or {}
     if not isinstance(settings, dict):
         raise PruneError("the run's recipe.yaml has a heal section that is not a mapping (fix it or give --config)")
@@ -92,7 +96,7 @@ def heal_settings(recipe_data: dict | None, config: str | None = None, method: s
         path = Path(config).expanduser()
         if not path.is_file():
             raise PruneError(f"heal config not found: {path}")
-        extra = _read_yaml(path, "heal config")
+        extra = expand_env(_read_yaml(path, "heal config"))  # the user's own file: ${VAR} as in a recipe
         extra = extra.get("heal", extra) or {}
         if not isinstance(extra, dict):
             raise PruneError(f"{path}: the heal section must be a mapping (method: lora, steps: 100, ...)")
@@ -105,14 +109,11 @@ def heal_settings(recipe_data: dict | None, config: str | None = None, method: s
         settings["data"]["field"] = field[0] if isinstance(field, list) and len(field) == 1 else field
     if rows and settings.get("data") is not None:
         settings["data"]["rows"] = rows
-    overrides = [o.removeprefix("heal.") for o in overrides or ()]
+    overrides = [expand_env(o.removeprefix("heal.")) for o in overrides or ()]  # the user's: ${VAR} as in a recipe
     settings = apply_overrides(settings, overrides)
     if "method" not in settings:
         raise PruneError(f"no heal method: give --method {'|'.join([*HEAL_METHODS, 'distill'])} (or --config with a "
                          "heal section)")
-    from prune.pipeline.recipe import expand_env
-
-    settings = expand_env(settings)  # ${PRUNE_DATA_DIR:-../shared/data}/... as in a recipe
     try:
         return _HealOnly.model_validate({"heal": settings}).heal
     except Exception as exc:  # pydantic ValidationError
@@ -292,7 +293,6 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     from prune.pipeline.engines import score_options
     from prune.pipeline.orchestrator import write_output
     from prune.io.text import calibration_windows_of
-    from prune.pipeline.recipe import Recipe
 
     quiet_mode(quiet)
     clock = StageClock()
@@ -306,10 +306,10 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
 
     pruning = read_record(run / "pruning.json")  # a record of the wrong shape is one line, here
     recipe_data = _read_yaml(run / "recipe.yaml", "recipe") if (run / "recipe.yaml").is_file() else None
-    from prune.pipeline.recipe import INPUT_RECIPE_VARIABLES, check_no_token, expand_env
+    from prune.pipeline.recipe import INPUT_RECIPE_VARIABLES, check_no_token, expand_env, saved_recipe
 
-    if recipe_data is not None:  # an input folder's recipe reads no other variable of this environment (a token)
-        recipe_data = expand_env(recipe_data, INPUT_RECIPE_VARIABLES, str(run / "recipe.yaml"))
+    if recipe_data is not None:  # an input folder's recipe reads no other variable of this environment (a token),
+        recipe_data = expand_env(recipe_data, INPUT_RECIPE_VARIABLES, str(run / "recipe.yaml"))  # and is expanded once
     cfg = heal_settings(recipe_data, config, method, data, field, rows, overrides)
     check_no_token(cfg.model_dump(mode="json"), "heal settings")  # written into recipe.yaml and the card
     inputs = command_inputs(None, [config, cfg.data.path if cfg.data else None], run_dir=str(run))
@@ -318,7 +318,8 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     if recipe_data is not None:
         output_section = {**(recipe_data.get("output") or {}), "dir": str(out), "overwrite": overwrite}
         output_section.pop("push_to_hub", None)  # a heal pushes nothing unless asked (prune push)
-        recipe = Recipe.model_validate(expand_env({**recipe_data, "heal": cfg.model_dump(), "output": output_section}))
+        recipe = saved_recipe({**recipe_data, "heal": cfg.model_dump(), "output": output_section}, str(run / "recipe.yaml"))
+        check_no_token(recipe.model_dump(mode="json"), str(run / "recipe.yaml"))  # written into the healed folder
         recipe = with_local_texts(recipe, run, calibration, evaluate)
     elif calibration is not None:
         raise PruneError(f"--calibration-data needs {run / 'recipe.yaml'} (the run folder has no recipe to calibrate with)")

@@ -68,12 +68,12 @@ def run_inputs(run: str | os.PathLike) -> list[Input]:
     from prune.core.records import SourceRecord
     from prune.core.yamlsafe import load_yaml
     from prune.io.source import resolve_source
-    from prune.pipeline.recipe import Recipe, expand_env
+    from prune.pipeline.recipe import saved_recipe
 
     run = Path(run).expanduser()
     out: list[Input] = []
     try:
-        recipe = Recipe.model_validate(expand_env(load_yaml((run / "recipe.yaml").read_text())))
+        recipe = saved_recipe(load_yaml((run / "recipe.yaml").read_text()), str(run / "recipe.yaml"))
         out += recipe_inputs(recipe)
         out += source_inputs(resolve_source(recipe.model.source, recipe.model.gguf_file))
     except Exception:  # noqa: BLE001 - no recipe, or one naming what is not here: nothing known to protect
@@ -194,6 +194,10 @@ def preflight_model(src: ModelSource, trust_remote_code: bool = False,
     return config
 
 
+#: field names that are also plain words of the messages (not turned into flags)
+PLAIN_WORDS = {"model", "original", "path", "config", "split", "field"}
+
+
 def validated(cls, flags: dict[str, str] | None = None, **values):
     """``cls(**values)`` (a config section) with a validation error as one line naming the flag
     (``--seq-len``; ``flags``: the flag of a field whose name differs, ``{"rows": "--perplexity-rows"}``):
@@ -206,5 +210,12 @@ def validated(cls, flags: dict[str, str] | None = None, **values):
         err = exc.errors()[0]
         key = "_".join(p for p in err["loc"] if isinstance(p, str))  # ("fidelity", "top_k"): --fidelity-top-k
         message = err["msg"].removeprefix("Value error, ")
-        flag = (flags or {}).get(key) or (f"--{key.replace('_', '-')}" if key else "flags")
+        if not key:  # a check across fields: its message names them as recipe keys, the user typed flags
+            import re
+
+            names = sorted(set(cls.model_fields) - PLAIN_WORDS, key=len, reverse=True)
+            message = re.sub(r"(?<![.\w-])(" + "|".join(map(re.escape, names)) + r")\b",
+                             lambda m: (flags or {}).get(m[1]) or f"--{m[1].replace('_', '-')}", message)
+            raise PruneError(message) from None
+        flag = (flags or {}).get(key) or f"--{key.replace('_', '-')}"
         raise PruneError(f"{flag}: {message} (got {err.get('input')!r})") from None

@@ -81,6 +81,13 @@ def expand_env(value: Any, only: tuple[str, ...] | None = None, where: str = "re
     return value
 
 
+def saved_recipe(data: dict, where: str) -> Recipe:
+    """A recipe a run folder saved (``recipe.yaml``, a full dump, perhaps of an older version) read back: only
+    ``${PRUNE_DATA_DIR}`` is expanded (:data:`INPUT_RECIPE_VARIABLES`; the folder may come from anyone), once,
+    and the checks of settings nothing reads are skipped (``prune heal`` cannot change them)."""
+    return Recipe.model_validate(expand_env(data, INPUT_RECIPE_VARIABLES, where), context={"saved": True})
+
+
 def check_no_token(value: Any, where: str, key: str = "") -> None:
     """Refuse a recipe value that holds an access token (written in, or from ``${VAR}`` or ``--set``):
     the recipe is saved beside the model (recipe.yaml, pruning.json, the card) and pushed with it."""
