@@ -393,6 +393,10 @@ def cmd_remove(args) -> int:
     from prune.pipeline.inputs import preflight_model
 
     blocks = parse_blocks(args.blocks) if args.blocks is not None else None
+    if args.slices is not None:  # a missing file or bad ranges: before the model is read
+        from prune.export.mergekit import parse_slices
+
+        parse_slices(args.slices)
     src = resolve_source(args.model)
     if args.base_model and src.kind == "hub" and args.base_model != src.path:
         raise PruneError(f"--base-model is only for a local MODEL: {src.path} is a Hub id and is the base model itself "

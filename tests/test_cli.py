@@ -190,6 +190,8 @@ def test_remove_shows_a_progress_bar_of_the_bytes_written_unless_quiet(tmp_path,
      "--base-model is only for a local MODEL: org/model is a Hub id"),
     (["report", "/nonexistent/run"], "/nonexistent/run not found"),
     (["report", "org/model"], "org/model is not a run folder (no pruning.json): give --data"),  # a Hub id
+    (["score", "org/model", "--data", WIKI_RAW, "--split", "test"], "--split / --data-config select part of a datasets"),
+    (["remove", "org/model", "--slices", "missing.yaml", "-o", "x"], "--slices file not found: missing.yaml"),
     (["compare", "a", "b", "--overwrite"], "--overwrite has no effect without --output"),
     # a check across flags names the flags typed (it said "flags: tau shape ..." with the whole settings dict)
     (["score", "m", "--data", "d.txt", "--metrics", "bi,angular", "--tau", "0.5"],

@@ -138,6 +138,8 @@ def parse_slices(spec: str | list) -> list[tuple[int, int]]:
     data = spec
     if isinstance(spec, str):
         path = Path(spec).expanduser()
+        if path.suffix in (".yaml", ".yml") and not path.is_file():  # a file name, not inline ranges
+            raise PruneError(f"--slices file not found: {spec} (give a mergekit config file or ranges like [[0, 2], [4, 8]])")
         try:
             data = load_yaml(path.read_text() if path.is_file() else spec, "--slices")
         except PruneError as exc:

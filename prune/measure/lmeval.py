@@ -373,14 +373,20 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
             lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
             lm = spread_over_ranks(lm)  # under a launcher: a share of the examples per rank (prune.measure.lmeval_dist)
         tracker = EvaluationTracker()
-        out = lm_eval.simple_evaluate(
-            model=lm, model_args=model_args if isinstance(model, str) else None, tasks=names, task_manager=manager,
-            num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device,
-            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-            log_samples=log_samples, evaluation_tracker=tracker, verbosity="ERROR" if not progress else "WARNING",
-            apply_chat_template=apply_chat_template,
-            fewshot_as_multiturn=bool(apply_chat_template) if fewshot_as_multiturn is None else fewshot_as_multiturn,
-        )
+        try:
+            out = lm_eval.simple_evaluate(
+                model=lm, model_args=model_args if isinstance(model, str) else None, tasks=names, task_manager=manager,
+                num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device,
+                random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                log_samples=log_samples, evaluation_tracker=tracker, verbosity="ERROR" if not progress else "WARNING",
+                apply_chat_template=apply_chat_template,
+                fewshot_as_multiturn=bool(apply_chat_template) if fewshot_as_multiturn is None else fewshot_as_multiturn,
+            )
+        except TypeError as exc:  # a model_args key the backend or the model's class does not take: one line
+            if not (isinstance(model, str) and model_args and "unexpected keyword argument" in str(exc)):
+                raise
+            raise PruneError(f"--model-args {model_args!r}: lm-eval's {model} backend refused it "
+                             f"({_first_line(exc)}); give the keys it takes (e.g. dtype=bfloat16,max_length=2048)") from None
         if not isinstance(model, str):  # an in-memory model spread by us: every rank gets the results
             out = results_on_every_rank(out)
     finally:
