@@ -515,9 +515,10 @@ def cmd_report(args) -> int:
         if not args.data:
             from prune.io.source import HUB_ID
 
-            local = args.source.startswith(("/", ".", "~")) or not HUB_ID.match(args.source)  # not a Hub id
-            if local and not os.path.exists(os.path.expanduser(args.source)):
-                raise PruneError(f"{args.source} not found (give a 'prune run' output folder, or a model with --data)")
+            if not os.path.exists(os.path.expanduser(args.source)):
+                hub = not args.source.startswith(("/", ".", "~")) and HUB_ID.match(args.source)
+                raise PruneError(f"{args.source} not found here (give a 'prune run' output folder" + (
+                    "; as a Hub model it needs --data to be scored)" if hub else ", or a model with --data)"))
             raise PruneError(f"{args.source} is not a run folder (no pruning.json): give --data to score it as a model")
         if args.strategy != "one_shot":
             _refuse_unused(args, ("metric",), f"with --strategy {args.strategy} (only one_shot reads it): drop it, or "

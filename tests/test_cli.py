@@ -189,7 +189,7 @@ def test_remove_shows_a_progress_bar_of_the_bytes_written_unless_quiet(tmp_path,
     (["remove", "org/model", "--blocks", "1", "-o", "x", "--base-model", "other/base"],
      "--base-model is only for a local MODEL: org/model is a Hub id"),
     (["report", "/nonexistent/run"], "/nonexistent/run not found"),
-    (["report", "org/model"], "org/model is not a run folder (no pruning.json): give --data"),  # a Hub id
+    (["report", "org/model"], "org/model not found here (give a 'prune run' output folder; as a Hub model it needs --data"),
     (["score", "org/model", "--data", WIKI_RAW, "--split", "test"], "--split / --data-config select part of a datasets"),
     (["remove", "org/model", "--slices", "missing.yaml", "-o", "x"], "--slices file not found: missing.yaml"),
     (["compare", "a", "b", "--overwrite"], "--overwrite has no effect without --output"),

@@ -171,9 +171,12 @@ def test_heal_reads_a_saved_recipe_with_settings_nothing_reads(run_dir, tmp_path
     old = Path(shutil.copytree(run_dir, tmp_path / "old"))
     recipe = yaml.safe_load((old / "recipe.yaml").read_text())
     recipe["evaluate"]["limit"] = 100
-    recipe["select"].update(strategy="contiguous", metric="bi")
+    recipe["select"].update(strategy="contiguous", metric="bi", heldout_windows=8)  # 8: every dump before 2026-12-02
     (old / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    done = heal_cli(old, tmp_path / "healed", in_process=True)
+    # and a --config recipe whose other sections name a variable that is not set: only its heal section is read
+    config = tmp_path / "heal.yaml"
+    config.write_text("model:\n  source: ${PRUNE_TEST_UNSET_MODEL}\nheal:\n  steps: 1\n")
+    done = heal_cli(old, tmp_path / "healed", "--config", config, in_process=True)
     assert done.returncode == 0, done.stderr
 
 

@@ -79,19 +79,20 @@ def test_a_link_out_of_the_source_folder_is_not_copied_into_an_output(tiny_folde
     inside.mkdir()
     (inside / "terms.txt").write_text("kept\n")
     (source / "COPYING").symlink_to(inside / "terms.txt")  # a link inside the folder is the folder's own
-    store = tmp_path / "annex"  # tokenizer files kept elsewhere (git-annex, DVC): the checkpoint needs them
-    store.mkdir()
+    store = tmp_path / "repo" / ".git" / "annex" / "objects" / "ab"  # tokenizer files in git-annex's store
+    store.mkdir(parents=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (source / name).rename(store / name)
         (source / name).symlink_to(store / name)
-    (source / "generation_config.json").write_text("")
-    (source / "generation_config.json").unlink()
-    (store / "generation_config.json").write_text("hf_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n")  # a token under a needed name
-    (source / "generation_config.json").symlink_to(store / "generation_config.json")
     assert license_files(resolve_source(source)) == {"COPYING": "kept\n", "NOTICE": "the model's own terms\n"}
     proc = prune_main("remove", source, "--blocks", "2", "-o", tmp_path / "out", "-q", check_rc=0)
     written = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"NOTICE", "COPYING", "tokenizer.json", "tokenizer_config.json"} <= written
-    assert not {"LICENSE", "notes.txt", "generation_config.json"} & written
+    assert not {"LICENSE", "notes.txt"} & written
     assert "LICENSE of" in proc.stderr and "links out of the model folder: not copied" in proc.stderr
     assert not any(b"hf_AAAA" in p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    # a file the checkpoint needs, linked out of the folder to anywhere but a store (a key under a tokenizer
+    # name was copied and pushed): refused before anything is written
+    (source / "tokenizer.model").symlink_to(secret)
+    proc = prune_main("remove", source, "--blocks", "2", "-o", tmp_path / "out2", "-q", check_rc=2)
+    assert "tokenizer.model links out of the model folder" in proc.stderr and not (tmp_path / "out2").exists()

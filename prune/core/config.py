@@ -316,7 +316,8 @@ class SelectConfig(Section):
                 raise ValueError(f"{key} is read only by strategies {', '.join(readers)}; {self.strategy} does not read "
                                  "it (remove it, or choose one of those strategies)")
         defaults = {k: f.default for k, f in type(self).model_fields.items() if k in _SEARCH_KEYS}
-        given = [k for k in _SEARCH_KEYS if getattr(self, k) != defaults[k]]
+        # a saved recipe of an older version dumped heldout_windows: 8 for every strategy: read back as it was
+        given = [] if saved(info) else [k for k in _SEARCH_KEYS if getattr(self, k) != defaults[k]]
         if self.strategy == "verified":
             wrong = [k for k in given if k not in ("budget", "heldout_windows")]
             if wrong:

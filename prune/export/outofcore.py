@@ -160,26 +160,32 @@ def write_safetensors(path: Path, tensors: list[tuple[str, TensorEntry]], metada
     return offset
 
 
-def carry_files(source: Path, stage: Path) -> list[str]:
-    """Copy the small non-weight files of ``source`` (tokenizer, generation config, ...) to ``stage``. A file that
-    links out of ``source`` (git-annex, DVC, a symlinked download; or ``LICENSE -> ~/.cache/huggingface/token``)
-    is copied only when it is one the checkpoint needs (tokenizer, generation config) and holds no access
-    token; any other is left behind, with a note: its target is not the model's to publish."""
+#: where a file of a model folder may link to outside it: a content-addressed store (git-annex, DVC, the Hub cache)
+LINK_STORES = re.compile(r"/(\.git/annex/objects|\.dvc/cache|blobs)/")
+
+
+def carried_files(source: Path) -> list[Path]:
+    """The small non-weight files of ``source`` to copy (tokenizer, generation config, ...), checked before any
+    writing. A file linking out of ``source`` is taken only from a content-addressed store (git-annex, DVC, the
+    Hub cache's blobs); elsewhere (``LICENSE -> ~/.cache/huggingface/token``) its target is not the model's to
+    publish: a file the checkpoint needs (tokenizer, generation config) is refused in one line, any other is left
+    behind with a note."""
     import sys
 
-    from prune.core.secrets import looks_like_token
     from prune.io.guard import inside_folder
     from prune.io.staging import CHECKPOINT_FILE
 
     carried = []
     for item in sorted(source.iterdir()):
-        if item.is_file() and not SKIP_FILES.match(item.name):
-            if not inside_folder(item, source) and not (CHECKPOINT_FILE.match(item.name) and not looks_like_token(
-                    item.read_bytes().decode("utf-8", "replace"))):
-                print(f"note: {item.name} of {source} links out of the model folder: not copied", file=sys.stderr)
-                continue
-            shutil.copy2(item, stage / item.name)
-            carried.append(item.name)
+        if not item.is_file() or SKIP_FILES.match(item.name):
+            continue
+        if not inside_folder(item, source) and not LINK_STORES.search(item.resolve().as_posix()):
+            if CHECKPOINT_FILE.match(item.name):
+                raise PruneError(f"{item} links out of the model folder, to {item.resolve()}: its target is not copied "
+                                 "into an output (copy the file itself into the folder, e.g. cp -L, then rerun)")
+            print(f"note: {item.name} of {source} links out of the model folder: not copied", file=sys.stderr)
+            continue
+        carried.append(item)
     return carried
 
 
@@ -267,6 +273,7 @@ def prune_checkpoint(
         # dtype than the tensors'): that dtype, the one prune.save writes after an in-memory run
         target = sk.dtype
     shards = {name: convert_entries(items, target) for name, items in planned.items()}
+    carried = carried_files(folder)  # tokenizer, generation config, ...: links checked before writing
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     for key, value in pruned_config_updates(config, kept).items():
         setattr(config, key, value)
@@ -297,7 +304,8 @@ def prune_checkpoint(
         if len(names) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (stage / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        carry_files(folder, stage)
+        for item in carried:
+            shutil.copy2(item, stage / item.name)
         config.save_pretrained(stage)  # as save_pretrained writes it: no local _name_or_path
         clean_config_file(stage, dtype=None if target is None else str(target).removeprefix("torch."))
         check_complete(stage, trust_remote_code=trust_remote_code)

@@ -96,8 +96,8 @@ def heal_settings(recipe_data: dict | None, config: str | None = None, method: s
         path = Path(config).expanduser()
         if not path.is_file():
             raise PruneError(f"heal config not found: {path}")
-        extra = expand_env(_read_yaml(path, "heal config"))  # the user's own file: ${VAR} as in a recipe
-        extra = extra.get("heal", extra) or {}
+        extra = _read_yaml(path, "heal config")
+        extra = expand_env(extra.get("heal", extra) or {}, where=str(path))  # the heal section: ${VAR} as in a recipe
         if not isinstance(extra, dict):
             raise PruneError(f"{path}: the heal section must be a mapping (method: lora, steps: 100, ...)")
         settings.update(extra)
