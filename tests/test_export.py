@@ -96,6 +96,10 @@ def test_card_rendering_matches_pruning_json(two_steps):
     again = render_card(read_record(out / "pruning.json"), rows=evaluation["rows"], recipe_yaml=(out / "recipe.yaml").read_text(),
                         settings=evaluation["settings"], model_name=out.name, load_id=f"path/to/{out.name}")
     assert again == (out / "README.md").read_text()
+    # the parameter and layer counts alone are no evaluation: the card said "measured side by side in one run"
+    counts = [r for r in evaluation["rows"] if r["metric"] == "count"]
+    bare = render_card(read_record(out / "pruning.json"), rows=counts, recipe_yaml=(out / "recipe.yaml").read_text())
+    assert counts and "No evaluation was run" in bare and "measured side by side" not in bare
 
 
 # ---- lineage -------------------------------------------------------------------------------
@@ -309,3 +313,13 @@ def test_template_is_shipped_as_package_data():
     assert template_path().is_file() and "{{ card_data }}" in template_path().read_text()
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert '"templates/*.md"' in pyproject
+
+
+def test_local_names_in_code_spans_are_shown_as_they_are():
+    """A name with & < > went through HTML escaping into a code span, which shows entities literally
+    (`R&amp;D_llama`); a | still may not break the table cell it sits in, nor a backtick the span."""
+    from prune.core.records import SourceRecord
+    from prune.export.card import source_name
+
+    assert source_name(SourceRecord(kind="folder", path="/models/R&D_<llama>")) == "`R&D_<llama>` (local folder)"
+    assert source_name(SourceRecord(kind="folder", path="/models/a|b`c")) == "`a\\|b'c` (local folder)"

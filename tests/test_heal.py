@@ -747,3 +747,18 @@ def test_heal_model_refuses_an_adapter_it_would_drop(tokenizers_by_bos):
     model = build_model("llama")
     with pytest.raises(PruneError, match="merge=False keeps the LoRA adapter apart"):
         heal_model(model, tokenizers_by_bos[True], "lora", data=C4_DATA, merge=False, **FAST)
+
+
+def test_the_healed_table_escapes_names_and_names_the_model_healing_started_from():
+    """A task name with | or a newline split the eval.md row (the run's table escaped it, this one did not); a
+    folder healed a second time showed its first healing's figures under 'pruned'."""
+    from prune.pipeline.heal_run import _healed_markdown
+
+    def result(value):
+        return {"tasks": {"my|task\nx": {"metrics": {"acc": value}, "stderr": {}}}}
+
+    counts = {"params_before": 10, "params_after": 8, "layers_before": 8, "layers_after": 6}
+    table = _healed_markdown(result(0.5), result(0.3), result(0.4), counts, "before this healing (healed once)")
+    header, _, row = table.splitlines()[:3]
+    assert "| original | before this healing (healed once) | healed |" in header
+    assert row.startswith("| my\\|task x | acc | 0.5000 | 0.3000 | 0.4000 |"), row

@@ -233,6 +233,12 @@ def test_model_index_is_valid_for_huggingface_hub(chain, tmp_path):
     assert {(r.dataset_split, str(r.metric_args)) for r in limited if r.task_name == "arc_easy"} == {
         ("test[:4]", "{'num_fewshot': 0, 'limit': 4}"), ("test[:25%]", "{'limit': 0.25}"), (None, "{'limit': 0.025}"),
         ("test[:7%]", "{'limit': 0.07}")}
+    # perplexity on a slice of a Hub dataset's split, in windows: the slice and the windows, not the whole split
+    hub_ppl = [{"name": "perplexity", "metric": "ppl", "original": 20.0, "pruned": 25.0}]
+    [ppl] = [r for r in eval_results(hub_ppl, {"perplexity": {"path": "Salesforce/wikitext", "config": "wikitext-2-raw-v1",
+                                                              "split": "test", "rows": "0:200", "seq_len": 64,
+                                                              "max_windows": 4}}) if r.metric_value == 25.0]
+    assert (ppl.dataset_split, ppl.metric_args) == ("test[0:200]", {"seq_len": 64, "max_windows": 4})
     assert "acc (step-1 model, before this step)" in {r.metric_name for r in shown}
     acc = next(r for r in made if r.metric_name == "acc")
     assert (acc.task_name, acc.dataset_type, acc.dataset_config, acc.metric_value) == ("arc_easy", "allenai/ai2_arc",

@@ -69,6 +69,12 @@ def md_text(text) -> str:
     return " ".join(out.replace("|", "\\|").splitlines())
 
 
+def code_text(text) -> str:
+    """``text`` for inside a Markdown code span (`` `name` ``): one line, ``|`` escaped (a table cell), backticks
+    as quotes. No HTML entities: a code span shows them literally (``R&amp;D``)."""
+    return " ".join(str(text).replace("`", "'").replace("|", "\\|").splitlines())
+
+
 def _fmt(value, metric: str) -> str:
     if value is None:
         return "-"

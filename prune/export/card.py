@@ -172,7 +172,7 @@ def short_method(step: PruningStep) -> str:
 def source_name(source: SourceRecord | None, repo_id: str | None = None) -> str:
     """A Hub id as a link, a local source by its file or folder name (no local paths on the Hub);
     ``repo_id``: where that local folder was pushed (then linked)."""
-    from prune.core.tables import md_text
+    from prune.core.tables import code_text
     from prune.export.public import hub_id
 
     if hub_id(repo_id):
@@ -182,8 +182,8 @@ def source_name(source: SourceRecord | None, repo_id: str | None = None) -> str:
     if source.kind == "hub" and hub_id(source.path):
         return f"[{source.path}](https://huggingface.co/{source.path})"
     if source.gguf_file:
-        return f"`{md_text(Path(source.gguf_file).name)}` (local GGUF file)"
-    return f"`{md_text(Path(source.path).name)}` ({'Hub model' if source.kind == 'hub' else 'local folder'})"
+        return f"`{code_text(Path(source.gguf_file).name)}` (local GGUF file)"
+    return f"`{code_text(Path(source.path).name)}` ({'Hub model' if source.kind == 'hub' else 'local folder'})"
 
 
 def _count(n) -> str:
@@ -215,9 +215,9 @@ def calibration_line(step: PruningStep) -> str:
     if c is None:
         return "none (blocks chosen by hand)" if step.command == "remove" else "not recorded"
     name = c.path or "?"
-    from prune.core.tables import md_text
+    from prune.core.tables import code_text, md_text
 
-    name = md_text(name if (c.hub if c.hub is not None else is_hub_dataset(name)) else Path(str(name)).name)
+    name = code_text(name if (c.hub if c.hub is not None else is_hub_dataset(name)) else Path(str(name)).name)
     rows = f" (rows {md_text(c.rows)})" if c.rows else ""
     return (f"{c.n_samples or '?'} windows × {c.seq_len or '?'} tokens of `{name}`{rows}, seed {c.seed}, "
             f"token positions: {c.positions or 'all'}")
@@ -236,7 +236,7 @@ def shots_text(settings: dict) -> str:
 
 
 def eval_settings_line(settings: dict | None) -> str:
-    from prune.core.tables import md_text
+    from prune.core.tables import code_text, md_text
 
     if not settings:
         return ""
@@ -245,10 +245,10 @@ def eval_settings_line(settings: dict | None) -> str:
     if ppl:
         rows = f" rows {ppl['rows']}" if ppl.get("rows") else ""
         windows = f"at most {ppl['max_windows']} windows" if ppl.get("max_windows") else "all windows"
-        parts.append(f"perplexity on `{md_text(Path(str(ppl.get('path'))).name)}`{rows}, {windows} × {ppl.get('seq_len')} tokens")
+        parts.append(f"perplexity on `{code_text(Path(str(ppl.get('path'))).name)}`{rows}, {windows} × {ppl.get('seq_len')} tokens")
     fid = settings.get("fidelity")
     if fid:
-        where = f"`{md_text(Path(str(fid['path'])).name)}`" if fid.get("path") else "the perplexity text"
+        where = f"`{code_text(Path(str(fid['path'])).name)}`" if fid.get("path") else "the perplexity text"
         parts.append(f"KL(original ‖ pruned) per token on {where}, top-{fid.get('top_k')} of the original kept")
     if settings.get("tasks"):
         limit = settings.get("limit")
@@ -372,7 +372,9 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
         protect=protect, calibration=calibration_line(record),
         msrs=msrs_line(record), relation_note=relation_note, dtype=record.dtype,
         steps=lineage_rows, original_name=origin,
-        table=comparison_markdown(rows) if rows else None, eval_settings=eval_settings_line(settings),
+        # counts alone are no evaluation (every run has them): the card then says none was run
+        table=comparison_markdown(rows) if any(r.get("metric") != "count" for r in rows or ()) else None,
+        eval_settings=eval_settings_line(settings),
         earlier_tables=earlier_tables, healing=healing_text(record.healing),
         load_id=load_id or "path/to/this/folder", revision=revision, adapter=adapter,
         base_id=(adapter or {}).get("base") or record.base_model or "path/to/pruned/base",

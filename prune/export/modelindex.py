@@ -61,8 +61,11 @@ def eval_results(rows: list[dict] | None, settings: dict | None = None, steps: i
             ppl = (settings or {}).get("perplexity") or {}
             path = str(ppl.get("path") or "text")
             hub = is_hub_dataset(path)
+            split = ppl.get("split") if hub else None
+            if split and ppl.get("rows"):  # the rows measured, in datasets' slice syntax (not the whole split)
+                split = f"{split}[{ppl['rows']}]"
             dataset = dict(dataset_type=path if hub else "text", dataset_name=path if hub else Path(path).name,
-                           dataset_split=ppl.get("split") if hub else None, dataset_config=ppl.get("config") if hub else None)
+                           dataset_split=split, dataset_config=ppl.get("config") if hub else None)
             metric_type = "perplexity"
         else:
             hub_id, config, split = TASK_DATASETS.get(name, (name, None, None))
@@ -77,8 +80,11 @@ def eval_results(rows: list[dict] | None, settings: dict | None = None, steps: i
             dataset = dict(dataset_type=hub_id, dataset_name=name, dataset_config=config, dataset_split=split)
             metric_type = metric
         shots = ((settings or {}).get("n_shot") or {}).get(row.get("task") or row["name"], fewshot)  # what lm-eval gave it
-        args = None if name == "perplexity" else (
-            {k: v for k, v in (("num_fewshot", shots), ("limit", limit)) if v is not None} or None)
+        if name == "perplexity":  # the windows it was measured on
+            ppl = (settings or {}).get("perplexity") or {}
+            args = {k: ppl[k] for k in ("seq_len", "max_windows") if ppl.get(k) is not None} or None
+        else:
+            args = {k: v for k, v in (("num_fewshot", shots), ("limit", limit)) if v is not None} or None
         for value, label in ((row.get("pruned"), metric), (row.get("original"), metric + before_label(steps))):
             if isinstance(value, (int, float)):
                 out.append(EvalResult(task_type=TASK_TYPE, task_name=name, metric_type=metric_type,

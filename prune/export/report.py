@@ -216,16 +216,20 @@ def candidate_rows(details: dict, shown: int = 10) -> list[list[str]]:
 
 
 # ---- text ------------------------------------------------------------------------------------
-def msrs_lines(scores: ScoreResult) -> list[str]:
+def msrs_lines(scores: ScoreResult, original: list[int] | None = None) -> list[str]:
+    """The MSRS summary; ``original``: each block's index in the original model (a later step's report,
+    whose plots are labelled so), used for the blocks named."""
     if scores.msrs is None:
         return ["no CKA matrix in these scores (score with metrics including cka)"]
     m = scores.msrs
     L = scores.n_layers
     pairs = L * (L - 1) // 2
     top = sorted(range(L), key=lambda i: -m["contributions"][i])[:5]
+    name = (lambda i: f"block {original[i]}") if original is not None else (lambda i: f"block {i}")
+    where = " (blocks numbered as in the original model)" if original is not None else ""
     return [f"MSRS = {m['total']:.3f} over {pairs} block pairs, {m['per_pair']:.4f} per pair "
             f"(beta = {m['beta']:g}, tau = {m['tau']:g})",
-            "largest contributions: " + ", ".join(f"block {i} ({m['contributions'][i]:.2f})" for i in top)]
+            f"largest contributions{where}: " + ", ".join(f"{name(i)} ({m['contributions'][i]:.2f})" for i in top)]
 
 
 def selection_lines(sel: Selection) -> list[str]:
@@ -370,13 +374,16 @@ def _write(folder: Path, before, after, selection, kept, k, title, source, evalu
                      f"in the original model the removed blocks are {[lineage.original[i] for i in marked]}")
     if evaluation:
         doc.heading("Utility before / after")
+        if lineage is not None:  # the "original" column is the model this step loaded
+            doc.para(f"'original' is the model step {lineage.step} pruned (the step-{lineage.step - 1} model), not "
+                     "the first original")
         doc.table(COMPARISON_HEADER, comparison_cells(evaluation))
     doc.heading("MSRS")
     rows = [["original" if lineage is None else f"before step {lineage.step}", *_msrs_cells(before)]]
     if after is not None:
         rows.append(["pruned", *_msrs_cells(after)])
     doc.table(["model", "blocks", "MSRS (raw)", "per pair", "beta", "tau"], rows)
-    for line in msrs_lines(before):
+    for line in msrs_lines(before, lineage.original if lineage is not None else None):
         doc.para(line)
 
     data = {"cka_original": before.cka_matrix if before.cka else None, "removed": marked, "k": k, "tau": tau}

@@ -159,16 +159,17 @@ def check_matches_run(model, kept: list[int], run_dir: Path, run_kept: list[int]
     return compared
 
 
-def _healed_markdown(original: dict, before: dict, healed: dict, facts: dict) -> str:
-    """Table: original | pruned (before healing) | healed | retained (healed / original)."""
-    from prune.core.tables import _fmt, comparison_rows, fmt_retained
+def _healed_markdown(original: dict, before: dict, healed: dict, facts: dict, before_label: str = "pruned") -> str:
+    """Table: original | the model this healing started from (``before_label``: the pruned one, or an earlier
+    healing's) | healed | retained (healed / original)."""
+    from prune.core.tables import _fmt, comparison_rows, fmt_retained, md_text
 
     rows_b = {(r["name"], r["metric"]): r for r in comparison_rows(original, before, facts)}
-    lines = ["| task | metric | original | pruned | healed | retained (healed) |", "|---|---|---:|---:|---:|---:|"]
+    lines = [f"| task | metric | original | {before_label} | healed | retained (healed) |", "|---|---|---:|---:|---:|---:|"]
     for r in comparison_rows(original, healed, facts):
         b = rows_b.get((r["name"], r["metric"]), {}).get("pruned") if r["metric"] != "count" else None
-        lines.append(f"| {r['name']} | {r['metric']} | {_fmt(r['original'], r['metric'])} | {_fmt(b, r['metric'])} | "
-                     f"{_fmt(r['pruned'], r['metric'])} | {fmt_retained(r)} |")
+        lines.append(f"| {md_text(r['name'])} | {md_text(r['metric'])} | {_fmt(r['original'], r['metric'])} | "
+                     f"{_fmt(b, r['metric'])} | {_fmt(r['pruned'], r['metric'])} | {fmt_retained(r)} |")
     return "\n".join(lines)
 
 
@@ -454,6 +455,8 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     counts = {"params_before": pruning.params_before, "params_after": new.params_after,
               "layers_before": pruning.layers_before, "layers_after": new.layers_after}
     original, before = run_eval.get("original") or {}, run_eval.get("pruned") or {}
+    # the model this healing starts from: the run's pruned model, or (a healed folder healed again) its healed one
+    before_label = "before this healing (healed once)" if pruning.healing else "pruned before healing"
     healed = evaluate_loaded(model, tokenizer, eval_cfg, quiet=quiet, label="healed:   ", reference=reference,
                              lm_eval_name=f"{run.name} (healed)", lm_eval_folder="pruned") if evaluate else {}
     if not evaluate:
@@ -488,9 +491,9 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
 
     result, _ = write_output(save_fn, recipe, new, evaluation, out_dir=out, src=ModelSource("folder", str(run)),
                              inputs=inputs, overwrite=overwrite, quiet=quiet, title="Before / after healing",
-                             table=_healed_markdown(original, before, healed, counts),
+                             table=_healed_markdown(original, before, healed, counts, before_label),
                              extra_markdown=healing_markdown(public_data(record)) + paired_section(paired)
-                             + paired_section(healing_paired, "pruned before healing", "healed"),
+                             + paired_section(healing_paired, before_label, "healed"),
                              extra_files=lm_eval_files,
                              prepare=lambda rec, files: heal_export(rec, run, out, files, recipe, model,
                                                                     adapter=not cfg.merge))
