@@ -396,6 +396,7 @@ def test_recipe_with_replace_and_prune_heal_run_dir(tmp_path, tiny_folder, capsy
     assert record["layers_after"] == N_LAYERS - 2 == len(record["kept"])
     assert record["healing"]["tokens_seen"] == FAST["steps"] * FAST["batch_size"] * FAST["seq_len"]
     assert "## Healing: replace" in (out / "eval.md").read_text()
+    assert "pruned_before_healing" not in json.loads((out / "eval.json").read_text())  # its surgery keeps a block
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == N_LAYERS - 2
 
@@ -752,13 +753,29 @@ def test_heal_model_refuses_an_adapter_it_would_drop(tokenizers_by_bos):
 def test_the_healed_table_escapes_names_and_names_the_model_healing_started_from():
     """A task name with | or a newline split the eval.md row (the run's table escaped it, this one did not); a
     folder healed a second time showed its first healing's figures under 'pruned'."""
-    from prune.pipeline.heal_run import _healed_markdown
+    from prune.core.tables import healed_markdown
 
     def result(value):
         return {"tasks": {"my|task\nx": {"metrics": {"acc": value}, "stderr": {}}}}
 
     counts = {"params_before": 10, "params_after": 8, "layers_before": 8, "layers_after": 6}
-    table = _healed_markdown(result(0.5), result(0.3), result(0.4), counts, "before this healing (healed once)")
+    table = healed_markdown(result(0.5), result(0.3), result(0.4), counts, "before this healing (healed once)")
     header, _, row = table.splitlines()[:3]
     assert "| original | before this healing (healed once) | healed |" in header
     assert row.startswith("| my\\|task x | acc | 0.5000 | 0.3000 | 0.4000 |"), row
+
+
+def test_a_run_that_heals_measures_the_pruned_model_before_healing(tmp_path, tiny_folder):
+    """A run with heal: measured the original and the healed model only, so what the healing won back was not shown:
+    the pruned model is measured between the surgery and the healing, as a run without heal measures it."""
+    healed = run(_recipe(tmp_path, method="lora"), quiet=True)
+    plain = _recipe(tmp_path)
+    del plain["heal"]
+    plain["output"]["dir"] = str(tmp_path / "plain")
+    unhealed = run(plain, quiet=True)
+    ev = json.loads((healed.out_dir / "eval.json").read_text())
+    want = json.loads((unhealed.out_dir / "eval.json").read_text())["pruned"]["perplexity"]["perplexity"]
+    assert ev["pruned_before_healing"]["perplexity"]["perplexity"] == pytest.approx(want, rel=1e-6)
+    assert ev["pruned"]["perplexity"]["perplexity"] != pytest.approx(want, rel=1e-6)
+    assert "| original | pruned before healing | healed |" in (healed.out_dir / "eval.md").read_text()
+

@@ -117,3 +117,15 @@ def fmt_retained(row: dict) -> str:
     if row.get("lower_is_better") and row["metric"] != "count":  # perplexity's rows are marked so too
         return f"x{row['retained']:.2f}"
     return f"{100 * row['retained']:.1f}%"
+
+
+def healed_markdown(original: dict, before: dict, healed: dict, facts: dict, before_label: str = "pruned") -> str:
+    """Table: original | the model this healing started from (``before_label``: the pruned one, or an earlier
+    healing's) | healed | retained (healed / original)."""
+    rows_b = {(r["name"], r["metric"]): r for r in comparison_rows(original, before, facts)}
+    lines = [f"| task | metric | original | {before_label} | healed | retained (healed) |", "|---|---|---:|---:|---:|---:|"]
+    for r in comparison_rows(original, healed, facts):
+        b = rows_b.get((r["name"], r["metric"]), {}).get("pruned") if r["metric"] != "count" else None
+        lines.append(f"| {md_text(r['name'])} | {md_text(r['metric'])} | {_fmt(r['original'], r['metric'])} | "
+                     f"{_fmt(b, r['metric'])} | {_fmt(r['pruned'], r['metric'])} | {fmt_retained(r)} |")
+    return "\n".join(lines)

@@ -74,9 +74,11 @@ class InMemory:
     def parameters(self, kept: list[int] | None = None) -> int:
         return count_parameters(self.model)
 
-    def remove(self, selection: Selection) -> tuple[list[int], dict | None]:
+    def remove(self, selection: Selection, before_healing=None) -> tuple[list[int], dict | None]:
         """Remove the chosen blocks in place; with a ``heal`` section, prepare healing before the
-        surgery (a replacement block learns from the full model's states) and train after it."""
+        surgery (a replacement block learns from the full model's states) and train after it.
+        ``before_healing()`` runs between the surgery and the healing, on the pruned model as the
+        selection left it (not for ``replace``, whose surgery keeps one of the removed blocks)."""
         from prune.model.surgery import remove_layers
 
         heal_cfg = self.recipe.heal
@@ -93,6 +95,8 @@ class InMemory:
         plan = H.prepare(self.model, self.tokenizer, selection.removed, heal_cfg, quiet=self.quiet,
                          out_dir=self.recipe.output.dir, source_name=self.recipe.model.source, source_id=source_id)
         kept = remove_layers(self.model, plan.remove)
+        if before_healing is not None and heal_cfg.method != "replace":
+            before_healing()
         return kept, H.heal(self.model, heal_cfg, plan, quiet=self.quiet)
 
     def save(self, out_dir, record: PruningRecord, files: dict[str, str], overwrite: bool, inputs=()) -> Path:
@@ -140,8 +144,8 @@ class Sequential:
         keep = set(kept) if kept is not None else None
         return sum(n for k, n in numel.items() if keep is None or sk.block_of.get(k) is None or sk.block_of[k] in keep)
 
-    def remove(self, selection: Selection) -> tuple[list[int], dict | None]:
-        self._removed = list(selection.removed)
+    def remove(self, selection: Selection, before_healing=None) -> tuple[list[int], dict | None]:
+        self._removed = list(selection.removed)  # no healing out of core (check_sequential_recipe)
         return list(selection.kept), None  # the blocks are left out when the shards are copied (save)
 
     def save(self, out_dir, record: PruningRecord, files: dict[str, str], overwrite: bool, inputs=()) -> Path:

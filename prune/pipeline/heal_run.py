@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from prune.core.errors import PruneError
+from prune.core.tables import healed_markdown
 from prune.export.public import public_data
 from prune.model.arch import block_index, meta_model
 from prune.core.console import keeps_quiet_mode
@@ -157,20 +158,6 @@ def check_matches_run(model, kept: list[int], run_dir: Path, run_kept: list[int]
     if compared == 0:
         raise PruneError(f"{run_dir}: no weight could be compared with the source model (unexpected tensor names)")
     return compared
-
-
-def _healed_markdown(original: dict, before: dict, healed: dict, facts: dict, before_label: str = "pruned") -> str:
-    """Table: original | the model this healing started from (``before_label``: the pruned one, or an earlier
-    healing's) | healed | retained (healed / original)."""
-    from prune.core.tables import _fmt, comparison_rows, fmt_retained, md_text
-
-    rows_b = {(r["name"], r["metric"]): r for r in comparison_rows(original, before, facts)}
-    lines = [f"| task | metric | original | {before_label} | healed | retained (healed) |", "|---|---|---:|---:|---:|---:|"]
-    for r in comparison_rows(original, healed, facts):
-        b = rows_b.get((r["name"], r["metric"]), {}).get("pruned") if r["metric"] != "count" else None
-        lines.append(f"| {md_text(r['name'])} | {md_text(r['metric'])} | {_fmt(r['original'], r['metric'])} | "
-                     f"{_fmt(b, r['metric'])} | {_fmt(r['pruned'], r['metric'])} | {fmt_retained(r)} |")
-    return "\n".join(lines)
 
 
 def with_local_texts(recipe, run: Path, calibration: str | None, evaluate: bool):
@@ -491,7 +478,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
 
     result, _ = write_output(save_fn, recipe, new, evaluation, out_dir=out, src=ModelSource("folder", str(run)),
                              inputs=inputs, overwrite=overwrite, quiet=quiet, title="Before / after healing",
-                             table=_healed_markdown(original, before, healed, counts, before_label),
+                             table=healed_markdown(original, before, healed, counts, before_label),
                              extra_markdown=healing_markdown(public_data(record)) + paired_section(paired)
                              + paired_section(healing_paired, before_label, "healed"),
                              extra_files=lm_eval_files,
