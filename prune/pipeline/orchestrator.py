@@ -5,7 +5,7 @@
   -> plan the execution (:mod:`prune.pipeline.execution`) -> an engine
   (:mod:`prune.pipeline.engines`: the model in memory, or one block at a time from the shards)
   -> score -> choose blocks -> evaluate the original -> (heal: prepare) -> remove blocks
-  -> (heal: train) -> score again (MSRS after) -> evaluate the pruned model
+  -> (heal: evaluate the pruned model, then train) -> score again (MSRS after) -> evaluate the pruned model
   -> :func:`write_output`: ``pruning.json`` (typed record with lineage), ``recipe.yaml``,
   ``eval.json``, ``eval.md`` and the model card, saved atomically -> optional push.
 
