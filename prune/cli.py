@@ -396,7 +396,7 @@ def cmd_remove(args) -> int:
     if args.slices is not None:  # a missing file or bad ranges: before the model is read
         from prune.export.mergekit import parse_slices
 
-        parse_slices(args.slices)
+        ranges = parse_slices(args.slices)
     src = resolve_source(args.model)
     if args.base_model and src.kind == "hub" and args.base_model != src.path:
         raise PruneError(f"--base-model is only for a local MODEL: {src.path} is a Hub id and is the base model itself "
@@ -405,7 +405,7 @@ def cmd_remove(args) -> int:
     if blocks is None:
         from prune.export.mergekit import blocks_from_slices
 
-        blocks = blocks_from_slices(args.slices, config.num_hidden_layers)
+        blocks = blocks_from_slices(ranges, config.num_hidden_layers)
     from prune.io.guard import input_paths
 
     inputs = input_paths(args.slices, label="the --slices file")  # when it names a file (not inline ranges)

@@ -382,12 +382,18 @@ def test_overwrite_never_replaces_a_project_holding_a_config_json_nor_removes_fo
     conftest.prune_main("remove", tiny_folder, "--blocks", "2", "-o", plain, "--overwrite", check_rc=0)
     # the user's folders that only look like staging leftovers are left alone
     box = tmp_path / "box"
-    for name in (".out.incomplete-backup", ".out.old-20240101", "out"):
+    import multiprocessing
+
+    dead = multiprocessing.get_context("fork").Process(target=int)
+    dead.start()
+    dead.join()  # a process id no longer alive: only what the folder holds says it is not prune's
+    names = [".out.incomplete-backup", ".out.old-20240101", f".out.incomplete-{dead.pid}", f".out.old-{dead.pid}"]
+    for name in [*names, "out"]:
         (box / name).mkdir(parents=True)
         (box / name / "keep.txt").write_text(name)
     conftest.prune_main("remove", tiny_folder, "--blocks", "3", "-o", box / "out", check_rc=2)  # exists: refused
-    assert sorted(p.name for p in box.iterdir()) == [".out.incomplete-backup", ".out.old-20240101", "out"]
-    assert all((box / name / "keep.txt").read_text() == name for name in (".out.incomplete-backup", ".out.old-20240101"))
+    assert sorted(p.name for p in box.iterdir()) == sorted([*names, "out"])
+    assert all((box / name / "keep.txt").read_text() == name for name in names)
 
 
 def test_a_read_command_finishes_a_killed_swap_first(tiny_folder, tmp_path):

@@ -711,7 +711,7 @@ def test_heal_config_of_a_config_validates_the_keywords_and_takes_data():
     assert record.command is None
 
 
-def test_heal_evaluate_checks_the_chat_template_before_training(tmp_path, tiny_folder):
+def test_heal_evaluate_checks_the_chat_template_before_training(tmp_path, tiny_folder, monkeypatch):
     """``prune heal --evaluate`` with lm-eval tasks and ``apply_chat_template`` on a tokenizer without a
     template is refused before any training (lm-eval failed with a traceback after it)."""
     from prune.pipeline.heal_run import heal_run
@@ -722,6 +722,7 @@ def test_heal_evaluate_checks_the_chat_template_before_training(tmp_path, tiny_f
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     recipe["evaluate"].update(tasks=["copa"], limit=4, data_dir=str(DATA), apply_chat_template=True)
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.setattr("prune.pipeline.heal_run.heal_lora", lambda *a, **k: pytest.fail("trained before the check"))
     with pytest.raises(PruneError, match="the tokenizer has no chat template"):
         heal_run(run_dir, tmp_path / "healed", method="lora", data=C4_DATA["path"], field=C4_DATA["field"],
                  rows="0:300", overrides=[f"{k}={v}" for k, v in FAST.items()], evaluate=True, quiet=True)

@@ -550,7 +550,7 @@ def test_hostile_yaml_is_one_line(text, match, tmp_path, capsys):
     ("score={metrics: [bi, angular], tau: 0.5}", "tau shape the CKA matrix and MSRS, but metrics has no cka"),
     ("evaluate.limit=10", "limit set the lm-eval tasks, and there are none"),
     ("evaluate.batch_size=4", "evaluate.batch_size is read by lm-eval tasks (evaluate.tasks) and search's"),
-    ("evaluate.tasks=[copa]", None),  # control: with tasks the same recipe passes these checks
+    ("evaluate={tasks: [copa], limit: 10, batch_size: 4}", None),  # control: with tasks these settings pass
     ("evaluate={tasks: [copa], limit: 2.5}", "limit is a whole number of examples or a fraction below 1 (got 2.5)"),
     ("evaluate={tasks: [copa], fewshot_as_multiturn: true}", "it needs apply_chat_template"),
     ("evaluate={tasks: [copa], model_args: foo}", "'foo' has no '='"),

@@ -243,6 +243,12 @@ def test_task_average_by_hand():
     # each task's interval (here diff -/+ 2 SE) squared and added: diff -/+ sqrt(sum (2 SE_t)^2) / T
     assert avg.ci_low == pytest.approx(avg.diff - 2 * avg.se) and avg.ci_high == pytest.approx(avg.diff + 2 * avg.se)
     assert task_average([]) is None and avg.retained == pytest.approx((0.46 / 0.5 + 0.52 / 0.5) / 2)
+    # lopsided intervals: each bound from its own side (swapped or doubled bounds agreed with the symmetric ones)
+    lop = [Paired("a", "acc", 100, 0.5, 0.46, -0.04, 0.02, 0.04, -0.07, -0.03),
+           Paired("b", "acc", 100, 0.5, 0.52, 0.02, 0.01, 0.02, 0.0, 0.06)]
+    avg = task_average(lop)
+    assert avg.ci_low == pytest.approx(-0.01 - math.sqrt(0.03 ** 2 + 0.02 ** 2) / 2)
+    assert avg.ci_high == pytest.approx(-0.01 + math.sqrt(0.01 ** 2 + 0.04 ** 2) / 2)
     # no answer flipped on any task: the average's interval is as wide as the tasks' say (it was [0, 0]);
     # a task the baseline scores 0 on has no share ("keeps nan%" before)
     same = [paired_stats([1.0] * 30 + [0.0] * 10, [1.0] * 30 + [0.0] * 10, task="arc_easy_local", metric="acc"),

@@ -168,6 +168,15 @@ def saved(info: ValidationInfo | None) -> bool:
     return bool(info is not None and info.context and info.context.get("saved"))
 
 
+def changed(section: BaseModel, keys, info: ValidationInfo | None = None) -> list[str]:
+    """The ``keys`` of ``section`` set away from their default, in order: what a "nothing reads it" check
+    refuses; ``[]`` for a saved recipe read back (:func:`saved`)."""
+    if saved(info):
+        return []
+    fields = type(section).model_fields
+    return [k for k in keys if getattr(section, k) != fields[k].default]
+
+
 def check_rows(rows: str | None) -> str | None:
     """``rows`` is ``"start:stop"`` with whole numbers (either may be empty, negative counts from the end)."""
     if rows is None:
@@ -239,9 +248,7 @@ class ScoreConfig(Section):
     def _cka_settings_need_cka(self, info: ValidationInfo):
         """``cka_windows``, ``beta`` and ``tau`` shape the CKA matrix and MSRS: without ``cka`` in ``metrics``
         nothing reads them."""
-        fields = type(self).model_fields
-        unread = [k for k in ("cka_windows", "beta", "tau") if "cka" not in self.metrics
-                  and getattr(self, k) != fields[k].default and not saved(info)]
+        unread = changed(self, ("cka_windows", "beta", "tau"), info) if "cka" not in self.metrics else []
         if unread:
             raise ValueError(f"{', '.join(unread)} shape the CKA matrix and MSRS, but metrics has no cka: add cka to "
                              "metrics, or drop them")
@@ -310,14 +317,12 @@ class SelectConfig(Section):
             raise ValueError("give at most one of n_layers or fraction (for search: the most blocks it may remove)")
         if len(set(self.protect)) != len(self.protect):
             raise ValueError(f"protect lists a block twice: {self.protect}")
-        fields = type(self).model_fields
         for key, readers in (("metric", METRIC_STRATEGIES), ("seed", SEED_STRATEGIES)):
-            if getattr(self, key) != fields[key].default and self.strategy not in readers and not saved(info):
+            if changed(self, (key,), info) and self.strategy not in readers:
                 raise ValueError(f"{key} is read only by strategies {', '.join(readers)}; {self.strategy} does not read "
                                  "it (remove it, or choose one of those strategies)")
-        defaults = {k: f.default for k, f in type(self).model_fields.items() if k in _SEARCH_KEYS}
         # a saved recipe of an older version dumped heldout_windows: 8 for every strategy: read back as it was
-        given = [] if saved(info) else [k for k in _SEARCH_KEYS if getattr(self, k) != defaults[k]]
+        given = changed(self, _SEARCH_KEYS, info)
         if self.strategy == "verified":
             wrong = [k for k in given if k not in ("budget", "heldout_windows")]
             if wrong:
@@ -387,9 +392,7 @@ class FidelityConfig(Section):
     def _own_text_needs_a_path(self, info: ValidationInfo):
         """``field``, ``config``, ``split``, ``rows`` and ``bos`` describe the fidelity's own text: without ``path``
         the perplexity text is reused as it is, and they were dropped silently (eval.json recorded them)."""
-        fields = type(self).model_fields
-        dropped = [k for k in ("field", "config", "split", "rows", "bos")
-                   if self.path is None and getattr(self, k) != fields[k].default and not saved(info)]
+        dropped = changed(self, ("field", "config", "split", "rows", "bos"), info) if self.path is None else []
         if dropped:
             raise ValueError(f"{', '.join(dropped)} describe the fidelity's own text, but it has no path (it reuses "
                              "evaluate.perplexity's text and windows): set them there, or give evaluate.fidelity.path")
@@ -475,8 +478,7 @@ class EvaluateConfig(Section):
         a chat template): refused, not dropped."""
         if saved(info):
             return self
-        fields = type(self).model_fields
-        unread = [k for k in LM_EVAL_KEYS if not self.tasks and getattr(self, k) != fields[k].default]
+        unread = changed(self, LM_EVAL_KEYS) if not self.tasks else []
         if unread:
             raise ValueError(f"{', '.join(unread)} set the lm-eval tasks, and there are none: add tasks, or drop them")
         if self.fewshot_as_multiturn is not None and not self.apply_chat_template:

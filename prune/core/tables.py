@@ -119,6 +119,10 @@ def fmt_retained(row: dict) -> str:
     return f"{100 * row['retained']:.1f}%"
 
 
+#: the name of the model a healing started from, in tables and paired sections (eval.json: pruned_before_healing)
+UNHEALED = "pruned before healing"
+
+
 def healed_markdown(original: dict, before: dict, healed: dict, facts: dict, before_label: str = "pruned") -> str:
     """Table: original | the model this healing started from (``before_label``: the pruned one, or an earlier
     healing's) | healed | retained (healed / original)."""

@@ -67,6 +67,7 @@ def eval_results(rows: list[dict] | None, settings: dict | None = None, steps: i
             dataset = dict(dataset_type=path if hub else "text", dataset_name=path if hub else Path(path).name,
                            dataset_split=split, dataset_config=ppl.get("config") if hub else None)
             metric_type = "perplexity"
+            args = {k: ppl[k] for k in ("seq_len", "max_windows") if ppl.get(k) is not None} or None  # its windows
         else:
             hub_id, config, split = TASK_DATASETS.get(name, (name, None, None))
             if split and limit:  # lm-eval scored the first examples only: say which, in datasets' slice syntax
@@ -79,11 +80,7 @@ def eval_results(rows: list[dict] | None, settings: dict | None = None, steps: i
                     split = None
             dataset = dict(dataset_type=hub_id, dataset_name=name, dataset_config=config, dataset_split=split)
             metric_type = metric
-        shots = ((settings or {}).get("n_shot") or {}).get(row.get("task") or row["name"], fewshot)  # what lm-eval gave it
-        if name == "perplexity":  # the windows it was measured on
-            ppl = (settings or {}).get("perplexity") or {}
-            args = {k: ppl[k] for k in ("seq_len", "max_windows") if ppl.get(k) is not None} or None
-        else:
+            shots = ((settings or {}).get("n_shot") or {}).get(row.get("task") or row["name"], fewshot)  # lm-eval's
             args = {k: v for k, v in (("num_fewshot", shots), ("limit", limit)) if v is not None} or None
         for value, label in ((row.get("pruned"), metric), (row.get("original"), metric + before_label(steps))):
             if isinstance(value, (int, float)):

@@ -161,7 +161,7 @@ def write_safetensors(path: Path, tensors: list[tuple[str, TensorEntry]], metada
 
 
 #: where a file of a model folder may link to outside it: a content-addressed store (git-annex, DVC, the Hub cache)
-LINK_STORES = re.compile(r"/(\.git/annex/objects|\.dvc/cache|blobs)/")
+LINK_STORES = re.compile(r"/(\.git/annex/objects|\.dvc/cache|models--[^/]+/blobs)/")
 
 
 def carried_files(source: Path) -> list[Path]:

@@ -206,12 +206,6 @@ class TopkCache:
         return cls(path, {}, meta) if meta.get("format") == FORMAT else None
 
     @classmethod
-    def stored_k(cls, path: str | os.PathLike) -> int | None:
-        """The k of the cache file at ``path`` (its header); None when it is not one."""
-        head = cls.header(path)
-        return head.k if head is not None else None
-
-    @classmethod
     def load(cls, path: str | os.PathLike) -> "TopkCache":
         from safetensors import safe_open
 
@@ -446,11 +440,17 @@ def teacher_kind(cfg: HealConfig, model, loaded: bool = False) -> str:
         return cfg.teacher
     size = model_bytes(model)
     free = free_memory(next(model.parameters()).device) + (size if loaded else 0)
-    fits = free >= teacher_need(cfg, size, logit_width(model))
+    return "memory" if teacher_fits(cfg, free, size, logit_width(model)) else "cache"
+
+
+def teacher_fits(cfg: HealConfig, free: int, size: int, width: int) -> bool:
+    """Whether a teacher of ``size`` bytes (``width`` logits) fits in ``free`` bytes (:func:`teacher_need`);
+    when it does not, ``hidden_weight`` is refused at once (its term needs the teacher's blocks in memory)."""
+    fits = free >= teacher_need(cfg, size, width)
     if not fits and cfg.hidden_weight > 0:
         raise PruneError("heal.hidden_weight needs the teacher in memory, but a copy of the model does not fit "
                          "(set hidden_weight: 0 to distil from the top-k cache)")
-    return "memory" if fits else "cache"
+    return fits
 
 
 @dataclass
@@ -789,7 +789,8 @@ def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dty
     # an existing cache is the teacher unless the teacher is asked in memory or the cache holds another k
     # (then recomputed from the source, as a recipe does; with no source recorded its k is taken, and recorded)
     have_file = cache_file is not None and cache_file.is_file() and cfg.teacher != "memory"
-    stored_k = TopkCache.stored_k(cache_file) if have_file else None
+    head = TopkCache.header(cache_file) if have_file else None  # the header read once: its k and source stamp
+    stored_k = head.k if head is not None else None
     recorded = bool((pruning.get("source") or {}).get("path"))
     use_file = have_file and (stored_k in (cfg.top_k, None) or not recorded)
     if cfg.hidden_weight > 0:  # the hidden-state term needs the teacher's blocks: the source in memory, never a file
@@ -799,7 +800,7 @@ def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dty
         use_file = False
     identity = source_identity(pruning.get("source"))
     if use_file and identity is not None:  # a cache of another original (another run's) is not this run's teacher
-        stamped = TopkCache.header(cache_file).meta.get("source") if stored_k is not None else None
+        stamped = head.meta.get("source") if head is not None else None
         if stamped != identity:
             why = ("records no source model (written by an older version, or by the Python API)" if stamped is None
                    else "holds the log-probs of another original model than the one this run was pruned from")
@@ -881,11 +882,8 @@ def _sequential_teacher(cfg: HealConfig, src, student, pruning: dict) -> bool:
         return True
     before, after = pruning.get("layers_before"), pruning.get("layers_after") or len(decoder_layers(student))
     estimate = model_bytes(student) * (before / after if before else 1.0)
-    fits = free_memory(next(student.parameters()).device) >= teacher_need(cfg, int(estimate), logit_width(student))
-    if not fits and cfg.hidden_weight > 0:  # before a top-k cache is computed for nothing
-        raise PruneError("heal.hidden_weight needs the teacher in memory, but a copy of the model does not fit "
-                         "(set hidden_weight: 0 to distil from the top-k cache)")
-    return not fits
+    # refused before a top-k cache is computed for nothing
+    return not teacher_fits(cfg, free_memory(next(student.parameters()).device), int(estimate), logit_width(student))
 
 
 # ---- the Python API (prune.heal.methods.heal_model with objective distill) ---------------------------------

@@ -83,26 +83,37 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
     return out
 
 
-def lm_eval_outputs(original: dict, pruned: dict, *, seed: int = 0) -> tuple[dict[str, str], list]:
-    """Take lm-eval's files out of two evaluations (``lm_eval_files``, see :func:`evaluate_loaded`):
-    ``({"eval/original/<file>": text, "eval/pruned/<file>": text, ...}, paired comparison rows)``."""
-    texts_of = {"original": original.pop("lm_eval_files", None) or {}, "pruned": pruned.pop("lm_eval_files", None) or {}}
+def lm_eval_outputs(original: dict, pruned: dict, unhealed: dict | None = None, *,
+                    seed: int = 0) -> tuple[dict[str, str], list, list]:
+    """Take lm-eval's files out of the evaluations (``lm_eval_files``, see :func:`evaluate_loaded`):
+    ``({"eval/original/<file>": text, "eval/pruned/<file>": text, ...}, pruned against original,
+    pruned against unhealed)``, each paired over the examples. ``unhealed``: the model before a healing
+    (``pruned`` is then the healed one), its files under ``eval/pruned_before_healing/``."""
+    texts_of = {which: (result or {}).pop("lm_eval_files", None) or {}
+                for which, result in (("original", original), ("pruned", pruned), ("pruned_before_healing", unhealed))}
     if not any(texts_of.values()):
-        return {}, []  # no tasks ran: nothing of lm-eval's (a perplexity-only run needs no lm-eval)
+        return {}, [], []  # no tasks ran: nothing of lm-eval's (a perplexity-only run needs no lm-eval)
     files = {f"eval/{which}/{name}": text for which, texts in texts_of.items() for name, text in texts.items()}
-    return files, paired_files(texts_of["original"], texts_of["pruned"], seed=seed)
+    samples = {which: samples_of(texts) for which, texts in texts_of.items()}  # each file parsed once
+    return files, paired_rows(samples["original"], samples["pruned"], seed), \
+        paired_rows(samples["pruned_before_healing"], samples["pruned"], seed)
 
 
-def paired_files(a: dict[str, str], b: dict[str, str], *, seed: int = 0) -> list:
-    """The paired comparison (B against A) of two models' lm-eval files (``{file name: text}``, as lm-eval writes
-    them), over their samples files; ``[]`` when either has none."""
+def samples_of(texts: dict[str, str]) -> dict[str, list[dict]]:
+    """``{task: sample records}`` of a model's lm-eval files (``{file name: text}``, as lm-eval writes them)."""
     from lm_eval.utils import get_file_task_name
 
-    from prune.measure.paired import compare_samples, read_samples
+    from prune.measure.paired import read_samples
 
-    samples = [{get_file_task_name(name): read_samples(text.splitlines())
-                for name, text in texts.items() if name.startswith("samples_")} for texts in (a, b)]
-    return compare_samples(*samples, seed=seed) if all(samples) else []
+    return {get_file_task_name(name): read_samples(text.splitlines())
+            for name, text in texts.items() if name.startswith("samples_")}
+
+
+def paired_rows(a: dict[str, list[dict]], b: dict[str, list[dict]], seed: int = 0) -> list:
+    """The paired comparison (B against A) of two models' samples (:func:`samples_of`); ``[]`` when either has none."""
+    from prune.measure.paired import compare_samples
+
+    return compare_samples(a, b, seed=seed) if a and b else []
 
 
 def lm_eval_tables(files: dict[str, str]) -> str:

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from prune.core.errors import PruneError
-from prune.core.tables import healed_markdown
+from prune.core.tables import UNHEALED, healed_markdown
 from prune.export.public import public_data
 from prune.model.arch import block_index, meta_model
 from prune.core.console import keeps_quiet_mode
@@ -274,7 +274,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     from prune.core.records import read_record
     from prune.core.tables import comparison_rows
     from prune.export.saving import check_output_dir, save
-    from prune.measure.evaluation import evaluate_loaded, lm_eval_outputs, paired_files
+    from prune.measure.evaluation import evaluate_loaded, lm_eval_outputs
     from prune.measure.paired import paired_section
     from prune.measure.scoring import score
     from prune.model.loading import context_length, count_parameters, load_model
@@ -443,20 +443,16 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
               "layers_before": pruning.layers_before, "layers_after": new.layers_after}
     original, before = run_eval.get("original") or {}, run_eval.get("pruned") or {}
     # the model this healing starts from: the run's pruned model, or (a healed folder healed again) its healed one
-    before_label = "before this healing (healed once)" if pruning.healing else "pruned before healing"
+    before_label = "before this healing (healed once)" if pruning.healing else UNHEALED
     healed = evaluate_loaded(model, tokenizer, eval_cfg, quiet=quiet, label="healed:   ", reference=reference,
                              lm_eval_name=f"{run.name} (healed)", lm_eval_folder="pruned") if evaluate else {}
     if not evaluate:
         original, before = {}, {}  # the run's figures describe the unhealed model: not carried over
     # lm-eval's files: the run's original's (read back) and the healed model's, paired per example
-    lm_eval_files, paired = lm_eval_outputs({**original, "lm_eval_files": run_lm_eval_files(run, "original")
-                                             if evaluate else {}}, healed)
     # and the healed model against the run's pruned one on the same examples: what the healing won back
-    unhealed_files = run_lm_eval_files(run, "pruned") if evaluate else {}
-    healed_files = {k.removeprefix("eval/pruned/"): v for k, v in lm_eval_files.items() if k.startswith("eval/pruned/")}
-    healing_paired = paired_files(unhealed_files, healed_files)
-    if healing_paired:
-        lm_eval_files.update({f"eval/pruned_before_healing/{name}": text for name, text in unhealed_files.items()})
+    lm_eval_files, paired, healing_paired = lm_eval_outputs(
+        {**original, "lm_eval_files": run_lm_eval_files(run, "original") if evaluate else {}}, healed,
+        {"lm_eval_files": run_lm_eval_files(run, "pruned") if evaluate else {}})
     evaluation = {"original": original, "pruned_before_healing": before, "pruned": healed,
                   "rows": comparison_rows(original, healed, counts), **counts, "paired": [p.to_dict() for p in paired],
                   "paired_healing": [p.to_dict() for p in healing_paired]}

@@ -28,8 +28,8 @@ from prune.export.public import public_data
 from prune.io.text import reads_from_hub
 from prune.io.text import calibration_windows_of, eval_windows, load_text
 from prune.core.console import StageClock, keeps_quiet_mode, quiet_mode, say, show, versions
-from prune.core.tables import comparison_markdown, comparison_rows, healed_markdown
-from prune.measure.evaluation import lm_eval_outputs, lm_eval_tables, paired_files
+from prune.core.tables import UNHEALED, comparison_markdown, comparison_rows, healed_markdown
+from prune.measure.evaluation import lm_eval_outputs, lm_eval_tables
 from prune.measure.lmeval import n_shots
 from prune.measure.paired import paired_section
 from prune.core.faults import fault_point
@@ -222,24 +222,20 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     counts = {"params_before": params_before, "params_after": engine.parameters(kept),
               "layers_before": facts["n_layers"], "layers_after": len(kept)}
     # lm-eval's own files (eval/original, eval/pruned) and the paired comparison of their examples
-    unhealed_files = unhealed.pop("lm_eval_files", None) or {}
-    lm_eval_files, paired = lm_eval_outputs(original, pruned)
+    lm_eval_files, paired, healing_paired = lm_eval_outputs(original, pruned, unhealed)
     evaluation = {"original": original, "pruned": pruned, "rows": comparison_rows(original, pruned, counts),
                   "settings": {**eval_settings(recipe), "n_shot": n_shots(pruned)}, **counts,
                   "paired": [p.to_dict() for p in paired]}
-    table, healing_paired = None, []
+    table = None
     if unhealed:  # healed in this run: the pruned model before the healing too, and the healed one paired with it
-        healed_files = {k.removeprefix("eval/pruned/"): v for k, v in lm_eval_files.items() if k.startswith("eval/pruned/")}
-        healing_paired = paired_files(unhealed_files, healed_files)
-        lm_eval_files.update({f"eval/pruned_before_healing/{n}": text for n, text in unhealed_files.items()})
         evaluation.update(pruned_before_healing=unhealed, paired_healing=[p.to_dict() for p in healing_paired])
-        table = healed_markdown(original, unhealed, pruned, counts, "pruned before healing")
+        table = healed_markdown(original, unhealed, pruned, counts, UNHEALED)
     record = pruning_record(recipe, facts["source"], selection, kept, scores_before, scores_after,
                             {**counts, "model_type": facts["model_type"]}, healing, clock.elapsed())
     record.execution = plan.to_dict()
     record.resumed = progress.resumed
     record.stage_seconds = dict(clock.seconds)  # to here: writing the folder comes after the record
-    extra = (paired_section(paired) + paired_section(healing_paired, "pruned before healing", "healed")
+    extra = (paired_section(paired) + paired_section(healing_paired, UNHEALED, "healed")
              + (f"\n## lm-eval's own tables\n\n{lm_eval_tables(lm_eval_files)}" if lm_eval_files else ""))
     out, record = write_output(engine.save, recipe, record, evaluation, src=facts["source"], parent=facts["parent"],
                                inputs=facts["inputs"], model=getattr(engine, "model", None), table=table,

@@ -166,13 +166,12 @@ def check_recipe(recipe: Recipe, where: str = "recipe") -> None:
 def check_task_settings(recipe: Recipe, where: str = "recipe") -> None:
     """``evaluate.task_dirs`` / ``data_dir`` / ``batch_size`` are read by lm-eval's tasks and by search's proxy
     task: with neither they have no effect (the other lm-eval keys: :class:`EvaluateConfig`)."""
-    from prune.core.config import PROXY_TASK_KEYS
+    from prune.core.config import PROXY_TASK_KEYS, changed
 
     ev, sel = recipe.evaluate, recipe.select
     if ev is None or ev.tasks or (sel.strategy == "search" and sel.proxy_task):
         return
-    fields = type(ev).model_fields
-    unread = [k for k in PROXY_TASK_KEYS if getattr(ev, k) != fields[k].default]
+    unread = changed(ev, PROXY_TASK_KEYS)
     if unread:
         raise PruneError(f"{where}: evaluate.{unread[0]} is read by lm-eval tasks (evaluate.tasks) and search's "
                          "select.proxy_task, and there are none: add them, or drop it")
@@ -240,7 +239,9 @@ def check_text_path(cfg: TextConfig | None, key: str, where: str, fix: str | Non
     local = path.suffix in TEXT_SUFFIXES or cfg.path.startswith((".", "/", "~"))
     if local and not path.is_file() and not (path.is_dir() and path.suffix not in TEXT_SUFFIXES):
         raise PruneError(f"{where}: '{key}.path' file not found: {cfg.path} (check the path or set PRUNE_DATA_DIR)")
-    unread = [k for k, default in (("config", None), ("split", "train")) if getattr(cfg, k, default) != default]
+    from prune.core.config import changed
+
+    unread = changed(cfg, ("config", "split"))  # the datasets configuration and split: a file has neither
     if local and path.is_file() and unread:  # a datasets configuration / split: a file has neither
         raise PruneError(f"{where}: '{key}.{unread[0]}' selects part of a datasets dataset, but {cfg.path} is a local "
                          f"file, read whole (drop it; 'rows' takes a slice of the file)")
