@@ -288,14 +288,17 @@ def budget_table(heldout: int, budgets: list[int], k: int = 10) -> str:
     return "\n".join(lines)
 
 
-def wide_search(bench: Bench, k: int, starts: dict[str, list[int]], cap: int, objective: str = "kl_mean") -> dict:
+def wide_search(bench: Bench, k: int, starts: dict[str, list[int]], cap: int, objective: str = "kl_mean",
+                pair_radius: int = 0) -> dict:
     """How far can block selection alone go? First-improvement hill climbing over the FULL swap
     neighbourhood (every removed block against every kept, unprotected block; verified's own local
     search tries only the neighbours +-1 and the three lowest-BI kept blocks), by the same held-out
     KL (``objective`` perplexity_ratio: by the held-out perplexity instead, SLEB's criterion), from each
-    start until no swap helps or ``cap`` new evaluations are spent. Every evaluated set's value is cached
-    (a rerun resumes); ``evaluations`` counts the sets not already cached."""
-    suffix = "" if objective == "kl_mean" else "_ppl"
+    start until no swap helps or ``cap`` new evaluations are spent. ``pair_radius`` r > 0: after the single
+    swaps, also every TWO-block swap in which each of two removed blocks moves to a kept block at most r
+    positions away (nearest first). Every evaluated set's value is cached (a rerun resumes);
+    ``evaluations`` counts the sets not already cached."""
+    suffix = ("" if objective == "kl_mean" else "_ppl") + (f"_pairs{pair_radius}" if pair_radius else "")
     path = CACHE / f"wide_k{k}_h{bench.heldout}{suffix}.json"
     data = read(path) or {"evaluated": {}, "runs": {}}
     verify = Verifier(bench.ctx.model, bench.heldout_windows(), 4, 256, False)  # verified's batch and top-k
@@ -307,6 +310,13 @@ def wide_search(bench: Bench, k: int, starts: dict[str, list[int]], cap: int, ob
         for b in cur:
             for n in sorted((n for n in movable if n not in cur), key=lambda n: (abs(n - b), n)):
                 yield tuple(sorted((set(cur) - {b}) | {n}))
+        if pair_radius:
+            kept = [n for n in movable if n not in cur]
+            pairs = [(abs(na - a) + abs(nb - b), a, na, b, nb) for i, a in enumerate(cur) for b in cur[i + 1:]
+                     for na in kept if abs(na - a) <= pair_radius for nb in kept
+                     if nb != na and abs(nb - b) <= pair_radius]
+            for _, a, na, b, nb in sorted(pairs):
+                yield tuple(sorted((set(cur) - {a, b}) | {na, nb}))
 
     evals = 0
 
@@ -384,6 +394,9 @@ def main() -> int:
     ap.add_argument("--restarts", type=int, default=0, metavar="N",
                     help="with --wide: instead, N starts far from those: uniform random sets and kicks (three random "
                          "swaps) of the local optimum the two starts reach")
+    ap.add_argument("--pairs", type=int, default=0, metavar="RADIUS",
+                    help="with --wide: from the local optimum the single swaps reach, climb over single swaps and every "
+                         "two-block swap moving each of two removed blocks at most RADIUS positions")
     ap.add_argument("--by-perplexity", action="store_true",
                     help="with --wide: climb by the held-out perplexity (SLEB's criterion) instead of the KL")
     args = ap.parse_args()
@@ -391,14 +404,17 @@ def main() -> int:
         bench = Bench(args.threads, args.heldout, args.budget)
         if args.restarts:
             starts = other_starts(bench.ctx.n_layers, 10, args.restarts)
+        elif args.pairs:
+            starts = {"local optimum": LOCAL_OPTIMUM_K10}
         else:
             starts = {"verified": bench.selection(10)["removed"], "sleb": baseline_sets()["sleb"][10]}
-        data = wide_search(bench, 10, starts, args.wide, "perplexity_ratio" if args.by_perplexity else "kl_mean")
-        sleb = bench.measure(starts["sleb"])["perplexity_pruned"]
+        data = wide_search(bench, 10, starts, args.wide, "perplexity_ratio" if args.by_perplexity else "kl_mean",
+                           args.pairs)
+        sleb = bench.measure(baseline_sets()["sleb"][10])["perplexity_pruned"]
         for name, r in data["runs"].items():
             m = bench.measure(r["final"])
             sets = [r["start"], *(moved for moved, _ in r["moves"])]  # each swap: "newly removed for put back"
-            swaps = ", ".join(f"{data['evaluated'][set_key(b)]:.4f} ({(set(b) - set(a)).pop()} for {(set(a) - set(b)).pop()})"
+            swaps = ", ".join(f"{data['evaluated'][set_key(b)]:.4f} ({' '.join(map(str, sorted(set(b) - set(a))))} for {' '.join(map(str, sorted(set(a) - set(b))))})"
                               for a, b in zip(sets, sets[1:]))
             print(f"{name}: {r['start']} {'held-out perplexity ratio' if args.by_perplexity else 'KL'} {data['evaluated'][set_key(r['start'])]:.4f} -> {swaps or 'no move'}; "
                   f"final {r['final']} after {r['evaluations']} new evaluations (converged {r['converged']}); "

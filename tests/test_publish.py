@@ -211,6 +211,11 @@ def test_model_index_is_valid_for_huggingface_hub(chain, tmp_path):
                             {"params_before": 10, "params_after": 8, "layers_before": 8, "layers_after": 6})
     assert [(r.task_name, r.dataset_type) for r in eval_results(local)][0] == ("arc_easy", "allenai/ai2_arc")
     assert len(eval_results(local)) == 4
+    # a result lm-eval could not compute (NaN, inf) is no claim: left out of the model-index, the other value kept
+    broken = comparison_rows(original, {"tasks": {"arc_easy": {"metrics": {"acc": float("nan"), "acc_norm": float("inf")},
+                                                               "stderr": {}}}},
+                             {"params_before": 10, "params_after": 8, "layers_before": 8, "layers_after": 6})
+    assert sorted(r.metric_value for r in eval_results(broken) if r.task_name == "arc_easy") == [0.45, 0.5]
     # a task's row carries its marks in the table's name, not in the model-index (it published the name with
     # them, under no known dataset); the fidelity text's own perplexity is a fidelity row; a later step's
     # "original" is the model that step loaded

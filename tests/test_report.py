@@ -145,6 +145,30 @@ def test_report_of_a_second_step_names_original_blocks_and_a_hand_removal_says_h
     assert healed_by({"healing": None}) is None
 
 
+def test_a_model_pruned_to_one_block_has_no_pair_and_says_so(tmp_path, tokenizers_by_bos):
+    """One block left has no block pair: its MSRS per pair is None in pruning.json, the card, the report and the
+    scores' summary say "no pair" (the card said "0.00 over 0 pairs (nan per pair)", and rendering it again from
+    the folder's pruning.json, where NaN had become null, raised a TypeError)."""
+    from prune.export.card import render_card
+    from prune.core.records import read_record
+    from prune.pipeline.orchestrator import run
+
+    folder = prune.save(build_model("llama"), tokenizers_by_bos[True], tmp_path / "tiny")
+    out = run({"model": {"source": str(folder)},
+               "calibration": {"path": str(WIKI_RAW), "rows": "0:400", "n_samples": 2, "seq_len": 32, "batch_size": 2},
+               "select": {"strategy": "one_shot", "metric": "bi", "n_layers": 7, "protect": []},
+               "output": {"dir": str(tmp_path / "one")}}, quiet=True).out_dir
+    record = json.loads((out / "pruning.json").read_text())
+    assert record["layers_after"] == 1 and record["msrs_after"]["per_pair"] is None
+    card = (out / "README.md").read_text()
+    assert "(one block: no pair) after" in card and "nan" not in card.lower()
+    again = render_card(read_record(out / "pruning.json"), recipe_yaml=(out / "recipe.yaml").read_text())
+    assert "(one block: no pair) after" in again
+    md = (report_run(out, tmp_path / "rep") / "report.md").read_text()
+    assert "nan" not in md.lower() and "| pruned | 1 |" in md
+    assert "MSRS = 0.000 (one block: no pair)" in ScoreResult.from_dict(record["scores_after"]).table()
+
+
 def test_every_removed_block_keeps_its_red_tick_in_a_deep_model():
     """Above 32 blocks only every 2nd tick is drawn; a removed block without one had no mark at all."""
     S = np.eye(40).tolist()

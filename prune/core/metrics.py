@@ -164,7 +164,7 @@ class MSRS:
     """Model Structural Redundancy Score of an L x L similarity matrix."""
 
     total: float  # sum_{i<j} sigmoid(2 beta (S_ij - tau))
-    per_pair: float  # total / (L (L - 1) / 2)
+    per_pair: float | None  # total / (L (L - 1) / 2); None for one block (no pair)
     contributions: list[float]  # block i: sum_{j != i} sigmoid(2 beta (S_ij - tau))
     beta: float
     tau: float
@@ -185,7 +185,14 @@ def msrs(S: torch.Tensor, beta: float = 100.0, tau: float = 0.8) -> MSRS:
     soft.fill_diagonal_(0.0)
     total = float(torch.triu(soft, diagonal=1).sum())
     pairs = L * (L - 1) / 2
-    return MSRS(total, total / pairs if pairs else float("nan"), soft.sum(1).tolist(), float(beta), float(tau))
+    return MSRS(total, total / pairs if pairs else None, soft.sum(1).tolist(), float(beta), float(tau))
+
+
+def msrs_text(m: dict, n_blocks: int, digits: int = 2) -> str:
+    """``MSRS over P pairs (x per pair)`` of an MSRS record of ``n_blocks`` blocks; one block has no pair."""
+    if m.get("per_pair") is None:
+        return f"{m['total']:.{digits}f} (one block: no pair)"
+    return f"{m['total']:.{digits}f} over {n_blocks * (n_blocks - 1) // 2:,} pairs ({m['per_pair']:.4f} per pair)"
 
 
 class RunningMean:

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from prune.core.records import OriginalModel, PruningRecord, PruningStep, SourceRecord
+from prune.core.metrics import msrs_text
 from prune.export.lineage import as_record
 from prune.io.source import HUB_ID
 from prune.io.text import TEXT_SUFFIXES
@@ -200,14 +201,10 @@ def msrs_line(step: PruningStep) -> str | None:
     a, b = step.msrs_before, step.msrs_after
     if not a:
         return None
-    line = f"{a['total']:.2f} over {_pairs(step.layers_before)} pairs ({a['per_pair']:.4f} per pair) before"
+    line = f"{msrs_text(a, step.layers_before)} before"
     if b:
-        line += f" → {b['total']:.2f} over {_pairs(step.layers_after)} pairs ({b['per_pair']:.4f} per pair) after"
+        line += f" → {msrs_text(b, step.layers_after)} after"
     return line + f"; beta = {a['beta']:g}, tau = {a['tau']:g}"
-
-
-def _pairs(n) -> str:
-    return f"{n * (n - 1) // 2:,}" if isinstance(n, int) else "?"
 
 
 def calibration_line(step: PruningStep) -> str:

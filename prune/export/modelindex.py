@@ -17,6 +17,7 @@ under lm-eval's task name and dataset (``arc_easy``). Values keep 6 significant 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 #: lm-eval task -> (Hub dataset, config, split) it evaluates on (lm-eval's task YAMLs)
@@ -83,7 +84,7 @@ def eval_results(rows: list[dict] | None, settings: dict | None = None, steps: i
             shots = ((settings or {}).get("n_shot") or {}).get(row.get("task") or row["name"], fewshot)  # lm-eval's
             args = {k: v for k, v in (("num_fewshot", shots), ("limit", limit)) if v is not None} or None
         for value, label in ((row.get("pruned"), metric), (row.get("original"), metric + before_label(steps))):
-            if isinstance(value, (int, float)):
+            if isinstance(value, (int, float)) and math.isfinite(value):  # a NaN or inf result is no claim
                 out.append(EvalResult(task_type=TASK_TYPE, task_name=name, metric_type=metric_type,
                                       metric_value=float(f"{float(value):.6g}"), metric_name=label, metric_args=args,
                                       **dataset))

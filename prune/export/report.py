@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from prune.choose.registry import names
 from prune.core.errors import PruneError
+from prune.core.metrics import msrs_text
 from prune.io.guard import input_paths
 from prune.measure.scoring import ScoreResult
 from prune.choose.rules import Selection
@@ -223,12 +224,10 @@ def msrs_lines(scores: ScoreResult, original: list[int] | None = None) -> list[s
         return ["no CKA matrix in these scores (score with metrics including cka)"]
     m = scores.msrs
     L = scores.n_layers
-    pairs = L * (L - 1) // 2
     top = sorted(range(L), key=lambda i: -m["contributions"][i])[:5]
     name = (lambda i: f"block {original[i]}") if original is not None else (lambda i: f"block {i}")
     where = " (blocks numbered as in the original model)" if original is not None else ""
-    return [f"MSRS = {m['total']:.3f} over {pairs} block pairs, {m['per_pair']:.4f} per pair "
-            f"(beta = {m['beta']:g}, tau = {m['tau']:g})",
+    return [f"MSRS = {msrs_text(m, L, 3)} (beta = {m['beta']:g}, tau = {m['tau']:g})",
             f"largest contributions{where}: " + ", ".join(f"{name(i)} ({m['contributions'][i]:.2f})" for i in top)]
 
 

@@ -132,9 +132,7 @@ class ScoreResult:
         if cka:
             m = self.msrs
             lines.append(
-                f"MSRS = {m['total']:.3f} over {self.n_layers * (self.n_layers - 1) // 2} pairs "
-                f"({'-' if m['per_pair'] is None else format(m['per_pair'], '.4f')} per pair; "  # one block: no pair
-                f"beta={m['beta']:g}, tau={m['tau']:g})"
+                f"MSRS = {M.msrs_text(m, self.n_layers, 3)}; beta={m['beta']:g}, tau={m['tau']:g}"
             )
         lines.append(f"{self.n_windows} windows x {self.seq_len} tokens, positions={self.positions}, "
                      f"{self.n_tokens} tokens counted, {len(self.excluded_windows)} windows excluded")
