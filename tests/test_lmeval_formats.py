@@ -45,6 +45,11 @@ def test_run_writes_lm_eval_results_and_samples(run_with_tasks):
         assert len(rows) == 12
         assert sum(rows["acc"]) / 12 == pytest.approx(data[which]["tasks"]["arc_easy_local"]["metrics"]["acc"])
         assert "arc_easy_local" in make_table(results)
+        # what each task scored, from its lm-eval config (the model-index names it for a task it does not know)
+        config = results["configs"]["copa_local"]
+        assert data[which]["tasks"]["copa_local"]["dataset"] == {
+            "path": config["dataset_path"], "name": config.get("dataset_name"),
+            "split": config.get("test_split") or config["validation_split"]}
     # the paired comparison of the same examples, in eval.json and eval.md
     paired = {(p["task"], p["metric"]): p for p in data["paired"]}
     acc = paired[("arc_easy_local", "acc")]

@@ -211,6 +211,15 @@ def test_model_index_is_valid_for_huggingface_hub(chain, tmp_path):
                             {"params_before": 10, "params_after": 8, "layers_before": 8, "layers_after": 6})
     assert [(r.task_name, r.dataset_type) for r in eval_results(local)][0] == ("arc_easy", "allenai/ai2_arc")
     assert len(eval_results(local)) == 4
+    # a task the table does not know names the Hub dataset and split its lm-eval config scored (it named the task
+    # as a dataset); one reading local files through a packaged builder (json) keeps the task's name
+    for path, shown_as, split in (("someorg/my_bench", "someorg/my_bench", "test"), ("json", "my_task", None)):
+        mine = comparison_rows({}, {"tasks": {"my_task": {"metrics": {"acc": 0.4}, "stderr": {},
+                                                          "dataset": {"path": path, "name": "hard", "split": "test"}}}},
+                               {"params_before": 10, "params_after": 8, "layers_before": 8, "layers_after": 6})
+        [r] = eval_results(mine)
+        assert (r.dataset_type, r.dataset_split) == (shown_as, split)
+        assert r.dataset_config == ("hard" if split else None)
     # a result lm-eval could not compute (NaN, inf) is no claim: left out of the model-index, the other value kept
     broken = comparison_rows(original, {"tasks": {"arc_easy": {"metrics": {"acc": float("nan"), "acc_norm": float("inf")},
                                                                "stderr": {}}}},

@@ -10,11 +10,11 @@ def comparison_rows(original: dict, pruned: dict, facts: dict) -> list[dict]:
     """Rows of the before/after table: name, metric, original, pruned, retained (pruned/original)."""
     rows = []
 
-    def add(name, metric, a, b, stderr_a=None, stderr_b=None, lower_is_better=False, task=None):
+    def add(name, metric, a, b, stderr_a=None, stderr_b=None, lower_is_better=False, task=None, dataset=None):
         retained = (b / a) if (a not in (None, 0) and b is not None) else None
         rows.append({"name": name, "metric": metric, "original": a, "pruned": b, "retained": retained,
                      "stderr_original": stderr_a, "stderr_pruned": stderr_b, "lower_is_better": lower_is_better,
-                     **({"task": task} if task else {})})
+                     **({"task": task} if task else {}), **({"dataset": dataset} if dataset else {})})
 
     if "perplexity" in pruned:
         add("perplexity", "ppl", original.get("perplexity", {}).get("perplexity"), pruned["perplexity"]["perplexity"],
@@ -34,7 +34,8 @@ def comparison_rows(original: dict, pruned: dict, facts: dict) -> list[dict]:
         lower = set(res.get("lower_is_better", ()))  # perplexity-like metrics (absent in older results)
         for metric, value in res["metrics"].items():
             add(name, metric, before.get("metrics", {}).get(metric), value,
-                before.get("stderr", {}).get(metric), res["stderr"].get(metric), lower_is_better=metric in lower, task=task)
+                before.get("stderr", {}).get(metric), res["stderr"].get(metric), lower_is_better=metric in lower, task=task,
+                dataset=res.get("dataset"))
     add("parameters", "count", facts["params_before"], facts["params_after"], lower_is_better=True)
     add("layers", "count", facts["layers_before"], facts["layers_after"], lower_is_better=True)
     return rows

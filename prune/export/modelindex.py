@@ -4,8 +4,9 @@ One result per (task, metric) for the pruned model (``metric_name`` = the lm-eva
 e.g. ``acc``) and one for the model it was compared with in the same run (``metric_name``
 ``"<metric> (original model, before pruning)"``, or from the second pruning step on ``"<metric>
 (step-1 model, before this step)"``, same ``metric_type``), so the Hub page shows both side by
-side. lm-eval tasks name the Hub dataset they read where it is known (:data:`TASK_DATASETS`),
-under the task's own name (the table's marks, such as few-shot from the scored split, stay in
+side. lm-eval tasks name the Hub dataset they read where it is known (:data:`TASK_DATASETS`, else
+the Hub dataset and split the task's lm-eval config scored, as the run recorded it; else the task's
+name), under the task's own name (the table's marks, such as few-shot from the scored split, stay in
 the table); perplexity names its text (a Hub dataset id, or the local file's name with
 ``dataset_type: text``). Parameter and layer counts are not results and are left out, and so
 are the fidelity rows (KL to the original, top-1 agreement: a comparison of the two models,
@@ -42,6 +43,16 @@ def before_label(steps: int) -> str:
     return ORIGINAL if steps <= 1 else f" (step-{steps - 1} model, before this step)"
 
 
+def _task_dataset(dataset, is_hub) -> tuple[str, str | None, str | None] | None:
+    """``(Hub dataset, config, split)`` a task's row recorded from lm-eval's task config (``dataset_path``,
+    ``dataset_name``, the split scored), when the path is a Hub dataset (not a packaged builder such as
+    ``json`` reading local files): a task the table above does not know."""
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("path"), str) or not is_hub(dataset["path"]):
+        return None
+    pick = lambda key: dataset.get(key) if isinstance(dataset.get(key), str) else None  # noqa: E731 - a hand-edited file
+    return dataset["path"], pick("name"), pick("split")
+
+
 def eval_results(rows: list[dict] | None, settings: dict | None = None, steps: int = 1) -> list:
     """``EvalResult`` objects for the before/after ``rows`` of ``eval.json`` (see module docstring);
     ``steps``: the pruning steps of the lineage (:func:`before_label`)."""
@@ -70,7 +81,8 @@ def eval_results(rows: list[dict] | None, settings: dict | None = None, steps: i
             metric_type = "perplexity"
             args = {k: ppl[k] for k in ("seq_len", "max_windows") if ppl.get(k) is not None} or None  # its windows
         else:
-            hub_id, config, split = TASK_DATASETS.get(name, (name, None, None))
+            hub_id, config, split = TASK_DATASETS.get(name) or _task_dataset(row.get("dataset"), is_hub_dataset) or (
+                name, None, None)
             if split and limit:  # lm-eval scored the first examples only: say which, in datasets' slice syntax
                 percent = round(100 * limit, 6)  # 0.07 * 100 is 7.000000000000001
                 if limit >= 1:

@@ -300,6 +300,9 @@ def summarize(out: dict, *, local_alias: bool = False) -> dict:
             source, scored = fewshot_splits(cfg.get)
             if source is not None and source == scored:
                 entry["fewshot_from_scored_split"] = True
+        if cfg and isinstance(cfg.get("dataset_path"), str):  # what the task scored: the model-index names it
+            entry["dataset"] = {"path": cfg["dataset_path"], "name": cfg.get("dataset_name"),
+                                "split": fewshot_splits(cfg.get)[1]}
         results[reported_name(name, local_alias)] = entry
     return results
 
