@@ -92,6 +92,11 @@ def test_iterative_rescores_after_each_removal(tokenizers_by_bos):
     # scores of other settings would rank round 0 unlike the rounds after it
     with pytest.raises(PruneError, match="positions all \\(scores\\) vs skip_first"):
         ST.iterative(model, w, 2, metric="bi", scores=prune.score(model, w, positions="all", progress=False), progress=False)
+    # ... but only the settings the metric reads: MSRS's beta does not change BI's ranking (it was refused)
+    other_beta = prune.score(model, w, beta=50.0, progress=False)
+    assert ST.iterative(model, w, 2, metric="bi", scores=other_beta, progress=False).details["order"] == sel.details["order"][:2]
+    with pytest.raises(PruneError, match="beta 50.0 \\(scores\\) vs 100.0"):
+        ST.iterative(model, w, 2, metric="msrs", scores=other_beta, progress=False)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
@@ -208,6 +213,10 @@ def recipe_with(**select):
     (dict(strategy="contiguous", n_layers=2, budget=5), "budget is only used by strategy: search"),
     (dict(strategy="sleb", n_layers=2, order_by="bi"), "order_by is only used by strategy: search"),
     (dict(strategy="search", budget=5, max_perplexity_ratio=2.0, order_by="loss"), "order_by"),
+    # settings the search accepted and never read: the perplexity floor's windows follow calibration.seed, and
+    # order_by wins over metric
+    (dict(strategy="search", budget=5, max_perplexity_ratio=2.0, seed=7), "seed is only used with min_task_retained"),
+    (dict(strategy="search", budget=5, max_perplexity_ratio=2.0, metric="bi", order_by="cka"), "give one of them"),
 ])
 def test_recipe_refuses_bad_search_settings_in_one_line(select, message, tmp_path):
     data = recipe_with(**select)

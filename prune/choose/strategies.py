@@ -117,12 +117,14 @@ def _inject(block: nn.Module, states: list[torch.Tensor]):
 
 
 # ---- iterative -----------------------------------------------------------------------------
-def check_same_settings(scores, *, positions: str, cka_windows: int, beta: float, tau: float) -> None:
-    """Refuse ``scores`` computed with other scoring settings than a strategy that re-scores uses
-    (its later rounds would rank on other settings than its first)."""
-    have = {"positions": scores.positions, "cka_windows": scores.cka_windows}
-    want = {"positions": positions, "cka_windows": cka_windows}
-    if scores.msrs:
+def check_same_settings(scores, *, metric: str, positions: str, cka_windows: int, beta: float, tau: float) -> None:
+    """Refuse ``scores`` computed with other settings than a strategy that re-scores by ``metric`` uses (its later
+    rounds would rank on other settings than its first): the token positions always, ``cka_windows`` for cka and
+    msrs, ``beta`` and ``tau`` for msrs (BI's ranking does not depend on MSRS's settings)."""
+    have, want = {"positions": scores.positions}, {"positions": positions}
+    if metric in ("cka", "msrs"):
+        have["cka_windows"], want["cka_windows"] = scores.cka_windows, cka_windows
+    if metric == "msrs" and scores.msrs:
         have.update(beta=scores.msrs["beta"], tau=scores.msrs["tau"])
         want.update(beta=beta, tau=tau)
     differ = [f"{k} {have[k]} (scores) vs {want[k]}" for k in have if have[k] != want[k]]
@@ -139,8 +141,8 @@ def iterative(model, windows: torch.Tensor, count: int, *, metric: str = "bi", p
     current (pruned) model, re-scored after every removal. ``scores`` of the full model, when
     given, serve for the first round. Cost: ``count`` scoring passes (``count - 1`` with ``scores``),
     each of the blocks still kept: ``full_forward_equivalents`` = sum of kept blocks per pass / L
-    (SLEB's and ``verified``'s unit). ``scores`` must have been computed with this call's
-    ``positions``, ``cka_windows``, ``beta`` and ``tau`` (every round ranks on the same settings).
+    (SLEB's and ``verified``'s unit). ``scores`` must have been computed with this call's settings that
+    ``metric`` reads (:func:`check_same_settings`: every round ranks on the same settings).
 
     ``start`` (trace records of an earlier run) resumes a greedy run; ``on_round(record)`` is
     called after every round (e.g. to save progress)."""
@@ -152,7 +154,7 @@ def iterative(model, windows: torch.Tensor, count: int, *, metric: str = "bi", p
     trace = [dict(t) for t in start][:count]
     removed = [t["removed"] for t in trace]
     if scores is not None:
-        check_same_settings(scores, positions=positions, cka_windows=cka_windows, beta=beta, tau=tau)
+        check_same_settings(scores, metric=metric, positions=positions, cka_windows=cka_windows, beta=beta, tau=tau)
     current = scores if scores is not None and scores.n_layers == L and not trace else None
     for r in tqdm(range(len(trace), count), desc="iterative", unit="round", disable=not progress):
         kept = complement(L, removed)

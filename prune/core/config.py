@@ -338,15 +338,19 @@ class SelectConfig(Section):
                              "min_task_retained (e.g. 0.9) with proxy_task")
         if len(floors) == 2:
             raise ValueError("give one utility floor: max_perplexity_ratio or min_task_retained, not both")
+        if self.order_by is not None and changed(self, ("metric",), info):
+            raise ValueError(f"search orders its candidates by order_by ({self.order_by}); metric ({self.metric}) is read "
+                             "only without it: give one of them")
         if self.budget is None:
             raise ValueError(f"a floor ({floors[0]}) without a budget: set budget, the most proxy evaluations the "
                              "search may spend (e.g. 16)")
         if floors[0] == "min_task_retained" and not self.proxy_task:
             raise ValueError("min_task_retained needs proxy_task, the lm-eval task it is measured on (e.g. arc_easy)")
         if floors[0] == "max_perplexity_ratio":
-            wrong = [k for k in ("proxy_task", "proxy_limit") if k in given]
+            wrong = [k for k in ("proxy_task", "proxy_limit") if k in given] + changed(self, ("seed",), info)
             if wrong:
-                raise ValueError(f"{wrong[0]} is only used with min_task_retained (the perplexity floor uses heldout_windows)")
+                raise ValueError(f"{wrong[0]} is only used with min_task_retained (the perplexity floor uses heldout_windows"
+                                 ", drawn with calibration.seed)")
         elif "heldout_windows" in given:
             raise ValueError("heldout_windows is only used with max_perplexity_ratio (the task floor uses proxy_limit)")
         return self
