@@ -508,6 +508,33 @@ def test_mergekit_slices_cover_exactly_the_kept_blocks(chain, tmp_path, capsys):
         blocks_from_slices("{slices: [], slices: []}", 8)
 
 
+def test_mergekit_export_of_a_position_dependent_moe_layout(tmp_path, capsys):
+    """Qwen3-MoE decides dense or sparse by the block's position: a passthrough merge keeps the original's config
+    (num_hidden_layers alone changed), so it rebuilds the kept blocks only where that gives each its kind. The
+    original's config decides; without it the export is refused (it was accepted, and the merge built dense MLPs
+    where the kept blocks are sparse)."""
+    from prune.export.outofcore import prune_checkpoint
+
+    def pruned(name, removed, **layout):
+        source = tmp_path / name
+        build_model("qwen3_moe", **layout).save_pretrained(source)
+        return source, prune_checkpoint(source, removed, tmp_path / f"{name}-out", pruning={})
+
+    # every other block sparse, the sparse ones kept: positions 0..3 of the merge would alternate again
+    source, out = pruned("alternating", [0, 2, 4, 6], decoder_sparse_step=2, mlp_only_layers=[])
+    assert prune_main(["export-mergekit", str(out), "-o", str(tmp_path / "a.yaml"), "--model", str(source)]) == 2
+    assert "dense/sparse layout depends on the block position" in capsys.readouterr().err
+    # the original not readable here (a local folder's record names it alone; a Hub id with nothing cached): refused
+    for model in ([], ["--model", "org/not-cached"]):
+        assert prune_main(["export-mergekit", str(out), "-o", str(tmp_path / "a.yaml"), *model]) == 2
+        assert "config.json is not readable here" in capsys.readouterr().err
+    assert not (tmp_path / "a.yaml").exists()
+    # every block sparse: any kept set keeps its kind at any position
+    source, out = pruned("sparse", [2, 5], decoder_sparse_step=1, mlp_only_layers=[])
+    assert prune_main(["export-mergekit", str(out), "-o", str(tmp_path / "b.yaml"), "--model", str(source)]) == 0
+    assert blocks_from_slices(str(tmp_path / "b.yaml"), 8) == [2, 5]
+
+
 MERGEKIT_LIB = os.environ.get("PRUNE_MERGEKIT_PATH", "/tmp/mergekit-lib")
 
 

@@ -360,6 +360,22 @@ def test_outofcore_counts_a_stored_tied_head_once_and_leaves_a_stale_mergekit_co
     card = (out / "README.md").read_text()  # no recipe and no evaluation here: the card names none
     assert "## Recipe" not in card and "eval.json" not in card and "recipe.yaml" not in card
     assert "made without a recipe" in card
+    # the copy is left out as prune.save leaves it out (it was written: the two paths gave different checkpoints),
+    # and prune check passes the source and the output (the meta load leaves a stored copy untied: it failed both)
+    from prune.export.check import check_checkpoint
+
+    in_memory = prune.save(model, tok, tmp_path / "mem")
+    assert set(load_file(out / "model.safetensors")) == set(load_file(in_memory / "model.safetensors"))
+    assert "lm_head.weight" not in load_file(out / "model.safetensors")
+    for folder_checked in (folder, out):
+        report = check_checkpoint(folder_checked)
+        assert report.ok and any(f.area == "tied" and f.level == "ok" for f in report.findings), report.summary()
+    # a copy of OTHER values is no tie (transformers loads it as its own weight): kept, and check says the config lies
+    weights["lm_head.weight"] = weights["lm_head.weight"] * 2
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    other = prune_checkpoint(folder, [1], tmp_path / "ooc2", pruning={})
+    assert "lm_head.weight" in load_file(other / "model.safetensors")
+    assert not check_checkpoint(other).ok
 
 
 def test_outofcore_pruning_refuses_bad_input_before_writing(tokenizers_by_bos, tmp_path):

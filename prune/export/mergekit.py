@@ -24,9 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from prune.core.errors import PruneError
+from prune.core.errors import PruneError, first_line
 from prune.core.records import PruningRecord, complement
-from prune.model.loading import INDEX_LIST_KEYS
+from prune.model.loading import INDEX_LIST_KEYS, LAYOUT_REWRITES
 
 
 def kept_ranges(kept: list[int]) -> list[tuple[int, int]]:
@@ -51,14 +51,40 @@ def original_model_id(record: PruningRecord) -> str:
     return record.chain()[0].base_model or source.gguf_file or source.path
 
 
+def original_config(record: PruningRecord, model: str | None = None) -> dict | None:
+    """The original's ``config.json`` where it can be read without a download: ``model`` or the recorded source
+    as a local folder, or a Hub id's file in the local Hub cache; None otherwise."""
+    from huggingface_hub import try_to_load_from_cache
+
+    source = record.original.source if record.original else record.source
+    name = model or (source.path if source is not None and not source.gguf_file else None)
+    if not name:
+        return None
+    local = Path(name).expanduser() / "config.json"
+    file = local if local.is_file() else None
+    if file is None and "/" in name and not Path(name).expanduser().exists():
+        try:
+            cached = try_to_load_from_cache(name, "config.json", revision=source.revision if source and not model else None)
+        except Exception:  # noqa: BLE001 - not a valid repo id: nothing cached under it
+            cached = None
+        file = Path(cached) if isinstance(cached, str) else None
+    try:
+        data = json.loads(file.read_text()) if file is not None else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def mergekit_config(record: PruningRecord, model: str | None = None, dtype: str | None = None,
-                    config: dict | None = None) -> dict:
+                    config: dict | None = None, original: dict | None = None) -> dict:
     """The passthrough config that rebuilds ``record``'s kept blocks from the original model. Refused
     where a passthrough merge cannot rebuild the folder's weights: a healed step (trained or refitted
     weights), GPT-2 with ``scale_attn_by_inverse_layer_idx`` (``config``: the folder's config.json)
     whose moved blocks carry a rescaled query, a config with per-layer lists (``layer_types``,
-    ``mlp_only_layers``: mergekit copies them unsliced), or an original mergekit cannot read (a
-    GGUF file, local or on the Hub, unless ``model`` names a copy)."""
+    ``mlp_only_layers``: mergekit copies them unsliced), a layout that depends on the block position
+    (:data:`~prune.model.loading.LAYOUT_REWRITES`, Qwen3-MoE's dense and sparse blocks) unless the
+    ``original`` config shows the merged model's layout equals the kept blocks', or an original mergekit
+    cannot read (a GGUF file, local or on the Hub, unless ``model`` names a copy)."""
     kept = record.kept_original or record.kept
     if not kept:
         raise PruneError("pruning.json records no kept blocks: nothing to export")
@@ -81,6 +107,24 @@ def mergekit_config(record: PruningRecord, model: str | None = None, dtype: str 
                          f"({', '.join(per_layer)}) that prune sliced to the kept blocks, but a mergekit passthrough merge "
                          "copies from the original unchanged (it sets only num_hidden_layers): the merged model would "
                          "not load or not match; use this folder's weights as they are")
+    rewrite = LAYOUT_REWRITES.get(config.get("model_type"))
+    if rewrite is not None and kept != list(range(len(kept))):  # blocks moved: does the merge rebuild their layout?
+        kind = config["model_type"]
+        if original is None:
+            raise PruneError(f"{kind}: which blocks are dense or sparse depends on their position, and the original's "
+                             "config.json is not readable here to check that a passthrough merge keeps each kept block's "
+                             "kind: pass --model with a local copy of the original")
+        from transformers import AutoConfig
+
+        try:
+            layout = AutoConfig.for_model(**original)  # with its attribute names (num_experts: num_local_experts)
+        except Exception as exc:  # noqa: BLE001 - a config transformers cannot build
+            raise PruneError(f"the original's config.json is not a {kind} config transformers can build "
+                             f"({first_line(exc)}): pass --model with a copy of the original") from None
+        if rewrite(layout, kept) != rewrite(layout, list(range(len(kept)))):
+            raise PruneError(f"{kind}: the original's dense/sparse layout depends on the block position, so a passthrough "
+                             "merge (which keeps the original's config, with num_hidden_layers alone changed) would build "
+                             "other blocks than the kept ones: use this folder's weights as they are")
     source = record.original.source if record.original else record.source
     if model is None and source is not None and source.gguf_file:  # a local one too: its Hub base model's
         # weights are not the (dequantized) GGUF weights this folder holds
@@ -119,7 +163,7 @@ def export_mergekit(run_dir: str | os.PathLike, output: str | os.PathLike | None
             raise PruneError(f"{run / 'config.json'}: not readable JSON ({exc}); give a folder written by prune") from None
         if not isinstance(model_config, dict):
             raise PruneError(f"{run / 'config.json'}: not a model config (a JSON object); give a folder written by prune")
-    config = mergekit_config(record, model, dtype, model_config)
+    config = mergekit_config(record, model, dtype, model_config, original_config(record, model))
     note = ("# mergekit passthrough config for the blocks this model kept (original indices, half-open ranges)\n"
             f"# written by prune from {RECORD_FILE}; run with: mergekit-yaml {out.name} OUTPUT_DIR\n")
     source = record.original.source if record.original else None

@@ -194,9 +194,10 @@ def plan_tensors(sk, kept: list[int]) -> dict[str, list[tuple[str, TensorEntry]]
     position = {old: new for new, old in enumerate(kept)}
     attr = sk.layers_path.rpartition(".")[2]
     by_shard: dict[str, list[tuple[str, TensorEntry]]] = {f.name: [] for f in sk.checkpoint.files}
+    left_out = set(sk.unused) | set(sk.tied_copies())
     for key, entry in sk.checkpoint.entries.items():
-        if key in sk.unused:
-            continue  # not a parameter of the model (transformers drops it on load, so does prune.save)
+        if key in left_out:
+            continue  # not a parameter of the model, or a tied copy (transformers drops / ties it on load, prune.save too)
         block = sk.block_of.get(key)
         if block is None:
             by_shard[entry.file.name].append((key, entry))

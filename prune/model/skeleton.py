@@ -53,6 +53,21 @@ def _quiet_loading():
             hf_logging.enable_progress_bar()
 
 
+def equal_tied_copies(model, checkpoint: Checkpoint, target: dict[str, str] | None = None) -> list[str]:
+    """Checkpoint keys of the tied parameters of ``model`` (``all_tied_weights_keys``: copy -> source) that the
+    checkpoint stores beside their source with the same values, as transformers' load decides whether to tie
+    them (a copy of other values is loaded untied, and kept). ``target``: checkpoint key -> model parameter name
+    (default: the same names)."""
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    key_of = {name: key for key, name in (target or {k: k for k in checkpoint.entries}).items()}
+    copies = []
+    for copy, source in tied.items():
+        if copy in key_of and source in key_of and torch.equal(checkpoint.read(key_of[copy]),
+                                                                 checkpoint.read(key_of[source])):
+            copies.append(key_of[copy])
+    return copies
+
+
 class Skeleton:
     """The model of ``folder`` on the meta device plus the checkpoint tensors of each part.
 
@@ -126,6 +141,11 @@ class Skeleton:
         filled = set(self.target.values())
         tied = dict(getattr(self.model, "all_tied_weights_keys", None) or {})
         return [k for k, name in self.target.items() if not (name in tied and tied[name] in filled)]
+
+    def tied_copies(self) -> list[str]:
+        """Checkpoint keys of tied parameters stored beside their source with equal values (an LM head saved
+        with the embeddings it is tied to): a load ties them, so a save leaves them out (:func:`equal_tied_copies`)."""
+        return equal_tied_copies(self.model, self.checkpoint, self.target)
 
     def block_keys(self, index: int) -> list[str]:
         return [k for k, b in self.block_of.items() if b == index]
