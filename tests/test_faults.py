@@ -186,6 +186,24 @@ def test_resume_refuses_changed_task_data(tiny_folder, tmp_path):
     story.write_text(story.read_text()[::-1])
     with pytest.raises(PruneError, match=r"cannot resume: the lm-eval task data \(tinystories_sample_2MiB.txt\) changed"):
         RunProgress(tmp_path / "out", load_recipe(recipe), resume=True)
+    # a user task naming its data by a glob or by a folder: the files they hold count (they were not fingerprinted)
+    pool, folder = tmp_path / "pool", tmp_path / "mydata"
+    pool.mkdir(), folder.mkdir()
+    (pool / "a.jsonl").write_text('{"q": 1}\n')
+    (folder / "test.jsonl").write_text('{"q": 2}\n')
+    tasks = tmp_path / "mytasks"
+    tasks.mkdir()
+    (tasks / "globbed.yaml").write_text(f"task: globbed\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                                        f"    test: {folder}/test.jsonl\n    train: {pool}/*.jsonl\n")
+    (tasks / "foldered.yaml").write_text(f"task: foldered\ndataset_path: {folder}\n")
+    recipe["evaluate"].update(tasks=["globbed", "foldered"], task_dirs=[str(tasks)])
+    for changed, name in ((pool / "b.jsonl", "b.jsonl"), (folder / "extra" / "more.jsonl", "more.jsonl")):
+        shutil.rmtree(tmp_path / ".out.progress")
+        RunProgress(tmp_path / "out", load_recipe(recipe)).put("scores", {"stored": True})
+        changed.parent.mkdir(exist_ok=True)
+        changed.write_text('{"q": 3}\n')
+        with pytest.raises(PruneError, match=rf"cannot resume: the lm-eval task data \({name}\) changed"):
+            RunProgress(tmp_path / "out", load_recipe(recipe), resume=True)
 
 
 def test_resume_refuses_a_changed_dataset_folder(tiny_folder, tmp_path):

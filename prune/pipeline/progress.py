@@ -101,7 +101,10 @@ _TASK_FILE = re.compile(r"""\{data_dir\}/([^'"\s]+)|:\s*['"]?(/[^'"\s]+)""")
 
 
 def _task_data_files(yaml_files: list[Path], root: Path | None) -> list[Path]:
-    """The data files task YAMLs read outside the folders fingerprinted whole."""
+    """The data files task YAMLs read outside the folders fingerprinted whole: a file, the files a glob
+    matches (``/data/train/*.jsonl``), or every file under a folder (``dataset_path: /data/mytask``)."""
+    import glob
+
     found = []
     for yaml_file in yaml_files:
         try:
@@ -109,9 +112,15 @@ def _task_data_files(yaml_files: list[Path], root: Path | None) -> list[Path]:
         except (OSError, UnicodeDecodeError):
             continue
         for shipped, absolute in _TASK_FILE.findall(text):
-            path = (root / shipped) if shipped and root is not None else Path(absolute) if absolute else None
-            if path is not None and path.is_file():
-                found.append(path)
+            name = str(root / shipped) if shipped and root is not None else absolute or None
+            if name is None:
+                continue
+            for match in sorted(glob.glob(name, recursive=True)) if glob.has_magic(name) else [name]:
+                path = Path(match)
+                if path.is_file():
+                    found.append(path)
+                elif path.is_dir():
+                    found += sorted(p for p in path.rglob("*") if p.is_file())
     return found
 
 
