@@ -494,6 +494,14 @@ def test_run_sequential_equals_run_in_memory(tokenizers_by_bos, tmp_path, capsys
     assert {t.dtype for t in b.values()} == {torch.bfloat16} and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((runs["sequential"] / "pruning.json").read_text())["dtype"] == "bfloat16"
     assert "**Saved dtype**: `bfloat16`" in (runs["sequential"] / "README.md").read_text()
+    # loaded in bfloat16, saved in float32: both round through bfloat16 (out of core cast the stored float32 directly)
+    for mode in ("in_memory", "sequential"):
+        recipe = _recipe(folder, tmp_path / f"bf16-f32-{mode}", mode)
+        recipe["model"]["dtype"], recipe["output"]["dtype"] = "bfloat16", "float32"
+        runs[mode] = run(recipe, quiet=True).out_dir
+    a, b = all_tensors(runs["in_memory"]), all_tensors(runs["sequential"])
+    assert {t.dtype for t in b.values()} == {torch.float32} and sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_run_auto_chooses_sequential_when_memory_is_short(tokenizers_by_bos, tmp_path, capsys):

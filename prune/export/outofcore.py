@@ -72,11 +72,13 @@ class Converted:
     ``rescale[0]`` entries of its last dimension multiplied by ``rescale[1]`` (as
     :func:`prune.model.surgery.remove_layers` does in memory, in float32 or wider, rounded once to the
     target): read, changed and written one
-    tensor at a time, so memory holds at most one tensor."""
+    tensor at a time, so memory holds at most one tensor. ``through``: rounded to that dtype first, as a model
+    loaded in it (``model.dtype``) and saved in another (``output.dtype``) is."""
 
     entry: TensorEntry
     target: torch.dtype
     rescale: tuple[int, float] | None = None
+    through: torch.dtype | None = None
 
     @property
     def dtype(self) -> str:
@@ -100,26 +102,33 @@ class Converted:
             handle.seek(begin)
             raw = bytearray(handle.read(end - begin))
         tensor = torch.frombuffer(raw, dtype=self.entry.torch_dtype) if raw else torch.empty(0, dtype=self.entry.torch_dtype)
+        if self.through is not None:
+            tensor = tensor.to(self.through)
         if self.rescale is not None:  # in float32 (float64 if stored or written so), rounded once to the target
             width, factor = self.rescale
-            tensor = tensor.to(torch.promote_types(torch.promote_types(tensor.dtype, self.target), torch.float32))
+            tensor = tensor.to(torch.promote_types(torch.promote_types(tensor.dtype, self.through or self.target),
+                                                   torch.float32))
             tensor.view(self.entry.shape)[..., :width].mul_(factor)
+            if self.through is not None:  # in memory the model holds it in its own dtype before the save
+                tensor = tensor.to(self.through)
         out.write(tensor.to(self.target).view(torch.uint8).numpy().tobytes())
 
 
 SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def convert_entries(tensors: list[tuple[str, TensorEntry]], target: torch.dtype | None) -> list[tuple[str, object]]:
-    """Floating tensors not already in ``target`` wrapped as :class:`Converted` (``None``: unchanged)."""
+def convert_entries(tensors: list[tuple[str, TensorEntry]], target: torch.dtype | None,
+                    through: torch.dtype | None = None) -> list[tuple[str, object]]:
+    """Floating tensors not already in ``target`` wrapped as :class:`Converted` (``None``: unchanged); ``through``:
+    every floating tensor not stored in it is rounded to it on the way (:attr:`Converted.through`)."""
     if target is None:
         return tensors
     out = []
     for name, e in tensors:
         if isinstance(e, Converted):
-            e = dataclasses.replace(e, target=target)
-        elif e.torch_dtype.is_floating_point and e.torch_dtype != target:
-            e = Converted(e, target)
+            e = dataclasses.replace(e, target=target, through=through)
+        elif e.torch_dtype.is_floating_point and (e.torch_dtype != target or through not in (None, e.torch_dtype)):
+            e = Converted(e, target, through=through if through != e.torch_dtype else None)
         out.append((name, e))
     return out
 
@@ -220,6 +229,7 @@ def prune_checkpoint(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     dtype: str | None = None,
+    through: str | None = None,
     base_model: str | None = None,
     inputs=(),
     new_step: bool = True,
@@ -233,7 +243,9 @@ def prune_checkpoint(
     indices mapped to the original model) and a model card; the source's ``eval.*`` and
     ``recipe.yaml`` are never carried over (they describe another model). ``dtype``
     (``bfloat16``, ``float16``, ``float32``; ``auto``/None = the dtype a load with ``dtype="auto"``
-    gives: the config's, else the stored one) converts floating tensors one at a time. Returns the output folder. Without ``dtype`` the result equals,
+    gives: the config's, else the stored one) converts floating tensors one at a time; ``through``: each is rounded
+    to that dtype first (``prune run``'s ``model.dtype``, which an in-memory run loads the weights in before it
+    saves them in ``output.dtype``). Returns the output folder. Without ``dtype`` the result equals,
     tensor for tensor, the checkpoint ``prune.remove_layers`` + ``prune.save`` would write.
     ``new_step=False``: ``pruning`` already has its lineage (``prune run`` out of core) and is
     written as it is. ``inputs``: paths the output must never touch (:mod:`prune.io.guard`).
@@ -273,7 +285,11 @@ def prune_checkpoint(
         # stored otherwise than a load with dtype auto gives (a mixed checkpoint, or a config that names another
         # dtype than the tensors'): that dtype, the one prune.save writes after an in-memory run
         target = sk.dtype
-    shards = {name: convert_entries(items, target) for name, items in planned.items()}
+    via = resolve_dtype(through) if through else "auto"
+    via = None if via == "auto" or via == target else via
+    if via is not None and target is None:
+        target = sk.dtype
+    shards = {name: convert_entries(items, target, via) for name, items in planned.items()}
     carried = carried_files(folder)  # tokenizer, generation config, ...: links checked before writing
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     for key, value in pruned_config_updates(config, kept).items():

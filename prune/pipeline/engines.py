@@ -155,7 +155,8 @@ class Sequential:
 
         out = prune_checkpoint(self.folder, self._removed, out_dir, pruning=record, files=files, overwrite=overwrite,
                                trust_remote_code=self.recipe.model.trust_remote_code, inputs=inputs,
-                               dtype=out_of_core_dtype(self.recipe), new_step=False,  # the record has its lineage
+                               dtype=out_of_core_dtype(self.recipe), through=self.recipe.model.dtype,
+                               new_step=False,  # the record has its lineage
                                progress=not self.quiet)
         say("(written from the source shards, out of core)", self.quiet)
         return out
