@@ -11,7 +11,9 @@ import json
 import math
 import os
 import sys
+import time
 import traceback
+from pathlib import Path
 
 from prune.choose.registry import names
 from prune.core.errors import PruneError, first_line
@@ -114,16 +116,32 @@ def add_run(sub) -> None:
     p.set_defaults(func=cmd_run)
 
 
-def _finished_stages(args) -> bool:
-    """Whether an interrupted ``prune run`` left a finished stage that ``--resume`` would reuse."""
+#: when the command began (set by :func:`main`): a record written since is this run's
+_STARTED = time.time()
+
+
+def _interrupted_run(args) -> str:
+    """What an interrupted ``prune run`` left: its output saved complete (its ``pruning.json`` written since this
+    process started: the interrupt came after, e.g. during a push), finished stages ``--resume`` would reuse, or
+    nothing."""
     try:
+        from prune.core.records import RECORD_FILE
         from prune.pipeline.progress import STAGES, progress_dir
         from prune.pipeline.recipe import load_recipe
 
-        folder = progress_dir(load_recipe(args.recipe, args.overrides).output.dir)
-        return any((folder / f"{s}.json").is_file() for s in STAGES)
+        recipe = load_recipe(args.recipe, args.overrides)
+        out = Path(recipe.output.dir).expanduser()
+        if (out / RECORD_FILE).is_file() and (out / RECORD_FILE).stat().st_mtime >= _STARTED:
+            hub = recipe.output.push_to_hub
+            push = (f"; the push to {hub.repo_id} may not have finished: prune push {out} {hub.repo_id}"
+                    if hub is not None else "")
+            return f"; the output {out} was saved complete before the interruption{push}"
+        folder = progress_dir(recipe.output.dir)
+        finished = any((folder / f"{s}.json").is_file() for s in STAGES)
     except Exception:  # noqa: BLE001 - the recipe no longer loads: say nothing about resuming
-        return False
+        finished = False
+    return "; nothing was saved as a checkpoint (" + (
+        "rerun with --resume to reuse the finished stages)" if finished else "no stage had finished: rerun it)")
 
 
 def cmd_run(args) -> int:
@@ -728,6 +746,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _STARTED
+    _STARTED = time.time()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.log_level:
@@ -768,10 +788,7 @@ def run_command(args) -> int:
         print(f"error: {redact(line)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = ""
-        if args.command == "run":
-            hint = "; nothing was saved as a checkpoint (" + (
-                "rerun with --resume to reuse the finished stages)" if _finished_stages(args) else "no stage had finished: rerun it)")
+        hint = _interrupted_run(args) if args.command == "run" else ""
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - SafetensorError and the tokenizers' disk-full Exception, else a bug

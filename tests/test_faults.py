@@ -97,6 +97,15 @@ def test_ctrl_c_says_how_to_resume_and_saves_nothing(tiny_folder, tmp_path, monk
     done = conftest.prune_main("run", recipe, "--quiet")
     assert done.returncode == 130 and done.stderr.strip().splitlines()[-1] == (
         "interrupted; nothing was saved as a checkpoint (no stage had finished: rerun it)")
+    # interrupted once the new output is in place (replacing an older one): it says so, not "nothing was saved"
+    # and --resume (which then failed: the folder exists)
+    monkeypatch.delenv("PRUNE_FAULT")
+    prune.run(recipe, quiet=True)
+    monkeypatch.setenv("PRUNE_FAULT", "swapped:interrupt")
+    done = conftest.prune_main("run", recipe, "--quiet", "--overwrite", "--set", "select.n_layers=3")
+    assert done.returncode == 130 and done.stderr.strip().splitlines()[-1] == (
+        f"interrupted; the output {out} was saved complete before the interruption")
+    assert len(json.loads((out / "pruning.json").read_text())["removed"]) == 3
 
 
 # ---- disk full while saving: one clear error, partial files removed ----------------------------

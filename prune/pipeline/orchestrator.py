@@ -239,9 +239,8 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
              + (f"\n## lm-eval's own tables\n\n{lm_eval_tables(lm_eval_files)}" if lm_eval_files else ""))
     out, record = write_output(engine.save, recipe, record, evaluation, src=facts["source"], parent=facts["parent"],
                                inputs=facts["inputs"], model=getattr(engine, "model", None), table=table,
-                               overwrite=overwrite, quiet=quiet, extra_files=lm_eval_files,
+                               overwrite=overwrite, quiet=quiet, extra_files=lm_eval_files, on_saved=progress.finish,
                                extra_markdown=extra + (healing_markdown(public_data(healing)) if healing is not None else ""))
-    dist.on_main(progress.finish)
     clock.lap("write and push" if recipe.output.push_to_hub is not None else "write")
     say(clock.summary(), quiet)
     return RunResult(out, selection, scores_before, scores_after, evaluation, record)
@@ -251,15 +250,15 @@ def write_output(save_fn, recipe: Recipe | None, record: PruningRecord, evaluati
                  parent=None, inputs=(), model=None, new_step: bool = True, prepare=None, overwrite: bool,
                  quiet: bool, extra_markdown: str = "",
                  extra_files: dict[str, str] | None = None, title: str = "Before / after",
-                 table: str | None = None) -> tuple[Path, PruningRecord]:
+                 table: str | None = None, on_saved=None) -> tuple[Path, PruningRecord]:
     """The one tail of every command that writes a pruned model: the record (extended with its
     lineage when it is a ``new_step``), ``recipe.yaml``, ``eval.json``, ``eval.md`` and the model
     card, saved atomically by ``save_fn(out_dir, record, files, overwrite, inputs)`` (``inputs``: the
     paths the output must never touch, :mod:`prune.io.guard`; ``src``: the model whose license files
     are copied along, :func:`prune.export.lineage.license_files`), then the optional
     push. ``recipe`` may be ``None`` only for a folder that has none (``prune heal`` of a folder
-    saved through the Python API): then there is no ``recipe.yaml``. Returns the folder and the
-    final record."""
+    saved through the Python API): then there is no ``recipe.yaml``. ``on_saved()`` runs once the folder is
+    in place, before the push (a run's progress folder is removed then). Returns the folder and the final record."""
     out_dir = out_dir if out_dir is not None else recipe.output.dir
     table = table if table is not None else comparison_markdown(evaluation["rows"])
     from prune.export.lineage import license_files
@@ -278,6 +277,8 @@ def write_output(save_fn, recipe: Recipe | None, record: PruningRecord, evaluati
 
     def write() -> Path:
         out = save_fn(out_dir, record, files, overwrite, inputs)
+        if on_saved is not None:
+            on_saved()
         show(f"\n{table}\n" + (f"\n{extra_markdown}" if extra_markdown else "") + f"\nsaved {out}", quiet)
         if recipe is not None and recipe.output.push_to_hub is not None:
             from prune.export.push import push_config
