@@ -114,6 +114,15 @@ def test_overrides_and_env(tmp_path, tiny_folder, monkeypatch):
     assert "file not found" in error_of(tmp_path, data)
     assert "is not key=value" in error_of(tmp_path, tiny_recipe(tiny_folder, tmp_path / "o"), ["select.n_layers"])
     assert "'select.n_layers'" in error_of(tmp_path, tiny_recipe(tiny_folder, tmp_path / "o"), ["select.n_layers=many"])
+    # a --set value uses ${VAR} as the file's values do (prune heal's --set did; prune run's wrote a folder named
+    # '${OUTROOT}'), and replaces a value whose variable is unset (that was refused before the --set applied)
+    monkeypatch.delenv("MY_DATA")
+    monkeypatch.setenv("OUTROOT", str(tmp_path / "roots"))
+    assert load_recipe(write(tmp_path, data), ["output.dir=${OUTROOT}/x"]).output.dir == str(tmp_path / "roots" / "x")
+    data["calibration"]["path"] = "${MY_UNSET_DATA}"
+    assert load_recipe(write(tmp_path, data), [f"calibration.path={WIKI_RAW}"]).calibration.path == str(WIKI_RAW)
+    message = error_of(tmp_path, data)
+    assert "uses ${MY_UNSET_DATA} but it is not set" in message and "recipe.yaml" in message
 
 
 def test_preflight_checks_layer_counts_context_tasks_and_output(tmp_path, tiny_folder):

@@ -12,6 +12,7 @@ as YAML (``select.n_layers=8``, ``evaluate.tasks=[arc_easy,piqa]``, ``model.devi
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
@@ -72,7 +73,7 @@ def expand_env(value: Any, only: tuple[str, ...] | None = None, where: str = "re
                 return default
             if name in os.environ:
                 return os.environ[name]
-            raise PruneError(f"recipe uses ${{{name}}} but it is not set (export {name}=... or write ${{{name}:-default}})")
+            raise PruneError(f"{where} uses ${{{name}}} but it is not set (export {name}=... or write ${{{name}:-default}})")
         return _ENV.sub(sub, value)
     if isinstance(value, dict):
         return {k: expand_env(v, only, where) for k, v in value.items()}
@@ -143,7 +144,9 @@ def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str
         data = read_yaml(file, where) or {}
         if not isinstance(data, dict):
             raise PruneError(f"{where}: a recipe is a mapping of sections (model, calibration, select, ...)")
-    data = apply_overrides(expand_env(data), overrides)
+    # the overrides first, then ${VAR} everywhere: a --set value may use ${VAR} as the file's values do, and a
+    # --set replaces a value whose variable is unset here (expanding first refused it)
+    data = expand_env(apply_overrides(copy.deepcopy(data), overrides), where=where)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
