@@ -111,6 +111,23 @@ def test_few_shot_is_counted_as_lm_eval_counts_it(tokenizers_by_bos, tmp_path):
     assert res["copa_fixed"]["n_shot"] == 2 and "fewshot_from_scored_split" not in res["copa_fixed"]
 
 
+def test_more_shots_than_the_few_shot_split_holds_is_refused_before_loading(tmp_path):
+    """lm-eval samples the few-shot examples at run time and failed with 'Sample larger than population' after the
+    model was loaded and scored: the pre-flight counts the split."""
+    copa = (local_task_dir(DATA) / "copa_local.yaml").read_text()
+    rows = (DATA / "tasks" / "copa.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(rows[:2]) + "\n")
+    test = f'test: "{DATA / "tasks" / "copa.jsonl"}"'
+    assert test in copa
+    text = copa.replace("task: copa_local", "task: copa_small").replace("tag: [prune_local]\n", "").replace(
+        test, f'{test}\n    train: "{tmp_path}/train.jsonl"')
+    (tmp_path / "copa_small.yaml").write_text(text + "training_split: train\n")
+    where = dict(data_dir_path=DATA, task_dirs=[str(tmp_path)])
+    check_tasks(["copa_small"], num_fewshot=2, **where)
+    with pytest.raises(PruneError, match="3-shot examples are drawn from its 'train' split, which holds 2 example"):
+        check_tasks(["copa_small"], num_fewshot=3, **where)
+
+
 def test_tags_and_groups_report_every_task_and_the_aggregate(tokenizers_by_bos, task_dir):
     assert check_tasks(["my_tag", "my_group"], data_dir_path=DATA, task_dirs=[str(task_dir)]) == ["my_tag", "my_group"]
     res = evaluate_tasks(build_model("llama"), tokenizers_by_bos[True], ["my_tag", "my_group"], limit=4,

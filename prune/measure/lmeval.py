@@ -141,11 +141,27 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
                                  f"the split it scores; use num_fewshot 0, a task with a training or validation split, "
                                  f"or allow it: --fewshot-from-scored-split (evaluate.fewshot_from_scored_split in a recipe; the results are "
                                  f"then marked)")
+            pool = _fewshot_pool_size(task)
+            need = shots + (source == scored)  # from the scored split lm-eval draws one more, then drops the question
+            if pool is not None and pool < need:
+                raise PruneError(f"lm-eval task {leaf!r}: {shots}-shot examples are drawn from its {source!r} split, "
+                                 f"which holds {pool} example(s) (lm-eval would fail after the model is loaded): lower "
+                                 f"num_fewshot to at most {max(pool - (source == scored), 0)}, or give the task more "
+                                 "few-shot examples")
     from prune.core.console import say
 
     for note in notes:  # once every check passed: an error stays the only line
         say(note, quiet)
     return names
+
+
+def _fewshot_pool_size(task) -> int | None:
+    """How many examples a loaded lm-eval task draws its few-shot examples from; None when unknown."""
+    try:
+        docs = task.fewshot_docs()
+        return None if docs is None else len(docs)
+    except Exception:  # noqa: BLE001 - a task of its own making: lm-eval's run says what is wrong
+        return None
 
 
 def task_manager(include: list[str], defaults: bool):
