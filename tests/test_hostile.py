@@ -557,6 +557,8 @@ def test_hostile_yaml_is_one_line(text, match, tmp_path, capsys):
     ("calibration.rows=1:30", "rows must be a quoted slice such as '0:2000' (YAML read the unquoted value as 90)"),
     ("calibration.split=test", "'calibration.split' selects part of a datasets dataset, but"),
     ("model.offload_folder=/tmp/off", "without a device_map nothing goes there"),
+    ("evaluate={original: false}", "evaluate measures nothing: give perplexity, fidelity or tasks"),
+    ("select.protect[0]=1", "a list is set whole, not item by item"),  # it said "unknown key 'select'"
 ])
 def test_strict_settings(override, match, model, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model, tmp_path / "out"))

@@ -482,6 +482,8 @@ class EvaluateConfig(Section):
         a chat template): refused, not dropped."""
         if saved(info):
             return self
+        if self.perplexity is None and self.fidelity is None and not self.tasks:
+            raise ValueError("evaluate measures nothing: give perplexity, fidelity or tasks (or drop the section)")
         unread = changed(self, LM_EVAL_KEYS) if not self.tasks else []
         if unread:
             raise ValueError(f"{', '.join(unread)} set the lm-eval tasks, and there are none: add tasks, or drop them")

@@ -122,6 +122,8 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
                              f"{value!r}; quote the value (--set '{key.strip()}=\"{raw.strip()}\"')")
         node = data
         parts = key.strip().split(".")
+        if any("[" in part for part in parts):
+            raise PruneError(f"--set {key.strip()}: a list is set whole, not item by item (e.g. --set 'select.protect=[0, -1]')")
         for part in parts[:-1]:
             if node.get(part) is None:
                 node[part] = {}
