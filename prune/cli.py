@@ -219,7 +219,8 @@ def add_eval(sub) -> None:
     p.add_argument("model", help="Hub id, local model folder, or .gguf file")
     p.add_argument("--tasks", type=_csv, default=[], help="comma-separated lm-eval task names")
     p.add_argument("--perplexity-data", default=None, help="text file for perplexity (e.g. wiki.test.raw)")
-    p.add_argument("--perplexity-field", default="text", help="JSONL field for --perplexity-data")
+    p.add_argument("--perplexity-field", type=_csv, default=["text"],
+                   help="JSONL field(s) for --perplexity-data (comma-separated: concatenated)")
     p.add_argument("--perplexity-rows", default=None, help="slice of rows of --perplexity-data, e.g. 2000:")
     option(p, "--seq-len", PerplexityConfig, "seq_len", type=int)
     option(p, "--max-windows", PerplexityConfig, "max_windows", type=int)

@@ -28,6 +28,24 @@ def test_rows_slice_and_fields(tmp_path):
         load_text(TextSource(str(path), field="prompt", rows="3"))
 
 
+def test_a_text_files_rows_are_its_lines(tmp_path):
+    """A file ending in a newline has no empty row after it (rows "-1:" read that phantom row, and the counts of a
+    slice from the end were one too many); any slice reaching the end still reads as the file does."""
+    from prune.io.text import row_count
+
+    path = tmp_path / "abc.txt"
+    path.write_text("alpha beta\nbeta\ngamma\n")
+    assert row_count(TextSource(str(path))) == 3
+    assert load_text(TextSource(str(path), rows="-1:")) == "gamma\n"
+    assert load_text(TextSource(str(path), rows="1:")) == "beta\ngamma\n" and load_text(TextSource(str(path))) == path.read_text()
+    with pytest.raises(PruneError, match="rows='3:' selects none of the 3 rows"):
+        load_text(TextSource(str(path), rows="3:"))
+    with pytest.raises(PruneError, match="names a JSON field, but .*abc.txt is plain text"):  # it was ignored
+        load_text(TextSource(str(path), field=["prompt", "response"]))
+    path.write_text("no newline at the end")
+    assert row_count(TextSource(str(path))) == 1 and load_text(TextSource(str(path), rows="-1:")) == "no newline at the end"
+
+
 def test_missing_and_bad_files(tmp_path):
     with pytest.raises(PruneError, match="data file not found"):
         load_text(TextSource(str(tmp_path / "nope.txt")))
@@ -110,6 +128,11 @@ def test_heal_text_that_overlaps_evaluation_text_is_caught_however_it_is_written
     fid = EvaluateConfig(perplexity={"path": str(WIKI_JSONL)}, fidelity={"path": str(WIKI_RAW), "rows": "100:200"})
     with pytest.raises(PruneError, match="overlaps the fidelity text"):
         check_heal_data(HealConfig(method="lora", data={"path": str(WIKI_RAW), "rows": "150:160"}), fid)
+    # rows read as several fields hold the text of each: a field in common is the same text (it passed)
+    c4 = {"path": str(WIKI_JSONL), "rows": "0:100"}
+    with pytest.raises(PruneError, match="overlaps the perplexity text"):
+        check_heal_data(HealConfig(method="lora", data={**c4, "field": ["text", "title"]}),
+                        EvaluateConfig(perplexity={**c4, "field": "text"}))
     with pytest.raises(ValueError, match="not a 'start:stop' slice of whole numbers"):
         HealConfig(method="lora", data={"path": str(WIKI_RAW), "rows": "abc"})
     assert HealConfig(method="lora", data={"path": str(WIKI_RAW), "rows": "+0:1_000"}).data.rows == "+0:1_000"  # int() reads it

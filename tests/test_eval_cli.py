@@ -33,6 +33,16 @@ def test_eval_fidelity_to_the_original(tmp_path, tiny_folder, pruned_folder):
     assert "kl_mean" in proc.stdout and "top1_agreement" in proc.stdout
 
 
+def test_eval_perplexity_of_several_fields_joined(tmp_path, tiny_folder):
+    """--perplexity-field takes several fields, joined, as --field and a recipe's field do (it took the comma-separated
+    list as one field name, and refused a file holding both)."""
+    c4 = DATA / "c4" / "c4_web_1480.jsonl"
+    prune_main("eval", tiny_folder, "--perplexity-data", c4, "--perplexity-field", "prefix,gold_completion",
+               "--perplexity-rows", "0:20", "--seq-len", 32, "--max-windows", 2, "-o", tmp_path / "e.json", check_rc=0)
+    data = json.loads((tmp_path / "e.json").read_text())["perplexity"]["data"]
+    assert data["field"] == ["prefix", "gold_completion"]
+
+
 def test_eval_fidelity_needs_text(tiny_folder, pruned_folder):
     proc = prune_main("eval", pruned_folder, "--fidelity-to", tiny_folder, check_rc=2)
     assert proc.stderr.strip().splitlines() == ["error: --fidelity-to measures on the perplexity text: give --perplexity-data too"]

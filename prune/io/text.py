@@ -110,10 +110,24 @@ def load_text(source: TextSource) -> str:
         if path.suffix in (".jsonl", ".json"):
             texts = _json_rows(path, text, source.field)
         else:
-            return "\n".join(_rows_of(text.split("\n"), source))
+            if source.field not in ("text", ["text"], ("text",)):  # the default: a plain file has no field
+                raise PruneError(f"field {source.field!r} names a JSON field, but {source.path} is plain text, read line "
+                                 "by line (drop the field, or give a .jsonl file)")
+            return "\n".join(_rows_of(text_lines(text), source))
     else:  # a datasets name, or a folder datasets reads
         texts = _read_hf_dataset(source)
     return JOIN.join(_rows_of(texts, source))
+
+
+def text_lines(text: str) -> list[str]:
+    """The rows of a plain text file: its lines, the last keeping the file's final newline (a file ending in a
+    newline has no empty row after it, so ``rows: "-1:"`` is its last line; joined with newlines, any slice
+    reaching the end reads as the file does)."""
+    lines = text.split("\n")
+    if len(lines) > 1 and lines[-1] == "":
+        lines.pop()
+        lines[-1] += "\n"
+    return lines
 
 
 def row_count(source: TextSource) -> int | None:
@@ -126,7 +140,7 @@ def row_count(source: TextSource) -> int | None:
         text = read_text_file(path)
         if path.suffix in (".jsonl", ".json"):
             return len(_json_rows(path, text, source.field))
-        return len(text.split("\n"))
+        return len(text_lines(text))
     except PruneError:
         return None
 

@@ -296,13 +296,15 @@ def _rows_overlap(a: str | None, b: str | None, n: int | None = None) -> bool:
 
 
 def _same_text(a: TextConfig, b: TextConfig) -> bool:
-    """One file or dataset read the same way (a plain-text file has no field, config or split)."""
+    """One file or dataset whose rows share text as read: the same config and split, and a field in common (rows
+    read as ``prefix`` + ``gold_completion`` hold the ``prefix`` text); a plain-text file has no field, config
+    or split."""
     if Path(a.path).expanduser().resolve() != Path(b.path).expanduser().resolve():
         return False
     if Path(a.path).suffix in (".txt", ".raw"):
         return True
-    fields = lambda f: [f] if isinstance(f, str) else list(f)  # noqa: E731
-    return fields(a.field) == fields(b.field) and a.config == b.config and a.split == b.split
+    fields = lambda f: {f} if isinstance(f, str) else set(f)  # noqa: E731
+    return bool(fields(a.field) & fields(b.field)) and a.config == b.config and a.split == b.split
 
 
 def check_heal_data(heal: HealConfig, evaluate: EvaluateConfig | None, where: str = "recipe",
