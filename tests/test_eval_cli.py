@@ -43,6 +43,21 @@ def test_eval_perplexity_of_several_fields_joined(tmp_path, tiny_folder):
     assert data["field"] == ["prefix", "gold_completion"]
 
 
+def test_eval_fidelity_to_an_original_without_a_tokenizer_fails_before_loading(tmp_path, tiny_folder, pruned_folder):
+    """The original's tokenizer cuts the fidelity windows: a folder without one is refused in the pre-flight (after
+    the original's weights had loaded)."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_folder / name, bare / name)
+    proc = prune_main("eval", pruned_folder, "--fidelity-to", bare, "--perplexity-data", WIKI_RAW,
+                      "--perplexity-rows", "0:200", "--seq-len", 32, "--max-windows", 3)
+    assert proc.returncode == 2 and "pre-flight" not in proc.stderr and "Loading weights" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "tokenizer" in proc.stderr
+
+
 def test_eval_fidelity_needs_text(tiny_folder, pruned_folder):
     proc = prune_main("eval", pruned_folder, "--fidelity-to", tiny_folder, check_rc=2)
     assert proc.stderr.strip().splitlines() == ["error: --fidelity-to measures on the perplexity text: give --perplexity-data too"]

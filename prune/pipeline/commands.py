@@ -164,6 +164,10 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
         eval_windows(tokenizer, load_text(ppl.source()), ppl.seq_len, ppl.max_windows, ppl.bos)
     if templated:
         L.check_chat_template(tokenizer, cfg.apply_chat_template, "--apply-chat-template")
+    if original is not None:  # the fidelity windows are cut with the original's tokenizer: it and they load now
+        text, seq_len, max_windows = cfg.fidelity.text(ppl)
+        eval_windows(load_tokenizer(resolve_source(original), trust_remote_code), load_text(text.source()), seq_len,
+                     max_windows, text.bos)
     clock.lap("pre-flight")
     reference = None
     if original is not None:
@@ -197,10 +201,11 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
         result["lm_eval_files"] = run.files(str(source), folder)
         clock.lap("lm-eval")
     if output_path and result.get("lm_eval_files"):
+        from prune.io.guard import write_file
+
         target = Path(output_path).expanduser() / folder
-        target.mkdir(parents=True, exist_ok=True)
-        for name, text in result["lm_eval_files"].items():
-            (target / name).write_text(text, encoding="utf-8")
+        for name, text in result["lm_eval_files"].items():  # each whole or not at all (lm-eval's names carry a date)
+            write_file(target / name, text)
         result["lm_eval_folder"] = str(target)
     if original is not None:
         result["fidelity"]["original"] = str(original)
