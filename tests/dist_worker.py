@@ -115,13 +115,25 @@ def main(folder: str, out: str) -> None:
 
     ppl = EvaluateConfig(perplexity={"path": str(DATA / "wikitext2_raw" / "wiki.test.raw"), "rows": "0:200", "seq_len": 16,
                                      "max_windows": 2})  # every rank would measure all of it and write it
+    from prune.measure.lmeval import check_tasks
+
     for check in (lambda: check_parallel(HealConfig(method="partial", n_samples=10, batch_size=4)),
-                  lambda: check_limit_over_ranks(1), lambda: evaluate_model(folder, ppl, quiet=True) and None):
+                  lambda: check_limit_over_ranks(1), lambda: evaluate_model(folder, ppl, quiet=True) and None,
+                  lambda: check_tasks(["copa"], data_dir_path=str(DATA), limit=0.01) and None):  # ceil(100 x 0.01) = 1
         try:
             check()
             res["refused"].append(None)
         except PruneError as exc:
             res["refused"].append(str(exc))
+    # distillation's teacher kind from free memory: one rank short of it makes every rank take the cache
+    from prune.heal import distill
+
+    own = distill._own_free_memory
+    distill._own_free_memory = lambda device: own(device) if w.rank == 0 else 0
+    try:
+        res["teacher_kind"] = distill.teacher_kind(HealConfig(method="lora", objective="distill"), model)
+    finally:
+        distill._own_free_memory = own
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"rank{w.rank}.json").write_text(json.dumps(res))
 

@@ -87,10 +87,13 @@ def test_two_ranks_equal_one_process(tiny_folder, tmp_path):
                 assert abs(a - b) <= HEAL_RTOL * max(1.0, abs(b))
         assert two["bridge"] == one["bridge"] and one["bridge"]["kept"] == [True]  # the same refit, bit for bit
         assert "different recipe" in two["mismatch"]
-        uneven, limit, ppl = two["refused"]  # the short last batch would be padded; a rank would get no example
+        uneven, limit, ppl, fraction = two["refused"]  # the short last batch would be padded; a rank would get no example
         assert "n_samples=10 is not a multiple of heal.batch_size=4" in uneven and "evaluate.limit=1" in limit
         assert "perplexity and fidelity run in one process" in ppl
-    assert one["mismatch"] is None and one["refused"] == [None, None, None]
+        assert "'copa_local' scores 1 example(s) with evaluate.limit=0.01, fewer than the processes (2)" in fraction
+        assert two["teacher_kind"] == "cache"  # rank 0 alone had room for the teacher: both take the cache
+    assert one["mismatch"] is None and one["refused"] == [None, None, None, None]
+    assert one["teacher_kind"] == "memory"
     assert one["plan"] == ranks[0]["plan"] == ranks[1]["plan"] == "in_memory"  # rank 1 planned sequential
     # the training moved the weights: the comparison is not between untouched copies
     assert one["heal"]["losses"][0] != one["heal"]["losses"][-1]

@@ -410,7 +410,15 @@ def check_teacher_model(teacher, student, teacher_tokenizer=None, tokenizer=None
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes free for a teacher copy on ``device`` (CUDA: free memory; CPU: MemAvailable)."""
+    """Bytes free for a teacher copy on ``device`` (CUDA: free memory; CPU: MemAvailable); under a launcher the
+    least of every rank's, so the ranks take one teacher kind (each deciding from its own memory, one rank could
+    distil from the exact teacher and another from a top-k cache, their gradients averaged)."""
+    from prune.core import dist
+
+    return min(dist.all_gather(_own_free_memory(device)))
+
+
+def _own_free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
     try:

@@ -28,6 +28,7 @@ import copy
 import functools
 import hashlib
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -99,9 +100,12 @@ def shots_of(task_default: int | None, asked: int | None) -> int:
 
 
 def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_fewshot: int | None = None,
-                fewshot_from_scored_split: bool = False, quiet: bool | None = None) -> list[str]:
+                fewshot_from_scored_split: bool = False, quiet: bool | None = None, limit: int | float | None = None,
+                limit_name: str = "evaluate.limit") -> list[str]:
     """Every task problem as one ``PruneError`` line, before any model is loaded (module docstring);
-    loads each task's data once (lm-eval's ``TaskManager.load``). Returns lm-eval's names."""
+    loads each task's data once (lm-eval's ``TaskManager.load``). Under a launcher, a task whose examples
+    (after ``limit``, named ``limit_name``) are fewer than the processes is refused: a process left without
+    one fails. Returns lm-eval's names."""
     import warnings
 
     names, manager = resolve_tasks(tasks, data_dir_path=data_dir_path, task_dirs=task_dirs)
@@ -131,6 +135,7 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
         if not leaves:
             raise PruneError(f"lm-eval group or tag {asked!r} has no task in it (check its YAML's task list)")
         for leaf, task in leaves.items():
+            _check_examples_over_ranks(leaf, task, limit, limit_name)
             cfg = task.config
             shots = shots_of(cfg.num_fewshot, num_fewshot)
             source, scored = fewshot_splits(lambda key: getattr(cfg, key, None))
@@ -153,6 +158,26 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
     for note in notes:  # once every check passed: an error stays the only line
         say(note, quiet)
     return names
+
+
+def _check_examples_over_ranks(name: str, task, limit: int | float | None, limit_name: str) -> None:
+    """Under a launcher lm-eval scores ``limit`` examples of a task (a fraction below 1: ``ceil(n x limit)``), a share
+    on each process: fewer than the processes leaves one without any, which fails (a traceback after loading)."""
+    from prune.core import dist
+
+    w = dist.world()
+    if not w.distributed:
+        return
+    try:
+        n = len(task.eval_docs)
+    except Exception:  # noqa: BLE001 - unknown here: lm-eval's run says what is wrong
+        return
+    scored = n if limit is None else min(n, int(limit)) if limit >= 1 else math.ceil(n * limit)
+    if scored < w.size:
+        given = f" with {limit_name}={limit}" if limit is not None else ""
+        raise PruneError(f"lm-eval task {name!r} scores {scored} example(s){given}, fewer than the processes ({w.size}): "
+                         "each process scores a share and one without any fails (raise the limit, or launch fewer "
+                         "processes)")
 
 
 def _fewshot_pool_size(task) -> int | None:

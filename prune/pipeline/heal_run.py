@@ -321,10 +321,13 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     check_text_path(cfg.data, "heal.data", "heal settings", "give the file with --data PATH")
     if evaluate and eval_cfg is None:
         raise PruneError(f"--evaluate needs an evaluate section in {run / 'recipe.yaml'} (or use prune eval on the output)")
-    if evaluate and eval_cfg.tasks:
-        from prune.measure.lmeval import resolve_tasks
+    if evaluate and eval_cfg.tasks:  # as the run's pre-flight (under a launcher too: examples for every process)
+        from prune.measure.lmeval import check_limit_over_ranks, check_tasks
 
-        resolve_tasks(eval_cfg.tasks, data_dir_path=eval_cfg.data_dir, task_dirs=eval_cfg.task_dirs)
+        check_limit_over_ranks(eval_cfg.limit)
+        check_tasks(eval_cfg.tasks, data_dir_path=eval_cfg.data_dir, task_dirs=eval_cfg.task_dirs,
+                    num_fewshot=eval_cfg.num_fewshot, fewshot_from_scored_split=eval_cfg.fewshot_from_scored_split,
+                    limit=eval_cfg.limit, quiet=quiet)
     model_cfg = recipe.model if recipe else None
     dtype = model_cfg.dtype if model_cfg else "auto"
     trust = trust_remote_code  # never from RUN_DIR/recipe.yaml: a downloaded folder cannot grant itself code

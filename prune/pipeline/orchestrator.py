@@ -105,11 +105,12 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
             raise PruneError("a run evaluates the model in memory (evaluate.model hf, no model_args); evaluate the saved "
                              f"folder with another backend afterwards: prune eval OUTPUT --model {ev.model} --model-args ...")
         check_tasks(ev.tasks, data_dir_path=ev.data_dir, task_dirs=ev.task_dirs, num_fewshot=ev.num_fewshot,
-                    fewshot_from_scored_split=ev.fewshot_from_scored_split)
+                    fewshot_from_scored_split=ev.fewshot_from_scored_split, limit=ev.limit)
     if sel.strategy == "search" and sel.proxy_task:  # the search's task floor: an unknown task fails now
         from prune.measure.lmeval import check_tasks
 
-        check_tasks([sel.proxy_task], data_dir_path=ev.data_dir if ev else None, task_dirs=ev.task_dirs if ev else None)
+        check_tasks([sel.proxy_task], data_dir_path=ev.data_dir if ev else None, task_dirs=ev.task_dirs if ev else None,
+                    limit=sel.proxy_limit, limit_name="select.proxy_limit")
     # -- heal (prune.heal): settings checked against the config, before any weights are loaded --
     if recipe.heal is not None:
         from prune.heal.methods import preflight as heal_preflight, training_windows
