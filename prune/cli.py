@@ -642,12 +642,20 @@ def cmd_compare(args) -> int:
         check_output(args.output, input_paths(args.a, *bs, label="a compared result"), overwrite=args.overwrite,
                      kind="file", what="--output file", flag="--output")
     fid_a, fid_b = (fidelity_of(args.a), [fidelity_of(x) for x in bs]) if bs else (None, [])
-    fid_rows = compare_fidelity(fid_a, fid_b) if fid_a and fid_b and all(fid_b) else []
     samples = (all(has_samples(x) for x in [args.a, *bs]) if bs else
                has_samples(args.a, "original") and has_samples(args.a, "pruned"))
+    try:
+        fid_rows = compare_fidelity(fid_a, fid_b) if fid_a and fid_b and all(fid_b) else []
+    except PruneError as exc:
+        if not samples:
+            raise
+        print(f"note: fidelity left out: {exc}", file=sys.stderr)  # the lm-eval samples still pair
+        fid_rows = []
     # lm-eval samples where both sides have them; without them and without fidelity, compare_folders says what is missing
     rows = compare_folders(args.a, bs or None, iters=args.iters, seed=args.seed) if samples or not fid_rows else []
     names = ("original", "pruned") if not bs else ("A", "B" if len(bs) == 1 else f"mean of {len(bs)} B")
+    if not rows and not fid_rows:  # it printed nothing and wrote an empty comparison
+        raise PruneError("nothing to pair: no task metric scored on examples both have (the notes above say why)")
     if rows:
         from prune.measure.paired import evaluations_mixed, samples_folder
 

@@ -256,7 +256,32 @@ def test_task_average_by_hand():
     avg = task_average(same)
     assert avg.se == 0 and avg.ci_low < 0 < avg.ci_high and avg.retained == 1.0 and avg.retained_tasks == 1
     line = average_line(same, "original", "pruned")
-    assert "nan" not in line and "no answer changed" in line and "over the 1 tasks original scores above 0" in line
+    assert "nan" not in line and "no example's score changed" in line and "over the 1 tasks original scores above 0" in line
+
+
+def test_what_the_rows_and_the_average_say_agrees_with_their_numbers(capsys):
+    """The average line said z = +2.28 beside an interval that includes 0, and "no answer changed" when every
+    answer had; a few float scores got a percentile bootstrap far too narrow; lm-eval's per-example
+    "perplexity" (a log-likelihood, higher is better) was shown as perplexity; a NaN score made its row NaN."""
+    from prune.measure.paired import paired_t, per_example
+
+    gained = [paired_stats([0.0] * 5 + [1.0] * 95, [1.0] * 100, task="t1", metric="acc"),
+              paired_stats([1.0] * 100, [1.0] * 100, task="t2", metric="acc")]
+    line = average_line(gained)
+    assert "z =" not in line and "(it includes 0)" in line and task_average(gained).ci_low < 0
+    flipped = [paired_stats([0.0] * 10, [1.0] * 10, task=t, metric="acc") for t in ("t1", "t2")]
+    assert "(it excludes 0)" in average_line(flipped) and "changed" not in average_line(flipped)
+    few = paired_stats([0.2, 0.5], [0.3, 0.8])  # Student's interval (the bootstrap gave [0.10, 0.30])
+    t = paired_t([0.2, 0.5], [0.3, 0.8])
+    assert (few.ci_low, few.ci_high) == pytest.approx((t.ci_low, t.ci_high)) and few.ci_low < 0 < few.ci_high
+    records = [{"doc_id": i, "metrics": ["perplexity", "acc"], "perplexity": -2.0 - i, "acc": float("nan") if i else 1.0}
+               for i in range(3)]
+    rows = per_example(records, "lambada")
+    assert set(rows) == {"log-likelihood (perplexity's per-example term)", "acc"} and list(rows["acc"]) == [0]
+    assert "lambada acc: 2 example(s) scored NaN or inf, left out" in capsys.readouterr().err
+    # pooled seeds: a task one seed lacks is named as missing from that seed (it read "only in A")
+    mean_samples([{"t": records, "u": records}, {"t": records}])
+    assert "u: missing from 1 of the 2 runs pooled" in capsys.readouterr().err
 
 
 def test_compare_cli(lm_eval_folders, tmp_path):
@@ -287,3 +312,19 @@ def test_compare_cli(lm_eval_folders, tmp_path):
     proc = prune_main("compare", root / "model-a", mixed, check_rc=0)
     assert "tasks come from 2 lm-eval runs" in proc.stderr and "mixed" in proc.stderr
     assert "lm-eval runs" not in prune_main("compare", root / "model-a", root / "model-b", check_rc=0).stderr
+    # no metric both scored: one line (it printed nothing, exit 0, and wrote an empty comparison)
+    other = shutil.copytree(root / "model-b", tmp_path / "other-metric")
+    for file in other.glob("samples_*.jsonl"):
+        rows = [json.loads(line) for line in file.read_text().splitlines()]
+        file.write_text("".join(json.dumps({**r, "metrics": ["zz"], "zz": 1.0}) + "\n" for r in rows))
+    proc = prune_main("compare", root / "model-a", other, "-o", tmp_path / "none.json", check_rc=2)
+    assert "scored only in B" in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("error: nothing to pair")
+    assert not (tmp_path / "none.json").exists()
+    # fidelity measured on other windows: left out with a note, the lm-eval samples still paired (it refused both)
+    fa, fb = shutil.copytree(root / "model-a", tmp_path / "fa"), shutil.copytree(root / "model-b", tmp_path / "fb")
+    for folder, sha in ((fa, "aaaa"), (fb, "bbbb")):
+        (folder / "eval.json").write_text(json.dumps({"fidelity": {"kl_windows": [0.1, 0.2], "nll_diff_windows": [0.0, 0.1],
+                                                                   "windows_sha256": sha, "top_k": 8}}))
+    proc = prune_main("compare", fa, fb, check_rc=0)
+    assert "note: fidelity left out: A and B measured fidelity on different windows" in proc.stderr
+    assert "| arc_easy_local | acc | 16 |" in proc.stdout

@@ -32,6 +32,7 @@ on top. Under a launcher the windows are split over the processes (:class:`Verif
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -200,7 +201,7 @@ def margin_line(details: dict) -> str:
     """One line on how far the runner-up is behind, and whether the held-out windows can tell."""
     m = details.get("runner_up")
     if m is None:
-        return "verified: no runner-up to compare (one candidate, or one held-out window)"
+        return "verified: no runner-up to compare (one candidate, one held-out window, or a KL that is not finite)"
     verdict = ("lies above 0 (the same windows chose the winner: suggestive, not proof)" if m["separated"] else
                "includes 0: the held-out windows cannot tell the two sets apart (raise select.heldout_windows, "
                "or check both on other text)")
@@ -260,7 +261,8 @@ def verified(model, scores, windows: torch.Tensor, count: int, *, protect=(0, -1
     passes = round(verify.block_runs / L + 1, 2)  # + the original's one pass (reference and block inputs)
     return Selection(sorted(best), L, "verified", "kl", None, {
         "source": ", ".join(candidates[best]), "kl_mean": results[best]["kl_mean"], "candidates": table,
-        "runner_up": margin(table[0], table[1]) if len(table) > 1 and len(table[0]["kl_windows"]) > 1 else None,
+        "runner_up": margin(table[0], table[1]) if len(table) > 1 and len(table[0]["kl_windows"]) > 1 and all(
+            math.isfinite(x) for row in table[:2] for x in row["kl_windows"]) else None,  # a NaN KL: no margin
         "evaluations": verify.evaluations, "local_search_evaluations": searched, "budget": budget,
         "full_forward_equivalents": passes, "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
         "top_k": top_k, "seconds": round(time.time() - started, 1)})
