@@ -19,7 +19,7 @@ Models larger than memory, one block at a time, straight from the safetensors sh
     prune.prune_checkpoint("path/to/model", [12, 13, 14], "out/pruned")
 """
 
-from prune.core.config import TextSource
+from prune.core.config import EvaluateConfig, HealConfig, TextSource
 from prune.io.text import calibration_windows, eval_windows, load_text
 from prune.core.errors import PruneError, UnsupportedModelError
 from prune.export.saving import save
@@ -34,12 +34,16 @@ from prune.choose.strategies import iterative, search, skip_blocks, sleb
 from prune.model.surgery import remove_layers
 from prune.pipeline.commands import evaluate_model, score_model
 from prune.pipeline.orchestrator import run
+from prune.pipeline.recipe import Recipe
 from prune.core.console import __version__
 
 load = load_model
 
 __all__ = [
+    "EvaluateConfig",
+    "HealConfig",
     "PruneError",
+    "Recipe",
     "ScoreResult",
     "Selection",
     "SUPPORTED_MODEL_TYPES",

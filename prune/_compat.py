@@ -34,7 +34,7 @@ MOVED: dict[str, tuple[str, ...]] = {
     "lineage": ("export.lineage",),
     "card": ("export.card",),
     "check": ("export.check", "io.safetensors"),
-    "hub": ("export.push", "io.hub"),
+    "hub": ("export.push",),
     "outofcore": ("export.outofcore",),
     "report": ("export.report", "pipeline.commands"),
     "execution": ("pipeline.execution", "pipeline.engines"),

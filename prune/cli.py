@@ -18,6 +18,7 @@ from pathlib import Path
 from prune.choose.registry import names
 from prune.core.errors import PruneError, first_line
 from prune.core.config import (
+    BOOTSTRAP_ITERS,
     HEAL_METHODS,
     CalibrationConfig,
     EvaluateConfig,
@@ -310,10 +311,15 @@ def cmd_eval(args) -> int:
         for metric in ("kl_mean", "kl_median", "kl_p99", "kl_max", "top1_agreement", "perplexity_ratio"):
             err = f["kl_mean_stderr"] if metric == "kl_mean" else None
             print(f"{'fidelity':<16} {metric:<16} {f[metric]:>10.4g} {'' if err is None else f'{err:.2g}':>8}")
+    marked = False
     for task, res in result.get("tasks", {}).items():
+        mark = "*" if res.get("fewshot_from_scored_split") else ""
+        marked = marked or bool(mark)
         for metric, value in res["metrics"].items():
             err = res["stderr"].get(metric)
-            print(f"{task:<16} {metric:<10} {value:>8.4f} {'' if err is None else f'{err:.4f}':>8}")
+            print(f"{task + mark:<16} {metric:<10} {value:>8.4f} {'' if err is None else f'{err:.4f}':>8}")
+    if marked:
+        print("* few-shot examples drawn from the split being scored (--fewshot-from-scored-split)")
     params = f"{result['parameters']:,} parameters" if result["parameters"] is not None else "parameters not counted"
     print(f"{result['layers']} layers, {params}")
     if lm_eval_files:
@@ -501,8 +507,8 @@ def add_report(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     p.add_argument("--strategy", default="contiguous", choices=names(needs_model=False),
                    help="model reports: the strategy whose blocks are marked (default contiguous)")
-    p.add_argument("--metric", default="angular", choices=["bi", "angular", "cka", "msrs"],
-                   help="model reports: metric of --strategy one_shot (default angular)")
+    option(p, "--metric", SelectConfig, "metric", choices=["bi", "angular", "cka", "msrs"],
+           help=f"model reports: metric of --strategy one_shot (default {default(SelectConfig, 'metric')})")
     p.add_argument("--n-layers", type=int, default=None,
                    help="model reports: blocks to mark, and n of d(l, n) (default: a quarter of the blocks)")
     p.add_argument("--protect", type=_int_csv, default=default(SelectConfig, "protect"),
@@ -621,7 +627,8 @@ def add_compare(sub) -> None:
     p.add_argument("b", metavar="B", nargs="*", default=None,
                    help="run folder, lm-eval results folder or prune eval --output file (compared to A); several: "
                         "pooled per example")
-    p.add_argument("--iters", type=_positive, default=10_000, help="bootstrap resamples (default 10000)")
+    p.add_argument("--iters", type=_positive, default=BOOTSTRAP_ITERS,
+                   help=f"bootstrap resamples, for scores that are not right/wrong (default {BOOTSTRAP_ITERS})")
     p.add_argument("--seed", type=_non_negative, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--output", "-o", default=None, help="also write the comparison as JSON to this file (never one of "
                                                           "the compared results)")

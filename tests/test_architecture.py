@@ -37,6 +37,33 @@ def test_old_module_names_import_with_a_deprecation_warning(old, name):
     assert callable(getattr(module, name)) or isinstance(getattr(module, name), type)
 
 
+def test_the_version_is_the_packages():
+    """``prune --version``, the records and push's commit message say the version pyproject.toml installs (after
+    the redesign 0.2.0: the old names are 0.1.0's)."""
+    import re
+
+    from prune import __version__
+
+    declared = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert __version__ == declared and declared != "0.1.0"
+
+
+def test_every_old_module_name_points_at_modules_that_exist():
+    """prune.hub named a module prune.io.hub that never existed: any name it lacked raised ModuleNotFoundError
+    (hasattr raised too) instead of AttributeError."""
+    import importlib
+
+    from prune._compat import MOVED
+
+    for old, targets in MOVED.items():
+        for target in targets:
+            importlib.import_module(f"prune.{target}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hub = importlib.import_module("prune.hub")
+    assert not hasattr(hub, "no_such_name")
+
+
 def test_the_deprecation_warning_is_shown_to_a_script_under_default_filters(tmp_path):
     """It pointed into the import system (sys:1), where Python's default filters hide a DeprecationWarning:
     no script or notebook ever saw it. It points at the line that imports now."""

@@ -115,6 +115,7 @@ def test_eval_writes_lm_eval_files_with_lm_eval_flags(tmp_path, chat_folder):
     assert "<|user|>" in first["arguments"]["gen_args_0"]["arg_0"]  # the chat template formatted the prompt
     assert "|copa_local|" in proc.stdout.replace(" ", "")  # lm-eval's make_table
     assert "lm_eval_files" not in mine and mine["tasks"]["copa_local"]["fewshot_from_scored_split"] is True
+    assert "copa_local*" in proc.stdout and "* few-shot examples drawn from the split being scored" in proc.stdout
 
 
 def test_eval_bad_batch_size_is_one_line(tiny_folder):

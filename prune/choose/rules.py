@@ -23,11 +23,14 @@ import random as _random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from prune.core.config import SelectConfig, default
 from prune.core.errors import PruneError
 from prune.core.records import block_number, complement
 
 ONE_SHOT_METRICS = ("bi", "angular", "cka", "msrs")
-DEFAULT_PROTECT = (0, -1)
+#: a recipe's defaults (``select.protect``, ``select.metric``), for the Python API's calls too
+DEFAULT_PROTECT = tuple(default(SelectConfig, "protect"))
+DEFAULT_METRIC = default(SelectConfig, "metric")
 
 
 @dataclass
@@ -171,7 +174,7 @@ def random_blocks(n_layers: int, count: int, protect: list[int], seed: int = 0) 
 
 
 def select(scores, n_layers: int | None = None, *, fraction: float | None = None, strategy: str = "one_shot",
-           metric: str = "angular", protect=DEFAULT_PROTECT, seed: int = 0) -> Selection:
+           metric: str = DEFAULT_METRIC, protect=DEFAULT_PROTECT, seed: int = 0) -> Selection:
     """Choose blocks to remove from ``scores`` with a score-only strategy (see module docstring).
 
     ``n_layers`` is how many blocks to remove (or ``fraction`` of the stack).

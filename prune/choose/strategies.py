@@ -41,7 +41,7 @@ from prune.core.records import block_number, complement
 from prune.measure.perplexity import nll_sum
 from prune.model.loading import decoder_layers, decoder_layers_path, input_device, pruned_config_updates
 from prune.measure.scoring import BATCH_SIZE, BETA, CKA_WINDOWS, DEFAULT_POSITIONS, TAU, score
-from prune.choose.rules import (DEFAULT_PROTECT, Selection, finite_first, metric_values, rank_blocks, resolve_count,
+from prune.choose.rules import (DEFAULT_METRIC, DEFAULT_PROTECT, Selection, finite_first, metric_values, rank_blocks, resolve_count,
                                 resolve_protect)
 
 ORDER_BY = ("msrs", "cka", "angular", "bi")
@@ -134,7 +134,7 @@ def check_same_settings(scores, *, metric: str, positions: str, cka_windows: int
 
 
 @measured_in_eval_mode
-def iterative(model, windows: torch.Tensor, count: int, *, metric: str = "bi", protect=DEFAULT_PROTECT,
+def iterative(model, windows: torch.Tensor, count: int, *, metric: str = DEFAULT_METRIC, protect=DEFAULT_PROTECT,
               scores=None, batch_size: int = BATCH_SIZE, positions: str = DEFAULT_POSITIONS,
               cka_windows: int = CKA_WINDOWS, beta: float = BETA, tau: float = TAU, progress: bool = True, start=(), on_round: Callable[[dict], None] | None = None) -> Selection:
     """Remove ``count`` blocks one at a time: the one ``metric`` ranks most removable in the
@@ -326,7 +326,7 @@ def pareto(evaluations: list[dict], higher_is_better: bool) -> list[dict]:
 
 @measured_in_eval_mode
 def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, higher_is_better: bool, budget: int,
-           order_by: str = "msrs", protect=DEFAULT_PROTECT, max_remove: int | None = None, proxy_name: str = "proxy",
+           order_by: str = DEFAULT_METRIC, protect=DEFAULT_PROTECT, max_remove: int | None = None, proxy_name: str = "proxy",
            progress: bool = True) -> Selection:
     """The largest set of blocks whose removal keeps ``proxy`` within ``floor`` of the original (see module docstring).
 

@@ -359,6 +359,8 @@ class SelectConfig(Section):
 #: held-out windows by strategy; verified's 4 x 256 tokens are the protocol of its benchmark (and SLEB's)
 HELDOUT_WINDOWS = {"search": 8, "verified": 4}
 VERIFIED_BUDGET = 16
+#: percentile-bootstrap resamples of a paired row of scores that are not right/wrong (prune compare --iters)
+BOOTSTRAP_ITERS = 10_000
 _SEARCH_KEYS = ("max_perplexity_ratio", "min_task_retained", "proxy_task", "proxy_limit", "budget", "order_by",
                 "heldout_windows")
 

@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-__version__ = "0.1.0"  # the package version (pyproject.toml's)
+__version__ = "0.2.0"  # the package version (pyproject.toml's)
 
 
 def versions() -> dict[str, str]:

@@ -1,6 +1,6 @@
 """Healing: win back part of the utility that pruning costs, and still ship a plain checkpoint.
 
-Four methods (settings: :class:`prune.recipe.HealConfig`), all fitted on text that is not
+Four methods (settings: :class:`prune.HealConfig`), all fitted on text that is not
 the evaluation text, all leaving a standard ``AutoModelForCausalLM`` checkpoint:
 
 * ``lora``: LoRA adapters (peft) on the pruned model's linear projections, trained with the
@@ -728,7 +728,7 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
 
     Training text: ``data`` (a path, :class:`prune.TextSource` or ``{"path", "field", "rows"}``)
     tokenized with ``tokenizer``, or token windows ``windows`` [n, seq_len] (and optionally
-    ``val_windows``) directly. ``settings`` are :class:`prune.recipe.HealConfig` fields
+    ``val_windows``) directly. ``settings`` are :class:`prune.HealConfig` fields
     (``steps=50, learning_rate=1e-3, rank=16, last_blocks=4, ...``).
     ``callback(step, tokens_seen)`` runs after every optimizer step.
 

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prune.core.config import BOOTSTRAP_ITERS
 from prune.core.errors import PruneError
 
 
@@ -107,7 +108,7 @@ def _pair(a, b, task: str, unit: str) -> tuple[np.ndarray, np.ndarray]:
 BOOTSTRAP_MIN = 30
 
 
-def paired_stats(a, b, *, task: str = "", metric: str = "", iters: int = 10_000, seed: int = 0,
+def paired_stats(a, b, *, task: str = "", metric: str = "", iters: int = BOOTSTRAP_ITERS, seed: int = 0,
                  level: float = 0.95) -> Paired:
     """Paired statistics of per-example scores ``a`` and ``b`` (same examples, same order)."""
     a, b = _pair(a, b, task, "example")
@@ -303,7 +304,7 @@ def mean_samples(runs: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
     return out
 
 
-def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters: int = 10_000,
+def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters: int = BOOTSTRAP_ITERS,
                     seed: int = 0) -> list[Paired]:
     """Paired statistics per task and metric (of each answer filter) of two ``{task: sample records}``
     (B against A), over the examples both have."""
@@ -555,7 +556,7 @@ def fidelity_markdown(rows: list[Paired], a: str = "A", b: str = "B") -> str:
     return "\n".join(lines)
 
 
-def compare_folders(a: str | Path, b: str | Path | list[str | Path] | None = None, *, iters: int = 10_000,
+def compare_folders(a: str | Path, b: str | Path | list[str | Path] | None = None, *, iters: int = BOOTSTRAP_ITERS,
                     seed: int = 0) -> list[Paired]:
     """Paired comparison of two results folders (B against A); with ``b`` None, ``a`` is a run
     folder and its original is compared with its pruned model; with a list of several folders, B is
