@@ -223,6 +223,11 @@ def add_eval(sub) -> None:
     p.add_argument("--perplexity-field", type=_csv, default=["text"],
                    help="JSONL field(s) for --perplexity-data (comma-separated: concatenated)")
     p.add_argument("--perplexity-rows", default=None, help="slice of rows of --perplexity-data, e.g. 2000:")
+    p.add_argument("--perplexity-config", default=None, help="datasets configuration of --perplexity-data")
+    option(p, "--perplexity-split", TextConfig, "split", help="datasets split of --perplexity-data (default train; a file "
+                                                              "has none)")
+    p.add_argument("--perplexity-bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="a BOS token at the start of every perplexity window (default: when the tokenizer adds one)")
     option(p, "--seq-len", PerplexityConfig, "seq_len", type=int)
     option(p, "--max-windows", PerplexityConfig, "max_windows", type=int)
     p.add_argument("--fidelity-to", default=None, metavar="ORIGINAL",
@@ -275,7 +280,8 @@ def cmd_eval(args) -> int:
                               "fewshot_from_scored_split", "output_path"),
                        "without --tasks (they set the lm-eval tasks): give --tasks or drop them")
     if not args.perplexity_data:
-        _refuse_unused(args, ("perplexity_field", "perplexity_rows", "seq_len", "max_windows"),
+        _refuse_unused(args, ("perplexity_field", "perplexity_rows", "perplexity_config", "perplexity_split",
+                              "perplexity_bos", "seq_len", "max_windows"),
                        "without --perplexity-data: give --perplexity-data or drop them")
     if not args.fidelity_to:
         _refuse_unused(args, ("fidelity_top_k",), "without --fidelity-to ORIGINAL: give it or drop the flag")
@@ -289,8 +295,16 @@ def cmd_eval(args) -> int:
     ppl = None
     if args.perplexity_data:
         ppl = validated(PerplexityConfig, {"path": "--perplexity-data", "field": "--perplexity-field",
-                                           "rows": "--perplexity-rows"}, path=args.perplexity_data, field=args.perplexity_field,
-                        rows=args.perplexity_rows, seq_len=args.seq_len, max_windows=args.max_windows)
+                                           "rows": "--perplexity-rows", "config": "--perplexity-config",
+                                           "split": "--perplexity-split", "bos": "--perplexity-bos"},
+                        path=args.perplexity_data, field=args.perplexity_field, rows=args.perplexity_rows,
+                        config=args.perplexity_config, split=args.perplexity_split, bos=args.perplexity_bos,
+                        seq_len=args.seq_len, max_windows=args.max_windows)
+        if (args.perplexity_config is not None or args.perplexity_split != default(TextConfig, "split")) and \
+                Path(args.perplexity_data).expanduser().is_file():
+            raise PruneError(f"--perplexity-split / --perplexity-config select part of a datasets dataset, but "
+                             f"{args.perplexity_data} is a local file, read whole (drop them; --perplexity-rows takes a "
+                             "slice of the file)")
     fidelity = {"top_k": args.fidelity_top_k} if args.fidelity_to else None
     cfg = validated(EvaluateConfig, perplexity=ppl, fidelity=fidelity, tasks=args.tasks, task_dirs=args.task_dir,
                     data_dir=args.data_dir, limit=limit, batch_size=args.batch_size, num_fewshot=args.num_fewshot,

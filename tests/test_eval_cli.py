@@ -41,6 +41,17 @@ def test_eval_perplexity_of_several_fields_joined(tmp_path, tiny_folder):
                "--perplexity-rows", "0:20", "--seq-len", 32, "--max-windows", 2, "-o", tmp_path / "e.json", check_rc=0)
     data = json.loads((tmp_path / "e.json").read_text())["perplexity"]["data"]
     assert data["field"] == ["prefix", "gold_completion"]
+    # a run's evaluate.perplexity.bos / split / config have flags too (a run with bos false could not be reproduced)
+    ppl = {}
+    for bos in ("--perplexity-bos", "--no-perplexity-bos"):
+        prune_main("eval", tiny_folder, "--perplexity-data", WIKI_RAW, "--perplexity-rows", "0:200", "--seq-len", 32,
+                   "--max-windows", 2, bos, "-o", tmp_path / f"{bos}.json", check_rc=0)
+        ppl[bos] = json.loads((tmp_path / f"{bos}.json").read_text())["perplexity"]["perplexity"]
+    assert ppl["--perplexity-bos"] != ppl["--no-perplexity-bos"]
+    proc = prune_main("eval", tiny_folder, "--perplexity-data", WIKI_RAW, "--perplexity-split", "test", check_rc=2)
+    assert "--perplexity-split / --perplexity-config select part of a datasets dataset" in proc.stderr
+    proc = prune_main("eval", tiny_folder, "--tasks", "copa", "--no-perplexity-bos", check_rc=2)
+    assert "--perplexity-bos has no effect without --perplexity-data" in proc.stderr
 
 
 def test_eval_fidelity_to_an_original_without_a_tokenizer_fails_before_loading(tmp_path, tiny_folder, pruned_folder):
