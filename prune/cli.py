@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -133,9 +134,12 @@ def _interrupted_run(args) -> str:
         recipe = load_recipe(args.recipe, args.overrides)
         out = Path(recipe.output.dir).expanduser()
         if (out / RECORD_FILE).is_file() and (out / RECORD_FILE).stat().st_mtime >= _STARTED:
-            hub = recipe.output.push_to_hub
-            push = (f"; the push to {hub.repo_id} may not have finished: prune push {out} {hub.repo_id}"
-                    if hub is not None else "")
+            hub, push = recipe.output.push_to_hub, ""
+            if hub is not None:  # the push's own settings: prune push alone would go to main, private
+                flags = "".join(f" {flag} {shlex.quote(str(value))}" for flag, value in (
+                    ("--revision", hub.revision), ("--commit-message", hub.commit_message)) if value)
+                push = (f"; the push to {hub.repo_id} may not have finished: prune push {shlex.quote(str(out))} "
+                        f"{hub.repo_id}{flags}{'' if hub.private else ' --public'}")
             return f"; the output {out} was saved complete before the interruption{push}"
         folder = progress_dir(recipe.output.dir)
         finished = any((folder / f"{s}.json").is_file() for s in STAGES)
@@ -294,10 +298,11 @@ def cmd_eval(args) -> int:
         limit = int(limit)
     ppl = None
     if args.perplexity_data:
+        field = args.perplexity_field[0] if len(args.perplexity_field) == 1 else args.perplexity_field  # as a recipe's
         ppl = validated(PerplexityConfig, {"path": "--perplexity-data", "field": "--perplexity-field",
                                            "rows": "--perplexity-rows", "config": "--perplexity-config",
                                            "split": "--perplexity-split", "bos": "--perplexity-bos"},
-                        path=args.perplexity_data, field=args.perplexity_field, rows=args.perplexity_rows,
+                        path=args.perplexity_data, field=field, rows=args.perplexity_rows,
                         config=args.perplexity_config, split=args.perplexity_split, bos=args.perplexity_bos,
                         seq_len=args.seq_len, max_windows=args.max_windows)
         if (args.perplexity_config is not None or args.perplexity_split != default(TextConfig, "split")) and \
@@ -628,7 +633,8 @@ def add_compare(sub) -> None:
                        description="Compare B against A example by example from lm-eval's per-example samples "
                                    "(samples_*.jsonl): per task and metric the mean difference B - A, its paired standard "
                                    "error sd(d)/sqrt(n), a 95% interval (Newcombe's score interval for right/wrong answers, "
-                                   "else a percentile bootstrap), how many answers flipped "
+                                   "else a percentile bootstrap, or Student's interval under 30 examples), how many "
+                                   "answers flipped "
                                    "each way and McNemar's exact p-value. A and B are prune run folders (their "
                                    "eval/pruned), lm-eval --output_path folders or folders of samples_*.jsonl. With only A "
                                    "(a run folder), its original is compared with its pruned model. With several B (seeds "

@@ -106,6 +106,15 @@ def test_ctrl_c_says_how_to_resume_and_saves_nothing(tiny_folder, tmp_path, monk
     assert done.returncode == 130 and done.stderr.strip().splitlines()[-1] == (
         f"interrupted; the output {out} was saved complete before the interruption")
     assert len(json.loads((out / "pruning.json").read_text())["removed"]) == 3
+    # ... and with a push in the recipe, the prune push command that finishes it, with the push's own settings
+    monkeypatch.delenv("PRUNE_FAULT")
+    args = ["--set", "output.push_to_hub={repo_id: me/tiny, revision: v2, private: false}", "--overwrite"]
+    from prune import cli
+
+    cli._STARTED = 0.0  # as if this process had started before the output was written
+    assert cli._interrupted_run(cli.build_parser().parse_args(["run", str(recipe), *args])) == (
+        f"; the output {out} was saved complete before the interruption; the push to me/tiny may not have finished: "
+        f"prune push {out} me/tiny --revision v2 --public")
 
 
 # ---- disk full while saving: one clear error, partial files removed ----------------------------

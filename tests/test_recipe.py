@@ -123,6 +123,8 @@ def test_overrides_and_env(tmp_path, tiny_folder, monkeypatch):
     assert load_recipe(write(tmp_path, data), [f"calibration.path={WIKI_RAW}"]).calibration.path == str(WIKI_RAW)
     message = error_of(tmp_path, data)
     assert "uses ${MY_UNSET_DATA} but it is not set" in message and "recipe.yaml" in message
+    assert "--set output.dir uses ${MY_UNSET_DATA} but it is not set" in error_of(
+        tmp_path, data, [f"calibration.path={WIKI_RAW}", "output.dir=${MY_UNSET_DATA}/x"])
 
 
 def test_preflight_checks_layer_counts_context_tasks_and_output(tmp_path, tiny_folder):

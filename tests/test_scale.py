@@ -502,6 +502,18 @@ def test_run_sequential_equals_run_in_memory(tokenizers_by_bos, tmp_path, capsys
     a, b = all_tensors(runs["in_memory"]), all_tensors(runs["sequential"])
     assert {t.dtype for t in b.values()} == {torch.float32} and sorted(a) == sorted(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the same with model.dtype auto over a config that names bfloat16 (stored float32): a load takes the config's
+    import shutil
+
+    named = shutil.copytree(folder, tmp_path / "named-bf16")
+    config = json.loads((named / "config.json").read_text())
+    (named / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    for mode in ("in_memory", "sequential"):
+        recipe = _recipe(named, tmp_path / f"auto-f32-{mode}", mode)
+        recipe["output"]["dtype"] = "float32"
+        runs[mode] = run(recipe, quiet=True).out_dir
+    a, b = all_tensors(runs["in_memory"]), all_tensors(runs["sequential"])
+    assert {t.dtype for t in b.values()} == {torch.float32} and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_run_auto_chooses_sequential_when_memory_is_short(tokenizers_by_bos, tmp_path, capsys):

@@ -14,7 +14,7 @@ from prune.choose import strategies as ST
 from prune.measure.perplexity import nll_sum
 from prune.pipeline.recipe import load_recipe
 
-from conftest import ARCHS, BOS_ARCHS, WIKI_RAW, build_model
+from conftest import ARCHS, BOS_ARCHS, DATA, WIKI_RAW, build_model
 
 
 def windows_for(tok, n=6, seq_len=48, seed=0):
@@ -225,6 +225,19 @@ def test_recipe_refuses_bad_search_settings_in_one_line(select, message, tmp_pat
     with pytest.raises(prune.PruneError, match=message) as info:
         load_recipe(data)
     assert "\n" not in str(info.value)
+
+
+def test_an_evaluate_section_for_the_proxy_task_alone_is_accepted(tmp_path):
+    """evaluate.task_dirs / data_dir / batch_size alone serve search's proxy task (its own task folder): not
+    "evaluate measures nothing"; without a proxy task that reads them they are refused as before."""
+    data = recipe_with(strategy="search", budget=4, min_task_retained=0.9, proxy_task="copa")
+    data["model"]["source"] = str(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    data["evaluate"] = {"data_dir": str(DATA)}
+    assert load_recipe(data).evaluate.data_dir == str(DATA)
+    data["select"] = {"strategy": "one_shot", "n_layers": 2}
+    with pytest.raises(PruneError, match="evaluate.data_dir is read by lm-eval tasks"):
+        load_recipe(data)
 
 
 def test_recipe_round_trip_keeps_search_defaults_valid(tmp_path):

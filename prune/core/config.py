@@ -484,7 +484,8 @@ class EvaluateConfig(Section):
         a chat template): refused, not dropped."""
         if saved(info):
             return self
-        if self.perplexity is None and self.fidelity is None and not self.tasks:
+        if self.perplexity is None and self.fidelity is None and not self.tasks and not changed(self, PROXY_TASK_KEYS):
+            # (task_dirs, data_dir and batch_size alone may serve search's proxy task: the recipe's checks judge them)
             raise ValueError("evaluate measures nothing: give perplexity, fidelity or tasks (or drop the section)")
         unread = changed(self, LM_EVAL_KEYS) if not self.tasks else []
         if unread:

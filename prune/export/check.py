@@ -1,8 +1,10 @@
-"""Check that a checkpoint folder is complete and self-consistent, without loading weights.
+"""Check that a checkpoint folder is complete and self-consistent, without loading the model's weights.
 
-``check_checkpoint(folder)`` reads only metadata: ``config.json``, the safetensors index
+``check_checkpoint(folder)`` reads metadata: ``config.json``, the safetensors index
 and each shard's JSON header, the tokenizer, and (for pruned outputs) ``README.md`` and
-``pruning.json``; the model is built by plain ``transformers`` on the meta device. It checks
+``pruning.json``; the model is built by plain ``transformers`` on the meta device. The one weight it may
+read is a tied copy stored beside its source (an LM head saved with the embeddings), to compare the two as
+transformers' load does. It checks
 
 * config: parses with ``AutoConfig``; every per-layer list (a list under a key naming
   "layer", e.g. ``layer_types``) has ``num_hidden_layers`` entries, index lists
@@ -100,7 +102,7 @@ def _numel(shape) -> int:
 
 # ---- the check ------------------------------------------------------------------------
 def check_checkpoint(folder: str | os.PathLike, *, require_export: bool = False, tokenizer: bool = True) -> CheckReport:
-    """Check the checkpoint in ``folder`` (see module docstring); never loads weight data.
+    """Check the checkpoint in ``folder`` (see module docstring); loads no weight data but a stored tied copy.
 
     Raises :class:`PruneError` only when ``folder`` is not a folder; every other problem
     is a ``"fail"`` finding in the returned report.

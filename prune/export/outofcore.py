@@ -285,8 +285,9 @@ def prune_checkpoint(
         # stored otherwise than a load with dtype auto gives (a mixed checkpoint, or a config that names another
         # dtype than the tensors'): that dtype, the one prune.save writes after an in-memory run
         target = sk.dtype
-    via = resolve_dtype(through) if through else "auto"
-    via = None if via == "auto" or via == target else via
+    via = resolve_dtype(through) if through else None
+    via = sk.dtype if via == "auto" else via  # a load with dtype auto takes the config's (else the stored) dtype
+    via = None if via == target else via
     if via is not None and target is None:
         target = sk.dtype
     shards = {name: convert_entries(items, target, via) for name, items in planned.items()}

@@ -147,7 +147,8 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
                                  f"or allow it: --fewshot-from-scored-split (evaluate.fewshot_from_scored_split in a recipe; the results are "
                                  f"then marked)")
             pool = _fewshot_pool_size(task)
-            need = shots + (source == scored)  # from the scored split lm-eval draws one more, then drops the question
+            named = named_fewshot_split(lambda key: getattr(cfg, key, None))
+            need = shots + (named is not None and named == scored)  # from the scored split, named, lm-eval draws one more
             if pool is not None and pool < need:
                 raise PruneError(f"lm-eval task {leaf!r}: {shots}-shot examples are drawn from its {source!r} split, "
                                  f"which holds {pool} example(s) (lm-eval would fail after the model is loaded): lower "
@@ -354,13 +355,21 @@ def fewshot_splits(get) -> tuple[str | None, str | None]:
     (``ConfigurableTask.fewshot_docs``): ``fewshot_config.split``, else the few-shot split, else train, else
     validation, else test; ``None`` when, with no few-shot split named, ``fewshot_config.samples`` fixes the
     examples (a named split takes precedence over samples, as lm-eval warns)."""
-    fewshot = get("fewshot_config")
-    fs = fewshot if isinstance(fewshot, dict) else vars(fewshot) if fewshot is not None else {}
     scored = get("test_split") or get("validation_split")
-    named = fs.get("split") or get("fewshot_split")
-    if named is None and fs.get("samples") is not None:
+    named = named_fewshot_split(get)
+    if named is None and _fewshot_config(get).get("samples") is not None:
         return None, scored
     return named or get("training_split") or get("validation_split") or get("test_split"), scored
+
+
+def _fewshot_config(get) -> dict:
+    fewshot = get("fewshot_config")
+    return fewshot if isinstance(fewshot, dict) else vars(fewshot) if fewshot is not None else {}
+
+
+def named_fewshot_split(get) -> str | None:
+    """The split a task config names for its few-shot examples (``fewshot_config.split``, else ``fewshot_split``)."""
+    return _fewshot_config(get).get("split") or get("fewshot_split")
 
 
 def n_shots(result: dict | None) -> dict[str, int]:

@@ -5,9 +5,10 @@ With per-example scores ``a_i`` (model A) and ``b_i`` (model B) on the same ``n`
 
 * mean difference ``mean(d)`` (= B's score minus A's);
 * paired standard error ``SE = sd(d) / sqrt(n)`` (``sd`` with ``n - 1``);
-* a 95% interval of ``mean(d)``: for 0/1 scores Newcombe's hybrid score interval (below), else a
-  percentile bootstrap: ``iters`` resamples of the ``n`` examples with replacement
-  (``numpy.random.default_rng(seed)``), the 2.5th and 97.5th percentiles;
+* a 95% interval of ``mean(d)``: for 0/1 scores Newcombe's hybrid score interval (below), else from
+  :data:`BOOTSTRAP_MIN` examples up a percentile bootstrap (``iters`` resamples of the ``n`` examples
+  with replacement, ``numpy.random.default_rng(seed)``, the 2.5th and 97.5th percentiles) and below
+  that Student's interval (:func:`paired_t`);
 * for 0/1 scores, the flips ``right -> wrong`` (``a = 1, b = 0``) and ``wrong -> right``
   (``a = 0, b = 1``) and McNemar's exact two-sided p-value: with ``m`` flips in all and
   ``k`` the smaller count, ``p = min(1, 2 * sum_{i <= k} C(m, i) / 2^m)`` (the test of "no
@@ -439,7 +440,8 @@ def paired_section(rows: list[Paired], a: str = "original", b: str = "pruned") -
     return (f"\n## Paired: {b} against {a}, same examples\n\n"
             f"Per-example differences d = {b} - {a}: mean, paired SE = sd(d)/sqrt(n), 95% interval (right/wrong "
             "answers: Newcombe's score interval for paired proportions; other scores: percentile "
-            "bootstrap, 10,000 resamples, seed 0), answers that flipped each way and McNemar's exact p. "
+            f"bootstrap, {BOOTSTRAP_ITERS:,} resamples, seed 0, or Student's below {BOOTSTRAP_MIN} examples), answers "
+            "that flipped each way and McNemar's exact p. "
             "The unpaired SE treats the two means as independent.\n\n" + paired_markdown(rows, a, b) + "\n")
 
 

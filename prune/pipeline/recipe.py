@@ -148,6 +148,9 @@ def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str
             raise PruneError(f"{where}: a recipe is a mapping of sections (model, calibration, select, ...)")
     # the overrides first, then ${VAR} everywhere: a --set value may use ${VAR} as the file's values do, and a
     # --set replaces a value whose variable is unset here (expanding first refused it)
+    for item in overrides or ():  # a --set's own ${VAR} problem names that --set (expanded once, with the rest, below)
+        key, _, raw = item.partition("=")
+        expand_env(raw, where=f"--set {key.strip()}")
     data = expand_env(apply_overrides(copy.deepcopy(data), overrides), where=where)
     try:
         recipe = Recipe.model_validate(data)
