@@ -594,3 +594,26 @@ def test_ranks_writing_the_same_teacher_cache_at_once_never_fail(tmp_path):
         failures.append(errors.get())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher.safetensors"]
     assert failures == [] and all(w.exitcode == 0 for w in workers)
+
+
+def test_healing_measures_with_dropout_off_whatever_mode_the_model_is_in(tokenizers_by_bos):
+    """A model handed in in training mode (GPT-2: dropout 0.1) measured its KL before healing, the teacher's top-k
+    and the replacement block's targets with dropout on (kl_before 0.167 where the model's is 0.101): each
+    measurement runs in eval mode, and the model's own mode is restored."""
+    from prune.heal.distill import Teacher, fidelity, topk_logprobs
+    from prune.heal.methods import capture_run
+
+    teacher = build_model("gpt2").eval()
+    student = copy.deepcopy(teacher)
+    prune.remove_layers(student, [3, 4])
+    windows = torch.randint(3, VOCAB, (3, 24), generator=torch.Generator().manual_seed(0))
+    ref = Teacher("memory", "the original", teacher)
+    measured = {}
+    for mode in ("eval", "train"):
+        student.train(mode == "train")
+        measured[mode] = (fidelity(student, ref, windows), topk_logprobs(student, windows, 4),
+                          capture_run(student, windows, 1, 2))
+        assert student.training == (mode == "train")  # its mode restored
+    (f_eval, t_eval, c_eval), (f_train, t_train, c_train) = measured["eval"], measured["train"]
+    assert f_train == f_eval and f_eval["kl"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(t_train, t_eval)) and all(torch.equal(a, b) for a, b in zip(c_train, c_eval))

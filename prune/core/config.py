@@ -571,7 +571,8 @@ class HealConfig(Section):
 
     ``data`` is training text that must not be the evaluation text. Each optimizer step sees
     ``batch_size * gradient_accumulation`` windows of ``seq_len`` tokens drawn from
-    ``n_samples`` windows (reused over epochs); ``val_samples`` more windows are held out for
+    ``n_samples`` windows (reused over epochs; with ``n_samples`` not a multiple of ``batch_size``, each epoch's
+    last micro-batch is shorter: ``windows_seen`` records what ran); ``val_samples`` more windows are held out for
     the before/after loss. Learning rate: linear warmup over 5% of the steps (the first step
     at 1 / (warmup + 1) of the rate, never 0), then cosine towards 0 (``schedule: cosine``) or flat
     (``constant``). ``average: a`` > 0 returns the mean of the trained

@@ -60,7 +60,7 @@ from prune.core.config import HealConfig
 from prune.core.errors import PruneError
 from prune.core.records import complement
 from prune.measure.fidelity import top1_agrees
-from prune.model.capture import _hidden_from_output
+from prune.model.capture import _hidden_from_output, measured_in_eval_mode
 from prune.model.loading import decoder_layers, input_device
 
 FORMAT = "prune-teacher-topk/1"
@@ -221,6 +221,7 @@ class TopkCache:
         return cls(path, tensors, meta)
 
 
+@measured_in_eval_mode
 def topk_logprobs(model, windows: torch.Tensor, k: int, batch_size: int = EVAL_BATCH,
                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log-probs [n, seq_len, k] float32, token ids int32)``: the model's k most likely next
@@ -630,6 +631,7 @@ def make_loss(cfg: HealConfig, teacher: Teacher, student_layers):
     return loss_fn
 
 
+@measured_in_eval_mode
 def fidelity(model, teacher: Teacher, windows: torch.Tensor | None, val: bool = True) -> dict | None:
     """Mean KL(teacher || model) per token at T = 1 and the top-1 agreement on ``windows`` (the
     held-out windows when ``val``); with a cache, the KL is the top-k renormalised estimate."""

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from prune.model.capture import StopForward, _hidden_from_args, _hidden_from_output, batches
+from prune.model.capture import StopForward, _hidden_from_args, _hidden_from_output, batches, measured_in_eval_mode
 from prune.core.config import TextSource
 from prune.io.text import calibration_windows, load_text
 from prune.core.errors import PruneError
@@ -452,6 +452,7 @@ def heal_partial(model, cfg: HealConfig, windows: torch.Tensor, val_windows: tor
 
 
 # ---- replacement layer -------------------------------------------------------------------------------
+@measured_in_eval_mode
 def capture_run(model, windows: torch.Tensor, first: int, last: int, batch_size: int = 8,
                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(h_in, h_out)``: the hidden states entering block ``first`` and leaving block ``last``
@@ -486,6 +487,7 @@ def capture_run(model, windows: torch.Tensor, first: int, last: int, batch_size:
     return torch.cat(ins), torch.cat(outs)
 
 
+@measured_in_eval_mode
 def block_call_args(model, index: int, input_ids: torch.Tensor) -> tuple[tuple, dict]:
     """``(extra positional args, keyword args)`` the model passes to block ``index`` for
     ``input_ids`` (attention mask, positions, rotary embeddings, ...), so the block can be
@@ -600,13 +602,15 @@ def heal_replacement(model, plan: HealPlan, *, quiet: bool = False, callback=Non
         x, y = batch
         return loss_of(call(module, x), y)
 
-    def val_mse() -> float | None:
-        if plan.val_inputs is None:
-            return None
-        dev = next(block.parameters()).device
+    @measured_in_eval_mode
+    def block_mse(module) -> float:
+        dev = next(module.parameters()).device
         with torch.no_grad():
-            outs = [call(block, x.to(dev)).float().cpu() for _, x in batches(plan.val_inputs, cfg.batch_size)]
+            outs = [call(module, x.to(dev)).float().cpu() for _, x in batches(plan.val_inputs, cfg.batch_size)]
         return float(F.mse_loss(torch.cat(outs), plan.val_targets.float()))
+
+    def val_mse() -> float | None:
+        return None if plan.val_inputs is None else block_mse(block)
 
     flags = _trainable_state(model)
     mse_before = val_mse()

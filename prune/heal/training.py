@@ -2,7 +2,9 @@
 
 ``train(module, params, dataset, loss_fn, cfg)`` runs ``cfg.steps`` optimizer steps of AdamW over
 ``params``; each step accumulates ``cfg.gradient_accumulation`` micro-batches of ``cfg.batch_size``
-items drawn from ``dataset`` (shuffled with ``cfg.seed``, reused over epochs). Learning rate: linear
+items drawn from ``dataset`` (shuffled with ``cfg.seed``, reused over epochs; when its size is not a multiple
+of ``cfg.batch_size`` each epoch ends in a shorter micro-batch, weighted as a full one: the record's
+``windows_seen`` counts what ran). Learning rate: linear
 warmup over the first 5% of the steps (at least one; the first step already moves, at 1 / (warmup +
 1) of the rate), then cosine decay towards 0 (``schedule="cosine"``) or flat (``"constant"``).
 Gradients are clipped to norm 1. Parameters held in bfloat16 / float16 are trained through float32
