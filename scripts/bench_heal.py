@@ -310,6 +310,13 @@ def case_name(objective: str, params: str, tokens: int, variant: str | None = No
     return f"d-{objective}-{params}-{tokens // 1024}k" + (f"+{variant}" if variant else "")
 
 
+def seed_variant(setting: str, seed: int) -> str:
+    """The variant name of ``setting``'s run with ``seed``: ``SETTING-seedN``, except seed 0 of a setting whose
+    seed-0 run carries no suffix (the recipe's own, ``...lm0.4``; the seed tables looked for ``-seed0`` and lost it)."""
+    name = f"{setting}-seed{seed}"
+    return name if seed or name in VARIANTS else setting
+
+
 def parse_case_name(name: str) -> tuple[str, str, int, str | None] | None:
     """``(objective, params, tokens, variant)``: the inverse of :func:`case_name` (None for other names)."""
     m = re.fullmatch(r"d-(\w+)-(\w+)-(\d+)k(?:\+(.+))?", name)
@@ -763,7 +770,7 @@ def part_questions(setting: str = "batch1-r64-bridgedown-lm0.4", limit: int = 24
     if not has_samples(ref):
         raise SystemExit(f"run --part distill_paired --limit {limit} --only dense first")
     seeds = [(seed, name) for seed in range(0, 15)  # VARIANTS' seed families run 0-14
-             if has_samples(lmeval_folder(name := case_name("distill", "lora", GOAL_TOKENS, f"{setting}-seed{seed}"), limit))]
+             if has_samples(lmeval_folder(name := case_name("distill", "lora", GOAL_TOKENS, seed_variant(setting, seed)), limit))]
     if not seeds:
         raise SystemExit(f"no seed of {setting} evaluated on {limit} questions per task: run --part distill_paired --limit {limit}")
     cells = lambda avg: f"{100 * avg.retained:.2f}% | {marked(avg)}"  # noqa: E731
@@ -832,7 +839,7 @@ def part_soup(setting: str = "batch1-r64-bridgedown-lm0.4", seeds: tuple[int, ..
     paired multiple choice beside the seeds' own. Its training tokens are the members' together:
     five seeds at 131k are a diagnostic (can averaging buy multiple choice at all?), two at 64k a
     run within the 131k budget."""
-    members = [case_name("distill", "lora", tokens, f"{setting}-seed{s}") for s in seeds]
+    members = [case_name("distill", "lora", tokens, seed_variant(setting, s)) for s in seeds]
     missing = [m for m in members if not (CACHE / "models" / m / "config.json").is_file()]
     if missing:
         raise SystemExit(f"no checkpoint of {', '.join(missing)}: run --part distill --variant ... --keep first")
@@ -929,7 +936,7 @@ def seed_table(setting: str, variants: dict[str, str], column: str, ref: str, on
              f"the seed | last word | last word vs {ref} |",
              "|---|---:|---:|---:|---:|---:|" + ("---:|" if heldout else "") + "---:|---|---|---:|---|"]
     for suffix, seed, name in sorted(rows, key=lambda r: (r[1], list(variants).index(r[0]))):
-        case, own = cached(name), case_name("distill", "lora", GOAL_TOKENS, f"{setting}-seed{seed}")
+        case, own = cached(name), case_name("distill", "lora", GOAL_TOKENS, seed_variant(setting, seed))
         f = case["fidelity"]
         mc = mc_cells(name) or ("-", "-")
         vs = marked(paired_average(own, name)) if suffix and evaluated(name) and evaluated(own) else "-"
@@ -1007,7 +1014,7 @@ def seed_summary(setting: str, variants: dict[str, str]) -> list[str]:
     for suffix, label in variants.items():
         pairs = []  # (seed, the setting's case, the variant's case, their fidelity records)
         for seed in range(0, 15):  # VARIANTS' seed families run 0-14
-            own, name = (case_name("distill", "lora", GOAL_TOKENS, f"{setting}{x}-seed{seed}") for x in ("", suffix))
+            own, name = (case_name("distill", "lora", GOAL_TOKENS, seed_variant(f"{setting}{x}", seed)) for x in ("", suffix))
             a, b = cached(own), cached(name)
             if a and b:
                 pairs.append((seed, own, name, a["fidelity"], b["fidelity"]))
@@ -1709,7 +1716,8 @@ def part_curve() -> None:
     method = best_method()
     settings = METHODS[method]
     log(f"curve for {method}: budgets {[int(f * BUDGET) for f in CURVE_FACTORS]}")
-    points = (cached("curve") or {}).get("points", [])
+    stored = cached("curve") or {}
+    points = stored.get("points", []) if stored.get("method") == method else []  # another method's points: redone
     have = {p["tokens"] for p in points}
     todo = [f for f in CURVE_FACTORS if int(f * BUDGET) not in have]
     if method == "replace" and todo:

@@ -3,6 +3,7 @@
 
     nice -n 10 .venv/bin/python scripts/bench_scale.py            # every case, then the table
     .venv/bin/python scripts/bench_scale.py --table               # only rebuild the table from the cache
+    .venv/bin/python scripts/bench_scale.py --table --docs        # and write it into the bench_scale block of the docs
 
 Cases (each cached as JSON under bench_cache/scale/, so a rerun resumes; --fresh reruns):
 
@@ -718,21 +719,14 @@ def quick_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    """Replace the body of the "Speed and memory" section of docs/BENCHMARKS.md."""
-    doc = ROOT / "docs" / "BENCHMARKS.md"
-    content = doc.read_text()
-    start = content.index(SECTION)
-    end = content.find("\n## ", start + len(SECTION))
-    end = len(content) if end < 0 else end + 1
-    doc.write_text(content[:start] + text + "\n" + content[end:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="overhead,memory,profile,scaling,outofcore")
     parser.add_argument("--fresh", action="store_true", help="rerun cached cases")
     parser.add_argument("--table", action="store_true", help="only rebuild the table from cached results")
+    parser.add_argument("--docs", action="store_true",
+                        help="also write the table into the bench_scale block of docs/BENCHMARKS.md (it replaced the whole "
+                             "'Speed and memory' section, other scripts' blocks with it)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -753,9 +747,12 @@ def main() -> None:
         print(processes_table(results))
         return
     text = table(results, "nice -n 10 .venv/bin/python scripts/bench_scale.py")
-    if not SMOKE:
-        write_section(text)
     print(text)
+    if args.docs and not SMOKE:
+        from docs_block import replace_block
+
+        if not replace_block("bench_scale", text, "python scripts/bench_scale.py --table --docs", "bench_cache/scale/"):
+            sys.exit("docs/BENCHMARKS.md has no bench_scale block: nothing written (add the markers where the table goes)")
 
 
 if __name__ == "__main__":

@@ -330,8 +330,9 @@ def wide_search(bench: Bench, k: int, starts: dict[str, list[int]], cap: int, ob
         return data["evaluated"][set_key(blocks)]
 
     for name, start in starts.items():
-        if data["runs"].get(name, {}).get("converged") is not None:
-            continue
+        done = data["runs"].get(name)  # reused only for the same start (verified's depends on --budget), and when it
+        if done and done["start"] == sorted(start) and (done["converged"] or done.get("cap", 0) >= cap):  # converged or
+            continue                                                                 # had at least this cap
         cur, moves, converged = tuple(sorted(start)), [], False
         best, evals = kl(cur), 0  # the start is not counted
         while evals < cap and not converged:
@@ -347,7 +348,7 @@ def wide_search(bench: Bench, k: int, starts: dict[str, list[int]], cap: int, ob
             else:
                 converged = True  # no neighbour is lower
         data["runs"][name] = {"start": sorted(start), "final": list(cur), "kl": best, "evaluations": evals,
-                              "converged": converged, "moves": moves}
+                              "converged": converged, "moves": moves, "cap": cap}
         write(path, data)
     return data
 
