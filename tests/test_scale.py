@@ -484,36 +484,34 @@ def test_run_sequential_equals_run_in_memory(tokenizers_by_bos, tmp_path, capsys
     assert record["params_after"] == prune.count_parameters(AutoModelForCausalLM.from_pretrained(seq.out_dir))
     assert json.loads((mem.out_dir / "pruning.json").read_text())["execution"]["mode"] == "in_memory"
     assert (seq.out_dir / "recipe.yaml").is_file()
+    def both_plans(source, name: str, model_dtype: str | None, output_dtype: str | None, saved: torch.dtype) -> Path:
+        """The same recipe in memory and out of core: the same tensors, in ``saved``; the sequential folder."""
+        outs = {}
+        for mode in ("in_memory", "sequential"):
+            recipe = _recipe(source, tmp_path / f"{name}-{mode}", mode)
+            if model_dtype:
+                recipe["model"]["dtype"] = model_dtype
+            if output_dtype:
+                recipe["output"]["dtype"] = output_dtype
+            outs[mode] = run(recipe, quiet=True).out_dir
+        a, b = all_tensors(outs["in_memory"]), all_tensors(outs["sequential"])
+        assert {t.dtype for t in b.values()} == {saved} and sorted(a) == sorted(b)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        return outs["sequential"]
+
     # loaded in bfloat16, output.dtype auto: both save what they loaded (out of core saved the stored float32)
-    runs = {}
-    for mode in ("in_memory", "sequential"):
-        recipe = _recipe(folder, tmp_path / f"bf16-{mode}", mode)
-        recipe["model"]["dtype"] = "bfloat16"
-        runs[mode] = run(recipe, quiet=True).out_dir
-    a, b = all_tensors(runs["in_memory"]), all_tensors(runs["sequential"])
-    assert {t.dtype for t in b.values()} == {torch.bfloat16} and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((runs["sequential"] / "pruning.json").read_text())["dtype"] == "bfloat16"
-    assert "**Saved dtype**: `bfloat16`" in (runs["sequential"] / "README.md").read_text()
+    seq_bf16 = both_plans(folder, "bf16", "bfloat16", None, torch.bfloat16)
+    assert json.loads((seq_bf16 / "pruning.json").read_text())["dtype"] == "bfloat16"
+    assert "**Saved dtype**: `bfloat16`" in (seq_bf16 / "README.md").read_text()
     # loaded in bfloat16, saved in float32: both round through bfloat16 (out of core cast the stored float32 directly)
-    for mode in ("in_memory", "sequential"):
-        recipe = _recipe(folder, tmp_path / f"bf16-f32-{mode}", mode)
-        recipe["model"]["dtype"], recipe["output"]["dtype"] = "bfloat16", "float32"
-        runs[mode] = run(recipe, quiet=True).out_dir
-    a, b = all_tensors(runs["in_memory"]), all_tensors(runs["sequential"])
-    assert {t.dtype for t in b.values()} == {torch.float32} and sorted(a) == sorted(b)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    both_plans(folder, "bf16-f32", "bfloat16", "float32", torch.float32)
     # the same with model.dtype auto over a config that names bfloat16 (stored float32): a load takes the config's
     import shutil
 
     named = shutil.copytree(folder, tmp_path / "named-bf16")
     config = json.loads((named / "config.json").read_text())
     (named / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
-    for mode in ("in_memory", "sequential"):
-        recipe = _recipe(named, tmp_path / f"auto-f32-{mode}", mode)
-        recipe["output"]["dtype"] = "float32"
-        runs[mode] = run(recipe, quiet=True).out_dir
-    a, b = all_tensors(runs["in_memory"]), all_tensors(runs["sequential"])
-    assert {t.dtype for t in b.values()} == {torch.float32} and all(torch.equal(a[k], b[k]) for k in a)
+    both_plans(named, "auto-f32", None, "float32", torch.float32)
 
 
 def test_run_auto_chooses_sequential_when_memory_is_short(tokenizers_by_bos, tmp_path, capsys):
