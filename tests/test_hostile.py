@@ -570,6 +570,19 @@ def test_strict_settings(override, match, model, tmp_path, capsys):
     refused(capsys, "run", recipe, "--set", override, match=match)
 
 
+def test_the_offload_folder_is_never_an_input_or_the_output(model, tmp_path, capsys):
+    """transformers writes the offloaded weights into model.offload_folder and leaves them: with the source model's
+    folder it wrote 226 files into it; with output.dir the whole run went by and then failed, files left behind."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model, tmp_path / "out"))
+    before = digest(model)
+    for folder, said in ((model, "is the source model"), (tmp_path / "out", "is the output folder"),
+                         (tmp_path / "out" / "offload", "is inside the output folder")):
+        line = refused(capsys, "run", recipe, "--set", "model.device_map=auto", "--set", f"model.offload_folder={folder}",
+                       match=f"model.offload_folder {folder}")
+        assert said in line, line
+    assert digest(model) == before and not (tmp_path / "out").exists()
+
+
 def test_heal_config_goes_through_the_safe_loader(run_dir, tmp_path, capsys):
     config = tmp_path / "heal.yaml"
     config.write_bytes(b"heal: {method: lora, steps: 3, steps: 4}\n")

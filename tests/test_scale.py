@@ -224,6 +224,22 @@ def test_non_safetensors_checkpoint_is_scored_in_memory_or_refused(tmp_path):
         plan_execution(folder, "sequential")
 
 
+def test_a_hub_repos_gguf_file_is_never_read_from_the_repos_safetensors(tmp_path):
+    """A Hub id with gguf_file passed the GGUF tests (they asked for a local GGUF): sequential execution and
+    prune remove took the repo's safetensors snapshot, another model than the file named (a traceback, or the
+    wrong model pruned without an error). Refused as a local GGUF is, before anything is fetched."""
+    from prune.io.safetensors import local_folder
+    from prune.io.source import resolve_source
+
+    assert plan_execution("org/tiny", "auto", gguf_file="smol.gguf").mode == "in_memory"
+    for attempt in (lambda: plan_execution("org/tiny", "sequential", gguf_file="smol.gguf"),
+                    lambda: local_folder(resolve_source("org/tiny", "smol.gguf")),
+                    lambda: prune_checkpoint(resolve_source("org/tiny", "smol.gguf"), [1], tmp_path / "out")):
+        with pytest.raises(PruneError, match="org/tiny/smol.gguf is a GGUF file"):
+            attempt()
+    assert not (tmp_path / "out").exists()
+
+
 def test_checkpoint_headers_sizes_and_broken_files(tokenizers_by_bos, tmp_path):
     model, _, folder = saved(tmp_path, "gpt2", tokenizers_by_bos, max_shard_size="150KB")
     ckpt = Checkpoint(folder)

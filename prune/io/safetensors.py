@@ -256,11 +256,12 @@ def copy_bytes(file: Path, begin: int, end: int, out, chunk: int = 16 << 20) -> 
 
 def local_folder(source, *, revision: str | None = None) -> Path:
     """The local folder holding a model's files: the folder itself, or a Hub id's cached snapshot
-    (downloaded when missing; offline, only what is cached). GGUF sources are refused."""
+    (downloaded when missing; offline, only what is cached). GGUF sources are refused, a Hub repo's GGUF
+    file too (the repo's safetensors, if it has any, are another model than the file named)."""
     from prune.io.source import ModelSource, resolve_source
 
     src = source if isinstance(source, ModelSource) else resolve_source(source, revision=revision)
-    if src.kind == "gguf":
+    if src.gguf_file:
         raise PruneError(f"{src.display} is a GGUF file: out-of-core work (prune remove, sequential execution) reads "
                          "safetensors shards (save the model as safetensors first, or score it in memory: "
                          "score.execution: in_memory, --execution in_memory)")

@@ -138,7 +138,7 @@ def plan_execution(source, requested: str = "auto", *, dtype="auto", device_map=
     src = resolve_source(source, gguf_file, revision)
     if requested == "auto" and device_map is not None:
         return ExecutionPlan("in_memory", requested, f"device_map={device_map!r} given: Accelerate places the weights")
-    if src.kind == "gguf":
+    if src.gguf_file:  # a local GGUF file, or one of a Hub repo (whose safetensors, if any, are another model)
         if requested == "sequential":
             local_folder(src)  # raises the GGUF refusal
         return ExecutionPlan("in_memory", requested, "a GGUF file is dequantized whole; sequential execution reads safetensors")
