@@ -4,6 +4,7 @@ and the automatic choice between them. Every equivalence is against the plain in
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -615,7 +616,6 @@ def test_out_of_core_recipe_runs(tokenizers_by_bos, tmp_path, monkeypatch):
 
 
 def prune_root():
-    from pathlib import Path
 
     return Path(__file__).resolve().parents[1]
 
