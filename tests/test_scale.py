@@ -616,7 +616,6 @@ def test_out_of_core_recipe_runs(tokenizers_by_bos, tmp_path, monkeypatch):
 
 
 def prune_root():
-
     return Path(__file__).resolve().parents[1]
 
 
