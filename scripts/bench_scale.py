@@ -751,7 +751,8 @@ def main() -> None:
     if args.docs and not SMOKE:
         from docs_block import replace_block
 
-        if not replace_block("bench_scale", text, "python scripts/bench_scale.py --table --docs", "bench_cache/scale/"):
+        body = text.removeprefix(SECTION).lstrip("\n")  # the block sits under the section's own heading
+        if not replace_block("bench_scale", body, "python scripts/bench_scale.py --table --docs", "bench_cache/scale/"):
             sys.exit("docs/BENCHMARKS.md has no bench_scale block: nothing written (add the markers where the table goes)")
 
 

@@ -27,6 +27,9 @@ def replace_block(block: str, body: str, command: str, source: str = "", path: P
         stamp = (f"_Tables generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `{command}`"
                  f"{f' from {source}' if source else ''}._")
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(f"{head}{begin}\n{stamp}\n\n{body}\n{end}{tail}")
-        os.replace(tmp, path)  # whole or not at all
+        try:
+            tmp.write_text(f"{head}{begin}\n{stamp}\n\n{body}\n{end}{tail}")
+            os.replace(tmp, path)  # whole or not at all
+        finally:
+            tmp.unlink(missing_ok=True)
     return True

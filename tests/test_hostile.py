@@ -581,6 +581,12 @@ def test_the_offload_folder_is_never_an_input_or_the_output(model, tmp_path, cap
                        match=f"model.offload_folder {folder}")
         assert said in line, line
     assert digest(model) == before and not (tmp_path / "out").exists()
+    # a folder of its own anywhere else is fine, one holding the inputs too (transformers only adds files to it)
+    from prune.pipeline.orchestrator import preflight
+    from prune.pipeline.recipe import load_recipe
+
+    for folder in (tmp_path, tmp_path / "offload", Path.cwd()):
+        preflight(load_recipe(recipe, ["model.device_map=auto", f"model.offload_folder={folder}"]))
 
 
 def test_heal_config_goes_through_the_safe_loader(run_dir, tmp_path, capsys):

@@ -126,6 +126,14 @@ def test_more_shots_than_the_few_shot_split_holds_is_refused_before_loading(tmp_
     check_tasks(["copa_small"], num_fewshot=2, **where)
     with pytest.raises(PruneError, match="3-shot examples are drawn from its 'train' split, which holds 2 example"):
         check_tasks(["copa_small"], num_fewshot=3, **where)
+    # scoring its validation split and naming no few-shot split, lm-eval draws one example more (then drops the
+    # question): 2 examples hold 1 shot, not 2 (accepted, then "Sample larger than population")
+    scored_val = copa.replace("task: copa_local", "task: copa_val").replace("tag: [prune_local]\n", "").replace(
+        test, f'test: "{tmp_path}/train.jsonl"').replace("test_split: test", "validation_split: test")
+    (tmp_path / "copa_val.yaml").write_text(scored_val)
+    check_tasks(["copa_val"], num_fewshot=1, fewshot_from_scored_split=True, **where)
+    with pytest.raises(PruneError, match="which holds 2 example.*lower num_fewshot to at most 1"):
+        check_tasks(["copa_val"], num_fewshot=2, fewshot_from_scored_split=True, **where)
 
 
 def test_tags_and_groups_report_every_task_and_the_aggregate(tokenizers_by_bos, task_dir):

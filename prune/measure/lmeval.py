@@ -147,12 +147,14 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
                                  f"or allow it: --fewshot-from-scored-split (evaluate.fewshot_from_scored_split in a recipe; the results are "
                                  f"then marked)")
             pool = _fewshot_pool_size(task)
-            named = named_fewshot_split(lambda key: getattr(cfg, key, None))
-            need = shots + (named is not None and named == scored)  # from the scored split, named, lm-eval draws one more
+            # lm-eval draws one more (then drops the question itself) when the named few-shot split, None included,
+            # equals test_split (None included: a task scoring its validation split and naming no few-shot split)
+            extra = int(named_fewshot_split(lambda key: getattr(cfg, key, None)) == getattr(cfg, "test_split", None))
+            need = shots + extra
             if pool is not None and pool < need:
                 raise PruneError(f"lm-eval task {leaf!r}: {shots}-shot examples are drawn from its {source!r} split, "
                                  f"which holds {pool} example(s) (lm-eval would fail after the model is loaded): lower "
-                                 f"num_fewshot to at most {max(pool - (source == scored), 0)}, or give the task more "
+                                 f"num_fewshot to at most {max(pool - extra, 0)}, or give the task more "
                                  "few-shot examples")
     from prune.core.console import say
 

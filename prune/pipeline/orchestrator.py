@@ -61,15 +61,14 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
     inputs = I.recipe_inputs(recipe, src, recipe_file)
     check_output_dir(recipe.output.dir, overwrite or recipe.output.overwrite, inputs)
     check_device_map(recipe.model.device_map, recipe.model.offload_folder)
-    if recipe.model.offload_folder:  # transformers writes the offloaded weights there, and leaves them
-        from prune.io.guard import check_output
-
-        out = Path(recipe.output.dir).expanduser()
-        check_output(recipe.model.offload_folder, [*inputs, (out, "the output folder", False)], overwrite=True,
-                     what="model.offload_folder", flag="model.offload_folder")
-        if Path(recipe.model.offload_folder).expanduser().resolve().is_relative_to(out.resolve()):
-            raise PruneError(f"model.offload_folder {recipe.model.offload_folder} is inside the output folder {out}: "
-                             "the offloaded weights would land in the checkpoint (choose a folder outside it)")
+    if recipe.model.offload_folder:  # transformers adds the offloaded weights there, and leaves them
+        offload = Path(recipe.model.offload_folder).expanduser().resolve()
+        for path, label, inside_ok in [*inputs, (recipe.output.dir, "the output folder", False)]:
+            where = Path(path).expanduser().resolve()
+            if offload == where or (not inside_ok and offload.is_relative_to(where)):
+                raise PruneError(f"model.offload_folder {recipe.model.offload_folder} "
+                                 f"{'is' if offload == where else 'is inside'} {label} ({where}): the offloaded weights "
+                                 "would be written there (choose a folder of its own)")
     lengths = [("calibration.seq_len", recipe.calibration.seq_len)]
     ev = recipe.evaluate
     if ev and ev.perplexity:
