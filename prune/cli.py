@@ -79,7 +79,14 @@ def option(p: argparse.ArgumentParser, flag: str, section, name: str, **kwargs) 
 def _given(args, dests: tuple[str, ...]) -> list[str]:
     """The flags among ``dests`` that this command line changed from their default (as typed: ``--n-layers``)."""
     parser = args.subparser
-    return [action.option_strings[0] for action in parser._actions
+
+    def typed(action) -> str:  # --no-bos for a False of a --bos/--no-bos pair
+        value = getattr(args, action.dest)
+        negative = [s for s in action.option_strings if s.startswith("--no-")]
+        return negative[0] if value is False and negative and isinstance(action, argparse.BooleanOptionalAction) \
+            else action.option_strings[0]
+
+    return [typed(action) for action in parser._actions
             if action.dest in dests and action.option_strings and getattr(args, action.dest) != action.default]
 
 

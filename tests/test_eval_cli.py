@@ -51,7 +51,7 @@ def test_eval_perplexity_of_several_fields_joined(tmp_path, tiny_folder):
     proc = prune_main("eval", tiny_folder, "--perplexity-data", WIKI_RAW, "--perplexity-split", "test", check_rc=2)
     assert "--perplexity-split / --perplexity-config select part of a datasets dataset" in proc.stderr
     proc = prune_main("eval", tiny_folder, "--tasks", "copa", "--no-perplexity-bos", check_rc=2)
-    assert "--perplexity-bos has no effect without --perplexity-data" in proc.stderr
+    assert "--no-perplexity-bos has no effect without --perplexity-data" in proc.stderr
 
 
 def test_eval_fidelity_to_an_original_without_a_tokenizer_fails_before_loading(tmp_path, tiny_folder, pruned_folder):
