@@ -188,14 +188,33 @@ def test_corrupt_lineage_is_refused_before_loading(two_steps, tmp_path):
     assert not (tmp_path / "out").exists()
     # lists that split the blocks but count another number of them than the weights hold: against the config
     record = read_json(first.out_dir / "pruning.json")
+    last = record["kept_original"][-1]
     record["kept_original"], record["removed_original_all"] = record["kept_original"][:-1], [
-        *record["removed_original_all"], record["kept_original"][-1]]
+        *record["removed_original_all"], last]
+    record["removed_original"] = [*record["removed_original"], last]
     record["kept"], record["removed"] = record["kept"][:-1], [*record["removed"], record["kept"][-1]]
     record["layers_after"] = len(record["kept"])
     (folder / "pruning.json").write_text(json.dumps(record))
     with pytest.raises(PruneError, match="records 5 blocks after pruning but the model has 6"):
         run(recipe(folder, tmp_path / "out", 1), quiet=True)
     assert not (tmp_path / "out").exists()
+    from prune.export.mergekit import export_mergekit
+
+    with pytest.raises(PruneError, match="records 5 kept blocks but config.json has 6"):  # it wrote a config for 5
+        export_mergekit(folder, tmp_path / "mk.yaml", model="org/base")
+    # a later step whose original indices contradict the step before it (each list fine on its own): it was taken,
+    # and the card, mergekit config and every later step named the wrong blocks
+    _, _, second = two_steps
+    chained = shutil.copytree(second.out_dir, tmp_path / "chained")
+    record = read_json(chained / "pruning.json")
+    earlier = record["history"][-1]["kept_original"]
+    kept = [i for i in range(len(earlier)) if i not in record["kept"][:1]]  # another block than the weights hold
+    record["kept_original"] = [earlier[i] for i in kept][: len(record["kept"])]
+    record["removed_original_all"] = sorted(set(range(8)) - set(record["kept_original"]))
+    record["removed_original"] = sorted(set(record["removed_original_all"]) - set(record["history"][-1]["removed_original_all"]))
+    (chained / "pruning.json").write_text(json.dumps(record))
+    with pytest.raises(PruneError, match="'kept_original' is .* the step before kept them"):
+        read_record(chained / "pruning.json")
 
 
 def test_hand_written_record_counts_as_one_step():

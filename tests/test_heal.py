@@ -486,9 +486,17 @@ def test_an_adapter_heal_is_evaluated_with_its_adapter(tmp_path, tiny_folder):
     del plain["heal"]
     plain["evaluate"].update(tasks=["copa"], limit=6, data_dir=str(DATA))
     run_dir = run(plain, quiet=True).out_dir
+    (tmp_path / "adapter").mkdir()  # an empty folder: --overwrite may replace it
     healed = heal_run(run_dir, tmp_path / "adapter", method="lora", data=C4_DATA["path"], field=C4_DATA["field"],
                       rows="0:300", overrides=[f"{k}={v}" for k, v in FAST.items()] + ["merge=false"], evaluate=True,
-                      quiet=True)
+                      quiet=True, overwrite=True)
+    # this command's --overwrite is not the healed recipe's: a prune run of it would replace the folder unasked
+    saved = yaml.safe_load((healed / "recipe.yaml").read_text())
+    assert saved["output"]["overwrite"] is False
+    # pruning.json's recipe is the one written beside it (it kept the run's: no heal section, the run's folder)
+    record = json.loads((healed / "pruning.json").read_text())
+    assert record["recipe"]["heal"]["method"] == saved["heal"]["method"] == "lora"
+    assert record["recipe"]["output"]["dir"] == saved["output"]["dir"]
     ev = json.loads((healed / "eval.json").read_text())
     base, tok, _ = prune.load(run_dir)
     with_adapter = PeftModel.from_pretrained(base, healed).merge_and_unload()
@@ -661,6 +669,10 @@ def test_averaged_healing_is_recorded_on_the_card(tokenizers_by_bos):
     rec = heal_model(model, tokenizers_by_bos[True], "lora", data=C4_DATA, quiet=True, average=0.5, **FAST)
     assert rec["averaged_steps"] == 5 and rec["settings"]["average"] == 0.5
     assert "- weights averaged over the last 5 of 10 steps" in healing_markdown(rec)
+    # the card names the text's fields (lists of plain values were left out of its bullets)
+    from prune.export.card import healing_text
+
+    assert "field = ['prefix', 'gold_completion']" in healing_text(rec)
 
 
 def test_prune_heal_cuts_every_text_before_loading_a_model(tmp_path, tiny_folder, monkeypatch):

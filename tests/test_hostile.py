@@ -593,6 +593,9 @@ def test_heal_config_goes_through_the_safe_loader(run_dir, tmp_path, capsys):
     config = tmp_path / "heal.yaml"
     config.write_bytes(b"heal: {method: lora, steps: 3, steps: 4}\n")
     refused(capsys, "heal", run_dir, "-o", tmp_path / "h", "--config", config, match="appears twice")
+    # a whole recipe with no heal section was read as heal settings ("unknown key 'heal.calibration'", and 4 more)
+    config.write_text((run_dir / "recipe.yaml").read_text())
+    refused(capsys, "heal", run_dir, "-o", tmp_path / "h", "--config", config, match="is a recipe without a heal section")
 
 
 # ==== 7. flags, data, metadata: one line before loading ==========================================

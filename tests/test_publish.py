@@ -474,7 +474,8 @@ def test_mergekit_slices_cover_exactly_the_kept_blocks(chain, tmp_path, capsys):
             blocks_from_slices(bad, 8)
     # per-layer config lists (sliced by prune, copied unsliced by mergekit), a GGUF original on the Hub: refused
     with pytest.raises(PruneError, match=r"per-layer settings \(layer_types\)"):
-        mergekit_config(record, model="x", config={"model_type": "qwen2", "num_hidden_layers": 6, "layer_types": ["a"] * 6})
+        n = len(record.kept_original)
+        mergekit_config(record, model="x", config={"model_type": "qwen2", "num_hidden_layers": n, "layer_types": ["a"] * n})
     hub_gguf = record.model_copy(update={"source": record.source.model_copy(update={"kind": "hub", "path": "org/X-GGUF",
                                                                                     "gguf_file": "x.gguf"})})
     with pytest.raises(PruneError, match="mergekit cannot read"):

@@ -169,11 +169,36 @@ def parse_record(data: Any, where: str = RECORD_FILE) -> PruningRecord:
         raise PruneError(f"{where}: '{key}': {err['msg']} (got {err.get('input')!r}); fix the file or move it "
                          "away") from None
     replaced = any((step.healing or {}).get("method") == "replace" for step in record.chain())
-    for step in record.chain():
-        problem = index_problem(step, replaced)
+    chain = record.chain()
+    for i, step in enumerate(chain):
+        problem = index_problem(step, replaced) or (None if replaced else lineage_problem(chain[i - 1] if i else None, step))
         if problem:
             raise PruneError(f"{where}: step {step.step}: {problem}; fix the file or move it away")
     return record
+
+
+def lineage_problem(before: PruningStep | None, step: PruningStep) -> str | None:
+    """What is wrong with a step's indices in the original's numbering given the step before it (``None``: the
+    first, whose blocks are the original's): ``kept_original`` / ``removed_original`` are the earlier kept
+    blocks at ``kept`` / ``removed``, and ``removed_original_all`` adds ``removed_original`` to the earlier ones.
+    Lists a record does not hold (0.1.0's files) are not checked."""
+    if not (step.kept and step.kept_original):
+        return None
+    earlier = before.kept_original if before is not None else list(range(step.layers_before or len(step.kept)
+                                                                               + len(step.removed)))
+    if not earlier or max(step.kept + step.removed, default=-1) >= len(earlier):
+        return None if not earlier else (f"its blocks ({len(step.kept) + len(step.removed)}) are not the "
+                                         f"{len(earlier)} the step before kept")
+    for name, local in (("kept_original", step.kept), ("removed_original", step.removed)):
+        want = [earlier[i] for i in local]
+        if getattr(step, name) and sorted(getattr(step, name)) != sorted(want):
+            return (f"'{name}' is {getattr(step, name)}, but the blocks it names ({local}) are {want} of the original "
+                    "(as the step before kept them)")
+    all_before = set(before.removed_original_all) if before is not None else set()
+    if step.removed_original_all and before is not None and before.removed_original_all and \
+            set(step.removed_original_all) != all_before | {earlier[i] for i in step.removed}:
+        return f"'removed_original_all' is {step.removed_original_all}, not the earlier steps' removals with this one's"
+    return None
 
 
 def index_problem(step: PruningStep, replaced: bool = False) -> str | None:

@@ -277,8 +277,9 @@ def healing_text(healing: dict | None) -> str | None:
     for key, value in healing.items():
         if key == "settings":
             continue
-        if isinstance(value, dict):
-            inner = ", ".join(f"{k} = {_scalar(v)}" for k, v in value.items() if _is_scalar(v))
+        if isinstance(value, dict):  # short lists of plain values too (a text's fields, the blocks a block replaces)
+            inner = ", ".join(f"{k} = {_scalar(v) if _is_scalar(v) else [_scalar(x) for x in v]}" for k, v in value.items()
+                              if _is_scalar(v) or (isinstance(v, list) and len(v) <= 16 and all(_is_scalar(x) for x in v)))
             if inner:
                 lines.append(f"{key}: {inner}")
         elif _is_scalar(value):

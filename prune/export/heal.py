@@ -27,6 +27,8 @@ def heal_export(pruning: dict | PruningRecord, run: Path, out: Path, files: dict
     from prune.export.saving import dtype_name, saved_dtype
 
     record = as_record(pruning).model_copy(deep=True)
+    if recipe is not None:  # the recipe.yaml written beside it, with its heal section (it kept the run's)
+        record.recipe = public_data(recipe.model_dump(mode="json"))
     before = record.history[-1].kept_original if record.history else list(range(record.layers_before or 0))
     if record.kept and before:
         record.kept_original = [before[i] for i in record.kept]

@@ -100,6 +100,9 @@ def mergekit_config(record: PruningRecord, model: str | None = None, dtype: str 
                          "(their attention scale depends on their index), which a mergekit passthrough merge of the "
                          "original's blocks would not: use this folder's weights as they are")
     n = config.get("num_hidden_layers", config.get("n_layer"))
+    if isinstance(n, int) and n != len(kept):  # the record does not describe these weights (check refuses it too)
+        raise PruneError(f"pruning.json records {len(kept)} kept blocks but config.json has {n}: the record does not "
+                         "describe this folder's weights (prune check says more)")
     per_layer = [k for k, v in config.items() if isinstance(v, list) and v and
                  ((k in INDEX_LIST_KEYS) or ("layer" in k and len(v) == n))]
     if per_layer:

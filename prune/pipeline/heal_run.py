@@ -98,6 +98,10 @@ def heal_settings(recipe_data: dict | None, config: str | None = None, method: s
         if not path.is_file():
             raise PruneError(f"heal config not found: {path}")
         extra = _read_yaml(path, "heal config")
+        recipe_keys = {"model", "calibration", "select", "output"}  # a whole recipe, not a heal section
+        if isinstance(extra, dict) and not extra.get("heal") and recipe_keys & set(extra):
+            raise PruneError(f"{path} is a recipe without a heal section: give one with heal: (method, steps, ...), "
+                             "or a file holding the heal settings alone")
         extra = expand_env(extra.get("heal", extra) or {}, where=str(path))  # the heal section: ${VAR} as in a recipe
         if not isinstance(extra, dict):
             raise PruneError(f"{path}: the heal section must be a mapping (method: lora, steps: 100, ...)")
@@ -304,7 +308,9 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     inputs += original_inputs(pruning.source, source)  # loaded by bridges, a replacement block, a teacher, fidelity
     recipe = None
     if recipe_data is not None:
-        output_section = {**(recipe_data.get("output") or {}), "dir": str(out), "overwrite": overwrite}
+        # the healed folder's recipe names it as output, never with overwrite: a `prune run` of it would replace
+        # the healed folder unasked (--overwrite is this command's, as prune run's is its own)
+        output_section = {**(recipe_data.get("output") or {}), "dir": str(out), "overwrite": False}
         output_section.pop("push_to_hub", None)  # a heal pushes nothing unless asked (prune push)
         recipe = saved_recipe({**recipe_data, "heal": cfg.model_dump(), "output": output_section}, str(run / "recipe.yaml"))
         check_no_token(recipe.model_dump(mode="json"), str(run / "recipe.yaml"))  # written into the healed folder
