@@ -98,6 +98,11 @@ def _refuse_unused(args, dests: tuple[str, ...], why: str) -> None:
         raise PruneError(f"{', '.join(flags)} {verb} no effect {why}")
 
 
+def _refuse_overwrite_without_output(args) -> None:
+    if not args.output:
+        _refuse_unused(args, ("overwrite",), "without --output (it replaces an existing --output file)")
+
+
 def _common_model_flags(p: argparse.ArgumentParser) -> None:
     option(p, "--dtype", ModelConfig, "dtype")
     p.add_argument("--device-map", type=_device_map, default=None,
@@ -211,8 +216,7 @@ def cmd_score(args) -> int:
     from prune.core import dist
     from prune.pipeline.commands import score_model
 
-    if not args.output:
-        _refuse_unused(args, ("overwrite",), "without --output (it replaces an existing --output file)")
+    _refuse_overwrite_without_output(args)
     result = score_model(args.model, output=args.output, overwrite=args.overwrite, **_score_kwargs(args))
     if dist.world().is_main:  # under a launcher: one table, from the rank that wrote the file
         print(result.table())
@@ -281,8 +285,7 @@ def cmd_eval(args) -> int:
 
     if args.fidelity_to and not args.perplexity_data:
         raise PruneError("--fidelity-to measures on the perplexity text: give --perplexity-data too")
-    if not args.output:
-        _refuse_unused(args, ("overwrite",), "without --output (it replaces an existing --output file)")
+    _refuse_overwrite_without_output(args)
     if not args.tasks and not args.perplexity_data:
         raise PruneError("nothing to evaluate: give --tasks and/or --perplexity-data")
     if not args.tasks:
@@ -567,7 +570,7 @@ def cmd_report(args) -> int:
             from prune.io.source import HUB_ID
 
             if not os.path.exists(os.path.expanduser(args.source)):
-                hub = not args.source.startswith(("/", ".", "~")) and HUB_ID.match(args.source)
+                hub = HUB_ID.match(args.source)  # never a path: an id starts with a letter or digit
                 raise PruneError(f"{args.source} not found here (give a 'prune run' output folder" + (
                     "; as a Hub model it needs --data to be scored)" if hub else ", or a model with --data)"))
             raise PruneError(f"{args.source} is not a run folder (no pruning.json): give --data to score it as a model")
@@ -668,8 +671,7 @@ def cmd_compare(args) -> int:
                                       has_samples, paired_markdown)
 
     bs = args.b or []
-    if not args.output:
-        _refuse_unused(args, ("overwrite",), "without --output (it replaces an existing --output file)")
+    _refuse_overwrite_without_output(args)
     if args.output:
         from prune.io.guard import check_output, input_paths
 

@@ -38,9 +38,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from prune.choose.rules import Selection, contiguous, finite_first, one_shot, resolve_count, resolve_protect
+from prune.choose.rules import DEFAULT_PROTECT, Selection, contiguous, finite_first, one_shot, resolve_count, resolve_protect
 from prune.choose.strategies import _inject, _keep_inputs, _model_dtype, skip_blocks
 from prune.core import dist
+from prune.core.config import VERIFIED_BUDGET
 from prune.core.errors import PruneError
 from prune.measure.fidelity import build_reference, fidelity_window_sums, summary_from_sums
 from prune.measure.paired import paired_t
@@ -211,8 +212,8 @@ def margin_line(details: dict) -> str:
 
 
 @measured_in_eval_mode
-def verified(model, scores, windows: torch.Tensor, count: int, *, protect=(0, -1), batch_size: int = 4,
-             top_k: int = 256, budget: int = 16, progress: bool = True) -> Selection:
+def verified(model, scores, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, batch_size: int = 4,
+             top_k: int = 256, budget: int = VERIFIED_BUDGET, progress: bool = True) -> Selection:
     """Choose ``count`` blocks by measured fidelity (see module docstring); ``windows`` are held-out
     calibration windows, ``scores`` the full model's scores, ``budget`` the local-search evaluations."""
     started = time.time()

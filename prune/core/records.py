@@ -168,13 +168,23 @@ def parse_record(data: Any, where: str = RECORD_FILE) -> PruningRecord:
         key = ".".join(str(p) for p in err["loc"])
         raise PruneError(f"{where}: '{key}': {err['msg']} (got {err.get('input')!r}); fix the file or move it "
                          "away") from None
-    replaced = any((step.healing or {}).get("method") == "replace" for step in record.chain())
     chain = record.chain()
+    replaced = any((step.healing or {}).get("method") == "replace" for step in chain)
     for i, step in enumerate(chain):
         problem = index_problem(step, replaced) or (None if replaced else lineage_problem(chain[i - 1] if i else None, step))
         if problem:
             raise PruneError(f"{where}: step {step.step}: {problem}; fix the file or move it away")
     return record
+
+
+def original_indices(earlier: list[int], kept: list[int], removed: list[int],
+                     earlier_removed: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """``(kept_original, removed_original, removed_original_all)`` of a step keeping ``kept`` and removing
+    ``removed`` of the blocks the step before kept (``earlier``: their original indices; ``earlier_removed``: the
+    original's blocks removed before). A set for the last: a replacement block keeps its source block's index,
+    so a later step may remove that index again."""
+    return ([earlier[i] for i in kept], [earlier[i] for i in removed],
+            sorted(set(earlier_removed) | {earlier[i] for i in removed}))
 
 
 def lineage_problem(before: PruningStep | None, step: PruningStep) -> str | None:
@@ -184,19 +194,20 @@ def lineage_problem(before: PruningStep | None, step: PruningStep) -> str | None
     Lists a record does not hold (0.1.0's files) are not checked."""
     if not (step.kept and step.kept_original):
         return None
-    earlier = before.kept_original if before is not None else list(range(step.layers_before or len(step.kept)
-                                                                               + len(step.removed)))
-    if not earlier or max(step.kept + step.removed, default=-1) >= len(earlier):
-        return None if not earlier else (f"its blocks ({len(step.kept) + len(step.removed)}) are not the "
-                                         f"{len(earlier)} the step before kept")
-    for name, local in (("kept_original", step.kept), ("removed_original", step.removed)):
-        want = [earlier[i] for i in local]
+    blocks = step.kept + step.removed  # they split this step's blocks (index_problem)
+    earlier = before.kept_original if before is not None else list(range(len(blocks)))
+    if not earlier:
+        return None
+    if max(blocks) >= len(earlier):
+        return f"its blocks ({len(blocks)}) are not the {len(earlier)} the step before kept"
+    kept_o, removed_o, all_o = original_indices(earlier, step.kept, step.removed,
+                                                before.removed_original_all if before is not None else [])
+    for name, local, want in (("kept_original", step.kept, kept_o), ("removed_original", step.removed, removed_o)):
         if getattr(step, name) and sorted(getattr(step, name)) != sorted(want):
             return (f"'{name}' is {getattr(step, name)}, but the blocks it names ({local}) are {want} of the original "
                     "(as the step before kept them)")
-    all_before = set(before.removed_original_all) if before is not None else set()
-    if step.removed_original_all and before is not None and before.removed_original_all and \
-            set(step.removed_original_all) != all_before | {earlier[i] for i in step.removed}:
+    if before is not None and before.removed_original_all and step.removed_original_all and \
+            sorted(step.removed_original_all) != all_o:
         return f"'removed_original_all' is {step.removed_original_all}, not the earlier steps' removals with this one's"
     return None
 

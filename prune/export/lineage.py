@@ -32,6 +32,7 @@ from prune.core.records import (
     PruningStep,
     SourceRecord,
     complement,
+    original_indices,
     parse_record,
     read_record,
 )
@@ -193,10 +194,8 @@ def extend(record: PruningRecord | dict, parent: PruningRecord | None, src: Mode
         original = parent.original.model_copy(update=license_now) if parent.original else None
         inherited = hub_id(parent.repo_id) or hub_id(parent.base_model)  # a parent's file may have been edited
     out.step = len(history) + 1
-    out.removed_original = [before[i] for i in removed]
-    # a set: a replacement block keeps its source block's index, so a later step may remove that index again
-    out.removed_original_all = sorted(set(previously_removed) | {before[i] for i in removed})
-    out.kept_original = [before[i] for i in kept]
+    out.kept_original, out.removed_original, out.removed_original_all = original_indices(
+        before, kept, removed, previously_removed)
     out.original = original
     out.base_model = src.path if src.kind == "hub" else (base_model or inherited)
     out.history = history

@@ -43,11 +43,13 @@ def before_label(steps: int) -> str:
     return ORIGINAL if steps <= 1 else f" (step-{steps - 1} model, before this step)"
 
 
-def _task_dataset(dataset, is_hub) -> tuple[str, str | None, str | None] | None:
+def _task_dataset(dataset) -> tuple[str, str | None, str | None] | None:
     """``(Hub dataset, config, split)`` a task's row recorded from lm-eval's task config (``dataset_path``,
     ``dataset_name``, the split scored), when the path is a Hub dataset (not a packaged builder such as
     ``json`` reading local files): a task the table above does not know."""
-    if not isinstance(dataset, dict) or not isinstance(dataset.get("path"), str) or not is_hub(dataset["path"]):
+    from prune.export.card import is_hub_dataset
+
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("path"), str) or not is_hub_dataset(dataset["path"]):
         return None
     pick = lambda key: dataset.get(key) if isinstance(dataset.get(key), str) else None  # noqa: E731 - a hand-edited file
     return dataset["path"], pick("name"), pick("split")
@@ -81,7 +83,7 @@ def eval_results(rows: list[dict] | None, settings: dict | None = None, steps: i
             metric_type = "perplexity"
             args = {k: ppl[k] for k in ("seq_len", "max_windows") if ppl.get(k) is not None} or None  # its windows
         else:
-            hub_id, config, split = TASK_DATASETS.get(name) or _task_dataset(row.get("dataset"), is_hub_dataset) or (
+            hub_id, config, split = TASK_DATASETS.get(name) or _task_dataset(row.get("dataset")) or (
                 name, None, None)
             if split and limit:  # lm-eval scored the first examples only: say which, in datasets' slice syntax
                 percent = round(100 * limit, 6)  # 0.07 * 100 is 7.000000000000001

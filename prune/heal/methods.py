@@ -53,7 +53,7 @@ from prune.core.errors import PruneError
 from prune.core.records import complement
 from prune.model.arch import meta_model
 from prune.model.loading import decoder_layers, final_norm, input_device
-from prune.core.config import HEAL_METHODS, HealConfig, SelectConfig, TextConfig
+from prune.core.config import HEAL_METHODS, HealConfig, SelectConfig, TextConfig, changed
 
 METHODS = HEAL_METHODS
 
@@ -132,8 +132,6 @@ def ignored_settings(cfg: HealConfig) -> list[str]:
     """The heal keys set away from their default that this objective / bridge never reads (e.g.
     ``temperature`` with ``objective: lm``). The method's own knobs (``rank``, ``last_blocks``, ...)
     are not listed: recipes carry them to switch methods with ``--set heal.method=...``."""
-    fields = type(cfg).model_fields
-    changed = {k for k in fields if getattr(cfg, k) != fields[k].default}
     unused = set()
     if cfg.objective == "lm":
         unused.update(_DISTILL_KEYS)
@@ -145,7 +143,7 @@ def ignored_settings(cfg: HealConfig) -> list[str]:
         unused.add("gradient_checkpointing")
     if cfg.bridge == "none":
         unused.add("bridge_weight")
-    return sorted(changed & unused, key=list(fields).index)
+    return changed(cfg, [k for k in type(cfg).model_fields if k in unused])
 
 
 def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: int | None = None) -> None:

@@ -113,6 +113,20 @@ def check_output(out: str | os.PathLike, inputs: Iterable[Input | None] = (), *,
     return raw
 
 
+def check_outside_inputs(folder: str | os.PathLike, inputs: Iterable[Input | None], what: str) -> None:
+    """Refuse a folder that files are only added to (an offload folder) when it is an input or lies inside one
+    whose ``inside_ok`` is False: unlike an output it never replaces anything, so holding inputs is fine."""
+    target = _resolve(Path(folder), what)
+    for item in inputs:
+        if item is None:
+            continue
+        path, label, inside_ok = item
+        where = _resolve(Path(path), label)
+        if target == where or (not inside_ok and target.is_relative_to(where)):
+            raise PruneError(f"{what} {folder} {'is' if target == where else 'is inside'} {label} ({where}): files "
+                             "would be written there (choose a folder of its own)")
+
+
 def input_paths(*paths: str | os.PathLike | None, label: str, inside_ok: bool = False) -> list[Input]:
     """``(path, label, inside_ok)`` for each local path that exists (Hub ids and ``None`` skipped); for a
     folder also the folder of each file or folder it links to (a source whose weights are symbolic links

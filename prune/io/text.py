@@ -24,11 +24,14 @@ from pathlib import Path
 import torch
 
 from prune.core.errors import PruneError
-from prune.core.config import CalibrationConfig, TextSource
+from prune.core.config import CalibrationConfig, TextConfig, TextSource, default
 
 JOIN = "\n\n"
 #: the suffixes load_text reads as a local file (anything else that is no file or folder: a datasets name)
 TEXT_SUFFIXES = (".txt", ".raw", ".jsonl", ".json")
+
+#: the field of a text that names none (a plain file has no field)
+FIELD = default(TextConfig, "field")
 
 
 def _row_slice(rows: str | None) -> slice:
@@ -110,7 +113,7 @@ def load_text(source: TextSource) -> str:
         if path.suffix in (".jsonl", ".json"):
             texts = _json_rows(path, text, source.field)
         else:
-            if source.field not in ("text", ["text"], ("text",)):  # the default: a plain file has no field
+            if source.field not in (FIELD, [FIELD], (FIELD,)):  # the default: a plain file has no field
                 raise PruneError(f"field {source.field!r} names a JSON field, but {source.path} is plain text, read line "
                                  "by line (drop the field, or give a .jsonl file)")
             return "\n".join(_rows_of(text_lines(text), source))

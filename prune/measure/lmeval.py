@@ -108,6 +108,7 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
     one fails. Returns lm-eval's names."""
     import warnings
 
+    check_limit_over_ranks(limit, limit_name)  # before any task data loads
     names, manager = resolve_tasks(tasks, data_dir_path=data_dir_path, task_dirs=task_dirs)
     offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     notes = [f"lm-eval: {asked} runs the local copy {name} (from {data_dir(data_dir_path)}/tasks), reported as {name}"
@@ -138,7 +139,8 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
             _check_examples_over_ranks(leaf, task, limit, limit_name)
             cfg = task.config
             shots = shots_of(cfg.num_fewshot, num_fewshot)
-            source, scored = fewshot_splits(lambda key: getattr(cfg, key, None))
+            get = lambda key: getattr(cfg, key, None)  # noqa: E731 - a TaskConfig read as fewshot_splits reads it
+            source, scored = fewshot_splits(get)
             if shots <= 0 or source is None:
                 continue
             if source == scored and not fewshot_from_scored_split:
@@ -149,7 +151,7 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
             pool = _fewshot_pool_size(task)
             # lm-eval draws one more (then drops the question itself) when the named few-shot split, None included,
             # equals test_split (None included: a task scoring its validation split and naming no few-shot split)
-            extra = int(named_fewshot_split(lambda key: getattr(cfg, key, None)) == getattr(cfg, "test_split", None))
+            extra = int(named_fewshot_split(get) == get("test_split"))
             need = shots + extra
             if pool is not None and pool < need:
                 raise PruneError(f"lm-eval task {leaf!r}: {shots}-shot examples are drawn from its {source!r} split, "
@@ -379,14 +381,15 @@ def n_shots(result: dict | None) -> dict[str, int]:
     return {t: e["n_shot"] for t, e in ((result or {}).get("tasks") or {}).items() if e.get("n_shot") is not None}
 
 
-def check_limit_over_ranks(limit: int | float | None) -> None:
+def check_limit_over_ranks(limit: int | float | None, limit_name: str = "evaluate.limit") -> None:
     """Under a launcher lm-eval gives each process a share of a task's examples, and a process left
-    without one fails: a ``limit`` below the number of processes is refused in one line."""
+    without one fails: a ``limit`` below the number of processes is refused in one line (a fractional one, or
+    a task with fewer examples, by :func:`check_tasks` once the task is loaded)."""
     from prune.core import dist
 
     w = dist.world()
     if w.distributed and limit is not None and limit >= 1 and int(limit) < w.size:
-        raise PruneError(f"evaluate.limit={limit} is below the number of processes ({w.size}): each process scores a "
+        raise PruneError(f"{limit_name}={limit} is below the number of processes ({w.size}): each process scores a "
                          f"share of a task's examples and one without any fails (raise the limit to at least {w.size}, "
                          "or launch fewer processes)")
 

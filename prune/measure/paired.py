@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from prune.core.config import BOOTSTRAP_ITERS
+from prune.core.console import say
 from prune.core.errors import PruneError
 
 
@@ -104,8 +105,8 @@ def _pair(a, b, task: str, unit: str) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
-#: below this many examples a score that is not 0/1 gets Student's interval (the percentile bootstrap's covered
-#: 76% at 3 examples and 82% at 5 in a simulation of a 95% interval; Student's 95-96%)
+#: below this many examples a score that is not 0/1 gets Student's interval (the percentile bootstrap's 95% interval
+#: covered 80% at 3 examples and 82% at 5, Student's 94-95%: scripts/check_interval_coverage.py)
 BOOTSTRAP_MIN = 30
 
 
@@ -254,8 +255,6 @@ def per_example(records: list[dict], task: str = "task") -> dict[str, dict]:
     """``{metric (of one filter, :func:`row_name`): {doc_id: (question hashes, score)}}`` of one task's
     sample records (:func:`question`)."""
     out: dict[str, dict] = {}
-    from prune.core.console import say
-
     undefined: dict[str, int] = {}
     for (doc_id, filt), r in _records_by_example(task, records).items():
         for metric in r.get("metrics", []):
@@ -284,8 +283,6 @@ def mean_samples(runs: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
     metrics and examples every run has; a question asked differently refuses, as in :func:`compare_samples`."""
     if not runs:
         raise PruneError("mean_samples needs at least one run")
-    from prune.core.console import say
-
     out: dict[str, list[dict]] = {}
     for task in sorted({t for r in runs for t in r}):
         missing = sum(task not in r for r in runs)
@@ -309,8 +306,6 @@ def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters
                     seed: int = 0) -> list[Paired]:
     """Paired statistics per task and metric (of each answer filter) of two ``{task: sample records}``
     (B against A), over the examples both have."""
-    from prune.core.console import say
-
     common = [t for t in a if t in b]
     if not common:
         raise PruneError(f"no task in common: A has {', '.join(sorted(a)) or 'none'}, B has {', '.join(sorted(b)) or 'none'}")

@@ -62,9 +62,11 @@ def equal_tied_copies(model, checkpoint: Checkpoint, target: dict[str, str] | No
     key_of = {name: key for key, name in (target or {k: k for k in checkpoint.entries}).items()}
     copies = []
     for copy, source in tied.items():
-        if copy in key_of and source in key_of and torch.equal(checkpoint.read(key_of[copy]),
-                                                                 checkpoint.read(key_of[source])):
-            copies.append(key_of[copy])
+        if copy not in key_of or source not in key_of:
+            continue
+        a, b = checkpoint.entries[key_of[copy]], checkpoint.entries[key_of[source]]
+        if a.shape == b.shape and a.dtype == b.dtype and torch.equal(checkpoint.read(a.key), checkpoint.read(b.key)):
+            copies.append(a.key)  # (read only when they can be equal)
     return copies
 
 

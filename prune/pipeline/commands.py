@@ -259,8 +259,9 @@ def report_model(source: str, out_dir: str | Path, *, strategy: str = "contiguou
     try:  # an impossible count, or a run no contiguous/tail selection can place, fails now, not after scoring
         from prune.pipeline.inputs import check_selection_possible
 
-        count = resolve_count(blocks, k, None, resolve_protect(protect, blocks))
-        check_selection_possible(blocks, count, strategy, resolve_protect(protect, blocks))
+        protected = resolve_protect(protect, blocks)
+        count = resolve_count(blocks, k, None, protected)
+        check_selection_possible(blocks, count, strategy, protected)
     except PruneError as exc:
         raise PruneError(str(exc).replace("select.n_layers", "--n-layers").replace("select.protect", "--protect")) from None
     scores = score_model(source, **score_kwargs)  # under a launcher every rank scores its share

@@ -58,7 +58,7 @@ from prune.heal.methods import (
 )
 from prune.core.config import HEAL_METHODS, HealConfig, Section
 from prune.core.config import format_validation_error
-from prune.pipeline.recipe import apply_overrides, check_heal_data, check_text_path
+from prune.pipeline.recipe import Recipe, apply_overrides, check_heal_data, check_text_path
 
 
 class _HealOnly(Section):
@@ -98,7 +98,7 @@ def heal_settings(recipe_data: dict | None, config: str | None = None, method: s
         if not path.is_file():
             raise PruneError(f"heal config not found: {path}")
         extra = _read_yaml(path, "heal config")
-        recipe_keys = {"model", "calibration", "select", "output"}  # a whole recipe, not a heal section
+        recipe_keys = set(Recipe.model_fields) - {"heal"}  # a whole recipe's sections, not a heal section's keys
         if isinstance(extra, dict) and not extra.get("heal") and recipe_keys & set(extra):
             raise PruneError(f"{path} is a recipe without a heal section: give one with heal: (method, steps, ...), "
                              "or a file holding the heal settings alone")
@@ -328,9 +328,8 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     if evaluate and eval_cfg is None:
         raise PruneError(f"--evaluate needs an evaluate section in {run / 'recipe.yaml'} (or use prune eval on the output)")
     if evaluate and eval_cfg.tasks:  # as the run's pre-flight (under a launcher too: examples for every process)
-        from prune.measure.lmeval import check_limit_over_ranks, check_tasks
+        from prune.measure.lmeval import check_tasks
 
-        check_limit_over_ranks(eval_cfg.limit)
         check_tasks(eval_cfg.tasks, data_dir_path=eval_cfg.data_dir, task_dirs=eval_cfg.task_dirs,
                     num_fewshot=eval_cfg.num_fewshot, fewshot_from_scored_split=eval_cfg.fewshot_from_scored_split,
                     limit=eval_cfg.limit, quiet=quiet)

@@ -62,13 +62,10 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
     check_output_dir(recipe.output.dir, overwrite or recipe.output.overwrite, inputs)
     check_device_map(recipe.model.device_map, recipe.model.offload_folder)
     if recipe.model.offload_folder:  # transformers adds the offloaded weights there, and leaves them
-        offload = Path(recipe.model.offload_folder).expanduser().resolve()
-        for path, label, inside_ok in [*inputs, (recipe.output.dir, "the output folder", False)]:
-            where = Path(path).expanduser().resolve()
-            if offload == where or (not inside_ok and offload.is_relative_to(where)):
-                raise PruneError(f"model.offload_folder {recipe.model.offload_folder} "
-                                 f"{'is' if offload == where else 'is inside'} {label} ({where}): the offloaded weights "
-                                 "would be written there (choose a folder of its own)")
+        from prune.io.guard import check_outside_inputs
+
+        check_outside_inputs(recipe.model.offload_folder, [*inputs, (recipe.output.dir, "the output folder", False)],
+                             "model.offload_folder")
     lengths = [("calibration.seq_len", recipe.calibration.seq_len)]
     ev = recipe.evaluate
     if ev and ev.perplexity:
@@ -103,11 +100,10 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
         text, seq_len, max_windows = fidelity_text
         eval_windows(tokenizer, load_text(text.source()), seq_len, max_windows, text.bos)
     if recipe.evaluate and recipe.evaluate.tasks:
-        from prune.measure.lmeval import check_chat_template, check_limit_over_ranks, check_tasks, check_tokenizer
+        from prune.measure.lmeval import check_chat_template, check_tasks, check_tokenizer
 
         check_tokenizer(tokenizer)
         check_chat_template(tokenizer, recipe.evaluate.apply_chat_template)
-        check_limit_over_ranks(recipe.evaluate.limit)
         ev = recipe.evaluate  # every task problem now, before the model loads
         if ev.model != "hf" or ev.model_args is not None:
             raise PruneError("a run evaluates the model in memory (evaluate.model hf, no model_args); evaluate the saved "
