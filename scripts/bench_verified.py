@@ -24,6 +24,7 @@ import copy
 import datetime as dt
 import math
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -296,11 +297,16 @@ def wide_search(bench: Bench, k: int, starts: dict[str, list[int]], cap: int, ob
     KL (``objective`` perplexity_ratio: by the held-out perplexity instead, SLEB's criterion), from each
     start until no swap helps or ``cap`` new evaluations are spent. ``pair_radius`` r > 0: after the single
     swaps, also every TWO-block swap in which each of two removed blocks moves to a kept block at most r
-    positions away (nearest first). Every evaluated set's value is cached (a rerun resumes);
-    ``evaluations`` counts the sets not already cached."""
+    positions away (nearest first). Every evaluated set's value is cached (a rerun resumes; climbs by the same
+    objective on the same held-out windows share their values); ``evaluations`` counts the sets not already
+    cached."""
     suffix = ("" if objective == "kl_mean" else "_ppl") + (f"_pairs{pair_radius}" if pair_radius else "")
     path = CACHE / f"wide_k{k}_h{bench.heldout}{suffix}.json"
     data = read(path) or {"evaluated": {}, "runs": {}}
+    tag = "" if objective == "kl_mean" else "_ppl"
+    for sibling in CACHE.glob(f"wide_k*_h{bench.heldout}{tag}*.json"):  # a set's value depends only on the held-out
+        if re.fullmatch(rf"wide_k\d+_h{bench.heldout}{tag}(_pairs\d+)?", sibling.stem):  # windows and the objective:
+            data["evaluated"] = {**read(sibling)["evaluated"], **data["evaluated"]}  # reuse other climbs' values
     verify = Verifier(bench.ctx.model, bench.heldout_windows(), 4, 256, False)  # verified's batch and top-k
     L = bench.ctx.n_layers
     movable = [n for n in range(L) if n not in resolve_protect(PROTECT, L)]
