@@ -147,6 +147,9 @@ def test_backend_model_args_plumbing():
     assert backend_model_args("/d", None, gguf_file="m.gguf") == "pretrained=/d,gguf_file=m.gguf,use_kernels=False"
     with pytest.raises(PruneError, match="must not set pretrained"):
         backend_model_args("/m", "pretrained=/other")
+    # lm-eval reads getattr(torch, dtype): the toolkit's short and upper-case names go as torch's own
+    assert backend_model_args("/m", None, dtype="BF16") == "pretrained=/m,dtype=bfloat16,use_kernels=False"
+    assert backend_model_args("/m", None, dtype="Auto") == "pretrained=/m,use_kernels=False"
 
 
 def test_vllm_not_installed_is_one_line_before_loading(tiny_folder):

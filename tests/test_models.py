@@ -51,6 +51,9 @@ def test_source_errors_are_one_line(tmp_path):
         resolve_source(str(tmp_path / "empty"))
     with pytest.raises(PruneError, match="GGUF file not found"):
         resolve_source(str(tmp_path / "x.gguf"))
+    (tmp_path / "empty" / "m-Q8_0.gguf").write_bytes(b"GGUF")  # a folder of GGUF files: named, with the fix
+    with pytest.raises(PruneError, match=r"holds GGUF files \(m-Q8_0.gguf\) but no config.json: give the .gguf"):
+        resolve_source(str(tmp_path / "empty"))
     assert resolve_source("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
 
 

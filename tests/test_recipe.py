@@ -52,6 +52,7 @@ def test_unknown_key_names_valid_keys(tmp_path, tiny_folder):
     ("score", "positions", "middle", "'score.positions'"),
     ("score", "tau", 2, "'score.tau'"),
     ("model", "dtype", "float8", "unknown dtype 'float8'"),
+    ("model", "dtype", "Automatic", "unknown dtype 'Automatic'"),
     # a misspelt device or an unreadable size was read as no cap at all
     ("model", "max_memory", {"CPU": "16GiB"}, "key 'CPU' is not a device"),
     ("model", "max_memory", {"cpu": "garbage"}, "max_memory['cpu']='garbage' is not a size"),

@@ -50,9 +50,11 @@ def test_remote_code_is_not_run_unless_asked(tiny_folder, tmp_path):
     assert not marker.exists()
 
 
-def test_trust_remote_code_is_announced(tiny_folder, capsys):
-    prune.load(tiny_folder, trust_remote_code=True)
-    assert "trust_remote_code is ON" in capsys.readouterr().err
+def test_trust_remote_code_is_announced(tiny_folder, tmp_path, capsys):
+    folder = shutil.copytree(tiny_folder, tmp_path / "m")  # a checkpoint no other test announced in this process
+    prune.load(folder, trust_remote_code=True)
+    prune.load(folder, trust_remote_code=True)
+    assert capsys.readouterr().err.count("trust_remote_code is ON") == 1  # once per checkpoint, not per load
 
 
 def test_files_cannot_be_written_outside_the_output_folder(tiny_folder, tmp_path):

@@ -26,10 +26,10 @@ DTYPES: dict[str, torch.dtype] = {
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     """``"auto"`` (the checkpoint's own dtype) or a torch dtype from a name like ``"bfloat16"``."""
-    if dtype is None or dtype == "auto":
-        return "auto"
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype is None or str(dtype).lower() == "auto":
+        return "auto"
     try:
         return DTYPES[str(dtype).lower()]
     except KeyError:

@@ -183,11 +183,18 @@ def show(message: str, quiet: bool | None = None) -> None:
         print(message, flush=True)
 
 
+_ANNOUNCED: set[str] = set()
+
+
 def announce_remote_code(where: str) -> None:
-    """Say on stderr that code shipped with the checkpoint ``where`` will run (asked for by
-    ``--trust-remote-code`` or the recipe the user ran; never by a file inside an input folder)."""
+    """Say on stderr, once per checkpoint and process (the pre-flight and the load both ask), that code
+    shipped with the checkpoint ``where`` will run (asked for by ``--trust-remote-code`` or the recipe the
+    user ran; never by a file inside an input folder)."""
     import sys
 
+    if where in _ANNOUNCED:
+        return
+    _ANNOUNCED.add(where)
     print(f"note: trust_remote_code is ON for {where}: code from the checkpoint will run", file=sys.stderr)
 
 

@@ -64,6 +64,10 @@ def _classify(source: str | os.PathLike, gguf_file: str | None, revision: str | 
                 raise PruneError(f"GGUF file not found: {path / gguf_file} (check gguf_file)")
             return ModelSource("gguf", str(path), gguf_file, revision)
         if not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            if ggufs:
+                raise PruneError(f"{text} holds GGUF files ({', '.join(ggufs[:3])}{', ...' if len(ggufs) > 3 else ''}) "
+                                 "but no config.json: give the .gguf file's path, or set gguf_file")
             raise PruneError(
                 f"{text} is a folder but not a model: it has no config.json "
                 "(point to a folder written by save_pretrained, a .gguf file, or a Hub id)"
