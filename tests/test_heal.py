@@ -59,6 +59,7 @@ def no_adapters(model):
 
 
 # ---- LoRA ---------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("error::FutureWarning", "error:fan_in_fan_out:UserWarning")  # peft's noise under -q
 @pytest.mark.parametrize("arch, extra", [("llama", {}), ("gpt2", {}), ("llama", {"dora": True}),
                                          ("llama", {"lora_init": "olora", "lora_norms": True}),
                                          ("gpt2", {"lora_init": "pissa", "lora_norms": True})])

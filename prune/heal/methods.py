@@ -38,6 +38,7 @@ import math
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -302,13 +303,19 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
     flags = _trainable_state(model)
     if cfg.gradient_checkpointing:
         _gradient_checkpointing(model, True)
+    from transformers.pytorch_utils import Conv1D
+
+    modules = dict(model.named_modules())  # GPT-2's Conv1D stores (in, out): peft sets fan_in_fan_out, with a warning
+    conv1d = all(isinstance(modules[n], Conv1D) for n in targets)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.target_modules, lora_dropout=0.0,
-                      bias="none", task_type="CAUSAL_LM", use_dora=cfg.dora,
+                      bias="none", task_type="CAUSAL_LM", use_dora=cfg.dora, fan_in_fan_out=conv1d,
                       init_lora_weights=True if cfg.lora_init == "default" else cfg.lora_init)
     norms = norm_parameters(model) if cfg.lora_norms else {}
     norms_before = {n: p.detach().clone() for n, p in norms.items()}
     torch.manual_seed(cfg.seed)  # the adapters' random init follows heal.seed, not what ran before in the process
-    peft_model = get_peft_model(model, lcfg)  # pissa/olora: the base weights become the residual W - s*B0A0
+    with warnings.catch_warnings():  # peft reads transformers' deprecated alias: nothing a user can act on
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, lcfg)  # pissa/olora: the base weights become the residual W - s*B0A0
     initial = ({n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
                if cfg.lora_moves_base_weights else {})
     merged = False
