@@ -386,6 +386,26 @@ def test_overwrite_killed_mid_swap_keeps_a_complete_output(portable, model, tmp_
     assert digest(out) != old and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
+def test_an_error_between_the_two_renames_puts_the_old_output_back(tmp_path, monkeypatch):
+    """Without an atomic exchange, the old output is moved aside before the new one moves in: an
+    exception or Ctrl-C between the two left no output at all (the old one hidden, the new one removed)."""
+    from prune.io.staging import staged
+
+    monkeypatch.setenv("PRUNE_NO_RENAME_EXCHANGE", "1")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("old")
+    for fault in ("swapping:interrupt", "swapping:enospc"):
+        monkeypatch.setenv("PRUNE_FAULT", fault)
+        with pytest.raises((KeyboardInterrupt, PruneError)) as err:
+            with staged(out, overwrite=True) as stage:
+                (stage / "config.json").write_text("new")
+        assert (out / "config.json").read_text() == "old", fault
+        assert [p.name for p in tmp_path.iterdir()] == ["out"], fault  # nothing hidden, no staging folder
+        if err.type is PruneError:
+            assert "disk full" in str(err.value) and "the existing folder is untouched" in str(err.value)
+
+
 @pytest.mark.parametrize("portable", [False, True], ids=["rename_noreplace", "check_then_rename"])
 def test_an_output_that_appears_while_writing_is_not_replaced_without_overwrite(portable, tmp_path, monkeypatch):
     """Two runs with one output folder, neither with --overwrite: both pass the check at the start;

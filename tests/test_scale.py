@@ -159,6 +159,24 @@ def test_sequential_scores_equal_in_memory(arch, tokenizers_by_bos, calib_text, 
     assert not list(tmp_path.glob("prune-states-*"))  # spilled states are cleaned up
 
 
+def test_tied_embeddings_stored_under_the_heads_name_only(tokenizers_by_bos, calib_text, tmp_path):
+    """A tied pair saved as ``lm_head.weight`` alone: from_pretrained loads it (the embeddings tied to it);
+    sequential scoring said the checkpoint had no weights for the embeddings."""
+    from safetensors.torch import load_file, save_file
+
+    _, tok, folder = saved(tmp_path, "gpt2", tokenizers_by_bos)
+    state = load_file(folder / "model.safetensors")
+    state["lm_head.weight"] = state.pop("transformer.wte.weight")
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    model, _, _ = prune.load(folder)
+    w = windows_for(tok, calib_text)
+    assert_same_scores(prune.score(model, w, batch_size=2, progress=False),
+                       score_sequential(folder, w, batch_size=2, progress=False))
+    out = prune_checkpoint(folder, [2, 3], tmp_path / "out")  # out of core: the stored pair goes along as it was
+    pruned = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(pruned.get_input_embeddings().weight, model.get_input_embeddings().weight)
+
+
 def test_sequential_options_equal_in_memory(tokenizers_by_bos, calib_text, tmp_path):
     """positions=skip_first, pooled CKA groups, a metric subset and bfloat16 weights."""
     _, tok, folder = saved(tmp_path, "qwen2", tokenizers_by_bos)

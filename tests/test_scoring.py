@@ -175,6 +175,11 @@ def test_metric_subset_and_bad_arguments(llama, calib_text):
         prune.score(model, w, metrics=("bogus",), progress=False)
     with pytest.raises(PruneError, match="positions="):
         prune.score(model, w, positions="middle", progress=False)
+    # windows leaving no counted position: said so (it blamed non-finite activations, or an IndexError)
+    with pytest.raises(PruneError, match="windows of 1 token.* leave no position to score with positions=skip_first"):
+        prune.score(model, w[:, :1], metrics=("bi",), progress=False)
+    with pytest.raises(PruneError, match="windows of 0 token.* leave no position to score with positions=all"):
+        prune.score(model, w[:, :0], metrics=("bi",), positions="all", progress=False)
 
 
 def test_result_round_trips_through_json(llama, calib_text, tmp_path):

@@ -271,8 +271,13 @@ def replace_folder(stage: Path, out: Path, overwrite: bool = True) -> None:
         return
     old = out.parent / f".{out.name}{OLD_TAG}{os.getpid()}"
     out.rename(old)
-    fault_point("swapping")  # killed here: recover() finishes the swap
-    stage.rename(out)
+    try:
+        fault_point("swapping")  # killed here: recover() finishes the swap
+        stage.rename(out)
+    except BaseException:  # an error or Ctrl-C between the renames: the old folder goes back (staged() drops stage)
+        if not out.exists():
+            old.rename(out)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

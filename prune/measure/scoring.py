@@ -208,6 +208,9 @@ def check_score_args(windows: torch.Tensor, positions: str, metrics, cka_windows
         raise PruneError(f"cka_windows={cka_windows} must be at least 1")
     batch_size = -(-max(batch_size, 1) // cka_windows) * cka_windows
     first = 1 if positions == "skip_first" else 0
+    if windows.shape[1] - first < 1:
+        raise PruneError(f"windows of {windows.shape[1]} token(s) leave no position to score with positions={positions} "
+                         "(give longer windows)")
     if "cka" in metrics and windows.shape[1] - first <= 3:
         raise PruneError(f"CKA needs more than 3 counted tokens per window; seq_len={windows.shape[1]} is too short")
     return metrics, batch_size, first

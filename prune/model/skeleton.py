@@ -123,6 +123,15 @@ class Skeleton:
                 continue
             found = block_index(renamed, self.layers_path)
             self.block_of[key] = found[0] if found else None
+        self.load_as: dict[str, str] = {}  # checkpoint key -> the name it loads under, where not its own
+        tied, filled = dict(getattr(model, "all_tied_weights_keys", None) or {}), set(self.target.values())
+        for key in list(self.head_keys):  # a tied pair stored under the copy's name only (the LM head's), which
+            source = tied.get(self.target[key])  # from_pretrained loads into the copy and ties the source to it
+            if source is not None and source not in filled and source in meta_sd:
+                self.head_keys.remove(key)
+                self.target[key] = self.load_as[key] = source
+                found = block_index(source, self.layers_path)
+                self.block_of[key] = found[0] if found else None
         n = len(self.layers)
         found = {i for i in self.block_of.values() if i is not None}
         if found != set(range(n)):
@@ -161,7 +170,7 @@ class Skeleton:
     # ---- loading and freeing ----------------------------------------------------------------
     def _load(self, keys: list[str], params: list[str], what: str) -> None:
         model = self.model
-        state = {k: self.checkpoint.lazy(k) for k in keys}
+        state = {self.load_as.get(k, k): self.checkpoint.lazy(k) for k in keys}
         with _quiet_loading():
             info = load_state_dict_into(model, state, self.device, self.dtype, self.weight_mapping)
         if info.mismatched_keys:
