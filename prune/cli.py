@@ -404,6 +404,9 @@ def add_push(sub) -> None:
                    help="leave out files matching this glob (on the relative path or file name), e.g. 'eval.*' (repeatable)")
     p.add_argument("--token-file", default=None, help="read the Hub token from this file (never printed)")
     p.add_argument("--dry-run", action="store_true", help="print the files, sizes, repo and revision; send nothing")
+    p.add_argument("--keep-card", action="store_true",
+                   help="publish README.md as it is (by default the card is rendered anew for the repo; a card "
+                        "edited since prune wrote it is refused without this flag)")
     p.add_argument("--quiet", "-q", action="store_true", help="no check summary or progress messages")
     p.set_defaults(func=cmd_push)
 
@@ -413,7 +416,7 @@ def cmd_push(args) -> int:
 
     push(args.output_dir, args.repo_id, revision=args.revision, private=args.private,
          commit_message=args.commit_message, dry_run=args.dry_run, quiet=args.quiet, exclude=args.exclude,
-         create_pr=args.create_pr, token_file=args.token_file)
+         create_pr=args.create_pr, token_file=args.token_file, keep_card=args.keep_card)
     return 0
 
 
@@ -620,6 +623,9 @@ def add_heal(sub) -> None:
                                                           "and write eval.json / eval.md (original, pruned, healed); with "
                                                           "evaluate.fidelity the original is loaded once for its reference "
                                                           "(--source where pruning.json names it by name only)")
+    p.add_argument("--task-dir", dest="task_dir", action="append", default=[], metavar="DIR",
+                   help="with --evaluate: a folder of lm-eval task YAMLs, repeatable; replaces RUN_DIR's "
+                        "evaluate.task_dirs, which are never read from RUN_DIR's own recipe (task YAMLs can run Python)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run code shipped with the checkpoint (off by default; never taken from RUN_DIR's own files)")
@@ -632,7 +638,8 @@ def cmd_heal(args) -> int:
 
     heal_run(args.run_dir, args.output, method=args.method, config=args.config, data=args.data, field=args.field,
              rows=args.rows, overrides=args.overrides, evaluate=args.evaluate, overwrite=args.overwrite, quiet=args.quiet,
-             trust_remote_code=args.trust_remote_code, source=args.source, calibration=args.calibration_data)
+             trust_remote_code=args.trust_remote_code, source=args.source, calibration=args.calibration_data,
+             task_dirs=args.task_dir)
     return 0
 
 

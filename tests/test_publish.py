@@ -493,6 +493,11 @@ def test_mergekit_slices_cover_exactly_the_kept_blocks(chain, tmp_path, capsys):
     assert prune_main(["export-mergekit", str(chain["step2"]), "-o", str(chain["step2"] / "pruning.json")]) == 2
     assert "is a file of the run folder" in capsys.readouterr().err
     assert (chain["step2"] / "pruning.json").read_bytes() == record_bytes
+    config_bytes = (chain["source"] / "config.json").read_bytes()  # nor a file of --model (it replaced config.json)
+    assert prune_main(["export-mergekit", str(chain["step2"]), "--model", str(chain["source"]), "-o",
+                       str(chain["source"] / "config.json"), "--overwrite"]) == 2
+    assert "is inside the --model" in capsys.readouterr().err
+    assert (chain["source"] / "config.json").read_bytes() == config_bytes
     assert prune_main(["export-mergekit", str(chain["step2"]), "-o", str(tmp_path / "mk.yaml")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert prune_main(["export-mergekit", str(chain["step2"]), "-o", str(tmp_path / "mk.yaml"), "--overwrite"]) == 0
@@ -576,3 +581,83 @@ def test_public_path_rules(tmp_path, monkeypatch):
     assert public_path("~/models/m") == "<local>/m" and public_path("runs/a") == "runs/a"
     assert public_data({"a": ["/x/y", "org/model", 3], "b": "https://huggingface.co/x"}) == {
         "a": ["<local>/y", "org/model", 3], "b": "https://huggingface.co/x"}
+
+
+# ---- 5. what a push must not send, and what check must not pass ----------------------------------------
+def test_push_refuses_tokens_needed_excludes_and_edited_cards(chain, tmp_path):
+    """From a review: a file holding a token, Python caches, an --exclude of config.json or the weights
+    and a hand-edited card (rendered anew, the edits dropped) all went up."""
+    from prune.export.card import card_edited
+
+    folder = Path(shutil.copytree(chain["step1"], tmp_path / "step1"))
+    (folder / "notes.txt").write_text("export HF_TOKEN=" + TOKEN + "\n")
+    with pytest.raises(PruneError, match=r"notes.txt holds what looks like a Hugging Face token \(not shown\).*"
+                                         r"--exclude notes.txt") as err:
+        push(folder, "me/x", dry_run=True, quiet=True)
+    assert TOKEN not in str(err.value)
+    (folder / "notes.txt").unlink()
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "card.cpython-311.pyc").write_bytes(b"\0")
+    assert not [n for n, _ in push(folder, "me/x", dry_run=True, quiet=True).files if "pycache" in n]
+    for needed in ("config.json", "model.safetensors"):
+        with pytest.raises(PruneError, match=f"--exclude leaves out {needed}, which a pushed model needs"):
+            push(folder, "me/x", dry_run=True, quiet=True, exclude=[needed])
+    card = (folder / "README.md").read_text()
+    assert card_edited(card) is False and card_edited(card.replace("<!-- prune", "<!-- x")) is None
+    (folder / "README.md").write_text(card.replace("## How to load", "## Intended use\n\nMine.\n\n## How to load"))
+    with pytest.raises(PruneError, match="README.md was edited since prune wrote it.*--keep-card"):
+        push(folder, "me/x", dry_run=True, quiet=True)
+    plan = push(folder, "me/x", dry_run=True, quiet=True, keep_card=True)
+    assert "README.md" not in plan.rendered and "pruning.json" in plan.rendered
+    assert dict(plan.files)["README.md"] == (folder / "README.md").stat().st_size  # sent as it is
+
+
+def test_check_compares_the_record_and_the_card_files_with_the_folder(chain, tmp_path):
+    """pruning.json's parameter count, dtype and model type (the card repeats them), a damaged eval.json
+    (the card then said nothing was evaluated) and weights of another shape than config.json builds (the
+    message named no tensor)."""
+    good = check_checkpoint(chain["step1"], require_export=True)
+    assert good.ok, good.summary()
+    record = json.loads((chain["step1"] / "pruning.json").read_text())
+    for change, expected in ((dict(params_after=999), "records 999 parameters after pruning but the weights hold"),
+                             (dict(dtype="bfloat16"), "records the weights saved as bfloat16 but they are stored as F32"),
+                             (dict(model_type="mistral"), "records model_type 'mistral' but config.json says 'llama'")):
+        folder = Path(shutil.copytree(chain["step1"], tmp_path / next(iter(change))))
+        (folder / "pruning.json").write_text(json.dumps({**record, **change}))
+        found = check_checkpoint(folder, require_export=True)
+        assert [f.message for f in found.problems] == [f"pruning.json {expected} {record['params_after']:,}"
+                                                       if "parameters" in expected else f"pruning.json {expected}"]
+    # free-form sections in shapes prune never writes: push --dry-run raised KeyError / ValueError (exit 1)
+    for change in (dict(msrs_before={"foo": 1}), dict(healing={"method": "lora"}),
+                   dict(selection={**record["selection"], "strategy": "contiguous",
+                                   "details": {"start": 3, "n": 2, "distance": "x"}})):
+        folder = Path(shutil.copytree(chain["step1"], tmp_path / f"card-{next(iter(change))}"))
+        (folder / "pruning.json").write_text(json.dumps({**record, **change}))
+        with pytest.raises(PruneError, match=r"pruning.json does not render as a model card \((KeyError|ValueError)"):
+            push(folder, "me/x", dry_run=True, quiet=True)
+    folder = Path(shutil.copytree(chain["step1"], tmp_path / "eval"))
+    for damaged in (b"{not json", b"\xff\xfe"):
+        (folder / "eval.json").write_bytes(damaged)
+        problems = check_checkpoint(folder, require_export=True).problems
+        assert len(problems) == 1 and problems[0].message.startswith("eval.json does not read as JSON")
+    with pytest.raises(PruneError, match="eval.json does not read as JSON"):
+        push(folder, "me/x", dry_run=True, quiet=True)
+    folder = Path(shutil.copytree(chain["step1"], tmp_path / "shape"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] + 8}))
+    message = " ".join(f.message for f in check_checkpoint(folder).problems)
+    assert "mismatched (e.g. model.layers.0.mlp." in message and "in the weights" in message, message
+
+
+def test_card_table_license_and_version_details():
+    from prune.core.console import versions
+    from prune.core.records import OriginalModel
+    from prune.core.tables import comparison_markdown
+    from prune.export.card import hub_license
+
+    row = {"name": "arc_easy", "metric": "acc", "original": 0.2, "pruned": float("nan"), "stderr_original": 0.09,
+           "stderr_pruned": 0.09, "retained": float("nan")}
+    assert comparison_markdown([row]).splitlines()[-1] == "| arc_easy | acc | 0.2000 ± 0.0900 | NaN | - |"
+    assert hub_license(OriginalModel(n_layers=8, license="CC BY-NC 4.0")) == {"license": "cc-by-nc-4.0"}
+    assert hub_license(OriginalModel(n_layers=8, license="My Own Terms")) == {"license": "other", "license_name": "my-own-terms"}
+    assert versions()["prune-layers"] == prune.__version__  # an editable install's metadata said 0.1.0

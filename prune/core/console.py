@@ -15,8 +15,9 @@ def versions() -> dict[str, str]:
     """Library versions recorded beside every result."""
     import importlib.metadata as md
 
-    out = {"python": platform.python_version()}
-    for name in ("prune-layers", "torch", "transformers", "accelerate", "datasets", "lm_eval", "huggingface_hub", "peft"):
+    # prune's own: the code running (an editable install's metadata keeps the version it was installed at)
+    out = {"python": platform.python_version(), "prune-layers": __version__}
+    for name in ("torch", "transformers", "accelerate", "datasets", "lm_eval", "huggingface_hub", "peft"):
         try:
             out[name] = md.version(name)
         except md.PackageNotFoundError:

@@ -28,6 +28,11 @@ def looks_like_token(text: str) -> bool:
     return bool(TOKEN_SHAPE.search(text)) or any(t in text for t in known_tokens())
 
 
+def holds_token(data: bytes) -> bool:
+    """Whether the bytes of a file hold something shaped like a token, or a token this process can see."""
+    return bool(re.search(TOKEN_SHAPE.pattern.encode(), data)) or any(t.encode() in data for t in known_tokens())
+
+
 def redact(text: str) -> str:
     """``text`` with every token replaced by ``***``."""
     for token in known_tokens():

@@ -79,6 +79,8 @@ def code_text(text) -> str:
 def _fmt(value, metric: str) -> str:
     if value is None:
         return "-"
+    if value != value:  # a metric lm-eval could not compute
+        return "NaN"
     if metric == "count":
         return f"{value:,}"
     if metric in ("mean", "p99"):  # KL values span orders of magnitude
@@ -96,9 +98,9 @@ def comparison_cells(rows: list[dict]) -> list[list[str]]:
     for r in rows:
         a = _fmt(r["original"], r["metric"])
         b = _fmt(r["pruned"], r["metric"])
-        if r["stderr_original"] is not None:
+        if r["stderr_original"] is not None and a != "NaN":
             a += f" ± {r['stderr_original']:.4f}"
-        if r["stderr_pruned"] is not None:
+        if r["stderr_pruned"] is not None and b != "NaN":
             b += f" ± {r['stderr_pruned']:.2g}" if r["metric"] == "mean" else f" ± {r['stderr_pruned']:.4f}"
         cells.append([r["name"], r["metric"], a, b, fmt_retained(r)])
     return cells
@@ -113,7 +115,7 @@ def comparison_markdown(rows: list[dict]) -> str:
 def fmt_retained(row: dict) -> str:
     """A row's retained value: ``x2.80`` for perplexity and every other lower-is-better measure (a
     factor), ``97.5%`` otherwise (counts too), ``-`` if unknown."""
-    if row["retained"] is None:
+    if row["retained"] is None or row["retained"] != row["retained"]:
         return "-"
     if row.get("lower_is_better") and row["metric"] != "count":  # perplexity's rows are marked so too
         return f"x{row['retained']:.2f}"

@@ -62,6 +62,11 @@ _LICENSE_ALIASES = {"apache 2.0": "apache-2.0", "apache2": "apache-2.0", "apache
                     "apache license 2.0": "apache-2.0", "apache license, version 2.0": "apache-2.0",
                     "apache-2.0 license": "apache-2.0", "mit license": "mit", "the mit license": "mit"}
 _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
+#: Hub license identifiers a spelled-out name slugs to ("CC BY-NC 4.0" -> cc-by-nc-4.0)
+_HUB_LICENSES = {f"cc-{kind}-{v}" for kind in ("by", "by-sa", "by-nc", "by-nd", "by-nc-nd", "by-nc-sa")
+                 for v in ("2.0", "2.5", "3.0", "4.0")} | {
+    "cc0-1.0", "gpl-2.0", "gpl-3.0", "lgpl-2.1", "lgpl-3.0", "agpl-3.0", "bsd-2-clause", "bsd-3-clause", "mpl-2.0",
+    "epl-2.0", "eupl-1.2", "llama2", "llama3", "llama3.1", "llama3.2", "llama3.3", "llama4", "gemma", "openrail"}
 
 TEMPLATE = "modelcard.md"
 _LOCAL_TEXT = (*TEXT_SUFFIXES, ".csv", ".parquet", ".md", ".gz")  # what load_text reads, and other files by name
@@ -96,8 +101,9 @@ def hub_license(original: OriginalModel | None) -> dict[str, str]:
     if not value:
         return {}
     key = _LICENSE_ALIASES.get(value.lower(), value.lower())
-    out = {"license": key} if _LICENSE_ID.match(key) else {
-        "license": "other", "license_name": re.sub(r"[^a-z0-9.]+", "-", value.lower()).strip("-.") or "custom"}
+    slug = re.sub(r"[^a-z0-9.]+", "-", value.lower()).strip("-.") or "custom"
+    out = ({"license": key} if _LICENSE_ID.match(key) else {"license": slug} if slug in _HUB_LICENSES
+           else {"license": "other", "license_name": slug})
     if out["license"] == "other":
         for extra in ("license_name", "license_link"):
             if getattr(original, extra, None):
@@ -152,7 +158,10 @@ def method_line(step: PruningStep) -> str:
     if line is None and not sel and step.command == "remove":
         return "blocks chosen by hand (`prune remove`)"
     if line is None:
-        line = f"strategy `{strategy}`" + (f", metric `{metric}`" if metric else "") + " (details in pruning.json 'selection')"
+        from prune.core.tables import code_text  # a record's strings may hold anything: one line, no code span ends
+
+        line = (f"strategy `{code_text(strategy)}`" + (f", metric `{code_text(metric)}`" if metric else "")
+                + " (details in pruning.json 'selection')")
     details = sel.get("details") or {}
     if strategy == "contiguous" and "start" in details and "distance" in details:
         line += f"; here l* = {details['start']}, n = {details['n']}, d = {details['distance']:.4f}"
@@ -167,7 +176,9 @@ def method_line(step: PruningStep) -> str:
 def short_method(step: PruningStep) -> str:
     if not step.selection:
         return "by hand (prune remove)" if step.command == "remove" else "?"
-    return f"{step.strategy or '?'}" + (f" / {step.metric}" if step.metric else "")
+    from prune.core.tables import md_text  # a table cell: a record's strings may hold anything
+
+    return md_text(f"{step.strategy or '?'}" + (f" / {step.metric}" if step.metric else ""))
 
 
 def source_name(source: SourceRecord | None, repo_id: str | None = None) -> str:
@@ -379,4 +390,26 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
         recipe=(recipe_yaml or "").strip(), earlier_recipes=earlier_recipes, versions=versions_line(record.versions),
         command=record.command or "save",
     )
-    return str(card)
+    return stamp_card(str(card))
+
+
+_STAMP = re.compile(r"\n\n<!-- prune: generated card, sha256 ([0-9a-f]{16}) -->\n?\Z")
+
+
+def _card_digest(body: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def stamp_card(text: str) -> str:
+    """``text`` ending in a comment (hidden on the Hub) with the digest of what precedes it: a later push
+    tells a card as prune wrote it, which it may render anew, from one edited by hand (:func:`card_edited`)."""
+    body = text.rstrip("\n")
+    return f"{body}\n\n<!-- prune: generated card, sha256 {_card_digest(body)} -->\n"
+
+
+def card_edited(text: str) -> bool | None:
+    """Whether a card ``prune`` stamped was changed since (None: no stamp, written by hand or by prune < 0.2)."""
+    found = _STAMP.search(text)
+    return None if found is None else _card_digest(text[:found.start()]) != found.group(1)

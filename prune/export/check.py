@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,7 +125,7 @@ def check_checkpoint(folder: str | os.PathLike, *, require_export: bool = False,
     config = _check_config(path, report)
     headers = _check_weight_files(path, report)
     if config is not None:
-        skeleton = _meta_skeleton(config, report)
+        skeleton = _meta_skeleton(config, report, headers)
         if skeleton is not None and headers is not None:
             _check_blocks(config, skeleton, headers, report)
         if headers is not None and not _weights_failed(report):
@@ -234,8 +235,21 @@ def _check_weight_files(path: Path, report: CheckReport) -> dict[str, dict] | No
     return headers
 
 
-def _meta_skeleton(config, report: CheckReport):
-    """The model built from ``config`` on the meta device (no memory), or ``None``."""
+#: blocks a config may name beyond the highest block number in the weights before the model is not even built
+#: (its block objects alone: 50,000 took 2.3 GB and 82 s, 10**9 would exhaust memory); fewer go to _check_blocks
+BUILD_SLACK = 1024
+
+
+def _meta_skeleton(config, report: CheckReport, headers: dict | None = None):
+    """The model built from ``config`` on the meta device (no memory), or ``None``; with ``headers``, not
+    for a config naming far more blocks than any tensor name numbers (a failed finding instead)."""
+    n = getattr(config, "num_hidden_layers", None)
+    if headers is not None and isinstance(n, int):
+        numbers = [int(found.group(1)) for key in headers if (found := re.search(r"\.(\d+)\.", key))]
+        stored = max(numbers, default=-1) + 1
+        if n > stored + BUILD_SLACK:
+            report.add("blocks", "fail", f"config.num_hidden_layers={n} but the weights hold at most {stored} blocks")
+            return None
     try:
         return meta_model(config)
     except Exception as exc:  # noqa: BLE001
@@ -303,9 +317,11 @@ def _check_transformers_load(path: Path, report: CheckReport) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            # as every load (`kernels` also refuses the meta device)
+            # as every load (`kernels` also refuses the meta device); sizes that differ are reported below, by
+            # name (the refusal of a plain load points at a report its logging level hides)
             model, info = AutoModelForCausalLM.from_pretrained(
-                path, device_map="meta", output_loading_info=True, use_kernels=USE_HUB_KERNELS)
+                path, device_map="meta", output_loading_info=True, use_kernels=USE_HUB_KERNELS,
+                ignore_mismatched_sizes=True)
     except Exception as exc:  # noqa: BLE001
         report.add("load", "fail", f"AutoModelForCausalLM.from_pretrained fails: {first_line(exc)}")
         return
@@ -313,9 +329,14 @@ def _check_transformers_load(path: Path, report: CheckReport) -> None:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+    report.facts["model_params"] = sum(p.numel() for p in model.parameters())  # tied weights once, as prune counts
     bad = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if any(bad.values()):
         parts = [f"{len(v)} {k.replace('_keys', '')} (e.g. {_key_name(v[0])})" for k, v in bad.items() if v]
+        if bad["mismatched_keys"] and isinstance(bad["mismatched_keys"][0], tuple):
+            name, stored, built = bad["mismatched_keys"][0][:3]
+            parts[-1] = (f"{len(bad['mismatched_keys'])} mismatched (e.g. {name}: {tuple(stored)} in the weights, "
+                         f"{tuple(built)} in the model config.json builds)")
         report.add("load", "fail", "from_pretrained reports " + ", ".join(parts)
                    + ": transformers would initialise or drop these weights")
     else:
@@ -412,6 +433,15 @@ def _check_export_files(path: Path, config, report: CheckReport, required: bool)
         else:
             keys = ", ".join(f"{k}: {data[k]}" for k in ("base_model", "license") if data.get(k))
             report.add("card", "ok", f"README.md, front matter parses ({keys or 'no base_model/license'})")
+    for name, parse in (("eval.json", json.loads), ("recipe.yaml", None)):  # the card is rendered from them
+        if (path / name).is_file():
+            try:
+                text = (path / name).read_text(encoding="utf-8")
+                if parse is not None and not isinstance(parse(text), dict):
+                    raise ValueError("not a JSON object")
+            except (UnicodeDecodeError, ValueError) as exc:
+                report.add("card", "fail", f"{name} does not read as {'JSON' if parse else 'UTF-8 text'} ({first_line(exc)}): "
+                                           "the card would leave out what it holds; restore or remove it")
     file = path / RECORD_FILE
     if not file.is_file():
         report.add("pruning", missing, "pruning.json is missing (not an output of `prune run`)")
@@ -420,6 +450,10 @@ def _check_export_files(path: Path, config, report: CheckReport, required: bool)
         record = read_record(file)
     except PruneError as exc:
         report.add("pruning", "fail", str(exc).replace(str(file), "pruning.json"))
+        return
+    problem = _card_problem(path, record)
+    if problem:
+        report.add("pruning", "fail", problem)
         return
     if config is None:  # an adapter folder: no blocks of its own
         report.add("pruning", "ok", f"adapter of a pruned model; removed blocks of the original: "
@@ -432,9 +466,49 @@ def _check_export_files(path: Path, config, report: CheckReport, required: bool)
         said = after if after is not None else len(kept)
         report.add("pruning", "fail", f"pruning.json records {said} blocks after pruning but the config has {n}")
         return
+    said = _record_disagreement(record, config, report.facts)
+    if said:
+        report.add("pruning", "fail", f"pruning.json {said}")
+        return
     steps = len(record.history) + 1
     removed = record.removed_original_all or record.removed
     report.add("pruning", "ok", f"{steps} pruning step{'s' if steps > 1 else ''}; removed blocks of the original: {removed}")
+
+
+SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def _card_problem(path: Path, record) -> str | None:
+    """Why the card cannot be rendered from ``pruning.json`` (its free-form sections: scores, selection
+    details, healing, in a shape prune never wrote), as ``prune push`` renders it; None when it can."""
+    from prune.export.card import render_card
+
+    try:
+        evaluation = json.loads((path / "eval.json").read_text(encoding="utf-8")) if (path / "eval.json").is_file() else {}
+    except (OSError, ValueError):
+        evaluation = {}  # reported on its own
+    evaluation = evaluation if isinstance(evaluation, dict) else {}
+    try:
+        render_card(record, rows=evaluation.get("rows"), settings=evaluation.get("settings"))
+    except Exception as exc:  # noqa: BLE001 - any failure of a hand-edited record: one line, not a traceback
+        return (f"pruning.json does not render as a model card ({type(exc).__name__}: {first_line(exc)}), as prune "
+                "push would; restore the file")
+    return None
+
+
+def _record_disagreement(record, config, facts: dict) -> str | None:
+    """What ``pruning.json`` says of the folder that the folder contradicts (the card and a push repeat
+    it): the model type, the parameter count (tied weights once) and the saved dtype."""
+    if record.model_type and record.model_type != config.model_type:
+        return f"records model_type {record.model_type!r} but config.json says {config.model_type!r}"
+    counted = facts.get("model_params")
+    if record.params_after is not None and counted is not None and record.params_after != counted:
+        return f"records {record.params_after:,} parameters after pruning but the weights hold {counted:,}"
+    floats = {d for d in facts.get("dtypes", ()) if d in SAFETENSORS_DTYPES.values()}
+    code = SAFETENSORS_DTYPES.get(record.dtype or "")
+    if code and floats and code not in floats:
+        return f"records the weights saved as {record.dtype} but they are stored as {'/'.join(sorted(floats))}"
+    return None
 
 
 # ---- small helpers ---------------------------------------------------------------------

@@ -155,7 +155,8 @@ def export_mergekit(run_dir: str | os.PathLike, output: str | os.PathLike | None
     out = Path(output).expanduser() if output else run / "mergekit.yaml"
     if output and out.resolve() != (run / "mergekit.yaml").resolve():  # never over the run's files or another input
         inputs = [(run / f.name, "a file of the run folder", False) for f in run.iterdir() if f.name != "mergekit.yaml"]
-        check_output(out, [*input_paths(run, label="the run folder", inside_ok=True), *inputs], overwrite=overwrite,
+        check_output(out, [*input_paths(run, label="the run folder", inside_ok=True), *inputs,
+                           *input_paths(model, label="the --model")], overwrite=overwrite,
                      kind="file", what="--output file", flag="--output")
     record = read_record(run / RECORD_FILE)
     model_config = None

@@ -3,9 +3,12 @@
 ``push(folder, repo_id)``:
   1. refuses a folder that is not a complete checkpoint (:func:`prune.check.check_checkpoint`
      with the card and ``pruning.json`` required) before anything is sent;
-  2. lists the files to upload (every regular file; hidden names and ``exclude`` glob
-     patterns left out) and re-renders the card for the repo (:func:`card_for_repo`: the
-     load snippet names ``repo_id``, ``pruning.json`` records ``repo_id``). With
+  2. lists the files to upload (every regular file; hidden names, Python caches and ``exclude``
+     glob patterns left out; a file holding something shaped like a token, or an exclude
+     leaving out a file the model needs, refused) and re-renders the card for the repo
+     (:func:`card_for_repo`: the load snippet names ``repo_id``, ``pruning.json`` records
+     ``repo_id``); a card edited since prune wrote it is refused, or with ``keep_card`` sent as it
+     is. With
      ``dry_run=True`` it prints this plan and stops: no network, no token needed;
   3. ``HfApi.create_repo(repo_id, private=..., exist_ok=True)``, ``create_branch`` for a
      revision other than ``main``, then one ``create_commit`` of exactly the listed files
@@ -88,8 +91,42 @@ class UploadPlan:
         return "\n".join(lines)
 
 
+#: never uploaded: Python's caches (a folder someone ran code in)
+NEVER_SENT = ("__pycache__", "*.pyc")
+#: files a token is not looked for in (weights: large, binary, and written by prune)
+UNSCANNED = ("*.safetensors", "*.gguf")
+SCAN_LIMIT = 64 * 2**20  # bytes: larger files are read in pieces
+
+
+def needed_files(folder: Path) -> list[str]:
+    """The files loading ``folder`` needs: config and weights (an index and its shards), or an adapter's."""
+    from prune.io.safetensors import INDEX_NAME, read_index
+
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        return ["adapter_config.json", "adapter_model.safetensors"]
+    weight_map, shards = read_index(folder)
+    return ["config.json", *([INDEX_NAME] if weight_map is not None else []), *shards]
+
+
+def _holds_token(folder: Path, name: str, rendered: dict[str, str]) -> bool:
+    from prune.core.secrets import holds_token
+
+    if name in rendered:
+        return holds_token(rendered[name].encode())
+    if any(fnmatch.fnmatch(Path(name).name, p) for p in UNSCANNED):
+        return False
+    with open(folder / name, "rb") as f:
+        tail = b""
+        while chunk := f.read(SCAN_LIMIT):
+            if holds_token(tail + chunk):
+                return True
+            tail = chunk[-200:]  # a token across two pieces
+    return False
+
+
 def upload_files(folder: Path, exclude: list[str] | tuple[str, ...] = ()) -> list[tuple[str, int]]:
-    """Every regular file under ``folder`` (sorted, POSIX relative paths), hidden names and files
+    """Every regular file under ``folder`` (sorted, POSIX relative paths), hidden names, Python's caches
+    (:data:`NEVER_SENT`) and files
     matching an ``exclude`` glob pattern (on the relative path or the file name) left out.
     Symbolic links are resolved: one that leads outside ``folder`` (a planted link to
     ``$HF_HOME/token``, to ``~/.ssh``) is refused, so nothing outside the folder is ever sent."""
@@ -97,7 +134,7 @@ def upload_files(folder: Path, exclude: list[str] | tuple[str, ...] = ()) -> lis
     root = folder.resolve()
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts):
+        if any(part.startswith(".") or any(fnmatch.fnmatch(part, p) for p in NEVER_SENT) for part in rel.parts):
             continue
         if any(fnmatch.fnmatch(rel.as_posix(), p) or fnmatch.fnmatch(rel.name, p) for p in exclude):
             continue
@@ -203,8 +240,10 @@ def check_can_push(repo_id: str, token: str | None = None) -> None:
 
 # ---- push -------------------------------------------------------------------------------------
 def plan_push(folder: str | os.PathLike, repo_id: str, *, revision: str | None = None, private: bool = True,
-              commit_message: str | None = None, quiet: bool = False, exclude=(), create_pr: bool = False) -> UploadPlan:
-    """Check the folder (refusing an incomplete one) and list what a push would send."""
+              commit_message: str | None = None, quiet: bool = False, exclude=(), create_pr: bool = False,
+              keep_card: bool = False) -> UploadPlan:
+    """Check the folder (refusing an incomplete one, a file holding a token, a card edited by hand unless
+    ``keep_card``: then it goes as it is) and list what a push would send."""
     from prune.core.secrets import looks_like_token
 
     check_repo_id(repo_id)
@@ -219,18 +258,31 @@ def plan_push(folder: str | os.PathLike, repo_id: str, *, revision: str | None =
         print(report.summary(), flush=True)
     report.raise_for_problems("refusing to push", shown=not quiet)
     rendered = card_for_repo(path, repo_id, revision)
+    if "README.md" in rendered and (path / "README.md").is_file():
+        from prune.export.card import card_edited
+
+        if keep_card:
+            del rendered["README.md"]
+        elif card_edited((path / "README.md").read_text(encoding="utf-8", errors="replace")):
+            raise PruneError(f"{path / 'README.md'} was edited since prune wrote it: a push renders the card anew from "
+                             "pruning.json and would drop the edits; pass --keep-card to publish it as it is")
     files = [(name, len(rendered[name].encode()) if name in rendered else size)
              for name, size in upload_files(path, list(exclude))]
-    for name in ("README.md", RECORD_FILE):
-        if name in rendered and name not in {n for n, _ in files}:
+    sent = {n for n, _ in files}
+    for name in [n for n in ("README.md", RECORD_FILE) if n in rendered] + needed_files(path):
+        if name not in sent:
             raise PruneError(f"--exclude leaves out {name}, which a pushed model needs (remove that pattern)")
+    for name, _ in files:
+        if _holds_token(path, name, rendered):
+            raise PruneError(f"refusing to push: {name} holds what looks like a Hugging Face token (not shown); remove "
+                             f"it from the file, or leave the file out with --exclude {name}")
     return UploadPlan(path, repo_id, revision or DEFAULT_BRANCH, private, commit_message or default_commit_message(path),
                       files, rendered, create_pr, list(exclude))
 
 
 def push(folder: str | os.PathLike, repo_id: str, *, revision: str | None = None, private: bool = True,
          commit_message: str | None = None, dry_run: bool = False, quiet: bool = False, exclude=(),
-         create_pr: bool = False, token_file: str | os.PathLike | None = None) -> UploadPlan | str:
+         create_pr: bool = False, token_file: str | os.PathLike | None = None, keep_card: bool = False) -> UploadPlan | str:
     """Push ``folder`` to ``repo_id`` (see module docstring). Returns the plan for a dry
     run, otherwise the URL of the commit (or of the pull request)."""
     token = read_token_file(token_file) if token_file else None
@@ -241,7 +293,7 @@ def push(folder: str | os.PathLike, repo_id: str, *, revision: str | None = None
     if token_file:  # the token file never goes up, wherever it lies
         exclude = [*exclude, *_inside(Path(token_file), Path(folder))]
     plan = plan_push(folder, repo_id, revision=revision, private=private, commit_message=commit_message, quiet=quiet,
-                     exclude=exclude, create_pr=create_pr)
+                     exclude=exclude, create_pr=create_pr, keep_card=keep_card)
     if dry_run:
         from huggingface_hub import get_token
 

@@ -31,7 +31,7 @@ from prune.io.guard import input_paths
 from prune.measure.scoring import ScoreResult
 from prune.choose.rules import Selection
 from prune.choose.verified import margin, margin_line
-from prune.core.tables import COMPARISON_HEADER, comparison_cells
+from prune.core.tables import COMPARISON_HEADER, code_text, comparison_cells
 
 SCORE_ONLY = tuple(names(needs_model=False))
 DPI = 110
@@ -233,7 +233,7 @@ def msrs_lines(scores: ScoreResult, original: list[int] | None = None) -> list[s
 
 def selection_lines(sel: Selection) -> list[str]:
     d = sel.details or {}
-    lines = [f"strategy `{sel.strategy}`" + (f", metric `{sel.metric}`" if sel.metric else "") +
+    lines = [f"strategy `{code_text(sel.strategy)}`" + (f", metric `{code_text(sel.metric)}`" if sel.metric else "") +
              f": removes {len(sel.removed)} of {sel.n_layers} blocks (0-based) {sel.removed}"]
     if "forward_passes" in d:
         lines.append(f"cost: {d['forward_passes']} forward passes over the calibration windows "
