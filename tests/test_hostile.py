@@ -136,6 +136,48 @@ def test_heal_never_takes_trust_remote_code_from_the_run_folder(run_dir, tmp_pat
     assert done.stderr.count("trust_remote_code is ON") == 1  # the pre-flight and the load said it twice
 
 
+def test_heal_never_reads_task_folders_from_the_run_folders_recipe(run_dir, tmp_path):
+    """lm-eval's ``!function`` imports Python beside a task YAML: a downloaded run folder whose recipe named its
+    own task folder had that code run by `prune heal --evaluate`, no flag asked."""
+    evil = Path(shutil.copytree(run_dir, tmp_path / "downloaded"))
+    marker = tmp_path / "pwned"
+    (evil / "tasks").mkdir()
+    (evil / "tasks" / "data.jsonl").write_text(json.dumps({"q": "pick"}) + "\n")
+    (evil / "tasks" / "utils.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+                                             "def process_docs(ds):\n    return ds\n")
+    (evil / "tasks" / "evil.yaml").write_text(
+        "task: evil_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {str(evil / 'tasks' / 'data.jsonl')!r}\ntest_split: test\noutput_type: multiple_choice\n"
+        "process_docs: !function utils.process_docs\ndoc_to_text: '{{q}}'\ndoc_to_choice: \"{{['a', 'b']}}\"\n"
+        "doc_to_target: 0\nmetric_list:\n  - metric: acc\n")
+    recipe = yaml.safe_load((evil / "recipe.yaml").read_text())
+    recipe["evaluate"].update(tasks=["evil_task"], task_dirs=[str(evil / "tasks")], limit=1)
+    (evil / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+
+    done = heal_cli(evil, tmp_path / "healed", "--evaluate", in_process=True)
+    assert done.returncode == 2 and "whose YAML files can import Python" in done.stderr, done.stderr
+    assert f"--task-dir {evil / 'tasks'}" in done.stderr and not marker.exists()
+    # control: the planted code is real, and runs when the user names the folder
+    done = heal_cli(evil, tmp_path / "healed2", "--evaluate", "--task-dir", evil / "tasks")
+    assert done.returncode == 0, done.stderr
+    assert marker.exists()
+
+
+def test_a_records_strings_cannot_add_markup_to_the_card_or_report(run_dir, tmp_path, capsys):
+    """A selection strategy holding a backtick, line breaks and HTML broke out of its code span and table cell:
+    a raw <script> line and a new heading in the card of the next step, and in report.md."""
+    evil = Path(shutil.copytree(run_dir, tmp_path / "downloaded"))
+    record = json.loads((evil / "pruning.json").read_text())
+    record["selection"]["strategy"] = "x`\n\n<script>alert(1)</script>\n# H"
+    (evil / "pruning.json").write_text(json.dumps(record))
+    assert cli(capsys, "remove", evil, "--blocks", "2", "-o", tmp_path / "out")[0] == 0
+    assert cli(capsys, "report", evil, "-o", tmp_path / "rep")[0] == 0
+    for text in ((tmp_path / "out" / "README.md").read_text(), (tmp_path / "rep" / "report.md").read_text()):
+        lines = text.splitlines()
+        assert not [line for line in lines if line.startswith(("<script>", "# H"))]
+        assert not [line for line in lines if "<script>" in line and "`" not in line]  # only shown inside code spans
+
+
 def test_heal_without_training_text_names_its_flag(run_dir, tmp_path, capsys):
     """It named the recipe key (heal.data.path: ...), which prune heal takes only through --config."""
     refused(capsys, "heal", run_dir, "-o", tmp_path / "h", "--method", "lora",
@@ -427,6 +469,16 @@ def test_an_output_that_appears_while_writing_is_not_replaced_without_overwrite(
 
 
 # ==== 3. weights must match the config ===========================================================
+def test_a_config_naming_a_billion_blocks_is_refused_without_building_them(model, capsys):
+    """The check built the model on the meta device first: 50,000 blocks took 2.3 GB and 82 s, 10**9 grew past
+    20 GB."""
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**9}))
+    refused(capsys, "score", model, "--data", WIKI_RAW, match="num_hidden_layers=1000000000 but the weights hold at most 8")
+    code, out = cli(capsys, "check", model)
+    assert code == 2 and "at most 8 blocks" in out
+
+
 def test_config_naming_more_blocks_than_the_weights_hold_is_refused_before_loading(model, tmp_path, capsys):
     config = json.loads((model / "config.json").read_text())
     config["num_hidden_layers"] = 10
@@ -544,11 +596,31 @@ LAUGHS = "a: &a [lol,lol,lol,lol,lol,lol,lol,lol,lol]\n" + "".join(
     (b"select: {n_layers: 2}\nselect: {n_layers: 5}\n", "appears twice"),
     # one key written two ways (the last value won, silently): compared by value, as the mapping holds it
     (b"model: {max_memory: {0: 1GiB, 00: 90GiB}}\n", "key '00' (the same key as '0') appears twice"),
+    # a traceback each: the reader's error came before the guarded parse, an integer past Python's digit limit
+    (b"output: {dir: \"a\x00b\"}\n", "unacceptable character #x0000"),
+    (b"select: {n_layers: " + b"9" * 5000 + b"}\n", "a value YAML cannot build"),
 ])
 def test_hostile_yaml_is_one_line(text, match, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_bytes(text)
     refused(capsys, "run", recipe, match=match)
+
+
+def test_aliases_of_mappings_and_merge_keys_are_read(tmp_path, tiny_folder):
+    """Every alias of a mapping was refused as "an alias refers to itself" (the walk lost the mapping's id)."""
+    from prune.core.yamlsafe import load_yaml
+
+    assert load_yaml("a: &x {k: 1}\nb: *x\nc: {<<: *x, j: 2}\n") == {"a": {"k": 1}, "b": {"k": 1}, "c": {"k": 1, "j": 2}}
+    text = (f"model: {{source: {tiny_folder}}}\nselect: {{strategy: one_shot, metric: bi, n_layers: 2}}\n"
+            f"output: {{dir: {tmp_path / 'out'}}}\n"
+            f"calibration: &text {{path: {WIKI_RAW}, rows: '0:300', seq_len: 32, batch_size: 2}}\n"
+            "evaluate: {perplexity: {<<: *text, rows: '300:600', max_windows: 4}}\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    from prune.pipeline.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    assert loaded.evaluate.perplexity.path == loaded.calibration.path and loaded.evaluate.perplexity.rows == "300:600"
 
 
 @pytest.mark.parametrize("override, match", [
@@ -685,7 +757,11 @@ def _header_file(path: Path, header) -> None:
     ("index_outside", "points outside its folder"),
     ("pruning_removed_int", "'removed'"),
     ("pruning_not_utf8", "not UTF-8"),
+    ("pruning_deep", "nested too deeply to be a pruning record"),  # tracebacks: RecursionError, ValueError
+    ("pruning_huge_int", "holds a value JSON cannot build"),
     ("auto_map_unknown_type", "could not read the config"),
+    # transformers' message announces its reason on a second line: it ended at "for field 'num_hidden_layers':"
+    ("config_layers_text", "num_hidden_layers': TypeError: Field 'num_hidden_layers' expected int, got str"),
 ])
 def test_checkpoint_metadata_of_the_wrong_shape(case, match, model, tmp_path, capsys):
     index = model / "model.safetensors.index.json"
@@ -703,6 +779,13 @@ def test_checkpoint_metadata_of_the_wrong_shape(case, match, model, tmp_path, ca
         (model / "pruning.json").write_text(json.dumps({"removed": 5, "kept": [0]}))
     elif case == "pruning_not_utf8":
         (model / "pruning.json").write_bytes(b'{"removed": [1], "note": "\xff"}')
+    elif case == "pruning_deep":
+        (model / "pruning.json").write_text('{"removed": [1], "x": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    elif case == "pruning_huge_int":
+        (model / "pruning.json").write_text('{"removed": [1], "layers_before": ' + "9" * 5000 + "}")
+    elif case == "config_layers_text":
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "num_hidden_layers": "8"}))
     elif case == "auto_map_unknown_type":
         config = json.loads((model / "config.json").read_text())
         config.update(model_type="totally_new", auto_map={"AutoConfig": "x.Y", "AutoModelForCausalLM": "x.Z"})

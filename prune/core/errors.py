@@ -13,5 +13,7 @@ class UnsupportedModelError(PruneError):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name when the message is empty)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    """The first line of an exception's message (its type name when the message is empty), with the next
+    line when the first only announces it ("Validation error for field 'x':" says nothing by itself)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]

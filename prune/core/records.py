@@ -252,6 +252,11 @@ def read_record(path: str | Path) -> PruningRecord:
         raise PruneError(f"{file} is not UTF-8 text; fix it or move it away") from None
     except json.JSONDecodeError as exc:
         raise PruneError(f"{file} is not valid JSON ({exc}); fix it or move it away") from None
+    except RecursionError:
+        raise PruneError(f"{file} is nested too deeply to be a pruning record; fix it or move it away") from None
+    except ValueError as exc:  # an integer past Python's digit limit
+        raise PruneError(f"{file} holds a value JSON cannot build ({str(exc).splitlines()[0]}); fix it or move it "
+                         "away") from None
     return parse_record(data, str(file))
 
 

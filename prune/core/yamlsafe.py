@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from prune.core.errors import PruneError
+from prune.core.errors import PruneError, first_line
 
 MAX_BYTES = 1 << 20  # a recipe is a few hundred bytes
 MAX_NODES = 100_000  # values after expanding every alias
@@ -64,12 +64,12 @@ def _check(root, where: str) -> None:
             seen: dict[Any, str] = {}
             for k, v in node.value:
                 if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
-                    key = _key(k)  # by value, as the mapping will hold it: 0 and 00, 16 and 0x10 are one key
-                    if key in seen:
-                        same = repr(k.value) if seen[key] == k.value else f"{k.value!r} (the same key as {seen[key]!r})"
+                    value = _key(k)  # by value, as the mapping will hold it: 0 and 00, 16 and 0x10 are one key
+                    if value in seen:
+                        same = repr(k.value) if seen[value] == k.value else f"{k.value!r} (the same key as {seen[value]!r})"
                         raise PruneError(f"{where}: key {same} appears twice in one mapping{_mark(k)} "
                                          "(YAML would keep only the last; remove one)")
-                    seen[key] = k.value
+                    seen[value] = k.value
                 total += walk(k, depth + 1) + walk(v, depth + 1)
                 if total > MAX_NODES:
                     break
@@ -98,8 +98,9 @@ def load_yaml(text: str | bytes, where: str = "YAML") -> Any:
         except UnicodeDecodeError as exc:
             raise PruneError(f"{where}: not UTF-8 text (byte {exc.start}: {text[exc.start:exc.start + 1]!r}); save it "
                              "as UTF-8") from None
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)  # reads the first characters: a control character fails here
         node = loader.get_single_node()
         if node is None:
             return None
@@ -112,8 +113,11 @@ def load_yaml(text: str | bytes, where: str = "YAML") -> Any:
         raise PruneError(f"{where}: not valid YAML{at}: {problem}") from None
     except RecursionError:
         raise PruneError(f"{where}: nested too deeply to read (more than {MAX_DEPTH} levels; flatten it)") from None
+    except ValueError as exc:  # an integer of more digits than Python converts (4,300)
+        raise PruneError(f"{where}: a value YAML cannot build ({first_line(exc)})") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_yaml(path: str | Path, where: str | None = None) -> Any:

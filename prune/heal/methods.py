@@ -34,6 +34,7 @@ causal-LM loss on held-out windows of the training text before and after.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -288,6 +289,15 @@ def _check_in_memory(model: nn.Module) -> None:
 
 
 # ---- LoRA ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def peft_quiet():
+    """Around peft's wrapping of a model: it reads transformers' deprecated ``is_gradient_checkpointing``, whose
+    FutureWarning (printed under ``-q`` too) nothing a user does can silence."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.Tensor | None = None, *,
               quiet: bool = False, callback=None, train_fn=None, adapter_dir: str | None = None) -> dict:
     """LoRA on the pruned ``model`` (in place), causal-LM loss (or ``train_fn(module, params)``,
@@ -313,8 +323,7 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
     norms = norm_parameters(model) if cfg.lora_norms else {}
     norms_before = {n: p.detach().clone() for n, p in norms.items()}
     torch.manual_seed(cfg.seed)  # the adapters' random init follows heal.seed, not what ran before in the process
-    with warnings.catch_warnings():  # peft reads transformers' deprecated alias: nothing a user can act on
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with peft_quiet():
         peft_model = get_peft_model(model, lcfg)  # pissa/olora: the base weights become the residual W - s*B0A0
     initial = ({n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
                if cfg.lora_moves_base_weights else {})

@@ -36,7 +36,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from prune.core.errors import PruneError
+from prune.core.errors import PruneError, first_line
 
 #: standard task name -> offline task shipped in prune/tasks
 LOCAL_TASKS = {
@@ -87,10 +87,6 @@ def reported_name(task: str, local_alias: bool = False) -> str:
     return canonical_name(task) if local_alias else task
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def shots_of(task_default: int | None, asked: int | None) -> int:
     """The few-shot examples lm-eval gives a task (``simple_evaluate``): a task whose YAML says 0 stays
     0-shot, else ``asked`` when given, else the YAML's number, else 0."""
@@ -128,7 +124,7 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
                     "check the network and the task's dataset_path")
             if local:
                 hint += f", or use the local copy {local} (--data-dir, evaluate.data_dir in a recipe, or PRUNE_DATA_DIR)"
-            raise PruneError(f"lm-eval task {asked!r}: its data could not be loaded ({_first_line(exc)}); {hint}") from None
+            raise PruneError(f"lm-eval task {asked!r}: its data could not be loaded ({first_line(exc)}); {hint}") from None
         finally:
             for lg, level in previous:
                 lg.setLevel(level)
@@ -444,7 +440,7 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
             if not (isinstance(model, str) and model_args and "unexpected keyword argument" in str(exc)):
                 raise
             raise PruneError(f"--model-args {model_args!r}: lm-eval's {model} backend refused it "
-                             f"({_first_line(exc)}); give the keys it takes (e.g. dtype=bfloat16,max_length=2048)") from None
+                             f"({first_line(exc)}); give the keys it takes (e.g. dtype=bfloat16,max_length=2048)") from None
         if not isinstance(model, str):  # an in-memory model spread by us: every rank gets the results
             out = results_on_every_rank(out)
     finally:

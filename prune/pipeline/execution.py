@@ -159,6 +159,7 @@ def plan_execution(source, requested: str = "auto", *, dtype="auto", device_map=
     load_dtype = resolve_load_dtype(dtype, config, checkpoint)
     weights = checkpoint.bytes_at(checkpoint.entries, load_dtype)
     n_states = config.get_text_config().num_hidden_layers + 1
+    batch_size = max(1, min(batch_size, n_windows))  # a batch holds at most every window (scoring's own rule)
     acts, work = working_set(config, n_states, n_windows, seq_len, batch_size, load_dtype.itemsize)
     device = sequential_device(device_map)  # auto's sequential runs where an asked-for one would: ranks agree
     in_memory_need = weights + work

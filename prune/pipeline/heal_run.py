@@ -184,6 +184,20 @@ def with_local_texts(recipe, run: Path, calibration: str | None, evaluate: bool)
     return recipe
 
 
+def _vouched_task_dirs(eval_cfg, task_dirs: list[str] | None, run: Path, evaluate: bool):
+    """``eval_cfg`` with the task folders the user named (``--task-dir``) in place of those RUN_DIR's recipe
+    names: a task YAML can import Python (lm-eval's ``!function``), and an input folder cannot run code unasked."""
+    named = list(task_dirs or [])
+    if named and not (evaluate and eval_cfg is not None and eval_cfg.tasks):
+        raise PruneError("--task-dir is read with --evaluate, when RUN_DIR's recipe evaluates lm-eval tasks (remove it)")
+    if eval_cfg is None or not evaluate or not eval_cfg.task_dirs or named:
+        return eval_cfg.model_copy(update={"task_dirs": named}) if named else eval_cfg
+    listed = " ".join(f"--task-dir {d}" for d in eval_cfg.task_dirs)
+    raise PruneError(f"{run / 'recipe.yaml'} names lm-eval task folders (evaluate.task_dirs: "
+                     f"{', '.join(eval_cfg.task_dirs)}), whose YAML files can import Python: a run folder cannot run "
+                     f"code unasked; read them, then name them yourself: {listed}")
+
+
 def _heal_with_bridges(run: Path, original: OriginalModel, kept: list[int], cfg: HealConfig, dtype, trust: bool,
                        quiet: bool):
     """``heal.bridge`` on a saved run: the ``original`` is loaded beside the run's model and the
@@ -265,13 +279,15 @@ def run_lm_eval_files(run: Path, which: str) -> dict[str, str]:
 def heal_run(run_dir, output, *, method: str | None = None, config: str | None = None, data: str | None = None,
              field=None, rows: str | None = None, overrides=(), evaluate: bool = False, overwrite: bool = False,
              quiet: bool = False, trust_remote_code: bool = False, source: str | None = None,
-             calibration: str | None = None) -> Path:
+             calibration: str | None = None, task_dirs: list[str] | None = None) -> Path:
     """Heal the model of ``run_dir`` into the new folder ``output`` (see module docstring); returns it.
 
     Code shipped with a checkpoint runs only when ``trust_remote_code`` is given here (the CLI's
     ``--trust-remote-code``): RUN_DIR's own ``recipe.yaml`` is an input and never grants it.
     ``calibration`` replaces the calibration text file of RUN_DIR's recipe (needed when the run
-    recorded it by name only, ``<local>/name``: see :mod:`prune.export.public`)."""
+    recorded it by name only, ``<local>/name``: see :mod:`prune.export.public`). Likewise the lm-eval task
+    folders of RUN_DIR's recipe (``evaluate.task_dirs``: their YAML files can import Python, ``!function``)
+    are read only when the user names them, ``task_dirs`` (the CLI's ``--task-dir``), which replace them."""
 
     from prune.core.config import EvaluateConfig
     from prune.core.console import StageClock, quiet_mode, say, versions
@@ -317,7 +333,9 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         recipe = with_local_texts(recipe, run, calibration, evaluate)
     elif calibration is not None:
         raise PruneError(f"--calibration-data needs {run / 'recipe.yaml'} (the run folder has no recipe to calibrate with)")
-    if recipe is not None:
+    if recipe is not None or task_dirs:
+        vouched = _vouched_task_dirs(recipe.evaluate if recipe else None, task_dirs, run, evaluate)
+        recipe = recipe.model_copy(update={"evaluate": vouched})
         inputs += recipe_inputs(recipe)  # its calibration, evaluation and healing texts, task folders
     check_output_dir(out, overwrite, inputs, flag="--output")
     run_eval = read_run_eval(run)  # read now: a damaged file fails before the training, not after it
@@ -429,7 +447,10 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     if adapter_tmp is not None:  # the healed model is the pruned one plus the adapter: score and evaluate that
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_tmp.name).merge_and_unload()
+        from prune.heal.methods import peft_quiet
+
+        with peft_quiet():
+            model = PeftModel.from_pretrained(model, adapter_tmp.name).merge_and_unload()
     clock.lap("heal")
     record["from_run"] = run.name
     if pruning.healing:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prune.core.errors import PruneError
+from prune.core.errors import PruneError, first_line
 from prune.io.guard import Input, input_paths
 from prune.io.source import ModelSource
 
@@ -111,7 +111,7 @@ def check_weights_cover_config(src: ModelSource, config) -> None:
         return  # other formats: refused or loaded elsewhere (weights_only pickles)
     report = CheckReport(folder)
     headers = _check_weight_files(folder, report)
-    skeleton = _meta_skeleton(config, report) if headers is not None else None
+    skeleton = _meta_skeleton(config, report, headers) if headers is not None else None
     if skeleton is not None:
         _check_blocks(config, skeleton, headers, report)
     problems = [f for f in report.problems if f.area in ("weights", "blocks")]
@@ -185,7 +185,7 @@ def preflight_model(src: ModelSource, trust_remote_code: bool = False,
     except PruneError:
         raise
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad config
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         local = "" if src.kind != "hub" else f" (and there is no local folder {src.path} here either)"
         raise PruneError(f"could not read the config of {src.display}: {first}{local}") from None
     check_supported(config)
