@@ -156,6 +156,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_folder, tmp_path):
     done = conftest.prune_main("run", recipe, "--resume")  # the resume in this process: the kill needed its own
     assert done.returncode == 0, done.stderr
     assert "resuming from" in done.stderr and "reusing scores, selection, original" in done.stderr  # stage lines: stderr
+    assert "scoring 8 blocks" not in done.stderr  # it said so, reusing the stored scores
     assert not progress_dir(out).exists()
     a = json.loads((tmp_path / "plain" / "pruning.json").read_text())
     b = json.loads((out / "pruning.json").read_text())

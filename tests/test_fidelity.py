@@ -256,7 +256,8 @@ def test_compare_two_runs_window_by_window(tiny_folder, tmp_path):
     a, b = fids["a"], fids["b"]
     assert len(a["kl_windows"]) == 4 and a["windows_sha256"] == b["windows_sha256"]
     proc = prune_main("compare", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "c.json", check_rc=0)
-    assert "Fidelity to the original, paired over the 4 windows" in proc.stdout and "| kl_mean | 4 |" in proc.stdout
+    assert "Fidelity to the original, paired over the 4 windows" in proc.stdout and "| kl_mean (nats; lower: closer to the original) | 4 |" in proc.stdout
+    assert "| log_ppl_ratio (log of perplexity / the original's; 0: equal) | 4 |" in proc.stdout  # signed: not "lower: closer"
     out = json.loads((tmp_path / "c.json").read_text())
     assert out["rows"] == []  # no lm-eval samples in these runs: fidelity alone
     kl, ratio = out["fidelity_rows"]

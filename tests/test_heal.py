@@ -413,6 +413,10 @@ def test_recipe_with_replace_and_prune_heal_run_dir(tmp_path, tiny_folder, capsy
     # pruning.json names a local source by name and sha256 only: it is given again, and checked
     with pytest.raises(PruneError, match="by name only .*--source"):
         heal_run(run_dir, tmp_path / "healed", **kwargs)
+    with pytest.raises(PruneError, match=r"^no teacher source: pruning.json records the original model by name only") \
+            as err:  # distill says the fix once (it repeated "give it with --source", parentheses doubled)
+        heal_run(run_dir, tmp_path / "healed", **{**kwargs, "method": "distill"})
+    assert str(err.value).count("--source") == 1 and "))" not in str(err.value)
     with pytest.raises(PruneError, match="is not the model pruning.json records"):
         heal_run(run_dir, tmp_path / "healed", source=str(run_dir), **kwargs)
     capsys.readouterr()

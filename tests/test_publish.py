@@ -134,6 +134,8 @@ def chain(tmp_path_factory, hub):
     step2 = root / "step2"
     done = cli_push(endpoint, step2, "me/tiny-step2", "--token-file", token_file, "-q", home=root / "hf")
     assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()  # -q silences progress, not where the model went
+    assert len(lines) == 1 and lines[0].startswith(f"pushed: {endpoint}/"), done.stdout
     step3 = heal_run(step2, root / "step3", method="lora", data=C4["path"], field=C4["field"].split(","),
                      rows=C4["rows"], overrides=HEAL, quiet=True)
     adapter = heal_run(step2, root / "adapter", method="lora", data=C4["path"], field=C4["field"].split(","),
@@ -493,6 +495,13 @@ def test_mergekit_slices_cover_exactly_the_kept_blocks(chain, tmp_path, capsys):
     assert prune_main(["export-mergekit", str(chain["step2"]), "-o", str(chain["step2"] / "pruning.json")]) == 2
     assert "is a file of the run folder" in capsys.readouterr().err
     assert (chain["step2"] / "pruning.json").read_bytes() == record_bytes
+    copy = Path(shutil.copytree(chain["step2"], tmp_path / "step2"))  # the default file: replaced only with --overwrite
+    assert prune_main(["export-mergekit", str(copy)]) == 0 and (copy / "mergekit.yaml").is_file()
+    capsys.readouterr()
+    assert prune_main(["export-mergekit", str(copy), "--model", "org/other"]) == 2
+    assert "mergekit.yaml already exists (pass --overwrite" in capsys.readouterr().err
+    assert prune_main(["export-mergekit", str(copy), "--model", "org/other", "--overwrite"]) == 0
+    assert "org/other" in (copy / "mergekit.yaml").read_text()
     config_bytes = (chain["source"] / "config.json").read_bytes()  # nor a file of --model (it replaced config.json)
     assert prune_main(["export-mergekit", str(chain["step2"]), "--model", str(chain["source"]), "-o",
                        str(chain["source"] / "config.json"), "--overwrite"]) == 2
@@ -544,8 +553,9 @@ def test_mergekit_export_of_a_position_dependent_moe_layout(tmp_path, capsys):
 MERGEKIT_LIB = os.environ.get("PRUNE_MERGEKIT_PATH", "/tmp/mergekit-lib")
 
 
-@pytest.mark.skipif(not (Path(MERGEKIT_LIB) / "mergekit").is_dir(),
-                    reason="mergekit not installed (pip install --no-deps --target /tmp/mergekit-lib mergekit immutables)")
+@pytest.mark.skipif(not (Path(MERGEKIT_LIB) / "mergekit").is_dir() and not os.environ.get("PRUNE_REQUIRE_MERGEKIT"),
+                    reason="mergekit not installed (pip install --no-deps --target /tmp/mergekit-lib mergekit immutables; "
+                           ".ci/run installs it and sets PRUNE_REQUIRE_MERGEKIT, so there it runs)")
 def test_mergekit_rebuilds_the_same_tensors(chain, tmp_path):
     """mergekit's own passthrough merge of the exported config gives step2's tensors exactly."""
     config = tmp_path / "mk.yaml"

@@ -280,6 +280,30 @@ def test_search_with_task_floor(tokenizers_by_bos):
     assert sel.details["candidate_evaluations"] <= 2
     assert all(e["ok"] == (e["ratio"] >= 0.5) for e in sel.details["trace"])
     assert 0.0 <= sel.details["original"] <= 1.0
+    # the proxy scores the model without those blocks: as lm-eval scores a copy with them removed
+    from prune.measure.lmeval import evaluate_tasks
+
+    pruned = copy.deepcopy(model)
+    prune.remove_layers(pruned, [2, 3, 4])
+    direct = evaluate_tasks(pruned, tok, ["piqa"], limit=16, batch_size=8, data_dir_path=str(DATA), progress=False)
+    assert proxy([2, 3, 4]) == next(iter(direct.values()))["metrics"]["acc"]
+    assert proxy([]) == sel.details["original"]
+
+
+def test_run_recipe_with_a_task_floor(tmp_path, tokenizers_by_bos):
+    """select.min_task_retained from a recipe: the task proxy built from the evaluate section's task data."""
+    from conftest import DATA
+
+    folder = prune.save(build_model("llama", redundant=(3,)), tokenizers_by_bos[True], tmp_path / "tiny")
+    data = recipe_with(strategy="search", min_task_retained=0.01, proxy_task="piqa", proxy_limit=8, budget=2,
+                       order_by="bi")
+    data["model"]["source"], data["output"]["dir"] = str(folder), str(tmp_path / "out")
+    data["evaluate"] = {"data_dir": str(DATA)}
+    from prune.pipeline.orchestrator import run
+
+    details = run(data, quiet=True).selection.details
+    assert details["proxy"] == "piqa (limit 8)" and details["higher_is_better"] and details["floor"] == 0.01
+    assert 1 <= details["candidate_evaluations"] <= 2 and details["trace"]
 
 
 def test_a_proxy_task_scored_like_perplexity_is_refused(tokenizers_by_bos, tmp_path):

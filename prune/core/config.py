@@ -44,6 +44,8 @@ def default(section: type[BaseModel], name: str) -> Any:
 def describe(section: type[BaseModel], name: str) -> str:
     """``section.name``'s description with its default, for ``--help``."""
     value = default(section, name)
+    if value is None:  # nothing is set: the description says what happens then
+        return section.model_fields[name].description
     shown = ",".join(map(str, value)) if isinstance(value, list) else value
     return f"{section.model_fields[name].description} (default {shown})"
 
@@ -367,7 +369,8 @@ _SEARCH_KEYS = ("max_perplexity_ratio", "min_task_retained", "proxy_task", "prox
 
 class PerplexityConfig(TextConfig):
     seq_len: int = Field(512, ge=8, description="perplexity window length")
-    max_windows: int | None = Field(None, ge=1, description="at most this many perplexity windows")
+    max_windows: int | None = Field(None, ge=1,
+                                    description="at most this many perplexity windows (unset: every window of the text)")
     batch_size: int = Field(4, ge=1, description="perplexity windows per forward pass")
 
 
@@ -429,7 +432,8 @@ class EvaluateConfig(Section):
     tasks: list[str] = []
     task_dirs: list[str] = []
     data_dir: str | None = None  # offline task data (default: $PRUNE_DATA_DIR)
-    limit: int | float | None = Field(None, gt=0, description="lm-eval: examples per task (or a fraction < 1)")
+    limit: int | float | None = Field(None, gt=0,
+                                      description="lm-eval: examples per task, or a fraction < 1 (unset: every example)")
     batch_size: int | str = Field(8, description="lm-eval batch size: a number, auto or auto:N")
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples (default: each task's own, as lm-eval's; "
                                                            "0 for the shipped tasks)")

@@ -142,8 +142,8 @@ def mergekit_config(record: PruningRecord, model: str | None = None, dtype: str 
 
 def export_mergekit(run_dir: str | os.PathLike, output: str | os.PathLike | None = None, *, model: str | None = None,
                     dtype: str | None = None, overwrite: bool = False) -> Path:
-    """Write ``mergekit.yaml`` (default: inside ``run_dir``, replaced each time) for the run's kept blocks;
-    returns the file. Another ``output`` is refused when it exists (unless ``overwrite``) or is an input."""
+    """Write ``mergekit.yaml`` (default: inside ``run_dir``) for the run's kept blocks; returns the file. An
+    existing one is replaced only with ``overwrite``; another ``output`` is never an input."""
     from prune.core.records import RECORD_FILE, read_record
     from prune.io.guard import check_output, input_paths, write_file
 
@@ -153,6 +153,8 @@ def export_mergekit(run_dir: str | os.PathLike, output: str | os.PathLike | None
     if not (run / RECORD_FILE).is_file():
         raise PruneError(f"{run} has no {RECORD_FILE}: give a folder written by prune run / remove / heal")
     out = Path(output).expanduser() if output else run / "mergekit.yaml"
+    if out.resolve() == (run / "mergekit.yaml").resolve() and out.exists() and not overwrite:  # as report's files
+        raise PruneError(f"{out} already exists (pass --overwrite to replace it, or --output another file)")
     if output and out.resolve() != (run / "mergekit.yaml").resolve():  # never over the run's files or another input
         inputs = [(run / f.name, "a file of the run folder", False) for f in run.iterdir() if f.name != "mergekit.yaml"]
         check_output(out, [*input_paths(run, label="the run folder", inside_ok=True), *inputs,

@@ -305,8 +305,7 @@ def push(folder: str | os.PathLike, repo_id: str, *, revision: str | None = None
     if not create_pr:
         for name, text in plan.rendered.items():  # the folder now says where it lives
             (plan.folder / name).write_text(text)
-    if not quiet:
-        print(f"{'pull request opened' if create_pr else 'pushed'}: {url}")
+    print(f"{'pull request opened' if create_pr else 'pushed'}: {url}")  # the result, under -q too: where it went
     return url
 
 

@@ -832,6 +832,8 @@ def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dty
         try:
             src = resolve(s)
         except PruneError as exc:
+            if "--source" in str(exc):  # the reason names its fix already
+                raise PruneError(f"no teacher source: {exc}; or set heal.teacher_cache to a top-k cache") from None
             raise PruneError(f"no teacher source: the original model {s['path']} cannot be read ({exc}); "
                              "give it with --source, or set heal.teacher_cache to a top-k cache") from None
         if cfg.hidden_weight > 0 and kept is None:

@@ -544,11 +544,14 @@ def compare_fidelity(a: dict, b: list[dict], level: float = 0.95) -> list[Paired
 
 
 def fidelity_markdown(rows: list[Paired], a: str = "A", b: str = "B") -> str:
-    """The fidelity comparison as a Markdown table (lower is closer to the original)."""
-    lines = [f"| measure (lower: closer to the original) | windows | {a} | {b} | {b} - {a} | paired SE | unpaired SE | "
+    """The fidelity comparison as a Markdown table: KL (nats per token) is lower when closer to the original;
+    the log perplexity ratio is signed (below 0: lower perplexity than the original's, not closer to it)."""
+    meaning = {"kl_mean": "kl_mean (nats; lower: closer to the original)",
+               "log_ppl_ratio": "log_ppl_ratio (log of perplexity / the original's; 0: equal)"}
+    lines = [f"| measure | windows | {a} | {b} | {b} - {a} | paired SE | unpaired SE | "
              "95% interval (Student) |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r.metric} | {r.n} | {r.mean_a:.4f} | {r.mean_b:.4f} | {r.diff:+.4f} | {r.se_paired:.4f} | "
+        lines.append(f"| {meaning.get(r.metric, r.metric)} | {r.n} | {r.mean_a:.4f} | {r.mean_b:.4f} | {r.diff:+.4f} | {r.se_paired:.4f} | "
                      f"{r.se_unpaired:.4f} | [{r.ci_low:+.4f}, {r.ci_high:+.4f}] |")
     return "\n".join(lines)
 

@@ -192,8 +192,12 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     engine = make_engine(recipe, plan, facts, quiet)
     clock.lap("load")
     windows = facts["windows"]  # tokenized in preflight: bad text fails before the model loads
-    say(f"scoring {facts['n_layers']} blocks{engine.scoring_note} on {c.n_samples} windows x {c.seq_len} tokens", quiet)
-    scores_before = progress.stage("scores", lambda: engine.score(windows), ScoreResult.to_dict, ScoreResult.from_dict)
+    def score_now() -> ScoreResult:  # said only when it happens (a resumed run reuses the stored scores)
+        say(f"scoring {facts['n_layers']} blocks{engine.scoring_note} on {c.n_samples} windows x {c.seq_len} tokens",
+            quiet)
+        return engine.score(windows)
+
+    scores_before = progress.stage("scores", score_now, ScoreResult.to_dict, ScoreResult.from_dict)
     fault_point("scored")
     clock.lap("score")
     selection = progress.stage("selection", lambda: engine.choose(windows, scores_before),
@@ -284,7 +288,8 @@ def write_output(save_fn, recipe: Recipe | None, record: PruningRecord, evaluati
         out = save_fn(out_dir, record, files, overwrite, inputs)
         if on_saved is not None:
             on_saved()
-        show(f"\n{table}\n" + (f"\n{extra_markdown}" if extra_markdown else "") + f"\nsaved {out}", quiet)
+        show(f"\n{table}\n" + (f"\n{extra_markdown}" if extra_markdown else "") + f"\nsaved {out}",
+             False)  # the result: printed under -q too, which silences progress (bars, stage lines), as in score/eval
         if recipe is not None and recipe.output.push_to_hub is not None:
             from prune.export.push import push_config
 
