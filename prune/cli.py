@@ -531,9 +531,11 @@ def add_report(sub) -> None:
                                    "the CKA heatmap between block outputs (pairs above tau outlined), per-block Block "
                                    "Influence, angular distances and MSRS contributions with the removed blocks marked, "
                                    "and MSRS raw and per pair. Give a folder written by 'prune run' (reads its "
-                                   "pruning.json; original and pruned side by side) or a model plus --data (scores it "
-                                   "first, like 'prune score'). Block indices are 0-based.")
-    p.add_argument("source", metavar="MODEL_OR_RUN_DIR", help="a 'prune run' output folder, or a Hub id / model folder / .gguf")
+                                   "pruning.json; original and pruned side by side), a scores file of 'prune score -o' "
+                                   "(nothing is scored again), or a model plus --data (scores it first, like 'prune "
+                                   "score'). Block indices are 0-based.")
+    p.add_argument("source", metavar="MODEL_OR_RUN_DIR",
+                   help="a 'prune run' output folder, a 'prune score -o' JSON file, or a Hub id / model folder / .gguf")
     p.add_argument("--output", "-o", default=None,
                    help="report folder (default: RUN_DIR/report, or ./report-<model name> for a model)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
@@ -557,6 +559,15 @@ _MODEL_REPORT_FLAGS = ("strategy", "metric", "n_layers", "protect", "field", "ro
                        "tau", "dtype", "device_map", "trust_remote_code")
 
 
+_MARKING_FLAGS = ("strategy", "metric", "n_layers", "protect")  # which blocks a model report marks
+
+
+def _refuse_unread_metric(args) -> None:
+    if args.strategy != "one_shot":
+        _refuse_unused(args, ("metric",), f"with --strategy {args.strategy} (only one_shot reads it): drop it, or "
+                       "give --strategy one_shot")
+
+
 def cmd_report(args) -> int:
     from prune.export.report import default_output, is_run_dir, report_run
     from prune.pipeline.commands import report_model
@@ -568,6 +579,14 @@ def cmd_report(args) -> int:
         _refuse_unused(args, _MODEL_REPORT_FLAGS, f"on a run folder ({args.source} reports the blocks its run chose, "
                        "scored as it was): give --data to score the folder as a model, or drop them")
         folder = report_run(args.source, out, overwrite=args.overwrite, inputs=run_inputs(args.source))
+    elif not args.data and args.source.endswith(".json") and os.path.isfile(os.path.expanduser(args.source)):
+        from prune.pipeline.commands import report_scores
+
+        _refuse_unused(args, tuple(f for f in _MODEL_REPORT_FLAGS if f not in _MARKING_FLAGS),
+                       f"on a scores file ({args.source} holds scores already: they are not computed again)")
+        _refuse_unread_metric(args)
+        folder = report_scores(args.source, out, strategy=args.strategy, metric=args.metric, n_layers=args.n_layers,
+                               protect=args.protect, overwrite=args.overwrite)
     else:
         if not args.data:
             from prune.io.source import HUB_ID
@@ -577,9 +596,7 @@ def cmd_report(args) -> int:
                 raise PruneError(f"{args.source} not found here (give a 'prune run' output folder" + (
                     "; as a Hub model it needs --data to be scored)" if hub else ", or a model with --data)"))
             raise PruneError(f"{args.source} is not a run folder (no pruning.json): give --data to score it as a model")
-        if args.strategy != "one_shot":
-            _refuse_unused(args, ("metric",), f"with --strategy {args.strategy} (only one_shot reads it): drop it, or "
-                           "give --strategy one_shot")
+        _refuse_unread_metric(args)
         folder = report_model(args.source, out, strategy=args.strategy, metric=args.metric, n_layers=args.n_layers,
                               protect=args.protect, overwrite=args.overwrite, **_score_kwargs(args))
     from prune.core import dist

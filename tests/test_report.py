@@ -107,6 +107,19 @@ def test_cli_report_run_folder_and_model(run_dir, tmp_path):
     assert not (tmp_path / "m" / "cka_pruned.png").exists()
     bad = prune_main("report", str(model_dir), "-o", str(tmp_path / "x"))
     assert bad.returncode == 2 and "give --data" in bad.stderr and not (tmp_path / "x").exists()
+    # the same scores from a file of prune score -o: the same report, nothing scored again (nothing read it)
+    scored = ["--data", str(WIKI_RAW), "--rows", "0:400", "--n-samples", "4", "--seq-len", "48"]
+    assert prune_main("score", str(model_dir), *scored, "-o", str(tmp_path / "s.json"), "-q").returncode == 0
+    marking = ["--strategy", "one_shot", "--metric", "bi", "--n-layers", "2", "--protect", "0,2,-1"]
+    res = prune_main("report", str(tmp_path / "s.json"), *marking, "-o", str(tmp_path / "f"))
+    assert res.returncode == 0, res.stderr
+    from_file = json.loads((tmp_path / "f" / "report.json").read_text())
+    assert from_file == json.loads((tmp_path / "m" / "report.json").read_text()) and from_file["removed"] == marked
+    refused = prune_main("report", str(tmp_path / "s.json"), "--seq-len", "64", "-o", str(tmp_path / "g"))
+    assert refused.returncode == 2 and "--seq-len has no effect on a scores file" in refused.stderr
+    (tmp_path / "other.json").write_text('{"removed": [1]}')
+    refused = prune_main("report", str(tmp_path / "other.json"), "-o", str(tmp_path / "g"))
+    assert refused.returncode == 2 and "is not a scores file written by `prune score -o`" in refused.stderr
 
 
 def test_report_of_a_second_step_names_original_blocks_and_a_hand_removal_says_how_to_report_it(run_dir, tmp_path):

@@ -516,7 +516,8 @@ def healed_by(record: dict) -> str | None:
 
 
 def default_output(source: str, as_model: bool = False) -> Path:
-    """``RUN_DIR/report`` for a run's report, else ``report-<name>`` (``as_model``: a folder scored again)."""
+    """``RUN_DIR/report`` for a run's report, else ``report-<name>`` (a model, a scores file; ``as_model``: a
+    folder scored again)."""
     if is_run_dir(source) and not as_model:
         return Path(source).expanduser() / "report"
-    return Path(f"report-{Path(str(source).rstrip('/')).name.removesuffix('.gguf')}")
+    return Path(f"report-{Path(str(source).rstrip('/')).name.removesuffix('.gguf').removesuffix('.json')}")

@@ -237,35 +237,92 @@ def report_model(source: str, out_dir: str | Path, *, strategy: str = "contiguou
     """Score ``source`` (see :func:`prune.pipeline.score_model` for ``score_kwargs``) and report it,
     marking the ``n_layers`` blocks a score-only ``strategy`` would remove (default: a quarter) outside
     ``protect`` (default: ``select.protect``'s)."""
-    protect = default(SelectConfig, "protect") if protect is None else protect
     from prune.export.saving import check_output_dir
     from prune.pipeline.commands import score_model
-
-    if strategy not in SCORE_ONLY:
-        raise PruneError(f"a model report marks blocks with a score-only strategy ({', '.join(SCORE_ONLY)}); for "
-                         f"{strategy} run a recipe and report its output folder")
     from prune.pipeline.inputs import command_inputs, preflight_model
-    from prune.pipeline.recipe import needed_score
 
     inputs = command_inputs(source, [score_kwargs.get("data")])
     check_output_dir(out_dir, overwrite, inputs, flag="--output", written=("report.json",))  # before the scoring
     metrics = list(score_kwargs.get("metrics") or default(_S, "metrics"))
+    blocks = preflight_model(resolve_source(source), score_kwargs.get("trust_remote_code", False)).num_hidden_layers
+    k = _report_selection(blocks, metrics, strategy, metric, n_layers, protect, "add")  # fails now, not after scoring
+    scores = score_model(source, **score_kwargs)  # under a launcher every rank scores its share
+    return dist.on_main(lambda: _write_model_report(scores, out_dir, str(source), strategy, metric, k, protect,
+                                                    score_kwargs.get("seed", 0), overwrite, inputs))  # rank 0 writes
+
+
+def report_scores(path: str | Path, out_dir: str | Path, *, strategy: str = "contiguous", metric: str = "angular",
+                  n_layers: int | None = None, protect=None, overwrite: bool = False) -> Path:
+    """The report of a scores file (``prune score -o FILE.json``), as :func:`report_model` writes it
+    after scoring: nothing is scored again."""
+    from prune.export.saving import check_output_dir
+    from prune.io.guard import input_paths
+
+    inputs = input_paths(path, label="the scores file")
+    check_output_dir(out_dir, overwrite, inputs, flag="--output", written=("report.json",))
+    scores = read_scores(path)
+    metrics = [m for m, present in (("bi", True), ("angular", scores.angular is not None),
+                                    ("cka", scores.cka is not None)) if present]
+    k = _report_selection(scores.n_layers, metrics, strategy, metric, n_layers, protect, "score again with")
+    source = (scores.metadata.get("source") or {}).get("path") if isinstance(scores.metadata, dict) else None
+    return _write_model_report(scores, out_dir, source or str(path), strategy, metric, k, protect, 0, overwrite,
+                               inputs)
+
+
+def read_scores(path: str | Path) -> ScoreResult:
+    """A scores file written by ``prune score -o`` (:meth:`ScoreResult.to_dict`); one line when it is not one."""
+    import json
+    from dataclasses import fields
+
+    file = Path(path).expanduser()
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PruneError(f"{file}: not a readable JSON file ({str(exc).splitlines()[0]})") from None
+    names = {f.name for f in fields(ScoreResult)}
+    if not isinstance(data, dict) or not {"n_layers", "block_influence"} <= set(data) or set(data) - names:
+        raise PruneError(f"{file} is not a scores file written by `prune score -o` (give one, a run folder, or a model "
+                         "with --data)")
+    try:
+        scores = ScoreResult.from_dict(data)
+        n = int(scores.n_layers)
+        square = [m for m in (scores.angular, scores.cka) if m is not None]
+        if len(scores.block_influence) != n or any(len(m) != n + 1 or any(len(r) != n + 1 for r in m) for m in square):
+            raise ValueError(f"scores of {n} blocks must hold {n} block influences and (n+1) x (n+1) matrices")
+    except (TypeError, ValueError) as exc:
+        raise PruneError(f"{file}: scores of the wrong shape ({str(exc).splitlines()[0]}); write it again with "
+                         "`prune score -o`") from None
+    return scores
+
+
+def _report_selection(blocks: int, metrics: list[str], strategy: str, metric: str, n_layers: int | None, protect,
+                      fix: str) -> int:
+    """How many blocks the report marks (default: a quarter), checked: a score-only ``strategy`` whose scores are
+    among ``metrics``, a count and run ``protect`` allows (``select.protect``'s default)."""
+    from prune.pipeline.inputs import check_selection_possible
+    from prune.pipeline.recipe import needed_score
+
+    if strategy not in SCORE_ONLY:
+        raise PruneError(f"a model report marks blocks with a score-only strategy ({', '.join(SCORE_ONLY)}); for "
+                         f"{strategy} run a recipe and report its output folder")
     need, why = needed_score(strategy, metric)
     if need is not None and need not in metrics:
         raise PruneError(f"{why.replace('select.', '--')} reads the {need} scores, but --metrics is "
-                         f"{' '.join(metrics)} (add {need})")
-    blocks = preflight_model(resolve_source(source), score_kwargs.get("trust_remote_code", False)).num_hidden_layers
+                         f"{' '.join(metrics)} ({fix} {need})")
     k = max(1, round(blocks / 4)) if n_layers is None else n_layers
-    try:  # an impossible count, or a run no contiguous/tail selection can place, fails now, not after scoring
-        from prune.pipeline.inputs import check_selection_possible
-
+    protect = default(SelectConfig, "protect") if protect is None else protect
+    try:  # an impossible count, or a run no contiguous/tail selection can place
         protected = resolve_protect(protect, blocks)
         count = resolve_count(blocks, k, None, protected)
         check_selection_possible(blocks, count, strategy, protected)
     except PruneError as exc:
         raise PruneError(str(exc).replace("select.n_layers", "--n-layers").replace("select.protect", "--protect")) from None
-    scores = score_model(source, **score_kwargs)  # under a launcher every rank scores its share
-    sel = select(scores, k, strategy=strategy, metric=metric, protect=protect, seed=score_kwargs.get("seed", 0))
-    return dist.on_main(lambda: write_report(out_dir, scores, selection=sel, k=k, source=str(source),
-                                             title=f"Redundancy report: {Path(str(source)).name}",
-                                             overwrite=overwrite, inputs=inputs))  # rank 0 writes
+    return k
+
+
+def _write_model_report(scores: ScoreResult, out_dir, source: str, strategy: str, metric: str, k: int, protect, seed: int,
+                        overwrite: bool, inputs) -> Path:
+    protect = default(SelectConfig, "protect") if protect is None else protect
+    sel = select(scores, k, strategy=strategy, metric=metric, protect=protect, seed=seed)
+    return write_report(out_dir, scores, selection=sel, k=k, source=source,
+                        title=f"Redundancy report: {Path(source).name}", overwrite=overwrite, inputs=inputs)
