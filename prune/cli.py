@@ -164,8 +164,17 @@ def _interrupted_run(args) -> str:
 def cmd_run(args) -> int:
     from prune.pipeline.orchestrator import run
 
-    run(args.recipe, overrides=args.overrides, overwrite=args.overwrite, quiet=args.quiet, resume=args.resume)
+    result = run(args.recipe, overrides=args.overrides, overwrite=args.overwrite, quiet=args.quiet, resume=args.resume)
+    _say_saved(args, result.out_dir)
     return 0
+
+
+def _say_saved(args, folder) -> None:
+    """Under -q (no progress, no tables) a command that writes a folder still says where: its one line of result."""
+    from prune.core import dist
+
+    if args.quiet and dist.world().is_main:
+        print(f"saved {folder}")
 
 
 def _calibration_flags(p: argparse.ArgumentParser, data_required: bool) -> None:
@@ -653,10 +662,11 @@ def add_heal(sub) -> None:
 def cmd_heal(args) -> int:
     from prune.pipeline.heal_run import heal_run
 
-    heal_run(args.run_dir, args.output, method=args.method, config=args.config, data=args.data, field=args.field,
+    out = heal_run(args.run_dir, args.output, method=args.method, config=args.config, data=args.data, field=args.field,
              rows=args.rows, overrides=args.overrides, evaluate=args.evaluate, overwrite=args.overwrite, quiet=args.quiet,
              trust_remote_code=args.trust_remote_code, source=args.source, calibration=args.calibration_data,
              task_dirs=args.task_dir)
+    _say_saved(args, out)
     return 0
 
 

@@ -161,6 +161,7 @@ def test_heal_never_reads_task_folders_from_the_run_folders_recipe(run_dir, tmp_
     done = heal_cli(evil, tmp_path / "healed2", "--evaluate", "--task-dir", evil / "tasks")
     assert done.returncode == 0, done.stderr
     assert marker.exists()
+    assert done.stdout.splitlines()[-1] == f"saved {(tmp_path / 'healed2').resolve()}"  # -q: where, not how
 
 
 def test_a_records_strings_cannot_add_markup_to_the_card_or_report(run_dir, tmp_path, capsys):

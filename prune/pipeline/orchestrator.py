@@ -288,8 +288,7 @@ def write_output(save_fn, recipe: Recipe | None, record: PruningRecord, evaluati
         out = save_fn(out_dir, record, files, overwrite, inputs)
         if on_saved is not None:
             on_saved()
-        show(f"\n{table}\n" + (f"\n{extra_markdown}" if extra_markdown else "") + f"\nsaved {out}",
-             False)  # the result: printed under -q too, which silences progress (bars, stage lines), as in score/eval
+        show(f"\n{table}\n" + (f"\n{extra_markdown}" if extra_markdown else "") + f"\nsaved {out}", quiet)
         if recipe is not None and recipe.output.push_to_hub is not None:
             from prune.export.push import push_config
 
