@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -179,6 +180,30 @@ def test_a_records_strings_cannot_add_markup_to_the_card_or_report(run_dir, tmp_
         assert not [line for line in lines if "<script>" in line and "`" not in line]  # only shown inside code spans
 
 
+def test_heal_evaluate_reads_only_the_run_folders_own_lm_eval_files_and_checks_them_first(run_dir, tmp_path, capsys):
+    """A heal copies the run's lm-eval files into its output: a link to a file outside (a private key) was copied
+    as a plain file, ready to push; a damaged samples file or eval.json failed after training (a traceback)."""
+    secret = tmp_path / "id_rsa"
+    secret.write_text("a private key")
+    name = "samples_arc_easy_2026-01-01T00-00-00.000000.jsonl"
+    cases = [("link", lambda e: (e / name).symlink_to(secret), "leads to .*outside the run folder"),
+             ("truncated", lambda e: (e / name).write_text('{"doc_id": 0, "doc_ha\n'), r"\.jsonl: .*(JSON|lm-eval)"),
+             ("eval_json", None, "is not the evaluation prune writes")]
+    for case, plant, match in cases:
+        evil = Path(shutil.copytree(run_dir, tmp_path / case))
+        (evil / "eval" / "original").mkdir(parents=True)
+        if plant is None:
+            evaluation = json.loads((evil / "eval.json").read_text())
+            evaluation["original"]["perplexity"] = "x"
+            (evil / "eval.json").write_text(json.dumps(evaluation))
+        else:
+            plant(evil / "eval" / "original")
+        done = heal_cli(evil, tmp_path / f"healed-{case}", "--evaluate", in_process=True)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert re.search(match, done.stderr) and "healing" not in done.stdout, done.stderr
+        assert not (tmp_path / f"healed-{case}").exists()
+
+
 def test_heal_without_training_text_names_its_flag(run_dir, tmp_path, capsys):
     """It named the recipe key (heal.data.path: ...), which prune heal takes only through --config."""
     refused(capsys, "heal", run_dir, "-o", tmp_path / "h", "--method", "lora",
@@ -333,6 +358,14 @@ def test_compare_and_lm_eval_outputs_never_land_on_an_input(model, tmp_path, cap
             match="is inside the source model")
     refused(capsys, "eval", model, "--tasks", "copa_local", "--limit", "2", "--output-path", a, match="is a file")
     assert digest(model) == before
+    # nor inside the task data (a resume fingerprints it), nor the same path as -o (it failed after evaluating)
+    data = tmp_path / "data"
+    (data / "tasks").mkdir(parents=True)
+    refused(capsys, "eval", model, "--tasks", "copa_local", "--limit", "2", "--data-dir", data, "--output-path",
+            data / "tasks", match="is inside the task data folder")
+    refused(capsys, "eval", model, "--tasks", "copa_local", "--limit", "2", "-o", tmp_path / "same", "--output-path",
+            tmp_path / "same", match="--output and --output-path both name")
+    assert not (tmp_path / "same").exists() and list((data / "tasks").iterdir()) == []
 
 
 def test_flag_values_that_failed_late_or_named_the_wrong_flag(model, tmp_path, capsys):

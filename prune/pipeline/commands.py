@@ -142,6 +142,13 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
     ppl = cfg.perplexity
     inputs = command_inputs(source, [ppl.path if ppl else None, cfg.fidelity.path if cfg.fidelity else None])
     inputs += input_paths(original, label="the original model (--fidelity-to)")
+    if cfg.tasks:  # the task data and task folders: lm-eval's files never go inside them (a resume fingerprints them)
+        inputs += input_paths(L.data_dir(cfg.data_dir), label="the task data folder (--data-dir)")
+        inputs += input_paths(*(cfg.task_dirs or []), label="a task folder (--task-dir)")
+    same = output and output_path and Path(output).expanduser().resolve() == Path(output_path).expanduser().resolve()
+    if same and cfg.tasks:
+        raise PruneError(f"--output and --output-path both name {output}: --output is a JSON file, --output-path a "
+                         "folder for lm-eval's files (give two paths)")
     if output:
         check_output(output, inputs, overwrite=overwrite, kind="file", what="--output file", flag="--output")
     folder = sanitize_model_name(str(source))

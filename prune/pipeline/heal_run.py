@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from prune.core.errors import PruneError
-from prune.core.tables import UNHEALED, healed_markdown
+from prune.core.errors import PruneError, first_line
+from prune.core.tables import UNHEALED, comparison_rows, healed_markdown
 from prune.export.public import public_data
 from prune.model.arch import block_index, meta_model
 from prune.core.console import keeps_quiet_mode
@@ -259,20 +259,56 @@ def read_run_eval(run: Path) -> dict:
         return {}
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:  # ValueError: bad JSON or UTF-8
-        raise PruneError(f"{path}: not readable JSON ({exc}); remove it or restore the run's own") from None
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8, a 5,000-digit number
+        raise PruneError(f"{path}: not readable JSON ({first_line(exc)}); remove it or restore the run's own") from None
+    wrong = f"{path} is not the evaluation prune writes (an object with original / pruned results)"
     if not isinstance(data, dict) or not all(isinstance(data.get(k) or {}, dict) for k in ("original", "pruned")):
-        raise PruneError(f"{path} is not the evaluation prune writes (an object with original / pruned results); "
-                         "remove it or restore the run's own")
+        raise PruneError(f"{wrong}; remove it or restore the run's own")
+    try:  # the table the healed folder shows is built from them: a value of another shape fails now, not after training
+        comparison_rows(data.get("original") or {}, data.get("pruned") or {},
+                        dict.fromkeys(("params_before", "params_after", "layers_before", "layers_after")))
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise PruneError(f"{wrong}: {type(exc).__name__} {first_line(exc)}; remove it or restore the run's own") from None
     return data
 
 
+LM_EVAL_FILES = (("results_", ".json"), ("samples_", ".jsonl"))  # what lm-eval writes, and all a heal carries over
+
+
 def run_lm_eval_files(run: Path, which: str) -> dict[str, str]:
-    """lm-eval's files a run folder keeps for its ``which`` model (``eval/original``), ``{name: text}``."""
-    folder = run / "eval" / which
+    """lm-eval's files a run folder keeps for its ``which`` model (``eval/original``), ``{name: text}``: only
+    :data:`LM_EVAL_FILES`, regular files inside the run folder (a link leading out of it is refused: its target
+    would be copied into the output), each parsed (a damaged one is one line, before any training)."""
+    from prune.measure.evaluation import samples_of
+    from prune.measure.paired import per_example
+
+    folder, root = run / "eval" / which, run.resolve()
     if not folder.is_dir():
         return {}
-    return {p.name: p.read_text(encoding="utf-8") for p in sorted(folder.iterdir()) if p.is_file()}
+    out = {}
+    for path in sorted(folder.iterdir()):
+        if not any(path.name.startswith(head) and path.name.endswith(tail) for head, tail in LM_EVAL_FILES):
+            continue
+        real = path.resolve()
+        problem = (f"leads to {real}, outside the run folder" if not real.is_relative_to(root)
+                   else None if real.is_file() else "is not a regular file")
+        if problem:
+            raise PruneError(f"{path} {problem}: a heal copies the run's lm-eval files into its output (remove it)")
+        try:
+            text = real.read_text(encoding="utf-8")
+            if path.name.startswith("results_"):
+                if not isinstance(json.loads(text), dict):
+                    raise ValueError("not a JSON object")
+            else:
+                for task, records in samples_of({path.name: text}).items():
+                    per_example(records, task)
+        except PruneError as exc:
+            raise PruneError(f"{path}: {exc}") from None
+        except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError) as exc:
+            raise PruneError(f"{path}: not the file lm-eval writes ({type(exc).__name__}: {first_line(exc)}); remove "
+                             "it or restore the run's own") from None
+        out[path.name] = text
+    return out
 
 
 @keeps_quiet_mode
@@ -292,7 +328,6 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     from prune.core.config import EvaluateConfig
     from prune.core.console import StageClock, quiet_mode, say, versions
     from prune.core.records import read_record
-    from prune.core.tables import comparison_rows
     from prune.export.saving import check_output_dir, save
     from prune.measure.evaluation import evaluate_loaded, lm_eval_outputs
     from prune.measure.paired import paired_section
@@ -339,6 +374,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         inputs += recipe_inputs(recipe)  # its calibration, evaluation and healing texts, task folders
     check_output_dir(out, overwrite, inputs, flag="--output")
     run_eval = read_run_eval(run)  # read now: a damaged file fails before the training, not after it
+    run_files = {which: run_lm_eval_files(run, which) if evaluate else {} for which in ("original", "pruned")}
     eval_cfg: EvaluateConfig | None = recipe.evaluate if recipe else None
     check_heal_data(cfg, eval_cfg, "heal settings",
                     "--data ../shared/data/c4/c4_web_1480.jsonl --field prefix,gold_completion")
@@ -480,8 +516,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     # lm-eval's files: the run's original's (read back) and the healed model's, paired per example
     # and the healed model against the run's pruned one on the same examples: what the healing won back
     lm_eval_files, paired, healing_paired = lm_eval_outputs(
-        {**original, "lm_eval_files": run_lm_eval_files(run, "original") if evaluate else {}}, healed,
-        {"lm_eval_files": run_lm_eval_files(run, "pruned") if evaluate else {}})
+        {**original, "lm_eval_files": run_files["original"]}, healed, {"lm_eval_files": run_files["pruned"]})
     evaluation = {"original": original, "pruned_before_healing": before, "pruned": healed,
                   "rows": comparison_rows(original, healed, counts), **counts, "paired": [p.to_dict() for p in paired],
                   "paired_healing": [p.to_dict() for p in healing_paired]}
