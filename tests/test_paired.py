@@ -328,3 +328,162 @@ def test_compare_cli(lm_eval_folders, tmp_path):
     proc = prune_main("compare", fa, fb, check_rc=0)
     assert "note: fidelity left out: A and B measured fidelity on different windows" in proc.stderr
     assert "| arc_easy_local | acc | 16 |" in proc.stdout
+
+
+# ---- damaged inputs: one line naming the file (and line), never a traceback or a hang ---------------------------
+STAMP = "2026-01-01T00-00-00.000000"
+
+
+def write_samples(folder, lines=(), task="arc_easy", n=4):
+    """A folder holding one synthetic lm-eval ``samples_<task>_<stamp>.jsonl``: ``n`` good records, then ``lines``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = [json.dumps({"doc_id": i, "doc_hash": f"d{i}", "filter": "none", "metrics": ["acc"], "acc": float(i % 2)})
+            for i in range(n)]
+    path = folder / f"samples_{task}_{STAMP}.jsonl"
+    path.write_text("\n".join([*good, *lines]) + "\n")
+    return path
+
+
+def one_error_line(proc) -> str:
+    """The only line of a refused command's stderr (exit 2, no traceback)."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"doc_id": 99, "doc_ha', "not a JSON line"),
+    ('{"doc_id": 98, "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    ('{"doc_id": 97, "metrics": ["acc"], "acc": ' + "9" * 5000 + "}", "thousands of digits"),
+    ("5", "a JSON object, got int"), ('["a", "b"]', "a JSON object, got list"),
+    ('{"metrics": ["acc"], "acc": 1}', "doc_id must be a whole number"),
+    ('{"doc_id": [1, 2], "metrics": ["acc"], "acc": 1}', "doc_id must be a whole number (the example's index), got list"),
+    ('{"doc_id": {"a": 1}, "metrics": ["acc"], "acc": 1}', "doc_id must be a whole number (the example's index), got dict"),
+    ('{"doc_id": 1.0, "metrics": ["acc"], "acc": 1}', "got float 1.0"),  # it was example 1 again
+    ('{"doc_id": true, "metrics": ["acc"], "acc": 1}', "got bool true"),
+    ('{"doc_id": 7, "filter": ["x"], "metrics": ["acc"], "acc": 1}', "filter must be text"),
+    ('{"doc_id": 7, "metrics": 5}', "metrics must be a list of metric names"),
+    ('{"doc_id": 7, "metrics": [{}]}', "metrics must be a list of metric names"),
+    ('{"doc_id": 7, "metrics": "acc", "acc": 1}', "metrics must be a list"),  # it was read as "a", "c", "c"
+])
+def test_damaged_samples_line_is_one_line_naming_file_and_line(tmp_path, line, message):
+    """Each damaged line of a samples file gave a traceback (JSONDecodeError, RecursionError, ValueError,
+    TypeError, KeyError, unhashable) or was silently misread; now one line ``FILE:LINE: ...``."""
+    write_samples(tmp_path / "a")
+    path = write_samples(tmp_path / "b", [line], n=2)
+    err = one_error_line(prune_main("compare", tmp_path / "a", tmp_path / "b"))
+    assert f"{path}:3: " in err and message in err
+
+
+def test_score_beyond_a_float_is_left_out_like_nan(tmp_path):
+    """``"acc": 10**400`` (an integer JSON allows) raised OverflowError; it is left out with a note, as NaN is."""
+    write_samples(tmp_path / "a")
+    write_samples(tmp_path / "b", [json.dumps({"doc_id": 3, "metrics": ["acc"], "acc": 10 ** 400})], n=3)
+    proc = prune_main("compare", tmp_path / "a", tmp_path / "b", check_rc=0)
+    assert "arc_easy acc: 1 example(s) scored NaN or inf, left out" in proc.stderr and "| 3 (A 4, B 3) |" in proc.stdout
+
+
+def test_samples_file_that_is_not_a_regular_file_is_refused(tmp_path):
+    """A FIFO named samples_*.jsonl hung the read: one line naming it."""
+    import os
+    import threading
+
+    write_samples(tmp_path / "a")
+    name = f"samples_arc_easy_{STAMP}.jsonl"
+    fifo = tmp_path / "fifo" / name
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def unblock():  # the old code blocked opening the FIFO: a writer lets it go on (and the test fail, not hang)
+        while not done.wait(0.2):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass  # no reader yet
+
+    threading.Thread(target=unblock, daemon=True).start()
+    try:
+        err = one_error_line(prune_main("compare", tmp_path / "a", fifo.parent))
+    finally:
+        done.set()
+    assert f"{fifo} is not a regular file" in err
+
+
+def test_samples_link_to_a_device_a_folder_or_latin1_is_one_line(tmp_path):
+    """A link to /dev/zero read until memory ran out, a folder named samples_*.jsonl gave "cannot access 3",
+    a file that is not UTF-8 named no file."""
+    write_samples(tmp_path / "a")
+    name = f"samples_arc_easy_{STAMP}.jsonl"
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "zero" / name).symlink_to("/dev/zero")
+    (tmp_path / "dir" / name).mkdir(parents=True)
+    for folder in ("zero", "dir"):
+        assert f"{tmp_path / folder / name} is not a regular file" in one_error_line(
+            prune_main("compare", tmp_path / "a", tmp_path / folder))
+    latin = write_samples(tmp_path / "latin")
+    latin.write_bytes(latin.read_bytes() + b'{"doc_id": 9, "x": "\xe9"}\n')
+    assert f"{latin}: not UTF-8" in one_error_line(prune_main("compare", tmp_path / "a", tmp_path / "latin"))
+
+
+def fidelity_file(path, **changes):
+    """A prune eval --output JSON file with a fidelity record of 3 windows (``changes`` replace its fields)."""
+    fid = {"kl_windows": [0.1, 0.2, 0.3], "nll_diff_windows": [0.0, 0.1, 0.05], "windows_sha256": "abcd", "top_k": 8,
+           "perplexity_original": 20.0, **changes}
+    path.write_text(json.dumps({"pruned": {"fidelity": fid}}))
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"pruned": {"fidelity": {"kl_windows": ' + "[" * 100_000 + "]" * 100_000 + "}}}", "nested too deeply"),
+    ('{"pruned": {"fidelity": {"kl_windows": [' + "9" * 5000 + "]}}}", "thousands of digits"),
+    (dict(perplexity_original="abc"), "perplexity_original is \"abc\", not a positive number"),
+    (dict(perplexity_original=[1]), "perplexity_original is [1]"),
+    (dict(perplexity_original=-5.0), "perplexity_original is -5.0"),
+    (dict(kl_windows=[10 ** 400, 0.1, 0.1]), "kl_windows[0] is 1000"),
+    (dict(kl_windows=[0.1, float("nan"), 0.1]), "kl_windows[1] is NaN, not a finite number"),
+    (dict(nll_diff_windows=[0.1, 0.1, float("inf")]), "nll_diff_windows[2] is Infinity"),
+    (dict(kl_windows=[True, False, True]), "kl_windows[0] is true, not a finite number"),
+])
+def test_damaged_fidelity_record_is_one_line(tmp_path, text, message):
+    """Deep nesting or a 5,000-digit number gave a traceback, a text or negative perplexity_original a
+    TypeError or math domain error, a huge integer window an OverflowError; NaN, inf and true/false
+    windows were taken (the table showed nan). Each is one line naming the file."""
+    good = fidelity_file(tmp_path / "a.json")
+    bad = tmp_path / "b.json"
+    bad.write_text(text) if isinstance(text, str) else fidelity_file(bad, **text)
+    err = one_error_line(prune_main("compare", good, bad))
+    assert str(bad) in err and message in err
+
+
+def test_fidelity_on_other_windows_names_their_counts(tmp_path):
+    """Windows of another count read "windows abcd top 8 against abcd top 8"."""
+    a = fidelity_file(tmp_path / "a.json")
+    err = one_error_line(prune_main("compare", a, fidelity_file(tmp_path / "b.json", kl_windows=[0.1, 0.2],
+                                                                  nll_diff_windows=[0.0, 0.1])))
+    assert "(3 windows abcd top 8 against 2 windows abcd top 8)" in err
+
+
+def test_json_file_without_fidelity_record_says_so(tmp_path):
+    """A JSON file that is a list, null, NaN or holds no fidelity record was refused as "not a folder"."""
+    a = fidelity_file(tmp_path / "a.json")
+    for text in ("[1, 2]", "null", "NaN", '{"pruned": {"fidelity": [1]}}'):
+        (tmp_path / "none.json").write_text(text)
+        assert "none.json holds no fidelity record" in one_error_line(prune_main("compare", a, tmp_path / "none.json"))
+
+
+def test_run_whose_original_links_to_pruned_is_refused(tmp_path):
+    """A run whose eval/original links to eval/pruned compared the model with itself ("no change")."""
+    run = tmp_path / "run"
+    write_samples(run / "eval" / "pruned")
+    (run / "eval" / "original").symlink_to("pruned")
+    assert "is not a run folder with eval/original and eval/pruned" in one_error_line(prune_main("compare", run))
+
+
+def test_no_task_in_common_lists_ten_tasks(tmp_path):
+    """With many tasks and none in common the one line listed them all (20 kB for thousands)."""
+    write_samples(tmp_path / "one")
+    for i in range(40):
+        write_samples(tmp_path / "many", task=f"t{i:02d}")
+    err = one_error_line(prune_main("compare", tmp_path / "one", tmp_path / "many"))
+    assert "B has t00, t01," in err and "t09 and 30 more" in err and "t39" not in err

@@ -105,7 +105,7 @@ def samples_of(texts: dict[str, str]) -> dict[str, list[dict]]:
 
     from prune.measure.paired import read_samples
 
-    return {get_file_task_name(name): read_samples(text.splitlines())
+    return {get_file_task_name(name): read_samples(text.splitlines(), name)
             for name, text in texts.items() if name.startswith("samples_")}
 
 

@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -208,9 +210,59 @@ def paired_t(a, b, *, task: str = "", metric: str = "", level: float = 0.95) -> 
 
 
 # ---- lm-eval samples --------------------------------------------------------------------------
-def read_samples(lines) -> list[dict]:
-    """Records of one ``samples_*.jsonl`` (an iterable of lines), as lm-eval wrote them."""
-    return [json.loads(line) for line in lines if line.strip()]
+def read_samples(lines, file: str | Path = "samples file") -> list[dict]:
+    """Records of one ``samples_*.jsonl`` (an iterable of lines), as lm-eval wrote them; a line that is not
+    one such record (:func:`check_record`) is refused with one line naming ``file`` and the line number."""
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError) as exc:  # damaged JSON, a number of thousands of digits, deep nesting
+            why = _json_problem(exc)
+            raise PruneError(f"{file}:{number}: not a JSON line ({why}): use the samples file lm-eval wrote") from None
+        check_record(record, f"{file}:{number}")
+        out.append(record)
+    return out
+
+
+def _json_problem(exc: BaseException) -> str:
+    """What :func:`json.loads` found wrong, in a few words."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if not isinstance(exc, json.JSONDecodeError):  # Python's limit on the digits of an integer
+        return "a number of thousands of digits"
+    return str(exc).splitlines()[0]
+
+
+def check_record(record, where: str) -> None:
+    """One line (prefixed ``where``) unless ``record`` is an lm-eval sample record: an object with a whole-number
+    ``doc_id``, ``filter`` and question hashes text, ``metrics`` a list of names."""
+    fix = "use the samples file lm-eval wrote"
+    if not isinstance(record, dict):
+        raise PruneError(f"{where}: a sample record is a JSON object, got {type(record).__name__}: {fix}")
+    doc_id = record.get("doc_id")
+    if isinstance(doc_id, bool) or not isinstance(doc_id, int):  # 1.0 and true would be example 1
+        got = "none" if "doc_id" not in record else f"{type(doc_id).__name__} {json.dumps(doc_id)[:40]}"
+        raise PruneError(f"{where}: doc_id must be a whole number (the example's index), got {got}: {fix}")
+    for name in ("filter", *QUESTION_HASHES):
+        if record.get(name) is not None and not isinstance(record[name], str):
+            raise PruneError(f"{where}: {name} must be text, got {type(record[name]).__name__}: {fix}")
+    metrics = record.get("metrics", [])
+    if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
+        raise PruneError(f"{where}: metrics must be a list of metric names, got {json.dumps(metrics)[:60]}: {fix}")
+
+
+def score(value) -> float | None:
+    """A per-example value as a float (an integer too large for one: inf of its sign), None when it is not a number
+    (true/false count as 1/0, as lm-eval writes them for some tasks)."""
+    if not isinstance(value, (bool, int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def row_name(metric: str, filt: str) -> str:
@@ -242,8 +294,9 @@ def check_same_question(task: str, doc_id, first: tuple, other: tuple, between: 
 def _records_by_example(task: str, records: list[dict]) -> dict[tuple, dict]:
     """``{(doc_id, filter): record}``; an example found twice (a damaged or concatenated file) is refused."""
     out: dict[tuple, dict] = {}
-    for r in records:
-        key = (r["doc_id"], r.get("filter", "none"))
+    for number, r in enumerate(records, 1):
+        check_record(r, f"{task}: record {number}")
+        key = (r["doc_id"], r.get("filter") or "none")
         if key in out:
             raise PruneError(f"{task}: example {key[0]} (filter {key[1]}) appears twice in one samples file; "
                              "use the file lm-eval wrote for one run")
@@ -258,13 +311,13 @@ def per_example(records: list[dict], task: str = "task") -> dict[str, dict]:
     undefined: dict[str, int] = {}
     for (doc_id, filt), r in _records_by_example(task, records).items():
         for metric in r.get("metrics", []):
-            value = r.get(metric)
-            if isinstance(value, (bool, int, float)):
+            value = score(r.get(metric))
+            if value is not None:
                 name = row_name(PER_EXAMPLE_NAMES.get(metric, metric), filt)
                 if not math.isfinite(value):  # NaN made the row's mean, interval and flips NaN
                     undefined[name] = undefined.get(name, 0) + 1
                     continue
-                out.setdefault(name, {})[doc_id] = (question(r), float(value))
+                out.setdefault(name, {})[doc_id] = (question(r), value)
     for name, count in undefined.items():
         say(f"{task} {name}: {count} example(s) scored NaN or inf, left out of the paired comparison")
     return out
@@ -295,11 +348,20 @@ def mean_samples(runs: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
             first, found = examples[0][key], [e[key] for e in examples]
             for r in found:
                 check_same_question(task, key[0], question(first), question(r), "the runs")
-            metrics = [m for m in first.get("metrics", []) if all(isinstance(r.get(m), (bool, int, float)) for r in found)]
+            metrics = [m for m in first.get("metrics", []) if all(score(r.get(m)) is not None for r in found)]
             records.append({"doc_id": key[0], "filter": key[1], **{h: first.get(h) for h in QUESTION_HASHES},
-                            "metrics": metrics, **{m: sum(float(r[m]) for r in found) / len(found) for m in metrics}})
+                            "metrics": metrics, **{m: sum(score(r[m]) for r in found) / len(found) for m in metrics}})
         out[task] = records
     return out
+
+
+def some(names, limit: int = 10) -> str:
+    """The first ``limit`` of ``names`` (sorted) and how many more: a line stays short with thousands of tasks."""
+    names = sorted(names)
+    if not names:
+        return "none"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters: int = BOOTSTRAP_ITERS,
@@ -308,10 +370,10 @@ def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters
     (B against A), over the examples both have."""
     common = [t for t in a if t in b]
     if not common:
-        raise PruneError(f"no task in common: A has {', '.join(sorted(a)) or 'none'}, B has {', '.join(sorted(b)) or 'none'}")
+        raise PruneError(f"no task in common: A has {some(a)}, B has {some(b)}: compare evaluations of the same tasks")
     for side, tasks in (("A", [t for t in a if t not in b]), ("B", [t for t in b if t not in a])):
         if tasks:
-            say(f"{', '.join(sorted(tasks))}: only in {side}, left out of the paired comparison")
+            say(f"{some(tasks)}: only in {side}, left out of the paired comparison")
     out = []
     for task in sorted(common):
         ea, eb = per_example(a[task], task), per_example(b[task], task)
@@ -466,6 +528,13 @@ def samples_folder(path: str | Path, which: str = "pruned") -> Path:
     """The folder of lm-eval samples meant by ``path``: a ``prune run`` folder (its ``eval/<which>``),
     an lm-eval output folder holding one model's subfolder, or a folder of ``samples_*.jsonl``."""
     path = Path(path).expanduser()
+    if path.is_file():  # prune compare takes a fidelity JSON file too: say which of the two it is not
+        if fidelity_of(path) is not None:
+            raise PruneError(f"{path} holds a fidelity record but no lm-eval samples: compare it with another fidelity "
+                             "record (a run folder or a prune eval --output file)")
+        raise PruneError(f"{path} holds no fidelity record (pruned.fidelity with kl_windows) and is not a folder of "
+                         "lm-eval samples: give a prune run folder, an lm-eval results folder or prune eval's --output "
+                         "file of a fidelity measure (--fidelity-to)")
     if not path.is_dir():
         raise PruneError(f"not a folder: {path} (give a prune run folder or an lm-eval results folder)")
     if (path / "eval" / which).is_dir():
@@ -481,8 +550,28 @@ def samples_folder(path: str | Path, which: str = "pruned") -> Path:
                      "(prune run and prune eval --output-path write them)")
 
 
+def read_regular_text(path: Path, what: str = "samples file") -> str:
+    """The UTF-8 text of ``path``, read only when it is (after following links) a regular file: a FIFO, a device
+    or a folder is one line, never a hang or an endless read; so is text that is not UTF-8."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once; fstat below refuses it
+    except OSError as exc:
+        raise PruneError(f"cannot read the {what} {path} ({exc.strerror or exc}): give a readable file") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise PruneError(f"{path} is not a regular file (a FIFO, device or folder): give the {what}")
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PruneError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}): give the {what} as written, "
+                         "in UTF-8") from None
+
+
 def load_samples(folder: Path) -> dict[str, list[dict]]:
-    return {task: read_samples(p.read_text(encoding="utf-8").splitlines()) for task, p in latest_samples(folder).items()}
+    """``{task: sample records}`` of the newest samples file of each task in ``folder`` (:func:`read_samples`)."""
+    return {task: read_samples(read_regular_text(p).splitlines(), p) for task, p in latest_samples(folder).items()}
 
 
 def has_samples(path: str | Path, which: str = "pruned") -> bool:
@@ -501,20 +590,41 @@ def fidelity_of(path: str | Path) -> dict | None:
     file = path / "eval.json" if path.is_dir() else path
     if not file.is_file():
         return None
+    text = read_regular_text(file, "run folder's eval.json or prune eval's --output file")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PruneError(f"{file} is not a readable JSON file ({exc}); give a run folder or prune eval's --output file") from None
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # damaged, a number of thousands of digits, nested too deeply
+        why = _json_problem(exc)
+        raise PruneError(f"{file} is not a readable JSON file ({why}); give a run folder or prune eval's --output file") from None
     found = data.get("pruned", data) if isinstance(data, dict) else None
     fid = found.get("fidelity") if isinstance(found, dict) else None
     if not (isinstance(fid, dict) and "kl_windows" in fid):
         return None
+    fix = "measure it again with prune eval --fidelity-to"
     values = [fid.get("kl_windows"), fid.get("nll_diff_windows")]
-    if not all(isinstance(v, list) and len(v) == len(values[0]) and all(isinstance(x, (int, float)) for x in v)
-               for v in values) or not isinstance(fid.get("windows_sha256"), str):
+    if not all(isinstance(v, list) and len(v) == len(values[0]) for v in values) or not isinstance(fid.get("windows_sha256"), str):
         raise PruneError(f"{file}: its fidelity record is damaged (kl_windows, nll_diff_windows: lists of numbers of one "
-                         "length; windows_sha256: text): measure it again with prune eval --fidelity-to")
+                         f"length; windows_sha256: text): {fix}")
+    for name, v in zip(("kl_windows", "nll_diff_windows"), values):
+        bad = next((i for i, x in enumerate(v) if not _finite_number(x)), None)
+        if bad is not None:
+            raise PruneError(f"{file}: its fidelity record is damaged: {name}[{bad}] is {json.dumps(v[bad])[:40]}, not a finite number: {fix}")
+    ppl, top_k = fid.get("perplexity_original"), fid.get("top_k")
+    if ppl is not None and not (_finite_number(ppl) and ppl > 0):
+        raise PruneError(f"{file}: its fidelity record is damaged: perplexity_original is {json.dumps(ppl)[:40]}, not a positive number: {fix}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
+        raise PruneError(f"{file}: its fidelity record is damaged: top_k is {json.dumps(top_k)[:40]}, not a whole number: {fix}")
     return fid
+
+
+def _finite_number(x) -> bool:
+    """Whether ``x`` is an int or float (not a bool) that is finite as a float."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer beyond a float
+        return False
 
 
 #: how far apart (|log ratio|) the original's perplexity on the same windows may be in two fidelity
@@ -530,11 +640,12 @@ def compare_fidelity(a: dict, b: list[dict], level: float = 0.95) -> list[Paired
     key = lambda f: (f.get("windows_sha256"), f.get("top_k"), len(f["kl_windows"]))  # the same windows, same top-k
     for other in b:
         if key(other) != key(a):
-            raise PruneError("A and B measured fidelity on different windows or top-k (windows "
-                             f"{a.get('windows_sha256')} top {a.get('top_k')} against {other.get('windows_sha256')} top "
-                             f"{other.get('top_k')}): evaluate both with the same evaluate.fidelity settings and original")
+            what = lambda f: f"{len(f['kl_windows'])} windows {f.get('windows_sha256')} top {f.get('top_k')}"
+            raise PruneError(f"A and B measured fidelity on different windows or top-k ({what(a)} against {what(other)}): "
+                             "evaluate both with the same evaluate.fidelity settings and original")
         ppl_a, ppl_b = a.get("perplexity_original"), other.get("perplexity_original")
-        if ppl_a and ppl_b and abs(math.log(ppl_b / ppl_a)) > ORIGINAL_TOLERANCE:
+        positive = lambda x: _finite_number(x) and x > 0  # fidelity_of refuses any other
+        if positive(ppl_a) and positive(ppl_b) and abs(math.log(ppl_b / ppl_a)) > ORIGINAL_TOLERANCE:
             raise PruneError(f"A and B were measured against different originals (the original's perplexity on the same "
                              f"windows: {ppl_a:.4f} against {ppl_b:.4f}): compare models measured against one original")
     mean_b = lambda key: np.mean([other[key] for other in b], axis=0)
@@ -563,8 +674,9 @@ def compare_folders(a: str | Path, b: str | Path | list[str | Path] | None = Non
     their per-example mean (:func:`mean_samples`: several seeds of one recipe, pooled per question)."""
     if b is None:
         fa, fb = samples_folder(a, "original"), samples_folder(a, "pruned")
-        if fa == fb:
-            raise PruneError(f"{a} is not a run folder with eval/original and eval/pruned: give two folders")
+        if fa.resolve() == fb.resolve():  # also eval/original linked to eval/pruned: the model against itself
+            raise PruneError(f"{a} is not a run folder with eval/original and eval/pruned (two different folders): "
+                             "give two folders")
         return compare_samples(load_samples(fa), load_samples(fb), iters=iters, seed=seed)
     runs = [load_samples(samples_folder(x)) for x in (b if isinstance(b, list) else [b])]
     return compare_samples(load_samples(samples_folder(a)), runs[0] if len(runs) == 1 else mean_samples(runs),
