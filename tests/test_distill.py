@@ -304,6 +304,31 @@ def test_prune_heal_run_dir_with_distill(tmp_path, tiny_folder_heal, capsys):
         heal_run(other, tmp_path / "other_healed", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
                  rows=C4_DATA["rows"], overrides=[*fast, "teacher=cache", "top_k=8", f"teacher_cache={cache}"], quiet=True)
     assert not (tmp_path / "other_healed").exists()
+    # a cache of another k than heal.top_k is refused, never recomputed over the user's file (it was replaced)
+    kept_bytes = cache.read_bytes()
+    with pytest.raises(PruneError, match="holds top-8 log-probs, heal.top_k is 16: set heal.top_k=8") as err:
+        heal_run(run_dir, tmp_path / "healed_k", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
+                 rows=C4_DATA["rows"], overrides=[*fast, "teacher=cache", "top_k=16", f"teacher_cache={cache}"],
+                 quiet=True, source=source)
+    assert "\n" not in str(err.value) and cache.read_bytes() == kept_bytes and not (tmp_path / "healed_k").exists()
+    from prune.heal.distill import heal_saved_run  # and by heal_saved_run itself, before anything loads
+
+    k16 = heal_config("distill", C4_DATA, **{**FAST, "teacher": "cache", "top_k": 16, "teacher_cache": str(cache)})
+    with pytest.raises(PruneError, match="holds top-8 log-probs"):
+        heal_saved_run(run_dir, tmp_path / "healed_k", json.loads((run_dir / "pruning.json").read_text()), k16, "auto",
+                       False, quiet=True, resolve=lambda s: pytest.fail("the source was resolved"))
+    assert cache.read_bytes() == kept_bytes
+    # an unreadable cache is said to be so (it was said to record no source model)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(kept_bytes[: len(kept_bytes) // 2])
+    with pytest.raises(PruneError, match="is corrupt or unreadable"):
+        heal_run(run_dir, tmp_path / "healed_b", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
+                 rows=C4_DATA["rows"], overrides=[*fast, "teacher=cache", "top_k=8", f"teacher_cache={broken}"],
+                 quiet=True, source=source)
+    with pytest.raises(PruneError, match="is corrupt or unreadable"):
+        heal_saved_run(run_dir, tmp_path / "healed_b", json.loads((run_dir / "pruning.json").read_text()),
+                       k16.model_copy(update={"top_k": 8, "teacher_cache": str(broken)}), "auto", False, quiet=True,
+                       resolve=lambda s: pytest.fail("the source was resolved"))
     # teacher memory is honoured beside an existing cache (the hidden-state term needs it)
     heal_run(run_dir, tmp_path / "healed_mem", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
              rows=C4_DATA["rows"], overrides=[*fast, "teacher=memory", "hidden_weight=0.1", f"teacher_cache={cache}"],
@@ -326,7 +351,7 @@ def test_prune_heal_run_dir_with_distill(tmp_path, tiny_folder_heal, capsys):
     pruning = json.loads((run_dir / "pruning.json").read_text())
     (run_dir / "pruning.json").write_text(json.dumps({**pruning, "source": None}))  # the source is gone: the cache suffices
     heal_run(run_dir, tmp_path / "healed3", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
-             rows=C4_DATA["rows"], overrides=[*fast, "teacher=cache", f"teacher_cache={cache}"], quiet=True)
+             rows=C4_DATA["rows"], overrides=[*fast, "teacher=cache", "top_k=8", f"teacher_cache={cache}"], quiet=True)
     with pytest.raises(PruneError, match="records no source model to load"):  # before loading anything
         heal_run(run_dir, tmp_path / "healed_h", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
                  rows=C4_DATA["rows"], overrides=[*fast, "hidden_weight=0.1", f"teacher_cache={cache}"], quiet=True)
@@ -423,6 +448,86 @@ def test_a_cache_of_another_model_is_not_taken_for_this_ones(tokenizers_by_bos, 
         prepare_teacher(second, tok, named, train_w, val_w, kept, name="second", default_cache=None, quiet=True)
     again = prepare_teacher(second, tok, cfg, train_w, val_w, kept, name="second", default_cache=path, quiet=True)
     assert "reused" not in again.description and TopkCache.load(path).meta["model"] == weights_fingerprint(second)
+
+
+def _damaged(T: dict, meta: dict) -> dict:
+    """name -> (tensors, metadata) of a cache broken one way (as a reviewer's hostile files), and what its refusal says."""
+    lp, ix = T["logprobs"], T["indices"]
+    return {
+        "idx_oob": ({"indices": ix + 100000}, {}, "outside the vocabulary [0, 256)"),
+        "idx_neg": ({"indices": -ix - 1}, {}, "outside the vocabulary"),
+        "short": ({"logprobs": lp[:2], "indices": ix[:2]}, {}, "logprobs has shape [2, 32, 8], this run reads [16, 32, 8]"),
+        "seq_len": ({"logprobs": lp[:, :16], "indices": ix[:, :16]}, {}, "has shape [16, 16, 8]"),
+        "k_tensor": ({"logprobs": lp[..., :4], "indices": ix[..., :4]}, {}, "has shape [16, 32, 4], this run reads [16, 32, 8]"),
+        "lp_1d": ({"logprobs": lp.flatten()}, {}, "logprobs has shape [4096]"),
+        "int_lp": ({"logprobs": lp.long()}, {}, "logprobs is int64, not floating-point"),
+        "float_idx": ({"indices": ix.float()}, {}, "indices is float32, not integer"),
+        "bf16_idx": ({"indices": ix.to(torch.bfloat16)}, {}, "indices is bfloat16, not integer"),
+        "positive": ({"logprobs": torch.full_like(lp, 50.0)}, {}, "logprobs holds 50, and log-probabilities are <= 0"),
+        "nan": ({"logprobs": torch.full_like(lp, float("nan"))}, {}, "non-finite"),
+        "val_inf": ({"val_logprobs": torch.full_like(T["val_logprobs"], -math.inf)}, {}, "val_logprobs holds non-finite"),
+        "no_idx": ({"indices": None}, {}, "lacks the tensor indices"),
+        "no_val": ({"val_logprobs": None}, {}, "lacks the tensor val_logprobs"),
+        "ids": ({"input_ids": T["input_ids"].flip(0)}, {}, "input_ids differ from this run's 16 windows"),
+        "k_abc": ({}, {"k": "abc"}, "metadata k is 'abc', not a positive whole number"),
+        "k_zero": ({}, {"k": "0"}, "metadata k is '0'"),
+        "k_huge": ({}, {"k": "1000000"}, "k=1000000 exceeds its vocabulary (256 tokens)"),
+        "vocab_abc": ({}, {"vocab": "abc"}, "metadata vocab is 'abc'"),
+        "no_tokenizer": ({}, {"tokenizer": ""}, "records no tokenizer fingerprint"),
+    }
+
+
+def test_a_damaged_cache_is_refused_in_one_line_before_training(tokenizers_by_bos, tmp_path):
+    """Tensors of another shape (fewer windows, another seq_len or k), dtype (integer log-probs, float
+    indices), range (token ids outside the vocabulary, log-probs > 0 or not finite), missing tensors and
+    damaged metadata are one line naming the problem and the fix, when the cache is checked: from its
+    header before any model loads (preflight_cache) and when it is opened (open_cache, heal_model),
+    never at the first training step (an IndexError or a RuntimeError) or silently (misaligned targets)."""
+    from safetensors.torch import save_file
+
+    from prune.heal.distill import open_cache, preflight_cache
+
+    tok = tokenizers_by_bos[True]
+    train_w, val_w = windows_of(tok)
+    good = build_cache(build_model("llama"), tok, train_w, val_w, 8, tmp_path / "good.safetensors", "t", quiet=True)
+    T, meta = dict(good.tensors), {k: str(v) for k, v in good.meta.items()}
+    cfg = heal_config("distill", C4_DATA, **{**FAST, "teacher": "cache", "top_k": 8})
+
+    def write(name, tensors, extra):
+        path = tmp_path / f"{name}.safetensors"
+        merged = {k: v for k, v in {**T, **tensors}.items() if v is not None}
+        save_file({k: v.contiguous() for k, v in merged.items()}, str(path), metadata={**meta, **extra})
+        return path
+
+    def checks(path):
+        named = cfg.model_copy(update={"teacher_cache": str(path)})
+        yield lambda: preflight_cache(named, (), tok, train_w, val_w)  # the header, before any model loads
+        yield lambda: open_cache(named, tok, train_w, val_w, VOCAB, [])  # the loaded tensors
+
+    tiny = write("tiny_positive", {"logprobs": T["logprobs"].clamp_max(-1e-3) + 2e-3}, {})  # rounding above 0: taken
+    for path in (good.path, tiny):
+        for check in checks(path):
+            check()
+    for name, (tensors, extra, message) in _damaged(T, meta).items():
+        path = write(name, tensors, extra)
+        for check in checks(path):
+            with pytest.raises(PruneError) as err:
+                check()
+            assert message in str(err.value) and "\n" not in str(err.value), (name, str(err.value))
+            assert "heal.teacher_cache" in str(err.value) and ("delete it" in str(err.value) or "recompute" in str(err.value))
+    # unreadable files (truncated; a header claiming more data than the file holds): corrupt, said so
+    raw = good.path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(raw[: len(raw) // 2])
+    for check in checks(tmp_path / "trunc.safetensors"):
+        with pytest.raises(PruneError, match="is corrupt or unreadable"):
+            check()
+    # through the Python API: refused before the student trains
+    _, student = pruned_pair()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(PruneError, match="this run reads"):
+        heal_model(student, tok, "distill", data=C4_DATA, teacher_cache=str(tmp_path / "seq_len.safetensors"), quiet=True,
+                   **FAST)
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
 
 
 @pytest.fixture

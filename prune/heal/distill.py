@@ -29,7 +29,9 @@ Teacher sources (``heal.teacher``):
   ``sum_topk q * (log q - log_softmax(z_s / T)[topk])``. This equals the full KL when
   ``k = vocab`` and drops the teacher's tail mass otherwise (tests/test_distill.py states the
   tolerance). The file also holds the windows it was computed on and the tokenizer's
-  fingerprint, so a run that reads it is refused when either differs. ``prune heal`` computes
+  fingerprint, so a run that reads it is refused when either differs, or when its tensors do not hold what the
+  run reads (:func:`check_tensors`); a file named in ``heal.teacher_cache`` is never replaced (another
+  ``k`` than ``heal.top_k``: refused). ``prune heal`` computes
   it from a source safetensors folder ONE BLOCK AT A TIME (:func:`topk_logprobs_sequential`)
   when a copy of the original would not fit beside the student (or with ``teacher: cache``).
 * ``auto``: ``memory`` when the free memory of the model's device holds a copy of it with a 25%
@@ -46,8 +48,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,18 +165,44 @@ def logit_width(model_or_config) -> int:
     return int(config.get_text_config().vocab_size if hasattr(config, "get_text_config") else config.vocab_size)
 
 
+#: the largest top-k log-prob a cache may hold: log-probs are <= 0 (a float32 log-softmax rounds to at most ~1e-7)
+LOGPROB_TOL = 1e-3
+#: the fix every refusal of a damaged cache names
+RECOMPUTE = "delete it to recompute it from the original model, or point heal.teacher_cache elsewhere"
+
+
 @dataclass
 class TopkCache:
     """The teacher's top-k log-probs ``[n, seq_len, k]`` (float32, sorted, largest first) and token
-    ids (int32) on the training and held-out windows, as stored in one safetensors file."""
+    ids (int32) on the training and held-out windows, as stored in one safetensors file.
+    ``meta``: ``format``, ``k``, ``vocab``, ``tokenizer`` (fingerprint), ``windows`` (fingerprint), ...;
+    :func:`check_cache` checks all of it, tensors included, against what a run reads."""
 
     path: Path
     tensors: dict[str, torch.Tensor]
     meta: dict
+    checked: tuple | None = field(default=None, compare=False, repr=False)  # what check_tensors last passed
+
+    def _meta_int(self, key: str) -> int:
+        value = self.meta.get(key)
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is None or number < 1 or isinstance(value, float):
+            raise PruneError(f"heal.teacher_cache {self.path}: its metadata {key} is {value!r}, not a positive whole "
+                             f"number (a damaged or edited file); {RECOMPUTE}")
+        return number
 
     @property
     def k(self) -> int:
-        return int(self.meta["k"])
+        """Log-probs kept per token (the metadata's ``k``; PruneError when it is not a positive integer)."""
+        return self._meta_int("k")
+
+    @property
+    def vocab(self) -> int | None:
+        """The teacher's logits per token (metadata ``vocab``; None in a file that records none)."""
+        return self._meta_int("vocab") if self.meta.get("vocab") not in (None, "") else None
 
     @property
     def bytes(self) -> int:
@@ -192,33 +222,32 @@ class TopkCache:
         os.replace(tmp, self.path)
 
     @classmethod
-    def header(cls, path: str | os.PathLike) -> "TopkCache | None":
+    def header(cls, path: str | os.PathLike) -> "TopkCache":
         """The cache file at ``path`` with its metadata and no tensors (what :func:`check_cache` reads),
-        from the header alone; None when it is not a cache (:meth:`load` says why)."""
-        from safetensors import safe_open
-
-        path = Path(path).expanduser()
-        try:
-            with safe_open(str(path), "pt") as handle:
-                meta = dict(handle.metadata() or {})
-        except Exception:  # noqa: BLE001 - a broken / foreign file
-            return None
-        return cls(path, {}, meta) if meta.get("format") == FORMAT else None
+        from the header alone; PruneError, as :meth:`load`, when it is unreadable or not a cache."""
+        return cls._open(path, tensors=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "TopkCache":
+        """The cache file at ``path``, tensors read; PruneError when it is unreadable or not a cache."""
+        return cls._open(path, tensors=True)
+
+    @classmethod
+    def _open(cls, path: str | os.PathLike, tensors: bool) -> "TopkCache":
         from safetensors import safe_open
 
         path = Path(path).expanduser()
         try:
             with safe_open(str(path), "pt") as handle:
                 meta = dict(handle.metadata() or {})
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+                read = {k: handle.get_tensor(k) for k in handle.keys()} if tensors and meta.get("format") == FORMAT else {}
         except Exception as exc:  # noqa: BLE001 - a broken / foreign file
-            raise PruneError(f"heal.teacher_cache {path}: not a readable safetensors file ({exc})") from None
+            why = " ".join(str(exc).split())[:200]
+            raise PruneError(f"heal.teacher_cache {path} is corrupt or unreadable (truncated, damaged, or not a safetensors "
+                             f"file: {why}); {RECOMPUTE}") from None
         if meta.get("format") != FORMAT:
             raise PruneError(f"heal.teacher_cache {path} is not a teacher top-k cache ({FORMAT}); delete it or point elsewhere")
-        return cls(path, tensors, meta)
+        return cls(path, read, meta)
 
 
 @measured_in_eval_mode
@@ -377,8 +406,11 @@ def build_cache(model, tokenizer, windows: torch.Tensor, val_windows: torch.Tens
 
 def check_cache(cache: TopkCache, tokenizer, windows: torch.Tensor, val_windows: torch.Tensor | None,
                 width: int | None = None, model: nn.Module | None = None) -> None:
-    """Refuse a cache computed with another tokenizer, on other windows, for another vocabulary, or
-    (``model``: the teacher at hand) by another model."""
+    """Refuse, with one line, a cache whose metadata is damaged, computed with another tokenizer (or none
+    recorded), on other windows, for another vocabulary (``width``: the student's logits per token), or
+    (``model``: the teacher at hand) by another model, and one whose tensors do not hold what the run
+    reads (:func:`check_tensors`; a header-only cache has its tensors read from the file)."""
+    k, vocab = cache.k, cache.vocab  # damaged metadata: one line, not a ValueError
     if model is not None and cache.meta.get("model") is None:
         raise PruneError(f"heal.teacher_cache {cache.path} records no fingerprint of the model that wrote it (written "
                          "by prune heal reading the teacher one block at a time, or by an older version), so it cannot "
@@ -387,15 +419,103 @@ def check_cache(cache: TopkCache, tokenizer, windows: torch.Tensor, val_windows:
     if model is not None and cache.meta["model"] != weights_fingerprint(model):
         raise PruneError(f"heal.teacher_cache {cache.path} holds the log-probs of another model than this run's "
                          "original; delete it to recompute, or point heal.teacher_cache elsewhere")
-    if tokenizer is not None and cache.meta.get("tokenizer") and cache.meta["tokenizer"] != tokenizer_fingerprint(tokenizer):
+    if tokenizer is not None and not cache.meta.get("tokenizer"):
+        raise PruneError(f"heal.teacher_cache {cache.path} records no tokenizer fingerprint (written without a "
+                         f"tokenizer), so it cannot be checked against this model's vocabulary; {RECOMPUTE}")
+    if tokenizer is not None and cache.meta["tokenizer"] != tokenizer_fingerprint(tokenizer):
         raise PruneError(f"heal.teacher_cache {cache.path}: the teacher's tokenizer differs from this model's "
                          "(distillation needs the same vocabulary); recompute the cache from the original model")
-    if width is not None and int(cache.meta.get("vocab", width)) != width:
-        raise PruneError(f"heal.teacher_cache {cache.path}: the teacher has {cache.meta['vocab']} logits per token, "
+    if width is not None and vocab is not None and vocab != width:
+        raise PruneError(f"heal.teacher_cache {cache.path}: the teacher has {vocab} logits per token, "
                          f"this model {width}; distil from the model it was pruned from")
+    vocab = vocab if vocab is not None else width
+    _check_k(cache, vocab)
     if cache.meta.get("windows") != windows_fingerprint(windows, val_windows):
         raise PruneError(f"heal.teacher_cache {cache.path} was computed on other training windows (heal data, "
                          "n_samples, val_samples, seq_len or seed differ); delete it to recompute, or restore the settings")
+    check_tensors(cache, windows, val_windows, vocab)
+
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+              "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool"}
+
+
+def _check_k(cache: TopkCache, vocab: int | None) -> None:
+    if vocab is not None and cache.k > vocab:
+        raise PruneError(f"heal.teacher_cache {cache.path}: its metadata k={cache.k} exceeds its vocabulary ({vocab} "
+                         f"tokens), a damaged or edited file; {RECOMPUTE}")
+
+
+def _dtype_kind(dtype) -> tuple[str, str]:
+    """``(name, float | int | other)`` of a torch dtype or a safetensors dtype string (``F32``, ``I32``...)."""
+    if not isinstance(dtype, torch.dtype):
+        dtype = getattr(torch, _ST_DTYPES.get(dtype, str(dtype).lower()), None) or str(dtype)
+    if not isinstance(dtype, torch.dtype):
+        return dtype, "other"
+    name = str(dtype).replace("torch.", "")
+    return name, "float" if dtype.is_floating_point else "other" if dtype == torch.bool or dtype.is_complex else "int"
+
+
+def check_tensors(cache: TopkCache, windows: torch.Tensor, val_windows: torch.Tensor | None, vocab: int | None) -> None:
+    """The tensors a run reads, each present with the shape it reads (``{,val_}input_ids [n, seq_len]``
+    equal to the run's windows, ``{,val_}logprobs`` / ``{,val_}indices [n, seq_len, k]``), log-probs
+    floating-point, finite and <= ``LOGPROB_TOL``, indices integers in ``[0, vocab)``; one pass of
+    min / max over each tensor. Passed once per cache object and run shape (``cache.checked``)."""
+    k = cache.k
+    parts = [("", windows)] + ([("val_", val_windows)] if val_windows is not None and val_windows.shape[0] else [])
+    key = (windows_fingerprint(windows, val_windows), k, vocab)
+    if cache.tensors and cache.checked == key:
+        return
+    where = f"heal.teacher_cache {cache.path}"
+    with ExitStack() as stack:
+        if cache.tensors:
+            specs = {n: (tuple(t.shape), t.dtype) for n, t in cache.tensors.items()}
+            read = cache.tensors.__getitem__
+        else:  # a header: shapes from it, values one tensor at a time
+            from safetensors import safe_open
+
+            try:
+                handle = stack.enter_context(safe_open(str(cache.path), "pt"))
+                specs = {n: (tuple(handle.get_slice(n).get_shape()), handle.get_slice(n).get_dtype()) for n in handle.keys()}
+            except Exception as exc:  # noqa: BLE001 - changed since its header was read
+                raise PruneError(f"{where} is corrupt or unreadable ({' '.join(str(exc).split())[:200]}); {RECOMPUTE}") from None
+            read = handle.get_tensor
+        for prefix, w in parts:
+            n, seq_len = int(w.shape[0]), int(w.shape[1])
+            what = f"{n} {'held-out ' if prefix else ''}windows"
+            for name, shape, want in ((f"{prefix}input_ids", (n, seq_len), "int"),
+                                      (f"{prefix}logprobs", (n, seq_len, k), "float"),
+                                      (f"{prefix}indices", (n, seq_len, k), "int")):
+                if name not in specs:
+                    raise PruneError(f"{where} lacks the tensor {name} (this run reads {what}); {RECOMPUTE}")
+                got, dtype = specs[name]
+                if got != shape:
+                    raise PruneError(f"{where}: {name} has shape {list(got)}, this run reads {list(shape)} ({what} x "
+                                     f"seq_len {seq_len}{f' x top-{k}' if len(shape) == 3 else ''}); {RECOMPUTE}")
+                dname, kind = _dtype_kind(dtype)
+                if kind != want:
+                    raise PruneError(f"{where}: {name} is {dname}, not {'floating-point' if want == 'float' else 'integer'}; "
+                                     f"{RECOMPUTE}")
+            try:
+                ids, lp, ix = (read(f"{prefix}{t}") for t in ("input_ids", "logprobs", "indices"))
+            except Exception as exc:  # noqa: BLE001 - data beyond a truncated file
+                raise PruneError(f"{where} is corrupt or unreadable ({' '.join(str(exc).split())[:200]}); {RECOMPUTE}") from None
+            if not torch.equal(ids.long(), w.long()):
+                raise PruneError(f"{where}: its {prefix}input_ids differ from this run's {what} (its metadata says "
+                                 f"otherwise: a damaged or edited file); {RECOMPUTE}")
+            if lp.numel():
+                lo, hi = float(lp.min()), float(lp.max())
+                if not (math.isfinite(lo) and math.isfinite(hi)):
+                    raise PruneError(f"{where}: {prefix}logprobs holds non-finite values (NaN or inf; min {lo}, max {hi}); "
+                                     f"{RECOMPUTE}")
+                if hi > LOGPROB_TOL:
+                    raise PruneError(f"{where}: {prefix}logprobs holds {hi:g}, and log-probabilities are <= 0; {RECOMPUTE}")
+                lo, hi = int(ix.min()), int(ix.max())
+                if lo < 0 or (vocab is not None and hi >= vocab):
+                    raise PruneError(f"{where}: {prefix}indices holds token ids from {lo} to {hi}, outside the "
+                                     f"vocabulary [0, {vocab if vocab is not None else '?'}); {RECOMPUTE}")
+    if cache.tensors:
+        cache.checked = key
 
 
 def check_teacher_model(teacher, student, teacher_tokenizer=None, tokenizer=None) -> None:
@@ -500,10 +620,21 @@ def recorded_pairs(pruning: dict) -> list[tuple[int, int]]:
     return block_pairs(kept)
 
 
+def check_top_k(cache: TopkCache, cfg: HealConfig) -> None:
+    """Refuse a named cache of another k than ``heal.top_k``: recomputing it would replace the user's file."""
+    _check_k(cache, cache.vocab)
+    if cache.k != cfg.top_k:
+        raise PruneError(f"heal.teacher_cache {cache.path} holds top-{cache.k} log-probs, heal.top_k is {cfg.top_k}: "
+                         f"set heal.top_k={cache.k} to distil from it, or point heal.teacher_cache at another path to "
+                         f"compute a top-{cfg.top_k} cache there (the file is never replaced)")
+
+
 def prepare_teacher(model, tokenizer, cfg: HealConfig, windows, val_windows, kept: list[int], *, name: str,
                     default_cache: str | os.PathLike | None, run=None, source_block=None, quiet: bool = False,
                     source_id: str | None = None) -> Teacher:
-    """From the FULL ``model`` before the surgery: a copy of it, or its top-k cache (see module docstring)."""
+    """From the FULL ``model`` before the surgery: a copy of it, or its top-k cache (see module docstring).
+    An existing ``heal.teacher_cache`` is reused or refused (another k, model, windows...), never replaced;
+    the ``default_cache`` (the tool's own file) is recomputed when it does not fit."""
     pairs = block_pairs(kept, run, source_block)
     width = logit_width(model)
     if cfg.top_k > width:
@@ -522,6 +653,8 @@ def prepare_teacher(model, tokenizer, cfg: HealConfig, windows, val_windows, kep
         cache = TopkCache.load(path)
         try:
             check_cache(cache, tokenizer, windows, val_windows, width, model)
+            if cfg.teacher_cache:
+                check_top_k(cache, cfg)
             if cache.k == cfg.top_k:
                 return Teacher("cache", f"{cache.meta.get('teacher', name)} (top-{cache.k} cache, reused)", cache=cache, pairs=pairs)
         except PruneError:
@@ -537,7 +670,9 @@ def preflight_cache(cfg: HealConfig, inputs=(), tokenizer=None, windows=None, va
     the folder exist, and the atomic save refused it after the training), and one that may be written
     is not an input or inside one (a model folder, the run folder); with ``teacher: cache`` one that
     will be reused was computed on these windows with this tokenizer (given ``windows``: the heal's
-    training windows; ``auto`` may keep the teacher in memory and never read it)."""
+    training windows; ``auto`` may keep the teacher in memory and never read it), its tensors included, and it
+    holds ``heal.top_k`` log-probs per token (an existing cache is never replaced). An unreadable file there is
+    refused."""
     if cfg.objective != "distill" or not cfg.teacher_cache or cfg.teacher == "memory":
         return
     path = Path(cfg.teacher_cache).expanduser()
@@ -546,10 +681,14 @@ def preflight_cache(cfg: HealConfig, inputs=(), tokenizer=None, windows=None, va
         if path.resolve() == out or path.resolve().is_relative_to(out):
             raise PruneError(f"heal.teacher_cache {path} is inside the output folder {out}, which is written whole at "
                              "the end: put the cache beside it (or anywhere else)")
-    head = TopkCache.header(path) if path.is_file() else None
-    if head is not None and head.k == cfg.top_k:  # reused, not written
-        if windows is not None and cfg.teacher == "cache":
-            check_cache(head, tokenizer, windows[:0] if cfg.method == "bridge" else windows, val_windows)
+    if path.is_file() and cfg.hidden_weight == 0:  # read, never written (hidden_weight: the teacher is in memory)
+        head = TopkCache.header(path)  # unreadable, or not a cache: one line
+        if cfg.teacher == "cache":
+            if windows is not None:  # first: a damaged file is said to be damaged, not of another k
+                check_cache(head, tokenizer, windows[:0] if cfg.method == "bridge" else windows, val_windows)
+            check_top_k(head, cfg)
+        else:  # auto: its metadata at least (prepare_teacher refuses another k if it takes the cache)
+            _ = head.k, head.vocab
         return
     from prune.io.guard import check_output
 
@@ -782,7 +921,8 @@ REPLACE_IN_A_RECIPE = ("heal.method replace with objective distill needs the ori
 def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dtype, trust: bool, quiet: bool = False,
                    resolve=None, original=None):
     """``prune heal RUN_DIR --method distill``: the teacher is ``heal.teacher_cache`` when that file
-    exists, otherwise the source model recorded in ``pruning.json`` (in memory, or turned into a
+    exists (holding ``heal.top_k`` log-probs per token: another k is refused, the file never replaced),
+    otherwise the source model recorded in ``pruning.json`` (in memory, or turned into a
     top-k cache beside ``out`` first); ``resolve(recorded source) -> ModelSource`` finds it (a local
     source is recorded by name and sha256 only: ``prune heal --source PATH``). ``original``: a
     :class:`prune.heal.original.OriginalModel` of that source, taken when it holds a loaded copy
@@ -796,28 +936,26 @@ def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dty
         raise PruneError(REPLACE_IN_A_RECIPE)
     kept = pruning.get("kept")
     cache_file = Path(cfg.teacher_cache).expanduser() if cfg.teacher_cache else None
-    # an existing cache is the teacher unless the teacher is asked in memory or the cache holds another k
-    # (then recomputed from the source, as a recipe does; with no source recorded its k is taken, and recorded)
-    have_file = cache_file is not None and cache_file.is_file() and cfg.teacher != "memory"
+    # an existing cache is the teacher unless the teacher is asked in memory (or hidden_weight needs it there);
+    # one of another k than heal.top_k is refused: recomputing it from the source replaced the user's file
+    have_file = cache_file is not None and cache_file.is_file() and cfg.teacher != "memory" and cfg.hidden_weight == 0
     head = TopkCache.header(cache_file) if have_file else None  # the header read once: its k and source stamp
-    stored_k = head.k if head is not None else None
+    if head is not None:
+        check_top_k(head, cfg)
     recorded = bool((pruning.get("source") or {}).get("path"))
-    use_file = have_file and (stored_k in (cfg.top_k, None) or not recorded)
+    use_file = have_file
     if cfg.hidden_weight > 0:  # the hidden-state term needs the teacher's blocks: the source in memory, never a file
         if not recorded:
             raise PruneError(f"heal.hidden_weight needs the teacher in memory, and {run_dir}/pruning.json records no "
                              "source model to load (set hidden_weight: 0 to distil from a top-k cache)")
-        use_file = False
     identity = source_identity(pruning.get("source"))
     if use_file and identity is not None:  # a cache of another original (another run's) is not this run's teacher
-        stamped = head.meta.get("source") if head is not None else None
+        stamped = head.meta.get("source")
         if stamped != identity:
             why = ("records no source model (written by an older version, or by the Python API)" if stamped is None
                    else "holds the log-probs of another original model than the one this run was pruned from")
             raise PruneError(f"heal.teacher_cache {cache_file} {why} ({run_dir}/pruning.json: {identity[:30]}); delete "
                              "it to recompute from the source, or point heal.teacher_cache elsewhere")
-    if use_file and stored_k not in (cfg.top_k, None):
-        cfg = cfg.model_copy(update={"top_k": stored_k})
     src = None
     if not use_file:
         s = pruning.get("source") or {}
