@@ -5,7 +5,7 @@
 #          (perplexity on 8 held-out windows, arc_easy and piqa with 50 examples each);
 #   step2: `prune remove` takes 2 more blocks out of step1, given as mergekit slices;
 #   step3: `prune heal` trains LoRA briefly on C4 text and merges it;
-# then `prune check`, `prune export-mergekit` and `prune push --dry-run` on step3, and the
+# then `prune check` and `prune push --dry-run` on step3, `prune export-mergekit` on step2, and the
 # card as it is published to the repo (re-rendered for the repo id) written to the docs.
 # About 20 minutes on 2 shared CPU cores. Usage: bash scripts/export_sample.sh [OUT_ROOT]
 set -euo pipefail
@@ -27,9 +27,10 @@ $PY -m prune.cli heal "$OUT/step2" -o "$OUT/step3" --method lora --data "$PRUNE_
     --field prefix,gold_completion --rows 0:1000 --set steps=20 --set n_samples=64 --set seq_len=128 \
     --set batch_size=4 --set learning_rate=2e-4 -q
 $PY -m prune.cli check "$OUT/step3" --require-export
-$PY -m prune.cli export-mergekit "$OUT/step3"
-cat "$OUT/step3/mergekit.yaml"
-$PY -m prune.cli push "$OUT/step3" "$REPO" --dry-run -q --exclude mergekit.yaml
+# a healed step's weights are not the original's blocks: mergekit rebuilds the un-healed step2
+$PY -m prune.cli export-mergekit "$OUT/step2"
+cat "$OUT/step2/mergekit.yaml"
+$PY -m prune.cli push "$OUT/step3" "$REPO" --dry-run -q
 $PY -c "import sys; from pathlib import Path; from prune.export.push import card_for_repo; \
 Path('docs/sample-model-card.md').write_text(card_for_repo(Path(sys.argv[1]), sys.argv[2])['README.md'])" "$OUT/step3" "$REPO"
 date
