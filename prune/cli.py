@@ -414,8 +414,12 @@ def add_push(sub) -> None:
     p.add_argument("--token-file", default=None, help="read the Hub token from this file (never printed)")
     p.add_argument("--dry-run", action="store_true", help="print the files, sizes, repo and revision; send nothing")
     p.add_argument("--keep-card", action="store_true",
-                   help="publish README.md as it is (by default the card is rendered anew for the repo; a card "
-                        "edited since prune wrote it is refused without this flag)")
+                   help="publish README.md as it is (by default the card is rendered anew for the repo; a card that "
+                        "is not as prune wrote it, edited by hand or older than 0.2, is refused without this flag or "
+                        "--replace-card)")
+    p.add_argument("--replace-card", action="store_true",
+                   help="publish the card rendered from pruning.json even where README.md is not as prune wrote it "
+                        "(the file is replaced after the push)")
     p.add_argument("--quiet", "-q", action="store_true", help="no check summary or progress messages")
     p.set_defaults(func=cmd_push)
 
@@ -425,7 +429,8 @@ def cmd_push(args) -> int:
 
     push(args.output_dir, args.repo_id, revision=args.revision, private=args.private,
          commit_message=args.commit_message, dry_run=args.dry_run, quiet=args.quiet, exclude=args.exclude,
-         create_pr=args.create_pr, token_file=args.token_file, keep_card=args.keep_card)
+         create_pr=args.create_pr, token_file=args.token_file, keep_card=args.keep_card,
+         replace_card=args.replace_card)
     return 0
 
 

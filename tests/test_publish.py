@@ -613,13 +613,18 @@ def test_push_refuses_tokens_needed_excludes_and_edited_cards(chain, tmp_path):
         with pytest.raises(PruneError, match=f"--exclude leaves out {needed}, which a pushed model needs"):
             push(folder, "me/x", dry_run=True, quiet=True, exclude=[needed])
     card = (folder / "README.md").read_text()
-    assert card_edited(card) is False and card_edited(card.replace("<!-- prune", "<!-- x")) is None
-    (folder / "README.md").write_text(card.replace("## How to load", "## Intended use\n\nMine.\n\n## How to load"))
-    with pytest.raises(PruneError, match="README.md was edited since prune wrote it.*--keep-card"):
-        push(folder, "me/x", dry_run=True, quiet=True)
+    assert card_edited(card) is False and card_edited(card + "\n") is False
+    for edited in (card.replace("## How to load", "## Intended use\n\nMine.\n\n## How to load"),  # in the body,
+                   card + "\n## Intended use\n\nMine.\n",  # after the stamp, the stamp gone, or no stamp at all
+                   card.replace("<!-- prune", "<!-- x"), "# My own card\n"):
+        assert card_edited(edited)
+        (folder / "README.md").write_text(edited)
+        with pytest.raises(PruneError, match="README.md is not the card prune wrote.*--keep-card.*--replace-card"):
+            push(folder, "me/x", dry_run=True, quiet=True)
     plan = push(folder, "me/x", dry_run=True, quiet=True, keep_card=True)
     assert "README.md" not in plan.rendered and "pruning.json" in plan.rendered
     assert dict(plan.files)["README.md"] == (folder / "README.md").stat().st_size  # sent as it is
+    assert "README.md" in push(folder, "me/x", dry_run=True, quiet=True, replace_card=True).rendered
 
 
 def test_check_compares_the_record_and_the_card_files_with_the_folder(chain, tmp_path):

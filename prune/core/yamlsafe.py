@@ -114,7 +114,8 @@ def load_yaml(text: str | bytes, where: str = "YAML") -> Any:
     except RecursionError:
         raise PruneError(f"{where}: nested too deeply to read (more than {MAX_DEPTH} levels; flatten it)") from None
     except ValueError as exc:  # an integer of more digits than Python converts (4,300)
-        raise PruneError(f"{where}: a value YAML cannot build ({first_line(exc)})") from None
+        raise PruneError(f"{where}: a value YAML cannot build ({first_line(exc).split(';')[0]}); write it as a "
+                         "shorter value") from None
     finally:
         if loader is not None:
             loader.dispose()

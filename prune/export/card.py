@@ -393,7 +393,7 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
     return stamp_card(str(card))
 
 
-_STAMP = re.compile(r"\n\n<!-- prune: generated card, sha256 ([0-9a-f]{16}) -->\n?\Z")
+_STAMP = re.compile(r"\n\n<!-- prune: generated card, sha256 ([0-9a-f]{16}) -->")
 
 
 def _card_digest(body: str) -> str:
@@ -409,7 +409,11 @@ def stamp_card(text: str) -> str:
     return f"{body}\n\n<!-- prune: generated card, sha256 {_card_digest(body)} -->\n"
 
 
-def card_edited(text: str) -> bool | None:
-    """Whether a card ``prune`` stamped was changed since (None: no stamp, written by hand or by prune < 0.2)."""
-    found = _STAMP.search(text)
-    return None if found is None else _card_digest(text[:found.start()]) != found.group(1)
+def card_edited(text: str) -> bool:
+    """Whether ``text`` differs from a card as ``prune`` wrote it: no stamp (written by hand, or by prune before
+    0.2), text before the last stamp that is not what it digested, or anything but blank space after it."""
+    found = list(_STAMP.finditer(text))
+    if not found:
+        return True
+    last = found[-1]
+    return _card_digest(text[:last.start()]) != last.group(1) or bool(text[last.end():].strip())

@@ -475,9 +475,6 @@ def _check_export_files(path: Path, config, report: CheckReport, required: bool)
     report.add("pruning", "ok", f"{steps} pruning step{'s' if steps > 1 else ''}; removed blocks of the original: {removed}")
 
 
-SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-
-
 def _card_problem(path: Path, record) -> str | None:
     """Why the card cannot be rendered from ``pruning.json`` (its free-form sections: scores, selection
     details, healing, in a shape prune never wrote), as ``prune push`` renders it; None when it can."""
@@ -504,8 +501,10 @@ def _record_disagreement(record, config, facts: dict) -> str | None:
     counted = facts.get("model_params")
     if record.params_after is not None and counted is not None and record.params_after != counted:
         return f"records {record.params_after:,} parameters after pruning but the weights hold {counted:,}"
-    floats = {d for d in facts.get("dtypes", ()) if d in SAFETENSORS_DTYPES.values()}
-    code = SAFETENSORS_DTYPES.get(record.dtype or "")
+    from prune.io.safetensors import DTYPES, FLOAT_DTYPES
+
+    floats = {d for d in facts.get("dtypes", ()) if d in FLOAT_DTYPES}
+    code = next((name for name in FLOAT_DTYPES if str(DTYPES[name]) == f"torch.{record.dtype}"), None)
     if code and floats and code not in floats:
         return f"records the weights saved as {record.dtype} but they are stored as {'/'.join(sorted(floats))}"
     return None

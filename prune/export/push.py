@@ -7,8 +7,8 @@
      glob patterns left out; a file holding something shaped like a token, or an exclude
      leaving out a file the model needs, refused) and re-renders the card for the repo
      (:func:`card_for_repo`: the load snippet names ``repo_id``, ``pruning.json`` records
-     ``repo_id``); a card edited since prune wrote it is refused, or with ``keep_card`` sent as it
-     is. With
+     ``repo_id``); a card that is not as prune wrote it is refused, or sent as it is
+     (``keep_card``), or replaced (``replace_card``). With
      ``dry_run=True`` it prints this plan and stops: no network, no token needed;
   3. ``HfApi.create_repo(repo_id, private=..., exist_ok=True)``, ``create_branch`` for a
      revision other than ``main``, then one ``create_commit`` of exactly the listed files
@@ -241,9 +241,9 @@ def check_can_push(repo_id: str, token: str | None = None) -> None:
 # ---- push -------------------------------------------------------------------------------------
 def plan_push(folder: str | os.PathLike, repo_id: str, *, revision: str | None = None, private: bool = True,
               commit_message: str | None = None, quiet: bool = False, exclude=(), create_pr: bool = False,
-              keep_card: bool = False) -> UploadPlan:
+              keep_card: bool = False, replace_card: bool = False) -> UploadPlan:
     """Check the folder (refusing an incomplete one, a file holding a token, a card edited by hand unless
-    ``keep_card``: then it goes as it is) and list what a push would send."""
+    ``keep_card``: then it goes as it is; ``replace_card``: rendered anew) and list what a push would send."""
     from prune.core.secrets import looks_like_token
 
     check_repo_id(repo_id)
@@ -261,11 +261,14 @@ def plan_push(folder: str | os.PathLike, repo_id: str, *, revision: str | None =
     if "README.md" in rendered and (path / "README.md").is_file():
         from prune.export.card import card_edited
 
+        if keep_card and replace_card:
+            raise PruneError("--keep-card and --replace-card ask for opposite things: give one")
         if keep_card:
             del rendered["README.md"]
-        elif card_edited((path / "README.md").read_text(encoding="utf-8", errors="replace")):
-            raise PruneError(f"{path / 'README.md'} was edited since prune wrote it: a push renders the card anew from "
-                             "pruning.json and would drop the edits; pass --keep-card to publish it as it is")
+        elif not replace_card and card_edited((path / "README.md").read_text(encoding="utf-8", errors="replace")):
+            raise PruneError(f"{path / 'README.md'} is not the card prune wrote (edited by hand since, or written before "
+                             "prune 0.2): a push renders the card anew from pruning.json; pass --keep-card to publish "
+                             "README.md as it is, or --replace-card to publish the rendered card (the file is replaced)")
     files = [(name, len(rendered[name].encode()) if name in rendered else size)
              for name, size in upload_files(path, list(exclude))]
     sent = {n for n, _ in files}
@@ -282,7 +285,8 @@ def plan_push(folder: str | os.PathLike, repo_id: str, *, revision: str | None =
 
 def push(folder: str | os.PathLike, repo_id: str, *, revision: str | None = None, private: bool = True,
          commit_message: str | None = None, dry_run: bool = False, quiet: bool = False, exclude=(),
-         create_pr: bool = False, token_file: str | os.PathLike | None = None, keep_card: bool = False) -> UploadPlan | str:
+         create_pr: bool = False, token_file: str | os.PathLike | None = None, keep_card: bool = False,
+         replace_card: bool = False) -> UploadPlan | str:
     """Push ``folder`` to ``repo_id`` (see module docstring). Returns the plan for a dry
     run, otherwise the URL of the commit (or of the pull request)."""
     token = read_token_file(token_file) if token_file else None
@@ -293,7 +297,7 @@ def push(folder: str | os.PathLike, repo_id: str, *, revision: str | None = None
     if token_file:  # the token file never goes up, wherever it lies
         exclude = [*exclude, *_inside(Path(token_file), Path(folder))]
     plan = plan_push(folder, repo_id, revision=revision, private=private, commit_message=commit_message, quiet=quiet,
-                     exclude=exclude, create_pr=create_pr, keep_card=keep_card)
+                     exclude=exclude, create_pr=create_pr, keep_card=keep_card, replace_card=replace_card)
     if dry_run:
         from huggingface_hub import get_token
 

@@ -436,10 +436,6 @@ def check_cache(cache: TopkCache, tokenizer, windows: torch.Tensor, val_windows:
     check_tensors(cache, windows, val_windows, vocab)
 
 
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-              "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool"}
-
-
 def _check_k(cache: TopkCache, vocab: int | None) -> None:
     if vocab is not None and cache.k > vocab:
         raise PruneError(f"heal.teacher_cache {cache.path}: its metadata k={cache.k} exceeds its vocabulary ({vocab} "
@@ -448,8 +444,10 @@ def _check_k(cache: TopkCache, vocab: int | None) -> None:
 
 def _dtype_kind(dtype) -> tuple[str, str]:
     """``(name, float | int | other)`` of a torch dtype or a safetensors dtype string (``F32``, ``I32``...)."""
+    from prune.io.safetensors import DTYPES
+
     if not isinstance(dtype, torch.dtype):
-        dtype = getattr(torch, _ST_DTYPES.get(dtype, str(dtype).lower()), None) or str(dtype)
+        dtype = DTYPES.get(dtype, str(dtype))
     if not isinstance(dtype, torch.dtype):
         return dtype, "other"
     name = str(dtype).replace("torch.", "")

@@ -12,7 +12,7 @@ from prune.io.source import resolve_source
 from prune.measure.scoring import ScoreResult, score
 from prune.measure.evaluation import evaluate_loaded
 from prune.model.loading import count_parameters, load_model
-from prune.core.errors import PruneError
+from prune.core.errors import PruneError, first_line
 from prune.choose.rules import resolve_count, resolve_protect, select
 from prune.export.report import SCORE_ONLY, write_report
 
@@ -271,8 +271,10 @@ def report_scores(path: str | Path, out_dir: str | Path, *, strategy: str = "con
     metrics = [m for m, present in (("bi", True), ("angular", scores.angular is not None),
                                     ("cka", scores.cka is not None)) if present]
     k = _report_selection(scores.n_layers, metrics, strategy, metric, n_layers, protect, "score again with")
-    source = (scores.metadata.get("source") or {}).get("path") if isinstance(scores.metadata, dict) else None
-    return _write_model_report(scores, out_dir, source or str(path), strategy, metric, k, protect, 0, overwrite,
+    meta = scores.metadata if isinstance(scores.metadata, dict) else {}
+    source = (meta.get("source") or {}).get("path") if isinstance(meta.get("source"), dict) else None
+    seed = meta.get("seed") if isinstance(meta.get("seed"), int) else 0  # the scoring's: random marks what it would
+    return _write_model_report(scores, out_dir, source or str(path), strategy, metric, k, protect, seed, overwrite,
                                inputs)
 
 
@@ -285,7 +287,7 @@ def read_scores(path: str | Path) -> ScoreResult:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise PruneError(f"{file}: not a readable JSON file ({str(exc).splitlines()[0]})") from None
+        raise PruneError(f"{file}: not a readable JSON file ({first_line(exc)})") from None
     names = {f.name for f in fields(ScoreResult)}
     if not isinstance(data, dict) or not {"n_layers", "block_influence"} <= set(data) or set(data) - names:
         raise PruneError(f"{file} is not a scores file written by `prune score -o` (give one, a run folder, or a model "
@@ -297,7 +299,7 @@ def read_scores(path: str | Path) -> ScoreResult:
         if len(scores.block_influence) != n or any(len(m) != n + 1 or any(len(r) != n + 1 for r in m) for m in square):
             raise ValueError(f"scores of {n} blocks must hold {n} block influences and (n+1) x (n+1) matrices")
     except (TypeError, ValueError) as exc:
-        raise PruneError(f"{file}: scores of the wrong shape ({str(exc).splitlines()[0]}); write it again with "
+        raise PruneError(f"{file}: scores of the wrong shape ({first_line(exc)}); write it again with "
                          "`prune score -o`") from None
     return scores
 
