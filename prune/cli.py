@@ -335,12 +335,16 @@ def cmd_eval(args) -> int:
                     seed=args.seed, apply_chat_template=args.apply_chat_template,
                     fewshot_as_multiturn=args.fewshot_as_multiturn, model=args.backend, model_args=args.model_args,
                     local_alias=args.local_alias, fewshot_from_scored_split=args.fewshot_from_scored_split)
-    result = evaluate_model(args.model, cfg, dtype=args.dtype, device_map=args.device_map,
-                            trust_remote_code=args.trust_remote_code, quiet=args.quiet, original=args.fidelity_to,
-                            output_path=args.output_path, output=args.output, overwrite=args.overwrite)
-    if result is None:  # a data-parallel process other than the first: the first one reports
-        return 0
-    lm_eval_files = result.pop("lm_eval_files", {})
+    evaluate_model(args.model, cfg, dtype=args.dtype, device_map=args.device_map,
+                   trust_remote_code=args.trust_remote_code, quiet=args.quiet, original=args.fidelity_to,
+                   output_path=args.output_path, output=args.output, overwrite=args.overwrite,
+                   show_result=lambda result: _print_eval(result, args))  # a data-parallel rank but the first: None
+    return 0
+
+
+def _print_eval(result: dict, args) -> None:
+    """``prune eval``'s table on stdout: perplexity, fidelity, each task's metrics, counts, lm-eval's tables."""
+    lm_eval_files = result.get("lm_eval_files") or {}
     print(f"{'task':<16} {'metric':<10} {'value':>8} {'stderr':>8}")
     if "perplexity" in result:
         print(f"{'perplexity':<16} {'ppl':<10} {result['perplexity']['perplexity']:>8.3f} {'':>8}")
@@ -368,7 +372,6 @@ def cmd_eval(args) -> int:
         print(f"lm-eval results and samples written to {result['lm_eval_folder']}", file=sys.stderr)
     if args.output:
         print(f"results written to {args.output}")
-    return 0
 
 
 # ---- check ----------------------------------------------------------------------------

@@ -48,6 +48,18 @@ def test_eval_perplexity_of_several_fields_joined(tmp_path, tiny_folder):
                    "--max-windows", 2, bos, "-o", tmp_path / f"{bos}.json", check_rc=0)
         ppl[bos] = json.loads((tmp_path / f"{bos}.json").read_text())["perplexity"]["perplexity"]
     assert ppl["--perplexity-bos"] != ppl["--no-perplexity-bos"]
+    # the table first, where the time went last (as run ends), in one terminal: stdout and stderr interleaved
+    import contextlib
+    import io
+
+    from prune.cli import main
+
+    both = io.StringIO()
+    with contextlib.redirect_stdout(both), contextlib.redirect_stderr(both):
+        assert main(["eval", str(tiny_folder), "--perplexity-data", str(WIKI_RAW), "--perplexity-rows", "0:200",
+                     "--seq-len", "32", "--max-windows", "2"]) == 0
+    lines = both.getvalue().splitlines()
+    assert lines[-1].startswith("done in ") and any(line.startswith("perplexity ") for line in lines[:-1])
     proc = prune_main("eval", tiny_folder, "--perplexity-data", WIKI_RAW, "--perplexity-split", "test", check_rc=2)
     assert "--perplexity-split / --perplexity-config select part of a datasets dataset" in proc.stderr
     proc = prune_main("eval", tiny_folder, "--tasks", "copa", "--no-perplexity-bos", check_rc=2)

@@ -106,7 +106,8 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
 @keeps_quiet_mode
 def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", device_map=None,
                    trust_remote_code: bool = False, quiet: bool = False, original: str | None = None,
-                   output_path: str | None = None, output: str | None = None, overwrite: bool = False) -> dict | None:
+                   output_path: str | None = None, output: str | None = None, overwrite: bool = False,
+                   show_result=None) -> dict | None:
     """Perplexity, fidelity and lm-eval tasks of any model (original or pruned), loaded from ``source``;
     with ``cfg.fidelity``, its fidelity to ``original`` (loaded first, then released).
 
@@ -118,7 +119,8 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
     lm-eval logs every example; its own files (``results_<date>.json``, ``samples_<task>_<date>.jsonl``)
     are returned as ``lm_eval_files`` and, with ``output_path``, written where lm-eval's
     ``--output_path`` puts them: ``output_path/<model name, sanitized>/``. ``output``: the result as
-    JSON (an existing file is refused unless ``overwrite``). Inputs are checked before any loading."""
+    JSON (an existing file is refused unless ``overwrite``). Inputs are checked before any loading.
+    ``show_result(result)``: called before the timing line (the CLI prints its table there)."""
     from lm_eval.utils import sanitize_model_name
 
     from prune.io.guard import check_output, input_paths
@@ -235,6 +237,8 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
         write_file(output, json.dumps({k: v for k, v in result.items() if k != "lm_eval_files"}, indent=1))
     if output or output_path:
         clock.lap("write")
+    if show_result is not None:  # the command's table, before where the time went (the last line, as in run)
+        show_result(result)
     say(clock.summary(), quiet)
     return result
 
