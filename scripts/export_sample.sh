@@ -27,8 +27,10 @@ $PY -m prune.cli heal "$OUT/step2" -o "$OUT/step3" --method lora --data "$PRUNE_
     --field prefix,gold_completion --rows 0:1000 --set steps=20 --set n_samples=64 --set seq_len=128 \
     --set batch_size=4 --set learning_rate=2e-4 -q
 $PY -m prune.cli check "$OUT/step3" --require-export
-# a healed step's weights are not the original's blocks: mergekit rebuilds the un-healed step2
-$PY -m prune.cli export-mergekit "$OUT/step2"
+# a healed step's weights are not the original's blocks: mergekit rebuilds the un-healed step2, from a
+# safetensors copy of the original (mergekit reads no GGUF)
+$PY -c "import sys, prune; m, t, _ = prune.load(sys.argv[1]); prune.save(m, t, sys.argv[2])" "$SMOLLM2_GGUF" "$OUT/original"
+$PY -m prune.cli export-mergekit "$OUT/step2" --model "$OUT/original"
 cat "$OUT/step2/mergekit.yaml"
 $PY -m prune.cli push "$OUT/step3" "$REPO" --dry-run -q
 $PY -c "import sys; from pathlib import Path; from prune.export.push import card_for_repo; \
