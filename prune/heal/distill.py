@@ -410,7 +410,7 @@ def check_cache(cache: TopkCache, tokenizer, windows: torch.Tensor, val_windows:
     recorded), on other windows, for another vocabulary (``width``: the student's logits per token), or
     (``model``: the teacher at hand) by another model, and one whose tensors do not hold what the run
     reads (:func:`check_tensors`; a header-only cache has its tensors read from the file)."""
-    k, vocab = cache.k, cache.vocab  # damaged metadata: one line, not a ValueError
+    _, vocab = cache.k, cache.vocab  # damaged metadata: one line, not a ValueError (k read to check it)
     if model is not None and cache.meta.get("model") is None:
         raise PruneError(f"heal.teacher_cache {cache.path} records no fingerprint of the model that wrote it (written "
                          "by prune heal reading the teacher one block at a time, or by an older version), so it cannot "
