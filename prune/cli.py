@@ -708,6 +708,17 @@ def add_compare(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
 
+def _pruned_label(run_dir: str) -> str:
+    """How a run folder's model is named in a comparison with its original: ``healed`` once healed."""
+    from prune.core.records import RECORD_FILE, read_record
+
+    file = Path(run_dir).expanduser() / RECORD_FILE
+    try:
+        return "healed" if file.is_file() and read_record(file).healing else "pruned"
+    except PruneError:
+        return "pruned"
+
+
 def cmd_compare(args) -> int:
     from prune.measure.paired import (average_line, compare_fidelity, compare_folders, fidelity_markdown, fidelity_of,
                                       has_samples, paired_markdown)
@@ -720,8 +731,8 @@ def cmd_compare(args) -> int:
         check_output(args.output, input_paths(args.a, *bs, label="a compared result"), overwrite=args.overwrite,
                      kind="file", what="--output file", flag="--output")
     fid_a, fid_b = (fidelity_of(args.a), [fidelity_of(x) for x in bs]) if bs else (None, [])
-    samples = (all(has_samples(x) for x in [args.a, *bs]) if bs else
-               has_samples(args.a, "original") and has_samples(args.a, "pruned"))
+    sides = [has_samples(x) for x in [args.a, *bs]] if bs else [has_samples(args.a, w) for w in ("original", "pruned")]
+    samples = all(sides)
     try:
         fid_rows = compare_fidelity(fid_a, fid_b) if fid_a and fid_b and all(fid_b) else []
     except PruneError as exc:
@@ -729,15 +740,19 @@ def cmd_compare(args) -> int:
             raise
         print(f"note: fidelity left out: {exc}", file=sys.stderr)  # the lm-eval samples still pair
         fid_rows = []
+    if fid_rows and any(sides) and not samples:  # the lm-eval pairing was dropped without a word
+        print("note: lm-eval samples left out: only some of the compared results have them", file=sys.stderr)
     # lm-eval samples where both sides have them; without them and without fidelity, compare_folders says what is missing
     rows = compare_folders(args.a, bs or None, iters=args.iters, seed=args.seed) if samples or not fid_rows else []
-    names = ("original", "pruned") if not bs else ("A", "B" if len(bs) == 1 else f"mean of {len(bs)} B")
+    names = (("original", _pruned_label(args.a)) if not bs else
+             ("A", "B" if len(bs) == 1 else f"mean of {len(bs)} B"))
     if not rows and not fid_rows:  # it printed nothing and wrote an empty comparison
         raise PruneError("nothing to pair: no task metric scored on examples both have (the notes above say why)")
     if rows:
         from prune.measure.paired import evaluations_mixed, samples_folder
 
-        folders = [samples_folder(x) for x in [args.a, *bs]] if bs else [samples_folder(args.a, w) for w in names]
+        folders = ([samples_folder(x) for x in [args.a, *bs]] if bs else
+                   [samples_folder(args.a, which) for which in ("original", "pruned")])
         for folder in folders:  # each task from its newest file: say when they are not one evaluation's
             if stamps := evaluations_mixed(folder, sorted({r.task for r in rows})):
                 print(f"note: {folder}'s tasks come from {len(stamps)} lm-eval runs ({', '.join(stamps)}; the newest "

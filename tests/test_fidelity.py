@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -260,6 +262,13 @@ def test_compare_two_runs_window_by_window(tiny_folder, tmp_path):
     assert "| log_ppl_ratio (log of perplexity / the original's; 0: equal) | 4 |" in proc.stdout  # signed: not "lower: closer"
     out = json.loads((tmp_path / "c.json").read_text())
     assert out["rows"] == []  # no lm-eval samples in these runs: fidelity alone
+    assert "lm-eval samples left out" not in proc.stderr
+    with_samples = Path(shutil.copytree(tmp_path / "b", tmp_path / "b-samples"))  # samples on one side only: said so
+    (with_samples / "eval" / "pruned").mkdir(parents=True)
+    (with_samples / "eval" / "pruned" / "samples_copa_2026-01-01T00-00-00.000000.jsonl").write_text(
+        json.dumps({"doc_id": 0, "metrics": ["acc"], "acc": 1.0}) + "\n")
+    proc = prune_main("compare", tmp_path / "a", with_samples, check_rc=0)
+    assert "note: lm-eval samples left out: only some of the compared results have them" in proc.stderr
     kl, ratio = out["fidelity_rows"]
     assert kl["diff"] == pytest.approx(b["kl_mean"] - a["kl_mean"], rel=1e-9) and kl["diff"] > 0  # one more block out
     assert ratio["diff"] == pytest.approx(math.log(b["perplexity_ratio"]) - math.log(a["perplexity_ratio"]), rel=1e-9)

@@ -328,6 +328,16 @@ def test_compare_cli(lm_eval_folders, tmp_path):
     proc = prune_main("compare", fa, fb, check_rc=0)
     assert "note: fidelity left out: A and B measured fidelity on different windows" in proc.stderr
     assert "| arc_easy_local | acc | 16 |" in proc.stdout
+    # a run folder alone: its original against its model, named "healed" once healed (it said "pruned")
+    run = tmp_path / "healed-run"
+    shutil.copytree(root / "model-a", run / "eval" / "original")
+    shutil.copytree(root / "model-b", run / "eval" / "pruned")
+    record = {"removed": [1], "kept": [0, 2], "layers_before": 3, "layers_after": 2}
+    (run / "pruning.json").write_text(json.dumps(record))
+    assert "pruned - original" in prune_main("compare", run, "--iters", 200, check_rc=0).stdout
+    (run / "pruning.json").write_text(json.dumps({**record, "healing": {"method": "lora"}}))
+    healed = prune_main("compare", run, "--iters", 200, check_rc=0).stdout
+    assert "healed" in healed and "pruned - original" not in healed and "healed - original" in healed
 
 
 # ---- damaged inputs: one line naming the file (and line), never a traceback or a hang ---------------------------
