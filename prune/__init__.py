@@ -8,6 +8,8 @@ The Python API, one call per step (0-based block indices everywhere)::
     windows = prune.calibration_windows(tok, text, n_samples=32, seq_len=256, seed=0)
     scores = prune.score(model, windows)                 # BI, angular, CKA, MSRS
     choice = prune.select(scores, 7, strategy="contiguous")    # or prune.sleb / prune.iterative / prune.search
+    held = prune.heldout_windows(tok, text, n_samples=32, seq_len=256, seed=0, n_heldout=4)
+    choice = prune.verified(model, scores, held, 7)      # the recipes' default: candidates ranked by KL
     prune.write_report("report/", scores, selection=choice)  # report.md + report.html with plots
     prune.remove_layers(model, choice.removed)
     prune.save(model, tok, "out/smollm2-23L", pruning={"removed": choice.removed})
@@ -30,7 +32,8 @@ from prune.export.report import write_report
 from prune.measure.scoring import ScoreResult, score
 from prune.choose.rules import Selection, select
 from prune.measure.sequential import score_sequential
-from prune.choose.strategies import iterative, search, skip_blocks, sleb
+from prune.choose.strategies import heldout_windows, iterative, search, skip_blocks, sleb
+from prune.choose.verified import verified
 from prune.model.surgery import remove_layers
 from prune.pipeline.commands import evaluate_model, score_model
 from prune.pipeline.orchestrator import run
@@ -62,6 +65,7 @@ __all__ = [
     "remove_layers",
     "run",
     "save",
+    "heldout_windows",
     "iterative",
     "score",
     "score_model",
@@ -70,6 +74,7 @@ __all__ = [
     "select",
     "skip_blocks",
     "sleb",
+    "verified",
     "write_report",
 ]
 

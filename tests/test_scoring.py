@@ -180,6 +180,15 @@ def test_metric_subset_and_bad_arguments(llama, calib_text):
         prune.score(model, w[:, :1], metrics=("bi",), progress=False)
     with pytest.raises(PruneError, match="windows of 0 token.* leave no position to score with positions=all"):
         prune.score(model, w[:, :0], metrics=("bi",), positions="all", progress=False)
+    # the API checks what a recipe's ScoreConfig checks (a NaN beta gave MSRS 0, tau 2 a number, silently)
+    for kwargs, message in ((dict(beta=float("nan")), "beta=nan must be a finite number > 0"),
+                            (dict(tau=2.0), "tau=2.0 must lie strictly between 0 and 1"),
+                            (dict(batch_size=0), "batch_size=0 must be a whole number"),
+                            (dict(metrics="cka"), r"metrics='cka': give a list of metric names")):
+        with pytest.raises(PruneError, match=message):
+            prune.score(model, w, progress=False, **kwargs)
+    with pytest.raises(PruneError, match=r"token ids from .* outside the model's vocabulary \[0, "):
+        prune.score(model, w + model.get_input_embeddings().num_embeddings, progress=False)  # an IndexError
 
 
 def test_result_round_trips_through_json(llama, calib_text, tmp_path):

@@ -120,3 +120,11 @@ def test_verified_in_a_recipe(tiny_folder, tmp_path, capsys):
     assert margin_line(details) in text
     card = (result.out_dir / "README.md").read_text()  # and the model card says how clearly the chosen set won
     assert f"the runner-up ({' '.join(map(str, m['removed']))}) had a mean KL higher by {m['difference']:+.4f}" in card
+    # the Python API reaches the recipes' default too (prune.verified was not exported): README's lines, the same set
+    model, tok, _ = prune.load(tiny_folder, dtype="float32")
+    c = recipe["calibration"]
+    text = prune.load_text(prune.TextSource(c["path"], rows=c["rows"]))
+    windows = prune.calibration_windows(tok, text, n_samples=c["n_samples"], seq_len=c["seq_len"], seed=0)
+    held = prune.heldout_windows(tok, text, n_samples=c["n_samples"], seq_len=c["seq_len"], seed=0, n_heldout=2)
+    scores = prune.score(model, windows, batch_size=c["batch_size"], progress=False)
+    assert prune.verified(model, scores, held, 2, budget=2, progress=False).removed == result.selection.removed

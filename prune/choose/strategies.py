@@ -40,7 +40,7 @@ from prune.core.errors import PruneError
 from prune.core.records import block_number, complement
 from prune.measure.perplexity import nll_sum
 from prune.model.loading import decoder_layers, decoder_layers_path, input_device, pruned_config_updates
-from prune.measure.scoring import BATCH_SIZE, BETA, CKA_WINDOWS, DEFAULT_POSITIONS, TAU, score
+from prune.measure.scoring import BATCH_SIZE, BETA, CKA_WINDOWS, DEFAULT_POSITIONS, TAU, check_windows, score
 from prune.choose.rules import (DEFAULT_METRIC, DEFAULT_PROTECT, Selection, finite_first, metric_values, rank_blocks, resolve_count,
                                 resolve_protect)
 
@@ -216,6 +216,7 @@ def sleb(model, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, b
     ``on_round`` resume and follow a run as in :func:`iterative`.
     """
     layers = decoder_layers(model)
+    check_windows(windows, getattr(model.get_input_embeddings(), "num_embeddings", None))  # a ZeroDivisionError, ...
     L = len(layers)
     prot = set(resolve_protect(protect, L))
     count = resolve_count(L, count, None, sorted(prot))

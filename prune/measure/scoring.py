@@ -24,6 +24,7 @@ Windows with non-finite activations are excluded from every statistic and listed
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -188,22 +189,42 @@ class ScoreAccumulator:
         self.tokens = int(packed[at])
 
 
-def check_score_args(windows: torch.Tensor, positions: str, metrics, cka_windows: int,
-                     batch_size: int) -> tuple[tuple[str, ...], int, int]:
-    """Validate scoring arguments; returns ``(metrics, batch_size, first)`` where the batch size
-    is rounded up to a multiple of ``cka_windows`` and ``first`` is the first counted position."""
-    metrics = tuple(metrics)
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise PruneError(f"unknown metric {unknown[0]!r} (choose from {', '.join(METRICS)})")
-    if positions not in POSITIONS:
-        raise PruneError(f"positions={positions!r} is not one of {', '.join(POSITIONS)}")
+def check_windows(windows, vocab: int | None = None) -> None:
+    """One line unless ``windows`` is a non-empty ``[n_windows, seq_len]`` tensor of token ids (``vocab``: each
+    an index of the model's embedding)."""
     if not isinstance(windows, torch.Tensor) or windows.ndim != 2 or windows.dtype.is_floating_point:
         shape = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows).__name__
         raise PruneError(f"windows must be a tensor of token ids [n_windows, seq_len] (prune.calibration_windows), "
                          f"got {shape}{' of ' + str(windows.dtype) if isinstance(windows, torch.Tensor) else ''}")
     if windows.shape[0] == 0:
         raise PruneError("no windows to score: give at least one window")
+    if vocab is not None and windows.numel() and (int(windows.min()) < 0 or int(windows.max()) >= vocab):
+        raise PruneError(f"windows hold token ids from {int(windows.min())} to {int(windows.max())}, outside the model's "
+                         f"vocabulary [0, {vocab}): tokenize with the model's own tokenizer")
+
+
+def check_score_args(windows: torch.Tensor, positions: str, metrics, cka_windows: int,
+                     batch_size: int, beta: float = 1.0, tau: float = 0.5,
+                     vocab: int | None = None) -> tuple[tuple[str, ...], int, int]:
+    """Validate scoring arguments (the limits :class:`prune.core.config.ScoreConfig` puts on a recipe's;
+    ``vocab``: the embedding's rows, which every token id must index); returns ``(metrics, batch_size,
+    first)`` where the batch size is rounded up to a multiple of ``cka_windows`` and ``first`` is the first
+    counted position."""
+    if isinstance(metrics, str):  # "cka" would be the metrics c, k and a
+        raise PruneError(f"metrics={metrics!r}: give a list of metric names, e.g. ({metrics!r},)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PruneError(f"batch_size={batch_size!r} must be a whole number of windows, at least 1")
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise PruneError(f"beta={beta!r} must be a finite number > 0 (MSRS steepness)")
+    if not (isinstance(tau, (int, float)) and 0 < tau < 1):
+        raise PruneError(f"tau={tau!r} must lie strictly between 0 and 1 (MSRS similarity threshold)")
+    metrics = tuple(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise PruneError(f"unknown metric {unknown[0]!r} (choose from {', '.join(METRICS)})")
+    if positions not in POSITIONS:
+        raise PruneError(f"positions={positions!r} is not one of {', '.join(POSITIONS)}")
+    check_windows(windows, vocab)
     if cka_windows < 1:
         raise PruneError(f"cka_windows={cka_windows} must be at least 1")
     batch_size = -(-max(batch_size, 1) // cka_windows) * cka_windows
@@ -301,7 +322,9 @@ def score(
     Under a launcher (:mod:`prune.core.dist`) each rank scores a contiguous share of the
     windows, in whole forward batches, and the running sums are all-reduced in float64.
     """
-    metrics, batch_size, first = check_score_args(windows, positions, metrics, cka_windows, batch_size)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None  # else refused below
+    metrics, batch_size, first = check_score_args(windows, positions, metrics, cka_windows, batch_size, beta, tau,
+                                                  getattr(embeddings, "num_embeddings", None))
     layers = decoder_layers(model)
     n_layers = len(layers)
     in_dev = input_device(model)
