@@ -190,6 +190,20 @@ def test_every_removed_block_keeps_its_red_tick_in_a_deep_model():
     assert red == [3, 7, 33]
 
 
+def test_write_report_refuses_a_count_or_selection_the_scores_cannot_hold(run_dir, tmp_path):
+    """k=100 of 8 blocks was accepted (the d(l, k) chart dropped without a word); a selection of another model
+    raised IndexError."""
+    scores = ScoreResult.from_dict(json.loads((run_dir / "pruning.json").read_text())["scores_before"])
+    for kwargs, message in ((dict(k=100), r"k=100: the report marks runs of 1 to 7 blocks of these 8"),
+                            (dict(k=0), "k=0"),
+                            (dict(selection=prune.Selection([10, 11], 12, "x")), "the selection is of 12 blocks")):
+        with pytest.raises(prune.PruneError, match=message):
+            prune.write_report(tmp_path / "r", scores, **kwargs)
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(prune.PruneError, match="needs the ScoreResult of prune.score, got NoneType"):
+        prune.write_report(tmp_path / "r", None)
+
+
 def test_hand_edited_records_give_one_line_or_leave_the_table_out(run_dir, tmp_path):
     """A parent's eval.json rows without the optional keys (hand-written) are shown; rows that are not a
     table are left out of the card (prune remove crashed after writing the weights with KeyError); a
@@ -217,7 +231,7 @@ def test_hand_edited_records_give_one_line_or_leave_the_table_out(run_dir, tmp_p
     (parent / "pruning.json").write_text(json.dumps(record))
     bad = prune_main("report", str(parent), "-o", str(tmp_path / "r2"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
-    assert "does not hold what prune run writes (IndexError" in bad.stderr and not (tmp_path / "r2").exists()
+    assert "the selection is of 8 blocks ([99]) but the scores of 8" in bad.stderr and not (tmp_path / "r2").exists()
 
 
 def test_names_from_edited_files_stay_text_on_the_card_and_in_tables(run_dir, tmp_path):

@@ -171,6 +171,14 @@ def test_search_respects_floor_and_budget(tokenizers_by_bos):
     assert math.exp(total / count) / base <= 1.10
     assert d["final"]["ratio"] == pytest.approx(math.exp(total / count) / base, rel=1e-5)
     assert [p["n"] for p in d["pareto"]] == sorted({p["n"] for p in d["pareto"]})
+    # floors and counts a recipe refuses (they returned an empty selection, silently, and surgery failed later)
+    for kwargs, message in ((dict(floor=float("nan")), "floor=nan must be a ratio to the original's proxy value"),
+                            (dict(floor=-1), "floor=-1 must be a ratio"), (dict(floor=0), "floor=0 must be a ratio"),
+                            (dict(max_remove=100), "cannot remove 100 of 8 blocks"),
+                            (dict(budget=2.5), "budget=2.5 must be a whole number")):
+        with pytest.raises(PruneError, match=message):
+            ST.search(model, scores, proxy, **{"floor": 1.10, "higher_is_better": False, "budget": 12, **kwargs},
+                      progress=False)
     # a tiny budget stops early; a floor nothing meets removes nothing
     small = ST.search(model, scores, proxy, floor=1.10, higher_is_better=False, budget=2, order_by="bi", progress=False)
     assert small.details["candidate_evaluations"] == 2 and small.details["stopped"] == "budget"

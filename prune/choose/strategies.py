@@ -337,10 +337,15 @@ def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, 
     """
     if order_by not in ORDER_BY:
         raise PruneError(f"unknown order_by {order_by!r} (choose from {', '.join(ORDER_BY)})")
-    if budget < 1:
-        raise PruneError(f"search budget={budget} must be at least 1")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise PruneError(f"search budget={budget!r} must be a whole number, at least 1")
+    if isinstance(floor, bool) or not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor > 0):
+        raise PruneError(f"search floor={floor!r} must be a ratio to the original's proxy value, a finite number > 0 "
+                         "(e.g. 1.2: at most 1.2x its perplexity; 0.95: at least 95% of its accuracy)")
     L = len(decoder_layers(model))
     prot = set(resolve_protect(protect, L))
+    if max_remove is not None:  # as a recipe's n_layers: cannot remove 20 of 8 blocks, nor none
+        max_remove = resolve_count(L, max_remove, None, sorted(prot))
     order = [i for i in rank_blocks(scores, order_by) if i not in prot][: L - 1]
     cap = len(order) if max_remove is None else min(max_remove, len(order))
     if not order:

@@ -325,6 +325,14 @@ def write_report(out_dir: str | Path, before: ScoreResult, *, after: ScoreResult
     """
     from prune.io.staging import staged
 
+    if not isinstance(before, ScoreResult):
+        raise PruneError(f"write_report needs the ScoreResult of prune.score, got {type(before).__name__}")
+    n = before.n_layers
+    if selection is not None and (selection.n_layers != n or not all(0 <= b < n for b in selection.removed)):
+        raise PruneError(f"the selection is of {selection.n_layers} blocks ({selection.removed}) but the scores of {n}: "
+                         "give the selection made from these scores")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n):
+        raise PruneError(f"k={k!r}: the report marks runs of 1 to {n - 1} blocks of these {n}")
     with staged(out_dir, overwrite, inputs, written=("report.json",), flag="--output") as stage:
         _write(stage, before, after, selection, kept, k, title, source, evaluation, lineage, healed)
     return Path(out_dir).expanduser()
