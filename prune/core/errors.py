@@ -12,6 +12,15 @@ class UnsupportedModelError(PruneError):
     """The model's architecture has no decoder stack this toolkit knows how to prune."""
 
 
+def parse_problem(exc: BaseException) -> str:
+    """What a JSON or YAML reader found wrong, in a few words: nesting too deep, a number past Python's digit
+    limit (whose own message ends in advice to change ``sys`` settings), or the reader's first line."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    text = first_line(exc)
+    return "a number of thousands of digits" if "integer string conversion" in text else text
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when the message is empty), with the next
     line when the first only announces it ("Validation error for field 'x':" says nothing by itself)."""

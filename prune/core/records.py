@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from prune.core.errors import PruneError, first_line
+from prune.core.errors import PruneError, parse_problem
 
 SCHEMA_VERSION = 2
 FORMAT = "prune/1"
@@ -255,7 +255,7 @@ def read_record(path: str | Path) -> PruningRecord:
     except RecursionError:
         raise PruneError(f"{file} is nested too deeply to be a pruning record; fix it or move it away") from None
     except ValueError as exc:  # an integer past Python's digit limit
-        raise PruneError(f"{file} holds a value JSON cannot build ({first_line(exc).split(';')[0]}); fix it or move it "
+        raise PruneError(f"{file} holds a value JSON cannot build ({parse_problem(exc)}); fix it or move it "
                          "away") from None
     return parse_record(data, str(file))
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from prune.core.errors import PruneError, first_line
+from prune.core.errors import PruneError, parse_problem
 
 MAX_BYTES = 1 << 20  # a recipe is a few hundred bytes
 MAX_NODES = 100_000  # values after expanding every alias
@@ -114,7 +114,7 @@ def load_yaml(text: str | bytes, where: str = "YAML") -> Any:
     except RecursionError:
         raise PruneError(f"{where}: nested too deeply to read (more than {MAX_DEPTH} levels; flatten it)") from None
     except ValueError as exc:  # an integer of more digits than Python converts (4,300)
-        raise PruneError(f"{where}: a value YAML cannot build ({first_line(exc).split(';')[0]}); write it as a "
+        raise PruneError(f"{where}: a value YAML cannot build ({parse_problem(exc)}); write it as a "
                          "shorter value") from None
     finally:
         if loader is not None:

@@ -236,7 +236,7 @@ def _check_weight_files(path: Path, report: CheckReport) -> dict[str, dict] | No
 
 
 #: blocks a config may name beyond the highest block number in the weights before the model is not even built
-#: (its block objects alone: 50,000 took 2.3 GB and 82 s, 10**9 would exhaust memory); fewer go to _check_blocks
+#: (its block objects alone grow with the count: 10**9 would exhaust memory); fewer go to _check_blocks
 BUILD_SLACK = 1024
 
 

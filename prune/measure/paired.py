@@ -48,7 +48,7 @@ import numpy as np
 
 from prune.core.config import BOOTSTRAP_ITERS
 from prune.core.console import say
-from prune.core.errors import PruneError
+from prune.core.errors import PruneError, parse_problem
 
 
 @dataclass
@@ -220,20 +220,11 @@ def read_samples(lines, file: str | Path = "samples file") -> list[dict]:
         try:
             record = json.loads(line)
         except (ValueError, RecursionError) as exc:  # damaged JSON, a number of thousands of digits, deep nesting
-            why = _json_problem(exc)
+            why = parse_problem(exc)
             raise PruneError(f"{file}:{number}: not a JSON line ({why}): use the samples file lm-eval wrote") from None
         check_record(record, f"{file}:{number}")
         out.append(record)
     return out
-
-
-def _json_problem(exc: BaseException) -> str:
-    """What :func:`json.loads` found wrong, in a few words."""
-    if isinstance(exc, RecursionError):
-        return "nested too deeply"
-    if not isinstance(exc, json.JSONDecodeError):  # Python's limit on the digits of an integer
-        return "a number of thousands of digits"
-    return str(exc).splitlines()[0]
 
 
 def check_record(record, where: str) -> None:
@@ -594,7 +585,7 @@ def fidelity_of(path: str | Path) -> dict | None:
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as exc:  # damaged, a number of thousands of digits, nested too deeply
-        why = _json_problem(exc)
+        why = parse_problem(exc)
         raise PruneError(f"{file} is not a readable JSON file ({why}); give a run folder or prune eval's --output file") from None
     found = data.get("pruned", data) if isinstance(data, dict) else None
     fid = found.get("fidelity") if isinstance(found, dict) else None

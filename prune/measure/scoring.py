@@ -227,7 +227,7 @@ def check_score_args(windows: torch.Tensor, positions: str, metrics, cka_windows
     check_windows(windows, vocab)
     if cka_windows < 1:
         raise PruneError(f"cka_windows={cka_windows} must be at least 1")
-    batch_size = -(-max(batch_size, 1) // cka_windows) * cka_windows
+    batch_size = -(-batch_size // cka_windows) * cka_windows
     first = 1 if positions == "skip_first" else 0
     if windows.shape[1] - first < 1:
         raise PruneError(f"windows of {windows.shape[1]} token(s) leave no position to score with positions={positions} "

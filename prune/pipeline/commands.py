@@ -12,7 +12,7 @@ from prune.io.source import resolve_source
 from prune.measure.scoring import ScoreResult, score
 from prune.measure.evaluation import evaluate_loaded
 from prune.model.loading import count_parameters, load_model
-from prune.core.errors import PruneError, first_line
+from prune.core.errors import PruneError, first_line, parse_problem
 from prune.choose.rules import resolve_count, resolve_protect, select
 from prune.export.report import SCORE_ONLY, write_report
 
@@ -291,7 +291,7 @@ def read_scores(path: str | Path) -> ScoreResult:
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise PruneError(f"{file}: not a readable JSON file ({first_line(exc)})") from None
+        raise PruneError(f"{file}: not a readable JSON file ({parse_problem(exc)})") from None
     names = {f.name for f in fields(ScoreResult)}
     if not isinstance(data, dict) or not {"n_layers", "block_influence"} <= set(data) or set(data) - names:
         raise PruneError(f"{file} is not a scores file written by `prune score -o` (give one, a run folder, or a model "

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from prune.core.errors import PruneError, first_line
+from prune.core.errors import PruneError, first_line, parse_problem
 from prune.core.tables import UNHEALED, comparison_rows, healed_markdown
 from prune.export.public import public_data
 from prune.model.arch import block_index, meta_model
@@ -260,7 +260,7 @@ def read_run_eval(run: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or UTF-8, a 5,000-digit number
-        raise PruneError(f"{path}: not readable JSON ({first_line(exc)}); remove it or restore the run's own") from None
+        raise PruneError(f"{path}: not readable JSON ({parse_problem(exc)}); remove it or restore the run's own") from None
     wrong = f"{path} is not the evaluation prune writes (an object with original / pruned results)"
     if not isinstance(data, dict) or not all(isinstance(data.get(k) or {}, dict) for k in ("original", "pruned")):
         raise PruneError(f"{wrong}; remove it or restore the run's own")
