@@ -651,7 +651,7 @@ def test_check_compares_the_record_and_the_card_files_with_the_folder(chain, tmp
         with pytest.raises(PruneError, match=r"pruning.json does not render as a model card \((KeyError|ValueError)"):
             push(folder, "me/x", dry_run=True, quiet=True)
     folder = Path(shutil.copytree(chain["step1"], tmp_path / "eval"))
-    for damaged in (b"{not json", b"\xff\xfe"):
+    for damaged in (b"{not json", b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000):  # the last: a RecursionError
         (folder / "eval.json").write_bytes(damaged)
         problems = check_checkpoint(folder, require_export=True).problems
         assert len(problems) == 1 and problems[0].message.startswith("eval.json does not read as JSON")

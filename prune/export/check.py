@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prune.core.errors import PruneError, first_line
+from prune.core.errors import PruneError, first_line, parse_problem
 from prune.core.records import RECORD_FILE, read_record
 from prune.model.arch import block_index, meta_model
 from prune.io.safetensors import INDEX_NAME as INDEX_FILE, SINGLE_NAME as SINGLE_FILE, file_tensors, read_index
@@ -433,15 +433,20 @@ def _check_export_files(path: Path, config, report: CheckReport, required: bool)
         else:
             keys = ", ".join(f"{k}: {data[k]}" for k in ("base_model", "license") if data.get(k))
             report.add("card", "ok", f"README.md, front matter parses ({keys or 'no base_model/license'})")
-    for name, parse in (("eval.json", json.loads), ("recipe.yaml", None)):  # the card is rendered from them
+    evaluation: dict = {}  # eval.json, which the card is rendered from with recipe.yaml
+    for name, parse in (("eval.json", json.loads), ("recipe.yaml", None)):
         if (path / name).is_file():
             try:
                 text = (path / name).read_text(encoding="utf-8")
-                if parse is not None and not isinstance(parse(text), dict):
-                    raise ValueError("not a JSON object")
-            except (UnicodeDecodeError, ValueError) as exc:
-                report.add("card", "fail", f"{name} does not read as {'JSON' if parse else 'UTF-8 text'} ({first_line(exc)}): "
-                                           "the card would leave out what it holds; restore or remove it")
+                if parse is not None:
+                    evaluation = parse(text)
+                    if not isinstance(evaluation, dict):
+                        evaluation = {}
+                        raise ValueError("not a JSON object")
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+                report.add("card", "fail", f"{name} does not read as {'JSON' if parse else 'UTF-8 text'} "
+                                           f"({parse_problem(exc)}): the card would leave out what it holds; restore or "
+                                           "remove it")
     file = path / RECORD_FILE
     if not file.is_file():
         report.add("pruning", missing, "pruning.json is missing (not an output of `prune run`)")
@@ -451,7 +456,7 @@ def _check_export_files(path: Path, config, report: CheckReport, required: bool)
     except PruneError as exc:
         report.add("pruning", "fail", str(exc).replace(str(file), "pruning.json"))
         return
-    problem = _card_problem(path, record)
+    problem = _card_problem(record, evaluation)
     if problem:
         report.add("pruning", "fail", problem)
         return
@@ -475,16 +480,12 @@ def _check_export_files(path: Path, config, report: CheckReport, required: bool)
     report.add("pruning", "ok", f"{steps} pruning step{'s' if steps > 1 else ''}; removed blocks of the original: {removed}")
 
 
-def _card_problem(path: Path, record) -> str | None:
+def _card_problem(record, evaluation: dict) -> str | None:
     """Why the card cannot be rendered from ``pruning.json`` (its free-form sections: scores, selection
-    details, healing, in a shape prune never wrote), as ``prune push`` renders it; None when it can."""
+    details, healing, in a shape prune never wrote) and ``evaluation`` (eval.json), as ``prune push``
+    renders it; None when it can."""
     from prune.export.card import render_card
 
-    try:
-        evaluation = json.loads((path / "eval.json").read_text(encoding="utf-8")) if (path / "eval.json").is_file() else {}
-    except (OSError, ValueError):
-        evaluation = {}  # reported on its own
-    evaluation = evaluation if isinstance(evaluation, dict) else {}
     try:
         render_card(record, rows=evaluation.get("rows"), settings=evaluation.get("settings"))
     except Exception as exc:  # noqa: BLE001 - any failure of a hand-edited record: one line, not a traceback
