@@ -112,7 +112,13 @@ def test_overrides_and_env(tmp_path, tiny_folder, monkeypatch):
     monkeypatch.setenv("MY_DATA", "")  # set but empty: the default, as ${MY_DATA:-...} is in a shell
     assert load_recipe(write(tmp_path, data)).calibration.path == str(WIKI_RAW)
     monkeypatch.setenv("MY_DATA", str(tmp_path / "elsewhere.txt"))
-    assert "file not found" in error_of(tmp_path, data)
+    assert "file not found" in error_of(tmp_path, data) and "default" not in error_of(tmp_path, data)
+    # a missing file that is a variable's default names the variable to set (SMOLLM2_GGUF unset: "check the path")
+    missing = dict(data, model={"source": "${MY_GGUF:-" + str(tmp_path / "absent.gguf") + "}"})
+    monkeypatch.delenv("MY_GGUF", raising=False)
+    assert error_of(tmp_path, missing).endswith(
+        "GGUF file not found: " + str(tmp_path / "absent.gguf") + " (check the path); that is ${MY_GGUF}'s default, "
+        "as MY_GGUF is unset or empty (export MY_GGUF=...)")
     assert "is not key=value" in error_of(tmp_path, tiny_recipe(tiny_folder, tmp_path / "o"), ["select.n_layers"])
     assert "'select.n_layers'" in error_of(tmp_path, tiny_recipe(tiny_folder, tmp_path / "o"), ["select.n_layers=many"])
     # a --set value uses ${VAR} as the file's values do (prune heal's --set did; prune run's wrote a folder named

@@ -181,8 +181,11 @@ def test_metric_subset_and_bad_arguments(llama, calib_text):
     with pytest.raises(PruneError, match="windows of 0 token.* leave no position to score with positions=all"):
         prune.score(model, w[:, :0], metrics=("bi",), positions="all", progress=False)
     # the API checks what a recipe's ScoreConfig checks (a NaN beta gave MSRS 0, tau 2 a number, silently)
-    for kwargs, message in ((dict(beta=float("nan")), "beta=nan must be a finite number > 0"),
-                            (dict(tau=2.0), "tau=2.0 must lie strictly between 0 and 1"),
+    # (with a recipe's own limits: ScoreConfig.check_value)
+    for kwargs, message in ((dict(beta=float("nan")), r"beta=nan: input should be a finite number \(MSRS steepness"),
+                            (dict(beta="5"), r"beta='5': input should be a valid number"),  # no text for a number
+                            (dict(tau=2.0), r"tau=2.0: input should be less than 1 \(MSRS similarity threshold"),
+                            (dict(cka_windows=1.5), r"cka_windows=1.5: input should be a valid integer"),
                             (dict(batch_size=0), "batch_size=0 must be a whole number"),
                             (dict(metrics="cka"), r"metrics='cka': give a list of metric names")):
         with pytest.raises(PruneError, match=message):

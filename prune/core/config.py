@@ -109,6 +109,17 @@ class Section(BaseModel):
             raise ValueError("must be a finite number (not nan or inf)")
         return value
 
+    @classmethod
+    def check_value(cls, name: str, value) -> None:
+        """Check one setting as a recipe's section checks it (the Python API's arguments, which no recipe
+        reads): raise :class:`PruneError` ``"NAME=VALUE: what is wrong (its description)"``."""
+        try:
+            cls.__pydantic_validator__.validate_assignment(cls.model_construct(), name, value, strict=True)
+        except ValidationError as err:
+            problem = err.errors()[0]["msg"].removeprefix("Value error, ")
+            raise PruneError(f"{name}={value!r}: {problem[:1].lower()}{problem[1:]} "
+                             f"({cls.model_fields[name].description})") from None
+
 
 class ModelConfig(Section):
     """What to load: Hub id, local folder or ``.gguf`` file, and how (dtype, Accelerate placement)."""

@@ -214,19 +214,14 @@ def check_score_args(windows: torch.Tensor, positions: str, metrics, cka_windows
         raise PruneError(f"metrics={metrics!r}: give a list of metric names, e.g. ({metrics!r},)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise PruneError(f"batch_size={batch_size!r} must be a whole number of windows, at least 1")
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-        raise PruneError(f"beta={beta!r} must be a finite number > 0 (MSRS steepness)")
-    if not (isinstance(tau, (int, float)) and 0 < tau < 1):
-        raise PruneError(f"tau={tau!r} must lie strictly between 0 and 1 (MSRS similarity threshold)")
     metrics = tuple(metrics)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise PruneError(f"unknown metric {unknown[0]!r} (choose from {', '.join(METRICS)})")
-    if positions not in POSITIONS:
-        raise PruneError(f"positions={positions!r} is not one of {', '.join(POSITIONS)}")
+    for name, value in (("metrics", list(metrics)), ("positions", positions), ("cka_windows", cka_windows),
+                        ("beta", beta), ("tau", tau)):
+        ScoreConfig.check_value(name, value)  # the limits a recipe's score section puts on them
     check_windows(windows, vocab)
-    if cka_windows < 1:
-        raise PruneError(f"cka_windows={cka_windows} must be at least 1")
     batch_size = -(-batch_size // cka_windows) * cka_windows
     first = 1 if positions == "skip_first" else 0
     if windows.shape[1] - first < 1:

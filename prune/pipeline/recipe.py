@@ -59,10 +59,12 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 INPUT_RECIPE_VARIABLES = ("PRUNE_DATA_DIR",)
 
 
-def expand_env(value: Any, only: tuple[str, ...] | None = None, where: str = "recipe") -> Any:
+def expand_env(value: Any, only: tuple[str, ...] | None = None, where: str = "recipe",
+               defaults: dict[str, str] | None = None) -> Any:
     """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a nested structure, as a shell does:
     the default stands in for a variable that is unset or empty. ``only``: the variables ``where`` may read
-    (a recipe of an input folder, which could otherwise copy a secret of the environment into a published file)."""
+    (a recipe of an input folder, which could otherwise copy a secret of the environment into a published file);
+    ``defaults`` collects ``{VAR: default}`` for each default used."""
     if isinstance(value, str):
         def sub(match):
             name, default = match.group(1), match.group(2)
@@ -70,15 +72,17 @@ def expand_env(value: Any, only: tuple[str, ...] | None = None, where: str = "re
                 raise PruneError(f"{where} uses ${{{name}}}: a recipe read from an input folder may only use "
                                  f"{', '.join('${' + v + '}' for v in only)} (write the value into it, or give --config)")
             if default is not None and not os.environ.get(name):
+                if defaults is not None:
+                    defaults[name] = default
                 return default
             if name in os.environ:
                 return os.environ[name]
             raise PruneError(f"{where} uses ${{{name}}} but it is not set (export {name}=... or write ${{{name}:-default}})")
         return _ENV.sub(sub, value)
     if isinstance(value, dict):
-        return {k: expand_env(v, only, where) for k, v in value.items()}
+        return {k: expand_env(v, only, where, defaults) for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v, only, where) for v in value]
+        return [expand_env(v, only, where, defaults) for v in value]
     return value
 
 
@@ -151,12 +155,20 @@ def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str
     for item in overrides or ():  # a --set's own ${VAR} problem names that --set (expanded once, with the rest, below)
         key, _, raw = item.partition("=")
         expand_env(raw, where=f"--set {key.strip()}")
-    data = expand_env(apply_overrides(copy.deepcopy(data), overrides), where=where)
+    defaults: dict[str, str] = {}
+    data = expand_env(apply_overrides(copy.deepcopy(data), overrides), where=where, defaults=defaults)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise PruneError(format_validation_error(exc, where, Recipe)) from None
-    check_recipe(recipe, where)
+    try:
+        check_recipe(recipe, where)
+    except PruneError as exc:  # e.g. a missing file that is a variable's default: name the variable to set
+        unset = [name for name, default in defaults.items() if default and default in str(exc)]
+        if unset:
+            raise PruneError(f"{exc}; that is ${{{unset[0]}}}'s default, as {unset[0]} is unset or empty "
+                             f"(export {unset[0]}=...)") from None
+        raise
     return recipe
 
 
