@@ -625,7 +625,8 @@ def cmd_report(args) -> int:
 
 # ---- heal -----------------------------------------------------------------------------
 def add_heal(sub) -> None:
-    p = sub.add_parser("heal", help="heal a saved pruned run into a new folder (LoRA, replacement layer, partial fine-tuning)",
+    p = sub.add_parser("heal", help="heal a saved pruned run into a new folder (LoRA, partial fine-tuning, replacement layer, bridge; "
+                                      "next-token loss or distillation)",
                        description="Win back utility lost to pruning: train the pruned model of RUN_DIR (a folder written "
                                    "by prune run) on training text and write a NEW complete folder (a plain checkpoint, "
                                    "pruning.json with the healing record, recipe.yaml). RUN_DIR is never modified. Settings "

@@ -577,7 +577,8 @@ def report(ks, tasks, lm_k: int) -> str:
     return "\n\n".join(parts)
 
 
-#: the toolkit's default (prune.pipeline.recipe.SelectConfig), and the published one-shot metrics it must match
+#: the toolkit's default until 2026-12-02, when ``verified`` (measured by scripts/bench_verified.py, not here) replaced
+#: it; and the published one-shot metrics it must match
 DEFAULT_STRATEGY = "contiguous angular"
 PUBLISHED = ("one_shot bi", "one_shot angular")
 
@@ -610,8 +611,8 @@ def compare(avg: dict, a: str, b: str, chosen: dict | None = None, tasks=()) -> 
 def recommendation(avg: dict, rows: dict, ks, chosen: dict, tasks=()) -> str:
     """The evidence for the default strategy and the default token positions, from the cached results."""
     out = ["### Recommendation", "",
-           f"Default: `select: {{strategy: contiguous, metric: angular}}` ({DEFAULT_STRATEGY}), `score.positions: "
-           "skip_first`. The evidence at k = 7 (paired on the same questions where both block sets have lm-eval "
+           f"The default before `verified` (issue 15; \"Verified selection\", scripts/bench_verified.py): `select: "
+           f"{{strategy: contiguous, metric: angular}}` ({DEFAULT_STRATEGY}), `score.positions: skip_first`. The evidence at k = 7 (paired on the same questions where both block sets have lm-eval "
            "samples, else average retained accuracy ± its standard error):", ""]
     d = DEFAULT_STRATEGY
     if d not in avg:

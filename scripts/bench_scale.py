@@ -3,7 +3,10 @@
 
     nice -n 10 .venv/bin/python scripts/bench_scale.py            # every case, then the table
     .venv/bin/python scripts/bench_scale.py --table               # only rebuild the table from the cache
-    .venv/bin/python scripts/bench_scale.py --table --docs        # and write it into the bench_scale block of the docs
+    .venv/bin/python scripts/bench_scale.py --table --docs        # and write it into a bench_scale block of the docs
+
+docs/BENCHMARKS.md's "Speed and memory" tables were pasted from ``--table`` (it has no bench_scale block): ``--docs``
+writes only where ``<!-- bench_scale:begin -->`` / ``<!-- bench_scale:end -->`` markers have been put around one.
 
 Cases (each cached as JSON under bench_cache/scale/, so a rerun resumes; --fresh reruns):
 
@@ -725,8 +728,8 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="rerun cached cases")
     parser.add_argument("--table", action="store_true", help="only rebuild the table from cached results")
     parser.add_argument("--docs", action="store_true",
-                        help="also write the table into the bench_scale block of docs/BENCHMARKS.md (it replaced the whole "
-                             "'Speed and memory' section, other scripts' blocks with it)")
+                        help="also write the table between bench_scale markers in docs/BENCHMARKS.md (it has none: its "
+                             "tables were pasted; an earlier version replaced the whole 'Speed and memory' section)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
