@@ -71,6 +71,23 @@ def bridge(folder: str, windows) -> dict:
             "weights": float(decoder_layers(pruned)[2].mlp.down_proj.weight.double().sum())}
 
 
+def teacher_cache(model, tok, folder: str, windows, out: Path) -> dict:
+    """A top-k teacher cache of 10 windows (3 batches of 4: rank 0 computes 8, rank 1 2) and 2 held-out ones
+    (rank 1 none), from the loaded model and read one block at a time from the folder; each process computes
+    its share, one writes the file. Digests of what every rank holds and of what the file holds."""
+    from prune.heal import distill
+
+    res = {}
+    for name, teacher in (("memory", model), ("sequential", folder)):
+        path = out / f"teacher-{name}.safetensors"
+        held = distill.build_cache(teacher, tok, windows, windows[:2], 8, path, "tiny", quiet=True, like=model)
+        dist.barrier()
+        back = distill.TopkCache.load(path)
+        res[name] = [dist.digest({k: t.double().sum().item() for k, t in c.tensors.items()}) for c in (held, back)]
+        res[name].append(dist.digest({k: t.flatten()[:64].tolist() for k, t in back.tensors.items()}))
+    return res
+
+
 def main(folder: str, out: str) -> None:
     torch.set_num_threads(1)
     w = dist.world()
@@ -135,6 +152,7 @@ def main(folder: str, out: str) -> None:
     finally:
         distill._own_free_memory = own
     Path(out).mkdir(parents=True, exist_ok=True)
+    res["teacher_cache"] = teacher_cache(load_model(folder, dtype="float32")[0], tok, folder, windows, Path(out))  # untrained
     (Path(out) / f"rank{w.rank}.json").write_text(json.dumps(res))
 
 

@@ -92,8 +92,15 @@ def test_two_ranks_equal_one_process(tiny_folder, tmp_path):
         assert "perplexity and fidelity run in one process" in ppl
         assert "'copa_local' scores 1 example(s) with evaluate.limit=0.01, fewer than the processes (2)" in fraction
         assert two["teacher_kind"] == "cache"  # rank 0 alone had room for the teacher: both take the cache
+        # a teacher cache: each rank computed its share (all of it before), every rank holds and the file has the
+        # same numbers as one process's, from the loaded model and one block at a time
+        assert two["teacher_cache"] == one["teacher_cache"]
     assert one["mismatch"] is None and one["refused"] == [None, None, None, None]
     assert one["teacher_kind"] == "memory"
+    for held, written, head in one["teacher_cache"].values():
+        assert held == written
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [  # one writer: no rank's temporary file left
+        "rank0.json", "rank1.json", "teacher-memory.safetensors", "teacher-sequential.safetensors"]
     assert one["plan"] == ranks[0]["plan"] == ranks[1]["plan"] == "in_memory"  # rank 1 planned sequential
     # the training moved the weights: the comparison is not between untouched copies
     assert one["heal"]["losses"][0] != one["heal"]["losses"][-1]

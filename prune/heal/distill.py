@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from prune.core import dist
 from prune.core.config import HealConfig
 from prune.core.errors import PruneError
 from prune.core.records import complement
@@ -381,13 +382,10 @@ def build_cache(model, tokenizer, windows: torch.Tensor, val_windows: torch.Tens
     if k > width:
         raise PruneError(f"heal.top_k={k} is larger than the vocabulary ({width} tokens); lower it")
     started = time.time()
-    if windows.shape[0]:
-        lp, ix = topk(model, windows, k, progress=not quiet)
-    else:  # method bridge: the held-out windows alone
-        lp, ix = torch.zeros(0, windows.shape[1], k), torch.zeros(0, windows.shape[1], k, dtype=torch.int32)
+    lp, ix = _topk_over_ranks(topk, model, windows, k, progress=not quiet)  # method bridge: no windows, held-out alone
     tensors = {"input_ids": windows.to(torch.int32), "logprobs": lp, "indices": ix}
     if val_windows is not None and val_windows.shape[0]:
-        vlp, vix = topk(model, val_windows, k)
+        vlp, vix = _topk_over_ranks(topk, model, val_windows, k)
         tensors.update(val_input_ids=val_windows.to(torch.int32), val_logprobs=vlp, val_indices=vix)
     meta = {"format": FORMAT, "k": k, "teacher": teacher_name, "vocab": width,
             "tokenizer": tokenizer_fingerprint(tokenizer) if tokenizer is not None else "",
@@ -397,11 +395,26 @@ def build_cache(model, tokenizer, windows: torch.Tensor, val_windows: torch.Tens
     if source:
         meta["source"] = source
     cache = TopkCache(Path(path).expanduser(), tensors, meta)
-    cache.save()
+    dist.on_main(cache.save)  # every rank holds the same tensors: one writes them
     if not quiet:
         print(f"teacher top-{k} log-probs of {windows.shape[0] + (val_windows.shape[0] if val_windows is not None else 0)} "
               f"windows: {cache.path} ({cache.bytes / 2**20:.1f} MiB)", flush=True)
     return cache
+
+
+def _topk_over_ranks(topk, model, windows: torch.Tensor, k: int, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``topk(model, windows, k)`` with each process of a launch computing its share of the windows in whole
+    batches of :data:`EVAL_BATCH` (the batches one process runs: the same numbers), gathered in window order
+    on every process (each computed all of them before)."""
+    lo, hi = dist.shard(windows.shape[0], EVAL_BATCH)
+    if hi > lo:
+        lp, ix = topk(model, windows[lo:hi], k, progress=progress)
+    else:
+        lp, ix = torch.zeros(0, windows.shape[1], k), torch.zeros(0, windows.shape[1], k, dtype=torch.int32)
+    if not dist.world().distributed:
+        return lp, ix
+    parts = dist.all_gather((lp, ix))
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def check_cache(cache: TopkCache, tokenizer, windows: torch.Tensor, val_windows: torch.Tensor | None,
@@ -532,8 +545,6 @@ def free_memory(device: torch.device) -> int:
     """Bytes free for a teacher copy on ``device`` (CUDA: free memory; CPU: MemAvailable); under a launcher the
     least of every rank's, so the ranks take one teacher kind (each deciding from its own memory, one rank could
     distil from the exact teacher and another from a top-k cache, their gradients averaged)."""
-    from prune.core import dist
-
     return min(dist.all_gather(_own_free_memory(device)))
 
 
