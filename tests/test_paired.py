@@ -259,6 +259,26 @@ def test_task_average_by_hand():
     assert "nan" not in line and "no example's score changed" in line and "over the 1 tasks original scores above 0" in line
 
 
+def test_average_is_over_proportions_only():
+    """A task whose first metric is scored 0-100 (truthfulqa_gen's bleu_max) put -6.30 "points" of BLEU into the
+    average of accuracies (-157 points over four tasks); its 0/1 metric is its headline now, and a task with no
+    metric scored 0 to 1 (a log-likelihood) is left out of the average and named."""
+    rng = np.random.default_rng(1)
+    def records(shift):
+        return {"truthfulqa_gen": [{"doc_id": i, "doc_hash": f"t{i}", "metrics": ["bleu_max", "bleu_acc"],
+                                    "bleu_max": 30 + 10 * rng.random() - 5 * shift, "bleu_acc": i % 2} for i in range(40)],
+                "arc_easy": [{"doc_id": i, "doc_hash": f"a{i}", "metrics": ["acc"], "acc": float((i + shift) % 2)}
+                             for i in range(40)],
+                "loglik_only": [{"doc_id": i, "doc_hash": f"l{i}", "metrics": ["ll"], "ll": -2.0 - rng.random() - shift}
+                                for i in range(40)]}
+    rows = compare_samples(records(0), records(1), iters=200)
+    assert [(r.task, r.metric) for r in headline_rows(rows)] == [("arc_easy", "acc"), ("truthfulqa_gen", "bleu_acc")]
+    avg = task_average(rows)
+    assert avg.tasks == ["arc_easy", "truthfulqa_gen"] and avg.diff == pytest.approx(0.0)
+    assert average_line(rows).endswith("; left out: loglik_only (no metric scored 0 to 1 per example, so none in "
+                                       "accuracy points)")
+
+
 def test_what_the_rows_and_the_average_say_agrees_with_their_numbers(capsys):
     """The average line said z = +2.28 beside an interval that includes 0, and "no answer changed" when every
     answer had; a few float scores got a percentile bootstrap far too narrow; lm-eval's per-example
@@ -299,6 +319,12 @@ def test_compare_cli(lm_eval_folders, tmp_path):
     pooled = json.loads((tmp_path / "p.json").read_text())
     assert pooled["b"] == [str(root / "model-a"), str(root / "model-b")]
     assert [r["diff"] for r in pooled["rows"]] == pytest.approx([r["diff"] / 2 for r in direct])
+    # each B alone beside the mean: A against itself 0, then B's own average (the interval leaves that spread out)
+    from prune.measure.paired import task_average
+
+    own = 100 * task_average(compare_folders(root / "model-a", root / "model-b", iters=200)).diff
+    assert f"Each B alone, on the same examples (task average, B - A, points): +0.00, {own:+.2f}. " in proc.stdout
+    assert "the spread between them (another seed's training) is not in it" in proc.stdout
     proc = prune_main("compare", tmp_path, root / "model-b", check_rc=2)
     assert proc.stderr.startswith("error: no lm-eval samples") and len(proc.stderr.strip().splitlines()) == 1
     # a folder holding two evaluations: each task's newest file is read, and the comparison says it mixes them

@@ -75,6 +75,36 @@ def test_qwen2_sliding_window_threshold_is_remapped():
     assert model.config.max_window_layers == 3
 
 
+def test_gemma3_sliding_pattern_describes_the_kept_blocks(tmp_path, tokenizers_by_bos):
+    """Gemma3's sliding_window_pattern (read by whatever builds the layout without layer_types) was saved
+    unchanged: 3 after removing blocks 1 and 4 described S S F S S F, not the kept S F S F S S."""
+    model = build_model("gemma3_text")  # pattern 3: S S F S S F S S
+    prune.remove_layers(model, [6, 7])
+    assert model.config.sliding_window_pattern == 3  # S S F S S F: still period 3
+    model = build_model("gemma3_text")
+    prune.remove_layers(model, [1, 4])
+    assert model.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention", "full_attention",
+                                        "sliding_attention", "sliding_attention"]
+    assert model.config.sliding_window_pattern is None  # no period gives it
+    prune.save(model, tokenizers_by_bos[False], tmp_path / "o")
+    saved = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert saved["layer_types"] == model.config.layer_types and saved.get("sliding_window_pattern") is None
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert [b.self_attn.layer_type for b in decoder_layers(again)] == model.config.layer_types
+
+
+def test_rebuild_check_compares_layer_types_not_only_numbers():
+    """A kept block whose attention type the saved config would change is refused (only numbers were compared)."""
+    from prune.model.surgery import check_rebuild
+
+    model = build_model("gemma2")
+    prune.remove_layers(model, [1, 2])
+    model.config.layer_types = ["full_attention"] * model.config.num_hidden_layers
+    with pytest.raises(PruneError, match=r"model.layers.0.self_attn.layer_type is sliding_attention in the pruned model "
+                                         "but full_attention when its config is loaded again"):
+        check_rebuild(model)
+
+
 @pytest.mark.parametrize("bad, message", [
     ([], "no blocks to remove"),
     (list(range(N_LAYERS)), "cannot remove all"),

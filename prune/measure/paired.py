@@ -70,6 +70,7 @@ class Paired:
     mcnemar_p: float | None = None
     n_a: int | None = None  # examples A had for this row (``n`` of them in common with B)
     n_b: int | None = None
+    proportion: bool | None = None  # every per-example score of both between 0 and 1 (an accuracy's, in points)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,6 +135,7 @@ def paired_stats(a, b, *, task: str = "", metric: str = "", iters: int = BOOTSTR
     sd = lambda x: float(x.std(ddof=1) / math.sqrt(n))
     out = Paired(task, metric, n, float(a.mean()), float(b.mean()), float(d.mean()), sd(d),
                  math.sqrt(sd(a) ** 2 + sd(b) ** 2), float(low), float(high))
+    out.proportion = bool(((a >= 0) & (a <= 1)).all() and ((b >= 0) & (b <= 1)).all())
     if binary:
         out.right_to_wrong = int(((a == 1) & (b == 0)).sum())
         out.wrong_to_right = int(((a == 0) & (b == 1)).sum())
@@ -295,7 +297,7 @@ def _records_by_example(task: str, records: list[dict]) -> dict[tuple, dict]:
     return out
 
 
-def per_example(records: list[dict], task: str = "task") -> dict[str, dict]:
+def per_example(records: list[dict], task: str = "task", quiet: bool | None = None) -> dict[str, dict]:
     """``{metric (of one filter, :func:`row_name`): {doc_id: (question hashes, score)}}`` of one task's
     sample records (:func:`question`)."""
     out: dict[str, dict] = {}
@@ -310,7 +312,7 @@ def per_example(records: list[dict], task: str = "task") -> dict[str, dict]:
                     continue
                 out.setdefault(name, {})[doc_id] = (question(r), value)
     for name, count in undefined.items():
-        say(f"{task} {name}: {count} example(s) scored NaN or inf, left out of the paired comparison")
+        say(f"{task} {name}: {count} example(s) scored NaN or inf, left out of the paired comparison", quiet)
     return out
 
 
@@ -319,7 +321,7 @@ def per_example(records: list[dict], task: str = "task") -> dict[str, dict]:
 PER_EXAMPLE_NAMES = {"perplexity": "log-likelihood (perplexity's per-example term)"}
 
 
-def mean_samples(runs: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
+def mean_samples(runs: list[dict[str, list[dict]]], quiet: bool | None = None) -> dict[str, list[dict]]:
     """One ``{task: sample records}`` whose every metric is the mean over ``runs`` (several models that
     answered the same questions: seeds of one recipe), for :func:`compare_samples` against a reference:
     the pooled difference is then the mean of the per-model differences, and its interval counts the
@@ -331,7 +333,7 @@ def mean_samples(runs: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
     for task in sorted({t for r in runs for t in r}):
         missing = sum(task not in r for r in runs)
         if missing:
-            say(f"{task}: missing from {missing} of the {len(runs)} runs pooled, left out of the paired comparison")
+            say(f"{task}: missing from {missing} of the {len(runs)} runs pooled, left out of the paired comparison", quiet)
     for task in [t for t in runs[0] if all(t in r for r in runs)]:
         examples = [_records_by_example(task, run[task]) for run in runs]
         records = []
@@ -356,31 +358,31 @@ def some(names, limit: int = 10) -> str:
 
 
 def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters: int = BOOTSTRAP_ITERS,
-                    seed: int = 0) -> list[Paired]:
+                    seed: int = 0, quiet: bool | None = None) -> list[Paired]:
     """Paired statistics per task and metric (of each answer filter) of two ``{task: sample records}``
-    (B against A), over the examples both have."""
+    (B against A), over the examples both have; ``quiet``: no notes of what is left out."""
     common = [t for t in a if t in b]
     if not common:
         raise PruneError(f"no task in common: A has {some(a)}, B has {some(b)}: compare evaluations of the same tasks")
     for side, tasks in (("A", [t for t in a if t not in b]), ("B", [t for t in b if t not in a])):
         if tasks:
-            say(f"{some(tasks)}: only in {side}, left out of the paired comparison")
+            say(f"{some(tasks)}: only in {side}, left out of the paired comparison", quiet)
     out = []
     for task in sorted(common):
-        ea, eb = per_example(a[task], task), per_example(b[task], task)
+        ea, eb = per_example(a[task], task, quiet), per_example(b[task], task, quiet)
         for side, names in (("A", [m for m in ea if m not in eb]), ("B", [m for m in eb if m not in ea])):
             if names:
-                say(f"{task}: {', '.join(names)} scored only in {side}, left out of the paired comparison")
+                say(f"{task}: {', '.join(names)} scored only in {side}, left out of the paired comparison", quiet)
         if not ea and not eb:
             say(f"{task}: no example has a number to pair (lm-eval's per-example values of this task are not "
-                "scalar scores), left out of the paired comparison")
+                "scalar scores), left out of the paired comparison", quiet)
         for metric in [m for m in ea if m in eb]:
             keys = sorted(set(ea[metric]) & set(eb[metric]), key=str)
             for k in keys:
                 check_same_question(task, k, ea[metric][k][0], eb[metric][k][0], "A and B")
             if len(keys) < 2:
                 say(f"{task} {metric}: {len(keys)} example(s) in common (A {len(ea[metric])}, B {len(eb[metric])}): "
-                    "too few to pair, left out of the paired comparison")
+                    "too few to pair, left out of the paired comparison", quiet)
                 continue
             row = paired_stats([ea[metric][k][1] for k in keys], [eb[metric][k][1] for k in keys], task=task,
                                metric=metric, iters=iters, seed=seed)
@@ -404,7 +406,9 @@ class TaskAverage:
 
 def headline_rows(rows: list[Paired]) -> list[Paired]:
     """One row per task: its headline metric (``HEADLINE``: acc_norm for hellaswag, arc_challenge and
-    openbookqa, else acc), or its only metric."""
+    openbookqa, else acc), else its first metric whose per-example scores are proportions (0 to 1: an
+    average in accuracy points); a task with neither has no headline (a BLEU of 0-100 averaged with
+    accuracies, or a log-likelihood, would be read as points): see :func:`without_headline`."""
     from prune.measure.lmeval import HEADLINE, canonical_name
 
     by_task: dict[str, list[Paired]] = {}
@@ -413,8 +417,16 @@ def headline_rows(rows: list[Paired]) -> list[Paired]:
     out = []
     for task, found in by_task.items():
         want = HEADLINE.get(canonical_name(task), "acc")
-        out.append(next((r for r in found if r.metric == want), found[0]))
+        head = next((r for r in found if r.metric == want), None) or next((r for r in found if r.proportion), None)
+        if head is not None:
+            out.append(head)
     return out
+
+
+def without_headline(rows: list[Paired]) -> list[str]:
+    """The tasks of ``rows`` left out of :func:`task_average`: none of their metrics is a proportion."""
+    kept = {r.task for r in headline_rows(rows)}
+    return sorted({r.task for r in rows} - kept)
 
 
 def task_average(rows: list[Paired]) -> TaskAverage | None:
@@ -452,9 +464,12 @@ def average_line(rows: list[Paired], a: str = "A", b: str = "B") -> str:
         verdict = "no example's score changed"
     else:
         verdict = "it excludes 0" if avg.ci_low > 0 or avg.ci_high < 0 else "it includes 0"
+    left = without_headline(rows)
+    left_out = (f"; left out: {some(left)} (no metric scored 0 to 1 per example, so none in accuracy points)"
+                if left else "")
     return (f"Average over {len(avg.tasks)} tasks (one headline metric each): {b} - {a} = {100 * avg.diff:+.2f} points, "
             f"paired SE {100 * avg.se:.2f}, 95% interval [{100 * avg.ci_low:+.2f}, {100 * avg.ci_high:+.2f}] "
-            f"({verdict}); {share}")
+            f"({verdict}); {share}{left_out}")
 
 
 def paired_count(r: Paired, a: str = "A", b: str = "B") -> str:
@@ -656,6 +671,22 @@ def fidelity_markdown(rows: list[Paired], a: str = "A", b: str = "B") -> str:
         lines.append(f"| {meaning.get(r.metric, r.metric)} | {r.n} | {r.mean_a:.4f} | {r.mean_b:.4f} | {r.diff:+.4f} | {r.se_paired:.4f} | "
                      f"{r.se_unpaired:.4f} | [{r.ci_low:+.4f}, {r.ci_high:+.4f}] |")
     return "\n".join(lines)
+
+
+def seed_differences(a: str | Path, bs: list[str | Path], *, iters: int = 200) -> list[float]:
+    """Each of several B's own task-average difference to A (B_i - A), on the examples every B answered (those
+    of the pooled comparison, :func:`mean_samples`): the spread between seeds, which the pooled interval leaves
+    out (it counts the sampling of the questions, for these seeds)."""
+    ref = load_samples(samples_folder(a))
+    runs = [load_samples(samples_folder(b)) for b in bs]
+    pooled = {task: set(_records_by_example(task, recs)) for task, recs in mean_samples(runs, quiet=True).items()}
+    out = []
+    for run in runs:
+        own = {task: [r for key, r in _records_by_example(task, run[task]).items() if key in keys]
+               for task, keys in pooled.items()}
+        avg = task_average(compare_samples(ref, own, iters=iters, quiet=True))
+        out.append(math.nan if avg is None else avg.diff)
+    return out
 
 
 def compare_folders(a: str | Path, b: str | Path | list[str | Path] | None = None, *, iters: int = BOOTSTRAP_ITERS,

@@ -348,6 +348,20 @@ def _qwen3_moe_layout(config, kept: list[int]) -> dict[str, Any]:
 LAYOUT_REWRITES = {"qwen3_moe": _qwen3_moe_layout}
 
 
+#: config keys of a sliding-window period that ``layer_types`` supersedes (transformers reads them only without it)
+PATTERN_KEYS = ("sliding_window_pattern", "_sliding_window_pattern")
+
+
+def sliding_pattern(layer_types: list[str]) -> int | None:
+    """The period ``p`` for which layer ``i`` is ``full_attention`` exactly when ``(i + 1) % p == 0`` (Gemma3's
+    ``sliding_window_pattern``), or None when no period gives ``layer_types``: a pruned stack seldom keeps one,
+    and a stale period would describe another model to whatever reads it."""
+    for p in range(1, len(layer_types) + 2):
+        if all((t == "full_attention") == ((i + 1) % p == 0) for i, t in enumerate(layer_types)):
+            return p
+    return None
+
+
 def pruned_config_updates(config, kept: list[int]) -> dict[str, Any]:
     """Config changes that make a stack keeping blocks ``kept`` (0-based, sorted) rebuild identically.
 
@@ -355,7 +369,8 @@ def pruned_config_updates(config, kept: list[int]) -> dict[str, Any]:
     * every per-layer list (a list attribute whose name mentions "layer" and whose length is
       the old layer count: ``layer_types``, ``mlp_layer_types``, ...) is sliced to ``kept``;
     * index lists (``mlp_only_layers``) are remapped to new positions; ``max_window_layers``
-      counts the kept blocks below the old threshold;
+      counts the kept blocks below the old threshold; a sliding-window period (Gemma3) becomes the kept
+      ``layer_types``' own period, or None (:func:`sliding_pattern`);
     * architecture-specific layouts (:data:`LAYOUT_REWRITES`).
     """
     old_n = config.num_hidden_layers
@@ -369,6 +384,10 @@ def pruned_config_updates(config, kept: list[int]) -> dict[str, Any]:
     mwl = getattr(config, "max_window_layers", None)
     if isinstance(mwl, int):
         updates["max_window_layers"] = sum(1 for i in kept if i < mwl)
+    if "layer_types" in updates:
+        for key in PATTERN_KEYS:  # Gemma3: layer i slides unless (i + 1) % pattern == 0, when layer_types is absent
+            if isinstance(getattr(config, key, None), int):
+                updates[key] = sliding_pattern(updates["layer_types"])
     rewrite = LAYOUT_REWRITES.get(config.model_type)
     if rewrite is not None:
         updates.update(rewrite(config, kept))

@@ -127,6 +127,10 @@ def _rename_device_map(model: nn.Module, path: str, kept: list[int]) -> None:
     model.hf_device_map = renamed
 
 
+#: module attributes that describe how a model is being run, not what it computes
+RUNTIME_STATE = ("training", "gradient_checkpointing")
+
+
 def check_rebuild(model: nn.Module) -> None:
     """Refuse a pruned model whose config would rebuild different parameters on reload."""
     fresh = meta_model(model.config, cls=type(model))
@@ -144,8 +148,11 @@ def check_rebuild(model: nn.Module) -> None:
     for name, module in model.named_modules():  # constants fixed at construction (a scaling, a window)
         other = rebuilt.get(name)
         for key, value in vars(module).items() if other is not None else ():
+            if key.startswith("_") or key in RUNTIME_STATE:
+                continue
             theirs = vars(other).get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and isinstance(theirs, (int, float)) \
-                    and not math.isclose(value, theirs, rel_tol=1e-9):
+            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, theirs))
+            plain = all(v is None or isinstance(v, (str, bool, int, float)) for v in (value, theirs))  # a layer type, a window
+            if (numbers and not math.isclose(value, theirs, rel_tol=1e-9)) or (plain and not numbers and value != theirs):
                 raise PruneError(f"internal error: {name}.{key} is {value} in the pruned model but {theirs} when its "
                                  "config is loaded again (the saved model would compute something else); please report this")
