@@ -1,7 +1,7 @@
 """The private transformers internals this toolkit truly needs, in one place.
 
-Checked against transformers 5.24.0 (tests/test_hf_internals.py names that version and fails,
-with this module to look at, when an internal moves):
+Checked against transformers 5.25.0 (tests/test_hf_internals.py fails on another major version, and
+its behaviour tests, with this module to look at, when an internal moves):
 
 * ``transformers.conversion_mapping.get_model_conversion_mapping`` and
   ``transformers.core_model_loading.{WeightRenaming, WeightConverter, rename_source_key}``: how
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-CHECKED_WITH = "5.24.0"
+CHECKED_WITH = "5.25.0"
 
 
 def checkpoint_key_renamer(model) -> Callable[[str, dict], str]:
