@@ -52,10 +52,23 @@ ARCH_CONFIGS: dict[str, dict] = {
     "mixtral": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),
     "qwen3_moe": dict(_COMMON, head_dim=12, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       decoder_sparse_step=2, mlp_only_layers=[0]),
+    "gemma": dict(_COMMON, head_dim=12),
+    "olmo2": dict(_COMMON),
+    "granite": dict(_COMMON, residual_multiplier=0.5, embedding_multiplier=2.0, attention_multiplier=0.2, logits_scaling=2.0),
+    "phi": dict(_COMMON, partial_rotary_factor=0.5),
+    "starcoder2": dict(_COMMON, sliding_window=16),
+    "cohere": dict(_COMMON),
+    "qwen2_moe": dict(_COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=32, decoder_sparse_step=2, mlp_only_layers=[0]),
+    "smollm3": dict(_COMMON, no_rope_layer_interval=3),
+    "deepseek_v3": dict(_COMMON, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=2,
+                        n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                        v_head_dim=12),
+    "gpt_oss": dict(_COMMON, head_dim=12, num_local_experts=4, num_experts_per_tok=2, sliding_window=16),
 }
 ARCHS = list(ARCH_CONFIGS)
 #: architectures whose tokenizer puts BOS before every text (like the real ones)
-BOS_ARCHS = {"gemma2", "gemma3_text", "llama"}
+BOS_ARCHS = {"gemma", "gemma2", "gemma3_text", "llama"}
 
 
 def wiki_text(n_chars: int | None = None) -> str:

@@ -58,7 +58,7 @@ def states(model, windows, block_before: int, last: int):
 #: Mixtral and Qwen3-MoE: T folds into every expert's stacked down projection (in the fixture's Qwen3-MoE
 #: every other block is a mixture; block 3, before the run 4-6, is one)
 @pytest.mark.parametrize("arch,run", [("llama", RUN), ("gpt2", RUN), ("gpt_neox", RUN), ("phi3", RUN),
-                                      ("mixtral", RUN), ("qwen3_moe", [4, 5, 6])])
+                                      ("mixtral", RUN), ("qwen3_moe", [4, 5, 6]), ("cohere", RUN), ("phi", RUN)])
 def test_fit_equals_least_squares_and_folds_into_the_projection(arch, run, tokenizers_by_bos):
     """Plain (``uniform``, the default), first tokens left out (``skip_first``) and weighted (``rms``)
     least squares, each against a direct solve; ``auto`` fits the same three in one pass."""
@@ -371,11 +371,21 @@ def test_bridge_refusals(tokenizers_by_bos, tmp_path):
         heal_config("bridge", C4_DATA, bridge="none")
     # the method's defaults: the down bridge, checked by the KL to the original
     assert (heal_config("bridge", C4_DATA).bridge, heal_config("bridge", C4_DATA).objective) == ("down", "distill")
-    for arch in ("gemma2", "gemma3_text"):  # a norm after the MLP
+    for arch in ("gemma2", "gemma3_text", "olmo2", "granite"):  # a norm after the MLP; Granite's scaled residual
         with pytest.raises(PruneError, match="has no MLP output projection"):
             check_bridge(build_model(arch))
     with pytest.raises(PruneError, match="bridge down: block 0 of MixtralForCausalLM is a mixture of experts"):
         check_bridge(build_model("mixtral"), kind="down")
+    # before the cuts are known, a stack of dense and MoE blocks is not refused (every block was checked: Qwen2-MoE
+    # and DeepSeek-V3 were refused, naming a block at no cut); an all-MoE or all-norm-after stack still is
+    from prune.heal.methods import check_settings
+
+    for arch in ("qwen2_moe", "deepseek_v3"):
+        check_settings(heal_config("lora", C4_DATA, bridge="down"), build_model(arch), N_LAYERS - 2)
+    with pytest.raises(PruneError, match="bridge down: block 0 of MixtralForCausalLM is a mixture of experts"):
+        check_settings(heal_config("lora", C4_DATA, bridge="down"), build_model("mixtral"), N_LAYERS - 2)
+    with pytest.raises(PruneError, match="block 0 of GraniteForCausalLM has no MLP output projection"):
+        check_settings(heal_config("lora", C4_DATA, bridge="linear"), build_model("granite"), N_LAYERS - 2)
     qwen3_moe = build_model("qwen3_moe")  # blocks 0, 2, 4, 6 are dense MLPs; 1, 3, 5, 7 mixtures
     assert fit_bridges(qwen3_moe, [3, 4], torch.ones(1, 8, dtype=torch.long), kind="down").bridges[0].block == 2
     with pytest.raises(PruneError, match="bridge down: block 3 .* mixture"):  # only the blocks before a cut count

@@ -142,9 +142,10 @@ def output_projection(mlp: nn.Module) -> nn.Module | None:
 def fold_targets(block: nn.Module) -> list[nn.Module | nn.Parameter] | None:
     """What ``T`` folds into for ``block``: its MLP's output projection, or every expert's stacked
     down projection (``[experts, hidden, intermediate]``); None where the MLP's output does not reach
-    the residual stream as a sum of those (a norm after the MLP, shared experts, other layouts)."""
+    the residual stream as a sum of those (a norm after the MLP: Gemma2/3, OLMo-2; a scaled residual:
+    Granite's ``residual_multiplier``; shared experts, other layouts)."""
     mlp = getattr(block, "mlp", None)
-    if mlp is None or hasattr(block, "post_feedforward_layernorm"):
+    if mlp is None or hasattr(block, "post_feedforward_layernorm") or getattr(block, "residual_multiplier", 1.0) != 1.0:
         return None
     experts = getattr(mlp, "experts", None)
     if experts is None:
@@ -167,10 +168,25 @@ def check_bridge(model: nn.Module, blocks: list[int] | None = None, kind: str = 
         if targets is None:
             raise PruneError(f"heal.bridge {kind}: block {i} of {type(model).__name__} has no MLP output projection "
                              f"({', '.join(OUTPUT_PROJECTIONS)}, or experts' stacked down_proj) adding straight to the "
-                             "residual stream (a norm after the MLP, or shared experts): set heal.bridge: none")
+                             "residual stream (a norm after the MLP, a scaled residual, shared experts, or experts "
+                             "with output biases): set heal.bridge: none")
         if kind == "down" and isinstance(targets[0], nn.Parameter):
             raise PruneError(f"heal.bridge down: block {i} of {type(model).__name__} is a mixture of experts (its "
                              "experts are routed per token, no single projection to refit): use heal.bridge: linear")
+
+
+def check_bridge_anywhere(model: nn.Module, kind: str = "linear") -> None:
+    """Before the cuts are known: refuse only a model none of whose blocks can hold a bridge. Which block comes
+    before a cut is checked once they are (:func:`fit_bridges`): a stack of dense and mixture-of-experts blocks
+    (Qwen2-MoE, DeepSeek-V3) holds one after a dense block."""
+    first = None
+    for i in range(len(decoder_layers(model))):
+        try:
+            return check_bridge(model, [i], kind)
+        except PruneError as exc:
+            first = first or exc
+    if first is not None:
+        raise first
 
 
 def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, batch_size: int = 8,

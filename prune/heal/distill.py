@@ -287,9 +287,9 @@ def topk_logprobs_sequential(folder: str | os.PathLike, windows: torch.Tensor, k
     device = torch.device(device)
     sk = Skeleton(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     config = sk.model.config.get_text_config()
-    if getattr(config, "final_logit_softcapping", None) or final_norm(sk.model) is None:
-        raise PruneError(f"{folder}: {config.model_type} changes the logits after its final norm and LM head (or has "
-                         "no final norm): compute its top-k in memory (teacher: memory, or load it whole)")
+    if final_norm(sk.model) is None:
+        raise PruneError(f"{folder}: {config.model_type} has no final norm after its blocks: compute its top-k in memory "
+                         "(teacher: memory, or load it whole)")
     values, indices = [], []
     passes = range(0, windows.shape[0], windows_per_pass)
     bar = tqdm(total=len(passes) * (len(sk.layers) + 2), desc="teacher top-k (sequential)", unit="step", disable=not progress)
@@ -318,11 +318,8 @@ def topk_logprobs_sequential(folder: str | os.PathLike, windows: torch.Tensor, k
             untied = sk.head is not None and bool(sk.head_keys)
             if untied:
                 sk._load(sk.head_keys, sk._params(sk.head), "LM head")  # noqa: SLF001 - the skeleton's own loader
-            norm, head = final_norm(sk.model), sk.model.get_output_embeddings()
-            weight = head.weight if untied else sk.model.get_input_embeddings().weight  # tied: the embeddings
-            bias = getattr(head, "bias", None) if untied else None
-            for hidden in acts:
-                logits = F.linear(norm(hidden.to(device)), weight, bias)
+            for (_, batch), hidden in zip(parts, acts):
+                logits = tail_logits(sk.model, batch.to(device), hidden.to(device), tied=not untied)
                 v, i = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
                 values.append(v.cpu())
                 indices.append(i.to(torch.int32).cpu())
@@ -332,6 +329,30 @@ def topk_logprobs_sequential(folder: str | os.PathLike, windows: torch.Tensor, k
             bar.update(1)
     bar.close()
     return torch.cat(values), torch.cat(indices)
+
+
+def tail_logits(model: nn.Module, input_ids: torch.Tensor, hidden: torch.Tensor, tied: bool = False) -> torch.Tensor:
+    """The logits ``model`` computes from ``hidden``, the state leaving its last block: its own forward with no
+    block and its final norm fed ``hidden``, so whatever follows the stack applies as in the model (a final
+    softcap, Granite's ``logits_scaling``, Cohere's ``logit_scale``; a plain norm-and-head product left them
+    out). ``tied``: the head reads the input embeddings (a skeleton's head may hold no weights of its own)."""
+    from prune.model.loading import decoder_layers_path, final_norm
+
+    path = decoder_layers_path(model)
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    layers, head = getattr(parent, name), model.get_output_embeddings()
+    own = head.weight
+    handle = final_norm(model).register_forward_pre_hook(lambda module, args: (hidden, *args[1:]))
+    setattr(parent, name, nn.ModuleList())
+    if tied:
+        head.weight = model.get_input_embeddings().weight
+    try:
+        return model(input_ids=input_ids, use_cache=False).logits
+    finally:
+        handle.remove()
+        setattr(parent, name, layers)
+        head.weight = own
 
 
 def weights_fingerprint(model: nn.Module, sample: int = 4096) -> str:

@@ -169,10 +169,10 @@ def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: in
         width = logit_width(model)
         if cfg.top_k > width:
             raise PruneError(f"heal.top_k={cfg.top_k} is larger than the vocabulary ({width} tokens); lower it")
-    if cfg.bridge != "none":
-        from prune.heal.bridge import check_bridge
+    if cfg.bridge != "none":  # the blocks before the cuts are checked when the cuts are known
+        from prune.heal.bridge import check_bridge_anywhere
 
-        check_bridge(model, kind=cfg.bridge)
+        check_bridge_anywhere(model, kind=cfg.bridge)
     if cfg.method == "lora":
         try:
             import peft  # noqa: F401

@@ -54,6 +54,20 @@ HEADLINE = {"hellaswag": "acc_norm", "openbookqa": "acc_norm", "arc_challenge": 
             "piqa": "acc", "winogrande": "acc", "boolq": "acc", "copa": "acc"}
 
 
+def git_commit_quietly() -> str | None:
+    """lm-eval's ``get_git_commit_hash`` (the results' ``git_hash``: ``git describe --always`` in the working
+    folder, else the commit a ``.git`` folder above names) without git's "fatal: not a git repository" on the
+    terminal when the folder is not in a checkout."""
+    import subprocess
+
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()  # noqa: S607
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return get_commit_from_path(os.getcwd())
+
+
 def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
     """The offline data folder: ``explicit``, else ``$PRUNE_DATA_DIR``, else None."""
     value = explicit or os.environ.get("PRUNE_DATA_DIR")
@@ -427,6 +441,9 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
             lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
             lm = spread_over_ranks(lm)  # under a launcher: a share of the examples per rank (prune.measure.lmeval_dist)
         tracker = EvaluationTracker()
+        import lm_eval.evaluator
+
+        git_hash, lm_eval.evaluator.get_git_commit_hash = lm_eval.evaluator.get_git_commit_hash, git_commit_quietly
         try:
             out = lm_eval.simple_evaluate(
                 model=lm, model_args=model_args if isinstance(model, str) else None, tasks=names, task_manager=manager,
@@ -441,6 +458,8 @@ def run_lm_eval(model, tokenizer, tasks: list[str], *, limit: int | float | None
                 raise
             raise PruneError(f"--model-args {model_args!r}: lm-eval's {model} backend refused it "
                              f"({first_line(exc)}); give the keys it takes (e.g. dtype=bfloat16,max_length=2048)") from None
+        finally:
+            lm_eval.evaluator.get_git_commit_hash = git_hash
         if not isinstance(model, str):  # an in-memory model spread by us: every rank gets the results
             out = results_on_every_rank(out)
     finally:

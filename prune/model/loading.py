@@ -38,6 +38,16 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "gpt_neox": "GPT-NeoX",
     "mixtral": "Mixtral (MoE)",
     "qwen3_moe": "Qwen3-MoE",
+    "gemma": "Gemma",
+    "olmo2": "OLMo-2",
+    "granite": "Granite",
+    "phi": "Phi (1.5, 2)",
+    "starcoder2": "StarCoder2",
+    "cohere": "Cohere (Command-R)",
+    "qwen2_moe": "Qwen2-MoE",
+    "smollm3": "SmolLM3",
+    "deepseek_v3": "DeepSeek-V3",
+    "gpt_oss": "gpt-oss",
 }
 
 #: transformers' ``use_kernels`` for every load (its default since 5: on a GPU, layers swapped for
@@ -344,8 +354,15 @@ def _qwen3_moe_layout(config, kept: list[int]) -> dict[str, Any]:
     return {"decoder_sparse_step": 1, "mlp_only_layers": [new for new, old in enumerate(kept) if dense(old)]}
 
 
-#: model_type -> function(config, kept) -> extra config updates, for position-dependent layouts.
-LAYOUT_REWRITES = {"qwen3_moe": _qwen3_moe_layout}
+def _dense_prefix_layout(config, kept: list[int]) -> dict[str, Any]:
+    """DeepSeek-V3 builds a dense MLP for the blocks below ``first_k_dense_replace`` and MoE above: the kept
+    dense blocks stay a prefix of the kept ones, so the threshold becomes their count."""
+    return {"first_k_dense_replace": sum(1 for i in kept if i < config.first_k_dense_replace)}
+
+
+#: model_type -> function(config, kept) -> extra config updates, for position-dependent layouts
+#: (Qwen2-MoE decides dense vs sparse as Qwen3-MoE does).
+LAYOUT_REWRITES = {"qwen3_moe": _qwen3_moe_layout, "qwen2_moe": _qwen3_moe_layout, "deepseek_v3": _dense_prefix_layout}
 
 
 #: config keys of a sliding-window period that ``layer_types`` supersedes (transformers reads them only without it)
