@@ -538,7 +538,7 @@ def report(ks, tasks, lm_k: int) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'-' if not r else f'{100 * r[0]:.1f}% ± {100 * r[1]:.1f}'} |")
     rnd = [avg[n] for n in avg if n.startswith("random")]
     if len(rnd) == 3:
-        lines.append(f"| random (mean of 3 seeds) |" + " |" * len(tasks) + f" {100 * mean([r[0] for r in rnd]):.1f}% "
+        lines.append("| random (mean of 3 seeds) |" + " |" * len(tasks) + f" {100 * mean([r[0] for r in rnd]):.1f}% "
                      f"(seeds: {', '.join(f'{100 * r[0]:.1f}' for r in rnd)}) |")
         avg = {"random (mean of 3 seeds)": (mean([r[0] for r in rnd]), mean([r[1] for r in rnd])),
                **{n: v for n, v in avg.items() if not n.startswith("random")}}

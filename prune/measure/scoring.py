@@ -24,7 +24,6 @@ Windows with non-finite activations are excluded from every statistic and listed
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
