@@ -27,9 +27,10 @@ Cases (each cached as JSON under bench_cache/scale/, so a rerun resumes; --fresh
 * ``processes``  2 processes x 1 thread (``torchrun --standalone --nproc_per_node 2``, gloo) against
                  1 process x 1 thread, side by side: wall time of scoring (64 windows x 256, BI +
                  angular + CKA), perplexity (32 windows x 256), lm-eval (arc_easy, limit 40) and 4
-                 healing steps (LoRA, global batch 4 x 256 tokens) on SmolLM2; each operation is
-                 timed inside the processes between two barriers (loading excluded); the results
-                 must agree (scores within 1e-9, the same perplexity and accuracy).
+                 healing steps (LoRA, global batch 4 x 256 tokens) on SmolLM2, and distillation's
+                 teacher top-64 cache (32 windows x 256); each operation is timed inside the
+                 processes between two barriers (loading excluded); the results must agree (scores
+                 within 1e-9, the same perplexity and accuracy). ``BENCH_DIST_OPS=teacher``: some only.
 * ``outofcore``  a random-weight Llama-shaped model (24 blocks, hidden 2048, 1.26B parameters,
                  fp32) written as 1 GB safetensors shards by this script (deleted afterwards);
                  16 windows x 256 tokens. Child processes: in-memory scoring, sequential scoring,
@@ -296,7 +297,7 @@ def case_profile() -> dict:
     return {"windows": len(windows), "seq_len": 256, "batch_size": 8, "runs": out}
 
 
-DIST_OPS = ("scoring", "perplexity", "lmeval", "healing")
+DIST_OPS = ("scoring", "perplexity", "lmeval", "healing", "teacher")
 
 
 def child_dist(op: str) -> dict:
@@ -326,6 +327,24 @@ def child_dist(op: str) -> dict:
         tok = AutoTokenizer.from_pretrained(smollm2_folder())
         out = evaluate_tasks(model, tok, ["arc_easy"], limit=4 if SMOKE else 40, batch_size=8, data_dir_path=str(DATA),
                              progress=False)
+    elif op == "teacher":  # distillation's top-k cache of the teacher: each rank its share of the windows, then gathered
+        import shutil
+        import tempfile
+
+        from transformers import AutoTokenizer
+
+        from prune.heal.distill import build_cache
+
+        tok = AutoTokenizer.from_pretrained(smollm2_folder())
+        folder = Path(tempfile.mkdtemp(prefix="bench-teacher-"))
+        try:
+            cache = build_cache(model, tok, windows[: max(2, n // 2)], None, 64, folder / "teacher.safetensors", "SmolLM2",
+                                quiet=True)
+        finally:
+            dist.barrier()
+            shutil.rmtree(folder, ignore_errors=True)
+        out = {"logprobs": float(cache.tensors["logprobs"].double().sum()),
+               "indices": float(cache.tensors["indices"].double().sum())}
     else:  # healing: LoRA, 4 steps of a global batch of 4 windows
         from peft import LoraConfig, get_peft_model
         from torch.utils.data import TensorDataset
@@ -351,7 +370,7 @@ def case_processes() -> dict:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     smollm2_folder()
     runs = {}
-    for op in DIST_OPS:
+    for op in [o for o in os.environ.get("BENCH_DIST_OPS", ",".join(DIST_OPS)).split(",") if o]:  # e.g. teacher
         one = child("dist", op)
         cmd = [torchrun, "--standalone", "--nproc_per_node", "2", __file__, "--child", "dist", op]
         proc = subprocess.run(cmd, capture_output=True, text=True,
@@ -690,7 +709,8 @@ def processes_table(results: dict) -> str:
     lines = ["| operation (SmolLM2-135M, fp32) | 1 process x 1 thread | 2 processes x 1 thread | speed-up | "
              "largest relative difference of the results |", "|---|---:|---:|---:|---:|"]
     what = {"scoring": "scoring, BI + angular + CKA (64 x 256 tokens)", "perplexity": "perplexity (32 x 256 tokens)",
-            "lmeval": "lm-eval arc_easy (40 examples)", "healing": "LoRA healing, 4 steps of 4 x 256 tokens"}
+            "lmeval": "lm-eval arc_easy (40 examples)", "healing": "LoRA healing, 4 steps of 4 x 256 tokens",
+            "teacher": "distillation's teacher top-64 cache (32 x 256 tokens)"}
     for op, r in runs.items():
         lines.append(f"| {what.get(op, op)} | {r['one']['seconds']:.1f} s | {r['two']['seconds']:.1f} s | "
                      f"{r['one']['seconds'] / r['two']['seconds']:.2f}x | {gap(r['one']['result'], r['two']['result']):.1e} |")
