@@ -760,14 +760,18 @@ def cmd_compare(args) -> int:
                       "file of each task): the comparison mixes them", file=sys.stderr)
         print(paired_markdown(rows, *names))
     if len({r.task for r in rows}) > 1:
-        print("\n" + average_line(rows, *names))
+        from prune.measure.paired import some, without_headline
+
+        print("\n" + (average_line(rows, *names) or f"No average over tasks: no task has a metric scored 0 to 1 per "
+                                                      f"example ({some(without_headline(rows))})"))
     if rows and len(bs) > 1:
         from prune.measure.paired import seed_differences
 
-        each = ", ".join(f"{100 * d:+.2f}" for d in seed_differences(args.a, bs, iters=min(args.iters, 200)))
-        print(f"\nEach B alone, on the same examples (task average, B - A, points): {each}. The interval of the mean "
-              f"counts the sampling of the questions for these {len(bs)} B; the spread between them (another seed's "
-              "training) is not in it.")
+        each = seed_differences(args.a, bs, iters=min(args.iters, 200))
+        if not any(math.isnan(d) for d in each):
+            print(f"\nEach B alone, on the same examples (task average, B - A, points): "
+                  f"{', '.join(f'{100 * d:+.2f}' for d in each)}. The interval of the mean counts the sampling of the "
+                  f"questions for these {len(bs)} B; the spread between them (another seed's training) is not in it.")
     if fid_rows:
         print(("\n" if rows else "") + f"Fidelity to the original, paired over the {fid_rows[0].n} windows both were measured "
               "on (KL per token and log perplexity ratio, each window's mean):\n\n" + fidelity_markdown(fid_rows, *names))

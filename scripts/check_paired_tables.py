@@ -66,6 +66,8 @@ def check_row(where: str, a, b, printed: dict, problems: list, widest: list) -> 
         problems.append(f"{where}: McNemar p {s.mcnemar_p:.3g}, printed {printed['p']}")
     low, high = printed["ci"]
     widest.append((max(abs(s.ci_low - low), abs(s.ci_high - high)), where))
+    if printed.get("marked") and (low > 0 or high < 0) == (s.mcnemar_p < 0.05):
+        problems.append(f"{where}: marked {DISAGREES}, but its interval and McNemar p = {s.mcnemar_p:.3g} agree")
     if (low > 0 or high < 0) != (s.mcnemar_p < 0.05) and not printed.get("marked"):  # marked: the table says so
         problems.append(f"{where}: printed interval [{low:+.4f}, {high:+.4f}] and McNemar p = {s.mcnemar_p:.3g} "
                         f"disagree (today's interval: [{s.ci_low:+.4f}, {s.ci_high:+.4f}])")

@@ -78,13 +78,19 @@ def teacher_cache(model, tok, folder: str, windows, out: Path) -> dict:
     from prune.heal import distill
 
     res = {}
+    computed, topk = [], distill.topk_logprobs  # the windows this process computed: its share, not all of them
+    distill.topk_logprobs = lambda m, w, k, **kw: computed.append(len(w)) or topk(m, w, k, **kw)
     for name, teacher in (("memory", model), ("sequential", folder)):
         path = out / f"teacher-{name}.safetensors"
-        held = distill.build_cache(teacher, tok, windows, windows[:2], 8, path, "tiny", quiet=True, like=model)
+        try:
+            held = distill.build_cache(teacher, tok, windows, windows[:2], 8, path, "tiny", quiet=True, like=model)
+        finally:
+            distill.topk_logprobs = topk  # counted for the loaded teacher only (the sequential one reads the folder)
         dist.barrier()
         back = distill.TopkCache.load(path)
         res[name] = [dist.digest({k: t.double().sum().item() for k, t in c.tensors.items()}) for c in (held, back)]
         res[name].append(dist.digest({k: t.flatten()[:64].tolist() for k, t in back.tensors.items()}))
+    res["computed"] = computed
     return res
 
 

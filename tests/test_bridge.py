@@ -455,6 +455,17 @@ def test_prune_heal_with_a_bridge_equals_the_recipe_and_refuses_a_healed_run(tmp
         heal_run(run_dir, tmp_path / "again", method="lora", data=C4_DATA["path"], field=C4_DATA["field"],
                  overrides=["bridge=down", "merge=false"], source=str(tmp_path / "tiny"), quiet=True)
     assert not (tmp_path / "again").exists()
+    # a run whose cut follows a mixture-of-experts block: the down bridge is refused before anything loads, naming
+    # the block by its number in the original (it was refused after the teacher cache was built, or not at all)
+    from conftest import prune_main
+
+    build_model("qwen2_moe").save_pretrained(tmp_path / "moe")  # blocks 1, 3, 5, 7 are mixtures
+    moe_run = tmp_path / "moe-run"
+    prune_main("remove", tmp_path / "moe", "--blocks", "4-5", "-o", moe_run, "-q", check_rc=0)
+    with pytest.raises(PruneError, match="heal.bridge down: block 3 of Qwen2MoeForCausalLM has no MLP output projection"):
+        heal_run(moe_run, tmp_path / "again", method="lora", data=C4_DATA["path"], field=C4_DATA["field"],
+                 overrides=["bridge=down"], source=str(tmp_path / "moe"), quiet=True)
+    assert not (tmp_path / "again").exists()
 
 
 @pytest.mark.parametrize("setting", [None, "lm", "cache"])

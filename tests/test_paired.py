@@ -277,6 +277,13 @@ def test_average_is_over_proportions_only():
     assert avg.tasks == ["arc_easy", "truthfulqa_gen"] and avg.diff == pytest.approx(0.0)
     assert average_line(rows).endswith("; left out: loglik_only (no metric scored 0 to 1 per example, so none in "
                                        "accuracy points)")
+    # chosen by name before by the data: BLEU scores that happen to lie below 1 do not make bleu_max the headline
+    small = [records(0), records(1)]
+    for r in small[0]["truthfulqa_gen"] + small[1]["truthfulqa_gen"]:
+        r["bleu_max"] /= 100
+    rows = compare_samples(*small, iters=200)
+    assert next(r for r in rows if r.metric == "bleu_max").proportion
+    assert ("truthfulqa_gen", "bleu_acc") in [(r.task, r.metric) for r in headline_rows(rows)]
 
 
 def test_what_the_rows_and_the_average_say_agrees_with_their_numbers(capsys):

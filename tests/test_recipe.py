@@ -119,6 +119,17 @@ def test_overrides_and_env(tmp_path, tiny_folder, monkeypatch):
     assert error_of(tmp_path, missing).endswith(
         "GGUF file not found: " + str(tmp_path / "absent.gguf") + " (check the path); that is ${MY_GGUF}'s default, "
         "as MY_GGUF is unset or empty (export MY_GGUF=...)")
+    # the variable whose default the path is, not one whose default is a part of it (or of the recipe's name)
+    missing["model"] = {"source": "${MY_DIR:-" + str(tmp_path) + "}/absent.gguf"}
+    missing["evaluate"] = {"perplexity": {"path": "${MY_PPL:-" + str(tmp_path / "absent.txt") + "}"}}
+    missing["select"] = dict(missing["select"], n_layers="${MY_K:-2}")
+    assert error_of(tmp_path, missing).endswith("that is ${MY_DIR}'s default, as MY_DIR is unset or empty "
+                                                "(export MY_DIR=...)")
+    missing["model"] = data["model"]
+    missing["calibration"] = dict(data["calibration"], path=str(WIKI_RAW))
+    assert "'evaluate.perplexity.path' file not found" in error_of(tmp_path, missing)
+    assert error_of(tmp_path, missing).endswith("that is ${MY_PPL}'s default, as MY_PPL is unset or empty "
+                                                "(export MY_PPL=...)")
     assert "is not key=value" in error_of(tmp_path, tiny_recipe(tiny_folder, tmp_path / "o"), ["select.n_layers"])
     assert "'select.n_layers'" in error_of(tmp_path, tiny_recipe(tiny_folder, tmp_path / "o"), ["select.n_layers=many"])
     # a --set value uses ${VAR} as the file's values do (prune heal's --set did; prune run's wrote a folder named

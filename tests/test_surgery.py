@@ -91,6 +91,13 @@ def test_gemma3_sliding_pattern_describes_the_kept_blocks(tmp_path, tokenizers_b
     assert saved["layer_types"] == model.config.layer_types and saved.get("sliding_window_pattern") is None
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
     assert [b.self_attn.layer_type for b in decoder_layers(again)] == model.config.layer_types
+    # SmolLM3's RoPE-less layer every 3rd: its interval is the kept list's period; typed int, it stays when none fits
+    model = build_model("smollm3")  # no_rope_layers 1 1 0 1 1 0 1 1
+    prune.remove_layers(model, [2, 5])  # every RoPE-less layer removed: no layer's (i + 1) % 7 is 0
+    assert (model.config.no_rope_layers, model.config.no_rope_layer_interval) == ([1] * 6, 7)
+    model = build_model("smollm3")
+    prune.remove_layers(model, [1])
+    assert model.config.no_rope_layers == [1, 0, 1, 1, 0, 1, 1] and model.config.no_rope_layer_interval == 3
 
 
 def test_rebuild_check_compares_layer_types_not_only_numbers():

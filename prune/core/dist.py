@@ -113,15 +113,31 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return buf.to(t.device)
 
 
+_OBJECT_GROUP: list = []  # the gloo group of object gathers under NCCL, made once by every rank
+
+
+def _object_group():
+    """The group :func:`all_gather` pickles objects over: the default one under gloo; under NCCL a gloo group of
+    every rank, made on first use (NCCL's object gather moves every rank's pickle to each GPU: a teacher cache of
+    gigabytes would pass through GPU memory beside the model)."""
+    import torch.distributed as dist
+
+    if "nccl" not in str(dist.get_backend()):
+        return None
+    if not _OBJECT_GROUP:
+        _OBJECT_GROUP.append(dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s())))
+    return _OBJECT_GROUP[0]
+
+
 def all_gather(obj: T) -> list[T]:
-    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in one process)."""
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in one process), gathered on the CPU."""
     w = world()
     if not w.distributed:
         return [obj]
     import torch.distributed as dist
 
     out: list[Any] = [None] * w.size
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_object_group())
     return out
 
 

@@ -160,11 +160,14 @@ def fold_targets(block: nn.Module) -> list[nn.Module | nn.Parameter] | None:
     return [down]
 
 
-def check_bridge(model: nn.Module, blocks: list[int] | None = None, kind: str = "linear") -> None:
-    """One-line refusal when a block (``blocks``, default every one) has nowhere to fold a bridge."""
+def check_bridge(model: nn.Module, blocks: list[int] | None = None, kind: str = "linear",
+                 names: list[int] | None = None) -> None:
+    """One-line refusal when a block (``blocks``, default every one) has nowhere to fold a bridge; ``names``:
+    each block's number as the message gives it (a pruned model's blocks by their original numbers)."""
     layers = decoder_layers(model)
     for i in range(len(layers)) if blocks is None else blocks:
         targets = fold_targets(layers[i])
+        i = i if names is None else names[i]
         if targets is None:
             raise PruneError(f"heal.bridge {kind}: block {i} of {type(model).__name__} has no MLP output projection "
                              f"({', '.join(OUTPUT_PROJECTIONS)}, or experts' stacked down_proj) adding straight to the "

@@ -404,11 +404,17 @@ class TaskAverage:
     retained_tasks: int = 0  # how many tasks that mean is over
 
 
+#: lm-eval metrics that are a share of examples right (0/1 per example, or a share): a task's headline is one
+#: of these, in this order, before any other metric whose scores happen to lie between 0 and 1
+ACCURACY_METRICS = ("acc", "acc_norm", "exact_match", "em", "mc1", "mc2", "bleu_acc", "rouge1_acc", "rougeL_acc", "f1")
+
+
 def headline_rows(rows: list[Paired]) -> list[Paired]:
     """One row per task: its headline metric (``HEADLINE``: acc_norm for hellaswag, arc_challenge and
-    openbookqa, else acc), else its first metric whose per-example scores are proportions (0 to 1: an
-    average in accuracy points); a task with neither has no headline (a BLEU of 0-100 averaged with
-    accuracies, or a log-likelihood, would be read as points): see :func:`without_headline`."""
+    openbookqa, else acc), else its first accuracy by name (:data:`ACCURACY_METRICS`, of any answer filter),
+    else its first metric whose per-example scores are proportions (0 to 1: an average in accuracy points);
+    a task with none has no headline (a BLEU of 0-100 averaged with accuracies, or a log-likelihood, would
+    be read as points): see :func:`without_headline`."""
     from prune.measure.lmeval import HEADLINE, canonical_name
 
     by_task: dict[str, list[Paired]] = {}
@@ -417,7 +423,10 @@ def headline_rows(rows: list[Paired]) -> list[Paired]:
     out = []
     for task, found in by_task.items():
         want = HEADLINE.get(canonical_name(task), "acc")
-        head = next((r for r in found if r.metric == want), None) or next((r for r in found if r.proportion), None)
+        named = [r for r in found if r.metric.split(",")[0] in ACCURACY_METRICS and r.proportion is not False]
+        head = (next((r for r in found if r.metric == want), None)
+                or min(named, key=lambda r: ACCURACY_METRICS.index(r.metric.split(",")[0]), default=None)
+                or next((r for r in found if r.proportion), None))
         if head is not None:
             out.append(head)
     return out

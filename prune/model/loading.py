@@ -365,16 +365,24 @@ def _dense_prefix_layout(config, kept: list[int]) -> dict[str, Any]:
 LAYOUT_REWRITES = {"qwen3_moe": _qwen3_moe_layout, "qwen2_moe": _qwen3_moe_layout, "deepseek_v3": _dense_prefix_layout}
 
 
-#: config keys of a sliding-window period that ``layer_types`` supersedes (transformers reads them only without it)
-PATTERN_KEYS = ("sliding_window_pattern", "_sliding_window_pattern")
+#: per-layer list -> (the config keys of a period it supersedes, the value every p-th layer has): transformers
+#: reads a period only without the list (Gemma3's sliding window every p-th layer full, SmolLM3's RoPE left out)
+PERIODS = {"layer_types": (("sliding_window_pattern", "_sliding_window_pattern"), "full_attention"),
+           "no_rope_layers": (("no_rope_layer_interval",), 0)}
 
 
-def sliding_pattern(layer_types: list[str]) -> int | None:
-    """The period ``p`` for which layer ``i`` is ``full_attention`` exactly when ``(i + 1) % p == 0`` (Gemma3's
-    ``sliding_window_pattern``), or None when no period gives ``layer_types``: a pruned stack seldom keeps one,
-    and a stale period would describe another model to whatever reads it."""
-    for p in range(1, len(layer_types) + 2):
-        if all((t == "full_attention") == ((i + 1) % p == 0) for i, t in enumerate(layer_types)):
+def _may_be_none(config, key: str) -> bool:
+    """Whether ``config.key`` may be set to None (a strict dataclass field typed ``int`` may not)."""
+    field = getattr(type(config), "__dataclass_fields__", {}).get(key)
+    return field is None or "None" in str(field.type) or "Optional" in str(field.type)
+
+
+def period_of(values: list, every: Any) -> int | None:
+    """The period ``p`` for which ``values[i] == every`` exactly when ``(i + 1) % p == 0`` (Gemma3's
+    ``sliding_window_pattern`` of ``layer_types``), or None when no period gives ``values``: a pruned stack
+    seldom keeps one, and a stale period would describe another model to whatever reads it."""
+    for p in range(1, len(values) + 2):
+        if all((v == every) == ((i + 1) % p == 0) for i, v in enumerate(values)):
             return p
     return None
 
@@ -386,8 +394,8 @@ def pruned_config_updates(config, kept: list[int]) -> dict[str, Any]:
     * every per-layer list (a list attribute whose name mentions "layer" and whose length is
       the old layer count: ``layer_types``, ``mlp_layer_types``, ...) is sliced to ``kept``;
     * index lists (``mlp_only_layers``) are remapped to new positions; ``max_window_layers``
-      counts the kept blocks below the old threshold; a sliding-window period (Gemma3) becomes the kept
-      ``layer_types``' own period, or None (:func:`sliding_pattern`);
+      counts the kept blocks below the old threshold; a period a per-layer list supersedes (Gemma3's sliding
+      window, SmolLM3's RoPE-less layers) becomes the kept list's own period, or None (:func:`period_of`);
     * architecture-specific layouts (:data:`LAYOUT_REWRITES`).
     """
     old_n = config.num_hidden_layers
@@ -401,10 +409,12 @@ def pruned_config_updates(config, kept: list[int]) -> dict[str, Any]:
     mwl = getattr(config, "max_window_layers", None)
     if isinstance(mwl, int):
         updates["max_window_layers"] = sum(1 for i in kept if i < mwl)
-    if "layer_types" in updates:
-        for key in PATTERN_KEYS:  # Gemma3: layer i slides unless (i + 1) % pattern == 0, when layer_types is absent
+    for listed, (keys, every) in PERIODS.items():
+        for key in keys if listed in updates else ():
             if isinstance(getattr(config, key, None), int):
-                updates[key] = sliding_pattern(updates["layer_types"])
+                period = period_of(updates[listed], every)
+                if period is not None or _may_be_none(config, key):  # a field typed int keeps its stale period:
+                    updates[key] = period                             # transformers reads the list
     rewrite = LAYOUT_REWRITES.get(config.model_type)
     if rewrite is not None:
         updates.update(rewrite(config, kept))

@@ -400,7 +400,15 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
 
     run_config = preflight_model(ModelSource("folder", str(run)), trust)
     n_after = run_config.num_hidden_layers + (1 if cfg.method == "replace" else 0)
-    check_settings(cfg, meta_model(run_config, trust_remote_code=trust), n_after, context_length(run_config))
+    from prune.model.loading import decoder_layers
+
+    meta = meta_model(run_config, trust_remote_code=trust)
+    check_settings(cfg, meta, n_after, context_length(run_config))
+    if cfg.bridge != "none" and pruning.kept and len(pruning.kept) == len(decoder_layers(meta)):  # the cuts are known
+        from prune.heal.bridge import check_bridge, runs_of
+
+        before = [r[0] - 1 for r in runs_of(pruning.removed) if r[0] > 0 and r[0] - 1 in pruning.kept]
+        check_bridge(meta, [pruning.kept.index(b) for b in before], cfg.bridge, names=pruning.kept)
     if cfg.objective == "distill":
         from prune.heal.distill import REPLACE_IN_A_RECIPE, preflight_cache
 

@@ -60,11 +60,12 @@ INPUT_RECIPE_VARIABLES = ("PRUNE_DATA_DIR",)
 
 
 def expand_env(value: Any, only: tuple[str, ...] | None = None, where: str = "recipe",
-               defaults: dict[str, str] | None = None) -> Any:
+               defaults: dict[str, str] | None = None, key: str = "") -> Any:
     """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a nested structure, as a shell does:
     the default stands in for a variable that is unset or empty. ``only``: the variables ``where`` may read
     (a recipe of an input folder, which could otherwise copy a secret of the environment into a published file);
-    ``defaults`` collects ``{VAR: default}`` for each default used."""
+    ``defaults`` collects ``{dotted key: VAR}`` for each value that took a variable's default (a list's items
+    under the list's key)."""
     if isinstance(value, str):
         def sub(match):
             name, default = match.group(1), match.group(2)
@@ -73,16 +74,16 @@ def expand_env(value: Any, only: tuple[str, ...] | None = None, where: str = "re
                                  f"{', '.join('${' + v + '}' for v in only)} (write the value into it, or give --config)")
             if default is not None and not os.environ.get(name):
                 if defaults is not None:
-                    defaults[name] = default
+                    defaults.setdefault(key, name)
                 return default
             if name in os.environ:
                 return os.environ[name]
             raise PruneError(f"{where} uses ${{{name}}} but it is not set (export {name}=... or write ${{{name}:-default}})")
         return _ENV.sub(sub, value)
     if isinstance(value, dict):
-        return {k: expand_env(v, only, where, defaults) for k, v in value.items()}
+        return {k: expand_env(v, only, where, defaults, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v, only, where, defaults) for v in value]
+        return [expand_env(v, only, where, defaults, key) for v in value]
     return value
 
 
@@ -163,9 +164,10 @@ def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str
         raise PruneError(format_validation_error(exc, where, Recipe)) from None
     try:
         check_recipe(recipe, where)
-    except PruneError as exc:  # e.g. a missing file that is a variable's default: name the variable to set
-        unset = [name for name, default in defaults.items() if default and default in str(exc)]
-        if unset:
+    except PruneError as exc:  # a missing file or folder named by a variable's default: name the variable to set
+        said = str(exc).removeprefix(f"{where}: ")
+        unset = [name for key, name in defaults.items() if said.startswith((f"'{key}'", f"'{key}' "))]
+        if unset and "not found" in said:
             raise PruneError(f"{exc}; that is ${{{unset[0]}}}'s default, as {unset[0]} is unset or empty "
                              f"(export {unset[0]}=...)") from None
         raise
