@@ -344,10 +344,10 @@ def tail_logits(model: nn.Module, input_ids: torch.Tensor, hidden: torch.Tensor,
     layers, head = getattr(parent, name), model.get_output_embeddings()
     own = head.weight
     handle = final_norm(model).register_forward_pre_hook(lambda module, args: (hidden, *args[1:]))
-    setattr(parent, name, nn.ModuleList())
-    if tied:
-        head.weight = model.get_input_embeddings().weight
     try:
+        setattr(parent, name, nn.ModuleList())
+        if tied:
+            head.weight = model.get_input_embeddings().weight
         return model(input_ids=input_ids, use_cache=False).logits
     finally:
         handle.remove()

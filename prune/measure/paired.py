@@ -433,7 +433,8 @@ def headline_rows(rows: list[Paired]) -> list[Paired]:
 
 
 def without_headline(rows: list[Paired]) -> list[str]:
-    """The tasks of ``rows`` left out of :func:`task_average`: none of their metrics is a proportion."""
+    """The tasks of ``rows`` left out of :func:`task_average`: no headline (:func:`headline_rows`), as none of
+    their metrics is an accuracy or scored 0 to 1 per example."""
     kept = {r.task for r in headline_rows(rows)}
     return sorted({r.task for r in rows} - kept)
 

@@ -166,7 +166,7 @@ def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str
         check_recipe(recipe, where)
     except PruneError as exc:  # a missing file or folder named by a variable's default: name the variable to set
         said = str(exc).removeprefix(f"{where}: ")
-        unset = [name for key, name in defaults.items() if said.startswith((f"'{key}'", f"'{key}' "))]
+        unset = [name for key, name in defaults.items() if said.startswith(f"'{key}'")]
         if unset and "not found" in said:
             raise PruneError(f"{exc}; that is ${{{unset[0]}}}'s default, as {unset[0]} is unset or empty "
                              f"(export {unset[0]}=...)") from None
