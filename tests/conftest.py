@@ -65,6 +65,20 @@ ARCH_CONFIGS: dict[str, dict] = {
                         n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
                         v_head_dim=12),
     "gpt_oss": dict(_COMMON, head_dim=12, num_local_experts=4, num_experts_per_tok=2, sliding_window=16),
+    "olmo3": dict(_COMMON, sliding_window=16),
+    "olmoe": dict(_COMMON, num_experts=4, num_experts_per_tok=2),
+    "granitemoe": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2, residual_multiplier=0.5, embedding_multiplier=3.0,
+                       attention_multiplier=0.2, logits_scaling=4.0),
+    "glm4": dict(_COMMON, head_dim=12),
+    "ernie4_5": dict(_COMMON, head_dim=12),
+    "seed_oss": dict(_COMMON, head_dim=12),
+    "helium": dict(_COMMON, head_dim=12),
+    "arcee": dict(_COMMON),
+    "hunyuan_v1_dense": dict(_COMMON, head_dim=12),
+    "qwen3_next": dict(_COMMON, head_dim=12, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                       linear_key_head_dim=12, linear_value_head_dim=12, full_attention_interval=4,
+                       decoder_sparse_step=2, mlp_only_layers=[0]),  # linear attention in 3 of 4; every 2nd MLP sparse
 }
 ARCHS = list(ARCH_CONFIGS)
 #: architectures whose tokenizer puts BOS before every text (like the real ones)

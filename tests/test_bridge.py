@@ -371,9 +371,20 @@ def test_bridge_refusals(tokenizers_by_bos, tmp_path):
         heal_config("bridge", C4_DATA, bridge="none")
     # the method's defaults: the down bridge, checked by the KL to the original
     assert (heal_config("bridge", C4_DATA).bridge, heal_config("bridge", C4_DATA).objective) == ("down", "distill")
-    for arch in ("gemma2", "gemma3_text", "olmo2", "granite"):  # a norm after the MLP; Granite's scaled residual
+    for arch in ("gemma2", "gemma3_text", "olmo2", "olmo3", "glm4", "granite"):  # a norm after the MLP; a scaled residual
         with pytest.raises(PruneError, match="has no MLP output projection"):
             check_bridge(build_model(arch))
+    # measured, not read from the parts' names: doubling the MLP's output moves the block's output by it, or refused
+    # (GLM-4's post_mlp_layernorm passed the name check: its bridge was fitted and kept, computing something else)
+    from prune.heal.bridge import check_adds_straight
+
+    window = torch.arange(1, 17).view(1, 16)
+    for arch in ("llama", "cohere", "phi", "mixtral", "gpt2"):
+        check_adds_straight(build_model(arch), [2, 3], window)
+    for arch, share in (("glm4", "0.00"), ("granite", "0.50"), ("gemma2", "0.0")):
+        with pytest.raises(PruneError, match=rf"block 2 of .* does not add its MLP's output to the residual stream "
+                                             rf"unchanged \(doubling it moved the block's output by {share}"):
+            check_adds_straight(build_model(arch), [2], window)
     with pytest.raises(PruneError, match="bridge down: block 0 of MixtralForCausalLM is a mixture of experts"):
         check_bridge(build_model("mixtral"), kind="down")
     # before the cuts are known, a stack of dense and MoE blocks is not refused (every block was checked: Qwen2-MoE

@@ -64,6 +64,8 @@ from prune.model.loading import decoder_layers, input_device
 
 #: the MLP's last projection (its output is what the block adds to the residual stream), by architecture
 OUTPUT_PROJECTIONS = ("down_proj", "c_proj", "dense_4h_to_h", "fc2")
+#: a block's norm applied to its MLP's output (Gemma2/3 and OLMo-2/3, GLM-4): a bridge folded before it is undone
+NORMS_AFTER_MLP = ("post_feedforward_layernorm", "post_mlp_layernorm")
 
 
 #: ``heal.bridge: down``: the ridge, relative to the mean diagonal of ``A^T A`` (1e-4 fits held-out
@@ -145,7 +147,7 @@ def fold_targets(block: nn.Module) -> list[nn.Module | nn.Parameter] | None:
     the residual stream as a sum of those (a norm after the MLP: Gemma2/3, OLMo-2; a scaled residual:
     Granite's ``residual_multiplier``; shared experts, other layouts)."""
     mlp = getattr(block, "mlp", None)
-    if mlp is None or hasattr(block, "post_feedforward_layernorm") or getattr(block, "residual_multiplier", 1.0) != 1.0:
+    if mlp is None or any(hasattr(block, n) for n in NORMS_AFTER_MLP) or getattr(block, "residual_multiplier", 1.0) != 1.0:
         return None
     experts = getattr(mlp, "experts", None)
     if experts is None:
@@ -178,6 +180,48 @@ def check_bridge(model: nn.Module, blocks: list[int] | None = None, kind: str = 
                              "experts are routed per token, no single projection to refit): use heal.bridge: linear")
 
 
+def check_adds_straight(model: nn.Module, blocks: list[int], windows: torch.Tensor, kind: str = "linear") -> None:
+    """Refuse a block whose MLP output does not reach the block's output unchanged, measured on one window:
+    doubling the MLP's output must move the block's output by exactly that output. :func:`fold_targets` judges
+    by the block's parts; this catches what their names do not say (a norm after the MLP under another name,
+    a scaled residual), where the folded map would compute something else than the fitted one."""
+    layers = decoder_layers(model)
+    batch, training = windows[:1].to(input_device(model)), model.training
+    model.eval()
+    try:
+        for i in blocks:
+            seen: dict[str, torch.Tensor] = {}
+
+            def keep_mlp(module, args, output):
+                seen["m"] = _hidden_from_output(output).detach().double()
+
+            def double(module, args, output):
+                return (output[0] * 2, *output[1:]) if isinstance(output, tuple) else output * 2
+
+            for name, mlp_hook in (("y", keep_mlp), ("y2", double)):
+                def keep_block(module, args, output, name=name):
+                    seen[name] = _hidden_from_output(output).detach().double()
+                    raise StopForward
+
+                handles = [layers[i].mlp.register_forward_hook(mlp_hook), layers[i].register_forward_hook(keep_block)]
+                try:
+                    with torch.no_grad():
+                        model(input_ids=batch, use_cache=False)
+                except StopForward:
+                    pass
+                finally:
+                    for h in handles:
+                        h.remove()
+            m, moved = seen["m"].flatten(), (seen["y2"] - seen["y"]).flatten()
+            share = float(moved @ m / (m @ m).clamp_min(1e-30))
+            if float((moved - m).norm() / m.norm().clamp_min(1e-30)) > 0.1:
+                raise PruneError(f"heal.bridge {kind}: block {i} of {type(model).__name__} does not add its MLP's output to "
+                                 f"the residual stream unchanged (doubling it moved the block's output by {share:.2f} "
+                                 "of it: a norm after the MLP, or a scaled residual): set heal.bridge: none")
+    finally:
+        model.train(training)
+
+
 def check_bridge_anywhere(model: nn.Module, kind: str = "linear") -> None:
     """Before the cuts are known: refuse only a model none of whose blocks can hold a bridge. Which block comes
     before a cut is checked once they are (:func:`fit_bridges`): a stack of dense and mixture-of-experts blocks
@@ -201,6 +245,7 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
     runs = runs_of(removed)
     cuts = [r for r in runs if r[0] > 0]
     check_bridge(model, [r[0] - 1 for r in cuts], kind)
+    check_adds_straight(model, [r[0] - 1 for r in cuts], windows, kind)
     skipped = [r for r in runs if r[0] == 0]
     if not cuts:
         return Bridges([], skipped, 0, time.time() - started, kind, weight=weight)
@@ -364,6 +409,7 @@ def cascade(original: nn.Module, student: nn.Module, removed: list[int], windows
     runs = runs_of(removed)
     cuts, skipped = [r for r in runs if r[0] > 0], [r for r in runs if r[0] == 0]
     check_bridge(original, [r[0] - 1 for r in cuts], kind)
+    check_adds_straight(original, [r[0] - 1 for r in cuts], windows, kind)
     # every cut's run is known up front (apply_bridge places a bridge by them); the maps are filled in as fitted
     out = Bridges([Bridge(r, r[0] - 1, torch.empty(0), 0.0) for r in cuts], skipped, 0, 0.0, kind, fit="cascade",
                   weight=weight)

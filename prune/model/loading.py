@@ -48,6 +48,16 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "smollm3": "SmolLM3",
     "deepseek_v3": "DeepSeek-V3",
     "gpt_oss": "gpt-oss",
+    "olmo3": "OLMo-3",
+    "olmoe": "OLMoE",
+    "granitemoe": "Granite-MoE",
+    "glm4": "GLM-4",
+    "ernie4_5": "ERNIE-4.5",
+    "seed_oss": "Seed-OSS",
+    "helium": "Helium",
+    "arcee": "Arcee (AFM)",
+    "hunyuan_v1_dense": "Hunyuan (dense)",
+    "qwen3_next": "Qwen3-Next",
 }
 
 #: transformers' ``use_kernels`` for every load (its default since 5: on a GPU, layers swapped for
@@ -361,14 +371,18 @@ def _dense_prefix_layout(config, kept: list[int]) -> dict[str, Any]:
 
 
 #: model_type -> function(config, kept) -> extra config updates, for position-dependent layouts
-#: (Qwen2-MoE decides dense vs sparse as Qwen3-MoE does).
-LAYOUT_REWRITES = {"qwen3_moe": _qwen3_moe_layout, "qwen2_moe": _qwen3_moe_layout, "deepseek_v3": _dense_prefix_layout}
+#: (Qwen2-MoE and Qwen3-Next decide dense vs sparse as Qwen3-MoE does).
+LAYOUT_REWRITES = {"qwen3_moe": _qwen3_moe_layout, "qwen2_moe": _qwen3_moe_layout, "qwen3_next": _qwen3_moe_layout,
+                   "deepseek_v3": _dense_prefix_layout}
 
 
-#: per-layer list -> (the config keys of a period it supersedes, the value every p-th layer has): transformers
-#: reads a period only without the list (Gemma3's sliding window every p-th layer full, SmolLM3's RoPE left out)
-PERIODS = {"layer_types": (("sliding_window_pattern", "_sliding_window_pattern"), "full_attention"),
-           "no_rope_layers": (("no_rope_layer_interval",), 0)}
+#: config key of a period -> (the per-layer list that supersedes it, the value every p-th layer has): transformers
+#: reads a period only without the list (Gemma3's sliding window, Qwen3-Next's linear attention: every p-th layer
+#: full; SmolLM3: every p-th layer without RoPE)
+PERIODS = {"sliding_window_pattern": ("layer_types", "full_attention"),
+           "_sliding_window_pattern": ("layer_types", "full_attention"),
+           "full_attention_interval": ("layer_types", "full_attention"),
+           "no_rope_layer_interval": ("no_rope_layers", 0)}
 
 
 def _may_be_none(config, key: str) -> bool:
@@ -409,12 +423,11 @@ def pruned_config_updates(config, kept: list[int]) -> dict[str, Any]:
     mwl = getattr(config, "max_window_layers", None)
     if isinstance(mwl, int):
         updates["max_window_layers"] = sum(1 for i in kept if i < mwl)
-    for listed, (keys, every) in PERIODS.items():
-        for key in keys if listed in updates else ():
-            if isinstance(getattr(config, key, None), int):
-                period = period_of(updates[listed], every)
-                if period is not None or _may_be_none(config, key):  # a field typed int keeps its stale period:
-                    updates[key] = period                             # transformers reads the list
+    for key, (listed, every) in PERIODS.items():
+        if listed in updates and isinstance(getattr(config, key, None), int):
+            period = period_of(updates[listed], every)
+            if period is not None or _may_be_none(config, key):  # a field typed int keeps its stale period:
+                updates[key] = period                             # transformers reads the list
     rewrite = LAYOUT_REWRITES.get(config.model_type)
     if rewrite is not None:
         updates.update(rewrite(config, kept))
