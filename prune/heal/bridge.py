@@ -181,40 +181,60 @@ def check_bridge(model: nn.Module, blocks: list[int] | None = None, kind: str = 
 
 
 def check_adds_straight(model: nn.Module, blocks: list[int], windows: torch.Tensor, kind: str = "linear") -> None:
-    """Refuse a block whose MLP output does not reach the block's output unchanged, measured on one window:
-    doubling the MLP's output must move the block's output by exactly that output. :func:`fold_targets` judges
-    by the block's parts; this catches what their names do not say (a norm after the MLP under another name,
-    a scaled residual), where the folded map would compute something else than the fitted one."""
+    """Refuse a block whose fold target's output does not reach the block's output unchanged, measured on one
+    window: doubling that output (the dense MLP's output projection's, or a mixture's) must move the block's
+    output by exactly it. :func:`fold_targets` judges by the block's parts; this catches what their names do
+    not say (a norm after the MLP under another name, a scaled residual, something after the projection inside
+    the MLP), where the folded map would compute something else than the fitted one. Refused when the share of
+    the doubled output that moves the block is off 1, or what moves besides it is, by more than 0.1 of it beyond
+    the rounding of the model's dtype (an output below that rounding cannot be told apart: not refused). One pass
+    to the deepest block, then one per block."""
+    if not blocks:
+        return
     layers = decoder_layers(model)
     batch, training = windows[:1].to(input_device(model)), model.training
+    eps = torch.finfo(next(model.parameters()).dtype).eps
+
+    def target(i: int) -> nn.Module:
+        mlp = layers[i].mlp
+        return output_projection(mlp) if getattr(mlp, "experts", None) is None else mlp
+
+    def run(hooks: list, stop: int) -> None:
+        handles = [module.register_forward_hook(hook) for module, hook in hooks]
+
+        def halt(module, args, output):
+            raise StopForward
+
+        handles.append(layers[stop].register_forward_hook(halt))
+        try:
+            with torch.no_grad():
+                model(input_ids=batch, use_cache=False)
+        except StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+
+    def keep(store: dict, key):
+        def hook(module, args, output):
+            store[key] = _hidden_from_output(output).detach().double()
+        return hook
+
+    def double(module, args, output):
+        return (output[0] * 2, *output[1:]) if isinstance(output, tuple) else output * 2
+
     model.eval()
     try:
+        seen: dict = {}
+        run([h for i in blocks for h in ((target(i), keep(seen, ("m", i))), (layers[i], keep(seen, ("y", i))))], max(blocks))
         for i in blocks:
-            seen: dict[str, torch.Tensor] = {}
-
-            def keep_mlp(module, args, output):
-                seen["m"] = _hidden_from_output(output).detach().double()
-
-            def double(module, args, output):
-                return (output[0] * 2, *output[1:]) if isinstance(output, tuple) else output * 2
-
-            for name, mlp_hook in (("y", keep_mlp), ("y2", double)):
-                def keep_block(module, args, output, name=name):
-                    seen[name] = _hidden_from_output(output).detach().double()
-                    raise StopForward
-
-                handles = [layers[i].mlp.register_forward_hook(mlp_hook), layers[i].register_forward_hook(keep_block)]
-                try:
-                    with torch.no_grad():
-                        model(input_ids=batch, use_cache=False)
-                except StopForward:
-                    pass
-                finally:
-                    for h in handles:
-                        h.remove()
-            m, moved = seen["m"].flatten(), (seen["y2"] - seen["y"]).flatten()
+            run([(target(i), double), (layers[i], keep(seen, ("y2", i)))], i)
+            m, y = seen["m", i].flatten(), seen["y", i].flatten()
+            moved = seen["y2", i].flatten() - y
             share = float(moved @ m / (m @ m).clamp_min(1e-30))
-            if float((moved - m).norm() / m.norm().clamp_min(1e-30)) > 0.1:
+            besides = float((moved - share * m).norm() / m.norm().clamp_min(1e-30))
+            noise = 8 * eps * float(y.norm() / m.norm().clamp_min(1e-30))  # the dtype's rounding of the stream, in m's
+            if abs(share - 1) > 0.1 + noise or besides > 0.1 + noise:
                 raise PruneError(f"heal.bridge {kind}: block {i} of {type(model).__name__} does not add its MLP's output to "
                                  f"the residual stream unchanged (doubling it moved the block's output by {share:.2f} "
                                  "of it: a norm after the MLP, or a scaled residual): set heal.bridge: none")
