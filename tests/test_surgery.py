@@ -95,6 +95,11 @@ def test_gemma3_sliding_pattern_describes_the_kept_blocks(tmp_path, tokenizers_b
     model = build_model("smollm3")  # no_rope_layers 1 1 0 1 1 0 1 1
     prune.remove_layers(model, [2, 5])  # every RoPE-less layer removed: no layer's (i + 1) % 7 is 0
     assert (model.config.no_rope_layers, model.config.no_rope_layer_interval) == ([1] * 6, 7)
+    # EXAONE-4's attention keeps its own copy of the period: it follows the config, as a reloaded block's does
+    model = build_model("exaone4")  # sliding_window_pattern 3
+    prune.remove_layers(model, [2, 5])  # both full-attention layers removed: six sliding, no (i + 1) % 7 is 0
+    assert model.config.sliding_window_pattern == 7
+    assert {b.self_attn.sliding_window_pattern for b in decoder_layers(model)} == {7}
     model = build_model("smollm3")
     prune.remove_layers(model, [1])
     assert model.config.no_rope_layers == [1, 0, 1, 1, 0, 1, 1] and model.config.no_rope_layer_interval == 3

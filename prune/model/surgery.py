@@ -24,7 +24,7 @@ from torch import nn
 from prune.core.errors import PruneError
 from prune.core.records import block_number, complement
 from prune.model.arch import block_index, meta_model
-from prune.model.loading import decoder_layers_path, pruned_config_updates
+from prune.model.loading import PERIODS, decoder_layers_path, pruned_config_updates
 
 
 def check_indices(indices, n_layers: int) -> list[int]:
@@ -104,7 +104,13 @@ def remove_layers(model: nn.Module, indices) -> list[int]:
                 module.layer_idx = new_index
 
     for key, value in pruned_config_updates(model.config, kept).items():
+        old = getattr(model.config, key, None)
         setattr(model.config, key, value)
+        if key in PERIODS:  # a block's copy of a period the kept list supersedes (EXAONE-4's attention keeps one)
+            for block in getattr(parent, attr):
+                for module in block.modules():
+                    if key in vars(module) and vars(module)[key] == old:
+                        setattr(module, key, value)
     _rename_device_map(model, path, kept)
     if tied_before and not _tied(model):  # defensive: the embeddings were never touched
         model.tie_weights()
