@@ -76,6 +76,7 @@ ARCH_CONFIGS: dict[str, dict] = {
     "arcee": dict(_COMMON),
     "hunyuan_v1_dense": dict(_COMMON, head_dim=12),
     "exaone4": dict(_COMMON, sliding_window=16, sliding_window_pattern=3),
+    "ministral": dict(_COMMON, head_dim=12, sliding_window=16),
     "qwen3_next": dict(_COMMON, head_dim=12, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                        shared_expert_intermediate_size=32, linear_num_key_heads=2, linear_num_value_heads=4,
                        linear_key_head_dim=12, linear_value_head_dim=12, full_attention_interval=4,

@@ -59,6 +59,7 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "hunyuan_v1_dense": "Hunyuan (dense)",
     "qwen3_next": "Qwen3-Next",
     "exaone4": "EXAONE-4",
+    "ministral": "Ministral",
 }
 
 #: transformers' ``use_kernels`` for every load (its default since 5: on a GPU, layers swapped for
