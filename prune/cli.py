@@ -744,7 +744,13 @@ def cmd_compare(args) -> int:
     if fid_rows and any(sides) and not samples:  # the lm-eval pairing was dropped without a word
         print("note: lm-eval samples left out: only some of the compared results have them", file=sys.stderr)
     # lm-eval samples where both sides have them; without them and without fidelity, compare_folders says what is missing
-    rows = compare_folders(args.a, bs or None, iters=args.iters, seed=args.seed) if samples or not fid_rows else []
+    rows, each = [], []  # each: several B's own averages, read with the pooled rows
+    if (samples or not fid_rows) and len(bs) > 1:
+        from prune.measure.paired import compare_pooled
+
+        rows, each = compare_pooled(args.a, bs, iters=args.iters, seed=args.seed)
+    elif samples or not fid_rows:
+        rows = compare_folders(args.a, bs or None, iters=args.iters, seed=args.seed)
     names = (("original", _pruned_label(args.a)) if not bs else
              ("A", "B" if len(bs) == 1 else f"mean of {len(bs)} B"))
     if not rows and not fid_rows:  # it printed nothing and wrote an empty comparison
@@ -764,14 +770,10 @@ def cmd_compare(args) -> int:
 
         print("\n" + (average_line(rows, *names) or f"No average over tasks: no task has a metric scored 0 to 1 per "
                                                       f"example ({some(without_headline(rows))})"))
-    if rows and len(bs) > 1:
-        from prune.measure.paired import seed_differences
-
-        each = seed_differences(args.a, bs, iters=min(args.iters, 200))
-        if not any(math.isnan(d) for d in each):
-            print(f"\nEach B alone, on the same examples (task average, B - A, points): "
-                  f"{', '.join(f'{100 * d:+.2f}' for d in each)}. The interval of the mean counts the sampling of the "
-                  f"questions for these {len(bs)} B; the spread between them (another seed's training) is not in it.")
+    if rows and each and not any(math.isnan(d) for d in each):
+        print(f"\nEach B alone, on the same examples (task average, B - A, points): "
+              f"{', '.join(f'{100 * d:+.2f}' for d in each)}. The interval of the mean counts the sampling of the "
+              f"questions for these {len(bs)} B; the spread between them (another seed's training) is not in it.")
     if fid_rows:
         print(("\n" if rows else "") + f"Fidelity to the original, paired over the {fid_rows[0].n} windows both were measured "
               "on (KL per token and log perplexity ratio, each window's mean):\n\n" + fidelity_markdown(fid_rows, *names))

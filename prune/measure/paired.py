@@ -321,7 +321,7 @@ def per_example(records: list[dict], task: str = "task", quiet: bool | None = No
 PER_EXAMPLE_NAMES = {"perplexity": "log-likelihood (perplexity's per-example term)"}
 
 
-def mean_samples(runs: list[dict[str, list[dict]]], quiet: bool | None = None) -> dict[str, list[dict]]:
+def mean_samples(runs: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
     """One ``{task: sample records}`` whose every metric is the mean over ``runs`` (several models that
     answered the same questions: seeds of one recipe), for :func:`compare_samples` against a reference:
     the pooled difference is then the mean of the per-model differences, and its interval counts the
@@ -333,7 +333,7 @@ def mean_samples(runs: list[dict[str, list[dict]]], quiet: bool | None = None) -
     for task in sorted({t for r in runs for t in r}):
         missing = sum(task not in r for r in runs)
         if missing:
-            say(f"{task}: missing from {missing} of the {len(runs)} runs pooled, left out of the paired comparison", quiet)
+            say(f"{task}: missing from {missing} of the {len(runs)} runs pooled, left out of the paired comparison")
     for task in [t for t in runs[0] if all(t in r for r in runs)]:
         examples = [_records_by_example(task, run[task]) for run in runs]
         records = []
@@ -683,20 +683,24 @@ def fidelity_markdown(rows: list[Paired], a: str = "A", b: str = "B") -> str:
     return "\n".join(lines)
 
 
-def seed_differences(a: str | Path, bs: list[str | Path], *, iters: int = 200) -> list[float]:
-    """Each of several B's own task-average difference to A (B_i - A), on the examples every B answered (those
-    of the pooled comparison, :func:`mean_samples`): the spread between seeds, which the pooled interval leaves
+def compare_pooled(a: str | Path, bs: list[str | Path], *, iters: int = BOOTSTRAP_ITERS,
+                   seed: int = 0) -> tuple[list[Paired], list[float]]:
+    """Several B (seeds of one recipe) pooled per example against A, each folder read once: the rows of B's
+    per-example mean (:func:`mean_samples`), and each B's own task-average difference to A (B_i - A, NaN
+    without an average) on the same examples: the spread between seeds, which the pooled interval leaves
     out (it counts the sampling of the questions, for these seeds)."""
-    ref = load_samples(samples_folder(a))
     runs = [load_samples(samples_folder(b)) for b in bs]
-    pooled = {task: set(_records_by_example(task, recs)) for task, recs in mean_samples(runs, quiet=True).items()}
-    out = []
+    ref = load_samples(samples_folder(a))
+    pooled = mean_samples(runs)
+    rows = compare_samples(ref, pooled, iters=iters, seed=seed)
+    keys = {task: set(_records_by_example(task, recs)) for task, recs in pooled.items()}
+    each = []
     for run in runs:
-        own = {task: [r for key, r in _records_by_example(task, run[task]).items() if key in keys]
-               for task, keys in pooled.items()}
-        avg = task_average(compare_samples(ref, own, iters=iters, quiet=True))
-        out.append(math.nan if avg is None else avg.diff)
-    return out
+        own = {task: [r for key, r in _records_by_example(task, run[task]).items() if key in common]
+               for task, common in keys.items()}
+        avg = task_average(compare_samples(ref, own, iters=min(iters, 200), seed=seed, quiet=True))
+        each.append(math.nan if avg is None else avg.diff)
+    return rows, each
 
 
 def compare_folders(a: str | Path, b: str | Path | list[str | Path] | None = None, *, iters: int = BOOTSTRAP_ITERS,
@@ -710,6 +714,7 @@ def compare_folders(a: str | Path, b: str | Path | list[str | Path] | None = Non
             raise PruneError(f"{a} is not a run folder with eval/original and eval/pruned (two different folders): "
                              "give two folders")
         return compare_samples(load_samples(fa), load_samples(fb), iters=iters, seed=seed)
-    runs = [load_samples(samples_folder(x)) for x in (b if isinstance(b, list) else [b])]
-    return compare_samples(load_samples(samples_folder(a)), runs[0] if len(runs) == 1 else mean_samples(runs),
-                           iters=iters, seed=seed)
+    if isinstance(b, list) and len(b) > 1:
+        return compare_pooled(a, b, iters=iters, seed=seed)[0]
+    other = load_samples(samples_folder(b[0] if isinstance(b, list) else b))  # B first: its problem is named first
+    return compare_samples(load_samples(samples_folder(a)), other, iters=iters, seed=seed)
