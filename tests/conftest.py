@@ -81,6 +81,32 @@ ARCH_CONFIGS: dict[str, dict] = {
                        shared_expert_intermediate_size=32, linear_num_key_heads=2, linear_num_value_heads=4,
                        linear_key_head_dim=12, linear_value_head_dim=12, full_attention_interval=4,
                        decoder_sparse_step=2, mlp_only_layers=[0]),  # linear attention in 3 of 4; every 2nd MLP sparse
+    "olmo": dict(_COMMON),
+    "stablelm": dict(_COMMON, partial_rotary_factor=0.5),
+    "nemotron": dict(_COMMON),
+    "glm": dict(_COMMON, head_dim=12),
+    "cohere2": dict(_COMMON, sliding_window=16, sliding_window_pattern=3),
+    "vaultgemma": dict(_COMMON, head_dim=12, sliding_window=16),
+    "bitnet": dict(_COMMON),
+    "nanochat": dict(_COMMON),
+    "doge": dict(_COMMON),
+    "granite_swa": dict(_COMMON, sliding_window=16, residual_multiplier=0.5, embedding_multiplier=2.0,
+                        layer_rope_theta=[10000.0 * (i + 1) for i in range(N_LAYERS)]),
+    "lfm2": dict(_COMMON, full_attn_idxs=[1, 4, 6]),  # the other blocks: gated short convolutions
+    "qwen3_5_text": dict(_COMMON, head_dim=12, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=12,
+                         linear_value_head_dim=12, full_attention_interval=3),
+    "llama4_text": dict(_COMMON, head_dim=12, intermediate_size_mlp=96, num_local_experts=4, interleave_moe_layer_step=2,
+                        attention_chunk_size=16, no_rope_layer_interval=3),
+    "phimoe": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),
+    "jetmoe": dict(_COMMON, kv_channels=12, num_local_experts=4, num_experts_per_tok=2),
+    "hunyuan_v1_moe": dict(_COMMON, head_dim=12, num_experts=4, moe_topk=2, moe_intermediate_size=32),
+    "deepseek_v2": dict(_COMMON, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                        first_k_dense_replace=2, n_group=1, topk_group=1, q_lora_rank=16, kv_lora_rank=16,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12),
+    "glm4_moe": dict(_COMMON, head_dim=12, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                     first_k_dense_replace=2, n_group=1, topk_group=1),
+    "ernie4_5_moe": dict(_COMMON, moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
+                         moe_layer_start_index=1, moe_layer_end_index=6, moe_layer_interval=1),
 }
 ARCHS = list(ARCH_CONFIGS)
 #: architectures whose tokenizer puts BOS before every text (like the real ones)

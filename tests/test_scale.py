@@ -304,6 +304,37 @@ def test_outofcore_pruning_equals_in_memory_pruning(arch, tokenizers_by_bos, tmp
     x = torch.randint(3, 250, (2, 16))
     with torch.no_grad():
         assert torch.equal(reloaded(x).logits, model(x).logits)
+    # the record counts parameters as the loaded model does: DeepSeek-V3's stored router bias buffers counted too
+    record = json.loads((out / "pruning.json").read_text())
+    assert record["params_after"] == sum(p.numel() for p in reloaded.parameters())
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "glm4_moe"])
+def test_a_multi_token_prediction_layer_after_the_stack_is_accepted_and_left_out(arch, tokenizers_by_bos, tmp_path):
+    """DeepSeek-V3 and GLM-4.5 checkpoints store a multi-token-prediction layer after the stack
+    (``model.layers.<n>``, num_nextn_predict_layers 1), which transformers does not load: such a checkpoint was
+    refused as holding more blocks than its config names. It passes the check; a pruned checkpoint, out of core
+    or in memory, holds none, its config says so, and its parameters are counted without it."""
+    from safetensors.torch import load_file, save_file
+
+    from prune.export.check import check_checkpoint
+
+    model, tok, folder = saved(tmp_path, arch, tokenizers_by_bos, num_nextn_predict_layers=1)
+    tensors = load_file(folder / "model.safetensors")
+    last = f"model.layers.{N_LAYERS - 1}."
+    tensors.update({k.replace(last, f"model.layers.{N_LAYERS}."): v.clone() for k, v in tensors.items() if k.startswith(last)})
+    tensors[f"model.layers.{N_LAYERS}.eh_proj.weight"] = torch.zeros(48, 96)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    report = check_checkpoint(folder, tokenizer=False)
+    assert report.ok, report.summary()
+    assert any("multi-token-prediction" in f.message for f in report.findings)
+    out = prune_checkpoint(folder, [2, 5], tmp_path / "ooc", pruning={"removed": [2, 5]})
+    assert check_checkpoint(out).ok
+    assert not [k for k in all_tensors(out) if k.startswith(f"model.layers.{N_LAYERS - 2}.")]
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 0
+    prune.remove_layers(model, [2, 5])
+    assert model.config.num_nextn_predict_layers == 0
+    assert (tmp_path / "ooc" / "config.json").read_text() == (prune.save(model, tok, tmp_path / "mem") / "config.json").read_text()
 
 
 def test_gpt2_scaled_by_its_layer_index_computes_the_same_after_pruning_and_reload(tokenizers_by_bos, tmp_path):

@@ -67,6 +67,56 @@ def test_qwen3_moe_keeps_each_blocks_dense_or_sparse_mlp(tmp_path, tokenizers_by
     assert [type(b.mlp).__name__ for b in decoder_layers(again)] == [before[i] for i in kept]
 
 
+def block_kinds(model) -> list[tuple]:
+    """Each block's parts that its position decides: MLP class (dense or MoE), attention kind, RoPE or not."""
+    kinds = []
+    for block in decoder_layers(model):
+        mlp = getattr(block, "mlp", None) or getattr(block, "feed_forward", None)
+        attn = getattr(block, "self_attn", None) or getattr(block, "linear_attn", None) or getattr(block, "conv", None)
+        kinds.append((type(mlp).__name__, type(attn).__name__, getattr(block, "layer_type", None),
+                      getattr(attn, "use_rope", None), getattr(attn, "is_causal", None)))
+    return kinds
+
+
+@pytest.mark.parametrize("arch, removed", [
+    ("llama4_text", [1, 2, 6]),     # MoE at 1 3 5 7 (moe_layers), RoPE-less every 3rd, chunked attention
+    ("lfm2", [1, 2, 5]),            # attention at 1 4 6 (full_attn_idxs), convolutions elsewhere
+    ("ernie4_5_moe", [0, 1, 7]),    # MoE from block 1 to 6: now 0 to 4
+    ("ernie4_5_moe", [6, 7]),       # MoE to the last kept block
+    ("glm4_moe", [0, 3]),           # dense below first_k_dense_replace 2: one dense block left
+    ("deepseek_v2", [0, 1]),        # no dense block left
+    ("qwen3_5_text", [2, 3]),       # full attention every 3rd, linear attention elsewhere
+])
+def test_position_dependent_layouts_survive_a_cut(arch, removed, tmp_path, tokenizers_by_bos):
+    """A block whose MLP (dense or MoE) or attention kind its position decides keeps it after a cut, in memory
+    and reloaded from the saved config, and the reloaded model computes the same logits."""
+    model = build_model(arch)
+    before = block_kinds(model)
+    kept = prune.remove_layers(model, removed)
+    assert block_kinds(model) == [before[i] for i in kept]
+    prune.save(model, tokenizers_by_bos[False], tmp_path / "o")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "o", dtype=torch.float32).eval()
+    assert block_kinds(again) == [before[i] for i in kept]
+    if arch == "lfm2":  # its index list follows the kept blocks (transformers reads layer_types; a reader may not)
+        assert again.config.full_attn_idxs == [i for i, t in enumerate(again.config.layer_types) if t == "full_attention"]
+    x = torch.arange(3, 23).view(1, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x).logits, again(x).logits, rtol=0, atol=0)
+
+
+def test_a_moe_layout_the_config_cannot_describe_is_refused_before_any_change():
+    """ERNIE-4.5-MoE's sparse blocks are one start, end and interval: a cut leaving them at 1 2 4 is refused, and
+    the model is left as it was."""
+    model = build_model("ernie4_5_moe", moe_layer_interval=2)  # sparse at 1 3 5
+    with pytest.raises(PruneError, match=r"ernie4_5_moe: the kept blocks would leave sparse \(MoE\) blocks at "
+                                         r"positions \[1, 2, 4\], which its config cannot describe"):
+        prune.remove_layers(model, [2])
+    assert len(decoder_layers(model)) == N_LAYERS and model.config.num_hidden_layers == N_LAYERS
+    kept = prune.remove_layers(model, [2, 3])  # sparse at 1 and 3 (old 1 and 5): start 1, interval 2
+    assert kept == [0, 1, 4, 5, 6, 7]
+    assert (model.config.moe_layer_start_index, model.config.moe_layer_end_index, model.config.moe_layer_interval) == (1, 3, 2)
+
+
 def test_qwen2_sliding_window_threshold_is_remapped():
     model = build_model("qwen2")  # max_window_layers=4: blocks 4.. slide
     types = list(model.config.layer_types)

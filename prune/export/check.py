@@ -272,7 +272,10 @@ def decoder_path(model) -> str | None:
 
 
 def _check_blocks(config, skeleton, headers: dict, report: CheckReport) -> None:
-    """Decoder-block tensors numbered 0..L-1 with ``L = num_hidden_layers``."""
+    """Decoder-block tensors numbered 0..L-1 with ``L = num_hidden_layers`` (and after them the multi-token-prediction
+    layers the config names, which transformers does not load)."""
+    from prune.model.loading import mtp_blocks
+
     n = config.num_hidden_layers
     path = decoder_path(skeleton)
     if path is None:
@@ -288,6 +291,11 @@ def _check_blocks(config, skeleton, headers: dict, report: CheckReport) -> None:
         report.add("blocks", "fail", f"no tensors named {path}.<i>.* in the weights (config has {n} blocks)")
         return
     expected = set(range(n))
+    mtp = set(range(n, n + mtp_blocks(config))) & found  # stored after the stack, not loaded by transformers
+    if mtp and found - mtp == expected:
+        report.add("blocks", "ok", f"{path}.{_ranges(sorted(mtp))}: multi-token-prediction layers "
+                                   "(num_nextn_predict_layers), which transformers does not load")
+        found = expected
     if found != expected:
         gaps = sorted(set(range(max(found) + 1)) - found)
         detail = f"blocks {_ranges(sorted(found))} ({len(found)})"
@@ -300,6 +308,16 @@ def _check_blocks(config, skeleton, headers: dict, report: CheckReport) -> None:
         report.add("blocks", "fail", f"config.num_hidden_layers={n} but transformers builds {built} blocks")
         return
     report.add("blocks", "ok", f"{path}.0 .. {path}.{n - 1}: {n} blocks, numbered contiguously")
+
+
+def _mtp_key(model, key: str) -> bool:
+    """Whether ``key`` is a tensor of a multi-token-prediction layer stored after the stack (transformers ignores
+    DeepSeek-V3's ``model.layers.61`` by name, which fits its own size only)."""
+    from prune.model.loading import mtp_blocks
+
+    n, path = model.config.num_hidden_layers, decoder_path(model)
+    found = path and block_index(key, path)
+    return bool(found) and n <= found[0] < n + mtp_blocks(model.config)
 
 
 def _check_transformers_load(path: Path, report: CheckReport) -> None:
@@ -331,6 +349,7 @@ def _check_transformers_load(path: Path, report: CheckReport) -> None:
             hf_logging.enable_progress_bar()
     report.facts["model_params"] = sum(p.numel() for p in model.parameters())  # tied weights once, as prune counts
     bad = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    bad["unexpected_keys"] = [k for k in bad["unexpected_keys"] if not _mtp_key(model, k)]
     if any(bad.values()):
         parts = [f"{len(v)} {k.replace('_keys', '')} (e.g. {_key_name(v[0])})" for k, v in bad.items() if v]
         if bad["mismatched_keys"] and isinstance(bad["mismatched_keys"][0], tuple):

@@ -60,6 +60,25 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "qwen3_next": "Qwen3-Next",
     "exaone4": "EXAONE-4",
     "ministral": "Ministral",
+    "olmo": "OLMo",
+    "stablelm": "StableLM",
+    "nemotron": "Nemotron",
+    "glm": "GLM",
+    "cohere2": "Cohere2 (Command-R7B, Command-A)",
+    "vaultgemma": "VaultGemma",
+    "bitnet": "BitNet",
+    "nanochat": "nanochat",
+    "doge": "Doge",
+    "granite_swa": "Granite-SWA",
+    "lfm2": "LFM2 (hybrid convolution)",
+    "qwen3_5_text": "Qwen3.5 (text)",
+    "llama4_text": "Llama 4 (text)",
+    "phimoe": "PhiMoE",
+    "jetmoe": "JetMoE",
+    "hunyuan_v1_moe": "Hunyuan-MoE",
+    "deepseek_v2": "DeepSeek-V2",
+    "glm4_moe": "GLM-4-MoE (GLM-4.5)",
+    "ernie4_5_moe": "ERNIE-4.5-MoE",
 }
 
 #: transformers' ``use_kernels`` for every load (its default since 5: on a GPU, layers swapped for
@@ -348,8 +367,9 @@ def plain_config_dict(config) -> dict[str, Any]:
 
 
 # ---- config of a pruned stack ----------------------------------------------------------
-#: Config keys holding per-layer *index lists* (indices into the stack), remapped on pruning.
-INDEX_LIST_KEYS = ("mlp_only_layers",)
+#: Config keys holding per-layer *index lists* (indices into the stack), remapped on pruning: Qwen-MoE's
+#: dense blocks, Llama 4's MoE blocks, LFM2's attention blocks (the others convolutions).
+INDEX_LIST_KEYS = ("mlp_only_layers", "moe_layers", "full_attn_idxs")
 
 
 def _qwen3_moe_layout(config, kept: list[int]) -> dict[str, Any]:
@@ -367,15 +387,32 @@ def _qwen3_moe_layout(config, kept: list[int]) -> dict[str, Any]:
 
 
 def _dense_prefix_layout(config, kept: list[int]) -> dict[str, Any]:
-    """DeepSeek-V3 builds a dense MLP for the blocks below ``first_k_dense_replace`` and MoE above: the kept
+    """DeepSeek-V2/V3 and GLM-4-MoE build a dense MLP for the blocks below ``first_k_dense_replace`` and MoE above: the kept
     dense blocks stay a prefix of the kept ones, so the threshold becomes their count."""
     return {"first_k_dense_replace": sum(1 for i in kept if i < config.first_k_dense_replace)}
+
+
+def _moe_range_layout(config, kept: list[int]) -> dict[str, Any]:
+    """ERNIE-4.5-MoE builds a sparse MLP at block ``i`` when ``start <= i <= end`` and ``(i + 1) % interval == 0``
+    (``moe_layer_start_index``, ``_end_index``, ``_interval``): the kept sparse blocks' new positions get the
+    first such (interval, start, end) that describes them, and a cut no such triple describes is refused."""
+    start, end, interval = config.moe_layer_start_index, config.moe_layer_end_index, config.moe_layer_interval or 1
+    end = config.num_hidden_layers - 1 if end is None or end < 0 else end  # -1: to the last block
+    sparse = [new for new, old in enumerate(kept) if start <= old <= end and (old + 1) % interval == 0]
+    if not sparse:
+        return {"moe_layer_start_index": len(kept), "moe_layer_end_index": len(kept), "moe_layer_interval": 1}
+    for step in range(1, len(kept) + 1):
+        if [i for i in range(sparse[0], sparse[-1] + 1) if (i + 1) % step == 0] == sparse:
+            return {"moe_layer_start_index": sparse[0], "moe_layer_end_index": sparse[-1], "moe_layer_interval": step}
+    raise PruneError(f"{config.model_type}: the kept blocks would leave sparse (MoE) blocks at positions {sparse}, which "
+                     "its config cannot describe (one start, end and interval); remove other blocks")
 
 
 #: model_type -> function(config, kept) -> extra config updates, for position-dependent layouts
 #: (Qwen2-MoE and Qwen3-Next decide dense vs sparse as Qwen3-MoE does).
 LAYOUT_REWRITES = {"qwen3_moe": _qwen3_moe_layout, "qwen2_moe": _qwen3_moe_layout, "qwen3_next": _qwen3_moe_layout,
-                   "deepseek_v3": _dense_prefix_layout}
+                   "deepseek_v3": _dense_prefix_layout, "deepseek_v2": _dense_prefix_layout,
+                   "glm4_moe": _dense_prefix_layout, "ernie4_5_moe": _moe_range_layout}
 
 
 #: config key of a period -> (the per-layer list that supersedes it, the value every p-th layer has): transformers
@@ -403,6 +440,15 @@ def period_of(values: list, every: Any) -> int | None:
     return None
 
 
+def mtp_blocks(config) -> int:
+    """How many multi-token-prediction layers a checkpoint stores after the decoder stack (DeepSeek-V3's
+    ``model.layers.61``, GLM-4.5's ``model.layers.92``: ``num_nextn_predict_layers``). transformers does not load
+    them, so a pruned checkpoint holds none (and says so: ``num_nextn_predict_layers`` 0); they were trained on
+    the whole stack's last state."""
+    n = getattr(config, "num_nextn_predict_layers", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
+
+
 def pruned_config_updates(config, kept: list[int]) -> dict[str, Any]:
     """Config changes that make a stack keeping blocks ``kept`` (0-based, sorted) rebuild identically.
 
@@ -412,10 +458,13 @@ def pruned_config_updates(config, kept: list[int]) -> dict[str, Any]:
     * index lists (``mlp_only_layers``) are remapped to new positions; ``max_window_layers``
       counts the kept blocks below the old threshold; a period a per-layer list supersedes (Gemma3's sliding
       window, SmolLM3's RoPE-less layers) becomes the kept list's own period, or None (:func:`period_of`);
-    * architecture-specific layouts (:data:`LAYOUT_REWRITES`).
+    * architecture-specific layouts (:data:`LAYOUT_REWRITES`);
+    * no multi-token-prediction layer (:func:`mtp_blocks`).
     """
     old_n = config.num_hidden_layers
     updates: dict[str, Any] = {"num_hidden_layers": len(kept)}
+    if mtp_blocks(config):
+        updates["num_nextn_predict_layers"] = 0
     position = {old: new for new, old in enumerate(kept)}
     for key, value in config.to_dict().items():
         if key in INDEX_LIST_KEYS and isinstance(value, (list, tuple)):

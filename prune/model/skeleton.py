@@ -147,11 +147,13 @@ class Skeleton:
                 if name not in filled and tied.get(name) not in filled]
 
     def counted_keys(self) -> list[str]:
-        """The checkpoint keys that are parameters of their own: a tied copy stored beside its source
-        (an LM head tied to the embeddings) counts once, as the loaded model counts it."""
+        """The checkpoint keys that are parameters of their own, as the loaded model counts them: a tied copy
+        stored beside its source (an LM head tied to the embeddings) counts once, and a stored buffer (DeepSeek-V3's
+        router bias) not at all."""
         filled = set(self.target.values())
         tied = dict(getattr(self.model, "all_tied_weights_keys", None) or {})
-        return [k for k, name in self.target.items() if not (name in tied and tied[name] in filled)]
+        params = {name for name, _ in self.model.named_parameters(remove_duplicate=False)}
+        return [k for k, name in self.target.items() if name in params and not (name in tied and tied[name] in filled)]
 
     def tied_copies(self) -> list[str]:
         """Checkpoint keys of tied parameters stored beside their source with equal values (an LM head saved

@@ -89,6 +89,7 @@ def remove_layers(model: nn.Module, indices) -> list[int]:
     kept = complement(n_layers, removed)
     tied_before = _tied(model)
     factors = [query_rescale(model.config, old, new) for new, old in enumerate(kept)]  # refusals before any change
+    updates = pruned_config_updates(model.config, kept)  # a layout the config cannot describe: refused here too
     if any(f != 1.0 and layers[old].attn.c_attn.weight.is_meta for old, f in zip(kept, factors)):
         raise PruneError("GPT-2 with scale_attn_by_inverse_layer_idx needs its query weights in memory to move a "
                          "block (they are offloaded): load it without disk offload")
@@ -103,7 +104,7 @@ def remove_layers(model: nn.Module, indices) -> list[int]:
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new_index
 
-    for key, value in pruned_config_updates(model.config, kept).items():
+    for key, value in updates.items():
         old = getattr(model.config, key, None)
         setattr(model.config, key, value)
         if key in PERIODS:  # a block's copy of a period the kept list supersedes (EXAONE-4's attention keeps one)
