@@ -773,7 +773,9 @@ def cmd_compare(args) -> int:
     if rows and each and not any(math.isnan(d) for d in each):
         print(f"\nEach B alone, on the same examples (task average, B - A, points): "
               f"{', '.join(f'{100 * d:+.2f}' for d in each)}. The interval of the mean counts the sampling of the "
-              f"questions for these {len(bs)} B; the spread between them (another seed's training) is not in it.")
+              f"questions for these {len(bs)} B; the spread between them (another seed's training) is not in it. "
+              "right->wrong and wrong->right count the questions whose mean over the B is below and above A's score; "
+              "McNemar p is the exact sign test on them.")
     if fid_rows:
         print(("\n" if rows else "") + f"Fidelity to the original, paired over the {fid_rows[0].n} windows both were measured "
               "on (KL per token and log perplexity ratio, each window's mean):\n\n" + fidelity_markdown(fid_rows, *names))
@@ -781,7 +783,14 @@ def cmd_compare(args) -> int:
         from prune.io.guard import write_file
 
         b = bs[0] if len(bs) == 1 else bs or None  # several: the list pooled
+        from dataclasses import asdict
+
+        from prune.measure.paired import task_average
+
+        average = task_average(rows) if len({r.task for r in rows}) > 1 else None
         write_file(args.output, json.dumps({"a": args.a, "b": b, "rows": [r.to_dict() for r in rows],
+                                            "task_average": asdict(average) if average else None,
+                                            "each_b_task_average": each or None,
                                             "fidelity_rows": [r.to_dict() for r in fid_rows]}, indent=1))
         print(f"comparison written to {args.output}", file=sys.stderr)
     return 0

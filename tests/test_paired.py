@@ -23,6 +23,33 @@ def test_mcnemar_exact_by_hand():
     assert mcnemar_exact(0, 10) == pytest.approx(2 / 1024)
 
 
+def test_mcnemar_exact_equals_the_exact_binomial_sum_for_many_flips():
+    """Computed in log space (exact integers took 265 s at 41,000 flips): the exact sum to 1e-9 relative."""
+    from fractions import Fraction
+
+    for r2w, w2r in ((900, 1100), (1400, 1500), (30, 70)):
+        m, k = r2w + w2r, min(r2w, w2r)
+        exact = float(min(Fraction(1), 2 * Fraction(sum(math.comb(m, i) for i in range(k + 1)), 2 ** m)))
+        assert mcnemar_exact(r2w, w2r) == pytest.approx(exact, rel=1e-9)
+
+
+def test_pooled_seeds_get_the_sign_test_on_the_questions_they_moved():
+    """B pooled over two seeds: four questions lower, none higher, out of 100. The bootstrap interval excludes 0,
+    the sign test on the four (McNemar's for one B) gives p = 0.125: the row is marked, as a 0/1 row is."""
+    from prune.measure.paired import DISAGREES, paired_markdown
+
+    a = np.ones(100)
+    b1, b2 = a.copy(), a.copy()
+    b1[[0, 1, 2]] = 0
+    b2[[0, 1, 3]] = 0
+    r = paired_stats(a, (b1 + b2) / 2, sign_test=True)
+    assert r.ci_high < 0 and (r.right_to_wrong, r.wrong_to_right) == (4, 0)
+    assert r.mcnemar_p == pytest.approx(2 / 16) and r.disagrees
+    assert DISAGREES in paired_markdown([r])
+    plain = paired_stats(a, (b1 + b2) / 2)  # not pooled: a score between 0 and 1 (an F1) has no test
+    assert plain.mcnemar_p is None and not plain.disagrees
+
+
 def test_paired_stats_by_hand():
     a = [1, 1, 1, 0, 0, 1, 0, 1, 1, 0]
     b = [1, 0, 1, 1, 0, 1, 0, 0, 1, 0]
@@ -150,8 +177,16 @@ def test_compare_real_lm_eval_samples(lm_eval_folders):
         assert r.right_to_wrong == sum(sa[i][metric] == 1 and sb[i][metric] == 0 for i in sa)
         assert r.wrong_to_right == sum(sa[i][metric] == 0 and sb[i][metric] == 1 for i in sa)
         assert r.diff == pytest.approx(r.mean_b - r.mean_a)
-    same = compare_folders(root / "model-a", root / "model-a", iters=500)
+    import shutil
+
+    copy = shutil.copytree(root / "model-a", root.parent / f"{root.name}-a-copy", dirs_exist_ok=True)
+    same = compare_folders(root / "model-a", copy, iters=500)
     assert all(r.diff == 0 and r.right_to_wrong == 0 and r.wrong_to_right == 0 and r.mcnemar_p == 1 for r in same)
+    # one folder as A and B, or one B twice: a model against itself, seeds without spread (they were compared)
+    with pytest.raises(PruneError, match=r"B \(.*model-a\) is the same evaluation as A: give two evaluations"):
+        compare_folders(root / "model-a", root / "model-a")
+    with pytest.raises(PruneError, match=r"B2 \(.*model-b\) is the same evaluation as B1: give distinct evaluations"):
+        compare_folders(root / "model-a", [root / "model-b", root / "model-b"])
     with pytest.raises(PruneError, match="holds samples of 2 models"):
         compare_folders(root, root / "model-b")
 
@@ -207,6 +242,7 @@ def test_each_answer_filter_is_its_own_row_and_unpaired_examples_are_counted(cap
 @pytest.mark.parametrize("field, message", [("doc_hash", "another document"),
                                             ("prompt_hash", "another prompt: few-shot examples"),
                                             ("target_hash", "another target"),
+                                            ("arguments", "other requests: answer choices or generation settings"),
                                             (None, ".filter none. appears twice")])
 def test_compare_refuses_different_questions(lm_eval_folders, tmp_path, field, message):
     """lm-eval hashes each example's document, prompt and target: a 2-shot run against a 0-shot one of
@@ -219,7 +255,7 @@ def test_compare_refuses_different_questions(lm_eval_folders, tmp_path, field, m
         text = path.read_text()
         if path.name.startswith("samples_copa"):
             records = [json.loads(line) for line in text.splitlines()]
-            assert all(r.get(h) for r in records for h in ("doc_hash", "prompt_hash", "target_hash"))
+            assert all(r.get(h) for r in records for h in ("doc_hash", "prompt_hash", "target_hash", "arguments"))
             if field:
                 records[3][field] = "0" * 64
             else:
@@ -320,12 +356,18 @@ def test_compare_cli(lm_eval_folders, tmp_path):
     direct = json.loads((tmp_path / "c.json").read_text())["rows"]
     assert len(direct) == 3
     # several B (seeds of one recipe): pooled per example, here A and B -> half of B - A on every row
-    proc = prune_main("compare", root / "model-a", root / "model-a", root / "model-b", "--iters", 500,
+    import shutil
+
+    copy = shutil.copytree(root / "model-a", tmp_path / "copies" / "model-a-copy")  # not a folder the checks below read
+    proc = prune_main("compare", root / "model-a", copy, root / "model-b", "--iters", 500,
                      "-o", tmp_path / "p.json", check_rc=0)
     assert "| mean of 2 B |" in proc.stdout and "mean of 2 B - A" in proc.stdout
     pooled = json.loads((tmp_path / "p.json").read_text())
-    assert pooled["b"] == [str(root / "model-a"), str(root / "model-b")]
+    assert pooled["b"] == [str(copy), str(root / "model-b")]
     assert [r["diff"] for r in pooled["rows"]] == pytest.approx([r["diff"] / 2 for r in direct])
+    # the file holds what the text says: the task average, and each B's own beside the pooled rows
+    assert pooled["task_average"]["diff"] == pytest.approx(json.loads((tmp_path / "c.json").read_text())["task_average"]["diff"] / 2)
+    assert len(pooled["each_b_task_average"]) == 2 and pooled["each_b_task_average"][0] == 0
     # each B alone beside the mean: A against itself 0, then B's own average (the interval leaves that spread out)
     from prune.measure.paired import task_average
 
@@ -424,6 +466,23 @@ def test_score_beyond_a_float_is_left_out_like_nan(tmp_path):
     write_samples(tmp_path / "b", [json.dumps({"doc_id": 3, "metrics": ["acc"], "acc": 10 ** 400})], n=3)
     proc = prune_main("compare", tmp_path / "a", tmp_path / "b", check_rc=0)
     assert "arc_easy acc: 1 example(s) scored NaN or inf, left out" in proc.stderr and "| 3 (A 4, B 3) |" in proc.stdout
+
+
+def test_text_for_a_number_an_empty_file_and_one_samples_file_are_named(tmp_path):
+    """``"acc": "1.0"`` or null was left out without a word; an empty samples file was reported as a metric
+    scored only in A; a samples file given for a folder said it was not JSON."""
+    write_samples(tmp_path / "a")
+    write_samples(tmp_path / "b", [json.dumps({"doc_id": 3, "metrics": ["acc"], "acc": "1.0"})], n=3)
+    proc = prune_main("compare", tmp_path / "a", tmp_path / "b", check_rc=0)
+    assert 'arc_easy acc: 1 example(s) hold no number (e.g. "1.0"), left out' in proc.stderr
+    write_samples(tmp_path / "c", task="piqa")
+    write_samples(tmp_path / "c", n=0)  # arc_easy's file empty
+    write_samples(tmp_path / "a", task="piqa")
+    proc = prune_main("compare", tmp_path / "a", tmp_path / "c", check_rc=0)
+    assert "holds no examples (an empty samples file): arc_easy left out" in proc.stderr
+    [path] = (tmp_path / "a").glob("samples_arc_easy_*.jsonl")
+    err = one_error_line(prune_main("compare", path, tmp_path / "b"))
+    assert err == f"error: {path} is one task's samples file: give the folder that holds it ({tmp_path / 'a'})"
 
 
 def test_samples_file_that_is_not_a_regular_file_is_refused(tmp_path):

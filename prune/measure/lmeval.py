@@ -111,7 +111,7 @@ def shots_of(task_default: int | None, asked: int | None) -> int:
 
 def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_fewshot: int | None = None,
                 fewshot_from_scored_split: bool = False, quiet: bool | None = None, limit: int | float | None = None,
-                limit_name: str = "evaluate.limit") -> list[str]:
+                limit_name: str = "evaluate.limit", local_alias: bool = False) -> list[str]:
     """Every task problem as one ``PruneError`` line, before any model is loaded (module docstring);
     loads each task's data once (lm-eval's ``TaskManager.load``). Under a launcher, a task whose examples
     (after ``limit``, named ``limit_name``) are fewer than the processes is refused: a process left without
@@ -121,7 +121,8 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
     check_limit_over_ranks(limit, limit_name)  # before any task data loads
     names, manager = resolve_tasks(tasks, data_dir_path=data_dir_path, task_dirs=task_dirs)
     offline = any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    notes = [f"lm-eval: {asked} runs the local copy {name} (from {data_dir(data_dir_path)}/tasks), reported as {name}"
+    notes = [f"lm-eval: {asked} runs the local copy {name} (from {data_dir(data_dir_path)}/tasks), reported as "
+             f"{reported_name(name, local_alias)}"
              for asked, name in zip(tasks, names) if asked != name]
     for asked, name in zip(tasks, names):
         loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("lm_eval")]

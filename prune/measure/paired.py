@@ -37,6 +37,7 @@ counted (``n_a``, ``n_b``); a row with fewer than 2 examples in common is left o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -65,9 +66,9 @@ class Paired:
     se_unpaired: float
     ci_low: float
     ci_high: float
-    right_to_wrong: int | None = None
+    right_to_wrong: int | None = None  # 0/1 scores: right in A, wrong in B; B pooled over seeds: examples B moved below A
     wrong_to_right: int | None = None
-    mcnemar_p: float | None = None
+    mcnemar_p: float | None = None  # McNemar's exact p: the sign test on those two counts
     n_a: int | None = None  # examples A had for this row (``n`` of them in common with B)
     n_b: int | None = None
     proportion: bool | None = None  # every per-example score of both between 0 and 1 (an accuracy's, in points)
@@ -94,7 +95,9 @@ def mcnemar_exact(right_to_wrong: int, wrong_to_right: int) -> float:
     if m == 0:
         return 1.0
     k = min(right_to_wrong, wrong_to_right)
-    return min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m)
+    log_half = m * math.log(0.5)  # each term C(m, i) / 2^m in log space: fast for any m (exact integers took minutes)
+    return min(1.0, 2 * sum(math.exp(math.lgamma(m + 1) - math.lgamma(i + 1) - math.lgamma(m - i + 1) + log_half)
+                            for i in range(k + 1)))
 
 
 def _pair(a, b, task: str, unit: str) -> tuple[np.ndarray, np.ndarray]:
@@ -114,8 +117,11 @@ BOOTSTRAP_MIN = 30
 
 
 def paired_stats(a, b, *, task: str = "", metric: str = "", iters: int = BOOTSTRAP_ITERS, seed: int = 0,
-                 level: float = 0.95) -> Paired:
-    """Paired statistics of per-example scores ``a`` and ``b`` (same examples, same order)."""
+                 level: float = 0.95, sign_test: bool = False) -> Paired:
+    """Paired statistics of per-example scores ``a`` and ``b`` (same examples, same order). 0/1 scores get the
+    flips and McNemar's exact p; with ``sign_test`` (B pooled over seeds), scores that are not 0/1 get the same
+    test on the examples B moved below and above A (McNemar's is that sign test on the flips), so a row whose
+    bootstrap interval rests on a handful of moved questions is marked (:attr:`Paired.disagrees`)."""
     a, b = _pair(a, b, task, "example")
     n = a.size
     d = b - a
@@ -143,6 +149,9 @@ def paired_stats(a, b, *, task: str = "", metric: str = "", iters: int = BOOTSTR
         both = int(((a == 1) & (b == 1)).sum())
         out.ci_low, out.ci_high = newcombe_paired(both, out.right_to_wrong, out.wrong_to_right,
                                                   n - both - out.right_to_wrong - out.wrong_to_right, level)
+    elif sign_test:
+        out.right_to_wrong, out.wrong_to_right = int((d < 0).sum()), int((d > 0).sum())
+        out.mcnemar_p = mcnemar_exact(out.right_to_wrong, out.wrong_to_right)
     return out
 
 
@@ -264,22 +273,29 @@ def row_name(metric: str, filt: str) -> str:
 
 
 #: what lm-eval hashes per example: the document (dataset row), the prompt the model saw (few-shot
-#: examples, chat template, the task version's wording) and the target; two runs answered the same
-#: question when all three agree (a file without one of them is not checked on it)
+#: examples, chat template, the task version's wording) and the target; with the requests the model was sent
+#: (``arguments``: each answer choice's continuation, or the generation settings), two runs answered the same
+#: question when all four agree (a file without one of them is not checked on it). A task version that changes
+#: only how answers are scored (a filter, a metric's options) is not seen here.
 QUESTION_HASHES = ("doc_hash", "prompt_hash", "target_hash")
+QUESTION_PARTS = QUESTION_HASHES + ("arguments",)
 
 
 def question(record: dict) -> tuple:
-    """The hashes of :data:`QUESTION_HASHES` of one sample record (None where it has none)."""
-    return tuple(record.get(h) for h in QUESTION_HASHES)
+    """The hashes of :data:`QUESTION_HASHES` of one sample record and a digest of its ``arguments`` (None where
+    it has none)."""
+    args = record.get("arguments")
+    digest = None if args is None else hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode()).hexdigest()
+    return tuple(record.get(h) for h in QUESTION_HASHES) + (digest,)
 
 
 def check_same_question(task: str, doc_id, first: tuple, other: tuple, between: str) -> None:
-    """One line when two records of example ``doc_id`` hold another document, prompt or target."""
-    for name, x, y in zip(QUESTION_HASHES, first, other):
+    """One line when two records of example ``doc_id`` hold another document, prompt, target or request."""
+    for name, x, y in zip(QUESTION_PARTS, first, other):
         if x is not None and y is not None and x != y:
             what = {"doc_hash": "another document", "prompt_hash": "another prompt: few-shot examples, chat template "
-                    "or task version", "target_hash": "another target"}[name]
+                    "or task version", "target_hash": "another target",
+                    "arguments": "other requests: answer choices or generation settings, another task version"}[name]
             raise PruneError(f"{task}: example {doc_id} differs between {between} ({what}): "
                              "they did not answer the same questions")
 
@@ -302,9 +318,12 @@ def per_example(records: list[dict], task: str = "task", quiet: bool | None = No
     sample records (:func:`question`)."""
     out: dict[str, dict] = {}
     undefined: dict[str, int] = {}
+    textual: dict[str, list] = {}  # a value where a number belongs: text or null (lists and objects are lm-eval's own)
     for (doc_id, filt), r in _records_by_example(task, records).items():
         for metric in r.get("metrics", []):
             value = score(r.get(metric))
+            if value is None and (r.get(metric) is None or isinstance(r.get(metric), str)):
+                textual.setdefault(row_name(PER_EXAMPLE_NAMES.get(metric, metric), filt), []).append(r.get(metric))
             if value is not None:
                 name = row_name(PER_EXAMPLE_NAMES.get(metric, metric), filt)
                 if not math.isfinite(value):  # NaN made the row's mean, interval and flips NaN
@@ -313,6 +332,9 @@ def per_example(records: list[dict], task: str = "task", quiet: bool | None = No
                 out.setdefault(name, {})[doc_id] = (question(r), value)
     for name, count in undefined.items():
         say(f"{task} {name}: {count} example(s) scored NaN or inf, left out of the paired comparison", quiet)
+    for name, values in textual.items():
+        say(f"{task} {name}: {len(values)} example(s) hold no number (e.g. {json.dumps(values[0])}), left out of the "
+            "paired comparison", quiet)
     return out
 
 
@@ -343,7 +365,7 @@ def mean_samples(runs: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
                 check_same_question(task, key[0], question(first), question(r), "the runs")
             metrics = [m for m in first.get("metrics", []) if all(score(r.get(m)) is not None for r in found)]
             records.append({"doc_id": key[0], "filter": key[1], **{h: first.get(h) for h in QUESTION_HASHES},
-                            "metrics": metrics, **{m: sum(score(r[m]) for r in found) / len(found) for m in metrics}})
+                            "arguments": first.get("arguments"), "metrics": metrics, **{m: sum(score(r[m]) for r in found) / len(found) for m in metrics}})
         out[task] = records
     return out
 
@@ -358,9 +380,10 @@ def some(names, limit: int = 10) -> str:
 
 
 def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters: int = BOOTSTRAP_ITERS,
-                    seed: int = 0, quiet: bool | None = None) -> list[Paired]:
+                    seed: int = 0, quiet: bool | None = None, sign_test: bool = False) -> list[Paired]:
     """Paired statistics per task and metric (of each answer filter) of two ``{task: sample records}``
-    (B against A), over the examples both have; ``quiet``: no notes of what is left out."""
+    (B against A), over the examples both have; ``quiet``: no notes of what is left out; ``sign_test``: B is
+    pooled over seeds (:func:`paired_stats`)."""
     common = [t for t in a if t in b]
     if not common:
         raise PruneError(f"no task in common: A has {some(a)}, B has {some(b)}: compare evaluations of the same tasks")
@@ -385,7 +408,7 @@ def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters
                     "too few to pair, left out of the paired comparison", quiet)
                 continue
             row = paired_stats([ea[metric][k][1] for k in keys], [eb[metric][k][1] for k in keys], task=task,
-                               metric=metric, iters=iters, seed=seed)
+                               metric=metric, iters=iters, seed=seed, sign_test=sign_test)
             row.n_a, row.n_b = len(ea[metric]), len(eb[metric])
             out.append(row)
     return out
@@ -544,6 +567,7 @@ def samples_folder(path: str | Path, which: str = "pruned") -> Path:
     """The folder of lm-eval samples meant by ``path``: a ``prune run`` folder (its ``eval/<which>``),
     an lm-eval output folder holding one model's subfolder, or a folder of ``samples_*.jsonl``."""
     path = Path(path).expanduser()
+    check_not_one_samples_file(path)
     if path.is_file():  # prune compare takes a fidelity JSON file too: say which of the two it is not
         if fidelity_of(path) is not None:
             raise PruneError(f"{path} holds a fidelity record but no lm-eval samples: compare it with another fidelity "
@@ -586,8 +610,28 @@ def read_regular_text(path: Path, what: str = "samples file") -> str:
 
 
 def load_samples(folder: Path) -> dict[str, list[dict]]:
-    """``{task: sample records}`` of the newest samples file of each task in ``folder`` (:func:`read_samples`)."""
-    return {task: read_samples(read_regular_text(p).splitlines(), p) for task, p in latest_samples(folder).items()}
+    """``{task: sample records}`` of the newest samples file of each task in ``folder`` (:func:`read_samples`);
+    an empty file is named and its task left out."""
+    out = {}
+    for task, path in latest_samples(folder).items():
+        records = read_samples(read_regular_text(path).splitlines(), path)
+        if records:
+            out[task] = records
+        else:
+            say(f"{path} holds no examples (an empty samples file): {task} left out of the paired comparison")
+    return out
+
+
+def check_distinct(a: Path, bs: list[Path]) -> None:
+    """One line when A is among the B folders, or a B is given twice: a model compared with itself shows no
+    difference, and a seed given twice shows no spread between seeds."""
+    seen = {a.resolve(): "A"}
+    for i, b in enumerate(bs, 1):
+        name = "B" if len(bs) == 1 else f"B{i}"
+        if b.resolve() in seen:
+            raise PruneError(f"{name} ({b}) is the same evaluation as {seen[b.resolve()]}: give {'two' if len(bs) == 1 else 'distinct'} "
+                             "evaluations")
+        seen[b.resolve()] = name
 
 
 def has_samples(path: str | Path, which: str = "pruned") -> bool:
@@ -599,10 +643,17 @@ def has_samples(path: str | Path, which: str = "pruned") -> bool:
         return False
 
 
+def check_not_one_samples_file(path: Path) -> None:
+    """One line when ``path`` is one of lm-eval's ``samples_<task>_<time>.jsonl``: the comparison reads a folder."""
+    if path.is_file() and path.name.startswith("samples_") and path.suffix == ".jsonl":
+        raise PruneError(f"{path} is one task's samples file: give the folder that holds it ({path.parent})")
+
+
 def fidelity_of(path: str | Path) -> dict | None:
     """The fidelity measure, with its per-window values, of the model a run folder saved (its eval.json's
     ``pruned``: healed, if it was) or of a ``prune eval --output`` JSON file; None when there is none."""
     path = Path(path).expanduser()
+    check_not_one_samples_file(path)
     file = path / "eval.json" if path.is_dir() else path
     if not file.is_file():
         return None
@@ -689,10 +740,12 @@ def compare_pooled(a: str | Path, bs: list[str | Path], *, iters: int = BOOTSTRA
     per-example mean (:func:`mean_samples`), and each B's own task-average difference to A (B_i - A, NaN
     without an average) on the same examples: the spread between seeds, which the pooled interval leaves
     out (it counts the sampling of the questions, for these seeds)."""
-    runs = [load_samples(samples_folder(b)) for b in bs]
+    folders = [samples_folder(b) for b in bs]
+    check_distinct(samples_folder(a), folders)
+    runs = [load_samples(f) for f in folders]
     ref = load_samples(samples_folder(a))
     pooled = mean_samples(runs)
-    rows = compare_samples(ref, pooled, iters=iters, seed=seed)
+    rows = compare_samples(ref, pooled, iters=iters, seed=seed, sign_test=True)
     keys = {task: set(_records_by_example(task, recs)) for task, recs in pooled.items()}
     each = []
     for run in runs:
@@ -716,5 +769,8 @@ def compare_folders(a: str | Path, b: str | Path | list[str | Path] | None = Non
         return compare_samples(load_samples(fa), load_samples(fb), iters=iters, seed=seed)
     if isinstance(b, list) and len(b) > 1:
         return compare_pooled(a, b, iters=iters, seed=seed)[0]
-    other = load_samples(samples_folder(b[0] if isinstance(b, list) else b))  # B first: its problem is named first
-    return compare_samples(load_samples(samples_folder(a)), other, iters=iters, seed=seed)
+    fb = samples_folder(b[0] if isinstance(b, list) else b)  # B first: its problem is named first
+    fa = samples_folder(a)
+    check_distinct(fa, [fb])
+    other = load_samples(fb)
+    return compare_samples(load_samples(fa), other, iters=iters, seed=seed)

@@ -159,7 +159,8 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
                      flag="--output-path")
     if cfg.tasks:
         L.check_tasks(cfg.tasks, data_dir_path=cfg.data_dir, task_dirs=cfg.task_dirs, num_fewshot=cfg.num_fewshot,
-                      fewshot_from_scored_split=cfg.fewshot_from_scored_split, quiet=quiet)  # fail before loading
+                      fewshot_from_scored_split=cfg.fewshot_from_scored_split, quiet=quiet,
+                      local_alias=cfg.local_alias)  # fail before loading
     config = preflight_model(src, trust_remote_code, [("--seq-len", ppl.seq_len if ppl else None)])
     if original is not None:  # one vocabulary, or no KL between them: refused before either model loads
         base_config = preflight_model(resolve_source(original), trust_remote_code)

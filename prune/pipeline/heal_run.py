@@ -386,7 +386,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
 
         check_tasks(eval_cfg.tasks, data_dir_path=eval_cfg.data_dir, task_dirs=eval_cfg.task_dirs,
                     num_fewshot=eval_cfg.num_fewshot, fewshot_from_scored_split=eval_cfg.fewshot_from_scored_split,
-                    limit=eval_cfg.limit, quiet=quiet)
+                    limit=eval_cfg.limit, quiet=quiet, local_alias=eval_cfg.local_alias)
     model_cfg = recipe.model if recipe else None
     dtype = model_cfg.dtype if model_cfg else "auto"
     trust = trust_remote_code  # never from RUN_DIR/recipe.yaml: a downloaded folder cannot grant itself code

@@ -109,7 +109,7 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
             raise PruneError("a run evaluates the model in memory (evaluate.model hf, no model_args); evaluate the saved "
                              f"folder with another backend afterwards: prune eval OUTPUT --model {ev.model} --model-args ...")
         check_tasks(ev.tasks, data_dir_path=ev.data_dir, task_dirs=ev.task_dirs, num_fewshot=ev.num_fewshot,
-                    fewshot_from_scored_split=ev.fewshot_from_scored_split, limit=ev.limit)
+                    fewshot_from_scored_split=ev.fewshot_from_scored_split, limit=ev.limit, local_alias=ev.local_alias)
     if sel.strategy == "search" and sel.proxy_task:  # the search's task floor: an unknown task fails now
         from prune.measure.lmeval import check_tasks
 
