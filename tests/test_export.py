@@ -99,7 +99,23 @@ def test_card_rendering_matches_pruning_json(two_steps):
     # the parameter and layer counts alone are no evaluation: the card said "measured side by side in one run"
     counts = [r for r in evaluation["rows"] if r["metric"] == "count"]
     bare = render_card(read_record(out / "pruning.json"), rows=counts, recipe_yaml=(out / "recipe.yaml").read_text())
-    assert counts and "No evaluation was run" in bare and "measured side by side" not in bare
+    assert counts and "No evaluation of this checkpoint was run (its recipe's `evaluate` section was not run on it" in bare
+    assert "measured side by side" not in bare and "the recipe has no `evaluate` section" not in bare
+
+
+def test_save_of_a_model_loaded_from_a_pruned_folder_extends_its_lineage(two_steps, tmp_path):
+    """``prune.save(pruning={"removed": [1]})`` of a model loaded from a pruned folder, without ``source=``, recorded
+    a first step from an unknown 6-block original; the model knows the folder it was loaded from."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, first, _ = two_steps
+    parent = read_record(first.out_dir / "pruning.json")
+    model = AutoModelForCausalLM.from_pretrained(first.out_dir)
+    prune.remove_layers(model, [1])
+    out = prune.save(model, AutoTokenizer.from_pretrained(first.out_dir), tmp_path / "again", pruning={"removed": [1]})
+    record = read_record(out / "pruning.json")
+    assert record.step == 2 and record.removed_original == [parent.kept_original[1]]
+    assert record.original.n_layers == parent.original.n_layers and record.created
 
 
 # ---- lineage -------------------------------------------------------------------------------
@@ -248,6 +264,23 @@ def test_base_model_only_for_hub_sources():
     for kind in ({"kind": "folder", "path": "/models/x"}, {"kind": "gguf", "path": "/m", "gguf_file": "x.gguf"}):
         data = card_data(_record(kind, str(ROOT / "README.md"))).to_dict()
         assert "base_model" not in data and "base_model_relation" not in data and "datasets" not in data
+
+
+def test_a_healed_model_pruned_again_still_says_its_weights_were_trained():
+    """After ``prune heal`` then ``prune remove``, the card lost the healed tag, the sentence and the Healing
+    section (only the latest step's healing was read): it described trained weights as the original's."""
+    first = _record({"kind": "hub", "path": "org/model"}, "allenai/c4")
+    first.healing = {"method": "lora", "settings": {"method": "lora", "steps": 64}, "kl_after": 0.25}
+    second = extend({"removed": [0], "kept": [1], "layers_before": 2, "layers_after": 1, "params_before": 20,
+                     "params_after": 10, "command": "remove"}, first, ModelSource(kind="folder", path="/runs/healed"))
+    assert second.healing is None and second.history[-1].healing
+    text = render_card(second, model_name="m")
+    assert "healed" in card_data(second).to_dict()["tags"]
+    assert "The step-1 model was healed (trained briefly) before this step's pruning" in text
+    assert "## Healing" in text and "The step-1 model was healed before a later step removed more blocks" in text
+    assert "method = lora, steps = 64" in text and "step 1 → `healing`" in text
+    assert "one_shot / bi, then healed (lora)" in text  # the lineage table's step 1
+    assert "then healed" not in render_card(_record({"kind": "hub", "path": "org/model"}, "allenai/c4"), model_name="m")
 
 
 def test_rendered_card_front_matter_for_hub_source_round_trips(tmp_path):

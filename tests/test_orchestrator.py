@@ -46,6 +46,9 @@ def test_in_memory_and_sequential_runs_write_the_same_folder(tiny_folder, tmp_pa
     assert sorted(ta) == sorted(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
     card = (seq.out_dir / "README.md").read_text()
     assert "layer-pruned" in card and "| layers | count |" in (seq.out_dir / "eval.md").read_text()
+    # the saved dtype is on both cards (out of core with output.dtype auto, the card was rendered before it was known)
+    dtype_line = [line for line in (mem.out_dir / "README.md").read_text().splitlines() if "Saved dtype" in line]
+    assert dtype_line == ["- **Saved dtype**: `float32`"] and dtype_line[0] in card and b["dtype"] == "float32"
 
 
 def test_push_to_hub_is_attempted_after_a_sequential_run(tiny_folder, tmp_path, monkeypatch):

@@ -296,7 +296,7 @@ def test_heal_keeps_the_lineage_and_writes_a_card(chain):
     assert card.data.base_model == "me/tiny-step2" and card.data.base_model_relation == "finetune"
     assert "healed" in card.data.tags and "## Healing" in card.text
     assert "The pruned model ([me/tiny-step2](https://huggingface.co/me/tiny-step2)) was then healed" in card.text
-    assert "| 2 | `step1` (local folder) | by hand (prune remove) | 6 → 5 | `[3]` | `[5]` |" in card.text
+    assert "| 2 | `step1` (local folder) | by hand (prune remove), then healed (lora) | 6 → 5 | `[3]` | `[5]` |" in card.text
     assert check_checkpoint(chain["step3"], require_export=True).ok
 
 
@@ -523,6 +523,25 @@ def test_mergekit_slices_cover_exactly_the_kept_blocks(chain, tmp_path, capsys):
         blocks_from_slices("{slices: [], slices: []}", 8)
 
 
+def test_mergekit_files_and_slices_name_the_right_model(chain, tmp_path, capsys):
+    """A mergekit.yaml written into the run folder (which prune push uploads) held --model's absolute path; slices
+    written for the original (its block numbers) were applied to an already pruned folder, removing other blocks."""
+    copy = Path(shutil.copytree(chain["step2"], tmp_path / "step2"))
+    assert prune_main(["export-mergekit", str(copy), "--model", str(chain["source"])]) == 0
+    text = (copy / "mergekit.yaml").read_text()
+    assert str(chain["source"]) not in text and f"model: <local>/{chain['source'].name}" in text
+    assert "set `model` to its path before running" in text
+    assert prune_main(["export-mergekit", str(copy), "--model", str(chain["source"]), "-o", str(tmp_path / "mine.yaml")]) == 0
+    assert str(chain["source"]) in (tmp_path / "mine.yaml").read_text()  # a file of one's own keeps the path
+    capsys.readouterr()
+    # the slices name the original: applied to the step-1 folder (pruned, its own numbering) they are refused
+    assert prune_main(["remove", str(chain["step1"]), "--slices", str(tmp_path / "mine.yaml"), "-o", str(tmp_path / "wrong")]) == 2
+    assert f"--slices name the model {chain['source']}, but {chain['step1']} is a pruned model" in capsys.readouterr().err
+    assert not (tmp_path / "wrong").exists()
+    assert prune_main(["remove", str(chain["source"]), "--slices", str(tmp_path / "mine.yaml"), "-o", str(tmp_path / "right")]) == 0
+    assert read_record(tmp_path / "right" / "pruning.json").removed == read_record(chain["step2"] / "pruning.json").removed_original_all
+
+
 def test_mergekit_export_of_a_position_dependent_moe_layout(tmp_path, capsys):
     """Qwen3-MoE decides dense or sparse by the block's position: a passthrough merge keeps the original's config
     (num_hidden_layers alone changed), so it rebuilds the kept blocks only where that gives each its kind. The
@@ -642,6 +661,17 @@ def test_check_compares_the_record_and_the_card_files_with_the_folder(chain, tmp
         found = check_checkpoint(folder, require_export=True)
         assert [f.message for f in found.problems] == [f"pruning.json {expected} {record['params_after']:,}"
                                                        if "parameters" in expected else f"pruning.json {expected}"]
+    # the steps of a lineage join up: each edit below passed the check, and push published it on the card
+    two = json.loads((chain["step2"] / "pruning.json").read_text())
+    assert check_checkpoint(chain["step2"], require_export=True).ok
+    for change, expected in ((dict(step=7), "records step 7 but holds 1 earlier step(s) in its history"),
+                             (dict(params_before=999999), "records 999,999 parameters before step 2 but step 1 left"),
+                             (dict(original={**two["original"], "params": 1}),
+                              "records the original's parameters as 1 but its first step started from")):
+        folder = Path(shutil.copytree(chain["step2"], tmp_path / f"chain-{next(iter(change))}"))
+        (folder / "pruning.json").write_text(json.dumps({**two, **change}))
+        [problem] = check_checkpoint(folder, require_export=True).problems
+        assert problem.message.startswith(f"pruning.json {expected}"), problem.message
     # free-form sections in shapes prune never writes: push --dry-run raised KeyError / ValueError (exit 1)
     for change in (dict(msrs_before={"foo": 1}), dict(healing={"method": "lora"}),
                    dict(selection={**record["selection"], "strategy": "contiguous",

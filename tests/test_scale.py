@@ -470,7 +470,8 @@ def test_cli_remove_writes_the_pruned_checkpoint(tokenizers_by_bos, tmp_path, ca
     model, _, folder = saved(tmp_path, "phi3", tokenizers_by_bos)
     assert main(["remove", str(folder), "--blocks", "2-3,5", "-o", str(tmp_path / "out")]) == 0
     assert "without blocks [2, 3, 5]" in capsys.readouterr().out
-    assert json.loads((tmp_path / "out" / "pruning.json").read_text())["removed"] == [2, 3, 5]
+    record = json.loads((tmp_path / "out" / "pruning.json").read_text())
+    assert record["removed"] == [2, 3, 5] and record["created"].startswith("20")  # dated, as a run's record (null)
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert again.config.num_hidden_layers == 5
     capsys.readouterr()  # the load's progress bar
@@ -567,6 +568,9 @@ def test_run_sequential_equals_run_in_memory(tokenizers_by_bos, tmp_path, capsys
         a, b = all_tensors(outs["in_memory"]), all_tensors(outs["sequential"])
         assert {t.dtype for t in b.values()} == {saved} and sorted(a) == sorted(b)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+        saved_name = json.loads((outs["sequential"] / "pruning.json").read_text())["dtype"]
+        assert saved_name == str(saved).removeprefix("torch.")  # the card says it too, rendered before the shards
+        assert f"**Saved dtype**: `{saved_name}`" in (outs["sequential"] / "README.md").read_text(), name
         return outs["sequential"]
 
     # loaded in bfloat16, output.dtype auto: both save what they loaded (out of core saved the stored float32)
@@ -582,6 +586,7 @@ def test_run_sequential_equals_run_in_memory(tokenizers_by_bos, tmp_path, capsys
     config = json.loads((named / "config.json").read_text())
     (named / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
     both_plans(named, "auto-f32", None, "float32", torch.float32)
+    both_plans(named, "auto-auto", None, None, torch.bfloat16)  # as the config names it (the card had no dtype)
 
 
 def test_run_auto_chooses_sequential_when_memory_is_short(tokenizers_by_bos, tmp_path, capsys):

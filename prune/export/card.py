@@ -136,7 +136,7 @@ def card_data(pruning: PruningRecord | dict, eval_results=None, model_name: str 
         tag = METRIC_TAGS.get(step.metric or "")
         if tag and tag not in tags:
             tags.append(tag)
-    if record.healing and "healed" not in tags:
+    if any(step.healing for step in steps) and "healed" not in tags:  # a healed model pruned again: still trained
         tags.append("healed")
     if getattr(record, "adapter", None):
         tags += ["lora", "peft"]
@@ -175,10 +175,12 @@ def method_line(step: PruningStep) -> str:
 
 def short_method(step: PruningStep) -> str:
     if not step.selection:
-        return "by hand (prune remove)" if step.command == "remove" else "?"
+        by = "by hand (prune remove)" if step.command == "remove" else "?"
+        return by + (f", then healed ({step.healing.get('method', '?')})" if step.healing else "")
     from prune.core.tables import md_text  # a table cell: a record's strings may hold anything
 
-    return md_text(f"{step.strategy or '?'}" + (f" / {step.metric}" if step.metric else ""))
+    healed = f", then healed ({step.healing.get('method', '?')})" if step.healing else ""
+    return md_text(f"{step.strategy or '?'}" + (f" / {step.metric}" if step.metric else "") + healed)
 
 
 def source_name(source: SourceRecord | None, repo_id: str | None = None) -> str:
@@ -279,8 +281,9 @@ def chosen_heal_settings(settings: dict) -> dict:
             and (k == "method" or k not in fields or fields[k].default != v)}
 
 
-def healing_text(healing: dict | None) -> str | None:
-    """Healing as bullets: the heal settings other than the defaults, then what the healing step recorded."""
+def healing_text(healing: dict | None, step: int | None = None) -> str | None:
+    """Healing as bullets: the heal settings other than the defaults, then what the healing step recorded;
+    ``step``: the earlier step it healed, when this checkpoint was pruned again after it."""
     if not healing:
         return None
     lines = ["Settings other than the defaults: "
@@ -299,6 +302,11 @@ def healing_text(healing: dict | None) -> str | None:
             lines.append(f"{key}: {[_scalar(v) for v in value]}")
     how = ("refitted by least squares after pruning, with no training" if healing["method"] == "bridge"
            else "trained after pruning")
+    if step is not None:
+        return (f"The step-{step} model was healed before a later step removed more blocks:\n\n"
+                + "\n".join(f"- {line}" for line in lines) + "\n\nThe kept blocks carry the weights the healing "
+                f"{'refitted' if healing['method'] == 'bridge' else 'trained'} (details in `pruning.json` → `history`, "
+                f"step {step} → `healing`).")
     return "\n".join(f"- {line}" for line in lines) + f"\n\nWeights of this checkpoint were {how} " \
         "(details in `pruning.json` → `healing`)."
 
@@ -347,12 +355,16 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
                f"({kept_words}){f', in {len(steps)} pruning steps' if len(steps) > 1 else ''}, made with `prune`.")
     if original and original.source and original.source.kind == "gguf":
         summary += " The GGUF weights were dequantized on load; this checkpoint stores them unquantized (safetensors)."
-    if record.healing:
-        repo = (record.healing or {}).get("from_repo")
+    healed = [i for i, s in enumerate(steps) if s.healing]  # a healed model pruned again keeps trained weights
+    if healed:
+        at = steps[healed[-1]]
+        repo = at.healing.get("from_repo")
         healed_from = f" ({source_name(None, repo)})" if repo else ""
         how = ("a least-squares bridge folded into the block before each cut, nothing trained"
-               if record.healing["method"] == "bridge" else "trained briefly")
-        summary += f" The pruned model{healed_from} was then healed ({how}; see Healing)."
+               if at.healing["method"] == "bridge" else "trained briefly")
+        summary += (f" The pruned model{healed_from} was then healed ({how}; see Healing)." if at is record else
+                    f" The step-{healed[-1] + 1} model was healed ({how}) before this step's pruning; its weights "
+                    "are those (see Healing).")
     adapter = getattr(record, "adapter", None)
     if adapter:
         summary += (" This folder holds only the LoRA adapter of the healing: load it on top of the pruned base "
@@ -384,7 +396,9 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
         # counts alone are no evaluation (every run has them): the card then says none was run
         table=comparison_markdown(rows) if any(r.get("metric") != "count" for r in rows or ()) else None,
         eval_settings=eval_settings_line(settings),
-        earlier_tables=earlier_tables, healing=healing_text(record.healing),
+        earlier_tables=earlier_tables,
+        healing=healing_text(steps[healed[-1]].healing, None if steps[healed[-1]] is record else healed[-1] + 1)
+        if healed else None, recipe_evaluates=bool((record.recipe or {}).get("evaluate")),
         load_id=load_id or "path/to/this/folder", revision=revision, adapter=adapter,
         base_id=(adapter or {}).get("base") or record.base_model or "path/to/pruned/base",
         recipe=(recipe_yaml or "").strip(), earlier_recipes=earlier_recipes, versions=versions_line(record.versions),

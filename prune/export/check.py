@@ -527,6 +527,22 @@ def _record_disagreement(record, config, facts: dict) -> str | None:
     code = next((name for name in FLOAT_DTYPES if str(DTYPES[name]) == f"torch.{record.dtype}"), None)
     if code and floats and code not in floats:
         return f"records the weights saved as {record.dtype} but they are stored as {'/'.join(sorted(floats))}"
+    return _chain_disagreement(record)
+
+
+def _chain_disagreement(record) -> str | None:
+    """Where the steps of a lineage do not join up (the card and a push repeat them): a step number other than its
+    place, a step's parameters before other than the previous step's after, the original's other than the first's."""
+    steps = record.chain()
+    if record.step is not None and record.step != len(steps):
+        return f"records step {record.step} but holds {len(steps) - 1} earlier step(s) in its history"
+    for earlier, later in zip(steps, steps[1:]):
+        if None not in (earlier.params_after, later.params_before) and earlier.params_after != later.params_before:
+            return (f"records {later.params_before:,} parameters before step {steps.index(later) + 1} but step "
+                    f"{steps.index(earlier) + 1} left {earlier.params_after:,}")
+    first, original = steps[0], record.original
+    if original is not None and None not in (original.params, first.params_before) and original.params != first.params_before:
+        return f"records the original's parameters as {original.params:,} but its first step started from {first.params_before:,}"
     return None
 
 

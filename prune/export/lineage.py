@@ -194,6 +194,10 @@ def extend(record: PruningRecord | dict, parent: PruningRecord | None, src: Mode
         original = parent.original.model_copy(update=license_now) if parent.original else None
         inherited = hub_id(parent.repo_id) or hub_id(parent.base_model)  # a parent's file may have been edited
     out.step = len(history) + 1
+    if out.created is None:  # prune run dates its record at the start; prune remove and prune.save now
+        import datetime as dt
+
+        out.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     out.kept_original, out.removed_original, out.removed_original_all = original_indices(
         before, kept, removed, previously_removed)
     out.original = original

@@ -172,6 +172,14 @@ def export_mergekit(run_dir: str | os.PathLike, output: str | os.PathLike | None
     config = mergekit_config(record, model, dtype, model_config, original_config(record, model))
     note = ("# mergekit passthrough config for the blocks this model kept (original indices, half-open ranges)\n"
             f"# written by prune from {RECORD_FILE}; run with: mergekit-yaml {out.name} OUTPUT_DIR\n")
+    if model and out.resolve().parent == run.resolve():  # a file of the run folder is published with it (prune push)
+        from prune.export.public import is_local_path, public_path
+
+        if is_local_path(model):
+            for piece in config["slices"]:
+                piece["sources"][0]["model"] = public_path(model)
+            note += (f"# --model was the local folder {public_path(model)}: set `model` to its path before running "
+                     "(a file of the run folder holds no machine-local path)\n")
     source = record.original.source if record.original else None
     if model is None and source is not None and source.kind != "hub":
         note += (f"# the original was the local {source.kind} {source.gguf_file or source.path}: check that `model` names "
@@ -183,6 +191,11 @@ def export_mergekit(run_dir: str | os.PathLike, output: str | os.PathLike | None
 def parse_slices(spec: str | list) -> list[tuple[int, int]]:
     """Half-open ranges from a mergekit config file, its ``slices`` list, or inline YAML such as
     ``[[0, 2], [4, 8]]`` (``[start, end]`` pairs)."""
+    return read_slices(spec)[0]
+
+
+def read_slices(spec: str | list) -> tuple[list[tuple[int, int]], str | None]:
+    """:func:`parse_slices`'s ranges and the model the slices name (None for bare ranges)."""
     from prune.core.yamlsafe import load_yaml
 
     data = spec
@@ -212,7 +225,19 @@ def parse_slices(spec: str | list) -> list[tuple[int, int]]:
         ranges.append((int(item[0]), int(item[1])))
     if len(models) > 1:
         raise PruneError(f"--slices: the slices read {len(models)} different models; a pruning keeps blocks of one")
-    return ranges
+    return ranges, next(iter(models), None)
+
+
+def check_slices_model(named: str | None, model: str, pruned: bool) -> None:
+    """Refuse slices that name another model than MODEL when MODEL is itself a pruned folder: prune export-mergekit
+    writes the original's block numbers and names the original, so they would remove other blocks of MODEL."""
+    if not named or not pruned:
+        return
+    same = named == model or (Path(named).expanduser().exists() and Path(model).expanduser().exists()
+                              and Path(named).expanduser().resolve() == Path(model).expanduser().resolve())
+    if not same:
+        raise PruneError(f"--slices name the model {named}, but {model} is a pruned model (its blocks are numbered after "
+                         f"an earlier pruning): apply them to {named}, or give ranges in {model}'s own numbering")
 
 
 def blocks_from_slices(spec: str | list, n_layers: int) -> list[int]:

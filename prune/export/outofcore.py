@@ -219,6 +219,44 @@ def plan_tensors(sk, kept: list[int]) -> dict[str, list[tuple[str, TensorEntry]]
     return {name: items for name, items in by_shard.items() if items}
 
 
+def conversion(sk, planned: dict, dtype: str | None, through: str | None) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """``(target, via)`` of the copy: the dtype the tensors are written in (None: as stored) and the one they pass
+    through on the way (a load in ``through``, then a save in ``dtype``, as an in-memory run does)."""
+    from prune.core.config import resolve_dtype
+
+    target = resolve_dtype(dtype)
+    target = None if target == "auto" else target
+    if target is None and {e.torch_dtype for items in planned.values() for _, e in items
+                           if getattr(e, "torch_dtype", torch.float32).is_floating_point} - {sk.dtype}:
+        # stored otherwise than a load with dtype auto gives (a mixed checkpoint, or a config that names another
+        # dtype than the tensors'): that dtype, the one prune.save writes after an in-memory run
+        target = sk.dtype
+    via = resolve_dtype(through) if through else None
+    via = sk.dtype if via == "auto" else via  # a load with dtype auto takes the config's (else the stored) dtype
+    via = None if via == target else via
+    if via is not None and target is None:
+        target = sk.dtype
+    return target, via
+
+
+def written_dtype(shards: dict) -> str | None:
+    """The dtype of the floating tensors a copy writes (``{shard: [(name, entry)]}`` after :func:`convert_entries`)."""
+    stored = next((e.torch_dtype for items in shards.values() for _, e in items if e.torch_dtype.is_floating_point), None)
+    return str(stored).removeprefix("torch.") if stored is not None else None
+
+
+def planned_dtype(folder: str | os.PathLike, removed, dtype: str | None, through: str | None,
+                  trust_remote_code: bool = False) -> str | None:
+    """What :func:`prune_checkpoint` of a local ``folder`` will record as the saved dtype, known before anything is
+    written (the card of an out-of-core run is rendered first)."""
+    from prune.model.skeleton import Skeleton
+
+    sk = Skeleton(folder, trust_remote_code=trust_remote_code)  # meta: headers only
+    planned = plan_tensors(sk, complement(len(sk.model.get_submodule(sk.layers_path)), removed))
+    target, via = conversion(sk, planned, dtype, through)
+    return written_dtype({name: convert_entries(items, target, via) for name, items in planned.items()})
+
+
 def prune_checkpoint(
     source: str | os.PathLike,
     removed,
@@ -253,7 +291,6 @@ def prune_checkpoint(
     """
     from transformers import AutoConfig
 
-    from prune.core.config import resolve_dtype
     from prune.io.source import resolve_source
     from prune.model.skeleton import Skeleton
 
@@ -277,27 +314,15 @@ def prune_checkpoint(
         record = as_record(pruning)
     elif pruning is not None:  # lineage first: a record that contradicts the weights fails before writing
         record = remove_record(src, pruning, n_layers, removed, sk, base_model=base_model)
-    target = resolve_dtype(dtype)
-    target = None if target == "auto" else target
     planned = plan_tensors(sk, kept)
-    if target is None and {e.torch_dtype for items in planned.values() for _, e in items
-                           if getattr(e, "torch_dtype", torch.float32).is_floating_point} - {sk.dtype}:
-        # stored otherwise than a load with dtype auto gives (a mixed checkpoint, or a config that names another
-        # dtype than the tensors'): that dtype, the one prune.save writes after an in-memory run
-        target = sk.dtype
-    via = resolve_dtype(through) if through else None
-    via = sk.dtype if via == "auto" else via  # a load with dtype auto takes the config's (else the stored) dtype
-    via = None if via == target else via
-    if via is not None and target is None:
-        target = sk.dtype
+    target, via = conversion(sk, planned, dtype, through)
     shards = {name: convert_entries(items, target, via) for name, items in planned.items()}
     carried = carried_files(folder)  # tokenizer, generation config, ...: links checked before writing
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     for key, value in pruned_config_updates(config, kept).items():
         setattr(config, key, value)
-    stored = next((e.torch_dtype for items in shards.values() for _, e in items if e.torch_dtype.is_floating_point), None)
     if record is not None:
-        record.dtype = str(target or stored).removeprefix("torch.")
+        record.dtype = written_dtype(shards)
         if "README.md" not in (files or {}):
             from prune.export.card import render_card
             from prune.export.public import public_yaml

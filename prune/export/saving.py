@@ -149,6 +149,11 @@ def record_and_card(model, pruning: PruningRecord | dict, out_dir, *, source=Non
 
     n_now = len(decoder_layers(model))
     record = as_record(pruning)
+    loaded_from = Path(str(getattr(model, "name_or_path", "") or "")).expanduser()
+    if source is None and (loaded_from / RECORD_FILE).is_file():  # loaded from a pruned folder: its lineage, not
+        from prune.io.source import resolve_source                 # a first step from an original of its size
+
+        source = resolve_source(str(loaded_from))
     if record.layers_before is None or not record.kept or record.step == 1 and not record.kept_original:
         record = normalize_step(record, n_now)
         if source is not None:  # a pruned source: this step extends its lineage (indices in the original)
@@ -162,6 +167,10 @@ def record_and_card(model, pruning: PruningRecord | dict, out_dir, *, source=Non
     record.dtype = dtype_name(saved_dtype(model, dtype))
     record.command = record.command or "save"
     record.versions = record.versions or versions()
+    if record.created is None:
+        import datetime as dt
+
+        record.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     name = Path(out_dir).name
     card = render_card(record, rows=rows, settings=settings, recipe_yaml=recipe_yaml, model_name=name,
                        load_id=f"path/to/{name}")
@@ -226,7 +235,7 @@ def prepare_export(pruning: PruningRecord | dict, evaluation: dict, recipe, src,
     if recipe is not None:
         if model is not None:
             record.dtype = dtype_name(saved_dtype(model, recipe.output.dtype))
-        else:  # out of core: the shards' own dtype under "auto" is known once they are written
+        elif record.dtype is None:  # out of core: the engine's planned dtype (Sequential.saved_dtype), else the recipe's
             record.dtype = None if out_of_core_dtype(recipe) == "auto" else out_of_core_dtype(recipe)
     push = recipe.output.push_to_hub if recipe is not None else None
     name = Path(out_dir).name

@@ -144,6 +144,14 @@ class Sequential:
         keep = set(kept) if kept is not None else None
         return sum(n for k, n in numel.items() if keep is None or sk.block_of.get(k) is None or sk.block_of[k] in keep)
 
+    def saved_dtype(self) -> str | None:
+        """The dtype the pruned shards will be written in (for the record and card, rendered before they are)."""
+        from prune.export.outofcore import planned_dtype
+        from prune.export.saving import out_of_core_dtype
+
+        return planned_dtype(self.folder, self._removed, out_of_core_dtype(self.recipe), self.recipe.model.dtype,
+                             self.recipe.model.trust_remote_code)
+
     def remove(self, selection: Selection, before_healing=None) -> tuple[list[int], dict | None]:
         self._removed = list(selection.removed)  # no healing out of core (check_sequential_recipe)
         return list(selection.kept), None  # the blocks are left out when the shards are copied (save)
