@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 from prune.choose.registry import names
-from prune.core.errors import PruneError, first_line
+from prune.core.errors import PruneError, called_from_cli, first_line
 from prune.core.config import (
     BOOTSTRAP_ITERS,
     HEAL_METHODS,
@@ -790,9 +790,11 @@ def cmd_compare(args) -> int:
         from prune.measure.paired import task_average
 
         average = task_average(rows) if len({r.task for r in rows}) > 1 else None
+        finite = lambda x: None if isinstance(x, float) and not math.isfinite(x) else x  # noqa: E731  JSON has no NaN
         write_file(args.output, json.dumps({"a": args.a, "b": b, "rows": [r.to_dict() for r in rows],
-                                            "task_average": asdict(average) if average else None,
-                                            "each_b_task_average": each or None,
+                                            "task_average": {k: finite(v) for k, v in asdict(average).items()}
+                                            if average else None,
+                                            "each_b_task_average": [finite(d) for d in each] or None,
                                             "fidelity_rows": [r.to_dict() for r in fid_rows]}, indent=1))
         print(f"comparison written to {args.output}", file=sys.stderr)
     return 0
@@ -904,9 +906,10 @@ def run_command(args) -> int:
     from prune.core.secrets import redact
 
     try:
-        if dist.launched() and rank0_only(args):
-            return dist.on_main(lambda: args.func(args))
-        return args.func(args)
+        with called_from_cli():  # messages name the flags the user typed, not the Python parameters
+            if dist.launched() and rank0_only(args):
+                return dist.on_main(lambda: args.func(args))
+            return args.func(args)
     except (PruneError, OSError, UnicodeError, ValueError) as exc:  # ValueError: pydantic, SafetensorError? see below
         line = input_error(exc)
         if line is None:

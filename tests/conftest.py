@@ -94,7 +94,7 @@ ARCH_CONFIGS: dict[str, dict] = {
                         layer_rope_theta=[10000.0 * (i + 1) for i in range(N_LAYERS)]),
     "lfm2": dict(_COMMON, full_attn_idxs=[1, 4, 6]),  # the other blocks: gated short convolutions
     "qwen3_5_text": dict(_COMMON, head_dim=12, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=12,
-                         linear_value_head_dim=12, full_attention_interval=3),
+                         linear_value_head_dim=12, full_attention_interval=2),  # full attention at 1 3 5 7
     "llama4_text": dict(_COMMON, head_dim=12, intermediate_size_mlp=96, num_local_experts=4, interleave_moe_layer_step=2,
                         attention_chunk_size=16, no_rope_layer_interval=3),
     "phimoe": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2),

@@ -273,7 +273,7 @@ def test_default_strategy_needs_held_out_text_and_says_so_before_loading(tiny_fo
 
 def _windows_fit(heldout_windows, tok, text, n) -> bool:
     try:
-        heldout_windows(tok, text, n, 32, 0, None, 0)
+        heldout_windows(tok, text, n - 1, 32, 0, None, 1)  # n windows in all (none held out is refused)
         return True
     except PruneError:
         return False

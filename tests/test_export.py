@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import re
 import subprocess
@@ -116,6 +117,34 @@ def test_save_of_a_model_loaded_from_a_pruned_folder_extends_its_lineage(two_ste
     record = read_record(out / "pruning.json")
     assert record.step == 2 and record.removed_original == [parent.kept_original[1]]
     assert record.original.n_layers == parent.original.n_layers and record.created
+
+
+def test_save_never_writes_over_or_into_the_folder_the_model_came_from(two_steps, tmp_path):
+    """prune.save replaced the model it was loaded from (overwrite=True), or wrote inside it, even with source=
+    naming it; from Python the message names the parameter, not the CLI's flag."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, first, _ = two_steps
+    folder = Path(shutil.copytree(first.out_dir, tmp_path / "loaded"))
+    model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    prune.remove_layers(model, [1])
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    for out, message in ((folder, "is the folder the model was loaded from"), (folder / "sub", "is inside the folder")):
+        with pytest.raises(PruneError, match=message):
+            prune.save(model, tok, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    prune.save(model, tok, tmp_path / "out")
+    with pytest.raises(PruneError, match=r"already exists \(choose another .* or pass overwrite=True\)"):
+        prune.save(model, tok, tmp_path / "out")
+    # a GGUF source protects its file, as a run does: its folder may hold the output (the first version refused it)
+    gguf = tmp_path / "gguf"
+    gguf.mkdir()
+    (gguf / "m.Q4_1.gguf").write_bytes(b"GGUF")
+    model.name_or_path = str(gguf)
+    prune.save(model, tok, gguf / "pruned", source=ModelSource(kind="gguf", path=str(gguf), gguf_file="m.Q4_1.gguf"))
+    assert (gguf / "pruned" / "config.json").is_file() and (gguf / "m.Q4_1.gguf").read_bytes() == b"GGUF"
 
 
 # ---- lineage -------------------------------------------------------------------------------

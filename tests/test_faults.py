@@ -171,9 +171,10 @@ def test_resume_equals_an_uninterrupted_run(tiny_folder, tmp_path):
 
 def test_resume_refuses_a_changed_recipe_or_nothing_to_resume(tiny_folder, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(PruneError, match=r"nothing to resume: no saved progress at .*\(run without --resume\)"):
+    with pytest.raises(PruneError, match=r"nothing to resume: no saved progress at .*\(run without resume=True\)"):  # Python: its parameter
         prune.run(tiny_recipe(tiny_folder, out), quiet=True, resume=True)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_folder, out))
+    assert "(run without --resume)" in conftest.prune_main("run", recipe, "--resume", "--quiet", check_rc=2).stderr  # the CLI: its flag
     assert prune_cli("run", recipe, "--quiet", fault="selected:kill").returncode == -9
     with pytest.raises(PruneError, match=r"recipe changed since the interrupted run \(sections: select\)"):
         prune.run(recipe, overrides=["select.n_layers=3"], quiet=True, resume=True)

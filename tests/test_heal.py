@@ -59,6 +59,23 @@ def no_adapters(model):
 
 
 # ---- LoRA ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["phimoe", "llama4_text"])
+def test_lora_all_linear_leaves_a_router_that_subclasses_linear_alone(arch, tokenizers_by_bos):
+    """PhiMoE's and Llama 4's routers subclass nn.Linear and return a tuple: peft's all-linear wrapped them and the
+    run failed after scoring with a traceback. The plain linear layers are trained; the routers are left as they were."""
+    from prune.heal.methods import plain_linear
+
+    model = build_model(arch)
+    prune.remove_layers(model, RUN)
+    routers = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not plain_linear(m)}
+    assert routers
+    before = snapshot(model)
+    rec = heal_model(model, tokenizers_by_bos[False], "lora", data=C4_DATA, quiet=True, rank=4, **FAST)
+    no_adapters(model)
+    diff = changed(before, model)
+    assert rec["lora"]["merged"] and diff and not {k for k in diff if k.rsplit(".", 1)[0] in routers}
+
+
 @pytest.mark.filterwarnings("error::FutureWarning", "error:fan_in_fan_out:UserWarning")  # peft's noise under -q
 @pytest.mark.parametrize("arch, extra", [("llama", {}), ("gpt2", {}), ("llama", {"dora": True}),
                                          ("llama", {"lora_init": "olora", "lora_norms": True}),

@@ -318,6 +318,17 @@ def test_the_home_folder_is_never_an_output(model, tmp_path, capsys, monkeypatch
     assert (home / "work").is_dir()
 
 
+def test_an_unfinished_output_is_not_an_input(model, tmp_path, capsys):
+    """A killed run's staging folder (it holds INCOMPLETE, its last file may be cut short) was scored, evaluated and
+    pruned like a model; prune remove then wrote a folder prune check called complete."""
+    staging = Path(shutil.copytree(model, tmp_path / ".out.incomplete-123"))
+    (staging / "INCOMPLETE").write_text("written by prune; a killed run leaves this folder\n")
+    for args in (("score", staging, "--data", WIKI_RAW), ("remove", staging, "--blocks", "3", "-o", tmp_path / "o"),
+                 ("eval", staging, "--perplexity-data", WIKI_RAW)):
+        refused(capsys, *args, match="is an unfinished output (it holds INCOMPLETE")
+    assert not (tmp_path / "o").exists()
+
+
 def test_score_and_eval_never_write_over_an_input_or_an_existing_file(model, tmp_path, capsys):
     weights = model / "model.safetensors"
     before = weights.read_bytes()
@@ -329,6 +340,11 @@ def test_score_and_eval_never_write_over_an_input_or_an_existing_file(model, tmp
             original / "model.safetensors", "--overwrite", match="is inside the original model (--fidelity-to)")
     assert (original / "model.safetensors").read_bytes() == before
     assert weights.read_bytes() == before
+    # another model's files (not an input of this command): --overwrite replaced its weights and config too
+    other = Path(shutil.copytree(model, tmp_path / "other"))
+    for name in ("model.safetensors", "config.json"):
+        refused(capsys, "score", model, "--data", WIKI_RAW, "-o", other / name, "--overwrite", match=f"is a file of a model ({name})")
+        assert (other / name).read_bytes() == (model / name).read_bytes()
     existing = tmp_path / "scores.json"
     existing.write_text("keep me")
     refused(capsys, "score", model, "--data", WIKI_RAW, "-o", existing, match="already exists")

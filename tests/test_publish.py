@@ -471,7 +471,9 @@ def test_mergekit_slices_cover_exactly_the_kept_blocks(chain, tmp_path, capsys):
     assert not (tmp_path / "healed.yaml").exists()
     for bad, message in (("[[0, 3], [2, 5]]", "overlaps"), ("[[0, 9]]", "not inside"), ("[[0, 8]]", "nothing to remove"),
                          ("{slices: [{sources: [{model: a, layer_range: [0, 2]}, {model: b, layer_range: [0, 2]}]}]}",
-                          "exactly one source")):
+                          "exactly one source"),
+                         ("{merge_method: linear, slices: [{sources: [{model: a, layer_range: [0, 2]}]}]}",
+                          "merge_method is 'linear'")):
         with pytest.raises(PruneError, match=message):
             blocks_from_slices(bad, 8)
     # per-layer config lists (sliced by prune, copied unsliced by mergekit), a GGUF original on the Hub: refused
@@ -540,6 +542,14 @@ def test_mergekit_files_and_slices_name_the_right_model(chain, tmp_path, capsys)
     assert not (tmp_path / "wrong").exists()
     assert prune_main(["remove", str(chain["source"]), "--slices", str(tmp_path / "mine.yaml"), "-o", str(tmp_path / "right")]) == 0
     assert read_record(tmp_path / "right" / "pruning.json").removed == read_record(chain["step2"] / "pruning.json").removed_original_all
+    # --model is checked: a missing path, a file, an empty folder, a pruned model (its block count) were written down
+    (tmp_path / "empty").mkdir()
+    for bad, message in ((tmp_path / "nowhere", "is not a model folder"), (chain["source"] / "config.json", "is not a model folder"),
+                         (tmp_path / "empty", "is not a model folder"), (chain["step1"], "has 6 blocks, but the original")):
+        capsys.readouterr()
+        assert prune_main(["export-mergekit", str(copy), "--model", str(bad), "-o", str(tmp_path / "bad.yaml")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bad.yaml").exists()
 
 
 def test_mergekit_export_of_a_position_dependent_moe_layout(tmp_path, capsys):

@@ -164,7 +164,7 @@ def test_preflight_checks_layer_counts_context_tasks_and_output(tmp_path, tiny_f
     with pytest.raises(PruneError, match="unknown lm-eval task 'arc_eazy'.*did you mean arc_easy"):
         check(evaluate__tasks=["arc_eazy"], evaluate__data_dir=str(WIKI_RAW.parent.parent))
     (tmp_path / "out").mkdir()
-    with pytest.raises(PruneError, match="already exists.*--overwrite"):
+    with pytest.raises(PruneError, match=r"already exists.*pass overwrite=True"):  # from Python: the parameter
         check()
 
 
@@ -191,3 +191,22 @@ def test_heal_text_from_another_split_of_the_same_dataset_is_allowed(tiny_folder
     assert load_recipe(write(tmp_path, data)).heal.data.split == "train"
     data["heal"]["data"]["split"] = "test"
     assert "'heal.data' overlaps the perplexity text" in error_of(tmp_path, data)
+
+
+def test_a_wrong_heal_method_lists_every_method_and_rows_say_how_to_quote(tmp_path, tiny_folder):
+    """The method list left out distill (accepted); an unquoted rows value's fix named a made-up slice, not how to
+    quote one on the command line."""
+    data = tiny_recipe(tiny_folder, tmp_path / "o")
+    data["heal"] = {"method": "fo", "data": {"path": str(WIKI_RAW)}}
+    assert "'heal.method': 'fo' is not a healing method: use one of lora, replace, partial, bridge, distill" in error_of(tmp_path, data)
+    data.pop("heal")
+    message = error_of(tmp_path, data, ["calibration.rows=10:50"])
+    assert "YAML read the unquoted value as 650" in message and "--set \"SECTION.rows='0:2000'\"" in message
+
+
+def test_a_cka_batch_larger_than_the_calibration_windows_is_refused_before_loading(tmp_path, tiny_folder):
+    """score.cka_windows above calibration.n_samples failed only once the model had loaded (prune.score's check),
+    naming the Python argument."""
+    data = tiny_recipe(tiny_folder, tmp_path / "o")
+    data["score"] = {"cka_windows": data["calibration"]["n_samples"] + 1}
+    assert "score.cka_windows" in error_of(tmp_path, data) and "calibration.n_samples" in error_of(tmp_path, data)

@@ -85,7 +85,7 @@ def block_kinds(model) -> list[tuple]:
     ("ernie4_5_moe", [6, 7]),       # MoE to the last kept block
     ("glm4_moe", [0, 3]),           # dense below first_k_dense_replace 2: one dense block left
     ("deepseek_v2", [0, 1]),        # no dense block left
-    ("qwen3_5_text", [2, 3]),       # full attention every 3rd, linear attention elsewhere
+    ("qwen3_5_text", [2, 3]),       # full attention every 2nd, linear attention elsewhere
 ])
 def test_position_dependent_layouts_survive_a_cut(arch, removed, tmp_path, tokenizers_by_bos):
     """A block whose MLP (dense or MoE) or attention kind its position decides keeps it after a cut, in memory
@@ -102,6 +102,49 @@ def test_position_dependent_layouts_survive_a_cut(arch, removed, tmp_path, token
     x = torch.arange(3, 23).view(1, 20)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x).logits, again(x).logits, rtol=0, atol=0)
+
+
+def test_per_layer_lists_not_named_layer_are_sliced(tokenizers_by_bos, tmp_path):
+    """Hunyuan-MoE reads moe_topk (and expert sizes) per block from lists whose names do not say "layer": they were
+    not sliced (the rebuild check then failed as an internal error; out of core the wrong top-k was saved)."""
+    from prune.export.outofcore import prune_checkpoint
+
+    topk, sizes = [1, 2] * (N_LAYERS // 2), [32, 16] * (N_LAYERS // 2)
+    model = build_model("hunyuan_v1_moe", moe_topk=topk, moe_intermediate_size=sizes)
+    folder = prune.save(model, tokenizers_by_bos[False], tmp_path / "src")
+    kept = prune.remove_layers(model, [0, 3])
+    assert model.config.moe_topk == [topk[i] for i in kept] and model.config.moe_intermediate_size == [sizes[i] for i in kept]
+    out = prune_checkpoint(folder, [0, 3], tmp_path / "ooc")
+    again = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert again.config.moe_topk == model.config.moe_topk
+    x = torch.arange(3, 23).view(1, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x).logits, again(x).logits, rtol=0, atol=0)
+
+
+def test_a_hybrid_stack_keeps_an_attention_block(tokenizers_by_bos, tmp_path):
+    """LFM2 with its attention blocks 1, 4 and 6 removed (only convolutions left) was saved and passed the check, and
+    generate() with a cache failed in transformers: the cut is refused before anything changes, in memory, out of
+    core, and verified proposes no such set."""
+    from prune.choose.verified import verified
+    from prune.export.outofcore import prune_checkpoint
+
+    model = build_model("lfm2")  # attention at 1 4 6
+    with pytest.raises(PruneError, match=r"the cut removes every attention block of this hybrid stack \(1, 4, 6; the "
+                                         r"rest are conv\).*protect one of them"):
+        prune.remove_layers(model, [1, 4, 6])
+    assert len(decoder_layers(model)) == N_LAYERS
+    folder = prune.save(model, tokenizers_by_bos[False], tmp_path / "src")
+    with pytest.raises(PruneError, match="removes every attention block"):
+        prune_checkpoint(folder, [1, 4, 6], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    windows = torch.arange(3, 35).view(2, 16)
+    scores = prune.score(model, windows, progress=False)
+    with pytest.raises(PruneError, match="removes every attention block"):  # 1-6 is the only set of 6: refused
+        verified(model, scores, windows, 6, progress=False)
+    chosen = verified(model, scores, windows, 4, progress=False, budget=4)
+    assert {1, 4, 6} - set(chosen.removed)
+    assert all({1, 4, 6} - set(c["removed"]) for c in chosen.details["candidates"])
 
 
 def test_a_moe_layout_the_config_cannot_describe_is_refused_before_any_change():

@@ -97,6 +97,23 @@ def test_budget_limits_local_search(setup):
     assert all(r["source"] != "local search" for r in sel.details["candidates"])
 
 
+def test_api_misuse_is_one_line(setup, tokenizers_by_bos):
+    """From Python: no held-out windows (ZeroDivisionError), None (AttributeError), the tokenizer in the model's
+    place (AttributeError), a CKA batch larger than the windows given (accepted, silently another measure)."""
+    from prune import PruneError
+
+    model, scores, held = setup
+    for bad in (held[:0], None):
+        with pytest.raises(PruneError, match="verified ranks its candidates on held-out windows"):
+            verified(model, scores, bad, 2, progress=False)
+    with pytest.raises(PruneError, match="n_heldout=0: held-out windows are a whole number, at least 1"):
+        prune.heldout_windows(tokenizers_by_bos[True], "some text", 4, 16, n_heldout=0)
+    with pytest.raises(PruneError, match="the model to score is a .*, not a model: give the loaded model"):
+        prune.score(tokenizers_by_bos[True], held, progress=False)
+    with pytest.raises(PruneError, match="cka_windows=100 pools more windows into one CKA batch than the 2 given"):
+        prune.score(model, held, cka_windows=100, progress=False)
+
+
 def test_verified_in_a_recipe(tiny_folder, tmp_path, capsys):
     recipe = tiny_recipe(tiny_folder, tmp_path / "out", select={"strategy": "verified", "n_layers": 2, "budget": 2,
                                                                 "heldout_windows": 2})

@@ -274,6 +274,8 @@ def heldout_windows(tokenizer, text: str, n_samples: int, seq_len: int, seed: in
                     n_heldout: int = 8) -> torch.Tensor:
     """``n_heldout`` windows of the calibration text disjoint from :func:`prune.data.calibration_windows`'
     ``n_samples`` (the next windows of the same seeded permutation), in stream order."""
+    if isinstance(n_heldout, bool) or not isinstance(n_heldout, int) or n_heldout < 1:
+        raise PruneError(f"n_heldout={n_heldout!r}: held-out windows are a whole number, at least 1")
     body, bos_id = _window_body(tokenizer, seq_len, bos)
     stream = token_stream(tokenizer, text)
     available = stream.numel() // body

@@ -43,10 +43,11 @@ from prune.choose.strategies import _inject, _keep_inputs, _model_dtype, skip_bl
 from prune.core import dist
 from prune.core.config import VERIFIED_BUDGET
 from prune.core.errors import PruneError
+from prune.core.records import complement
 from prune.measure.fidelity import build_reference, fidelity_window_sums, summary_from_sums
 from prune.measure.paired import paired_t
 from prune.model.capture import BlockStates, measured_in_eval_mode
-from prune.model.loading import decoder_layers, input_device
+from prune.model.loading import cut_without_attention, decoder_layers, input_device
 
 ONE_SHOT = ("bi", "angular", "cka", "msrs")
 
@@ -217,12 +218,20 @@ def verified(model, scores, windows: torch.Tensor, count: int, *, protect=DEFAUL
     """Choose ``count`` blocks by measured fidelity (see module docstring); ``windows`` are held-out
     calibration windows, ``scores`` the full model's scores, ``budget`` the local-search evaluations."""
     started = time.time()
+    if not isinstance(windows, torch.Tensor) or windows.ndim != 2 or windows.shape[0] == 0:
+        raise PruneError("verified ranks its candidates on held-out windows: give a tensor [n_windows, seq_len] of at "
+                         "least one window (prune.heldout_windows), disjoint from the scoring windows")
     L = len(decoder_layers(model))
     if scores.n_layers != L:
         raise PruneError(f"scores describe {scores.n_layers} blocks but the model has {L}")
     prot = resolve_protect(protect, L)
     count = resolve_count(L, count, None, prot)
-    candidates = candidate_sets(scores, count, prot)
+    # a hybrid stack keeps one attention block (transformers cannot generate without): such sets are not candidates
+    usable = lambda blocks: cut_without_attention(model.config, complement(L, blocks)) is None  # noqa: E731
+    proposed = candidate_sets(scores, count, prot)
+    candidates = {b: s for b, s in proposed.items() if usable(b)}
+    if not candidates:
+        raise PruneError(cut_without_attention(model.config, complement(L, next(iter(proposed)))))
     verify = Verifier(model, windows, batch_size, top_k, progress)
     results: dict[tuple[int, ...], dict] = {}
     for blocks in tqdm(list(candidates), desc="verified", unit="set", disable=not progress):
@@ -241,7 +250,7 @@ def verified(model, scores, windows: torch.Tensor, count: int, *, protect=DEFAUL
                             key=lambda n: (scores.block_influence[n], n))[:3]
         for b in best:
             for n in (b - 1, b + 1, *kept_by_bi):
-                if 0 <= n < L and n not in best and n not in prot:
+                if 0 <= n < L and n not in best and n not in prot and usable((set(best) - {b}) | {n}):
                     neighbours.append(tuple(sorted((set(best) - {b}) | {n})))
         for cand in dict.fromkeys(neighbours):
             if searched >= budget:

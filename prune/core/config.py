@@ -196,7 +196,8 @@ def check_rows(rows: str | None) -> str | None:
         return rows
     if not isinstance(rows, str):  # YAML 1.1 reads an unquoted 1:30 as 90 (base 60) and 300: as {300: None}
         raise ValueError(f"rows must be a quoted slice such as '0:2000' (YAML read the unquoted value as {rows!r}); "
-                         "write rows: '1:30'")
+                         "quote it: rows: '0:2000' in a recipe, the value inside the quotes of a --set "
+                         "(--set \"SECTION.rows='0:2000'\")")
     parts = rows.split(":")
     try:
         if len(parts) != 2:
@@ -674,6 +675,14 @@ class HealConfig(Section):
         if isinstance(data, dict) and data.get("method") == "bridge":
             data = {**data, "bridge": data.get("bridge") or "down", "objective": data.get("objective") or "distill"}
         return data
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, value):
+        """The Literal's own message listed every method but distill (converted to a method above)."""
+        if isinstance(value, str) and value not in HEAL_METHODS:
+            raise ValueError(f"{value!r} is not a healing method: use one of {', '.join([*HEAL_METHODS, 'distill'])}")
+        return value
 
     @field_validator("temperature")
     @classmethod

@@ -1,5 +1,12 @@
 """The one exception type users see: a one-line message naming the problem and the fix."""
 
+import contextvars
+from contextlib import contextmanager
+
+#: whether the running code was called by the ``prune`` command (its messages name flags) or from Python
+#: (they name parameters): :func:`spelled`
+_FROM_CLI = contextvars.ContextVar("prune_from_cli", default=False)
+
 
 class PruneError(Exception):
     """A problem with the user's input or environment, reported as one clear line.
@@ -26,3 +33,19 @@ def first_line(exc: BaseException) -> str:
     line when the first only announces it ("Validation error for field 'x':" says nothing by itself)."""
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
     return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+def spelled(cli: str, api: str) -> str:
+    """A setting as the caller wrote it: ``cli`` (``--overwrite``) under the ``prune`` command, ``api``
+    (``overwrite=True``) when Python called the function."""
+    return cli if _FROM_CLI.get() else api
+
+
+@contextmanager
+def called_from_cli():
+    """Messages raised inside name the ``prune`` command's flags (:func:`spelled`)."""
+    token = _FROM_CLI.set(True)
+    try:
+        yield
+    finally:
+        _FROM_CLI.reset(token)

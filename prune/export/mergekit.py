@@ -75,6 +75,29 @@ def original_config(record: PruningRecord, model: str | None = None) -> dict | N
     return data if isinstance(data, dict) else None
 
 
+def check_model_arg(record: PruningRecord, model: str | None, original: dict | None) -> None:
+    """Refuse a ``--model`` that cannot be the original: a local path that is missing or holds no model config,
+    or a model of another block count or type than ``pruning.json``'s original (a Hub id is not checked offline)."""
+    from prune.export.public import is_local_path
+
+    if not model:
+        return
+    path = Path(model).expanduser()
+    if is_local_path(model) or path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise PruneError(f"--model {model} is not a model folder (no config.json there): give the original model's "
+                             "folder or Hub id")
+    if original is None or record.original is None:
+        return
+    n, kind = original.get("num_hidden_layers", original.get("n_layer")), original.get("model_type")
+    if record.original.n_layers is not None and n is not None and n != record.original.n_layers:
+        raise PruneError(f"--model {model} has {n} blocks, but the original this folder was pruned from had "
+                         f"{record.original.n_layers}: give the original model")
+    if record.original.model_type and kind and kind != record.original.model_type:
+        raise PruneError(f"--model {model} is a {kind} model, but the original was a {record.original.model_type}: "
+                         "give the original model")
+
+
 def mergekit_config(record: PruningRecord, model: str | None = None, dtype: str | None = None,
                     config: dict | None = None, original: dict | None = None) -> dict:
     """The passthrough config that rebuilds ``record``'s kept blocks from the original model. Refused
@@ -169,10 +192,12 @@ def export_mergekit(run_dir: str | os.PathLike, output: str | os.PathLike | None
             raise PruneError(f"{run / 'config.json'}: not readable JSON ({exc}); give a folder written by prune") from None
         if not isinstance(model_config, dict):
             raise PruneError(f"{run / 'config.json'}: not a model config (a JSON object); give a folder written by prune")
-    config = mergekit_config(record, model, dtype, model_config, original_config(record, model))
+    original = original_config(record, model)
+    check_model_arg(record, model, original)
+    config = mergekit_config(record, model, dtype, model_config, original)
     note = ("# mergekit passthrough config for the blocks this model kept (original indices, half-open ranges)\n"
             f"# written by prune from {RECORD_FILE}; run with: mergekit-yaml {out.name} OUTPUT_DIR\n")
-    if model and out.resolve().parent == run.resolve():  # a file of the run folder is published with it (prune push)
+    if model and out.resolve().is_relative_to(run.resolve()):  # a file of the run folder is published with it (push)
         from prune.export.public import is_local_path, public_path
 
         if is_local_path(model):
@@ -208,6 +233,10 @@ def read_slices(spec: str | list) -> tuple[list[tuple[int, int]], str | None]:
         except PruneError as exc:
             raise PruneError(f"{exc}; give a mergekit config file or ranges like [[0, 2], [4, 8]]") from None
     if isinstance(data, dict):
+        method = data.get("merge_method", "passthrough")
+        if method != "passthrough":  # a linear or SLERP merge of the slices is not the blocks they name, kept
+            raise PruneError(f"--slices: the config's merge_method is {method!r}; a pruning keeps blocks as they are "
+                             "(merge_method: passthrough)")
         data = data.get("slices")
     if not isinstance(data, list) or not data:
         raise PruneError("--slices: expected a mergekit config with `slices`, or ranges like [[0, 2], [4, 8]]")

@@ -44,7 +44,7 @@ from prune.io.safetensors import (
     local_folder,
 )
 from prune.io.source import ModelSource
-from prune.model.loading import pruned_config_updates
+from prune.model.loading import check_cut_keeps_attention, pruned_config_updates
 from prune.model.surgery import check_indices, query_rescale
 
 #: files never carried over: weights in other formats, the original model card, our own outputs
@@ -319,6 +319,7 @@ def prune_checkpoint(
     shards = {name: convert_entries(items, target, via) for name, items in planned.items()}
     carried = carried_files(folder)  # tokenizer, generation config, ...: links checked before writing
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    check_cut_keeps_attention(config, kept)
     for key, value in pruned_config_updates(config, kept).items():
         setattr(config, key, value)
     if record is not None:

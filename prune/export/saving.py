@@ -63,6 +63,7 @@ def save(
     if pruning is not None and "README.md" not in (files or {}):
         pruning, card = record_and_card(model, pruning, out_dir, source=source, dtype=dtype)
         files = {**(files or {}), "README.md": card}
+    inputs = [*inputs, *own_inputs(model, source)]
     with staged(out_dir, overwrite, inputs) as stage:
         if is_dispatched(model):  # Accelerate's offload hooks untie tied weights after a forward:
             model.tie_weights()  # re-tie, or the tied copy (lm_head) would be saved twice
@@ -138,6 +139,20 @@ def convert_shards(folder: Path, dtype) -> None:
         index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def own_inputs(model, source=None) -> list:
+    """What :func:`save` never replaces nor writes into: the model folder ``model`` was loaded from and the
+    ``source`` named (a GGUF source: the file alone, as a run protects it; its folder may hold the output)."""
+    loaded = str(getattr(model, "name_or_path", "") or "")
+    folder = Path(loaded).expanduser() if loaded else None
+    out = input_paths(folder if folder is not None and (folder / "config.json").is_file() else None,
+                      label="the folder the model was loaded from")
+    if source is not None and source.kind == "gguf":
+        out += input_paths(Path(source.path) / source.gguf_file, label="the source GGUF file")
+    elif source is not None and source.kind == "folder":
+        out += input_paths(source.path, label="the source model")
+    return out
+
+
 def record_and_card(model, pruning: PruningRecord | dict, out_dir, *, source=None, dtype: str | None = None,
                     rows: list[dict] | None = None, settings: dict | None = None, recipe_yaml: str | None = None):
     """``(record, card)`` for :func:`save` from the Python API: ``pruning`` normalised to a
@@ -149,8 +164,9 @@ def record_and_card(model, pruning: PruningRecord | dict, out_dir, *, source=Non
 
     n_now = len(decoder_layers(model))
     record = as_record(pruning)
-    loaded_from = Path(str(getattr(model, "name_or_path", "") or "")).expanduser()
-    if source is None and (loaded_from / RECORD_FILE).is_file():  # loaded from a pruned folder: its lineage, not
+    loaded = str(getattr(model, "name_or_path", "") or "")  # "" (built in memory) is not the working directory
+    loaded_from = Path(loaded).expanduser() if loaded else None
+    if source is None and loaded_from is not None and (loaded_from / RECORD_FILE).is_file():  # its lineage, not
         from prune.io.source import resolve_source                 # a first step from an original of its size
 
         source = resolve_source(str(loaded_from))

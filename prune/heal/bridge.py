@@ -141,6 +141,10 @@ def output_projection(mlp: nn.Module) -> nn.Module | None:
     return None
 
 
+#: the parts of a mixture-of-experts MLP besides its experts that add nothing to the output themselves
+MOE_ROUTING = ("experts", "gate", "router")
+
+
 def fold_targets(block: nn.Module) -> list[nn.Module | nn.Parameter] | None:
     """What ``T`` folds into for ``block``: its MLP's output projection, or every expert's stacked
     down projection (``[experts, hidden, intermediate]``); None where the MLP's output does not reach
@@ -155,8 +159,12 @@ def fold_targets(block: nn.Module) -> list[nn.Module | nn.Parameter] | None:
         return None if proj is None else [proj]
     down = getattr(experts, "down_proj", None)
     hidden = getattr(experts, "hidden_dim", None)
-    if (not isinstance(down, nn.Parameter) or down.dim() != 3 or down.shape[1] != hidden
-            or any(hasattr(mlp, n) for n in ("shared_expert", "shared_experts"))
+    # any part beside the experts and their router adds to the output unfolded: shared experts under any name
+    # (Qwen2-MoE's shared_expert, DeepSeek's shared_experts, Hunyuan's shared_mlp: a bridge fitted on the whole
+    # output and folded into the routed experts alone computed something else)
+    others = {n for n, m in mlp.named_children() if n not in MOE_ROUTING and any(True for _ in m.parameters())}
+    others |= {n for n, _ in mlp.named_parameters(recurse=False)}  # a bias or scale of the MoE's own
+    if (not isinstance(down, nn.Parameter) or down.dim() != 3 or down.shape[1] != hidden or others
             or getattr(experts, "down_proj_bias", None) is not None):
         return None
     return [down]

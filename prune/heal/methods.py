@@ -96,17 +96,22 @@ def training_windows(tokenizer, cfg: HealConfig) -> tuple[torch.Tensor, torch.Te
     return all_windows[order[cfg.val_samples:]], all_windows[order[: cfg.val_samples]]
 
 
+def plain_linear(module: nn.Module) -> bool:
+    """A layer computing ``x W^T + b`` (``nn.Linear``, GPT-2's ``Conv1D``); not a subclass with a forward of its
+    own (Llama 4's and PhiMoE's routers subclass ``nn.Linear`` and return a tuple: LoRA on them failed mid-run)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D) or (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward)
+
+
 def lora_targets_matched(model: nn.Module, targets: list[str] | str) -> list[str]:
     """Names of the modules peft's ``target_modules`` matching would pick (``all-linear``: every
     linear layer but the LM head; a string: a regex matched against full names; a list:
     name suffixes). Raises :class:`PruneError` when a target matches nothing."""
-    from transformers.pytorch_utils import Conv1D
-
-    linear = (nn.Linear, Conv1D)
     output = model.get_output_embeddings()
     names = [(n, m) for n, m in model.named_modules() if n]
     if targets == "all-linear":
-        found = [n for n, m in names if isinstance(m, linear) and m is not output]
+        found = [n for n, m in names if plain_linear(m) and m is not output]
         if not found:
             raise PruneError("heal.target_modules all-linear: the model has no linear layer besides the LM head")
         return found
@@ -116,7 +121,7 @@ def lora_targets_matched(model: nn.Module, targets: list[str] | str) -> list[str
             raise PruneError(f"heal.target_modules regex {targets!r} matches no module name of this model")
         return found
     found = []
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in names if isinstance(m, linear) and m is not output})
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in names if plain_linear(m) and m is not output})
     for t in targets:
         hits = [n for n, _ in names if n == t or n.endswith("." + t)]
         if not hits:
@@ -317,7 +322,9 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
 
     modules = dict(model.named_modules())  # GPT-2's Conv1D stores (in, out): peft sets fan_in_fan_out, with a warning
     conv1d = all(isinstance(modules[n], Conv1D) for n in targets)
-    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.target_modules, lora_dropout=0.0,
+    # all-linear as peft reads it takes every nn.Linear subclass, routers too: the layers matched, by name
+    target_modules = targets if cfg.target_modules == "all-linear" else cfg.target_modules
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=target_modules, lora_dropout=0.0,
                       bias="none", task_type="CAUSAL_LM", use_dora=cfg.dora, fan_in_fan_out=conv1d,
                       init_lora_weights=True if cfg.lora_init == "default" else cfg.lora_init)
     norms = norm_parameters(model) if cfg.lora_norms else {}

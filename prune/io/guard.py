@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from prune.core.errors import PruneError
+from prune.core.errors import PruneError, spelled
 
 #: longest file name most file systems accept (bytes)
 NAME_MAX = 255
@@ -69,6 +70,22 @@ def check_parent(out: Path, what: str = "output") -> None:
         raise PruneError(f"{what} {out}: the folder {parent} is not writable (choose another path or fix permissions)")
 
 
+#: the files that make a folder a model or a run (weights of any name and format among them)
+MODEL_FOLDER_FILES = re.compile(r".*\.(safetensors|bin|gguf|pt|pth|ckpt|msgpack|h5)|"
+                                r"(config|generation_config|pruning|eval|adapter_config|special_tokens_map|"
+                                r"tokenizer(_config)?|model\.safetensors\.index)\.json|recipe\.yaml|eval\.md|README\.md|"
+                                r"tokenizer\.model|merges\.txt|vocab\.\w+|chat_template\.jinja")
+
+
+def is_model_file(path: Path) -> bool:
+    """Whether ``path`` is one of the files of a model or run folder (one with a config.json, pruning.json or
+    adapter_config.json): a one-file output given such a name by mistake is never replaced, even with
+    ``--overwrite`` (a file elsewhere, such as a teacher cache ``teacher.safetensors`` in a folder of its own, is)."""
+    folder = path.parent
+    return bool(MODEL_FOLDER_FILES.fullmatch(path.name)) and any(
+        (folder / f).is_file() for f in ("config.json", "pruning.json", "adapter_config.json"))
+
+
 def check_output(out: str | os.PathLike, inputs: Iterable[Input | None] = (), *, overwrite: bool = False,
                  kind: str = "folder", what: str = "output folder", flag: str = "output.dir") -> Path:
     """Refuse an unsafe output path before any work (see module docstring); returns it, expanded.
@@ -108,7 +125,12 @@ def check_output(out: str | os.PathLike, inputs: Iterable[Input | None] = (), *,
         if kind == "file" and target.is_dir():
             raise PruneError(f"{what} {raw} is a folder; give a file name (e.g. {raw}/scores.json)")
         if not overwrite:
-            raise PruneError(f"{what} {raw} already exists (choose another {flag} or pass --overwrite)")
+            raise PruneError(f"{what} {raw} already exists (choose another {flag} or pass "
+                             f"{spelled('--overwrite', 'overwrite=True')})")
+        if kind == "file" and is_model_file(target):
+            raise PruneError(f"{what} {raw} is a file of a model ({target.name}): "
+                             f"{spelled('--overwrite', 'overwrite=True')} replaces only a file this command could "
+                             f"have written (choose another {flag})")
     check_parent(target, what)
     return raw
 

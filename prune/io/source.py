@@ -59,6 +59,11 @@ def _classify(source: str | os.PathLike, gguf_file: str | None, revision: str | 
                              "with gguf_file, or the file alone")
         return ModelSource("gguf", str(path.parent), path.name, revision)
     if path.is_dir():
+        from prune.io.staging import INCOMPLETE_MARKER
+
+        if (path / INCOMPLETE_MARKER).is_file():  # a killed run's staging folder: its files may be cut short
+            raise PruneError(f"{text} is an unfinished output (it holds {INCOMPLETE_MARKER}: the command writing it was "
+                             "stopped): give a finished folder, or run that command again")
         if gguf_file is not None:
             if not (path / gguf_file).is_file():
                 raise PruneError(f"GGUF file not found: {path / gguf_file} (check gguf_file)")

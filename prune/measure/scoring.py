@@ -218,6 +218,9 @@ def check_score_args(windows: torch.Tensor, positions: str, metrics, cka_windows
                         ("beta", beta), ("tau", tau)):
         ScoreConfig.check_value(name, value)  # the limits a recipe's score section puts on them
     check_windows(windows, vocab)
+    if "cka" in metrics and cka_windows > windows.shape[0]:  # one CKA batch that never fills: a silent change of meaning
+        raise PruneError(f"cka_windows={cka_windows} pools more windows into one CKA batch than the {windows.shape[0]} "
+                         "given: lower it, or give more windows")
     batch_size = -(-batch_size // cka_windows) * cka_windows
     first = 1 if positions == "skip_first" else 0
     if windows.shape[1] - first < 1:
@@ -313,6 +316,9 @@ def score(
     Under a launcher (:mod:`prune.core.dist`) each rank scores a contiguous share of the
     windows, in whole forward batches, and the running sums are all-reduced in float64.
     """
+    if not isinstance(model, torch.nn.Module):  # a tokenizer in the model's place raised AttributeError
+        raise PruneError(f"the model to score is a {type(model).__name__}, not a model: give the loaded model "
+                         "(prune.load returns the model first)")
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None  # else refused below
     metrics, batch_size, first = check_score_args(windows, positions, metrics, cka_windows, batch_size, beta, tau,
                                                   getattr(embeddings, "num_embeddings", None))

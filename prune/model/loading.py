@@ -367,6 +367,10 @@ def plain_config_dict(config) -> dict[str, Any]:
 
 
 # ---- config of a pruned stack ----------------------------------------------------------
+#: Config keys holding per-layer *value lists* whose names do not say "layer" (Hunyuan-MoE's top-k, expert sizes and
+#: shared-expert counts may be lists over the blocks), sliced on pruning like ``layer_types``.
+PER_LAYER_KEYS = ("moe_topk", "num_experts", "moe_intermediate_size", "num_shared_expert")
+
 #: Config keys holding per-layer *index lists* (indices into the stack), remapped on pruning: Qwen-MoE's
 #: dense blocks, Llama 4's MoE blocks, LFM2's attention blocks (the others convolutions).
 INDEX_LIST_KEYS = ("mlp_only_layers", "moe_layers", "full_attn_idxs")
@@ -440,6 +444,31 @@ def period_of(values: list, every: Any) -> int | None:
     return None
 
 
+#: layer types of a hybrid stack that are not attention (LFM2's short convolutions, Qwen3-Next's / Qwen3.5's linear
+#: attention): a stack of these alone has no attention layer for transformers' cache to size its masks from
+NOT_ATTENTION = ("conv", "linear_attention", "mamba")
+
+
+def check_cut_keeps_attention(config, kept: list[int]) -> None:
+    """:func:`cut_without_attention` as a refusal."""
+    if (why := cut_without_attention(config, kept)) is not None:
+        raise PruneError(why)
+
+
+def cut_without_attention(config, kept: list[int]) -> str | None:
+    """Why a hybrid stack keeping blocks ``kept`` cannot be used (every attention block removed: the forward runs,
+    ``generate`` with a cache fails in transformers), or None."""
+    types = getattr(config, "layer_types", None)
+    if not isinstance(types, (list, tuple)) or len(types) != config.num_hidden_layers:
+        return None
+    attention = [i for i, t in enumerate(types) if t not in NOT_ATTENTION]
+    if not attention or len(attention) == len(types) or any(i in attention for i in kept):
+        return None
+    return (f"the cut removes every attention block of this hybrid stack ({', '.join(map(str, attention))}; the rest "
+            f"are {'/'.join(sorted({t for t in types if t in NOT_ATTENTION}))}): transformers cannot generate from what "
+            f"is left; protect one of them (select.protect) or remove other blocks")
+
+
 def mtp_blocks(config) -> int:
     """How many multi-token-prediction layers a checkpoint stores after the decoder stack (DeepSeek-V3's
     ``model.layers.61``, GLM-4.5's ``model.layers.92``: ``num_nextn_predict_layers``). transformers does not load
@@ -453,8 +482,8 @@ def pruned_config_updates(config, kept: list[int]) -> dict[str, Any]:
     """Config changes that make a stack keeping blocks ``kept`` (0-based, sorted) rebuild identically.
 
     * ``num_hidden_layers`` (through ``attribute_map``: GPT-2's ``n_layer``) = ``len(kept)``;
-    * every per-layer list (a list attribute whose name mentions "layer" and whose length is
-      the old layer count: ``layer_types``, ``mlp_layer_types``, ...) is sliced to ``kept``;
+    * every per-layer list (a list attribute whose name mentions "layer", or one of :data:`PER_LAYER_KEYS`, whose
+      length is the old layer count: ``layer_types``, ``mlp_layer_types``, ...) is sliced to ``kept``;
     * index lists (``mlp_only_layers``) are remapped to new positions; ``max_window_layers``
       counts the kept blocks below the old threshold; a period a per-layer list supersedes (Gemma3's sliding
       window, SmolLM3's RoPE-less layers) becomes the kept list's own period, or None (:func:`period_of`);
@@ -469,7 +498,7 @@ def pruned_config_updates(config, kept: list[int]) -> dict[str, Any]:
     for key, value in config.to_dict().items():
         if key in INDEX_LIST_KEYS and isinstance(value, (list, tuple)):
             updates[key] = [position[i] for i in value if i in position]
-        elif "layer" in key and isinstance(value, (list, tuple)) and len(value) == old_n:
+        elif ("layer" in key or key in PER_LAYER_KEYS) and isinstance(value, (list, tuple)) and len(value) == old_n:
             updates[key] = [value[i] for i in kept]
     mwl = getattr(config, "max_window_layers", None)
     if isinstance(mwl, int):

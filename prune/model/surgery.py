@@ -24,7 +24,7 @@ from torch import nn
 from prune.core.errors import PruneError
 from prune.core.records import block_number, complement
 from prune.model.arch import block_index, meta_model
-from prune.model.loading import PERIODS, decoder_layers_path, pruned_config_updates
+from prune.model.loading import PERIODS, check_cut_keeps_attention, decoder_layers_path, pruned_config_updates
 
 
 def check_indices(indices, n_layers: int) -> list[int]:
@@ -90,6 +90,7 @@ def remove_layers(model: nn.Module, indices) -> list[int]:
     tied_before = _tied(model)
     factors = [query_rescale(model.config, old, new) for new, old in enumerate(kept)]  # refusals before any change
     updates = pruned_config_updates(model.config, kept)  # a layout the config cannot describe: refused here too
+    check_cut_keeps_attention(model.config, kept)
     if any(f != 1.0 and layers[old].attn.c_attn.weight.is_meta for old, f in zip(kept, factors)):
         raise PruneError("GPT-2 with scale_attn_by_inverse_layer_idx needs its query weights in memory to move a "
                          "block (they are offloaded): load it without disk offload")

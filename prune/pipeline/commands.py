@@ -12,7 +12,7 @@ from prune.io.source import resolve_source
 from prune.measure.scoring import ScoreResult, score
 from prune.measure.evaluation import evaluate_loaded
 from prune.model.loading import count_parameters, load_model
-from prune.core.errors import PruneError, first_line, parse_problem
+from prune.core.errors import PruneError, first_line, parse_problem, spelled
 from prune.choose.rules import resolve_count, resolve_protect, select
 from prune.export.report import SCORE_ONLY, write_report
 
@@ -58,13 +58,13 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
     if output:
         check_output(output, command_inputs(source, [data]), overwrite=overwrite, kind="file", what="--output file",
                      flag="--output")
-    preflight_model(src, trust_remote_code, [("--seq-len", seq_len)])
+    preflight_model(src, trust_remote_code, [(spelled("--seq-len", "seq_len"), seq_len)])
     text = load_text(TextSource(data, field, data_config, split, rows))
     try:
         windows = calibration_windows(load_tokenizer(src, trust_remote_code), text, n_samples, seq_len, seed, bos=bos)
-    except PruneError as exc:  # the flags the user typed, not the recipe keys
-        raise PruneError(str(exc).replace("calibration.n_samples", "--n-samples").replace("calibration.seq_len",
-                                                                                           "--seq-len")) from None
+    except PruneError as exc:  # the flags the user typed (or the parameters), not the recipe keys
+        raise PruneError(str(exc).replace("calibration.n_samples", spelled("--n-samples", "n_samples"))
+                         .replace("calibration.seq_len", spelled("--seq-len", "seq_len"))) from None
 
     def planned(mode: str):
         return plan_execution(source, mode, dtype=dtype, device_map=device_map, max_memory=max_memory,
@@ -161,7 +161,7 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
         L.check_tasks(cfg.tasks, data_dir_path=cfg.data_dir, task_dirs=cfg.task_dirs, num_fewshot=cfg.num_fewshot,
                       fewshot_from_scored_split=cfg.fewshot_from_scored_split, quiet=quiet,
                       local_alias=cfg.local_alias)  # fail before loading
-    config = preflight_model(src, trust_remote_code, [("--seq-len", ppl.seq_len if ppl else None)])
+    config = preflight_model(src, trust_remote_code, [(spelled("--seq-len", "perplexity.seq_len"), ppl.seq_len if ppl else None)])
     if original is not None:  # one vocabulary, or no KL between them: refused before either model loads
         base_config = preflight_model(resolve_source(original), trust_remote_code)
         if base_config.vocab_size != config.vocab_size:

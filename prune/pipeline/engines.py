@@ -74,6 +74,10 @@ class InMemory:
     def parameters(self, kept: list[int] | None = None) -> int:
         return count_parameters(self.model)
 
+    def saved_dtype(self) -> str | None:
+        """None: the export reads it from the model in memory (after any healing), as it saves it."""
+        return None
+
     def remove(self, selection: Selection, before_healing=None) -> tuple[list[int], dict | None]:
         """Remove the chosen blocks in place; with a ``heal`` section, prepare healing before the
         surgery (a replacement block learns from the full model's states) and train after it.
@@ -153,6 +157,12 @@ class Sequential:
                              self.recipe.model.trust_remote_code)
 
     def remove(self, selection: Selection, before_healing=None) -> tuple[list[int], dict | None]:
+        from transformers import AutoConfig
+
+        from prune.model.loading import check_cut_keeps_attention
+
+        config = AutoConfig.from_pretrained(self.folder, trust_remote_code=self.recipe.model.trust_remote_code)
+        check_cut_keeps_attention(config, list(selection.kept))  # now, not once the shards are read
         self._removed = list(selection.removed)  # no healing out of core (check_sequential_recipe)
         return list(selection.kept), None  # the blocks are left out when the shards are copied (save)
 

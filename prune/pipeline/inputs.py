@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prune.core.errors import PruneError, first_line
+from prune.core.errors import PruneError, first_line, spelled
 from prune.io.guard import Input, input_paths
 from prune.io.source import ModelSource
 
@@ -215,7 +215,7 @@ def validated(cls, flags: dict[str, str] | None = None, **values):
 
             names = sorted(set(cls.model_fields) - PLAIN_WORDS, key=len, reverse=True)
             message = re.sub(r"(?<![.\w-])(" + "|".join(map(re.escape, names)) + r")\b",
-                             lambda m: (flags or {}).get(m[1]) or f"--{m[1].replace('_', '-')}", message)
+                             lambda m: spelled((flags or {}).get(m[1]) or f"--{m[1].replace('_', '-')}", m[1]), message)
             raise PruneError(message) from None
-        flag = (flags or {}).get(key) or f"--{key.replace('_', '-')}"
+        flag = spelled((flags or {}).get(key) or f"--{key.replace('_', '-')}", key)
         raise PruneError(f"{flag}: {message} (got {err.get('input')!r})") from None

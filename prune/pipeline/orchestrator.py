@@ -242,8 +242,7 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     record = pruning_record(recipe, facts["source"], selection, kept, scores_before, scores_after,
                             {**counts, "model_type": facts["model_type"]}, healing, clock.elapsed())
     record.execution = plan.to_dict()
-    if getattr(engine, "model", None) is None:  # out of core: the dtype of the shards to be written, for the card
-        record.dtype = engine.saved_dtype()
+    record.dtype = engine.saved_dtype()  # out of core: the shards' dtype, known before they are written (the card)
     record.resumed = progress.resumed
     record.stage_seconds = dict(clock.seconds)  # to here: writing the folder comes after the record
     extra = (paired_section(paired) + paired_section(healing_paired, UNHEALED, "healed")

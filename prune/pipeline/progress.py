@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 
 from prune.core import dist
-from prune.core.errors import PruneError
+from prune.core.errors import PruneError, spelled
 
 STAGES = ("scores", "selection", "original")
 #: files up to this size are hashed whole; larger ones by their first HEAD bytes (a safetensors
@@ -170,7 +170,8 @@ class RunProgress:
         stored = self._read("recipe")
         if resume:
             if stored is None:
-                raise PruneError(f"nothing to resume: no saved progress at {self.folder} (run without --resume)")
+                raise PruneError(f"nothing to resume: no saved progress at {self.folder} (run without "
+                                 f"{spelled('--resume', 'resume=True')})")
             if stored.get("inputs") != self.recipe["inputs"] and isinstance(stored.get("inputs"), dict):
                 raise PruneError(f"cannot resume: {_changed_inputs(stored['inputs'], self.recipe['inputs'])} changed "
                                  "since the interrupted run, so its saved scores and evaluation are stale; run "

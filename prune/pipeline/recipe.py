@@ -22,7 +22,7 @@ import yaml
 from pydantic import ValidationError
 
 from prune.choose.registry import STRATEGIES
-from prune.core.errors import PruneError
+from prune.core.errors import PruneError, spelled
 from prune.core.yamlsafe import load_yaml, read_yaml
 from prune.core.config import (
     CalibrationConfig,
@@ -115,7 +115,8 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     for item in overrides or ():
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise PruneError(f"--set {item!r} is not key=value (e.g. --set select.n_layers=8)")
+            raise PruneError(spelled(f"--set {item!r} is not key=value (e.g. --set select.n_layers=8)",
+                                     f"override {item!r} is not key=value (e.g. 'select.n_layers=8')"))
         try:
             value = load_yaml(raw, f"--set {key.strip()}") if raw.strip() else None
         except PruneError as exc:
@@ -236,6 +237,10 @@ def check_select(recipe: Recipe, where: str = "recipe") -> None:
         raise PruneError(f"{where}: select.strategy verified builds its candidates from the angular and cka scores too "
                          "(contiguous runs, one-shot angular / CKA / MSRS sets, the CKA families), but score.metrics is "
                          f"{recipe.score.metrics} (add {', '.join(missing)})")
+    score, n = recipe.score, recipe.calibration.n_samples
+    if "cka" in score.metrics and score.cka_windows > n:  # checked again by prune.score, once the model is loaded
+        raise PruneError(f"{where}: score.cka_windows {score.cka_windows} pools more windows into one CKA batch than the "
+                         f"{n} calibration windows (calibration.n_samples): lower it, or raise n_samples")
     need, why = needed_score(sel.strategy, sel.metric, sel.order_by)
     if need is not None and need not in recipe.score.metrics:
         raise PruneError(f"{where}: {why} reads the {need} scores, but score.metrics is {recipe.score.metrics} "
