@@ -48,6 +48,11 @@ def test_pooled_seeds_get_the_sign_test_on_the_questions_they_moved():
     assert DISAGREES in paired_markdown([r])
     plain = paired_stats(a, (b1 + b2) / 2)  # not pooled: a score between 0 and 1 (an F1) has no test
     assert plain.mcnemar_p is None and not plain.disagrees
+    # the sign test asks about the median question: 30 questions half a point down, 15 a whole point up (mean 0) is
+    # a shift for it (p 0.036) and none for the interval: not marked the other way round
+    a2, b2 = np.r_[np.ones(30), np.zeros(15), np.ones(155)], np.r_[np.full(30, 0.5), np.ones(15), np.ones(155)]
+    r2 = paired_stats(a2, b2, sign_test=True)
+    assert r2.diff == 0 and r2.ci_low < 0 < r2.ci_high and r2.mcnemar_p < 0.05 and not r2.disagrees
 
 
 def test_paired_stats_by_hand():

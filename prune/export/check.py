@@ -293,9 +293,9 @@ def _check_blocks(config, skeleton, headers: dict, report: CheckReport) -> None:
     expected = set(range(n))
     mtp = set(range(n, n + mtp_blocks(config))) & found  # stored after the stack, not loaded by transformers
     if mtp and found - mtp == expected:
-        report.add("blocks", "ok", f"{path}.{_ranges(sorted(mtp))}: multi-token-prediction layers "
-                                   "(num_nextn_predict_layers), which transformers does not load")
         found = expected
+    else:
+        mtp = set()
     if found != expected:
         gaps = sorted(set(range(max(found) + 1)) - found)
         detail = f"blocks {_ranges(sorted(found))} ({len(found)})"
@@ -307,7 +307,9 @@ def _check_blocks(config, skeleton, headers: dict, report: CheckReport) -> None:
     if built != n:
         report.add("blocks", "fail", f"config.num_hidden_layers={n} but transformers builds {built} blocks")
         return
-    report.add("blocks", "ok", f"{path}.0 .. {path}.{n - 1}: {n} blocks, numbered contiguously")
+    report.add("blocks", "ok", f"{path}.0 .. {path}.{n - 1}: {n} blocks, numbered contiguously"
+                               + (f"; after them {path}.{_ranges(sorted(mtp))}: multi-token-prediction layers "
+                                  "(num_nextn_predict_layers), which transformers does not load" if mtp else ""))
 
 
 def _mtp_key(model, key: str) -> bool:
@@ -536,10 +538,9 @@ def _chain_disagreement(record) -> str | None:
     steps = record.chain()
     if record.step is not None and record.step != len(steps):
         return f"records step {record.step} but holds {len(steps) - 1} earlier step(s) in its history"
-    for earlier, later in zip(steps, steps[1:]):
+    for i, (earlier, later) in enumerate(zip(steps, steps[1:]), 1):
         if None not in (earlier.params_after, later.params_before) and earlier.params_after != later.params_before:
-            return (f"records {later.params_before:,} parameters before step {steps.index(later) + 1} but step "
-                    f"{steps.index(earlier) + 1} left {earlier.params_after:,}")
+            return f"records {later.params_before:,} parameters before step {i + 1} but step {i} left {earlier.params_after:,}"
     first, original = steps[0], record.original
     if original is not None and None not in (original.params, first.params_before) and original.params != first.params_before:
         return f"records the original's parameters as {original.params:,} but its first step started from {first.params_before:,}"

@@ -72,6 +72,7 @@ class Paired:
     n_a: int | None = None  # examples A had for this row (``n`` of them in common with B)
     n_b: int | None = None
     proportion: bool | None = None  # every per-example score of both between 0 and 1 (an accuracy's, in points)
+    pooled: bool | None = None  # B a mean over seeds: the flips and p are the sign test's on the questions moved
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,8 +80,13 @@ class Paired:
     @property
     def disagrees(self) -> bool:
         """0/1 scores whose interval and McNemar's exact test tell different stories (few flips, mostly
-        one way: the interval excludes 0 beside p >= 0.05, or the other way round)."""
-        return self.mcnemar_p is not None and (self.ci_low > 0 or self.ci_high < 0) != (self.mcnemar_p < 0.05)
+        one way: the interval excludes 0 beside p >= 0.05, or the other way round). For B pooled over seeds the
+        sign test asks about the median question, not the mean the interval is of: only an interval that
+        excludes 0 where the sign test sees no shift is marked."""
+        if self.mcnemar_p is None:
+            return False
+        excludes = self.ci_low > 0 or self.ci_high < 0
+        return excludes and self.mcnemar_p >= 0.05 if self.pooled else excludes != (self.mcnemar_p < 0.05)
 
 
 #: the footnote of a table row marked with DISAGREES
@@ -152,6 +158,7 @@ def paired_stats(a, b, *, task: str = "", metric: str = "", iters: int = BOOTSTR
     elif sign_test:
         out.right_to_wrong, out.wrong_to_right = int((d < 0).sum()), int((d > 0).sum())
         out.mcnemar_p = mcnemar_exact(out.right_to_wrong, out.wrong_to_right)
+        out.pooled = True
     return out
 
 
