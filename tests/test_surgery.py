@@ -125,7 +125,7 @@ def test_per_layer_lists_not_named_layer_are_sliced(tokenizers_by_bos, tmp_path)
 def test_a_hybrid_stack_keeps_an_attention_block(tokenizers_by_bos, tmp_path):
     """LFM2 with its attention blocks 1, 4 and 6 removed (only convolutions left) was saved and passed the check, and
     generate() with a cache failed in transformers: the cut is refused before anything changes, in memory, out of
-    core, and verified proposes no such set."""
+    core; verified proposes no such set, and SLEB's and iterative's rounds never take the last attention block."""
     from prune.choose.verified import verified
     from prune.export.outofcore import prune_checkpoint
 
@@ -145,6 +145,14 @@ def test_a_hybrid_stack_keeps_an_attention_block(tokenizers_by_bos, tmp_path):
     chosen = verified(model, scores, windows, 4, progress=False, budget=4)
     assert {1, 4, 6} - set(chosen.removed)
     assert all({1, 4, 6} - set(c["removed"]) for c in chosen.details["candidates"])
+    # the greedy model-based strategies leave the last attention block out of their rounds too
+    from prune.choose.strategies import iterative, sleb
+
+    for strategy in (sleb, iterative):
+        assert {1, 4, 6} - set(strategy(model, windows, 5, progress=False).removed), strategy.__name__
+        with pytest.raises(PruneError, match="no block left to remove in round 6: the only ones not protected are the "
+                                             "last attention blocks"):
+            strategy(model, windows, 6, progress=False)
 
 
 def test_a_moe_layout_the_config_cannot_describe_is_refused_before_any_change():

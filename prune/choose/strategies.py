@@ -39,7 +39,7 @@ from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, Se
 from prune.core.errors import PruneError
 from prune.core.records import block_number, complement
 from prune.measure.perplexity import nll_sum
-from prune.model.loading import decoder_layers, decoder_layers_path, input_device, pruned_config_updates
+from prune.model.loading import cut_without_attention, decoder_layers, decoder_layers_path, input_device, pruned_config_updates
 from prune.measure.scoring import BATCH_SIZE, BETA, CKA_WINDOWS, DEFAULT_POSITIONS, TAU, check_windows, score
 from prune.choose.rules import (DEFAULT_METRIC, DEFAULT_PROTECT, Selection, finite_first, metric_values, rank_blocks, resolve_count,
                                 resolve_protect)
@@ -165,7 +165,11 @@ def iterative(model, windows: torch.Tensor, count: int, *, metric: str = DEFAULT
                                 cka_windows=cka_windows, beta=beta, tau=tau, progress=False)
             passes = 1
         values, _ = metric_values(current, metric)
-        order = [kept[p] for p in rank_blocks(current, metric) if kept[p] not in prot]
+        order = [kept[p] for p in rank_blocks(current, metric) if kept[p] not in prot
+                 and cut_without_attention(model.config, complement(L, removed + [kept[p]])) is None]
+        if not order:  # every block left is protected, or the last attention block of a hybrid stack
+            raise PruneError(f"iterative: no block left to remove in round {r + 1}: the only ones not protected are "
+                             "the last attention blocks of this hybrid stack (protect fewer blocks, or remove fewer)")
         pick = order[0]
         trace.append({"round": r, "removed": pick, "value": values[kept.index(pick)], "forward_passes": passes,
                       "block_runs": passes * len(kept), "values": {str(kept[p]): v for p, v in enumerate(values)}})
@@ -231,8 +235,8 @@ def sleb(model, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, b
         block_runs = len(kept)
         losses: dict[int, float] = {}
         for p, i in enumerate(kept):
-            if i in prot:
-                continue
+            if i in prot or cut_without_attention(model.config, complement(L, removed + [i])) is not None:
+                continue  # protected, or the last attention block of a hybrid stack (transformers needs one)
             if p + 1 < len(kept):
                 with skip_blocks(model, kept[: p + 1] + removed):
                     handle = _inject(decoder_layers(model)[0], cached[p])
@@ -248,6 +252,9 @@ def sleb(model, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, b
             passes += 1
             losses[i] = total / n_tok
         del cached
+        if not losses:
+            raise PruneError(f"sleb: no block left to remove in round {r + 1}: the only ones not protected are the "
+                             "last attention blocks of this hybrid stack (protect fewer blocks, or remove fewer)")
         pick = min(losses, key=lambda i: (finite_first(losses[i]), i))  # NaN / inf (an overflow) last
         if not math.isfinite(losses[pick]):
             raise PruneError(f"sleb: every candidate's loss is {losses[pick]} in round {r + 1} (the model overflows "
