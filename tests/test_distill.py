@@ -205,13 +205,21 @@ def test_topk_cache_reproduces_the_in_memory_teacher_loss(tokenizers_by_bos, tmp
 
 def test_sequential_topk_equals_the_loaded_model(tokenizers_by_bos, tmp_path):
     """The out-of-core teacher (one block in memory at a time, 3 windows per pass) gives the top-k of the loaded model,
-    on every architecture: Granite's logits_scaling and Cohere's logit_scale were left out (the cache 2x and 16x too
-    sharp), Gemma2/3's final softcap was refused."""
-    from conftest import ARCHS, BOS_ARCHS
+    on every architecture whose output tail scales or caps the logits (Granite's logits_scaling and Cohere's
+    logit_scale were left out: the cache 2x and 16x too sharp; Gemma2/3's final softcap was refused) and on one of
+    each block layout (the blocks run one at a time as sequential scoring runs them, tested on every architecture)."""
+    from transformers import AutoConfig
+
+    from conftest import ARCH_CONFIGS, ARCHS, BOS_ARCHS
 
     from prune.heal.distill import topk_logprobs, topk_logprobs_sequential
 
-    for arch in ARCHS:
+    tails = ("logits_scaling", "logit_scale", "final_logit_softcapping")
+    scaled = [a for a in ARCHS if any(getattr(AutoConfig.for_model(a, **ARCH_CONFIGS[a]), k, None) not in (None, 1, 1.0)
+                                      for k in tails)]
+    layouts = ["llama", "gpt2", "gpt_neox", "phi", "qwen3_next", "lfm2", "deepseek_v3", "gpt_oss", "llama4_text"]
+    assert {"granite", "cohere", "gemma2"} <= set(scaled)
+    for arch in dict.fromkeys(scaled + layouts):
         tok = tokenizers_by_bos[arch in BOS_ARCHS]
         overrides = {"logits_scaling": 4.0} if arch == "granite" else {"final_logit_softcapping": 0.5} if arch == "gemma2" else {}
         folder = prune.save(build_model(arch, **overrides), tok, tmp_path / arch)
