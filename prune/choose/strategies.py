@@ -39,7 +39,7 @@ from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, Se
 from prune.core.errors import PruneError
 from prune.core.records import block_number, complement
 from prune.measure.perplexity import nll_sum
-from prune.model.loading import cut_without_attention, decoder_layers, decoder_layers_path, input_device, pruned_config_updates
+from prune.model.loading import decoder_layers, decoder_layers_path, input_device, keeps_attention, pruned_config_updates
 from prune.measure.scoring import BATCH_SIZE, BETA, CKA_WINDOWS, DEFAULT_POSITIONS, TAU, check_windows, score
 from prune.choose.rules import (DEFAULT_METRIC, DEFAULT_PROTECT, Selection, finite_first, metric_values, rank_blocks, resolve_count,
                                 resolve_protect)
@@ -134,6 +134,12 @@ def check_same_settings(scores, *, metric: str, positions: str, cka_windows: int
 
 
 @measured_in_eval_mode
+def nothing_left(strategy: str, r: int) -> str:
+    """A greedy round with no candidate: every block left but protected ones is a hybrid stack's last attention."""
+    return (f"{strategy}: no block left to remove in round {r + 1}: the only ones not protected are the last attention "
+            "blocks of this hybrid stack (protect fewer blocks, or remove fewer)")
+
+
 def iterative(model, windows: torch.Tensor, count: int, *, metric: str = DEFAULT_METRIC, protect=DEFAULT_PROTECT,
               scores=None, batch_size: int = BATCH_SIZE, positions: str = DEFAULT_POSITIONS,
               cka_windows: int = CKA_WINDOWS, beta: float = BETA, tau: float = TAU, progress: bool = True, start=(), on_round: Callable[[dict], None] | None = None) -> Selection:
@@ -165,11 +171,10 @@ def iterative(model, windows: torch.Tensor, count: int, *, metric: str = DEFAULT
                                 cka_windows=cka_windows, beta=beta, tau=tau, progress=False)
             passes = 1
         values, _ = metric_values(current, metric)
-        order = [kept[p] for p in rank_blocks(current, metric) if kept[p] not in prot
-                 and cut_without_attention(model.config, complement(L, removed + [kept[p]])) is None]
-        if not order:  # every block left is protected, or the last attention block of a hybrid stack
-            raise PruneError(f"iterative: no block left to remove in round {r + 1}: the only ones not protected are "
-                             "the last attention blocks of this hybrid stack (protect fewer blocks, or remove fewer)")
+        order = [kept[p] for p in rank_blocks(current, metric)
+                 if kept[p] not in prot and keeps_attention(model.config, removed + [kept[p]])]
+        if not order:
+            raise PruneError(nothing_left("iterative", r))
         pick = order[0]
         trace.append({"round": r, "removed": pick, "value": values[kept.index(pick)], "forward_passes": passes,
                       "block_runs": passes * len(kept), "values": {str(kept[p]): v for p, v in enumerate(values)}})
@@ -235,7 +240,7 @@ def sleb(model, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, b
         block_runs = len(kept)
         losses: dict[int, float] = {}
         for p, i in enumerate(kept):
-            if i in prot or cut_without_attention(model.config, complement(L, removed + [i])) is not None:
+            if i in prot or not keeps_attention(model.config, removed + [i]):
                 continue  # protected, or the last attention block of a hybrid stack (transformers needs one)
             if p + 1 < len(kept):
                 with skip_blocks(model, kept[: p + 1] + removed):
@@ -253,8 +258,7 @@ def sleb(model, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, b
             losses[i] = total / n_tok
         del cached
         if not losses:
-            raise PruneError(f"sleb: no block left to remove in round {r + 1}: the only ones not protected are the "
-                             "last attention blocks of this hybrid stack (protect fewer blocks, or remove fewer)")
+            raise PruneError(nothing_left("sleb", r))
         pick = min(losses, key=lambda i: (finite_first(losses[i]), i))  # NaN / inf (an overflow) last
         if not math.isfinite(losses[pick]):
             raise PruneError(f"sleb: every candidate's loss is {losses[pick]} in round {r + 1} (the model overflows "

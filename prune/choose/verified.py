@@ -47,7 +47,7 @@ from prune.core.records import complement
 from prune.measure.fidelity import build_reference, fidelity_window_sums, summary_from_sums
 from prune.measure.paired import paired_t
 from prune.model.capture import BlockStates, measured_in_eval_mode
-from prune.model.loading import cut_without_attention, decoder_layers, input_device
+from prune.model.loading import cut_without_attention, decoder_layers, input_device, keeps_attention
 
 ONE_SHOT = ("bi", "angular", "cka", "msrs")
 
@@ -227,9 +227,8 @@ def verified(model, scores, windows: torch.Tensor, count: int, *, protect=DEFAUL
     prot = resolve_protect(protect, L)
     count = resolve_count(L, count, None, prot)
     # a hybrid stack keeps one attention block (transformers cannot generate without): such sets are not candidates
-    usable = lambda blocks: cut_without_attention(model.config, complement(L, blocks)) is None  # noqa: E731
     proposed = candidate_sets(scores, count, prot)
-    candidates = {b: s for b, s in proposed.items() if usable(b)}
+    candidates = {b: s for b, s in proposed.items() if keeps_attention(model.config, b)}
     if not candidates:
         raise PruneError(cut_without_attention(model.config, complement(L, next(iter(proposed)))))
     verify = Verifier(model, windows, batch_size, top_k, progress)
@@ -250,7 +249,7 @@ def verified(model, scores, windows: torch.Tensor, count: int, *, protect=DEFAUL
                             key=lambda n: (scores.block_influence[n], n))[:3]
         for b in best:
             for n in (b - 1, b + 1, *kept_by_bi):
-                if 0 <= n < L and n not in best and n not in prot and usable((set(best) - {b}) | {n}):
+                if 0 <= n < L and n not in best and n not in prot and keeps_attention(model.config, (set(best) - {b}) | {n}):
                     neighbours.append(tuple(sorted((set(best) - {b}) | {n})))
         for cand in dict.fromkeys(neighbours):
             if searched >= budget:

@@ -11,6 +11,7 @@ declared here); unknown keys from newer writers are kept, never dropped.
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,11 @@ class PruningRecord(PruningStep):
     def as_step(self) -> PruningStep:
         """This record without its history (how it is kept in a child's history)."""
         return PruningStep.model_validate(self.model_dump(exclude={"history"}))
+
+
+def utc_now() -> str:
+    """The time a record is dated with (``created``): UTC, to the second, ISO 8601."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def parse_record(data: Any, where: str = RECORD_FILE) -> PruningRecord:

@@ -312,14 +312,16 @@ def _check_blocks(config, skeleton, headers: dict, report: CheckReport) -> None:
                                   "(num_nextn_predict_layers), which transformers does not load" if mtp else ""))
 
 
-def _mtp_key(model, key: str) -> bool:
-    """Whether ``key`` is a tensor of a multi-token-prediction layer stored after the stack (transformers ignores
+def _not_mtp(model, keys: list[str]) -> list[str]:
+    """``keys`` without the tensors of multi-token-prediction layers stored after the stack (transformers ignores
     DeepSeek-V3's ``model.layers.61`` by name, which fits its own size only)."""
     from prune.model.loading import mtp_blocks
 
     n, path = model.config.num_hidden_layers, decoder_path(model)
-    found = path and block_index(key, path)
-    return bool(found) and n <= found[0] < n + mtp_blocks(model.config)
+    extra = range(n, n + mtp_blocks(model.config))
+    if not path or not extra:
+        return keys
+    return [k for k in keys if not ((found := block_index(k, path)) and found[0] in extra)]
 
 
 def _check_transformers_load(path: Path, report: CheckReport) -> None:
@@ -351,7 +353,7 @@ def _check_transformers_load(path: Path, report: CheckReport) -> None:
             hf_logging.enable_progress_bar()
     report.facts["model_params"] = sum(p.numel() for p in model.parameters())  # tied weights once, as prune counts
     bad = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    bad["unexpected_keys"] = [k for k in bad["unexpected_keys"] if not _mtp_key(model, k)]
+    bad["unexpected_keys"] = _not_mtp(model, bad["unexpected_keys"])
     if any(bad.values()):
         parts = [f"{len(v)} {k.replace('_keys', '')} (e.g. {_key_name(v[0])})" for k, v in bad.items() if v]
         if bad["mismatched_keys"] and isinstance(bad["mismatched_keys"][0], tuple):

@@ -195,9 +195,9 @@ def extend(record: PruningRecord | dict, parent: PruningRecord | None, src: Mode
         inherited = hub_id(parent.repo_id) or hub_id(parent.base_model)  # a parent's file may have been edited
     out.step = len(history) + 1
     if out.created is None:  # prune run dates its record at the start; prune remove and prune.save now
-        import datetime as dt
+        from prune.core.records import utc_now
 
-        out.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        out.created = utc_now()
     out.kept_original, out.removed_original, out.removed_original_all = original_indices(
         before, kept, removed, previously_removed)
     out.original = original

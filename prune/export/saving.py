@@ -139,11 +139,18 @@ def convert_shards(folder: Path, dtype) -> None:
         index.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def loaded_from(model) -> Path | None:
+    """The local folder ``model`` was loaded from (``name_or_path``), or None: built in memory (``""``, which is not
+    the working directory), or a Hub id."""
+    loaded = str(getattr(model, "name_or_path", "") or "")
+    folder = Path(loaded).expanduser() if loaded else None
+    return folder if folder is not None and folder.is_dir() else None
+
+
 def own_inputs(model, source=None) -> list:
     """What :func:`save` never replaces nor writes into: the model folder ``model`` was loaded from and the
     ``source`` named (a GGUF source: the file alone, as a run protects it; its folder may hold the output)."""
-    loaded = str(getattr(model, "name_or_path", "") or "")
-    folder = Path(loaded).expanduser() if loaded else None
+    folder = loaded_from(model)
     out = input_paths(folder if folder is not None and (folder / "config.json").is_file() else None,
                       label="the folder the model was loaded from")
     if source is not None and source.kind == "gguf":
@@ -164,12 +171,11 @@ def record_and_card(model, pruning: PruningRecord | dict, out_dir, *, source=Non
 
     n_now = len(decoder_layers(model))
     record = as_record(pruning)
-    loaded = str(getattr(model, "name_or_path", "") or "")  # "" (built in memory) is not the working directory
-    loaded_from = Path(loaded).expanduser() if loaded else None
-    if source is None and loaded_from is not None and (loaded_from / RECORD_FILE).is_file():  # its lineage, not
-        from prune.io.source import resolve_source                 # a first step from an original of its size
+    folder = loaded_from(model)
+    if source is None and folder is not None and (folder / RECORD_FILE).is_file():  # its lineage, not a first step
+        from prune.io.source import resolve_source                                # from an original of its size
 
-        source = resolve_source(str(loaded_from))
+        source = resolve_source(str(folder))
     if record.layers_before is None or not record.kept or record.step == 1 and not record.kept_original:
         record = normalize_step(record, n_now)
         if source is not None:  # a pruned source: this step extends its lineage (indices in the original)
@@ -183,10 +189,10 @@ def record_and_card(model, pruning: PruningRecord | dict, out_dir, *, source=Non
     record.dtype = dtype_name(saved_dtype(model, dtype))
     record.command = record.command or "save"
     record.versions = record.versions or versions()
-    if record.created is None:
-        import datetime as dt
+    if record.created is None:  # not extended above (no pruned source): dated here
+        from prune.core.records import utc_now
 
-        record.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        record.created = utc_now()
     name = Path(out_dir).name
     card = render_card(record, rows=rows, settings=settings, recipe_yaml=recipe_yaml, model_name=name,
                        load_id=f"path/to/{name}")

@@ -455,6 +455,13 @@ def check_cut_keeps_attention(config, kept: list[int]) -> None:
         raise PruneError(why)
 
 
+def keeps_attention(config, removed) -> bool:
+    """Whether removing blocks ``removed`` leaves a hybrid stack an attention block (:func:`cut_without_attention`):
+    what the choosing strategies ask of each candidate."""
+    gone = set(removed)
+    return cut_without_attention(config, [i for i in range(config.num_hidden_layers) if i not in gone]) is None
+
+
 def cut_without_attention(config, kept: list[int]) -> str | None:
     """Why a hybrid stack keeping blocks ``kept`` cannot be used (every attention block removed: the forward runs,
     ``generate`` with a cache fails in transformers), or None."""

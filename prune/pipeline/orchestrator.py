@@ -15,7 +15,6 @@ with the same :func:`write_output`.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from prune.measure.scoring import ScoreResult
 from prune.pipeline.progress import RunProgress
 from prune.choose.rules import Selection, resolve_count, resolve_protect
 from prune.choose.verified import margin_line
-from prune.core.records import PruningRecord
+from prune.core.records import PruningRecord, utc_now
 from prune.export.saving import prepare_export
 from prune.heal.methods import healing_markdown
 from prune.pipeline.engines import make_engine
@@ -320,6 +319,6 @@ def pruning_record(recipe: Recipe, src, selection: Selection, kept: list[int], b
         seed=c.seed,
         healing=healing,
         versions=versions(),
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        created=utc_now(),
         seconds=round(seconds, 1),
     )
