@@ -587,6 +587,11 @@ def _refuse_unread_metric(args) -> None:
                        "give --strategy one_shot")
 
 
+def _read_metric(args) -> str | None:
+    """The marking strategy's metric: ``--metric`` (or its default) for one_shot, none for the others."""
+    return args.metric if args.strategy == "one_shot" else None
+
+
 def cmd_report(args) -> int:
     from prune.export.report import default_output, is_run_dir, report_run
     from prune.pipeline.commands import report_model
@@ -604,7 +609,7 @@ def cmd_report(args) -> int:
         _refuse_unused(args, tuple(f for f in _MODEL_REPORT_FLAGS if f not in _MARKING_FLAGS),
                        f"on a scores file ({args.source} holds scores already: they are not computed again)")
         _refuse_unread_metric(args)
-        folder = report_scores(args.source, out, strategy=args.strategy, metric=args.metric, n_layers=args.n_layers,
+        folder = report_scores(args.source, out, strategy=args.strategy, metric=_read_metric(args), n_layers=args.n_layers,
                                protect=args.protect, overwrite=args.overwrite)
     else:
         if not args.data:
@@ -616,7 +621,7 @@ def cmd_report(args) -> int:
                     "; as a Hub model it needs --data to be scored)" if hub else ", or a model with --data)"))
             raise PruneError(f"{args.source} is not a run folder (no pruning.json): give --data to score it as a model")
         _refuse_unread_metric(args)
-        folder = report_model(args.source, out, strategy=args.strategy, metric=args.metric, n_layers=args.n_layers,
+        folder = report_model(args.source, out, strategy=args.strategy, metric=_read_metric(args), n_layers=args.n_layers,
                               protect=args.protect, overwrite=args.overwrite, **_score_kwargs(args))
     from prune.core import dist
 

@@ -158,7 +158,7 @@ def selection(ctx: Context, name: str, k: int) -> Selection:
         return Selection.from_dict(data)
     if kind == "score":
         scores = ctx.scores(params.get("positions", "all"), params.get("cka_windows", 1))
-        sel = select(scores, k, strategy=params["strategy"], metric=params.get("metric", "angular"),
+        sel = select(scores, k, strategy=params["strategy"], metric=params.get("metric"),
                      protect=PROTECT, seed=params.get("seed", 0))
     else:
         trace = greedy_trace(ctx, name, params, k)["trace"][:k]

@@ -11,6 +11,7 @@ from PIL import Image
 
 import prune
 from prune.export.report import cka_heatmap, report_run
+from prune.pipeline.commands import report_scores
 from prune.measure.scoring import ScoreResult
 
 from conftest import WIKI_RAW, build_model, prune_main
@@ -117,6 +118,12 @@ def test_cli_report_run_folder_and_model(run_dir, tmp_path):
     assert from_file == json.loads((tmp_path / "m" / "report.json").read_text()) and from_file["removed"] == marked
     refused = prune_main("report", str(tmp_path / "s.json"), "--seq-len", "64", "-o", str(tmp_path / "g"))
     assert refused.returncode == 2 and "--seq-len has no effect on a scores file" in refused.stderr
+    tail = prune_main("report", str(tmp_path / "s.json"), "--strategy", "tail", "--n-layers", "2", "-o", str(tmp_path / "t"))
+    assert tail.returncode == 0, tail.stderr  # the --metric default is not passed to a strategy that reads none
+    assert json.loads((tmp_path / "t" / "report.json").read_text())["removed"] == [5, 6]
+    with pytest.raises(prune.PruneError, match="metric 'bi' is read only by strategy one_shot here; tail reads no metric"):
+        report_scores(tmp_path / "s.json", tmp_path / "u", strategy="tail", metric="bi", n_layers=2)
+    assert not (tmp_path / "u").exists()
     (tmp_path / "other.json").write_text('{"removed": [1]}')
     refused = prune_main("report", str(tmp_path / "other.json"), "-o", str(tmp_path / "g"))
     assert refused.returncode == 2 and "is not a scores file written by `prune score -o`" in refused.stderr

@@ -89,6 +89,14 @@ def test_tail_and_random_baselines():
     assert any(prune.select(s, 3, strategy="random", seed=k).removed != a.removed for k in range(2, 6))
 
 
+def test_a_metric_the_strategy_does_not_read_is_refused_not_dropped():
+    s = fake_scores([0.1] * 10, angular=angular_from_steps([3, 1, 2, 1, 1, 1, 2, 3, 3, 3]))
+    assert prune.select(s, 3, strategy="contiguous", metric="angular").removed == prune.select(s, 3, strategy="contiguous").removed
+    for strategy, metric in (("contiguous", "bi"), ("tail", "angular"), ("random", "bi")):
+        with pytest.raises(PruneError, match=f"metric '{metric}' is read only by strategy one_shot here; {strategy}"):
+            prune.select(s, 3, strategy=strategy, metric=metric)
+
+
 def test_block_numbers_of_any_integer_type_and_a_single_protected_block():
     """protect=0 protected nothing (read as "no list") and protect=-1 failed with a TypeError; numpy integers
     were refused by remove_layers but leaked into a Selection that json could not write; floats and

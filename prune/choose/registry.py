@@ -42,7 +42,8 @@ class Choice:
 
 def _rule(ctx: Choice) -> Selection:
     s = ctx.select
-    return select(ctx.scores, s.n_layers, fraction=s.fraction, strategy=s.strategy, metric=s.metric, protect=s.protect,
+    metric = s.metric if s.strategy == "one_shot" else None  # the recipe refuses a metric its strategy does not read
+    return select(ctx.scores, s.n_layers, fraction=s.fraction, strategy=s.strategy, metric=metric, protect=s.protect,
                   seed=s.seed)
 
 

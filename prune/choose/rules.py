@@ -173,18 +173,30 @@ def random_blocks(n_layers: int, count: int, protect: list[int], seed: int = 0) 
     return Selection(sorted(_random.Random(seed).sample(pool, count)), n_layers, "random", details={"seed": seed})
 
 
+def check_metric_read(strategy: str, metric: str | None) -> None:
+    """A ``metric`` given to a score-only strategy that ranks by something else: one line, not a silent drop."""
+    if metric is None or strategy == "one_shot" or (strategy == "contiguous" and metric == "angular"):
+        return
+    reads = "ranks runs of blocks by angular distance" if strategy == "contiguous" else "reads no metric"
+    raise PruneError(f"metric {metric!r} is read only by strategy one_shot here; {strategy} {reads} (drop metric, or "
+                     "use strategy='one_shot')")
+
+
 def select(scores, n_layers: int | None = None, *, fraction: float | None = None, strategy: str = "one_shot",
-           metric: str = DEFAULT_METRIC, protect=DEFAULT_PROTECT, seed: int = 0) -> Selection:
+           metric: str | None = None, protect=DEFAULT_PROTECT, seed: int = 0) -> Selection:
     """Choose blocks to remove from ``scores`` with a score-only strategy (see module docstring).
 
-    ``n_layers`` is how many blocks to remove (or ``fraction`` of the stack).
+    ``n_layers`` is how many blocks to remove (or ``fraction`` of the stack). ``metric`` is read by
+    ``one_shot`` alone (default: ``select.metric``'s); ``contiguous`` ranks runs by angular distance,
+    and a metric given to a strategy that does not read it is refused, not dropped.
     Returns a :class:`Selection` with 0-based ``removed`` and ``kept`` indices.
     """
+    check_metric_read(strategy, metric)
     L = scores.n_layers
     prot = resolve_protect(protect, L)
     count = resolve_count(L, n_layers, fraction, prot)
     if strategy == "one_shot":
-        return one_shot(scores, count, metric, prot)
+        return one_shot(scores, count, metric or DEFAULT_METRIC, prot)
     if strategy == "contiguous":
         return contiguous(scores, count, prot)
     if strategy == "tail":

@@ -13,7 +13,7 @@ from prune.measure.scoring import ScoreResult, score
 from prune.measure.evaluation import evaluate_loaded
 from prune.model.loading import count_parameters, load_model
 from prune.core.errors import PruneError, first_line, parse_problem, spelled
-from prune.choose.rules import resolve_count, resolve_protect, select
+from prune.choose.rules import DEFAULT_METRIC, check_metric_read, resolve_count, resolve_protect, select
 from prune.export.report import SCORE_ONLY, write_report
 
 
@@ -244,7 +244,7 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
     return result
 
 
-def report_model(source: str, out_dir: str | Path, *, strategy: str = "contiguous", metric: str = "angular",
+def report_model(source: str, out_dir: str | Path, *, strategy: str = "contiguous", metric: str | None = None,
                  n_layers: int | None = None, protect=None, overwrite: bool = False, **score_kwargs) -> Path:
     """Score ``source`` (see :func:`prune.pipeline.score_model` for ``score_kwargs``) and report it,
     marking the ``n_layers`` blocks a score-only ``strategy`` would remove (default: a quarter) outside
@@ -263,7 +263,7 @@ def report_model(source: str, out_dir: str | Path, *, strategy: str = "contiguou
                                                     score_kwargs.get("seed", 0), overwrite, inputs))  # rank 0 writes
 
 
-def report_scores(path: str | Path, out_dir: str | Path, *, strategy: str = "contiguous", metric: str = "angular",
+def report_scores(path: str | Path, out_dir: str | Path, *, strategy: str = "contiguous", metric: str | None = None,
                   n_layers: int | None = None, protect=None, overwrite: bool = False) -> Path:
     """The report of a scores file (``prune score -o FILE.json``), as :func:`report_model` writes it
     after scoring: nothing is scored again."""
@@ -309,7 +309,7 @@ def read_scores(path: str | Path) -> ScoreResult:
     return scores
 
 
-def _report_selection(blocks: int, metrics: list[str], strategy: str, metric: str, n_layers: int | None, protect,
+def _report_selection(blocks: int, metrics: list[str], strategy: str, metric: str | None, n_layers: int | None, protect,
                       fix: str) -> int:
     """How many blocks the report marks (default: a quarter), checked: a score-only ``strategy`` whose scores are
     among ``metrics``, a count and run ``protect`` allows (``select.protect``'s default)."""
@@ -319,7 +319,8 @@ def _report_selection(blocks: int, metrics: list[str], strategy: str, metric: st
     if strategy not in SCORE_ONLY:
         raise PruneError(f"a model report marks blocks with a score-only strategy ({', '.join(SCORE_ONLY)}); for "
                          f"{strategy} run a recipe and report its output folder")
-    need, why = needed_score(strategy, metric)
+    check_metric_read(strategy, metric)
+    need, why = needed_score(strategy, metric or DEFAULT_METRIC)
     if need is not None and need not in metrics:
         raise PruneError(f"{why.replace('select.', '--')} reads the {need} scores, but --metrics is "
                          f"{' '.join(metrics)} ({fix} {need})")
@@ -334,7 +335,7 @@ def _report_selection(blocks: int, metrics: list[str], strategy: str, metric: st
     return k
 
 
-def _write_model_report(scores: ScoreResult, out_dir, source: str, strategy: str, metric: str, k: int, protect, seed: int,
+def _write_model_report(scores: ScoreResult, out_dir, source: str, strategy: str, metric: str | None, k: int, protect, seed: int,
                         overwrite: bool, inputs) -> Path:
     protect = default(SelectConfig, "protect") if protect is None else protect
     sel = select(scores, k, strategy=strategy, metric=metric, protect=protect, seed=seed)
