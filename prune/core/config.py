@@ -622,7 +622,7 @@ class HealConfig(Section):
     steps: int = Field(100, ge=1)
     batch_size: int = Field(4, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-4, gt=0)
+    learning_rate: float = Field(1e-4, gt=0, le=1)  # AdamW moves a weight by about the rate a step: above 1 is a typo
     schedule: Literal["cosine", "constant"] = "cosine"
     average: float = Field(0.0, ge=0, lt=1)  # share of the last steps whose weights are averaged (0: the last step's)
     weight_decay: float = Field(0.0, ge=0)
