@@ -146,6 +146,20 @@ def test_eval_bad_batch_size_is_one_line(tiny_folder):
     assert proc.stderr.count("\n") == 1 and "batch_size is a number, auto or auto:N" in proc.stderr
 
 
+def test_evaluate_model_refuses_an_output_path_without_tasks(tiny_folder, tmp_path):
+    """From Python, output_path without tasks was dropped silently (the CLI refused --output-path)."""
+    from prune.core.config import EvaluateConfig, PerplexityConfig
+    from prune.core.errors import PruneError
+    from prune.pipeline.commands import evaluate_model
+
+    cfg = EvaluateConfig(perplexity=PerplexityConfig(path=str(WIKI_RAW), rows="0:50", seq_len=16, max_windows=1))
+    with pytest.raises(PruneError, match="output_path is where lm-eval writes its files, and cfg has no tasks"):
+        evaluate_model(tiny_folder, cfg, output_path=str(tmp_path / "lm"))
+    with pytest.raises(PruneError, match="cfg must be a prune.EvaluateConfig, got a dict"):
+        evaluate_model(tiny_folder, {"perplexity": None})
+    assert not (tmp_path / "lm").exists()
+
+
 def test_backend_model_args_plumbing():
     from prune.core.errors import PruneError
     from prune.measure.lmeval import backend_model_args

@@ -262,6 +262,33 @@ def test_corrupt_lineage_is_refused_before_loading(two_steps, tmp_path):
         read_record(chained / "pruning.json")
 
 
+def test_python_api_save_refuses_a_removal_that_did_not_happen_and_takes_a_selection(two_steps, tmp_path):
+    """A removal recorded for a model saved before remove_layers wrote "2 of its 10 blocks removed" of an 8-block
+    original, ready to push; blocks outside the stack named the block counts instead. A Selection is taken as it
+    comes from prune.select, and a source given by its path."""
+    original, first, _ = two_steps
+    model, tok, src = prune.load(first.out_dir)  # 6 blocks, pruned from 8
+    for kwargs, said in (
+            (dict(pruning={"removed": [3, 4]}, source=src), "the model still has all 6 blocks: remove them first "
+                                                            "(prune.remove_layers(model, [3, 4])), then save"),
+            (dict(pruning={"removed": [30, 31]}), "pruning= removes blocks [30, 31], outside the 8 blocks before"),
+            (dict(pruning={"removed": [1], "layers_before": 9}), "removes 1 of 9 blocks, leaving 8, but the model has 6")):
+        with pytest.raises(PruneError, match=re.escape(said)):
+            prune.save(model, tok, tmp_path / "x", **kwargs)
+    assert not (tmp_path / "x").exists()
+    scores = prune.ScoreResult(n_layers=6, positions="all", cka_windows=1, n_windows=1, seq_len=8, n_tokens=8,
+                               block_influence=[0.9, 0.1, 0.2, 0.8, 0.7, 0.9], angular=None, cka=None, msrs=None)
+    choice = prune.select(scores, 2, metric="bi")
+    with pytest.raises(PruneError, match=re.escape("the model still has all 6 blocks")):
+        prune.save(model, tok, tmp_path / "x", pruning=choice, source=str(first.out_dir))
+    prune.remove_layers(model, choice.removed)
+    saved = read_json(prune.save(model, tok, tmp_path / "sel", pruning=choice, source=str(first.out_dir)) / "pruning.json")
+    assert saved["removed"] == [1, 2] and saved["layers_before"] == 6 and saved["step"] == 2
+    assert saved["selection"]["strategy"] == "one_shot" and len(saved["kept_original"]) == 4
+    with pytest.raises(PruneError, match=re.escape(f"a removal from 6 blocks, but the source {original} has 8")):
+        prune.save(model, tok, tmp_path / "y", pruning=choice, source=original)
+
+
 def test_hand_written_record_counts_as_one_step():
     """`prune.save(..., pruning={"removed": [...]})` records only the removed blocks."""
     step = normalize_step({"removed": [1, 5]}, n_layers_after=6)

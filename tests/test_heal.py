@@ -166,6 +166,21 @@ def test_a_healed_model_is_freed_when_dropped(method, tokenizers_by_bos):
         gc.enable()
 
 
+def test_heal_model_refuses_settings_it_would_not_read(tokenizers_by_bos):
+    """With windows= the data settings were recorded as used and never read (data= a missing file included); a
+    teacher for the next-token loss was dropped."""
+    model = build_model("llama")
+    prune.remove_layers(model, RUN)
+    windows = torch.randint(0, 100, (6, 16))
+    before = snapshot(model)
+    for kwargs, said in ((dict(data="/nonexistent.txt"), "data describe the training text read from data"),
+                         (dict(n_samples=999, seq_len=512), "n_samples, seq_len describe the training text"),
+                         (dict(teacher_model=build_model("llama")), "teacher_model is read by objective='distill'")):
+        with pytest.raises(PruneError, match=said):
+            heal_model(model, None, "lora", windows=windows, quiet=True, rank=4, steps=1, **kwargs)
+    assert not changed(before, model)
+
+
 def test_olora_on_conv1d_is_refused_before_training(tokenizers_by_bos):
     model = build_model("gpt2")
     before = snapshot(model)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import prune
-from prune.choose.strategies import skip_blocks
+from prune.choose.strategies import perplexity_proxy, skip_blocks
 from prune.choose.verified import candidate_sets, contiguous_runs, margin_line, redundancy_families, verified
 from prune.measure.fidelity import build_reference, measure_fidelity
 from prune.model.loading import decoder_layers
@@ -112,6 +112,25 @@ def test_api_misuse_is_one_line(setup, tokenizers_by_bos):
         prune.score(tokenizers_by_bos[True], held, progress=False)
     with pytest.raises(PruneError, match="cka_windows=100 pools more windows into one CKA batch than the 2 given"):
         prune.score(model, held, cka_windows=100, progress=False)
+    # top_k=0 made every KL 0 and chose the first candidate; scores of another stack were ranked as this one's
+    tok = tokenizers_by_bos[True]
+    six = prune.score(build_model("llama", num_hidden_layers=6), held, progress=False)
+    for call, said in (
+            (lambda: verified(model, scores, held, 2, top_k=0, progress=False), "verified: top_k=0 must be a whole number, at least 1"),
+            (lambda: verified(model, scores, held, 2, batch_size=0, progress=False), "verified: batch_size=0 must be"),
+            (lambda: verified(model, scores, held, 2, budget=-1, progress=False), "verified: budget=-1 must be a whole number, at least 0"),
+            (lambda: verified(model, scores, held + 10**6, 2, progress=False), "outside the model's vocabulary"),
+            (lambda: verified(tok, scores, held, 2, progress=False), "verified: the model is a .*, not a model"),
+            (lambda: verified(model, scores.to_dict(), held, 2, progress=False), "verified: scores must be what prune.score returns"),
+            (lambda: verified(model, six, held, 2, progress=False), "verified: the scores describe 6 blocks but the model has 8"),
+            (lambda: prune.search(model, six, perplexity_proxy(model, held), floor=1.5, higher_is_better=False,
+                                  budget=4, progress=False), "search: the scores describe 6 blocks but the model has 8"),
+            (lambda: prune.search(model, scores, None, floor=1.5, higher_is_better=False, budget=4, progress=False),
+             "search: proxy must be a function of the removed blocks"),
+            (lambda: prune.iterative(model, held, 2, scores=six, progress=False), "iterative: the scores describe 6 blocks"),
+            (lambda: prune.sleb(model, held, 2, batch_size=0, progress=False), "sleb: batch_size=0 must be a whole number")):
+        with pytest.raises(PruneError, match=said):
+            call()
 
 
 def test_verified_in_a_recipe(tiny_folder, tmp_path, capsys):

@@ -1,14 +1,15 @@
 """Model-based selection strategies: they run the model, not only read one set of scores.
 
 * ``iterative``: remove the block ``select.metric`` ranks most removable, re-score the
-  pruned model, repeat ``k`` times (``k - 1`` scoring passes over the calibration windows).
+  pruned model, repeat ``k`` times (``k`` scoring passes over the calibration windows,
+  ``k - 1`` when the full model's scores are given).
 * ``sleb`` (Song et al., SLEB): each round, remove the block whose removal raises the
   calibration loss ``mean NLL`` least. The hidden state entering every block is cached
   once per round, so evaluating candidate ``i`` runs only the blocks after it (and the
   LM head): per round one pass to cache plus one partial pass per candidate.
 * ``search``: the largest set of blocks whose removal keeps a utility floor, within an
   evaluation budget. Candidates are ordered by redundancy (``order_by``: ``msrs``,
-  ``cka``, ``angular`` or ``bi``, as in :func:`prune.select.rank_blocks`); the floor is
+  ``cka``, ``angular`` or ``bi``, as in :func:`prune.choose.rules.rank_blocks`); the floor is
   the perplexity on *held-out* calibration windows at most ``max_perplexity_ratio`` times
   the original's, or a proxy lm-eval task's score at least ``min_task_retained`` of the
   original's. First a binary search over prefixes of the ranking (the longest prefix
@@ -16,7 +17,7 @@
   each one whose removal still holds; it stops when the budget of proxy evaluations is
   spent or no candidate is left.
 
-Every :class:`~prune.select.Selection` records in ``details`` what it cost
+Every :class:`~prune.choose.rules.Selection` records in ``details`` what it cost
 (``forward_passes``, ``full_forward_equivalents``, or ``evaluations``) and a per-round
 ``trace``. Strategies leave the model exactly as they found it: blocks are skipped
 temporarily with :func:`skip_blocks`, restored in ``finally``.
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 from prune.core import dist
 from prune.model.capture import BlockStates, batches, measured_in_eval_mode
 from prune.io.text import _assemble, _window_body, token_stream
-from prune.core.config import CalibrationConfig, EvaluateConfig, ScoreConfig, SelectConfig
+from prune.core.config import HELDOUT_WINDOWS, CalibrationConfig, EvaluateConfig, ScoreConfig, SelectConfig
 from prune.core.errors import PruneError
 from prune.core.records import block_number, complement
 from prune.measure.perplexity import nll_sum
@@ -117,6 +118,28 @@ def _inject(block: nn.Module, states: list[torch.Tensor]):
 
 
 # ---- iterative -----------------------------------------------------------------------------
+def check_strategy_args(who: str, model, scores=None, **whole: tuple[int, int]) -> None:
+    """One line, before any work, unless ``model`` is a model, ``scores`` (when given) the
+    :class:`~prune.measure.scoring.ScoreResult` of a stack of its size, and each ``name=(value, least)``
+    a whole number at least ``least``. (A tokenizer in the model's place, a dict for the scores, a
+    batch of 0 or a top-k of 0 raised from deep inside, or chose wrong blocks.)"""
+    from prune.measure.scoring import ScoreResult
+
+    if not isinstance(model, nn.Module):
+        raise PruneError(f"{who}: the model is a {type(model).__name__}, not a model: give the loaded model "
+                         "(prune.load returns the model first)")
+    if scores is not None:
+        if not isinstance(scores, ScoreResult):
+            raise PruneError(f"{who}: scores must be what prune.score returns (or ScoreResult.load_json of a "
+                             f"`prune score -o` file), got a {type(scores).__name__}")
+        if scores.n_layers != (n := len(decoder_layers(model))):
+            raise PruneError(f"{who}: the scores describe {scores.n_layers} blocks but the model has {n} (score this "
+                             "model)")
+    for name, (value, least) in whole.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise PruneError(f"{who}: {name}={value!r} must be a whole number, at least {least}")
+
+
 def check_same_settings(scores, *, metric: str, positions: str, cka_windows: int, beta: float, tau: float) -> None:
     """Refuse ``scores`` computed with other settings than a strategy that re-scores by ``metric`` uses (its later
     rounds would rank on other settings than its first): the token positions always, ``cka_windows`` for cka and
@@ -154,6 +177,7 @@ def iterative(model, windows: torch.Tensor, count: int, *, metric: str = DEFAULT
     called after every round (e.g. to save progress)."""
     if metric not in SCORE_METRICS:
         raise PruneError(f"unknown metric {metric!r} for iterative (choose from {', '.join(SCORE_METRICS)})")
+    check_strategy_args("iterative", model, scores, batch_size=(batch_size, 1))
     L = len(decoder_layers(model))
     prot = resolve_protect(protect, L)
     count = resolve_count(L, count, None, prot)
@@ -161,7 +185,7 @@ def iterative(model, windows: torch.Tensor, count: int, *, metric: str = DEFAULT
     removed = [t["removed"] for t in trace]
     if scores is not None:
         check_same_settings(scores, metric=metric, positions=positions, cka_windows=cka_windows, beta=beta, tau=tau)
-    current = scores if scores is not None and scores.n_layers == L and not trace else None
+    current = scores if scores is not None and not trace else None
     for r in tqdm(range(len(trace), count), desc="iterative", unit="round", disable=not progress):
         kept = complement(L, removed)
         passes = 0
@@ -214,7 +238,7 @@ def _keep_inputs(capture: BlockStates, out: list[list[torch.Tensor]]) -> None:
 
 
 @measured_in_eval_mode
-def sleb(model, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, batch_size: int = 8,
+def sleb(model, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, batch_size: int = BATCH_SIZE,
          progress: bool = True, start=(), on_round: Callable[[dict], None] | None = None) -> Selection:
     """SLEB: ``count`` rounds; each removes the block whose removal gives the lowest calibration loss.
 
@@ -224,6 +248,7 @@ def sleb(model, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, b
     number of blocks (the LM head runs once per candidate on top of that). ``start`` and
     ``on_round`` resume and follow a run as in :func:`iterative`.
     """
+    check_strategy_args("sleb", model, batch_size=(batch_size, 1))
     layers = decoder_layers(model)
     check_windows(windows, getattr(model.get_input_embeddings(), "num_embeddings", None))  # a ZeroDivisionError, ...
     L = len(layers)
@@ -282,9 +307,10 @@ def sleb(model, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, b
 
 # ---- search --------------------------------------------------------------------------------
 def heldout_windows(tokenizer, text: str, n_samples: int, seq_len: int, seed: int = 0, bos: bool | None = None,
-                    n_heldout: int = 8) -> torch.Tensor:
+                    n_heldout: int = HELDOUT_WINDOWS["search"]) -> torch.Tensor:
     """``n_heldout`` windows of the calibration text disjoint from :func:`prune.data.calibration_windows`'
-    ``n_samples`` (the next windows of the same seeded permutation), in stream order."""
+    ``n_samples`` (the next windows of the same seeded permutation), in stream order. The default is
+    search's; a recipe gives verified ``HELDOUT_WINDOWS["verified"]`` (4)."""
     if isinstance(n_heldout, bool) or not isinstance(n_heldout, int) or n_heldout < 1:
         raise PruneError(f"n_heldout={n_heldout!r}: held-out windows are a whole number, at least 1")
     body, bos_id = _window_body(tokenizer, seq_len, bos)
@@ -350,6 +376,10 @@ def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, 
     """
     if order_by not in ORDER_BY:
         raise PruneError(f"unknown order_by {order_by!r} (choose from {', '.join(ORDER_BY)})")
+    check_strategy_args("search", model, scores)
+    if not callable(proxy):
+        raise PruneError(f"search: proxy must be a function of the removed blocks (prune.perplexity_proxy or "
+                         f"prune.task_proxy), got a {type(proxy).__name__}")
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise PruneError(f"search budget={budget!r} must be a whole number, at least 1")
     if isinstance(floor, bool) or not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor > 0):

@@ -39,17 +39,19 @@ import torch
 from tqdm.auto import tqdm
 
 from prune.choose.rules import DEFAULT_PROTECT, Selection, contiguous, finite_first, one_shot, resolve_count, resolve_protect
-from prune.choose.strategies import _inject, _keep_inputs, _model_dtype, skip_blocks
+from prune.choose.strategies import _inject, _keep_inputs, _model_dtype, check_strategy_args, skip_blocks
 from prune.core import dist
-from prune.core.config import VERIFIED_BUDGET
+from prune.core.config import VERIFIED_BUDGET, FidelityConfig, default
 from prune.core.errors import PruneError
 from prune.core.records import complement
 from prune.measure.fidelity import build_reference, fidelity_window_sums, summary_from_sums
 from prune.measure.paired import paired_t
+from prune.measure.scoring import BATCH_SIZE, check_windows
 from prune.model.capture import BlockStates, measured_in_eval_mode
 from prune.model.loading import cut_without_attention, decoder_layers, input_device, keeps_attention
 
 ONE_SHOT = ("bi", "angular", "cka", "msrs")
+TOP_K = default(FidelityConfig, "top_k")  # the original's log-probs kept per token, as the evaluation keeps them
 
 
 def contiguous_runs(n_layers: int, count: int, protect: list[int]) -> list[list[int]]:
@@ -213,17 +215,20 @@ def margin_line(details: dict) -> str:
 
 
 @measured_in_eval_mode
-def verified(model, scores, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, batch_size: int = 4,
-             top_k: int = 256, budget: int = VERIFIED_BUDGET, progress: bool = True) -> Selection:
+def verified(model, scores, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, batch_size: int = BATCH_SIZE,
+             top_k: int = TOP_K, budget: int = VERIFIED_BUDGET, progress: bool = True) -> Selection:
     """Choose ``count`` blocks by measured fidelity (see module docstring); ``windows`` are held-out
-    calibration windows, ``scores`` the full model's scores, ``budget`` the local-search evaluations."""
+    calibration windows, ``scores`` the full model's scores, ``budget`` the local-search evaluations,
+    ``top_k`` the original's log-probs kept per token (as ``evaluate.fidelity.top_k``)."""
     started = time.time()
+    if scores is None:
+        raise PruneError("verified builds its candidates from the full model's scores: give prune.score's result")
+    check_strategy_args("verified", model, scores, batch_size=(batch_size, 1), top_k=(top_k, 1), budget=(budget, 0))
     if not isinstance(windows, torch.Tensor) or windows.ndim != 2 or windows.shape[0] == 0:
         raise PruneError("verified ranks its candidates on held-out windows: give a tensor [n_windows, seq_len] of at "
                          "least one window (prune.heldout_windows), disjoint from the scoring windows")
+    check_windows(windows, getattr(model.get_input_embeddings(), "num_embeddings", None))
     L = len(decoder_layers(model))
-    if scores.n_layers != L:
-        raise PruneError(f"scores describe {scores.n_layers} blocks but the model has {L}")
     prot = resolve_protect(protect, L)
     count = resolve_count(L, count, None, prot)
     # a hybrid stack keeps one attention block (transformers cannot generate without): such sets are not candidates

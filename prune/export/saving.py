@@ -13,12 +13,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prune.core.errors import PruneError
 from prune.core.records import RECORD_FILE, PruningRecord, record_json
 from prune.core.faults import fault_point
 from prune.export.public import clean_config_file, public_text
 from prune.model.loading import is_dispatched
+
+if TYPE_CHECKING:
+    from prune.choose.rules import Selection
 
 from prune.io.guard import check_output, input_paths, safe_join  # noqa: F401  (re-exported)
 from prune.io.staging import (  # noqa: F401  (re-exported: the atomic-folder code lives in prune.io.staging)
@@ -38,7 +42,7 @@ def save(
     tokenizer,
     out_dir: str | os.PathLike,
     *,
-    pruning: PruningRecord | dict | None = None,
+    pruning: PruningRecord | dict | Selection | None = None,
     files: dict[str, str] | None = None,
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
@@ -48,11 +52,12 @@ def save(
 ) -> Path:
     """Save ``model`` and ``tokenizer`` as a plain checkpoint (safetensors) plus metadata.
 
-    ``pruning`` is written as ``pruning.json``; ``files`` maps relative file names to text
+    ``pruning`` (a record, its dict, or the :class:`~prune.choose.rules.Selection` whose blocks
+    ``remove_layers`` removed) is written as ``pruning.json``; ``files`` maps relative file names to text
     contents written beside it (``recipe.yaml``, ``eval.md``, ``README.md`` ...). With a
     ``pruning`` record and no ``README.md`` in ``files``, the record gets its lineage (a
     record of only ``removed`` counts as one step from an original model; ``source``: the
-    :class:`~prune.io.source.ModelSource` it was loaded from, when known) and a model card
+    model it was pruned from, when known: a path, Hub id or :class:`~prune.io.source.ModelSource`) and a model card
     is written, so the folder is ready for ``prune push``. ``dtype`` (``auto``/None = as
     loaded, ``bfloat16``, ``float16``, ``float32``) converts the saved weights only (the
     model in memory is untouched). ``config.json`` is exactly what ``save_pretrained``
@@ -60,6 +65,10 @@ def save(
     Every JSON/YAML file is cleaned of local paths (:mod:`prune.export.public`). ``inputs``:
     paths the output must never touch (:mod:`prune.io.guard`). Returns the final folder.
     """
+    if isinstance(source, (str, os.PathLike)):  # a path or Hub id, as prune.load takes it
+        from prune.io.source import resolve_source
+
+        source = resolve_source(str(source))
     if pruning is not None and "README.md" not in (files or {}):
         pruning, card = record_and_card(model, pruning, out_dir, source=source, dtype=dtype)
         files = {**(files or {}), "README.md": card}
@@ -160,6 +169,46 @@ def own_inputs(model, source=None) -> list:
     return out
 
 
+def selection_record(pruning):
+    """``pruning=`` as a record: a :class:`~prune.choose.rules.Selection` (what ``prune.select`` and the
+    strategies return) is its removal from ``n_layers`` blocks, with the selection kept beside it."""
+    from prune.choose.rules import Selection
+
+    if isinstance(pruning, Selection):
+        return {"removed": list(pruning.removed), "layers_before": pruning.n_layers, "selection": pruning.to_dict()}
+    return pruning
+
+
+def check_record_fits(record: PruningRecord, n_now: int, source=None) -> None:
+    """A removal the model as it is now can be the result of: its blocks inside the stack before it, the blocks
+    it keeps as many as the model has (not saved before ``remove_layers``), and the stack before it the
+    ``source``'s (when its config is readable). A record of a removal that did not happen wrote a lineage
+    from an original that never existed."""
+    from prune.model.loading import load_config
+
+    removed = sorted(record.removed)
+    before = record.layers_before or n_now + len(removed)
+    if outside := [i for i in removed if not 0 <= i < before]:
+        raise PruneError(f"pruning= removes blocks {outside}, outside the {before} blocks before the removal "
+                         "(0-based indices of the model as it was before remove_layers)")
+    remove_first = (f"the model still has all {n_now} blocks: remove them first (prune.remove_layers(model, "
+                    f"{removed})), then save")
+    if record.layers_before is not None and not record.kept and before - len(removed) != n_now:
+        raise PruneError(remove_first if before == n_now else
+                         f"pruning= removes {len(removed)} of {before} blocks, leaving {before - len(removed)}, but the "
+                         f"model has {n_now}")
+    if source is None:
+        return
+    try:
+        n_source = load_config(source).num_hidden_layers
+    except Exception:  # noqa: BLE001 - a Hub id offline, an unreadable config: the check is skipped, not the save
+        return
+    if n_source != before:
+        raise PruneError(remove_first if n_source == n_now else
+                         f"pruning= describes a removal from {before} blocks, but the source {source.display} has "
+                         f"{n_source} (give the removal made from it, in its own block indices)")
+
+
 def record_and_card(model, pruning: PruningRecord | dict, out_dir, *, source=None, dtype: str | None = None,
                     rows: list[dict] | None = None, settings: dict | None = None, recipe_yaml: str | None = None):
     """``(record, card)`` for :func:`save` from the Python API: ``pruning`` normalised to a
@@ -170,13 +219,14 @@ def record_and_card(model, pruning: PruningRecord | dict, out_dir, *, source=Non
     from prune.model.loading import count_parameters, decoder_layers
 
     n_now = len(decoder_layers(model))
-    record = as_record(pruning)
+    record = as_record(selection_record(pruning), "pruning=")
     folder = loaded_from(model)
     if source is None and folder is not None and (folder / RECORD_FILE).is_file():  # its lineage, not a first step
         from prune.io.source import resolve_source                                # from an original of its size
 
         source = resolve_source(str(folder))
     if record.layers_before is None or not record.kept or record.step == 1 and not record.kept_original:
+        check_record_fits(record, n_now, source)
         record = normalize_step(record, n_now)
         if source is not None:  # a pruned source: this step extends its lineage (indices in the original)
             parent = read_parent(source, record.layers_before)
@@ -206,7 +256,7 @@ def write_extras(stage: Path, pruning: PruningRecord | dict | None, files: dict[
     from prune.export.lineage import as_record
 
     if pruning is not None:
-        (stage / RECORD_FILE).write_text(public_text(RECORD_FILE, record_json(as_record(pruning))))
+        (stage / RECORD_FILE).write_text(public_text(RECORD_FILE, record_json(as_record(selection_record(pruning)))))
     for name, text in (files or {}).items():
         target = safe_join(stage, name)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -770,6 +770,12 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
         if tokenizer is None:
             raise PruneError("heal_model needs a tokenizer to read data (or pass windows=)")
         windows, val_windows = training_windows(tokenizer, cfg)
+    elif unread := ["data"] * (data is not None) + [k for k in ("n_samples", "val_samples", "seq_len") if k in settings]:
+        raise PruneError(f"heal_model: {', '.join(unread)} describe the training text read from data, but windows= "
+                         "gives the windows themselves (drop them, or pass data= without windows=)")
+    if teacher_model is not None and cfg.objective != "distill" and cfg.bridge == "none" and cfg.method != "bridge":
+        raise PruneError(f"heal_model: teacher_model is read by objective='distill' and by a bridge; {cfg.method} on the "
+                         "next-token loss trains without it (drop it, or set objective='distill')")
     n = len(decoder_layers(model))
     check_settings(cfg, model, n)
     if cfg.method != "replace" or cfg.objective == "distill":

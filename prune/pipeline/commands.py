@@ -131,8 +131,14 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
 
     quiet_mode(quiet)
     clock = StageClock()
+    if not isinstance(cfg, EvaluateConfig):
+        raise PruneError(f"evaluate_model: cfg must be a prune.EvaluateConfig, got a {type(cfg).__name__}")
     if (cfg.fidelity is None) != (original is None):
-        raise PruneError("fidelity needs both the original model (--fidelity-to) and fidelity settings")
+        raise PruneError(spelled("fidelity needs both the original model (--fidelity-to) and fidelity settings",
+                                 "fidelity needs both the original model (original=) and cfg.fidelity"))
+    if output_path is not None and not cfg.tasks:
+        raise PruneError("evaluate_model: output_path is where lm-eval writes its files, and cfg has no tasks (give "
+                         "tasks, or drop output_path)")
     named = bool(cfg.tasks) and (cfg.model != "hf" or cfg.model_args is not None or L.world_size() > 1)
     in_memory = cfg.perplexity is not None or cfg.fidelity is not None or (cfg.tasks and not named)
     if in_memory and L.world_size() > 1:  # every rank would measure all of it, print it and write it
