@@ -202,6 +202,9 @@ def test_result_round_trips_through_json(llama, calib_text, tmp_path):
     back = prune.ScoreResult.load_json(tmp_path / "s.json")
     assert back == r
     assert "MSRS =" in back.table()
+    (tmp_path / "pruning.json").write_text('{"schema_version": 1, "removed": [1]}')  # a TypeError from Python
+    with pytest.raises(prune.PruneError, match="pruning.json is not a scores file written by `prune score -o`"):
+        prune.ScoreResult.load_json(tmp_path / "pruning.json")
 
 
 def test_measurements_run_in_eval_mode_and_leave_the_mode_as_it_was(tokenizers_by_bos, calib_text):

@@ -95,6 +95,9 @@ def test_a_metric_the_strategy_does_not_read_is_refused_not_dropped():
     for strategy, metric in (("contiguous", "bi"), ("tail", "angular"), ("random", "bi")):
         with pytest.raises(PruneError, match=f"metric '{metric}' is read only by strategy one_shot here; {strategy}"):
             prune.select(s, 3, strategy=strategy, metric=metric)
+    for wrong in (s.to_dict(), None):
+        with pytest.raises(PruneError, match="select: scores must be what prune.score returns"):
+            prune.select(wrong, 3)
 
 
 def test_block_numbers_of_any_integer_type_and_a_single_protected_block():

@@ -192,6 +192,9 @@ def select(scores, n_layers: int | None = None, *, fraction: float | None = None
     Returns a :class:`Selection` with 0-based ``removed`` and ``kept`` indices.
     """
     check_metric_read(strategy, metric)
+    if not (hasattr(scores, "n_layers") and hasattr(scores, "block_influence")):  # a dict, None: AttributeError
+        raise PruneError(f"select: scores must be what prune.score returns (or ScoreResult.load_json of a `prune score "
+                         f"-o` file), got a {type(scores).__name__}")
     L = scores.n_layers
     prot = resolve_protect(protect, L)
     count = resolve_count(L, n_layers, fraction, prot)

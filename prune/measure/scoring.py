@@ -36,7 +36,7 @@ from prune.core import dist
 from prune.core import metrics as M
 from prune.model.capture import BlockStates, batches, measured_in_eval_mode
 from prune.core.config import CalibrationConfig, ScoreConfig, default
-from prune.core.errors import PruneError
+from prune.core.errors import PruneError, first_line, parse_problem
 from prune.core.faults import fault_point
 from prune.model.loading import decoder_layers, input_device
 
@@ -114,7 +114,28 @@ class ScoreResult:
 
     @classmethod
     def load_json(cls, path: str | Path) -> ScoreResult:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """The scores :meth:`save_json` (``prune score -o``) wrote; one line when the file is not such a file."""
+        from dataclasses import fields
+
+        file = Path(path).expanduser()
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise PruneError(f"{file}: not a readable JSON file ({parse_problem(exc)})") from None
+        names = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or not {"n_layers", "block_influence"} <= set(data) or set(data) - names:
+            raise PruneError(f"{file} is not a scores file written by `prune score -o` or ScoreResult.save_json (give "
+                             "one, a run folder, or a model with --data)")
+        try:
+            scores = cls.from_dict(data)
+            n = int(scores.n_layers)
+            square = [m for m in (scores.angular, scores.cka) if m is not None]
+            if len(scores.block_influence) != n or any(len(m) != n + 1 or any(len(r) != n + 1 for r in m) for m in square):
+                raise ValueError(f"scores of {n} blocks must hold {n} block influences and (n+1) x (n+1) matrices")
+        except (TypeError, ValueError) as exc:
+            raise PruneError(f"{file}: scores of the wrong shape ({first_line(exc)}); write it again with "
+                             "`prune score -o`") from None
+        return scores
 
     def table(self) -> str:
         """A per-block table for the terminal."""

@@ -12,7 +12,7 @@ from prune.io.source import resolve_source
 from prune.measure.scoring import ScoreResult, score
 from prune.measure.evaluation import evaluate_loaded
 from prune.model.loading import count_parameters, load_model
-from prune.core.errors import PruneError, first_line, parse_problem, spelled
+from prune.core.errors import PruneError, spelled
 from prune.choose.rules import DEFAULT_METRIC, check_metric_read, resolve_count, resolve_protect, select
 from prune.export.report import SCORE_ONLY, write_report
 
@@ -290,29 +290,8 @@ def report_scores(path: str | Path, out_dir: str | Path, *, strategy: str = "con
 
 
 def read_scores(path: str | Path) -> ScoreResult:
-    """A scores file written by ``prune score -o`` (:meth:`ScoreResult.to_dict`); one line when it is not one."""
-    import json
-    from dataclasses import fields
-
-    file = Path(path).expanduser()
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise PruneError(f"{file}: not a readable JSON file ({parse_problem(exc)})") from None
-    names = {f.name for f in fields(ScoreResult)}
-    if not isinstance(data, dict) or not {"n_layers", "block_influence"} <= set(data) or set(data) - names:
-        raise PruneError(f"{file} is not a scores file written by `prune score -o` (give one, a run folder, or a model "
-                         "with --data)")
-    try:
-        scores = ScoreResult.from_dict(data)
-        n = int(scores.n_layers)
-        square = [m for m in (scores.angular, scores.cka) if m is not None]
-        if len(scores.block_influence) != n or any(len(m) != n + 1 or any(len(r) != n + 1 for r in m) for m in square):
-            raise ValueError(f"scores of {n} blocks must hold {n} block influences and (n+1) x (n+1) matrices")
-    except (TypeError, ValueError) as exc:
-        raise PruneError(f"{file}: scores of the wrong shape ({first_line(exc)}); write it again with "
-                         "`prune score -o`") from None
-    return scores
+    """A scores file written by ``prune score -o``; one line when it is not one (:meth:`ScoreResult.load_json`)."""
+    return ScoreResult.load_json(path)
 
 
 def _report_selection(blocks: int, metrics: list[str], strategy: str, metric: str | None, n_layers: int | None, protect,
