@@ -41,7 +41,7 @@ class Selection:
     n_layers: int
     strategy: str
     metric: str | None = None
-    scores: list[float] | None = None  # the per-block values the choice was made on
+    scores: list[float] | None = None  # the values the choice was made on: per block (contiguous: d(l, n) per start l)
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
