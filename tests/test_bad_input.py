@@ -52,6 +52,35 @@ def test_truncated_gguf_is_refused(tmp_path):
         prune.load(tmp_path / "half.gguf")
 
 
+def test_a_gguf_header_declaring_more_than_the_file_holds_is_refused_before_parsing(tmp_path):
+    """gguf's reader reads past the end as empty arrays: a 51-byte file declaring an array of 2**40 items ran it
+    until memory ran out. Every count and length is checked against the file's bytes first."""
+    import struct
+
+    from prune.io.gguf import check_header
+
+    key = struct.pack("<Q", 3) + b"abc"
+    cases = {
+        "array": (struct.pack("<IQQ", 3, 0, 1) + key + struct.pack("<IIQ", 9, 0, 2**40),
+                  "its header declares 1099511627776 bytes at byte 51, past the end of the file (51 bytes)"),
+        "strings": (struct.pack("<IQQ", 3, 0, 1) + key + struct.pack("<IIQ", 9, 8, 2**40),
+                    "declares an array of 1099511627776 items at byte 51, more than the file holds"),
+        "keys": (struct.pack("<IQQ", 3, 0, 2**63), "declares 9223372036854775808 keys and 0 tensors"),
+        "type": (struct.pack("<IQQ", 3, 0, 1) + key + struct.pack("<I", 77) + bytes(8), "an unknown value type 77"),
+    }
+    for name, (header, said) in cases.items():
+        (tmp_path / f"{name}.gguf").write_bytes(b"GGUF" + header)
+        with pytest.raises(PruneError, match=re.escape(said)):
+            prune.load(tmp_path / f"{name}.gguf")
+    gguf_path = smollm2_gguf()
+    if gguf_path is not None:  # a real file passes, and its header cut short does not
+        check_header(gguf_path)
+        with gguf_path.open("rb") as handle:
+            (tmp_path / "head.gguf").write_bytes(handle.read(100_000))
+        with pytest.raises(PruneError, match="head.gguf: its header declares .* more than the file holds"):
+            check_header(tmp_path / "head.gguf")
+
+
 def test_folder_without_weights(tiny_folder, tmp_path):
     folder = copy_model(tiny_folder, tmp_path / "m")
     (folder / "model.safetensors").unlink()

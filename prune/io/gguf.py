@@ -36,7 +36,84 @@ def kept_per_file(what: str, path: str | os.PathLike, read: Callable[[], Any]) -
 
 
 def gguf_reader(path: str | os.PathLike):
-    """``gguf.GGUFReader`` of ``path`` (read-only), parsed once while the file stays the same."""
+    """``gguf.GGUFReader`` of ``path`` (read-only), parsed once while the file stays the same, after
+    :func:`check_header`."""
     import gguf
 
-    return kept_per_file("header", path, lambda: gguf.GGUFReader(str(Path(path).resolve()), "r"))
+    def read():
+        check_header(path)
+        return gguf.GGUFReader(str(Path(path).resolve()), "r")
+
+    return kept_per_file("header", path, read)
+
+
+#: bytes of each fixed-size GGUF value type (uint8 int8 uint16 int16 uint32 int32 float32 bool uint64 int64 float64)
+_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+_NESTING = 8  # arrays of arrays, at most this deep
+
+
+def check_header(path: str | os.PathLike) -> None:
+    """Every count and length a GGUF (v2, v3) header declares fits in the bytes the file holds, before
+    ``GGUFReader`` parses it: the reader reads past the end as empty arrays and allocates as it goes, so a
+    51-byte file declaring an array of 2**40 items ran until memory ran out. Raises :class:`PruneError`."""
+    import mmap
+    import struct
+
+    from prune.core.errors import PruneError
+
+    def bad(problem: str):
+        return PruneError(f"GGUF file {path}: {problem}; it is truncated or corrupt (download it again)")
+
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < 24:
+            raise bad("shorter than a GGUF header (24 bytes)")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            size, pos = len(m), 4
+            if m[:4] != b"GGUF":
+                raise bad("no GGUF magic at its start")
+            order = "<" if struct.unpack_from("<I", m, 4)[0] < 0x10000 else ">"  # a big-endian file's version
+            if struct.unpack_from(order + "I", m, 4)[0] < 2:
+                return  # version 1 (32-bit counts): the reader refuses it itself
+
+            def skip(n: int) -> None:
+                nonlocal pos
+                if pos + n > size:
+                    raise bad(f"its header declares {n} bytes at byte {pos}, past the end of the file ({size} bytes)")
+                pos += n
+
+            def number(fmt: str) -> int:
+                at = pos
+                skip(struct.calcsize(fmt))
+                return struct.unpack_from(order + fmt, m, at)[0]
+
+            def value(kind: int, depth: int = 0) -> None:
+                if kind in _FIXED:
+                    skip(_FIXED[kind])
+                elif kind == _STRING:
+                    skip(number("Q"))
+                elif kind == _ARRAY:
+                    item, count = number("I"), number("Q")
+                    if item in _FIXED:
+                        skip(count * _FIXED[item])
+                    elif item not in (_STRING, _ARRAY) or depth >= _NESTING:
+                        raise bad(f"an array of value type {item} at byte {pos}" + (" nested too deep" if item in
+                                                                                  (_STRING, _ARRAY) else ""))
+                    elif count * 8 > size - pos:  # a string or an array takes 8 bytes at least
+                        raise bad(f"its header declares an array of {count} items at byte {pos}, more than the file holds")
+                    else:
+                        for _ in range(count):
+                            value(item, depth + 1)
+                else:
+                    raise bad(f"an unknown value type {kind} at byte {pos}")
+
+            skip(4)  # the version
+            tensors, keys = number("Q"), number("Q")
+            if keys * 12 + tensors * 24 > size - pos:  # a key: its name's length and a type; a tensor's info: more
+                raise bad(f"its header declares {keys} keys and {tensors} tensors, more than the file holds")
+            for _ in range(keys):
+                skip(number("Q"))
+                value(number("I"))
+            for _ in range(tensors):
+                skip(number("Q"))
+                skip(8 * number("I") + 12)  # the dimensions, the type and the offset

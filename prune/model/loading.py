@@ -532,6 +532,8 @@ def check_checkpoint_files(src: ModelSource) -> None:
 
         try:
             gguf_reader(folder / src.gguf_file)  # parsed once per process (prune.io.gguf)
+        except PruneError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any parse failure means a bad file
             raise PruneError(f"GGUF file {folder / src.gguf_file} is truncated or corrupt ({type(exc).__name__}); "
                              "download it again") from None
