@@ -795,14 +795,24 @@ def cmd_compare(args) -> int:
         from prune.measure.paired import task_average
 
         average = task_average(rows) if len({r.task for r in rows}) > 1 else None
-        finite = lambda x: None if isinstance(x, float) and not math.isfinite(x) else x  # noqa: E731  JSON has no NaN
-        write_file(args.output, json.dumps({"a": args.a, "b": b, "rows": [r.to_dict() for r in rows],
-                                            "task_average": {k: finite(v) for k, v in asdict(average).items()}
-                                            if average else None,
-                                            "each_b_task_average": [finite(d) for d in each] or None,
-                                            "fidelity_rows": [r.to_dict() for r in fid_rows]}, indent=1))
+        write_file(args.output, json.dumps(_finite({"a": args.a, "b": b, "rows": [r.to_dict() for r in rows],
+                                                    "task_average": asdict(average) if average else None,
+                                                    "each_b_task_average": each or None,
+                                                    "fidelity_rows": [r.to_dict() for r in fid_rows]}),
+                                           indent=1, allow_nan=False))
         print(f"comparison written to {args.output}", file=sys.stderr)
     return 0
+
+
+def _finite(data):
+    """``data`` with every NaN and infinity as None (null): JSON has neither, and strict readers refuse them."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
 
 
 #: every subcommand registers itself here: (adder, ...) in --help order

@@ -160,6 +160,14 @@ def test_evaluate_model_refuses_an_output_path_without_tasks(tiny_folder, tmp_pa
     assert not (tmp_path / "lm").exists()
 
 
+def test_a_token_in_model_args_is_refused_before_it_is_printed_or_saved(tiny_folder, tmp_path):
+    token = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123"
+    proc = prune_main("eval", tiny_folder, "--tasks", "copa", "--model-args", f"token={token}", "-o", tmp_path / "e.json",
+                      check_rc=2)
+    assert "model_args holds what looks like a Hugging Face token" in proc.stderr and token not in proc.stderr + proc.stdout
+    assert not (tmp_path / "e.json").exists()
+
+
 def test_backend_model_args_plumbing():
     from prune.core.errors import PruneError
     from prune.measure.lmeval import backend_model_args

@@ -180,6 +180,49 @@ def test_a_records_strings_cannot_add_markup_to_the_card_or_report(run_dir, tmp_
         assert not [line for line in lines if "<script>" in line and "`" not in line]  # only shown inside code spans
 
 
+
+def outside_fences(text: str) -> list[str]:
+    """The lines of Markdown ``text`` outside its fenced code blocks (CommonMark: a fence closes on a line of at
+    least as many backticks)."""
+    out, fence = [], None
+    for line in text.splitlines():
+        if fence is None and (m := re.match(r"(`{3,})", line)):
+            fence = m.group(1)
+        elif fence is not None and re.fullmatch(r"`{%d,} *" % len(fence), line):
+            fence = None
+        elif fence is None:
+            out.append(line)
+    return out
+
+
+def test_no_string_of_a_downloaded_run_folder_adds_markup_or_terminal_codes(run_dir, tmp_path, capsys):
+    """The healing record's keys and values, the saved dtype (closing its code span), the evaluation's rows and
+    dtype, the source's name (report.md's title) and a recipe line of three backticks (closing the card's fence)
+    put raw HTML and headings into the card `prune push` publishes and into report.md."""
+    from prune.export.push import card_for_repo
+
+    evil = Path(shutil.copytree(run_dir, tmp_path / "downloaded"))
+    bad = "x`\n\n<script>alert(1)</script>\n# H \x1b]0;title\x07"
+    record = json.loads((evil / "pruning.json").read_text())
+    record["healing"] = {"method": "lora", "settings": {"method": "lora", bad: bad}, bad: bad, "data": {bad: bad}}
+    record["dtype"] = bad
+    record["source"]["path"] = "/x/" + bad
+    (evil / "pruning.json").write_text(json.dumps(record))
+    evaluation = json.loads((evil / "eval.json").read_text())
+    evaluation["settings"]["perplexity"]["rows"] = evaluation["settings"]["dtype"] = bad
+    (evil / "eval.json").write_text(json.dumps(evaluation))
+    with (evil / "recipe.yaml").open("a") as recipe:
+        recipe.write("\n# ```\n```\n\n<script>alert(2)</script>\n\n# H\n\n```yaml\n")
+    assert cli(capsys, "report", evil, "-o", tmp_path / "rep")[0] == 0
+    card = card_for_repo(evil, "me/model")["README.md"]
+    assert "<script>alert(2)</script>" in card  # the recipe's planted lines are there, inside its fence
+    for text in (card, (tmp_path / "rep" / "report.md").read_text()):
+        lines = outside_fences(text)
+        assert "alert(1)" in text and "\x1b" not in text
+        assert not [line for line in lines if line.startswith(("<script>", "# H"))]
+        assert not [line for line in lines if "<script>" in line and "`" not in line]
+
+
 def test_heal_evaluate_reads_only_the_run_folders_own_lm_eval_files_and_checks_them_first(run_dir, tmp_path, capsys):
     """A heal copies the run's lm-eval files into its output: a link to a file outside (a private key) was copied
     as a plain file, ready to push; a damaged samples file or eval.json failed after training (a traceback)."""
@@ -805,6 +848,7 @@ def _header_file(path: Path, header) -> None:
     ("weight_map_int", "weight_map"),
     ("index_not_utf8", "weight_map"),
     ("index_outside", "points outside its folder"),
+    ("index_deep", "weight_map"),  # a RecursionError traceback
     ("pruning_removed_int", "'removed'"),
     ("pruning_not_utf8", "not UTF-8"),
     ("pruning_deep", "nested too deeply to be a pruning record"),  # tracebacks: RecursionError, ValueError
@@ -822,7 +866,8 @@ def test_checkpoint_metadata_of_the_wrong_shape(case, match, model, tmp_path, ca
     elif case.startswith(("index", "weight_map")):
         body = {"index_list": b"[]", "weight_map_list": b'{"weight_map": ["a"]}', "weight_map_int": b'{"weight_map": 3}',
                 "index_not_utf8": b'{"weight_map": {"a": "\xff.safetensors"}}',
-                "index_outside": json.dumps({"weight_map": {"lm_head.weight": "../../secret/model.safetensors"}}).encode()}
+                "index_outside": json.dumps({"weight_map": {"lm_head.weight": "../../secret/model.safetensors"}}).encode(),
+                "index_deep": b'{"weight_map": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"}
         (model / "model.safetensors").rename(model / "model-00001-of-00001.safetensors")
         index.write_bytes(body[case])
     elif case == "pruning_removed_int":
@@ -846,6 +891,17 @@ def test_checkpoint_metadata_of_the_wrong_shape(case, match, model, tmp_path, ca
         refused(capsys, "score", model, "--data", WIKI_RAW, match=match)
         refused(capsys, "remove", model, "--blocks", "3", "-o", tmp_path / "o", match=match)
         refused(capsys, "remove", model, "--slices", "[[0, 3], [4, 8]]", "-o", tmp_path / "o", match=match)
+
+
+@pytest.mark.parametrize("body, said", [('{"num_hidden_layers": ' + "9" * 5000 + "}", "a number of thousands of digits"),
+                                         ('{"a": ' + "[" * 200_000 + "]" * 200_000 + "}", "nested too deeply")])
+def test_prune_check_of_a_config_json_no_reader_can_build(body, said, model, capsys):
+    """A config.json of a number of 5,000 digits, or nested 200,000 deep: tracebacks from `prune check` and push."""
+    (model / "config.json").write_text(body)
+    capsys.readouterr()
+    code = main(["check", str(model)])
+    out, err = capsys.readouterr()
+    assert code != 0 and f"config.json is not valid JSON: {said}" in out + err and "Traceback" not in out + err
 
 
 def test_impossible_selection_and_short_perplexity_text_fail_before_loading(model, tmp_path, capsys, monkeypatch):

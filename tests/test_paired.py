@@ -473,6 +473,19 @@ def test_score_beyond_a_float_is_left_out_like_nan(tmp_path):
     assert "arc_easy acc: 1 example(s) scored NaN or inf, left out" in proc.stderr and "| 3 (A 4, B 3) |" in proc.stdout
 
 
+def test_compare_json_is_strict_json_when_a_mean_overflows(tmp_path):
+    """Scores of 1e308 overflow the means to inf: the JSON held Infinity and NaN, which strict readers refuse."""
+    for side, value in (("a", 1e308), ("b", -1e308)):
+        folder = tmp_path / side
+        folder.mkdir()
+        (folder / f"samples_arc_easy_{STAMP}.jsonl").write_text("\n".join(
+            json.dumps({"doc_id": i, "doc_hash": f"d{i}", "filter": "none", "metrics": ["acc"], "acc": value})
+            for i in range(4)) + "\n")
+    prune_main("compare", tmp_path / "a", tmp_path / "b", "-o", tmp_path / "c.json", check_rc=0)
+    data = json.loads((tmp_path / "c.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert data["rows"][0]["mean_a"] is None
+
+
 def test_text_for_a_number_an_empty_file_and_one_samples_file_are_named(tmp_path):
     """``"acc": "1.0"`` or null was left out without a word; an empty samples file was reported as a metric
     scored only in A; a samples file given for a folder said it was not JSON."""

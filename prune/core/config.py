@@ -478,6 +478,11 @@ class EvaluateConfig(Section):
         if bad:  # lm-eval passed them on as keyword arguments of the model: a traceback after loading
             raise ValueError(f"model_args is lm-eval's comma-separated key=value list; {bad[0]!r} has no '=' "
                              "(e.g. 'dtype=bfloat16,max_length=2048')")
+        from prune.core.secrets import looks_like_token
+
+        if value and looks_like_token(value):  # printed, and written to eval.json and lm-eval's results file
+            raise ValueError("model_args holds what looks like a Hugging Face token, which would be printed and saved "
+                             "with the results: set HF_TOKEN (or run `hf auth login`) instead")
         return value
 
     @field_validator("limit")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 #: the rows that compare the pruned model with the original (not results of one model)
 KL_ROW, AGREEMENT_ROW, FIDELITY_PPL_ROW = "KL to original", "top-1 agreement", "fidelity perplexity"
 
@@ -62,18 +64,22 @@ def well_formed_rows(rows) -> list[dict] | None:
     return out
 
 
+#: control characters but tab and line breaks: a terminal obeys them (colours, its title), a page shows junk
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
+
+
 def md_text(text) -> str:
     """``text`` as one Markdown table cell or inline run: ``|`` escaped, line breaks as spaces, HTML's
     ``<``, ``>`` and ``&`` as entities, backticks as quotes (names from task YAMLs, folders and
-    records, which may hold anything)."""
-    out = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("`", "'")
+    records, which may hold anything); control characters dropped."""
+    out = _CONTROL.sub("", str(text)).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("`", "'")
     return " ".join(out.replace("|", "\\|").splitlines())
 
 
 def code_text(text) -> str:
     """``text`` for inside a Markdown code span (`` `name` ``): one line, ``|`` escaped (a table cell), backticks
     as quotes. No HTML entities: a code span shows them literally (``R&amp;D``)."""
-    return " ".join(str(text).replace("`", "'").replace("|", "\\|").splitlines())
+    return " ".join(_CONTROL.sub("", str(text)).replace("`", "'").replace("|", "\\|").splitlines())
 
 
 def _fmt(value, metric: str) -> str:

@@ -253,20 +253,22 @@ def eval_settings_line(settings: dict | None) -> str:
     parts = []
     ppl = settings.get("perplexity")
     if ppl:
-        rows = f" rows {ppl['rows']}" if ppl.get("rows") else ""
-        windows = f"at most {ppl['max_windows']} windows" if ppl.get("max_windows") else "all windows"
-        parts.append(f"perplexity on `{code_text(Path(str(ppl.get('path'))).name)}`{rows}, {windows} × {ppl.get('seq_len')} tokens")
+        rows = f" rows {md_text(ppl['rows'])}" if ppl.get("rows") else ""
+        windows = f"at most {md_text(ppl['max_windows'])} windows" if ppl.get("max_windows") else "all windows"
+        parts.append(f"perplexity on `{code_text(Path(str(ppl.get('path'))).name)}`{rows}, {windows} × "
+                     f"{md_text(ppl.get('seq_len'))} tokens")
     fid = settings.get("fidelity")
     if fid:
         where = f"`{code_text(Path(str(fid['path'])).name)}`" if fid.get("path") else "the perplexity text"
-        parts.append(f"KL(original ‖ pruned) per token on {where}, top-{fid.get('top_k')} of the original kept")
+        parts.append(f"KL(original ‖ pruned) per token on {where}, top-{md_text(fid.get('top_k'))} of the original kept")
     if settings.get("tasks"):
         limit = settings.get("limit")
         parts.append(f"lm-eval {md_text(', '.join(map(str, settings['tasks'])))}: {md_text(shots_text(settings))}, "
-                     f"{'all examples' if limit is None else f'limit {limit}'}, seed {settings.get('seed')}, "
-                     f"batch size {settings.get('batch_size')} (± is the standard error)")
+                     f"{'all examples' if limit is None else f'limit {md_text(limit)}'}, seed "
+                     f"{md_text(settings.get('seed'))}, batch size {md_text(settings.get('batch_size'))} (± is the "
+                     "standard error)")
     if settings.get("dtype"):
-        parts.append(f"dtype {settings['dtype']}")
+        parts.append(f"dtype {md_text(settings['dtype'])}")
     return "Settings: " + "; ".join(parts) + "." if parts else ""
 
 
@@ -284,22 +286,25 @@ def chosen_heal_settings(settings: dict) -> dict:
 def healing_text(healing: dict | None, step: int | None = None) -> str | None:
     """Healing as bullets: the heal settings other than the defaults, then what the healing step recorded;
     ``step``: the earlier step it healed, when this checkpoint was pruned again after it."""
+    from prune.core.tables import md_text
+
     if not healing:
         return None
+    pair = lambda k, v: f"{md_text(k)} = {md_text(v)}"  # noqa: E731  a record's keys and values may hold anything
     lines = ["Settings other than the defaults: "
-             + ", ".join(f"{k} = {v}" for k, v in chosen_heal_settings(healing["settings"]).items())]
+             + ", ".join(pair(k, v) for k, v in chosen_heal_settings(healing["settings"]).items())]
     for key, value in healing.items():
         if key == "settings":
             continue
         if isinstance(value, dict):  # short lists of plain values too (a text's fields, the blocks a block replaces)
-            inner = ", ".join(f"{k} = {_scalar(v) if _is_scalar(v) else [_scalar(x) for x in v]}" for k, v in value.items()
+            inner = ", ".join(pair(k, _scalar(v) if _is_scalar(v) else [_scalar(x) for x in v]) for k, v in value.items()
                               if _is_scalar(v) or (isinstance(v, list) and len(v) <= 16 and all(_is_scalar(x) for x in v)))
             if inner:
-                lines.append(f"{key}: {inner}")
+                lines.append(f"{md_text(key)}: {inner}")
         elif _is_scalar(value):
-            lines.append(f"{key}: {_scalar(value)}")
+            lines.append(f"{md_text(key)}: {md_text(_scalar(value))}")
         elif isinstance(value, list) and len(value) <= 16 and all(_is_scalar(v) for v in value):
-            lines.append(f"{key}: {[_scalar(v) for v in value]}")
+            lines.append(f"{md_text(key)}: {md_text([_scalar(v) for v in value])}")
     how = ("refitted by least squares after pruning, with no training" if healing["method"] == "bridge"
            else "trained after pruning")
     if step is not None:
@@ -320,10 +325,18 @@ def _scalar(v):
 
 
 def versions_line(versions: dict | None) -> str:
+    from prune.core.tables import md_text
+
     v = versions or {}
     names = [("prune-layers", "prune"), ("transformers", "transformers"), ("torch", "torch")]
-    inner = ", ".join(f"{label} {v[key]}" for key, label in names if key in v)
+    inner = ", ".join(f"{label} {md_text(v[key])}" for key, label in names if key in v)
     return f"({inner})" if inner else ""
+
+
+def fence(text: str) -> str:
+    """A code fence longer than any run of backticks in ``text`` (CommonMark): a recipe's line of three
+    backticks closed a fixed fence, and what followed it rendered as the card's own Markdown and HTML."""
+    return "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
 
 
 # ---- the card ----------------------------------------------------------------------------------
@@ -335,7 +348,7 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
     (the repo id once pushed)."""
     from huggingface_hub import ModelCard
 
-    from prune.core.tables import comparison_markdown, well_formed_rows
+    from prune.core.tables import code_text, comparison_markdown, well_formed_rows
     from prune.export.modelindex import eval_results
     from prune.export.public import public_data
 
@@ -379,8 +392,9 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
     } for i, s in enumerate(steps)]
     earlier_tables = [{"step": s.step or i + 1, "source": source_name(s.source), "table": comparison_markdown(table)}
                       for i, s in enumerate(steps[:-1]) if (table := well_formed_rows(s.eval_rows))]
-    earlier_recipes = [{"step": s.step or i + 1, "yaml": yaml.safe_dump(s.recipe, sort_keys=False).strip()}
-                       for i, s in enumerate(steps[:-1]) if s.recipe]
+    earlier_recipes = [{"step": s.step or i + 1, "yaml": text, "fence": fence(text)}
+                       for i, s in enumerate(steps[:-1]) if s.recipe
+                       for text in [yaml.safe_dump(s.recipe, sort_keys=False).strip()]]
     protect = ((record.recipe or {}).get("select") or {}).get("protect")
     results = eval_results(rows, settings, len(steps))
     card = ModelCard.from_template(
@@ -391,7 +405,7 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
         removed_all=removed_all, kept_all=record.kept_original or record.kept,
         method=method_line(record), this_step=f" (step {len(steps)})" if len(steps) > 1 else "",
         protect=protect, calibration=calibration_line(record),
-        msrs=msrs_line(record), relation_note=relation_note, dtype=record.dtype,
+        msrs=msrs_line(record), relation_note=relation_note, dtype=code_text(record.dtype) if record.dtype else None,
         steps=lineage_rows, original_name=origin,
         # counts alone are no evaluation (every run has them): the card then says none was run
         table=comparison_markdown(rows) if any(r.get("metric") != "count" for r in rows or ()) else None,
@@ -401,7 +415,7 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
         if healed else None, recipe_evaluates=bool((record.recipe or {}).get("evaluate")),
         load_id=load_id or "path/to/this/folder", revision=revision, adapter=adapter,
         base_id=(adapter or {}).get("base") or record.base_model or "path/to/pruned/base",
-        recipe=(recipe_yaml or "").strip(), earlier_recipes=earlier_recipes, versions=versions_line(record.versions),
+        recipe=(recipe_yaml or "").strip(), fence=fence(recipe_yaml or ""), earlier_recipes=earlier_recipes, versions=versions_line(record.versions),
         command=record.command or "save",
     )
     return stamp_card(str(card))

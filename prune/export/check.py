@@ -147,8 +147,10 @@ def _check_config(path: Path, report: CheckReport):
         return None
     try:
         raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        report.add("config", "fail", f"config.json is not valid JSON: {exc}")
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a number of thousands of digits, deep nesting
+        from prune.core.errors import parse_problem
+
+        report.add("config", "fail", f"config.json is not valid JSON: {parse_problem(exc)}")
         return None
     if not isinstance(raw, dict):
         report.add("config", "fail", f"config.json holds a JSON {type(raw).__name__}, not an object")

@@ -31,7 +31,7 @@ from prune.io.guard import input_paths
 from prune.measure.scoring import ScoreResult
 from prune.choose.rules import Selection
 from prune.choose.verified import margin, margin_line
-from prune.core.tables import COMPARISON_HEADER, code_text, comparison_cells
+from prune.core.tables import COMPARISON_HEADER, code_text, comparison_cells, md_text
 
 SCORE_ONLY = tuple(names(needs_model=False))
 DPI = 110
@@ -262,7 +262,7 @@ class _Doc:
 
     def __init__(self, title: str):
         self.title = title
-        self.md = [f"# {title}", ""]
+        self.md = [f"# {md_text(title)}", ""]  # a source's name from a record may hold anything
         self.html = []
 
     def heading(self, text: str) -> None:
@@ -278,8 +278,6 @@ class _Doc:
         self.html.append(f"<pre>{html.escape(text)}</pre>")
 
     def table(self, head: list[str], rows: list[list[str]]) -> None:
-        from prune.core.tables import md_text
-
         self.md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
             "| " + " | ".join(md_text(c) for c in r) + " |" for r in rows] + [""]
         cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
@@ -366,7 +364,7 @@ def _write(folder: Path, before, after, selection, kept, k, title, source, evalu
     tau = before.msrs["tau"] if before.msrs else 0.8
     doc = _Doc(title)
     if source:
-        doc.para(f"model: `{source}`")
+        doc.para(f"model: `{code_text(source)}`")
     doc.para(f"{before.n_layers} decoder blocks, 0-based; calibration: {before.n_windows} windows x {before.seq_len} tokens, "
              f"positions = {before.positions}, cka_windows = {before.cka_windows}, {before.n_tokens} tokens counted"
              + (f", {len(before.excluded_windows)} windows excluded (non-finite)" if before.excluded_windows else ""))
@@ -487,7 +485,7 @@ def report_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overwr
         before = ScoreResult.from_dict(record["scores_before"])
         after = ScoreResult.from_dict(record["scores_after"]) if record.get("scores_after") else None
         selection = Selection.from_dict(record["selection"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # ValueError: bad JSON / UTF-8
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:  # ValueError: bad JSON
         raise PruneError(f"{run / 'pruning.json'} is not a prune run record ({type(exc).__name__}: {exc}); "
                          "give a folder written by prune run, or a model") from None
     src = record.get("source", {})
@@ -500,7 +498,7 @@ def report_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overwr
             evaluation = json.loads((run / "eval.json").read_text())["rows"]
             if evaluation is not None and (evaluation := well_formed_rows(evaluation)) is None:
                 raise ValueError("its rows are not the before/after table prune writes")
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise PruneError(f"{run / 'eval.json'} is not a prune evaluation ({type(exc).__name__}: {exc}); "
                              "remove it, or report a folder written by prune run") from None
     try:

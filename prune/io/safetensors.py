@@ -109,7 +109,7 @@ def read_index(folder: str | os.PathLike) -> tuple[dict[str, str] | None, list[s
             weight_map = data["weight_map"]
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise TypeError
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # bad UTF-8 or JSON, huge numbers, deep nesting
             raise PruneError(f"{index} is not a valid index (it needs a weight_map of tensor -> shard file); "
                              "re-save or re-download the model") from None
         names = list(dict.fromkeys(weight_map.values()))
