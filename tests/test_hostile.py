@@ -823,6 +823,13 @@ def test_hostile_data_files_are_one_line_before_loading(name, content, match, mo
     refused(capsys, "score", model, "--data", data, match=match)
 
 
+def test_a_device_or_a_pipe_as_text_is_named_as_such(model, tmp_path, capsys):
+    """--data /dev/zero and a pipe were "not found"."""
+    os.mkfifo(tmp_path / "pipe.txt")
+    for data in ("/dev/zero", tmp_path / "pipe.txt"):
+        refused(capsys, "score", model, "--data", data, match=f"{data} is not a regular file (a device, a pipe")
+
+
 def test_a_json_array_of_objects_is_read():
     from prune.core.config import TextSource
     from prune.io.text import load_text

@@ -108,7 +108,8 @@ def load_text(source: TextSource) -> str:
     path = Path(source.path).expanduser()
     if not path.is_dir() and (path.suffix in TEXT_SUFFIXES or path.exists()):
         if not path.is_file():
-            raise PruneError(f"data file not found: {source.path} (check the path)")
+            raise PruneError(f"data file {source.path} is not a regular file (a device, a pipe: give a text file)"
+                             if path.exists() else f"data file not found: {source.path} (check the path)")
         text = read_text_file(path)
         if path.suffix in (".jsonl", ".json"):
             texts = _json_rows(path, text, source.field)

@@ -265,7 +265,9 @@ def check_text_path(cfg: TextConfig | None, key: str, where: str, fix: str | Non
 
     local = path.suffix in TEXT_SUFFIXES or cfg.path.startswith((".", "/", "~"))
     if local and not path.is_file() and not (path.is_dir() and path.suffix not in TEXT_SUFFIXES):
-        raise PruneError(f"{where}: '{key}.path' file not found: {cfg.path} (check the path or set PRUNE_DATA_DIR)")
+        raise PruneError(f"{where}: '{key}.path' {cfg.path} is not a regular file (a device, a pipe: give a text file)"
+                         if path.exists() else
+                         f"{where}: '{key}.path' file not found: {cfg.path} (check the path or set PRUNE_DATA_DIR)")
     from prune.core.config import changed
 
     unread = changed(cfg, ("config", "split"))  # the datasets configuration and split: a file has neither
