@@ -190,7 +190,7 @@ def part_train() -> None:
         if name != "replace":
             prune.remove_layers(model, run)
         log(f"healing: {name} {settings}")
-        rec = heal_model(model, tok, removed=run, **settings)
+        rec = heal_model(model, tok, removed=run if name == "replace" else None, **settings)
         result = ppl(model, tok)
         prune.save(model, tok, CACHE / "models" / name, pruning={"removed": run, "healing": rec}, overwrite=True)
         store(name, {"case": name, "perplexity": result, "healing": rec, "layers": model.config.num_hidden_layers,

@@ -47,7 +47,7 @@ for method in ["lora", "partial", "replace"]:
     model = build_model("llama")
     if method != "replace":
         prune.remove_layers(model, [3, 4, 5])
-    rec = heal_model(model, tok, method, data=C4, removed=[3, 4, 5], **fast)
+    rec = heal_model(model, tok, method, data=C4, removed=[3, 4, 5] if method == "replace" else None, **fast)
     check(f"tiny-{method}", model, tok, rec, torch.arange(30)[None])
 
 gguf = smollm2_gguf()
@@ -58,7 +58,8 @@ else:
         model, stok, _ = prune.load(gguf)
         if method != "replace":
             prune.remove_layers(model, list(range(12, 19)))
-        rec = heal_model(model, stok, method, data=C4, removed=list(range(12, 19)), n_samples=64, val_samples=8,
+        rec = heal_model(model, stok, method, data=C4, removed=list(range(12, 19)) if method == "replace" else None,
+                         n_samples=64, val_samples=8,
                          seq_len=256, steps=16, batch_size=4, learning_rate=1e-3, mixed_precision="fp16", quiet=True)
         check(f"smollm2-{method}", model, stok, rec, stok("The capital of France is", return_tensors="pt").input_ids)
 print("ALL OK")

@@ -475,6 +475,9 @@ def test_prune_heal_with_a_bridge_equals_the_recipe_and_refuses_a_healed_run(tmp
     with pytest.raises(PruneError, match="merge: false saves only the adapter, but .* bridge"):
         heal_run(run_dir, tmp_path / "again", method="lora", data=C4_DATA["path"], field=C4_DATA["field"],
                  overrides=["bridge=down", "merge=false"], source=str(tmp_path / "tiny"), quiet=True)
+    with pytest.raises(PruneError, match="heal.teacher cache: the down bridge is fitted on the original loaded beside"):
+        heal_run(run_dir, tmp_path / "again", method="distill", data=C4_DATA["path"], field=C4_DATA["field"],
+                 overrides=["bridge=down", "teacher=cache", "top_k=8"], source=str(tmp_path / "tiny"), quiet=True)
     assert not (tmp_path / "again").exists()
     # a run whose cut follows a mixture-of-experts block: the down bridge is refused before anything loads, naming
     # the block by its number in the original (it was refused after the teacher cache was built, or not at all)

@@ -389,7 +389,7 @@ def test_auto_keeps_the_teacher_in_memory_only_when_its_loss_fits_too():
     the copy: the same tiny model, whose batches' logits would need terabytes, distils from the cache."""
     model = build_model("llama")
     small = heal_config("distill", C4_DATA, **FAST)
-    huge = heal_config("distill", C4_DATA, **{**FAST, "batch_size": 2**16, "seq_len": 2**12})
+    huge = heal_config("distill", C4_DATA, **{**FAST, "batch_size": 2**16, "n_samples": 2**16, "seq_len": 2**12})
     assert small.teacher == huge.teacher == "auto"
     assert teacher_kind(small, model) == "memory"
     assert teacher_need(huge, model_bytes(model), VOCAB) > free_memory(torch.device("cpu")) > model_bytes(model) * 2

@@ -744,6 +744,7 @@ def test_aliases_of_mappings_and_merge_keys_are_read(tmp_path, tiny_folder):
     ("evaluate={original: false}", "evaluate measures nothing: give perplexity, fidelity or tasks"),
     ("select.protect[0]=1", "a list is set whole, not item by item"),  # it said "unknown key 'select'"
     ("heal={method: lora, learning_rate: 1000.0}", "'heal.learning_rate': Input should be less than or equal to 1"),
+    ("heal={method: lora, n_samples: 4, batch_size: 8}", "batch_size 8 is more than the 4 training windows"),
 ])
 def test_strict_settings(override, match, model, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model, tmp_path / "out"))

@@ -473,6 +473,7 @@ def test_score_beyond_a_float_is_left_out_like_nan(tmp_path):
     assert "arc_easy acc: 1 example(s) scored NaN or inf, left out" in proc.stderr and "| 3 (A 4, B 3) |" in proc.stdout
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_compare_json_is_strict_json_when_a_mean_overflows(tmp_path):
     """Scores of 1e308 overflow the means to inf: the JSON held Infinity and NaN, which strict readers refuse."""
     for side, value in (("a", 1e308), ("b", -1e308)):

@@ -247,7 +247,8 @@ class TopkCache:
             raise PruneError(f"heal.teacher_cache {path} is corrupt or unreadable (truncated, damaged, or not a safetensors "
                              f"file: {why}); {RECOMPUTE}") from None
         if meta.get("format") != FORMAT:
-            raise PruneError(f"heal.teacher_cache {path} is not a teacher top-k cache ({FORMAT}); delete it or point elsewhere")
+            raise PruneError(f"heal.teacher_cache {path} is not a teacher top-k cache ({FORMAT}): it is another file "
+                             "(a model's weights?); point heal.teacher_cache at a new path, or at a cache prune wrote")
         return cls(path, read, meta)
 
 

@@ -54,7 +54,7 @@ from prune.io.text import calibration_windows, load_text
 from prune.core.errors import PruneError
 from prune.core.records import complement
 from prune.model.arch import meta_model
-from prune.model.loading import decoder_layers, final_norm, input_device
+from prune.model.loading import context_length, decoder_layers, final_norm, input_device
 from prune.core.config import HEAL_METHODS, HealConfig, SelectConfig, TextConfig, changed
 
 METHODS = HEAL_METHODS
@@ -104,6 +104,10 @@ def plain_linear(module: nn.Module) -> bool:
     return isinstance(module, Conv1D) or (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward)
 
 
+#: the layers besides linear ones that peft's LoRA adapts
+LORA_OTHER_LAYERS = (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def lora_targets_matched(model: nn.Module, targets: list[str] | str) -> list[str]:
     """Names of the modules peft's ``target_modules`` matching would pick (``all-linear``: every
     linear layer but the LM head; a string: a regex matched against full names; a list:
@@ -131,6 +135,10 @@ def lora_targets_matched(model: nn.Module, targets: list[str] | str) -> list[str
     return sorted(set(found))
 
 
+#: the keys only training reads (not a bridge's least-squares fit)
+_TRAINING_KEYS = ("steps", "learning_rate", "schedule", "average", "weight_decay", "gradient_accumulation",
+                  "mixed_precision", "gradient_checkpointing", "fsdp")
+
 #: the keys only distillation reads
 _DISTILL_KEYS = ("temperature", "kl_weight", "hidden_weight", "hidden_loss", "lm_weight", "teacher", "top_k", "teacher_cache")
 
@@ -145,7 +153,9 @@ def ignored_settings(cfg: HealConfig) -> list[str]:
     elif cfg.method == "replace":
         unused.add("loss")  # the whole model's distillation loss, not the block's hidden-state loss
     elif cfg.method == "bridge":  # nothing trained: the bridges are checked by the KL at T = 1 alone
-        unused.update(("temperature", "kl_weight", "hidden_weight", "hidden_loss", "lm_weight"))
+        unused.update(("temperature", "kl_weight", "hidden_weight", "hidden_loss", "lm_weight", *_TRAINING_KEYS))
+    if cfg.objective == "distill" and cfg.teacher == "memory":  # the original in memory: no top-k cache
+        unused.update(("top_k", "teacher_cache"))
     if cfg.method == "replace" and cfg.objective == "lm":
         unused.add("gradient_checkpointing")
     if cfg.bridge == "none":
@@ -156,6 +166,9 @@ def ignored_settings(cfg: HealConfig) -> list[str]:
 def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: int | None = None) -> None:
     """Checks of ``cfg`` against a model (a meta-device copy is enough) that keeps ``n_blocks``
     blocks after pruning; one-line :class:`PruneError` naming the key and the fix."""
+    from prune.heal.training import check_parallel
+
+    check_parallel(cfg)  # batch split over the launch's ranks, FSDP only under a launcher
     if context is not None and cfg.seq_len > context:
         raise PruneError(f"heal.seq_len={cfg.seq_len} is longer than the model's context ({context} tokens); lower it")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -190,10 +203,19 @@ def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: in
         head, embed = model.get_output_embeddings(), model.get_input_embeddings()
         tied = head is not None and embed is not None and (head.weight is embed.weight
                                                           or getattr(model.config, "tie_word_embeddings", False))
-        if tied and any(model.get_submodule(n) is head for n in targets):
-            raise PruneError("heal.target_modules includes the output head, which shares its weight with the input "
-                             "embeddings: merging its LoRA would change both (the merged model would not be the trained "
-                             "one); leave it out of target_modules")
+        for name in targets:
+            module = model.get_submodule(name)
+            if tied and module in (head, embed):
+                part = "output head" if module is head else "input embedding"
+                raise PruneError(f"heal.target_modules includes the {part} ({name}), which shares its weight with the "
+                                 f"{'input embeddings' if module is head else 'output head'}: merging its LoRA would "
+                                 "change both (the merged model would not be the trained one); leave it out of "
+                                 "target_modules")
+            if not (plain_linear(module) or isinstance(module, LORA_OTHER_LAYERS)):
+                linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if plain_linear(m)})
+                raise PruneError(f"heal.target_modules matches {name}, a {type(module).__name__}, which LoRA cannot "
+                                 f"adapt (linear layers, embeddings and convolutions only; this model's linear layers: "
+                                 f"{', '.join(linear)})")
     if cfg.method == "partial":
         if cfg.last_blocks > n_blocks:
             raise PruneError(f"heal.last_blocks={cfg.last_blocks} but the pruned model has {n_blocks} blocks (lower it)")
@@ -777,7 +799,10 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
         raise PruneError(f"heal_model: teacher_model is read by objective='distill' and by a bridge; {cfg.method} on the "
                          "next-token loss trains without it (drop it, or set objective='distill')")
     n = len(decoder_layers(model))
-    check_settings(cfg, model, n)
+    check_api_arguments(cfg, n, removed, kept, teacher_model)
+    given = settings.get("seq_len") is not None or windows is None  # else the windows' own length is checked
+    check_settings(cfg, model, n, context_length(model.config) if given else None)
+    check_windows_fit(model, windows, val_windows)
     if cfg.method != "replace" or cfg.objective == "distill":
         def train() -> dict:
             if cfg.method == "bridge":  # trains nothing: the bridges below are the repair
@@ -813,10 +838,53 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
     return record
 
 
+def check_api_arguments(cfg: HealConfig, n: int, removed, kept, teacher_model) -> None:
+    """``removed`` and ``teacher_model`` of :func:`heal_model` read by what ``cfg`` does (they were accepted and
+    dropped), and ``kept``, where a bridge or the hidden-state loss reads it, a block map of the model: increasing
+    original indices, one per block (it mapped blocks to cuts that do not exist)."""
+    distill, bridged = cfg.objective == "distill", cfg.bridge != "none" or cfg.method == "bridge"
+    if removed is not None and cfg.method != "replace":
+        raise PruneError(f"heal_model: removed= is the run method replace takes the place of; {cfg.method} heals the "
+                         "pruned model as it is (drop removed)")
+    if cfg.method == "replace" and distill and teacher_model is not None:
+        raise PruneError("heal_model: replace distils from the full model it is given (a copy or its top-k cache); "
+                         "drop teacher_model")
+    if distill and cfg.method not in ("replace", "bridge"):  # the teacher the caller passed is the one used
+        in_memory = isinstance(teacher_model, nn.Module)
+        if cfg.teacher == "cache" and in_memory:
+            raise PruneError("heal_model: teacher='cache', but teacher_model is the original in memory, which teaches "
+                             "from memory (no cache is written here): drop teacher='cache', or pass a cache file")
+        if cfg.teacher == "memory" and not in_memory and (teacher_model is not None or cfg.teacher_cache):
+            raise PruneError("heal_model: teacher='memory', but the teacher given is a top-k cache file: pass the "
+                             "original model as teacher_model, or drop teacher='memory'")
+    if kept is None or cfg.method == "replace" or not ((distill and cfg.hidden_weight > 0) or bridged):
+        return  # not read (a script may pass the block map to every method)
+    whole = all(isinstance(i, int) and not isinstance(i, bool) for i in kept)
+    total = len(decoder_layers(teacher_model)) if isinstance(teacher_model, nn.Module) else None
+    if not whole or len(kept) != n or list(kept) != sorted(set(kept)) or (kept and kept[0] < 0) or (
+            total is not None and kept and kept[-1] >= total):
+        raise PruneError(f"heal_model: kept={list(kept)} must give the original index of each of the model's {n} "
+                         "blocks, increasing" + (f", below the original's {total}" if total is not None else ""))
+
+
+def check_windows_fit(model: nn.Module, *windows) -> None:
+    """Token windows given to :func:`heal_model`: ids the embedding holds, and no longer than the model's
+    context (an IndexError from inside the model)."""
+    from prune.measure.scoring import check_windows
+
+    rows, context = getattr(model.get_input_embeddings(), "num_embeddings", None), context_length(model.config)
+    for w in windows:
+        if w is None or (isinstance(w, torch.Tensor) and w.shape[0] == 0):  # no held-out windows
+            continue
+        check_windows(w, rows)
+        if context is not None and w.shape[1] > context:
+            raise PruneError(f"heal_model: windows of {w.shape[1]} tokens are longer than the model's context "
+                             f"({context} tokens)")
+
+
 # ---- the recipe stage (prune.pipeline.orchestrator) -------------------------------------------------
 def preflight(cfg: HealConfig, select: SelectConfig, config, n_layers: int, trust_remote_code: bool = False) -> None:
     """Heal settings checked against the model config, before any weights are loaded."""
-    from prune.model.loading import context_length
     from prune.choose.rules import resolve_count, resolve_protect
 
     n_after = n_layers
@@ -833,9 +901,6 @@ def preflight(cfg: HealConfig, select: SelectConfig, config, n_layers: int, trus
                                  f"{select.protect} removes {removed} (change select.protect, or use lora or partial)")
         n_after = n_layers - k + (1 if cfg.method == "replace" else 0)
     check_settings(cfg, meta_model(config, trust_remote_code=trust_remote_code), n_after, context_length(config))
-    from prune.heal.training import check_parallel
-
-    check_parallel(cfg)  # batch split over the launch's ranks, FSDP only under a launcher
 
 
 def prepare(model, tokenizer, removed: list[int], cfg: HealConfig, quiet: bool = False, *, out_dir=None,

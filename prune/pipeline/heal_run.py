@@ -110,6 +110,8 @@ def heal_settings(recipe_data: dict | None, config: str | None = None, method: s
         settings["method"] = method
     if data:
         settings["data"] = {"path": data}
+    if isinstance(settings.get("data"), str):  # a config's data: PATH, as --data PATH (the flags' field and rows apply)
+        settings["data"] = {"path": settings["data"]}
     if field and settings.get("data") is not None:
         settings["data"]["field"] = field[0] if isinstance(field, list) and len(field) == 1 else field
     if rows and settings.get("data") is not None:
@@ -414,6 +416,9 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
 
         if cfg.method == "replace":
             raise PruneError(REPLACE_IN_A_RECIPE)
+        if cfg.bridge != "none" and cfg.teacher == "cache":  # the bridges need the original in memory: it teaches too
+            raise PruneError(f"heal.teacher cache: the {cfg.bridge} bridge is fitted on the original loaded beside the "
+                             "run, which then teaches from memory (no cache is read or written); drop teacher: cache")
         preflight_cache(cfg, inputs, output=out)
     original = None  # the run's original, loaded at most once (the fidelity reference and the healing share it)
     # built from the original's blocks: the source must be known, the run not healed since
