@@ -240,7 +240,7 @@ def add_eval(sub) -> None:
                        description="Evaluate MODEL with perplexity on a text file and/or lm-eval tasks, on the model in "
                                    "memory through lm-eval's HFLM. Offline, set --data-dir (or PRUNE_DATA_DIR) to use the "
                                    "shipped local copies of arc_easy, arc_challenge, piqa, hellaswag, winogrande, boolq, "
-                                   "openbookqa and copa.")
+                                   "openbookqa and copa, and the exact-last-word task tinystories_lastword_local.")
     p.add_argument("model", help="Hub id, local model folder, or .gguf file")
     p.add_argument("--tasks", type=_csv, default=[], help="comma-separated lm-eval task names")
     p.add_argument("--perplexity-data", default=None, help="text file for perplexity (e.g. wiki.test.raw)")
@@ -528,7 +528,7 @@ def add_export_mergekit(sub) -> None:
     p.add_argument("run_dir", help="a folder written by prune run / remove / heal (reads pruning.json)")
     p.add_argument("--output", "-o", default=None, help="config file to write (default RUN_DIR/mergekit.yaml)")
     p.add_argument("--model", default=None, help="model id or path for the slices (default: the original's Hub id, "
-                                                 "or its local name)")
+                                                 "its declared base_model, or its local name)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="mergekit dtype (default: the run's saved dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")

@@ -308,7 +308,7 @@ def sleb(model, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, b
 # ---- search --------------------------------------------------------------------------------
 def heldout_windows(tokenizer, text: str, n_samples: int, seq_len: int, seed: int = 0, bos: bool | None = None,
                     n_heldout: int = HELDOUT_WINDOWS["search"]) -> torch.Tensor:
-    """``n_heldout`` windows of the calibration text disjoint from :func:`prune.data.calibration_windows`'
+    """``n_heldout`` windows of the calibration text disjoint from :func:`prune.io.text.calibration_windows`'
     ``n_samples`` (the next windows of the same seeded permutation), in stream order. The default is
     search's; a recipe gives verified ``HELDOUT_WINDOWS["verified"]`` (4)."""
     if isinstance(n_heldout, bool) or not isinstance(n_heldout, int) or n_heldout < 1:

@@ -218,7 +218,7 @@ def check_fields(field: str | list[str]) -> str | list[str]:
 
 
 class TextConfig(Section):
-    """Text from a local ``.txt``/``.jsonl`` file or a ``datasets`` name (see :mod:`prune.data`)."""
+    """Text from a local ``.txt``/``.jsonl`` file or a ``datasets`` name (see :mod:`prune.io.text`)."""
 
     path: str
     field: str | list[str] = "text"
@@ -517,7 +517,7 @@ class EvaluateConfig(Section):
 
 
 class PushConfig(Section):
-    """``output.push_to_hub``: push the output folder after the run (see :mod:`prune.hub`)."""
+    """``output.push_to_hub``: push the output folder after the run (see :mod:`prune.export.push`)."""
 
     repo_id: str
     private: bool = True  # applies when the repo is created; an existing repo keeps its visibility
@@ -620,7 +620,7 @@ class HealConfig(Section):
     """
 
     method: Literal[HEAL_METHODS]
-    data: TextConfig | None = None  # required in a recipe (checked in prune.recipe.check_heal)
+    data: TextConfig | None = None  # required in a recipe (checked in prune.pipeline.recipe.check_heal)
     n_samples: int = Field(256, ge=1)
     val_samples: int = Field(8, ge=0)
     seq_len: int = Field(256, ge=8)

@@ -130,7 +130,7 @@ class PruningStep(Record):
     base_model: str | None = None
     repo_id: str | None = None  # the Hub repo this step's folder was pushed to (prune push)
     dtype: str | None = None  # dtype of the saved weights
-    command: str | None = None  # what wrote this step: run, remove, heal, save
+    command: str | None = None  # what wrote this step: run, remove, save (a heal keeps it and adds healing)
     adapter: dict[str, Any] | None = None  # a PEFT adapter folder (heal.merge: false): {"format", "base"}
     eval_rows: list[dict[str, Any]] | None = None  # history entries: the parent folder's before/after rows
 

@@ -260,7 +260,7 @@ def _meta_skeleton(config, report: CheckReport, headers: dict | None = None):
 
 
 def decoder_path(model) -> str | None:
-    """Dotted path of the decoder-block list: :func:`prune.models.decoder_layers_path`, or the
+    """Dotted path of the decoder-block list: :func:`prune.model.loading.decoder_layers_path`, or the
     longest ``ModuleList`` for architectures prune does not prune."""
     from torch import nn
 

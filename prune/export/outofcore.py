@@ -6,7 +6,7 @@ shard under its new name (block indices renumbered ``0 .. len(kept)-1``), tensor
 blocks are skipped, everything outside the blocks (embeddings, norm, LM head) is copied
 unchanged. Each source shard gives one output shard (so no output shard is larger than the
 largest source shard), with a new ``model.safetensors.index.json``. ``config.json`` gets
-:func:`prune.models.pruned_config_updates` and is written by ``save_pretrained``; tokenizer,
+:func:`prune.model.loading.pruned_config_updates` and is written by ``save_pretrained``; tokenizer,
 generation config and other small files are carried over (not the original model card, nor
 weights in other formats, nor a pruned source's ``eval.*`` / ``recipe.yaml``).
 

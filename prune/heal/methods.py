@@ -85,7 +85,7 @@ def heal_config(method: str | HealConfig, data=None, **settings) -> HealConfig:
 
 def training_windows(tokenizer, cfg: HealConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """``(train [n_samples, seq_len], held_out [val_samples, seq_len])`` token windows of ``cfg.data``:
-    non-overlapping windows drawn with ``cfg.seed`` (see :func:`prune.data.calibration_windows`),
+    non-overlapping windows drawn with ``cfg.seed`` (see :func:`prune.io.text.calibration_windows`),
     then split at random (seed ``cfg.seed + 1``) so the held-out windows are disjoint from training."""
     if cfg.data is None:
         raise PruneError("no training text: set heal data (e.g. ../shared/data/c4/c4_web_1480.jsonl)")

@@ -2,7 +2,7 @@
 
 Perplexity follows the standard setup: the evaluation text is joined, cut into
 consecutive non-overlapping windows of ``seq_len`` tokens (BOS first where the
-tokenizer uses it, see :mod:`prune.data`), and
+tokenizer uses it, see :mod:`prune.io.text`), and
 ``ppl = exp( sum NLL(predicted tokens) / number of predicted tokens )``, where every
 token of a window but its first is predicted from the tokens before it in that window.
 The same windows are used for the original and the pruned model.

@@ -1,7 +1,7 @@
 """Score every decoder block over calibration windows: one forward pass, running statistics.
 
 ``score(model, windows)`` runs the windows through the model's decoder stack (no LM head)
-in batches, captures ``h_0 .. h_L`` with :class:`~prune.capture.BlockStates`, and folds each
+in batches, captures ``h_0 .. h_L`` with :class:`~prune.model.capture.BlockStates`, and folds each
 batch into running sums, so memory does not grow with the number of windows:
 
 * ``block_influence[l]``  ShortGPT BI of block ``l`` (mean over counted tokens);

@@ -5,7 +5,7 @@ of the model), then makes everything that indexes blocks by position agree again
 
 * every kept module's ``layer_idx`` (attention modules use it to index the KV cache);
 * the config (``num_hidden_layers``, per-layer lists like ``layer_types``, position
-  dependent layouts: see :func:`prune.models.pruned_config_updates`);
+  dependent layouts: see :func:`prune.model.loading.pruned_config_updates`);
 * ``hf_device_map`` entries of dispatched models (removed blocks dropped, kept renamed);
 * tied input/output embeddings stay tied.
 

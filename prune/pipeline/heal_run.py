@@ -135,16 +135,15 @@ def check_matches_run(model, kept: list[int], run_dir: Path, run_kept: list[int]
     """Compare ``model`` (blocks ``kept``, original indices) with the run folder's safetensors
     (blocks ``run_kept``) tensor by tensor, block ``skip`` excepted; returns how many tensors
     were compared and raises :class:`PruneError` on the first difference."""
-    from safetensors import safe_open
-
+    from prune.io.safetensors import open_file, read_index
     from prune.model.loading import decoder_layers_path
 
     path = decoder_layers_path(model)
     position = {orig: i for i, orig in enumerate(kept)}
     state = model.state_dict()
     compared = 0
-    for file in sorted(run_dir.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as handle:
+    for file in read_index(run_dir)[1]:  # the checkpoint's own files (not an adapter beside them)
+        with open_file(run_dir / file) as handle:
             for key in handle.keys():
                 found = block_index(key, path)
                 name = key
