@@ -467,13 +467,13 @@ def cmd_remove(args) -> int:
     from prune.pipeline.inputs import preflight_model
 
     blocks = parse_blocks(args.blocks) if args.blocks is not None else None
+    src = resolve_source(args.model)
     if args.slices is not None:  # a missing file or bad ranges: before the model is read
-        from prune.core.records import RECORD_FILE
+        from prune.export.lineage import is_pruned
         from prune.export.mergekit import check_slices_model, read_slices
 
         ranges, named = read_slices(args.slices)
-        check_slices_model(named, args.model, (Path(args.model).expanduser() / RECORD_FILE).is_file())
-    src = resolve_source(args.model)
+        check_slices_model(named, args.model, is_pruned(src))  # a Hub repo's pruning.json too
     if args.base_model and src.kind == "hub" and args.base_model != src.path:
         raise PruneError(f"--base-model is only for a local MODEL: {src.path} is a Hub id and is the base model itself "
                          "(drop --base-model)")

@@ -540,6 +540,15 @@ def test_mergekit_files_and_slices_name_the_right_model(chain, tmp_path, capsys)
     assert prune_main(["remove", str(chain["step1"]), "--slices", str(tmp_path / "mine.yaml"), "-o", str(tmp_path / "wrong")]) == 2
     assert f"--slices name the model {chain['source']}, but {chain['step1']} is a pruned model" in capsys.readouterr().err
     assert not (tmp_path / "wrong").exists()
+    # the same pruned folder as a Hub repo (read from the offline cache): its pruning.json is read there too
+    snapshot = tmp_path / "hub" / "models--org--step1" / "snapshots" / ("0" * 40)
+    shutil.copytree(chain["step1"], snapshot)
+    (tmp_path / "hub" / "models--org--step1" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--step1" / "refs" / "main").write_text("0" * 40)
+    hub = prune_cli("remove", "org/step1", "--slices", tmp_path / "mine.yaml", "-o", tmp_path / "wrong",
+                    env_extra={"HF_HUB_CACHE": str(tmp_path / "hub")}, check_rc=2)
+    assert f"--slices name the model {chain['source']}, but org/step1 is a pruned model" in hub.stderr, hub.stderr
+    assert not (tmp_path / "wrong").exists()
     assert prune_main(["remove", str(chain["source"]), "--slices", str(tmp_path / "mine.yaml"), "-o", str(tmp_path / "right")]) == 0
     assert read_record(tmp_path / "right" / "pruning.json").removed == read_record(chain["step2"] / "pruning.json").removed_original_all
     # --model is checked: a missing path, a file, an empty folder, a pruned model (its block count) were written down

@@ -61,6 +61,11 @@ def read_parent(src: ModelSource, n_layers: int) -> PruningRecord | None:
     return step
 
 
+def is_pruned(src: ModelSource) -> bool:
+    """Whether ``src`` holds a ``pruning.json`` (a Hub repo: in the cache, or when the Hub answers)."""
+    return _read_record(src) is not None
+
+
 def _read_record(src: ModelSource) -> tuple[PruningRecord, list | None] | None:
     if src.kind == "folder":
         folder = Path(src.path)
