@@ -107,6 +107,18 @@ ARCH_CONFIGS: dict[str, dict] = {
                      first_k_dense_replace=2, n_group=1, topk_group=1),
     "ernie4_5_moe": dict(_COMMON, moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
                          moe_layer_start_index=1, moe_layer_end_index=6, moe_layer_interval=1),
+    "gptj": dict(vocab_size=VOCAB, n_embd=48, n_layer=N_LAYERS, n_head=4, rotary_dim=8, n_positions=512, bos_token_id=1,
+                 eos_token_id=2),
+    "gpt_bigcode": dict(vocab_size=VOCAB, n_embd=48, n_layer=N_LAYERS, n_head=4, n_positions=512, multi_query=True,
+                        bos_token_id=1, eos_token_id=2),
+    "codegen": dict(vocab_size=VOCAB, n_embd=48, n_layer=N_LAYERS, n_head=4, rotary_dim=8, n_positions=512, n_ctx=512,
+                    bos_token_id=1, eos_token_id=2),
+    "bloom": dict(vocab_size=VOCAB, hidden_size=48, n_layer=N_LAYERS, n_head=4, bos_token_id=1, eos_token_id=2),
+    "falcon": dict(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=N_LAYERS, num_attention_heads=4,
+                   new_decoder_architecture=False, multi_query=True, parallel_attn=True, bos_token_id=1, eos_token_id=2),
+    "opt": dict(vocab_size=VOCAB, hidden_size=48, ffn_dim=96, num_hidden_layers=N_LAYERS, num_attention_heads=4,
+                max_position_embeddings=512, word_embed_proj_dim=48, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "mpt": dict(vocab_size=VOCAB, d_model=48, n_layers=N_LAYERS, n_heads=4, max_seq_len=512),
 }
 ARCHS = list(ARCH_CONFIGS)
 #: architectures whose tokenizer puts BOS before every text (like the real ones)

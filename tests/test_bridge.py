@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import prune
 from prune import PruneError
-from prune.heal.bridge import (Bridges, apply_bridge, apply_bridges, cascade, check_bridge, fit_bridges, fold_targets,
+from prune.heal.bridge import (Bridges, apply_bridge, apply_bridges, cascade, check_bridge, fit_bridges, fold_targets, mlp_output,
                                keep_helpful, runs_of)
 from prune.heal.methods import heal_config, heal_model, training_windows
 from prune.model.loading import decoder_layers
@@ -45,7 +45,7 @@ def weighted(h, *rows, weight="rms", seq_len=None):
 def states(model, windows, block_before: int, last: int):
     """(m, y, h) of ``model``: block_before's MLP output and output, block last's output, [tokens, d] float64."""
     layers, got = decoder_layers(model), {}
-    hooks = [layers[block_before].mlp.register_forward_hook(lambda m, a, o: got.__setitem__("m", o)),
+    hooks = [mlp_output(layers[block_before]).register_forward_hook(lambda m, a, o: got.__setitem__("m", o)),
              layers[block_before].register_forward_hook(lambda m, a, o: got.__setitem__("y", o[0] if isinstance(o, tuple) else o)),
              layers[last].register_forward_hook(lambda m, a, o: got.__setitem__("h", o[0] if isinstance(o, tuple) else o))]
     with torch.no_grad():
@@ -58,7 +58,8 @@ def states(model, windows, block_before: int, last: int):
 #: Mixtral and Qwen3-MoE: T folds into every expert's stacked down projection (in the fixture's Qwen3-MoE
 #: every other block is a mixture; block 3, before the run 4-6, is one)
 @pytest.mark.parametrize("arch,run", [("llama", RUN), ("gpt2", RUN), ("gpt_neox", RUN), ("phi3", RUN),
-                                      ("mixtral", RUN), ("qwen3_moe", [4, 5, 6]), ("cohere", RUN), ("phi", RUN)])
+                                      ("mixtral", RUN), ("qwen3_moe", [4, 5, 6]), ("cohere", RUN), ("phi", RUN),
+                                      ("gptj", RUN), ("opt", RUN), ("mpt", RUN)])  # fc_out; fc2 on the block; ffn
 def test_fit_equals_least_squares_and_folds_into_the_projection(arch, run, tokenizers_by_bos):
     """Plain (``uniform``, the default), first tokens left out (``skip_first``) and weighted (``rms``)
     least squares, each against a direct solve; ``auto`` fits the same three in one pass."""
@@ -149,7 +150,7 @@ def test_cascade_fits_each_cut_on_the_pruned_model_as_it_stands(kind, tokenizers
         assert torch.equal(student(windows).logits, by_hand(windows).logits)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "phi3"])  # no bias; Conv1D + bias; Linear + bias
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "phi3", "opt", "mpt"])  # no bias; Conv1D + bias; Linear + bias
 def test_down_bridge_refits_the_projection_by_ridge_least_squares(arch, tokenizers_by_bos):
     tok = tokenizers_by_bos[arch in BOS_ARCHS]
     full = build_model(arch)

@@ -76,6 +76,17 @@ def test_lora_all_linear_leaves_a_router_that_subclasses_linear_alone(arch, toke
     assert rec["lora"]["merged"] and diff and not {k for k in diff if k.rsplit(".", 1)[0] in routers}
 
 
+def test_lora_all_linear_trains_falcons_linear_layers(tokenizers_by_bos):
+    """Falcon's projections are FalconLinear, an nn.Linear subclass whose forward writes the product out: all-linear
+    found no layer and refused LoRA on Falcon."""
+    model = build_model("falcon")
+    prune.remove_layers(model, RUN)
+    before = snapshot(model)
+    rec = heal_model(model, tokenizers_by_bos[False], "lora", data=C4_DATA, quiet=True, rank=4, **FAST)
+    no_adapters(model)
+    assert rec["lora"]["merged"] and any("query_key_value" in k for k in changed(before, model))
+
+
 @pytest.mark.filterwarnings("error::FutureWarning", "error:fan_in_fan_out:UserWarning")  # peft's noise under -q
 @pytest.mark.parametrize("arch, extra", [("llama", {}), ("gpt2", {}), ("llama", {"dora": True}),
                                          ("llama", {"lora_init": "olora", "lora_norms": True}),

@@ -8,7 +8,9 @@ from prune.io.source import resolve_source
 
 from conftest import N_LAYERS, build_model
 
-EXPECTED_PATHS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}
+EXPECTED_PATHS = {"gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers", "gptj": "transformer.h",
+                  "gpt_bigcode": "transformer.h", "codegen": "transformer.h", "bloom": "transformer.h",
+                  "falcon": "transformer.h", "opt": "model.decoder.layers", "mpt": "transformer.blocks"}
 
 
 def test_decoder_blocks_are_found_from_metadata(arch):
@@ -21,11 +23,11 @@ def test_decoder_blocks_are_found_from_metadata(arch):
 
 
 def test_unsupported_architecture_is_named():
-    from transformers import AutoModelForCausalLM, OPTConfig
+    from transformers import AutoModelForCausalLM, XGLMConfig
 
-    model = AutoModelForCausalLM.from_config(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
-                                                       num_attention_heads=2, word_embed_proj_dim=16))
-    with pytest.raises(UnsupportedModelError, match="'opt' is not supported.*Llama \\(llama\\)"):
+    model = AutoModelForCausalLM.from_config(XGLMConfig(vocab_size=64, d_model=16, num_layers=2, ffn_dim=32,
+                                                        attention_heads=2))
+    with pytest.raises(UnsupportedModelError, match="'xglm' is not supported.*Llama \\(llama\\)"):
         prune.decoder_layers(model)
 
 

@@ -4,6 +4,7 @@ and the automatic choice between them. Every equivalence is against the plain in
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -294,7 +295,7 @@ def test_outofcore_pruning_equals_in_memory_pruning(arch, tokenizers_by_bos, tmp
     assert sorted(a) == sorted(b)
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     assert (ref / "config.json").read_text() == (out / "config.json").read_text()  # as save_pretrained writes it
-    assert "_name_or_path" not in (out / "config.json").read_text()
+    assert not re.search(r'"_name_or_path": "[^"]', (out / "config.json").read_text())  # MPT's sub-config: ""
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer.json", "pruning.json"} <= files
     assert len(Checkpoint(out).files) <= n_src_shards

@@ -63,7 +63,9 @@ from prune.model.capture import StopForward, _hidden_from_output, batches
 from prune.model.loading import decoder_layers, input_device
 
 #: the MLP's last projection (its output is what the block adds to the residual stream), by architecture
-OUTPUT_PROJECTIONS = ("down_proj", "c_proj", "dense_4h_to_h", "fc2")
+OUTPUT_PROJECTIONS = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out")
+#: a block's MLP by name (MPT: ffn); OPT keeps its projections fc1 and fc2 on the block itself
+MLP_NAMES = ("mlp", "ffn")
 #: a block's norm applied to its MLP's output (Gemma2/3 and OLMo-2/3, GLM-4): a bridge folded before it is undone
 NORMS_AFTER_MLP = ("post_feedforward_layernorm", "post_mlp_layernorm")
 
@@ -132,6 +134,20 @@ def runs_of(removed: list[int]) -> list[list[int]]:
     return runs
 
 
+def block_mlp(block: nn.Module) -> nn.Module | None:
+    """The MLP of ``block`` (see :data:`MLP_NAMES`), or None."""
+    return next((m for m in (getattr(block, n, None) for n in MLP_NAMES) if isinstance(m, nn.Module)), None)
+
+
+def mlp_output(block: nn.Module) -> nn.Module | None:
+    """The module whose output is what ``block``'s MLP adds: a mixture of experts itself, else the dense MLP's
+    output projection (MPT's MLP adds the residual inside; OPT keeps the projection on the block)."""
+    mlp = block_mlp(block)
+    if mlp is not None and getattr(mlp, "experts", None) is not None:
+        return mlp
+    return output_projection(mlp if mlp is not None else block)
+
+
 def output_projection(mlp: nn.Module) -> nn.Module | None:
     """A dense MLP's last projection (``nn.Linear`` or GPT-2's ``Conv1D``), or None."""
     for name in OUTPUT_PROJECTIONS:
@@ -150,13 +166,12 @@ def fold_targets(block: nn.Module) -> list[nn.Module | nn.Parameter] | None:
     down projection (``[experts, hidden, intermediate]``); None where the MLP's output does not reach
     the residual stream as a sum of those (a norm after the MLP: Gemma2/3, OLMo-2; a scaled residual:
     Granite's ``residual_multiplier``; shared experts, other layouts)."""
-    mlp = getattr(block, "mlp", None)
+    mlp = mlp_output(block)
     if mlp is None or any(hasattr(block, n) for n in NORMS_AFTER_MLP) or getattr(block, "residual_multiplier", 1.0) != 1.0:
         return None
     experts = getattr(mlp, "experts", None)
     if experts is None:
-        proj = output_projection(mlp)
-        return None if proj is None else [proj]
+        return [mlp]  # the dense MLP's output projection
     down = getattr(experts, "down_proj", None)
     hidden = getattr(experts, "hidden_dim", None)
     # any part beside the experts and their router adds to the output unfolded: shared experts under any name
@@ -204,8 +219,7 @@ def check_adds_straight(model: nn.Module, blocks: list[int], windows: torch.Tens
     eps = torch.finfo(next(model.parameters()).dtype).eps
 
     def target(i: int) -> nn.Module:
-        mlp = layers[i].mlp
-        return output_projection(mlp) if getattr(mlp, "experts", None) is None else mlp
+        return mlp_output(layers[i])
 
     def run(hooks: list, stop: int) -> None:
         handles = [module.register_forward_hook(hook) for module, hook in hooks]
@@ -299,7 +313,7 @@ def fit_bridges(model: nn.Module, removed: list[int], windows: torch.Tensor, bat
         a = r[0]
         if kind == "down":
             handles.append(fold_targets(layers[a - 1])[0].register_forward_hook(keep_input(f"a{a - 1}")))
-        handles += [layers[a - 1].mlp.register_forward_hook(keep(f"m{a - 1}")),
+        handles += [mlp_output(layers[a - 1]).register_forward_hook(keep(f"m{a - 1}")),
                     layers[a - 1].register_forward_hook(keep(f"y{a - 1}")),
                     layers[r[-1]].register_forward_hook(keep(f"h{r[-1]}"))]
     device, tokens, training = input_device(model), 0, model.training
@@ -396,7 +410,7 @@ def fit_cut(original: nn.Module, student: nn.Module, removed: list[int], run: li
     def keep_input(module, args, output):
         taken["a"] = projection_input(module, args)
 
-    handles = [block.mlp.register_forward_hook(keep("m")), block.register_forward_hook(keep("y")),
+    handles = [mlp_output(block).register_forward_hook(keep("m")), block.register_forward_hook(keep("y")),
                decoder_layers(original)[run[-1]].register_forward_hook(keep("h"))]
     if kind == "down":
         handles.append(fold_targets(block)[0].register_forward_hook(keep_input))

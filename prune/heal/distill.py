@@ -300,7 +300,7 @@ def topk_logprobs_sequential(folder: str | os.PathLike, windows: torch.Tensor, k
             sk.load_rest()
             acts, calls = [], {}
             for _, batch in parts:
-                with _Recorder(sk.layers) as rec:
+                with _Recorder(sk.layers, sk.model.config) as rec:
                     sk.model.base_model(input_ids=batch.to(device), use_cache=False)
                 if rec.changed or any(c is None for c in rec.calls):
                     raise PruneError(f"{config.model_type}: blocks cannot be run one at a time for this model; "

@@ -96,12 +96,17 @@ def training_windows(tokenizer, cfg: HealConfig) -> tuple[torch.Tensor, torch.Te
     return all_windows[order[cfg.val_samples:]], all_windows[order[: cfg.val_samples]]
 
 
+#: nn.Linear subclasses whose own forward is still x W^T + b (Falcon's: the product written out)
+LINEAR_AS_IS = ("FalconLinear",)
+
+
 def plain_linear(module: nn.Module) -> bool:
     """A layer computing ``x W^T + b`` (``nn.Linear``, GPT-2's ``Conv1D``); not a subclass with a forward of its
     own (Llama 4's and PhiMoE's routers subclass ``nn.Linear`` and return a tuple: LoRA on them failed mid-run)."""
     from transformers.pytorch_utils import Conv1D
 
-    return isinstance(module, Conv1D) or (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward)
+    return isinstance(module, Conv1D) or (isinstance(module, nn.Linear) and (type(module).forward is nn.Linear.forward
+                                                                          or type(module).__name__ in LINEAR_AS_IS))
 
 
 #: the layers besides linear ones that peft's LoRA adapts

@@ -115,10 +115,14 @@ class StateStore:
 
 
 class _Recorder:
-    """Replaces every block's ``forward`` for one pass: records its arguments, returns its input."""
+    """Replaces every block's ``forward`` for one pass: records its arguments, returns its input (as a
+    one-tuple where the model's blocks return tuples: :data:`prune.model.loading.TUPLE_BLOCKS`)."""
 
-    def __init__(self, layers):
+    def __init__(self, layers, config):
+        from prune.model.loading import TUPLE_BLOCKS
+
         self.layers = layers
+        self.as_tuple = getattr(config, "model_type", None) in TUPLE_BLOCKS
         self.calls: list[tuple | None] = [None] * len(layers)
         self.h0: torch.Tensor | None = None
         self._last = None
@@ -136,7 +140,7 @@ class _Recorder:
             extra = {k: v for k, v in kwargs.items() if k != "hidden_states"} if as_kwarg else dict(kwargs)
             self.calls[index] = (rest, extra, as_kwarg)
             self._last = hidden
-            return hidden
+            return (hidden,) if self.as_tuple else hidden
 
         return forward
 
@@ -216,7 +220,7 @@ def score_sequential(
             acts: list[torch.Tensor] = []
             calls: dict[tuple, list[tuple]] = {}
             for start, batch in parts:
-                with _Recorder(layers) as rec:
+                with _Recorder(layers, sk.model.config) as rec:
                     sk.model.base_model(input_ids=batch.to(device), use_cache=False)
                 if rec.changed:
                     raise PruneError(f"{sk.model.config.model_type}: the model changes the hidden state between blocks "

@@ -79,7 +79,18 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "deepseek_v2": "DeepSeek-V2",
     "glm4_moe": "GLM-4-MoE (GLM-4.5)",
     "ernie4_5_moe": "ERNIE-4.5-MoE",
+    "gptj": "GPT-J",
+    "gpt_bigcode": "GPTBigCode (StarCoder, SantaCoder)",
+    "codegen": "CodeGen",
+    "bloom": "BLOOM",
+    "falcon": "Falcon",
+    "opt": "OPT",
+    "mpt": "MPT",
 }
+
+#: model types whose decoder blocks return a tuple (the hidden state first, as transformers' older models do):
+#: a stand-in for a block returns the same shape (prune.measure.sequential)
+TUPLE_BLOCKS = frozenset({"bloom", "falcon", "mpt"})
 
 #: transformers' ``use_kernels`` for every load (its default since 5: on a GPU, layers swapped for
 #: kernels fetched from the Hub, code run without being asked for, and offline the load fails)
@@ -315,11 +326,12 @@ def num_layers(model: nn.Module) -> int:
 
 def final_norm(model: nn.Module) -> nn.Module | None:
     """The norm applied after the last decoder block (``model.norm``, GPT-2's ``ln_f``, ...):
-    the one normalisation module among the decoder stack's siblings; ``None`` if there is none."""
+    the one normalisation module among the decoder stack's siblings but a norm of the embeddings; ``None``
+    if there is none."""
     path = decoder_layers_path(model)
     parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
-    norms = [m for name, m in parent.named_children()
-             if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith(("Norm", "RMSNorm", "LayerNorm"))]
+    norms = [m for name, m in parent.named_children() if "embed" not in name  # BLOOM's norm of the embeddings: before
+             and (isinstance(m, nn.LayerNorm) or type(m).__name__.endswith(("Norm", "RMSNorm", "LayerNorm")))]
     return norms[0] if len(norms) == 1 else None
 
 
