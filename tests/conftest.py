@@ -119,6 +119,18 @@ ARCH_CONFIGS: dict[str, dict] = {
     "opt": dict(vocab_size=VOCAB, hidden_size=48, ffn_dim=96, num_hidden_layers=N_LAYERS, num_attention_heads=4,
                 max_position_embeddings=512, word_embed_proj_dim=48, bos_token_id=1, eos_token_id=2, pad_token_id=0),
     "mpt": dict(vocab_size=VOCAB, d_model=48, n_layers=N_LAYERS, n_heads=4, max_seq_len=512),
+    "xglm": dict(vocab_size=VOCAB, d_model=48, num_layers=N_LAYERS, attention_heads=4, ffn_dim=96,
+                 max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "persimmon": dict(_COMMON),
+    "flex_olmo": dict(_COMMON, num_experts=4, num_experts_per_tok=2),
+    "minimax_m2": dict(_COMMON, head_dim=12, num_local_experts=4, num_experts_per_tok=2),
+    "glm4_moe_lite": dict(_COMMON, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                          moe_intermediate_size=32, first_k_dense_replace=2, n_group=1, topk_group=1, q_lora_rank=16,
+                          kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12),
+    "exaone_moe": dict(_COMMON, head_dim=12, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "solar_open": dict(_COMMON, head_dim=12, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "afmoe": dict(_COMMON, head_dim=12, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, num_dense_layers=2,
+                  sliding_window=16),
 }
 ARCHS = list(ARCH_CONFIGS)
 #: architectures whose tokenizer puts BOS before every text (like the real ones)

@@ -23,11 +23,11 @@ def test_decoder_blocks_are_found_from_metadata(arch):
 
 
 def test_unsupported_architecture_is_named():
-    from transformers import AutoModelForCausalLM, XGLMConfig
+    from transformers import AutoModelForCausalLM, BioGptConfig
 
-    model = AutoModelForCausalLM.from_config(XGLMConfig(vocab_size=64, d_model=16, num_layers=2, ffn_dim=32,
-                                                        attention_heads=2))
-    with pytest.raises(UnsupportedModelError, match="'xglm' is not supported.*Llama \\(llama\\)"):
+    model = AutoModelForCausalLM.from_config(BioGptConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                                          intermediate_size=32, num_attention_heads=2))
+    with pytest.raises(UnsupportedModelError, match="'biogpt' is not supported.*Llama \\(llama\\)"):
         prune.decoder_layers(model)
 
 

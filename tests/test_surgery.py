@@ -86,6 +86,9 @@ def block_kinds(model) -> list[tuple]:
     ("glm4_moe", [0, 3]),           # dense below first_k_dense_replace 2: one dense block left
     ("deepseek_v2", [0, 1]),        # no dense block left
     ("qwen3_5_text", [2, 3]),       # full attention every 2nd, linear attention elsewhere
+    ("glm4_moe_lite", [0, 3]),      # mlp_layer_types: dense, dense, then sparse
+    ("exaone_moe", [0, 3]),         # first_k_dense_replace 1 and mlp_layer_types; sliding every 4th
+    ("afmoe", [0, 3]),              # dense below num_dense_layers 2; sliding and full attention by layer_types
 ])
 def test_position_dependent_layouts_survive_a_cut(arch, removed, tmp_path, tokenizers_by_bos):
     """A block whose MLP (dense or MoE) or attention kind its position decides keeps it after a cut, in memory

@@ -86,6 +86,14 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "falcon": "Falcon",
     "opt": "OPT",
     "mpt": "MPT",
+    "xglm": "XGLM",
+    "persimmon": "Persimmon",
+    "flex_olmo": "FlexOlmo (MoE)",
+    "minimax_m2": "MiniMax-M2 (MoE)",
+    "glm4_moe_lite": "GLM-4-MoE-Lite",
+    "exaone_moe": "EXAONE-MoE",
+    "solar_open": "Solar-Open (MoE)",
+    "afmoe": "AFMoE",
 }
 
 #: model types whose decoder blocks return a tuple (the hidden state first, as transformers' older models do):
@@ -403,9 +411,11 @@ def _qwen3_moe_layout(config, kept: list[int]) -> dict[str, Any]:
 
 
 def _dense_prefix_layout(config, kept: list[int]) -> dict[str, Any]:
-    """DeepSeek-V2/V3 and GLM-4-MoE build a dense MLP for the blocks below ``first_k_dense_replace`` and MoE above: the kept
-    dense blocks stay a prefix of the kept ones, so the threshold becomes their count."""
-    return {"first_k_dense_replace": sum(1 for i in kept if i < config.first_k_dense_replace)}
+    """DeepSeek-V2/V3 and GLM-4-MoE build a dense MLP for the blocks below ``first_k_dense_replace`` (AFMoE:
+    ``num_dense_layers``) and MoE above: the kept dense blocks stay a prefix of the kept ones, so the threshold
+    becomes their count."""
+    key = "num_dense_layers" if config.model_type == "afmoe" else "first_k_dense_replace"
+    return {key: sum(1 for i in kept if i < getattr(config, key))}
 
 
 def _moe_range_layout(config, kept: list[int]) -> dict[str, Any]:
@@ -428,7 +438,7 @@ def _moe_range_layout(config, kept: list[int]) -> dict[str, Any]:
 #: (Qwen2-MoE and Qwen3-Next decide dense vs sparse as Qwen3-MoE does).
 LAYOUT_REWRITES = {"qwen3_moe": _qwen3_moe_layout, "qwen2_moe": _qwen3_moe_layout, "qwen3_next": _qwen3_moe_layout,
                    "deepseek_v3": _dense_prefix_layout, "deepseek_v2": _dense_prefix_layout,
-                   "glm4_moe": _dense_prefix_layout, "ernie4_5_moe": _moe_range_layout}
+                   "glm4_moe": _dense_prefix_layout, "ernie4_5_moe": _moe_range_layout, "afmoe": _dense_prefix_layout}
 
 
 #: config key of a period -> (the per-layer list that supersedes it, the value every p-th layer has): transformers
