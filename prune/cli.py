@@ -473,7 +473,7 @@ def cmd_remove(args) -> int:
         from prune.export.mergekit import check_slices_model, read_slices
 
         ranges, named = read_slices(args.slices)
-        check_slices_model(named, args.model, is_pruned(src))  # a Hub repo's pruning.json too
+        check_slices_model(named, args.model, bool(named) and is_pruned(src))  # a Hub repo's pruning.json too
     if args.base_model and src.kind == "hub" and args.base_model != src.path:
         raise PruneError(f"--base-model is only for a local MODEL: {src.path} is a Hub id and is the base model itself "
                          "(drop --base-model)")

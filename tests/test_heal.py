@@ -217,6 +217,8 @@ def test_heal_model_checks_its_block_map_windows_and_context(tokenizers_by_bos):
             (lambda: heal_model(model, None, "lora", windows=windows + 10**6, steps=1, quiet=True), "outside the model's vocabulary"),
             (lambda: heal_model(gpt2, None, "lora", windows=torch.randint(0, 100, (6, 32)), steps=1, quiet=True),
              "windows of 32 tokens are longer than the model's context \\(16 tokens\\)"),
+            (lambda: heal_model(model, None, "lora", windows=windows, batch_size=8, steps=1, quiet=True),
+             "heal.batch_size 8 is more than the 6 training windows: lower batch_size$"),
             (lambda: heal_model(model, None, "lora", windows=windows, removed=[3, 4], steps=1, quiet=True),
              "removed= is the run method replace takes the place of; lora heals the pruned model as it is"),
             (lambda: heal_model(model, None, "distill", windows=windows, teacher_model=full, teacher="cache", quiet=True),
@@ -435,6 +437,8 @@ def test_bad_heal_settings_fail_at_validation(tmp_path, tiny_folder, heal, selec
     ({"method": "lora", "target_modules": ["qproj"]}, "'qproj' matches no module"),
     ({"method": "partial", "last_blocks": 7}, "last_blocks=7 but the pruned model has 5 blocks"),
     ({"method": "replace", "seq_len": 1024}, "longer than the model's context"),
+    # the card said "batch 64", and each step saw the 4 windows there were
+    ({"method": "lora", "n_samples": 4, "batch_size": 8}, "heal.batch_size 8 is more than the 4 training windows (n_samples)"),
 ])
 def test_bad_heal_settings_fail_at_preflight(tmp_path, tiny_folder, heal, message):
     from prune.pipeline.orchestrator import preflight

@@ -3,7 +3,7 @@ import torch
 
 import prune
 from prune import PruneError, UnsupportedModelError
-from prune.model.loading import decoder_layers_path
+from prune.model.loading import decoder_layers_path, final_norm
 from prune.io.source import resolve_source
 
 from conftest import N_LAYERS, build_model
@@ -20,6 +20,10 @@ def test_decoder_blocks_are_found_from_metadata(arch):
     layers = prune.decoder_layers(model)
     assert len(layers) == N_LAYERS
     assert type(layers[0]).__name__ in model._no_split_modules
+    # the norm after the blocks (partial fine-tuning trains it; the sequential teacher applies it): BLOOM's beside
+    # its embeddings' norm, LFM2's named embedding_norm
+    norm = final_norm(model)
+    assert norm is not None and (arch != "bloom" or norm is model.transformer.ln_f)
 
 
 def test_unsupported_architecture_is_named():

@@ -41,7 +41,7 @@ from prune.core.errors import PruneError
 from prune.core.records import block_number, complement
 from prune.measure.perplexity import nll_sum
 from prune.model.loading import decoder_layers, decoder_layers_path, input_device, keeps_attention, pruned_config_updates
-from prune.measure.scoring import BATCH_SIZE, BETA, CKA_WINDOWS, DEFAULT_POSITIONS, TAU, check_windows, score
+from prune.measure.scoring import BATCH_SIZE, BETA, CKA_WINDOWS, DEFAULT_POSITIONS, TAU, ScoreResult, check_windows, score
 from prune.choose.rules import (DEFAULT_METRIC, DEFAULT_PROTECT, Selection, finite_first, metric_values, rank_blocks, resolve_count,
                                 resolve_protect)
 
@@ -123,8 +123,6 @@ def check_strategy_args(who: str, model, scores=None, **whole: tuple[int, int]) 
     :class:`~prune.measure.scoring.ScoreResult` of a stack of its size, and each ``name=(value, least)``
     a whole number at least ``least``. (A tokenizer in the model's place, a dict for the scores, a
     batch of 0 or a top-k of 0 raised from deep inside, or chose wrong blocks.)"""
-    from prune.measure.scoring import ScoreResult
-
     if not isinstance(model, nn.Module):
         raise PruneError(f"{who}: the model is a {type(model).__name__}, not a model: give the loaded model "
                          "(prune.load returns the model first)")
@@ -376,12 +374,10 @@ def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, 
     """
     if order_by not in ORDER_BY:
         raise PruneError(f"unknown order_by {order_by!r} (choose from {', '.join(ORDER_BY)})")
-    check_strategy_args("search", model, scores)
+    check_strategy_args("search", model, scores, budget=(budget, 1))
     if not callable(proxy):
         raise PruneError(f"search: proxy must be a function of the removed blocks (prune.perplexity_proxy or "
                          f"prune.task_proxy), got a {type(proxy).__name__}")
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise PruneError(f"search budget={budget!r} must be a whole number, at least 1")
     if isinstance(floor, bool) or not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor > 0):
         raise PruneError(f"search floor={floor!r} must be a ratio to the original's proxy value, a finite number > 0 "
                          "(e.g. 1.2: at most 1.2x its perplexity; 0.95: at least 95% of its accuracy)")

@@ -745,9 +745,6 @@ class HealConfig(Section):
         if self.objective == "distill" and self.teacher == "cache" and self.hidden_weight > 0:
             raise ValueError("hidden_weight needs the teacher in memory (the top-k cache holds no hidden states): "
                              "set teacher: memory or hidden_weight: 0")
-        if self.batch_size > self.n_samples and self.method != "bridge":  # a step sees the n_samples windows alone
-            raise ValueError(f"batch_size {self.batch_size} is more than the {self.n_samples} training windows "
-                             "(n_samples): lower batch_size, or raise n_samples")
         return self
 
 

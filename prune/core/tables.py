@@ -76,6 +76,29 @@ def md_text(text) -> str:
     return " ".join(out.replace("|", "\\|").splitlines())
 
 
+def no_control(text) -> str:
+    """``text`` without control characters (but tab and line breaks): for a code block's lines."""
+    return _CONTROL.sub("", str(text))
+
+
+_CODE_SPAN = re.compile(r"(`[^`]+`)")
+
+
+def md_line(text) -> str:
+    """``text`` as one line of Markdown prose: its code spans (values passed through :func:`code_text`) as they
+    are, HTML's ``<``, ``>`` and ``&`` as entities outside them, line breaks as spaces, control characters
+    dropped (a record's strings may hold anything: a new heading, raw HTML)."""
+    parts = _CODE_SPAN.split(" ".join(_CONTROL.sub("", str(text)).splitlines()))
+    return "".join(p if i % 2 else p.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+                   for i, p in enumerate(parts))
+
+
+def fence(text: str) -> str:
+    """A code fence longer than any run of backticks in ``text`` (CommonMark): a line of three backticks in the
+    text closed a fixed fence, and what followed rendered as Markdown and HTML of the page's own."""
+    return "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+
+
 def code_text(text) -> str:
     """``text`` for inside a Markdown code span (`` `name` ``): one line, ``|`` escaped (a table cell), backticks
     as quotes. No HTML entities: a code span shows them literally (``R&amp;D``)."""

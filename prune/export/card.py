@@ -333,12 +333,6 @@ def versions_line(versions: dict | None) -> str:
     return f"({inner})" if inner else ""
 
 
-def fence(text: str) -> str:
-    """A code fence longer than any run of backticks in ``text`` (CommonMark): a recipe's line of three
-    backticks closed a fixed fence, and what followed it rendered as the card's own Markdown and HTML."""
-    return "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
-
-
 # ---- the card ----------------------------------------------------------------------------------
 def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None, recipe_yaml: str | None = None,
                 settings: dict | None = None, model_name: str = "Pruned model", load_id: str | None = None,
@@ -348,7 +342,7 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
     (the repo id once pushed)."""
     from huggingface_hub import ModelCard
 
-    from prune.core.tables import code_text, comparison_markdown, well_formed_rows
+    from prune.core.tables import code_text, comparison_markdown, fence, well_formed_rows
     from prune.export.modelindex import eval_results
     from prune.export.public import public_data
 

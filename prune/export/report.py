@@ -31,7 +31,7 @@ from prune.io.guard import input_paths
 from prune.measure.scoring import ScoreResult
 from prune.choose.rules import Selection
 from prune.choose.verified import margin, margin_line
-from prune.core.tables import COMPARISON_HEADER, code_text, comparison_cells, md_text
+from prune.core.tables import COMPARISON_HEADER, code_text, comparison_cells, fence, md_line, md_text, no_control
 
 SCORE_ONLY = tuple(names(needs_model=False))
 DPI = 110
@@ -262,19 +262,20 @@ class _Doc:
 
     def __init__(self, title: str):
         self.title = title
-        self.md = [f"# {md_text(title)}", ""]  # a source's name from a record may hold anything
+        self.md = [f"# {md_line(title)}", ""]  # a record's strings (a source's name, a strategy's) may hold anything
         self.html = []
 
     def heading(self, text: str) -> None:
-        self.md += [f"## {text}", ""]
+        self.md += [f"## {md_line(text)}", ""]
         self.html.append(f"<h2>{html.escape(text)}</h2>")
 
     def para(self, text: str) -> None:
-        self.md += [text, ""]
+        self.md += [md_line(text), ""]
         self.html.append(f"<p>{html.escape(text).replace('`', '')}</p>")
 
     def pre(self, text: str) -> None:
-        self.md += ["```", text, "```", ""]
+        text = no_control(text)
+        self.md += [fence(text), text, fence(text), ""]
         self.html.append(f"<pre>{html.escape(text)}</pre>")
 
     def table(self, head: list[str], rows: list[list[str]]) -> None:

@@ -142,7 +142,7 @@ def lora_targets_matched(model: nn.Module, targets: list[str] | str) -> list[str
 
 #: the keys only training reads (not a bridge's least-squares fit)
 _TRAINING_KEYS = ("steps", "learning_rate", "schedule", "average", "weight_decay", "gradient_accumulation",
-                  "mixed_precision", "gradient_checkpointing", "fsdp")
+                  "mixed_precision", "gradient_checkpointing")
 
 #: the keys only distillation reads
 _DISTILL_KEYS = ("temperature", "kl_weight", "hidden_weight", "hidden_loss", "lm_weight", "teacher", "top_k", "teacher_cache")
@@ -168,12 +168,19 @@ def ignored_settings(cfg: HealConfig) -> list[str]:
     return changed(cfg, [k for k in type(cfg).model_fields if k in unused])
 
 
-def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: int | None = None) -> None:
+def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: int | None = None,
+                   n_windows: int | None = None) -> None:
     """Checks of ``cfg`` against a model (a meta-device copy is enough) that keeps ``n_blocks``
-    blocks after pruning; one-line :class:`PruneError` naming the key and the fix."""
+    blocks after pruning, and ``n_windows`` training windows (default ``n_samples``); one-line
+    :class:`PruneError` naming the key and the fix."""
     from prune.heal.training import check_parallel
 
     check_parallel(cfg)  # batch split over the launch's ranks, FSDP only under a launcher
+    windows = cfg.n_samples if n_windows is None else n_windows
+    if cfg.batch_size > windows and cfg.method != "bridge":  # a step would see the windows there are: not the batch
+        raise PruneError(f"heal.batch_size {cfg.batch_size} is more than the {windows} training windows"
+                         f"{' (n_samples)' if n_windows is None else ''}: lower batch_size"
+                         f"{', or raise n_samples' if n_windows is None else ''}")
     if context is not None and cfg.seq_len > context:
         raise PruneError(f"heal.seq_len={cfg.seq_len} is longer than the model's context ({context} tokens); lower it")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -793,6 +800,7 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
     if not cfg.merge:  # the adapter would be trained, then dropped: nothing here saves it apart
         raise PruneError("heal_model: merge=False keeps the LoRA adapter apart, which only `prune heal RUN_DIR --set "
                          "merge=false` saves; here the adapter is merged into the weights (drop merge=False)")
+    given_windows = windows is not None
     if windows is None:
         if tokenizer is None:
             raise PruneError("heal_model needs a tokenizer to read data (or pass windows=)")
@@ -805,8 +813,9 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
                          "next-token loss trains without it (drop it, or set objective='distill')")
     n = len(decoder_layers(model))
     check_api_arguments(cfg, n, removed, kept, teacher_model)
-    given = settings.get("seq_len") is not None or windows is None  # else the windows' own length is checked
-    check_settings(cfg, model, n, context_length(model.config) if given else None)
+    # windows given: their own length and count are checked, not seq_len and n_samples
+    check_settings(cfg, model, n, None if given_windows else context_length(model.config),
+                   int(windows.shape[0]) if given_windows and isinstance(windows, torch.Tensor) else None)
     check_windows_fit(model, windows, val_windows)
     if cfg.method != "replace" or cfg.objective == "distill":
         def train() -> dict:

@@ -334,13 +334,15 @@ def num_layers(model: nn.Module) -> int:
 
 def final_norm(model: nn.Module) -> nn.Module | None:
     """The norm applied after the last decoder block (``model.norm``, GPT-2's ``ln_f``, ...):
-    the one normalisation module among the decoder stack's siblings but a norm of the embeddings; ``None``
-    if there is none."""
+    the one normalisation module among the decoder stack's siblings (BLOOM's: the one besides its
+    embeddings' norm); ``None`` if there is none."""
     path = decoder_layers_path(model)
     parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
-    norms = [m for name, m in parent.named_children() if "embed" not in name  # BLOOM's norm of the embeddings: before
-             and (isinstance(m, nn.LayerNorm) or type(m).__name__.endswith(("Norm", "RMSNorm", "LayerNorm")))]
-    return norms[0] if len(norms) == 1 else None
+    norms = [(name, m) for name, m in parent.named_children()
+             if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith(("Norm", "RMSNorm", "LayerNorm"))]
+    if len(norms) > 1:  # BLOOM's norm of the embeddings, applied before the blocks (LFM2's final one is embedding_norm)
+        norms = [(name, m) for name, m in norms if name != "word_embeddings_layernorm"]
+    return norms[0][1] if len(norms) == 1 else None
 
 
 def count_parameters(model: nn.Module) -> int:
