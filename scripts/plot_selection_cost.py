@@ -19,7 +19,6 @@ full-model-equivalent passes), so strategies that use different windows compare:
 
 from __future__ import annotations
 
-import re
 import sys
 
 from bench_env import ROOT, no_flags
