@@ -848,6 +848,22 @@ def test_a_new_method_does_not_inherit_the_runs_objective_and_bridge():
     assert heal_settings(recipe, method="lora", overrides=["objective=distill"]).objective == "distill"
 
 
+
+def test_a_runs_teacher_cache_is_reused_where_it_is_and_never_written_at_its_recorded_path(tmp_path, monkeypatch):
+    """A run's recipe.yaml records its teacher cache relative to where the run ran: `prune heal` from another
+    folder computed and wrote a new cache there, in the working folder."""
+    from prune.pipeline.heal_run import heal_settings
+
+    recipe = {"heal": {"method": "distill", "teacher": "cache", "teacher_cache": "c5.safetensors",
+                       "data": {"path": str(C4), "field": "prefix"}}}
+    monkeypatch.chdir(tmp_path)
+    assert heal_settings(recipe).teacher_cache is None  # not here: the default beside the output
+    (tmp_path / "c5.safetensors").write_bytes(b"")
+    assert heal_settings(recipe).teacher_cache == "c5.safetensors"  # here: reused (checked when it is read)
+    assert heal_settings({"heal": {**recipe["heal"], "teacher_cache": "<local>/c5.safetensors"}}).teacher_cache is None
+    assert heal_settings(recipe, overrides=["teacher_cache=new.safetensors"]).teacher_cache == "new.safetensors"
+
+
 def test_heal_model_refuses_an_adapter_it_would_drop(tokenizers_by_bos):
     """``heal_model(..., merge=False)`` trained the adapter and dropped it: the weights were unchanged, and the
     record reported the trained adapter's held-out loss."""

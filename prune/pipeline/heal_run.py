@@ -90,6 +90,9 @@ def heal_settings(recipe_data: dict | None, config: str | None = None, method: s
     if not isinstance(settings, dict):
         raise PruneError("the run's recipe.yaml has a heal section that is not a mapping (fix it or give --config)")
     settings = dict(settings)
+    cache = settings.get("teacher_cache")  # written relative to where the run ran, or by name only (<local>/name)
+    if isinstance(cache, str) and not Path(cache).expanduser().is_file():
+        settings.pop("teacher_cache")  # not found here: the default beside the output, never a file at that path
     if method:  # a new method: what the run's recipe says of the old one's objective and bridge goes
         for key in INHERITED_WITH_THE_METHOD:  # (--config and --set may give them again)
             settings.pop(key, None)
