@@ -156,6 +156,20 @@ def test_a_hybrid_stack_keeps_an_attention_block(tokenizers_by_bos, tmp_path):
         with pytest.raises(PruneError, match="no block left to remove in round 6: the only ones not protected are the "
                                              "last attention blocks"):
             strategy(model, windows, 6, progress=False)
+    # the score-only strategies too, given the model's config (a run passes it): the next block in their order
+    from prune.measure.scoring import ScoreResult
+
+    low = ScoreResult(n_layers=8, positions="all", cka_windows=1, n_windows=1, seq_len=8, n_tokens=8,
+                      block_influence=[0.9, 0.01, 0.5, 0.6, 0.02, 0.7, 0.03, 0.9], angular=None, cka=None, msrs=None)
+    assert prune.select(low, 3, metric="bi").removed == [1, 4, 6]  # without the config: refused at removal
+    assert prune.select(low, 3, metric="bi", config=model.config).removed == [1, 2, 4]
+    seed = next(s for s in range(200) if prune.select(low, 3, strategy="random", seed=s).removed == [1, 4, 6])
+    drawn = prune.select(low, 3, strategy="random", seed=seed, config=model.config).removed
+    assert len(drawn) == 3 and {1, 4, 6} - set(drawn)
+    for call in (lambda: prune.select(low, 3, strategy="tail", protect=[0, 2, 3, 5, -1], config=model.config),
+                 lambda: prune.select(scores, 6, strategy="contiguous", config=model.config)):
+        with pytest.raises(PruneError, match="removes every attention block"):
+            call()
 
 
 def test_a_moe_layout_the_config_cannot_describe_is_refused_before_any_change():

@@ -38,13 +38,15 @@ class Choice:
     score: ScoreConfig | None = None
     evaluate: EvaluateConfig | None = None
     quiet: bool = False
+    config: object = None  # the model's config where no model is in memory (sequential execution)
 
 
 def _rule(ctx: Choice) -> Selection:
     s = ctx.select
     metric = s.metric if s.strategy == "one_shot" else None  # the recipe refuses a metric its strategy does not read
+    config = ctx.config if ctx.config is not None else getattr(ctx.model, "config", None)  # a hybrid keeps attention
     return select(ctx.scores, s.n_layers, fraction=s.fraction, strategy=s.strategy, metric=metric, protect=s.protect,
-                  seed=s.seed)
+                  seed=s.seed, config=config)
 
 
 def _iterative(ctx: Choice) -> Selection:
@@ -105,10 +107,11 @@ def names(needs_model: bool | None = None) -> list[str]:
 
 def choose(select_cfg: SelectConfig, scores, *, model=None, tokenizer=None, windows=None,
            calibration: CalibrationConfig | None = None, score: ScoreConfig | None = None,
-           evaluate: EvaluateConfig | None = None, quiet: bool = False) -> Selection:
+           evaluate: EvaluateConfig | None = None, quiet: bool = False, config=None) -> Selection:
     """Run ``select_cfg.strategy``; a model-based strategy without a model is refused."""
     strategy = get(select_cfg.strategy)
     if strategy.needs_model and model is None:
         raise PruneError(f"select.strategy={strategy.name!r} runs the model; it cannot run without one "
                          f"(score-only strategies: {', '.join(names(False))})")
-    return strategy.run(Choice(select_cfg, scores, model, tokenizer, windows, calibration, score, evaluate, quiet))
+    return strategy.run(Choice(select_cfg, scores, model, tokenizer, windows, calibration, score, evaluate, quiet,
+                               config))

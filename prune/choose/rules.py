@@ -13,7 +13,9 @@ Strategies that need only the scores:
   angular distance ``d(l, k)`` between its input and its output;
 * ``tail``: the k blocks just before the last one; ``random``: k blocks drawn with ``seed``.
 
-Protected blocks (default: the first and the last) are never removed.
+Protected blocks (default: the first and the last) are never removed. Given the model's config, a hybrid
+stack's last attention block is passed over as if protected (transformers cannot generate without one;
+:func:`prune.model.loading.keeps_attention`): the next block in the strategy's order is taken instead.
 """
 
 from __future__ import annotations
@@ -139,17 +141,51 @@ def rank_blocks(scores, metric: str) -> list[int]:
     return sorted(finite, key=key) + nan
 
 
-def one_shot(scores, count: int, metric: str, protect: list[int]) -> Selection:
+def first_allowed(order: list[int], count: int, allowed=None) -> list[int]:
+    """The first ``count`` blocks of ``order`` such that ``allowed(blocks so far)`` holds for each addition
+    (``None``: any); fewer when the order runs out."""
+    chosen: list[int] = []
+    for i in order:
+        if len(chosen) == count:
+            break
+        if allowed is None or allowed(chosen + [i]):
+            chosen.append(i)
+    return chosen
+
+
+def attention_kept(config):
+    """``allowed(removed)`` of a hybrid stack: an attention block stays (None for no config)."""
+    if config is None:
+        return None
+    from prune.model.loading import keeps_attention
+
+    return lambda removed: keeps_attention(config, removed)
+
+
+def _enough(chosen: list[int], count: int, config) -> list[int]:
+    if len(chosen) < count:  # only a hybrid stack's attention blocks were left to take
+        from prune.model.loading import cut_without_attention
+
+        raise PruneError(cut_without_attention(config, []) or f"only {len(chosen)} blocks can be removed")
+    return chosen
+
+
+def one_shot(scores, count: int, metric: str, protect: list[int], config=None) -> Selection:
     values, _ = metric_values(scores, metric)
     order = [i for i in rank_blocks(scores, metric) if i not in set(protect)]
-    return Selection(sorted(order[:count]), scores.n_layers, "one_shot", metric, values)
+    chosen = _enough(first_allowed(order, count, attention_kept(config)), count, config)
+    return Selection(sorted(chosen), scores.n_layers, "one_shot", metric, values)
 
 
-def contiguous(scores, count: int, protect: list[int]) -> Selection:
+def contiguous(scores, count: int, protect: list[int], config=None) -> Selection:
     """Gromov et al.: ``l* = argmin_l d(l, count)`` over runs that avoid protected blocks."""
     dist = scores.angular_distance(count)
     prot = set(protect)
-    candidates = [l for l in range(len(dist)) if not prot.intersection(range(l, l + count)) and dist[l] == dist[l]]
+    allowed = attention_kept(config) or (lambda removed: True)
+    runs = [l for l in range(len(dist)) if not prot.intersection(range(l, l + count)) and dist[l] == dist[l]]
+    candidates = [l for l in runs if allowed(list(range(l, l + count)))]
+    if runs and not candidates:
+        _enough([], count, config)  # every run takes the stack's last attention block
     if not candidates:
         raise PruneError(f"no run of {count} contiguous blocks avoids the protected blocks {protect} (lower select.n_layers)")
     start = min(candidates, key=lambda l: (dist[l], l))
@@ -157,20 +193,26 @@ def contiguous(scores, count: int, protect: list[int]) -> Selection:
                      {"start": start, "n": count, "distance": dist[start]})
 
 
-def tail(n_layers: int, count: int, protect: list[int]) -> Selection:
+def tail(n_layers: int, count: int, protect: list[int], config=None) -> Selection:
     """The ``count`` unprotected blocks just before the last block."""
     prot = set(protect) | {n_layers - 1}
     order = [i for i in range(n_layers - 1, -1, -1) if i not in prot]
     if len(order) < count:
         raise PruneError(f"tail: only {len(order)} blocks are removable before the last one")
-    return Selection(sorted(order[:count]), n_layers, "tail")
+    return Selection(sorted(_enough(first_allowed(order, count, attention_kept(config)), count, config)), n_layers, "tail")
 
 
-def random_blocks(n_layers: int, count: int, protect: list[int], seed: int = 0) -> Selection:
-    """``count`` unprotected blocks drawn uniformly with ``random.Random(seed)``."""
+def random_blocks(n_layers: int, count: int, protect: list[int], seed: int = 0, config=None) -> Selection:
+    """``count`` unprotected blocks drawn uniformly with ``random.Random(seed)`` (a draw that would take a hybrid
+    stack's last attention block: the blocks of one seeded shuffle, in order, passing it over)."""
     prot = set(protect)
     pool = [i for i in range(n_layers) if i not in prot]
-    return Selection(sorted(_random.Random(seed).sample(pool, count)), n_layers, "random", details={"seed": seed})
+    chosen = _random.Random(seed).sample(pool, count)
+    allowed = attention_kept(config)
+    if allowed is not None and not allowed(chosen):
+        _random.Random(seed).shuffle(pool)
+        chosen = _enough(first_allowed(pool, count, allowed), count, config)
+    return Selection(sorted(chosen), n_layers, "random", details={"seed": seed})
 
 
 def check_metric_read(strategy: str, metric: str | None) -> None:
@@ -183,12 +225,13 @@ def check_metric_read(strategy: str, metric: str | None) -> None:
 
 
 def select(scores, n_layers: int | None = None, *, fraction: float | None = None, strategy: str = "one_shot",
-           metric: str | None = None, protect=DEFAULT_PROTECT, seed: int = 0) -> Selection:
+           metric: str | None = None, protect=DEFAULT_PROTECT, seed: int = 0, config=None) -> Selection:
     """Choose blocks to remove from ``scores`` with a score-only strategy (see module docstring).
 
     ``n_layers`` is how many blocks to remove (or ``fraction`` of the stack). ``metric`` is read by
     ``one_shot`` alone (default: ``select.metric``'s); ``contiguous`` ranks runs by angular distance,
-    and a metric given to a strategy that does not read it is refused, not dropped.
+    and a metric given to a strategy that does not read it is refused, not dropped. ``config`` (the model's):
+    a hybrid stack keeps an attention block (see the module docstring).
     Returns a :class:`Selection` with 0-based ``removed`` and ``kept`` indices.
     """
     check_metric_read(strategy, metric)
@@ -199,11 +242,11 @@ def select(scores, n_layers: int | None = None, *, fraction: float | None = None
     prot = resolve_protect(protect, L)
     count = resolve_count(L, n_layers, fraction, prot)
     if strategy == "one_shot":
-        return one_shot(scores, count, metric or DEFAULT_METRIC, prot)
+        return one_shot(scores, count, metric or DEFAULT_METRIC, prot, config)
     if strategy == "contiguous":
-        return contiguous(scores, count, prot)
+        return contiguous(scores, count, prot, config)
     if strategy == "tail":
-        return tail(L, count, prot)
+        return tail(L, count, prot, config)
     if strategy == "random":
-        return random_blocks(L, count, prot, seed)
+        return random_blocks(L, count, prot, seed, config)
     raise PruneError(f"unknown strategy {strategy!r} for score-only selection (one_shot, contiguous, tail, random)")

@@ -130,7 +130,10 @@ class Sequential:
                                 trust_remote_code=m.trust_remote_code, **score_options(self.recipe, self.quiet))
 
     def choose(self, windows, scores: ScoreResult) -> Selection:
-        return choose(self.recipe.select, scores, quiet=self.quiet)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.folder, trust_remote_code=self.recipe.model.trust_remote_code)
+        return choose(self.recipe.select, scores, quiet=self.quiet, config=config)  # a hybrid stack keeps attention
 
     def evaluate(self, cfg: EvaluateConfig | None, label: str, name: str | None = None, folder: str = "model",
                  reference=None, is_reference: bool = False) -> dict:
