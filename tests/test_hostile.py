@@ -756,6 +756,22 @@ def test_strict_settings(override, match, model, tmp_path, capsys):
     refused(capsys, "run", recipe, "--set", override, match=match)
 
 
+def test_a_mapping_that_replaces_a_section_says_what_goes_back_to_its_default(model, tmp_path, capsys):
+    """--set 'select={n_layers: 3}' replaced the whole section (YAML's meaning, kept): the strategy and protected
+    blocks went back to their defaults without a word."""
+    from prune.pipeline.recipe import load_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model, tmp_path / "out", select={"strategy": "contiguous",
+                                                                                          "n_layers": 2, "protect": [0]}))
+    capsys.readouterr()
+    assert load_recipe(recipe, ["select={n_layers: 3}"]).select.strategy != "contiguous"
+    err = capsys.readouterr().err
+    assert "override 'select'={...} replaces the whole section: protect, strategy go back to their defaults (to " \
+           "change one key: 'select.n_layers=VALUE')" in err, err
+    load_recipe(recipe, ["select.n_layers=3"])
+    assert "replaces the whole section" not in capsys.readouterr().err
+
+
 def test_the_offload_folder_is_never_an_input_or_the_output(model, tmp_path, capsys):
     """transformers writes the offloaded weights into model.offload_folder and leaves them: with the source model's
     folder it wrote 226 files into it; with output.dir the whole run went by and then failed, files left behind."""

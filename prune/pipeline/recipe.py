@@ -136,6 +136,14 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
             if not isinstance(node[part], dict):
                 raise PruneError(f"--set {key}: {part!r} is not a section")
             node = node[part]
+        old = node.get(parts[-1])
+        if isinstance(old, dict) and isinstance(value, dict) and (dropped := [k for k in old if k not in value]):
+            from prune.core.console import say  # YAML's meaning, kept: a mapping replaces the section whole
+
+            k, one = key.strip(), f"{key.strip()}.{next(iter(value), 'KEY')}=VALUE"
+            say(f"note: {spelled(f'--set {k}', f'override {k!r}')}={{...}} replaces the whole section: "
+                f"{', '.join(map(str, dropped))} go back to their defaults (to change one key: "
+                f"{spelled(f'--set {one}', repr(one))})")
         node[parts[-1]] = value
     return data
 
