@@ -162,11 +162,18 @@ def attention_kept(config):
     return lambda removed: keeps_attention(config, removed)
 
 
-def _enough(chosen: list[int], count: int, config) -> list[int]:
-    if len(chosen) < count:  # only a hybrid stack's attention blocks were left to take
-        from prune.model.loading import cut_without_attention
+def raise_no_attention(config) -> None:
+    """The refusal when only a hybrid stack's attention blocks are left to take."""
+    from prune.model.loading import cut_without_attention
 
-        raise PruneError(cut_without_attention(config, []) or f"only {len(chosen)} blocks can be removed")
+    raise PruneError(cut_without_attention(config, []))
+
+
+def _enough(chosen: list[int], count: int, config) -> list[int]:
+    """``chosen``, when it holds ``count`` blocks (:func:`first_allowed` ran out of blocks only where the attention
+    blocks were passed over)."""
+    if len(chosen) < count:
+        raise_no_attention(config)
     return chosen
 
 
@@ -184,8 +191,8 @@ def contiguous(scores, count: int, protect: list[int], config=None) -> Selection
     allowed = attention_kept(config) or (lambda removed: True)
     runs = [l for l in range(len(dist)) if not prot.intersection(range(l, l + count)) and dist[l] == dist[l]]
     candidates = [l for l in runs if allowed(list(range(l, l + count)))]
-    if runs and not candidates:
-        _enough([], count, config)  # every run takes the stack's last attention block
+    if runs and not candidates:  # every run takes the stack's last attention block
+        raise_no_attention(config)
     if not candidates:
         raise PruneError(f"no run of {count} contiguous blocks avoids the protected blocks {protect} (lower select.n_layers)")
     start = min(candidates, key=lambda l: (dist[l], l))
@@ -215,6 +222,12 @@ def random_blocks(n_layers: int, count: int, protect: list[int], seed: int = 0, 
     return Selection(sorted(chosen), n_layers, "random", details={"seed": seed})
 
 
+def not_scores(who: str, scores) -> PruneError:
+    """The refusal of ``scores`` that are not a :class:`~prune.measure.scoring.ScoreResult`."""
+    return PruneError(f"{who}: scores must be what prune.score returns (or ScoreResult.load_json of a `prune score -o` "
+                      f"file), got a {type(scores).__name__}")
+
+
 def check_metric_read(strategy: str, metric: str | None) -> None:
     """A ``metric`` given to a score-only strategy that ranks by something else: one line, not a silent drop."""
     if metric is None or strategy == "one_shot" or (strategy == "contiguous" and metric == "angular"):
@@ -236,8 +249,7 @@ def select(scores, n_layers: int | None = None, *, fraction: float | None = None
     """
     check_metric_read(strategy, metric)
     if not (hasattr(scores, "n_layers") and hasattr(scores, "block_influence")):  # a dict, None: AttributeError
-        raise PruneError(f"select: scores must be what prune.score returns (or ScoreResult.load_json of a `prune score "
-                         f"-o` file), got a {type(scores).__name__}")
+        raise not_scores("select", scores)
     L = scores.n_layers
     prot = resolve_protect(protect, L)
     count = resolve_count(L, n_layers, fraction, prot)

@@ -41,9 +41,10 @@ from prune.core.errors import PruneError
 from prune.core.records import block_number, complement
 from prune.measure.perplexity import nll_sum
 from prune.model.loading import decoder_layers, decoder_layers_path, input_device, keeps_attention, pruned_config_updates
-from prune.measure.scoring import BATCH_SIZE, BETA, CKA_WINDOWS, DEFAULT_POSITIONS, TAU, ScoreResult, check_windows, score
-from prune.choose.rules import (DEFAULT_METRIC, DEFAULT_PROTECT, Selection, finite_first, metric_values, rank_blocks, resolve_count,
-                                resolve_protect)
+from prune.measure.scoring import (BATCH_SIZE, BETA, CKA_WINDOWS, DEFAULT_POSITIONS, TAU, ScoreResult, check_model,
+                                   check_windows, embedding_rows, score)
+from prune.choose.rules import (DEFAULT_METRIC, DEFAULT_PROTECT, Selection, finite_first, metric_values, not_scores,
+                                rank_blocks, resolve_count, resolve_protect)
 
 ORDER_BY = ("msrs", "cka", "angular", "bi")
 SCORE_METRICS = {"bi": ("bi",), "angular": ("angular",), "cka": ("cka",), "msrs": ("cka",)}
@@ -123,13 +124,10 @@ def check_strategy_args(who: str, model, scores=None, **whole: tuple[int, int]) 
     :class:`~prune.measure.scoring.ScoreResult` of a stack of its size, and each ``name=(value, least)``
     a whole number at least ``least``. (A tokenizer in the model's place, a dict for the scores, a
     batch of 0 or a top-k of 0 raised from deep inside, or chose wrong blocks.)"""
-    if not isinstance(model, nn.Module):
-        raise PruneError(f"{who}: the model is a {type(model).__name__}, not a model: give the loaded model "
-                         "(prune.load returns the model first)")
+    check_model(model, f"{who}: the model")
     if scores is not None:
         if not isinstance(scores, ScoreResult):
-            raise PruneError(f"{who}: scores must be what prune.score returns (or ScoreResult.load_json of a "
-                             f"`prune score -o` file), got a {type(scores).__name__}")
+            raise not_scores(who, scores)
         if scores.n_layers != (n := len(decoder_layers(model))):
             raise PruneError(f"{who}: the scores describe {scores.n_layers} blocks but the model has {n} (score this "
                              "model)")
@@ -248,7 +246,7 @@ def sleb(model, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, b
     """
     check_strategy_args("sleb", model, batch_size=(batch_size, 1))
     layers = decoder_layers(model)
-    check_windows(windows, getattr(model.get_input_embeddings(), "num_embeddings", None))  # a ZeroDivisionError, ...
+    check_windows(windows, embedding_rows(model))  # a ZeroDivisionError, ...
     L = len(layers)
     prot = set(resolve_protect(protect, L))
     count = resolve_count(L, count, None, sorted(prot))

@@ -46,7 +46,7 @@ from prune.core.errors import PruneError
 from prune.core.records import complement
 from prune.measure.fidelity import build_reference, fidelity_window_sums, summary_from_sums
 from prune.measure.paired import paired_t
-from prune.measure.scoring import BATCH_SIZE, check_windows
+from prune.measure.scoring import BATCH_SIZE, check_windows, embedding_rows
 from prune.model.capture import BlockStates, measured_in_eval_mode
 from prune.model.loading import cut_without_attention, decoder_layers, input_device, keeps_attention
 
@@ -227,7 +227,7 @@ def verified(model, scores, windows: torch.Tensor, count: int, *, protect=DEFAUL
     if not isinstance(windows, torch.Tensor) or windows.ndim != 2 or windows.shape[0] == 0:
         raise PruneError("verified ranks its candidates on held-out windows: give a tensor [n_windows, seq_len] of at "
                          "least one window (prune.heldout_windows), disjoint from the scoring windows")
-    check_windows(windows, getattr(model.get_input_embeddings(), "num_embeddings", None))
+    check_windows(windows, embedding_rows(model))
     L = len(decoder_layers(model))
     prot = resolve_protect(protect, L)
     count = resolve_count(L, count, None, prot)

@@ -41,6 +41,11 @@ def spelled(cli: str, api: str) -> str:
     return cli if _FROM_CLI.get() else api
 
 
+def overwrite_flag() -> str:
+    """How the caller asks to replace an existing output: ``--overwrite`` or ``overwrite=True``."""
+    return spelled("--overwrite", "overwrite=True")
+
+
 @contextmanager
 def called_from_cli():
     """Messages raised inside name the ``prune`` command's flags (:func:`spelled`)."""

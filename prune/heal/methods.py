@@ -113,6 +113,12 @@ def plain_linear(module: nn.Module) -> bool:
 LORA_OTHER_LAYERS = (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def linear_names(model: nn.Module) -> str:
+    """The last names of ``model``'s linear layers but the LM head (``q_proj, k_proj, ...``), for a message."""
+    output = model.get_output_embeddings()
+    return ", ".join(sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if plain_linear(m) and m is not output}))
+
+
 def lora_targets_matched(model: nn.Module, targets: list[str] | str) -> list[str]:
     """Names of the modules peft's ``target_modules`` matching would pick (``all-linear``: every
     linear layer but the LM head; a string: a regex matched against full names; a list:
@@ -130,12 +136,11 @@ def lora_targets_matched(model: nn.Module, targets: list[str] | str) -> list[str
             raise PruneError(f"heal.target_modules regex {targets!r} matches no module name of this model")
         return found
     found = []
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n, m in names if plain_linear(m) and m is not output})
     for t in targets:
         hits = [n for n, _ in names if n == t or n.endswith("." + t)]
         if not hits:
             raise PruneError(f"heal.target_modules: {t!r} matches no module of this model "
-                             f"(its linear layers: {', '.join(suffixes)}; or use all-linear)")
+                             f"(its linear layers: {linear_names(model)}; or use all-linear)")
         found += hits
     return sorted(set(found))
 
@@ -224,10 +229,9 @@ def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: in
                                  "change both (the merged model would not be the trained one); leave it out of "
                                  "target_modules")
             if not (plain_linear(module) or isinstance(module, LORA_OTHER_LAYERS)):
-                linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if plain_linear(m)})
                 raise PruneError(f"heal.target_modules matches {name}, a {type(module).__name__}, which LoRA cannot "
                                  f"adapt (linear layers, embeddings and convolutions only; this model's linear layers: "
-                                 f"{', '.join(linear)})")
+                                 f"{linear_names(model)})")
     if cfg.method == "partial":
         if cfg.last_blocks > n_blocks:
             raise PruneError(f"heal.last_blocks={cfg.last_blocks} but the pruned model has {n_blocks} blocks (lower it)")
@@ -813,10 +817,10 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
                          "next-token loss trains without it (drop it, or set objective='distill')")
     n = len(decoder_layers(model))
     check_api_arguments(cfg, n, removed, kept, teacher_model)
+    check_windows_fit(model, windows, val_windows)
     # windows given: their own length and count are checked, not seq_len and n_samples
     check_settings(cfg, model, n, None if given_windows else context_length(model.config),
-                   int(windows.shape[0]) if given_windows and isinstance(windows, torch.Tensor) else None)
-    check_windows_fit(model, windows, val_windows)
+                   windows.shape[0] if given_windows else None)
     if cfg.method != "replace" or cfg.objective == "distill":
         def train() -> dict:
             if cfg.method == "bridge":  # trains nothing: the bridges below are the repair
@@ -884,9 +888,9 @@ def check_api_arguments(cfg: HealConfig, n: int, removed, kept, teacher_model) -
 def check_windows_fit(model: nn.Module, *windows) -> None:
     """Token windows given to :func:`heal_model`: ids the embedding holds, and no longer than the model's
     context (an IndexError from inside the model)."""
-    from prune.measure.scoring import check_windows
+    from prune.measure.scoring import check_windows, embedding_rows
 
-    rows, context = getattr(model.get_input_embeddings(), "num_embeddings", None), context_length(model.config)
+    rows, context = embedding_rows(model), context_length(model.config)
     for w in windows:
         if w is None or (isinstance(w, torch.Tensor) and w.shape[0] == 0):  # no held-out windows
             continue

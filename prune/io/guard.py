@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from prune.core.errors import PruneError, spelled
+from prune.core.errors import PruneError, overwrite_flag
 
 #: longest file name most file systems accept (bytes)
 NAME_MAX = 255
@@ -126,10 +126,10 @@ def check_output(out: str | os.PathLike, inputs: Iterable[Input | None] = (), *,
             raise PruneError(f"{what} {raw} is a folder; give a file name (e.g. {raw}/scores.json)")
         if not overwrite:
             raise PruneError(f"{what} {raw} already exists (choose another {flag} or pass "
-                             f"{spelled('--overwrite', 'overwrite=True')})")
+                             f"{overwrite_flag()})")
         if kind == "file" and is_model_file(target):
             raise PruneError(f"{what} {raw} is a file of a model ({target.name}): "
-                             f"{spelled('--overwrite', 'overwrite=True')} replaces only a file this command could "
+                             f"{overwrite_flag()} replaces only a file this command could "
                              f"have written (choose another {flag})")
     check_parent(target, what)
     return raw

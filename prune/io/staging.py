@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from prune.core.errors import PruneError, spelled
+from prune.core.errors import PruneError, overwrite_flag
 from prune.core.faults import fault_point
 from prune.io.guard import Input, check_output, write_error
 
@@ -81,7 +81,7 @@ def check_replaceable(out: Path, flag: str = "output.dir", written: tuple[str, .
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise PruneError(f"output folder {out} was not written by this command (it holds {shown}; this command writes "
-                         f"{' or '.join(written)}): {spelled('--overwrite', 'overwrite=True')} replaces only such a folder or an empty one (choose "
+                         f"{' or '.join(written)}): {overwrite_flag()} replaces only such a folder or an empty one (choose "
                          f"another {flag}, or empty it first)")
 
 
@@ -264,7 +264,7 @@ def replace_folder(stage: Path, out: Path, overwrite: bool = True) -> None:
         kept = out.parent / f"{out.name}.{os.getpid()}"
         stage.rename(kept)
         raise PruneError(f"{out} appeared while this run was writing it (another run with the same output?): it is left "
-                         f"as it is, and this run's result is in {kept} (rename it, or rerun with {spelled('--overwrite', 'overwrite=True')})")
+                         f"as it is, and this run's result is in {kept} (rename it, or rerun with {overwrite_flag()})")
     if _exchange(stage, out):
         fault_point("swapped")  # stage now holds the old folder
         shutil.rmtree(stage, ignore_errors=True)

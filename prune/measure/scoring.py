@@ -209,6 +209,20 @@ class ScoreAccumulator:
         self.tokens = int(packed[at])
 
 
+def check_model(model, what: str = "the model") -> None:
+    """One line unless ``model`` is a model (a tokenizer in its place raised AttributeError from deep inside);
+    ``what`` names it in the message."""
+    if not isinstance(model, torch.nn.Module):
+        raise PruneError(f"{what} is a {type(model).__name__}, not a model: give the loaded model (prune.load returns "
+                         "the model first)")
+
+
+def embedding_rows(model) -> int | None:
+    """The token ids ``model``'s input embedding holds (None where it has no embedding to ask)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(embeddings, "num_embeddings", None)
+
+
 def check_windows(windows, vocab: int | None = None) -> None:
     """One line unless ``windows`` is a non-empty ``[n_windows, seq_len]`` tensor of token ids (``vocab``: each
     an index of the model's embedding)."""
@@ -337,12 +351,9 @@ def score(
     Under a launcher (:mod:`prune.core.dist`) each rank scores a contiguous share of the
     windows, in whole forward batches, and the running sums are all-reduced in float64.
     """
-    if not isinstance(model, torch.nn.Module):  # a tokenizer in the model's place raised AttributeError
-        raise PruneError(f"the model to score is a {type(model).__name__}, not a model: give the loaded model "
-                         "(prune.load returns the model first)")
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None  # else refused below
+    check_model(model, "the model to score")
     metrics, batch_size, first = check_score_args(windows, positions, metrics, cka_windows, batch_size, beta, tau,
-                                                  getattr(embeddings, "num_embeddings", None))
+                                                  embedding_rows(model))
     layers = decoder_layers(model)
     n_layers = len(layers)
     in_dev = input_device(model)

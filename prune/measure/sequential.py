@@ -45,6 +45,7 @@ from prune.measure.scoring import (
     TAU,
     check_score_args,
     check_windows,
+    embedding_rows,
     finish,
     fold_batch,
 )
@@ -198,7 +199,7 @@ def score_sequential(
     device = torch.device(device)
     started = time.perf_counter()
     sk = Skeleton(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    check_windows(windows, getattr(sk.model.get_input_embeddings(), "num_embeddings", None))  # ids: the model is known
+    check_windows(windows, embedding_rows(sk.model))  # ids: the model is known
     layers = sk.layers
     run = list(range(len(layers))) if blocks is None else sorted(blocks)
     if not run or run[0] < 0 or run[-1] >= len(layers) or len(set(run)) != len(run):

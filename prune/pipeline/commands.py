@@ -278,7 +278,7 @@ def report_scores(path: str | Path, out_dir: str | Path, *, strategy: str = "con
 
     inputs = input_paths(path, label="the scores file")
     check_output_dir(out_dir, overwrite, inputs, flag="--output", written=("report.json",))
-    scores = read_scores(path)
+    scores = ScoreResult.load_json(path)  # one line when it is not a scores file
     metrics = [m for m, present in (("bi", True), ("angular", scores.angular is not None),
                                     ("cka", scores.cka is not None)) if present]
     k = _report_selection(scores.n_layers, metrics, strategy, metric, n_layers, protect, "score again with")
@@ -287,11 +287,6 @@ def report_scores(path: str | Path, out_dir: str | Path, *, strategy: str = "con
     seed = meta.get("seed") if isinstance(meta.get("seed"), int) else 0  # the scoring's: random marks what it would
     return _write_model_report(scores, out_dir, source or str(path), strategy, metric, k, protect, seed, overwrite,
                                inputs)
-
-
-def read_scores(path: str | Path) -> ScoreResult:
-    """A scores file written by ``prune score -o``; one line when it is not one (:meth:`ScoreResult.load_json`)."""
-    return ScoreResult.load_json(path)
 
 
 def _report_selection(blocks: int, metrics: list[str], strategy: str, metric: str | None, n_layers: int | None, protect,

@@ -13,6 +13,7 @@ and ``save(out_dir, record, files, overwrite)``.
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 from prune.choose.registry import choose
@@ -129,11 +130,15 @@ class Sequential:
         return score_sequential(self.folder, windows, blocks=kept, dtype=m.dtype, device=self.plan.device,
                                 trust_remote_code=m.trust_remote_code, **score_options(self.recipe, self.quiet))
 
-    def choose(self, windows, scores: ScoreResult) -> Selection:
+    @cached_property
+    def config(self):
+        """The source model's config (read once: selection and removal both ask it)."""
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(self.folder, trust_remote_code=self.recipe.model.trust_remote_code)
-        return choose(self.recipe.select, scores, quiet=self.quiet, config=config)  # a hybrid stack keeps attention
+        return AutoConfig.from_pretrained(self.folder, trust_remote_code=self.recipe.model.trust_remote_code)
+
+    def choose(self, windows, scores: ScoreResult) -> Selection:
+        return choose(self.recipe.select, scores, quiet=self.quiet, config=self.config)  # a hybrid stack keeps attention
 
     def evaluate(self, cfg: EvaluateConfig | None, label: str, name: str | None = None, folder: str = "model",
                  reference=None, is_reference: bool = False) -> dict:
@@ -160,12 +165,9 @@ class Sequential:
                              self.recipe.model.trust_remote_code)
 
     def remove(self, selection: Selection, before_healing=None) -> tuple[list[int], dict | None]:
-        from transformers import AutoConfig
-
         from prune.model.loading import check_cut_keeps_attention
 
-        config = AutoConfig.from_pretrained(self.folder, trust_remote_code=self.recipe.model.trust_remote_code)
-        check_cut_keeps_attention(config, list(selection.kept))  # now, not once the shards are read
+        check_cut_keeps_attention(self.config, list(selection.kept))  # now, not once the shards are read
         self._removed = list(selection.removed)  # no healing out of core (check_sequential_recipe)
         return list(selection.kept), None  # the blocks are left out when the shards are copied (save)
 
