@@ -28,6 +28,7 @@ from prune.core.config import (
     PerplexityConfig,
     ScoreConfig,
     SelectConfig,
+    metric_is_read,
     TextConfig,
     default,
     describe,
@@ -582,9 +583,9 @@ _MARKING_FLAGS = ("strategy", "metric", "n_layers", "protect")  # which blocks a
 
 
 def _refuse_unread_metric(args) -> None:
-    if args.strategy != "one_shot":
-        _refuse_unused(args, ("metric",), f"with --strategy {args.strategy} (only one_shot reads it): drop it, or "
-                       "give --strategy one_shot")
+    if not metric_is_read(args.strategy, args.metric, ("one_shot",)):
+        _refuse_unused(args, ("metric",), f"with --strategy {args.strategy} (only one_shot reads it; contiguous "
+                       "ranks by angular alone): drop it, or give --strategy one_shot")
 
 
 def _read_metric(args) -> str | None:

@@ -210,8 +210,11 @@ def test_report_refuses_a_metric_its_strategy_does_not_read_and_an_impossible_ru
     common = ["report", tiny_folder, "--data", WIKI_RAW, "--rows", "0:300", "--n-samples", "2", "--seq-len", "16",
               "-o", tmp_path / "r"]
     proc = prune_main(*common, "--metric", "bi", check_rc=2)  # default strategy contiguous: angular distances only
-    assert "--metric has no effect with --strategy contiguous" in proc.stderr
-    proc = prune_main(*common, "--strategy", "contiguous", "--n-layers", "4", "--protect", "0,3,-1", check_rc=2)
+    assert "--metric has no effect with --strategy contiguous (only one_shot reads it; contiguous ranks by angular" \
+        in proc.stderr
+    # --metric angular names what contiguous reads: accepted, as by the recipe and prune.select
+    proc = prune_main(*common, "--strategy", "contiguous", "--metric", "angular", "--n-layers", "4", "--protect",
+                      "0,3,-1", check_rc=2)
     assert "no run of 4 contiguous blocks" in proc.stderr and "--n-layers" in proc.stderr
     assert "scoring" not in proc.stderr and "execution" not in proc.stderr  # refused before loading or scoring
     # too little text for the windows asked: the flags typed, not the recipe keys

@@ -730,7 +730,9 @@ def test_aliases_of_mappings_and_merge_keys_are_read(tmp_path, tiny_folder):
     # the fidelity's own text settings without its own text: dropped silently, recorded in eval.json as used
     ("evaluate.fidelity={bos: false, rows: '100:200'}", "rows, bos describe the fidelity's own text, but it has no path"),
     # settings a strategy, the scores or the missing tasks never read: refused, not dropped
-    ("select.strategy=contiguous", "metric is read only by strategies one_shot, iterative, search; contiguous"),
+    ("select.strategy=contiguous", "metric is read only by strategies one_shot, iterative, search; contiguous ranks "
+                                   "by angular alone"),
+    ("select={strategy: contiguous, metric: angular, n_layers: 2}", None),  # what contiguous reads: accepted
     ("select.seed=3", "seed is read only by strategies random, search"),
     ("score={metrics: [bi, angular], tau: 0.5}", "tau shape the CKA matrix and MSRS, but metrics has no cka"),
     ("evaluate.limit=10", "limit set the lm-eval tasks, and there are none"),

@@ -25,7 +25,7 @@ import random as _random
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from prune.core.config import SelectConfig, default
+from prune.core.config import OWN_METRIC, SelectConfig, default, metric_is_read
 from prune.core.errors import PruneError
 from prune.core.records import block_number, complement
 
@@ -230,9 +230,9 @@ def not_scores(who: str, scores) -> PruneError:
 
 def check_metric_read(strategy: str, metric: str | None) -> None:
     """A ``metric`` given to a score-only strategy that ranks by something else: one line, not a silent drop."""
-    if metric is None or strategy == "one_shot" or (strategy == "contiguous" and metric == "angular"):
+    if metric is None or metric_is_read(strategy, metric, ("one_shot",)):
         return
-    reads = "ranks runs of blocks by angular distance" if strategy == "contiguous" else "reads no metric"
+    reads = f"ranks by {OWN_METRIC[strategy]} alone" if strategy in OWN_METRIC else "reads no metric"
     raise PruneError(f"metric {metric!r} is read only by strategy one_shot here; {strategy} {reads} (drop metric, or "
                      "use strategy='one_shot')")
 

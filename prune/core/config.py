@@ -272,6 +272,13 @@ class ScoreConfig(Section):
 #: the strategies that read ``select.metric`` (search: through ``order_by``'s default) and ``select.seed``
 METRIC_STRATEGIES = ("one_shot", "iterative", "search")
 SEED_STRATEGIES = ("random", "search")
+#: strategies that rank by one metric of their own: ``metric`` naming it is what they read, any other is refused
+OWN_METRIC = {"contiguous": "angular"}
+
+
+def metric_is_read(strategy: str, metric: str, readers: tuple[str, ...] = METRIC_STRATEGIES) -> bool:
+    """Whether ``strategy`` reads ``metric``: one of ``readers``, or a strategy whose own metric it names."""
+    return strategy in readers or OWN_METRIC.get(strategy) == metric
 
 #: the strategy names of prune.choose.registry, which fills this in when it is imported (the core
 #: layer cannot import it); recipe validation reads the registry through it
@@ -331,10 +338,14 @@ class SelectConfig(Section):
             raise ValueError("give at most one of n_layers or fraction (for search: the most blocks it may remove)")
         if len(set(self.protect)) != len(self.protect):
             raise ValueError(f"protect lists a block twice: {self.protect}")
-        for key, readers in (("metric", METRIC_STRATEGIES), ("seed", SEED_STRATEGIES)):
-            if changed(self, (key,), info) and self.strategy not in readers:
-                raise ValueError(f"{key} is read only by strategies {', '.join(readers)}; {self.strategy} does not read "
-                                 "it (remove it, or choose one of those strategies)")
+        if changed(self, ("metric",), info) and not metric_is_read(self.strategy, self.metric):
+            own = OWN_METRIC.get(self.strategy)
+            reads = f"ranks by {own} alone" if own else "does not read it"
+            raise ValueError(f"metric is read only by strategies {', '.join(METRIC_STRATEGIES)}; {self.strategy} {reads} "
+                             "(remove it, or choose one of those strategies)")
+        if changed(self, ("seed",), info) and self.strategy not in SEED_STRATEGIES:
+            raise ValueError(f"seed is read only by strategies {', '.join(SEED_STRATEGIES)}; {self.strategy} does not "
+                             "read it (remove it, or choose one of those strategies)")
         # a saved recipe of an older version dumped heldout_windows: 8 for every strategy: read back as it was
         given = changed(self, _SEARCH_KEYS, info)
         if self.strategy == "verified":
