@@ -35,6 +35,29 @@ def test_unsupported_architecture_is_named():
         prune.decoder_layers(model)
 
 
+def test_a_multimodal_model_is_named_and_checked_without_a_traceback(tmp_path):
+    """Gemma 3 with its vision tower (model_type gemma3, the text decoder under text_config): prune check read
+    config.num_hidden_layers, which only the text config has (an AttributeError traceback)."""
+    from transformers import AutoModelForCausalLM, Gemma3Config
+
+    from prune.export.check import check_checkpoint
+    from prune.model.loading import check_supported
+
+    config = Gemma3Config(text_config=dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=8),
+                          vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14), mm_tokens_per_image=4)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mm")
+    report = check_checkpoint(tmp_path / "mm", tokenizer=False)
+    found = {f.area: (f.level, f.message) for f in report.findings}
+    assert found["config"][0] == "ok" and "num_hidden_layers=3" in found["config"][1]
+    assert found["blocks"][0] == "warn" and "gemma3 (an architecture pruning does not support)" in found["blocks"][1]
+    assert found["load"][0] == "ok", found
+    with pytest.raises(UnsupportedModelError, match="'gemma3' is not supported for layer pruning \\(a model around "
+                                                    "a text decoder, gemma3_text: give a text-only checkpoint"):
+        check_supported(config)
+
+
 def test_load_from_local_folder_with_dtype(tmp_path, tokenizers_by_bos):
     model = build_model("qwen2")
     model.save_pretrained(tmp_path / "m")

@@ -167,7 +167,7 @@ def _check_config(path: Path, report: CheckReport):
         if not bad:
             report.add("config", "fail", f"config.json does not load with transformers: {first_line(exc)}")
         return None
-    n = getattr(config, "num_hidden_layers", n)
+    n = block_count(config, n)
     report.facts.update(model_type=config.model_type, n_layers=n)
     if not bad:
         lists = [k for k, v in raw.items() if "layer" in k and isinstance(v, (list, tuple))]
@@ -242,10 +242,17 @@ def _check_weight_files(path: Path, report: CheckReport) -> dict[str, dict] | No
 BUILD_SLACK = 1024
 
 
+def block_count(config, default=None):
+    """The decoder stack's ``num_hidden_layers``; of a multimodal config, its text model's (``text_config``)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", default)
+    return n if isinstance(n, int) and not isinstance(n, bool) else default
+
+
 def _meta_skeleton(config, report: CheckReport, headers: dict | None = None):
     """The model built from ``config`` on the meta device (no memory), or ``None``; with ``headers``, not
     for a config naming far more blocks than any tensor name numbers (a failed finding instead)."""
-    n = getattr(config, "num_hidden_layers", None)
+    n = block_count(config)
     if headers is not None and isinstance(n, int):
         numbers = [int(found.group(1)) for key in headers if (found := re.search(r"\.(\d+)\.", key))]
         stored = max(numbers, default=-1) + 1
@@ -268,9 +275,10 @@ def decoder_path(model) -> str | None:
 
     try:
         return decoder_layers_path(model)
-    except PruneError:
-        lists = [(n, len(m)) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
-        return max(lists, key=lambda x: x[1])[0] if lists else None
+    except PruneError:  # an architecture pruning does not support: the longest list, one of the config's length first
+        n = block_count(model.config)
+        lists = [(len(m) == n, len(m), name) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+        return max(lists)[2] if lists else None
 
 
 def _check_blocks(config, skeleton, headers: dict, report: CheckReport) -> None:
@@ -278,8 +286,11 @@ def _check_blocks(config, skeleton, headers: dict, report: CheckReport) -> None:
     layers the config names, which transformers does not load)."""
     from prune.model.loading import mtp_blocks
 
-    n = config.num_hidden_layers
+    n = block_count(config)
     path = decoder_path(skeleton)
+    if n is None:
+        report.add("blocks", "warn", "the config names no num_hidden_layers; block numbering not checked")
+        return
     if path is None:
         report.add("blocks", "warn", "no decoder-block list found; block numbering not checked")
         return
@@ -290,6 +301,12 @@ def _check_blocks(config, skeleton, headers: dict, report: CheckReport) -> None:
         if found:
             break
     if not found:
+        from prune.model.loading import SUPPORTED_MODEL_TYPES
+
+        if config.model_type not in SUPPORTED_MODEL_TYPES:  # e.g. a multimodal model's legacy key names
+            report.add("blocks", "warn", f"no tensors named {path}.<i>.*: {config.model_type} (an architecture pruning "
+                                         "does not support) names its blocks otherwise; block numbering not checked")
+            return
         report.add("blocks", "fail", f"no tensors named {path}.<i>.* in the weights (config has {n} blocks)")
         return
     expected = set(range(n))
@@ -319,8 +336,8 @@ def _not_mtp(model, keys: list[str]) -> list[str]:
     DeepSeek-V3's ``model.layers.61`` by name, which fits its own size only)."""
     from prune.model.loading import mtp_blocks
 
-    n, path = model.config.num_hidden_layers, decoder_path(model)
-    extra = range(n, n + mtp_blocks(model.config))
+    n, path = block_count(model.config), decoder_path(model)
+    extra = range(n, n + mtp_blocks(model.config)) if n is not None else range(0)
     if not path or not extra:
         return keys
     return [k for k in keys if not ((found := block_index(k, path)) and found[0] in extra)]
@@ -489,7 +506,7 @@ def _check_export_files(path: Path, config, report: CheckReport, required: bool)
         report.add("pruning", "ok", f"adapter of a pruned model; removed blocks of the original: "
                                     f"{record.removed_original_all or record.removed}")
         return
-    n = config.num_hidden_layers
+    n = block_count(config)
     kept = record.kept_original or record.kept
     after = record.layers_after
     if (after is not None and after != n) or (kept and len(kept) != n):

@@ -259,8 +259,12 @@ def check_supported(config) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         names = ", ".join(f"{v} ({k})" for k, v in SUPPORTED_MODEL_TYPES.items())
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text_type = getattr(text, "model_type", None)
+        inner = (f" (a model around a text decoder, {text_type}: give a text-only checkpoint of it, which is supported)"
+                 if text is not config and text_type in SUPPORTED_MODEL_TYPES else "")
         raise UnsupportedModelError(
-            f"architecture {model_type!r} is not supported for layer pruning; supported: {names}"
+            f"architecture {model_type!r} is not supported for layer pruning{inner}; supported: {names}"
         )
     n = getattr(config, "num_hidden_layers", None)
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
