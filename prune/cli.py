@@ -346,21 +346,22 @@ def cmd_eval(args) -> int:
 def _print_eval(result: dict, args) -> None:
     """``prune eval``'s table on stdout: perplexity, fidelity, each task's metrics, counts, lm-eval's tables."""
     lm_eval_files = result.get("lm_eval_files") or {}
-    print(f"{'task':<16} {'metric':<10} {'value':>8} {'stderr':>8}")
+    row = lambda task, metric, value, err: print(f"{task:<16} {metric:<16} {value:>10} {err:>8}")  # one width each
+    row("task", "metric", "value", "stderr")
     if "perplexity" in result:
-        print(f"{'perplexity':<16} {'ppl':<10} {result['perplexity']['perplexity']:>8.3f} {'':>8}")
+        row("perplexity", "ppl", f"{result['perplexity']['perplexity']:.3f}", "")
     if "fidelity" in result:
         f = result["fidelity"]
         for metric in ("kl_mean", "kl_median", "kl_p99", "kl_max", "top1_agreement", "perplexity_ratio"):
             err = f["kl_mean_stderr"] if metric == "kl_mean" else None
-            print(f"{'fidelity':<16} {metric:<16} {f[metric]:>10.4g} {'' if err is None else f'{err:.2g}':>8}")
+            row("fidelity", metric, f"{f[metric]:.4g}", "" if err is None else f"{err:.2g}")
     marked = False
     for task, res in result.get("tasks", {}).items():
         mark = "*" if res.get("fewshot_from_scored_split") else ""
         marked = marked or bool(mark)
         for metric, value in res["metrics"].items():
             err = res["stderr"].get(metric)
-            print(f"{task + mark:<16} {metric:<10} {value:>8.4f} {'' if err is None else f'{err:.4f}':>8}")
+            row(task + mark, metric, f"{value:.4f}", "" if err is None else f"{err:.4f}")
     if marked:
         print("* few-shot examples drawn from the split being scored (--fewshot-from-scored-split)")
     params = f"{result['parameters']:,} parameters" if result["parameters"] is not None else "parameters not counted"

@@ -31,6 +31,10 @@ def test_eval_fidelity_to_the_original(tmp_path, tiny_folder, pruned_folder):
     assert fid["perplexity_pruned"] == pytest.approx(result["perplexity"]["perplexity"], rel=1e-4)
     assert 0 < fid["kl_mean"] and 0 < fid["top1_agreement"] <= 1
     assert "kl_mean" in proc.stdout and "top1_agreement" in proc.stdout
+    # every row's value ends under the header's "value" (the fidelity rows sat in other columns)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("task ", "perplexity ", "fidelity "))]
+    end = lines[0].index("value") + len("value")
+    assert len(lines) == 8 and all(line[:end].rstrip() == line[:end] and line[end:end + 1] in ("", " ") for line in lines), lines
 
 
 def test_eval_perplexity_of_several_fields_joined(tmp_path, tiny_folder):

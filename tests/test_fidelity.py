@@ -142,6 +142,19 @@ def test_the_rest_bucket_is_exact_when_the_model_puts_almost_nothing_there():
     assert torch.allclose(got, merged, rtol=2e-3) and (got <= full * (1 + 2e-3)).all()
 
 
+def test_tokens_both_models_rule_out_add_nothing_to_the_kl():
+    """An exact top-k (the whole vocabulary) of a model that masks logits to -inf: 0 * (-inf - -inf) made the KL
+    NaN; a token p rules out adds 0, one q alone rules out makes it infinite, as KL(p || q) is."""
+    inf = float("inf")
+    logits = torch.tensor([[0.0, -1.0, -inf, -inf]])
+    top, ids = F.log_softmax(logits, -1).topk(4)
+    assert token_kl(top, ids, F.log_softmax(logits, -1)).item() == 0.0
+    other = F.log_softmax(torch.tensor([[-1.0, 0.0, -inf, -inf]]), -1)
+    lp = F.log_softmax(logits.double(), -1)[:, :2]
+    assert token_kl(top, ids, other).item() == pytest.approx((lp.exp() * (lp - other[:, :2].double())).sum().item())
+    assert token_kl(top, ids, F.log_softmax(torch.tensor([[0.0, -inf, 0.0, 0.0]]), -1)).item() == inf
+
+
 def test_same_model_is_perfectly_faithful_and_reference_round_trips(pair, tmp_path):
     original, _, windows = pair
     ref = build_reference(original, windows, top_k=32, data={"path": "wiki"})

@@ -300,6 +300,72 @@ def test_task_average_by_hand():
     assert "nan" not in line and "no example's score changed" in line and "over the 1 tasks original scores above 0" in line
 
 
+def test_a_groups_subtasks_count_as_one_task_pooled_by_size(tmp_path, capsys):
+    """MMLU's 57 subjects, each its own samples file, counted as 57 tasks: ARC-Easy losing 10 points (100 of 1,000
+    answers right -> wrong) read as -0.17 points over 58 tasks, "B keeps 99.7%". lm-eval's results file names the
+    groups (group_subtasks, nested: mmlu -> mmlu_stem -> subjects); the subjects are one task now, each weighted
+    by its examples as lm-eval's group score is."""
+    subjects = {f"mmlu_s{i:02d}": 40 + 20 * (i % 3) for i in range(57)}  # 40, 60 or 80 questions each
+    def folder(name, arc_wrong):
+        path = tmp_path / name
+        path.mkdir()
+        arc = [{"doc_id": i, "doc_hash": f"a{i}", "metrics": ["acc"], "acc": float(i >= arc_wrong)} for i in range(1000)]
+        (path / f"samples_arc_easy_{STAMP}.jsonl").write_text("\n".join(map(json.dumps, arc)) + "\n")
+        for subject, n in subjects.items():
+            recs = [{"doc_id": i, "doc_hash": f"{subject}{i}", "metrics": ["acc"],
+                     "acc": float(i % 2 if subject != "mmlu_s00" or name == "a" else i % 4 == 0)} for i in range(n)]
+            (path / f"samples_{subject}_{STAMP}.jsonl").write_text("\n".join(map(json.dumps, recs)) + "\n")
+        stem, other = list(subjects)[:20], list(subjects)[20:]
+        (path / f"results_{STAMP}.json").write_text(json.dumps({"group_subtasks": {
+            "mmlu": ["mmlu_stem", "mmlu_other"], "mmlu_stem": stem, "mmlu_other": other, "arc_easy": []}}))
+        return path
+
+    rows = compare_folders(folder("a", 300), folder("b", 400), iters=200)
+    assert {r.group for r in rows if r.task.startswith("mmlu")} == {"mmlu"} and next(
+        r for r in rows if r.task == "arc_easy").group is None
+    avg = task_average(rows)
+    assert avg.tasks == ["arc_easy", "mmlu"] and avg.subtasks == {"mmlu": 57}
+    # mmlu_s00 (40 questions) drops from 1/2 to 1/4 right: -10 of 40 answers, out of mmlu's pooled questions
+    pooled = sum(subjects.values())
+    assert avg.diff == pytest.approx((-0.1 + -10 / pooled) / 2)
+    weight = lambda r: 0.5 if r.task == "arc_easy" else subjects[r.task] / pooled / 2  # each subtask's interval too
+    assert avg.ci_low == pytest.approx(avg.diff - math.sqrt(sum((weight(r) * (r.diff - r.ci_low)) ** 2 for r in rows)))
+    assert avg.retained == pytest.approx((0.6 / 0.7 + (pooled / 2 - 10) / (pooled / 2)) / 2)
+    line = average_line(rows)
+    assert line.startswith("Average over 2 tasks (one headline metric each; mmlu: its 57 subtasks pooled, weighed by "
+                           "their examples): B - A = -5.") and "it excludes 0" in line, line
+    # without a results file (samples alone) each file is a task, as before
+    for name in ("a", "b"):
+        next((tmp_path / name).glob("results_*.json")).unlink()
+    assert len(task_average(compare_folders(tmp_path / "a", tmp_path / "b", iters=200)).tasks) == 58
+
+
+def test_pooled_seeds_with_other_examples_say_what_was_left_out(lm_eval_folders, capsys):
+    """Seeds evaluated on different examples (one with a lower limit) were pooled over the examples all have,
+    without a word: four fifths of the data could go."""
+    root, _ = lm_eval_folders
+    a, b = load_samples(root / "model-a"), load_samples(root / "model-b")
+    short = {t: recs[:5] for t, recs in b.items()}
+    capsys.readouterr()
+    pooled = mean_samples([b, short, a])
+    assert all(len(recs) == 5 for recs in pooled.values())
+    err = capsys.readouterr().err
+    assert "copa_local: pooled over the 5 examples all 3 runs have (B1 16, B2 5, B3 16): the others left out" in err
+    mean_samples([a, b])
+    assert "pooled over" not in capsys.readouterr().err
+
+
+def test_the_average_says_when_a_task_is_not_read_by_its_usual_metric():
+    """hellaswag's acc_norm in A only: the average took its acc without a word (the note of what A alone has was
+    the only trace)."""
+    def records(shift, norm):
+        return {"hellaswag": [{"doc_id": i, "doc_hash": f"h{i}", "metrics": ["acc"] + ["acc_norm"] * norm,
+                               "acc": float((i + shift) % 2), "acc_norm": float(i % 3 == 0)} for i in range(40)]}
+    line = average_line(compare_samples(records(0, True), records(1, False), iters=200, quiet=True))
+    assert line.endswith("; hellaswag by acc (acc_norm not scored in both)"), line
+    assert "not scored in both" not in average_line(compare_samples(records(0, True), records(1, True), iters=200))
+
+
 def test_average_is_over_proportions_only():
     """A task whose first metric is scored 0-100 (truthfulqa_gen's bleu_max) put -6.30 "points" of BLEU into the
     average of accuracies (-157 points over four tasks); its 0/1 metric is its headline now, and a task with no

@@ -73,6 +73,7 @@ class Paired:
     n_b: int | None = None
     proportion: bool | None = None  # every per-example score of both between 0 and 1 (an accuracy's, in points)
     pooled: bool | None = None  # B a mean over seeds: the flips and p are the sign test's on the questions moved
+    group: str | None = None  # the lm-eval group the task is a subtask of (MMLU's subjects: mmlu), its top level
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -365,8 +366,13 @@ def mean_samples(runs: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
             say(f"{task}: missing from {missing} of the {len(runs)} runs pooled, left out of the paired comparison")
     for task in [t for t in runs[0] if all(t in r for r in runs)]:
         examples = [_records_by_example(task, run[task]) for run in runs]
+        common = set.intersection(*(set(e) for e in examples))
+        questions = lambda keys: len({k[0] for k in keys})
+        if any(questions(e) > questions(common) for e in examples):  # a seed run with a lower limit, or cut short
+            say(f"{task}: pooled over the {questions(common)} examples all {len(runs)} runs have ("
+                + ", ".join(f"B{i} {questions(e)}" for i, e in enumerate(examples, 1)) + "): the others left out")
         records = []
-        for key in sorted(set.intersection(*(set(e) for e in examples)), key=str):
+        for key in sorted(common, key=str):
             first, found = examples[0][key], [e[key] for e in examples]
             for r in found:
                 check_same_question(task, key[0], question(first), question(r), "the runs")
@@ -387,10 +393,12 @@ def some(names, limit: int = 10) -> str:
 
 
 def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters: int = BOOTSTRAP_ITERS,
-                    seed: int = 0, quiet: bool | None = None, sign_test: bool = False) -> list[Paired]:
+                    seed: int = 0, quiet: bool | None = None, sign_test: bool = False,
+                    groups: dict[str, str] | None = None) -> list[Paired]:
     """Paired statistics per task and metric (of each answer filter) of two ``{task: sample records}``
     (B against A), over the examples both have; ``quiet``: no notes of what is left out; ``sign_test``: B is
-    pooled over seeds (:func:`paired_stats`)."""
+    pooled over seeds (:func:`paired_stats`); ``groups``: each subtask's lm-eval group (:func:`task_groups`),
+    recorded on its rows for :func:`task_average`."""
     common = [t for t in a if t in b]
     if not common:
         raise PruneError(f"no task in common: A has {some(a)}, B has {some(b)}: compare evaluations of the same tasks")
@@ -417,21 +425,24 @@ def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters
             row = paired_stats([ea[metric][k][1] for k in keys], [eb[metric][k][1] for k in keys], task=task,
                                metric=metric, iters=iters, seed=seed, sign_test=sign_test)
             row.n_a, row.n_b = len(ea[metric]), len(eb[metric])
+            row.group = (groups or {}).get(task)
             out.append(row)
     return out
 
 
 @dataclass
 class TaskAverage:
-    """B - A averaged over tasks, one headline metric per task."""
+    """B - A averaged over tasks, one headline metric per task; an lm-eval group's subtasks (MMLU's 57 subjects)
+    count as one task, their examples pooled (each subtask weighted by its examples, as lm-eval's group score)."""
 
-    tasks: list[str]
-    diff: float  # mean over tasks of each task's mean difference
-    se: float  # sqrt(sum_t SE_t^2) / T: the tasks' examples are independent
-    ci_low: float  # diff - sqrt(sum_t (diff_t - low_t)^2) / T: each task's own interval, squared and added
-    ci_high: float  # diff + sqrt(sum_t (high_t - diff_t)^2) / T
+    tasks: list[str]  # the tasks averaged: a group's name stands for its subtasks
+    diff: float  # mean over tasks of each task's mean difference: sum_t w_t diff_t
+    se: float  # sqrt(sum_t w_t^2 SE_t^2): the tasks' examples are independent
+    ci_low: float  # diff - sqrt(sum_t w_t^2 (diff_t - low_t)^2): each task's own interval, squared and added
+    ci_high: float  # diff + sqrt(sum_t w_t^2 (high_t - diff_t)^2)
     retained: float  # mean over the tasks A scores above 0 of B's score / A's (nan when there is none)
     retained_tasks: int = 0  # how many tasks that mean is over
+    subtasks: dict[str, int] | None = None  # group -> how many of its subtasks were pooled into it
 
 
 #: lm-eval metrics that are a share of examples right (0/1 per example, or a share): a task's headline is one
@@ -470,21 +481,30 @@ def without_headline(rows: list[Paired]) -> list[str]:
 
 
 def task_average(rows: list[Paired]) -> TaskAverage | None:
-    """The average over tasks of the headline rows of ``rows`` (None without rows)."""
+    """The average over tasks of the headline rows of ``rows`` (None without rows). The subtasks of one lm-eval
+    group (:attr:`Paired.group`) are one task, pooled by size: subtask ``t`` of a task of ``N`` examples in all
+    weighs ``w_t = n_t / N / T`` (``T`` tasks), a task on its own ``1 / T`` (57 subjects counted as 57 tasks
+    drowned every other benchmark in MMLU's)."""
     head = headline_rows(rows)
     if not head:
         return None
-    n = len(head)
-    diff = sum(r.diff for r in head) / n
-    se = math.sqrt(sum(r.se_paired ** 2 for r in head)) / n
+    units: dict[str, list[Paired]] = {}
+    for r in head:
+        units.setdefault(r.group or r.task, []).append(r)
+    weight = {id(r): r.n / sum(m.n for m in members) / len(units) for members in units.values() for r in members}
+    w = lambda r: weight[id(r)]
+    diff = sum(w(r) * r.diff for r in head)
+    se = math.sqrt(sum((w(r) * r.se_paired) ** 2 for r in head))
     # each task's interval (Newcombe's for right/wrong answers), combined by squaring and adding its two arms
-    # (Zou and Donner's MOVER for a sum of independent estimates): diff -/+ 1.96 se was 0 wide when no answer
-    # flipped, where every task's own interval is not
-    low = diff - math.sqrt(sum((r.diff - r.ci_low) ** 2 for r in head)) / n
-    high = diff + math.sqrt(sum((r.ci_high - r.diff) ** 2 for r in head)) / n
-    scored = [r for r in head if r.mean_a > 0]  # B's share of a score of 0 is undefined
-    retained = sum(r.mean_b / r.mean_a for r in scored) / len(scored) if scored else math.nan
-    return TaskAverage([r.task for r in head], diff, se, low, high, retained, len(scored))
+    # (Zou and Donner's MOVER for a weighted sum of independent estimates): diff -/+ 1.96 se was 0 wide when no
+    # answer flipped, where every task's own interval is not
+    low = diff - math.sqrt(sum((w(r) * (r.diff - r.ci_low)) ** 2 for r in head))
+    high = diff + math.sqrt(sum((w(r) * (r.ci_high - r.diff)) ** 2 for r in head))
+    means = [(sum(m.n * m.mean_a for m in members), sum(m.n * m.mean_b for m in members)) for members in units.values()]
+    scored = [(ma, mb) for ma, mb in means if ma > 0]  # B's share of a score of 0 is undefined
+    retained = sum(mb / ma for ma, mb in scored) / len(scored) if scored else math.nan
+    pooled = {name: len(members) for name, members in units.items() if members[0].group}
+    return TaskAverage(list(units), diff, se, low, high, retained, len(scored), pooled or None)
 
 
 def average_line(rows: list[Paired], a: str = "A", b: str = "B") -> str:
@@ -507,7 +527,16 @@ def average_line(rows: list[Paired], a: str = "A", b: str = "B") -> str:
     left = without_headline(rows)
     left_out = (f"; left out: {some(left)} (no metric scored 0 to 1 per example, so none in accuracy points)"
                 if left else "")
-    return (f"Average over {len(avg.tasks)} tasks (one headline metric each): {b} - {a} = {100 * avg.diff:+.2f} points, "
+    from prune.measure.lmeval import HEADLINE, canonical_name
+
+    swapped = [f"{r.task} by {r.metric} ({want} not scored in both)" for r in head
+               if (want := HEADLINE.get(canonical_name(r.task))) and r.metric.split(",")[0] != want]
+    left_out += f"; {', '.join(swapped)}" if swapped else ""
+    groups = "; ".join(f"{g}: its {n} subtask{'s' * (n > 1)} pooled, weighed by their examples"
+                       for g, n in (avg.subtasks or {}).items())
+    tasks = f"{len(avg.tasks)} task{'s' * (len(avg.tasks) > 1)}"
+    return (f"Average over {tasks} (one headline metric each{'; ' + groups if groups else ''}): "
+            f"{b} - {a} = {100 * avg.diff:+.2f} points, "
             f"paired SE {100 * avg.se:.2f}, 95% interval [{100 * avg.ci_low:+.2f}, {100 * avg.ci_high:+.2f}] "
             f"({verdict}); {share}{left_out}")
 
@@ -549,6 +578,32 @@ def paired_section(rows: list[Paired], a: str = "original", b: str = "pruned") -
 
 
 # ---- folders -----------------------------------------------------------------------------------
+def task_groups(folder: Path) -> dict[str, str]:
+    """Each subtask's top-level lm-eval group (MMLU's subjects: ``mmlu``, through ``mmlu_stem``), from the
+    ``group_subtasks`` of the results files (``results_*.json``) in ``folder``; ``{}`` where none names a group.
+    A file that does not read is passed over: the groups only shape the average."""
+    parent: dict[str, str] = {}
+    for path in sorted(folder.glob("results_*.json")):
+        try:
+            data = json.loads(read_regular_text(path, "lm-eval results file"))
+        except (PruneError, ValueError, RecursionError):
+            continue
+        subtasks = data.get("group_subtasks") if isinstance(data, dict) else None
+        for group, children in (subtasks.items() if isinstance(subtasks, dict) else ()):
+            for child in children if isinstance(children, list) else ():
+                if isinstance(child, str) and child != group:
+                    parent.setdefault(child, group)
+
+    def top(task: str) -> str:
+        seen = {task}
+        while parent.get(task) not in (None, *seen):
+            task = parent[task]
+            seen.add(task)
+        return task
+
+    return {task: top(task) for task in parent}
+
+
 def latest_samples(folder: Path) -> dict[str, Path]:
     """``{task: newest samples file}`` in an lm-eval results folder (lm-eval's file-name helpers)."""
     from lm_eval.utils import get_file_datetime, get_file_task_name, get_latest_filename
@@ -751,14 +806,15 @@ def compare_pooled(a: str | Path, bs: list[str | Path], *, iters: int = BOOTSTRA
     check_distinct(samples_folder(a), folders)
     runs = [load_samples(f) for f in folders]
     ref = load_samples(samples_folder(a))
+    groups = task_groups(samples_folder(a))
     pooled = mean_samples(runs)
-    rows = compare_samples(ref, pooled, iters=iters, seed=seed, sign_test=True)
+    rows = compare_samples(ref, pooled, iters=iters, seed=seed, sign_test=True, groups=groups)
     keys = {task: set(_records_by_example(task, recs)) for task, recs in pooled.items()}
     each = []
     for run in runs:
         own = {task: [r for key, r in _records_by_example(task, run[task]).items() if key in common]
                for task, common in keys.items()}
-        avg = task_average(compare_samples(ref, own, iters=min(iters, 200), seed=seed, quiet=True))
+        avg = task_average(compare_samples(ref, own, iters=min(iters, 200), seed=seed, quiet=True, groups=groups))
         each.append(math.nan if avg is None else avg.diff)
     return rows, each
 
@@ -773,11 +829,11 @@ def compare_folders(a: str | Path, b: str | Path | list[str | Path] | None = Non
         if fa.resolve() == fb.resolve():  # also eval/original linked to eval/pruned: the model against itself
             raise PruneError(f"{a} is not a run folder with eval/original and eval/pruned (two different folders): "
                              "give two folders")
-        return compare_samples(load_samples(fa), load_samples(fb), iters=iters, seed=seed)
+        return compare_samples(load_samples(fa), load_samples(fb), iters=iters, seed=seed, groups=task_groups(fa))
     if isinstance(b, list) and len(b) > 1:
         return compare_pooled(a, b, iters=iters, seed=seed)[0]
     fb = samples_folder(b[0] if isinstance(b, list) else b)  # B first: its problem is named first
     fa = samples_folder(a)
     check_distinct(fa, [fb])
     other = load_samples(fb)
-    return compare_samples(load_samples(fa), other, iters=iters, seed=seed)
+    return compare_samples(load_samples(fa), other, iters=iters, seed=seed, groups=task_groups(fa) or task_groups(fb))
