@@ -474,8 +474,11 @@ def cmd_remove(args) -> int:
         from prune.export.lineage import is_pruned
         from prune.export.mergekit import check_slices_model, read_slices
 
-        ranges, named = read_slices(args.slices)
+        ranges, named, dtype = read_slices(args.slices)
         check_slices_model(named, args.model, bool(named) and is_pruned(src))  # a Hub repo's pruning.json too
+        if dtype and args.dtype not in ("auto", dtype):
+            raise PruneError(f"--dtype {args.dtype}, but the --slices config writes {dtype} (its dtype): drop one")
+        args.dtype = dtype or args.dtype  # the config's dtype, as mergekit writes it
     if args.base_model and src.kind == "hub" and args.base_model != src.path:
         raise PruneError(f"--base-model is only for a local MODEL: {src.path} is a Hub id and is the base model itself "
                          "(drop --base-model)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -213,6 +214,12 @@ def test_model_index_is_valid_for_huggingface_hub(chain, tmp_path):
                             {"params_before": 10, "params_after": 8, "layers_before": 8, "layers_after": 6})
     assert [(r.task_name, r.dataset_type) for r in eval_results(local)][0] == ("arc_easy", "allenai/ai2_arc")
     assert len(eval_results(local)) == 4
+    # the shipped exact-last-word task names TinyStories, whose train split its stories come from (it named itself)
+    words = comparison_rows({}, {"tasks": {"tinystories_lastword_local": {"metrics": {"acc": 0.3}, "stderr": {},
+                                                                         "dataset": {"path": "text", "split": "test"}}}},
+                            {"params_before": 10, "params_after": 8, "layers_before": 8, "layers_after": 6})
+    assert [(r.task_name, r.dataset_type, r.dataset_split) for r in eval_results(words)] == [
+        ("tinystories_lastword_local", "roneneldan/TinyStories", "train")]
     # a task the table does not know names the Hub dataset and split its lm-eval config scored (it named the task
     # as a dataset); one reading local files through a packaged builder (json) keeps the task's name
     for path, shown_as, split in (("someorg/my_bench", "someorg/my_bench", "test"), ("json", "my_task", None)):
@@ -473,7 +480,18 @@ def test_mergekit_slices_cover_exactly_the_kept_blocks(chain, tmp_path, capsys):
                          ("{slices: [{sources: [{model: a, layer_range: [0, 2]}, {model: b, layer_range: [0, 2]}]}]}",
                           "exactly one source"),
                          ("{merge_method: linear, slices: [{sources: [{model: a, layer_range: [0, 2]}]}]}",
-                          "merge_method is 'linear'")):
+                          "merge_method is 'linear'"),
+                         # what mergekit reads and a pruning does not: refused, not dropped (a review: the same YAML
+                         # built other weights with prune remove than with mergekit-yaml)
+                         ("{slices: [{sources: [{model: a, layer_range: [0, 2], parameters: {scale: [{filter: o_proj, "
+                          "value: 0.0}]}}]}]}", "a source's key 'parameters' is not read by a pruning, which keeps "
+                          "blocks as they are \\(mergekit's parameters change the weights"),
+                         ("{slices: [{sources: [{model: a, layer_range: [0, 2]}], parameters: {x: 1}}]}",
+                          "a slice's key 'parameters'"),
+                         ("{tokenizer_source: union, slices: [{sources: [{model: a, layer_range: [0, 2]}]}]}",
+                          "the config's key 'tokenizer_source' is not read by a pruning"),
+                         ("{dtype: float8, slices: [{sources: [{model: a, layer_range: [0, 2]}]}]}",
+                          "dtype 'float8' is not one of")):
         with pytest.raises(PruneError, match=message):
             blocks_from_slices(bad, 8)
     # per-layer config lists (sliced by prune, copied unsliced by mergekit), a GGUF original on the Hub: refused
@@ -551,6 +569,16 @@ def test_mergekit_files_and_slices_name_the_right_model(chain, tmp_path, capsys)
     assert not (tmp_path / "wrong").exists()
     assert prune_main(["remove", str(chain["source"]), "--slices", str(tmp_path / "mine.yaml"), "-o", str(tmp_path / "right")]) == 0
     assert read_record(tmp_path / "right" / "pruning.json").removed == read_record(chain["step2"] / "pruning.json").removed_original_all
+    # the config's dtype is the one written, as mergekit writes it (it was dropped: float32 for a bfloat16 config);
+    # a --dtype saying otherwise is refused
+    half = tmp_path / "half.yaml"
+    half.write_text(re.sub(r"(?m)^dtype: .*$", "dtype: bfloat16", (tmp_path / "mine.yaml").read_text()))
+    assert prune_main(["remove", str(chain["source"]), "--slices", str(half), "-o", str(tmp_path / "h"), "--dtype",
+                       "float16"]) == 2
+    assert "--dtype float16, but the --slices config writes bfloat16 (its dtype): drop one" in capsys.readouterr().err
+    assert prune_main(["remove", str(chain["source"]), "--slices", str(half), "-o", str(tmp_path / "h")]) == 0
+    with safe_open(tmp_path / "h" / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     # --model is checked: a missing path, a file, an empty folder, a pruned model (its block count) were written down
     (tmp_path / "empty").mkdir()
     for bad, message in ((tmp_path / "nowhere", "is not a model folder"), (chain["source"] / "config.json", "is not a model folder"),
@@ -647,7 +675,9 @@ def test_push_refuses_tokens_needed_excludes_and_edited_cards(chain, tmp_path):
     (folder / "__pycache__").mkdir()
     (folder / "__pycache__" / "card.cpython-311.pyc").write_bytes(b"\0")
     assert not [n for n, _ in push(folder, "me/x", dry_run=True, quiet=True).files if "pycache" in n]
-    for needed in ("config.json", "model.safetensors"):
+    tokenizer = [f for f in ("tokenizer.json", "tokenizer_config.json") if (folder / f).is_file()]
+    assert tokenizer  # the card's snippet loads the tokenizer from the repo: --exclude 'tokenizer*' was sent
+    for needed in ("config.json", "model.safetensors", *tokenizer):
         with pytest.raises(PruneError, match=f"--exclude leaves out {needed}, which a pushed model needs"):
             push(folder, "me/x", dry_run=True, quiet=True, exclude=[needed])
     card = (folder / "README.md").read_text()
@@ -711,6 +741,33 @@ def test_check_compares_the_record_and_the_card_files_with_the_folder(chain, tmp
     (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] + 8}))
     message = " ".join(f.message for f in check_checkpoint(folder).problems)
     assert "mismatched (e.g. model.layers.0.mlp." in message and "in the weights" in message, message
+
+
+def test_check_fails_other_weights_and_a_damaged_generation_config_and_remove_drops_params_json(chain, tmp_path):
+    """From a review: a leftover pytorch_model.bin (here the unpruned original) passed prune check and push sent it;
+    a damaged generation_config.json passed, and from_pretrained silently used transformers' defaults; prune remove
+    carried Mistral's params.json, which names the original depth, into the pruned copy."""
+    for i, (name, content, expected) in enumerate((
+            ("pytorch_model.bin", (chain["source"] / "model.safetensors").read_bytes(),
+             "weights in another format beside the safetensors checkpoint: pytorch_model.bin"),
+            ("params.json", b'{"dim": 48, "n_layers": 8}', "weights in another format beside the safetensors checkpoint: "
+                                                         "params.json"),
+            ("generation_config.json", b'{"eos_token_id": [2,', "generation_config.json does not load"),
+            ("generation_config.json", b'{"eos_token_id": [2, 99999]}', "generation_config.json's eos_token_id 99999 "
+                                                                        "is not a token id of the 256-row embedding"))):
+        folder = Path(shutil.copytree(chain["step1"], tmp_path / f"bad{i}"))
+        (folder / name).write_bytes(content)
+        problems = [f.message for f in check_checkpoint(folder, require_export=True).problems]
+        assert len(problems) == 1 and problems[0].startswith(expected), problems
+        with pytest.raises(PruneError, match="not a complete checkpoint|" + re.escape(expected[:30])):
+            push(folder, "me/x", dry_run=True, quiet=True)
+    good = check_checkpoint(chain["step1"], require_export=True)
+    assert good.ok and any(f.area == "generation" and f.level == "ok" for f in good.findings) == (
+        chain["step1"] / "generation_config.json").is_file()
+    source = Path(shutil.copytree(chain["source"], tmp_path / "mistral-format"))
+    (source / "params.json").write_text('{"dim": 48, "n_layers": 8}')
+    assert prune_main(["remove", str(source), "--blocks", "2", "-o", str(tmp_path / "cut"), "-q"]) == 0
+    assert not (tmp_path / "cut" / "params.json").exists() and check_checkpoint(tmp_path / "cut").ok
 
 
 def test_card_table_license_and_version_details():

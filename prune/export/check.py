@@ -124,6 +124,10 @@ def check_checkpoint(folder: str | os.PathLike, *, require_export: bool = False,
         return report
     config = _check_config(path, report)
     headers = _check_weight_files(path, report)
+    other = sorted(p.name for p in path.iterdir() if OTHER_WEIGHTS.match(p.name))
+    if other:  # use_safetensors=False, older tools, vLLM's mistral format: they load these, not the checked weights
+        report.add("weights", "fail", f"weights in another format beside the safetensors checkpoint: {', '.join(other[:3])} "
+                                      "(a loader that prefers them gets other weights, and a push sends them): remove them")
     if config is not None:
         skeleton = _meta_skeleton(config, report, headers)
         if skeleton is not None and headers is not None:
@@ -132,6 +136,7 @@ def check_checkpoint(folder: str | os.PathLike, *, require_export: bool = False,
             _check_transformers_load(path, report)
         if tokenizer:
             _check_tokenizer(path, config, report)
+        _check_generation_config(path, config, report)
         _check_export_files(path, config, report, require_export)
     return report
 
@@ -193,6 +198,12 @@ def per_layer_list_problems(config: dict, n: int | None) -> list[str]:
         elif len(value) != n:
             out.append(f"config.{key} has {len(value)} entries but num_hidden_layers is {n}")
     return out
+
+
+#: weight files of other formats than transformers' safetensors checkpoint (PyTorch, TensorFlow, Flax, Mistral's
+#: consolidated files): beside it they are other weights, which some loader reads instead
+OTHER_WEIGHTS = re.compile(r"^(pytorch_model.*\.bin|tf_model.*\.h5|flax_model.*\.msgpack|consolidated.*\.(pth|safetensors)"
+                           r"|pytorch_model\.bin\.index\.json|params\.json)$")
 
 
 def _check_weight_files(path: Path, report: CheckReport) -> dict[str, dict] | None:
@@ -434,6 +445,32 @@ def _check_tokenizer(path: Path, config, report: CheckReport) -> None:
     else:
         report.add("tokenizer", "ok", f"{type(tok).__name__}, {size:,} tokens (embedding rows: {vocab:,})"
                    if isinstance(vocab, int) else f"{type(tok).__name__}, {size:,} tokens")
+
+
+def _check_generation_config(path: Path, config, report: CheckReport) -> None:
+    """``generation_config.json``, where there is one, loads (a damaged one is dropped by ``from_pretrained`` without
+    a word: other stop tokens, other sampling) and names token ids inside the vocabulary."""
+    if not (path / "generation_config.json").is_file():
+        return
+    from transformers import GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001
+        report.add("generation", "fail", f"generation_config.json does not load ({first_line(exc)}): from_pretrained "
+                                         "would use transformers' defaults instead (other stop tokens): fix or remove it")
+        return
+    vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
+    ids = {k: v for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+           if (v := getattr(gen, k, None)) is not None}
+    flat = [(k, i) for k, v in ids.items() for i in (v if isinstance(v, list) else [v])]
+    outside = [(k, i) for k, i in flat if isinstance(vocab, int) and not (isinstance(i, int) and 0 <= i < vocab)]
+    if outside:
+        report.add("generation", "fail", f"generation_config.json's {outside[0][0]} {outside[0][1]!r} is not a token id "
+                                         f"of the {vocab:,}-row embedding")
+    else:
+        report.add("generation", "ok", "generation_config.json loads" + (f"; {', '.join(f'{k} {v}' for k, v in ids.items())}"
+                                                                         if ids else ""))
 
 
 def _check_adapter(path: Path, report: CheckReport) -> None:

@@ -219,8 +219,25 @@ def parse_slices(spec: str | list) -> list[tuple[int, int]]:
     return read_slices(spec)[0]
 
 
-def read_slices(spec: str | list) -> tuple[list[tuple[int, int]], str | None]:
-    """:func:`parse_slices`'s ranges and the model the slices name (None for bare ranges)."""
+#: the keys of a mergekit passthrough config a pruning reads (``base_model`` is unread by passthrough); any other
+#: changes what mergekit builds (``parameters: scale`` zeroes a projection, ``tokenizer_source`` another
+#: vocabulary) and is refused, not dropped
+SLICES_KEYS, SLICE_KEYS, SOURCE_KEYS = {"merge_method", "slices", "dtype", "out_dtype", "base_model"}, {"sources"}, \
+    {"model", "layer_range"}
+
+
+def _only_known(data: dict, known: set, where: str) -> None:
+    other = sorted(str(k) for k in data if k not in known)
+    if other:
+        why = ("mergekit's parameters change the weights (a scale of 0 turns a projection off)" if "parameters" in other
+               else "mergekit builds something else with it")
+        raise PruneError(f"--slices: {where} key {other[0]!r} is not read by a pruning, which keeps blocks as they are "
+                         f"({why}): drop it, or run mergekit itself")
+
+
+def read_slices(spec: str | list) -> tuple[list[tuple[int, int]], str | None, str | None]:
+    """:func:`parse_slices`'s ranges, the model the slices name (None for bare ranges) and the dtype the config
+    writes (``out_dtype``, else ``dtype``; None when it names none)."""
     from prune.core.yamlsafe import load_yaml
 
     data = spec
@@ -232,7 +249,12 @@ def read_slices(spec: str | list) -> tuple[list[tuple[int, int]], str | None]:
             data = load_yaml(path.read_text() if path.is_file() else spec, "--slices")
         except PruneError as exc:
             raise PruneError(f"{exc}; give a mergekit config file or ranges like [[0, 2], [4, 8]]") from None
+    dtype = None
     if isinstance(data, dict):
+        _only_known(data, SLICES_KEYS, "the config's")
+        dtype = data.get("out_dtype") or data.get("dtype")
+        if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
+            raise PruneError(f"--slices: the config's dtype {dtype!r} is not one of bfloat16, float16, float32")
         method = data.get("merge_method", "passthrough")
         if method != "passthrough":  # a linear or SLERP merge of the slices is not the blocks they name, kept
             raise PruneError(f"--slices: the config's merge_method is {method!r}; a pruning keeps blocks as they are "
@@ -243,9 +265,11 @@ def read_slices(spec: str | list) -> tuple[list[tuple[int, int]], str | None]:
     ranges, models = [], set()
     for item in data:
         if isinstance(item, dict):
+            _only_known(item, SLICE_KEYS, "a slice's")
             sources = item.get("sources") or []
-            if len(sources) != 1:
+            if not isinstance(sources, list) or len(sources) != 1 or not isinstance(sources[0], dict):
                 raise PruneError("--slices: each slice must have exactly one source (a pruning reads one model)")
+            _only_known(sources[0], SOURCE_KEYS, "a source's")
             models.add(sources[0].get("model"))
             item = sources[0].get("layer_range")
         if not (isinstance(item, (list, tuple)) and len(item) == 2
@@ -254,7 +278,7 @@ def read_slices(spec: str | list) -> tuple[list[tuple[int, int]], str | None]:
         ranges.append((int(item[0]), int(item[1])))
     if len(models) > 1:
         raise PruneError(f"--slices: the slices read {len(models)} different models; a pruning keeps blocks of one")
-    return ranges, next(iter(models), None)
+    return ranges, next(iter(models), None), dtype
 
 
 def check_slices_model(named: str | None, model: str, pruned: bool) -> None:

@@ -31,6 +31,8 @@ TASK_DATASETS: dict[str, tuple[str, str | None, str]] = {
     "boolq": ("aps/super_glue", "boolq", "validation"),
     "copa": ("aps/super_glue", "copa", "validation"),
     "openbookqa": ("allenai/openbookqa", "main", "test"),
+    # the shipped exact-last-word task reads the first 2 MiB of TinyStories' train split (the shared data folder)
+    "tinystories_lastword_local": ("roneneldan/TinyStories", None, "train"),
 }
 TASK_TYPE = "text-generation"
 ORIGINAL = " (original model, before pruning)"

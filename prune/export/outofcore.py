@@ -47,8 +47,9 @@ from prune.io.source import ModelSource
 from prune.model.loading import check_cut_keeps_attention, pruned_config_updates
 from prune.model.surgery import check_indices, query_rescale
 
-#: files never carried over: weights in other formats, the original model card, our own outputs
-SKIP_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$|^README\.md$|^config\.json$|"
+#: files never carried over: weights in other formats (and params.json, Mistral's config of its consolidated weights,
+#: which names the original depth), the original model card, our own outputs
+SKIP_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$|^README\.md$|^config\.json$|^params\.json$|"
                         rf"^{re.escape(INDEX_NAME)}$|^pytorch_model.*\.json$|^pruning\.json$|^\..*|"
                         r"^eval\.(json|md)$|^recipe\.yaml$|^mergekit\.yaml$")  # a pruned source's: stale here
 

@@ -99,13 +99,16 @@ SCAN_LIMIT = 64 * 2**20  # bytes: larger files are read in pieces
 
 
 def needed_files(folder: Path) -> list[str]:
-    """The files loading ``folder`` needs: config and weights (an index and its shards), or an adapter's."""
+    """The files loading ``folder`` needs: config and weights (an index and its shards) and the tokenizer's files
+    it has (the card loads the tokenizer from the repo), or an adapter's."""
+    from prune.export.check import TOKENIZER_FILES
     from prune.io.safetensors import INDEX_NAME, read_index
 
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         return ["adapter_config.json", "adapter_model.safetensors"]
     weight_map, shards = read_index(folder)
-    return ["config.json", *([INDEX_NAME] if weight_map is not None else []), *shards]
+    tokenizer = [f for f in (*TOKENIZER_FILES, "merges.txt") if (folder / f).is_file()]
+    return ["config.json", *([INDEX_NAME] if weight_map is not None else []), *shards, *tokenizer]
 
 
 def _holds_token(folder: Path, name: str, rendered: dict[str, str]) -> bool:
