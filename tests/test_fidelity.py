@@ -153,6 +153,9 @@ def test_tokens_both_models_rule_out_add_nothing_to_the_kl():
     lp = F.log_softmax(logits.double(), -1)[:, :2]
     assert token_kl(top, ids, other).item() == pytest.approx((lp.exp() * (lp - other[:, :2].double())).sum().item())
     assert token_kl(top, ids, F.log_softmax(torch.tensor([[0.0, -inf, 0.0, 0.0]]), -1)).item() == inf
+    # an overflow (NaN) on either side stays NaN: verified tells such a candidate apart by it
+    nan = torch.full((1, 4), float("nan"))
+    assert token_kl(top, ids, nan).isnan().all() and token_kl(nan, ids, other).isnan().all()
 
 
 def test_same_model_is_perfectly_faithful_and_reference_round_trips(pair, tmp_path):

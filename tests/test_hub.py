@@ -71,7 +71,8 @@ def test_check_passes_on_pruned_outputs(pruned):
         report = check_checkpoint(folder, require_export=True)
         assert report.ok, report.summary()
         areas = [f.area for f in report.findings]
-        assert areas == ["config", "weights", "blocks", "load", "tied", "tokenizer", "card", "pruning"]
+        generation = ["generation"] * (folder / "generation_config.json").is_file()
+        assert areas == ["config", "weights", "blocks", "load", "tied", "tokenizer", *generation, "card", "pruning"]
         assert report.facts["n_layers"] == 6 and report.facts["model_type"] == "llama"
         assert report.facts["n_params"] == json.loads((folder / "pruning.json").read_text())["params_after"]
     sharded = check_checkpoint(pruned[1]).summary()

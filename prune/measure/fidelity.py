@@ -169,7 +169,7 @@ def token_kl(ref_top: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Tensor,
     logp = ref_top.double()
     logq_k = logq.gather(-1, ref_ids.long()).double()
     # a token both rule out (log-probs -inf: a masked logit in an exact top-k) adds 0, not 0 * (-inf + inf) = NaN
-    kl = torch.where(logp > -math.inf, logp.exp() * (logp - logq_k), torch.zeros_like(logp)).sum(-1)
+    kl = torch.where(torch.isneginf(logp), torch.zeros_like(logp), logp.exp() * (logp - logq_k)).sum(-1)  # NaN stays NaN
     if ref_ids.shape[-1] < logq.shape[-1]:
         logp_tail = ref_tail.double() if ref_tail is not None else _log1mexp(torch.logsumexp(logp, -1))
         logq_tail = _tail_logmass(logq, ref_ids, torch.logsumexp(logq_k, -1)).clamp(min=-700.0)
