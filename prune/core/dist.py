@@ -12,8 +12,9 @@ forever; a rank that dies closes its sockets and the others' next collective fai
 * :func:`all_gather`      a Python object from every rank, in rank order;
 * :func:`broadcast`       rank 0's Python object on every rank;
 * :func:`check_same`      refuse (``PruneError``) when ranks hold different values (e.g. recipes);
-* :func:`on_main`         run a function on rank 0 only (writing files); the others wait for it and
-                          get its result, or raise :class:`PeerFailed` when it failed.
+* :func:`on_main`         run a function on rank 0 only (writing files); the others wait for it (as long
+                          as it takes, :data:`MAIN_WAIT`) and get its result, or raise :class:`PeerFailed`
+                          when it failed.
 """
 
 from __future__ import annotations
@@ -113,20 +114,35 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return buf.to(t.device)
 
 
-_OBJECT_GROUP: list = []  # the gloo group of object gathers under NCCL, made once by every rank
+#: how long the other ranks wait for rank 0's work in :func:`on_main` (saving, pushing, copying shards: it may
+#: outlast the collectives' timeout). A rank 0 that dies closes its sockets, and the wait ends at once.
+MAIN_WAIT = datetime.timedelta(days=7)
+
+#: purpose -> (the default group it was made under, a gloo group of every rank); made by every rank on first use,
+#: and again under a new default group (one destroyed and joined again in the same process)
+_GROUPS: dict[str, tuple[Any, Any]] = {}
+
+
+def _gloo_group(purpose: str, timeout: datetime.timedelta):
+    """A gloo group of every rank for ``purpose``, made collectively on first use."""
+    import torch.distributed as dist
+
+    default = dist.group.WORLD
+    made = _GROUPS.get(purpose)
+    if made is None or made[0] is not default:
+        _GROUPS[purpose] = (default, dist.new_group(backend="gloo", timeout=timeout))
+    return _GROUPS[purpose][1]
 
 
 def _object_group():
     """The group :func:`all_gather` pickles objects over: the default one under gloo; under NCCL a gloo group of
-    every rank, made on first use (NCCL's object gather moves every rank's pickle to each GPU: a teacher cache of
-    gigabytes would pass through GPU memory beside the model)."""
+    every rank (NCCL's object gather moves every rank's pickle to each GPU: a teacher cache of gigabytes would
+    pass through GPU memory beside the model)."""
     import torch.distributed as dist
 
     if "nccl" not in str(dist.get_backend()):
         return None
-    if not _OBJECT_GROUP:
-        _OBJECT_GROUP.append(dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s())))
-    return _OBJECT_GROUP[0]
+    return _gloo_group("objects", datetime.timedelta(seconds=timeout_s()))
 
 
 def all_gather(obj: T) -> list[T]:
@@ -141,15 +157,15 @@ def all_gather(obj: T) -> list[T]:
     return out
 
 
-def broadcast(obj: T) -> T:
-    """Rank 0's ``obj`` on every rank."""
+def broadcast(obj: T, group=None) -> T:
+    """Rank 0's ``obj`` on every rank (over ``group``, default the launch's)."""
     w = world()
     if not w.distributed:
         return obj
     import torch.distributed as dist
 
     box = [obj if w.is_main else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
@@ -182,6 +198,7 @@ def on_main(fn: Callable[[], T]) -> T:
     w = world()
     if not w.distributed:
         return fn()
+    wait = _gloo_group("main", MAIN_WAIT)  # before rank 0 is alone: every rank makes it
     outcome: tuple[bool, Any] = (True, None)
     error: BaseException | None = None
     if w.is_main:
@@ -194,7 +211,7 @@ def on_main(fn: Callable[[], T]) -> T:
             outcome = (False, f"{type(exc).__name__}: {exc}".splitlines()[0])
         finally:
             _alone = False
-    outcome = broadcast(outcome)
+    outcome = broadcast(outcome, wait)  # not bounded by PRUNE_DIST_TIMEOUT: a save or a push may take hours
     if error is not None:
         raise error
     if not outcome[0]:

@@ -302,6 +302,8 @@ class LmEvalRun:
         self.tracker.output_path = str(folder.parent)
         results = copy.deepcopy(self.results)
         samples = copy.deepcopy(self.samples)  # the tracker rewrites them as it saves
+        for records in samples.values():  # in document order (lm-eval's int doc_id), as one process writes them:
+            records.sort(key=lambda r: r["doc_id"])  # a launch gathers them rank by rank
         self.tracker.save_results_aggregated(results=results, samples=samples)
         for task in results["configs"]:
             self.tracker.save_results_samples(task_name=task, samples=samples[task])

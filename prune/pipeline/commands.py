@@ -225,10 +225,16 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
         result["lm_eval_folder"] = str(target)
     if original is not None:
         result["fidelity"]["original"] = str(original)
-    if layers is None:
+    if layers is None:  # lm-eval loaded the model itself (another backend, or a launch): counted on the meta device
+        from prune.model.arch import meta_model
         from prune.model.loading import load_config
 
-        layers = load_config(src, trust_remote_code).num_hidden_layers
+        config = load_config(src, trust_remote_code)
+        layers = config.num_hidden_layers
+        try:
+            parameters = count_parameters(meta_model(config, trust_remote_code=trust_remote_code))
+        except Exception:  # noqa: BLE001 - a config transformers cannot build here: the count is left out
+            parameters = None
     result["model"] = src.to_dict()
     result["layers"] = layers
     result["parameters"] = parameters
