@@ -780,7 +780,7 @@ def cmd_compare(args) -> int:
     if len({r.task for r in rows}) > 1:
         from prune.measure.paired import some, without_headline
 
-        print("\n" + (average_line(rows, *names) or f"No average over tasks: no task has a metric scored 0 to 1 per "
+        print("\n" + (average_line(rows, *names) or f"No average over tasks: no task has a metric scored 0 to 1 (higher better) per "
                                                       f"example ({some(without_headline(rows))})"))
     if rows and each and not any(math.isnan(d) for d in each):
         print(f"\nEach B alone, on the same examples (task average, B - A, points): "

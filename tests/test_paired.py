@@ -340,6 +340,30 @@ def test_a_groups_subtasks_count_as_one_task_pooled_by_size(tmp_path, capsys):
     assert len(task_average(compare_folders(tmp_path / "a", tmp_path / "b", iters=200)).tasks) == 58
 
 
+def test_a_metric_where_lower_is_better_is_no_accuracy_in_the_average(tmp_path):
+    """The last fallback took a task's first metric scored 0 to 1 whatever its direction: a Brier score (lower is
+    better) was averaged as accuracy points. lm-eval's results file says which metrics are lower-better."""
+    for name, shift in (("a", 0), ("b", 1)):
+        folder = tmp_path / name
+        folder.mkdir()
+        brier = [{"doc_id": i, "doc_hash": f"q{i}", "metrics": ["brier_score"], "brier_score": ((i + shift) % 3) / 4}
+                 for i in range(40)]
+        arc = [{"doc_id": i, "doc_hash": f"a{i}", "metrics": ["acc"], "acc": float((i + shift) % 2)} for i in range(40)]
+        (folder / f"samples_calib_{STAMP}.jsonl").write_text("\n".join(map(json.dumps, brier)) + "\n")
+        (folder / f"samples_arc_easy_{STAMP}.jsonl").write_text("\n".join(map(json.dumps, arc)) + "\n")
+        (folder / f"results_{STAMP}.json").write_text(json.dumps({"higher_is_better": {
+            "calib": {"brier_score": False}, "arc_easy": {"acc": True}}}))
+    rows = compare_folders(tmp_path / "a", tmp_path / "b", iters=200)
+    assert next(r for r in rows if r.task == "calib").lower_is_better is True
+    assert [r.task for r in headline_rows(rows)] == ["arc_easy"]
+    assert "left out: calib (no metric scored 0 to 1 per example where higher is better" in average_line(rows)
+    # without the results file the direction is unknown: the 0-to-1 score is taken, as before
+    for name in ("a", "b"):
+        next((tmp_path / name).glob("results_*.json")).unlink()
+    assert [r.task for r in headline_rows(compare_folders(tmp_path / "a", tmp_path / "b", iters=200))] == [
+        "arc_easy", "calib"]
+
+
 def test_pooled_seeds_with_other_examples_say_what_was_left_out(lm_eval_folders, capsys):
     """Seeds evaluated on different examples (one with a lower limit) were pooled over the examples all have,
     without a word: four fifths of the data could go."""
@@ -382,7 +406,8 @@ def test_average_is_over_proportions_only():
     assert [(r.task, r.metric) for r in headline_rows(rows)] == [("arc_easy", "acc"), ("truthfulqa_gen", "bleu_acc")]
     avg = task_average(rows)
     assert avg.tasks == ["arc_easy", "truthfulqa_gen"] and avg.diff == pytest.approx(0.0)
-    assert average_line(rows).endswith("; left out: loglik_only (no metric scored 0 to 1 per example, so none in "
+    assert average_line(rows).endswith("; left out: loglik_only (no metric scored 0 to 1 per example where higher is "
+                                       "better, so none in "
                                        "accuracy points)")
     # chosen by name before by the data: BLEU scores that happen to lie below 1 do not make bleu_max the headline
     small = [records(0), records(1)]

@@ -74,6 +74,7 @@ class Paired:
     proportion: bool | None = None  # every per-example score of both between 0 and 1 (an accuracy's, in points)
     pooled: bool | None = None  # B a mean over seeds: the flips and p are the sign test's on the questions moved
     group: str | None = None  # the lm-eval group the task is a subtask of (MMLU's subjects: mmlu), its top level
+    lower_is_better: bool | None = None  # lm-eval's higher_is_better of the metric, negated (True: a Brier score)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -394,11 +395,11 @@ def some(names, limit: int = 10) -> str:
 
 def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters: int = BOOTSTRAP_ITERS,
                     seed: int = 0, quiet: bool | None = None, sign_test: bool = False,
-                    groups: dict[str, str] | None = None) -> list[Paired]:
+                    meta: "TaskMeta | None" = None) -> list[Paired]:
     """Paired statistics per task and metric (of each answer filter) of two ``{task: sample records}``
     (B against A), over the examples both have; ``quiet``: no notes of what is left out; ``sign_test``: B is
-    pooled over seeds (:func:`paired_stats`); ``groups``: each subtask's lm-eval group (:func:`task_groups`),
-    recorded on its rows for :func:`task_average`."""
+    pooled over seeds (:func:`paired_stats`); ``meta``: what lm-eval's results files say of the tasks
+    (:func:`task_meta`: groups, metrics where lower is better), recorded on the rows for :func:`task_average`."""
     common = [t for t in a if t in b]
     if not common:
         raise PruneError(f"no task in common: A has {some(a)}, B has {some(b)}: compare evaluations of the same tasks")
@@ -425,7 +426,9 @@ def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters
             row = paired_stats([ea[metric][k][1] for k in keys], [eb[metric][k][1] for k in keys], task=task,
                                metric=metric, iters=iters, seed=seed, sign_test=sign_test)
             row.n_a, row.n_b = len(ea[metric]), len(eb[metric])
-            row.group = (groups or {}).get(task)
+            if meta is not None:
+                row.group = meta.groups.get(task)
+                row.lower_is_better = (task, metric.split(",")[0]) in meta.lower or None
             out.append(row)
     return out
 
@@ -467,7 +470,7 @@ def headline_rows(rows: list[Paired]) -> list[Paired]:
         named = [r for r in found if r.metric.split(",")[0] in ACCURACY_METRICS and r.proportion is not False]
         head = (next((r for r in found if r.metric == want), None)
                 or min(named, key=lambda r: ACCURACY_METRICS.index(r.metric.split(",")[0]), default=None)
-                or next((r for r in found if r.proportion), None))
+                or next((r for r in found if r.proportion and not r.lower_is_better), None))
         if head is not None:
             out.append(head)
     return out
@@ -525,7 +528,8 @@ def average_line(rows: list[Paired], a: str = "A", b: str = "B") -> str:
     else:
         verdict = "it excludes 0" if avg.ci_low > 0 or avg.ci_high < 0 else "it includes 0"
     left = without_headline(rows)
-    left_out = (f"; left out: {some(left)} (no metric scored 0 to 1 per example, so none in accuracy points)"
+    left_out = (f"; left out: {some(left)} (no metric scored 0 to 1 per example where higher is better, so none in "
+                "accuracy points)"
                 if left else "")
     from prune.measure.lmeval import HEADLINE, canonical_name
 
@@ -578,21 +582,34 @@ def paired_section(rows: list[Paired], a: str = "original", b: str = "pruned") -
 
 
 # ---- folders -----------------------------------------------------------------------------------
-def task_groups(folder: Path) -> dict[str, str]:
-    """Each subtask's top-level lm-eval group (MMLU's subjects: ``mmlu``, through ``mmlu_stem``), from the
-    ``group_subtasks`` of the results files (``results_*.json``) in ``folder``; ``{}`` where none names a group.
-    A file that does not read is passed over: the groups only shape the average."""
+@dataclass
+class TaskMeta:
+    """What an lm-eval results folder's ``results_*.json`` say of its tasks: each subtask's top-level group
+    (MMLU's subjects: ``mmlu``, through ``mmlu_stem``; from ``group_subtasks``) and the ``(task, metric)`` pairs
+    where lower is better (``higher_is_better`` false: a Brier score is no accuracy for the average)."""
+
+    groups: dict[str, str]
+    lower: set[tuple[str, str]]
+
+
+def task_meta(*folders: Path) -> TaskMeta:
+    """:class:`TaskMeta` of the results files in ``folders`` (the first to name a group wins); a file that does
+    not read is passed over: it only shapes the average."""
     parent: dict[str, str] = {}
-    for path in sorted(folder.glob("results_*.json")):
+    lower: set[tuple[str, str]] = set()
+    for path in sorted(p for folder in folders for p in folder.glob("results_*.json")):
         try:
             data = json.loads(read_regular_text(path, "lm-eval results file"))
         except (PruneError, ValueError, RecursionError):
             continue
-        subtasks = data.get("group_subtasks") if isinstance(data, dict) else None
+        data = data if isinstance(data, dict) else {}
+        subtasks, better = data.get("group_subtasks"), data.get("higher_is_better")
         for group, children in (subtasks.items() if isinstance(subtasks, dict) else ()):
             for child in children if isinstance(children, list) else ():
                 if isinstance(child, str) and child != group:
                     parent.setdefault(child, group)
+        for task, metrics in (better.items() if isinstance(better, dict) else ()):
+            lower |= {(task, m) for m, up in (metrics.items() if isinstance(metrics, dict) else ()) if up is False}
 
     def top(task: str) -> str:
         seen = {task}
@@ -601,7 +618,7 @@ def task_groups(folder: Path) -> dict[str, str]:
             seen.add(task)
         return task
 
-    return {task: top(task) for task in parent}
+    return TaskMeta({task: top(task) for task in parent}, lower)
 
 
 def latest_samples(folder: Path) -> dict[str, Path]:
@@ -806,15 +823,15 @@ def compare_pooled(a: str | Path, bs: list[str | Path], *, iters: int = BOOTSTRA
     check_distinct(samples_folder(a), folders)
     runs = [load_samples(f) for f in folders]
     ref = load_samples(samples_folder(a))
-    groups = task_groups(samples_folder(a))
+    meta = task_meta(samples_folder(a), *folders)
     pooled = mean_samples(runs)
-    rows = compare_samples(ref, pooled, iters=iters, seed=seed, sign_test=True, groups=groups)
+    rows = compare_samples(ref, pooled, iters=iters, seed=seed, sign_test=True, meta=meta)
     keys = {task: set(_records_by_example(task, recs)) for task, recs in pooled.items()}
     each = []
     for run in runs:
         own = {task: [r for key, r in _records_by_example(task, run[task]).items() if key in common]
                for task, common in keys.items()}
-        avg = task_average(compare_samples(ref, own, iters=min(iters, 200), seed=seed, quiet=True, groups=groups))
+        avg = task_average(compare_samples(ref, own, iters=min(iters, 200), seed=seed, quiet=True, meta=meta))
         each.append(math.nan if avg is None else avg.diff)
     return rows, each
 
@@ -829,11 +846,11 @@ def compare_folders(a: str | Path, b: str | Path | list[str | Path] | None = Non
         if fa.resolve() == fb.resolve():  # also eval/original linked to eval/pruned: the model against itself
             raise PruneError(f"{a} is not a run folder with eval/original and eval/pruned (two different folders): "
                              "give two folders")
-        return compare_samples(load_samples(fa), load_samples(fb), iters=iters, seed=seed, groups=task_groups(fa))
+        return compare_samples(load_samples(fa), load_samples(fb), iters=iters, seed=seed, meta=task_meta(fa, fb))
     if isinstance(b, list) and len(b) > 1:
         return compare_pooled(a, b, iters=iters, seed=seed)[0]
     fb = samples_folder(b[0] if isinstance(b, list) else b)  # B first: its problem is named first
     fa = samples_folder(a)
     check_distinct(fa, [fb])
     other = load_samples(fb)
-    return compare_samples(load_samples(fa), other, iters=iters, seed=seed, groups=task_groups(fa) or task_groups(fb))
+    return compare_samples(load_samples(fa), other, iters=iters, seed=seed, meta=task_meta(fa, fb))
