@@ -178,6 +178,9 @@ def test_config_is_what_save_pretrained_writes(chain):
         model = AutoModelForCausalLM.from_pretrained(chain[name])
         model.save_pretrained(chain["root"] / f"resaved-{name}")
         assert (chain["root"] / f"resaved-{name}" / "config.json").read_text() == text
+        # transformers writes how the tokenizer was loaded (offline, from a folder) into its config: not published
+        tokenizer_config = json.loads((chain[name] / "tokenizer_config.json").read_text())
+        assert not {"is_local", "local_files_only"} & set(tokenizer_config) and "tokenizer_class" in tokenizer_config
 
 
 # ---- 2. metadata ---------------------------------------------------------------------------------------

@@ -157,6 +157,23 @@ def matches_source(recorded: SourceRecord, src) -> bool:
 
 
 # ---- config.json ---------------------------------------------------------------------------
+#: keys transformers' tokenizer ``save_pretrained`` copies from how the tokenizer was loaded (offline, from a
+#: folder), not settings of the tokenizer: a published file would hand them to whoever loads it
+TOKENIZER_LOAD_KEYS = ("is_local", "local_files_only")
+
+
+def clean_tokenizer_config(folder: Path) -> None:
+    """Drop :data:`TOKENIZER_LOAD_KEYS` from a ``tokenizer_config.json`` written by ``save_pretrained``."""
+    file = Path(folder) / "tokenizer_config.json"
+    if not file.is_file():
+        return
+    data = json.loads(file.read_text(encoding="utf-8"))
+    if isinstance(data, dict) and any(k in data for k in TOKENIZER_LOAD_KEYS):
+        for key in TOKENIZER_LOAD_KEYS:
+            data.pop(key, None)
+        file.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def clean_config_file(folder: Path, dtype: str | None = None) -> None:
     """Drop the GGUF loader's ``quantization_config`` from a ``config.json`` written by
     ``save_pretrained`` (the weights are saved dequantized) and, with ``dtype``, record the

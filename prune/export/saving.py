@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from prune.core.errors import PruneError
 from prune.core.records import RECORD_FILE, PruningRecord, record_json
 from prune.core.faults import fault_point
-from prune.export.public import clean_config_file, public_text
+from prune.export.public import clean_config_file, clean_tokenizer_config, public_text
 from prune.model.loading import is_dispatched
 
 if TYPE_CHECKING:
@@ -92,6 +92,7 @@ def save(
         clean_config_file(stage, dtype=None if state is None else dtype_name(target))
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
+            clean_tokenizer_config(stage)  # transformers writes how it was loaded (local_files_only) into it
         write_extras(stage, pruning, files)
     return Path(out_dir).expanduser()
 
