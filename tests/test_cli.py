@@ -217,6 +217,11 @@ def test_report_refuses_a_metric_its_strategy_does_not_read_and_an_impossible_ru
                       "0,3,-1", check_rc=2)
     assert "no run of 4 contiguous blocks" in proc.stderr and "--n-layers" in proc.stderr
     assert "scoring" not in proc.stderr and "execution" not in proc.stderr  # refused before loading or scoring
+    # a last CKA batch of fewer windows: refused before loading, in the flags typed
+    proc = prune_main("score", tiny_folder, "--data", WIKI_RAW, "--n-samples", "10", "--cka-windows", "4", "--seq-len",
+                      "16", check_rc=2)
+    assert "--cka-windows 4 does not divide the 10 windows" in proc.stderr and "set --n-samples to a multiple: 8 or 12; " \
+        "or change --cka-windows" in proc.stderr and "scoring" not in proc.stderr, proc.stderr
     # too little text for the windows asked: the flags typed, not the recipe keys
     proc = prune_main("score", tiny_folder, "--data", WIKI_RAW, "--rows", "0:10", "--n-samples", "1000", "--seq-len",
                       "16", check_rc=2)

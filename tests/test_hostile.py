@@ -723,6 +723,7 @@ def test_aliases_of_mappings_and_merge_keys_are_read(tmp_path, tiny_folder):
     ("evaluate.limit=.inf", "finite number"),
     ("score.tau=5", "less than 1"),
     ("score.metrics=[]", "at least 1"),
+    ("score.cka_windows=3", "score.cka_windows 3 does not divide the 4 windows"),
     ("calibration.seed=1.0e+20", "'calibration.seed'"),
     ("calibration.seed=4294967296", "less than or equal to 4294967295"),
     ("select.protect=[true, -1]", "not true/false"),

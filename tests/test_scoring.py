@@ -91,6 +91,17 @@ def test_pooled_cka_batches_are_fixed_groups_of_windows(tokenizers_by_bos, calib
             assert a.cka[i][j] == pytest.approx(sum(per_group) / 3, abs=1e-6)
             assert b.cka[i][j] == pytest.approx(a.cka[i][j], abs=1e-6)
     assert a.cka_windows == 2
+    # a last group of fewer windows (5 windows, groups of 2) counted as a whole one: CKA over fewer tokens is
+    # another measure (a review: one leftover window moved the mean by 0.044); refused, with the counts that fit
+    with pytest.raises(PruneError, match="cka_windows 2 does not divide the 5 windows: the last CKA batch would pool "
+                                         "1, .*set the number of windows to a multiple: 4 or 6"):
+        prune.score(model, w[:5], cka_windows=2, positions="all", progress=False)
+    # unbiased HSIC needs more than 3 tokens per CKA batch, not per window: two windows of 2 tokens pool 4
+    assert prune.score(model, w[:2, :2], cka_windows=2, positions="all", progress=False).cka is not None
+    with pytest.raises(PruneError, match=r"CKA needs more than 3 counted tokens per CKA batch \(1 window\(s\) of 2\)"):
+        prune.score(model, w[:2, :2], positions="all", progress=False)
+    # a state's angle to itself is 0 exactly (arccos of a rounded 1 left ~1e-9 on the diagonal)
+    assert all(a.angular[i][i] == 0.0 for i in range(L1))
 
 
 def test_planted_redundancy_is_found_by_every_metric(tokenizers_by_bos, calib_text):

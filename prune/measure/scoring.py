@@ -237,6 +237,16 @@ def check_windows(windows, vocab: int | None = None) -> None:
                          f"vocabulary [0, {vocab}): tokenize with the model's own tokenizer")
 
 
+def short_cka_group(cka_windows: int, n: int, count: str, knob: str = "cka_windows") -> str:
+    """The refusal of ``n`` windows that ``cka_windows`` does not divide: the last CKA batch would pool fewer
+    windows than the others, and CKA over fewer tokens is another measure (it weighed the same in the mean)."""
+    lower, upper = n // cka_windows * cka_windows, -(-n // cka_windows) * cka_windows
+    fix = " or ".join(str(m) for m in (lower, upper) if m)
+    return (f"{knob} {cka_windows} does not divide the {n} windows: the last CKA batch would pool "
+            f"{n % cka_windows}, a measure over fewer tokens than the others' (set {count} to a multiple: {fix}; or "
+            f"change {knob})")
+
+
 def check_score_args(windows: torch.Tensor, positions: str, metrics, cka_windows: int,
                      batch_size: int, beta: float = 1.0, tau: float = 0.5,
                      vocab: int | None = None) -> tuple[tuple[str, ...], int, int]:
@@ -256,13 +266,16 @@ def check_score_args(windows: torch.Tensor, positions: str, metrics, cka_windows
     if "cka" in metrics and cka_windows > windows.shape[0]:  # one CKA batch that never fills: a silent change of meaning
         raise PruneError(f"cka_windows={cka_windows} pools more windows into one CKA batch than the {windows.shape[0]} "
                          "given: lower it, or give more windows")
+    if "cka" in metrics and windows.shape[0] % cka_windows:
+        raise PruneError(short_cka_group(cka_windows, windows.shape[0], "the number of windows"))
     batch_size = -(-batch_size // cka_windows) * cka_windows
     first = 1 if positions == "skip_first" else 0
     if windows.shape[1] - first < 1:
         raise PruneError(f"windows of {windows.shape[1]} token(s) leave no position to score with positions={positions} "
                          "(give longer windows)")
-    if "cka" in metrics and windows.shape[1] - first <= 3:
-        raise PruneError(f"CKA needs more than 3 counted tokens per window; seq_len={windows.shape[1]} is too short")
+    if "cka" in metrics and cka_windows * (windows.shape[1] - first) <= 3:  # unbiased HSIC: n > 3 per CKA batch
+        raise PruneError(f"CKA needs more than 3 counted tokens per CKA batch ({cka_windows} window(s) of "
+                         f"{windows.shape[1] - first}); seq_len={windows.shape[1]} is too short (or pool more windows)")
     return metrics, batch_size, first
 
 

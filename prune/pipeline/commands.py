@@ -51,6 +51,11 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
               batch_size=batch_size, config=data_config, split=split, bos=bos)
     validated(ScoreConfig, metrics=list(metrics), positions=positions, cka_windows=cka_windows, beta=beta, tau=tau,
               execution=execution)
+    if "cka" in metrics and n_samples % cka_windows:  # before loading (prune.score refuses it too)
+        from prune.measure.scoring import short_cka_group
+
+        raise PruneError(short_cka_group(cka_windows, n_samples, spelled("--n-samples", "n_samples"),
+                                         spelled("--cka-windows", "cka_windows")))
     if (data_config is not None or split not in (None, default(TextConfig, "split"))) and Path(data).expanduser().is_file():
         raise PruneError(f"--split / --data-config select part of a datasets dataset, but {data} is a local file, read "
                          "whole (drop them; --rows takes a slice of the file)")

@@ -22,6 +22,7 @@ import yaml
 from pydantic import ValidationError
 
 from prune.choose.registry import STRATEGIES
+from prune.measure.scoring import short_cka_group
 from prune.core.errors import PruneError, spelled
 from prune.core.yamlsafe import load_yaml, read_yaml
 from prune.core.config import (
@@ -249,6 +250,8 @@ def check_select(recipe: Recipe, where: str = "recipe") -> None:
     if "cka" in score.metrics and score.cka_windows > n:  # checked again by prune.score, once the model is loaded
         raise PruneError(f"{where}: score.cka_windows {score.cka_windows} pools more windows into one CKA batch than the "
                          f"{n} calibration windows (calibration.n_samples): lower it, or raise n_samples")
+    if "cka" in score.metrics and n % score.cka_windows:
+        raise PruneError(f"{where}: {short_cka_group(score.cka_windows, n, 'calibration.n_samples', 'score.cka_windows')}")
     need, why = needed_score(sel.strategy, sel.metric, sel.order_by)
     if need is not None and need not in recipe.score.metrics:
         raise PruneError(f"{where}: {why} reads the {need} scores, but score.metrics is {recipe.score.metrics} "
