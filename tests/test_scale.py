@@ -491,6 +491,19 @@ def tight_memory(folder) -> int:
     return one_block.block_bytes + one_block.activation_bytes + Checkpoint(folder).total_bytes // 4
 
 
+def test_the_working_set_counts_ckas_gram_matrices():
+    """CKA holds one float64 Gram matrix per state of cka_windows * seq_len tokens squared: 1.1 GB for a 32-block
+    model at 2,048 tokens, 71 GB with cka_windows 8, which the plan left out (a review)."""
+    from transformers import LlamaConfig
+
+    from prune.pipeline.execution import working_set
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=32)
+    without = working_set(config, 33, 16, 2048, 4, 2, None)[1]
+    one, eight = (working_set(config, 33, 16, 2048, 4, 2, c)[1] - without for c in (1, 8))
+    assert one == 33 * 2048 ** 2 * 8 and eight == 64 * one
+
+
 def test_mode_choice_from_size_and_memory(tokenizers_by_bos, tmp_path):
     _, _, folder = saved(tmp_path, "llama", tokenizers_by_bos)
     weights = Checkpoint(folder).total_bytes

@@ -74,7 +74,7 @@ def score_model(source: str, *, data: str, field: str | list[str] = "text", rows
     def planned(mode: str):
         return plan_execution(source, mode, dtype=dtype, device_map=device_map, max_memory=max_memory,
                               n_windows=n_samples, seq_len=seq_len, batch_size=batch_size,
-                              trust_remote_code=trust_remote_code)
+                              trust_remote_code=trust_remote_code, cka_windows=cka_windows if "cka" in metrics else None)
 
     plan = agreed_plan(planned(execution), planned)  # rank 0's mode on every rank: the same collectives
     say(plan.describe(), quiet or not dist.world().is_main)

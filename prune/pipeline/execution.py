@@ -97,16 +97,20 @@ def memory_limit(device: torch.device, max_memory: dict | None) -> int:
     return free
 
 
-def working_set(config, n_states: int, n_windows: int, seq_len: int, batch_size: int, act_bytes: int) -> tuple[int, int]:
+def working_set(config, n_states: int, n_windows: int, seq_len: int, batch_size: int, act_bytes: int,
+                cka_windows: int | None = 1) -> tuple[int, int]:
     """``(running activations, per-batch working memory)`` of scoring, in bytes (an estimate):
     activations of all windows between blocks, plus float32 states of one batch, float64
-    metric work and the widest intermediate of a block."""
+    metric work, the widest intermediate of a block and CKA's float64 Gram matrices, one per state of
+    ``cka_windows * seq_len`` tokens squared (None: no CKA; 1.1 GB for 33 states of 2,048 tokens)."""
     cfg = config.get_text_config()
     d = cfg.hidden_size
     inter = max(getattr(cfg, "intermediate_size", 0) or 0, 4 * d)
     tokens = batch_size * seq_len
     acts = n_windows * seq_len * d * act_bytes
     work = n_states * tokens * d * 4 + 2 * n_states * min(tokens, 1024) * d * 8 + 4 * tokens * inter * 4
+    if cka_windows:
+        work += n_states * (cka_windows * seq_len) ** 2 * 8
     return acts, work
 
 
@@ -122,8 +126,10 @@ def agreed_plan(plan: ExecutionPlan, replan) -> ExecutionPlan:
 
 def plan_execution(source, requested: str = "auto", *, dtype="auto", device_map=None, max_memory: dict | None = None,
                    n_windows: int = 64, seq_len: int = 256, batch_size: int = 8, revision: str | None = None,
-                   gguf_file: str | None = None, trust_remote_code: bool = False) -> ExecutionPlan:
-    """Choose ``in_memory`` or ``sequential`` for scoring ``source`` (see module docstring)."""
+                   gguf_file: str | None = None, trust_remote_code: bool = False,
+                   cka_windows: int | None = 1) -> ExecutionPlan:
+    """Choose ``in_memory`` or ``sequential`` for scoring ``source`` (see module docstring); ``cka_windows``:
+    the windows of one CKA batch (None: no CKA scores)."""
     from prune.io.safetensors import local_folder
     from prune.io.source import resolve_source
 
@@ -160,7 +166,7 @@ def plan_execution(source, requested: str = "auto", *, dtype="auto", device_map=
     weights = checkpoint.bytes_at(checkpoint.entries, load_dtype)
     n_states = config.get_text_config().num_hidden_layers + 1
     batch_size = max(1, min(batch_size, n_windows))  # a batch holds at most every window (scoring's own rule)
-    acts, work = working_set(config, n_states, n_windows, seq_len, batch_size, load_dtype.itemsize)
+    acts, work = working_set(config, n_states, n_windows, seq_len, batch_size, load_dtype.itemsize, cka_windows)
     device = sequential_device(device_map)  # auto's sequential runs where an asked-for one would: ranks agree
     in_memory_need = weights + work
     cpu_limit = memory_limit(torch.device("cpu"), max_memory)

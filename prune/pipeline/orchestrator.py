@@ -183,7 +183,8 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     def planned(requested: str):
         return plan_execution(m.source, requested, dtype=m.dtype, device_map=m.device_map, max_memory=m.max_memory,
                               n_windows=c.n_samples, seq_len=c.seq_len, batch_size=c.batch_size, revision=m.revision,
-                              gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code)
+                              gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code,
+                              cka_windows=recipe.score.cka_windows if "cka" in recipe.score.metrics else None)
 
     plan = agreed_plan(planned(recipe.score.execution), planned)  # rank 0's mode on every rank
     say(plan.describe(), quiet)
