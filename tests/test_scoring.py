@@ -100,8 +100,6 @@ def test_pooled_cka_batches_are_fixed_groups_of_windows(tokenizers_by_bos, calib
     assert prune.score(model, w[:2, :2], cka_windows=2, positions="all", progress=False).cka is not None
     with pytest.raises(PruneError, match=r"CKA needs more than 3 counted tokens per CKA batch \(1 window\(s\) of 2\)"):
         prune.score(model, w[:2, :2], positions="all", progress=False)
-    # a state's angle to itself is 0 exactly (arccos of a rounded 1 left ~1e-9 on the diagonal)
-    assert all(a.angular[i][i] == 0.0 for i in range(L1))
 
 
 def test_planted_redundancy_is_found_by_every_metric(tokenizers_by_bos, calib_text):

@@ -103,8 +103,6 @@ def cosine_sums(states, pairs: bool = True, chunk: int | None = None) -> tuple[t
             norm = torch.linalg.vector_norm(x, dim=-1).clamp_min_(1e-12)  # [t, m]
             dots = (x[:, :-1] * x[:, 1:]).sum(-1)
             bi += (1.0 - dots / (norm[:, :-1] * norm[:, 1:])).sum(0)
-    if pairs:  # a state's angle to itself is 0 (arccos of a rounded 1 gave ~1e-9 on the heatmap)
-        ang.fill_diagonal_(0.0)
     return bi, (ang / math.pi if pairs else None)
 
 
