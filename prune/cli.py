@@ -1,7 +1,7 @@
 """The ``prune`` console script: a thin layer over the Python API, one call per subcommand.
 
 Exit status: 0 on success, 2 for a problem with the input (one ``error:`` line, nothing
-written), 1 for an unexpected failure (with its traceback), 130 when interrupted.
+written), 1 for an unexpected failure (with its traceback), 130 when interrupted (143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -908,7 +908,24 @@ def main(argv: list[str] | None = None) -> int:
 
     if dist.launched():  # torchrun / accelerate launch: every rank ends with one line, never a hang
         return dist_exit(run_command, args)
-    return run_command(args)
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return run_command(args)
+    before = signal.signal(signal.SIGTERM, _terminated)  # timeout, SLURM, docker stop: as Ctrl-C, exit 143
+    try:
+        return run_command(args)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an interruption: the same cleanup and resume hint as Ctrl-C, exit status 143."""
+
+
+def _terminated(signum, frame):  # noqa: ARG001
+    raise Terminated()
 
 
 #: commands with no work to share: under a launcher rank 0 runs them alone and the others wait for
@@ -937,10 +954,11 @@ def run_command(args) -> int:
             return 1
         print(f"error: {redact(line)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         hint = _interrupted_run(args) if args.command == "run" else ""
-        print(f"interrupted{hint}", file=sys.stderr)
-        return 130
+        term = isinstance(exc, Terminated)
+        print(f"{'terminated (SIGTERM)' if term else 'interrupted'}{hint}", file=sys.stderr)
+        return 143 if term else 130
     except Exception as exc:  # noqa: BLE001 - SafetensorError and the tokenizers' disk-full Exception, else a bug
         from prune.core import dist
 

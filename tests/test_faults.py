@@ -77,7 +77,12 @@ def test_next_run_clears_a_killed_save_and_succeeds(tiny_folder, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_folder, out))
     assert prune_cli("run", recipe, "--quiet", fault="saved_weights:kill").returncode == -9
     assert any(".incomplete-" in p.name for p in siblings(out))
-    prune.run(recipe, quiet=True)
+    # the same command again, without resume: the finished stages are not thrown away unasked (a review: a rerun
+    # deleted them without a word); a resume clears the killed save and finishes
+    with pytest.raises(PruneError, match=r"\.out\.progress holds the finished stages \(scores, selection, original\) of an "
+                                         r"interrupted run of this recipe: rerun with resume=True to reuse them, or remove"):
+        prune.run(recipe, quiet=True)
+    prune.run(recipe, quiet=True, resume=True)
     assert siblings(out) == []  # staging and progress folders gone
     AutoModelForCausalLM.from_pretrained(out)
 
@@ -90,6 +95,13 @@ def test_ctrl_c_says_how_to_resume_and_saves_nothing(tiny_folder, tmp_path, monk
     assert done.stderr.strip().splitlines()[-1] == ("interrupted; nothing was saved as a checkpoint "
                                                    "(rerun with --resume to reuse the finished stages)")
     assert not out.exists()
+    assert [p.name for p in siblings(out)] == [".out.progress"]
+    # SIGTERM (timeout, SLURM, docker stop) is an interruption too: the same cleanup and hint, exit 143 (it left with
+    # 143 and no word)
+    shutil.rmtree(tmp_path / ".out.progress")
+    done = prune_cli("run", recipe, "--quiet", fault="evaluated_original:term")
+    assert done.returncode == 143 and done.stderr.strip().splitlines()[-1] == (
+        "terminated (SIGTERM); nothing was saved as a checkpoint (rerun with --resume to reuse the finished stages)")
     assert [p.name for p in siblings(out)] == [".out.progress"]
     # interrupted before any stage finished: --resume would find nothing, so it is not suggested
     shutil.rmtree(tmp_path / ".out.progress")
@@ -179,6 +191,11 @@ def test_resume_refuses_a_changed_recipe_or_nothing_to_resume(tiny_folder, tmp_p
     with pytest.raises(PruneError, match=r"recipe changed since the interrupted run \(sections: select\)"):
         prune.run(recipe, overrides=["select.n_layers=3"], quiet=True, resume=True)
     assert progress_dir(out).is_dir()  # kept for a resume with the right recipe
+    # the CLI without --resume names the flag; another recipe's run starts over, saying what it removed
+    assert "rerun with --resume to reuse them" in conftest.prune_main("run", recipe, "--quiet", check_rc=2).stderr
+    done = conftest.prune_main("run", recipe, "--set", "select.n_layers=3", check_rc=0)
+    assert "held the finished stages (scores, selection) of an interrupted run of another recipe: stale for this one, " \
+           "removed" in done.stderr, done.stderr
 
 
 def test_resume_refuses_changed_task_data(tiny_folder, tmp_path):

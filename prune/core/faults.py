@@ -5,6 +5,7 @@ variable names that stage, the action happens there:
 
 * ``kill``       the process dies at once (SIGKILL: no cleanup code runs), like a power cut;
 * ``interrupt``  ``KeyboardInterrupt`` (Ctrl-C: cleanup code runs);
+* ``term``       SIGTERM to this process (what ``timeout``, SLURM and ``docker stop`` send);
 * ``enospc``     ``OSError(ENOSPC)``, the disk is full.
 
 Under a launcher, ``PRUNE_FAULT_RANK=<rank>`` limits the fault to that rank.
@@ -39,7 +40,10 @@ def fault_point(stage: str) -> None:
         raise KeyboardInterrupt(f"injected at {stage}")
     if action == "enospc":
         raise OSError(errno.ENOSPC, f"No space left on device (injected at {stage})")
-    raise ValueError(f"PRUNE_FAULT={spec!r}: action must be kill, interrupt or enospc")
+    if action == "term":
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise ValueError(f"PRUNE_FAULT={spec!r}: action must be kill, interrupt, term or enospc")
 
 
 def checkpoint(stage: str) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from prune.core import dist
 from prune.core.errors import PruneError, spelled
+from prune.core.console import say
 
 STAGES = ("scores", "selection", "original")
 #: files up to this size are hashed whole; larger ones by their first HEAD bytes (a safetensors
@@ -183,7 +184,15 @@ class RunProgress:
             self.resume = True
         else:
             self.resume = False
-            if self.folder.exists():
+            finished = [s for s in STAGES if (self.folder / f"{s}.json").is_file()]
+            if finished and stored == self.recipe:  # the same run, interrupted: its stages are not thrown away unasked
+                raise PruneError(f"{self.folder} holds the finished stages ({', '.join(finished)}) of an interrupted run "
+                                 f"of this recipe: rerun with {spelled('--resume', 'resume=True')} to reuse them, or "
+                                 "remove that folder to start over")
+            if self.folder.exists():  # another recipe's stages: stale for this one
+                if finished:
+                    say(f"note: {self.folder} held the finished stages ({', '.join(finished)}) of an interrupted run of "
+                        "another recipe: stale for this one, removed")
                 shutil.rmtree(self.folder)
 
     def found(self) -> list[str]:
