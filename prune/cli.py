@@ -109,7 +109,8 @@ def _common_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-map", type=_device_map, default=None,
                    help='Accelerate placement: auto, cpu, or a JSON map like \'{"model.layers.0": "cpu", ...}\'')
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the checkpoint (off by default)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress messages")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, progress messages, tables or notes "
+                                                                "(the results stay in the files written)")
 
 
 # ---- run ------------------------------------------------------------------------------
@@ -127,7 +128,8 @@ def add_run(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run of the same recipe: reuse the scores, selection and original "
                         "evaluation it saved (in .<output name>.progress beside the output folder)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress messages")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, progress messages, tables or notes "
+                                                                "(the results stay in the files written)")
     p.set_defaults(func=cmd_run)
 
 
@@ -676,7 +678,8 @@ def add_heal(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run code shipped with the checkpoint (off by default; never taken from RUN_DIR's own files)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress messages")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, progress messages, tables or notes "
+                                                                "(the results stay in the files written)")
     p.set_defaults(func=cmd_heal)
 
 

@@ -736,7 +736,7 @@ def test_aliases_of_mappings_and_merge_keys_are_read(tmp_path, tiny_folder):
     ("select={strategy: contiguous, metric: angular, n_layers: 2}", None),  # what contiguous reads: accepted
     ("select.seed=3", "seed is read only by strategies random, search"),
     ("score={metrics: [bi, angular], tau: 0.5}", "tau shape the CKA matrix and MSRS, but metrics has no cka"),
-    ("evaluate.limit=10", "limit set the lm-eval tasks, and there are none"),
+    ("evaluate.limit=10", "limit apply to lm-eval tasks, but there are none"),
     ("evaluate.batch_size=4", "evaluate.batch_size is read by lm-eval tasks (evaluate.tasks) and search's"),
     ("evaluate={tasks: [copa], limit: 10, batch_size: 4}", None),  # control: with tasks these settings pass
     ("evaluate={tasks: [copa], limit: 2.5}", "limit is a whole number of examples or a fraction below 1 (got 2.5)"),

@@ -90,11 +90,20 @@ def test_per_window_kl_and_the_runner_up_margin(setup):
     assert ("includes 0" in line) != m["separated"]
 
 
-def test_budget_limits_local_search(setup):
+def test_budget_limits_local_search(setup, capsys):
     model, scores, held = setup
     sel = verified(model, scores, held, 3, budget=0, batch_size=2, progress=False)
     assert sel.details["local_search_evaluations"] == 0
     assert all(r["source"] != "local search" for r in sel.details["candidates"])
+    # the local search has its own progress bar (it ran silently after the candidates' bar had finished)
+    capsys.readouterr()
+    sel = verified(model, scores, held, 3, budget=2, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    done = sel.details["local_search_evaluations"]
+    # printed in a notebook, a Selection is one line (it printed every candidate's per-window KL)
+    assert repr(sel) == (f"Selection(removed={sel.removed} of {sel.n_layers} blocks, strategy=verified, details: "
+                         f"{', '.join(sel.details)}; the full record: .to_dict())") and len(repr(sel)) < 400
+    assert 0 < done <= 2 and f"verified: local search: {100 * done // 2:3d}%" in err.replace("\r", "\n"), err[-500:]
 
 
 def test_api_misuse_is_one_line(setup, tokenizers_by_bos):

@@ -50,6 +50,12 @@ class Selection:
     def kept(self) -> list[int]:
         return complement(self.n_layers, self.removed)
 
+    def __repr__(self) -> str:  # short: details hold every candidate verified measured (15 kB for SmolLM2)
+        by = f" by {self.metric}" if self.metric else ""
+        more = f", details: {', '.join(self.details)}" if self.details else ""
+        return (f"Selection(removed={self.removed} of {self.n_layers} blocks, strategy={self.strategy}{by}{more}; "
+                "the full record: .to_dict())")
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["kept"] = self.kept

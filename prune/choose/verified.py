@@ -247,6 +247,7 @@ def verified(model, scores, windows: torch.Tensor, count: int, *, protect=DEFAUL
                          "dtype: load it in float32, model.dtype: float32)")
     searched = 0
     improved = True
+    bar = tqdm(total=budget, desc="verified: local search", unit="set", disable=not progress or not budget)
     while improved and searched < budget:
         improved = False
         neighbours = []
@@ -264,9 +265,11 @@ def verified(model, scores, windows: torch.Tensor, count: int, *, protect=DEFAUL
             results[cand] = verify(cand)
             candidates.setdefault(cand, ["local search"])
             searched += 1
+            bar.update()
             if kl(cand) < kl(best):
                 best, improved = cand, True
                 break
+    bar.close()  # at a local optimum before the budget: the bar stops short, saying how many it took
     ranked = sorted(results, key=lambda b: (kl(b), b))
     table = [{"removed": list(b), "source": ", ".join(candidates[b]), "kl_mean": results[b]["kl_mean"],
               "top1_agreement": results[b]["top1_agreement"], "perplexity_ratio": results[b]["perplexity_ratio"],

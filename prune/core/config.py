@@ -521,7 +521,7 @@ class EvaluateConfig(Section):
             raise ValueError("evaluate measures nothing: give perplexity, fidelity or tasks (or drop the section)")
         unread = changed(self, LM_EVAL_KEYS) if not self.tasks else []
         if unread:
-            raise ValueError(f"{', '.join(unread)} set the lm-eval tasks, and there are none: add tasks, or drop them")
+            raise ValueError(f"{', '.join(unread)} apply to lm-eval tasks, but there are none: add tasks, or drop them")
         if self.fewshot_as_multiturn is not None and not self.apply_chat_template:
             raise ValueError("fewshot_as_multiturn formats few-shot examples as a chat: it needs apply_chat_template")
         return self
@@ -783,7 +783,11 @@ def format_validation_error(exc: ValidationError, where: str, root: type[BaseMod
     if err["type"] == "extra_forbidden":
         owner = _model_for(root, loc[:-1])
         valid = ", ".join(owner.model_fields) if owner else "see the docs"
-        return f"{where}: unknown key '{key}' (valid keys here: {valid}){more}"
+        import difflib
+
+        close = difflib.get_close_matches(loc[-1], list(owner.model_fields), n=1) if owner and loc else []
+        mean = f"; did you mean '{'.'.join((*loc[:-1], close[0]))}'?" if close else ""
+        return f"{where}: unknown key '{key}'{mean} (valid keys here: {valid}){more}"
     if err["type"] == "missing":
         return f"{where}: missing required key '{key}' (add it to the recipe or pass --set {key}=...){more}"
     message = err["msg"].removeprefix("Value error, ")
