@@ -101,8 +101,8 @@ def test_budget_limits_local_search(setup, capsys):
     err = capsys.readouterr().err
     done = sel.details["local_search_evaluations"]
     # printed in a notebook, a Selection is one line (it printed every candidate's per-window KL)
-    assert repr(sel) == (f"Selection(removed={sel.removed} of {sel.n_layers} blocks, strategy=verified, details: "
-                         f"{', '.join(sel.details)}; the full record: .to_dict())") and len(repr(sel)) < 400
+    assert repr(sel) == (f"Selection(removed={sel.removed} of {sel.n_layers} blocks, strategy=verified by {sel.metric}, "
+                         f"details: {', '.join(sel.details)}; the full record: .to_dict())") and len(repr(sel)) < 400
     assert 0 < done <= 2 and f"verified: local search: {100 * done // 2:3d}%" in err.replace("\r", "\n"), err[-500:]
 
 
