@@ -334,11 +334,31 @@ def versions_line(versions: dict | None) -> str:
 
 
 # ---- the card ----------------------------------------------------------------------------------
+def paired_text(paired) -> str | None:
+    """The card's paired comparison (``eval.json``'s ``paired``: per-example differences, pruned - original): each
+    task's headline metric with its 95% interval, and their average; None without (or with damaged) rows."""
+    from prune.core.tables import md_text
+    from prune.measure.paired import Paired, average_line, headline_rows
+
+    if not isinstance(paired, list) or not paired:
+        return None
+    try:
+        rows = [Paired(**r) for r in paired]
+        head = headline_rows(rows)
+        lines = [f"- {md_text(r.task)} ({md_text(r.metric)}): {100 * r.diff:+.2f} points, 95% interval "
+                 f"[{100 * r.ci_low:+.2f}, {100 * r.ci_high:+.2f}] over {r.n} examples" for r in head]
+    except (TypeError, ValueError):  # a hand-edited eval.json: no paired lines, not a traceback
+        return None
+    if len(head) > 1:
+        lines.append(md_text(average_line(rows, "original", "pruned")))
+    return "\n".join(lines) or None
+
+
 def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None, recipe_yaml: str | None = None,
                 settings: dict | None = None, model_name: str = "Pruned model", load_id: str | None = None,
-                revision: str | None = None) -> str:
-    """The model card text for a pruning record with lineage (see module docstring). ``rows``
-    and ``settings`` are the evaluation (``eval.json``); ``load_id`` the name readers load it by
+                revision: str | None = None, paired: list[dict] | None = None) -> str:
+    """The model card text for a pruning record with lineage (see module docstring). ``rows``,
+    ``settings`` and ``paired`` are the evaluation (``eval.json``); ``load_id`` the name readers load it by
     (the repo id once pushed)."""
     from huggingface_hub import ModelCard
 
@@ -403,7 +423,7 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
         steps=lineage_rows, original_name=origin,
         # counts alone are no evaluation (every run has them): the card then says none was run
         table=comparison_markdown(rows) if any(r.get("metric") != "count" for r in rows or ()) else None,
-        eval_settings=eval_settings_line(settings),
+        eval_settings=eval_settings_line(settings), paired=paired_text(paired),
         earlier_tables=earlier_tables,
         healing=healing_text(steps[healed[-1]].healing, None if steps[healed[-1]] is record else healed[-1] + 1)
         if healed else None, recipe_evaluates=bool((record.recipe or {}).get("evaluate")),

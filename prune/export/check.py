@@ -566,7 +566,8 @@ def _card_problem(record, evaluation: dict) -> str | None:
     from prune.export.card import render_card
 
     try:
-        render_card(record, rows=evaluation.get("rows"), settings=evaluation.get("settings"))
+        render_card(record, rows=evaluation.get("rows"), settings=evaluation.get("settings"),
+                    paired=evaluation.get("paired"))
     except Exception as exc:  # noqa: BLE001 - any failure of a hand-edited record: one line, not a traceback
         return (f"pruning.json does not render as a model card ({type(exc).__name__}: {first_line(exc)}), as prune "
                 "push would; restore the file")

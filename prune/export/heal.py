@@ -47,7 +47,8 @@ def heal_export(pruning: dict | PruningRecord, run: Path, out: Path, files: dict
     evaluation = json.loads(files["eval.json"]) if "eval.json" in files else {}
     recipe_yaml = public_yaml(files["recipe.yaml"]) if "recipe.yaml" in files else None
     card = render_card(record, rows=evaluation.get("rows"), settings=public_data(evaluation.get("settings")),
-                       recipe_yaml=recipe_yaml, model_name=out.name, load_id=f"path/to/{out.name}")
+                       recipe_yaml=recipe_yaml, model_name=out.name, load_id=f"path/to/{out.name}",
+                       paired=evaluation.get("paired"))
     return record, card
 
 

@@ -187,7 +187,8 @@ def card_for_repo(folder: Path, repo_id: str, revision: str | None = None) -> di
     recipe = (folder / "recipe.yaml").read_text() if (folder / "recipe.yaml").is_file() else None
     card = render_card(record, rows=evaluation.get("rows"), settings=evaluation.get("settings"), recipe_yaml=recipe,
                        model_name=repo_id.split("/")[-1], load_id=repo_id,
-                       revision=revision if revision not in (None, DEFAULT_BRANCH) else None)
+                       revision=revision if revision not in (None, DEFAULT_BRANCH) else None,
+                       paired=evaluation.get("paired"))
     return {"README.md": card, RECORD_FILE: record_json(record)}
 
 

@@ -320,5 +320,6 @@ def prepare_export(pruning: PruningRecord | dict, evaluation: dict, recipe, src,
     name = Path(out_dir).name
     card = render_card(record, rows=evaluation.get("rows"), recipe_yaml=public_yaml(recipe.to_yaml()) if recipe else None,
                        settings=public_data(evaluation.get("settings")) if recipe is not None and recipe.evaluate else None,
-                       model_name=name, load_id=push.repo_id if push else f"path/to/{name}")
+                       model_name=name, load_id=push.repo_id if push else f"path/to/{name}",
+                       paired=evaluation.get("paired"))
     return record, card
