@@ -131,6 +131,16 @@ def test_overrides_and_env(tmp_path, tiny_folder, monkeypatch):
     assert "'evaluate.perplexity.path' file not found" in error_of(tmp_path, missing)
     assert error_of(tmp_path, missing).endswith("that is ${MY_PPL}'s default, as MY_PPL is unset or empty "
                                                 "(export MY_PPL=...)")
+    # a Hub id that is a variable's default (out-of-core.yaml's Llama-3.1-70B), unreachable offline: found at
+    # pre-flight, after the recipe loaded, and the variable named there too (it said only "could not connect")
+    from prune.pipeline.orchestrator import preflight
+
+    monkeypatch.delenv("MY_MODEL", raising=False)
+    hub = dict(data, model={"source": "${MY_MODEL:-someorg/absent-model}"}, output={"dir": str(tmp_path / "o")},
+               calibration=dict(data["calibration"], path=str(WIKI_RAW)))
+    with pytest.raises(PruneError, match=r"could not read the config of someorg/absent-model: .*that is \$\{MY_MODEL\}'s "
+                                         r"default, as MY_MODEL is unset or empty \(export MY_MODEL=\.\.\.\)$"):
+        preflight(load_recipe(write(tmp_path, hub)))
     assert "is not key=value" in error_of(tmp_path, tiny_recipe(tiny_folder, tmp_path / "o"), ["select.n_layers"])
     assert "'select.n_layers'" in error_of(tmp_path, tiny_recipe(tiny_folder, tmp_path / "o"), ["select.n_layers=many"])
     # a --set value uses ${VAR} as the file's values do (prune heal's --set did; prune run's wrote a folder named

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import PrivateAttr, ValidationError
 
 from prune.choose.registry import STRATEGIES
 from prune.measure.scoring import short_cka_group
@@ -47,6 +47,14 @@ class Recipe(Section):
     evaluate: EvaluateConfig | None = None
     heal: HealConfig | None = None
     output: OutputConfig
+    #: ``{dotted key: VAR}`` of the values that took a ``${VAR:-default}``'s default (set by :func:`load_recipe`):
+    #: a failure on such a value names the variable to set
+    _defaults: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def default_of(self, key: str) -> str:
+        """``"; that is ${VAR}'s default ..."`` when ``key`` took a variable's default, else ``""``."""
+        var = self._defaults.get(key)
+        return f"; that is ${{{var}}}'s default, as {var} is unset or empty (export {var}=...)" if var else ""
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -172,14 +180,14 @@ def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise PruneError(format_validation_error(exc, where, Recipe)) from None
+    recipe._defaults = defaults
     try:
         check_recipe(recipe, where)
     except PruneError as exc:  # a missing file or folder named by a variable's default: name the variable to set
         said = str(exc).removeprefix(f"{where}: ")
-        unset = [name for key, name in defaults.items() if said.startswith(f"'{key}'")]
+        unset = [key for key in defaults if said.startswith(f"'{key}'")]
         if unset and "not found" in said:
-            raise PruneError(f"{exc}; that is ${{{unset[0]}}}'s default, as {unset[0]} is unset or empty "
-                             f"(export {unset[0]}=...)") from None
+            raise PruneError(f"{exc}{recipe.default_of(unset[0])}") from None
         raise
     return recipe
 
