@@ -188,11 +188,21 @@ def test_resume_refuses_a_changed_recipe_or_nothing_to_resume(tiny_folder, tmp_p
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_folder, out))
     assert "(run without --resume)" in conftest.prune_main("run", recipe, "--resume", "--quiet", check_rc=2).stderr  # the CLI: its flag
     assert prune_cli("run", recipe, "--quiet", fault="selected:kill").returncode == -9
-    with pytest.raises(PruneError, match=r"recipe changed since the interrupted run \(sections: select\)"):
-        prune.run(recipe, overrides=["select.n_layers=3"], quiet=True, resume=True)
-    assert progress_dir(out).is_dir()  # kept for a resume with the right recipe
-    # the CLI without --resume names the flag; another recipe's run starts over, saying what it removed
+    # the CLI without --resume names the flag
     assert "rerun with --resume to reuse them" in conftest.prune_main("run", recipe, "--quiet", check_rc=2).stderr
+    # a changed heal or evaluate section leaves the scores and the selection as they were: reused (the whole run was
+    # refused); a changed selection keeps the scores, and the selection is made again
+    done = conftest.prune_main("run", recipe, "--resume", "--set", "select.n_layers=3", check_rc=0)
+    assert "changed since the interrupted run (select): selection measured again, the other stages reused" in done.stderr
+    assert "reusing scores" in done.stderr and json.loads((out / "pruning.json").read_text())["resumed"] == ["scores"]
+    assert len(json.loads((out / "pruning.json").read_text())["removed"]) == 3
+    # a change every stored stage reads: refused, naming it
+    shutil.rmtree(out)
+    assert prune_cli("run", recipe, "--quiet", fault="selected:kill").returncode == -9
+    with pytest.raises(PruneError, match=r"recipe changed since the interrupted run \(sections: calibration\)"):
+        prune.run(recipe, overrides=["calibration.seed=5"], quiet=True, resume=True)
+    assert progress_dir(out).is_dir()  # kept for a resume with the right recipe
+    # another recipe's run without --resume starts over, saying what it removed
     done = conftest.prune_main("run", recipe, "--set", "select.n_layers=3", check_rc=0)
     assert "held the finished stages (scores, selection) of an interrupted run of another recipe: stale for this one, " \
            "removed" in done.stderr, done.stderr
@@ -208,17 +218,25 @@ def test_resume_refuses_changed_task_data(tiny_folder, tmp_path):
     shutil.copytree(DATA / "tasks", data / "tasks", ignore=shutil.ignore_patterns("hellaswag"))
     recipe = tiny_recipe(tiny_folder, tmp_path / "out")
     recipe["evaluate"].update(tasks=["copa_local"], data_dir=str(data), limit=4)
-    RunProgress(tmp_path / "out", load_recipe(recipe)).put("scores", {"stored": True})
-    assert RunProgress(tmp_path / "out", load_recipe(recipe), resume=True).get("scores") == {"stored": True}
+    RunProgress(tmp_path / "out", load_recipe(recipe)).put("original", {"stored": True})
+    assert RunProgress(tmp_path / "out", load_recipe(recipe), resume=True).get("original") == {"stored": True}
     copa = data / "tasks" / "copa.jsonl"
     copa.write_text(copa.read_text().replace('"gold": 0', '"gold": 1'))
     with pytest.raises(PruneError, match=r"cannot resume: the lm-eval task data \(copa.jsonl\) changed"):
         RunProgress(tmp_path / "out", load_recipe(recipe), resume=True)
+    # the scores do not read the task data: stored beside the original evaluation, they are reused, it is not
+    shutil.rmtree(tmp_path / ".out.progress")
+    both = RunProgress(tmp_path / "out", load_recipe(recipe))
+    for stage in ("scores", "original"):
+        both.put(stage, {"stored": stage})
+    copa.write_text(copa.read_text().replace('"gold": 1', '"gold": 0'))
+    kept = RunProgress(tmp_path / "out", load_recipe(recipe), resume=True)
+    assert kept.found() == ["scores"] and kept.get("scores") == {"stored": "scores"} and kept.get("original") is None
     # the shipped last-word task reads a file outside tasks/: its edits refuse too (they were reused)
     shutil.copytree(DATA / "tinystories", data / "tinystories")
     recipe["evaluate"].update(tasks=["tinystories_lastword_local"])
     shutil.rmtree(tmp_path / ".out.progress")
-    RunProgress(tmp_path / "out", load_recipe(recipe)).put("scores", {"stored": True})
+    RunProgress(tmp_path / "out", load_recipe(recipe)).put("original", {"stored": True})
     story = data / "tinystories" / "tinystories_sample_2MiB.txt"
     story.write_text(story.read_text()[::-1])
     with pytest.raises(PruneError, match=r"cannot resume: the lm-eval task data \(tinystories_sample_2MiB.txt\) changed"):
@@ -236,11 +254,24 @@ def test_resume_refuses_changed_task_data(tiny_folder, tmp_path):
     recipe["evaluate"].update(tasks=["globbed", "foldered"], task_dirs=[str(tasks)])
     for changed, name in ((pool / "b.jsonl", "b.jsonl"), (folder / "extra" / "more.jsonl", "more.jsonl")):
         shutil.rmtree(tmp_path / ".out.progress")
-        RunProgress(tmp_path / "out", load_recipe(recipe)).put("scores", {"stored": True})
+        RunProgress(tmp_path / "out", load_recipe(recipe)).put("original", {"stored": True})
         changed.parent.mkdir(exist_ok=True)
         changed.write_text('{"q": 3}\n')
         with pytest.raises(PruneError, match=rf"cannot resume: the lm-eval task data \({name}\) changed"):
             RunProgress(tmp_path / "out", load_recipe(recipe), resume=True)
+
+
+def test_resume_reads_one_file_named_two_ways_as_the_same(tiny_folder, tmp_path, monkeypatch):
+    """The data folder given as a relative path in one run and an absolute one in the other (PRUNE_DATA_DIR set or
+    not): the recipes differ as text, name the same files, and the resume was refused ("sections: calibration")."""
+    from prune.pipeline.progress import RunProgress
+    from prune.pipeline.recipe import load_recipe
+
+    recipe = tiny_recipe(tiny_folder, tmp_path / "out")
+    RunProgress(tmp_path / "out", load_recipe(recipe)).put("scores", {"stored": True})
+    monkeypatch.chdir(DATA.parent)
+    relative = dict(recipe, calibration=dict(recipe["calibration"], path=f"{DATA.name}/wikitext2_raw/wiki.test.raw"))
+    assert RunProgress(tmp_path / "out", load_recipe(relative), resume=True).get("scores") == {"stored": True}
 
 
 def test_resume_refuses_a_changed_dataset_folder(tiny_folder, tmp_path):

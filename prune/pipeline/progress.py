@@ -154,10 +154,56 @@ def progress_dir(out_dir: str | os.PathLike) -> Path:
 
 
 def fingerprint(recipe) -> dict:
-    """The recipe as the stored stages depend on it: everything except the ``output`` section."""
+    """The recipe as the stored stages depend on it: everything except the ``output`` section, a path to an
+    existing file or folder as its absolute, resolved form (``../shared/data/x`` and ``/work/shared/data/x``
+    name one file: its contents are fingerprinted apart, :func:`input_fingerprint`)."""
     data = recipe.model_dump(mode="json")
     data.pop("output", None)
-    return data
+    return _resolved(data)
+
+
+def _resolved(value):
+    if isinstance(value, dict):
+        return {k: _resolved(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolved(v) for v in value]
+    if isinstance(value, str) and ("/" in value or "." in value) and "\n" not in value:
+        try:
+            path = Path(value).expanduser()
+            return str(path.resolve()) if path.exists() else value
+        except (OSError, ValueError, RuntimeError):  # a name too long for a path, a loop of links: not a path
+            return value
+    return value
+
+
+#: the recipe sections each stored stage was computed from (``*``: the package and library versions, which every
+#: stage depends on); a changed section makes those stages stale, and the others are reused
+STAGE_SECTIONS = {"scores": {"model", "calibration", "score", "*"},
+                  "selection": {"model", "calibration", "score", "select", "*"},
+                  "original": {"model", "evaluate", "*"}}
+
+
+def stage_sections(recipe: dict, stage: str) -> set[str]:
+    """:data:`STAGE_SECTIONS` of ``stage``; ``search``'s selection also reads ``evaluate`` (its proxy task)."""
+    search = (recipe.get("select") or {}).get("strategy") == "search"
+    return STAGE_SECTIONS[stage] | ({"evaluate"} if stage == "selection" and search else set())
+
+
+def changed_sections(old: dict, new: dict) -> set[str]:
+    """The sections of two stored fingerprints (recipe and ``inputs``) that differ, inputs counted in the section
+    that reads them: the model's files in ``model``, calibration text in ``calibration``, evaluation text and task
+    data in ``evaluate``, versions in ``*``."""
+    changed = {k for k in set(old) | set(new) if k != "inputs" and old.get(k) != new.get(k)}
+    oi, ni = old.get("inputs") or {}, new.get("inputs") or {}
+    if oi.get("model") != ni.get("model"):
+        changed.add("model")
+    od, nd = oi.get("data") or {}, ni.get("data") or {}
+    changed |= {k.split(".")[0] for k in set(od) | set(nd) if od.get(k) != nd.get(k)}
+    if oi.get("tasks") != ni.get("tasks"):
+        changed.add("evaluate")
+    if (oi.get("prune"), oi.get("versions")) != (ni.get("prune"), ni.get("versions")):
+        changed.add("*")
+    return changed
 
 
 class RunProgress:
@@ -173,14 +219,8 @@ class RunProgress:
             if stored is None:
                 raise PruneError(f"nothing to resume: no saved progress at {self.folder} (run without "
                                  f"{spelled('--resume', 'resume=True')})")
-            if stored.get("inputs") != self.recipe["inputs"] and isinstance(stored.get("inputs"), dict):
-                raise PruneError(f"cannot resume: {_changed_inputs(stored['inputs'], self.recipe['inputs'])} changed "
-                                 "since the interrupted run, so its saved scores and evaluation are stale; run "
-                                 "without --resume to start over")
             if stored != self.recipe:
-                changed = sorted(k for k in set(stored) | set(self.recipe) if stored.get(k) != self.recipe.get(k))
-                raise PruneError(f"cannot resume: the recipe changed since the interrupted run (sections: "
-                                 f"{', '.join(changed)}); restore it or run without --resume to start over")
+                self._keep_what_still_holds(stored)
             self.resume = True
         else:
             self.resume = False
@@ -194,6 +234,28 @@ class RunProgress:
                     say(f"note: {self.folder} held the finished stages ({', '.join(finished)}) of an interrupted run of "
                         "another recipe: stale for this one, removed")
                 shutil.rmtree(self.folder)
+
+    def _keep_what_still_holds(self, stored: dict) -> None:
+        """The recipe or its inputs changed since the interrupted run: the stages computed from what changed are
+        removed (and said so), the others kept; refused when none is left to reuse."""
+        changed = changed_sections(stored, self.recipe)
+        finished = [s for s in STAGES if (self.folder / f"{s}.json").is_file()]
+        stale = [s for s in finished if changed & stage_sections(self.recipe, s)]
+        if stale == finished:  # nothing left to reuse: the messages name what changed
+            if stored.get("inputs") != self.recipe["inputs"] and isinstance(stored.get("inputs"), dict):
+                raise PruneError(f"cannot resume: {_changed_inputs(stored['inputs'], self.recipe['inputs'])} changed "
+                                 "since the interrupted run, so its saved scores and evaluation are stale; run "
+                                 "without --resume to start over")
+            shown = sorted(k for k in set(stored) | set(self.recipe) if k != "inputs" and stored.get(k) != self.recipe.get(k))
+            raise PruneError(f"cannot resume: the recipe changed since the interrupted run (sections: "
+                             f"{', '.join(shown)}); restore it or run without --resume to start over")
+        for name in stale:
+            (self.folder / f"{name}.json").unlink()
+        self._write("recipe", self.recipe)  # what the kept stages and the ones to come are computed from
+        if stale:
+            say(f"note: the recipe or its inputs changed since the interrupted run "
+                f"({', '.join(sorted(c for c in changed if c != '*')) or 'versions'}): {', '.join(stale)} measured "
+                "again, the other stages reused")
 
     def found(self) -> list[str]:
         """The stages a resumed run will reuse."""
