@@ -599,6 +599,19 @@ def _read_metric(args) -> str | None:
     return args.metric if args.strategy == "one_shot" else None
 
 
+def _run_folders_near(path: str) -> str:
+    """``"; the run folder above it: runs/x"`` or ``"; run folders in it: a, b"``: where a run folder is, when
+    ``path`` is a folder inside one (its eval/) or a folder of runs ('' otherwise)."""
+    from prune.core.records import RECORD_FILE
+
+    folder = Path(path).expanduser().resolve()
+    above = next((p for p in folder.parents if (p / RECORD_FILE).is_file()), None)
+    if above is not None:
+        return f"; the run folder above it: {above}"
+    inside = sorted(p.name for p in folder.iterdir() if (p / RECORD_FILE).is_file()) if folder.is_dir() else []
+    return f"; run folders in it: {', '.join(inside[:5])}{' ...' if len(inside) > 5 else ''}" if inside else ""
+
+
 def cmd_report(args) -> int:
     from prune.export.report import default_output, is_run_dir, report_run
     from prune.pipeline.commands import report_model
@@ -626,7 +639,8 @@ def cmd_report(args) -> int:
                 hub = HUB_ID.match(args.source)  # never a path: an id starts with a letter or digit
                 raise PruneError(f"{args.source} not found here (give a 'prune run' output folder" + (
                     "; as a Hub model it needs --data to be scored)" if hub else ", or a model with --data)"))
-            raise PruneError(f"{args.source} is not a run folder (no pruning.json): give --data to score it as a model")
+            raise PruneError(f"{args.source} is not a run folder (no pruning.json){_run_folders_near(args.source)}: give "
+                             "--data to score it as a model, or a run folder")
         _refuse_unread_metric(args)
         folder = report_model(args.source, out, strategy=args.strategy, metric=_read_metric(args), n_layers=args.n_layers,
                               protect=args.protect, overwrite=args.overwrite, **_score_kwargs(args))
@@ -771,7 +785,7 @@ def cmd_compare(args) -> int:
     if not rows and not fid_rows:  # it printed nothing and wrote an empty comparison
         raise PruneError("nothing to pair: no task metric scored on examples both have (the notes above say why)")
     if rows:
-        from prune.measure.paired import evaluations_mixed, samples_folder
+        from prune.measure.paired import evaluated_more_than_once, evaluations_mixed, samples_folder
 
         folders = ([samples_folder(x) for x in [args.a, *bs]] if bs else
                    [samples_folder(args.a, which) for which in ("original", "pruned")])
@@ -779,6 +793,9 @@ def cmd_compare(args) -> int:
             if stamps := evaluations_mixed(folder, sorted({r.task for r in rows})):
                 print(f"note: {folder}'s tasks come from {len(stamps)} lm-eval runs ({', '.join(stamps)}; the newest "
                       "file of each task): the comparison mixes them", file=sys.stderr)
+            elif again := sorted({r.task for r in rows} & set(evaluated_more_than_once(folder))):
+                print(f"note: {folder} holds more than one evaluation of {', '.join(again[:3])}"
+                      f"{' and more' if len(again) > 3 else ''}: the newest is compared", file=sys.stderr)
         print(paired_markdown(rows, *names))
     if len({r.task for r in rows}) > 1:
         from prune.measure.paired import some, without_headline

@@ -329,6 +329,11 @@ def test_push_refuses_offline_and_without_token(pruned, tmp_path):
     done = cli("push", folder, "me/tiny-pruned", env_extra=online(tmp_path, CLOSED_PORT, token=None))
     assert_one_error_line(done, "no Hugging Face token found: run `hf auth login`, set HF_TOKEN or give --token-file")
     assert done.stdout == ""  # refused before the folder is even read
+    # a folder that is no model at all is named first (it asked for a token for a report folder)
+    (tmp_path / "report").mkdir()
+    for where in (tmp_path / "report", tmp_path / "nowhere"):
+        with pytest.raises(PruneError, match="is not a model folder|does not exist|not found"):
+            push(where, "me/tiny-pruned", quiet=True)
 
 
 class _Refusing(BaseHTTPRequestHandler):

@@ -483,6 +483,12 @@ def test_compare_cli(lm_eval_folders, tmp_path):
     proc = prune_main("compare", root / "model-a", mixed, check_rc=0)
     assert "tasks come from 2 lm-eval runs" in proc.stderr and "mixed" in proc.stderr
     assert "lm-eval runs" not in prune_main("compare", root / "model-a", root / "model-b", check_rc=0).stderr
+    # every task evaluated twice into one folder (prune eval --output-path run again): the newest read, and said so
+    again = shutil.copytree(root / "model-b", tmp_path / "again")
+    for file in list(again.glob("samples_*.jsonl")) + list(again.glob("results_*.json")):
+        shutil.copy(file, again / re.sub(r"_(\d{4})-", lambda m: f"_{int(m[1]) + 1}-", file.name, count=1))
+    proc = prune_main("compare", root / "model-a", again, check_rc=0)
+    assert "holds more than one evaluation of arc_easy_local, copa_local: the newest is compared" in proc.stderr
     # no metric both scored: one line (it printed nothing, exit 0, and wrote an empty comparison)
     other = shutil.copytree(root / "model-b", tmp_path / "other-metric")
     for file in other.glob("samples_*.jsonl"):

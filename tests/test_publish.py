@@ -472,8 +472,11 @@ def test_mergekit_slices_cover_exactly_the_kept_blocks(chain, tmp_path, capsys):
     assert [i for a, b in ranges for i in range(a, b)] == record.kept_original
     assert kept_ranges([3]) == [(3, 4)] and kept_ranges([0, 1, 2]) == [(0, 3)]
     # the CLI file, read back by `prune remove --slices`, removes exactly what the chain removed
+    capsys.readouterr()
     assert prune_main(["export-mergekit", str(chain["step2"]), "-o", str(tmp_path / "mk.yaml")]) == 0
     assert blocks_from_slices(str(tmp_path / "mk.yaml"), 8) == record.removed_original_all
+    # the original was a local folder: said on the terminal too, not only in a comment inside the file
+    assert "note: the original was the local folder" in capsys.readouterr().err
     # a healed folder's weights are not the original's blocks: no passthrough config rebuilds them
     capsys.readouterr()
     assert prune_main(["export-mergekit", str(chain["step3"]), "-o", str(tmp_path / "healed.yaml")]) == 2

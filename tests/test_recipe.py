@@ -221,3 +221,16 @@ def test_a_cka_batch_larger_than_the_calibration_windows_is_refused_before_loadi
     data = tiny_recipe(tiny_folder, tmp_path / "o")
     data["score"] = {"cka_windows": data["calibration"]["n_samples"] + 1}
     assert "score.cka_windows" in error_of(tmp_path, data) and "calibration.n_samples" in error_of(tmp_path, data)
+
+
+def test_a_saved_recipe_under_prune_data_dir_names_the_variable_to_export(monkeypatch):
+    """A run made with PRUNE_DATA_DIR set records its data paths under ${PRUNE_DATA_DIR}; prune heal of that folder
+    without it said 'export PRUNE_DATA_DIR=... or write ${PRUNE_DATA_DIR:-default}': an edit of a saved run file."""
+    from prune.pipeline.recipe import saved_recipe
+
+    monkeypatch.delenv("PRUNE_DATA_DIR")
+    with pytest.raises(PruneError) as info:
+        saved_recipe({"calibration": {"path": "${PRUNE_DATA_DIR}/wikitext2_raw/wiki.test.raw"}}, "run/recipe.yaml")
+    assert str(info.value) == ("run/recipe.yaml records its data paths under ${PRUNE_DATA_DIR} (the run had it set), "
+                               "which is not set here: export PRUNE_DATA_DIR=... (the data folder, e.g. ../shared/data), "
+                               "as for the run")

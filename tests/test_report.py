@@ -46,6 +46,17 @@ def test_report_of_a_run_folder_refuses_model_report_flags(run_dir, tmp_path, fl
     assert not (tmp_path / "rep").exists()
 
 
+def test_report_of_a_folder_near_a_run_names_the_run(run_dir, tmp_path):
+    """prune report on the folder of runs, or a folder inside a run: it said only 'give --data to score it'."""
+    proc = prune_main("report", run_dir.parent, "-o", tmp_path / "r1", check_rc=2)
+    assert f"is not a run folder (no pruning.json); run folders in it: {run_dir.name}: give --data" in proc.stderr
+    inner = tmp_path / "copy" / "eval"
+    inner.mkdir(parents=True)
+    (tmp_path / "copy" / "pruning.json").write_text((run_dir / "pruning.json").read_text())
+    proc = prune_main("report", inner, "-o", tmp_path / "r2", check_rc=2)
+    assert f"; the run folder above it: {tmp_path / 'copy'}: give --data" in proc.stderr, proc.stderr
+
+
 def check_png(path, min_px=300, max_px=3000):
     with Image.open(path) as im:
         im.load()

@@ -217,6 +217,7 @@ def recipe_with(**select):
 @pytest.mark.parametrize("select, message", [
     (dict(strategy="search", max_perplexity_ratio=2.0), "without a budget"),
     (dict(strategy="search", budget=5), "needs a utility floor"),
+    (dict(strategy="search"), r"with proxy_task and a budget \(the most proxy evaluations"),  # both at once
     (dict(strategy="search", budget=5, max_perplexity_ratio=2.0, min_task_retained=0.9, proxy_task="piqa"), "not both"),
     (dict(strategy="search", budget=5, min_task_retained=0.9), "needs proxy_task"),
     (dict(strategy="search", budget=5, max_perplexity_ratio=2.0, proxy_task="piqa"), "only used with min_task_retained"),

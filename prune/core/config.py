@@ -358,9 +358,10 @@ class SelectConfig(Section):
                 raise ValueError(f"{given[0]} is only used by strategy: search (remove it, or set strategy: search)")
             return self
         floors = [k for k in ("max_perplexity_ratio", "min_task_retained") if getattr(self, k) is not None]
-        if not floors:
+        if not floors:  # with the budget it also needs: both named at once, not one per attempt
+            budget = " and a budget (the most proxy evaluations it may spend, e.g. 16)" if self.budget is None else ""
             raise ValueError("strategy search needs a utility floor: set max_perplexity_ratio (e.g. 2.0) or "
-                             "min_task_retained (e.g. 0.9) with proxy_task")
+                             f"min_task_retained (e.g. 0.9) with proxy_task{budget}")
         if len(floors) == 2:
             raise ValueError("give one utility floor: max_perplexity_ratio or min_task_retained, not both")
         if self.order_by is not None and changed(self, ("metric",), info):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from prune.core.errors import PruneError, first_line
+from prune.core.errors import PruneError, overwrite_flag, first_line
 from prune.core.records import PruningRecord, complement
 from prune.model.loading import INDEX_LIST_KEYS, LAYOUT_REWRITES
 
@@ -209,6 +209,11 @@ def export_mergekit(run_dir: str | os.PathLike, output: str | os.PathLike | None
     if model is None and source is not None and source.kind != "hub":
         note += (f"# the original was the local {source.kind} {source.gguf_file or source.path}: check that `model` names "
                  "the same weights (or pass --model)\n")
+        from prune.core.console import say
+
+        say(f"note: the original was the local {source.kind} {source.gguf_file or source.path}; {out.name} names "
+            f"{config['slices'][0]['sources'][0]['model']!r} for mergekit to read: check that it holds the same weights "
+            f"from where mergekit runs (or write again with --model PATH and {overwrite_flag()})")
     return write_file(out, note + yaml.safe_dump(config, sort_keys=False))
 
 

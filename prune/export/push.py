@@ -296,8 +296,14 @@ def push(folder: str | os.PathLike, repo_id: str, *, revision: str | None = None
     token = read_token_file(token_file) if token_file else None
     if create_pr and revision not in (None, DEFAULT_BRANCH):
         raise PruneError("--create-pr opens a pull request against main: leave out --revision")
+    from prune.io.staging import existing
+
+    path = existing(folder)  # what is cheap to see wrong comes first: the folder, then the token
+    if not path.is_dir() or not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise PruneError(f"{path} is not a model folder (no config.json or adapter_config.json): give the output "
+                         "folder of prune run, remove or heal")
     if not dry_run:
-        check_can_push(repo_id, token)  # offline / no token: fail before reading anything
+        check_can_push(repo_id, token)  # offline / no token: fail before reading the folder's files
     if token_file:  # the token file never goes up, wherever it lies
         exclude = [*exclude, *_inside(Path(token_file), Path(folder))]
     plan = plan_push(folder, repo_id, revision=revision, private=private, commit_message=commit_message, quiet=quiet,

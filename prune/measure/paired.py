@@ -632,6 +632,18 @@ def latest_samples(folder: Path) -> dict[str, Path]:
             if get_file_datetime(Path(paths[0]).name)}
 
 
+def evaluated_more_than_once(folder: Path) -> list[str]:
+    """The tasks with more than one samples file in ``folder`` (``prune eval --output-path`` run again into it):
+    :func:`latest_samples` reads the newest of each."""
+    from lm_eval.utils import get_file_task_name
+
+    counts: dict[str, int] = {}
+    for path in folder.glob("samples_*.jsonl"):
+        task = get_file_task_name(path.name)
+        counts[task] = counts.get(task, 0) + 1
+    return sorted(t for t, n in counts.items() if n > 1)
+
+
 def evaluations_mixed(folder: Path, tasks: list[str] | None = None) -> list[str]:
     """The lm-eval run times (file-name stamps) the newest samples of ``tasks`` in ``folder`` come from, when
     there is more than one: each task is read from its newest file, so one comparison can mix two evaluations."""

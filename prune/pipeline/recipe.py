@@ -13,6 +13,7 @@ as YAML (``select.n_layers=8``, ``evaluate.tasks=[arc_easy,piqa]``, ``model.devi
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 from pathlib import Path
@@ -100,6 +101,9 @@ def saved_recipe(data: dict, where: str) -> Recipe:
     """A recipe a run folder saved (``recipe.yaml``, a full dump, perhaps of an older version) read back: only
     ``${PRUNE_DATA_DIR}`` is expanded (:data:`INPUT_RECIPE_VARIABLES`; the folder may come from anyone), once,
     and the checks of settings nothing reads are skipped (``prune heal`` cannot change them)."""
+    if "${PRUNE_DATA_DIR}" in json.dumps(data) and not os.environ.get("PRUNE_DATA_DIR"):
+        raise PruneError(f"{where} records its data paths under ${{PRUNE_DATA_DIR}} (the run had it set), which is not "
+                         "set here: export PRUNE_DATA_DIR=... (the data folder, e.g. ../shared/data), as for the run")
     return Recipe.model_validate(expand_env(data, INPUT_RECIPE_VARIABLES, where), context={"saved": True})
 
 
