@@ -126,8 +126,9 @@ def add_run(sub) -> None:
                         "the value is parsed as YAML)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (only once the new one is complete)")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run of the same recipe: reuse the scores, selection and original "
-                        "evaluation it saved (in .<output name>.progress beside the output folder)")
+                   help="continue an interrupted run: reuse the scores, selection and original evaluation it saved "
+                        "(in .<output name>.progress beside the output folder), each unless the recipe section it "
+                        "reads changed")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, progress messages, tables or notes "
                                                                 "(the results stay in the files written)")
     p.set_defaults(func=cmd_run)

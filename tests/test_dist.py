@@ -224,7 +224,8 @@ def test_rank_zeros_work_may_outlast_the_collective_timeout(tmp_path):
 
 def test_prune_save_in_a_launched_script_writes_once(tiny_folder, tmp_path):
     """prune.save at the end of a torchrun script: every rank wrote the folder, the second refused (already exists)
-    and the launch failed; with overwrite=True both wrote it, one after the other. Rank 0 writes it now."""
+    and the launch failed; with overwrite=True both wrote it, one after the other. Rank 0 writes it now, and a
+    save on rank 0 alone (the usual pattern) waits for no other rank."""
     script = tmp_path / "save.py"
     script.write_text("import sys\n"
                       "import prune\n"
@@ -236,11 +237,15 @@ def test_prune_save_in_a_launched_script_writes_once(tiny_folder, tmp_path):
                       f"    out = prune.save(model, tok, {str(tmp_path / 'saved')!r}, pruning={{'removed': [2, 3]}}, "
                       f"source={str(tiny_folder)!r})\n"
                       "    print(f'rank {dist.world().rank}: {out.name}', flush=True)\n"
+                      "    if dist.world().is_main:  # the usual pattern: rank 0 alone saves (it must not wait for the others)\n"
+                      f"        prune.save(model, tok, {str(tmp_path / 'alone')!r})\n"
+                      "        print('rank 0 saved alone', flush=True)\n"
                       "    return 0\n"
                       "raise SystemExit(dist_exit(main, []))\n")
     proc = torchrun(script, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0: saved" in proc.stdout and "rank 1: saved" in proc.stdout, proc.stdout
+    assert "rank 0 saved alone" in proc.stdout
     from prune.export.check import check_checkpoint
 
-    assert check_checkpoint(tmp_path / "saved", require_export=True).ok
+    assert check_checkpoint(tmp_path / "saved", require_export=True).ok and (tmp_path / "alone" / "config.json").is_file()

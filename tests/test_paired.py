@@ -317,7 +317,9 @@ def test_a_groups_subtasks_count_as_one_task_pooled_by_size(tmp_path, capsys):
             (path / f"samples_{subject}_{STAMP}.jsonl").write_text("\n".join(map(json.dumps, recs)) + "\n")
         stem, other = list(subjects)[:20], list(subjects)[20:]
         (path / f"results_{STAMP}.json").write_text(json.dumps({"group_subtasks": {
-            "mmlu": ["mmlu_stem", "mmlu_other"], "mmlu_stem": stem, "mmlu_other": other, "arc_easy": []}}))
+            "mmlu": ["mmlu_stem", "mmlu_other"], "mmlu_stem": stem, "mmlu_other": other, "arc_easy": [],
+            "my_suite": ["arc_easy"]},  # a suite lm-eval does not aggregate (no entry in groups): no pooling
+            "groups": {"mmlu": {"acc,none": 0.5}, "mmlu_stem": {"acc,none": 0.5}, "mmlu_other": {"acc,none": 0.5}}}))
         return path
 
     rows = compare_folders(folder("a", 300), folder("b", 400), iters=200)

@@ -756,8 +756,7 @@ def test_check_fails_other_weights_and_a_damaged_generation_config_and_remove_dr
     for i, (name, content, expected) in enumerate((
             ("pytorch_model.bin", (chain["source"] / "model.safetensors").read_bytes(),
              "weights in another format beside the safetensors checkpoint: pytorch_model.bin"),
-            ("params.json", b'{"dim": 48, "n_layers": 8}', "weights in another format beside the safetensors checkpoint: "
-                                                         "params.json"),
+            ("params.json", b'{"dim": 48, "n_layers": 8}', "params.json (Mistral's format) describes other weights"),
             ("generation_config.json", b'{"eos_token_id": [2,', "generation_config.json does not load"),
             ("generation_config.json", b'{"eos_token_id": [2, 99999]}', "generation_config.json's eos_token_id 99999 "
                                                                         "is not a token id of the 256-row embedding"))):
@@ -774,6 +773,24 @@ def test_check_fails_other_weights_and_a_damaged_generation_config_and_remove_dr
     (source / "params.json").write_text('{"dim": 48, "n_layers": 8}')
     assert prune_main(["remove", str(source), "--blocks", "2", "-o", str(tmp_path / "cut"), "-q"]) == 0
     assert not (tmp_path / "cut" / "params.json").exists() and check_checkpoint(tmp_path / "cut").ok
+
+
+def test_the_cards_paired_lines_survive_a_hand_edited_eval_json(chain, tmp_path):
+    """eval.json's paired rows in shapes prune never writes (a text count, a number for a metric, no task): the card
+    leaves the paired lines out; prune check and push blamed pruning.json ('does not render as a model card')."""
+    from prune.export.card import paired_text
+
+    good = {"task": "arc_easy", "metric": "acc", "n": 40, "mean_a": 0.5, "mean_b": 0.45, "diff": -0.05,
+            "se_paired": 0.02, "se_unpaired": 0.1, "ci_low": -0.1, "ci_high": 0.0}
+    assert paired_text([good]) == "- arc_easy (acc): -5.00 points, 95% interval [-10.00, +0.00] over 40 examples"
+    piqa = {**good, "task": "piqa"}
+    for bad in ({**piqa, "n": "40"}, {**piqa, "metric": 1}, {**good, "task": None}, {**piqa, "n": 0}, "row", {"x": 1}):
+        assert paired_text([good, bad]) is None
+        folder = Path(shutil.copytree(chain["step1"], tmp_path / f"paired-{len(list(tmp_path.iterdir()))}"))
+        evaluation = json.loads((folder / "eval.json").read_text())
+        (folder / "eval.json").write_text(json.dumps({**evaluation, "paired": [good, bad]}))
+        report = check_checkpoint(folder, require_export=True)
+        assert report.ok, report.summary()
 
 
 def test_card_table_license_and_version_details():

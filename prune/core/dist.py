@@ -13,7 +13,7 @@ forever; a rank that dies closes its sockets and the others' next collective fai
 * :func:`broadcast`       rank 0's Python object on every rank;
 * :func:`check_same`      refuse (``PruneError``) when ranks hold different values (e.g. recipes);
 * :func:`on_main`         run a function on rank 0 only (writing files); the others wait for it (as long
-                          as it takes, :data:`MAIN_WAIT`) and get its result, or raise :class:`PeerFailed`
+                          as it takes, :func:`main_wait`) and get its result, or raise :class:`PeerFailed`
                           when it failed.
 """
 
@@ -115,8 +115,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 #: how long the other ranks wait for rank 0's work in :func:`on_main` (saving, pushing, copying shards: it may
-#: outlast the collectives' timeout). A rank 0 that dies closes its sockets, and the wait ends at once.
-MAIN_WAIT = datetime.timedelta(days=7)
+#: outlast the collectives' timeout), unless ``PRUNE_MAIN_TIMEOUT`` (seconds) says otherwise. A rank 0 that dies
+#: closes its sockets, and the wait ends at once.
+MAIN_WAIT_S = 7 * 24 * 3600
+
+
+def main_wait() -> datetime.timedelta:
+    return datetime.timedelta(seconds=int(os.environ.get("PRUNE_MAIN_TIMEOUT", MAIN_WAIT_S)))
 
 #: purpose -> (the default group it was made under, a gloo group of every rank); made by every rank on first use,
 #: and again under a new default group (one destroyed and joined again in the same process)
@@ -198,7 +203,7 @@ def on_main(fn: Callable[[], T]) -> T:
     w = world()
     if not w.distributed:
         return fn()
-    wait = _gloo_group("main", MAIN_WAIT)  # before rank 0 is alone: every rank makes it
+    wait = _gloo_group("main", main_wait())  # before rank 0 is alone: every rank makes it
     outcome: tuple[bool, Any] = (True, None)
     error: BaseException | None = None
     if w.is_main:

@@ -347,10 +347,10 @@ def paired_text(paired) -> str | None:
         head = headline_rows(rows)
         lines = [f"- {md_text(r.task)} ({md_text(r.metric)}): {100 * r.diff:+.2f} points, 95% interval "
                  f"[{100 * r.ci_low:+.2f}, {100 * r.ci_high:+.2f}] over {r.n} examples" for r in head]
-    except (TypeError, ValueError):  # a hand-edited eval.json: no paired lines, not a traceback
+        if len({r.group or r.task for r in head}) > 1:
+            lines.append(md_text(average_line(rows, "original", "pruned")))
+    except Exception:  # noqa: BLE001 - a hand-edited eval.json (any shape): no paired lines, not a failed card
         return None
-    if len(head) > 1:
-        lines.append(md_text(average_line(rows, "original", "pruned")))
     return "\n".join(lines) or None
 
 

@@ -128,6 +128,9 @@ def check_checkpoint(folder: str | os.PathLike, *, require_export: bool = False,
     if other:  # use_safetensors=False, older tools, vLLM's mistral format: they load these, not the checked weights
         report.add("weights", "fail", f"weights in another format beside the safetensors checkpoint: {', '.join(other[:3])} "
                                       "(a loader that prefers them gets other weights, and a push sends them): remove them")
+    if (path / "params.json").is_file():  # Mistral's format: its config, read with the consolidated weights
+        report.add("weights", "fail", "params.json (Mistral's format) describes other weights than this checkpoint's "
+                                      "(vLLM's mistral format reads it: the depth it names is not this folder's): remove it")
     if config is not None:
         skeleton = _meta_skeleton(config, report, headers)
         if skeleton is not None and headers is not None:
@@ -203,7 +206,7 @@ def per_layer_list_problems(config: dict, n: int | None) -> list[str]:
 #: weight files of other formats than transformers' safetensors checkpoint (PyTorch, TensorFlow, Flax, Mistral's
 #: consolidated files): beside it they are other weights, which some loader reads instead
 OTHER_WEIGHTS = re.compile(r"^(pytorch_model.*\.bin|tf_model.*\.h5|flax_model.*\.msgpack|consolidated.*\.(pth|safetensors)"
-                           r"|pytorch_model\.bin\.index\.json|params\.json)$")
+                           r"|pytorch_model\.bin\.index\.json)$")
 
 
 def _check_weight_files(path: Path, report: CheckReport) -> dict[str, dict] | None:

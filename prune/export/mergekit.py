@@ -256,14 +256,14 @@ def read_slices(spec: str | list) -> tuple[list[tuple[int, int]], str | None, st
             raise PruneError(f"{exc}; give a mergekit config file or ranges like [[0, 2], [4, 8]]") from None
     dtype = None
     if isinstance(data, dict):
-        _only_known(data, SLICES_KEYS, "the config's")
-        dtype = data.get("out_dtype") or data.get("dtype")
-        if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
-            raise PruneError(f"--slices: the config's dtype {dtype!r} is not one of bfloat16, float16, float32")
         method = data.get("merge_method", "passthrough")
         if method != "passthrough":  # a linear or SLERP merge of the slices is not the blocks they name, kept
             raise PruneError(f"--slices: the config's merge_method is {method!r}; a pruning keeps blocks as they are "
                              "(merge_method: passthrough)")
+        _only_known(data, SLICES_KEYS, "the config's")
+        dtype = data.get("out_dtype") or data.get("dtype")
+        if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
+            raise PruneError(f"--slices: the config's dtype {dtype!r} is not one of bfloat16, float16, float32")
         data = data.get("slices")
     if not isinstance(data, list) or not data:
         raise PruneError("--slices: expected a mergekit config with `slices`, or ranges like [[0, 2], [4, 8]]")

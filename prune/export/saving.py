@@ -64,13 +64,14 @@ def save(
     writes, minus the GGUF loader's ``quantization_config`` (weights are saved dequantized).
     Every JSON/YAML file is cleaned of local paths (:mod:`prune.export.public`). ``inputs``:
     paths the output must never touch (:mod:`prune.io.guard`). Returns the final folder. Under a
-    launcher rank 0 writes it and the other ranks wait (each rank holds the whole model).
+    launcher rank 0 writes it and the other ranks return at once, with no collective (so a script may call it
+    on every rank, or on rank 0 alone; a rank that reads the folder next waits for it, e.g. with a barrier).
     """
     from prune.core import dist
 
-    if dist.world().distributed:  # every rank wrote the folder (the second refused, or replaced the first's)
-        return dist.on_main(lambda: save(model, tokenizer, out_dir, pruning=pruning, files=files, overwrite=overwrite,
-                                         max_shard_size=max_shard_size, dtype=dtype, source=source, inputs=inputs))
+    w = dist.world()
+    if w.distributed and not w.is_main:  # every rank wrote the folder (the second refused, or replaced the first's)
+        return Path(out_dir).expanduser()
     if isinstance(source, (str, os.PathLike)):  # a path or Hub id, as prune.load takes it
         from prune.io.source import resolve_source
 

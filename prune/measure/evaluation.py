@@ -93,10 +93,14 @@ def lm_eval_outputs(original: dict, pruned: dict, unhealed: dict | None = None, 
                 for which, result in (("original", original), ("pruned", pruned), ("pruned_before_healing", unhealed))}
     if not any(texts_of.values()):
         return {}, [], []  # no tasks ran: nothing of lm-eval's (a perplexity-only run needs no lm-eval)
+    from prune.measure.paired import task_meta_of
+
     files = {f"eval/{which}/{name}": text for which, texts in texts_of.items() for name, text in texts.items()}
     samples = {which: samples_of(texts) for which, texts in texts_of.items()}  # each file parsed once
-    return files, paired_rows(samples["original"], samples["pruned"], seed), \
-        paired_rows(samples["pruned_before_healing"], samples["pruned"], seed)
+    # groups and lower-is-better metrics, as prune compare reads them from the same results files
+    meta = task_meta_of([text for texts in texts_of.values() for name, text in texts.items() if name.startswith("results_")])
+    return files, paired_rows(samples["original"], samples["pruned"], seed, meta), \
+        paired_rows(samples["pruned_before_healing"], samples["pruned"], seed, meta)
 
 
 def samples_of(texts: dict[str, str]) -> dict[str, list[dict]]:
@@ -109,11 +113,12 @@ def samples_of(texts: dict[str, str]) -> dict[str, list[dict]]:
             for name, text in texts.items() if name.startswith("samples_")}
 
 
-def paired_rows(a: dict[str, list[dict]], b: dict[str, list[dict]], seed: int = 0) -> list:
-    """The paired comparison (B against A) of two models' samples (:func:`samples_of`); ``[]`` when either has none."""
+def paired_rows(a: dict[str, list[dict]], b: dict[str, list[dict]], seed: int = 0, meta=None) -> list:
+    """The paired comparison (B against A) of two models' samples (:func:`samples_of`; ``meta``: their results
+    files' :class:`~prune.measure.paired.TaskMeta`); ``[]`` when either has none."""
     from prune.measure.paired import compare_samples
 
-    return compare_samples(a, b, seed=seed) if a and b else []
+    return compare_samples(a, b, seed=seed, meta=meta) if a and b else []
 
 
 def lm_eval_tables(files: dict[str, str]) -> str:

@@ -584,28 +584,43 @@ def paired_section(rows: list[Paired], a: str = "original", b: str = "pruned") -
 # ---- folders -----------------------------------------------------------------------------------
 @dataclass
 class TaskMeta:
-    """What an lm-eval results folder's ``results_*.json`` say of its tasks: each subtask's top-level group
-    (MMLU's subjects: ``mmlu``, through ``mmlu_stem``; from ``group_subtasks``) and the ``(task, metric)`` pairs
-    where lower is better (``higher_is_better`` false: a Brier score is no accuracy for the average)."""
+    """What an lm-eval results folder's ``results_*.json`` say of its tasks: each subtask's top-level aggregated
+    group (MMLU's subjects: ``mmlu``, through ``mmlu_stem``; from ``group_subtasks``, for the groups lm-eval scores
+    as a whole, those in ``groups``) and the ``(task, metric)`` pairs where lower is better (``higher_is_better``
+    false: a Brier score is no accuracy for the average)."""
 
     groups: dict[str, str]
     lower: set[tuple[str, str]]
 
 
 def task_meta(*folders: Path) -> TaskMeta:
-    """:class:`TaskMeta` of the results files in ``folders`` (the first to name a group wins); a file that does
-    not read is passed over: it only shapes the average."""
-    parent: dict[str, str] = {}
-    lower: set[tuple[str, str]] = set()
+    """:class:`TaskMeta` of the results files in ``folders``; a file that does not read is passed over: it only
+    shapes the average."""
+    texts = []
     for path in sorted(p for folder in folders for p in folder.glob("results_*.json")):
         try:
-            data = json.loads(read_regular_text(path, "lm-eval results file"))
-        except (PruneError, ValueError, RecursionError):
+            texts.append(read_regular_text(path, "lm-eval results file"))
+        except PruneError:
+            continue
+    return task_meta_of(texts)
+
+
+def task_meta_of(texts) -> TaskMeta:
+    """:class:`TaskMeta` of lm-eval results files' texts (the first to name a group wins). A group lm-eval does not
+    aggregate (a suite listed without ``aggregate_metric_list``: no entry in ``groups``) leaves its members tasks of
+    their own."""
+    parent: dict[str, str] = {}
+    lower: set[tuple[str, str]] = set()
+    for text in texts:
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError):
             continue
         data = data if isinstance(data, dict) else {}
-        subtasks, better = data.get("group_subtasks"), data.get("higher_is_better")
+        subtasks, better, scored = data.get("group_subtasks"), data.get("higher_is_better"), data.get("groups")
+        scored = set(scored) if isinstance(scored, dict) else set()
         for group, children in (subtasks.items() if isinstance(subtasks, dict) else ()):
-            for child in children if isinstance(children, list) else ():
+            for child in children if isinstance(children, list) and group in scored else ():
                 if isinstance(child, str) and child != group:
                     parent.setdefault(child, group)
         for task, metrics in (better.items() if isinstance(better, dict) else ()):

@@ -240,6 +240,9 @@ def check_windows(windows, vocab: int | None = None) -> None:
 def short_cka_group(cka_windows: int, n: int, count: str, knob: str = "cka_windows") -> str:
     """The refusal of ``n`` windows that ``cka_windows`` does not divide: the last CKA batch would pool fewer
     windows than the others, and CKA over fewer tokens is another measure (it weighed the same in the mean)."""
+    if cka_windows > n:  # one CKA batch that never fills
+        return (f"{knob} {cka_windows} pools more windows into one CKA batch than the {n} given: lower it, or raise "
+                f"{count} (to a multiple of it)")
     lower, upper = n // cka_windows * cka_windows, -(-n // cka_windows) * cka_windows
     fix = " or ".join(str(m) for m in (lower, upper) if m)
     return (f"{knob} {cka_windows} does not divide the {n} windows: the last CKA batch would pool "

@@ -6,11 +6,13 @@ model's scores), ``selection.json`` (the chosen blocks) and ``original.json`` (t
 model's evaluation), plus ``recipe.json``, the recipe they were computed under. After the
 output folder is saved the progress folder is removed.
 
-``prune run RECIPE --resume`` reuses those stages when the recipe is the same (output keys
-aside) and so are its inputs (:func:`input_fingerprint`: each model file's size, mtime and a hash
-of its header, or the Hub commit; each data file's size, mtime and hash; with lm-eval tasks, every
-file of the task data and task folders and lm-eval's version; the package version),
-and recomputes the rest; anything different is refused with a one-line message naming it. The
+``prune run RECIPE --resume`` reuses each stored stage whose recipe sections (:data:`STAGE_SECTIONS`; output
+and heal read by none) and inputs are the same (:func:`input_fingerprint`: each model file's size, mtime and a
+hash of its header, or the Hub commit; each data file's size, mtime and hash; with lm-eval tasks, every file of
+the task data and task folders and lm-eval's version; the package version), and recomputes the rest, with a
+note; when no stored stage holds, the resume is refused with a one-line message naming what changed. The same
+recipe run again without ``--resume`` is refused while finished stages wait (they are not thrown away unasked).
+The
 pruned model, its scores and its evaluation are always recomputed: everything saved is a
 deterministic function of the stored stages, so a resumed run equals an uninterrupted one.
 """
