@@ -84,6 +84,14 @@ def test_report_of_a_run_folder(run_dir, tmp_path):
     after = ScoreResult.from_dict(record["scores_after"])
     assert f"{before.msrs['total']:.3f}" in md and f"{after.msrs['total']:.3f}" in md and "beta" in md
     assert str(record["removed"]) in md
+    # the pruned model's plots name its blocks by their original index (they were renumbered 0..n-1)
+    assert "![pruned model (blocks by original index)](cka_pruned.png)" in md
+    from prune.export.report import block_chart
+
+    kept = [str(i) for i in record["kept"]]
+    fig = block_chart(ScoreResult.from_dict(record["scores_after"]), 2, "t", labels=kept, axis="block (original index)")
+    assert [t.get_text() for t in fig.axes[-1].get_xticklabels()] == kept
+    assert fig.axes[-1].get_xlabel() == "block (original index)"
     # the heatmaps show exactly the CKA matrices recorded in pruning.json
     data = json.loads((out / "report.json").read_text())
     assert data["cka_original"] == before.cka_matrix and data["cka_pruned"] == after.cka_matrix
@@ -94,7 +102,11 @@ def test_report_of_a_run_folder(run_dir, tmp_path):
     assert np.array_equal(np.asarray(shown), np.array(before.cka_matrix))
     n_above = sum(1 for i, row in enumerate(before.cka_matrix) for j, v in enumerate(row) if i != j and v > before.msrs["tau"])
     outlined = sum(len(c.get_paths()) for c in fig.axes[0].collections)
-    assert outlined == n_above
+    n = before.n_layers
+    # cells above tau outlined where they are a minority; most pairs above it (this tiny model's 61%): no mesh of
+    # boxes over the colours, their share said instead
+    assert outlined == (n_above if n_above <= n * (n - 1) / 2 else 0)
+    assert f"{n_above / (n * (n - 1)):.0%} of pairs" in " ".join(t.get_text() for t in fig.texts)
 
 
 def test_cli_report_run_folder_and_model(run_dir, tmp_path):
@@ -113,7 +125,8 @@ def test_cli_report_run_folder_and_model(run_dir, tmp_path):
     marked = json.loads((tmp_path / "m" / "report.json").read_text())["removed"]
     assert len(marked) == 2 and 5 in marked and not {0, 2, 7} & set(marked)  # 2 and 5 are planted: --protect kept 2
     md = (tmp_path / "m" / "report.md").read_text()
-    assert "strategy `one_shot`, metric `bi`: removes 2 of 8 blocks" in md
+    assert "strategy `one_shot`, metric `bi`: would remove 2 of 8 blocks" in md  # a model's report removes nothing
+    assert "removes" not in md
     for name in ["cka_original.png", "blocks_original.png"]:
         check_png(tmp_path / "m" / name)
     assert not (tmp_path / "m" / "cka_pruned.png").exists()
@@ -201,11 +214,31 @@ def test_a_model_pruned_to_one_block_has_no_pair_and_says_so(tmp_path, tokenizer
 
 
 def test_every_removed_block_keeps_its_red_tick_in_a_deep_model():
-    """Above 32 blocks only every 2nd tick is drawn; a removed block without one had no mark at all."""
+    """Above 32 blocks only every 2nd tick is drawn; a removed block without one had no mark at all; the last
+    block keeps its label (block 39 of 40 had none)."""
     S = np.eye(40).tolist()
     fig = cka_heatmap(S, 0.8, "t", marked=[3, 7, 33])
     red = sorted(int(lab.get_text()) for lab in fig.axes[0].get_xticklabels() if lab.get_color() == "#d62728")
-    assert red == [3, 7, 33]
+    assert red == [3, 7, 33] and "39" in [lab.get_text() for lab in fig.axes[0].get_xticklabels()]
+
+
+def test_deep_models_plots_stay_readable():
+    """An 80-block chart was 3,146 px wide (shown at ~4 pt in the HTML), and a deep heatmap a mesh of red boxes
+    (every pair above tau outlined); a few outlined cells in a small model are still drawn."""
+    from prune.export.report import CHART_MAX_WIDTH, block_chart
+
+    L = 80
+    rng = np.random.default_rng(0)
+    S = (0.9 + 0.1 * np.eye(L)).tolist()
+    fig = cka_heatmap(S, 0.8, "t")
+    assert not fig.axes[0].collections and "100% of pairs have CKA > tau = 0.8" in fig.texts[0].get_text()
+    small = np.eye(8) * 0.5 + 0.4
+    small[2, 3] = small[3, 2] = 0.95
+    fig = cka_heatmap(small.tolist(), 0.8, "t")
+    assert sum(len(c.get_paths()) for c in fig.axes[0].collections) == 2
+    scores = ScoreResult(n_layers=L, positions="all", cka_windows=1, n_windows=4, seq_len=16, n_tokens=64,
+                         block_influence=list(rng.random(L)), angular=np.eye(L + 1).tolist(), cka=None, msrs=None)
+    assert block_chart(scores, 4, "t").get_size_inches()[0] == CHART_MAX_WIDTH
 
 
 def test_write_report_refuses_a_count_or_selection_the_scores_cannot_hold(run_dir, tmp_path):

@@ -50,13 +50,21 @@ def _plt():
 
 
 def _ticks(n: int) -> list[int]:
-    step = 1 if n <= 32 else 2 if n <= 64 else 5
-    return list(range(0, n, step))
+    """Tick positions for ``n`` blocks: every block up to 32, then every 2nd, 5th or 10th, and always the last."""
+    step = 1 if n <= 32 else 2 if n <= 64 else 5 if n <= 128 else 10
+    return sorted(set(range(0, n, step)) | ({n - 1} if n else set()))
 
 
 # ---- figures -------------------------------------------------------------------------------
-def cka_heatmap(S: list[list[float]], tau: float, title: str, marked=(), labels: list[str] | None = None):
-    """Heatmap of ``S`` (block x block), cells with ``S_ij > tau`` (i != j) outlined, ``marked`` ticks in red."""
+#: above this many blocks, or when most pairs pass tau, the cells above tau are not outlined one by one (a mesh
+#: of red boxes hid the colours): the note gives their share instead
+OUTLINE_MAX_BLOCKS = 24
+
+
+def cka_heatmap(S: list[list[float]], tau: float, title: str, marked=(), labels: list[str] | None = None,
+                marked_as: str = "removed blocks", axis: str = "block (0-based)"):
+    """Heatmap of ``S`` (block x block), cells with ``S_ij > tau`` (i != j) outlined (small stacks where they are a
+    minority), ``marked`` ticks in red (``marked_as`` says what they are)."""
     import numpy as np
     from matplotlib.collections import PatchCollection
     from matplotlib.patches import Rectangle
@@ -70,7 +78,9 @@ def cka_heatmap(S: list[list[float]], tau: float, title: str, marked=(), labels:
     vmin = min(0.0, float(finite.min())) if finite.size else 0.0
     im = ax.imshow(data, cmap="viridis", vmin=vmin, vmax=1.0, origin="upper", interpolation="nearest")
     boxes = [Rectangle((j - 0.5, i - 0.5), 1, 1) for i in range(n) for j in range(n) if i != j and data[i, j] > tau]
-    if boxes:
+    share = len(boxes) / (n * (n - 1)) if n > 1 else 0.0
+    outlined = bool(boxes) and n <= OUTLINE_MAX_BLOCKS and share <= 0.5
+    if outlined:
         ax.add_collection(PatchCollection(boxes, facecolor="none", edgecolor="#e8412c", linewidth=0.9))
     ticks = sorted(set(_ticks(n)) | {i for i in marked if 0 <= i < n})  # every removed block keeps its red tick
     names = labels or [str(i) for i in range(n)]
@@ -81,27 +91,33 @@ def cka_heatmap(S: list[list[float]], tau: float, title: str, marked=(), labels:
             if lab.get_text() in {names[i] for i in marked}:
                 lab.set_color("#d62728")
                 lab.set_fontweight("bold")
-    ax.set_xlabel("block (0-based): output of block j")
-    ax.set_ylabel("block (0-based): output of block i")
+    ax.set_xlabel(f"{axis}: output of block j")
+    ax.set_ylabel(f"{axis}: output of block i")
     ax.set_title(title, fontsize=11)
     bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
     bar.set_label("unbiased linear CKA between block outputs")
-    note = f"outlined: pairs with CKA > tau = {tau:g}"
+    note = (f"outlined: pairs with CKA > tau = {tau:g} ({share:.0%} of pairs)" if outlined else
+            f"{share:.0%} of pairs have CKA > tau = {tau:g}")
     if marked:
-        note += "; red ticks: removed blocks"
+        note += f"; red ticks: {marked_as}"
     fig.text(0.01, 0.01, note, fontsize=8, color="#444")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return fig
 
 
-def block_chart(scores: ScoreResult, k: int, title: str, marked=(), labels: list[str] | None = None):
+#: the per-block chart's widest figure (inches): wider, the HTML scaled an 80-block chart's labels to ~4 pt
+CHART_MAX_WIDTH = 16.0
+
+
+def block_chart(scores: ScoreResult, k: int, title: str, marked=(), labels: list[str] | None = None,
+                marked_as: str = "removed", axis: str = "block (0-based)"):
     """Per-block Block Influence, angular ``d(l, 1)`` and ``d(l, k)``, MSRS contribution; ``marked`` shaded."""
     plt = _plt()
     L = scores.n_layers
     x = list(range(L))
     has_cka = scores.cka is not None
     rows = 3 if has_cka else 2
-    fig, axes = plt.subplots(rows, 1, figsize=(max(8.0, 0.32 * L + 3), 2.4 * rows + 1.0), dpi=DPI, sharex=True)
+    fig, axes = plt.subplots(rows, 1, figsize=(min(max(8.0, 0.32 * L + 3), CHART_MAX_WIDTH), 2.4 * rows + 1.0), dpi=DPI, sharex=True)
     ax_bi, ax_ang = axes[0], axes[1]
     ax_bi.plot(x, scores.block_influence, "o-", color="#1f77b4", ms=4, label="Block Influence (1 - cos(in, out))")
     ax_bi.set_ylabel("Block Influence")
@@ -114,7 +130,7 @@ def block_chart(scores: ScoreResult, k: int, title: str, marked=(), labels: list
     if has_cka:
         ax_m = axes[2]
         ax_m.bar(x, scores.msrs_contribution, color="#ff7f0e", label="MSRS contribution (row sum of soft counts)")
-        ax_m.set_ylabel("MSRS contribution")
+        ax_m.set_ylabel(f"MSRS contribution\n(max {L - 1}; sum 2 x MSRS)")
     for ax in axes:
         for i in marked:
             ax.axvspan(i - 0.5, i + 0.5, color="#d62728", alpha=0.15, lw=0)
@@ -124,7 +140,7 @@ def block_chart(scores: ScoreResult, k: int, title: str, marked=(), labels: list
             from matplotlib.patches import Patch
 
             handles.append(Patch(color="#d62728", alpha=0.25))
-            names.append(f"removed ({len(marked)} blocks)")
+            names.append(f"{marked_as} ({len(marked)} blocks)")
         ax.legend(handles, names, fontsize=8, loc="best")
     names = labels or [str(i) for i in x]
     ticks = sorted(set(_ticks(L)) | {i for i in marked if 0 <= i < L})
@@ -133,7 +149,7 @@ def block_chart(scores: ScoreResult, k: int, title: str, marked=(), labels: list
         if i in set(marked):
             lab.set_color("#d62728")
             lab.set_fontweight("bold")
-    axes[-1].set_xlabel("block (0-based)")
+    axes[-1].set_xlabel(axis)
     axes[-1].set_xlim(-0.6, L - 0.4)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
@@ -192,7 +208,7 @@ def candidates_figure(details: dict, title: str, shown: int = 40):
             ax.scatter([i + 1 for i in idx], [rows[i]["kl_mean"] for i in idx], color=color, label=label, zorder=3)
     ax.scatter([1], [rows[0]["kl_mean"]], s=160, facecolors="none", edgecolors="k", label="chosen", zorder=4)
     ax.set_xlabel(f"candidate set, ranked (the best {len(rows)} of {len(details['candidates'])})")
-    ax.set_ylabel("mean KL(original || candidate)\non held-out windows", fontsize=9)
+    ax.set_ylabel("mean KL(original || candidate), nats\non held-out windows", fontsize=9)
     ax.set_title(title, fontsize=11)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -227,14 +243,16 @@ def msrs_lines(scores: ScoreResult, original: list[int] | None = None) -> list[s
     top = sorted(range(L), key=lambda i: -m["contributions"][i])[:5]
     name = (lambda i: f"block {original[i]}") if original is not None else (lambda i: f"block {i}")
     where = " (blocks numbered as in the original model)" if original is not None else ""
-    return [f"MSRS = {msrs_text(m, L, 3)} (beta = {m['beta']:g}, tau = {m['tau']:g})",
+    return [f"MSRS = {msrs_text(m, L, 3)}; beta = {m['beta']:g}, tau = {m['tau']:g}",
             f"largest contributions{where}: " + ", ".join(f"{name(i)} ({m['contributions'][i]:.2f})" for i in top)]
 
 
-def selection_lines(sel: Selection) -> list[str]:
+def selection_lines(sel: Selection, hypothetical: bool = False) -> list[str]:
+    """The selection's lines; ``hypothetical``: a model's report, where nothing was removed ("would remove")."""
     d = sel.details or {}
+    verb = "would remove" if hypothetical else "removes"
     lines = [f"strategy `{code_text(sel.strategy)}`" + (f", metric `{code_text(sel.metric)}`" if sel.metric else "") +
-             f": removes {len(sel.removed)} of {sel.n_layers} blocks (0-based) {sel.removed}"]
+             f": {verb} {len(sel.removed)} of {sel.n_layers} blocks (0-based) {sel.removed}"]
     if "forward_passes" in d:
         lines.append(f"cost: {d['forward_passes']} forward passes over the calibration windows "
                      f"({d.get('full_forward_equivalents')} full-model equivalents)")
@@ -313,14 +331,16 @@ def _save(fig, path: Path) -> None:
 def write_report(out_dir: str | Path, before: ScoreResult, *, after: ScoreResult | None = None,
                  selection: Selection | None = None, kept: list[int] | None = None, k: int | None = None,
                  title: str = "Redundancy report", source: str = "", evaluation: list[dict] | None = None,
-                 overwrite: bool = False, inputs=(), lineage: Lineage | None = None, healed: str | None = None) -> Path:
+                 overwrite: bool = False, inputs=(), lineage: Lineage | None = None, healed: str | None = None,
+                 hypothetical: bool = False) -> Path:
     """Write the report folder (see module docstring) atomically; returns its path.
 
     ``selection`` marks the blocks removed (``k`` defaults to how many); ``after`` are the scores
     of the pruned model whose blocks are the original ``kept`` ones; ``evaluation`` are the rows of
     a before/after table (a run's ``eval.json`` ``rows``, :func:`prune.core.tables.comparison_rows`);
     ``lineage``: the step and original index of each scored block when the model was pruned before;
-    ``healed``: how the pruned model was healed (its scores are the healed model's).
+    ``healed``: how the pruned model was healed (its scores are the healed model's); ``hypothetical``: nothing
+    was removed (a model's report: the selection marks what the strategy would remove).
     """
     from prune.io.staging import staged
 
@@ -333,7 +353,7 @@ def write_report(out_dir: str | Path, before: ScoreResult, *, after: ScoreResult
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n):
         raise PruneError(f"k={k!r}: the report marks runs of 1 to {n - 1} blocks of these {n}")
     with staged(out_dir, overwrite, inputs, written=("report.json",), flag="--output") as stage:
-        _write(stage, before, after, selection, kept, k, title, source, evaluation, lineage, healed)
+        _write(stage, before, after, selection, kept, k, title, source, evaluation, lineage, healed, hypothetical)
     return Path(out_dir).expanduser()
 
 
@@ -357,8 +377,10 @@ class Lineage:
         return cls(step, [int(where[i]) for i in range(n_layers)])
 
 
-def _write(folder: Path, before, after, selection, kept, k, title, source, evaluation, lineage=None, healed=None) -> None:
+def _write(folder: Path, before, after, selection, kept, k, title, source, evaluation, lineage=None, healed=None,
+           hypothetical=False) -> None:
     marked = list(selection.removed) if selection else []
+    marked_as = "marked" if hypothetical else "removed"  # a model's report removed nothing
     labels = [str(o) for o in lineage.original] if lineage else None
     first = "Original" if lineage is None else f"Before step {lineage.step} (original indices)"
     k = k or (len(marked) if marked else max(1, round(before.n_layers / 4)))
@@ -371,7 +393,7 @@ def _write(folder: Path, before, after, selection, kept, k, title, source, evalu
              + (f", {len(before.excluded_windows)} windows excluded (non-finite)" if before.excluded_windows else ""))
     if selection:
         doc.heading("Selection")
-        for line in selection_lines(selection):
+        for line in selection_lines(selection, hypothetical):
             doc.para(line)
         if healed:
             doc.para(f"healed after the removal ({healed}): the pruned model's scores below are the healed model's")
@@ -399,12 +421,18 @@ def _write(folder: Path, before, after, selection, kept, k, title, source, evalu
     images = []
     if before.cka is not None:
         _save(cka_heatmap(before.cka_matrix, tau, f"{first}: CKA between block outputs ({before.n_layers} blocks)", marked,
-                          labels), folder / "cka_original.png")
+                          labels, f"blocks {selection.strategy} would remove" if hypothetical and selection else
+                          "removed blocks"), folder / "cka_original.png")
         images.append(("cka_original.png", "original model" if lineage is None else f"before step {lineage.step}"))
+    # the pruned model's blocks named by their original index (kept_original under a lineage), as the reader compares
+    kept_names = ([str(lineage.original[i]) for i in kept] if lineage is not None else [str(i) for i in kept]) if (
+        kept and after is not None and len(kept) == after.n_layers) else None
+    kept_axis = "block (original index)" if kept_names else "block (0-based)"
     if after is not None and after.cka is not None:
-        _save(cka_heatmap(after.cka_matrix, after.msrs["tau"], f"Pruned: CKA between block outputs ({after.n_layers} blocks)"),
-              folder / "cka_pruned.png")
-        images.append(("cka_pruned.png", "pruned model (blocks renumbered)"))
+        _save(cka_heatmap(after.cka_matrix, after.msrs["tau"], f"Pruned: CKA between block outputs ({after.n_layers} blocks)",
+                          labels=kept_names, axis=kept_axis), folder / "cka_pruned.png")
+        images.append(("cka_pruned.png", "pruned model (blocks by original index)" if kept_names else
+                       "pruned model (blocks renumbered)"))
         data["cka_pruned"] = after.cka_matrix
     if images:
         doc.images(folder, images)
@@ -412,13 +440,15 @@ def _write(folder: Path, before, after, selection, kept, k, title, source, evalu
         doc.para("no CKA matrix in these scores (score with metrics including cka)")
 
     doc.heading("Per-block scores")
-    what = f"removed by {selection.strategy}" if selection else "none marked"
-    _save(block_chart(before, k, f"{first}: per-block redundancy (shaded: {what})", marked, labels),
+    what = (f"{'would be removed' if hypothetical else 'removed'} by {selection.strategy}" if selection else
+            "none marked")
+    _save(block_chart(before, k, f"{first}: per-block redundancy (shaded: {what})", marked, labels, marked_as),
           folder / "blocks_original.png")
     images = [("blocks_original.png", "original model" if lineage is None else f"before step {lineage.step}")]
     if after is not None:
         _save(block_chart(after, min(k, after.n_layers - 1) if after.n_layers > 1 else 1,
-                          "Pruned: per-block redundancy (blocks renumbered)"), folder / "blocks_pruned.png")
+                          "Pruned: per-block redundancy" + ("" if kept_names else " (blocks renumbered)"), labels=kept_names,
+                          axis=kept_axis), folder / "blocks_pruned.png")
         images.append(("blocks_pruned.png", "pruned model"))
     doc.images(folder, images)
     if after is not None and kept and lineage is not None:
@@ -445,7 +475,8 @@ def _write(folder: Path, before, after, selection, kept, k, title, source, evalu
         d = selection.details
         doc.heading("Verified: candidate sets ranked by KL to the original")
         doc.para(f"{len(d['candidates'])} sets measured on {d['windows']} held-out windows x {d['seq_len']} tokens "
-                 f"(top {d['top_k']} log-probs of the original per token); the best 10:")
+                 f"(top {d['top_k']} log-probs of the original per token); the best {min(10, len(d['candidates']))} "
+                 "(KL in nats):")
         doc.table(["rank", "blocks removed (0-based)", "from", "mean KL", "- chosen's, paired over windows (95%)",
                    "top-1 agreement", "perplexity ratio"], candidate_rows(d))
         doc.para(margin_line(d))

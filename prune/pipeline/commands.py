@@ -330,5 +330,5 @@ def _write_model_report(scores: ScoreResult, out_dir, source: str, strategy: str
                         overwrite: bool, inputs) -> Path:
     protect = default(SelectConfig, "protect") if protect is None else protect
     sel = select(scores, k, strategy=strategy, metric=metric, protect=protect, seed=seed)
-    return write_report(out_dir, scores, selection=sel, k=k, source=source,
+    return write_report(out_dir, scores, selection=sel, k=k, source=source, hypothetical=True,
                         title=f"Redundancy report: {Path(source).name}", overwrite=overwrite, inputs=inputs)
