@@ -222,6 +222,23 @@ def test_every_removed_block_keeps_its_red_tick_in_a_deep_model():
     assert red == [3, 7, 33] and "39" in [lab.get_text() for lab in fig.axes[0].get_xticklabels()]
 
 
+def test_the_search_plot_rings_its_choice_and_reads_a_narrow_range(run_dir):
+    """The proxy ratios of a search (here 0.84 to 1.25) on a log axis showed one labelled tick; the chosen set was
+    not marked."""
+    from prune.export.report import pareto_figure
+
+    details = json.loads((run_dir / "pruning.json").read_text())["selection"]["details"]
+    fig = pareto_figure(details, "t")
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "linear" and len([t for t in ax.get_yticklabels() if t.get_text()]) >= 3
+    handles, names = ax.get_legend_handles_labels()
+    ringed = handles[names.index("chosen")].get_offsets()[0]
+    held = max((e for e in details["trace"] if e["ok"]), key=lambda e: e["n"])
+    assert ringed[0] == held["n"]
+    wide = {**details, "trace": [{**e, "ratio": e["ratio"] * (50 if e["n"] > 3 else 1)} for e in details["trace"]]}
+    assert pareto_figure(wide, "t").axes[0].get_yscale() == "log"
+
+
 def test_deep_models_plots_stay_readable():
     """An 80-block chart was 3,146 px wide (shown at ~4 pt in the HTML), and a deep heatmap a mesh of red boxes
     (every pair above tau outlined); a few outlined cells in a small model are still drawn."""

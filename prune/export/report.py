@@ -178,7 +178,11 @@ def pareto_figure(details: dict, title: str):
     ax.set_xlabel("blocks removed")
     ax.set_ylabel(f"proxy / original\n({details['proxy']})", fontsize=9)
     ax.set_title(title, fontsize=11)
-    if not details["higher_is_better"]:
+    chosen = max((p for p in front if p["ok"]), key=lambda p: p["n"], default=None)  # the largest set holding the floor
+    if chosen is not None:
+        ax.scatter([chosen["n"]], [chosen["ratio"]], s=160, facecolors="none", edgecolors="k", label="chosen", zorder=4)
+    ratios = [e["ratio"] for e in trace if e["ratio"] > 0] + [1.0, details["floor"]]
+    if not details["higher_is_better"] and max(ratios) / min(ratios) >= 10:  # a log axis for a wide range only
         from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
         ax.set_yscale("log")
