@@ -144,7 +144,7 @@ def _interrupted_run(args) -> str:
     nothing."""
     try:
         from prune.core.records import RECORD_FILE
-        from prune.pipeline.progress import STAGES, progress_dir
+        from prune.pipeline.progress import finished_stages, progress_dir
         from prune.pipeline.recipe import load_recipe
 
         recipe = load_recipe(args.recipe, args.overrides)
@@ -157,8 +157,7 @@ def _interrupted_run(args) -> str:
                 push = (f"; the push to {hub.repo_id} may not have finished: prune push {shlex.quote(str(out))} "
                         f"{hub.repo_id}{flags}{'' if hub.private else ' --public'}")
             return f"; the output {out} was saved complete before the interruption{push}"
-        folder = progress_dir(recipe.output.dir)
-        finished = any((folder / f"{s}.json").is_file() for s in STAGES)
+        finished = bool(finished_stages(progress_dir(recipe.output.dir)))
     except Exception:  # noqa: BLE001 - the recipe no longer loads: say nothing about resuming
         finished = False
     return "; nothing was saved as a checkpoint (" + (

@@ -203,20 +203,21 @@ def test_a_rank_the_launcher_stops_removes_its_scratch_folders(tmp_path):
     assert not spill.exists()
 
 
+def launched_script(path: Path, body: str) -> Path:
+    """A script whose ``main(args)`` (``body``: its indented lines) runs as one rank of a launch, as the CLI does."""
+    path.write_text("import prune\nfrom prune.core import dist\nfrom prune.cli import dist_exit\n"
+                    f"def main(args):\n{body}    return 0\nraise SystemExit(dist_exit(main, []))\n")
+    return path
+
+
 def test_rank_zeros_work_may_outlast_the_collective_timeout(tmp_path):
     """A save or push on rank 0 longer than PRUNE_DIST_TIMEOUT: the other rank's wait timed out, and the launcher
     then stopped rank 0 in the middle of writing (a review: 'another rank failed' of a healthy rank 0). The wait
     for rank 0's work is not bounded by it; the collectives after it still are."""
-    script = tmp_path / "slow_main.py"
-    script.write_text("import time\n"
-                      "from prune.core import dist\n"
-                      "from prune.cli import dist_exit\n"
-                      "def main(args):\n"
-                      "    got = dist.on_main(lambda: (time.sleep(6), 'written')[1])\n"
-                      "    total = dist.all_reduce_sum(__import__('torch').ones(1)).item()\n"
-                      "    print(f'rank {dist.world().rank}: {got} {total:g}', flush=True)\n"
-                      "    return 0\n"
-                      "raise SystemExit(dist_exit(main, []))\n")
+    script = launched_script(tmp_path / "slow_main.py",
+                             "    got = dist.on_main(lambda: (__import__('time').sleep(6), 'written')[1])\n"
+                             "    total = dist.all_reduce_sum(__import__('torch').ones(1)).item()\n"
+                             "    print(f'rank {dist.world().rank}: {got} {total:g}', flush=True)\n")
     proc = torchrun(script, env_extra={"PRUNE_DIST_TIMEOUT": "3"}, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0: written 2" in proc.stdout and "rank 1: written 2" in proc.stdout, proc.stdout
@@ -226,22 +227,15 @@ def test_prune_save_in_a_launched_script_writes_once(tiny_folder, tmp_path):
     """prune.save at the end of a torchrun script: every rank wrote the folder, the second refused (already exists)
     and the launch failed; with overwrite=True both wrote it, one after the other. Rank 0 writes it now, and a
     save on rank 0 alone (the usual pattern) waits for no other rank."""
-    script = tmp_path / "save.py"
-    script.write_text("import sys\n"
-                      "import prune\n"
-                      "from prune.core import dist\n"
-                      "from prune.cli import dist_exit\n"
-                      "def main(args):\n"
-                      f"    model, tok, _ = prune.load({str(tiny_folder)!r})\n"
-                      "    kept = prune.remove_layers(model, [2, 3])\n"
-                      f"    out = prune.save(model, tok, {str(tmp_path / 'saved')!r}, pruning={{'removed': [2, 3]}}, "
-                      f"source={str(tiny_folder)!r})\n"
-                      "    print(f'rank {dist.world().rank}: {out.name}', flush=True)\n"
-                      "    if dist.world().is_main:  # the usual pattern: rank 0 alone saves (it must not wait for the others)\n"
-                      f"        prune.save(model, tok, {str(tmp_path / 'alone')!r})\n"
-                      "        print('rank 0 saved alone', flush=True)\n"
-                      "    return 0\n"
-                      "raise SystemExit(dist_exit(main, []))\n")
+    script = launched_script(tmp_path / "save.py",
+                             f"    model, tok, _ = prune.load({str(tiny_folder)!r})\n"
+                             "    prune.remove_layers(model, [2, 3])\n"
+                             f"    out = prune.save(model, tok, {str(tmp_path / 'saved')!r}, pruning={{'removed': [2, 3]}}, "
+                             f"source={str(tiny_folder)!r})\n"
+                             "    print(f'rank {dist.world().rank}: {out.name}', flush=True)\n"
+                             "    if dist.world().is_main:  # the usual pattern: rank 0 alone saves (it must not wait)\n"
+                             f"        prune.save(model, tok, {str(tmp_path / 'alone')!r})\n"
+                             "        print('rank 0 saved alone', flush=True)\n")
     proc = torchrun(script, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0: saved" in proc.stdout and "rank 1: saved" in proc.stdout, proc.stdout

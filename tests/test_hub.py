@@ -71,8 +71,7 @@ def test_check_passes_on_pruned_outputs(pruned):
         report = check_checkpoint(folder, require_export=True)
         assert report.ok, report.summary()
         areas = [f.area for f in report.findings]
-        generation = ["generation"] * (folder / "generation_config.json").is_file()
-        assert areas == ["config", "weights", "blocks", "load", "tied", "tokenizer", *generation, "card", "pruning"]
+        assert areas == ["config", "weights", "blocks", "load", "tied", "tokenizer", "generation", "card", "pruning"]
         assert report.facts["n_layers"] == 6 and report.facts["model_type"] == "llama"
         assert report.facts["n_params"] == json.loads((folder / "pruning.json").read_text())["params_after"]
     sharded = check_checkpoint(pruned[1]).summary()
@@ -332,7 +331,7 @@ def test_push_refuses_offline_and_without_token(pruned, tmp_path):
     # a folder that is no model at all is named first (it asked for a token for a report folder)
     (tmp_path / "report").mkdir()
     for where in (tmp_path / "report", tmp_path / "nowhere"):
-        with pytest.raises(PruneError, match="is not a model folder|does not exist|not found"):
+        with pytest.raises(PruneError, match="is not a model folder"):
             push(where, "me/tiny-pruned", quiet=True)
 
 

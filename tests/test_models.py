@@ -24,6 +24,7 @@ def test_decoder_blocks_are_found_from_metadata(arch):
     # its embeddings' norm, LFM2's named embedding_norm
     norm = final_norm(model)
     assert norm is not None and (arch != "bloom" or norm is model.transformer.ln_f)
+    assert arch != "lfm2" or norm is model.model.embedding_norm
 
 
 def test_unsupported_architecture_is_named():

@@ -34,7 +34,9 @@ def test_run_evaluates_before_and_after_with_lm_eval(tmp_path, tiny_folder):
     # the card carries the paired comparison too (it showed "retained" alone, with no interval): each task's
     # headline difference with its interval, from eval.json's paired rows, and their average
     card = (result.out_dir / "README.md").read_text()
-    for row in (r for r in saved["paired"] if r["metric"] == "acc"):
+    acc = [r for r in saved["paired"] if r["metric"] == "acc"]
+    assert len(acc) == 2  # copa and piqa
+    for row in acc:
         assert (f"- {row['task']} (acc): {100 * row['diff']:+.2f} points, 95% interval [{100 * row['ci_low']:+.2f}, "
                 f"{100 * row['ci_high']:+.2f}] over 8 examples") in card
     assert "Paired over the same questions" in card and "Average over 2 tasks (one headline metric each): pruned - " \

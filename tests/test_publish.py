@@ -767,8 +767,7 @@ def test_check_fails_other_weights_and_a_damaged_generation_config_and_remove_dr
         with pytest.raises(PruneError, match="not a complete checkpoint|" + re.escape(expected[:30])):
             push(folder, "me/x", dry_run=True, quiet=True)
     good = check_checkpoint(chain["step1"], require_export=True)
-    assert good.ok and any(f.area == "generation" and f.level == "ok" for f in good.findings) == (
-        chain["step1"] / "generation_config.json").is_file()
+    assert good.ok and any(f.area == "generation" and f.level == "ok" for f in good.findings)
     source = Path(shutil.copytree(chain["source"], tmp_path / "mistral-format"))
     (source / "params.json").write_text('{"dim": 48, "n_layers": 8}')
     assert prune_main(["remove", str(source), "--blocks", "2", "-o", str(tmp_path / "cut"), "-q"]) == 0

@@ -103,9 +103,8 @@ def test_report_of_a_run_folder(run_dir, tmp_path):
     n_above = sum(1 for i, row in enumerate(before.cka_matrix) for j, v in enumerate(row) if i != j and v > before.msrs["tau"])
     outlined = sum(len(c.get_paths()) for c in fig.axes[0].collections)
     n = before.n_layers
-    # cells above tau outlined where they are a minority; most pairs above it (this tiny model's 61%): no mesh of
-    # boxes over the colours, their share said instead
-    assert outlined == (n_above if n_above <= n * (n - 1) / 2 else 0)
+    # most pairs above tau (this tiny model's 61%): no mesh of boxes over the colours, their share said instead
+    assert n_above / (n * (n - 1)) > 0.5 and outlined == 0
     assert f"{n_above / (n * (n - 1)):.0%} of pairs" in " ".join(t.get_text() for t in fig.texts)
 
 
@@ -233,8 +232,7 @@ def test_the_search_plot_rings_its_choice_and_reads_a_narrow_range(run_dir):
     assert ax.get_yscale() == "linear" and len([t for t in ax.get_yticklabels() if t.get_text()]) >= 3
     handles, names = ax.get_legend_handles_labels()
     ringed = handles[names.index("chosen")].get_offsets()[0]
-    held = max((e for e in details["trace"] if e["ok"]), key=lambda e: e["n"])
-    assert ringed[0] == held["n"]
+    assert ringed[0] == len(json.loads((run_dir / "pruning.json").read_text())["removed"])  # the set the run chose
     wide = {**details, "trace": [{**e, "ratio": e["ratio"] * (50 if e["n"] > 3 else 1)} for e in details["trace"]]}
     assert pareto_figure(wide, "t").axes[0].get_yscale() == "log"
 
@@ -249,6 +247,11 @@ def test_deep_models_plots_stay_readable():
     S = (0.9 + 0.1 * np.eye(L)).tolist()
     fig = cka_heatmap(S, 0.8, "t")
     assert not fig.axes[0].collections and "100% of pairs have CKA > tau = 0.8" in fig.texts[0].get_text()
+    few = np.eye(L) * 0.5 + 0.4  # a deep stack where only a few pairs pass tau: no outlines either (too small to see)
+    for i in range(0, L - 1, 2):
+        few[i, i + 1] = few[i + 1, i] = 0.95
+    fig = cka_heatmap(few.tolist(), 0.8, "t")
+    assert not fig.axes[0].collections and "1% of pairs have CKA > tau = 0.8" in fig.texts[0].get_text()
     small = np.eye(8) * 0.5 + 0.4
     small[2, 3] = small[3, 2] = 0.95
     fig = cka_heatmap(small.tolist(), 0.8, "t")

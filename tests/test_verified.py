@@ -119,7 +119,7 @@ def test_api_misuse_is_one_line(setup, tokenizers_by_bos):
         prune.heldout_windows(tokenizers_by_bos[True], "some text", 4, 16, n_heldout=0)
     with pytest.raises(PruneError, match="the model to score is a .*, not a model: give the loaded model"):
         prune.score(tokenizers_by_bos[True], held, progress=False)
-    with pytest.raises(PruneError, match="cka_windows=100 pools more windows into one CKA batch than the 2 given"):
+    with pytest.raises(PruneError, match="cka_windows 100 pools more windows into one CKA batch than the 2 given"):
         prune.score(model, held, cka_windows=100, progress=False)
     # top_k=0 made every KL 0 and chose the first candidate; scores of another stack were ranked as this one's
     tok = tokenizers_by_bos[True]

@@ -123,6 +123,7 @@ MAIN_WAIT_S = 7 * 24 * 3600
 def main_wait() -> datetime.timedelta:
     return datetime.timedelta(seconds=int(os.environ.get("PRUNE_MAIN_TIMEOUT", MAIN_WAIT_S)))
 
+
 #: purpose -> (the default group it was made under, a gloo group of every rank); made by every rank on first use,
 #: and again under a new default group (one destroyed and joined again in the same process)
 _GROUPS: dict[str, tuple[Any, Any]] = {}

@@ -258,8 +258,9 @@ BUILD_SLACK = 1024
 
 def block_count(config, default=None):
     """The decoder stack's ``num_hidden_layers``; of a multimodal config, its text model's (``text_config``)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n = getattr(text, "num_hidden_layers", default)
+    from prune.model.loading import text_config
+
+    n = getattr(text_config(config), "num_hidden_layers", default)
     return n if isinstance(n, int) and not isinstance(n, bool) else default
 
 
@@ -413,8 +414,9 @@ def _check_ties(model, report: CheckReport, path: Path) -> None:
     from prune.model.skeleton import equal_tied_copies
 
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    want = bool(getattr(text_config, "tie_word_embeddings", False))
+    from prune.model.loading import text_config
+
+    want = bool(getattr(text_config(model.config), "tie_word_embeddings", False))
     if out is None or inp is None:
         return
     tied = out.weight is inp.weight
@@ -430,6 +432,13 @@ def _check_ties(model, report: CheckReport, path: Path) -> None:
                    else "separate output embedding, as the config says (tie_word_embeddings false)")
 
 
+def _vocab(config) -> int | None:
+    """The embedding's rows the config names (of the text decoder: :func:`prune.model.loading.text_config`)."""
+    from prune.model.loading import text_config
+
+    return getattr(text_config(config), "vocab_size", None)
+
+
 def _check_tokenizer(path: Path, config, report: CheckReport) -> None:
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         report.add("tokenizer", "fail", f"no tokenizer files ({', '.join(TOKENIZER_FILES)})")
@@ -441,7 +450,7 @@ def _check_tokenizer(path: Path, config, report: CheckReport) -> None:
     except Exception as exc:  # noqa: BLE001
         report.add("tokenizer", "fail", f"AutoTokenizer.from_pretrained fails: {first_line(exc)}")
         return
-    vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
+    vocab = _vocab(config)
     size = len(tok)
     if isinstance(vocab, int) and size > vocab:
         report.add("tokenizer", "fail", f"{size} tokens but the embedding has {vocab} rows (ids >= {vocab} would crash)")
@@ -463,7 +472,7 @@ def _check_generation_config(path: Path, config, report: CheckReport) -> None:
         report.add("generation", "fail", f"generation_config.json does not load ({first_line(exc)}): from_pretrained "
                                          "would use transformers' defaults instead (other stop tokens): fix or remove it")
         return
-    vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", None)
+    vocab = _vocab(config)
     ids = {k: v for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
            if (v := getattr(gen, k, None)) is not None}
     flat = [(k, i) for k, v in ids.items() for i in (v if isinstance(v, list) else [v])]

@@ -636,27 +636,28 @@ def task_meta_of(texts) -> TaskMeta:
     return TaskMeta({task: top(task) for task in parent}, lower)
 
 
-def latest_samples(folder: Path) -> dict[str, Path]:
-    """``{task: newest samples file}`` in an lm-eval results folder (lm-eval's file-name helpers)."""
-    from lm_eval.utils import get_file_datetime, get_file_task_name, get_latest_filename
+def samples_by_task(folder: Path) -> dict[str, list[str]]:
+    """``{task: its samples files}`` in an lm-eval results folder (lm-eval's file-name helper)."""
+    from lm_eval.utils import get_file_task_name
 
     by_task: dict[str, list[str]] = {}
     for path in folder.glob("samples_*.jsonl"):
         by_task.setdefault(get_file_task_name(path.name), []).append(str(path))
-    return {task: Path(get_latest_filename(paths)) for task, paths in by_task.items()
+    return by_task
+
+
+def latest_samples(folder: Path) -> dict[str, Path]:
+    """``{task: newest samples file}`` in an lm-eval results folder (lm-eval's file-name helpers)."""
+    from lm_eval.utils import get_file_datetime, get_latest_filename
+
+    return {task: Path(get_latest_filename(paths)) for task, paths in samples_by_task(folder).items()
             if get_file_datetime(Path(paths[0]).name)}
 
 
 def evaluated_more_than_once(folder: Path) -> list[str]:
     """The tasks with more than one samples file in ``folder`` (``prune eval --output-path`` run again into it):
     :func:`latest_samples` reads the newest of each."""
-    from lm_eval.utils import get_file_task_name
-
-    counts: dict[str, int] = {}
-    for path in folder.glob("samples_*.jsonl"):
-        task = get_file_task_name(path.name)
-        counts[task] = counts.get(task, 0) + 1
-    return sorted(t for t, n in counts.items() if n > 1)
+    return sorted(t for t, paths in samples_by_task(folder).items() if len(paths) > 1)
 
 
 def evaluations_mixed(folder: Path, tasks: list[str] | None = None) -> list[str]:

@@ -254,12 +254,18 @@ def load_config(src: ModelSource, trust_remote_code: bool = False):
 
 
 
+def text_config(config):
+    """The config of the text decoder: a multimodal config's ``text_config`` (Gemma 3 with its vision tower), else
+    ``config`` itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def check_supported(config) -> None:
     """Refuse an architecture outside :data:`SUPPORTED_MODEL_TYPES` with a message naming both."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         names = ", ".join(f"{v} ({k})" for k, v in SUPPORTED_MODEL_TYPES.items())
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config(config)
         text_type = getattr(text, "model_type", None)
         inner = (f" (a model around a text decoder, {text_type}: give a text-only checkpoint of it, which is supported)"
                  if text is not config and text_type in SUPPORTED_MODEL_TYPES else "")

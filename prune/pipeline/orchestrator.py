@@ -76,9 +76,9 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
     try:
         config = I.preflight_model(src, recipe.model.trust_remote_code, lengths)
     except PruneError as exc:  # a model named by a variable's default (out-of-core.yaml's Hub id): the variable to set
-        if not recipe.default_of("model.source"):
+        if not (hint := recipe.default_of("model.source")):
             raise
-        raise PruneError(f"{exc}{recipe.default_of('model.source')}") from None
+        raise PruneError(f"{exc}{hint}") from None
     n_layers = config.num_hidden_layers
     sel = recipe.select
     protect = resolve_protect(sel.protect, n_layers)

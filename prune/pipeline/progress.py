@@ -150,6 +150,11 @@ def _task_fingerprint(recipe) -> dict | None:
     return {"lm_eval": version("lm_eval"), "data_dir": str(root) if root is not None else None, "files": files}
 
 
+def finished_stages(folder: Path) -> list[str]:
+    """The :data:`STAGES` stored in a progress ``folder``, in run order."""
+    return [s for s in STAGES if (folder / f"{s}.json").is_file()]
+
+
 def progress_dir(out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir).expanduser().resolve()
     return out.parent / f".{out.name}.progress"
@@ -226,7 +231,7 @@ class RunProgress:
             self.resume = True
         else:
             self.resume = False
-            finished = [s for s in STAGES if (self.folder / f"{s}.json").is_file()]
+            finished = finished_stages(self.folder)
             if finished and stored == self.recipe:  # the same run, interrupted: its stages are not thrown away unasked
                 raise PruneError(f"{self.folder} holds the finished stages ({', '.join(finished)}) of an interrupted run "
                                  f"of this recipe: rerun with {spelled('--resume', 'resume=True')} to reuse them, or "
@@ -241,7 +246,7 @@ class RunProgress:
         """The recipe or its inputs changed since the interrupted run: the stages computed from what changed are
         removed (and said so), the others kept; refused when none is left to reuse."""
         changed = changed_sections(stored, self.recipe)
-        finished = [s for s in STAGES if (self.folder / f"{s}.json").is_file()]
+        finished = finished_stages(self.folder)
         stale = [s for s in finished if changed & stage_sections(self.recipe, s)]
         if stale == finished:  # nothing left to reuse: the messages name what changed
             if stored.get("inputs") != self.recipe["inputs"] and isinstance(stored.get("inputs"), dict):
@@ -261,7 +266,7 @@ class RunProgress:
 
     def found(self) -> list[str]:
         """The stages a resumed run will reuse."""
-        return [s for s in STAGES if self.resume and (self.folder / f"{s}.json").is_file()]
+        return finished_stages(self.folder) if self.resume else []
 
     def stage(self, name: str, compute, encode=lambda x: x, decode=lambda x: x):
         """``decode(stored)`` when resuming a run that finished stage ``name``; otherwise
@@ -293,7 +298,7 @@ class RunProgress:
                 self._write("recipe", self.recipe)
             self._write(stage, data)
         except Exception as exc:
-            if not any((self.folder / f"{s}.json").is_file() for s in STAGES):
+            if not finished_stages(self.folder):
                 shutil.rmtree(self.folder, ignore_errors=True)  # nothing finished: leave nothing behind
             error = write_error(exc, self.folder, "saving the progress of the run in")
             if error is None:

@@ -259,10 +259,7 @@ def check_select(recipe: Recipe, where: str = "recipe") -> None:
                          "(contiguous runs, one-shot angular / CKA / MSRS sets, the CKA families), but score.metrics is "
                          f"{recipe.score.metrics} (add {', '.join(missing)})")
     score, n = recipe.score, recipe.calibration.n_samples
-    if "cka" in score.metrics and score.cka_windows > n:  # checked again by prune.score, once the model is loaded
-        raise PruneError(f"{where}: score.cka_windows {score.cka_windows} pools more windows into one CKA batch than the "
-                         f"{n} calibration windows (calibration.n_samples): lower it, or raise n_samples")
-    if "cka" in score.metrics and n % score.cka_windows:
+    if "cka" in score.metrics and n % score.cka_windows:  # checked again by prune.score, once the model is loaded
         raise PruneError(f"{where}: {short_cka_group(score.cka_windows, n, 'calibration.n_samples', 'score.cka_windows')}")
     need, why = needed_score(sel.strategy, sel.metric, sel.order_by)
     if need is not None and need not in recipe.score.metrics:
