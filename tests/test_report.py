@@ -331,3 +331,51 @@ def test_names_from_edited_files_stay_text_on_the_card_and_in_tables(run_dir, tm
                            {"params_before": 2, "params_after": 1, "layers_before": 2, "layers_after": 1})
     line = comparison_markdown(rows).splitlines()[2]
     assert line.startswith("| a\\|b&lt;i&gt; | acc |") and line.count(" | ") == 4
+
+
+def test_block_chart_legends_sit_above_the_data():
+    """The legends sat at matplotlib's 'best' place, which a full row of MSRS bars (or points spread over
+    the whole axis) leaves none of: they covered the data. Each now sits in headroom above it."""
+    import torch
+
+    from prune.core import metrics
+    from prune.export.report import block_chart
+
+    L = 30
+    rng = np.random.default_rng(0)
+    S = np.clip(0.8 + 0.15 * rng.random((L + 1, L + 1)), 0, 1)
+    S = (S + S.T) / 2
+    np.fill_diagonal(S, 1)
+    A = rng.random((L + 1, L + 1)) * 0.3
+    A = (A + A.T) / 2
+    np.fill_diagonal(A, 0)
+    m = metrics.msrs(torch.tensor(S[1:, 1:]), 100.0, 0.8).to_dict()
+    scores = ScoreResult(n_layers=L, positions="all", cka_windows=1, n_windows=4, seq_len=16, n_tokens=64,
+                         block_influence=list(rng.random(L) * 0.3), angular=A.tolist(), cka=S.tolist(), msrs=m)
+    fig = block_chart(scores, 7, "t", marked=range(12, 19))
+    fig.canvas.draw()
+    for ax in fig.axes:
+        legend = ax.get_legend().get_window_extent()
+        bottom = ax.transData.inverted().transform((legend.x0, legend.y0))[1]
+        tops = [max(line.get_ydata()) for line in ax.get_lines()] + [p.get_height() for p in ax.patches
+                                                                       if hasattr(p, "get_height") and p.get_width() < 1]
+        assert tops and bottom > max(tops), (ax.get_ylabel(), bottom, max(tops))
+
+
+def test_original_and_pruned_charts_share_each_panels_range():
+    """Each chart had its own y range, so the pruned model's smaller scores could look as tall as the original's."""
+    from prune.export.report import block_chart, share_y
+
+    rng = np.random.default_rng(1)
+
+    def scores(L, scale):
+        A = rng.random((L + 1, L + 1)) * scale
+        return ScoreResult(n_layers=L, positions="all", cka_windows=1, n_windows=4, seq_len=16, n_tokens=64,
+                           block_influence=list(rng.random(L) * scale), angular=((A + A.T) / 2).tolist(), cka=None,
+                           msrs=None)
+
+    big, small = block_chart(scores(8, 1.0), 2, "a"), block_chart(scores(6, 0.1), 2, "b")
+    assert big.axes[0].get_ylim() != small.axes[0].get_ylim()
+    share_y(big, small)
+    for a, b in zip(big.axes, small.axes):
+        assert a.get_ylim() == b.get_ylim() and a.get_ylim()[1] > 0.5

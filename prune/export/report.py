@@ -141,7 +141,9 @@ def block_chart(scores: ScoreResult, k: int, title: str, marked=(), labels: list
 
             handles.append(Patch(color="#d62728", alpha=0.25))
             names.append(f"{marked_as} ({len(marked)} blocks)")
-        ax.legend(handles, names, fontsize=8, loc="best")
+        low, high = ax.get_ylim()  # headroom for a one-row legend above the data (it covered bars and points)
+        ax.set_ylim(low, high + 0.25 * (high - low))
+        ax.legend(handles, names, fontsize=8, loc="upper left", ncol=len(handles), framealpha=0.9)
     names = labels or [str(i) for i in x]
     ticks = sorted(set(_ticks(L)) | {i for i in marked if 0 <= i < L})
     axes[-1].set_xticks(ticks, [names[i] for i in ticks], fontsize=8)
@@ -327,6 +329,16 @@ class _Doc:
                 "\n</body></html>\n")
 
 
+def share_y(*figures) -> None:
+    """One y range per panel across ``figures`` drawn by the same function, so the original's and the pruned
+    model's charts compare by eye (each had its own range: a smaller bar could look as tall)."""
+    for panels in zip(*(fig.axes for fig in figures)):
+        low = min(ax.get_ylim()[0] for ax in panels)
+        high = max(ax.get_ylim()[1] for ax in panels)
+        for ax in panels:
+            ax.set_ylim(low, high)
+
+
 def _save(fig, path: Path) -> None:
     fig.savefig(path)
     _plt().close(fig)
@@ -446,14 +458,16 @@ def _write(folder: Path, before, after, selection, kept, k, title, source, evalu
     doc.heading("Per-block scores")
     what = (f"{'would be removed' if hypothetical else 'removed'} by {selection.strategy}" if selection else
             "none marked")
-    _save(block_chart(before, k, f"{first}: per-block redundancy (shaded: {what})", marked, labels, marked_as),
-          folder / "blocks_original.png")
+    chart = block_chart(before, k, f"{first}: per-block redundancy (shaded: {what})", marked, labels, marked_as)
     images = [("blocks_original.png", "original model" if lineage is None else f"before step {lineage.step}")]
     if after is not None:
-        _save(block_chart(after, min(k, after.n_layers - 1) if after.n_layers > 1 else 1,
-                          "Pruned: per-block redundancy" + ("" if kept_names else " (blocks renumbered)"), labels=kept_names,
-                          axis=kept_axis), folder / "blocks_pruned.png")
+        pruned_chart = block_chart(after, min(k, after.n_layers - 1) if after.n_layers > 1 else 1,
+                                   "Pruned: per-block redundancy" + ("" if kept_names else " (blocks renumbered)"),
+                                   labels=kept_names, axis=kept_axis)
+        share_y(chart, pruned_chart)
+        _save(pruned_chart, folder / "blocks_pruned.png")
         images.append(("blocks_pruned.png", "pruned model"))
+    _save(chart, folder / "blocks_original.png")
     doc.images(folder, images)
     if after is not None and kept and lineage is not None:
         doc.para(f"pruned block n is original block kept_original[n]; kept_original = {[lineage.original[i] for i in kept]} "
