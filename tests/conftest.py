@@ -165,6 +165,14 @@ def tokenizers_by_bos():
     return {True: build_tokenizer(True), False: build_tokenizer(False)}
 
 
+def scores_from(bi, angular=None, cka=None, msrs=None):
+    """A ScoreResult from given numbers (selection and the report's charts are functions of the scores alone)."""
+    from prune.measure.scoring import ScoreResult
+
+    return ScoreResult(n_layers=len(bi), positions="all", cka_windows=1, n_windows=1, seq_len=8, n_tokens=8,
+                       block_influence=list(bi), angular=angular, cka=cka, msrs=msrs)
+
+
 def build_model(model_type: str, seed: int = 0, redundant=(), **overrides):
     """A random tiny model; ``initializer_range=0.1`` so every block changes the stream
     measurably. Blocks in ``redundant`` get their matrices scaled by 0.05: their residual

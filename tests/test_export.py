@@ -25,7 +25,7 @@ from prune.export.public import public_path
 from prune.pipeline.orchestrator import run
 from prune.pipeline.recipe import load_recipe
 
-from conftest import ROOT
+from conftest import ROOT, scores_from
 from export_fixtures import recipe, save_source
 
 
@@ -276,8 +276,7 @@ def test_python_api_save_refuses_a_removal_that_did_not_happen_and_takes_a_selec
         with pytest.raises(PruneError, match=re.escape(said)):
             prune.save(model, tok, tmp_path / "x", **kwargs)
     assert not (tmp_path / "x").exists()
-    scores = prune.ScoreResult(n_layers=6, positions="all", cka_windows=1, n_windows=1, seq_len=8, n_tokens=8,
-                               block_influence=[0.9, 0.1, 0.2, 0.8, 0.7, 0.9], angular=None, cka=None, msrs=None)
+    scores = scores_from([0.9, 0.1, 0.2, 0.8, 0.7, 0.9])
     choice = prune.select(scores, 2, metric="bi")
     with pytest.raises(PruneError, match=re.escape("the model still has all 6 blocks")):
         prune.save(model, tok, tmp_path / "x", pruning=choice, source=str(first.out_dir))

@@ -14,7 +14,7 @@ from prune.export.report import cka_heatmap, report_run
 from prune.pipeline.commands import report_scores
 from prune.measure.scoring import ScoreResult
 
-from conftest import WIKI_RAW, build_model, prune_main
+from conftest import WIKI_RAW, build_model, prune_main, scores_from
 
 PNGS_RUN = ["cka_original.png", "cka_pruned.png", "blocks_original.png", "blocks_pruned.png", "pareto.png"]
 
@@ -256,8 +256,7 @@ def test_deep_models_plots_stay_readable():
     small[2, 3] = small[3, 2] = 0.95
     fig = cka_heatmap(small.tolist(), 0.8, "t")
     assert sum(len(c.get_paths()) for c in fig.axes[0].collections) == 2
-    scores = ScoreResult(n_layers=L, positions="all", cka_windows=1, n_windows=4, seq_len=16, n_tokens=64,
-                         block_influence=list(rng.random(L)), angular=np.eye(L + 1).tolist(), cka=None, msrs=None)
+    scores = scores_from(rng.random(L), angular=np.eye(L + 1).tolist())
     assert block_chart(scores, 4, "t").get_size_inches()[0] == CHART_MAX_WIDTH
 
 
@@ -350,8 +349,7 @@ def test_block_chart_legends_sit_above_the_data():
     A = (A + A.T) / 2
     np.fill_diagonal(A, 0)
     m = metrics.msrs(torch.tensor(S[1:, 1:]), 100.0, 0.8).to_dict()
-    scores = ScoreResult(n_layers=L, positions="all", cka_windows=1, n_windows=4, seq_len=16, n_tokens=64,
-                         block_influence=list(rng.random(L) * 0.3), angular=A.tolist(), cka=S.tolist(), msrs=m)
+    scores = scores_from(rng.random(L) * 0.3, angular=A.tolist(), cka=S.tolist(), msrs=m)
     fig = block_chart(scores, 7, "t", marked=range(12, 19))
     fig.canvas.draw()
     for ax in fig.axes:
@@ -370,9 +368,7 @@ def test_original_and_pruned_charts_share_each_panels_range():
 
     def scores(L, scale):
         A = rng.random((L + 1, L + 1)) * scale
-        return ScoreResult(n_layers=L, positions="all", cka_windows=1, n_windows=4, seq_len=16, n_tokens=64,
-                           block_influence=list(rng.random(L) * scale), angular=((A + A.T) / 2).tolist(), cka=None,
-                           msrs=None)
+        return scores_from(rng.random(L) * scale, angular=((A + A.T) / 2).tolist())
 
     big, small = block_chart(scores(8, 1.0), 2, "a"), block_chart(scores(6, 0.1), 2, "b")
     assert big.axes[0].get_ylim() != small.axes[0].get_ylim()

@@ -2,14 +2,7 @@ import pytest
 
 import prune
 from prune import PruneError
-from prune.measure.scoring import ScoreResult
-
-
-def fake_scores(bi, angular=None, cka=None, msrs=None) -> ScoreResult:
-    """A ScoreResult from given numbers (selection is a pure function of the scores)."""
-    L = len(bi)
-    return ScoreResult(n_layers=L, positions="all", cka_windows=1, n_windows=1, seq_len=8, n_tokens=8, block_influence=bi,
-                       angular=angular, cka=cka, msrs=msrs)
+from conftest import scores_from as fake_scores
 
 
 def angular_from_steps(steps):

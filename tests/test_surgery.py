@@ -8,7 +8,7 @@ import prune
 from prune import PruneError
 from prune.model.loading import decoder_layers
 
-from conftest import N_LAYERS, build_model
+from conftest import N_LAYERS, build_model, scores_from
 
 
 def greedy(model, prompt, use_cache=True):
@@ -157,10 +157,7 @@ def test_a_hybrid_stack_keeps_an_attention_block(tokenizers_by_bos, tmp_path):
                                              "last attention blocks"):
             strategy(model, windows, 6, progress=False)
     # the score-only strategies too, given the model's config (a run passes it): the next block in their order
-    from prune.measure.scoring import ScoreResult
-
-    low = ScoreResult(n_layers=8, positions="all", cka_windows=1, n_windows=1, seq_len=8, n_tokens=8,
-                      block_influence=[0.9, 0.01, 0.5, 0.6, 0.02, 0.7, 0.03, 0.9], angular=None, cka=None, msrs=None)
+    low = scores_from([0.9, 0.01, 0.5, 0.6, 0.02, 0.7, 0.03, 0.9])
     assert prune.select(low, 3, metric="bi").removed == [1, 4, 6]  # without the config: refused at removal
     assert prune.select(low, 3, metric="bi", config=model.config).removed == [1, 2, 4]
     seed = next(s for s in range(200) if prune.select(low, 3, strategy="random", seed=s).removed == [1, 4, 6])
