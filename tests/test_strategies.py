@@ -124,9 +124,11 @@ def test_sleb_equals_brute_force_loss(arch, tokenizers_by_bos):
     assert rounds[0]["removed"] == min(ref, key=ref.get)
     assert more.details["forward_passes"] == sel.details["forward_passes"] + 1 + 5  # 6 blocks left, block 0 protected
     for bad, message in ((w[:0], "no windows to score"), (w.float(), "must be a tensor of token ids"),
-                         (w.tolist(), "must be a tensor of token ids"), (w + 10**6, "outside the model's vocabulary")):
+                         (w.tolist(), "must be a tensor of token ids"), (w + 10**6, "outside the model's vocabulary"),
+                         (w[:, :1], "need at least 2 tokens each")):
         with pytest.raises(PruneError, match=message):  # ZeroDivisionError, RuntimeError, AttributeError, IndexError
             ST.sleb(model, bad, 2, progress=False)
+    assert ST.sleb(model, w.int(), 2, protect=[0], batch_size=3, progress=False).removed == sel.removed  # int32 raised
     assert sel.details["forward_passes"] == 2 + 7 + 6  # one caching pass per round plus one per candidate
     assert 0 < sel.details["full_forward_equivalents"] < sel.details["forward_passes"]
 

@@ -128,7 +128,7 @@ def test_per_layer_lists_not_named_layer_are_sliced(tokenizers_by_bos, tmp_path)
 def test_a_hybrid_stack_keeps_an_attention_block(tokenizers_by_bos, tmp_path):
     """LFM2 with its attention blocks 1, 4 and 6 removed (only convolutions left) was saved and passed the check, and
     generate() with a cache failed in transformers: the cut is refused before anything changes, in memory, out of
-    core; verified proposes no such set, and SLEB's and iterative's rounds never take the last attention block."""
+    core; verified proposes no such set, SLEB's and iterative's rounds never take the last attention block, nor search."""
     from prune.choose.verified import verified
     from prune.export.outofcore import prune_checkpoint
 
@@ -156,6 +156,14 @@ def test_a_hybrid_stack_keeps_an_attention_block(tokenizers_by_bos, tmp_path):
         with pytest.raises(PruneError, match="no block left to remove in round 6: the only ones not protected are the "
                                              "last attention blocks"):
             strategy(model, windows, 6, progress=False)
+    # search with a floor every set holds: the largest set that keeps an attention block (it removed 1-6, and the run
+    # failed at the removal, after the search's budget was spent)
+    from prune.choose.strategies import perplexity_proxy, search
+
+    found = search(model, scores, perplexity_proxy(model, windows, 2), floor=1e9, higher_is_better=False, budget=10,
+                   order_by="bi", progress=False)
+    assert len(found.removed) == 5 and {1, 4, 6} - set(found.removed)
+    assert all({1, 4, 6} - set(e["removed"]) for e in found.details["trace"])  # no evaluation spent on such a set
     # the score-only strategies too, given the model's config (a run passes it): the next block in their order
     low = scores_from([0.9, 0.01, 0.5, 0.6, 0.02, 0.7, 0.03, 0.9])
     assert prune.select(low, 3, metric="bi").removed == [1, 4, 6]  # without the config: refused at removal

@@ -15,7 +15,8 @@
   original's. First a binary search over prefixes of the ranking (the longest prefix
   that holds), then a greedy pass over the remaining candidates in rank order, adding
   each one whose removal still holds; it stops when the budget of proxy evaluations is
-  spent or no candidate is left.
+  spent or no candidate is left. A set that removes a hybrid stack's last attention block
+  never holds (and costs no evaluation).
 
 Every :class:`~prune.choose.rules.Selection` records in ``details`` what it cost
 (``forward_passes``, ``full_forward_equivalents``, or ``evaluations``) and a per-round
@@ -397,6 +398,8 @@ def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, 
     bar = tqdm(total=budget, desc="search", unit="eval", disable=not progress)
 
     def check(removed: list[int], phase: str) -> bool:
+        if not keeps_attention(model.config, removed):  # a hybrid stack's last attention block stays: never holds
+            return False
         key = tuple(sorted(removed))
         if key not in memo:
             value = proxy(sorted(removed))
@@ -424,6 +427,8 @@ def search(model, scores, proxy: Callable[[list[int]], float], *, floor: float, 
         if len(chosen) >= cap:
             stopped = "max_remove"
             break
+        if not keeps_attention(model.config, chosen + [cand]):  # passed over as if protected, at no cost
+            continue
         key = tuple(sorted(chosen + [cand]))
         if key not in memo and len(evaluations) >= budget:
             stopped = "budget"

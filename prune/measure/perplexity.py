@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from prune.core import dist
+from prune.core.errors import PruneError
 from prune.model.capture import batches, measured_in_eval_mode
 from prune.model.loading import input_device
 
@@ -34,6 +35,9 @@ def nll_sum(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = 
     Under a launcher (:mod:`prune.core.dist`) each rank runs a contiguous share of whole
     batches; the per-batch sums are gathered and added in window order, so the total is
     bit-for-bit the one-process total."""
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise PruneError(f"perplexity windows need at least 2 tokens each (a token and the next to predict), got "
+                         f"shape {tuple(windows.shape)}")
     device = input_device(model)
     lo, hi = dist.shard(windows.shape[0], batch_size)
     sums: list[tuple[float, int]] = []
@@ -42,7 +46,7 @@ def nll_sum(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = 
         for _, batch in batches(windows[lo:hi], batch_size):
             batch = batch.to(device)
             logits = model(input_ids=batch, use_cache=False).logits
-            targets = batch[:, 1:].to(logits.device)
+            targets = batch[:, 1:].to(logits.device, torch.long)  # cross_entropy takes int64 ids (int32 raised)
             sums.append((window_nll(logits, targets), targets.numel()))
             bar.update(batch.shape[0])
     bar.close()
