@@ -36,6 +36,7 @@ from prune.heal.distill import (
     topk_kl_loss,
 )
 from prune.heal.methods import heal_config, heal_model, training_windows
+from prune.measure.fidelity import token_kl
 from prune.model.loading import decoder_layers
 from prune.pipeline.orchestrator import run
 
@@ -186,21 +187,46 @@ def test_topk_cache_reproduces_the_in_memory_teacher_loss(tokenizers_by_bos, tmp
             mem = make_loss(cfg, Teacher("memory", "t", teacher), decoder_layers(student))(student, [train_w[:4], rows])
             top = make_loss(cfg, Teacher("cache", "t", cache=cache), decoder_layers(student))(student, [train_w[:4], rows])
             assert float(top) == pytest.approx(float(mem), rel=rel, abs=abs_), (peak, k, T)
+    # a teacher that is not peaked (its top 32 of 256 hold far less than all): at T = 1 a lower bound of the KL
+    teacher, student = pruned_pair()
+    cache = build_cache(teacher, tok, train_w, val_w, 32, tmp_path / "flat.safetensors", "t", quiet=True)
+    cfg = heal_config("distill", C4_DATA, **FAST)
+    mem = make_loss(cfg, Teacher("memory", "t", teacher), decoder_layers(student))(student, [train_w[:4], torch.arange(4)])
+    top = make_loss(cfg, Teacher("cache", "t", cache=cache), decoder_layers(student))(student, [train_w[:4], torch.arange(4)])
+    assert float(cache.tensors["logprobs"].exp().sum(-1).mean()) < 0.5
+    assert 0 < float(top) <= float(mem)  # 0.10 against 0.24 (the renormalised teacher measured 1.74, 7x the KL)
     # the top-k formula itself at k = vocab is the full KL
     zs, zt = torch.randn(3, VOCAB), torch.randn(3, VOCAB)
     lp, ix = torch.log_softmax(zt, -1).topk(VOCAB, -1)
     assert float(topk_kl_loss(zs, lp, ix, 2.0)) == pytest.approx(float(kl_loss(zs, zt, 2.0)), rel=1e-5)
-    # and its gradient (k = 8 of the vocabulary, 2 positions per chunk) is autograd's through the formula
-    zs = torch.randn(2, 3, VOCAB) * 3
-    lp, ix = torch.log_softmax(torch.randn(2, 3, VOCAB) * 3, -1).topk(8, -1)
-    t = torch.log_softmax(lp.double() / 2.0, -1)
-    want, want_grad = float64_grad(
-        zs, lambda z: 4.0 * (t.exp() * (t - torch.log_softmax(z / 2.0, -1).gather(-1, ix))).sum(-1).mean())
-    z2 = zs.clone().requires_grad_(True)
-    got = topk_kl_loss(z2, lp, ix, 2.0, rows=2)
-    got.backward()
-    assert float(got) == pytest.approx(want, rel=1e-5)
-    torch.testing.assert_close(z2.grad.double(), want_grad, rtol=1e-4, atol=1e-7)
+    # k < vocab: the KL over the k tokens and one bucket for the rest. A student equal to the teacher scores 0 with
+    # no gradient (renormalising the teacher over its k scored 0.12 nats here and pulled the tail onto them); at
+    # T = 1 it is at most the full KL and equals prune compare's measure (token_kl)
+    zs, zt = torch.randn(2, 3, VOCAB) * 3, torch.randn(2, 3, VOCAB) * 3
+    lp, ix = torch.log_softmax(zt, -1).topk(8, -1)
+    same = zt.clone().requires_grad_(True)
+    assert float(topk_kl_loss(same, lp, ix)) == pytest.approx(0.0, abs=1e-6)
+    topk_kl_loss(same, lp, ix).backward()
+    assert float(same.grad.abs().max()) < 1e-6
+    bucketed = float(topk_kl_loss(zs, lp, ix))
+    assert bucketed < float(kl_loss(zs, zt))
+    assert bucketed == pytest.approx(float(token_kl(lp, ix, torch.log_softmax(zs, -1)).mean()), rel=1e-5)
+    # and its gradient (k = 8 of the vocabulary, 2 positions per chunk) is autograd's through the bucket formula
+    for T in (1.0, 2.0):
+        tail = torch.log1p(-torch.logsumexp(lp.double(), -1, keepdim=True).exp())
+        b = torch.log_softmax(torch.cat([lp.double(), tail], -1) / T, -1)
+
+        def formula(z):
+            s_k = torch.log_softmax(z / T, -1).gather(-1, ix)
+            buckets = torch.cat([s_k, torch.log1p(-s_k.exp().sum(-1, keepdim=True))], -1)
+            return T ** 2 * (b.exp() * (b - buckets)).sum(-1).mean()
+
+        want, want_grad = float64_grad(zs, formula)
+        z2 = zs.clone().requires_grad_(True)
+        got = topk_kl_loss(z2, lp, ix, T, rows=2)
+        got.backward()
+        assert float(got) == pytest.approx(want, rel=1e-5)
+        torch.testing.assert_close(z2.grad.double(), want_grad, rtol=1e-4, atol=1e-7)
 
 
 def test_sequential_topk_equals_the_loaded_model(tokenizers_by_bos, tmp_path):
@@ -243,6 +269,8 @@ def test_sequential_topk_equals_the_loaded_model(tokenizers_by_bos, tmp_path):
 def test_distill_brings_the_student_closer_and_reloads(params, tokenizers_by_bos, tmp_path):
     tok = tokenizers_by_bos[True]
     teacher, student = pruned_pair()
+    teacher.train()
+    teacher_weights = {k: v.clone() for k, v in teacher.state_dict().items()}
     rec = heal_model(student, tok, "distill", params=params, data=C4_DATA, teacher_model=teacher, teacher_tokenizer=tok,
                      kept=KEPT, hidden_weight=0.1, temperature=2.0, quiet=True, **FAST)
     d = rec["distill"]
@@ -251,7 +279,9 @@ def test_distill_brings_the_student_closer_and_reloads(params, tokenizers_by_bos
     assert (d["temperature"], d["hidden_weight"], d["kl_weight"], d["lm_weight"]) == (2.0, 0.1, 1.0, 0.0)
     assert rec["tokens_seen"] == FAST["steps"] * FAST["batch_size"] * FAST["seq_len"] and rec["steps"] == FAST["steps"]
     assert not [n for n, m in student.named_modules() if type(m).__module__.startswith("peft")]
-    assert all(not p.requires_grad for p in teacher.parameters())  # the teacher is never trained
+    assert teacher_weights.keys() == teacher.state_dict().keys()  # the teacher is never trained, and left as it was
+    assert all(torch.equal(v, teacher_weights[k]) for k, v in teacher.state_dict().items())
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())  # eval, no grad: left so before
     save_reload_same_logits(student, tok, tmp_path / "healed", torch.arange(24)[None])
     md = prune.heal.methods.healing_markdown(rec)
     assert "KL to the teacher" in md and "distillation from" in md
@@ -431,7 +461,7 @@ def test_a_mismatched_teacher_is_refused(tokenizers_by_bos, tmp_path):
     same_tok = build_cache(build_model("llama"), tok, train_w, val_w, 8, tmp_path / "same.safetensors", "s", quiet=True)
     with pytest.raises(PruneError, match="other training windows"):
         heal_model(student, tok, "distill", data=C4_DATA, teacher_cache=str(same_tok.path), quiet=True, **{**FAST, "seed": 1})
-    with pytest.raises(PruneError, match="no teacher source"):
+    with pytest.raises(PruneError, match="no teacher source for distillation: pass teacher_model= "):
         heal_model(student, tok, "distill", data=C4_DATA, quiet=True, **FAST)
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
 

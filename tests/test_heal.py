@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import prune
 from prune import PruneError
-from prune.heal.methods import heal_config, heal_model, mean_lm_loss
+from prune.heal.methods import heal_config, heal_model, healing_markdown, mean_lm_loss
 from prune.core.config import HealConfig
 from prune.pipeline.orchestrator import run
 from prune.model.loading import decoder_layers
@@ -344,6 +344,8 @@ def test_replace_trains_one_block_in_place_of_the_run(arch, init, tokenizers_by_
         assert model.config.layer_types == [layer_types[i] for i in kept]
     r = rec["replacement"]
     assert r["replaces"] == RUN and r["position"] == RUN[0] and r["init_block"] == source
+    start = f"the mean of blocks {RUN}" if init == "mean_removed" else f"block {source}"  # it said block 3 for the mean
+    assert f"(initialised as {start}, loss mse)" in healing_markdown(rec)
     assert r["val_mse_after"] < r["val_mse_before"]
     assert rec["losses"][-1] < rec["losses"][0]
     # every weight but the replacement block's equals the original model's

@@ -23,12 +23,15 @@ Teacher sources (``heal.teacher``):
   vocabulary; needed for ``hidden_weight``). In a recipe the copy is taken before the surgery.
 * ``cache``: the original's top-``k`` log-probs per token (``heal.top_k``), computed ONCE
   before the surgery (or from the source model by ``prune heal``) and written to a safetensors
-  file (``heal.teacher_cache``; size reported). The KL then uses the teacher distribution
-  RENORMALISED over its ``k`` kept tokens, ``q = softmax(log p_t[topk] / T)``, against the
-  student's full-vocabulary log-probs at those tokens:
-  ``sum_topk q * (log q - log_softmax(z_s / T)[topk])``. This equals the full KL when
-  ``k = vocab`` and drops the teacher's tail mass otherwise (tests/test_distill.py states the
-  tolerance). The file also holds the windows it was computed on and the tokenizer's
+  file (``heal.teacher_cache``; size reported). The KL is then over ``k + 1`` buckets: the
+  teacher's ``k`` tokens and one for the rest of the vocabulary (the teacher's tail mass
+  ``1 - sum_topk p_t``, the student's exact mass outside those tokens), the teacher's bucket
+  log-masses tempered together (:func:`_topk_chunk`). At T = 1 that is the KL of the two bucketed
+  distributions, the measure ``prune compare`` reports (:func:`prune.measure.fidelity.token_kl`):
+  0 for a student equal to the teacher and at most the full KL, equal to it when ``k = vocab``
+  (tests/test_distill.py states the tolerance). (0.2.0 and before renormalised the teacher over its k
+  tokens and the tail ignored: that adds ``-log`` of the student's mass on them, 0.12 nats for a
+  perfect student at k = 16, and pulls its tail mass onto the k.) The file also holds the windows it was computed on and the tokenizer's
   fingerprint, so a run that reads it is refused when either differs, or when its tensors do not hold what the
   run reads (:func:`check_tensors`); a file named in ``heal.teacher_cache`` is never replaced (another
   ``k`` than ``heal.top_k``: refused). ``prune heal`` computes
@@ -64,7 +67,7 @@ from prune.core import dist
 from prune.core.config import HealConfig
 from prune.core.errors import PruneError
 from prune.core.records import complement
-from prune.measure.fidelity import top1_agrees
+from prune.measure.fidelity import log1mexp, tail_logmass, top1_agrees
 from prune.model.capture import _hidden_from_output, measured_in_eval_mode
 from prune.model.loading import decoder_layers, input_device
 
@@ -84,7 +87,7 @@ KL_CHUNK = 2 ** 24
 class _ChunkedKL(torch.autograd.Function):
     """``T^2 * mean_t KL(p_t || q_t)``, ``q = softmax(z_s/T)``, in float32 ``rows`` token positions at a
     time. The teacher is its logits (``p = softmax(z_t/T)``) or, with ``indices``, its top-k
-    log-probs (``p = softmax(log p_t / T)`` over those k tokens, ``q`` read at them). The forward pass
+    log-probs (k tokens and a tail bucket: :func:`_topk_chunk`). The forward pass
     also writes ``T (q - p)`` (``p`` scattered over the vocabulary; it sums to 1) in the logits' dtype,
     all the backward pass needs (``dL/dz_s = T (q - p) / N`` times the incoming gradient, a loss scale
     under fp16, applied in one float32 product): no float32 ``[tokens, vocab]`` tensor outlives its
@@ -101,15 +104,14 @@ class _ChunkedKL(torch.autograd.Function):
         total = student.new_zeros((), dtype=torch.float64)
         for i in range(0, n, rows):
             s = F.log_softmax(s_all[i:i + rows].float() / temperature, dim=-1)
-            t = F.log_softmax(t_all[i:i + rows].float() / temperature, dim=-1)
-            p = t.exp()
             if ix_all is None:
+                t = F.log_softmax(t_all[i:i + rows].float() / temperature, dim=-1)
+                p = t.exp()
                 total += t.sub_(s).mul_(p).sum().double()  # p (log p - log q), in place
                 q_minus_p = s.exp_().sub_(p) if grad is not None else None
             else:
-                ix = ix_all[i:i + rows]
-                total += (p * (t - s.gather(-1, ix))).sum().double()
-                q_minus_p = s.exp_().scatter_add_(-1, ix, -p) if grad is not None else None
+                total_k, q_minus_p = _topk_chunk(s, t_all[i:i + rows], ix_all[i:i + rows], temperature, grad is not None)
+                total += total_k
             if grad is not None:
                 grad[i:i + rows] = q_minus_p.mul_(temperature)
         ctx.save_for_backward(grad.view_as(student) if grad is not None else None)
@@ -120,6 +122,38 @@ class _ChunkedKL(torch.autograd.Function):
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         return grad * (float(grad_out) / ctx.positions), None, None, None, None
+
+
+def _topk_chunk(s: torch.Tensor, logp: torch.Tensor, ix: torch.Tensor, temperature: float, with_grad: bool):
+    """One chunk of the top-k loss: ``(sum of KL over its rows, q - r or None)``. The buckets are the
+    teacher's k tokens and one for the rest; the teacher's bucket log-masses (its log-probs ``logp`` at
+    T = 1, the tail ``log(1 - sum exp(logp))``) tempered together, ``b = log_softmax([logp, tail] / T)``,
+    against the student's ``q = softmax(z_s / T)`` at the k tokens and its exact mass outside them. At
+    T = 1 this is the KL of the two distributions over the k + 1 buckets: 0 for a student equal to
+    the teacher, at most the full KL. The gradient is ``T (q - r)``: ``r`` is the teacher's mass at the
+    k tokens and its tail mass spread over the other tokens as the student spreads its own."""
+    logp = logp.double()
+    q_k = s.gather(-1, ix).double()
+    if ix.shape[-1] < s.shape[-1]:
+        tail_p = log1mexp(torch.logsumexp(logp, -1, keepdim=True))  # -inf where the k hold all the mass
+        b = torch.log_softmax(torch.cat([logp, tail_p], -1) / temperature, -1)
+        t_k, t_tail = b[:, :-1], b[:, -1]
+        q_tail = tail_logmass(s, ix, torch.logsumexp(q_k, -1)).clamp(min=-700.0)
+    else:  # the whole vocabulary: no tail bucket
+        t_k, t_tail, q_tail = torch.log_softmax(logp / temperature, -1), None, None
+    p_k = t_k.exp()
+    total = torch.where(torch.isneginf(t_k), torch.zeros_like(t_k), p_k * (t_k - q_k)).sum()
+    if t_tail is not None:
+        total = total + torch.where(torch.isneginf(t_tail), torch.zeros_like(t_tail), t_tail.exp() * (t_tail - q_tail)).sum()
+    if not with_grad:
+        return total, None
+    q = s.exp()
+    if t_tail is None:
+        r = torch.zeros_like(q)
+    else:  # the student's tail tokens, scaled to the teacher's tail mass: exp(log q_j + log p_tail - log q_tail)
+        r = (s + (t_tail - q_tail).float().unsqueeze(-1)).exp_()
+    r.scatter_(-1, ix, p_k.to(r.dtype))
+    return total, q.sub_(r)
 
 
 def _rows(student_logits: torch.Tensor, rows: int | None) -> int:
@@ -135,8 +169,8 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 def topk_kl_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor,
                  temperature: float = 1.0, rows: int | None = None) -> torch.Tensor:
-    """The same with the teacher's top-k log-probs only: the teacher renormalised over its k tokens
-    (``softmax(log p_t / T)`` over the k), the student's full-vocabulary log-probs at those tokens."""
+    """The same with the teacher's top-k log-probs (at T = 1) only: the KL over the k tokens and one
+    bucket for the rest of the vocabulary (:func:`_topk_chunk`)."""
     return _ChunkedKL.apply(student_logits, teacher_logprobs.detach(), teacher_indices, float(temperature),
                             _rows(student_logits, rows))
 
@@ -627,7 +661,7 @@ class Teacher:
         out = {"teacher": self.description, "teacher_source": self.kind}
         if self.cache is not None:
             out.update(top_k=self.cache.k, teacher_cache=str(self.cache.path), teacher_cache_bytes=self.cache.bytes,
-                       teacher_cache_note="teacher renormalised over its top-k tokens")
+                       teacher_cache_note="KL over the teacher's top-k tokens and one bucket for the rest (at T = 1 at most the full KL)")
         return out
 
 
@@ -804,7 +838,8 @@ def make_loss(cfg: HealConfig, teacher: Teacher, student_layers):
 @measured_in_eval_mode
 def fidelity(model, teacher: Teacher, windows: torch.Tensor | None, val: bool = True) -> dict | None:
     """Mean KL(teacher || model) per token at T = 1 and the top-1 agreement on ``windows`` (the
-    held-out windows when ``val``); with a cache, the KL is the top-k renormalised estimate."""
+    held-out windows when ``val``); with a cache, the KL over its top k and one bucket for the rest (at most
+    the full KL; the measure of :func:`prune.measure.fidelity.token_kl`)."""
     if windows is None or windows.shape[0] == 0:
         return None
     kl_sum, agree, count = 0.0, 0, 0
@@ -1097,7 +1132,14 @@ def heal_model_distill(model, tokenizer, cfg: HealConfig, windows, val_windows, 
     if isinstance(teacher, nn.Module):
         check_teacher_model(teacher, model, teacher_tokenizer, tokenizer)
         name = getattr(teacher.config, "_name_or_path", "") or "the original model"
+        training, flags = teacher.training, [p.requires_grad for p in teacher.parameters()]
         t = Teacher("memory", f"{name} (in memory)", teacher.eval().requires_grad_(False), pairs=block_pairs(kept))
+        try:
+            return heal_distill(model, cfg, windows, val_windows, t, quiet=quiet, callback=callback)
+        finally:  # the caller's model, only read: its mode and flags as they were
+            teacher.train(training)
+            for p, flag in zip(teacher.parameters(), flags):
+                p.requires_grad_(flag)
     elif teacher is not None or cfg.teacher_cache:
         path = Path(teacher if teacher is not None else cfg.teacher_cache)
         if not path.is_file():
@@ -1105,6 +1147,6 @@ def heal_model_distill(model, tokenizer, cfg: HealConfig, windows, val_windows, 
         t = open_cache(cfg.model_copy(update={"teacher_cache": str(path)}), tokenizer, windows, val_windows,
                        logit_width(model), block_pairs(kept))
     else:
-        raise PruneError("no teacher source for distillation: pass teacher= (the original model) or set "
+        raise PruneError("no teacher source for distillation: pass teacher_model= (the original model) or set "
                          "teacher_cache to a top-k cache of it")
     return heal_distill(model, cfg, windows, val_windows, t, quiet=quiet, callback=callback)

@@ -1009,8 +1009,10 @@ def healing_markdown(record: dict) -> str:
         lines.append(f"- held-out loss on the training text: {record['val_loss_before']:.4f} -> {record['val_loss_after']:.4f}")
     if "replacement" in record:
         r = record["replacement"]
+        start = (f"the mean of blocks {r['replaces']}" if r.get("init") == "mean_removed" else
+                 f"block {r['init_block']}")  # mean_removed keeps block init_block's place, not its weights
         lines.append(f"- blocks {r['replaces']} replaced by one block at position {r['position']} "
-                     f"(initialised from block {r['init_block']}, loss {r['loss']})")
+                     f"(initialised as {start}, loss {r['loss']})")
     if "distill" in record:
         d = record["distill"]
         lines.append(f"- objective: distillation from {d['teacher']}, T = {d['temperature']}, weights KL {d['kl_weight']} / "
@@ -1018,7 +1020,8 @@ def healing_markdown(record: dict) -> str:
                      f"next-token {d['lm_weight']}"
                      + (f", top-{d['top_k']} cache ({d['teacher_cache_bytes'] / 2**20:.1f} MiB)" if d.get("top_k") else ""))
         if d.get("kl_after") is not None:
-            lines.append(f"- KL to the teacher on {d['kl_tokens']:,} held-out tokens: {d['kl_before']:.4f} -> "
+            over = f" (its top {d['top_k']} tokens and one bucket for the rest)" if d.get("top_k") else ""
+            lines.append(f"- KL to the teacher{over} on {d['kl_tokens']:,} held-out tokens: {d['kl_before']:.4f} -> "
                          f"{d['kl_after']:.4f}; top-1 agreement {d['top1_before']:.1%} -> {d['top1_after']:.1%}")
     lines += _bridge_lines(record)
     if record.get("partial", {}).get("note"):

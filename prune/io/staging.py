@@ -112,8 +112,8 @@ def staged(out_dir: str | os.PathLike, overwrite: bool = False, inputs: Iterable
             kept = "the existing folder is untouched" if out.exists() else "no output was written"
             if "disk full" in str(error):
                 raise PruneError(f"disk full while writing {out.resolve()} (No space left on device): the partial files "
-                                 f"were removed and {kept}; free some space or choose another output.dir "
-                                 "(prune run --resume reuses the scores)") from None
+                                 f"were removed and {kept}; free some space or write to another folder (a `prune "
+                                 "run` rerun with --resume reuses the stages it finished)") from None
             raise PruneError(f"{error}; the partial files were removed and {kept}") from None
         raise
 

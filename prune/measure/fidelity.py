@@ -118,7 +118,7 @@ def build_reference(model, windows: torch.Tensor, *, top_k: int = 256, batch_siz
             tops.append(values)
             ids.append(index.to(torch.int32))
             if values.shape[-1] < vocab:
-                tails.append(_tail_logmass(logp, index, torch.logsumexp(values.double(), -1)))
+                tails.append(tail_logmass(logp, index, torch.logsumexp(values.double(), -1)))
             targets.append(logp.gather(-1, batch[:, 1:, None]).squeeze(-1))
             bar.update(batch.shape[0])
     bar.close()
@@ -126,7 +126,7 @@ def build_reference(model, windows: torch.Tensor, *, top_k: int = 256, batch_siz
                              dict(data or {}), torch.cat(tails) if tails else None)
 
 
-def _log1mexp(lse: torch.Tensor) -> torch.Tensor:
+def log1mexp(lse: torch.Tensor) -> torch.Tensor:
     """``log(1 - exp(lse))`` for ``lse <= 0`` (the log of the mass outside the kept entries)."""
     lse = lse.clamp(max=0.0)
     return torch.where(lse > -0.6931, torch.log(-torch.expm1(lse)), torch.log1p(-torch.exp(lse)))
@@ -138,16 +138,16 @@ EXACT_TAIL_BELOW = 1e-3
 TAIL_ROWS = 256  # positions per masked copy of their log-probs (256 x vocab floats)
 
 
-def _tail_logmass(logq: torch.Tensor, ids: torch.Tensor, lse_k: torch.Tensor) -> torch.Tensor:
+def tail_logmass(logq: torch.Tensor, ids: torch.Tensor, lse_k: torch.Tensor) -> torch.Tensor:
     """``log(1 - sum_{v in ids} q(v))`` per position, float64: from ``lse_k`` (the log of the kept
     mass) where the tail is large enough for that difference, else summed over the other entries
     (``logsumexp`` with ``ids`` masked out), which does not round to 0 and then to ``-inf``."""
-    tail = _log1mexp(lse_k)
+    tail = log1mexp(lse_k)
     small = lse_k > math.log1p(-EXACT_TAIL_BELOW)
     if bool(small.any()):
         flat_q, flat_ids = logq.reshape(-1, logq.shape[-1]), ids.reshape(-1, ids.shape[-1])
         rows = small.reshape(-1).nonzero().squeeze(-1)
-        exact = torch.empty(rows.numel(), dtype=torch.float64)
+        exact = torch.empty(rows.numel(), dtype=torch.float64, device=tail.device)
         for i in range(0, rows.numel(), TAIL_ROWS):
             chunk = rows[i:i + TAIL_ROWS]
             masked = flat_q[chunk].scatter(-1, flat_ids[chunk].long(), float("-inf"))
@@ -163,7 +163,7 @@ def token_kl(ref_top: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Tensor,
     ``ref_top``/``ref_ids`` ``[..., k]``: log p of the original's top k tokens and their ids;
     ``logq`` ``[..., V]``: the other model's full log-probs; ``ref_tail``: log p's mass outside the
     ids (:attr:`FidelityReference.tail_logmass`). Each bucket is the exact mass outside those ids
-    (:func:`_tail_logmass`, one rule for both: a model against itself gives 0), so the value stays a
+    (:func:`tail_logmass`, one rule for both: a model against itself gives 0), so the value stays a
     lower bound of the full KL when either puts almost everything on them (without ``ref_tail``, p's
     is ``1 - sum_topk p``: float32 rounding, ~1e-7)."""
     logp = ref_top.double()
@@ -171,8 +171,8 @@ def token_kl(ref_top: torch.Tensor, ref_ids: torch.Tensor, logq: torch.Tensor,
     # a token both rule out (log-probs -inf: a masked logit in an exact top-k) adds 0, not 0 * (-inf + inf) = NaN
     kl = torch.where(torch.isneginf(logp), torch.zeros_like(logp), logp.exp() * (logp - logq_k)).sum(-1)  # NaN stays NaN
     if ref_ids.shape[-1] < logq.shape[-1]:
-        logp_tail = ref_tail.double() if ref_tail is not None else _log1mexp(torch.logsumexp(logp, -1))
-        logq_tail = _tail_logmass(logq, ref_ids, torch.logsumexp(logq_k, -1)).clamp(min=-700.0)
+        logp_tail = ref_tail.double() if ref_tail is not None else log1mexp(torch.logsumexp(logp, -1))
+        logq_tail = tail_logmass(logq, ref_ids, torch.logsumexp(logq_k, -1)).clamp(min=-700.0)
         p_tail = logp_tail.exp()
         kl = kl + torch.where(p_tail > 0, p_tail * (logp_tail - logq_tail), torch.zeros_like(kl))
     return kl.clamp(min=0.0)  # rounding can leave -1e-12 for identical distributions
