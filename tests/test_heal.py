@@ -86,6 +86,27 @@ def test_lora_all_linear_trains_the_plain_linear_layers_and_leaves_routers_alone
     assert rec["lora"]["merged"] and set(changed(before, model)) == linear
 
 
+def test_lora_records_what_peft_adapted_on_a_qwen_moe(tokenizers_by_bos, capsys):
+    """peft converts Qwen-MoE's target names to its fused expert weights: the experts are adapted and the dense
+    blocks' MLP projections are not. The record said "33 modules: down_proj, gate_proj, ..." (the layers named); it
+    lists the weights that changed now, and names those left out. DoRA cannot adapt the fused weights: one line,
+    not peft's traceback."""
+    model = build_model("qwen3_moe")
+    prune.remove_layers(model, [3, 4])
+    before = snapshot(model)
+    rec = heal_model(model, tokenizers_by_bos[False], "lora", data=C4_DATA, rank=4, **FAST)
+    changed_weights = set(changed(before, model))
+    experts = {n for n in changed_weights if ".experts." in n}
+    assert experts and rec["lora"]["modules"] == len({n.rsplit(".", 1)[0] for n in changed_weights - experts}) + len(experts)
+    assert {"experts.down_proj", "experts.gate_up_proj"} <= set(rec["lora"]["targets"])
+    left_out = rec["lora"]["not_adapted"]
+    assert left_out and not {f"{n}.weight" for n in left_out} & changed_weights  # named, and really untouched
+    assert f"left out {len(left_out)} of the layers named" in capsys.readouterr().out
+    with pytest.raises(PruneError, match=r"^heal.dora: peft adapts the fused expert weights of this qwen3_moe model"):
+        heal_model(build_model("qwen3_moe"), tokenizers_by_bos[False], "lora", data=C4_DATA, rank=4, dora=True,
+                   quiet=True, **FAST)
+
+
 @pytest.mark.filterwarnings("error::FutureWarning", "error:fan_in_fan_out:UserWarning")  # peft's noise under -q
 @pytest.mark.parametrize("arch, extra", [("llama", {}), ("gpt2", {}), ("llama", {"dora": True}),
                                          ("llama", {"lora_init": "olora", "lora_norms": True}),

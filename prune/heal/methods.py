@@ -368,8 +368,21 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
     norms = norm_parameters(model) if cfg.lora_norms else {}
     norms_before = {n: p.detach().clone() for n, p in norms.items()}
     torch.manual_seed(cfg.seed)  # the adapters' random init follows heal.seed, not what ran before in the process
-    with peft_quiet():
-        peft_model = get_peft_model(model, lcfg)  # pissa/olora: the base weights become the residual W - s*B0A0
+    try:
+        with peft_quiet():
+            peft_model = get_peft_model(model, lcfg)  # pissa/olora: the base weights become the residual W - s*B0A0
+    except ValueError as exc:
+        if cfg.dora and "ParamWrapper" in str(exc):  # peft adds an MoE's fused expert weights to the targets itself
+            raise PruneError(f"heal.dora: peft adapts the fused expert weights of this {model.config.model_type} model "
+                             "beside the projections named, and DoRA cannot adapt those: set dora=false, or "
+                             "target_modules naming the attention projections only (q_proj,k_proj,v_proj,o_proj)") from None
+        raise
+    adapted = adapted_weights(peft_model)  # what peft really adapts (an MoE's fused experts too), for the record
+    skipped = sorted(set(targets) - set(adapted))  # peft's MoE conversion renames the targets: a dense MLP's are lost
+    if skipped and not quiet:
+        print(f"note: peft adapted {len(adapted)} weights and left out {len(skipped)} of the layers named "
+              f"({', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}): the record lists what was trained",
+              flush=True)
     initial = ({n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
                if cfg.lora_moves_base_weights else {})
     merged = False
@@ -399,14 +412,29 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
     if leftover:
         raise PruneError(f"internal error: adapter modules left after merging LoRA: {leftover[:3]}; please report this")
     after = mean_lm_loss(model, val_windows) if cfg.merge else with_adapter
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n in targets})
-    trained = [f"{'dora' if cfg.dora else 'lora'} r={cfg.rank} on {len(targets)} modules: {', '.join(suffixes)}"]
+    suffixes = sorted({n.rsplit(".", 1)[-1] if "experts." not in n else "experts." + n.rsplit(".", 1)[-1]
+                       for n in adapted})
+    trained = [f"{'dora' if cfg.dora else 'lora'} r={cfg.rank} on {len(adapted)} weights: {', '.join(suffixes)}"]
     if norms:
         trained.append(f"{len(norms)} norm weights")
     record = _record(cfg, log, trained, n_params, windows, val_windows, before, after, started)
-    record["lora"] = {"rank": cfg.rank, "alpha": cfg.alpha, "dora": cfg.dora, "init": cfg.lora_init, "modules": len(targets),
-                      "targets": suffixes, "norms": len(norms), "loraplus_ratio": cfg.loraplus_ratio, "adapter_parameters": n_params, "merged": cfg.merge}
+    record["lora"] = {"rank": cfg.rank, "alpha": cfg.alpha, "dora": cfg.dora, "init": cfg.lora_init, "modules": len(adapted),
+                      "targets": suffixes, "not_adapted": skipped, "norms": len(norms), "loraplus_ratio": cfg.loraplus_ratio, "adapter_parameters": n_params, "merged": cfg.merge}
     return record
+
+
+def adapted_weights(peft_model) -> list[str]:
+    """The weights peft put an adapter on, by their names in the model: a linear layer's module name, or
+    ``<experts module>.<parameter>`` for the stacked expert weights of an MoE, which peft adds to the
+    targets itself where the projections named match an architecture it converts (Qwen-MoE's ``down_proj``)."""
+    names = []
+    for name, module in peft_model.named_modules():
+        if not hasattr(module, "lora_A") or not isinstance(getattr(module, "lora_A"), nn.ModuleDict):
+            continue
+        base = re.sub(r"(^base_model\.model\.|\.base_layer)", "", name)
+        parameter = getattr(module, "parameter_name", None)
+        names.append(f"{base}.{parameter}" if parameter else base)
+    return sorted(set(names))
 
 
 def lora_param_groups(peft_model, cfg: HealConfig) -> list[dict]:
