@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 
 import datasets
@@ -235,6 +236,43 @@ def test_copa_and_boolq_local_prompts_are_lm_eval_s_own():
     passage, question = first["query"].removeprefix("Passage: ").split("\nQuestion: ")
     template = jinja2.Template("{{passage}}\nQuestion: {{question}}?\nAnswer:")  # lm-eval's boolq doc_to_text
     assert context == template.render(passage=passage, question=question.removesuffix("?"))
+
+
+def test_hellaswag_local_contexts_are_lm_eval_s_own():
+    """lm-eval's hellaswag capitalises ctx_b and removes bracketed tags; the copy's query keeps both as HF has them
+    ("... sitting on a roof. he"): 3,257 of its 10,042 contexts differed from lm-eval's until the local task cleaned
+    them as lm-eval does. Checked against lm-eval's own process_docs on HF's first two validation rows."""
+    from lm_eval.tasks import get_task_dict
+
+    from prune.measure.lmeval import resolve_tasks
+
+    names, manager = resolve_tasks(["hellaswag"], data_dir_path=DATA)
+    task = get_task_dict(names, manager)["hellaswag_local"]
+    task.build_all_requests(limit=2, rank=0, world_size=1)
+    spec = importlib.util.spec_from_file_location(
+        "hellaswag_utils", importlib.util.find_spec("lm_eval").submodule_search_locations[0] + "/tasks/hellaswag/utils.py")
+    official = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(official)
+    rows = [  # Rowan/hellaswag validation rows 0 and 1, the fields lm-eval reads
+        {"activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he", "label": "3",
+         "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                     "is holding a rubik's cube.", "starts pulling up roofing on a roof."]},
+        {"activity_label": "Clean and jerk", "ctx_a": "A lady walks to a barbell. She bends down and grabs the pole.",
+         "ctx_b": "the lady", "label": "3",
+         "endings": ["swings and lands in her arms.", "pulls the barbell forward.",
+                     "pulls a rope attached to the barbell.", "stands and lifts the weight over her head."]}]
+    expected = official.process_docs(datasets.Dataset.from_list(rows))
+    requests = sorted((i.doc_id, i.idx, i.arguments) for i in task.instances)
+    assert [r[2] for r in requests] == [(d["query"], " " + c) for d in expected for c in d["choices"]]
+    assert requests[0][2][0] == "Roof shingle removal: A man is sitting on a roof. He"
+    # the whole copy: no bracketed tag is left (14 rows held one, "[www.kiddio.org]"; a lone "[" stays, as in lm-eval)
+    spec = importlib.util.spec_from_file_location("hellaswag_context", local_task_dir(DATA) / "hellaswag_context.py")
+    local = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(local)
+    files = sorted(str(f) for f in (DATA / "tasks" / "hellaswag").glob("*.jsonl"))
+    docs = local.process_docs(datasets.load_dataset("json", data_files=files, split="train"))
+    tagged = [d for d in docs if any(re.search(r"\[.*?\]", text) for text in [d["query"], *d["choices"]])]
+    assert len(docs) == 10042 and not tagged
 
 
 def test_local_tasks_name_the_data_folder_only_where_they_read_it():

@@ -17,9 +17,10 @@ task whose data cannot be loaded (offline and not cached), a group or tag with n
 and few-shot examples that would come from the split being scored (refused unless
 ``fewshot_from_scored_split=True``; then the task is marked in the results).
 
-Prompts follow lm-eval's own tasks: ``Question: ...\\nAnswer:`` for ARC and BoolQ,
-HellaSwag reported as ``acc_norm``, WinoGrande with partial scoring (the continuation
-scored after each filled-in option).
+Prompts follow lm-eval's own tasks: ``Question: ...\\nAnswer:`` for ARC, HellaSwag's context
+as lm-eval cleans it (``prune/tasks/hellaswag_context.py``) reported as ``acc_norm``, WinoGrande with
+partial scoring (the continuation scored after each filled-in option). BoolQ's passages lack
+the title SuperGLUE's begin with (the copy has none): its figures are not lm-eval's ``boolq``.
 """
 
 from __future__ import annotations
