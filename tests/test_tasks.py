@@ -322,3 +322,14 @@ def test_a_named_fewshot_split_takes_precedence_over_fixed_samples():
     assert fewshot_splits({"test_split": "test", "fewshot_config": {**samples, "split": "train"}}.get) == ("train", "test")
     assert fewshot_splits({"test_split": "test", "fewshot_config": samples}.get) == (None, "test")
     assert fewshot_splits({"test_split": "test", "training_split": "train"}.get) == ("train", "test")
+
+
+def test_a_local_copy_whose_file_is_missing_says_so(tmp_path):
+    """A data folder without a task's file: the line said "offline and not in the datasets cache: run once online to
+    cache it", a Hub dataset's advice, for a file on this disk."""
+    (tmp_path / "tasks").mkdir()
+    with pytest.raises(PruneError) as err:
+        check_tasks(["piqa"], data_dir_path=tmp_path)
+    line = str(err.value)
+    assert "lm-eval task 'piqa': its data could not be loaded" in line and line.endswith("; check its data files")
+    assert "online" not in line and "\n" not in line
