@@ -430,3 +430,30 @@ def test_local_names_in_code_spans_are_shown_as_they_are():
 
     assert source_name(SourceRecord(kind="folder", path="/models/R&D_<llama>")) == "`R&D_<llama>` (local folder)"
     assert source_name(SourceRecord(kind="folder", path="/models/a|b`c")) == "`a\\|b'c` (local folder)"
+
+
+def test_named_chat_templates_survive_both_save_paths(tmp_path):
+    """transformers 5 saves each named chat template but the default under additional_chat_templates/: the
+    out-of-core copy (prune remove, a sequential run) carried only the folder's files, so the copy's tokenizer
+    had no tool_use template and rendered the literal name 'tool_use', without an error."""
+    from transformers import AutoTokenizer
+
+    from conftest import build_model, build_tokenizer
+    from prune.model.loading import load_model
+
+    tok = build_tokenizer(True)
+    tok.chat_template = {"default": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}",
+                         "tool_use": "{% for m in messages %}TOOL<{{ m['content'] }}>{% endfor %}"}
+    src = tmp_path / "src"
+    build_model("llama").save_pretrained(src)
+    tok.save_pretrained(src)
+    assert (src / "additional_chat_templates" / "tool_use.jinja").is_file()
+    model, loaded, _ = load_model(src)
+    prune.remove_layers(model, [1])
+    in_memory = prune.save(model, loaded, tmp_path / "a")
+    copied = prune.prune_checkpoint(src, [1], tmp_path / "b")
+    messages = [{"role": "user", "content": "hi"}]
+    for folder in (in_memory, copied):
+        again = AutoTokenizer.from_pretrained(folder)
+        assert again.apply_chat_template(messages, chat_template="tool_use", tokenize=False) == "TOOL<hi>", folder
+        assert again.apply_chat_template(messages, tokenize=False) == "[hi]"

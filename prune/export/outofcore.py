@@ -185,9 +185,13 @@ def carried_files(source: Path) -> list[Path]:
     from prune.io.guard import inside_folder
     from prune.io.staging import CHECKPOINT_FILE
 
+    from transformers.utils.hub import CHAT_TEMPLATE_DIR
+
     carried = []
-    for item in sorted(source.iterdir()):
-        if not item.is_file() or SKIP_FILES.match(item.name):
+    templates = source / CHAT_TEMPLATE_DIR  # transformers 5 saves each named chat template but the default there
+    extra = sorted(templates.iterdir()) if templates.is_dir() and inside_folder(templates, source) else []
+    for item in sorted(source.iterdir()) + extra:
+        if not item.is_file() or (item.parent == source and SKIP_FILES.match(item.name)):
             continue
         if not inside_folder(item, source) and not LINK_STORES.search(item.resolve().as_posix()):
             if CHECKPOINT_FILE.match(item.name):
@@ -350,7 +354,9 @@ def prune_checkpoint(
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (stage / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         for item in carried:
-            shutil.copy2(item, stage / item.name)
+            copy = stage / item.relative_to(folder)
+            copy.parent.mkdir(exist_ok=True)
+            shutil.copy2(item, copy)
         config.save_pretrained(stage)  # as save_pretrained writes it: no local _name_or_path
         clean_config_file(stage, dtype=None if target is None else str(target).removeprefix("torch."))
         check_complete(stage, trust_remote_code=trust_remote_code)
