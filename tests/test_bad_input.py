@@ -67,6 +67,11 @@ def test_a_gguf_header_declaring_more_than_the_file_holds_is_refused_before_pars
                     "declares an array of 1099511627776 items at byte 51, more than the file holds"),
         "keys": (struct.pack("<IQQ", 3, 0, 2**63), "declares 9223372036854775808 keys and 0 tensors"),
         "type": (struct.pack("<IQQ", 3, 0, 1) + key + struct.pack("<I", 77) + bytes(8), "an unknown value type 77"),
+        # a tensor's offset off the alignment: the reader read it from other bytes (garbage embeddings, no error)
+        "offset": (struct.pack("<IQQ", 3, 1, 0) + key + struct.pack("<IQIQ", 1, 4, 0, 1),
+                   "tensor 'abc' starts at offset 1, not a multiple of the alignment 32"),
+        "alignment": (struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 17) + b"general.alignment" + struct.pack("<II", 4, 3),
+                      "general.alignment 3 is not a power of two"),
     }
     for name, (header, said) in cases.items():
         (tmp_path / f"{name}.gguf").write_bytes(b"GGUF" + header)
@@ -79,6 +84,38 @@ def test_a_gguf_header_declaring_more_than_the_file_holds_is_refused_before_pars
             (tmp_path / "head.gguf").write_bytes(handle.read(100_000))
         with pytest.raises(PruneError, match="head.gguf: its header declares .* more than the file holds"):
             check_header(tmp_path / "head.gguf")
+
+
+def test_a_block_count_the_weights_do_not_hold_is_refused_before_building(tiny_folder, tmp_path):
+    """A GGUF whose llama.block_count says 10**6 (a 4-byte change) passed the header check and built the model until
+    memory ran out; so did a folder's config.json through prune.load, and prune.prune_checkpoint failed with a raw
+    RuntimeError. Both are one line before anything is built."""
+    import numpy as np
+
+    from prune.io.gguf import gguf_reader
+
+    folder = copy_model(tiny_folder, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**6}))
+    said = "config.num_hidden_layers=1000000 but the weights hold at most 8 blocks"
+    for call in (lambda: prune.load(folder), lambda: prune.prune_checkpoint(folder, [1], tmp_path / "out")):
+        with pytest.raises(PruneError, match=re.escape(said)):
+            call()
+    assert not (tmp_path / "out").exists()
+    gguf_path = smollm2_gguf()
+    if gguf_path is None:
+        pytest.skip("SmolLM2 GGUF not installed")
+    reader = gguf_reader(gguf_path)
+    field = reader.fields["llama.block_count"]
+    value = field.parts[field.data[0]]
+    at = value.__array_interface__["data"][0] - reader.data.__array_interface__["data"][0]
+    data = bytearray(gguf_path.read_bytes())
+    assert int(np.frombuffer(data, np.uint32, 1, at)[0]) == 30
+    data[at:at + 4] = np.uint32(10**6).tobytes()
+    (tmp_path / "edited.gguf").write_bytes(bytes(data))
+    with pytest.raises(PruneError, match=r"edited.gguf: its metadata says 1000000 blocks \(block_count\) but it holds "
+                                         r"tensors of 30 \(blk.0 .. blk.29\)"):
+        prune.load(tmp_path / "edited.gguf")
 
 
 def test_folder_without_weights(tiny_folder, tmp_path):

@@ -34,6 +34,7 @@ from typing import Any
 from prune.core.errors import PruneError, first_line, parse_problem
 from prune.core.records import RECORD_FILE, read_record
 from prune.model.arch import block_index, meta_model
+from prune.model.loading import BUILD_SLACK, blocks_named
 from prune.io.safetensors import INDEX_NAME as INDEX_FILE, SINGLE_NAME as SINGLE_FILE, file_tensors, read_index
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -251,9 +252,6 @@ def _check_weight_files(path: Path, report: CheckReport) -> dict[str, dict] | No
     return headers
 
 
-#: blocks a config may name beyond the highest block number in the weights before the model is not even built
-#: (its block objects alone grow with the count: 10**9 would exhaust memory); fewer go to _check_blocks
-BUILD_SLACK = 1024
 
 
 def block_count(config, default=None):
@@ -269,8 +267,7 @@ def _meta_skeleton(config, report: CheckReport, headers: dict | None = None):
     for a config naming far more blocks than any tensor name numbers (a failed finding instead)."""
     n = block_count(config)
     if headers is not None and isinstance(n, int):
-        numbers = [int(found.group(1)) for key in headers if (found := re.search(r"\.(\d+)\.", key))]
-        stored = max(numbers, default=-1) + 1
+        stored = blocks_named(headers)
         if n > stored + BUILD_SLACK:
             report.add("blocks", "fail", f"config.num_hidden_layers={n} but the weights hold at most {stored} blocks")
             return None

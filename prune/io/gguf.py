@@ -111,9 +111,22 @@ def check_header(path: str | os.PathLike) -> None:
             tensors, keys = number("Q"), number("Q")
             if keys * 12 + tensors * 24 > size - pos:  # a key: its name's length and a type; a tensor's info: more
                 raise bad(f"its header declares {keys} keys and {tensors} tensors, more than the file holds")
+            alignment = 32  # GGUF's default: every tensor's offset a multiple of it
             for _ in range(keys):
-                skip(number("Q"))
-                value(number("I"))
+                length = number("Q")
+                skip(length)
+                name, kind = bytes(m[pos - length:pos]), number("I")
+                if name == b"general.alignment" and kind == 4:  # uint32
+                    alignment = number("I")
+                    if alignment == 0 or alignment & (alignment - 1):
+                        raise bad(f"general.alignment {alignment} is not a power of two")
+                else:
+                    value(kind)
             for _ in range(tensors):
-                skip(number("Q"))
-                skip(8 * number("I") + 12)  # the dimensions, the type and the offset
+                length = number("Q")
+                skip(length)
+                tensor = bytes(m[pos - length:pos]).decode(errors="replace")
+                skip(8 * number("I") + 4)  # the dimensions and the type
+                offset = number("Q")
+                if offset % alignment:  # the reader would read the tensor from other bytes
+                    raise bad(f"tensor {tensor!r} starts at offset {offset}, not a multiple of the alignment {alignment}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,7 @@ def load_model(
     try:
         config = load_config(src, trust_remote_code)
         check_supported(config)
+        check_blocks_stored(src, config)  # before anything is built
         # the config just read, not read again (a GGUF file's metadata takes seconds to parse)
         model, info = AutoModelForCausalLM.from_pretrained(src.path, config=config, output_loading_info=True, **kwargs)
         missing = sorted(info.get("missing_keys") or ())
@@ -276,6 +278,52 @@ def check_supported(config) -> None:
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise PruneError(f"the model's config says num_hidden_layers = {n!r}: a decoder has at least one block "
                          "(fix config.json)")
+
+
+#: blocks a config may name beyond the highest block number in the weights before the model is not even built
+#: (its block objects alone grow with the count: 10**9 would exhaust memory); fewer go to prune check's rule
+BUILD_SLACK = 1024
+_BLOCK_NUMBER = re.compile(r"(?:^|\.)(\d+)\.")  # layers.N., h.N., GGUF's blk.N. (an expert's number only raises the count)
+
+
+def blocks_named(names) -> int:
+    """How many blocks tensor names number: the highest block number (``layers.N.``, GGUF's ``blk.N.``) + 1."""
+    return max((int(m.group(1)) for name in names if (m := _BLOCK_NUMBER.search(name))), default=-1) + 1
+
+
+def stored_block_names(src: ModelSource) -> list[str] | None:
+    """The tensor names of a local checkpoint, from headers only: a GGUF file's, or a folder's safetensors
+    (its index, else its single file); None for anything else (the Hub, other formats)."""
+    if src.kind == "gguf":
+        from prune.io.gguf import gguf_reader
+
+        return [t.name for t in gguf_reader(Path(src.path) / src.gguf_file).tensors]
+    if src.kind != "folder":
+        return None
+    try:
+        weight_map, shards = read_index(src.path)
+    except PruneError:
+        return None  # no safetensors: loaded, or refused, elsewhere
+    return list(weight_map) if weight_map is not None else list(file_tensors(Path(src.path) / shards[0])[0])
+
+
+def check_blocks_stored(src: ModelSource, config) -> None:
+    """Refuse, before the model is built, a config naming far more decoder blocks than the weights hold:
+    building 10**6 blocks exhausts memory. A GGUF file's ``block_count`` must equal its ``blk.N``
+    tensors' count (transformers builds its model for real, so even a few blocks too many are random
+    weights after gigabytes); a folder's may exceed its highest block number by ``BUILD_SLACK`` (the
+    rest is ``prune check``'s finding, on a model built on the meta device)."""
+    n = getattr(text_config(config), "num_hidden_layers", None)
+    names = stored_block_names(src) if isinstance(n, int) and not isinstance(n, bool) else None
+    if not names:
+        return
+    stored = blocks_named(names)
+    if src.kind == "gguf" and n != stored:
+        raise PruneError(f"GGUF file {src.display}: its metadata says {n} blocks (block_count) but it holds tensors "
+                         f"of {stored} (blk.0 .. blk.{stored - 1}); it is corrupt or was edited (download it again)")
+    if src.kind == "folder" and n > stored + BUILD_SLACK:
+        raise PruneError(f"{src.path}: config.num_hidden_layers={n} but the weights hold at most {stored} blocks "
+                         "(fix config.json, or re-download the model)")
 
 
 def check_device_map(device_map, offload_folder: str | None) -> None:

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from prune.io.safetensors import Checkpoint
+from prune.io.source import ModelSource
 from prune.core.errors import PruneError
 from prune.model.arch import block_index, meta_model
 from prune.model.hf_internals import checkpoint_key_renamer, load_state_dict_into
-from prune.model.loading import check_supported, decoder_layers_path
+from prune.model.loading import check_blocks_stored, check_supported, decoder_layers_path
 from prune.core.config import resolve_dtype
 
 
@@ -85,6 +86,7 @@ class Skeleton:
         self.checkpoint = Checkpoint(self.folder)
         config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
         check_supported(config)
+        check_blocks_stored(ModelSource("folder", str(self.folder)), config)  # 10**6 blocks: refused, not built
         self.dtype = resolve_load_dtype(dtype, config, self.checkpoint)
         model = meta_model(config, trust_remote_code=trust_remote_code, dtype=self.dtype, real_buffers=True)
         self.model = model.eval()

@@ -175,7 +175,7 @@ def preflight_model(src: ModelSource, trust_remote_code: bool = False,
     and supported, weights covering every block, window lengths within the context.
     Returns the config."""
     from prune.core.console import announce_remote_code
-    from prune.model.loading import check_checkpoint_files, check_supported, load_config
+    from prune.model.loading import check_blocks_stored, check_checkpoint_files, check_supported, load_config
 
     check_checkpoint_files(src)
     if trust_remote_code:
@@ -189,6 +189,7 @@ def preflight_model(src: ModelSource, trust_remote_code: bool = False,
         local = "" if src.kind != "hub" else f" (and there is no local folder {src.path} here either)"
         raise PruneError(f"could not read the config of {src.display}: {first}{local}") from None
     check_supported(config)
+    check_blocks_stored(src, config)  # a GGUF file's too, before anything is built
     check_weights_cover_config(src, config)
     check_context(config, list(lengths))
     return config
