@@ -149,9 +149,9 @@ def _topk_chunk(s: torch.Tensor, logp: torch.Tensor, ix: torch.Tensor, temperatu
         return total, None
     q = s.exp()
     if t_tail is None:
-        r = torch.zeros_like(q)
+        r = s.zero_()  # s is not read again: r in its memory (one [rows, vocab] tensor beside q, as before)
     else:  # the student's tail tokens, scaled to the teacher's tail mass: exp(log q_j + log p_tail - log q_tail)
-        r = (s + (t_tail - q_tail).float().unsqueeze(-1)).exp_()
+        r = s.add_((t_tail - q_tail).float().unsqueeze(-1)).exp_()
     r.scatter_(-1, ix, p_k.to(r.dtype))
     return total, q.sub_(r)
 
