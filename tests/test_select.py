@@ -71,6 +71,9 @@ def test_msrs_ranks_by_contribution_with_cka_tie_break():
     s = fake_scores([0.1] * L, cka=cka, msrs=m)
     assert prune.select(s, 1, metric="msrs").removed == [2]
     assert prune.select(s, 3, metric="msrs", protect=[]).removed == [1, 2, 3]
+    # blocks 1 and 3 tie on contribution: the higher mean CKA to the others (3: 2.07 against 2.05) goes first
+    assert s.msrs_contribution[1] == pytest.approx(s.msrs_contribution[3])
+    assert prune.select(s, 2, metric="msrs", protect=[]).removed == [2, 3]
 
 
 def test_tail_and_random_baselines():

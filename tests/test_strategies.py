@@ -173,6 +173,15 @@ def test_search_respects_floor_and_budget(tokenizers_by_bos):
     assert math.exp(total / count) / base <= 1.10
     assert d["final"]["ratio"] == pytest.approx(math.exp(total / count) / base, rel=1e-5)
     assert [p["n"] for p in d["pareto"]] == sorted({p["n"] for p in d["pareto"]})
+    for point in d["pareto"]:  # the best (lowest perplexity) ratio measured at each size
+        assert point["ratio"] == min(e["ratio"] for e in d["trace"] if e["n"] == point["n"])
+    best_accuracy = ST.pareto([{"n": 1, "value": v, "ratio": v, "ok": True, "removed": [i]} for i, v in enumerate((.5, .9))],
+                              higher_is_better=True)
+    assert [p["ratio"] for p in best_accuracy] == [0.9]  # higher is better: the highest
+    # first a binary search over prefixes of the ranking, then the greedy pass
+    prefix = [e for e in d["trace"] if e["phase"] == "prefix"]
+    assert d["trace"][0]["phase"] == "prefix" and len(prefix) >= 2
+    assert all(e["removed"] == sorted(d["order"][:e["n"]]) for e in prefix)
     # floors and counts a recipe refuses (they returned an empty selection, silently, and surgery failed later)
     for kwargs, message in ((dict(floor=float("nan")), "floor=nan must be a ratio to the original's proxy value"),
                             (dict(floor=-1), "floor=-1 must be a ratio"), (dict(floor=0), "floor=0 must be a ratio"),
