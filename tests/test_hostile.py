@@ -623,6 +623,23 @@ def test_resume_refuses_a_replaced_model(model, tmp_path, monkeypatch):
         prune.run(recipe, quiet=True, resume=True)
 
 
+def test_resume_refuses_a_model_replaced_after_its_evaluation(model, tmp_path, monkeypatch):
+    """Interrupted once the original's evaluation is stored: a replaced model makes it stale with the scores and the
+    selection (nothing is left to reuse), not only them (the old model's evaluation would be reused, silently)."""
+    from conftest import build_model
+    from prune.pipeline.progress import progress_dir
+
+    recipe = tiny_recipe(model, tmp_path / "out")
+    monkeypatch.setenv("PRUNE_FAULT", "evaluated_original:interrupt")
+    with pytest.raises(KeyboardInterrupt):
+        prune.run(recipe, quiet=True)
+    monkeypatch.delenv("PRUNE_FAULT")
+    assert (progress_dir(tmp_path / "out") / "original.json").is_file()
+    build_model("llama", seed=7).save_pretrained(model)
+    with pytest.raises(PruneError, match=r"cannot resume: the model \(.*model.safetensors.*\) changed"):
+        prune.run(recipe, quiet=True, resume=True)
+
+
 def test_resume_refuses_changed_data(model, tmp_path, monkeypatch):
     data = tmp_path / "calib.txt"
     shutil.copy(WIKI_RAW, data)

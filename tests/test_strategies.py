@@ -330,6 +330,28 @@ def test_run_recipe_with_a_task_floor(tmp_path, tokenizers_by_bos):
     assert 1 <= details["candidate_evaluations"] <= 2 and details["trace"]
 
 
+def test_resume_makes_a_search_selection_again_when_evaluate_changes(tmp_path, tokenizers_by_bos, monkeypatch):
+    """search's proxy task reads the evaluate section's task data: a changed evaluate section makes its stored
+    selection stale (the scores are kept), where a score-only strategy's selection is reused."""
+    import json
+
+    from conftest import DATA, WIKI_RAW
+    from prune.pipeline.orchestrator import run
+
+    folder = prune.save(build_model("llama", redundant=(3,)), tokenizers_by_bos[True], tmp_path / "tiny")
+    data = recipe_with(strategy="search", min_task_retained=0.01, proxy_task="piqa", proxy_limit=8, budget=2,
+                       order_by="bi")
+    data["model"]["source"], data["output"]["dir"] = str(folder), str(tmp_path / "out")
+    data["evaluate"] = {"data_dir": str(DATA)}
+    monkeypatch.setenv("PRUNE_FAULT", "selected:interrupt")
+    with pytest.raises(KeyboardInterrupt):
+        run(data, quiet=True)
+    monkeypatch.delenv("PRUNE_FAULT")
+    data["evaluate"]["perplexity"] = {"path": str(WIKI_RAW), "rows": "300:600", "seq_len": 32, "max_windows": 2}
+    run(data, quiet=True, resume=True)
+    assert json.loads((tmp_path / "out" / "pruning.json").read_text())["resumed"] == ["scores"]
+
+
 def test_a_proxy_task_scored_like_perplexity_is_refused(tokenizers_by_bos, tmp_path):
     """min_task_retained reads a task's headline as "higher is better": a task that reports only a
     perplexity (lm-eval marks it lower-is-better) let any removal that raised it pass the floor."""
