@@ -196,6 +196,16 @@ def test_topk_cache_reproduces_the_in_memory_teacher_loss(tokenizers_by_bos, tmp
     top = make_loss(cfg, Teacher("cache", "t", cache=cache), decoder_layers(student))(student, [train_w[:4], torch.arange(4)])
     assert float(cache.tensors["logprobs"].exp().sum(-1).mean()) < 0.5
     assert 0 < float(top) <= float(mem)  # 0.10 against 0.24 (the renormalised teacher measured 1.74, 7x the KL)
+    # the KL a healing record reports against that cache: prune compare's measure, 0 for the teacher itself
+    from prune.heal.distill import fidelity
+
+    itself = fidelity(copy.deepcopy(teacher), Teacher("cache", "t", cache=cache), val_w)
+    assert itself["kl"] < 1e-6 and itself["top1"] == 1.0  # renormalised over the top 32 it recorded 0.03 nats
+    measured = fidelity(student, Teacher("cache", "t", cache=cache), val_w)
+    with torch.no_grad():
+        logq = torch.log_softmax(student(val_w).logits.float(), -1)
+    lp, ix = cache.tensors["val_logprobs"], cache.tensors["val_indices"]
+    assert measured["kl"] == pytest.approx(float(token_kl(lp, ix, logq).mean()), rel=1e-4)
     # the top-k formula itself at k = vocab is the full KL
     zs, zt = torch.randn(3, VOCAB), torch.randn(3, VOCAB)
     lp, ix = torch.log_softmax(zt, -1).topk(VOCAB, -1)
