@@ -252,6 +252,29 @@ def test_a_bridge_is_kept_only_where_it_lowers_the_measure(tokenizers_by_bos):
     assert cut_error(pruned) == plain
 
 
+def test_a_later_cut_is_measured_against_the_model_as_the_earlier_cuts_left_it(tokenizers_by_bos):
+    """Two cuts: the second bridge lowers the measure against the un-bridged model (1.0 -> 0.6) but raises it against
+    the model with the first bridge kept (0.5 -> 0.6): dropped, and its weights put back. (Compared with the start
+    each time, it was kept.) The measures are scripted; the folding is the real one."""
+    full = build_model("llama")
+    windows, _ = training_windows(tokenizers_by_bos[True], heal_config("lora", C4_DATA, **FAST))
+    bridges = fit_bridges(full, [2, 5], windows)
+    assert len(bridges.bridges) == 2
+    pruned = build_model("llama")
+    prune.remove_layers(pruned, [2, 5])
+    measures = iter([1.0, 0.5, 0.6])  # with no bridge, with the first, with both
+    after_first = {}
+
+    def measure() -> float:
+        value = next(measures)
+        if value == 0.5:
+            after_first.update({n: p.clone() for n, p in pruned.named_parameters()})
+        return value
+
+    assert keep_helpful(pruned, bridges, measure) == [True, False]
+    assert all(torch.equal(p, after_first[n]) for n, p in pruned.named_parameters())
+
+
 def test_auto_keeps_each_cut_s_option_with_the_lowest_held_out_measure(tokenizers_by_bos):
     """``bridge_weight: auto``: every option is folded in, measured and taken out; the lowest stays
     (its ``checked`` the three measures, each the measure of that option folded in by hand), and the
