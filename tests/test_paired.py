@@ -113,6 +113,14 @@ def test_right_wrong_interval_holds_its_level_for_a_large_difference():
     (la, ua), (lb, ub) = wilson(48, 50), wilson(38, 50)
     assert low == pytest.approx(-0.2 - math.sqrt((0.76 - lb) ** 2 + 2 * 12 * 2 / math.sqrt(48 * 2 * 38 * 12) * (0.76 - lb) * (ua - 0.96) + (ua - 0.96) ** 2))
     assert high == pytest.approx(-0.2 + math.sqrt((ub - 0.76) ** 2 + 2 * 12 * 2 / math.sqrt(48 * 2 * 38 * 12) * (ub - 0.76) * (0.96 - la) + (0.96 - la) ** 2))
+    # a positive cross term (both * neither > the flips' product): Newcombe's phi takes n/2 off it (his continuity
+    # correction); 40 both right, 5 only A, 3 only B, 12 neither (n = 60)
+    low, high = newcombe_paired(40, 5, 3, 12)
+    (la, ua), (lb, ub), d = wilson(45, 60), wilson(43, 60), 43 / 60 - 45 / 60
+    phi = (40 * 12 - 5 * 3 - 60 / 2) / math.sqrt(45 * 15 * 43 * 17)
+    assert low == pytest.approx(d - math.sqrt((43 / 60 - lb) ** 2 - 2 * phi * (43 / 60 - lb) * (ua - 45 / 60) + (ua - 45 / 60) ** 2))
+    assert high == pytest.approx(d + math.sqrt((ub - 43 / 60) ** 2 - 2 * phi * (ub - 43 / 60) * (45 / 60 - la) + (45 / 60 - la) ** 2))
+    assert (round(low, 4), round(high, 4)) == (-0.1321, 0.0653)  # without the correction: -0.1271, +0.0600
     rng = np.random.default_rng(0)
     for lost, won, n in [(0.32, 0.02, 300), (0.05, 0.0, 100), (0.08, 0.08, 200)]:
         covered = 0
