@@ -426,6 +426,11 @@ def test_average_is_over_proportions_only():
     rows = compare_samples(*small, iters=200)
     assert next(r for r in rows if r.metric == "bleu_max").proportion
     assert ("truthfulqa_gen", "bleu_acc") in [(r.task, r.metric) for r in headline_rows(rows)]
+    # an accuracy by name scored 0-100 (SQuAD's f1) is no headline either: not points of accuracy
+    squad = [{"squad": [{"doc_id": i, "doc_hash": f"s{i}", "metrics": ["f1"], "f1": 100.0 * ((i + shift) % 3 == 0)}
+                        for i in range(40)]} for shift in (0, 1)]
+    rows = compare_samples(*squad, iters=200)
+    assert rows and rows[0].proportion is False and headline_rows(rows) == []
 
 
 def test_what_the_rows_and_the_average_say_agrees_with_their_numbers(capsys):
