@@ -720,3 +720,24 @@ def test_no_task_in_common_lists_ten_tasks(tmp_path):
         write_samples(tmp_path / "many", task=f"t{i:02d}")
     err = one_error_line(prune_main("compare", tmp_path / "one", tmp_path / "many"))
     assert "B has t00, t01," in err and "t09 and 30 more" in err and "t39" not in err
+
+
+def test_a_run_s_paired_rows_read_the_groups_and_directions_of_its_results_files():
+    """The card's paired rows (eval.json) compared the samples without the results files' groups and metric
+    directions, where prune compare read them: a group's subtasks counted as tasks there, a Brier score read as if
+    higher were better. Both read the same TaskMeta now."""
+    from prune.measure.evaluation import lm_eval_outputs
+
+    def files(shift):
+        sub = lambda t: "\n".join(json.dumps({"doc_id": i, "doc_hash": f"{t}{i}", "metrics": ["acc", "brier"],
+                                              "acc": float((i + shift) % 2), "brier": 0.1 * ((i + shift) % 3)})
+                                  for i in range(20)) + "\n"
+        results = {"group_subtasks": {"grp": ["sub1", "sub2"], "sub1": [], "sub2": []}, "groups": {"grp": {"acc,none": 0.5}},
+                   "higher_is_better": {"sub1": {"acc": True, "brier": False}, "sub2": {"acc": True, "brier": False}}}
+        return {"lm_eval_files": {f"results_{STAMP}.json": json.dumps(results), f"samples_sub1_{STAMP}.jsonl": sub("a"),
+                                  f"samples_sub2_{STAMP}.jsonl": sub("b")}}
+
+    _, rows, unhealed = lm_eval_outputs(files(0), files(1))
+    assert unhealed == [] and {(r.task, r.metric) for r in rows} >= {("sub1", "acc"), ("sub2", "brier")}
+    assert {r.group for r in rows} == {"grp"}
+    assert all(bool(r.lower_is_better) == (r.metric == "brier") for r in rows), [(r.task, r.metric, r.lower_is_better) for r in rows]
