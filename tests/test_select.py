@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 import prune
@@ -76,9 +78,20 @@ def test_msrs_ranks_by_contribution_with_cka_tie_break():
     assert prune.select(s, 2, metric="msrs", protect=[]).removed == [2, 3]
 
 
+def test_a_block_scored_nan_is_ranked_last():
+    """A NaN score (an overflowing block) is never the most removable by the ordering of NaN in a sort."""
+    from prune.choose.rules import rank_blocks
+
+    nan = float("nan")
+    s = fake_scores([0.5, nan, 0.1, 0.3, nan, 0.2])
+    assert rank_blocks(s, "bi") == [2, 5, 3, 0, 1, 4]
+    assert prune.select(s, 3, metric="bi", protect=[]).removed == [2, 3, 5]
+
+
 def test_tail_and_random_baselines():
     s = fake_scores([0.1] * 10)
     assert prune.select(s, 3, strategy="tail").removed == [6, 7, 8]
+    assert prune.select(s, 3, strategy="tail", protect=[]).removed == [6, 7, 8]  # the blocks before the last, always
     a = prune.select(s, 3, strategy="random", seed=1)
     assert a.removed == prune.select(s, 3, strategy="random", seed=1).removed
     assert 0 not in a.removed and 9 not in a.removed
@@ -116,8 +129,9 @@ def test_block_numbers_of_any_integer_type_and_a_single_protected_block():
 
     model = build_model("llama")
     prune.remove_layers(model, [np.int64(3)])
-    for bad in ([1.0], [True], 3, "3"):
-        with pytest.raises(PruneError):
+    for bad, said in (([1.0], "block index 1.0 is not an integer"), ([True], "block index True is not an integer"),
+                      (3, "block indices 3: give a list of integers"), ("3", "block indices '3': give a list")):
+        with pytest.raises(PruneError, match=re.escape(said)):
             prune.remove_layers(build_model("llama"), bad)
     with pytest.raises(PruneError, match="select.n_layers 2.0 is not an integer"):
         prune.select(scores, 2.0)
