@@ -360,6 +360,15 @@ def test_block_chart_legends_sit_above_the_data():
         assert tops and bottom > max(tops), (ax.get_ylabel(), bottom, max(tops))
 
 
+def test_a_chart_of_block_influence_alone_is_drawn():
+    """Scores of BI alone leave the angular panel empty: its legend of no entries (ncol=0) raised ValueError, and
+    prune report blamed the run's pruning.json."""
+    from prune.export.report import block_chart
+
+    fig = block_chart(scores_from([0.3, 0.1, 0.2, 0.4]), 2, "t", marked=[1])
+    assert fig.axes[0].get_legend() is not None and fig.axes[1].get_legend() is None
+
+
 def test_original_and_pruned_charts_share_each_panels_range():
     """Each chart had its own y range, so the pruned model's smaller scores could look as tall as the original's."""
     from prune.export.report import block_chart, share_y

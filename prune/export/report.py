@@ -141,6 +141,8 @@ def block_chart(scores: ScoreResult, k: int, title: str, marked=(), labels: list
 
             handles.append(Patch(color="#d62728", alpha=0.25))
             names.append(f"{marked_as} ({len(marked)} blocks)")
+        if not handles:  # a panel with nothing scored (scores without angular distances)
+            continue
         low, high = ax.get_ylim()  # headroom for a one-row legend above the data (it covered bars and points)
         ax.set_ylim(low, high + 0.25 * (high - low))
         ax.legend(handles, names, fontsize=8, loc="upper left", ncol=len(handles), framealpha=0.9)
