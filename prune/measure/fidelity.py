@@ -151,14 +151,11 @@ def tail_logmass(logq: torch.Tensor, ids: torch.Tensor, lse_k: torch.Tensor) -> 
     tail = log1mexp(lse_k)
     small = lse_k > math.log1p(-EXACT_TAIL_BELOW)
     if bool(small.any()):
-        flat_q, flat_ids = logq.reshape(-1, logq.shape[-1]), ids.reshape(-1, ids.shape[-1])
-        rows = small.reshape(-1).nonzero().squeeze(-1)
-        exact = torch.empty(rows.numel(), dtype=torch.float64, device=tail.device)
-        for i in range(0, rows.numel(), TAIL_ROWS):
-            chunk = rows[i:i + TAIL_ROWS]
-            masked = flat_q[chunk].scatter(-1, flat_ids[chunk].long(), float("-inf"))
-            exact[i:i + TAIL_ROWS] = torch.logsumexp(masked.double(), -1)
-        tail.reshape(-1)[rows] = exact
+        rows = small.nonzero()  # positions, indexed in place: a reshape of a view of the logits copied them whole
+        for i in range(0, len(rows), TAIL_ROWS):
+            at = tuple(rows[i:i + TAIL_ROWS].T)
+            masked = logq[at].scatter(-1, ids[at].long(), float("-inf"))
+            tail[at] = torch.logsumexp(masked.double(), -1)
     return tail
 
 
