@@ -102,9 +102,12 @@ def test_lora_records_what_peft_adapted_on_a_qwen_moe(tokenizers_by_bos, capsys)
     left_out = rec["lora"]["not_adapted"]
     assert left_out and not {f"{n}.weight" for n in left_out} & changed_weights  # named, and really untouched
     assert f"left out {len(left_out)} of the layers named" in capsys.readouterr().out
+    model = build_model("qwen3_moe")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PruneError, match=r"^heal.dora: peft adapts the fused expert weights of this qwen3_moe model"):
-        heal_model(build_model("qwen3_moe"), tokenizers_by_bos[False], "lora", data=C4_DATA, rank=4, dora=True,
-                   quiet=True, **FAST)
+        heal_model(model, tokenizers_by_bos[False], "lora", data=C4_DATA, rank=4, dora=True, quiet=True, **FAST)
+    assert not [n for n, m in model.named_modules() if type(m).__module__.startswith("peft")]  # refused before peft ran
+    assert model.state_dict().keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.filterwarnings("error::FutureWarning", "error:fan_in_fan_out:UserWarning")  # peft's noise under -q

@@ -367,16 +367,13 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
                       init_lora_weights=True if cfg.lora_init == "default" else cfg.lora_init)
     norms = norm_parameters(model) if cfg.lora_norms else {}
     norms_before = {n: p.detach().clone() for n, p in norms.items()}
+    if cfg.dora and expert_weights_added(model, lcfg):  # before peft injects anything into the caller's model
+        raise PruneError(f"heal.dora: peft adapts the fused expert weights of this {model.config.model_type} model "
+                         "beside the projections named, and DoRA cannot adapt those: set dora=false, or "
+                         "target_modules naming the attention projections only (q_proj,k_proj,v_proj,o_proj)")
     torch.manual_seed(cfg.seed)  # the adapters' random init follows heal.seed, not what ran before in the process
-    try:
-        with peft_quiet():
-            peft_model = get_peft_model(model, lcfg)  # pissa/olora: the base weights become the residual W - s*B0A0
-    except ValueError as exc:
-        if cfg.dora and "ParamWrapper" in str(exc):  # peft adds an MoE's fused expert weights to the targets itself
-            raise PruneError(f"heal.dora: peft adapts the fused expert weights of this {model.config.model_type} model "
-                             "beside the projections named, and DoRA cannot adapt those: set dora=false, or "
-                             "target_modules naming the attention projections only (q_proj,k_proj,v_proj,o_proj)") from None
-        raise
+    with peft_quiet():
+        peft_model = get_peft_model(model, lcfg)  # pissa/olora: the base weights become the residual W - s*B0A0
     adapted = adapted_weights(peft_model)  # what peft really adapts (an MoE's fused experts too), for the record
     skipped = sorted(set(targets) - set(adapted))  # peft's MoE conversion renames the targets: a dense MLP's are lost
     if skipped and not quiet:
@@ -421,6 +418,24 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
     record["lora"] = {"rank": cfg.rank, "alpha": cfg.alpha, "dora": cfg.dora, "init": cfg.lora_init, "modules": len(adapted),
                       "targets": suffixes, "not_adapted": skipped, "norms": len(norms), "loraplus_ratio": cfg.loraplus_ratio, "adapter_parameters": n_params, "merged": cfg.merge}
     return record
+
+
+def expert_weights_added(model: nn.Module, lcfg) -> bool:
+    """Whether peft will turn some of ``lcfg``'s target names into an MoE's fused expert weights (its conversion
+    of transformers 4 adapter configs, run on a copy here as ``get_peft_model`` runs it)."""
+    import copy
+
+    try:
+        from peft.utils.transformers_weight_conversion import (
+            convert_peft_config_for_transformers,
+            get_model_conversion_mapping,
+        )
+    except ImportError:  # a peft without the conversion adds none
+        return False
+    probe = copy.deepcopy(lcfg)
+    with peft_quiet():
+        convert_peft_config_for_transformers(probe, model=model, conversions=get_model_conversion_mapping(model))
+    return bool(getattr(probe, "target_parameters", None))
 
 
 def adapted_weights(peft_model) -> list[str]:
