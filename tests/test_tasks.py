@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import shutil
 
 import datasets
@@ -240,8 +239,10 @@ def test_copa_and_boolq_local_prompts_are_lm_eval_s_own():
 
 def test_hellaswag_local_contexts_are_lm_eval_s_own():
     """lm-eval's hellaswag capitalises ctx_b and removes bracketed tags; the copy's query keeps both as HF has them
-    ("... sitting on a roof. he"): 3,257 of its 10,042 contexts differed from lm-eval's until the local task cleaned
-    them as lm-eval does. Checked against lm-eval's own process_docs on HF's first two validation rows."""
+    ("... sitting on a roof. he"): 3,250 of its 10,042 contexts differed from lm-eval's until the local task cleaned
+    them as lm-eval does. Checked against lm-eval's own process_docs on HF's first two validation rows, its own
+    preprocess on every ending, and by hand on a tagged row and a WikiHow row whose last "sentence" follows an
+    abbreviation (no ctx_b there: nothing capitalised)."""
     from lm_eval.tasks import get_task_dict
 
     from prune.measure.lmeval import resolve_tasks
@@ -265,14 +266,17 @@ def test_hellaswag_local_contexts_are_lm_eval_s_own():
     requests = sorted((i.doc_id, i.idx, i.arguments) for i in task.instances)
     assert [r[2] for r in requests] == [(d["query"], " " + c) for d in expected for c in d["choices"]]
     assert requests[0][2][0] == "Roof shingle removal: A man is sitting on a roof. He"
-    # the whole copy: no bracketed tag is left (14 rows held one, "[www.kiddio.org]"; a lone "[" stays, as in lm-eval)
+    # the whole copy, through the task's own process_docs as lm-eval imports it
     spec = importlib.util.spec_from_file_location("hellaswag_context", local_task_dir(DATA) / "hellaswag_context.py")
     local = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(local)
     files = sorted(str(f) for f in (DATA / "tasks" / "hellaswag").glob("*.jsonl"))
-    docs = local.process_docs(datasets.load_dataset("json", data_files=files, split="train"))
-    tagged = [d for d in docs if any(re.search(r"\[.*?\]", text) for text in [d["query"], *d["choices"]])]
-    assert len(docs) == 10042 and not tagged
+    raw = datasets.load_dataset("json", data_files=files, split="train")
+    docs = local.process_docs(raw)
+    assert len(docs) == 10042 and all(d["choices"] == [official.preprocess(c) for c in r["choices"]]
+                                      for d, r in zip(docs, raw))
+    assert "[www.kiddio.org]" in raw[3505]["query"] and "kiddio" not in docs[3505]["query"]  # a tag, removed
+    assert raw[3861]["query"].endswith("fully disassemble it.") and docs[3861]["query"] == raw[3861]["query"]
 
 
 def test_local_tasks_name_the_data_folder_only_where_they_read_it():

@@ -5,7 +5,8 @@ ctx_b.capitalize())`` and ``preprocess`` of each ending, where ``preprocess`` st
 `` [title]`` into ``". "``, deletes bracketed tags and halves double spaces. The shared copy holds the
 joined ``query`` with ``ctx_b`` as it was (lowercase: ``"... on a roof. he"``), and 14 rows still hold
 bracketed tags. Its ``ctx_b`` is the text after the context's last sentence end when that text begins in
-lowercase (ActivityNet's rows; WikiHow's have no ``ctx_b``): it is capitalised as lm-eval does
+lowercase and does not end a sentence itself (ActivityNet's rows; WikiHow's have no ``ctx_b``, and their last
+"sentence" may follow an abbreviation: "dr. brown's bottles ..."): it is capitalised as lm-eval does
 (``str.capitalize``), and both the query and the endings go through ``preprocess``.
 """
 
@@ -31,8 +32,8 @@ def lm_eval_query(query: str) -> str:
         label, ctx = "", query
     found = _LAST_SENTENCE_END.match(ctx)
     head, tail = (found.group(1), found.group(2)) if found else ("", ctx)
-    if tail[:1].islower():
-        ctx = head + tail.capitalize()
+    if tail[:1].islower() and not ctx.rstrip().endswith((".", "!", "?")):  # a context that ends a sentence has no
+        ctx = head + tail.capitalize()                                       # ctx_b (WikiHow's: "... u.s. citizens.")
     return preprocess(f"{label}{sep}{ctx}")
 
 
