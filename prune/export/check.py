@@ -34,7 +34,7 @@ from typing import Any
 from prune.core.errors import PruneError, first_line, parse_problem
 from prune.core.records import RECORD_FILE, read_record
 from prune.model.arch import block_index, meta_model
-from prune.model.loading import BUILD_SLACK, blocks_named
+from prune.model.loading import BUILD_SLACK, block_count, blocks_named
 from prune.io.safetensors import INDEX_NAME as INDEX_FILE, SINGLE_NAME as SINGLE_FILE, file_tensors, read_index
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -251,15 +251,6 @@ def _check_weight_files(path: Path, report: CheckReport) -> dict[str, dict] | No
                                 f"{len(headers)} tensors, every shard present and whole")
     return headers
 
-
-
-
-def block_count(config, default=None):
-    """The decoder stack's ``num_hidden_layers``; of a multimodal config, its text model's (``text_config``)."""
-    from prune.model.loading import text_config
-
-    n = getattr(text_config(config), "num_hidden_layers", default)
-    return n if isinstance(n, int) and not isinstance(n, bool) else default
 
 
 def _meta_skeleton(config, report: CheckReport, headers: dict | None = None):

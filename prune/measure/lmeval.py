@@ -136,7 +136,7 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
                 loaded = manager.load(name)
         except Exception as exc:
             local = LOCAL_TASKS.get(name)
-            hint = ("check its data files" if name.endswith("_local") or name in LOCAL_TASKS.values() else
+            hint = ("check its data files" if name.endswith("_local") else
                     "offline and not in the datasets cache: run once online to cache it" if offline else
                     "check the network and the task's dataset_path")
             if local:

@@ -286,6 +286,12 @@ BUILD_SLACK = 1024
 _BLOCK_NUMBER = re.compile(r"(?:^|\.)(\d+)\.")  # layers.N., h.N., GGUF's blk.N. (an expert's number only raises the count)
 
 
+def block_count(config, default=None):
+    """The decoder stack's ``num_hidden_layers``; of a multimodal config, its text model's (``text_config``)."""
+    n = getattr(text_config(config), "num_hidden_layers", default)
+    return n if isinstance(n, int) and not isinstance(n, bool) else default
+
+
 def blocks_named(names) -> int:
     """How many blocks tensor names number: the highest block number (``layers.N.``, GGUF's ``blk.N.``) + 1."""
     return max((int(m.group(1)) for name in names if (m := _BLOCK_NUMBER.search(name))), default=-1) + 1
@@ -313,8 +319,8 @@ def check_blocks_stored(src: ModelSource, config) -> None:
     tensors' count (transformers builds its model for real, so even a few blocks too many are random
     weights after gigabytes); a folder's may exceed its highest block number by ``BUILD_SLACK`` (the
     rest is ``prune check``'s finding, on a model built on the meta device)."""
-    n = getattr(text_config(config), "num_hidden_layers", None)
-    names = stored_block_names(src) if isinstance(n, int) and not isinstance(n, bool) else None
+    n = block_count(config)
+    names = stored_block_names(src) if n is not None else None
     if not names:
         return
     stored = blocks_named(names)
