@@ -309,3 +309,39 @@ def test_missing_fidelity_text_fails_before_loading(tiny_folder, tmp_path):
     recipe["evaluate"]["fidelity"] = {"path": str(tmp_path / "nope.txt")}
     with pytest.raises(PruneError, match="'evaluate.fidelity.path' file not found"):
         load_recipe(recipe)
+
+
+def test_a_model_whose_float16_activations_overflow_is_never_measured_as_a_number(tokenizers_by_bos, tmp_path, capsys):
+    """An fp16 model whose block writes ~1e5 into the stream (finite in float32, past fp16's 65,504): prune eval wrote
+    perplexity NaN and exited 0, its KL was NaN beside a top-1 agreement of 0.0, and a reference of NaN log-probs
+    measured every model as NaN. Now: prune eval refuses in one line, writing nothing; the reference is refused; a
+    pruned model that overflows in a run is said so, its agreement NaN, not 0."""
+    from prune.measure.evaluation import evaluate_loaded
+
+    tok = tokenizers_by_bos[True]
+    model = build_model("llama")
+    with torch.no_grad():
+        model.model.layers[5].mlp.down_proj.weight.mul_(1e5)
+    windows = eval_windows(tok, wiki_text(20_000), 32, 4)
+    with torch.no_grad():
+        assert torch.isfinite(model(windows).logits).all()  # float32: finite
+    half = build_model("llama").half()
+    with torch.no_grad():
+        half.model.layers[5].mlp.down_proj.weight.copy_(model.model.layers[5].mlp.down_proj.weight.half())
+    folder = tmp_path / "half"
+    half.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "eval.json"
+    line = prune_main("eval", folder, "--perplexity-data", WIKI_RAW, "--perplexity-rows", "300:600", "--seq-len", 32,
+                      "--max-windows", 4, "-q", "-o", out, check_rc=2).stderr.strip()
+    assert line.startswith("error: ") and "perplexity not finite: the model's activations overflow" in line
+    assert "--dtype float32 or bfloat16" in line and "\n" not in line and not out.exists()
+    with pytest.raises(PruneError, match=r"the original's next-token log-probs are not finite \(NaN\)"):
+        build_reference(half, windows, top_k=16)
+    reference = build_reference(build_model("llama"), windows, top_k=16)
+    fid = measure_fidelity(half, reference)
+    assert math.isnan(fid["kl_mean"]) and math.isnan(fid["top1_agreement"])  # it read 0.0: "agrees nowhere"
+    cfg = EvaluateConfig(perplexity={"path": str(WIKI_RAW), "rows": "300:600", "seq_len": 32, "max_windows": 4})
+    result = evaluate_loaded(half, tok, cfg, reference=reference, label="pruned: ")
+    assert "pruned: note: perplexity, KL to the original, perplexity ratio not finite" in capsys.readouterr().err
+    assert math.isnan(result["fidelity"]["kl_mean"]) and math.isnan(result["perplexity"]["perplexity"])

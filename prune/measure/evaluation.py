@@ -68,6 +68,9 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
         result["data"] = p.source().describe()
         out["perplexity"] = result
         say(f"{label}perplexity {result['perplexity']:.3f} ({result['windows']} windows x {result['seq_len']} tokens)", quiet)
+    if bad := not_finite(out):  # a pruned model can overflow where the original did not: said, the run goes on
+        say(f"{label}note: {', '.join(bad)} not finite: the model's activations overflow (float16 ones can); measure "
+            "it in float32 or bfloat16", quiet)
     fault_point("evaluating")
     if cfg.tasks:
         from prune.measure.lmeval import run_lm_eval
@@ -81,6 +84,14 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
         if lm_eval_name is not None and dist.world().is_main:  # lm-eval's samples live on rank 0 (which writes)
             out["lm_eval_files"] = run.files(lm_eval_name, lm_eval_folder)
     return out
+
+
+def not_finite(result: dict) -> list[str]:
+    """The measures of an evaluation (:func:`evaluate_loaded`) that are NaN or infinite: perplexity, KL, ratio."""
+    found = [("perplexity", (result.get("perplexity") or {}).get("perplexity")),
+             ("KL to the original", (result.get("fidelity") or {}).get("kl_mean")),
+             ("perplexity ratio", (result.get("fidelity") or {}).get("perplexity_ratio"))]
+    return [name for name, value in found if isinstance(value, float) and not math.isfinite(value)]
 
 
 def lm_eval_outputs(original: dict, pruned: dict, unhealed: dict | None = None, *,

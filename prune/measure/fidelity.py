@@ -128,6 +128,9 @@ def build_reference(model, windows: torch.Tensor, *, top_k: int = 256, batch_siz
             del logp  # not alive through the next batch's forward (it doubled the pass's peak)
             bar.update(batch.shape[0])
     bar.close()
+    if any(bool(torch.isnan(t).any()) for t in (*tops, *targets)):  # a reference of NaN measures every model as NaN
+        raise PruneError("the original's next-token log-probs are not finite (NaN): its activations overflow, as "
+                         "float16 ones can; load it in float32 or bfloat16 (--dtype, model.dtype in a recipe)")
     return FidelityReference(windows.clone(), torch.cat(tops), torch.cat(ids), torch.cat(targets), int(vocab),
                              dict(data or {}), torch.cat(tails) if tails else None)
 
@@ -266,7 +269,7 @@ def fidelity_summary(kl: np.ndarray, agree: np.ndarray, nll_p: float, nll_q: flo
         "kl_median": float(np.median(kl)),
         "kl_p99": float(np.percentile(kl, 99)),
         "kl_max": float(kl.max()),
-        "top1_agreement": float(agree.mean()),
+        "top1_agreement": float(agree.mean()) if np.isfinite(kl).all() else math.nan,  # NaN log-probs agree with nothing
         "perplexity_original": math.exp(nll_p / n),
         "perplexity_pruned": math.exp(nll_q / n),
         "perplexity_ratio": math.exp((nll_q - nll_p) / n),

@@ -10,7 +10,7 @@ from prune.core.console import StageClock, keeps_quiet_mode, quiet_mode, say, ve
 from prune.io.text import calibration_windows, load_text
 from prune.io.source import resolve_source
 from prune.measure.scoring import ScoreResult, score
-from prune.measure.evaluation import evaluate_loaded
+from prune.measure.evaluation import evaluate_loaded, not_finite
 from prune.model.loading import count_parameters, load_model
 from prune.core.errors import PruneError, spelled
 from prune.choose.rules import DEFAULT_METRIC, check_metric_read, resolve_count, resolve_protect, select
@@ -207,6 +207,9 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
                                  lm_eval_folder=folder)
         layers, parameters = model.config.num_hidden_layers, count_parameters(model)
         del model
+        if bad := not_finite(result):  # nothing measured: refused as scoring refuses it, before any file is written
+            raise PruneError(f"{source}: {', '.join(bad)} not finite: the model's activations overflow (float16 ones "
+                             "can); evaluate it with --dtype float32 or bfloat16")
         clock.lap("load and evaluate")
     if named:
         args = L.backend_model_args(src.path, cfg.model_args, backend=cfg.model, dtype=dtype, gguf_file=src.gguf_file,
