@@ -42,9 +42,11 @@ def test_eval_perplexity_of_several_fields_joined(tmp_path, tiny_folder):
     list as one field name, and refused a file holding both)."""
     c4 = DATA / "c4" / "c4_web_1480.jsonl"
     prune_main("eval", tiny_folder, "--perplexity-data", c4, "--perplexity-field", "prefix,gold_completion",
-               "--perplexity-rows", "0:20", "--seq-len", 32, "--max-windows", 2, "-o", tmp_path / "e.json", check_rc=0)
-    data = json.loads((tmp_path / "e.json").read_text())["perplexity"]["data"]
-    assert data["field"] == ["prefix", "gold_completion"]
+               "--perplexity-rows", "0:20", "--seq-len", 32, "--max-windows", 2, "--dtype", "bfloat16", "-o",
+               tmp_path / "e.json", check_rc=0)
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["perplexity"]["data"]["field"] == ["prefix", "gold_completion"]
+    assert (result["settings"]["dtype"], result["dtype"]) == ("bfloat16", "bfloat16")  # the dtype it ran in, recorded
     # a run's evaluate.perplexity.bos / split / config have flags too (a run with bos false could not be reproduced)
     ppl = {}
     for bos in ("--perplexity-bos", "--no-perplexity-bos"):

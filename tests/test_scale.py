@@ -188,8 +188,10 @@ def test_sequential_options_equal_in_memory(tokenizers_by_bos, calib_text, tmp_p
     opts = dict(batch_size=4, metrics=("bi", "angular"), progress=False)
     assert_same_scores(prune.score(model, w, **opts), score_sequential(folder, w, **opts))
     bf16, _, _ = prune.load(folder, dtype="bfloat16")
-    assert_same_scores(prune.score(bf16, w, batch_size=2, progress=False),
-                       score_sequential(folder, w, batch_size=2, dtype="bfloat16", progress=False))
+    in_memory, sequential = (prune.score(bf16, w, batch_size=2, progress=False),
+                             score_sequential(folder, w, batch_size=2, dtype="bfloat16", progress=False))
+    assert_same_scores(in_memory, sequential)
+    assert in_memory.metadata["dtype"] == sequential.metadata["dtype"] == "bfloat16"  # the dtype the states were in
 
 
 @pytest.mark.parametrize("arch", ["gemma3_text", "qwen3_moe"])

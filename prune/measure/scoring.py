@@ -388,5 +388,7 @@ def score(
     bar.close()
     acc.all_reduce()
     excluded = sorted(i for part in dist.all_gather(excluded) for i in part)
+    dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()), None)
     return finish(acc, windows, positions=positions, metrics=metrics, cka_windows=cka_windows, beta=beta, tau=tau,
-                  excluded=excluded, started=started, progress=progress, metadata=metadata)
+                  excluded=excluded, started=started, progress=progress,
+                  metadata={"dtype": dtype, **(metadata or {})})  # the dtype the model ran in (its states' rounding)

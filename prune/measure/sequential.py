@@ -257,6 +257,7 @@ def score_sequential(
     finally:
         bar.close()
         store.close()
-    meta = {"execution": "sequential", "spilled": bool(spill), **dict(metadata or {})}
+    meta = {"execution": "sequential", "spilled": bool(spill), "dtype": str(sk.dtype).removeprefix("torch."),
+            **dict(metadata or {})}
     return finish(acc, windows, positions=positions, metrics=metrics, cka_windows=cka_windows, beta=beta, tau=tau,
                   excluded=excluded, started=started, progress=progress, metadata=meta)

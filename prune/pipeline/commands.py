@@ -199,13 +199,14 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
         del base
         clock.lap("fidelity reference (original)")
     result: dict = {}
-    layers = parameters = None
+    layers = parameters = ran_in = None
     if in_memory:
         model, tokenizer, src = load_model(source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
         memory_cfg = cfg.model_copy(update={"tasks": []}) if named else cfg
         result = evaluate_loaded(model, tokenizer, memory_cfg, quiet=quiet, reference=reference, lm_eval_name=str(source),
                                  lm_eval_folder=folder)
         layers, parameters = model.config.num_hidden_layers, count_parameters(model)
+        ran_in = next((str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()), None)
         del model
         if bad := not_finite(result):  # nothing measured: refused as scoring refuses it, before any file is written
             raise PruneError(f"{source}: {', '.join(bad)} not finite: the model's activations overflow (float16 ones "
@@ -246,6 +247,7 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
     result["model"] = src.to_dict()
     result["layers"] = layers
     result["parameters"] = parameters
+    result["dtype"] = ran_in  # the dtype the model ran in (settings.dtype: the one asked for, auto = as stored)
     result["settings"] = {"dtype": dtype, "limit": cfg.limit, "batch_size": cfg.batch_size, "num_fewshot": cfg.num_fewshot,
                           "seed": cfg.seed, "model": cfg.model, "model_args": cfg.model_args,
                           "apply_chat_template": cfg.apply_chat_template, "n_shot": L.n_shots(result),
