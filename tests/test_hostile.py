@@ -749,7 +749,7 @@ def test_aliases_of_mappings_and_merge_keys_are_read(tmp_path, tiny_folder):
     ("evaluate.fidelity={bos: false, rows: '100:200'}", "rows, bos describe the fidelity's own text, but it has no path"),
     # settings a strategy, the scores or the missing tasks never read: refused, not dropped
     ("select.strategy=contiguous", "metric is read only by strategies one_shot, iterative, search; contiguous ranks "
-                                   "by angular alone"),
+                                   "by angular alone (remove it, set it to angular (--set select.metric=angular), or"),
     ("select={strategy: contiguous, metric: angular, n_layers: 2}", None),  # what contiguous reads: accepted
     ("select.seed=3", "seed is read only by strategies random, search"),
     ("score={metrics: [bi, angular], tau: 0.5}", "tau shape the CKA matrix and MSRS, but metrics has no cka"),

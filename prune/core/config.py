@@ -341,8 +341,9 @@ class SelectConfig(Section):
         if changed(self, ("metric",), info) and not metric_is_read(self.strategy, self.metric):
             own = OWN_METRIC.get(self.strategy)
             reads = f"ranks by {own} alone" if own else "does not read it"
+            instead = f", set it to {own} (--set select.metric={own})," if own else ""
             raise ValueError(f"metric is read only by strategies {', '.join(METRIC_STRATEGIES)}; {self.strategy} {reads} "
-                             "(remove it, or choose one of those strategies)")
+                             f"(remove it{instead} or choose one of those strategies)")
         if changed(self, ("seed",), info) and self.strategy not in SEED_STRATEGIES:
             raise ValueError(f"seed is read only by strategies {', '.join(SEED_STRATEGIES)}; {self.strategy} does not "
                              "read it (remove it, or choose one of those strategies)")
