@@ -332,15 +332,24 @@ def test_a_model_whose_float16_activations_overflow_is_never_measured_as_a_numbe
     half.save_pretrained(folder)
     tok.save_pretrained(folder)
     out = tmp_path / "eval.json"
+    from conftest import DATA
+
     line = prune_main("eval", folder, "--perplexity-data", WIKI_RAW, "--perplexity-rows", "300:600", "--seq-len", 32,
-                      "--max-windows", 4, "-q", "-o", out, check_rc=2).stderr.strip()
-    assert line.startswith("error: ") and "perplexity not finite: the model's activations overflow" in line
-    assert "--dtype float32 or bfloat16" in line and "\n" not in line and not out.exists()
+                      "--max-windows", 4, "--tasks", "copa", "--limit", 2, "--data-dir", DATA, "-q", "-o", out,
+                      "--output-path", tmp_path / "lm", check_rc=2).stderr.strip()
+    assert line.startswith("error: ") and "perplexity not finite: the model's float16 activations overflow" in line
+    assert "float32 or bfloat16 (--dtype)" in line and "\n" not in line and not out.exists()
+    assert not (tmp_path / "lm").exists()  # refused before lm-eval ran the tasks (it ran them, then refused)
     with pytest.raises(PruneError, match=r"the original's next-token log-probs are not finite \(NaN\)"):
         build_reference(half, windows, top_k=16)
     reference = build_reference(build_model("llama"), windows, top_k=16)
     fid = measure_fidelity(half, reference)
     assert math.isnan(fid["kl_mean"]) and math.isnan(fid["top1_agreement"])  # it read 0.0: "agrees nowhere"
+    from prune.measure.fidelity import fidelity_summary, summary_from_sums
+
+    infinite = fidelity_summary(np.array([[0.1, np.inf]]), np.array([[True, False]]), 1.0, 2.0, reference)
+    assert infinite["kl_mean"] == math.inf and infinite["top1_agreement"] == 0.5  # a token given no probability: known
+    assert math.isnan(summary_from_sums(torch.tensor([math.nan, 3.0, 1.0, 2.0, 4.0]))["top1_agreement"])
     cfg = EvaluateConfig(perplexity={"path": str(WIKI_RAW), "rows": "300:600", "seq_len": 32, "max_windows": 4})
     result = evaluate_loaded(half, tok, cfg, reference=reference, label="pruned: ")
     assert "pruned: note: perplexity, KL to the original, perplexity ratio not finite" in capsys.readouterr().err

@@ -239,7 +239,7 @@ def test_copa_and_boolq_local_prompts_are_lm_eval_s_own():
 
 def test_hellaswag_local_contexts_are_lm_eval_s_own():
     """lm-eval's hellaswag capitalises ctx_b and removes bracketed tags; the copy's query keeps both as HF has them
-    ("... sitting on a roof. he"): 3,250 of its 10,042 contexts differed from lm-eval's until the local task cleaned
+    ("... sitting on a roof. he"): 3,250 of its 10,042 questions differed from lm-eval's until the local task cleaned
     them as lm-eval does. Checked against lm-eval's own process_docs on HF's first two validation rows, its own
     preprocess on every ending, and by hand on a tagged row and a WikiHow row whose last "sentence" follows an
     abbreviation (no ctx_b there: nothing capitalised)."""

@@ -372,8 +372,14 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
                          "beside the projections named, and DoRA cannot adapt those: set dora=false, or "
                          "target_modules naming the attention projections only (q_proj,k_proj,v_proj,o_proj)")
     torch.manual_seed(cfg.seed)  # the adapters' random init follows heal.seed, not what ran before in the process
-    with peft_quiet():
-        peft_model = get_peft_model(model, lcfg)  # pissa/olora: the base weights become the residual W - s*B0A0
+    try:
+        with peft_quiet():
+            peft_model = get_peft_model(model, lcfg)  # pissa/olora: the base weights become the residual W - s*B0A0
+    except ValueError as exc:  # a peft whose conversion the check above could not run: its adapters may be left
+        if cfg.dora and "ParamWrapper" in str(exc):
+            raise PruneError(f"heal.dora: peft cannot adapt this {model.config.model_type} model's fused expert weights "
+                             "with DoRA: set dora=false") from None
+        raise
     adapted = adapted_weights(peft_model)  # what peft really adapts (an MoE's fused experts too), for the record
     skipped = sorted(set(targets) - set(adapted))  # peft's MoE conversion renames the targets: a dense MLP's are lost
     if skipped and not quiet:

@@ -14,6 +14,8 @@ from prune.core import dist
 from prune.core.config import EvaluateConfig
 from prune.core.console import say
 from prune.core.faults import fault_point
+from prune.core.errors import PruneError
+from prune.model.loading import model_dtype
 from prune.io.text import eval_windows, load_text
 from prune.measure import perplexity as E
 
@@ -34,7 +36,7 @@ def fidelity_reference(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: b
 
 def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool = False, label: str = "",
                     reference=None, is_reference: bool = False, lm_eval_name: str | None = None,
-                    lm_eval_folder: str = "model") -> dict:
+                    lm_eval_folder: str = "model", refuse_not_finite: str | None = None) -> dict:
     """Perplexity, fidelity (against ``reference``, the original's) and lm-eval tasks of an
     in-memory model under the settings ``cfg``. ``is_reference``: ``model`` is the original that
     ``reference`` was built from (no fidelity to itself). When the perplexity windows are the
@@ -42,7 +44,9 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
     fidelity pass (the original's: from the reference) instead of another pass over the same windows.
     With ``lm_eval_name`` (the model name lm-eval records; ``lm_eval_folder`` its folder name) lm-eval
     logs every example and its own files are returned as ``lm_eval_files``
-    (``{file name: text}``: ``results_<date>.json``, ``samples_<task>_<date>.jsonl``)."""
+    (``{file name: text}``: ``results_<date>.json``, ``samples_<task>_<date>.jsonl``). A perplexity or KL that
+    is not finite is said in a note (a run goes on), or with ``refuse_not_finite`` (the model's name) refused
+    before any lm-eval task runs."""
     if cfg is None:
         return {}
     out: dict[str, Any] = {}
@@ -69,8 +73,13 @@ def evaluate_loaded(model, tokenizer, cfg: EvaluateConfig | None, *, quiet: bool
         out["perplexity"] = result
         say(f"{label}perplexity {result['perplexity']:.3f} ({result['windows']} windows x {result['seq_len']} tokens)", quiet)
     if bad := not_finite(out):  # a pruned model can overflow where the original did not: said, the run goes on
-        say(f"{label}note: {', '.join(bad)} not finite: the model's activations overflow (float16 ones can); measure "
-            "it in float32 or bfloat16", quiet)
+        dtype = model_dtype(model)
+        why = (f"{', '.join(bad)} not finite: the model's float16 activations overflow; measure it in float32 or "
+               "bfloat16 (--dtype)" if dtype == "float16" else
+               f"{', '.join(bad)} not finite in {dtype} (a NaN, or a next token it gives no probability)")
+        if refuse_not_finite is not None:
+            raise PruneError(f"{refuse_not_finite}: {why}")
+        say(f"{label}note: {why}", quiet)
     fault_point("evaluating")
     if cfg.tasks:
         from prune.measure.lmeval import run_lm_eval

@@ -247,7 +247,8 @@ def summary_from_sums(sums: torch.Tensor) -> dict:
     """``kl_mean``, ``top1_agreement`` and ``perplexity_ratio`` from the five sums of
     :func:`fidelity_window_sums` added over windows (and ranks)."""
     kl, agree, nll_p, nll_q, n = (float(v) for v in sums)
-    return {"kl_mean": kl / n, "top1_agreement": agree / n, "perplexity_ratio": math.exp((nll_q - nll_p) / n),
+    return {"kl_mean": kl / n, "top1_agreement": agree / n if not math.isnan(kl) else math.nan,  # as fidelity_summary
+            "perplexity_ratio": math.exp((nll_q - nll_p) / n),
             "tokens": int(n)}
 
 
@@ -269,7 +270,7 @@ def fidelity_summary(kl: np.ndarray, agree: np.ndarray, nll_p: float, nll_q: flo
         "kl_median": float(np.median(kl)),
         "kl_p99": float(np.percentile(kl, 99)),
         "kl_max": float(kl.max()),
-        "top1_agreement": float(agree.mean()) if np.isfinite(kl).all() else math.nan,  # NaN log-probs agree with nothing
+        "top1_agreement": float(agree.mean()) if not np.isnan(kl).any() else math.nan,  # NaN log-probs: unknown, not 0
         "perplexity_original": math.exp(nll_p / n),
         "perplexity_pruned": math.exp(nll_q / n),
         "perplexity_ratio": math.exp((nll_q - nll_p) / n),

@@ -38,7 +38,7 @@ from prune.model.capture import BlockStates, batches, measured_in_eval_mode
 from prune.core.config import CalibrationConfig, ScoreConfig, default
 from prune.core.errors import PruneError, first_line, parse_problem
 from prune.core.faults import fault_point
-from prune.model.loading import decoder_layers, input_device
+from prune.model.loading import decoder_layers, input_device, model_dtype
 
 POSITIONS = ("all", "skip_first")
 #: Defaults, from the config sections (prune.core.config: the one place they are set). Token
@@ -388,7 +388,6 @@ def score(
     bar.close()
     acc.all_reduce()
     excluded = sorted(i for part in dist.all_gather(excluded) for i in part)
-    dtype = next((str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()), None)
     return finish(acc, windows, positions=positions, metrics=metrics, cka_windows=cka_windows, beta=beta, tau=tau,
                   excluded=excluded, started=started, progress=progress,
-                  metadata={"dtype": dtype, **(metadata or {})})  # the dtype the model ran in (its states' rounding)
+                  metadata={"dtype": model_dtype(model), **(metadata or {})})  # the dtype the model ran in (its states' rounding)

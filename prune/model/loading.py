@@ -286,6 +286,11 @@ BUILD_SLACK = 1024
 _BLOCK_NUMBER = re.compile(r"(?:^|\.)(\d+)\.")  # layers.N., h.N., GGUF's blk.N. (an expert's number only raises the count)
 
 
+def model_dtype(model) -> str | None:
+    """The dtype ``model``'s floating-point weights are in (``bfloat16``), as records name it."""
+    return next((str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()), None)
+
+
 def block_count(config, default=None):
     """The decoder stack's ``num_hidden_layers``; of a multimodal config, its text model's (``text_config``)."""
     n = getattr(text_config(config), "num_hidden_layers", default)

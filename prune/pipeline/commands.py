@@ -10,8 +10,8 @@ from prune.core.console import StageClock, keeps_quiet_mode, quiet_mode, say, ve
 from prune.io.text import calibration_windows, load_text
 from prune.io.source import resolve_source
 from prune.measure.scoring import ScoreResult, score
-from prune.measure.evaluation import evaluate_loaded, not_finite
-from prune.model.loading import count_parameters, load_model
+from prune.measure.evaluation import evaluate_loaded
+from prune.model.loading import count_parameters, load_model, model_dtype
 from prune.core.errors import PruneError, spelled
 from prune.choose.rules import DEFAULT_METRIC, check_metric_read, resolve_count, resolve_protect, select
 from prune.export.report import SCORE_ONLY, write_report
@@ -204,13 +204,10 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
         model, tokenizer, src = load_model(source, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
         memory_cfg = cfg.model_copy(update={"tasks": []}) if named else cfg
         result = evaluate_loaded(model, tokenizer, memory_cfg, quiet=quiet, reference=reference, lm_eval_name=str(source),
-                                 lm_eval_folder=folder)
+                                 lm_eval_folder=folder, refuse_not_finite=str(source))  # before lm-eval, nothing written
         layers, parameters = model.config.num_hidden_layers, count_parameters(model)
-        ran_in = next((str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()), None)
+        ran_in = model_dtype(model)
         del model
-        if bad := not_finite(result):  # nothing measured: refused as scoring refuses it, before any file is written
-            raise PruneError(f"{source}: {', '.join(bad)} not finite: the model's activations overflow (float16 ones "
-                             "can); evaluate it with --dtype float32 or bfloat16")
         clock.lap("load and evaluate")
     if named:
         args = L.backend_model_args(src.path, cfg.model_args, backend=cfg.model, dtype=dtype, gguf_file=src.gguf_file,
