@@ -136,7 +136,7 @@ def test_sleb_equals_brute_force_loss(arch, tokenizers_by_bos):
 def test_an_overflowing_block_is_never_chosen_for_its_nan(tokenizers_by_bos):
     """A block whose output overflows (NaN, as fp16 can) makes every set that keeps it measure NaN: SLEB
     chose the first candidate evaluated (``min`` never replaces a NaN), now the one finite removal; when
-    every candidate is NaN (the original itself overflows), verified says so instead of choosing one."""
+    the original itself overflows, verified says so (its reference of NaN log-probs refused) instead of choosing."""
     from prune.choose.verified import verified
 
     model, tok = build_model("llama"), tokenizers_by_bos[True]
@@ -146,7 +146,7 @@ def test_an_overflowing_block_is_never_chosen_for_its_nan(tokenizers_by_bos):
         model.model.layers[3].mlp.down_proj.weight.fill_(float("nan"))
     sel = ST.sleb(model, w, 1, protect=[0], batch_size=4, progress=False)
     assert sel.removed == [3] and math.isnan(sel.details["trace"][0]["candidates"]["1"])
-    with pytest.raises(PruneError, match="every candidate's KL is nan .*float32"):
+    with pytest.raises(PruneError, match=r"the original's next-token log-probs are not finite \(NaN\).*float32"):
         verified(model, scores, w, 2, batch_size=4, budget=0, progress=False)
 
 
