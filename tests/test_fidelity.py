@@ -203,6 +203,22 @@ def test_perplexity_on_the_fidelity_windows_takes_no_pass_of_its_own(pair, token
     assert calls.count(pruned) == 3 + 2
 
 
+def test_top1_agreement_counts_a_tie_of_the_originals_largest_tokens_whichever_the_other_model_prefers():
+    """The original's two largest log-probs are equal (bf16 logits tie): the pruned model agrees when its own largest
+    is either of them, whatever order topk stored them in, and disagrees on any other token."""
+    from prune.measure.fidelity import top1_agrees
+
+    ref_top = torch.tensor([[-0.5, -0.5, -2.0]])  # tokens 3 and 7 tie for the largest, token 1 next
+    ref_ids = torch.tensor([[3, 7, 1]])
+
+    def prefers(token: int) -> torch.Tensor:
+        logq = torch.full((1, 10), -9.0)
+        logq[0, token] = -0.1
+        return torch.log_softmax(logq, -1)
+
+    assert [bool(top1_agrees(ref_top, ref_ids, prefers(t))) for t in (3, 7, 1, 0)] == [True, True, False, False]
+
+
 def test_a_model_against_itself_is_exactly_faithful_with_ties_and_peaked_rows(tokenizers_by_bos, tmp_path):
     """bf16 logits tie often (the reviewer's tiny model: 0.9906 agreement with itself, topk and argmax break
     ties differently); peaked rows left p's rest bucket as 1 - sum_topk p, float32 noise against q's exact
