@@ -983,6 +983,9 @@ def run_command(args) -> int:
         from prune.core import dist
 
         if dist.launched() and dist.is_collective_failure(exc):  # another rank died or hung: one line
+            import signal
+
+            signal.signal(signal.SIGTERM, lambda *_: exit_quietly(1))  # the launcher's stop: no second line
             print(f"error: rank {os.environ.get('RANK', '?')} stopped: another rank failed or timed out "
                   f"({first_line(exc)})", file=sys.stderr)
             return 1
@@ -992,6 +995,15 @@ def run_command(args) -> int:
             return 1
         print(f"error: {redact(line)}", file=sys.stderr)
         return 2
+
+
+def exit_quietly(code: int) -> None:
+    """Leave at once with ``code``, scratch folders removed (``os._exit`` runs no finally), nothing printed: the
+    launcher's SIGTERM to a rank that has already said its one line."""
+    from prune.core import scratch
+
+    scratch.remove_all()
+    os._exit(code)
 
 
 def dist_exit(command, args) -> int:
@@ -1015,6 +1027,8 @@ def dist_exit(command, args) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     code = command(args)
+
+    signal.signal(signal.SIGTERM, lambda *_: exit_quietly(code))  # this rank said its line: no second one
     sys.stdout.flush()
     sys.stderr.flush()
     if code == 0:
