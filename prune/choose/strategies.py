@@ -41,7 +41,7 @@ from prune.core.config import HELDOUT_WINDOWS, CalibrationConfig, EvaluateConfig
 from prune.core.errors import PruneError
 from prune.core.records import block_number, complement
 from prune.measure.perplexity import nll_sum
-from prune.model.loading import decoder_layers, decoder_layers_path, input_device, keeps_attention, pruned_config_updates
+from prune.model.loading import decoder_layers, decoder_layers_path, input_device, keeps_attention, pruned_config_updates, weights_dtype
 from prune.measure.scoring import (BATCH_SIZE, BETA, CKA_WINDOWS, DEFAULT_POSITIONS, TAU, ScoreResult, check_model,
                                    check_windows, embedding_rows, score)
 from prune.choose.rules import (DEFAULT_METRIC, DEFAULT_PROTECT, Selection, finite_first, metric_values, not_scores,
@@ -100,10 +100,6 @@ def calibration_loss(model, windows: torch.Tensor, removed=(), batch_size: int =
     with skip_blocks(model, removed):
         total, count = nll_sum(model, windows, batch_size)
     return total / count
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
 def _inject(block: nn.Module, states: list[torch.Tensor]):
@@ -217,7 +213,7 @@ def _block_inputs(model, windows: torch.Tensor, batch_size: int) -> list[list[to
     of this rank's share of the windows (the share :func:`prune.measure.perplexity.nll_sum` runs;
     all of them in one process)."""
     layers = decoder_layers(model)
-    device, dtype = input_device(model), _model_dtype(model)
+    device, dtype = input_device(model), weights_dtype(model)
     out: list[list[torch.Tensor]] = [[] for _ in layers]
     lo, hi = dist.shard(windows.shape[0], batch_size)
     with torch.no_grad(), BlockStates(layers, device, dtype) as capture:

@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prune.choose.rules import DEFAULT_PROTECT, Selection, contiguous, finite_first, one_shot, resolve_count, resolve_protect
-from prune.choose.strategies import _inject, _keep_inputs, _model_dtype, check_strategy_args, skip_blocks
+from prune.choose.strategies import _inject, _keep_inputs, check_strategy_args, skip_blocks
 from prune.core import dist
 from prune.core.config import VERIFIED_BUDGET, FidelityConfig, default
 from prune.core.errors import PruneError
@@ -48,7 +48,7 @@ from prune.measure.fidelity import build_reference, fidelity_window_sums, summar
 from prune.measure.paired import paired_t
 from prune.measure.scoring import BATCH_SIZE, check_windows, embedding_rows
 from prune.model.capture import BlockStates, measured_in_eval_mode
-from prune.model.loading import cut_without_attention, decoder_layers, input_device, keeps_attention
+from prune.model.loading import cut_without_attention, decoder_layers, input_device, keeps_attention, weights_dtype
 
 ONE_SHOT = ("bi", "angular", "cka", "msrs")
 TOP_K = default(FidelityConfig, "top_k")  # the original's log-probs kept per token, as the evaluation keeps them
@@ -153,7 +153,7 @@ class Verifier:
         self.inputs: list[list[torch.Tensor]] = [[] for _ in layers]  # inputs[p][b]: state entering block p
         self.reference = None
         if hi > lo:
-            with BlockStates(layers, input_device(model), _model_dtype(model)) as capture:
+            with BlockStates(layers, input_device(model), weights_dtype(model)) as capture:
                 self.reference = build_reference(model, windows[lo:hi], top_k=top_k, batch_size=batch_size,
                                                  progress=progress, after_batch=lambda: _keep_inputs(capture, self.inputs))
         self.block_runs = 0

@@ -24,7 +24,8 @@ def heal_export(pruning: dict | PruningRecord, run: Path, out: Path, files: dict
     """``(record, card)`` of a healed folder (or adapter folder) written from ``run``."""
     from prune.export.card import render_card
     from prune.export.public import public_data, public_yaml
-    from prune.export.saving import dtype_name, saved_dtype
+    from prune.export.saving import saved_dtype
+    from prune.model.loading import dtype_name
 
     record = as_record(pruning).model_copy(deep=True)
     if recipe is not None:  # the recipe.yaml written beside it, with its heal section (it kept the run's)

@@ -44,7 +44,7 @@ from prune.io.safetensors import (
     local_folder,
 )
 from prune.io.source import ModelSource
-from prune.model.loading import check_cut_keeps_attention, pruned_config_updates
+from prune.model.loading import check_cut_keeps_attention, dtype_name, pruned_config_updates
 from prune.model.surgery import check_indices, query_rescale
 
 #: files never carried over: weights in other formats (and params.json, Mistral's config of its consolidated weights,
@@ -247,7 +247,7 @@ def conversion(sk, planned: dict, dtype: str | None, through: str | None) -> tup
 def written_dtype(shards: dict) -> str | None:
     """The dtype of the floating tensors a copy writes (``{shard: [(name, entry)]}`` after :func:`convert_entries`)."""
     stored = next((e.torch_dtype for items in shards.values() for _, e in items if e.torch_dtype.is_floating_point), None)
-    return str(stored).removeprefix("torch.") if stored is not None else None
+    return dtype_name(stored)
 
 
 def planned_dtype(folder: str | os.PathLike, removed, dtype: str | None, through: str | None,
@@ -358,7 +358,7 @@ def prune_checkpoint(
             copy.parent.mkdir(exist_ok=True)
             shutil.copy2(item, copy)
         config.save_pretrained(stage)  # as save_pretrained writes it: no local _name_or_path
-        clean_config_file(stage, dtype=None if target is None else str(target).removeprefix("torch."))
+        clean_config_file(stage, dtype=dtype_name(target))
         check_complete(stage, trust_remote_code=trust_remote_code)
         write_extras(stage, record, files)
     return Path(out_dir).expanduser()

@@ -19,7 +19,7 @@ from prune.core.errors import PruneError
 from prune.core.records import RECORD_FILE, PruningRecord, record_json
 from prune.core.faults import fault_point
 from prune.export.public import clean_config_file, clean_tokenizer_config, public_text
-from prune.model.loading import is_dispatched
+from prune.model.loading import dtype_name, is_dispatched, weights_dtype
 
 if TYPE_CHECKING:
     from prune.choose.rules import Selection
@@ -85,7 +85,7 @@ def save(
             model.tie_weights()  # re-tie, or the tied copy (lm_head) would be saved twice
         fault_point("saving")
         target = saved_dtype(model, dtype)
-        state = None if target == _model_dtype(model) else converted_state(model, target)
+        state = None if target == weights_dtype(model) else converted_state(model, target)
         model.save_pretrained(stage, max_shard_size=max_shard_size, state_dict=state)
         if state is not None and any(p.is_meta for p in model.parameters()):
             convert_shards(stage, target)  # offloaded weights were read back from disk as stored
@@ -98,20 +98,12 @@ def save(
     return Path(out_dir).expanduser()
 
 
-def _model_dtype(model):
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-
-
-def dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def saved_dtype(model, dtype: str | None):
     """The torch dtype the weights are saved in: ``dtype`` (``output.dtype``), ``auto``/None = as loaded."""
     from prune.core.config import resolve_dtype
 
     target = resolve_dtype(dtype)
-    return _model_dtype(model) if target == "auto" else target
+    return weights_dtype(model) if target == "auto" else target
 
 
 def out_of_core_dtype(recipe) -> str:

@@ -503,14 +503,14 @@ def backend_model_args(source: str, model_args: str | None = None, *, backend: s
     backend, ``use_kernels`` as every load of the toolkit (``prune.model.loading.USE_HUB_KERNELS``)
     unless given there."""
     from prune.core.config import resolve_dtype
-    from prune.model.loading import USE_HUB_KERNELS
+    from prune.model.loading import USE_HUB_KERNELS, dtype_name
 
     given = {part.split("=", 1)[0].strip() for part in (model_args or "").split(",") if "=" in part}
     if "pretrained" in given:
         raise PruneError("--model-args must not set pretrained: the model is the MODEL argument")
     parts = [f"pretrained={source}"] + ([model_args.strip(",")] if model_args else [])
     resolved = resolve_dtype(dtype)  # lm-eval reads torch's own names (getattr(torch, dtype)): bf16 -> bfloat16
-    extra = {"dtype": None if resolved == "auto" else str(resolved).removeprefix("torch."), "gguf_file": gguf_file,
+    extra = {"dtype": None if resolved == "auto" else dtype_name(resolved), "gguf_file": gguf_file,
              "trust_remote_code": True if trust_remote_code else None, "use_kernels": USE_HUB_KERNELS if backend == "hf" else None}
     parts += [f"{k}={v}" for k, v in extra.items() if v is not None and k not in given]
     return ",".join(parts)

@@ -50,6 +50,7 @@ from prune.measure.scoring import (
     fold_batch,
 )
 from prune.model.skeleton import Skeleton
+from prune.model.loading import dtype_name
 
 
 SPILL_MIN_BYTES = 64 << 20
@@ -257,7 +258,7 @@ def score_sequential(
     finally:
         bar.close()
         store.close()
-    meta = {"execution": "sequential", "spilled": bool(spill), "dtype": str(sk.dtype).removeprefix("torch."),
+    meta = {"execution": "sequential", "spilled": bool(spill), "dtype": dtype_name(sk.dtype),
             **dict(metadata or {})}
     return finish(acc, windows, positions=positions, metrics=metrics, cka_windows=cka_windows, beta=beta, tau=tau,
                   excluded=excluded, started=started, progress=progress, metadata=meta)

@@ -286,9 +286,19 @@ BUILD_SLACK = 1024
 _BLOCK_NUMBER = re.compile(r"(?:^|\.)(\d+)\.")  # layers.N., h.N., GGUF's blk.N. (an expert's number only raises the count)
 
 
+def weights_dtype(model) -> torch.dtype | None:
+    """The dtype of ``model``'s floating-point weights (the first one's; None: it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def dtype_name(dtype) -> str | None:
+    """A torch dtype as records and ``config.json`` name it: ``torch.bfloat16`` -> ``bfloat16`` (None stays None)."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def model_dtype(model) -> str | None:
-    """The dtype ``model``'s floating-point weights are in (``bfloat16``), as records name it."""
-    return next((str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()), None)
+    """The name of the dtype ``model``'s floating-point weights are in (``bfloat16``), as records give it."""
+    return dtype_name(weights_dtype(model))
 
 
 def block_count(config, default=None):
