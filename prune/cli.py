@@ -760,6 +760,10 @@ def cmd_compare(args) -> int:
 
         check_output(args.output, input_paths(args.a, *bs, label="a compared result"), overwrite=args.overwrite,
                      kind="file", what="--output file", flag="--output")
+    if bs:
+        from prune.measure.paired import check_distinct_files
+
+        check_distinct_files([args.a, *bs])
     fid_a, fid_b = (fidelity_of(args.a), [fidelity_of(x) for x in bs]) if bs else (None, [])
     sides = [has_samples(x) for x in [args.a, *bs]] if bs else [has_samples(args.a, w) for w in ("original", "pruned")]
     samples = all(sides)

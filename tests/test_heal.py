@@ -859,6 +859,46 @@ def test_heal_evaluate_checks_the_chat_template_before_training(tmp_path, tiny_f
     assert not (tmp_path / "healed").exists()
 
 
+def test_heal_evaluate_refuses_a_task_version_the_run_did_not_use_and_keeps_a_model_it_cannot_pair(
+        tmp_path, tiny_folder, monkeypatch, capsys):
+    """The run's original was evaluated on COPA; ``prune heal --evaluate`` evaluates the healed model on this
+    version's task copy. Another task version is refused before training (it was refused after training and
+    evaluation, the healed model lost); prompts that differ beyond the version (a changed chat template) leave
+    the paired comparison out with a note, and the healed model is saved."""
+    import json
+
+    from prune.pipeline.heal_run import heal_run
+
+    plain = _recipe(tmp_path)
+    del plain["heal"]
+    plain["evaluate"].update(tasks=["copa"], limit=4, data_dir=str(DATA))
+    run_dir = run(plain, quiet=True).out_dir
+    [results] = (run_dir / "eval" / "original").glob("results_*.json")
+    data = json.loads(results.read_text())
+    now = str(data["versions"]["copa_local"])
+    data["versions"]["copa_local"] = "0.5"
+    results.write_text(json.dumps(data))
+    heal = dict(method="lora", data=C4_DATA["path"], field=C4_DATA["field"], rows="0:300",
+                overrides=[f"{k}={v}" for k, v in FAST.items()], evaluate=True, quiet=True)
+    with monkeypatch.context() as m:
+        m.setattr("prune.pipeline.heal_run.heal_lora", lambda *a, **k: pytest.fail("trained before the check"))
+        with pytest.raises(PruneError, match=rf"^copa_local: task version 0.5 in the run's original \(eval/original\), "
+                                             rf"{now} in this version of prune: .* heal without --evaluate"):
+            heal_run(run_dir, tmp_path / "healed", **heal)
+    data["versions"]["copa_local"] = now
+    results.write_text(json.dumps(data))
+    [samples] = (run_dir / "eval" / "original").glob("samples_copa_local_*.jsonl")
+    records = [json.loads(line) for line in samples.read_text().splitlines()]
+    samples.write_text("".join(json.dumps({**r, "prompt_hash": "0" * 64}) + "\n" for r in records))
+    capsys.readouterr()
+    healed = heal_run(run_dir, tmp_path / "healed", **heal)
+    err = capsys.readouterr().err
+    assert "note: the paired comparison of the healed model with the original is left out: copa_local: example 0 " \
+           "differs between the original and the healed model (another prompt" in err
+    saved = json.loads((healed / "eval.json").read_text())
+    assert saved["paired"] == [] and saved["paired_healing"] and (healed / "model.safetensors").is_file()
+
+
 def test_a_new_method_does_not_inherit_the_runs_objective_and_bridge():
     """The run's recipe.yaml holds its whole heal section (objective: distill, bridge: down, ...): `prune heal
     --method lora` kept them, and so distilled (or refused for want of a teacher) where plain LoRA was asked."""

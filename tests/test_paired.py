@@ -305,7 +305,7 @@ def test_task_average_by_hand():
     avg = task_average(same)
     assert avg.se == 0 and avg.ci_low < 0 < avg.ci_high and avg.retained == 1.0 and avg.retained_tasks == 1
     line = average_line(same, "original", "pruned")
-    assert "nan" not in line and "no example's score changed" in line and "over the 1 tasks original scores above 0" in line
+    assert "nan" not in line and "no example's headline score changed" in line and "over the 1 tasks original scores above 0" in line
 
 
 def test_a_groups_subtasks_count_as_one_task_pooled_by_size(tmp_path, capsys):
@@ -741,3 +741,68 @@ def test_a_run_s_paired_rows_read_the_groups_and_directions_of_its_results_files
     assert unhealed == [] and {(r.task, r.metric) for r in rows} >= {("sub1", "acc"), ("sub2", "brier")}
     assert {r.group for r in rows} == {"grp"}
     assert all(bool(r.lower_is_better) == (r.metric == "brier") for r in rows), [(r.task, r.metric, r.lower_is_better) for r in rows]
+
+
+def edited_copy(src, dest, edit_results=None, link_samples=None):
+    """A copy of a real lm-eval results folder: ``edit_results(data)`` changes its results file; with
+    ``link_samples`` its samples files are links to that folder's."""
+    dest.mkdir()
+    for path in src.iterdir():
+        if path.name.startswith("samples_") and link_samples is not None:
+            (dest / path.name).symlink_to(link_samples / path.name)
+        elif path.name.startswith("results_") and edit_results is not None:
+            data = json.loads(path.read_text())
+            edit_results(data)
+            (dest / path.name).write_text(json.dumps(data))
+        else:
+            (dest / path.name).write_text(path.read_text())
+    return dest
+
+
+def test_another_task_version_or_few_shot_count_is_refused_another_lm_eval_is_a_note(lm_eval_folders, tmp_path, capsys):
+    """A task version that changes only how answers are scored leaves every per-example hash equal: the old code
+    paired two runs of copa_local 1.0 and 2.0 (or 0- and 5-shot results) without a word."""
+    root, _ = lm_eval_folders
+    b = root / "model-b"
+
+    def version(data):
+        data["versions"]["copa_local"] = 1.0
+
+    def shots(data):
+        data["n-shot"]["copa_local"] = 5
+
+    def lm_eval(data):
+        data["lm_eval_version"] = "0.4.0"
+
+    with pytest.raises(PruneError, match=r"^copa_local: task version 1.0 in A, 2.0 in B: the two did not run the same "
+                                         r"task; evaluate both with the same version"):
+        compare_folders(edited_copy(root / "model-a", tmp_path / "v", version), b)
+    with pytest.raises(PruneError, match="copa_local: few-shot examples 0 in A, 5 in B2"):
+        compare_folders(root / "model-a", [b, edited_copy(b, tmp_path / "s", shots)])
+    capsys.readouterr()
+    rows = compare_folders(edited_copy(root / "model-a", tmp_path / "l", lm_eval), b, iters=200)
+    assert rows and "lm-eval 0.4.0 in A, 0.4.13 in B: paired on the same questions" in capsys.readouterr().err
+
+
+def test_samples_files_linking_to_a_s_are_the_same_evaluation(lm_eval_folders, tmp_path):
+    """A folder whose samples files link to A's compared A with itself: "no example's headline score changed"."""
+    root, _ = lm_eval_folders
+    links = edited_copy(root / "model-a", tmp_path / "links", link_samples=root / "model-a")
+    with pytest.raises(PruneError, match=r"B's samples file of (\w+) .* is A's file of \1: give two"):
+        compare_folders(root / "model-a", links)
+
+
+def test_one_fidelity_file_twice_is_refused_and_an_unchecked_original_is_said(tmp_path):
+    """The same fidelity file (or a link to it) as A and B gave a table of zeros; a record without the original's
+    perplexity was paired without a word that its original could not be checked."""
+    a = fidelity_file(tmp_path / "a.json")
+    (tmp_path / "link.json").symlink_to(a)
+    assert "B (" in one_error_line(prune_main("compare", a, tmp_path / "link.json"))
+    assert "is the same evaluation as A" in one_error_line(prune_main("compare", a, tmp_path / "link.json"))
+    b = fidelity_file(tmp_path / "b.json")
+    assert "B2 (" in one_error_line(prune_main("compare", a, b, b))
+    proc = prune_main("compare", a, fidelity_file(tmp_path / "c.json", perplexity_original=None))
+    assert proc.returncode == 0 and "holds no perplexity of the original" in proc.stderr
+    one = dict(kl_windows=[0.1], nll_diff_windows=[0.0])
+    err = one_error_line(prune_main("compare", fidelity_file(tmp_path / "d.json", **one), fidelity_file(tmp_path / "e.json", **one)))
+    assert "1 window(s) in common; at least 2 are needed: measure more windows (prune eval --max-windows" in err

@@ -782,6 +782,12 @@ def test_the_cards_paired_lines_survive_a_hand_edited_eval_json(chain, tmp_path)
     good = {"task": "arc_easy", "metric": "acc", "n": 40, "mean_a": 0.5, "mean_b": 0.45, "diff": -0.05,
             "se_paired": 0.02, "se_unpaired": 0.1, "ci_low": -0.1, "ci_high": 0.0}
     assert paired_text([good]) == "- arc_easy (acc): -5.00 points, 95% interval [-10.00, +0.00] over 40 examples"
+    # an interval that excludes 0 beside McNemar's p >= 0.05 (few flips, one way) is marked, as eval.md marks it
+    few = {**good, "diff": 0.05, "ci_low": 0.0033, "ci_high": 0.1118, "right_to_wrong": 0, "wrong_to_right": 4,
+           "mcnemar_p": 0.125}
+    assert paired_text([few]) == ("- arc_easy (acc): +5.00 points, 95% interval [+0.33, +11.18] † over 40 examples\n\n"
+                                  "† the 95% interval and McNemar's exact test disagree (few flips, mostly one way): "
+                                  "read the row as not shown.")
     piqa = {**good, "task": "piqa"}
     for bad in ({**piqa, "n": "40"}, {**piqa, "metric": 1}, {**good, "task": None}, {**piqa, "n": 0}, "row", {"x": 1}):
         assert paired_text([good, bad]) is None

@@ -338,7 +338,7 @@ def paired_text(paired) -> str | None:
     """The card's paired comparison (``eval.json``'s ``paired``: per-example differences, pruned - original): each
     task's headline metric with its 95% interval, and their average; None without (or with damaged) rows."""
     from prune.core.tables import md_text
-    from prune.measure.paired import Paired, average_line, headline_rows
+    from prune.measure.paired import DISAGREES, DISAGREES_NOTE, Paired, average_line, headline_rows
 
     if not isinstance(paired, list) or not paired:
         return None
@@ -346,9 +346,12 @@ def paired_text(paired) -> str | None:
         rows = [Paired(**r) for r in paired]
         head = headline_rows(rows)
         lines = [f"- {md_text(r.task)} ({md_text(r.metric)}): {100 * r.diff:+.2f} points, 95% interval "
-                 f"[{100 * r.ci_low:+.2f}, {100 * r.ci_high:+.2f}] over {r.n} examples" for r in head]
+                 f"[{100 * r.ci_low:+.2f}, {100 * r.ci_high:+.2f}]{' ' + DISAGREES if r.disagrees else ''} over {r.n} "
+                 "examples" for r in head]
         if len({r.group or r.task for r in head}) > 1:
             lines.append(md_text(average_line(rows, "original", "pruned")))
+        if any(r.disagrees for r in head):
+            lines += ["", DISAGREES_NOTE]
     except Exception:  # noqa: BLE001 - a hand-edited eval.json (any shape): no paired lines, not a failed card
         return None
     return "\n".join(lines) or None

@@ -113,14 +113,28 @@ def lm_eval_outputs(original: dict, pruned: dict, unhealed: dict | None = None, 
                 for which, result in (("original", original), ("pruned", pruned), ("pruned_before_healing", unhealed))}
     if not any(texts_of.values()):
         return {}, [], []  # no tasks ran: nothing of lm-eval's (a perplexity-only run needs no lm-eval)
-    from prune.measure.paired import task_meta_of
+    from prune.measure.paired import check_same_setup, task_meta_of, task_setup_of
 
     files = {f"eval/{which}/{name}": text for which, texts in texts_of.items() for name, text in texts.items()}
     samples = {which: samples_of(texts) for which, texts in texts_of.items()}  # each file parsed once
+    results = {which: [text for name, text in sorted(texts.items()) if name.startswith("results_")]
+               for which, texts in texts_of.items()}
     # groups and lower-is-better metrics, as prune compare reads them from the same results files
-    meta = task_meta_of([text for texts in texts_of.values() for name, text in texts.items() if name.startswith("results_")])
-    return files, paired_rows(samples["original"], samples["pruned"], seed, meta), \
-        paired_rows(samples["pruned_before_healing"], samples["pruned"], seed, meta)
+    meta = task_meta_of([text for texts in results.values() for text in texts])
+    setups = {which: task_setup_of(texts) for which, texts in results.items()}
+    b_name = "the healed model" if unhealed is not None else "the pruned model"
+    pairs = []
+    for a, a_name in (("original", "the original"), ("pruned_before_healing", "the model before healing")):
+        try:
+            if samples[a] and samples["pruned"]:
+                check_same_setup(setups[a], setups["pruned"], set(samples[a]) & set(samples["pruned"]), (a_name, b_name),
+                                 fix="evaluate both with one version of prune and lm-eval (prune eval), then pair them "
+                                     "with prune compare", quiet=True)
+            pairs.append(paired_rows(samples[a], samples["pruned"], seed, meta, f"{a_name} and {b_name}"))
+        except PruneError as exc:  # both models are evaluated and saved all the same: only the pairing is left out
+            say(f"note: the paired comparison of {b_name} with {a_name} is left out: {exc}", quiet=False)
+            pairs.append([])
+    return files, pairs[0], pairs[1]
 
 
 def samples_of(texts: dict[str, str]) -> dict[str, list[dict]]:
@@ -133,12 +147,14 @@ def samples_of(texts: dict[str, str]) -> dict[str, list[dict]]:
             for name, text in texts.items() if name.startswith("samples_")}
 
 
-def paired_rows(a: dict[str, list[dict]], b: dict[str, list[dict]], seed: int = 0, meta=None) -> list:
+def paired_rows(a: dict[str, list[dict]], b: dict[str, list[dict]], seed: int = 0, meta=None,
+                between: str = "A and B") -> list:
     """The paired comparison (B against A) of two models' samples (:func:`samples_of`; ``meta``: their results
-    files' :class:`~prune.measure.paired.TaskMeta`); ``[]`` when either has none."""
+    files' :class:`~prune.measure.paired.TaskMeta`; ``between``: the two, named in a refusal); ``[]`` when either has
+    none."""
     from prune.measure.paired import compare_samples
 
-    return compare_samples(a, b, seed=seed, meta=meta) if a and b else []
+    return compare_samples(a, b, seed=seed, meta=meta, between=between) if a and b else []
 
 
 def lm_eval_tables(files: dict[str, str]) -> str:

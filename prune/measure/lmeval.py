@@ -112,11 +112,12 @@ def shots_of(task_default: int | None, asked: int | None) -> int:
 
 def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_fewshot: int | None = None,
                 fewshot_from_scored_split: bool = False, quiet: bool | None = None, limit: int | float | None = None,
-                limit_name: str = "evaluate.limit", local_alias: bool = False) -> list[str]:
+                limit_name: str = "evaluate.limit", local_alias: bool = False, setup: dict | None = None) -> list[str]:
     """Every task problem as one ``PruneError`` line, before any model is loaded (module docstring);
     loads each task's data once (lm-eval's ``TaskManager.load``). Under a launcher, a task whose examples
     (after ``limit``, named ``limit_name``) are fewer than the processes is refused: a process left without
-    one fails. Returns lm-eval's names."""
+    one fails. Returns lm-eval's names; ``setup``, a dict given, receives ``{task: (version, few-shot examples)}``
+    of every task that will run, as lm-eval's results file will record them (text)."""
     import warnings
 
     check_limit_over_ranks(limit, limit_name)  # before any task data loads
@@ -152,6 +153,8 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
             _check_examples_over_ranks(leaf, task, limit, limit_name)
             cfg = task.config
             shots = shots_of(cfg.num_fewshot, num_fewshot)
+            if setup is not None:
+                setup[leaf] = (None if task.VERSION is None else str(task.VERSION), str(shots))
             get = lambda key: getattr(cfg, key, None)  # noqa: E731 - a TaskConfig read as fewshot_splits reads it
             source, scored = fewshot_splits(get)
             if shots <= 0 or source is None:

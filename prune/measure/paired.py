@@ -115,7 +115,9 @@ def _pair(a, b, task: str, unit: str) -> tuple[np.ndarray, np.ndarray]:
     if a.shape != b.shape or a.ndim != 1:
         raise PruneError(f"paired values need two equal-length lists, got {a.shape} and {b.shape}")
     if a.size < 2:
-        raise PruneError(f"{task or 'paired comparison'}: {a.size} {unit}(s) in common; at least 2 are needed")
+        more = ("measure more windows (prune eval --max-windows, or evaluate.fidelity's windows in a recipe)"
+                if unit == "window" else f"compare more {unit}s")
+        raise PruneError(f"{task or 'paired comparison'}: {a.size} {unit}(s) in common; at least 2 are needed: {more}")
     return a, b
 
 
@@ -216,11 +218,11 @@ def t_quantile(q: float, df: float) -> float:
     return math.sqrt(df) * math.tan((lo + hi) / 2)
 
 
-def paired_t(a, b, *, task: str = "", metric: str = "", level: float = 0.95) -> Paired:
+def paired_t(a, b, *, task: str = "", metric: str = "", level: float = 0.95, unit: str = "unit") -> Paired:
     """Paired statistics of a few measurements per unit (``a`` and ``b`` on the same ``n`` text windows):
     ``mean(d) +- t_{(1+level)/2, n-1} x sd(d) / sqrt(n)``, ``d = b - a``. Student's interval, not the
     bootstrap of :func:`paired_stats`, which is too narrow at a handful of units."""
-    a, b = _pair(a, b, task, "unit")
+    a, b = _pair(a, b, task, unit)
     n = a.size
     d = b - a
     se = lambda x: float(x.std(ddof=1) / math.sqrt(n))
@@ -285,7 +287,8 @@ def row_name(metric: str, filt: str) -> str:
 #: examples, chat template, the task version's wording) and the target; with the requests the model was sent
 #: (``arguments``: each answer choice's continuation, or the generation settings), two runs answered the same
 #: question when all four agree (a file without one of them is not checked on it). A task version that changes
-#: only how answers are scored (a filter, a metric's options) is not seen here.
+#: only how answers are scored (a filter, a metric's options) is not seen here: :func:`check_same_setup` compares
+#: the versions the results files record.
 QUESTION_HASHES = ("doc_hash", "prompt_hash", "target_hash")
 QUESTION_PARTS = QUESTION_HASHES + ("arguments",)
 
@@ -395,7 +398,7 @@ def some(names, limit: int = 10) -> str:
 
 def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters: int = BOOTSTRAP_ITERS,
                     seed: int = 0, quiet: bool | None = None, sign_test: bool = False,
-                    meta: "TaskMeta | None" = None) -> list[Paired]:
+                    meta: "TaskMeta | None" = None, between: str = "A and B") -> list[Paired]:
     """Paired statistics per task and metric (of each answer filter) of two ``{task: sample records}``
     (B against A), over the examples both have; ``quiet``: no notes of what is left out; ``sign_test``: B is
     pooled over seeds (:func:`paired_stats`); ``meta``: what lm-eval's results files say of the tasks
@@ -418,7 +421,7 @@ def compare_samples(a: dict[str, list[dict]], b: dict[str, list[dict]], *, iters
         for metric in [m for m in ea if m in eb]:
             keys = sorted(set(ea[metric]) & set(eb[metric]), key=str)
             for k in keys:
-                check_same_question(task, k, ea[metric][k][0], eb[metric][k][0], "A and B")
+                check_same_question(task, k, ea[metric][k][0], eb[metric][k][0], between)
             if len(keys) < 2:
                 say(f"{task} {metric}: {len(keys)} example(s) in common (A {len(ea[metric])}, B {len(eb[metric])}): "
                     "too few to pair, left out of the paired comparison", quiet)
@@ -524,7 +527,7 @@ def average_line(rows: list[Paired], a: str = "A", b: str = "B") -> str:
         share = f"{b} keeps {100 * avg.retained:.1f}% of {a}'s accuracy (mean of the per-task ratios{over})"
     head = headline_rows(rows)
     if all(r.diff == 0 and r.se_paired == 0 for r in head):
-        verdict = "no example's score changed"
+        verdict = "no example's headline score changed"
     else:
         verdict = "it excludes 0" if avg.ci_low > 0 or avg.ci_high < 0 else "it includes 0"
     left = without_headline(rows)
@@ -636,6 +639,65 @@ def task_meta_of(texts) -> TaskMeta:
     return TaskMeta({task: top(task) for task in parent}, lower)
 
 
+@dataclass
+class TaskSetup:
+    """How an lm-eval results folder ran its tasks, from its ``results_*.json`` (the newest file naming a task
+    wins): each task's version and number of few-shot examples (as text), and lm-eval's version."""
+
+    versions: dict[str, str]
+    shots: dict[str, str]
+    lm_eval: str | None
+
+
+def task_setup(folder: Path) -> TaskSetup:
+    """:class:`TaskSetup` of the results files in ``folder``; a file that does not read is passed over."""
+    texts = []
+    for path in sorted(folder.glob("results_*.json")):
+        try:
+            texts.append(read_regular_text(path, "lm-eval results file"))
+        except PruneError:
+            continue
+    return task_setup_of(texts)
+
+
+def task_setup_of(texts) -> TaskSetup:
+    """:class:`TaskSetup` of lm-eval results files' texts, oldest first."""
+    versions: dict[str, str] = {}
+    shots: dict[str, str] = {}
+    lm_eval = None
+    for text in texts:
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError):
+            continue
+        data = data if isinstance(data, dict) else {}
+        for key, out in (("versions", versions), ("n-shot", shots)):
+            found = data.get(key)
+            for task, value in (found.items() if isinstance(found, dict) else ()):
+                if value is not None and not isinstance(value, (dict, list)):
+                    out[task] = str(value)
+        if isinstance(data.get("lm_eval_version"), str):
+            lm_eval = data["lm_eval_version"]
+    return TaskSetup(versions, shots, lm_eval)
+
+
+def check_same_setup(a: TaskSetup, b: TaskSetup, tasks, between: tuple[str, str] = ("A", "B"),
+                     fix: str = "evaluate both with the same version of prune and lm-eval",
+                     quiet: bool | None = None) -> None:
+    """One line when a task of ``tasks`` ran as another version, or with another number of few-shot examples, on
+    the two sides: the same questions can then be scored another way (a version's change of its metric or filter
+    leaves the per-example hashes equal). Another lm-eval version alone is a note."""
+    for task in sorted(tasks):
+        for what, mine, theirs in (("task version", a.versions, b.versions), ("few-shot examples", a.shots, b.shots)):
+            x, y = mine.get(task), theirs.get(task)
+            if x is not None and y is not None and x != y:
+                raise PruneError(f"{task}: {what} {x} in {between[0]}, {y} in {between[1]}: the two did not run the same "
+                                 f"task; {fix}")
+    if a.lm_eval and b.lm_eval and a.lm_eval != b.lm_eval:
+        say(f"lm-eval {a.lm_eval} in {between[0]}, {b.lm_eval} in {between[1]}: paired on the same questions, as each "
+            "version scored them", quiet)
+
+
 def samples_by_task(folder: Path) -> dict[str, list[str]]:
     """``{task: its samples files}`` in an lm-eval results folder (lm-eval's file-name helper)."""
     from lm_eval.utils import get_file_task_name
@@ -739,6 +801,14 @@ def check_distinct(a: Path, bs: list[Path]) -> None:
             raise PruneError(f"{name} ({b}) is the same evaluation as {seen[b.resolve()]}: give {'two' if len(bs) == 1 else 'distinct'} "
                              "evaluations")
         seen[b.resolve()] = name
+    files = {path.resolve(): ("A", task) for task, path in latest_samples(a).items()}
+    for i, b in enumerate(bs, 1):
+        name = "B" if len(bs) == 1 else f"B{i}"
+        for task, path in latest_samples(b).items():
+            other = files.setdefault(path.resolve(), (name, task))
+            if other != (name, task):
+                raise PruneError(f"{name}'s samples file of {task} ({path}) is {other[0]}'s file of {other[1]}: give "
+                                 f"{'two' if len(bs) == 1 else 'distinct'} evaluations")
 
 
 def has_samples(path: str | Path, which: str = "pruned") -> bool:
@@ -791,6 +861,20 @@ def fidelity_of(path: str | Path) -> dict | None:
     return fid
 
 
+def check_distinct_files(paths) -> None:
+    """One line when two of the compared results (run folders or ``prune eval --output`` files) are one file:
+    the fidelity of a model compared with itself shows no difference."""
+    seen: dict[Path, str] = {}
+    for i, path in enumerate(paths):
+        path = Path(path).expanduser()
+        file = (path / "eval.json" if path.is_dir() else path).resolve()
+        name = "A" if i == 0 else "B" if len(paths) == 2 else f"B{i}"
+        if file in seen:
+            raise PruneError(f"{name} ({path}) is the same evaluation as {seen[file]}: give "
+                             f"{'two' if len(paths) == 2 else 'distinct'} evaluations")
+        seen[file] = name
+
+
 def _finite_number(x) -> bool:
     """Whether ``x`` is an int or float (not a bool) that is finite as a float."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
@@ -819,13 +903,16 @@ def compare_fidelity(a: dict, b: list[dict], level: float = 0.95) -> list[Paired
                              "evaluate both with the same evaluate.fidelity settings and original")
         ppl_a, ppl_b = a.get("perplexity_original"), other.get("perplexity_original")
         positive = lambda x: _finite_number(x) and x > 0  # fidelity_of refuses any other
-        if positive(ppl_a) and positive(ppl_b) and abs(math.log(ppl_b / ppl_a)) > ORIGINAL_TOLERANCE:
+        if not (positive(ppl_a) and positive(ppl_b)):
+            say("a fidelity record holds no perplexity of the original: that both were measured against one original "
+                "is not checked")
+        elif abs(math.log(ppl_b / ppl_a)) > ORIGINAL_TOLERANCE:
             raise PruneError(f"A and B were measured against different originals (the original's perplexity on the same "
                              f"windows: {ppl_a:.4f} against {ppl_b:.4f}): compare models measured against one original")
     mean_b = lambda key: np.mean([other[key] for other in b], axis=0)
-    return [paired_t(a["kl_windows"], mean_b("kl_windows"), task="fidelity", metric="kl_mean", level=level),
+    return [paired_t(a["kl_windows"], mean_b("kl_windows"), task="fidelity", metric="kl_mean", level=level, unit="window"),
             paired_t(a["nll_diff_windows"], mean_b("nll_diff_windows"), task="fidelity", metric="log_ppl_ratio",
-                     level=level)]
+                     level=level, unit="window")]
 
 
 def fidelity_markdown(rows: list[Paired], a: str = "A", b: str = "B") -> str:
@@ -851,6 +938,8 @@ def compare_pooled(a: str | Path, bs: list[str | Path], *, iters: int = BOOTSTRA
     check_distinct(samples_folder(a), folders)
     runs = [load_samples(f) for f in folders]
     ref = load_samples(samples_folder(a))
+    for i, (folder, run) in enumerate(zip(folders, runs), 1):
+        check_same_setup(task_setup(samples_folder(a)), task_setup(folder), set(ref) & set(run), ("A", f"B{i}"))
     meta = task_meta(samples_folder(a), *folders)
     pooled = mean_samples(runs)
     rows = compare_samples(ref, pooled, iters=iters, seed=seed, sign_test=True, meta=meta)
@@ -874,11 +963,16 @@ def compare_folders(a: str | Path, b: str | Path | list[str | Path] | None = Non
         if fa.resolve() == fb.resolve():  # also eval/original linked to eval/pruned: the model against itself
             raise PruneError(f"{a} is not a run folder with eval/original and eval/pruned (two different folders): "
                              "give two folders")
-        return compare_samples(load_samples(fa), load_samples(fb), iters=iters, seed=seed, meta=task_meta(fa, fb))
+        check_distinct(fa, [fb])  # a samples file of eval/pruned that leads to eval/original's
+        original, pruned = load_samples(fa), load_samples(fb)
+        check_same_setup(task_setup(fa), task_setup(fb), set(original) & set(pruned), ("the original", "the pruned model"))
+        return compare_samples(original, pruned, iters=iters, seed=seed, meta=task_meta(fa, fb))
     if isinstance(b, list) and len(b) > 1:
         return compare_pooled(a, b, iters=iters, seed=seed)[0]
     fb = samples_folder(b[0] if isinstance(b, list) else b)  # B first: its problem is named first
     fa = samples_folder(a)
     check_distinct(fa, [fb])
     other = load_samples(fb)
-    return compare_samples(load_samples(fa), other, iters=iters, seed=seed, meta=task_meta(fa, fb))
+    mine = load_samples(fa)
+    check_same_setup(task_setup(fa), task_setup(fb), set(mine) & set(other))
+    return compare_samples(mine, other, iters=iters, seed=seed, meta=task_meta(fa, fb))
