@@ -25,7 +25,8 @@ from bench_env import DATA, ROOT  # first: the offline environment and sys.path
 
 from prune.core.config import BRIDGE_WEIGHTS, DEFAULT_BRIDGE_WEIGHT, TextConfig  # noqa: E402
 from prune.heal.bridge import cascade, fit_bridges, keep_helpful  # noqa: E402
-from prune.heal.distill import Teacher, fidelity  # noqa: E402
+from prune.heal.distill import fidelity  # noqa: E402
+from prune.heal.teacher import Teacher  # noqa: E402
 from prune.heal.methods import heal_config, training_windows  # noqa: E402
 from prune.io.text import eval_windows, load_text  # noqa: E402
 from prune.model.loading import load_model  # noqa: E402

@@ -72,9 +72,10 @@ def run_case(fade: float, tokens: int) -> dict:
             layers[i] = g
         fade_steps = max(1, round(fade * settings["steps"]))
 
-        def callback(step: int, _tokens: int) -> None:
+        def close_gates(step: int, _tokens: int) -> None:
             for g in gates:
                 g.alpha = max(0.0, 1.0 - step / fade_steps)
+        callback = close_gates
         kept = list(range(len(layers)))
     else:
         prune.remove_layers(model, run)

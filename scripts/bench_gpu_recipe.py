@@ -51,6 +51,7 @@ import torch  # noqa: E402
 
 from prune.choose.registry import choose  # noqa: E402
 from prune.heal import distill as D  # noqa: E402
+from prune.heal.teacher import model_bytes  # noqa: E402
 from prune.heal.methods import HealPlan, heal_lora  # noqa: E402
 from prune.heal.bridge import fit_bridges  # noqa: E402
 from prune.measure.perplexity import nll_sum  # noqa: E402
@@ -225,7 +226,7 @@ def main() -> None:
 
     with Stage(device) as build:
         original = build_model(shape, device)
-    held = D.model_bytes(original)
+    held = model_bytes(original)
     result["stages"]["build"] = {"seconds": build.seconds, "model_gib": round(held / 2**30, 2)}
     tokenizer = word_tokenizer(shape["vocab_size"])
     write()

@@ -1184,7 +1184,8 @@ def part_bridge_cuts() -> None:
     on the healing's 8 held-out C4 windows (what ``heal`` judges a bridge by,
     :func:`prune.heal.bridge.keep_helpful`) and on the WikiText-2 fidelity windows; cached as
     ``bridgecut-<set>-<kind>`` (``-rms`` appended for the rms weights)."""
-    from prune.heal.distill import Teacher, fidelity
+    from prune.heal.distill import fidelity
+    from prune.heal.teacher import Teacher
 
     loaded = []
     rows = ["| blocks removed | bridge | token weights | cuts (fit error) | held-out C4 KL | WikiText-2 KL | WikiText-2 ppl | "
@@ -1251,7 +1252,8 @@ def part_bridge_sets(only: str | None = None) -> None:
     the KL to the original on the healing's 8 held-out C4 windows and on the WikiText-2 fidelity windows;
     cached as ``bridgeset-<blocks>-<kind>``. ``only``: the comma-separated ranks to measure (1-based;
     two processes can share the sets), the table from whatever is cached."""
-    from prune.heal.distill import Teacher, fidelity
+    from prune.heal.distill import fidelity
+    from prune.heal.teacher import Teacher
 
     base, tok = load_dense()
     candidates = verified_candidates(base, tok)[:BRIDGE_SET_COUNT]
@@ -1301,7 +1303,8 @@ def part_bridge_weights() -> None:
     uniform and rms rows of ``--part bridge_cuts`` (same windows, same measures); cached as
     ``bridgeweight-<set>-<n>``."""
     import prune.heal.bridge as bridge_module
-    from prune.heal.distill import Teacher, fidelity
+    from prune.heal.distill import fidelity
+    from prune.heal.teacher import Teacher
 
     sets = {k: v for k, v in bridge_cut_sets().items() if k in ("k=7 contiguous angular", "k=10 contiguous angular")}
     rows = ["| blocks removed | token weights | fit error | held-out C4 KL | WikiText-2 KL | WikiText-2 ppl |",

@@ -333,7 +333,7 @@ def child_dist(op: str) -> dict:
 
         from transformers import AutoTokenizer
 
-        from prune.heal.distill import build_cache
+        from prune.heal.teacher import build_cache
 
         tok = AutoTokenizer.from_pretrained(smollm2_folder())
         folder = Path(tempfile.mkdtemp(prefix="bench-teacher-"))

@@ -75,19 +75,19 @@ def teacher_cache(model, tok, folder: str, windows, out: Path) -> dict:
     """A top-k teacher cache of 10 windows (3 batches of 4: rank 0 computes 8, rank 1 2) and 2 held-out ones
     (rank 1 none), from the loaded model and read one block at a time from the folder; each process computes
     its share, one writes the file. Digests of what every rank holds and of what the file holds."""
-    from prune.heal import distill
+    from prune.heal import teacher as distill_teacher
 
     res = {}
-    computed, topk = [], distill.topk_logprobs  # the windows this process computed: its share, not all of them
-    distill.topk_logprobs = lambda m, w, k, **kw: computed.append(len(w)) or topk(m, w, k, **kw)
+    computed, topk = [], distill_teacher.topk_logprobs  # the windows this process computed: its share, not all of them
+    distill_teacher.topk_logprobs = lambda m, w, k, **kw: computed.append(len(w)) or topk(m, w, k, **kw)
     for name, teacher in (("memory", model), ("sequential", folder)):
         path = out / f"teacher-{name}.safetensors"
         try:
-            held = distill.build_cache(teacher, tok, windows, windows[:2], 8, path, "tiny", quiet=True, like=model)
+            held = distill_teacher.build_cache(teacher, tok, windows, windows[:2], 8, path, "tiny", quiet=True, like=model)
         finally:
-            distill.topk_logprobs = topk  # counted for the loaded teacher only (the sequential one reads the folder)
+            distill_teacher.topk_logprobs = topk  # counted for the loaded teacher only (the sequential one reads the folder)
         dist.barrier()
-        back = distill.TopkCache.load(path)
+        back = distill_teacher.TopkCache.load(path)
         res[name] = [dist.digest({k: t.double().sum().item() for k, t in c.tensors.items()}) for c in (held, back)]
         res[name].append(dist.digest({k: t.flatten()[:64].tolist() for k, t in back.tensors.items()}))
     res["computed"] = computed
@@ -149,14 +149,14 @@ def main(folder: str, out: str) -> None:
         except PruneError as exc:
             res["refused"].append(str(exc))
     # distillation's teacher kind from free memory: one rank short of it makes every rank take the cache
-    from prune.heal import distill
+    from prune.heal import teacher as distill_teacher
 
-    own = distill._own_free_memory
-    distill._own_free_memory = lambda device: own(device) if w.rank == 0 else 0
+    own = distill_teacher._own_free_memory
+    distill_teacher._own_free_memory = lambda device: own(device) if w.rank == 0 else 0
     try:
-        res["teacher_kind"] = distill.teacher_kind(HealConfig(method="lora", objective="distill"), model)
+        res["teacher_kind"] = distill_teacher.teacher_kind(HealConfig(method="lora", objective="distill"), model)
     finally:
-        distill._own_free_memory = own
+        distill_teacher._own_free_memory = own
     Path(out).mkdir(parents=True, exist_ok=True)
     res["teacher_cache"] = teacher_cache(load_model(folder, dtype="float32")[0], tok, folder, windows, Path(out))  # untrained
     (Path(out) / f"rank{w.rank}.json").write_text(json.dumps(res))

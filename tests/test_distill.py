@@ -20,20 +20,18 @@ from transformers import AutoModelForCausalLM
 
 import prune
 from prune import PruneError
-from prune.heal.distill import (
+from prune.heal.distill import kl_loss, make_loss, topk_kl_loss
+from prune.heal.teacher import (
     Teacher,
     TopkCache,
     block_pairs,
     build_cache,
     free_memory,
-    kl_loss,
-    make_loss,
     model_bytes,
     recorded_pairs,
     teacher_kind,
     teacher_need,
     tokenizer_fingerprint,
-    topk_kl_loss,
 )
 from prune.heal.methods import heal_config, heal_model, training_windows
 from prune.measure.fidelity import token_kl
@@ -249,7 +247,7 @@ def test_sequential_topk_equals_the_loaded_model(tokenizers_by_bos, tmp_path):
 
     from conftest import ARCH_CONFIGS, ARCHS, BOS_ARCHS
 
-    from prune.heal.distill import topk_logprobs, topk_logprobs_sequential
+    from prune.heal.teacher import topk_logprobs, topk_logprobs_sequential
 
     tails = ("logits_scaling", "logit_scale", "final_logit_softcapping")
     scaled = [a for a in ARCHS if any(getattr(AutoConfig.for_model(a, **ARCH_CONFIGS[a]), k, None) not in (None, 1, 1.0)
@@ -440,12 +438,12 @@ def test_auto_keeps_the_teacher_in_memory_only_when_its_loss_fits_too():
 def test_auto_counts_a_teacher_already_loaded_as_memory_it_holds(monkeypatch):
     """``prune heal`` loads the teacher before deciding: the memory it holds counts as free for it
     (asking for a second copy's room loaded the teacher whole, then distilled from a cache anyway)."""
-    import prune.heal.distill as D
+    import prune.heal.teacher as T
 
     model = build_model("llama")
     cfg = heal_config("distill", C4_DATA, **FAST)
     need = teacher_need(cfg, model_bytes(model), VOCAB)
-    monkeypatch.setattr(D, "free_memory", lambda device: need - model_bytes(model) // 2)
+    monkeypatch.setattr(T, "free_memory", lambda device: need - model_bytes(model) // 2)
     assert teacher_kind(cfg, model) == "cache" and teacher_kind(cfg, model, loaded=True) == "memory"
 
 
@@ -481,7 +479,7 @@ def test_a_cache_of_another_model_is_not_taken_for_this_ones(tokenizers_by_bos, 
     """Same tokenizer, same windows, another model (here: other weights), or a cache with no
     fingerprint: the cache beside the output is computed again, and one named in heal.teacher_cache
     is refused."""
-    from prune.heal.distill import prepare_teacher, weights_fingerprint
+    from prune.heal.teacher import prepare_teacher, weights_fingerprint
 
     tok = tokenizers_by_bos[True]
     cfg = heal_config("lora", C4_DATA, **{**FAST, "objective": "distill", "teacher": "cache", "top_k": 8})
@@ -543,7 +541,7 @@ def test_a_damaged_cache_is_refused_in_one_line_before_training(tokenizers_by_bo
     never at the first training step (an IndexError or a RuntimeError) or silently (misaligned targets)."""
     from safetensors.torch import save_file
 
-    from prune.heal.distill import open_cache, preflight_cache
+    from prune.heal.teacher import open_cache, preflight_cache
 
     tok = tokenizers_by_bos[True]
     train_w, val_w = windows_of(tok)
@@ -718,7 +716,7 @@ def test_gpu_run_distils_like_the_cpu(tmp_path, tiny_folder_heal, teacher):
 
 def _save_in_step(path: str, tensors: dict, barrier, rounds: int, errors) -> None:
     """One of two processes writing the same teacher cache at the same moment (every rank of a launch does)."""
-    from prune.heal.distill import FORMAT, TopkCache
+    from prune.heal.teacher import FORMAT, TopkCache
 
     for _ in range(rounds):
         barrier.wait()
@@ -763,7 +761,8 @@ def test_healing_measures_with_dropout_off_whatever_mode_the_model_is_in(tokeniz
     """A model handed in in training mode (GPT-2: dropout 0.1) measured its KL before healing, the teacher's top-k
     and the replacement block's targets with dropout on (kl_before 0.167 where the model's is 0.101): each
     measurement runs in eval mode, and the model's own mode is restored."""
-    from prune.heal.distill import Teacher, fidelity, topk_logprobs
+    from prune.heal.distill import fidelity
+    from prune.heal.teacher import Teacher, topk_logprobs
     from prune.heal.methods import capture_run
 
     teacher = build_model("gpt2").eval()

@@ -601,7 +601,7 @@ class HealConfig(Section):
     ``objective: distill`` with ``params`` (default ``lora``) as the method. The teacher is a
     copy of the original in memory (``teacher: memory``) or its top-``top_k`` log-probs per
     token precomputed to ``teacher_cache`` (``teacher: cache``); ``auto`` keeps the copy when
-    it fits in free memory with what its loss adds (:func:`prune.heal.distill.teacher_need`).
+    it fits in free memory with what its loss adds (:func:`prune.heal.teacher.teacher_need`).
 
     ``data`` is training text that must not be the evaluation text. Each optimizer step sees
     ``batch_size * gradient_accumulation`` windows of ``seq_len`` tokens drawn from

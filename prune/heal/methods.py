@@ -199,7 +199,7 @@ def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: in
         say(f"note: heal {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with method "
             f"{cfg.method}, objective {cfg.objective}{', bridge none' if cfg.bridge == 'none' else ''} (ignored)")
     if cfg.objective == "distill":  # -- distill (prune.heal.distill): checks that need the vocabulary --
-        from prune.heal.distill import logit_width
+        from prune.heal.teacher import logit_width
 
         width = logit_width(model)
         if cfg.top_k > width:
@@ -889,7 +889,7 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
         if not isinstance(teacher_model, nn.Module) or kept is None:
             raise PruneError(f"heal bridge {cfg.bridge} is fitted on the original model: pass teacher_model= (the "
                              "original, in memory) and kept= (the original index of each block of model)")
-        from prune.heal.distill import Teacher
+        from prune.heal.teacher import Teacher
 
         teacher = Teacher("memory", "the original model", teacher_model.eval()) if cfg.objective == "distill" else None
         return with_bridges(model, cascade_fit(teacher_model, model, complement(len(decoder_layers(teacher_model)), kept),
@@ -976,7 +976,7 @@ def prepare(model, tokenizer, removed: list[int], cfg: HealConfig, quiet: bool =
     run's input/output states on the full model. ``plan.remove`` is what the surgery removes.
     For ``objective: distill`` the teacher is prepared too (a copy of the full model, or its
     top-k cache beside ``out_dir``; ``source_name`` names the teacher in the record, ``source_id`` is stamped
-    on a cache: :func:`prune.heal.distill.source_identity`)."""
+    on a cache: :func:`prune.heal.teacher.source_identity`)."""
     windows, val_windows = training_windows(tokenizer, cfg)
     if cfg.objective == "distill":  # the teacher: a copy of the full model, or its top-k cache
         from prune.heal import distill as D

@@ -94,7 +94,7 @@ class InMemory:
         source_id = None
         if heal_cfg.objective == "distill":  # a teacher cache is stamped with the original it was computed from
             from prune.export.public import public_source
-            from prune.heal.distill import source_identity
+            from prune.heal.teacher import source_identity
 
             source_id = source_identity(public_source(self.source).model_dump())
         plan = H.prepare(self.model, self.tokenizer, selection.removed, heal_cfg, quiet=self.quiet,

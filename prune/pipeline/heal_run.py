@@ -207,7 +207,7 @@ def _heal_with_bridges(run: Path, original: OriginalModel, kept: list[int], cfg:
     """``heal.bridge`` on a saved run: the ``original`` is loaded beside the run's model and the
     bridges are fitted on it (:func:`prune.heal.methods.heal_model`, the original as ``teacher_model``).
     Returns ``(model, tokenizer, kept, record)``."""
-    from prune.heal.distill import check_teacher_model
+    from prune.heal.teacher import check_teacher_model
     from prune.heal.methods import heal_model
     from prune.model.loading import load_model
 
@@ -234,7 +234,7 @@ def check_texts(run: Path, cfg: HealConfig, recipe, evaluate: bool, trust: bool)
     tokenizer = load_tokenizer(ModelSource("folder", str(run)), trust)
     windows, val_windows = training_windows(tokenizer, cfg)
     if cfg.objective == "distill" and cfg.hidden_weight == 0:  # an existing teacher cache is taken (teacher auto
-        from prune.heal.distill import preflight_cache  # too): computed on these windows, with this tokenizer
+        from prune.heal.teacher import preflight_cache  # too): computed on these windows, with this tokenizer
 
         preflight_cache(cfg.model_copy(update={"teacher": "cache"}) if cfg.teacher == "auto" else cfg, (), tokenizer,
                         windows, val_windows)
@@ -430,7 +430,8 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         before = [r[0] - 1 for r in runs_of(pruning.removed) if r[0] > 0 and r[0] - 1 in pruning.kept]
         check_bridge(meta, [pruning.kept.index(b) for b in before], cfg.bridge, names=pruning.kept)
     if cfg.objective == "distill":
-        from prune.heal.distill import REPLACE_IN_A_RECIPE, preflight_cache
+        from prune.heal.distill import REPLACE_IN_A_RECIPE
+        from prune.heal.teacher import preflight_cache
 
         if cfg.method == "replace":
             raise PruneError(REPLACE_IN_A_RECIPE)

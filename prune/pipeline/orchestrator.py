@@ -123,7 +123,7 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
     if recipe.heal is not None:
         from prune.heal.methods import preflight as heal_preflight, training_windows
 
-        from prune.heal.distill import preflight_cache
+        from prune.heal.teacher import preflight_cache
 
         heal_preflight(recipe.heal, recipe.select, config, n_layers, recipe.model.trust_remote_code)
         heal_windows = training_windows(tokenizer, recipe.heal)  # too little training text fails now, not after scoring
