@@ -544,11 +544,33 @@ def test_recipe_with_method_bridge_saves_a_plain_bridged_checkpoint(setting, tmp
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.num_hidden_layers == N_LAYERS - 3
     card = (out / "README.md").read_text()
-    assert "healed (a least-squares bridge folded into the block before each cut, nothing trained" in card
-    assert "were refitted by least squares after pruning, with no training" in card
+    if healing["bridge"]["cuts"][0]["kept"]:
+        assert "healed (a least-squares bridge folded into the block before each cut, nothing trained" in card
+        assert "were refitted by least squares after pruning, with no training" in card
+    else:  # the held-out check dropped it (objective lm here): the card said it was folded in all the same
+        assert "healed (no bridge kept: none lowered the held-out measure" in card
+        assert "were not changed by the healing: no bridge was kept" in card
     (settings_line,) = [line for line in card.splitlines() if line.startswith("- Settings other than the defaults")]
     assert "method = bridge" in settings_line and "rank" not in settings_line and "init" not in settings_line
     assert "## Healing: bridge (training-free)" in (out / "eval.md").read_text()
     assert "- down bridge, no training (least squares on" in (out / "eval.md").read_text()
     printed = capsys.readouterr().out
     assert "healing (bridge down, nothing trained)" in printed and "bridged: held-out loss" in printed
+
+
+def test_the_card_says_when_no_bridge_was_kept():
+    """Every cut's bridge dropped by the held-out check (or no cut able to take one): the card said a bridge was
+    folded in before each cut and the weights refitted, where they were the pruned model's."""
+    from prune.export.card import bridge_words, healing_text
+
+    def record(*kept):
+        return {"method": "bridge", "settings": {"method": "bridge", "bridge": "down"},
+                "bridge": {"cuts": [{"run": [2 + i], "kept": k} for i, k in enumerate(kept)]}}
+
+    assert bridge_words(record(True, True)) == "a least-squares bridge folded into the block before each cut, nothing trained"
+    assert bridge_words(record(True, False)) == ("a least-squares bridge folded into the block before 1 of the 2 cuts, "
+                                                 "nothing trained")
+    assert bridge_words(record()).startswith("no bridge kept") and bridge_words(record(False)).startswith("no bridge kept")
+    text = healing_text(record(False))
+    assert "Weights of this checkpoint were not changed by the healing: no bridge was kept" in text
+    assert "refitted" not in text

@@ -435,6 +435,19 @@ def test_auto_keeps_the_teacher_in_memory_only_when_its_loss_fits_too():
     assert teacher_kind(huge, model) == "cache"
 
 
+def test_auto_says_when_the_cache_it_was_given_is_not_read(capsys, tmp_path):
+    """``teacher: auto`` with a ``teacher_cache`` (or ``top_k``) set, and room for the teacher: the cache was neither
+    read nor written, without a word."""
+    model = build_model("llama")
+    capsys.readouterr()
+    cfg = heal_config("distill", C4_DATA, top_k=8, teacher_cache=str(tmp_path / "c.safetensors"), **FAST)
+    assert teacher_kind(cfg, model) == "memory"
+    assert capsys.readouterr().err == ("note: heal top_k, teacher_cache not read: the teacher fits in memory (teacher: "
+                                       "auto); set teacher: cache to distil from a top-k cache\n")
+    assert teacher_kind(heal_config("distill", C4_DATA, **FAST), model) == "memory"
+    assert capsys.readouterr().err == ""
+
+
 def test_auto_counts_a_teacher_already_loaded_as_memory_it_holds(monkeypatch):
     """``prune heal`` loads the teacher before deciding: the memory it holds counts as free for it
     (asking for a second copy's room loaded the teacher whole, then distilled from a cache anyway)."""

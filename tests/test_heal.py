@@ -283,6 +283,18 @@ def test_settings_this_healing_never_reads_are_named(capsys):
     assert ignored_settings(heal_config("bridge", C4_DATA, objective="distill", temperature=4.0, lm_weight=1.0)) == [
         "temperature", "lm_weight"]
     assert ignored_settings(heal_config("distill", C4_DATA, temperature=2.0, rank=4, bridge="down", bridge_weight="rms")) == []
+    # not named before: a bridge checked by the loss trains nothing either; no KL term tempers nothing; no hidden
+    # term reads its kind
+    assert ignored_settings(heal_config("bridge", C4_DATA, objective="lm", steps=500, learning_rate=0.01)) == [
+        "steps", "learning_rate"]
+    assert ignored_settings(heal_config("distill", C4_DATA, kl_weight=0.0, lm_weight=1.0, temperature=2.0)) == ["temperature"]
+    assert ignored_settings(heal_config("distill", C4_DATA, hidden_loss="relative")) == ["hidden_loss"]
+    # the card lists them as not read, not among the settings that say what was done
+    from prune.export.card import healing_text
+
+    cfg = heal_config("bridge", C4_DATA, objective="lm", steps=500)
+    text = healing_text({"method": "bridge", "settings": cfg.model_dump(mode="json"), "ignored": ignored_settings(cfg)})
+    assert "steps = 500" not in text and "Set, and not read by this method and objective (no effect): steps" in text
     check_settings(heal_config("partial", C4_DATA, top_k=8), meta_model(build_model("llama").config), 5)
     assert capsys.readouterr().err == "note: heal top_k has no effect with method partial, objective lm, bridge none (ignored)\n"
 
@@ -448,6 +460,10 @@ def tiny_folder(tmp_path, tokenizers_by_bos):
     ({"method": "lora", "data": None}, {}, "'heal.data' is missing"),
     ({"method": "lora", "steps": 0}, {}, "heal.steps"),
     ({"method": "prune"}, {}, "heal.method"),
+    # an explicit objective: lm beside method: distill was turned into distillation without a word
+    ({"method": "distill", "objective": "lm"}, {}, "method distill is objective distill, and objective is 'lm'"),
+    # params left from method distill once the method changed: "unknown key", and the list of keys lacked it
+    ({"method": "lora", "params": "partial"}, {}, "params names what method distill trains; with method 'lora' remove it"),
 ])
 def test_bad_heal_settings_fail_at_validation(tmp_path, tiny_folder, heal, select, message):
     recipe = _recipe(tmp_path, **heal)
@@ -472,6 +488,21 @@ def test_bad_heal_settings_fail_at_preflight(tmp_path, tiny_folder, heal, messag
     with pytest.raises(PruneError) as err:
         preflight(load_recipe(_recipe(tmp_path, **heal)))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_search_with_more_last_blocks_than_it_may_leave_fails_at_preflight(tmp_path, tiny_folder):
+    """search names the most blocks it may remove: partial training more blocks than would be left failed after
+    scoring, the search, both evaluations and the surgery."""
+    from prune.pipeline.orchestrator import preflight
+    from prune.pipeline.recipe import load_recipe
+
+    recipe = _recipe(tmp_path, method="partial", last_blocks=7)
+    recipe["select"] = {"strategy": "search", "n_layers": 3, "max_perplexity_ratio": 100, "budget": 3}
+    with pytest.raises(PruneError, match=r"^heal.last_blocks=7, but select.strategy search may remove up to 3 of the 8 "
+                                         r"blocks, leaving 5: lower last_blocks to at most 5"):
+        preflight(load_recipe(recipe))
+    recipe["heal"]["last_blocks"] = 5
+    preflight(load_recipe(recipe))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is refused only without a GPU")
@@ -859,6 +890,21 @@ def test_heal_evaluate_checks_the_chat_template_before_training(tmp_path, tiny_f
     assert not (tmp_path / "healed").exists()
 
 
+@pytest.mark.parametrize("method", ["bridge", "lora"])
+def test_a_model_offloaded_to_disk_is_refused_before_scoring_when_it_heals(tmp_path, tiny_folder, method, monkeypatch):
+    """Weights offloaded to disk sit on the meta device: a bridge folded into them changed nothing (the run kept
+    the unhealed weights and its card said a bridge was folded in), and LoRA was refused after scoring, selection
+    and both evaluations."""
+    import prune.pipeline.engines as E
+
+    recipe = _recipe(tmp_path, method=method, objective="lm")
+    recipe["model"].update(device_map="auto", max_memory={"cpu": "300KiB"}, offload_folder=str(tmp_path / "offload"))
+    monkeypatch.setattr(E, "score", lambda *a, **k: pytest.fail("scored before the check"))
+    with pytest.raises(PruneError, match="^healing changes weights, but part of this model is offloaded to disk"):
+        run(recipe, quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
 def test_heal_evaluate_refuses_a_task_version_the_run_did_not_use_and_keeps_a_model_it_cannot_pair(
         tmp_path, tiny_folder, monkeypatch, capsys):
     """The run's original was evaluated on COPA; ``prune heal --evaluate`` evaluates the healed model on this
@@ -899,7 +945,7 @@ def test_heal_evaluate_refuses_a_task_version_the_run_did_not_use_and_keeps_a_mo
     assert saved["paired"] == [] and saved["paired_healing"] and (healed / "model.safetensors").is_file()
 
 
-def test_a_new_method_does_not_inherit_the_runs_objective_and_bridge():
+def test_a_new_method_does_not_inherit_the_runs_objective_and_bridge(tmp_path):
     """The run's recipe.yaml holds its whole heal section (objective: distill, bridge: down, ...): `prune heal
     --method lora` kept them, and so distilled (or refused for want of a teacher) where plain LoRA was asked."""
     from prune.pipeline.heal_run import heal_settings
@@ -911,6 +957,13 @@ def test_a_new_method_does_not_inherit_the_runs_objective_and_bridge():
     assert (cfg.method, cfg.objective, cfg.bridge, cfg.rank) == ("lora", "lm", "none", 4)  # the rest is kept
     assert heal_settings(recipe).objective == "distill"  # no --method: the run's settings stand
     assert heal_settings(recipe, method="lora", overrides=["objective=distill"]).objective == "distill"
+    # the method named in a --config or by --set, as by --method (they kept the run's distillation and bridge)
+    config = tmp_path / "partial.yaml"
+    config.write_text("method: partial\n")
+    cfg = heal_settings(recipe, config=str(config))
+    assert (cfg.method, cfg.objective, cfg.bridge) == ("partial", "lm", "none")
+    cfg = heal_settings(recipe, overrides=["heal.method=partial"])
+    assert (cfg.method, cfg.objective, cfg.bridge) == ("partial", "lm", "none")
 
 
 

@@ -461,6 +461,18 @@ def test_an_unpushed_runs_adapter_never_names_the_original_as_its_base(chain, tm
     healed, card = heal_export(record, tmp_path / "run", tmp_path / "adapter", {}, None, None, adapter=True)
     assert healed.adapter["base"] == "path/to/run" and healed.base_model is None
     assert "base_model:" not in card.split("---")[1] and 'AutoModelForCausalLM.from_pretrained("path/to/run")' in card
+    # the card's saved dtype is the adapter's tensors', not the run's model's (it said bfloat16 over float32 adapters)
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    save_file({"a.lora_A.weight": torch.zeros(2, 3, dtype=torch.bfloat16)}, str(folder / "adapter_model.safetensors"))
+    healed, card = heal_export(record.model_copy(update={"dtype": "float32"}), tmp_path / "run", tmp_path / "adapter",
+                               {}, None, None, adapter=folder)
+    assert healed.dtype == "bfloat16" and "**Saved dtype**: `bfloat16`" in card
+    assert heal_export(record.model_copy(update={"dtype": "float32"}), tmp_path / "run", tmp_path / "adapter", {}, None,
+                       None, adapter=True)[0].dtype is None
 
 
 # ---- 8. mergekit --------------------------------------------------------------------------------------------

@@ -526,6 +526,29 @@ def test_mode_choice_from_size_and_memory(tokenizers_by_bos, tmp_path):
                                                    batch_size=4).activation_bytes
 
 
+def test_a_run_that_needs_the_whole_model_is_told_memory_is_short(tokenizers_by_bos, tmp_path):
+    """A healing (or evaluating) run whose model does not fit: auto planned one block at a time, then refused that
+    ("lower calibration.n_samples", which changed nothing, or "healing trains the model in memory")."""
+    from prune.pipeline.engines import whole_model_reason
+    from prune.pipeline.orchestrator import run
+    from prune.pipeline.recipe import load_recipe
+
+    _, _, folder = saved(tmp_path, "llama", tokenizers_by_bos)
+    limit = tight_memory(folder)
+    recipe = _recipe(folder, tmp_path / "out", "auto")
+    assert whole_model_reason(load_recipe(recipe)) is None
+    recipe["model"]["max_memory"] = {"cpu": limit}
+    recipe["heal"] = {"method": "lora", "data": {"path": str(WIKI_RAW), "rows": "0:300"}, "n_samples": 4, "seq_len": 32,
+                      "steps": 1, "batch_size": 2}
+    assert whole_model_reason(load_recipe(recipe)) == "healing trains the model in memory"
+    with pytest.raises(PruneError, match=r"^not enough memory for this run: weights .* exceed 90% of .* and healing "
+                                         r"trains the model in memory, so the model cannot run one block at a time"):
+        run(recipe, quiet=True)
+    del recipe["heal"]
+    recipe["select"] = {"strategy": "sleb", "n_layers": 2}
+    assert whole_model_reason(load_recipe(recipe)) == "select.strategy sleb runs the whole model"
+
+
 def test_refuses_when_memory_cannot_hold_one_block(tokenizers_by_bos, tmp_path):
     _, _, folder = saved(tmp_path, "llama", tokenizers_by_bos)
     for requested in ("auto", "sequential"):

@@ -78,6 +78,27 @@ def test_msrs_ranks_by_contribution_with_cka_tie_break():
     assert prune.select(s, 2, metric="msrs", protect=[]).removed == [2, 3]
 
 
+def test_msrs_takes_the_identities_of_a_family_whose_cka_rows_agree():
+    """Blocks 3 and 4 copy their input (an identity's output is its predecessor's): blocks 2, 3 and 4 have one CKA
+    row, the same contribution and mean CKA, and the index chose the real block 2 first. BI tells them apart."""
+    import torch
+
+    from prune.core.metrics import msrs
+
+    L = 6
+    S = [[1.0 if i == j else 0.1 for j in range(L)] for i in range(L)]
+    for i in (2, 3, 4):
+        for j in (2, 3, 4):
+            S[i][j] = 1.0
+    cka = [[1.0] * (L + 1) for _ in range(L + 1)]
+    for i in range(L):
+        for j in range(L):
+            cka[i + 1][j + 1] = S[i][j]
+    s = fake_scores([0.3, 0.2, 0.25, 0.0, 0.0, 0.2], cka=cka, msrs=msrs(torch.tensor(S)).to_dict())
+    assert s.msrs_contribution[2] == pytest.approx(s.msrs_contribution[3]) == pytest.approx(s.msrs_contribution[4])
+    assert prune.select(s, 2, metric="msrs", protect=[]).removed == [3, 4]
+
+
 def test_a_block_scored_nan_is_ranked_last():
     """A NaN score (an overflowing block) is never the most removable by the ordering of NaN in a sort."""
     from prune.choose.rules import rank_blocks

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import prune
+from prune import PruneError
 from prune.choose.strategies import perplexity_proxy, skip_blocks
 from prune.choose.verified import candidate_sets, contiguous_runs, margin_line, redundancy_families, verified
 from prune.measure.fidelity import build_reference, measure_fidelity
@@ -173,3 +174,15 @@ def test_verified_in_a_recipe(tiny_folder, tmp_path, capsys):
     held = prune.heldout_windows(tok, text, n_samples=c["n_samples"], seq_len=c["seq_len"], seed=0, n_heldout=2)
     scores = prune.score(model, windows, batch_size=c["batch_size"], progress=False)
     assert prune.verified(model, scores, held, 2, budget=2, progress=False).removed == result.selection.removed
+
+
+def test_a_recipe_may_skip_verifieds_local_search(tiny_folder, tmp_path):
+    """``verified(..., budget=0)`` skips the local search; a recipe's ``select.budget: 0`` was refused ("greater than
+    or equal to 1"). search with budget 0 would evaluate nothing: refused in one line."""
+    from prune.pipeline.recipe import load_recipe
+
+    recipe = tiny_recipe(tiny_folder, tmp_path / "out", select={"strategy": "verified", "n_layers": 2, "budget": 0})
+    assert load_recipe(recipe).select.verified_budget() == 0
+    recipe["select"] = {"strategy": "search", "n_layers": 2, "max_perplexity_ratio": 2.0, "budget": 0}
+    with pytest.raises(PruneError, match="search with budget 0 evaluates no set"):
+        load_recipe(recipe)

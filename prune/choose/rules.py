@@ -132,14 +132,19 @@ def metric_values(scores, metric: str) -> tuple[list[float], bool]:
 
 
 def rank_blocks(scores, metric: str) -> list[int]:
-    """All blocks ordered from most to least removable by ``metric`` (ties: by index)."""
+    """All blocks ordered from most to least removable by ``metric`` (ties: by index; MSRS's: by mean CKA to the
+    other blocks, then by BI)."""
     values, high = metric_values(scores, metric)
     sign = -1.0 if high else 1.0
     if metric == "msrs":  # many blocks can saturate the soft count: break ties by mean CKA
         S = scores.cka_matrix
         L = len(S)
         tie = [sum(S[i][j] for j in range(L) if j != i) / max(L - 1, 1) for i in range(L)]
-        key = lambda i: (-round(values[i], 9), -tie[i], i)  # noqa: E731
+        # then by BI: of interchangeable blocks (an identity's output equals its predecessor's, so their CKA rows
+        # agree) the one that changes its input least goes first, as verified's families choose (by index, the
+        # real block before the identities went first)
+        bi = list(scores.block_influence or [0.0] * L)
+        key = lambda i: (-round(values[i], 9), -round(tie[i], 9), bi[i] if bi[i] == bi[i] else math.inf, i)  # noqa: E731
     else:
         key = lambda i: (sign * values[i], i)  # noqa: E731
     finite = [i for i in range(len(values)) if values[i] == values[i]]

@@ -310,7 +310,7 @@ class SelectConfig(Section):
     min_task_retained: float | None = Field(None, gt=0, le=1)
     proxy_task: str | None = None
     proxy_limit: int = Field(100, ge=1)
-    budget: int | None = Field(None, ge=1)
+    budget: int | None = Field(None, ge=0)  # verified: 0 skips its local search; search: at least 1
     order_by: Literal["msrs", "cka", "angular", "bi"] | None = None
     heldout_windows: int | None = Field(None, ge=1)  # default: HELDOUT_WINDOWS[strategy]
 
@@ -371,6 +371,9 @@ class SelectConfig(Section):
         if self.budget is None:
             raise ValueError(f"a floor ({floors[0]}) without a budget: set budget, the most proxy evaluations the "
                              "search may spend (e.g. 16)")
+        if self.budget == 0:
+            raise ValueError("search with budget 0 evaluates no set: set budget, the most proxy evaluations it may "
+                             "spend (e.g. 16)")
         if floors[0] == "min_task_retained" and not self.proxy_task:
             raise ValueError("min_task_retained needs proxy_task, the lm-eval task it is measured on (e.g. arc_easy)")
         if floors[0] == "max_perplexity_ratio":
@@ -688,8 +691,15 @@ class HealConfig(Section):
         ``method: bridge`` with no ``bridge`` / ``objective`` key -> ``bridge: down``, ``objective: distill``
         (its bridges are checked by the KL to the original: fidelity is what a bridge is fitted for)."""
         if isinstance(data, dict) and data.get("method") == "distill":
+            if data.get("objective") not in (None, "distill"):
+                raise ValueError(f"method distill is objective distill, and objective is {data['objective']!r}: use "
+                                 f"method: {data.get('params', 'lora')} with objective: {data['objective']}, or remove "
+                                 "objective")
             data = dict(data)
             data["objective"], data["method"] = "distill", data.pop("params", "lora")
+        if isinstance(data, dict) and "params" in data and data.get("method") != "distill":
+            raise ValueError(f"params names what method distill trains; with method {data.get('method')!r} remove it "
+                             f"(or use method: distill, params: {data['params']})")
         if isinstance(data, dict) and data.get("method") == "bridge":
             data = {**data, "bridge": data.get("bridge") or "down", "objective": data.get("objective") or "distill"}
         return data

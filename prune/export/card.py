@@ -272,14 +272,16 @@ def eval_settings_line(settings: dict | None) -> str:
     return "Settings: " + "; ".join(parts) + "." if parts else ""
 
 
-def chosen_heal_settings(settings: dict) -> dict:
+def chosen_heal_settings(settings: dict, ignored=()) -> dict:
     """The heal settings that differ from :class:`prune.core.config.HealConfig`'s defaults (and the
     method): the ones that say what was done; a method's unused defaults (a learning rate where
-    nothing is trained) are left out."""
+    nothing is trained) and the ``ignored`` keys (set, and never read by the method: the healing record's
+    ``ignored``) are left out."""
     from prune.core.config import HealConfig
 
     fields = HealConfig.model_fields
-    return {k: v for k, v in settings.items() if k != "data" and v is not None
+    ignored = set(ignored) if isinstance(ignored, list) else set()
+    return {k: v for k, v in settings.items() if k != "data" and v is not None and k not in ignored
             and (k == "method" or k not in fields or fields[k].default != v)}
 
 
@@ -292,9 +294,13 @@ def healing_text(healing: dict | None, step: int | None = None) -> str | None:
         return None
     pair = lambda k, v: f"{md_text(k)} = {md_text(v)}"  # noqa: E731  a record's keys and values may hold anything
     lines = ["Settings other than the defaults: "
-             + ", ".join(pair(k, v) for k, v in chosen_heal_settings(healing["settings"]).items())]
+             + ", ".join(pair(k, v) for k, v in chosen_heal_settings(healing["settings"], healing.get("ignored")).items())]
     for key, value in healing.items():
-        if key == "settings":
+        if key == "settings" or (key == "ignored" and not value):
+            continue
+        if key == "ignored" and isinstance(value, list):
+            lines.append("Set, and not read by this method and objective (no effect): "
+                         + ", ".join(md_text(_scalar(v)) for v in value))
             continue
         if isinstance(value, dict):  # short lists of plain values too (a text's fields, the blocks a block replaces)
             inner = ", ".join(pair(k, _scalar(v) if _is_scalar(v) else [_scalar(x) for x in v]) for k, v in value.items()
@@ -305,8 +311,9 @@ def healing_text(healing: dict | None, step: int | None = None) -> str | None:
             lines.append(f"{md_text(key)}: {md_text(_scalar(value))}")
         elif isinstance(value, list) and len(value) <= 16 and all(_is_scalar(v) for v in value):
             lines.append(f"{md_text(key)}: {md_text([_scalar(v) for v in value])}")
-    how = ("refitted by least squares after pruning, with no training" if healing["method"] == "bridge"
-           else "trained after pruning")
+    how = (("not changed by the healing: no bridge was kept (none lowered the held-out measure, or no cut could "
+             "take one)" if bridges_kept(healing) == 0 else "refitted by least squares after pruning, with no training")
+           if healing["method"] == "bridge" else "trained after pruning")
     if step is not None:
         return (f"The step-{step} model was healed before a later step removed more blocks:\n\n"
                 + "\n".join(f"- {line}" for line in lines) + "\n\nThe kept blocks carry the weights the healing "
@@ -314,6 +321,26 @@ def healing_text(healing: dict | None, step: int | None = None) -> str | None:
                 f"step {step} → `healing`).")
     return "\n".join(f"- {line}" for line in lines) + f"\n\nWeights of this checkpoint were {how} " \
         "(details in `pruning.json` → `healing`)."
+
+
+def bridges_kept(healing: dict) -> int | None:
+    """How many cuts of a healing record kept their bridge (None: the record does not say)."""
+    cuts = (healing.get("bridge") or {}).get("cuts") if isinstance(healing.get("bridge"), dict) else None
+    if not isinstance(cuts, list):
+        return None
+    return sum(1 for c in cuts if isinstance(c, dict) and c.get("kept"))
+
+
+def bridge_words(healing: dict) -> str:
+    """What the bridges of ``method: bridge`` did, in words for the card."""
+    kept, cuts = bridges_kept(healing), (healing.get("bridge") or {}).get("cuts")
+    if kept is None:
+        return "a least-squares bridge folded into the block before each cut, nothing trained"
+    if kept == 0:
+        return ("no bridge kept: none lowered the held-out measure, or no cut could take one; nothing trained, the "
+                "weights are the pruned model's")
+    return (f"a least-squares bridge folded into the block before {'each cut' if kept == len(cuts) else f'{kept} of the {len(cuts)} cuts'}"
+            ", nothing trained")
 
 
 def _is_scalar(v) -> bool:
@@ -390,8 +417,7 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
         at = steps[healed[-1]]
         repo = at.healing.get("from_repo")
         healed_from = f" ({source_name(None, repo)})" if repo else ""
-        how = ("a least-squares bridge folded into the block before each cut, nothing trained"
-               if at.healing["method"] == "bridge" else "trained briefly")
+        how = bridge_words(at.healing) if at.healing["method"] == "bridge" else "trained briefly"
         summary += (f" The pruned model{healed_from} was then healed ({how}; see Healing)." if at is record else
                     f" The step-{healed[-1] + 1} model was healed ({how}) before this step's pruning; its weights "
                     "are those (see Healing).")

@@ -20,8 +20,9 @@ from prune.export.lineage import as_record
 
 
 def heal_export(pruning: dict | PruningRecord, run: Path, out: Path, files: dict[str, str], recipe, model,
-                adapter: bool = False) -> tuple[PruningRecord, str]:
-    """``(record, card)`` of a healed folder (or adapter folder) written from ``run``."""
+                adapter: bool | str | Path = False) -> tuple[PruningRecord, str]:
+    """``(record, card)`` of a healed folder (or adapter folder, ``adapter``: true, or the folder peft saved the
+    adapter in, whose tensors' dtype the record then gives) written from ``run``."""
     from prune.export.card import render_card
     from prune.export.public import public_data, public_yaml
     from prune.export.saving import saved_dtype
@@ -43,6 +44,7 @@ def heal_export(pruning: dict | PruningRecord, run: Path, out: Path, files: dict
         if not pushed_run:
             record.base_model = None  # no Hub id holds the pruned base yet
         record.adapter = {"format": "peft", "base": pushed_run or f"path/to/{run.name}"}
+        record.dtype = None if isinstance(adapter, bool) else adapter_dtype(adapter)  # not the run's base model's
     else:
         record.dtype = dtype_name(saved_dtype(model, recipe.output.dtype if recipe else None))
     evaluation = json.loads(files["eval.json"]) if "eval.json" in files else {}
@@ -51,6 +53,23 @@ def heal_export(pruning: dict | PruningRecord, run: Path, out: Path, files: dict
                        recipe_yaml=recipe_yaml, model_name=out.name, load_id=f"path/to/{out.name}",
                        paired=evaluation.get("paired"))
     return record, card
+
+
+def adapter_dtype(folder: str | Path) -> str | None:
+    """The dtype(s) of the tensors peft saved in ``folder`` (``float32``; several joined by ``, ``), from the
+    safetensors headers; None without any."""
+    from safetensors import safe_open
+
+    from prune.io.safetensors import DTYPES
+    from prune.model.loading import dtype_name
+
+    found = set()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            for key in handle.keys():
+                code = handle.get_slice(key).get_dtype()
+                found.add(dtype_name(DTYPES[code]) if code in DTYPES else code.lower())
+    return ", ".join(sorted(found)) or None
 
 
 def save_adapter(adapter_dir: str | Path, out: str | Path, *, pruning: PruningRecord, files: dict[str, str],

@@ -158,14 +158,18 @@ def ignored_settings(cfg: HealConfig) -> list[str]:
     ``temperature`` with ``objective: lm``). The method's own knobs (``rank``, ``last_blocks``, ...)
     are not listed: recipes carry them to switch methods with ``--set heal.method=...``."""
     unused = set()
+    if cfg.method == "bridge":  # nothing trained: the bridges are checked by the KL at T = 1 (or the loss) alone
+        unused.update(("temperature", "kl_weight", "hidden_weight", "hidden_loss", "lm_weight", *_TRAINING_KEYS))
     if cfg.objective == "lm":
         unused.update(_DISTILL_KEYS)
     elif cfg.method == "replace":
         unused.add("loss")  # the whole model's distillation loss, not the block's hidden-state loss
-    elif cfg.method == "bridge":  # nothing trained: the bridges are checked by the KL at T = 1 alone
-        unused.update(("temperature", "kl_weight", "hidden_weight", "hidden_loss", "lm_weight", *_TRAINING_KEYS))
     if cfg.objective == "distill" and cfg.teacher == "memory":  # the original in memory: no top-k cache
         unused.update(("top_k", "teacher_cache"))
+    if cfg.kl_weight == 0:  # no KL term: nothing is tempered
+        unused.add("temperature")
+    if cfg.hidden_weight == 0:
+        unused.add("hidden_loss")
     if cfg.method == "replace" and cfg.objective == "lm":
         unused.add("gradient_checkpointing")
     if cfg.bridge == "none":
@@ -285,6 +289,7 @@ def _record(cfg: HealConfig, log: dict, trained: list[str], n_params: int, windo
     return {
         "method": cfg.method,
         "settings": cfg.model_dump(mode="json"),
+        "ignored": ignored_settings(cfg),  # set, and never read by this method and objective
         "data": {**(cfg.data.source().describe() if cfg.data else {"path": None}),
                  "train_windows": int(windows.shape[0]), "val_windows": int(val_windows.shape[0]) if val_windows is not None else 0,
                  "seq_len": int(windows.shape[1])},
@@ -325,9 +330,11 @@ def _gradient_checkpointing(model, on: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def _check_in_memory(model: nn.Module) -> None:
+def check_in_memory(model: nn.Module) -> None:
+    """Refuse a model Accelerate offloaded in part to disk: its weights there sit on the meta device, where training
+    (or folding a bridge) cannot change them."""
     if any(p.device.type == "meta" for p in model.parameters()):
-        raise PruneError("healing trains weights, but part of this model is offloaded to disk "
+        raise PruneError("healing changes weights, but part of this model is offloaded to disk "
                          "(load it without disk offload: more max_memory, or a smaller model)")
 
 
@@ -350,7 +357,7 @@ def heal_lora(model, cfg: HealConfig, windows: torch.Tensor, val_windows: torch.
     from peft import LoraConfig, get_peft_model
 
     started = time.time()
-    _check_in_memory(model)
+    check_in_memory(model)
     targets = lora_targets_matched(model, cfg.target_modules)  # olora on Conv1D: refused by check_settings
     before = mean_lm_loss(model, val_windows)
     flags = _trainable_state(model)
@@ -534,7 +541,7 @@ def heal_partial(model, cfg: HealConfig, windows: torch.Tensor, val_windows: tor
                  quiet: bool = False, callback=None, train_fn=None) -> dict:
     """Fine-tune the last ``cfg.last_blocks`` blocks (+ final norm, + LM head) of ``model`` in place."""
     started = time.time()
-    _check_in_memory(model)
+    check_in_memory(model)
     names, params, tied = partial_parameters(model, cfg)
     before = mean_lm_loss(model, val_windows)
     flags = _trainable_state(model)
@@ -660,7 +667,7 @@ def replacement_init(layers: nn.ModuleList, run: list[int], init: str) -> tuple[
 def plan_replacement(model, run: list[int], cfg: HealConfig, windows, val_windows, quiet: bool = False) -> HealPlan:
     """Capture the run's input/output states on the full ``model`` and decide which blocks to cut."""
     started = time.time()
-    _check_in_memory(model)
+    check_in_memory(model)
     layers = decoder_layers(model)
     run = check_run(run, len(layers))
     source, init_state = replacement_init(layers, run, cfg.init)
@@ -756,6 +763,7 @@ def with_bridges(model, fit: Callable, val_windows, train: Callable[[], dict], t
     every bridge is kept, unchecked). The record's ``*_before`` figures stay the un-bridged
     model's; ``record["bridge"]`` holds the bridged ones (``val_loss_after``, with a teacher the
     KL and top-1 agreement) and each cut's ``kept``."""
+    check_in_memory(model)  # a bridge folded into offloaded weights changes nothing
     loss = mean_lm_loss(model, val_windows)
     kl = None
     if teacher is not None:
@@ -967,6 +975,12 @@ def preflight(cfg: HealConfig, select: SelectConfig, config, n_layers: int, trus
                 raise PruneError(f"heal.method replace needs one contiguous run, but select.strategy tail with protect "
                                  f"{select.protect} removes {removed} (change select.protect, or use lora or partial)")
         n_after = n_layers - k + (1 if cfg.method == "replace" else 0)
+    elif select.n_layers is not None or select.fraction is not None:  # search removes at most this many
+        most = resolve_count(n_layers, select.n_layers, select.fraction, resolve_protect(select.protect, n_layers))
+        if cfg.method == "partial" and cfg.last_blocks > n_layers - most:
+            raise PruneError(f"heal.last_blocks={cfg.last_blocks}, but select.strategy search may remove up to {most} of "
+                             f"the {n_layers} blocks, leaving {n_layers - most}: lower last_blocks to at most "
+                             f"{n_layers - most} (or let search remove fewer)")
     check_settings(cfg, meta_model(config, trust_remote_code=trust_remote_code), n_after, context_length(config))
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from prune.core import dist
-from prune.core.config import HealConfig
+from prune.core.config import HealConfig, changed
 from prune.core.errors import PruneError
 from prune.model.capture import measured_in_eval_mode
 from prune.model.loading import input_device
@@ -505,7 +505,15 @@ def teacher_kind(cfg: HealConfig, model, loaded: bool = False) -> str:
         return cfg.teacher
     size = model_bytes(model)
     free = free_memory(next(model.parameters()).device) + (size if loaded else 0)
-    return "memory" if teacher_fits(cfg, free, size, logit_width(model)) else "cache"
+    if not teacher_fits(cfg, free, size, logit_width(model)):
+        return "cache"
+    unread = changed(cfg, ["top_k", "teacher_cache"])
+    if unread:  # set for a cache that auto does not take
+        from prune.core.console import say
+
+        say(f"note: heal {', '.join(unread)} not read: the teacher fits in memory (teacher: auto); set teacher: cache "
+            "to distil from a top-k cache")
+    return "memory"
 
 
 def teacher_fits(cfg: HealConfig, free: int, size: int, width: int) -> bool:

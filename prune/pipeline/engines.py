@@ -50,6 +50,10 @@ class InMemory:
             m.source, gguf_file=m.gguf_file, dtype=m.dtype, device_map=m.device_map, max_memory=m.max_memory,
             offload_folder=m.offload_folder, revision=m.revision, trust_remote_code=m.trust_remote_code)
         fault_point("loaded")
+        if recipe.heal is not None:  # before scoring and evaluating: healing cannot change offloaded weights
+            from prune.heal.methods import check_in_memory
+
+            check_in_memory(self.model)
         self.heal_plan = None
 
     def score(self, windows, kept: list[int] | None = None) -> ScoreResult:
@@ -183,6 +187,20 @@ class Sequential:
                                progress=not self.quiet)
         say("(written from the source shards, out of core)", self.quiet)
         return out
+
+
+def whole_model_reason(recipe: Recipe) -> str | None:
+    """Why the recipe needs the whole model in memory (None: it can run one block at a time)."""
+    from prune.choose.registry import STRATEGIES
+
+    ev = recipe.evaluate
+    if recipe.heal is not None:
+        return "healing trains the model in memory"
+    if ev is not None and (ev.perplexity is not None or ev.fidelity is not None or ev.tasks):
+        return "its evaluate section runs the whole model"
+    if STRATEGIES[recipe.select.strategy].needs_model:
+        return f"select.strategy {recipe.select.strategy} runs the whole model"
+    return None
 
 
 def check_sequential_recipe(recipe: Recipe, plan: ExecutionPlan) -> None:

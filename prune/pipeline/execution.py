@@ -127,9 +127,11 @@ def agreed_plan(plan: ExecutionPlan, replan) -> ExecutionPlan:
 def plan_execution(source, requested: str = "auto", *, dtype="auto", device_map=None, max_memory: dict | None = None,
                    n_windows: int = 64, seq_len: int = 256, batch_size: int = 8, revision: str | None = None,
                    gguf_file: str | None = None, trust_remote_code: bool = False,
-                   cka_windows: int | None = 1) -> ExecutionPlan:
+                   cka_windows: int | None = 1, whole_model: str | None = None) -> ExecutionPlan:
     """Choose ``in_memory`` or ``sequential`` for scoring ``source`` (see module docstring); ``cka_windows``:
-    the windows of one CKA batch (None: no CKA scores)."""
+    the windows of one CKA batch (None: no CKA scores); ``whole_model``: why the run needs the whole model in
+    memory (it heals, evaluates, or its strategy runs the model): ``auto`` then never chooses sequential, and a
+    model that does not fit is refused in one line saying so."""
     from prune.io.safetensors import local_folder
     from prune.io.source import resolve_source
 
@@ -173,6 +175,11 @@ def plan_execution(source, requested: str = "auto", *, dtype="auto", device_map=
     if requested == "auto" and in_memory_need <= FIT_FRACTION * cpu_limit:
         return ExecutionPlan("in_memory", requested, f"weights {_gib(weights)} + working set {_gib(work)} fit in "
                              f"{_gib(cpu_limit)} of memory", str(device), weights, None, acts + work, cpu_limit)
+    if requested == "auto" and whole_model:  # one block at a time would be refused for it: say what is short
+        raise PruneError(f"not enough memory for this run: weights {_gib(weights)} + working set {_gib(work)} exceed "
+                         f"{FIT_FRACTION:.0%} of {_gib(cpu_limit)} of memory, and {whole_model}, so the model cannot "
+                         "run one block at a time; free memory or raise model.max_memory, or let Accelerate place "
+                         "the weights (model.device_map: auto)")
     from prune.measure.sequential import states_in_memory
     from prune.model.skeleton import Skeleton
 

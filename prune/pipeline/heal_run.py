@@ -1,8 +1,8 @@
 """``prune heal RUN_DIR --output NEW_DIR``: heal the pruned model of a saved run folder.
 
 The heal settings come from, in order (later wins): the ``heal:`` section of
-``RUN_DIR/recipe.yaml`` (without its ``objective`` and ``bridge`` when ``method`` is
-given: they belonged to the run's method), a YAML file (``config``: a heal section, or a recipe
+``RUN_DIR/recipe.yaml`` (without its ``objective`` and ``bridge`` when a method is named, by
+``method``, the config or an override: they belonged to the run's method), a YAML file (``config``: a heal section, or a recipe
 holding one), ``method`` / ``data`` / ``field`` / ``rows``, and ``key=value`` overrides
 (``steps=200``, ``heal.rank=16``). Everything is checked before a weight is loaded.
 
@@ -74,7 +74,8 @@ def _read_yaml(path: Path, what: str) -> dict:
     return data
 
 
-#: heal settings of the run's recipe that describe its method, dropped when --method names another
+#: heal settings of the run's recipe that describe its method, dropped when the user names one (--method, a
+#: --config's method, --set method=...)
 INHERITED_WITH_THE_METHOD = ("objective", "bridge")
 
 
@@ -93,9 +94,7 @@ def heal_settings(recipe_data: dict | None, config: str | None = None, method: s
     cache = settings.get("teacher_cache")  # written relative to where the run ran, or by name only (<local>/name)
     if isinstance(cache, str) and not Path(cache).expanduser().is_file():
         settings.pop("teacher_cache")  # not found here: the default beside the output, never a file at that path
-    if method:  # a new method: what the run's recipe says of the old one's objective and bridge goes
-        for key in INHERITED_WITH_THE_METHOD:  # (--config and --set may give them again)
-            settings.pop(key, None)
+    extra = {}
     if config:
         path = Path(config).expanduser()
         if not path.is_file():
@@ -108,7 +107,11 @@ def heal_settings(recipe_data: dict | None, config: str | None = None, method: s
         extra = expand_env(extra.get("heal", extra) or {}, where=str(path))  # the heal section: ${VAR} as in a recipe
         if not isinstance(extra, dict):
             raise PruneError(f"{path}: the heal section must be a mapping (method: lora, steps: 100, ...)")
-        settings.update(extra)
+    overrides = [expand_env(o.removeprefix("heal.")) for o in overrides or ()]  # the user's: ${VAR} as in a recipe
+    if method or "method" in extra or any(o.partition("=")[0].strip() == "method" for o in overrides):
+        for key in INHERITED_WITH_THE_METHOD:  # a method named: what the run's recipe says of its own method's
+            settings.pop(key, None)  # objective and bridge goes (the user's --config and --set may give them again)
+    settings.update(extra)
     if method:
         settings["method"] = method
     if data:
@@ -119,7 +122,6 @@ def heal_settings(recipe_data: dict | None, config: str | None = None, method: s
         settings["data"]["field"] = field[0] if isinstance(field, list) and len(field) == 1 else field
     if rows and settings.get("data") is not None:
         settings["data"]["rows"] = rows
-    overrides = [expand_env(o.removeprefix("heal.")) for o in overrides or ()]  # the user's: ${VAR} as in a recipe
     settings = apply_overrides(settings, overrides)
     if "method" not in settings:
         raise PruneError(f"no heal method: give --method {'|'.join([*HEAL_METHODS, 'distill'])} (or --config with a "
@@ -575,7 +577,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
                              + paired_section(healing_paired, before_label, "healed"),
                              extra_files=lm_eval_files,
                              prepare=lambda rec, files: heal_export(rec, run, out, files, recipe, model,
-                                                                    adapter=not cfg.merge))
+                                                                    adapter=adapter_tmp.name if adapter_tmp else False))
     clock.lap("write")
     say(clock.summary(), quiet)
     return result

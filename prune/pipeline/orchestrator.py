@@ -43,7 +43,7 @@ from prune.choose.verified import margin_line
 from prune.core.records import PruningRecord, utc_now
 from prune.export.saving import prepare_export
 from prune.heal.methods import healing_markdown
-from prune.pipeline.engines import make_engine
+from prune.pipeline.engines import make_engine, whole_model_reason
 from prune.pipeline.execution import agreed_plan, plan_execution
 
 FORMAT = "prune/1"
@@ -189,7 +189,8 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
         return plan_execution(m.source, requested, dtype=m.dtype, device_map=m.device_map, max_memory=m.max_memory,
                               n_windows=c.n_samples, seq_len=c.seq_len, batch_size=c.batch_size, revision=m.revision,
                               gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code,
-                              cka_windows=recipe.score.cka_windows if "cka" in recipe.score.metrics else None)
+                              cka_windows=recipe.score.cka_windows if "cka" in recipe.score.metrics else None,
+                              whole_model=whole_model_reason(recipe))
 
     plan = agreed_plan(planned(recipe.score.execution), planned)  # rank 0's mode on every rank
     say(plan.describe(), quiet)
