@@ -944,6 +944,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, before)
 
 
+#: a rank's line when the launcher's SIGTERM stops it
+TERMINATED_BY_LAUNCHER = "terminated (SIGTERM from the launcher: the launch was stopped, or another of its processes failed)"
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, turned into an interruption: the same cleanup and resume hint as Ctrl-C, exit status 143."""
 
@@ -981,7 +985,10 @@ def run_command(args) -> int:
     except KeyboardInterrupt as exc:
         hint = _interrupted_run(args) if args.command == "run" else ""
         term = isinstance(exc, Terminated)
-        print(f"{'terminated (SIGTERM)' if term else 'interrupted'}{hint}", file=sys.stderr)
+        what = "terminated (SIGTERM)" if term else "interrupted"
+        if term and dist.launched():  # the launcher's stop: asked for, or another rank failed (it says which)
+            what = f"rank {os.environ.get('RANK', '?')} {TERMINATED_BY_LAUNCHER}"
+        print(f"{what}{hint}", file=sys.stderr)
         return 143 if term else 130
     except Exception as exc:  # noqa: BLE001 - SafetensorError and the tokenizers' disk-full Exception, else a bug
         from prune.core import dist
@@ -1014,23 +1021,23 @@ def dist_exit(command, args) -> int:
     """Run ``command(args)`` as one rank of a launch. A rank that fails prints its one line and
     leaves at once (``os._exit``: its sockets close, so the other ranks' next collective fails
     instead of waiting); a rank whose collective failed because another died says so in one line;
-    the launcher's SIGTERM to the survivors does the same. A rank that succeeded destroys the process
+    the launcher's SIGTERM (the launch stopped by ``timeout``, SLURM or ``docker stop``, or another rank
+    failed) is an interruption, as in one process: what is half-written is removed, the stages a ``--resume``
+    reuses are kept, one line, exit status 143. A rank that succeeded destroys the process
     group and also leaves with ``os._exit``: at interpreter teardown gloo's worker threads can abort the
     process (SIGABRT, "terminate called without an active exception"; seen once in CI on a resumed
     run) after every output was written."""
     import signal
 
-    rank = os.environ.get("RANK", "?")
+    from prune.core import scratch
 
-    def on_term(signum, frame):  # noqa: ARG001
-        from prune.core import scratch
-
-        print(f"error: rank {rank} stopped: another process of the launch failed", file=sys.stderr, flush=True)
-        scratch.remove_all()  # os._exit runs no finally: spilled states would stay in $TMPDIR
-        os._exit(2)
-
-    signal.signal(signal.SIGTERM, on_term)
-    code = command(args)
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        code = command(args)
+    except KeyboardInterrupt as exc:  # a command that lets it through (a launched script's main; run_command says it)
+        term = isinstance(exc, Terminated)
+        print(f"rank {os.environ.get('RANK', '?')} {TERMINATED_BY_LAUNCHER if term else 'interrupted'}", file=sys.stderr)
+        code = 143 if term else 130
 
     signal.signal(signal.SIGTERM, lambda *_: exit_quietly(code))  # this rank said its line: no second one
     sys.stdout.flush()
@@ -1044,6 +1051,7 @@ def dist_exit(command, args) -> int:
 
         logging.shutdown()
         os._exit(0)
+    scratch.remove_all()  # os._exit runs no finally: spilled states would stay in $TMPDIR
     os._exit(code)
 
 

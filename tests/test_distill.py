@@ -10,6 +10,7 @@ or cache that does not match the student is refused with one line, before any tr
 import copy
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -768,6 +769,36 @@ def test_ranks_writing_the_same_teacher_cache_at_once_never_fail(tmp_path):
         failures.append(errors.get())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["teacher.safetensors"]
     assert failures == [] and all(w.exitcode == 0 for w in workers)
+
+
+def test_an_interrupted_cache_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A teacher cache (gigabytes on a real model) is written to a temporary file, then renamed: an interruption
+    in the write left the temporary file for good, and a resumed run wrote a new one beside it. Interrupted: it is
+    removed; one left by a killed process is removed by the next write."""
+    import subprocess
+    import sys
+
+    import safetensors.torch
+
+    tensors = {"input_ids": torch.zeros(2, 4, dtype=torch.int32), "logprobs": torch.zeros(2, 4, 2),
+               "indices": torch.zeros(2, 4, 2, dtype=torch.int32)}
+    cache = TopkCache(tmp_path / "t.safetensors", tensors, {"format": "prune-teacher-topk/1", "k": 2})
+
+    def interrupted(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(safetensors.torch, "save_file", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            cache.save()
+    assert list(tmp_path.iterdir()) == []
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".t.safetensors.{int(dead.stdout)}.tmp"
+    stale.write_bytes(b"left by a killed process")
+    (tmp_path / f".t.safetensors.{os.getppid()}.tmp").write_bytes(b"another rank's")  # a live pid: left alone
+    cache.save()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".t.safetensors.{os.getppid()}.tmp", "t.safetensors"]
 
 
 def test_healing_measures_with_dropout_off_whatever_mode_the_model_is_in(tokenizers_by_bos):

@@ -597,6 +597,12 @@ def test_recipe_with_replace_and_prune_heal_run_dir(tmp_path, tiny_folder, capsy
     assert prune_main("remove", healed, "--blocks", rec["kept"].index(removed[-1]), "-o", child).returncode == 0
     child_rec = json.loads((child / "pruning.json").read_text())
     assert child_rec["removed_original_all"] == sorted(removed) and check_checkpoint(child).ok
+    # the card says which kept index is the trained block (it was listed among both removed and kept, unexplained);
+    # once a later step removed it, no card says a trained block stands in for the run
+    run_words = " ".join(map(str, sorted(removed)))
+    assert (f"(block {removed[-1]} here is one trained block in place of the removed run {run_words})"
+            in (healed / "README.md").read_text())
+    assert "trained block" not in (child / "README.md").read_text().split("## ")[0]
     # a damaged eval.json fails before the training (it failed with a traceback after it)
     import shutil
 
@@ -1019,3 +1025,12 @@ def test_a_run_that_heals_measures_the_pruned_model_before_healing(tmp_path, tin
     assert ev["pruned"]["perplexity"]["perplexity"] != pytest.approx(want, rel=1e-6)
     assert "| original | pruned before healing | healed |" in (healed.out_dir / "eval.md").read_text()
 
+
+
+def test_the_record_names_the_cpu_as_one_process_does_under_a_launch():
+    """Accelerate's device is ``cpu:0`` under a launch and ``cpu`` in one process: the healing records (and the
+    card, eval.md) of the two differed."""
+    from prune.heal.training import device_name
+
+    assert device_name(torch.device("cpu:0")) == device_name(torch.device("cpu")) == "cpu"
+    assert device_name(torch.device("cuda:1")) == "cuda:1"

@@ -278,6 +278,26 @@ def test_model_index_is_valid_for_huggingface_hub(chain, tmp_path):
         (r.metric_name, r.metric_value) for r in made)
 
 
+def test_a_hostile_folder_name_stays_text_in_the_card(chain):
+    """The output folder's name is the card's title and its load line: a name holding HTML, a quote, a line break
+    and a code fence rendered as page content (the fence closed the code block, a quote broke the string)."""
+    import ast
+
+    from prune.export.card import render_card
+
+    name = 'out|`x`<script>alert(2)"q\n```\n<img src=x onerror=alert(3)>\n---\n# H'
+    card = render_card(read_record(chain["step1"] / "pruning.json"), model_name=name, load_id=f"path/to/{name}",
+                       revision='main"\n```')
+    body = card.split("---", 2)[2]
+    prose = re.sub(r"```python\n.*?\n```", "", body, flags=re.S)  # in the code block the name is text anyway
+    assert "<script>" not in prose and "<img" not in prose and "\n# H" not in prose
+    assert next(x for x in body.splitlines() if x.startswith("# ")).startswith("# out\\|'x'&lt;script&gt;")
+    [line] = [x for x in body.splitlines() if x.startswith("model = AutoModelForCausalLM.from_pretrained(")]
+    call = ast.parse(line).body[0].value  # one line of Python, the name as one string
+    assert call.args[0].value == f"path/to/{name}" and call.keywords[0].value.value == 'main"\n```'
+    assert yaml.safe_load(card.split("---")[1]) is not None
+
+
 # ---- 5. lineage through remove and heal ----------------------------------------------------------------
 def test_remove_on_a_pruned_folder_maps_indices_and_drops_stale_files(chain):
     step1, step2 = read_record(chain["step1"] / "pruning.json"), read_record(chain["step2"] / "pruning.json")

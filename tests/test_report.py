@@ -361,12 +361,24 @@ def test_block_chart_legends_sit_above_the_data():
 
 
 def test_a_chart_of_block_influence_alone_is_drawn():
-    """Scores of BI alone leave the angular panel empty: its legend of no entries (ncol=0) raised ValueError, and
-    prune report blamed the run's pruning.json."""
+    """Scores of BI alone: the empty angular panel's legend of no entries (ncol=0) raised ValueError, and prune report
+    blamed the run's pruning.json; then the chart kept an empty angular panel on a 0-1 axis, and the terminal table
+    a column of NaN. Only what was scored is drawn and printed."""
     from prune.export.report import block_chart
 
-    fig = block_chart(scores_from([0.3, 0.1, 0.2, 0.4]), 2, "t", marked=[1])
-    assert fig.axes[0].get_legend() is not None and fig.axes[1].get_legend() is None
+    scores = scores_from([0.3, 0.1, 0.2, 0.4])
+    fig = block_chart(scores, 2, "t", marked=[1])
+    assert len(fig.axes) == 1 and fig.axes[0].get_legend() is not None
+    assert "ang" not in scores.table() and "nan" not in scores.table()
+
+
+def test_a_deep_models_block_labels_are_turned_as_the_heatmaps():
+    """100 blocks, 30 removed: every removed block's red label, upright, ran into one string ("6465666768...")."""
+    from prune.export.report import block_chart
+
+    fig = block_chart(scores_from(list(np.linspace(0.1, 0.5, 100))), 2, "t", marked=range(60, 90))
+    assert {lab.get_rotation() for lab in fig.axes[-1].get_xticklabels()} == {90.0}
+    assert {lab.get_rotation() for lab in block_chart(scores_from([0.3, 0.1, 0.2]), 2, "t").axes[-1].get_xticklabels()} == {0.0}
 
 
 def test_original_and_pruned_charts_share_each_panels_range():

@@ -217,7 +217,12 @@ def on_main(fn: Callable[[], T]) -> T:
             outcome = (False, f"{type(exc).__name__}: {exc}".splitlines()[0])
         finally:
             _alone = False
-    outcome = broadcast(outcome, wait)  # not bounded by PRUNE_DIST_TIMEOUT: a save or a push may take hours
+    try:
+        outcome = broadcast(outcome, wait)  # not bounded by PRUNE_DIST_TIMEOUT: a save or a push may take hours
+    except BaseException:
+        if error is not None:  # the others are gone (stopped as this rank was): its own error, not theirs
+            raise error from None
+        raise
     if error is not None:
         raise error
     if not outcome[0]:

@@ -6,6 +6,8 @@ variable names that stage, the action happens there:
 * ``kill``       the process dies at once (SIGKILL: no cleanup code runs), like a power cut;
 * ``interrupt``  ``KeyboardInterrupt`` (Ctrl-C: cleanup code runs);
 * ``term``       SIGTERM to this process (what ``timeout``, SLURM and ``docker stop`` send);
+* ``term_launcher``  SIGTERM to the parent process (under ``torchrun``: the launcher, which stops every rank),
+  then a wait there, so the rank is stopped at this point;
 * ``enospc``     ``OSError(ENOSPC)``, the disk is full.
 
 Under a launcher, ``PRUNE_FAULT_RANK=<rank>`` limits the fault to that rank.
@@ -43,7 +45,13 @@ def fault_point(stage: str) -> None:
     if action == "term":
         os.kill(os.getpid(), signal.SIGTERM)
         return
-    raise ValueError(f"PRUNE_FAULT={spec!r}: action must be kill, interrupt, term or enospc")
+    if action == "term_launcher":
+        import time
+
+        os.kill(os.getppid(), signal.SIGTERM)
+        time.sleep(120)  # the launcher's SIGTERM to this rank ends the wait
+        return
+    raise ValueError(f"PRUNE_FAULT={spec!r}: action must be kill, interrupt, term, term_launcher or enospc")
 
 
 def checkpoint(stage: str) -> None:

@@ -152,6 +152,26 @@ class PruningRecord(PruningStep):
         """Every step of the lineage, oldest first, ending with this one."""
         return [*self.history, self]
 
+    def kept_replacement(self) -> tuple[int, list[int]] | None:
+        """``(original index, the original blocks it replaces)`` of a replacement block (``heal.method: replace``)
+        this checkpoint still holds: it carries its source block's index among ``kept_original`` (that block is also
+        among the removed ones); None when no healing replaced a run, or a later step removed the block."""
+        steps = self.chain()
+        for i, step in reversed(list(enumerate(steps))):
+            rep = (step.healing or {}).get("replacement") if isinstance(step.healing, dict) else None
+            if not isinstance(rep, dict) or not isinstance(rep.get("position"), int):
+                continue
+            kept = step.kept_original or step.kept
+            if not 0 <= rep["position"] < len(kept):
+                return None
+            index, positions = kept[rep["position"]], rep["position"]
+            for later in steps[i + 1:]:  # each later step keeps it at the position its kept list says, or drops it
+                if positions not in later.kept:
+                    return None
+                positions = later.kept.index(positions)
+            return index, sorted(step.removed_original or rep.get("replaces") or [])
+        return None
+
     def as_step(self) -> PruningStep:
         """This record without its history (how it is kept in a child's history)."""
         return PruningStep.model_validate(self.model_dump(exclude={"history"}))

@@ -15,6 +15,7 @@ and the recipe(s).
 
 from __future__ import annotations
 
+import json
 import re
 from importlib import resources
 from pathlib import Path
@@ -392,7 +393,7 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
     (the repo id once pushed)."""
     from huggingface_hub import ModelCard
 
-    from prune.core.tables import code_text, comparison_markdown, fence, well_formed_rows
+    from prune.core.tables import code_text, comparison_markdown, fence, md_text, well_formed_rows
     from prune.export.modelindex import eval_results
     from prune.export.public import public_data
 
@@ -405,8 +406,8 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
     now_layers, now_params = record.layers_after, record.params_after
     removed_all = record.removed_original_all or record.removed
     origin = source_name((original.source if original else None) or record.source)
-    replaced = any((s.healing or {}).get("method") == "replace" for s in steps)
-    kept_words = (f"{now_layers} blocks now, one a trained block in place of the removed run" if replaced
+    replacement = record.kept_replacement()  # still held: a later step may have removed it
+    kept_words = (f"{now_layers} blocks now, one a trained block in place of the removed run" if replacement
                   else f"{now_layers} kept")
     summary = (f"A layer-pruned version of {origin}: {len(removed_all)} of its {n0} decoder blocks removed "
                f"({kept_words}){f', in {len(steps)} pruning steps' if len(steps) > 1 else ''}, made with `prune`.")
@@ -442,10 +443,12 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
     results = eval_results(rows, settings, len(steps))
     card = ModelCard.from_template(
         card_data(record, results, model_name), template_path=str(template_path()),
-        model_name=model_name, summary=summary,
+        model_name=md_text(model_name), summary=summary,
         layers_original=_count(n0), layers_now=_count(now_layers),
         params_original=_count(p0), params_now=_count(now_params), params_change=_change(p0, now_params),
         removed_all=removed_all, kept_all=record.kept_original or record.kept,
+        replacement=(f"block {replacement[0]} here is one trained block in place of the removed run "
+                     f"{' '.join(map(str, replacement[1]))}") if replacement else None,
         method=method_line(record), this_step=f" (step {len(steps)})" if len(steps) > 1 else "",
         protect=protect, calibration=calibration_line(record),
         msrs=msrs_line(record), relation_note=relation_note, dtype=code_text(record.dtype) if record.dtype else None,
@@ -456,12 +459,18 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
         earlier_tables=earlier_tables,
         healing=healing_text(steps[healed[-1]].healing, None if steps[healed[-1]] is record else healed[-1] + 1)
         if healed else None, recipe_evaluates=bool((record.recipe or {}).get("evaluate")),
-        load_id=load_id or "path/to/this/folder", revision=revision, adapter=adapter,
-        base_id=(adapter or {}).get("base") or record.base_model or "path/to/pruned/base",
+        load_id=py_string(load_id or "path/to/this/folder"), revision=py_string(revision) if revision else None,
+        adapter=adapter, base_id=py_string((adapter or {}).get("base") or record.base_model or "path/to/pruned/base"),
         recipe=(recipe_yaml or "").strip(), fence=fence(recipe_yaml or ""), earlier_recipes=earlier_recipes, versions=versions_line(record.versions),
         command=record.command or "save",
     )
     return stamp_card(str(card))
+
+
+def py_string(text) -> str:
+    """``text`` as a Python string literal on one line, for the card's code: quotes, backslashes and line breaks
+    escaped (a folder named ``a")\n```...`` broke the string and closed the code block)."""
+    return json.dumps(str(text), ensure_ascii=False)
 
 
 _STAMP = re.compile(r"\n\n<!-- prune: generated card, sha256 ([0-9a-f]{16}) -->")

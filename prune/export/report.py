@@ -115,20 +115,23 @@ def block_chart(scores: ScoreResult, k: int, title: str, marked=(), labels: list
     plt = _plt()
     L = scores.n_layers
     x = list(range(L))
-    has_cka = scores.cka is not None
-    rows = 3 if has_cka else 2
-    fig, axes = plt.subplots(rows, 1, figsize=(min(max(8.0, 0.32 * L + 3), CHART_MAX_WIDTH), 2.4 * rows + 1.0), dpi=DPI, sharex=True)
-    ax_bi, ax_ang = axes[0], axes[1]
+    has_cka, has_angular = scores.cka is not None, scores.angular is not None  # a panel only for what was scored
+    rows = 1 + has_angular + has_cka
+    fig, axes = plt.subplots(rows, 1, figsize=(min(max(8.0, 0.32 * L + 3), CHART_MAX_WIDTH), 2.4 * rows + 1.0), dpi=DPI,
+                             sharex=True, squeeze=False)
+    axes = list(axes[:, 0])
+    ax_bi = axes[0]
     ax_bi.plot(x, scores.block_influence, "o-", color="#1f77b4", ms=4, label="Block Influence (1 - cos(in, out))")
     ax_bi.set_ylabel("Block Influence")
-    if scores.angular is not None:
+    if has_angular:
+        ax_ang = axes[1]
         ax_ang.plot(x, scores.angular_distance(1), "o-", color="#2ca02c", ms=4, label="d(l, 1): input of l vs of l+1")
         if 1 < k < L:
             dk = scores.angular_distance(k)
             ax_ang.plot(range(len(dk)), dk, "s--", color="#9467bd", ms=3.5, label=f"d(l, {k}): input of l vs of l+{k}")
-    ax_ang.set_ylabel("angular distance\n(arccos cos / pi)")
+        ax_ang.set_ylabel("angular distance\n(arccos cos / pi)")
     if has_cka:
-        ax_m = axes[2]
+        ax_m = axes[-1]
         ax_m.bar(x, scores.msrs_contribution, color="#ff7f0e", label="MSRS contribution (row sum of soft counts)")
         ax_m.set_ylabel(f"MSRS contribution\n(max {L - 1}; sum 2 x MSRS)")
     for ax in axes:
@@ -148,7 +151,7 @@ def block_chart(scores: ScoreResult, k: int, title: str, marked=(), labels: list
         ax.legend(handles, names, fontsize=8, loc="upper left", ncol=len(handles), framealpha=0.9)
     names = labels or [str(i) for i in x]
     ticks = sorted(set(_ticks(L)) | {i for i in marked if 0 <= i < L})
-    axes[-1].set_xticks(ticks, [names[i] for i in ticks], fontsize=8)
+    axes[-1].set_xticks(ticks, [names[i] for i in ticks], fontsize=8, rotation=90 if L > 20 else 0)  # as the heatmap's
     for lab, i in zip(axes[-1].get_xticklabels(), ticks):
         if i in set(marked):
             lab.set_color("#d62728")

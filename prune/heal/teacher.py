@@ -122,10 +122,16 @@ class TopkCache:
         from safetensors.torch import save_file
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # left by a killed process (gigabytes)
+            if not _alive(stale.name.rsplit(".", 2)[-2]):
+                stale.unlink(missing_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")  # each rank of a launch writes its own
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp),
-                  metadata={k: str(v) for k, v in self.meta.items()})
-        os.replace(tmp, self.path)
+        try:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp),
+                      metadata={k: str(v) for k, v in self.meta.items()})
+            os.replace(tmp, self.path)
+        finally:  # interrupted, or the disk full: no partial file stays (after the replace there is none)
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def header(cls, path: str | os.PathLike) -> "TopkCache":
@@ -155,6 +161,17 @@ class TopkCache:
             raise PruneError(f"heal.teacher_cache {path} is not a teacher top-k cache ({FORMAT}): it is another file "
                              "(a model's weights?); point heal.teacher_cache at a new path, or at a cache prune wrote")
         return cls(path, read, meta)
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process ``pid`` (text) runs on this machine (not a number: counted as running, left alone)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, PermissionError, OverflowError):
+        return True
+    return True
 
 
 @measured_in_eval_mode

@@ -46,6 +46,12 @@ def averaged_steps(steps: int, share: float) -> int:
     return math.ceil(share * steps) if share > 0 else 0
 
 
+def device_name(device: torch.device) -> str:
+    """A device as the records name it: ``cpu`` (Accelerate's ``cpu:0`` under a launch: one name for one device,
+    so one process's files equal a launch's), ``cuda:0``."""
+    return "cpu" if device.type == "cpu" else str(device)
+
+
 def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
     """The learning rate of optimizer step ``step`` (0-based) as a share of the peak: linear warmup
     ``(step + 1) / (warmup + 1)`` over the first ``warmup`` steps, then flat (``constant``) or
@@ -269,4 +275,4 @@ def train(module: torch.nn.Module, params: list[torch.nn.Parameter] | list[dict]
     return {"losses": losses, "tokens_seen": items * tokens_per_item, "items_seen": items, "averaged_steps": n_avg,
             "warmup_steps": warmup_steps(cfg.steps),
             "epochs": items / len(dataset), "seconds": round(time.time() - started, 1),
-            "device": str(accelerator.device)}
+            "device": device_name(accelerator.device)}

@@ -139,14 +139,14 @@ class ScoreResult:
 
     def table(self) -> str:
         """A per-block table for the terminal."""
-        head = f"{'block':>5} {'BI':>9} {'ang(n=1)':>9}"
+        ang = self.angular_distance(1) if self.angular is not None else None  # not scored: no column of NaN
+        head = f"{'block':>5} {'BI':>9}" + (f" {'ang(n=1)':>9}" if ang is not None else "")
         cka = self.cka is not None
         if cka:
             head += f" {'CKA(in,out)':>11} {'MSRS contrib':>12}"
         lines = [head]
-        ang = self.angular_distance(1) if self.angular is not None else [float("nan")] * self.n_layers
         for l in range(self.n_layers):
-            line = f"{l:>5} {self.block_influence[l]:>9.5f} {ang[l]:>9.5f}"
+            line = f"{l:>5} {self.block_influence[l]:>9.5f}" + (f" {ang[l]:>9.5f}" if ang is not None else "")
             if cka:
                 line += f" {self.cka_in_out[l]:>11.5f} {self.msrs_contribution[l]:>12.3f}"
             lines.append(line)

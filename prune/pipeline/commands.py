@@ -11,7 +11,7 @@ from prune.io.text import calibration_windows, load_text
 from prune.io.source import resolve_source
 from prune.measure.scoring import ScoreResult, score
 from prune.measure.evaluation import evaluate_loaded
-from prune.model.loading import count_parameters, load_model, model_dtype
+from prune.model.loading import count_parameters, dtype_name, load_model, model_dtype
 from prune.core.errors import PruneError, spelled
 from prune.choose.rules import DEFAULT_METRIC, check_metric_read, resolve_count, resolve_protect, select
 from prune.export.report import SCORE_ONLY, write_report
@@ -237,6 +237,9 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
 
         config = load_config(src, trust_remote_code)
         layers = config.num_hidden_layers
+        if cfg.model == "hf" and not src.gguf_file:  # lm-eval's HF backend loads it in the dtype asked for, or as stored
+            stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+            ran_in = dtype if dtype != "auto" else dtype_name(stored) if stored is not None else None
         try:
             parameters = count_parameters(meta_model(config, trust_remote_code=trust_remote_code))
         except Exception:  # noqa: BLE001 - a config transformers cannot build here: the count is left out
