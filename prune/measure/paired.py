@@ -596,16 +596,33 @@ class TaskMeta:
     lower: set[tuple[str, str]]
 
 
-def task_meta(*folders: Path) -> TaskMeta:
-    """:class:`TaskMeta` of the results files in ``folders``; a file that does not read is passed over: it only
-    shapes the average."""
+def results_texts(*folders: Path) -> list[str]:
+    """The texts of the lm-eval results files (``results_<date>.json``) in ``folders``, oldest first; a file that
+    does not read is passed over (what they say only shapes the comparison: groups, directions, versions)."""
     texts = []
     for path in sorted(p for folder in folders for p in folder.glob("results_*.json")):
         try:
             texts.append(read_regular_text(path, "lm-eval results file"))
         except PruneError:
             continue
-    return task_meta_of(texts)
+    return texts
+
+
+def results_data(texts) -> list[dict]:
+    """Each of lm-eval's results files' ``texts`` parsed (``{}`` for one that is not a JSON object)."""
+    out = []
+    for text in texts:
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError):
+            data = {}
+        out.append(data if isinstance(data, dict) else {})
+    return out
+
+
+def task_meta(*folders: Path) -> TaskMeta:
+    """:class:`TaskMeta` of the results files in ``folders``."""
+    return task_meta_of(results_texts(*folders))
 
 
 def task_meta_of(texts) -> TaskMeta:
@@ -614,12 +631,7 @@ def task_meta_of(texts) -> TaskMeta:
     their own."""
     parent: dict[str, str] = {}
     lower: set[tuple[str, str]] = set()
-    for text in texts:
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError):
-            continue
-        data = data if isinstance(data, dict) else {}
+    for data in results_data(texts):
         subtasks, better, scored = data.get("group_subtasks"), data.get("higher_is_better"), data.get("groups")
         scored = set(scored) if isinstance(scored, dict) else set()
         for group, children in (subtasks.items() if isinstance(subtasks, dict) else ()):
@@ -650,14 +662,8 @@ class TaskSetup:
 
 
 def task_setup(folder: Path) -> TaskSetup:
-    """:class:`TaskSetup` of the results files in ``folder``; a file that does not read is passed over."""
-    texts = []
-    for path in sorted(folder.glob("results_*.json")):
-        try:
-            texts.append(read_regular_text(path, "lm-eval results file"))
-        except PruneError:
-            continue
-    return task_setup_of(texts)
+    """:class:`TaskSetup` of the results files in ``folder``."""
+    return task_setup_of(results_texts(folder))
 
 
 def task_setup_of(texts) -> TaskSetup:
@@ -665,12 +671,7 @@ def task_setup_of(texts) -> TaskSetup:
     versions: dict[str, str] = {}
     shots: dict[str, str] = {}
     lm_eval = None
-    for text in texts:
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError):
-            continue
-        data = data if isinstance(data, dict) else {}
+    for data in results_data(texts):
         for key, out in (("versions", versions), ("n-shot", shots)):
             found = data.get(key)
             for task, value in (found.items() if isinstance(found, dict) else ()):
