@@ -1031,15 +1031,21 @@ def dist_exit(command, args) -> int:
 
     from prune.core import scratch
 
-    signal.signal(signal.SIGTERM, _terminated)
+    said: list[int] = []  # the command's exit status, once it has said its line
+
+    def on_term(signum, frame):  # noqa: ARG001
+        if said:  # the launcher's SIGTERM after this rank said its line: no second one
+            exit_quietly(said[0])
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
-        code = command(args)
+        said.append(command(args))
     except KeyboardInterrupt as exc:  # a command that lets it through (a launched script's main; run_command says it)
         term = isinstance(exc, Terminated)
         print(f"rank {os.environ.get('RANK', '?')} {TERMINATED_BY_LAUNCHER if term else 'interrupted'}", file=sys.stderr)
-        code = 143 if term else 130
-
-    signal.signal(signal.SIGTERM, lambda *_: exit_quietly(code))  # this rank said its line: no second one
+        said.append(143 if term else 130)
+    code = said[0]
     sys.stdout.flush()
     sys.stderr.flush()
     if code == 0:

@@ -574,3 +574,5 @@ def test_the_card_says_when_no_bridge_was_kept():
     text = healing_text(record(False))
     assert "Weights of this checkpoint were not changed by the healing: no bridge was kept" in text
     assert "refitted" not in text
+    earlier = healing_text(record(False), step=1)  # an earlier step's healing, this checkpoint pruned again since
+    assert "No bridge was kept: the healing left the weights as pruning left them" in earlier and "refitted" not in earlier

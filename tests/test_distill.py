@@ -447,6 +447,17 @@ def test_auto_says_when_the_cache_it_was_given_is_not_read(capsys, tmp_path):
                                        "auto); set teacher: cache to distil from a top-k cache\n")
     assert teacher_kind(heal_config("distill", C4_DATA, **FAST), model) == "memory"
     assert capsys.readouterr().err == ""
+    assert teacher_kind(cfg, model, quiet=True) == "memory" and capsys.readouterr().err == ""  # quiet: no note
+
+
+def test_a_teacher_in_memory_records_the_cache_settings_it_never_read(tokenizers_by_bos):
+    """The card listed top_k and teacher_cache among the settings that say what was done, where the teacher sat in
+    memory and read no cache (teacher: auto that fit)."""
+    tok = tokenizers_by_bos[True]
+    teacher, student = pruned_pair()
+    rec = heal_model(student, tok, "distill", data=C4_DATA, teacher_model=teacher, teacher_tokenizer=tok, top_k=8,
+                     quiet=True, **FAST)
+    assert rec["ignored"] == ["top_k"] and rec["distill"]["teacher_source"] == "memory"
 
 
 def test_auto_counts_a_teacher_already_loaded_as_memory_it_holds(monkeypatch):

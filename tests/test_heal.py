@@ -498,8 +498,9 @@ def test_search_with_more_last_blocks_than_it_may_leave_fails_at_preflight(tmp_p
 
     recipe = _recipe(tmp_path, method="partial", last_blocks=7)
     recipe["select"] = {"strategy": "search", "n_layers": 3, "max_perplexity_ratio": 100, "budget": 3}
-    with pytest.raises(PruneError, match=r"^heal.last_blocks=7, but select.strategy search may remove up to 3 of the 8 "
-                                         r"blocks, leaving 5: lower last_blocks to at most 5"):
+    with pytest.raises(PruneError, match=r"^heal.last_blocks=7 is more than the 5 blocks left should select.strategy "
+                                         r"search remove the 3 of 8 it may .*: lower last_blocks to at most 5, or the "
+                                         r"most search may remove \(select.n_layers\) to at most 1"):
         preflight(load_recipe(recipe))
     recipe["heal"]["last_blocks"] = 5
     preflight(load_recipe(recipe))
@@ -906,7 +907,7 @@ def test_a_model_offloaded_to_disk_is_refused_before_scoring_when_it_heals(tmp_p
     recipe = _recipe(tmp_path, method=method, objective="lm")
     recipe["model"].update(device_map="auto", max_memory={"cpu": "300KiB"}, offload_folder=str(tmp_path / "offload"))
     monkeypatch.setattr(E, "score", lambda *a, **k: pytest.fail("scored before the check"))
-    with pytest.raises(PruneError, match="^healing changes weights, but part of this model is offloaded to disk"):
+    with pytest.raises(PruneError, match="^healing changes weights, but part of this model is offloaded by Accelerate \(to disk or CPU\)"):
         run(recipe, quiet=True)
     assert not (tmp_path / "out").exists()
 
@@ -1034,3 +1035,17 @@ def test_the_record_names_the_cpu_as_one_process_does_under_a_launch():
 
     assert device_name(torch.device("cpu:0")) == device_name(torch.device("cpu")) == "cpu"
     assert device_name(torch.device("cuda:1")) == "cuda:1"
+
+
+def test_heal_evaluate_says_when_the_runs_original_ran_another_lm_eval(capsys):
+    """The pre-flight compared task versions and few-shot counts, and named another lm-eval version to nobody (the
+    note was silenced, and this version's side had none)."""
+    import json
+
+    from prune.pipeline.heal_run import check_run_tasks_unchanged
+
+    results = json.dumps({"versions": {"copa_local": 2.0}, "n-shot": {"copa_local": 0}, "lm_eval_version": "0.4.0"})
+    check_run_tasks_unchanged({"results_2026-01-01T00-00-00.json": results}, {"copa_local": ("2.0", "0")})
+    assert "lm-eval 0.4.0 in the run's original (eval/original)" in capsys.readouterr().err
+    check_run_tasks_unchanged({"results_2026-01-01T00-00-00.json": results}, {"copa_local": ("2.0", "0")}, quiet=True)
+    assert capsys.readouterr().err == ""

@@ -66,3 +66,22 @@ def test_bad_records_are_one_line_errors(tmp_path, content, message):
     with pytest.raises(PruneError, match=message) as err:
         read_record(file)
     assert "\n" not in str(err.value)
+
+
+def test_a_replacement_block_is_found_while_it_is_kept_and_after_a_second_healing():
+    """The card names the kept index that is a trained replacement block. A replace-healed folder healed again keeps
+    the replacement under ``healing.previous``: it was not found there; a later step that removes it drops it."""
+    from prune.core.records import PruningRecord
+
+    step = {"removed": [3, 4, 5], "kept": [0, 1, 2, 5, 6, 7], "removed_original": [3, 4, 5],
+            "kept_original": [0, 1, 2, 5, 6, 7]}
+    replace = {"method": "replace", "replacement": {"replaces": [3, 4, 5], "position": 3}}
+    assert PruningRecord.model_validate({**step, "healing": replace}).kept_replacement() == (5, [3, 4, 5])
+    again = {**step, "healing": {"method": "lora", "previous": replace}}
+    assert PruningRecord.model_validate(again).kept_replacement() == (5, [3, 4, 5])
+    assert PruningRecord.model_validate(step).kept_replacement() is None
+    later = {"removed": [3], "kept": [0, 1, 2, 4, 5], "removed_original": [5], "kept_original": [0, 1, 2, 6, 7]}
+    assert PruningRecord.model_validate({**later, "history": [{**step, "healing": replace}]}).kept_replacement() is None
+    kept_later = {"removed": [0], "kept": [1, 2, 3, 4, 5], "removed_original": [0], "kept_original": [1, 2, 5, 6, 7]}
+    assert PruningRecord.model_validate({**kept_later, "history": [{**step, "healing": replace}]}).kept_replacement() \
+        == (5, [3, 4, 5])

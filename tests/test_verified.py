@@ -181,8 +181,11 @@ def test_a_recipe_may_skip_verifieds_local_search(tiny_folder, tmp_path):
     or equal to 1"). search with budget 0 would evaluate nothing: refused in one line."""
     from prune.pipeline.recipe import load_recipe
 
-    recipe = tiny_recipe(tiny_folder, tmp_path / "out", select={"strategy": "verified", "n_layers": 2, "budget": 0})
+    recipe = tiny_recipe(tiny_folder, tmp_path / "out", select={"strategy": "verified", "n_layers": 2, "budget": 0,
+                                                                "heldout_windows": 2})
     assert load_recipe(recipe).select.verified_budget() == 0
+    details = prune.run(recipe, quiet=True).pruning.selection["details"]
+    assert details["local_search_evaluations"] == 0 and all(r["source"] != "local search" for r in details["candidates"])
     recipe["select"] = {"strategy": "search", "n_layers": 2, "max_perplexity_ratio": 2.0, "budget": 0}
     with pytest.raises(PruneError, match="search with budget 0 evaluates no set"):
         load_recipe(recipe)

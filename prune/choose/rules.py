@@ -8,7 +8,7 @@ Strategies that need only the scores:
 * ``one_shot``: the k blocks a metric ranks most removable, in one go:
   ``bi`` (lowest Block Influence), ``angular`` (lowest ``d(l, 1)``), ``cka`` (highest
   ``CKA(h_l, h_{l+1})``), ``msrs`` (highest MSRS contribution; ties broken by the mean CKA
-  of the block's output to all others);
+  of the block's output to all others, then by the lowest Block Influence);
 * ``contiguous``: Gromov et al.'s block, the run ``l* .. l*+k-1`` with the smallest
   angular distance ``d(l, k)`` between its input and its output;
 * ``tail``: the k blocks just before the last one; ``random``: k blocks drawn with ``seed``.

@@ -155,11 +155,15 @@ class PruningRecord(PruningStep):
     def kept_replacement(self) -> tuple[int, list[int]] | None:
         """``(original index, the original blocks it replaces)`` of a replacement block (``heal.method: replace``)
         this checkpoint still holds: it carries its source block's index among ``kept_original`` (that block is also
-        among the removed ones); None when no healing replaced a run, or a later step removed the block."""
+        among the removed ones); None when no healing replaced a run, or a later step removed the block. A healing
+        of a healed folder keeps the one before it under ``previous``: the replacement may be recorded there."""
         steps = self.chain()
         for i, step in reversed(list(enumerate(steps))):
-            rep = (step.healing or {}).get("replacement") if isinstance(step.healing, dict) else None
-            if not isinstance(rep, dict) or not isinstance(rep.get("position"), int):
+            rep, healing = None, step.healing
+            while isinstance(healing, dict) and rep is None:  # this step's healings, the latest first
+                rep = healing.get("replacement") if isinstance(healing.get("replacement"), dict) else None
+                healing = healing.get("previous")
+            if rep is None or not isinstance(rep.get("position"), int):
                 continue
             kept = step.kept_original or step.kept
             if not 0 <= rep["position"] < len(kept):

@@ -317,9 +317,11 @@ def healing_text(healing: dict | None, step: int | None = None) -> str | None:
            if healing["method"] == "bridge" else "trained after pruning")
     if step is not None:
         return (f"The step-{step} model was healed before a later step removed more blocks:\n\n"
-                + "\n".join(f"- {line}" for line in lines) + "\n\nThe kept blocks carry the weights the healing "
-                f"{'refitted' if healing['method'] == 'bridge' else 'trained'} (details in `pruning.json` → `history`, "
-                f"step {step} → `healing`).")
+                + "\n".join(f"- {line}" for line in lines) + "\n\n"
+                + ("No bridge was kept: the healing left the weights as pruning left them" if
+                   healing["method"] == "bridge" and bridges_kept(healing) == 0 else
+                   f"The kept blocks carry the weights the healing {'refitted' if healing['method'] == 'bridge' else 'trained'}")
+                + f" (details in `pruning.json` → `history`, step {step} → `healing`).")
     return "\n".join(f"- {line}" for line in lines) + f"\n\nWeights of this checkpoint were {how} " \
         "(details in `pruning.json` → `healing`)."
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from prune.core.config import HealConfig
+from prune.core.config import HealConfig, changed
 from prune.core.errors import PruneError
 from prune.core.records import complement
 from prune.measure.fidelity import log1mexp, tail_logmass, top1_agrees
@@ -309,6 +309,9 @@ def heal_distill(model, cfg: HealConfig, windows: torch.Tensor, val_windows: tor
                          "kl_before": before["kl"] if before else None, "kl_after": after["kl"] if after else None,
                          "top1_before": before["top1"] if before else None, "top1_after": after["top1"] if after else None,
                          "kl_tokens": after["tokens"] if after else 0}
+    if teacher.kind == "memory":  # a teacher in memory (teacher: auto that fit, too) read no top-k cache
+        ignored = record.get("ignored") or []
+        record["ignored"] = [*ignored, *(k for k in changed(cfg, ["top_k", "teacher_cache"]) if k not in ignored)]
     record["seconds"] = round(time.time() - started, 1)
     return record
 
@@ -465,7 +468,7 @@ def heal_saved_run(run_dir: Path, out: Path, pruning: dict, cfg: HealConfig, dty
             loaded, t_tok, _ = load_model(src.path, gguf_file=src.gguf_file, dtype=dtype, revision=src.revision,
                                           trust_remote_code=trust)
         check_teacher_model(loaded, model, t_tok, tokenizer)
-        kind = teacher_kind(cfg, loaded, loaded=True)  # auto: does it stay beside the student, now it is loaded
+        kind = teacher_kind(cfg, loaded, loaded=True, quiet=quiet)  # auto: does it stay beside the student, now it is loaded
         if kind == "memory":
             teacher = Teacher("memory", f"{src.display} (in-memory)", loaded.eval().requires_grad_(False),
                               pairs=recorded_pairs(pruning))

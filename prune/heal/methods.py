@@ -331,11 +331,11 @@ def _gradient_checkpointing(model, on: bool) -> None:
 
 
 def check_in_memory(model: nn.Module) -> None:
-    """Refuse a model Accelerate offloaded in part to disk: its weights there sit on the meta device, where training
+    """Refuse a model Accelerate offloaded in part: its offloaded weights sit on the meta device, where training
     (or folding a bridge) cannot change them."""
     if any(p.device.type == "meta" for p in model.parameters()):
-        raise PruneError("healing changes weights, but part of this model is offloaded to disk "
-                         "(load it without disk offload: more max_memory, or a smaller model)")
+        raise PruneError("healing changes weights, but part of this model is offloaded by Accelerate (to disk or CPU) "
+                         "(load it without offload: more max_memory, or a smaller model)")
 
 
 # ---- LoRA ---------------------------------------------------------------------------------------
@@ -978,9 +978,10 @@ def preflight(cfg: HealConfig, select: SelectConfig, config, n_layers: int, trus
     elif select.n_layers is not None or select.fraction is not None:  # search removes at most this many
         most = resolve_count(n_layers, select.n_layers, select.fraction, resolve_protect(select.protect, n_layers))
         if cfg.method == "partial" and cfg.last_blocks > n_layers - most:
-            raise PruneError(f"heal.last_blocks={cfg.last_blocks}, but select.strategy search may remove up to {most} of "
-                             f"the {n_layers} blocks, leaving {n_layers - most}: lower last_blocks to at most "
-                             f"{n_layers - most} (or let search remove fewer)")
+            raise PruneError(f"heal.last_blocks={cfg.last_blocks} is more than the {n_layers - most} blocks left should "
+                             f"select.strategy search remove the {most} of {n_layers} it may (it stops earlier only at "
+                             f"its floor): lower last_blocks to at most {n_layers - most}, or the most search may remove "
+                             f"(select.n_layers) to at most {n_layers - cfg.last_blocks}")
     check_settings(cfg, meta_model(config, trust_remote_code=trust_remote_code), n_after, context_length(config))
 
 

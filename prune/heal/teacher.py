@@ -122,8 +122,11 @@ class TopkCache:
         from safetensors.torch import save_file
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        from prune.io.staging import _alive
+
         for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # left by a killed process (gigabytes)
-            if not _alive(stale.name.rsplit(".", 2)[-2]):
+            pid = stale.name.rsplit(".", 2)[-2]
+            if pid.isdigit() and 0 < int(pid) < 2 ** 22 and not _alive(int(pid)):
                 stale.unlink(missing_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")  # each rank of a launch writes its own
         try:
@@ -161,17 +164,6 @@ class TopkCache:
             raise PruneError(f"heal.teacher_cache {path} is not a teacher top-k cache ({FORMAT}): it is another file "
                              "(a model's weights?); point heal.teacher_cache at a new path, or at a cache prune wrote")
         return cls(path, read, meta)
-
-
-def _alive(pid: str) -> bool:
-    """Whether the process ``pid`` (text) runs on this machine (not a number: counted as running, left alone)."""
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (ValueError, PermissionError, OverflowError):
-        return True
-    return True
 
 
 @measured_in_eval_mode
@@ -515,7 +507,7 @@ def teacher_need(cfg: HealConfig, teacher_bytes: int, vocab: int) -> int:
     return int(MARGIN * teacher_bytes) + TEACHER_LOGITS * cfg.batch_size * cfg.seq_len * vocab * 4
 
 
-def teacher_kind(cfg: HealConfig, model, loaded: bool = False) -> str:
+def teacher_kind(cfg: HealConfig, model, loaded: bool = False, quiet: bool | None = None) -> str:
     """``memory`` or ``cache`` for ``cfg.teacher`` (``auto``: :func:`teacher_need` is free, counting
     the memory ``model`` holds already when it is the teacher itself, ``loaded``, not a model to copy)."""
     if cfg.teacher != "auto":
@@ -529,7 +521,7 @@ def teacher_kind(cfg: HealConfig, model, loaded: bool = False) -> str:
         from prune.core.console import say
 
         say(f"note: heal {', '.join(unread)} not read: the teacher fits in memory (teacher: auto); set teacher: cache "
-            "to distil from a top-k cache")
+            "to distil from a top-k cache", quiet)
     return "memory"
 
 
@@ -600,7 +592,7 @@ def prepare_teacher(model, tokenizer, cfg: HealConfig, windows, val_windows, kep
     width = logit_width(model)
     if cfg.top_k > width:
         raise PruneError(f"heal.top_k={cfg.top_k} is larger than the vocabulary ({width} tokens); lower it")
-    kind = teacher_kind(cfg, model)
+    kind = teacher_kind(cfg, model, quiet=quiet)
     if cfg.method == "bridge":  # nothing trained: only the held-out check reads the teacher
         windows = windows[:0]
     if kind == "memory":

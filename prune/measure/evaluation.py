@@ -129,7 +129,7 @@ def lm_eval_outputs(original: dict, pruned: dict, unhealed: dict | None = None, 
             if samples[a] and samples["pruned"]:
                 check_same_setup(setups[a], setups["pruned"], set(samples[a]) & set(samples["pruned"]), (a_name, b_name),
                                  fix="evaluate both with one version of prune and lm-eval (prune eval), then pair them "
-                                     "with prune compare", quiet=True)
+                                     "with prune compare")
             pairs.append(paired_rows(samples[a], samples["pruned"], seed, meta, f"{a_name} and {b_name}"))
         except PruneError as exc:  # both models are evaluated and saved all the same: only the pairing is left out
             say(f"note: the paired comparison of {b_name} with {a_name} is left out: {exc}", quiet=False)

@@ -189,18 +189,22 @@ class Sequential:
         return out
 
 
-def whole_model_reason(recipe: Recipe) -> str | None:
-    """Why the recipe needs the whole model in memory (None: it can run one block at a time)."""
+def whole_model_parts(recipe: Recipe) -> list[str]:
+    """The parts of the recipe that need the whole model in memory (``evaluate``, ``heal``, ``strategy``)."""
     from prune.choose.registry import STRATEGIES
 
     ev = recipe.evaluate
-    if recipe.heal is not None:
-        return "healing trains the model in memory"
-    if ev is not None and (ev.perplexity is not None or ev.fidelity is not None or ev.tasks):
-        return "its evaluate section runs the whole model"
-    if STRATEGIES[recipe.select.strategy].needs_model:
-        return f"select.strategy {recipe.select.strategy} runs the whole model"
-    return None
+    return [part for part, needs in (
+        ("evaluate", ev is not None and (ev.perplexity is not None or ev.fidelity is not None or bool(ev.tasks))),
+        ("heal", recipe.heal is not None),
+        ("strategy", STRATEGIES[recipe.select.strategy].needs_model)) if needs]
+
+
+def whole_model_reason(recipe: Recipe) -> str | None:
+    """Why the recipe needs the whole model in memory, in words (None: it can run one block at a time)."""
+    parts = whole_model_parts(recipe)
+    return {"evaluate": "its evaluate section runs the whole model", "heal": "healing trains the model in memory",
+            "strategy": f"select.strategy {recipe.select.strategy} runs the whole model"}[parts[0]] if parts else None
 
 
 def check_sequential_recipe(recipe: Recipe, plan: ExecutionPlan) -> None:
@@ -210,13 +214,13 @@ def check_sequential_recipe(recipe: Recipe, plan: ExecutionPlan) -> None:
     why = f"score.execution chose sequential ({plan.reason})"
     fix = ("or set score.execution: in_memory (with model.device_map: auto and model.offload_folder to let "
            "Accelerate offload weights)")
-    ev = recipe.evaluate
-    if ev is not None and (ev.perplexity is not None or ev.fidelity is not None or ev.tasks):
+    parts = whole_model_parts(recipe)
+    if "evaluate" in parts:
         raise PruneError(f"{why}: an out-of-core run cannot evaluate the model; remove the evaluate section (evaluate "
                          f"the output folder afterwards with `prune eval ... --device-map auto`) {fix}")
-    if recipe.heal is not None:
+    if "heal" in parts:
         raise PruneError(f"{why}: healing trains the model in memory; remove the heal section {fix}")
-    if STRATEGIES[recipe.select.strategy].needs_model:
+    if "strategy" in parts:
         score_only = ", ".join(n for n, s in STRATEGIES.items() if not s.needs_model)
         raise PruneError(f"{why}: select.strategy={recipe.select.strategy!r} runs the model; use {score_only} {fix}")
 

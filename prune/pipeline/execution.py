@@ -127,11 +127,12 @@ def agreed_plan(plan: ExecutionPlan, replan) -> ExecutionPlan:
 def plan_execution(source, requested: str = "auto", *, dtype="auto", device_map=None, max_memory: dict | None = None,
                    n_windows: int = 64, seq_len: int = 256, batch_size: int = 8, revision: str | None = None,
                    gguf_file: str | None = None, trust_remote_code: bool = False,
-                   cka_windows: int | None = 1, whole_model: str | None = None) -> ExecutionPlan:
+                   cka_windows: int | None = 1, whole_model: str | None = None, offload_ok: bool = True) -> ExecutionPlan:
     """Choose ``in_memory`` or ``sequential`` for scoring ``source`` (see module docstring); ``cka_windows``:
     the windows of one CKA batch (None: no CKA scores); ``whole_model``: why the run needs the whole model in
     memory (it heals, evaluates, or its strategy runs the model): ``auto`` then never chooses sequential, and a
-    model that does not fit is refused in one line saying so."""
+    model that does not fit is refused in one line saying so (``offload_ok``: Accelerate's offload is a way out,
+    not for a healing, which cannot train offloaded weights)."""
     from prune.io.safetensors import local_folder
     from prune.io.source import resolve_source
 
@@ -178,8 +179,9 @@ def plan_execution(source, requested: str = "auto", *, dtype="auto", device_map=
     if requested == "auto" and whole_model:  # one block at a time would be refused for it: say what is short
         raise PruneError(f"not enough memory for this run: weights {_gib(weights)} + working set {_gib(work)} exceed "
                          f"{FIT_FRACTION:.0%} of {_gib(cpu_limit)} of memory, and {whole_model}, so the model cannot "
-                         "run one block at a time; free memory or raise model.max_memory, or let Accelerate place "
-                         "the weights (model.device_map: auto)")
+                         "run one block at a time; free memory or raise model.max_memory"
+                         + (", or let Accelerate place the weights (model.device_map: auto)" if offload_ok else
+                            " (Accelerate's offload leaves weights healing cannot train)"))
     from prune.measure.sequential import states_in_memory
     from prune.model.skeleton import Skeleton
 

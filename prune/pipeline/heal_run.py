@@ -317,14 +317,17 @@ def run_lm_eval_files(run: Path, which: str) -> dict[str, str]:
     return out
 
 
-def check_run_tasks_unchanged(run: Path, files: dict[str, str], setup: dict, quiet: bool | None = None) -> None:
+def check_run_tasks_unchanged(files: dict[str, str], setup: dict, quiet: bool | None = None) -> None:
     """Before any training: the run's original was evaluated on the tasks ``--evaluate`` will run on the healed
     model in the same version and with as many few-shot examples (``setup``: :func:`prune.measure.lmeval.check_tasks`'s),
     or the two would not pair (a task copy updated since the run: its questions are scored another way)."""
+    from importlib.metadata import version
+
     from prune.measure.paired import TaskSetup, check_same_setup, task_setup_of
 
     recorded = task_setup_of([text for name, text in sorted(files.items()) if name.startswith("results_")])
-    now = TaskSetup({t: v for t, (v, _) in setup.items() if v is not None}, {t: s for t, (_, s) in setup.items()}, None)
+    now = TaskSetup({t: v for t, (v, _) in setup.items() if v is not None}, {t: s for t, (_, s) in setup.items()},
+                    version("lm_eval"))
     check_same_setup(recorded, now, set(setup), ("the run's original (eval/original)", "this version of prune"),
                      fix="heal without --evaluate, then evaluate the original and the healed model with prune eval and "
                          "pair them with prune compare",
@@ -408,7 +411,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
         check_tasks(eval_cfg.tasks, data_dir_path=eval_cfg.data_dir, task_dirs=eval_cfg.task_dirs,
                     num_fewshot=eval_cfg.num_fewshot, fewshot_from_scored_split=eval_cfg.fewshot_from_scored_split,
                     limit=eval_cfg.limit, quiet=quiet, local_alias=eval_cfg.local_alias, setup=setup)
-        check_run_tasks_unchanged(run, run_files["original"], setup, quiet)
+        check_run_tasks_unchanged(run_files["original"], setup, quiet)
     model_cfg = recipe.model if recipe else None
     dtype = model_cfg.dtype if model_cfg else "auto"
     trust = trust_remote_code  # never from RUN_DIR/recipe.yaml: a downloaded folder cannot grant itself code

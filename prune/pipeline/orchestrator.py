@@ -190,7 +190,7 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
                               n_windows=c.n_samples, seq_len=c.seq_len, batch_size=c.batch_size, revision=m.revision,
                               gguf_file=m.gguf_file, trust_remote_code=m.trust_remote_code,
                               cka_windows=recipe.score.cka_windows if "cka" in recipe.score.metrics else None,
-                              whole_model=whole_model_reason(recipe))
+                              whole_model=whole_model_reason(recipe), offload_ok=recipe.heal is None)
 
     plan = agreed_plan(planned(recipe.score.execution), planned)  # rank 0's mode on every rank
     say(plan.describe(), quiet)
