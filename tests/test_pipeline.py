@@ -80,3 +80,14 @@ def test_a_run_without_tasks_never_imports_lm_eval(tmp_path, tiny_folder):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["False", "False"]
     assert (tmp_path / "out" / "pruning.json").is_file() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_eval_md_of_a_second_step_says_what_original_means(tmp_path, tiny_folder):
+    """A pruned model pruned again: eval.md's "original" column (and its "KL to original" row) is the model this step
+    loaded; the card said so, eval.md did not."""
+    first = run(tiny_recipe(tiny_folder, tmp_path / "one"), quiet=True).out_dir
+    assert "step-1 model" not in (first / "eval.md").read_text()
+    second = run(tiny_recipe(first, tmp_path / "two", select={"strategy": "one_shot", "metric": "bi", "n_layers": 1}),
+                 quiet=True).out_dir
+    assert ('"original" below is the model this step loaded, the step-1 model of the lineage'
+            in (second / "eval.md").read_text())

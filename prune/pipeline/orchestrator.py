@@ -279,9 +279,12 @@ def write_output(save_fn, recipe: Recipe | None, record: PruningRecord, evaluati
     table = table if table is not None else comparison_markdown(evaluation["rows"])
     from prune.export.lineage import license_files
 
+    # a pruned model pruned again: "original" in the table is the model this step loaded, not the lineage's first
+    step_note = (f"\"original\" below is the model this step loaded, the step-{len(parent.chain())} model of the "
+                 "lineage (`pruning.json` → `history`), not the lineage's first model.\n\n") if parent is not None else ""
     files = {**(license_files(src) if src is not None else {}),  # the terms travel with the weights
              "eval.json": json.dumps(evaluation, indent=1) + "\n",
-             "eval.md": f"# {title}\n\n{table}\n" + (f"\n{extra_markdown}" if extra_markdown else ""),
+             "eval.md": f"# {title}\n\n{step_note}{table}\n" + (f"\n{extra_markdown}" if extra_markdown else ""),
              **(extra_files or {})}
     if recipe is not None:
         files["recipe.yaml"] = recipe.to_yaml()
