@@ -508,11 +508,20 @@ def parse_blocks(items: list[str]) -> list[int]:
         m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", item)
         if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
             raise PruneError(f"--blocks takes 0-based indices and inclusive ranges like 12-18,25; got {item!r}")
+        if int(m[2] or m[1]) >= MAX_BLOCKS:  # before a range of millions is built (it ran out of memory)
+            raise PruneError(f"--blocks names block {int(m[2] or m[1])}, beyond any model's blocks: give the 0-based "
+                             "indices of the model's blocks")
         out.extend(range(int(m[1]), int(m[2] or m[1]) + 1))
     if len(set(out)) != len(out):  # a typo (3,3 for 3,4) removed fewer blocks than meant, silently
-        twice = sorted({b for b in out if out.count(b) > 1})
+        from collections import Counter
+
+        twice = sorted(b for b, n in Counter(out).items() if n > 1)
         raise PruneError(f"--blocks names block(s) {twice} more than once (give each block once)")
     return sorted(out)
+
+
+#: more blocks than any decoder stack has: a --blocks index at or past it is refused before its range is built
+MAX_BLOCKS = 100_000
 
 
 def _repo_id_arg(value: str | None, flag: str) -> str | None:

@@ -842,3 +842,12 @@ def test_card_table_license_and_version_details():
     assert hub_license(OriginalModel(n_layers=8, license="CC BY-NC 4.0")) == {"license": "cc-by-nc-4.0"}
     assert hub_license(OriginalModel(n_layers=8, license="My Own Terms")) == {"license": "other", "license_name": "my-own-terms"}
     assert versions()["prune-layers"] == prune.__version__  # an editable install's metadata said 0.1.0
+
+
+def test_check_reads_every_index_list_of_blocks():
+    """An index list whose key does not name "layer" (LFM2's full_attn_idxs) was never checked: a 7-block folder
+    listing block 40 passed prune check."""
+    from prune.export.check import per_layer_list_problems
+
+    assert per_layer_list_problems({"full_attn_idxs": [3, 5, 40]}, 7) == ["config.full_attn_idxs lists blocks [40] outside 0..6"]
+    assert per_layer_list_problems({"full_attn_idxs": [3, 5], "mlp_only_layers": [1]}, 7) == []

@@ -736,3 +736,35 @@ def test_a_mixed_dtype_checkpoint_is_written_out_of_core_as_in_memory(tokenizers
     c = all_tensors(prune_checkpoint(folder, [3], tmp_path / "ooc32", pruning={"removed": [3]}))
     assert sorted(c) == sorted(a) and all(c[k].dtype == torch.bfloat16 and torch.equal(a[k], c[k]) for k in a)
     assert json.loads((tmp_path / "ooc32" / "pruning.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_the_out_of_core_copy_leaves_adapters_and_load_flags_behind_and_refuses_a_source_missing_weights(
+        tokenizers_by_bos, tmp_path):
+    """A PEFT adapter beside a merged checkpoint: its config was carried and its weights not, so from_pretrained
+    failed on the output; ``tokenizer_config.json`` kept how the source was loaded (``local_files_only``), which the
+    in-memory save drops; a source lacking a kept block's weight was written, then called an internal error; and
+    ``--blocks 0-999999999`` built the range until memory ran out."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import prune_main
+
+    _, _, folder = saved(tmp_path, "llama", tokenizers_by_bos)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 8)}, str(folder / "adapter_model.safetensors"))
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "is_local": True, "local_files_only": True}))
+    out = tmp_path / "out"
+    prune_main("remove", folder, "--blocks", "1", "-o", out, "-q", check_rc=0)
+    assert not [p.name for p in out.iterdir() if p.name.startswith("adapter")]
+    assert not {"is_local", "local_files_only"} & set(json.loads((out / "tokenizer_config.json").read_text()))
+    AutoModelForCausalLM.from_pretrained(out)  # it failed: adapter_model.safetensors not found
+    # a kept block's weight missing from the source: one line before anything is written (a removed block's may be)
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.layers.2.mlp.up_proj")},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    proc = prune_main("remove", folder, "--blocks", "1", "-o", tmp_path / "out2", "-q")
+    assert proc.returncode == 2 and "lacks weights for model.layers.2.mlp.up_proj.weight: it is not a complete" \
+        in proc.stderr and not (tmp_path / "out2").exists()
+    prune_main("remove", folder, "--blocks", "2", "-o", tmp_path / "out3", "-q", check_rc=0)
+    proc = prune_main("remove", folder, "--blocks", "0-999999999", "-o", tmp_path / "out4", "-q")
+    assert proc.returncode == 2 and "beyond any model's blocks" in proc.stderr

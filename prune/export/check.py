@@ -193,8 +193,8 @@ def per_layer_list_problems(config: dict, n: int | None) -> list[str]:
         return []
     out = []
     for key, value in config.items():
-        if "layer" not in key or not isinstance(value, (list, tuple)):
-            continue
+        if ("layer" not in key and key not in INDEX_LIST_KEYS) or not isinstance(value, (list, tuple)):
+            continue  # an index list need not name "layer" (LFM2's full_attn_idxs)
         if key in INDEX_LIST_KEYS:
             outside = [i for i in value if not (isinstance(i, int) and 0 <= i < n)]
             if outside:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from prune.core.errors import PruneError
 from prune.core.faults import fault_point
 from prune.core.records import PruningRecord, complement
-from prune.export.public import clean_config_file
+from prune.export.public import clean_config_file, clean_tokenizer_config
 from prune.export.saving import staged, write_extras
 from prune.io.safetensors import (
     INDEX_NAME,
@@ -48,9 +48,10 @@ from prune.model.loading import check_cut_keeps_attention, dtype_name, pruned_co
 from prune.model.surgery import check_indices, query_rescale
 
 #: files never carried over: weights in other formats (and params.json, Mistral's config of its consolidated weights,
-#: which names the original depth), the original model card, our own outputs
+#: which names the original depth), a PEFT adapter's config (its weights are not copied, and it numbers the original
+#: blocks: transformers then fails to load the output), the original model card, our own outputs
 SKIP_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|h5|msgpack|gguf|onnx)$|^README\.md$|^config\.json$|^params\.json$|"
-                        rf"^{re.escape(INDEX_NAME)}$|^pytorch_model.*\.json$|^pruning\.json$|^\..*|"
+                        rf"^{re.escape(INDEX_NAME)}$|^pytorch_model.*\.json$|^pruning\.json$|^\..*|^adapter_config\.json$|"
                         r"^eval\.(json|md)$|^recipe\.yaml$|^mergekit\.yaml$")  # a pruned source's: stale here
 
 
@@ -312,6 +313,7 @@ def prune_checkpoint(
     n_layers = len(sk.layers)
     removed = check_indices(removed, n_layers)
     kept = complement(n_layers, removed)
+    check_source_complete(sk, removed)
     record = None
     if pruning is not None and not new_step:
         from prune.export.lineage import as_record
@@ -359,6 +361,7 @@ def prune_checkpoint(
             shutil.copy2(item, copy)
         config.save_pretrained(stage)  # as save_pretrained writes it: no local _name_or_path
         clean_config_file(stage, dtype=dtype_name(target))
+        clean_tokenizer_config(stage)  # how the source was loaded (local_files_only), as the in-memory save drops it
         check_complete(stage, trust_remote_code=trust_remote_code)
         write_extras(stage, record, files)
     return Path(out_dir).expanduser()
@@ -387,6 +390,20 @@ def remove_record(src, pruning: PruningRecord | dict, n_layers: int, removed: li
     data.pop("source", None)
     record = PruningRecord.model_validate(data)
     return extend(record, read_parent(src, n_layers), src, base_model)
+
+
+def check_source_complete(sk, removed: list[int]) -> None:
+    """Refuse a source checkpoint that lacks a weight the output keeps (one of a removed block's may be missing):
+    its copy would lack it too (it was reported, after writing, as an internal error)."""
+    from prune.model.loading import decoder_layers_path
+
+    path = decoder_layers_path(sk.model)
+    gone = tuple(f"{path}.{i}." for i in removed)
+    lacking = [name for name in sk.missing_parameters() if not name.startswith(gone)]
+    if lacking:
+        more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
+        raise PruneError(f"{sk.folder} lacks weights for {', '.join(lacking[:3])}{more}: it is not a complete checkpoint "
+                         f"(prune check {sk.folder} says what is missing; re-download or re-save it)")
 
 
 def check_complete(folder: Path, *, trust_remote_code: bool = False) -> None:
