@@ -159,11 +159,8 @@ class PruningRecord(PruningStep):
         of a healed folder keeps the one before it under ``previous``: the replacement may be recorded there."""
         steps = self.chain()
         for i, step in reversed(list(enumerate(steps))):
-            rep, healing = None, step.healing
-            while isinstance(healing, dict) and rep is None:  # this step's healings, the latest first
-                rep = healing.get("replacement") if isinstance(healing.get("replacement"), dict) else None
-                healing = healing.get("previous")
-            if rep is None or not isinstance(rep.get("position"), int):
+            rep = latest_replacement(step.healing)
+            if rep is None:
                 continue
             kept = step.kept_original or step.kept
             if not 0 <= rep["position"] < len(kept):
@@ -179,6 +176,17 @@ class PruningRecord(PruningStep):
     def as_step(self) -> PruningStep:
         """This record without its history (how it is kept in a child's history)."""
         return PruningStep.model_validate(self.model_dump(exclude={"history"}))
+
+
+def latest_replacement(healing) -> dict | None:
+    """The ``replacement`` record (``replaces``, ``position``, ...) of the latest healing that replaced a run with one
+    trained block: ``healing`` itself or one it healed again (``previous``); None when none did."""
+    while isinstance(healing, dict):  # the latest healing first, then the ones before it
+        rep = healing.get("replacement")
+        if isinstance(rep, dict) and isinstance(rep.get("position"), int):
+            return rep
+        healing = healing.get("previous")
+    return None
 
 
 def utc_now() -> str:

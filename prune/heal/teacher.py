@@ -122,11 +122,11 @@ class TopkCache:
         from safetensors.torch import save_file
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        from prune.io.staging import _alive
+        from prune.io.staging import pid_in, process_alive
 
         for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # left by a killed process (gigabytes)
-            pid = stale.name.rsplit(".", 2)[-2]
-            if pid.isdigit() and 0 < int(pid) < 2 ** 22 and not _alive(int(pid)):
+            pid = pid_in(stale.name.rsplit(".", 2)[-2])
+            if pid is not None and not process_alive(pid):
                 stale.unlink(missing_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")  # each rank of a launch writes its own
         try:
@@ -399,8 +399,9 @@ def _dtype_kind(dtype) -> tuple[str, str]:
         dtype = DTYPES.get(dtype, str(dtype))
     if not isinstance(dtype, torch.dtype):
         return dtype, "other"
-    name = str(dtype).replace("torch.", "")
-    return name, "float" if dtype.is_floating_point else "other" if dtype == torch.bool or dtype.is_complex else "int"
+    from prune.model.loading import dtype_name
+
+    return dtype_name(dtype), "float" if dtype.is_floating_point else "other" if dtype == torch.bool or dtype.is_complex else "int"
 
 
 def check_tensors(cache: TopkCache, windows: torch.Tensor, val_windows: torch.Tensor | None, vocab: int | None) -> None:
@@ -563,13 +564,12 @@ def recorded_pairs(pruning: dict) -> list[tuple[int, int]]:
     """:func:`block_pairs` of a run folder's ``pruning.json``: its ``kept`` blocks, a replacement block
     (``healing.replacement`` of this or an earlier healing: the run it replaces, at ``position``)
     matched with the run's last block."""
+    from prune.core.records import latest_replacement
+
     kept = pruning.get("kept") or []
-    healing = pruning.get("healing")
-    while healing:  # the latest healing first, then the ones before it ("previous")
-        rep = healing.get("replacement") or {}
-        if rep.get("replaces") and rep.get("position") is not None and rep["position"] < len(kept):
-            return block_pairs(kept, rep["replaces"], kept[rep["position"]])
-        healing = healing.get("previous")
+    rep = latest_replacement(pruning.get("healing"))
+    if rep and rep.get("replaces") and rep["position"] < len(kept):
+        return block_pairs(kept, rep["replaces"], kept[rep["position"]])
     return block_pairs(kept)
 
 

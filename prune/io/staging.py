@@ -125,11 +125,15 @@ def _pid_max() -> int:
         return 4_194_304  # Linux's largest
 
 
+def pid_in(text: str) -> int | None:
+    """``text`` as a process id of this machine (digits, within ``pid_max``), else None."""
+    return int(text) if text.isdigit() and 0 < int(text) <= _pid_max() else None
+
+
 def _pid_of(path: Path) -> int | None:
     """The process id in a staging or old folder's name (``.<name>.incomplete-<pid>``); ``None`` for a name that
     only looks like one (``-backup``, ``-20240101``): such folders are the user's, never removed."""
-    pid = path.name.rsplit("-", 1)[-1]
-    return int(pid) if pid.isdigit() and 0 < int(pid) <= _pid_max() else None
+    return pid_in(path.name.rsplit("-", 1)[-1])
 
 
 def _ours(folder: Path) -> bool:
@@ -148,7 +152,7 @@ def remove_stale_staging(out: Path) -> list[Path]:
         return removed
     for old in leftovers:
         pid = _pid_of(old)
-        if pid is None or (pid != os.getpid() and _alive(pid)) or not old.is_dir() or not _ours(old):
+        if pid is None or (pid != os.getpid() and process_alive(pid)) or not old.is_dir() or not _ours(old):
             continue
         shutil.rmtree(old, ignore_errors=True)
         removed.append(old)
@@ -174,7 +178,7 @@ def recover(out: Path) -> Path | None:
             return None
         out = parent / out.name
         olds = [p for p in parent.glob(f".{glob_escape(out.name)}{OLD_TAG}*")
-                if _pid_of(p) is not None and (_pid_of(p) == os.getpid() or not _alive(_pid_of(p)))
+                if _pid_of(p) is not None and (_pid_of(p) == os.getpid() or not process_alive(_pid_of(p)))
                 and p.is_dir() and _ours(p)]
     except (OSError, RuntimeError, ValueError):
         return None
@@ -199,7 +203,8 @@ def glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (one of another user counts)."""
     try:
         os.kill(pid, 0)  # PermissionError: alive, owned by someone else
     except ProcessLookupError:
