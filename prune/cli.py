@@ -109,8 +109,9 @@ def _common_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-map", type=_device_map, default=None,
                    help='Accelerate placement: auto, cpu, or a JSON map like \'{"model.layers.0": "cpu", ...}\'')
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the checkpoint (off by default)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, progress messages, tables or notes "
-                                                                "(the results stay in the files written)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, progress messages or notes (the result "
+                                                                "a command prints, score's and eval's table, still goes "
+                                                                "to stdout)")
 
 
 # ---- run ------------------------------------------------------------------------------

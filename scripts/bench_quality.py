@@ -1,23 +1,29 @@
 """Quality of the selection strategies on SmolLM2-135M-Instruct (docs/BENCHMARKS.md, "Quality of the strategies").
 
-For every strategy and every k (blocks removed), the chosen blocks, the WikiText-2 perplexity of the
-pruned model on text disjoint from the calibration windows, and (``--part lmeval``) 0-shot lm-eval
-accuracy. The shared evaluation protocol (docs/BENCHMARKS.md, notes/COMMON.md):
+For every strategy and every k (blocks removed), the chosen blocks, the WikiText-2 perplexity and the
+mean per-token KL(dense || pruned) of the pruned model on text disjoint from the calibration windows
+(one pass, ``prune.measure.fidelity``, with each window's values for paired comparisons), what choosing
+cost, and 0-shot lm-eval accuracy with every answer kept, compared paired. The strategies: every
+score-based choice, iterative, SLEB, the redundancy-aware search and ``verified`` (the default), so the
+tables answer issue 15 (verified against PruneMe's contiguous run, ShortGPT's one-shot BI, one-shot
+angular distance and SLEB). The shared evaluation protocol (docs/BENCHMARKS.md):
 
-* calibration: wiki.test.raw rows 0:2000, 32 windows x 256 tokens, seed 0;
-* perplexity: wiki.test.raw rows 2000:, seq_len 512, 64 windows;
+* calibration: wiki.test.raw rows 0:2000, 32 windows x 256 tokens, seed 0; verified ranks on the next
+  4 windows of the same rows (disjoint from the scoring windows);
+* perplexity and KL: wiki.test.raw rows 2000:, seq_len 512, 64 windows;
 * lm-eval: arc_easy, piqa, hellaswag (acc_norm), winogrande [+ arc_challenge, boolq], 0-shot,
   limit 500, batch_size 16, seed 0, local task copies.
 
 Every finished piece is cached as JSON under ``bench_cache/quality/`` (scores per scoring setting,
-selections per (strategy, k), perplexity and lm-eval per *removed set*, so two strategies that pick
-the same blocks are evaluated once); a rerun resumes. Greedy strategies (iterative, sleb) are run
-once to the largest k; their choice for a smaller k is the prefix of the same greedy trace (each
-round depends only on the blocks removed before it).
+selections per (strategy, k), measures and lm-eval per *removed set*, so two strategies that pick
+the same blocks are evaluated once), with a lock per case, so several workers share the queue and a
+rerun resumes. Greedy strategies (iterative, sleb) are run once to the largest k; their choice for a
+smaller k is the prefix of the same greedy trace (each round depends only on the blocks removed before it).
 
-    nohup nice -n 10 python scripts/bench_quality.py --part ppl > bench_cache/quality_ppl.log 2>&1 &
-    nohup nice -n 10 python scripts/bench_quality.py --part lmeval --lmeval-ks 7 > bench_cache/quality_lmeval.log 2>&1 &
-    python scripts/bench_quality.py --part report      # tables (Markdown) + plots in docs/img/
+    nohup nice -n 5 python scripts/bench_quality.py --part ppl-worker --threads 1 > ppl.log 2>&1 &
+    nohup nice -n 5 python scripts/bench_quality.py --part lmeval-worker --threads 1 --lmeval-ks 10,7 \
+          --only "verified,contiguous angular,one_shot bi,one_shot angular,sleb" > lm.log 2>&1 &
+    python scripts/bench_quality.py --part docs      # the tables into docs/BENCHMARKS.md, plots into docs/img/
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ from bench_env import DATA, ROOT, WIKI, log, read, set_key, smollm2_folder, writ
 import torch  # noqa: E402
 
 import prune  # noqa: E402
-from prune.measure.perplexity import perplexity
 from prune.choose.rules import Selection, select
+from prune.choose.strategies import heldout_windows
+from prune.choose.verified import verified
+from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity
 
 CACHE = ROOT / "bench_cache" / "quality"
 IMG = ROOT / "docs" / "img"
@@ -48,6 +56,8 @@ EXTRA_TASKS = ["arc_challenge", "boolq"]
 PROTECT = (0, -1)
 SLEB_WINDOWS = 4  # SLEB's loss is measured on the first 4 calibration windows (CPU time; see docs)
 SEARCH = dict(max_perplexity_ratio=4.0, budget=16, order_by="bi", heldout_windows=8)
+#: verified: the toolkit's defaults (scores with skip_first, local-search budget 16) ranking on 4 held-out windows
+VERIFIED = dict(positions="skip_first", budget=16, heldout=4)
 
 #: name -> (kind, parameters). Scores: (positions, cka_windows).
 STRATEGIES: dict[str, tuple[str, dict]] = {
@@ -67,6 +77,7 @@ STRATEGIES: dict[str, tuple[str, dict]] = {
     "iterative bi": ("model", dict(strategy="iterative", metric="bi")),
     "iterative angular": ("model", dict(strategy="iterative", metric="angular")),
     "sleb": ("model", dict(strategy="sleb")),
+    "verified": ("verified", dict(strategy="verified", **VERIFIED)),
 }
 SEARCH_NAME = "search (held-out ppl <= 4x, by bi)"
 
@@ -103,6 +114,17 @@ class Context:
                 self._scores[key] = result
         return self._scores[key]
 
+    def reference(self) -> FidelityReference:
+        """The dense model's top-256 log-probs over the evaluation windows, built once (cached on disk)."""
+        path = CACHE / "reference.safetensors"
+        with claim(path) as mine:
+            if mine and not path.is_file():
+                log("reference: the dense model's top-256 log-probs over the evaluation windows")
+                build_reference(self.model, self.eval_windows, top_k=256, batch_size=4).save(path)
+        while not path.is_file():  # another worker is building it
+            time.sleep(10)
+        return FidelityReference.load(path)
+
     def pruned(self, removed):
         model = copy.deepcopy(self.model)
         if removed:
@@ -111,6 +133,10 @@ class Context:
 
 
 # ---- selections ------------------------------------------------------------------------
+class Busy(RuntimeError):
+    """Another worker is computing this case (it is done later, or by that worker)."""
+
+
 def greedy_trace(ctx: Context, name: str, params: dict, k: int) -> dict:
     """Run a greedy model-based strategy until its trace has ``k`` rounds.
 
@@ -123,7 +149,7 @@ def greedy_trace(ctx: Context, name: str, params: dict, k: int) -> dict:
 
     with claim(path) as mine:
         if not mine:
-            raise RuntimeError(f"{name}: another worker is extending this greedy run")
+            raise Busy(f"{name}: another worker is extending this greedy run")
         log(f"{name}: greedy run from round {len(data['trace'])} to k={k}")
         started = time.time()
         seconds = data["seconds"]
@@ -160,6 +186,16 @@ def selection(ctx: Context, name: str, k: int) -> Selection:
         scores = ctx.scores(params.get("positions", "all"), params.get("cka_windows", 1))
         sel = select(scores, k, strategy=params["strategy"], metric=params.get("metric"),
                      protect=PROTECT, seed=params.get("seed", 0))
+    elif kind == "verified":
+        with claim(path) as mine:
+            if not mine:
+                raise Busy(f"{name} k={k}: another worker is choosing it")
+            held = heldout_windows(ctx.tok, prune.load_text(ctx.calib_source), 32, 256, 0, None, params["heldout"])
+            started = time.time()
+            sel = verified(ctx.model, ctx.scores(params["positions"], 1), held, k, protect=PROTECT, batch_size=4,
+                           budget=params["budget"], progress=False)
+            sel.details["seconds"] = round(time.time() - started, 1)
+            log(f"verified k={k}: {sel.removed} from {sel.details['source']} ({sel.details['seconds']} s)")
     else:
         trace = greedy_trace(ctx, name, params, k)["trace"][:k]
         order = [t["removed"] for t in trace]
@@ -223,18 +259,24 @@ class claim:
 
 
 def ppl_of(ctx: Context, removed) -> dict | None:
+    """Perplexity and KL(dense || pruned) of the model without ``removed`` over the evaluation windows, in one
+    pass against the dense model's top-256 log-probs (``prune.measure.fidelity``), with each window's KL and
+    NLL difference for the paired comparisons; cached per removed set (None while another worker has it)."""
     path = CACHE / "ppl" / f"{set_key(removed)}.json"
     data = read(path)
-    if data is None:
+    if data is None or "kl_windows" not in data:
         with claim(path) as mine:
             if not mine:
                 return None
+            reference = ctx.reference()
             started = time.time()
-            data = perplexity(ctx.pruned(removed), ctx.eval_windows, batch_size=4)
-            data["removed"] = sorted(removed)
-            data["seconds"] = round(time.time() - started, 1)
+            data = measure_fidelity(ctx.pruned(removed), reference, batch_size=4, per_window=True)
+            data.pop("data", None)
+            data.update(perplexity=data["perplexity_pruned"], removed=sorted(removed),
+                        seconds=round(time.time() - started, 1))
             write(path, data)
-            log(f"perplexity {data['perplexity']:.2f} removed={sorted(removed)} ({data['seconds']}s)")
+            log(f"perplexity {data['perplexity']:.2f}, KL {data['kl_mean']:.4f} removed={sorted(removed)} "
+                f"({data['seconds']}s)")
     return data
 
 
@@ -314,14 +356,14 @@ def ready_selection(ctx: Context, name: str, k: int):
     return sel and sel.removed
 
 
-def lmeval_worker(ctx: Context, k: int, tasks, limit) -> None:
+def lmeval_worker(ctx: Context, k: int, tasks, limit, names=None) -> None:
     """lm-eval at ``k``: task by task (TASK_ORDER), strategy by strategy (LMEVAL_PRIORITY); shares the queue
     with other workers and waits for model-based selections that another worker is still computing."""
     order = [t for t in TASK_ORDER if t in tasks] + [t for t in tasks if t not in TASK_ORDER]
     while True:
         waiting, did = False, False
         for task in order:
-            for name in ["dense"] + LMEVAL_PRIORITY:
+            for name in ["dense"] + [n for n in dict.fromkeys(KEY + LMEVAL_PRIORITY) if names is None or n in names]:
                 removed = [] if name == "dense" else ready_selection(ctx, name, k)
                 if removed is None:
                     waiting = True
@@ -349,26 +391,52 @@ VARIANTS = ["one_shot msrs (skip_first)", "one_shot cka (skip_first)", "one_shot
             "one_shot cka (all, cka_windows=8)"]
 
 
-def ppl_worker(ctx: Context) -> None:
-    """Perplexity of the score-only strategies in priority order (model-based ones: the model queue)."""
+#: the strategies issue 15 compares: verified against PruneMe's contiguous run, ShortGPT's one-shot BI, one-shot
+#: angular distance and SLEB (measured first, at every k, by both workers)
+KEY = ["verified", "contiguous angular", "one_shot bi", "one_shot angular", "sleb"]
+
+
+def ppl_worker(ctx: Context, names=None) -> None:
+    """Perplexity and KL in priority order: the key strategies at k = 10, 7, 5, 3, then the score-only rest at
+    k = 7, then at the other k, then the iterative strategies, then the search (``names``: only these strategies).
+    A case another worker holds is tried again once the rest are done."""
     ppl_of(ctx, [])
-    cases = [(n, 7) for n in MAIN + VARIANTS] + [(n, k) for k in (3, 5, 10) for n in MAIN] + \
-            [(n, k) for k in (3, 5, 10) for n in VARIANTS]
-    for name, k in cases:
-        sel = guarded(f"{name} k={k}", selection, ctx, name, k)
-        if sel is not None:
-            guarded(f"perplexity {name} k={k}", ppl_of, ctx, sel.removed)
+    rest = [n for n in MAIN + VARIANTS if n not in KEY]
+    cases = [(n, k) for k in (10, 7, 5, 3) for n in KEY] + [(n, 7) for n in rest] + \
+            [(n, k) for k in (3, 5, 10) for n in rest] + [(n, k) for n in ("iterative bi", "iterative angular")
+                                                            for k in (10, 7, 5, 3)]
+    pending = [(n, k) for n, k in cases if names is None or n in names]
+    while pending:
+        busy = []
+        for name, k in pending:
+            try:
+                if ppl_of(ctx, selection(ctx, name, k).removed) is None:
+                    busy.append((name, k))  # another worker is measuring this set: check again later
+            except Busy:
+                busy.append((name, k))
+            except Exception as exc:  # noqa: BLE001  (logged; the benchmark goes on with the next case)
+                failed(f"{name} k={k}", exc)
+        if busy == pending:
+            time.sleep(60)
+        pending = busy
+    if names is None:
+        stage_search(ctx)
+
 
 def guarded(what: str, fn, *a):
     """Run one case; a failure is logged and the benchmark goes on with the next case."""
     try:
         return fn(*a)
     except Exception as exc:  # noqa: BLE001
-        import traceback
-
-        log(f"FAILED {what}: {type(exc).__name__}: {exc}")
-        traceback.print_exc()
+        failed(what, exc)
         return None
+
+
+def failed(what: str, exc: Exception) -> None:
+    import traceback
+
+    log(f"FAILED {what}: {type(exc).__name__}: {exc}")
+    traceback.print_exception(exc)
 
 
 def stage_ppl(ctx: Context, names, ks) -> None:
@@ -460,49 +528,152 @@ def cached_limit(data: dict) -> int | str:
     return ((data["dense"].get("lmeval") or {}).get("limit")) or "?"
 
 
-def report(ks, tasks, lm_k: int) -> str:
-    data = collect(ks)
-    dense_ppl = data["dense"]["ppl"]["perplexity"] if data["dense"]["ppl"] else None
-    lines = []
-    # perplexity table
-    lines.append("| strategy | " + " | ".join(f"k={k}" for k in ks) + " |")
-    lines.append("|---|" + "---:|" * len(ks))
-    rows = {}
-    for name, row in data["strategies"].items():
-        rows[name] = [row.get(k, {}).get("ppl", {}) and row[k]["ppl"]["perplexity"] for k in ks]
+def fmt(v: float) -> str:
+    return f"{v:.1f}" if v < 1e4 else f"{v:.2g}"
+
+
+def measure_rows(data: dict, ks, field: str) -> dict[str, list]:
+    """``{strategy: [value at each k or None]}`` of a cached measure (``perplexity``, ``kl_mean``)."""
+    return {name: [(row.get(k) or {}).get("ppl") and row[k]["ppl"][field] for k in ks]
+            for name, row in data["strategies"].items()}
+
+
+def with_random_mean(data: dict, ks, rows: dict, field: str) -> tuple[dict, dict]:
+    """The three random seeds as one row (their mean; None until all three are measured) and their range."""
     randoms = [n for n in rows if n.startswith("random")]
-    if randoms:
-        vals = []
-        for i in range(len(ks)):
-            xs = [rows[n][i] for n in randoms if rows[n][i]]
-            vals.append(mean(xs) if len(xs) == len(randoms) else None)
-        rows = {"random (mean of 3 seeds)": vals, **{n: v for n, v in rows.items() if n not in randoms}}
-    spread = {}
-    if randoms:
-        for i, k in enumerate(ks):
-            xs = [data["strategies"][n].get(k, {}).get("ppl") for n in randoms]
-            if all(xs):
-                spread[i] = (min(x["perplexity"] for x in xs), max(x["perplexity"] for x in xs))
+    if not randoms:
+        return rows, {}
+    vals, spread = [], {}
+    for i, k in enumerate(ks):
+        xs = [rows[n][i] for n in randoms if rows[n][i] is not None]
+        vals.append(mean(xs) if len(xs) == len(randoms) else None)
+        if len(xs) == len(randoms):
+            spread[i] = (min(xs), max(xs))
+    return {"random (mean of 3 seeds)": vals, **{n: v for n, v in rows.items() if n not in randoms}}, spread
 
-    def fmt(v):
-        return f"{v:.1f}" if v < 1e4 else f"{v:.2g}"
 
+def measure_table(data: dict, ks, field: str, form) -> tuple[str, dict]:
+    rows, spread = with_random_mean(data, ks, measure_rows(data, ks, field), field)
+    rows = {name: vals for name, vals in rows.items() if any(v is not None for v in vals)}  # measured at some k
+    lines = ["| strategy | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
     for name, vals in rows.items():
-        cells = ["-" if not v else fmt(v) for v in vals]
+        cells = ["-" if v is None else form(v) for v in vals]
         if name.startswith("random"):
-            cells = [c if i not in spread else f"{c} ({fmt(spread[i][0])}-{fmt(spread[i][1])})" for i, c in enumerate(cells)]
+            cells = [c if i not in spread else f"{c} ({form(spread[i][0])}-{form(spread[i][1])})"
+                     for i, c in enumerate(cells)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if dense_ppl:
-        lines.append(f"\nDense model: perplexity {dense_ppl:.2f}.")
-    table_ppl = "\n".join(lines)
+    return "\n".join(lines), rows
 
-    # blocks chosen
-    lines = ["| strategy | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
-    for name, row in data["strategies"].items():
-        lines.append(f"| {name} | " + " | ".join(" ".join(map(str, row[k]["removed"])) if k in row else "-" for k in ks) + " |")
-    table_blocks = "\n".join(lines)
 
-    # lm-eval table at lm_k
+def rounds_ffe(name: str, k: int) -> float | None:
+    """A greedy strategy's full-model equivalents over its windows for its first ``k`` rounds."""
+    tr = read(CACHE / "selections" / f"{slug(name)}_trace.json")
+    if not tr or len(tr["trace"]) < k:
+        return None
+    return sum(x.get("block_runs", (30 - x["round"]) * x["forward_passes"]) for x in tr["trace"][:k]) / 30
+
+
+def selection_tokens(name: str, k: int) -> float | None:
+    """What choosing cost, in tokens passed through the whole model (calibration tokens x full-model
+    equivalents): one scoring pass over the 32 x 256 calibration tokens for a score-only strategy; that
+    plus one pass of the blocks still kept per later round for iterative; SLEB's equivalents over its
+    4 x 256 windows (no scoring pass); the scoring pass plus verified's equivalents over its held-out windows."""
+    kind, params = STRATEGIES[name]
+    if kind == "score":
+        return SCORING_TOKENS
+    if kind == "verified":
+        sel = read(CACHE / "selections" / f"{slug(name)}_k{k}.json")
+        return sel and SCORING_TOKENS + params["heldout"] * 256 * sel["details"]["full_forward_equivalents"]
+    ffe = rounds_ffe(name, k)
+    if ffe is None:
+        return None
+    return SLEB_WINDOWS * 256 * ffe if params["strategy"] == "sleb" else SCORING_TOKENS * (1 + ffe)
+
+
+SCORING_TOKENS = 32 * 256
+
+
+def goals(data: dict, ks) -> str:
+    """Issue 15's goals: verified at or below the best other strategy in perplexity and KL at every k; at the
+    largest k, 10% below SLEB's perplexity for at most a quarter of SLEB's selection compute."""
+    ppl, kl = measure_rows(data, ks, "perplexity"), measure_rows(data, ks, "kl_mean")
+    out = []
+    for i, k in enumerate(ks):
+        others = [n for n in ppl if n != "verified" and ppl[n][i] is not None]
+        if ppl.get("verified", [None] * len(ks))[i] is None or not others:
+            continue
+        bp, bk = min(ppl[n][i] for n in others), min(kl[n][i] for n in others)
+        v, vk = ppl["verified"][i], kl["verified"][i]
+        out.append(f"- k = {k}: perplexity {v:.1f} vs best other {bp:.1f} ({'met' if v <= bp * 1.0005 else 'NOT met'}); "
+                   f"KL {vk:.3f} vs {bk:.3f} ({'met' if vk <= bk * 1.0005 else 'NOT met'}) ({len(others)} others measured)")
+    k = max(ks)
+    i = list(ks).index(k)
+    v, sl = ppl.get("verified", [None] * len(ks))[i], ppl.get("sleb", [None] * len(ks))[i]
+    cv, cs = selection_tokens("verified", k), selection_tokens("sleb", k)
+    if v and sl and cv and cs:
+        below = 1 - v / sl
+        out.append(f"- k = {k} against SLEB: perplexity {100 * below:.1f}% below SLEB's (goal: at least 10%: "
+                   f"{'met' if below >= 0.10 else 'NOT met'}); selection compute {cv / cs:.2f}x SLEB's ({cv:,.0f} against "
+                   f"{cs:,.0f} tokens through the model; goal at most 0.25x: {'met' if cv <= cs / 4 else 'NOT met'})")
+    return "\n".join(out)
+
+
+def paired_windows(data: dict, ks) -> str:
+    """verified against each key baseline at every k, paired over the evaluation windows: the baseline's
+    KL minus verified's, and its perplexity over verified's (exp of the mean per-window NLL difference)."""
+    from prune.choose.verified import margin
+    from prune.measure.paired import paired_t
+
+    lines = ["| k | baseline | its set | KL: baseline - verified, 95% (baseline lower on) | "
+             "perplexity: baseline / verified, 95% |", "|---:|---|---|---|---|"]
+    for k in ks:
+        v = (data["strategies"]["verified"].get(k) or {}).get("ppl")
+        for name in KEY[1:]:
+            b = (data["strategies"][name].get(k) or {}).get("ppl")
+            if not (v and b):
+                continue
+            if b["removed"] == v["removed"]:
+                lines.append(f"| {k} | {name} | {' '.join(map(str, b['removed']))} | the same set | - |")
+                continue
+            m = margin({"kl_windows": v["kl_windows"]}, {"removed": b["removed"], "kl_mean": b["kl_mean"],
+                                                         "kl_windows": b["kl_windows"]})
+            r = paired_t(v["nll_diff_windows"], b["nll_diff_windows"])
+            lines.append(f"| {k} | {name} | {' '.join(map(str, b['removed']))} | {m['difference']:+.4f} "
+                         f"[{m['ci_low']:+.4f}, {m['ci_high']:+.4f}] ({m['windows_lower']} of {m['windows']}) | "
+                         f"x{math.exp(r.diff):.4f} [x{math.exp(r.ci_low):.4f}, x{math.exp(r.ci_high):.4f}] |")
+    return "\n".join(lines)
+
+
+def cost_table(data: dict, ks) -> str:
+    k = max(ks)
+    lines = ["| strategy | rounds or evaluations | full-model equivalents over its windows | selection cost at k = "
+             f"{k} (tokens through the model) | vs SLEB | seconds (shared CPU) | perplexity at k = {k} |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    sleb = selection_tokens("sleb", k)
+    for name, (kind, _) in STRATEGIES.items():
+        tokens = selection_tokens(name, k)
+        row = data["strategies"][name].get(k) or {}
+        ppl = row.get("ppl") and fmt(row["ppl"]["perplexity"]) or "-"
+        if tokens is None or (kind == "score" and not row):
+            continue
+        if kind == "score":
+            work, ffe, secs = "1 scoring pass", "1 (32 windows)", "-"
+        elif kind == "verified":
+            d = read(CACHE / "selections" / f"{slug(name)}_k{k}.json")["details"]
+            work, ffe, secs = (f"{d['evaluations']} ({d['local_search_evaluations']} in the local search)",
+                               f"{d['full_forward_equivalents']} ({VERIFIED['heldout']} windows)", f"{d['seconds']:.0f}")
+        else:
+            tr = read(CACHE / "selections" / f"{slug(name)}_trace.json")
+            n = SLEB_WINDOWS if STRATEGIES[name][1]["strategy"] == "sleb" else 32
+            work, ffe = f"{k} rounds", f"{rounds_ffe(name, k):.1f} ({n} windows)"
+            secs = f"{tr['seconds']:.0f}" if len(tr["trace"]) == k else "-"
+        vs = f"{tokens / sleb:.2f}x" if sleb else "-"
+        lines.append(f"| {name} | {work} | {ffe} | {tokens:,.0f} | {vs} | {secs} | {ppl} |")
+    return "\n".join(lines)
+
+
+def lmeval_table(data: dict, lm_k: int, tasks) -> tuple[str, dict, dict, list]:
+    """The lm-eval table at ``lm_k``: (Markdown, average retained per strategy, blocks per strategy, tasks averaged)."""
     dense_lm = data["dense"]["lmeval"]
     lines = ["| strategy | " + " | ".join(f"{t} ({headline(t)})" for t in tasks) + " | avg retained |",
              "|---|" + "---:|" * (len(tasks) + 1)]
@@ -512,26 +683,18 @@ def report(ks, tasks, lm_k: int) -> str:
         lines.append("| dense | " + " | ".join(cells) + " | 100% |")
     avg = {}
     entries = [(n, row.get(lm_k)) for n, row in data["strategies"].items()]
-    # the average is over the tasks finished for the dense model and for every baseline evaluated so far
+    # the average is over the tasks finished for the dense model and for every strategy evaluated at this k
     have = {n: set(((e or {}).get("lmeval") or {}).get("tasks", {})) for n, e in entries}
-    base = [n for n in ("tail", "one_shot bi", "contiguous angular", "random (seed 0)", "random (seed 1)",
-                        "random (seed 2)") if have.get(n)]
-    common = [t for t in tasks if dense_lm and t in dense_lm["tasks"] and all(t in have[n] for n in base)]
+    common = [t for t in tasks if dense_lm and t in dense_lm["tasks"] and all(t in h for h in have.values() if h)]
     lines[0] = lines[0].replace("avg retained", f"avg retained ({', '.join(common)})")
-    if "search" in data:
-        entries.append((SEARCH_NAME + f" (k={len(data['search']['selection']['removed'])})",
-                        {"lmeval": data["search"]["lmeval"]}))
+    if "search" in data and len(data["search"]["selection"]["removed"]) == lm_k:
+        entries.append((SEARCH_NAME, {"lmeval": data["search"]["lmeval"]}))
     for name, entry in entries:
         lm = entry and entry.get("lmeval")
         if not lm:
             continue
-        cells = []
-        for t in tasks:
-            if t in lm["tasks"]:
-                m = headline(t)
-                cells.append(f"{lm['tasks'][t]['metrics'][m]:.3f} ± {lm['tasks'][t]['stderr'][m]:.3f}")
-            else:
-                cells.append("-")
+        cells = [f"{lm['tasks'][t]['metrics'][headline(t)]:.3f} ± {lm['tasks'][t]['stderr'][headline(t)]:.3f}"
+                 if t in lm["tasks"] else "-" for t in tasks]
         r = retained(lm, dense_lm, common) if common else None
         if r:
             avg[name] = r
@@ -542,31 +705,49 @@ def report(ks, tasks, lm_k: int) -> str:
                      f"(seeds: {', '.join(f'{100 * r[0]:.1f}' for r in rnd)}) |")
         avg = {"random (mean of 3 seeds)": (mean([r[0] for r in rnd]), mean([r[1] for r in rnd])),
                **{n: v for n, v in avg.items() if not n.startswith("random")}}
-    table_lm = "\n".join(lines)
-
-    plots(data, ks, rows, avg, lm_k, dense_ppl, common)
-    cost = ["| strategy | rounds | forward passes over its windows | full-model equivalents | seconds (shared CPU) |",
-            "|---|---:|---:|---:|---:|"]
-    for name, (kind, _) in STRATEGIES.items():
-        tr = read(CACHE / "selections" / f"{slug(name)}_trace.json")
-        if kind == "model" and tr and tr["trace"]:
-            t = tr["trace"]
-            fwd = sum(x["forward_passes"] for x in t)
-            # iterative: each re-scoring runs the blocks still kept (traces before 2026-12-06 lack block_runs)
-            equiv = sum(x.get("block_runs", (30 - x["round"]) * x["forward_passes"]) for x in t) / 30
-            cost.append(f"| {name} | {len(t)} | {fwd} | {equiv:.1f} | {tr['seconds']:.0f} |")
-    lm_img = IMG / f"quality_lmeval_k{lm_k}.png"
-    parts = [f"### Perplexity (WikiText-2 rows 2000:, 64 x 512 tokens) vs k\n\n{table_ppl}\n\n"
-             f"![perplexity vs k](img/quality_ppl_vs_k.png)",
-             f"### Blocks removed (0-based)\n\n{table_blocks}",
-             f"### What the model-based strategies cost (to k = {max(KS)} where finished)\n\n"
-             "Iterative: one scoring pass (32 windows) of the blocks still kept per round after the first. SLEB: per round one pass to cache the "
-             "block inputs plus one partial pass per candidate (4 windows); full-model equivalents count decoder-block "
-             "passes / 30 (plus one LM head per candidate).\n\n" + "\n".join(cost),
-             f"### 0-shot lm-eval at k = {lm_k} (limit {cached_limit(data)} per task; acc, hellaswag acc_norm; ± stderr)\n\n{table_lm}"
-             + (f"\n\n![average retained accuracy at k = {lm_k}](img/{lm_img.name})" if lm_img.is_file() else "")]
     chosen = {n: tuple(row[lm_k]["removed"]) for n, row in data["strategies"].items() if lm_k in row}
-    parts.append(recommendation(avg, rows, ks, chosen, tasks))
+    return "\n".join(lines), avg, chosen, common
+
+
+def report(ks, tasks, lm_ks) -> str:
+    data = collect(ks)
+    dense = data["dense"]["ppl"]
+    table_ppl, rows = measure_table(data, ks, "perplexity", fmt)
+    table_kl, _ = measure_table(data, ks, "kl_mean", lambda v: f"{v:.3f}")
+    lines = ["| strategy | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for name, row in data["strategies"].items():
+        if any((row.get(k) or {}).get("ppl") for k in ks):
+            lines.append(f"| {name} | " + " | ".join(" ".join(map(str, row[k]["removed"])) if k in row else "-"
+                                                    for k in ks) + " |")
+    table_blocks = "\n".join(lines)
+    plot_ppl(data, ks, rows, dense and dense["perplexity"])
+    plot_cost(data, max(ks))
+    parts = [f"### Perplexity (WikiText-2 rows 2000:, 64 x 512 tokens) vs k\n\n{table_ppl}"
+             + (f"\n\nDense model: perplexity {dense['perplexity']:.2f}." if dense else "")
+             + "\n\n![perplexity vs k](img/quality_ppl_vs_k.png)",
+             "### KL(dense ‖ pruned) per token, mean, on the same tokens (the dense model's top 256 log-probs)\n\n"
+             + table_kl,
+             f"### Blocks removed (0-based)\n\n{table_blocks}",
+             "### Issue 15's goals for `verified`\n\n" + (goals(data, ks) or "- not measured yet"),
+             "### verified against the published choices, paired over the 64 evaluation windows (Student's 95% "
+             "interval)\n\n" + paired_windows(data, ks),
+             f"### What choosing cost, and quality against it (k = {max(ks)})\n\n"
+             "Cost in tokens passed through the whole model while choosing (calibration tokens x full-model "
+             "equivalents; a full-model equivalent counts decoder-block passes / 30): one scoring pass over the 32 x 256 "
+             "calibration tokens for the score-only strategies; iterative adds one pass of the blocks still kept per "
+             f"later round; SLEB runs on {SLEB_WINDOWS} x 256 windows (one pass to cache the block inputs plus one partial "
+             f"pass per candidate, per round); verified adds its evaluations on {VERIFIED['heldout']} held-out x 256 "
+             "windows to the scoring pass.\n\n" + cost_table(data, ks)
+             + "\n\n![quality against selection cost](img/selection_cost.png)"]
+    for lm_k in lm_ks:
+        table_lm, avg, chosen, common = lmeval_table(data, lm_k, tasks)
+        if not avg:
+            continue
+        plot_lmeval(data, avg, lm_k, common)
+        parts.append(f"### 0-shot lm-eval at k = {lm_k} (limit {cached_limit(data)} per task; acc, hellaswag acc_norm; "
+                     f"± stderr)\n\n{table_lm}\n\n![average retained accuracy at k = {lm_k}](img/quality_lmeval_k{lm_k}.png)")
+        parts.append(recommendation(avg, rows, ks, chosen, tasks, lm_k))
+    parts.append(positions_note(data, ks, rows, tasks, lm_ks))
     if "search" in data:
         s = data["search"]
         det = s["selection"]["details"]
@@ -577,10 +758,9 @@ def report(ks, tasks, lm_k: int) -> str:
     return "\n\n".join(parts)
 
 
-#: the toolkit's default until 2026-12-02, when ``verified`` (measured by scripts/bench_verified.py, not here) replaced
-#: it; and the published one-shot metrics it must match
-DEFAULT_STRATEGY = "contiguous angular"
-PUBLISHED = ("one_shot bi", "one_shot angular")
+#: the toolkit's default strategy (since 2026-12-02), and the published choices it must match or beat
+DEFAULT_STRATEGY = "verified"
+PUBLISHED = ("contiguous angular", "one_shot bi", "one_shot angular", "sleb")
 
 
 def compare(avg: dict, a: str, b: str, chosen: dict | None = None, tasks=()) -> str:
@@ -589,6 +769,8 @@ def compare(avg: dict, a: str, b: str, chosen: dict | None = None, tasks=()) -> 
     interval, called a win or a loss only when the interval excludes 0, plus the tasks where the
     per-task interval does. Otherwise unpaired, on average retained accuracy: the difference with
     its standard error (errors taken as independent), called only beyond twice that error."""
+    if chosen and a in chosen and chosen.get(a) == chosen.get(b):
+        return f"{b} chose the same blocks"
     folders = [samples_of(chosen[n], tasks) if chosen and n in chosen else None for n in (a, b)]
     if all(folders):
         from prune.measure.paired import compare_folders, headline_rows, task_average
@@ -608,49 +790,52 @@ def compare(avg: dict, a: str, b: str, chosen: dict | None = None, tasks=()) -> 
     return f"{100 * ma:.1f}% vs {100 * mb:.1f}% for {b}: {100 * diff:+.1f} points ± {100 * se:.1f} ({verdict}; unpaired)"
 
 
-def recommendation(avg: dict, rows: dict, ks, chosen: dict, tasks=()) -> str:
-    """The evidence for the default strategy and the default token positions, from the cached results."""
-    out = ["### Recommendation", "",
-           f"The default before `verified` (issue 15; \"Verified selection\", scripts/bench_verified.py): `select: "
-           f"{{strategy: contiguous, metric: angular}}` ({DEFAULT_STRATEGY}), `score.positions: skip_first`. The evidence at k = 7 (paired on the same questions where both block sets have lm-eval "
-           "samples, else average retained accuracy ± its standard error):", ""]
+def recommendation(avg: dict, rows: dict, ks, chosen: dict, tasks, lm_k: int) -> str:
+    """The evidence at ``lm_k`` for the default strategy against the others, from the cached results."""
     d = DEFAULT_STRATEGY
+    out = [f"#### The default, `{d}`, at k = {lm_k}", "",
+           "Paired on the same questions where both block sets have lm-eval samples, else average retained accuracy "
+           "± its standard error:", ""]
     if d not in avg:
         return "\n".join(out + ["- not measured yet"])
-    for other in ["tail", "random (mean of 3 seeds)", *PUBLISHED, "sleb", "iterative bi", "iterative angular"]:
+    for other in [*PUBLISHED, "tail", "random (mean of 3 seeds)", "iterative bi", "iterative angular"]:
         if other in avg:
             out.append(f"- {d}: {compare(avg, d, other, chosen, tasks)}")
-    same = [n for n in chosen if n != d and chosen[n] == chosen.get(d)]
-    if same:
-        out.append(f"- {', '.join(same)} chose the same blocks ({' '.join(map(str, chosen[d]))})")
-    best = max((n for n in avg if n != d and n not in same), key=lambda n: avg[n][0], default=None)
-    if best:
-        out.append(f"- the best other strategy measured, {best}: {compare(avg, best, d, chosen, tasks)}")
     wins = []
     for i, k in enumerate(ks):
         vals = {n: v[i] for n, v in rows.items() if v[i]}
         if d in vals and len(vals) > 1:
             rank = sorted(vals, key=vals.get).index(d) + 1
             wins.append(f"k={k}: {vals[d]:.1f}, rank {rank} of {len(vals)}")
-    if wins:
+    if wins and lm_k == max(ks):
         out.append(f"- perplexity of {d} (lower is better): " + "; ".join(wins))
+    return "\n".join(out)
+
+
+def positions_note(data: dict, ks, rows: dict, tasks, lm_ks) -> str:
+    """How leaving out the first token changes what CKA and MSRS choose."""
     pos = []
+    for lm_k in lm_ks:
+        avg = lmeval_table(data, lm_k, tasks)[1]
+        for metric in ("cka", "msrs"):
+            a, b = f"one_shot {metric} (all)", f"one_shot {metric} (skip_first)"
+            if a in avg and b in avg:
+                pos.append(f"- {metric.upper()} at k = {lm_k}, accuracy without the first token: {compare(avg, b, a)}")
     for metric in ("cka", "msrs"):
         a, b = f"one_shot {metric} (all)", f"one_shot {metric} (skip_first)"
         ppl = [f"k={k}: {rows[a][i]:.3g} -> {rows[b][i]:.3g}" for i, k in enumerate(ks)
                if a in rows and b in rows and rows[a][i] and rows[b][i]]
-        lm = f"; accuracy {compare(avg, b, a)}" if a in avg and b in avg else ""
-        if ppl or lm:
-            pos.append(f"- {metric.upper()} with all positions -> without the first token: perplexity "
-                       + ", ".join(ppl) + lm)
-    if pos:
-        out += ["", "Token positions (`all` vs `skip_first`): BI and angular distance choose the same blocks either "
-                "way on this model at every k; CKA and MSRS, dominated by the first token's attention-sink "
-                "activations when it counts, choose very differently:", "", *pos]
-    return "\n".join(out)
+        if ppl:
+            pos.append(f"- {metric.upper()} perplexity with all positions -> without the first token: " + ", ".join(ppl))
+    if not pos:
+        return ""
+    return "\n".join(["### Token positions (`all` against `skip_first`)", "",
+                      "BI and angular distance choose the same blocks either way on this model at every k; CKA and MSRS, "
+                      "dominated by the first token's attention-sink activations when it counts, choose very differently:",
+                      "", *pos])
 
 
-def plots(data, ks, rows, avg, lm_k, dense_ppl, common=()) -> None:
+def plot_ppl(data, ks, rows, dense_ppl) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -663,14 +848,15 @@ def plots(data, ks, rows, avg, lm_k, dense_ppl, common=()) -> None:
     for i, (name, vals) in enumerate(rows.items()):
         pts = [(k, v) for k, v in zip(ks, vals) if v]
         if pts:
-            line, = ax.plot([k for k, _ in pts], [min(v, top) for _, v in pts], marker=markers[i % len(markers)],
-                            label=name, lw=1.4)
+            star = name == DEFAULT_STRATEGY
+            line, = ax.plot([k for k, _ in pts], [min(v, top) for _, v in pts], marker="*" if star else markers[i % len(markers)],
+                            label=name, lw=2.4 if star else 1.4, ms=12 if star else 6)
             for k, v in pts:
                 if v > top:
                     ax.annotate(f"{v:.2g}", (k, top), textcoords="offset points", xytext=(6, -4 - 9 * (i % 4)),
                                 fontsize=7, color=line.get_color())
     if "search" in data and data["search"]["ppl"]:
-        ax.plot([len(data["search"]["selection"]["removed"])], [data["search"]["ppl"]["perplexity"]], "k*", ms=14,
+        ax.plot([len(data["search"]["selection"]["removed"])], [data["search"]["ppl"]["perplexity"]], "kP", ms=10,
                 label=SEARCH_NAME)
     if dense_ppl:
         ax.axhline(dense_ppl, color="grey", ls=":", label=f"dense ({dense_ppl:.1f})")
@@ -685,24 +871,61 @@ def plots(data, ks, rows, avg, lm_k, dense_ppl, common=()) -> None:
     fig.tight_layout()
     fig.savefig(IMG / "quality_ppl_vs_k.png")
     plt.close(fig)
-    if avg:
-        items = sorted(avg.items(), key=lambda kv: kv[1][0])
-        fig, ax = plt.subplots(figsize=(9, 0.42 * len(items) + 1.5), dpi=110)
-        y = range(len(items))
-        ax.barh(list(y), [100 * v[0] for _, v in items], xerr=[100 * v[1] for _, v in items], color="#4c72b0",
-                capsize=3)
-        ax.set_yticks(list(y), [n for n, _ in items], fontsize=8.5)
-        for yi, (_, v) in zip(y, items):
-            ax.text(100 * v[0] + 100 * v[1] + 0.5, yi, f"{100 * v[0]:.1f}%", va="center", fontsize=8)
-        ax.set_xlabel("average retained accuracy vs dense (%), ± stderr")
-        ax.set_title(f"0-shot lm-eval, k = {lm_k} of 30 blocks removed\n(mean over {', '.join(common)}; {cached_limit(data)} examples each)",
-                     fontsize=10)
-        lo = min(100 * v[0] - 100 * v[1] for _, v in items)
-        ax.set_xlim(max(0, lo - 5), 105)
-        ax.grid(alpha=0.3, axis="x")
-        fig.tight_layout()
-        fig.savefig(IMG / f"quality_lmeval_k{lm_k}.png")
-        plt.close(fig)
+
+
+def plot_cost(data, k: int) -> None:
+    """Perplexity at ``k`` against selection cost (tokens through the model), one point per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: dict[tuple[float, float], list[str]] = {}  # strategies on the same point share a label
+    for name in STRATEGIES:
+        row, tokens = data["strategies"][name].get(k) or {}, selection_tokens(name, k)
+        if tokens and row.get("ppl") and not name.startswith("random") and name != "tail":
+            points.setdefault((tokens, row["ppl"]["perplexity"]), []).append(name)
+    if not points:
+        return
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    for (x, y), names in points.items():
+        star = DEFAULT_STRATEGY in names
+        ax.scatter(x, y, s=90 if star else 36, zorder=3, marker="*" if star else "o")
+        ax.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("selection cost: tokens through the whole model while choosing")
+    ax.set_ylabel(f"WikiText-2 perplexity at k = {k}")
+    ax.set_title(f"SmolLM2-135M, {k} of 30 blocks removed: quality against selection cost (lower left is better)",
+                 fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(IMG / "selection_cost.png")
+    plt.close(fig)
+
+
+def plot_lmeval(data, avg, lm_k, common) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = sorted(avg.items(), key=lambda kv: kv[1][0])
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(items) + 1.5), dpi=110)
+    y = range(len(items))
+    ax.barh(list(y), [100 * v[0] for _, v in items], xerr=[100 * v[1] for _, v in items], color="#4c72b0", capsize=3)
+    ax.set_yticks(list(y), [n for n, _ in items], fontsize=8.5)
+    for yi, (_, v) in zip(y, items):
+        ax.text(100 * v[0] + 100 * v[1] + 0.5, yi, f"{100 * v[0]:.1f}%", va="center", fontsize=8)
+    ax.set_xlabel("average retained accuracy vs dense (%), ± stderr")
+    ax.set_title(f"0-shot lm-eval, k = {lm_k} of 30 blocks removed\n(mean over {', '.join(common)}; "
+                 f"{cached_limit(data)} examples each)", fontsize=10)
+    lo = min(100 * v[0] - 100 * v[1] for _, v in items)
+    ax.set_xlim(max(0, lo - 5), 105)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(IMG / f"quality_lmeval_k{lm_k}.png")
+    plt.close(fig)
 
 
 def write_docs(tables: str) -> None:
@@ -721,7 +944,7 @@ def main() -> int:
     p.add_argument("--kind", choices=["all", "score", "model"], default="all", help="which strategies")
     p.add_argument("--only", default=None, help="comma-separated substrings of strategy names")
     p.add_argument("--ks", default=",".join(map(str, KS)))
-    p.add_argument("--lmeval-ks", default="7")
+    p.add_argument("--lmeval-ks", default="7,10")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--limit", type=int, default=500)
     p.add_argument("--threads", type=int, default=None)
@@ -733,16 +956,16 @@ def main() -> int:
     if args.part in ("report", "docs") and not (CACHE / "ppl" / "dense.json").is_file():
         raise SystemExit(f"no cached results under {CACHE} (the report would redraw docs/img from nothing): "
                          "run the benchmark first")
+    lm_ks = [int(k) for k in args.lmeval_ks.split(",")]
     if args.part == "report":
-        print(report(KS, tasks, int(args.lmeval_ks.split(",")[0])))
+        print(report(KS, tasks, lm_ks))
         return 0
     if args.part == "docs":
-        write_docs(report(KS, tasks, int(args.lmeval_ks.split(",")[0])))
+        write_docs(report(KS, tasks, lm_ks))
         return 0
     log(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
     ctx = Context()
     names = names_for(args.kind, args.only)
-    lm_ks = [int(k) for k in args.lmeval_ks.split(",")]
     if args.part == "ppl":
         stage_ppl(ctx, names, ks)
     elif args.part == "search":
@@ -750,10 +973,10 @@ def main() -> int:
     elif args.part == "lmeval":
         stage_lmeval(ctx, names, lm_ks, tasks, args.limit, with_search=args.only is None or "search" in args.only)
     elif args.part == "ppl-worker":
-        ppl_worker(ctx)
+        ppl_worker(ctx, names if args.only else None)
     elif args.part == "lmeval-worker":
         for k in lm_ks:
-            lmeval_worker(ctx, k, tasks, args.limit)
+            lmeval_worker(ctx, k, tasks, args.limit, names if args.only else None)
     elif args.part == "all":  # the whole benchmark, most informative cases first
         main_score = [n for n in names_for("score", None) if "cka" not in n and "msrs" not in n]
         other_score = [n for n in names_for("score", None) if n not in main_score]

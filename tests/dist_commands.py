@@ -5,7 +5,8 @@ after another in the same processes, as ``python -m prune CMD ...`` runs each of
     torchrun --nproc_per_node 2 tests/dist_commands.py COMMANDS.json MODEL DATA_FILE
 
 Each rank's output goes to ``rank<r>.out`` (and ``.err``) beside COMMANDS.json: what the commands print,
-``rc <command> <code>`` per command, ``nested <size>`` and ``plan <mode>``.
+``rc <command> <code>`` per command, ``eval sequences <n>`` (sequences its model ran in ``eval``),
+``nested <size>`` and ``plan <mode>``.
 """
 
 from __future__ import annotations
@@ -27,8 +28,21 @@ from prune.pipeline.commands import score_model  # noqa: E402
 def main(commands: str, model: str, data: str) -> None:
     sys.stdout = open(Path(commands).parent / f"rank{os.environ['RANK']}.out", "w", buffering=1)  # noqa: SIM115
     sys.stderr = open(Path(commands).parent / f"rank{os.environ['RANK']}.err", "w", buffering=1)  # noqa: SIM115
+    import torch
+
+    seen = []  # sequences each rank's model ran while evaluating: a share each, not every example twice
+
+    def count(module, args, kwargs, out):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if type(module).__name__.endswith("ForCausalLM") and isinstance(ids, torch.Tensor):
+            seen.append(ids.shape[0])
+
     for argv in json.loads(Path(commands).read_text()):
+        hook = torch.nn.modules.module.register_module_forward_hook(count, with_kwargs=True) if argv[0] == "eval" else None
         code = run_command(build_parser().parse_args(argv))
+        if hook is not None:
+            hook.remove()
+            print(f"eval sequences {sum(seen)}", flush=True)
         print(f"rc {argv[0]} {code}", flush=True)
     # rank 0 alone inside on_main is a world of one: its own collectives never pair with the others' wait
     print(f"nested {dist.on_main(lambda: dist.on_main(lambda: dist.broadcast(dist.world().size)))}", flush=True)

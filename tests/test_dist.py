@@ -163,8 +163,8 @@ def test_every_subcommand_under_the_launcher_writes_and_prints_once(tiny_folder,
     first's folder, "already exists", or left a stray ``rep.<pid>`` folder); score and a model's
     report share the scoring and write and print once; ranks that plan different execution modes
     run rank 0's (prune score hung until the timeout: one rank in memory, the other sequential).
-    ``prune eval FOLDER`` runs data-parallel (lm-eval's own path: each rank scores its share of the
-    requests): rank 0 writes lm-eval's files, with every example, equal to one process's."""
+    ``prune eval FOLDER`` runs data-parallel (each rank scores its share of the requests, as a run does):
+    rank 0 writes lm-eval's files, with every example, equal to one process's."""
     from conftest import WIKI_RAW, prune_main
     from prune.measure.paired import compare_folders
 
@@ -189,8 +189,12 @@ def test_every_subcommand_under_the_launcher_writes_and_prints_once(tiny_folder,
     assert out[0].count("report written") == 1 and "report written" not in out[1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["commands.json", "mk.yaml", "rank0.err", "rank0.out", "rank1.err",
                                                           "rank1.out", "rep", "rm", "s.json", "two", "two.json"]
-    # lm-eval loaded the model itself under the launch: the dtype it ran in is recorded all the same (it was null)
-    assert json.loads((tmp_path / "two.json").read_text())["dtype"] == "float32"
+    assert json.loads((tmp_path / "two.json").read_text())["dtype"] == "float32"  # it was null (lm-eval loaded it)
+    # each rank ran a share of COPA's 12 x 2 choices (lm-eval's hf backend, used under a launch before, splits only
+    # over GPUs: each CPU rank ran all 24)
+    shares = [int(next(line for line in text.splitlines() if line.startswith("eval sequences")).split()[-1])
+              for text in out]
+    assert shares == [12, 12], shares
     one = prune_main(*evaluate, tmp_path / "one", check_rc=0)  # the same in one process
     table = [line for line in one.stdout.splitlines() if line.startswith("copa_local")]
     assert table and table == [line for line in out[0].splitlines() if line.startswith("copa_local")]

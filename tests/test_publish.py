@@ -217,6 +217,14 @@ def test_model_index_is_valid_for_huggingface_hub(chain, tmp_path):
                             {"params_before": 10, "params_after": 8, "layers_before": 8, "layers_after": 6})
     assert [(r.task_name, r.dataset_type) for r in eval_results(local)][0] == ("arc_easy", "allenai/ai2_arc")
     assert len(eval_results(local)) == 4
+    # BoolQ's copy lacks the passages' titles, so it is not lm-eval's boolq: published under its own name, also when
+    # --local-alias reported it as boolq (its dataset reads local files); lm-eval's own boolq stays boolq
+    facts = {"params_before": 10, "params_after": 8, "layers_before": 8, "layers_after": 6}
+    for task, dataset, shown in (("boolq_local", None, "boolq_local"), ("boolq", {"path": "json"}, "boolq_local"),
+                                 ("boolq", {"path": "aps/super_glue", "name": "boolq"}, "boolq")):
+        res = {"metrics": {"acc": 0.6}, "stderr": {}, **({"dataset": dataset} if dataset else {})}
+        [r] = eval_results(comparison_rows({}, {"tasks": {task: res}}, facts))
+        assert (r.task_name, r.dataset_type, r.dataset_config) == (shown, "aps/super_glue", "boolq")
     # the shipped exact-last-word task names TinyStories, whose train split its stories come from (it named itself)
     words = comparison_rows({}, {"tasks": {"tinystories_lastword_local": {"metrics": {"acc": 0.3}, "stderr": {},
                                                                          "dataset": {"path": "text", "split": "test"}}}},

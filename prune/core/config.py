@@ -407,7 +407,7 @@ class FidelityConfig(Section):
 
     Without ``path`` it reuses the perplexity text and windows (``evaluate.perplexity``; its
     ``seq_len`` and ``max_windows`` unless given here). The original's top-``top_k`` log-probs
-    per token are kept (``windows x (seq_len - 1) x top_k x 8`` bytes); the rest of the vocabulary
+    per token are kept (``windows x (seq_len - 1) x (8 top_k + 12)`` bytes); the rest of the vocabulary
     is one bucket, so the KL is exact when ``top_k`` covers the vocabulary and a lower bound otherwise.
     """
 

@@ -12,7 +12,8 @@ the table); perplexity names its text (a Hub dataset id, or the local file's nam
 are the fidelity rows (KL to the original, top-1 agreement: a comparison of the two models,
 whose "original" values hold by definition, not a benchmark result; and the perplexity of the
 fidelity text measured beside them). Shipped local task copies (``arc_easy_local``) are reported
-under lm-eval's task name and dataset (``arc_easy``). Values keep 6 significant digits (a KL of
+under lm-eval's task name and dataset (``arc_easy``), except a copy whose prompts are not lm-eval's
+(``boolq_local``: its own name, the Hub dataset its examples come from). Values keep 6 significant digits (a KL of
 1.389e-06 stays that).
 """
 
@@ -29,6 +30,7 @@ TASK_DATASETS: dict[str, tuple[str, str | None, str]] = {
     "hellaswag": ("Rowan/hellaswag", None, "validation"),
     "winogrande": ("allenai/winogrande", "winogrande_xl", "validation"),
     "boolq": ("aps/super_glue", "boolq", "validation"),
+    "boolq_local": ("aps/super_glue", "boolq", "validation"),  # its examples, without the passages' titles
     "copa": ("aps/super_glue", "copa", "validation"),
     "openbookqa": ("allenai/openbookqa", "main", "test"),
     # the shipped exact-last-word task reads the first 2 MiB of TinyStories' train split (the shared data folder)
@@ -43,6 +45,22 @@ def before_label(steps: int) -> str:
     """What the "original" column of a step's evaluation measured: the original model, or from the
     second pruning step on the model that step loaded (as the card's table says)."""
     return ORIGINAL if steps <= 1 else f" (step-{steps - 1} model, before this step)"
+
+
+def published_name(task: str, dataset: dict | None = None) -> str:
+    """The name the card publishes a result under: lm-eval's registry name for a shipped copy that builds
+    that task's prompts (``arc_easy_local`` -> ``arc_easy``), the copy's own name for one that does not
+    (``DIFFERS_FROM_LM_EVAL``: ``boolq_local``), also when ``--local-alias`` reported it as ``boolq`` (its
+    recorded ``dataset`` then reads local files, not lm-eval's Hub dataset)."""
+    from prune.export.card import is_hub_dataset
+    from prune.measure.lmeval import DIFFERS_FROM_LM_EVAL, LOCAL_TASKS, canonical_name
+
+    name = canonical_name(task)
+    if name not in DIFFERS_FROM_LM_EVAL:
+        return name
+    path = dataset.get("path") if isinstance(dataset, dict) else None
+    local = task.endswith("_local") or (isinstance(path, str) and not is_hub_dataset(path))
+    return LOCAL_TASKS[name] if local else name
 
 
 def _task_dataset(dataset) -> tuple[str, str | None, str | None] | None:
@@ -64,7 +82,6 @@ def eval_results(rows: list[dict] | None, settings: dict | None = None, steps: i
 
     from prune.core.tables import AGREEMENT_ROW, FIDELITY_PPL_ROW, KL_ROW
     from prune.export.card import is_hub_dataset
-    from prune.measure.lmeval import canonical_name
 
     out = []
     fewshot = (settings or {}).get("num_fewshot")
@@ -72,7 +89,7 @@ def eval_results(rows: list[dict] | None, settings: dict | None = None, steps: i
     for row in rows or []:
         if row.get("metric") == "count" or row["name"].startswith((KL_ROW, AGREEMENT_ROW, FIDELITY_PPL_ROW)):
             continue
-        name, metric = canonical_name(row.get("task") or row["name"]), row["metric"]
+        name, metric = published_name(row.get("task") or row["name"], row.get("dataset")), row["metric"]
         if name == "perplexity":
             ppl = (settings or {}).get("perplexity") or {}
             path = str(ppl.get("path") or "text")

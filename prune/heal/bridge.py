@@ -1,4 +1,5 @@
-"""Linear bridges across the cuts, fitted on the original model before healing (``heal.bridge: linear``).
+"""Linear bridges across the cuts, fitted before healing (``heal.bridge: linear``): cut by cut on the pruned model
+against the original's states when the original is in memory, else on the original's states alone.
 
 Removing the contiguous run ``a..b`` leaves block ``a-1``'s output ``y`` where the original had
 ``h_b``, the output of block ``b``. Block ``a-1`` ends by adding its MLP output ``m`` to the

@@ -50,6 +50,9 @@ LOCAL_TASKS = {
     "openbookqa": "openbookqa_local",
     "copa": "copa_local",
 }
+#: shipped copies whose prompts are not lm-eval's task's (BoolQ's passages lack their titles): their figures
+#: are published under the copy's own name (``prune.export.modelindex.published_name``), never as lm-eval's task
+DIFFERS_FROM_LM_EVAL = frozenset({"boolq"})
 #: the metric reported first for each task (lm-eval's usual headline metric)
 HEADLINE = {"hellaswag": "acc_norm", "openbookqa": "acc_norm", "arc_challenge": "acc_norm", "arc_easy": "acc",
             "piqa": "acc", "winogrande": "acc", "boolq": "acc", "copa": "acc"}

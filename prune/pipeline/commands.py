@@ -144,9 +144,12 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
     if output_path is not None and not cfg.tasks:
         raise PruneError("evaluate_model: output_path is where lm-eval writes its files, and cfg has no tasks (give "
                          "tasks, or drop output_path)")
-    named = bool(cfg.tasks) and (cfg.model != "hf" or cfg.model_args is not None or L.world_size() > 1)
+    # lm-eval loads the model itself for another backend or its own model_args; otherwise the model is loaded here
+    # and, under a launcher, each rank scores a share of every task's examples (as a run does; lm-eval's own hf
+    # backend splits only over GPUs: on CPUs every rank would score every example)
+    named = bool(cfg.tasks) and (cfg.model != "hf" or cfg.model_args is not None)
     in_memory = cfg.perplexity is not None or cfg.fidelity is not None or (cfg.tasks and not named)
-    if in_memory and L.world_size() > 1:  # every rank would measure all of it, print it and write it
+    if (cfg.perplexity is not None or cfg.fidelity is not None) and L.world_size() > 1:  # each rank: all of it
         raise PruneError("perplexity and fidelity run in one process: evaluate them without a launcher "
                          "(a data-parallel launch evaluates lm-eval tasks only)")
     if named:
@@ -209,6 +212,8 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
         ran_in = model_dtype(model)
         del model
         clock.lap("load and evaluate")
+        if not dist.world().is_main:  # a data-parallel rank but the first: rank 0 writes and prints
+            return None
     if named:
         args = L.backend_model_args(src.path, cfg.model_args, backend=cfg.model, dtype=dtype, gguf_file=src.gguf_file,
                                     trust_remote_code=trust_remote_code)
