@@ -21,6 +21,7 @@ from prune.core.errors import PruneError, called_from_cli, first_line
 from prune.core.config import (
     BOOTSTRAP_ITERS,
     HEAL_METHODS,
+    MAX_BOOTSTRAP_ITERS,
     CalibrationConfig,
     EvaluateConfig,
     ModelConfig,
@@ -45,6 +46,14 @@ def _positive(value: str) -> int:
     if not value.strip().isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
     return int(value)
+
+
+def _iters(value: str) -> int:
+    n = _positive(value)
+    if n > MAX_BOOTSTRAP_ITERS:  # numpy allocated n floats per row: terabytes, a traceback, for a typo
+        raise argparse.ArgumentTypeError(f"{value} resamples is more than {MAX_BOOTSTRAP_ITERS:,} (the interval's "
+                                         "percentiles are steady long before)")
+    return n
 
 
 def _non_negative(value: str) -> int:
@@ -739,8 +748,9 @@ def add_compare(sub) -> None:
     p.add_argument("b", metavar="B", nargs="*", default=None,
                    help="run folder, lm-eval results folder or prune eval --output file (compared to A); several: "
                         "pooled per example")
-    p.add_argument("--iters", type=_positive, default=BOOTSTRAP_ITERS,
-                   help=f"bootstrap resamples, for scores that are not right/wrong (default {BOOTSTRAP_ITERS})")
+    p.add_argument("--iters", type=_iters, default=BOOTSTRAP_ITERS,
+                   help=f"bootstrap resamples, for scores that are not right/wrong (default {BOOTSTRAP_ITERS}, at most "
+                        f"{MAX_BOOTSTRAP_ITERS:,})")
     p.add_argument("--seed", type=_non_negative, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--output", "-o", default=None, help="also write the comparison as JSON to this file (never one of "
                                                           "the compared results)")

@@ -160,6 +160,21 @@ def build_tokenizer(add_bos: bool):
     return fast
 
 
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Loading a model fails the test: for refusals that must come before any model loads (each module that
+    calls ``load_model`` imports it by its own name, so each is guarded)."""
+    import prune.model.loading
+    import prune.pipeline.commands
+    import prune.pipeline.engines
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    for module in (prune.model.loading, prune.pipeline.commands, prune.pipeline.engines):
+        monkeypatch.setattr(module, "load_model", refuse)
+
+
 @pytest.fixture(scope="session")
 def tokenizers_by_bos():
     return {True: build_tokenizer(True), False: build_tokenizer(False)}

@@ -184,6 +184,8 @@ def test_remove_shows_a_progress_bar_of_the_bytes_written_unless_quiet(tmp_path,
 
 @pytest.mark.parametrize("args, message", [
     (["compare", "a", "b", "--iters", "0"], "argument --iters: '0' is not a whole number of at least 1"),
+    # numpy was asked for 7 TiB: a traceback after reading both folders
+    (["compare", "a", "b", "--iters", "1000000000000"], "argument --iters: 1000000000000 resamples is more than 1,000,000"),
     (["compare", "a", "b", "--seed", "-1"], "argument --seed: '-1' is not a whole number of at least 0"),
     (["export-mergekit", "run", "--dtype", "foo"], "argument --dtype: invalid choice: 'foo'"),
     (["remove", "org/model", "--blocks", "1", "-o", "x", "--base-model", "other/base"],

@@ -218,7 +218,7 @@ def test_card_shows_the_whole_chain(two_steps):
     assert data["license"] == "mit" and data["tags"] == ["pruned", "layer-pruning", "angular-distance"]
 
 
-def test_corrupt_lineage_is_refused_before_loading(two_steps, tmp_path):
+def test_corrupt_lineage_is_refused_before_loading(two_steps, tmp_path, no_model_loading):
     """A pruning.json that does not describe the folder's weights stops the run in pre-flight."""
     import shutil
 

@@ -989,12 +989,21 @@ def test_a_runs_teacher_cache_is_reused_where_it_is_and_never_written_at_its_rec
     assert heal_settings(recipe, overrides=["teacher_cache=new.safetensors"]).teacher_cache == "new.safetensors"
 
 
-def test_heal_model_refuses_an_adapter_it_would_drop(tokenizers_by_bos):
+def test_heal_model_refuses_an_adapter_it_would_drop(tokenizers_by_bos, monkeypatch):
     """``heal_model(..., merge=False)`` trained the adapter and dropped it: the weights were unchanged, and the
-    record reported the trained adapter's held-out loss."""
+    record reported the trained adapter's held-out loss. Refused before any training (every method trains
+    through ``prune.heal.training.train``, imported where it is called)."""
+    import prune.heal.training
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before the refusal")
+
+    monkeypatch.setattr(prune.heal.training, "train", no_training)
     model = build_model("llama")
+    before = snapshot(model)
     with pytest.raises(PruneError, match="merge=False keeps the LoRA adapter apart"):
         heal_model(model, tokenizers_by_bos[True], "lora", data=C4_DATA, merge=False, **FAST)
+    assert not changed(before, model)
 
 
 def test_the_healed_table_escapes_names_and_names_the_model_healing_started_from():

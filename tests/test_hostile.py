@@ -572,7 +572,8 @@ def test_a_config_naming_a_billion_blocks_is_refused_without_building_them(model
     assert code == 2 and "at most 8 blocks" in out
 
 
-def test_config_naming_more_blocks_than_the_weights_hold_is_refused_before_loading(model, tmp_path, capsys):
+def test_config_naming_more_blocks_than_the_weights_hold_is_refused_before_loading(model, tmp_path, capsys,
+                                                                                  no_model_loading):
     config = json.loads((model / "config.json").read_text())
     config["num_hidden_layers"] = 10
     (model / "config.json").write_text(json.dumps(config))
@@ -854,7 +855,7 @@ def test_bad_flags_are_one_line_before_loading(args, match, model, capsys, monke
     ("rows.jsonl", b'{"text": null}\n', "is null, not text"),
     ("rows.json", b'[{"text": "a"}, 7]', "item 1"),
 ])
-def test_hostile_data_files_are_one_line_before_loading(name, content, match, model, tmp_path, capsys):
+def test_hostile_data_files_are_one_line_before_loading(name, content, match, model, tmp_path, capsys, no_model_loading):
     data = tmp_path / name
     data.write_bytes(content)
     refused(capsys, "score", model, "--data", data, match=match)
@@ -1047,3 +1048,15 @@ def test_the_shape_check_passes_every_supported_architecture(tmp_path, tied):
         folder = tmp_path / arch
         build_model(arch, tie_word_embeddings=tied).save_pretrained(folder)
         preflight_model(resolve_source(str(folder)))
+
+
+def test_a_model_folder_without_a_tokenizer_is_named_so(model, tmp_path, capsys):
+    """A folder without tokenizer files: the run failed on half of transformers' sentence ("Couldn't instantiate the
+    backend tokenizer from one of: (1) a `tokenizers` library serialization file,"), before loading; `prune remove`
+    wrote an output without a word that then failed `prune check`."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json"):
+        (model / name).unlink(missing_ok=True)
+    line = refused(capsys, "score", model, "--data", WIKI_RAW, match=f"{model} has no tokenizer (tokenizer.json, ")
+    assert line.endswith("(tokenizer.save_pretrained(folder))")
+    code, err = cli(capsys, "remove", model, "--blocks", "3", "--output", tmp_path / "out")
+    assert code == 0 and f"note: {model} has no tokenizer files" in err and f"neither has {tmp_path / 'out'}" in err

@@ -194,7 +194,7 @@ def test_compare_real_lm_eval_samples(lm_eval_folders):
 
     copy = shutil.copytree(root / "model-a", root.parent / f"{root.name}-a-copy", dirs_exist_ok=True)
     same = compare_folders(root / "model-a", copy, iters=500)
-    assert all(r.diff == 0 and r.right_to_wrong == 0 and r.wrong_to_right == 0 and r.mcnemar_p == 1 for r in same)
+    assert len(same) == 3 and all(r.diff == 0 and r.right_to_wrong == 0 and r.wrong_to_right == 0 and r.mcnemar_p == 1 for r in same)
     # one folder as A and B, or one B twice: a model against itself, seeds without spread (they were compared)
     with pytest.raises(PruneError, match=r"B \(.*model-a\) is the same evaluation as A: give two evaluations"):
         compare_folders(root / "model-a", root / "model-a")

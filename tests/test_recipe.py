@@ -100,6 +100,9 @@ def test_missing_required_and_missing_files(tmp_path, tiny_folder):
     assert "'model.source'" in error_of(tmp_path, data)
     with pytest.raises(PruneError, match="recipe not found"):
         load_recipe(tmp_path / "absent.yaml")
+    (tmp_path / "a-folder.yaml").mkdir()  # it said "recipe not found" for a path that exists
+    with pytest.raises(PruneError, match="a-folder.yaml is a folder, not a recipe: give a recipe's YAML file"):
+        load_recipe(tmp_path / "a-folder.yaml")
     assert "not valid YAML at line 2" in error_of(tmp_path, "model:\n  source: : bad\n")
 
 

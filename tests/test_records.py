@@ -59,6 +59,10 @@ def test_unknown_keys_are_kept():
     (b'{"removed": [3], "kept": [0, 1, 2, 4, 5, 6, 7], "layers_before": 8, "layers_after": 6}', "'layers_after' is 6"),
     (b'{"removed": [3, 4], "kept_original": [0, 1, 2, 3, 4, 7], "removed_original_all": [3, 4], '
      b'"original": {"n_layers": 8}}', r"'kept_original' and 'removed_original_all' both hold"),
+    # blocks out of order (check passed it; export-mergekit wrote slices stacking 5 1 2 0 6 7 for a model holding 0-7 in order)
+    (b'{"removed": [3, 4], "kept": [5, 1, 2, 0, 6, 7], "layers_before": 8}', r"'kept' is \[5, 1, 2, 0, 6, 7\], not in increasing"),
+    (b'{"removed": [3, 4], "kept": [0, 1, 2, 5, 6, 7], "kept_original": [7, 1, 2, 5, 6, 0], "layers_before": 8, '
+     b'"original": {"n_layers": 8}}', "'kept_original' is .* not in increasing order"),
 ])
 def test_bad_records_are_one_line_errors(tmp_path, content, message):
     file = tmp_path / "pruning.json"

@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -214,6 +215,16 @@ def test_result_round_trips_through_json(llama, calib_text, tmp_path):
     (tmp_path / "pruning.json").write_text('{"schema_version": 1, "removed": [1]}')  # a TypeError from Python
     with pytest.raises(prune.PruneError, match="pruning.json is not a scores file written by `prune score -o`"):
         prune.ScoreResult.load_json(tmp_path / "pruning.json")
+    # a value that is no number (prune report failed on it with a traceback, in the table's format)
+    for where in ("block_influence", "cka"):
+        data = json.loads((tmp_path / "s.json").read_text())
+        if where == "cka":
+            data["cka"][1][2] = "x"
+        else:
+            data["block_influence"][2] = True
+        (tmp_path / "bad.json").write_text(json.dumps(data))
+        with pytest.raises(prune.PruneError, match=r"bad.json: scores of the wrong shape \(a score is ('x'|True), not a "):
+            prune.ScoreResult.load_json(tmp_path / "bad.json")
 
 
 def test_measurements_run_in_eval_mode_and_leave_the_mode_as_it_was(tokenizers_by_bos, calib_text):

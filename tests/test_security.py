@@ -37,7 +37,7 @@ def test_pickle_checkpoint_is_loaded_weights_only(tiny_folder, tmp_path):
     assert not marker.exists()
 
 
-def test_remote_code_is_not_run_unless_asked(tiny_folder, tmp_path):
+def test_remote_code_is_not_run_unless_asked(tiny_folder, tmp_path, capsys):
     folder = tmp_path / "custom"
     shutil.copytree(tiny_folder, folder)
     marker = tmp_path / "ran"
@@ -48,6 +48,11 @@ def test_remote_code_is_not_run_unless_asked(tiny_folder, tmp_path):
     model, _, _ = prune.load(folder)  # plain Llama class: the shipped code is ignored
     assert type(model).__name__ == "LlamaForCausalLM"
     assert not marker.exists()
+    prune.load(folder)
+    # said once (it was silent: scores and evaluations of the built-in class, not the model the code defines)
+    err = capsys.readouterr().err
+    assert err.count("ships model code of its own (auto_map: AutoModelForCausalLM -> modeling_custom.CustomModel), "
+                     "not run: transformers' built-in 'llama' classes load it (pass --trust-remote-code") == 1, err
 
 
 def test_trust_remote_code_is_announced(tiny_folder, tmp_path, capsys):

@@ -144,12 +144,17 @@ def test_block_numbers_of_any_integer_type_and_a_single_protected_block():
     scores = fake_scores([0.5, 0.4, 0.1, 0.05, 0.06, 0.3, 0.2, 0.01], angular=angular_from_steps(steps))
     assert resolve_protect(0, 8) == [0] and resolve_protect(-1, 8) == [7] and resolve_protect(None, 8) == []
     assert 7 not in prune.select(scores, 2, protect=-1, metric="bi").removed
+    low_first = fake_scores([0.01, 0.4, 0.1, 0.05, 0.06, 0.3, 0.2, 0.5])  # block 0 the lowest BI
+    assert prune.select(low_first, 2, protect=None, metric="bi").removed == [0, 3]
+    assert prune.select(low_first, 2, protect=0, metric="bi").removed == [3, 4]  # 0 protected, not "no list"
     chosen = prune.select(scores, np.int64(2), strategy="contiguous", protect=[np.int64(0), -1])
-    json.dumps(chosen.to_dict())
+    assert json.loads(json.dumps(chosen.to_dict()))["removed"] == chosen.removed
+    assert all(type(i) is int for i in chosen.removed)
     from conftest import build_model
 
     model = build_model("llama")
     prune.remove_layers(model, [np.int64(3)])
+    assert len(model.model.layers) == 7
     for bad, said in (([1.0], "block index 1.0 is not an integer"), ([True], "block index True is not an integer"),
                       (3, "block indices 3: give a list of integers"), ("3", "block indices '3': give a list")):
         with pytest.raises(PruneError, match=re.escape(said)):

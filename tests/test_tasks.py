@@ -337,3 +337,12 @@ def test_a_local_copy_whose_file_is_missing_says_so(tmp_path):
     line = str(err.value)
     assert "lm-eval task 'piqa': its data could not be loaded" in line and line.endswith("; check its data files")
     assert "online" not in line and "\n" not in line
+
+
+def test_a_data_folder_named_with_quotes_and_backslashes_works(tmp_path):
+    """The folder's path goes into the copies' YAML strings: a '"' in it broke the YAML, and lm-eval called the
+    task unknown ("unknown lm-eval task 'copa_local'")."""
+    folder = tmp_path / 'my "data" \\ here'
+    folder.mkdir()
+    (folder / "tasks").symlink_to(DATA / "tasks")
+    assert check_tasks(["copa_local"], data_dir_path=folder) == ["copa_local"]

@@ -391,6 +391,8 @@ HELDOUT_WINDOWS = {"search": 8, "verified": 4}
 VERIFIED_BUDGET = 16
 #: percentile-bootstrap resamples of a paired row of scores that are not right/wrong (prune compare --iters)
 BOOTSTRAP_ITERS = 10_000
+#: the most resamples ``prune compare --iters`` takes (8 bytes each per row: 8 MB; 100x the default's precision)
+MAX_BOOTSTRAP_ITERS = 1_000_000
 _SEARCH_KEYS = ("max_perplexity_ratio", "min_task_retained", "proxy_task", "proxy_limit", "budget", "order_by",
                 "heldout_windows")
 

@@ -199,6 +199,19 @@ def announce_remote_code(where: str) -> None:
     print(f"note: trust_remote_code is ON for {where}: code from the checkpoint will run", file=sys.stderr)
 
 
+def announce_code_not_run(where: str, auto_map: dict, model_type: str) -> None:
+    """Say on stderr (once per checkpoint and process; not under ``--quiet``) that the checkpoint ``where``
+    ships model code of its own (``auto_map``) that does not run without ``--trust-remote-code``: transformers'
+    built-in ``model_type`` classes load its weights instead, which may not be the model its code defines."""
+    key = f"not run: {where}"
+    if key in _ANNOUNCED:
+        return
+    _ANNOUNCED.add(key)
+    classes = ", ".join(f"{k} -> {v}" for k, v in auto_map.items() if isinstance(v, str)) or str(auto_map)
+    say(f"note: {where} ships model code of its own (auto_map: {classes}), not run: transformers' built-in "
+        f"'{model_type}' classes load it (pass --trust-remote-code to run the checkpoint's code)")
+
+
 def duration(seconds: float) -> str:
     """``"42 s"``, ``"6 min 02 s"``, ``"1 h 05 min"``: a wall time as people read it."""
     s = round(seconds)

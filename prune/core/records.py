@@ -251,8 +251,8 @@ def lineage_problem(before: PruningStep | None, step: PruningStep) -> str | None
 
 
 def index_problem(step: PruningStep, replaced: bool = False) -> str | None:
-    """What is wrong with a step's block indices, or None: each list without repeats, within the blocks
-    it counts (``layers_before`` for ``removed`` / ``kept``, the original's for the ``*_original`` lists);
+    """What is wrong with a step's block indices, or None: each list without repeats (the kept ones in
+    increasing order: the checkpoint's), within the blocks it counts (``layers_before`` for ``removed`` / ``kept``, the original's for the ``*_original`` lists);
     what a step keeps and removes split its blocks (no block in both, none in neither), and
     ``layers_after`` counts the kept ones. ``replaced``: a replacement block stands in for removed ones
     somewhere in the chain, so only the first checks hold."""
@@ -265,6 +265,8 @@ def index_problem(step: PruningStep, replaced: bool = False) -> str | None:
         bad = [i for i in values if i < 0 or (n is not None and i >= n)]
         if bad:
             return f"'{name}' holds {bad}, outside the {n if n is not None else 'non-negative'} blocks it counts"
+        if name.startswith("kept") and values != sorted(values):  # the checkpoint's order: pruning never reorders
+            return f"'{name}' is {values}, not in increasing order (the blocks are stacked in the original's order)"
     if replaced:
         return None
     for kept, removed, n in (("kept", "removed", step.layers_before),

@@ -34,10 +34,9 @@ from typing import Any
 from prune.core.errors import PruneError, first_line, parse_problem
 from prune.core.records import RECORD_FILE, read_record
 from prune.model.arch import block_index, meta_model
-from prune.model.loading import BUILD_SLACK, block_count, blocks_named
+from prune.model.loading import BUILD_SLACK, TOKENIZER_FILES, block_count, blocks_named
 from prune.io.safetensors import INDEX_NAME as INDEX_FILE, SINGLE_NAME as SINGLE_FILE, file_tensors, read_index
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 @dataclass

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from prune.core.console import say
 from prune.core.errors import PruneError
 from prune.core.faults import fault_point
 from prune.core.records import PruningRecord, complement
@@ -44,7 +45,7 @@ from prune.io.safetensors import (
     local_folder,
 )
 from prune.io.source import ModelSource
-from prune.model.loading import check_cut_keeps_attention, dtype_name, pruned_config_updates
+from prune.model.loading import TOKENIZER_FILES, check_cut_keeps_attention, dtype_name, pruned_config_updates
 from prune.model.surgery import check_indices, query_rescale
 
 #: files never carried over: weights in other formats (and params.json, Mistral's config of its consolidated weights,
@@ -325,6 +326,9 @@ def prune_checkpoint(
     target, via = conversion(sk, planned, dtype, through)
     shards = {name: convert_entries(items, target, via) for name, items in planned.items()}
     carried = carried_files(folder)  # tokenizer, generation config, ...: links checked before writing
+    if not any(f.name in TOKENIZER_FILES for f in carried):  # the output would fail prune check and pipeline()
+        say(f"note: {src.display} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): neither has {out_dir} (copy "
+            "them in from the model it came from before loading it with a tokenizer or pushing it)")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     check_cut_keeps_attention(config, kept)
     for key, value in pruned_config_updates(config, kept).items():

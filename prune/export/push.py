@@ -101,7 +101,7 @@ SCAN_LIMIT = 64 * 2**20  # bytes: larger files are read in pieces
 def needed_files(folder: Path) -> list[str]:
     """The files loading ``folder`` needs: config and weights (an index and its shards) and the tokenizer's files
     it has (the card loads the tokenizer from the repo), or an adapter's."""
-    from prune.export.check import TOKENIZER_FILES
+    from prune.model.loading import TOKENIZER_FILES
     from prune.io.safetensors import INDEX_NAME, read_index
 
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():

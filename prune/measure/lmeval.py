@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -87,7 +88,9 @@ def local_task_dir(folder: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     for item in resources.files("prune.tasks").iterdir():
         if item.name.endswith((".yaml", ".py")):  # a task's !function helpers sit beside its YAML
-            text = item.read_text().replace("{data_dir}", str(folder))
+            # inside YAML's double quotes: escaped as JSON escapes a string (a folder named with '"' broke the YAML,
+            # and lm-eval then called the task unknown; a newline could have added keys)
+            text = item.read_text().replace("{data_dir}", json.dumps(str(folder))[1:-1])
             target = cache / item.name
             if not target.exists() or target.read_text() != text:
                 target.write_text(text)

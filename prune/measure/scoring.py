@@ -132,6 +132,10 @@ class ScoreResult:
             square = [m for m in (scores.angular, scores.cka) if m is not None]
             if len(scores.block_influence) != n or any(len(m) != n + 1 or any(len(r) != n + 1 for r in m) for m in square):
                 raise ValueError(f"scores of {n} blocks must hold {n} block influences and (n+1) x (n+1) matrices")
+            values = [*scores.block_influence, *(v for m in square for r in m for v in r)]
+            bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))]
+            if bad:  # a table or a choice made of them failed later, with a traceback
+                raise ValueError(f"a score is {bad[0]!r}, not a number")
         except (TypeError, ValueError) as exc:
             raise PruneError(f"{file}: scores of the wrong shape ({first_line(exc)}); write it again with "
                              "`prune score -o`") from None

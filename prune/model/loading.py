@@ -184,10 +184,18 @@ def load_model(
     return model, tokenizer, src
 
 
+#: a saved tokenizer holds at least one of these (``prune check`` looks for them too)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
     """The tokenizer that belongs to ``src`` (from the GGUF file itself for GGUF sources, read
     once per process: :func:`_gguf_once`)."""
     from transformers import AutoTokenizer
+
+    if src.kind == "folder" and not src.gguf_file and not any((Path(src.path) / f).is_file() for f in TOKENIZER_FILES):
+        raise PruneError(f"{src.display} has no tokenizer ({', '.join(TOKENIZER_FILES)}): copy the tokenizer files of "
+                         "the model it came from into it (tokenizer.save_pretrained(folder))")
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if src.gguf_file:
@@ -251,7 +259,14 @@ def load_config(src: ModelSource, trust_remote_code: bool = False):
         kwargs["gguf_file"] = src.gguf_file
     if src.revision:
         kwargs["revision"] = src.revision
-    return _gguf_once("config", src, trust_remote_code, lambda: AutoConfig.from_pretrained(src.path, **kwargs))
+    config = _gguf_once("config", src, trust_remote_code, lambda: AutoConfig.from_pretrained(src.path, **kwargs))
+    auto_map = getattr(config, "auto_map", None)
+    if auto_map and not trust_remote_code:  # a built-in model_type: transformers ignores the folder's code silently
+        from prune.core.console import announce_code_not_run
+
+        announce_code_not_run(src.display, auto_map if isinstance(auto_map, dict) else {"auto_map": auto_map},
+                              config.model_type)
+    return config
 
 
 

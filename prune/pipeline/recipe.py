@@ -168,6 +168,8 @@ def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str
     else:
         file = Path(path).expanduser()
         where = str(file)
+        if file.is_dir():
+            raise PruneError(f"{file} is a folder, not a recipe: give a recipe's YAML file (examples are in recipes/)")
         if not file.is_file():
             raise PruneError(f"recipe not found: {file} (check the path; examples are in recipes/)")
         data = read_yaml(file, where) or {}
