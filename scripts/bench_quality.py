@@ -746,7 +746,7 @@ def report(ks, tasks, lm_ks) -> str:
         plot_lmeval(data, avg, lm_k, common)
         parts.append(f"### 0-shot lm-eval at k = {lm_k} (limit {cached_limit(data)} per task; acc, hellaswag acc_norm; "
                      f"± stderr)\n\n{table_lm}\n\n![average retained accuracy at k = {lm_k}](img/quality_lmeval_k{lm_k}.png)")
-        parts.append(recommendation(avg, rows, ks, chosen, tasks, lm_k))
+        parts.append(recommendation(avg, rows, ks, chosen, common, lm_k))  # paired over the tasks every set finished
     parts.append(positions_note(data, ks, rows, tasks, lm_ks))
     if "search" in data:
         s = data["search"]
@@ -775,7 +775,8 @@ def compare(avg: dict, a: str, b: str, chosen: dict | None = None, tasks=()) -> 
     if all(folders):
         from prune.measure.paired import compare_folders, headline_rows, task_average
 
-        rows = headline_rows(compare_folders(folders[1], folders[0]))  # B = a, A = b: differences a - b
+        rows = [r for r in headline_rows(compare_folders(folders[1], folders[0]))  # B = a, A = b: differences a - b
+                if r.task.removesuffix("_local") in tasks]  # the tasks every set in the table finished
         avg_d = task_average(rows)
         verdict = ("better" if avg_d.ci_low > 0 else "worse" if avg_d.ci_high < 0
                    else "the 95% interval includes 0: not a claim")
@@ -794,8 +795,8 @@ def recommendation(avg: dict, rows: dict, ks, chosen: dict, tasks, lm_k: int) ->
     """The evidence at ``lm_k`` for the default strategy against the others, from the cached results."""
     d = DEFAULT_STRATEGY
     out = [f"#### The default, `{d}`, at k = {lm_k}", "",
-           "Paired on the same questions where both block sets have lm-eval samples, else average retained accuracy "
-           "± its standard error:", ""]
+           "Paired on the same questions (over the tasks the table's average covers) where both block sets have "
+           "lm-eval samples, else average retained accuracy ± its standard error:", ""]
     if d not in avg:
         return "\n".join(out + ["- not measured yet"])
     for other in [*PUBLISHED, "tail", "random (mean of 3 seeds)", "iterative bi", "iterative angular"]:
@@ -805,7 +806,7 @@ def recommendation(avg: dict, rows: dict, ks, chosen: dict, tasks, lm_k: int) ->
     for i, k in enumerate(ks):
         vals = {n: v[i] for n, v in rows.items() if v[i]}
         if d in vals and len(vals) > 1:
-            rank = sorted(vals, key=vals.get).index(d) + 1
+            rank = 1 + sum(v < vals[d] for v in vals.values())  # ties share the better rank
             wins.append(f"k={k}: {vals[d]:.1f}, rank {rank} of {len(vals)}")
     if wins and lm_k == max(ks):
         out.append(f"- perplexity of {d} (lower is better): " + "; ".join(wins))
