@@ -865,7 +865,8 @@ def plot_ppl(data, ks, rows, dense_ppl) -> None:
     ax.set_xticks(list(ks))
     ax.set_xlabel("blocks removed k (of 30)")
     ax.set_ylabel(f"WikiText-2 perplexity (log scale; > {top:g} drawn at the top)")
-    ax.set_ylim(top=top * 1.3)
+    highest = max((v for vals in rows.values() for v in vals if v), default=top)
+    ax.set_ylim(top=min(top, highest) * 1.3)  # the strategies drawn, not an empty band above them
     ax.set_title("SmolLM2-135M-Instruct: perplexity after removing k blocks")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7.5, loc="upper left", ncol=2)
