@@ -618,6 +618,16 @@ def goals(data: dict, ks) -> str:
     return "\n".join(out)
 
 
+def interval_cell(m: dict) -> str:
+    """A :func:`prune.choose.verified.margin` as ``+d [lo, hi] (windows where the other set is lower)``."""
+    return f"{m['difference']:+.4f} [{m['ci_low']:+.4f}, {m['ci_high']:+.4f}] ({m['windows_lower']} of {m['windows']})"
+
+
+def window_row(removed: list[int], measured: dict) -> dict:
+    """A set measured per window, in the shape :func:`margin` reads."""
+    return {"removed": removed, "kl_mean": measured["kl_mean"], "kl_windows": measured["kl_windows"]}
+
+
 def paired_windows(data: dict, ks) -> str:
     """verified against each key baseline at every k, paired over the evaluation windows: the baseline's
     KL minus verified's, and its perplexity over verified's (exp of the mean per-window NLL difference)."""
@@ -635,11 +645,9 @@ def paired_windows(data: dict, ks) -> str:
             if b["removed"] == v["removed"]:
                 lines.append(f"| {k} | {name} | {' '.join(map(str, b['removed']))} | the same set | - |")
                 continue
-            m = margin({"kl_windows": v["kl_windows"]}, {"removed": b["removed"], "kl_mean": b["kl_mean"],
-                                                         "kl_windows": b["kl_windows"]})
+            m = margin(window_row(v["removed"], v), window_row(b["removed"], b))
             r = paired_t(v["nll_diff_windows"], b["nll_diff_windows"])
-            lines.append(f"| {k} | {name} | {' '.join(map(str, b['removed']))} | {m['difference']:+.4f} "
-                         f"[{m['ci_low']:+.4f}, {m['ci_high']:+.4f}] ({m['windows_lower']} of {m['windows']}) | "
+            lines.append(f"| {k} | {name} | {' '.join(map(str, b['removed']))} | {interval_cell(m)} | "
                          f"x{math.exp(r.diff):.4f} [x{math.exp(r.ci_low):.4f}, x{math.exp(r.ci_high):.4f}] |")
     return "\n".join(lines)
 

@@ -39,7 +39,7 @@ from prune.choose.rules import resolve_protect  # noqa: E402
 from prune.choose.verified import Verifier, margin, verified  # noqa: E402
 from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity  # noqa: E402
 from prune.measure.paired import paired_t  # noqa: E402
-from bench_quality import Context  # noqa: E402  (the same protocol)
+from bench_quality import Context, interval_cell, window_row  # noqa: E402  (the same protocol)
 
 CACHE = ROOT / "bench_cache" / "verified"
 PROTECT = (0, -1)  # the protocol's protected blocks (first and last)
@@ -202,16 +202,6 @@ def report(heldout: int, budget: int) -> str:
                "one-shot BI, SLEB and any other row but verified)\n\n"
                + "\n".join(goals))
     return "\n".join(out) + "\n"
-
-
-def interval_cell(m: dict) -> str:
-    """A :func:`prune.choose.verified.margin` as ``+d [lo, hi] (windows where the other set is lower)``."""
-    return f"{m['difference']:+.4f} [{m['ci_low']:+.4f}, {m['ci_high']:+.4f}] ({m['windows_lower']} of {m['windows']})"
-
-
-def window_row(removed: list[int], measured: dict) -> dict:
-    """A set measured per window, in the shape :func:`margin` reads."""
-    return {"removed": removed, "kl_mean": measured["kl_mean"], "kl_windows": measured["kl_windows"]}
 
 
 def margin_table(heldouts: list[int], budget: int, bench: Bench | None = None) -> str:

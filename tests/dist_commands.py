@@ -38,6 +38,7 @@ def main(commands: str, model: str, data: str) -> None:
             seen.append(ids.shape[0])
 
     for argv in json.loads(Path(commands).read_text()):
+        seen.clear()
         hook = torch.nn.modules.module.register_module_forward_hook(count, with_kwargs=True) if argv[0] == "eval" else None
         code = run_command(build_parser().parse_args(argv))
         if hook is not None:

@@ -199,7 +199,7 @@ def announce_remote_code(where: str) -> None:
     print(f"note: trust_remote_code is ON for {where}: code from the checkpoint will run", file=sys.stderr)
 
 
-def announce_code_not_run(where: str, auto_map: dict, model_type: str) -> None:
+def announce_code_not_run(where: str, auto_map, model_type: str) -> None:
     """Say on stderr (once per checkpoint and process; not under ``--quiet``) that the checkpoint ``where``
     ships model code of its own (``auto_map``) that does not run without ``--trust-remote-code``: transformers'
     built-in ``model_type`` classes load its weights instead, which may not be the model its code defines."""
@@ -207,7 +207,8 @@ def announce_code_not_run(where: str, auto_map: dict, model_type: str) -> None:
     if key in _ANNOUNCED:
         return
     _ANNOUNCED.add(key)
-    classes = ", ".join(f"{k} -> {v}" for k, v in auto_map.items() if isinstance(v, str)) or str(auto_map)
+    classes = (", ".join(f"{k} -> {v}" for k, v in auto_map.items() if isinstance(v, str))
+               if isinstance(auto_map, dict) else "") or str(auto_map)  # a hand-edited config may hold anything
     say(f"note: {where} ships model code of its own (auto_map: {classes}), not run: transformers' built-in "
         f"'{model_type}' classes load it (pass --trust-remote-code to run the checkpoint's code)")
 

@@ -264,8 +264,7 @@ def load_config(src: ModelSource, trust_remote_code: bool = False):
     if auto_map and not trust_remote_code:  # a built-in model_type: transformers ignores the folder's code silently
         from prune.core.console import announce_code_not_run
 
-        announce_code_not_run(src.display, auto_map if isinstance(auto_map, dict) else {"auto_map": auto_map},
-                              config.model_type)
+        announce_code_not_run(src.display, auto_map, config.model_type)
     return config
 
 

@@ -148,8 +148,9 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
     # and, under a launcher, each rank scores a share of every task's examples (as a run does; lm-eval's own hf
     # backend splits only over GPUs: on CPUs every rank would score every example)
     named = bool(cfg.tasks) and (cfg.model != "hf" or cfg.model_args is not None)
-    in_memory = cfg.perplexity is not None or cfg.fidelity is not None or (cfg.tasks and not named)
-    if (cfg.perplexity is not None or cfg.fidelity is not None) and L.world_size() > 1:  # each rank: all of it
+    measures = cfg.perplexity is not None or cfg.fidelity is not None  # always in memory, in one process
+    in_memory = measures or (cfg.tasks and not named)
+    if measures and L.world_size() > 1:  # each rank would measure all of it
         raise PruneError("perplexity and fidelity run in one process: evaluate them without a launcher "
                          "(a data-parallel launch evaluates lm-eval tasks only)")
     if named:
