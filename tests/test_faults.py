@@ -1,8 +1,10 @@
 """Faults injected into real runs: kills, Ctrl-C, a full disk, non-finite activations, resume,
 determinism, and a planted Hub token that must never reach any output.
 
-Kills and interrupts go through the real entry point in a subprocess (``PRUNE_FAULT``, see
-``prune.core.faults``): SIGKILL runs no cleanup code, like a power cut."""
+Kills and interrupts go through the real entry point in a process of its own (``PRUNE_FAULT``, see
+``prune.core.faults``), forked from this one (``conftest.prune_forked``): SIGKILL runs no cleanup code, like a
+power cut. The planted token's commands run in fresh interpreters, where every library prints as it would for a
+user."""
 
 import hashlib
 import json
@@ -32,10 +34,9 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
-def prune_cli(*args, fault: str | None = None, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    """The console command in a real process (a kill must end a process), ``fault`` planted (``PRUNE_FAULT``)."""
-    return conftest.prune_cli(*args, unset=("PRUNE_FAULT",),
-                              env_extra={**(env_extra or {}), **({"PRUNE_FAULT": fault} if fault else {})})
+def prune_child(*args, fault: str | None = None) -> subprocess.CompletedProcess:
+    """The console command in a process of its own (a kill must end a process), ``fault`` planted (``PRUNE_FAULT``)."""
+    return conftest.prune_forked(*args, unset=("PRUNE_FAULT",), env_extra={"PRUNE_FAULT": fault} if fault else None)
 
 
 def digest(folder: Path) -> dict:
@@ -58,7 +59,7 @@ def test_killed_run_leaves_no_checkpoint(stage, execution, tiny_folder, tmp_path
     if execution == "sequential":  # out of core: written from the shards, nothing evaluated
         data["evaluate"] = None
     recipe = write_recipe(tmp_path / "r.yaml", data)
-    done = prune_cli("run", recipe, "--quiet", fault=f"{stage}:kill")
+    done = prune_child("run", recipe, "--quiet", fault=f"{stage}:kill")
     assert done.returncode == -9, done.stderr  # SIGKILL: no cleanup ran
     assert not out.exists()
     with pytest.raises(OSError):
@@ -75,7 +76,7 @@ def test_killed_run_leaves_no_checkpoint(stage, execution, tiny_folder, tmp_path
 def test_next_run_clears_a_killed_save_and_succeeds(tiny_folder, tmp_path):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_folder, out))
-    assert prune_cli("run", recipe, "--quiet", fault="saved_weights:kill").returncode == -9
+    assert prune_child("run", recipe, "--quiet", fault="saved_weights:kill").returncode == -9
     assert any(".incomplete-" in p.name for p in siblings(out))
     # the same command again, without resume: the finished stages are not thrown away unasked (a review: a rerun
     # deleted them without a word); a resume clears the killed save and finishes
@@ -90,7 +91,7 @@ def test_next_run_clears_a_killed_save_and_succeeds(tiny_folder, tmp_path):
 def test_ctrl_c_says_how_to_resume_and_saves_nothing(tiny_folder, tmp_path, monkeypatch):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_folder, out))
-    done = prune_cli("run", recipe, "--quiet", fault="evaluated_original:interrupt")
+    done = prune_child("run", recipe, "--quiet", fault="evaluated_original:interrupt")
     assert done.returncode == 130
     assert done.stderr.strip().splitlines()[-1] == ("interrupted; nothing was saved as a checkpoint "
                                                    "(rerun with --resume to reuse the finished stages)")
@@ -99,7 +100,7 @@ def test_ctrl_c_says_how_to_resume_and_saves_nothing(tiny_folder, tmp_path, monk
     # SIGTERM (timeout, SLURM, docker stop) is an interruption too: the same cleanup and hint, exit 143 (it left with
     # 143 and no word)
     shutil.rmtree(tmp_path / ".out.progress")
-    done = prune_cli("run", recipe, "--quiet", fault="evaluated_original:term")
+    done = prune_child("run", recipe, "--quiet", fault="evaluated_original:term")
     assert done.returncode == 143 and done.stderr.strip().splitlines()[-1] == (
         "terminated (SIGTERM); nothing was saved as a checkpoint (rerun with --resume to reuse the finished stages)")
     assert [p.name for p in siblings(out)] == [".out.progress"]
@@ -162,7 +163,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_folder, tmp_path):
     plain = prune.run(tiny_recipe(tiny_folder, tmp_path / "plain"), quiet=True)
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_folder, out))
-    assert prune_cli("run", recipe, "--quiet", fault="pruned:kill").returncode == -9
+    assert prune_child("run", recipe, "--quiet", fault="pruned:kill").returncode == -9
     stored = sorted(p.name for p in progress_dir(out).iterdir())
     assert stored == ["original.json", "recipe.json", "scores.json", "selection.json"]
     done = conftest.prune_main("run", recipe, "--resume")  # the resume in this process: the kill needed its own
@@ -187,7 +188,7 @@ def test_resume_refuses_a_changed_recipe_or_nothing_to_resume(tiny_folder, tmp_p
         prune.run(tiny_recipe(tiny_folder, out), quiet=True, resume=True)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_folder, out))
     assert "(run without --resume)" in conftest.prune_main("run", recipe, "--resume", "--quiet", check_rc=2).stderr  # the CLI: its flag
-    assert prune_cli("run", recipe, "--quiet", fault="selected:kill").returncode == -9
+    assert prune_child("run", recipe, "--quiet", fault="selected:kill").returncode == -9
     # the CLI without --resume names the flag
     assert "rerun with --resume to reuse them" in conftest.prune_main("run", recipe, "--quiet", check_rc=2).stderr
     # a changed heal or evaluate section leaves the scores and the selection as they were: reused (the whole run was
@@ -198,7 +199,7 @@ def test_resume_refuses_a_changed_recipe_or_nothing_to_resume(tiny_folder, tmp_p
     assert len(json.loads((out / "pruning.json").read_text())["removed"]) == 3
     # a change every stored stage reads: refused, naming it
     shutil.rmtree(out)
-    assert prune_cli("run", recipe, "--quiet", fault="selected:kill").returncode == -9
+    assert prune_child("run", recipe, "--quiet", fault="selected:kill").returncode == -9
     with pytest.raises(PruneError, match=r"recipe changed since the interrupted run \(sections: calibration\)"):
         prune.run(recipe, overrides=["calibration.seed=5"], quiet=True, resume=True)
     assert progress_dir(out).is_dir()  # kept for a resume with the right recipe
@@ -346,8 +347,8 @@ def test_planted_token_is_never_printed_or_written(tiny_folder, tmp_path):
     env = {"HF_TOKEN": token, "HF_HOME": str(tmp_path / "hf_home")}
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_folder, out))
-    outputs = [prune_cli("run", recipe, env_extra=env), prune_cli("check", out, "--require-export", env_extra=env),
-               prune_cli("push", out, "me/tiny-pruned", "--dry-run", env_extra=env)]
+    outputs = [conftest.prune_cli(*command, unset=("PRUNE_FAULT",), env_extra=env) for command in
+               (("run", recipe), ("check", out, "--require-export"), ("push", out, "me/tiny-pruned", "--dry-run"))]
     assert [d.returncode for d in outputs] == [0, 0, 0], [d.stderr for d in outputs]
     for d in outputs:
         assert token not in d.stdout and token not in d.stderr

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ import prune
 from prune import PruneError
 from prune.cli import input_error, main
 
-from conftest import DATA, ROOT, WIKI_RAW, build_model, prune_cli, prune_main, tiny_recipe
+from conftest import DATA, WIKI_RAW, build_model, prune_forked, prune_main, tiny_recipe
 
 C4 = DATA / "c4" / "c4_web_1480.jsonl"
 TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123"  # shaped like a token, not a real one
@@ -111,12 +110,13 @@ def test_hub_kernels_stay_off(model):
 
 
 def heal_cli(run: Path, out: Path, *extra, in_process: bool = False) -> subprocess.CompletedProcess:
-    """``prune heal`` of a run folder; in a real process unless ``in_process`` (only for a call that must
-    not run the planted code: should it run anyway, it writes the marker the test checks)."""
+    """``prune heal`` of a run folder; in a process of its own (forked: the planted code runs there, not in the
+    tests' process) unless ``in_process`` (only for a call that must not run the planted code: should it run
+    anyway, it writes the marker the test checks)."""
     args = ["heal", run, "-o", out, "--method", "lora", "--data", C4, "--field", "prefix", "--rows", "0:200",
             "--set", "n_samples=4", "--set", "val_samples=0", "--set", "seq_len=32", "--set", "steps=1",
             "--set", "batch_size=2", "-q", *extra]
-    return prune_main(*args) if in_process else prune_cli(*args)
+    return prune_main(*args) if in_process else prune_forked(*args)
 
 
 def test_heal_never_takes_trust_remote_code_from_the_run_folder(run_dir, tmp_path):
@@ -504,11 +504,10 @@ def test_overwrite_killed_mid_swap_keeps_a_complete_output(portable, model, tmp_
     code, err = cli(capsys, "remove", model, "--blocks", "3", "-o", out)
     assert code == 0, err
     old = digest(out)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PRUNE_FAULT": "swapped:kill" if not portable else "swapping:kill"}
+    env = {"PRUNE_FAULT": "swapped:kill" if not portable else "swapping:kill"}
     if portable:
         env["PRUNE_NO_RENAME_EXCHANGE"] = "1"
-    done = subprocess.run([sys.executable, "-m", "prune.cli", "remove", str(model), "--blocks", "3,4", "-o", str(out),
-                           "--overwrite"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    done = prune_forked("remove", model, "--blocks", "3,4", "-o", out, "--overwrite", env_extra=env)  # a process to kill
     assert done.returncode == -9, done.stderr
     hidden = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out."))
     if portable:  # between the renames: the old output waits in .out.old-PID, the new one is staged, complete
