@@ -14,7 +14,7 @@ x 256 tokens, seed 0, skip_first, 4 held-out windows from the same text, local-s
   model calibrated on it must not be evaluated on ARC-Challenge: diagnostic only).
 
 Each chosen set is measured on three evaluation texts, one pass each: WikiText-2 rows 2000: (64 x 512,
-bench_verified's cached reference and sets), the C4 realnewslike excerpts (a text none of the sources
+the quality benchmark's cached reference and sets), the C4 realnewslike excerpts (a text none of the sources
 is) and TinyStories lines 8000: (32 x 512 each): perplexity and KL(original || pruned) from the
 original's top-256 log-probs.
 ``--lmeval SOURCES --ks K`` runs the four tasks on up to 2,400 questions each (bench_heal's protocol: batch
@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_heal  # noqa: E402  (sets the offline environment and sys.path first)
 import bench_verified  # noqa: E402
-from bench_verified import PROTECT, Bench, cached_measure, cached_reference, cached_selection  # noqa: E402
+from bench_quality import reference_at  # noqa: E402
+from bench_verified import PROTECT, Bench, cached_measure, cached_selection  # noqa: E402
 from bench_env import DATA, WIKI, log, read, set_key  # noqa: E402
 from bench_quality import TASKS  # noqa: E402
 
@@ -79,9 +80,9 @@ def selection_path(source: str, k: int, heldout: int = HELDOUT) -> Path:
 
 
 def set_path(text: str, removed: list[int]) -> Path:
-    """Where the measurement of the set ``removed`` on evaluation text ``text`` is kept (WikiText-2's:
-    bench_verified's)."""
-    folder = bench_verified.CACHE / "sets" if text == "wikitext" else CACHE / f"{text}_sets"
+    """Where the measurement of the set ``removed`` on evaluation text ``text`` is kept (WikiText-2's: the
+    quality benchmark's)."""
+    folder = bench_verified.SETS if text == "wikitext" else CACHE / f"{text}_sets"
     return folder / f"{set_key(removed)}.json"
 
 
@@ -99,7 +100,7 @@ class Calibrations:
         """Perplexity and KL to the original of the model without ``removed`` on evaluation text ``text``."""
         if text not in self.references:  # the original's top-256 log-probs over 32 x 512 tokens of it
             windows = prune.eval_windows(self.ctx.tok, prune.load_text(EVALS[text]), 512, max_windows=32)
-            self.references[text] = cached_reference(CACHE / f"{text}_reference.safetensors", self.ctx.model, windows)
+            self.references[text] = reference_at(CACHE / f"{text}_reference.safetensors", self.ctx.model, windows)
         return cached_measure(set_path(text, removed), self.ctx.model, removed, self.references[text])
 
 

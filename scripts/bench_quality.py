@@ -54,6 +54,10 @@ KS = (3, 5, 7, 10)
 TASKS = ["arc_easy", "piqa", "hellaswag", "winogrande"]
 EXTRA_TASKS = ["arc_challenge", "boolq"]
 PROTECT = (0, -1)
+#: the protocol's calibration: CALIB_WINDOWS windows of WINDOW_TOKENS tokens (rows 0:2000, seed 0); verified's
+#: held-out windows and SLEB's are of the same length
+CALIB_WINDOWS, WINDOW_TOKENS = 32, 256
+SCORING_TOKENS = CALIB_WINDOWS * WINDOW_TOKENS  # one scoring pass, in tokens through the model
 SLEB_WINDOWS = 4  # SLEB's loss is measured on the first 4 calibration windows (CPU time; see docs)
 SEARCH = dict(max_perplexity_ratio=4.0, budget=16, order_by="bi", heldout_windows=8)
 #: verified: the toolkit's defaults (scores with skip_first, local-search budget 16) ranking on 4 held-out windows
@@ -94,7 +98,8 @@ class Context:
         self.model, self.tok, _ = prune.load(smollm2_folder(), dtype="float32")
         self.n_layers = len(prune.decoder_layers(self.model))
         self.calib_source = prune.TextSource(str(WIKI), rows="0:2000")
-        self.windows = prune.calibration_windows(self.tok, prune.load_text(self.calib_source), 32, 256, seed=0)
+        self.windows = prune.calibration_windows(self.tok, prune.load_text(self.calib_source), CALIB_WINDOWS,
+                                                 WINDOW_TOKENS, seed=0)
         held = prune.load_text(prune.TextSource(str(WIKI), rows="2000:"))
         self.eval_windows = prune.eval_windows(self.tok, held, 512, max_windows=64)
         self._scores = {}
@@ -114,13 +119,16 @@ class Context:
                 self._scores[key] = result
         return self._scores[key]
 
+    def heldout(self, n: int) -> torch.Tensor:
+        """``n`` held-out windows from the calibration rows, disjoint from the scoring windows."""
+        return heldout_windows(self.tok, prune.load_text(self.calib_source), CALIB_WINDOWS, WINDOW_TOKENS, 0, None, n)
+
     def reference(self) -> FidelityReference:
         """The dense model's top-256 log-probs over the evaluation windows, built once (cached on disk)."""
         path = CACHE / "reference.safetensors"
         with claim(path) as mine:
-            if mine and not path.is_file():
-                log("reference: the dense model's top-256 log-probs over the evaluation windows")
-                build_reference(self.model, self.eval_windows, top_k=256, batch_size=4).save(path)
+            if mine:
+                reference_at(path, self.model, self.eval_windows)
         while not path.is_file():  # another worker is building it
             time.sleep(10)
         return FidelityReference.load(path)
@@ -130,6 +138,33 @@ class Context:
         if removed:
             prune.remove_layers(model, list(removed))
         return model
+
+
+def reference_at(path: Path, model, windows: torch.Tensor) -> FidelityReference:
+    """The original's top-256 log-probs over ``windows`` (``prune.measure.fidelity``), built once and kept at
+    ``path`` (with the seconds it took beside it, ``.json``)."""
+    if path.is_file():
+        return FidelityReference.load(path)
+    log(f"reference: the original's top-256 log-probs over {windows.shape[0]} windows ({path.name})")
+    started = time.time()
+    reference = build_reference(model, windows, top_k=256, batch_size=4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    reference.save(path)
+    write(path.with_suffix(".json"), {"seconds": round(time.time() - started, 1)})
+    return reference
+
+
+def measure_set(model, removed, reference: FidelityReference) -> dict:
+    """Perplexity and KL(original || pruned) of ``model`` without ``removed`` over ``reference``'s windows in one
+    pass, with each window's KL and NLL difference (for the paired comparisons); ``model`` is left whole."""
+    pruned = copy.deepcopy(model)
+    if removed:
+        prune.remove_layers(pruned, list(removed))
+    started = time.time()
+    data = measure_fidelity(pruned, reference, batch_size=4, per_window=True)
+    data.pop("data", None)
+    data.update(perplexity=data["perplexity_pruned"], removed=sorted(removed), seconds=round(time.time() - started, 1))
+    return data
 
 
 # ---- selections ------------------------------------------------------------------------
@@ -190,9 +225,8 @@ def selection(ctx: Context, name: str, k: int) -> Selection:
         with claim(path) as mine:
             if not mine:
                 raise Busy(f"{name} k={k}: another worker is choosing it")
-            held = heldout_windows(ctx.tok, prune.load_text(ctx.calib_source), 32, 256, 0, None, params["heldout"])
             started = time.time()
-            sel = verified(ctx.model, ctx.scores(params["positions"], 1), held, k, protect=PROTECT, batch_size=4,
+            sel = verified(ctx.model, ctx.scores(params["positions"], 1), ctx.heldout(params["heldout"]), k, protect=PROTECT, batch_size=4,
                            budget=params["budget"], progress=False)
             sel.details["seconds"] = round(time.time() - started, 1)
             log(f"verified k={k}: {sel.removed} from {sel.details['source']} ({sel.details['seconds']} s)")
@@ -215,9 +249,7 @@ def search_selection(ctx: Context) -> dict:
 
         log(f"search {SEARCH}")
         started = time.time()
-        heldout = ST.heldout_windows(ctx.tok, prune.load_text(ctx.calib_source), 32, 256, seed=0,
-                                     n_heldout=SEARCH["heldout_windows"])
-        proxy = ST.perplexity_proxy(ctx.model, heldout, batch_size=8)
+        proxy = ST.perplexity_proxy(ctx.model, ctx.heldout(SEARCH["heldout_windows"]), batch_size=8)
         sel = ST.search(ctx.model, ctx.scores(), proxy, floor=SEARCH["max_perplexity_ratio"], higher_is_better=False,
                         budget=SEARCH["budget"], order_by=SEARCH["order_by"], protect=PROTECT, progress=False,
                         proxy_name=f"perplexity on {SEARCH['heldout_windows']} held-out calibration windows")
@@ -268,12 +300,7 @@ def ppl_of(ctx: Context, removed) -> dict | None:
         with claim(path) as mine:
             if not mine:
                 return None
-            reference = ctx.reference()
-            started = time.time()
-            data = measure_fidelity(ctx.pruned(removed), reference, batch_size=4, per_window=True)
-            data.pop("data", None)
-            data.update(perplexity=data["perplexity_pruned"], removed=sorted(removed),
-                        seconds=round(time.time() - started, 1))
+            data = measure_set(ctx.model, removed, ctx.reference())
             write(path, data)
             log(f"perplexity {data['perplexity']:.2f}, KL {data['kl_mean']:.4f} removed={sorted(removed)} "
                 f"({data['seconds']}s)")
@@ -583,14 +610,11 @@ def selection_tokens(name: str, k: int) -> float | None:
         return SCORING_TOKENS
     if kind == "verified":
         sel = read(CACHE / "selections" / f"{slug(name)}_k{k}.json")
-        return sel and SCORING_TOKENS + params["heldout"] * 256 * sel["details"]["full_forward_equivalents"]
+        return sel and SCORING_TOKENS + params["heldout"] * WINDOW_TOKENS * sel["details"]["full_forward_equivalents"]
     ffe = rounds_ffe(name, k)
     if ffe is None:
         return None
-    return SLEB_WINDOWS * 256 * ffe if params["strategy"] == "sleb" else SCORING_TOKENS * (1 + ffe)
-
-
-SCORING_TOKENS = 32 * 256
+    return SLEB_WINDOWS * WINDOW_TOKENS * ffe if params["strategy"] == "sleb" else SCORING_TOKENS * (1 + ffe)
 
 
 def goals(data: dict, ks) -> str:

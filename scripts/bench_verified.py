@@ -1,28 +1,25 @@
 #!/usr/bin/env python
-"""The `verified` strategy against the published methods on SmolLM2-135M-Instruct (docs/BENCHMARKS.md,
-"Verified selection").
+"""The `verified` strategy's own studies on SmolLM2-135M-Instruct (docs/BENCHMARKS.md, "Verified selection"):
+what it chose and what that cost, the local-search budget, the runner-up's margin, and wider searches
+(the full swap neighbourhood, two-block swaps, beam search). Verified against the published methods
+(perplexity, KL, paired windows, goals, lm-eval) is the quality benchmark's (scripts/bench_quality.py).
 
-Protocol: the quality benchmark's (scripts/bench_quality.py: calibration wiki.test.raw rows 0:2000,
-32 windows x 256 tokens, seed 0, protected blocks 0 and 29; evaluation text rows 2000:, 64 windows
-x 512 tokens). ``verified`` scores with the default positions (skip_first), draws its held-out
-windows (``--heldout`` of them, 256 tokens) from the calibration rows, disjoint from the scoring
-windows, and spends at most ``--budget`` local-search evaluations.
-
-Every set (verified's and the baselines', the latter read from the quality benchmark's table
-"Blocks removed (0-based)") is measured in ONE pass over the evaluation windows: perplexity and
-KL(original || pruned) per token (prune.measure.fidelity, the original's top-256 log-probs), so
-both columns come from the same tokens. Cases are cached under bench_cache/verified/; a rerun resumes.
+Protocol: the quality benchmark's (calibration wiki.test.raw rows 0:2000, 32 windows x 256 tokens, seed 0,
+protected blocks 0 and 29; evaluation text rows 2000:, 64 windows x 512 tokens). ``verified`` scores with
+the default positions (skip_first), draws its held-out windows (``--heldout`` of them, 256 tokens) from
+the calibration rows, disjoint from the scoring windows, and spends at most ``--budget`` local-search
+evaluations. A set is measured as the quality benchmark measures it (``bench_quality.measure_set``: perplexity
+and KL(original || pruned) per token in one pass against the original's top-256 log-probs). Cases are
+cached under bench_cache/verified/; a rerun resumes.
 
     nohup nice -n 10 python scripts/bench_verified.py > bench_cache/verified.log 2>&1 &
-    python scripts/bench_verified.py --report        # the tables, from the cache
+    python scripts/bench_verified.py --report --budgets 16,200   # the tables, from the cache
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
-import math
 import random
 import re
 import sys
@@ -37,15 +34,17 @@ import prune  # noqa: E402
 from prune.choose.strategies import heldout_windows  # noqa: E402
 from prune.choose.rules import resolve_protect  # noqa: E402
 from prune.choose.verified import Verifier, margin, verified  # noqa: E402
-from prune.measure.fidelity import FidelityReference, build_reference, measure_fidelity  # noqa: E402
-from prune.measure.paired import paired_t  # noqa: E402
-from bench_quality import Context, interval_cell, window_row  # noqa: E402  (the same protocol)
+from prune.measure.fidelity import FidelityReference  # noqa: E402
+import bench_quality  # noqa: E402  (the same protocol, measures and caches)
+from bench_quality import (CALIB_WINDOWS, SCORING_TOKENS, VERIFIED, WINDOW_TOKENS, Context, interval_cell,  # noqa: E402
+                           measure_set, selection_tokens, window_row)
 
 CACHE = ROOT / "bench_cache" / "verified"
+#: every set's measures on the evaluation text: the quality benchmark's (the same windows and reference)
+SETS = bench_quality.CACHE / "ppl"
 PROTECT = (0, -1)  # the protocol's protected blocks (first and last)
 KS = (3, 5, 7, 10)
 BASELINES = ("contiguous angular", "one_shot bi", "one_shot angular", "sleb")
-SLEB_FFE_TO_10 = 105.8  # docs/BENCHMARKS.md: SLEB's selection to k = 10, full-model equivalents over 4 windows
 
 
 def baseline_sets() -> dict[str, dict[int, list[int]]]:
@@ -62,30 +61,12 @@ def baseline_sets() -> dict[str, dict[int, list[int]]]:
     return out
 
 
-def cached_reference(path: Path, model, windows: torch.Tensor) -> FidelityReference:
-    """The original's top-256 log-probs over ``windows``, built once and kept at ``path``."""
-    if path.is_file():
-        return FidelityReference.load(path)
-    log(f"reference: the original's top-256 log-probs over {windows.shape[0]} windows ({path.name})")
-    started = time.time()
-    reference = build_reference(model, windows, top_k=256, batch_size=4)
-    reference.save(path)
-    write(path.with_suffix(".json"), {"seconds": round(time.time() - started, 1)})
-    return reference
-
-
 def cached_measure(path: Path, model, removed: list[int], reference: FidelityReference, per_window: bool = False) -> dict:
-    """Perplexity and KL to the original of ``model`` without ``removed`` against ``reference``, with each
-    window's KL and NLL difference, kept at ``path`` (``per_window``: a file without them is measured again)."""
+    """:func:`bench_quality.measure_set` of ``model`` without ``removed`` against ``reference``, kept at ``path``
+    (``per_window``: a file without each window's values is measured again)."""
     data = read(path)
     if data is None or (per_window and "kl_windows" not in data):
-        pruned = copy.deepcopy(model)
-        if removed:
-            prune.remove_layers(pruned, list(removed))
-        started = time.time()
-        data = measure_fidelity(pruned, reference, batch_size=4, per_window=True)
-        data.pop("data", None)
-        data.update(removed=sorted(removed), seconds=round(time.time() - started, 1))
+        data = measure_set(model, removed, reference)
         write(path, data)
         log(f"measured {sorted(removed)}: ppl {data['perplexity_pruned']:.2f}, KL {data['kl_mean']:.4f} ({path.parent.name})")
     return data
@@ -99,11 +80,12 @@ def cached_selection(path: Path, scores_path: Path, model, tok, text: str, k: in
         if scores_path.is_file():
             scores = prune.ScoreResult.load_json(scores_path)
         else:
-            windows = prune.calibration_windows(tok, text, 32, 256, seed=0)
+            windows = prune.calibration_windows(tok, text, CALIB_WINDOWS, WINDOW_TOKENS, seed=0)
             scores = prune.score(model, windows, batch_size=8, progress=False)
             scores.save_json(scores_path)
         started = time.time()
-        sel = verified(model, scores, heldout_windows(tok, text, 32, 256, 0, None, heldout), k, protect=PROTECT,
+        held = heldout_windows(tok, text, CALIB_WINDOWS, WINDOW_TOKENS, 0, None, heldout)
+        sel = verified(model, scores, held, k, protect=PROTECT,
                        batch_size=4, budget=budget, progress=False)
         data = {"removed": sel.removed, "details": sel.details, "seconds": round(time.time() - started, 1)}
         write(path, data)
@@ -112,96 +94,73 @@ def cached_selection(path: Path, scores_path: Path, model, tok, text: str, k: in
     return data
 
 
+def quality_settings(heldout: int, budget: int) -> bool:
+    """Whether these are the quality benchmark's settings for verified (its choices are then reused)."""
+    return (heldout, budget) == (VERIFIED["heldout"], VERIFIED["budget"])
+
+
+def choice_path(k: int, heldout: int, budget: int) -> Path:
+    """Where verified's choice at ``k`` with ``heldout`` windows and local-search ``budget`` is kept."""
+    if quality_settings(heldout, budget):
+        return bench_quality.CACHE / "selections" / f"{bench_quality.slug('verified')}_k{k}.json"
+    return CACHE / f"verified2_k{k}_h{heldout}_b{budget}.json"
+
+
+def read_choice(k: int, heldout: int, budget: int) -> dict | None:
+    """The kept choice as ``{"removed", "details", "seconds"}`` (None when not made yet)."""
+    data = read(choice_path(k, heldout, budget))
+    return data and {"removed": data["removed"], "details": data["details"],
+                     "seconds": data.get("seconds", data["details"].get("seconds"))}
+
+
 class Bench:
     def __init__(self, threads: int, heldout: int, budget: int):
         torch.set_num_threads(threads)
         self.ctx = Context()
         self.heldout, self.budget = heldout, budget
-        self.reference = cached_reference(CACHE / "reference.safetensors", self.ctx.model, self.ctx.eval_windows)
+        self.reference = self.ctx.reference()
 
     def selection(self, k: int) -> dict:
+        """verified's choice at ``k`` with this bench's settings (the quality benchmark's own at its settings)."""
         ctx = self.ctx
-        return cached_selection(CACHE / f"verified2_k{k}_h{self.heldout}_b{self.budget}.json",
-                                CACHE / "scores_skip_first.json", ctx.model, ctx.tok, prune.load_text(ctx.calib_source),
-                                k, self.heldout, self.budget)
+        if quality_settings(self.heldout, self.budget):
+            bench_quality.selection(ctx, "verified", k)
+            return read_choice(k, self.heldout, self.budget)
+        ctx.scores("skip_first", 1)  # the quality benchmark's scores, kept where cached_selection reads them
+        return cached_selection(choice_path(k, self.heldout, self.budget),
+                                bench_quality.CACHE / "scores" / "skip_first_w1.json", ctx.model, ctx.tok,
+                                prune.load_text(ctx.calib_source), k, self.heldout, self.budget)
 
     def heldout_windows(self) -> torch.Tensor:
         """verified's held-out windows: from the calibration rows, disjoint from the 32 x 256 scoring windows."""
-        ctx = self.ctx
-        return heldout_windows(ctx.tok, prune.load_text(ctx.calib_source), 32, 256, 0, None, self.heldout)
+        return self.ctx.heldout(self.heldout)
 
     def measure(self, removed: list[int], per_window: bool = False) -> dict:
-        return cached_measure(CACHE / "sets" / f"{set_key(removed)}.json", self.ctx.model, removed, self.reference,
+        return cached_measure(SETS / f"{set_key(removed)}.json", self.ctx.model, removed, self.reference,
                               per_window)
 
 
-def passes_over_4_windows(details: dict, heldout: int) -> float:
-    """verified's selection compute in full-model passes over 4 x 256 tokens (SLEB's unit), counting
-    the 32-window scoring pass."""
-    return details["full_forward_equivalents"] * heldout / 4 + 32 / 4
+def selection_cost(details: dict, heldout: int) -> float:
+    """verified's selection compute in tokens through the whole model, as the quality benchmark counts it: the
+    32 x 256-token scoring pass plus its full-model equivalents over its ``heldout`` x 256-token windows."""
+    return SCORING_TOKENS + heldout * WINDOW_TOKENS * details["full_forward_equivalents"]
 
 
-def report(heldout: int, budget: int) -> str:
-    base = baseline_sets()
-    rows = []
-    lines = ["| strategy | " + " | ".join(f"k={k} ppl | k={k} KL" for k in KS) + " |",
-             "|---|" + "---:|---:|" * len(KS)]
-    best = {k: (float("inf"), float("inf")) for k in KS}
-    names = list(BASELINES) + ["verified"]
-    for name in names:
-        cells = []
-        for k in KS:
-            if name == "verified":
-                sel = read(CACHE / f"verified2_k{k}_h{heldout}_b{budget}.json")
-                removed = sel["removed"] if sel else None
-            else:
-                removed = base.get(name, {}).get(k)
-            m = read(CACHE / "sets" / f"{set_key(removed)}.json") if removed else None
-            if m is None:
-                cells.append("- | -")
-                continue
-            cells.append(f"{m['perplexity_pruned']:.1f} | {m['kl_mean']:.3f}")
-            if name != "verified":
-                best[k] = (min(best[k][0], m["perplexity_pruned"]), min(best[k][1], m["kl_mean"]))
-            rows.append((name, k, m))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    dense = read(CACHE / "sets" / "dense.json")
-    out = ["\n".join(lines)]
-    if dense:
-        out.append(f"\nDense model on the same tokens: perplexity {dense['perplexity_pruned']:.2f}.")
-    sel_lines = ["| k | removed | from | KL on held-out windows | evaluations (local search) | full-model equivalents | "
-                 "seconds |", "|---:|---|---|---:|---:|---:|---:|"]
-    goals = []
+def chosen_table(heldout: int, budget: int) -> str:
+    """What verified chose at every k, where the winner came from, and what choosing cost."""
+    lines = ["| k | removed | from | KL on held-out windows | evaluations (local search) | full-model equivalents | "
+             "seconds | perplexity | KL |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for k in KS:
-        sel = read(CACHE / f"verified2_k{k}_h{heldout}_b{budget}.json")
+        sel = read_choice(k, heldout, budget)
         if sel is None:
             continue
         d = sel["details"]
-        sel_lines.append(f"| {k} | {' '.join(map(str, sel['removed']))} | {d['source']} | {d['kl_mean']:.4f} | "
-                         f"{d['evaluations']} ({d['local_search_evaluations']}) | {d['full_forward_equivalents']} | "
-                         f"{sel['seconds']} |")
-        m = read(CACHE / "sets" / f"{set_key(sel['removed'])}.json")
-        if m and best[k][0] < float("inf"):
-            ok_ppl, ok_kl = m["perplexity_pruned"] <= best[k][0] * 1.0005, m["kl_mean"] <= best[k][1] * 1.0005
-            goals.append(f"- k = {k}: perplexity {m['perplexity_pruned']:.1f} vs best baseline {best[k][0]:.1f} "
-                         f"({'met' if ok_ppl else 'NOT met'}); KL {m['kl_mean']:.3f} vs {best[k][1]:.3f} "
-                         f"({'met' if ok_kl else 'NOT met'})")
-    out.append("\n### What verified chose and what it cost\n\n" + "\n".join(sel_lines))
-    sel10 = read(CACHE / f"verified2_k10_h{heldout}_b{budget}.json")
-    sleb10 = base.get("sleb", {}).get(10)
-    m10 = read(CACHE / "sets" / f"{set_key(sel10['removed'])}.json") if sel10 else None
-    s10 = read(CACHE / "sets" / f"{set_key(sleb10)}.json") if sleb10 else None
-    if m10 and s10:
-        ffe = passes_over_4_windows(sel10["details"], heldout)
-        below = 1 - m10["perplexity_pruned"] / s10["perplexity_pruned"]
-        goals.append(f"- k = 10 against SLEB: perplexity {100 * below:.1f}% below SLEB's (goal: at least 10%: "
-                     f"{'met' if below >= 0.10 else 'NOT met'}); selection compute {ffe:.1f} full-model passes over 4 "
-                     f"windows including the 32-window scoring pass, vs SLEB's {SLEB_FFE_TO_10} "
-                     f"({ffe / SLEB_FFE_TO_10:.2f}x; goal at most 0.25x: {'met' if ffe <= SLEB_FFE_TO_10 / 4 else 'NOT met'})")
-    out.append("\n### Goals (perplexity and KL at or below the best baseline of the table above: contiguous angular, "
-               "one-shot BI, SLEB and any other row but verified)\n\n"
-               + "\n".join(goals))
-    return "\n".join(out) + "\n"
+        m = read(SETS / f"{set_key(sel['removed'])}.json")
+        measured = f"{m['perplexity_pruned']:.1f} | {m['kl_mean']:.3f}" if m else "- | -"
+        lines.append(f"| {k} | {' '.join(map(str, sel['removed']))} | {d['source']} | {d['kl_mean']:.4f} | "
+                     f"{d['evaluations']} ({d['local_search_evaluations']}) | {d['full_forward_equivalents']} | "
+                     f"{sel['seconds']} | {measured} |")
+    return "\n".join(lines)
 
 
 def margin_table(heldouts: list[int], budget: int, bench: Bench | None = None) -> str:
@@ -218,10 +177,10 @@ def margin_table(heldouts: list[int], budget: int, bench: Bench | None = None) -
                 if made["details"]["runner_up"]:
                     for removed in (made["removed"], made["details"]["runner_up"]["removed"]):
                         bench.measure(removed, per_window=True)
-            sel = read(CACHE / f"verified2_k{k}_h{heldout}_b{budget}.json")
+            sel = read_choice(k, heldout, budget)
             m = sel and sel["details"].get("runner_up")
-            a = m and read(CACHE / "sets" / f"{set_key(sel['removed'])}.json")
-            b = a and read(CACHE / "sets" / f"{set_key(m['removed'])}.json")
+            a = m and read(SETS / f"{set_key(sel['removed'])}.json")
+            b = a and read(SETS / f"{set_key(m['removed'])}.json")
             if not (b and "kl_windows" in a and "kl_windows" in b):
                 continue
             ev = margin(window_row(sel["removed"], a), window_row(m["removed"], b))
@@ -231,48 +190,20 @@ def margin_table(heldouts: list[int], budget: int, bench: Bench | None = None) -
     return "\n".join(lines)
 
 
-def paired_table(heldout: int, budget: int, bench: Bench | None = None) -> str:
-    """verified's set against each baseline's at every k, paired over the 64 evaluation windows: the
-    baseline's KL minus verified's, and the baseline's perplexity over verified's (``exp`` of the mean
-    per-window NLL difference, interval likewise); ``bench``: measure what is missing first."""
-    base = baseline_sets()
-    lines = ["| k | baseline | its set | KL: baseline - verified, 95% (baseline lower on) | "
-             "perplexity: baseline / verified, 95% |", "|---:|---|---|---|---|"]
-    for k in KS:
-        sel = bench.selection(k) if bench is not None else read(CACHE / f"verified2_k{k}_h{heldout}_b{budget}.json")
-        for name in BASELINES:
-            removed = base.get(name, {}).get(k)
-            if sel is None or removed is None:
-                continue
-            if bench is not None:
-                for s in (sel["removed"], removed):
-                    bench.measure(s, per_window=True)
-            v, b = (read(CACHE / "sets" / f"{set_key(s)}.json") for s in (sel["removed"], removed))
-            if not (v and b and "kl_windows" in v and "kl_windows" in b):
-                continue
-            if sorted(removed) == sorted(sel["removed"]):
-                lines.append(f"| {k} | {name} | {' '.join(map(str, removed))} | the same set | - |")
-                continue
-            kl = margin(window_row(sel["removed"], v), window_row(removed, b))
-            ppl = paired_t(v["nll_diff_windows"], b["nll_diff_windows"])
-            lines.append(f"| {k} | {name} | {' '.join(map(str, removed))} | {interval_cell(kl)} | "
-                         f"x{math.exp(ppl.diff):.4f} [x{math.exp(ppl.ci_low):.4f}, x{math.exp(ppl.ci_high):.4f}] |")
-    return "\n".join(lines)
-
-
 def budget_table(heldout: int, budgets: list[int], k: int = 10) -> str:
     """verified at ``k`` with each local-search budget: what it found, what it cost, how far below SLEB."""
     sleb = baseline_sets().get("sleb", {}).get(k)
-    s = read(CACHE / "sets" / f"{set_key(sleb)}.json") if sleb else None
+    s = read(SETS / f"{set_key(sleb)}.json") if sleb else None
+    sleb_cost = selection_tokens("sleb", k)  # from the quality benchmark's SLEB trace
     lines = [f"| budget | removed (k = {k}) | KL on held-out windows | evaluations (local search) | full-model "
              "equivalents | selection cost vs SLEB | perplexity | below SLEB's |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for budget in budgets:
-        sel = read(CACHE / f"verified2_k{k}_h{heldout}_b{budget}.json")
-        m = read(CACHE / "sets" / f"{set_key(sel['removed'])}.json") if sel else None
-        if not (sel and m and s):
+        sel = read_choice(k, heldout, budget)
+        m = read(SETS / f"{set_key(sel['removed'])}.json") if sel else None
+        if not (sel and m and s and sleb_cost):
             continue
         d = sel["details"]
-        cost = passes_over_4_windows(d, heldout) / SLEB_FFE_TO_10
+        cost = selection_cost(d, heldout) / sleb_cost
         lines.append(f"| {budget} | {' '.join(map(str, sel['removed']))} | {d['kl_mean']:.4f} | {d['evaluations']} "
                      f"({d['local_search_evaluations']}) | {d['full_forward_equivalents']} | {cost:.2f}x | "
                      f"{m['perplexity_pruned']:.1f} | {100 * (1 - m['perplexity_pruned'] / s['perplexity_pruned']):.1f}% |")
@@ -421,11 +352,7 @@ def main() -> int:
     ap.add_argument("--margins", default=None, metavar="HELDOUTS",
                     help="the runner-up's paired margin at each k, on the held-out and the evaluation windows, for these "
                          "held-out counts (e.g. 4,16); measures what is missing for --heldout unless --report")
-    ap.add_argument("--paired", action="store_true",
-                    help="verified against each baseline at every k, paired over the evaluation windows; measures what "
-                         "is missing unless --report")
-    ap.add_argument("--docs", action="store_true",
-                    help="with --margins or --paired: also write the table into docs/BENCHMARKS.md")
+    ap.add_argument("--docs", action="store_true", help="with --margins: also write the table into docs/BENCHMARKS.md")
     ap.add_argument("--budgets", default=None, help="--report: also tabulate k = 10 for these budgets (e.g. 16,200)")
     ap.add_argument("--wide", type=int, default=0, metavar="CAP",
                     help="k = 10: hill-climb the full swap neighbourhood from verified's and SLEB's sets (CAP evaluations each)")
@@ -472,15 +399,10 @@ def main() -> int:
                   f"SLEB's {sleb:.1f}")
         print(f"{len(data['evaluated'])} distinct sets evaluated")
         return 0
-    if args.paired or args.margins:
+    if args.margins:
         bench = None if args.report else Bench(args.threads, args.heldout, args.budget)
-        if args.paired:
-            table, block = paired_table(args.heldout, args.budget, bench), "bench_verified_paired"
-            command = "python scripts/bench_verified.py --report --paired" + (
-                f" --heldout {args.heldout}" if args.heldout != 4 else "")
-        else:
-            table, block = margin_table([int(h) for h in args.margins.split(",")], args.budget, bench), "bench_verified_margins"
-            command = f"python scripts/bench_verified.py --report --margins {args.margins}"
+        table, block = margin_table([int(h) for h in args.margins.split(",")], args.budget, bench), "bench_verified_margins"
+        command = f"python scripts/bench_verified.py --report --margins {args.margins}"
         print(f"_Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `{command}` from "
               f"bench_cache/verified/._\n\n{table}")
         if args.docs:
@@ -492,17 +414,11 @@ def main() -> int:
         return 0
     if not args.report:
         bench = Bench(args.threads, args.heldout, args.budget)
-        bench.measure([])
-        base = baseline_sets()
         for k in [int(x) for x in args.ks.split(",")]:
-            sel = bench.selection(k)
-            bench.measure(sel["removed"])
-            for name in BASELINES:
-                if k in base.get(name, {}):
-                    bench.measure(base[name][k])
+            bench.measure(bench.selection(k)["removed"])
     print(f"_Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `python scripts/bench_verified.py "
           f"--report` (heldout {args.heldout}, budget {args.budget})._\n")
-    print(report(args.heldout, args.budget))
+    print("### What verified chose and what it cost\n\n" + chosen_table(args.heldout, args.budget))
     if args.budgets:
         print("\n### verified at k = 10 by local-search budget\n\n" + budget_table(args.heldout, [int(b) for b in args.budgets.split(",")]))
     return 0
