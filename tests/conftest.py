@@ -303,14 +303,18 @@ def prune_cli(*args, check_rc: int | None = None, env_extra: dict | None = None,
     return proc
 
 
-def prune_forked(*args, env_extra: dict | None = None, unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def prune_forked(*args, env_extra: dict | None = None, unset: tuple[str, ...] = (),
+                 timeout: int = 600) -> subprocess.CompletedProcess:
     """``prune ARGS`` (``prune.cli.main``) in a forked child of this process: a process of its own, which a
     SIGKILL ends with no cleanup code run and whose exit status (a signal's: negative) is read as
     :func:`prune_cli` reads it, without a new interpreter and its imports (~4 CPU-seconds a call). What it
     writes to its descriptors 1 and 2 comes back. For kills, interrupts and code that must not run in the
     test process; :func:`prune_cli` where what a fresh process reads at import or its libraries' log
-    handlers print matters (the child has this process's modules, logging and caches)."""
+    handlers print matters (the child has this process's modules, logging and caches). A child still
+    running after ``timeout`` seconds is killed and the test fails."""
+    import signal
     import tempfile
+    import time
     import traceback
 
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -339,7 +343,14 @@ def prune_forked(*args, env_extra: dict | None = None, unset: tuple[str, ...] = 
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code or 0)
-        _, status = os.waitpid(pid, 0)
+        deadline = time.monotonic() + timeout
+        while not (status := os.waitpid(pid, os.WNOHANG))[0]:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise subprocess.TimeoutExpired(["prune", *map(str, args)], timeout)
+            time.sleep(0.05)
+        status = status[1]
         texts = []
         for f in (out, err):
             f.seek(0)
