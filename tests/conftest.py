@@ -253,13 +253,33 @@ def smollm2_path():
     return path
 
 
+#: what the session's load of the SmolLM2 GGUF file did (``smollm2_folder``): ``parses`` of its header
+GGUF_LOAD: dict[str, int] = {}
+
+
 @pytest.fixture(scope="session")
 def smollm2_folder(smollm2_path, tmp_path_factory):
     """SmolLM2 loaded once from its GGUF file (the real loader path) and saved as a plain
-    safetensors folder, so later integration tests load it in a second instead of 20."""
-    import prune
+    safetensors folder, so later integration tests load it in a second instead of 20. The
+    load's header parses are counted (``GGUF_LOAD``), from nothing kept."""
+    from gguf.gguf_reader import GGUFReader
 
-    model, tok, src = prune.load(smollm2_path)
+    import prune
+    from prune.io import gguf
+
+    gguf._KEPT.clear()  # earlier tests' reads of the file: this load parses what it needs itself
+    real, parses = GGUFReader.__init__, []
+
+    def counting(self, *args, **kwargs):
+        parses.append(args[0] if args else kwargs.get("path"))
+        real(self, *args, **kwargs)
+
+    GGUFReader.__init__ = counting
+    try:
+        model, tok, src = prune.load(smollm2_path)
+    finally:
+        GGUFReader.__init__ = real
+    GGUF_LOAD["parses"] = len(parses)
     assert src.kind == "gguf"
     return prune.save(model, tok, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
 

@@ -170,15 +170,18 @@ def test_report(smollm2_folder, tmp_path):
         check_png(out / name, min_px=800)
 
 
-def test_a_gguf_files_header_config_and_tokenizer_are_read_once(smollm2_path):
+def test_a_gguf_files_header_config_and_tokenizer_are_read_once(smollm2_path, smollm2_folder):
     """Parsing the GGUF header takes seconds: the header, config and tokenizer are kept after the
     first read (prune.io.gguf.kept_per_file), and every caller gets its own copy of the config and
-    tokenizer."""
+    tokenizer. A load parses the header once: transformers' reads of the config, the tokenizer and
+    the weights, which each parsed it again, are lent the kept reader (four parses before)."""
+    from conftest import GGUF_LOAD
     from prune.export.lineage import gguf_license
     from prune.io.gguf import gguf_reader
     from prune.io.source import resolve_source
     from prune.model.loading import load_config, load_tokenizer
 
+    assert GGUF_LOAD["parses"] == 1
     assert gguf_reader(smollm2_path) is gguf_reader(smollm2_path)
     assert gguf_license(smollm2_path) == "apache-2.0"
     src = resolve_source(smollm2_path)

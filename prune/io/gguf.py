@@ -7,12 +7,15 @@ loads (in the pre-flight and again in ``load_model``), the license lookup of the
 the config and tokenizer transformers builds from it (:func:`prune.model.loading.load_config`,
 ``load_tokenizer``). :func:`kept_per_file` keeps each result while the file keeps its path, size
 and modification time, so an edited or replaced file is read again. The header reader
-memory-maps the file: nothing is copied into memory.
+memory-maps the file: nothing is copied into memory. :func:`lend_kept_reader` lends it to
+transformers' own GGUF loading, which would parse the file again for each ``from_pretrained``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,13 +41,36 @@ def kept_per_file(what: str, path: str | os.PathLike, read: Callable[[], Any]) -
 def gguf_reader(path: str | os.PathLike):
     """``gguf.GGUFReader`` of ``path`` (read-only), parsed once while the file stays the same, after
     :func:`check_header`."""
-    import gguf
+    from gguf.gguf_reader import GGUFReader  # the class itself, also while :func:`lend_kept_reader` stands in for it
 
     def read():
         check_header(path)
-        return gguf.GGUFReader(str(Path(path).resolve()), "r")
+        return GGUFReader(str(Path(path).resolve()), "r")
 
     return kept_per_file("header", path, read)
+
+
+@contextlib.contextmanager
+def lend_kept_reader(active: bool = True) -> Iterator[None]:
+    """Inside this block transformers' GGUF loading gets :func:`gguf_reader`'s kept reader: its
+    ``load_gguf_checkpoint`` builds a ``gguf.GGUFReader`` (a parse of the whole header) for the config, the
+    tokenizer and again for the weights; with this, one parse per file and process serves them all.
+    transformers only reads the reader (its fields and memory-mapped tensors). ``active`` False: a no-op."""
+    if not active:
+        yield
+        return
+    import gguf
+
+    lent = gguf.GGUFReader
+
+    def kept(path, mode="r"):
+        return gguf_reader(path) if mode == "r" else lent(path, mode)
+
+    gguf.GGUFReader = kept
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = lent
 
 
 #: bytes of each fixed-size GGUF value type (uint8 int8 uint16 int16 uint32 int32 float32 bool uint64 int64 float64)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from prune.core.errors import PruneError, first_line, UnsupportedModelError
+from prune.io.gguf import lend_kept_reader
 from prune.io.safetensors import INDEX_NAME, file_tensors, read_index
 from prune.core.config import DTYPES, resolve_dtype  # noqa: F401  (resolve_dtype: part of this module's API)
 from prune.io.source import ModelSource, resolve_source  # noqa: F401
@@ -165,7 +166,9 @@ def load_model(
         check_supported(config)
         check_blocks_stored(src, config)  # before anything is built
         # the config just read, not read again (a GGUF file's metadata takes seconds to parse)
-        model, info = AutoModelForCausalLM.from_pretrained(src.path, config=config, output_loading_info=True, **kwargs)
+        with lend_kept_reader(bool(src.gguf_file)):
+            model, info = AutoModelForCausalLM.from_pretrained(src.path, config=config, output_loading_info=True,
+                                                               **kwargs)
         missing = sorted(info.get("missing_keys") or ())
         if missing:  # transformers filled these with random values: never score or save those
             raise PruneError(f"{src.display}: the weights lack {len(missing)} tensors the config needs (e.g. "
@@ -214,7 +217,7 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
             from huggingface_hub import hf_hub_download
 
             gguf = Path(hf_hub_download(src.path, src.gguf_file, revision=src.revision))
-        with tempfile.TemporaryDirectory(prefix="prune-gguf-") as alone:
+        with tempfile.TemporaryDirectory(prefix="prune-gguf-") as alone, lend_kept_reader():
             (Path(alone) / gguf.name).symlink_to(gguf.resolve())
             tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=gguf.name, trust_remote_code=trust_remote_code)
         tokenizer.name_or_path = src.display  # not the temporary folder, gone now
@@ -259,7 +262,11 @@ def load_config(src: ModelSource, trust_remote_code: bool = False):
         kwargs["gguf_file"] = src.gguf_file
     if src.revision:
         kwargs["revision"] = src.revision
-    config = _gguf_once("config", src, trust_remote_code, lambda: AutoConfig.from_pretrained(src.path, **kwargs))
+    def read():
+        with lend_kept_reader(bool(src.gguf_file)):
+            return AutoConfig.from_pretrained(src.path, **kwargs)
+
+    config = _gguf_once("config", src, trust_remote_code, read)
     auto_map = getattr(config, "auto_map", None)
     if auto_map and not trust_remote_code:  # a built-in model_type: transformers ignores the folder's code silently
         from prune.core.console import announce_code_not_run
