@@ -10,6 +10,11 @@ its behaviour tests, with this module to look at, when an internal moves):
 * ``transformers.core_model_loading.convert_and_load_state_dict_in_model`` with
   ``transformers.modeling_utils.LoadStateDictConfig`` and ``PreTrainedModel._get_dtype_plan``:
   filling a meta model's parameters from (lazy) checkpoint tensors with those conversions.
+
+One more behaviour is relied on elsewhere, for speed only: ``transformers.modeling_gguf_pytorch_utils.
+load_gguf_checkpoint`` builds its reader as ``gguf.GGUFReader`` at call time, which
+``prune.io.gguf.lend_kept_reader`` stands in for (should that change, a GGUF load parses the file again
+for each read, as it did before; tests/test_integration_smollm2.py counts one parse per load).
 """
 
 from __future__ import annotations
