@@ -220,16 +220,26 @@ def task_manager(include: list[str], defaults: bool):
     """lm-eval's ``TaskManager`` over the ``include`` folders, with its own ~10,000 task YAMLs when
     ``defaults`` (indexing them costs ~9 s of CPU, so the full index is built only when a task is
     not in ``include``: local copies alone index in ~0.1 s). Kept per process while the folders'
-    YAML files (names and modification times) stay the same."""
+    YAML files (names and modification times) stay the same; the full indexes apart from the cheap
+    ones, so that many folders of local tasks never push a full index out."""
     stamp = tuple((d, tuple(sorted((str(f), f.stat().st_mtime_ns) for f in Path(d).rglob("*.yaml")))) for d in include)
-    return _task_manager(stamp, defaults)
+    return (_full_task_manager if defaults else _local_task_manager)(stamp)
 
 
-@functools.lru_cache(maxsize=8)
-def _task_manager(stamp: tuple, defaults: bool):
+def _new_task_manager(stamp: tuple, defaults: bool):
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=[d for d, _ in stamp] or None, include_defaults=defaults, verbosity="ERROR")
+
+
+@functools.lru_cache(maxsize=4)
+def _full_task_manager(stamp: tuple):
+    return _new_task_manager(stamp, defaults=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _local_task_manager(stamp: tuple):
+    return _new_task_manager(stamp, defaults=False)
 
 
 def resolve_tasks(tasks: list[str], *, data_dir_path: str | os.PathLike | None = None,
