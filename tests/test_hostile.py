@@ -1018,6 +1018,24 @@ def test_set_refuses_a_value_yaml_would_cut_at_a_comment(model, tmp_path, capsys
     assert not (tmp_path / "exp").exists()
 
 
+def test_set_refuses_one_key_given_two_values(model, tmp_path, capsys):
+    """``--set select.n_layers=2 --set select.n_layers=3`` kept the last without a word; so did ``prune heal``'s
+    ``--set steps=1 --set heal.steps=2`` (one key there)."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model, tmp_path / "out"))
+    refused(capsys, "run", recipe, "--set", "select.n_layers=2", "--set", "select.n_layers= 3",
+            match="--set select.n_layers is given twice ('2', then '3'): give it once")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(PruneError, match=r"override 'select.n_layers' is given twice"):
+        prune.run(recipe, overrides=["select.n_layers=2", "select.n_layers=3"], quiet=True)
+    from prune.pipeline.heal_run import heal_settings
+
+    with pytest.raises(PruneError, match=r"override 'steps' is given twice \('1', then '2'\)"):
+        heal_settings({"heal": {"method": "lora"}}, overrides=["steps=1", "heal.steps=2"])
+    code, err = cli(capsys, "run", recipe, "--set", "select.n_layers=2", "--set", "select.n_layers=2", "-q")
+    assert code == 0, err  # the same value twice is one
+    assert len(json.loads((tmp_path / "out" / "pruning.json").read_text())["removed"]) == 2
+
+
 def test_push_plan_refuses_links_leading_outside_the_folder(run_dir, tmp_path, capsys, monkeypatch):
     home = tmp_path / "hf_home"
     home.mkdir()

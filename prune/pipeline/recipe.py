@@ -124,7 +124,15 @@ def check_no_token(value: Any, where: str, key: str = "") -> None:
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw recipe dict."""
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw recipe dict. One key given two values
+    is refused (which one was meant?); the same value twice is one."""
+    given: dict[str, str] = {}
+    for item in overrides or ():
+        key, sep, raw = item.partition("=")
+        if sep and given.setdefault(key.strip(), raw.strip()) != raw.strip():
+            first, k = given[key.strip()], key.strip()
+            raise PruneError(spelled(f"--set {k} is given twice ({first!r}, then {raw.strip()!r}): give it once",
+                                     f"override {k!r} is given twice ({first!r}, then {raw.strip()!r}): give it once"))
     for item in overrides or ():
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
