@@ -225,6 +225,13 @@ def test_result_round_trips_through_json(llama, calib_text, tmp_path):
         (tmp_path / "bad.json").write_text(json.dumps(data))
         with pytest.raises(prune.PruneError, match=r"bad.json: scores of the wrong shape \(a score is ('x'|True), not a "):
             prune.ScoreResult.load_json(tmp_path / "bad.json")
+    # a NaN influence (json writes NaN): a choice skipped that block without a word
+    data = json.loads((tmp_path / "s.json").read_text())
+    data["block_influence"][2] = float("nan")
+    (tmp_path / "nan.json").write_text(json.dumps(data))
+    with pytest.raises(prune.PruneError, match=r"nan.json: scores of the wrong shape \(a block influence or angular "
+                                               r"distance is nan, which scoring never writes\)"):
+        prune.ScoreResult.load_json(tmp_path / "nan.json")
 
 
 def test_measurements_run_in_eval_mode_and_leave_the_mode_as_it_was(tokenizers_by_bos, calib_text):

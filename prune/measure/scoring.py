@@ -24,6 +24,7 @@ Windows with non-finite activations are excluded from every statistic and listed
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -136,6 +137,11 @@ class ScoreResult:
             bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))]
             if bad:  # a table or a choice made of them failed later, with a traceback
                 raise ValueError(f"a score is {bad[0]!r}, not a number")
+            # scoring never writes a non-finite influence or angle (non-finite windows are left out); a choice
+            # skipped such a block without a word (CKA may hold NaN: a pair no window could measure)
+            odd = [v for v in [*scores.block_influence, *(v for r in scores.angular or [] for v in r)] if not math.isfinite(v)]
+            if odd:
+                raise ValueError(f"a block influence or angular distance is {odd[0]}, which scoring never writes")
         except (TypeError, ValueError) as exc:
             raise PruneError(f"{file}: scores of the wrong shape ({first_line(exc)}); write it again with "
                              "`prune score -o`") from None
