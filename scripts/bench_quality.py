@@ -134,10 +134,15 @@ class Context:
         return FidelityReference.load(path)
 
     def pruned(self, removed):
-        model = copy.deepcopy(self.model)
-        if removed:
-            prune.remove_layers(model, list(removed))
-        return model
+        return without(self.model, removed)
+
+
+def without(model, removed):
+    """A copy of ``model`` without the blocks ``removed`` (``model`` is left whole)."""
+    pruned = copy.deepcopy(model)
+    if removed:
+        prune.remove_layers(pruned, list(removed))
+    return pruned
 
 
 def reference_at(path: Path, model, windows: torch.Tensor) -> FidelityReference:
@@ -157,9 +162,7 @@ def reference_at(path: Path, model, windows: torch.Tensor) -> FidelityReference:
 def measure_set(model, removed, reference: FidelityReference) -> dict:
     """Perplexity and KL(original || pruned) of ``model`` without ``removed`` over ``reference``'s windows in one
     pass, with each window's KL and NLL difference (for the paired comparisons); ``model`` is left whole."""
-    pruned = copy.deepcopy(model)
-    if removed:
-        prune.remove_layers(pruned, list(removed))
+    pruned = without(model, removed)
     started = time.time()
     data = measure_fidelity(pruned, reference, batch_size=4, per_window=True)
     data.pop("data", None)
@@ -226,8 +229,8 @@ def selection(ctx: Context, name: str, k: int) -> Selection:
             if not mine:
                 raise Busy(f"{name} k={k}: another worker is choosing it")
             started = time.time()
-            sel = verified(ctx.model, ctx.scores(params["positions"], 1), ctx.heldout(params["heldout"]), k, protect=PROTECT, batch_size=4,
-                           budget=params["budget"], progress=False)
+            sel = verified(ctx.model, ctx.scores(params["positions"], 1), ctx.heldout(params["heldout"]), k,
+                           protect=PROTECT, batch_size=4, budget=params["budget"], progress=False)
             sel.details["seconds"] = round(time.time() - started, 1)
             log(f"verified k={k}: {sel.removed} from {sel.details['source']} ({sel.details['seconds']} s)")
     else:

@@ -9,8 +9,9 @@ protected blocks 0 and 29; evaluation text rows 2000:, 64 windows x 512 tokens).
 the default positions (skip_first), draws its held-out windows (``--heldout`` of them, 256 tokens) from
 the calibration rows, disjoint from the scoring windows, and spends at most ``--budget`` local-search
 evaluations. A set is measured as the quality benchmark measures it (``bench_quality.measure_set``: perplexity
-and KL(original || pruned) per token in one pass against the original's top-256 log-probs). Cases are
-cached under bench_cache/verified/; a rerun resumes.
+and KL(original || pruned) per token in one pass against the original's top-256 log-probs). Its own cases
+are cached under bench_cache/verified/, what it shares with the quality benchmark (every set's measures, the
+reference, verified's choices at that benchmark's settings) under bench_cache/quality/; a rerun resumes.
 
     nohup nice -n 10 python scripts/bench_verified.py > bench_cache/verified.log 2>&1 &
     python scripts/bench_verified.py --report --budgets 16,200   # the tables, from the cache
