@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bench_heal  # noqa: E402  (sets the offline environment and sys.path first)
 import bench_verified  # noqa: E402
-from bench_quality import reference_at  # noqa: E402
-from bench_verified import PROTECT, Bench, cached_measure, cached_selection  # noqa: E402
+from bench_quality import cached_measure, reference_at  # noqa: E402
+from bench_verified import PROTECT, Bench, cached_selection  # noqa: E402
 from bench_env import DATA, WIKI, log, read, set_key  # noqa: E402
 from bench_quality import TASKS  # noqa: E402
 
@@ -88,9 +88,9 @@ def set_path(text: str, removed: list[int]) -> Path:
 
 class Calibrations:
     def __init__(self, threads: int):
-        self.bench = Bench(threads, HELDOUT, BUDGET)  # the model, the WikiText evaluation windows and their reference
+        self.bench = Bench(threads, HELDOUT, BUDGET)  # the model; WikiText's measures: the quality benchmark's
         self.ctx = self.bench.ctx
-        self.references = {"wikitext": self.bench.reference}
+        self.references = {}  # the other evaluation texts' references
 
     def selection(self, source: str, k: int, heldout: int = HELDOUT) -> dict:
         return cached_selection(selection_path(source, k, heldout), CACHE / f"{source}_scores.json", self.ctx.model,
@@ -98,6 +98,8 @@ class Calibrations:
 
     def measure(self, text: str, removed: list[int]) -> dict:
         """Perplexity and KL to the original of the model without ``removed`` on evaluation text ``text``."""
+        if text == "wikitext":  # the quality benchmark's text: its cache, under its lock
+            return self.bench.measure(removed)
         if text not in self.references:  # the original's top-256 log-probs over 32 x 512 tokens of it
             windows = prune.eval_windows(self.ctx.tok, prune.load_text(EVALS[text]), 512, max_windows=32)
             self.references[text] = reference_at(CACHE / f"{text}_reference.safetensors", self.ctx.model, windows)

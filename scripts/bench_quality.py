@@ -303,10 +303,18 @@ def ppl_of(ctx: Context, removed) -> dict | None:
         with claim(path) as mine:
             if not mine:
                 return None
-            data = measure_set(ctx.model, removed, ctx.reference())
-            write(path, data)
-            log(f"perplexity {data['perplexity']:.2f}, KL {data['kl_mean']:.4f} removed={sorted(removed)} "
-                f"({data['seconds']}s)")
+            data = cached_measure(path, ctx.model, removed, ctx.reference())
+    return data
+
+
+def cached_measure(path: Path, model, removed, reference: FidelityReference) -> dict:
+    """:func:`measure_set`, kept at ``path`` (a file without each window's values is measured again)."""
+    data = read(path)
+    if data is None or "kl_windows" not in data:
+        data = measure_set(model, removed, reference)
+        write(path, data)
+        log(f"perplexity {data['perplexity']:.2f}, KL {data['kl_mean']:.4f} removed={sorted(removed)} "
+            f"({data['seconds']}s, {path.parent.name})")
     return data
 
 

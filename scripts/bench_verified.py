@@ -35,10 +35,9 @@ import prune  # noqa: E402
 from prune.choose.strategies import heldout_windows  # noqa: E402
 from prune.choose.rules import resolve_protect  # noqa: E402
 from prune.choose.verified import Verifier, margin, verified  # noqa: E402
-from prune.measure.fidelity import FidelityReference  # noqa: E402
 import bench_quality  # noqa: E402  (the same protocol, measures and caches)
 from bench_quality import (CALIB_WINDOWS, SCORING_TOKENS, VERIFIED, WINDOW_TOKENS, Context, interval_cell,  # noqa: E402
-                           measure_set, selection_tokens, window_row)
+                           selection_tokens, window_row)
 
 CACHE = ROOT / "bench_cache" / "verified"
 #: every set's measures on the evaluation text: the quality benchmark's (the same windows and reference)
@@ -60,17 +59,6 @@ def baseline_sets() -> dict[str, dict[int, list[int]]]:
         if cells[0] in BASELINES:
             out[cells[0]] = {k: [int(b) for b in cells[i + 1].split()] for i, k in enumerate(KS)}
     return out
-
-
-def cached_measure(path: Path, model, removed: list[int], reference: FidelityReference, per_window: bool = False) -> dict:
-    """:func:`bench_quality.measure_set` of ``model`` without ``removed`` against ``reference``, kept at ``path``
-    (``per_window``: a file without each window's values is measured again)."""
-    data = read(path)
-    if data is None or (per_window and "kl_windows" not in data):
-        data = measure_set(model, removed, reference)
-        write(path, data)
-        log(f"measured {sorted(removed)}: ppl {data['perplexity_pruned']:.2f}, KL {data['kl_mean']:.4f} ({path.parent.name})")
-    return data
 
 
 def cached_selection(path: Path, scores_path: Path, model, tok, text: str, k: int, heldout: int, budget: int) -> dict:
@@ -119,7 +107,6 @@ class Bench:
         torch.set_num_threads(threads)
         self.ctx = Context()
         self.heldout, self.budget = heldout, budget
-        self.reference = self.ctx.reference()
 
     def selection(self, k: int) -> dict:
         """verified's choice at ``k`` with this bench's settings (the quality benchmark's own at its settings)."""
@@ -136,9 +123,11 @@ class Bench:
         """verified's held-out windows: from the calibration rows, disjoint from the 32 x 256 scoring windows."""
         return self.ctx.heldout(self.heldout)
 
-    def measure(self, removed: list[int], per_window: bool = False) -> dict:
-        return cached_measure(SETS / f"{set_key(removed)}.json", self.ctx.model, removed, self.reference,
-                              per_window)
+    def measure(self, removed: list[int]) -> dict:
+        """The set's measures in the quality benchmark's cache (made there, under its lock, when missing)."""
+        while (data := bench_quality.ppl_of(self.ctx, removed)) is None:  # another worker is measuring this set
+            time.sleep(10)
+        return data
 
 
 def selection_cost(details: dict, heldout: int) -> float:
@@ -177,7 +166,7 @@ def margin_table(heldouts: list[int], budget: int, bench: Bench | None = None) -
                 made = bench.selection(k)  # made once and kept; read back below like the other held-out counts
                 if made["details"]["runner_up"]:
                     for removed in (made["removed"], made["details"]["runner_up"]["removed"]):
-                        bench.measure(removed, per_window=True)
+                        bench.measure(removed)
             sel = read_choice(k, heldout, budget)
             m = sel and sel["details"].get("runner_up")
             a = m and read(SETS / f"{set_key(sel['removed'])}.json")

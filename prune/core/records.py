@@ -253,9 +253,9 @@ def lineage_problem(before: PruningStep | None, step: PruningStep) -> str | None
 def index_problem(step: PruningStep, replaced: bool = False) -> str | None:
     """What is wrong with a step's block indices, or None: each list without repeats (the kept ones in
     increasing order: the checkpoint's), within the blocks it counts (``layers_before`` for ``removed`` /
-    ``kept``, the original's for the ``*_original`` lists); what a step keeps and removes split its blocks (no block in both, none in neither), and
-    ``layers_after`` counts the kept ones. ``replaced``: a replacement block stands in for removed ones
-    somewhere in the chain, so only the first checks hold."""
+    ``kept``, the original's for the ``*_original`` lists); what a step keeps and removes split its blocks
+    (no block in both, none in neither), and ``layers_after`` counts the kept ones. ``replaced``: a
+    replacement block stands in for removed ones somewhere in the chain, so only the first checks hold."""
     n_original = step.original.n_layers if step.original else None
     for name, n in (("removed", step.layers_before), ("kept", step.layers_before), ("removed_original", n_original),
                     ("kept_original", n_original), ("removed_original_all", n_original)):

@@ -126,18 +126,15 @@ def check_no_token(value: Any, where: str, key: str = "") -> None:
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw recipe dict. One key given two values
     is refused (which one was meant?); the same value twice is one."""
-    given: dict[str, str] = {}
-    for item in overrides or ():
-        key, sep, raw = item.partition("=")
-        if sep and given.setdefault(key.strip(), raw.strip()) != raw.strip():
-            first, k = given[key.strip()], key.strip()
-            raise PruneError(spelled(f"--set {k} is given twice ({first!r}, then {raw.strip()!r}): give it once",
-                                     f"override {k!r} is given twice ({first!r}, then {raw.strip()!r}): give it once"))
+    given: dict[str, str] = {}  # key -> the value it was first given
     for item in overrides or ():
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise PruneError(spelled(f"--set {item!r} is not key=value (e.g. --set select.n_layers=8)",
                                      f"override {item!r} is not key=value (e.g. 'select.n_layers=8')"))
+        if (first := given.setdefault(key.strip(), raw.strip())) != raw.strip():
+            twice = f"is given twice ({first!r}, then {raw.strip()!r}): give it once"
+            raise PruneError(spelled(f"--set {key.strip()} {twice}", f"override {key.strip()!r} {twice}"))
         try:
             value = load_yaml(raw, f"--set {key.strip()}") if raw.strip() else None
         except PruneError as exc:
