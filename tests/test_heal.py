@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import prune
 from prune import PruneError
-from prune.heal.methods import heal_config, heal_model, healing_markdown, mean_lm_loss
+from prune.heal.methods import heal_config, heal_model, healing_markdown, lora_targets_matched, mean_lm_loss
 from prune.core.config import HealConfig
 from prune.pipeline.orchestrator import run
 from prune.model.loading import decoder_layers
@@ -86,26 +86,41 @@ def test_lora_all_linear_trains_the_plain_linear_layers_and_leaves_routers_alone
     assert rec["lora"]["merged"] and set(changed(before, model)) == linear
 
 
-def test_lora_records_what_peft_adapted_on_a_qwen_moe(tokenizers_by_bos, capsys):
-    """peft converts Qwen-MoE's target names to its fused expert weights: the experts are adapted and the dense
-    blocks' MLP projections are not. The record said "33 modules: down_proj, gate_proj, ..." (the layers named); it
-    lists the weights that changed now, and names those left out. DoRA cannot adapt the fused weights: one line,
-    not peft's traceback."""
+#: Qwen-MoE's projections by name: peft adds the fused expert weights to them (``experts.down_proj`` ...)
+QWEN_MOE_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("targets", ["all-linear", QWEN_MOE_PROJECTIONS], ids=["all-linear", "projections"])
+def test_lora_records_what_peft_adapted_on_a_qwen_moe(targets, tokenizers_by_bos, capsys):
+    """peft converts Qwen-MoE's target names to its fused expert weights, and what it adapts moved between
+    releases: 0.21 adapted the experts and lost the dense block's MLP projections, 0.22 adapts both where the
+    projections are named and no expert under all-linear (the plain linear layers named one by one). The record
+    said "33 modules: down_proj, gate_proj, ..." (the layers named); it lists the weights that changed, under
+    whichever peft is installed, and names those left out, which stay untouched."""
     model = build_model("qwen3_moe")
     prune.remove_layers(model, [3, 4])
     before = snapshot(model)
-    rec = heal_model(model, tokenizers_by_bos[False], "lora", data=C4_DATA, rank=4, **FAST)
+    rec = heal_model(model, tokenizers_by_bos[False], "lora", data=C4_DATA, rank=4, target_modules=targets, **FAST)
     changed_weights = set(changed(before, model))
     experts = {n for n in changed_weights if ".experts." in n}
-    assert experts and rec["lora"]["modules"] == len({n.rsplit(".", 1)[0] for n in changed_weights - experts}) + len(experts)
-    assert {"experts.down_proj", "experts.gate_up_proj"} <= set(rec["lora"]["targets"])
+    assert rec["lora"]["modules"] == len({n.rsplit(".", 1)[0] for n in changed_weights - experts}) + len(experts)
+    assert {t for t in rec["lora"]["targets"] if t.startswith("experts.")} == {"experts." + n.rsplit(".", 1)[-1] for n in experts}
+    if targets == QWEN_MOE_PROJECTIONS:  # named, the experts are adapted under every peft that converts them
+        assert {"experts.down_proj", "experts.gate_up_proj"} <= set(rec["lora"]["targets"])
     left_out = rec["lora"]["not_adapted"]
-    assert left_out and not {f"{n}.weight" for n in left_out} & changed_weights  # named, and really untouched
-    assert f"left out {len(left_out)} of the layers named" in capsys.readouterr().out
+    assert not {f"{n}.weight" for n in left_out} & changed_weights  # named, and really untouched
+    assert changed_weights - experts == {f"{n}.weight" for n in lora_targets_matched(model, targets)} - {f"{n}.weight" for n in left_out}
+    assert (f"left out {len(left_out)} of the layers named" in capsys.readouterr().out) == bool(left_out)
+
+
+def test_dora_refuses_the_fused_expert_weights_of_a_qwen_moe(tokenizers_by_bos):
+    """DoRA cannot adapt the fused expert weights peft adds to the projections named: one line, not peft's
+    traceback, before peft touched the model."""
     model = build_model("qwen3_moe")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(PruneError, match=r"^heal.dora: peft adapts the fused expert weights of this qwen3_moe model"):
-        heal_model(model, tokenizers_by_bos[False], "lora", data=C4_DATA, rank=4, dora=True, quiet=True, **FAST)
+        heal_model(model, tokenizers_by_bos[False], "lora", data=C4_DATA, rank=4, dora=True, quiet=True,
+                   target_modules=QWEN_MOE_PROJECTIONS, **FAST)
     assert not [n for n, m in model.named_modules() if type(m).__module__.startswith("peft")]  # refused before peft ran
     assert model.state_dict().keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
