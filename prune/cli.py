@@ -779,7 +779,7 @@ def cmd_compare(args) -> int:
         from prune.io.guard import check_output, input_paths
 
         check_output(args.output, input_paths(args.a, *bs, label="a compared result"), overwrite=args.overwrite,
-                     kind="file", what="--output file", flag="--output")
+                     kind="file", what="--output file", flag="--output", example="compare.json")
     if bs:
         from prune.measure.paired import check_distinct_files
 
@@ -878,10 +878,13 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
+        """One line, as every other refusal (argparse printed its usage above it: 4 to 19 lines)."""
         from prune.core.secrets import redact
 
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {redact(message)}\n")
+        if message.endswith("expected one argument"):  # "--rows -10:": a value that starts with "-" reads as a flag
+            flag = message.split()[1].rstrip(":") if message.startswith("argument ") else "--flag"
+            message += f" (a value that starts with '-' is given as {flag.split('/')[-1]}=VALUE)"
+        self.exit(2, f"{self.prog}: error: {redact(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -195,6 +195,9 @@ def test_remove_shows_a_progress_bar_of_the_bytes_written_unless_quiet(tmp_path,
     (["score", "org/model", "--data", WIKI_RAW, "--split", "test"], "--split / --data-config select part of a datasets"),
     (["remove", "org/model", "--slices", "missing.yaml", "-o", "x"], "--slices file not found: missing.yaml"),
     (["compare", "a", "b", "--overwrite"], "--overwrite has no effect without --output"),
+    # argparse reads "-10:" as a flag: it said "expected one argument", and nothing of how to give the value
+    (["score", "m", "--data", "d.txt", "--rows", "-10:"],
+     "argument --rows: expected one argument (a value that starts with '-' is given as --rows=VALUE) (see prune score --help)"),
     # a check across flags names the flags typed (it said "flags: tau shape ..." with the whole settings dict)
     (["score", "m", "--data", "d.txt", "--metrics", "bi,angular", "--tau", "0.5"],
      "error: --tau shape the CKA matrix and MSRS, but --metrics has no cka: add cka to --metrics, or drop them"),
@@ -205,7 +208,18 @@ def test_flags_a_command_cannot_use_are_one_line(args, message, tmp_path, monkey
     flag ignored (--base-model of a Hub model), a folder that does not exist called 'not a run folder'."""
     monkeypatch.chdir(tmp_path)
     proc = prune_main(*args, check_rc=2)
-    assert message in proc.stderr.strip().splitlines()[-1], proc.stderr  # argparse's usage above its error line
+    assert [message in line for line in proc.stderr.strip().splitlines()] == [True], proc.stderr  # no usage above it
+
+
+@pytest.mark.parametrize("command, example", [(["compare", "a", "b"], "compare.json"),
+                                              (["eval", "m", "--perplexity-data", "d.txt"], "eval.json"),
+                                              (["score", "m", "--data", "d.txt"], "scores.json")])
+def test_a_folder_given_for_an_output_file_is_told_the_commands_own_file_name(command, example, tmp_path, monkeypatch):
+    """Each said "give a file name (e.g. DIR/scores.json)", the score command's file, whatever wrote it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adir").mkdir()
+    proc = prune_main(*command, "--output", "adir", check_rc=2)
+    assert proc.stderr == f"error: --output file adir is a folder; give a file name (e.g. adir/{example})\n"
 
 
 def test_report_refuses_a_metric_its_strategy_does_not_read_and_an_impossible_run_before_scoring(tiny_folder, tmp_path):

@@ -708,6 +708,9 @@ def test_cli_heal_partial(tmp_path, tiny_folder):
     # bad input: one error line, exit 2, nothing written
     bad = prune_main("heal", run_dir, "--output", tmp_path / "bad", "--method", "lora", "--set", "rank=0", "--data", C4)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "rank must be at least 1" in bad.stderr
+    # heal's --set takes heal's keys: its example is one (it said "e.g. --set select.n_layers=8", a recipe key)
+    bad = prune_main("heal", run_dir, "--output", tmp_path / "bad", "--method", "lora", "--set", "steps", "--data", C4)
+    assert bad.stderr == "error: --set 'steps' is not key=value (e.g. --set steps=200)\n"
     same = prune_main("heal", run_dir, "--output", run_dir, "--method", "lora", "--data", C4)
     assert same.returncode == 2 and "is the run folder" in same.stderr
     assert not (tmp_path / "bad").exists()

@@ -764,6 +764,7 @@ def test_aliases_of_mappings_and_merge_keys_are_read(tmp_path, tiny_folder):
     ("model.offload_folder=/tmp/off", "without a device_map nothing goes there"),
     ("evaluate={original: false}", "evaluate measures nothing: give perplexity, fidelity or tasks"),
     ("select.protect[0]=1", "a list is set whole, not item by item"),  # it said "unknown key 'select'"
+    ("evaluate.tasks.0=copa", "a list is set whole, not item by item"),  # it said "should be a valid list (got {'0': ..."
     ("heal={method: lora, learning_rate: 1000.0}", "'heal.learning_rate': Input should be less than or equal to 1"),
 ])
 def test_strict_settings(override, match, model, tmp_path, capsys):

@@ -5,6 +5,7 @@ the Hub endpoint is a closed local port or a local HTTP server that refuses the 
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -18,9 +19,11 @@ import torch
 import prune
 from prune.export.check import check_checkpoint
 from prune.io.safetensors import byte_ranges
+from prune.core.config import branch_name_problem
 from prune.core.errors import PruneError
 from prune.export.push import card_for_repo, commit_operations, push, upload_files
 from prune.pipeline.orchestrator import run
+from prune.pipeline.recipe import load_recipe
 
 from conftest import prune_cli, prune_main
 from export_fixtures import folder_digest, recipe, save_source
@@ -255,6 +258,32 @@ def test_check_warns_without_card_but_push_requires_it(pruned, tmp_path):
     assert report.ok and [f.area for f in report.findings if f.level == "warn"] == ["card"]
     with pytest.raises(PruneError, match="card: README.md \\(model card\\) is missing"):
         push(folder, "me/tiny-pruned", dry_run=True, quiet=True)
+
+
+@pytest.mark.parametrize("revision, problem", [
+    ("bad..rev", "'..'"), ("my branch", "' '"), ("-main", "starts with '-'"), ("v1.lock", "ends with '.lock'"),
+    ("feat/", "ends with '/'"), ("a@{b", "'@{'"), ("x~1", "'~'"), ("", "empty")])
+def test_push_refuses_a_revision_git_would_refuse_before_any_work(pruned, revision, problem):
+    """``--revision bad..rev --dry-run`` listed the files and exited 0: the real push would fail at the Hub, after
+    the repo was created. git's own rules for a branch name, in one line, before the folder is read; a branch
+    git accepts (a pull request's ref too) goes through."""
+    with pytest.raises(PruneError, match=rf"^--revision {re.escape(repr(revision))} is not a branch name the Hub "
+                                         rf"accepts: .*{re.escape(problem)}.*\(e\.g\. --revision pruned-k7\)$"):
+        push(pruned[0], "me/tiny-pruned", revision=revision, dry_run=True, quiet=True)
+    with pytest.raises(PruneError, match=re.escape(f"push_to_hub.revision': {revision!r} is not a branch name")):
+        load_recipe({"model": {"source": str(pruned[0])}, "calibration": {"path": "x.txt"},
+                     "select": {"n_layers": 1}, "output": {"dir": "o", "push_to_hub": {"repo_id": "me/x",
+                                                                                     "revision": revision}}})
+    for fine in ("pruned-k7", "feature/x.y", "refs/pr/3", "v1.0"):
+        assert branch_name_problem(fine) is None, fine
+
+
+def test_a_token_file_that_is_a_folder_is_called_a_folder(tmp_path):
+    """It said "--token-file DIR not found" of a folder that is there."""
+    from prune.export.push import read_token_file
+
+    with pytest.raises(PruneError, match=rf"^--token-file {re.escape(str(tmp_path))} is a folder \(give the file"):
+        read_token_file(tmp_path)
 
 
 # ---- push --dry-run ----------------------------------------------------------------------------------

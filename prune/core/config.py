@@ -547,6 +547,33 @@ class PushConfig(Section):
     def _repo_id(cls, value: str) -> str:
         return _hub_repo_id(value)
 
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str | None) -> str | None:
+        problem = None if value is None else branch_name_problem(value)
+        if problem:
+            raise ValueError(f"{value!r} is not a branch name: {problem}")
+        return value
+
+
+def branch_name_problem(name: str) -> str | None:
+    """Why git (and so the Hub) would refuse ``name`` as a branch (``git check-ref-format --branch``'s rules),
+    or None: no empty part, none starting with '.' or ending in '.lock', no '..', '@{', '//', control
+    character, space or any of ``~^:?*[\\``, not '@', not starting with '-' or '/', not ending in '/' or '.'."""
+    if not name:
+        return "it is empty"
+    bad = sorted({c for c in name if ord(c) < 32 or ord(c) == 127 or c in " ~^:?*[\\"})
+    if bad:
+        return f"it holds {', '.join(repr(c) for c in bad)}"
+    for part, why in (("..", "'..'"), ("@{", "'@{'"), ("//", "'//'")):
+        if part in name:
+            return f"it holds {why}"
+    if name == "@" or name.startswith(("-", "/")) or name.endswith(("/", ".")):
+        return "it starts with '-' or '/', ends with '/' or '.', or is '@'"
+    if any(p.startswith(".") or p.endswith(".lock") for p in name.split("/")):
+        return "a part of it starts with '.' or ends with '.lock'"
+    return None
+
 
 def _hub_repo_id(value: str) -> str:
     """``value`` when it is a valid Hub repo id (huggingface_hub's own check), else ValueError."""

@@ -182,7 +182,7 @@ def export_mergekit(run_dir: str | os.PathLike, output: str | os.PathLike | None
         inputs = [(run / f.name, "a file of the run folder", False) for f in run.iterdir() if f.name != "mergekit.yaml"]
         check_output(out, [*input_paths(run, label="the run folder", inside_ok=True), *inputs,
                            *input_paths(model, label="the --model")], overwrite=overwrite,
-                     kind="file", what="--output file", flag="--output")
+                     kind="file", what="--output file", flag="--output", example="mergekit.yaml")
     record = read_record(run / RECORD_FILE)
     model_config = None
     if (run / "config.json").is_file():

@@ -32,6 +32,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prune.core.config import branch_name_problem
 from prune.core.errors import PruneError, first_line
 from prune.core.records import RECORD_FILE, read_record, record_json
 from prune.export.check import check_checkpoint, human_size
@@ -199,6 +200,8 @@ def read_token_file(path: str | os.PathLike) -> str:
         token = file.read_text().strip().splitlines()[0].strip() if file.is_file() else ""
     except (OSError, UnicodeDecodeError, IndexError):
         token = ""
+    if file.is_dir():
+        raise PruneError(f"--token-file {file} is a folder (give the file holding a Hugging Face token)")
     if not file.is_file():
         raise PruneError(f"--token-file {file} not found (give a file holding a Hugging Face token)")
     if not token:
@@ -256,6 +259,9 @@ def plan_push(folder: str | os.PathLike, repo_id: str, *, revision: str | None =
         if value and looks_like_token(str(value)):  # it would be printed, and published in the repo's history
             raise PruneError(f"{flag} looks like a Hugging Face token (not shown): keep the token in HF_TOKEN, "
                              "`hf auth login` or --token-file")
+    problem = None if revision is None else branch_name_problem(revision)
+    if problem:
+        raise PruneError(f"--revision {revision!r} is not a branch name the Hub accepts: {problem} (e.g. --revision pruned-k7)")
     path = Path(folder).expanduser()
     report = check_checkpoint(path, require_export=True)
     if not quiet:

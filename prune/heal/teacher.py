@@ -645,7 +645,8 @@ def preflight_cache(cfg: HealConfig, inputs=(), tokenizer=None, windows=None, va
         return
     from prune.io.guard import check_output
 
-    check_output(path, inputs, overwrite=True, kind="file", what="heal.teacher_cache", flag="heal.teacher_cache")
+    check_output(path, inputs, overwrite=True, kind="file", what="heal.teacher_cache", flag="heal.teacher_cache",
+                 example="teacher.safetensors")
 
 
 def open_cache(cfg: HealConfig, tokenizer, windows, val_windows, width: int, pairs: list[tuple[int, int]]) -> Teacher:

@@ -87,11 +87,13 @@ def is_model_file(path: Path) -> bool:
 
 
 def check_output(out: str | os.PathLike, inputs: Iterable[Input | None] = (), *, overwrite: bool = False,
-                 kind: str = "folder", what: str = "output folder", flag: str = "output.dir") -> Path:
+                 kind: str = "folder", what: str = "output folder", flag: str = "output.dir",
+                 example: str = "scores.json") -> Path:
     """Refuse an unsafe output path before any work (see module docstring); returns it, expanded.
 
     ``inputs`` are ``(path, label, inside_ok)``; the working directory and the home folder are
-    always among them (writing inside them is fine). ``kind`` is ``"folder"`` or ``"file"``."""
+    always among them (writing inside them is fine). ``kind`` is ``"folder"`` or ``"file"``; ``example``: the file
+    name a folder given for a file is told to add."""
     raw = Path(out).expanduser()
     check_name(raw, what)
     target = _resolve(raw, what)
@@ -123,7 +125,7 @@ def check_output(out: str | os.PathLike, inputs: Iterable[Input | None] = (), *,
         if kind == "folder" and not target.is_dir():
             raise PruneError(f"{what} {raw} exists and is a file, not a folder (choose another {flag})")
         if kind == "file" and target.is_dir():
-            raise PruneError(f"{what} {raw} is a folder; give a file name (e.g. {raw}/scores.json)")
+            raise PruneError(f"{what} {raw} is a folder; give a file name (e.g. {raw}/{example})")
         if not overwrite:
             raise PruneError(f"{what} {raw} already exists (choose another {flag} or pass "
                              f"{overwrite_flag()})")

@@ -167,7 +167,8 @@ def evaluate_model(source: str, cfg: EvaluateConfig, *, dtype: str = "auto", dev
         raise PruneError(f"--output and --output-path both name {output}: --output is a JSON file, --output-path a "
                          "folder for lm-eval's files (give two paths)")
     if output:
-        check_output(output, inputs, overwrite=overwrite, kind="file", what="--output file", flag="--output")
+        check_output(output, inputs, overwrite=overwrite, kind="file", what="--output file", flag="--output",
+                     example="eval.json")
     folder = sanitize_model_name(str(source))
     if output_path and cfg.tasks:  # lm-eval's files go to OUTPUT_PATH/<model>: a folder of its own, never an input
         check_output(Path(output_path).expanduser() / folder, inputs, overwrite=True, what="--output-path folder",

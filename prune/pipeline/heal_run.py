@@ -122,7 +122,7 @@ def heal_settings(recipe_data: dict | None, config: str | None = None, method: s
         settings["data"]["field"] = field[0] if isinstance(field, list) and len(field) == 1 else field
     if rows and settings.get("data") is not None:
         settings["data"]["rows"] = rows
-    settings = apply_overrides(settings, overrides)
+    settings = apply_overrides(settings, overrides, example="steps=200")
     if "method" not in settings:
         raise PruneError(f"no heal method: give --method {'|'.join([*HEAL_METHODS, 'distill'])} (or --config with a "
                          "heal section)")

@@ -123,15 +123,16 @@ def check_no_token(value: Any, where: str, key: str = "") -> None:
                          "tokens never go in it (the Hub token is read from HF_TOKEN or hf auth login)")
 
 
-def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], example: str = "select.n_layers=8") -> dict:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a raw recipe dict. One key given two values
-    is refused (which one was meant?); the same value twice is one."""
+    is refused (which one was meant?); the same value twice is one. ``example``: a key=value of the
+    settings overridden, for the message that refuses an item without '='."""
     given: dict[str, str] = {}  # key -> the value it was first given
     for item in overrides or ():
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise PruneError(spelled(f"--set {item!r} is not key=value (e.g. --set select.n_layers=8)",
-                                     f"override {item!r} is not key=value (e.g. 'select.n_layers=8')"))
+            raise PruneError(spelled(f"--set {item!r} is not key=value (e.g. --set {example})",
+                                     f"override {item!r} is not key=value (e.g. '{example}')"))
         if (first := given.setdefault(key.strip(), raw.strip())) != raw.strip():
             twice = f"is given twice ({first!r}, then {raw.strip()!r}): give it once"
             raise PruneError(spelled(f"--set {key.strip()} {twice}", f"override {key.strip()!r} {twice}"))
@@ -146,7 +147,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
                              f"{value!r}; quote the value (--set '{key.strip()}=\"{raw.strip()}\"')")
         node = data
         parts = key.strip().split(".")
-        if any("[" in part for part in parts):
+        if any("[" in part or part.isdigit() for part in parts):  # protect[0]=1, evaluate.tasks.0=copa
             raise PruneError(f"--set {key.strip()}: a list is set whole, not item by item (e.g. --set 'select.protect=[0, -1]')")
         for part in parts[:-1]:
             if node.get(part) is None:
