@@ -44,6 +44,10 @@ def test_a_text_files_rows_are_its_lines(tmp_path):
         load_text(TextSource(str(path), field=["prompt", "response"]))
     path.write_text("no newline at the end")
     assert row_count(TextSource(str(path))) == 1 and load_text(TextSource(str(path), rows="-1:")) == "no newline at the end"
+    path.write_text("")  # none: it was counted one empty row ("selects none of the 1 rows")
+    assert row_count(TextSource(str(path))) == 0 and load_text(TextSource(str(path))) == ""
+    with pytest.raises(PruneError, match="rows='0:5' selects none of the 0 rows"):
+        load_text(TextSource(str(path), rows="0:5"))
 
 
 def test_missing_and_bad_files(tmp_path):

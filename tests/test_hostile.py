@@ -765,6 +765,9 @@ def test_aliases_of_mappings_and_merge_keys_are_read(tmp_path, tiny_folder):
     ("evaluate={original: false}", "evaluate measures nothing: give perplexity, fidelity or tasks"),
     ("select.protect[0]=1", "a list is set whole, not item by item"),  # it said "unknown key 'select'"
     ("evaluate.tasks.0=copa", "a list is set whole, not item by item"),  # it said "should be a valid list (got {'0': ..."
+    # a value the --set gave is blamed on the --set, not on the recipe file that never held it
+    ("select.n_layers=-1", "error: --set select.n_layers=-1: 'select.n_layers': Input should be greater than or equal to 1"),
+    ("select={n_layers: 0}", "error: --set select={n_layers: 0}: 'select.n_layers': Input should be greater than"),
     ("heal={method: lora, learning_rate: 1000.0}", "'heal.learning_rate': Input should be less than or equal to 1"),
 ])
 def test_strict_settings(override, match, model, tmp_path, capsys):
@@ -775,6 +778,16 @@ def test_strict_settings(override, match, model, tmp_path, capsys):
         load_recipe(recipe, overrides=[override])
         return
     refused(capsys, "run", recipe, "--set", override, match=match)
+
+
+def test_an_empty_recipe_is_called_empty_and_a_files_own_value_is_blamed_on_the_file(model, tmp_path, capsys):
+    """An empty file said "missing required key 'model' (add it to the recipe or pass --set model=...) (and 3 more)"."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    refused(capsys, "run", empty, match=f"error: {empty} holds no settings: a recipe is a mapping of sections (model, ")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model, tmp_path / "out", select={"n_layers": 0}))
+    refused(capsys, "run", recipe, "--set", "select.strategy=contiguous",
+            match=f"error: {recipe}: 'select.n_layers': Input should be greater than or equal to 1")
 
 
 def test_a_mapping_that_replaces_a_section_says_what_goes_back_to_its_default(model, tmp_path, capsys):

@@ -32,7 +32,12 @@ def test_unsupported_architecture_is_named():
 
     model = AutoModelForCausalLM.from_config(BioGptConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
                                                           intermediate_size=32, num_attention_heads=2))
-    with pytest.raises(UnsupportedModelError, match="'biogpt' is not supported.*Llama \\(llama\\)"):
+    with pytest.raises(UnsupportedModelError, match=f"^architecture 'biogpt' is not supported for layer pruning; "
+                                                    f"supported: {len(prune.SUPPORTED_MODEL_TYPES)} model types, listed in "
+                                                    "the README and prune.SUPPORTED_MODEL_TYPES$"):
+        prune.decoder_layers(model)  # it listed all of them: one line of 1,500 characters
+    model.config.model_type = "qwen4"  # a near miss is given its nearest
+    with pytest.raises(UnsupportedModelError, match=r"SUPPORTED_MODEL_TYPES; the nearest: Qwen3 \(qwen3\), Qwen2 \(qwen2\)$"):
         prune.decoder_layers(model)
 
 

@@ -814,11 +814,21 @@ def _model_for(root: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | No
     return model
 
 
+def _error_loc(err: dict) -> tuple[str, ...]:
+    """The settings key a pydantic error is about, without pydantic's union and validator tags."""
+    return tuple(str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float", "list", "dict", "function-after"))))
+
+
+def validation_error_key(exc: ValidationError) -> str:
+    """The dotted key (``select.n_layers``) of the first error :func:`format_validation_error` reports."""
+    return ".".join(_error_loc(exc.errors()[0]))
+
+
 def format_validation_error(exc: ValidationError, where: str, root: type[BaseModel] | None = None) -> str:
     """One line: the key, what is wrong, and the fix (``root``: the model validated, to list valid keys)."""
     errors = exc.errors()
     err = errors[0]
-    loc = tuple(str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "float", "list", "dict", "function-after"))))
+    loc = _error_loc(err)
     key = ".".join(loc)
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     if err["type"] == "extra_forbidden":

@@ -126,7 +126,9 @@ def load_text(source: TextSource) -> str:
 def text_lines(text: str) -> list[str]:
     """The rows of a plain text file: its lines, the last keeping the file's final newline (a file ending in a
     newline has no empty row after it, so ``rows: "-1:"`` is its last line; joined with newlines, any slice
-    reaching the end reads as the file does)."""
+    reaching the end reads as the file does). An empty file has none (it was counted one empty row)."""
+    if not text:
+        return []
     lines = text.split("\n")
     if len(lines) > 1 and lines[-1] == "":
         lines.pop()

@@ -287,7 +287,11 @@ def check_supported(config) -> None:
     """Refuse an architecture outside :data:`SUPPORTED_MODEL_TYPES` with a message naming both."""
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        names = ", ".join(f"{v} ({k})" for k, v in SUPPORTED_MODEL_TYPES.items())
+        import difflib
+
+        near = difflib.get_close_matches(str(model_type), list(SUPPORTED_MODEL_TYPES), n=3, cutoff=0.7)
+        names = (f"{len(SUPPORTED_MODEL_TYPES)} model types, listed in the README and prune.SUPPORTED_MODEL_TYPES"
+                 + (f"; the nearest: {', '.join(f'{SUPPORTED_MODEL_TYPES[k]} ({k})' for k in near)}" if near else ""))
         text = text_config(config)
         text_type = getattr(text, "model_type", None)
         inner = (f" (a model around a text decoder, {text_type}: give a text-only checkpoint of it, which is supported)"

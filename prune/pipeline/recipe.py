@@ -37,6 +37,7 @@ from prune.core.config import (
     SelectConfig,
     TextConfig,
     format_validation_error,
+    validation_error_key,
 )
 
 
@@ -167,6 +168,16 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], example:
     return data
 
 
+def blamed(exc: ValidationError, where: str, overrides) -> str:
+    """Where a refused value came from: the ``--set`` that gave the key (or a section above it), else ``where``."""
+    key = validation_error_key(exc)
+    for item in reversed(list(overrides or ())):
+        given = item.partition("=")[0].strip()
+        if key == given or key.startswith(given + "."):
+            return spelled(f"--set {item.strip()}", f"override {item.strip()!r}")
+    return where
+
+
 def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override, validate and check a recipe; raises :class:`PruneError` with one line."""
     if isinstance(path, dict):
@@ -178,7 +189,11 @@ def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str
             raise PruneError(f"{file} is a folder, not a recipe: give a recipe's YAML file (examples are in recipes/)")
         if not file.is_file():
             raise PruneError(f"recipe not found: {file} (check the path; examples are in recipes/)")
-        data = read_yaml(file, where) or {}
+        data = read_yaml(file, where)
+        if data is None and not overrides:  # it said "missing required key 'model' ... (and 3 more)"
+            raise PruneError(f"{where} holds no settings: a recipe is a mapping of sections (model, calibration, select, "
+                             "output, ...); examples are in recipes/")
+        data = data or {}
         if not isinstance(data, dict):
             raise PruneError(f"{where}: a recipe is a mapping of sections (model, calibration, select, ...)")
     # the overrides first, then ${VAR} everywhere: a --set value may use ${VAR} as the file's values do, and a
@@ -191,7 +206,7 @@ def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise PruneError(format_validation_error(exc, where, Recipe)) from None
+        raise PruneError(format_validation_error(exc, blamed(exc, where, overrides), Recipe)) from None
     recipe._defaults = defaults
     try:
         check_recipe(recipe, where)
