@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 
 import datasets
-
 import pytest
 from conftest import DATA, build_model, prune_main
 
@@ -335,8 +335,22 @@ def test_a_local_copy_whose_file_is_missing_says_so(tmp_path):
     with pytest.raises(PruneError) as err:
         check_tasks(["piqa"], data_dir_path=tmp_path)
     line = str(err.value)
-    assert "lm-eval task 'piqa': its data could not be loaded" in line and line.endswith("; check its data files")
+    assert "lm-eval task 'piqa': its data could not be loaded" in line
+    assert line.endswith(f"; check its data file {tmp_path.resolve() / 'tasks' / 'piqa.jsonl'}")
     assert "online" not in line and "\n" not in line
+
+
+def test_a_local_copy_whose_file_is_broken_names_the_file_and_the_fault(tmp_path, caplog):
+    """A JSON line cut short: the line said "An error occurred while generating the dataset; check its data
+    files", the file and the fault only in datasets' own log line above it."""
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "copa.jsonl").write_text('{"query": "a", "choices": ["x"')
+    with pytest.raises(PruneError) as err:
+        check_tasks(["copa"], data_dir_path=tmp_path)
+    line = str(err.value)
+    assert re.search(r"its data could not be loaded \(An error occurred while generating the dataset: .*position", line)
+    assert line.endswith(f"; check its data file {tmp_path.resolve() / 'tasks' / 'copa.jsonl'}") and "\n" not in line
+    assert not [r for r in caplog.records if r.name.startswith("datasets")]  # said once, in the line
 
 
 def test_a_data_folder_named_with_quotes_and_backslashes_works(tmp_path):

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from importlib import resources
@@ -116,6 +117,27 @@ def shots_of(task_default: int | None, asked: int | None) -> int:
     return asked if asked is not None else (task_default or 0)
 
 
+def local_data_file(name: str, data_dir_path=None) -> Path | None:
+    """The data file a shipped local task (``copa_local``) reads under the data folder, or None."""
+    try:
+        text = resources.files("prune.tasks").joinpath(f"{name}.yaml").read_text()
+    except (FileNotFoundError, OSError):
+        return None
+    found = re.search(r'"\{data_dir\}/([^"]+)"', text)
+    folder = data_dir(data_dir_path)
+    return folder / found.group(1) if found and folder else None
+
+
+def why_not_loaded(exc: BaseException) -> str:
+    """The first line of ``exc``, and of the error under it when that says more (datasets' "An error occurred
+    while generating the dataset" over pyarrow's "JSON parse error: ... in row 0")."""
+    said, inner = first_line(exc), exc
+    while (below := inner.__cause__ or inner.__context__) is not None and below is not inner:
+        inner = below
+    deeper = first_line(inner)
+    return f"{said}: {deeper}" if inner is not exc and deeper and deeper not in said else said
+
+
 def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_fewshot: int | None = None,
                 fewshot_from_scored_split: bool = False, quiet: bool | None = None, limit: int | float | None = None,
                 limit_name: str = "evaluate.limit", local_alias: bool = False, setup: dict | None = None) -> list[str]:
@@ -133,7 +155,9 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
              f"{reported_name(name, local_alias)}"
              for asked, name in zip(tasks, names) if asked != name]
     for asked, name in zip(tasks, names):
-        loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("lm_eval")]
+        # lm-eval's and datasets' own logs of a failed load ("Failed to load JSON from file ..."): the error line says it
+        loggers = [logging.getLogger(n) for n in ["datasets", *logging.root.manager.loggerDict]
+                   if n.startswith(("lm_eval", "datasets"))]
         previous = [(lg, lg.level) for lg in loggers]
         for lg in loggers:
             lg.setLevel(logging.CRITICAL)
@@ -143,12 +167,13 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
                 loaded = manager.load(name)
         except Exception as exc:
             local = LOCAL_TASKS.get(name)
-            hint = ("check its data files" if name.endswith("_local") else
+            file = local_data_file(name, data_dir_path)
+            hint = (f"check its data file {file}" if file else "check its data files" if name.endswith("_local") else
                     "offline and not in the datasets cache: run once online to cache it" if offline else
                     "check the network and the task's dataset_path")
             if local:
                 hint += f", or use the local copy {local} (--data-dir, evaluate.data_dir in a recipe, or PRUNE_DATA_DIR)"
-            raise PruneError(f"lm-eval task {asked!r}: its data could not be loaded ({first_line(exc)}); {hint}") from None
+            raise PruneError(f"lm-eval task {asked!r}: its data could not be loaded ({why_not_loaded(exc)}); {hint}") from None
         finally:
             for lg, level in previous:
                 lg.setLevel(level)
