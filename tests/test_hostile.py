@@ -951,6 +951,17 @@ def test_checkpoint_metadata_of_the_wrong_shape(case, match, model, tmp_path, ca
         refused(capsys, "remove", model, "--slices", "[[0, 3], [4, 8]]", "-o", tmp_path / "o", match=match)
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
+def test_a_config_or_tokenizer_file_cut_short_is_named_with_where(name, model, capsys):
+    """It said transformers' "It looks like the config file at ... is not a valid JSON file." (no place, no fix) or
+    "could not load the tokenizer of M: JSONDecodeError: Expecting value: line 2 column 1" (no file)."""
+    text = (model / name).read_text()
+    (model / name).write_text(text[:text.index(",") + 1])
+    line = refused(capsys, "score", model, "--data", WIKI_RAW, "--rows", "0:200", "--n-samples", "2", "--seq-len", "16",
+                   match=f"{model / name} is not valid JSON (")
+    assert re.search(r"at line \d+ column \d+\): fix or replace it$", line), line
+
+
 @pytest.mark.parametrize("body, said", [('{"num_hidden_layers": ' + "9" * 5000 + "}", "a number of thousands of digits"),
                                          ('{"a": ' + "[" * 200_000 + "]" * 200_000 + "}", "nested too deeply")])
 def test_prune_check_of_a_config_json_no_reader_can_build(body, said, model, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -83,3 +84,23 @@ def _classify(source: str | os.PathLike, gguf_file: str | None, revision: str | 
     if not HUB_ID.match(text):
         raise PruneError(f"model path not found: {text} (check the path, or give a Hub id like org/name)")
     return ModelSource("hub", text, gguf_file, revision)
+
+
+#: the JSON files transformers reads a tokenizer from
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def broken_json(src: ModelSource, names: tuple[str, ...]) -> str | None:
+    """``"FILE is not valid JSON (what, at line L column C): fix or replace it"`` for the first of ``names`` in a
+    local model folder that does not parse; None when they all do (or the model is not a local folder)."""
+    if src.kind != "folder":
+        return None
+    for name in names:
+        file = Path(src.path).expanduser() / name
+        try:
+            json.loads(file.read_bytes()) if file.is_file() else None
+        except json.JSONDecodeError as exc:
+            return f"{file} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): fix or replace it"
+        except (UnicodeDecodeError, OSError, RecursionError) as exc:
+            return f"{file} is not valid JSON ({type(exc).__name__}): fix or replace it"
+    return None

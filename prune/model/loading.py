@@ -228,7 +228,10 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
     except PruneError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise PruneError(f"could not load the tokenizer of {src.display}: {type(exc).__name__}: {first_line(exc)}") from exc
+        from prune.io.source import TOKENIZER_JSON, broken_json
+
+        why = broken_json(src, TOKENIZER_JSON) or f"{type(exc).__name__}: {first_line(exc)}"
+        raise PruneError(f"could not load the tokenizer of {src.display}: {why}") from exc
 
 
 def _gguf_once(what: str, src: ModelSource, trust_remote_code: bool, read):

@@ -185,7 +185,9 @@ def preflight_model(src: ModelSource, trust_remote_code: bool = False,
     except PruneError:
         raise
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad config
-        first = first_line(exc)
+        from prune.io.source import broken_json
+
+        first = broken_json(src, ("config.json",)) or first_line(exc)
         local = "" if src.kind != "hub" else f" (and there is no local folder {src.path} here either)"
         raise PruneError(f"could not read the config of {src.display}: {first}{local}") from None
     check_supported(config)
