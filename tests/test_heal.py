@@ -711,6 +711,9 @@ def test_cli_heal_partial(tmp_path, tiny_folder):
     # heal's --set takes heal's keys: its example is one (it said "e.g. --set select.n_layers=8", a recipe key)
     bad = prune_main("heal", run_dir, "--output", tmp_path / "bad", "--method", "lora", "--set", "steps", "--data", C4)
     assert bad.stderr == "error: --set 'steps' is not key=value (e.g. --set steps=200)\n"
+    bad = prune_main("heal", run_dir, "--output", tmp_path / "bad", "--config", tmp_path / "nope.yaml", "--data", C4)
+    assert bad.stderr == (f"error: heal config not found: {tmp_path / 'nope.yaml'} (check the path: --config takes a "
+                          "recipe with a heal section, or a YAML file of heal's keys)\n")
     same = prune_main("heal", run_dir, "--output", run_dir, "--method", "lora", "--data", C4)
     assert same.returncode == 2 and "is the run folder" in same.stderr
     assert not (tmp_path / "bad").exists()

@@ -628,7 +628,8 @@ def test_mergekit_files_and_slices_name_the_right_model(chain, tmp_path, capsys)
     # --model is checked: a missing path, a file, an empty folder, a pruned model (its block count) were written down
     (tmp_path / "empty").mkdir()
     for bad, message in ((tmp_path / "nowhere", "is not a model folder"), (chain["source"] / "config.json", "is not a model folder"),
-                         (tmp_path / "empty", "is not a model folder"), (chain["step1"], "has 6 blocks, but the original")):
+                         (tmp_path / "empty", "is not a model folder"), (chain["step1"], "has 6 blocks, but the original"),
+                         ("", "--model is empty: give the original model's folder")):  # it fell back without a word
         capsys.readouterr()
         assert prune_main(["export-mergekit", str(copy), "--model", str(bad), "-o", str(tmp_path / "bad.yaml")]) == 2
         assert message in capsys.readouterr().err

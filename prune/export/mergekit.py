@@ -80,6 +80,9 @@ def check_model_arg(record: PruningRecord, model: str | None, original: dict | N
     or a model of another block count or type than ``pruning.json``'s original (a Hub id is not checked offline)."""
     from prune.export.public import is_local_path
 
+    if model is not None and not model.strip():  # an unset variable, --model "$ORIG": it fell back without a word
+        raise PruneError("--model is empty: give the original model's folder or Hub id, or leave --model out to use "
+                         "the one pruning.json names")
     if not model:
         return
     path = Path(model).expanduser()

@@ -757,7 +757,7 @@ def samples_folder(path: str | Path, which: str = "pruned") -> Path:
     if len(subs) > 1:
         raise PruneError(f"{path} holds samples of {len(subs)} models ({', '.join(s.name for s in subs)}): give one of them")
     raise PruneError(f"no lm-eval samples (samples_*.jsonl) in {path}: evaluate with log_samples "
-                     "(prune run and prune eval --output-path write them)")
+                     "(prune run writes them when the recipe has evaluate.tasks; prune eval --tasks ... --output-path)")
 
 
 def read_regular_text(path: Path, what: str = "samples file") -> str:
@@ -970,6 +970,10 @@ def compare_folders(a: str | Path, b: str | Path | list[str | Path] | None = Non
         return compare_samples(original, pruned, iters=iters, seed=seed, meta=task_meta(fa, fb))
     if isinstance(b, list) and len(b) > 1:
         return compare_pooled(a, b, iters=iters, seed=seed)[0]
+    missing = [str(p) for p in (a, b[0] if isinstance(b, list) else b) if not Path(p).expanduser().exists()]
+    if len(missing) == 2:  # each named (it said "not a folder: B", and then, once B was there, A)
+        raise PruneError(f"neither folder exists: {missing[0]}, {missing[1]} (give two prune run folders or lm-eval "
+                         "results folders)")
     fb = samples_folder(b[0] if isinstance(b, list) else b)  # B first: its problem is named first
     fa = samples_folder(a)
     check_distinct(fa, [fb])

@@ -98,7 +98,8 @@ def heal_settings(recipe_data: dict | None, config: str | None = None, method: s
     if config:
         path = Path(config).expanduser()
         if not path.is_file():
-            raise PruneError(f"heal config not found: {path}")
+            raise PruneError(f"heal config {'is a folder' if path.is_dir() else 'not found'}: {path} (check the path: "
+                             "--config takes a recipe with a heal section, or a YAML file of heal's keys)")
         extra = _read_yaml(path, "heal config")
         recipe_keys = set(Recipe.model_fields) - {"heal"}  # a whole recipe's sections, not a heal section's keys
         if isinstance(extra, dict) and not extra.get("heal") and recipe_keys & set(extra):
