@@ -843,4 +843,11 @@ def format_validation_error(exc: ValidationError, where: str, root: type[BaseMod
         return f"{where}: missing required key '{key}' (add it to the recipe or pass --set {key}=...){more}"
     message = err["msg"].removeprefix("Value error, ")
     shown = f"'{key}'" if key else "recipe"
-    return f"{where}: {shown}: {message} (got {err.get('input')!r}){more}"
+    given = err.get("input")
+    if err["type"] == "list_type" and isinstance(given, (str, int, float)):  # tasks: copa, not [copa]
+        return f"{where}: {shown}: a list is expected, got {given!r} (write [{given}]){more}"
+    if err["type"] in ("model_type", "dict_type") and not isinstance(given, dict):  # output: foo
+        owner = _model_for(root, loc) if root else None
+        keys = f" ({', '.join(owner.model_fields)})" if owner else ""
+        return f"{where}: {shown} is a section of keys{keys}, not the value {given!r} (set one key: {key}.KEY=VALUE){more}"
+    return f"{where}: {shown}: {message} (got {given!r}){more}"
