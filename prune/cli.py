@@ -77,6 +77,9 @@ def _device_map(value: str | None):
             return json.loads(value)
         except json.JSONDecodeError as exc:
             raise argparse.ArgumentTypeError(f"--device-map is not valid JSON: {exc}") from None
+    if value.strip().startswith("["):  # it was read as a device's name: "names a device that is not present"
+        raise argparse.ArgumentTypeError(f"{value!r} is a list: give auto, cpu, a device, or a JSON object of module "
+                                         "names to devices ('{\"model.layers.0\": 0, ...}')")
     return value
 
 

@@ -916,7 +916,8 @@ def _header_file(path: Path, header) -> None:
     ("pruning_huge_int", "holds a value JSON cannot build"),
     ("auto_map_unknown_type", "could not read the config"),
     # transformers' message announces its reason on a second line: it ended at "for field 'num_hidden_layers':"
-    ("config_layers_text", "num_hidden_layers': TypeError: Field 'num_hidden_layers' expected int, got str"),
+    ("config_layers_text", "num_hidden_layers': TypeError: Field 'num_hidden_layers' expected int, got str (value: '8') "
+                           "(fix "),
 ])
 def test_checkpoint_metadata_of_the_wrong_shape(case, match, model, tmp_path, capsys):
     index = model / "model.safetensors.index.json"

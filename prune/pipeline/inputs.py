@@ -187,9 +187,15 @@ def preflight_model(src: ModelSource, trust_remote_code: bool = False,
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad config
         from prune.io.source import broken_json
 
-        first = broken_json(src, ("config.json",)) or first_line(exc)
-        local = "" if src.kind != "hub" else f" (and there is no local folder {src.path} here either)"
-        raise PruneError(f"could not read the config of {src.display}: {first}{local}") from None
+        broken = broken_json(src, ("config.json",))
+        first = broken or first_line(exc)
+        if src.kind == "hub":
+            hint = f" (and there is no local folder {src.path} here either)"
+        elif src.kind == "folder" and not broken:  # a field of the wrong type, no model_type: the file is at fault
+            hint = f" (fix {Path(src.path) / 'config.json'}, or give the model's own)"
+        else:
+            hint = ""
+        raise PruneError(f"could not read the config of {src.display}: {first}{hint}") from None
     check_supported(config)
     check_blocks_stored(src, config)  # a GGUF file's too, before anything is built
     check_weights_cover_config(src, config)
