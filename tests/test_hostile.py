@@ -766,6 +766,9 @@ def test_aliases_of_mappings_and_merge_keys_are_read(tmp_path, tiny_folder):
     ("select.protect[0]=1", "a list is set whole, not item by item"),  # it said "unknown key 'select'"
     ("evaluate.tasks.0=copa", "a list is set whole, not item by item"),
     ("evaluate.tasks=copa", "'evaluate.tasks': a list is expected, got 'copa' (write [copa])"),  # "valid list"
+    # one file for both texts: the line did not say which section's rows select nothing
+    ("evaluate.perplexity.rows='99999:'", "error: evaluate.perplexity: rows='99999:' selects none of the"),
+    ("calibration.rows='99999:'", "error: calibration: rows='99999:' selects none of the"),
     ("output=foo", "'output' is a section of keys (dir, overwrite, push_to_hub, dtype), not the value 'foo' (set one "
                    "key: output.KEY=VALUE)"),  # "valid dictionary or instance of OutputConfig": a class of the code  # it said "should be a valid list (got {'0': ..."
     # a value the --set gave is blamed on the --set, not on the recipe file that never held it
