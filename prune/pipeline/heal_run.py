@@ -233,6 +233,7 @@ def check_texts(run: Path, cfg: HealConfig, recipe, evaluate: bool, trust: bool)
     from prune.io.source import ModelSource
     from prune.io.text import calibration_windows_of, eval_windows, load_text
     from prune.model.loading import load_tokenizer
+    from prune.pipeline.inputs import text_of
 
     tokenizer = load_tokenizer(ModelSource("folder", str(run)), trust)
     windows, val_windows = training_windows(tokenizer, cfg)
@@ -243,15 +244,18 @@ def check_texts(run: Path, cfg: HealConfig, recipe, evaluate: bool, trust: bool)
                         windows, val_windows)
     if recipe is None:
         return
-    calibration_windows_of(tokenizer, recipe.calibration)
+    with text_of("calibration"):
+        calibration_windows_of(tokenizer, recipe.calibration)
     ev = recipe.evaluate
     if evaluate and ev is not None:
         if ev.perplexity is not None:
-            eval_windows(tokenizer, load_text(ev.perplexity.source()), ev.perplexity.seq_len, ev.perplexity.max_windows,
-                         ev.perplexity.bos)
+            with text_of("evaluate.perplexity"):
+                eval_windows(tokenizer, load_text(ev.perplexity.source()), ev.perplexity.seq_len,
+                             ev.perplexity.max_windows, ev.perplexity.bos)
         if ev.fidelity is not None:
             text, seq_len, max_windows = ev.fidelity.text(ev.perplexity)
-            eval_windows(tokenizer, load_text(text.source()), seq_len, max_windows, text.bos)
+            with text_of("evaluate.fidelity"):
+                eval_windows(tokenizer, load_text(text.source()), seq_len, max_windows, text.bos)
         if ev.tasks:
             from prune.measure.lmeval import check_chat_template, check_tokenizer
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -228,3 +229,15 @@ def validated(cls, flags: dict[str, str] | None = None, **values):
             raise PruneError(message) from None
         flag = spelled((flags or {}).get(key) or f"--{key.replace('_', '-')}", key)
         raise PruneError(f"{flag}: {message} (got {err.get('input')!r})") from None
+
+
+@contextlib.contextmanager
+def text_of(section: str):
+    """A text's refusal names the recipe section that gave it (``rows='9999:' selects none ...`` did not say
+    whether calibration's or evaluate.perplexity's, often the same file), unless it already does."""
+    try:
+        yield
+    except PruneError as exc:
+        if str(exc).startswith(section) or f"{section}." in str(exc):
+            raise
+        raise PruneError(f"{section}: {exc}") from None

@@ -15,7 +15,6 @@ with the same :func:`write_output`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -51,18 +50,6 @@ FORMAT = "prune/1"
 
 
 # ---- pre-flight: everything that can fail before weights are loaded --------------------
-
-@contextlib.contextmanager
-def text_of(section: str):
-    """A text's refusal names the recipe section that gave it (``rows='9999:' selects none ...`` did not say
-    whether calibration's or evaluate.perplexity's, often the same file), unless it already does."""
-    try:
-        yield
-    except PruneError as exc:
-        if str(exc).startswith(section) or f"{section}." in str(exc):
-            raise
-        raise PruneError(f"{section}: {exc}") from None
-
 
 def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict[str, Any]:
     """Check the output folder, the model config and the evaluation tasks; returns facts found."""
@@ -104,22 +91,22 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
     elif sel.n_layers is not None or sel.fraction is not None:  # search: the most it may remove
         resolve_count(n_layers, sel.n_layers, sel.fraction, protect)
     tokenizer = load_tokenizer(src, recipe.model.trust_remote_code)
-    with text_of("calibration"):
+    with I.text_of("calibration"):
         windows = calibration_windows_of(tokenizer, recipe.calibration)
     sel = recipe.select
     if sel.strategy == "verified" or (sel.strategy == "search" and sel.max_perplexity_ratio is not None):
         from prune.choose.strategies import heldout_windows
 
         c = recipe.calibration  # held-out windows beyond the calibration ones: too little text fails now
-        with text_of("calibration"):
+        with I.text_of("calibration"):
             heldout_windows(tokenizer, load_text(c.source()), c.n_samples, c.seq_len, c.seed, c.bos, sel.held_out())
     if recipe.evaluate and recipe.evaluate.perplexity:  # empty or too short text fails now, not after scoring
         p = recipe.evaluate.perplexity
-        with text_of("evaluate.perplexity"):
+        with I.text_of("evaluate.perplexity"):
             eval_windows(tokenizer, load_text(p.source()), p.seq_len, p.max_windows, p.bos)
     if fidelity_text is not None and ev.fidelity.path is not None:  # its own text: the same checks
         text, seq_len, max_windows = fidelity_text
-        with text_of("evaluate.fidelity"):
+        with I.text_of("evaluate.fidelity"):
             eval_windows(tokenizer, load_text(text.source()), seq_len, max_windows, text.bos)
     if recipe.evaluate and recipe.evaluate.tasks:
         from prune.measure.lmeval import check_chat_template, check_tasks, check_tokenizer
