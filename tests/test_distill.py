@@ -419,7 +419,7 @@ def test_prune_heal_run_dir_with_distill(tmp_path, tiny_folder_heal, capsys):
     # the console script: --method distill, a bad temperature is one line and exit 2
     bad = prune_main("heal", run_dir, "-o", tmp_path / "bad", "--method", "distill", "--data", C4_DATA["path"],
                      "--set", "temperature=0")
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "temperature must be > 0" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "temperature must be between 0.1 and 100" in bad.stderr
     assert not (tmp_path / "bad").exists()
 
 
@@ -629,8 +629,8 @@ def _recipe(tmp_path, **heal):
 
 
 @pytest.mark.parametrize("heal,message", [
-    ({"method": "distill", "temperature": 0}, "temperature must be > 0"),
-    ({"method": "distill", "temperature": -1.5}, "temperature must be > 0"),
+    ({"method": "distill", "temperature": 0}, "temperature must be between 0.1 and 100"),
+    ({"method": "distill", "temperature": -1.5}, "temperature must be between 0.1 and 100"),
     ({"method": "distill", "top_k": VOCAB + 1}, f"top_k={VOCAB + 1} is larger than the vocabulary ({VOCAB} tokens)"),
     ({"method": "distill", "teacher": "cache", "hidden_weight": 1.0}, "hidden_weight needs the teacher in memory"),
     ({"method": "distill", "kl_weight": 0}, "has no loss"),

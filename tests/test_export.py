@@ -119,6 +119,30 @@ def test_save_of_a_model_loaded_from_a_pruned_folder_extends_its_lineage(two_ste
     assert record.original.n_layers == parent.original.n_layers and record.created
 
 
+@pytest.mark.parametrize("files, message", [
+    ({"config.json": "{}"}, "files names config.json, which the checkpoint writes itself"),  # a folder nothing loads
+    ({"model.safetensors": "x"}, "files names model.safetensors, which the checkpoint writes itself"),
+    ({"tokenizer.json": "{}"}, "files names tokenizer.json, which the checkpoint writes itself"),
+    ({"pruning.json": "{}"}, "files names pruning.json, which the checkpoint writes itself (its config, weights, "
+                             "tokenizer or record: pass the record as pruning=)"),
+    ({"notes.txt": b"x"}, "files['notes.txt'] is a bytes: extra files are text (a str)"),  # a TypeError, deep inside
+])
+def test_extra_files_never_replace_the_checkpoints_own(files, message, two_steps, tmp_path):
+    """``prune.save(files={"config.json": "{}"})`` wrote a folder that looked complete and that nothing loads; so did
+    ``prune_checkpoint``. Refused before anything is written; a card, a recipe and notes are extra files as before."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, first, _ = two_steps
+    model, tok = AutoModelForCausalLM.from_pretrained(first.out_dir), AutoTokenizer.from_pretrained(first.out_dir)
+    for write in (lambda: prune.save(model, tok, tmp_path / "a", files=files),
+                  lambda: prune.prune_checkpoint(first.out_dir, [1], tmp_path / "b", files=files)):
+        with pytest.raises(PruneError, match=f"^{re.escape(message)}"):
+            write()
+    assert not list(tmp_path.iterdir())
+    out = prune.save(model, tok, tmp_path / "c", files={"README.md": "# card", "notes/recipe.yaml": "a: 1"})
+    assert (out / "README.md").read_text() == "# card" and (out / "notes" / "recipe.yaml").is_file()
+
+
 def test_save_never_writes_over_or_into_the_folder_the_model_came_from(two_steps, tmp_path):
     """prune.save replaced the model it was loaded from (overwrite=True), or wrote inside it, even with source=
     naming it; from Python the message names the parameter, not the CLI's flag."""

@@ -479,6 +479,12 @@ def tiny_folder(tmp_path, tokenizers_by_bos):
     ({"method": "distill", "objective": "lm"}, {}, "method distill is objective distill, and objective is 'lm'"),
     # params left from method distill once the method changed: "unknown key", and the list of keys lacked it
     ({"method": "lora", "params": "partial"}, {}, "params names what method distill trains; with method 'lora' remove it"),
+    # accepted, and they trained nothing or wrecked the model: a weight decay of 1e9 (perplexity the vocabulary size),
+    # temperatures that make both distributions one-hot or uniform, a top-1 cache (the KL always 0)
+    ({"method": "lora", "weight_decay": 1e9}, {}, "'heal.weight_decay': Input should be less than or equal to 1"),
+    ({"method": "distill", "temperature": 1e-30}, {}, "the distillation temperature must be between 0.1 and 100"),
+    ({"method": "distill", "temperature": 1e30}, {}, "the distillation temperature must be between 0.1 and 100"),
+    ({"method": "distill", "teacher": "cache", "top_k": 1}, {}, "'heal.top_k': Input should be greater than or equal to 2"),
 ])
 def test_bad_heal_settings_fail_at_validation(tmp_path, tiny_folder, heal, select, message):
     recipe = _recipe(tmp_path, **heal)
@@ -495,6 +501,11 @@ def test_bad_heal_settings_fail_at_validation(tmp_path, tiny_folder, heal, selec
     ({"method": "replace", "seq_len": 1024}, "longer than the model's context"),
     # the card said "batch 64", and each step saw the 4 windows there were
     ({"method": "lora", "n_samples": 4, "batch_size": 8}, "heal.batch_size 8 is more than the 4 training windows (n_samples)"),
+    # 10**9: the step never ended, cycling the 4 windows
+    ({"method": "lora", "n_samples": 4, "batch_size": 2, "gradient_accumulation": 10**9},
+     "heal.batch_size x heal.gradient_accumulation (2000000000 windows a step) is more than the 4 training windows"),
+    # 100000 on a 48-wide model: 460M adapter weights trained without a word (10**9: a 192 GB allocation's traceback)
+    ({"method": "lora", "rank": 100000}, "heal.rank 100000 is more than the model's hidden size"),
 ])
 def test_bad_heal_settings_fail_at_preflight(tmp_path, tiny_folder, heal, message):
     from prune.pipeline.orchestrator import preflight

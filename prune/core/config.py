@@ -675,7 +675,7 @@ class HealConfig(Section):
     learning_rate: float = Field(1e-4, gt=0, le=1)  # AdamW moves a weight by about the rate a step: above 1 is a typo
     schedule: Literal["cosine", "constant"] = "cosine"
     average: float = Field(0.0, ge=0, lt=1)  # share of the last steps whose weights are averaged (0: the last step's)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=1)  # AdamW shrinks each weight by rate x decay a step: above 1 is a typo
     seed: int = Field(0, ge=0, le=SEED_MAX)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
@@ -706,7 +706,7 @@ class HealConfig(Section):
     hidden_loss: Literal["mse", "relative"] = "mse"  # relative: mean_t ||h_s - h_t||^2 / ||h_t||^2 (prune.heal.distill)
     lm_weight: float = Field(0.0, ge=0)
     teacher: Literal["auto", "memory", "cache"] = "auto"
-    top_k: int = Field(64, ge=1)
+    top_k: int = Field(64, ge=2)  # one token a position: its renormalized distribution is certain, the KL always 0
     teacher_cache: str | None = None  # the top-k file; default: beside the output folder
     bridge: Literal["none", "linear", "down"] = "none"  # a least-squares map at each cut first (prune.heal.bridge)
     # each token's squared error as is (uniform), without each window's first token (skip_first), / the RMS of
@@ -744,8 +744,9 @@ class HealConfig(Section):
     @field_validator("temperature")
     @classmethod
     def _temperature(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError(f"the distillation temperature must be > 0, got {value} (1 is plain KL; 2 softens)")
+        if not 0.1 <= value <= 100:  # 1e-30: both softmaxes one-hot, 1e30: both uniform; the loss is 0 either way
+            raise ValueError(f"the distillation temperature must be between 0.1 and 100, got {value} (1 is plain KL; "
+                             "2 softens)")
         return value
 
     @field_validator("rank")

@@ -35,7 +35,7 @@ from prune.core.errors import PruneError
 from prune.core.faults import fault_point
 from prune.core.records import PruningRecord, complement
 from prune.export.public import clean_config_file, clean_tokenizer_config
-from prune.export.saving import staged, write_extras
+from prune.export.saving import check_extra_files, staged, write_extras
 from prune.io.safetensors import (
     INDEX_NAME,
     SINGLE_NAME,
@@ -304,6 +304,7 @@ def prune_checkpoint(
     from prune.io.guard import input_paths
     from prune.io.staging import check_output_dir
 
+    check_extra_files(files)
     src = resolve_source(source) if not isinstance(source, ModelSource) else source
     if src.kind == "hub":  # an existing or unsafe output is refused before the shards are downloaded
         check_output_dir(out_dir, overwrite, inputs, flag="--output")

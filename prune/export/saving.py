@@ -72,6 +72,7 @@ def save(
     w = dist.world()
     if w.distributed and not w.is_main:  # every rank wrote the folder (the second refused, or replaced the first's)
         return Path(out_dir).expanduser()
+    check_extra_files(files)
     if isinstance(source, (str, os.PathLike)):  # a path or Hub id, as prune.load takes it
         from prune.io.source import resolve_source
 
@@ -247,6 +248,22 @@ def record_and_card(model, pruning: PruningRecord | dict, out_dir, *, source=Non
     card = render_card(record, rows=rows, settings=settings, recipe_yaml=recipe_yaml, model_name=name,
                        load_id=f"path/to/{name}")
     return record, card
+
+
+def check_extra_files(files: dict[str, str] | None) -> None:
+    """Refuse extra ``files`` that would replace what the checkpoint writes itself (``config.json``, the weights,
+    the tokenizer's files, ``pruning.json``: a ``files={"config.json": "{}"}`` left a folder nothing loads), or
+    whose contents are not text; ``README.md`` (the card) may be given."""
+    from prune.io.staging import CHECKPOINT_FILE
+
+    for name, text in (files or {}).items():
+        if (name != "README.md" and CHECKPOINT_FILE.match(Path(name).name) and Path(name).parent == Path(".")) \
+                or name == RECORD_FILE:
+            raise PruneError(f"files names {name}, which the checkpoint writes itself (its config, weights, tokenizer "
+                             f"or record{': pass the record as pruning=' if name == RECORD_FILE else ''}): give "
+                             "another name")
+        if not isinstance(text, str):
+            raise PruneError(f"files[{name!r}] is a {type(text).__name__}: extra files are text (a str)")
 
 
 def write_extras(stage: Path, pruning: PruningRecord | dict | None, files: dict[str, str] | None) -> None:

@@ -54,7 +54,7 @@ from prune.io.text import calibration_windows, load_text
 from prune.core.errors import PruneError
 from prune.core.records import complement
 from prune.model.arch import meta_model
-from prune.model.loading import context_length, decoder_layers, final_norm, input_device
+from prune.model.loading import context_length, decoder_layers, final_norm, input_device, text_config
 from prune.core.config import HEAL_METHODS, HealConfig, SelectConfig, TextConfig, changed
 
 METHODS = HEAL_METHODS
@@ -190,6 +190,14 @@ def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: in
         raise PruneError(f"heal.batch_size {cfg.batch_size} is more than the {windows} training windows"
                          f"{' (n_samples)' if n_windows is None else ''}: lower batch_size"
                          f"{', or raise n_samples' if n_windows is None else ''}")
+    per_step = cfg.batch_size * cfg.gradient_accumulation
+    if per_step > windows and cfg.method != "bridge":  # 10**9: a step that never ended, cycling the windows
+        raise PruneError(f"heal.batch_size x heal.gradient_accumulation ({per_step} windows a step) is more than the "
+                         f"{windows} training windows: lower gradient_accumulation, or raise n_samples")
+    width = getattr(text_config(model.config), "hidden_size", None) if hasattr(model, "config") else None
+    if cfg.method == "lora" and isinstance(width, int) and cfg.rank > width:  # 100000 on a 48-wide model: 460M weights
+        raise PruneError(f"heal.rank {cfg.rank} is more than the model's hidden size {width}: a LoRA update of a layer "
+                         f"that wide has rank at most {width}; lower it (8 to 64 is usual)")
     if context is not None and cfg.seq_len > context:
         raise PruneError(f"heal.seq_len={cfg.seq_len} is longer than the model's context ({context} tokens); lower it")
     if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
