@@ -232,6 +232,13 @@ def test_result_round_trips_through_json(llama, calib_text, tmp_path):
     with pytest.raises(prune.PruneError, match=r"nan.json: scores of the wrong shape \(a block influence or angular "
                                                r"distance is nan, which scoring never writes\)"):
         prune.ScoreResult.load_json(tmp_path / "nan.json")
+    # n_layers 8.5: loaded, then a table or a choice failed with a TypeError deep inside
+    data = json.loads((tmp_path / "s.json").read_text())
+    for odd in (len(data["block_influence"]) + 0.5, True, 0):
+        (tmp_path / "odd.json").write_text(json.dumps({**data, "n_layers": odd}))
+        with pytest.raises(prune.PruneError, match=rf"odd.json: scores of the wrong shape \(n_layers is {odd!r}, not a "
+                                                   r"block count\)"):
+            prune.ScoreResult.load_json(tmp_path / "odd.json")
 
 
 def test_measurements_run_in_eval_mode_and_leave_the_mode_as_it_was(tokenizers_by_bos, calib_text):

@@ -66,6 +66,10 @@ def test_skip_blocks_equals_surgery_and_restores_everything(arch, tokenizers_by_
     with pytest.raises(RuntimeError, match="boom"), ST.skip_blocks(model, [2]):
         raise RuntimeError("boom")
     assert_unchanged(model, before)
+    with pytest.raises(prune.PruneError, match=r"^block indices repeated: \[3\] \(give each block once\)$"):
+        with ST.skip_blocks(model, [3, 3]):  # as remove_layers refuses it (it skipped one block)
+            pass
+    assert_unchanged(model, before)
 
 
 def test_iterative_rescores_after_each_removal(tokenizers_by_bos):

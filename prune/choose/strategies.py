@@ -63,7 +63,10 @@ def skip_blocks(model: nn.Module, removed):
     path = decoder_layers_path(model)
     layers = model.get_submodule(path)
     n = len(layers)
-    removed = sorted({block_number(i) for i in removed})
+    given = [block_number(i) for i in removed]
+    removed = sorted(set(given))
+    if len(removed) != len(given):  # as remove_layers: [3, 3] is a typo for two blocks
+        raise PruneError(f"block indices repeated: {sorted({i for i in given if given.count(i) > 1})} (give each block once)")
     if any(not 0 <= i < n for i in removed):
         raise PruneError(f"block indices {removed} out of range for {n} blocks")
     if len(removed) >= n:

@@ -129,7 +129,9 @@ class ScoreResult:
                              "one, a run folder, or a model with --data)")
         try:
             scores = cls.from_dict(data)
-            n = int(scores.n_layers)
+            if isinstance(scores.n_layers, bool) or not isinstance(scores.n_layers, int) or scores.n_layers < 1:
+                raise ValueError(f"n_layers is {scores.n_layers!r}, not a block count")  # 8.5: a traceback later
+            n = scores.n_layers
             square = [m for m in (scores.angular, scores.cka) if m is not None]
             if len(scores.block_influence) != n or any(len(m) != n + 1 or any(len(r) != n + 1 for r in m) for m in square):
                 raise ValueError(f"scores of {n} blocks must hold {n} block influences and (n+1) x (n+1) matrices")
