@@ -195,8 +195,9 @@ def test_remove_shows_a_progress_bar_of_the_bytes_written_unless_quiet(tmp_path,
     (["score", "org/model", "--data", WIKI_RAW, "--split", "test"], "--split / --data-config select part of a datasets"),
     (["remove", "org/model", "--slices", "missing.yaml", "-o", "x"], "--slices file not found: missing.yaml"),
     (["compare", "a", "b", "--overwrite"], "--overwrite has no effect without --output"),
-    (["compare", "nope1", "nope2"], "neither folder exists: nope1, nope2"),
-    (["score", "m", "--data", "d.txt", "--device-map", "[1,2]"], "argument --device-map: '[1,2]' is a list: give auto"),  # it named B, then A once B was there
+    (["compare", "nope1", "nope2"], "neither folder exists: nope1, nope2"),  # it named B, then A once B was there
+    # read as a device's name: "names a device that is not present"
+    (["score", "m", "--data", "d.txt", "--device-map", "[1,2]"], "argument --device-map: '[1,2]' is a list: give auto"),
     # argparse reads "-10:" as a flag: it said "expected one argument", and nothing of how to give the value
     (["score", "m", "--data", "d.txt", "--rows", "-10:"],
      "argument --rows: expected one argument (a value that starts with '-' is given as --rows=VALUE) (see prune score --help)"),

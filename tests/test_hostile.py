@@ -764,13 +764,13 @@ def test_aliases_of_mappings_and_merge_keys_are_read(tmp_path, tiny_folder):
     ("model.offload_folder=/tmp/off", "without a device_map nothing goes there"),
     ("evaluate={original: false}", "evaluate measures nothing: give perplexity, fidelity or tasks"),
     ("select.protect[0]=1", "a list is set whole, not item by item"),  # it said "unknown key 'select'"
-    ("evaluate.tasks.0=copa", "a list is set whole, not item by item"),
+    ("evaluate.tasks.0=copa", "a list is set whole, not item by item"),  # it said "should be a valid list (got {'0': ..."
     ("evaluate.tasks=copa", "'evaluate.tasks': a list is expected, got 'copa' (write [copa])"),  # "valid list"
     # one file for both texts: the line did not say which section's rows select nothing
     ("evaluate.perplexity.rows='99999:'", "error: evaluate.perplexity: rows='99999:' selects none of the"),
     ("calibration.rows='99999:'", "error: calibration: rows='99999:' selects none of the"),
     ("output=foo", "'output' is a section of keys (dir, overwrite, push_to_hub, dtype), not the value 'foo' (set one "
-                   "key: output.KEY=VALUE)"),  # "valid dictionary or instance of OutputConfig": a class of the code  # it said "should be a valid list (got {'0': ..."
+                   "key: output.KEY=VALUE)"),  # "valid dictionary or instance of OutputConfig": a class of the code
     # a value the --set gave is blamed on the --set, not on the recipe file that never held it
     ("select.n_layers=-1", "error: --set select.n_layers=-1: 'select.n_layers': Input should be greater than or equal to 1"),
     ("select={n_layers: 0}", "error: --set select={n_layers: 0}: 'select.n_layers': Input should be greater than"),

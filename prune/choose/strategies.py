@@ -41,6 +41,7 @@ from prune.core.config import HELDOUT_WINDOWS, CalibrationConfig, EvaluateConfig
 from prune.core.errors import PruneError
 from prune.core.records import block_number, complement
 from prune.measure.perplexity import nll_sum
+from prune.model.surgery import check_no_repeats
 from prune.model.loading import decoder_layers, decoder_layers_path, input_device, keeps_attention, pruned_config_updates, weights_dtype
 from prune.measure.scoring import (BATCH_SIZE, BETA, CKA_WINDOWS, DEFAULT_POSITIONS, TAU, ScoreResult, check_model,
                                    check_windows, embedding_rows, score)
@@ -63,10 +64,9 @@ def skip_blocks(model: nn.Module, removed):
     path = decoder_layers_path(model)
     layers = model.get_submodule(path)
     n = len(layers)
-    given = [block_number(i) for i in removed]
-    removed = sorted(set(given))
-    if len(removed) != len(given):  # as remove_layers: [3, 3] is a typo for two blocks
-        raise PruneError(f"block indices repeated: {sorted({i for i in given if given.count(i) > 1})} (give each block once)")
+    removed = [block_number(i) for i in removed]
+    check_no_repeats(removed)
+    removed = sorted(removed)
     if any(not 0 <= i < n for i in removed):
         raise PruneError(f"block indices {removed} out of range for {n} blocks")
     if len(removed) >= n:

@@ -186,14 +186,14 @@ def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: in
 
     check_parallel(cfg)  # batch split over the launch's ranks, FSDP only under a launcher
     windows = cfg.n_samples if n_windows is None else n_windows
-    if cfg.batch_size > windows and cfg.method != "bridge":  # a step would see the windows there are: not the batch
-        raise PruneError(f"heal.batch_size {cfg.batch_size} is more than the {windows} training windows"
-                         f"{' (n_samples)' if n_windows is None else ''}: lower batch_size"
+    per_step = cfg.batch_size * cfg.gradient_accumulation  # a step would see the windows there are, not the batch;
+    if per_step > windows and cfg.method != "bridge":  # accumulation 10**9: a step that never ended, cycling them
+        accumulated = cfg.gradient_accumulation > 1
+        what = (f"heal.batch_size x heal.gradient_accumulation ({per_step} windows a step)" if accumulated
+                else f"heal.batch_size {cfg.batch_size}")
+        raise PruneError(f"{what} is more than the {windows} training windows{' (n_samples)' if n_windows is None else ''}"
+                         f": lower {'gradient_accumulation' if accumulated else 'batch_size'}"
                          f"{', or raise n_samples' if n_windows is None else ''}")
-    per_step = cfg.batch_size * cfg.gradient_accumulation
-    if per_step > windows and cfg.method != "bridge":  # 10**9: a step that never ended, cycling the windows
-        raise PruneError(f"heal.batch_size x heal.gradient_accumulation ({per_step} windows a step) is more than the "
-                         f"{windows} training windows: lower gradient_accumulation, or raise n_samples")
     width = getattr(text_config(model.config), "hidden_size", None) if hasattr(model, "config") else None
     if cfg.method == "lora" and isinstance(width, int) and cfg.rank > width:  # 100000 on a 48-wide model: 460M weights
         raise PruneError(f"heal.rank {cfg.rank} is more than the model's hidden size {width}: a LoRA update of a layer "

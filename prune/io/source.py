@@ -97,8 +97,10 @@ def broken_json(src: ModelSource, names: tuple[str, ...]) -> str | None:
         return None
     for name in names:
         file = Path(src.path).expanduser() / name
+        if not file.is_file():
+            continue
         try:
-            json.loads(file.read_bytes()) if file.is_file() else None
+            json.loads(file.read_bytes())
         except json.JSONDecodeError as exc:
             return f"{file} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): fix or replace it"
         except (UnicodeDecodeError, OSError, RecursionError) as exc:

@@ -156,7 +156,7 @@ def check_tasks(tasks: list[str], *, data_dir_path=None, task_dirs=None, num_few
              for asked, name in zip(tasks, names) if asked != name]
     for asked, name in zip(tasks, names):
         # lm-eval's and datasets' own logs of a failed load ("Failed to load JSON from file ..."): the error line says it
-        loggers = [logging.getLogger(n) for n in ["datasets", *logging.root.manager.loggerDict]
+        loggers = [logging.getLogger(n) for n in {"datasets", *logging.root.manager.loggerDict}
                    if n.startswith(("lm_eval", "datasets"))]
         previous = [(lg, lg.level) for lg in loggers]
         for lg in loggers:

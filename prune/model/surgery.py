@@ -37,12 +37,17 @@ def check_indices(indices, n_layers: int) -> list[int]:
     for i in indices:
         if not 0 <= i < n_layers:
             raise PruneError(f"block index {i} is out of range: the model has blocks 0..{n_layers - 1}")
-    dupes = sorted({i for i in indices if indices.count(i) > 1})
-    if dupes:
-        raise PruneError(f"block indices repeated: {dupes} (give each block once)")
+    check_no_repeats(indices)
     if len(indices) >= n_layers:
         raise PruneError(f"cannot remove all {n_layers} blocks: at least one must stay")
     return sorted(indices)
+
+
+def check_no_repeats(indices: list[int]) -> None:
+    """Refuse a block given twice (``[3, 3]``: a typo for two blocks, which removing or skipping once hid)."""
+    dupes = sorted({i for i in indices if indices.count(i) > 1})
+    if dupes:
+        raise PruneError(f"block indices repeated: {dupes} (give each block once)")
 
 
 def _tied(model: nn.Module) -> bool:

@@ -231,9 +231,9 @@ def check_texts(run: Path, cfg: HealConfig, recipe, evaluate: bool, trust: bool)
     With ``--evaluate`` and lm-eval tasks, the tokenizer's padding token and chat template are checked
     too (lm-eval failed on them after training)."""
     from prune.io.source import ModelSource
-    from prune.io.text import calibration_windows_of, eval_windows, load_text
+    from prune.io.text import calibration_windows_of
     from prune.model.loading import load_tokenizer
-    from prune.pipeline.inputs import text_of
+    from prune.pipeline.inputs import text_of, text_windows
 
     tokenizer = load_tokenizer(ModelSource("folder", str(run)), trust)
     windows, val_windows = training_windows(tokenizer, cfg)
@@ -249,13 +249,9 @@ def check_texts(run: Path, cfg: HealConfig, recipe, evaluate: bool, trust: bool)
     ev = recipe.evaluate
     if evaluate and ev is not None:
         if ev.perplexity is not None:
-            with text_of("evaluate.perplexity"):
-                eval_windows(tokenizer, load_text(ev.perplexity.source()), ev.perplexity.seq_len,
-                             ev.perplexity.max_windows, ev.perplexity.bos)
+            text_windows(tokenizer, "evaluate.perplexity", ev.perplexity, ev.perplexity.seq_len, ev.perplexity.max_windows)
         if ev.fidelity is not None:
-            text, seq_len, max_windows = ev.fidelity.text(ev.perplexity)
-            with text_of("evaluate.fidelity"):
-                eval_windows(tokenizer, load_text(text.source()), seq_len, max_windows, text.bos)
+            text_windows(tokenizer, "evaluate.fidelity", *ev.fidelity.text(ev.perplexity))
         if ev.tasks:
             from prune.measure.lmeval import check_chat_template, check_tokenizer
 

@@ -241,3 +241,11 @@ def text_of(section: str):
         if str(exc).startswith(section) or f"{section}." in str(exc):
             raise
         raise PruneError(f"{section}: {exc}") from None
+
+
+def text_windows(tokenizer, section: str, text, seq_len: int, max_windows: int | None):
+    """``eval_windows`` of a recipe's evaluation ``text`` (its section's text settings), a refusal naming ``section``."""
+    from prune.io.text import eval_windows, load_text
+
+    with text_of(section):
+        return eval_windows(tokenizer, load_text(text.source()), seq_len, max_windows, text.bos)

@@ -25,7 +25,7 @@ from prune.core import dist
 from prune.core.errors import PruneError
 from prune.export.public import public_data
 from prune.io.text import reads_from_hub
-from prune.io.text import calibration_windows_of, eval_windows, load_text
+from prune.io.text import calibration_windows_of, load_text
 from prune.core.console import StageClock, keeps_quiet_mode, quiet_mode, say, show, versions
 from prune.core.tables import UNHEALED, comparison_markdown, comparison_rows, healed_markdown
 from prune.measure.evaluation import lm_eval_outputs, lm_eval_tables
@@ -50,7 +50,6 @@ FORMAT = "prune/1"
 
 
 # ---- pre-flight: everything that can fail before weights are loaded --------------------
-
 def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict[str, Any]:
     """Check the output folder, the model config and the evaluation tasks; returns facts found."""
     from prune.pipeline import inputs as I
@@ -102,12 +101,9 @@ def preflight(recipe: Recipe, overwrite: bool = False, recipe_file=None) -> dict
             heldout_windows(tokenizer, load_text(c.source()), c.n_samples, c.seq_len, c.seed, c.bos, sel.held_out())
     if recipe.evaluate and recipe.evaluate.perplexity:  # empty or too short text fails now, not after scoring
         p = recipe.evaluate.perplexity
-        with I.text_of("evaluate.perplexity"):
-            eval_windows(tokenizer, load_text(p.source()), p.seq_len, p.max_windows, p.bos)
+        I.text_windows(tokenizer, "evaluate.perplexity", p, p.seq_len, p.max_windows)
     if fidelity_text is not None and ev.fidelity.path is not None:  # its own text: the same checks
-        text, seq_len, max_windows = fidelity_text
-        with I.text_of("evaluate.fidelity"):
-            eval_windows(tokenizer, load_text(text.source()), seq_len, max_windows, text.bos)
+        I.text_windows(tokenizer, "evaluate.fidelity", *fidelity_text)
     if recipe.evaluate and recipe.evaluate.tasks:
         from prune.measure.lmeval import check_chat_template, check_tasks, check_tokenizer
 
