@@ -323,25 +323,37 @@ def same_limit(data: dict | None, limit: int, path: Path) -> dict | None:
     another limit is refused (its tasks, samples and the report's paired rows would mix two limits)."""
     if data is not None and data.get("limit") != limit:
         raise SystemExit(f"{path} holds lm-eval results of --limit {data.get('limit')}, not {limit}: rerun with "
-                         f"--limit {data.get('limit')}, or move {CACHE / 'lmeval'} and {SAMPLES} aside first")
+                         f"--limit {data.get('limit')}, or move {lmeval_dir(limit)} and {samples_dir(limit)} aside first")
     return data
 
 
+#: the protocol's questions per task; the report's tables and plots read this limit's files
+LIMIT = 500
+
+
+def lmeval_dir(limit: int) -> Path:
+    """Where lm-eval results of ``limit`` questions per task are cached (beyond the protocol's LIMIT: their own folder)."""
+    return CACHE / ("lmeval" if limit == LIMIT else f"lmeval-n{limit}")
+
+
+def samples_dir(limit: int) -> Path:
+    """lm-eval's own files (results + per-example samples) per block set, for the paired comparisons."""
+    return CACHE / ("lmeval-samples" if limit == LIMIT else f"lmeval-samples-n{limit}")
+
+
 def lmeval_done(removed, tasks, limit: int) -> bool:
-    path = CACHE / "lmeval" / f"{set_key(removed)}.json"
+    path = lmeval_dir(limit) / f"{set_key(removed)}.json"
     data = same_limit(read(path), limit, path)
     return data is not None and all(t in data["tasks"] for t in tasks)
 
 
-#: lm-eval's own files (results + per-example samples) per block set, for the paired comparisons;
-#: scripts/bench_fidelity.py --part paired writes the same protocol's files for k = 7 (read too)
-SAMPLES = CACHE / "lmeval-samples"
+#: scripts/bench_fidelity.py --part paired writes the protocol's lm-eval files for k = 7 (read too)
 FIDELITY_SAMPLES = ROOT / "bench_cache" / "fidelity" / "lmeval_k7"
 
 
-def samples_of(removed, tasks) -> Path | None:
+def samples_of(removed, tasks, limit: int = LIMIT) -> Path | None:
     """The folder of lm-eval samples of every task in ``tasks`` for this block set, or None."""
-    for root in (SAMPLES, FIDELITY_SAMPLES):
+    for root in (samples_dir(limit), FIDELITY_SAMPLES) if limit == LIMIT else (samples_dir(limit),):
         folder = root / set_key(removed)
         if all(list(folder.glob(f"samples_{t}_local_*.jsonl")) for t in tasks):
             return folder
@@ -351,7 +363,7 @@ def samples_of(removed, tasks) -> Path | None:
 def lmeval_of(ctx: Context, removed, tasks, limit) -> dict | None:
     from prune.measure.lmeval import run_lm_eval
 
-    path = CACHE / "lmeval" / f"{set_key(removed)}.json"
+    path = lmeval_dir(limit) / f"{set_key(removed)}.json"
     with claim(path) as mine:
         if not mine:
             return None
@@ -363,7 +375,7 @@ def lmeval_of(ctx: Context, removed, tasks, limit) -> dict | None:
                 started = time.time()
                 run = run_lm_eval(model, ctx.tok, [task], limit=limit, batch_size=16, seed=0, data_dir_path=str(DATA),
                                   progress=False, local_alias=True)  # cached results use the registry names
-                run.write(SAMPLES / set_key(removed), f"SmolLM2-135M-Instruct removed={sorted(removed)}")
+                run.write(samples_dir(limit) / set_key(removed), f"SmolLM2-135M-Instruct removed={sorted(removed)}")
                 res = run.summary
                 res[task]["seconds"] = round(time.time() - started, 1)
                 data["tasks"].update(res)
@@ -394,14 +406,15 @@ def ready_selection(ctx: Context, name: str, k: int):
     return sel and sel.removed
 
 
-def lmeval_worker(ctx: Context, k: int, tasks, limit, names=None) -> None:
-    """lm-eval at ``k``: task by task (TASK_ORDER), strategy by strategy (LMEVAL_PRIORITY); shares the queue
-    with other workers and waits for model-based selections that another worker is still computing."""
+def lmeval_worker(ctx: Context, k: int, tasks, limit, names=None, dense: bool = True) -> None:
+    """lm-eval at ``k``: task by task (TASK_ORDER), strategy by strategy (LMEVAL_PRIORITY), the dense model
+    first unless ``dense`` is False; shares the queue with other workers and waits for model-based
+    selections that another worker is still computing."""
     order = [t for t in TASK_ORDER if t in tasks] + [t for t in tasks if t not in TASK_ORDER]
     while True:
         waiting, did = False, False
         for task in order:
-            for name in ["dense"] + [n for n in dict.fromkeys(KEY + LMEVAL_PRIORITY) if names is None or n in names]:
+            for name in ["dense"] * dense + [n for n in dict.fromkeys(KEY + LMEVAL_PRIORITY) if names is None or n in names]:
                 removed = [] if name == "dense" else ready_selection(ctx, name, k)
                 if removed is None:
                     waiting = True
@@ -523,7 +536,7 @@ def headline(task: str) -> str:
 
 def collect(ks) -> dict:
     """Everything cached so far, per strategy."""
-    out = {"strategies": {}, "dense": {"ppl": read(CACHE / "ppl" / "dense.json"), "lmeval": read(CACHE / "lmeval" / "dense.json")}}
+    out = {"strategies": {}, "dense": {"ppl": read(CACHE / "ppl" / "dense.json"), "lmeval": read(lmeval_dir(LIMIT) / "dense.json")}}
     for name in STRATEGIES:
         row = {}
         for k in ks:
@@ -532,12 +545,12 @@ def collect(ks) -> dict:
                 continue
             key = set_key(sel["removed"])
             row[k] = {"removed": sel["removed"], "ppl": read(CACHE / "ppl" / f"{key}.json"),
-                      "lmeval": read(CACHE / "lmeval" / f"{key}.json")}
+                      "lmeval": read(lmeval_dir(LIMIT) / f"{key}.json")}
         out["strategies"][name] = row
     s = read(CACHE / "selections" / "search.json")
     if s is not None:
         key = set_key(s["selection"]["removed"])
-        out["search"] = {**s, "ppl": read(CACHE / "ppl" / f"{key}.json"), "lmeval": read(CACHE / "lmeval" / f"{key}.json")}
+        out["search"] = {**s, "ppl": read(CACHE / "ppl" / f"{key}.json"), "lmeval": read(lmeval_dir(LIMIT) / f"{key}.json")}
     return out
 
 
@@ -973,6 +986,56 @@ def plot_lmeval(data, avg, lm_k, common) -> None:
     plt.close(fig)
 
 
+def questions_report(lm_ks, tasks, limit: int) -> str:
+    """The default strategy against the published choices, paired on ``limit`` questions per task (more
+    than the protocol's LIMIT: ``--part lmeval-worker --limit``), beside the same comparison on LIMIT."""
+    from prune.measure.paired import compare_folders, headline_rows, task_average
+
+    def paired(removed_a, removed_b, n: int):
+        """(the task average of a - b on ``n`` questions per task, the per-task rows), or None if not evaluated."""
+        folders = [samples_of(removed, tasks, n) for removed in (removed_b, removed_a)]
+        if not all(folders):
+            return None
+        rows = [r for r in headline_rows(compare_folders(*folders)) if r.task.removesuffix("_local") in tasks]
+        return task_average(rows), rows
+
+    def cell(res) -> str:
+        if res is None:
+            return "not evaluated"
+        avg = res[0]
+        mark = " *" if avg.ci_low > 0 or avg.ci_high < 0 else ""
+        return f"{100 * avg.diff:+.2f} [{100 * avg.ci_low:+.2f}, {100 * avg.ci_high:+.2f}]{mark}"
+
+    d = DEFAULT_STRATEGY
+    lines = [f"| k | `{d}` removes | against | its blocks | on {LIMIT} questions per task | on up to {limit:,} | "
+             f"per task on up to {limit:,} (points) |", "|---:|---|---|---|---:|---:|---|"]
+    counts = ""
+    for k in lm_ks:
+        chosen = {name: sel["removed"] for name in (d, *PUBLISHED)
+                  if (sel := read(CACHE / "selections" / f"{slug(name)}_k{k}.json")) is not None}
+        if d not in chosen:
+            continue
+        for other in PUBLISHED:
+            if other not in chosen:
+                continue
+            if chosen[other] == chosen[d]:
+                lines.append(f"| {k} | {' '.join(map(str, chosen[d]))} | {other} | the same blocks | - | - | - |")
+                continue
+            small, big = paired(chosen[d], chosen[other], LIMIT), paired(chosen[d], chosen[other], limit)
+            per_task = "-" if big is None else ", ".join(
+                f"{r.task.removesuffix('_local')} {100 * r.diff:+.1f}{' *' if r.ci_low > 0 or r.ci_high < 0 else ''}"
+                for r in big[1])
+            if big is not None and not counts:
+                counts = ", ".join(f"{r.task.removesuffix('_local')} {r.n:,}" for r in big[1])
+            lines.append(f"| {k} | {' '.join(map(str, chosen[d]))} | {other} | {' '.join(map(str, chosen[other]))} | "
+                         f"{cell(small)} | {cell(big)} | {per_task} |")
+    lines += ["", f"Points: the 4-task average of `{d}` minus the other (acc; hellaswag acc_norm), 0-shot, the same "
+              "questions for both, with its paired 95% interval; * where the interval excludes 0 (a win above 0, a "
+              f"loss below). Questions on up to {limit:,}: {counts or 'none evaluated yet'} (every question of a task "
+              f"with fewer, the first {limit:,} of the others)."]
+    return "\n".join(lines)
+
+
 def write_docs(tables: str) -> None:
     """Replace the generated block of docs/BENCHMARKS.md ("Quality of the strategies") with ``tables``."""
     from docs_block import DOCS, replace_block
@@ -984,15 +1047,18 @@ def write_docs(tables: str) -> None:
 # ---- main ------------------------------------------------------------------------------------
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["all", "ppl", "ppl-worker", "lmeval", "lmeval-worker", "search", "report", "docs"],
+    p.add_argument("--part", choices=["all", "ppl", "ppl-worker", "lmeval", "lmeval-worker", "search", "report", "docs",
+                                       "questions"],
                    default="all")
     p.add_argument("--kind", choices=["all", "score", "model"], default="all", help="which strategies")
     p.add_argument("--only", default=None, help="comma-separated substrings of strategy names")
     p.add_argument("--ks", default=",".join(map(str, KS)))
     p.add_argument("--lmeval-ks", default="7,10")
     p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--limit", type=int, default=500)
+    p.add_argument("--limit", type=int, default=LIMIT)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--skip-dense", action="store_true", help="lmeval-worker: leave the dense model out (the paired "
+                   "comparisons between strategies do not need it)")
     args = p.parse_args()
     ks = [int(k) for k in args.ks.split(",")]
     tasks = [t for t in args.tasks.split(",") if t]
@@ -1008,6 +1074,15 @@ def main() -> int:
     if args.part == "docs":
         write_docs(report(KS, tasks, lm_ks))
         return 0
+    if args.part == "questions":  # the paired rows on --limit questions per task, into docs/BENCHMARKS.md
+        from docs_block import replace_block
+
+        body = questions_report(lm_ks, tasks, args.limit)
+        print(body)
+        if not replace_block("bench_quality_questions", body, f"python scripts/bench_quality.py --part questions "
+                             f"--lmeval-ks {args.lmeval_ks} --limit {args.limit}", "bench_cache/quality/"):
+            print("(docs/BENCHMARKS.md has no bench_quality_questions block: printed only)")
+        return 0
     log(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
     ctx = Context()
     names = names_for(args.kind, args.only)
@@ -1021,7 +1096,7 @@ def main() -> int:
         ppl_worker(ctx, names if args.only else None)
     elif args.part == "lmeval-worker":
         for k in lm_ks:
-            lmeval_worker(ctx, k, tasks, args.limit, names if args.only else None)
+            lmeval_worker(ctx, k, tasks, args.limit, names if args.only else None, dense=not args.skip_dense)
     elif args.part == "all":  # the whole benchmark, most informative cases first
         main_score = [n for n in names_for("score", None) if "cka" not in n and "msrs" not in n]
         other_score = [n for n in names_for("score", None) if n not in main_score]

@@ -460,6 +460,12 @@ def test_outofcore_pruning_refuses_bad_input_before_writing(tokenizers_by_bos, t
     # a download would fail with another message)
     with pytest.raises(PruneError, match="already exists"):
         prune_checkpoint("some-org/not-downloaded", [3], tmp_path / "exists")
+    # a record that contradicts removed= (it was overwritten by it without a word)
+    with pytest.raises(PruneError, match=re.escape("pruning= records removed [1], but removing [3, 4] from the 8 blocks")):
+        prune_checkpoint(folder, [3, 4], tmp_path / "out", pruning={"removed": [1]})
+    with pytest.raises(PruneError, match=re.escape("records layers_before 9, but removing [3] from the 8 blocks of")):
+        prune_checkpoint(folder, [3], tmp_path / "out", pruning={"removed": [3], "layers_before": 9})
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_remove_writes_the_pruned_checkpoint(tokenizers_by_bos, tmp_path, capsys):

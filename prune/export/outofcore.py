@@ -387,7 +387,13 @@ def remove_record(src, pruning: PruningRecord | dict, n_layers: int, removed: li
              "params_after": sum(n for k, n in numel.items() if sk.block_of.get(k) not in gone),
              "model_type": sk.model.config.model_type}
     kept = complement(n_layers, removed)
-    data.update(removed=sorted(removed), kept=kept, layers_before=n_layers, layers_after=len(kept))
+    made = dict(removed=sorted(removed), kept=kept, layers_before=n_layers, layers_after=len(kept))
+    if clash := [key for key, value in made.items() if data.get(key) not in (None, value)]:
+        raise PruneError(f"pruning= records {', '.join(f'{k} {data[k]}' for k in clash)}, but removing "
+                         f"{made['removed']} from the {n_layers} blocks of {src.display} makes "
+                         f"{', '.join(f'{k} {made[k]}' for k in clash)}: leave these fields out of pruning= "
+                         "(prune_checkpoint fills them from removed=) or fix them")
+    data.update(made)
     for key, value in facts.items():
         data.setdefault(key, value)
     data.setdefault("versions", versions())

@@ -157,6 +157,16 @@ def loaded_from(model) -> Path | None:
     return folder if folder is not None and folder.is_dir() else None
 
 
+def original_folder(folder: Path | None):
+    """The model folder a model was loaded from, as a source to check a record's block count against (a
+    ``pruning={"removed": [1]}`` of a 10-block original that lost two blocks claimed a 9-block one), or None."""
+    if folder is None or not (folder / "config.json").is_file():
+        return None
+    from prune.io.source import resolve_source
+
+    return resolve_source(str(folder))
+
+
 def own_inputs(model, source=None) -> list:
     """What :func:`save` never replaces nor writes into: the model folder ``model`` was loaded from and the
     ``source`` named (a GGUF source: the file alone, as a run protects it; its folder may hold the output)."""
@@ -227,7 +237,7 @@ def record_and_card(model, pruning: PruningRecord | dict, out_dir, *, source=Non
 
         source = resolve_source(str(folder))
     if record.layers_before is None or not record.kept or record.step == 1 and not record.kept_original:
-        check_record_fits(record, n_now, source)
+        check_record_fits(record, n_now, source or original_folder(folder))
         record = normalize_step(record, n_now)
         if source is not None:  # a pruned source: this step extends its lineage (indices in the original)
             parent = read_parent(source, record.layers_before)
