@@ -312,10 +312,11 @@ def test_python_api_save_refuses_a_removal_that_did_not_happen_and_takes_a_selec
         prune.save(model, tok, tmp_path / "y", pruning=choice, source=original)
 
 
-def test_python_api_save_checks_a_bare_record_against_the_folder_the_model_came_from(two_steps, tmp_path):
+def test_python_api_save_checks_a_bare_record_against_the_folder_the_model_came_from(two_steps, tmp_path, capsys):
     """``pruning={"removed": [1]}`` for a model loaded from an 8-block folder that lost blocks 3 and 4 wrote a
     removal from a 7-block original (no source= given, the folder holds no record): the folder's block count is
-    the check's source; the record of the removal made is saved."""
+    the check's source; the record of the removal made is saved. A save without a tokenizer says the folder has
+    none (it wrote a checkpoint pipeline() and prune check refuse, without a word)."""
     original, _, _ = two_steps
     model, tok, _ = prune.load(original)
     prune.remove_layers(model, [3, 4])
@@ -324,6 +325,10 @@ def test_python_api_save_checks_a_bare_record_against_the_folder_the_model_came_
     assert not (tmp_path / "x").exists()
     saved = read_json(prune.save(model, tok, tmp_path / "ok", pruning={"removed": [3, 4]}) / "pruning.json")
     assert saved["removed"] == [3, 4] and saved["layers_before"] == 8 and saved["layers_after"] == 6
+    assert "no tokenizer given" not in capsys.readouterr().err
+    bare = prune.save(model, None, tmp_path / "bare")
+    assert f"note: no tokenizer given: {tmp_path / 'bare'} has no tokenizer files" in capsys.readouterr().err
+    assert not list(bare.glob("tokenizer*"))
 
 
 def test_hand_written_record_counts_as_one_step():

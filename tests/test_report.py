@@ -262,11 +262,13 @@ def test_deep_models_plots_stay_readable():
 
 def test_write_report_refuses_a_count_or_selection_the_scores_cannot_hold(run_dir, tmp_path):
     """k=100 of 8 blocks was accepted (the d(l, k) chart dropped without a word); a selection of another model
-    raised IndexError."""
+    raised IndexError; kept=[0, 99] labelled the pruned model's blocks with blocks the scores do not have."""
     scores = ScoreResult.from_dict(json.loads((run_dir / "pruning.json").read_text())["scores_before"])
     for kwargs, message in ((dict(k=100), r"k=100: the report marks runs of 1 to 7 blocks of these 8"),
                             (dict(k=0), "k=0"),
-                            (dict(selection=prune.Selection([10, 11], 12, "x")), "the selection is of 12 blocks")):
+                            (dict(selection=prune.Selection([10, 11], 12, "x")), "the selection is of 12 blocks"),
+                            (dict(kept=[0, 99]), re.escape("kept=[0, 99] must give the index, among these scores' 8")),
+                            (dict(kept=[3, 1]), re.escape("kept=[3, 1] must give")), (dict(kept=[1.5]), "kept=")):
         with pytest.raises(prune.PruneError, match=message):
             prune.write_report(tmp_path / "r", scores, **kwargs)
     assert not (tmp_path / "r").exists()

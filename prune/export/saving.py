@@ -95,6 +95,11 @@ def save(
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
             clean_tokenizer_config(stage)  # transformers writes how it was loaded (local_files_only) into it
+        else:  # the output would fail prune check and pipeline(), as prune_checkpoint says of a source without one
+            from prune.core.console import say
+
+            say(f"note: no tokenizer given: {out_dir} has no tokenizer files (pass the tokenizer, or copy its files in "
+                "before loading it with a tokenizer or pushing it)")
         write_extras(stage, pruning, files)
     return Path(out_dir).expanduser()
 
