@@ -343,3 +343,36 @@ def _windows_fit(heldout_windows, tok, text, n) -> bool:
         return True
     except PruneError:
         return False
+
+
+def test_python_api_arguments_of_the_wrong_type_are_one_line(tokenizers_by_bos, calib_text, tmp_path):
+    """Arguments of the wrong type to the Python API raised Python's own errors from inside prune (a tokenizer of
+    None: AttributeError in the BOS check; n_samples=2.5: TypeError from torch; device="bogus": torch's list of
+    every device type; sleb start=[3]: TypeError; callback=5: TypeError after the first step; save(None, ...):
+    AttributeError; load_text(None): AttributeError): each is one PruneError naming the argument, before any work."""
+    tok = tokenizers_by_bos[True]
+    model = build_model("llama")
+    windows = prune.calibration_windows(tok, calib_text, n_samples=4, seq_len=16)
+    for call, said in (
+            (lambda: prune.calibration_windows(None, calib_text, n_samples=4, seq_len=16),
+             "the tokenizer is a NoneType, not a tokenizer: give the loaded tokenizer"),
+            (lambda: prune.eval_windows(model, calib_text, seq_len=16), "the tokenizer is a LlamaForCausalLM"),
+            (lambda: prune.calibration_windows(tok, calib_text, n_samples=2.5, seq_len=16),
+             "n_samples=2.5 must be a whole number"),
+            (lambda: prune.calibration_windows(tok, calib_text, n_samples=2, seq_len=16, seed="a"),
+             "seed='a' must be a whole number"),
+            (lambda: prune.eval_windows(tok, calib_text, seq_len="16"), "seq_len='16' must be a whole number"),
+            (lambda: prune.score(model, windows, device="bogus", progress=False),
+             "device 'bogus' is not a device torch knows: give cpu, cuda, cuda:1 or mps"),
+            (lambda: prune.sleb(model, windows, 2, start=[3], progress=False),
+             "sleb: start=[3] must be the trace of an earlier run to resume"),
+            (lambda: prune.iterative(model, windows, 2, on_round=5, progress=False),
+             "iterative: on_round=5 must be a function"),
+            (lambda: prune.heal_model(model, None, "lora", windows=windows, steps=1, batch_size=2, callback=5, quiet=True),
+             "heal_model: callback=5 must be a function of (step, tokens_seen)"),
+            (lambda: prune.heal_model(tok, None, "lora", windows=windows, steps=1), "heal_model: the model is a"),
+            (lambda: prune.save(None, tok, tmp_path / "out"), "the model to save is a NoneType, not a model"),
+            (lambda: prune.load_text(None), "load_text takes a path, a dataset name or a prune.TextSource, got NoneType")):
+        with pytest.raises(PruneError, match=re.escape(said)):
+            call()
+    assert not (tmp_path / "out").exists()

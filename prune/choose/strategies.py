@@ -136,6 +136,18 @@ def check_strategy_args(who: str, model, scores=None, **whole: tuple[int, int]) 
             raise PruneError(f"{who}: {name}={value!r} must be a whole number, at least {least}")
 
 
+def check_trace(who: str, start, on_round=None) -> list:
+    """``start`` (a run to resume) as the list of its rounds, each a dict with the block it ``removed``, or one line
+    (``start=[3]``, a block for a round, raised TypeError from inside); likewise ``on_round`` not a function."""
+    if on_round is not None and not callable(on_round):
+        raise PruneError(f"{who}: on_round={on_round!r} must be a function of each round's record (or None)")
+    rounds = list(start) if isinstance(start, (list, tuple)) else None
+    if rounds is None or not all(isinstance(t, dict) and "removed" in t for t in rounds):
+        raise PruneError(f"{who}: start={start!r} must be the trace of an earlier run to resume (its rounds, each a dict "
+                         "with the block it removed: what on_round received), or [] to start afresh")
+    return rounds
+
+
 def check_same_settings(scores, *, metric: str, positions: str, cka_windows: int, beta: float, tau: float) -> None:
     """Refuse ``scores`` computed with other settings than a strategy that re-scores by ``metric`` uses (its later
     rounds would rank on other settings than its first): the token positions always, ``cka_windows`` for cka and
@@ -177,7 +189,7 @@ def iterative(model, windows: torch.Tensor, count: int, *, metric: str = DEFAULT
     L = len(decoder_layers(model))
     prot = resolve_protect(protect, L)
     count = resolve_count(L, count, None, prot)
-    trace = [dict(t) for t in start][:count]
+    trace = [dict(t) for t in check_trace("iterative", start, on_round)][:count]
     removed = [t["removed"] for t in trace]
     if scores is not None:
         check_same_settings(scores, metric=metric, positions=positions, cka_windows=cka_windows, beta=beta, tau=tau)
@@ -250,7 +262,7 @@ def sleb(model, windows: torch.Tensor, count: int, *, protect=DEFAULT_PROTECT, b
     L = len(layers)
     prot = set(resolve_protect(protect, L))
     count = resolve_count(L, count, None, sorted(prot))
-    trace = [dict(t) for t in start][:count]
+    trace = [dict(t) for t in check_trace("sleb", start, on_round)][:count]
     removed = [t["removed"] for t in trace]
     bar = tqdm(total=count, initial=len(trace), desc="sleb", unit="round", disable=not progress)
     for r in range(len(trace), count):

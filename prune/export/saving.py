@@ -72,6 +72,9 @@ def save(
     w = dist.world()
     if w.distributed and not w.is_main:  # every rank wrote the folder (the second refused, or replaced the first's)
         return Path(out_dir).expanduser()
+    from prune.measure.scoring import check_model
+
+    check_model(model, "the model to save")
     check_extra_files(files)
     if isinstance(source, (str, os.PathLike)):  # a path or Hub id, as prune.load takes it
         from prune.io.source import resolve_source

@@ -55,6 +55,7 @@ from prune.core.errors import PruneError
 from prune.core.records import complement
 from prune.model.arch import meta_model
 from prune.model.loading import context_length, decoder_layers, final_norm, input_device, text_config
+from prune.measure.scoring import check_model
 from prune.core.config import HEAL_METHODS, HealConfig, SelectConfig, TextConfig, changed
 
 METHODS = HEAL_METHODS
@@ -865,6 +866,9 @@ def heal_model(model, tokenizer=None, method: str | HealConfig = "lora", *, data
     each block of ``model``, for ``hidden_weight``) or ``teacher_cache`` (a top-k file); for
     ``replace`` the full ``model`` itself (a copy or its top-k cache, per ``teacher``).
     """
+    check_model(model, "heal_model: the model")
+    if callback is not None and not callable(callback):
+        raise PruneError(f"heal_model: callback={callback!r} must be a function of (step, tokens_seen) (or None)")
     cfg = heal_config(method, data, **settings)
     if not cfg.merge:  # the adapter would be trained, then dropped: nothing here saves it apart
         raise PruneError("heal_model: merge=False keeps the LoRA adapter apart, which only `prune heal RUN_DIR --set "

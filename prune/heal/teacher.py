@@ -197,9 +197,10 @@ def topk_logprobs_sequential(folder: str | os.PathLike, windows: torch.Tensor, k
     from prune.measure.sequential import _Recorder, run_block
     from prune.model.capture import batches
     from prune.model.loading import final_norm
+    from prune.model.loading import as_device
     from prune.model.skeleton import Skeleton
 
-    device = torch.device(device)
+    device = as_device(device)
     sk = Skeleton(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     config = sk.model.config.get_text_config()
     if final_norm(sk.model) is None:

@@ -105,6 +105,8 @@ def load_text(source: TextSource) -> str:
     (after the ``rows`` slice) joined as described above."""
     if isinstance(source, (str, os.PathLike)):
         source = TextSource(str(source))
+    if not isinstance(source, TextSource):
+        raise PruneError(f"load_text takes a path, a dataset name or a prune.TextSource, got {type(source).__name__}")
     path = Path(source.path).expanduser()
     if not path.is_dir() and (path.suffix in TEXT_SUFFIXES or path.exists()):
         if not path.is_file():
@@ -237,6 +239,17 @@ def token_stream(tokenizer, text: str) -> torch.Tensor:
     return stream
 
 
+def check_window_args(tokenizer, **whole) -> None:
+    """One line unless ``tokenizer`` is a tokenizer (``None`` or a model in its place raised AttributeError from
+    inside) and each ``name=value`` a whole number (``n_samples=2.5`` raised TypeError from torch)."""
+    if not callable(tokenizer) or not hasattr(tokenizer, "bos_token_id"):
+        raise PruneError(f"the tokenizer is a {type(tokenizer).__name__}, not a tokenizer: give the loaded tokenizer "
+                         "(prune.load returns it second)")
+    for name, value in whole.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PruneError(f"{name}={value!r} must be a whole number")
+
+
 def _window_body(tokenizer, seq_len: int, bos: bool | None) -> tuple[int, int | None]:
     use_bos = needs_bos(tokenizer) if bos is None else bos
     if use_bos and tokenizer.bos_token_id is None:
@@ -268,6 +281,7 @@ def calibration_windows(
     drawn without replacement with ``torch.Generator().manual_seed(seed)``, then kept in
     stream order, so windows never overlap and the same seed gives the same windows.
     """
+    check_window_args(tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed)
     if n_samples < 1:
         raise PruneError(f"n_samples={n_samples} must be at least 1")
     body, bos_id = _window_body(tokenizer, seq_len, bos)
@@ -298,6 +312,7 @@ def eval_windows(
         if isinstance(max_windows, bool) or not isinstance(max_windows, numbers.Integral) or max_windows < 1:
             raise PruneError(f"max_windows={max_windows!r} must be a whole number of at least 1 (None: every window)")
         max_windows = int(max_windows)
+    check_window_args(tokenizer, seq_len=seq_len)
     body, bos_id = _window_body(tokenizer, seq_len, bos)
     stream = token_stream(tokenizer, text)
     available = stream.numel() // body

@@ -39,7 +39,7 @@ from prune.model.capture import BlockStates, batches, measured_in_eval_mode
 from prune.core.config import CalibrationConfig, ScoreConfig, default
 from prune.core.errors import PruneError, first_line, parse_problem
 from prune.core.faults import fault_point
-from prune.model.loading import decoder_layers, input_device, model_dtype
+from prune.model.loading import as_device, decoder_layers, input_device, model_dtype
 
 POSITIONS = ("all", "skip_first")
 #: Defaults, from the config sections (prune.core.config: the one place they are set). Token
@@ -382,7 +382,7 @@ def score(
     layers = decoder_layers(model)
     n_layers = len(layers)
     in_dev = input_device(model)
-    stats_dev = torch.device(device) if device is not None else (in_dev if in_dev.type != "meta" else torch.device("cpu"))
+    stats_dev = as_device(device) if device is not None else (in_dev if in_dev.type != "meta" else torch.device("cpu"))
     acc = ScoreAccumulator(n_layers, stats_dev, metrics, cka_windows)
     excluded: list[int] = []
     base = model.base_model

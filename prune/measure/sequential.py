@@ -50,7 +50,7 @@ from prune.measure.scoring import (
     fold_batch,
 )
 from prune.model.skeleton import Skeleton
-from prune.model.loading import dtype_name
+from prune.model.loading import as_device, dtype_name
 
 
 SPILL_MIN_BYTES = 64 << 20
@@ -197,7 +197,7 @@ def score_sequential(
     States are folded one CKA group (``cka_windows`` windows) at a time.
     """
     metrics, batch_size, first = check_score_args(windows, positions, metrics, cka_windows, batch_size, beta, tau)
-    device = torch.device(device)
+    device = as_device(device)
     started = time.perf_counter()
     sk = Skeleton(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     check_windows(windows, embedding_rows(sk.model))  # ids: the model is known

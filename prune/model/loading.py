@@ -393,6 +393,15 @@ def check_device_map(device_map, offload_folder: str | None) -> None:
             raise PruneError(f"device_map puts {module!r} on {device!r}, which is not present on this machine (use cpu, disk, or a present GPU)")
 
 
+def as_device(device, what: str = "device") -> torch.device:
+    """``device`` (a name, index or :class:`torch.device`) as a torch device, or one line naming it (torch's own
+    error listed every device type it was built with)."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise PruneError(f"{what} {device!r} is not a device torch knows: give cpu, cuda, cuda:1 or mps") from None
+
+
 def _device_exists(device) -> bool:
     if isinstance(device, int):
         return torch.cuda.is_available() and device < torch.cuda.device_count()
