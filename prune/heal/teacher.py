@@ -196,8 +196,7 @@ def topk_logprobs_sequential(folder: str | os.PathLike, windows: torch.Tensor, k
 
     from prune.measure.sequential import _Recorder, run_block
     from prune.model.capture import batches
-    from prune.model.loading import final_norm
-    from prune.model.loading import as_device
+    from prune.model.loading import as_device, final_norm
     from prune.model.skeleton import Skeleton
 
     device = as_device(device)

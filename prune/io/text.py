@@ -245,8 +245,10 @@ def check_window_args(tokenizer, **whole) -> None:
     if not callable(tokenizer) or not hasattr(tokenizer, "bos_token_id"):
         raise PruneError(f"the tokenizer is a {type(tokenizer).__name__}, not a tokenizer: give the loaded tokenizer "
                          "(prune.load returns it second)")
+    import numbers
+
     for name, value in whole.items():
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise PruneError(f"{name}={value!r} must be a whole number")
 
 
