@@ -1029,7 +1029,7 @@ def questions_report(lm_ks, tasks, limit: int) -> str:
                 counts = ", ".join(f"{r.task.removesuffix('_local')} {r.n:,}" for r in big[1])
             lines.append(f"| {k} | {' '.join(map(str, chosen[d]))} | {other} | {' '.join(map(str, chosen[other]))} | "
                          f"{cell(small)} | {cell(big)} | {per_task} |")
-    lines += ["", f"Points: the 4-task average of `{d}` minus the other (acc; hellaswag acc_norm), 0-shot, the same "
+    lines += ["", f"Points: the {len(tasks)}-task average of `{d}` minus the other (acc; hellaswag acc_norm), 0-shot, the same "
               "questions for both, with its paired 95% interval; * where the interval excludes 0 (a win above 0, a "
               f"loss below). Questions on up to {limit:,}: {counts or 'none evaluated yet'} (every question of a task "
               f"with fewer, the first {limit:,} of the others)."]
