@@ -53,6 +53,8 @@ IMG = ROOT / "docs" / "img"
 KS = (3, 5, 7, 10)
 TASKS = ["arc_easy", "piqa", "hellaswag", "winogrande"]
 EXTRA_TASKS = ["arc_challenge", "boolq"]
+#: the protocol's lm-eval questions per task; the report's tables and plots read this limit's files
+LIMIT = 500
 PROTECT = (0, -1)
 #: the protocol's calibration: CALIB_WINDOWS windows of WINDOW_TOKENS tokens (rows 0:2000, seed 0); verified's
 #: held-out windows and SLEB's are of the same length
@@ -325,10 +327,6 @@ def same_limit(data: dict | None, limit: int, path: Path) -> dict | None:
         raise SystemExit(f"{path} holds lm-eval results of --limit {data.get('limit')}, not {limit}: rerun with "
                          f"--limit {data.get('limit')}, or move {lmeval_dir(limit)} and {samples_dir(limit)} aside first")
     return data
-
-
-#: the protocol's questions per task; the report's tables and plots read this limit's files
-LIMIT = 500
 
 
 def lmeval_dir(limit: int) -> Path:
