@@ -1027,11 +1027,40 @@ def questions_report(lm_ks, tasks, limit: int) -> str:
                 counts = ", ".join(f"{r.task.removesuffix('_local')} {r.n:,}" for r in big[1])
             lines.append(f"| {k} | {' '.join(map(str, chosen[d]))} | {other} | {' '.join(map(str, chosen[other]))} | "
                          f"{cell(small)} | {cell(big)} | {per_task} |")
+    shares = retained_shares(lm_ks, tasks, limit)
+    if shares:
+        lines += ["", shares]
     lines += ["", f"Points: the {len(tasks)}-task average of `{d}` minus the other (acc; hellaswag acc_norm), 0-shot, the same "
               "questions for both, with its paired 95% interval; * where the interval excludes 0 (a win above 0, a "
               f"loss below). Questions on up to {limit:,}: {counts or 'none evaluated yet'} (every question of a task "
               f"with fewer, the first {limit:,} of the others)."]
     return "\n".join(lines)
+
+
+def retained_shares(lm_ks, tasks, limit: int) -> str:
+    """Each block set's accuracy as a share of the dense model's on ``limit`` questions per task (the mean over
+    tasks of set / dense, and the set's paired difference to dense), when the dense model was evaluated there."""
+    from prune.measure.paired import compare_folders, headline_rows, task_average
+
+    dense = samples_of([], tasks, limit)
+    if dense is None:
+        return ""
+    parts = []
+    for k in lm_ks:
+        chosen = {}
+        for name in (DEFAULT_STRATEGY, *PUBLISHED):
+            sel = read(CACHE / "selections" / f"{slug(name)}_k{k}.json")
+            if sel is not None and sel["removed"] not in chosen.values() and samples_of(sel["removed"], tasks, limit):
+                chosen[name] = sel["removed"]
+        for name, removed in chosen.items():
+            rows = [r for r in headline_rows(compare_folders(dense, samples_of(removed, tasks, limit)))
+                    if r.task.removesuffix("_local") in tasks]
+            avg = task_average(rows)
+            share = mean([r.mean_b / r.mean_a for r in rows])
+            parts.append(f"{name} (k = {k}) {100 * share:.1f}% ({100 * avg.diff:+.2f} [{100 * avg.ci_low:+.2f}, "
+                         f"{100 * avg.ci_high:+.2f}])")
+    return (f"Retained on these questions (the mean over tasks of the set's accuracy over the dense model's; in "
+            f"brackets the set minus dense in points, paired, 95%): {'; '.join(parts)}.") if parts else ""
 
 
 def write_docs(tables: str) -> None:
