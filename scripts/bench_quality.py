@@ -984,6 +984,12 @@ def plot_lmeval(data, avg, lm_k, common) -> None:
     plt.close(fig)
 
 
+def published_sets(k: int) -> dict[str, list[int]]:
+    """The blocks the default strategy and each published choice removed at ``k`` (those selected so far)."""
+    return {name: sel["removed"] for name in (DEFAULT_STRATEGY, *PUBLISHED)
+            if (sel := read(CACHE / "selections" / f"{slug(name)}_k{k}.json")) is not None}
+
+
 def questions_report(lm_ks, tasks, limit: int) -> str:
     """The default strategy against the published choices, paired on ``limit`` questions per task (more
     than the protocol's LIMIT: ``--part lmeval-worker --limit``), beside the same comparison on LIMIT."""
@@ -1009,8 +1015,7 @@ def questions_report(lm_ks, tasks, limit: int) -> str:
              f"per task on up to {limit:,} (points) |", "|---:|---|---|---|---:|---:|---|"]
     counts = ""
     for k in lm_ks:
-        chosen = {name: sel["removed"] for name in (d, *PUBLISHED)
-                  if (sel := read(CACHE / "selections" / f"{slug(name)}_k{k}.json")) is not None}
+        chosen = published_sets(k)
         if d not in chosen:
             continue
         for other in PUBLISHED:
@@ -1047,12 +1052,11 @@ def retained_shares(lm_ks, tasks, limit: int) -> str:
         return ""
     parts = []
     for k in lm_ks:
-        chosen = {}
-        for name in (DEFAULT_STRATEGY, *PUBLISHED):
-            sel = read(CACHE / "selections" / f"{slug(name)}_k{k}.json")
-            if sel is not None and sel["removed"] not in chosen.values() and samples_of(sel["removed"], tasks, limit):
-                chosen[name] = sel["removed"]
-        for name, removed in chosen.items():
+        distinct = {}
+        for name, removed in published_sets(k).items():
+            if removed not in distinct.values() and samples_of(removed, tasks, limit):
+                distinct[name] = removed
+        for name, removed in distinct.items():
             rows = [r for r in headline_rows(compare_folders(dense, samples_of(removed, tasks, limit)))
                     if r.task.removesuffix("_local") in tasks]
             avg = task_average(rows)
