@@ -34,6 +34,13 @@ def block_number(value, what: str = "block index") -> int:
     return int(value)
 
 
+def is_block_map(kept, total: int | None = None) -> bool:
+    """``kept`` is a block map: whole numbers (never bools), strictly increasing, from 0 and below ``total`` (when known)."""
+    kept = list(kept)
+    return (all(isinstance(i, int) and not isinstance(i, bool) for i in kept) and kept == sorted(set(kept))
+            and (not kept or kept[0] >= 0) and (total is None or not kept or kept[-1] < total))
+
+
 def complement(n_layers: int, indices) -> list[int]:
     """The block indices ``0 .. n_layers - 1`` not in ``indices``, in order: the kept blocks of a cut
     (``complement(n, removed)``), or the removed ones of a list of kept blocks."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from prune.choose.registry import names
 from prune.core.errors import PruneError
+from prune.core.records import is_block_map
 from prune.core.metrics import msrs_text
 from prune.io.guard import input_paths
 from prune.measure.scoring import ScoreResult
@@ -371,8 +372,7 @@ def write_report(out_dir: str | Path, before: ScoreResult, *, after: ScoreResult
     if selection is not None and (selection.n_layers != n or not all(0 <= b < n for b in selection.removed)):
         raise PruneError(f"the selection is of {selection.n_layers} blocks ({selection.removed}) but the scores of {n}: "
                          "give the selection made from these scores")
-    if kept is not None and (not all(isinstance(i, int) and not isinstance(i, bool) for i in kept)
-                             or list(kept) != sorted(set(kept)) or not all(0 <= i < n for i in kept)):
+    if kept is not None and not is_block_map(kept, n):
         raise PruneError(f"kept={list(kept)} must give the index, among these scores' {n} blocks, of each block the "
                          "pruned model kept, increasing (the record's kept)")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n):

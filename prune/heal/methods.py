@@ -52,7 +52,7 @@ from prune.model.capture import StopForward, _hidden_from_args, _hidden_from_out
 from prune.core.config import TextSource
 from prune.io.text import calibration_windows, load_text
 from prune.core.errors import PruneError
-from prune.core.records import complement
+from prune.core.records import complement, is_block_map
 from prune.model.arch import meta_model
 from prune.model.loading import context_length, decoder_layers, final_norm, input_device, text_config
 from prune.measure.scoring import check_model
@@ -946,10 +946,8 @@ def check_api_arguments(cfg: HealConfig, n: int, removed, kept, teacher_model) -
                              "original model as teacher_model, or drop teacher='memory'")
     if kept is None or cfg.method == "replace" or not ((distill and cfg.hidden_weight > 0) or bridged):
         return  # not read (a script may pass the block map to every method)
-    whole = all(isinstance(i, int) and not isinstance(i, bool) for i in kept)
     total = len(decoder_layers(teacher_model)) if isinstance(teacher_model, nn.Module) else None
-    if not whole or len(kept) != n or list(kept) != sorted(set(kept)) or (kept and kept[0] < 0) or (
-            total is not None and kept and kept[-1] >= total):
+    if len(kept) != n or not is_block_map(kept, total):
         raise PruneError(f"heal_model: kept={list(kept)} must give the original index of each of the model's {n} "
                          "blocks, increasing" + (f", below the original's {total}" if total is not None else ""))
 
