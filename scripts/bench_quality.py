@@ -16,8 +16,8 @@ angular distance and SLEB). The shared evaluation protocol (docs/BENCHMARKS.md):
 
 Every finished piece is cached as JSON under ``bench_cache/quality/`` (scores per scoring setting,
 selections per (strategy, k), measures and lm-eval per *removed set*, so two strategies that pick
-the same blocks are evaluated once), with a lock per case, so several workers share the queue and a
-rerun resumes. Greedy strategies (iterative, sleb) are run once to the largest k; their choice for a
+the same blocks are evaluated once), with a lock per case (lm-eval: per task of a set), so several workers share
+the queue and a rerun resumes. Greedy strategies (iterative, sleb) are run once to the largest k; their choice for a
 smaller k is the prefix of the same greedy trace (each round depends only on the blocks removed before it).
 
     nohup nice -n 5 python scripts/bench_quality.py --part ppl-worker --threads 1 > ppl.log 2>&1 &
@@ -266,29 +266,34 @@ def search_selection(ctx: Context) -> dict:
 # ---- evaluations (cached per removed set) ---------------------------------------------------
 class claim:
     """Cross-process lock on one cached result (``<path>.lock`` holding the pid): several
-    workers share the queue; a case another live worker is computing is skipped."""
+    workers share the queue; a case another live worker is computing is skipped (``wait``: waited for, for
+    the brief read-and-write of a file several workers add to)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, wait: bool = False):
         self.lock = path.with_suffix(".lock")
+        self.wait = wait
         self.held = False
 
     def __enter__(self) -> bool:
         self.lock.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
+        while True:
+            for _ in range(2):
                 try:
-                    os.kill(int(self.lock.read_text() or 0), 0)
-                    return False  # a live worker has it
-                except (ProcessLookupError, ValueError, FileNotFoundError):
-                    self.lock.unlink(missing_ok=True)  # stale
-                    continue
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            self.held = True
-            return True
-        return False
+                    fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    try:
+                        os.kill(int(self.lock.read_text() or 0), 0)
+                        break  # a live worker has it
+                    except (ProcessLookupError, ValueError, FileNotFoundError):
+                        self.lock.unlink(missing_ok=True)  # stale
+                        continue
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                self.held = True
+                return True
+            if not self.wait:
+                return False
+            time.sleep(0.5)
 
     def __exit__(self, *exc):
         if self.held:
@@ -359,27 +364,31 @@ def samples_of(removed, tasks, limit: int = LIMIT) -> Path | None:
 
 
 def lmeval_of(ctx: Context, removed, tasks, limit) -> dict | None:
+    """lm-eval of the model without ``removed`` on ``tasks``, cached per block set (one file, every task's
+    results). Each task is claimed on its own, so several workers can share one set's tasks; a finished task is
+    merged into the file under the file's own brief lock. None while another worker has one of the tasks."""
     from prune.measure.lmeval import run_lm_eval
 
     path = lmeval_dir(limit) / f"{set_key(removed)}.json"
-    with claim(path) as mine:
-        if not mine:
-            return None
-        data = same_limit(read(path), limit, path) or {"removed": sorted(removed), "limit": limit, "tasks": {}}
-        missing = [t for t in tasks if t not in data["tasks"]]
-        if missing:
-            model = ctx.pruned(removed)
-            for task in missing:  # one task at a time: each finished task is cached
-                started = time.time()
-                run = run_lm_eval(model, ctx.tok, [task], limit=limit, batch_size=16, seed=0, data_dir_path=str(DATA),
-                                  progress=False, local_alias=True)  # cached results use the registry names
-                run.write(samples_dir(limit) / set_key(removed), f"SmolLM2-135M-Instruct removed={sorted(removed)}")
-                res = run.summary
-                res[task]["seconds"] = round(time.time() - started, 1)
+    for task in tasks:
+        with claim(path.with_name(f"{path.stem}.{task}.json")) as mine:
+            if not mine:
+                return None
+            data = same_limit(read(path), limit, path)
+            if data is not None and task in data["tasks"]:
+                continue  # another worker finished it meanwhile
+            started = time.time()
+            run = run_lm_eval(ctx.pruned(removed), ctx.tok, [task], limit=limit, batch_size=16, seed=0,
+                              data_dir_path=str(DATA), progress=False, local_alias=True)  # cached under registry names
+            run.write(samples_dir(limit) / set_key(removed), f"SmolLM2-135M-Instruct removed={sorted(removed)}")
+            res = run.summary
+            res[task]["seconds"] = round(time.time() - started, 1)
+            with claim(path, wait=True):  # read again: another worker may have added a task meanwhile
+                data = same_limit(read(path), limit, path) or {"removed": sorted(removed), "limit": limit, "tasks": {}}
                 data["tasks"].update(res)
                 write(path, data)
-                log(f"lm-eval {task} removed={sorted(removed)}: {res[task]['metrics']} ({res[task]['seconds']}s)")
-    return data
+            log(f"lm-eval {task} removed={sorted(removed)}: {res[task]['metrics']} ({res[task]['seconds']}s)")
+    return same_limit(read(path), limit, path)
 
 
 #: lm-eval order at k = 7: the baselines and the published metrics first, then the rest
