@@ -320,7 +320,8 @@ def test_python_api_save_checks_a_bare_record_against_the_folder_the_model_came_
     original, _, _ = two_steps
     model, tok, _ = prune.load(original)
     prune.remove_layers(model, [3, 4])
-    with pytest.raises(PruneError, match=re.escape("a removal from 7 blocks, but the source")):
+    with pytest.raises(PruneError, match=re.escape("pruning= records blocks [1] of 8 removed, but prune.remove_layers "
+                                                   "cut blocks [3, 4] of the 8 this model had when loaded")):
         prune.save(model, tok, tmp_path / "x", pruning={"removed": [1]})
     assert not (tmp_path / "x").exists()
     saved = read_json(prune.save(model, tok, tmp_path / "ok", pruning={"removed": [3, 4]}) / "pruning.json")
@@ -330,6 +331,43 @@ def test_python_api_save_checks_a_bare_record_against_the_folder_the_model_came_
     assert f"note: no tokenizer given: {tmp_path / 'bare'} has no tokenizer files" in capsys.readouterr().err
     assert not list(bare.glob("tokenizer*"))
 
+
+
+def test_python_api_save_checks_the_record_against_the_cut_remove_layers_made(two_steps, tmp_path):
+    """A record of other blocks than prune.remove_layers cut (blocks 2 and 3 recorded where 4 and 6 went) wrote a
+    lineage, card and mergekit slices of blocks the weights do not hold, and prune check passed it. A first step
+    saved from Python recorded no parameter count of its original, so each later card showed its parent's count as
+    the original's (-30% where -47% was cut). Two calls of remove_layers are one removal from the model as loaded."""
+    original, _, _ = two_steps
+    model, tok, src = prune.load(original)
+    params = model.num_parameters()
+    prune.remove_layers(model, [6])
+    prune.remove_layers(model, [4])
+    with pytest.raises(PruneError, match=re.escape("pruning= records blocks [2, 3] of 8 removed, but "
+                                                   "prune.remove_layers cut blocks [4, 6] of the 8 this model had when "
+                                                   "loaded: give pruning={'removed': [4, 6]}")):
+        prune.save(model, tok, tmp_path / "x", pruning={"removed": [2, 3]}, source=src)
+    assert not (tmp_path / "x").exists()
+    first = read_json(prune.save(model, tok, tmp_path / "s1", pruning={"removed": [4, 6]}, source=src) / "pruning.json")
+    assert first["kept_original"] == [0, 1, 2, 3, 5, 7]
+    assert first["params_before"] == params and first["original"]["params"] == params
+    model, tok, src = prune.load(tmp_path / "s1")
+    prune.remove_layers(model, [3, 4])
+    step2 = prune.save(model, tok, tmp_path / "s2", pruning={"removed": [3, 4]}, source=src)
+    second = read_json(step2 / "pruning.json")
+    assert second["kept_original"] == [0, 1, 2, 7] and second["original"]["params"] == params
+    assert f"| parameters | {params:,} | {second['params_after']:,} (" in (step2 / "README.md").read_text()
+
+
+def test_a_card_without_the_originals_parameter_count_shows_none_rather_than_the_parents():
+    """A lineage whose first record has no parameter count (written before the fix above) showed the parent's count
+    in the original's column: now a dash."""
+    first = normalize_step({"removed": [1, 5]}, n_layers_after=6)
+    current = {"removed": [0, 2], "kept": [1, 3, 4, 5], "layers_before": 6, "layers_after": 4, "params_before": 6000,
+               "params_after": 4000}
+    card = render_card(extend(current, first, ModelSource("folder", "/x")), model_name="x", load_id="path/to/x")
+    row = next(line for line in card.splitlines() if line.startswith("| parameters |"))
+    assert "6,000" not in row and row.startswith("| parameters | - | 4,000")
 
 def test_hand_written_record_counts_as_one_step():
     """`prune.save(..., pruning={"removed": [...]})` records only the removed blocks."""

@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -434,6 +435,28 @@ def test_callback_and_gradient_checkpointing(tokenizers_by_bos):
     assert rec["gradient_checkpointing"]
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
+
+
+def test_a_replacement_saved_from_python_is_recorded_as_the_cli_records_it(tokenizers_by_bos, tmp_path):
+    """``prune.save(model, tok, out, pruning={"removed": [3, 4, 5], "healing": rec})`` after ``heal_model(...,
+    "replace")`` was refused as "a removal from 9 blocks" of the 8-block model, and ``removed=[3, 4]`` (the blocks
+    remove_layers cut) was taken, writing a card of 2 removed blocks whose Healing section said the trained block
+    replaces [3, 4, 5]. Now the first is the record ``prune heal --method replace`` writes; the second is refused."""
+    model = build_model("llama")
+    rec = heal_model(model, tokenizers_by_bos[True], "replace", data=C4_DATA, removed=RUN, quiet=True,
+                     **{**FAST, "steps": 2})
+    with pytest.raises(PruneError, match=re.escape("pruning= removes blocks [3, 4], but its healing record's trained "
+                                                   "block stands in for the run [3, 4, 5]: give pruning={'removed': "
+                                                   "[3, 4, 5], 'healing': ...}")):
+        prune.save(model, tokenizers_by_bos[True], tmp_path / "x", pruning={"removed": [3, 4], "healing": rec})
+    assert not (tmp_path / "x").exists()
+    out = prune.save(model, tokenizers_by_bos[True], tmp_path / "healed", pruning={"removed": RUN, "healing": rec})
+    saved = json.loads((out / "pruning.json").read_text())
+    assert (saved["removed"], saved["kept"], saved["kept_original"]) == (RUN, [0, 1, 2, 5, 6, 7], [0, 1, 2, 5, 6, 7])
+    assert (saved["layers_before"], saved["layers_after"]) == (N_LAYERS, 6)
+    card = (out / "README.md").read_text()
+    assert "3 of its 8 decoder blocks removed (6 blocks now, one a trained block in place of the removed run)" in card
+    assert check_checkpoint(out).ok
 
 # ---- bad settings: one line, before any training ------------------------------------------------------------
 def _recipe(tmp_path, **heal):

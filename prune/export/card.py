@@ -404,7 +404,8 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
     steps = record.chain()
     original = record.original
     n0 = (original.n_layers if original else None) or record.layers_before
-    p0 = (original.params if original else None) or record.params_before
+    # a later step's params_before is its parent's, not the original's: unknown rather than another model's count
+    p0 = (original.params if original else None) or (record.params_before if len(steps) == 1 else None)
     now_layers, now_params = record.layers_after, record.params_after
     removed_all = record.removed_original_all or record.removed
     origin = source_name((original.source if original else None) or record.source)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prune.core.errors import PruneError
-from prune.core.records import RECORD_FILE, PruningRecord, record_json
+from prune.core.records import RECORD_FILE, PruningRecord, complement, is_block_map, record_json
 from prune.core.faults import fault_point
 from prune.export.public import clean_config_file, clean_tokenizer_config, public_text
 from prune.model.loading import dtype_name, is_dispatched, weights_dtype
@@ -228,6 +228,56 @@ def check_record_fits(record: PruningRecord, n_now: int, source=None) -> None:
                          f"{n_source} (give the removal made from it, in its own block indices)")
 
 
+def with_replacement(record: PruningRecord) -> PruningRecord:
+    """``record`` with the kept blocks of the replacement its healing record made (``heal_model(..., "replace")``
+    returns ``kept`` and ``replacement.replaces``), as ``prune heal --method replace`` records it: the run is
+    removed and one of its blocks, trained, stays in its place (so the stack before had ``kept`` and ``removed``
+    together, that block counted once). A record whose ``removed`` is not the replaced run is refused."""
+    replacement = (record.healing or {}).get("replacement") if isinstance(record.healing, dict) else None
+    if not isinstance(replacement, dict) or record.kept:
+        return record
+    replaces, kept = replacement.get("replaces"), record.healing.get("kept")
+    if not (isinstance(replaces, list) and is_block_map(replaces) and isinstance(kept, list) and is_block_map(kept)):
+        return record
+    if sorted(record.removed) != replaces:
+        raise PruneError(f"pruning= removes blocks {sorted(record.removed)}, but its healing record's trained block "
+                         f"stands in for the run {replaces}: give pruning={{'removed': {replaces}, 'healing': ...}} (the "
+                         "blocks of the model before heal_model, 0-based)")
+    out = record.model_copy(deep=True)
+    out.kept = list(kept)
+    out.layers_before = out.layers_before or len(set(kept) | set(replaces))
+    return out
+
+
+def matching_cut(model, source):
+    """The cut :func:`prune.remove_layers` made of ``model`` (:func:`prune.model.surgery.cut_trail`), when a record
+    relative to ``source`` can be checked against it: the model was loaded from ``source`` (or, with no source
+    known, from wherever it was), and no other code changed its stack since. None otherwise."""
+    from prune.model.loading import decoder_layers
+    from prune.model.surgery import cut_trail, model_place
+
+    trail = cut_trail(model)
+    if trail is None or len(trail.kept) != len(decoder_layers(model)):
+        return None
+    if source is not None and model_place(source.path) != trail.loaded_from:
+        return None  # a record relative to another model (a folder saved since, say): its own frame
+    return trail
+
+
+def check_against_cut(record: PruningRecord, trail) -> None:
+    """Refuse a record whose removal is not the one :func:`prune.remove_layers` made (blocks 2 and 3 recorded
+    where 4 and 6 went: a lineage, card and mergekit slices of other blocks than the weights hold)."""
+    removed = sorted(record.removed)
+    before = record.layers_before or trail.layers_before
+    kept = list(record.kept) or complement(before, [i for i in removed if 0 <= i < before])
+    if before == trail.layers_before and kept == list(trail.kept):
+        return
+    cut = complement(trail.layers_before, list(trail.kept))
+    raise PruneError(f"pruning= records blocks {removed} of {before} removed, but prune.remove_layers cut blocks {cut} "
+                     f"of the {trail.layers_before} this model had when loaded: give pruning={{'removed': {cut}}} (or "
+                     "the Selection those blocks came from)")
+
+
 def record_and_card(model, pruning: PruningRecord | dict, out_dir, *, source=None, dtype: str | None = None,
                     rows: list[dict] | None = None, settings: dict | None = None, recipe_yaml: str | None = None):
     """``(record, card)`` for :func:`save` from the Python API: ``pruning`` normalised to a
@@ -244,9 +294,15 @@ def record_and_card(model, pruning: PruningRecord | dict, out_dir, *, source=Non
         from prune.io.source import resolve_source                                # from an original of its size
 
         source = resolve_source(str(folder))
+    record = with_replacement(record)
+    trail = matching_cut(model, source or original_folder(folder))
+    if trail is not None:
+        check_against_cut(record, trail)
     if record.layers_before is None or not record.kept or record.step == 1 and not record.kept_original:
         check_record_fits(record, n_now, source or original_folder(folder))
         record = normalize_step(record, n_now)
+        if trail is not None and record.params_before is None:
+            record.params_before = trail.params_before  # the model as loaded: the card's original count
         if source is not None:  # a pruned source: this step extends its lineage (indices in the original)
             parent = read_parent(source, record.layers_before)
             if parent is not None and record.params_before is None:

@@ -17,6 +17,7 @@ model (and load with missing or unexpected weights) is caught here, not after sa
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,7 +25,44 @@ from torch import nn
 from prune.core.errors import PruneError
 from prune.core.records import block_number, complement
 from prune.model.arch import block_index, meta_model
-from prune.model.loading import PERIODS, check_cut_keeps_attention, decoder_layers_path, pruned_config_updates
+from prune.model.loading import (
+    PERIODS,
+    check_cut_keeps_attention,
+    count_parameters,
+    decoder_layers_path,
+    pruned_config_updates,
+)
+
+
+@dataclass(frozen=True)
+class CutTrail:
+    """What :func:`remove_layers` has cut from a model in memory, so a record saved with it can be checked against
+    what happened (:func:`prune.export.saving.record_and_card`): ``kept``, the blocks left, as 0-based positions in
+    the stack as it was at the first cut, of ``layers_before`` blocks and ``params_before`` parameters; the model
+    was then loaded from ``loaded_from`` (its ``name_or_path``; ``""`` when built in memory)."""
+
+    kept: tuple[int, ...]
+    layers_before: int
+    params_before: int
+    loaded_from: str
+
+
+_TRAIL = "_prune_cut_trail"
+
+
+def model_place(name) -> str:
+    """``name_or_path`` as kept in a trail: a local path resolved (a relative path would change with the working
+    directory), a Hub id as it is, ``""`` for a model built in memory."""
+    from pathlib import Path
+
+    path = Path(str(name or "")).expanduser()
+    return str(path.resolve()) if name and path.exists() else str(name or "")
+
+
+def cut_trail(model: nn.Module) -> CutTrail | None:
+    """The blocks :func:`remove_layers` has cut from ``model`` so far (None: never cut by it)."""
+    trail = getattr(model, _TRAIL, None)
+    return trail if isinstance(trail, CutTrail) else None
 
 
 def check_indices(indices, n_layers: int) -> list[int]:
@@ -85,7 +123,8 @@ def remove_layers(model: nn.Module, indices) -> list[int]:
     Returns the original indices of the kept blocks, in order. Raises :class:`PruneError`
     for an empty, complete, out-of-range or repeated list of indices. A kept block whose
     computation depends on its index (:func:`query_rescale`) is rewritten to compute the same
-    function at its new index, so the saved model equals the pruned model in memory.
+    function at its new index, so the saved model equals the pruned model in memory. The cut is
+    remembered on the model (:func:`cut_trail`), cuts after the first composed with it.
     """
     path = decoder_layers_path(model)
     layers = model.get_submodule(path)
@@ -100,6 +139,12 @@ def remove_layers(model: nn.Module, indices) -> list[int]:
         raise PruneError("GPT-2 with scale_attn_by_inverse_layer_idx needs its query weights in memory to move a "
                          "block (they are offloaded): load it without disk offload")
 
+    prior = cut_trail(model)
+    if prior is None:
+        trail = CutTrail(tuple(kept), n_layers, count_parameters(model), model_place(getattr(model, "name_or_path", "")))
+    else:  # a stack changed by other code since (its length differs): what was cut is no longer known
+        trail = CutTrail(tuple(prior.kept[i] for i in kept), prior.layers_before, prior.params_before,
+                         prior.loaded_from) if len(prior.kept) == n_layers else None
     parent_name, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, nn.ModuleList([layers[i] for i in kept]))
@@ -122,6 +167,10 @@ def remove_layers(model: nn.Module, indices) -> list[int]:
     if tied_before and not _tied(model):  # defensive: the embeddings were never touched
         model.tie_weights()
     check_rebuild(model)
+    if trail is not None:
+        setattr(model, _TRAIL, trail)
+    elif prior is not None:
+        delattr(model, _TRAIL)
     return kept
 
 
