@@ -430,7 +430,8 @@ def add_push(sub) -> None:
     p.add_argument("--commit-message", default=None, help="commit message (default: names the block counts)")
     p.add_argument("--create-pr", action="store_true", help="open a pull request on the repo instead of committing to main")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="leave out files matching this glob (on the relative path or file name), e.g. 'eval.*' (repeatable)")
+                   help="leave out files matching this glob (on the relative path, the file name or a folder: 'eval/' "
+                        "leaves out the eval folder), e.g. 'eval.*' (repeatable)")
     p.add_argument("--token-file", default=None, help="read the Hub token from this file (never printed)")
     p.add_argument("--dry-run", action="store_true", help="print the files, sizes, repo and revision; send nothing")
     p.add_argument("--keep-card", action="store_true",

@@ -343,7 +343,7 @@ def test_partial_trains_last_blocks_and_norm_only(tokenizers_by_bos, tmp_path):
     assert rec["trained"] == [f"model.layers.{n - 2}", f"model.layers.{n - 1}", "model.norm"]
     want = {k for k in before if k.startswith((f"model.layers.{n - 2}.", f"model.layers.{n - 1}.", "model.norm."))}
     assert changed(before, model) == want
-    assert not rec["partial"]["lm_head_tied"]
+    assert "lm_head_tied" not in rec["partial"]  # the fixture's head is tied, and was not trained: it said False
     save_reload_same_logits(model, tok, tmp_path / "healed", torch.arange(20)[None])
 
 
@@ -712,7 +712,8 @@ def test_an_adapter_heal_is_evaluated_with_its_adapter(tmp_path, tiny_folder):
     # lm-eval's files of the run's original and of the healed model: paired in eval.md and by prune compare
     assert list((healed / "eval" / "original").glob("samples_copa_local_*.jsonl"))
     assert list((healed / "eval" / "pruned").glob("samples_copa_local_*.jsonl"))
-    assert ev["paired"] and ev["paired"][0]["n"] == 6 and "Paired: pruned against original" in (healed / "eval.md").read_text()
+    assert ev["paired"] and ev["paired"][0]["n"] == 6 and "Paired: healed against original" in (healed / "eval.md").read_text()
+    assert "each example's score, healed - original;" in (healed / "README.md").read_text()  # both said "pruned"
     # and against the run's pruned model, on the same examples: what the healing won back
     assert list((healed / "eval" / "pruned_before_healing").glob("samples_copa_local_*.jsonl"))
     assert ev["paired_healing"] and ev["paired_healing"][0]["n"] == 6
@@ -1078,8 +1079,13 @@ def test_the_healed_table_escapes_names_and_names_the_model_healing_started_from
 
 def test_a_run_that_heals_measures_the_pruned_model_before_healing(tmp_path, tiny_folder):
     """A run with heal: measured the original and the healed model only, so what the healing won back was not shown:
-    the pruned model is measured between the surgery and the healing, as a run without heal measures it."""
-    healed = run(_recipe(tmp_path, method="lora"), quiet=True)
+    the pruned model is measured between the surgery and the healing, as a run without heal measures it. Its paired
+    comparison with the original names the healed model so (eval.md and the card said "pruned")."""
+    recipe = _recipe(tmp_path, method="lora")
+    recipe["evaluate"].update(tasks=["copa"], limit=6, data_dir=str(DATA))
+    healed = run(recipe, quiet=True)
+    assert "## Paired: healed against original" in (healed.out_dir / "eval.md").read_text()
+    assert "each example's score, healed - original;" in (healed.out_dir / "README.md").read_text()
     plain = _recipe(tmp_path)
     del plain["heal"]
     plain["output"]["dir"] = str(tmp_path / "plain")

@@ -743,6 +743,21 @@ def test_a_run_s_paired_rows_read_the_groups_and_directions_of_its_results_files
     assert all(bool(r.lower_is_better) == (r.metric == "brier") for r in rows), [(r.task, r.metric, r.lower_is_better) for r in rows]
 
 
+
+def test_a_task_one_pooled_run_lacks_is_named_once(lm_eval_folders, tmp_path, capsys):
+    """Pooling B runs of which one lacks a task named it twice: "missing from 1 of the 2 runs pooled" and "only in A"."""
+    from prune.measure.paired import compare_pooled
+
+    root, _ = lm_eval_folders
+    lacking = edited_copy(root / "model-b", tmp_path / "b2")
+    for path in lacking.glob("samples_copa_*.jsonl"):
+        path.unlink()
+    capsys.readouterr()
+    rows, _ = compare_pooled(root / "model-a", [root / "model-b", lacking], iters=200)
+    err = capsys.readouterr().err
+    assert {r.task for r in rows} == {"arc_easy_local"}
+    assert "copa_local: missing from 1 of the 2 runs pooled" in err and "only in A" not in err
+
 def edited_copy(src, dest, edit_results=None, link_samples=None):
     """A copy of a real lm-eval results folder: ``edit_results(data)`` changes its results file; with
     ``link_samples`` its samples files are links to that folder's."""
@@ -777,7 +792,8 @@ def test_another_task_version_or_few_shot_count_is_refused_another_lm_eval_is_a_
     with pytest.raises(PruneError, match=r"^copa_local: task version 1.0 in A, 2.0 in B: the two did not run the same "
                                          r"task; evaluate both with the same version"):
         compare_folders(edited_copy(root / "model-a", tmp_path / "v", version), b)
-    with pytest.raises(PruneError, match="copa_local: few-shot examples 0 in A, 5 in B2"):
+    with pytest.raises(PruneError, match=r"copa_local: few-shot examples 0 in A, 5 in B2: the two did not run the same "
+                                         r"task; evaluate both with the same number of few-shot examples \(--num-fewshot"):
         compare_folders(root / "model-a", [b, edited_copy(b, tmp_path / "s", shots)])
     capsys.readouterr()
     rows = compare_folders(edited_copy(root / "model-a", tmp_path / "l", lm_eval), b, iters=200)

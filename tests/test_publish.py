@@ -722,6 +722,15 @@ def test_push_refuses_tokens_needed_excludes_and_edited_cards(chain, tmp_path):
     (folder / "__pycache__").mkdir()
     (folder / "__pycache__" / "card.cpython-311.pyc").write_bytes(b"\0")
     assert not [n for n, _ in push(folder, "me/x", dry_run=True, quiet=True).files if "pycache" in n]
+    (folder / "notes" / "deep").mkdir(parents=True)
+    for name in ("notes/a.md", "notes/deep/b.md"):
+        (folder / name).write_text("mine\n")
+    for pattern in ("notes", "notes/", "notes/*", "note?"):  # a folder's name left it out only as 'notes/*'
+        sent = [n for n, _ in push(folder, "me/x", dry_run=True, quiet=True, exclude=[pattern]).files]
+        assert not [n for n in sent if n.startswith("notes/")] and "config.json" in sent, pattern
+    assert {"notes/a.md", "notes/deep/b.md"} <= {n for n, _ in push(folder, "me/x", dry_run=True, quiet=True,
+                                                                     exclude=["deep/x"]).files}
+    shutil.rmtree(folder / "notes")
     tokenizer = [f for f in ("tokenizer.json", "tokenizer_config.json") if (folder / f).is_file()]
     assert tokenizer  # the card's snippet loads the tokenizer from the repo: --exclude 'tokenizer*' was sent
     for needed in ("config.json", "model.safetensors", *tokenizer):

@@ -364,9 +364,10 @@ def versions_line(versions: dict | None) -> str:
 
 
 # ---- the card ----------------------------------------------------------------------------------
-def paired_text(paired) -> str | None:
-    """The card's paired comparison (``eval.json``'s ``paired``: per-example differences, pruned - original): each
-    task's headline metric with its 95% interval, and their average; None without (or with damaged) rows."""
+def paired_text(paired, model: str = "pruned") -> str | None:
+    """The card's paired comparison (``eval.json``'s ``paired``: per-example differences, ``model`` - original, the
+    model ``pruned`` or ``healed``): each task's headline metric with its 95% interval, and their average; None
+    without (or with damaged) rows."""
     from prune.core.tables import md_text
     from prune.measure.paired import DISAGREES, DISAGREES_NOTE, Paired, average_line, headline_rows
 
@@ -379,7 +380,7 @@ def paired_text(paired) -> str | None:
                  f"[{100 * r.ci_low:+.2f}, {100 * r.ci_high:+.2f}]{' ' + DISAGREES if r.disagrees else ''} over {r.n} "
                  "examples" for r in head]
         if len({r.group or r.task for r in head}) > 1:
-            lines.append(md_text(average_line(rows, "original", "pruned")))
+            lines.append(md_text(average_line(rows, "original", model)))
         if any(r.disagrees for r in head):
             lines += ["", DISAGREES_NOTE]
     except Exception:  # noqa: BLE001 - a hand-edited eval.json (any shape): no paired lines, not a failed card
@@ -410,6 +411,7 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
     removed_all = record.removed_original_all or record.removed
     origin = source_name((original.source if original else None) or record.source)
     replacement = record.kept_replacement()  # still held: a later step may have removed it
+    paired_model = "healed" if record.healing else "pruned"  # eval.json's paired rows: this folder's model
     kept_words = (f"{now_layers} blocks now, one a trained block in place of the removed run" if replacement
                   else f"{now_layers} kept")
     summary = (f"A layer-pruned version of {origin}: {len(removed_all)} of its {n0} decoder blocks removed "
@@ -458,7 +460,8 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
         steps=lineage_rows, original_name=origin,
         # counts alone are no evaluation (every run has them): the card then says none was run
         table=comparison_markdown(rows) if any(r.get("metric") != "count" for r in rows or ()) else None,
-        eval_settings=eval_settings_line(settings), paired=paired_text(paired),
+        eval_settings=eval_settings_line(settings), paired=paired_text(paired, paired_model),
+        paired_model=paired_model,
         earlier_tables=earlier_tables,
         healing=healing_text(steps[healed[-1]].healing, None if steps[healed[-1]] is record else healed[-1] + 1)
         if healed else None, recipe_evaluates=bool((record.recipe or {}).get("evaluate")),

@@ -128,10 +128,18 @@ def _holds_token(folder: Path, name: str, rendered: dict[str, str]) -> bool:
     return False
 
 
+def excludes(rel: Path, pattern: str) -> bool:
+    """Whether the glob ``pattern`` leaves out the file at ``rel`` (relative to the folder pushed): it matches the
+    relative path, the file's name, or a folder the file is in (``eval``, ``eval/``, ``eval/*``: that whole folder,
+    as huggingface_hub reads a trailing slash)."""
+    folder = pattern.rstrip("/")
+    return (fnmatch.fnmatch(rel.as_posix(), pattern) or fnmatch.fnmatch(rel.name, pattern)
+            or any(fnmatch.fnmatch(parent.as_posix(), folder) for parent in rel.parents if parent.parts))
+
+
 def upload_files(folder: Path, exclude: list[str] | tuple[str, ...] = ()) -> list[tuple[str, int]]:
     """Every regular file under ``folder`` (sorted, POSIX relative paths), hidden names, Python's caches
-    (:data:`NEVER_SENT`) and files
-    matching an ``exclude`` glob pattern (on the relative path or the file name) left out.
+    (:data:`NEVER_SENT`) and the files an ``exclude`` glob pattern leaves out (:func:`excludes`) left out.
     Symbolic links are resolved: one that leads outside ``folder`` (a planted link to
     ``$HF_HOME/token``, to ``~/.ssh``) is refused, so nothing outside the folder is ever sent."""
     out = []
@@ -140,7 +148,7 @@ def upload_files(folder: Path, exclude: list[str] | tuple[str, ...] = ()) -> lis
         rel = path.relative_to(folder)
         if any(part.startswith(".") or any(fnmatch.fnmatch(part, p) for p in NEVER_SENT) for part in rel.parts):
             continue
-        if any(fnmatch.fnmatch(rel.as_posix(), p) or fnmatch.fnmatch(rel.name, p) for p in exclude):
+        if any(excludes(rel, p) for p in exclude):
             continue
         try:
             real = path.resolve(strict=True)

@@ -568,7 +568,7 @@ def heal_partial(model, cfg: HealConfig, windows: torch.Tensor, val_windows: tor
     after = mean_lm_loss(model, val_windows)
     record = _record(cfg, log, names, sum(p.numel() for p in params), windows, val_windows, before, after, started)
     record["partial"] = {"last_blocks": cfg.last_blocks, "train_norm": cfg.train_norm, "train_lm_head": cfg.train_lm_head,
-                         "lm_head_tied": tied}
+                         **({"lm_head_tied": tied} if cfg.train_lm_head else {})}  # of a head not trained: unsaid
     if tied:
         record["partial"]["note"] = ("the LM head is tied to the input embeddings: training it changed the input "
                                      "embeddings too (the model stays tied)")

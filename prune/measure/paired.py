@@ -692,8 +692,10 @@ def check_same_setup(a: TaskSetup, b: TaskSetup, tasks, between: tuple[str, str]
         for what, mine, theirs in (("task version", a.versions, b.versions), ("few-shot examples", a.shots, b.shots)):
             x, y = mine.get(task), theirs.get(task)
             if x is not None and y is not None and x != y:
+                how = fix if what == "task version" else ("evaluate both with the same number of few-shot examples "
+                                                         "(--num-fewshot, or the recipe's evaluate.num_fewshot)")
                 raise PruneError(f"{task}: {what} {x} in {between[0]}, {y} in {between[1]}: the two did not run the same "
-                                 f"task; {fix}")
+                                 f"task; {how}")
     if a.lm_eval and b.lm_eval and a.lm_eval != b.lm_eval:
         say(f"lm-eval {a.lm_eval} in {between[0]}, {b.lm_eval} in {between[1]}: paired on the same questions, as each "
             "version scored them", quiet)
@@ -942,8 +944,9 @@ def compare_pooled(a: str | Path, bs: list[str | Path], *, iters: int = BOOTSTRA
     for i, (folder, run) in enumerate(zip(folders, runs), 1):
         check_same_setup(task_setup(samples_folder(a)), task_setup(folder), set(ref) & set(run), ("A", f"B{i}"))
     meta = task_meta(samples_folder(a), *folders)
-    pooled = mean_samples(runs)
-    rows = compare_samples(ref, pooled, iters=iters, seed=seed, sign_test=True, meta=meta)
+    pooled = mean_samples(runs)  # names each task some runs lack: not named again as "only in A"
+    ref_pooled = {task: recs for task, recs in ref.items() if task in pooled or not any(task in run for run in runs)}
+    rows = compare_samples(ref_pooled, pooled, iters=iters, seed=seed, sign_test=True, meta=meta)
     keys = {task: set(_records_by_example(task, recs)) for task, recs in pooled.items()}
     each = []
     for run in runs:

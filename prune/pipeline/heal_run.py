@@ -577,7 +577,7 @@ def heal_run(run_dir, output, *, method: str | None = None, config: str | None =
     result, _ = write_output(save_fn, recipe, new, evaluation, out_dir=out, src=ModelSource("folder", str(run)),
                              inputs=inputs, overwrite=overwrite, quiet=quiet, title="Before / after healing",
                              table=healed_markdown(original, before, healed, counts, before_label),
-                             extra_markdown=healing_markdown(public_data(record)) + paired_section(paired)
+                             extra_markdown=healing_markdown(public_data(record)) + paired_section(paired, b="healed")
                              + paired_section(healing_paired, before_label, "healed"),
                              extra_files=lm_eval_files,
                              prepare=lambda rec, files: heal_export(rec, run, out, files, recipe, model,
