@@ -629,7 +629,9 @@ class HealConfig(Section):
     ``kl_weight * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`` per token, ``T = temperature``,
     ``+ hidden_weight * MSE`` between each kept block's output and the original's corresponding
     block output (``hidden_loss: relative``: each token's squared error over the original state's
-    squared norm instead, scale-free), ``+ lm_weight *`` the causal-LM loss. ``method: distill`` is shorthand for
+    squared norm instead, scale-free), ``+ lm_weight *`` the causal-LM loss (the weights count relative to each
+    other: AdamW's steps do not change when the whole loss is scaled, so ``kl_weight`` alone moves little).
+    ``method: distill`` is shorthand for
     ``objective: distill`` with ``params`` (default ``lora``) as the method. The teacher is a
     copy of the original in memory (``teacher: memory``) or its top-``top_k`` log-probs per
     token precomputed to ``teacher_cache`` (``teacher: cache``); ``auto`` keeps the copy when
