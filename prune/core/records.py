@@ -159,6 +159,11 @@ class PruningRecord(PruningStep):
         """Every step of the lineage, oldest first, ending with this one."""
         return [*self.history, self]
 
+    def model_name(self) -> str:
+        """What this step's model is called beside its original (eval.md, the card, ``prune compare``): ``healed``
+        once a healing trained it, else ``pruned``."""
+        return "healed" if self.healing else "pruned"
+
     def kept_replacement(self) -> tuple[int, list[int]] | None:
         """``(original index, the original blocks it replaces)`` of a replacement block (``heal.method: replace``)
         this checkpoint still holds: it carries its source block's index among ``kept_original`` (that block is also
