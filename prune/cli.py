@@ -768,7 +768,7 @@ def _pruned_label(run_dir: str) -> str:
 
     file = Path(run_dir).expanduser() / RECORD_FILE
     try:
-        return read_record(file).model_name() if file.is_file() else "pruned"
+        return read_record(file).label() if file.is_file() else "pruned"
     except PruneError:
         return "pruned"
 

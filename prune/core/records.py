@@ -159,7 +159,7 @@ class PruningRecord(PruningStep):
         """Every step of the lineage, oldest first, ending with this one."""
         return [*self.history, self]
 
-    def model_name(self) -> str:
+    def label(self) -> str:
         """What this step's model is called beside its original (eval.md, the card, ``prune compare``): ``healed``
         once a healing trained it, else ``pruned``."""
         return "healed" if self.healing else "pruned"

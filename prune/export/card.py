@@ -411,7 +411,7 @@ def render_card(pruning: PruningRecord | dict, *, rows: list[dict] | None = None
     removed_all = record.removed_original_all or record.removed
     origin = source_name((original.source if original else None) or record.source)
     replacement = record.kept_replacement()  # still held: a later step may have removed it
-    paired_model = record.model_name()  # eval.json's paired rows: this folder's model
+    paired_model = record.label()  # eval.json's paired rows: this folder's model
     kept_words = (f"{now_layers} blocks now, one a trained block in place of the removed run" if replacement
                   else f"{now_layers} kept")
     summary = (f"A layer-pruned version of {origin}: {len(removed_all)} of its {n0} decoder blocks removed "

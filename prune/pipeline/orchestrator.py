@@ -252,7 +252,7 @@ def run(recipe: Recipe | str | os.PathLike | dict, *, overrides: list[str] | tup
     record.dtype = engine.saved_dtype()  # out of core: the shards' dtype, known before they are written (the card)
     record.resumed = progress.resumed
     record.stage_seconds = dict(clock.seconds)  # to here: writing the folder comes after the record
-    extra = (paired_section(paired, b=record.model_name()) + paired_section(healing_paired, UNHEALED, "healed")
+    extra = (paired_section(paired, b=record.label()) + paired_section(healing_paired, UNHEALED, "healed")
              + (f"\n## lm-eval's own tables\n\n{lm_eval_tables(lm_eval_files)}" if lm_eval_files else ""))
     out, record = write_output(engine.save, recipe, record, evaluation, src=facts["source"], parent=facts["parent"],
                                inputs=facts["inputs"], model=getattr(engine, "model", None), table=table,
