@@ -999,17 +999,25 @@ def published_sets(k: int) -> dict[str, list[int]]:
             if (sel := read(CACHE / "selections" / f"{slug(name)}_k{k}.json")) is not None}
 
 
+def headline_pairs(folder_a: Path, folder_b: Path, tasks) -> list:
+    """B against A per question (:func:`prune.measure.paired.compare_folders`), each task's headline metric, over
+    ``tasks`` only."""
+    from prune.measure.paired import compare_folders, headline_rows
+
+    return [r for r in headline_rows(compare_folders(folder_a, folder_b)) if r.task.removesuffix("_local") in tasks]
+
+
 def questions_report(lm_ks, tasks, limit: int) -> str:
     """The default strategy against the published choices, paired on ``limit`` questions per task (more
     than the protocol's LIMIT: ``--part lmeval-worker --limit``), beside the same comparison on LIMIT."""
-    from prune.measure.paired import compare_folders, headline_rows, task_average
+    from prune.measure.paired import task_average
 
     def paired(removed_a, removed_b, n: int):
         """(the task average of a - b on ``n`` questions per task, the per-task rows), or None if not evaluated."""
         folders = [samples_of(removed, tasks, n) for removed in (removed_b, removed_a)]
         if not all(folders):
             return None
-        rows = [r for r in headline_rows(compare_folders(*folders)) if r.task.removesuffix("_local") in tasks]
+        rows = headline_pairs(*folders, tasks)
         return task_average(rows), rows
 
     def cell(res) -> str:
@@ -1054,7 +1062,7 @@ def questions_report(lm_ks, tasks, limit: int) -> str:
 def retained_shares(lm_ks, tasks, limit: int) -> str:
     """Each block set's accuracy as a share of the dense model's on ``limit`` questions per task (the mean over
     tasks of set / dense, and the set's paired difference to dense), when the dense model was evaluated there."""
-    from prune.measure.paired import compare_folders, headline_rows, task_average
+    from prune.measure.paired import task_average
 
     dense = samples_of([], tasks, limit)
     if dense is None:
@@ -1066,8 +1074,7 @@ def retained_shares(lm_ks, tasks, limit: int) -> str:
             if removed not in distinct.values() and samples_of(removed, tasks, limit):
                 distinct[name] = removed
         for name, removed in distinct.items():
-            rows = [r for r in headline_rows(compare_folders(dense, samples_of(removed, tasks, limit)))
-                    if r.task.removesuffix("_local") in tasks]
+            rows = headline_pairs(dense, samples_of(removed, tasks, limit), tasks)
             avg = task_average(rows)
             share = mean([r.mean_b / r.mean_a for r in rows])
             parts.append(f"{name} (k = {k}) {100 * share:.1f}% ({100 * avg.diff:+.2f} [{100 * avg.ci_low:+.2f}, "

@@ -295,11 +295,12 @@ def record_and_card(model, pruning: PruningRecord | dict, out_dir, *, source=Non
 
         source = resolve_source(str(folder))
     record = with_replacement(record)
-    trail = matching_cut(model, source or original_folder(folder))
+    frame = source or original_folder(folder)  # what the record's indices are relative to (resolved once)
+    trail = matching_cut(model, frame)
     if trail is not None:
         check_against_cut(record, trail)
     if record.layers_before is None or not record.kept or record.step == 1 and not record.kept_original:
-        check_record_fits(record, n_now, source or original_folder(folder))
+        check_record_fits(record, n_now, frame)
         record = normalize_step(record, n_now)
         if trail is not None and record.params_before is None:
             record.params_before = trail.params_before  # the model as loaded: the card's original count
