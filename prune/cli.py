@@ -18,6 +18,7 @@ from pathlib import Path
 
 from prune.choose.registry import names
 from prune.core.errors import PruneError, called_from_cli, first_line
+from prune.core.console import notes_once
 from prune.core.config import (
     BOOTSTRAP_ITERS,
     HEAL_METHODS,
@@ -998,7 +999,8 @@ def run_command(args) -> int:
     from prune.core.secrets import redact
 
     try:
-        with called_from_cli():  # messages name the flags the user typed, not the Python parameters
+        # messages name the flags the user typed, not the Python parameters; a note is said once a command
+        with called_from_cli(), notes_once():
             if dist.launched() and rank0_only(args):
                 return dist.on_main(lambda: args.func(args))
             return args.func(args)

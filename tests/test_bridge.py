@@ -482,7 +482,10 @@ def test_prune_heal_with_a_bridge_equals_the_recipe_and_refuses_a_healed_run(tmp
     capsys.readouterr()
     healed = heal_run(run_dir, tmp_path / "healed", config=str(config), source=str(tmp_path / "tiny"), quiet=False,
                       evaluate=True)
-    assert capsys.readouterr().err.count("loading the original model") == 1  # the reference's copy is fitted on
+    err = capsys.readouterr().err
+    assert err.count("loading the original model") == 1  # the reference's copy is fitted on
+    # FAST's steps and learning rate train nothing here: said once (the pre-flight's check, not again by heal_model's)
+    assert err.count("note: heal steps, learning_rate have no effect with method bridge") == 1, err
     assert json.loads((healed / "eval.json").read_text())["pruned"]["fidelity"]["kl_mean"] > 0
     a = AutoModelForCausalLM.from_pretrained(bridged).state_dict()
     b = AutoModelForCausalLM.from_pretrained(healed).state_dict()

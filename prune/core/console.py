@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -176,6 +177,29 @@ def say(message: str, quiet: bool | None = None) -> None:
     """A progress or stage line, on stderr (results go to stdout: :func:`show`); ``quiet`` None: :func:`is_quiet`."""
     if not (is_quiet() if quiet is None else quiet):
         print(message, file=sys.stderr, flush=True)
+
+
+_ONCE_SCOPES: list[set[str]] = []  # the messages said in each open notes_once() scope
+
+
+@contextlib.contextmanager
+def notes_once():
+    """Within it (one command), :func:`say_once` prints each message the first time only: a command's
+    pre-flight and the library call it then makes both check the same settings."""
+    _ONCE_SCOPES.append(set())
+    try:
+        yield
+    finally:
+        _ONCE_SCOPES.pop()
+
+
+def say_once(message: str) -> None:
+    """:func:`say`, but once per :func:`notes_once` scope (outside one, every time)."""
+    if _ONCE_SCOPES:
+        if message in _ONCE_SCOPES[-1]:
+            return
+        _ONCE_SCOPES[-1].add(message)
+    say(message)
 
 
 def show(message: str, quiet: bool | None = None) -> None:

@@ -207,9 +207,9 @@ def check_settings(cfg: HealConfig, model: nn.Module, n_blocks: int, context: in
     if cfg.gradient_checkpointing and not replace_alone and not getattr(model, "supports_gradient_checkpointing", False):
         raise PruneError(f"heal.gradient_checkpointing: {type(model).__name__} does not support it (set it to false)")
     if ignored := ignored_settings(cfg):
-        from prune.core.console import say
+        from prune.core.console import say_once
 
-        say(f"note: heal {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with method "
+        say_once(f"note: heal {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with method "
             f"{cfg.method}, objective {cfg.objective}{', bridge none' if cfg.bridge == 'none' else ''} (ignored)")
     if cfg.objective == "distill":  # -- distill (prune.heal.distill): checks that need the vocabulary --
         from prune.heal.teacher import logit_width

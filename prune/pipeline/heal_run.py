@@ -43,7 +43,7 @@ from prune.core.errors import PruneError, first_line, parse_problem
 from prune.core.tables import UNHEALED, comparison_rows, healed_markdown
 from prune.export.public import public_data
 from prune.model.arch import block_index, meta_model
-from prune.core.console import keeps_quiet_mode
+from prune.core.console import keeps_quiet_mode, notes_once
 from prune.heal.original import OriginalModel
 from prune.heal.methods import (
     HealPlan,
@@ -336,6 +336,7 @@ def check_run_tasks_unchanged(files: dict[str, str], setup: dict, quiet: bool | 
 
 
 @keeps_quiet_mode
+@notes_once()  # the pre-flight's settings note is not said again by the library call it makes
 def heal_run(run_dir, output, *, method: str | None = None, config: str | None = None, data: str | None = None,
              field=None, rows: str | None = None, overrides=(), evaluate: bool = False, overwrite: bool = False,
              quiet: bool = False, trust_remote_code: bool = False, source: str | None = None,
