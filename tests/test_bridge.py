@@ -332,7 +332,7 @@ def test_heal_with_auto_weights_records_each_cut_s_choice(tokenizers_by_bos):
         assert cut["weight"] == min(cut["checked"], key=cut["checked"].get)
     last = [c for c in b["cuts"] if c["kept"]]
     assert b["kl_after"] == pytest.approx(last[-1]["checked"][last[-1]["weight"]] if last else b["kl_before"], rel=1e-5)
-    from prune.heal.methods import _bridge_lines
+    from prune.core.tables import _bridge_lines
 
     (line,) = _bridge_lines(rec)  # the card names each cut's choice and what it was chosen over
     assert f"{b['cuts'][0]['weight']} token weights, the lowest held-out of uniform " in line

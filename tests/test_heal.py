@@ -884,7 +884,18 @@ def test_averaged_healing_is_recorded_on_the_card(tokenizers_by_bos):
     # the card names the text's fields (lists of plain values were left out of its bullets)
     from prune.export.card import healing_text
 
-    assert "field = ['prefix', 'gold_completion']" in healing_text(rec)
+    text = healing_text(rec)
+    assert "field = ['prefix', 'gold_completion']" in text
+    # the card says what the healing did in words first (eval.md's lines; it listed the record's fields, losses and
+    # all), the record's fields folded below; a record's strings escaped (a path may hold anything)
+    summary, fields = text.split("<details>")
+    assert "- weights averaged over the last 5 of 10 steps" in summary and "averaged_steps: 5" not in summary
+    assert "- averaged_steps: 5" in fields and fields.rstrip().endswith("(details in `pruning.json` → `healing`).")
+    hostile = {**rec, "data": {**rec["data"], "path": "</details><script>x</script>"}}
+    assert "<script>" not in healing_text(hostile) and "&lt;script&gt;" in healing_text(hostile)
+    # a record without the summary's fields (an older one, or edited) is listed field by field, nothing folded
+    older = {k: v for k, v in rec.items() if k != "trained"}
+    assert "<details>" not in healing_text(older) and "- averaged_steps: 5" in healing_text(older)
 
 
 def test_prune_heal_cuts_every_text_before_loading_a_model(tmp_path, tiny_folder, monkeypatch):

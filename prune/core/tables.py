@@ -165,3 +165,74 @@ def healed_markdown(original: dict, before: dict, healed: dict, facts: dict, bef
         lines.append(f"| {md_text(r['name'])} | {md_text(r['metric'])} | {_fmt(r['original'], r['metric'])} | "
                      f"{_fmt(b, r['metric'])} | {_fmt(r['pruned'], r['metric'])} | {fmt_retained(r)} |")
     return "\n".join(lines)
+
+
+def healing_lines(record: dict) -> list[str]:
+    """What a healing record did, as Markdown bullets (eval.md's Healing section and the card's): what was
+    trained, on which text, for how long; the held-out loss, the KL to the teacher, the bridges. A record's
+    strings may hold anything: each line passes through :func:`md_line`. KeyError: a record without one of
+    the fields read (written before it was recorded, or edited)."""
+    s = record["settings"]
+    if record["method"] == "bridge":  # nothing trained: the bridge line below is the whole story
+        lines = [f"- data: {record['data']['path']} (rows {record['data'].get('rows') or 'all'}), "
+                 f"{record['data']['train_windows']} windows of {record['data']['seq_len']} tokens"]
+        return [md_line(line) for line in lines + _bridge_lines(record)]
+    lines = [f"- trained: {', '.join(record['trained'])} ({record['trainable_parameters']:,} parameters)",
+             f"- data: {record['data']['path']} (rows {record['data'].get('rows') or 'all'}), "
+             f"{record['tokens_seen']:,} tokens seen in {record['steps']} steps ({record['epochs']} epochs), seed {record['seed']}",
+             f"- learning rate {s['learning_rate']} ({s['schedule']}), batch {s['batch_size']} x {s['gradient_accumulation']} "
+             f"x {s['seq_len']} tokens, mixed precision {record['mixed_precision']}, on {record['device']}, "
+             f"{record['seconds']:.0f} s"]
+    if record.get("averaged_steps"):
+        lines.append(f"- weights averaged over the last {record['averaged_steps']} of {record['steps']} steps")
+    if record.get("val_loss_after") is not None:
+        lines.append(f"- held-out loss on the training text: {record['val_loss_before']:.4f} → {record['val_loss_after']:.4f}")
+    if "replacement" in record:
+        r = record["replacement"]
+        start = (f"the mean of blocks {r['replaces']}" if r.get("init") == "mean_removed" else
+                 f"block {r['init_block']}")  # mean_removed keeps block init_block's place, not its weights
+        lines.append(f"- blocks {r['replaces']} replaced by one block at position {r['position']} "
+                     f"(initialised as {start}, loss {r['loss']})")
+    if "distill" in record:
+        d = record["distill"]
+        lines.append(f"- objective: distillation from {d['teacher']}, T = {d['temperature']}, weights KL {d['kl_weight']} / "
+                     f"hidden {'relative error' if d.get('hidden_loss') == 'relative' else 'MSE'} {d['hidden_weight']} / "
+                     f"next-token {d['lm_weight']}"
+                     + (f", top-{d['top_k']} cache ({d['teacher_cache_bytes'] / 2**20:.1f} MiB)" if d.get("top_k") else ""))
+        if d.get("kl_after") is not None:
+            over = f" (its top {d['top_k']} tokens and one bucket for the rest)" if d.get("top_k") else ""
+            lines.append(f"- KL to the teacher{over} on {d['kl_tokens']:,} held-out tokens: {d['kl_before']:.4f} → "
+                         f"{d['kl_after']:.4f}; top-1 agreement {d['top1_before']:.1%} → {d['top1_after']:.1%}")
+    lines += _bridge_lines(record)
+    if record.get("partial", {}).get("note"):
+        lines.append(f"- note: {record['partial']['note']}")
+    return [md_line(line) for line in lines]
+
+
+def _weight_note(cut: dict) -> str:
+    """A cut's token weights on the card: nothing for uniform; with ``bridge_weight: auto`` the held-out
+    measure of each weighting tried."""
+    weight = cut.get("weight", "uniform")  # records before heal.bridge_weight: uniform
+    if "checked" in cut:
+        tried = ", ".join(f"{w} {v:.4f}" for w, v in cut["checked"].items())
+        return f"; {weight} token weights, the lowest held-out of {tried}"
+    return "" if weight == "uniform" else f"; {weight} token weights"
+
+
+def _bridge_lines(record: dict) -> list[str]:
+    """The card's line for a record's bridges (none without one)."""
+    if "bridge" not in record:
+        return []
+    b = record["bridge"]
+    cuts = ", ".join(f"blocks {c['run'][0]}-{c['run'][-1]} into block {c['block']} (fit error {c['fit_error']:.3f}"
+                     + _weight_note(c) + ("" if c.get("kept", True) else "; dropped: it did not lower the held-out "
+                                          + ("KL" if b.get("checked_by") == "kl" else "loss")) + ")"
+                     for c in b["cuts"]) or "none"
+    after = (f"; KL to the teacher {b['kl_before']:.4f} → {b['kl_after']:.4f}" if b.get("kl_after") is not None
+             else "")
+    when = "no training" if record["method"] == "bridge" else "before training"
+    order = "cut by cut on the pruned model" if b.get("fit") == "cascade" else "on the original's states"
+    held_out = (f"; held-out loss {b['val_loss_before']:.4f} → {b['val_loss_after']:.4f}"
+                if b.get("val_loss_before") is not None and b.get("val_loss_after") is not None else "")  # val_samples: 0
+    return [f"- {b['method']} bridge, {when} (least squares on {b['tokens']:,} tokens, {order}, {b['seconds']:.0f} s): "
+            f"{cuts}{held_out}{after}"]

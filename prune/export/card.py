@@ -287,43 +287,53 @@ def chosen_heal_settings(settings: dict, ignored=()) -> dict:
 
 
 def healing_text(healing: dict | None, step: int | None = None) -> str | None:
-    """Healing as bullets: the heal settings other than the defaults, then what the healing step recorded;
-    ``step``: the earlier step it healed, when this checkpoint was pruned again after it."""
-    from prune.core.tables import md_text
+    """Healing in words: what was trained, on what, for how long and what it changed (eval.md's bullets,
+    :func:`prune.core.tables.healing_lines`), the heal settings other than the defaults, then every field the
+    healing step recorded, folded (``<details>``); a record that lacks the summary's fields (an older one) is
+    listed field by field. ``step``: the earlier step it healed, when this checkpoint was pruned again after it."""
+    from prune.core.tables import healing_lines, md_text
 
     if not healing:
         return None
+    try:
+        summary = healing_lines(healing)
+    except (KeyError, TypeError, ValueError, AttributeError):  # a record from disk: older, or edited by hand
+        summary = []
     pair = lambda k, v: f"{md_text(k)} = {md_text(v)}"  # noqa: E731  a record's keys and values may hold anything
-    lines = ["Settings other than the defaults: "
-             + ", ".join(pair(k, v) for k, v in chosen_heal_settings(healing["settings"], healing.get("ignored")).items())]
+    settings = ["Settings other than the defaults: "
+                + ", ".join(pair(k, v) for k, v in chosen_heal_settings(healing["settings"], healing.get("ignored")).items())]
+    if isinstance(healing.get("ignored"), list) and healing["ignored"]:
+        settings.append("Set, and not read by this method and objective (no effect): "
+                        + ", ".join(md_text(_scalar(v)) for v in healing["ignored"]))
+    fields = []
     for key, value in healing.items():
-        if key == "settings" or (key == "ignored" and not value):
-            continue
-        if key == "ignored" and isinstance(value, list):
-            lines.append("Set, and not read by this method and objective (no effect): "
-                         + ", ".join(md_text(_scalar(v)) for v in value))
+        if key in ("settings", "ignored"):
             continue
         if isinstance(value, dict):  # short lists of plain values too (a text's fields, the blocks a block replaces)
             inner = ", ".join(pair(k, _scalar(v) if _is_scalar(v) else [_scalar(x) for x in v]) for k, v in value.items()
                               if _is_scalar(v) or (isinstance(v, list) and len(v) <= 16 and all(_is_scalar(x) for x in v)))
             if inner:
-                lines.append(f"{md_text(key)}: {inner}")
+                fields.append(f"{md_text(key)}: {inner}")
         elif _is_scalar(value):
-            lines.append(f"{md_text(key)}: {md_text(_scalar(value))}")
+            fields.append(f"{md_text(key)}: {md_text(_scalar(value))}")
         elif isinstance(value, list) and len(value) <= 16 and all(_is_scalar(v) for v in value):
-            lines.append(f"{md_text(key)}: {md_text([_scalar(v) for v in value])}")
+            fields.append(f"{md_text(key)}: {md_text([_scalar(v) for v in value])}")
+    bullets = lambda lines: "\n".join(f"- {line}" for line in lines)  # noqa: E731
+    if summary:
+        body = ("\n".join(summary) + "\n" + bullets(settings) + "\n\n<details><summary>Every field of the healing "
+                "record</summary>\n\n" + bullets(fields) + "\n\n</details>")
+    else:
+        body = bullets(settings + fields)
     how = (("not changed by the healing: no bridge was kept (none lowered the held-out measure, or no cut could "
              "take one)" if bridges_kept(healing) == 0 else "refitted by least squares after pruning, with no training")
            if healing["method"] == "bridge" else "trained after pruning")
     if step is not None:
-        return (f"The step-{step} model was healed before a later step removed more blocks:\n\n"
-                + "\n".join(f"- {line}" for line in lines) + "\n\n"
+        return (f"The step-{step} model was healed before a later step removed more blocks:\n\n" + body + "\n\n"
                 + ("No bridge was kept: the healing left the weights as pruning left them" if
                    healing["method"] == "bridge" and bridges_kept(healing) == 0 else
                    f"The kept blocks carry the weights the healing {'refitted' if healing['method'] == 'bridge' else 'trained'}")
                 + f" (details in `pruning.json` → `history`, step {step} → `healing`).")
-    return "\n".join(f"- {line}" for line in lines) + f"\n\nWeights of this checkpoint were {how} " \
-        "(details in `pruning.json` → `healing`)."
+    return body + f"\n\nWeights of this checkpoint were {how} (details in `pruning.json` → `healing`)."
 
 
 def bridges_kept(healing: dict) -> int | None:
