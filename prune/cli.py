@@ -402,6 +402,10 @@ def add_check(sub) -> None:
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="a folder written by `prune run` (or any checkpoint folder)")
     p.add_argument("--require-export", action="store_true",
                    help="also require README.md (model card) and pruning.json, as `prune push` does")
+    p.add_argument("--original", metavar="MODEL", default=None,
+                   help="also load both models and check the weights: each kept block is the original's block "
+                        "pruning.json names, unchanged, or trained by a healing it records (a folder, Hub id or GGUF file)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the checkpoints (off by default)")
     p.set_defaults(func=cmd_check)
 
 
@@ -409,6 +413,10 @@ def cmd_check(args) -> int:
     from prune.export.check import check_checkpoint
 
     report = check_checkpoint(args.output_dir, require_export=args.require_export)
+    if args.original is not None and report.ok:  # the weights against the original's: a complete checkpoint only
+        from prune.export.verify import check_original
+
+        check_original(report, args.original, trust_remote_code=args.trust_remote_code)
     print(report.summary())
     report.raise_for_problems(shown=True)
     return 0

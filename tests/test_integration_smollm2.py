@@ -87,9 +87,10 @@ def test_quick_recipe_end_to_end(quick_run):
         assert (result.out_dir / name).is_file()
 
 
-def test_prune_the_pruned_again_check_card_and_dry_run(quick_run, tmp_path):
-    """The quick run's 23 blocks pruned by 3 more: both folders pass `check`, the second card shows
-    the two-step lineage in original indices, and the dry run lists every file."""
+def test_prune_the_pruned_again_check_card_and_dry_run(quick_run, smollm2_path, tmp_path):
+    """The quick run's 23 blocks pruned by 3 more: both folders pass `check` (the second's weights also against
+    the GGUF file its original was made from), the second card shows the two-step lineage in original indices,
+    and the dry run lists every file."""
     from export_fixtures import recipe
     from prune.export.check import check_checkpoint
     from prune.export.push import push
@@ -105,6 +106,13 @@ def test_prune_the_pruned_again_check_card_and_dry_run(quick_run, tmp_path):
         assert report.facts["n_layers"] == n
     p1 = json.loads((first.out_dir / "pruning.json").read_text())
     p2 = json.loads((second.out_dir / "pruning.json").read_text())
+    from conftest import prune_main
+
+    out = prune_main("check", second.out_dir, "--original", smollm2_path, check_rc=0).stdout
+    from prune.export.check import index_ranges
+
+    assert f"each of the 20 blocks is the original's block pruning.json names ({index_ranges(p2['kept_original'])}), " \
+        "unchanged" in out
     assert p2["removed_original"] == [p1["kept_original"][i] for i in p2["removed"]]
     assert sorted(p2["removed_original_all"]) == sorted(p1["removed"] + p2["removed_original"])
     assert len(p2["kept_original"]) == 20 and not set(p2["kept_original"]) & set(p2["removed_original_all"])

@@ -91,7 +91,8 @@ class CheckReport:
         where = "listed above" if shown else f"run `prune check {self.folder}`"
         more = f" (and {len(self.problems) - 1} more: {where})" if len(self.problems) > 1 else ""
         prefix = f"{action}: " if action else ""
-        raise PruneError(f"{prefix}{self.folder} is not a complete checkpoint: {first.area}: {first.message}{more}")
+        what = "does not match its original" if first.area == "original" else "is not a complete checkpoint"
+        raise PruneError(f"{prefix}{self.folder} {what}: {first.area}: {first.message}{more}")
 
 
 def _numel(shape) -> int:
@@ -319,9 +320,9 @@ def _check_blocks(config, skeleton, headers: dict, report: CheckReport) -> None:
         mtp = set()
     if found != expected:
         gaps = sorted(set(range(max(found) + 1)) - found)
-        detail = f"blocks {_ranges(sorted(found))} ({len(found)})"
+        detail = f"blocks {index_ranges(sorted(found))} ({len(found)})"
         if gaps:
-            detail += f", gaps at {_ranges(gaps)}"
+            detail += f", gaps at {index_ranges(gaps)}"
         report.add("blocks", "fail", f"config.num_hidden_layers={n} but the weights hold {detail}")
         return
     built = len(skeleton.get_submodule(path))
@@ -329,7 +330,7 @@ def _check_blocks(config, skeleton, headers: dict, report: CheckReport) -> None:
         report.add("blocks", "fail", f"config.num_hidden_layers={n} but transformers builds {built} blocks")
         return
     report.add("blocks", "ok", f"{path}.0 .. {path}.{n - 1}: {n} blocks, numbered contiguously"
-                               + (f"; after them {path}.{_ranges(sorted(mtp))}: multi-token-prediction layers "
+                               + (f"; after them {path}.{index_ranges(sorted(mtp))}: multi-token-prediction layers "
                                   "(num_nextn_predict_layers), which transformers does not load" if mtp else ""))
 
 
@@ -616,7 +617,7 @@ def human_size(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def _ranges(values: list[int]) -> str:
+def index_ranges(values: list[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``"0..2, 5"``."""
     out, start, prev = [], None, None
     for v in values:

@@ -127,8 +127,10 @@ def load_model(
     offload_folder: str | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    with_tokenizer: bool = True,
 ):
-    """Load ``(model, tokenizer, source)``; the model is in eval mode and its decoder stack is checked.
+    """Load ``(model, tokenizer, source)``; the model is in eval mode and its decoder stack is checked
+    (``with_tokenizer=False``: the weights alone, the tokenizer None).
 
     ``device_map`` and ``max_memory`` go straight to Accelerate through
     ``from_pretrained`` (``"auto"``, ``"cpu"``, or an explicit ``{module: device}`` map,
@@ -173,7 +175,7 @@ def load_model(
         if missing:  # transformers filled these with random values: never score or save those
             raise PruneError(f"{src.display}: the weights lack {len(missing)} tensors the config needs (e.g. "
                              f"{missing[0]}); they would be random (re-download or re-save the model, or fix config.json)")
-        tokenizer = load_tokenizer(src, trust_remote_code)
+        tokenizer = load_tokenizer(src, trust_remote_code) if with_tokenizer else None
     except PruneError:
         raise
     except OSError as exc:  # missing files, offline hub, corrupt weights
