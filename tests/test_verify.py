@@ -74,6 +74,15 @@ def test_check_original_accepts_recorded_healing_and_gpt2_rescaled_queries(tmp_p
     out = prune_main("check", healed, "--original", tiny_folder, check_rc=0).stdout
     assert "0 unchanged, 6 trained by the recorded healing" in out and "each nearest the block recorded" in out
 
+    model, tok, _ = prune.load(tiny_folder)  # one block trained in place of three: the others unchanged
+    record = prune.heal_model(model, tok, "replace", removed=[3, 4, 5], windows=windows, quiet=True, steps=2,
+                              batch_size=4)
+    replaced = tmp_path / "replaced"
+    prune.save(model, tok, replaced, pruning={"removed": [3, 4, 5], "healing": record})
+    out = prune_main("check", replaced, "--original", tiny_folder, check_rc=0).stdout
+    assert ("each of the 5 blocks besides the replacement is the original's block pruning.json names (0..2, 6..7), "
+            "unchanged; block 3 is the trained replacement of blocks [3, 4, 5]") in out
+
     gpt2 = tmp_path / "gpt2"
     original = build_model("gpt2", scale_attn_by_inverse_layer_idx=True)
     original.save_pretrained(gpt2)

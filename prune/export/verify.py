@@ -201,11 +201,13 @@ def verify_weights(record: PruningRecord, pruned, original) -> list[tuple[str, s
                                  "records no healing that trained them"))
     if any(level == "fail" for level, _ in findings):
         return findings
-    equal = sum(m.equal for m in matches)
-    moved = [m for m in matches if not m.equal and m.position != replaced_at]
     from prune.export.check import index_ranges
 
-    line = f"each of the {len(matches)} blocks is the original's block pruning.json names ({index_ranges(kept)})"
+    checked = [m for m in matches if m.position != replaced_at]
+    equal = sum(m.equal for m in checked)
+    moved = [m for m in checked if not m.equal]
+    line = (f"each of the {len(checked)} blocks{' besides the replacement' if replaced_at is not None else ''} is the "
+            f"original's block pruning.json names ({index_ranges([m.recorded for m in checked])})")
     if moved:
         worst = max(moved, key=lambda m: m.change)
         line += (f": {equal} unchanged, {len(moved)} trained by the recorded healing (relative change up to "
