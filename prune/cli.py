@@ -18,7 +18,7 @@ from pathlib import Path
 
 from prune.choose.registry import names
 from prune.core.errors import PruneError, called_from_cli, first_line
-from prune.core.console import notes_once
+from prune.core.console import notes_once, say
 from prune.core.config import (
     BOOTSTRAP_ITERS,
     HEAL_METHODS,
@@ -150,6 +150,13 @@ def add_run(sub) -> None:
 
 #: when the command began (set by :func:`main`): a record written since is this run's
 _STARTED = time.time()
+
+
+def _interrupted_write(args) -> str:
+    """What an interrupted ``prune remove`` / ``prune heal`` left: nothing, where its output is not there (a folder is
+    written under a hidden name and renamed when complete)."""
+    out = getattr(args, "output", None) if args.command in ("remove", "heal") else None
+    return f"; nothing was written ({out} does not exist)" if out and not Path(out).expanduser().exists() else ""
 
 
 def _interrupted_run(args) -> str:
@@ -503,7 +510,11 @@ def cmd_remove(args) -> int:
         check_slices_model(named, args.model, bool(named) and is_pruned(src))  # a Hub repo's pruning.json too
         if dtype and args.dtype not in ("auto", dtype):
             raise PruneError(f"--dtype {args.dtype}, but the --slices config writes {dtype} (its dtype): drop one")
+        if dtype and args.dtype == "auto":
+            say(f"note: writing {dtype}, the --slices config's dtype (as mergekit would; --dtype {dtype} says the same)")
         args.dtype = dtype or args.dtype  # the config's dtype, as mergekit writes it
+        if named and named != args.model and not is_pruned(src):
+            say(f"note: the --slices config names the model {named}; its layer ranges are applied to {args.model}")
     if args.base_model and src.kind == "hub" and args.base_model != src.path:
         raise PruneError(f"--base-model is only for a local MODEL: {src.path} is a Hub id and is the base model itself "
                          "(drop --base-model)")
@@ -528,7 +539,7 @@ def parse_blocks(items: list[str]) -> list[int]:
 
     out: list[int] = []
     for item in items:
-        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", item)
+        m = re.fullmatch(r"([0-9]+)(?:\s*-\s*([0-9]+))?", item)  # ASCII digits ("\\d" took "١" for 1)
         if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
             raise PruneError(f"--blocks takes 0-based indices and inclusive ranges like 12-18,25; got {item!r}")
         if int(m[2] or m[1]) >= MAX_BLOCKS:  # before a range of millions is built (it ran out of memory)
@@ -1020,7 +1031,7 @@ def run_command(args) -> int:
         print(f"error: {redact(line)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        hint = _interrupted_run(args) if args.command == "run" else ""
+        hint = _interrupted_run(args) if args.command == "run" else _interrupted_write(args)
         term = isinstance(exc, Terminated)
         what = "terminated (SIGTERM)" if term else "interrupted"
         if term and dist.launched():  # the launcher's stop: asked for, or another rank failed (it says which)

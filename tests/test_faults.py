@@ -110,6 +110,11 @@ def test_ctrl_c_says_how_to_resume_and_saves_nothing(tiny_folder, tmp_path, monk
     done = conftest.prune_main("run", recipe, "--quiet")
     assert done.returncode == 130 and done.stderr.strip().splitlines()[-1] == (
         "interrupted; nothing was saved as a checkpoint (no stage had finished: rerun it)")
+    # prune remove interrupted while writing: nothing in place of the output, and it says so (it said "interrupted")
+    monkeypatch.setenv("PRUNE_FAULT", "saved_weights:interrupt")
+    done = conftest.prune_main("remove", tiny_folder, "--blocks", "1", "-o", tmp_path / "cut", "-q")
+    assert done.returncode == 130 and done.stderr.strip().splitlines()[-1] == (
+        f"interrupted; nothing was written ({tmp_path / 'cut'} does not exist)")
     # interrupted once the new output is in place (replacing an older one): it says so, not "nothing was saved"
     # and --resume (which then failed: the folder exists)
     monkeypatch.delenv("PRUNE_FAULT")

@@ -578,9 +578,16 @@ def test_config_naming_more_blocks_than_the_weights_hold_is_refused_before_loadi
     (model / "config.json").write_text(json.dumps(config))
     refused(capsys, "score", model, "--data", WIKI_RAW, match="weights hold blocks 0..7")
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model, tmp_path / "out"))
-    refused(capsys, "run", recipe, match="would be random")
-    refused(capsys, "remove", model, "--blocks", "3", "-o", tmp_path / "o", match="would be random")
+    refused(capsys, "run", recipe, match="would fill the missing blocks with random values")
+    refused(capsys, "remove", model, "--blocks", "3", "-o", tmp_path / "o", match="would fill the missing blocks with random")
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+    # fewer blocks in the config than in the weights: the blocks past it are dropped, not random (it said "the
+    # missing weights would be random")
+    config["num_hidden_layers"] = 7
+    (model / "config.json").write_text(json.dumps(config))
+    said = refused(capsys, "remove", model, "--blocks", "3", "-o", tmp_path / "o",
+                   match="weights hold blocks 0..7 (8): transformers would not load block 7 (re-download")
+    assert "random" not in said
 
 
 def test_a_missing_relative_folder_is_named_as_missing(tmp_path, capsys):
@@ -1109,3 +1116,25 @@ def test_a_model_folder_without_a_tokenizer_is_named_so(model, tmp_path, capsys)
     assert line.endswith("(tokenizer.save_pretrained(folder))")
     code, err = cli(capsys, "remove", model, "--blocks", "3", "--output", tmp_path / "out")
     assert code == 0 and f"note: {model} has no tokenizer files" in err and f"neither has {tmp_path / 'out'}" in err
+
+
+def test_remove_says_before_writing_that_the_sources_generation_config_fails_check(model, tmp_path, capsys):
+    """A source whose generation_config.json names a token past the embedding (GPT-2's 50256 over a small
+    vocabulary): `prune remove` wrote the copy without a word, and `prune check` / `prune push` then refused it."""
+    (model / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 50256}))
+    code, err = cli(capsys, "remove", model, "--blocks", "3", "-o", tmp_path / "o")
+    assert code == 0
+    assert (f"note: {model}: generation_config.json's eos_token_id 50256 is not a token id of the 256-row embedding; "
+            f"{tmp_path / 'o'} carries it as it is, so `prune check` and `prune push` refuse the output") in err
+    code, _ = cli(capsys, "check", tmp_path / "o")
+    assert code == 2
+
+
+def test_a_shard_that_is_a_device_is_not_called_missing(model, capsys):
+    """An index naming a shard that is a link to /dev/zero: `prune check` said the shard "is missing"."""
+    shard = model / "model-00001-of-00001.safetensors"
+    (model / "model.safetensors").rename(model / "kept.bin.bak")
+    shard.symlink_to("/dev/zero")
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": shard.name}}))
+    code, out = cli(capsys, "check", model)
+    assert code == 2 and f"weight shard {shard.name} listed in model.safetensors.index.json is not a file" in out

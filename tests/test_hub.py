@@ -221,7 +221,8 @@ def test_fine_grained_block_gap_is_named(pruned, tmp_path):
     save_file(moved, folder / "model.safetensors", metadata={"format": "pt"})
     report = check_checkpoint(folder)
     assert [f.message for f in report.problems] == [
-        "config.num_hidden_layers=6 but the weights hold blocks 0, 2..6 (6), gaps at 1"]
+        "config.num_hidden_layers=6 but the weights hold blocks 0, 2..6 (6), gaps at 1: transformers would fill the "
+        "missing blocks with random values"]
 
 
 def test_byte_ranges_hold_exactly_the_tensors_safe_open_reads(pruned):
@@ -248,7 +249,7 @@ def test_check_cli_fails_with_one_error_line(pruned, tmp_path):
     assert done.stdout.strip().endswith("FAILED: 2 problems")
     assert done.stderr.strip().splitlines() == [
         f"error: {folder} is not a complete checkpoint: blocks: config.num_hidden_layers=5 but the weights hold "
-        "blocks 0..5 (6) (and 1 more: listed above)"]
+        "blocks 0..5 (6): transformers would not load block 5 (and 1 more: listed above)"]
 
 
 def test_check_warns_without_card_but_push_requires_it(pruned, tmp_path):

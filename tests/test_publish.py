@@ -625,6 +625,13 @@ def test_mergekit_files_and_slices_name_the_right_model(chain, tmp_path, capsys)
     assert prune_main(["remove", str(chain["source"]), "--slices", str(half), "-o", str(tmp_path / "h")]) == 0
     with safe_open(tmp_path / "h" / "model.safetensors", "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    said = capsys.readouterr().err  # the config's choices are said (they were applied without a word)
+    assert "note: writing bfloat16, the --slices config's dtype" in said and "names the model" not in said
+    other = tmp_path / "other.yaml"  # a config written for another model: applied, and said
+    other.write_text(re.sub(r"(?m)^( *)(- )?model: .*$", r"\1\2model: org/another-model", half.read_text()))
+    assert prune_main(["remove", str(chain["source"]), "--slices", str(other), "-o", str(tmp_path / "o")]) == 0
+    assert (f"note: the --slices config names the model org/another-model; its layer ranges are applied to "
+            f"{chain['source']}") in capsys.readouterr().err
     # --model is checked: a missing path, a file, an empty folder, a pruned model (its block count) were written down
     (tmp_path / "empty").mkdir()
     for bad, message in ((tmp_path / "nowhere", "is not a model folder"), (chain["source"] / "config.json", "is not a model folder"),

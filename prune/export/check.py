@@ -140,7 +140,7 @@ def check_checkpoint(folder: str | os.PathLike, *, require_export: bool = False,
             _check_transformers_load(path, report)
         if tokenizer:
             _check_tokenizer(path, config, report)
-        _check_generation_config(path, config, report)
+        check_generation_config(path, config, report)
         _check_export_files(path, config, report, require_export)
     return report
 
@@ -323,7 +323,10 @@ def _check_blocks(config, skeleton, headers: dict, report: CheckReport) -> None:
         detail = f"blocks {index_ranges(sorted(found))} ({len(found)})"
         if gaps:
             detail += f", gaps at {index_ranges(gaps)}"
-        report.add("blocks", "fail", f"config.num_hidden_layers={n} but the weights hold {detail}")
+        extra = sorted(found - expected)
+        what = (f"transformers would not load block{'s' if len(extra) > 1 else ''} {index_ranges(extra)}"
+                if expected < found else "transformers would fill the missing blocks with random values")
+        report.add("blocks", "fail", f"config.num_hidden_layers={n} but the weights hold {detail}: {what}")
         return
     built = len(skeleton.get_submodule(path))
     if built != n:
@@ -447,7 +450,7 @@ def _check_tokenizer(path: Path, config, report: CheckReport) -> None:
                    if isinstance(vocab, int) else f"{type(tok).__name__}, {size:,} tokens")
 
 
-def _check_generation_config(path: Path, config, report: CheckReport) -> None:
+def check_generation_config(path: Path, config, report: CheckReport) -> None:
     """``generation_config.json``, where there is one, loads (a damaged one is dropped by ``from_pretrained`` without
     a word: other stop tokens, other sampling) and names token ids inside the vocabulary."""
     if not (path / "generation_config.json").is_file():

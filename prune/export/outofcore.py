@@ -331,6 +331,13 @@ def prune_checkpoint(
         say(f"note: {src.display} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): neither has {out_dir} (copy "
             "them in from the model it came from before loading it with a tokenizer or pushing it)")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    from prune.export.check import CheckReport, check_generation_config
+
+    generation = CheckReport(folder)  # carried as it is: a copy `prune check` refuses is said before writing
+    check_generation_config(folder, config, generation)
+    if generation.problems:
+        say(f"note: {src.display}: {generation.problems[0].message}; {out_dir} carries it as it is, so `prune check` "
+            "and `prune push` refuse the output: fix generation_config.json (in the source or the output)")
     check_cut_keeps_attention(config, kept)
     for key, value in pruned_config_updates(config, kept).items():
         setattr(config, key, value)

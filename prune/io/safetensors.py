@@ -117,7 +117,8 @@ def read_index(folder: str | os.PathLike) -> tuple[dict[str, str] | None, list[s
             if Path(name).name != name:
                 raise PruneError(f"{index} points outside its folder ({name!r}); refusing to read it")
             if not (folder / name).is_file():
-                raise PruneError(f"{folder} is incomplete: weight shard {name} listed in {INDEX_NAME} is missing "
+                what = "is not a file" if (folder / name).exists() else "is missing"  # a folder, a device (/dev/zero)
+                raise PruneError(f"{folder} is incomplete: weight shard {name} listed in {INDEX_NAME} {what} "
                                  "(re-download or re-save the model)")
         return weight_map, names
     other = sorted(p.name for p in folder.glob("*.bin")) if folder.is_dir() else []

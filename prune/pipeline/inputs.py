@@ -117,8 +117,8 @@ def check_weights_cover_config(src: ModelSource, config) -> None:
         _check_blocks(config, skeleton, headers, report)
     problems = [f for f in report.problems if f.area in ("weights", "blocks")]
     if problems:
-        raise PruneError(f"{folder}: {problems[0].message}: the missing weights would be random "
-                         "(re-download or re-save the model, or fix config.json)")
+        fix = "re-download or re-save the model" + (", or fix config.json" if problems[0].area == "blocks" else "")
+        raise PruneError(f"{folder}: {problems[0].message} ({fix})")
     if skeleton is not None:
         check_shapes(folder, config, skeleton, headers)
 
