@@ -782,6 +782,10 @@ def test_aliases_of_mappings_and_merge_keys_are_read(tmp_path, tiny_folder):
     ("select.n_layers=-1", "error: --set select.n_layers=-1: 'select.n_layers': Input should be greater than or equal to 1"),
     ("select={n_layers: 0}", "error: --set select={n_layers: 0}: 'select.n_layers': Input should be greater than"),
     ("heal={method: lora, learning_rate: 1000.0}", "'heal.learning_rate': Input should be less than or equal to 1"),
+    # a rule across keys the --set broke: the file as the --set changed it (it blamed the file alone, which holds
+    # no key 'foo', a fraction, or other metrics)
+    ("foo.bar=1", "r.yaml with --set foo.bar=1: unknown key 'foo'"),
+    ("select.fraction=0.25", "r.yaml with --set select.fraction=0.25: 'select': give exactly one of n_layers"),
 ])
 def test_strict_settings(override, match, model, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model, tmp_path / "out"))
@@ -801,6 +805,11 @@ def test_an_empty_recipe_is_called_empty_and_a_files_own_value_is_blamed_on_the_
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model, tmp_path / "out", select={"n_layers": 0}))
     refused(capsys, "run", recipe, "--set", "select.strategy=contiguous",
             match=f"error: {recipe}: 'select.n_layers': Input should be greater than or equal to 1")
+    # a rule across sections the --sets broke together: the file as they changed it (it blamed the file alone)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(model, tmp_path / "out"))
+    refused(capsys, "run", recipe, "--set", "score.metrics=[bi]", "--set", "select.metric=angular",
+            match=f"error: {recipe} with --set score.metrics=[bi], --set select.metric=angular: select.metric angular "
+                  "reads the angular scores")
 
 
 def test_a_mapping_that_replaces_a_section_says_what_goes_back_to_its_default(model, tmp_path, capsys):

@@ -112,6 +112,7 @@ def test_cli_report_run_folder_and_model(run_dir, tmp_path):
     res = prune_main("report", str(run_dir), "-o", str(tmp_path / "a"))
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "a" / "report.html").is_file()
+    assert (tmp_path / "a" / "report.md").read_text().startswith(f"# Redundancy report: tiny → {run_dir.name}\n")  # not -&gt;
     again = prune_main("report", str(run_dir), "-o", str(tmp_path / "a"))
     assert again.returncode == 2 and "already exists (choose another --output or pass --overwrite)" in again.stderr
     assert len(again.stderr.strip().splitlines()) == 1
@@ -147,6 +148,12 @@ def test_cli_report_run_folder_and_model(run_dir, tmp_path):
     with pytest.raises(prune.PruneError, match="metric 'bi' is read only by strategy one_shot here; tail reads no metric"):
         report_scores(tmp_path / "s.json", tmp_path / "u", strategy="tail", metric="bi", n_layers=2)
     assert not (tmp_path / "u").exists()
+    # a metric the file lacks: the file is named (it blamed a --metrics flag nobody gave)
+    assert prune_main("score", str(model_dir), *scored, "--metrics", "bi", "-o", str(tmp_path / "bi.json"), "-q").returncode == 0
+    refused = prune_main("report", str(tmp_path / "bi.json"), "--strategy", "one_shot", "--metric", "cka", "-o",
+                         str(tmp_path / "g"))
+    assert refused.returncode == 2 and f"--metric cka reads the cka scores, but {tmp_path / 'bi.json'} holds bi (score " \
+        "again with cka)" in refused.stderr, refused.stderr
     (tmp_path / "other.json").write_text('{"removed": [1]}')
     refused = prune_main("report", str(tmp_path / "other.json"), "-o", str(tmp_path / "g"))
     assert refused.returncode == 2 and "is not a scores file written by `prune score -o`" in refused.stderr
@@ -303,7 +310,17 @@ def test_hand_edited_records_give_one_line_or_leave_the_table_out(run_dir, tmp_p
     (parent / "pruning.json").write_text(json.dumps(record))
     bad = prune_main("report", str(parent), "-o", str(tmp_path / "r2"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
-    assert "the selection is of 8 blocks ([99]) but the scores of 8" in bad.stderr and not (tmp_path / "r2").exists()
+    assert "'selection.removed' is [99], but 'removed' is [1, 2, 3, 4, 5, 6]" in bad.stderr
+    assert not (tmp_path / "r2").exists()
+    # a selection that agrees with 'removed' in words but not in blocks: the report marked the selection's blocks,
+    # and prune check passed the folder
+    record["selection"]["removed"] = [0, 2, 3, 4, 5, 6]
+    (parent / "pruning.json").write_text(json.dumps(record))
+    for command in ("report", "check"):
+        bad = prune_main(command, str(parent), *(["-o", str(tmp_path / "r2")] if command == "report" else []))
+        assert bad.returncode == 2 and "'selection.removed' is [0, 2, 3, 4, 5, 6], but 'removed' is [1, 2, 3, 4, 5, 6]" \
+            in bad.stderr, bad.stderr
+    assert not (tmp_path / "r2").exists()
 
 
 def test_names_from_edited_files_stay_text_on_the_card_and_in_tables(run_dir, tmp_path):

@@ -1,4 +1,5 @@
 import json
+import re
 import math
 
 import numpy as np
@@ -239,6 +240,21 @@ def test_result_round_trips_through_json(llama, calib_text, tmp_path):
         with pytest.raises(prune.PruneError, match=rf"odd.json: scores of the wrong shape \(n_layers is {odd!r}, not a "
                                                    r"block count\)"):
             prune.ScoreResult.load_json(tmp_path / "odd.json")
+    # a damaged MSRS record (prune report failed with a TypeError, KeyError or format error) or one that contradicts
+    # the CKA matrix it is computed from (printed as measured), counts that are not counts: one line each
+    data = json.loads((tmp_path / "s.json").read_text())
+    short = {**data, "msrs": {**data["msrs"], "contributions": [1.0]}}  # recomputed from the matrix: no matter
+    (tmp_path / "m.json").write_text(json.dumps(short))
+    assert prune.ScoreResult.load_json(tmp_path / "m.json").msrs == r.msrs
+    for change, said in ((dict(msrs=None), "msrs is not a record of a total, beta and tau"),
+                         (dict(msrs={**data["msrs"], "total": "lots"}), "msrs is not a record of a total, beta and tau"),
+                         (dict(msrs={k: v for k, v in data["msrs"].items() if k != "beta"}), "msrs is not a record"),
+                         (dict(msrs={**data["msrs"], "total": 999.0}), "msrs.total is 999, but the cka matrix gives "),
+                         (dict(n_windows=-1), "n_windows is -1, not a count"),
+                         (dict(positions="<b>"), "positions is '<b>', not one of all, skip_first")):
+        (tmp_path / "m.json").write_text(json.dumps({**data, **change}))
+        with pytest.raises(prune.PruneError, match=r"m.json: scores of the wrong shape \(" + re.escape(said)):
+            prune.ScoreResult.load_json(tmp_path / "m.json")
 
 
 def test_measurements_run_in_eval_mode_and_leave_the_mode_as_it_was(tokenizers_by_bos, calib_text):

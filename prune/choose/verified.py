@@ -211,7 +211,7 @@ def margin_line(details: dict) -> str:
                "or check both on other text)")
     return (f"verified: runner-up {' '.join(map(str, m['removed']))} has KL {m['kl_mean']:.4f}, "
             f"{m['difference']:+.4f} [{m['ci_low']:+.4f}, {m['ci_high']:+.4f}] against the chosen set over "
-            f"{m['windows']} held-out windows (lower on {m['windows_lower']}); its {100 * m['level']:g}% interval {verdict}")
+            f"{m['windows']} held-out windows (the runner-up lower on {m['windows_lower']} of them); its {100 * m['level']:g}% interval {verdict}")
 
 
 @measured_in_eval_mode

@@ -279,6 +279,10 @@ def index_problem(step: PruningStep, replaced: bool = False) -> str | None:
             return f"'{name}' holds {bad}, outside the {n if n is not None else 'non-negative'} blocks it counts"
         if name.startswith("kept") and values != sorted(values):  # the checkpoint's order: pruning never reorders
             return f"'{name}' is {values}, not in increasing order (the blocks are stacked in the original's order)"
+    chosen = (step.selection or {}).get("removed")  # what the report and the card's method line read
+    if chosen is not None and step.removed and (not isinstance(chosen, list) or sorted(map(str, chosen)) != sorted(
+            map(str, step.removed))):
+        return f"'selection.removed' is {chosen}, but 'removed' is {step.removed}"
     if replaced:
         return None
     for kept, removed, n in (("kept", "removed", step.layers_before),

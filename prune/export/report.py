@@ -535,7 +535,10 @@ def is_run_dir(path: str | Path) -> bool:
 def report_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overwrite: bool = False, inputs=()) -> Path:
     """Report of a ``prune run`` output folder, from its ``pruning.json`` (no model is loaded); ``inputs``:
     what else the output must not replace (what the run read: :func:`prune.pipeline.inputs.run_inputs`)."""
+    from prune.core.records import read_record
+
     run = Path(run_dir).expanduser()
+    read_record(run / "pruning.json")  # one line for a record that contradicts itself, as prune check says it
     try:
         record = json.loads((run / "pruning.json").read_text())
         if isinstance(record, dict) and "scores_before" in record and record["scores_before"] is None:
@@ -562,7 +565,7 @@ def report_run(run_dir: str | Path, out_dir: str | Path | None = None, *, overwr
                              "remove it, or report a folder written by prune run") from None
     try:
         return write_report(out_dir or run / "report", before, after=after, selection=selection, kept=record.get("kept"),
-                            title=f"Redundancy report: {Path(str(name)).name} -> {run.name}", source=str(name),
+                            title=f"Redundancy report: {Path(str(name)).name} → {run.name}", source=str(name),
                             evaluation=evaluation, overwrite=overwrite,
                             inputs=[*input_paths(run, label="the run folder", inside_ok=True), *inputs],
                             lineage=Lineage.of(record, before.n_layers), healed=healed_by(record))

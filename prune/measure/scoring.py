@@ -52,6 +52,23 @@ TAU = default(ScoreConfig, "tau")
 BATCH_SIZE = default(CalibrationConfig, "batch_size")
 
 
+def checked_msrs(stored, cka: list[list[float]] | None) -> dict | None:
+    """A scores file's MSRS record, recomputed from its CKA matrix with its ``beta`` and ``tau`` (a pure function of
+    them): ValueError when it is not a record of numbers, or says another total than the matrix gives."""
+    if cka is None:
+        if stored is not None:
+            raise ValueError("msrs is given without the cka matrix it is computed from")
+        return None
+    if not isinstance(stored, dict) or not all(isinstance(stored.get(k), (int, float)) and not isinstance(stored.get(k), bool)
+                                               and math.isfinite(stored[k]) for k in ("total", "beta", "tau")):
+        raise ValueError("msrs is not a record of a total, beta and tau (numbers) beside the cka matrix")
+    again = M.msrs(torch.tensor(cka, dtype=torch.float64)[1:, 1:], beta=stored["beta"], tau=stored["tau"]).to_dict()
+    if not math.isclose(again["total"], stored["total"], rel_tol=1e-6, abs_tol=1e-9):
+        raise ValueError(f"msrs.total is {stored['total']:g}, but the cka matrix gives {again['total']:g} with beta "
+                         f"{stored['beta']:g} and tau {stored['tau']:g}")
+    return again
+
+
 @dataclass
 class ScoreResult:
     """Per-block scores of one model over one calibration set (0-based block indices)."""
@@ -144,6 +161,13 @@ class ScoreResult:
             odd = [v for v in [*scores.block_influence, *(v for r in scores.angular or [] for v in r)] if not math.isfinite(v)]
             if odd:
                 raise ValueError(f"a block influence or angular distance is {odd[0]}, which scoring never writes")
+            counts = {"n_windows": 1, "seq_len": 1, "cka_windows": 1, "n_tokens": 0}
+            if low := [k for k, least in counts.items() if isinstance(getattr(scores, k), bool)
+                       or not isinstance(getattr(scores, k), int) or getattr(scores, k) < least]:
+                raise ValueError(f"{low[0]} is {getattr(scores, low[0])!r}, not a count")
+            if scores.positions not in POSITIONS:
+                raise ValueError(f"positions is {scores.positions!r}, not one of {', '.join(POSITIONS)}")
+            scores.msrs = checked_msrs(scores.msrs, scores.cka)
         except (TypeError, ValueError) as exc:
             raise PruneError(f"{file}: scores of the wrong shape ({first_line(exc)}); write it again with "
                              "`prune score -o`") from None

@@ -304,7 +304,8 @@ def report_scores(path: str | Path, out_dir: str | Path, *, strategy: str = "con
     scores = ScoreResult.load_json(path)  # one line when it is not a scores file
     metrics = [m for m, present in (("bi", True), ("angular", scores.angular is not None),
                                     ("cka", scores.cka is not None)) if present]
-    k = _report_selection(scores.n_layers, metrics, strategy, metric, n_layers, protect, "score again with")
+    k = _report_selection(scores.n_layers, metrics, strategy, metric, n_layers, protect, "score again with",
+                          held=f"{path} holds")
     meta = scores.metadata if isinstance(scores.metadata, dict) else {}
     source = (meta.get("source") or {}).get("path") if isinstance(meta.get("source"), dict) else None
     seed = meta.get("seed") if isinstance(meta.get("seed"), int) else 0  # the scoring's: random marks what it would
@@ -313,9 +314,10 @@ def report_scores(path: str | Path, out_dir: str | Path, *, strategy: str = "con
 
 
 def _report_selection(blocks: int, metrics: list[str], strategy: str, metric: str | None, n_layers: int | None, protect,
-                      fix: str) -> int:
+                      fix: str, held: str = "--metrics is") -> int:
     """How many blocks the report marks (default: a quarter), checked: a score-only ``strategy`` whose scores are
-    among ``metrics``, a count and run ``protect`` allows (``select.protect``'s default)."""
+    among ``metrics`` (``held``: where they come from, for the message), a count and run ``protect`` allows
+    (``select.protect``'s default)."""
     from prune.pipeline.inputs import check_selection_possible
     from prune.pipeline.recipe import needed_score
 
@@ -325,7 +327,7 @@ def _report_selection(blocks: int, metrics: list[str], strategy: str, metric: st
     check_metric_read(strategy, metric)
     need, why = needed_score(strategy, metric or DEFAULT_METRIC)
     if need is not None and need not in metrics:
-        raise PruneError(f"{why.replace('select.', '--')} reads the {need} scores, but --metrics is "
+        raise PruneError(f"{why.replace('select.', '--')} reads the {need} scores, but {held} "
                          f"{' '.join(metrics)} ({fix} {need})")
     k = max(1, round(blocks / 4)) if n_layers is None else n_layers
     protect = default(SelectConfig, "protect") if protect is None else protect

@@ -169,13 +169,23 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], example:
 
 
 def blamed(exc: ValidationError, where: str, overrides) -> str:
-    """Where a refused value came from: the ``--set`` that gave the key (or a section above it), else ``where``."""
+    """Where a refused value came from: the ``--set`` that gave the key (or a section above it); for a rule of a
+    section a ``--set`` changed a key of (an unknown section, n_layers and fraction both given) ``where`` with
+    that ``--set``; else ``where``."""
     key = validation_error_key(exc)
+    inside = []
     for item in reversed(list(overrides or ())):
         given = item.partition("=")[0].strip()
         if key == given or key.startswith(given + "."):
-            return spelled(f"--set {item.strip()}", f"override {item.strip()!r}")
-    return where
+            return set_words([item])
+        if given.startswith(key + ".") or not key:
+            inside.append(item)
+    return f"{where} with {set_words(inside[::-1])}" if inside else where
+
+
+def set_words(overrides) -> str:
+    """``--set a=1, --set b=2`` (from Python: ``override 'a=1', override 'b=2'``)."""
+    return ", ".join(spelled(f"--set {item.strip()}", f"override {item.strip()!r}") for item in overrides)
 
 
 def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -215,6 +225,8 @@ def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | tuple[str
         unset = [key for key in defaults if said.startswith(f"'{key}'")]
         if unset and "not found" in said:
             raise PruneError(f"{exc}{recipe.default_of(unset[0])}") from None
+        if overrides and str(exc).startswith(f"{where}: "):  # a rule across keys: the file as the --set changed it
+            raise PruneError(f"{where} with {set_words(overrides)}: {said}") from None
         raise
     return recipe
 
