@@ -263,6 +263,7 @@ def test_corrupt_lineage_is_refused_before_loading(two_steps, tmp_path, no_model
     record["removed_original"] = [*record["removed_original"], last]
     record["kept"], record["removed"] = record["kept"][:-1], [*record["removed"], record["kept"][-1]]
     record["layers_after"] = len(record["kept"])
+    record["selection"]["removed"] = record["removed"]  # the selection says what was removed too
     (folder / "pruning.json").write_text(json.dumps(record))
     with pytest.raises(PruneError, match="records 5 blocks after pruning but the model has 6"):
         run(recipe(folder, tmp_path / "out", 1), quiet=True)

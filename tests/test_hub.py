@@ -165,6 +165,8 @@ def pruning_json_disagrees(f):
     data = json.loads((f / "pruning.json").read_text())
     back = data["removed"][-1]
     changes = dict(removed=data["removed"][:-1], kept=sorted([*data["kept"], back]), layers_after=7)
+    if data.get("selection"):  # the selection says what was removed too
+        changes["selection"] = {**data["selection"], "removed": data["removed"][:-1]}
     if data.get("kept_original"):
         back_original = data["removed_original_all"][-1]
         changes.update(kept_original=sorted([*data["kept_original"], back_original]),
