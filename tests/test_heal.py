@@ -893,6 +893,9 @@ def test_averaged_healing_is_recorded_on_the_card(tokenizers_by_bos):
     assert "- averaged_steps: 5" in fields and fields.rstrip().endswith("(details in `pruning.json` → `healing`).")
     hostile = {**rec, "data": {**rec["data"], "path": "</details><script>x</script>"}}
     assert "<script>" not in healing_text(hostile) and "&lt;script&gt;" in healing_text(hostile)
+    for odd in ("cpu\\`<img src=x onerror=alert(1)>\\`", "``<b>bold</b>`"):  # backticks CommonMark reads as text
+        text = healing_text({**rec, "device": odd, "data": {**rec["data"], "path": odd}})
+        assert "<img" not in text and "<b>" not in text, text
     # a record without the summary's fields (an older one, or edited) is listed field by field, nothing folded
     older = {k: v for k, v in rec.items() if k != "trained"}
     assert "<details>" not in healing_text(older) and "- averaged_steps: 5" in healing_text(older)

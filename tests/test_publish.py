@@ -785,13 +785,17 @@ def test_check_compares_the_record_and_the_card_files_with_the_folder(chain, tmp
         [problem] = check_checkpoint(folder, require_export=True).problems
         assert problem.message.startswith(f"pruning.json {expected}"), problem.message
     # free-form sections in shapes prune never writes: push --dry-run raised KeyError / ValueError (exit 1)
-    for change in (dict(msrs_before={"foo": 1}), dict(healing={"method": "lora"}),
+    for change in (dict(msrs_before={"foo": 1}),
                    dict(selection={**record["selection"], "strategy": "contiguous",
                                    "details": {"start": 3, "n": 2, "distance": "x"}})):
         folder = Path(shutil.copytree(chain["step1"], tmp_path / f"card-{next(iter(change))}"))
         (folder / "pruning.json").write_text(json.dumps({**record, **change}))
         with pytest.raises(PruneError, match=r"pruning.json does not render as a model card \((KeyError|ValueError)"):
             push(folder, "me/x", dry_run=True, quiet=True)
+    # a healing with its method alone (no settings): the card lists it field by field (it was a KeyError)
+    folder = Path(shutil.copytree(chain["step1"], tmp_path / "card-healing"))
+    (folder / "pruning.json").write_text(json.dumps({**record, "healing": {"method": "lora"}}))
+    push(folder, "me/x", dry_run=True, quiet=True)
     folder = Path(shutil.copytree(chain["step1"], tmp_path / "eval"))
     for damaged in (b"{not json", b"\xff\xfe", b"[" * 100_000 + b"]" * 100_000):  # the last: a RecursionError
         (folder / "eval.json").write_bytes(damaged)

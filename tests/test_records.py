@@ -89,3 +89,18 @@ def test_a_replacement_block_is_found_while_it_is_kept_and_after_a_second_healin
     kept_later = {"removed": [0], "kept": [1, 2, 3, 4, 5], "removed_original": [0], "kept_original": [1, 2, 5, 6, 7]}
     assert PruningRecord.model_validate({**kept_later, "history": [{**step, "healing": replace}]}).kept_replacement() \
         == (5, [3, 4, 5])
+
+
+def test_a_healing_record_names_its_method():
+    """A hand-edited healing without its method (or with settings that are no mapping) failed later: a KeyError in
+    the card, the report and `prune check --original`."""
+    import pytest
+
+    from prune.core.errors import PruneError
+    from prune.core.records import parse_record
+
+    base = {"removed": [1], "kept": [0, 2], "layers_before": 3, "layers_after": 2}
+    for healing in ({"settings": {}}, {"method": 3}, {"method": "lora", "settings": "lr=1"}):
+        with pytest.raises(PruneError, match="'healing': Value error, a healing record names its method"):
+            parse_record({**base, "healing": healing})
+    assert parse_record({**base, "healing": {"method": "lora"}}).healing == {"method": "lora"}

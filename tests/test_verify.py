@@ -94,3 +94,56 @@ def test_check_original_accepts_recorded_healing_and_gpt2_rescaled_queries(tmp_p
     prune.save(model, tok, cut, pruning={"removed": [1, 3]})
     out = prune_main("check", cut, "--original", gpt2, check_rc=0).stdout
     assert "unchanged" in out
+
+
+def test_check_original_reads_bridges_mixed_layouts_dtypes_and_the_model_type(tmp_path, tiny_folder, tokenizers_by_bos):
+    """A bridge refits the MLP output projection of the block before a cut by least squares (far from the original's
+    values by design): named, not compared (it failed as "far from every block"). A mixture-of-experts model whose
+    dense and sparse blocks differ in layout: a changed block is compared with the blocks of its own layout (a
+    KeyError). In bfloat16 a whole projection scaled by 1.03 is a change (the tolerance over the block let it pass).
+    An original of another model type is named as such."""
+    from conftest import DATA
+
+    step = tmp_path / "step"
+    prune_main("remove", tiny_folder, "--blocks", "3-4", "-o", step, "-q", check_rc=0)
+    bridged = tmp_path / "bridged"
+    prune_main("heal", step, "-o", bridged, "--method", "bridge", "--data", DATA / "c4" / "c4_web_1480.jsonl", "--field", "prefix,gold_completion",
+               "--source", tiny_folder, "--set", "n_samples=8", "--set", "seq_len=32", "--set", "val_samples=4", "-q",
+               check_rc=0)
+    out = prune_main("check", bridged, "--original", tiny_folder, check_rc=0).stdout
+    assert "unchanged; the MLP output projection of block 2 refitted by the recorded bridge (not compared)" in out
+
+    moe = tmp_path / "moe"
+    build_model("qwen2_moe").save_pretrained(moe)  # blocks 1, 3, 5, 7 are mixtures
+    tokenizers_by_bos[True].save_pretrained(moe)
+    cut = tmp_path / "moe-cut"
+    prune_main("remove", moe, "--blocks", "4-5", "-o", cut, "-q", check_rc=0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cut)
+    with torch.no_grad():
+        for p in model.model.layers[1].parameters():
+            p.mul_(1.01)
+    model.save_pretrained(cut)
+    proc = prune_main("check", cut, "--original", moe, check_rc=2)
+    assert "block 1 differs from the original's block 1 (relative difference" in proc.stdout
+
+    half = tmp_path / "half"
+    prune_main("remove", tiny_folder, "--blocks", "3", "-o", half, "--dtype", "bfloat16", "-q", check_rc=0)
+    prune_main("check", half, "--original", tiny_folder, check_rc=0)
+    model = AutoModelForCausalLM.from_pretrained(half, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.model.layers[4].mlp.down_proj.weight.mul_(1.03)
+    model.save_pretrained(half)
+    proc = prune_main("check", half, "--original", tiny_folder, check_rc=2)
+    assert "block 4 differs from the original's block 5" in proc.stdout
+
+    other = tmp_path / "mistral"
+    config = json.loads((tiny_folder / "config.json").read_text())
+    from transformers import MistralConfig, MistralForCausalLM
+
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "tie_word_embeddings")
+    MistralForCausalLM(MistralConfig(**{k: config[k] for k in keys if k in config})).save_pretrained(other)
+    proc = prune_main("check", step, "--original", other, check_rc=2)
+    assert "the model given is mistral, but pruning.json says the original was llama" in proc.stdout

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from prune.core.errors import PruneError, parse_problem
 
@@ -140,6 +140,16 @@ class PruningStep(Record):
     command: str | None = None  # what wrote this step: run, remove, save (a heal keeps it and adds healing)
     adapter: dict[str, Any] | None = None  # a PEFT adapter folder (heal.merge: false): {"format", "base"}
     eval_rows: list[dict[str, Any]] | None = None  # history entries: the parent folder's before/after rows
+
+    @field_validator("healing")
+    @classmethod
+    def _healing_names_its_method(cls, healing: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A healing record names its method (the card, the report and ``prune check --original`` read it), and
+        its settings, where given, are a mapping."""
+        if healing is not None and (not isinstance(healing.get("method"), str)
+                                    or not isinstance(healing.get("settings", {}), dict)):
+            raise ValueError("a healing record names its method (a string), and its settings are a mapping")
+        return healing
 
     @property
     def strategy(self) -> str | None:

@@ -167,16 +167,22 @@ def healed_markdown(original: dict, before: dict, healed: dict, facts: dict, bef
     return "\n".join(lines)
 
 
+def _prose(line: str) -> str:
+    """A line made of a record's strings as Markdown prose: no code spans (a record's backticks became quotes: an
+    escaped or unmatched backtick made md_line leave raw HTML in what CommonMark reads as text), HTML escaped."""
+    return md_line(line.replace("`", "'"))
+
+
 def healing_lines(record: dict) -> list[str]:
     """What a healing record did, as Markdown bullets (eval.md's Healing section and the card's): what was
     trained, on which text, for how long; the held-out loss, the KL to the teacher, the bridges. A record's
-    strings may hold anything: each line passes through :func:`md_line`. KeyError: a record without one of
+    strings may hold anything: each line passes through :func:`_prose`. KeyError: a record without one of
     the fields read (written before it was recorded, or edited)."""
     s = record["settings"]
     if record["method"] == "bridge":  # nothing trained: the bridge line below is the whole story
         lines = [f"- data: {record['data']['path']} (rows {record['data'].get('rows') or 'all'}), "
                  f"{record['data']['train_windows']} windows of {record['data']['seq_len']} tokens"]
-        return [md_line(line) for line in lines + _bridge_lines(record)]
+        return [_prose(line) for line in lines + _bridge_lines(record)]
     lines = [f"- trained: {', '.join(record['trained'])} ({record['trainable_parameters']:,} parameters)",
              f"- data: {record['data']['path']} (rows {record['data'].get('rows') or 'all'}), "
              f"{record['tokens_seen']:,} tokens seen in {record['steps']} steps ({record['epochs']} epochs), seed {record['seed']}",
@@ -206,7 +212,7 @@ def healing_lines(record: dict) -> list[str]:
     lines += _bridge_lines(record)
     if record.get("partial", {}).get("note"):
         lines.append(f"- note: {record['partial']['note']}")
-    return [md_line(line) for line in lines]
+    return [_prose(line) for line in lines]
 
 
 def _weight_note(cut: dict) -> str:

@@ -301,7 +301,7 @@ def healing_text(healing: dict | None, step: int | None = None) -> str | None:
         summary = []
     pair = lambda k, v: f"{md_text(k)} = {md_text(v)}"  # noqa: E731  a record's keys and values may hold anything
     settings = ["Settings other than the defaults: "
-                + ", ".join(pair(k, v) for k, v in chosen_heal_settings(healing["settings"], healing.get("ignored")).items())]
+                + ", ".join(pair(k, v) for k, v in chosen_heal_settings(healing.get("settings") or {}, healing.get("ignored")).items())]
     if isinstance(healing.get("ignored"), list) and healing["ignored"]:
         settings.append("Set, and not read by this method and objective (no effect): "
                         + ", ".join(md_text(_scalar(v)) for v in healing["ignored"]))

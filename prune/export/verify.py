@@ -75,20 +75,28 @@ def _sample(tensor: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def relative_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], sampled: bool = False) -> float:
-    """``||a - b|| / ||b||`` over the tensors of two blocks (the same names and shapes), in float64."""
+    """``||a - b|| / ||b||`` over the tensors of ``a`` (``b`` holds them, of the same shapes), in float64."""
     num = den = 0.0
-    for k, (name, tb) in enumerate(sorted(b.items())):
-        ta = a[name]
+    for k, (name, ta) in enumerate(sorted(a.items())):  # a's tensors: b may hold more (one a bridge refitted)
+        tb = b[name]
         x, y = (_sample(ta, k), _sample(tb, k)) if sampled else (ta.double(), tb.double())
         num += float(((x - y) ** 2).sum())
         den += float((y ** 2).sum())
     return (num / den) ** 0.5 if den else (0.0 if num == 0 else float("inf"))
 
 
-def tolerance(blocks: dict[str, torch.Tensor]) -> float:
-    """The relative difference taken as "unchanged": a few roundings of the checkpoint's dtype (a cast on save, a
-    GPT-2 query rescaled in one step or several)."""
-    return max((8 * torch.finfo(t.dtype).eps for t in blocks.values() if t.dtype.is_floating_point), default=0.0)
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` (the checkpoint's) holds ``b``'s values in ``a``'s dtype: every element within two roundings of it
+    (``2 eps |b|``: a cast on save, GPT-2's query columns rescaled in one step or several); exact for integers."""
+    if not a.dtype.is_floating_point:
+        return torch.equal(a, b.to(a.dtype))
+    info = torch.finfo(a.dtype)
+    x, y = a.double(), b.double()
+    return bool(((x - y).abs() <= 2 * info.eps * y.abs() + info.tiny).all())
+
+
+def same_block(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return all(same_values(t, b[name]) for name, t in a.items())
 
 
 def original_at(block: dict[str, torch.Tensor], config, old: int, new: int) -> dict[str, torch.Tensor]:
@@ -122,22 +130,49 @@ def _layout_problem(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what
     return None
 
 
-def match_blocks(pruned_blocks, original_blocks, kept: list[int], config) -> list[BlockMatch]:
+def match_blocks(pruned_blocks, original_blocks, kept: list[int], config, refitted: dict[int, list[str]]) -> list[BlockMatch]:
     """Each of the checkpoint's blocks against the original's block ``kept`` names, and the nearest of them all
-    (``config``: the original's, for a block whose weights a cut rewrites where it moves)."""
+    of the same layout (``config``: the original's, for a block whose weights a cut rewrites where it moves;
+    ``refitted``: by original block, the tensors a recorded bridge refitted, compared apart)."""
     out = []
     for i, (block, j) in enumerate(zip(pruned_blocks, kept)):
-        change = relative_change(block, original_at(original_blocks[j], config, j, i))
-        equal = change <= tolerance(block)
+        block = {n: t for n, t in block.items() if n not in refitted.get(j, ())}
+        expected = original_at(original_blocks[j], config, j, i)
+        equal = same_block(block, expected)
+        change = relative_change(block, expected)
         nearest, nearest_change = j, change
         if not equal:  # which block is it? (a record naming the wrong blocks; sampled: one pass over every block)
-            recorded = relative_change(block, original_at(original_blocks[j], config, j, i), sampled=True)
-            near = min((relative_change(block, original_at(ob, config, k, i), sampled=True), k)
-                       for k, ob in enumerate(original_blocks))
+            recorded = relative_change(block, expected, sampled=True)
+            near = min(((relative_change(block, original_at(ob, config, k, i), sampled=True), k)
+                        for k, ob in enumerate(original_blocks)
+                        if ob.keys() >= block.keys() and all(ob[n].shape == t.shape for n, t in block.items())),
+                       default=(recorded, j))
             if near[0] < recorded:  # ties go to the recorded block
                 nearest_change, nearest = near
         out.append(BlockMatch(i, j, equal, change, nearest, nearest_change))
     return out
+
+
+#: a block's attention by name: its output projection is not where a bridge folds (GPT-2's attn.c_proj)
+ATTENTION_NAMES = ("attn", "self_attn", "attention", "self_attention", "cross_attn")
+
+
+def bridged_tensors(record: PruningRecord, blocks: dict[int, dict[str, torch.Tensor]]) -> dict[int, list[str]]:
+    """By original block index: the tensors of the MLP output projection a recorded bridge refitted (least squares:
+    far from the original's values by design). Every healing of the lineage is read, the ones it healed again too."""
+    from prune.model.arch import OUTPUT_PROJECTIONS
+
+    named: set[int] = set()
+    for step in record.chain():
+        healing = step.healing
+        while isinstance(healing, dict):
+            bridge = healing.get("bridge")
+            for cut in (bridge.get("cuts") or []) if isinstance(bridge, dict) else []:
+                if isinstance(cut, dict) and cut.get("kept", True) and isinstance(cut.get("block"), int):
+                    named.add(cut["block"])
+            healing = healing.get("previous")
+    return {j: [n for n in blocks[j] if any(p in OUTPUT_PROJECTIONS for p in n.split("."))
+                and not any(p in ATTENTION_NAMES for p in n.split("."))] for j in named if j in blocks}
 
 
 def healed(record: PruningRecord) -> bool:
@@ -167,11 +202,16 @@ def verify_weights(record: PruningRecord, pruned, original) -> list[tuple[str, s
         return [("fail", problem)]
     if missing := sorted(p_rest.keys() - o_rest.keys()):
         return [("fail", f"{missing[0]} is not a tensor of the original: not the same architecture")]
+    said_type = record.original.model_type if record.original else None
+    if said_type and said_type != original.config.model_type:
+        return [("fail", f"the model given is {original.config.model_type}, but pruning.json says the original was "
+                         f"{said_type}: not the model this checkpoint was pruned from (give that one)")]
     trained = healed(record)
     replacement = record.kept_replacement()
     replaced_at = kept.index(replacement[0]) if replacement and replacement[0] in kept else None
     findings: list[tuple[str, str]] = []
-    matches = match_blocks(p_blocks, o_blocks, kept, original.config)
+    refitted = bridged_tensors(record, dict(enumerate(o_blocks)))
+    matches = match_blocks(p_blocks, o_blocks, kept, original.config, refitted)
     if all(m.nearest_change > FAR for m in matches):
         nearest = min(m.nearest_change for m in matches)
         return [("fail", f"no block of the checkpoint is near a block of the model given (the nearest pair differs by "
@@ -192,12 +232,18 @@ def verify_weights(record: PruningRecord, pruned, original) -> list[tuple[str, s
         elif not trained:
             findings.append(("fail", f"block {m.position} differs from the original's block {m.recorded} (relative "
                                      f"difference {m.change:.3g}), but pruning.json records no healing that trained it"))
-    changed_rest = sorted(n for n, t in p_rest.items()
-                          if relative_change({n: t}, {n: o_rest[n]}) > tolerance({n: t}))
+    unique, seen = {}, set()
+    for name, tensor in sorted(p_rest.items()):  # a tied head and embedding: one tensor, counted once
+        if (key := tensor.untyped_storage().data_ptr()) not in seen:
+            seen.add(key)
+            unique[name] = tensor
+    p_rest = unique
+    changed_rest = sorted(n for n, t in p_rest.items() if not same_values(t, o_rest[n]))
     if changed_rest and not trained:
         change = relative_change({n: p_rest[n] for n in changed_rest}, {n: o_rest[n] for n in changed_rest})
         findings.append(("fail", f"{changed_rest[0]}{f' and {len(changed_rest) - 1} more' if len(changed_rest) > 1 else ''}"
-                                 f" differ from the original's (relative difference {change:.3g}), but pruning.json "
+                                 f" differ{'s' if len(changed_rest) == 1 else ''} from the original's (relative difference "
+                                 f"{change:.3g}), but pruning.json "
                                  "records no healing that trained them"))
     if any(level == "fail" for level, _ in findings):
         return findings
@@ -214,6 +260,9 @@ def verify_weights(record: PruningRecord, pruned, original) -> list[tuple[str, s
                  f"{worst.change:.3g}, block {worst.position}), each nearest the block recorded")
     else:
         line += ", unchanged"
+    if bridged := [i for i, j in enumerate(kept) if refitted.get(j)]:
+        line += (f"; the MLP output projection of block{'s' if len(bridged) > 1 else ''} "
+                 f"{', '.join(map(str, bridged))} refitted by the recorded bridge (not compared)")
     if replaced_at is not None:
         line += f"; block {replaced_at} is the trained replacement of blocks {replacement[1]}"
     findings.append(("ok", line))

@@ -61,10 +61,9 @@ from torch import nn
 from prune.core.config import BRIDGE_FITS, DEFAULT_BRIDGE_WEIGHT
 from prune.core.errors import PruneError
 from prune.model.capture import StopForward, _hidden_from_output, batches
+from prune.model.arch import OUTPUT_PROJECTIONS
 from prune.model.loading import decoder_layers, input_device
 
-#: the MLP's last projection (its output is what the block adds to the residual stream), by architecture
-OUTPUT_PROJECTIONS = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out")
 #: a block's MLP by name (MPT: ffn); OPT keeps its projections fc1 and fc2 on the block itself
 MLP_NAMES = ("mlp", "ffn")
 #: a block's norm applied to its MLP's output (Gemma2/3 and OLMo-2/3, GLM-4): a bridge folded before it is undone

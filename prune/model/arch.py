@@ -13,6 +13,10 @@ from functools import lru_cache
 from torch import nn
 
 
+#: the MLP's last projection (its output is what the block adds to the residual stream), by architecture
+OUTPUT_PROJECTIONS = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out")
+
+
 def meta_model(config, *, trust_remote_code: bool = False, dtype=None, cls=None, real_buffers: bool = False) -> nn.Module:
     """The model ``config`` describes, its parameters on the meta device (no memory, no init).
 
