@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 
 import torch
+from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 import prune
-from conftest import build_model, prune_main
+from conftest import DATA, build_model, prune_main
 
 
 def _edit_record(folder, **fields) -> None:
@@ -93,7 +94,7 @@ def test_check_original_accepts_recorded_healing_and_gpt2_rescaled_queries(tmp_p
     cut = tmp_path / "gpt2-cut"
     prune.save(model, tok, cut, pruning={"removed": [1, 3]})
     out = prune_main("check", cut, "--original", gpt2, check_rc=0).stdout
-    assert "unchanged" in out
+    assert "each of the 6 blocks is the original's block pruning.json names (0, 2, 4..7), unchanged" in out
 
 
 def test_check_original_reads_bridges_mixed_layouts_dtypes_and_the_model_type(tmp_path, tiny_folder, tokenizers_by_bos):
@@ -102,13 +103,11 @@ def test_check_original_reads_bridges_mixed_layouts_dtypes_and_the_model_type(tm
     dense and sparse blocks differ in layout: a changed block is compared with the blocks of its own layout (a
     KeyError). In bfloat16 a whole projection scaled by 1.03 is a change (the tolerance over the block let it pass).
     An original of another model type is named as such."""
-    from conftest import DATA
-
     step = tmp_path / "step"
     prune_main("remove", tiny_folder, "--blocks", "3-4", "-o", step, "-q", check_rc=0)
     bridged = tmp_path / "bridged"
-    prune_main("heal", step, "-o", bridged, "--method", "bridge", "--data", DATA / "c4" / "c4_web_1480.jsonl", "--field", "prefix,gold_completion",
-               "--source", tiny_folder, "--set", "n_samples=8", "--set", "seq_len=32", "--set", "val_samples=4", "-q",
+    prune_main("heal", step, "-o", bridged, "--method", "bridge", "--data", DATA / "c4" / "c4_web_1480.jsonl",
+               "--field", "prefix,gold_completion", "--source", tiny_folder, "--set", "n_samples=8", "--set", "seq_len=32", "--set", "val_samples=4", "-q",
                check_rc=0)
     out = prune_main("check", bridged, "--original", tiny_folder, check_rc=0).stdout
     assert "unchanged; the MLP output projection of block 2 refitted by the recorded bridge (not compared)" in out
@@ -118,8 +117,6 @@ def test_check_original_reads_bridges_mixed_layouts_dtypes_and_the_model_type(tm
     tokenizers_by_bos[True].save_pretrained(moe)
     cut = tmp_path / "moe-cut"
     prune_main("remove", moe, "--blocks", "4-5", "-o", cut, "-q", check_rc=0)
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(cut)
     with torch.no_grad():
         for p in model.model.layers[1].parameters():
@@ -140,8 +137,6 @@ def test_check_original_reads_bridges_mixed_layouts_dtypes_and_the_model_type(tm
 
     other = tmp_path / "mistral"
     config = json.loads((tiny_folder / "config.json").read_text())
-    from transformers import MistralConfig, MistralForCausalLM
-
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "tie_word_embeddings")
     MistralForCausalLM(MistralConfig(**{k: config[k] for k in keys if k in config})).save_pretrained(other)

@@ -45,24 +45,20 @@ class BlockMatch:
     nearest_change: float
 
 
-def block_tensors(model) -> tuple[str, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """``(stack path, [block i's tensors by name inside the block], tensors outside the stack by name)``."""
-    from prune.model.loading import decoder_layers_path
+def block_tensors(model) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """``([block i's tensors by name inside the block], tensors outside the stack by name)``."""
+    from prune.model.arch import block_index
+    from prune.model.loading import decoder_layers, decoder_layers_path
 
     path = decoder_layers_path(model)
-    blocks: list[dict[str, torch.Tensor]] = []
+    blocks: list[dict[str, torch.Tensor]] = [{} for _ in decoder_layers(model)]
     rest: dict[str, torch.Tensor] = {}
-    prefix = path + "."
-    for name, tensor in model.state_dict(keep_vars=False).items():
-        if name.startswith(prefix):
-            index, _, inner = name[len(prefix):].partition(".")
-            i = int(index)
-            while len(blocks) <= i:
-                blocks.append({})
-            blocks[i][inner] = tensor
+    for name, tensor in model.state_dict().items():
+        if found := block_index(name, path):
+            blocks[found[0]][found[1].removeprefix(".")] = tensor
         else:
             rest[name] = tensor
-    return path, blocks, rest
+    return blocks, rest
 
 
 def _sample(tensor: torch.Tensor, seed: int) -> torch.Tensor:
@@ -142,13 +138,12 @@ def match_blocks(pruned_blocks, original_blocks, kept: list[int], config, refitt
         change = relative_change(block, expected)
         nearest, nearest_change = j, change
         if not equal:  # which block is it? (a record naming the wrong blocks; sampled: one pass over every block)
-            recorded = relative_change(block, expected, sampled=True)
-            near = min(((relative_change(block, original_at(ob, config, k, i), sampled=True), k)
-                        for k, ob in enumerate(original_blocks)
-                        if ob.keys() >= block.keys() and all(ob[n].shape == t.shape for n, t in block.items())),
-                       default=(recorded, j))
-            if near[0] < recorded:  # ties go to the recorded block
-                nearest_change, nearest = near
+            near = {k: relative_change(block, original_at(ob, config, k, i), sampled=True)
+                    for k, ob in enumerate(original_blocks)
+                    if ob.keys() >= block.keys() and all(ob[n].shape == t.shape for n, t in block.items())}
+            k = min(near, key=near.get)
+            if near[k] < near[j]:  # ties go to the recorded block (of its own layout: always among them)
+                nearest_change, nearest = near[k], k
         out.append(BlockMatch(i, j, equal, change, nearest, nearest_change))
     return out
 
@@ -184,8 +179,8 @@ def verify_weights(record: PruningRecord, pruned, original) -> list[tuple[str, s
     """Findings ``(level, message)`` of the checkpoint model ``pruned`` (read with ``record``, its pruning.json)
     against the loaded ``original`` (see the module docstring); ``level`` is ``"ok"``, ``"warn"`` or ``"fail"``."""
     kept = record.kept_original or record.kept
-    _, p_blocks, p_rest = block_tensors(pruned)
-    _, o_blocks, o_rest = block_tensors(original)
+    p_blocks, p_rest = block_tensors(pruned)
+    o_blocks, o_rest = block_tensors(original)
     said = record.original.n_layers if record.original else record.chain()[0].layers_before
     if said is not None and len(o_blocks) != said:
         return [("fail", f"the model given has {len(o_blocks)} blocks, but pruning.json says the original had {said}: "
